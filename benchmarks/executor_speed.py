@@ -1,0 +1,101 @@
+"""Model-step latency of the prunable executor at several visual-token budgets, measured side by side.
+
+Random-initialised Llama decoder with the OpenVLA-OFT token layout (2 cameras x 256 patches, ~20 prompt
+tokens, 1 proprio token, 56 action queries). Budgets run interleaved (round-robin) in one process and the
+medians are compared, so machine noise hits all budgets alike. Tokens are dropped before layer 0, evenly
+per camera; the plain transformers forward of the same weights is timed alongside as a reference.
+
+    python benchmarks/executor_speed.py --steps 20 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaModel
+
+from specprune_ros.core.executor import PrunableDecoderRunner
+from specprune_ros.core.fixed_plan import FixedKeepSchedule
+from specprune_ros.core.token_layout import TokenLayout
+
+
+def oft_layout(patches: int = 256, cameras: int = 2, prompt: int = 20, actions: int = 56) -> TokenLayout:
+    spans = tuple((i * patches, (i + 1) * patches) for i in range(cameras))
+    text = cameras * patches
+    side = int(patches ** 0.5)
+    return TokenLayout(num_tokens=text + prompt + 1 + actions, camera_spans=spans, grid_shape=(side, side),
+                       text_span=(text, text + prompt), proprio_span=(text + prompt, text + prompt + 1),
+                       action_span=(text + prompt + 1, text + prompt + 1 + actions), causal=False)
+
+
+def even_keep(layout: TokenLayout, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """The same number of random patches from each camera."""
+    per_camera = max(1, round(layout.patches_per_camera * fraction))
+    chosen = [layout.visual_indices(c)[torch.randperm(layout.patches_per_camera, generator=generator)[:per_camera]]
+              for c in range(layout.num_cameras)]
+    return torch.cat(chosen).sort().values
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--hidden', type=int, default=512)
+    parser.add_argument('--layers', type=int, default=8)
+    parser.add_argument('--steps', type=int, default=20, help='timed steps per budget (after warm-up)')
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--budgets', type=float, nargs='+', default=[1.0, 0.5, 0.25, 0.125])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.hidden * 4, num_hidden_layers=args.layers,
+                         num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64, vocab_size=8,
+                         max_position_embeddings=1024)
+    config._attn_implementation = 'sdpa'
+    decoder = LlamaModel(config).eval()
+    runner = PrunableDecoderRunner(decoder)
+    layout = oft_layout()
+    x = torch.randn(1, layout.num_tokens, args.hidden)
+    generator = torch.Generator().manual_seed(0)
+    plans = {b: FixedKeepSchedule(keep_before=None if b >= 1.0 else even_keep(layout, b, generator))
+             for b in args.budgets}
+    bidirectional = torch.ones(1, 1, layout.num_tokens, layout.num_tokens, dtype=torch.bool)
+
+    times: dict[str, list[float]] = {f'{b:g}': [] for b in args.budgets}
+    times['transformers'] = []
+    flops: dict[str, float] = {}
+    with torch.inference_mode():
+        for step in range(args.steps + 3):  # 3 warm-up rounds
+            for budget, plan in plans.items():
+                t0 = time.perf_counter()
+                record = runner(x, layout, plan).record
+                elapsed = time.perf_counter() - t0
+                flops[f'{budget:g}'] = record.flops
+                if step >= 3:
+                    times[f'{budget:g}'].append(elapsed)
+            t0 = time.perf_counter()
+            decoder(inputs_embeds=x, attention_mask=bidirectional)
+            if step >= 3:
+                times['transformers'].append(time.perf_counter() - t0)
+
+    base = statistics.median(times['1'])
+    print(f'decoder {args.hidden} wide x {args.layers} layers, {layout.num_tokens} tokens '
+          f'({layout.num_visual} visual), {args.threads} threads, {args.steps} interleaved steps per budget')
+    print(f'plain transformers forward (same weights): {statistics.median(times["transformers"]) * 1e3:.1f} ms median; '
+          f'executor keep-all: {base * 1e3:.1f} ms')
+    print('| visual kept | tokens | median ms | measured speedup | FLOPs-ideal speedup | measured / ideal |')
+    print('|---|---|---|---|---|---|')
+    for budget in args.budgets:
+        key = f'{budget:g}'
+        median = statistics.median(times[key])
+        measured = base / median
+        ideal = flops['1'] / flops[key]
+        kept = layout.num_tokens - layout.num_visual + (layout.num_visual if budget >= 1 else
+                                                         len(plans[budget].keep_before))
+        print(f'| {budget * 100:.1f}% | {kept} | {median * 1e3:.1f} | {measured:.2f}x | {ideal:.2f}x | '
+              f'{measured / ideal:.2f} |')
+
+
+if __name__ == '__main__':
+    main()

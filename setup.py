@@ -1,0 +1,32 @@
+"""ament_python packaging for specprune_ros (also pip-installable for the ROS-free core)."""
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = 'specprune_ros'
+
+setup(
+    name=PACKAGE,
+    version='0.1.0',
+    packages=find_packages(include=[PACKAGE, f'{PACKAGE}.*']),
+    package_data={PACKAGE: ['assets/*', 'assets/**/*']},
+    include_package_data=True,
+    data_files=[
+        ('share/ament_index/resource_index/packages', [f'resource/{PACKAGE}']),
+        (f'share/{PACKAGE}', ['package.xml']),
+        (f'share/{PACKAGE}/launch', glob('launch/*.launch.py')),
+        (f'share/{PACKAGE}/config', glob('config/*.yaml')),
+    ],
+    install_requires=['setuptools'],
+    zip_safe=False,
+    maintainer='specprune_ros maintainers',
+    maintainer_email='maintainers@specprune-ros.dev',
+    description='Visual-token pruning for VLA robot policies, as a ROS 2 node.',
+    license='Apache-2.0',
+    tests_require=['pytest'],
+    entry_points={
+        'console_scripts': [
+            'specprune_node = specprune_ros.ros.policy_node:main',
+        ],
+    },
+)

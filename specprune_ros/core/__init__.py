@@ -1,0 +1,1 @@
+"""ROS-free execution core: token layout, the prunable decoder runner, masks and FLOPs accounting."""

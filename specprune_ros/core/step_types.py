@@ -1,0 +1,139 @@
+"""The contract between the prunable decoder runner and a pruning method.
+
+One inference step of a VLA goes like this::
+
+    plan = method.begin_step(context)               # keep set before layer 0, attention requests, K/V reuse
+    for layer in range(num_layers):
+        run layer on the kept tokens (SDPA; attention rows only where requested)
+        new_keep = method.after_layer(layer, view)  # may drop more visual tokens before layer + 1
+    method.end_step(record)                         # store what the next step needs (temporal state)
+
+All token indices are positions in the *full, unpruned* sequence (see ``TokenLayout``); kept tokens keep
+those positions as RoPE position ids.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Protocol
+
+import numpy as np
+import torch
+
+from specprune_ros.core.token_layout import TokenLayout
+
+# Which query rows an attention summary averages over:
+#   'text'    - the task-instruction tokens (SpecPrune task attention, VLA-Pruner text-rows variant)
+#   'action'  - the action query tokens (VLA-Pruner action score)
+#   'prefill' - every non-action token (VLA-Pruner semantic score)
+#   'last'    - the last token of the sequence (FastV)
+#   'all'     - every query row
+QueryRows = Literal['text', 'action', 'prefill', 'last', 'all']
+
+
+@dataclass(frozen=True)
+class AttentionRequest:
+    """Ask the runner for the head-averaged attention of some query rows at one layer."""
+
+    layer: int
+    rows: QueryRows
+    name: str = ''  # key of the summary in LayerView.attention / StepRecord.attention; defaults to rows
+
+    @property
+    def key(self) -> str:
+        return self.name or self.rows
+
+
+@dataclass
+class StepContext:
+    """What a method may look at before the forward pass of one step."""
+
+    layout: TokenLayout
+    step_index: int                                  # steps since the last reset
+    visual_embeddings: torch.Tensor                  # (num_visual, d) decoder inputs of the visual tokens
+    images: Optional[list[np.ndarray]] = None        # raw camera frames (H, W, 3) uint8, in camera order
+    patch_size: int = 0                              # pixels per patch side in ``images`` (0 = unknown)
+    executed_actions: Optional[np.ndarray] = None    # (k, action_dim) recently executed actions, oldest first
+    instruction: str = ''
+
+
+@dataclass
+class KVStore:
+    """Per-layer keys/values of every token of the full sequence from earlier steps (VLA-Cache style reuse).
+
+    ``keys[layer]`` / ``values[layer]``: (num_kv_heads, num_tokens, head_dim), RoPE already applied with the
+    token's original position; ``valid[layer]``: (num_tokens,) bool, True where a cached entry exists.
+    """
+
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    valid: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.keys.clear()
+        self.values.clear()
+        self.valid.clear()
+
+
+@dataclass
+class StepPlan:
+    """A method's instructions for one step."""
+
+    keep_before: Optional[torch.Tensor] = None       # visual indices kept from layer 0 on (None = all)
+    attention: list[AttentionRequest] = field(default_factory=list)
+    reuse_kv: Optional[torch.Tensor] = None          # visual indices whose K/V come from ``kv_store`` (not recomputed)
+    kv_store: Optional[KVStore] = None               # where K/V are read from, and written to for computed tokens
+
+
+@dataclass
+class LayerView:
+    """What a method sees after one decoder layer ran."""
+
+    layer: int
+    kept: torch.Tensor                               # (n,) original indices of the tokens that ran through this layer
+    key_indices: torch.Tensor                        # (n_k,) original indices of the keys (kept + reused)
+    hidden: torch.Tensor                             # (n, d) this layer's output for the kept tokens (batch 0)
+    attention: dict[str, torch.Tensor]               # request key -> (n_k,) mean over heads and rows
+
+
+@dataclass
+class StepRecord:
+    """What one step did: the audit trail every benchmark and diagnostic reads."""
+
+    layout: TokenLayout
+    kept_per_layer: list[torch.Tensor]               # original indices that entered each layer
+    attention: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]  # layer -> key -> (key_indices, weights)
+    reused: Optional[torch.Tensor]                   # visual indices served from the K/V store
+    model_seconds: float                             # decoder compute (layers, masks, gathers)
+    selection_seconds: float                         # time spent inside the method's hooks (scoring, top-k)
+    flops: float                                     # analytical decoder FLOPs of this step
+    flops_full: float                                # the same for the unpruned sequence
+    probe_seconds: float = 0.0                       # computing the requested attention rows (method overhead)
+    info: dict = field(default_factory=dict)         # method-specific facts (controller mode, set sizes, ...)
+
+    @property
+    def visual_kept_per_layer(self) -> list[int]:
+        visual = self.layout.visual_indices()
+        return [int(torch.isin(k, visual).sum()) for k in self.kept_per_layer]
+
+    @property
+    def mean_visual_kept(self) -> float:
+        counts = self.visual_kept_per_layer
+        return float(sum(counts) / max(len(counts), 1))
+
+
+class PruningMethod(Protocol):
+    """Interface every pruning method implements (see ``specprune_ros.pruning``)."""
+
+    name: str
+
+    def reset(self) -> None:
+        """Forget all temporal state (new episode, new instruction, long input gap)."""
+
+    def begin_step(self, context: StepContext) -> StepPlan:
+        ...
+
+    def after_layer(self, view: LayerView) -> Optional[torch.Tensor]:
+        """Return the visual indices to keep from the next layer on (a subset of the kept ones), or None."""
+
+    def end_step(self, record: StepRecord) -> None:
+        ...

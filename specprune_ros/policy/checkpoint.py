@@ -1,0 +1,54 @@
+"""Save and load reference-VLA checkpoints: a directory with ``config.json`` and ``model.safetensors``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from specprune_ros.policy.reference_vla import ReferenceVLA, ReferenceVLAConfig
+
+CONFIG_FILE = 'config.json'
+WEIGHTS_FILE = 'model.safetensors'
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that is missing or malformed (the message names the file)."""
+
+
+def save_checkpoint(model: ReferenceVLA, directory: str | Path, extra: dict | None = None) -> Path:
+    """Write config.json (+ ``extra`` metadata such as training facts) and model.safetensors."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {'architecture': 'specprune_ros.ReferenceVLA', 'config': model.config.to_dict(), **(extra or {})}
+    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE))
+    return directory
+
+
+def read_config(directory: str | Path) -> tuple[ReferenceVLAConfig, dict]:
+    """The model config and the whole metadata dict of a checkpoint directory."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f'checkpoint {directory}: missing {CONFIG_FILE}')
+    try:
+        meta = json.loads(path.read_text())
+        return ReferenceVLAConfig(**meta['config']), meta
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f'checkpoint {directory}: malformed {CONFIG_FILE}: {error}') from error
+
+
+def load_checkpoint(directory: str | Path, device: str = 'cpu', dtype: torch.dtype = torch.float32) -> ReferenceVLA:
+    """Build the model from config.json and load model.safetensors (strict: every weight must match)."""
+    config, _ = read_config(directory)
+    weights = Path(directory) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f'checkpoint {directory}: missing {WEIGHTS_FILE}')
+    model = ReferenceVLA(config)
+    try:
+        model.load_state_dict(load_file(str(weights)), strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f'checkpoint {directory}: {WEIGHTS_FILE} does not fit config.json: {error}') from error
+    return model.to(device=device, dtype=dtype).eval()

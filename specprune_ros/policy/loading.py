@@ -1,0 +1,44 @@
+"""Build a ready-to-run policy by name: the trained reference VLA, a tiny random one, or a checkpoint path."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from specprune_ros.policy.checkpoint import CheckpointError, load_checkpoint
+from specprune_ros.policy.reference_vla import ReferenceVLA, ReferenceVLAConfig
+from specprune_ros.policy.runtime import PrunedVLAPolicy
+
+REFERENCE_CHECKPOINT = Path(__file__).resolve().parent.parent / 'assets' / 'reference_vla'
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+def tiny_random_config(vocabulary: tuple[str, ...] = ()) -> ReferenceVLAConfig:
+    """A small random-initialised reference VLA with the real interface (plumbing tests, shape tests)."""
+    if not vocabulary:
+        from specprune_ros.sim.tasks import VOCABULARY
+        vocabulary = VOCABULARY
+    return ReferenceVLAConfig(vocabulary=vocabulary, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
+                              mlp_size=128, head_hidden=64)
+
+
+def load_model(model: str, device: str = 'cpu', dtype: str = 'float32', seed: int = 0) -> ReferenceVLA:
+    """'reference' (the committed trained checkpoint), 'tiny-random', or a checkpoint directory."""
+    if dtype not in DTYPES:
+        raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
+    if model == 'tiny-random':
+        torch.manual_seed(seed)
+        return ReferenceVLA(tiny_random_config()).to(device=device, dtype=DTYPES[dtype]).eval()
+    directory = REFERENCE_CHECKPOINT if model == 'reference' else Path(model).expanduser()
+    if not directory.is_dir():
+        raise CheckpointError(f'checkpoint directory {directory} does not exist')
+    return load_checkpoint(directory, device=device, dtype=DTYPES[dtype])
+
+
+def load_policy(model: str, method: str = 'none', method_config: Optional[dict] = None, device: str = 'cpu',
+                dtype: str = 'float32', seed: int = 0) -> PrunedVLAPolicy:
+    """A policy ready for ``predict``: the model plus the named pruning method (see ``specprune_ros.pruning``)."""
+    from specprune_ros.pruning import build_method
+    vla = load_model(model, device=device, dtype=dtype, seed=seed)
+    return PrunedVLAPolicy(vla, build_method(method, method_config, seed=seed))

@@ -1,0 +1,163 @@
+"""The project's reference VLA: OpenVLA-OFT's shape at a size that trains on a CPU.
+
+Sequence (bidirectional attention, one forward pass per chunk, like OpenVLA-OFT)::
+
+    [camera 0 patches][camera 1 patches][instruction words][padding][proprio][action queries x chunk*dims]
+
+* vision encoder: a small convolutional stem per camera (shared weights) giving a grid of patch features,
+  then a projector to the decoder width, plus learned patch-position and camera embeddings;
+* decoder: a transformers ``LlamaModel`` run by ``PrunableDecoderRunner`` (so pruning methods act on it);
+* action head: an MLP over each chunk step's action-query states, regressing the normalised 8 x 7 chunk (L1).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaModel
+
+from specprune_ros.core.executor import PrunableDecoderRunner, RunResult
+from specprune_ros.core.step_types import PruningMethod, StepContext
+from specprune_ros.core.token_layout import TokenLayout
+from specprune_ros.policy.tokenizer import WordTokenizer
+
+
+@dataclass
+class ReferenceVLAConfig:
+    """Sizes of the reference VLA (saved next to its weights as config.json)."""
+
+    vocabulary: tuple[str, ...] = ()
+    camera_names: tuple[str, ...] = ('agentview', 'wrist')
+    image_size: int = 96
+    patch_size: int = 8                      # pixels per patch side: 96 / 8 = 12 x 12 = 144 patches per camera
+    vision_channels: tuple[int, ...] = (32, 64, 128)
+    hidden_size: int = 256
+    num_layers: int = 6
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    mlp_size: int = 1024
+    max_words: int = 12
+    proprio_dim: int = 6
+    chunk_size: int = 8
+    action_dim: int = 7
+    head_hidden: int = 512
+    proprio_mean: list[float] = field(default_factory=list)   # normalisation of the proprio vector
+    proprio_std: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.vocabulary = tuple(self.vocabulary)
+        self.camera_names = tuple(self.camera_names)
+        self.vision_channels = tuple(self.vision_channels)
+        if self.image_size % self.patch_size:
+            raise ValueError('image_size must be a multiple of patch_size')
+        if self.patch_size != 2 ** len(self.vision_channels):
+            raise ValueError('the vision stem halves the resolution once per channel stage: '
+                             f'patch_size must be 2**{len(self.vision_channels)}')
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class PatchEncoder(nn.Module):
+    """Convolutional stem: (B, 3, H, W) uint8-range images -> (B, grid*grid, channels) patch features."""
+
+    def __init__(self, channels: tuple[int, ...]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        previous = 3
+        for width in channels:
+            layers += [nn.Conv2d(previous, width, 3, stride=2, padding=1), nn.GroupNorm(8, width), nn.GELU()]
+            previous = width
+        layers += [nn.Conv2d(previous, previous, 3, padding=1), nn.GELU()]
+        self.stem = nn.Sequential(*layers)
+        self.register_buffer('mean', torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255.0 - self.mean
+        return self.stem(x).flatten(2).transpose(1, 2)
+
+
+class ReferenceVLA(nn.Module):
+    """Vision encoder + projector + word embeddings + proprio + action queries -> Llama -> MLP action head."""
+
+    def __init__(self, config: ReferenceVLAConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer = WordTokenizer(config.vocabulary, config.max_words)
+        d = config.hidden_size
+        num_patches = config.grid * config.grid
+        self.patch_encoder = PatchEncoder(config.vision_channels)
+        self.projector = nn.Sequential(nn.Linear(config.vision_channels[-1], d), nn.GELU(), nn.Linear(d, d))
+        self.patch_position = nn.Parameter(torch.randn(num_patches, d) * 0.02)
+        self.camera_embedding = nn.Parameter(torch.randn(len(config.camera_names), d) * 0.02)
+        self.word_embedding = nn.Embedding(self.tokenizer.vocab_size, d)
+        self.proprio_projector = nn.Sequential(nn.Linear(config.proprio_dim, d), nn.GELU(), nn.Linear(d, d))
+        self.action_queries = nn.Parameter(torch.randn(config.chunk_size * config.action_dim, d) * 0.02)
+        llama = LlamaConfig(hidden_size=d, intermediate_size=config.mlp_size, num_hidden_layers=config.num_layers,
+                            num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
+                            vocab_size=1, max_position_embeddings=1024, rms_norm_eps=1e-5)
+        llama._attn_implementation = 'sdpa'
+        decoder = LlamaModel(llama)
+        decoder.embed_tokens = None  # inputs are embeddings; no token table needed
+        self.runner = PrunableDecoderRunner(decoder)
+        self.action_head = nn.Sequential(
+            nn.LayerNorm(config.action_dim * d), nn.Linear(config.action_dim * d, config.head_hidden), nn.GELU(),
+            nn.Linear(config.head_hidden, config.head_hidden), nn.GELU(), nn.Linear(config.head_hidden, config.action_dim))
+        mean = torch.tensor(config.proprio_mean or [0.0] * config.proprio_dim)
+        std = torch.tensor(config.proprio_std or [1.0] * config.proprio_dim)
+        self.register_buffer('proprio_mean', mean, persistent=False)
+        self.register_buffer('proprio_std', std.clamp(min=1e-3), persistent=False)
+
+    # -- sequence -------------------------------------------------------------------------------------------
+
+    def layout(self, num_words: int) -> TokenLayout:
+        """Token layout of one sequence (``num_words`` real instruction words, the rest padding)."""
+        c = self.config
+        patches = c.grid * c.grid
+        cams = tuple((i * patches, (i + 1) * patches) for i in range(len(c.camera_names)))
+        text_start = cams[-1][1]
+        proprio = text_start + c.max_words
+        actions = proprio + 1
+        return TokenLayout(num_tokens=actions + c.chunk_size * c.action_dim, camera_spans=cams,
+                           grid_shape=(c.grid, c.grid), text_span=(text_start, text_start + num_words),
+                           proprio_span=(proprio, proprio + 1), action_span=(actions, actions + c.chunk_size * c.action_dim),
+                           causal=False)
+
+    def embed(self, images: torch.Tensor, word_ids: torch.Tensor, proprio: torch.Tensor) -> torch.Tensor:
+        """Decoder input embeddings (B, N, d) from images (B, cams, 3, H, W) uint8, word ids (B, max_words), proprio."""
+        batch, cams = images.shape[:2]
+        patches = self.projector(self.patch_encoder(images.flatten(0, 1)))
+        patches = patches.view(batch, cams, -1, patches.shape[-1])
+        patches = patches + self.patch_position + self.camera_embedding[:cams, None]
+        proprio = (proprio.float() - self.proprio_mean) / self.proprio_std
+        return torch.cat([
+            patches.flatten(1, 2),
+            self.word_embedding(word_ids),
+            self.proprio_projector(proprio).unsqueeze(1),
+            self.action_queries.expand(batch, -1, -1),
+        ], dim=1)
+
+    def decode_actions(self, result: RunResult, layout: TokenLayout) -> torch.Tensor:
+        """(B, chunk, action_dim) actions from the action-query states of a decoder pass."""
+        c = self.config
+        states = result.select(torch.arange(*layout.action_span, device=result.kept.device))
+        states = states.reshape(states.shape[0], c.chunk_size, c.action_dim * c.hidden_size)
+        return self.action_head(states.float())
+
+    def forward(self, images: torch.Tensor, word_ids: torch.Tensor, num_words: int, proprio: torch.Tensor,
+                method: Optional[PruningMethod] = None, context: Optional[StepContext] = None
+                ) -> tuple[torch.Tensor, RunResult]:
+        """Predict the chunk; ``num_words`` sets the text span of the layout (padding is never 'text')."""
+        layout = self.layout(num_words)
+        embeddings = self.embed(images, word_ids, proprio)
+        if context is not None:
+            context.layout = layout
+            context.visual_embeddings = embeddings[0, layout.visual_indices()].detach()
+        result = self.runner(embeddings, layout, method, context)
+        return self.decode_actions(result, layout), result

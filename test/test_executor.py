@@ -1,0 +1,199 @@
+"""The prunable decoder runner against transformers' own forward and an independent reference."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaModel
+
+from specprune_ros.core.executor import PlanError, PrunableDecoderRunner
+from specprune_ros.core.fixed_plan import FixedKeepSchedule
+from specprune_ros.core.flops import decoder_flops
+from specprune_ros.core.masks import attention_mask
+from specprune_ros.core.step_types import AttentionRequest, KVStore, StepContext, StepPlan
+from specprune_ros.core.token_layout import TokenLayout
+
+HIDDEN, MLP, LAYERS = 64, 128, 4
+N = 50
+
+
+def make_decoder(attn: str = 'sdpa', seed: int = 0) -> LlamaModel:
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=LAYERS, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=8, max_position_embeddings=256)
+    config._attn_implementation = attn
+    return LlamaModel(config).eval()
+
+
+def make_layout(causal: bool) -> TokenLayout:
+    # [2 cameras x 16 patches][6 text][1 proprio][11 action]
+    return TokenLayout(num_tokens=N, camera_spans=((0, 16), (16, 32)), grid_shape=(4, 4), text_span=(32, 38),
+                       proprio_span=(38, 39), action_span=(39, 50), causal=causal)
+
+
+def reference_forward(decoder: LlamaModel, x: torch.Tensor, layout: TokenLayout, drops: dict[int, torch.Tensor]):
+    """Independent path: transformers' own decoder layers (eager attention), the sequence gathered by hand,
+    positions passed explicitly and a mask built element by element."""
+    kept = list(range(N))
+    hidden = x
+    for index, layer in enumerate(decoder.layers):
+        if index in drops:
+            visual_keep = set(drops[index].tolist())
+            kept_new = [t for t in kept if t >= 32 or t in visual_keep]
+            hidden = hidden[:, [kept.index(t) for t in kept_new]]
+            kept = kept_new
+        n = len(kept)
+        mask = torch.zeros(1, 1, n, n)
+        for i in range(n):
+            for j in range(n):
+                if layout.causal and kept[j] > kept[i]:
+                    mask[0, 0, i, j] = torch.finfo(torch.float32).min
+        positions = torch.tensor([kept])
+        cos_sin = decoder.rotary_emb(hidden, positions)
+        hidden = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=cos_sin)
+    return decoder.norm(hidden), torch.tensor(kept)
+
+
+@pytest.mark.parametrize('causal', [False, True])
+def test_keep_all_equals_transformers_forward(causal):
+    decoder = make_decoder()
+    layout = make_layout(causal)
+    x = torch.randn(2, N, HIDDEN)
+    with torch.no_grad():
+        mask = None if causal else torch.ones(1, 1, N, N, dtype=torch.bool)
+        expected = decoder(inputs_embeds=x, attention_mask=mask).last_hidden_state
+        result = PrunableDecoderRunner(decoder)(x, layout)
+    assert torch.equal(result.kept, torch.arange(N))
+    assert (result.hidden - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize('causal', [False, True])
+def test_dropping_at_layers_matches_independent_reference(causal):
+    decoder = make_decoder(attn='eager')
+    layout = make_layout(causal)
+    x = torch.randn(1, N, HIDDEN)
+    generator = torch.Generator().manual_seed(3)
+    first = torch.randperm(32, generator=generator)[:20].sort().values      # before layer 1
+    second = first[torch.randperm(20, generator=generator)[:9]].sort().values  # before layer 3
+    method = FixedKeepSchedule(keep_after={0: first, 2: second})
+    with torch.no_grad():
+        result = PrunableDecoderRunner(decoder)(x, layout, method)
+        expected, expected_kept = reference_forward(decoder, x, layout, {1: first, 3: second})
+    assert torch.equal(result.kept, expected_kept)
+    assert (result.hidden - expected).abs().max().item() <= 1e-5
+    counts = [len(k) for k in result.record.kept_per_layer]
+    assert counts == [N, 20 + 18, 20 + 18, 9 + 18]
+    assert result.record.visual_kept_per_layer == [32, 20, 20, 9]
+
+
+def test_keep_before_layer_zero_and_gapped_positions():
+    decoder = make_decoder(attn='eager')
+    layout = make_layout(causal=True)
+    x = torch.randn(1, N, HIDDEN)
+    keep = torch.tensor([0, 5, 6, 17, 31])
+    with torch.no_grad():
+        result = PrunableDecoderRunner(decoder)(x, layout, FixedKeepSchedule(keep_before=keep))
+        expected, _ = reference_forward(decoder, x, layout, {0: keep})
+    assert result.kept[:5].tolist() == keep.tolist()  # original positions, gaps kept
+    assert (result.hidden - expected).abs().max().item() <= 1e-5
+    # the pruned run differs from the unpruned one: dropping tokens really changes what attention sees
+    with torch.no_grad():
+        full = PrunableDecoderRunner(decoder)(x, layout)
+    assert (full.select(result.kept[5:]) - result.hidden[:, 5:]).abs().max() > 1e-3
+
+
+def test_causal_mask_with_gapped_positions():
+    mask = attention_mask(torch.tensor([0, 5, 9]), torch.tensor([0, 5, 9, 7]), causal=True)[0, 0]
+    assert mask.tolist() == [[True, False, False, False], [True, True, False, False], [True, True, True, True]]
+    assert attention_mask(torch.tensor([0, 5]), torch.tensor([0, 5]), causal=False) is None
+
+
+@pytest.mark.parametrize('causal', [False, True])
+def test_attention_summaries_match_eager_weights(causal):
+    decoder = make_decoder(attn='eager')
+    layout = make_layout(causal)
+    x = torch.randn(1, N, HIDDEN)
+    requests = [AttentionRequest(1, 'text'), AttentionRequest(1, 'action'), AttentionRequest(2, 'last'),
+                AttentionRequest(2, 'prefill', name='semantic')]
+    method = FixedKeepSchedule(attention=requests)
+    with torch.no_grad():
+        PrunableDecoderRunner(decoder)(x, layout, method)
+        mask = torch.zeros(1, 1, N, N) if not causal else torch.full((N, N), torch.finfo(torch.float32).min).triu(1)[None, None]
+        eager = decoder(inputs_embeds=x, attention_mask=mask, output_attentions=True).attentions
+    record = method.last_record
+    rows = {'text': slice(32, 38), 'action': slice(39, 50), 'last': slice(49, 50), 'semantic': slice(0, 39)}
+    for layer, key in [(1, 'text'), (1, 'action'), (2, 'last'), (2, 'semantic')]:
+        keys, weights = record.attention[layer][key]
+        expected = eager[layer][0, :, rows[key]].mean(dim=(0, 1))
+        assert torch.equal(keys, torch.arange(N))
+        assert torch.allclose(weights, expected, atol=1e-6)
+        assert abs(weights.sum().item() - 1.0) < 1e-5
+
+
+def test_flops_count_against_hand_calculation():
+    decoder = make_decoder()
+    layout = make_layout(causal=False)
+    method = FixedKeepSchedule(keep_before=torch.arange(0, 32, 2))  # 16 visual + 18 others = 34 tokens
+    with torch.no_grad():
+        record = PrunableDecoderRunner(decoder)(torch.randn(1, N, HIDDEN), layout, method).record
+    d, m = HIDDEN, MLP
+    per_layer = lambda n: 4 * n * d * d + 2 * n * n * d + 3 * n * d * m  # noqa: E731
+    assert record.flops == LAYERS * per_layer(34)
+    assert record.flops_full == LAYERS * per_layer(50)
+    assert decoder_flops([10], [12], 8, 16) == 4 * 10 * 64 + 2 * 10 * 12 * 8 + 3 * 10 * 8 * 16
+
+
+@pytest.mark.parametrize('plan, message', [
+    (FixedKeepSchedule(keep_before=torch.tensor([0, 1, 60])), 'out of range'),
+    (FixedKeepSchedule(keep_before=torch.tensor([0, 1, 33])), 'TEXT token'),
+    (FixedKeepSchedule(keep_after={1: torch.tensor([40])}), 'ACTION token'),
+    (FixedKeepSchedule(keep_before=torch.tensor([], dtype=torch.long)), 'empty'),
+    (FixedKeepSchedule(keep_before=torch.tensor([0, 1]), keep_after={0: torch.tensor([0, 2])}), 'already pruned'),
+    (FixedKeepSchedule(attention=[AttentionRequest(9, 'text')]), 'layer 9'),
+])
+def test_bad_plans_raise_clear_errors(plan, message):
+    with pytest.raises(PlanError, match=message):
+        with torch.no_grad():
+            PrunableDecoderRunner(make_decoder())(torch.randn(1, N, HIDDEN), make_layout(False), plan)
+
+
+class ReuseMethod(FixedKeepSchedule):
+    """Serve the given visual tokens from a K/V store filled by the previous step."""
+
+    def __init__(self, reuse: torch.Tensor):
+        super().__init__()
+        self.store = KVStore()
+        self.reuse = reuse
+
+    def begin_step(self, context: StepContext) -> StepPlan:
+        return StepPlan(reuse_kv=self.reuse, kv_store=self.store)
+
+
+@pytest.mark.parametrize('causal', [False, True])
+def test_kv_reuse_of_unchanged_tokens_is_exact(causal):
+    decoder = make_decoder()
+    layout = make_layout(causal)
+    x = torch.randn(1, N, HIDDEN)
+    method = ReuseMethod(torch.arange(4, 20))
+    runner = PrunableDecoderRunner(decoder)
+    with torch.no_grad():
+        first = runner(x, layout, method)       # empty store: everything computed, store filled
+        second = runner(x, layout, method)      # same input: reused K/V equal the recomputed ones
+        full = runner(x, layout)
+    assert first.record.reused is None
+    assert second.record.reused.tolist() == list(range(4, 20))
+    assert len(second.kept) == N - 16
+    assert (second.hidden - full.select(second.kept)).abs().max().item() <= 1e-5
+    assert second.record.flops < full.record.flops
+    # a changed frame: reused tokens keep last step's K/V, so the output now differs from a full recompute
+    with torch.no_grad():
+        changed = x.clone()
+        changed[:, 4:20] += 1.0
+        third = runner(changed, layout, method)
+        full_changed = runner(changed, layout)
+    assert (third.hidden - full_changed.select(third.kept)).abs().max().item() > 1e-3
+
+
+def test_timing_split_is_reported():
+    decoder = make_decoder()
+    method = FixedKeepSchedule(attention=[AttentionRequest(0, 'text')])
+    with torch.no_grad():
+        record = PrunableDecoderRunner(decoder)(torch.randn(1, N, HIDDEN), make_layout(False), method).record
+    assert record.model_seconds > 0 and record.selection_seconds >= 0 and record.probe_seconds > 0
