@@ -72,9 +72,12 @@ class PrunableDecoderRunner(nn.Module):
 
         plan = StepPlan()
         if method is not None:
+            if context is None:
+                context = StepContext(layout=layout, step_index=0,
+                                      visual_embeddings=embeddings[0, layout.visual_indices()])
+            context.num_layers = self.num_layers
             t0 = time.perf_counter()
-            plan = method.begin_step(context if context is not None else StepContext(
-                layout=layout, step_index=0, visual_embeddings=embeddings[0, layout.visual_indices()]))
+            plan = method.begin_step(context)
             selection += time.perf_counter() - t0
 
         kept = torch.arange(layout.num_tokens, device=device)

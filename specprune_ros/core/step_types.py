@@ -54,6 +54,7 @@ class StepContext:
     patch_size: int = 0                              # pixels per patch side in ``images`` (0 = unknown)
     executed_actions: Optional[np.ndarray] = None    # (k, action_dim) recently executed actions, oldest first
     instruction: str = ''
+    num_layers: int = 0                              # decoder depth (the runner fills it in before begin_step)
 
 
 @dataclass

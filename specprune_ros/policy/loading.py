@@ -17,7 +17,7 @@ DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch
 def tiny_random_config(vocabulary: tuple[str, ...] = ()) -> ReferenceVLAConfig:
     """A small random-initialised reference VLA with the real interface (plumbing tests, shape tests)."""
     if not vocabulary:
-        from specprune_ros.sim.tasks import VOCABULARY
+        from specprune_ros.sim.vocab import VOCABULARY
         vocabulary = VOCABULARY
     return ReferenceVLAConfig(vocabulary=vocabulary, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
                               mlp_size=128, head_hidden=64)

@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""Train the reference VLA on a demonstration directory (see specprune_ros.sim.dataset) and export it.
+
+    python scripts/train_reference_vla.py --data data/demos --out outputs/train \
+        --export specprune_ros/assets/reference_vla --steps 6000 --max-minutes 110
+Resumable: rerun with --resume to continue from outputs/train/train_state.pt.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tqdm import tqdm
+
+from specprune_ros.policy.reference_vla import ReferenceVLAConfig
+from specprune_ros.policy.training import TrainConfig, train
+from specprune_ros.sim.dataset import iter_episodes, read_manifest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--data', type=Path, required=True)
+    parser.add_argument('--out', type=Path, default=Path('outputs/train'))
+    parser.add_argument('--export', type=Path, default=None, help='where the final checkpoint goes')
+    parser.add_argument('--resume', action='store_true')
+    parser.add_argument('--max-episodes', type=int, default=0)
+    defaults = TrainConfig()
+    for name, value in vars(defaults).items():
+        flag = '--' + name.replace('_', '-')
+        if isinstance(value, bool):
+            parser.add_argument(flag, type=lambda s: s.lower() in ('1', 'true', 'yes'), default=value)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+    parser.add_argument('--hidden-size', type=int, default=ReferenceVLAConfig.hidden_size)
+    parser.add_argument('--num-layers', type=int, default=ReferenceVLAConfig.num_layers)
+    parser.add_argument('--mlp-size', type=int, default=ReferenceVLAConfig.mlp_size)
+    args = parser.parse_args()
+
+    manifest = read_manifest(args.data)
+    episodes = []
+    for episode in tqdm(iter_episodes(args.data), total=len(manifest['episodes']), desc='load demos'):
+        episodes.append(episode)
+        if args.max_episodes and len(episodes) >= args.max_episodes:
+            break
+    model_config = ReferenceVLAConfig(vocabulary=tuple(manifest['vocabulary']),
+                                      camera_names=tuple(manifest['cameras']), image_size=manifest['image_size'],
+                                      proprio_dim=len(manifest['proprio_layout']), hidden_size=args.hidden_size,
+                                      num_layers=args.num_layers, mlp_size=args.mlp_size)
+    train_config = TrainConfig(**{name: getattr(args, name) for name in vars(defaults)})
+    exported = train(model_config, train_config, episodes, args.out, resume=args.resume, export_dir=args.export)
+    print(f'checkpoint written to {exported}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,1 @@
+"""ROS-free evaluation: closed-loop episodes in the simulator, statistics and reports."""

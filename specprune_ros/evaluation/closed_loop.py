@@ -1,0 +1,188 @@
+"""Closed-loop evaluation of a policy in the simulated tabletop tasks (no ROS involved).
+
+Each inference yields a chunk of 8 actions that are executed open loop (as OpenVLA-OFT does), then the
+policy sees the next observation together with the actions it just executed (the SpecPrune controller
+reads them). Episodes run in parallel worker processes, one torch thread each.
+"""
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from specprune_ros.evaluation.statistics import percentile, wilson_interval
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """Everything a worker process needs to build the same policy (see ``policy.loading.load_policy``)."""
+
+    model: str = 'reference'
+    method: str = 'none'
+    method_config: Optional[dict] = None
+    label: str = ''
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.label or self.method
+
+
+@dataclass
+class EpisodeResult:
+    family: str
+    seed: int
+    success: bool
+    steps: int
+    latencies_s: list[float] = field(default_factory=list)
+    visual_kept: list[float] = field(default_factory=list)      # mean kept visual tokens per layer, per inference
+    flops_ratio: list[float] = field(default_factory=list)
+    selection_s: list[float] = field(default_factory=list)
+    modes: list[str] = field(default_factory=list)              # controller mode per inference, if any
+    frames: Optional[list] = None                               # observations, when recording
+
+
+def run_episode(env, policy, family: str, seed: int, execute_steps: Optional[int] = None,
+                record_frames: bool = False) -> EpisodeResult:
+    """One episode: infer a chunk, execute ``execute_steps`` of it (default: all), repeat until done."""
+    from specprune_ros.policy.interface import Observation
+    observation = env.reset(seed=seed, family=family)
+    policy.reset()
+    result = EpisodeResult(family=family, seed=seed, success=False, steps=0,
+                           frames=[observation] if record_frames else None)
+    executed: Optional[np.ndarray] = None
+    done = False
+    while not done:
+        output = policy.predict(Observation(images=observation.images, instruction=observation.instruction,
+                                            proprio=observation.proprio, executed_actions=executed))
+        record = output.record
+        result.latencies_s.append(output.latency_s)
+        if record is not None:
+            result.visual_kept.append(record.mean_visual_kept)
+            result.flops_ratio.append(record.flops / record.flops_full)
+            result.selection_s.append(record.selection_seconds + record.probe_seconds)
+            if 'mode' in record.info:
+                result.modes.append(str(record.info['mode']))
+        chunk = output.actions[: execute_steps or len(output.actions)]
+        for action in chunk:
+            observation, done, success = env.step(action)
+            result.steps += 1
+            result.success = bool(success)
+            if record_frames:
+                result.frames.append(observation)
+            if done:
+                break
+        executed = chunk
+    return result
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(spec: PolicySpec, image_size: int, threads: int) -> None:
+    import torch
+    from specprune_ros.policy.loading import load_policy
+    from specprune_ros.sim import TabletopEnv
+    torch.set_num_threads(threads)
+    _WORKER['policy'] = load_policy(spec.model, spec.method, spec.method_config, seed=spec.seed)
+    _WORKER['env'] = TabletopEnv(image_size=image_size)
+
+
+def _run_job(job: tuple[str, int]) -> EpisodeResult:
+    family, seed = job
+    return run_episode(_WORKER['env'], _WORKER['policy'], family, seed)
+
+
+def evaluate(spec: PolicySpec, families: Sequence[str], episodes_per_family: int, seed_start: Optional[int] = None,
+             workers: int = 2, image_size: int = 96, progress: bool = True) -> list[EpisodeResult]:
+    """Run ``episodes_per_family`` held-out episodes of each family; seeds start at EVAL_SEED_START."""
+    from specprune_ros.sim import EVAL_SEED_START
+    start = EVAL_SEED_START if seed_start is None else seed_start
+    jobs = [(family, start + i) for i in range(episodes_per_family) for family in families]
+    bar = tqdm(total=len(jobs), desc=f'eval {spec.name}', unit='ep', disable=not progress, dynamic_ncols=True)
+    results: list[EpisodeResult] = []
+    if workers <= 1:
+        _init_worker(spec, image_size, threads=1)
+        for job in jobs:
+            results.append(_run_job(job))
+            bar.update(1)
+    else:
+        with ProcessPoolExecutor(workers, mp_context=get_context('spawn'), initializer=_init_worker,
+                                 initargs=(spec, image_size, 1)) as pool:
+            for result in pool.map(_run_job, jobs):
+                results.append(result)
+                bar.update(1)
+    bar.close()
+    return results
+
+
+def summarize(results: Sequence[EpisodeResult], label: str = '') -> dict:
+    """Per-family and overall success (Wilson 95% CI), episode length, latency, kept tokens, FLOPs ratio."""
+    def block(rs: Sequence[EpisodeResult]) -> dict:
+        wins = sum(r.success for r in rs)
+        low, high = wilson_interval(wins, len(rs))
+        latencies = [x for r in rs for x in r.latencies_s]
+        kept = [x for r in rs for x in r.visual_kept]
+        flops = [x for r in rs for x in r.flops_ratio]
+        selection = [x for r in rs for x in r.selection_s]
+        return {'episodes': len(rs), 'successes': wins, 'success_rate': wins / max(len(rs), 1),
+                'ci95': [low, high], 'mean_length': float(np.mean([r.steps for r in rs])) if rs else float('nan'),
+                'latency_ms_median': percentile(latencies, 50) * 1e3, 'latency_ms_p95': percentile(latencies, 95) * 1e3,
+                'mean_visual_kept': float(np.mean(kept)) if kept else float('nan'),
+                'flops_ratio': float(np.mean(flops)) if flops else float('nan'),
+                'selection_ms_median': percentile(selection, 50) * 1e3}
+    families = sorted({r.family for r in results})
+    return {'label': label, 'overall': block(results),
+            'families': {f: block([r for r in results if r.family == f]) for f in families}}
+
+
+def markdown_table(summaries: Sequence[dict]) -> str:
+    """One row per (configuration, family) plus an overall row."""
+    lines = ['| config | family | success | 95% CI | mean length | latency median ms | p95 ms | visual kept | FLOPs |',
+             '|---|---|---|---|---|---|---|---|---|']
+    for summary in summaries:
+        rows = [*summary['families'].items(), ('all', summary['overall'])]
+        for family, s in rows:
+            lines.append(f"| {summary['label']} | {family} | {s['success_rate'] * 100:.1f}% ({s['successes']}/{s['episodes']}) "
+                         f"| {s['ci95'][0] * 100:.1f}-{s['ci95'][1] * 100:.1f}% | {s['mean_length']:.1f} "
+                         f"| {s['latency_ms_median']:.1f} | {s['latency_ms_p95']:.1f} | {s['mean_visual_kept']:.1f} "
+                         f"| {s['flops_ratio'] * 100:.0f}% |")
+    return '\n'.join(lines)
+
+
+def write_report(summaries: Sequence[dict], out_dir: Path, name: str = 'closed_loop') -> tuple[Path, Path]:
+    """``<name>.json`` (machine-readable) and ``<name>.md`` (the markdown table) in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f'{name}.json', out_dir / f'{name}.md'
+    json_path.write_text(json.dumps({'created': time.strftime('%Y-%m-%d %H:%M:%S'), 'results': list(summaries)},
+                                    indent=2))
+    md_path.write_text(markdown_table(summaries) + '\n')
+    return json_path, md_path
+
+
+def record_episode(spec: PolicySpec, family: str, seed: int, path: Path, image_size: int = 96) -> EpisodeResult:
+    """Run one episode in this process and save a PNG strip (and a GIF next to it) of both cameras."""
+    from specprune_ros.policy.loading import load_policy
+    from specprune_ros.sim import TabletopEnv
+    from specprune_ros.sim.visualize import save_gif, save_strip
+    env = TabletopEnv(image_size=image_size)
+    policy = load_policy(spec.model, spec.method, spec.method_config, seed=spec.seed)
+    result = run_episode(env, policy, family, seed, record_frames=True)
+    title = f"{spec.name}: {result.frames[0].instruction} -> {'success' if result.success else 'failure'}"
+    save_strip(result.frames, path, num_frames=10, title=title)
+    save_gif(result.frames, path.with_suffix('.gif'))
+    result.frames = None
+    return result
+
+
+def as_dict(result: EpisodeResult) -> dict:
+    out = asdict(result)
+    out.pop('frames', None)
+    return out

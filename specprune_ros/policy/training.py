@@ -1,0 +1,196 @@
+"""Behaviour-cloning training of the reference VLA on the simulator's demonstrations (CPU friendly).
+
+Each sample is one control step t of a demonstration: both camera frames and the proprio vector before
+action t, the instruction, and the target chunk ``actions[t : t + chunk]`` (past the episode end the chunk is
+padded with a 'hold' action: no motion, the last gripper command). Loss: L1 over the whole chunk, as
+OpenVLA-OFT. Images get a small random shift (pad + crop) so the policy does not memorise pixels.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from specprune_ros.policy.checkpoint import save_checkpoint
+from specprune_ros.policy.reference_vla import ReferenceVLA, ReferenceVLAConfig
+from specprune_ros.policy.tokenizer import WordTokenizer
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; the model's sizes live in ReferenceVLAConfig."""
+
+    steps: int = 6000
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 300
+    shift_pixels: int = 4
+    bf16: bool = True
+    threads: int = 2
+    seed: int = 0
+    val_fraction: float = 0.05
+    log_every: int = 50
+    save_every: int = 500
+    max_minutes: float = 0.0        # stop (and save) after this wall time; 0 = no limit
+
+
+class DemoBank:
+    """All demonstration steps in memory, indexable by (episode, step)."""
+
+    def __init__(self, episodes: Sequence, camera_names: Sequence[str], tokenizer: WordTokenizer,
+                 chunk_size: int) -> None:
+        self.camera_names = tuple(camera_names)
+        self.chunk_size = chunk_size
+        self.images = [np.stack([ep.images[c] for c in self.camera_names], axis=1) for ep in episodes]  # (T,C,H,W,3)
+        self.proprio = [ep.proprio.astype(np.float32) for ep in episodes]
+        self.chunks = [self._chunks(ep.actions.astype(np.float32)) for ep in episodes]
+        encoded = [tokenizer.encode(ep.instruction)[0] for ep in episodes]
+        self.words = np.asarray(encoded, dtype=np.int64)
+        self.index = np.asarray([(e, t) for e, ep in enumerate(episodes) for t in range(len(ep))], dtype=np.int64)
+
+    def _chunks(self, actions: np.ndarray) -> np.ndarray:
+        hold = np.zeros((self.chunk_size, actions.shape[1]), dtype=np.float32)
+        hold[:, -1] = actions[-1, -1]
+        padded = np.concatenate([actions, hold])
+        return np.stack([padded[t:t + self.chunk_size] for t in range(len(actions))])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        episode, step = self.index[rows, 0], self.index[rows, 1]
+        images = np.stack([self.images[e][t] for e, t in zip(episode, step)])            # (B,C,H,W,3)
+        return {
+            'images': torch.from_numpy(images).permute(0, 1, 4, 2, 3).contiguous(),      # (B,C,3,H,W)
+            'proprio': torch.from_numpy(np.stack([self.proprio[e][t] for e, t in zip(episode, step)])),
+            'words': torch.from_numpy(self.words[episode]),
+            'actions': torch.from_numpy(np.stack([self.chunks[e][t] for e, t in zip(episode, step)])),
+        }
+
+
+def random_shift(images: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
+    """Shift each image by up to ``pixels`` in x and y (edge padding), independently per sample and camera."""
+    if pixels <= 0:
+        return images
+    b, c, ch, h, w = images.shape
+    flat = images.view(b * c, ch, h, w).float()
+    padded = torch.nn.functional.pad(flat, (pixels,) * 4, mode='replicate')
+    dx = torch.randint(0, 2 * pixels + 1, (b * c,), generator=generator)
+    dy = torch.randint(0, 2 * pixels + 1, (b * c,), generator=generator)
+    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b * c)])
+    return out.round().to(torch.uint8).view(b, c, ch, h, w)
+
+
+def proprio_statistics(episodes: Sequence) -> tuple[list[float], list[float]]:
+    stacked = np.concatenate([ep.proprio for ep in episodes])
+    return stacked.mean(axis=0).tolist(), (stacked.std(axis=0) + 1e-3).tolist()
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def l1_loss(model: ReferenceVLA, batch: dict[str, torch.Tensor], bf16: bool) -> torch.Tensor:
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+        predicted, _ = model(batch['images'], batch['words'], model.config.max_words, batch['proprio'])
+    return (predicted.float() - batch['actions']).abs().mean()
+
+
+def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes: Sequence, out_dir: Path,
+          resume: bool = False, export_dir: Optional[Path] = None) -> Path:
+    """Train (or resume) and export the final checkpoint; returns the export directory."""
+    torch.set_num_threads(train_config.threads)
+    torch.manual_seed(train_config.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state_path = out_dir / 'train_state.pt'
+    log_path = out_dir / 'loss_log.jsonl'
+
+    rng = np.random.default_rng(train_config.seed)
+    order = rng.permutation(len(episodes))
+    n_val = max(1, int(len(episodes) * train_config.val_fraction))
+    val_eps = [episodes[i] for i in order[:n_val]]
+    train_eps = [episodes[i] for i in order[n_val:]]
+    model_config.proprio_mean, model_config.proprio_std = proprio_statistics(train_eps)
+
+    model = ReferenceVLA(model_config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
+    step = 0
+    if resume and state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        model.load_state_dict(state['model'])
+        optimizer.load_state_dict(state['optimizer'])
+        step = state['step']
+        rng = state['rng']
+        torch.set_rng_state(state['torch_rng'])
+        print(f'resumed from {state_path} at step {step}')
+
+    train_bank = DemoBank(train_eps, model_config.camera_names, model.tokenizer, model_config.chunk_size)
+    val_bank = DemoBank(val_eps, model_config.camera_names, model.tokenizer, model_config.chunk_size)
+    val_rows = np.random.default_rng(1).choice(len(val_bank), size=min(256, len(val_bank)), replace=False)
+    generator = torch.Generator().manual_seed(train_config.seed + step)
+    print(f'{len(train_bank)} training steps from {len(train_eps)} episodes, {len(val_bank)} validation steps; '
+          f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters')
+
+    def save_state() -> None:
+        torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'step': step, 'rng': rng,
+                    'torch_rng': torch.get_rng_state(), 'model_config': model_config.to_dict(),
+                    'train_config': asdict(train_config)}, state_path)
+
+    def validate() -> float:
+        model.eval()
+        with torch.no_grad():
+            losses = [l1_loss(model, val_bank.batch(val_rows[i:i + 64]), train_config.bf16).item()
+                      for i in range(0, len(val_rows), 64)]
+        model.train()
+        return float(np.mean(losses))
+
+    started = time.time()
+    model.train()
+    running = []
+    bar = tqdm(total=train_config.steps, initial=step, desc='train', unit='step', dynamic_ncols=True)
+    while step < train_config.steps:
+        for group in optimizer.param_groups:
+            group['lr'] = learning_rate(step, train_config)
+        batch = train_bank.batch(rng.integers(0, len(train_bank), size=train_config.batch_size))
+        batch['images'] = random_shift(batch['images'], train_config.shift_pixels, generator)
+        loss = l1_loss(model, batch, train_config.bf16)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        running.append(loss.item())
+        bar.update(1)
+        if step % train_config.log_every == 0 or step == train_config.steps:
+            entry = {'step': step, 'loss': float(np.mean(running)), 'lr': learning_rate(step, train_config),
+                     'minutes': (time.time() - started) / 60}
+            if step % (train_config.log_every * 4) == 0 or step == train_config.steps:
+                entry['val_loss'] = validate()
+            running.clear()
+            bar.set_postfix(loss=f"{entry['loss']:.4f}", val=f"{entry.get('val_loss', float('nan')):.4f}")
+            with open(log_path, 'a') as f:
+                f.write(json.dumps(entry) + '\n')
+        out_of_time = train_config.max_minutes and (time.time() - started) / 60 >= train_config.max_minutes
+        if step % train_config.save_every == 0 or out_of_time:
+            save_state()
+        if out_of_time:
+            print(f'stopping at step {step}: --max-minutes {train_config.max_minutes} reached (resume with --resume)')
+            break
+    bar.close()
+    save_state()
+    model.eval()
+    export_dir = export_dir or out_dir / 'checkpoint'
+    save_checkpoint(model, export_dir, extra={'training': {'steps_done': step, 'episodes': len(train_eps),
+                                                           'samples': len(train_bank), **asdict(train_config)}})
+    return export_dir

@@ -1,0 +1,237 @@
+"""Shared plumbing of the pruning methods: config parsing, episode bookkeeping, the info contract.
+
+Info contract
+-------------
+Every method fills ``method.last_info`` (a dict) during a step and, in ``end_step(record)``, merges it into
+``record.info`` (so the runtime may read either; ``record.info`` is the canonical place). Keys common to all
+methods: ``method``, ``step`` (steps since the last reset, before this one), ``reset`` (why the state was reset at
+the start of this step, '' if it was not), ``visual_kept_before`` (visual tokens entering layer 0).
+
+Episode bookkeeping (``_sync``), at the start of every step: the temporal state is reset when the instruction
+changes, when ``context.step_index`` does not move forward (0 again or smaller: a new episode, can be switched off
+with ``reset_on_step_index=False``), after a gap longer than ``max_gap_s`` (from ``context.timestamp`` if the
+runtime provides one, or from :meth:`observe_time` / :meth:`observe_gap` called by the caller), and when the token
+layout changes.
+
+Layer numbers in configs may be negative (Python style: -1 = last layer); they are resolved against the decoder
+depth, taken from ``context.num_layers`` if the runtime provides it (> 0), else from the depth seen in the previous
+step's record, else from the config's ``num_layers`` (default 6, the reference VLA's depth).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from specprune_ros.core.step_types import AttentionRequest, LayerView, StepContext, StepPlan, StepRecord
+from specprune_ros.core.token_layout import TokenLayout
+from specprune_ros.pruning.scoring import dense_visual_scores, present_mask
+from specprune_ros.pruning.temporal_state import TemporalStateConfig, TemporalTokenState
+
+DEFAULT_NUM_LAYERS = 6
+
+
+@dataclass
+class BaseConfig:
+    """Fields every method config has."""
+
+    num_layers: int = DEFAULT_NUM_LAYERS   # decoder depth, used only if the context does not carry it
+    max_gap_s: float = 2.0                 # reset the temporal state after a longer input gap (<= 0: never)
+    reset_on_step_index: bool = True       # reset when context.step_index restarts
+
+
+def config_from_dict(cls: type, values: Optional[dict[str, Any]]) -> Any:
+    """Build dataclass ``cls`` from a dict; unknown keys raise ValueError, lists become tuples for tuple fields."""
+    values = dict(values or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f'unknown {cls.__name__} field(s) {unknown}; valid: {sorted(fields)}')
+    hints = typing.get_type_hints(cls)
+    for key, val in values.items():
+        hint = hints.get(key)
+        origin = typing.get_origin(hint)
+        if isinstance(val, dict) and dataclasses.is_dataclass(hint):
+            values[key] = config_from_dict(hint, val)                # nested config from a nested dict
+        elif isinstance(val, list) and (origin is tuple or hint is tuple or _optional_tuple(hint)):
+            values[key] = tuple(val)
+    return cls(**values)
+
+
+def _optional_tuple(hint: Any) -> bool:
+    return any(a is tuple or typing.get_origin(a) is tuple for a in typing.get_args(hint))
+
+
+def resolve_layer(layer: int, num_layers: int) -> int:
+    resolved = layer + num_layers if layer < 0 else layer
+    if not 0 <= resolved < num_layers:
+        raise ValueError(f'layer {layer} outside a decoder of {num_layers} layers')
+    return resolved
+
+
+class PruningMethodBase:
+    """Base class implementing the ``PruningMethod`` protocol's bookkeeping; subclasses override the hooks."""
+
+    name = 'base'
+
+    def __init__(self, config: BaseConfig, seed: int = 0, frame_history: int = 2, attention_window: int = 0) -> None:
+        self.config = config
+        self.seed = int(seed)
+        self.state = TemporalTokenState(TemporalStateConfig(
+            frame_history=frame_history, attention_window=attention_window, max_gap_s=config.max_gap_s))
+        self.last_info: dict[str, Any] = {}
+        self._layout: Optional[TokenLayout] = None
+        self._context: Optional[StepContext] = None
+        self._pending_reset = ''
+        self._learned_layers = 0
+        self.num_layers = config.num_layers
+
+    # ------------------------------------------------------------------------------------ protocol
+
+    def reset(self) -> None:
+        self.state.reset('explicit')
+        self._pending_reset = 'explicit'
+        self._reset_method()
+
+    def begin_step(self, context: StepContext) -> StepPlan:
+        self._sync(context)
+        self._context = context
+        self.last_info = {'method': self.name, 'step': self.state.steps, 'reset': self._pending_reset}
+        self._pending_reset = ''
+        plan = self._begin(context)
+        nv = context.layout.num_visual if plan.keep_before is None else int(plan.keep_before.numel())
+        self.last_info['visual_kept_before'] = nv
+        return plan
+
+    def after_layer(self, view: LayerView) -> Optional[torch.Tensor]:
+        return self._after(view)
+
+    def end_step(self, record: StepRecord) -> None:
+        if record.kept_per_layer:
+            self._learned_layers = len(record.kept_per_layer)     # the real depth, if the context did not say
+        self._end(record)
+        self.state.finish_step()
+        if record.info is None:
+            record.info = {}
+        record.info.update(self.last_info)
+
+    # ------------------------------------------------------------------------------ caller helpers
+
+    def observe_gap(self, seconds: float) -> bool:
+        """Tell the method how long the input stream paused; resets after more than ``max_gap_s``."""
+        if self.state.observe_gap(seconds):
+            self._pending_reset = 'gap'
+            self._reset_method()
+            return True
+        return False
+
+    def observe_time(self, t: float) -> bool:
+        """Tell the method the (monotonic) time of the current observation; resets after a long gap."""
+        if self.state.observe_time(t):
+            self._pending_reset = self.state.last_reset_reason
+            self._reset_method()
+            return True
+        return False
+
+    # ------------------------------------------------------------------------------- subclass hooks
+
+    def _reset_method(self) -> None:
+        """Clear method-specific state beyond ``self.state`` (called on every reset)."""
+
+    def _begin(self, context: StepContext) -> StepPlan:
+        return StepPlan()
+
+    def _after(self, view: LayerView) -> Optional[torch.Tensor]:
+        return None
+
+    def _end(self, record: StepRecord) -> None:
+        pass
+
+    # ------------------------------------------------------------------------------------ utilities
+
+    def _sync(self, context: StepContext) -> None:
+        reason = ''
+        if self._layout is not None and context.layout != self._layout:
+            self.state.reset('layout changed')
+            reason = 'layout changed'
+        self._layout = context.layout
+        if self.state.observe_instruction(context.instruction or None):
+            reason = 'instruction'
+        stamp = getattr(context, 'timestamp', None)
+        if stamp is None:
+            stamp = getattr(context, 'timestamp_s', None)
+        if stamp is not None and self.state.observe_time(float(stamp)):
+            reason = self.state.last_reset_reason
+        if self.config.reset_on_step_index and self.state.observe_step_index(context.step_index):
+            reason = 'step index restarted'
+        n = int(getattr(context, 'num_layers', 0) or 0)
+        self.num_layers = n if n > 0 else (self._learned_layers or self.config.num_layers)
+        if reason:
+            self._pending_reset = reason
+            self._reset_method()
+
+    def layer(self, layer: int) -> int:
+        """Resolve a (possibly negative) configured layer against this step's decoder depth."""
+        return resolve_layer(layer, self.num_layers)
+
+    def requests(self, *items: tuple[int, str, str]) -> list[AttentionRequest]:
+        """Deduplicated attention requests from (layer, rows, name) triples.
+
+        Rows the layout cannot provide fall back (recorded in ``last_info['rows_fallback']``): 'text' -> 'prefill'
+        when there is no text span, 'action' -> 'last' when there is no action span.
+        """
+        seen: set[tuple[int, str]] = set()
+        out = []
+        for layer, rows, name in items:
+            rows = self._rows_for(rows)
+            if (layer, name) not in seen:
+                seen.add((layer, name))
+                out.append(AttentionRequest(layer=layer, rows=rows, name=name))  # type: ignore[arg-type]
+        return out
+
+    def _rows_for(self, rows: str) -> str:
+        layout = self._layout
+        if layout is None:
+            return rows
+        fallback = None
+        if rows == 'text' and layout.text_span[1] <= layout.text_span[0]:
+            fallback = 'prefill'
+        elif rows == 'action' and layout.action_span[1] <= layout.action_span[0]:
+            fallback = 'last'
+        if fallback is None:
+            return rows
+        self.last_info.setdefault('rows_fallback', {})[rows] = fallback
+        return fallback
+
+    def view_scores(self, view: LayerView, key: str, fill: float = 0.0) -> Optional[torch.Tensor]:
+        """Dense visual scores of an attention summary in a LayerView (None if the runner did not provide it)."""
+        weights = view.attention.get(key) if view.attention else None
+        if weights is None:
+            return None
+        return dense_visual_scores(view.key_indices, weights, view_layout(self), fill=fill)
+
+    def record_scores(self, record: StepRecord, layer: int, key: str, fill: float = 0.0) -> Optional[torch.Tensor]:
+        """Dense visual scores of an attention summary in a StepRecord (None if absent)."""
+        entry = (record.attention or {}).get(layer, {}).get(key)
+        if entry is None:
+            return None
+        keys, weights = entry
+        return dense_visual_scores(keys, weights, record.layout, fill=fill)
+
+    def kept_visual(self, view: LayerView) -> torch.Tensor:
+        """Dense visual mask of the visual tokens that ran through this layer."""
+        return present_mask(view.kept, view_layout(self))
+
+
+def view_layout(method: PruningMethodBase) -> TokenLayout:
+    if method._layout is None:
+        raise RuntimeError('after_layer called before begin_step')
+    return method._layout
+
+
+def split_per_camera(dense: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, ...]:
+    p = layout.patches_per_camera
+    return tuple(dense[c * p:(c + 1) * p].clone() for c in range(layout.num_cameras))

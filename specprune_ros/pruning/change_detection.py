@@ -1,0 +1,130 @@
+"""SpecPrune-VLA dynamic-token detection (and VLA-Cache's static-patch test) on raw pixels.
+
+Each camera frame is cut into the model's patch grid; patch ``i`` of frame ``t`` is compared with patch ``i`` of a
+reference frame by cosine similarity of the raw pixel vectors. A patch is *static* if the similarity is at least
+``threshold`` (SpecPrune code: 0.986; VLA-Cache: 0.996), but at most ``max_static`` patches (the most similar
+ones) count as static per frame (SpecPrune code: 200 of 256 in coarse mode, 220 of 256 in fine mode; we scale these
+as fractions of the patches per camera, see :class:`ChangeDetectionConfig`). Every other patch is *changed*
+(SpecPrune's V_dynamic).
+
+Raw uint8 pixels are all non-negative, so their cosine similarity is close to 1 unless content really changes;
+that is why the thresholds are so close to 1. We follow the public code and do not mean-centre the patches.
+
+Reference frame: the slower the robot moved, the older the reference (small motions accumulate). From the speed
+``v`` = |sum of the translation actions executed since the last inference| (normalised units):
+
+* code:  ``T = int(-16/3 * v / 6 + 22/3) + 3``, capped at 6 (and here also floored at 2),
+* paper: ``T = floor(-16/3 * v / 6 + 22/3) + 4`` (clipped to the same range here).
+
+``T`` counts frames *including the current one*, as in the code's ``replay_images[-T]``: the reference is
+``T - 1`` frames before the current frame (or the oldest frame held, if fewer are held).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+
+from specprune_ros.pruning.scoring import budget_count
+
+
+@dataclass
+class ChangeDetectionConfig:
+    """Defaults follow the SpecPrune public code, with counts scaled to fractions of a camera's patches."""
+
+    threshold: float = 0.986                  # static if cosine similarity >= threshold
+    max_static_fraction_coarse: float = 200 / 256   # cap on static patches per camera (144-patch grid: 113)
+    max_static_fraction_fine: float = 220 / 256     # in fine mode (144-patch grid: 124)
+    reference_variant: Literal['code', 'paper'] = 'code'
+    min_reference_back: int = 2               # T range (frames, counting the current one)
+    max_reference_back: int = 6
+
+
+def reference_back(speed: float, variant: str = 'code', t_min: int = 2, t_max: int = 6) -> int:
+    """Frames ``T`` (including the current one) to look back for the reference frame at translation ``speed``."""
+    x = -16.0 / 3.0 * float(speed) / 6.0 + 22.0 / 3.0
+    if variant == 'code':
+        t = int(x) + 3                         # int() truncates toward zero, as in the code
+    elif variant == 'paper':
+        t = int(math.floor(x)) + 4
+    else:
+        raise ValueError(f"unknown reference variant {variant!r} (use 'code' or 'paper')")
+    return int(min(max(t, t_min), t_max))
+
+
+def patch_grid_size(image_shape: tuple[int, ...], grid_shape: tuple[int, int], patch_size: int = 0) -> tuple[int, int]:
+    """Pixel size (ph, pw) of one patch. ``patch_size`` > 0 is used if the grid fits in the image, else the size is
+    inferred as ``H // rows``, ``W // cols`` (right/bottom remainders are ignored)."""
+    h, w = int(image_shape[0]), int(image_shape[1])
+    rows, cols = grid_shape
+    if patch_size > 0 and patch_size * rows <= h and patch_size * cols <= w:
+        return patch_size, patch_size
+    ph, pw = h // rows, w // cols
+    if ph < 1 or pw < 1:
+        raise ValueError(f'image {h}x{w} is smaller than a {rows}x{cols} patch grid')
+    return ph, pw
+
+
+def _patch_blocks(image: np.ndarray, grid_shape: tuple[int, int], patch_size: int = 0) -> np.ndarray:
+    img = np.asarray(image)
+    if img.ndim == 2:
+        img = img[:, :, None]
+    rows, cols = grid_shape
+    ph, pw = patch_grid_size(img.shape, grid_shape, patch_size)
+    img = img[:rows * ph, :cols * pw]
+    c = img.shape[2]
+    return img.reshape(rows, ph, cols, pw, c).transpose(0, 2, 1, 3, 4).reshape(rows * cols, ph * pw * c)
+
+
+def patchify(image: np.ndarray, grid_shape: tuple[int, int], patch_size: int = 0) -> torch.Tensor:
+    """(rows * cols, ph * pw * C) float32 pixel vectors of the row-major patch grid (top-left aligned)."""
+    return torch.from_numpy(np.ascontiguousarray(_patch_blocks(image, grid_shape, patch_size), dtype=np.float32))
+
+
+def patch_similarity(frame: np.ndarray, reference: np.ndarray, grid_shape: tuple[int, int],
+                     patch_size: int = 0, eps: float = 1e-8) -> torch.Tensor:
+    """(rows * cols,) cosine similarity of raw pixel patches between ``frame`` and ``reference``.
+
+    Two all-black patches count as identical (similarity 1).
+    """
+    if np.shape(frame) != np.shape(reference):
+        raise ValueError(f'frame {np.shape(frame)} and reference {np.shape(reference)} differ in shape')
+    a = _patch_blocks(frame, grid_shape, patch_size).astype(np.float32)
+    b = _patch_blocks(reference, grid_shape, patch_size).astype(np.float32)
+    na = np.sqrt(np.einsum('ij,ij->i', a, a))
+    nb = np.sqrt(np.einsum('ij,ij->i', b, b))
+    sim = np.einsum('ij,ij->i', a, b) / (na * nb + eps)
+    sim[(na <= eps) & (nb <= eps)] = 1.0
+    return torch.from_numpy(sim.astype(np.float32))
+
+
+def static_mask(similarity: torch.Tensor, threshold: float, max_static: Optional[int] = None) -> torch.Tensor:
+    """Bool mask of static patches: similarity >= threshold, at most ``max_static`` of them (the most similar;
+    ties -> lower index)."""
+    sim = torch.as_tensor(similarity, dtype=torch.float32).flatten().numpy()
+    ok = sim >= threshold
+    if max_static is not None and int(ok.sum()) > max_static:
+        idx = np.flatnonzero(ok)
+        order = idx[np.argsort(-sim[idx], kind='stable')]
+        ok = np.zeros_like(ok)
+        ok[order[:max(0, int(max_static))]] = True
+    return torch.from_numpy(ok)
+
+
+def changed_mask(frame: np.ndarray, reference: Optional[np.ndarray], grid_shape: tuple[int, int],
+                 patch_size: int = 0, threshold: float = 0.986, max_static: Optional[int] = None) -> torch.Tensor:
+    """Bool mask of changed patches (SpecPrune V_dynamic of one camera). No reference -> everything changed."""
+    n = grid_shape[0] * grid_shape[1]
+    if reference is None:
+        return torch.ones(n, dtype=torch.bool)
+    sim = patch_similarity(frame, reference, grid_shape, patch_size)
+    return ~static_mask(sim, threshold, max_static)
+
+
+def max_static_count(config: ChangeDetectionConfig, patches: int, fine: bool) -> int:
+    """The static-patch cap for one camera of ``patches`` patches."""
+    frac = config.max_static_fraction_fine if fine else config.max_static_fraction_coarse
+    return budget_count(frac, patches, minimum=0)

@@ -1,0 +1,37 @@
+"""``divprune``: before layer 0 keep the budget chosen by greedy max-min diversity on the visual embeddings
+(cosine distance on ``StepContext.visual_embeddings``, the decoder inputs); no attention needed."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specprune_ros.core.step_types import StepContext, StepPlan
+from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
+from specprune_ros.pruning.diversity import greedy_max_min
+from specprune_ros.pruning.scoring import budget_count, camera_slices, mask_to_sequence
+
+
+@dataclass
+class DivPruneConfig(BaseConfig):
+    keep_ratio: float = 0.5        # fraction of visual tokens kept
+    per_camera: bool = False       # DivPrune selects over all visual tokens; True = the budget in every camera
+
+
+class DivPrune(PruningMethodBase):
+    name = 'divprune'
+
+    def __init__(self, config: DivPruneConfig | None = None, seed: int = 0) -> None:
+        super().__init__(config or DivPruneConfig(), seed)
+        self.config: DivPruneConfig
+
+    def _begin(self, context: StepContext) -> StepPlan:
+        layout = context.layout
+        emb = context.visual_embeddings.detach().reshape(layout.num_visual, -1)
+        mask = torch.zeros(layout.num_visual, dtype=torch.bool)
+        groups = camera_slices(layout) if self.config.per_camera else [slice(0, layout.num_visual)]
+        for sl in groups:
+            m = budget_count(self.config.keep_ratio, sl.stop - sl.start)
+            mask[sl.start + greedy_max_min(emb[sl], m)] = True
+        self.last_info['budget'] = int(mask.sum())
+        return StepPlan(keep_before=mask_to_sequence(mask, layout))

@@ -1,0 +1,44 @@
+"""``random``: before layer 0 keep a uniformly random subset of the visual tokens at the budget (the sanity floor).
+
+Deterministic under a seed: the generator is seeded with ``seed`` at construction and again on every reset, so each
+episode draws the same sequence of subsets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specprune_ros.core.step_types import StepContext, StepPlan
+from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
+from specprune_ros.pruning.scoring import budget_count, camera_slices, mask_to_sequence
+
+
+@dataclass
+class RandomConfig(BaseConfig):
+    keep_ratio: float = 0.5        # fraction of visual tokens kept
+    per_camera: bool = True        # draw the budget in every camera (True) or over all visual tokens
+
+
+class RandomPruning(PruningMethodBase):
+    name = 'random'
+
+    def __init__(self, config: RandomConfig | None = None, seed: int = 0) -> None:
+        super().__init__(config or RandomConfig(), seed)
+        self.config: RandomConfig
+        self.generator = torch.Generator()
+        self._reset_method()
+
+    def _reset_method(self) -> None:
+        self.generator.manual_seed(self.seed)
+
+    def _begin(self, context: StepContext) -> StepPlan:
+        layout = context.layout
+        mask = torch.zeros(layout.num_visual, dtype=torch.bool)
+        groups = camera_slices(layout) if self.config.per_camera else [slice(0, layout.num_visual)]
+        for sl in groups:
+            n = sl.stop - sl.start
+            m = budget_count(self.config.keep_ratio, n)
+            mask[sl.start + torch.randperm(n, generator=self.generator)[:m]] = True
+        self.last_info['budget'] = int(mask.sum())
+        return StepPlan(keep_before=mask_to_sequence(mask, layout))

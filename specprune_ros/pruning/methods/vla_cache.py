@@ -1,0 +1,112 @@
+"""``vla_cache``: VLA-Cache-style K/V reuse for static, task-irrelevant visual tokens (no token is dropped).
+
+Per step and camera (defaults from the public VLA-Cache code for OpenVLA-OFT, scaled to fractions of the patches):
+
+1. static patches: raw-pixel cosine similarity with the previous step's frame >= 0.996, at most the
+   ``max_static_fraction`` (150/256) most similar ones;
+2. minus the task-relevant ones: the top ``task_relevant_fraction`` (100/256) of the previous step's text-row
+   attention at ``attention_layer`` (VLA-Cache: layer 15 of 32; default here ``round(15 * L / 32)``, 3 for L = 6);
+3. minus tokens without a cached K/V at every layer, and (if ``max_consecutive_reuse`` > 0) tokens already served
+   from the cache that many steps in a row (a freshness bound; VLA-Cache has none, so the default 0 = unlimited).
+
+The rest go to ``plan.reuse_kv``: the runner does not recompute them and reads their K/V from ``self.kv_store``
+(it writes the computed tokens' K/V there every step). The store lives in the method and is cleared on reset.
+Not implemented: VLA-Cache's layer-adaptive reuse ratio (attention-entropy schedule over layers).
+
+Info keys: ``static``, ``task_relevant``, ``reused`` (counts), ``cache_valid`` (whether a usable cache existed).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from specprune_ros.core.step_types import KVStore, StepContext, StepPlan, StepRecord
+from specprune_ros.pruning.base import BaseConfig, PruningMethodBase, split_per_camera
+from specprune_ros.pruning.change_detection import patch_similarity, static_mask
+from specprune_ros.pruning.scoring import budget_count, mask_to_sequence, topk_per_camera
+
+
+@dataclass
+class VLACacheConfig(BaseConfig):
+    similarity_threshold: float = 0.996
+    max_static_fraction: float = 150 / 256      # cap on static patches per camera
+    task_relevant_fraction: float = 100 / 256   # top text-attention patches per camera never reused
+    attention_layer: Optional[int] = None       # None = round(15 * num_layers / 32)
+    max_consecutive_reuse: int = 0              # > 0: recompute a token after this many reuses in a row
+
+
+class VLACache(PruningMethodBase):
+    name = 'vla_cache'
+
+    def __init__(self, config: VLACacheConfig | None = None, seed: int = 0) -> None:
+        super().__init__(config or VLACacheConfig(), seed, frame_history=2)
+        self.config: VLACacheConfig
+        self.kv_store = KVStore()
+        self._streak: Optional[torch.Tensor] = None
+
+    def _reset_method(self) -> None:
+        self.kv_store.clear()
+        self._streak = None
+
+    def _attention_layer(self) -> int:
+        if self.config.attention_layer is not None:
+            return self.layer(self.config.attention_layer)
+        return min(int(math.floor(15 * self.num_layers / 32 + 0.5)), self.num_layers - 1)
+
+    def _cache_valid(self, layout) -> torch.Tensor:
+        """Dense visual mask of tokens with a cached K/V at every layer."""
+        ok = torch.zeros(layout.num_visual, dtype=torch.bool)
+        store = self.kv_store
+        if len(store.valid) < self.num_layers:
+            return ok
+        ok[:] = True
+        vis = layout.visual_indices()
+        for layer in range(self.num_layers):
+            valid = store.valid.get(layer)
+            if valid is None or valid.numel() != layout.num_tokens:
+                return torch.zeros_like(ok)
+            ok &= valid.to(torch.bool)[vis].cpu()
+        return ok
+
+    def _begin(self, context: StepContext) -> StepPlan:
+        cfg = self.config
+        layout = context.layout
+        if self._streak is None or self._streak.numel() != layout.num_visual:
+            self._streak = torch.zeros(layout.num_visual, dtype=torch.long)
+        self.state.push_frames(context.images)
+        requests = self.requests((self._attention_layer(), 'text', 'text'))
+        reuse = torch.zeros(layout.num_visual, dtype=torch.bool)
+        have_images = context.images is not None and self.state.num_frames >= 2
+        cache_ok = self._cache_valid(layout)
+        self.last_info.update(cache_valid=bool(cache_ok.any()), attention_layer=self._attention_layer())
+        if have_images and bool(cache_ok.any()):
+            p = layout.patches_per_camera
+            cap = budget_count(cfg.max_static_fraction, p, minimum=0)
+            static = torch.cat([
+                static_mask(patch_similarity(self.state.frame(c, 0), self.state.frame(c, 1), layout.grid_shape,
+                                             context.patch_size), cfg.similarity_threshold, cap)
+                for c in range(layout.num_cameras)])
+            relevant = torch.zeros_like(static)
+            prev = self.state.task_attention
+            if prev is not None and len(prev) == layout.num_cameras:
+                dense = torch.cat(prev)
+                k = budget_count(cfg.task_relevant_fraction, p, minimum=0)
+                relevant = topk_per_camera(dense, k, layout, candidates=torch.isfinite(dense))
+            reuse = static & ~relevant & cache_ok
+            if cfg.max_consecutive_reuse > 0:
+                reuse &= self._streak < cfg.max_consecutive_reuse
+            self.last_info.update(static=int(static.sum()), task_relevant=int(relevant.sum()))
+        self._streak = torch.where(reuse, self._streak + 1, torch.zeros_like(self._streak))
+        self.last_info['reused'] = int(reuse.sum())
+        return StepPlan(attention=requests, reuse_kv=mask_to_sequence(reuse, layout) if bool(reuse.any()) else None,
+                        kv_store=self.kv_store)
+
+    def _end(self, record: StepRecord) -> None:
+        dense = self.record_scores(record, self._attention_layer(), 'text', fill=float('-inf'))
+        if dense is None:
+            return
+        # Reused tokens are still keys (key_indices = kept + reused), so every visual token gets a score.
+        self.state.set_task_attention(split_per_camera(dense, record.layout))

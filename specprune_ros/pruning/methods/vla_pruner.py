@@ -1,0 +1,143 @@
+"""``vla_pruner``: VLA-Pruner's dual-level importance with Combine-then-Filter, pruning once before layer K.
+
+Per step:
+
+1. semantic score ``S_vl``: head-averaged attention of the ``semantic_rows`` query rows ('prefill' = every non-action
+   token, the paper's default; 'last' = FastV; 'text' = task text rows) to each visual token, at layer K-1;
+2. action score ``S_hat = sum_{i=1..w} gamma^i S_act(t-i)`` normalised, from earlier steps' attention of the action
+   query rows at ``action_layer`` (default the last layer; the paper's code uses layer 15 of 32). The newest step is
+   weighted most (paper; the public code applies the weights in reverse order). Tokens pruned before
+   ``action_layer`` in an earlier step got no attention there and count as 0;
+3. Combine-then-Filter per camera: ``C = TopM(S_vl) u TopM(S_hat)``; if ``|C| > M`` greedy max-min diversity on
+   the layer-0 visual embeddings picks ``M`` of ``C``;
+4. warm-up: the first ``w`` steps of an episode run unpruned (the window must be full), as in the public code.
+
+Defaults for our 6-layer decoder: the paper prunes before layer K = 3 of 32 (layers 0-2 full). Scaling by depth would
+give K < 1, which leaves no layer to compute the semantic score on; K = 1 would score on the first layer, whose
+attention is known to be diffuse. We choose **K = 2**: score on layer 1, layers 2-5 (4 of 6) run pruned.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+
+from specprune_ros.core.step_types import LayerView, StepContext, StepPlan, StepRecord
+from specprune_ros.pruning.base import BaseConfig, PruningMethodBase, split_per_camera
+from specprune_ros.pruning.diversity import greedy_max_min
+from specprune_ros.pruning.scoring import (budget_count, camera_slices, decayed_action_score, mask_to_sequence,
+                                           normalise, stable_topk)
+
+
+@dataclass
+class VLAPrunerConfig(BaseConfig):
+    """VLA-Pruner knobs. Paper vs public code: the temporal weights favour the newest step (paper; the code's are
+    reversed); K = 2 for the 6-layer decoder (paper: 3 of 32); the action layer defaults to the last layer
+    (code: 15 of 32); warm-up and per-camera selection as in the paper."""
+
+    keep_ratio: float = 0.5                 # retention budget per camera (paper: 0.5, 0.25, 0.125)
+    prune_layer: int = 2                    # K: layers < K see all tokens; semantic score from layer K-1
+    semantic_rows: Literal['prefill', 'last', 'text'] = 'prefill'
+    action_layer: int = -1                  # layer whose action-row attention feeds the temporal score
+    window: int = 3                         # w
+    gamma: float = 0.8                      # decay
+    warmup: bool = True                     # no pruning until w earlier steps are held
+    use_semantic: bool = True               # ablation: False = action-only
+    use_action: bool = True                 # ablation: False = prefill-only (no warm-up needed then)
+    combine: Literal['union', 'sum'] = 'union'   # 'union' = Combine-then-Filter; 'sum' = the score-fusion ablation
+    fusion_weight: float = 0.5              # 'sum': weight of the semantic score (normalised scores)
+    use_diversity: bool = True              # ablation: False = fill |C| > M by the (normalised) score sum instead
+    per_camera: bool = True                 # select per camera (paper, for OpenVLA-OFT)
+
+
+class VLAPruner(PruningMethodBase):
+    name = 'vla_pruner'
+
+    def __init__(self, config: VLAPrunerConfig | None = None, seed: int = 0) -> None:
+        cfg = config or VLAPrunerConfig()
+        super().__init__(cfg, seed, frame_history=1, attention_window=cfg.window)
+        self.config: VLAPrunerConfig
+        if not (cfg.use_semantic or cfg.use_action):
+            raise ValueError('vla_pruner needs use_semantic or use_action')
+        if cfg.use_action and cfg.window < 1:
+            raise ValueError('vla_pruner: window must be >= 1 when use_action is on')
+        self._prune_now = False
+
+    def _score_layer(self) -> int:
+        return self.layer(max(self.config.prune_layer, 1) - 1)
+
+    def _begin(self, context: StepContext) -> StepPlan:
+        cfg = self.config
+        if cfg.prune_layer >= self.num_layers:
+            raise ValueError(f'prune_layer {cfg.prune_layer} >= {self.num_layers} layers')
+        warming = cfg.use_action and cfg.warmup and not self.state.window_full
+        self._prune_now = not warming
+        items = []
+        if cfg.use_semantic and self._prune_now:
+            items.append((self._score_layer(), cfg.semantic_rows, 'vlap_semantic'))
+        if cfg.use_action:
+            items.append((self.layer(cfg.action_layer), 'action', 'vlap_action'))
+        self.last_info.update(warmup=warming, window=len(self.state.action_attention),
+                              prune_layer=cfg.prune_layer, action_layer=self.layer(cfg.action_layer))
+        return StepPlan(attention=self.requests(*items))
+
+    def _after(self, view: LayerView) -> Optional[torch.Tensor]:
+        cfg = self.config
+        if not self._prune_now or view.layer != self._score_layer():
+            return None
+        layout = self._layout
+        present = self.kept_visual(view)
+        sem = self.view_scores(view, 'vlap_semantic', fill=0.0) if cfg.use_semantic else None
+        if cfg.use_semantic and sem is None:
+            self.last_info['error'] = 'semantic attention missing'
+            return None
+        act = None
+        if cfg.use_action:
+            act = torch.cat([decayed_action_score(self.state.action_attention_window(c), cfg.gamma, cfg.window)
+                             if self.state.action_attention else torch.zeros(layout.patches_per_camera)
+                             for c in range(layout.num_cameras)])
+        emb = self._context.visual_embeddings.detach().reshape(layout.num_visual, -1)
+        mask = torch.zeros(layout.num_visual, dtype=torch.bool)
+        sizes = []
+        groups = camera_slices(layout) if cfg.per_camera else [slice(0, layout.num_visual)]
+        for sl in groups:
+            m = budget_count(cfg.keep_ratio, sl.stop - sl.start)
+            ok = present[sl]
+            s_sem = None if sem is None else normalise(sem[sl])
+            s_act = None if act is None else normalise(act[sl])
+            if s_act is not None and not bool(s_act.any()):
+                s_act = None                  # no action history yet (warm-up off): TopM of zeros would be arbitrary
+            if s_sem is None and s_act is None:
+                s_sem = torch.zeros(sl.stop - sl.start)
+            if cfg.combine == 'sum' and s_sem is not None and s_act is not None:
+                fused = cfg.fusion_weight * s_sem + (1 - cfg.fusion_weight) * s_act
+                chosen = stable_topk(fused, m, ok)
+                sizes.append(int(chosen.numel()))
+            else:
+                cand = torch.zeros(sl.stop - sl.start, dtype=torch.bool)
+                for s in (s_sem, s_act):
+                    if s is not None:
+                        cand[stable_topk(s, m, ok)] = True
+                sizes.append(int(cand.sum()))
+                cidx = torch.nonzero(cand).flatten()
+                if cidx.numel() <= m:
+                    chosen = cidx
+                elif cfg.use_diversity:
+                    chosen = cidx[greedy_max_min(emb[sl][cidx], m)]
+                else:
+                    total = sum(s for s in (s_sem, s_act) if s is not None)
+                    chosen = stable_topk(total, m, cand)
+            mask[sl.start + chosen] = True
+        self.last_info.update(candidates=sizes, budget=int(mask.sum()))
+        return mask_to_sequence(mask, layout)
+
+    def _end(self, record: StepRecord) -> None:
+        if not self.config.use_action:
+            return
+        layer = self.layer(self.config.action_layer)
+        act = self.record_scores(record, layer, 'vlap_action', fill=0.0)
+        if act is None:
+            self.last_info['action_attention'] = 'missing'
+            return
+        self.state.push_action_attention(split_per_camera(act, record.layout))

@@ -1,0 +1,251 @@
+"""Score helpers shared by the pruning methods: per-camera top-k, budgets, rank weights, SpecPrune's
+layer importance and VLA-Pruner's decayed action score.
+
+Conventions
+-----------
+* A *dense visual vector* has one entry per visual token in ``layout.visual_indices()`` order
+  (camera 0's row-major patch grid, then camera 1's, ...), shape ``(layout.num_visual,)``.
+* Attention summaries from the runner come as ``(key_indices, weights)`` in original sequence indices;
+  :func:`dense_visual_scores` scatters them into a dense visual vector (tokens that were not keys get ``fill``).
+* Ties are always broken towards the lower index (stable sorts), so every selection is deterministic.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from specprune_ros.core.token_layout import TokenLayout
+
+
+# --------------------------------------------------------------------------------------------- budgets
+
+def budget_count(fraction: float, total: int, minimum: int = 1) -> int:
+    """``round(fraction * total)`` (half up), clipped to ``[min(minimum, total), total]``."""
+    if total <= 0:
+        return 0
+    if not 0.0 <= fraction:
+        raise ValueError(f'fraction must be >= 0, got {fraction}')
+    count = int(math.floor(fraction * total + 0.5))
+    return max(min(minimum, total), min(count, total))
+
+
+# ------------------------------------------------------------------------------------- index plumbing
+
+@functools.lru_cache(maxsize=16)
+def _visual_tables(layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    vis = layout.visual_indices()
+    pos = torch.full((layout.num_tokens,), -1, dtype=torch.long)
+    pos[vis] = torch.arange(vis.numel())
+    return vis, pos
+
+
+@functools.lru_cache(maxsize=16)
+def _visual_tables_np(layout: TokenLayout) -> tuple[np.ndarray, np.ndarray]:
+    vis, pos = _visual_tables(layout)
+    return vis.numpy(), pos.numpy()
+
+
+def visual_indices(layout: TokenLayout) -> torch.Tensor:
+    """``layout.visual_indices()``, cached per layout (do not modify the returned tensor)."""
+    return _visual_tables(layout)[0]
+
+
+def visual_position(layout: TokenLayout) -> torch.Tensor:
+    """(num_tokens,) map from sequence index to position in the dense visual vector (-1 for non-visual); cached
+    per layout (do not modify the returned tensor)."""
+    return _visual_tables(layout)[1]
+
+
+def dense_visual_scores(key_indices: torch.Tensor, weights: torch.Tensor, layout: TokenLayout,
+                        fill: float = 0.0) -> torch.Tensor:
+    """Scatter an attention summary over ``key_indices`` into a dense visual vector (float32)."""
+    keys = _np(key_indices).astype(np.int64)
+    w = _np(weights).astype(np.float32)
+    if keys.size != w.size:
+        raise ValueError(f'{keys.size} key indices but {w.size} weights')
+    out = np.full(layout.num_visual, float(fill), dtype=np.float32)
+    pos = _visual_tables_np(layout)[1][keys]
+    ok = pos >= 0
+    out[pos[ok]] = w[ok]
+    return torch.from_numpy(out)
+
+
+def present_mask(indices: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Dense visual bool vector: True for the visual tokens among ``indices``."""
+    mask = np.zeros(layout.num_visual, dtype=bool)
+    pos = _visual_tables_np(layout)[1][_np(indices).astype(np.int64)]
+    mask[pos[pos >= 0]] = True
+    return torch.from_numpy(mask)
+
+
+def camera_slices(layout: TokenLayout) -> list[slice]:
+    """Slices of the dense visual vector belonging to each camera."""
+    p = layout.patches_per_camera
+    return [slice(c * p, (c + 1) * p) for c in range(layout.num_cameras)]
+
+
+def dense_to_sequence(positions: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Dense-visual positions -> sorted original sequence indices."""
+    vis = _visual_tables_np(layout)[0]
+    return torch.from_numpy(np.sort(vis[_np(positions).astype(np.int64)]))
+
+
+def mask_to_sequence(mask: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Dense visual bool mask -> sorted original sequence indices."""
+    return torch.from_numpy(_visual_tables_np(layout)[0][_np(mask).astype(bool)])
+
+
+# ------------------------------------------------------------------------------------------------ top-k
+
+def stable_topk(scores: torch.Tensor, k: int, candidates: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Positions of the ``k`` largest scores (descending; ties -> lower position first).
+
+    ``candidates`` (bool, same shape) restricts the choice; fewer than ``k`` are returned if fewer qualify.
+    NaN scores rank last. (NumPy inside: these vectors are small and torch's per-op overhead dominates.)
+    """
+    s = _np(scores).astype(np.float64, copy=True)
+    s[np.isnan(s)] = -np.inf
+    if candidates is not None:
+        cand = _np(candidates).astype(bool)
+        idx = np.flatnonzero(cand)
+        order = idx[np.argsort(-s[idx], kind='stable')]
+    else:
+        order = np.argsort(-s, kind='stable')
+    k = max(0, min(int(k), order.size))
+    return torch.from_numpy(order[:k].astype(np.int64))
+
+
+def _np(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().reshape(-1).numpy()
+    return np.asarray(x).reshape(-1)
+
+
+KPerCamera = Union[int, Sequence[int]]
+
+
+def _per_camera(k: KPerCamera, num_cameras: int) -> list[int]:
+    if isinstance(k, int):
+        return [k] * num_cameras
+    ks = [int(v) for v in k]
+    if len(ks) != num_cameras:
+        raise ValueError(f'{len(ks)} per-camera counts for {num_cameras} cameras')
+    return ks
+
+
+def topk_per_camera(dense: torch.Tensor, k: KPerCamera, layout: TokenLayout,
+                    candidates: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Dense visual bool mask selecting the top ``k`` (an int, or one per camera) of each camera."""
+    d = _np(dense)
+    c = None if candidates is None else _np(candidates).astype(bool)
+    mask = np.zeros(layout.num_visual, dtype=bool)
+    for sl, kc in zip(camera_slices(layout), _per_camera(k, layout.num_cameras)):
+        idx = stable_topk(d[sl], kc, None if c is None else c[sl]).numpy()
+        mask[sl.start + idx] = True
+    return torch.from_numpy(mask)
+
+
+def topk_global(dense: torch.Tensor, k: int, candidates: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Dense visual bool mask selecting the top ``k`` over all cameras."""
+    mask = np.zeros(_np(dense).size, dtype=bool)
+    mask[stable_topk(dense, k, candidates).numpy()] = True
+    return torch.from_numpy(mask)
+
+
+# ---------------------------------------------------------------------- SpecPrune layer-level importance
+
+def rank_weights(scores: torch.Tensor, k: float = 5.0, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """SpecPrune rank weight ``w_rank,i = sigmoid(-k * r_i) / sum_j sigmoid(-k * r_j)``.
+
+    ``r_i`` is token i's rank by descending score *as a fraction* ``rank / (n - 1)`` in ``[0, 1]`` (the paper's
+    integer rank would make every weight past the first few vanish; the fraction keeps ``k`` meaningful for any
+    token count). Ties get consecutive ranks (stable, lower index first). Invalid tokens (``valid`` False)
+    get weight 0; the valid weights sum to 1 (all zeros if nothing is valid).
+    """
+    s = _np(scores)
+    out = np.zeros(s.size, dtype=np.float64)
+    order = stable_topk(s, s.size, valid).numpy()          # valid positions, best first
+    n = order.size
+    if n:
+        frac = np.arange(n, dtype=np.float64) / max(n - 1, 1)
+        w = 1.0 / (1.0 + np.exp(float(k) * frac))           # sigmoid(-k * frac)
+        out[order] = w / w.sum()
+    return torch.from_numpy(out.astype(np.float32))
+
+
+def layer_confidence(attention: torch.Tensor, eps: float = 1e-12, cap: float = 100.0) -> float:
+    """SpecPrune layer confidence ``w_conf = mean / std`` of a layer's attention over the scored tokens.
+
+    Clipped to ``[0, cap]`` so that a degenerate (constant) attention row cannot swamp the EMA.
+    """
+    a = _np(attention).astype(np.float64)
+    n = a.size
+    if n < 2:
+        return 1.0
+    mean = float(a.sum()) / n
+    dev = a - mean
+    std = math.sqrt(float(dev @ dev) / n)                 # population std (np.mean/np.std are slow on tiny arrays)
+    return float(min(max(mean / (std + eps), 0.0), cap))
+
+
+def ema_update(state: torch.Tensor, sample: torch.Tensor, beta: float = 0.2,
+               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``S = (1 - beta) * S + beta * s`` (only where ``mask``); returns a new tensor."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f'beta must be in [0, 1], got {beta}')
+    new = (1.0 - beta) * state + beta * sample
+    if mask is None:
+        return new
+    return torch.where(mask, new, state)
+
+
+def layer_importance(scores: torch.Tensor, valid: torch.Tensor, layout: TokenLayout, k: float = 5.0,
+                     per_camera: bool = True) -> torch.Tensor:
+    """One layer's importance sample ``s_i = w_rank,i * w_conf`` (dense visual vector; 0 where not valid)."""
+    s, v = _np(scores), _np(valid).astype(bool)
+    out = torch.zeros(layout.num_visual, dtype=torch.float32)
+    groups = camera_slices(layout) if per_camera else [slice(0, layout.num_visual)]
+    for sl in groups:
+        vs = v[sl]
+        if not vs.any():
+            continue
+        conf = layer_confidence(s[sl][vs])
+        out[sl] = rank_weights(s[sl], k=k, valid=vs) * conf
+    return out
+
+
+# ------------------------------------------------------------------------- VLA-Pruner temporal action score
+
+def decay_weights(n: int, gamma: float = 0.8) -> torch.Tensor:
+    """Weights ``gamma^i`` for ``i = n..1``, i.e. aligned with a history stored oldest first (newest last)."""
+    return torch.tensor([gamma ** i for i in range(n, 0, -1)], dtype=torch.float32)
+
+
+def decayed_action_score(history: Sequence[torch.Tensor], gamma: float = 0.8,
+                         window: Optional[int] = None) -> Optional[torch.Tensor]:
+    """VLA-Pruner ``S_hat = sum_{i=1..w} gamma^i * S_act(t-i)``, normalised to sum 1.
+
+    ``history`` holds earlier steps' action scores, oldest first (``history[-1]`` is ``S_act(t-1)``, weighted
+    ``gamma``: the newest step counts most, as in the paper; the public code reverses the weights). Only the
+    last ``window`` entries are used. Returns None for an empty history, zeros if every score is zero.
+    """
+    hist = list(history)
+    if window is not None:
+        hist = hist[-window:] if window > 0 else []
+    if not hist:
+        return None
+    stacked = torch.stack([torch.as_tensor(h, dtype=torch.float32).flatten().clamp_min(0.0) for h in hist])
+    total = (decay_weights(len(hist), gamma)[:, None] * stacked).sum(0)
+    s = float(total.sum())
+    return total / s if s > 0 else total
+
+
+def normalise(scores: torch.Tensor) -> torch.Tensor:
+    """Non-negative scores divided by their sum (zeros stay zeros)."""
+    s = torch.as_tensor(scores, dtype=torch.float32).clamp_min(0.0)
+    total = float(s.sum())
+    return s / total if total > 0 else s

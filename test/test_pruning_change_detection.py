@@ -1,0 +1,98 @@
+"""Change detection on synthetic frames: a moved square is detected, a static frame is not."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from specprune_ros.pruning.change_detection import (ChangeDetectionConfig, changed_mask, max_static_count,
+                                                    patch_grid_size, patch_similarity, patchify, reference_back,
+                                                    static_mask)
+
+GRID = (12, 12)
+P = 8
+
+
+def background(seed=0):
+    return np.random.default_rng(seed).integers(40, 200, size=(GRID[0] * P, GRID[1] * P, 3), dtype=np.uint8)
+
+
+def with_square(img, row, col):
+    out = img.copy()
+    out[row * P:(row + 1) * P, col * P:(col + 1) * P] = (255, 0, 0)
+    return out
+
+
+def test_patchify_row_major():
+    img = np.zeros((2 * P, 3 * P, 3), dtype=np.uint8)
+    img[P:, 2 * P:] = 7                      # patch (1, 2) -> index 5
+    patches = patchify(img, (2, 3), P)
+    assert patches.shape == (6, P * P * 3)
+    assert patches[5].min() == 7 and patches[:5].max() == 0
+
+
+def test_static_frame_has_no_changed_patch():
+    img = background()
+    assert not changed_mask(img, img.copy(), GRID, P).any()
+    assert torch.allclose(patch_similarity(img, img, GRID, P), torch.ones(144))
+
+
+def test_moved_square_is_detected():
+    bg = background()
+    before, after = with_square(bg, 3, 4), with_square(bg, 3, 6)
+    changed = changed_mask(after, before, GRID, P, threshold=0.986)
+    assert set(torch.nonzero(changed).flatten().tolist()) == {3 * 12 + 4, 3 * 12 + 6}
+
+
+def test_cap_on_static_patches():
+    img = background()
+    changed = changed_mask(img, img, GRID, P, threshold=0.986, max_static=100)
+    assert int(changed.sum()) == 44             # 144 patches, at most 100 may count as static
+    cfg = ChangeDetectionConfig()
+    assert max_static_count(cfg, 144, fine=False) == 113 and max_static_count(cfg, 144, fine=True) == 124
+    assert max_static_count(cfg, 256, fine=False) == 200 and max_static_count(cfg, 256, fine=True) == 220
+
+
+def test_cap_keeps_the_most_similar():
+    sim = torch.tensor([0.99, 1.0, 0.5, 0.995, 0.999])
+    assert static_mask(sim, 0.986, max_static=2).tolist() == [False, True, False, False, True]
+    assert static_mask(sim, 0.986).tolist() == [True, True, False, True, True]
+
+
+def test_no_reference_means_all_changed():
+    assert changed_mask(background(), None, GRID, P).all()
+
+
+def test_brightness_change_below_threshold_is_static():
+    img = background()
+    darker = (img.astype(np.float32) * 0.9).astype(np.uint8)   # uniform scaling keeps cosine ~ 1
+    assert not changed_mask(darker, img, GRID, P).any()
+
+
+def test_patch_size_inferred_when_unknown_or_inconsistent():
+    assert patch_grid_size((96, 96, 3), GRID, 0) == (8, 8)
+    assert patch_grid_size((100, 97, 3), GRID, 0) == (8, 8)   # remainders ignored
+    assert patch_grid_size((96, 96, 3), GRID, 14) == (8, 8)   # 14 * 12 > 96 -> inferred
+    with pytest.raises(ValueError):
+        patch_similarity(np.zeros((96, 96, 3)), np.zeros((48, 48, 3)), GRID)
+
+
+def test_reference_back_formula():
+    # code: T = int(-16/3 * v / 6 + 22/3) + 3, capped at 6 (here also >= 2)
+    assert reference_back(0.0) == 6
+    assert reference_back(2.0) == 6            # int(5.56) + 3 = 8 -> 6
+    assert reference_back(6.0) == 5            # -16/3 + 22/3 = 2 -> int(2) + 3
+    assert reference_back(7.5) == 3            # int(0.667) + 3
+    assert reference_back(50.0) == 2
+    assert reference_back(6.0, 'paper') == 6   # floor(2) + 4
+    assert reference_back(7.5, 'paper') == 4
+    with pytest.raises(ValueError):
+        reference_back(1.0, 'other')
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.floats(min_value=0, max_value=20), st.floats(min_value=0, max_value=20))
+def test_reference_back_monotone_and_bounded(v1, v2):
+    lo, hi = min(v1, v2), max(v1, v2)
+    for variant in ('code', 'paper'):
+        assert 2 <= reference_back(hi, variant) <= reference_back(lo, variant) <= 6

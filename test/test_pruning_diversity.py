@@ -1,0 +1,80 @@
+"""Greedy max-min diversity against a brute-force reference of the same greedy rule."""
+import itertools
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from specprune_ros.pruning.diversity import cosine_distance_matrix, greedy_max_min
+
+
+def brute_force_greedy(features: torch.Tensor, m: int) -> list[int]:
+    """The greedy rule written out with Python loops and explicit cosine distances."""
+    x = features.double()
+    n = x.shape[0]
+
+    def d(i, j):
+        a, b = x[i], x[j]
+        cos = float(a @ b) / max(float(a.norm()) * float(b.norm()), 1e-8)
+        return min(max(1.0 - cos, 0.0), 2.0)
+
+    if m <= 0:
+        return []
+    if n == 1:
+        return [0]
+    nearest = [min(d(i, j) for j in range(n) if j != i) for i in range(n)]
+    best = max(nearest)
+    chosen = [min(i for i in range(n) if abs(nearest[i] - best) <= 1e-9)]
+    while len(chosen) < min(m, n):
+        scores = {i: min(d(i, j) for j in chosen) for i in range(n) if i not in chosen}
+        top = max(scores.values())
+        chosen.append(min(i for i, s in scores.items() if abs(s - top) <= 1e-9))
+    return chosen
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(st.integers(min_value=1, max_value=12), st.integers(min_value=2, max_value=6), st.integers(0, 10_000),
+       st.integers(min_value=0, max_value=14))
+def test_matches_brute_force(n, d, seed, m):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    got = greedy_max_min(x, m).tolist()
+    assert got == brute_force_greedy(x, m)
+    assert len(set(got)) == len(got) == min(m, n)
+
+
+def test_deterministic_and_duplicates_not_chosen_twice():
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    first = greedy_max_min(x, 4)
+    assert torch.equal(first, greedy_max_min(x.clone(), 4))
+    assert sorted(first.tolist()) == [0, 1, 2, 3]
+    assert greedy_max_min(x, 2).tolist()[1] in (0, 3) and 3 in greedy_max_min(x, 2).tolist()
+
+
+def test_greedy_picks_spread_points():
+    # three tight clusters: choosing three points must take one from each
+    centers = torch.eye(3)
+    x = torch.cat([c + 0.01 * torch.randn(4, 3, generator=torch.Generator().manual_seed(i))
+                   for i, c in enumerate(centers)])
+    chosen = greedy_max_min(x, 3)
+    assert sorted(int(i) // 4 for i in chosen) == [0, 1, 2]
+
+
+def test_greedy_min_distance_not_worse_than_any_other_first_pick_for_pairs():
+    # for m = 2 the greedy pair's distance equals the farthest point from the first pick
+    x = torch.randn(9, 4, generator=torch.Generator().manual_seed(5))
+    dist = cosine_distance_matrix(x)
+    a, b = greedy_max_min(x, 2).tolist()
+    assert float(dist[a, b]) == float(dist[a].max())
+    best_pair = max(float(dist[i, j]) for i, j in itertools.combinations(range(9), 2))
+    assert float(dist[a, b]) <= best_pair + 1e-6
+
+
+def test_distance_matrix_properties():
+    x = torch.randn(7, 5, generator=torch.Generator().manual_seed(1))
+    dist = cosine_distance_matrix(x)
+    assert torch.allclose(dist, dist.T, atol=1e-6)
+    assert bool((dist >= 0).all()) and bool((dist <= 2).all())
+    assert torch.all(dist.diagonal() == 0)
+    assert greedy_max_min(x, 0).numel() == 0
+    assert greedy_max_min(x[:1], 3).tolist() == [0]

@@ -1,0 +1,315 @@
+"""Every pruning method through the real executor on a tiny random Llama decoder: the contract (budget, non-visual
+tokens kept, determinism under a seed, reset) and each method's own behaviour."""
+import numpy as np
+import pytest
+import torch
+
+from pruning_testkit import GRID, LAYERS, make_context, make_embeddings, make_layout, make_runner, run_episode
+from specprune_ros.core.step_types import StepRecord
+from specprune_ros.pruning import available_methods, build_method, method_config, self_speculation_hit_rate
+from specprune_ros.pruning.diversity import greedy_max_min
+from specprune_ros.pruning.methods.specprune import scaled_prune_layers
+from specprune_ros.pruning.scoring import budget_count
+
+SLOW = np.tile(np.array([0.05, 0.0, -0.05, 0.0, 0.0, 0.0, 1.0]), (8, 1))    # fine mode
+FAST = np.tile(np.array([0.6, 0.3, 0.3, 0.0, 0.0, 0.0, -1.0]), (8, 1))      # coarse mode
+P = GRID[0] * GRID[1]
+
+
+@pytest.fixture(scope='module')
+def runner():
+    return make_runner()
+
+
+@pytest.fixture(scope='module')
+def layout():
+    return make_layout()
+
+
+def kept_lists(results):
+    return [[k.tolist() for k in r.record.kept_per_layer] for r in results]
+
+
+def per_camera_counts(kept: torch.Tensor, layout) -> list[int]:
+    return [int(((kept >= s) & (kept < e)).sum()) for s, e in layout.camera_spans]
+
+
+# ------------------------------------------------------------------------------------------------- contract
+
+@pytest.mark.parametrize('name', available_methods())
+def test_contract(name, runner, layout):
+    method = build_method(name, seed=3)
+    assert all(callable(getattr(method, hook)) for hook in ('reset', 'begin_step', 'after_layer', 'end_step'))
+    results = run_episode(method, steps=5, layout=layout, runner=runner, actions=SLOW)
+    non_visual = layout.non_visual_indices()
+    for r in results:
+        rec = r.record
+        assert rec.info['method'] == name and method.last_info['method'] == name
+        counts = rec.visual_kept_per_layer
+        assert all(a >= b for a, b in zip(counts, counts[1:]))           # tokens never come back
+        for kept in rec.kept_per_layer:
+            assert bool(torch.isin(non_visual, kept).all())              # non-visual tokens never dropped
+        assert rec.flops <= rec.flops_full + 1e-6
+    # deterministic under a seed: a fresh instance replays the same episode
+    again = run_episode(build_method(name, seed=3), steps=5, layout=layout, runner=runner, actions=SLOW)
+    assert kept_lists(results) == kept_lists(again)
+    # reset: the next episode behaves like a fresh method's first one
+    method.reset()
+    replay = run_episode(method, steps=5, layout=layout, runner=runner, actions=SLOW)
+    assert kept_lists(replay) == kept_lists(results)
+    assert replay[0].record.info['reset'] == 'explicit'
+
+
+@pytest.mark.parametrize('name', ['random', 'divprune', 'fastv', 'vla_pruner'])
+@pytest.mark.parametrize('ratio', [0.5, 0.25, 0.125])
+def test_budget_respected(name, ratio, runner, layout):
+    method = build_method(name, {'keep_ratio': ratio})
+    per_camera = method_config(name, {'keep_ratio': ratio}).per_camera
+    results = run_episode(method, steps=4, layout=layout, runner=runner)
+    final = results[-1].record.kept_per_layer[-1]
+    if per_camera:
+        assert per_camera_counts(final, layout) == [budget_count(ratio, P)] * layout.num_cameras
+    else:
+        assert sum(per_camera_counts(final, layout)) == budget_count(ratio, layout.num_visual)
+
+
+def test_none_requests_analysis_attention(runner, layout):
+    method = build_method('none', {'attention': ['2:prefill', [-1, 'action']]})
+    rec = run_episode(method, steps=1, layout=layout, runner=runner)[0].record
+    assert set(rec.attention) == {2, LAYERS - 1}
+    assert 'prefill' in rec.attention[2] and 'action' in rec.attention[LAYERS - 1]
+    assert rec.visual_kept_per_layer == [layout.num_visual] * LAYERS
+
+
+def test_build_method_rejects_unknown():
+    with pytest.raises(ValueError):
+        build_method('nope')
+    with pytest.raises(ValueError):
+        build_method('fastv', {'keep_ratoi': 0.5})
+    assert build_method('VLA-Pruner').name == 'vla_pruner'
+    cfg = method_config('specprune', {'controller': {'alpha': 0.8}, 'layer_prune_layers': [3, 4]})
+    assert cfg.controller.alpha == 0.8 and cfg.layer_prune_layers == (3, 4)
+
+
+# -------------------------------------------------------------------------------------------- simple methods
+
+def test_random_seeds_differ_and_repeat(runner, layout):
+    a = kept_lists(run_episode(build_method('random', seed=1), steps=2, layout=layout, runner=runner))
+    b = kept_lists(run_episode(build_method('random', seed=2), steps=2, layout=layout, runner=runner))
+    assert a != b
+    assert a[0] != a[1]                                              # a new draw every step
+
+
+def test_divprune_keeps_greedy_selection(runner, layout):
+    method = build_method('divprune', {'keep_ratio': 0.25})
+    x = make_embeddings(layout, 0)
+    ctx = make_context(layout, 0, x)
+    with torch.no_grad():
+        res = runner(x, layout, method, ctx)
+    m = budget_count(0.25, layout.num_visual)
+    expected = layout.visual_indices()[greedy_max_min(x[0, layout.visual_indices()], m)].sort().values
+    kept = res.record.kept_per_layer[0]
+    assert torch.equal(kept[torch.isin(kept, layout.visual_indices())], expected)
+
+
+def test_fastv_prunes_from_layer_k_with_last_row_topk(runner, layout):
+    method = build_method('fastv', {'keep_ratio': 0.25, 'prune_layer': 3})
+    x = make_embeddings(layout, 0)
+    with torch.no_grad():
+        res = runner(x, layout, method, make_context(layout, 0, x))
+    counts = res.record.visual_kept_per_layer
+    m = budget_count(0.25, layout.num_visual)
+    assert counts == [layout.num_visual] * 3 + [m] * (LAYERS - 3)
+    keys, w = res.record.attention[2]['fastv']
+    vis = torch.isin(keys, layout.visual_indices())
+    top = keys[vis][torch.sort(-w[vis], stable=True).indices[:m]].sort().values
+    kept = res.record.kept_per_layer[3]
+    assert torch.equal(kept[torch.isin(kept, layout.visual_indices())], top)
+
+
+# ------------------------------------------------------------------------------------------------ VLA-Pruner
+
+def test_vla_pruner_warmup_then_prunes_before_layer_k(runner, layout):
+    method = build_method('vla_pruner', {'keep_ratio': 0.25, 'window': 3, 'prune_layer': 2})
+    results = run_episode(method, steps=5, layout=layout, runner=runner)
+    m = budget_count(0.25, P) * layout.num_cameras
+    for i, r in enumerate(results):
+        counts = r.record.visual_kept_per_layer
+        assert r.record.info['warmup'] == (i < 3)
+        if i < 3:
+            assert counts == [layout.num_visual] * LAYERS
+        else:
+            assert counts == [layout.num_visual] * 2 + [m] * (LAYERS - 2)
+            assert all(c >= budget_count(0.25, P) for c in r.record.info['candidates'])
+    # an instruction change restarts the warm-up
+    x = make_embeddings(layout, 9)
+    with torch.no_grad():
+        r = runner(x, layout, method, make_context(layout, 5, x, instruction='open the drawer'))
+    assert r.record.info['reset'] == 'instruction' and r.record.info['warmup']
+
+
+def test_vla_pruner_variants_and_ablations(runner, layout):
+    for cfg in ({'semantic_rows': 'last'}, {'semantic_rows': 'text'}, {'use_action': False},
+                {'use_semantic': False}, {'combine': 'sum'}, {'use_diversity': False}, {'action_layer': 3}):
+        method = build_method('vla_pruner', {'keep_ratio': 0.25, **cfg})
+        results = run_episode(method, steps=4, layout=layout, runner=runner)
+        final = results[-1].record.kept_per_layer[-1]
+        assert per_camera_counts(final, layout) == [budget_count(0.25, P)] * layout.num_cameras, cfg
+    # without warm-up the first steps have no action history: semantic score only, still the exact budget
+    method = build_method('vla_pruner', {'keep_ratio': 0.25, 'warmup': False})
+    first = run_episode(method, steps=1, layout=layout, runner=runner)[0]
+    assert per_camera_counts(first.record.kept_per_layer[-1], layout) == [budget_count(0.25, P)] * 2
+    # prefill-only needs no warm-up
+    method = build_method('vla_pruner', {'use_action': False})
+    first = run_episode(method, steps=1, layout=layout, runner=runner)[0]
+    assert not first.record.info['warmup'] and first.record.visual_kept_per_layer[-1] < layout.num_visual
+
+
+def test_vla_pruner_union_is_diversity_filtered(runner, layout):
+    """When the two top-M sets differ, the result is the greedy max-min pick from their union."""
+    method = build_method('vla_pruner', {'keep_ratio': 0.25})
+    results = run_episode(method, steps=4, layout=layout, runner=runner)
+    info = results[-1].record.info
+    m = budget_count(0.25, P)
+    assert any(c > m for c in info['candidates'])          # random attention: the two sets are not identical
+
+
+# ------------------------------------------------------------------------------------------------- VLA-Cache
+
+def test_vla_cache_reuses_static_task_irrelevant_tokens(runner, layout):
+    method = build_method('vla_cache')
+    results = run_episode(method, steps=4, layout=layout, runner=runner)
+    assert results[0].record.reused is None and not results[0].record.info['cache_valid']
+    later = results[2].record
+    assert later.reused is not None and len(later.reused) == later.info['reused'] > 0
+    # the moving square's patches (changed between steps 1 and 2: row = camera, columns 1 and 2) are never reused
+    moving_seq = {cam * P + cam * GRID[1] + col for cam in range(layout.num_cameras) for col in (1, 2)}
+    assert not (set(later.reused.tolist()) & moving_seq)
+    # at most the static cap per camera, none of the previous step's task-relevant tokens
+    assert all(c <= budget_count(150 / 256, P) for c in per_camera_counts(later.reused, layout))
+    nonreused = results[3].record.kept_per_layer[0]
+    assert len(nonreused) + len(results[3].record.reused) == layout.num_tokens
+    method.reset()
+    assert not method.kv_store.valid
+
+
+def test_vla_cache_freshness_bound(runner, layout):
+    method = build_method('vla_cache', {'max_consecutive_reuse': 1})
+    results = run_episode(method, steps=4, layout=layout, runner=runner)
+    r2, r3 = results[2].record.reused, results[3].record.reused
+    assert r2 is not None and r3 is not None
+    assert not (set(r2.tolist()) & set(r3.tolist()))              # a token reused at step 2 is recomputed at 3
+
+
+# ------------------------------------------------------------------------------------------------- SpecPrune
+
+def test_specprune_first_step_no_static_pruning_then_union(runner, layout):
+    method = build_method('specprune_static')
+    results = run_episode(method, steps=3, layout=layout, runner=runner, actions=FAST)
+    first = results[0].record
+    assert first.visual_kept_per_layer == [layout.num_visual] * LAYERS
+    assert first.info['dynamic'] == 'no reference (all changed)'
+    second = results[1].record
+    info = second.info
+    assert info['mode'] == 'coarse' and info['global'] > 0 and isinstance(info['dynamic'], int)
+    counts = second.visual_kept_per_layer
+    assert counts[0] == layout.num_visual and counts[1] < layout.num_visual and counts[2] <= counts[1]
+    assert counts[2:] == [counts[2]] * (LAYERS - 2)                 # static only: nothing after layer 1
+    # the moving square's patches changed and are kept
+    kept = set(second.kept_per_layer[-1].tolist())
+    for cam in range(layout.num_cameras):
+        row = cam % GRID[0]
+        for col in (0, 1):                                           # square at column 1 now, column 0 before
+            assert cam * P + row * GRID[1] + col in kept
+
+
+def test_specprune_full_controller_and_layer_pruning(runner, layout):
+    slow = run_episode(build_method('specprune'), steps=3, layout=layout, runner=runner, actions=SLOW)
+    fast = run_episode(build_method('specprune'), steps=3, layout=layout, runner=runner, actions=FAST)
+    assert slow[-1].record.info['mode'] == 'fine' and fast[-1].record.info['mode'] == 'coarse'
+    assert slow[-1].record.info['k_base'][0] > fast[-1].record.info['k_base'][0]
+    rec = slow[-1].record
+    drops = rec.info['layer_drops']
+    assert sorted(drops) == list(scaled_prune_layers(LAYERS)) == [2, 3, 4]
+    floor = budget_count(60 / 512, P, minimum=0)
+    for layer in drops:
+        before = per_camera_counts(rec.kept_per_layer[layer], layout)
+        after = per_camera_counts(rec.kept_per_layer[layer + 1], layout)
+        assert after == [max(n - int(np.floor(0.1 * n)), min(floor, n)) for n in before]
+        assert sum(before) - sum(after) == drops[layer]
+
+
+def test_specprune_ablation_switches(runner, layout):
+    cfgs = [{'use_global': False}, {'use_dynamic': False}, {'use_local': False}, {'use_static': False},
+            {'controller': {'variant': 'paper'}}, {'layer_prune_layers': [3]}, {'global_layer': 2}]
+    for cfg in cfgs:
+        results = run_episode(build_method('specprune', cfg), steps=3, layout=layout, runner=runner, actions=SLOW)
+        assert results[-1].record.visual_kept_per_layer[-1] >= 1, cfg
+    no_static = run_episode(build_method('specprune', {'use_static': False}), steps=3, layout=layout, runner=runner)
+    assert no_static[-1].record.visual_kept_per_layer[1] == layout.num_visual
+
+
+def test_specprune_without_images_uses_attention_sets_only(runner, layout):
+    results = run_episode(build_method('specprune_static'), steps=3, layout=layout, runner=runner, images=False)
+    assert results[-1].record.info['dynamic'] == 'no images'
+    assert results[-1].record.visual_kept_per_layer[-1] < layout.num_visual
+
+
+def test_specprune_min_retention_floor(runner, layout):
+    method = build_method('specprune', {'layer_drop_fraction': 0.9, 'min_visual_fraction': 0.25})
+    results = run_episode(method, steps=3, layout=layout, runner=runner, actions=FAST)
+    for r in results:
+        assert all(c >= budget_count(0.25, P, minimum=0)
+                   for c in per_camera_counts(r.record.kept_per_layer[-1], layout))
+
+
+def test_gap_and_step_index_resets(runner, layout):
+    method = build_method('vla_pruner')
+    run_episode(method, steps=4, layout=layout, runner=runner)
+    assert method.observe_gap(10.0)
+    r = run_episode(method, steps=1, layout=layout, runner=runner, start_step=4)[0]
+    assert r.record.info['reset'] == 'gap' and r.record.info['warmup']
+    run_episode(method, steps=3, layout=layout, runner=runner, start_step=5)
+    r = run_episode(method, steps=1, layout=layout, runner=runner, start_step=0)[0]
+    assert r.record.info['reset'] == 'step index restarted' and r.record.info['step'] == 0
+
+
+def test_causal_layout(runner):
+    layout = make_layout(causal=True)
+    for name in ('specprune', 'vla_pruner', 'fastv', 'vla_cache'):
+        results = run_episode(build_method(name), steps=4, layout=layout, runner=runner, actions=SLOW)
+        assert results[-1].record.visual_kept_per_layer[-1] >= 1
+
+
+@pytest.mark.parametrize('name', ['specprune', 'vla_pruner', 'vla_cache', 'fastv'])
+def test_decoder_depth_from_context_or_config(name, layout):
+    shallow = make_runner(layers=4)
+    # the context says 4 layers: the default config (6 layers) is overridden, -1 resolves to layer 3
+    results = run_episode(build_method(name), steps=4, layout=layout, runner=shallow, actions=SLOW)
+    assert len(results[-1].record.kept_per_layer) == 4
+    # the context does not say: the config's num_layers is used
+    results = run_episode(build_method(name, {'num_layers': 4}), steps=4, layout=layout, runner=shallow,
+                          actions=SLOW, tell_depth=False)
+    assert results[-1].record.visual_kept_per_layer[-1] >= 1
+
+
+# ------------------------------------------------------------------------------------------ self-speculation
+
+def test_self_speculation_hit_rate(runner, layout):
+    method = build_method('none', {'self_speculation': True})
+    rec = run_episode(method, steps=1, layout=layout, runner=runner)[0].record
+    assert sorted(rec.attention) == [0, 1, LAYERS - 1]
+    rate = self_speculation_hit_rate(rec, k=6)
+    assert 0.0 <= rate <= 1.0
+    # identical attention at every layer -> every late top-k token is predicted
+    same = {layer: dict(rec.attention[0]) for layer in (0, 1, 5)}
+    fake = StepRecord(layout=layout, kept_per_layer=rec.kept_per_layer, attention=same, reused=None,
+                      model_seconds=0, selection_seconds=0, flops=0, flops_full=0)
+    assert self_speculation_hit_rate(fake, k=6) == 1.0
+    # reversed ranking at the last layer -> no hit
+    keys, w = rec.attention[0]['text']
+    rev = {0: {'text': (keys, w)}, 1: {'text': (keys, w)}, 5: {'text': (keys, -w)}}
+    fake.attention = rev
+    assert self_speculation_hit_rate(fake, k=6) == 0.0
+    with pytest.raises(KeyError):
+        self_speculation_hit_rate(fake, k=6, key='action')

@@ -1,0 +1,162 @@
+"""Property tests of the pure scoring helpers (normalisation, monotonicity, bounds, determinism)."""
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from specprune_ros.core.token_layout import TokenLayout
+from specprune_ros.pruning.scoring import (budget_count, decay_weights, decayed_action_score, dense_visual_scores,
+                                           ema_update, layer_confidence, layer_importance, normalise, rank_weights,
+                                           stable_topk, topk_per_camera)
+
+SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
+floats = st.floats(min_value=0.0, max_value=1.0, allow_nan=False, width=32)
+
+
+def vectors(min_size=1, max_size=40):
+    return st.lists(floats, min_size=min_size, max_size=max_size).map(lambda v: torch.tensor(v, dtype=torch.float32))
+
+
+def layout2(grid=(3, 3)):
+    p = grid[0] * grid[1]
+    return TokenLayout(num_tokens=2 * p + 4, camera_spans=((0, p), (p, 2 * p)), grid_shape=grid,
+                       text_span=(2 * p, 2 * p + 2), action_span=(2 * p + 2, 2 * p + 4))
+
+
+@SETTINGS
+@given(st.floats(min_value=0.0, max_value=1.0), st.integers(min_value=0, max_value=500))
+def test_budget_count_bounds_and_monotone(fraction, total):
+    n = budget_count(fraction, total)
+    assert 0 <= n <= total
+    if total > 0:
+        assert n >= 1
+        assert abs(n - fraction * total) <= 0.5 or n == 1
+        assert budget_count(min(1.0, fraction + 0.1), total) >= n
+
+
+def test_budget_count_examples():
+    assert budget_count(0.5, 144) == 72
+    assert budget_count(0.125, 144) == 18
+    assert budget_count(200 / 256, 144, minimum=0) == 113
+    assert budget_count(0.0, 10, minimum=0) == 0
+
+
+@SETTINGS
+@given(vectors(), st.floats(min_value=0.1, max_value=20.0))
+def test_rank_weights_normalised_monotone_bounded(scores, k):
+    w = rank_weights(scores, k=k)
+    assert math.isclose(float(w.sum()), 1.0, rel_tol=1e-5)
+    assert bool((w > 0).all()) and bool((w <= 1).all())
+    order = torch.sort(-scores, stable=True).indices
+    ws = w[order]
+    assert bool((ws[:-1] >= ws[1:] - 1e-7).all())             # better rank -> no smaller weight
+    # higher score -> at least the weight of any lower score
+    i, j = int(torch.argmax(scores)), int(torch.argmin(scores))
+    assert float(w[i]) >= float(w[j]) - 1e-7
+
+
+@SETTINGS
+@given(vectors(min_size=2), st.data())
+def test_rank_weights_invalid_get_zero(scores, data):
+    valid = torch.tensor(data.draw(st.lists(st.booleans(), min_size=len(scores), max_size=len(scores))))
+    w = rank_weights(scores, valid=valid)
+    assert bool((w[~valid] == 0).all())
+    if valid.any():
+        assert math.isclose(float(w.sum()), 1.0, rel_tol=1e-5)
+    else:
+        assert float(w.sum()) == 0.0
+
+
+@SETTINGS
+@given(vectors(min_size=2))
+def test_layer_confidence_bounded_and_scale_invariant(a):
+    c = layer_confidence(a)
+    assert 0.0 <= c <= 100.0
+    if float(a.std(unbiased=False)) > 1e-3:
+        assert math.isclose(layer_confidence(a * 3.0), c, rel_tol=1e-3)
+
+
+@SETTINGS
+@given(vectors(min_size=3, max_size=3), vectors(min_size=3, max_size=3), st.floats(min_value=0, max_value=1))
+def test_ema_between_old_and_new(old, new, beta):
+    out = ema_update(old, new, beta)
+    lo, hi = torch.minimum(old, new), torch.maximum(old, new)
+    assert bool((out >= lo - 1e-6).all()) and bool((out <= hi + 1e-6).all())
+    mask = torch.tensor([True, False, True])
+    masked = ema_update(old, new, beta, mask=mask)
+    assert float(masked[1]) == float(old[1])
+
+
+@SETTINGS
+@given(st.lists(vectors(min_size=5, max_size=5), min_size=1, max_size=5), st.floats(min_value=0.05, max_value=1.0))
+def test_decayed_action_score_normalised(history, gamma):
+    s = decayed_action_score(history, gamma, window=3)
+    assert s is not None and bool((s >= 0).all())
+    if any(float(h[-3:].sum()) > 0 for h in history[-3:]) and float(s.sum()) > 0:
+        assert math.isclose(float(s.sum()), 1.0, rel_tol=1e-5)
+
+
+def test_decayed_action_score_weights_newest_most():
+    old, new = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    s = decayed_action_score([old, new], gamma=0.8)
+    # S_hat ~ 0.8^2 * old + 0.8 * new
+    assert math.isclose(float(s[1]) / float(s[0]), 0.8 / 0.64, rel_tol=1e-5)
+    assert torch.allclose(decay_weights(3, 0.8), torch.tensor([0.512, 0.64, 0.8]))
+    # the window keeps only the newest w entries
+    s3 = decayed_action_score([torch.tensor([1.0, 0.0])] + [new] * 3, gamma=0.8, window=3)
+    assert float(s3[0]) == 0.0
+    assert decayed_action_score([], 0.8) is None
+
+
+@SETTINGS
+@given(vectors(min_size=1, max_size=30), st.integers(min_value=0, max_value=35))
+def test_stable_topk_is_topk(scores, k):
+    idx = stable_topk(scores, k)
+    assert idx.numel() == min(k, scores.numel())
+    assert len(set(idx.tolist())) == idx.numel()
+    if 0 < idx.numel() < scores.numel():
+        chosen = scores[idx]
+        rest = scores[[i for i in range(scores.numel()) if i not in set(idx.tolist())]]
+        assert float(chosen.min()) >= float(rest.max())
+    assert torch.equal(idx, stable_topk(scores.clone(), k))
+
+
+def test_stable_topk_ties_go_to_lower_index_and_candidates():
+    s = torch.tensor([1.0, 2.0, 2.0, 2.0, 0.5])
+    assert stable_topk(s, 2).tolist() == [1, 2]
+    cand = torch.tensor([True, False, False, True, True])
+    assert stable_topk(s, 5, cand).tolist() == [3, 0, 4]
+
+
+def test_topk_per_camera_and_dense_scores():
+    layout = layout2()
+    keys = torch.tensor([0, 3, 9, 12, 18, 19])            # 18, 19: text tokens, ignored
+    w = torch.tensor([0.1, 0.5, 0.2, 0.9, 0.7, 0.7])
+    dense = dense_visual_scores(keys, w, layout, fill=-1.0)
+    assert dense.shape == (18,)
+    assert dense[3] == 0.5 and dense[12] == 0.9 and dense[1] == -1.0
+    mask = topk_per_camera(dense, [1, 2], layout)
+    assert mask[:9].sum() == 1 and mask[9:].sum() == 2
+    assert bool(mask[3]) and bool(mask[12]) and bool(mask[9])
+
+
+@SETTINGS
+@given(vectors(min_size=18, max_size=18))
+def test_layer_importance_per_camera_sums(scores):
+    layout = layout2()
+    valid = torch.ones(18, dtype=torch.bool)
+    s = layer_importance(scores, valid, layout)
+    assert bool((s >= 0).all())
+    for sl in (slice(0, 9), slice(9, 18)):
+        conf = layer_confidence(scores[sl])
+        assert math.isclose(float(s[sl].sum()), conf, rel_tol=1e-4, abs_tol=1e-6)
+
+
+@SETTINGS
+@given(vectors())
+def test_normalise(v):
+    n = normalise(v)
+    assert bool((n >= 0).all())
+    if float(v.sum()) > 0:
+        assert math.isclose(float(n.sum()), 1.0, rel_tol=1e-5)
