@@ -33,11 +33,11 @@ class ReferenceVLAConfig:
     image_size: int = 96
     patch_size: int = 8                      # pixels per patch side: 96 / 8 = 12 x 12 = 144 patches per camera
     vision_channels: tuple[int, ...] = (32, 64, 128)
-    hidden_size: int = 256
+    hidden_size: int = 128
     num_layers: int = 6
     num_heads: int = 4
     num_kv_heads: int = 4
-    mlp_size: int = 1024
+    mlp_size: int = 384
     max_words: int = 12
     proprio_dim: int = 6
     chunk_size: int = 8

@@ -27,9 +27,9 @@ from specprune_ros.policy.tokenizer import WordTokenizer
 class TrainConfig:
     """Optimisation settings; the model's sizes live in ReferenceVLAConfig."""
 
-    steps: int = 6000
-    batch_size: int = 32
-    lr: float = 3e-4
+    steps: int = 8000
+    batch_size: int = 16
+    lr: float = 5e-4
     weight_decay: float = 0.01
     warmup_steps: int = 300
     shift_pixels: int = 4
@@ -94,10 +94,13 @@ def proprio_statistics(episodes: Sequence) -> tuple[list[float], list[float]]:
     return stacked.mean(axis=0).tolist(), (stacked.std(axis=0) + 1e-3).tolist()
 
 
-def learning_rate(step: int, config: TrainConfig) -> float:
+def learning_rate(step: int, config: TrainConfig, minutes: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 5% over whichever budget (steps or ``max_minutes``) ends first."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    if config.max_minutes:
+        progress = max(progress, minutes / config.max_minutes)
     return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
@@ -126,11 +129,13 @@ def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes:
     model = ReferenceVLA(model_config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
     step = 0
+    elapsed_before = 0.0  # minutes trained by earlier runs (resume)
     if resume and state_path.exists():
         state = torch.load(state_path, weights_only=False)
         model.load_state_dict(state['model'])
         optimizer.load_state_dict(state['optimizer'])
         step = state['step']
+        elapsed_before = state.get('minutes', 0.0)
         rng = state['rng']
         torch.set_rng_state(state['torch_rng'])
         print(f'resumed from {state_path} at step {step}')
@@ -144,6 +149,7 @@ def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes:
 
     def save_state() -> None:
         torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'step': step, 'rng': rng,
+                    'minutes': elapsed_before + (time.time() - started) / 60,
                     'torch_rng': torch.get_rng_state(), 'model_config': model_config.to_dict(),
                     'train_config': asdict(train_config)}, state_path)
 
@@ -160,8 +166,9 @@ def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes:
     running = []
     bar = tqdm(total=train_config.steps, initial=step, desc='train', unit='step', dynamic_ncols=True)
     while step < train_config.steps:
+        minutes = elapsed_before + (time.time() - started) / 60
         for group in optimizer.param_groups:
-            group['lr'] = learning_rate(step, train_config)
+            group['lr'] = learning_rate(step, train_config, minutes)
         batch = train_bank.batch(rng.integers(0, len(train_bank), size=train_config.batch_size))
         batch['images'] = random_shift(batch['images'], train_config.shift_pixels, generator)
         loss = l1_loss(model, batch, train_config.bf16)
@@ -173,15 +180,15 @@ def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes:
         running.append(loss.item())
         bar.update(1)
         if step % train_config.log_every == 0 or step == train_config.steps:
-            entry = {'step': step, 'loss': float(np.mean(running)), 'lr': learning_rate(step, train_config),
-                     'minutes': (time.time() - started) / 60}
+            entry = {'step': step, 'loss': float(np.mean(running)), 'lr': optimizer.param_groups[0]['lr'],
+                     'minutes': minutes}
             if step % (train_config.log_every * 4) == 0 or step == train_config.steps:
                 entry['val_loss'] = validate()
             running.clear()
             bar.set_postfix(loss=f"{entry['loss']:.4f}", val=f"{entry.get('val_loss', float('nan')):.4f}")
             with open(log_path, 'a') as f:
                 f.write(json.dumps(entry) + '\n')
-        out_of_time = train_config.max_minutes and (time.time() - started) / 60 >= train_config.max_minutes
+        out_of_time = train_config.max_minutes and minutes >= train_config.max_minutes
         if step % train_config.save_every == 0 or out_of_time:
             save_state()
         if out_of_time:

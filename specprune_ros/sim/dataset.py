@@ -1,0 +1,322 @@
+"""Demonstration dataset: one compressed ``.npz`` per episode plus a ``manifest.json`` per directory.
+
+On-disk format (``FORMAT_NAME``, version ``FORMAT_VERSION``)::
+
+    <root>/manifest.json
+    <root>/episodes/<family>_<seed:07d>.npz
+
+Each episode ``.npz`` (``np.load(path)`` works without pickle) holds, for T control steps:
+
+    image_<camera>  uint8   (T, H, W, 3)   RGB frame seen *before* action t (one key per camera)
+    proprio         float32 (T, P)         proprio before action t (layout: ``PROPRIO_LAYOUT``)
+    actions         float32 (T, 7)         normalised action t (dx, dy, dz, droll, dpitch, dyaw, gripper)
+    instruction     str     ()             e.g. 'pick up the red cube'
+    family          str     ()             'pick' | 'place' | 'push'
+    seed            int64   ()
+    success         bool    ()
+    meta            str     ()             JSON: cameras, image_size, noise, task target / plate / zone, ...
+
+``manifest.json`` holds the format name and version, image size, camera names, proprio layout, action labels
+and scales, the vocabulary, and ``episodes``: a list of ``{file, family, seed, instruction, length,
+success}`` sorted by (family, seed). Readers only need NumPy; the collector imports the simulator.
+"""
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from specprune_ros.sim.tasks import EVAL_SEED_START, TASK_FAMILIES, TRAIN_SEED_START
+from specprune_ros.sim.vocab import VOCABULARY
+
+FORMAT_NAME = 'specprune_sim_demos'
+FORMAT_VERSION = 1
+MANIFEST = 'manifest.json'
+EPISODE_DIR = 'episodes'
+PathLike = Union[str, Path]
+
+
+@dataclass
+class Episode:
+    """One demonstration; ``images[camera]`` is (T, H, W, 3) uint8 (empty dict if not loaded)."""
+
+    images: dict[str, np.ndarray]
+    proprio: np.ndarray
+    actions: np.ndarray
+    instruction: str
+    family: str
+    seed: int
+    success: bool
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.actions.shape[0])
+
+
+def episode_filename(family: str, seed: int) -> str:
+    return f'{family}_{int(seed):07d}.npz'
+
+
+def write_episode(path: PathLike, episode: Episode) -> Path:
+    """Write one episode as a compressed ``.npz`` (atomically: temp file, then rename)."""
+    path = Path(path)
+    t = len(episode)
+    if episode.proprio.shape[0] != t:
+        raise ValueError(f'proprio has {episode.proprio.shape[0]} rows, actions {t}')
+    arrays = {}
+    for cam, frames in episode.images.items():
+        frames = np.asarray(frames)
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[0] != t or frames.shape[-1] != 3:
+            raise ValueError(f'camera {cam!r}: expected uint8 (T={t}, H, W, 3), got {frames.dtype} '
+                             f'{frames.shape}')
+        arrays[f'image_{cam}'] = frames
+    arrays.update(
+        proprio=np.asarray(episode.proprio, dtype=np.float32),
+        actions=np.asarray(episode.actions, dtype=np.float32),
+        instruction=np.asarray(episode.instruction),
+        family=np.asarray(episode.family),
+        seed=np.asarray(int(episode.seed), dtype=np.int64),
+        success=np.asarray(bool(episode.success)),
+        meta=np.asarray(json.dumps(episode.meta, sort_keys=True)),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.stem}.{os.getpid()}.tmp.npz')
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def read_episode(path: PathLike, cameras: Optional[Sequence[str]] = None,
+                 load_images: bool = True) -> Episode:
+    """Load one episode; `cameras` restricts which image arrays are decompressed."""
+    with np.load(Path(path), allow_pickle=False) as z:
+        names = [k[len('image_'):] for k in z.files if k.startswith('image_')]
+        if cameras is not None:
+            missing = set(cameras) - set(names)
+            if missing:
+                raise KeyError(f'{path}: no camera(s) {sorted(missing)}; has {names}')
+            names = list(cameras)
+        images = {c: z[f'image_{c}'] for c in names} if load_images else {}
+        return Episode(images=images, proprio=z['proprio'], actions=z['actions'],
+                       instruction=str(z['instruction']), family=str(z['family']), seed=int(z['seed']),
+                       success=bool(z['success']), meta=json.loads(str(z['meta'])))
+
+
+def read_manifest(root: PathLike) -> dict:
+    with open(Path(root) / MANIFEST) as f:
+        manifest = json.load(f)
+    if manifest.get('format') != FORMAT_NAME:
+        raise ValueError(f'{root}: not a {FORMAT_NAME} directory')
+    return manifest
+
+
+def write_manifest(root: PathLike, manifest: dict) -> Path:
+    path = Path(root) / MANIFEST
+    tmp = path.with_name(f'.{MANIFEST}.{os.getpid()}.tmp')
+    with open(tmp, 'w') as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def iter_episodes(root: PathLike, families: Optional[Iterable[str]] = None,
+                  cameras: Optional[Sequence[str]] = None, load_images: bool = True,
+                  successful_only: bool = True) -> Iterator[Episode]:
+    """Episodes of a dataset directory in manifest order (sorted files if there is no manifest)."""
+    root = Path(root)
+    wanted = set(families) if families is not None else None
+    if (root / MANIFEST).exists():
+        entries = read_manifest(root)['episodes']
+        files = [(root / e['file'], e) for e in entries]
+    else:
+        files = [(p, None) for p in sorted((root / EPISODE_DIR).glob('*.npz'))]
+    for path, entry in files:
+        if entry is not None:
+            if wanted is not None and entry['family'] not in wanted:
+                continue
+            if successful_only and not entry['success']:
+                continue
+        ep = read_episode(path, cameras=cameras, load_images=load_images)
+        if (wanted is None or ep.family in wanted) and (ep.success or not successful_only):
+            yield ep
+
+
+# --- collection ---------------------------------------------------------------------------------------
+_WORKER_ENV = None
+
+
+def _worker_env(image_size: int):
+    global _WORKER_ENV
+    from specprune_ros.sim.env import TabletopEnv
+    if _WORKER_ENV is None or _WORKER_ENV.image_size != image_size:
+        _WORKER_ENV = TabletopEnv(image_size=image_size)
+    return _WORKER_ENV
+
+
+def record_episode(env, family: str, seed: int, noise: float) -> Episode:
+    """Roll the scripted expert out with rendering on `env`; the expert's noise stream is seeded by
+    (family, seed), so the same job gives the same episode in any worker."""
+    from specprune_ros.sim.expert import ScriptedExpert, run_expert_episode
+    from specprune_ros.sim.env import CONTROL_PERIOD_S, PROPRIO_LAYOUT
+
+    rng = np.random.default_rng([int(seed), TASK_FAMILIES.index(family), 0xE1])
+    expert = ScriptedExpert(env, noise=noise, rng=rng)
+    observations, actions, success = run_expert_episode(env, expert, render=True, seed=seed, family=family)
+    cams = env.cameras
+    images = {c: np.stack([o.images[c] for o in observations]) if observations
+              else np.zeros((0, env.image_size, env.image_size, 3), np.uint8) for c in cams}
+    proprio = np.stack([o.proprio for o in observations]) if observations else np.zeros((0, len(PROPRIO_LAYOUT)))
+    meta = dict(cameras=list(cams), image_size=env.image_size, noise=noise, target=env.task.target,
+                plate=env.task.plate, zone=env.task.zone, max_steps=env.max_steps,
+                proprio_layout=list(PROPRIO_LAYOUT), control_period_s=CONTROL_PERIOD_S,
+                format=FORMAT_NAME, version=FORMAT_VERSION)
+    return Episode(images=images, proprio=proprio.astype(np.float32), actions=actions,
+                   instruction=env.instruction, family=family, seed=int(seed), success=bool(success), meta=meta)
+
+
+def _collect_job(out_dir: str, family: str, seed: int, noise: float, image_size: int) -> dict:
+    """Worker: record one episode, write it if successful, return its manifest entry."""
+    env = _worker_env(image_size)
+    ep = record_episode(env, family, seed, noise)
+    rel = f'{EPISODE_DIR}/{episode_filename(family, seed)}'
+    if ep.success:
+        write_episode(Path(out_dir) / rel, ep)
+    return dict(file=rel, family=family, seed=int(seed), instruction=ep.instruction, length=len(ep),
+                success=ep.success)
+
+
+def _base_manifest(image_size: int, noise: float) -> dict:
+    from specprune_ros.sim.env import (CAMERA_NAMES, CONTROL_PERIOD_S, PROPRIO_LAYOUT, ROTATION_SCALE_RAD,
+                                       TRANSLATION_SCALE_M)
+    return dict(format=FORMAT_NAME, version=FORMAT_VERSION, image_size=image_size, cameras=list(CAMERA_NAMES),
+                proprio_layout=list(PROPRIO_LAYOUT),
+                action_labels=['dx', 'dy', 'dz', 'droll', 'dpitch', 'dyaw', 'gripper'],
+                translation_scale_m=TRANSLATION_SCALE_M, rotation_scale_rad=ROTATION_SCALE_RAD,
+                control_period_s=CONTROL_PERIOD_S, vocabulary=list(VOCABULARY), noise=noise,
+                episodes=[], attempts={})
+
+
+def collect_demonstrations(out_dir: PathLike, families: Sequence[str] = TASK_FAMILIES,
+                           episodes_per_family: int = 50, seed_start: int = TRAIN_SEED_START,
+                           noise: float = 0.1, workers: int = 2, image_size: int = 96,
+                           max_attempts_per_family: Optional[int] = None, progress: bool = True) -> dict:
+    """Run the noisy expert with rendering and keep ``episodes_per_family`` successful episodes per family.
+
+    Family f uses seeds seed_start, seed_start + 1, ... (a failed seed is skipped and the next one
+    tried). Seeds never cross into the other split (``TRAIN_SEED_START`` / ``EVAL_SEED_START``).
+    Episodes already listed in an existing manifest with the same image size are kept. ``workers`` > 1
+    uses that many spawned processes. Returns the manifest that was written.
+    """
+    from tqdm import tqdm
+
+    families = tuple(families)
+    for f in families:
+        if f not in TASK_FAMILIES:
+            raise ValueError(f'unknown task family {f!r}')
+    cap = max_attempts_per_family or (2 * episodes_per_family + 10)
+    limit = EVAL_SEED_START if seed_start < EVAL_SEED_START else None
+    if limit is not None and seed_start + cap > limit:
+        raise ValueError(f'training seeds {seed_start}..{seed_start + cap} would reach EVAL_SEED_START={limit}')
+    if seed_start < TRAIN_SEED_START:
+        raise ValueError('seeds must be non-negative')
+    out = Path(out_dir)
+    (out / EPISODE_DIR).mkdir(parents=True, exist_ok=True)
+    manifest = _base_manifest(image_size, noise)
+    if (out / MANIFEST).exists():
+        old = read_manifest(out)
+        if old['image_size'] != image_size:
+            raise ValueError(f'{out} holds {old["image_size"]} px episodes, not {image_size}')
+        manifest['episodes'] = [e for e in old['episodes'] if (out / e['file']).exists()]
+        manifest['attempts'] = old.get('attempts', {})
+    done_files = {e['file'] for e in manifest['episodes']}
+
+    kept = {f: 0 for f in families}
+    tried = {f: 0 for f in families}
+    next_seed = {f: seed_start for f in families}
+    new_entries: list[dict] = []
+
+    def next_job(f: str) -> Optional[tuple]:
+        while tried[f] < cap:
+            seed = next_seed[f]
+            next_seed[f] += 1
+            tried[f] += 1
+            rel = f'{EPISODE_DIR}/{episode_filename(f, seed)}'
+            if rel in done_files:                       # already on disk from an earlier run
+                kept[f] += 1
+                if kept[f] >= episodes_per_family:
+                    return None
+                continue
+            return (str(out), f, seed, noise, image_size)
+        return None
+
+    bar = tqdm(total=episodes_per_family * len(families), disable=not progress, desc='demos', unit='ep')
+
+    ran = {f: 0 for f in families}
+    succeeded = {f: 0 for f in families}
+
+    def handle(entry: dict, in_flight: dict) -> Optional[tuple]:
+        f = entry['family']
+        ran[f] += 1
+        succeeded[f] += int(entry['success'])
+        if entry['success'] and kept[f] < episodes_per_family:
+            kept[f] += 1
+            new_entries.append(entry)
+            bar.update(1)
+        elif entry['success']:                          # surplus (cannot normally happen)
+            (out / entry['file']).unlink(missing_ok=True)
+        if kept[f] + in_flight.get(f, 0) < episodes_per_family:
+            return next_job(f)
+        return None
+
+    def count(families_in_flight: Iterable[str]) -> dict:
+        c: dict[str, int] = {}
+        for f in families_in_flight:
+            c[f] = c.get(f, 0) + 1
+        return c
+
+    jobs = []
+    for f in families:
+        for _ in range(episodes_per_family):
+            job = next_job(f)
+            if job is None:
+                break
+            jobs.append(job)
+    bar.update(sum(kept.values()))
+    try:
+        if workers <= 1:
+            queue = list(jobs)
+            while queue:
+                job = queue.pop(0)
+                nxt = handle(_collect_job(*job), count(j[1] for j in queue))
+                if nxt is not None:
+                    queue.append(nxt)
+        else:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context('spawn')) as pool:
+                futures = {pool.submit(_collect_job, *j): j[1] for j in jobs}
+                while futures:
+                    finished, _ = wait(futures, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        futures.pop(fut)
+                        nxt = handle(fut.result(), count(futures.values()))
+                        if nxt is not None:
+                            futures[pool.submit(_collect_job, *nxt)] = nxt[1]
+    finally:
+        bar.close()
+
+    by_file = {e['file']: e for e in manifest['episodes']}
+    by_file.update({e['file']: e for e in new_entries})
+    manifest['episodes'] = sorted(by_file.values(), key=lambda e: (e['family'], e['seed']))
+    for f in families:
+        prev = manifest['attempts'].get(f, {'run': 0, 'succeeded': 0})
+        manifest['attempts'][f] = {'run': prev['run'] + ran[f], 'succeeded': prev['succeeded'] + succeeded[f]}
+    write_manifest(out, manifest)
+    short = {f: kept[f] for f in families if kept[f] < episodes_per_family}
+    if short:
+        raise RuntimeError(f'expert succeeded too rarely; kept only {short} of {episodes_per_family} per family')
+    return manifest
