@@ -9,7 +9,7 @@ setup(
     name=PACKAGE,
     version='0.1.0',
     packages=find_packages(include=[PACKAGE, f'{PACKAGE}.*']),
-    package_data={PACKAGE: ['assets/*', 'assets/**/*']},
+    package_data={PACKAGE: ['assets/reference_vla/*']},
     include_package_data=True,
     data_files=[
         ('share/ament_index/resource_index/packages', [f'resource/{PACKAGE}']),
@@ -18,15 +18,16 @@ setup(
         (f'share/{PACKAGE}/config', glob('config/*.yaml')),
     ],
     install_requires=['setuptools'],
+    extras_require={'test': ['pytest']},
     zip_safe=False,
     maintainer='specprune_ros maintainers',
     maintainer_email='maintainers@specprune-ros.dev',
     description='Visual-token pruning for VLA robot policies, as a ROS 2 node.',
     license='Apache-2.0',
-    tests_require=['pytest'],
     entry_points={
         'console_scripts': [
             'specprune_node = specprune_ros.ros.policy_node:main',
+            'specprune_synthetic_camera = specprune_ros.ros.tools.synthetic_camera:main',
         ],
     },
 )

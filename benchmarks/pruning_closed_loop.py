@@ -1,0 +1,180 @@
+"""Pruning methods side by side on the reference VLA: closed-loop success, and latency measured interleaved.
+
+Phase 1 (success): every configuration runs the same held-out episodes of every task family in the
+simulator (parallel worker processes, one torch thread each); success with a 95% Wilson interval, kept
+visual tokens, FLOPs ratio and selection overhead per configuration.
+
+Phase 2 (speed): the observations the unpruned policy saw in a few closed-loop episodes are replayed through
+every configuration in ONE process, round-robin step by step (each configuration keeps its own temporal
+state), so the latency medians and the speedups vs unpruned are measured side by side. The paper's
+self-speculation check (layers 0-1 top-k vs last-layer top-k of task attention) runs on the same replay.
+
+    python benchmarks/pruning_closed_loop.py --episodes-per-family 34 --out outputs/benchmarks
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from specprune_ros.evaluation.closed_loop import PolicySpec, evaluate, run_episode, summarize
+from specprune_ros.policy.interface import Observation
+
+CONFIGS: tuple[PolicySpec, ...] = (
+    PolicySpec(method='none', label='none'),
+    PolicySpec(method='specprune', label='specprune (full)'),
+    PolicySpec(method='specprune_static', label='specprune static only'),
+    PolicySpec(method='specprune_static_layer', label='specprune +layer'),
+    PolicySpec(method='vla_pruner', method_config={'keep_ratio': 0.5}, label='vla_pruner 50%'),
+    PolicySpec(method='vla_pruner', method_config={'keep_ratio': 0.25}, label='vla_pruner 25%'),
+    PolicySpec(method='vla_pruner', method_config={'keep_ratio': 0.125}, label='vla_pruner 12.5%'),
+    PolicySpec(method='fastv', method_config={'keep_ratio': 0.25}, label='fastv 25%'),
+    PolicySpec(method='divprune', method_config={'keep_ratio': 0.25}, label='divprune 25%'),
+    PolicySpec(method='random', method_config={'keep_ratio': 0.25}, label='random 25%'),
+    PolicySpec(method='vla_cache', label='vla_cache'),
+)
+
+
+@dataclass
+class _Recorder:
+    """Wraps a policy and keeps every observation it was asked to act on."""
+
+    policy: object
+    seen: list
+
+    def reset(self) -> None:
+        self.policy.reset()
+
+    def predict(self, observation: Observation):
+        self.seen.append(observation)
+        return self.policy.predict(observation)
+
+
+def replay_observations(model: str, families: list[str], episodes: int, seed_start: int) -> list[list[Observation]]:
+    """Per episode, the observations the unpruned policy acted on in closed loop."""
+    from specprune_ros.policy.loading import load_policy
+    from specprune_ros.sim import TabletopEnv
+    env = TabletopEnv()
+    recorder = _Recorder(load_policy(model, 'none'), [])
+    sequences = []
+    for i in range(episodes):
+        for family in families:
+            recorder.seen = []
+            run_episode(env, recorder, family, seed_start + i)
+            sequences.append(recorder.seen)
+    return sequences
+
+
+def measure_latency(model: str, configs: tuple[PolicySpec, ...], sequences: list[list[Observation]],
+                    threads: int) -> dict[str, dict]:
+    """Round-robin replay through every configuration in this process; medians per configuration."""
+    from specprune_ros.policy.loading import load_model
+    from specprune_ros.policy.runtime import PrunedVLAPolicy
+    from specprune_ros.pruning import build_method, self_speculation_hit_rate
+    torch.set_num_threads(threads)
+    vla = load_model(model)
+    policies = {c.name: PrunedVLAPolicy(vla, build_method(c.method, c.method_config, seed=c.seed)) for c in configs}
+    probe = PrunedVLAPolicy(vla, build_method('none', {'self_speculation': True}))
+    samples: dict[str, list[float]] = {name: [] for name in policies}
+    selection: dict[str, list[float]] = {name: [] for name in policies}
+    hits: list[float] = []
+    for warm in range(2):  # warm-up: every configuration runs a couple of steps first
+        for policy in policies.values():
+            policy.predict(sequences[0][0])
+    for sequence in sequences:
+        for policy in [*policies.values(), probe]:
+            policy.reset()
+        for observation in sequence:
+            for name, policy in policies.items():
+                output = policy.predict(observation)
+                samples[name].append(output.latency_s)
+                selection[name].append(output.record.selection_seconds + output.record.probe_seconds)
+            hit = self_speculation_hit_rate(probe.predict(observation).record)
+            if not np.isnan(hit):
+                hits.append(hit)
+    base = statistics.median(samples[configs[0].name])
+    return {name: {'latency_ms_median': statistics.median(v) * 1e3, 'speedup': base / statistics.median(v),
+                   'selection_ms_median': statistics.median(selection[name]) * 1e3, 'steps': len(v)}
+            for name, v in samples.items()} | {'_self_speculation_hit_rate': float(np.mean(hits)) if hits else None}
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        low, high = row['ci95']
+        ax.errorbar(row['speedup'], row['success'] * 100, yerr=[[(row['success'] - low) * 100], [(high - row['success']) * 100]],
+                    fmt='o', capsize=3)
+        ax.annotate(row['config'], (row['speedup'], row['success'] * 100), fontsize=7, xytext=(4, 3),
+                    textcoords='offset points')
+    ax.set_xlabel('model-step speedup vs unpruned (interleaved medians)')
+    ax.set_ylabel('closed-loop success % (95% CI)')
+    ax.set_title('Pruning methods on the reference VLA')
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', default='reference')
+    parser.add_argument('--episodes-per-family', type=int, default=34, help='34 x 3 families = 102 per configuration')
+    parser.add_argument('--latency-episodes', type=int, default=2, help='episodes per family replayed for latency')
+    parser.add_argument('--workers', type=int, default=2)
+    parser.add_argument('--threads', type=int, default=2, help='torch threads in the latency phase')
+    parser.add_argument('--configs', nargs='*', default=None, help='labels to run (default: all)')
+    parser.add_argument('--out', type=Path, default=Path('outputs/benchmarks'))
+    args = parser.parse_args()
+
+    from specprune_ros.sim import EVAL_SEED_START, TASK_FAMILIES
+    families = list(TASK_FAMILIES)
+    configs = tuple(c for c in CONFIGS if args.configs is None or c.name in args.configs or c.name == 'none')
+    configs = tuple(PolicySpec(args.model, c.method, c.method_config, c.label) for c in configs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    summaries = {c.name: summarize(evaluate(c, families, args.episodes_per_family, workers=args.workers), c.name)
+                 for c in configs}
+    sequences = replay_observations(args.model, families, args.latency_episodes, EVAL_SEED_START + 500_000)
+    speed = measure_latency(args.model, configs, sequences, args.threads)
+
+    rows = []
+    for c in configs:
+        s = summaries[c.name]['overall']
+        rows.append({'config': c.name, 'success': s['success_rate'], 'ci95': s['ci95'], 'episodes': s['episodes'],
+                     'families': {f: v['success_rate'] for f, v in summaries[c.name]['families'].items()},
+                     'visual_kept': s['mean_visual_kept'], 'flops_ratio': s['flops_ratio'], **speed[c.name]})
+    lines = [f"Model {args.model!r}, {args.episodes_per_family} held-out episodes per family x {len(families)} families per "
+             f"configuration; latency: {sum(map(len, sequences))} replayed steps per configuration, interleaved, "
+             f"{args.threads} threads. Self-speculation (layers 0-1 top-k in last-layer top-k, text attention): "
+             f"{speed['_self_speculation_hit_rate']:.1%}" if speed['_self_speculation_hit_rate'] is not None else '',
+             '',
+             '| config | success (95% CI) | ' + ' | '.join(families) + ' | visual kept (mean/layer) | FLOPs | '
+             'latency ms | speedup | selection ms |',
+             '|---|---|' + '---|' * len(families) + '---|---|---|---|---|']
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['success'] * 100:.1f}% ({r['ci95'][0] * 100:.0f}-{r['ci95'][1] * 100:.0f}) | "
+                     + ' | '.join(f"{r['families'][f] * 100:.0f}%" for f in families)
+                     + f" | {r['visual_kept']:.0f} | {r['flops_ratio'] * 100:.0f}% | {r['latency_ms_median']:.1f} | "
+                       f"{r['speedup']:.2f}x | {r['selection_ms_median']:.2f} |")
+    table = '\n'.join(lines)
+    (args.out / 'pruning_closed_loop.md').write_text(table + '\n')
+    (args.out / 'pruning_closed_loop.json').write_text(json.dumps(
+        {'rows': rows, 'summaries': summaries, 'self_speculation_hit_rate': speed['_self_speculation_hit_rate'],
+         'minutes': (time.time() - started) / 60}, indent=2))
+    plot(rows, args.out / 'pruning_closed_loop.png')
+    print(table)
+    print(f"\nwrote {args.out}/pruning_closed_loop.{{md,json,png}} in {(time.time() - started) / 60:.1f} min")
+
+
+if __name__ == '__main__':
+    main()

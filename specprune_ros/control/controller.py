@@ -1,0 +1,306 @@
+"""The policy node's brain without ROS: inputs in, inference requests and per-tick commands out.
+
+Three threads call it: subscription callbacks (``put_*``), the inference worker (``next_request`` /
+``accept`` / ``inference_failed``) and the control timer (``tick``). Every public method takes the one lock;
+model inference itself runs outside it, so callbacks and ticks never wait for the model.
+
+Temporal token state: the controller decides when the policy must be reset (instruction change,
+``request_reset``, a gap between observations longer than ``reset_after_gap_s``) and hands the reason to
+the worker with the next request; chunks computed before a reset are discarded.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from specprune_ros.control.chunk_scheduler import ChunkScheduler, ChunkSettings
+from specprune_ros.control.input_sync import InputSynchronizer, StaleInput, SyncLimits
+from specprune_ros.control.parameters import NodeParameters
+from specprune_ros.control.runtime_stats import RuntimeStats, controller_mode, kept_token_ratio
+from specprune_ros.control.safety_filter import ActionUnits, FilteredCommand, SafetyFilter, SafetyLimits
+from specprune_ros.policy.interface import ActionSpec, Observation, PolicyOutput
+
+
+@dataclass
+class InferenceRequest:
+    """One observation for the worker to run through the policy."""
+
+    observation: Observation
+    started: float              # node clock when the observation was taken (time of the chunk's step 0)
+    source_stamp: float         # newest camera header.stamp in it
+    epoch: int                  # temporal-state epoch; a reset in between voids the result
+    reset_reason: str = ''      # reset the policy's temporal state first, for this reason
+
+
+@dataclass
+class AcceptedChunk:
+    """A chunk that became the current plan, with what the node publishes about it."""
+
+    actions: np.ndarray
+    chunk_id: int
+    source_stamp: float
+    started: float
+    skipped_steps: int
+    model_latency_s: float
+    inference_latency_s: float
+    kept_ratio: Optional[float]
+    controller_mode: str
+    steps_since_reset: int
+    reset_reason: str = ''                  # the temporal state was reset right before this inference
+    policy_info: dict = field(default_factory=dict)
+    record: Any = None
+    images: dict = field(default_factory=dict)
+
+
+def sync_limits(params: NodeParameters) -> SyncLimits:
+    return SyncLimits(max_image_age_s=params.max_image_age_s, max_camera_skew_s=params.max_camera_skew_s,
+                      max_future_stamp_s=params.max_future_stamp_s, max_state_age_s=params.max_state_age_s)
+
+
+def chunk_settings(params: NodeParameters, spec: ActionSpec) -> ChunkSettings:
+    return ChunkSettings(period_s=spec.control_period_s, mode=params.chunk_mode,
+                         blend_old_weight=params.blend_old_weight, blend_decay=params.blend_decay,
+                         max_chunk_age_s=params.max_chunk_age_s)
+
+
+def action_units(params: NodeParameters, spec: ActionSpec) -> ActionUnits:
+    return ActionUnits(translation_scale_m=spec.translation_scale_m, rotation_scale_rad=spec.rotation_scale_rad,
+                       period_s=spec.control_period_s, action_scale=params.action_scale)
+
+
+def safety_limits(params: NodeParameters) -> SafetyLimits:
+    return SafetyLimits(max_linear_speed=params.max_linear_speed, max_angular_speed=params.max_angular_speed,
+                        max_linear_accel=params.max_linear_accel, max_angular_accel=params.max_angular_accel,
+                        gripper_binarize=params.gripper_binarize, gripper_open_value=params.gripper_open_value,
+                        gripper_closed_value=params.gripper_closed_value)
+
+
+class PolicyController:
+    """Thread-safe state of one configured policy node (see the module docstring)."""
+
+    def __init__(self, params: NodeParameters, camera_names: tuple[str, ...], spec: ActionSpec,
+                 needs_proprio: bool) -> None:
+        self.spec = spec
+        self.params = params
+        self.lock = threading.RLock()
+        self.sync = InputSynchronizer(camera_names, sync_limits(params), needs_proprio)
+        self.scheduler = ChunkScheduler(chunk_settings(params, spec))
+        self.safety = SafetyFilter(action_units(params, spec), safety_limits(params))
+        self.stats = RuntimeStats(params.stats_window)
+        self.enabled = params.enabled
+        self.active = False
+        self.epoch = 0
+        self.steps_since_reset = 0
+        self._pending_reset = 'first observation'
+        self._failure = ''                       # why the robot holds until the next good chunk
+        self._in_flight = False
+        self._last_request_time: Optional[float] = None
+        self._last_source_stamp: Optional[float] = None
+        self._executed: list[np.ndarray] = []    # commands executed since the last request (normalised)
+        self._last_executed_key: Optional[tuple[int, int]] = None
+        self._last_executed_time = -np.inf
+
+    # --- settings -----------------------------------------------------------------------------------------
+    def update_parameters(self, params: NodeParameters) -> None:
+        """Apply run-time changeable parameters (the read-only ones are ignored)."""
+        with self.lock:
+            self.params = params
+            self.sync.limits = sync_limits(params)
+            self.scheduler.settings = chunk_settings(params, self.spec)
+            self.safety.units = action_units(params, self.spec)
+            self.safety.limits = safety_limits(params)
+
+    def set_active(self, active: bool) -> None:
+        with self.lock:
+            self.active = active
+            self.scheduler.clear()
+            self._in_flight = False
+            self.stats.hold_reason = 'not active' if not active else 'waiting for the first action chunk'
+
+    def set_enabled(self, enabled: bool) -> None:
+        with self.lock:
+            if enabled and not self.enabled:
+                self.scheduler.clear()
+            self.enabled = enabled
+
+    # --- inputs (subscription callbacks) ------------------------------------------------------------------
+    def put_frame(self, camera: str, image: np.ndarray, stamp: float, now: float) -> None:
+        with self.lock:
+            self.sync.put_frame(camera, image, stamp, now)
+
+    def put_instruction(self, text: str) -> bool:
+        """Store a validated instruction; a change resets the temporal state (returns True then)."""
+        with self.lock:
+            changed = self.sync.put_instruction(text)
+            if changed:
+                self._reset_locked(f'instruction changed to {text[:80]!r}')
+            return changed
+
+    def put_proprio(self, vector: np.ndarray, stamp: float) -> None:
+        with self.lock:
+            self.sync.put_proprio(vector, stamp)
+
+    def count_input_error(self, kind: str, message: str) -> None:
+        with self.lock:
+            self.stats.count_input_error(kind, message)
+
+    def request_reset(self, reason: str) -> None:
+        """Reset the temporal token state before the next inference (and drop the current plan)."""
+        with self.lock:
+            self._reset_locked(reason)
+
+    def _reset_locked(self, reason: str) -> None:
+        self._pending_reset = reason
+        self.epoch += 1
+        self.scheduler.clear()
+        self._in_flight = False
+
+    # --- inference worker ---------------------------------------------------------------------------------
+    def next_request(self, now: float) -> Optional[InferenceRequest]:
+        """An observation to run now, or None (inactive, disabled, not due, no new frame, stale input)."""
+        with self.lock:
+            if not (self.active and self.enabled) or self._in_flight or not self.sync.has_new_frames():
+                return None
+            replan_period = self.params.replan_every_steps * self.spec.control_period_s
+            due = (self.scheduler.current is None or self._last_request_time is None
+                   or now - self._last_request_time >= replan_period - 1e-3)
+            if not due:
+                return None
+            try:
+                snapshot = self.sync.snapshot(now)
+            except StaleInput:
+                return None
+            gap = None if self._last_source_stamp is None else snapshot.oldest_stamp - self._last_source_stamp
+            if gap is not None and gap > self.params.reset_after_gap_s and not self._pending_reset:
+                self._reset_locked(f'input gap of {gap:.2f} s (reset_after_gap_s {self.params.reset_after_gap_s})')
+            reset_reason, self._pending_reset = self._pending_reset, ''
+            if reset_reason:
+                self.steps_since_reset = 0
+                self._executed.clear()
+                self.stats.events['temporal_resets'] += 1
+                self.stats.last_reset_reason = reset_reason
+            executed = np.stack(self._executed).astype(np.float32) if self._executed else None
+            self._executed.clear()
+            self._in_flight = True
+            self._last_request_time = now
+            self._last_source_stamp = snapshot.newest_stamp
+            observation = Observation(images=snapshot.images, instruction=snapshot.instruction,
+                                      proprio=snapshot.proprio, executed_actions=executed)
+            return InferenceRequest(observation, now, snapshot.newest_stamp, self.epoch, reset_reason)
+
+    def accept(self, request: InferenceRequest, output: PolicyOutput, now: float) -> Optional[AcceptedChunk]:
+        """Make the policy's chunk the current plan; None when it is void (reset since), late or malformed."""
+        with self.lock:
+            if request.epoch != self.epoch:
+                self.stats.events['chunks_discarded_after_reset'] += 1
+                return None
+            if not (self.active and self.enabled):
+                self._in_flight = False
+                self.stats.events['chunks_discarded_inactive'] += 1
+                return None
+            self._in_flight = False
+            self.stats.events['inferences'] += 1
+            elapsed = now - request.started
+            self.stats.model_latency.add(output.latency_s)
+            self.stats.inference_latency.add(elapsed)
+            self.stats.stamp_to_chunk.add(now - request.source_stamp)
+            actions = np.asarray(output.actions, dtype=np.float64)
+            expected = (self.spec.chunk_size, self.spec.action_dim)
+            if elapsed > self.params.inference_deadline_s:
+                self.stats.events['inference_deadline_misses'] += 1
+                return self._fail_locked(f'inference missed its deadline: {elapsed:.3f} s > inference_deadline_s '
+                                         f'{self.params.inference_deadline_s}')
+            if actions.ndim != 2 or actions.shape[1] != expected[1] or len(actions) == 0:
+                self.stats.events['inference_failures'] += 1
+                return self._fail_locked(f'policy returned a chunk of shape {actions.shape}, expected {expected}')
+            if not np.isfinite(actions).all():
+                self.stats.events['non_finite_chunks'] += 1
+                return self._fail_locked('policy returned a chunk with NaN or Inf')
+            skipped = self.scheduler.accept(actions, request.started, now)
+            self._failure = ''
+            self.stats.last_inference_error = ''
+            self.steps_since_reset += 1
+            record = output.record
+            ratio = kept_token_ratio(record)
+            if ratio is not None:
+                self.stats.kept_ratio.add(ratio)
+            mode = controller_mode(output.info, getattr(record, 'info', {}))
+            self.stats.controller_mode = mode
+            self.stats.events['steps_skipped_during_inference'] += skipped
+            return AcceptedChunk(actions=actions, chunk_id=self.scheduler.current.chunk_id,
+                                 source_stamp=request.source_stamp, started=request.started, skipped_steps=skipped,
+                                 model_latency_s=float(output.latency_s), inference_latency_s=elapsed,
+                                 kept_ratio=ratio, controller_mode=mode, steps_since_reset=self.steps_since_reset,
+                                 reset_reason=request.reset_reason, policy_info=dict(output.info or {}),
+                                 record=record, images=request.observation.images)
+
+    def inference_failed(self, request: InferenceRequest, error: str) -> None:
+        """The policy raised: hold until a later inference succeeds."""
+        with self.lock:
+            if request.epoch == self.epoch:
+                self._in_flight = False
+            self.stats.events['inference_failures'] += 1
+            self._fail_locked(f'inference failed: {error}')
+
+    def _fail_locked(self, reason: str) -> None:
+        self._failure = reason
+        self.stats.last_inference_error = reason
+        self.scheduler.clear()
+        return None
+
+    # --- control timer ------------------------------------------------------------------------------------
+    def tick(self, now: float) -> FilteredCommand:
+        """The command for this control tick: the scheduled action through the safety filter, or a hold."""
+        with self.lock:
+            reason = ''
+            scheduled = None
+            if not self.active:
+                reason = 'not active'
+            elif not self.enabled:
+                reason = 'disabled (~/enable or the enabled parameter)'
+            else:
+                reason = self.sync.staleness(now)
+                if reason:
+                    self.scheduler.clear()
+                elif self._failure:
+                    reason = self._failure
+                else:
+                    scheduled = self.scheduler.action_at(now)
+                    reason = scheduled.reason
+            if reason:
+                command = self.safety.hold(reason, now)
+                self.stats.events['hold_ticks'] += 1
+                key = None
+            else:
+                command = self.safety.command(scheduled.action, now)
+                key = (scheduled.chunk_id, scheduled.step)
+                self.stats.events['hold_ticks' if command.holding else 'command_ticks'] += 1
+            self.stats.hold_reason = command.hold_reason
+            self._record_executed(command, key, now)
+            return command
+
+    def _record_executed(self, command: FilteredCommand, key: Optional[tuple[int, int]], now: float) -> None:
+        """One executed action per policy step (a new chunk step, or a hold lasting a period)."""
+        new_step = key is not None and key != self._last_executed_key
+        long_hold = key is None and now - self._last_executed_time >= self.spec.control_period_s - 1e-6
+        if new_step or long_hold:
+            self._executed.append(command.executed)
+            del self._executed[:-4 * self.spec.chunk_size]
+            self._last_executed_key, self._last_executed_time = key, now
+
+    # --- diagnostics --------------------------------------------------------------------------------------
+    def diagnostics(self) -> tuple[int, list[tuple[str, str]]]:
+        """(level, key-values) of the current state (see ``RuntimeStats``)."""
+        with self.lock:
+            stats = self.stats
+            rows = stats.key_values()
+            rows += [(f'safety: {name.replace("_", " ")}', str(n)) for name, n in self.safety.counts.items()]
+            rows += [('frames received', str(self.sync.frames_received)),
+                     ('frames dropped (superseded before use)', str(self.sync.frames_dropped)),
+                     ('steps since temporal reset', str(self.steps_since_reset)),
+                     ('enabled', str(self.enabled).lower()),
+                     ('instruction', self.sync.instruction[:120] or 'none')]
+            return stats.level(), rows

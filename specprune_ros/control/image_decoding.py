@@ -1,0 +1,95 @@
+"""Camera frames from raw message fields to RGB uint8, or a typed error saying what is wrong.
+
+Works on the fields of ``sensor_msgs/Image`` (encoding, height, width, step, data) and
+``sensor_msgs/CompressedImage`` (format, data) without importing any ROS package.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import cv2
+import numpy as np
+
+# encoding -> (channels, conversion to RGB, or None when the layout already is RGB)
+RAW_ENCODINGS: dict[str, tuple[int, Optional[int]]] = {
+    'rgb8': (3, None),
+    'bgr8': (3, cv2.COLOR_BGR2RGB),
+    'rgba8': (4, cv2.COLOR_RGBA2RGB),
+    'bgra8': (4, cv2.COLOR_BGRA2RGB),
+    'mono8': (1, cv2.COLOR_GRAY2RGB),
+    '8UC3': (3, cv2.COLOR_BGR2RGB),     # OpenCV's default channel order
+    '8UC1': (1, cv2.COLOR_GRAY2RGB),
+}
+MAX_SIDE = 8192                           # larger frames are rejected before any allocation
+
+
+class ImageError(ValueError):
+    """A frame that cannot be used; ``kind`` names the counter it goes to in diagnostics."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def decode_raw_image(encoding: str, height: int, width: int, step: int, data: bytes | bytearray | memoryview,
+                     ) -> np.ndarray:
+    """(height, width, 3) uint8 RGB from ``sensor_msgs/Image`` fields; honours ``step`` row padding."""
+    if encoding not in RAW_ENCODINGS:
+        raise ImageError('image_encoding', f'unsupported encoding {encoding!r}; '
+                         f'expected one of {", ".join(RAW_ENCODINGS)}')
+    if height <= 0 or width <= 0:
+        raise ImageError('image_size', f'empty image ({width}x{height})')
+    if height > MAX_SIDE or width > MAX_SIDE:
+        raise ImageError('image_size', f'image {width}x{height} exceeds {MAX_SIDE} pixels per side')
+    channels, conversion = RAW_ENCODINGS[encoding]
+    row_bytes = width * channels
+    if step < row_bytes:
+        raise ImageError('image_size', f'step {step} is smaller than width*channels = {row_bytes} ({encoding})')
+    expected = step * height
+    if len(data) != expected:
+        kind = 'image_truncated' if len(data) < expected else 'image_size'
+        raise ImageError(kind, f'data holds {len(data)} bytes, expected step*height = {step}*{height} = {expected}')
+    buffer = np.frombuffer(data, dtype=np.uint8).reshape(height, step)
+    pixels = buffer[:, :row_bytes].reshape(height, width, channels)
+    if conversion is None:
+        return np.ascontiguousarray(pixels)
+    return cv2.cvtColor(np.ascontiguousarray(pixels), conversion)
+
+
+def decode_compressed_image(data: bytes | bytearray | memoryview, image_format: str = '') -> np.ndarray:
+    """RGB uint8 from ``sensor_msgs/CompressedImage`` data (JPEG/PNG, whatever OpenCV decodes)."""
+    if len(data) == 0:
+        raise ImageError('image_decode', 'compressed image holds no data')
+    encoded = np.frombuffer(data, dtype=np.uint8)
+    bgr = cv2.imdecode(encoded, cv2.IMREAD_COLOR)
+    if bgr is None or bgr.size == 0:
+        raise ImageError('image_decode', f'undecodable compressed image (format {image_format!r}, '
+                         f'{len(data)} bytes)')
+    if bgr.shape[0] > MAX_SIDE or bgr.shape[1] > MAX_SIDE:
+        raise ImageError('image_size', f'image {bgr.shape[1]}x{bgr.shape[0]} exceeds {MAX_SIDE} pixels per side')
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``image`` at (H, W) = ``size``; INTER_AREA (the anti-aliased choice for shrinking) when it differs."""
+    height, width = size
+    if image.shape[:2] == (height, width):
+        return image
+    shrinking = image.shape[0] >= height and image.shape[1] >= width
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return cv2.resize(image, (width, height), interpolation=interpolation)
+
+
+def encode_raw_image(rgb: np.ndarray, encoding: str = 'rgb8', row_padding: int = 0) -> tuple[int, int, int, bytes]:
+    """(height, width, step, data) of an RGB frame in ``encoding`` (test publishers, the debug image)."""
+    if encoding not in RAW_ENCODINGS:
+        raise ImageError('image_encoding', f'unsupported encoding {encoding!r}')
+    channels, _ = RAW_ENCODINGS[encoding]
+    inverse = {'rgb8': None, 'bgr8': cv2.COLOR_RGB2BGR, '8UC3': cv2.COLOR_RGB2BGR, 'rgba8': cv2.COLOR_RGB2RGBA,
+               'bgra8': cv2.COLOR_RGB2BGRA, 'mono8': cv2.COLOR_RGB2GRAY, '8UC1': cv2.COLOR_RGB2GRAY}[encoding]
+    pixels = rgb if inverse is None else cv2.cvtColor(rgb, inverse)
+    height, width = rgb.shape[:2]
+    rows = pixels.reshape(height, width * channels)
+    if row_padding:
+        rows = np.concatenate([rows, np.zeros((height, row_padding), dtype=np.uint8)], axis=1)
+    return height, width, rows.shape[1], np.ascontiguousarray(rows).tobytes()

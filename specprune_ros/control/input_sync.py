@@ -1,0 +1,141 @@
+"""Latest frame per camera plus instruction and robot state, and the rules that call them fresh or stale.
+
+Ages and skew are judged by the frames' own ``header.stamp`` against the node clock, so a slow or delayed
+transport cannot pass old pictures off as new ones. Every stale verdict comes with a reason that goes to
+diagnostics verbatim.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+
+class StaleInput(RuntimeError):
+    """No observation can be formed now; the message is the reason shown in diagnostics."""
+
+
+@dataclass
+class Frame:
+    """One stored camera frame, already decoded and resized for the policy."""
+
+    image: np.ndarray          # (H, W, 3) uint8 RGB
+    stamp: float               # header.stamp, seconds
+    received: float            # node clock when stored, seconds
+    sequence: int              # global arrival number (all cameras)
+    used: bool = False         # went into an observation
+
+
+@dataclass
+class Snapshot:
+    """Inputs of one inference."""
+
+    images: dict[str, np.ndarray]
+    instruction: str
+    proprio: Optional[np.ndarray]
+    newest_stamp: float        # the newest camera stamp (put into the chunk message header)
+    oldest_stamp: float
+
+
+@dataclass
+class SyncLimits:
+    """Freshness rules (seconds)."""
+
+    max_image_age_s: float = 0.5
+    max_camera_skew_s: float = 0.1
+    max_future_stamp_s: float = 0.1
+    max_state_age_s: float = 0.5
+
+
+class InputSynchronizer:
+    """Keeps the newest input of each kind; not thread-safe on its own (the controller holds the lock)."""
+
+    def __init__(self, camera_names: tuple[str, ...], limits: SyncLimits, needs_proprio: bool) -> None:
+        self.camera_names = tuple(camera_names)
+        self.limits = limits
+        self.needs_proprio = needs_proprio
+        self.frames: dict[str, Frame] = {}
+        self.instruction: str = ''
+        self.proprio: Optional[np.ndarray] = None
+        self.proprio_stamp: float = 0.0
+        self.frames_received = 0
+        self.frames_dropped = 0          # overwritten before any inference used them
+        self._sequence = 0
+
+    def put_frame(self, camera: str, image: np.ndarray, stamp: float, received: float) -> None:
+        """Store the newest frame of ``camera`` (older stamps than the stored one are ignored)."""
+        previous = self.frames.get(camera)
+        if previous is not None and stamp < previous.stamp:
+            self.frames_dropped += 1
+            return
+        if previous is not None and not previous.used:
+            self.frames_dropped += 1
+        self._sequence += 1
+        self.frames_received += 1
+        self.frames[camera] = Frame(image=image, stamp=stamp, received=received, sequence=self._sequence)
+
+    def put_instruction(self, text: str) -> bool:
+        """Store the instruction; True when it differs from the previous one."""
+        changed = bool(self.instruction) and text != self.instruction
+        self.instruction = text
+        return changed
+
+    def put_proprio(self, vector: np.ndarray, stamp: float) -> None:
+        self.proprio = np.asarray(vector, dtype=np.float32)
+        self.proprio_stamp = stamp
+
+    def has_new_frames(self) -> bool:
+        """True when every camera delivered a frame since the last observation (a complete new set)."""
+        frames = [self.frames.get(name) for name in self.camera_names]
+        return all(f is not None and not f.used for f in frames)
+
+    def staleness(self, now: float) -> str:
+        """Why no observation can be formed now ('' when inputs are fresh)."""
+        limits = self.limits
+        stamps = []
+        for name in self.camera_names:
+            frame = self.frames.get(name)
+            if frame is None:
+                return f'no frame yet from camera {name!r}'
+            age = now - frame.stamp
+            if age > limits.max_image_age_s:
+                return (f'camera {name!r} stale: newest frame is {age:.3f} s old '
+                        f'(max_image_age_s {limits.max_image_age_s})')
+            if -age > limits.max_future_stamp_s:
+                return (f'camera {name!r} stamp is {-age:.3f} s in the future (clock mismatch? '
+                        f'max_future_stamp_s {limits.max_future_stamp_s})')
+            stamps.append(frame.stamp)
+        skew = max(stamps) - min(stamps) if stamps else 0.0
+        if skew > limits.max_camera_skew_s:
+            return f'cameras out of sync: stamps {skew:.3f} s apart (max_camera_skew_s {limits.max_camera_skew_s})'
+        if not self.instruction:
+            return 'no instruction yet'
+        if self.needs_proprio:
+            if self.proprio is None:
+                return 'no robot state yet (the policy needs proprio: end-effector pose and gripper state)'
+            age = now - self.proprio_stamp
+            if age > limits.max_state_age_s:
+                return f'robot state stale: {age:.3f} s old (max_state_age_s {limits.max_state_age_s})'
+        return ''
+
+    def snapshot(self, now: float) -> Snapshot:
+        """The current observation (marks the frames used); raises ``StaleInput`` with the reason."""
+        reason = self.staleness(now)
+        if reason:
+            raise StaleInput(reason)
+        frames = [self.frames[name] for name in self.camera_names]
+        for frame in frames:
+            frame.used = True
+        stamps = [f.stamp for f in frames]
+        return Snapshot(images={name: f.image for name, f in zip(self.camera_names, frames)},
+                        instruction=self.instruction,
+                        proprio=None if self.proprio is None else self.proprio.copy(),
+                        newest_stamp=max(stamps), oldest_stamp=min(stamps))
+
+    def clear(self) -> None:
+        """Forget every stored input (cleanup)."""
+        self.frames.clear()
+        self.instruction = ''
+        self.proprio = None
+        self.proprio_stamp = 0.0

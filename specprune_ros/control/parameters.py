@@ -1,0 +1,238 @@
+"""The policy node's parameter schema: one dataclass holding defaults, descriptions, ranges, choices and
+read-only flags, plus the validation that turns a bad value into a clear message.
+
+The ROS node declares its parameters from this schema (``specprune_ros.ros.parameter_declaration``), the
+launch configuration types its overrides with it, and ``config/specprune.yaml`` holds the robot defaults.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Union
+
+import yaml
+
+METHODS = ('none', 'specprune', 'vla_pruner', 'fastv', 'divprune', 'random', 'vla_cache')
+DTYPES = ('float32', 'bfloat16', 'float16')
+CHUNK_MODES = ('replace', 'blend')
+TRANSPORTS = ('raw', 'compressed')
+PROPRIO_SOURCES = ('pose', 'none')
+GRIPPER_STATE_TYPES = ('joint_state', 'float64')
+_DEVICE = re.compile(r'^(cpu|mps|cuda(:\d+)?)$')
+_NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
+
+Value = Union[bool, int, float, str, list]
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """How a parameter is described to ROS tools and checked."""
+
+    description: str
+    read_only: bool = False                      # cannot change after the node started
+    low: Optional[float] = None                  # inclusive range for numbers
+    high: Optional[float] = None
+    choices: tuple[str, ...] = ()                # allowed strings (each element, for string lists)
+
+
+def _param(default: Value, description: str, **info: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={'info': ParamInfo(description, **info)})
+    return field(default=default, metadata={'info': ParamInfo(description, **info)})
+
+
+@dataclass
+class NodeParameters:
+    """Every parameter of ``specprune_node`` (ROS name = field name)."""
+
+    # --- model -----------------------------------------------------------------------------------------
+    model: str = _param('reference', "'reference' (the trained reference VLA), 'tiny-random' (plumbing tests) or "
+                        'a local checkpoint directory', read_only=True)
+    device: str = _param('cpu', "torch device: 'cpu', 'cuda', 'cuda:N' or 'mps'", read_only=True)
+    dtype: str = _param('float32', 'model weights dtype', read_only=True, choices=DTYPES)
+    method: str = _param('specprune', 'visual-token pruning method', read_only=True, choices=METHODS)
+    method_config: str = _param('{}', "the pruning method's knobs as a YAML/JSON mapping, e.g. '{keep_ratio: 0.25}'",
+                                read_only=True)
+    seed: int = _param(0, 'random seed (random pruning, tiny-random weights)', read_only=True, low=0, high=2**31 - 1)
+    torch_threads: int = _param(0, 'torch intra-op threads (0 = leave the default)', read_only=True, low=0, high=256)
+    warmup_steps: int = _param(1, 'predictions on a blank observation at configure (JIT, allocator warm-up)',
+                               read_only=True, low=0, high=20)
+    # --- inputs ----------------------------------------------------------------------------------------
+    camera_names: list = _param(['agentview', 'wrist'], "the policy's camera names, in the order of camera_topics",
+                                read_only=True)
+    camera_topics: list = _param(['camera/agentview/image_raw', 'camera/wrist/image_raw'],
+                                 'image topic of each camera (relative names follow the node namespace)',
+                                 read_only=True)
+    camera_transports: list = _param(['raw', 'raw'], "per camera: 'raw' (sensor_msgs/Image) or 'compressed' "
+                                     '(sensor_msgs/CompressedImage on the given topic)', read_only=True,
+                                     choices=TRANSPORTS)
+    max_instruction_bytes: int = _param(1024, 'longer instructions are rejected (UTF-8 bytes)', low=1, high=1_000_000)
+    proprio_source: str = _param('pose', "robot state for the proprio token: 'pose' (ee_pose PoseStamped + "
+                                 "gripper_state) or 'none' (only for policies without proprio)", read_only=True,
+                                 choices=PROPRIO_SOURCES)
+    gripper_state_type: str = _param('joint_state', "gripper_state topic type: 'joint_state' (sum of the finger "
+                                     "joints) or 'float64' (finger gap in metres)", read_only=True,
+                                     choices=GRIPPER_STATE_TYPES)
+    finger_joint_names: list = _param(['finger_joint1', 'finger_joint2'], 'JointState joints summed into the '
+                                      'finger gap')
+    # --- timing ----------------------------------------------------------------------------------------
+    control_rate_hz: float = _param(10.0, 'rate of the command timer (one TwistStamped + gripper per tick)',
+                                    read_only=True, low=1.0, high=500.0)
+    replan_every_steps: int = _param(2, 'start a new inference every N policy steps (1 = as often as possible)',
+                                     low=1, high=64)
+    chunk_mode: str = _param('replace', 'a new chunk replaces the rest of the old one, or blends with it',
+                             choices=CHUNK_MODES)
+    blend_old_weight: float = _param(0.5, 'blend: weight of the old chunk at the first step after a new one',
+                                     low=0.0, high=1.0)
+    blend_decay: float = _param(0.5, 'blend: factor applied to the old weight at each further step',
+                                low=0.0, high=1.0)
+    publish_on_new_chunk: bool = _param(True, "publish a new chunk's first action at once and re-phase the timer "
+                                        'to it (lowest latency)')
+    # --- freshness and deadlines ------------------------------------------------------------------------
+    max_image_age_s: float = _param(0.5, 'hold when the newest frame of any camera is older (by header.stamp)',
+                                    low=0.001, high=60.0)
+    max_camera_skew_s: float = _param(0.1, 'hold when camera stamps are further apart', low=0.0, high=60.0)
+    max_future_stamp_s: float = _param(0.1, 'reject stamps this far ahead of the node clock', low=0.0, high=60.0)
+    max_state_age_s: float = _param(0.5, 'hold when the robot state is older', low=0.001, high=60.0)
+    max_chunk_age_s: float = _param(0.6, 'hold when the observation behind the current chunk is older',
+                                    low=0.01, high=60.0)
+    inference_deadline_s: float = _param(0.5, 'a chunk whose inference took longer is dropped and the robot '
+                                         'holds', low=0.001, high=60.0)
+    reset_after_gap_s: float = _param(2.0, 'reset the temporal token state when consecutive observations are '
+                                      'further apart', low=0.01, high=3600.0)
+    # --- commands --------------------------------------------------------------------------------------
+    command_frame: str = _param('base_link', 'frame_id of the TwistStamped (the policy acts in the base frame)')
+    action_scale: float = _param(1.0, 'multiplies every commanded velocity (slow-down factor)', low=0.0, high=1.0)
+    max_linear_speed: float = _param(0.25, 'per-axis linear speed limit (m/s)', low=0.0, high=5.0)
+    max_angular_speed: float = _param(2.5, 'per-axis angular speed limit (rad/s)', low=0.0, high=20.0)
+    max_linear_accel: float = _param(5.0, 'per-axis linear acceleration limit (m/s^2; rate limiting)',
+                                     low=0.0, high=1000.0)
+    max_angular_accel: float = _param(50.0, 'per-axis angular acceleration limit (rad/s^2)', low=0.0, high=10000.0)
+    gripper_binarize: bool = _param(True, 'publish only fully open / fully closed gripper commands')
+    gripper_open_value: float = _param(-1.0, 'gripper_command value for open', low=-1000.0, high=1000.0)
+    gripper_closed_value: float = _param(1.0, 'gripper_command value for closed', low=-1000.0, high=1000.0)
+    # --- node ------------------------------------------------------------------------------------------
+    autostart: bool = _param(True, 'configure and activate at start-up (no lifecycle manager needed)',
+                             read_only=True)
+    enabled: bool = _param(True, 'command the robot when active (also ~/enable); disabled = zero twists')
+    dry_run: bool = _param(False, 'run inference and publish the chunk and diagnostics, but no commands')
+    publish_debug_image: bool = _param(False, 'publish ~/debug/kept_patches (kept patches over the inputs)')
+    debug_image_scale: int = _param(3, 'upscaling of the debug image', low=1, high=16)
+    diagnostics_period_s: float = _param(1.0, '/diagnostics publishing period', read_only=True, low=0.05, high=60.0)
+    stats_window: int = _param(100, 'samples in the latency percentile windows', read_only=True, low=1,
+                               high=100_000)
+    log_throttle_s: float = _param(2.0, 'minimum time between two log lines about the same bad input',
+                                   low=0.0, high=3600.0)
+
+    # -------------------------------------------------------------------------------------------------
+    @classmethod
+    def infos(cls) -> dict[str, ParamInfo]:
+        return {f.name: f.metadata['info'] for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def defaults(cls) -> dict[str, Value]:
+        return dataclasses.asdict(cls())
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> 'NodeParameters':
+        """Parameters from a mapping (unknown names are an error), coercing ints to floats where declared."""
+        errors = []
+        kwargs = {}
+        defaults = cls.defaults()
+        for name, value in values.items():
+            if name not in defaults:
+                errors.append(f'unknown parameter {name!r}')
+                continue
+            kwargs[name] = coerce(value, defaults[name])
+        if errors:
+            raise ParameterError(errors)
+        return cls(**kwargs)
+
+    def method_options(self) -> dict:
+        """``method_config`` parsed (raises ``ParameterError``)."""
+        try:
+            parsed = yaml.safe_load(self.method_config) if self.method_config.strip() else {}
+        except yaml.YAMLError as error:
+            raise ParameterError([f'method_config is not valid YAML: {error}']) from None
+        if parsed is None:
+            return {}
+        if not isinstance(parsed, dict):
+            raise ParameterError([f'method_config must be a mapping, got {type(parsed).__name__}'])
+        return parsed
+
+    def validate(self) -> list[str]:
+        """Every problem, as a sentence naming the parameter (empty when valid)."""
+        errors, type_errors = [], []
+        defaults = self.defaults()
+        for name, info in self.infos().items():
+            value = getattr(self, name)
+            expected = type(defaults[name])
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                type_errors.append(f'{name}: expected {expected.__name__}, got {type(value).__name__} {value!r}')
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if value != value or (info.low is not None and value < info.low) or (
+                        info.high is not None and value > info.high):
+                    errors.append(f'{name}: {value} is outside [{info.low}, {info.high}]')
+            items = value if isinstance(value, list) else [value] if isinstance(value, str) else []
+            if info.choices:
+                bad = [item for item in items if item not in info.choices]
+                if bad:
+                    errors.append(f'{name}: {bad} not among {list(info.choices)}')
+        if type_errors:
+            return type_errors + errors
+        if not self.model.strip():
+            errors.append("model: empty; use 'reference', 'tiny-random' or a checkpoint directory")
+        if not _DEVICE.match(self.device):
+            errors.append(f"device: {self.device!r} is not 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        try:
+            self.method_options()
+        except ParameterError as error:
+            errors += error.errors
+        cams, topics, transports = self.camera_names, self.camera_topics, self.camera_transports
+        if not cams:
+            errors.append('camera_names: at least one camera is needed')
+        if not (len(cams) == len(topics) == len(transports)):
+            errors.append(f'camera_names ({len(cams)}), camera_topics ({len(topics)}) and camera_transports '
+                          f'({len(transports)}) must have the same length')
+        if len(set(cams)) != len(cams):
+            errors.append(f'camera_names: duplicates in {cams}')
+        if len(set(topics)) != len(topics):
+            errors.append(f'camera_topics: duplicates in {topics}')
+        errors += [f'camera_topics: {t!r} is not a valid topic name' for t in topics if not _topic_ok(t)]
+        if self.proprio_source == 'pose' and self.gripper_state_type == 'joint_state' and not self.finger_joint_names:
+            errors.append('finger_joint_names: empty, but gripper_state_type is joint_state')
+        if not self.command_frame.strip() or any(c.isspace() for c in self.command_frame):
+            errors.append(f'command_frame: {self.command_frame!r} is not a valid frame id')
+        return errors
+
+    def check(self) -> None:
+        """Raise ``ParameterError`` listing every problem."""
+        errors = self.validate()
+        if errors:
+            raise ParameterError(errors)
+
+
+class ParameterError(ValueError):
+    """One or more invalid parameters; the message lists them all."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__('invalid parameters: ' + '; '.join(errors))
+        self.errors = list(errors)
+
+
+def coerce(value: Any, default: Value) -> Any:
+    """``value`` as the type of ``default`` where that loses nothing (int -> float); else unchanged."""
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, list) and isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _topic_ok(topic: str) -> bool:
+    body = topic.lstrip('~').lstrip('/')
+    return bool(body) and all(_NAME.match(part) for part in body.split('/'))

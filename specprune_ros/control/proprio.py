@@ -1,0 +1,72 @@
+"""The proprio vector of the reference VLA from the robot state the node receives.
+
+Layout (matches the simulator's ``PROPRIO_LAYOUT``): ``(tcp_x, tcp_y, tcp_z, sin(yaw), cos(yaw), finger_gap)``
+with the tool-centre-point position in metres in the base frame (from the end-effector
+``geometry_msgs/PoseStamped``), yaw the heading of the tool x axis on the table plane, and ``finger_gap``
+in metres: the sum of the finger joint positions (``sensor_msgs/JointState``) or a ``std_msgs/Float64``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+
+PROPRIO_LAYOUT: tuple[str, ...] = ('tcp_x', 'tcp_y', 'tcp_z', 'sin_yaw', 'cos_yaw', 'finger_gap')
+PROPRIO_DIM = len(PROPRIO_LAYOUT)
+
+
+class StateError(ValueError):
+    """A robot-state message that cannot be used."""
+
+
+def yaw_from_quaternion(x: float, y: float, z: float, w: float) -> float:
+    """Heading of the body x axis projected on the xy plane (radians)."""
+    return math.atan2(2.0 * (w * z + x * y), 1.0 - 2.0 * (y * y + z * z))
+
+
+def proprio_vector(position: Sequence[float], quaternion_xyzw: Sequence[float], finger_gap: float) -> np.ndarray:
+    """(6,) float32 proprio; raises ``StateError`` on non-finite input or a zero quaternion."""
+    values = np.asarray([*position, *quaternion_xyzw, finger_gap], dtype=np.float64)
+    if values.shape != (8,) or not np.isfinite(values).all():
+        raise StateError('robot state must be finite (position 3, quaternion 4, finger gap 1)')
+    if np.linalg.norm(values[3:7]) < 1e-6:
+        raise StateError('end-effector orientation is a zero quaternion')
+    yaw = yaw_from_quaternion(*values[3:7])
+    return np.array([*values[0:3], math.sin(yaw), math.cos(yaw), values[7]], dtype=np.float32)
+
+
+def finger_gap_from_joints(names: Sequence[str], positions: Sequence[float], finger_joints: Sequence[str]) -> float:
+    """Sum of the finger joint positions named ``finger_joints`` in a JointState."""
+    if len(names) != len(positions):
+        raise StateError(f'JointState has {len(names)} names but {len(positions)} positions')
+    index = {name: i for i, name in enumerate(names)}
+    missing = [joint for joint in finger_joints if joint not in index]
+    if missing:
+        raise StateError(f'JointState lacks finger joints {missing} (have {list(names)[:8]})')
+    gap = float(sum(positions[index[joint]] for joint in finger_joints))
+    if not math.isfinite(gap):
+        raise StateError('finger joint positions are not finite')
+    return gap
+
+
+class ProprioAssembler:
+    """Joins the newest end-effector pose with the newest gripper state; stamp = the older of the two."""
+
+    def __init__(self) -> None:
+        self._pose: Optional[tuple[tuple[float, ...], tuple[float, ...], float]] = None
+        self._gripper: Optional[tuple[float, float]] = None
+
+    def put_pose(self, position: Sequence[float], quaternion_xyzw: Sequence[float], stamp: float) -> None:
+        self._pose = (tuple(position), tuple(quaternion_xyzw), stamp)
+
+    def put_gripper(self, finger_gap: float, stamp: float) -> None:
+        self._gripper = (float(finger_gap), stamp)
+
+    def latest(self) -> Optional[tuple[np.ndarray, float]]:
+        """(proprio, stamp) once both parts arrived; raises ``StateError`` for unusable values."""
+        if self._pose is None or self._gripper is None:
+            return None
+        position, quaternion, pose_stamp = self._pose
+        gap, gripper_stamp = self._gripper
+        return proprio_vector(position, quaternion, gap), min(pose_stamp, gripper_stamp)

@@ -1,0 +1,168 @@
+"""What ``launch/specprune.launch.py`` starts, as importable Python (no rclpy, no launch).
+
+The launch file only declares ``LAUNCH_ARGUMENTS`` and wraps ``node_setup(...)`` in a launch_ros ``Node``;
+tests start the very same configuration as a process with ``node_command(...)``, since ``ros2 launch`` is
+not always installable.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import yaml
+
+from specprune_ros.control.parameters import NodeParameters, ParameterError
+
+PACKAGE = 'specprune_ros'
+EXECUTABLE = 'specprune_node'
+NODE_MODULE = 'specprune_ros.ros.policy_node'
+PARAMS_FILE_NAME = 'specprune.yaml'
+
+
+@dataclass(frozen=True)
+class LaunchArgument:
+    name: str
+    default: str
+    description: str
+
+
+# Launch arguments that override one node parameter when not empty.
+PARAMETER_ARGUMENTS: dict[str, str] = {
+    'model': "policy: 'reference', 'tiny-random' or a checkpoint directory (empty: from params_file)",
+    'method': 'pruning method: none, specprune, vla_pruner, fastv, divprune, random, vla_cache (empty: params_file)',
+    'method_config': "the method's knobs as a YAML mapping, e.g. '{controller: {alpha: 0.8}}' (empty: params_file)",
+    'device': "torch device, e.g. 'cpu' or 'cuda:0' (empty: params_file)",
+    'camera_names': 'comma-separated camera names, in the order of camera_topics (empty: params_file)',
+    'camera_topics': 'comma-separated image topics, one per camera (empty: params_file)',
+    'camera_transports': 'comma-separated raw|compressed, one per camera (empty: params_file)',
+    'autostart': 'true: configure and activate at start-up; false: wait for a lifecycle manager (empty: params_file)',
+    'dry_run': 'true: infer and publish chunks and diagnostics but no commands (empty: params_file)',
+}
+# Launch arguments that remap one of the node's fixed topic names.
+REMAP_ARGUMENTS: dict[str, tuple[str, str, str]] = {
+    'twist_topic': ('delta_twist_cmds', '/servo_node/delta_twist_cmds',
+                    'TwistStamped end-effector command topic (MoveIt Servo input)'),
+    'gripper_topic': ('gripper_command', 'gripper_command', 'std_msgs/Float64 gripper command topic'),
+    'instruction_topic': ('instruction', 'instruction', 'std_msgs/String task instruction topic'),
+    'ee_pose_topic': ('ee_pose', 'ee_pose', 'geometry_msgs/PoseStamped end-effector pose topic'),
+    'gripper_state_topic': ('gripper_state', 'gripper_state', 'gripper state topic (JointState or Float64)'),
+}
+
+LAUNCH_ARGUMENTS: tuple[LaunchArgument, ...] = (
+    LaunchArgument('params_file', '', f'node parameters YAML (empty: the installed config/{PARAMS_FILE_NAME})'),
+    LaunchArgument('namespace', '', 'namespace of the node and its relative topics'),
+    LaunchArgument('node_name', EXECUTABLE, 'name of the node'),
+    LaunchArgument('log_level', 'info', 'ROS log level: debug, info, warn, error'),
+    *(LaunchArgument(name, '', description) for name, description in PARAMETER_ARGUMENTS.items()),
+    *(LaunchArgument(name, default, description) for name, (_, default, description) in REMAP_ARGUMENTS.items()),
+)
+
+
+def default_params_file() -> str:
+    """The installed ``share/specprune_ros/config/specprune.yaml``, else the one in the source tree."""
+    try:
+        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+        try:
+            installed = Path(get_package_share_directory(PACKAGE)) / 'config' / PARAMS_FILE_NAME
+            if installed.is_file():
+                return str(installed)
+        except (PackageNotFoundError, OSError):  # not installed, or no AMENT_PREFIX_PATH at all
+            pass
+    except ImportError:
+        pass
+    return str(Path(__file__).resolve().parents[2] / 'config' / PARAMS_FILE_NAME)
+
+
+@dataclass
+class NodeSetup:
+    """Everything needed to start the node: name, namespace, params file, overrides, remappings."""
+
+    name: str
+    namespace: str
+    params_file: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    remappings: list[tuple[str, str]] = field(default_factory=list)
+    log_level: str = 'info'
+
+    def ros_arguments(self) -> list[str]:
+        """``--ros-args ...`` equivalent of the setup (what launch_ros passes to the executable)."""
+        args = ['--ros-args', '-r', f'__node:={self.name}']
+        if self.namespace:
+            args += ['-r', f'__ns:={self.namespace}']
+        args += ['--params-file', self.params_file]
+        for name, value in self.overrides.items():
+            args += ['-p', f'{name}:={format_value(value)}']
+        for source, target in self.remappings:
+            args += ['-r', f'{source}:={target}']
+        args += ['--log-level', self.log_level]
+        return args
+
+
+def format_value(value: Any) -> str:
+    """A parameter value as the YAML that ``-p name:=value`` parses back to the same type."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return text[:-len('...')].strip() if text.endswith('...') else text
+
+
+def _typed_override(name: str, text: str) -> Any:
+    default = NodeParameters.defaults()[name]
+    if isinstance(default, bool):
+        lowered = text.strip().lower()
+        if lowered not in ('true', 'false'):
+            raise ValueError(f"launch argument {name}: expected true or false, got {text!r}")
+        return lowered == 'true'
+    if isinstance(default, list):
+        return [item.strip() for item in text.split(',') if item.strip()]
+    return text
+
+
+def node_setup(arguments: Mapping[str, str]) -> NodeSetup:
+    """The node configuration for the given launch argument values (missing ones take their defaults).
+
+    Raises ``ValueError`` for unknown arguments and overrides that the parameter schema rejects.
+    """
+    known = {arg.name: arg.default for arg in LAUNCH_ARGUMENTS}
+    unknown = sorted(set(arguments) - set(known))
+    if unknown:
+        raise ValueError(f'unknown launch arguments {unknown}; known: {sorted(known)}')
+    values = {**known, **{k: str(v) for k, v in arguments.items()}}
+    overrides = {name: _typed_override(name, values[name]) for name in PARAMETER_ARGUMENTS if values[name].strip()}
+    params_file = values['params_file'] or default_params_file()
+    check_overrides(params_file, overrides)
+    remappings = [(source, values[arg]) for arg, (source, _, _) in REMAP_ARGUMENTS.items()
+                  if values[arg] and values[arg] != source]
+    namespace = values['namespace'].strip()
+    if namespace and not namespace.startswith('/'):
+        namespace = '/' + namespace
+    return NodeSetup(name=values['node_name'] or EXECUTABLE, namespace=namespace, params_file=params_file,
+                     overrides=overrides, remappings=remappings, log_level=values['log_level'] or 'info')
+
+
+def params_file_values(params_file: str) -> dict[str, Any]:
+    """The ``ros__parameters`` of a params file that apply to every node (``/**``) or to the default name."""
+    with open(params_file, encoding='utf-8') as stream:
+        document = yaml.safe_load(stream) or {}
+    values: dict[str, Any] = {}
+    for key in ('/**', EXECUTABLE, f'/{EXECUTABLE}'):
+        values.update((document.get(key) or {}).get('ros__parameters', {}) or {})
+    return values
+
+
+def check_overrides(params_file: str, overrides: Mapping[str, Any]) -> NodeParameters:
+    """Validate params file + overrides against the schema (clear ``ValueError`` when they do not fit)."""
+    if not os.path.isfile(params_file):
+        raise ValueError(f'params_file {params_file!r} does not exist')
+    try:
+        params = NodeParameters.from_mapping({**params_file_values(params_file), **overrides})
+        params.check()
+    except ParameterError as error:
+        raise ValueError(f'{params_file} with overrides {dict(overrides)}: {error}') from None
+    return params
+
+
+def node_command(setup: NodeSetup, python: Optional[str] = None) -> list[str]:
+    """The process the launch file starts, as a command line (tests, benchmarks)."""
+    return [python or sys.executable, '-m', NODE_MODULE, *setup.ros_arguments()]

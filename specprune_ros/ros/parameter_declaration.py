@@ -1,0 +1,60 @@
+"""Declare the node's ROS parameters from ``NodeParameters`` (descriptions, ranges, read-only flags)."""
+from __future__ import annotations
+
+from typing import Any
+
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
+from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
+from rclpy.node import Node
+
+from specprune_ros.control.parameters import NodeParameters, ParamInfo
+
+_TYPES = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
+          float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING,
+          list: ParameterType.PARAMETER_STRING_ARRAY}
+_TYPE_NAMES = {bool: 'bool', int: 'integer', float: 'double (write 10.0, not 10)', str: 'string',
+               list: 'string array'}
+
+
+def descriptor(name: str, info: ParamInfo, default: Any) -> ParameterDescriptor:
+    """The ROS descriptor of one schema entry."""
+    kind = type(default)
+    constraints = []
+    if info.choices:
+        constraints.append(f"one of {', '.join(info.choices)}" + (' (each element)' if kind is list else ''))
+    if info.read_only:
+        constraints.append('read-only: set it in the params file or on the command line')
+    result = ParameterDescriptor(name=name, type=_TYPES[kind], description=info.description,
+                                 additional_constraints='; '.join(constraints), read_only=info.read_only)
+    if kind is float and info.low is not None and info.high is not None:
+        result.floating_point_range = [FloatingPointRange(from_value=float(info.low), to_value=float(info.high),
+                                                          step=0.0)]
+    if kind is int and info.low is not None and info.high is not None:
+        result.integer_range = [IntegerRange(from_value=int(info.low), to_value=int(info.high), step=1)]
+    return result
+
+
+def declare_node_parameters(node: Node) -> dict[str, str]:
+    """Declare every parameter; an override that ROS rejects (type, range) falls back to the default and
+    is returned as {name: message}, so the node stays up and ``on_configure`` can fail with it."""
+    errors = {}
+    defaults = NodeParameters.defaults()
+    for name, info in NodeParameters.infos().items():
+        default = defaults[name]
+        try:
+            node.declare_parameter(name, default, descriptor(name, info, default))
+        except InvalidParameterTypeException:
+            errors[name] = f'{name}: the override has the wrong type, expected {_TYPE_NAMES[type(default)]}'
+            node.declare_parameter(name, default, descriptor(name, info, default), ignore_override=True)
+        except InvalidParameterValueException as error:
+            reason = str(error).split('Reason: ', 1)[-1].removesuffix(f': {name}')
+            errors[name] = f'{name}: {reason}'
+            node.declare_parameter(name, default, descriptor(name, info, default), ignore_override=True)
+    return errors
+
+
+def read_node_parameters(node: Node, changes: dict[str, Any] | None = None) -> NodeParameters:
+    """The current parameter values (optionally with pending ``changes``) as ``NodeParameters``."""
+    values = {name: node.get_parameter(name).value for name in NodeParameters.infos()}
+    values.update(changes or {})
+    return NodeParameters.from_mapping({k: list(v) if isinstance(v, (list, tuple)) else v for k, v in values.items()})

@@ -1,0 +1,488 @@
+"""``specprune_node``: a lifecycle node that runs a VLA policy with visual-token pruning.
+
+Lifecycle: configure validates the parameters, loads the policy and warms it up; activate starts the
+control timer (commands); deactivate publishes a zero twist and stops; cleanup frees the policy. With
+``autostart`` the node configures and activates itself.
+
+Topics (relative names, remap them; cameras come from ``camera_topics``):
+  in : <camera_topics> sensor_msgs/Image or CompressedImage (sensor-data QoS)
+       instruction     std_msgs/String (reliable, transient-local)
+       ee_pose         geometry_msgs/PoseStamped  } proprio, with proprio_source 'pose'
+       gripper_state   sensor_msgs/JointState or std_msgs/Float64 (finger gap, m)
+  out: delta_twist_cmds  geometry_msgs/TwistStamped, one per control tick (MoveIt Servo input)
+       gripper_command   std_msgs/Float64 (not published while holding)
+       ~/action_chunk    trajectory_msgs/JointTrajectory per inference (see ``specprune_ros.ros.messages``)
+       ~/inference       diagnostic_msgs/DiagnosticStatus per inference (latencies, kept ratio, resets)
+       /diagnostics      diagnostic_msgs/DiagnosticArray, every diagnostics_period_s
+       ~/debug/kept_patches  sensor_msgs/Image (publish_debug_image)
+  srv: ~/reset (std_srvs/Trigger: reset the temporal token state), ~/enable (std_srvs/SetBool)
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from typing import Any, Optional
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from geometry_msgs.msg import PoseStamped, TwistStamped
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.duration import Duration
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import Parameter
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.signals import SignalHandlerOptions
+from sensor_msgs.msg import CompressedImage, Image, JointState
+from std_msgs.msg import Float64, String
+from std_srvs.srv import SetBool, Trigger
+from trajectory_msgs.msg import JointTrajectory
+
+from specprune_ros.control.controller import AcceptedChunk, InferenceRequest, PolicyController
+from specprune_ros.control.image_decoding import ImageError, decode_compressed_image, resize_to
+from specprune_ros.control.inference_worker import InferenceWorker
+from specprune_ros.control.instruction import InstructionError, string_bytes_from_cdr, validate_instruction
+from specprune_ros.control.kept_patches import draw_kept_patches, kept_patch_masks
+from specprune_ros.control.parameters import NodeParameters, ParameterError
+from specprune_ros.control.proprio import PROPRIO_DIM, ProprioAssembler, StateError, finger_gap_from_joints
+from specprune_ros.control.runtime_stats import ERROR, OK, WARN
+from specprune_ros.control.safety_filter import FilteredCommand
+from specprune_ros.policy.interface import Observation, Policy
+from specprune_ros.ros import messages
+from specprune_ros.ros.image_conversion import RawImageConverter
+from specprune_ros.ros.parameter_declaration import declare_node_parameters, read_node_parameters
+
+NODE_NAME = 'specprune_node'
+INSTRUCTION_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
+COMMAND_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=2, reliability=ReliabilityPolicy.RELIABLE)
+STATE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.BEST_EFFORT)
+
+
+def load_policy_from(params: NodeParameters) -> Policy:
+    """The policy named by the parameters (imported late: torch and the model are heavy)."""
+    from specprune_ros.policy.loading import load_policy
+    return load_policy(params.model, method=params.method, method_config=params.method_options(),
+                       device=params.device, dtype=params.dtype, seed=params.seed)
+
+
+def blank_observation(policy: Policy, instruction: str = 'warm up') -> Observation:
+    height, width = policy.image_size
+    proprio = None
+    if policy.proprio_dim:
+        proprio = np.zeros(policy.proprio_dim, dtype=np.float32)
+        if policy.proprio_dim == PROPRIO_DIM:
+            proprio[4] = 1.0  # cos(yaw) of a zero yaw
+    return Observation(images={name: np.zeros((height, width, 3), dtype=np.uint8) for name in policy.camera_names},
+                       instruction=instruction, proprio=proprio)
+
+
+def check_policy_fits(params: NodeParameters, policy: Policy) -> list[str]:
+    """Parameters that contradict the loaded policy (camera names, proprio)."""
+    errors = []
+    if sorted(params.camera_names) != sorted(policy.camera_names):
+        errors.append(f'camera_names {params.camera_names} do not match the policy cameras '
+                      f'{list(policy.camera_names)}')
+    if policy.proprio_dim and params.proprio_source == 'none':
+        errors.append(f'the policy needs a {policy.proprio_dim}-D proprio vector: set proprio_source to pose')
+    if params.proprio_source == 'pose' and policy.proprio_dim != PROPRIO_DIM:
+        errors.append(f'proprio_source pose builds {PROPRIO_DIM} values, the policy expects {policy.proprio_dim}')
+    return errors
+
+
+class SpecPruneNode(LifecycleNode):
+    """See the module docstring."""
+
+    def __init__(self, node_name: str = NODE_NAME, **kwargs: Any) -> None:
+        super().__init__(node_name, **kwargs)
+        self._declare_errors = declare_node_parameters(self)
+        self.params = self._read_parameters_or_defaults()
+        self.policy: Optional[Policy] = None
+        self.controller: Optional[PolicyController] = None
+        self.worker: Optional[InferenceWorker] = None
+        self.configure_error = ''
+        self._input_subscriptions: list = []     # (rclpy's Node owns _subscriptions / _publishers)
+        self._output_publishers: list = []
+        self._control_timer = None
+        self._publish_lock = threading.Lock()
+        self._log_times: dict[str, float] = {}
+        self._proprio = ProprioAssembler()
+        self._to_rgb = RawImageConverter()
+        self._twist_pub = self._gripper_pub = self._chunk_pub = self._inference_pub = self._debug_pub = None
+        self._diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        self._diagnostics_timer = self.create_timer(self.params.diagnostics_period_s, self._publish_diagnostics)
+        self.create_service(Trigger, '~/reset', self._on_reset)
+        self.create_service(SetBool, '~/enable', self._on_enable)
+        self.add_on_set_parameters_callback(self._check_parameter_change)
+        self.add_post_set_parameters_callback(self._apply_parameter_change)
+        for error in self._declare_errors.values():
+            self.get_logger().error(f'parameter rejected at start-up: {error}')
+
+    # --- helpers -------------------------------------------------------------------------------------------
+    def now(self) -> float:
+        return self.get_clock().now().nanoseconds * 1e-9
+
+    def lifecycle_state(self) -> str:
+        """Label of the current lifecycle state (rclpy keeps it on its internal state machine)."""
+        return self._state_machine.current_state[1]
+
+    def _read_parameters_or_defaults(self) -> NodeParameters:
+        try:
+            return read_node_parameters(self)
+        except ParameterError as error:
+            self._declare_errors.update({f'schema {i}': e for i, e in enumerate(error.errors)})
+            return NodeParameters()
+
+    def _warn_throttled(self, key: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self._log_times.get(key, -np.inf) >= self.params.log_throttle_s:
+            self._log_times[key] = now
+            self.get_logger().warning(message)
+
+    def _bad_input(self, kind: str, message: str) -> None:
+        if self.controller is not None:
+            self.controller.count_input_error(kind, message)
+        self._warn_throttled(kind, f'ignored bad input ({kind}): {message}')
+
+    # --- lifecycle -----------------------------------------------------------------------------------------
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            return self._configure()
+        except Exception as error:  # a transition callback must never raise (rclpy would hide the reason)
+            self._fail_configure(f'{type(error).__name__}: {error}')
+            self._release()
+            return TransitionCallbackReturn.FAILURE
+
+    def _fail_configure(self, message: str) -> TransitionCallbackReturn:
+        self.configure_error = message
+        self.get_logger().error(f'configure failed: {message}')
+        return TransitionCallbackReturn.FAILURE
+
+    def _configure(self) -> TransitionCallbackReturn:
+        self.configure_error = ''
+        errors = list(self._declare_errors.values())
+        try:
+            params = read_node_parameters(self)
+            errors += params.validate()
+        except ParameterError as error:
+            errors += error.errors
+        if errors:
+            return self._fail_configure('invalid parameters: ' + '; '.join(errors))
+        self.params = params
+        if params.torch_threads:
+            import torch
+            torch.set_num_threads(params.torch_threads)
+        started = time.perf_counter()
+        policy = load_policy_from(params)
+        errors = check_policy_fits(params, policy)
+        if errors:
+            return self._fail_configure('; '.join(errors))
+        for _ in range(params.warmup_steps):
+            policy.predict(blank_observation(policy))
+        policy.reset()
+        self.policy = policy
+        self.get_logger().info(f'loaded {params.model!r} with method {params.method!r} and warmed it up in '
+                               f'{time.perf_counter() - started:.2f} s')
+        self.controller = PolicyController(params, tuple(policy.camera_names), policy.action_spec,
+                                           needs_proprio=params.proprio_source == 'pose')
+        self._proprio = ProprioAssembler()
+        self._create_subscriptions(params)
+        self._create_publishers()
+        self.worker = InferenceWorker(self.controller, policy, self.now, self._on_chunk,
+                                      self._on_inference_failure, poll_s=0.5)
+        self.worker.start()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self.controller is None:
+            return TransitionCallbackReturn.FAILURE
+        result = super().on_activate(state)  # enables the lifecycle publishers
+        self.controller.set_active(True)
+        self._control_timer = self.create_timer(1.0 / self.params.control_rate_hz, self._on_tick)
+        self.get_logger().info(f'active: commanding at {self.params.control_rate_hz} Hz'
+                               + (' (dry run: no commands published)' if self.params.dry_run else ''))
+        return result
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_commanding('deactivated')
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self._control_timer is not None:
+            self._stop_commanding('shutting down')
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.get_logger().error(f'error processing from state {state.label}: releasing the policy')
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _stop_commanding(self, why: str) -> None:
+        """Stop the timer and send one zero twist while the publishers are still enabled."""
+        if self._control_timer is not None:
+            self.destroy_timer(self._control_timer)
+            self._control_timer = None
+        if self.controller is not None:
+            self.controller.set_active(False)
+            # a stop is always safe to send, even in dry run
+            self._publish_command(self.controller.safety.hold(why, self.now()), force=True)
+            if self._twist_pub is not None:  # reliable: make sure the stop reaches the robot before we go
+                self._twist_pub.wait_for_all_acked(Duration(seconds=0.5))
+
+    def _release(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+        if self._control_timer is not None:
+            self.destroy_timer(self._control_timer)
+            self._control_timer = None
+        for subscription in self._input_subscriptions:
+            self.destroy_subscription(subscription)
+        for publisher in self._output_publishers:
+            self.destroy_lifecycle_publisher(publisher)
+        self._input_subscriptions, self._output_publishers = [], []
+        self._twist_pub = self._gripper_pub = self._chunk_pub = self._inference_pub = self._debug_pub = None
+        self.controller = None
+        self.policy = None
+
+    # --- wiring --------------------------------------------------------------------------------------------
+    def _create_subscriptions(self, params: NodeParameters) -> None:
+        subs = self._input_subscriptions
+        for name, topic, transport in zip(params.camera_names, params.camera_topics, params.camera_transports):
+            if transport == 'compressed':
+                subs.append(self.create_subscription(
+                    CompressedImage, topic, lambda msg, cam=name: self._on_compressed_image(cam, msg),
+                    qos_profile_sensor_data))
+            else:
+                subs.append(self.create_subscription(
+                    Image, topic, lambda msg, cam=name: self._on_image(cam, msg), qos_profile_sensor_data))
+        subs.append(self.create_subscription(String, 'instruction', self._on_instruction, INSTRUCTION_QOS, raw=True))
+        if params.proprio_source == 'pose':
+            subs.append(self.create_subscription(PoseStamped, 'ee_pose', self._on_pose, STATE_QOS))
+            if params.gripper_state_type == 'joint_state':
+                subs.append(self.create_subscription(JointState, 'gripper_state', self._on_joint_state, STATE_QOS))
+            else:
+                subs.append(self.create_subscription(Float64, 'gripper_state', self._on_finger_gap, STATE_QOS))
+
+    def _create_publishers(self) -> None:
+        self._twist_pub = self.create_lifecycle_publisher(TwistStamped, 'delta_twist_cmds', COMMAND_QOS)
+        self._gripper_pub = self.create_lifecycle_publisher(Float64, 'gripper_command', COMMAND_QOS)
+        self._chunk_pub = self.create_lifecycle_publisher(JointTrajectory, '~/action_chunk', 10)
+        self._inference_pub = self.create_lifecycle_publisher(DiagnosticStatus, '~/inference', 10)
+        self._debug_pub = self.create_lifecycle_publisher(Image, '~/debug/kept_patches', qos_profile_sensor_data)
+        self._output_publishers = [self._twist_pub, self._gripper_pub, self._chunk_pub, self._inference_pub,
+                                   self._debug_pub]
+
+    # --- subscription callbacks: validate and store, nothing else ------------------------------------------
+    def _store_frame(self, camera: str, stamp_msg: Any, decode: Any) -> None:
+        controller, policy = self.controller, self.policy
+        if controller is None or policy is None:
+            return
+        try:
+            stamp = messages.stamp_seconds(stamp_msg)
+            if stamp <= 0.0:
+                raise ImageError('image_stamp', 'header.stamp is zero: frames must be stamped')
+            rgb = resize_to(decode(), policy.image_size)
+        except ImageError as error:
+            self._bad_input(error.kind, f'camera {camera!r}: {error}')
+            return
+        controller.put_frame(camera, rgb, stamp, self.now())
+        if self.worker is not None:
+            self.worker.wake()
+
+    def _on_image(self, camera: str, msg: Image) -> None:
+        self._store_frame(camera, msg.header.stamp, lambda: self._to_rgb(msg))
+
+    def _on_compressed_image(self, camera: str, msg: CompressedImage) -> None:
+        self._store_frame(camera, msg.header.stamp, lambda: decode_compressed_image(msg.data, msg.format))
+
+    def _on_instruction(self, serialized: bytes) -> None:
+        if self.controller is None:
+            return
+        try:
+            text = validate_instruction(string_bytes_from_cdr(serialized), self.params.max_instruction_bytes)
+        except InstructionError as error:
+            self._bad_input(error.kind, str(error))
+            return
+        if self.controller.put_instruction(text):
+            self.get_logger().info(f'instruction changed: {text!r} (temporal token state reset)')
+        if self.worker is not None:
+            self.worker.wake()
+
+    def _on_pose(self, msg: PoseStamped) -> None:
+        p, q = msg.pose.position, msg.pose.orientation
+        self._proprio.put_pose((p.x, p.y, p.z), (q.x, q.y, q.z, q.w), messages.stamp_seconds(msg.header.stamp))
+        self._store_proprio()
+
+    def _on_joint_state(self, msg: JointState) -> None:
+        try:
+            gap = finger_gap_from_joints(msg.name, msg.position, self.params.finger_joint_names)
+        except StateError as error:
+            self._bad_input('state_invalid', str(error))
+            return
+        self._proprio.put_gripper(gap, messages.stamp_seconds(msg.header.stamp))
+        self._store_proprio()
+
+    def _on_finger_gap(self, msg: Float64) -> None:
+        self._proprio.put_gripper(msg.data, self.now())  # Float64 has no stamp: judged by arrival
+        self._store_proprio()
+
+    def _store_proprio(self) -> None:
+        if self.controller is None:
+            return
+        try:
+            latest = self._proprio.latest()
+        except StateError as error:
+            self._bad_input('state_invalid', str(error))
+            return
+        if latest is not None:
+            self.controller.put_proprio(*latest)
+
+    # --- control timer and inference results ---------------------------------------------------------------
+    def _on_tick(self) -> None:
+        controller = self.controller
+        if controller is None:
+            return
+        self._publish_command(controller.tick(self.now()))
+
+    def _publish_command(self, command: FilteredCommand, force: bool = False) -> None:
+        if self._twist_pub is None or (self.params.dry_run and not force):
+            return
+        with self._publish_lock:
+            stamp = self.get_clock().now().to_msg()
+            self._twist_pub.publish(messages.twist_message(command.twist, stamp, self.params.command_frame))
+            if command.gripper is not None:
+                gripper = messages.gripper_message(command.gripper)
+                if gripper is not None:
+                    self._gripper_pub.publish(gripper)
+
+    def _on_chunk(self, chunk: AcceptedChunk) -> None:
+        """Worker thread: command the chunk's first due action at once (and re-phase the timer to it),
+        then publish the chunk, its inference record and the debug image."""
+        params, policy = self.params, self.policy
+        if self._chunk_pub is None or policy is None:
+            return
+        timer, controller = self._control_timer, self.controller
+        if params.publish_on_new_chunk and timer is not None and controller is not None:
+            self._publish_command(controller.tick(self.now()))  # the command first: it is what latency is about
+            try:
+                timer.reset()  # the next tick comes one period after this command
+            except Exception:  # the timer was destroyed by a concurrent deactivate
+                pass
+        period = policy.action_spec.control_period_s
+        self._chunk_pub.publish(messages.chunk_message(chunk, period, params.command_frame))
+        self._inference_pub.publish(messages.inference_message(chunk, self.get_fully_qualified_name(),
+                                                               params.model, params.method))
+        if chunk.reset_reason:
+            self.get_logger().info(f'temporal token state reset: {chunk.reset_reason}')
+        if params.publish_debug_image and chunk.record is not None:
+            self._publish_debug_image(chunk, policy)
+
+    def _publish_debug_image(self, chunk: AcceptedChunk, policy: Policy) -> None:
+        try:
+            masks = kept_patch_masks(chunk.record)
+            picture = draw_kept_patches([chunk.images[name] for name in policy.camera_names], masks,
+                                        self.params.debug_image_scale)
+        except (AttributeError, IndexError, KeyError, ValueError) as error:
+            self._warn_throttled('debug_image', f'cannot draw the kept patches: {error}')
+            return
+        self._debug_pub.publish(messages.rgb_image_message(picture, messages.to_stamp(chunk.source_stamp)))
+
+    def _on_inference_failure(self, request: InferenceRequest, error: BaseException) -> None:
+        self._warn_throttled('inference', f'inference failed, holding: {type(error).__name__}: {error}')
+
+    # --- services ------------------------------------------------------------------------------------------
+    def _on_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        if self.controller is None:
+            response.success, response.message = False, 'not configured'
+            return response
+        self.controller.request_reset('~/reset service')
+        if self.worker is not None:
+            self.worker.wake()
+        response.success, response.message = True, 'temporal token state resets before the next inference'
+        return response
+
+    def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
+        result = self.set_parameters([Parameter('enabled', value=bool(request.data))])[0]
+        response.success = result.successful
+        response.message = ('enabled' if request.data else 'disabled: publishing zero twists') \
+            if result.successful else result.reason
+        return response
+
+    # --- parameters at run time ----------------------------------------------------------------------------
+    def _check_parameter_change(self, changes: list[Parameter]) -> SetParametersResult:
+        try:
+            candidate = read_node_parameters(self, {p.name: p.value for p in changes})
+        except ParameterError as error:
+            return SetParametersResult(successful=False, reason=str(error))
+        errors = candidate.validate()
+        return SetParametersResult(successful=not errors, reason='; '.join(errors))
+
+    def _apply_parameter_change(self, changes: list[Parameter]) -> None:
+        for change in changes:  # a valid value replaces a rejected start-up override
+            self._declare_errors.pop(change.name, None)
+        try:
+            params = read_node_parameters(self)
+        except ParameterError:
+            return
+        self.params = params
+        if self.controller is not None:
+            self.controller.update_parameters(params)
+            self.controller.set_enabled(params.enabled)
+
+    # --- diagnostics ---------------------------------------------------------------------------------------
+    def _publish_diagnostics(self) -> None:
+        state = self.lifecycle_state()
+        controller = self.controller
+        if controller is None:
+            level = ERROR if self.configure_error else WARN
+            message = f'{state}: {self.configure_error}' if self.configure_error else state
+            rows = [('lifecycle state', state), ('configure error', self.configure_error or 'none')]
+        else:
+            level, rows = controller.diagnostics()
+            hold = controller.stats.hold_reason
+            message = f'{state}: ' + (f'holding: {hold}' if hold else 'commanding')
+            if self.params.dry_run:
+                message += ' (dry run)'
+            rows = [('lifecycle state', state), ('dry run', str(self.params.dry_run).lower()),
+                    ('method', self.params.method)] + rows
+            if state != 'active':
+                level = max(level, WARN) if level != OK else WARN
+        self._diagnostics_pub.publish(messages.diagnostics_message(
+            level, f'{self.get_fully_qualified_name()}: policy', message, self.params.model, rows,
+            self.get_clock().now().to_msg()))
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    """Entry point of ``specprune_node``: spin until SIGINT/SIGTERM, then stop the robot and exit."""
+    sys.setswitchinterval(0.0005)  # hand the GIL over quickly: frame callback -> inference worker -> command
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    node = SpecPruneNode()
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    try:
+        if node.params.autostart and node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+            node.trigger_activate()
+        while rclpy.ok() and not stop.is_set():
+            executor.spin_once(timeout_sec=0.1)
+    finally:
+        if node.lifecycle_state() in ('active', 'inactive', 'unconfigured'):
+            node.trigger_shutdown()  # active: a zero twist goes out first
+        executor.remove_node(node)
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == '__main__':
+    main()

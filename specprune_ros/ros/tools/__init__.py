@@ -1,0 +1,1 @@
+"""Small ROS tools for tests and benchmarks (synthetic inputs for the policy node)."""

@@ -1,0 +1,273 @@
+"""The node's controller and inference worker with a fake policy and a hand-driven clock (no ROS)."""
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from specprune_ros.control.controller import PolicyController
+from specprune_ros.control.inference_worker import InferenceWorker
+from specprune_ros.control.kept_patches import draw_kept_patches, kept_patch_masks
+from specprune_ros.control.parameters import NodeParameters
+from specprune_ros.core.token_layout import TokenLayout
+from specprune_ros.policy.interface import ActionSpec, PolicyOutput
+
+CAMERAS = ('agentview', 'wrist')
+FRAME = np.zeros((8, 8, 3), np.uint8)
+
+
+class FakePolicy:
+    camera_names = CAMERAS
+    image_size = (8, 8)
+    proprio_dim = 6
+    action_spec = ActionSpec()
+
+    def __init__(self, value=0.5, error=None):
+        self.value, self.error = value, error
+        self.resets, self.steps, self.observations = 0, 0, []
+
+    def reset(self):
+        self.resets += 1
+        self.steps = 0
+
+    def predict(self, observation):
+        if self.error:
+            raise self.error
+        self.observations.append(observation)
+        self.steps += 1
+        actions = np.full((8, 7), self.value, dtype=np.float32)
+        return PolicyOutput(actions=actions, latency_s=0.01, info={'step_index': self.steps - 1, 'mode': 'coarse'})
+
+
+def make(**overrides):
+    params = NodeParameters(**{'replan_every_steps': 2, 'max_chunk_age_s': 0.6, 'inference_deadline_s': 0.5,
+                               **overrides})
+    controller = PolicyController(params, CAMERAS, ActionSpec(), needs_proprio=True)
+    controller.set_active(True)
+    return controller
+
+
+def feed(controller, stamp, instruction='pick up the red cube'):
+    for camera in CAMERAS:
+        controller.put_frame(camera, FRAME, stamp, stamp)
+    controller.put_proprio(np.zeros(6), stamp)
+    if instruction:
+        controller.put_instruction(instruction)
+
+
+def infer(controller, policy, now, finish=None):
+    request = controller.next_request(now)
+    assert request is not None
+    if request.reset_reason:
+        policy.reset()
+    return request, controller.accept(request, policy.predict(request.observation), finish or now + 0.02)
+
+
+def test_inactive_and_waiting_states_hold():
+    controller = make()
+    controller.set_active(False)
+    assert controller.tick(0.0).hold_reason == 'not active'
+    controller.set_active(True)
+    assert 'no frame yet' in controller.tick(0.0).hold_reason
+    assert controller.next_request(0.0) is None
+
+
+def test_full_cycle_commands_the_chunk():
+    controller, policy = make(), FakePolicy(0.5)
+    feed(controller, 10.0)
+    request, chunk = infer(controller, policy, 10.0)
+    assert request.reset_reason == 'first observation' and policy.resets == 1
+    assert chunk.skipped_steps == 0 and chunk.steps_since_reset == 1 and chunk.controller_mode == 'coarse'
+    command = controller.tick(10.03)
+    assert not command.holding
+    np.testing.assert_allclose(command.twist[:3], 0.5 * 0.02 / 0.1)
+    level, rows = controller.diagnostics()
+    rows = dict(rows)
+    assert rows['inferences'] == '1' and rows['temporal resets'] == '1' and rows['controller mode'] == 'coarse'
+
+
+def test_requests_need_new_frames_and_the_replan_period():
+    controller, policy = make(replan_every_steps=2), FakePolicy()
+    feed(controller, 10.0)
+    infer(controller, policy, 10.0)
+    assert controller.next_request(10.05) is None           # no new frame
+    feed(controller, 10.05, instruction='')
+    assert controller.next_request(10.05) is None           # not due before 2 steps (0.2 s)
+    feed(controller, 10.2, instruction='')
+    request = controller.next_request(10.2)
+    assert request is not None and request.reset_reason == ''
+    assert controller.next_request(10.2) is None            # one request in flight at a time
+
+
+def test_executed_actions_reach_the_next_observation():
+    controller, policy = make(), FakePolicy(0.5)
+    feed(controller, 10.0)
+    infer(controller, policy, 10.0)
+    for k in range(3):
+        controller.tick(10.0 + 0.1 * k + 0.001)
+        controller.tick(10.0 + 0.1 * k + 0.05)             # same step twice: recorded once
+    feed(controller, 10.3, instruction='')
+    request = controller.next_request(10.3)
+    executed = request.observation.executed_actions
+    assert executed.shape == (3, 7)
+    np.testing.assert_allclose(executed[:, :6], 0.5, rtol=1e-5)
+
+
+def test_instruction_change_resets_and_voids_the_running_inference():
+    controller, policy = make(), FakePolicy()
+    feed(controller, 10.0)
+    infer(controller, policy, 10.0)
+    feed(controller, 10.2, instruction='')
+    running = controller.next_request(10.2)
+    controller.put_instruction('push the blue cube to the left zone')
+    assert controller.accept(running, policy.predict(running.observation), 10.22) is None   # old instruction
+    assert 'waiting' in controller.tick(10.23).hold_reason
+    feed(controller, 10.25, instruction='')
+    request = controller.next_request(10.25)
+    assert 'instruction changed' in request.reset_reason
+    assert request.observation.instruction == 'push the blue cube to the left zone'
+    assert dict(controller.diagnostics()[1])['temporal resets'] == '2'
+
+
+def test_reset_request_and_input_gap_reset_the_temporal_state():
+    controller, policy = make(reset_after_gap_s=2.0, max_image_age_s=10.0, max_state_age_s=10.0), FakePolicy()
+    feed(controller, 10.0)
+    infer(controller, policy, 10.0)
+    controller.request_reset('~/reset service')
+    feed(controller, 10.3, instruction='')
+    request, chunk = infer(controller, policy, 10.3)
+    assert request.reset_reason == '~/reset service' and chunk.steps_since_reset == 1
+    feed(controller, 13.0, instruction='')                  # 2.7 s after the last observation
+    request, chunk = infer(controller, policy, 13.0)
+    assert request.reset_reason.startswith('input gap of 2.70 s')
+    assert policy.resets == 3 and chunk.policy_info['step_index'] == 0
+
+
+def test_stale_input_holds_and_drops_the_plan():
+    controller, policy = make(max_image_age_s=0.5), FakePolicy()
+    feed(controller, 10.0)
+    infer(controller, policy, 10.0)
+    assert not controller.tick(10.1).holding
+    command = controller.tick(10.51)
+    assert command.holding and 'stale' in command.hold_reason and not command.twist.any()
+    assert controller.scheduler.current is None
+
+
+def test_deadline_miss_failure_and_nan_hold_until_a_good_chunk():
+    controller, policy = make(inference_deadline_s=0.1), FakePolicy()
+    feed(controller, 10.0)
+    request, chunk = infer(controller, policy, 10.0, finish=10.15)
+    assert chunk is None and 'deadline' in controller.tick(10.16).hold_reason
+    feed(controller, 10.2, instruction='')
+    request = controller.next_request(10.2)
+    controller.inference_failed(request, 'RuntimeError: out of memory')
+    assert 'inference failed: RuntimeError' in controller.tick(10.21).hold_reason
+    assert controller.diagnostics()[0] == 2                 # ERROR level while failing
+    feed(controller, 10.3, instruction='')
+    bad = FakePolicy(np.nan)
+    request, chunk = infer(controller, bad, 10.3)
+    assert chunk is None and 'NaN' in controller.tick(10.31).hold_reason
+    feed(controller, 10.4, instruction='')
+    infer(controller, policy, 10.4)
+    assert not controller.tick(10.41).holding
+    events = dict(controller.diagnostics()[1])
+    assert events['inference deadline misses'] == '1' and events['inference failures'] == '1'
+    assert events['non finite chunks'] == '1'
+
+
+def test_disable_holds_and_stops_inference():
+    controller, policy = make(), FakePolicy()
+    feed(controller, 10.0)
+    infer(controller, policy, 10.0)
+    controller.set_enabled(False)
+    assert 'disabled' in controller.tick(10.05).hold_reason
+    feed(controller, 10.3, instruction='')
+    assert controller.next_request(10.3) is None
+    controller.set_enabled(True)
+    assert 'waiting' in controller.tick(10.31).hold_reason   # old plan dropped on re-enable
+    assert controller.next_request(10.31) is not None
+
+
+def test_runtime_parameter_update():
+    controller, policy = make(), FakePolicy(1.0)
+    feed(controller, 10.0)
+    infer(controller, policy, 10.0)
+    controller.update_parameters(NodeParameters(max_linear_speed=0.05, replan_every_steps=2))
+    assert np.abs(controller.tick(10.01).twist[:3]).max() == pytest.approx(0.05)
+
+
+def test_worker_thread_runs_the_policy_and_survives_exceptions():
+    controller = make(max_image_age_s=100.0, max_state_age_s=100.0)
+    policy = FakePolicy(error=RuntimeError('model exploded'))
+    chunks, failures = [], []
+    clock = time.monotonic
+    worker = InferenceWorker(controller, policy, clock, chunks.append, lambda r, e: failures.append(e), poll_s=0.01)
+    worker.start()
+    try:
+        feed(controller, clock())
+        worker.wake()
+        deadline = time.monotonic() + 5
+        while not failures and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert failures and worker.running
+        policy.error = None
+        feed(controller, clock(), instruction='')
+        worker.wake()
+        while not chunks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert chunks and chunks[0].actions.shape == (8, 7)
+    finally:
+        worker.stop()
+    assert not worker.running
+
+
+def test_controller_is_safe_under_concurrent_callers():
+    controller, policy = make(max_image_age_s=100.0, max_state_age_s=100.0), FakePolicy()
+    stop = threading.Event()
+    errors = []
+
+    def feeder():
+        stamp = 10.0
+        while not stop.is_set():
+            stamp += 0.001
+            feed(controller, stamp, instruction='')
+
+    def ticker():
+        try:
+            while not stop.is_set():
+                assert np.isfinite(controller.tick(time.monotonic()).twist).all()
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    controller.put_instruction('pick')
+    threads = [threading.Thread(target=feeder), threading.Thread(target=ticker)]
+    for thread in threads:
+        thread.start()
+    for _ in range(20):
+        request = controller.next_request(10.5)
+        if request is not None:
+            controller.accept(request, policy.predict(request.observation), 10.51)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert not errors
+
+
+def test_kept_patch_overlay():
+    layout = TokenLayout(num_tokens=10, camera_spans=((0, 4), (4, 8)), grid_shape=(2, 2))
+
+    class Record:
+        pass
+
+    record = Record()
+    record.layout = layout
+    record.kept_per_layer = [torch.arange(10), torch.tensor([0, 3, 6, 8, 9])]
+    masks = kept_patch_masks(record)
+    assert masks[0].tolist() == [[True, False], [False, True]]
+    assert masks[1].tolist() == [[False, False], [True, False]]
+    images = [np.full((8, 8, 3), 200, np.uint8)] * 2
+    picture = draw_kept_patches(images, masks, scale=2)
+    assert picture.shape == (16, 32, 3)
+    assert picture[12, 4].max() <= 50                     # pruned patch darkened (camera 0, bottom-left)
+    assert picture[5, 5].tolist() == [200, 200, 200]      # kept patch interior untouched

@@ -1,0 +1,124 @@
+"""Lifecycle transitions of specprune_node over real DDS (ROS_DOMAIN_ID 62), and invalid parameters
+failing at configure with a clear message while the process stays up."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+pytest.importorskip('rclpy', reason='ROS 2 (rclpy) is not installed: scripts/setup_env.sh installs the wheels')
+
+from lifecycle_msgs.msg import Transition  # noqa: E402
+
+from ros_harness import Probe, start_camera, start_node, twist_values  # noqa: E402
+
+DOMAIN = 62
+STARTUP_S = 120.0
+
+
+@pytest.fixture(scope='module')
+def system():
+    managed = start_node(DOMAIN, {'autostart': 'false'})
+    # the launch configuration would refuse these, so they go straight to the process as -p overrides
+    broken = start_node(DOMAIN, {'node_name': 'broken_node'},
+                        {'camera_topics': ['only/one/topic'], 'control_rate_hz': 1000.0, 'chunk_mode': 'wobble'},
+                        label='broken_node')
+    missing = start_node(DOMAIN, {'node_name': 'missing_model_node', 'model': '/nonexistent/checkpoint'},
+                         label='missing_model_node')
+    camera = start_camera(DOMAIN)
+    probe = Probe(DOMAIN)
+    broken_probe = Probe(DOMAIN, node_name='broken_node')
+    missing_probe = Probe(DOMAIN, node_name='missing_model_node')
+    try:
+        yield {'node': managed, 'broken': broken, 'probe': probe, 'broken_probe': broken_probe,
+               'missing': missing, 'missing_probe': missing_probe}
+    finally:
+        for each in (probe, broken_probe, missing_probe):
+            each.close()
+        for process in (camera, managed, broken, missing):
+            process.interrupt()
+
+
+def wait_state(probe: Probe, label: str, timeout: float = STARTUP_S) -> str:
+    def state():
+        try:
+            current = probe.lifecycle_state(timeout=2.0)
+        except TimeoutError:
+            return None
+        return current if current == label else None
+    return probe.wait_for(state, timeout, interval=0.2) or probe.lifecycle_state()
+
+
+def quiet_for(probe: Probe, seconds: float) -> bool:
+    start = time.monotonic()
+    time.sleep(seconds)
+    return not probe.since(probe.twists, start)
+
+
+def test_without_autostart_the_node_waits_unconfigured(system):
+    probe = system['probe']
+    assert wait_state(probe, 'unconfigured') == 'unconfigured'
+    assert quiet_for(probe, 0.5)
+    message, values = probe.wait_for(lambda: probe.latest_diagnostics()[0] and probe.latest_diagnostics(), 5.0)
+    assert message == 'unconfigured' and values['lifecycle state'] == 'unconfigured'
+
+
+def test_configure_loads_the_model_but_does_not_command(system):
+    probe = system['probe']
+    assert probe.transition(Transition.TRANSITION_CONFIGURE)
+    assert probe.lifecycle_state() == 'inactive'
+    assert quiet_for(probe, 0.5)
+    values = probe.wait_diagnostics(lambda m, v: v.get('lifecycle state') == 'inactive', 5.0)
+    assert values['hold reason'] == 'not active'
+
+
+def test_activate_commands_and_deactivate_sends_a_zero_twist_then_stops(system):
+    probe = system['probe']
+    start = time.monotonic()
+    assert probe.transition(Transition.TRANSITION_ACTIVATE)
+    assert probe.lifecycle_state() == 'active'
+    assert probe.wait_for(lambda: len(probe.since(probe.twists, start)) >= 10, 10.0)
+    values = probe.wait_diagnostics(lambda m, v: v['hold reason'] == 'none (commanding)', 10.0)
+    assert values['hold reason'] == 'none (commanding)'
+    before = time.monotonic()
+    assert probe.transition(Transition.TRANSITION_DEACTIVATE)
+    last = probe.wait_for(lambda: probe.since(probe.twists, before), 2.0)
+    assert last and not any(twist_values(last[-1]))
+    time.sleep(0.2)
+    assert quiet_for(probe, 0.6)
+    assert probe.lifecycle_state() == 'inactive'
+
+
+def test_reactivate_cleanup_and_shutdown(system):
+    probe = system['probe']
+    start = time.monotonic()
+    assert probe.transition(Transition.TRANSITION_ACTIVATE)
+    assert probe.wait_for(lambda: len(probe.since(probe.twists, start)) >= 3, 10.0)
+    assert probe.transition(Transition.TRANSITION_DEACTIVATE)
+    assert probe.transition(Transition.TRANSITION_CLEANUP)
+    assert probe.lifecycle_state() == 'unconfigured'
+    after = time.monotonic()
+    assert probe.wait_for(lambda: probe.since(probe.diagnostics, after), 3.0)   # the node still reports
+    assert probe.transition(Transition.TRANSITION_UNCONFIGURED_SHUTDOWN)
+    assert probe.lifecycle_state() == 'finalized'
+    assert system['node'].alive()
+
+
+def test_invalid_parameters_fail_configure_with_a_clear_message(system):
+    probe, process = system['broken_probe'], system['broken']
+    values = probe.wait_diagnostics(lambda m, v: v.get('configure error', 'none') != 'none', STARTUP_S)
+    error = values.get('configure error', '')
+    assert 'control_rate_hz' in error and 'chunk_mode' in error and 'same length' in error, error
+    assert probe.lifecycle_state() == 'unconfigured'
+    assert not probe.transition(Transition.TRANSITION_CONFIGURE)      # still invalid, still alive
+    assert process.alive()
+    assert 'configure failed: invalid parameters' in process.output()
+
+
+def test_a_missing_checkpoint_fails_configure_and_the_node_keeps_reporting(system):
+    probe, process = system['missing_probe'], system['missing']
+    values = probe.wait_diagnostics(lambda m, v: v.get('configure error', 'none') != 'none', STARTUP_S)
+    assert 'does not exist' in values.get('configure error', ''), values
+    seen = time.monotonic()
+    assert probe.wait_for(lambda: probe.since(probe.diagnostics, seen), 3.0)
+    assert probe.lifecycle_state() == 'unconfigured' and process.alive()
