@@ -7,13 +7,16 @@ does the attention itself, so that it can
   pruned sequence (causal or bidirectional) without transformers' mask helpers;
 * compute attention probabilities only for the query rows a method asked for, at the layers it asked for,
   while every layer's output comes from fused SDPA;
-* serve some tokens' keys/values from an earlier step instead of recomputing them (VLA-Cache style).
+* serve some tokens' keys/values from an earlier step instead of recomputing them (VLA-Cache style);
+* optionally hand back every layer's keys/values of the tokens that layer saw (``return_cache=True``), so an
+  autoregressive model (OpenVLA) can decode further tokens with :meth:`PrunableDecoderRunner.decode` against the
+  pruned prefill: a token pruned before layer l has no key at layer l or later.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,12 +35,44 @@ class PlanError(ValueError):
 
 
 @dataclass
+class DecoderCache:
+    """Per-layer keys/values of a (pruned) pass, for autoregressive decoding after it.
+
+    ``keys[l]`` / ``values[l]``: (B, num_kv_heads, n_l, head_dim), RoPE applied at the tokens' original positions;
+    ``positions[l]``: (n_l,) those positions. Layers may hold different tokens (pruning inside the decoder).
+    ``last_position``: the largest position held; decoded tokens must come after it.
+    """
+
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    positions: list[torch.Tensor] = field(default_factory=list)
+    last_position: int = -1
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def key_counts(self) -> list[int]:
+        """Number of keys held per layer."""
+        return [int(p.numel()) for p in self.positions]
+
+
+@dataclass
+class DecodeResult:
+    """Output of :meth:`PrunableDecoderRunner.decode`: final-normed hidden states of the new tokens."""
+
+    hidden: torch.Tensor                                  # (B, t, d)
+    attention: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (key positions, mean attention of the t rows)
+    key_counts: list[int]                                 # keys per layer the new tokens attended to (incl. themselves)
+
+
+@dataclass
 class RunResult:
     """Output of one pass: the final-normed hidden states of the tokens that survived, and the record."""
 
     hidden: torch.Tensor          # (B, n_final, d)
     kept: torch.Tensor            # (n_final,) original indices of those tokens, ascending
     record: StepRecord
+    cache: Optional[DecoderCache] = None   # per-layer K/V of the pass (``return_cache=True``)
 
     def select(self, indices: torch.Tensor) -> torch.Tensor:
         """Hidden states (B, len(indices), d) of the given original indices (they must have survived)."""
@@ -60,8 +95,11 @@ class PrunableDecoderRunner(nn.Module):
         self.num_layers = len(decoder.layers)
 
     def forward(self, embeddings: torch.Tensor, layout: TokenLayout, method: Optional[PruningMethod] = None,
-                context: Optional[StepContext] = None) -> RunResult:
-        """Run all layers on ``embeddings`` (B, N, d) laid out as ``layout``; prune as ``method`` says."""
+                context: Optional[StepContext] = None, return_cache: bool = False) -> RunResult:
+        """Run all layers on ``embeddings`` (B, N, d) laid out as ``layout``; prune as ``method`` says.
+
+        ``return_cache``: also return every layer's keys/values (``RunResult.cache``) for :meth:`decode`.
+        """
         if embeddings.dim() != 3 or embeddings.shape[1] != layout.num_tokens:
             raise PlanError(f'embeddings {tuple(embeddings.shape)} do not match a layout of {layout.num_tokens} tokens')
         started = time.perf_counter()
@@ -87,6 +125,7 @@ class PrunableDecoderRunner(nn.Module):
         if reused is not None:
             kept = kept[~torch.isin(kept, reused)]
         requests = self._requests_by_layer(plan.attention)
+        cache = DecoderCache(last_position=layout.num_tokens - 1) if return_cache else None
 
         hidden = embeddings[:, kept]
         kept_per_layer: list[torch.Tensor] = []
@@ -98,7 +137,8 @@ class PrunableDecoderRunner(nn.Module):
             key_indices = kept if reused is None else torch.cat([kept, reused])
             n_keys.append(len(key_indices))
             hidden, summaries, probe_time = self._run_layer(
-                layer, index, hidden, kept, key_indices, reused, layout, roles, requests.get(index, ()), plan.kv_store)
+                layer, index, hidden, kept, key_indices, reused, layout, roles, requests.get(index, ()), plan.kv_store,
+                cache)
             probe_seconds += probe_time
             if summaries:
                 attention[index] = {name: (key_indices, weights) for name, weights in summaries.items()}
@@ -127,7 +167,59 @@ class PrunableDecoderRunner(nn.Module):
             selection += time.perf_counter() - t0
         record.selection_seconds = selection
         record.model_seconds = time.perf_counter() - started - selection - probe_seconds
-        return RunResult(hidden=hidden, kept=kept, record=record)
+        return RunResult(hidden=hidden, kept=kept, record=record, cache=cache)
+
+    @torch.no_grad()
+    def decode(self, embeddings: torch.Tensor, positions: torch.Tensor | Sequence[int], cache: DecoderCache,
+               attention_layers: Sequence[int] = ()) -> DecodeResult:
+        """Run new tokens (B, t, d) at ``positions`` through every layer against ``cache`` (causal), and append
+        their keys/values to it. Positions must come after ``cache.last_position`` (gaps are fine).
+
+        ``attention_layers``: layers at which to return the head-, batch- and row-averaged attention of the new
+        tokens over the keys (cache + new tokens), e.g. the attention of generated action tokens to visual tokens.
+        """
+        if len(cache) != self.num_layers:
+            raise PlanError(f'the cache holds {len(cache)} layers; the decoder has {self.num_layers}')
+        positions = torch.as_tensor(positions, dtype=torch.long, device=embeddings.device).flatten()
+        if embeddings.dim() != 3 or embeddings.shape[1] != len(positions):
+            raise PlanError(f'embeddings {tuple(embeddings.shape)} do not match {len(positions)} positions')
+        first, last = int(positions.min()), int(positions.max())
+        if first <= cache.last_position or not bool((positions[1:] > positions[:-1]).all()):
+            raise PlanError(f'decode positions must increase and follow position {cache.last_position}')
+        wanted = set(int(layer) for layer in attention_layers)
+        bad = [layer for layer in wanted if not 0 <= layer < self.num_layers]
+        if bad:
+            raise PlanError(f'attention requested at layer {bad[0]}; the decoder has {self.num_layers}')
+        hidden = embeddings
+        batch, t, _ = hidden.shape
+        summaries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        counts: list[int] = []
+        for index, layer in enumerate(self.decoder.layers):
+            attn = layer.self_attn
+            residual = hidden
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(batch, t, -1, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(batch, t, -1, attn.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(batch, t, -1, attn.head_dim).transpose(1, 2)
+            cos, sin = self.decoder.rotary_emb(x, positions.view(1, -1))
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            keys = torch.cat([cache.keys[index].to(k.dtype).expand(batch, -1, -1, -1), k], dim=2)
+            values = torch.cat([cache.values[index].to(v.dtype).expand(batch, -1, -1, -1), v], dim=2)
+            key_positions = torch.cat([cache.positions[index], positions])
+            cache.keys[index], cache.values[index], cache.positions[index] = keys, values, key_positions
+            counts.append(len(key_positions))
+            # every cached key precedes the new tokens; only the new tokens among themselves need a causal mask
+            mask = attention_mask(positions, key_positions, causal=True) if t > 1 else None
+            groups = q.shape[1] // keys.shape[1]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
+                                                 enable_gqa=groups > 1)
+            hidden = residual + attn.o_proj(out.transpose(1, 2).reshape(batch, t, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            if index in wanted:
+                rows = torch.arange(t, device=hidden.device)
+                summaries[index] = (key_positions, self._attention_summary(q, keys, rows, mask, attn.scaling, groups))
+        cache.last_position = last
+        return DecodeResult(hidden=self.decoder.norm(hidden), attention=summaries, key_counts=counts)
 
     # -- plan checks -------------------------------------------------------------------------------------------
 
@@ -135,7 +227,7 @@ class PrunableDecoderRunner(nn.Module):
     def _apply_keep(kept: torch.Tensor, keep_visual: torch.Tensor, is_visual: torch.Tensor, roles: torch.Tensor,
                     stage: str) -> torch.Tensor:
         """New kept set = the kept non-visual tokens + ``keep_visual``; refuse anything else."""
-        keep_visual = torch.as_tensor(keep_visual, dtype=torch.long, device=kept.device).flatten().unique()
+        keep_visual = torch.as_tensor(keep_visual, dtype=torch.long, device=kept.device).flatten()
         num_tokens = len(is_visual)
         if len(keep_visual) and (keep_visual.min() < 0 or keep_visual.max() >= num_tokens):
             bad = keep_visual[(keep_visual < 0) | (keep_visual >= num_tokens)][0].item()
@@ -145,13 +237,16 @@ class PrunableDecoderRunner(nn.Module):
             role = TokenRole(int(roles[not_visual[0]])).name
             raise PlanError(f'{stage}: token {int(not_visual[0])} is a {role} token; a keep set names visual tokens '
                             f'only, and text, proprio and action tokens are never dropped')
-        missing = keep_visual[~torch.isin(keep_visual, kept)]
+        present = torch.zeros(num_tokens, dtype=torch.bool, device=kept.device)
+        present[kept] = True
+        missing = keep_visual[~present[keep_visual]]
         if len(missing):
             raise PlanError(f'{stage}: visual token {int(missing[0])} was already pruned and cannot come back')
         if is_visual.any() and len(keep_visual) == 0:
             raise PlanError(f'{stage}: the keep set is empty; keep at least one visual token')
-        non_visual = kept[~is_visual[kept]]
-        return torch.cat([non_visual, keep_visual]).sort().values
+        selected = present & ~is_visual
+        selected[keep_visual] = True
+        return torch.nonzero(selected).flatten()
 
     @staticmethod
     def _reusable(plan: StepPlan, kept: torch.Tensor, is_visual: torch.Tensor) -> Optional[torch.Tensor]:
@@ -184,7 +279,8 @@ class PrunableDecoderRunner(nn.Module):
     def _run_layer(self, layer: nn.Module, index: int, hidden: torch.Tensor, kept: torch.Tensor,
                    key_indices: torch.Tensor, reused: Optional[torch.Tensor], layout: TokenLayout,
                    roles: torch.Tensor, requests: list[AttentionRequest] | tuple,
-                   store: Optional[KVStore]) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+                   store: Optional[KVStore], cache: Optional[DecoderCache] = None
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
         attn = layer.self_attn
         batch, n, _ = hidden.shape
         head_dim = attn.head_dim
@@ -201,6 +297,10 @@ class PrunableDecoderRunner(nn.Module):
         if reused is not None:
             k = torch.cat([k, store.keys[index][:, reused].unsqueeze(0).to(k.dtype).expand(batch, -1, -1, -1)], dim=2)
             v = torch.cat([v, store.values[index][:, reused].unsqueeze(0).to(v.dtype).expand(batch, -1, -1, -1)], dim=2)
+        if cache is not None:
+            cache.keys.append(k)
+            cache.values.append(v)
+            cache.positions.append(key_indices)
 
         mask = attention_mask(kept, key_indices, layout.causal)
         groups = q.shape[1] // k.shape[1]

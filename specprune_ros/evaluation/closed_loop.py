@@ -50,8 +50,10 @@ class EpisodeResult:
 
 
 def run_episode(env, policy, family: str, seed: int, execute_steps: Optional[int] = None,
-                record_frames: bool = False) -> EpisodeResult:
-    """One episode: infer a chunk, execute ``execute_steps`` of it (default: all), repeat until done."""
+                record_frames: bool = False, max_steps: Optional[int] = None) -> EpisodeResult:
+    """One episode: infer a chunk, execute ``execute_steps`` of it (default: all), repeat until done.
+
+    ``max_steps`` cuts the episode short of the task's own step limit (quick checks)."""
     from specprune_ros.policy.interface import Observation
     observation = env.reset(seed=seed, family=family)
     policy.reset()
@@ -78,6 +80,7 @@ def run_episode(env, policy, family: str, seed: int, execute_steps: Optional[int
             result.success = bool(success)
             if record_frames:
                 result.frames.append(observation)
+            done = done or (max_steps is not None and result.steps >= max_steps)
             if done:
                 break
         executed = chunk
@@ -87,36 +90,41 @@ def run_episode(env, policy, family: str, seed: int, execute_steps: Optional[int
 _WORKER: dict = {}
 
 
-def _init_worker(spec: PolicySpec, image_size: int, threads: int) -> None:
+def _init_worker(spec: PolicySpec, image_size: int, threads: int, episode_options: dict) -> None:
     import torch
     from specprune_ros.policy.loading import load_policy
     from specprune_ros.sim import TabletopEnv
     torch.set_num_threads(threads)
     _WORKER['policy'] = load_policy(spec.model, spec.method, spec.method_config, seed=spec.seed)
     _WORKER['env'] = TabletopEnv(image_size=image_size)
+    _WORKER['options'] = episode_options
 
 
 def _run_job(job: tuple[str, int]) -> EpisodeResult:
     family, seed = job
-    return run_episode(_WORKER['env'], _WORKER['policy'], family, seed)
+    return run_episode(_WORKER['env'], _WORKER['policy'], family, seed, **_WORKER['options'])
 
 
 def evaluate(spec: PolicySpec, families: Sequence[str], episodes_per_family: int, seed_start: Optional[int] = None,
-             workers: int = 2, image_size: int = 96, progress: bool = True) -> list[EpisodeResult]:
-    """Run ``episodes_per_family`` held-out episodes of each family; seeds start at EVAL_SEED_START."""
+             workers: int = 2, image_size: int = 96, progress: bool = True, execute_steps: Optional[int] = None,
+             max_steps: Optional[int] = None) -> list[EpisodeResult]:
+    """Run ``episodes_per_family`` held-out episodes of each family; seeds start at EVAL_SEED_START.
+
+    ``execute_steps``: actions executed per chunk before re-planning (default: the whole chunk)."""
+    options = {'execute_steps': execute_steps, 'max_steps': max_steps}
     from specprune_ros.sim import EVAL_SEED_START
     start = EVAL_SEED_START if seed_start is None else seed_start
     jobs = [(family, start + i) for i in range(episodes_per_family) for family in families]
     bar = tqdm(total=len(jobs), desc=f'eval {spec.name}', unit='ep', disable=not progress, dynamic_ncols=True)
     results: list[EpisodeResult] = []
     if workers <= 1:
-        _init_worker(spec, image_size, threads=1)
+        _init_worker(spec, image_size, threads=1, episode_options=options)
         for job in jobs:
             results.append(_run_job(job))
             bar.update(1)
     else:
         with ProcessPoolExecutor(workers, mp_context=get_context('spawn'), initializer=_init_worker,
-                                 initargs=(spec, image_size, 1)) as pool:
+                                 initargs=(spec, image_size, 1, options)) as pool:
             for result in pool.map(_run_job, jobs):
                 results.append(result)
                 bar.update(1)

@@ -1,0 +1,43 @@
+"""The ROS-free closed-loop harness and its statistics, on the real simulator."""
+import json
+
+import pytest
+
+from specprune_ros.evaluation.closed_loop import (EpisodeResult, PolicySpec, evaluate, markdown_table, run_episode,
+                                                  summarize, write_report)
+from specprune_ros.evaluation.statistics import wilson_interval
+
+
+@pytest.mark.parametrize('wins, trials, low, high', [(0, 10, 0.0, 0.2775), (5, 10, 0.2366, 0.7634),
+                                                     (10, 10, 0.7225, 1.0), (80, 100, 0.7112, 0.8666)])
+def test_wilson_interval_known_values(wins, trials, low, high):
+    got = wilson_interval(wins, trials)
+    assert got[0] == pytest.approx(low, abs=1e-3) and got[1] == pytest.approx(high, abs=1e-3)
+
+
+def test_episode_executes_part_of_each_chunk_until_the_step_limit():
+    from specprune_ros.policy.loading import load_policy
+    from specprune_ros.sim import EVAL_SEED_START, TabletopEnv
+    env = TabletopEnv()
+    policy = load_policy('tiny-random', 'random', {'keep_ratio': 0.5})
+    result = run_episode(env, policy, 'pick', EVAL_SEED_START, execute_steps=6, max_steps=45)
+    assert not result.success  # a random-initialised policy does not pick anything up
+    assert result.steps == 45
+    assert len(result.latencies_s) == 8  # ceil(45 / 6) chunks
+    assert all(k == pytest.approx(144.0) for k in result.visual_kept)  # 50% of 2 x 144 from layer 0 on
+    assert all(0.4 < r < 0.7 for r in result.flops_ratio)
+
+
+def test_parallel_evaluation_matches_serial_and_reports(tmp_path):
+    spec = PolicySpec(model='tiny-random', method='none')
+    serial = evaluate(spec, ['push'], 1, workers=1, progress=False, max_steps=24)
+    parallel = evaluate(spec, ['push', 'pick'], 1, workers=2, progress=False, max_steps=24)
+    assert [(r.family, r.seed, r.steps, r.success) for r in serial] == \
+        [(r.family, r.seed, r.steps, r.success) for r in parallel if r.family == 'push']
+    assert all(r.steps == 24 and len(r.latencies_s) == 3 for r in parallel)
+    summary = summarize(parallel + [EpisodeResult('pick', 7, True, 20, [0.01], [288.0], [1.0], [0.0])], 'none')
+    assert summary['families']['pick']['successes'] == 1 and summary['overall']['episodes'] == 3
+    json_path, md_path = write_report([summary], tmp_path)
+    assert json.loads(json_path.read_text())['results'][0]['label'] == 'none'
+    assert '| none | pick | 50.0% (1/2)' in md_path.read_text()
+    assert markdown_table([summary]).count('\n') == 4
