@@ -143,3 +143,12 @@ def test_launch_file_builds_when_launch_ros_exists():
     description = module.generate_launch_description()
     declared = {entity.name for entity in description.entities if hasattr(entity, 'default_value')}
     assert declared == {arg.name for arg in LAUNCH_ARGUMENTS}
+
+
+def test_openvla_oft_overrides_layer_validly_over_the_defaults():
+    base = launch_config.params_file_values(str(PARAMS_FILE))
+    overrides = launch_config.params_file_values(str(ROOT / 'config' / 'openvla_oft.yaml'))
+    assert set(overrides) <= set(NodeParameters.infos())
+    params = NodeParameters.from_mapping({**base, **overrides})
+    assert params.validate() == []
+    assert params.device == 'cuda' and params.dtype == 'bfloat16'

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from specprune_ros.policy.checkpoint import CheckpointError, load_checkpoint
+from specprune_ros.policy.interface import Policy
 from specprune_ros.policy.reference_vla import ReferenceVLA, ReferenceVLAConfig
 from specprune_ros.policy.runtime import PrunedVLAPolicy
 
@@ -37,8 +38,16 @@ def load_model(model: str, device: str = 'cpu', dtype: str = 'float32', seed: in
 
 
 def load_policy(model: str, method: str = 'none', method_config: Optional[dict] = None, device: str = 'cpu',
-                dtype: str = 'float32', seed: int = 0) -> PrunedVLAPolicy:
-    """A policy ready for ``predict``: the model plus the named pruning method (see ``specprune_ros.pruning``)."""
+                dtype: str = 'float32', seed: int = 0) -> Policy:
+    """A policy ready for ``predict``: the model plus the named pruning method (see ``specprune_ros.pruning``).
+
+    ``model`` may also be a published OpenVLA / OpenVLA-OFT checkpoint directory (see ``specprune_ros.adapters``).
+    """
+    from specprune_ros.adapters.policy import load_policy_if_adapter
     from specprune_ros.pruning import build_method
+    adapter = load_policy_if_adapter(model, method=method, method_config=method_config, device=device, dtype=dtype,
+                                     seed=seed)
+    if adapter is not None:
+        return adapter
     vla = load_model(model, device=device, dtype=dtype, seed=seed)
     return PrunedVLAPolicy(vla, build_method(method, method_config, seed=seed))

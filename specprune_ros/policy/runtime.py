@@ -16,6 +16,21 @@ class ObservationError(ValueError):
     """An observation the policy refuses to act on (missing camera, wrong shape, NaN state)."""
 
 
+def camera_frames(observation: Observation, camera_names: tuple[str, ...],
+                  size: Optional[tuple[int, int]] = None) -> list[np.ndarray]:
+    """The observation's frames in ``camera_names`` order, checked: present, (H, W, 3) uint8, and (H, W) = ``size``."""
+    frames = []
+    for name in camera_names:
+        frame = observation.images.get(name)
+        if frame is None:
+            raise ObservationError(f'camera {name!r} missing from the observation')
+        expected = f'{(*size, 3)}' if size else '(H, W, 3)'
+        if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8 or (size and frame.shape[:2] != size):
+            raise ObservationError(f'camera {name!r}: expected {expected} uint8, got {frame.shape} {frame.dtype}')
+        frames.append(frame)
+    return frames
+
+
 class PrunedVLAPolicy:
     """Runs the reference VLA through the prunable executor; keeps the method's temporal state per episode."""
 
@@ -65,16 +80,8 @@ class PrunedVLAPolicy:
                                   'words': num_words})
 
     def _images(self, observation: Observation) -> torch.Tensor:
-        frames = []
-        for name in self.camera_names:
-            frame = observation.images.get(name)
-            if frame is None:
-                raise ObservationError(f'camera {name!r} missing from the observation')
-            if frame.shape != (*self.image_size, 3) or frame.dtype != np.uint8:
-                raise ObservationError(f'camera {name!r}: expected {(*self.image_size, 3)} uint8, '
-                                       f'got {frame.shape} {frame.dtype}')
-            frames.append(torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1))
-        return torch.stack(frames).unsqueeze(0)
+        frames = camera_frames(observation, self.camera_names, self.image_size)
+        return torch.stack([torch.from_numpy(np.ascontiguousarray(f)).permute(2, 0, 1) for f in frames]).unsqueeze(0)
 
     def _proprio(self, observation: Observation) -> torch.Tensor:
         if observation.proprio is None:

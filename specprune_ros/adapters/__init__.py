@@ -1,0 +1,16 @@
+"""Adapters for the published OpenVLA and OpenVLA-OFT checkpoints on the prunable executor.
+
+    from specprune_ros.adapters import load_adapter_policy
+    policy = load_adapter_policy('/models/openvla-7b-oft-finetuned-libero-spatial', method='specprune',
+                                 device='cuda', dtype='bfloat16', unnorm_key='libero_spatial')
+    output = policy.predict(observation)          # PolicyOutput: un-normalised chunk + pruning record
+
+Checkpoints load from a local directory in their Hugging Face layout (no hub access); see ``checkpoint`` for the
+files, ``openvla`` / ``openvla_oft`` for how each model maps onto the executor, ``tiny`` for the architecture-
+identical tiny random checkpoints the tests and the benchmark use.
+"""
+from specprune_ros.adapters.checkpoint import detect_kind, read_checkpoint
+from specprune_ros.adapters.policy import AdapterOptions, AdapterPolicy, load_adapter, load_adapter_policy
+
+__all__ = ['AdapterOptions', 'AdapterPolicy', 'detect_kind', 'load_adapter', 'load_adapter_policy',
+           'read_checkpoint']

@@ -1,0 +1,227 @@
+"""What OpenVLA and OpenVLA-OFT share: loading, device/dtype, prompt, images -> visual tokens, method plumbing.
+
+Both models build their decoder input the Prismatic way: the prompt's BOS embedding, then the projected patch
+tokens of every camera (and OFT's proprio token), then the rest of the prompt::
+
+    prompt = "In: What action should the robot take to {instruction}?\\nOut:"   (+ the empty token '▁', id 29871)
+
+The decoder (transformers ``LlamaModel``) runs through :class:`~specprune_ros.core.executor.PrunableDecoderRunner`,
+so every pruning method works unchanged; each adapter also keeps its own unpruned forward through transformers
+(``reference_step``), the ground truth the executor path is tested against.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from specprune_ros.adapters import actions as action_ops
+from specprune_ros.adapters.checkpoint import (PrismaticCheckpoint, assert_materialised, assign_state,
+                                               load_tokenizer, read_checkpoint, read_state, restore_rotary)
+from specprune_ros.adapters.prismatic import PrismaticVLA
+from specprune_ros.core.executor import PrunableDecoderRunner, RunResult
+from specprune_ros.core.step_types import LayerView, PruningMethod, StepContext, StepPlan, StepRecord
+from specprune_ros.core.token_layout import TokenLayout
+
+PROMPT_TEMPLATE = 'In: What action should the robot take to {instruction}?\nOut:'
+EMPTY_TOKEN = '\u2581'          # SentencePiece's word-boundary piece alone: Llama-2 id 29871
+DTYPES = {'float32': torch.float32, 'fp32': torch.float32, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
+          'float16': torch.float16, 'fp16': torch.float16}
+
+
+def resolve_device(device: str | torch.device = 'auto') -> torch.device:
+    """'auto' = the first CUDA device if there is one, else the CPU."""
+    if str(device) == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = torch.device(device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'device {device} requested but CUDA is not available')
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype = 'auto', device: torch.device = torch.device('cpu')) -> torch.dtype:
+    """'auto' = bfloat16 on CUDA (the checkpoints' own dtype), float32 on the CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == 'auto':
+        return torch.bfloat16 if device.type == 'cuda' else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class EncodedPrompt:
+    ids: list[int]                       # BOS first, the empty token last
+    instruction: tuple[int, int]         # [start, end) of the instruction's tokens in ``ids`` ((0, 0) if none)
+
+
+@dataclass
+class StepOutput:
+    """One adapter step: normalised actions and what the executor did."""
+
+    normalized: np.ndarray               # (chunk, action_dim) in [-1, 1]
+    result: RunResult                    # the (prefill) pass; result.record is the step's record
+    layout: TokenLayout
+    frames: list[np.ndarray]             # the preprocessed uint8 frames the vision backbone saw
+    info: dict = field(default_factory=dict)
+
+
+class DeferredEndStep:
+    """Wraps a pruning method so that ``end_step`` runs after the adapter finished the step (OpenVLA: after the
+    autoregressive decode, once the generated action tokens' attention has been merged into the record)."""
+
+    def __init__(self, method: PruningMethod) -> None:
+        self.method = method
+        self.plan: Optional[StepPlan] = None
+        self.record: Optional[StepRecord] = None
+
+    @property
+    def name(self) -> str:
+        return getattr(self.method, 'name', 'method')
+
+    def reset(self) -> None:
+        self.method.reset()
+
+    def begin_step(self, context: StepContext) -> StepPlan:
+        self.plan = self.method.begin_step(context)
+        return self.plan
+
+    def after_layer(self, view: LayerView) -> Optional[torch.Tensor]:
+        return self.method.after_layer(view)
+
+    def end_step(self, record: StepRecord) -> None:
+        self.record = record
+
+    def finish(self) -> float:
+        """Run the wrapped method's ``end_step``; returns the seconds it took."""
+        if self.record is None:
+            return 0.0
+        t0 = time.perf_counter()
+        self.method.end_step(self.record)
+        return time.perf_counter() - t0
+
+
+class PrismaticAdapter:
+    """Shared machinery; see :class:`~specprune_ros.adapters.openvla.OpenVLAAdapter` and
+    :class:`~specprune_ros.adapters.openvla_oft.OpenVLAOFTAdapter`."""
+
+    kind = 'prismatic'
+    action_eps = 0.0                     # added to the statistics' range when un-normalising (OFT: 1e-8)
+
+    def __init__(self, checkpoint: PrismaticCheckpoint, model: PrismaticVLA, tokenizer: Any, device: torch.device,
+                 dtype: torch.dtype, unnorm_key: Optional[str] = None, num_images: int = 1,
+                 prompt_template: str = PROMPT_TEMPLATE, lowercase_instruction: bool = True,
+                 normalization: str = 'bounds_q99') -> None:
+        self.checkpoint = checkpoint
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = device
+        self.dtype = dtype
+        self.runner = PrunableDecoderRunner(model.decoder)
+        self.transform = checkpoint.transform
+        self.num_images = int(num_images)
+        if '{instruction}' not in prompt_template:
+            raise ValueError('prompt_template must contain {instruction}')
+        self.prompt_template = prompt_template
+        self.lowercase_instruction = lowercase_instruction
+        self.normalization = normalization
+        self.unnorm_key = action_ops.resolve_unnorm_key(checkpoint.norm_stats, unnorm_key)
+        self.action_stats = checkpoint.norm_stats[self.unnorm_key].get('action')
+        if not isinstance(self.action_stats, dict):
+            raise action_ops.NormStatsError(f'dataset statistics {self.unnorm_key!r} have no action entry')
+        self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 1
+        empty = tokenizer.convert_tokens_to_ids(EMPTY_TOKEN)
+        self.empty_id = None if empty is None or empty == tokenizer.unk_token_id else int(empty)
+        self.patches_per_image = model.vision_backbone.num_patches
+        self.grid = model.vision_backbone.grid
+        self.patch_size = checkpoint.vision_specs[0].patch_size
+
+    # -- loading -----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def load_parts(directory: str | Path, kind: Optional[str], device: torch.device, dtype: torch.dtype,
+                   attn_implementation: str = 'sdpa', center_crop: Optional[bool] = None
+                   ) -> tuple[PrismaticCheckpoint, PrismaticVLA, Any]:
+        """Read the checkpoint and build the Prismatic model on ``device`` in ``dtype`` (no random init)."""
+        checkpoint = read_checkpoint(directory, kind=kind, attn_implementation=attn_implementation,
+                                     center_crop=center_crop)
+        tokenizer = load_tokenizer(checkpoint.directory)
+        with torch.device('meta'):
+            model = PrismaticVLA(checkpoint.vision_specs, checkpoint.text_config)
+        state = read_state(checkpoint.weight_map, device=device, dtype=dtype, directory=checkpoint.directory)
+        files = sorted({p.name for p in checkpoint.weight_map.values()})
+        source = files[0] if len(files) == 1 else f'the weights ({", ".join(files)})'
+        assign_state(model, state, source, checkpoint.directory, checkpoint.weight_map)
+        restore_rotary(model.decoder, checkpoint.text_config, device)
+        assert_materialised(model, f'checkpoint {checkpoint.directory}')
+        return checkpoint, model.eval(), tokenizer
+
+    # -- prompt ------------------------------------------------------------------------------------------------
+
+    def encode_prompt(self, instruction: str) -> EncodedPrompt:
+        """Token ids of the prompt (BOS first, the empty token '▁' appended as OpenVLA's ``predict_action`` does)
+        and where the instruction's tokens are."""
+        text = instruction.strip()
+        if self.lowercase_instruction:
+            text = text.lower()
+        head = self.prompt_template.split('{instruction}')[0]
+        prompt = self.prompt_template.format(instruction=text)
+        start, end = len(head), len(head) + len(text)
+        try:
+            encoded = self.tokenizer(prompt, return_offsets_mapping=True)
+            ids, offsets = list(encoded['input_ids']), list(encoded['offset_mapping'])
+        except (NotImplementedError, TypeError, KeyError):
+            ids, offsets = list(self.tokenizer(prompt)['input_ids']), None
+        if not ids or ids[0] != self.bos_id:
+            ids = [self.bos_id] + ids
+            offsets = None if offsets is None else [(0, 0)] + offsets
+        if offsets is not None:
+            inside = [i for i, (a, b) in enumerate(offsets) if i > 0 and b > a and b > start and a < end]
+            span = (inside[0], inside[-1] + 1) if inside and text else (0, 0)
+        else:  # slow tokenizer: count the tokens of the prompt's head and of head + instruction
+            n_head = len(self.tokenizer(head.rstrip())['input_ids'])
+            n_text = len(self.tokenizer((head + text).rstrip())['input_ids'])
+            span = (n_head, n_text) if n_text > n_head else (0, 0)
+        if self.empty_id is not None and ids[-1] != self.empty_id:
+            ids.append(self.empty_id)
+        return EncodedPrompt(ids=ids, instruction=span)
+
+    # -- vision ------------------------------------------------------------------------------------------------
+
+    def prepare_frames(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if len(images) != self.num_images:
+            raise ValueError(f'{self.kind} takes {self.num_images} image(s), got {len(images)}')
+        return [self.transform.frame(image) for image in images]
+
+    def visual_tokens(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
+        """(1, num_images * patches, d): each camera through the fused backbones and the projector."""
+        pixels = self.transform.pixels(frames, device=self.device, dtype=self.dtype)
+        tokens = self.model.patch_embeddings(pixels)                     # (cams, P, d)
+        return tokens.reshape(1, -1, tokens.shape[-1])
+
+    def embed_ids(self, ids: Sequence[int]) -> torch.Tensor:
+        return self.model.embed_tokens(torch.tensor([list(ids)], device=self.device))
+
+    # -- actions -----------------------------------------------------------------------------------------------
+
+    @property
+    def action_dim(self) -> int:
+        low = self.action_stats.get('q01', self.action_stats.get('min'))
+        return len(low)
+
+    def unnormalize(self, normalized: np.ndarray) -> np.ndarray:
+        return action_ops.unnormalize(normalized, self.action_stats, self.normalization, eps=self.action_eps)
+
+    # -- executor plumbing -------------------------------------------------------------------------------------
+
+    def context(self, layout: TokenLayout, embeddings: torch.Tensor, frames: list[np.ndarray], step_index: int,
+                instruction: str, executed_actions: Optional[np.ndarray]) -> StepContext:
+        return StepContext(layout=layout, step_index=step_index,
+                           visual_embeddings=embeddings[0, layout.visual_indices().to(embeddings.device)].detach(),
+                           images=frames, patch_size=self.patch_size, executed_actions=executed_actions,
+                           instruction=instruction)

@@ -1,0 +1,186 @@
+"""OpenVLA / OpenVLA-OFT adapters behind the project's ``Policy`` interface (what the ROS node runs).
+
+``load_adapter_policy(directory, ...)`` reads a checkpoint in its published layout, picks the adapter (by the files:
+an ``action_head--*checkpoint.pt`` makes it OpenVLA-OFT) and pairs it with a pruning method from the registry.
+
+Robot-side options the checkpoint cannot know (which dataset statistics to un-normalise with, camera names, centre
+crop, gripper convention, control period) come from keyword arguments or, when the caller (the ROS node's
+``load_policy``) cannot pass them, from ``specprune_adapter.json`` in the checkpoint directory; arguments win.
+
+Actions: ``PolicyOutput.actions`` are the **un-normalised** actions in the dataset's units (LIBERO: the controller's
+normalised delta commands in [-1, 1]); ``info['normalized_actions']`` holds the model's [-1, 1] output.
+``gripper='libero'`` applies the LIBERO evaluation's gripper convention (binarise, -1 = open, +1 = close).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from specprune_ros.adapters import actions as action_ops
+from specprune_ros.adapters.checkpoint import OPTIONS_FILE, _check_directory, _read_json, detect_kind
+from specprune_ros.adapters.openvla import OpenVLAAdapter
+from specprune_ros.adapters.openvla_oft import OpenVLAOFTAdapter
+from specprune_ros.core.step_types import PruningMethod
+from specprune_ros.policy.checkpoint import CheckpointError
+from specprune_ros.policy.interface import ActionSpec, Observation, PolicyOutput
+from specprune_ros.policy.runtime import ObservationError, camera_frames
+
+Adapter = Union[OpenVLAAdapter, OpenVLAOFTAdapter]
+
+
+@dataclass
+class AdapterOptions:
+    """Robot-side settings of an adapter (fields of ``specprune_adapter.json``)."""
+
+    unnorm_key: Optional[str] = None          # dataset statistics key (None: the only one in the checkpoint)
+    camera_names: Optional[list[str]] = None  # default: ['agentview'] (OpenVLA), ['agentview', 'wrist'] (OFT)
+    num_images: Optional[int] = None          # OFT: cameras in the input (default: len(camera_names) or 2)
+    chunk_size: int = 8                       # OFT: NUM_ACTIONS_CHUNK the head was trained with (LIBERO 8)
+    center_crop: Optional[bool] = None        # default: True for OFT (LIBERO fine-tunes), False for OpenVLA
+    normalization: str = 'bounds_q99'         # 'bounds_q99' (LIBERO, Bridge) or 'bounds' (OFT ALOHA)
+    gripper: str = 'none'                     # 'none' or 'libero'
+    lowercase_instruction: bool = True
+    prompt_template: Optional[str] = None
+    attn_implementation: str = 'sdpa'         # transformers' reference path only; the executor always uses SDPA
+    control_period_s: float = 0.1
+    translation_scale_m: float = 0.02
+    rotation_scale_rad: float = 0.2
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = 'options') -> 'AdapterOptions':
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f'{source}: unknown adapter option(s) {unknown}; valid: {sorted(names)}')
+        return cls(**values)
+
+
+class AdapterPolicy:
+    """An OpenVLA / OpenVLA-OFT adapter plus a pruning method: the ``Policy`` interface."""
+
+    def __init__(self, adapter: Adapter, method: Optional[PruningMethod] = None,
+                 camera_names: Optional[list[str]] = None, gripper: str = 'none',
+                 action_spec: Optional[ActionSpec] = None) -> None:
+        self.adapter = adapter
+        self.method = method
+        self.kind = adapter.kind
+        default = ['agentview'] if adapter.num_images == 1 else ['agentview', 'wrist'][:adapter.num_images]
+        names = list(camera_names or default)
+        if len(names) != adapter.num_images:
+            raise ValueError(f'{len(names)} camera names for a model with {adapter.num_images} image input(s)')
+        if gripper not in ('none', 'libero'):
+            raise ValueError(f"gripper must be 'none' or 'libero', got {gripper!r}")
+        self.camera_names = tuple(names)
+        size = adapter.transform.size
+        self.image_size = (size, size)
+        self.proprio_dim = getattr(adapter, 'proprio_dim', 0)
+        chunk = getattr(adapter, 'chunk_size', 1)
+        self.action_spec = action_spec or ActionSpec(chunk_size=chunk, action_dim=adapter.action_dim)
+        self.gripper = gripper
+        self.step_index = 0
+
+    @property
+    def method_name(self) -> str:
+        return getattr(self.method, 'name', 'none')
+
+    def reset(self) -> None:
+        self.step_index = 0
+        if self.method is not None:
+            self.method.reset()
+
+    def predict(self, observation: Observation) -> PolicyOutput:
+        started = time.perf_counter()
+        images = camera_frames(observation, self.camera_names)  # any size: the adapter resizes
+        common = dict(method=self.method, step_index=self.step_index, executed_actions=observation.executed_actions)
+        if isinstance(self.adapter, OpenVLAOFTAdapter):
+            try:
+                self.adapter.normalized_proprio(observation.proprio)       # refuse a missing / bad state up front
+            except ValueError as error:
+                raise ObservationError(str(error)) from error
+            out = self.adapter.step(images, observation.instruction, observation.proprio, **common)
+        else:
+            out = self.adapter.step(images, observation.instruction, **common)
+        actions = self.adapter.unnormalize(out.normalized)
+        if self.gripper == 'libero':
+            actions = action_ops.libero_gripper(actions)
+        self.step_index += 1
+        record = out.result.record
+        info = {'method': self.method_name, 'step_index': self.step_index - 1, 'model': self.kind,
+                'unnorm_key': self.adapter.unnorm_key, 'normalized_actions': out.normalized.astype(np.float32),
+                **out.info}
+        return PolicyOutput(actions=np.asarray(actions, dtype=np.float32), latency_s=time.perf_counter() - started,
+                            record=record, info=info)
+
+
+def read_options(directory: str | Path, overrides: Optional[dict[str, Any]] = None) -> AdapterOptions:
+    """``specprune_adapter.json`` of the checkpoint (if any) updated with ``overrides`` (None values ignored)."""
+    directory = _check_directory(directory)
+    values = _read_json(directory, OPTIONS_FILE, required=False) or {}
+    if not isinstance(values, dict):
+        raise CheckpointError(f'checkpoint {directory}: malformed {OPTIONS_FILE}: not a JSON object')
+    try:
+        options = AdapterOptions.from_dict(values, source=str(directory / OPTIONS_FILE))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f'checkpoint {directory}: malformed {OPTIONS_FILE}: {error}') from error
+    changes = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return dataclasses.replace(options, **changes) if changes else options
+
+
+def load_adapter(directory: str | Path, kind: Optional[str] = None, device: str = 'auto',
+                 dtype: str = 'auto', options: Optional[AdapterOptions] = None) -> Adapter:
+    """The adapter of a checkpoint directory (``kind`` None = detect from the files)."""
+    kind = kind or detect_kind(directory)
+    options = options or read_options(directory)
+    common = dict(device=device, dtype=dtype, unnorm_key=options.unnorm_key, center_crop=options.center_crop,
+                  attn_implementation=options.attn_implementation, normalization=options.normalization,
+                  lowercase_instruction=options.lowercase_instruction)
+    if options.prompt_template:
+        common['prompt_template'] = options.prompt_template
+    if kind == 'openvla':
+        return OpenVLAAdapter.load(directory, **common)
+    if kind == 'openvla-oft':
+        num_images = options.num_images or (len(options.camera_names) if options.camera_names else 2)
+        return OpenVLAOFTAdapter.load(directory, num_images=num_images, chunk_size=options.chunk_size, **common)
+    raise ValueError(f"kind must be 'openvla' or 'openvla-oft', got {kind!r}")
+
+
+def load_adapter_policy(directory: str | Path, kind: Optional[str] = None, method: str = 'none',
+                        method_config: Optional[dict] = None, device: str = 'auto', dtype: str = 'auto',
+                        unnorm_key: Optional[str] = None, seed: int = 0, **options: Any) -> AdapterPolicy:
+    """A ready ``Policy`` for an OpenVLA / OpenVLA-OFT checkpoint directory.
+
+    ``kind``: 'openvla', 'openvla-oft' or None (detect). ``method`` / ``method_config``: a pruning method of
+    ``specprune_ros.pruning`` (``build_method``). ``device``: 'auto', 'cpu', 'cuda', 'cuda:N'; ``dtype``: 'auto'
+    (bf16 on CUDA, fp32 on CPU), 'float32', 'bfloat16', 'float16'. Further keyword arguments are
+    :class:`AdapterOptions` fields; they override ``specprune_adapter.json``.
+    """
+    from specprune_ros.pruning import build_method
+    opts = read_options(directory, {**options, 'unnorm_key': unnorm_key})
+    adapter = load_adapter(directory, kind=kind, device=device, dtype=dtype, options=opts)
+    spec = ActionSpec(chunk_size=getattr(adapter, 'chunk_size', 1), action_dim=adapter.action_dim,
+                      translation_scale_m=opts.translation_scale_m, rotation_scale_rad=opts.rotation_scale_rad,
+                      control_period_s=opts.control_period_s)
+    return AdapterPolicy(adapter, build_method(method, method_config, seed=seed), camera_names=opts.camera_names,
+                         gripper=opts.gripper, action_spec=spec)
+
+
+def load_policy_if_adapter(model: str, method: str = 'none', method_config: Optional[dict] = None,
+                           device: str = 'cpu', dtype: str = 'float32', seed: int = 0) -> Optional[AdapterPolicy]:
+    """For ``policy.loading.load_policy``: the adapter policy when ``model`` is a directory holding an OpenVLA /
+    OpenVLA-OFT checkpoint (judged by its ``config.json``), else None (the reference VLA path handles it, and its
+    errors, e.g. a missing directory)."""
+    if model in ('reference', 'tiny-random'):
+        return None
+    directory = Path(model).expanduser()
+    if not (directory / 'config.json').is_file():
+        return None
+    kind = detect_kind(directory)
+    if kind == 'reference':
+        return None
+    return load_adapter_policy(directory, kind=kind, method=method, method_config=method_config, device=device,
+                               dtype=dtype, seed=seed)

@@ -1,0 +1,100 @@
+"""Camera frame -> the fused backbones' pixel tensor, as Prismatic's image processor does it.
+
+Per frame (``uint8`` RGB, any size):
+
+1. ``resize-naive`` (OpenVLA): resize to ``size`` x ``size`` (PIL, the processor's interpolation, bicubic);
+   ``letterbox``: pad to a square with the mean colour first; ``resize-crop``: resize the short side, centre crop;
+2. optional centre crop (OpenVLA / OFT models fine-tuned with random-crop augmentation): keep the central 90 % of
+   the area and resize back to ``size`` (bilinear), as the public evaluation scripts do;
+3. per backbone: ``/255``, subtract the mean, divide by the std (DINOv2: ImageNet statistics, SigLIP: 0.5), and
+   stack the backbones on the channel axis -> (3 * num_backbones, size, size).
+
+Step 3 runs on the model's device. The uint8 frame after steps 1-2 is also what pruning methods that compare raw
+patches (SpecPrune's changed patches, VLA-Cache) receive, with the ViT's patch size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+_PIL_MODES = {'bicubic': Image.BICUBIC, 'bilinear': Image.BILINEAR, 'nearest': Image.NEAREST,
+              'lanczos': Image.LANCZOS, 'box': Image.BOX, 'hamming': Image.HAMMING}
+RESIZE_STRATEGIES = ('resize-naive', 'letterbox', 'resize-crop')
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Preprocessing of one checkpoint (from ``preprocessor_config.json`` when present)."""
+
+    size: int = 224
+    means: tuple[tuple[float, float, float], ...] = ((0.485, 0.456, 0.406), (0.5, 0.5, 0.5))
+    stds: tuple[tuple[float, float, float], ...] = ((0.229, 0.224, 0.225), (0.5, 0.5, 0.5))
+    resize_strategy: str = 'resize-naive'
+    interpolation: str = 'bicubic'
+    center_crop: bool = False
+    crop_scale: float = 0.9                    # area fraction kept by the centre crop
+
+    def __post_init__(self) -> None:
+        if self.resize_strategy not in RESIZE_STRATEGIES:
+            raise ValueError(f'image_resize_strategy {self.resize_strategy!r} not in {RESIZE_STRATEGIES}')
+        if self.interpolation not in _PIL_MODES:
+            raise ValueError(f'interpolation {self.interpolation!r} not in {sorted(_PIL_MODES)}')
+        if len(self.means) != len(self.stds) or not self.means:
+            raise ValueError('one mean and one std per vision backbone')
+
+    @property
+    def num_backbones(self) -> int:
+        return len(self.means)
+
+    def frame(self, image: np.ndarray) -> np.ndarray:
+        """Steps 1-2: (H, W, 3) uint8 -> (size, size, 3) uint8."""
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f'expected an (H, W, 3) uint8 RGB frame, got {image.shape} {image.dtype}')
+        pil = Image.fromarray(image)
+        mode = _PIL_MODES[self.interpolation]
+        if self.resize_strategy == 'letterbox':
+            pil = _letterbox(pil, tuple(int(255 * m) for m in self.means[0]))
+        if self.resize_strategy == 'resize-crop':
+            w, h = pil.size
+            scale = self.size / min(w, h)
+            pil = pil.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))), mode)
+            pil = _center(pil, self.size, self.size)
+        elif pil.size != (self.size, self.size):
+            pil = pil.resize((self.size, self.size), mode)
+        if self.center_crop:
+            side = math.sqrt(self.crop_scale)
+            crop = _center(pil, round(self.size * side), round(self.size * side))
+            pil = crop.resize((self.size, self.size), Image.BILINEAR)
+        return np.asarray(pil, dtype=np.uint8)
+
+    def pixels(self, frames: Sequence[np.ndarray], device: torch.device | str = 'cpu',
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Step 3: prepared uint8 frames (n, size, size, 3) -> (n, 3 * num_backbones, size, size)."""
+        x = torch.from_numpy(np.stack([np.ascontiguousarray(f) for f in frames])).to(device)
+        x = x.permute(0, 3, 1, 2).float() / 255.0
+        parts = []
+        for mean, std in zip(self.means, self.stds):
+            m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+            s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+            parts.append((x - m) / s)
+        return torch.cat(parts, dim=1).to(dtype)
+
+
+def _letterbox(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
+    w, h = image.size
+    side = max(w, h)
+    canvas = Image.new('RGB', (side, side), fill)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def _center(image: Image.Image, width: int, height: int) -> Image.Image:
+    w, h = image.size
+    left, top = (w - width) // 2, (h - height) // 2
+    return image.crop((left, top, left + width, top + height))
