@@ -56,7 +56,8 @@ class _Recorder:
         return self.policy.predict(observation)
 
 
-def replay_observations(model: str, families: list[str], episodes: int, seed_start: int) -> list[list[Observation]]:
+def replay_observations(model: str, families: list[str], episodes: int, seed_start: int,
+                        execute_steps: int | None = None) -> list[list[Observation]]:
     """Per episode, the observations the unpruned policy acted on in closed loop."""
     from specprune_ros.policy.loading import load_policy
     from specprune_ros.sim import TabletopEnv
@@ -66,7 +67,7 @@ def replay_observations(model: str, families: list[str], episodes: int, seed_sta
     for i in range(episodes):
         for family in families:
             recorder.seen = []
-            run_episode(env, recorder, family, seed_start + i)
+            run_episode(env, recorder, family, seed_start + i, execute_steps=execute_steps)
             sequences.append(recorder.seen)
     return sequences
 
@@ -129,6 +130,8 @@ def main() -> None:
     parser.add_argument('--model', default='reference')
     parser.add_argument('--episodes-per-family', type=int, default=34, help='34 x 3 families = 102 per configuration')
     parser.add_argument('--latency-episodes', type=int, default=2, help='episodes per family replayed for latency')
+    parser.add_argument('--execute-steps', type=int, default=None,
+                        help='actions executed per chunk before re-planning (default: the whole chunk of 8)')
     parser.add_argument('--workers', type=int, default=2)
     parser.add_argument('--threads', type=int, default=2, help='torch threads in the latency phase')
     parser.add_argument('--configs', nargs='*', default=None, help='labels to run (default: all)')
@@ -142,9 +145,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
-    summaries = {c.name: summarize(evaluate(c, families, args.episodes_per_family, workers=args.workers), c.name)
+    summaries = {c.name: summarize(evaluate(c, families, args.episodes_per_family, workers=args.workers,
+                                            execute_steps=args.execute_steps), c.name)
                  for c in configs}
-    sequences = replay_observations(args.model, families, args.latency_episodes, EVAL_SEED_START + 500_000)
+    sequences = replay_observations(args.model, families, args.latency_episodes, EVAL_SEED_START + 500_000,
+                                    args.execute_steps)
     speed = measure_latency(args.model, configs, sequences, args.threads)
 
     rows = []
@@ -154,7 +159,8 @@ def main() -> None:
                      'families': {f: v['success_rate'] for f, v in summaries[c.name]['families'].items()},
                      'visual_kept': s['mean_visual_kept'], 'flops_ratio': s['flops_ratio'], **speed[c.name]})
     lines = [f"Model {args.model!r}, {args.episodes_per_family} held-out episodes per family x {len(families)} families per "
-             f"configuration; latency: {sum(map(len, sequences))} replayed steps per configuration, interleaved, "
+             f"configuration, {args.execute_steps or 8} actions executed per chunk; latency: "
+             f"{sum(map(len, sequences))} replayed steps per configuration, interleaved, "
              f"{args.threads} threads. Self-speculation (layers 0-1 top-k in last-layer top-k, text attention): "
              f"{speed['_self_speculation_hit_rate']:.1%}" if speed['_self_speculation_hit_rate'] is not None else '',
              '',

@@ -20,6 +20,7 @@ def main() -> None:
     parser.add_argument('--model', default='reference', help="'reference', 'tiny-random' or a checkpoint directory")
     parser.add_argument('--method', default='none', help='pruning method (see specprune_ros.pruning)')
     parser.add_argument('--method-config', type=json.loads, default=None, help='JSON dict of method settings')
+    parser.add_argument('--execute-steps', type=int, default=None, help='actions executed per chunk (default: all 8)')
     parser.add_argument('--families', nargs='+', default=None)
     parser.add_argument('--episodes-per-family', type=int, default=10)
     parser.add_argument('--seed-start', type=int, default=None, help='default: the held-out EVAL_SEED_START')
@@ -31,7 +32,8 @@ def main() -> None:
     from specprune_ros.sim import EVAL_SEED_START, TASK_FAMILIES
     families = args.families or list(TASK_FAMILIES)
     spec = PolicySpec(model=args.model, method=args.method, method_config=args.method_config)
-    results = evaluate(spec, families, args.episodes_per_family, seed_start=args.seed_start, workers=args.workers)
+    results = evaluate(spec, families, args.episodes_per_family, seed_start=args.seed_start, workers=args.workers,
+                       execute_steps=args.execute_steps)
     summary = summarize(results, label=spec.name)
     json_path, md_path = write_report([summary], args.out, name=f'closed_loop_{spec.name}')
     print(md_path.read_text())
