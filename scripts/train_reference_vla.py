@@ -3,7 +3,8 @@
 
     python scripts/train_reference_vla.py --data data/demos --out outputs/train \
         --export specprune_ros/assets/reference_vla --steps 6000 --max-minutes 110
-Resumable: rerun with --resume to continue from outputs/train/train_state.pt.
+Resumable: rerun with --resume to continue from outputs/train/train_state.pt, or --init-from a checkpoint
+directory to continue from exported weights (fresh optimizer) when the training state is gone.
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ def main() -> None:
     parser.add_argument('--data', type=Path, required=True)
     parser.add_argument('--out', type=Path, default=Path('outputs/train'))
     parser.add_argument('--export', type=Path, default=None, help='where the final checkpoint goes')
-    parser.add_argument('--resume', action='store_true')
+    parser.add_argument('--resume', action='store_true', help='continue from <out>/train_state.pt')
+    parser.add_argument('--init-from', type=Path, default=None,
+                        help='start from an exported checkpoint (e.g. specprune_ros/assets/reference_vla)')
     parser.add_argument('--max-episodes', type=int, default=0)
     defaults = TrainConfig()
     for name, value in vars(defaults).items():
@@ -54,7 +57,8 @@ def main() -> None:
                                       proprio_dim=len(manifest['proprio_layout']), hidden_size=args.hidden_size, num_heads=args.num_heads, num_kv_heads=args.num_heads,
                                       num_layers=args.num_layers, mlp_size=args.mlp_size)
     train_config = TrainConfig(**{name: getattr(args, name) for name in vars(defaults)})
-    exported = train(model_config, train_config, episodes, args.out, resume=args.resume, export_dir=args.export)
+    exported = train(model_config, train_config, episodes, args.out, resume=args.resume, export_dir=args.export,
+                     init_from=args.init_from)
     print(f'checkpoint written to {exported}')
 
 

@@ -112,3 +112,9 @@ def test_training_runs_exports_and_resumes(tmp_path):
     train(tiny_random_config(VOCABULARY), settings, episodes, tmp_path / 'run', resume=True)
     steps = [json.loads(line)['step'] for line in (tmp_path / 'run' / 'loss_log.jsonl').read_text().splitlines()]
     assert steps[-2:] == [4, 5]
+    settings.steps = 2
+    again = train(tiny_random_config(VOCABULARY), settings, episodes, tmp_path / 'warm', init_from=exported,
+                  export_dir=tmp_path / 'warm_ckpt')
+    meta = json.loads((again / 'config.json').read_text())
+    assert meta['training']['steps_done'] == 5 + 2
+    assert meta['config']['proprio_mean'] == model.config.proprio_mean

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from specprune_ros.policy.checkpoint import save_checkpoint
+from specprune_ros.policy.checkpoint import load_checkpoint, read_config, save_checkpoint
 from specprune_ros.policy.reference_vla import ReferenceVLA, ReferenceVLAConfig
 from specprune_ros.policy.tokenizer import WordTokenizer
 
@@ -111,8 +111,12 @@ def l1_loss(model: ReferenceVLA, batch: dict[str, torch.Tensor], bf16: bool) -> 
 
 
 def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes: Sequence, out_dir: Path,
-          resume: bool = False, export_dir: Optional[Path] = None) -> Path:
-    """Train (or resume) and export the final checkpoint; returns the export directory."""
+          resume: bool = False, export_dir: Optional[Path] = None, init_from: Optional[Path] = None) -> Path:
+    """Train (or resume) and export the final checkpoint; returns the export directory.
+
+    ``resume`` continues from ``out_dir/train_state.pt`` (weights, optimizer, step, RNG); ``init_from`` starts
+    from an exported checkpoint's weights and normalisation instead (fresh optimizer), e.g. the committed
+    reference VLA on a machine that no longer has the training state."""
     torch.set_num_threads(train_config.threads)
     torch.manual_seed(train_config.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -124,9 +128,15 @@ def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes:
     n_val = max(1, int(len(episodes) * train_config.val_fraction))
     val_eps = [episodes[i] for i in order[:n_val]]
     train_eps = [episodes[i] for i in order[n_val:]]
-    model_config.proprio_mean, model_config.proprio_std = proprio_statistics(train_eps)
-
-    model = ReferenceVLA(model_config)
+    earlier_steps = 0
+    if init_from is not None:
+        model_config, meta = read_config(init_from)
+        earlier_steps = int(meta.get('training', {}).get('steps_done', 0))
+        model = load_checkpoint(init_from).train()
+        print(f'initialised from {init_from} ({earlier_steps} earlier steps)')
+    else:
+        model_config.proprio_mean, model_config.proprio_std = proprio_statistics(train_eps)
+        model = ReferenceVLA(model_config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
     step = 0
     elapsed_before = 0.0  # minutes trained by earlier runs (resume)
@@ -198,6 +208,6 @@ def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes:
     save_state()
     model.eval()
     export_dir = export_dir or out_dir / 'checkpoint'
-    save_checkpoint(model, export_dir, extra={'training': {'steps_done': step, 'episodes': len(train_eps),
-                                                           'samples': len(train_bank), **asdict(train_config)}})
+    facts = {'steps_done': earlier_steps + step, 'episodes': len(train_eps), 'samples': len(train_bank)}
+    save_checkpoint(model, export_dir, extra={'training': {**facts, **asdict(train_config)}})
     return export_dir

@@ -1,0 +1,26 @@
+"""The committed reference VLA checkpoint: it loads on a fresh machine and acts in the simulator."""
+import json
+
+import numpy as np
+
+from specprune_ros.policy.interface import Observation
+from specprune_ros.policy.loading import REFERENCE_CHECKPOINT, load_policy
+
+
+def test_reference_checkpoint_is_committed_small_and_described():
+    meta = json.loads((REFERENCE_CHECKPOINT / 'config.json').read_text())
+    assert meta['architecture'] == 'specprune_ros.ReferenceVLA'
+    assert meta['training']['steps_done'] > 0
+    assert (REFERENCE_CHECKPOINT / 'model.safetensors').stat().st_size <= 40 * 2 ** 20
+
+
+def test_reference_policy_acts_deterministically_on_a_sim_observation():
+    from specprune_ros.sim import EVAL_SEED_START, TabletopEnv
+    observation = TabletopEnv('place', EVAL_SEED_START).reset()
+    obs = Observation(images=observation.images, instruction=observation.instruction, proprio=observation.proprio)
+    first = load_policy('reference').predict(obs)
+    second = load_policy('reference').predict(obs)
+    assert first.actions.shape == (8, 7) and first.actions.dtype == np.float32
+    assert np.isfinite(first.actions).all() and np.abs(first.actions).max() <= 1.0
+    assert np.array_equal(first.actions, second.actions)
+    assert first.record.visual_kept_per_layer == [288] * 6
