@@ -28,6 +28,9 @@ setup(
         'console_scripts': [
             'specprune_node = specprune_ros.ros.policy_node:main',
             'specprune_synthetic_camera = specprune_ros.ros.tools.synthetic_camera:main',
+            'sim_bridge = specprune_ros.ros.sim_bridge_node:main',
+            'bag_player = specprune_ros.ros.bag_player:main',
+            'bag_recorder = specprune_ros.ros.bag_recorder:main',
         ],
     },
 )

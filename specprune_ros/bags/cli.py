@@ -1,0 +1,184 @@
+"""Command lines of the ROS-free bag tools (console scripts ``specprune_evaluate_bag`` and
+``specprune_record_sim_bag``; ``scripts/evaluate_bag.py`` and ``scripts/record_bag.py --from-sim`` call them).
+
+``evaluate_main``: offline replay evaluation of a bag. ``record_sim_main``: simulated episodes into a bag, no DDS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+EVALUATE_HELP = """Offline replay evaluation of a recorded bag: the same camera frames through the unpruned policy
+and each pruning method; reports action deviation (from unpruned, and from the recorded commands and chunks when the
+bag has them), kept tokens, latency and speedup as markdown + JSON + PNG plots. No ROS needed.
+
+    python scripts/evaluate_bag.py outputs/bags/episode --methods specprune vla_pruner fastv --out outputs/replay
+    python scripts/evaluate_bag.py robot_bag --camera agentview=/cam_front/image_raw/compressed \\
+        --camera wrist=/cam_wrist/image_raw --instruction-topic /task --ee-pose-topic /arm/ee_pose \\
+        --gripper-state-topic /arm/gripper --commands-topic '' --schedule every --stride 2
+
+Cameras may be sensor_msgs/Image or CompressedImage. The proprio comes from the pose and gripper-state
+topics (the newest message at or before each frame). Exit status 2 with a message for bad bags (missing
+topics, wrong or unknown types, truncated files, mismatched image sizes).
+"""
+
+
+def parse_camera(text: str) -> tuple[str, str]:
+    name, sep, topic = text.partition('=')
+    if not sep or not name or not topic:
+        raise argparse.ArgumentTypeError(f'expected name=topic, got {text!r}')
+    return name, topic
+
+
+def parse_method_config(text: str) -> tuple[str, dict]:
+    name, sep, value = text.partition('=')
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected method='{{json}}', got {text!r}")
+    import yaml
+    parsed = yaml.safe_load(value) or {}
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f'{name}: the config must be a mapping')
+    return name, parsed
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=EVALUATE_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('bag', type=Path)
+    parser.add_argument('--model', default='reference', help="'reference', 'tiny-random' or a checkpoint directory")
+    parser.add_argument('--methods', nargs='+', default=['specprune', 'vla_pruner'],
+                        help="pruning methods to compare with 'none' (always run)")
+    parser.add_argument('--method-config', action='append', type=parse_method_config, default=[],
+                        metavar="METHOD='{...}'", help="a method's knobs as YAML, e.g. specprune='{num_layers: 4}'")
+    parser.add_argument('--camera', action='append', type=parse_camera, default=[], metavar='NAME=TOPIC',
+                        help='camera topic (default agentview=/camera/agentview/image_raw, '
+                             'wrist=/camera/wrist/image_raw)')
+    parser.add_argument('--instruction-topic', default='/instruction')
+    parser.add_argument('--instruction', default='', help='use this instruction instead of a topic')
+    parser.add_argument('--ee-pose-topic', default='/ee_pose')
+    parser.add_argument('--gripper-state-topic', default='/gripper_state')
+    parser.add_argument('--finger-joints', nargs='+', default=['finger_joint1', 'finger_joint2'])
+    parser.add_argument('--commands-topic', default='/delta_twist_cmds', help="recorded TwistStamped ('' = none)")
+    parser.add_argument('--gripper-command-topic', default='/gripper_command')
+    parser.add_argument('--chunks-topic', default='/specprune_node/action_chunk', help="recorded chunks ('' = none)")
+    parser.add_argument('--schedule', choices=('auto', 'recorded', 'every'), default='auto',
+                        help='auto: where the live node inferred when the bag has its chunks, else every frame set')
+    parser.add_argument('--stride', type=int, default=1, help="schedule 'every': infer every N-th frame set")
+    parser.add_argument('--max-observations', type=int, default=0, help='use only the first N frame sets')
+    parser.add_argument('--max-camera-skew', type=float, default=0.05, help='seconds between paired frames')
+    parser.add_argument('--image-size', type=int, default=0, help="resize frames (0: the policy's input size)")
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--threads', type=int, default=1, help='torch threads')
+    parser.add_argument('--no-repeat-baseline', action='store_true', help='skip the determinism re-run of none')
+    parser.add_argument('--out', type=Path, default=Path('outputs/replay'))
+    parser.add_argument('--name', default='replay')
+    parser.add_argument('--no-plots', action='store_true')
+    parser.add_argument('--quiet', action='store_true', help='no progress bars')
+    return parser
+
+
+def evaluate_main(argv: Optional[list[str]] = None) -> int:
+    args = evaluate_parser().parse_args(argv)
+    from specprune_ros.bags.io import BagError, BagReader
+    from specprune_ros.bags.streams import COMPRESSED, IMAGE, StreamTopics, load_streams
+    cameras = dict(args.camera) or None
+    topics = StreamTopics(instruction=args.instruction_topic, ee_pose=args.ee_pose_topic,
+                          gripper_state=args.gripper_state_topic, commands=args.commands_topic,
+                          gripper_command=args.gripper_command_topic, chunks=args.chunks_topic,
+                          finger_joints=tuple(args.finger_joints))
+    if cameras:
+        topics.cameras = cameras
+    try:   # the bag first (fast): a broken bag should not wait for torch and the model to load
+        with BagReader(args.bag) as bag:
+            for name, topic in topics.normalized().cameras.items():
+                bag.require(topic, (IMAGE, COMPRESSED), f'camera {name!r}')
+    except BagError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
+    import torch
+    torch.set_num_threads(max(args.threads, 1))
+    from specprune_ros.bags.replay_eval import ReplayConfig, evaluate_streams
+    from specprune_ros.bags.report import markdown, write_report
+    from specprune_ros.policy.checkpoint import CheckpointError
+    config = ReplayConfig(model=args.model, methods=tuple(args.methods), method_configs=dict(args.method_config),
+                          seed=args.seed, device=args.device, schedule=args.schedule, stride=args.stride,
+                          repeat_baseline=not args.no_repeat_baseline, progress=not args.quiet)
+    try:
+        size = args.image_size
+        if not size:
+            from specprune_ros.policy.loading import load_model
+            size = load_model(args.model, device='cpu', seed=args.seed).config.image_size
+        streams = load_streams(args.bag, topics, image_size=(size, size), max_camera_skew_s=args.max_camera_skew,
+                               instruction=args.instruction, max_observations=args.max_observations)
+        report = evaluate_streams(streams, config)
+    except (BagError, CheckpointError, ValueError) as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
+    paths = write_report(report, args.out, args.name, plots=not args.no_plots)
+    print(markdown(report))
+    print('wrote ' + ', '.join(str(p) for p in paths.values()))
+    summary = {name: {'chunk_mae_vs_unpruned': m['vs_unpruned']['chunk_mae'], 'speedup': m['speedup']}
+               for name, m in report['methods'].items()}
+    print(json.dumps(summary))
+    return 0
+
+
+RECORD_SIM_HELP = """Record simulated episodes straight into a bag, no DDS: the sim bridge's topics and stamps (bag
+time = sim time), acted by the scripted expert or by a policy executing its chunks as the ROS-free harness does.
+
+    specprune_record_sim_bag outputs/bags/expert_pick --families pick --seeds 1000000 1000001
+    specprune_record_sim_bag outputs/bags/policy --actor policy --model reference --method none --storage sqlite3
+"""
+
+
+def record_sim_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=RECORD_SIM_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('output', type=Path, help='bag directory to create (must not exist)')
+    parser.add_argument('-s', '--storage', choices=('mcap', 'sqlite3'), default='mcap')
+    parser.add_argument('--families', nargs='+', default=['pick'])
+    parser.add_argument('--seeds', nargs='+', type=int, default=[1_000_000])
+    parser.add_argument('--actor', choices=('expert', 'policy'), default='expert')
+    parser.add_argument('--model', default='reference', help='policy actor: model')
+    parser.add_argument('--method', default='none', help='policy actor: pruning method')
+    parser.add_argument('--method-config', default='', help='policy actor: the method knobs as YAML')
+    parser.add_argument('--execute-steps', type=int, default=0, help='policy actor: actions per chunk (0: all)')
+    parser.add_argument('--max-steps', type=int, default=0, help='per episode (0: the task limit)')
+    parser.add_argument('--image-size', type=int, default=96)
+    parser.add_argument('--compressed', action='store_true', help='JPEG CompressedImage on <camera topic>/compressed')
+    return parser
+
+
+def record_sim_main(argv: Optional[list[str]] = None) -> int:
+    args = record_sim_parser().parse_args(argv)
+    if args.output.exists():
+        print(f'error: {args.output} exists already; bags are never overwritten', file=sys.stderr)
+        return 2
+    from specprune_ros.bags.io import BagError
+    from specprune_ros.bags.sim_bag import SimBagOptions, record_sim_bag
+    from specprune_ros.policy.checkpoint import CheckpointError
+    policy = None
+    try:
+        if args.actor == 'policy':
+            import torch
+            import yaml
+            torch.set_num_threads(1)
+            from specprune_ros.policy.loading import load_policy
+            config = yaml.safe_load(args.method_config) if args.method_config else None
+            policy = load_policy(args.model, args.method, config)
+        options = SimBagOptions(families=args.families, seeds=args.seeds, actor=args.actor, max_steps=args.max_steps,
+                                image_size=args.image_size, compressed=args.compressed, storage=args.storage,
+                                execute_steps=args.execute_steps)
+        result = record_sim_bag(args.output, options, policy=policy)
+    except (BagError, CheckpointError, ValueError) as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
+    for family, seed, success, steps in result.episodes:
+        print(f"{family} seed {seed}: {'success' if success else 'failure'} in {steps} steps")
+    print(f'wrote {sum(result.counts.values())} messages to {args.output}: '
+          + ', '.join(f'{t} {n}' for t, n in sorted(result.counts.items())))
+    return 0

@@ -1,0 +1,203 @@
+"""Episode bookkeeping and the outcome summary of a bridge run (no ROS).
+
+The episode plan matches the ROS-free harness (``specprune_ros.evaluation.closed_loop.evaluate``): seeds
+``seed_start + i`` for ``i < episodes_per_family``, families interleaved, so both score the same episodes.
+Smoothness is the mean norm of the jerk of the applied end-effector velocity (second difference of the
+per-period linear velocity over period^2, m/s^3); "stalled" periods are the ones without a fresh command.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from specprune_ros.evaluation.statistics import percentile, wilson_interval
+
+
+@dataclass(frozen=True)
+class EpisodeSpec:
+    family: str
+    seed: int
+
+
+def episode_plan(families: Sequence[str], episodes_per_family: int, seed_start: int) -> list[EpisodeSpec]:
+    """The harness's job order: for each index, every family."""
+    if episodes_per_family < 0:
+        raise ValueError('episodes_per_family must be >= 0')
+    return [EpisodeSpec(family, int(seed_start) + i) for i in range(episodes_per_family) for family in families]
+
+
+def mean_abs_jerk(linear_velocity: np.ndarray, period_s: float) -> float:
+    """Mean |d^2 v / dt^2| over a (T, 3) velocity sequence (NaN when T < 3)."""
+    v = np.asarray(linear_velocity, dtype=np.float64)
+    if v.ndim != 2 or len(v) < 3:
+        return float('nan')
+    jerk = (v[2:] - 2.0 * v[1:-1] + v[:-2]) / (period_s * period_s)
+    return float(np.linalg.norm(jerk, axis=1).mean())
+
+
+@dataclass
+class EpisodeLog:
+    """Everything recorded while one episode runs (one entry per control period)."""
+
+    spec: EpisodeSpec
+    instruction: str
+    start_stamp_ns: int
+    period_s: float
+    actions: list = field(default_factory=list)          # applied normalised 7-D actions
+    twists: list = field(default_factory=list)           # applied (time-averaged) twists, m/s and rad/s
+    holds: int = 0                                       # periods with a zero twist (a hold or no command)
+    stale_periods: float = 0.0                           # real-time: summed stale fraction of the periods
+    inferences: int = 0                                  # chunks seen for this episode
+    sync_how: dict = field(default_factory=dict)         # step-synchronous: how ticks were answered
+    latencies_ms: list = field(default_factory=list)     # node ~/inference: inference latency per chunk
+    model_latencies_ms: list = field(default_factory=list)
+    kept_ratios: list = field(default_factory=list)
+    skipped_steps: int = 0                               # steps the node skipped while inferring
+    resends: int = 0
+    wall_start: float = field(default_factory=time.monotonic)
+    success: bool = False
+
+    def add_period(self, action: np.ndarray, twist: np.ndarray, stale_fraction: float = 0.0,
+                   how: str = '') -> None:
+        self.actions.append(np.asarray(action, dtype=np.float64).copy())
+        self.twists.append(np.asarray(twist, dtype=np.float64).copy())
+        self.holds += int(not np.any(np.asarray(twist) != 0.0))
+        self.stale_periods += float(stale_fraction)
+        if how:
+            self.sync_how[how] = self.sync_how.get(how, 0) + 1
+
+    def add_inference(self, values: dict) -> None:
+        """One ``~/inference`` record of the policy node (string values)."""
+        self.inferences += 1
+        for key, target in (('inference_latency_ms', self.latencies_ms), ('model_latency_ms', self.model_latencies_ms),
+                            ('kept_ratio', self.kept_ratios)):
+            try:
+                value = float(values.get(key, 'nan'))
+            except ValueError:
+                continue
+            if math.isfinite(value):
+                target.append(value)
+        try:
+            self.skipped_steps += int(values.get('skipped_steps', '0'))
+        except ValueError:
+            pass
+
+    def outcome(self, sim_time_s: float, save_actions: bool = False) -> 'EpisodeOutcome':
+        twists = np.asarray(self.twists).reshape(-1, 6)
+        steps = len(self.actions)
+        return EpisodeOutcome(
+            family=self.spec.family, seed=self.spec.seed, instruction=self.instruction, success=bool(self.success),
+            steps=steps, sim_time_s=float(sim_time_s), wall_time_s=time.monotonic() - self.wall_start,
+            mean_abs_jerk=mean_abs_jerk(twists[:, :3], self.period_s) if steps else float('nan'),
+            mean_speed=float(np.linalg.norm(twists[:, :3], axis=1).mean()) if steps else float('nan'),
+            hold_fraction=self.holds / steps if steps else float('nan'),
+            stale_fraction=self.stale_periods / steps if steps else float('nan'),
+            inferences=self.inferences, skipped_steps=self.skipped_steps,
+            latency_ms_median=percentile(self.latencies_ms, 50),
+            model_latency_ms_median=percentile(self.model_latencies_ms, 50),
+            kept_ratio=float(np.mean(self.kept_ratios)) if self.kept_ratios else float('nan'),
+            sync_how=dict(self.sync_how), resends=self.resends,
+            actions=[[float(v) for v in a] for a in self.actions] if save_actions else None)
+
+
+@dataclass
+class EpisodeOutcome:
+    family: str
+    seed: int
+    instruction: str
+    success: bool
+    steps: int
+    sim_time_s: float
+    wall_time_s: float
+    mean_abs_jerk: float
+    mean_speed: float
+    hold_fraction: float
+    stale_fraction: float
+    inferences: int
+    skipped_steps: int
+    latency_ms_median: float
+    model_latency_ms_median: float
+    kept_ratio: float
+    sync_how: dict = field(default_factory=dict)
+    resends: int = 0
+    actions: Optional[list] = None          # applied actions (with save_actions)
+
+    def as_values(self) -> dict[str, str]:
+        """Flat string values (the ``~/episode`` DiagnosticStatus key-values)."""
+        out = {}
+        for key, value in asdict(self).items():
+            if key == 'actions':
+                continue
+            if isinstance(value, float):
+                out[key] = f'{value:.6g}'
+            elif isinstance(value, dict):
+                out[key] = json.dumps(value, sort_keys=True)
+            else:
+                out[key] = str(value).lower() if isinstance(value, bool) else str(value)
+        return out
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else float('nan')
+
+
+def summarize_outcomes(outcomes: Sequence[EpisodeOutcome], label: str = '', mode: str = '') -> dict:
+    """Per-family and overall success (Wilson 95% CI) and the motion / latency aggregates."""
+    def block(items: Sequence[EpisodeOutcome]) -> dict:
+        wins = sum(o.success for o in items)
+        low, high = wilson_interval(wins, len(items))
+        return {'episodes': len(items), 'successes': wins, 'success_rate': wins / max(len(items), 1),
+                'ci95': [low, high], 'mean_length': _nanmean([o.steps for o in items]),
+                'mean_abs_jerk': _nanmean([o.mean_abs_jerk for o in items]),
+                'mean_speed': _nanmean([o.mean_speed for o in items]),
+                'hold_fraction': _nanmean([o.hold_fraction for o in items]),
+                'stale_fraction': _nanmean([o.stale_fraction for o in items]),
+                'latency_ms_median': _nanmean([o.latency_ms_median for o in items]),
+                'model_latency_ms_median': _nanmean([o.model_latency_ms_median for o in items]),
+                'kept_ratio': _nanmean([o.kept_ratio for o in items]),
+                'skipped_steps_per_episode': _nanmean([o.skipped_steps for o in items])}
+    families = sorted({o.family for o in outcomes})
+    return {'label': label, 'mode': mode, 'overall': block(outcomes),
+            'families': {f: block([o for o in outcomes if o.family == f]) for f in families},
+            'episodes': [asdict(o) for o in outcomes]}
+
+
+def markdown_summary(summaries: Sequence[dict]) -> str:
+    lines = ['| config | mode | family | success | 95% CI | mean length | mean abs jerk m/s^3 | hold % | stale % '
+             '| latency median ms | kept ratio |',
+             '|---|---|---|---|---|---|---|---|---|---|---|']
+    for summary in summaries:
+        for family, s in [*summary['families'].items(), ('all', summary['overall'])]:
+            lines.append(
+                f"| {summary['label']} | {summary['mode']} | {family} | {s['success_rate'] * 100:.1f}% "
+                f"({s['successes']}/{s['episodes']}) | {s['ci95'][0] * 100:.1f}-{s['ci95'][1] * 100:.1f}% "
+                f"| {s['mean_length']:.1f} | {s['mean_abs_jerk']:.2f} | {s['hold_fraction'] * 100:.1f} "
+                f"| {s['stale_fraction'] * 100:.1f} | {s['latency_ms_median']:.1f} | {s['kept_ratio']:.3f} |")
+    return '\n'.join(lines)
+
+
+def write_summary(summary: dict, path: Path, extra: Optional[dict] = None) -> tuple[Path, Path]:
+    """``<path>.json`` and ``<path>.md`` (``path`` may carry either suffix or none)."""
+    path = Path(path)
+    base = path.with_suffix('') if path.suffix in ('.json', '.md') else path
+    base.parent.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = base.with_suffix('.json'), base.with_suffix('.md')
+    document = {'created': time.strftime('%Y-%m-%d %H:%M:%S'), **(extra or {}), 'summary': summary}
+    json_path.write_text(json.dumps(document, indent=2, default=_json_default))
+    md_path.write_text(markdown_summary([summary]) + '\n')
+    return json_path, md_path
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f'not JSON serialisable: {type(value).__name__}')

@@ -1,0 +1,229 @@
+"""Record topics of a live ROS 2 system into a rosbag2 (MCAP by default, sqlite3 on request), like
+``ros2 bag record`` (not installable here), with ``rosbags`` as the writer.
+
+    python -m specprune_ros.ros.bag_recorder outputs/bags/run1 --topics /camera/agentview/image_raw /instruction
+    python -m specprune_ros.ros.bag_recorder outputs/bags/run1 --all --storage sqlite3 --use-sim-time
+
+Topics are discovered as they appear (every 0.2 s) and subscribed to as serialized messages (``raw=True``),
+so nothing is deserialized; the CDR goes straight into the bag with the type's definition from the ROS 2
+typestore, which makes the bag readable by rosbag2 and ``rosbags`` alike. The subscription QoS adapts to the
+publishers (best effort if any publisher is, transient local if all are: latched messages get recorded),
+and the publishers' QoS is stored as the topic's offered QoS (the replayer reuses it). Bag time is the
+recorder's clock: wall time, or sim time with ``--use-sim-time`` (what replaying with ``--clock`` needs).
+"""
+from __future__ import annotations
+
+import argparse
+import queue
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import rclpy
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
+
+from specprune_ros.bags.io import BagError, BagWriter, make_qos
+from specprune_ros.ros.ros_helpers import BackgroundExecutor, MessageTypeError, message_class
+
+HIDDEN = ('/rosout', '/parameter_events')
+
+
+def subscription_qos(publisher_profiles: Sequence[Any], depth: int = 100) -> QoSProfile:
+    """The QoS that matches every publisher (see the module docstring)."""
+    reliable = bool(publisher_profiles) and all(p.reliability == ReliabilityPolicy.RELIABLE for p in publisher_profiles)
+    latched = bool(publisher_profiles) and all(p.durability == DurabilityPolicy.TRANSIENT_LOCAL
+                                               for p in publisher_profiles)
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth,
+                      reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT,
+                      durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE)
+
+
+def offered_qos(publisher_profiles: Sequence[Any]) -> list:
+    """The publishers' QoS in the bag's (rosbags) representation."""
+    out = []
+    for p in publisher_profiles:
+        out.append(make_qos(reliable=p.reliability == ReliabilityPolicy.RELIABLE,
+                            transient_local=p.durability == DurabilityPolicy.TRANSIENT_LOCAL,
+                            depth=max(int(p.depth), 1)))
+    return out
+
+
+class BagRecorder(Node):
+    """Records ``topics`` (or every topic with ``all_topics``) until ``stop``."""
+
+    def __init__(self, output: str | Path, topics: Sequence[str] = (), storage: str = 'mcap',
+                 all_topics: bool = False, use_sim_time: bool = False, node_name: str = 'bag_recorder',
+                 context: Optional[rclpy.Context] = None) -> None:
+        overrides = [Parameter('use_sim_time', value=True)] if use_sim_time else []
+        super().__init__(node_name, parameter_overrides=overrides, context=context)
+        self.wanted = {t if t.startswith('/') else '/' + t for t in topics}
+        self.all_topics = all_topics
+        if not self.wanted and not all_topics:
+            raise ValueError('name the topics to record, or record all of them')
+        self.writer = BagWriter(output, storage=storage)
+        self.queue: queue.Queue = queue.Queue()
+        self.subscriptions_by_topic: dict[str, Any] = {}
+        self.skipped: dict[str, str] = {}
+        self.messages = 0
+        self.stop_event = threading.Event()
+        # sqlite3 objects only work in the thread that made them: the writer thread opens, writes and closes
+        self._opened = threading.Event()
+        self._open_error: Optional[BaseException] = None
+        self._writer_thread = threading.Thread(target=self._write_loop, name='bag-writer', daemon=True)
+        self._writer_thread.start()
+        self._opened.wait(30.0)
+        if self._open_error is not None:
+            raise BagError(f'cannot create the bag {output}: {self._open_error}')
+        self._discovery_thread = threading.Thread(target=self._discovery_loop, name='bag-discovery', daemon=True)
+        self._discovery_thread.start()
+
+    # --- discovery (own thread: works whatever the clock does) ------------------------------------------------
+    def _discovery_loop(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.discover()
+            except Exception as error:  # the context went away under us
+                if not self.stop_event.is_set():
+                    self.get_logger().warning(f'discovery failed: {error}')
+            self.stop_event.wait(0.2)
+
+    def discover(self) -> None:
+        for topic, types in self.get_topic_names_and_types():
+            if topic in self.subscriptions_by_topic or topic in self.skipped:
+                continue
+            if not (topic in self.wanted or (self.all_topics and topic not in HIDDEN)):
+                continue
+            publishers = self.get_publishers_info_by_topic(topic)
+            if not publishers:
+                continue   # only subscribers so far: wait for a publisher to learn its QoS
+            msgtype = types[0]
+            try:
+                cls = message_class(msgtype)
+            except MessageTypeError as error:
+                self.skipped[topic] = str(error)
+                self.get_logger().error(f'not recording {topic}: {error}')
+                continue
+            profiles = [p.qos_profile for p in publishers]
+            try:
+                self.queue.put(('topic', topic, msgtype, offered_qos(profiles)))
+            except BagError as error:
+                self.skipped[topic] = str(error)
+                continue
+            self.subscriptions_by_topic[topic] = self.create_subscription(
+                cls, topic, lambda data, name=topic: self._on_message(name, data), subscription_qos(profiles),
+                raw=True)
+            self.get_logger().info(f'recording {topic} ({msgtype})')
+
+    def _on_message(self, topic: str, data: bytes) -> None:
+        self.queue.put(('message', topic, self.get_clock().now().nanoseconds, data))
+
+    # --- writing (own thread) ---------------------------------------------------------------------------------
+    def _write_loop(self) -> None:
+        try:
+            self.writer.open()
+        except Exception as error:
+            self._open_error = error
+            self._opened.set()
+            return
+        self._opened.set()
+        try:
+            self._drain()
+        finally:
+            self.writer.close()
+
+    def _drain(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                break
+            kind, topic, *rest = item
+            try:
+                if kind == 'topic':
+                    msgtype, qos = rest
+                    self.writer.add_topic(topic, msgtype, qos=qos)
+                elif self.writer.has_topic(topic):
+                    timestamp, data = rest
+                    self.writer.write_raw(topic, timestamp, data)
+                    self.messages += 1
+            except BagError as error:
+                self.skipped[topic] = str(error)
+                self.get_logger().error(f'not recording {topic}: {error}')
+
+    def missing(self) -> list[str]:
+        return sorted(t for t in self.wanted if t not in self.subscriptions_by_topic)
+
+    def close(self) -> dict[str, int]:
+        """Stop subscribing, flush and close the bag; returns messages per topic."""
+        self.stop_event.set()
+        self._discovery_thread.join(2.0)
+        for subscription in list(self.subscriptions_by_topic.values()):
+            try:
+                self.destroy_subscription(subscription)
+            except Exception:
+                pass
+        self.queue.put(None)
+        self._writer_thread.join(60.0)
+        return dict(self.writer.counts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('output', type=Path, help='bag directory to create (must not exist)')
+    parser.add_argument('--topics', nargs='+', default=[], help='topics to record')
+    parser.add_argument('-a', '--all', action='store_true', help='record every topic (not /rosout, /parameter_events)')
+    parser.add_argument('-s', '--storage', choices=('mcap', 'sqlite3'), default='mcap')
+    parser.add_argument('--use-sim-time', action='store_true', help='bag time from /clock')
+    parser.add_argument('--duration', type=float, default=0.0, help='stop after this many wall seconds (0: never)')
+    parser.add_argument('--max-messages', type=int, default=0, help='stop after this many messages (0: no limit)')
+    parser.add_argument('--node-name', default='bag_recorder')
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.topics and not args.all:
+        print('error: give --topics ... or --all', file=sys.stderr)
+        return 2
+    if args.output.exists():
+        print(f'error: {args.output} exists already; bags are never overwritten', file=sys.stderr)
+        return 2
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+    try:
+        recorder = BagRecorder(args.output, args.topics, args.storage, args.all, args.use_sim_time, args.node_name)
+    except (BagError, ValueError) as error:
+        print(f'error: {error}', file=sys.stderr)
+        rclpy.try_shutdown()
+        return 2
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: recorder.stop_event.set())
+    spinner = BackgroundExecutor(recorder)
+    started = time.monotonic()
+    try:
+        while not recorder.stop_event.is_set():
+            if args.duration and time.monotonic() - started >= args.duration:
+                break
+            if args.max_messages and recorder.messages >= args.max_messages:
+                break
+            recorder.stop_event.wait(0.1)
+    finally:
+        spinner.stop()
+        counts = recorder.close()
+        missing = recorder.missing()
+        recorder.destroy_node()
+        rclpy.try_shutdown()
+    total = sum(counts.values())
+    print(f'recorded {total} messages on {len(counts)} topics to {args.output}: '
+          + ', '.join(f'{t} {n}' for t, n in sorted(counts.items())))
+    if missing:
+        print(f'never seen (no publisher): {", ".join(missing)}', file=sys.stderr)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

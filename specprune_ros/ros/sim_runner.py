@@ -1,0 +1,158 @@
+"""Run a simulation closed loop as processes (what ``ros2 launch specprune_ros sim.launch.py`` does):
+the policy node, the sim bridge and optionally a bag recorder, each with its log file.
+
+Used by ``scripts/run_sim_closed_loop.py``, ``scripts/compare_ros_vs_harness.py`` and the tests.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from specprune_ros.ros.sim_launch_config import bridge_command, policy_command, sim_setup
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class ManagedProcess:
+    """A child process with its output in a log file; ``interrupt`` sends SIGINT, then SIGKILL."""
+
+    label: str
+    command: list[str]
+    env: dict
+    log_path: Path
+    popen: Optional[subprocess.Popen] = None
+
+    def start(self) -> 'ManagedProcess':
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, 'w')
+        self.popen = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+        log.close()
+        return self
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[int]:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def interrupt(self, timeout: float = 20.0) -> Optional[int]:
+        if self.alive():
+            self.popen.send_signal(signal.SIGINT)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        return None if self.popen is None else self.popen.returncode
+
+    def output(self, tail: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors='replace')[-tail:]
+        except OSError:
+            return ''
+
+
+def child_environment(domain_id: Optional[int], torch_threads: int = 1) -> dict:
+    env = dict(os.environ)
+    env.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
+    env.update(PYTHONUNBUFFERED='1', OMP_NUM_THREADS=str(max(torch_threads, 1)))
+    if domain_id is not None:
+        env['ROS_DOMAIN_ID'] = str(domain_id)
+    return env
+
+
+@dataclass
+class SimRun:
+    """Options of one simulation run (launch arguments + process plumbing)."""
+
+    arguments: dict = field(default_factory=dict)         # sim.launch.py arguments (model, method, mode, ...)
+    policy_parameters: dict = field(default_factory=dict)  # extra -p for the policy node
+    bridge_parameters: dict = field(default_factory=dict)  # extra -p for the bridge
+    domain_id: Optional[int] = None
+    torch_threads: int = 1
+    log_dir: Optional[Path] = None
+    record_bag: Optional[Path] = None                      # record the run (recorder on sim time)
+    record_storage: str = 'mcap'
+    record_topics: Sequence[str] = ()
+    timeout_s: float = 3600.0
+    nice: int = 0
+
+
+DEFAULT_RECORD_TOPICS = ('/clock', '/camera/agentview/image_raw', '/camera/wrist/image_raw', '/ee_pose',
+                         '/gripper_state', '/instruction', '/delta_twist_cmds', '/gripper_command',
+                         '/specprune_node/action_chunk', '/specprune_node/inference', '/sim_bridge/episode')
+
+
+def run_simulation(run: SimRun) -> dict:
+    """Start everything, wait for the bridge to finish, stop the rest; returns
+    ``{'returncode', 'summary' (the bridge's JSON document or None), 'logs'}``."""
+    setup = sim_setup(run.arguments)
+    log_dir = Path(run.log_dir or tempfile.mkdtemp(prefix='specprune-sim-'))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    summary_path = run.bridge_parameters.get('summary_path') or setup.bridge_overrides.get('summary_path') \
+        or str(log_dir / 'summary')
+    env = child_environment(run.domain_id, run.torch_threads)
+    prefix = ['nice', '-n', str(run.nice)] if run.nice else []
+    policy_extra = {'torch_threads': run.torch_threads, **run.policy_parameters}
+    processes: list[ManagedProcess] = []
+    recorder = None
+    if threading.current_thread() is threading.main_thread():   # SIGTERM: stop the children too
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        if run.record_bag is not None:
+            topics = list(run.record_topics or DEFAULT_RECORD_TOPICS)
+            command = [sys.executable, '-m', 'specprune_ros.ros.bag_recorder', str(run.record_bag),
+                       '--storage', run.record_storage, '--use-sim-time', '--topics', *topics]
+            recorder = ManagedProcess('recorder', prefix + command, env, log_dir / 'recorder.log').start()
+            processes.append(recorder)
+        node = ManagedProcess('specprune_node', prefix + policy_command(setup, policy_extra), env,
+                              log_dir / 'specprune_node.log').start()
+        processes.append(node)
+        bridge = ManagedProcess('sim_bridge', prefix + bridge_command(
+            setup, {**run.bridge_parameters, 'summary_path': summary_path}), env, log_dir / 'sim_bridge.log').start()
+        processes.append(bridge)
+        deadline = time.monotonic() + run.timeout_s
+        while bridge.alive() and time.monotonic() < deadline:
+            if not node.alive():
+                break
+            time.sleep(0.2)
+        returncode = bridge.wait(1.0) if not bridge.alive() else bridge.interrupt()
+        if recorder is not None:
+            time.sleep(1.0)   # the last outcome and commands reach the recorder
+    finally:
+        for process in reversed(processes):
+            process.interrupt()
+    summary = None
+    json_path = Path(summary_path).with_suffix('.json') if Path(summary_path).suffix in ('.json', '.md') \
+        else Path(f'{summary_path}.json')
+    if json_path.is_file():
+        summary = json.loads(json_path.read_text())
+    return {'returncode': returncode, 'summary': summary, 'summary_path': str(json_path),
+            'logs': {p.label: str(p.log_path) for p in processes},
+            'outputs': {p.label: p.output() for p in processes}}
+
+
+def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
+    """['name=value', ...] -> {name: YAML-parsed value}."""
+    import yaml
+    out = {}
+    for item in items:
+        name, sep, value = item.partition('=')
+        if not sep or not name:
+            raise ValueError(f'expected name=value, got {item!r}')
+        out[name.strip()] = yaml.safe_load(value)
+    return out
