@@ -28,7 +28,7 @@ from specprune_ros.adapters.openvla_oft import OpenVLAOFTAdapter
 from specprune_ros.core.step_types import PruningMethod
 from specprune_ros.policy.checkpoint import CheckpointError
 from specprune_ros.policy.interface import ActionSpec, Observation, PolicyOutput
-from specprune_ros.policy.runtime import ObservationError, camera_frames
+from specprune_ros.policy.runtime import MethodState, ObservationError, camera_frames
 
 Adapter = Union[OpenVLAAdapter, OpenVLAOFTAdapter]
 
@@ -60,7 +60,7 @@ class AdapterOptions:
         return cls(**values)
 
 
-class AdapterPolicy:
+class AdapterPolicy(MethodState):
     """An OpenVLA / OpenVLA-OFT adapter plus a pruning method: the ``Policy`` interface."""
 
     def __init__(self, adapter: Adapter, method: Optional[PruningMethod] = None,
@@ -83,15 +83,6 @@ class AdapterPolicy:
         self.action_spec = action_spec or ActionSpec(chunk_size=chunk, action_dim=adapter.action_dim)
         self.gripper = gripper
         self.step_index = 0
-
-    @property
-    def method_name(self) -> str:
-        return getattr(self.method, 'name', 'none')
-
-    def reset(self) -> None:
-        self.step_index = 0
-        if self.method is not None:
-            self.method.reset()
 
     def predict(self, observation: Observation) -> PolicyOutput:
         started = time.perf_counter()

@@ -31,7 +31,24 @@ def camera_frames(observation: Observation, camera_names: tuple[str, ...],
     return frames
 
 
-class PrunedVLAPolicy:
+class MethodState:
+    """The pruning method and the step counter a policy carries across one episode."""
+
+    method: Optional[PruningMethod] = None
+    step_index: int = 0
+
+    @property
+    def method_name(self) -> str:
+        return getattr(self.method, 'name', 'none')
+
+    def reset(self) -> None:
+        """New episode or instruction: forget the temporal token state."""
+        self.step_index = 0
+        if self.method is not None:
+            self.method.reset()
+
+
+class PrunedVLAPolicy(MethodState):
     """Runs the reference VLA through the prunable executor; keeps the method's temporal state per episode."""
 
     def __init__(self, model: ReferenceVLA, method: Optional[PruningMethod] = None,
@@ -45,16 +62,6 @@ class PrunedVLAPolicy:
         self.action_spec = action_spec
         self.step_index = 0
         self._device = next(model.parameters()).device
-
-    @property
-    def method_name(self) -> str:
-        return getattr(self.method, 'name', 'none')
-
-    def reset(self) -> None:
-        """New episode or instruction: forget the temporal token state."""
-        self.step_index = 0
-        if self.method is not None:
-            self.method.reset()
 
     def predict(self, observation: Observation) -> PolicyOutput:
         """One chunk of normalised actions (chunk_size, action_dim) for the observation."""
