@@ -242,6 +242,7 @@ def test_sim_params_file_holds_the_bridge_defaults_and_the_policy_overrides():
     assert params.validate() == []
     assert params.replan_every_steps == 8 and params.max_chunk_age_s >= 0.8 and not params.gripper_binarize
     assert params.max_camera_skew_s < 0.1        # below one period: frames of different ticks never pair
+    assert params.max_image_age_s > params.replan_every_steps * 0.1   # sync mode: frames on re-planning ticks
 
 
 def test_sim_setup_builds_both_commands_and_rejects_bad_arguments():

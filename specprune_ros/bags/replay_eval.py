@@ -6,8 +6,8 @@ observations with the same executed-action history:
 
 * schedule ``recorded`` (the default when the bag has ``~/action_chunk``): infer exactly at the frames where
   the live node inferred, so the recorded chunks can be reproduced; ``every``: every ``stride``-th frame set.
-* executed actions between two inferences: the recorded commands when the bag has them, else the unpruned
-  policy's own chunk for the elapsed steps (identical for every method).
+* executed actions between two inferences: the recorded commands stamped between them when the bag has them,
+  else the unpruned policy's own chunk for the elapsed steps (identical for every method).
 
 Reported per method: action deviation from unpruned (chunk mean |diff|, first-action L2 and max |diff|), from
 the recorded commands and chunks when present, mean kept visual tokens, model latency and the speedup over
@@ -15,6 +15,7 @@ unpruned (median latency ratio), the FLOPs ratio, and the frames the kept patche
 """
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from dataclasses import dataclass, field
@@ -88,13 +89,16 @@ def executed_histories(streams: BagStreams, indices: Sequence[int], resets: set[
     """Per inference, the actions executed since the previous one (None right after a reset)."""
     out: list[Optional[np.ndarray]] = []
     observations = streams.observations
+    stamps = [c[0] for c in streams.commands]
     for j, index in enumerate(indices):
         if j in resets:
             out.append(None)
             continue
         previous = indices[j - 1]
-        recorded = [observations[i].recorded_action for i in range(previous, index)]
-        if recorded and all(a is not None for a in recorded):
+        lo = bisect.bisect_left(stamps, observations[previous].stamp_ns)
+        hi = bisect.bisect_left(stamps, observations[index].stamp_ns)
+        recorded = [action for _, action in streams.commands[lo:hi]]
+        if recorded:
             out.append(np.asarray(recorded, dtype=np.float32))
         elif baseline is not None:
             steps = min(index - previous, baseline.shape[1])

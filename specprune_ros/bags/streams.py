@@ -5,9 +5,10 @@ Frames are paired by ``header.stamp``: every frame of the first camera, with the
 each other camera (within ``max_camera_skew_s``; a frame re-sent with the same stamp counts once). The
 proprio comes from the newest ``ee_pose`` and gripper state stamped at or before the frame (the Float64
 gripper state has no header: its bag time is used), the instruction from the newest one recorded before the
-frame (bag time). The recorded action of an observation stamped ``t`` is the last ``TwistStamped`` stamped in
-``[t, t + period)`` converted back to normalised units, with the newest gripper command recorded strictly
-before the next observation (bag time); the recorded chunk is the ``~/action_chunk`` whose header stamp equals ``t``.
+frame (bag time). Commands: of the ``TwistStamped`` sharing a header stamp, the last one received, converted
+back to normalised units, with the newest gripper command recorded before the next commanded instant (bag
+time). The recorded action of an observation stamped ``t`` is the last command stamped in ``[t, t + period)``;
+its recorded chunk is the ``~/action_chunk`` whose header stamp equals ``t``.
 """
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ class BagStreams:
     has_state: bool = False
     has_commands: bool = False
     has_chunks: bool = False
+    commands: list = field(default_factory=list)   # (stamp ns, 7-D action) per commanded instant
 
 
 def _stamp(header) -> int:
@@ -186,9 +188,8 @@ def load_streams(path: str | Path, topics: Optional[StreamTopics] = None, image_
     pose_stamps = [p[0] for p in poses]
     gripper_stamps = [g[0] for g in grippers]
     instruction_times = [i[0] for i in instructions]
-    twist_stamps = sorted(range(len(twists)), key=lambda i: (twists[i][0], twists[i][1]))
-    sorted_twist_stamps = [twists[i][0] for i in twist_stamps]
-    command_times = [g[0] for g in gripper_commands]
+    commands = command_timeline(twists, gripper_commands, units)
+    command_stamps = [c[0] for c in commands]
     period_ns = int(round(period_s * 1e9))
     observations: list[BagObservation] = []
     unpaired = 0
@@ -224,17 +225,10 @@ def load_streams(path: str | Path, topics: Optional[StreamTopics] = None, image_
             except StateError as error:
                 raise BagError(f'bag {path}: robot state before {stamp * 1e-9:.3f} s: {error}') from None
         recorded_action = None
-        lo = bisect.bisect_left(sorted_twist_stamps, stamp)
-        hi = bisect.bisect_left(sorted_twist_stamps, stamp + period_ns)
+        lo = bisect.bisect_left(command_stamps, stamp)
+        hi = bisect.bisect_left(command_stamps, stamp + period_ns)
         if hi > lo:
-            # the last one received (bag order) among those stamped in this tick
-            chosen = max((twist_stamps[i] for i in range(lo, hi)), key=lambda i: (twists[i][1], i))
-            twist = twists[chosen][2]
-            next_bag = frames[reference][stamps[position + 1]][0] if position + 1 < len(stamps) else None
-            limit = next_bag if next_bag is not None else twists[chosen][1] + period_ns
-            g_index = bisect.bisect_left(command_times, limit) - 1   # strictly before the next frame
-            gripper = gripper_value_to_action(gripper_commands[g_index][1], units) if g_index >= 0 else -1.0
-            recorded_action = command_to_action(twist, gripper, units)
+            recorded_action = commands[hi - 1][1]     # the last command of this tick
         observations.append(BagObservation(stamp_ns=stamp, bag_time_ns=bag_ns, images=images, instruction=text,
                                            proprio=proprio, recorded_action=recorded_action,
                                            recorded_chunk=chunks.get(stamp)))
@@ -249,5 +243,30 @@ def load_streams(path: str | Path, topics: Optional[StreamTopics] = None, image_
         notes.append('frames before the first recorded instruction use that first instruction')
     return BagStreams(path=str(path), topics=topics, observations=observations, camera_sizes=sizes,
                       camera_types=camera_types, notes=notes, has_state=bool(poses and grippers),
-                      has_commands=bool(twists), has_chunks=bool(chunks))
+                      has_commands=bool(twists), has_chunks=bool(chunks), commands=commands)
+
+
+def command_timeline(twists: list, gripper_commands: list, units: CommandUnits) -> list:
+    """(stamp ns, normalised 7-D action) per commanded instant: of the twists sharing a header stamp, the last
+    received (a servo applies the latest); the gripper is the newest gripper command recorded before the next
+    instant's first twist (bag time)."""
+    order = sorted(range(len(twists)), key=lambda i: (twists[i][0], twists[i][1], i))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and twists[groups[-1][-1]][0] == twists[i][0]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    gripper_times = [g[0] for g in gripper_commands]
+    out = []
+    for k, group in enumerate(groups):
+        last = max(group, key=lambda i: (twists[i][1], i))
+        if k + 1 < len(groups):
+            limit = min(twists[i][1] for i in groups[k + 1])
+            g_index = bisect.bisect_left(gripper_times, limit) - 1
+        else:
+            g_index = len(gripper_commands) - 1
+        gripper = gripper_value_to_action(gripper_commands[g_index][1], units) if g_index >= 0 else -1.0
+        out.append((twists[last][0], command_to_action(twists[last][2], gripper, units)))
+    return out
 

@@ -8,9 +8,12 @@ The protocol (the policy node runs with ``use_sim_time: true``; sim time only mo
    one period): it publishes one ``TwistStamped`` stamped ``t_k``, the current chunk's action for ``t_k`` or a
    hold (zero twist) when the chunk is used up. The bridge waits for that twist (at most ``timer_wait_s``) and only
    then publishes the camera frames stamped ``t_k``: the node has surely taken the clock (and the state sent
-   before it) when the frames arrive, and the timer never fires in the middle of an inference. The node's
-   ``max_camera_skew_s`` must be below one period (config/sim_bridge.yaml: 0.05 s) so that the first new frame
-   is not paired with the other camera's frame of the previous tick.
+   before it) when the frames arrive, and the timer never fires in the middle of an inference. Frames go out
+   only on ticks where an inference is expected (unused frames of an earlier tick would let the node's worker,
+   which also polls every 0.5 s, start an inference on them right after the clock advance); so the node's
+   ``max_image_age_s`` must cover ``replan_every_steps`` periods, and its ``max_camera_skew_s`` must be below
+   one period so that the first new frame is not paired with the other camera's previous one
+   (config/sim_bridge.yaml: 1.0 s and 0.05 s).
 3. When an inference is due (the node re-plans every ``replan_every_steps`` ticks, and at the first tick of an
    episode), the new frames start one; sim time stands still meanwhile, so the chunk is accepted at ``t_k``:
    the node publishes its first command at once (``publish_on_new_chunk``), again stamped ``t_k``, and the

@@ -185,8 +185,9 @@ class SimBridgeNode(Node):
         for name, publisher in zip(self.settings.camera_names, self.image_pubs):
             publisher.publish(messages.rgb_image_message(images[name], stamp, f'{name}_optical_frame'))
 
-    def publish_observation(self, images: dict, ns: int, wait_for_timer: bool = False) -> None:
-        """State first, then the clock, then the frames (the node starts inference on new frames).
+    def publish_observation(self, images: Optional[dict], ns: int, wait_for_timer: bool = False) -> None:
+        """State first, then the clock, then the frames (the node starts inference on new frames); ``images``
+        None: no frames this tick.
 
         ``wait_for_timer`` (sync mode): the frames go out once the node's timer answered the clock advance."""
         self.publish_state(ns)
@@ -196,7 +197,8 @@ class SimBridgeNode(Node):
                 self.gate.counters.timer_waits_expired += 1
         elif self.settings.clock_lead_s:
             time.sleep(self.settings.clock_lead_s)
-        self.publish_images(images, ns)
+        if images is not None:
+            self.publish_images(images, ns)
 
     def publish_outcome(self, outcome: EpisodeOutcome) -> None:
         values = outcome.as_values()
@@ -334,11 +336,11 @@ class SimBridgeNode(Node):
         return min(limit, self.settings.max_steps) if self.settings.max_steps else limit
 
     def _apply(self, log: EpisodeLog, twist: np.ndarray, gripper: Optional[float], stale: float = 0.0,
-               how: str = '') -> tuple[Any, bool]:
+               how: str = '', render: bool = True) -> tuple[Any, bool]:
         gripper_action = -1.0 if gripper is None else gripper_value_to_action(gripper, self.units)
         action = command_to_action(twist, gripper_action, self.units)
         log.add_period(action, twist, stale, how)
-        obs, done, success = self.env.step(action, render=True)
+        obs, done, success = self.env.step(action, render=render)
         log.success = bool(success)
         return obs, done
 
@@ -351,8 +353,11 @@ class SimBridgeNode(Node):
             for _ in range(self._max_steps()):
                 if self.stop_event.is_set():
                     break
-                self.gate.begin_tick(t, time.monotonic())
-                self.publish_observation(obs.images, t, wait_for_timer=True)
+                # Frames only when the node will look (it re-plans every replan_every_steps ticks): unused frames
+                # of a previous tick could otherwise start an inference from the worker's periodic poll between
+                # the clock advance and this tick's frames. The state goes out every tick.
+                expected = self.gate.begin_tick(t, time.monotonic())
+                self.publish_observation(obs.images if expected else None, t, wait_for_timer=True)
                 started = time.monotonic()
                 status = self.gate.wait(s.resend_after_s)
                 while status == 'waiting' and not self.stop_event.is_set():
@@ -364,7 +369,8 @@ class SimBridgeNode(Node):
                     self.publish_observation(obs.images, t)
                     status = self.gate.wait(s.resend_after_s)
                 answer = self.gate.answer(status if status != 'waiting' else 'timeout')
-                obs, done = self._apply(log, answer.twist, answer.gripper, how=answer.how)
+                render = self.gate.inference_due(t + self.period_ns)
+                obs, done = self._apply(log, answer.twist, answer.gripper, how=answer.how, render=render)
                 t += self.period_ns
                 if done:
                     break
