@@ -24,7 +24,7 @@ def _start(context, *args, **kwargs):
     setup = sim_setup({arg.name: LaunchConfiguration(arg.name).perform(context) for arg in ALL_ARGUMENTS})
     policy = setup.policy
     policy_node = Node(package=PACKAGE, executable=EXECUTABLE, name=policy.name, namespace=policy.namespace,
-                       parameters=[policy.params_file, setup.sim_params_file, policy.overrides],
+                       parameters=[policy.params_file, setup.policy_parameters()],
                        remappings=policy.remappings, arguments=['--ros-args', '--log-level', policy.log_level],
                        output='screen', emulate_tty=True)
     bridge = Node(package=PACKAGE, executable=BRIDGE_EXECUTABLE, name=BRIDGE_EXECUTABLE,

@@ -249,11 +249,14 @@ def test_sim_setup_builds_both_commands_and_rejects_bad_arguments():
     from specprune_ros.ros.sim_launch_config import bridge_command, policy_command, sim_setup
     setup = sim_setup({'model': 'tiny-random', 'method': 'none', 'mode': 'realtime', 'families': 'pick,push',
                        'episodes_per_family': '3'})
-    policy = policy_command(setup, {'torch_threads': 1})
+    policy = policy_command(setup, {'torch_threads': 1, 'replan_every_steps': 2})
     files = [policy[i + 1] for i, arg in enumerate(policy) if arg == '--params-file']
-    assert [Path(f).name for f in files] == ['specprune.yaml', 'sim_bridge.yaml']
-    assert policy.index('model:=tiny-random') > policy.index(files[1])   # launch arguments win
+    assert [Path(f).name for f in files] == ['specprune.yaml']
+    overrides = [policy[i + 1] for i, arg in enumerate(policy) if arg == '-p']
+    assert overrides.count('replan_every_steps:=2') == 1 and 'replan_every_steps:=8' not in overrides
+    assert 'use_sim_time:=true' in overrides and 'model:=tiny-random' in overrides
     assert 'torch_threads:=1' in policy and not any('servo_node' in arg for arg in policy)
+    assert setup.policy_parameters()['replan_every_steps'] == 8          # from the sim file
     bridge = bridge_command(setup)
     assert 'mode:=realtime' in bridge and 'families:=[pick, push]' in bridge and 'episodes_per_family:=3' in bridge
     with pytest.raises(ValueError, match='unknown launch arguments'):
@@ -269,3 +272,50 @@ def test_launch_files_are_valid_python_with_a_launch_description(name):
     tree = ast.parse((ROOT / 'launch' / name).read_text())
     functions = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
     assert 'generate_launch_description' in functions
+
+
+def test_sim_launch_file_wires_both_nodes_from_the_tested_configuration(monkeypatch):
+    """Run launch/sim.launch.py against stand-ins for launch / launch_ros (not installable here)."""
+    import importlib.util
+    import sys
+    import types
+
+    class Recorder:
+        def __init__(self, *args, **kwargs):
+            self.args, self.kwargs = args, kwargs
+
+    class LaunchConfiguration:
+        values: dict = {}
+
+        def __init__(self, name):
+            self.name = name
+
+        def perform(self, context):
+            return self.values.get(self.name, '')
+
+    modules = {'launch': {'LaunchDescription': Recorder},
+               'launch.actions': {name: Recorder for name in ('DeclareLaunchArgument', 'EmitEvent', 'OpaqueFunction',
+                                                              'RegisterEventHandler')},
+               'launch.event_handlers': {'OnProcessExit': Recorder}, 'launch.events': {'Shutdown': Recorder},
+               'launch.substitutions': {'LaunchConfiguration': LaunchConfiguration},
+               'launch_ros': {}, 'launch_ros.actions': {'Node': Recorder}}
+    for name, attributes in modules.items():
+        module = types.ModuleType(name)
+        module.__dict__.update(attributes)
+        monkeypatch.setitem(sys.modules, name, module)
+    spec = importlib.util.spec_from_file_location('sim_launch', ROOT / 'launch' / 'sim.launch.py')
+    launch_file = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch_file)
+    description = launch_file.generate_launch_description()
+    declared = [a.args[0] for a in description.args[0] if a.args]
+    assert {'model', 'method', 'mode', 'families', 'episodes_per_family', 'summary_path'} <= set(declared)
+    LaunchConfiguration.values = {'model': 'tiny-random', 'method': 'none', 'mode': 'realtime', 'families': 'pick'}
+    policy, bridge, shutdown = description.args[0][-1].kwargs['function'](None)
+    assert policy.kwargs['executable'] == 'specprune_node' and bridge.kwargs['executable'] == 'sim_bridge'
+    params_file, overrides = policy.kwargs['parameters']
+    assert Path(params_file).name == 'specprune.yaml'
+    assert overrides['model'] == 'tiny-random' and overrides['use_sim_time'] is True
+    assert overrides['replan_every_steps'] == 8 and overrides['max_camera_skew_s'] == 0.05
+    assert policy.kwargs['remappings'] == []            # the bridge's topic names, not MoveIt Servo's
+    assert bridge.kwargs['parameters'][1] == {'mode': 'realtime', 'families': ['pick']}
+    assert shutdown.args[0].kwargs['target_action'] is bridge

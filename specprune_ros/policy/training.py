@@ -33,7 +33,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 300
     shift_pixels: int = 4
-    bf16: bool = True
+    bf16: bool = False              # autocast pays only with native bf16 (AVX512-BF16/AMX); slower here
     threads: int = 2
     seed: int = 0
     val_fraction: float = 0.05

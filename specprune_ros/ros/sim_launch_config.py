@@ -14,8 +14,8 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from specprune_ros.bridge.settings import BridgeSettings
-from specprune_ros.ros.launch_config import (LAUNCH_ARGUMENTS, PACKAGE, LaunchArgument, NodeSetup, format_value,
-                                             node_setup)
+from specprune_ros.ros.launch_config import (EXECUTABLE, LAUNCH_ARGUMENTS, PACKAGE, LaunchArgument, NodeSetup,
+                                             check_overrides, format_value, node_setup)
 
 BRIDGE_EXECUTABLE = 'sim_bridge'
 BRIDGE_MODULE = 'specprune_ros.ros.sim_bridge_node'
@@ -58,21 +58,35 @@ def default_sim_params_file() -> str:
 
 @dataclass
 class SimSetup:
-    """The two processes of a simulation run."""
+    """The two processes of a simulation run.
+
+    The policy node gets its own params file, then the simulation values of the sim file (its
+    ``/specprune_node`` section) as overrides, then the launch arguments: rclpy lets a node-specific params-file
+    section beat ``-p`` overrides, so the sim file is not handed to the policy node as a second params file
+    (its values could not be overridden from the command line then).
+    """
 
     policy: NodeSetup
     sim_params_file: str
     bridge_overrides: dict[str, Any] = field(default_factory=dict)
+    policy_sim_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def policy_parameters(self, extra: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+        """Overrides of the policy node, lowest precedence first: sim file, launch arguments, ``extra``."""
+        return {**self.policy_sim_overrides, **self.policy.overrides, **(extra or {})}
 
     def policy_ros_arguments(self, extra: Optional[Mapping[str, Any]] = None) -> list[str]:
-        """The policy node's ``--ros-args``: its params file, then the sim file, then the overrides."""
-        args = self.policy.ros_arguments()
-        index = args.index('--params-file') + 2
-        args[index:index] = ['--params-file', self.sim_params_file]
-        insert = args.index('--log-level')
-        args[insert:insert] = [item for name, value in (extra or {}).items()
-                               for item in ('-p', f'{name}:={format_value(value)}')]
-        return args
+        """The policy node's ``--ros-args``: its params file, then every override as ``-p``."""
+        setup = self.policy
+        args = ['--ros-args', '-r', f'__node:={setup.name}']
+        if setup.namespace:
+            args += ['-r', f'__ns:={setup.namespace}']
+        args += ['--params-file', setup.params_file]
+        for name, value in self.policy_parameters(extra).items():
+            args += ['-p', f'{name}:={format_value(value)}']
+        for source, target in setup.remappings:
+            args += ['-r', f'{source}:={target}']
+        return args + ['--log-level', setup.log_level]
 
     def bridge_ros_arguments(self, extra: Optional[Mapping[str, Any]] = None) -> list[str]:
         args = ['--ros-args', '-r', f'__node:={BRIDGE_EXECUTABLE}', '--params-file', self.sim_params_file]
@@ -125,7 +139,11 @@ def sim_setup(arguments: Mapping[str, str]) -> SimSetup:
                        instruction_topic=settings.instruction_topic, ee_pose_topic=settings.ee_pose_topic,
                        gripper_state_topic=settings.gripper_state_topic)
     policy = node_setup(policy_args)
-    return SimSetup(policy=policy, sim_params_file=sim_file, bridge_overrides=overrides)
+    policy_sim = sim_file_values(sim_file, EXECUTABLE)
+    check = {k: v for k, v in {**policy_sim, **policy.overrides}.items() if k != 'use_sim_time'}
+    check_overrides(policy.params_file, check)
+    return SimSetup(policy=policy, sim_params_file=sim_file, bridge_overrides=overrides,
+                    policy_sim_overrides=policy_sim)
 
 
 def bridge_command(setup: SimSetup, extra: Optional[Mapping[str, Any]] = None,
