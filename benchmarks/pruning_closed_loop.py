@@ -31,6 +31,7 @@ CONFIGS: tuple[PolicySpec, ...] = (
     PolicySpec(method='specprune', label='specprune (full)'),
     PolicySpec(method='specprune_static', label='specprune static only'),
     PolicySpec(method='specprune_static_layer', label='specprune +layer'),
+    PolicySpec(method='specprune', method_config={'static_gathers': 1}, label='specprune one gather'),
     PolicySpec(method='vla_pruner', method_config={'keep_ratio': 0.5}, label='vla_pruner 50%'),
     PolicySpec(method='vla_pruner', method_config={'keep_ratio': 0.25}, label='vla_pruner 25%'),
     PolicySpec(method='vla_pruner', method_config={'keep_ratio': 0.125}, label='vla_pruner 12.5%'),

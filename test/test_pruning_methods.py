@@ -223,6 +223,20 @@ def test_specprune_first_step_no_static_pruning_then_union(runner, layout):
             assert cam * P + row * GRID[1] + col in kept
 
 
+def test_specprune_one_gather_prunes_everything_after_layer_0(runner, layout):
+    two = run_episode(build_method('specprune_static'), steps=3, layout=layout, runner=runner, actions=FAST)
+    one = run_episode(build_method('specprune_static', {'static_gathers': 1}), steps=3, layout=layout,
+                      runner=runner, actions=FAST)
+    counts = one[1].record.visual_kept_per_layer
+    assert counts[1] < layout.num_visual and counts[1:] == [counts[1]] * (LAYERS - 1)
+    assert 'local1' not in one[1].record.info and 'local1' in two[1].record.info
+    assert counts[1] < two[1].record.visual_kept_per_layer[1]       # no wide 3K set at layer 1
+    kept = set(one[1].record.kept_per_layer[1].tolist())
+    for cam in range(layout.num_cameras):                           # changed patches still kept
+        row = cam % GRID[0]
+        assert {cam * P + row * GRID[1] + col for col in (0, 1)} <= kept
+
+
 def test_specprune_full_controller_and_layer_pruning(runner, layout):
     slow = run_episode(build_method('specprune'), steps=3, layout=layout, runner=runner, actions=SLOW)
     fast = run_episode(build_method('specprune'), steps=3, layout=layout, runner=runner, actions=FAST)

@@ -154,6 +154,21 @@ def test_layer_importance_per_camera_sums(scores):
 
 
 @SETTINGS
+@given(vectors(min_size=18, max_size=18), st.lists(st.booleans(), min_size=18, max_size=18), st.booleans())
+def test_layer_importance_equals_rank_weight_times_confidence(scores, valid, per_camera):
+    """The all-cameras-at-once computation equals the per-group definition, including ties and invalid tokens."""
+    layout = layout2()
+    valid = torch.tensor(valid)
+    scores = torch.round(scores * 4) / 4                    # many ties
+    got = layer_importance(scores, valid, layout, k=5.0, per_camera=per_camera)
+    expected = torch.zeros(18)
+    for sl in ((slice(0, 9), slice(9, 18)) if per_camera else (slice(0, 18),)):
+        if valid[sl].any():
+            expected[sl] = rank_weights(scores[sl], k=5.0, valid=valid[sl]) * layer_confidence(scores[sl][valid[sl]])
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+@SETTINGS
 @given(vectors())
 def test_normalise(v):
     n = normalise(v)

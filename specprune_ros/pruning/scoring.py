@@ -205,17 +205,31 @@ def ema_update(state: torch.Tensor, sample: torch.Tensor, beta: float = 0.2,
 
 def layer_importance(scores: torch.Tensor, valid: torch.Tensor, layout: TokenLayout, k: float = 5.0,
                      per_camera: bool = True) -> torch.Tensor:
-    """One layer's importance sample ``s_i = w_rank,i * w_conf`` (dense visual vector; 0 where not valid)."""
-    s, v = _np(scores), _np(valid).astype(bool)
-    out = torch.zeros(layout.num_visual, dtype=torch.float32)
-    groups = camera_slices(layout) if per_camera else [slice(0, layout.num_visual)]
-    for sl in groups:
-        vs = v[sl]
-        if not vs.any():
-            continue
-        conf = layer_confidence(s[sl][vs])
-        out[sl] = rank_weights(s[sl], k=k, valid=vs) * conf
-    return out
+    """One layer's importance sample ``s_i = w_rank,i * w_conf`` (dense visual vector; 0 where not valid).
+
+    Equal to :func:`rank_weights` times :func:`layer_confidence` per camera (or over all cameras), computed for
+    every camera at once: this runs after every decoder layer, where per-camera calls cost more than the layer.
+    """
+    s = _np(scores).astype(np.float64)
+    v = _np(valid).astype(bool)
+    groups = layout.num_cameras if per_camera else 1
+    s, v = s.reshape(groups, -1), v.reshape(groups, -1)
+    # sort key: valid scores descending (NaN ranks last among the valid), invalid tokens after every valid one
+    key = np.where(v, np.where(np.isnan(s), np.inf, -s), np.nan)
+    order = np.argsort(key, axis=1, kind='stable')
+    n = v.sum(axis=1)
+    position = np.arange(s.shape[1])[None, :]
+    frac = position / np.maximum(n - 1, 1)[:, None]
+    w = np.where(position < n[:, None], 1.0 / (1.0 + np.exp(float(k) * frac)), 0.0)
+    w /= np.maximum(w.sum(axis=1, keepdims=True), 1e-300)
+    # confidence mean / std over the valid scores of each group (population std), clipped as layer_confidence
+    values = np.where(v, s, 0.0)
+    mean = values.sum(axis=1) / np.maximum(n, 1)
+    std = np.sqrt((np.where(v, s - mean[:, None], 0.0) ** 2).sum(axis=1) / np.maximum(n, 1))
+    conf = np.where(n >= 2, np.clip(mean / (std + 1e-12), 0.0, 100.0), 1.0)
+    out = np.zeros_like(s)
+    np.put_along_axis(out, order, w * conf[:, None], axis=1)
+    return torch.from_numpy(out.reshape(-1).astype(np.float32))
 
 
 # ------------------------------------------------------------------------- VLA-Pruner temporal action score

@@ -28,6 +28,11 @@ Per step:
    last layer: {2, 3, 4} for a 6-layer decoder. (The public code instead keeps 80 % of the *whole* sequence with a
    linear rank weight; we follow the paper's formulas and its 10 %.)
 
+Shallow decoders: the two gathers leave layer 0 at full width and layer 1 at the wide 3K set, i.e. 2 of 32
+layers at near-full cost in the paper's model but 2 of 6 in the reference VLA. ``static_gathers=1`` gathers once,
+after layer 0, keeping the union of V_global, V_dynamic and the top ``K_base`` of layer 0 (the benchmark reports
+it as a separate configuration; the default stays with the code's two gathers).
+
 Ablations (the paper's table): ``static_only`` = ``use_layer_pruning=False, use_controller=False``;
 ``+layer`` = ``use_controller=False``; full = defaults. Registered presets: ``specprune_static``,
 ``specprune_static_layer`` and ``specprune``.
@@ -88,6 +93,8 @@ class SpecPruneConfig(BaseConfig):
     global_layer: int = -1                  # layer of the previous step's task attention for V_global
     global_k_scale: float = 1.0             # K_G = global_k_scale * K_base
     layer0_k_scale: float = 3.0             # top (3 * K_base) at layer 0 for the gather after layer 0 (code)
+    static_gathers: int = 2                 # 2: gather after layers 0 and 1 (code); 1: one final gather after
+                                            # layer 0 with the top K_base there (for shallow decoders: see below)
     change: ChangeDetectionConfig = field(default_factory=ChangeDetectionConfig)
     # controller
     use_controller: bool = True
@@ -180,7 +187,7 @@ class SpecPrune(PruningMethodBase):
         items = []
         if cfg.use_static:
             items += [(0, 'text', 'text')]
-            if self.num_layers > 2:
+            if self.num_layers > 2 and cfg.static_gathers >= 2:
                 items += [(1, 'text', 'text')]
         items += [(layer, 'text', 'text') for layer in sorted(self._importance_set)]
         if cfg.use_static and cfg.use_global:
@@ -240,7 +247,8 @@ class SpecPrune(PruningMethodBase):
             beta = cfg.importance_beta
             self._importance = np.where(valid, (1.0 - beta) * self._importance + beta * sample, self._importance)
 
-        gather = cfg.use_static and (layer == 0 or (layer == 1 and self.num_layers > 2))
+        two_gathers = cfg.static_gathers >= 2 and self.num_layers > 2
+        gather = cfg.use_static and (layer == 0 or (layer == 1 and two_gathers))
         if gather:
             if text is None:
                 self.last_info['error'] = f'text attention missing at layer {layer}'
@@ -252,7 +260,10 @@ class SpecPrune(PruningMethodBase):
                     union |= self._global
                 if cfg.use_local:
                     cand = present & np.isfinite(text)
-                    if layer == 0:
+                    if layer == 0 and not two_gathers:
+                        local = topk_per_camera(text, self._k, layout, cand).numpy()
+                        self.last_info['local0'] = int(local.sum())
+                    elif layer == 0:
                         wide = [budget_count(cfg.layer0_k_scale * k / layout.patches_per_camera,
                                              layout.patches_per_camera, minimum=0) for k in self._k]
                         local = topk_per_camera(text, wide, layout, cand).numpy()
