@@ -8,6 +8,8 @@ Phase 2 (speed): the observations the unpruned policy saw in a few closed-loop e
 every configuration in ONE process, round-robin step by step (each configuration keeps its own temporal
 state), so the latency medians and the speedups vs unpruned are measured side by side. The paper's
 self-speculation check (layers 0-1 top-k vs last-layer top-k of task attention) runs on the same replay.
+Columns: latency = the whole policy step (vision stem, decoder, selection, action head); decoder ms = the
+decoder layers alone (selection and attention probes excluded); selection ms = the method's hooks + probes.
 
     python benchmarks/pruning_closed_loop.py --episodes-per-family 34 --out outputs/benchmarks
 """
@@ -85,6 +87,7 @@ def measure_latency(model: str, configs: tuple[PolicySpec, ...], sequences: list
     probe = PrunedVLAPolicy(vla, build_method('none', {'self_speculation': True}))
     samples: dict[str, list[float]] = {name: [] for name in policies}
     selection: dict[str, list[float]] = {name: [] for name in policies}
+    decoder: dict[str, list[float]] = {name: [] for name in policies}
     hits: list[float] = []
     for warm in range(2):  # warm-up: every configuration runs a couple of steps first
         for policy in policies.values():
@@ -97,12 +100,14 @@ def measure_latency(model: str, configs: tuple[PolicySpec, ...], sequences: list
                 output = policy.predict(observation)
                 samples[name].append(output.latency_s)
                 selection[name].append(output.record.selection_seconds + output.record.probe_seconds)
+                decoder[name].append(output.record.model_seconds)
             hit = self_speculation_hit_rate(probe.predict(observation).record)
             if not np.isnan(hit):
                 hits.append(hit)
     base = statistics.median(samples[configs[0].name])
     return {name: {'latency_ms_median': statistics.median(v) * 1e3, 'speedup': base / statistics.median(v),
-                   'selection_ms_median': statistics.median(selection[name]) * 1e3, 'steps': len(v)}
+                   'selection_ms_median': statistics.median(selection[name]) * 1e3,
+                   'decoder_ms_median': statistics.median(decoder[name]) * 1e3, 'steps': len(v)}
             for name, v in samples.items()} | {'_self_speculation_hit_rate': float(np.mean(hits)) if hits else None}
 
 
@@ -166,13 +171,13 @@ def main() -> None:
              f"{speed['_self_speculation_hit_rate']:.1%}" if speed['_self_speculation_hit_rate'] is not None else '',
              '',
              '| config | success (95% CI) | ' + ' | '.join(families) + ' | visual kept (mean/layer) | FLOPs | '
-             'latency ms | speedup | selection ms |',
-             '|---|---|' + '---|' * len(families) + '---|---|---|---|---|']
+             'latency ms | speedup | decoder ms | selection ms |',
+             '|---|---|' + '---|' * len(families) + '---|---|---|---|---|---|']
     for r in rows:
         lines.append(f"| {r['config']} | {r['success'] * 100:.1f}% ({r['ci95'][0] * 100:.0f}-{r['ci95'][1] * 100:.0f}) | "
                      + ' | '.join(f"{r['families'][f] * 100:.0f}%" for f in families)
                      + f" | {r['visual_kept']:.0f} | {r['flops_ratio'] * 100:.0f}% | {r['latency_ms_median']:.1f} | "
-                       f"{r['speedup']:.2f}x | {r['selection_ms_median']:.2f} |")
+                       f"{r['speedup']:.2f}x | {r['decoder_ms_median']:.1f} | {r['selection_ms_median']:.2f} |")
     table = '\n'.join(lines)
     (args.out / 'pruning_closed_loop.md').write_text(table + '\n')
     (args.out / 'pruning_closed_loop.json').write_text(json.dumps(
