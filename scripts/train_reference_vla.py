@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from specprune_ros.policy.reference_vla import ReferenceVLAConfig
 from specprune_ros.policy.training import TrainConfig, train
-from specprune_ros.sim.dataset import iter_episodes, read_manifest
+from specprune_ros.sim.dataset import check_sim_fingerprint, iter_episodes, read_manifest
 
 
 def main() -> None:
@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument('--init-from', type=Path, default=None,
                         help='start from an exported checkpoint (e.g. specprune_ros/assets/reference_vla)')
     parser.add_argument('--max-episodes', type=int, default=0)
+    parser.add_argument('--allow-sim-mismatch', action='store_true',
+                        help='train on demonstrations recorded by another version of the simulator')
     defaults = TrainConfig()
     for name, value in vars(defaults).items():
         flag = '--' + name.replace('_', '-')
@@ -46,6 +48,11 @@ def main() -> None:
     args = parser.parse_args()
 
     manifest = read_manifest(args.data)
+    if not args.allow_sim_mismatch:
+        try:
+            check_sim_fingerprint(manifest, args.data)
+        except ValueError as error:
+            parser.error(str(error))
     episodes = []
     for episode in tqdm(iter_episodes(args.data), total=len(manifest['episodes']), desc='load demos'):
         episodes.append(episode)

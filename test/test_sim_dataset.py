@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from specprune_ros.sim import PROPRIO_DIM
-from specprune_ros.sim.dataset import (FORMAT_NAME, Episode, collect_demonstrations, iter_episodes,
-                                       read_episode, read_manifest, write_episode)
+from specprune_ros.sim.dataset import (FORMAT_NAME, Episode, check_sim_fingerprint, collect_demonstrations,
+                                       iter_episodes, read_episode, read_manifest, sim_fingerprint, write_episode)
 from specprune_ros.sim.tasks import EVAL_SEED_START, TRAIN_SEED_START
 from specprune_ros.sim.visualize import save_gif, save_strip
 
@@ -75,6 +75,24 @@ def test_collect_small_dataset_and_pictures(tmp_path):
     again = collect_demonstrations(out, families=('pick',), episodes_per_family=1, workers=1, image_size=48,
                                    progress=False)
     assert again['attempts']['pick']['run'] == 1
+    # data from another version of the simulator is refused, not merged
+    assert on_disk['sim_fingerprint'] == sim_fingerprint(48)
+    check_sim_fingerprint(on_disk, out)
+    stale = {**on_disk, 'sim_fingerprint': '0123456789abcdef'}
+    (out / 'manifest.json').write_text(json.dumps(stale))
+    with pytest.raises(ValueError, match='another version of the simulator'):
+        collect_demonstrations(out, families=('pick',), episodes_per_family=1, workers=1, image_size=48,
+                               progress=False)
+
+
+def test_sim_fingerprint_follows_the_scene(monkeypatch):
+    from specprune_ros.sim import scene
+    before = sim_fingerprint(48)
+    assert sim_fingerprint(48) == before                         # deterministic
+    original = scene.build_mjcf
+    moved = lambda size=640: original(size).replace('fovy="40"', 'fovy="45"')   # noqa: E731
+    monkeypatch.setattr(scene, 'build_mjcf', moved)
+    assert sim_fingerprint(48) != before                         # another camera: another simulator
 
 
 def test_train_seeds_cannot_reach_eval_range(tmp_path):

@@ -22,6 +22,7 @@ success}`` sorted by (family, seed). Readers only need NumPy; the collector impo
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -191,10 +192,46 @@ def _collect_job(out_dir: str, family: str, seed: int, noise: float, image_size:
                 success=ep.success)
 
 
+def sim_fingerprint(image_size: int = 96) -> str:
+    """Short hash of what the simulator produces: its scene description, the reset state of a fixed seed of every
+    family and a few steps of dynamics (no rendering). A dataset records it, so data from an older version of
+    the simulator (different start pose, cameras, objects) is refused instead of silently training a policy
+    for a world it will never be evaluated in."""
+    from specprune_ros.sim import scene
+    from specprune_ros.sim.env import ACTION_DIM, TabletopEnv
+
+    digest = hashlib.sha256(scene.build_mjcf(image_size).encode())
+    env = TabletopEnv(image_size=image_size)
+    try:
+        push = np.zeros(ACTION_DIM)
+        push[[0, 2]] = 0.5, -0.5
+        for family in TASK_FAMILIES:
+            observation = env.reset(seed=0, family=family, render=False)
+            digest.update(observation.instruction.encode())
+            for _ in range(3):
+                observation, _, _ = env.step(push, render=False)
+            state = env.state_dict()
+            for values in (observation.proprio, state['qpos'], state['mocap_pos']):
+                digest.update(np.round(np.asarray(values, dtype=np.float64), 5).tobytes())
+    finally:
+        env.close()
+    return digest.hexdigest()[:16]
+
+
+def check_sim_fingerprint(manifest: dict, root: PathLike = 'the dataset') -> None:
+    """Raise ValueError unless ``manifest`` was recorded by the current simulator."""
+    recorded = manifest.get('sim_fingerprint')
+    current = sim_fingerprint(manifest.get('image_size', 96))
+    if recorded != current:
+        raise ValueError(f'{root} was recorded by another version of the simulator (fingerprint {recorded}, '
+                         f'this code: {current}); collect it again into a fresh directory')
+
+
 def _base_manifest(image_size: int, noise: float) -> dict:
     from specprune_ros.sim.env import (CAMERA_NAMES, CONTROL_PERIOD_S, PROPRIO_LAYOUT, ROTATION_SCALE_RAD,
                                        TRANSLATION_SCALE_M)
     return dict(format=FORMAT_NAME, version=FORMAT_VERSION, image_size=image_size, cameras=list(CAMERA_NAMES),
+                sim_fingerprint=sim_fingerprint(image_size),
                 proprio_layout=list(PROPRIO_LAYOUT),
                 action_labels=['dx', 'dy', 'dz', 'droll', 'dpitch', 'dyaw', 'gripper'],
                 translation_scale_m=TRANSLATION_SCALE_M, rotation_scale_rad=ROTATION_SCALE_RAD,
@@ -232,6 +269,7 @@ def collect_demonstrations(out_dir: PathLike, families: Sequence[str] = TASK_FAM
         old = read_manifest(out)
         if old['image_size'] != image_size:
             raise ValueError(f'{out} holds {old["image_size"]} px episodes, not {image_size}')
+        check_sim_fingerprint(old, out)
         manifest['episodes'] = [e for e in old['episodes'] if (out / e['file']).exists()]
         manifest['attempts'] = old.get('attempts', {})
     done_files = {e['file'] for e in manifest['episodes']}
