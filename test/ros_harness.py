@@ -5,8 +5,6 @@ Each test module picks its own ``ROS_DOMAIN_ID`` so parallel runs never hear eac
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -26,6 +24,7 @@ from trajectory_msgs.msg import JointTrajectory
 
 from specprune_ros.ros.launch_config import format_value, node_command, node_setup
 from specprune_ros.ros.messages import values_of
+from specprune_ros.ros.sim_runner import ManagedProcess, child_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 # DDS discovery stays on this machine (no multicast onto real networks), here and in the child processes.
@@ -37,53 +36,28 @@ TEST_ARGUMENTS = {'params_file': PARAMS_FILE, 'model': 'tiny-random', 'method': 
 TEST_PARAMETERS = {'torch_threads': 1}
 
 
-def ros_environment(domain: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(ROS_DOMAIN_ID=str(domain), PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
-    return env
-
-
-class Process:
-    """A child process with its output in a log file, stopped with SIGINT (then SIGKILL)."""
-
-    def __init__(self, command: list[str], domain: int, label: str) -> None:
-        self.label = label
-        self.log = tempfile.NamedTemporaryFile('w+', prefix=f'{label}-', suffix='.log', delete=False)
-        self.popen = subprocess.Popen(command, env=ros_environment(domain), stdout=self.log,
-                                      stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def interrupt(self, timeout: float = 15.0) -> Optional[int]:
-        if self.alive():
-            self.popen.send_signal(signal.SIGINT)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
-        return self.popen.returncode
-
-    def output(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text(errors='replace')
+def start_process(command: list[str], domain: int, label: str) -> ManagedProcess:
+    """A child process in DDS domain ``domain`` (one torch thread), its output in a temporary log file."""
+    handle, log_path = tempfile.mkstemp(prefix=f'{label}-', suffix='.log')
+    os.close(handle)
+    return ManagedProcess(label, command, child_environment(domain, torch_threads=1), Path(log_path),
+                          cwd=ROOT).start()
 
 
 def start_node(domain: int, arguments: Optional[dict] = None, parameters: Optional[dict] = None,
-               label: str = 'specprune_node') -> Process:
+               label: str = 'specprune_node') -> ManagedProcess:
     """The node as the launch file starts it (same params file and node configuration)."""
     setup = node_setup({**TEST_ARGUMENTS, **(arguments or {})})
     command = node_command(setup)
     for name, value in {**TEST_PARAMETERS, **(parameters or {})}.items():
         command += ['-p', f'{name}:={format_value(value)}']
-    return Process(command, domain, label)
+    return start_process(command, domain, label)
 
 
-def start_camera(domain: int, *extra: str, rate: float = 30.0, size: int = 96) -> Process:
+def start_camera(domain: int, *extra: str, rate: float = 30.0, size: int = 96) -> ManagedProcess:
     command = [sys.executable, '-m', 'specprune_ros.ros.tools.synthetic_camera', '--rate', str(rate),
                '--size', str(size), *extra]
-    return Process(command, domain, 'synthetic_camera')
+    return start_process(command, domain, 'synthetic_camera')
 
 
 class Probe:

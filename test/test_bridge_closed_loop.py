@@ -92,3 +92,31 @@ def test_recorded_run_replays_offline_to_the_nodes_chunks_exactly(sync_run):
     assert report['determinism']['identical']
     # the commands the node sent are the chunk rows (the sim's applied actions)
     assert none['vs_recorded_actions']['max_abs'] < 1e-6
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory):
+    """The committed reference VLA with SpecPrune-VLA inside the node (one family, two chunks)."""
+    base = tmp_path_factory.mktemp('sim_reference')
+    run = SimRun(arguments={'model': 'reference', 'method': 'specprune', 'mode': 'sync', 'families': 'place',
+                            'max_steps': '16', 'label': 'reference-specprune'},
+                 bridge_parameters={'save_actions': True}, domain_id=DOMAIN + 1, log_dir=base / 'logs',
+                 timeout_s=300)
+    result = run_simulation(run)
+    assert result['returncode'] == 0 and result['summary'] is not None, json.dumps(result['outputs'], indent=1)
+    return result
+
+
+def test_reference_vla_with_specprune_runs_inside_the_node_as_in_the_harness(reference_run):
+    from specprune_ros.policy.loading import load_policy
+    from specprune_ros.sim import TabletopEnv
+    (episode,) = reference_run['summary']['summary']['episodes']
+    assert episode['steps'] == 16 and episode['inferences'] == 2
+    ros = np.asarray(episode['actions'])
+    env = TabletopEnv(image_size=96)
+    pruned = harness_actions(env, load_policy('reference', 'specprune'), 'place', SEED, 16)
+    unpruned = harness_actions(env, load_policy('reference', 'none'), 'place', SEED, 16)
+    env.close()
+    np.testing.assert_allclose(ros, pruned, rtol=0, atol=1e-5)
+    # the second chunk is statically pruned (the first has no reference frame), so it differs from unpruned
+    assert np.abs(ros[8:] - unpruned[8:]).max() > 1e-4

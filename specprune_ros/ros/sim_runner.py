@@ -30,13 +30,14 @@ class ManagedProcess:
     command: list[str]
     env: dict
     log_path: Path
+    cwd: Optional[Path] = None
     popen: Optional[subprocess.Popen] = None
 
     def start(self) -> 'ManagedProcess':
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, 'w')
         self.popen = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+                                      cwd=self.cwd, start_new_session=True)
         log.close()
         return self
 
@@ -59,9 +60,11 @@ class ManagedProcess:
                 self.popen.wait(5)
         return None if self.popen is None else self.popen.returncode
 
-    def output(self, tail: int = 4000) -> str:
+    def output(self, tail: Optional[int] = None) -> str:
+        """The log so far (its last ``tail`` characters if given)."""
         try:
-            return self.log_path.read_text(errors='replace')[-tail:]
+            text = self.log_path.read_text(errors='replace')
+            return text if tail is None else text[-tail:]
         except OSError:
             return ''
 
@@ -143,7 +146,7 @@ def run_simulation(run: SimRun) -> dict:
         summary = json.loads(json_path.read_text())
     return {'returncode': returncode, 'summary': summary, 'summary_path': str(json_path),
             'logs': {p.label: str(p.log_path) for p in processes},
-            'outputs': {p.label: p.output() for p in processes}}
+            'outputs': {p.label: p.output(tail=4000) for p in processes}}
 
 
 def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
