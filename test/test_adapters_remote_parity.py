@@ -51,7 +51,7 @@ def _load(name: str, path: Path, replace: dict | None = None) -> types.ModuleTyp
 
 
 def _remote_model(repo: str, directory: Path, replace: dict | None = None):
-    timm = pytest.importorskip('timm')
+    timm = pytest.importorskip('timm', reason='opt-in parity test: needs timm (pip install timm) and the public OpenVLA checkouts')
     hf = Path(ROOT) / repo / 'prismatic' / 'extern' / 'hf'
     package = f'remote_{repo.replace("-", "_")}'
     _package(package, hf)
@@ -108,7 +108,7 @@ def test_openvla_matches_the_published_model(tmp_path):
 
 
 def test_openvla_oft_matches_the_published_model(tmp_path):
-    pytest.importorskip('diffusers')
+    pytest.importorskip('diffusers', reason='opt-in parity test: needs diffusers and the public OpenVLA-OFT checkout')
     directory = write_tiny_checkpoint(tmp_path / 'oft', 'openvla-oft', seed=5)
     adapter = load_adapter(directory, device='cpu', dtype='float32')
     oft = Path(ROOT) / 'openvla-oft'

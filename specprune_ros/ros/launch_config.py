@@ -61,19 +61,19 @@ LAUNCH_ARGUMENTS: tuple[LaunchArgument, ...] = (
 )
 
 
-def default_params_file() -> str:
-    """The installed ``share/specprune_ros/config/specprune.yaml``, else the one in the source tree."""
+def default_params_file(file_name: str = PARAMS_FILE_NAME) -> str:
+    """The installed ``share/specprune_ros/config/<file_name>``, else the one in the source tree."""
     try:
         from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
         try:
-            installed = Path(get_package_share_directory(PACKAGE)) / 'config' / PARAMS_FILE_NAME
+            installed = Path(get_package_share_directory(PACKAGE)) / 'config' / file_name
             if installed.is_file():
                 return str(installed)
         except (PackageNotFoundError, OSError):  # not installed, or no AMENT_PREFIX_PATH at all
             pass
     except ImportError:
         pass
-    return str(Path(__file__).resolve().parents[2] / 'config' / PARAMS_FILE_NAME)
+    return str(Path(__file__).resolve().parents[2] / 'config' / file_name)
 
 
 @dataclass

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional
 
 import yaml
 
 from specprune_ros.bridge.settings import BridgeSettings
-from specprune_ros.ros.launch_config import (EXECUTABLE, LAUNCH_ARGUMENTS, PACKAGE, LaunchArgument, NodeSetup,
-                                             check_overrides, format_value, node_setup)
+from specprune_ros.ros.launch_config import (EXECUTABLE, LAUNCH_ARGUMENTS, LaunchArgument, NodeSetup, check_overrides,
+                                             default_params_file, format_value, node_setup)
 
 BRIDGE_EXECUTABLE = 'sim_bridge'
 BRIDGE_MODULE = 'specprune_ros.ros.sim_bridge_node'
@@ -43,17 +42,7 @@ ALL_ARGUMENTS: tuple[LaunchArgument, ...] = (
 
 
 def default_sim_params_file() -> str:
-    try:
-        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
-        try:
-            installed = Path(get_package_share_directory(PACKAGE)) / 'config' / SIM_PARAMS_FILE_NAME
-            if installed.is_file():
-                return str(installed)
-        except (PackageNotFoundError, OSError):
-            pass
-    except ImportError:
-        pass
-    return str(Path(__file__).resolve().parents[2] / 'config' / SIM_PARAMS_FILE_NAME)
+    return default_params_file(SIM_PARAMS_FILE_NAME)
 
 
 @dataclass
@@ -77,16 +66,7 @@ class SimSetup:
 
     def policy_ros_arguments(self, extra: Optional[Mapping[str, Any]] = None) -> list[str]:
         """The policy node's ``--ros-args``: its params file, then every override as ``-p``."""
-        setup = self.policy
-        args = ['--ros-args', '-r', f'__node:={setup.name}']
-        if setup.namespace:
-            args += ['-r', f'__ns:={setup.namespace}']
-        args += ['--params-file', setup.params_file]
-        for name, value in self.policy_parameters(extra).items():
-            args += ['-p', f'{name}:={format_value(value)}']
-        for source, target in setup.remappings:
-            args += ['-r', f'{source}:={target}']
-        return args + ['--log-level', setup.log_level]
+        return replace(self.policy, overrides=self.policy_parameters(extra)).ros_arguments()
 
     def bridge_ros_arguments(self, extra: Optional[Mapping[str, Any]] = None) -> list[str]:
         args = ['--ros-args', '-r', f'__node:={BRIDGE_EXECUTABLE}', '--params-file', self.sim_params_file]
