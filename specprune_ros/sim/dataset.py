@@ -218,10 +218,11 @@ def sim_fingerprint(image_size: int = 96) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_sim_fingerprint(manifest: dict, root: PathLike = 'the dataset') -> None:
-    """Raise ValueError unless ``manifest`` was recorded by the current simulator."""
+def check_sim_fingerprint(manifest: dict, root: PathLike = 'the dataset', current: Optional[str] = None) -> None:
+    """Raise ValueError unless ``manifest`` was recorded by the current simulator (``current``: its fingerprint,
+    if already computed)."""
     recorded = manifest.get('sim_fingerprint')
-    current = sim_fingerprint(manifest.get('image_size', 96))
+    current = current or sim_fingerprint(manifest.get('image_size', 96))
     if recorded != current:
         raise ValueError(f'{root} was recorded by another version of the simulator (fingerprint {recorded}, '
                          f'this code: {current}); collect it again into a fresh directory')
@@ -269,7 +270,7 @@ def collect_demonstrations(out_dir: PathLike, families: Sequence[str] = TASK_FAM
         old = read_manifest(out)
         if old['image_size'] != image_size:
             raise ValueError(f'{out} holds {old["image_size"]} px episodes, not {image_size}')
-        check_sim_fingerprint(old, out)
+        check_sim_fingerprint(old, out, current=manifest['sim_fingerprint'])
         manifest['episodes'] = [e for e in old['episodes'] if (out / e['file']).exists()]
         manifest['attempts'] = old.get('attempts', {})
     done_files = {e['file'] for e in manifest['episodes']}
