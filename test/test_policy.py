@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from specprune_ros.core.token_layout import TokenRole
-from specprune_ros.policy.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from specprune_ros.policy.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, warm_start
 from specprune_ros.policy.interface import Observation
 from specprune_ros.policy.loading import tiny_random_config
-from specprune_ros.policy.reference_vla import ReferenceVLA
+from specprune_ros.policy.reference_vla import ReferenceVLA, sincos_positions_2d
 from specprune_ros.policy.runtime import ObservationError, PrunedVLAPolicy
 from specprune_ros.policy.tokenizer import PAD, UNK, WordTokenizer
 from specprune_ros.sim.vocab import VOCABULARY
@@ -61,6 +61,45 @@ def test_checkpoint_round_trip_gives_identical_actions(tmp_path):
     assert np.all(np.abs(a) <= 1.0)
 
 
+def test_instruction_film_changes_the_patch_features_only_once_trained():
+    model = tiny_model()
+    images = torch.randint(0, 255, (1, 2, 3, 96, 96), dtype=torch.uint8)
+    red, _ = model.tokenizer.encode('pick up the red cube')
+    blue, _ = model.tokenizer.encode('pick up the blue cube')
+    visual = model.layout(5).visual_indices()
+
+    def patches(ids):
+        with torch.no_grad():
+            return model.embed(images, torch.tensor([ids]), torch.zeros(1, 6))[0, visual]
+
+    assert torch.equal(patches(red), patches(blue))        # FiLM starts as the identity (zero-initialised output)
+    with torch.no_grad():
+        model.film[-1].weight.normal_(0, 0.05)
+    assert not torch.allclose(patches(red), patches(blue))  # then the instruction modulates the vision stem
+
+
+def test_sincos_positions_are_distinct_per_patch():
+    table = sincos_positions_2d(12, 64)
+    assert table.shape == (144, 64)
+    distances = torch.cdist(table, table) + torch.eye(144)
+    assert float(distances.min()) > 0.05
+
+
+def test_warm_start_keeps_the_function_of_a_checkpoint_without_film(tmp_path):
+    import dataclasses
+    torch.manual_seed(0)
+    old = ReferenceVLA(dataclasses.replace(tiny_random_config(), language_film=False)).eval()
+    save_checkpoint(old, tmp_path / 'old')
+    new = ReferenceVLA(tiny_random_config()).eval()
+    added = warm_start(new, tmp_path / 'old')
+    assert added and all(name.split('.')[0] in ('film', 'localisation_head') for name in added)
+    obs = observation(np.random.default_rng(1))
+    assert np.array_equal(PrunedVLAPolicy(old).predict(obs).actions, PrunedVLAPolicy(new).predict(obs).actions)
+    wider = ReferenceVLA(dataclasses.replace(tiny_random_config(), hidden_size=32, num_heads=2, num_kv_heads=2))
+    with pytest.raises(CheckpointError, match='do not fit'):
+        warm_start(wider, tmp_path / 'old')
+
+
 def test_bad_checkpoints_name_the_missing_or_malformed_file(tmp_path):
     with pytest.raises(CheckpointError, match='config.json'):
         load_checkpoint(tmp_path)
@@ -108,6 +147,8 @@ def test_training_runs_exports_and_resumes(tmp_path):
     assert model.config.proprio_mean and len(model.config.proprio_mean) == 6
     log = [json.loads(line) for line in (tmp_path / 'run' / 'loss_log.jsonl').read_text().splitlines()]
     assert [e['step'] for e in log] == [1, 2, 3] and all(np.isfinite(e['loss']) for e in log)
+    assert all(np.isfinite(e['localisation']) and np.isfinite(e['pointing']) for e in log)
+    assert {'val_localisation', 'val_pointing', 'val_pointing_hit'} <= set(log[-1])
     settings.steps = 5
     train(tiny_random_config(VOCABULARY), settings, episodes, tmp_path / 'run', resume=True)
     steps = [json.loads(line)['step'] for line in (tmp_path / 'run' / 'loss_log.jsonl').read_text().splitlines()]
@@ -118,3 +159,52 @@ def test_training_runs_exports_and_resumes(tmp_path):
     meta = json.loads((again / 'config.json').read_text())
     assert meta['training']['steps_done'] == 5 + 2
     assert meta['config']['proprio_mean'] == model.config.proprio_mean
+
+
+def test_localisation_targets_follow_the_task_layout_until_the_gripper_reaches_the_object():
+    from specprune_ros.policy.reference_vla import LOCALISATION_SCALE
+    from specprune_ros.policy.training import localisation_targets
+    from specprune_ros.sim.dataset import Episode
+    from specprune_ros.sim.tasks import sample_task
+    spec, layout = sample_task('place', 7)
+    obj = np.asarray(layout.objects[spec.target][:2], dtype=np.float32)
+    tcp = np.array([[0.08, 0.0, 0.25], [*obj, 0.20], [*obj, 0.03], [0.0, 0.0, 0.10]], dtype=np.float32)
+    proprio = np.concatenate([tcp, np.zeros((4, 3), np.float32)], axis=1)
+    episode = Episode(images={}, proprio=proprio, actions=np.zeros((4, 7), np.float32), instruction=spec.instruction,
+                      family='place', seed=7, success=True)
+    targets, mask = localisation_targets(episode)
+    np.testing.assert_allclose(targets[0, :2], obj * LOCALISATION_SCALE, rtol=1e-6)
+    np.testing.assert_allclose(targets[0, 2:], np.asarray(layout.plates[spec.plate]) * LOCALISATION_SCALE, rtol=1e-6)
+    assert mask[:, 0].tolist() == [1, 1, 0, 0]      # above the object is fine; low and close means it may move
+    assert mask[:, 2].tolist() == [1, 1, 1, 1]      # the plate does not move
+    pick_spec, _ = sample_task('pick', 7)
+    _, pick_mask = localisation_targets(Episode(images={}, proprio=proprio, actions=np.zeros((4, 7), np.float32),
+                                                instruction=pick_spec.instruction, family='pick', seed=7, success=True))
+    assert not pick_mask[:, 2:].any()              # pick has no goal position
+
+
+def test_pointing_targets_land_on_the_named_object_in_the_shifted_camera_image():
+    from specprune_ros.policy.training import (image_targets, localisation_targets, pointing_distribution,
+                                               random_shift)
+    from specprune_ros.sim import TabletopEnv
+    from specprune_ros.sim.dataset import Episode
+    from specprune_ros.sim.vocab import COLOUR_RGBA
+    env = TabletopEnv()
+    observation = env.reset(seed=11, family='place')
+    frame = observation.images['agentview']
+    episode = Episode(images={}, proprio=env.proprio()[None], actions=np.zeros((1, 7), np.float32),
+                      instruction=env.task.instruction, family='place', seed=11, success=True)
+    located, _ = localisation_targets(episode)
+    pixels = image_targets(located, 'agentview', 96)[0]             # (object, plate) x (column, row)
+    images = torch.from_numpy(np.stack([frame, frame])[None]).permute(0, 1, 4, 2, 3).contiguous()
+    shifted, moved = random_shift(images, 4, torch.Generator().manual_seed(3))
+    image = shifted[0, 0].permute(1, 2, 0).numpy()
+    for (column, row), colour in zip(pixels + moved[0, 0].numpy(), (env.task.target.split('_')[0], env.task.plate)):
+        seen = image[int(round(row)), int(round(column))].astype(float)
+        expected = np.array(COLOUR_RGBA[colour][:3]) * 255
+        others = [np.array(rgba[:3]) * 255 for name, rgba in COLOUR_RGBA.items() if name != colour]
+        assert np.linalg.norm(seen - expected) < min(np.linalg.norm(seen - o) for o in others)
+    target = pointing_distribution(torch.from_numpy(pixels)[None], grid=12, patch_size=8)[0]
+    peak = target.argmax(-1)
+    assert torch.equal(peak, torch.from_numpy((pixels[:, 1] // 8) * 12 + pixels[:, 0] // 8).long())
+    assert torch.allclose(target.sum(-1), torch.ones(2))

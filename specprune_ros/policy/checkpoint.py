@@ -52,3 +52,20 @@ def load_checkpoint(directory: str | Path, device: str = 'cpu', dtype: torch.dty
     except RuntimeError as error:
         raise CheckpointError(f'checkpoint {directory}: {WEIGHTS_FILE} does not fit config.json: {error}') from error
     return model.to(device=device, dtype=dtype).eval()
+
+
+def warm_start(model: ReferenceVLA, directory: str | Path) -> list[str]:
+    """Load a checkpoint's weights into a model that may have more modules (e.g. FiLM added since).
+
+    Weights the checkpoint lacks keep their initialisation and are returned by name; a weight the model
+    lacks, or one of another shape, is an error, since then the checkpoint is not an ancestor of the model."""
+    weights = Path(directory) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f'checkpoint {directory}: missing {WEIGHTS_FILE}')
+    state = load_file(str(weights))
+    own = model.state_dict()
+    wrong = [name for name, tensor in state.items() if name not in own or own[name].shape != tensor.shape]
+    if wrong:
+        raise CheckpointError(f'checkpoint {directory}: weights that do not fit the model: {wrong[:5]}')
+    missing = model.load_state_dict(state, strict=False).missing_keys
+    return list(missing)

@@ -5,9 +5,14 @@ Sequence (bidirectional attention, one forward pass per chunk, like OpenVLA-OFT)
     [camera 0 patches][camera 1 patches][instruction words][padding][proprio][action queries x chunk*dims]
 
 * vision encoder: a small convolutional stem per camera (shared weights) giving a grid of patch features,
-  then a projector to the decoder width, plus learned patch-position and camera embeddings;
+  FiLM-conditioned on the instruction after every stage (as OpenVLA-OFT+ does, so the stem can pick out the
+  named object), then a projector to the decoder width, plus fixed 2-D sin-cos and learned patch-position
+  embeddings and a camera embedding;
 * decoder: a transformers ``LlamaModel`` run by ``PrunableDecoderRunner`` (so pruning methods act on it);
-* action head: an MLP over each chunk step's action-query states, regressing the normalised 8 x 7 chunk (L1).
+* action head: an MLP over each chunk step's action-query states, regressing the normalised 8 x 7 chunk (L1);
+* training aids (unused when acting): a localisation head (mean action-query state -> the named object's and the
+  goal's table coordinates) and a pointing head (each patch token of the first, fixed camera -> a logit that the
+  named object / the goal is there, before the decoder), so the policy learns early *where* the instruction points.
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ class ReferenceVLAConfig:
     chunk_size: int = 8
     action_dim: int = 7
     head_hidden: int = 512
+    language_film: bool = True               # FiLM the vision stem with the instruction (OpenVLA-OFT+)
     proprio_mean: list[float] = field(default_factory=list)   # normalisation of the proprio vector
     proprio_std: list[float] = field(default_factory=list)
 
@@ -64,8 +70,24 @@ class ReferenceVLAConfig:
         return asdict(self)
 
 
+def sincos_positions_2d(grid: int, dim: int) -> torch.Tensor:
+    """Fixed (grid*grid, dim) embedding: half the channels encode the row, half the column (sin and cos)."""
+    quarter = dim // 4
+    frequencies = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / max(1, quarter)))
+    coords = torch.arange(grid, dtype=torch.float32)
+    angles = coords[:, None] * frequencies[None]                       # (grid, quarter)
+    axis = torch.cat([angles.sin(), angles.cos()], dim=1)              # (grid, 2*quarter)
+    rows = axis[:, None, :].expand(grid, grid, -1)
+    cols = axis[None, :, :].expand(grid, grid, -1)
+    table = torch.cat([rows, cols], dim=-1).reshape(grid * grid, -1)
+    return nn.functional.pad(table, (0, dim - table.shape[1]))
+
+
 class PatchEncoder(nn.Module):
-    """Convolutional stem: (B, 3, H, W) uint8-range images -> (B, grid*grid, channels) patch features."""
+    """Convolutional stem: (B, 3, H, W) uint8-range images -> (B, grid*grid, channels) patch features.
+
+    With ``film`` (B, 2 * sum(channels)) scales and shifts, each stage's normalised features become
+    ``x * (1 + scale) + shift`` (FiLM), so the instruction decides what the stem emphasises."""
 
     def __init__(self, channels: tuple[int, ...]) -> None:
         super().__init__()
@@ -76,11 +98,25 @@ class PatchEncoder(nn.Module):
             previous = width
         layers += [nn.Conv2d(previous, previous, 3, padding=1), nn.GELU()]
         self.stem = nn.Sequential(*layers)
+        self.channels = tuple(channels)
         self.register_buffer('mean', torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, film: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = images.float() / 255.0 - self.mean
-        return self.stem(x).flatten(2).transpose(1, 2)
+        offset = 0
+        for layer in self.stem:
+            x = layer(x)
+            if film is not None and isinstance(layer, nn.GroupNorm):
+                width = x.shape[1]
+                scale = film[:, offset:offset + width, None, None]
+                shift = film[:, offset + width:offset + 2 * width, None, None]
+                x = x * (1 + scale) + shift
+                offset += 2 * width
+        return x.flatten(2).transpose(1, 2)
+
+
+LOCALISATION_DIMS = 4   # (object x, object y, goal x, goal y), table metres x LOCALISATION_SCALE
+LOCALISATION_SCALE = 5.0
 
 
 class ReferenceVLA(nn.Module):
@@ -95,8 +131,16 @@ class ReferenceVLA(nn.Module):
         self.patch_encoder = PatchEncoder(config.vision_channels)
         self.projector = nn.Sequential(nn.Linear(config.vision_channels[-1], d), nn.GELU(), nn.Linear(d, d))
         self.patch_position = nn.Parameter(torch.randn(num_patches, d) * 0.02)
+        self.register_buffer('patch_sincos', sincos_positions_2d(config.grid, d), persistent=False)
+        self.sincos_gain = nn.Parameter(torch.zeros(1))   # grows from 0, so a warm start keeps its function
         self.camera_embedding = nn.Parameter(torch.randn(len(config.camera_names), d) * 0.02)
         self.word_embedding = nn.Embedding(self.tokenizer.vocab_size, d)
+        self.film = None
+        if config.language_film:
+            film_width = 2 * sum(config.vision_channels)
+            self.film = nn.Sequential(nn.Linear(config.max_words * d, 2 * d), nn.GELU(), nn.Linear(2 * d, film_width))
+            nn.init.zeros_(self.film[-1].weight)          # identity FiLM at initialisation
+            nn.init.zeros_(self.film[-1].bias)
         self.proprio_projector = nn.Sequential(nn.Linear(config.proprio_dim, d), nn.GELU(), nn.Linear(d, d))
         self.action_queries = nn.Parameter(torch.randn(config.chunk_size * config.action_dim, d) * 0.02)
         llama = LlamaConfig(hidden_size=d, intermediate_size=config.mlp_size, num_hidden_layers=config.num_layers,
@@ -109,6 +153,8 @@ class ReferenceVLA(nn.Module):
         self.action_head = nn.Sequential(
             nn.LayerNorm(config.action_dim * d), nn.Linear(config.action_dim * d, config.head_hidden), nn.GELU(),
             nn.Linear(config.head_hidden, config.head_hidden), nn.GELU(), nn.Linear(config.head_hidden, config.action_dim))
+        self.localisation_head = nn.Linear(d, LOCALISATION_DIMS)
+        self.pointer_head = nn.Linear(d, 2)          # (named object, goal) logits per patch of camera 0
         mean = torch.tensor(config.proprio_mean or [0.0] * config.proprio_dim)
         std = torch.tensor(config.proprio_std or [1.0] * config.proprio_dim)
         self.register_buffer('proprio_mean', mean, persistent=False)
@@ -132,13 +178,18 @@ class ReferenceVLA(nn.Module):
     def embed(self, images: torch.Tensor, word_ids: torch.Tensor, proprio: torch.Tensor) -> torch.Tensor:
         """Decoder input embeddings (B, N, d) from images (B, cams, 3, H, W) uint8, word ids (B, max_words), proprio."""
         batch, cams = images.shape[:2]
-        patches = self.projector(self.patch_encoder(images.flatten(0, 1)))
+        words = self.word_embedding(word_ids)
+        film = None
+        if self.film is not None:
+            film = self.film(words.flatten(1)).repeat_interleave(cams, dim=0)     # one row per (sample, camera)
+        patches = self.projector(self.patch_encoder(images.flatten(0, 1), film))
         patches = patches.view(batch, cams, -1, patches.shape[-1])
-        patches = patches + self.patch_position + self.camera_embedding[:cams, None]
+        positions = self.patch_position + self.sincos_gain * self.patch_sincos
+        patches = patches + positions + self.camera_embedding[:cams, None]
         proprio = (proprio.float() - self.proprio_mean) / self.proprio_std
         return torch.cat([
             patches.flatten(1, 2),
-            self.word_embedding(word_ids),
+            words,
             self.proprio_projector(proprio).unsqueeze(1),
             self.action_queries.expand(batch, -1, -1),
         ], dim=1)
@@ -149,6 +200,16 @@ class ReferenceVLA(nn.Module):
         states = result.select(torch.arange(*layout.action_span, device=result.kept.device))
         states = states.reshape(states.shape[0], c.chunk_size, c.action_dim * c.hidden_size)
         return self.action_head(states.float())
+
+    def localise(self, result: RunResult, layout: TokenLayout) -> torch.Tensor:
+        """(B, 4) predicted (object xy, goal xy) x LOCALISATION_SCALE from the action-query states of a pass."""
+        states = result.select(torch.arange(*layout.action_span, device=result.kept.device))
+        return self.localisation_head(states.float().mean(dim=1))
+
+    def point(self, embeddings: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """(B, 2, patches) logits over camera 0's patches: where the named object (0) and the goal (1) are."""
+        start, stop = layout.camera_spans[0]
+        return self.pointer_head(embeddings[:, start:stop].float()).transpose(1, 2)
 
     def forward(self, images: torch.Tensor, word_ids: torch.Tensor, num_words: int, proprio: torch.Tensor,
                 method: Optional[PruningMethod] = None, context: Optional[StepContext] = None

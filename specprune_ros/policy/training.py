@@ -4,6 +4,14 @@ Each sample is one control step t of a demonstration: both camera frames and the
 action t, the instruction, and the target chunk ``actions[t : t + chunk]`` (past the episode end the chunk is
 padded with a 'hold' action: no motion, the last gripper command). Loss: L1 over the whole chunk, as
 OpenVLA-OFT. Images get a small random shift (pad + crop) so the policy does not memorise pixels.
+
+Auxiliary localisation loss (``localisation_weight``): the model's localisation head predicts the named object's
+table position (known from the task layout of the episode's seed, supervised only while the gripper has not yet
+reached the object, so the object is where it started) and the goal's (plate or zone; not for pick). It teaches
+the vision stem and the decoder to find what the instruction names, which plain behaviour cloning learns slowly.
+Auxiliary pointing loss (``pointing_weight``): the same two positions projected into the fixed camera's image
+become soft targets (Gaussian over patch centres) for the pointing head on that camera's patch tokens, a dense
+signal that reaches the instruction-conditioned (FiLM) vision stem directly. Random shifts move the targets too.
 """
 from __future__ import annotations
 
@@ -18,8 +26,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from specprune_ros.policy.checkpoint import load_checkpoint, read_config, save_checkpoint
-from specprune_ros.policy.reference_vla import ReferenceVLA, ReferenceVLAConfig
+from specprune_ros.policy.checkpoint import read_config, save_checkpoint, warm_start
+from specprune_ros.policy.reference_vla import (LOCALISATION_DIMS, LOCALISATION_SCALE, ReferenceVLA,
+                                               ReferenceVLAConfig)
 from specprune_ros.policy.tokenizer import WordTokenizer
 
 
@@ -40,6 +49,68 @@ class TrainConfig:
     log_every: int = 50
     save_every: int = 500
     max_minutes: float = 0.0        # stop (and save) after this wall time; 0 = no limit
+    localisation_weight: float = 1.0   # auxiliary loss: where the named object and the goal are; 0 = off
+    pointing_weight: float = 0.5       # auxiliary loss: which patches of camera 0 show them; 0 = off
+
+
+REACHED_XY = 0.04   # metres: once the tcp is this close to the object in xy ...
+REACHED_Z = 0.06    # ... and this low, it may move the object, so the start position is no longer a target
+
+
+def localisation_targets(episode) -> tuple[np.ndarray, np.ndarray]:
+    """Per step (T, 4) targets (object xy, goal xy) x LOCALISATION_SCALE and a (T, 4) validity mask.
+
+    From the episode's task layout (``sample_task(family, seed)``); object targets hold until the tcp first
+    comes within REACHED_XY of the object below REACHED_Z; goal targets (plate or zone) hold throughout (none for pick)."""
+    from specprune_ros.sim.tasks import sample_task
+    spec, layout = sample_task(episode.family, episode.seed)
+    steps = len(episode)
+    targets = np.zeros((steps, LOCALISATION_DIMS), dtype=np.float32)
+    mask = np.zeros((steps, LOCALISATION_DIMS), dtype=np.float32)
+    obj = np.asarray(layout.objects[spec.target][:2], dtype=np.float32)
+    tcp = episode.proprio[:steps, :3]
+    near = (np.hypot(*(tcp[:, :2] - obj).T) < REACHED_XY) & (tcp[:, 2] < REACHED_Z)
+    reached = int(np.argmax(near)) if near.any() else steps
+    targets[:, :2] = obj * LOCALISATION_SCALE
+    mask[:reached, :2] = 1.0
+    goal = layout.plates.get(spec.plate) if spec.plate else layout.zones.get(spec.zone) if spec.zone else None
+    if goal is not None:
+        targets[:, 2:] = np.asarray(goal, dtype=np.float32) * LOCALISATION_SCALE
+        mask[:, 2:] = 1.0
+    return targets, mask
+
+
+POINTING_SIGMA_PX = 6.0   # spread of the soft pointing target over patch centres
+
+
+def image_targets(located: np.ndarray, camera: str, image_size: int) -> np.ndarray:
+    """(T, 2, 2) pixel (column, row) of the object and the goal in ``camera`` from localisation targets (T, 4)."""
+    from specprune_ros.sim import scene
+    from specprune_ros.sim.projection import project_to_image
+    env = _projection_env(image_size)
+    world = located.reshape(-1, 2, 2) / LOCALISATION_SCALE
+    heights = np.broadcast_to(np.array([scene.OBJECT_HALF, scene.PLATE_TOP]), world.shape[:2])
+    points = np.concatenate([world, heights[..., None]], axis=-1).reshape(-1, 3)
+    return project_to_image(env.model, env.data, camera, points, image_size).reshape(-1, 2, 2).astype(np.float32)
+
+
+_ENVS: dict = {}
+
+
+def _projection_env(image_size: int):
+    """A simulator instance only for its (fixed) camera poses; built once per image size."""
+    from specprune_ros.sim import TabletopEnv
+    if image_size not in _ENVS:
+        _ENVS[image_size] = TabletopEnv(image_size=image_size)
+    return _ENVS[image_size]
+
+
+def pointing_distribution(pixels: torch.Tensor, grid: int, patch_size: int) -> torch.Tensor:
+    """(B, K, grid*grid) soft targets: a Gaussian of POINTING_SIGMA_PX around each (column, row) in ``pixels``."""
+    centres = (torch.arange(grid, dtype=torch.float32) + 0.5) * patch_size
+    rows, cols = torch.meshgrid(centres, centres, indexing='ij')
+    d2 = (cols.flatten() - pixels[..., :1]) ** 2 + (rows.flatten() - pixels[..., 1:]) ** 2
+    return torch.softmax(-d2 / (2 * POINTING_SIGMA_PX ** 2), dim=-1)
 
 
 class DemoBank:
@@ -52,6 +123,11 @@ class DemoBank:
         self.images = [np.stack([ep.images[c] for c in self.camera_names], axis=1) for ep in episodes]  # (T,C,H,W,3)
         self.proprio = [ep.proprio.astype(np.float32) for ep in episodes]
         self.chunks = [self._chunks(ep.actions.astype(np.float32)) for ep in episodes]
+        located = [localisation_targets(ep) for ep in episodes]
+        self.located = [targets for targets, _ in located]
+        self.located_mask = [mask for _, mask in located]
+        image_size = episodes[0].images[self.camera_names[0]].shape[1] if episodes and episodes[0].images else 96
+        self.pixels = [image_targets(targets, self.camera_names[0], image_size) for targets in self.located]
         encoded = [tokenizer.encode(ep.instruction)[0] for ep in episodes]
         self.words = np.asarray(encoded, dtype=np.int64)
         self.index = np.asarray([(e, t) for e, ep in enumerate(episodes) for t in range(len(ep))], dtype=np.int64)
@@ -73,20 +149,27 @@ class DemoBank:
             'proprio': torch.from_numpy(np.stack([self.proprio[e][t] for e, t in zip(episode, step)])),
             'words': torch.from_numpy(self.words[episode]),
             'actions': torch.from_numpy(np.stack([self.chunks[e][t] for e, t in zip(episode, step)])),
+            'located': torch.from_numpy(np.stack([self.located[e][t] for e, t in zip(episode, step)])),
+            'located_mask': torch.from_numpy(np.stack([self.located_mask[e][t] for e, t in zip(episode, step)])),
+            'pixels': torch.from_numpy(np.stack([self.pixels[e][t] for e, t in zip(episode, step)])),
         }
 
 
-def random_shift(images: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
-    """Shift each image by up to ``pixels`` in x and y (edge padding), independently per sample and camera."""
+def random_shift(images: torch.Tensor, pixels: int, generator: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shift each image by up to ``pixels`` in x and y (edge padding), independently per sample and camera.
+
+    Returns the shifted images and (B, cams, 2) how far the content moved (columns, rows)."""
     if pixels <= 0:
-        return images
+        return images, torch.zeros(*images.shape[:2], 2)
     b, c, ch, h, w = images.shape
     flat = images.view(b * c, ch, h, w).float()
     padded = torch.nn.functional.pad(flat, (pixels,) * 4, mode='replicate')
     dx = torch.randint(0, 2 * pixels + 1, (b * c,), generator=generator)
     dy = torch.randint(0, 2 * pixels + 1, (b * c,), generator=generator)
     out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b * c)])
-    return out.round().to(torch.uint8).view(b, c, ch, h, w)
+    moved = torch.stack([pixels - dx, pixels - dy], dim=1).view(b, c, 2).float()
+    return out.round().to(torch.uint8).view(b, c, ch, h, w), moved
 
 
 def proprio_statistics(episodes: Sequence) -> tuple[list[float], list[float]]:
@@ -104,10 +187,33 @@ def learning_rate(step: int, config: TrainConfig, minutes: float = 0.0) -> float
     return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def l1_loss(model: ReferenceVLA, batch: dict[str, torch.Tensor], bf16: bool) -> torch.Tensor:
+def training_losses(model: ReferenceVLA, batch: dict[str, torch.Tensor], bf16: bool) -> dict[str, torch.Tensor]:
+    """Per batch: 'chunk' (L1 over the action chunk), 'localisation' (masked L1 of the localisation head),
+    'pointing' (masked cross-entropy of the pointing head against soft patch targets) and 'pointing_hit' (share
+    of targets whose most likely patch lies within 1.5 patches of the true position; a readable diagnostic)."""
+    config = model.config
+    layout = model.layout(config.max_words)
     with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
-        predicted, _ = model(batch['images'], batch['words'], model.config.max_words, batch['proprio'])
-    return (predicted.float() - batch['actions']).abs().mean()
+        embeddings = model.embed(batch['images'], batch['words'], batch['proprio'])
+        result = model.runner(embeddings, layout)
+        predicted = model.decode_actions(result, layout)
+        located = model.localise(result, layout)
+        logits = model.point(embeddings, layout)
+    chunk = (predicted.float() - batch['actions']).abs().mean()
+    mask = batch['located_mask']
+    localisation = ((located.float() - batch['located']).abs() * mask).sum() / mask.sum().clamp(min=1)
+    pixels = batch['pixels'] + batch.get('shift', torch.zeros(len(mask), 2))[:, None]
+    valid = torch.stack([mask[:, 0], mask[:, 2]], dim=1) * torch.isfinite(pixels).all(-1)
+    pixels = torch.nan_to_num(pixels)
+    target = pointing_distribution(pixels, config.grid, config.patch_size)
+    cross_entropy = -(target * torch.log_softmax(logits.float(), dim=-1)).sum(-1)
+    pointing = (cross_entropy * valid).sum() / valid.sum().clamp(min=1)
+    best = logits.argmax(-1)
+    best_xy = torch.stack([best % config.grid, best // config.grid], dim=-1).float()
+    best_xy = (best_xy + 0.5) * config.patch_size
+    hit = ((best_xy - pixels).norm(dim=-1) < 1.5 * config.patch_size).float()
+    pointing_hit = (hit * valid).sum() / valid.sum().clamp(min=1)
+    return {'chunk': chunk, 'localisation': localisation, 'pointing': pointing, 'pointing_hit': pointing_hit}
 
 
 def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes: Sequence, out_dir: Path,
@@ -132,8 +238,10 @@ def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes:
     if init_from is not None:
         model_config, meta = read_config(init_from)
         earlier_steps = int(meta.get('training', {}).get('steps_done', 0))
-        model = load_checkpoint(init_from).train()
-        print(f'initialised from {init_from} ({earlier_steps} earlier steps)')
+        model = ReferenceVLA(model_config)
+        new_weights = warm_start(model, init_from)
+        model.train()
+        print(f'initialised from {init_from} ({earlier_steps} earlier steps); new weights: {new_weights or "none"}')
     else:
         model_config.proprio_mean, model_config.proprio_std = proprio_statistics(train_eps)
         model = ReferenceVLA(model_config)
@@ -163,13 +271,14 @@ def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes:
                     'torch_rng': torch.get_rng_state(), 'model_config': model_config.to_dict(),
                     'train_config': asdict(train_config)}, state_path)
 
-    def validate() -> float:
+    def validate() -> dict[str, float]:
+        """Mean of each loss over the fixed validation rows."""
         model.eval()
         with torch.no_grad():
-            losses = [l1_loss(model, val_bank.batch(val_rows[i:i + 64]), train_config.bf16).item()
+            losses = [training_losses(model, val_bank.batch(val_rows[i:i + 64]), train_config.bf16)
                       for i in range(0, len(val_rows), 64)]
         model.train()
-        return float(np.mean(losses))
+        return {name: float(np.mean([batch[name].item() for batch in losses])) for name in losses[0]}
 
     started = time.time()
     model.train()
@@ -180,20 +289,26 @@ def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes:
         for group in optimizer.param_groups:
             group['lr'] = learning_rate(step, train_config, minutes)
         batch = train_bank.batch(rng.integers(0, len(train_bank), size=train_config.batch_size))
-        batch['images'] = random_shift(batch['images'], train_config.shift_pixels, generator)
-        loss = l1_loss(model, batch, train_config.bf16)
+        batch['images'], moved = random_shift(batch['images'], train_config.shift_pixels, generator)
+        batch['shift'] = moved[:, 0]                      # the pointing targets live in camera 0
+        losses = training_losses(model, batch, train_config.bf16)
+        loss = (losses['chunk'] + train_config.localisation_weight * losses['localisation']
+                + train_config.pointing_weight * losses['pointing'])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
-        running.append(loss.item())
+        running.append({name: value.item() for name, value in losses.items()})
         bar.update(1)
         if step % train_config.log_every == 0 or step == train_config.steps:
-            entry = {'step': step, 'loss': float(np.mean(running)), 'lr': optimizer.param_groups[0]['lr'],
-                     'minutes': minutes}
+            means = {name: float(np.mean([r[name] for r in running])) for name in running[0]}
+            entry = {'step': step, 'loss': means.pop('chunk'), **means,
+                     'lr': optimizer.param_groups[0]['lr'], 'minutes': minutes}
             if step % (train_config.log_every * 4) == 0 or step == train_config.steps:
-                entry['val_loss'] = validate()
+                val = validate()
+                entry['val_loss'] = val.pop('chunk')
+                entry.update({f'val_{name}': value for name, value in val.items()})
             running.clear()
             bar.set_postfix(loss=f"{entry['loss']:.4f}", val=f"{entry.get('val_loss', float('nan')):.4f}")
             with open(log_path, 'a') as f:
