@@ -40,15 +40,20 @@ def read_config(directory: str | Path) -> tuple[ReferenceVLAConfig, dict]:
         raise CheckpointError(f'checkpoint {directory}: malformed {CONFIG_FILE}: {error}') from error
 
 
-def load_checkpoint(directory: str | Path, device: str = 'cpu', dtype: torch.dtype = torch.float32) -> ReferenceVLA:
-    """Build the model from config.json and load model.safetensors (strict: every weight must match)."""
-    config, _ = read_config(directory)
+def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint directory's model.safetensors."""
     weights = Path(directory) / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f'checkpoint {directory}: missing {WEIGHTS_FILE}')
+    return load_file(str(weights))
+
+
+def load_checkpoint(directory: str | Path, device: str = 'cpu', dtype: torch.dtype = torch.float32) -> ReferenceVLA:
+    """Build the model from config.json and load model.safetensors (strict: every weight must match)."""
+    config, _ = read_config(directory)
     model = ReferenceVLA(config)
     try:
-        model.load_state_dict(load_file(str(weights)), strict=True)
+        model.load_state_dict(read_weights(directory), strict=True)
     except RuntimeError as error:
         raise CheckpointError(f'checkpoint {directory}: {WEIGHTS_FILE} does not fit config.json: {error}') from error
     return model.to(device=device, dtype=dtype).eval()
@@ -59,10 +64,7 @@ def warm_start(model: ReferenceVLA, directory: str | Path) -> list[str]:
 
     Weights the checkpoint lacks keep their initialisation and are returned by name; a weight the model
     lacks, or one of another shape, is an error, since then the checkpoint is not an ancestor of the model."""
-    weights = Path(directory) / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f'checkpoint {directory}: missing {WEIGHTS_FILE}')
-    state = load_file(str(weights))
+    state = read_weights(directory)
     own = model.state_dict()
     wrong = [name for name, tensor in state.items() if name not in own or own[name].shape != tensor.shape]
     if wrong:

@@ -15,6 +15,7 @@ signal that reaches the instruction-conditioned (FiLM) vision stem directly. Ran
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -94,15 +95,11 @@ def image_targets(located: np.ndarray, camera: str, image_size: int) -> np.ndarr
     return project_to_image(env.model, env.data, camera, points, image_size).reshape(-1, 2, 2).astype(np.float32)
 
 
-_ENVS: dict = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _projection_env(image_size: int):
     """A simulator instance only for its (fixed) camera poses; built once per image size."""
     from specprune_ros.sim import TabletopEnv
-    if image_size not in _ENVS:
-        _ENVS[image_size] = TabletopEnv(image_size=image_size)
-    return _ENVS[image_size]
+    return TabletopEnv(image_size=image_size)
 
 
 def pointing_distribution(pixels: torch.Tensor, grid: int, patch_size: int) -> torch.Tensor:
