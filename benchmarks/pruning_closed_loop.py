@@ -11,6 +11,11 @@ self-speculation check (layers 0-1 top-k vs last-layer top-k of task attention) 
 Columns: latency = the whole policy step (vision stem, decoder, selection, action head); decoder ms = the
 decoder layers alone (selection and attention probes excluded); selection ms = the method's hooks + probes.
 
+Phase 3 (speed at deployment width, optional ``--wide WIDTHxLAYERS``): the reference VLA is 128 wide, so
+per-op overheads weigh more than on a real VLA. The same replay runs through a random-initialised copy of
+the reference VLA with a wider, deeper decoder (e.g. 512x8: the token layout, vision stem and methods are the
+same; the weights are random, so only its latency columns mean anything).
+
     python benchmarks/pruning_closed_loop.py --episodes-per-family 34 --out outputs/benchmarks
 """
 from __future__ import annotations
@@ -75,14 +80,25 @@ def replay_observations(model: str, families: list[str], episodes: int, seed_sta
     return sequences
 
 
-def measure_latency(model: str, configs: tuple[PolicySpec, ...], sequences: list[list[Observation]],
+def widened(model: str, spec: str, seed: int = 0):
+    """A random-initialised copy of ``model``'s architecture with a 'WIDTHxLAYERS' decoder (MLP 3 x width)."""
+    from dataclasses import replace
+    from specprune_ros.policy.loading import load_model
+    from specprune_ros.policy.reference_vla import ReferenceVLA
+    width, layers = (int(v) for v in spec.lower().split('x'))
+    base = load_model(model).config
+    torch.manual_seed(seed)
+    heads = max(1, width // 64)
+    return ReferenceVLA(replace(base, hidden_size=width, num_layers=layers, mlp_size=3 * width, num_heads=heads,
+                                num_kv_heads=heads)).eval()
+
+
+def measure_latency(vla, configs: tuple[PolicySpec, ...], sequences: list[list[Observation]],
                     threads: int) -> dict[str, dict]:
     """Round-robin replay through every configuration in this process; medians per configuration."""
-    from specprune_ros.policy.loading import load_model
     from specprune_ros.policy.runtime import PrunedVLAPolicy
     from specprune_ros.pruning import build_method, self_speculation_hit_rate
     torch.set_num_threads(threads)
-    vla = load_model(model)
     policies = {c.name: PrunedVLAPolicy(vla, build_method(c.method, c.method_config, seed=c.seed)) for c in configs}
     probe = PrunedVLAPolicy(vla, build_method('none', {'self_speculation': True}))
     samples: dict[str, list[float]] = {name: [] for name in policies}
@@ -141,6 +157,8 @@ def main() -> None:
     parser.add_argument('--workers', type=int, default=2)
     parser.add_argument('--threads', type=int, default=2, help='torch threads in the latency phase')
     parser.add_argument('--configs', nargs='*', default=None, help='labels to run (default: all)')
+    parser.add_argument('--wide', default='512x8', help="also time the methods on a random 'WIDTHxLAYERS' decoder "
+                        "(deployment-like width; latency only), '' to skip")
     parser.add_argument('--out', type=Path, default=Path('outputs/benchmarks'))
     args = parser.parse_args()
 
@@ -156,7 +174,9 @@ def main() -> None:
                  for c in configs}
     sequences = replay_observations(args.model, families, args.latency_episodes, EVAL_SEED_START + 500_000,
                                     args.execute_steps)
-    speed = measure_latency(args.model, configs, sequences, args.threads)
+    from specprune_ros.policy.loading import load_model
+    speed = measure_latency(load_model(args.model), configs, sequences, args.threads)
+    wide = measure_latency(widened(args.model, args.wide), configs, sequences, args.threads) if args.wide else None
 
     rows = []
     for c in configs:
@@ -178,10 +198,16 @@ def main() -> None:
                      + ' | '.join(f"{r['families'][f] * 100:.0f}%" for f in families)
                      + f" | {r['visual_kept']:.0f} | {r['flops_ratio'] * 100:.0f}% | {r['latency_ms_median']:.1f} | "
                        f"{r['speedup']:.2f}x | {r['decoder_ms_median']:.1f} | {r['selection_ms_median']:.2f} |")
+    if wide is not None:
+        lines += ['', f'Latency on a random-initialised {args.wide} decoder (same layout, methods and replayed steps; '
+                      'success does not apply):', '',
+                  '| config | latency ms | speedup | decoder ms | selection ms |', '|---|---|---|---|---|']
+        lines += [f"| {c.name} | {wide[c.name]['latency_ms_median']:.1f} | {wide[c.name]['speedup']:.2f}x | "
+                  f"{wide[c.name]['decoder_ms_median']:.1f} | {wide[c.name]['selection_ms_median']:.2f} |" for c in configs]
     table = '\n'.join(lines)
     (args.out / 'pruning_closed_loop.md').write_text(table + '\n')
     (args.out / 'pruning_closed_loop.json').write_text(json.dumps(
-        {'rows': rows, 'summaries': summaries, 'self_speculation_hit_rate': speed['_self_speculation_hit_rate'],
+        {'rows': rows, 'summaries': summaries, 'wide': {'decoder': args.wide, 'latency': wide}, 'self_speculation_hit_rate': speed['_self_speculation_hit_rate'],
          'minutes': (time.time() - started) / 60}, indent=2))
     plot(rows, args.out / 'pruning_closed_loop.png')
     print(table)

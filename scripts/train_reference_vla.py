@@ -41,6 +41,8 @@ def main() -> None:
             parser.add_argument(flag, type=lambda s: s.lower() in ('1', 'true', 'yes'), default=value)
         else:
             parser.add_argument(flag, type=type(value), default=value)
+    parser.add_argument('--blind-proprio', default='tcp_x,tcp_y,sin_yaw,cos_yaw',
+                        help='comma-separated proprio entries hidden from the policy (copycat guard); "" for none')
     parser.add_argument('--hidden-size', type=int, default=ReferenceVLAConfig.hidden_size)
     parser.add_argument('--num-layers', type=int, default=ReferenceVLAConfig.num_layers)
     parser.add_argument('--mlp-size', type=int, default=ReferenceVLAConfig.mlp_size)
@@ -58,10 +60,16 @@ def main() -> None:
         episodes.append(episode)
         if args.max_episodes and len(episodes) >= args.max_episodes:
             break
+    layout = list(manifest['proprio_layout'])
+    blind = [name for name in args.blind_proprio.split(',') if name]
+    unknown = sorted(set(blind) - set(layout))
+    if unknown:
+        parser.error(f'--blind-proprio: {unknown} not in the proprio layout {layout}')
     model_config = ReferenceVLAConfig(vocabulary=tuple(manifest['vocabulary']),
                                       camera_names=tuple(manifest['cameras']), image_size=manifest['image_size'],
                                       proprio_dim=len(manifest['proprio_layout']), hidden_size=args.hidden_size, num_heads=args.num_heads, num_kv_heads=args.num_heads,
-                                      num_layers=args.num_layers, mlp_size=args.mlp_size)
+                                      num_layers=args.num_layers, mlp_size=args.mlp_size,
+                                      blind_proprio=tuple(layout.index(name) for name in blind))
     train_config = TrainConfig(**{name: getattr(args, name) for name in vars(defaults)})
     exported = train(model_config, train_config, episodes, args.out, resume=args.resume, export_dir=args.export,
                      init_from=args.init_from)

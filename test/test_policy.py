@@ -1,4 +1,5 @@
 """The reference VLA: tokenizer, shapes, checkpoints, the policy runtime's input checks, and training."""
+import dataclasses
 import json
 
 import numpy as np
@@ -78,6 +79,29 @@ def test_instruction_film_changes_the_patch_features_only_once_trained():
     assert not torch.allclose(patches(red), patches(blue))  # then the instruction modulates the vision stem
 
 
+def test_pointing_marks_tag_the_pointed_patches_of_the_fixed_camera_only():
+    model = tiny_model()
+    images = torch.randint(0, 255, (1, 2, 3, 96, 96), dtype=torch.uint8)
+    ids, _ = model.tokenizer.encode('pick up the red cube')
+    layout = model.layout(5)
+    (start0, stop0), (start1, stop1) = layout.camera_spans
+
+    def embed():
+        with torch.no_grad():
+            return model.embed(images, torch.tensor([ids]), torch.zeros(1, 6), with_pointing=True)
+
+    plain, logits = embed()                                  # zero marker embedding: no change
+    assert logits.shape == (1, 2, stop0 - start0)
+    with torch.no_grad():
+        model.pointed_embedding[0] = 1.0                     # mark the named object's patches with +1
+    marked, _ = embed()
+    delta = (marked - plain)[0]
+    assert torch.equal(delta[start1:], torch.zeros_like(delta[start1:]))   # other camera, words, queries untouched
+    strength = delta[start0:stop0].mean(-1)
+    assert int(strength.argmax()) == int(logits[0, 0].argmax()) and abs(float(strength.max()) - 1.0) < 1e-5
+    assert float(strength.min()) >= 0.0
+
+
 def test_sincos_positions_are_distinct_per_patch():
     table = sincos_positions_2d(12, 64)
     assert table.shape == (144, 64)
@@ -86,18 +110,48 @@ def test_sincos_positions_are_distinct_per_patch():
 
 
 def test_warm_start_keeps_the_function_of_a_checkpoint_without_film(tmp_path):
-    import dataclasses
     torch.manual_seed(0)
     old = ReferenceVLA(dataclasses.replace(tiny_random_config(), language_film=False)).eval()
     save_checkpoint(old, tmp_path / 'old')
     new = ReferenceVLA(tiny_random_config()).eval()
     added = warm_start(new, tmp_path / 'old')
-    assert added and all(name.split('.')[0] in ('film', 'localisation_head') for name in added)
+    assert added and all(name.split('.')[0] in ('film', 'localisation_head', 'pointed_embedding') for name in added)
     obs = observation(np.random.default_rng(1))
     assert np.array_equal(PrunedVLAPolicy(old).predict(obs).actions, PrunedVLAPolicy(new).predict(obs).actions)
     wider = ReferenceVLA(dataclasses.replace(tiny_random_config(), hidden_size=32, num_heads=2, num_kv_heads=2))
     with pytest.raises(CheckpointError, match='do not fit'):
         warm_start(wider, tmp_path / 'old')
+
+
+def test_blind_proprio_entries_do_not_reach_the_policy_and_survive_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = ReferenceVLA(dataclasses.replace(tiny_random_config(), blind_proprio=(0, 1, 3, 4))).eval()
+    rng = np.random.default_rng(2)
+    base = observation(rng)
+    policy = PrunedVLAPolicy(model)
+    moved = np.array([0.2, -0.1, 0.0, 0.6, -0.8, 0.0], np.float32)     # tcp xy and yaw differ only
+    lowered = np.array([0.0, 0.0, 0.05, 0.0, 0.0, 0.0], np.float32)    # tcp z differs
+    actions = policy.predict(base).actions
+    assert np.array_equal(actions, PrunedVLAPolicy(model).predict(dataclasses.replace(base, proprio=moved)).actions)
+    assert not np.array_equal(actions, PrunedVLAPolicy(model).predict(dataclasses.replace(base, proprio=lowered)).actions)
+    save_checkpoint(model, tmp_path / 'blind')
+    assert load_checkpoint(tmp_path / 'blind').config.blind_proprio == (0, 1, 3, 4)
+    with pytest.raises(ValueError, match='outside'):
+        dataclasses.replace(tiny_random_config(), blind_proprio=(6,))
+
+
+def test_checkpoints_saved_before_newer_options_load_as_they_were_saved(tmp_path):
+    torch.manual_seed(0)
+    old = ReferenceVLA(dataclasses.replace(tiny_random_config(), pointing_marker=False)).eval()
+    save_checkpoint(old, tmp_path / 'old')
+    meta = json.loads((tmp_path / 'old' / 'config.json').read_text())
+    for option in ('pointing_marker', 'blind_proprio'):
+        del meta['config'][option]
+    (tmp_path / 'old' / 'config.json').write_text(json.dumps(meta))
+    loaded = load_checkpoint(tmp_path / 'old')
+    assert loaded.pointed_embedding is None and loaded.config.blind_proprio == ()
+    obs = observation(np.random.default_rng(3))
+    assert np.array_equal(PrunedVLAPolicy(old).predict(obs).actions, PrunedVLAPolicy(loaded).predict(obs).actions)
 
 
 def test_bad_checkpoints_name_the_missing_or_malformed_file(tmp_path):
@@ -159,6 +213,9 @@ def test_training_runs_exports_and_resumes(tmp_path):
     meta = json.loads((again / 'config.json').read_text())
     assert meta['training']['steps_done'] == 5 + 2
     assert meta['config']['proprio_mean'] == model.config.proprio_mean
+    blind = dataclasses.replace(tiny_random_config(VOCABULARY), blind_proprio=(0, 1))
+    again = train(blind, settings, episodes, tmp_path / 'blind', init_from=exported, export_dir=tmp_path / 'blind_ckpt')
+    assert json.loads((again / 'config.json').read_text())['config']['blind_proprio'] == [0, 1]   # the run's choice
 
 
 def test_localisation_targets_follow_the_task_layout_until_the_gripper_reaches_the_object():

@@ -62,6 +62,24 @@ def test_different_seeds_differ(env):
     assert not np.array_equal(env.state_dict()['qpos'], qa) or c.instruction != a.instruction
 
 
+def test_episodes_start_from_the_seeded_varied_hand_pose(env):
+    starts = []
+    for seed in range(6):
+        obs = env.reset(seed=seed, family='place')
+        x, y, z, yaw = env.layout.hand
+        np.testing.assert_allclose(obs.proprio[:2], (x, y), atol=2e-3)         # tcp is below the hand origin
+        np.testing.assert_allclose(np.arctan2(obs.proprio[3], obs.proprio[4]), yaw, atol=1e-2)
+        assert WORKSPACE_LOW[2] + 0.1 < obs.proprio[2] < WORKSPACE_HIGH[2]      # starts above the objects
+        starts.append(obs.proprio[:3].copy())
+    assert np.ptp(np.array(starts)[:, :2], axis=0).min() > 0.03                # the start really varies
+    again = env.reset(seed=2, family='place')
+    np.testing.assert_array_equal(again.proprio, env.reset(seed=2, family='place').proprio)
+    still = np.zeros(ACTION_DIM, np.float32)
+    still[-1] = -1.0                                                            # open gripper, no motion
+    moved, _, _ = env.step(still)
+    np.testing.assert_allclose(moved.proprio[:5], again.proprio[:5], atol=2e-3)  # a zero action holds the start
+
+
 @pytest.mark.parametrize('family', TASK_FAMILIES)
 def test_observation_shapes_and_images_not_blank(env, family):
     obs = env.reset(seed=5, family=family)

@@ -28,6 +28,10 @@ def save_checkpoint(model: ReferenceVLA, directory: str | Path, extra: dict | No
     return directory
 
 
+# Config options added after checkpoints existed: a config.json without them was saved by a model without them.
+OPTIONS_ABSENT_FROM_OLDER_CHECKPOINTS = {'pointing_marker': False, 'blind_proprio': ()}
+
+
 def read_config(directory: str | Path) -> tuple[ReferenceVLAConfig, dict]:
     """The model config and the whole metadata dict of a checkpoint directory."""
     path = Path(directory) / CONFIG_FILE
@@ -35,7 +39,7 @@ def read_config(directory: str | Path) -> tuple[ReferenceVLAConfig, dict]:
         raise CheckpointError(f'checkpoint {directory}: missing {CONFIG_FILE}')
     try:
         meta = json.loads(path.read_text())
-        return ReferenceVLAConfig(**meta['config']), meta
+        return ReferenceVLAConfig(**{**OPTIONS_ABSENT_FROM_OLDER_CHECKPOINTS, **meta['config']}), meta
     except (ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f'checkpoint {directory}: malformed {CONFIG_FILE}: {error}') from error
 

@@ -49,6 +49,13 @@ class ReferenceVLAConfig:
     action_dim: int = 7
     head_hidden: int = 512
     language_film: bool = True               # FiLM the vision stem with the instruction (OpenVLA-OFT+)
+    # proprio entries the policy does not see (zeroed after normalisation). A scripted expert moves straight at
+    # the target, so along the way the tcp's xy and yaw name the target and a policy learns to read it off its own
+    # pose instead of the images ("copycat"); hiding them makes it look.
+    blind_proprio: tuple[int, ...] = ()
+    # mark the fixed camera's patches with where the pointing head puts the named object / goal, so the decoder
+    # can read the instruction's target off the tokens instead of re-deriving it
+    pointing_marker: bool = True
     proprio_mean: list[float] = field(default_factory=list)   # normalisation of the proprio vector
     proprio_std: list[float] = field(default_factory=list)
 
@@ -56,6 +63,9 @@ class ReferenceVLAConfig:
         self.vocabulary = tuple(self.vocabulary)
         self.camera_names = tuple(self.camera_names)
         self.vision_channels = tuple(self.vision_channels)
+        self.blind_proprio = tuple(int(i) for i in self.blind_proprio)
+        if any(not 0 <= i < self.proprio_dim for i in self.blind_proprio):
+            raise ValueError(f'blind_proprio {self.blind_proprio} outside the {self.proprio_dim} proprio entries')
         if self.image_size % self.patch_size:
             raise ValueError('image_size must be a multiple of patch_size')
         if self.patch_size != 2 ** len(self.vision_channels):
@@ -81,6 +91,12 @@ def sincos_positions_2d(grid: int, dim: int) -> torch.Tensor:
     cols = axis[None, :, :].expand(grid, grid, -1)
     table = torch.cat([rows, cols], dim=-1).reshape(grid * grid, -1)
     return nn.functional.pad(table, (0, dim - table.shape[1]))
+
+
+def pointing_marks(logits: torch.Tensor) -> torch.Tensor:
+    """Per-patch marks in [0, 1] from pointing logits (..., patches): the softmax scaled to 1 at its peak."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    return probs / probs.amax(dim=-1, keepdim=True)
 
 
 class PatchEncoder(nn.Module):
@@ -155,10 +171,16 @@ class ReferenceVLA(nn.Module):
             nn.Linear(config.head_hidden, config.head_hidden), nn.GELU(), nn.Linear(config.head_hidden, config.action_dim))
         self.localisation_head = nn.Linear(d, LOCALISATION_DIMS)
         self.pointer_head = nn.Linear(d, 2)          # (named object, goal) logits per patch of camera 0
+        self.pointed_embedding = None
+        if config.pointing_marker:
+            self.pointed_embedding = nn.Parameter(torch.zeros(2, d))   # zero: a warm start keeps its function
         mean = torch.tensor(config.proprio_mean or [0.0] * config.proprio_dim)
         std = torch.tensor(config.proprio_std or [1.0] * config.proprio_dim)
         self.register_buffer('proprio_mean', mean, persistent=False)
         self.register_buffer('proprio_std', std.clamp(min=1e-3), persistent=False)
+        visible = torch.ones(config.proprio_dim)
+        visible[list(config.blind_proprio)] = 0.0
+        self.register_buffer('proprio_visible', visible, persistent=False)
 
     # -- sequence -------------------------------------------------------------------------------------------
 
@@ -175,8 +197,12 @@ class ReferenceVLA(nn.Module):
                            proprio_span=(proprio, proprio + 1), action_span=(actions, actions + c.chunk_size * c.action_dim),
                            causal=False)
 
-    def embed(self, images: torch.Tensor, word_ids: torch.Tensor, proprio: torch.Tensor) -> torch.Tensor:
-        """Decoder input embeddings (B, N, d) from images (B, cams, 3, H, W) uint8, word ids (B, max_words), proprio."""
+    def embed(self, images: torch.Tensor, word_ids: torch.Tensor, proprio: torch.Tensor,
+              with_pointing: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Decoder input embeddings (B, N, d) from images (B, cams, 3, H, W) uint8, word ids (B, max_words), proprio.
+
+        ``with_pointing``: also return the pointing head's logits (B, 2, patches) over camera 0's patch tokens
+        (named object, goal), computed before those tokens are marked with them."""
         batch, cams = images.shape[:2]
         words = self.word_embedding(word_ids)
         film = None
@@ -186,13 +212,21 @@ class ReferenceVLA(nn.Module):
         patches = patches.view(batch, cams, -1, patches.shape[-1])
         positions = self.patch_position + self.sincos_gain * self.patch_sincos
         patches = patches + positions + self.camera_embedding[:cams, None]
-        proprio = (proprio.float() - self.proprio_mean) / self.proprio_std
-        return torch.cat([
+        logits = None
+        if with_pointing or self.pointed_embedding is not None:
+            logits = self.pointer_head(patches[:, 0].float()).transpose(1, 2)
+        if self.pointed_embedding is not None:
+            marks = pointing_marks(logits.detach()).to(patches.dtype)            # (B, 2, patches)
+            fixed = patches[:, 0] + marks.transpose(1, 2) @ self.pointed_embedding.to(patches.dtype)
+            patches = torch.cat([fixed.unsqueeze(1), patches[:, 1:]], dim=1)
+        proprio = (proprio.float() - self.proprio_mean) / self.proprio_std * self.proprio_visible
+        embeddings = torch.cat([
             patches.flatten(1, 2),
             words,
             self.proprio_projector(proprio).unsqueeze(1),
             self.action_queries.expand(batch, -1, -1),
         ], dim=1)
+        return (embeddings, logits) if with_pointing else embeddings
 
     def decode_actions(self, result: RunResult, layout: TokenLayout) -> torch.Tensor:
         """(B, chunk, action_dim) actions from the action-query states of a decoder pass."""
@@ -205,11 +239,6 @@ class ReferenceVLA(nn.Module):
         """(B, 4) predicted (object xy, goal xy) x LOCALISATION_SCALE from the action-query states of a pass."""
         states = result.select(torch.arange(*layout.action_span, device=result.kept.device))
         return self.localisation_head(states.float().mean(dim=1))
-
-    def point(self, embeddings: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """(B, 2, patches) logits over camera 0's patches: where the named object (0) and the goal (1) are."""
-        start, stop = layout.camera_spans[0]
-        return self.pointer_head(embeddings[:, start:stop].float()).transpose(1, 2)
 
     def forward(self, images: torch.Tensor, word_ids: torch.Tensor, num_words: int, proprio: torch.Tensor,
                 method: Optional[PruningMethod] = None, context: Optional[StepContext] = None

@@ -19,7 +19,7 @@ import functools
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -191,11 +191,10 @@ def training_losses(model: ReferenceVLA, batch: dict[str, torch.Tensor], bf16: b
     config = model.config
     layout = model.layout(config.max_words)
     with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
-        embeddings = model.embed(batch['images'], batch['words'], batch['proprio'])
+        embeddings, logits = model.embed(batch['images'], batch['words'], batch['proprio'], with_pointing=True)
         result = model.runner(embeddings, layout)
         predicted = model.decode_actions(result, layout)
         located = model.localise(result, layout)
-        logits = model.point(embeddings, layout)
     chunk = (predicted.float() - batch['actions']).abs().mean()
     mask = batch['located_mask']
     localisation = ((located.float() - batch['located']).abs() * mask).sum() / mask.sum().clamp(min=1)
@@ -233,7 +232,9 @@ def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes:
     train_eps = [episodes[i] for i in order[n_val:]]
     earlier_steps = 0
     if init_from is not None:
-        model_config, meta = read_config(init_from)
+        ancestor_config, meta = read_config(init_from)
+        # sizes and normalisation come from the ancestor; which proprio entries the policy sees is this run's choice
+        model_config = replace(ancestor_config, blind_proprio=model_config.blind_proprio)
         earlier_steps = int(meta.get('training', {}).get('steps_done', 0))
         model = ReferenceVLA(model_config)
         new_weights = warm_start(model, init_from)

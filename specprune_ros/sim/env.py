@@ -147,18 +147,18 @@ class TabletopEnv:
         for s in ZONE_SIDES:
             cx, cy = self.layout.zones[s]
             d.mocap_pos[self._zone_mocap[s]] = (cx, cy, 0.0)
-        start = np.asarray(scene.HAND_START)
+        *start, yaw = self.layout.hand
         d.qpos[self._hand_qadr:self._hand_qadr + 3] = start
-        d.qpos[self._hand_qadr + 3:self._hand_qadr + 7] = (1, 0, 0, 0)
+        d.qpos[self._hand_qadr + 3:self._hand_qadr + 7] = _yaw_quat(yaw)
         d.mocap_pos[self._mocap_hand] = start
-        d.mocap_quat[self._mocap_hand] = (1, 0, 0, 0)
+        d.mocap_quat[self._mocap_hand] = _yaw_quat(yaw)
         for a in self._finger_qadr:
             d.qpos[a] = scene.FINGER_MAX
         d.ctrl[:] = scene.FINGER_MAX
         mujoco.mj_forward(m, d)
         mujoco.mj_step(m, d, nstep=SETTLE_SUBSTEPS)
         self._target_pos = self.tcp_pos()
-        self._target_yaw = 0.0
+        self._target_yaw = self.hand_yaw()
         self.step_count = 0
         self.episode_index += 1
         self._success = check_success(self.sim_state(), self.task)

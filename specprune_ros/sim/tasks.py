@@ -48,11 +48,24 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class Layout:
-    """Initial placement: object name -> (x, y, yaw); plate colour -> (x, y); zone side -> (x, y)."""
+    """Initial placement: object name -> (x, y, yaw); plate colour -> (x, y); zone side -> (x, y); the hand's
+    starting (x, y, z, yaw) (its origin, above the tcp)."""
 
     objects: dict[str, tuple[float, float, float]]
     plates: dict[str, tuple[float, float]] = field(default_factory=dict)
     zones: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(scene.ZONE_CENTRES))
+    hand: tuple[float, float, float, float] = (*scene.HAND_START, 0.0)
+
+
+def sample_hand_start(family: str, seed: int) -> tuple[float, float, float, float]:
+    """A varied starting pose around ``scene.HAND_START`` (own random stream: object layouts do not change).
+
+    Demonstrations that all start from one pose let a policy read the target off its own position along the
+    way there instead of looking; varied starts (as a robot gets them) remove that shortcut."""
+    rng = np.random.default_rng([int(seed), _FAMILY_INDEX[family], 0x4A4D])
+    x, y, z = scene.HAND_START
+    return (float(x + rng.uniform(-0.10, 0.06)), float(y + rng.uniform(-0.12, 0.12)),
+            float(z + rng.uniform(-0.07, 0.0)), float(rng.uniform(-0.6, 0.6)))
 
 
 @dataclass
@@ -205,4 +218,4 @@ def sample_task(family: str, seed: int) -> tuple[TaskSpec, Layout]:
         plates = {}
     yaws = rng.uniform(-np.pi, np.pi, size=len(chosen))
     objects = {object_name(*cs): (float(p[0]), float(p[1]), float(y)) for cs, p, y in zip(chosen, pts, yaws)}
-    return spec, Layout(objects=objects, plates=plates)
+    return spec, Layout(objects=objects, plates=plates, hand=sample_hand_start(family, seed))
