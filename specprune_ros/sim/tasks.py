@@ -62,7 +62,7 @@ def sample_hand_start(family: str, seed: int) -> tuple[float, float, float, floa
 
     Demonstrations that all start from one pose let a policy read the target off its own position along the
     way there instead of looking; varied starts (as a robot gets them) remove that shortcut."""
-    rng = np.random.default_rng([int(seed), _FAMILY_INDEX[family], 0x4A4D])
+    rng = task_rng(family, seed, HAND_STREAM)
     x, y, z = scene.HAND_START
     return (float(x + rng.uniform(-0.10, 0.06)), float(y + rng.uniform(-0.12, 0.12)),
             float(z + rng.uniform(-0.07, 0.0)), float(rng.uniform(-0.6, 0.6)))
@@ -140,9 +140,12 @@ def check_success(state: SimState, task: TaskSpec) -> bool:
 
 
 # --- sampling ---------------------------------------------------------------------------------------
-def task_rng(family: str, seed: int) -> np.random.Generator:
-    """Independent stream per (family, seed)."""
-    return np.random.default_rng([int(seed), _FAMILY_INDEX[family], 0x5EED])
+LAYOUT_STREAM, HAND_STREAM = 0x5EED, 0x4A4D
+
+
+def task_rng(family: str, seed: int, stream: int = LAYOUT_STREAM) -> np.random.Generator:
+    """Independent random stream per (family, seed) and purpose (``stream``)."""
+    return np.random.default_rng([int(seed), _FAMILY_INDEX[family], stream])
 
 
 def _sample_points(rng: np.random.Generator, n: int, lo: tuple[float, float], hi: tuple[float, float],
