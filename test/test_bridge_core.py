@@ -39,7 +39,22 @@ def test_twist_action_round_trip_and_the_policy_nodes_scaling():
         # what the policy node publishes for this action comes back as the same action
         command = node_filter.command(action, now=0.1 * (i + 1))
         back = command_to_action(command.twist, gripper_value_to_action(command.gripper, units), units)
-        np.testing.assert_allclose(back, action, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(back, action, rtol=0, atol=1e-7)
+
+
+def test_a_float32_policy_action_comes_back_bit_exact():
+    """The simulator must apply exactly what the policy emitted (float32), or ROS and harness runs drift apart."""
+    rng = np.random.default_rng(1)
+    units = CommandUnits()
+    inexact = 0
+    for _ in range(500):
+        action = rng.uniform(-1, 1, 7).astype(np.float32)
+        twist = action_to_twist(action, units)
+        inexact += int(np.any(twist_to_action(twist, units) != action[:6]))   # plain float64 round trip
+        back = command_to_action(twist, gripper_value_to_action(gripper_action_to_value(action[6], units), units),
+                                 units)
+        assert np.array_equal(back, action.astype(np.float64))
+    assert inexact > 0   # the float64 round trip alone is not exact: this is what the float32 step fixes
 
 
 def test_gripper_values_map_onto_minus_one_plus_one():
