@@ -11,10 +11,13 @@ self-speculation check (layers 0-1 top-k vs last-layer top-k of task attention) 
 Columns: latency = the whole policy step (vision stem, decoder, selection, action head); decoder ms = the
 decoder layers alone (selection and attention probes excluded); selection ms = the method's hooks + probes.
 
-Phase 3 (speed at deployment width, optional ``--wide WIDTHxLAYERS``): the reference VLA is 128 wide, so
-per-op overheads weigh more than on a real VLA. The same replay runs through a random-initialised copy of
-the reference VLA with a wider, deeper decoder (e.g. 512x8: the token layout, vision stem and methods are the
-same; the weights are random, so only its latency columns mean anything).
+Phase 3 (speed at deployment shapes, ``--wide WIDTHxLAYERS ...``, default 512x8 and 256x32): the reference
+VLA is 128 wide and 6 deep, so per-op overheads weigh more than on a real VLA, and the layers the methods keep
+at full width (SpecPrune's 0-1, VLA-Pruner's 0..K-1) are a third of the decoder instead of a tenth. The same
+replay runs through random-initialised copies of the reference VLA with wider / deeper decoders (the token
+layout, vision stem and methods are the same; the weights are random, so only the latency, kept-token and
+FLOPs columns mean anything; depth-scaled defaults such as VLA-Pruner's K and SpecPrune's layer-pruning layers
+follow the depth).
 
     python benchmarks/pruning_closed_loop.py --episodes-per-family 34 --out outputs/benchmarks
 """
@@ -104,6 +107,8 @@ def measure_latency(vla, configs: tuple[PolicySpec, ...], sequences: list[list[O
     samples: dict[str, list[float]] = {name: [] for name in policies}
     selection: dict[str, list[float]] = {name: [] for name in policies}
     decoder: dict[str, list[float]] = {name: [] for name in policies}
+    flops: dict[str, list[float]] = {name: [] for name in policies}
+    kept: dict[str, list[float]] = {name: [] for name in policies}
     hits: list[float] = []
     for warm in range(2):  # warm-up: every configuration runs a couple of steps first
         for policy in policies.values():
@@ -117,13 +122,16 @@ def measure_latency(vla, configs: tuple[PolicySpec, ...], sequences: list[list[O
                 samples[name].append(output.latency_s)
                 selection[name].append(output.record.selection_seconds + output.record.probe_seconds)
                 decoder[name].append(output.record.model_seconds)
+                flops[name].append(output.record.flops / output.record.flops_full)
+                kept[name].append(float(np.mean(output.record.visual_kept_per_layer)))
             hit = self_speculation_hit_rate(probe.predict(observation).record)
             if not np.isnan(hit):
                 hits.append(hit)
     base = statistics.median(samples[configs[0].name])
     return {name: {'latency_ms_median': statistics.median(v) * 1e3, 'speedup': base / statistics.median(v),
                    'selection_ms_median': statistics.median(selection[name]) * 1e3,
-                   'decoder_ms_median': statistics.median(decoder[name]) * 1e3, 'steps': len(v)}
+                   'decoder_ms_median': statistics.median(decoder[name]) * 1e3, 'steps': len(v),
+                   'flops_ratio': float(np.mean(flops[name])), 'visual_kept': float(np.mean(kept[name]))}
             for name, v in samples.items()} | {'_self_speculation_hit_rate': float(np.mean(hits)) if hits else None}
 
 
@@ -157,8 +165,9 @@ def main() -> None:
     parser.add_argument('--workers', type=int, default=2)
     parser.add_argument('--threads', type=int, default=2, help='torch threads in the latency phase')
     parser.add_argument('--configs', nargs='*', default=None, help='labels to run (default: all)')
-    parser.add_argument('--wide', default='512x8', help="also time the methods on a random 'WIDTHxLAYERS' decoder "
-                        "(deployment-like width; latency only), '' to skip")
+    parser.add_argument('--wide', nargs='*', default=['512x8', '256x32'],
+                        help="also time the methods on random 'WIDTHxLAYERS' decoders (deployment-like shapes; "
+                        "latency only); none given: skip")
     parser.add_argument('--out', type=Path, default=Path('outputs/benchmarks'))
     args = parser.parse_args()
 
@@ -176,7 +185,7 @@ def main() -> None:
                                     args.execute_steps)
     from specprune_ros.policy.loading import load_model
     speed = measure_latency(load_model(args.model), configs, sequences, args.threads)
-    wide = measure_latency(widened(args.model, args.wide), configs, sequences, args.threads) if args.wide else None
+    wide = {spec: measure_latency(widened(args.model, spec), configs, sequences, args.threads) for spec in args.wide}
 
     rows = []
     for c in configs:
@@ -198,16 +207,19 @@ def main() -> None:
                      + ' | '.join(f"{r['families'][f] * 100:.0f}%" for f in families)
                      + f" | {r['visual_kept']:.0f} | {r['flops_ratio'] * 100:.0f}% | {r['latency_ms_median']:.1f} | "
                        f"{r['speedup']:.2f}x | {r['decoder_ms_median']:.1f} | {r['selection_ms_median']:.2f} |")
-    if wide is not None:
-        lines += ['', f'Latency on a random-initialised {args.wide} decoder (same layout, methods and replayed steps; '
+    for spec, latency in wide.items():
+        lines += ['', f'Latency on a random-initialised {spec} decoder (same layout, methods and replayed steps; '
                       'success does not apply):', '',
-                  '| config | latency ms | speedup | decoder ms | selection ms |', '|---|---|---|---|---|']
-        lines += [f"| {c.name} | {wide[c.name]['latency_ms_median']:.1f} | {wide[c.name]['speedup']:.2f}x | "
-                  f"{wide[c.name]['decoder_ms_median']:.1f} | {wide[c.name]['selection_ms_median']:.2f} |" for c in configs]
+                  '| config | visual kept (mean/layer) | FLOPs | latency ms | speedup | decoder ms | selection ms |',
+                  '|---|---|---|---|---|---|---|']
+        lines += [f"| {c.name} | {latency[c.name]['visual_kept']:.0f} | {latency[c.name]['flops_ratio'] * 100:.0f}% | "
+                  f"{latency[c.name]['latency_ms_median']:.1f} | {latency[c.name]['speedup']:.2f}x | "
+                  f"{latency[c.name]['decoder_ms_median']:.1f} | {latency[c.name]['selection_ms_median']:.2f} |"
+                  for c in configs]
     table = '\n'.join(lines)
     (args.out / 'pruning_closed_loop.md').write_text(table + '\n')
     (args.out / 'pruning_closed_loop.json').write_text(json.dumps(
-        {'rows': rows, 'summaries': summaries, 'wide': {'decoder': args.wide, 'latency': wide}, 'self_speculation_hit_rate': speed['_self_speculation_hit_rate'],
+        {'rows': rows, 'summaries': summaries, 'wide': wide, 'self_speculation_hit_rate': speed['_self_speculation_hit_rate'],
          'minutes': (time.time() - started) / 60}, indent=2))
     plot(rows, args.out / 'pruning_closed_loop.png')
     print(table)

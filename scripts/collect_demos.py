@@ -2,6 +2,8 @@
 """Collect scripted-expert demonstrations of the simulated tabletop tasks into a dataset directory.
 
 Example:  python scripts/collect_demos.py --out data/demos --episodes-per-family 50 --workers 2
+Recovery demonstrations from the states a trained policy reaches (the policy drives, then the expert takes over):
+          python scripts/collect_demos.py --out data/recovery --takeover-model reference --seed-start 100000
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--noise', type=float, default=0.1, help='expert action noise std (normalised units)')
     p.add_argument('--image-size', type=int, default=96)
+    p.add_argument('--takeover-model', default=None,
+                   help='recovery demonstrations: this policy checkpoint drives first, then the expert takes over')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
     args = p.parse_args(argv)
 
@@ -34,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     manifest = collect_demonstrations(args.out, families=args.families,
                                       episodes_per_family=args.episodes_per_family,
                                       seed_start=args.seed_start, noise=args.noise, workers=args.workers,
-                                      image_size=args.image_size, progress=not args.quiet)
+                                      image_size=args.image_size, progress=not args.quiet,
+                                      takeover_model=args.takeover_model)
     summary = {f: sum(1 for e in manifest['episodes'] if e['family'] == f) for f in args.families}
     print(json.dumps({'out': args.out, 'episodes': summary, 'attempts': manifest['attempts'],
                       'seconds': round(time.time() - t0, 1)}))

@@ -5,6 +5,7 @@
         --export specprune_ros/assets/reference_vla --steps 6000 --max-minutes 110
 Resumable: rerun with --resume to continue from outputs/train/train_state.pt, or --init-from a checkpoint
 directory to continue from exported weights (fresh optimizer) when the training state is gone.
+Several --data directories train on their union (e.g. expert demos plus recovery demos, see collect_demos.py).
 
 CPU notes (measured on a 2-core machine): fp32 is faster than bf16 autocast without native bf16 support;
 on an otherwise idle machine leave OpenMP's default spin-waiting (0.76 s/step at batch 16 vs 1.05 s with
@@ -25,7 +26,8 @@ from specprune_ros.sim.dataset import check_sim_fingerprint, iter_episodes, read
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--data', type=Path, required=True)
+    parser.add_argument('--data', type=Path, nargs='+', required=True,
+                        help='one or more demonstration directories (e.g. expert demos + recovery demos)')
     parser.add_argument('--out', type=Path, default=Path('outputs/train'))
     parser.add_argument('--export', type=Path, default=None, help='where the final checkpoint goes')
     parser.add_argument('--resume', action='store_true', help='continue from <out>/train_state.pt')
@@ -49,17 +51,23 @@ def main() -> None:
     parser.add_argument("--num-heads", type=int, default=ReferenceVLAConfig.num_heads)
     args = parser.parse_args()
 
-    manifest = read_manifest(args.data)
-    if not args.allow_sim_mismatch:
-        try:
-            check_sim_fingerprint(manifest, args.data)
-        except ValueError as error:
-            parser.error(str(error))
+    manifests = [read_manifest(root) for root in args.data]
+    manifest = manifests[0]
+    for root, other in zip(args.data, manifests):
+        if not args.allow_sim_mismatch:
+            try:
+                check_sim_fingerprint(other, root)
+            except ValueError as error:
+                parser.error(str(error))
+        for key in ('image_size', 'cameras', 'proprio_layout', 'vocabulary'):
+            if other[key] != manifest[key]:
+                parser.error(f'{root} and {args.data[0]} differ in {key}: {other[key]} vs {manifest[key]}')
     episodes = []
-    for episode in tqdm(iter_episodes(args.data), total=len(manifest['episodes']), desc='load demos'):
-        episodes.append(episode)
-        if args.max_episodes and len(episodes) >= args.max_episodes:
-            break
+    for root, other in zip(args.data, manifests):
+        for episode in tqdm(iter_episodes(root), total=len(other['episodes']), desc=f'load {root}'):
+            if args.max_episodes and len(episodes) >= args.max_episodes:
+                break
+            episodes.append(episode)
     layout = list(manifest['proprio_layout'])
     blind = [name for name in args.blind_proprio.split(',') if name]
     unknown = sorted(set(blind) - set(layout))

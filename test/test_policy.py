@@ -265,3 +265,44 @@ def test_pointing_targets_land_on_the_named_object_in_the_shifted_camera_image()
     peak = target.argmax(-1)
     assert torch.equal(peak, torch.from_numpy((pixels[:, 1] // 8) * 12 + pixels[:, 0] // 8).long())
     assert torch.allclose(target.sum(-1), torch.ones(2))
+
+
+def test_training_script_takes_the_union_of_several_demo_directories(tmp_path):
+    """``--data A B`` (e.g. expert demos + recovery demos) trains on both; directories that disagree are refused."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    from specprune_ros.sim.dataset import FORMAT_NAME, Episode, write_episode, write_manifest
+    from specprune_ros.sim.env import PROPRIO_LAYOUT
+    rng = np.random.default_rng(0)
+    roots = []
+    for name, count in (('demos', 3), ('recovery', 5)):
+        root = tmp_path / name
+        entries = []
+        for seed in range(count):
+            episode = Episode(images={c: rng.integers(0, 255, (6, 48, 48, 3), dtype=np.uint8)
+                                      for c in ('agentview', 'wrist')},
+                              proprio=rng.normal(size=(6, 6)).astype(np.float32),
+                              actions=rng.uniform(-1, 1, (6, 7)).astype(np.float32),
+                              instruction='pick up the red cube', family='pick', seed=seed, success=True)
+            write_episode(root / 'episodes' / f'pick_{seed:07d}.npz', episode)
+            entries.append({'file': f'episodes/pick_{seed:07d}.npz', 'family': 'pick', 'seed': seed,
+                            'instruction': episode.instruction, 'length': 6, 'success': True})
+        write_manifest(root, {'format': FORMAT_NAME, 'version': 1, 'image_size': 48,
+                              'cameras': ['agentview', 'wrist'], 'proprio_layout': list(PROPRIO_LAYOUT),
+                              'vocabulary': list(VOCABULARY), 'sim_fingerprint': 'not-checked', 'episodes': entries})
+        roots.append(root)
+    script = Path(__file__).resolve().parents[1] / 'scripts' / 'train_reference_vla.py'
+    command = [sys.executable, str(script), '--allow-sim-mismatch', '--out', str(tmp_path / 'run'),
+               '--export', str(tmp_path / 'ckpt'), '--steps', '2', '--batch-size', '2', '--threads', '1',
+               '--val-fraction', '0.25', '--hidden-size', '32', '--num-layers', '1', '--mlp-size', '64',
+               '--num-heads', '2', '--data', *map(str, roots)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    meta = json.loads((tmp_path / 'ckpt' / 'config.json').read_text())
+    assert meta['training']['episodes'] == 8 - 2                     # 3 + 5 episodes, a quarter held out
+    manifest = json.loads((roots[1] / 'manifest.json').read_text())
+    manifest['vocabulary'] = manifest['vocabulary'][:-1]
+    (roots[1] / 'manifest.json').write_text(json.dumps(manifest))
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and 'differ in vocabulary' in refused.stderr

@@ -148,6 +148,19 @@ def test_vla_pruner_warmup_then_prunes_before_layer_k(runner, layout):
     assert r.record.info['reset'] == 'instruction' and r.record.info['warmup']
 
 
+def test_vla_pruner_prune_layer_follows_the_depth(runner, layout):
+    """Default K: the paper's 3 of 32 scaled to the decoder, never below 2; a configured K wins."""
+    method = build_method('vla_pruner')
+    for depth, k in ((6, 2), (8, 2), (24, 2), (32, 3), (64, 6)):
+        method.num_layers = depth
+        assert method.prune_layer() == k
+    method = build_method('vla_pruner', {'prune_layer': 4})
+    method.num_layers = 32
+    assert method.prune_layer() == 4
+    default = run_episode(build_method('vla_pruner', {'keep_ratio': 0.25}), steps=4, layout=layout, runner=runner)
+    assert default[-1].record.info['prune_layer'] == 2 and not default[-1].record.info['warmup']
+
+
 def test_vla_pruner_variants_and_ablations(runner, layout):
     for cfg in ({'semantic_rows': 'last'}, {'semantic_rows': 'text'}, {'use_action': False},
                 {'use_semantic': False}, {'combine': 'sum'}, {'use_diversity': False}, {'action_layer': 3}):

@@ -99,3 +99,48 @@ def test_train_seeds_cannot_reach_eval_range(tmp_path):
     with pytest.raises(ValueError):
         collect_demonstrations(tmp_path, episodes_per_family=10, seed_start=EVAL_SEED_START - 5, workers=1,
                                progress=False)
+
+
+def test_recovery_demonstrations_start_where_the_policy_left_off(tmp_path):
+    """Take-over collection: the committed policy drives first, the expert's part is recorded and labelled
+    with where the target really is at the hand-over."""
+    import torch
+    from specprune_ros.policy.loading import load_policy
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)         # as in a collector worker: float sums, and so the policy's path, follow it
+    try:
+        _check_recovery_demonstrations(tmp_path, load_policy('reference'))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_recovery_demonstrations(tmp_path, policy):
+    from specprune_ros.policy.training import LOCALISATION_SCALE, localisation_targets
+    from specprune_ros.sim.dataset import record_takeover_episode
+    from specprune_ros.sim.env import TabletopEnv
+    env = TabletopEnv(image_size=96)
+    episode = None
+    for seed in range(TRAIN_SEED_START + 300, TRAIN_SEED_START + 306):   # a seed the policy does not solve alone
+        episode = record_takeover_episode(env, policy, 'push', seed, noise=0.1)
+        if episode is not None and episode.success:
+            break
+    assert episode is not None and episode.success
+    steps = episode.meta['policy_steps']
+    assert steps > 0 and steps % 8 == 0
+    start = env.reset(seed=episode.seed, family='push', render=False)
+    assert np.abs(episode.proprio[0] - start.proprio).max() > 1e-3      # not the reset state
+    assert len(episode) + steps <= env.max_steps
+    targets, mask = localisation_targets(episode)
+    np.testing.assert_allclose(targets[0, :2], np.asarray(episode.meta['start_target_xy']) * LOCALISATION_SCALE,
+                               rtol=1e-6)
+    again = record_takeover_episode(env, policy, 'push', episode.seed, noise=0.1)
+    np.testing.assert_array_equal(again.actions, episode.actions)       # deterministic under the seed
+    env.close()
+    # through the collector (one worker): the manifest says which policy drove
+    out = tmp_path / 'recovery'
+    manifest = collect_demonstrations(out, families=('push',), episodes_per_family=1, workers=1,
+                                      seed_start=episode.seed, image_size=96, progress=False,
+                                      takeover_model='reference')
+    assert manifest['takeover_model'] == 'reference' and manifest['episodes'][0]['seed'] == episode.seed
+    (stored,) = list(iter_episodes(out))
+    np.testing.assert_array_equal(stored.actions, episode.actions)

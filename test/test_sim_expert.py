@@ -57,3 +57,40 @@ def test_expert_is_deterministic(env):
         _, actions, _ = run_expert_episode(env, expert, seed=3, family='push')
         runs.append(actions)
     np.testing.assert_array_equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize('family', ['pick', 'place'])
+def test_take_over_keeps_a_held_object(env, family):
+    """An expert taking over mid-task with the target in the hand finishes without letting go of it."""
+    from specprune_ros.sim.expert import continue_expert_episode
+    first = ScriptedExpert(env)
+    obs = env.reset(seed=11, family=family, render=False)
+    while not is_held(env.sim_state(), env.task.target):
+        obs, done, _ = env.step(first.act(obs), render=False)
+        assert not done
+    for _ in range(3):                                        # a little higher, still held
+        obs, _, _ = env.step(np.array([0, 0, 0.5, 0, 0, 0, 1.0]), render=False)
+    successor = ScriptedExpert(env)
+    successor.take_over()
+    assert successor.phase in ('lift', 'carry')
+    _, actions, success = continue_expert_episode(env, successor, obs)
+    assert success
+    released = np.flatnonzero(actions[:, 6] < 0)
+    if family == 'pick':
+        assert released.size == 0                             # never opened the hand
+    else:
+        assert released.size and released[0] > 3             # opened only over the plate, at the end
+
+
+def test_take_over_from_a_disturbed_state(env):
+    """Random motion first (the hand anywhere, gripper half-way), then the expert still solves the task."""
+    from specprune_ros.sim.expert import continue_expert_episode
+    rng = np.random.default_rng(3)
+    for family in TASK_FAMILIES:
+        obs = env.reset(seed=21, family=family, render=False)
+        for _ in range(12):
+            obs, _, _ = env.step(rng.uniform(-1, 1, 7), render=False)
+        expert = ScriptedExpert(env)
+        expert.take_over()
+        _, _, success = continue_expert_episode(env, expert, obs)
+        assert success, family

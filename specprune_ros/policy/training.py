@@ -61,14 +61,15 @@ REACHED_Z = 0.06    # ... and this low, it may move the object, so the start pos
 def localisation_targets(episode) -> tuple[np.ndarray, np.ndarray]:
     """Per step (T, 4) targets (object xy, goal xy) x LOCALISATION_SCALE and a (T, 4) validity mask.
 
-    From the episode's task layout (``sample_task(family, seed)``); object targets hold until the tcp first
+    From the episode's task layout (``sample_task(family, seed)``), or for a recovery demonstration the target's
+    position when the expert took over (``meta['start_target_xy']``); object targets hold until the tcp first
     comes within REACHED_XY of the object below REACHED_Z; goal targets (plate or zone) hold throughout (none for pick)."""
     from specprune_ros.sim.tasks import sample_task
     spec, layout = sample_task(episode.family, episode.seed)
     steps = len(episode)
     targets = np.zeros((steps, LOCALISATION_DIMS), dtype=np.float32)
     mask = np.zeros((steps, LOCALISATION_DIMS), dtype=np.float32)
-    obj = np.asarray(layout.objects[spec.target][:2], dtype=np.float32)
+    obj = np.asarray(episode.meta.get('start_target_xy', layout.objects[spec.target][:2]), dtype=np.float32)
     tcp = episode.proprio[:steps, :3]
     near = (np.hypot(*(tcp[:, :2] - obj).T) < REACHED_XY) & (tcp[:, 2] < REACHED_Z)
     reached = int(np.argmax(near)) if near.any() else steps

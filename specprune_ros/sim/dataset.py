@@ -14,11 +14,14 @@ Each episode ``.npz`` (``np.load(path)`` works without pickle) holds, for T cont
     family          str     ()             'pick' | 'place' | 'push'
     seed            int64   ()
     success         bool    ()
-    meta            str     ()             JSON: cameras, image_size, noise, task target / plate / zone, ...
+    meta            str     ()             JSON: cameras, image_size, noise, task target / plate / zone, ...;
+                                           recovery demos also policy_steps (driven by the policy before the
+                                           expert took over) and start_target_xy (target position then)
 
 ``manifest.json`` holds the format name and version, image size, camera names, proprio layout, action labels
-and scales, the vocabulary, and ``episodes``: a list of ``{file, family, seed, instruction, length,
-success}`` sorted by (family, seed). Readers only need NumPy; the collector imports the simulator.
+and scales, ``takeover_model`` (recovery demos: the policy that drove first, else null), the vocabulary, and
+``episodes``: a list of ``{file, family, seed, instruction, length, success}`` sorted by (family, seed).
+Readers only need NumPy; the collector imports the simulator.
 """
 from __future__ import annotations
 
@@ -164,11 +167,49 @@ def record_episode(env, family: str, seed: int, noise: float) -> Episode:
     """Roll the scripted expert out with rendering on `env`; the expert's noise stream is seeded by
     (family, seed), so the same job gives the same episode in any worker."""
     from specprune_ros.sim.expert import ScriptedExpert, run_expert_episode
-    from specprune_ros.sim.env import CONTROL_PERIOD_S, PROPRIO_LAYOUT
 
     rng = np.random.default_rng([int(seed), TASK_FAMILIES.index(family), 0xE1])
     expert = ScriptedExpert(env, noise=noise, rng=rng)
     observations, actions, success = run_expert_episode(env, expert, render=True, seed=seed, family=family)
+    return _episode(env, family, seed, noise, observations, actions, success)
+
+
+def record_takeover_episode(env, policy, family: str, seed: int, noise: float,
+                            max_policy_chunks: int = 12) -> Optional[Episode]:
+    """A recovery demonstration: `policy` drives the episode for a seeded random number of chunks, then the expert
+    takes over from wherever that left the robot and objects. Only the expert's part is recorded, so the data
+    holds corrections from the states the policy actually reaches (the idea of DAgger / DART). None when the
+    policy finished the task before the hand-over."""
+    from specprune_ros.policy.interface import Observation
+    from specprune_ros.sim.expert import ScriptedExpert, continue_expert_episode
+
+    rng = np.random.default_rng([int(seed), TASK_FAMILIES.index(family), 0x7A6E])
+    chunks = int(rng.integers(1, max_policy_chunks + 1))
+    obs = env.reset(seed=seed, family=family, render=True)
+    policy.reset()
+    executed, done, policy_steps = None, False, 0
+    for _ in range(chunks):
+        output = policy.predict(Observation(images=obs.images, instruction=obs.instruction, proprio=obs.proprio,
+                                            executed_actions=executed))
+        for action in output.actions:
+            obs, done, _ = env.step(action)
+            policy_steps += 1
+            if done:
+                return None
+        executed = output.actions
+    expert = ScriptedExpert(env, noise=noise, rng=rng)
+    expert.take_over()
+    target_xy = env.sim_state().objects[env.task.target].pos[:2]
+    observations, actions, success = continue_expert_episode(env, expert, obs, render=True)
+    return _episode(env, family, seed, noise, observations, actions, success,
+                    policy_steps=policy_steps, start_target_xy=[float(v) for v in target_xy])
+
+
+def _episode(env, family: str, seed: int, noise: float, observations: list, actions: np.ndarray, success: bool,
+             **extra_meta) -> Episode:
+    """Pack a rolled-out episode (what the expert saw and did) with its metadata."""
+    from specprune_ros.sim.env import CONTROL_PERIOD_S, PROPRIO_LAYOUT
+
     cams = env.cameras
     images = {c: np.stack([o.images[c] for o in observations]) if observations
               else np.zeros((0, env.image_size, env.image_size, 3), np.uint8) for c in cams}
@@ -176,16 +217,36 @@ def record_episode(env, family: str, seed: int, noise: float) -> Episode:
     meta = dict(cameras=list(cams), image_size=env.image_size, noise=noise, target=env.task.target,
                 plate=env.task.plate, zone=env.task.zone, max_steps=env.max_steps,
                 proprio_layout=list(PROPRIO_LAYOUT), control_period_s=CONTROL_PERIOD_S,
-                format=FORMAT_NAME, version=FORMAT_VERSION)
+                format=FORMAT_NAME, version=FORMAT_VERSION, **extra_meta)
     return Episode(images=images, proprio=proprio.astype(np.float32), actions=actions,
                    instruction=env.instruction, family=family, seed=int(seed), success=bool(success), meta=meta)
 
 
-def _collect_job(out_dir: str, family: str, seed: int, noise: float, image_size: int) -> dict:
+_WORKER_POLICY: dict = {}
+
+
+def _worker_policy(model: str):
+    """The take-over policy of this worker process, loaded once (one torch thread per worker)."""
+    if model not in _WORKER_POLICY:
+        import torch
+        from specprune_ros.policy.loading import load_policy
+        torch.set_num_threads(1)
+        _WORKER_POLICY.clear()
+        _WORKER_POLICY[model] = load_policy(model)
+    return _WORKER_POLICY[model]
+
+
+def _collect_job(out_dir: str, family: str, seed: int, noise: float, image_size: int,
+                 takeover_model: Optional[str] = None) -> dict:
     """Worker: record one episode, write it if successful, return its manifest entry."""
     env = _worker_env(image_size)
-    ep = record_episode(env, family, seed, noise)
+    if takeover_model:
+        ep = record_takeover_episode(env, _worker_policy(takeover_model), family, seed, noise)
+    else:
+        ep = record_episode(env, family, seed, noise)
     rel = f'{EPISODE_DIR}/{episode_filename(family, seed)}'
+    if ep is None:
+        return dict(file=rel, family=family, seed=int(seed), instruction=env.instruction, length=0, success=False)
     if ep.success:
         write_episode(Path(out_dir) / rel, ep)
     return dict(file=rel, family=family, seed=int(seed), instruction=ep.instruction, length=len(ep),
@@ -228,7 +289,7 @@ def check_sim_fingerprint(manifest: dict, root: PathLike = 'the dataset', curren
                          f'this code: {current}); collect it again into a fresh directory')
 
 
-def _base_manifest(image_size: int, noise: float) -> dict:
+def _base_manifest(image_size: int, noise: float, takeover_model: Optional[str] = None) -> dict:
     from specprune_ros.sim.env import (CAMERA_NAMES, CONTROL_PERIOD_S, PROPRIO_LAYOUT, ROTATION_SCALE_RAD,
                                        TRANSLATION_SCALE_M)
     return dict(format=FORMAT_NAME, version=FORMAT_VERSION, image_size=image_size, cameras=list(CAMERA_NAMES),
@@ -237,14 +298,18 @@ def _base_manifest(image_size: int, noise: float) -> dict:
                 action_labels=['dx', 'dy', 'dz', 'droll', 'dpitch', 'dyaw', 'gripper'],
                 translation_scale_m=TRANSLATION_SCALE_M, rotation_scale_rad=ROTATION_SCALE_RAD,
                 control_period_s=CONTROL_PERIOD_S, vocabulary=list(VOCABULARY), noise=noise,
-                episodes=[], attempts={})
+                takeover_model=takeover_model, episodes=[], attempts={})
 
 
 def collect_demonstrations(out_dir: PathLike, families: Sequence[str] = TASK_FAMILIES,
                            episodes_per_family: int = 50, seed_start: int = TRAIN_SEED_START,
                            noise: float = 0.1, workers: int = 2, image_size: int = 96,
-                           max_attempts_per_family: Optional[int] = None, progress: bool = True) -> dict:
+                           max_attempts_per_family: Optional[int] = None, progress: bool = True,
+                           takeover_model: Optional[str] = None) -> dict:
     """Run the noisy expert with rendering and keep ``episodes_per_family`` successful episodes per family.
+
+    With ``takeover_model`` (a policy checkpoint) every episode is a recovery demonstration: the policy drives
+    first, the expert takes over (``record_takeover_episode``); episodes the policy finishes alone are skipped.
 
     Family f uses seeds seed_start, seed_start + 1, ... (a failed seed is skipped and the next one
     tried). Seeds never cross into the other split (``TRAIN_SEED_START`` / ``EVAL_SEED_START``).
@@ -257,7 +322,7 @@ def collect_demonstrations(out_dir: PathLike, families: Sequence[str] = TASK_FAM
     for f in families:
         if f not in TASK_FAMILIES:
             raise ValueError(f'unknown task family {f!r}')
-    cap = max_attempts_per_family or (2 * episodes_per_family + 10)
+    cap = max_attempts_per_family or ((3 if takeover_model else 2) * episodes_per_family + 10)
     limit = EVAL_SEED_START if seed_start < EVAL_SEED_START else None
     if limit is not None and seed_start + cap > limit:
         raise ValueError(f'training seeds {seed_start}..{seed_start + cap} would reach EVAL_SEED_START={limit}')
@@ -265,7 +330,7 @@ def collect_demonstrations(out_dir: PathLike, families: Sequence[str] = TASK_FAM
         raise ValueError('seeds must be non-negative')
     out = Path(out_dir)
     (out / EPISODE_DIR).mkdir(parents=True, exist_ok=True)
-    manifest = _base_manifest(image_size, noise)
+    manifest = _base_manifest(image_size, noise, takeover_model)
     if (out / MANIFEST).exists():
         old = read_manifest(out)
         if old['image_size'] != image_size:
@@ -291,7 +356,7 @@ def collect_demonstrations(out_dir: PathLike, families: Sequence[str] = TASK_FAM
                 if kept[f] >= episodes_per_family:
                     return None
                 continue
-            return (str(out), f, seed, noise, image_size)
+            return (str(out), f, seed, noise, image_size, takeover_model)
         return None
 
     bar = tqdm(total=episodes_per_family * len(families), disable=not progress, desc='demos', unit='ep')

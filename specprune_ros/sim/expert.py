@@ -61,6 +61,16 @@ class ScriptedExpert:
         self._detour_phase: Optional[str] = None
         self._episode = self.env.episode_index
 
+    def take_over(self) -> None:
+        """Start from whatever state the env is in now (e.g. after a learned policy drove it): a held target is
+        kept (pick: lift it, place: carry it) instead of being let go by a fresh approach."""
+        self.reset()
+        st = self.env.sim_state()
+        target = self.env.task.target
+        if self.env.family in ('pick', 'place') and is_held(st, target):
+            self._lift_xy = st.tcp_pos[:2].copy()
+            self._set_phase('lift' if self.env.family == 'pick' or st.tcp_pos[2] < 0.07 else 'carry')
+
     # --- helpers -------------------------------------------------------------------------------------
     def _set_phase(self, phase: str) -> None:
         self.phase = phase
@@ -256,6 +266,12 @@ def run_expert_episode(env: TabletopEnv, expert: ScriptedExpert, render: bool = 
     """
     obs = env.reset(seed=seed, family=family, render=render)
     expert.reset()
+    return continue_expert_episode(env, expert, obs, render)
+
+
+def continue_expert_episode(env: TabletopEnv, expert: ScriptedExpert, obs, render: bool = False):
+    """Roll the expert out from the env's current state (``obs``: its latest observation) to the episode's end;
+    returns (observations, actions, success) like ``run_expert_episode``."""
     observations, actions = [], []
     success = env.success()
     done = success

@@ -12,9 +12,10 @@ Per step:
    the layer-0 visual embeddings picks ``M`` of ``C``;
 4. warm-up: the first ``w`` steps of an episode run unpruned (the window must be full), as in the public code.
 
-Defaults for our 6-layer decoder: the paper prunes before layer K = 3 of 32 (layers 0-2 full). Scaling by depth would
-give K < 1, which leaves no layer to compute the semantic score on; K = 1 would score on the first layer, whose
-attention is known to be diffuse. We choose **K = 2**: score on layer 1, layers 2-5 (4 of 6) run pruned.
+K follows the depth: the paper prunes before layer K = 3 of 32 (layers 0-2 full); ``prune_layer=None`` (default)
+scales that, ``round(3 * L / 32)``, but never below 2: on the 6- and 8-layer decoders scaling gives K <= 1, which
+leaves no layer to score on (K = 0) or scores on the first layer, whose attention is known to be diffuse (K = 1).
+So the 6-layer reference VLA gets **K = 2** (score on layer 1, layers 2-5 run pruned) and a 32-layer one K = 3.
 """
 from __future__ import annotations
 
@@ -30,14 +31,19 @@ from specprune_ros.pruning.scoring import (budget_count, camera_slices, decayed_
                                            normalise, stable_topk)
 
 
+PAPER_PRUNE_LAYER, PAPER_DEPTH = 3, 32   # the paper prunes before layer 3 of Llama-2 7B's 32
+PAPER_PRUNE_LAYER_MIN = 2                # scaled K never below this (see the module docstring)
+
+
 @dataclass
 class VLAPrunerConfig(BaseConfig):
     """VLA-Pruner knobs. Paper vs public code: the temporal weights favour the newest step (paper; the code's are
-    reversed); K = 2 for the 6-layer decoder (paper: 3 of 32); the action layer defaults to the last layer
+    reversed); K = the paper's 3 of 32 scaled to the depth, at least 2; the action layer defaults to the last layer
     (code: 15 of 32); warm-up and per-camera selection as in the paper."""
 
     keep_ratio: float = 0.5                 # retention budget per camera (paper: 0.5, 0.25, 0.125)
-    prune_layer: int = 2                    # K: layers < K see all tokens; semantic score from layer K-1
+    prune_layer: Optional[int] = None       # K: layers < K see all tokens; semantic score from layer K-1;
+                                            # None = the paper's 3 of 32 scaled to the depth, at least 2
     semantic_rows: Literal['prefill', 'last', 'text'] = 'prefill'
     action_layer: int = -1                  # layer whose action-row attention feeds the temporal score
     window: int = 3                         # w
@@ -64,13 +70,19 @@ class VLAPruner(PruningMethodBase):
             raise ValueError('vla_pruner: window must be >= 1 when use_action is on')
         self._prune_now = False
 
+    def prune_layer(self) -> int:
+        """K for the current decoder depth (the configured one, or the paper's scaled)."""
+        if self.config.prune_layer is not None:
+            return self.config.prune_layer
+        return max(PAPER_PRUNE_LAYER_MIN, round(PAPER_PRUNE_LAYER * self.num_layers / PAPER_DEPTH))
+
     def _score_layer(self) -> int:
-        return self.layer(max(self.config.prune_layer, 1) - 1)
+        return self.layer(max(self.prune_layer(), 1) - 1)
 
     def _begin(self, context: StepContext) -> StepPlan:
         cfg = self.config
-        if cfg.prune_layer >= self.num_layers:
-            raise ValueError(f'prune_layer {cfg.prune_layer} >= {self.num_layers} layers')
+        if self.prune_layer() >= self.num_layers:
+            raise ValueError(f'prune_layer {self.prune_layer()} >= {self.num_layers} layers')
         warming = cfg.use_action and cfg.warmup and not self.state.window_full
         self._prune_now = not warming
         items = []
@@ -79,7 +91,7 @@ class VLAPruner(PruningMethodBase):
         if cfg.use_action:
             items.append((self.layer(cfg.action_layer), 'action', 'vlap_action'))
         self.last_info.update(warmup=warming, window=len(self.state.action_attention),
-                              prune_layer=cfg.prune_layer, action_layer=self.layer(cfg.action_layer))
+                              prune_layer=self.prune_layer(), action_layer=self.layer(cfg.action_layer))
         return StepPlan(attention=self.requests(*items))
 
     def _after(self, view: LayerView) -> Optional[torch.Tensor]:
