@@ -180,23 +180,15 @@ def record_takeover_episode(env, policy, family: str, seed: int, noise: float,
     takes over from wherever that left the robot and objects. Only the expert's part is recorded, so the data
     holds corrections from the states the policy actually reaches (the idea of DAgger / DART). None when the
     policy finished the task before the hand-over."""
-    from specprune_ros.policy.interface import Observation
+    from specprune_ros.evaluation.closed_loop import run_episode
     from specprune_ros.sim.expert import ScriptedExpert, continue_expert_episode
 
     rng = np.random.default_rng([int(seed), TASK_FAMILIES.index(family), 0x7A6E])
     chunks = int(rng.integers(1, max_policy_chunks + 1))
-    obs = env.reset(seed=seed, family=family, render=True)
-    policy.reset()
-    executed, done, policy_steps = None, False, 0
-    for _ in range(chunks):
-        output = policy.predict(Observation(images=obs.images, instruction=obs.instruction, proprio=obs.proprio,
-                                            executed_actions=executed))
-        for action in output.actions:
-            obs, done, _ = env.step(action)
-            policy_steps += 1
-            if done:
-                return None
-        executed = output.actions
+    driven = run_episode(env, policy, family, seed, max_steps=chunks * POLICY_CHUNK)
+    if env.done:
+        return None
+    policy_steps, obs = driven.steps, env.observe()
     expert = ScriptedExpert(env, noise=noise, rng=rng)
     expert.take_over()
     target_xy = env.sim_state().objects[env.task.target].pos[:2]
@@ -223,6 +215,7 @@ def _episode(env, family: str, seed: int, noise: float, observations: list, acti
 
 
 _WORKER_POLICY: dict = {}
+POLICY_CHUNK = 8          # actions per policy chunk when a policy drives before the expert takes over
 
 
 def _worker_policy(model: str):
