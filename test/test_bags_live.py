@@ -164,3 +164,50 @@ def test_bad_bags_are_refused_with_a_reason(sim_bag, tmp_path):
     done = subprocess.run([sys.executable, script, str(sim_bag), '--topics', '/nope'], capture_output=True,
                           text=True, timeout=60, env=env)
     assert done.returncode == 2 and 'no topic /nope' in done.stderr and 'Traceback' not in done.stderr
+
+
+PUBLISH_ALTERNATING = """
+import sys, time, rclpy
+from std_msgs.msg import String
+rclpy.init()
+node = rclpy.create_node('alternating_publisher')
+a, b = node.create_publisher(String, '/order_a', 100), node.create_publisher(String, '/order_b', 100)
+deadline = time.monotonic() + 60
+while (a.get_subscription_count() < 1 or b.get_subscription_count() < 1) and time.monotonic() < deadline:
+    time.sleep(0.05)
+time.sleep(0.5)
+for i in range(20):
+    a.publish(String(data=f'a{i}'))
+    b.publish(String(data=f'b{i}'))
+    time.sleep(0.01)
+time.sleep(0.5)
+"""
+
+
+def test_bag_time_is_the_arrival_time_even_when_the_recorder_is_late(tmp_path):
+    """Two topics published alternately while the recorder's executor is busy elsewhere: the bag keeps the
+    publication order and spacing (middleware receive time), not the order the executor got to them."""
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from specprune_ros.ros.bag_recorder import BagRecorder
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=DOMAIN)
+    recorder = BagRecorder(tmp_path / 'order', ['/order_a', '/order_b'], storage='sqlite3', context=context)
+    publisher = subprocess.run([sys.executable, '-c', PUBLISH_ALTERNATING], env=child_environment(DOMAIN),
+                               capture_output=True, text=True, timeout=120)
+    assert publisher.returncode == 0, publisher.stderr
+    executor = SingleThreadedExecutor(context=context)   # spun only now: every message waited in the reader
+    executor.add_node(recorder)
+    deadline = time.monotonic() + 10
+    while recorder.messages < 40 and time.monotonic() < deadline:
+        executor.spin_once(timeout_sec=0.05)
+    counts = recorder.close()
+    executor.shutdown(timeout_sec=1.0)
+    recorder.destroy_node()
+    rclpy.try_shutdown(context=context)
+    assert counts == {'/order_a': 20, '/order_b': 20}
+    with BagReader(tmp_path / 'order') as bag:
+        rows = [(t, bag.deserialize(raw, msgtype).data) for _, msgtype, t, raw in bag.raw_messages()]
+    assert [text for _, text in rows] == [f'{k}{i}' for i in range(20) for k in 'ab']
+    spread = (rows[-1][0] - rows[0][0]) * 1e-9
+    assert spread > 0.15, spread   # 20 publications ~10 ms apart, not one late spin's instant

@@ -8,8 +8,10 @@ Topics are discovered as they appear (every 0.2 s) and subscribed to as serializ
 so nothing is deserialized; the CDR goes straight into the bag with the type's definition from the ROS 2
 typestore, which makes the bag readable by rosbag2 and ``rosbags`` alike. The subscription QoS adapts to the
 publishers (best effort if any publisher is, transient local if all are: latched messages get recorded),
-and the publishers' QoS is stored as the topic's offered QoS (the replayer reuses it). Bag time is the
-recorder's clock: wall time, or sim time with ``--use-sim-time`` (what replaying with ``--clock`` needs).
+and the publishers' QoS is stored as the topic's offered QoS (the replayer reuses it). Bag time is when the
+middleware received the message (wall clock, as rosbag2's receive timestamp), so messages on different topics
+keep their arrival order however late the recorder's executor gets to them; with ``--use-sim-time`` it is the
+sim clock at the callback (what replaying with ``--clock`` needs).
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ class BagRecorder(Node):
         overrides = [Parameter('use_sim_time', value=True)] if use_sim_time else []
         super().__init__(node_name, parameter_overrides=overrides, context=context)
         self.wanted = {t if t.startswith('/') else '/' + t for t in topics}
-        self.all_topics = all_topics
+        self.all_topics, self.use_sim_time = all_topics, use_sim_time
         if not self.wanted and not all_topics:
             raise ValueError('name the topics to record, or record all of them')
         self.writer = BagWriter(output, storage=storage)
@@ -116,12 +118,14 @@ class BagRecorder(Node):
                 self.skipped[topic] = str(error)
                 continue
             self.subscriptions_by_topic[topic] = self.create_subscription(
-                cls, topic, lambda data, name=topic: self._on_message(name, data), subscription_qos(profiles),
-                raw=True)
+                cls, topic, lambda data, info, name=topic: self._on_message(name, data, info),
+                subscription_qos(profiles), raw=True)
             self.get_logger().info(f'recording {topic} ({msgtype})')
 
-    def _on_message(self, topic: str, data: bytes) -> None:
-        self.queue.put(('message', topic, self.get_clock().now().nanoseconds, data))
+    def _on_message(self, topic: str, data: bytes, info: dict) -> None:
+        received = info.get('received_timestamp') if not self.use_sim_time else None
+        timestamp = received if received else self.get_clock().now().nanoseconds
+        self.queue.put(('message', topic, timestamp, data))
 
     # --- writing (own thread) ---------------------------------------------------------------------------------
     def _write_loop(self) -> None:
