@@ -119,10 +119,9 @@ def stable_topk(scores: torch.Tensor, k: int, candidates: Optional[torch.Tensor]
     return torch.from_numpy(order[:k].astype(np.int64))
 
 
-def _np(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().reshape(-1).numpy()
-    return np.asarray(x).reshape(-1)
+def _np(x, flat: bool = True) -> np.ndarray:
+    array = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return array.reshape(-1) if flat else array
 
 
 KPerCamera = Union[int, Sequence[int]]
@@ -203,17 +202,19 @@ def ema_update(state: torch.Tensor, sample: torch.Tensor, beta: float = 0.2,
     return torch.where(mask, new, state)
 
 
-def layer_importance(scores: torch.Tensor, valid: torch.Tensor, layout: TokenLayout, k: float = 5.0,
-                     per_camera: bool = True) -> torch.Tensor:
+def layer_importance(scores: torch.Tensor | np.ndarray, valid: torch.Tensor | np.ndarray, layout: TokenLayout,
+                     k: float = 5.0, per_camera: bool = True) -> torch.Tensor:
     """One layer's importance sample ``s_i = w_rank,i * w_conf`` (dense visual vector; 0 where not valid).
 
     Equal to :func:`rank_weights` times :func:`layer_confidence` per camera (or over all cameras), computed for
     every camera at once: this runs after every decoder layer, where per-camera calls cost more than the layer.
+    ``scores`` / ``valid`` may also be stacked, (layers, num_visual): every layer's sample in one call.
     """
-    s = _np(scores).astype(np.float64)
-    v = _np(valid).astype(bool)
+    s = _np(scores, flat=False).astype(np.float64)
+    v = _np(valid, flat=False).astype(bool)
+    shape = s.shape
     groups = layout.num_cameras if per_camera else 1
-    s, v = s.reshape(groups, -1), v.reshape(groups, -1)
+    s, v = s.reshape(-1, s.shape[-1] // groups), v.reshape(-1, v.shape[-1] // groups)
     # sort key: valid scores descending (NaN ranks last among the valid), invalid tokens after every valid one
     key = np.where(v, np.where(np.isnan(s), np.inf, -s), np.nan)
     order = np.argsort(key, axis=1, kind='stable')
@@ -229,7 +230,7 @@ def layer_importance(scores: torch.Tensor, valid: torch.Tensor, layout: TokenLay
     conf = np.where(n >= 2, np.clip(mean / (std + 1e-12), 0.0, 100.0), 1.0)
     out = np.zeros_like(s)
     np.put_along_axis(out, order, w * conf[:, None], axis=1)
-    return torch.from_numpy(out.reshape(-1).astype(np.float32))
+    return torch.from_numpy(out.reshape(shape).astype(np.float32))
 
 
 # ------------------------------------------------------------------------- VLA-Pruner temporal action score

@@ -133,6 +133,7 @@ class SpecPrune(PruningMethodBase):
         self._global: Optional[np.ndarray] = None
         self._local0: Optional[np.ndarray] = None
         self._importance: Optional[np.ndarray] = None
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []   # (scores, valid) not yet in the EMA
         self._prune_set: frozenset = frozenset()
         self._importance_set: frozenset = frozenset()
         self._kept_after: dict[int, int] = {}
@@ -242,10 +243,7 @@ class SpecPrune(PruningMethodBase):
 
         if self._importance is not None and text is not None and layer in self._importance_set:
             valid = present & np.isfinite(text)
-            sample = layer_importance(np.where(valid, text, 0.0), valid, layout, k=cfg.importance_k,
-                                      per_camera=True).numpy()
-            beta = cfg.importance_beta
-            self._importance = np.where(valid, (1.0 - beta) * self._importance + beta * sample, self._importance)
+            self._pending.append((np.where(valid, text, 0.0), valid))   # folded in where a drop needs it
 
         two_gathers = cfg.static_gathers >= 2 and self.num_layers > 2
         gather = cfg.use_static and (layer == 0 or (layer == 1 and two_gathers))
@@ -287,9 +285,23 @@ class SpecPrune(PruningMethodBase):
             return None
         return mask_to_sequence(keep, layout)
 
+    def _fold_importance(self) -> None:
+        """Fold the layers recorded since the last drop into the importance EMA: their samples in one
+        vectorised call (a layer's sample depends on that layer alone), then the EMA in layer order."""
+        if not self._pending:
+            return
+        cfg = self.config
+        scores, valid = (np.stack(parts) for parts in zip(*self._pending))
+        samples = layer_importance(scores, valid, self._layout, k=cfg.importance_k, per_camera=True).numpy()
+        beta = cfg.importance_beta
+        for sample, ok in zip(samples, valid):
+            self._importance = np.where(ok, (1.0 - beta) * self._importance + beta * sample, self._importance)
+        self._pending.clear()
+
     def _layer_drop(self, keep: np.ndarray, layer: int) -> np.ndarray:
         cfg = self.config
         layout = self._layout
+        self._fold_importance()
         out = keep.copy()
         floor = budget_count(cfg.min_visual_fraction, layout.patches_per_camera, minimum=0)
         dropped = 0
