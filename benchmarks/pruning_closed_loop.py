@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from specprune_ros.evaluation.closed_loop import PolicySpec, evaluate, run_episode, summarize
+from specprune_ros.evaluation.closed_loop import PolicySpec, evaluate, outcome_table, run_episode, summarize
 from specprune_ros.policy.interface import Observation
 
 CONFIGS: tuple[PolicySpec, ...] = (
@@ -207,6 +207,8 @@ def main() -> None:
                      + ' | '.join(f"{r['families'][f] * 100:.0f}%" for f in families)
                      + f" | {r['visual_kept']:.0f} | {r['flops_ratio'] * 100:.0f}% | {r['latency_ms_median']:.1f} | "
                        f"{r['speedup']:.2f}x | {r['decoder_ms_median']:.1f} | {r['selection_ms_median']:.2f} |")
+    lines += ['', 'How the episodes ended (all families; `sim/outcomes.py`):', '',
+              outcome_table([summaries[c.name] for c in configs], per_family=False)]
     for spec, latency in wide.items():
         lines += ['', f'Latency on a random-initialised {spec} decoder (same layout, methods and replayed steps; '
                       'success does not apply):', '',

@@ -3,9 +3,10 @@ import json
 
 import pytest
 
-from specprune_ros.evaluation.closed_loop import (EpisodeResult, PolicySpec, evaluate, markdown_table, run_episode,
-                                                  summarize, write_report)
+from specprune_ros.evaluation.closed_loop import (EpisodeResult, PolicySpec, evaluate, markdown_table, outcome_table,
+                                                  run_episode, summarize, write_report)
 from specprune_ros.evaluation.statistics import wilson_interval
+from specprune_ros.sim.outcomes import OUTCOMES
 
 
 @pytest.mark.parametrize('wins, trials, low, high', [(0, 10, 0.0, 0.2775), (5, 10, 0.2366, 0.7634),
@@ -35,9 +36,14 @@ def test_parallel_evaluation_matches_serial_and_reports(tmp_path):
     assert [(r.family, r.seed, r.steps, r.success) for r in serial] == \
         [(r.family, r.seed, r.steps, r.success) for r in parallel if r.family == 'push']
     assert all(r.steps == 24 and len(r.latencies_s) == 3 for r in parallel)
-    summary = summarize(parallel + [EpisodeResult('pick', 7, True, 20, [0.01], [288.0], [1.0], [0.0])], 'none')
+    assert all(r.outcome in OUTCOMES and r.outcome != 'success' for r in parallel)
+    won = EpisodeResult('pick', 7, True, 20, [0.01], [288.0], [1.0], [0.0], outcome='success')
+    summary = summarize(parallel + [won], 'none')
     assert summary['families']['pick']['successes'] == 1 and summary['overall']['episodes'] == 3
+    assert summary['families']['pick']['outcomes']['success'] == 1
+    assert sum(summary['overall']['outcomes'].values()) == 3
     json_path, md_path = write_report([summary], tmp_path)
     assert json.loads(json_path.read_text())['results'][0]['label'] == 'none'
     assert '| none | pick | 50.0% (1/2)' in md_path.read_text()
     assert markdown_table([summary]).count('\n') == 4
+    assert 'How the episodes ended' in md_path.read_text() and '| none | all |' in outcome_table([summary])

@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from specprune_ros.evaluation.statistics import percentile, wilson_interval
+from specprune_ros.sim.outcomes import OUTCOMES, count_outcomes
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class EpisodeResult:
     flops_ratio: list[float] = field(default_factory=list)
     selection_s: list[float] = field(default_factory=list)
     modes: list[str] = field(default_factory=list)              # controller mode per inference, if any
+    outcome: str = ''                                           # how it ended (``sim.outcomes.OUTCOMES``)
     frames: Optional[list] = None                               # observations, when recording
 
 
@@ -55,8 +57,10 @@ def run_episode(env, policy, family: str, seed: int, execute_steps: Optional[int
 
     ``max_steps`` cuts the episode short of the task's own step limit (quick checks)."""
     from specprune_ros.policy.interface import Observation
+    from specprune_ros.sim.outcomes import OutcomeTracker
     observation = env.reset(seed=seed, family=family)
     policy.reset()
+    tracker = OutcomeTracker.begin(env.task, env.sim_state())
     result = EpisodeResult(family=family, seed=seed, success=False, steps=0,
                            frames=[observation] if record_frames else None)
     executed: Optional[np.ndarray] = None
@@ -78,12 +82,14 @@ def run_episode(env, policy, family: str, seed: int, execute_steps: Optional[int
             observation, done, success = env.step(action, render=record_frames or index == len(chunk) - 1)
             result.steps += 1
             result.success = bool(success)
+            tracker.update(env.sim_state())
             if record_frames:
                 result.frames.append(observation)
             done = done or (max_steps is not None and result.steps >= max_steps)
             if done:
                 break
         executed = chunk
+    result.outcome = tracker.outcome(env.sim_state(), result.success)
     return result
 
 
@@ -146,7 +152,8 @@ def summarize(results: Sequence[EpisodeResult], label: str = '') -> dict:
                 'latency_ms_median': percentile(latencies, 50) * 1e3, 'latency_ms_p95': percentile(latencies, 95) * 1e3,
                 'mean_visual_kept': float(np.mean(kept)) if kept else float('nan'),
                 'flops_ratio': float(np.mean(flops)) if flops else float('nan'),
-                'selection_ms_median': percentile(selection, 50) * 1e3}
+                'selection_ms_median': percentile(selection, 50) * 1e3,
+                'outcomes': count_outcomes([r.outcome for r in rs if r.outcome])}
     families = sorted({r.family for r in results})
     return {'label': label, 'overall': block(results),
             'families': {f: block([r for r in results if r.family == f]) for f in families}}
@@ -166,13 +173,28 @@ def markdown_table(summaries: Sequence[dict]) -> str:
     return '\n'.join(lines)
 
 
+def outcome_table(summaries: Sequence[dict], per_family: bool = True) -> str:
+    """How the episodes ended, one row per (configuration, family) or per configuration: counts per outcome."""
+    def blocks(summary: dict) -> list[tuple[str, dict]]:
+        return [*(summary['families'].items() if per_family else ()), ('all', summary['overall'])]
+    seen = [name for name in OUTCOMES
+            if any(name in block.get('outcomes', {}) for summary in summaries for _, block in blocks(summary))]
+    lines = ['| config | family | ' + ' | '.join(seen) + ' |', '|---|---|' + '---|' * len(seen)]
+    for summary in summaries:
+        for family, s in blocks(summary):
+            counts = s.get('outcomes', {})
+            lines.append(f"| {summary['label']} | {family} | " + ' | '.join(str(counts.get(n, 0)) for n in seen) + ' |')
+    return '\n'.join(lines)
+
+
 def write_report(summaries: Sequence[dict], out_dir: Path, name: str = 'closed_loop') -> tuple[Path, Path]:
     """``<name>.json`` (machine-readable) and ``<name>.md`` (the markdown table) in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f'{name}.json', out_dir / f'{name}.md'
     json_path.write_text(json.dumps({'created': time.strftime('%Y-%m-%d %H:%M:%S'), 'results': list(summaries)},
                                     indent=2))
-    md_path.write_text(markdown_table(summaries) + '\n')
+    md_path.write_text(markdown_table(summaries) + '\n\nHow the episodes ended (`sim/outcomes.py`):\n\n'
+                       + outcome_table(summaries) + '\n')
     return json_path, md_path
 
 
