@@ -60,7 +60,8 @@ def run_episode(env, policy, family: str, seed: int, execute_steps: Optional[int
     from specprune_ros.sim.outcomes import OutcomeTracker
     observation = env.reset(seed=seed, family=family)
     policy.reset()
-    tracker = OutcomeTracker.begin(env.task, env.sim_state())
+    state = env.sim_state()
+    tracker = OutcomeTracker.begin(env.task, state)
     result = EpisodeResult(family=family, seed=seed, success=False, steps=0,
                            frames=[observation] if record_frames else None)
     executed: Optional[np.ndarray] = None
@@ -82,14 +83,15 @@ def run_episode(env, policy, family: str, seed: int, execute_steps: Optional[int
             observation, done, success = env.step(action, render=record_frames or index == len(chunk) - 1)
             result.steps += 1
             result.success = bool(success)
-            tracker.update(env.sim_state())
+            state = env.sim_state()
+            tracker.update(state)
             if record_frames:
                 result.frames.append(observation)
             done = done or (max_steps is not None and result.steps >= max_steps)
             if done:
                 break
         executed = chunk
-    result.outcome = tracker.outcome(env.sim_state(), result.success)
+    result.outcome = tracker.outcome(state, result.success)   # the state after the last step
     return result
 
 
