@@ -264,6 +264,10 @@ def test_specprune_full_controller_and_layer_pruning(runner, layout):
         after = per_camera_counts(rec.kept_per_layer[layer + 1], layout)
         assert after == [max(n - int(np.floor(0.1 * n)), min(floor, n)) for n in before]
         assert sum(before) - sum(after) == drops[layer]
+    # the info reports the visual count after every gather (0, 1) and drop (2, 3, 4), and only there
+    kept_after = rec.info['kept_after_layer']
+    assert sorted(kept_after) == [0, 1, 2, 3, 4]
+    assert all(kept_after[layer] == rec.visual_kept_per_layer[layer + 1] for layer in kept_after)
 
 
 def test_specprune_ablation_switches(runner, layout):

@@ -236,17 +236,22 @@ class SpecPrune(PruningMethodBase):
         cfg = self.config
         layout = self._layout
         layer = view.layer
-        present = self.kept_visual(view).numpy()
-        text_t = self.view_scores(view, 'text', fill=float('-inf'))
-        text = None if text_t is None else text_t.numpy()
-        keep = present.copy()
-
-        if self._importance is not None and text is not None and layer in self._importance_set:
-            valid = present & np.isfinite(text)
-            self._pending.append((np.where(valid, text, 0.0), valid))   # folded in where a drop needs it
-
         two_gathers = cfg.static_gathers >= 2 and self.num_layers > 2
         gather = cfg.use_static and (layer == 0 or (layer == 1 and two_gathers))
+        layer_pruning = self._importance is not None
+        drop = layer_pruning and layer in self._prune_set
+        if not (gather or drop or (layer_pruning and layer in self._importance_set)):
+            return None                 # most layers of a deep decoder: nothing to record or decide
+        text_t = self.view_scores(view, 'text', fill=float('-inf'))
+        text = None if text_t is None else text_t.numpy()
+        if layer_pruning and text is not None and layer in self._importance_set:
+            valid = np.isfinite(text)   # the visual tokens this layer ran (pruned ones have no attention)
+            self._pending.append((np.where(valid, text, 0.0), valid))   # folded in where a drop needs it
+        if not (gather or drop):
+            return None
+        present = self.kept_visual(view).numpy()
+        keep = present.copy()
+
         if gather:
             if text is None:
                 self.last_info['error'] = f'text attention missing at layer {layer}'
@@ -275,12 +280,11 @@ class SpecPrune(PruningMethodBase):
                     union |= local
                 keep &= union
 
-        if self._importance is not None and layer in self._prune_set:
+        if drop:
             keep = self._layer_drop(keep, layer)
 
         self._kept_after[layer] = int(keep.sum())
-        if gather or layer in self._drops:
-            self.last_info['kept_after_layer'] = dict(self._kept_after)
+        self.last_info['kept_after_layer'] = dict(self._kept_after)
         if np.array_equal(keep, present):
             return None
         return mask_to_sequence(keep, layout)
