@@ -240,11 +240,12 @@ class SpecPrune(PruningMethodBase):
         gather = cfg.use_static and (layer == 0 or (layer == 1 and two_gathers))
         layer_pruning = self._importance is not None
         drop = layer_pruning and layer in self._prune_set
-        if not (gather or drop or (layer_pruning and layer in self._importance_set)):
+        sample = layer_pruning and layer in self._importance_set
+        if not (gather or drop or sample):
             return None                 # most layers of a deep decoder: nothing to record or decide
         text_t = self.view_scores(view, 'text', fill=float('-inf'))
         text = None if text_t is None else text_t.numpy()
-        if layer_pruning and text is not None and layer in self._importance_set:
+        if sample and text is not None:
             valid = np.isfinite(text)   # the visual tokens this layer ran (pruned ones have no attention)
             self._pending.append((np.where(valid, text, 0.0), valid))   # folded in where a drop needs it
         if not (gather or drop):
