@@ -15,6 +15,7 @@ import json
 import numpy as np
 import torch
 
+from specprune_ros.evaluation.closed_loop import run_episode
 from specprune_ros.policy.interface import Observation
 from specprune_ros.policy.loading import load_policy
 from specprune_ros.sim import EVAL_SEED_START, TabletopEnv
@@ -39,34 +40,37 @@ def zone_points(env: TabletopEnv, per_side: int = 7) -> np.ndarray:
                      for y in np.linspace(cy - hy, cy + hy, per_side)])
 
 
+class CoverageProbe:
+    """Wraps a policy: after each prediction, notes which zone / target patches survive to ``layer``."""
+
+    def __init__(self, policy, env: TabletopEnv, layer: int) -> None:
+        self.policy, self.env, self.layer = policy, env, layer
+        self.zone_kept: list[float] = []
+        self.object_kept: list[float] = []
+
+    def reset(self) -> None:
+        self.policy.reset()
+
+    def predict(self, observation: Observation):
+        output = self.policy.predict(observation)
+        layout = output.record.layout
+        kept = set((output.record.kept_per_layer[self.layer] - layout.camera_spans[0][0]).tolist())
+        target = self.env.sim_state().objects[self.env.task.target].pos[None]
+        for points, out in ((zone_points(self.env), self.zone_kept), (target, self.object_kept)):
+            patches = patches_under(self.env, points, layout.grid_shape)
+            if patches:
+                out.append(len(patches & kept) / len(patches))
+        return output
+
+
 def coverage(method: str, config: dict, episodes: int, layer: int) -> dict[str, float]:
     """Mean fraction of the zone's and of the target object's patches present at ``layer`` over all steps."""
-    policy = load_policy('reference', method, config, seed=0)
     env = TabletopEnv(image_size=96)
-    zone_kept: list[float] = []
-    object_kept: list[float] = []
+    probe = CoverageProbe(load_policy('reference', method, config, seed=0), env, layer)
     for seed in range(EVAL_SEED_START, EVAL_SEED_START + episodes):
-        observation = env.reset(seed=seed, family='push')
-        policy.reset()
-        executed, done = None, False
-        while not done:
-            output = policy.predict(Observation(images=observation.images, instruction=observation.instruction,
-                                                proprio=observation.proprio, executed_actions=executed))
-            record = output.record
-            layout = record.layout
-            first = layout.camera_spans[0][0]
-            kept = set((record.kept_per_layer[layer] - first).tolist())
-            for points, out in ((zone_points(env), zone_kept),
-                                (env.sim_state().objects[env.task.target].pos[None], object_kept)):
-                patches = patches_under(env, points, layout.grid_shape)
-                if patches:
-                    out.append(len(patches & kept) / len(patches))
-            for index, action in enumerate(output.actions):
-                observation, done, _ = env.step(action, render=index == len(output.actions) - 1)
-                if done:
-                    break
-            executed = output.actions
-    return {'zone': float(np.mean(zone_kept)), 'object': float(np.mean(object_kept)), 'steps': len(zone_kept)}
+        run_episode(env, probe, 'push', seed)
+    return {'zone': float(np.mean(probe.zone_kept)), 'object': float(np.mean(probe.object_kept)),
+            'steps': len(probe.zone_kept)}
 
 
 def main() -> None:
