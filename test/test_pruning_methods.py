@@ -9,7 +9,7 @@ from specprune_ros.core.step_types import StepRecord
 from specprune_ros.pruning import available_methods, build_method, method_config, self_speculation_hit_rate
 from specprune_ros.pruning.diversity import greedy_max_min
 from specprune_ros.pruning.methods.specprune import scaled_prune_layers
-from specprune_ros.pruning.scoring import budget_count
+from specprune_ros.pruning.scoring import budget_count, dense_visual_scores, mask_to_sequence, topk_per_camera
 
 SLOW = np.tile(np.array([0.05, 0.0, -0.05, 0.0, 0.0, 0.0, 1.0]), (8, 1))    # fine mode
 FAST = np.tile(np.array([0.6, 0.3, 0.3, 0.0, 0.0, 0.0, -1.0]), (8, 1))      # coarse mode
@@ -278,6 +278,35 @@ def test_specprune_ablation_switches(runner, layout):
         assert results[-1].record.visual_kept_per_layer[-1] >= 1, cfg
     no_static = run_episode(build_method('specprune', {'use_static': False}), steps=3, layout=layout, runner=runner)
     assert no_static[-1].record.visual_kept_per_layer[1] == layout.num_visual
+
+
+def test_specprune_task_rows_choose_the_attention_it_ranks_by(runner, layout):
+    """task_rows='action': the local, global and importance sets rank by the action queries' attention."""
+    text = run_episode(build_method('specprune_static'), steps=3, layout=layout, runner=runner, actions=FAST)
+    action = run_episode(build_method('specprune_static', {'task_rows': 'action'}), steps=3, layout=layout,
+                         runner=runner, actions=FAST)
+    rec = action[1].record
+    assert set(rec.attention[0]) == {'action'} and set(rec.attention[LAYERS - 1]) == {'action'}
+    assert set(text[1].record.attention[0]) == {'text'}
+    # the gather after layer 0 keeps the top 3 K_base of each camera by the action rows' layer-0 attention
+    keys, weights = rec.attention[0]['action']
+    dense = dense_visual_scores(keys, weights, layout)
+    wide = [budget_count(3 * k / P, P, minimum=0) for k in rec.info['k_base']]
+    top = mask_to_sequence(topk_per_camera(dense, wide, layout), layout)
+    assert bool(torch.isin(top, rec.kept_per_layer[1]).all())
+    assert kept_lists(action)[1:] != kept_lists(text)[1:]
+
+
+def test_specprune_importance_only_at_pruning_layers(runner, layout):
+    every = run_episode(build_method('specprune_static_layer', {'layer_prune_layers': [3]}), steps=3,
+                        layout=layout, runner=runner, actions=FAST)
+    sparse = run_episode(build_method('specprune_static_layer', {'layer_prune_layers': [3],
+                                                                 'importance_every_layer': False}),
+                         steps=3, layout=layout, runner=runner, actions=FAST)
+    last = LAYERS - 1                                                     # V_global's layer
+    assert sorted(every[1].record.attention) == [0, 1, 2, 3, last]        # importance sampled at 0..3
+    assert sorted(sparse[1].record.attention) == [0, 1, 3, last]          # gathers, the drop layer, V_global
+    assert list(sparse[1].record.info['layer_drops']) == [3]
 
 
 def test_specprune_without_images_uses_attention_sets_only(runner, layout):

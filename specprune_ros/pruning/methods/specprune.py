@@ -26,7 +26,8 @@ Per step:
    at least ``min_visual_fraction`` of the camera (the code's 60 of 512). Default layers: the paper's
    {5, 10, 15, 20} of 32 scaled to the depth, ``round(l * L / 32)``, dropping layers <= 1 (static gathers) and the
    last layer: {2, 3, 4} for a 6-layer decoder. (The public code instead keeps 80 % of the *whole* sequence with a
-   linear rank weight; we follow the paper's formulas and its 10 %.)
+   linear rank weight; we follow the paper's formulas and its 10 %.) Sampling the importance at every layer costs
+   an attention probe per layer; ``importance_every_layer=False`` samples only at the pruning layers (ours).
 
 Shallow decoders: the two gathers leave layer 0 at full width and layer 1 at the wide 3K set, i.e. 2 of 32
 layers at near-full cost in the paper's model but 2 of 6 in the reference VLA. ``static_gathers=1`` gathers once,
@@ -37,7 +38,10 @@ Ablations (the paper's table): ``static_only`` = ``use_layer_pruning=False, use_
 ``+layer`` = ``use_controller=False``; full = defaults. Registered presets: ``specprune_static``,
 ``specprune_static_layer`` and ``specprune``.
 
-Task attention = the runner's 'text' rows summary. Info keys: ``mode``, ``k_base``, ``replan_requested``,
+Task attention = the runner's summary of the ``task_rows`` query rows: 'text' (the instruction tokens, the paper's
+task attention, default), or ours: 'action' (the action queries: they attend to where the motion goes, e.g. a
+push's target zone, which is static and which the instruction's rows at layers 0/1 barely attend to, so the paper's
+sets drop it) or 'prefill' (every prompt row; costs a full attention probe). Info keys: ``mode``, ``k_base``, ``replan_requested``,
 ``speed``, ``reference_back``, ``dynamic`` (count or reason), ``global`` (count), ``local0``/``local1`` (counts),
 ``kept_after_layer`` (visual count after each gather / drop), ``layer_drops``.
 """
@@ -90,6 +94,7 @@ class SpecPruneConfig(BaseConfig):
     use_global: bool = True
     use_dynamic: bool = True
     use_local: bool = True
+    task_rows: Literal['text', 'action', 'prefill'] = 'text'   # query rows of "task attention" (see docstring)
     global_layer: int = -1                  # layer of the previous step's task attention for V_global
     global_k_scale: float = 1.0             # K_G = global_k_scale * K_base
     layer0_k_scale: float = 3.0             # top (3 * K_base) at layer 0 for the gather after layer 0 (code)
@@ -106,7 +111,9 @@ class SpecPruneConfig(BaseConfig):
     layer_drop_fraction: float = 0.1
     importance_k: float = 5.0               # steepness of the rank sigmoid (rank as a fraction in [0, 1])
     importance_beta: float = 0.2            # EMA weight of the newest layer
-    importance_layers: Optional[tuple[int, ...]] = None    # None = every layer up to the last pruning layer
+    importance_layers: Optional[tuple[int, ...]] = None    # None: see importance_every_layer
+    importance_every_layer: bool = True     # True: sample every layer up to the last pruning layer (paper's EMA);
+                                            # False: sample only at the pruning layers (ours: fewer probes)
     min_visual_fraction: float = 60 / 512   # never go below this fraction of a camera's patches by layer pruning
 
 
@@ -150,6 +157,8 @@ class SpecPrune(PruningMethodBase):
         if cfg.importance_layers is not None:
             return tuple(sorted({self.layer(x) for x in cfg.importance_layers}))
         prune = self._prune_layers()
+        if not cfg.importance_every_layer:
+            return prune
         return tuple(range(0, max(prune) + 1)) if prune else ()
 
     # ------------------------------------------------------------------------------------ hooks
@@ -186,13 +195,14 @@ class SpecPrune(PruningMethodBase):
         self._importance_set = frozenset(self._importance_layers()) if cfg.use_layer_pruning else frozenset()
         self._importance = np.zeros(layout.num_visual) if cfg.use_layer_pruning else None
         items = []
+        rows = cfg.task_rows
         if cfg.use_static:
-            items += [(0, 'text', 'text')]
+            items += [(0, rows, rows)]
             if self.num_layers > 2 and cfg.static_gathers >= 2:
-                items += [(1, 'text', 'text')]
-        items += [(layer, 'text', 'text') for layer in sorted(self._importance_set)]
+                items += [(1, rows, rows)]
+        items += [(layer, rows, rows) for layer in sorted(self._importance_set)]
         if cfg.use_static and cfg.use_global:
-            items += [(self.layer(cfg.global_layer), 'text', 'text')]
+            items += [(self.layer(cfg.global_layer), rows, rows)]
         items.sort()
         return StepPlan(attention=self.requests(*items))
 
@@ -243,7 +253,7 @@ class SpecPrune(PruningMethodBase):
         sample = layer_pruning and layer in self._importance_set
         if not (gather or drop or sample):
             return None                 # most layers of a deep decoder: nothing to record or decide
-        text_t = self.view_scores(view, 'text', fill=float('-inf'))
+        text_t = self.view_scores(view, cfg.task_rows, fill=float('-inf'))
         text = None if text_t is None else text_t.numpy()
         if sample and text is not None:
             valid = np.isfinite(text)   # the visual tokens this layer ran (pruned ones have no attention)
@@ -255,7 +265,7 @@ class SpecPrune(PruningMethodBase):
 
         if gather:
             if text is None:
-                self.last_info['error'] = f'text attention missing at layer {layer}'
+                self.last_info['error'] = f'task attention missing at layer {layer}'
             else:
                 union = np.zeros(layout.num_visual, dtype=bool)
                 if self._dynamic is not None:
@@ -326,6 +336,6 @@ class SpecPrune(PruningMethodBase):
     def _end(self, record: StepRecord) -> None:
         cfg = self.config
         if cfg.use_static and cfg.use_global:
-            dense = self.record_scores(record, self.layer(cfg.global_layer), 'text', fill=float('-inf'))
+            dense = self.record_scores(record, self.layer(cfg.global_layer), cfg.task_rows, fill=float('-inf'))
             if dense is not None:
                 self.state.set_task_attention(split_per_camera(dense, record.layout))
