@@ -9,7 +9,10 @@ every configuration in ONE process, round-robin step by step (each configuration
 state), so the latency medians and the speedups vs unpruned are measured side by side. The paper's
 self-speculation check (layers 0-1 top-k vs last-layer top-k of task attention) runs on the same replay.
 Columns: latency = the whole policy step (vision stem, decoder, selection, action head); decoder ms = the
-decoder layers alone (selection and attention probes excluded); selection ms = the method's hooks + probes.
+decoder layers alone (selection and attention probes excluded); selection ms = the method's hooks + probes;
+speedup = ratio of the medians over every replayed step (warm-up steps, where a method does not prune yet,
+included); speedup steps >= 3 = the same over the steady-state steps only (step index >= 3 of each episode, past
+every method's warm-up: VLA-Pruner's first w = 3 steps, SpecPrune's first), same observations for all.
 
 Phase 3 (speed at deployment shapes, ``--wide WIDTHxLAYERS ...``, default 512x8 and 256x32): the reference
 VLA is 128 wide and 6 deep, so per-op overheads weigh more than on a real VLA, and the layers the methods keep
@@ -35,6 +38,8 @@ import torch
 
 from specprune_ros.evaluation.closed_loop import PolicySpec, evaluate, outcome_table, run_episode, summarize
 from specprune_ros.policy.interface import Observation
+
+STEADY_FROM = 3   # steady state: every method's warm-up is over (VLA-Pruner's window w = 3; SpecPrune needs 1)
 
 CONFIGS: tuple[PolicySpec, ...] = (
     PolicySpec(method='none', label='none'),
@@ -102,14 +107,17 @@ def widened(model: str, spec: str, seed: int = 0):
 
 
 def measure_latency(vla, configs: tuple[PolicySpec, ...], sequences: list[list[Observation]],
-                    threads: int) -> dict[str, dict]:
-    """Round-robin replay through every configuration in this process; medians per configuration."""
+                    threads: int, steady_from: int = STEADY_FROM) -> dict[str, dict]:
+    """Round-robin replay through every configuration in this process; medians per configuration, over all
+    steps and over the steady-state steps (step index >= ``steady_from`` in every episode, the same
+    observations for every configuration)."""
     from specprune_ros.policy.runtime import PrunedVLAPolicy
     from specprune_ros.pruning import build_method, self_speculation_hit_rate
     torch.set_num_threads(threads)
     policies = {c.name: PrunedVLAPolicy(vla, build_method(c.method, c.method_config, seed=c.seed)) for c in configs}
     probe = PrunedVLAPolicy(vla, build_method('none', {'self_speculation': True}))
     samples: dict[str, list[float]] = {name: [] for name in policies}
+    steady: dict[str, list[float]] = {name: [] for name in policies}
     selection: dict[str, list[float]] = {name: [] for name in policies}
     decoder: dict[str, list[float]] = {name: [] for name in policies}
     flops: dict[str, list[float]] = {name: [] for name in policies}
@@ -121,10 +129,12 @@ def measure_latency(vla, configs: tuple[PolicySpec, ...], sequences: list[list[O
     for sequence in sequences:
         for policy in [*policies.values(), probe]:
             policy.reset()
-        for observation in sequence:
+        for index, observation in enumerate(sequence):
             for name, policy in policies.items():
                 output = policy.predict(observation)
                 samples[name].append(output.latency_s)
+                if index >= steady_from:
+                    steady[name].append(output.latency_s)
                 selection[name].append(output.record.selection_seconds + output.record.probe_seconds)
                 decoder[name].append(output.record.model_seconds)
                 flops[name].append(output.record.flops / output.record.flops_full)
@@ -133,7 +143,10 @@ def measure_latency(vla, configs: tuple[PolicySpec, ...], sequences: list[list[O
             if not np.isnan(hit):
                 hits.append(hit)
     base = statistics.median(samples[configs[0].name])
+    steady_base = statistics.median(steady[configs[0].name]) if steady[configs[0].name] else float('nan')
     return {name: {'latency_ms_median': statistics.median(v) * 1e3, 'speedup': base / statistics.median(v),
+                   'steady_speedup': steady_base / statistics.median(steady[name]) if steady[name] else float('nan'),
+                   'steady_steps': len(steady[name]),
                    'selection_ms_median': statistics.median(selection[name]) * 1e3,
                    'decoder_ms_median': statistics.median(decoder[name]) * 1e3, 'steps': len(v),
                    'flops_ratio': float(np.mean(flops[name])), 'visual_kept': float(np.mean(kept[name]))}
@@ -205,22 +218,25 @@ def main() -> None:
              f"{speed['_self_speculation_hit_rate']:.1%}" if speed['_self_speculation_hit_rate'] is not None else '',
              '',
              '| config | success (95% CI) | ' + ' | '.join(families) + ' | visual kept (mean/layer) | FLOPs | '
-             'latency ms | speedup | decoder ms | selection ms |',
-             '|---|---|' + '---|' * len(families) + '---|---|---|---|---|---|']
+             f'latency ms | speedup | speedup steps >= {STEADY_FROM} | decoder ms | selection ms |',
+             '|---|---|' + '---|' * len(families) + '---|---|---|---|---|---|---|']
     for r in rows:
         lines.append(f"| {r['config']} | {r['success'] * 100:.1f}% ({r['ci95'][0] * 100:.0f}-{r['ci95'][1] * 100:.0f}) | "
                      + ' | '.join(f"{r['families'][f] * 100:.0f}%" for f in families)
                      + f" | {r['visual_kept']:.0f} | {r['flops_ratio'] * 100:.0f}% | {r['latency_ms_median']:.1f} | "
-                       f"{r['speedup']:.2f}x | {r['decoder_ms_median']:.1f} | {r['selection_ms_median']:.2f} |")
+                       f"{r['speedup']:.2f}x | {r['steady_speedup']:.2f}x | {r['decoder_ms_median']:.1f} | "
+                       f"{r['selection_ms_median']:.2f} |")
     lines += ['', 'How the episodes ended (all families; `sim/outcomes.py`):', '',
               outcome_table([summaries[c.name] for c in configs], per_family=False)]
     for spec, latency in wide.items():
         lines += ['', f'Latency on a random-initialised {spec} decoder (same layout, methods and replayed steps; '
                       'success does not apply):', '',
-                  '| config | visual kept (mean/layer) | FLOPs | latency ms | speedup | decoder ms | selection ms |',
-                  '|---|---|---|---|---|---|---|']
+                  f'| config | visual kept (mean/layer) | FLOPs | latency ms | speedup | speedup steps >= {STEADY_FROM} '
+                  '| decoder ms | selection ms |',
+                  '|---|---|---|---|---|---|---|---|']
         lines += [f"| {c.name} | {latency[c.name]['visual_kept']:.0f} | {latency[c.name]['flops_ratio'] * 100:.0f}% | "
                   f"{latency[c.name]['latency_ms_median']:.1f} | {latency[c.name]['speedup']:.2f}x | "
+                  f"{latency[c.name]['steady_speedup']:.2f}x | "
                   f"{latency[c.name]['decoder_ms_median']:.1f} | {latency[c.name]['selection_ms_median']:.2f} |"
                   for c in configs]
     table = '\n'.join(lines)
