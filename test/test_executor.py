@@ -111,15 +111,16 @@ def test_attention_summaries_match_eager_weights(causal):
     layout = make_layout(causal)
     x = torch.randn(1, N, HIDDEN)
     requests = [AttentionRequest(1, 'text'), AttentionRequest(1, 'action'), AttentionRequest(2, 'last'),
-                AttentionRequest(2, 'prefill', name='semantic')]
+                AttentionRequest(2, 'prefill', name='semantic'), AttentionRequest(2, 'text_action')]
     method = FixedKeepSchedule(attention=requests)
     with torch.no_grad():
         PrunableDecoderRunner(decoder)(x, layout, method)
         mask = torch.zeros(1, 1, N, N) if not causal else torch.full((N, N), torch.finfo(torch.float32).min).triu(1)[None, None]
         eager = decoder(inputs_embeds=x, attention_mask=mask, output_attentions=True).attentions
     record = method.last_record
-    rows = {'text': slice(32, 38), 'action': slice(39, 50), 'last': slice(49, 50), 'semantic': slice(0, 39)}
-    for layer, key in [(1, 'text'), (1, 'action'), (2, 'last'), (2, 'semantic')]:
+    rows = {'text': [*range(32, 38)], 'action': [*range(39, 50)], 'last': [49], 'semantic': [*range(0, 39)],
+            'text_action': [*range(32, 38), *range(39, 50)]}
+    for layer, key in [(1, 'text'), (1, 'action'), (2, 'last'), (2, 'semantic'), (2, 'text_action')]:
         keys, weights = record.attention[layer][key]
         expected = eager[layer][0, :, rows[key]].mean(dim=(0, 1))
         assert torch.equal(keys, torch.arange(N))

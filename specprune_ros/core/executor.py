@@ -327,6 +327,8 @@ class PrunableDecoderRunner(nn.Module):
             selected = kept_roles == int(TokenRole.TEXT)
         elif rows == 'action':
             selected = kept_roles == int(TokenRole.ACTION)
+        elif rows == 'text_action':
+            selected = (kept_roles == int(TokenRole.TEXT)) | (kept_roles == int(TokenRole.ACTION))
         elif rows == 'prefill':
             selected = kept_roles != int(TokenRole.ACTION)
         elif rows == 'all':
@@ -334,7 +336,7 @@ class PrunableDecoderRunner(nn.Module):
         elif rows == 'last':
             return torch.tensor([len(kept) - 1], device=kept.device)
         else:
-            raise PlanError(f"unknown query rows {rows!r}; use 'text', 'action', 'prefill', 'last' or 'all'")
+            raise PlanError(f"unknown query rows {rows!r}; use 'text', 'action', 'text_action', 'prefill', 'last' or 'all'")
         where = torch.nonzero(selected).flatten()
         if len(where) == 0:
             raise PlanError(f'attention over {rows!r} rows requested, but the sequence has no such tokens')

@@ -24,10 +24,11 @@ from specprune_ros.core.token_layout import TokenLayout
 # Which query rows an attention summary averages over:
 #   'text'    - the task-instruction tokens (SpecPrune task attention, VLA-Pruner text-rows variant)
 #   'action'  - the action query tokens (VLA-Pruner action score)
+#   'text_action' - the instruction and the action query tokens together (SpecPrune's task_rows option)
 #   'prefill' - every non-action token (VLA-Pruner semantic score)
 #   'last'    - the last token of the sequence (FastV)
 #   'all'     - every query row
-QueryRows = Literal['text', 'action', 'prefill', 'last', 'all']
+QueryRows = Literal['text', 'action', 'text_action', 'prefill', 'last', 'all']
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,8 @@ Ablations (the paper's table): ``static_only`` = ``use_layer_pruning=False, use_
 Task attention = the runner's summary of the ``task_rows`` query rows: 'text' (the instruction tokens, the paper's
 task attention, default), or ours: 'action' (the action queries: they attend to where the motion goes, e.g. a
 push's target zone, which is static and which the instruction's rows at layers 0/1 barely attend to, so the paper's
-sets drop it) or 'prefill' (every prompt row; costs a full attention probe). Info keys: ``mode``, ``k_base``, ``replan_requested``,
+sets drop it), 'text_action' (both, averaged together: the named object from the text rows, the goal region from
+the action rows) or 'prefill' (every prompt row; costs a full attention probe). Info keys: ``mode``, ``k_base``, ``replan_requested``,
 ``speed``, ``reference_back``, ``dynamic`` (count or reason), ``global`` (count), ``local0``/``local1`` (counts),
 ``kept_after_layer`` (visual count after each gather / drop), ``layer_drops``.
 """
@@ -94,7 +95,7 @@ class SpecPruneConfig(BaseConfig):
     use_global: bool = True
     use_dynamic: bool = True
     use_local: bool = True
-    task_rows: Literal['text', 'action', 'prefill'] = 'text'   # query rows of "task attention" (see docstring)
+    task_rows: Literal['text', 'action', 'text_action', 'prefill'] = 'text'   # query rows of "task attention" (see docstring)
     global_layer: int = -1                  # layer of the previous step's task attention for V_global
     global_k_scale: float = 1.0             # K_G = global_k_scale * K_base
     layer0_k_scale: float = 3.0             # top (3 * K_base) at layer 0 for the gather after layer 0 (code)
