@@ -336,7 +336,8 @@ class PrunableDecoderRunner(nn.Module):
         elif rows == 'last':
             return torch.tensor([len(kept) - 1], device=kept.device)
         else:
-            raise PlanError(f"unknown query rows {rows!r}; use 'text', 'action', 'text_action', 'prefill', 'last' or 'all'")
+            raise PlanError(f"unknown query rows {rows!r}; use 'text', 'action', 'text_action', 'prefill', 'last' "
+                            "or 'all'")
         where = torch.nonzero(selected).flatten()
         if len(where) == 0:
             raise PlanError(f'attention over {rows!r} rows requested, but the sequence has no such tokens')

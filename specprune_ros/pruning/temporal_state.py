@@ -5,8 +5,8 @@ What it holds (all bounded by ``deque(maxlen=...)`` whatever the episode length)
 * ``frames``: a ring of the most recent camera frames (one tuple of per-camera arrays per entry), for change
   detection against a speed-dependent reference frame (SpecPrune) or the previous frame (VLA-Cache);
 * ``task_attention``: the previous step's task (text-row) attention over the visual tokens, one dense vector per
-  camera (SpecPrune's global set, VLA-Cache's task-relevance exclusion; SpecPrune with ``global_rows='action'``
-  stores its action-row attention here);
+  camera (SpecPrune's global set, VLA-Cache's task-relevance exclusion; SpecPrune stores the rows its ``task_rows``
+  names here);
 * ``action_attention``: a window (w = 3) of earlier steps' action-row attention over the visual tokens, one dense
   vector per camera per step, oldest first (VLA-Pruner's temporal action score);
 * ``actions``: the most recently executed actions (controller input, speed estimate).

@@ -8,7 +8,7 @@ Per step:
 2. **Static (action-level) pruning** (``use_static``), gathered per camera after layer 0 and again after layer 1, as
    in the public code, keeping the union of
 
-   * ``V_global``: top ``K_G = global_k_scale * K_base`` tokens by the *previous* step's task attention (text rows)
+   * ``V_global``: top ``K_G = global_k_scale * K_base`` tokens by the *previous* step's task attention
      at ``global_layer`` (default: last layer). The paper describes this set; the public code passes an empty
      list, so it is effectively off there. We implement the paper's version;
    * ``V_dynamic``: patches whose raw pixels changed against a reference frame ``T`` frames back (``T`` from the
@@ -42,9 +42,11 @@ Task attention = the runner's summary of the ``task_rows`` query rows: 'text' (t
 task attention, default), or ours: 'action' (the action queries: they attend to where the motion goes, e.g. a
 push's target zone, which is static and which the instruction's rows at layers 0/1 barely attend to, so the paper's
 sets drop it), 'text_action' (both, averaged together: the named object from the text rows, the goal region from
-the action rows) or 'prefill' (every prompt row; costs a full attention probe). Info keys: ``mode``, ``k_base``, ``replan_requested``,
-``speed``, ``reference_back``, ``dynamic`` (count or reason), ``global`` (count), ``local0``/``local1`` (counts),
-``kept_after_layer`` (visual count after each gather / drop), ``layer_drops``.
+the action rows) or 'prefill' (every prompt row; costs a full attention probe).
+
+Info keys: ``mode``, ``k_base``, ``replan_requested``, ``speed``, ``reference_back``, ``dynamic`` (count or
+reason), ``global`` (count), ``local0``/``local1`` (counts), ``kept_after_layer`` (visual count after each
+gather / drop), ``layer_drops``.
 """
 from __future__ import annotations
 
@@ -95,7 +97,7 @@ class SpecPruneConfig(BaseConfig):
     use_global: bool = True
     use_dynamic: bool = True
     use_local: bool = True
-    task_rows: Literal['text', 'action', 'text_action', 'prefill'] = 'text'   # query rows of "task attention" (see docstring)
+    task_rows: Literal['text', 'action', 'text_action', 'prefill'] = 'text'   # "task attention" rows (docstring)
     global_layer: int = -1                  # layer of the previous step's task attention for V_global
     global_k_scale: float = 1.0             # K_G = global_k_scale * K_base
     layer0_k_scale: float = 3.0             # top (3 * K_base) at layer 0 for the gather after layer 0 (code)
@@ -254,18 +256,18 @@ class SpecPrune(PruningMethodBase):
         sample = layer_pruning and layer in self._importance_set
         if not (gather or drop or sample):
             return None                 # most layers of a deep decoder: nothing to record or decide
-        text_t = self.view_scores(view, cfg.task_rows, fill=float('-inf'))
-        text = None if text_t is None else text_t.numpy()
-        if sample and text is not None:
-            valid = np.isfinite(text)   # the visual tokens this layer ran (pruned ones have no attention)
-            self._pending.append((np.where(valid, text, 0.0), valid))   # folded in where a drop needs it
+        task_t = self.view_scores(view, cfg.task_rows, fill=float('-inf'))
+        task = None if task_t is None else task_t.numpy()
+        if sample and task is not None:
+            valid = np.isfinite(task)   # the visual tokens this layer ran (pruned ones have no attention)
+            self._pending.append((np.where(valid, task, 0.0), valid))   # folded in where a drop needs it
         if not (gather or drop):
             return None
         present = self.kept_visual(view).numpy()
         keep = present.copy()
 
         if gather:
-            if text is None:
+            if task is None:
                 self.last_info['error'] = f'task attention missing at layer {layer}'
             else:
                 union = np.zeros(layout.num_visual, dtype=bool)
@@ -274,18 +276,18 @@ class SpecPrune(PruningMethodBase):
                 if self._global is not None:
                     union |= self._global
                 if cfg.use_local:
-                    cand = present & np.isfinite(text)
+                    cand = present & np.isfinite(task)
                     if layer == 0 and not two_gathers:
-                        local = topk_per_camera(text, self._k, layout, cand).numpy()
+                        local = topk_per_camera(task, self._k, layout, cand).numpy()
                         self.last_info['local0'] = int(local.sum())
                     elif layer == 0:
                         wide = [budget_count(cfg.layer0_k_scale * k / layout.patches_per_camera,
                                              layout.patches_per_camera, minimum=0) for k in self._k]
-                        local = topk_per_camera(text, wide, layout, cand).numpy()
-                        self._local0 = topk_per_camera(text, self._k, layout, cand).numpy()
+                        local = topk_per_camera(task, wide, layout, cand).numpy()
+                        self._local0 = topk_per_camera(task, self._k, layout, cand).numpy()
                         self.last_info['local0'] = int(local.sum())
                     else:
-                        local = topk_per_camera(text, self._k, layout, cand).numpy()
+                        local = topk_per_camera(task, self._k, layout, cand).numpy()
                         self.last_info['local1'] = int(local.sum())
                         if self._local0 is not None:
                             local = local | self._local0
