@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Optional
 
 import numpy as np
 import torch
@@ -47,17 +48,21 @@ class CoverageProbe:
         self.policy, self.env, self.layer = policy, env, layer
         self.zone_kept: list[float] = []
         self.object_kept: list[float] = []
+        self._zone_patches: Optional[set[int]] = None   # the zone and the camera are fixed within an episode
 
     def reset(self) -> None:
         self.policy.reset()
+        self._zone_patches = None
 
     def predict(self, observation: Observation):
         output = self.policy.predict(observation)
         layout = output.record.layout
         kept = set((output.record.kept_per_layer[self.layer] - layout.camera_spans[0][0]).tolist())
+        if self._zone_patches is None:
+            self._zone_patches = patches_under(self.env, zone_points(self.env), layout.grid_shape)
         target = self.env.sim_state().objects[self.env.task.target].pos[None]
-        for points, out in ((zone_points(self.env), self.zone_kept), (target, self.object_kept)):
-            patches = patches_under(self.env, points, layout.grid_shape)
+        target_patches = patches_under(self.env, target, layout.grid_shape)
+        for patches, out in ((self._zone_patches, self.zone_kept), (target_patches, self.object_kept)):
             if patches:
                 out.append(len(patches & kept) / len(patches))
         return output
