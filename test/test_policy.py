@@ -306,3 +306,66 @@ def test_training_script_takes_the_union_of_several_demo_directories(tmp_path):
     (roots[1] / 'manifest.json').write_text(json.dumps(manifest))
     refused = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and 'differ in vocabulary' in refused.stderr
+
+
+def test_random_token_drop_prunes_only_visual_tokens_within_its_shares():
+    from specprune_ros.policy.training import random_token_drop
+    model = tiny_model()
+    layout = model.layout(model.config.max_words)
+    visual = set(layout.visual_indices().tolist())
+    images = torch.randint(0, 255, (2, 2, 3, 96, 96), dtype=torch.uint8)
+    embeddings = model.embed(images, torch.zeros(2, model.config.max_words, dtype=torch.long), torch.zeros(2, 6))
+    generator = torch.Generator().manual_seed(0)
+    stages = {'before': 0, 'inside': 0}
+    for _ in range(40):
+        schedule = random_token_drop(layout, model.config.num_layers, 0.25, generator)
+        assert schedule.keep_before is not None or schedule.keep_after
+        seen = len(visual)
+        if schedule.keep_before is not None:
+            stages['before'] += 1
+            assert set(schedule.keep_before.tolist()) <= visual
+            assert 0.25 * seen - 1 <= len(schedule.keep_before) <= seen
+            seen = len(schedule.keep_before)
+        for layer, keep in schedule.keep_after.items():
+            stages['inside'] += 1
+            assert 0 <= layer < model.config.num_layers - 1
+            previous = schedule.keep_before if schedule.keep_before is not None else layout.visual_indices()
+            assert set(keep.tolist()) <= set(previous.tolist()) and 0.25 * seen - 1 <= len(keep) <= seen
+        result = model.runner(embeddings, layout, schedule)
+        non_visual = layout.non_visual_indices()
+        assert torch.isin(non_visual, result.kept).all()        # text, proprio and action queries always stay
+        actions = model.decode_actions(result, layout)
+        assert actions.shape == (2, 8, 7) and torch.isfinite(actions).all()
+    assert stages['before'] >= 10 and stages['inside'] >= 10       # both stages are exercised
+    again = random_token_drop(layout, model.config.num_layers, 0.25, torch.Generator().manual_seed(7))
+    same = random_token_drop(layout, model.config.num_layers, 0.25, torch.Generator().manual_seed(7))
+    assert torch.equal(again.keep_before if again.keep_before is not None else torch.empty(0),
+                       same.keep_before if same.keep_before is not None else torch.empty(0))
+    assert again.keep_after.keys() == same.keep_after.keys()
+
+
+def test_pruning_aware_training_runs_the_decoder_on_dropped_tokens(tmp_path, monkeypatch):
+    from specprune_ros.policy import training
+    from specprune_ros.sim.dataset import Episode
+    rng = np.random.default_rng(0)
+    episodes = [Episode(images={c: rng.integers(0, 255, (5, 96, 96, 3), dtype=np.uint8) for c in ('agentview', 'wrist')},
+                        proprio=rng.normal(size=(5, 6)).astype(np.float32),
+                        actions=rng.uniform(-1, 1, (5, 7)).astype(np.float32),
+                        instruction='pick up the red cube', family='pick', seed=i, success=True) for i in range(4)]
+    schedules = []
+    original = training.training_losses
+
+    def recording(model, batch, bf16, schedule=None):
+        if model.training:
+            schedules.append(schedule)
+        return original(model, batch, bf16, schedule)
+
+    monkeypatch.setattr(training, 'training_losses', recording)
+    settings = training.TrainConfig(steps=12, batch_size=2, warmup_steps=1, threads=1, log_every=4, save_every=100,
+                                    val_fraction=0.25, token_drop_probability=0.5)
+    exported = training.train(tiny_random_config(VOCABULARY), settings, episodes, tmp_path / 'run')
+    dropped = [s for s in schedules if s is not None]
+    assert len(schedules) == 12 and 0 < len(dropped) < 12
+    assert json.loads((exported / 'config.json').read_text())['training']['token_drop_probability'] == 0.5
+    log = [json.loads(line) for line in (tmp_path / 'run' / 'loss_log.jsonl').read_text().splitlines()]
+    assert all(np.isfinite(e['loss']) for e in log)

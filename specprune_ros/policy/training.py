@@ -12,6 +12,10 @@ the vision stem and the decoder to find what the instruction names, which plain 
 Auxiliary pointing loss (``pointing_weight``): the same two positions projected into the fixed camera's image
 become soft targets (Gaussian over patch centres) for the pointing head on that camera's patch tokens, a dense
 signal that reaches the instruction-conditioned (FiLM) vision stem directly. Random shifts move the targets too.
+Pruning-aware training (``token_drop_probability``): that share of batches runs the decoder on a random subset of
+the visual tokens, dropped before layer 0 and/or after a random layer (``random_token_drop``), so the policy
+learns not to depend on any single visual token, as large pretrained VLAs do not; pruning methods then cost it
+less. The other batches see every token.
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from specprune_ros.core.fixed_plan import FixedKeepSchedule
+from specprune_ros.core.token_layout import TokenLayout
 from specprune_ros.policy.checkpoint import read_config, save_checkpoint, warm_start
 from specprune_ros.policy.reference_vla import (LOCALISATION_DIMS, LOCALISATION_SCALE, ReferenceVLA,
                                                ReferenceVLAConfig)
@@ -52,6 +58,8 @@ class TrainConfig:
     max_minutes: float = 0.0        # stop (and save) after this wall time; 0 = no limit
     localisation_weight: float = 1.0   # auxiliary loss: where the named object and the goal are; 0 = off
     pointing_weight: float = 0.5       # auxiliary loss: which patches of camera 0 show them; 0 = off
+    token_drop_probability: float = 0.0   # share of batches with randomly dropped visual tokens; 0 = off
+    token_drop_min_keep: float = 0.25     # each drop stage keeps at least this share of the tokens it sees
 
 
 REACHED_XY = 0.04   # metres: once the tcp is this close to the object in xy ...
@@ -185,15 +193,42 @@ def learning_rate(step: int, config: TrainConfig, minutes: float = 0.0) -> float
     return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def training_losses(model: ReferenceVLA, batch: dict[str, torch.Tensor], bf16: bool) -> dict[str, torch.Tensor]:
+def random_token_drop(layout: TokenLayout, num_layers: int, min_keep: float,
+                      generator: torch.Generator) -> FixedKeepSchedule:
+    """A random pruning schedule for one batch: each of two stages (before layer 0; after a random layer
+    0 .. num_layers-2) runs with probability 1/2 and keeps a uniform share in [min_keep, 1] of the visual tokens
+    still kept, chosen at random; at least one stage runs. Non-visual tokens are never dropped."""
+    def draw() -> float:
+        return float(torch.empty(1).uniform_(min_keep, 1.0, generator=generator))
+
+    def subset(tokens: torch.Tensor, share: float) -> torch.Tensor:
+        count = max(1, round(share * len(tokens)))
+        return tokens[torch.randperm(len(tokens), generator=generator)[:count]].sort().values
+
+    before, inside = (torch.rand(2, generator=generator) < 0.5).tolist()
+    if not (before or inside):
+        before = True
+    visual = layout.visual_indices()
+    schedule = FixedKeepSchedule(name='random_token_drop')
+    if before:
+        visual = schedule.keep_before = subset(visual, draw())
+    if inside and num_layers > 1:
+        layer = int(torch.randint(0, num_layers - 1, (1,), generator=generator))
+        schedule.keep_after[layer] = subset(visual, draw())
+    return schedule
+
+
+def training_losses(model: ReferenceVLA, batch: dict[str, torch.Tensor], bf16: bool,
+                    schedule: Optional[FixedKeepSchedule] = None) -> dict[str, torch.Tensor]:
     """Per batch: 'chunk' (L1 over the action chunk), 'localisation' (masked L1 of the localisation head),
     'pointing' (masked cross-entropy of the pointing head against soft patch targets) and 'pointing_hit' (share
-    of targets whose most likely patch lies within 1.5 patches of the true position; a readable diagnostic)."""
+    of targets whose most likely patch lies within 1.5 patches of the true position; a readable diagnostic).
+    ``schedule``: drop visual tokens inside the decoder as it says (pruning-aware training)."""
     config = model.config
     layout = model.layout(config.max_words)
     with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
         embeddings, logits = model.embed(batch['images'], batch['words'], batch['proprio'], with_pointing=True)
-        result = model.runner(embeddings, layout)
+        result = model.runner(embeddings, layout, schedule)
         predicted = model.decode_actions(result, layout)
         located = model.localise(result, layout)
     chunk = (predicted.float() - batch['actions']).abs().mean()
@@ -290,7 +325,11 @@ def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes:
         batch = train_bank.batch(rng.integers(0, len(train_bank), size=train_config.batch_size))
         batch['images'], moved = random_shift(batch['images'], train_config.shift_pixels, generator)
         batch['shift'] = moved[:, 0]                      # the pointing targets live in camera 0
-        losses = training_losses(model, batch, train_config.bf16)
+        schedule = None
+        if float(torch.rand(1, generator=generator)) < train_config.token_drop_probability:
+            layout = model.layout(model_config.max_words)
+            schedule = random_token_drop(layout, model_config.num_layers, train_config.token_drop_min_keep, generator)
+        losses = training_losses(model, batch, train_config.bf16, schedule)
         loss = (losses['chunk'] + train_config.localisation_weight * losses['localisation']
                 + train_config.pointing_weight * losses['pointing'])
         optimizer.zero_grad(set_to_none=True)
