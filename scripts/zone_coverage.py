@@ -3,7 +3,9 @@
 
 The push family needs the painted target zone, a static region of the table. For every policy step of a few
 held-out push episodes, the zone (a 7 x 7 grid of points over it) and the target object are projected into the
-agentview image; the script prints the fraction of those patches still present at a decoder layer.
+agentview image; the script prints the fraction of those patches still present at a decoder layer, and how
+spread out the kept patches are: the share of the image's 3 x 3-patch cells that keep at least one patch
+(a random subset of 25% touches most cells; an attention top-k clusters on a few).
 
     python scripts/zone_coverage.py --configs none specprune specprune_static 'vla_pruner:{"keep_ratio": 0.25}'
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from typing import Optional
 
 import numpy as np
@@ -23,6 +26,7 @@ from specprune_ros.sim import EVAL_SEED_START, TabletopEnv
 from specprune_ros.sim.projection import project_to_image
 
 CAMERA = 'agentview'
+CELL = 3   # patches per side of a spread cell
 
 
 def patches_under(env: TabletopEnv, points: np.ndarray, grid: tuple[int, int]) -> set[int]:
@@ -48,6 +52,7 @@ class CoverageProbe:
         self.policy, self.env, self.layer = policy, env, layer
         self.zone_kept: list[float] = []
         self.object_kept: list[float] = []
+        self.cells_touched: list[float] = []
         self._zone_patches: Optional[set[int]] = None   # the zone and the camera are fixed within an episode
 
     def reset(self) -> None:
@@ -65,7 +70,16 @@ class CoverageProbe:
         for patches, out in ((self._zone_patches, self.zone_kept), (target_patches, self.object_kept)):
             if patches:
                 out.append(len(patches & kept) / len(patches))
+        self.cells_touched.append(cells_touched(kept, layout.grid_shape))
         return output
+
+
+def cells_touched(kept: set[int], grid: tuple[int, int]) -> float:
+    """Share of the camera's CELL x CELL-patch cells holding at least one of the ``kept`` patches (row-major
+    indices within the camera; others are ignored)."""
+    rows, cols = grid
+    cells = {(k // cols // CELL, k % cols // CELL) for k in kept if 0 <= k < rows * cols}
+    return len(cells) / (math.ceil(rows / CELL) * math.ceil(cols / CELL))
 
 
 def coverage(method: str, config: dict, episodes: int, layer: int) -> dict[str, float]:
@@ -75,7 +89,7 @@ def coverage(method: str, config: dict, episodes: int, layer: int) -> dict[str, 
     for seed in range(EVAL_SEED_START, EVAL_SEED_START + episodes):
         run_episode(env, probe, 'push', seed)
     return {'zone': float(np.mean(probe.zone_kept)), 'object': float(np.mean(probe.object_kept)),
-            'steps': len(probe.zone_kept)}
+            'cells': float(np.mean(probe.cells_touched)), 'steps': len(probe.zone_kept)}
 
 
 def main() -> None:
@@ -88,11 +102,12 @@ def main() -> None:
     parser.add_argument('--layer', type=int, default=-1, help='decoder layer whose input is inspected')
     args = parser.parse_args()
     torch.set_num_threads(2)
-    print('| config | zone patches kept | target patches kept | steps |\n|---|---|---|---|')
+    print('| config | zone patches kept | target patches kept | 3x3 cells touched | steps |\n|---|---|---|---|---|')
     for entry in args.configs:
         name, _, text = entry.partition(':')
         result = coverage(name, json.loads(text) if text else {}, args.episodes, args.layer)
-        print(f"| {entry} | {result['zone']:.2f} | {result['object']:.2f} | {result['steps']} |")
+        print(f"| {entry} | {result['zone']:.2f} | {result['object']:.2f} | {result['cells']:.2f} | "
+              f"{result['steps']} |")
 
 
 if __name__ == '__main__':

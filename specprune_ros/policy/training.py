@@ -15,7 +15,8 @@ signal that reaches the instruction-conditioned (FiLM) vision stem directly. Ran
 Pruning-aware training (``token_drop_probability``): that share of batches runs the decoder on a random subset of
 the visual tokens, dropped before layer 0 and/or after a random layer (``random_token_drop``), so the policy
 learns not to depend on any single visual token, as large pretrained VLAs do not; pruning methods then cost it
-less. The other batches see every token.
+less. The other batches see every token. Uniform random subsets are what the random-pruning baseline keeps, so
+they favour it most (README, pruning benchmark).
 """
 from __future__ import annotations
 
@@ -326,7 +327,8 @@ def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes:
         batch['images'], moved = random_shift(batch['images'], train_config.shift_pixels, generator)
         batch['shift'] = moved[:, 0]                      # the pointing targets live in camera 0
         schedule = None
-        if float(torch.rand(1, generator=generator)) < train_config.token_drop_probability:
+        drop = train_config.token_drop_probability
+        if drop > 0 and float(torch.rand(1, generator=generator)) < drop:   # no draw when off: runs replay as before
             layout = model.layout(model_config.max_words)
             schedule = random_token_drop(layout, model_config.num_layers, train_config.token_drop_min_keep, generator)
         losses = training_losses(model, batch, train_config.bf16, schedule)
