@@ -28,6 +28,16 @@ def observation(rng: np.random.Generator, **overrides) -> Observation:
     return Observation(**fields)
 
 
+def random_episodes(count: int = 4) -> list:
+    """Tiny 5-step pick episodes of random pixels and actions, for training-loop tests."""
+    from specprune_ros.sim.dataset import Episode
+    rng = np.random.default_rng(0)
+    return [Episode(images={c: rng.integers(0, 255, (5, 96, 96, 3), dtype=np.uint8) for c in ('agentview', 'wrist')},
+                    proprio=rng.normal(size=(5, 6)).astype(np.float32),
+                    actions=rng.uniform(-1, 1, (5, 7)).astype(np.float32),
+                    instruction='pick up the red cube', family='pick', seed=i, success=True) for i in range(count)]
+
+
 def test_tokenizer_pads_truncates_and_maps_unknown_words():
     tokenizer = WordTokenizer(('pick', 'up', 'the', 'red', 'cube'), max_words=4)
     ids, n = tokenizer.encode('Pick up the RED, cube!')
@@ -187,12 +197,7 @@ def test_policy_refuses_bad_observations(overrides, message):
 
 def test_training_runs_exports_and_resumes(tmp_path):
     from specprune_ros.policy.training import TrainConfig, train
-    from specprune_ros.sim.dataset import Episode
-    rng = np.random.default_rng(0)
-    episodes = [Episode(images={c: rng.integers(0, 255, (5, 96, 96, 3), dtype=np.uint8) for c in ('agentview', 'wrist')},
-                        proprio=rng.normal(size=(5, 6)).astype(np.float32),
-                        actions=rng.uniform(-1, 1, (5, 7)).astype(np.float32),
-                        instruction='pick up the red cube', family='pick', seed=i, success=True) for i in range(4)]
+    episodes = random_episodes()
     config = tiny_random_config(VOCABULARY)
     settings = TrainConfig(steps=3, batch_size=2, warmup_steps=1, bf16=False, threads=1, log_every=1, save_every=2,
                            val_fraction=0.25)
@@ -346,12 +351,7 @@ def test_random_token_drop_prunes_only_visual_tokens_within_its_shares():
 
 def test_pruning_aware_training_runs_the_decoder_on_dropped_tokens(tmp_path, monkeypatch):
     from specprune_ros.policy import training
-    from specprune_ros.sim.dataset import Episode
-    rng = np.random.default_rng(0)
-    episodes = [Episode(images={c: rng.integers(0, 255, (5, 96, 96, 3), dtype=np.uint8) for c in ('agentview', 'wrist')},
-                        proprio=rng.normal(size=(5, 6)).astype(np.float32),
-                        actions=rng.uniform(-1, 1, (5, 7)).astype(np.float32),
-                        instruction='pick up the red cube', family='pick', seed=i, success=True) for i in range(4)]
+    episodes = random_episodes()
     schedules = []
     original = training.training_losses
 

@@ -319,6 +319,7 @@ def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes:
     model.train()
     running = []
     bar = tqdm(total=train_config.steps, initial=step, desc='train', unit='step', dynamic_ncols=True)
+    layout = model.layout(model_config.max_words)          # the training sequences' layout (for token drops)
     while step < train_config.steps:
         minutes = elapsed_before + (time.time() - started) / 60
         for group in optimizer.param_groups:
@@ -329,7 +330,6 @@ def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes:
         schedule = None
         drop = train_config.token_drop_probability
         if drop > 0 and float(torch.rand(1, generator=generator)) < drop:   # no draw when off: runs replay as before
-            layout = model.layout(model_config.max_words)
             schedule = random_token_drop(layout, model_config.num_layers, train_config.token_drop_min_keep, generator)
         losses = training_losses(model, batch, train_config.bf16, schedule)
         loss = (losses['chunk'] + train_config.localisation_weight * losses['localisation']

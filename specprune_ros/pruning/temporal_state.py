@@ -4,7 +4,7 @@ What it holds (all bounded by ``deque(maxlen=...)`` whatever the episode length)
 
 * ``frames``: a ring of the most recent camera frames (one tuple of per-camera arrays per entry), for change
   detection against a speed-dependent reference frame (SpecPrune) or the previous frame (VLA-Cache);
-* ``task_attention``: the previous step's task (text-row) attention over the visual tokens, one dense vector per
+* ``task_attention``: the previous step's task attention over the visual tokens, one dense vector per
   camera (SpecPrune's global set, VLA-Cache's task-relevance exclusion; SpecPrune stores the rows its ``task_rows``
   names here);
 * ``action_attention``: a window (w = 3) of earlier steps' action-row attention over the visual tokens, one dense
