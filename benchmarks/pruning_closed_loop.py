@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from specprune_ros.evaluation.closed_loop import PolicySpec, evaluate, outcome_table, run_episode, summarize
+from specprune_ros.evaluation.statistics import paired_difference
 from specprune_ros.policy.interface import Observation
 
 STEADY_FROM = 3   # steady state: every method's warm-up is over (VLA-Pruner's window w = 3; SpecPrune needs 1)
@@ -153,6 +154,41 @@ def measure_latency(vla, configs: tuple[PolicySpec, ...], sequences: list[list[O
             for name, v in samples.items()} | {'_self_speculation_hit_rate': float(np.mean(hits)) if hits else None}
 
 
+def points(delta: float, interval: list[float] | tuple[float, float]) -> str:
+    """A success-rate difference and its interval in percentage points, e.g. '-4.3 (-8.1 to -0.9)'."""
+    return f"{delta * 100:+.1f} ({interval[0] * 100:+.1f} to {interval[1] * 100:+.1f})"
+
+
+# (config, speed target, allowed success loss vs none) from the issue; each is also compared with these baselines
+TARGETS = (('specprune (full)', 1.5, 0.02), ('vla_pruner 25%', 1.8, 0.03))
+TARGET_BASELINES = ('random 25%', 'fastv 25%')
+
+
+def target_lines(outcomes: dict[str, list[bool]], speed: dict, wide: dict) -> list[str]:
+    """One line per target of the issue: the paired success differences and the steady speedups, with a verdict
+    per part: 'met' (the whole interval clears the bar), 'missed' (the whole interval misses it) or
+    'unresolved' (the interval straddles it: more episodes needed)."""
+    def verdict(low: float, high: float, bar: float) -> str:
+        return 'met' if low >= bar else 'missed' if high < bar else 'unresolved'
+
+    lines = []
+    for name, speedup_target, allowed_loss in TARGETS:
+        if name not in outcomes:
+            continue
+        delta, low, high = paired_difference(outcomes[name], outcomes['none'])
+        parts = [f"success vs none {points(delta, (low, high))}, within {allowed_loss * 100:.0f} points: "
+                 f"{verdict(low, high, -allowed_loss)}"]
+        for baseline in TARGET_BASELINES:
+            if baseline in outcomes:
+                d, lo, hi = paired_difference(outcomes[name], outcomes[baseline])
+                parts.append(f"vs {baseline} {points(d, (lo, hi))}, above: {verdict(lo, hi, 1e-9)}")
+        speeds = {'reference': speed} | wide
+        parts.append('steady speedup ' + ', '.join(f"{shape} {s[name]['steady_speedup']:.2f}x" for shape, s in
+                                                    speeds.items()) + f' (target {speedup_target:.1f}x)')
+        lines.append(f"- **{name}**: " + '; '.join(parts))
+    return lines
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use('Agg')
@@ -196,9 +232,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
-    summaries = {c.name: summarize(evaluate(c, families, args.episodes_per_family, workers=args.workers,
-                                            execute_steps=args.execute_steps), c.name)
-                 for c in configs}
+    episodes = {c.name: evaluate(c, families, args.episodes_per_family, workers=args.workers,
+                                 execute_steps=args.execute_steps) for c in configs}
+    summaries = {name: summarize(results, name) for name, results in episodes.items()}
+    outcomes = {name: [bool(r.success) for r in results] for name, results in episodes.items()}
     sequences = replay_observations(args.model, families, args.latency_episodes, EVAL_SEED_START + 500_000,
                                     args.execute_steps)
     from specprune_ros.policy.loading import load_model
@@ -208,7 +245,11 @@ def main() -> None:
     rows = []
     for c in configs:
         s = summaries[c.name]['overall']
+        delta = paired_difference(outcomes[c.name], outcomes['none'])
         rows.append({'config': c.name, 'success': s['success_rate'], 'ci95': s['ci95'], 'episodes': s['episodes'],
+                     'delta_vs_none': delta[0], 'delta_ci95': list(delta[1:]),
+                     'lost_vs_none': int(np.sum(np.array(outcomes['none']) & ~np.array(outcomes[c.name]))),
+                     'gained_vs_none': int(np.sum(~np.array(outcomes['none']) & np.array(outcomes[c.name]))),
                      'families': {f: v['success_rate'] for f, v in summaries[c.name]['families'].items()},
                      'visual_kept': s['mean_visual_kept'], 'flops_ratio': s['flops_ratio'], **speed[c.name]})
     lines = [f"Model {args.model!r}, {args.episodes_per_family} held-out episodes per family x {len(families)} families per "
@@ -217,15 +258,19 @@ def main() -> None:
              f"{args.threads} threads. Self-speculation (layers 0-1 top-k in last-layer top-k, text attention): "
              f"{speed['_self_speculation_hit_rate']:.1%}" if speed['_self_speculation_hit_rate'] is not None else '',
              '',
-             '| config | success (95% CI) | ' + ' | '.join(families) + ' | visual kept (mean/layer) | FLOPs | '
+             '| config | success (95% CI) | vs none, paired (95% CI) | lost / gained | ' + ' | '.join(families)
+             + ' | visual kept (mean/layer) | FLOPs | '
              f'latency ms | speedup | speedup steps >= {STEADY_FROM} | decoder ms | selection ms |',
-             '|---|---|' + '---|' * len(families) + '---|---|---|---|---|---|---|']
+             '|---|---|---|---|' + '---|' * len(families) + '---|---|---|---|---|---|---|']
     for r in rows:
         lines.append(f"| {r['config']} | {r['success'] * 100:.1f}% ({r['ci95'][0] * 100:.0f}-{r['ci95'][1] * 100:.0f}) | "
+                     f"{points(r['delta_vs_none'], r['delta_ci95'])} | {r['lost_vs_none']} / {r['gained_vs_none']} | "
                      + ' | '.join(f"{r['families'][f] * 100:.0f}%" for f in families)
                      + f" | {r['visual_kept']:.0f} | {r['flops_ratio'] * 100:.0f}% | {r['latency_ms_median']:.1f} | "
                        f"{r['speedup']:.2f}x | {r['steady_speedup']:.2f}x | {r['decoder_ms_median']:.1f} | "
                        f"{r['selection_ms_median']:.2f} |")
+    lines += ['', 'Targets (success differences paired on the same episodes; Newcombe 95% intervals):', '',
+              *target_lines(outcomes, speed, wide)]
     lines += ['', 'How the episodes ended (all families; `sim/outcomes.py`):', '',
               outcome_table([summaries[c.name] for c in configs], per_family=False)]
     for spec, latency in wide.items():
@@ -242,7 +287,8 @@ def main() -> None:
     table = '\n'.join(lines)
     (args.out / 'pruning_closed_loop.md').write_text(table + '\n')
     (args.out / 'pruning_closed_loop.json').write_text(json.dumps(
-        {'rows': rows, 'summaries': summaries, 'wide': wide, 'self_speculation_hit_rate': speed['_self_speculation_hit_rate'],
+        {'rows': rows, 'summaries': summaries, 'outcomes': outcomes,
+         'episode_keys': [[r.family, r.seed] for r in episodes['none']], 'wide': wide, 'self_speculation_hit_rate': speed['_self_speculation_hit_rate'],
          'minutes': (time.time() - started) / 60}, indent=2))
     plot(rows, args.out / 'pruning_closed_loop.png')
     print(table)
