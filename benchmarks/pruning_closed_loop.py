@@ -53,6 +53,8 @@ CONFIGS: tuple[PolicySpec, ...] = (
                label='specprune sparse importance'),
     PolicySpec(method='specprune', method_config={'task_rows': 'text_action', 'importance_every_layer': False},
                label='specprune text+action rows, sparse importance'),
+    PolicySpec(method='specprune', method_config={'keep_regions': [[1, 0.0, 0.0, 1.0, 1.0]]},
+               label='specprune, wrist camera unpruned'),
     PolicySpec(method='vla_pruner', method_config={'keep_ratio': 0.5}, label='vla_pruner 50%'),
     PolicySpec(method='vla_pruner', method_config={'keep_ratio': 0.25}, label='vla_pruner 25%'),
     PolicySpec(method='vla_pruner', method_config={'keep_ratio': 0.125}, label='vla_pruner 12.5%'),

@@ -7,6 +7,7 @@ import torch
 from pruning_testkit import GRID, LAYERS, make_context, make_embeddings, make_layout, make_runner, run_episode
 from specprune_ros.core.step_types import StepRecord
 from specprune_ros.pruning import available_methods, build_method, method_config, self_speculation_hit_rate
+from specprune_ros.pruning.base import protected_visual
 from specprune_ros.pruning.diversity import greedy_max_min
 from specprune_ros.pruning.methods.specprune import scaled_prune_layers
 from specprune_ros.pruning.scoring import budget_count, dense_visual_scores, mask_to_sequence, topk_per_camera
@@ -58,6 +59,43 @@ def test_contract(name, runner, layout):
     replay = run_episode(method, steps=5, layout=layout, runner=runner, actions=SLOW)
     assert kept_lists(replay) == kept_lists(results)
     assert replay[0].record.info['reset'] == 'explicit'
+
+
+KEEP_REGIONS = ((1, 0.0, 0.5, 0.25, 1.0), (0, 0.4, 0.4, 0.6, 0.6))   # wrist bottom-left quarter, agentview centre
+
+
+@pytest.mark.parametrize('name', available_methods())
+def test_keep_regions_survive_every_method(name, runner, layout):
+    protected = protected_visual(layout, KEEP_REGIONS)
+    rows, cols = GRID
+    assert len(protected) == 6 + 4                        # 2 x 3 wrist patches, 2 x 2 agentview patches
+    for index in protected.tolist():                      # every protected patch's centre lies in its box
+        camera = next(c for c, (s, e) in enumerate(layout.camera_spans) if s <= index < e)
+        patch = index - layout.camera_spans[camera][0]
+        x, y = (patch % cols + 0.5) / cols, (patch // cols + 0.5) / rows
+        assert any(c == camera and x0 <= x <= x1 and y0 <= y <= y1 for c, x0, y0, x1, y1 in KEEP_REGIONS)
+    config = {'keep_regions': [list(r) for r in KEEP_REGIONS]} | ({'keep_ratio': 0.125} if name not in
+                                                                   ('none', 'specprune', 'specprune_static',
+                                                                    'specprune_static_layer', 'vla_cache') else {})
+    plain = run_episode(build_method(name, {k: v for k, v in config.items() if k != 'keep_regions'}, seed=3),
+                        steps=4, layout=layout, runner=runner, actions=SLOW)
+    guarded = run_episode(build_method(name, config, seed=3), steps=4, layout=layout, runner=runner, actions=SLOW)
+    for r in guarded:
+        for kept in r.record.kept_per_layer:
+            assert bool(torch.isin(protected, kept).all())
+    pruned_without = any(not bool(torch.isin(protected, k).all()) for r in plain for k in r.record.kept_per_layer)
+    if name in ('random', 'divprune', 'fastv', 'vla_pruner', 'specprune'):
+        assert pruned_without                           # so the regions changed something for the pruning methods
+
+
+def test_keep_regions_are_validated(layout):
+    assert protected_visual(layout, ()) is None
+    whole_wrist = protected_visual(layout, ((1, 0, 0, 1, 1),))
+    assert whole_wrist.tolist() == layout.visual_indices(1).tolist()
+    with pytest.raises(ValueError, match='camera 2 outside'):
+        protected_visual(layout, ((2, 0, 0, 1, 1),))
+    with pytest.raises(ValueError, match='expected'):
+        protected_visual(layout, ((0, 0, 0, 1),))
 
 
 @pytest.mark.parametrize('name', ['random', 'divprune', 'fastv', 'vla_pruner'])

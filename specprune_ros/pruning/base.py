@@ -41,6 +41,8 @@ class BaseConfig:
     num_layers: int = DEFAULT_NUM_LAYERS   # decoder depth, used only if the context does not carry it
     max_gap_s: float = 2.0                 # reset the temporal state after a longer input gap (<= 0: never)
     reset_on_step_index: bool = True       # reset when context.step_index restarts
+    keep_regions: tuple = ()               # image boxes never pruned, (camera, x0, y0, x1, y1) in image fractions
+                                           # (see ``protected_visual``); e.g. the gripper fingers in a wrist camera
 
 
 def config_from_dict(cls: type, values: Optional[dict[str, Any]]) -> Any:
@@ -87,6 +89,7 @@ class PruningMethodBase:
         self._context: Optional[StepContext] = None
         self._pending_reset = ''
         self._learned_layers = 0
+        self._protected: Optional[torch.Tensor] = None
         self.num_layers = config.num_layers
 
     # ------------------------------------------------------------------------------------ protocol
@@ -102,12 +105,23 @@ class PruningMethodBase:
         self.last_info = {'method': self.name, 'step': self.state.steps, 'reset': self._pending_reset}
         self._pending_reset = ''
         plan = self._begin(context)
+        self._protected = protected_visual(context.layout, self.config.keep_regions)
+        if plan.keep_before is not None and self._protected is not None:
+            plan.keep_before = torch.unique(torch.cat([torch.as_tensor(plan.keep_before, dtype=torch.long),
+                                                       self._protected]))
+        if plan.reuse_kv is not None and self._protected is not None:   # protected tokens are computed afresh
+            reuse = torch.as_tensor(plan.reuse_kv, dtype=torch.long)
+            plan.reuse_kv = reuse[~torch.isin(reuse, self._protected)]
         nv = context.layout.num_visual if plan.keep_before is None else int(plan.keep_before.numel())
         self.last_info['visual_kept_before'] = nv
         return plan
 
     def after_layer(self, view: LayerView) -> Optional[torch.Tensor]:
-        return self._after(view)
+        keep = self._after(view)
+        if keep is None or self._protected is None:
+            return keep
+        still_there = self._protected[torch.isin(self._protected, view.kept)]
+        return torch.unique(torch.cat([torch.as_tensor(keep, dtype=torch.long), still_there]))
 
     def end_step(self, record: StepRecord) -> None:
         if record.kept_per_layer:
@@ -224,6 +238,35 @@ class PruningMethodBase:
     def kept_visual(self, view: LayerView) -> torch.Tensor:
         """Dense visual mask of the visual tokens that ran through this layer."""
         return present_mask(view.kept, view_layout(self))
+
+
+def protected_visual(layout: TokenLayout, regions: tuple) -> Optional[torch.Tensor]:
+    """Sorted sequence indices of the patches whose centre lies in one of ``regions`` (None if there are none).
+
+    A region is ``(camera, x0, y0, x1, y1)``: a camera number of the layout and a box in fractions of the image
+    width (x, left to right) and height (y, top to bottom). Every method keeps these patches whatever it decides
+    (they count in its kept tokens; VLA-Cache computes them afresh instead of reusing their keys and values):
+    for a camera the policy cannot do without (the box (0, 0, 1, 1)), or a region a selection rule cannot see as
+    important, e.g. the gripper fingers of a wrist camera, which sit still in its image so that change detection
+    never flags them."""
+    if not regions:
+        return None
+    rows, cols = layout.grid_shape
+    ys = (torch.arange(rows, dtype=torch.float32) + 0.5) / rows
+    xs = (torch.arange(cols, dtype=torch.float32) + 0.5) / cols
+    inside = torch.zeros(layout.num_cameras, rows, cols, dtype=torch.bool)
+    for region in regions:
+        if len(region) != 5:
+            raise ValueError(f'keep region {region!r}: expected (camera, x0, y0, x1, y1)')
+        camera, x0, y0, x1, y1 = region
+        if not 0 <= int(camera) < layout.num_cameras:
+            raise ValueError(f'keep region {region!r}: camera {camera} outside the layout\'s {layout.num_cameras}')
+        inside[int(camera)] |= (((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :])
+    starts = torch.tensor([start for start, _ in layout.camera_spans])
+    patches = torch.nonzero(inside.flatten(1))
+    if len(patches) == 0:
+        return None
+    return (starts[patches[:, 0]] + patches[:, 1]).sort().values
 
 
 def view_layout(method: PruningMethodBase) -> TokenLayout:
