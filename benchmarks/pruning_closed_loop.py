@@ -1,8 +1,11 @@
 """Pruning methods side by side on the reference VLA: closed-loop success, and latency measured interleaved.
 
 Phase 1 (success): every configuration runs the same held-out episodes of every task family in the
-simulator (parallel worker processes, one torch thread each); success with a 95% Wilson interval, kept
-visual tokens, FLOPs ratio and selection overhead per configuration.
+simulator (parallel worker processes, one torch thread each); success with a 95% Wilson interval, the success
+difference to unpruned paired on the same episodes (Newcombe's interval) with the episodes lost and gained,
+kept visual tokens, FLOPs ratio and selection overhead per configuration. A targets section checks the issue's
+targets (success within 2 / 3 points of unpruned, above random and FastV, speedup) and says per part whether
+the interval clears the bar ('met'), misses it ('missed') or straddles it ('unresolved').
 
 Phase 2 (speed): the observations the unpruned policy saw in a few closed-loop episodes are replayed through
 every configuration in ONE process, round-robin step by step (each configuration keeps its own temporal
@@ -245,13 +248,14 @@ def main() -> None:
     wide = {spec: measure_latency(widened(args.model, spec), configs, sequences, args.threads) for spec in args.wide}
 
     rows = []
+    unpruned = np.array(outcomes['none'])
     for c in configs:
         s = summaries[c.name]['overall']
-        delta = paired_difference(outcomes[c.name], outcomes['none'])
+        won = np.array(outcomes[c.name])
+        delta = paired_difference(won, unpruned)
         rows.append({'config': c.name, 'success': s['success_rate'], 'ci95': s['ci95'], 'episodes': s['episodes'],
                      'delta_vs_none': delta[0], 'delta_ci95': list(delta[1:]),
-                     'lost_vs_none': int(np.sum(np.array(outcomes['none']) & ~np.array(outcomes[c.name]))),
-                     'gained_vs_none': int(np.sum(~np.array(outcomes['none']) & np.array(outcomes[c.name]))),
+                     'lost_vs_none': int(np.sum(unpruned & ~won)), 'gained_vs_none': int(np.sum(~unpruned & won)),
                      'families': {f: v['success_rate'] for f, v in summaries[c.name]['families'].items()},
                      'visual_kept': s['mean_visual_kept'], 'flops_ratio': s['flops_ratio'], **speed[c.name]})
     lines = [f"Model {args.model!r}, {args.episodes_per_family} held-out episodes per family x {len(families)} families per "
@@ -290,7 +294,8 @@ def main() -> None:
     (args.out / 'pruning_closed_loop.md').write_text(table + '\n')
     (args.out / 'pruning_closed_loop.json').write_text(json.dumps(
         {'rows': rows, 'summaries': summaries, 'outcomes': outcomes,
-         'episode_keys': [[r.family, r.seed] for r in episodes['none']], 'wide': wide, 'self_speculation_hit_rate': speed['_self_speculation_hit_rate'],
+         'episode_keys': [[r.family, r.seed] for r in episodes['none']], 'wide': wide,
+         'self_speculation_hit_rate': speed['_self_speculation_hit_rate'],
          'minutes': (time.time() - started) / 60}, indent=2))
     plot(rows, args.out / 'pruning_closed_loop.png')
     print(table)

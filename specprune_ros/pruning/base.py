@@ -20,6 +20,7 @@ step's record, else from the config's ``num_layers`` (default 6, the reference V
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -105,7 +106,7 @@ class PruningMethodBase:
         self.last_info = {'method': self.name, 'step': self.state.steps, 'reset': self._pending_reset}
         self._pending_reset = ''
         plan = self._begin(context)
-        self._protected = protected_visual(context.layout, self.config.keep_regions)
+        self._protected = _protected_cached(context.layout, _as_regions(self.config.keep_regions))
         if plan.keep_before is not None and self._protected is not None:
             plan.keep_before = torch.unique(torch.cat([torch.as_tensor(plan.keep_before, dtype=torch.long),
                                                        self._protected]))
@@ -267,6 +268,16 @@ def protected_visual(layout: TokenLayout, regions: tuple) -> Optional[torch.Tens
     if len(patches) == 0:
         return None
     return (starts[patches[:, 0]] + patches[:, 1]).sort().values
+
+
+def _as_regions(regions) -> tuple:
+    return tuple(tuple(region) for region in regions)
+
+
+@functools.lru_cache(maxsize=16)
+def _protected_cached(layout: TokenLayout, regions: tuple) -> Optional[torch.Tensor]:
+    """``protected_visual`` once per (layout, regions): it is asked every step (do not modify the result)."""
+    return protected_visual(layout, regions)
 
 
 def view_layout(method: PruningMethodBase) -> TokenLayout:
