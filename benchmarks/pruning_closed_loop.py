@@ -159,6 +159,16 @@ def measure_latency(vla, configs: tuple[PolicySpec, ...], sequences: list[list[O
             for name, v in samples.items()} | {'_self_speculation_hit_rate': float(np.mean(hits)) if hits else None}
 
 
+def parse_extra(text: str) -> PolicySpec:
+    """'LABEL=METHOD:JSON' (JSON optional) -> a configuration for ``--extra``."""
+    label, sep, rest = text.partition('=')
+    method, _, config = rest.partition(':')
+    if not sep or not label.strip() or not method.strip():
+        raise SystemExit(f'--extra {text!r}: expected LABEL=METHOD:JSON')
+    return PolicySpec(method=method.strip(), method_config=json.loads(config) if config.strip() else None,
+                      label=label.strip())
+
+
 def points(delta: float, interval: list[float] | tuple[float, float]) -> str:
     """A success-rate difference and its interval in percentage points, e.g. '-4.3 (-8.1 to -0.9)'."""
     return f"{delta * 100:+.1f} ({interval[0] * 100:+.1f} to {interval[1] * 100:+.1f})"
@@ -224,6 +234,9 @@ def main() -> None:
     parser.add_argument('--workers', type=int, default=2)
     parser.add_argument('--threads', type=int, default=2, help='torch threads in the latency phase')
     parser.add_argument('--configs', nargs='*', default=None, help='labels to run (default: all)')
+    parser.add_argument('--extra', action='append', default=[], metavar='LABEL=METHOD:JSON',
+                        help="an extra configuration, e.g. 'specprune alpha 2=specprune:{\"controller\": "
+                        "{\"alpha\": 2}}' (repeatable; always run, with --configs too)")
     parser.add_argument('--wide', nargs='*', default=['512x8', '256x32'],
                         help="also time the methods on random 'WIDTHxLAYERS' decoders (deployment-like shapes; "
                         "latency only); none given: skip")
@@ -232,7 +245,9 @@ def main() -> None:
 
     from specprune_ros.sim import EVAL_SEED_START, TASK_FAMILIES
     families = list(TASK_FAMILIES)
+    extra = tuple(parse_extra(text) for text in args.extra)
     configs = tuple(c for c in CONFIGS if args.configs is None or c.name in args.configs or c.name == 'none')
+    configs += extra
     configs = tuple(PolicySpec(args.model, c.method, c.method_config, c.label) for c in configs)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
