@@ -96,6 +96,9 @@ def test_keep_regions_are_validated(layout):
         protected_visual(layout, ((2, 0, 0, 1, 1),))
     with pytest.raises(ValueError, match='expected'):
         protected_visual(layout, ((0, 0, 0, 1),))
+    for bad in ([[0, 0.5, 0, 0.2, 1]], [[0, 0, 0, 1, 1.5]], [[0.5, 0, 0, 1, 1]], [[0, 'left', 0, 1, 1]], [[0, 0]]):
+        with pytest.raises(ValueError, match='keep region'):     # refused when the method is built
+            build_method('specprune', {'keep_regions': bad})
 
 
 @pytest.mark.parametrize('name', ['random', 'divprune', 'fastv', 'vla_pruner'])

@@ -43,7 +43,7 @@ class BaseConfig:
     max_gap_s: float = 2.0                 # reset the temporal state after a longer input gap (<= 0: never)
     reset_on_step_index: bool = True       # reset when context.step_index restarts
     keep_regions: tuple = ()               # image boxes never pruned, (camera, x0, y0, x1, y1) in image fractions
-                                           # (see ``protected_visual``); e.g. the gripper fingers in a wrist camera
+                                           # (see ``protected_visual``); e.g. ((1, 0, 0, 1, 1),): camera 1 whole
 
 
 def config_from_dict(cls: type, values: Optional[dict[str, Any]]) -> Any:
@@ -91,6 +91,7 @@ class PruningMethodBase:
         self._pending_reset = ''
         self._learned_layers = 0
         self._protected: Optional[torch.Tensor] = None
+        check_regions(config.keep_regions)     # fail when the method is built, not at the first inference
         self.num_layers = config.num_layers
 
     # ------------------------------------------------------------------------------------ protocol
@@ -268,6 +269,19 @@ def protected_visual(layout: TokenLayout, regions: tuple) -> Optional[torch.Tens
     if len(patches) == 0:
         return None
     return (starts[patches[:, 0]] + patches[:, 1]).sort().values
+
+
+def check_regions(regions) -> None:
+    """Raise ValueError unless every region is (camera, x0, y0, x1, y1) with 0 <= x0 <= x1 <= 1 and the same
+    for y (the camera number is checked against the layout at the first step)."""
+    for region in regions:
+        try:
+            camera, x0, y0, x1, y1 = (float(v) for v in region)
+        except (TypeError, ValueError):
+            raise ValueError(f'keep region {region!r}: expected (camera, x0, y0, x1, y1) numbers') from None
+        if camera != int(camera) or not (0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1):
+            raise ValueError(f'keep region {region!r}: camera must be an index and 0 <= x0 <= x1 <= 1, '
+                             '0 <= y0 <= y1 <= 1 (fractions of the image)')
 
 
 def _as_regions(regions) -> tuple:
