@@ -253,13 +253,12 @@ def protected_visual(layout: TokenLayout, regions: tuple) -> Optional[torch.Tens
     never flags them."""
     if not regions:
         return None
+    check_regions(regions)
     rows, cols = layout.grid_shape
     ys = (torch.arange(rows, dtype=torch.float32) + 0.5) / rows
     xs = (torch.arange(cols, dtype=torch.float32) + 0.5) / cols
     inside = torch.zeros(layout.num_cameras, rows, cols, dtype=torch.bool)
     for region in regions:
-        if len(region) != 5:
-            raise ValueError(f'keep region {region!r}: expected (camera, x0, y0, x1, y1)')
         camera, x0, y0, x1, y1 = region
         if not 0 <= int(camera) < layout.num_cameras:
             raise ValueError(f'keep region {region!r}: camera {camera} outside the layout\'s {layout.num_cameras}')
