@@ -16,7 +16,7 @@ Pruning-aware training (``token_drop_probability``): that share of batches runs 
 the visual tokens, dropped before layer 0 and/or after a random layer (``random_token_drop``), so the policy
 learns not to depend on any single visual token, as large pretrained VLAs do not; pruning methods then cost it
 less. The other batches see every token. Uniform random subsets are what the random-pruning baseline keeps, so
-they favour it most (README, pruning benchmark).
+they favour it most (docs/benchmarks.md).
 """
 from __future__ import annotations
 
