@@ -1,0 +1,246 @@
+"""pi0 / pi0.5 on tiny random checkpoints in LeRobot's layout: executor vs the model's own forward, every method,
+action-row attention from the expert, normalisation, and errors that name the file at fault."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from specprune_ros.adapters.pi0.checkpoint import is_pi0_directory, load_checkpoint
+from specprune_ros.adapters.pi0.inference import Pi0Inference
+from specprune_ros.adapters.pi0.processing import FeatureStats, discretise_state, resize_with_pad
+from specprune_ros.adapters.pi0.tiny import write_tiny_checkpoint
+from specprune_ros.core.fixed_plan import FixedKeepSchedule
+from specprune_ros.policy.checkpoint import CheckpointError
+from specprune_ros.pruning import build_method
+from specprune_ros.pruning.registry import available_methods
+
+INSTRUCTION = 'pick up the black bowl and place it on the plate'
+
+
+@pytest.fixture(scope='module')
+def pi0_dir(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp('pi0'), 'pi0', seed=1)
+
+
+@pytest.fixture(scope='module')
+def pi05_dir(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp('pi05'), 'pi05', seed=2)
+
+
+def inference(directory, dtype=torch.float32, **kwargs) -> Pi0Inference:
+    return Pi0Inference(load_checkpoint(directory, dtype=dtype), torch.device('cpu'), dtype, **kwargs)
+
+
+def images(step: int = 0, height: int = 64, width: int = 80) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    out = []
+    for cam in range(2):
+        image = rng.integers(40, 200, size=(height, width, 3), dtype=np.uint8)
+        image[4 + 4 * step:20 + 4 * step, 8 + 20 * cam:28 + 20 * cam] = (30, 220, 30)
+        out.append(image)
+    return out
+
+
+def state(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=8).astype(np.float32)
+
+
+@pytest.mark.parametrize('kind', ['pi0', 'pi05'])
+def test_keep_all_through_the_executor_equals_the_models_own_forward(kind, pi0_dir, pi05_dir):
+    model = inference(pi0_dir if kind == 'pi0' else pi05_dir, dtype=torch.float64)
+    inp = model.encode(images(), INSTRUCTION, state())
+    noise = model.sample_noise()
+    for method in (None, build_method('none')):
+        actions, result, _ = model.run(inp, method, model.context(inp, instruction=INSTRUCTION), noise)
+        reference = model.reference(inp, noise)
+        assert actions.shape == (50, 7)
+        np.testing.assert_allclose(actions, reference, rtol=0, atol=1e-9)
+        assert result.record.flops == pytest.approx(result.record.flops_full)
+    # another noise draw gives another chunk: the flow starts from the noise
+    other, _, _ = model.run(inp, None, None, model.sample_noise())
+    assert np.abs(other - actions).max() > 1e-3
+
+
+def test_pruning_changes_the_chunk_and_saves_prefix_and_expert_flops(pi0_dir):
+    model = inference(pi0_dir)
+    inp = model.encode(images(), INSTRUCTION, state())
+    noise = model.sample_noise()
+    full, _, _ = model.run(inp, None, None, noise)
+    keep = inp.layout.visual_indices()[::2]
+    pruned, result, _ = model.run(inp, FixedKeepSchedule(keep_before=keep), None, noise)
+    record = result.record
+    assert record.visual_kept_per_layer == [16] * 3
+    assert record.info['expert_flops'] < record.info['expert_flops_full']
+    assert record.info['prefix_flops'] < record.info['prefix_flops_full']
+    assert np.abs(pruned - full).max() > 1e-4
+
+
+@pytest.mark.parametrize('name', available_methods())
+def test_every_method_runs_on_pi0_and_gives_finite_chunks(name, pi0_dir):
+    model = inference(pi0_dir)
+    method = build_method(name, seed=0)
+    kept, reused = [], []
+    for step in range(6):
+        inp = model.encode(images(step), INSTRUCTION, state(step))
+        actions, result, _ = model.run(inp, method, model.context(inp, step_index=step, instruction=INSTRUCTION))
+        assert actions.shape == (50, 7) and np.isfinite(actions).all()
+        kept.append(result.record.mean_visual_kept)
+        reused.append(0 if result.record.reused is None else len(result.record.reused))
+    if name == 'vla_cache':
+        assert max(reused) > 0, 'vla_cache never reused keys/values'
+    elif name != 'none':
+        assert min(kept) < inp.layout.num_visual, f'{name} never pruned'
+
+
+def test_methods_run_on_pi05(pi05_dir):
+    model = inference(pi05_dir)
+    for name in ('vla_pruner', 'specprune', 'fastv'):
+        method = build_method(name, seed=0)
+        for step in range(5):
+            inp = model.encode(images(step), INSTRUCTION, state(step))
+            actions, _, _ = model.run(inp, method, model.context(inp, step_index=step, instruction=INSTRUCTION))
+            assert actions.shape == (50, 7) and np.isfinite(actions).all()
+
+
+def test_action_rows_are_the_experts_action_queries(pi0_dir):
+    model = inference(pi0_dir)
+    method = build_method('vla_pruner', {'warmup': False}, seed=0)
+    inp = model.encode(images(), INSTRUCTION, state())
+    _, result, _ = model.run(inp, method, model.context(inp, instruction=INSTRUCTION))
+    record = result.record
+    layer = model.runner.num_layers - 1
+    keys, weights = record.attention[layer]['vlap_action']
+    assert torch.equal(keys, result.cache.positions[layer])
+    assert 'action queries' in record.info['action_rows']
+    assert 'rows_fallback' not in record.info                   # 'action' rows existed in the method's layout
+    # the summary is the expert's: the probability mass its 50 action rows put on the prefix keys (the rest is
+    # on the expert's own keys), over every prefix key
+    assert len(weights) == len(keys) and len(keys) < inp.layout.num_tokens    # pruned before this layer
+    assert 0.0 < float(weights.sum()) < 1.0
+    assert np.isfinite(weights.numpy()).all()
+    # the method read it: its action history holds one step
+    assert len(method.state.action_attention) == 1
+
+
+def test_text_action_rows_mix_text_and_expert_rows(pi0_dir):
+    model = inference(pi0_dir)
+    method = build_method('specprune', {'task_rows': 'text_action'}, seed=0)
+    inp = model.encode(images(), INSTRUCTION, state())
+    _, result, _ = model.run(inp, method, model.context(inp, instruction=INSTRUCTION))
+    entry = result.record.attention[0]['text_action']
+    text_only = build_method('none', {'attention': [[0, 'text']]})
+    _, plain, _ = model.run(inp, text_only, None, model.sample_noise())
+    assert entry[1].shape == plain.record.attention[0]['text'][1].shape
+    assert not torch.allclose(entry[1].float(), plain.record.attention[0]['text'][1].float())
+
+
+def test_normalisation_round_trips_on_known_values():
+    mean_std = FeatureStats('MEAN_STD', {'mean': np.array([1.0, -2.0], np.float32),
+                                         'std': np.array([2.0, 0.5], np.float32)})
+    np.testing.assert_allclose(mean_std.normalize([3.0, -1.0]), [1.0, 2.0], rtol=1e-6)
+    np.testing.assert_allclose(mean_std.unnormalize([1.0, 2.0]), [3.0, -1.0], rtol=1e-6)
+    quantiles = FeatureStats('QUANTILES', {'q01': np.array([-1.0, 0.0], np.float32),
+                                           'q99': np.array([3.0, 10.0], np.float32)})
+    np.testing.assert_allclose(quantiles.normalize([1.0, 10.0]), [0.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(quantiles.unnormalize([0.0, -1.0]), [1.0, 0.0], atol=1e-6)
+    min_max = FeatureStats('MIN_MAX', {'min': np.array([0.0], np.float32), 'max': np.array([4.0], np.float32)})
+    np.testing.assert_allclose(min_max.unnormalize(min_max.normalize([3.0])), [3.0], rtol=1e-6)
+    values = np.array([0.3, -0.7], np.float32)
+    for stats in (mean_std, quantiles):
+        np.testing.assert_allclose(stats.unnormalize(stats.normalize(values)), values, atol=1e-6)
+
+
+def test_checkpoint_statistics_are_used(pi0_dir, pi05_dir):
+    stats = load_file(str(pi0_dir / 'policy_preprocessor_step_5_normalizer_processor.safetensors'))
+    model = inference(pi0_dir)
+    mean = stats['observation.state.mean'].numpy()
+    np.testing.assert_allclose(model.normalized_state(mean), np.zeros(32), atol=1e-6)
+    assert model.normalization.action.mode == 'MEAN_STD'
+    np.testing.assert_allclose(model.unnormalize(np.zeros((50, 7), np.float32))[0], stats['action.mean'].numpy(),
+                               rtol=1e-6)
+    pi05 = inference(pi05_dir)
+    assert pi05.normalization.state.mode == 'QUANTILES'
+    q99 = load_file(str(pi05_dir / 'policy_preprocessor_step_2_normalizer_processor.safetensors'))
+    np.testing.assert_allclose(pi05.normalized_state(q99['observation.state.q99'].numpy())[:8], np.ones(8),
+                               atol=1e-6)
+
+
+def test_pi05_state_tokens_and_prompt(pi05_dir):
+    assert discretise_state(np.array([-1.0, 0.0, 0.999, 1.0])).tolist() == [0, 128, 255, 255]
+    model = inference(pi05_dir)
+    inp = model.encode(images(), INSTRUCTION, state())
+    layout = inp.layout
+    assert layout.proprio_span[1] > layout.proprio_span[0] > layout.text_span[1] > layout.text_span[0] > 32
+    assert model.suffix_length == 50
+
+
+def test_resize_with_pad_keeps_the_aspect_and_pads_black():
+    frame = np.full((40, 80, 3), 255, dtype=np.uint8)
+    pixels, shown = resize_with_pad(frame, 56)
+    assert pixels.shape == (3, 56, 56) and shown.shape == (56, 56, 3)
+    assert float(pixels.min()) == -1.0 and float(pixels.max()) == 1.0
+    assert (shown[:14] == 0).all() and (shown[14:42] == 255).all() and (shown[42:] == 0).all()
+
+
+def test_observation_errors(pi0_dir):
+    model = inference(pi0_dir)
+    with pytest.raises(ValueError, match='robot state'):
+        model.encode(images(), INSTRUCTION, None)
+    with pytest.raises(ValueError, match='expects 8'):
+        model.encode(images(), INSTRUCTION, np.zeros(5))
+    with pytest.raises(ValueError, match='NaN'):
+        model.encode(images(), INSTRUCTION, np.full(8, np.nan))
+    with pytest.raises(ValueError, match='2 camera'):
+        model.encode(images()[:1], INSTRUCTION, state())
+
+
+def _broken(source, tmp_path, name):
+    target = tmp_path / name
+    shutil.copytree(source, target)
+    return target
+
+
+def test_missing_or_malformed_files_are_named(pi0_dir, tmp_path):
+    assert is_pi0_directory(pi0_dir)
+    cases = []
+    d = _broken(pi0_dir, tmp_path, 'no_post_stats')
+    (d / 'policy_postprocessor_step_0_unnormalizer_processor.safetensors').unlink()
+    cases.append((d, 'policy_postprocessor_step_0_unnormalizer_processor.safetensors'))
+    d = _broken(pi0_dir, tmp_path, 'bad_config')
+    (d / 'config.json').write_text('{"type": "pi0", ')
+    cases.append((d, 'config.json'))
+    d = _broken(pi0_dir, tmp_path, 'bad_mode')
+    config = json.loads((d / 'config.json').read_text())
+    config['normalization_mapping']['ACTION'] = 'ZSCORE'
+    (d / 'config.json').write_text(json.dumps(config))
+    cases.append((d, 'config.json'))
+    d = _broken(pi0_dir, tmp_path, 'no_weights')
+    (d / 'model.safetensors').unlink()
+    cases.append((d, 'model.safetensors'))
+    d = _broken(pi0_dir, tmp_path, 'bad_weights')
+    (d / 'model.safetensors').write_bytes(b'not a safetensors file')
+    cases.append((d, 'model.safetensors'))
+    d = _broken(pi0_dir, tmp_path, 'wrong_shape')
+    state_dict = load_file(str(d / 'model.safetensors'))
+    state_dict['model.state_proj.weight'] = torch.zeros(3, 3)
+    save_file(state_dict, str(d / 'model.safetensors'))
+    cases.append((d, 'state_proj.weight'))
+    d = _broken(pi0_dir, tmp_path, 'missing_weight')
+    state_dict = load_file(str(d / 'model.safetensors'))
+    del state_dict['model.action_out_proj.bias']
+    save_file(state_dict, str(d / 'model.safetensors'))
+    cases.append((d, 'action_out_proj.bias'))
+    d = _broken(pi0_dir, tmp_path, 'no_tokenizer')
+    (d / 'tokenizer.json').unlink()
+    cases.append((d, 'tokenizer'))
+    d = _broken(pi0_dir, tmp_path, 'stats_shape')
+    stats = load_file(str(d / 'policy_preprocessor_step_5_normalizer_processor.safetensors'))
+    stats['observation.state.std'] = torch.ones(3)
+    save_file(stats, str(d / 'policy_preprocessor_step_5_normalizer_processor.safetensors'))
+    cases.append((d, 'observation.state.std'))
+    for directory, name in cases:
+        with pytest.raises(CheckpointError, match=name.replace('.', r'\.')):
+            load_checkpoint(directory)
