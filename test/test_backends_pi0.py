@@ -244,3 +244,55 @@ def test_missing_or_malformed_files_are_named(pi0_dir, tmp_path):
     for directory, name in cases:
         with pytest.raises(CheckpointError, match=name.replace('.', r'\.')):
             load_checkpoint(directory)
+
+
+class ActionRowsRecorder:
+    """Asks for action rows at every layer and remembers what the layer views carried."""
+
+    name = 'recorder'
+
+    def __init__(self, layers, keep_after_0=None):
+        self.layers, self.keep_after_0, self.seen, self.record = layers, keep_after_0, {}, None
+
+    def reset(self):
+        pass
+
+    def begin_step(self, context):
+        from specprune_ros.core.step_types import AttentionRequest, StepPlan
+        self.layout = context.layout
+        return StepPlan(attention=[AttentionRequest(layer=layer, rows='action') for layer in self.layers])
+
+    def after_layer(self, view):
+        if 'action' in view.attention:
+            self.seen[view.layer] = (view.key_indices.clone(), view.attention['action'].clone())
+        return self.keep_after_0 if view.layer == 0 else None
+
+    def end_step(self, record):
+        self.record = record
+
+
+def test_layer_views_carry_the_first_denoising_steps_action_rows(pi0_dir):
+    model = inference(pi0_dir, action_rows='first')
+    inp = model.encode(images(), INSTRUCTION, state())
+    keep = inp.layout.visual_indices()[1::3]
+    recorder = ActionRowsRecorder([0, 1, 2], keep_after_0=keep)
+    model.run(inp, recorder, model.context(inp), model.sample_noise())
+    assert recorder.layout.action_span == (inp.layout.num_tokens + 1, inp.layout.num_tokens + 51)
+    assert sorted(recorder.seen) == [0, 1]                      # the last layer has no view
+    for layer in (0, 1):
+        keys, weights = recorder.seen[layer]
+        record_keys, record_weights = recorder.record.attention[layer]['action']
+        assert torch.equal(keys, record_keys)
+        torch.testing.assert_close(weights.float(), record_weights.float(), rtol=1e-5, atol=1e-7)
+    assert len(recorder.seen[1][0]) == len(inp.layout.non_visual_indices()) + len(keep)
+    assert 2 in recorder.record.attention and 'action' in recorder.record.attention[2]
+
+
+def test_specprune_on_action_rows_prunes_in_the_pass(pi0_dir):
+    model = inference(pi0_dir)
+    method = build_method('specprune', {'task_rows': 'action'}, seed=0)
+    for step in range(3):
+        inp = model.encode(images(step), INSTRUCTION, state(step))
+        _, result, _ = model.run(inp, method, model.context(inp, step_index=step, instruction=INSTRUCTION))
+        assert 'error' not in result.record.info, result.record.info.get('error')
+    assert result.record.visual_kept_per_layer[-1] < inp.layout.num_visual

@@ -12,7 +12,8 @@ positions N, N + 1, ...; they are not part of the runner's sequence. A pruning m
 extended by them (``core.expert_attention.extended_layout``), so its 'action' rows are the expert's action queries:
 their attention over the prefix keys of the requested layer, averaged over heads, the 50 rows and the denoising
 steps chosen by ``action_rows`` ('mean' of all steps, 'first' or 'last'), is merged into the step record before the
-method's ``end_step``.
+method's ``end_step``; the layer views of the prefix pass carry the first denoising step's action rows (computed
+alongside the pass, see ``core.expert_attention.ExpertProbe``) where the method asked for them.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from specprune_ros.adapters.pi0.checkpoint import Pi0Checkpoint
 from specprune_ros.adapters.pi0.processing import (EncodedPrompt, discretise_state, encode_prompt, pad_vector,
                                                    pi05_prompt, resize_with_pad)
 from specprune_ros.core.executor import PrunableDecoderRunner, RunResult
-from specprune_ros.core.expert_attention import ExpertActionRows, extended_layout, run_expert
+from specprune_ros.core.expert_attention import ExpertActionRows, ExpertProbe, extended_layout, run_expert
 from specprune_ros.core.flops import layer_flops
 from specprune_ros.core.step_types import PruningMethod, StepContext
 from specprune_ros.core.token_layout import TokenLayout
@@ -143,15 +144,22 @@ class Pi0Inference:
             noise: Optional[torch.Tensor] = None) -> tuple[np.ndarray, RunResult, dict]:
         """Pruned prefix pass, then the flow: (normalised chunk (chunk, action_dim), the prefix pass, info)."""
         cfg, model = self.config, self.model
-        wrapper = ExpertActionRows(method, self.method_layout(inp.layout)) if method is not None else None
-        result = self.runner(inp.embeddings, inp.layout, wrapper, context, return_cache=True)
-        record, cache = result.record, result.cache
-        layers = wrapper.action_layers if wrapper is not None else []
+        expert = model.expert
         n = inp.layout.num_tokens
         positions = torch.arange(n, n + self.suffix_length, device=self.device)
         self_mask = model.suffix_mask(self.device)
         rows = torch.arange(model.suffix_state_tokens, self.suffix_length, device=self.device)
-        expert = model.expert
+        noise = noise if noise is not None else self.sample_noise()
+        wrapper = None
+        if method is not None:
+            suffix, cond = model.embed_suffix(inp.state, noise, 1.0)        # the first denoising step's input
+            probe = ExpertProbe(decoder=model.vlm, embeddings=inp.embeddings, expert_layers=expert.layers,
+                                expert_rotary_emb=expert.rotary_emb, suffix=suffix, positions=positions,
+                                self_mask=self_mask, rows=rows, cond=cond)
+            wrapper = ExpertActionRows(method, self.method_layout(inp.layout), probe)
+        result = self.runner(inp.embeddings, inp.layout, wrapper, context, return_cache=True)
+        record, cache = result.record, result.cache
+        layers = wrapper.action_layers if wrapper is not None else []
         steps = cfg.num_inference_steps
         wanted = {'first': {0}, 'last': {steps - 1}, 'mean': set(range(steps))}[self.action_rows]
         collected: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
@@ -168,7 +176,7 @@ class Pi0Inference:
                 collected[layer].append(weights.float())
             return model.velocity(out.hidden)
 
-        x = model.integrate(noise if noise is not None else self.sample_noise(), velocity_at)
+        x = model.integrate(noise, velocity_at)
         expert_seconds = time.perf_counter() - started
         self._account(record, inp.layout, key_counts, expert_seconds)
         if wrapper is not None:
