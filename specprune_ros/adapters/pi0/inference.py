@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from specprune_ros.adapters.pi0.checkpoint import Pi0Checkpoint
+from specprune_ros.adapters.base import resolve_device, resolve_dtype
+from specprune_ros.adapters.pi0.checkpoint import Pi0Checkpoint, load_checkpoint
 from specprune_ros.adapters.pi0.processing import (EncodedPrompt, discretise_state, encode_prompt, pad_vector,
                                                    pi05_prompt, resize_with_pad)
 from specprune_ros.core.executor import PrunableDecoderRunner, RunResult
@@ -209,3 +211,13 @@ class Pi0Inference:
 
     def unnormalize(self, normalized: np.ndarray) -> np.ndarray:
         return self.normalization.action.unnormalize(normalized)
+
+
+def load_inference(directory: str | Path, device: str = 'auto', dtype: str | torch.dtype = 'auto',
+                   tokenizer: Optional[str | Path] = None, seed: int = 0, action_rows: str = 'mean') -> Pi0Inference:
+    """A pi0 / pi0.5 checkpoint directory ready to run. ``device``: 'auto' (CUDA if present), 'cpu', 'cuda:N';
+    ``dtype``: 'auto' (bfloat16 on CUDA, float32 on the CPU), 'float32', 'bfloat16', 'float16'; ``tokenizer``: the
+    PaliGemma tokenizer's directory when the checkpoint has none; ``seed``: of the flow's noise."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    return Pi0Inference(load_checkpoint(directory, dev, dt, tokenizer), dev, dt, seed=seed, action_rows=action_rows)
