@@ -90,9 +90,9 @@ def main(checkpoint: Path, inputs: Path, output: Path) -> None:
             raise SystemExit(f'LeRobot did not load {key} from the file')
 
     data = np.load(inputs)
-    frames = data['frames']                                     # (cams, H, W, 3) uint8, LeRobot resizes and pads
+    frames = data['frames']         # (cams, H, W, 3) uint8 of the first cams cameras; LeRobot masks the others out
     batch = {key: torch.from_numpy(frames[c]).permute(2, 0, 1)[None].float() / 255.0
-             for c, key in enumerate(policy.config.image_features)}
+             for c, key in enumerate(list(policy.config.image_features)[:len(frames)])}
     images, masks = policy._preprocess_images(batch)
     tokens = torch.from_numpy(data['tokens'])[None].long()
     token_mask = torch.from_numpy(data['token_mask'])[None].bool()

@@ -197,6 +197,24 @@ def test_observation_errors(pi0_dir):
         model.encode(images()[:1], INSTRUCTION, state())
 
 
+def test_an_absent_camera_is_left_out_of_the_sequence(pi0_dir):
+    model = inference(pi0_dir, dtype=torch.float64)
+    frames = images()
+    inp = model.encode({'left_wrist_0_rgb': frames[1]}, INSTRUCTION, state())
+    assert inp.layout.num_cameras == 1 and inp.layout.camera_spans == ((0, 16),)
+    both = model.encode(dict(zip(model.config.camera_names, frames)), INSTRUCTION, state())
+    torch.testing.assert_close(both.embeddings, model.encode(frames, INSTRUCTION, state()).embeddings)
+    torch.testing.assert_close(inp.embeddings[0, :16], both.embeddings[0, 16:32])
+    noise = model.sample_noise()
+    actions, _, _ = model.run(inp, build_method('fastv'), model.context(inp, instruction=INSTRUCTION), noise)
+    assert np.isfinite(actions).all()
+    np.testing.assert_allclose(model.run(inp, None, None, noise)[0], model.reference(inp, noise), atol=1e-9)
+    with pytest.raises(ValueError, match='unknown camera'):
+        model.encode({'wrist': frames[0]}, INSTRUCTION, state())
+    with pytest.raises(ValueError, match='no camera'):
+        model.encode({}, INSTRUCTION, state())
+
+
 def _broken(source, tmp_path, name):
     target = tmp_path / name
     shutil.copytree(source, target)

@@ -25,6 +25,7 @@ POLICY_TYPES = ('pi0', 'pi05')
 NORM_MODES = ('IDENTITY', 'MEAN_STD', 'MIN_MAX', 'QUANTILES', 'QUANTILE10')
 VOCAB_SIZE = 257152                      # PaliGemma's Gemma vocabulary (256000 + 1024 location + 128 segmentation)
 IMAGE_PREFIX = 'observation.images.'
+EMPTY_CAMERA = 'empty_camera_'
 STATE_KEY = 'observation.state'
 ACTION_KEY = 'action'
 
@@ -142,6 +143,8 @@ def parse_config(config: Any) -> Pi0Config:
                          tokenizer_max_length=200 if policy_type == 'pi05' else 48,
                          normalization=({'VISUAL': 'IDENTITY', 'STATE': 'QUANTILES', 'ACTION': 'QUANTILES'}
                                         if policy_type == 'pi05' else Pi0Config().normalization))
+    if config.get('use_relative_actions'):
+        raise CheckpointError('use_relative_actions is true: actions relative to the state are not supported')
     custom = config.get('specprune_architecture') or {}
     if not isinstance(custom, dict):
         raise CheckpointError('specprune_architecture must be an object')
@@ -156,7 +159,8 @@ def parse_config(config: Any) -> Pi0Config:
         raise CheckpointError(f'specprune_architecture.vision: {error}') from error
 
     inputs, outputs = _features(config, 'input_features'), _features(config, 'output_features')
-    images = tuple(k for k, v in inputs.items() if isinstance(v, dict) and v.get('type') == 'VISUAL')
+    images = tuple(k for k, v in inputs.items() if isinstance(v, dict) and v.get('type') == 'VISUAL'
+                   and not k.startswith(IMAGE_PREFIX + EMPTY_CAMERA))     # LeRobot's always-masked placeholders
     max_state = int(config.get('max_state_dim', defaults.max_state_dim))
     max_action = int(config.get('max_action_dim', defaults.max_action_dim))
     state = _shape(inputs.get(STATE_KEY), STATE_KEY)
@@ -174,8 +178,8 @@ def parse_config(config: Any) -> Pi0Config:
             raise CheckpointError(f'normalization_mapping.{kind}: {mode!r} is not one of {NORM_MODES}')
         normalization[kind] = mode
     empty = int(config.get('empty_cameras', 0))
-    if not images and empty == 0:
-        raise CheckpointError('input_features name no camera (observation.images.*) and empty_cameras is 0')
+    if not images:
+        raise CheckpointError('input_features name no camera (observation.images.*)')
     parsed = dataclasses.replace(
         defaults, vlm=vlm, expert=expert, vision=vision,
         vocab_size=int(custom.get('vocab_size', VOCAB_SIZE)), image_features=images,

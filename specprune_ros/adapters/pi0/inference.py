@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -68,7 +68,25 @@ class Pi0Inference:
 
     @property
     def num_cameras(self) -> int:
-        return len(self.config.image_features)
+        return len(self.config.camera_names)
+
+    def frames_in_order(self, images: Sequence[np.ndarray] | Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Frames of the checkpoint's cameras in its order: a sequence holds all of them; a mapping (camera name ->
+        frame, names as in ``config.camera_names``) may leave some out, which the model then does not see (LeRobot
+        masks an absent camera out, e.g. pi0_base's right wrist on a one-arm robot); at least one must be there."""
+        cfg = self.config
+        if not isinstance(images, Mapping):
+            if len(images) != self.num_cameras:
+                raise ValueError(f'{cfg.policy_type} takes {self.num_cameras} camera(s) {cfg.camera_names}, '
+                                 f'got {len(images)}')
+            return list(images)
+        unknown = sorted(set(images) - set(cfg.camera_names))
+        if unknown:
+            raise ValueError(f'unknown camera(s) {unknown}; the checkpoint has {cfg.camera_names}')
+        frames = [images[name] for name in cfg.camera_names if name in images]
+        if not frames:
+            raise ValueError(f'no camera frame given; the checkpoint has {cfg.camera_names}')
+        return frames
 
     @property
     def suffix_length(self) -> int:
@@ -97,11 +115,12 @@ class Pi0Inference:
             task_chars, state_chars = (0, len(instruction.rstrip('\n'))), (0, 0)
         return encode_prompt(self.tokenizer, text, cfg.tokenizer_max_length, task_chars, state_chars)
 
-    def encode(self, images: Sequence[np.ndarray], instruction: str, proprio: Optional[np.ndarray]) -> Pi0Input:
-        """Prefix embeddings and layout for camera frames (checkpoint order), the task and the robot state."""
+    def encode(self, images: Sequence[np.ndarray] | Mapping[str, np.ndarray], instruction: str,
+               proprio: Optional[np.ndarray]) -> Pi0Input:
+        """Prefix embeddings and layout for camera frames (see :meth:`frames_in_order`), the task and the robot
+        state."""
         cfg = self.config
-        if len(images) != self.num_cameras:
-            raise ValueError(f'{cfg.policy_type} takes {self.num_cameras} camera(s), got {len(images)}')
+        images = self.frames_in_order(images)
         state = self.normalized_state(proprio)
         pixels, frames = zip(*(resize_with_pad(frame, cfg.image_resolution) for frame in images))
         pixels = torch.stack(pixels).to(self.device, self.dtype)
@@ -111,12 +130,13 @@ class Pi0Inference:
         text = self.model.embed_text(ids)
         embeddings = torch.cat([visual.reshape(1, -1, visual.shape[-1]), text.to(visual.dtype)], dim=1)
         p = cfg.tokens_per_image
-        start = self.num_cameras * p
+        cameras = len(images)
+        start = cameras * p
 
         def shifted(span: tuple[int, int]) -> tuple[int, int]:
             return (span[0] + start, span[1] + start) if span[1] > span[0] else (0, 0)
         layout = TokenLayout(num_tokens=embeddings.shape[1],
-                             camera_spans=tuple((c * p, (c + 1) * p) for c in range(self.num_cameras)),
+                             camera_spans=tuple((c * p, (c + 1) * p) for c in range(cameras)),
                              grid_shape=(cfg.patches_per_side, cfg.patches_per_side), text_span=shifted(prompt.text),
                              proprio_span=shifted(prompt.state), causal=False)
         state_tensor = None if cfg.is_pi05 else torch.from_numpy(state)[None].to(self.device, self.dtype)
