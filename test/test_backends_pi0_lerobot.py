@@ -56,6 +56,6 @@ def test_same_chunk_as_lerobot(kind, cameras, tmp_path):
     result = np.load(output)
     theirs = result['actions'][:, :ours.shape[1]]
     difference = float(np.abs(theirs - ours).max())
-    print(f'\n{kind}, {cameras} camera(s): lerobot {result["lerobot"]} (transformers {result["transformers"]}, torch {result["torch"]}): '
-          f'max |ours - lerobot| = {difference:.2e} over a chunk of max |a| = {float(np.abs(ours).max()):.2f}')
+    print(f'\n{kind}, {cameras} camera(s): lerobot {result["lerobot"]} (transformers {result["transformers"]}, '
+          f'torch {result["torch"]}): max |ours - lerobot| = {difference:.2e} over a chunk of max |a| = {float(np.abs(ours).max()):.2f}')
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-4 * max(1.0, float(np.abs(ours).max())))
