@@ -56,9 +56,10 @@ def gemma_tokenizer(directory: Path, vocab_size: int = TOKENIZER_VOCAB, seed: in
 
 
 def tiny_config(policy_type: str = 'pi0', cameras: tuple[str, ...] = CAMERAS, state_dim: int = 8,
-                action_dim: int = 7, image_size: int = 56, published: bool = False) -> dict:
-    """A LeRobot-style ``config.json`` object."""
+                action_dim: int = 7, image_size: Optional[int] = None, published: bool = False) -> dict:
+    """A LeRobot-style ``config.json`` object (images 56 px, or the published 224 px)."""
     pi05 = policy_type == 'pi05'
+    image_size = image_size or (224 if published else 56)
     inputs = {f'observation.images.{name}': {'type': 'VISUAL', 'shape': [3, image_size, image_size]}
               for name in cameras}
     inputs['observation.state'] = {'type': 'STATE', 'shape': [state_dim]}
@@ -150,8 +151,7 @@ def write_tiny_checkpoint(directory: str | Path, policy_type: str = 'pi0', seed:
         raise ValueError(f"policy_type must be 'pi0' or 'pi05', got {policy_type!r}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = tiny_config(policy_type, cameras, state_dim, action_dim,
-                         image_size=224 if published else 56, published=published)
+    config = tiny_config(policy_type, cameras, state_dim, action_dim, published=published)
     (directory / 'config.json').write_text(json.dumps(config, indent=2))
     write_processors(directory, config, seed)
     gemma_tokenizer(directory, seed=seed)
