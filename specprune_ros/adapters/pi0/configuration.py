@@ -6,9 +6,9 @@ PaliGemma language model and of the action expert ('gemma_2b' = 2048 wide, 18 la
 ``observation.images.*`` of type VISUAL, ``observation.state`` of type STATE), ``output_features`` (``action``),
 ``chunk_size`` (50), ``n_action_steps``, ``max_state_dim`` / ``max_action_dim`` (32: shorter vectors are zero-padded),
 ``num_inference_steps`` (10 Euler steps of the flow), ``image_resolution`` (224), ``tokenizer_max_length`` (48 for
-pi0, 200 for pi0.5) and ``normalization_mapping`` (VISUAL / STATE / ACTION -> IDENTITY, MEAN_STD, MIN_MAX,
-QUANTILES, QUANTILE10). The vision tower is always PaliGemma's SigLIP So400m/14 (1152 wide, 27 layers, 16 heads,
-MLP 4304).
+pi0, 200 for pi0.5), ``normalization_mapping`` (VISUAL / STATE / ACTION -> IDENTITY, MEAN_STD, MIN_MAX,
+QUANTILES, QUANTILE10) and, in newer LeRobot, ``action_feature_names`` (the dataset's action names). The vision
+tower is always PaliGemma's SigLIP So400m/14 (1152 wide, 27 layers, 16 heads, MLP 4304).
 
 Checkpoints written by this package for tests carry an extra ``specprune_architecture`` object that replaces the
 variant table with explicit (small) sizes; LeRobot itself does not know that key.
@@ -81,6 +81,7 @@ class Pi0Config:
     image_resolution: int = 224
     empty_cameras: int = 0
     tokenizer_max_length: int = 48
+    action_names: tuple[str, ...] = ()      # per action dimension (LeRobot's ``action_feature_names``), if saved
     normalization: dict[str, str] = field(default_factory=lambda: {'VISUAL': 'IDENTITY', 'STATE': 'MEAN_STD',
                                                                    'ACTION': 'MEAN_STD'})
 
@@ -177,6 +178,9 @@ def parse_config(config: Any) -> Pi0Config:
         if mode not in NORM_MODES:
             raise CheckpointError(f'normalization_mapping.{kind}: {mode!r} is not one of {NORM_MODES}')
         normalization[kind] = mode
+    names = config.get('action_feature_names') or ()
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise CheckpointError('action_feature_names must be a list of names')
     empty = int(config.get('empty_cameras', 0))
     if not images:
         raise CheckpointError('input_features name no camera (observation.images.*)')
@@ -192,10 +196,13 @@ def parse_config(config: Any) -> Pi0Config:
         max_period=float(config.get('max_period', defaults.max_period)),
         image_resolution=int(resolution[0]), empty_cameras=empty,
         tokenizer_max_length=int(config.get('tokenizer_max_length', defaults.tokenizer_max_length)),
-        normalization=normalization)
+        action_names=tuple(names), normalization=normalization)
     if parsed.state_dim > max_state or parsed.action_dim > max_action:
         raise CheckpointError(f'state ({parsed.state_dim}) / action ({parsed.action_dim}) wider than max_state_dim '
                               f'({max_state}) / max_action_dim ({max_action})')
+    if parsed.action_names and len(parsed.action_names) != parsed.action_dim:
+        raise CheckpointError(f'action_feature_names has {len(parsed.action_names)} names for {parsed.action_dim} '
+                              'action dimensions')
     if parsed.n_action_steps > parsed.chunk_size or parsed.chunk_size < 1 or parsed.num_inference_steps < 1:
         raise CheckpointError('need 1 <= n_action_steps <= chunk_size and num_inference_steps >= 1')
     if parsed.image_resolution % vision.patch_size:
