@@ -50,7 +50,7 @@ def published_model(policy_type: str, cameras: int, device: torch.device, dtype:
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.normal_(0.0, 0.02) if param.dim() > 1 else param.zero_()
-    model.restore_rotary(device)
+    model.restore_buffers(device)
     gemma_tokenizer(directory)
     from transformers import AutoTokenizer  # optional heavy dependency, loaded only for this model
     identity = FeatureStats('IDENTITY')

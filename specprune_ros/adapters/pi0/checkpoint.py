@@ -101,7 +101,7 @@ def load_checkpoint(directory: str | Path, device: torch.device | str = 'cpu', d
         model = Pi0Model(config)
     by_name = {lerobot_name(k, config): f for k, f in files.items()}
     assign_state(model, state, source, directory, {k: v for k, v in by_name.items() if k})
-    model.restore_rotary(device)
+    model.restore_buffers(device)
     assert_materialised(model, f'checkpoint {directory}')
     return Pi0Checkpoint(directory=directory, config=config, model=model.eval(), normalization=normalization,
                          tokenizer=tok)

@@ -158,8 +158,9 @@ class Pi0Model(nn.Module):
     def expert(self) -> ExpertBody:
         return self.paligemma_with_expert.gemma_expert.model
 
-    def restore_rotary(self, device: torch.device | str) -> None:
-        """Recompute the non-persistent rotary buffers (after building on the meta device)."""
+    def restore_buffers(self, device: torch.device | str) -> None:
+        """Recompute the non-persistent buffers (rotary frequencies, SigLIP position ids, the embedding scale) after
+        building on the meta device."""
         self.vlm.rotary_emb = GemmaRotaryEmbedding(config=self.vlm.config).to(device)
         self.expert.rotary_emb = GemmaRotaryEmbedding(config=self.expert.config).to(device)
         embeddings = self.paligemma_with_expert.paligemma.model.vision_tower.embeddings

@@ -105,8 +105,8 @@ class FeatureStats:
         return ((values + 1.0) * span / 2.0 + a).astype(np.float32)
 
 
-def _step(directory: Path, pipeline_file: str, registry_name: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config, statistics) of the named step of a LeRobot processor pipeline file."""
+def _step(directory: Path, pipeline_file: str, registry_name: str) -> tuple[dict, dict[str, np.ndarray], str]:
+    """(config, statistics, statistics file name) of the named step of a LeRobot processor pipeline file."""
     pipeline = _read_json(directory, pipeline_file)
     steps = pipeline.get('steps') if isinstance(pipeline, dict) else None
     if not isinstance(steps, list):
@@ -128,7 +128,7 @@ def _step(directory: Path, pipeline_file: str, registry_name: str) -> tuple[dict
         stats = {k: np.asarray(v, dtype=np.float32) for k, v in load_file(str(path)).items()}
     except Exception as error:
         raise CheckpointError(f'checkpoint {directory}: malformed {state_file}: {error}') from error
-    return config, stats
+    return config, stats, state_file
 
 
 def _feature(directory: Path, source: str, config: dict, stats: dict[str, np.ndarray], key: str, kind: str,
@@ -158,23 +158,14 @@ class Normalization:
 
     @classmethod
     def read(cls, directory: Path, state_dim: int, action_dim: int, defaults: dict[str, str]) -> 'Normalization':
-        pre_config, pre_stats = _step(directory, PREPROCESSOR_FILE, NORMALIZER_STEP)
-        post_config, post_stats = _step(directory, POSTPROCESSOR_FILE, UNNORMALIZER_STEP)
-        source = _state_file_name(directory, PREPROCESSOR_FILE, NORMALIZER_STEP)
-        state = _feature(directory, source, pre_config, pre_stats, STATE_KEY, 'STATE',
-                         defaults.get('STATE', 'MEAN_STD'), state_dim)
-        source = _state_file_name(directory, POSTPROCESSOR_FILE, UNNORMALIZER_STEP)
-        action = _feature(directory, source, post_config, post_stats, ACTION_KEY, 'ACTION',
-                          defaults.get('ACTION', 'MEAN_STD'), action_dim)
+        """The processors' own normalisation modes win over ``defaults`` (config.json's mapping), as in LeRobot."""
+        config, stats, source = _step(directory, PREPROCESSOR_FILE, NORMALIZER_STEP)
+        state = _feature(directory, source, config, stats, STATE_KEY, 'STATE', defaults.get('STATE', 'MEAN_STD'),
+                         state_dim)
+        config, stats, source = _step(directory, POSTPROCESSOR_FILE, UNNORMALIZER_STEP)
+        action = _feature(directory, source, config, stats, ACTION_KEY, 'ACTION', defaults.get('ACTION', 'MEAN_STD'),
+                          action_dim)
         return cls(state=state, action=action)
-
-
-def _state_file_name(directory: Path, pipeline_file: str, registry_name: str) -> str:
-    pipeline = _read_json(directory, pipeline_file)
-    for step in pipeline['steps']:
-        if isinstance(step, dict) and step.get('registry_name') == registry_name:
-            return str(step.get('state_file'))
-    return pipeline_file
 
 
 def load_tokenizer(directory: Path, tokenizer: Optional[str | Path] = None):
