@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import ChainMap
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -214,12 +215,14 @@ class ExpertActionRows:
 
     def after_layer(self, view: LayerView) -> Optional[torch.Tensor]:
         if view.layer <= self.probe_until:
-            self._probe_layer(view)
+            rows = self._probe_layer(view)
+            if rows:   # laid over the runner's summaries, which are not changed (they may be scored lazily)
+                view = dataclasses.replace(view, attention=ChainMap(rows, view.attention))
         return self.method.after_layer(view)
 
     @torch.no_grad()
-    def _probe_layer(self, view: LayerView) -> None:
-        """Advance the probe's expert pass by layer ``view.layer`` and put its action rows into the view."""
+    def _probe_layer(self, view: LayerView) -> dict[str, torch.Tensor]:
+        """Advance the probe's expert pass by layer ``view.layer``; the action rows the method asked for there."""
         probe, index = self.probe, view.layer
         layer = probe.decoder.layers[index]
         if self._previous is None:
@@ -242,8 +245,7 @@ class ExpertActionRows:
         cos_e, sin_e = self._rope
         self._hidden, weights = expert_layer(probe.expert_layers[index], self._hidden, cos_e, sin_e, k, v,
                                              probe.self_mask, probe.cond, probe.rows if requests else None)
-        for request in requests:
-            view.attention[request.key] = self._mixed(request, view.attention.get(request.key), weights)
+        return {request.key: self._mixed(request, view.attention.get(request.key), weights) for request in requests}
 
     def _mixed(self, request: AttentionRequest, text: Optional[torch.Tensor], action: torch.Tensor) -> torch.Tensor:
         """'action' rows: the expert's; 'text_action': the row-count-weighted mean with the runner's text rows."""
