@@ -70,6 +70,10 @@ class Feeder:
                 frame.header.stamp = self.stamp(3600.0)
             if 'garbage_frames' in bad:
                 frame.data = bytes(frame.data)[:100]
+            if 'tiny_frames' in bad:
+                frame = raw_image_message(synthetic_frame(self.index, 96, number)[:4, :4], stamp, frame_id=name)
+            if 'wide_frames' in bad:
+                frame = raw_image_message(synthetic_frame(self.index, 96, number)[:48], stamp, frame_id=name)
             publisher.publish(frame)
         pose = PoseStamped()
         pose.header.stamp, pose.header.frame_id = stamp, 'base_link'
@@ -103,16 +107,20 @@ def system():
                                'gripper_topic': 'gripper_forward_controller/commands'},
                       {'method_settings.num_layers': 4, 'gripper_command_type': 'float64_array',
                        'camera_frames': ['agentview', 'wrist']})
-    grippers: list[list[float]] = []
-    probe.node.create_subscription(Float64MultiArray, 'gripper_forward_controller/commands', lambda m: grippers.append(list(m.data)),
-                                   QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
-    feeder = Feeder(probe)
+    feeder = None
     try:
+        grippers: list[list[float]] = []
+        probe.node.create_subscription(Float64MultiArray, 'gripper_forward_controller/commands',
+                                       lambda m: grippers.append(list(m.data)),
+                                       QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
+        feeder = Feeder(probe)
         values = probe.wait_diagnostics(lambda message, v: message == 'active: commanding', STARTUP_S)
         assert values.get('hold reason') == 'none (commanding)', f'node never commanded; log:\n{node.output()[-3000:]}'
-        yield {'node': node, 'probe': probe, 'feeder': feeder, 'grippers': grippers}
+        yield {'node': node, 'probe': probe, 'feeder': feeder, 'grippers': grippers,
+               'first_instruction': values.get('instruction')}
     finally:
-        feeder.stop()
+        if feeder is not None:
+            feeder.stop()
         probe.close()
         node.interrupt()
 
@@ -129,6 +137,7 @@ def moving(probe: Probe, seconds: float = 3.0) -> bool:
     ('missing_fingers', 'state_invalid'),
     ('pose_frame', 'frame_id_mismatch'),
     ('garbage_frames', 'image_truncated'),
+    ('tiny_frames', 'image_size'),
     ('future_frames', 'image_future_stamp'),
 ])
 def test_bad_input_gives_a_zero_twist_at_the_next_tick_and_valid_input_resumes(system, kind, counter):
@@ -151,11 +160,42 @@ def test_bad_input_gives_a_zero_twist_at_the_next_tick_and_valid_input_resumes(s
     assert values['hold reason'].startswith('invalid input') and 'stale' not in values['hold reason'], values
     assert int(values.get(f'input errors: {counter}', 0)) > int(before.get(f'input errors: {counter}', 0))
     assert moving(probe, 10.0), f'{kind}: the node did not resume on valid input'     # no camera lock-out
+    if kind == 'garbage_frames':                 # bad-input log lines are throttled per camera, not per kind
+        output = system['node'].output()
+        assert "ignored bad input (image_truncated): camera 'agentview'" in output
+        assert "ignored bad input (image_truncated): camera 'wrist'" in output
+
+
+def test_squashed_frames_are_used_with_one_warning_per_camera(system):
+    probe, feeder, node = system['probe'], system['feeder'], system['node']
+    feeder.bad['wide_frames'] = True            # 96 x 48: twice as wide as the square policy input
+    time.sleep(1.0)
+    feeder.bad.clear()
+    output = node.output()
+    assert output.count("camera 'agentview': 96x48 frames are squashed") == 1, output[-3000:]
+    assert "camera 'wrist': 96x48 frames are squashed" in output
+    assert moving(probe, 10.0)
+
+
+def test_instruction_changes_are_logged_throttled(system):
+    probe, node = system['probe'], system['node']
+    flood = probe.node.create_publisher(String, 'instruction', 10)
+    assert probe.wait_for(lambda: flood.get_subscription_count() >= 1, 5.0)
+    before = node.output().count('instruction changed:')
+    for index in range(100):
+        flood.publish(String(data=f'pick up cube number {index}'))
+        time.sleep(0.005)
+    values = probe.wait_diagnostics(lambda m, v: v['instruction'] == 'pick up cube number 99', 5.0)
+    assert values['instruction'] == 'pick up cube number 99'
+    assert node.output().count('instruction changed:') - before <= 2     # one line per log_throttle_s (2 s)
+    flood.publish(String(data=LATCHED))
+    assert probe.wait_diagnostics(lambda m, v: v['instruction'] == LATCHED, 5.0)['instruction'] == LATCHED
+    probe.node.destroy_publisher(flood)
 
 
 def test_latched_and_volatile_instruction_publishers_both_reach_the_node(system):
     probe, node = system['probe'], system['node']
-    assert probe.latest_diagnostics()[1]['instruction'] == LATCHED        # published before the node started
+    assert system['first_instruction'] == LATCHED                        # published before the node started
     volatile = probe.node.create_publisher(String, 'instruction', 10)    # default QoS: volatile
     assert probe.wait_for(lambda: volatile.get_subscription_count() >= 1, 5.0)
     volatile.publish(String(data='push the blue cube to the left zone'))
