@@ -197,3 +197,16 @@ def test_openvla_oft_overrides_layer_validly_over_the_defaults():
     params = NodeParameters.from_mapping({**base, **overrides})
     assert params.validate() == []
     assert params.device == 'cuda' and params.dtype == 'bfloat16'
+
+
+def test_params_file_method_settings_nest_like_ros_and_are_checked(tmp_path):
+    params_file = tmp_path / 'robot.yaml'
+    params_file.write_text('/**:\n  ros__parameters:\n    model: tiny-random\n    method: fastv\n'
+                           '    method_settings:\n      keep_ratio: 0.25\n')
+    assert launch_config.params_file_values(str(params_file))['method_settings.keep_ratio'] == 0.25
+    assert node_setup({'params_file': str(params_file)}).params_file == str(params_file)
+    params_file.write_text(params_file.read_text().replace('0.25', '1.5'))
+    with pytest.raises(ValueError, match=r"method 'fastv': keep_ratio: 1.5 is outside \[0, 1\]"):
+        node_setup({'params_file': str(params_file)})
+    with pytest.raises(ValueError, match=r"unknown parameter 'max_linear_sped' \(did you mean 'max_linear_speed'\?\)"):
+        launch_config.check_overrides(launch_config.default_params_file(), {'max_linear_sped': 0.1})

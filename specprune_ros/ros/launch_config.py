@@ -158,8 +158,20 @@ def params_file_values(params_file: str) -> dict[str, Any]:
         document = yaml.safe_load(stream) or {}
     values: dict[str, Any] = {}
     for key in ('/**', EXECUTABLE, f'/{EXECUTABLE}'):
-        values.update((document.get(key) or {}).get('ros__parameters', {}) or {})
+        values.update(flatten_parameters((document.get(key) or {}).get('ros__parameters', {}) or {}))
     return values
+
+
+def flatten_parameters(values: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+    """Nested params-file mappings as ROS names them: {'method_settings': {'keep_ratio': 0.2}} ->
+    {'method_settings.keep_ratio': 0.2}."""
+    flat: dict[str, Any] = {}
+    for name, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten_parameters(value, f'{prefix}{name}.'))
+        else:
+            flat[f'{prefix}{name}'] = value
+    return flat
 
 
 def check_overrides(params_file: str, overrides: Mapping[str, Any]) -> NodeParameters:
