@@ -210,3 +210,46 @@ def test_params_file_method_settings_nest_like_ros_and_are_checked(tmp_path):
         node_setup({'params_file': str(params_file)})
     with pytest.raises(ValueError, match=r"unknown parameter 'max_linear_sped' \(did you mean 'max_linear_speed'\?\)"):
         launch_config.check_overrides(launch_config.default_params_file(), {'max_linear_sped': 0.1})
+
+
+def test_launch_file_starts_the_tested_setup_as_a_lifecycle_node(monkeypatch):
+    """Run launch/specprune.launch.py against stand-ins for launch / launch_ros (not installable here)."""
+    import sys
+    import types
+
+    class Recorder:
+        def __init__(self, *args, **kwargs):
+            self.args, self.kwargs = args, kwargs
+
+    class LifecycleNode(Recorder):
+        pass
+
+    class LaunchConfiguration:
+        values = {'use_sim_time': 'true', 'twist_topic': '/servo_node/delta_twist_cmds', 'namespace': 'arm'}
+
+        def __init__(self, name):
+            self.name = name
+
+        def perform(self, context):
+            defaults = {arg.name: arg.default for arg in LAUNCH_ARGUMENTS}
+            return self.values.get(self.name, defaults[self.name])
+
+    modules = {'launch': {'LaunchDescription': Recorder},
+               'launch.actions': {'DeclareLaunchArgument': Recorder, 'OpaqueFunction': Recorder},
+               'launch.substitutions': {'LaunchConfiguration': LaunchConfiguration},
+               'launch_ros': {}, 'launch_ros.actions': {'LifecycleNode': LifecycleNode}}
+    for name, attributes in modules.items():
+        module = types.ModuleType(name)
+        module.__dict__.update(attributes)
+        monkeypatch.setitem(sys.modules, name, module)
+    spec = importlib.util.spec_from_file_location('specprune_launch_stand_in', LAUNCH_FILE)
+    launch_file = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch_file)
+    description = launch_file.generate_launch_description()
+    declared = [action.args[0] for action in description.args[0] if action.args]
+    assert declared == [arg.name for arg in LAUNCH_ARGUMENTS] and 'use_sim_time' in declared
+    (node,) = description.args[0][-1].kwargs['function'](None)
+    assert isinstance(node, LifecycleNode)
+    assert node.kwargs['namespace'] == '/arm' and node.kwargs['executable'] == 'specprune_node'
+    assert node.kwargs['parameters'][1] == {'use_sim_time': True}
+    assert node.kwargs['remappings'] == [('delta_twist_cmds', '/servo_node/delta_twist_cmds')]

@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pytest
 
 pytest.importorskip('rclpy', reason='ROS 2 (rclpy) is not installed: scripts/setup_env.sh installs the wheels')

@@ -178,10 +178,11 @@ class SpecPruneNode(LifecycleNode):
                 self.controller.reject(source, kind, message)
             else:
                 self.controller.count_input_error(kind, message)
-        self._log_rejected(kind, message, source)
+        self._log_rejected(message, source, kind)
 
-    def _log_rejected(self, kind: str, message: str, source: str = '') -> None:
-        self._warn_throttled(f'{kind}:{source}', f'ignored bad input ({kind}): {message}'
+    def _log_rejected(self, message: str, source: str = '', kind: str = '') -> None:
+        """Warn about a rejected message, at most once per log_throttle_s for each kind and source."""
+        self._warn_throttled(f'{kind}:{source}', 'ignored bad input' + (f' ({kind})' if kind else '') + f': {message}'
                              + (f'; holding until {source} is valid again' if source else ''))
 
     # --- lifecycle -----------------------------------------------------------------------------------------
@@ -360,7 +361,7 @@ class SpecPruneNode(LifecycleNode):
         self._warn_if_squashed(camera, decoded.shape[:2], tuple(policy.image_size))
         error = controller.put_frame(camera, rgb, stamp, self.now(), header.frame_id)
         if error:
-            self._log_rejected('frame', error, camera)
+            self._log_rejected(error, camera)
             return
         if self.worker is not None:
             self.worker.wake()
@@ -407,7 +408,7 @@ class SpecPruneNode(LifecycleNode):
         error = self.controller.put_pose((p.x, p.y, p.z), (q.x, q.y, q.z, q.w),
                                          messages.stamp_seconds(msg.header.stamp), self.now(), msg.header.frame_id)
         if error:
-            self._log_rejected('ee_pose', error, 'ee_pose')
+            self._log_rejected(error, 'ee_pose')
 
     def _on_joint_state(self, msg: JointState) -> None:
         if self.controller is None:
@@ -426,7 +427,7 @@ class SpecPruneNode(LifecycleNode):
     def _put_gripper(self, gap: float, stamp: float) -> None:
         error = self.controller.put_gripper(gap, stamp, self.now())
         if error:
-            self._log_rejected('gripper_state', error, 'gripper_state')
+            self._log_rejected(error, 'gripper_state')
 
     # --- control timer and inference results ---------------------------------------------------------------
     def _on_tick(self) -> None:
