@@ -238,7 +238,8 @@ class SpecPruneNode(LifecycleNode):
 
     def _unknown_overrides(self) -> list[str]:
         """Overrides (params file, -p) that name no parameter of this node: a typo must not pass silently."""
-        declared = set(self._parameters)
+        declared = set(self.list_parameters([], 0).names)
+        # rclpy keeps a node's overrides only here; there is no public accessor
         return [unknown_parameter_message(name, declared) for name in sorted(self._parameter_overrides)
                 if name not in declared]
 
