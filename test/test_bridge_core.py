@@ -299,6 +299,9 @@ def test_sim_launch_file_wires_both_nodes_from_the_tested_configuration(monkeypa
         def __init__(self, *args, **kwargs):
             self.args, self.kwargs = args, kwargs
 
+    class LifecycleRecorder(Recorder):
+        pass
+
     class LaunchConfiguration:
         values: dict = {}
 
@@ -313,7 +316,7 @@ def test_sim_launch_file_wires_both_nodes_from_the_tested_configuration(monkeypa
                                                               'RegisterEventHandler')},
                'launch.event_handlers': {'OnProcessExit': Recorder}, 'launch.events': {'Shutdown': Recorder},
                'launch.substitutions': {'LaunchConfiguration': LaunchConfiguration},
-               'launch_ros': {}, 'launch_ros.actions': {'Node': Recorder}}
+               'launch_ros': {}, 'launch_ros.actions': {'Node': Recorder, 'LifecycleNode': LifecycleRecorder}}
     for name, attributes in modules.items():
         module = types.ModuleType(name)
         module.__dict__.update(attributes)
@@ -327,6 +330,7 @@ def test_sim_launch_file_wires_both_nodes_from_the_tested_configuration(monkeypa
     LaunchConfiguration.values = {'model': 'tiny-random', 'method': 'none', 'mode': 'realtime', 'families': 'pick'}
     policy, bridge, shutdown = description.args[0][-1].kwargs['function'](None)
     assert policy.kwargs['executable'] == 'specprune_node' and bridge.kwargs['executable'] == 'sim_bridge'
+    assert isinstance(policy, LifecycleRecorder) and policy.kwargs['namespace'] == ''     # a lifecycle node
     params_file, overrides = policy.kwargs['parameters']
     assert Path(params_file).name == 'specprune.yaml'
     assert overrides['model'] == 'tiny-random' and overrides['use_sim_time'] is True

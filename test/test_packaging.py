@@ -65,3 +65,34 @@ def test_install_tree_has_launch_config_and_executables():
     for relative in ('package.xml', 'launch/specprune.launch.py', 'config/specprune.yaml'):
         assert (share / relative).is_file(), relative
     assert os.access(prefix / 'lib' / PACKAGE / 'specprune_node', os.X_OK)
+
+
+# rosdep keys (rosdistro rosdep/python.yaml) of the third-party Python packages the package imports at run time;
+# those without a key are named here and installed with pip.
+ROSDEP_KEYS = {'numpy': 'python3-numpy', 'cv2': 'python3-opencv', 'yaml': 'python3-yaml', 'torch': 'python3-torch',
+               'transformers': 'python3-transformers-pip', 'PIL': 'python3-pil', 'tqdm': 'python3-tqdm',
+               'matplotlib': 'python3-matplotlib', 'mujoco': 'python3-mujoco-pip', 'rosbags': 'python3-rosbags-pip',
+               'tokenizers': 'python3-transformers-pip',    # installed with transformers
+               'cv_bridge': 'cv_bridge'}                     # a ROS package, used when installed
+WITHOUT_ROSDEP_KEY = {'safetensors'}
+
+
+def test_every_third_party_python_import_is_an_exec_depend_or_named_as_pip_only():
+    import sys
+    declared = {e.text for e in package_xml().findall('exec_depend')}
+    ros = {'rclpy', 'launch', 'launch_ros', 'ament_index_python'}
+    imported = set()
+    for path in (ROOT / PACKAGE).rglob('*.py'):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                top = name.split('.')[0]
+                if top in sys.stdlib_module_names or top == PACKAGE or top in ros \
+                        or top.endswith(('_msgs', '_srvs', '_interfaces')):
+                    continue
+                imported.add(top)
+    unknown = imported - set(ROSDEP_KEYS) - WITHOUT_ROSDEP_KEY
+    assert not unknown, f'imported but neither a rosdep key nor pip-only: {sorted(unknown)}'
+    missing = {ROSDEP_KEYS[name] for name in imported & set(ROSDEP_KEYS)} - declared
+    assert not missing, f'package.xml lacks exec_depend {sorted(missing)}'

@@ -14,7 +14,7 @@ import yaml
 
 from specprune_ros.bridge.settings import BridgeSettings
 from specprune_ros.ros.launch_config import (EXECUTABLE, LAUNCH_ARGUMENTS, LaunchArgument, NodeSetup, check_overrides,
-                                             default_params_file, format_value, node_setup)
+                                             default_params_file, flatten_parameters, format_value, node_setup)
 
 BRIDGE_EXECUTABLE = 'sim_bridge'
 BRIDGE_MODULE = 'specprune_ros.ros.sim_bridge_node'
@@ -94,7 +94,7 @@ def sim_file_values(path: str, node: str) -> dict[str, Any]:
         document = yaml.safe_load(stream) or {}
     values: dict[str, Any] = {}
     for key in (node, f'/{node}'):
-        values.update((document.get(key) or {}).get('ros__parameters', {}) or {})
+        values.update(flatten_parameters((document.get(key) or {}).get('ros__parameters', {}) or {}))
     return values
 
 
