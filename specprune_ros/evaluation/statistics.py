@@ -28,7 +28,9 @@ def paired_difference(treated: Sequence[bool], control: Sequence[bool],
     """Difference of two success rates measured on the same episodes (``treated - control``) with its 95%
     interval: Newcombe's hybrid score interval for paired proportions (Newcombe 1998, method 10), which
     combines the two Wilson intervals with the correlation of the pairs, so a method that fails on the same
-    episodes as the baseline gets a narrower interval than two independent samples would."""
+    episodes as the baseline gets a narrower interval than two independent samples would. The correlation phi
+    carries the method's continuity correction: a positive ``AD - BC`` is reduced by ``N / 2`` (not below 0),
+    a negative one is used as it is."""
     x = np.asarray(treated, dtype=bool)
     y = np.asarray(control, dtype=bool)
     if x.shape != y.shape:
@@ -42,7 +44,10 @@ def paired_difference(treated: Sequence[bool], control: Sequence[bool],
     l1, u1 = wilson_interval(both + only_x, n, z)
     l2, u2 = wilson_interval(both + only_y, n, z)
     denominator = (both + only_x) * (only_y + neither) * (both + only_y) * (only_x + neither)
-    phi = (both * neither - only_x * only_y) / math.sqrt(denominator) if denominator > 0 else 0.0
+    phi = 0.0
+    if denominator > 0:
+        cross = both * neither - only_x * only_y
+        phi = (max(cross - n / 2, 0.0) if cross > 0 else cross) / math.sqrt(denominator)
     delta = p1 - p2
     below = (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2
     above = (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2
