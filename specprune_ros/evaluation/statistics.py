@@ -8,14 +8,15 @@ import numpy as np
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a success rate (well behaved at 0% and 100%)."""
+    """95% Wilson score interval of a success rate (well behaved at 0% and 100%); it always contains the rate
+    itself (no rounding error puts 0/n above 0 or n/n below 1)."""
     if trials == 0:
         return 0.0, 1.0
     p = successes / trials
     denominator = 1 + z * z / trials
     centre = (p + z * z / (2 * trials)) / denominator
     half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return max(0.0, min(centre - half, p)), min(1.0, max(centre + half, p))
 
 
 def percentile(values: Sequence[float], q: float) -> float:
