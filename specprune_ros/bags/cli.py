@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -64,6 +63,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument('--commands-topic', default='/delta_twist_cmds', help="recorded TwistStamped ('' = none)")
     parser.add_argument('--gripper-command-topic', default='/gripper_command')
     parser.add_argument('--chunks-topic', default='/specprune_node/action_chunk', help="recorded chunks ('' = none)")
+    parser.add_argument('--inference-topic', default='/specprune_node/inference',
+                        help="the node's inference records: which method and model recorded the bag ('' = none)")
     parser.add_argument('--schedule', choices=('auto', 'recorded', 'every'), default='auto',
                         help='auto: where the live node inferred when the bag has its chunks, else every frame set')
     parser.add_argument('--stride', type=int, default=1, help="schedule 'every': infer every N-th frame set")
@@ -89,7 +90,7 @@ def evaluate_main(argv: Optional[list[str]] = None) -> int:
     topics = StreamTopics(instruction=args.instruction_topic, ee_pose=args.ee_pose_topic,
                           gripper_state=args.gripper_state_topic, commands=args.commands_topic,
                           gripper_command=args.gripper_command_topic, chunks=args.chunks_topic,
-                          finger_joints=tuple(args.finger_joints))
+                          inference=args.inference_topic, finger_joints=tuple(args.finger_joints))
     if cameras:
         topics.cameras = cameras
     try:   # the bag first (fast): a broken bag should not wait for torch and the model to load
@@ -121,9 +122,6 @@ def evaluate_main(argv: Optional[list[str]] = None) -> int:
     paths = write_report(report, args.out, args.name, plots=not args.no_plots)
     print(markdown(report))
     print('wrote ' + ', '.join(str(p) for p in paths.values()))
-    summary = {name: {'chunk_mae_vs_unpruned': m['vs_unpruned']['chunk_mae'], 'speedup': m['speedup']}
-               for name, m in report['methods'].items()}
-    print(json.dumps(summary))
     return 0
 
 
@@ -172,7 +170,9 @@ def record_sim_main(argv: Optional[list[str]] = None) -> int:
             policy = load_policy(args.model, args.method, config)
         options = SimBagOptions(families=args.families, seeds=args.seeds, actor=args.actor, max_steps=args.max_steps,
                                 image_size=args.image_size, compressed=args.compressed, storage=args.storage,
-                                execute_steps=args.execute_steps)
+                                execute_steps=args.execute_steps,
+                                method=args.method if args.actor == 'policy' else '',
+                                model=args.model if args.actor == 'policy' else '')
         result = record_sim_bag(args.output, options, policy=policy)
     except (BagError, CheckpointError, ValueError) as error:
         print(f'error: {error}', file=sys.stderr)

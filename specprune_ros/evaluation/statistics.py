@@ -53,3 +53,18 @@ def paired_difference(treated: Sequence[bool], control: Sequence[bool],
     below = (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2
     above = (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2
     return delta, max(-1.0, delta - math.sqrt(max(below, 0.0))), min(1.0, delta + math.sqrt(max(above, 0.0)))
+
+
+def median_ratio(numerator: Sequence[float], denominator: Sequence[float], resamples: int = 2000,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """``median(numerator) / median(denominator)`` (e.g. a speedup: baseline latencies over a method's) with a
+    95% percentile-bootstrap interval (each sample resampled on its own); NaNs when either sample is empty."""
+    a = np.asarray([v for v in numerator if math.isfinite(v)], dtype=np.float64)
+    b = np.asarray([v for v in denominator if math.isfinite(v)], dtype=np.float64)
+    if a.size == 0 or b.size == 0 or np.median(b) <= 0:
+        return float('nan'), float('nan'), float('nan')
+    rng = np.random.default_rng(seed)
+    ratios = (np.median(rng.choice(a, (resamples, a.size)), axis=1)
+              / np.maximum(np.median(rng.choice(b, (resamples, b.size)), axis=1), 1e-12))
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(np.median(a) / np.median(b)), float(low), float(high)
