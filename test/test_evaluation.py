@@ -114,3 +114,11 @@ def test_parallel_evaluation_matches_serial_and_reports(tmp_path):
     assert '| none | pick | 50.0% (1/2)' in md_path.read_text()
     assert markdown_table([summary]).count('\n') == 4
     assert 'How the episodes ended' in md_path.read_text() and '| none | all |' in outcome_table([summary])
+
+
+@pytest.mark.parametrize('workers', [1, 2])
+def test_a_policy_that_cannot_load_shows_its_own_error_with_workers_too(tmp_path, workers):
+    from specprune_ros.policy.checkpoint import CheckpointError
+    spec = PolicySpec(model=str(tmp_path / 'no_checkpoint'), method='none')
+    with pytest.raises(CheckpointError, match='no_checkpoint'):
+        evaluate(spec, ['pick'], 2, workers=workers, progress=False, max_steps=4)
