@@ -27,7 +27,7 @@ FLOPs columns mean anything; depth-scaled defaults such as VLA-Pruner's K and Sp
 follow the depth).
 
     python benchmarks/pruning_closed_loop.py --episodes-per-family 34 --out outputs/benchmarks
-    python benchmarks/pruning_closed_loop.py --episodes-per-family 10 --configs 'specprune (full)' \
+    python benchmarks/pruning_closed_loop.py --episodes-per-family 10 --configs 'specprune (full)' \\
         --target 'specprune (full)=2.0:0.05' --wide
 
 The markdown and JSON results are written before the plot is drawn.
@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from specprune_ros.command_line import HelpFormatter
 from specprune_ros.evaluation.closed_loop import PolicySpec, evaluate, outcome_table, run_episode, summarize
 from specprune_ros.evaluation.statistics import paired_difference
 from specprune_ros.policy.interface import Observation
@@ -247,18 +248,14 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Examples as written, and every option's default."""
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument('--model', default='reference')
+    parser.add_argument('--model', default='reference', help="'reference', 'tiny-random' or a checkpoint directory")
     parser.add_argument('--episodes-per-family', type=int, default=34, help='34 x 3 families = 102 per configuration')
     parser.add_argument('--latency-episodes', type=int, default=2, help='episodes per family replayed for latency')
     parser.add_argument('--execute-steps', type=int, default=None,
                         help='actions executed per chunk before re-planning (default: the whole chunk of 8)')
-    parser.add_argument('--workers', type=int, default=2)
+    parser.add_argument('--workers', type=int, default=2, help='worker processes in the success phase')
     parser.add_argument('--threads', type=int, default=2, help='torch threads in the latency phase')
     parser.add_argument('--configs', nargs='*', default=None, help='labels to run (default: all)')
     parser.add_argument('--extra', action='append', default=[], metavar='LABEL=METHOD:JSON',
@@ -269,12 +266,13 @@ def main(argv: list[str] | None = None) -> None:
                         "latency only); none given: skip")
     parser.add_argument('--target', action='append', type=parse_target, default=None, dest='targets',
                         metavar='LABEL=SPEEDUP:LOSS',
-                        help='a target: configuration LABEL at a steady speedup of SPEEDUP with at most LOSS (fraction) '
-                        'less success than unpruned (repeatable; default: ' + ', '.join(
-                            f"'{n}={s}:{loss}'" for n, s, loss in TARGETS) + ')')
+                        help='a target: configuration LABEL at a steady speedup of SPEEDUP with at most LOSS '
+                        '(fraction) less success than unpruned (repeatable; default: ' + ', '.join(
+                            f"'{n}={s}:{loss}'".replace('%', '%%') for n, s, loss in TARGETS) + ')')
     parser.add_argument('--target-baselines', nargs='*', default=list(TARGET_BASELINES),
                         help='configurations every target must beat in success')
-    parser.add_argument('--out', type=Path, default=Path('outputs/benchmarks'))
+    parser.add_argument('--out', type=Path, default=Path('outputs/benchmarks'),
+                        help='directory for the markdown, JSON and PNG results')
     args = parser.parse_args(argv)
 
     from specprune_ros.sim import EVAL_SEED_START, TASK_FAMILIES

@@ -1,6 +1,6 @@
 """Simulation testing: the policy node and the sim bridge (MuJoCo tabletop tasks) on sim time.
 
-    ros2 launch specprune_ros sim.launch.py model:=reference method:=specprune mode:=sync \
+    ros2 launch specprune_ros sim.launch.py model:=reference method:=specprune mode:=sync \\
         episodes_per_family:=10 summary_path:=/tmp/sim/specprune_sync
     ros2 launch specprune_ros sim.launch.py method:=none mode:=realtime families:=pick
 
@@ -17,7 +17,7 @@ from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
 from specprune_ros.ros.launch_config import EXECUTABLE, PACKAGE
-from specprune_ros.ros.sim_launch_config import ALL_ARGUMENTS, BRIDGE_EXECUTABLE, sim_setup
+from specprune_ros.ros.sim_launch_config import ALL_ARGUMENTS, BRIDGE_EXECUTABLE, BRIDGE_NODE_NAME, sim_setup
 
 
 def _start(context, *args, **kwargs):
@@ -27,7 +27,7 @@ def _start(context, *args, **kwargs):
                        parameters=[policy.params_file, setup.policy_parameters()],
                        remappings=policy.remappings, arguments=['--ros-args', '--log-level', policy.log_level],
                        output='screen', emulate_tty=True)
-    bridge = Node(package=PACKAGE, executable=BRIDGE_EXECUTABLE, name=BRIDGE_EXECUTABLE,
+    bridge = Node(package=PACKAGE, executable=BRIDGE_EXECUTABLE, name=BRIDGE_NODE_NAME,
                   parameters=[setup.sim_params_file, setup.bridge_overrides], output='screen', emulate_tty=True)
     done = RegisterEventHandler(OnProcessExit(target_action=bridge,
                                               on_exit=[EmitEvent(event=Shutdown(reason='simulation finished'))]))

@@ -13,20 +13,22 @@ import json
 import sys
 from pathlib import Path
 
+from specprune_ros.command_line import HelpFormatter
 from specprune_ros.evaluation.closed_loop import PolicySpec, evaluate, record_episode, summarize, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--model', default='reference', help="'reference', 'tiny-random' or a checkpoint directory")
     parser.add_argument('--method', default='none', help='pruning method (see specprune_ros.pruning)')
     parser.add_argument('--method-config', type=json.loads, default=None, help='JSON dict of method settings')
     parser.add_argument('--execute-steps', type=int, default=None, help='actions executed per chunk (default: all 8)')
-    parser.add_argument('--families', nargs='+', default=None)
-    parser.add_argument('--episodes-per-family', type=int, default=10)
+    parser.add_argument('--families', nargs='+', default=None, help='task families (default: all)')
+    parser.add_argument('--episodes-per-family', type=int, default=10, help='episodes of each family')
     parser.add_argument('--seed-start', type=int, default=None, help='default: the held-out EVAL_SEED_START')
-    parser.add_argument('--workers', type=int, default=2)
-    parser.add_argument('--out', type=Path, default=Path('outputs/eval'))
+    parser.add_argument('--workers', type=int, default=2, help='worker processes (1: in this process)')
+    parser.add_argument('--out', type=Path, default=Path('outputs/eval'),
+                        help='directory for the JSON and markdown report')
     parser.add_argument('--record', type=Path, default=None, help='also save a PNG strip + GIF of one episode here')
     args = parser.parse_args(argv)
 

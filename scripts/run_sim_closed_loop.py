@@ -20,31 +20,35 @@ import sys
 import time
 from pathlib import Path
 
+from specprune_ros.command_line import HelpFormatter
 from specprune_ros.ros.sim_runner import SimRun, parse_assignments, run_simulation
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--model', default='', help="'reference', 'tiny-random' or a checkpoint directory")
     parser.add_argument('--method', default='', help='pruning method (none, specprune, vla_pruner, ...)')
     parser.add_argument('--method-config', default='', help="the method's knobs as YAML, e.g. '{keep_ratio: 0.25}'")
-    parser.add_argument('--device', default='')
+    parser.add_argument('--device', default='', help="torch device of the node (default: the params file's)")
     parser.add_argument('--params-file', default='', help='policy node params (default config/specprune.yaml)')
     parser.add_argument('--sim-params-file', default='', help='bridge + sim overrides (default config/sim_bridge.yaml)')
-    parser.add_argument('--mode', choices=('sync', 'realtime'), default='')
+    parser.add_argument('--mode', choices=('sync', 'realtime'), default='',
+                        help="sync (the sim waits for each command) or realtime (default: the sim params file's)")
     parser.add_argument('--families', default='', help='comma-separated, e.g. pick,place')
-    parser.add_argument('--episodes-per-family', default='')
-    parser.add_argument('--seed-start', default='')
-    parser.add_argument('--max-steps', default='')
-    parser.add_argument('--label', default='')
+    parser.add_argument('--episodes-per-family', default='',
+                        help="episodes of each family (default: the sim params file's)")
+    parser.add_argument('--seed-start', default='', help="first episode seed (default: the sim params file's)")
+    parser.add_argument('--max-steps', default='',
+                        help='stop episodes after this many steps (0: the task limit; default: the sim params file)')
+    parser.add_argument('--label', default='', help='name of the run in the summary (default: the method)')
     parser.add_argument('--summary', default='', help='write <path>.json and <path>.md '
                         '(default: outputs/sim/<label or method>_<mode>_<time>/summary)')
     parser.add_argument('--log-dir', type=Path, default=None,
                         help='process logs (default: a logs directory next to the summary)')
     parser.add_argument('--domain-id', type=int, default=None, help='ROS_DOMAIN_ID for the processes')
-    parser.add_argument('--torch-threads', type=int, default=1)
+    parser.add_argument('--torch-threads', type=int, default=1, help='torch threads of the node')
     parser.add_argument('--record-bag', type=Path, default=None, help='also record the run to this bag directory')
-    parser.add_argument('--storage', choices=('mcap', 'sqlite3'), default='mcap')
+    parser.add_argument('--storage', choices=('mcap', 'sqlite3'), default='mcap', help='storage format of --record-bag')
     parser.add_argument('--policy-param', action='append', default=[], metavar='NAME=VALUE',
                         help='extra policy node parameter (repeatable)')
     parser.add_argument('--bridge-param', action='append', default=[], metavar='NAME=VALUE',

@@ -326,7 +326,8 @@ def test_sim_launch_file_wires_both_nodes_from_the_tested_configuration(monkeypa
     assert {'model', 'method', 'mode', 'families', 'episodes_per_family', 'summary_path'} <= set(declared)
     LaunchConfiguration.values = {'model': 'tiny-random', 'method': 'none', 'mode': 'realtime', 'families': 'pick'}
     policy, bridge, shutdown = description.args[0][-1].kwargs['function'](None)
-    assert policy.kwargs['executable'] == 'specprune_node' and bridge.kwargs['executable'] == 'sim_bridge'
+    assert policy.kwargs['executable'] == 'specprune_node' and bridge.kwargs['executable'] == 'specprune_sim_bridge'
+    assert bridge.kwargs['name'] == 'sim_bridge'   # the node keeps its name: config/sim_bridge.yaml is keyed by it
     params_file, overrides = policy.kwargs['parameters']
     assert Path(params_file).name == 'specprune.yaml'
     assert overrides['model'] == 'tiny-random' and overrides['use_sim_time'] is True

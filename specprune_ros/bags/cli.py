@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from specprune_ros.command_line import HelpFormatter
+
 EVALUATE_HELP = """Offline replay evaluation of a recorded bag: the same camera frames through the unpruned policy
 and each pruning method; reports action deviation (from unpruned, and from the recorded commands and chunks when the
 bag has them), kept tokens, latency and speedup as markdown + JSON + PNG plots. No ROS needed.
@@ -45,8 +47,8 @@ def parse_method_config(text: str) -> tuple[str, dict]:
 
 def evaluate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=EVALUATE_HELP,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('bag', type=Path)
+                                     formatter_class=HelpFormatter)
+    parser.add_argument('bag', type=Path, help='bag directory (rosbag2, MCAP or sqlite3)')
     parser.add_argument('--model', default='reference', help="'reference', 'tiny-random' or a checkpoint directory")
     parser.add_argument('--methods', nargs='+', default=['specprune', 'vla_pruner'],
                         help="pruning methods to compare with 'none' (always run)")
@@ -55,13 +57,18 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument('--camera', action='append', type=parse_camera, default=[], metavar='NAME=TOPIC',
                         help='camera topic (default agentview=/camera/agentview/image_raw, '
                              'wrist=/camera/wrist/image_raw)')
-    parser.add_argument('--instruction-topic', default='/instruction')
+    parser.add_argument('--instruction-topic', default='/instruction',
+                        help='std_msgs/String topic with the instruction')
     parser.add_argument('--instruction', default='', help='use this instruction instead of a topic')
-    parser.add_argument('--ee-pose-topic', default='/ee_pose')
-    parser.add_argument('--gripper-state-topic', default='/gripper_state')
-    parser.add_argument('--finger-joints', nargs='+', default=['finger_joint1', 'finger_joint2'])
+    parser.add_argument('--ee-pose-topic', default='/ee_pose',
+                        help='geometry_msgs/PoseStamped topic with the end-effector pose')
+    parser.add_argument('--gripper-state-topic', default='/gripper_state',
+                        help='sensor_msgs/JointState (finger joints) or std_msgs/Float64 (finger gap) topic')
+    parser.add_argument('--finger-joints', nargs='+', default=['finger_joint1', 'finger_joint2'],
+                        help='joint names of the fingers in the gripper JointState')
     parser.add_argument('--commands-topic', default='/delta_twist_cmds', help="recorded TwistStamped ('' = none)")
-    parser.add_argument('--gripper-command-topic', default='/gripper_command')
+    parser.add_argument('--gripper-command-topic', default='/gripper_command',
+                        help="recorded std_msgs/Float64 gripper commands ('' = none)")
     parser.add_argument('--chunks-topic', default='/specprune_node/action_chunk', help="recorded chunks ('' = none)")
     parser.add_argument('--inference-topic', default='/specprune_node/inference',
                         help="the node's inference records: which method and model recorded the bag ('' = none)")
@@ -71,13 +78,14 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument('--max-observations', type=int, default=0, help='use only the first N frame sets')
     parser.add_argument('--max-camera-skew', type=float, default=0.05, help='seconds between paired frames')
     parser.add_argument('--image-size', type=int, default=0, help="resize frames (0: the policy's input size)")
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--device', default='cpu', help="torch device ('cpu', 'cuda', ...)")
+    parser.add_argument('--seed', type=int, default=0, help='seed of the policy (random pruning, tiny-random weights)')
     parser.add_argument('--threads', type=int, default=1, help='torch threads')
     parser.add_argument('--no-repeat-baseline', action='store_true', help='skip the determinism re-run of none')
-    parser.add_argument('--out', type=Path, default=Path('outputs/replay'))
-    parser.add_argument('--name', default='replay')
-    parser.add_argument('--no-plots', action='store_true')
+    parser.add_argument('--out', type=Path, default=Path('outputs/replay'),
+                        help='directory for the markdown, JSON and PNG files')
+    parser.add_argument('--name', default='replay', help='file name stem of the report')
+    parser.add_argument('--no-plots', action='store_true', help='write no PNG plots')
     parser.add_argument('--quiet', action='store_true', help='no progress bars')
     return parser
 
@@ -135,18 +143,20 @@ time = sim time), acted by the scripted expert or by a policy executing its chun
 
 def record_sim_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=RECORD_SIM_HELP,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument('output', type=Path, help='bag directory to create (must not exist)')
-    parser.add_argument('-s', '--storage', choices=('mcap', 'sqlite3'), default='mcap')
-    parser.add_argument('--families', nargs='+', default=['pick'])
-    parser.add_argument('--seeds', nargs='+', type=int, default=[1_000_000])
-    parser.add_argument('--actor', choices=('expert', 'policy'), default='expert')
+    parser.add_argument('-s', '--storage', choices=('mcap', 'sqlite3'), default='mcap', help='bag storage format')
+    parser.add_argument('--families', nargs='+', default=['pick'], help='task families (pick, place, push)')
+    parser.add_argument('--seeds', nargs='+', type=int, default=[1_000_000],
+                        help='episode seeds; every family runs every seed')
+    parser.add_argument('--actor', choices=('expert', 'policy'), default='expert',
+                        help='who acts: the scripted expert, or a policy executing its chunks')
     parser.add_argument('--model', default='reference', help='policy actor: model')
     parser.add_argument('--method', default='none', help='policy actor: pruning method')
     parser.add_argument('--method-config', default='', help='policy actor: the method knobs as YAML')
     parser.add_argument('--execute-steps', type=int, default=0, help='policy actor: actions per chunk (0: all)')
     parser.add_argument('--max-steps', type=int, default=0, help='per episode (0: the task limit)')
-    parser.add_argument('--image-size', type=int, default=96)
+    parser.add_argument('--image-size', type=int, default=96, help='camera frame side in pixels')
     parser.add_argument('--compressed', action='store_true', help='JPEG CompressedImage on <camera topic>/compressed')
     return parser
 

@@ -89,7 +89,8 @@ def _mark_resets(ax, report: dict) -> None:
     """Dashed vertical lines where the policy was reset (episode starts, instruction changes, gaps)."""
     for k, index in enumerate(report.get('resets') or []):
         if index > 0:
-            ax.axvline(index - 0.5, color='0.5', ls='--', lw=0.8, label='policy reset (new episode)' if k == 1 else None)
+            ax.axvline(index - 0.5, color='0.5', ls='--', lw=0.8,
+                       label='policy reset (new episode)' if k == 1 else None)
 
 
 def plot(report: dict, out_dir: Path) -> list[Path]:

@@ -7,9 +7,9 @@ installable here; on a robot ``ros2 bag play --clock`` drives the node the same 
 
 Messages go out as the recorded CDR bytes (no deserialization), in bag-time order, at ``start + (t - t0) / rate``
 of wall-clock time, where ``t0`` is the first message of the replayed topics (``--start-offset`` skips the first
-seconds after it; ``--progress`` shows the replayed bag time, its total and the time left). ``--clock`` publishes ``/clock`` from bag time
-(at ``--clock-rate`` Hz and right before each message; a recorded /clock topic is then not replayed): run the
-consumer with ``use_sim_time:=true`` so header stamps and its clock agree. Each topic's publisher QoS is the
+seconds after it; ``--progress`` shows the replayed bag time, its total and the time left). ``--clock``
+publishes ``/clock`` from bag time (at ``--clock-rate`` Hz and right before each message; a recorded /clock topic
+is then not replayed): run the consumer with ``use_sim_time:=true`` so header stamps and its clock agree. Each topic's publisher QoS is the
 recorded offered QoS (reliable unless every recorded publisher was best effort; transient local when one was:
 latched topics such as the instruction stay latched), so every usual subscriber matches.
 """
@@ -33,6 +33,7 @@ from rclpy.signals import SignalHandlerOptions
 from rosgraph_msgs.msg import Clock
 
 from specprune_ros.bags.io import BagError, BagReader, normalize_topic, qos_summary
+from specprune_ros.command_line import HelpFormatter
 from specprune_ros.ros.ros_helpers import MessageTypeError, message_class
 
 
@@ -175,11 +176,11 @@ class BagPlayer(Node):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('bag', type=Path, help='bag directory')
     parser.add_argument('--topics', nargs='+', default=[], help='replay only these topics')
     parser.add_argument('-r', '--rate', type=float, default=1.0, help='playback speed factor')
-    parser.add_argument('-l', '--loop', action='store_true')
+    parser.add_argument('-l', '--loop', action='store_true', help='replay again and again until interrupted')
     parser.add_argument('--start-offset', type=float, default=0.0, help='skip the first seconds of the bag')
     parser.add_argument('--remap', nargs='+', default=[], metavar='OLD:=NEW', help='publish a topic under another name')
     parser.add_argument('--clock', action='store_true', help='publish /clock from bag time')
@@ -187,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--wait-for-subscribers', type=float, default=0.0, metavar='SECONDS',
                         help='before playing, wait up to this long for a subscriber on every topic')
     parser.add_argument('--skip-unknown', action='store_true', help='skip topics whose message type is not installed')
-    parser.add_argument('--progress', action='store_true')
+    parser.add_argument('--progress', action='store_true',
+                        help='show the replayed bag time, its total and the time left')
     return parser
 
 

@@ -34,6 +34,7 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from rclpy.signals import SignalHandlerOptions
 
 from specprune_ros.bags.io import BagError, BagWriter, make_qos
+from specprune_ros.command_line import HelpFormatter
 from specprune_ros.ros.ros_helpers import BackgroundExecutor, MessageTypeError, message_class
 
 HIDDEN = ('/rosout', '/parameter_events')
@@ -203,15 +204,15 @@ class BagRecorder(Node):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('output', type=Path, help='bag directory to create (must not exist)')
     parser.add_argument('--topics', nargs='+', default=[], help='topics to record')
     parser.add_argument('-a', '--all', action='store_true', help='record every topic (not /rosout, /parameter_events)')
-    parser.add_argument('-s', '--storage', choices=('mcap', 'sqlite3'), default='mcap')
+    parser.add_argument('-s', '--storage', choices=('mcap', 'sqlite3'), default='mcap', help='bag storage format')
     parser.add_argument('--use-sim-time', action='store_true', help='bag time from /clock')
     parser.add_argument('--duration', type=float, default=0.0, help='stop after this many wall seconds (0: never)')
     parser.add_argument('--max-messages', type=int, default=0, help='stop after this many messages (0: no limit)')
-    parser.add_argument('--node-name', default='bag_recorder')
+    parser.add_argument('--node-name', default='bag_recorder', help="the recorder's ROS node name")
     return parser
 
 

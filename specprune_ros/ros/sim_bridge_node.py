@@ -1,4 +1,5 @@
-"""``sim_bridge``: runs the simulated tabletop tasks and looks like a robot to the policy node.
+"""The ``sim_bridge`` node (console script ``specprune_sim_bridge``): runs the simulated tabletop tasks and looks
+like a robot to the policy node.
 
 Publishes (names relative, remap as usual):
   /clock                               rosgraph_msgs/Clock: sim time (the policy node runs with use_sim_time)
