@@ -335,3 +335,16 @@ def test_sim_launch_file_wires_both_nodes_from_the_tested_configuration(monkeypa
     assert policy.kwargs['remappings'] == []            # the bridge's topic names, not MoveIt Servo's
     assert bridge.kwargs['parameters'][1] == {'mode': 'realtime', 'families': ['pick']}
     assert shutdown.args[0].kwargs['target_action'] is bridge
+
+
+def test_simulation_runs_write_under_outputs_by_default():
+    import argparse
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('run_sim_closed_loop', ROOT / 'scripts' / 'run_sim_closed_loop.py')
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for label, method, mode, stem in (('', 'specprune', 'sync', 'specprune_sync_'), ('mine', 'none', '', 'mine_'),
+                                      ('', '', '', 'default_')):
+        path = script.default_run_directory(argparse.Namespace(label=label, method=method, mode=mode))
+        assert path.parent == Path('outputs') / 'sim' and path.name.startswith(stem), path
+    assert script.build_parser().get_default('summary') == ''
