@@ -9,9 +9,10 @@ Messages go out as the recorded CDR bytes (no deserialization), in bag-time orde
 of wall-clock time, where ``t0`` is the first message of the replayed topics (``--start-offset`` skips the first
 seconds after it; ``--progress`` shows the replayed bag time, its total and the time left). ``--clock``
 publishes ``/clock`` from bag time (at ``--clock-rate`` Hz and right before each message; a recorded /clock topic
-is then not replayed): run the consumer with ``use_sim_time:=true`` so header stamps and its clock agree. Each topic's publisher QoS is the
-recorded offered QoS (reliable unless every recorded publisher was best effort; transient local when one was:
-latched topics such as the instruction stay latched), so every usual subscriber matches.
+is then not replayed): run the consumer with ``use_sim_time:=true`` so header stamps and its clock agree. Each
+topic's publisher QoS is the recorded offered QoS (reliable unless every recorded publisher was best effort;
+transient local when one was: latched topics such as the instruction stay latched), so every usual subscriber
+matches.
 """
 from __future__ import annotations
 
@@ -181,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--topics', nargs='+', default=[], help='replay only these topics')
     parser.add_argument('-r', '--rate', type=float, default=1.0, help='playback speed factor')
     parser.add_argument('-l', '--loop', action='store_true', help='replay again and again until interrupted')
-    parser.add_argument('--start-offset', type=float, default=0.0, help='skip the first seconds of the bag')
+    parser.add_argument('--start-offset', type=float, default=0.0, help='skip the first seconds of the replayed topics')
     parser.add_argument('--remap', nargs='+', default=[], metavar='OLD:=NEW', help='publish a topic under another name')
     parser.add_argument('--clock', action='store_true', help='publish /clock from bag time')
     parser.add_argument('--clock-rate', type=float, default=100.0, help='/clock rate between messages (Hz)')

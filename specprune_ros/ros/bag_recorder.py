@@ -209,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--topics', nargs='+', default=[], help='topics to record')
     parser.add_argument('-a', '--all', action='store_true', help='record every topic (not /rosout, /parameter_events)')
     parser.add_argument('-s', '--storage', choices=('mcap', 'sqlite3'), default='mcap', help='bag storage format')
-    parser.add_argument('--use-sim-time', action='store_true', help='bag time from /clock; before the first /clock only the newest message '
-                        'of each topic is kept, stamped with that first clock time')
+    parser.add_argument('--use-sim-time', action='store_true',
+                        help='bag time from /clock; before the first /clock only the newest message of each topic '
+                             'is kept, stamped with that first clock time')
     parser.add_argument('--duration', type=float, default=0.0, help='stop after this many wall seconds (0: never)')
     parser.add_argument('--max-messages', type=int, default=0, help='stop after this many messages (0: no limit)')
     parser.add_argument('--node-name', default='bag_recorder', help="the recorder's ROS node name")
