@@ -52,3 +52,19 @@ def test_targets_come_from_the_command_line():
     assert 'vs random 25%' in lines[0] and 'above: met' in lines[0] and 'target 2.0x' in lines[0]
     source = (ROOT / 'benchmarks' / 'pruning_closed_loop.py').read_text()
     assert 'issue' not in source
+
+
+def test_a_failing_plot_loses_no_results(tmp_path, monkeypatch, capsys):
+    benchmark = load_benchmark()
+
+    def broken_plot(rows, path):
+        raise ValueError("'yerr' must not contain negative values")
+    monkeypatch.setattr(benchmark, 'plot', broken_plot)
+    benchmark.main(['--model', 'tiny-random', '--episodes-per-family', '1', '--latency-episodes', '1',
+                    '--workers', '1', '--threads', '1', '--configs', 'none', '--wide', '--execute-steps', '8',
+                    '--target', 'none=1.0:0.5', '--out', str(tmp_path)])
+    output = capsys.readouterr().out
+    assert 'warning: the plot failed' in output and '| none |' in output
+    assert (tmp_path / 'pruning_closed_loop.md').is_file() and (tmp_path / 'pruning_closed_loop.json').is_file()
+    assert not (tmp_path / 'pruning_closed_loop.png').exists()
+    assert '**none**' in (tmp_path / 'pruning_closed_loop.md').read_text()
