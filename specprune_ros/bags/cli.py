@@ -135,6 +135,7 @@ def evaluate_main(argv: Optional[list[str]] = None) -> int:
 
 RECORD_SIM_HELP = """Record simulated episodes straight into a bag, no DDS: the sim bridge's topics and stamps (bag
 time = sim time), acted by the scripted expert or by a policy executing its chunks as the ROS-free harness does.
+A policy's bag also holds its chunks and, as the node publishes them, inference records naming method and model.
 
     specprune_record_sim_bag outputs/bags/expert_pick --families pick --seeds 1000000 1000001
     specprune_record_sim_bag outputs/bags/policy --actor policy --model reference --method none --storage sqlite3
