@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from specprune_ros.adapters.policy import AdapterPolicy, load_adapter, read_options
+from specprune_ros.command_line import HelpFormatter
 from specprune_ros.policy.interface import Observation
 from specprune_ros.pruning import build_method
 
@@ -57,16 +58,17 @@ def synthetic_episode(steps: int, cameras: tuple[str, ...], size: int, proprio_d
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--checkpoint', default='tiny-oft',
                         help="a checkpoint directory, or 'tiny-openvla' / 'tiny-oft' (written to a temp dir)")
-    parser.add_argument('--device', default='auto')
+    parser.add_argument('--device', default='auto', help="torch device ('auto': cuda when available, else cpu)")
     parser.add_argument('--dtype', default='auto', help="'auto' (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
-    parser.add_argument('--methods', nargs='+', default=DEFAULT_METHODS)
+    parser.add_argument('--methods', nargs='+', default=DEFAULT_METHODS, help='pruning methods to time')
     parser.add_argument('--method-config', default='{}',
                         help='JSON: {method: {field: value}} applied to the named methods, e.g. '
                              '\'{"fastv": {"keep_ratio": 0.25}}\'')
-    parser.add_argument('--unnorm-key', default=None)
+    parser.add_argument('--unnorm-key', default=None,
+                        help="the checkpoint's action statistics to unnormalise with (None: its only one)")
     parser.add_argument('--steps', type=int, default=10, help='timed steps per method')
     parser.add_argument('--warmup', type=int, default=3, help='untimed steps first (VLA-Pruner warms up 3 steps)')
     parser.add_argument('--threads', type=int, default=0, help='torch CPU threads (0 = leave the default)')

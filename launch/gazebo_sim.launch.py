@@ -5,7 +5,7 @@ only wires standard pieces together. You need: a world with the arm and the two 
 topic mapping in ``config/gz_bridge.yaml`` adapted to it, and something that turns the node's end-effector
 twist into joint commands (MoveIt Servo reading ``/delta_twist_cmds``, with gz_ros2_control).
 
-    ros2 launch specprune_ros gazebo_sim.launch.py world:=/path/tabletop.sdf model:=reference \
+    ros2 launch specprune_ros gazebo_sim.launch.py world:=/path/tabletop.sdf model:=reference \\
         method:=specprune instruction:="pick up the red cube"
 """
 import os

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -98,17 +99,27 @@ def run_episode(env, policy, family: str, seed: int, execute_steps: Optional[int
 _WORKER: dict = {}
 
 
-def _init_worker(spec: PolicySpec, image_size: int, threads: int, episode_options: dict) -> None:
-    import torch
-    from specprune_ros.policy.loading import load_policy
-    from specprune_ros.sim import TabletopEnv
-    torch.set_num_threads(threads)
-    _WORKER['policy'] = load_policy(spec.model, spec.method, spec.method_config, seed=spec.seed)
-    _WORKER['env'] = TabletopEnv(image_size=image_size)
-    _WORKER['options'] = episode_options
+def _init_worker(spec: PolicySpec, image_size: int, threads: int, episode_options: dict,
+                 keep_error: bool = False) -> None:
+    """Load the policy and the simulator. ``keep_error`` (worker processes): a failure is kept and raised by
+    every job, so the caller sees the real error instead of a broken process pool."""
+    try:
+        import torch
+        from specprune_ros.policy.loading import load_policy
+        from specprune_ros.sim import TabletopEnv
+        torch.set_num_threads(threads)
+        _WORKER['policy'] = load_policy(spec.model, spec.method, spec.method_config, seed=spec.seed)
+        _WORKER['env'] = TabletopEnv(image_size=image_size)
+        _WORKER['options'] = episode_options
+    except Exception as error:
+        if not keep_error:
+            raise
+        _WORKER['error'] = error
 
 
 def _run_job(job: tuple[str, int]) -> EpisodeResult:
+    if 'error' in _WORKER:
+        raise _WORKER['error']
     family, seed = job
     return run_episode(_WORKER['env'], _WORKER['policy'], family, seed, **_WORKER['options'])
 
@@ -131,11 +142,15 @@ def evaluate(spec: PolicySpec, families: Sequence[str], episodes_per_family: int
             results.append(_run_job(job))
             bar.update(1)
     else:
-        with ProcessPoolExecutor(workers, mp_context=get_context('spawn'), initializer=_init_worker,
-                                 initargs=(spec, image_size, 1, options)) as pool:
-            for result in pool.map(_run_job, jobs):
-                results.append(result)
-                bar.update(1)
+        try:
+            with ProcessPoolExecutor(workers, mp_context=get_context('spawn'), initializer=_init_worker,
+                                     initargs=(spec, image_size, 1, options, True)) as pool:
+                for result in pool.map(_run_job, jobs):
+                    results.append(result)
+                    bar.update(1)
+        except BrokenProcessPool as error:
+            raise RuntimeError(f'a worker process of {spec.name} died (out of memory, or a crash in native code); '
+                               'run with --workers 1 to see where') from error
     bar.close()
     return results
 

@@ -161,7 +161,8 @@ class ReferenceVLA(nn.Module):
         self.action_queries = nn.Parameter(torch.randn(config.chunk_size * config.action_dim, d) * 0.02)
         llama = LlamaConfig(hidden_size=d, intermediate_size=config.mlp_size, num_hidden_layers=config.num_layers,
                             num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
-                            vocab_size=1, max_position_embeddings=1024, rms_norm_eps=1e-5)
+                            vocab_size=1, max_position_embeddings=1024, rms_norm_eps=1e-5,
+                            bos_token_id=None, eos_token_id=None, pad_token_id=None)   # no token table: no ids
         llama._attn_implementation = 'sdpa'
         decoder = LlamaModel(llama)
         decoder.embed_tokens = None  # inputs are embeddings; no token table needed
