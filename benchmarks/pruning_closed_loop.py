@@ -117,11 +117,11 @@ def measure_latency(vla, configs: tuple[PolicySpec, ...], sequences: list[list[O
     """Round-robin replay through every configuration in this process; medians per configuration, over all
     steps and over the steady-state steps (step index >= ``steady_from`` in every episode, the same
     observations for every configuration)."""
-    from specprune_ros.policy.runtime import PrunedVLAPolicy
+    from specprune_ros.policy.reference_backend import reference_policy
     from specprune_ros.pruning import build_method, self_speculation_hit_rate
     torch.set_num_threads(threads)
-    policies = {c.name: PrunedVLAPolicy(vla, build_method(c.method, c.method_config, seed=c.seed)) for c in configs}
-    probe = PrunedVLAPolicy(vla, build_method('none', {'self_speculation': True}))
+    policies = {c.name: reference_policy(vla, build_method(c.method, c.method_config, seed=c.seed)) for c in configs}
+    probe = reference_policy(vla, build_method('none', {'self_speculation': True}))
     samples: dict[str, list[float]] = {name: [] for name in policies}
     steady: dict[str, list[float]] = {name: [] for name in policies}
     selection: dict[str, list[float]] = {name: [] for name in policies}

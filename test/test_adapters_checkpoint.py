@@ -9,7 +9,7 @@ from specprune_ros.adapters import detect_kind, load_adapter, load_adapter_polic
 from specprune_ros.adapters.checkpoint import load_tokenizer
 from specprune_ros.adapters.tiny import write_tiny_checkpoint
 from specprune_ros.adapters.vit import TIMM_PRESETS, VisionTransformer, timm_spec
-from specprune_ros.policy.checkpoint import CheckpointError
+from specprune_ros.policy.errors import CheckpointError
 
 # names the published checkpoints use (verified against the public modeling_prismatic.py + timm 0.9.16)
 PUBLISHED_KEYS = [
@@ -159,7 +159,7 @@ def test_unnorm_key_must_name_dataset_statistics(checkpoints, tmp_path):
     with pytest.raises(KeyError, match="'fractal' not in the dataset statistics"):
         load_adapter_policy(directory, device='cpu', dtype='float32', unnorm_key='fractal')
     policy = load_adapter_policy(directory, device='cpu', dtype='float32', unnorm_key='tiny_libero_spatial')
-    assert policy.adapter.unnorm_key == 'tiny_libero_spatial_no_noops'     # OFT's '_no_noops' fallback
+    assert policy.backend.unnorm_key == 'tiny_libero_spatial_no_noops'     # OFT's '_no_noops' fallback
 
 
 def test_unsupported_oft_variants_are_refused(checkpoints, tmp_path):
@@ -178,4 +178,4 @@ def test_load_policy_hook_only_takes_openvla_directories(checkpoints, tmp_path):
     reference = save_checkpoint(load_model('tiny-random'), tmp_path / 'reference')
     assert load_policy_if_adapter(str(reference)) is None
     policy = load_policy_if_adapter(str(checkpoints['openvla-oft']), method='fastv', method_config={'keep_ratio': 0.25})
-    assert policy.kind == 'openvla-oft' and policy.method_name == 'fastv' and policy.method.config.keep_ratio == 0.25
+    assert policy.backend.kind == 'openvla-oft' and policy.method_name == 'fastv' and policy.method.config.keep_ratio == 0.25

@@ -53,7 +53,7 @@ def test_prompt_layout(adapter):
 
 def test_keep_all_executor_equals_the_adapters_own_forward(adapter):
     expected, tokens, logits = adapter.reference_step(frames(), INSTRUCTION)
-    out = adapter.step(frames(), INSTRUCTION, build_method('none'))
+    out = adapter.step(frames(), INSTRUCTION, method=build_method('none'))
     assert out.info['action_token_ids'] == tokens
     np.testing.assert_array_equal(out.normalized, expected)
     # the logits of every generated token agree with transformers' KV-cached generation
@@ -75,7 +75,7 @@ def test_pruned_prefill_then_decode_matches_one_pass_over_the_generated_sequence
     """KV cache after a pruned prefill: decoding token by token == re-running the whole sequence with the
     generated tokens appended and the same visual tokens dropped."""
     keep = torch.arange(1, 65, 3)
-    out = adapter.step(frames(), INSTRUCTION, FixedKeepSchedule(keep_before=keep))
+    out = adapter.step(frames(), INSTRUCTION, method=FixedKeepSchedule(keep_before=keep))
     tokens = out.info['action_token_ids']
     lm_head = adapter.model.language_model.lm_head
     with torch.no_grad():
@@ -146,7 +146,7 @@ def test_detokenisation_and_unnormalisation_on_known_values():
 def test_policy_output_is_unnormalised_with_the_checkpoint_statistics(directory):
     policy = load_adapter_policy(directory, method='none', device='cpu', dtype='float32', gripper='libero')
     out = policy.predict(Observation(images={'agentview': frames()[0]}, instruction=INSTRUCTION))
-    stats = policy.adapter.action_stats
+    stats = policy.backend.action_stats
     normalized = out.info['normalized_actions']
     expected = action_ops.unnormalize(normalized, stats)
     np.testing.assert_allclose(out.actions[0, :6], expected[0, :6], rtol=1e-6)

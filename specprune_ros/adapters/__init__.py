@@ -10,7 +10,7 @@ files, ``openvla`` / ``openvla_oft`` for how each model maps onto the executor, 
 identical tiny random checkpoints the tests and the benchmark use.
 """
 from specprune_ros.adapters.checkpoint import detect_kind, read_checkpoint
-from specprune_ros.adapters.policy import AdapterOptions, AdapterPolicy, load_adapter, load_adapter_policy
+from specprune_ros.adapters.policy import AdapterOptions, load_adapter, load_adapter_policy
 
-__all__ = ['AdapterOptions', 'AdapterPolicy', 'detect_kind', 'load_adapter', 'load_adapter_policy',
+__all__ = ['AdapterOptions', 'detect_kind', 'load_adapter', 'load_adapter_policy',
            'read_checkpoint']

@@ -103,7 +103,7 @@ def evaluate_main(argv: Optional[list[str]] = None) -> int:
     torch.set_num_threads(max(args.threads, 1))
     from specprune_ros.bags.replay_eval import ReplayConfig, evaluate_streams
     from specprune_ros.bags.report import markdown, write_report
-    from specprune_ros.policy.checkpoint import CheckpointError
+    from specprune_ros.policy.errors import CheckpointError
     config = ReplayConfig(model=args.model, methods=tuple(args.methods), method_configs=dict(args.method_config),
                           seed=args.seed, device=args.device, schedule=args.schedule, stride=args.stride,
                           repeat_baseline=not args.no_repeat_baseline, progress=not args.quiet)
@@ -160,7 +160,7 @@ def record_sim_main(argv: Optional[list[str]] = None) -> int:
         return 2
     from specprune_ros.bags.io import BagError
     from specprune_ros.bags.sim_bag import SimBagOptions, record_sim_bag
-    from specprune_ros.policy.checkpoint import CheckpointError
+    from specprune_ros.policy.errors import CheckpointError
     policy = None
     try:
         if args.actor == 'policy':

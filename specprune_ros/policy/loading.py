@@ -6,10 +6,11 @@ from typing import Optional
 
 import torch
 
-from specprune_ros.policy.checkpoint import CheckpointError, load_checkpoint
+from specprune_ros.policy.checkpoint import load_checkpoint
+from specprune_ros.policy.errors import CheckpointError
 from specprune_ros.policy.interface import Policy
 from specprune_ros.policy.reference_vla import ReferenceVLA, ReferenceVLAConfig
-from specprune_ros.policy.runtime import PrunedVLAPolicy
+from specprune_ros.policy.reference_backend import reference_policy
 
 REFERENCE_CHECKPOINT = Path(__file__).resolve().parent.parent / 'assets' / 'reference_vla'
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
@@ -50,4 +51,4 @@ def load_policy(model: str, method: str = 'none', method_config: Optional[dict] 
     if adapter is not None:
         return adapter
     vla = load_model(model, device=device, dtype=dtype, seed=seed)
-    return PrunedVLAPolicy(vla, build_method(method, method_config, seed=seed))
+    return reference_policy(vla, build_method(method, method_config, seed=seed))
