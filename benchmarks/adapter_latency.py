@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from specprune_ros.adapters.policy import load_adapter, read_options
+from specprune_ros.adapters.factory import load_adapter, read_options
 from specprune_ros.policy.prunable_policy import PrunablePolicy
 from specprune_ros.policy.interface import Observation
 from specprune_ros.pruning import build_method

@@ -36,7 +36,7 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 
 from specprune_ros.ros.launch_config import format_value, node_command, node_setup
-from specprune_ros.ros.messages import values_of
+from specprune_ros.ros.output_messages import values_of
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -86,7 +86,7 @@ class _Recorder:
 def replay_observations(model: str, families: list[str], episodes: int, seed_start: int,
                         execute_steps: int | None = None) -> list[list[Observation]]:
     """Per episode, the observations the unpruned policy acted on in closed loop."""
-    from specprune_ros.policy.loading import load_policy
+    from specprune_ros.models.loading import load_policy
     from specprune_ros.sim import TabletopEnv
     env = TabletopEnv()
     recorder = _Recorder(load_policy(model, 'none'), [])
@@ -102,7 +102,7 @@ def replay_observations(model: str, families: list[str], episodes: int, seed_sta
 def widened(model: str, spec: str, seed: int = 0):
     """A random-initialised copy of ``model``'s architecture with a 'WIDTHxLAYERS' decoder (MLP 3 x width)."""
     from dataclasses import replace
-    from specprune_ros.policy.loading import load_model
+    from specprune_ros.models.loading import load_model
     from specprune_ros.policy.reference_vla import ReferenceVLA
     width, layers = (int(v) for v in spec.lower().split('x'))
     base = load_model(model).config
@@ -258,7 +258,7 @@ def main() -> None:
     outcomes = {name: [bool(r.success) for r in results] for name, results in episodes.items()}
     sequences = replay_observations(args.model, families, args.latency_episodes, EVAL_SEED_START + 500_000,
                                     args.execute_steps)
-    from specprune_ros.policy.loading import load_model
+    from specprune_ros.models.loading import load_model
     speed = measure_latency(load_model(args.model), configs, sequences, args.threads)
     wide = {spec: measure_latency(widened(args.model, spec), configs, sequences, args.threads) for spec in args.wide}
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from specprune_ros.policy.reference_vla import ReferenceVLAConfig
-from specprune_ros.policy.training import TrainConfig, train
-from specprune_ros.sim.dataset import check_sim_fingerprint, iter_episodes, read_manifest
+from specprune_ros.training.trainer import TrainConfig, train
+from specprune_ros.training.demonstrations import check_sim_fingerprint, iter_episodes, read_manifest
 
 
 def main() -> None:

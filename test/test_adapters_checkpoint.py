@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from specprune_ros.adapters import detect_kind, load_adapter, load_adapter_policy, read_checkpoint
-from specprune_ros.adapters.checkpoint import load_tokenizer
+from specprune_ros.adapters.published_checkpoint import load_tokenizer
 from specprune_ros.adapters.tiny import write_tiny_checkpoint
 from specprune_ros.adapters.vit import TIMM_PRESETS, VisionTransformer, timm_spec
 from specprune_ros.policy.errors import CheckpointError
@@ -170,9 +170,9 @@ def test_unsupported_oft_variants_are_refused(checkpoints, tmp_path):
 
 
 def test_load_policy_hook_only_takes_openvla_directories(checkpoints, tmp_path):
-    from specprune_ros.adapters.policy import load_policy_if_adapter
-    from specprune_ros.policy.checkpoint import save_checkpoint
-    from specprune_ros.policy.loading import load_model
+    from specprune_ros.adapters.factory import load_policy_if_adapter
+    from specprune_ros.policy.reference_checkpoint import save_checkpoint
+    from specprune_ros.models.loading import load_model
     assert load_policy_if_adapter('reference') is None and load_policy_if_adapter('tiny-random') is None
     assert load_policy_if_adapter(str(tmp_path / 'nowhere')) is None
     reference = save_checkpoint(load_model('tiny-random'), tmp_path / 'reference')

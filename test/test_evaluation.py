@@ -62,7 +62,7 @@ def test_paired_difference_edge_cases():
 
 
 def test_episode_executes_part_of_each_chunk_until_the_step_limit():
-    from specprune_ros.policy.loading import load_policy
+    from specprune_ros.models.loading import load_policy
     from specprune_ros.sim import EVAL_SEED_START, TabletopEnv
     env = TabletopEnv()
     policy = load_policy('tiny-random', 'random', {'keep_ratio': 0.5})

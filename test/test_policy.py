@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from specprune_ros.core.token_layout import TokenRole
-from specprune_ros.policy.checkpoint import load_checkpoint, save_checkpoint, warm_start
+from specprune_ros.policy.reference_checkpoint import load_checkpoint, save_checkpoint, warm_start
 from specprune_ros.policy.errors import CheckpointError, ObservationError
 from specprune_ros.policy.interface import Observation
-from specprune_ros.policy.loading import tiny_random_config
+from specprune_ros.models.loading import tiny_random_config
 from specprune_ros.policy.reference_backend import reference_policy
 from specprune_ros.policy.reference_vla import ReferenceVLA, sincos_positions_2d
 from specprune_ros.policy.tokenizer import PAD, UNK, WordTokenizer
@@ -31,7 +31,7 @@ def observation(rng: np.random.Generator, **overrides) -> Observation:
 
 def random_episodes(count: int = 4) -> list:
     """Tiny 5-step pick episodes of random pixels and actions, for training-loop tests."""
-    from specprune_ros.sim.dataset import Episode
+    from specprune_ros.training.demonstrations import Episode
     rng = np.random.default_rng(0)
     return [Episode(images={c: rng.integers(0, 255, (5, 96, 96, 3), dtype=np.uint8) for c in ('agentview', 'wrist')},
                     proprio=rng.normal(size=(5, 6)).astype(np.float32),
@@ -197,7 +197,7 @@ def test_policy_refuses_bad_observations(overrides, message):
 
 
 def test_training_runs_exports_and_resumes(tmp_path):
-    from specprune_ros.policy.training import TrainConfig, train
+    from specprune_ros.training.trainer import TrainConfig, train
     episodes = random_episodes()
     config = tiny_random_config(VOCABULARY)
     settings = TrainConfig(steps=3, batch_size=2, warmup_steps=1, bf16=False, threads=1, log_every=1, save_every=2,
@@ -226,8 +226,8 @@ def test_training_runs_exports_and_resumes(tmp_path):
 
 def test_localisation_targets_follow_the_task_layout_until_the_gripper_reaches_the_object():
     from specprune_ros.policy.reference_vla import LOCALISATION_SCALE
-    from specprune_ros.policy.training import localisation_targets
-    from specprune_ros.sim.dataset import Episode
+    from specprune_ros.training.trainer import localisation_targets
+    from specprune_ros.training.demonstrations import Episode
     from specprune_ros.sim.tasks import sample_task
     spec, layout = sample_task('place', 7)
     obj = np.asarray(layout.objects[spec.target][:2], dtype=np.float32)
@@ -247,10 +247,10 @@ def test_localisation_targets_follow_the_task_layout_until_the_gripper_reaches_t
 
 
 def test_pointing_targets_land_on_the_named_object_in_the_shifted_camera_image():
-    from specprune_ros.policy.training import (image_targets, localisation_targets, pointing_distribution,
+    from specprune_ros.training.trainer import (image_targets, localisation_targets, pointing_distribution,
                                                random_shift)
     from specprune_ros.sim import TabletopEnv
-    from specprune_ros.sim.dataset import Episode
+    from specprune_ros.training.demonstrations import Episode
     from specprune_ros.sim.vocab import COLOUR_RGBA
     env = TabletopEnv()
     observation = env.reset(seed=11, family='place')
@@ -278,7 +278,7 @@ def test_training_script_takes_the_union_of_several_demo_directories(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
-    from specprune_ros.sim.dataset import FORMAT_NAME, Episode, write_episode, write_manifest
+    from specprune_ros.training.demonstrations import FORMAT_NAME, Episode, write_episode, write_manifest
     from specprune_ros.sim.env import PROPRIO_LAYOUT
     rng = np.random.default_rng(0)
     roots = []
@@ -315,7 +315,7 @@ def test_training_script_takes_the_union_of_several_demo_directories(tmp_path):
 
 
 def test_random_token_drop_prunes_only_visual_tokens_within_its_shares():
-    from specprune_ros.policy.training import random_token_drop
+    from specprune_ros.training.trainer import random_token_drop
     model = tiny_model()
     layout = model.layout(model.config.max_words)
     visual = set(layout.visual_indices().tolist())

@@ -9,8 +9,8 @@ Checkpoints load from a local directory in their Hugging Face layout (no hub acc
 files, ``openvla`` / ``openvla_oft`` for how each model maps onto the executor, ``tiny`` for the architecture-
 identical tiny random checkpoints the tests and the benchmark use.
 """
-from specprune_ros.adapters.checkpoint import detect_kind, read_checkpoint
-from specprune_ros.adapters.policy import AdapterOptions, load_adapter, load_adapter_policy
+from specprune_ros.adapters.published_checkpoint import detect_kind, read_checkpoint
+from specprune_ros.adapters.factory import AdapterOptions, load_adapter, load_adapter_policy
 
 __all__ = ['AdapterOptions', 'detect_kind', 'load_adapter', 'load_adapter_policy',
            'read_checkpoint']

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from specprune_ros.adapters import actions as action_ops
-from specprune_ros.adapters.checkpoint import (PrismaticCheckpoint, assert_materialised, assign_state,
+from specprune_ros.adapters.published_checkpoint import (PrismaticCheckpoint, assert_materialised, assign_state,
                                                load_tokenizer, read_checkpoint, read_state, restore_rotary)
 from specprune_ros.adapters.prismatic import PrismaticVLA
 from specprune_ros.core.executor import PrunableDecoderRunner

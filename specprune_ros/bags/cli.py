@@ -110,7 +110,7 @@ def evaluate_main(argv: Optional[list[str]] = None) -> int:
     try:
         size = args.image_size
         if not size:
-            from specprune_ros.policy.loading import load_model
+            from specprune_ros.models.loading import load_model
             size = load_model(args.model, device='cpu', seed=args.seed).config.image_size
         streams = load_streams(args.bag, topics, image_size=(size, size), max_camera_skew_s=args.max_camera_skew,
                                instruction=args.instruction, max_observations=args.max_observations)
@@ -167,7 +167,7 @@ def record_sim_main(argv: Optional[list[str]] = None) -> int:
             import torch
             import yaml
             torch.set_num_threads(1)
-            from specprune_ros.policy.loading import load_policy
+            from specprune_ros.models.loading import load_policy
             config = yaml.safe_load(args.method_config) if args.method_config else None
             policy = load_policy(args.model, args.method, config)
         options = SimBagOptions(families=args.families, seeds=args.seeds, actor=args.actor, max_steps=args.max_steps,

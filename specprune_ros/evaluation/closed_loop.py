@@ -100,7 +100,7 @@ _WORKER: dict = {}
 
 def _init_worker(spec: PolicySpec, image_size: int, threads: int, episode_options: dict) -> None:
     import torch
-    from specprune_ros.policy.loading import load_policy
+    from specprune_ros.models.loading import load_policy
     from specprune_ros.sim import TabletopEnv
     torch.set_num_threads(threads)
     _WORKER['policy'] = load_policy(spec.model, spec.method, spec.method_config, seed=spec.seed)
@@ -202,7 +202,7 @@ def write_report(summaries: Sequence[dict], out_dir: Path, name: str = 'closed_l
 
 def record_episode(spec: PolicySpec, family: str, seed: int, path: Path, image_size: int = 96) -> EpisodeResult:
     """Run one episode in this process and save a PNG strip (and a GIF next to it) of both cameras."""
-    from specprune_ros.policy.loading import load_policy
+    from specprune_ros.models.loading import load_policy
     from specprune_ros.sim import TabletopEnv
     from specprune_ros.sim.visualize import save_gif, save_strip
     env = TabletopEnv(image_size=image_size)

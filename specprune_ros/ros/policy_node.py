@@ -51,7 +51,7 @@ from specprune_ros.control.proprio import PROPRIO_DIM, ProprioAssembler, StateEr
 from specprune_ros.control.runtime_stats import ERROR, OK, WARN
 from specprune_ros.control.safety_filter import FilteredCommand
 from specprune_ros.policy.interface import Observation, Policy
-from specprune_ros.ros import messages
+from specprune_ros.ros import output_messages as messages
 from specprune_ros.ros.image_conversion import RawImageConverter
 from specprune_ros.ros.parameter_declaration import declare_node_parameters, read_node_parameters
 
@@ -64,7 +64,7 @@ STATE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=Rel
 
 def load_policy_from(params: NodeParameters) -> Policy:
     """The policy named by the parameters (imported late: torch and the model are heavy)."""
-    from specprune_ros.policy.loading import load_policy
+    from specprune_ros.models.loading import load_policy
     return load_policy(params.model, method=params.method, method_config=params.method_options(),
                        device=params.device, dtype=params.dtype, seed=params.seed)
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from specprune_ros.policy.checkpoint import load_checkpoint
+from specprune_ros.policy.reference_checkpoint import load_checkpoint
 from specprune_ros.policy.errors import CheckpointError
 from specprune_ros.policy.interface import Policy
 from specprune_ros.policy.reference_vla import ReferenceVLA, ReferenceVLAConfig
@@ -44,7 +44,7 @@ def load_policy(model: str, method: str = 'none', method_config: Optional[dict] 
 
     ``model`` may also be a published OpenVLA / OpenVLA-OFT checkpoint directory (see ``specprune_ros.adapters``).
     """
-    from specprune_ros.adapters.policy import load_policy_if_adapter
+    from specprune_ros.adapters.factory import load_policy_if_adapter
     from specprune_ros.pruning import build_method
     adapter = load_policy_if_adapter(model, method=method, method_config=method_config, device=device, dtype=dtype,
                                      seed=seed)

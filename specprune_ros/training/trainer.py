@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
 from specprune_ros.core.token_layout import TokenLayout
-from specprune_ros.policy.checkpoint import read_config, save_checkpoint, warm_start
+from specprune_ros.policy.reference_checkpoint import read_config, save_checkpoint, warm_start
 from specprune_ros.policy.reference_vla import (LOCALISATION_DIMS, LOCALISATION_SCALE, ReferenceVLA,
                                                ReferenceVLAConfig)
 from specprune_ros.policy.tokenizer import WordTokenizer

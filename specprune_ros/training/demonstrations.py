@@ -222,7 +222,7 @@ def _worker_policy(model: str):
     """The take-over policy of this worker process, loaded once (one torch thread per worker)."""
     if model not in _WORKER_POLICY:
         import torch
-        from specprune_ros.policy.loading import load_policy
+        from specprune_ros.models.loading import load_policy
         torch.set_num_threads(1)
         _WORKER_POLICY.clear()
         _WORKER_POLICY[model] = load_policy(model)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from specprune_ros.adapters.checkpoint import OPTIONS_FILE, _check_directory, _read_json, detect_kind
+from specprune_ros.adapters.published_checkpoint import OPTIONS_FILE, _check_directory, _read_json, detect_kind
 from specprune_ros.adapters.openvla import OpenVLAAdapter
 from specprune_ros.adapters.openvla_oft import OpenVLAOFTAdapter
 from specprune_ros.policy.errors import CheckpointError
