@@ -351,7 +351,7 @@ def test_random_token_drop_prunes_only_visual_tokens_within_its_shares():
 
 
 def test_pruning_aware_training_runs_the_decoder_on_dropped_tokens(tmp_path, monkeypatch):
-    from specprune_ros.policy import training
+    from specprune_ros.training import trainer as training
     episodes = random_episodes()
     schedules = []
     original = training.training_losses

@@ -104,20 +104,3 @@ def load_adapter_policy(directory: str | Path, kind: Optional[str] = None, metho
     opts = read_options(directory, {**options, 'unnorm_key': unnorm_key})
     adapter = load_adapter(directory, kind=kind, device=device, dtype=dtype, options=opts)
     return PrunablePolicy(adapter, build_method(method, method_config, seed=seed))
-
-
-def load_policy_if_adapter(model: str, method: str = 'none', method_config: Optional[dict] = None,
-                           device: str = 'cpu', dtype: str = 'float32', seed: int = 0) -> Optional[PrunablePolicy]:
-    """For ``policy.loading.load_policy``: the adapter policy when ``model`` is a directory holding an OpenVLA /
-    OpenVLA-OFT checkpoint (judged by its ``config.json``), else None (the reference VLA path handles it, and its
-    errors, e.g. a missing directory)."""
-    if model in ('reference', 'tiny-random'):
-        return None
-    directory = Path(model).expanduser()
-    if not (directory / 'config.json').is_file():
-        return None
-    kind = detect_kind(directory)
-    if kind == 'reference':
-        return None
-    return load_adapter_policy(directory, kind=kind, method=method, method_config=method_config, device=device,
-                               dtype=dtype, seed=seed)

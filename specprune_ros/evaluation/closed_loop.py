@@ -18,12 +18,16 @@ import numpy as np
 from tqdm import tqdm
 
 from specprune_ros.evaluation.statistics import percentile, wilson_interval
-from specprune_ros.sim.outcomes import OUTCOMES, count_outcomes
+from specprune_ros.models.loading import load_policy
+from specprune_ros.policy.interface import Observation
+from specprune_ros.sim import EVAL_SEED_START, TabletopEnv
+from specprune_ros.sim.outcomes import OUTCOMES, OutcomeTracker, count_outcomes
+from specprune_ros.sim.visualize import save_gif, save_strip
 
 
 @dataclass(frozen=True)
 class PolicySpec:
-    """Everything a worker process needs to build the same policy (see ``policy.loading.load_policy``)."""
+    """Everything a worker process needs to build the same policy (see ``models.loading.load_policy``)."""
 
     model: str = 'reference'
     method: str = 'none'
@@ -56,8 +60,6 @@ def run_episode(env, policy, family: str, seed: int, execute_steps: Optional[int
     """One episode: infer a chunk, execute ``execute_steps`` of it (default: all), repeat until done.
 
     ``max_steps`` cuts the episode short of the task's own step limit (quick checks)."""
-    from specprune_ros.policy.interface import Observation
-    from specprune_ros.sim.outcomes import OutcomeTracker
     observation = env.reset(seed=seed, family=family)
     policy.reset()
     state = env.sim_state()
@@ -100,8 +102,6 @@ _WORKER: dict = {}
 
 def _init_worker(spec: PolicySpec, image_size: int, threads: int, episode_options: dict) -> None:
     import torch
-    from specprune_ros.models.loading import load_policy
-    from specprune_ros.sim import TabletopEnv
     torch.set_num_threads(threads)
     _WORKER['policy'] = load_policy(spec.model, spec.method, spec.method_config, seed=spec.seed)
     _WORKER['env'] = TabletopEnv(image_size=image_size)
@@ -120,7 +120,6 @@ def evaluate(spec: PolicySpec, families: Sequence[str], episodes_per_family: int
 
     ``execute_steps``: actions executed per chunk before re-planning (default: the whole chunk)."""
     options = {'execute_steps': execute_steps, 'max_steps': max_steps}
-    from specprune_ros.sim import EVAL_SEED_START
     start = EVAL_SEED_START if seed_start is None else seed_start
     jobs = [(family, start + i) for i in range(episodes_per_family) for family in families]
     bar = tqdm(total=len(jobs), desc=f'eval {spec.name}', unit='ep', disable=not progress, dynamic_ncols=True)
@@ -202,9 +201,6 @@ def write_report(summaries: Sequence[dict], out_dir: Path, name: str = 'closed_l
 
 def record_episode(spec: PolicySpec, family: str, seed: int, path: Path, image_size: int = 96) -> EpisodeResult:
     """Run one episode in this process and save a PNG strip (and a GIF next to it) of both cameras."""
-    from specprune_ros.models.loading import load_policy
-    from specprune_ros.sim import TabletopEnv
-    from specprune_ros.sim.visualize import save_gif, save_strip
     env = TabletopEnv(image_size=image_size)
     policy = load_policy(spec.model, spec.method, spec.method_config, seed=spec.seed)
     result = run_episode(env, policy, family, seed, record_frames=True)

@@ -21,7 +21,7 @@ Each episode ``.npz`` (``np.load(path)`` works without pickle) holds, for T cont
 ``manifest.json`` holds the format name and version, image size, camera names, proprio layout, action labels
 and scales, ``takeover_model`` (recovery demos: the policy that drove first, else null), the vocabulary, and
 ``episodes``: a list of ``{file, family, seed, instruction, length, success}`` sorted by (family, seed).
-Readers only need NumPy; the collector imports the simulator.
+The collector runs the simulator.
 """
 from __future__ import annotations
 
@@ -35,7 +35,15 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
+from specprune_ros.evaluation.closed_loop import run_episode
+from specprune_ros.models.loading import load_policy
+from specprune_ros.sim import scene
+from specprune_ros.sim.env import (ACTION_DIM, CAMERA_NAMES, CONTROL_PERIOD_S, PROPRIO_LAYOUT, ROTATION_SCALE_RAD,
+                                   TRANSLATION_SCALE_M, TabletopEnv)
+from specprune_ros.sim.expert import ScriptedExpert, continue_expert_episode, run_expert_episode
 from specprune_ros.sim.tasks import EVAL_SEED_START, TASK_FAMILIES, TRAIN_SEED_START
 from specprune_ros.sim.vocab import VOCABULARY
 
@@ -157,7 +165,6 @@ _WORKER_ENV = None
 
 def _worker_env(image_size: int):
     global _WORKER_ENV
-    from specprune_ros.sim.env import TabletopEnv
     if _WORKER_ENV is None or _WORKER_ENV.image_size != image_size:
         _WORKER_ENV = TabletopEnv(image_size=image_size)
     return _WORKER_ENV
@@ -166,8 +173,6 @@ def _worker_env(image_size: int):
 def record_episode(env, family: str, seed: int, noise: float) -> Episode:
     """Roll the scripted expert out with rendering on `env`; the expert's noise stream is seeded by
     (family, seed), so the same job gives the same episode in any worker."""
-    from specprune_ros.sim.expert import ScriptedExpert, run_expert_episode
-
     rng = np.random.default_rng([int(seed), TASK_FAMILIES.index(family), 0xE1])
     expert = ScriptedExpert(env, noise=noise, rng=rng)
     observations, actions, success = run_expert_episode(env, expert, render=True, seed=seed, family=family)
@@ -180,9 +185,6 @@ def record_takeover_episode(env, policy, family: str, seed: int, noise: float,
     takes over from wherever that left the robot and objects. Only the expert's part is recorded, so the data
     holds corrections from the states the policy actually reaches (the idea of DAgger / DART). None when the
     policy finished the task before the hand-over."""
-    from specprune_ros.evaluation.closed_loop import run_episode
-    from specprune_ros.sim.expert import ScriptedExpert, continue_expert_episode
-
     rng = np.random.default_rng([int(seed), TASK_FAMILIES.index(family), 0x7A6E])
     chunks = int(rng.integers(1, max_policy_chunks + 1))
     driven = run_episode(env, policy, family, seed, max_steps=chunks * POLICY_CHUNK)
@@ -200,8 +202,6 @@ def record_takeover_episode(env, policy, family: str, seed: int, noise: float,
 def _episode(env, family: str, seed: int, noise: float, observations: list, actions: np.ndarray, success: bool,
              **extra_meta) -> Episode:
     """Pack a rolled-out episode (what the expert saw and did) with its metadata."""
-    from specprune_ros.sim.env import CONTROL_PERIOD_S, PROPRIO_LAYOUT
-
     cams = env.cameras
     images = {c: np.stack([o.images[c] for o in observations]) if observations
               else np.zeros((0, env.image_size, env.image_size, 3), np.uint8) for c in cams}
@@ -221,8 +221,6 @@ POLICY_CHUNK = 8          # actions per policy chunk when a policy drives before
 def _worker_policy(model: str):
     """The take-over policy of this worker process, loaded once (one torch thread per worker)."""
     if model not in _WORKER_POLICY:
-        import torch
-        from specprune_ros.models.loading import load_policy
         torch.set_num_threads(1)
         _WORKER_POLICY.clear()
         _WORKER_POLICY[model] = load_policy(model)
@@ -251,9 +249,6 @@ def sim_fingerprint(image_size: int = 96) -> str:
     family and a few steps of dynamics (no rendering). A dataset records it, so data from an older version of
     the simulator (different start pose, cameras, objects) is refused instead of silently training a policy
     for a world it will never be evaluated in."""
-    from specprune_ros.sim import scene
-    from specprune_ros.sim.env import ACTION_DIM, TabletopEnv
-
     digest = hashlib.sha256(scene.build_mjcf(image_size).encode())
     env = TabletopEnv(image_size=image_size)
     try:
@@ -283,8 +278,6 @@ def check_sim_fingerprint(manifest: dict, root: PathLike = 'the dataset', curren
 
 
 def _base_manifest(image_size: int, noise: float, takeover_model: Optional[str] = None) -> dict:
-    from specprune_ros.sim.env import (CAMERA_NAMES, CONTROL_PERIOD_S, PROPRIO_LAYOUT, ROTATION_SCALE_RAD,
-                                       TRANSLATION_SCALE_M)
     return dict(format=FORMAT_NAME, version=FORMAT_VERSION, image_size=image_size, cameras=list(CAMERA_NAMES),
                 sim_fingerprint=sim_fingerprint(image_size),
                 proprio_layout=list(PROPRIO_LAYOUT),
@@ -309,8 +302,6 @@ def collect_demonstrations(out_dir: PathLike, families: Sequence[str] = TASK_FAM
     Episodes already listed in an existing manifest with the same image size are kept. ``workers`` > 1
     uses that many spawned processes. Returns the manifest that was written.
     """
-    from tqdm import tqdm
-
     families = tuple(families)
     for f in families:
         if f not in TASK_FAMILIES:

@@ -38,6 +38,9 @@ from specprune_ros.policy.reference_checkpoint import read_config, save_checkpoi
 from specprune_ros.policy.reference_vla import (LOCALISATION_DIMS, LOCALISATION_SCALE, ReferenceVLA,
                                                ReferenceVLAConfig)
 from specprune_ros.policy.tokenizer import WordTokenizer
+from specprune_ros.sim import TabletopEnv, scene
+from specprune_ros.sim.projection import project_to_image
+from specprune_ros.sim.tasks import sample_task
 
 
 @dataclass
@@ -73,7 +76,6 @@ def localisation_targets(episode) -> tuple[np.ndarray, np.ndarray]:
     From the episode's task layout (``sample_task(family, seed)``), or for a recovery demonstration the target's
     position when the expert took over (``meta['start_target_xy']``); object targets hold until the tcp first
     comes within REACHED_XY of the object below REACHED_Z; goal targets (plate or zone) hold throughout (none for pick)."""
-    from specprune_ros.sim.tasks import sample_task
     spec, layout = sample_task(episode.family, episode.seed)
     steps = len(episode)
     targets = np.zeros((steps, LOCALISATION_DIMS), dtype=np.float32)
@@ -96,8 +98,6 @@ POINTING_SIGMA_PX = 6.0   # spread of the soft pointing target over patch centre
 
 def image_targets(located: np.ndarray, camera: str, image_size: int) -> np.ndarray:
     """(T, 2, 2) pixel (column, row) of the object and the goal in ``camera`` from localisation targets (T, 4)."""
-    from specprune_ros.sim import scene
-    from specprune_ros.sim.projection import project_to_image
     env = _projection_env(image_size)
     world = located.reshape(-1, 2, 2) / LOCALISATION_SCALE
     heights = np.broadcast_to(np.array([scene.OBJECT_HALF, scene.PLATE_TOP]), world.shape[:2])
@@ -108,7 +108,6 @@ def image_targets(located: np.ndarray, camera: str, image_size: int) -> np.ndarr
 @functools.lru_cache(maxsize=None)
 def _projection_env(image_size: int):
     """A simulator instance only for its (fixed) camera poses; built once per image size."""
-    from specprune_ros.sim import TabletopEnv
     return TabletopEnv(image_size=image_size)
 
 
