@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / 'specprune_ros'
 
@@ -26,6 +28,7 @@ KNOWN_FUNCTION_LEVEL = {
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess:
     """``lint-imports`` (import-linter) on the ``specprune_ros`` package under ``root``."""
+    pytest.importorskip('importlinter', reason='import-linter is not installed (pip install -r requirements.txt)')
     lint = Path(sys.executable).with_name('lint-imports')
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [str(root), os.environ.get('PYTHONPATH')]))}
     return subprocess.run([str(lint), '--no-cache', '--config', str(ROOT / '.importlinter')], cwd=root, env=env,
