@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from specprune_ros.adapters.published_checkpoint import OPTIONS_FILE, _check_directory, _read_json, detect_kind
 from specprune_ros.adapters.openvla import OpenVLAAdapter
 from specprune_ros.adapters.openvla_oft import OpenVLAOFTAdapter
+from specprune_ros.adapters.published_checkpoint import OPTIONS_FILE, _check_directory, _read_json, detect_kind
+from specprune_ros.core.dataclass_mapping import UnknownFieldsError, dataclass_from_mapping
 from specprune_ros.policy.errors import CheckpointError
 from specprune_ros.policy.interface import ActionSpec
 from specprune_ros.policy.prunable_policy import PrunablePolicy
@@ -49,11 +50,10 @@ class AdapterOptions:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = 'options') -> 'AdapterOptions':
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f'{source}: unknown adapter option(s) {unknown}; valid: {sorted(names)}')
-        return cls(**values)
+        try:
+            return dataclass_from_mapping(cls, values, what='adapter option(s)')
+        except UnknownFieldsError as error:
+            raise ValueError(f'{source}: {error}') from None
 
 
 def read_options(directory: str | Path, overrides: Optional[dict[str, Any]] = None) -> AdapterOptions:

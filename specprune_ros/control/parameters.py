@@ -13,6 +13,8 @@ from typing import Any, Mapping, Optional, Union
 
 import yaml
 
+from specprune_ros.core.dataclass_mapping import UnknownFieldsError, dataclass_from_mapping
+
 METHODS = ('none', 'specprune', 'vla_pruner', 'fastv', 'divprune', 'random', 'vla_cache')
 DTYPES = ('float32', 'bfloat16', 'float16')
 CHUNK_MODES = ('replace', 'blend')
@@ -137,17 +139,10 @@ class NodeParameters:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> 'NodeParameters':
         """Parameters from a mapping (unknown names are an error), coercing ints to floats where declared."""
-        errors = []
-        kwargs = {}
-        defaults = cls.defaults()
-        for name, value in values.items():
-            if name not in defaults:
-                errors.append(f'unknown parameter {name!r}')
-                continue
-            kwargs[name] = coerce(value, defaults[name])
-        if errors:
-            raise ParameterError(errors)
-        return cls(**kwargs)
+        try:
+            return dataclass_from_mapping(cls, values)
+        except UnknownFieldsError as error:
+            raise ParameterError([f'unknown parameter {name!r}' for name in error.unknown]) from None
 
     def method_options(self) -> dict:
         """``method_config`` parsed (raises ``ParameterError``)."""
