@@ -20,7 +20,7 @@ KNOWN_FUNCTION_LEVEL = {
     ('bags/cli.py', 'specprune_ros.policy.errors'), ('bags/cli.py', 'specprune_ros.models.loading'),
     ('bags/cli.py', 'specprune_ros.bags.sim_bag'),
     ('bags/sim_bag.py', 'specprune_ros.policy.interface'), ('bags/sim_bag.py', 'specprune_ros.sim'),
-    ('bags/replay_eval.py', 'specprune_ros.control.kept_patches'),
+    ('bags/replay_eval.py', 'specprune_ros.codecs.kept_patches'),
     ('bags/replay_eval.py', 'specprune_ros.policy.interface'), ('bags/replay_eval.py', 'specprune_ros.models.loading'),
     ('ros/sim_bridge_node.py', 'specprune_ros.sim'), ('ros/policy_node.py', 'specprune_ros.models.loading'),
 }

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from specprune_ros.control.image_decoding import RAW_ENCODINGS, ImageError, decode_raw_image
+from specprune_ros.codecs.image_decoding import RAW_ENCODINGS, ImageError, decode_raw_image
 
 try:
     from cv_bridge import CvBridge

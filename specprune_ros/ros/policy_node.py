@@ -42,12 +42,12 @@ from std_srvs.srv import SetBool, Trigger
 from trajectory_msgs.msg import JointTrajectory
 
 from specprune_ros.control.controller import AcceptedChunk, InferenceRequest, PolicyController
-from specprune_ros.control.image_decoding import ImageError, decode_compressed_image, resize_to
+from specprune_ros.codecs.image_decoding import ImageError, decode_compressed_image, resize_to
 from specprune_ros.control.inference_worker import InferenceWorker
-from specprune_ros.control.instruction import InstructionError, string_bytes_from_cdr, validate_instruction
-from specprune_ros.control.kept_patches import draw_kept_patches, kept_patch_masks
+from specprune_ros.codecs.instruction import InstructionError, string_bytes_from_cdr, validate_instruction
+from specprune_ros.codecs.kept_patches import draw_kept_patches, kept_patch_masks
 from specprune_ros.control.parameters import NodeParameters, ParameterError
-from specprune_ros.control.proprio import PROPRIO_DIM, ProprioAssembler, StateError, finger_gap_from_joints
+from specprune_ros.codecs.proprio import PROPRIO_DIM, ProprioAssembler, StateError, finger_gap_from_joints
 from specprune_ros.control.runtime_stats import ERROR, OK, WARN
 from specprune_ros.control.safety_filter import FilteredCommand
 from specprune_ros.policy.interface import Observation, Policy
