@@ -25,6 +25,12 @@ def adapter(directory):
     return load_adapter(directory, device='cpu', dtype='float32')
 
 
+def openvla_action_tokens(actions: np.ndarray, vocab_size: int, n_bins: int) -> np.ndarray:
+    """OpenVLA's action tokenizer (normalised actions -> token ids), the inverse the detokeniser must match."""
+    edges = np.linspace(-1.0, 1.0, n_bins)
+    return vocab_size - np.digitize(np.clip(np.asarray(actions, dtype=np.float64), -1.0, 1.0), edges)
+
+
 def frames(step: int = 0, size: int = 112) -> list[np.ndarray]:
     rng = np.random.default_rng(0)
     image = rng.integers(40, 200, size=(size, size, 3), dtype=np.uint8)
@@ -133,7 +139,7 @@ def test_detokenisation_and_unnormalisation_on_known_values():
                                [centers[0], centers[254], centers[254], centers[127], centers[254], centers[0]])
     # the action tokenizer round trip lands in the right bin
     values = np.array([-0.999, -0.5, 0.0, 0.3, 0.999])
-    decoded = action_ops.tokens_to_normalized(action_ops.normalized_to_tokens(values, vocab, bins), vocab, bins)
+    decoded = action_ops.tokens_to_normalized(openvla_action_tokens(values, vocab, bins), vocab, bins)
     assert np.all(np.abs(decoded - values) <= 1 / 255 + 1e-12)
     stats = {'q01': [-1.0, 0.0, 2.0], 'q99': [1.0, 4.0, 4.0], 'mask': [True, True, False]}
     np.testing.assert_allclose(action_ops.unnormalize(np.array([[0.5, -1.0, 0.25]]), stats),

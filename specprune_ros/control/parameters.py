@@ -219,15 +219,6 @@ class ParameterError(ValueError):
         self.errors = list(errors)
 
 
-def coerce(value: Any, default: Value) -> Any:
-    """``value`` as the type of ``default`` where that loses nothing (int -> float); else unchanged."""
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(default, list) and isinstance(value, tuple):
-        return list(value)
-    return value
-
-
 def _topic_ok(topic: str) -> bool:
     body = topic.lstrip('~').lstrip('/')
     return bool(body) and all(_NAME.match(part) for part in body.split('/'))

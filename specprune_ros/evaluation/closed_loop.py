@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Optional, Sequence
@@ -209,9 +209,3 @@ def record_episode(spec: PolicySpec, family: str, seed: int, path: Path, image_s
     save_gif(result.frames, path.with_suffix('.gif'))
     result.frames = None
     return result
-
-
-def as_dict(result: EpisodeResult) -> dict:
-    out = asdict(result)
-    out.pop('frames', None)
-    return out
