@@ -19,22 +19,10 @@ class PrunablePolicy:
         self.backend = backend
         self.method = method
         self.step_index = 0
-
-    @property
-    def camera_names(self) -> tuple[str, ...]:
-        return self.backend.camera_names
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return self.backend.image_size
-
-    @property
-    def proprio_dim(self) -> int:
-        return self.backend.proprio_dim
-
-    @property
-    def action_spec(self) -> ActionSpec:
-        return self.backend.action_spec
+        self.camera_names: tuple[str, ...] = backend.camera_names
+        self.image_size: tuple[int, int] = backend.image_size
+        self.proprio_dim: int = backend.proprio_dim
+        self.action_spec: ActionSpec = backend.action_spec
 
     @property
     def method_name(self) -> str:
