@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from specprune_ros.adapters.factory import load_adapter, read_options
-from specprune_ros.policy.prunable_policy import PrunablePolicy
 from specprune_ros.policy.interface import Observation
+from specprune_ros.policy.prunable_policy import PrunablePolicy
 from specprune_ros.pruning import build_method
 
 DEFAULT_METHODS = ['none', 'random', 'fastv', 'divprune', 'vla_pruner', 'vla_cache', 'specprune']
