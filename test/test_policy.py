@@ -144,7 +144,8 @@ def test_blind_proprio_entries_do_not_reach_the_policy_and_survive_a_checkpoint(
     lowered = np.array([0.0, 0.0, 0.05, 0.0, 0.0, 0.0], np.float32)    # tcp z differs
     actions = policy.predict(base).actions
     assert np.array_equal(actions, reference_policy(model).predict(dataclasses.replace(base, proprio=moved)).actions)
-    assert not np.array_equal(actions, reference_policy(model).predict(dataclasses.replace(base, proprio=lowered)).actions)
+    lowered_actions = reference_policy(model).predict(dataclasses.replace(base, proprio=lowered)).actions
+    assert not np.array_equal(actions, lowered_actions)
     save_checkpoint(model, tmp_path / 'blind')
     assert load_checkpoint(tmp_path / 'blind').config.blind_proprio == (0, 1, 3, 4)
     with pytest.raises(ValueError, match='outside'):
@@ -248,7 +249,7 @@ def test_localisation_targets_follow_the_task_layout_until_the_gripper_reaches_t
 
 def test_pointing_targets_land_on_the_named_object_in_the_shifted_camera_image():
     from specprune_ros.training.trainer import (image_targets, localisation_targets, pointing_distribution,
-                                               random_shift)
+                                                random_shift)
     from specprune_ros.sim import TabletopEnv
     from specprune_ros.training.demonstrations import Episode
     from specprune_ros.sim.vocab import COLOUR_RGBA

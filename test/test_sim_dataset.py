@@ -9,7 +9,8 @@ import pytest
 
 from specprune_ros.sim import PROPRIO_DIM
 from specprune_ros.training.demonstrations import (FORMAT_NAME, Episode, check_sim_fingerprint, collect_demonstrations,
-                                       iter_episodes, read_episode, read_manifest, sim_fingerprint, write_episode)
+                                                   iter_episodes, read_episode, read_manifest, sim_fingerprint,
+                                                   write_episode)
 from specprune_ros.sim.tasks import EVAL_SEED_START, TRAIN_SEED_START
 from specprune_ros.sim.visualize import save_gif, save_strip
 

@@ -23,7 +23,7 @@ import torch
 
 from specprune_ros.adapters import actions as action_ops
 from specprune_ros.adapters.published_checkpoint import (PrismaticCheckpoint, assert_materialised, assign_state,
-                                               load_tokenizer, read_checkpoint, read_state, restore_rotary)
+                                                         load_tokenizer, read_checkpoint, read_state, restore_rotary)
 from specprune_ros.adapters.prismatic import PrismaticVLA
 from specprune_ros.core.executor import PrunableDecoderRunner
 from specprune_ros.core.step_types import LayerView, PruningMethod, StepContext, StepPlan, StepRecord

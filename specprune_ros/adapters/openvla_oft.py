@@ -24,7 +24,7 @@ import torch
 from specprune_ros.adapters import actions as action_ops
 from specprune_ros.adapters.base import PrismaticAdapter, resolve_device, resolve_dtype
 from specprune_ros.adapters.published_checkpoint import (ACTION_HEAD, PROPRIO_PROJECTOR, PrismaticCheckpoint,
-                                               assert_materialised, assign_state, read_component)
+                                                         assert_materialised, assign_state, read_component)
 from specprune_ros.adapters.prismatic import L1RegressionActionHead, PrismaticVLA, ProprioProjector
 from specprune_ros.core.executor import RunResult
 from specprune_ros.core.token_layout import TokenLayout

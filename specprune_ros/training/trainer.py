@@ -36,7 +36,7 @@ from specprune_ros.core.fixed_plan import FixedKeepSchedule
 from specprune_ros.core.token_layout import TokenLayout
 from specprune_ros.policy.reference_checkpoint import read_config, save_checkpoint, warm_start
 from specprune_ros.policy.reference_vla import (LOCALISATION_DIMS, LOCALISATION_SCALE, ReferenceVLA,
-                                               ReferenceVLAConfig)
+                                                ReferenceVLAConfig)
 from specprune_ros.policy.tokenizer import WordTokenizer
 from specprune_ros.sim import TabletopEnv, scene
 from specprune_ros.sim.projection import project_to_image
