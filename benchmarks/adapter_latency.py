@@ -1,6 +1,6 @@
 """End-to-end latency and speedup of every pruning method on an OpenVLA / OpenVLA-OFT checkpoint.
 
-One adapter is loaded once; each method gets its own ``AdapterPolicy`` around it (its own temporal state). A
+One adapter is loaded once; each method gets its own ``PrunablePolicy`` around it (its own temporal state). A
 synthetic episode (textured frames with a block that moves, a drifting proprio vector, small executed actions)
 is fed to all methods round-robin, step by step, so machine noise hits them alike; the first ``--warmup`` steps
 are not timed. The adapter's own unpruned forward through transformers ("hf-reference") is timed alongside.
@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from specprune_ros.adapters.policy import AdapterPolicy, load_adapter, read_options
+from specprune_ros.adapters.factory import load_adapter, read_options
 from specprune_ros.command_line import HelpFormatter
 from specprune_ros.policy.interface import Observation
+from specprune_ros.policy.prunable_policy import PrunablePolicy
 from specprune_ros.pruning import build_method
 
 DEFAULT_METHODS = ['none', 'random', 'fastv', 'divprune', 'vla_pruner', 'vla_cache', 'specprune']
@@ -89,8 +90,7 @@ def main() -> None:
     options = read_options(directory, {'unnorm_key': args.unnorm_key})
     adapter = load_adapter(directory, device=args.device, dtype=args.dtype, options=options)
     load_s = time.perf_counter() - started
-    policies = {name: AdapterPolicy(adapter, build_method(name, configs.get(name), seed=0),
-                                    camera_names=options.camera_names) for name in args.methods}
+    policies = {name: PrunablePolicy(adapter, build_method(name, configs.get(name), seed=0)) for name in args.methods}
     first = next(iter(policies.values()))
     print(f'{adapter.kind} from {args.checkpoint}: {adapter.device} {str(adapter.dtype).replace("torch.", "")}, '
           f'{adapter.runner.num_layers} decoder layers x {adapter.runner.hidden_size}, '

@@ -37,7 +37,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 
 from specprune_ros.command_line import HelpFormatter
 from specprune_ros.ros.launch_config import format_value, node_command, node_setup
-from specprune_ros.ros.messages import values_of
+from specprune_ros.ros.output_messages import values_of
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -38,7 +38,7 @@ import argparse
 import json
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,12 @@ import torch
 from specprune_ros.command_line import HelpFormatter
 from specprune_ros.evaluation.closed_loop import PolicySpec, evaluate, outcome_table, run_episode, summarize
 from specprune_ros.evaluation.statistics import paired_difference
+from specprune_ros.models.loading import load_model, load_policy
 from specprune_ros.policy.interface import Observation
+from specprune_ros.policy.reference_backend import reference_policy
+from specprune_ros.policy.reference_vla import ReferenceVLA
+from specprune_ros.pruning import build_method, self_speculation_hit_rate
+from specprune_ros.sim import EVAL_SEED_START, TASK_FAMILIES, TabletopEnv
 
 STEADY_FROM = 3   # steady state: every method's warm-up is over (VLA-Pruner's window w = 3; SpecPrune needs 1)
 
@@ -92,8 +97,6 @@ class _Recorder:
 def replay_observations(model: str, families: list[str], episodes: int, seed_start: int,
                         execute_steps: int | None = None) -> list[list[Observation]]:
     """Per episode, the observations the unpruned policy acted on in closed loop."""
-    from specprune_ros.policy.loading import load_policy
-    from specprune_ros.sim import TabletopEnv
     env = TabletopEnv()
     recorder = _Recorder(load_policy(model, 'none'), [])
     sequences = []
@@ -107,9 +110,6 @@ def replay_observations(model: str, families: list[str], episodes: int, seed_sta
 
 def widened(model: str, spec: str, seed: int = 0):
     """A random-initialised copy of ``model``'s architecture with a 'WIDTHxLAYERS' decoder (MLP 3 x width)."""
-    from dataclasses import replace
-    from specprune_ros.policy.loading import load_model
-    from specprune_ros.policy.reference_vla import ReferenceVLA
     width, layers = (int(v) for v in spec.lower().split('x'))
     base = load_model(model).config
     torch.manual_seed(seed)
@@ -123,11 +123,9 @@ def measure_latency(vla, configs: tuple[PolicySpec, ...], sequences: list[list[O
     """Round-robin replay through every configuration in this process; medians per configuration, over all
     steps and over the steady-state steps (step index >= ``steady_from`` in every episode, the same
     observations for every configuration)."""
-    from specprune_ros.policy.runtime import PrunedVLAPolicy
-    from specprune_ros.pruning import build_method, self_speculation_hit_rate
     torch.set_num_threads(threads)
-    policies = {c.name: PrunedVLAPolicy(vla, build_method(c.method, c.method_config, seed=c.seed)) for c in configs}
-    probe = PrunedVLAPolicy(vla, build_method('none', {'self_speculation': True}))
+    policies = {c.name: reference_policy(vla, build_method(c.method, c.method_config, seed=c.seed)) for c in configs}
+    probe = reference_policy(vla, build_method('none', {'self_speculation': True}))
     samples: dict[str, list[float]] = {name: [] for name in policies}
     steady: dict[str, list[float]] = {name: [] for name in policies}
     selection: dict[str, list[float]] = {name: [] for name in policies}
@@ -275,7 +273,6 @@ def main(argv: list[str] | None = None) -> None:
                         help='directory for the markdown, JSON and PNG results')
     args = parser.parse_args(argv)
 
-    from specprune_ros.sim import EVAL_SEED_START, TASK_FAMILIES
     families = list(TASK_FAMILIES)
     extra = tuple(parse_extra(text) for text in args.extra)
     configs = tuple(c for c in CONFIGS if args.configs is None or c.name in args.configs or c.name == 'none')
@@ -290,7 +287,6 @@ def main(argv: list[str] | None = None) -> None:
     outcomes = {name: [bool(r.success) for r in results] for name, results in episodes.items()}
     sequences = replay_observations(args.model, families, args.latency_episodes, EVAL_SEED_START + 500_000,
                                     args.execute_steps)
-    from specprune_ros.policy.loading import load_model
     speed = measure_latency(load_model(args.model), configs, sequences, args.threads)
     wide = {spec: measure_latency(widened(args.model, spec), configs, sequences, args.threads) for spec in args.wide}
 

@@ -19,7 +19,7 @@ os.environ.setdefault('MUJOCO_GL', 'egl')
 
 
 def main(argv: list[str] | None = None) -> int:
-    from specprune_ros.sim.dataset import collect_demonstrations
+    from specprune_ros.training.demonstrations import collect_demonstrations
     from specprune_ros.sim.tasks import TASK_FAMILIES, TRAIN_SEED_START
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)

@@ -29,7 +29,7 @@ class ActionCheck:
     def __init__(self, model: str, method: str, method_config) -> None:
         import torch
         torch.set_num_threads(1)
-        from specprune_ros.policy.loading import load_policy
+        from specprune_ros.models.loading import load_policy
         from specprune_ros.sim import TabletopEnv
         self.env = TabletopEnv(image_size=96)
         self.policy = load_policy(model, method, method_config)

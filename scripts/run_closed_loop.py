@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from specprune_ros.sim import EVAL_SEED_START, TASK_FAMILIES
     families = args.families or list(TASK_FAMILIES)
     spec = PolicySpec(model=args.model, method=args.method, method_config=args.method_config)
-    from specprune_ros.policy.checkpoint import CheckpointError
+    from specprune_ros.policy.errors import CheckpointError
     try:
         results = evaluate(spec, families, args.episodes_per_family, seed_start=args.seed_start,
                            workers=args.workers, execute_steps=args.execute_steps)

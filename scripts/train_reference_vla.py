@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train the reference VLA on a demonstration directory (see specprune_ros.sim.dataset) and export it.
+"""Train the reference VLA on a demonstration directory (see specprune_ros.training.demonstrations) and export it.
 
     python scripts/train_reference_vla.py --data data/demos --out outputs/train \\
         --export specprune_ros/assets/reference_vla --steps 6000 --max-minutes 110
@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from specprune_ros.command_line import HelpFormatter
 from specprune_ros.policy.reference_vla import ReferenceVLAConfig
-from specprune_ros.policy.training import TrainConfig, train
-from specprune_ros.sim.dataset import check_sim_fingerprint, iter_episodes, read_manifest
+from specprune_ros.training.trainer import TrainConfig, train
+from specprune_ros.training.demonstrations import check_sim_fingerprint, iter_episodes, read_manifest
 
 
 TRAIN_HELP = {   # TrainConfig fields

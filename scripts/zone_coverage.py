@@ -22,7 +22,7 @@ import torch
 from specprune_ros.command_line import HelpFormatter
 from specprune_ros.evaluation.closed_loop import run_episode
 from specprune_ros.policy.interface import Observation
-from specprune_ros.policy.loading import load_policy
+from specprune_ros.models.loading import load_policy
 from specprune_ros.sim import EVAL_SEED_START, TabletopEnv
 from specprune_ros.sim.projection import project_to_image
 

@@ -23,7 +23,7 @@ from std_msgs.msg import Float64
 from trajectory_msgs.msg import JointTrajectory
 
 from specprune_ros.ros.launch_config import format_value, node_command, node_setup
-from specprune_ros.ros.messages import values_of
+from specprune_ros.ros.output_messages import values_of
 from specprune_ros.ros.sim_runner import ManagedProcess, child_environment
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ SPECPRUNE_TINY = {'num_layers': 4}        # tiny-random has 4 decoder layers
 @pytest.fixture(scope='module')
 def policy_bag(tmp_path_factory):
     """An episode where tiny-random (unpruned) acted, executing 4 steps per chunk; its chunks are in the bag."""
-    from specprune_ros.policy.loading import load_policy
+    from specprune_ros.models.loading import load_policy
     policy = load_policy('tiny-random', 'none')
     path = tmp_path_factory.mktemp('replay') / 'policy_bag'
     result = record_sim_bag(path, SimBagOptions(families=('push',), max_steps=16, actor='policy', execute_steps=4,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from specprune_ros.bags.io import BagError, BagReader, BagWriter
-from specprune_ros.bags.messages import TypestoreMessages
+from specprune_ros.bags.typestore_messages import TypestoreMessages
 from specprune_ros.bags.sim_bag import SimBagOptions, record_sim_bag
 from specprune_ros.bags.streams import StreamTopics, load_streams
 

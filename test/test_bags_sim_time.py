@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip('rclpy', reason='ROS 2 (rclpy) is not installed: scripts/setup_env.sh installs the wheels')
 
 from specprune_ros.bags.io import BagReader, BagWriter  # noqa: E402
-from specprune_ros.bags.messages import TypestoreMessages  # noqa: E402
+from specprune_ros.bags.typestore_messages import TypestoreMessages  # noqa: E402
 from specprune_ros.ros.sim_runner import child_environment  # noqa: E402
 
 DOMAIN = 90

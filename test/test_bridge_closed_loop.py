@@ -61,7 +61,7 @@ def test_sync_mode_executes_what_the_ros_free_harness_executes(sync_run):
     assert counters['timeouts'] == counters['missing_inferences'] == counters['late_commands'] == 0, counters
     episodes = summary['episodes']
     assert [(e['family'], e['seed']) for e in episodes] == [(f, SEED) for f in FAMILIES]
-    from specprune_ros.policy.loading import load_policy
+    from specprune_ros.models.loading import load_policy
     from specprune_ros.sim import TabletopEnv
     env, policy = TabletopEnv(image_size=96), load_policy('tiny-random', 'none')
     for episode in episodes:
@@ -124,7 +124,7 @@ def reference_run(tmp_path_factory):
 
 
 def test_reference_vla_with_specprune_runs_inside_the_node_as_in_the_harness(reference_run):
-    from specprune_ros.policy.loading import load_policy
+    from specprune_ros.models.loading import load_policy
     from specprune_ros.sim import TabletopEnv
     (episode,) = reference_run['summary']['summary']['episodes']
     assert episode['steps'] == 16 and episode['inferences'] == 2

@@ -18,7 +18,7 @@ from specprune_ros.bridge.episodes import (EpisodeLog, EpisodeSpec, episode_plan
 from specprune_ros.bridge.realtime import CommandTimeline
 from specprune_ros.bridge.settings import BridgeSettings
 from specprune_ros.bridge.sync_gate import TickGate
-from specprune_ros.control.proprio import proprio_vector
+from specprune_ros.codecs.proprio import proprio_vector
 from specprune_ros.control.safety_filter import ActionUnits, SafetyFilter, SafetyLimits
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -84,7 +84,7 @@ def test_paired_difference_edge_cases():
 
 
 def test_episode_executes_part_of_each_chunk_until_the_step_limit():
-    from specprune_ros.policy.loading import load_policy
+    from specprune_ros.models.loading import load_policy
     from specprune_ros.sim import EVAL_SEED_START, TabletopEnv
     env = TabletopEnv()
     policy = load_policy('tiny-random', 'random', {'keep_ratio': 0.5})
@@ -118,7 +118,7 @@ def test_parallel_evaluation_matches_serial_and_reports(tmp_path):
 
 @pytest.mark.parametrize('workers', [1, 2])
 def test_a_policy_that_cannot_load_shows_its_own_error_with_workers_too(tmp_path, workers):
-    from specprune_ros.policy.checkpoint import CheckpointError
+    from specprune_ros.policy.errors import CheckpointError
     spec = PolicySpec(model=str(tmp_path / 'no_checkpoint'), method='none')
     with pytest.raises(CheckpointError, match='no_checkpoint'):
         evaluate(spec, ['pick'], 2, workers=workers, progress=False, max_steps=4)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from specprune_ros.control.controller import PolicyController
-from specprune_ros.control.image_decoding import ImageError, aspect_distortion, check_image_size
-from specprune_ros.control.instruction import DuplicateFilter
+from specprune_ros.codecs.image_decoding import ImageError, aspect_distortion, check_image_size
+from specprune_ros.codecs.instruction import DuplicateFilter
 from specprune_ros.control.parameters import NodeParameters
 from specprune_ros.policy.interface import ActionSpec, PolicyOutput
 

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_loading_the_reference_vla_prints_no_token_id_warning():
-    code = ('from specprune_ros.policy.loading import load_model\n'
+    code = ('from specprune_ros.models.loading import load_model\n'
             "load_model('reference')\nload_model('tiny-random')\nprint('loaded')\n")
     done = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, 'PYTHONPATH': str(ROOT)})

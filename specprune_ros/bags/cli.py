@@ -112,14 +112,14 @@ def evaluate_main(argv: Optional[list[str]] = None) -> int:
     torch.set_num_threads(max(args.threads, 1))
     from specprune_ros.bags.replay_eval import ReplayConfig, evaluate_streams
     from specprune_ros.bags.report import markdown, write_report
-    from specprune_ros.policy.checkpoint import CheckpointError
+    from specprune_ros.policy.errors import CheckpointError
     config = ReplayConfig(model=args.model, methods=tuple(args.methods), method_configs=dict(args.method_config),
                           seed=args.seed, device=args.device, schedule=args.schedule, stride=args.stride,
                           repeat_baseline=not args.no_repeat_baseline, progress=not args.quiet)
     try:
         size = args.image_size
         if not size:
-            from specprune_ros.policy.loading import load_model
+            from specprune_ros.models.loading import load_model
             size = load_model(args.model, device='cpu', seed=args.seed).config.image_size
         streams = load_streams(args.bag, topics, image_size=(size, size), max_camera_skew_s=args.max_camera_skew,
                                instruction=args.instruction, max_observations=args.max_observations)
@@ -169,14 +169,14 @@ def record_sim_main(argv: Optional[list[str]] = None) -> int:
         return 2
     from specprune_ros.bags.io import BagError
     from specprune_ros.bags.sim_bag import SimBagOptions, record_sim_bag
-    from specprune_ros.policy.checkpoint import CheckpointError
+    from specprune_ros.policy.errors import CheckpointError
     policy = None
     try:
         if args.actor == 'policy':
             import torch
             import yaml
             torch.set_num_threads(1)
-            from specprune_ros.policy.loading import load_policy
+            from specprune_ros.models.loading import load_policy
             config = yaml.safe_load(args.method_config) if args.method_config else None
             policy = load_policy(args.model, args.method, config)
         options = SimBagOptions(families=args.families, seeds=args.seeds, actor=args.actor, max_steps=args.max_steps,

@@ -118,9 +118,9 @@ def run_method(streams: BagStreams, indices: Sequence[int], resets: set[int],
     use this run's own previous chunk for the elapsed steps (the unpruned baseline on a bag without commands)."""
     from tqdm import tqdm
 
-    from specprune_ros.control.kept_patches import draw_kept_patches, kept_patch_masks
+    from specprune_ros.codecs.kept_patches import draw_kept_patches, kept_patch_masks
     from specprune_ros.policy.interface import Observation
-    from specprune_ros.policy.loading import load_policy
+    from specprune_ros.models.loading import load_policy
     policy = load_policy(config.model, method=method, method_config=config.method_configs.get(method),
                          device=config.device, dtype=config.dtype, seed=config.seed)
     if policy.proprio_dim and any(streams.observations[i].proprio is None for i in indices):

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from specprune_ros.bags.io import BagWriter, make_qos
-from specprune_ros.bags.messages import TypestoreMessages
+from specprune_ros.bags.typestore_messages import TypestoreMessages
 from specprune_ros.bridge.conversions import CommandUnits, action_to_twist, gripper_action_to_value, seconds_to_ns
 
 ACTION_LABELS = ('dx', 'dy', 'dz', 'droll', 'dpitch', 'dyaw', 'gripper')

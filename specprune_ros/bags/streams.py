@@ -30,9 +30,9 @@ from rosbags.image.image import to_cvtype
 
 from specprune_ros.bags.io import BagError, BagReader, check_types_known, normalize_topic
 from specprune_ros.bridge.conversions import CommandUnits, command_to_action, gripper_value_to_action
-from specprune_ros.control.image_decoding import (MAX_SIDE, RAW_ENCODINGS, ImageError, decode_compressed_image,
-                                                  decode_raw_image, resize_to)
-from specprune_ros.control.proprio import StateError, finger_gap_from_joints, proprio_vector
+from specprune_ros.codecs.image_decoding import (MAX_SIDE, RAW_ENCODINGS, ImageError, decode_compressed_image,
+                                                 decode_raw_image, resize_to)
+from specprune_ros.codecs.proprio import StateError, finger_gap_from_joints, proprio_vector
 
 IMAGE = 'sensor_msgs/msg/Image'
 COMPRESSED = 'sensor_msgs/msg/CompressedImage'

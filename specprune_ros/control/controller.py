@@ -21,10 +21,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from specprune_ros.codecs.proprio import ProprioAssembler, StateError, check_pose
 from specprune_ros.control.chunk_scheduler import ChunkScheduler, ChunkSettings
 from specprune_ros.control.input_sync import InputSynchronizer, RejectedInput, StaleInput, SyncLimits
 from specprune_ros.control.parameters import NodeParameters
-from specprune_ros.control.proprio import ProprioAssembler, StateError, check_pose
 from specprune_ros.control.runtime_stats import RuntimeStats, controller_mode, kept_token_ratio
 from specprune_ros.control.safety_filter import ActionUnits, FilteredCommand, SafetyFilter, SafetyLimits
 from specprune_ros.policy.interface import ActionSpec, Observation, PolicyOutput

@@ -14,6 +14,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 import yaml
 
+from specprune_ros.core.dataclass_mapping import UnknownFieldsError, dataclass_from_mapping
 from specprune_ros.pruning.registry import available_methods, build_method, method_config
 
 METHODS = tuple(available_methods())          # the pruning registry is the one source of method names
@@ -162,20 +163,14 @@ class NodeParameters:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> 'NodeParameters':
         """Parameters from a mapping (unknown names are an error), coercing ints to floats where declared."""
-        errors = []
-        kwargs = {}
-        defaults = cls.defaults()
-        for name, value in values.items():
-            if name not in defaults:
-                if not name.startswith(METHOD_SETTINGS_PREFIX):
-                    errors.append(unknown_parameter_message(name, defaults))
-                continue
-            kwargs[name] = coerce(value, defaults[name])
-        if errors:
-            raise ParameterError(errors)
         settings = {name[len(METHOD_SETTINGS_PREFIX):]: value for name, value in values.items()
                     if name.startswith(METHOD_SETTINGS_PREFIX)}
-        return cls(**kwargs, method_settings=nest_settings(settings))
+        declared = {name: value for name, value in values.items() if not name.startswith(METHOD_SETTINGS_PREFIX)}
+        try:
+            return dataclass_from_mapping(cls, {**declared, 'method_settings': nest_settings(settings)})
+        except UnknownFieldsError as error:
+            defaults = cls.defaults()
+            raise ParameterError([unknown_parameter_message(name, defaults) for name in error.unknown]) from None
 
     def method_options(self) -> dict:
         """``method_config`` parsed, with the ``method_settings`` on top (raises ``ParameterError``)."""
@@ -329,15 +324,6 @@ class ParameterError(ValueError):
     def __init__(self, errors: list[str]) -> None:
         super().__init__('invalid parameters: ' + '; '.join(errors))
         self.errors = list(errors)
-
-
-def coerce(value: Any, default: Value) -> Any:
-    """``value`` as the type of ``default`` where that loses nothing (int -> float); else unchanged."""
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(default, list) and isinstance(value, tuple):
-        return list(value)
-    return value
 
 
 def _topic_ok(topic: str) -> bool:

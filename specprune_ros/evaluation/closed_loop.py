@@ -10,21 +10,26 @@ import json
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from specprune_ros.evaluation.statistics import percentile, wilson_interval
-from specprune_ros.sim.outcomes import OUTCOMES, count_outcomes
+from specprune_ros.models.loading import load_policy
+from specprune_ros.policy.interface import Observation
+from specprune_ros.sim import EVAL_SEED_START, TabletopEnv
+from specprune_ros.sim.outcomes import OUTCOMES, OutcomeTracker, count_outcomes
+from specprune_ros.sim.visualize import save_gif, save_strip
 
 
 @dataclass(frozen=True)
 class PolicySpec:
-    """Everything a worker process needs to build the same policy (see ``policy.loading.load_policy``)."""
+    """Everything a worker process needs to build the same policy (see ``models.loading.load_policy``)."""
 
     model: str = 'reference'
     method: str = 'none'
@@ -57,8 +62,6 @@ def run_episode(env, policy, family: str, seed: int, execute_steps: Optional[int
     """One episode: infer a chunk, execute ``execute_steps`` of it (default: all), repeat until done.
 
     ``max_steps`` cuts the episode short of the task's own step limit (quick checks)."""
-    from specprune_ros.policy.interface import Observation
-    from specprune_ros.sim.outcomes import OutcomeTracker
     observation = env.reset(seed=seed, family=family)
     policy.reset()
     state = env.sim_state()
@@ -104,9 +107,6 @@ def _init_worker(spec: PolicySpec, image_size: int, threads: int, episode_option
     """Load the policy and the simulator. ``keep_error`` (worker processes): a failure is kept and raised by
     every job, so the caller sees the real error instead of a broken process pool."""
     try:
-        import torch
-        from specprune_ros.policy.loading import load_policy
-        from specprune_ros.sim import TabletopEnv
         torch.set_num_threads(threads)
         _WORKER['policy'] = load_policy(spec.model, spec.method, spec.method_config, seed=spec.seed)
         _WORKER['env'] = TabletopEnv(image_size=image_size)
@@ -131,7 +131,6 @@ def evaluate(spec: PolicySpec, families: Sequence[str], episodes_per_family: int
 
     ``execute_steps``: actions executed per chunk before re-planning (default: the whole chunk)."""
     options = {'execute_steps': execute_steps, 'max_steps': max_steps}
-    from specprune_ros.sim import EVAL_SEED_START
     start = EVAL_SEED_START if seed_start is None else seed_start
     jobs = [(family, start + i) for i in range(episodes_per_family) for family in families]
     bar = tqdm(total=len(jobs), desc=f'eval {spec.name}', unit='ep', disable=not progress, dynamic_ncols=True)
@@ -217,9 +216,6 @@ def write_report(summaries: Sequence[dict], out_dir: Path, name: str = 'closed_l
 
 def record_episode(spec: PolicySpec, family: str, seed: int, path: Path, image_size: int = 96) -> EpisodeResult:
     """Run one episode in this process and save a PNG strip (and a GIF next to it) of both cameras."""
-    from specprune_ros.policy.loading import load_policy
-    from specprune_ros.sim import TabletopEnv
-    from specprune_ros.sim.visualize import save_gif, save_strip
     env = TabletopEnv(image_size=image_size)
     policy = load_policy(spec.model, spec.method, spec.method_config, seed=spec.seed)
     result = run_episode(env, policy, family, seed, record_frames=True)
@@ -228,9 +224,3 @@ def record_episode(spec: PolicySpec, family: str, seed: int, path: Path, image_s
     save_gif(result.frames, path.with_suffix('.gif'))
     result.frames = None
     return result
-
-
-def as_dict(result: EpisodeResult) -> dict:
-    out = asdict(result)
-    out.pop('frames', None)
-    return out

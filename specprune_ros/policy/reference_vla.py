@@ -24,7 +24,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
 from specprune_ros.core.executor import PrunableDecoderRunner, RunResult
-from specprune_ros.core.step_types import PruningMethod, StepContext
+from specprune_ros.core.step_types import PruningMethod
 from specprune_ros.core.token_layout import TokenLayout
 from specprune_ros.policy.tokenizer import WordTokenizer
 
@@ -242,13 +242,9 @@ class ReferenceVLA(nn.Module):
         return self.localisation_head(states.float().mean(dim=1))
 
     def forward(self, images: torch.Tensor, word_ids: torch.Tensor, num_words: int, proprio: torch.Tensor,
-                method: Optional[PruningMethod] = None, context: Optional[StepContext] = None
-                ) -> tuple[torch.Tensor, RunResult]:
+                method: Optional[PruningMethod] = None) -> tuple[torch.Tensor, RunResult]:
         """Predict the chunk; ``num_words`` sets the text span of the layout (padding is never 'text')."""
         layout = self.layout(num_words)
         embeddings = self.embed(images, word_ids, proprio)
-        if context is not None:
-            context.layout = layout
-            context.visual_embeddings = embeddings[0, layout.visual_indices()].detach()
-        result = self.runner(embeddings, layout, method, context)
+        result = self.runner(embeddings, layout, method)
         return self.decode_actions(result, layout), result

@@ -13,7 +13,7 @@ Topics (relative names, remap them; cameras come from ``camera_topics``):
   out: delta_twist_cmds  geometry_msgs/TwistStamped, one per control tick (MoveIt Servo input: switch Servo's
                          command type to TWIST first, see config/specprune.yaml)
        gripper_command   std_msgs/Float64 or Float64MultiArray (gripper_command_type; not published while holding)
-       ~/action_chunk    trajectory_msgs/JointTrajectory per inference (see ``specprune_ros.ros.messages``)
+       ~/action_chunk    trajectory_msgs/JointTrajectory per inference (see ``specprune_ros.ros.output_messages``)
        ~/inference       diagnostic_msgs/DiagnosticStatus per inference (latencies, kept ratio, resets)
        /diagnostics      diagnostic_msgs/DiagnosticArray, every diagnostics_period_s
        ~/debug/kept_patches  sensor_msgs/Image (publish_debug_image)
@@ -49,18 +49,18 @@ from std_srvs.srv import SetBool, Trigger
 from trajectory_msgs.msg import JointTrajectory
 
 from specprune_ros.control.controller import AcceptedChunk, InferenceRequest, PolicyController
-from specprune_ros.control.image_decoding import (ImageError, aspect_distortion, check_image_size,
-                                                  decode_compressed_image, resize_to)
+from specprune_ros.codecs.image_decoding import (ImageError, aspect_distortion, check_image_size,
+                                                 decode_compressed_image, resize_to)
+from specprune_ros.codecs.instruction import (DuplicateFilter, InstructionError, string_bytes_from_cdr,
+                                              validate_instruction)
+from specprune_ros.codecs.kept_patches import draw_kept_patches, kept_patch_masks
+from specprune_ros.codecs.proprio import PROPRIO_DIM, StateError, finger_gap_from_joints
 from specprune_ros.control.inference_worker import InferenceWorker
-from specprune_ros.control.instruction import (DuplicateFilter, InstructionError, string_bytes_from_cdr,
-                                               validate_instruction)
-from specprune_ros.control.kept_patches import draw_kept_patches, kept_patch_masks
 from specprune_ros.control.parameters import NodeParameters, ParameterError, unknown_parameter_message
-from specprune_ros.control.proprio import PROPRIO_DIM, StateError, finger_gap_from_joints
 from specprune_ros.control.runtime_stats import ERROR, OK, WARN
 from specprune_ros.control.safety_filter import FilteredCommand
 from specprune_ros.policy.interface import Observation, Policy
-from specprune_ros.ros import messages
+from specprune_ros.ros import output_messages as messages
 from specprune_ros.ros.image_conversion import RawImageConverter
 from specprune_ros.ros.parameter_declaration import (declare_method_settings, declare_node_parameters,
                                                      read_node_parameters)
@@ -79,7 +79,7 @@ STATE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=Rel
 
 def load_policy_from(params: NodeParameters) -> Policy:
     """The policy named by the parameters (imported late: torch and the model are heavy)."""
-    from specprune_ros.policy.loading import load_policy
+    from specprune_ros.models.loading import load_policy
     return load_policy(params.model, method=params.method, method_config=params.method_options(),
                        device=params.device, dtype=params.dtype, seed=params.seed)
 

@@ -49,7 +49,7 @@ from specprune_ros.bridge.episodes import (EpisodeLog, EpisodeOutcome, EpisodeSp
 from specprune_ros.bridge.realtime import CommandTimeline
 from specprune_ros.bridge.settings import BridgeSettings
 from specprune_ros.bridge.sync_gate import TickGate
-from specprune_ros.ros import messages
+from specprune_ros.ros import output_messages as messages
 from specprune_ros.ros.ros_helpers import BackgroundExecutor, call_service, remote_parameters
 
 NODE_NAME = 'sim_bridge'

@@ -13,8 +13,9 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from specprune_ros.bridge.settings import BridgeSettings
-from specprune_ros.ros.launch_config import (EXECUTABLE, LAUNCH_ARGUMENTS, LaunchArgument, NodeSetup, check_overrides,
-                                             default_params_file, flatten_parameters, format_value, node_setup)
+from specprune_ros.ros.launch_config import (EXECUTABLE, LAUNCH_ARGUMENTS, NODE_MODULE, LaunchArgument, NodeSetup,
+                                             check_overrides, default_params_file, flatten_parameters, format_value,
+                                             node_setup)
 
 BRIDGE_EXECUTABLE = 'specprune_sim_bridge'   # console script
 BRIDGE_NODE_NAME = 'sim_bridge'              # node name, the key of its parameters in the sim params file
@@ -134,5 +135,4 @@ def bridge_command(setup: SimSetup, extra: Optional[Mapping[str, Any]] = None,
 
 def policy_command(setup: SimSetup, extra: Optional[Mapping[str, Any]] = None,
                    python: Optional[str] = None) -> list[str]:
-    from specprune_ros.ros.launch_config import NODE_MODULE
     return [python or sys.executable, '-m', NODE_MODULE, *setup.policy_ros_arguments(extra)]
