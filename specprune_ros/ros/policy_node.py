@@ -48,13 +48,13 @@ from std_msgs.msg import Float64, Float64MultiArray, String
 from std_srvs.srv import SetBool, Trigger
 from trajectory_msgs.msg import JointTrajectory
 
-from specprune_ros.control.controller import AcceptedChunk, InferenceRequest, PolicyController
 from specprune_ros.codecs.image_decoding import (ImageError, aspect_distortion, check_image_size,
                                                  decode_compressed_image, resize_to)
 from specprune_ros.codecs.instruction import (DuplicateFilter, InstructionError, string_bytes_from_cdr,
                                               validate_instruction)
 from specprune_ros.codecs.kept_patches import draw_kept_patches, kept_patch_masks
 from specprune_ros.codecs.proprio import PROPRIO_DIM, StateError, finger_gap_from_joints
+from specprune_ros.control.controller import AcceptedChunk, InferenceRequest, PolicyController
 from specprune_ros.control.inference_worker import InferenceWorker
 from specprune_ros.control.parameters import NodeParameters, ParameterError, unknown_parameter_message
 from specprune_ros.control.runtime_stats import ERROR, OK, WARN
