@@ -28,9 +28,11 @@ setup(
         'console_scripts': [
             'specprune_node = specprune_ros.ros.policy_node:main',
             'specprune_synthetic_camera = specprune_ros.ros.tools.synthetic_camera:main',
-            'sim_bridge = specprune_ros.ros.sim_bridge_node:main',
-            'bag_player = specprune_ros.ros.bag_player:main',
-            'bag_recorder = specprune_ros.ros.bag_recorder:main',
+            'specprune_sim_bridge = specprune_ros.ros.sim_bridge_node:main',
+            'specprune_bag_player = specprune_ros.ros.bag_player:main',
+            'specprune_bag_recorder = specprune_ros.ros.bag_recorder:main',
+            'specprune_evaluate_bag = specprune_ros.bags.cli:evaluate_main',
+            'specprune_record_sim_bag = specprune_ros.bags.cli:record_sim_main',
         ],
     },
 )

@@ -1,6 +1,6 @@
 """End-to-end latency and speedup of every pruning method on an OpenVLA / OpenVLA-OFT checkpoint.
 
-One adapter is loaded once; each method gets its own ``AdapterPolicy`` around it (its own temporal state). A
+One adapter is loaded once; each method gets its own ``PrunablePolicy`` around it (its own temporal state). A
 synthetic episode (textured frames with a block that moves, a drifting proprio vector, small executed actions)
 is fed to all methods round-robin, step by step, so machine noise hits them alike; the first ``--warmup`` steps
 are not timed. The adapter's own unpruned forward through transformers ("hf-reference") is timed alongside.
@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from specprune_ros.adapters.policy import AdapterPolicy, load_adapter, read_options
+from specprune_ros.adapters.factory import load_adapter, read_options
+from specprune_ros.command_line import HelpFormatter
 from specprune_ros.policy.interface import Observation
+from specprune_ros.policy.prunable_policy import PrunablePolicy
 from specprune_ros.pruning import build_method
 
 DEFAULT_METHODS = ['none', 'random', 'fastv', 'divprune', 'vla_pruner', 'vla_cache', 'specprune']
@@ -57,16 +59,17 @@ def synthetic_episode(steps: int, cameras: tuple[str, ...], size: int, proprio_d
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--checkpoint', default='tiny-oft',
                         help="a checkpoint directory, or 'tiny-openvla' / 'tiny-oft' (written to a temp dir)")
-    parser.add_argument('--device', default='auto')
+    parser.add_argument('--device', default='auto', help="torch device ('auto': cuda when available, else cpu)")
     parser.add_argument('--dtype', default='auto', help="'auto' (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
-    parser.add_argument('--methods', nargs='+', default=DEFAULT_METHODS)
+    parser.add_argument('--methods', nargs='+', default=DEFAULT_METHODS, help='pruning methods to time')
     parser.add_argument('--method-config', default='{}',
                         help='JSON: {method: {field: value}} applied to the named methods, e.g. '
                              '\'{"fastv": {"keep_ratio": 0.25}}\'')
-    parser.add_argument('--unnorm-key', default=None)
+    parser.add_argument('--unnorm-key', default=None,
+                        help="the checkpoint's action statistics to unnormalise with (None: its only one)")
     parser.add_argument('--steps', type=int, default=10, help='timed steps per method')
     parser.add_argument('--warmup', type=int, default=3, help='untimed steps first (VLA-Pruner warms up 3 steps)')
     parser.add_argument('--threads', type=int, default=0, help='torch CPU threads (0 = leave the default)')
@@ -87,8 +90,7 @@ def main() -> None:
     options = read_options(directory, {'unnorm_key': args.unnorm_key})
     adapter = load_adapter(directory, device=args.device, dtype=args.dtype, options=options)
     load_s = time.perf_counter() - started
-    policies = {name: AdapterPolicy(adapter, build_method(name, configs.get(name), seed=0),
-                                    camera_names=options.camera_names) for name in args.methods}
+    policies = {name: PrunablePolicy(adapter, build_method(name, configs.get(name), seed=0)) for name in args.methods}
     first = next(iter(policies.values()))
     print(f'{adapter.kind} from {args.checkpoint}: {adapter.device} {str(adapter.dtype).replace("torch.", "")}, '
           f'{adapter.runner.num_layers} decoder layers x {adapter.runner.hidden_size}, '

@@ -16,6 +16,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaModel
 
+from specprune_ros.command_line import HelpFormatter
 from specprune_ros.core.executor import PrunableDecoderRunner
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
 from specprune_ros.core.token_layout import TokenLayout
@@ -39,12 +40,13 @@ def even_keep(layout: TokenLayout, fraction: float, generator: torch.Generator) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--hidden', type=int, default=512)
-    parser.add_argument('--layers', type=int, default=8)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument('--hidden', type=int, default=512, help='decoder width')
+    parser.add_argument('--layers', type=int, default=8, help='decoder layers')
     parser.add_argument('--steps', type=int, default=20, help='timed steps per budget (after warm-up)')
-    parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--budgets', type=float, nargs='+', default=[1.0, 0.5, 0.25, 0.125])
+    parser.add_argument('--threads', type=int, default=2, help='torch threads')
+    parser.add_argument('--budgets', type=float, nargs='+', default=[1.0, 0.5, 0.25, 0.125],
+                        help='kept-token fractions to time')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

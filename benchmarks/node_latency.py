@@ -35,23 +35,24 @@ from geometry_msgs.msg import TwistStamped
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 
+from specprune_ros.command_line import HelpFormatter
 from specprune_ros.ros.launch_config import format_value, node_command, node_setup
-from specprune_ros.ros.messages import values_of
+from specprune_ros.ros.output_messages import values_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--duration', type=float, default=300.0, help='measured seconds (after warm-up)')
     parser.add_argument('--warmup', type=float, default=10.0, help='seconds of traffic before measuring')
     parser.add_argument('--rate', type=float, default=30.0, help='camera frames per second')
     parser.add_argument('--size', type=int, default=96, help='camera resolution (square); the node resizes')
     parser.add_argument('--model', default='tiny-random', help="'reference', 'tiny-random' or a checkpoint dir")
-    parser.add_argument('--method', default='specprune')
+    parser.add_argument('--method', default='specprune', help='pruning method of the node')
     parser.add_argument('--method-config', default='', help="YAML mapping; default '{num_layers: 4}' for tiny-random")
-    parser.add_argument('--replan-every-steps', type=int, default=1)
-    parser.add_argument('--torch-threads', type=int, default=1)
+    parser.add_argument('--replan-every-steps', type=int, default=1, help='node parameter: infer every N control steps')
+    parser.add_argument('--torch-threads', type=int, default=1, help='torch threads of the node')
     parser.add_argument('--domain', type=int, default=97, help='ROS_DOMAIN_ID of this run')
     parser.add_argument('--json', default='', help='also write the results here')
     return parser.parse_args()

@@ -5,7 +5,7 @@ only wires standard pieces together. You need: a world with the arm and the two 
 topic mapping in ``config/gz_bridge.yaml`` adapted to it, and something that turns the node's end-effector
 twist into joint commands (MoveIt Servo reading ``/delta_twist_cmds``, with gz_ros2_control).
 
-    ros2 launch specprune_ros gazebo_sim.launch.py world:=/path/tabletop.sdf model:=reference \
+    ros2 launch specprune_ros gazebo_sim.launch.py world:=/path/tabletop.sdf model:=reference \\
         method:=specprune instruction:="pick up the red cube"
 """
 import os
@@ -15,9 +15,9 @@ from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, ExecuteProcess, IncludeLaunchDescription, OpaqueFunction
 from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.substitutions import LaunchConfiguration
-from launch_ros.actions import Node
+from launch_ros.actions import LifecycleNode, Node
 
-from specprune_ros.ros.launch_config import EXECUTABLE, PACKAGE, node_setup
+from specprune_ros.ros.launch_config import PACKAGE, launch_node_arguments, node_setup
 
 ARGUMENTS = (
     ('world', '', 'SDF world with the arm, the agentview and wrist cameras and the objects'),
@@ -42,10 +42,10 @@ def _start(context, *args, **kwargs):
     bridge = Node(package='ros_gz_bridge', executable='parameter_bridge', name='gz_bridge',
                   parameters=[{'config_file': bridge_config, 'use_sim_time': True}], output='screen')
     setup = node_setup({k: value[k] for k in ('model', 'method', 'method_config') if value[k]}
-                       | {'twist_topic': 'delta_twist_cmds'})
-    policy = Node(package=PACKAGE, executable=EXECUTABLE, name=setup.name, namespace=setup.namespace,
-                  parameters=[setup.params_file, setup.overrides, {'use_sim_time': True}],
-                  remappings=setup.remappings, output='screen', emulate_tty=True)
+                       | {'twist_topic': 'delta_twist_cmds', 'use_sim_time': 'true'})
+    # Gazebo stamps the tool pose in its world frame, which is the base frame with the arm base at the origin
+    setup.overrides['ee_pose_frame'] = ''
+    policy = LifecycleNode(**launch_node_arguments(setup), output='screen', emulate_tty=True)
     actions = [gz, bridge, policy]
     if value['instruction']:
         actions.append(ExecuteProcess(cmd=['ros2', 'topic', 'pub', '--once', '--qos-durability', 'transient_local',

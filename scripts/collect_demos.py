@@ -13,22 +13,25 @@ import os
 import sys
 import time
 
+from specprune_ros.command_line import HelpFormatter
+
 os.environ.setdefault('MUJOCO_GL', 'egl')
 
 
 def main(argv: list[str] | None = None) -> int:
-    from specprune_ros.sim.dataset import collect_demonstrations
+    from specprune_ros.training.demonstrations import collect_demonstrations
     from specprune_ros.sim.tasks import TASK_FAMILIES, TRAIN_SEED_START
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('--out', required=True, help='output directory (manifest.json + episodes/*.npz)')
-    p.add_argument('--families', nargs='+', default=list(TASK_FAMILIES), choices=TASK_FAMILIES)
-    p.add_argument('--episodes-per-family', type=int, default=50)
+    p.add_argument('--families', nargs='+', default=list(TASK_FAMILIES), choices=TASK_FAMILIES,
+                   help='task families to demonstrate')
+    p.add_argument('--episodes-per-family', type=int, default=50, help='demonstrations of each family')
     p.add_argument('--seed-start', type=int, default=TRAIN_SEED_START,
                    help='first seed (training seeds start at TRAIN_SEED_START, evaluation at EVAL_SEED_START)')
-    p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--workers', type=int, default=2, help='worker processes')
     p.add_argument('--noise', type=float, default=0.1, help='expert action noise std (normalised units)')
-    p.add_argument('--image-size', type=int, default=96)
+    p.add_argument('--image-size', type=int, default=96, help='camera frame side in pixels')
     p.add_argument('--takeover-model', default=None,
                    help='recovery demonstrations: this policy checkpoint drives first, then the expert takes over')
     p.add_argument('--quiet', action='store_true', help='no progress bar')

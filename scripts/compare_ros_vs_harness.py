@@ -2,7 +2,7 @@
 """Acceptance check: the closed loop over ROS topics (policy node + sim bridge, step-synchronous mode) scores
 the same as the ROS-free harness (``scripts/run_closed_loop.py``) on the same seeds.
 
-    python scripts/compare_ros_vs_harness.py --model reference --method none --episodes-per-family 10 \
+    python scripts/compare_ros_vs_harness.py --model reference --method none --episodes-per-family 10 \\
         --out outputs/compare
 
 Both run the same episodes (families x seeds from --seed-start) with the same execution scheme (a chunk of 8
@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from specprune_ros.command_line import HelpFormatter
+
 
 class ActionCheck:
     """The harness's execution loop (``closed_loop.run_episode``: a chunk executed open loop, then re-plan),
@@ -27,7 +29,7 @@ class ActionCheck:
     def __init__(self, model: str, method: str, method_config) -> None:
         import torch
         torch.set_num_threads(1)
-        from specprune_ros.policy.loading import load_policy
+        from specprune_ros.models.loading import load_policy
         from specprune_ros.sim import TabletopEnv
         self.env = TabletopEnv(image_size=96)
         self.policy = load_policy(model, method, method_config)
@@ -50,17 +52,18 @@ class ActionCheck:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--model', default='reference')
-    parser.add_argument('--method', default='none')
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument('--model', default='reference', help="'reference', 'tiny-random' or a checkpoint directory")
+    parser.add_argument('--method', default='none', help='pruning method')
     parser.add_argument('--method-config', default='', help='YAML mapping of the method knobs')
-    parser.add_argument('--families', nargs='+', default=['pick', 'place', 'push'])
-    parser.add_argument('--episodes-per-family', type=int, default=5)
-    parser.add_argument('--seed-start', type=int, default=1_000_000)
+    parser.add_argument('--families', nargs='+', default=['pick', 'place', 'push'], help='task families')
+    parser.add_argument('--episodes-per-family', type=int, default=5, help='episodes of each family')
+    parser.add_argument('--seed-start', type=int, default=1_000_000,
+                        help='first episode seed (1000000: the held-out evaluation seeds)')
     parser.add_argument('--max-steps', type=int, default=0, help='cap episodes (0: the task limits)')
     parser.add_argument('--workers', type=int, default=1, help='harness worker processes')
-    parser.add_argument('--domain-id', type=int, default=79)
-    parser.add_argument('--out', type=Path, default=Path('outputs/compare'))
+    parser.add_argument('--domain-id', type=int, default=79, help='ROS_DOMAIN_ID of the node and the bridge')
+    parser.add_argument('--out', type=Path, default=Path('outputs/compare'), help='directory for the comparison report')
     parser.add_argument('--no-check-actions', dest='check_actions', action='store_false',
                         help='skip re-running the harness loop to compare every applied action')
     args = parser.parse_args()

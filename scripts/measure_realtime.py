@@ -2,7 +2,7 @@
 """What latency costs: the same episodes in real-time mode (the simulator steps every 0.1 s of wall-clock time
 while the policy node infers) for the unpruned policy and pruning methods; optionally step-synchronous too.
 
-    python scripts/measure_realtime.py --model reference --methods none specprune vla_pruner \
+    python scripts/measure_realtime.py --model reference --methods none specprune vla_pruner \\
         --families pick --episodes-per-family 5 --out outputs/realtime
 
 Reports per method and mode: success (95% CI), mean |jerk| of the applied end-effector velocity, the share of
@@ -17,22 +17,28 @@ import sys
 import time
 from pathlib import Path
 
+from specprune_ros.command_line import HelpFormatter
+
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--model', default='reference')
-    parser.add_argument('--methods', nargs='+', default=['none', 'specprune'])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument('--model', default='reference', help="'reference', 'tiny-random' or a checkpoint directory")
+    parser.add_argument('--methods', nargs='+', default=['none', 'specprune'], help='pruning methods to run')
     parser.add_argument('--method-config', action='append', default=[], metavar="METHOD='{...}'",
                         help="a method's knobs as YAML, e.g. specprune='{num_layers: 4}'")
-    parser.add_argument('--modes', nargs='+', choices=('realtime', 'sync'), default=['realtime'])
-    parser.add_argument('--families', nargs='+', default=['pick'])
-    parser.add_argument('--episodes-per-family', type=int, default=3)
-    parser.add_argument('--seed-start', type=int, default=1_000_000)
-    parser.add_argument('--max-steps', type=int, default=0)
+    parser.add_argument('--modes', nargs='+', choices=('realtime', 'sync'), default=['realtime'],
+                        help='bridge modes to run')
+    parser.add_argument('--families', nargs='+', default=['pick'], help='task families')
+    parser.add_argument('--episodes-per-family', type=int, default=3, help='episodes of each family')
+    parser.add_argument('--seed-start', type=int, default=1_000_000,
+                        help='first episode seed (1000000: the held-out evaluation seeds)')
+    parser.add_argument('--max-steps', type=int, default=0,
+                        help='stop episodes after this many steps (0: the task limit)')
     parser.add_argument('--replan-every-steps', type=int, default=0, help='override the sim config (8)')
-    parser.add_argument('--torch-threads', type=int, default=1)
-    parser.add_argument('--domain-id', type=int, default=78)
-    parser.add_argument('--out', type=Path, default=Path('outputs/realtime'))
+    parser.add_argument('--torch-threads', type=int, default=1, help='torch threads of the node')
+    parser.add_argument('--domain-id', type=int, default=78, help='ROS_DOMAIN_ID of the processes')
+    parser.add_argument('--out', type=Path, default=Path('outputs/realtime'),
+                        help='directory for realtime.md and realtime.json')
     args = parser.parse_args()
 
     from specprune_ros.bridge.episodes import markdown_summary

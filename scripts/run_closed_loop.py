@@ -10,30 +10,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+from specprune_ros.command_line import HelpFormatter
 from specprune_ros.evaluation.closed_loop import PolicySpec, evaluate, record_episode, summarize, write_report
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--model', default='reference', help="'reference', 'tiny-random' or a checkpoint directory")
     parser.add_argument('--method', default='none', help='pruning method (see specprune_ros.pruning)')
     parser.add_argument('--method-config', type=json.loads, default=None, help='JSON dict of method settings')
     parser.add_argument('--execute-steps', type=int, default=None, help='actions executed per chunk (default: all 8)')
-    parser.add_argument('--families', nargs='+', default=None)
-    parser.add_argument('--episodes-per-family', type=int, default=10)
+    parser.add_argument('--families', nargs='+', default=None, help='task families (default: all)')
+    parser.add_argument('--episodes-per-family', type=int, default=10, help='episodes of each family')
     parser.add_argument('--seed-start', type=int, default=None, help='default: the held-out EVAL_SEED_START')
-    parser.add_argument('--workers', type=int, default=2)
-    parser.add_argument('--out', type=Path, default=Path('outputs/eval'))
+    parser.add_argument('--workers', type=int, default=2, help='worker processes (1: in this process)')
+    parser.add_argument('--out', type=Path, default=Path('outputs/eval'),
+                        help='directory for the JSON and markdown report')
     parser.add_argument('--record', type=Path, default=None, help='also save a PNG strip + GIF of one episode here')
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from specprune_ros.sim import EVAL_SEED_START, TASK_FAMILIES
     families = args.families or list(TASK_FAMILIES)
     spec = PolicySpec(model=args.model, method=args.method, method_config=args.method_config)
-    results = evaluate(spec, families, args.episodes_per_family, seed_start=args.seed_start, workers=args.workers,
-                       execute_steps=args.execute_steps)
+    from specprune_ros.policy.errors import CheckpointError
+    try:
+        results = evaluate(spec, families, args.episodes_per_family, seed_start=args.seed_start,
+                           workers=args.workers, execute_steps=args.execute_steps)
+    except (CheckpointError, ValueError, KeyError, RuntimeError) as error:
+        print(f'error: {type(error).__name__}: {error}', file=sys.stderr)
+        return 2
     summary = summarize(results, label=spec.name)
     json_path, md_path = write_report([summary], args.out, name=f'closed_loop_{spec.name}')
     print(md_path.read_text())
@@ -42,7 +50,8 @@ def main() -> None:
         seed = args.seed_start if args.seed_start is not None else EVAL_SEED_START
         episode = record_episode(spec, families[0], seed, args.record)
         print(f"recorded {families[0]} seed {seed} ({'success' if episode.success else 'failure'}) to {args.record}")
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Train the reference VLA on a demonstration directory (see specprune_ros.sim.dataset) and export it.
+"""Train the reference VLA on a demonstration directory (see specprune_ros.training.demonstrations) and export it.
 
-    python scripts/train_reference_vla.py --data data/demos --out outputs/train \
+    python scripts/train_reference_vla.py --data data/demos --out outputs/train \\
         --export specprune_ros/assets/reference_vla --steps 6000 --max-minutes 110
 Resumable: rerun with --resume to continue from outputs/train/train_state.pt, or --init-from a checkpoint
 directory to continue from exported weights (fresh optimizer) when the training state is gone.
@@ -19,36 +19,53 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from specprune_ros.command_line import HelpFormatter
 from specprune_ros.policy.reference_vla import ReferenceVLAConfig
-from specprune_ros.policy.training import TrainConfig, train
-from specprune_ros.sim.dataset import check_sim_fingerprint, iter_episodes, read_manifest
+from specprune_ros.training.trainer import TrainConfig, train
+from specprune_ros.training.demonstrations import check_sim_fingerprint, iter_episodes, read_manifest
+
+
+TRAIN_HELP = {   # TrainConfig fields
+    'steps': 'optimisation steps', 'batch_size': 'samples per batch', 'lr': 'peak learning rate (cosine schedule)',
+    'weight_decay': 'AdamW weight decay', 'warmup_steps': 'linear learning-rate warm-up steps',
+    'shift_pixels': 'random image shift augmentation, in pixels', 'bf16': 'bf16 autocast (pays only with native bf16)',
+    'threads': 'torch threads', 'seed': 'random seed', 'val_fraction': 'share of the episodes held out for validation',
+    'log_every': 'steps between log lines', 'save_every': 'steps between checkpoints',
+    'max_minutes': 'stop (and save) after this wall time in minutes; 0 = no limit',
+    'localisation_weight': 'auxiliary loss: where the named object and the goal are; 0 = off',
+    'pointing_weight': 'auxiliary loss: which patches of camera 0 show them; 0 = off',
+    'token_drop_probability': 'share of batches with randomly dropped visual tokens; 0 = off',
+    'token_drop_min_keep': 'each drop stage keeps at least this share of the tokens it sees',
+}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--data', type=Path, nargs='+', required=True,
                         help='one or more demonstration directories (e.g. expert demos + recovery demos)')
-    parser.add_argument('--out', type=Path, default=Path('outputs/train'))
+    parser.add_argument('--out', type=Path, default=Path('outputs/train'),
+                        help='directory for checkpoints and the exported model')
     parser.add_argument('--export', type=Path, default=None, help='where the final checkpoint goes')
     parser.add_argument('--resume', action='store_true', help='continue from <out>/train_state.pt')
     parser.add_argument('--init-from', type=Path, default=None,
                         help='start from an exported checkpoint (e.g. specprune_ros/assets/reference_vla)')
-    parser.add_argument('--max-episodes', type=int, default=0)
+    parser.add_argument('--max-episodes', type=int, default=0, help='use at most this many episodes (0: all)')
     parser.add_argument('--allow-sim-mismatch', action='store_true',
                         help='train on demonstrations recorded by another version of the simulator')
     defaults = TrainConfig()
     for name, value in vars(defaults).items():
         flag = '--' + name.replace('_', '-')
         if isinstance(value, bool):
-            parser.add_argument(flag, type=lambda s: s.lower() in ('1', 'true', 'yes'), default=value)
+            parser.add_argument(flag, type=lambda s: s.lower() in ('1', 'true', 'yes'), default=value,
+                                help=TRAIN_HELP.get(name, '') + ' (true / false)')
         else:
-            parser.add_argument(flag, type=type(value), default=value)
+            parser.add_argument(flag, type=type(value), default=value, help=TRAIN_HELP.get(name, ''))
     parser.add_argument('--blind-proprio', default='tcp_x,tcp_y,sin_yaw,cos_yaw',
                         help='comma-separated proprio entries hidden from the policy (copycat guard); "" for none')
-    parser.add_argument('--hidden-size', type=int, default=ReferenceVLAConfig.hidden_size)
-    parser.add_argument('--num-layers', type=int, default=ReferenceVLAConfig.num_layers)
-    parser.add_argument('--mlp-size', type=int, default=ReferenceVLAConfig.mlp_size)
-    parser.add_argument("--num-heads", type=int, default=ReferenceVLAConfig.num_heads)
+    parser.add_argument('--hidden-size', type=int, default=ReferenceVLAConfig.hidden_size, help='decoder width')
+    parser.add_argument('--num-layers', type=int, default=ReferenceVLAConfig.num_layers, help='decoder layers')
+    parser.add_argument('--mlp-size', type=int, default=ReferenceVLAConfig.mlp_size, help='decoder MLP width')
+    parser.add_argument("--num-heads", type=int, default=ReferenceVLAConfig.num_heads, help='attention heads')
     args = parser.parse_args()
 
     manifests = [read_manifest(root) for root in args.data]

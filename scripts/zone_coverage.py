@@ -19,9 +19,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from specprune_ros.command_line import HelpFormatter
 from specprune_ros.evaluation.closed_loop import run_episode
 from specprune_ros.policy.interface import Observation
-from specprune_ros.policy.loading import load_policy
+from specprune_ros.models.loading import load_policy
 from specprune_ros.sim import EVAL_SEED_START, TabletopEnv
 from specprune_ros.sim.projection import project_to_image
 
@@ -93,12 +94,12 @@ def coverage(method: str, config: dict, episodes: int, layer: int) -> dict[str, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--configs', nargs='+', default=['none', 'specprune', 'specprune_static',
                                                          'vla_pruner:{"keep_ratio": 0.5}',
                                                          'vla_pruner:{"keep_ratio": 0.25}'],
                         help="method names, optionally 'name:{json config}'")
-    parser.add_argument('--episodes', type=int, default=8)
+    parser.add_argument('--episodes', type=int, default=8, help='episodes per configuration')
     parser.add_argument('--layer', type=int, default=-1, help='decoder layer whose input is inspected')
     args = parser.parse_args()
     torch.set_num_threads(2)

@@ -23,7 +23,7 @@ from std_msgs.msg import Float64
 from trajectory_msgs.msg import JointTrajectory
 
 from specprune_ros.ros.launch_config import format_value, node_command, node_setup
-from specprune_ros.ros.messages import values_of
+from specprune_ros.ros.output_messages import values_of
 from specprune_ros.ros.sim_runner import ManagedProcess, child_environment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,8 +40,9 @@ def start_process(command: list[str], domain: int, label: str) -> ManagedProcess
     """A child process in DDS domain ``domain`` (one torch thread), its output in a temporary log file."""
     handle, log_path = tempfile.mkstemp(prefix=f'{label}-', suffix='.log')
     os.close(handle)
-    return ManagedProcess(label, command, child_environment(domain, torch_threads=1), Path(log_path),
-                          cwd=ROOT).start()
+    env = child_environment(domain, torch_threads=1)
+    env['RCUTILS_LOGGING_BUFFERED_STREAM'] = '0'     # log lines reach the file at once (tests read them)
+    return ManagedProcess(label, command, env, Path(log_path), cwd=ROOT).start()
 
 
 def start_node(domain: int, arguments: Optional[dict] = None, parameters: Optional[dict] = None,

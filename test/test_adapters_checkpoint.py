@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from specprune_ros.adapters import detect_kind, load_adapter, load_adapter_policy, read_checkpoint
-from specprune_ros.adapters.checkpoint import load_tokenizer
+from specprune_ros.adapters.published_checkpoint import load_tokenizer
 from specprune_ros.adapters.tiny import write_tiny_checkpoint
 from specprune_ros.adapters.vit import TIMM_PRESETS, VisionTransformer, timm_spec
-from specprune_ros.policy.checkpoint import CheckpointError
+from specprune_ros.models.loading import load_model, load_policy, published_kind
+from specprune_ros.policy.errors import CheckpointError
+from specprune_ros.policy.reference_backend import ReferenceBackend
+from specprune_ros.policy.reference_checkpoint import save_checkpoint
 
 # names the published checkpoints use (verified against the public modeling_prismatic.py + timm 0.9.16)
 PUBLISHED_KEYS = [
@@ -159,7 +162,7 @@ def test_unnorm_key_must_name_dataset_statistics(checkpoints, tmp_path):
     with pytest.raises(KeyError, match="'fractal' not in the dataset statistics"):
         load_adapter_policy(directory, device='cpu', dtype='float32', unnorm_key='fractal')
     policy = load_adapter_policy(directory, device='cpu', dtype='float32', unnorm_key='tiny_libero_spatial')
-    assert policy.adapter.unnorm_key == 'tiny_libero_spatial_no_noops'     # OFT's '_no_noops' fallback
+    assert policy.backend.unnorm_key == 'tiny_libero_spatial_no_noops'     # OFT's '_no_noops' fallback
 
 
 def test_unsupported_oft_variants_are_refused(checkpoints, tmp_path):
@@ -169,13 +172,13 @@ def test_unsupported_oft_variants_are_refused(checkpoints, tmp_path):
         load_adapter(directory, device='cpu', dtype='float32')
 
 
-def test_load_policy_hook_only_takes_openvla_directories(checkpoints, tmp_path):
-    from specprune_ros.adapters.policy import load_policy_if_adapter
-    from specprune_ros.policy.checkpoint import save_checkpoint
-    from specprune_ros.policy.loading import load_model
-    assert load_policy_if_adapter('reference') is None and load_policy_if_adapter('tiny-random') is None
-    assert load_policy_if_adapter(str(tmp_path / 'nowhere')) is None
+def test_load_policy_takes_openvla_directories_to_the_adapters(checkpoints, tmp_path):
+    assert published_kind('reference') is None and published_kind('tiny-random') is None
+    assert published_kind(str(tmp_path / 'nowhere')) is None
     reference = save_checkpoint(load_model('tiny-random'), tmp_path / 'reference')
-    assert load_policy_if_adapter(str(reference)) is None
-    policy = load_policy_if_adapter(str(checkpoints['openvla-oft']), method='fastv', method_config={'keep_ratio': 0.25})
-    assert policy.kind == 'openvla-oft' and policy.method_name == 'fastv' and policy.method.config.keep_ratio == 0.25
+    assert published_kind(str(reference)) is None
+    assert isinstance(load_policy(str(reference)).backend, ReferenceBackend)
+    assert published_kind(str(checkpoints['openvla-oft'])) == 'openvla-oft'
+    policy = load_policy(str(checkpoints['openvla-oft']), method='fastv', method_config={'keep_ratio': 0.25})
+    assert policy.backend.kind == 'openvla-oft' and policy.method_name == 'fastv'
+    assert policy.method.config.keep_ratio == 0.25

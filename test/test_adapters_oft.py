@@ -9,7 +9,7 @@ from specprune_ros.adapters.tiny import write_tiny_checkpoint
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
 from specprune_ros.core.token_layout import TokenRole
 from specprune_ros.policy.interface import Observation
-from specprune_ros.policy.runtime import ObservationError
+from specprune_ros.policy.errors import ObservationError
 from specprune_ros.pruning import build_method
 from specprune_ros.pruning.registry import available_methods
 
@@ -117,7 +117,7 @@ def test_unnormalisation_proprio_and_gripper_on_known_values():
 def test_policy_actions_are_unnormalised_with_the_oft_epsilon(directory):
     policy = load_adapter_policy(directory, method='none', device='cpu', dtype='float32')
     out = policy.predict(Observation(images=dict(zip(CAMERAS, images())), instruction=INSTRUCTION, proprio=proprio()))
-    stats = policy.adapter.action_stats
+    stats = policy.backend.action_stats
     expected = action_ops.unnormalize(out.info['normalized_actions'], stats, eps=1e-8)
     np.testing.assert_allclose(out.actions, expected, rtol=1e-6)
     assert policy.action_spec.chunk_size == 8 and policy.action_spec.action_dim == 7

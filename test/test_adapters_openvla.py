@@ -25,6 +25,12 @@ def adapter(directory):
     return load_adapter(directory, device='cpu', dtype='float32')
 
 
+def openvla_action_tokens(actions: np.ndarray, vocab_size: int, n_bins: int) -> np.ndarray:
+    """OpenVLA's action tokenizer (normalised actions -> token ids), the inverse the detokeniser must match."""
+    edges = np.linspace(-1.0, 1.0, n_bins)
+    return vocab_size - np.digitize(np.clip(np.asarray(actions, dtype=np.float64), -1.0, 1.0), edges)
+
+
 def frames(step: int = 0, size: int = 112) -> list[np.ndarray]:
     rng = np.random.default_rng(0)
     image = rng.integers(40, 200, size=(size, size, 3), dtype=np.uint8)
@@ -53,7 +59,7 @@ def test_prompt_layout(adapter):
 
 def test_keep_all_executor_equals_the_adapters_own_forward(adapter):
     expected, tokens, logits = adapter.reference_step(frames(), INSTRUCTION)
-    out = adapter.step(frames(), INSTRUCTION, build_method('none'))
+    out = adapter.step(frames(), INSTRUCTION, method=build_method('none'))
     assert out.info['action_token_ids'] == tokens
     np.testing.assert_array_equal(out.normalized, expected)
     # the logits of every generated token agree with transformers' KV-cached generation
@@ -75,7 +81,7 @@ def test_pruned_prefill_then_decode_matches_one_pass_over_the_generated_sequence
     """KV cache after a pruned prefill: decoding token by token == re-running the whole sequence with the
     generated tokens appended and the same visual tokens dropped."""
     keep = torch.arange(1, 65, 3)
-    out = adapter.step(frames(), INSTRUCTION, FixedKeepSchedule(keep_before=keep))
+    out = adapter.step(frames(), INSTRUCTION, method=FixedKeepSchedule(keep_before=keep))
     tokens = out.info['action_token_ids']
     lm_head = adapter.model.language_model.lm_head
     with torch.no_grad():
@@ -133,7 +139,7 @@ def test_detokenisation_and_unnormalisation_on_known_values():
                                [centers[0], centers[254], centers[254], centers[127], centers[254], centers[0]])
     # the action tokenizer round trip lands in the right bin
     values = np.array([-0.999, -0.5, 0.0, 0.3, 0.999])
-    decoded = action_ops.tokens_to_normalized(action_ops.normalized_to_tokens(values, vocab, bins), vocab, bins)
+    decoded = action_ops.tokens_to_normalized(openvla_action_tokens(values, vocab, bins), vocab, bins)
     assert np.all(np.abs(decoded - values) <= 1 / 255 + 1e-12)
     stats = {'q01': [-1.0, 0.0, 2.0], 'q99': [1.0, 4.0, 4.0], 'mask': [True, True, False]}
     np.testing.assert_allclose(action_ops.unnormalize(np.array([[0.5, -1.0, 0.25]]), stats),
@@ -146,7 +152,7 @@ def test_detokenisation_and_unnormalisation_on_known_values():
 def test_policy_output_is_unnormalised_with_the_checkpoint_statistics(directory):
     policy = load_adapter_policy(directory, method='none', device='cpu', dtype='float32', gripper='libero')
     out = policy.predict(Observation(images={'agentview': frames()[0]}, instruction=INSTRUCTION))
-    stats = policy.adapter.action_stats
+    stats = policy.backend.action_stats
     normalized = out.info['normalized_actions']
     expected = action_ops.unnormalize(normalized, stats)
     np.testing.assert_allclose(out.actions[0, :6], expected[0, :6], rtol=1e-6)

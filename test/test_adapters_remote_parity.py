@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from specprune_ros.adapters import load_adapter
-from specprune_ros.adapters.checkpoint import read_component
+from specprune_ros.adapters.published_checkpoint import read_component
 from specprune_ros.adapters.tiny import write_tiny_checkpoint
 
 ROOT = os.environ.get('SPECPRUNE_PRISMATIC_CODE', '')

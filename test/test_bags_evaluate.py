@@ -24,11 +24,11 @@ SPECPRUNE_TINY = {'num_layers': 4}        # tiny-random has 4 decoder layers
 @pytest.fixture(scope='module')
 def policy_bag(tmp_path_factory):
     """An episode where tiny-random (unpruned) acted, executing 4 steps per chunk; its chunks are in the bag."""
-    from specprune_ros.policy.loading import load_policy
+    from specprune_ros.models.loading import load_policy
     policy = load_policy('tiny-random', 'none')
     path = tmp_path_factory.mktemp('replay') / 'policy_bag'
-    result = record_sim_bag(path, SimBagOptions(families=('push',), max_steps=16, actor='policy', execute_steps=4),
-                            policy=policy)
+    result = record_sim_bag(path, SimBagOptions(families=('push',), max_steps=16, actor='policy', execute_steps=4,
+                                                method='none', model='tiny-random'), policy=policy)
     assert result.counts['/specprune_node/action_chunk'] == 4
     return path
 
@@ -46,6 +46,7 @@ def test_unpruned_replay_reproduces_the_recorded_chunks_and_reports_each_method(
     none = methods['none']
     assert none['vs_recorded_chunks']['max_abs'] == 0.0 and none['vs_recorded_chunks']['exact_steps'] == 4
     assert none['vs_unpruned']['max_abs'] == 0.0 and none['speedup'] == 1.0
+    assert report['recorded_by'] == [{'method': 'none', 'model': 'tiny-random', 'inferences': 4}]
     # the recorded commands are the executed chunk rows
     assert none['vs_recorded_actions']['max_abs'] < 1e-6
     visual = none['visual_tokens']
@@ -55,10 +56,15 @@ def test_unpruned_replay_reproduces_the_recorded_chunks_and_reports_each_method(
         assert 0 < entry['kept_visual_tokens']['mean'] < visual
         assert entry['vs_unpruned']['chunk_mae'] > 0 and np.isfinite(entry['speedup']) and entry['flops_ratio'] < 1
         assert len(entry['series']['latency_ms']) == len(entry['series']['kept']) == 4
+        low, high = entry['speedup_ci95']
+        assert entry['pruned'] and low <= entry['speedup'] <= high and entry['speedup_samples'] == [4, 4]
     text = markdown(report)
     assert 'identical' in text and '4/4 chunks reproduced exactly' in text and '| specprune |' in text
+    assert 'Recorded by: method `none` with model `tiny-random` (4 inferences).' in text
+    low, high = methods['specprune']['speedup_ci95']
+    assert f"{methods['specprune']['speedup']:.2f}x ({low:.2f}-{high:.2f}, n=4/4)" in text
     paths = write_report(report, tmp_path / 'report')
-    for key in ('markdown', 'json', 'latency_hist', 'kept_tokens', 'action_error', 'kept_patches'):
+    for key in ('markdown', 'json', 'latency', 'kept_tokens', 'action_error', 'kept_patches'):
         assert paths[key].is_file() and paths[key].stat().st_size > 0, key
     document = json.loads(paths['json'].read_text())
     assert '_examples' not in document and document['methods']['random']['vs_unpruned']['chunk_mae'] > 0
@@ -75,7 +81,9 @@ def test_cli_on_an_expert_bag_with_compressed_frames(tmp_path):
          '--stride', '3', '--out', str(out), '--quiet'],
         capture_output=True, text=True, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert '| fastv |' in done.stdout
+    assert '| fastv |' in done.stdout and 'Recorded by: unknown' in done.stdout
+    lines = done.stdout.strip().splitlines()
+    assert lines[-1].startswith('wrote ') and not any(line.lstrip().startswith('{') for line in lines), lines[-3:]
     document = json.loads((out / 'replay.json').read_text())
     assert document['schedule'] == 'every' and document['inferences'] == 3
     assert document['camera_types'] == {'agentview': 'sensor_msgs/msg/CompressedImage',
@@ -83,4 +91,39 @@ def test_cli_on_an_expert_bag_with_compressed_frames(tmp_path):
     assert document['determinism']['identical']
     assert document['methods']['none']['vs_recorded_actions']['compared'] == 3   # the expert's commands
     assert sorted(p.name for p in out.glob('*.png')) == ['action_error.png', 'kept_patches.png', 'kept_tokens.png',
-                                                         'latency_hist.png']
+                                                         'latency.png']
+
+
+def test_a_run_that_keeps_every_token_claims_no_speedup_and_plots_are_labelled(policy_bag, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from specprune_ros.bags import report as report_module
+    streams = load_streams(policy_bag)
+    config = ReplayConfig(model='tiny-random', methods=('random',), method_configs={'random': {'keep_ratio': 1.0}},
+                          schedule='every', stride=4, repeat_baseline=False, progress=False)
+    report = evaluate_streams(streams, config)
+    entry = report['methods']['random']
+    assert entry['kept_visual_tokens']['mean'] == entry['visual_tokens'] and not entry['pruned']
+    rows = {line.split('|')[1].strip(): line for line in markdown(report).splitlines() if line.startswith('| ')}
+    assert '| baseline |' in rows['none']
+    assert f"unpruned (all {entry['visual_tokens']} tokens kept; latency ratio" in rows['random']
+    report['resets'] = [0, 2]      # as if a second episode started at the third inference
+    figures = {}
+
+    def keep(fig, path):
+        figures[path.name] = fig
+        return path
+    monkeypatch.setattr(report_module, '_save', keep)
+    report_module.plot(report, tmp_path)
+    assert set(figures) == {'latency.png', 'kept_tokens.png', 'action_error.png', 'kept_patches.png'}
+    latency_axes = figures['latency.png'].axes[0]
+    assert not latency_axes.patches, 'no (overlapping, translucent) histogram bars'
+    assert [t.get_text().split(' (')[0] for t in latency_axes.get_yticklabels()] == ['none', 'random']
+    for name in ('kept_tokens.png', 'action_error.png'):
+        resets = [line.get_xdata()[0] for line in figures[name].axes[0].get_lines() if line.get_linestyle() == '--'
+                  and len(set(line.get_xdata())) == 1]
+        assert resets == [1.5], name
+    labels = {text.get_text() for ax in figures['kept_patches.png'].axes for text in ax.texts}
+    assert labels == {'agentview', 'wrist'}
+    for fig in figures.values():
+        plt.close(fig)

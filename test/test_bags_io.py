@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from specprune_ros.bags.io import BagError, BagReader, BagWriter
-from specprune_ros.bags.messages import TypestoreMessages
+from specprune_ros.bags.typestore_messages import TypestoreMessages
 from specprune_ros.bags.sim_bag import SimBagOptions, record_sim_bag
 from specprune_ros.bags.streams import StreamTopics, load_streams
 
@@ -176,3 +176,51 @@ def test_cli_prints_the_reason_and_exits_2_without_a_traceback(bags):
     assert done.returncode == 2, done.stderr
     assert 'error: bag' in done.stderr and 'truncated or corrupt' in done.stderr
     assert 'Traceback' not in done.stderr
+
+
+def raw_image(build: TypestoreMessages, encoding: str, height: int, width: int, data: np.ndarray, step: int, ns: int):
+    types = build.types
+    return types['sensor_msgs/msg/Image'](header=build.header(ns, 'camera'), height=height, width=width,
+                                          encoding=encoding, is_bigendian=0, step=step,
+                                          data=np.frombuffer(data.tobytes(), dtype=np.uint8).copy())
+
+
+def test_encodings_the_node_does_not_take_are_decoded_with_rosbags_image(tmp_path):
+    """16-bit mono (row-padded), Bayer and YUV 4:2:2 frames become RGB; a truncated 16-bit frame is named."""
+    height, width = 8, 8
+    gray16 = (np.arange(height * width, dtype='<u2').reshape(height, width) * 1000)
+    padded = np.zeros((height, width * 2 + 6), np.uint8)       # 6 bytes of padding per row
+    padded[:, :width * 2] = gray16.view(np.uint8).reshape(height, width * 2)
+    bayer = np.full((height, width), 200, np.uint8)           # a uniform Bayer mosaic stays uniform
+    path = tmp_path / 'encodings'
+    with BagWriter(path) as writer:
+        build = TypestoreMessages(writer.typestore)
+        for topic in ('/mono16', '/bayer', '/yuv'):
+            writer.add_topic(topic, 'sensor_msgs/msg/Image')
+        writer.add_topic('/instruction', 'std_msgs/msg/String')
+        writer.write('/instruction', 1, build.string('push the cube'))
+        ns = 10**9
+        writer.write('/mono16', ns, raw_image(build, 'mono16', height, width, padded, width * 2 + 6, ns))
+        writer.write('/bayer', ns, raw_image(build, 'bayer_rggb8', height, width, bayer, width, ns))
+        yuv = np.tile(np.array([128, 90, 128, 90], np.uint8), height * width // 2)   # UYVY, U=V=128: gray
+        writer.write('/yuv', ns, raw_image(build, 'yuv422', height, width, yuv, width * 2, ns))
+    streams = load_streams(path, StreamTopics(cameras={'a': '/mono16', 'b': '/bayer', 'c': '/yuv'}, ee_pose='',
+                                              gripper_state='', commands='', gripper_command='', chunks=''),
+                           image_size=None)
+    images = streams.observations[0].images
+    assert images['a'].shape == (height, width, 3) and images['a'].dtype == np.uint8
+    assert np.all(np.abs(images['a'][..., 0] - gray16 / 257.0) <= 1)   # 16 bits scaled to 8 (padding dropped)
+    assert np.array_equal(images['a'][..., 0], images['a'][..., 2])
+    assert images['b'].shape == (height, width, 3) and np.all(np.abs(images['b'].astype(int) - 200) <= 1)
+    yuv_rgb = images['c'].astype(int)     # uniform gray near Y = 90 (video-range scaling moves it a little)
+    assert yuv_rgb.shape == (height, width, 3) and np.ptp(yuv_rgb) <= 1 and abs(yuv_rgb.mean() - 90) <= 6
+    truncated = tmp_path / 'truncated'
+    with BagWriter(truncated) as writer:
+        build = TypestoreMessages(writer.typestore)
+        writer.add_topic('/mono16', 'sensor_msgs/msg/Image')
+        writer.add_topic('/instruction', 'std_msgs/msg/String')
+        writer.write('/instruction', 1, build.string('push the cube'))
+        writer.write('/mono16', 10**9, raw_image(build, 'mono16', height, width, gray16[:4], width * 2, 10**9))
+    with pytest.raises(BagError, match=r"camera 'a' .* mono16 8x8: data holds 64 bytes with step 16"):
+        load_streams(truncated, StreamTopics(cameras={'a': '/mono16'}, ee_pose='', gripper_state='', commands='',
+                                             gripper_command='', chunks=''))

@@ -81,7 +81,7 @@ def test_recorded_episode_replayed_into_the_node_yields_an_actions_bag(sim_bag, 
     # every chunk is what the policy computes offline from the replayed frame set and robot state
     from specprune_ros.bags.streams import load_streams
     from specprune_ros.policy.interface import Observation
-    from specprune_ros.policy.loading import load_policy
+    from specprune_ros.models.loading import load_policy
     # (the node pairs the frames with the newest robot state it holds: the replayer publishes the state and the
     # frames of one instant back to back, so that is the state of this frame or, if part of it is still in
     # flight, of the previous one: equal to ~1e-5. The sim bridge avoids that race and is checked bit-exact in

@@ -24,13 +24,14 @@ SEED = 1_000_000
 @pytest.fixture(scope='module')
 def sync_run(tmp_path_factory):
     base = tmp_path_factory.mktemp('sim_sync')
+    progress: list[str] = []
     run = SimRun(arguments={'model': 'tiny-random', 'method': 'none', 'mode': 'sync', 'families': ','.join(FAMILIES),
                             'max_steps': str(STEPS), 'label': 'tiny-none'},
                  bridge_parameters={'save_actions': True}, domain_id=DOMAIN, log_dir=base / 'logs',
-                 record_bag=base / 'run_bag', timeout_s=300)
+                 record_bag=base / 'run_bag', timeout_s=300, progress=progress.append)
     result = run_simulation(run)
     assert result['returncode'] == 0 and result['summary'] is not None, json.dumps(result['outputs'], indent=1)
-    return {'result': result, 'bag': base / 'run_bag'}
+    return {'result': result, 'bag': base / 'run_bag', 'progress': progress}
 
 
 def harness_actions(env, policy, family: str, seed: int, steps: int) -> np.ndarray:
@@ -60,7 +61,7 @@ def test_sync_mode_executes_what_the_ros_free_harness_executes(sync_run):
     assert counters['timeouts'] == counters['missing_inferences'] == counters['late_commands'] == 0, counters
     episodes = summary['episodes']
     assert [(e['family'], e['seed']) for e in episodes] == [(f, SEED) for f in FAMILIES]
-    from specprune_ros.policy.loading import load_policy
+    from specprune_ros.models.loading import load_policy
     from specprune_ros.sim import TabletopEnv
     env, policy = TabletopEnv(image_size=96), load_policy('tiny-random', 'none')
     for episode in episodes:
@@ -70,6 +71,21 @@ def test_sync_mode_executes_what_the_ros_free_harness_executes(sync_run):
         expected = harness_actions(env, policy, episode['family'], episode['seed'], STEPS)
         np.testing.assert_allclose(ros, expected, rtol=0, atol=1e-9)
     env.close()
+
+
+def test_sync_run_reports_each_episode_and_the_model_latency_on_the_wall_clock(sync_run):
+    """Sim time stands still while the node infers in step-synchronous mode: the latency shown is the model
+    call's wall time, never the 0 ms the sim clock measures."""
+    from specprune_ros.bridge.episodes import markdown_summary
+    assert [line.split(':')[0] for line in sync_run['progress']] == \
+        [f'episode {k + 1}/{len(FAMILIES)} {family} seed {SEED}' for k, family in enumerate(FAMILIES)]
+    assert all('success' in line or 'failure' in line for line in sync_run['progress'])
+    summary = sync_run['result']['summary']['summary']
+    assert summary['overall']['model_latency_ms_median'] > 0
+    row = markdown_summary([summary]).splitlines()[-1].split('|')
+    header = markdown_summary([summary]).splitlines()[0].split('|')
+    assert float(row[header.index(' model ms (median) ')]) > 0
+    assert row[header.index(' inference ms (median) ')].strip() == 'n/a (sim clock)'
 
 
 def test_recorded_run_replays_offline_to_the_nodes_chunks_exactly(sync_run):
@@ -108,7 +124,7 @@ def reference_run(tmp_path_factory):
 
 
 def test_reference_vla_with_specprune_runs_inside_the_node_as_in_the_harness(reference_run):
-    from specprune_ros.policy.loading import load_policy
+    from specprune_ros.models.loading import load_policy
     from specprune_ros.sim import TabletopEnv
     (episode,) = reference_run['summary']['summary']['episodes']
     assert episode['steps'] == 16 and episode['inferences'] == 2

@@ -18,7 +18,7 @@ from specprune_ros.bridge.episodes import (EpisodeLog, EpisodeSpec, episode_plan
 from specprune_ros.bridge.realtime import CommandTimeline
 from specprune_ros.bridge.settings import BridgeSettings
 from specprune_ros.bridge.sync_gate import TickGate
-from specprune_ros.control.proprio import proprio_vector
+from specprune_ros.codecs.proprio import proprio_vector
 from specprune_ros.control.safety_filter import ActionUnits, SafetyFilter, SafetyLimits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -299,6 +299,9 @@ def test_sim_launch_file_wires_both_nodes_from_the_tested_configuration(monkeypa
         def __init__(self, *args, **kwargs):
             self.args, self.kwargs = args, kwargs
 
+    class LifecycleRecorder(Recorder):
+        pass
+
     class LaunchConfiguration:
         values: dict = {}
 
@@ -313,7 +316,7 @@ def test_sim_launch_file_wires_both_nodes_from_the_tested_configuration(monkeypa
                                                               'RegisterEventHandler')},
                'launch.event_handlers': {'OnProcessExit': Recorder}, 'launch.events': {'Shutdown': Recorder},
                'launch.substitutions': {'LaunchConfiguration': LaunchConfiguration},
-               'launch_ros': {}, 'launch_ros.actions': {'Node': Recorder}}
+               'launch_ros': {}, 'launch_ros.actions': {'Node': Recorder, 'LifecycleNode': LifecycleRecorder}}
     for name, attributes in modules.items():
         module = types.ModuleType(name)
         module.__dict__.update(attributes)
@@ -326,7 +329,9 @@ def test_sim_launch_file_wires_both_nodes_from_the_tested_configuration(monkeypa
     assert {'model', 'method', 'mode', 'families', 'episodes_per_family', 'summary_path'} <= set(declared)
     LaunchConfiguration.values = {'model': 'tiny-random', 'method': 'none', 'mode': 'realtime', 'families': 'pick'}
     policy, bridge, shutdown = description.args[0][-1].kwargs['function'](None)
-    assert policy.kwargs['executable'] == 'specprune_node' and bridge.kwargs['executable'] == 'sim_bridge'
+    assert policy.kwargs['executable'] == 'specprune_node' and bridge.kwargs['executable'] == 'specprune_sim_bridge'
+    assert bridge.kwargs['name'] == 'sim_bridge'   # the node keeps its name: config/sim_bridge.yaml is keyed by it
+    assert isinstance(policy, LifecycleRecorder) and policy.kwargs['namespace'] == ''     # a lifecycle node
     params_file, overrides = policy.kwargs['parameters']
     assert Path(params_file).name == 'specprune.yaml'
     assert overrides['model'] == 'tiny-random' and overrides['use_sim_time'] is True
@@ -334,3 +339,16 @@ def test_sim_launch_file_wires_both_nodes_from_the_tested_configuration(monkeypa
     assert policy.kwargs['remappings'] == []            # the bridge's topic names, not MoveIt Servo's
     assert bridge.kwargs['parameters'][1] == {'mode': 'realtime', 'families': ['pick']}
     assert shutdown.args[0].kwargs['target_action'] is bridge
+
+
+def test_simulation_runs_write_under_outputs_by_default():
+    import argparse
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('run_sim_closed_loop', ROOT / 'scripts' / 'run_sim_closed_loop.py')
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for label, method, mode, stem in (('', 'specprune', 'sync', 'specprune_sync_'), ('mine', 'none', '', 'mine_'),
+                                      ('', '', '', 'default_')):
+        path = script.default_run_directory(argparse.Namespace(label=label, method=method, mode=mode))
+        assert path.parent == Path('outputs') / 'sim' and path.name.startswith(stem), path
+    assert script.build_parser().get_default('summary') == ''

@@ -47,6 +47,28 @@ def test_paired_difference_covers_the_true_difference_at_the_nominal_rate():
     assert np.median(paired_width) < 0.8 * np.median(unpaired_width)
 
 
+def paired_outcomes(both: int, only_treated: int, only_control: int, neither: int):
+    treated = [True] * both + [True] * only_treated + [False] * only_control + [False] * neither
+    control = [True] * both + [False] * only_treated + [True] * only_control + [False] * neither
+    return treated, control
+
+
+def test_paired_difference_reproduces_the_published_worked_example():
+    """Statistics with Confidence (Altman et al., 2nd ed., ch. 6, Table 6.2; Newcombe 1998, method 10): 41 pairs,
+    14 positive on both, 5 on the first only, 0 on the second only, 22 on neither: difference 12.2%, 95% CI
+    1.15% to 22.65% (with the continuity-corrected phi; without it the interval would be 2.2% to 21.7%)."""
+    delta, low, high = paired_difference(*paired_outcomes(14, 5, 0, 22))
+    assert delta == pytest.approx(5 / 41)
+    assert low == pytest.approx(0.0115, abs=5e-5) and high == pytest.approx(0.2265, abs=5e-5)
+    # the correction only ever shrinks a positive correlation: a negative one (AD < BC) is used as it is
+    delta, low, high = paired_difference(*paired_outcomes(2, 10, 3, 1))
+    p1, p2, n = 12 / 16, 5 / 16, 16
+    (l1, u1), (l2, u2) = wilson_interval(12, n), wilson_interval(5, n)
+    phi = (2 * 1 - 10 * 3) / np.sqrt(12 * 4 * 5 * 11)
+    assert low == pytest.approx(delta - np.sqrt((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    assert high == pytest.approx(delta + np.sqrt((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+
+
 def test_paired_difference_edge_cases():
     same = np.array([True] * 80 + [False] * 20)
     delta, low, high = paired_difference(same, same)
@@ -62,7 +84,7 @@ def test_paired_difference_edge_cases():
 
 
 def test_episode_executes_part_of_each_chunk_until_the_step_limit():
-    from specprune_ros.policy.loading import load_policy
+    from specprune_ros.models.loading import load_policy
     from specprune_ros.sim import EVAL_SEED_START, TabletopEnv
     env = TabletopEnv()
     policy = load_policy('tiny-random', 'random', {'keep_ratio': 0.5})
@@ -92,3 +114,11 @@ def test_parallel_evaluation_matches_serial_and_reports(tmp_path):
     assert '| none | pick | 50.0% (1/2)' in md_path.read_text()
     assert markdown_table([summary]).count('\n') == 4
     assert 'How the episodes ended' in md_path.read_text() and '| none | all |' in outcome_table([summary])
+
+
+@pytest.mark.parametrize('workers', [1, 2])
+def test_a_policy_that_cannot_load_shows_its_own_error_with_workers_too(tmp_path, workers):
+    from specprune_ros.policy.errors import CheckpointError
+    spec = PolicySpec(model=str(tmp_path / 'no_checkpoint'), method='none')
+    with pytest.raises(CheckpointError, match='no_checkpoint'):
+        evaluate(spec, ['pick'], 2, workers=workers, progress=False, max_steps=4)

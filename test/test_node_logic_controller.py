@@ -8,7 +8,7 @@ import torch
 
 from specprune_ros.control.controller import PolicyController
 from specprune_ros.control.inference_worker import InferenceWorker
-from specprune_ros.control.kept_patches import draw_kept_patches, kept_patch_masks
+from specprune_ros.codecs.kept_patches import draw_kept_patches, kept_patch_masks
 from specprune_ros.control.parameters import NodeParameters
 from specprune_ros.core.token_layout import TokenLayout
 from specprune_ros.policy.interface import ActionSpec, PolicyOutput

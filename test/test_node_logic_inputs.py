@@ -5,11 +5,11 @@ import cv2
 import numpy as np
 import pytest
 
-from specprune_ros.control.image_decoding import (ImageError, decode_compressed_image, decode_raw_image,
-                                                  encode_raw_image, resize_to)
-from specprune_ros.control.instruction import InstructionError, string_bytes_from_cdr, validate_instruction
-from specprune_ros.control.proprio import (ProprioAssembler, StateError, finger_gap_from_joints, proprio_vector,
-                                           yaw_from_quaternion)
+from specprune_ros.codecs.image_decoding import (ImageError, decode_compressed_image, decode_raw_image,
+                                                 encode_raw_image, resize_to)
+from specprune_ros.codecs.instruction import InstructionError, string_bytes_from_cdr, validate_instruction
+from specprune_ros.codecs.proprio import (ProprioAssembler, StateError, finger_gap_from_joints, proprio_vector,
+                                          yaw_from_quaternion)
 
 
 @pytest.fixture

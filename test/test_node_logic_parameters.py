@@ -42,8 +42,15 @@ def test_params_file_lists_every_parameter_validly():
     ({'camera_transports': ['raw', 'h264']}, "camera_transports: ['h264']"),
     ({'camera_names': ['a', 'a'], 'camera_topics': ['x', 'y']}, 'duplicates'),
     ({'camera_topics': ['ok/topic', 'bad topic']}, 'not a valid topic name'),
-    ({'method_config': '{unclosed'}, 'method_config is not valid YAML'),
-    ({'method_config': '[1, 2]'}, 'method_config must be a mapping'),
+    ({'method_config': '{unclosed'}, "method_config (method 'specprune') is not valid YAML"),
+    ({'method_config': '[1, 2]'}, "method_config (method 'specprune') must be a mapping"),
+    ({'method': 'fastv', 'method_config': '{keep_ratio: 1.5}'}, "method 'fastv': keep_ratio: 1.5 is outside [0, 1]"),
+    ({'method': 'fastv', 'method_config': '{keep_ratio: -0.2}'}, "method 'fastv': keep_ratio: -0.2 is outside"),
+    ({'method': 'random', 'method_config': '{keep_ratio: soon}'}, "method 'random': keep_ratio: expected a number"),
+    ({'method': 'specprune', 'method_config': '{controller: {alpha: .nan}}'}, 'controller.alpha: nan is not finite'),
+    ({'method': 'fastv', 'method_config': '{keep_rato: 0.2}'}, "method 'fastv': unknown FastVConfig field"),
+    ({'method': 'specprune_statc'}, "(did you mean 'specprune_static'?)"),
+    ({'camera_frames': ['front_optical']}, 'camera_frames: 1 entries for 2 cameras'),
     ({'device': 'tpu'}, 'device'),
     ({'model': '  '}, 'model: empty'),
     ({'max_image_age_s': 'soon'}, 'max_image_age_s: expected float'),
@@ -62,6 +69,26 @@ def test_from_mapping_coerces_ints_and_rejects_unknown_names():
     assert NodeParameters.from_mapping({'control_rate_hz': 20}).control_rate_hz == 20.0
     with pytest.raises(ParameterError, match="unknown parameter 'rate'"):
         NodeParameters.from_mapping({'rate': 3})
+    with pytest.raises(ParameterError, match=r"unknown parameter 'control_rate' \(did you mean 'control_rate_hz'\?\)"):
+        NodeParameters.from_mapping({'control_rate': 5.0})
+
+
+def test_every_registered_pruning_method_is_a_valid_node_method():
+    from specprune_ros.pruning.registry import available_methods
+    for method in available_methods():          # specprune_static, specprune_static_layer, ...
+        params = NodeParameters(method=method)
+        assert params.validate() == [], method
+
+
+def test_method_settings_nest_and_win_over_method_config():
+    params = NodeParameters.from_mapping({'method': 'specprune', 'method_config': '{controller: {alpha: 0.5}}',
+                                          'method_settings.controller.alpha': 0.8,
+                                          'method_settings.layer_drop_fraction': 0.2})
+    assert params.method_options() == {'controller': {'alpha': 0.8}, 'layer_drop_fraction': 0.2}
+    assert params.validate() == []
+    bad = NodeParameters.from_mapping({'method': 'vla_pruner', 'method_settings.keep_ratio': 1.5})
+    assert bad.validate() == ["method_config / method_settings for method 'vla_pruner': keep_ratio: 1.5 is "
+                              'outside [0, 1] (a fraction of the visual tokens)']
 
 
 def test_method_options_parse():
@@ -73,8 +100,21 @@ def test_default_launch_setup():
     setup = node_setup({})
     assert Path(setup.params_file).is_file()
     assert setup.name == 'specprune_node' and setup.namespace == '' and setup.overrides == {}
-    assert ('delta_twist_cmds', '/servo_node/delta_twist_cmds') in setup.remappings
-    assert all(source != target for source, target in setup.remappings)
+    assert setup.remappings == []          # the bare node's topic names: delta_twist_cmds, gripper_command, ...
+    assert 'use_sim_time' not in setup.overrides
+
+
+def test_launch_starts_a_lifecycle_node_with_use_sim_time():
+    setup = node_setup({'use_sim_time': 'true', 'twist_topic': '/servo_node/delta_twist_cmds'})
+    assert setup.overrides['use_sim_time'] is True
+    assert launch_config.LAUNCH_ACTION == 'LifecycleNode'
+    kwargs = launch_config.launch_node_arguments(setup)
+    assert kwargs['namespace'] == '' and kwargs['name'] == 'specprune_node'      # LifecycleNode needs both
+    assert kwargs['parameters'] == [setup.params_file, {'use_sim_time': True}]
+    assert kwargs['remappings'] == [('delta_twist_cmds', '/servo_node/delta_twist_cmds')]
+    assert '-p' in setup.ros_arguments() and 'use_sim_time:=true' in setup.ros_arguments()
+    with pytest.raises(ValueError, match='expected true or false'):
+        node_setup({'use_sim_time': 'yes'})
 
 
 def test_launch_arguments_become_typed_overrides_and_remappings():
@@ -104,7 +144,8 @@ def test_bad_launch_arguments_fail_early(arguments, fragment):
 
 
 def test_ros_arguments_round_trip_through_yaml():
-    setup = node_setup({'model': 'tiny-random', 'method_config': '{keep_ratio: 0.25}', 'autostart': 'true',
+    setup = node_setup({'model': 'tiny-random', 'method': 'fastv', 'method_config': '{keep_ratio: 0.25}',
+                        'autostart': 'true', 'use_sim_time': 'true',
                         'camera_names': 'a,b', 'camera_topics': 'x,y', 'namespace': '/ns'})
     args = setup.ros_arguments()
     assert args[:3] == ['--ros-args', '-r', '__node:=specprune_node']
@@ -129,6 +170,10 @@ def test_launch_file_is_thin_and_uses_the_tested_config():
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
                 and node.module == 'specprune_ros.ros.launch_config' for alias in node.names}
     assert {'node_setup', 'LAUNCH_ARGUMENTS'} <= imported
+    assert 'launch_node_arguments' in imported
+    actions = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+               and node.module == 'launch_ros.actions' for alias in node.names}
+    assert actions == {launch_config.LAUNCH_ACTION}
     functions = [node.name for node in tree.body if isinstance(node, ast.FunctionDef)]
     assert 'generate_launch_description' in functions
 
@@ -152,3 +197,59 @@ def test_openvla_oft_overrides_layer_validly_over_the_defaults():
     params = NodeParameters.from_mapping({**base, **overrides})
     assert params.validate() == []
     assert params.device == 'cuda' and params.dtype == 'bfloat16'
+
+
+def test_params_file_method_settings_nest_like_ros_and_are_checked(tmp_path):
+    params_file = tmp_path / 'robot.yaml'
+    params_file.write_text('/**:\n  ros__parameters:\n    model: tiny-random\n    method: fastv\n'
+                           '    method_settings:\n      keep_ratio: 0.25\n')
+    assert launch_config.params_file_values(str(params_file))['method_settings.keep_ratio'] == 0.25
+    assert node_setup({'params_file': str(params_file)}).params_file == str(params_file)
+    params_file.write_text(params_file.read_text().replace('0.25', '1.5'))
+    with pytest.raises(ValueError, match=r"method 'fastv': keep_ratio: 1.5 is outside \[0, 1\]"):
+        node_setup({'params_file': str(params_file)})
+    with pytest.raises(ValueError, match=r"unknown parameter 'max_linear_sped' \(did you mean 'max_linear_speed'\?\)"):
+        launch_config.check_overrides(launch_config.default_params_file(), {'max_linear_sped': 0.1})
+
+
+def test_launch_file_starts_the_tested_setup_as_a_lifecycle_node(monkeypatch):
+    """Run launch/specprune.launch.py against stand-ins for launch / launch_ros (not installable here)."""
+    import sys
+    import types
+
+    class Recorder:
+        def __init__(self, *args, **kwargs):
+            self.args, self.kwargs = args, kwargs
+
+    class LifecycleNode(Recorder):
+        pass
+
+    class LaunchConfiguration:
+        values = {'use_sim_time': 'true', 'twist_topic': '/servo_node/delta_twist_cmds', 'namespace': 'arm'}
+
+        def __init__(self, name):
+            self.name = name
+
+        def perform(self, context):
+            defaults = {arg.name: arg.default for arg in LAUNCH_ARGUMENTS}
+            return self.values.get(self.name, defaults[self.name])
+
+    modules = {'launch': {'LaunchDescription': Recorder},
+               'launch.actions': {'DeclareLaunchArgument': Recorder, 'OpaqueFunction': Recorder},
+               'launch.substitutions': {'LaunchConfiguration': LaunchConfiguration},
+               'launch_ros': {}, 'launch_ros.actions': {'LifecycleNode': LifecycleNode}}
+    for name, attributes in modules.items():
+        module = types.ModuleType(name)
+        module.__dict__.update(attributes)
+        monkeypatch.setitem(sys.modules, name, module)
+    spec = importlib.util.spec_from_file_location('specprune_launch_stand_in', LAUNCH_FILE)
+    launch_file = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch_file)
+    description = launch_file.generate_launch_description()
+    declared = [action.args[0] for action in description.args[0] if action.args]
+    assert declared == [arg.name for arg in LAUNCH_ARGUMENTS] and 'use_sim_time' in declared
+    (node,) = description.args[0][-1].kwargs['function'](None)
+    assert isinstance(node, LifecycleNode)
+    assert node.kwargs['namespace'] == '/arm' and node.kwargs['executable'] == 'specprune_node'
+    assert node.kwargs['parameters'][1] == {'use_sim_time': True}
+    assert node.kwargs['remappings'] == [('delta_twist_cmds', '/servo_node/delta_twist_cmds')]

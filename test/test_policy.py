@@ -1,4 +1,4 @@
-"""The reference VLA: tokenizer, shapes, checkpoints, the policy runtime's input checks, and training."""
+"""The reference VLA: tokenizer, shapes, checkpoints, the policy's input checks, and training."""
 import dataclasses
 import json
 
@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from specprune_ros.core.token_layout import TokenRole
-from specprune_ros.policy.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, warm_start
+from specprune_ros.policy.reference_checkpoint import load_checkpoint, save_checkpoint, warm_start
+from specprune_ros.policy.errors import CheckpointError, ObservationError
 from specprune_ros.policy.interface import Observation
-from specprune_ros.policy.loading import tiny_random_config
+from specprune_ros.models.loading import tiny_random_config
+from specprune_ros.policy.reference_backend import reference_policy
 from specprune_ros.policy.reference_vla import ReferenceVLA, sincos_positions_2d
-from specprune_ros.policy.runtime import ObservationError, PrunedVLAPolicy
 from specprune_ros.policy.tokenizer import PAD, UNK, WordTokenizer
 from specprune_ros.sim.vocab import VOCABULARY
 
@@ -30,7 +31,7 @@ def observation(rng: np.random.Generator, **overrides) -> Observation:
 
 def random_episodes(count: int = 4) -> list:
     """Tiny 5-step pick episodes of random pixels and actions, for training-loop tests."""
-    from specprune_ros.sim.dataset import Episode
+    from specprune_ros.training.demonstrations import Episode
     rng = np.random.default_rng(0)
     return [Episode(images={c: rng.integers(0, 255, (5, 96, 96, 3), dtype=np.uint8) for c in ('agentview', 'wrist')},
                     proprio=rng.normal(size=(5, 6)).astype(np.float32),
@@ -66,8 +67,8 @@ def test_checkpoint_round_trip_gives_identical_actions(tmp_path):
     loaded = load_checkpoint(tmp_path / 'ckpt')
     rng = np.random.default_rng(0)
     obs = observation(rng)
-    a = PrunedVLAPolicy(model).predict(obs).actions
-    b = PrunedVLAPolicy(loaded).predict(obs).actions
+    a = reference_policy(model).predict(obs).actions
+    b = reference_policy(loaded).predict(obs).actions
     assert a.shape == (8, 7) and np.array_equal(a, b)
     assert np.all(np.abs(a) <= 1.0)
 
@@ -127,7 +128,7 @@ def test_warm_start_keeps_the_function_of_a_checkpoint_without_film(tmp_path):
     added = warm_start(new, tmp_path / 'old')
     assert added and all(name.split('.')[0] in ('film', 'localisation_head', 'pointed_embedding') for name in added)
     obs = observation(np.random.default_rng(1))
-    assert np.array_equal(PrunedVLAPolicy(old).predict(obs).actions, PrunedVLAPolicy(new).predict(obs).actions)
+    assert np.array_equal(reference_policy(old).predict(obs).actions, reference_policy(new).predict(obs).actions)
     wider = ReferenceVLA(dataclasses.replace(tiny_random_config(), hidden_size=32, num_heads=2, num_kv_heads=2))
     with pytest.raises(CheckpointError, match='do not fit'):
         warm_start(wider, tmp_path / 'old')
@@ -138,12 +139,13 @@ def test_blind_proprio_entries_do_not_reach_the_policy_and_survive_a_checkpoint(
     model = ReferenceVLA(dataclasses.replace(tiny_random_config(), blind_proprio=(0, 1, 3, 4))).eval()
     rng = np.random.default_rng(2)
     base = observation(rng)
-    policy = PrunedVLAPolicy(model)
+    policy = reference_policy(model)
     moved = np.array([0.2, -0.1, 0.0, 0.6, -0.8, 0.0], np.float32)     # tcp xy and yaw differ only
     lowered = np.array([0.0, 0.0, 0.05, 0.0, 0.0, 0.0], np.float32)    # tcp z differs
     actions = policy.predict(base).actions
-    assert np.array_equal(actions, PrunedVLAPolicy(model).predict(dataclasses.replace(base, proprio=moved)).actions)
-    assert not np.array_equal(actions, PrunedVLAPolicy(model).predict(dataclasses.replace(base, proprio=lowered)).actions)
+    assert np.array_equal(actions, reference_policy(model).predict(dataclasses.replace(base, proprio=moved)).actions)
+    lowered_actions = reference_policy(model).predict(dataclasses.replace(base, proprio=lowered)).actions
+    assert not np.array_equal(actions, lowered_actions)
     save_checkpoint(model, tmp_path / 'blind')
     assert load_checkpoint(tmp_path / 'blind').config.blind_proprio == (0, 1, 3, 4)
     with pytest.raises(ValueError, match='outside'):
@@ -161,7 +163,7 @@ def test_checkpoints_saved_before_newer_options_load_as_they_were_saved(tmp_path
     loaded = load_checkpoint(tmp_path / 'old')
     assert loaded.pointed_embedding is None and loaded.config.blind_proprio == ()
     obs = observation(np.random.default_rng(3))
-    assert np.array_equal(PrunedVLAPolicy(old).predict(obs).actions, PrunedVLAPolicy(loaded).predict(obs).actions)
+    assert np.array_equal(reference_policy(old).predict(obs).actions, reference_policy(loaded).predict(obs).actions)
 
 
 def test_bad_checkpoints_name_the_missing_or_malformed_file(tmp_path):
@@ -190,13 +192,13 @@ def test_bad_checkpoints_name_the_missing_or_malformed_file(tmp_path):
     ({'proprio': None}, 'proprio'),
 ])
 def test_policy_refuses_bad_observations(overrides, message):
-    policy = PrunedVLAPolicy(tiny_model())
+    policy = reference_policy(tiny_model())
     with pytest.raises(ObservationError, match=message):
         policy.predict(observation(np.random.default_rng(0), **overrides))
 
 
 def test_training_runs_exports_and_resumes(tmp_path):
-    from specprune_ros.policy.training import TrainConfig, train
+    from specprune_ros.training.trainer import TrainConfig, train
     episodes = random_episodes()
     config = tiny_random_config(VOCABULARY)
     settings = TrainConfig(steps=3, batch_size=2, warmup_steps=1, bf16=False, threads=1, log_every=1, save_every=2,
@@ -225,8 +227,8 @@ def test_training_runs_exports_and_resumes(tmp_path):
 
 def test_localisation_targets_follow_the_task_layout_until_the_gripper_reaches_the_object():
     from specprune_ros.policy.reference_vla import LOCALISATION_SCALE
-    from specprune_ros.policy.training import localisation_targets
-    from specprune_ros.sim.dataset import Episode
+    from specprune_ros.training.trainer import localisation_targets
+    from specprune_ros.training.demonstrations import Episode
     from specprune_ros.sim.tasks import sample_task
     spec, layout = sample_task('place', 7)
     obj = np.asarray(layout.objects[spec.target][:2], dtype=np.float32)
@@ -246,10 +248,10 @@ def test_localisation_targets_follow_the_task_layout_until_the_gripper_reaches_t
 
 
 def test_pointing_targets_land_on_the_named_object_in_the_shifted_camera_image():
-    from specprune_ros.policy.training import (image_targets, localisation_targets, pointing_distribution,
-                                               random_shift)
+    from specprune_ros.training.trainer import (image_targets, localisation_targets, pointing_distribution,
+                                                random_shift)
     from specprune_ros.sim import TabletopEnv
-    from specprune_ros.sim.dataset import Episode
+    from specprune_ros.training.demonstrations import Episode
     from specprune_ros.sim.vocab import COLOUR_RGBA
     env = TabletopEnv()
     observation = env.reset(seed=11, family='place')
@@ -277,7 +279,7 @@ def test_training_script_takes_the_union_of_several_demo_directories(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
-    from specprune_ros.sim.dataset import FORMAT_NAME, Episode, write_episode, write_manifest
+    from specprune_ros.training.demonstrations import FORMAT_NAME, Episode, write_episode, write_manifest
     from specprune_ros.sim.env import PROPRIO_LAYOUT
     rng = np.random.default_rng(0)
     roots = []
@@ -314,7 +316,7 @@ def test_training_script_takes_the_union_of_several_demo_directories(tmp_path):
 
 
 def test_random_token_drop_prunes_only_visual_tokens_within_its_shares():
-    from specprune_ros.policy.training import random_token_drop
+    from specprune_ros.training.trainer import random_token_drop
     model = tiny_model()
     layout = model.layout(model.config.max_words)
     visual = set(layout.visual_indices().tolist())
@@ -350,7 +352,7 @@ def test_random_token_drop_prunes_only_visual_tokens_within_its_shares():
 
 
 def test_pruning_aware_training_runs_the_decoder_on_dropped_tokens(tmp_path, monkeypatch):
-    from specprune_ros.policy import training
+    from specprune_ros.training import trainer as training
     episodes = random_episodes()
     schedules = []
     original = training.training_losses

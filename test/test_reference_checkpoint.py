@@ -4,7 +4,7 @@ import json
 import numpy as np
 
 from specprune_ros.policy.interface import Observation
-from specprune_ros.policy.loading import REFERENCE_CHECKPOINT, load_policy
+from specprune_ros.models.loading import REFERENCE_CHECKPOINT, load_policy
 
 
 def test_reference_checkpoint_is_committed_small_and_described():

@@ -21,7 +21,8 @@ def system():
     managed = start_node(DOMAIN, {'autostart': 'false'})
     # the launch configuration would refuse these, so they go straight to the process as -p overrides
     broken = start_node(DOMAIN, {'node_name': 'broken_node'},
-                        {'camera_topics': ['only/one/topic'], 'control_rate_hz': 1000.0, 'chunk_mode': 'wobble'},
+                        {'camera_topics': ['only/one/topic'], 'control_rate_hz': 1000.0, 'chunk_mode': 'wobble',
+                         'control_rate': 5.0, 'method_settings.layer_drop_fraction': 1.5},
                         label='broken_node')
     missing = start_node(DOMAIN, {'node_name': 'missing_model_node', 'model': '/nonexistent/checkpoint'},
                          label='missing_model_node')
@@ -109,6 +110,8 @@ def test_invalid_parameters_fail_configure_with_a_clear_message(system):
     values = probe.wait_diagnostics(lambda m, v: v.get('configure error', 'none') != 'none', STARTUP_S)
     error = values.get('configure error', '')
     assert 'control_rate_hz' in error and 'chunk_mode' in error and 'same length' in error, error
+    assert "unknown parameter 'control_rate' (did you mean 'control_rate_hz'?)" in error, error     # a typo
+    assert "method 'specprune': layer_drop_fraction: 1.5 is outside [0, 1]" in error, error
     assert probe.lifecycle_state() == 'unconfigured'
     assert not probe.transition(Transition.TRANSITION_CONFIGURE)      # still invalid, still alive
     assert process.alive()

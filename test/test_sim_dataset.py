@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from specprune_ros.sim import PROPRIO_DIM
-from specprune_ros.sim.dataset import (FORMAT_NAME, Episode, check_sim_fingerprint, collect_demonstrations,
-                                       iter_episodes, read_episode, read_manifest, sim_fingerprint, write_episode)
+from specprune_ros.training.demonstrations import (FORMAT_NAME, Episode, check_sim_fingerprint, collect_demonstrations,
+                                                   iter_episodes, read_episode, read_manifest, sim_fingerprint,
+                                                   write_episode)
 from specprune_ros.sim.tasks import EVAL_SEED_START, TRAIN_SEED_START
 from specprune_ros.sim.visualize import save_gif, save_strip
 
@@ -105,7 +106,7 @@ def test_recovery_demonstrations_start_where_the_policy_left_off(tmp_path):
     """Take-over collection: the committed policy drives first, the expert's part is recorded and labelled
     with where the target really is at the hand-over."""
     import torch
-    from specprune_ros.policy.loading import load_policy
+    from specprune_ros.models.loading import load_policy
     threads = torch.get_num_threads()
     torch.set_num_threads(1)         # as in a collector worker: float sums, and so the policy's path, follow it
     try:
@@ -115,8 +116,8 @@ def test_recovery_demonstrations_start_where_the_policy_left_off(tmp_path):
 
 
 def _check_recovery_demonstrations(tmp_path, policy):
-    from specprune_ros.policy.training import LOCALISATION_SCALE, localisation_targets
-    from specprune_ros.sim.dataset import record_takeover_episode
+    from specprune_ros.training.trainer import LOCALISATION_SCALE, localisation_targets
+    from specprune_ros.training.demonstrations import record_takeover_episode
     from specprune_ros.sim.env import TabletopEnv
     env = TabletopEnv(image_size=96)
     episode = None

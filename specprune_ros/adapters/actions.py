@@ -43,14 +43,6 @@ def tokens_to_normalized(token_ids: np.ndarray, vocab_size: int, n_bins: int) ->
     return centers[index]
 
 
-def normalized_to_tokens(actions: np.ndarray, vocab_size: int, n_bins: int) -> np.ndarray:
-    """OpenVLA's action tokenizer: normalised actions -> token ids (the inverse of :func:`tokens_to_normalized`
-    up to the bin width)."""
-    edges = np.linspace(-1.0, 1.0, n_bins)
-    bins = np.digitize(np.clip(np.asarray(actions, dtype=np.float64), -1.0, 1.0), edges)
-    return vocab_size - bins
-
-
 def _bounds(stats: Mapping[str, Any], kind: Normalization) -> tuple[np.ndarray, np.ndarray]:
     low_key, high_key = ('q01', 'q99') if kind == 'bounds_q99' else ('min', 'max') if kind == 'bounds' else (None, None)
     if low_key is None:

@@ -1,4 +1,5 @@
-"""What OpenVLA and OpenVLA-OFT share: loading, device/dtype, prompt, images -> visual tokens, method plumbing.
+"""What OpenVLA and OpenVLA-OFT share as model backends: loading, device/dtype, prompt, images -> visual tokens,
+robot-side units, method plumbing.
 
 Both models build their decoder input the Prismatic way: the prompt's BOS embedding, then the projected patch
 tokens of every camera (and OFT's proprio token), then the rest of the prompt::
@@ -11,8 +12,9 @@ so every pruning method works unchanged; each adapter also keeps its own unprune
 """
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -20,12 +22,14 @@ import numpy as np
 import torch
 
 from specprune_ros.adapters import actions as action_ops
-from specprune_ros.adapters.checkpoint import (PrismaticCheckpoint, assert_materialised, assign_state,
-                                               load_tokenizer, read_checkpoint, read_state, restore_rotary)
+from specprune_ros.adapters.published_checkpoint import (PrismaticCheckpoint, assert_materialised, assign_state,
+                                                         load_tokenizer, read_checkpoint, read_state, restore_rotary)
 from specprune_ros.adapters.prismatic import PrismaticVLA
-from specprune_ros.core.executor import PrunableDecoderRunner, RunResult
+from specprune_ros.core.executor import PrunableDecoderRunner
 from specprune_ros.core.step_types import LayerView, PruningMethod, StepContext, StepPlan, StepRecord
 from specprune_ros.core.token_layout import TokenLayout
+from specprune_ros.policy.backend import EncodedStep, ModelBackend, ModelOutput, run_step
+from specprune_ros.policy.interface import ActionSpec, Observation
 
 PROMPT_TEMPLATE = 'In: What action should the robot take to {instruction}?\nOut:'
 EMPTY_TOKEN = '\u2581'          # SentencePiece's word-boundary piece alone: Llama-2 id 29871
@@ -58,17 +62,6 @@ def resolve_dtype(dtype: str | torch.dtype = 'auto', device: torch.device = torc
 class EncodedPrompt:
     ids: list[int]                       # BOS first, the empty token last
     instruction: tuple[int, int]         # [start, end) of the instruction's tokens in ``ids`` ((0, 0) if none)
-
-
-@dataclass
-class StepOutput:
-    """One adapter step: normalised actions and what the executor did."""
-
-    normalized: np.ndarray               # (chunk, action_dim) in [-1, 1]
-    result: RunResult                    # the (prefill) pass; result.record is the step's record
-    layout: TokenLayout
-    frames: list[np.ndarray]             # the preprocessed uint8 frames the vision backbone saw
-    info: dict = field(default_factory=dict)
 
 
 class DeferredEndStep:
@@ -106,17 +99,25 @@ class DeferredEndStep:
         return time.perf_counter() - t0
 
 
-class PrismaticAdapter:
+class PrismaticAdapter(ModelBackend):
     """Shared machinery; see :class:`~specprune_ros.adapters.openvla.OpenVLAAdapter` and
-    :class:`~specprune_ros.adapters.openvla_oft.OpenVLAOFTAdapter`."""
+    :class:`~specprune_ros.adapters.openvla_oft.OpenVLAOFTAdapter`.
+
+    Robot-side settings: ``camera_names`` (default ['agentview'] for one image, ['agentview', 'wrist'] for two),
+    ``gripper`` ('none' or 'libero': the LIBERO evaluation's convention, binarised, -1 = open, +1 = close) and
+    ``action_units`` (the scales and control period of the actions; chunk size and action dimension come from the
+    model). Actions are **un-normalised** with the dataset statistics."""
 
     kind = 'prismatic'
     action_eps = 0.0                     # added to the statistics' range when un-normalising (OFT: 1e-8)
+    chunk_size = 1                       # actions per inference
+    proprio_dim = 0
 
     def __init__(self, checkpoint: PrismaticCheckpoint, model: PrismaticVLA, tokenizer: Any, device: torch.device,
                  dtype: torch.dtype, unnorm_key: Optional[str] = None, num_images: int = 1,
                  prompt_template: str = PROMPT_TEMPLATE, lowercase_instruction: bool = True,
-                 normalization: str = 'bounds_q99') -> None:
+                 normalization: str = 'bounds_q99', camera_names: Optional[Sequence[str]] = None,
+                 gripper: str = 'none', action_units: ActionSpec = ActionSpec()) -> None:
         self.checkpoint = checkpoint
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -140,6 +141,24 @@ class PrismaticAdapter:
         self.patches_per_image = model.vision_backbone.num_patches
         self.grid = model.vision_backbone.grid
         self.patch_size = checkpoint.vision_specs[0].patch_size
+        self.image_size = (self.transform.size, self.transform.size)
+        default = ['agentview'] if self.num_images == 1 else ['agentview', 'wrist'][:self.num_images]
+        names = list(camera_names or default)
+        if len(names) != self.num_images:
+            raise ValueError(f'{len(names)} camera names for a model with {self.num_images} image input(s)')
+        if gripper not in ('none', 'libero'):
+            raise ValueError(f"gripper must be 'none' or 'libero', got {gripper!r}")
+        self.camera_names = tuple(names)
+        self.gripper = gripper
+        self.action_units = action_units
+
+    @property
+    def name(self) -> str:
+        return self.kind
+
+    @property
+    def action_spec(self) -> ActionSpec:
+        return dataclasses.replace(self.action_units, chunk_size=self.chunk_size, action_dim=self.action_dim)
 
     # -- loading -----------------------------------------------------------------------------------------------
 
@@ -217,11 +236,22 @@ class PrismaticAdapter:
     def unnormalize(self, normalized: np.ndarray) -> np.ndarray:
         return action_ops.unnormalize(normalized, self.action_stats, self.normalization, eps=self.action_eps)
 
-    # -- executor plumbing -------------------------------------------------------------------------------------
+    def actions(self, normalized: np.ndarray) -> np.ndarray:
+        """Un-normalised with the dataset statistics (and the LIBERO gripper convention if asked)."""
+        actions = self.unnormalize(normalized)
+        return action_ops.libero_gripper(actions) if self.gripper == 'libero' else actions
 
-    def context(self, layout: TokenLayout, embeddings: torch.Tensor, frames: list[np.ndarray], step_index: int,
-                instruction: str, executed_actions: Optional[np.ndarray]) -> StepContext:
-        return StepContext(layout=layout, step_index=step_index,
-                           visual_embeddings=embeddings[0, layout.visual_indices().to(embeddings.device)].detach(),
-                           images=frames, patch_size=self.patch_size, executed_actions=executed_actions,
-                           instruction=instruction)
+    def encoded(self, embeddings: torch.Tensor, layout: TokenLayout, frames: list[np.ndarray]) -> EncodedStep:
+        return EncodedStep(embeddings=embeddings, layout=layout, frames=frames, info={'unnorm_key': self.unnorm_key})
+
+    # -- one step outside a policy -----------------------------------------------------------------------------
+
+    def step(self, images: Sequence[np.ndarray], instruction: str, proprio: Optional[np.ndarray] = None,
+             method: Optional[PruningMethod] = None, step_index: int = 0,
+             executed_actions: Optional[np.ndarray] = None) -> ModelOutput:
+        """One step on frames in camera order (pruning as ``method`` says): the normalised actions and the record."""
+        if len(images) != self.num_images:
+            raise ValueError(f'{self.kind} takes {self.num_images} image(s), got {len(images)}')
+        observation = Observation(images=dict(zip(self.camera_names, images)), instruction=instruction,
+                                  proprio=proprio, executed_actions=executed_actions)
+        return run_step(self, observation, method, step_index)

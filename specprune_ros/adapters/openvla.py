@@ -27,11 +27,13 @@ import numpy as np
 import torch
 
 from specprune_ros.adapters import actions as action_ops
-from specprune_ros.adapters.base import DeferredEndStep, PrismaticAdapter, StepOutput, resolve_device, resolve_dtype
+from specprune_ros.adapters.base import DeferredEndStep, PrismaticAdapter, resolve_device, resolve_dtype
 from specprune_ros.core.executor import DecoderCache
 from specprune_ros.core.flops import layer_flops
-from specprune_ros.core.step_types import PruningMethod, StepRecord
+from specprune_ros.core.step_types import PruningMethod, StepContext, StepRecord
 from specprune_ros.core.token_layout import TokenLayout
+from specprune_ros.policy.backend import EncodedStep, ModelOutput, camera_frames
+from specprune_ros.policy.interface import Observation
 
 
 class OpenVLAAdapter(PrismaticAdapter):
@@ -74,14 +76,15 @@ class OpenVLAAdapter(PrismaticAdapter):
 
     # -- the pruned path ---------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def step(self, images: Sequence[np.ndarray], instruction: str, method: Optional[PruningMethod] = None,
-             step_index: int = 0, executed_actions: Optional[np.ndarray] = None) -> StepOutput:
+    def encode(self, observation: Observation) -> EncodedStep:
+        frames = camera_frames(observation, self.camera_names)       # any size: the transform resizes
+        return self.encoded(*self.sequence(frames, observation.instruction))
+
+    def run(self, step: EncodedStep, method: Optional[PruningMethod], context: StepContext) -> ModelOutput:
         """Pruned prefill through the executor, then greedy decoding of the action tokens against its cache."""
-        embeddings, layout, frames = self.sequence(images, instruction)
+        layout = step.layout
         wrapper = DeferredEndStep(method) if method is not None else None
-        context = self.context(layout, embeddings, frames, step_index, instruction, executed_actions)
-        result = self.runner(embeddings, layout, wrapper, context, return_cache=True)
+        result = self.runner(step.embeddings, layout, wrapper, context, return_cache=True)
         record = result.record
         started = time.perf_counter()
         requested = wrapper.plan.attention if wrapper is not None and wrapper.plan is not None else []
@@ -91,19 +94,18 @@ class OpenVLAAdapter(PrismaticAdapter):
         decoded = []
         cache: DecoderCache = result.cache
         for i in range(1, self.action_dim):
-            step = self.runner.decode(self.embed_ids(tokens[-1:]), [layout.num_tokens - 1 + i], cache, layers)
-            decoded.append(step)
-            tokens.append(int(self._logits(step.hidden[:, -1]).argmax(-1)[0]))
+            decode_step = self.runner.decode(self.embed_ids(tokens[-1:]), [layout.num_tokens - 1 + i], cache, layers)
+            decoded.append(decode_step)
+            tokens.append(int(self._logits(decode_step.hidden[:, -1]).argmax(-1)[0]))
         decode_seconds = time.perf_counter() - started
         self._merge_action_attention(record, action_requests, decoded)
         self._account_decode(record, layout, decoded, decode_seconds)
         if wrapper is not None:
             record.selection_seconds += wrapper.finish()
-        normalized = self.detokenize(tokens)
         info = {'action_token_ids': tokens, 'decode_seconds': decode_seconds,
                 'tokens_outside_action_range': int(sum(not self._is_action_token(t) for t in tokens))}
         record.info.update({'decode_seconds': decode_seconds})
-        return StepOutput(normalized=normalized, result=result, layout=layout, frames=frames, info=info)
+        return ModelOutput(normalized=self.detokenize(tokens), result=result, info=info)
 
     def _is_action_token(self, token: int) -> bool:
         vocab = self.checkpoint.action_vocab_size

@@ -22,13 +22,15 @@ import numpy as np
 import torch
 
 from specprune_ros.adapters import actions as action_ops
-from specprune_ros.adapters.base import DeferredEndStep, PrismaticAdapter, StepOutput, resolve_device, resolve_dtype
-from specprune_ros.adapters.checkpoint import (ACTION_HEAD, PROPRIO_PROJECTOR, PrismaticCheckpoint,
-                                               assert_materialised, assign_state, read_component)
+from specprune_ros.adapters.base import PrismaticAdapter, resolve_device, resolve_dtype
+from specprune_ros.adapters.published_checkpoint import (ACTION_HEAD, PROPRIO_PROJECTOR, PrismaticCheckpoint,
+                                                         assert_materialised, assign_state, read_component)
 from specprune_ros.adapters.prismatic import L1RegressionActionHead, PrismaticVLA, ProprioProjector
-from specprune_ros.core.step_types import PruningMethod
+from specprune_ros.core.executor import RunResult
 from specprune_ros.core.token_layout import TokenLayout
-from specprune_ros.policy.checkpoint import CheckpointError
+from specprune_ros.policy.backend import EncodedStep, camera_frames
+from specprune_ros.policy.errors import CheckpointError, ObservationError
+from specprune_ros.policy.interface import Observation
 
 STOP_TOKEN_ID = 2          # '</s>' in the Llama tokenizer (OFT's STOP_INDEX)
 
@@ -128,19 +130,19 @@ class OpenVLAOFTAdapter(PrismaticAdapter):
         if self.proprio_projector is None:
             return None
         if proprio is None:
-            raise ValueError(f'this OpenVLA-OFT checkpoint needs a {self.proprio_dim}-D proprio vector')
+            raise ObservationError(f'this OpenVLA-OFT checkpoint needs a {self.proprio_dim}-D proprio vector')
         proprio = np.asarray(proprio, dtype=np.float64).reshape(-1)
         if proprio.shape != (self.proprio_dim,) or not np.isfinite(proprio).all():
-            raise ValueError(f'proprio must be {self.proprio_dim} finite values, got shape {proprio.shape}')
+            raise ObservationError(f'proprio must be {self.proprio_dim} finite values, got shape {proprio.shape}')
         return action_ops.normalize_proprio(proprio, self.proprio_stats, self.normalization)
 
     def sequence(self, images: Sequence[np.ndarray], instruction: str, proprio: Optional[np.ndarray]
                  ) -> tuple[torch.Tensor, TokenLayout, list[np.ndarray]]:
+        normalized = self.normalized_proprio(proprio)              # refuse a missing / bad state up front
         frames = self.prepare_frames(images)
         prompt = self.encode_prompt(instruction)
         text = self.embed_ids(prompt.ids)
         parts = [text[:, :1], self.visual_tokens(frames)]
-        normalized = self.normalized_proprio(proprio)
         if normalized is not None:
             state = torch.tensor(normalized, device=self.device, dtype=self.dtype).view(1, -1)
             parts.append(self.proprio_projector(state).unsqueeze(1))
@@ -148,26 +150,19 @@ class OpenVLAOFTAdapter(PrismaticAdapter):
                   self.embed_ids([self.stop_token_id])]
         return torch.cat(parts, dim=1), self.layout(len(prompt.ids), prompt.instruction), frames
 
-    def head(self, action_states: torch.Tensor) -> np.ndarray:
+    def action_chunk(self, action_states: torch.Tensor) -> np.ndarray:
+        """(chunk, action_dim) normalised actions from the action rows' final hidden states."""
         chunk = self.action_head(action_states, self.chunk_size)
         return chunk[0].float().cpu().numpy()
 
-    # -- the pruned path ---------------------------------------------------------------------------------------
+    # -- the pruned path: one bidirectional pass through the executor, then the action head ---------------------
 
-    @torch.inference_mode()
-    def step(self, images: Sequence[np.ndarray], instruction: str, proprio: Optional[np.ndarray] = None,
-             method: Optional[PruningMethod] = None, step_index: int = 0,
-             executed_actions: Optional[np.ndarray] = None) -> StepOutput:
-        """One bidirectional pass through the executor (pruning as ``method`` says), then the action head."""
-        embeddings, layout, frames = self.sequence(images, instruction, proprio)
-        wrapper = DeferredEndStep(method) if method is not None else None
-        context = self.context(layout, embeddings, frames, step_index, instruction, executed_actions)
-        result = self.runner(embeddings, layout, wrapper, context)
-        states = result.select(torch.arange(*layout.action_span, device=result.kept.device))
-        normalized = self.head(states)
-        if wrapper is not None:
-            result.record.selection_seconds += wrapper.finish()
-        return StepOutput(normalized=normalized, result=result, layout=layout, frames=frames)
+    def encode(self, observation: Observation) -> EncodedStep:
+        frames = camera_frames(observation, self.camera_names)       # any size: the transform resizes
+        return self.encoded(*self.sequence(frames, observation.instruction, observation.proprio))
+
+    def head(self, step: EncodedStep, result: RunResult) -> np.ndarray:
+        return self.action_chunk(result.select(torch.arange(*step.layout.action_span, device=result.kept.device)))
 
     # -- the adapter's own unpruned forward (transformers) -----------------------------------------------------
 
@@ -179,4 +174,4 @@ class OpenVLAOFTAdapter(PrismaticAdapter):
         n = layout.num_tokens
         mask = torch.ones(1, 1, n, n, dtype=torch.bool, device=self.device)
         hidden = self.model.decoder(inputs_embeds=embeddings, attention_mask=mask).last_hidden_state
-        return self.head(hidden[:, layout.action_span[0]:layout.action_span[1]])
+        return self.action_chunk(hidden[:, layout.action_span[0]:layout.action_span[1]])

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from transformers import LlamaConfig
 
-from specprune_ros.adapters.checkpoint import (CONFIG_FILE, INDEX_FILE, PREPROCESSOR_FILE, STATS_FILE,
-                                               _text_config, _vision_specs)
+from specprune_ros.adapters.published_checkpoint import (CONFIG_FILE, INDEX_FILE, PREPROCESSOR_FILE, STATS_FILE,
+                                                         _text_config, _vision_specs)
 from specprune_ros.adapters.prismatic import L1RegressionActionHead, PrismaticVLA, ProprioProjector
 
 TOKENIZER_VOCAB = 384

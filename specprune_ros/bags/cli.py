@@ -6,10 +6,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional
+
+from specprune_ros.command_line import HelpFormatter
 
 EVALUATE_HELP = """Offline replay evaluation of a recorded bag: the same camera frames through the unpruned policy
 and each pruning method; reports action deviation (from unpruned, and from the recorded commands and chunks when the
@@ -46,8 +47,8 @@ def parse_method_config(text: str) -> tuple[str, dict]:
 
 def evaluate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=EVALUATE_HELP,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('bag', type=Path)
+                                     formatter_class=HelpFormatter)
+    parser.add_argument('bag', type=Path, help='bag directory (rosbag2, MCAP or sqlite3)')
     parser.add_argument('--model', default='reference', help="'reference', 'tiny-random' or a checkpoint directory")
     parser.add_argument('--methods', nargs='+', default=['specprune', 'vla_pruner'],
                         help="pruning methods to compare with 'none' (always run)")
@@ -56,27 +57,35 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument('--camera', action='append', type=parse_camera, default=[], metavar='NAME=TOPIC',
                         help='camera topic (default agentview=/camera/agentview/image_raw, '
                              'wrist=/camera/wrist/image_raw)')
-    parser.add_argument('--instruction-topic', default='/instruction')
+    parser.add_argument('--instruction-topic', default='/instruction',
+                        help='std_msgs/String topic with the instruction')
     parser.add_argument('--instruction', default='', help='use this instruction instead of a topic')
-    parser.add_argument('--ee-pose-topic', default='/ee_pose')
-    parser.add_argument('--gripper-state-topic', default='/gripper_state')
-    parser.add_argument('--finger-joints', nargs='+', default=['finger_joint1', 'finger_joint2'])
+    parser.add_argument('--ee-pose-topic', default='/ee_pose',
+                        help='geometry_msgs/PoseStamped topic with the end-effector pose')
+    parser.add_argument('--gripper-state-topic', default='/gripper_state',
+                        help='sensor_msgs/JointState (finger joints) or std_msgs/Float64 (finger gap) topic')
+    parser.add_argument('--finger-joints', nargs='+', default=['finger_joint1', 'finger_joint2'],
+                        help='joint names of the fingers in the gripper JointState')
     parser.add_argument('--commands-topic', default='/delta_twist_cmds', help="recorded TwistStamped ('' = none)")
-    parser.add_argument('--gripper-command-topic', default='/gripper_command')
+    parser.add_argument('--gripper-command-topic', default='/gripper_command',
+                        help="recorded std_msgs/Float64 gripper commands ('' = none)")
     parser.add_argument('--chunks-topic', default='/specprune_node/action_chunk', help="recorded chunks ('' = none)")
+    parser.add_argument('--inference-topic', default='/specprune_node/inference',
+                        help="the node's inference records: which method and model recorded the bag ('' = none)")
     parser.add_argument('--schedule', choices=('auto', 'recorded', 'every'), default='auto',
                         help='auto: where the live node inferred when the bag has its chunks, else every frame set')
     parser.add_argument('--stride', type=int, default=1, help="schedule 'every': infer every N-th frame set")
     parser.add_argument('--max-observations', type=int, default=0, help='use only the first N frame sets')
     parser.add_argument('--max-camera-skew', type=float, default=0.05, help='seconds between paired frames')
     parser.add_argument('--image-size', type=int, default=0, help="resize frames (0: the policy's input size)")
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--device', default='cpu', help="torch device ('cpu', 'cuda', ...)")
+    parser.add_argument('--seed', type=int, default=0, help='seed of the policy (random pruning, tiny-random weights)')
     parser.add_argument('--threads', type=int, default=1, help='torch threads')
     parser.add_argument('--no-repeat-baseline', action='store_true', help='skip the determinism re-run of none')
-    parser.add_argument('--out', type=Path, default=Path('outputs/replay'))
-    parser.add_argument('--name', default='replay')
-    parser.add_argument('--no-plots', action='store_true')
+    parser.add_argument('--out', type=Path, default=Path('outputs/replay'),
+                        help='directory for the markdown, JSON and PNG files')
+    parser.add_argument('--name', default='replay', help='file name stem of the report')
+    parser.add_argument('--no-plots', action='store_true', help='write no PNG plots')
     parser.add_argument('--quiet', action='store_true', help='no progress bars')
     return parser
 
@@ -89,7 +98,7 @@ def evaluate_main(argv: Optional[list[str]] = None) -> int:
     topics = StreamTopics(instruction=args.instruction_topic, ee_pose=args.ee_pose_topic,
                           gripper_state=args.gripper_state_topic, commands=args.commands_topic,
                           gripper_command=args.gripper_command_topic, chunks=args.chunks_topic,
-                          finger_joints=tuple(args.finger_joints))
+                          inference=args.inference_topic, finger_joints=tuple(args.finger_joints))
     if cameras:
         topics.cameras = cameras
     try:   # the bag first (fast): a broken bag should not wait for torch and the model to load
@@ -103,14 +112,14 @@ def evaluate_main(argv: Optional[list[str]] = None) -> int:
     torch.set_num_threads(max(args.threads, 1))
     from specprune_ros.bags.replay_eval import ReplayConfig, evaluate_streams
     from specprune_ros.bags.report import markdown, write_report
-    from specprune_ros.policy.checkpoint import CheckpointError
+    from specprune_ros.policy.errors import CheckpointError
     config = ReplayConfig(model=args.model, methods=tuple(args.methods), method_configs=dict(args.method_config),
                           seed=args.seed, device=args.device, schedule=args.schedule, stride=args.stride,
                           repeat_baseline=not args.no_repeat_baseline, progress=not args.quiet)
     try:
         size = args.image_size
         if not size:
-            from specprune_ros.policy.loading import load_model
+            from specprune_ros.models.loading import load_model
             size = load_model(args.model, device='cpu', seed=args.seed).config.image_size
         streams = load_streams(args.bag, topics, image_size=(size, size), max_camera_skew_s=args.max_camera_skew,
                                instruction=args.instruction, max_observations=args.max_observations)
@@ -121,14 +130,12 @@ def evaluate_main(argv: Optional[list[str]] = None) -> int:
     paths = write_report(report, args.out, args.name, plots=not args.no_plots)
     print(markdown(report))
     print('wrote ' + ', '.join(str(p) for p in paths.values()))
-    summary = {name: {'chunk_mae_vs_unpruned': m['vs_unpruned']['chunk_mae'], 'speedup': m['speedup']}
-               for name, m in report['methods'].items()}
-    print(json.dumps(summary))
     return 0
 
 
 RECORD_SIM_HELP = """Record simulated episodes straight into a bag, no DDS: the sim bridge's topics and stamps (bag
 time = sim time), acted by the scripted expert or by a policy executing its chunks as the ROS-free harness does.
+A policy's bag also holds its chunks and, as the node publishes them, inference records naming method and model.
 
     specprune_record_sim_bag outputs/bags/expert_pick --families pick --seeds 1000000 1000001
     specprune_record_sim_bag outputs/bags/policy --actor policy --model reference --method none --storage sqlite3
@@ -137,18 +144,20 @@ time = sim time), acted by the scripted expert or by a policy executing its chun
 
 def record_sim_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=RECORD_SIM_HELP,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument('output', type=Path, help='bag directory to create (must not exist)')
-    parser.add_argument('-s', '--storage', choices=('mcap', 'sqlite3'), default='mcap')
-    parser.add_argument('--families', nargs='+', default=['pick'])
-    parser.add_argument('--seeds', nargs='+', type=int, default=[1_000_000])
-    parser.add_argument('--actor', choices=('expert', 'policy'), default='expert')
+    parser.add_argument('-s', '--storage', choices=('mcap', 'sqlite3'), default='mcap', help='bag storage format')
+    parser.add_argument('--families', nargs='+', default=['pick'], help='task families (pick, place, push)')
+    parser.add_argument('--seeds', nargs='+', type=int, default=[1_000_000],
+                        help='episode seeds; every family runs every seed')
+    parser.add_argument('--actor', choices=('expert', 'policy'), default='expert',
+                        help='who acts: the scripted expert, or a policy executing its chunks')
     parser.add_argument('--model', default='reference', help='policy actor: model')
     parser.add_argument('--method', default='none', help='policy actor: pruning method')
     parser.add_argument('--method-config', default='', help='policy actor: the method knobs as YAML')
     parser.add_argument('--execute-steps', type=int, default=0, help='policy actor: actions per chunk (0: all)')
     parser.add_argument('--max-steps', type=int, default=0, help='per episode (0: the task limit)')
-    parser.add_argument('--image-size', type=int, default=96)
+    parser.add_argument('--image-size', type=int, default=96, help='camera frame side in pixels')
     parser.add_argument('--compressed', action='store_true', help='JPEG CompressedImage on <camera topic>/compressed')
     return parser
 
@@ -160,19 +169,21 @@ def record_sim_main(argv: Optional[list[str]] = None) -> int:
         return 2
     from specprune_ros.bags.io import BagError
     from specprune_ros.bags.sim_bag import SimBagOptions, record_sim_bag
-    from specprune_ros.policy.checkpoint import CheckpointError
+    from specprune_ros.policy.errors import CheckpointError
     policy = None
     try:
         if args.actor == 'policy':
             import torch
             import yaml
             torch.set_num_threads(1)
-            from specprune_ros.policy.loading import load_policy
+            from specprune_ros.models.loading import load_policy
             config = yaml.safe_load(args.method_config) if args.method_config else None
             policy = load_policy(args.model, args.method, config)
         options = SimBagOptions(families=args.families, seeds=args.seeds, actor=args.actor, max_steps=args.max_steps,
                                 image_size=args.image_size, compressed=args.compressed, storage=args.storage,
-                                execute_steps=args.execute_steps)
+                                execute_steps=args.execute_steps,
+                                method=args.method if args.actor == 'policy' else '',
+                                model=args.model if args.actor == 'policy' else '')
         result = record_sim_bag(args.output, options, policy=policy)
     except (BagError, CheckpointError, ValueError) as error:
         print(f'error: {error}', file=sys.stderr)

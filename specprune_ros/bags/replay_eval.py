@@ -11,7 +11,9 @@ observations with the same executed-action history:
 
 Reported per method: action deviation from unpruned (chunk mean |diff|, first-action L2 and max |diff|), from
 the recorded commands and chunks when present, mean kept visual tokens, model latency and the speedup over
-unpruned (median latency ratio), the FLOPs ratio, and the frames the kept patches are drawn on.
+unpruned (median latency ratio with a 95% bootstrap interval and the sample counts; a run that kept every
+visual token is marked unpruned instead), the FLOPs ratio, and the frames the kept patches are drawn on. The
+methods run one after the other, so the speedups are sequential, not interleaved, measurements.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import numpy as np
 
 from specprune_ros.bags.io import BagError
 from specprune_ros.bags.streams import BagStreams
-from specprune_ros.evaluation.statistics import percentile
+from specprune_ros.evaluation.statistics import median_ratio, percentile
 
 
 @dataclass
@@ -55,6 +57,7 @@ class MethodRun:
     visual_tokens: int                 # visual tokens per observation (unpruned)
     kept_examples: list = field(default_factory=list)     # (inference index, picture RGB)
     modes: list = field(default_factory=list)
+    cameras: tuple = ()                # the policy's cameras, in the order its pictures show them
 
 
 def inference_indices(streams: BagStreams, config: ReplayConfig) -> tuple[list[int], str]:
@@ -115,9 +118,9 @@ def run_method(streams: BagStreams, indices: Sequence[int], resets: set[int],
     use this run's own previous chunk for the elapsed steps (the unpruned baseline on a bag without commands)."""
     from tqdm import tqdm
 
-    from specprune_ros.control.kept_patches import draw_kept_patches, kept_patch_masks
+    from specprune_ros.codecs.kept_patches import draw_kept_patches, kept_patch_masks
     from specprune_ros.policy.interface import Observation
-    from specprune_ros.policy.loading import load_policy
+    from specprune_ros.models.loading import load_policy
     policy = load_policy(config.model, method=method, method_config=config.method_configs.get(method),
                          device=config.device, dtype=config.dtype, seed=config.seed)
     if policy.proprio_dim and any(streams.observations[i].proprio is None for i in indices):
@@ -162,7 +165,8 @@ def run_method(streams: BagStreams, indices: Sequence[int], resets: set[int],
         bar.update(1)
     bar.close()
     return MethodRun(method=label or method, stamps=stamps, actions=np.stack(actions), latencies_s=latencies,
-                     kept=kept, flops_ratio=flops, visual_tokens=visual_tokens, kept_examples=examples, modes=modes)
+                     kept=kept, flops_ratio=flops, visual_tokens=visual_tokens, kept_examples=examples, modes=modes,
+                     cameras=tuple(policy.camera_names))
 
 
 def _deviation(actions: np.ndarray, reference: np.ndarray) -> dict:
@@ -206,13 +210,15 @@ def evaluate_streams(streams: BagStreams, config: ReplayConfig) -> dict:
         runs[method] = run_method(streams, indices, resets, executed, config, method, example_at=example_at)
     recorded_chunks = [streams.observations[i].recorded_chunk for i in indices]
     recorded_actions = [streams.observations[i].recorded_action for i in indices]
-    base_latency = percentile(baseline.latencies_s, 50)
     results = {}
     for name, run in runs.items():
+        speedup, low, high = median_ratio(baseline.latencies_s, run.latencies_s)
         entry: dict[str, Any] = {
             'inferences': len(run.latencies_s),
             'latency_ms': {k: v * 1e3 for k, v in _series_stats(run.latencies_s).items()},
-            'speedup': base_latency / percentile(run.latencies_s, 50) if run.latencies_s else float('nan'),
+            'speedup': speedup, 'speedup_ci95': [low, high],
+            'speedup_samples': [len(baseline.latencies_s), len(run.latencies_s)],
+            'pruned': bool(run.kept) and min(run.kept) < run.visual_tokens,
             'kept_visual_tokens': _series_stats(run.kept), 'visual_tokens': run.visual_tokens,
             'flops_ratio': _series_stats(run.flops_ratio)['mean'],
             'vs_unpruned': _deviation(run.actions, baseline.actions),
@@ -241,6 +247,8 @@ def evaluate_streams(streams: BagStreams, config: ReplayConfig) -> dict:
         'camera_sizes': {k: list(v) for k, v in streams.camera_sizes.items()}, 'camera_types': streams.camera_types,
         'topics': vars(streams.topics), 'notes': list(streams.notes),
         'has_recorded_commands': streams.has_commands, 'has_recorded_chunks': streams.has_chunks,
+        'policy_cameras': list(baseline.cameras),
+        'recorded_by': [{'method': m, 'model': model, 'inferences': n} for m, model, n in streams.recorded_by],
         'determinism': determinism, 'methods': results, 'seconds': time.perf_counter() - started,
         '_examples': examples, '_example_images': {j: {n: streams.observations[indices[j]].images[n]
                                                        for n in streams.topics.cameras} for j in example_at},

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from specprune_ros.bags.io import BagWriter, make_qos
-from specprune_ros.bags.messages import TypestoreMessages
+from specprune_ros.bags.typestore_messages import TypestoreMessages
 from specprune_ros.bridge.conversions import CommandUnits, action_to_twist, gripper_action_to_value, seconds_to_ns
 
 ACTION_LABELS = ('dx', 'dy', 'dz', 'droll', 'dpitch', 'dyaw', 'gripper')
@@ -38,6 +38,9 @@ class SimBagOptions:
                                                         'wrist': '/camera/wrist/image_raw'})
     finger_joints: Sequence[str] = ('finger_joint1', 'finger_joint2')
     chunk_topic: str = '/specprune_node/action_chunk'
+    inference_topic: str = '/specprune_node/inference'   # policy actor: one record per inference, as the node's
+    method: str = ''                       # policy actor: names written to the inference records
+    model: str = ''
     execute_steps: int = 0                 # policy actor: actions executed per chunk (0: all)
 
 
@@ -46,6 +49,18 @@ class SimBagResult:
     path: Path
     episodes: list                          # (family, seed, success, steps)
     counts: dict
+
+
+def inference_status(build: TypestoreMessages, output, options: SimBagOptions, ns: int):
+    """The node's ``~/inference`` record for one chunk: method as the message, model as the hardware id."""
+    record = output.record
+    kept = 'n/a'
+    if record is not None and record.layout.num_visual:
+        kept = f'{record.mean_visual_kept / record.layout.num_visual:.4f}'
+    sec, nanosec = divmod(int(ns), 1_000_000_000)
+    values = {'source_stamp': f'{sec}.{nanosec:09d}', 'model_latency_ms': f'{output.latency_s * 1e3:.3f}',
+              'kept_ratio': kept}
+    return build.status(0, '/specprune_node', options.method or 'unknown', options.model or 'unknown', values)
 
 
 def record_sim_bag(path: str | Path, options: SimBagOptions = SimBagOptions(), policy=None,
@@ -82,6 +97,7 @@ def record_sim_bag(path: str | Path, options: SimBagOptions = SimBagOptions(), p
         bag.add_topic('/gripper_command', 'std_msgs/msg/Float64')
         if options.actor == 'policy':
             bag.add_topic(options.chunk_topic, 'trajectory_msgs/msg/JointTrajectory')
+            bag.add_topic(options.inference_topic, 'diagnostic_msgs/msg/DiagnosticStatus')
         t = seconds_to_ns(options.start_s)
         jobs = [(f, s) for s in options.seeds for f in options.families]
         for family, seed in jobs:
@@ -114,6 +130,7 @@ def record_sim_bag(path: str | Path, options: SimBagOptions = SimBagOptions(), p
                                                             if executed else None))
                         chunk = np.asarray(output.actions, dtype=np.float64)
                         bag.write(options.chunk_topic, t, build.trajectory(chunk, t, CONTROL_PERIOD_S, ACTION_LABELS))
+                        bag.write(options.inference_topic, t, inference_status(build, output, options, t))
                         plan = list(chunk[:options.execute_steps or len(chunk)])
                         executed = []
                     action = plan.pop(0)

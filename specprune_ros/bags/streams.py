@@ -8,21 +8,31 @@ gripper state has no header: its bag time is used), the instruction from the new
 frame (bag time). Commands: of the ``TwistStamped`` sharing a header stamp, the last one received, converted
 back to normalised units, with the newest gripper command recorded before the next commanded instant (bag
 time). The recorded action of an observation stamped ``t`` is the last command stamped in ``[t, t + period)``;
-its recorded chunk is the ``~/action_chunk`` whose header stamp equals ``t``.
+its recorded chunk is the ``~/action_chunk`` whose header stamp equals ``t``. The policy node's ``~/inference``
+records, when the bag has them, say which method and model recorded it.
+
+Raw frames in the encodings the node takes are decoded as the node does; other encodings (16-bit, Bayer, YUV
+4:2:2, ...) go through ``rosbags-image``.
 """
 from __future__ import annotations
 
 import bisect
+import dataclasses
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from rosbags.image import ImageError as ConversionError
+from rosbags.image import message_to_cvimage
+from rosbags.image.image import to_cvtype
 
 from specprune_ros.bags.io import BagError, BagReader, check_types_known, normalize_topic
 from specprune_ros.bridge.conversions import CommandUnits, command_to_action, gripper_value_to_action
-from specprune_ros.control.image_decoding import ImageError, decode_compressed_image, decode_raw_image, resize_to
-from specprune_ros.control.proprio import StateError, finger_gap_from_joints, proprio_vector
+from specprune_ros.codecs.image_decoding import (MAX_SIDE, RAW_ENCODINGS, ImageError, decode_compressed_image,
+                                                 decode_raw_image, resize_to)
+from specprune_ros.codecs.proprio import StateError, finger_gap_from_joints, proprio_vector
 
 IMAGE = 'sensor_msgs/msg/Image'
 COMPRESSED = 'sensor_msgs/msg/CompressedImage'
@@ -32,6 +42,7 @@ JOINT_STATE = 'sensor_msgs/msg/JointState'
 FLOAT64 = 'std_msgs/msg/Float64'
 TWIST = 'geometry_msgs/msg/TwistStamped'
 TRAJECTORY = 'trajectory_msgs/msg/JointTrajectory'
+STATUS = 'diagnostic_msgs/msg/DiagnosticStatus'
 
 
 @dataclass
@@ -46,6 +57,7 @@ class StreamTopics:
     commands: str = '/delta_twist_cmds'
     gripper_command: str = '/gripper_command'
     chunks: str = '/specprune_node/action_chunk'
+    inference: str = '/specprune_node/inference'
     finger_joints: tuple = ('finger_joint1', 'finger_joint2')
 
     def normalized(self) -> 'StreamTopics':
@@ -55,7 +67,7 @@ class StreamTopics:
                             instruction=norm(self.instruction), ee_pose=norm(self.ee_pose),
                             gripper_state=norm(self.gripper_state), commands=norm(self.commands),
                             gripper_command=norm(self.gripper_command), chunks=norm(self.chunks),
-                            finger_joints=tuple(self.finger_joints))
+                            inference=norm(self.inference), finger_joints=tuple(self.finger_joints))
 
 
 @dataclass
@@ -81,6 +93,7 @@ class BagStreams:
     has_commands: bool = False
     has_chunks: bool = False
     commands: list = field(default_factory=list)   # (stamp ns, 7-D action) per commanded instant
+    recorded_by: list = field(default_factory=list)   # (method, model, inferences) from ~/inference, most first
 
 
 def _stamp(header) -> int:
@@ -88,9 +101,36 @@ def _stamp(header) -> int:
 
 
 def _decode(msg, msgtype: str) -> np.ndarray:
-    if msgtype == IMAGE:
+    if msgtype == COMPRESSED:
+        return decode_compressed_image(msg.data, msg.format)
+    if msg.encoding in RAW_ENCODINGS:
         return decode_raw_image(msg.encoding, int(msg.height), int(msg.width), int(msg.step), msg.data)
-    return decode_compressed_image(msg.data, msg.format)
+    return decode_other_encoding(msg)
+
+
+def decode_other_encoding(msg) -> np.ndarray:
+    """RGB uint8 from a ``sensor_msgs/Image`` in an encoding the node does not take, with ``rosbags-image``
+    (16-bit scaled to 8, Bayer demosaiced, YUV converted); sizes are checked and row padding removed first."""
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    try:
+        _, _, typestr, channels = to_cvtype(msg.encoding)
+    except (ConversionError, KeyError, ValueError):
+        raise ImageError('image_encoding', f'unsupported encoding {msg.encoding!r}') from None
+    if not (0 < height <= MAX_SIDE and 0 < width <= MAX_SIDE):
+        raise ImageError('image_size', f'image {width}x{height}: each side must be 1 to {MAX_SIDE} pixels')
+    row_bytes = width * channels * np.dtype(typestr).itemsize
+    if step < row_bytes or len(msg.data) != step * height:
+        raise ImageError('image_truncated' if len(msg.data) < step * height else 'image_size',
+                         f'{msg.encoding} {width}x{height}: data holds {len(msg.data)} bytes with step {step}, '
+                         f'expected {row_bytes} bytes per row')
+    if step != row_bytes:
+        rows = np.asarray(msg.data, dtype=np.uint8).reshape(height, step)[:, :row_bytes]
+        msg = dataclasses.replace(msg, step=row_bytes, data=np.ascontiguousarray(rows).reshape(-1))
+    try:
+        rgb = message_to_cvimage(msg, 'rgb8')
+    except (ConversionError, ValueError) as error:
+        raise ImageError('image_encoding', f'cannot convert {msg.encoding} to RGB: {error}') from None
+    return np.ascontiguousarray(rgb, dtype=np.uint8)
 
 
 def load_streams(path: str | Path, topics: Optional[StreamTopics] = None, image_size: Optional[tuple] = (96, 96),
@@ -110,12 +150,13 @@ def load_streams(path: str | Path, topics: Optional[StreamTopics] = None, image_
         optional = (('instruction', topics.instruction, (STRING,)), ('ee_pose', topics.ee_pose, (POSE,)),
                     ('gripper_state', topics.gripper_state, (JOINT_STATE, FLOAT64)),
                     ('commands', topics.commands, (TWIST,)), ('gripper_command', topics.gripper_command, (FLOAT64,)),
-                    ('chunks', topics.chunks, (TRAJECTORY,)))
+                    ('chunks', topics.chunks, (TRAJECTORY,)), ('inference', topics.inference, (STATUS,)))
         for kind, topic, types in optional:
             if not topic:
                 continue
             if topic not in available:
-                notes.append(f'no {kind} topic {topic} in the bag')
+                if kind != 'inference':      # the report says the recording method is unknown
+                    notes.append(f'no {kind} topic {topic} in the bag')
                 continue
             bag.require(topic, types, kind)   # present: it must have the right type
             wanted[topic] = (kind, None)
@@ -132,6 +173,7 @@ def load_streams(path: str | Path, topics: Optional[StreamTopics] = None, image_
         twists: list[tuple[int, int, tuple]] = []
         gripper_commands: list[tuple[int, float]] = []
         chunks: dict[int, np.ndarray] = {}
+        recorders: Counter = Counter()
         gripper_by_header = True      # JointState: header stamps; Float64 (no header): bag time
         for topic, msgtype, bag_ns, raw in bag.raw_messages(wanted):
             kind, camera = wanted[topic]
@@ -173,6 +215,8 @@ def load_streams(path: str | Path, topics: Optional[StreamTopics] = None, image_
                                (t.linear.x, t.linear.y, t.linear.z, t.angular.x, t.angular.y, t.angular.z)))
             elif kind == 'gripper_command':
                 gripper_commands.append((bag_ns, float(msg.data)))
+            elif kind == 'inference':
+                recorders[(str(msg.message), str(msg.hardware_id))] += 1
             elif kind == 'chunks':
                 chunks[_stamp(msg.header)] = np.array([list(point.positions) for point in msg.points],
                                                       dtype=np.float64)
@@ -243,7 +287,8 @@ def load_streams(path: str | Path, topics: Optional[StreamTopics] = None, image_
         notes.append('frames before the first recorded instruction use that first instruction')
     return BagStreams(path=str(path), topics=topics, observations=observations, camera_sizes=sizes,
                       camera_types=camera_types, notes=notes, has_state=bool(poses and grippers),
-                      has_commands=bool(twists), has_chunks=bool(chunks), commands=commands)
+                      has_commands=bool(twists), has_chunks=bool(chunks), commands=commands,
+                      recorded_by=[(method, model, count) for (method, model), count in recorders.most_common()])
 
 
 def command_timeline(twists: list, gripper_commands: list, units: CommandUnits) -> list:

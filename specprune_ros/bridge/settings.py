@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from specprune_ros.core.dataclass_mapping import dataclass_from_mapping
+
 MODES = ('sync', 'realtime')
 GRIPPER_STATE_TYPES = ('joint_state', 'float64')
 # the simulator's TASK_FAMILIES and CAMERA_NAMES (kept equal by a test; importing the simulator here would
@@ -79,19 +81,7 @@ class BridgeSettings:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> 'BridgeSettings':
-        defaults = cls.defaults()
-        unknown = sorted(set(values) - set(defaults))
-        if unknown:
-            raise ValueError(f'unknown sim_bridge parameters {unknown}')
-        kwargs = {}
-        for name, value in values.items():
-            default = defaults[name]
-            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if isinstance(default, list):
-                value = list(value)
-            kwargs[name] = value
-        return cls(**kwargs)
+        return dataclass_from_mapping(cls, values, what='sim_bridge parameters')
 
     def validate(self) -> list[str]:
         errors = []

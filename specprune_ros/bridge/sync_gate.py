@@ -13,7 +13,8 @@ The protocol (the policy node runs with ``use_sim_time: true``; sim time only mo
    which also polls every 0.5 s, start an inference on them right after the clock advance); so the node's
    ``max_image_age_s`` must cover ``replan_every_steps`` periods, and its ``max_camera_skew_s`` must be below
    one period so that the first new frame is not paired with the other camera's previous one
-   (config/sim_bridge.yaml: 1.0 s and 0.05 s).
+   (config/sim_bridge.yaml: 1.0 s and 0.05 s). The state stamped ``t_k`` reaches the node before ``/clock = t_k``,
+   so the node's ``max_future_stamp_s`` must exceed one period (0.2 s there).
 3. When an inference is due (the node re-plans every ``replan_every_steps`` ticks, and at the first tick of an
    episode), the new frames start one; sim time stands still meanwhile, so the chunk is accepted at ``t_k``:
    the node publishes its first command at once (``publish_on_new_chunk``), again stamped ``t_k``, and the

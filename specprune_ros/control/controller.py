@@ -7,17 +7,23 @@ model inference itself runs outside it, so callbacks and ticks never wait for th
 Temporal token state: the controller decides when the policy must be reset (instruction change,
 ``request_reset``, a gap between observations longer than ``reset_after_gap_s``) and hands the reason to
 the worker with the next request; chunks computed before a reset are discarded.
+
+Bad input: a rejected message (undecodable frame, NaN pose, missing finger joints, a stamp too far in the
+future, an unexpected frame id) puts its source at fault; the robot holds from the next tick, with that
+message as the hold reason, until the same source delivers a valid message again.
 """
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from specprune_ros.codecs.proprio import ProprioAssembler, StateError, check_pose
 from specprune_ros.control.chunk_scheduler import ChunkScheduler, ChunkSettings
-from specprune_ros.control.input_sync import InputSynchronizer, StaleInput, SyncLimits
+from specprune_ros.control.input_sync import InputSynchronizer, RejectedInput, StaleInput, SyncLimits
 from specprune_ros.control.parameters import NodeParameters
 from specprune_ros.control.runtime_stats import RuntimeStats, controller_mode, kept_token_ratio
 from specprune_ros.control.safety_filter import ActionUnits, FilteredCommand, SafetyFilter, SafetyLimits
@@ -82,11 +88,13 @@ class PolicyController:
     """Thread-safe state of one configured policy node (see the module docstring)."""
 
     def __init__(self, params: NodeParameters, camera_names: tuple[str, ...], spec: ActionSpec,
-                 needs_proprio: bool) -> None:
+                 needs_proprio: bool, clock: Callable[[], float] = time.monotonic) -> None:
         self.spec = spec
         self.params = params
         self.lock = threading.RLock()
-        self.sync = InputSynchronizer(camera_names, sync_limits(params), needs_proprio)
+        self.sync = InputSynchronizer(camera_names, sync_limits(params), needs_proprio, clock)
+        self._proprio = ProprioAssembler()
+        self.faults: dict[str, str] = {}         # source -> why its latest message was rejected
         self.scheduler = ChunkScheduler(chunk_settings(params, spec))
         self.safety = SafetyFilter(action_units(params, spec), safety_limits(params))
         self.stats = RuntimeStats(params.stats_window)
@@ -114,10 +122,12 @@ class PolicyController:
             self.safety.limits = safety_limits(params)
 
     def set_active(self, active: bool) -> None:
+        """Start or stop commanding; either way every stored input but the instruction is forgotten."""
         with self.lock:
             self.active = active
             self.scheduler.clear()
             self._in_flight = False
+            self._clear_inputs_locked()
             self.stats.hold_reason = 'not active' if not active else 'waiting for the first action chunk'
 
     def set_enabled(self, enabled: bool) -> None:
@@ -127,9 +137,85 @@ class PolicyController:
             self.enabled = enabled
 
     # --- inputs (subscription callbacks) ------------------------------------------------------------------
-    def put_frame(self, camera: str, image: np.ndarray, stamp: float, now: float) -> None:
+    def reject(self, source: str, kind: str, message: str) -> None:
+        """Count a rejected message of ``source`` and hold from the next tick until that source recovers."""
         with self.lock:
-            self.sync.put_frame(camera, image, stamp, now)
+            self.stats.count_input_error(kind, message)
+            self.faults.pop(source, None)
+            self.faults[source] = message        # the newest fault is the hold reason
+
+    def _recovered(self, source: str) -> None:
+        self.faults.pop(source, None)
+
+    def _frame_id_error(self, what: str, frame_id: Optional[str], expected: str) -> str:
+        if frame_id is None or not expected or frame_id == expected:
+            return ''
+        return f'{what} header.frame_id is {frame_id!r}, expected {expected!r}'
+
+    def put_frame(self, camera: str, image: np.ndarray, stamp: float, now: float,
+                  frame_id: Optional[str] = None) -> str:
+        """Store a decoded frame; '' when stored, else the (already counted) reason it was rejected."""
+        with self.lock:
+            expected = dict(zip(self.params.camera_names, self.params.camera_frames)).get(camera, '')
+            error = self._frame_id_error(f'camera {camera!r} frame', frame_id, expected)
+            if error:
+                self.reject(camera, 'frame_id_mismatch', error + ' (camera_frames)')
+                return error
+            try:
+                self.sync.put_frame(camera, image, stamp, now)
+            except RejectedInput as rejected:
+                self.reject(camera, rejected.kind, str(rejected))
+                return str(rejected)
+            self._recovered(camera)
+            return ''
+
+    def put_pose(self, position: Sequence[float], quaternion_xyzw: Sequence[float], stamp: float, now: float,
+                 frame_id: Optional[str] = None) -> str:
+        """Store the end-effector pose; '' when stored, else the (already counted) reason it was rejected."""
+        with self.lock:
+            try:
+                error = self._frame_id_error('ee_pose', frame_id, self.params.ee_pose_frame)
+                if error:
+                    raise RejectedInput('frame_id_mismatch', error + ' (ee_pose_frame)')
+                check_pose(position, quaternion_xyzw)
+                self.sync.check_stamp('ee_pose', stamp, now, 'state_future_stamp')
+            except StateError as invalid:
+                self.reject('ee_pose', 'state_invalid', f'ee_pose: {invalid}')
+                return str(invalid)
+            except RejectedInput as rejected:
+                self.reject('ee_pose', rejected.kind, str(rejected))
+                return str(rejected)
+            self._proprio.put_pose(position, quaternion_xyzw, stamp, self.sync.clock())
+            self._recovered('ee_pose')
+            return self._store_proprio_locked()
+
+    def put_gripper(self, finger_gap: float, stamp: float, now: float) -> str:
+        """Store the finger gap (metres); '' when stored, else the (already counted) reason it was rejected."""
+        with self.lock:
+            try:
+                if not np.isfinite(finger_gap):
+                    raise StateError('finger gap is not finite')
+                self.sync.check_stamp('gripper_state', stamp, now, 'state_future_stamp')
+            except StateError as invalid:
+                self.reject('gripper_state', 'state_invalid', f'gripper_state: {invalid}')
+                return str(invalid)
+            except RejectedInput as rejected:
+                self.reject('gripper_state', rejected.kind, str(rejected))
+                return str(rejected)
+            self._proprio.put_gripper(finger_gap, stamp, self.sync.clock())
+            self._recovered('gripper_state')
+            return self._store_proprio_locked()
+
+    def _store_proprio_locked(self) -> str:
+        try:
+            latest = self._proprio.latest()
+        except StateError as invalid:
+            self.reject('robot state', 'state_invalid', str(invalid))
+            return str(invalid)
+        self._recovered('robot state')
+        if latest is not None:
+            self.sync.put_proprio(*latest, arrived=self._proprio.arrived())
+        return ''
 
     def put_instruction(self, text: str) -> bool:
         """Store a validated instruction; a change resets the temporal state (returns True then)."""
@@ -140,6 +226,7 @@ class PolicyController:
             return changed
 
     def put_proprio(self, vector: np.ndarray, stamp: float) -> None:
+        """Store an already assembled proprio vector (arrival: now)."""
         with self.lock:
             self.sync.put_proprio(vector, stamp)
 
@@ -148,9 +235,16 @@ class PolicyController:
             self.stats.count_input_error(kind, message)
 
     def request_reset(self, reason: str) -> None:
-        """Reset the temporal token state before the next inference (and drop the current plan)."""
+        """Reset the temporal token state before the next inference, drop the current plan and forget every
+        stored input but the instruction (the next observation is made of fresh messages only)."""
         with self.lock:
             self._reset_locked(reason)
+            self._clear_inputs_locked()
+
+    def _clear_inputs_locked(self) -> None:
+        self.sync.clear(keep_instruction=True)
+        self._proprio = ProprioAssembler()
+        self.faults.clear()
 
     def _reset_locked(self, reason: str) -> None:
         self._pending_reset = reason
@@ -162,7 +256,8 @@ class PolicyController:
     def next_request(self, now: float) -> Optional[InferenceRequest]:
         """An observation to run now, or None (inactive, disabled, not due, no new frame, stale input)."""
         with self.lock:
-            if not (self.active and self.enabled) or self._in_flight or not self.sync.has_new_frames():
+            if not (self.active and self.enabled) or self._in_flight or self.faults \
+                    or not self.sync.has_new_frames():
                 return None
             replan_period = self.params.replan_every_steps * self.spec.control_period_s
             due = (self.scheduler.current is None or self._last_request_time is None
@@ -262,7 +357,7 @@ class PolicyController:
             elif not self.enabled:
                 reason = 'disabled (~/enable or the enabled parameter)'
             else:
-                reason = self.sync.staleness(now)
+                reason = self._fault_reason() or self.sync.staleness(now)
                 if reason:
                     self.scheduler.clear()
                 elif self._failure:
@@ -281,6 +376,11 @@ class PolicyController:
             self.stats.hold_reason = command.hold_reason
             self._record_executed(command, key, now)
             return command
+
+    def _fault_reason(self) -> str:
+        if not self.faults:
+            return ''
+        return f'invalid input: {next(reversed(self.faults.values()))}'
 
     def _record_executed(self, command: FilteredCommand, key: Optional[tuple[int, int]], now: float) -> None:
         """One executed action per policy step (a new chunk step, or a hold lasting a period)."""

@@ -1,19 +1,30 @@
 """Latest frame per camera plus instruction and robot state, and the rules that call them fresh or stale.
 
 Ages and skew are judged by the frames' own ``header.stamp`` against the node clock, so a slow or delayed
-transport cannot pass old pictures off as new ones. Every stale verdict comes with a reason that goes to
-diagnostics verbatim.
+transport cannot pass old pictures off as new ones. Stamps further ahead of the node clock than
+``max_future_stamp_s`` are refused at the door (``RejectedInput``), and every input is also aged by its arrival
+time on a steady clock, so no stamp, however far ahead, can keep old data fresh. Every stale verdict comes with
+a reason that goes to diagnostics verbatim.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
 
 class StaleInput(RuntimeError):
     """No observation can be formed now; the message is the reason shown in diagnostics."""
+
+
+class RejectedInput(ValueError):
+    """An input that must not be stored; ``kind`` names its diagnostics counter."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass
@@ -23,6 +34,7 @@ class Frame:
     image: np.ndarray          # (H, W, 3) uint8 RGB
     stamp: float               # header.stamp, seconds
     received: float            # node clock when stored, seconds
+    arrived: float             # steady clock when stored, seconds (bounds the age whatever the stamp says)
     sequence: int              # global arrival number (all cameras)
     used: bool = False         # went into an observation
 
@@ -51,20 +63,32 @@ class SyncLimits:
 class InputSynchronizer:
     """Keeps the newest input of each kind; not thread-safe on its own (the controller holds the lock)."""
 
-    def __init__(self, camera_names: tuple[str, ...], limits: SyncLimits, needs_proprio: bool) -> None:
+    def __init__(self, camera_names: tuple[str, ...], limits: SyncLimits, needs_proprio: bool,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.camera_names = tuple(camera_names)
         self.limits = limits
         self.needs_proprio = needs_proprio
+        self.clock = clock               # steady clock for arrival ages (monotonic; sim time under use_sim_time)
         self.frames: dict[str, Frame] = {}
         self.instruction: str = ''
         self.proprio: Optional[np.ndarray] = None
         self.proprio_stamp: float = 0.0
+        self.proprio_arrived: float = 0.0
         self.frames_received = 0
         self.frames_dropped = 0          # overwritten before any inference used them
         self._sequence = 0
 
+    def check_stamp(self, what: str, stamp: float, now: float, kind: str) -> None:
+        """Raise ``RejectedInput`` when ``stamp`` lies further ahead of ``now`` than ``max_future_stamp_s``."""
+        ahead = stamp - now
+        if ahead > self.limits.max_future_stamp_s:
+            raise RejectedInput(kind, f'{what} stamp is {ahead:.3f} s ahead of the node clock (clock mismatch? '
+                                      f'max_future_stamp_s {self.limits.max_future_stamp_s})')
+
     def put_frame(self, camera: str, image: np.ndarray, stamp: float, received: float) -> None:
-        """Store the newest frame of ``camera`` (older stamps than the stored one are ignored)."""
+        """Store the newest frame of ``camera`` (older stamps than the stored one are ignored); a stamp too far
+        in the future raises ``RejectedInput`` and stores nothing."""
+        self.check_stamp(f'camera {camera!r} frame', stamp, received, 'image_future_stamp')
         previous = self.frames.get(camera)
         if previous is not None and stamp < previous.stamp:
             self.frames_dropped += 1
@@ -73,7 +97,8 @@ class InputSynchronizer:
             self.frames_dropped += 1
         self._sequence += 1
         self.frames_received += 1
-        self.frames[camera] = Frame(image=image, stamp=stamp, received=received, sequence=self._sequence)
+        self.frames[camera] = Frame(image=image, stamp=stamp, received=received, arrived=self.clock(),
+                                    sequence=self._sequence)
 
     def put_instruction(self, text: str) -> bool:
         """Store the instruction; True when it differs from the previous one."""
@@ -81,9 +106,11 @@ class InputSynchronizer:
         self.instruction = text
         return changed
 
-    def put_proprio(self, vector: np.ndarray, stamp: float) -> None:
+    def put_proprio(self, vector: np.ndarray, stamp: float, arrived: Optional[float] = None) -> None:
+        """Store the robot state; ``arrived`` (steady clock) is when its oldest part came (default: now)."""
         self.proprio = np.asarray(vector, dtype=np.float32)
         self.proprio_stamp = stamp
+        self.proprio_arrived = self.clock() if arrived is None else arrived
 
     def has_new_frames(self) -> bool:
         """True when every camera delivered a frame since the last observation (a complete new set)."""
@@ -93,11 +120,16 @@ class InputSynchronizer:
     def staleness(self, now: float) -> str:
         """Why no observation can be formed now ('' when inputs are fresh)."""
         limits = self.limits
+        steady = self.clock()
         stamps = []
         for name in self.camera_names:
             frame = self.frames.get(name)
             if frame is None:
                 return f'no frame yet from camera {name!r}'
+            silent = steady - frame.arrived
+            if silent > limits.max_image_age_s:
+                return (f'camera {name!r} stale: no new frame for {silent:.3f} s '
+                        f'(max_image_age_s {limits.max_image_age_s})')
             age = now - frame.stamp
             if age > limits.max_image_age_s:
                 return (f'camera {name!r} stale: newest frame is {age:.3f} s old '
@@ -114,7 +146,7 @@ class InputSynchronizer:
         if self.needs_proprio:
             if self.proprio is None:
                 return 'no robot state yet (the policy needs proprio: end-effector pose and gripper state)'
-            age = now - self.proprio_stamp
+            age = max(now - self.proprio_stamp, steady - self.proprio_arrived)
             if age > limits.max_state_age_s:
                 return f'robot state stale: {age:.3f} s old (max_state_age_s {limits.max_state_age_s})'
         return ''
@@ -133,9 +165,11 @@ class InputSynchronizer:
                         proprio=None if self.proprio is None else self.proprio.copy(),
                         newest_stamp=max(stamps), oldest_stamp=min(stamps))
 
-    def clear(self) -> None:
-        """Forget every stored input (cleanup)."""
+    def clear(self, keep_instruction: bool = False) -> None:
+        """Forget every stored input (the latched instruction too unless ``keep_instruction``)."""
         self.frames.clear()
-        self.instruction = ''
+        if not keep_instruction:
+            self.instruction = ''
         self.proprio = None
         self.proprio_stamp = 0.0
+        self.proprio_arrived = 0.0

@@ -7,18 +7,24 @@ launch configuration types its overrides with it, and ``config/specprune.yaml`` 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import yaml
 
-METHODS = ('none', 'specprune', 'vla_pruner', 'fastv', 'divprune', 'random', 'vla_cache')
+from specprune_ros.core.dataclass_mapping import UnknownFieldsError, dataclass_from_mapping
+from specprune_ros.pruning.registry import available_methods, build_method, method_config
+
+METHODS = tuple(available_methods())          # the pruning registry is the one source of method names
+METHOD_SETTINGS_PREFIX = 'method_settings.'   # flattened method settings: method_settings.controller.alpha
 DTYPES = ('float32', 'bfloat16', 'float16')
 CHUNK_MODES = ('replace', 'blend')
 TRANSPORTS = ('raw', 'compressed')
 PROPRIO_SOURCES = ('pose', 'none')
 GRIPPER_STATE_TYPES = ('joint_state', 'float64')
+GRIPPER_COMMAND_TYPES = ('float64', 'float64_array')
 _DEVICE = re.compile(r'^(cpu|mps|cuda(:\d+)?)$')
 _NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
 
@@ -52,8 +58,10 @@ class NodeParameters:
     device: str = _param('cpu', "torch device: 'cpu', 'cuda', 'cuda:N' or 'mps'", read_only=True)
     dtype: str = _param('float32', 'model weights dtype', read_only=True, choices=DTYPES)
     method: str = _param('specprune', 'visual-token pruning method', read_only=True, choices=METHODS)
-    method_config: str = _param('{}', "the pruning method's knobs as a YAML/JSON mapping, e.g. '{keep_ratio: 0.25}'",
-                                read_only=True)
+    method_config: str = _param('{}', "the pruning method's settings as a YAML/JSON mapping string, e.g. "
+                                "'{keep_regions: [[1, 0, 0, 1, 1]]}'; single settings are simpler as "
+                                'method_settings.<name> parameters (-p method_settings.keep_ratio:=0.25), which '
+                                'take precedence', read_only=True)
     seed: int = _param(0, 'random seed (random pruning, tiny-random weights)', read_only=True, low=0, high=2**31 - 1)
     torch_threads: int = _param(0, 'torch intra-op threads (0 = leave the default)', read_only=True, low=0, high=256)
     warmup_steps: int = _param(1, 'predictions on a blank observation at configure (JIT, allocator warm-up)',
@@ -67,6 +75,9 @@ class NodeParameters:
     camera_transports: list = _param(['raw', 'raw'], "per camera: 'raw' (sensor_msgs/Image) or 'compressed' "
                                      '(sensor_msgs/CompressedImage on the given topic)', read_only=True,
                                      choices=TRANSPORTS)
+    camera_frames: list = _param([''], "expected header.frame_id of each camera's frames, in camera_names order "
+                                 "('' = not checked); a mismatch is rejected and the robot holds", read_only=True)
+    min_image_side: int = _param(16, 'frames with a side shorter than this (pixels) are rejected', low=1, high=8192)
     max_instruction_bytes: int = _param(1024, 'longer instructions are rejected (UTF-8 bytes)', low=1, high=1_000_000)
     proprio_source: str = _param('pose', "robot state for the proprio token: 'pose' (ee_pose PoseStamped + "
                                  "gripper_state) or 'none' (only for policies without proprio)", read_only=True,
@@ -76,6 +87,8 @@ class NodeParameters:
                                      choices=GRIPPER_STATE_TYPES)
     finger_joint_names: list = _param(['finger_joint1', 'finger_joint2'], 'JointState joints summed into the '
                                       'finger gap')
+    ee_pose_frame: str = _param('base_link', "expected header.frame_id of ee_pose ('' = not checked); a pose in "
+                                'another frame is rejected and the robot holds')
     # --- timing ----------------------------------------------------------------------------------------
     control_rate_hz: float = _param(10.0, 'rate of the command timer (one TwistStamped + gripper per tick)',
                                     read_only=True, low=1.0, high=500.0)
@@ -112,6 +125,14 @@ class NodeParameters:
     gripper_binarize: bool = _param(True, 'publish only fully open / fully closed gripper commands')
     gripper_open_value: float = _param(-1.0, 'gripper_command value for open', low=-1000.0, high=1000.0)
     gripper_closed_value: float = _param(1.0, 'gripper_command value for closed', low=-1000.0, high=1000.0)
+    gripper_command_type: str = _param('float64', "gripper_command type: 'float64' (std_msgs/Float64) or "
+                                       "'float64_array' (std_msgs/Float64MultiArray with one element, what a "
+                                       'ros2_control forward_command_controller takes)', read_only=True,
+                                       choices=GRIPPER_COMMAND_TYPES)
+    servo_command_timeout_s: float = _param(0.1, "the twist consumer's command timeout (MoveIt Servo's "
+                                            'incoming_command_timeout); configure warns when the control period '
+                                            'leaves less than half of it as margin (0 = no check)', read_only=True,
+                                            low=0.0, high=60.0)
     # --- node ------------------------------------------------------------------------------------------
     autostart: bool = _param(True, 'configure and activate at start-up (no lifecycle manager needed)',
                              read_only=True)
@@ -125,41 +146,44 @@ class NodeParameters:
     log_throttle_s: float = _param(2.0, 'minimum time between two log lines about the same bad input',
                                    low=0.0, high=3600.0)
 
+    # not a ROS parameter of its own: the method_settings.* parameters, nested ({'controller': {'alpha': 0.8}})
+    method_settings: dict = field(default_factory=dict, metadata={'info': None})
+
     # -------------------------------------------------------------------------------------------------
     @classmethod
     def infos(cls) -> dict[str, ParamInfo]:
-        return {f.name: f.metadata['info'] for f in dataclasses.fields(cls)}
+        """The declared ROS parameters (every field but ``method_settings``)."""
+        return {f.name: f.metadata['info'] for f in dataclasses.fields(cls) if f.metadata['info'] is not None}
 
     @classmethod
     def defaults(cls) -> dict[str, Value]:
-        return dataclasses.asdict(cls())
+        values = dataclasses.asdict(cls())
+        return {name: values[name] for name in cls.infos()}
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> 'NodeParameters':
         """Parameters from a mapping (unknown names are an error), coercing ints to floats where declared."""
-        errors = []
-        kwargs = {}
-        defaults = cls.defaults()
-        for name, value in values.items():
-            if name not in defaults:
-                errors.append(f'unknown parameter {name!r}')
-                continue
-            kwargs[name] = coerce(value, defaults[name])
-        if errors:
-            raise ParameterError(errors)
-        return cls(**kwargs)
+        settings = {name[len(METHOD_SETTINGS_PREFIX):]: value for name, value in values.items()
+                    if name.startswith(METHOD_SETTINGS_PREFIX)}
+        declared = {name: value for name, value in values.items() if not name.startswith(METHOD_SETTINGS_PREFIX)}
+        try:
+            return dataclass_from_mapping(cls, {**declared, 'method_settings': nest_settings(settings)})
+        except UnknownFieldsError as error:
+            defaults = cls.defaults()
+            raise ParameterError([unknown_parameter_message(name, defaults) for name in error.unknown]) from None
 
     def method_options(self) -> dict:
-        """``method_config`` parsed (raises ``ParameterError``)."""
+        """``method_config`` parsed, with the ``method_settings`` on top (raises ``ParameterError``)."""
         try:
             parsed = yaml.safe_load(self.method_config) if self.method_config.strip() else {}
         except yaml.YAMLError as error:
-            raise ParameterError([f'method_config is not valid YAML: {error}']) from None
+            raise ParameterError([f'method_config (method {self.method!r}) is not valid YAML: {error}']) from None
         if parsed is None:
-            return {}
+            parsed = {}
         if not isinstance(parsed, dict):
-            raise ParameterError([f'method_config must be a mapping, got {type(parsed).__name__}'])
-        return parsed
+            raise ParameterError([f'method_config (method {self.method!r}) must be a mapping, got '
+                                  f'{type(parsed).__name__}'])
+        return merge_settings(parsed, self.method_settings)
 
     def validate(self) -> list[str]:
         """Every problem, as a sentence naming the parameter (empty when valid)."""
@@ -181,17 +205,20 @@ class NodeParameters:
             if info.choices:
                 bad = [item for item in items if item not in info.choices]
                 if bad:
-                    errors.append(f'{name}: {bad} not among {list(info.choices)}')
+                    close = difflib.get_close_matches(str(bad[0]), info.choices, n=1, cutoff=0.6)
+                    hint = f' (did you mean {close[0]!r}?)' if close else ''
+                    errors.append(f'{name}: {bad} not among {list(info.choices)}{hint}')
         if type_errors:
             return type_errors + errors
         if not self.model.strip():
             errors.append("model: empty; use 'reference', 'tiny-random' or a checkpoint directory")
         if not _DEVICE.match(self.device):
             errors.append(f"device: {self.device!r} is not 'cpu', 'cuda', 'cuda:N' or 'mps'")
-        try:
-            self.method_options()
-        except ParameterError as error:
-            errors += error.errors
+        if self.method in METHODS:
+            try:
+                errors += method_settings_errors(self.method, self.method_options())
+            except ParameterError as error:
+                errors += error.errors
         cams, topics, transports = self.camera_names, self.camera_topics, self.camera_transports
         if not cams:
             errors.append('camera_names: at least one camera is needed')
@@ -203,6 +230,12 @@ class NodeParameters:
         if len(set(topics)) != len(topics):
             errors.append(f'camera_topics: duplicates in {topics}')
         errors += [f'camera_topics: {t!r} is not a valid topic name' for t in topics if not _topic_ok(t)]
+        frames = self.camera_frames
+        if any(frames) and len(frames) != len(cams):
+            errors.append(f'camera_frames: {len(frames)} entries for {len(cams)} cameras (one per camera, or '
+                          "[''] to check none)")
+        if any(frame != frame.strip() or ' ' in frame for frame in [*frames, self.ee_pose_frame]):
+            errors.append('camera_frames / ee_pose_frame: frame ids contain no spaces')
         if self.proprio_source == 'pose' and self.gripper_state_type == 'joint_state' and not self.finger_joint_names:
             errors.append('finger_joint_names: empty, but gripper_state_type is joint_state')
         if not self.command_frame.strip() or any(c.isspace() for c in self.command_frame):
@@ -216,21 +249,81 @@ class NodeParameters:
             raise ParameterError(errors)
 
 
+def unknown_parameter_message(name: str, known: Iterable[str]) -> str:
+    """'unknown parameter ...' naming the closest valid parameter, when one is close."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f'unknown parameter {name!r}' + (f' (did you mean {close[0]!r}?)' if close else '')
+
+
+def nest_settings(flat: Mapping[str, Any]) -> dict:
+    """{'controller.alpha': 0.8, 'keep_ratio': 0.25} -> {'controller': {'alpha': 0.8}, 'keep_ratio': 0.25}."""
+    nested: dict = {}
+    for dotted, value in sorted(flat.items()):
+        *parents, leaf = dotted.split('.')
+        level = nested
+        for part in parents:
+            level = level.setdefault(part, {})
+            if not isinstance(level, dict):
+                raise ParameterError([f'{METHOD_SETTINGS_PREFIX}{dotted}: {part!r} is not a nested setting'])
+        level[leaf] = list(value) if isinstance(value, tuple) else value
+    return nested
+
+
+def merge_settings(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict:
+    """``base`` with ``top`` merged in recursively (``top`` wins)."""
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_settings(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _setting_errors(prefix: str, value: Any, default: Any) -> list[str]:
+    """Type and range problems of one method setting against its default (recursing into nested configs)."""
+    if dataclasses.is_dataclass(default):
+        return [error for f in dataclasses.fields(default)
+                for error in _setting_errors(f'{prefix}.{f.name}'.lstrip('.'), getattr(value, f.name),
+                                             getattr(default, f.name))]
+    name = prefix.rsplit('.', 1)[-1]
+    if isinstance(default, bool) or default is None or isinstance(default, (str, tuple, list)):
+        return [f'{prefix}: expected true or false, got {value!r}'] if isinstance(default, bool) and not isinstance(
+            value, bool) else []
+    if isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return [f'{prefix}: expected a number, got {value!r}']
+        if isinstance(default, int) and not isinstance(value, int):
+            return [f'{prefix}: expected an integer, got {value!r}']
+        if value != value or value in (float('inf'), float('-inf')):
+            return [f'{prefix}: {value} is not finite']
+        if ('ratio' in name or 'fraction' in name) and not 0.0 <= value <= 1.0:
+            return [f'{prefix}: {value} is outside [0, 1] (a fraction of the visual tokens)']
+    return []
+
+
+def method_settings_errors(method: str, settings: Mapping[str, Any]) -> list[str]:
+    """Every problem of ``settings`` for ``method``, each naming the method and the setting (none: [])."""
+    where = f'method_config / method_settings for method {method!r}'
+    try:
+        config = method_config(method, dict(settings))
+    except (ValueError, TypeError) as error:
+        return [f'{where}: {error}']
+    errors = [f'{where}: {error}' for error in _setting_errors('', config, method_config(method))]
+    if not errors:
+        try:
+            build_method(method, dict(settings))
+        except (ValueError, TypeError) as error:
+            errors.append(f'{where}: {error}')
+    return errors
+
+
 class ParameterError(ValueError):
     """One or more invalid parameters; the message lists them all."""
 
     def __init__(self, errors: list[str]) -> None:
         super().__init__('invalid parameters: ' + '; '.join(errors))
         self.errors = list(errors)
-
-
-def coerce(value: Any, default: Value) -> Any:
-    """``value`` as the type of ``default`` where that loses nothing (int -> float); else unchanged."""
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(default, list) and isinstance(value, tuple):
-        return list(value)
-    return value
 
 
 def _topic_ok(topic: str) -> bool:

@@ -9,21 +9,27 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from specprune_ros.evaluation.statistics import percentile, wilson_interval
-from specprune_ros.sim.outcomes import OUTCOMES, count_outcomes
+from specprune_ros.models.loading import load_policy
+from specprune_ros.policy.interface import Observation
+from specprune_ros.sim import EVAL_SEED_START, TabletopEnv
+from specprune_ros.sim.outcomes import OUTCOMES, OutcomeTracker, count_outcomes
+from specprune_ros.sim.visualize import save_gif, save_strip
 
 
 @dataclass(frozen=True)
 class PolicySpec:
-    """Everything a worker process needs to build the same policy (see ``policy.loading.load_policy``)."""
+    """Everything a worker process needs to build the same policy (see ``models.loading.load_policy``)."""
 
     model: str = 'reference'
     method: str = 'none'
@@ -56,8 +62,6 @@ def run_episode(env, policy, family: str, seed: int, execute_steps: Optional[int
     """One episode: infer a chunk, execute ``execute_steps`` of it (default: all), repeat until done.
 
     ``max_steps`` cuts the episode short of the task's own step limit (quick checks)."""
-    from specprune_ros.policy.interface import Observation
-    from specprune_ros.sim.outcomes import OutcomeTracker
     observation = env.reset(seed=seed, family=family)
     policy.reset()
     state = env.sim_state()
@@ -98,17 +102,24 @@ def run_episode(env, policy, family: str, seed: int, execute_steps: Optional[int
 _WORKER: dict = {}
 
 
-def _init_worker(spec: PolicySpec, image_size: int, threads: int, episode_options: dict) -> None:
-    import torch
-    from specprune_ros.policy.loading import load_policy
-    from specprune_ros.sim import TabletopEnv
-    torch.set_num_threads(threads)
-    _WORKER['policy'] = load_policy(spec.model, spec.method, spec.method_config, seed=spec.seed)
-    _WORKER['env'] = TabletopEnv(image_size=image_size)
-    _WORKER['options'] = episode_options
+def _init_worker(spec: PolicySpec, image_size: int, threads: int, episode_options: dict,
+                 keep_error: bool = False) -> None:
+    """Load the policy and the simulator. ``keep_error`` (worker processes): a failure is kept and raised by
+    every job, so the caller sees the real error instead of a broken process pool."""
+    try:
+        torch.set_num_threads(threads)
+        _WORKER['policy'] = load_policy(spec.model, spec.method, spec.method_config, seed=spec.seed)
+        _WORKER['env'] = TabletopEnv(image_size=image_size)
+        _WORKER['options'] = episode_options
+    except Exception as error:
+        if not keep_error:
+            raise
+        _WORKER['error'] = error
 
 
 def _run_job(job: tuple[str, int]) -> EpisodeResult:
+    if 'error' in _WORKER:
+        raise _WORKER['error']
     family, seed = job
     return run_episode(_WORKER['env'], _WORKER['policy'], family, seed, **_WORKER['options'])
 
@@ -120,7 +131,6 @@ def evaluate(spec: PolicySpec, families: Sequence[str], episodes_per_family: int
 
     ``execute_steps``: actions executed per chunk before re-planning (default: the whole chunk)."""
     options = {'execute_steps': execute_steps, 'max_steps': max_steps}
-    from specprune_ros.sim import EVAL_SEED_START
     start = EVAL_SEED_START if seed_start is None else seed_start
     jobs = [(family, start + i) for i in range(episodes_per_family) for family in families]
     bar = tqdm(total=len(jobs), desc=f'eval {spec.name}', unit='ep', disable=not progress, dynamic_ncols=True)
@@ -131,11 +141,15 @@ def evaluate(spec: PolicySpec, families: Sequence[str], episodes_per_family: int
             results.append(_run_job(job))
             bar.update(1)
     else:
-        with ProcessPoolExecutor(workers, mp_context=get_context('spawn'), initializer=_init_worker,
-                                 initargs=(spec, image_size, 1, options)) as pool:
-            for result in pool.map(_run_job, jobs):
-                results.append(result)
-                bar.update(1)
+        try:
+            with ProcessPoolExecutor(workers, mp_context=get_context('spawn'), initializer=_init_worker,
+                                     initargs=(spec, image_size, 1, options, True)) as pool:
+                for result in pool.map(_run_job, jobs):
+                    results.append(result)
+                    bar.update(1)
+        except BrokenProcessPool as error:
+            raise RuntimeError(f'a worker process of {spec.name} died (out of memory, or a crash in native code); '
+                               'run with --workers 1 to see where') from error
     bar.close()
     return results
 
@@ -202,9 +216,6 @@ def write_report(summaries: Sequence[dict], out_dir: Path, name: str = 'closed_l
 
 def record_episode(spec: PolicySpec, family: str, seed: int, path: Path, image_size: int = 96) -> EpisodeResult:
     """Run one episode in this process and save a PNG strip (and a GIF next to it) of both cameras."""
-    from specprune_ros.policy.loading import load_policy
-    from specprune_ros.sim import TabletopEnv
-    from specprune_ros.sim.visualize import save_gif, save_strip
     env = TabletopEnv(image_size=image_size)
     policy = load_policy(spec.model, spec.method, spec.method_config, seed=spec.seed)
     result = run_episode(env, policy, family, seed, record_frames=True)
@@ -213,9 +224,3 @@ def record_episode(spec: PolicySpec, family: str, seed: int, path: Path, image_s
     save_gif(result.frames, path.with_suffix('.gif'))
     result.frames = None
     return result
-
-
-def as_dict(result: EpisodeResult) -> dict:
-    out = asdict(result)
-    out.pop('frames', None)
-    return out

@@ -24,7 +24,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
 from specprune_ros.core.executor import PrunableDecoderRunner, RunResult
-from specprune_ros.core.step_types import PruningMethod, StepContext
+from specprune_ros.core.step_types import PruningMethod
 from specprune_ros.core.token_layout import TokenLayout
 from specprune_ros.policy.tokenizer import WordTokenizer
 
@@ -161,7 +161,8 @@ class ReferenceVLA(nn.Module):
         self.action_queries = nn.Parameter(torch.randn(config.chunk_size * config.action_dim, d) * 0.02)
         llama = LlamaConfig(hidden_size=d, intermediate_size=config.mlp_size, num_hidden_layers=config.num_layers,
                             num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
-                            vocab_size=1, max_position_embeddings=1024, rms_norm_eps=1e-5)
+                            vocab_size=1, max_position_embeddings=1024, rms_norm_eps=1e-5,
+                            bos_token_id=None, eos_token_id=None, pad_token_id=None)   # no token table: no ids
         llama._attn_implementation = 'sdpa'
         decoder = LlamaModel(llama)
         decoder.embed_tokens = None  # inputs are embeddings; no token table needed
@@ -241,13 +242,9 @@ class ReferenceVLA(nn.Module):
         return self.localisation_head(states.float().mean(dim=1))
 
     def forward(self, images: torch.Tensor, word_ids: torch.Tensor, num_words: int, proprio: torch.Tensor,
-                method: Optional[PruningMethod] = None, context: Optional[StepContext] = None
-                ) -> tuple[torch.Tensor, RunResult]:
+                method: Optional[PruningMethod] = None) -> tuple[torch.Tensor, RunResult]:
         """Predict the chunk; ``num_words`` sets the text span of the layout (padding is never 'text')."""
         layout = self.layout(num_words)
         embeddings = self.embed(images, word_ids, proprio)
-        if context is not None:
-            context.layout = layout
-            context.visual_embeddings = embeddings[0, layout.visual_indices()].detach()
-        result = self.runner(embeddings, layout, method, context)
+        result = self.runner(embeddings, layout, method)
         return self.decode_actions(result, layout), result

@@ -19,14 +19,13 @@ step's record, else from the config's ``num_layers`` (default 6, the reference V
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import typing
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
+from specprune_ros.core.dataclass_mapping import dataclass_from_mapping
 from specprune_ros.core.step_types import AttentionRequest, LayerView, StepContext, StepPlan, StepRecord
 from specprune_ros.core.token_layout import TokenLayout
 from specprune_ros.pruning.scoring import dense_visual_scores, present_mask
@@ -48,24 +47,7 @@ class BaseConfig:
 
 def config_from_dict(cls: type, values: Optional[dict[str, Any]]) -> Any:
     """Build dataclass ``cls`` from a dict; unknown keys raise ValueError, lists become tuples for tuple fields."""
-    values = dict(values or {})
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ValueError(f'unknown {cls.__name__} field(s) {unknown}; valid: {sorted(fields)}')
-    hints = typing.get_type_hints(cls)
-    for key, val in values.items():
-        hint = hints.get(key)
-        origin = typing.get_origin(hint)
-        if isinstance(val, dict) and dataclasses.is_dataclass(hint):
-            values[key] = config_from_dict(hint, val)                # nested config from a nested dict
-        elif isinstance(val, list) and (origin is tuple or hint is tuple or _optional_tuple(hint)):
-            values[key] = tuple(val)
-    return cls(**values)
-
-
-def _optional_tuple(hint: Any) -> bool:
-    return any(a is tuple or typing.get_origin(a) is tuple for a in typing.get_args(hint))
+    return dataclass_from_mapping(cls, values)
 
 
 def resolve_layer(layer: int, num_layers: int) -> int:

@@ -2,15 +2,17 @@
 installable here; on a robot ``ros2 bag play --clock`` drives the node the same way).
 
     python -m specprune_ros.ros.bag_player outputs/bags/run1 --clock --rate 1.0
-    python -m specprune_ros.ros.bag_player run1 --topics /camera/agentview/image_raw /camera/wrist/image_raw \
+    python -m specprune_ros.ros.bag_player run1 --topics /camera/agentview/image_raw /camera/wrist/image_raw \\
         /instruction /ee_pose /gripper_state --remap /camera/wrist/image_raw:=/cam_wrist/image_raw --loop
 
 Messages go out as the recorded CDR bytes (no deserialization), in bag-time order, at ``start + (t - t0) / rate``
-of wall-clock time (``--start-offset`` skips the first seconds). ``--clock`` publishes ``/clock`` from bag time
-(at ``--clock-rate`` Hz and right before each message; a recorded /clock topic is then not replayed): run the
-consumer with ``use_sim_time:=true`` so header stamps and its clock agree. Each topic's publisher QoS is the
-recorded offered QoS (reliable unless every recorded publisher was best effort; transient local when one was:
-latched topics such as the instruction stay latched), so every usual subscriber matches.
+of wall-clock time, where ``t0`` is the first message of the replayed topics (``--start-offset`` skips the first
+seconds after it; ``--progress`` shows the replayed bag time, its total and the time left). ``--clock``
+publishes ``/clock`` from bag time (at ``--clock-rate`` Hz and right before each message; a recorded /clock topic
+is then not replayed): run the consumer with ``use_sim_time:=true`` so header stamps and its clock agree. Each
+topic's publisher QoS is the recorded offered QoS (reliable unless every recorded publisher was best effort;
+transient local when one was: latched topics such as the instruction stay latched), so every usual subscriber
+matches.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from rclpy.signals import SignalHandlerOptions
 from rosgraph_msgs.msg import Clock
 
 from specprune_ros.bags.io import BagError, BagReader, normalize_topic, qos_summary
+from specprune_ros.command_line import HelpFormatter
 from specprune_ros.ros.ros_helpers import MessageTypeError, message_class
 
 
@@ -73,7 +76,6 @@ class BagPlayer(Node):
         self.skipped: dict[str, str] = {}
         with BagReader(self.bag_path) as reader:
             infos = reader.topics()
-            self.duration_ns = reader.end_time - reader.start_time
         selected = [normalize_topic(t) for t in options.topics] if options.topics else sorted(infos)
         missing = [t for t in selected if t not in infos]
         if missing:
@@ -97,7 +99,15 @@ class BagPlayer(Node):
             self.publishers_by_topic[topic] = self.create_publisher(cls, target, qos)
         if not self.publishers_by_topic:
             raise BagError(f'bag {self.bag_path}: nothing to replay')
+        self.first_ns, self.last_ns = self._span(list(self.publishers_by_topic))
+        self.duration_ns = self.last_ns - self.first_ns
         self.clock_pub = self.create_publisher(Clock, '/clock', 10) if options.clock else None
+
+    def _span(self, topics: list[str]) -> tuple[int, int]:
+        """Bag time of the first message on ``topics``, and the bag's end (the replay's end at the latest)."""
+        with BagReader(self.bag_path) as reader:
+            first = next((t for _, _, t, _ in reader.raw_messages(topics)), reader.start_time)   # none: nothing
+            return first, max(reader.end_time, first)
 
     def _publish_clock(self, ns: int) -> None:
         if self.clock_pub is not None:
@@ -134,10 +144,13 @@ class BagPlayer(Node):
         from tqdm import tqdm
         options = self.options
         with BagReader(self.bag_path) as reader:
-            first = reader.start_time + int(options.start_offset_s * 1e9)
+            first = self.first_ns + int(options.start_offset_s * 1e9)
             clock_period = 1.0 / options.clock_rate_hz if options.clock_rate_hz > 0 else None
             wall0 = time.monotonic()
-            bar = tqdm(total=None, desc=f'replay {self.bag_path.name}', unit='msg', disable=not options.progress)
+            total_s = max(self.last_ns - first, 0) * 1e-9
+            bar = tqdm(total=round(total_s, 1), desc=f'replay {self.bag_path.name}', disable=not options.progress,
+                       bar_format='{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s of bag time '
+                                  '[{elapsed} elapsed, {remaining} left{postfix}]')
 
             def bag_now() -> int:
                 return first + int((time.monotonic() - wall0) * options.rate * 1e9)
@@ -158,24 +171,26 @@ class BagPlayer(Node):
                 self._publish_clock(timestamp)
                 self.publishers_by_topic[topic].publish(bytes(raw))
                 self.published += 1
-                bar.update(1)
+                bar.update(round((timestamp - first) * 1e-9, 1) - bar.n)
+                bar.set_postfix_str(f'{self.published} messages', refresh=False)
             bar.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('bag', type=Path, help='bag directory')
     parser.add_argument('--topics', nargs='+', default=[], help='replay only these topics')
     parser.add_argument('-r', '--rate', type=float, default=1.0, help='playback speed factor')
-    parser.add_argument('-l', '--loop', action='store_true')
-    parser.add_argument('--start-offset', type=float, default=0.0, help='skip the first seconds of the bag')
+    parser.add_argument('-l', '--loop', action='store_true', help='replay again and again until interrupted')
+    parser.add_argument('--start-offset', type=float, default=0.0, help='skip the first seconds of the replayed topics')
     parser.add_argument('--remap', nargs='+', default=[], metavar='OLD:=NEW', help='publish a topic under another name')
     parser.add_argument('--clock', action='store_true', help='publish /clock from bag time')
     parser.add_argument('--clock-rate', type=float, default=100.0, help='/clock rate between messages (Hz)')
     parser.add_argument('--wait-for-subscribers', type=float, default=0.0, metavar='SECONDS',
                         help='before playing, wait up to this long for a subscriber on every topic')
     parser.add_argument('--skip-unknown', action='store_true', help='skip topics whose message type is not installed')
-    parser.add_argument('--progress', action='store_true')
+    parser.add_argument('--progress', action='store_true',
+                        help='show the replayed bag time, its total and the time left')
     return parser
 
 

@@ -11,7 +11,10 @@ publishers (best effort if any publisher is, transient local if all are: latched
 and the publishers' QoS is stored as the topic's offered QoS (the replayer reuses it). Bag time is when the
 middleware received the message (wall clock, as rosbag2's receive timestamp), so messages on different topics
 keep their arrival order however late the recorder's executor gets to them; with ``--use-sim-time`` it is the
-sim clock at the callback (what replaying with ``--clock`` needs).
+sim clock at the callback (what replaying with ``--clock`` needs). A recorder started before the simulator
+holds what arrives before the first ``/clock`` (sim time 0): the newest message of each topic (a latched
+instruction, the last frame) is written with the first clock time, older ones are dropped and counted, so the
+bag never spans from time 0 to the sim clock.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from rclpy.signals import SignalHandlerOptions
 
 from specprune_ros.bags.io import BagError, BagWriter, make_qos
+from specprune_ros.command_line import HelpFormatter
 from specprune_ros.ros.ros_helpers import BackgroundExecutor, MessageTypeError, message_class
 
 HIDDEN = ('/rosout', '/parameter_events')
@@ -73,6 +77,9 @@ class BagRecorder(Node):
         self.subscriptions_by_topic: dict[str, Any] = {}
         self.skipped: dict[str, str] = {}
         self.messages = 0
+        self.before_clock: dict[str, bytes] = {}   # use_sim_time: newest message per topic before the first /clock
+        self.dropped_before_clock = 0
+        self._clock_lock = threading.Lock()
         self.stop_event = threading.Event()
         # sqlite3 objects only work in the thread that made them: the writer thread opens, writes and closes
         self._opened = threading.Event()
@@ -123,9 +130,23 @@ class BagRecorder(Node):
             self.get_logger().info(f'recording {topic} ({msgtype})')
 
     def _on_message(self, topic: str, data: bytes, info: dict) -> None:
-        received = info.get('received_timestamp') if not self.use_sim_time else None
-        timestamp = received if received else self.get_clock().now().nanoseconds
-        self.queue.put(('message', topic, timestamp, data))
+        if not self.use_sim_time:
+            received = info.get('received_timestamp')
+            self.queue.put(('message', topic, received or self.get_clock().now().nanoseconds, data))
+            return
+        with self._clock_lock:
+            now = self.get_clock().now().nanoseconds
+            if now == 0:                  # no /clock yet: hold the newest message of the topic
+                self.dropped_before_clock += topic in self.before_clock
+                self.before_clock[topic] = data
+                return
+            if self.before_clock:
+                self.get_logger().info(f'first /clock: {len(self.before_clock)} messages received before it are '
+                                       f'stamped with it ({self.dropped_before_clock} older ones dropped)')
+                for held_topic, held in self.before_clock.items():
+                    self.queue.put(('message', held_topic, now, held))
+                self.before_clock = {}
+            self.queue.put(('message', topic, now, data))
 
     # --- writing (own thread) ---------------------------------------------------------------------------------
     def _write_loop(self) -> None:
@@ -171,21 +192,29 @@ class BagRecorder(Node):
                 self.destroy_subscription(subscription)
             except Exception:
                 pass
+        with self._clock_lock:
+            if self.before_clock:
+                self.dropped_before_clock += len(self.before_clock)
+                self.get_logger().warning(f'no /clock ever arrived: {self.dropped_before_clock} messages not recorded '
+                                          '(with use_sim_time the bag time comes from /clock)')
+                self.before_clock = {}
         self.queue.put(None)
         self._writer_thread.join(60.0)
         return dict(self.writer.counts)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('output', type=Path, help='bag directory to create (must not exist)')
     parser.add_argument('--topics', nargs='+', default=[], help='topics to record')
     parser.add_argument('-a', '--all', action='store_true', help='record every topic (not /rosout, /parameter_events)')
-    parser.add_argument('-s', '--storage', choices=('mcap', 'sqlite3'), default='mcap')
-    parser.add_argument('--use-sim-time', action='store_true', help='bag time from /clock')
+    parser.add_argument('-s', '--storage', choices=('mcap', 'sqlite3'), default='mcap', help='bag storage format')
+    parser.add_argument('--use-sim-time', action='store_true',
+                        help='bag time from /clock; before the first /clock only the newest message of each topic '
+                             'is kept, stamped with that first clock time')
     parser.add_argument('--duration', type=float, default=0.0, help='stop after this many wall seconds (0: never)')
     parser.add_argument('--max-messages', type=int, default=0, help='stop after this many messages (0: no limit)')
-    parser.add_argument('--node-name', default='bag_recorder')
+    parser.add_argument('--node-name', default='bag_recorder', help="the recorder's ROS node name")
     return parser
 
 
@@ -226,6 +255,9 @@ def main(argv: Optional[list[str]] = None) -> int:
           + ', '.join(f'{t} {n}' for t, n in sorted(counts.items())))
     if missing:
         print(f'never seen (no publisher): {", ".join(missing)}', file=sys.stderr)
+    if recorder.dropped_before_clock:
+        print(f'{recorder.dropped_before_clock} messages received before the first /clock were not recorded '
+              '(the newest of each topic was, stamped with the first clock time)', file=sys.stderr)
     return 0
 
 

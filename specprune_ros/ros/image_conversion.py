@@ -1,7 +1,7 @@
 """``sensor_msgs/Image`` -> RGB uint8 for the policy.
 
 The common encodings (rgb8, bgr8, rgba8, bgra8, mono8, 8UC1, 8UC3) go through the validated numpy decoder
-(``specprune_ros.control.image_decoding``), which checks step, size and truncation itself. When cv_bridge
+(``specprune_ros.codecs.image_decoding``), which checks step, size and truncation itself. When cv_bridge
 imports (a robot with ROS 2 installed), it converts every other encoding it knows (Bayer, YUV, 16-bit, ...)
 to rgb8; without it those encodings are rejected as unsupported.
 """
@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from specprune_ros.control.image_decoding import RAW_ENCODINGS, ImageError, decode_raw_image
+from specprune_ros.codecs.image_decoding import RAW_ENCODINGS, ImageError, decode_raw_image
 
 try:
     from cv_bridge import CvBridge

@@ -1,6 +1,7 @@
 """What ``launch/specprune.launch.py`` starts, as importable Python (no rclpy, no launch).
 
-The launch file only declares ``LAUNCH_ARGUMENTS`` and wraps ``node_setup(...)`` in a launch_ros ``Node``;
+The launch file only declares ``LAUNCH_ARGUMENTS`` and wraps ``launch_node_arguments(node_setup(...))`` in a
+launch_ros ``LifecycleNode`` (``LAUNCH_ACTION``), so lifecycle managers and ``ros2 lifecycle`` see it as one;
 tests start the very same configuration as a process with ``node_command(...)``, since ``ros2 launch`` is
 not always installable.
 """
@@ -14,12 +15,13 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
-from specprune_ros.control.parameters import NodeParameters, ParameterError
+from specprune_ros.control.parameters import METHODS, NodeParameters, ParameterError
 
 PACKAGE = 'specprune_ros'
 EXECUTABLE = 'specprune_node'
 NODE_MODULE = 'specprune_ros.ros.policy_node'
 PARAMS_FILE_NAME = 'specprune.yaml'
+LAUNCH_ACTION = 'LifecycleNode'     # the launch_ros action the launch file wraps the node in
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,8 @@ class LaunchArgument:
 # Launch arguments that override one node parameter when not empty.
 PARAMETER_ARGUMENTS: dict[str, str] = {
     'model': "policy: 'reference', 'tiny-random' or a checkpoint directory (empty: from params_file)",
-    'method': 'pruning method: none, specprune, vla_pruner, fastv, divprune, random, vla_cache (empty: params_file)',
-    'method_config': "the method's knobs as a YAML mapping, e.g. '{controller: {alpha: 0.8}}' (empty: params_file)",
+    'method': f"pruning method: {', '.join(METHODS)} (empty: params_file)",
+    'method_config': "the method's settings as a YAML mapping, e.g. '{controller: {alpha: 0.8}}' (empty: params_file)",
     'device': "torch device, e.g. 'cpu' or 'cuda:0' (empty: params_file)",
     'camera_names': 'comma-separated camera names, in the order of camera_topics (empty: params_file)',
     'camera_topics': 'comma-separated image topics, one per camera (empty: params_file)',
@@ -43,9 +45,10 @@ PARAMETER_ARGUMENTS: dict[str, str] = {
 }
 # Launch arguments that remap one of the node's fixed topic names.
 REMAP_ARGUMENTS: dict[str, tuple[str, str, str]] = {
-    'twist_topic': ('delta_twist_cmds', '/servo_node/delta_twist_cmds',
-                    'TwistStamped end-effector command topic (MoveIt Servo input)'),
-    'gripper_topic': ('gripper_command', 'gripper_command', 'std_msgs/Float64 gripper command topic'),
+    'twist_topic': ('delta_twist_cmds', 'delta_twist_cmds',
+                    'TwistStamped end-effector command topic (MoveIt Servo: /servo_node/delta_twist_cmds)'),
+    'gripper_topic': ('gripper_command', 'gripper_command',
+                      'gripper command topic (std_msgs/Float64 or Float64MultiArray: gripper_command_type)'),
     'instruction_topic': ('instruction', 'instruction', 'std_msgs/String task instruction topic'),
     'ee_pose_topic': ('ee_pose', 'ee_pose', 'geometry_msgs/PoseStamped end-effector pose topic'),
     'gripper_state_topic': ('gripper_state', 'gripper_state', 'gripper state topic (JointState or Float64)'),
@@ -56,6 +59,8 @@ LAUNCH_ARGUMENTS: tuple[LaunchArgument, ...] = (
     LaunchArgument('namespace', '', 'namespace of the node and its relative topics'),
     LaunchArgument('node_name', EXECUTABLE, 'name of the node'),
     LaunchArgument('log_level', 'info', 'ROS log level: debug, info, warn, error'),
+    LaunchArgument('use_sim_time', '', 'true: the node runs on /clock (bag replay, simulation); false: wall clock '
+                   '(empty: params_file, else false)'),
     *(LaunchArgument(name, '', description) for name, description in PARAMETER_ARGUMENTS.items()),
     *(LaunchArgument(name, default, description) for name, (_, default, description) in REMAP_ARGUMENTS.items()),
 )
@@ -107,13 +112,17 @@ def format_value(value: Any) -> str:
     return text[:-len('...')].strip() if text.endswith('...') else text
 
 
+def _typed_bool(name: str, text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered not in ('true', 'false'):
+        raise ValueError(f"launch argument {name}: expected true or false, got {text!r}")
+    return lowered == 'true'
+
+
 def _typed_override(name: str, text: str) -> Any:
     default = NodeParameters.defaults()[name]
     if isinstance(default, bool):
-        lowered = text.strip().lower()
-        if lowered not in ('true', 'false'):
-            raise ValueError(f"launch argument {name}: expected true or false, got {text!r}")
-        return lowered == 'true'
+        return _typed_bool(name, text)
     if isinstance(default, list):
         return [item.strip() for item in text.split(',') if item.strip()]
     return text
@@ -132,6 +141,8 @@ def node_setup(arguments: Mapping[str, str]) -> NodeSetup:
     overrides = {name: _typed_override(name, values[name]) for name in PARAMETER_ARGUMENTS if values[name].strip()}
     params_file = values['params_file'] or default_params_file()
     check_overrides(params_file, overrides)
+    if values['use_sim_time'].strip():                       # rclpy's own parameter, not in the schema
+        overrides['use_sim_time'] = _typed_bool('use_sim_time', values['use_sim_time'])
     remappings = [(source, values[arg]) for arg, (source, _, _) in REMAP_ARGUMENTS.items()
                   if values[arg] and values[arg] != source]
     namespace = values['namespace'].strip()
@@ -147,8 +158,20 @@ def params_file_values(params_file: str) -> dict[str, Any]:
         document = yaml.safe_load(stream) or {}
     values: dict[str, Any] = {}
     for key in ('/**', EXECUTABLE, f'/{EXECUTABLE}'):
-        values.update((document.get(key) or {}).get('ros__parameters', {}) or {})
+        values.update(flatten_parameters((document.get(key) or {}).get('ros__parameters', {}) or {}))
     return values
+
+
+def flatten_parameters(values: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+    """Nested params-file mappings as ROS names them: {'method_settings': {'keep_ratio': 0.2}} ->
+    {'method_settings.keep_ratio': 0.2}."""
+    flat: dict[str, Any] = {}
+    for name, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten_parameters(value, f'{prefix}{name}.'))
+        else:
+            flat[f'{prefix}{name}'] = value
+    return flat
 
 
 def check_overrides(params_file: str, overrides: Mapping[str, Any]) -> NodeParameters:
@@ -161,6 +184,13 @@ def check_overrides(params_file: str, overrides: Mapping[str, Any]) -> NodeParam
     except ParameterError as error:
         raise ValueError(f'{params_file} with overrides {dict(overrides)}: {error}') from None
     return params
+
+
+def launch_node_arguments(setup: NodeSetup) -> dict[str, Any]:
+    """Keyword arguments of the launch_ros ``LifecycleNode`` action that starts ``setup``."""
+    return {'package': PACKAGE, 'executable': EXECUTABLE, 'name': setup.name, 'namespace': setup.namespace,
+            'parameters': [setup.params_file, dict(setup.overrides)], 'remappings': list(setup.remappings),
+            'arguments': ['--ros-args', '--log-level', setup.log_level]}
 
 
 def node_command(setup: NodeSetup, python: Optional[str] = None) -> list[str]:

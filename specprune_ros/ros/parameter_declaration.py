@@ -1,4 +1,5 @@
-"""Declare the node's ROS parameters from ``NodeParameters`` (descriptions, ranges, read-only flags)."""
+"""Declare the node's ROS parameters from ``NodeParameters`` (descriptions, ranges, read-only flags), plus the
+``method_settings.*`` parameters the user gave (one per pruning-method setting, checked at configure)."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,7 +8,7 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.node import Node
 
-from specprune_ros.control.parameters import NodeParameters, ParamInfo
+from specprune_ros.control.parameters import METHOD_SETTINGS_PREFIX, NodeParameters, ParamInfo
 
 _TYPES = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
           float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING,
@@ -53,8 +54,27 @@ def declare_node_parameters(node: Node) -> dict[str, str]:
     return errors
 
 
+def declare_method_settings(node: Node) -> dict[str, str]:
+    """Declare every ``method_settings.<name>`` override (read-only; its type is the one given); returns
+    {name: message} for values ROS cannot hold."""
+    errors = {}
+    # rclpy keeps a node's overrides (params file and -p) only here; there is no public accessor
+    for name, override in sorted(node._parameter_overrides.items()):
+        if not name.startswith(METHOD_SETTINGS_PREFIX):
+            continue
+        description = ParameterDescriptor(name=name, description='a setting of the pruning method (see method)',
+                                          read_only=True, dynamic_typing=True)
+        try:
+            node.declare_parameter(name, override.value, description)
+        except (InvalidParameterTypeException, InvalidParameterValueException, TypeError) as error:
+            errors[name] = f'{name}: {error}'
+    return errors
+
+
 def read_node_parameters(node: Node, changes: dict[str, Any] | None = None) -> NodeParameters:
     """The current parameter values (optionally with pending ``changes``) as ``NodeParameters``."""
     values = {name: node.get_parameter(name).value for name in NodeParameters.infos()}
+    values.update({f'{METHOD_SETTINGS_PREFIX}{name}': parameter.value for name, parameter
+                   in node.get_parameters_by_prefix(METHOD_SETTINGS_PREFIX.rstrip('.')).items()})
     values.update(changes or {})
     return NodeParameters.from_mapping({k: list(v) if isinstance(v, (list, tuple)) else v for k, v in values.items()})

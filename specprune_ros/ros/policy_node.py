@@ -6,16 +6,22 @@ control timer (commands); deactivate publishes a zero twist and stops; cleanup f
 
 Topics (relative names, remap them; cameras come from ``camera_topics``):
   in : <camera_topics> sensor_msgs/Image or CompressedImage (sensor-data QoS)
-       instruction     std_msgs/String (reliable, transient-local)
+       instruction     std_msgs/String (reliable; from volatile and transient-local publishers alike, and the
+                       latched instruction of a publisher that started first)
        ee_pose         geometry_msgs/PoseStamped  } proprio, with proprio_source 'pose'
        gripper_state   sensor_msgs/JointState or std_msgs/Float64 (finger gap, m)
-  out: delta_twist_cmds  geometry_msgs/TwistStamped, one per control tick (MoveIt Servo input)
-       gripper_command   std_msgs/Float64 (not published while holding)
-       ~/action_chunk    trajectory_msgs/JointTrajectory per inference (see ``specprune_ros.ros.messages``)
+  out: delta_twist_cmds  geometry_msgs/TwistStamped, one per control tick (MoveIt Servo input: switch Servo's
+                         command type to TWIST first, see config/specprune.yaml)
+       gripper_command   std_msgs/Float64 or Float64MultiArray (gripper_command_type; not published while holding)
+       ~/action_chunk    trajectory_msgs/JointTrajectory per inference (see ``specprune_ros.ros.output_messages``)
        ~/inference       diagnostic_msgs/DiagnosticStatus per inference (latencies, kept ratio, resets)
        /diagnostics      diagnostic_msgs/DiagnosticArray, every diagnostics_period_s
        ~/debug/kept_patches  sensor_msgs/Image (publish_debug_image)
   srv: ~/reset (std_srvs/Trigger: reset the temporal token state), ~/enable (std_srvs/SetBool)
+
+Bad input (an undecodable frame, a NaN pose, missing finger joints, a stamp more than max_future_stamp_s ahead,
+an unexpected frame id) is counted in /diagnostics and logged (throttled per kind and source); the robot holds
+(zero twist) from the next control tick until that source delivers a valid message again.
 """
 from __future__ import annotations
 
@@ -35,36 +41,45 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image, JointState
-from std_msgs.msg import Float64, String
+from std_msgs.msg import Float64, Float64MultiArray, String
 from std_srvs.srv import SetBool, Trigger
 from trajectory_msgs.msg import JointTrajectory
 
+from specprune_ros.codecs.image_decoding import (ImageError, aspect_distortion, check_image_size,
+                                                 decode_compressed_image, resize_to)
+from specprune_ros.codecs.instruction import (DuplicateFilter, InstructionError, string_bytes_from_cdr,
+                                              validate_instruction)
+from specprune_ros.codecs.kept_patches import draw_kept_patches, kept_patch_masks
+from specprune_ros.codecs.proprio import PROPRIO_DIM, StateError, finger_gap_from_joints
 from specprune_ros.control.controller import AcceptedChunk, InferenceRequest, PolicyController
-from specprune_ros.control.image_decoding import ImageError, decode_compressed_image, resize_to
 from specprune_ros.control.inference_worker import InferenceWorker
-from specprune_ros.control.instruction import InstructionError, string_bytes_from_cdr, validate_instruction
-from specprune_ros.control.kept_patches import draw_kept_patches, kept_patch_masks
-from specprune_ros.control.parameters import NodeParameters, ParameterError
-from specprune_ros.control.proprio import PROPRIO_DIM, ProprioAssembler, StateError, finger_gap_from_joints
+from specprune_ros.control.parameters import NodeParameters, ParameterError, unknown_parameter_message
 from specprune_ros.control.runtime_stats import ERROR, OK, WARN
 from specprune_ros.control.safety_filter import FilteredCommand
 from specprune_ros.policy.interface import Observation, Policy
-from specprune_ros.ros import messages
+from specprune_ros.ros import output_messages as messages
 from specprune_ros.ros.image_conversion import RawImageConverter
-from specprune_ros.ros.parameter_declaration import declare_node_parameters, read_node_parameters
+from specprune_ros.ros.parameter_declaration import (declare_method_settings, declare_node_parameters,
+                                                     read_node_parameters)
 
 NODE_NAME = 'specprune_node'
+# Two instruction subscriptions: transient-local receives the latched instruction of a publisher that started
+# before the node; volatile matches every publisher, volatile ones included. Duplicates are dropped.
 INSTRUCTION_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
+INSTRUCTION_VOLATILE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10,
+                                      reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
+ASPECT_WARNING = 1.1          # warn when resizing changes a camera's aspect ratio by more than this factor
 COMMAND_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=2, reliability=ReliabilityPolicy.RELIABLE)
 STATE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.BEST_EFFORT)
 
 
 def load_policy_from(params: NodeParameters) -> Policy:
     """The policy named by the parameters (imported late: torch and the model are heavy)."""
-    from specprune_ros.policy.loading import load_policy
+    from specprune_ros.models.loading import load_policy
     return load_policy(params.model, method=params.method, method_config=params.method_options(),
                        device=params.device, dtype=params.dtype, seed=params.seed)
 
@@ -99,6 +114,7 @@ class SpecPruneNode(LifecycleNode):
     def __init__(self, node_name: str = NODE_NAME, **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
         self._declare_errors = declare_node_parameters(self)
+        self._declare_errors.update(declare_method_settings(self))
         self.params = self._read_parameters_or_defaults()
         self.policy: Optional[Policy] = None
         self.controller: Optional[PolicyController] = None
@@ -109,7 +125,9 @@ class SpecPruneNode(LifecycleNode):
         self._control_timer = None
         self._publish_lock = threading.Lock()
         self._log_times: dict[str, float] = {}
-        self._proprio = ProprioAssembler()
+        self._instruction_duplicates = DuplicateFilter()
+        self._use_sim_time = bool(self.get_parameter('use_sim_time').value)
+        self._aspect_warned: dict[str, tuple] = {}
         self._to_rgb = RawImageConverter()
         self._twist_pub = self._gripper_pub = self._chunk_pub = self._inference_pub = self._debug_pub = None
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
@@ -125,6 +143,11 @@ class SpecPruneNode(LifecycleNode):
     def now(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9
 
+    def steady_now(self) -> float:
+        """Arrival clock of the inputs: monotonic on wall-clock time; under use_sim_time the sim clock (that
+        is what a step-synchronous simulator or a paused bag holds still)."""
+        return self.now() if self._use_sim_time else time.monotonic()
+
     def lifecycle_state(self) -> str:
         """Label of the current lifecycle state (rclpy keeps it on its internal state machine)."""
         return self._state_machine.current_state[1]
@@ -136,16 +159,31 @@ class SpecPruneNode(LifecycleNode):
             self._declare_errors.update({f'schema {i}': e for i, e in enumerate(error.errors)})
             return NodeParameters()
 
-    def _warn_throttled(self, key: str, message: str) -> None:
+    def _throttled(self, key: str) -> bool:
+        """True when a log line under ``key`` may go out now (at most one per log_throttle_s)."""
         now = time.monotonic()
         if now - self._log_times.get(key, -np.inf) >= self.params.log_throttle_s:
             self._log_times[key] = now
+            return True
+        return False
+
+    def _warn_throttled(self, key: str, message: str) -> None:
+        if self._throttled(key):
             self.get_logger().warning(message)
 
-    def _bad_input(self, kind: str, message: str) -> None:
+    def _bad_input(self, kind: str, message: str, source: str = '') -> None:
+        """Count a rejected message; with a ``source`` the robot holds until that source is valid again."""
         if self.controller is not None:
-            self.controller.count_input_error(kind, message)
-        self._warn_throttled(kind, f'ignored bad input ({kind}): {message}')
+            if source:
+                self.controller.reject(source, kind, message)
+            else:
+                self.controller.count_input_error(kind, message)
+        self._log_rejected(message, source, kind)
+
+    def _log_rejected(self, message: str, source: str = '', kind: str = '') -> None:
+        """Warn about a rejected message, at most once per log_throttle_s for each kind and source."""
+        self._warn_throttled(f'{kind}:{source}', 'ignored bad input' + (f' ({kind})' if kind else '') + f': {message}'
+                             + (f'; holding until {source} is valid again' if source else ''))
 
     # --- lifecycle -----------------------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -169,9 +207,12 @@ class SpecPruneNode(LifecycleNode):
             errors += params.validate()
         except ParameterError as error:
             errors += error.errors
+        errors += self._unknown_overrides()
         if errors:
             return self._fail_configure('invalid parameters: ' + '; '.join(errors))
         self.params = params
+        self._use_sim_time = bool(self.get_parameter('use_sim_time').value)
+        self._check_command_timeout(params)
         if params.torch_threads:
             import torch
             torch.set_num_threads(params.torch_threads)
@@ -187,14 +228,29 @@ class SpecPruneNode(LifecycleNode):
         self.get_logger().info(f'loaded {params.model!r} with method {params.method!r} and warmed it up in '
                                f'{time.perf_counter() - started:.2f} s')
         self.controller = PolicyController(params, tuple(policy.camera_names), policy.action_spec,
-                                           needs_proprio=params.proprio_source == 'pose')
-        self._proprio = ProprioAssembler()
+                                           needs_proprio=params.proprio_source == 'pose', clock=self.steady_now)
         self._create_subscriptions(params)
         self._create_publishers()
         self.worker = InferenceWorker(self.controller, policy, self.now, self._on_chunk,
                                       self._on_inference_failure, poll_s=0.5)
         self.worker.start()
         return TransitionCallbackReturn.SUCCESS
+
+    def _unknown_overrides(self) -> list[str]:
+        """Overrides (params file, -p) that name no parameter of this node: a typo must not pass silently."""
+        declared = set(self.list_parameters([], 0).names)
+        # rclpy keeps a node's overrides only here; there is no public accessor
+        return [unknown_parameter_message(name, declared) for name in sorted(self._parameter_overrides)
+                if name not in declared]
+
+    def _check_command_timeout(self, params: NodeParameters) -> None:
+        period, timeout = 1.0 / params.control_rate_hz, params.servo_command_timeout_s
+        if timeout and period > timeout / 2:
+            self.get_logger().warning(
+                f'commands go out every {period:.3f} s, more than half of servo_command_timeout_s {timeout} (the '
+                f"twist consumer's timeout, MoveIt Servo's incoming_command_timeout): one late command stops the "
+                f'arm. Raise the consumer timeout to >= {2 * period:.2f} s and servo_command_timeout_s with it, or '
+                f'control_rate_hz to >= {2 / timeout:.0f}')
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         if self.controller is None:
@@ -264,7 +320,13 @@ class SpecPruneNode(LifecycleNode):
             else:
                 subs.append(self.create_subscription(
                     Image, topic, lambda msg, cam=name: self._on_image(cam, msg), qos_profile_sensor_data))
-        subs.append(self.create_subscription(String, 'instruction', self._on_instruction, INSTRUCTION_QOS, raw=True))
+        # the latched subscription cannot match volatile publishers; the volatile one covers them, so the
+        # incompatible-QoS warning of the latched one would only mislead
+        quiet = SubscriptionEventCallbacks(incompatible_qos=lambda event: None)
+        subs.append(self.create_subscription(String, 'instruction', self._on_instruction, INSTRUCTION_QOS, raw=True,
+                                             event_callbacks=quiet))
+        subs.append(self.create_subscription(String, 'instruction', self._on_instruction, INSTRUCTION_VOLATILE_QOS,
+                                             raw=True))
         if params.proprio_source == 'pose':
             subs.append(self.create_subscription(PoseStamped, 'ee_pose', self._on_pose, STATE_QOS))
             if params.gripper_state_type == 'joint_state':
@@ -274,7 +336,8 @@ class SpecPruneNode(LifecycleNode):
 
     def _create_publishers(self) -> None:
         self._twist_pub = self.create_lifecycle_publisher(TwistStamped, 'delta_twist_cmds', COMMAND_QOS)
-        self._gripper_pub = self.create_lifecycle_publisher(Float64, 'gripper_command', COMMAND_QOS)
+        gripper_type = Float64MultiArray if self.params.gripper_command_type == 'float64_array' else Float64
+        self._gripper_pub = self.create_lifecycle_publisher(gripper_type, 'gripper_command', COMMAND_QOS)
         self._chunk_pub = self.create_lifecycle_publisher(JointTrajectory, '~/action_chunk', 10)
         self._inference_pub = self.create_lifecycle_publisher(DiagnosticStatus, '~/inference', 10)
         self._debug_pub = self.create_lifecycle_publisher(Image, '~/debug/kept_patches', qos_profile_sensor_data)
@@ -282,69 +345,90 @@ class SpecPruneNode(LifecycleNode):
                                    self._debug_pub]
 
     # --- subscription callbacks: validate and store, nothing else ------------------------------------------
-    def _store_frame(self, camera: str, stamp_msg: Any, decode: Any) -> None:
+    def _store_frame(self, camera: str, header: Any, decode: Any) -> None:
         controller, policy = self.controller, self.policy
         if controller is None or policy is None:
             return
         try:
-            stamp = messages.stamp_seconds(stamp_msg)
+            stamp = messages.stamp_seconds(header.stamp)
             if stamp <= 0.0:
                 raise ImageError('image_stamp', 'header.stamp is zero: frames must be stamped')
-            rgb = resize_to(decode(), policy.image_size)
+            decoded = decode()
+            check_image_size(decoded.shape, self.params.min_image_side)
+            rgb = resize_to(decoded, policy.image_size)
         except ImageError as error:
-            self._bad_input(error.kind, f'camera {camera!r}: {error}')
+            self._bad_input(error.kind, f'camera {camera!r}: {error}', source=camera)
             return
-        controller.put_frame(camera, rgb, stamp, self.now())
+        self._warn_if_squashed(camera, decoded.shape[:2], tuple(policy.image_size))
+        error = controller.put_frame(camera, rgb, stamp, self.now(), header.frame_id)
+        if error:
+            self._log_rejected(error, camera)
+            return
         if self.worker is not None:
             self.worker.wake()
 
+    def _warn_if_squashed(self, camera: str, shape: tuple, size: tuple) -> None:
+        """One warning per camera and frame size when resizing distorts the picture noticeably."""
+        if self._aspect_warned.get(camera) == shape:
+            return
+        self._aspect_warned[camera] = shape
+        factor = aspect_distortion(shape, size)
+        if factor > ASPECT_WARNING:
+            self.get_logger().warning(
+                f'camera {camera!r}: {shape[1]}x{shape[0]} frames are squashed to the policy input {size[1]}x{size[0]} '
+                f'(aspect ratio changes by a factor {factor:.2f}); crop them to the aspect ratio the policy was '
+                'trained on')
+
     def _on_image(self, camera: str, msg: Image) -> None:
-        self._store_frame(camera, msg.header.stamp, lambda: self._to_rgb(msg))
+        self._store_frame(camera, msg.header, lambda: self._to_rgb(msg))
 
     def _on_compressed_image(self, camera: str, msg: CompressedImage) -> None:
-        self._store_frame(camera, msg.header.stamp, lambda: decode_compressed_image(msg.data, msg.format))
+        self._store_frame(camera, msg.header, lambda: decode_compressed_image(msg.data, msg.format))
 
-    def _on_instruction(self, serialized: bytes) -> None:
+    def _on_instruction(self, serialized: bytes, info: dict) -> None:
         if self.controller is None:
             return
+        key = (str(info.get('publisher_gid')), info.get('publication_sequence_number'), info.get('source_timestamp'))
+        if self._instruction_duplicates.seen(key):
+            return                                   # the same message through the other subscription
         try:
             text = validate_instruction(string_bytes_from_cdr(serialized), self.params.max_instruction_bytes)
         except InstructionError as error:
             self._bad_input(error.kind, str(error))
             return
-        if self.controller.put_instruction(text):
-            self.get_logger().info(f'instruction changed: {text!r} (temporal token state reset)')
+        if self.controller.put_instruction(text) and self._throttled('instruction changed'):
+            self.get_logger().info(f'instruction changed: {text!r} (temporal token state reset; further changes '
+                                   f'within log_throttle_s are not logged)')
         if self.worker is not None:
             self.worker.wake()
 
     def _on_pose(self, msg: PoseStamped) -> None:
+        if self.controller is None:
+            return
         p, q = msg.pose.position, msg.pose.orientation
-        self._proprio.put_pose((p.x, p.y, p.z), (q.x, q.y, q.z, q.w), messages.stamp_seconds(msg.header.stamp))
-        self._store_proprio()
+        error = self.controller.put_pose((p.x, p.y, p.z), (q.x, q.y, q.z, q.w),
+                                         messages.stamp_seconds(msg.header.stamp), self.now(), msg.header.frame_id)
+        if error:
+            self._log_rejected(error, 'ee_pose')
 
     def _on_joint_state(self, msg: JointState) -> None:
-        try:
-            gap = finger_gap_from_joints(msg.name, msg.position, self.params.finger_joint_names)
-        except StateError as error:
-            self._bad_input('state_invalid', str(error))
-            return
-        self._proprio.put_gripper(gap, messages.stamp_seconds(msg.header.stamp))
-        self._store_proprio()
-
-    def _on_finger_gap(self, msg: Float64) -> None:
-        self._proprio.put_gripper(msg.data, self.now())  # Float64 has no stamp: judged by arrival
-        self._store_proprio()
-
-    def _store_proprio(self) -> None:
         if self.controller is None:
             return
         try:
-            latest = self._proprio.latest()
+            gap = finger_gap_from_joints(msg.name, msg.position, self.params.finger_joint_names)
         except StateError as error:
-            self._bad_input('state_invalid', str(error))
+            self._bad_input('state_invalid', f'gripper_state: {error}', source='gripper_state')
             return
-        if latest is not None:
-            self.controller.put_proprio(*latest)
+        self._put_gripper(gap, messages.stamp_seconds(msg.header.stamp))
+
+    def _on_finger_gap(self, msg: Float64) -> None:
+        if self.controller is not None:
+            self._put_gripper(msg.data, self.now())  # Float64 has no stamp: judged by arrival
+
+    def _put_gripper(self, gap: float, stamp: float) -> None:
+        error = self.controller.put_gripper(gap, stamp, self.now())
+        if error:
+            self._log_rejected(error, 'gripper_state')
 
     # --- control timer and inference results ---------------------------------------------------------------
     def _on_tick(self) -> None:
@@ -360,7 +444,7 @@ class SpecPruneNode(LifecycleNode):
             stamp = self.get_clock().now().to_msg()
             self._twist_pub.publish(messages.twist_message(command.twist, stamp, self.params.command_frame))
             if command.gripper is not None:
-                gripper = messages.gripper_message(command.gripper)
+                gripper = messages.gripper_message(command.gripper, self.params.gripper_command_type)
                 if gripper is not None:
                     self._gripper_pub.publish(gripper)
 
@@ -464,7 +548,15 @@ class SpecPruneNode(LifecycleNode):
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of ``specprune_node``: spin until SIGINT/SIGTERM, then stop the robot and exit."""
     sys.setswitchinterval(0.0005)  # hand the GIL over quickly: frame callback -> inference worker -> command
-    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    try:
+        rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    except RuntimeError as error:  # rcl's RCLError: most often a -p value that is a YAML mapping
+        if 'parameter override rule' not in str(error):
+            raise
+        sys.exit(f'{NODE_NAME}: a -p override could not be parsed ({error}).\nA -p value that is a YAML mapping is '
+                 'not a ROS parameter: give method settings one by one, e.g. -p method_settings.keep_ratio:=0.25 '
+                 "-p method_settings.controller.alpha:=0.8, or quote the mapping: -p 'method_config:=\"{keep_ratio: "
+                 "0.25}\"'")
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

@@ -37,12 +37,6 @@ def message_class(type_name: str) -> Any:
     return cls
 
 
-def message_type_name(cls: Any) -> str:
-    """``pkg/msg/Name`` of an rclpy message class."""
-    module = cls.__module__.split('.')
-    return f'{module[0]}/{module[1]}/{cls.__name__}'
-
-
 class BackgroundExecutor:
     """Spins one node in a daemon thread until ``stop``; callbacks run there, the caller's thread stays free."""
 
@@ -126,12 +120,3 @@ def remote_parameters(node: Node, target_node: str, names: Iterable[str],
     if reply is None:
         return None
     return {name: parameter_value(value) for name, value in zip(names, reply.values)}
-
-
-def init_context(domain_id: Optional[int] = None, args: Optional[list[str]] = None) -> rclpy.Context:
-    context = rclpy.Context()
-    if domain_id is None:
-        rclpy.init(args=args, context=context)
-    else:
-        rclpy.init(args=args, context=context, domain_id=domain_id)
-    return context

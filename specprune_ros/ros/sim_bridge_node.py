@@ -1,4 +1,5 @@
-"""``sim_bridge``: runs the simulated tabletop tasks and looks like a robot to the policy node.
+"""The ``sim_bridge`` node (console script ``specprune_sim_bridge``): runs the simulated tabletop tasks and looks
+like a robot to the policy node.
 
 Publishes (names relative, remap as usual):
   /clock                               rosgraph_msgs/Clock: sim time (the policy node runs with use_sim_time)
@@ -48,7 +49,7 @@ from specprune_ros.bridge.episodes import (EpisodeLog, EpisodeOutcome, EpisodeSp
 from specprune_ros.bridge.realtime import CommandTimeline
 from specprune_ros.bridge.settings import BridgeSettings
 from specprune_ros.bridge.sync_gate import TickGate
-from specprune_ros.ros import messages
+from specprune_ros.ros import output_messages as messages
 from specprune_ros.ros.ros_helpers import BackgroundExecutor, call_service, remote_parameters
 
 NODE_NAME = 'sim_bridge'
@@ -306,6 +307,7 @@ class SimBridgeNode(Node):
                 f'episode {index + 1}/{len(plan)} {spec.family} seed {spec.seed}: '
                 f"{'success' if outcome.success else 'failure'} in {outcome.steps} steps "
                 f'({outcome.wall_time_s:.1f} s wall, {outcome.inferences} inferences, '
+                f'model {outcome.model_latency_ms_median:.1f} ms, '
                 f'jerk {outcome.mean_abs_jerk:.2f} m/s^3, holds {outcome.hold_fraction * 100:.0f}%)')
             t = t_end + gap
         self.env.close()

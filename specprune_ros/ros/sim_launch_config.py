@@ -13,10 +13,12 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from specprune_ros.bridge.settings import BridgeSettings
-from specprune_ros.ros.launch_config import (EXECUTABLE, LAUNCH_ARGUMENTS, LaunchArgument, NodeSetup, check_overrides,
-                                             default_params_file, format_value, node_setup)
+from specprune_ros.ros.launch_config import (EXECUTABLE, LAUNCH_ARGUMENTS, NODE_MODULE, LaunchArgument, NodeSetup,
+                                             check_overrides, default_params_file, flatten_parameters, format_value,
+                                             node_setup)
 
-BRIDGE_EXECUTABLE = 'sim_bridge'
+BRIDGE_EXECUTABLE = 'specprune_sim_bridge'   # console script
+BRIDGE_NODE_NAME = 'sim_bridge'              # node name, the key of its parameters in the sim params file
 BRIDGE_MODULE = 'specprune_ros.ros.sim_bridge_node'
 SIM_PARAMS_FILE_NAME = 'sim_bridge.yaml'
 
@@ -69,7 +71,7 @@ class SimSetup:
         return replace(self.policy, overrides=self.policy_parameters(extra)).ros_arguments()
 
     def bridge_ros_arguments(self, extra: Optional[Mapping[str, Any]] = None) -> list[str]:
-        args = ['--ros-args', '-r', f'__node:={BRIDGE_EXECUTABLE}', '--params-file', self.sim_params_file]
+        args = ['--ros-args', '-r', f'__node:={BRIDGE_NODE_NAME}', '--params-file', self.sim_params_file]
         for name, value in {**self.bridge_overrides, **(extra or {})}.items():
             args += ['-p', f'{name}:={format_value(value)}']
         return args
@@ -94,7 +96,7 @@ def sim_file_values(path: str, node: str) -> dict[str, Any]:
         document = yaml.safe_load(stream) or {}
     values: dict[str, Any] = {}
     for key in (node, f'/{node}'):
-        values.update((document.get(key) or {}).get('ros__parameters', {}) or {})
+        values.update(flatten_parameters((document.get(key) or {}).get('ros__parameters', {}) or {}))
     return values
 
 
@@ -109,7 +111,7 @@ def sim_setup(arguments: Mapping[str, str]) -> SimSetup:
         raise ValueError(f'sim_params_file {sim_file!r} does not exist')
     overrides = {name: _bridge_override(name, str(arguments[name])) for name in BRIDGE_ARGUMENTS
                  if str(arguments.get(name, '')).strip()}
-    settings = BridgeSettings.from_mapping({**sim_file_values(sim_file, BRIDGE_EXECUTABLE), **overrides})
+    settings = BridgeSettings.from_mapping({**sim_file_values(sim_file, BRIDGE_NODE_NAME), **overrides})
     errors = settings.validate()
     if errors:
         raise ValueError(f'{sim_file} with overrides {overrides}: ' + '; '.join(errors))
@@ -133,5 +135,4 @@ def bridge_command(setup: SimSetup, extra: Optional[Mapping[str, Any]] = None,
 
 def policy_command(setup: SimSetup, extra: Optional[Mapping[str, Any]] = None,
                    python: Optional[str] = None) -> list[str]:
-    from specprune_ros.ros.launch_config import NODE_MODULE
     return [python or sys.executable, '-m', NODE_MODULE, *setup.policy_ros_arguments(extra)]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from specprune_ros.ros.sim_launch_config import bridge_command, policy_command, sim_setup
 
@@ -93,6 +94,7 @@ class SimRun:
     record_topics: Sequence[str] = ()
     timeout_s: float = 3600.0
     nice: int = 0
+    progress: Optional[Callable[[str], None]] = None      # called with each 'episode i/N ...' line of the bridge
 
 
 DEFAULT_RECORD_TOPICS = ('/clock', '/camera/agentview/image_raw', '/camera/wrist/image_raw', '/ee_pose',
@@ -129,11 +131,14 @@ def run_simulation(run: SimRun) -> dict:
             setup, {**run.bridge_parameters, 'summary_path': summary_path}), env, log_dir / 'sim_bridge.log').start()
         processes.append(bridge)
         deadline = time.monotonic() + run.timeout_s
+        progress = EpisodeProgress(bridge.log_path, run.progress)
         while bridge.alive() and time.monotonic() < deadline:
             if not node.alive():
                 break
+            progress.poll()
             time.sleep(0.2)
         returncode = bridge.wait(1.0) if not bridge.alive() else bridge.interrupt()
+        progress.poll()
         if recorder is not None:
             time.sleep(1.0)   # the last outcome and commands reach the recorder
     finally:
@@ -147,6 +152,28 @@ def run_simulation(run: SimRun) -> dict:
     return {'returncode': returncode, 'summary': summary, 'summary_path': str(json_path),
             'logs': {p.label: str(p.log_path) for p in processes},
             'outputs': {p.label: p.output(tail=4000) for p in processes}}
+
+
+class EpisodeProgress:
+    """Follows the bridge's log and hands each finished episode's line ('episode 3/20 pick seed ...') on."""
+
+    PATTERN = re.compile(r'(episode \d+/\d+ .*)$')
+
+    def __init__(self, log_path: Path, callback: Optional[Callable[[str], None]]) -> None:
+        self.log_path, self.callback, self.offset = Path(log_path), callback, 0
+
+    def poll(self) -> None:
+        if self.callback is None or not self.log_path.is_file():
+            return
+        with open(self.log_path, 'rb') as log:
+            log.seek(self.offset)
+            chunk = log.read()
+        complete = chunk[:chunk.rfind(b'\n') + 1]
+        self.offset += len(complete)
+        for line in complete.decode(errors='replace').splitlines():
+            match = self.PATTERN.search(line)
+            if match:
+                self.callback(match.group(1))
 
 
 def parse_assignments(items: Sequence[str]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Publish synthetic camera frames, an instruction and the robot state, as a robot would.
 
-    python -m specprune_ros.ros.tools.synthetic_camera --rate 30 --size 96 \
-        --camera agentview=camera/agentview/image_raw:raw --camera wrist=camera/wrist/image_raw:compressed \
+    python -m specprune_ros.ros.tools.synthetic_camera --rate 30 --size 96 \\
+        --camera agentview=camera/agentview/image_raw:raw --camera wrist=camera/wrist/image_raw:compressed \\
         --instruction "pick up the red cube" --duration 10
 
 Frames show a coloured square that moves a little every frame (so temporal pruning sees motion), are
@@ -25,7 +25,8 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import String
 
-from specprune_ros.control.image_decoding import encode_raw_image
+from specprune_ros.codecs.image_decoding import encode_raw_image
+from specprune_ros.command_line import HelpFormatter
 
 INSTRUCTION_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -118,12 +119,13 @@ class SyntheticCamera(Node):
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--camera', action='append', type=parse_camera, dest='cameras',
                         help='name=topic[:raw|compressed] (repeatable)')
     parser.add_argument('--rate', type=float, default=30.0, help='frames per second')
     parser.add_argument('--size', type=int, default=96, help='square frame side in pixels')
-    parser.add_argument('--instruction', default='pick up the red cube')
+    parser.add_argument('--instruction', default='pick up the red cube',
+                        help='instruction published (latched) on /instruction')
     parser.add_argument('--duration', type=float, default=0.0, help='seconds to run (0 = until interrupted)')
     parser.add_argument('--no-state', action='store_true', help='do not publish ee_pose / gripper_state')
     parser.add_argument('--stamp-offset', type=float, default=0.0, help='stamp frames this many seconds in the past')

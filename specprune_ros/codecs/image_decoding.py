@@ -70,6 +70,19 @@ def decode_compressed_image(data: bytes | bytearray | memoryview, image_format: 
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+def check_image_size(shape: tuple, min_side: int) -> None:
+    """Raise ``ImageError('image_size')`` when a side of a decoded frame is shorter than ``min_side`` pixels."""
+    height, width = shape[:2]
+    if min(height, width) < min_side:
+        raise ImageError('image_size', f'image {width}x{height} has a side shorter than min_image_side = {min_side}')
+
+
+def aspect_distortion(shape: tuple, size: tuple[int, int]) -> float:
+    """By what factor (>= 1) resizing a frame of ``shape`` to (H, W) = ``size`` changes its aspect ratio."""
+    ratio = (shape[1] / shape[0]) / (size[1] / size[0])
+    return max(ratio, 1.0 / ratio)
+
+
 def resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``image`` at (H, W) = ``size``; INTER_AREA (the anti-aliased choice for shrinking) when it differs."""
     height, width = size

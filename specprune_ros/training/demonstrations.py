@@ -21,7 +21,7 @@ Each episode ``.npz`` (``np.load(path)`` works without pickle) holds, for T cont
 ``manifest.json`` holds the format name and version, image size, camera names, proprio layout, action labels
 and scales, ``takeover_model`` (recovery demos: the policy that drove first, else null), the vocabulary, and
 ``episodes``: a list of ``{file, family, seed, instruction, length, success}`` sorted by (family, seed).
-Readers only need NumPy; the collector imports the simulator.
+The collector runs the simulator.
 """
 from __future__ import annotations
 
@@ -35,7 +35,15 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
+from specprune_ros.evaluation.closed_loop import run_episode
+from specprune_ros.models.loading import load_policy
+from specprune_ros.sim import scene
+from specprune_ros.sim.env import (ACTION_DIM, CAMERA_NAMES, CONTROL_PERIOD_S, PROPRIO_LAYOUT, ROTATION_SCALE_RAD,
+                                   TRANSLATION_SCALE_M, TabletopEnv)
+from specprune_ros.sim.expert import ScriptedExpert, continue_expert_episode, run_expert_episode
 from specprune_ros.sim.tasks import EVAL_SEED_START, TASK_FAMILIES, TRAIN_SEED_START
 from specprune_ros.sim.vocab import VOCABULARY
 
@@ -157,7 +165,6 @@ _WORKER_ENV = None
 
 def _worker_env(image_size: int):
     global _WORKER_ENV
-    from specprune_ros.sim.env import TabletopEnv
     if _WORKER_ENV is None or _WORKER_ENV.image_size != image_size:
         _WORKER_ENV = TabletopEnv(image_size=image_size)
     return _WORKER_ENV
@@ -166,8 +173,6 @@ def _worker_env(image_size: int):
 def record_episode(env, family: str, seed: int, noise: float) -> Episode:
     """Roll the scripted expert out with rendering on `env`; the expert's noise stream is seeded by
     (family, seed), so the same job gives the same episode in any worker."""
-    from specprune_ros.sim.expert import ScriptedExpert, run_expert_episode
-
     rng = np.random.default_rng([int(seed), TASK_FAMILIES.index(family), 0xE1])
     expert = ScriptedExpert(env, noise=noise, rng=rng)
     observations, actions, success = run_expert_episode(env, expert, render=True, seed=seed, family=family)
@@ -180,9 +185,6 @@ def record_takeover_episode(env, policy, family: str, seed: int, noise: float,
     takes over from wherever that left the robot and objects. Only the expert's part is recorded, so the data
     holds corrections from the states the policy actually reaches (the idea of DAgger / DART). None when the
     policy finished the task before the hand-over."""
-    from specprune_ros.evaluation.closed_loop import run_episode
-    from specprune_ros.sim.expert import ScriptedExpert, continue_expert_episode
-
     rng = np.random.default_rng([int(seed), TASK_FAMILIES.index(family), 0x7A6E])
     chunks = int(rng.integers(1, max_policy_chunks + 1))
     driven = run_episode(env, policy, family, seed, max_steps=chunks * POLICY_CHUNK)
@@ -200,8 +202,6 @@ def record_takeover_episode(env, policy, family: str, seed: int, noise: float,
 def _episode(env, family: str, seed: int, noise: float, observations: list, actions: np.ndarray, success: bool,
              **extra_meta) -> Episode:
     """Pack a rolled-out episode (what the expert saw and did) with its metadata."""
-    from specprune_ros.sim.env import CONTROL_PERIOD_S, PROPRIO_LAYOUT
-
     cams = env.cameras
     images = {c: np.stack([o.images[c] for o in observations]) if observations
               else np.zeros((0, env.image_size, env.image_size, 3), np.uint8) for c in cams}
@@ -221,8 +221,6 @@ POLICY_CHUNK = 8          # actions per policy chunk when a policy drives before
 def _worker_policy(model: str):
     """The take-over policy of this worker process, loaded once (one torch thread per worker)."""
     if model not in _WORKER_POLICY:
-        import torch
-        from specprune_ros.policy.loading import load_policy
         torch.set_num_threads(1)
         _WORKER_POLICY.clear()
         _WORKER_POLICY[model] = load_policy(model)
@@ -251,9 +249,6 @@ def sim_fingerprint(image_size: int = 96) -> str:
     family and a few steps of dynamics (no rendering). A dataset records it, so data from an older version of
     the simulator (different start pose, cameras, objects) is refused instead of silently training a policy
     for a world it will never be evaluated in."""
-    from specprune_ros.sim import scene
-    from specprune_ros.sim.env import ACTION_DIM, TabletopEnv
-
     digest = hashlib.sha256(scene.build_mjcf(image_size).encode())
     env = TabletopEnv(image_size=image_size)
     try:
@@ -283,8 +278,6 @@ def check_sim_fingerprint(manifest: dict, root: PathLike = 'the dataset', curren
 
 
 def _base_manifest(image_size: int, noise: float, takeover_model: Optional[str] = None) -> dict:
-    from specprune_ros.sim.env import (CAMERA_NAMES, CONTROL_PERIOD_S, PROPRIO_LAYOUT, ROTATION_SCALE_RAD,
-                                       TRANSLATION_SCALE_M)
     return dict(format=FORMAT_NAME, version=FORMAT_VERSION, image_size=image_size, cameras=list(CAMERA_NAMES),
                 sim_fingerprint=sim_fingerprint(image_size),
                 proprio_layout=list(PROPRIO_LAYOUT),
@@ -309,20 +302,38 @@ def collect_demonstrations(out_dir: PathLike, families: Sequence[str] = TASK_FAM
     Episodes already listed in an existing manifest with the same image size are kept. ``workers`` > 1
     uses that many spawned processes. Returns the manifest that was written.
     """
-    from tqdm import tqdm
-
     families = tuple(families)
     for f in families:
         if f not in TASK_FAMILIES:
             raise ValueError(f'unknown task family {f!r}')
     cap = max_attempts_per_family or ((3 if takeover_model else 2) * episodes_per_family + 10)
+    _check_seeds(seed_start, cap)
+    out = Path(out_dir)
+    (out / EPISODE_DIR).mkdir(parents=True, exist_ok=True)
+    manifest = _resumed_manifest(out, image_size, noise, takeover_model)
+    bar = tqdm(total=episodes_per_family * len(families), disable=not progress, desc='demos', unit='ep')
+    collection = _Collection(out, families, episodes_per_family, seed_start, cap, (noise, image_size, takeover_model),
+                             done_files={e['file'] for e in manifest['episodes']}, bar=bar)
+    jobs = collection.first_jobs()
+    bar.update(sum(collection.kept.values()))
+    try:
+        _run_jobs(collection, jobs, workers)
+    finally:
+        bar.close()
+    return _finish_manifest(out, manifest, collection)
+
+
+def _check_seeds(seed_start: int, cap: int) -> None:
+    """Training seeds must stay below the evaluation seeds, and be non-negative."""
     limit = EVAL_SEED_START if seed_start < EVAL_SEED_START else None
     if limit is not None and seed_start + cap > limit:
         raise ValueError(f'training seeds {seed_start}..{seed_start + cap} would reach EVAL_SEED_START={limit}')
     if seed_start < TRAIN_SEED_START:
         raise ValueError('seeds must be non-negative')
-    out = Path(out_dir)
-    (out / EPISODE_DIR).mkdir(parents=True, exist_ok=True)
+
+
+def _resumed_manifest(out: Path, image_size: int, noise: float, takeover_model: Optional[str]) -> dict:
+    """A new manifest that keeps the episodes (still on disk) and attempt counts of an existing one."""
     manifest = _base_manifest(image_size, noise, takeover_model)
     if (out / MANIFEST).exists():
         old = read_manifest(out)
@@ -331,89 +342,101 @@ def collect_demonstrations(out_dir: PathLike, families: Sequence[str] = TASK_FAM
         check_sim_fingerprint(old, out, current=manifest['sim_fingerprint'])
         manifest['episodes'] = [e for e in old['episodes'] if (out / e['file']).exists()]
         manifest['attempts'] = old.get('attempts', {})
-    done_files = {e['file'] for e in manifest['episodes']}
+    return manifest
 
-    kept = {f: 0 for f in families}
-    tried = {f: 0 for f in families}
-    next_seed = {f: seed_start for f in families}
-    new_entries: list[dict] = []
 
-    def next_job(f: str) -> Optional[tuple]:
-        while tried[f] < cap:
-            seed = next_seed[f]
-            next_seed[f] += 1
-            tried[f] += 1
+class _Collection:
+    """Which seed each family tries next, and what was kept, run and succeeded so far."""
+
+    def __init__(self, out: Path, families: tuple[str, ...], episodes_per_family: int, seed_start: int, cap: int,
+                 job_options: tuple, done_files: set[str], bar: tqdm) -> None:
+        self.out = out
+        self.families = families
+        self.episodes_per_family = episodes_per_family
+        self.cap = cap
+        self.job_options = job_options                  # (noise, image_size, takeover_model) of every job
+        self.done_files = done_files
+        self.kept = {f: 0 for f in families}
+        self.tried = {f: 0 for f in families}
+        self.next_seed = {f: seed_start for f in families}
+        self.ran = {f: 0 for f in families}
+        self.succeeded = {f: 0 for f in families}
+        self.new_entries: list[dict] = []
+        self.bar = bar
+
+    def next_job(self, f: str) -> Optional[tuple]:
+        while self.tried[f] < self.cap:
+            seed = self.next_seed[f]
+            self.next_seed[f] += 1
+            self.tried[f] += 1
             rel = f'{EPISODE_DIR}/{episode_filename(f, seed)}'
-            if rel in done_files:                       # already on disk from an earlier run
-                kept[f] += 1
-                if kept[f] >= episodes_per_family:
+            if rel in self.done_files:                  # already on disk from an earlier run
+                self.kept[f] += 1
+                if self.kept[f] >= self.episodes_per_family:
                     return None
                 continue
-            return (str(out), f, seed, noise, image_size, takeover_model)
+            return (str(self.out), f, seed, *self.job_options)
         return None
 
-    bar = tqdm(total=episodes_per_family * len(families), disable=not progress, desc='demos', unit='ep')
+    def first_jobs(self) -> list[tuple]:
+        jobs = []
+        for f in self.families:
+            for _ in range(self.episodes_per_family):
+                job = self.next_job(f)
+                if job is None:
+                    break
+                jobs.append(job)
+        return jobs
 
-    ran = {f: 0 for f in families}
-    succeeded = {f: 0 for f in families}
-
-    def handle(entry: dict, in_flight: dict) -> Optional[tuple]:
+    def handle(self, entry: dict, families_in_flight: Iterable[str]) -> Optional[tuple]:
+        """Count a finished job; the next job of its family if it still needs episodes."""
         f = entry['family']
-        ran[f] += 1
-        succeeded[f] += int(entry['success'])
-        if entry['success'] and kept[f] < episodes_per_family:
-            kept[f] += 1
-            new_entries.append(entry)
-            bar.update(1)
+        self.ran[f] += 1
+        self.succeeded[f] += int(entry['success'])
+        if entry['success'] and self.kept[f] < self.episodes_per_family:
+            self.kept[f] += 1
+            self.new_entries.append(entry)
+            self.bar.update(1)
         elif entry['success']:                          # surplus (cannot normally happen)
-            (out / entry['file']).unlink(missing_ok=True)
-        if kept[f] + in_flight.get(f, 0) < episodes_per_family:
-            return next_job(f)
+            (self.out / entry['file']).unlink(missing_ok=True)
+        if self.kept[f] + sum(1 for g in families_in_flight if g == f) < self.episodes_per_family:
+            return self.next_job(f)
         return None
 
-    def count(families_in_flight: Iterable[str]) -> dict:
-        c: dict[str, int] = {}
-        for f in families_in_flight:
-            c[f] = c.get(f, 0) + 1
-        return c
 
-    jobs = []
-    for f in families:
-        for _ in range(episodes_per_family):
-            job = next_job(f)
-            if job is None:
-                break
-            jobs.append(job)
-    bar.update(sum(kept.values()))
-    try:
-        if workers <= 1:
-            queue = list(jobs)
-            while queue:
-                job = queue.pop(0)
-                nxt = handle(_collect_job(*job), count(j[1] for j in queue))
+def _run_jobs(collection: _Collection, jobs: list[tuple], workers: int) -> None:
+    """Run the jobs (and the ones they lead to) in this process or in ``workers`` spawned processes."""
+    if workers <= 1:
+        queue = list(jobs)
+        while queue:
+            job = queue.pop(0)
+            nxt = collection.handle(_collect_job(*job), [j[1] for j in queue])
+            if nxt is not None:
+                queue.append(nxt)
+        return
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context('spawn')) as pool:
+        futures = {pool.submit(_collect_job, *j): j[1] for j in jobs}
+        while futures:
+            finished, _ = wait(futures, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                futures.pop(fut)
+                nxt = collection.handle(fut.result(), list(futures.values()))
                 if nxt is not None:
-                    queue.append(nxt)
-        else:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context('spawn')) as pool:
-                futures = {pool.submit(_collect_job, *j): j[1] for j in jobs}
-                while futures:
-                    finished, _ = wait(futures, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        futures.pop(fut)
-                        nxt = handle(fut.result(), count(futures.values()))
-                        if nxt is not None:
-                            futures[pool.submit(_collect_job, *nxt)] = nxt[1]
-    finally:
-        bar.close()
+                    futures[pool.submit(_collect_job, *nxt)] = nxt[1]
 
+
+def _finish_manifest(out: Path, manifest: dict, collection: _Collection) -> dict:
+    """Merge the new episodes and attempt counts into the manifest and write it; fail if a family fell short."""
     by_file = {e['file']: e for e in manifest['episodes']}
-    by_file.update({e['file']: e for e in new_entries})
+    by_file.update({e['file']: e for e in collection.new_entries})
     manifest['episodes'] = sorted(by_file.values(), key=lambda e: (e['family'], e['seed']))
-    for f in families:
+    for f in collection.families:
         prev = manifest['attempts'].get(f, {'run': 0, 'succeeded': 0})
-        manifest['attempts'][f] = {'run': prev['run'] + ran[f], 'succeeded': prev['succeeded'] + succeeded[f]}
+        manifest['attempts'][f] = {'run': prev['run'] + collection.ran[f],
+                                   'succeeded': prev['succeeded'] + collection.succeeded[f]}
     write_manifest(out, manifest)
-    short = {f: kept[f] for f in families if kept[f] < episodes_per_family}
+    wanted = collection.episodes_per_family
+    short = {f: collection.kept[f] for f in collection.families if collection.kept[f] < wanted}
     if short:
-        raise RuntimeError(f'expert succeeded too rarely; kept only {short} of {episodes_per_family} per family')
+        raise RuntimeError(f'expert succeeded too rarely; kept only {short} of {wanted} per family')
     return manifest

@@ -1,4 +1,5 @@
-"""Build a ready-to-run policy by name: the trained reference VLA, a tiny random one, or a checkpoint path."""
+"""Build a ready-to-run policy by name: the trained reference VLA, a tiny random one, or a checkpoint directory
+(the reference VLA's, or a published OpenVLA / OpenVLA-OFT one)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,10 +7,14 @@ from typing import Optional
 
 import torch
 
-from specprune_ros.policy.checkpoint import CheckpointError, load_checkpoint
+from specprune_ros.adapters.factory import load_adapter_policy
+from specprune_ros.adapters.published_checkpoint import detect_kind
+from specprune_ros.policy.errors import CheckpointError
 from specprune_ros.policy.interface import Policy
+from specprune_ros.policy.reference_backend import reference_policy
+from specprune_ros.policy.reference_checkpoint import load_checkpoint
 from specprune_ros.policy.reference_vla import ReferenceVLA, ReferenceVLAConfig
-from specprune_ros.policy.runtime import PrunedVLAPolicy
+from specprune_ros.pruning import build_method
 
 REFERENCE_CHECKPOINT = Path(__file__).resolve().parent.parent / 'assets' / 'reference_vla'
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
@@ -18,6 +23,7 @@ DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch
 def tiny_random_config(vocabulary: tuple[str, ...] = ()) -> ReferenceVLAConfig:
     """A small random-initialised reference VLA with the real interface (plumbing tests, shape tests)."""
     if not vocabulary:
+        # imported here: the simulator package loads MuJoCo, which a robot running a checkpoint does not need
         from specprune_ros.sim.vocab import VOCABULARY
         vocabulary = VOCABULARY
     return ReferenceVLAConfig(vocabulary=vocabulary, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
@@ -43,11 +49,21 @@ def load_policy(model: str, method: str = 'none', method_config: Optional[dict] 
 
     ``model`` may also be a published OpenVLA / OpenVLA-OFT checkpoint directory (see ``specprune_ros.adapters``).
     """
-    from specprune_ros.adapters.policy import load_policy_if_adapter
-    from specprune_ros.pruning import build_method
-    adapter = load_policy_if_adapter(model, method=method, method_config=method_config, device=device, dtype=dtype,
-                                     seed=seed)
-    if adapter is not None:
-        return adapter
+    kind = published_kind(model)
+    if kind is not None:
+        return load_adapter_policy(Path(model).expanduser(), kind=kind, method=method, method_config=method_config,
+                                   device=device, dtype=dtype, seed=seed)
     vla = load_model(model, device=device, dtype=dtype, seed=seed)
-    return PrunedVLAPolicy(vla, build_method(method, method_config, seed=seed))
+    return reference_policy(vla, build_method(method, method_config, seed=seed))
+
+
+def published_kind(model: str) -> Optional[str]:
+    """'openvla' / 'openvla-oft' when ``model`` is a directory holding such a checkpoint (judged by its
+    ``config.json``), else None (the reference VLA path handles it, and its errors, e.g. a missing directory)."""
+    if model in ('reference', 'tiny-random'):
+        return None
+    directory = Path(model).expanduser()
+    if not (directory / 'config.json').is_file():
+        return None
+    kind = detect_kind(directory)
+    return None if kind == 'reference' else kind

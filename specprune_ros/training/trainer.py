@@ -34,10 +34,13 @@ from tqdm import tqdm
 
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
 from specprune_ros.core.token_layout import TokenLayout
-from specprune_ros.policy.checkpoint import read_config, save_checkpoint, warm_start
+from specprune_ros.policy.reference_checkpoint import read_config, save_checkpoint, warm_start
 from specprune_ros.policy.reference_vla import (LOCALISATION_DIMS, LOCALISATION_SCALE, ReferenceVLA,
-                                               ReferenceVLAConfig)
+                                                ReferenceVLAConfig)
 from specprune_ros.policy.tokenizer import WordTokenizer
+from specprune_ros.sim import TabletopEnv, scene
+from specprune_ros.sim.projection import project_to_image
+from specprune_ros.sim.tasks import sample_task
 
 
 @dataclass
@@ -73,7 +76,6 @@ def localisation_targets(episode) -> tuple[np.ndarray, np.ndarray]:
     From the episode's task layout (``sample_task(family, seed)``), or for a recovery demonstration the target's
     position when the expert took over (``meta['start_target_xy']``); object targets hold until the tcp first
     comes within REACHED_XY of the object below REACHED_Z; goal targets (plate or zone) hold throughout (none for pick)."""
-    from specprune_ros.sim.tasks import sample_task
     spec, layout = sample_task(episode.family, episode.seed)
     steps = len(episode)
     targets = np.zeros((steps, LOCALISATION_DIMS), dtype=np.float32)
@@ -96,8 +98,6 @@ POINTING_SIGMA_PX = 6.0   # spread of the soft pointing target over patch centre
 
 def image_targets(located: np.ndarray, camera: str, image_size: int) -> np.ndarray:
     """(T, 2, 2) pixel (column, row) of the object and the goal in ``camera`` from localisation targets (T, 4)."""
-    from specprune_ros.sim import scene
-    from specprune_ros.sim.projection import project_to_image
     env = _projection_env(image_size)
     world = located.reshape(-1, 2, 2) / LOCALISATION_SCALE
     heights = np.broadcast_to(np.array([scene.OBJECT_HALF, scene.PLATE_TOP]), world.shape[:2])
@@ -108,7 +108,6 @@ def image_targets(located: np.ndarray, camera: str, image_size: int) -> np.ndarr
 @functools.lru_cache(maxsize=None)
 def _projection_env(image_size: int):
     """A simulator instance only for its (fixed) camera poses; built once per image size."""
-    from specprune_ros.sim import TabletopEnv
     return TabletopEnv(image_size=image_size)
 
 
@@ -267,31 +266,12 @@ def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes:
     n_val = max(1, int(len(episodes) * train_config.val_fraction))
     val_eps = [episodes[i] for i in order[:n_val]]
     train_eps = [episodes[i] for i in order[n_val:]]
-    earlier_steps = 0
-    if init_from is not None:
-        ancestor_config, meta = read_config(init_from)
-        # sizes and normalisation come from the ancestor; which proprio entries the policy sees is this run's choice
-        model_config = replace(ancestor_config, blind_proprio=model_config.blind_proprio)
-        earlier_steps = int(meta.get('training', {}).get('steps_done', 0))
-        model = ReferenceVLA(model_config)
-        new_weights = warm_start(model, init_from)
-        model.train()
-        print(f'initialised from {init_from} ({earlier_steps} earlier steps); new weights: {new_weights or "none"}')
-    else:
-        model_config.proprio_mean, model_config.proprio_std = proprio_statistics(train_eps)
-        model = ReferenceVLA(model_config)
+    model, model_config, earlier_steps = _initial_model(model_config, train_eps, init_from)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
     step = 0
     elapsed_before = 0.0  # minutes trained by earlier runs (resume)
     if resume and state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        model.load_state_dict(state['model'])
-        optimizer.load_state_dict(state['optimizer'])
-        step = state['step']
-        elapsed_before = state.get('minutes', 0.0)
-        rng = state['rng']
-        torch.set_rng_state(state['torch_rng'])
-        print(f'resumed from {state_path} at step {step}')
+        step, elapsed_before, rng = _load_state(state_path, model, optimizer)
 
     train_bank = DemoBank(train_eps, model_config.camera_names, model.tokenizer, model_config.chunk_size)
     val_bank = DemoBank(val_eps, model_config.camera_names, model.tokenizer, model_config.chunk_size)
@@ -306,15 +286,6 @@ def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes:
                     'torch_rng': torch.get_rng_state(), 'model_config': model_config.to_dict(),
                     'train_config': asdict(train_config)}, state_path)
 
-    def validate() -> dict[str, float]:
-        """Mean of each loss over the fixed validation rows."""
-        model.eval()
-        with torch.no_grad():
-            losses = [training_losses(model, val_bank.batch(val_rows[i:i + 64]), train_config.bf16)
-                      for i in range(0, len(val_rows), 64)]
-        model.train()
-        return {name: float(np.mean([batch[name].item() for batch in losses])) for name in losses[0]}
-
     started = time.time()
     model.train()
     running = []
@@ -325,28 +296,15 @@ def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes:
         for group in optimizer.param_groups:
             group['lr'] = learning_rate(step, train_config, minutes)
         batch = train_bank.batch(rng.integers(0, len(train_bank), size=train_config.batch_size))
-        batch['images'], moved = random_shift(batch['images'], train_config.shift_pixels, generator)
-        batch['shift'] = moved[:, 0]                      # the pointing targets live in camera 0
-        schedule = None
-        drop = train_config.token_drop_probability
-        if drop > 0 and float(torch.rand(1, generator=generator)) < drop:   # no draw when off: runs replay as before
-            schedule = random_token_drop(layout, model_config.num_layers, train_config.token_drop_min_keep, generator)
-        losses = training_losses(model, batch, train_config.bf16, schedule)
-        loss = (losses['chunk'] + train_config.localisation_weight * losses['localisation']
-                + train_config.pointing_weight * losses['pointing'])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        running.append(_optimise(model, optimizer, batch, layout, train_config, generator))
         step += 1
-        running.append({name: value.item() for name, value in losses.items()})
         bar.update(1)
         if step % train_config.log_every == 0 or step == train_config.steps:
             means = {name: float(np.mean([r[name] for r in running])) for name in running[0]}
             entry = {'step': step, 'loss': means.pop('chunk'), **means,
                      'lr': optimizer.param_groups[0]['lr'], 'minutes': minutes}
             if step % (train_config.log_every * 4) == 0 or step == train_config.steps:
-                val = validate()
+                val = validation_losses(model, val_bank, val_rows, train_config.bf16)
                 entry['val_loss'] = val.pop('chunk')
                 entry.update({f'val_{name}': value for name, value in val.items()})
             running.clear()
@@ -366,3 +324,61 @@ def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes:
     facts = {'steps_done': earlier_steps + step, 'episodes': len(train_eps), 'samples': len(train_bank)}
     save_checkpoint(model, export_dir, extra={'training': {**facts, **asdict(train_config)}})
     return export_dir
+
+
+def _initial_model(model_config: ReferenceVLAConfig, train_eps: Sequence, init_from: Optional[Path]
+                   ) -> tuple[ReferenceVLA, ReferenceVLAConfig, int]:
+    """A fresh model (proprio normalisation from the training episodes) or one warm-started from ``init_from``;
+    with its config and the training steps its ancestors took."""
+    if init_from is None:
+        model_config.proprio_mean, model_config.proprio_std = proprio_statistics(train_eps)
+        return ReferenceVLA(model_config), model_config, 0
+    ancestor_config, meta = read_config(init_from)
+    # sizes and normalisation come from the ancestor; which proprio entries the policy sees is this run's choice
+    model_config = replace(ancestor_config, blind_proprio=model_config.blind_proprio)
+    earlier_steps = int(meta.get('training', {}).get('steps_done', 0))
+    model = ReferenceVLA(model_config)
+    new_weights = warm_start(model, init_from)
+    model.train()
+    print(f'initialised from {init_from} ({earlier_steps} earlier steps); new weights: {new_weights or "none"}')
+    return model, model_config, earlier_steps
+
+
+def _load_state(state_path: Path, model: ReferenceVLA, optimizer: torch.optim.Optimizer
+                ) -> tuple[int, float, np.random.Generator]:
+    """Restore weights, optimizer and torch RNG from a training state; (step, minutes trained, numpy RNG)."""
+    state = torch.load(state_path, weights_only=False)
+    model.load_state_dict(state['model'])
+    optimizer.load_state_dict(state['optimizer'])
+    torch.set_rng_state(state['torch_rng'])
+    print(f'resumed from {state_path} at step {state["step"]}')
+    return state['step'], state.get('minutes', 0.0), state['rng']
+
+
+def _optimise(model: ReferenceVLA, optimizer: torch.optim.Optimizer, batch: dict, layout: TokenLayout,
+              train_config: TrainConfig, generator: torch.Generator) -> dict[str, float]:
+    """One optimiser step on ``batch`` (shifted images, maybe dropped tokens); the losses."""
+    batch['images'], moved = random_shift(batch['images'], train_config.shift_pixels, generator)
+    batch['shift'] = moved[:, 0]                      # the pointing targets live in camera 0
+    schedule = None
+    drop = train_config.token_drop_probability
+    if drop > 0 and float(torch.rand(1, generator=generator)) < drop:   # no draw when off: runs replay as before
+        schedule = random_token_drop(layout, model.config.num_layers, train_config.token_drop_min_keep, generator)
+    losses = training_losses(model, batch, train_config.bf16, schedule)
+    loss = (losses['chunk'] + train_config.localisation_weight * losses['localisation']
+            + train_config.pointing_weight * losses['pointing'])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return {name: value.item() for name, value in losses.items()}
+
+
+def validation_losses(model: ReferenceVLA, bank: 'DemoBank', rows: np.ndarray, bf16: bool) -> dict[str, float]:
+    """Mean of each loss over the fixed validation rows (the model is left in training mode)."""
+    model.eval()
+    with torch.no_grad():
+        losses = [training_losses(model, bank.batch(rows[i:i + 64]), bf16) for i in range(0, len(rows), 64)]
+    model.train()
+    return {name: float(np.mean([batch[name].item() for batch in losses])) for name in losses[0]}
+

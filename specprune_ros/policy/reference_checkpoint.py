@@ -7,14 +7,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from specprune_ros.policy.errors import CheckpointError
 from specprune_ros.policy.reference_vla import ReferenceVLA, ReferenceVLAConfig
 
 CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint directory that is missing or malformed (the message names the file)."""
 
 
 def save_checkpoint(model: ReferenceVLA, directory: str | Path, extra: dict | None = None) -> Path:

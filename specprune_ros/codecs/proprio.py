@@ -36,6 +36,15 @@ def proprio_vector(position: Sequence[float], quaternion_xyzw: Sequence[float], 
     return np.array([*values[0:3], math.sin(yaw), math.cos(yaw), values[7]], dtype=np.float32)
 
 
+def check_pose(position: Sequence[float], quaternion_xyzw: Sequence[float]) -> None:
+    """Raise ``StateError`` for a non-finite end-effector pose or a zero quaternion."""
+    values = np.asarray([*position, *quaternion_xyzw], dtype=np.float64)
+    if values.shape != (7,) or not np.isfinite(values).all():
+        raise StateError('end-effector pose must be finite (position 3, quaternion 4)')
+    if np.linalg.norm(values[3:7]) < 1e-6:
+        raise StateError('end-effector orientation is a zero quaternion')
+
+
 def finger_gap_from_joints(names: Sequence[str], positions: Sequence[float], finger_joints: Sequence[str]) -> float:
     """Sum of the finger joint positions named ``finger_joints`` in a JointState."""
     if len(names) != len(positions):
@@ -51,17 +60,25 @@ def finger_gap_from_joints(names: Sequence[str], positions: Sequence[float], fin
 
 
 class ProprioAssembler:
-    """Joins the newest end-effector pose with the newest gripper state; stamp = the older of the two."""
+    """Joins the newest end-effector pose with the newest gripper state; stamp (and arrival) = the older one."""
 
     def __init__(self) -> None:
         self._pose: Optional[tuple[tuple[float, ...], tuple[float, ...], float]] = None
         self._gripper: Optional[tuple[float, float]] = None
+        self._arrivals = {'pose': 0.0, 'gripper': 0.0}
 
-    def put_pose(self, position: Sequence[float], quaternion_xyzw: Sequence[float], stamp: float) -> None:
+    def put_pose(self, position: Sequence[float], quaternion_xyzw: Sequence[float], stamp: float,
+                 arrived: float = 0.0) -> None:
         self._pose = (tuple(position), tuple(quaternion_xyzw), stamp)
+        self._arrivals['pose'] = arrived
 
-    def put_gripper(self, finger_gap: float, stamp: float) -> None:
+    def put_gripper(self, finger_gap: float, stamp: float, arrived: float = 0.0) -> None:
         self._gripper = (float(finger_gap), stamp)
+        self._arrivals['gripper'] = arrived
+
+    def arrived(self) -> float:
+        """Arrival time (steady clock) of the older part: a part that stopped coming ages the whole state."""
+        return min(self._arrivals.values())
 
     def latest(self) -> Optional[tuple[np.ndarray, float]]:
         """(proprio, stamp) once both parts arrived; raises ``StateError`` for unusable values."""

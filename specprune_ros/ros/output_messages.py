@@ -16,14 +16,14 @@ Inference record (``~/inference``, ``diagnostic_msgs/DiagnosticStatus``), one pe
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 from builtin_interfaces.msg import Duration, Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import TwistStamped
 from sensor_msgs.msg import Image
-from std_msgs.msg import Float64
+from std_msgs.msg import Float64, Float64MultiArray
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from specprune_ros.control.controller import AcceptedChunk
@@ -57,8 +57,14 @@ def twist_message(twist: np.ndarray, stamp: Time, frame_id: str) -> TwistStamped
     return message
 
 
-def gripper_message(value: float) -> Optional[Float64]:
-    return Float64(data=float(value)) if math.isfinite(value) else None
+def gripper_message(value: float, command_type: str = 'float64') -> Optional[Union[Float64, Float64MultiArray]]:
+    """The gripper command as ``std_msgs/Float64``, or with ``'float64_array'`` as a one-element
+    ``std_msgs/Float64MultiArray`` (a ros2_control forward_command_controller's ``~/commands``); None if not finite."""
+    if not math.isfinite(value):
+        return None
+    if command_type == 'float64_array':
+        return Float64MultiArray(data=[float(value)])
+    return Float64(data=float(value))
 
 
 def chunk_message(chunk: AcceptedChunk, period_s: float, frame_id: str) -> JointTrajectory:

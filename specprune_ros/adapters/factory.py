@@ -1,4 +1,4 @@
-"""OpenVLA / OpenVLA-OFT adapters behind the project's ``Policy`` interface (what the ROS node runs).
+"""Build OpenVLA / OpenVLA-OFT adapters from a checkpoint directory and put them behind the ``Policy`` interface.
 
 ``load_adapter_policy(directory, ...)`` reads a checkpoint in its published layout, picks the adapter (by the files:
 an ``action_head--*checkpoint.pt`` makes it OpenVLA-OFT) and pairs it with a pruning method from the registry.
@@ -14,21 +14,18 @@ normalised delta commands in [-1, 1]); ``info['normalized_actions']`` holds the 
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import numpy as np
-
-from specprune_ros.adapters import actions as action_ops
-from specprune_ros.adapters.checkpoint import OPTIONS_FILE, _check_directory, _read_json, detect_kind
 from specprune_ros.adapters.openvla import OpenVLAAdapter
 from specprune_ros.adapters.openvla_oft import OpenVLAOFTAdapter
-from specprune_ros.core.step_types import PruningMethod
-from specprune_ros.policy.checkpoint import CheckpointError
-from specprune_ros.policy.interface import ActionSpec, Observation, PolicyOutput
-from specprune_ros.policy.runtime import MethodState, ObservationError, camera_frames
+from specprune_ros.adapters.published_checkpoint import OPTIONS_FILE, _check_directory, _read_json, detect_kind
+from specprune_ros.core.dataclass_mapping import UnknownFieldsError, dataclass_from_mapping
+from specprune_ros.policy.errors import CheckpointError
+from specprune_ros.policy.interface import ActionSpec
+from specprune_ros.policy.prunable_policy import PrunablePolicy
+from specprune_ros.pruning import build_method
 
 Adapter = Union[OpenVLAAdapter, OpenVLAOFTAdapter]
 
@@ -53,59 +50,10 @@ class AdapterOptions:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = 'options') -> 'AdapterOptions':
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f'{source}: unknown adapter option(s) {unknown}; valid: {sorted(names)}')
-        return cls(**values)
-
-
-class AdapterPolicy(MethodState):
-    """An OpenVLA / OpenVLA-OFT adapter plus a pruning method: the ``Policy`` interface."""
-
-    def __init__(self, adapter: Adapter, method: Optional[PruningMethod] = None,
-                 camera_names: Optional[list[str]] = None, gripper: str = 'none',
-                 action_spec: Optional[ActionSpec] = None) -> None:
-        self.adapter = adapter
-        self.method = method
-        self.kind = adapter.kind
-        default = ['agentview'] if adapter.num_images == 1 else ['agentview', 'wrist'][:adapter.num_images]
-        names = list(camera_names or default)
-        if len(names) != adapter.num_images:
-            raise ValueError(f'{len(names)} camera names for a model with {adapter.num_images} image input(s)')
-        if gripper not in ('none', 'libero'):
-            raise ValueError(f"gripper must be 'none' or 'libero', got {gripper!r}")
-        self.camera_names = tuple(names)
-        size = adapter.transform.size
-        self.image_size = (size, size)
-        self.proprio_dim = getattr(adapter, 'proprio_dim', 0)
-        chunk = getattr(adapter, 'chunk_size', 1)
-        self.action_spec = action_spec or ActionSpec(chunk_size=chunk, action_dim=adapter.action_dim)
-        self.gripper = gripper
-        self.step_index = 0
-
-    def predict(self, observation: Observation) -> PolicyOutput:
-        started = time.perf_counter()
-        images = camera_frames(observation, self.camera_names)  # any size: the adapter resizes
-        common = dict(method=self.method, step_index=self.step_index, executed_actions=observation.executed_actions)
-        if isinstance(self.adapter, OpenVLAOFTAdapter):
-            try:
-                self.adapter.normalized_proprio(observation.proprio)       # refuse a missing / bad state up front
-            except ValueError as error:
-                raise ObservationError(str(error)) from error
-            out = self.adapter.step(images, observation.instruction, observation.proprio, **common)
-        else:
-            out = self.adapter.step(images, observation.instruction, **common)
-        actions = self.adapter.unnormalize(out.normalized)
-        if self.gripper == 'libero':
-            actions = action_ops.libero_gripper(actions)
-        self.step_index += 1
-        record = out.result.record
-        info = {'method': self.method_name, 'step_index': self.step_index - 1, 'model': self.kind,
-                'unnorm_key': self.adapter.unnorm_key, 'normalized_actions': out.normalized.astype(np.float32),
-                **out.info}
-        return PolicyOutput(actions=np.asarray(actions, dtype=np.float32), latency_s=time.perf_counter() - started,
-                            record=record, info=info)
+        try:
+            return dataclass_from_mapping(cls, values, what='adapter option(s)')
+        except UnknownFieldsError as error:
+            raise ValueError(f'{source}: {error}') from None
 
 
 def read_options(directory: str | Path, overrides: Optional[dict[str, Any]] = None) -> AdapterOptions:
@@ -127,9 +75,12 @@ def load_adapter(directory: str | Path, kind: Optional[str] = None, device: str 
     """The adapter of a checkpoint directory (``kind`` None = detect from the files)."""
     kind = kind or detect_kind(directory)
     options = options or read_options(directory)
+    units = ActionSpec(translation_scale_m=options.translation_scale_m, rotation_scale_rad=options.rotation_scale_rad,
+                       control_period_s=options.control_period_s)
     common = dict(device=device, dtype=dtype, unnorm_key=options.unnorm_key, center_crop=options.center_crop,
                   attn_implementation=options.attn_implementation, normalization=options.normalization,
-                  lowercase_instruction=options.lowercase_instruction)
+                  lowercase_instruction=options.lowercase_instruction, camera_names=options.camera_names,
+                  gripper=options.gripper, action_units=units)
     if options.prompt_template:
         common['prompt_template'] = options.prompt_template
     if kind == 'openvla':
@@ -142,7 +93,7 @@ def load_adapter(directory: str | Path, kind: Optional[str] = None, device: str 
 
 def load_adapter_policy(directory: str | Path, kind: Optional[str] = None, method: str = 'none',
                         method_config: Optional[dict] = None, device: str = 'auto', dtype: str = 'auto',
-                        unnorm_key: Optional[str] = None, seed: int = 0, **options: Any) -> AdapterPolicy:
+                        unnorm_key: Optional[str] = None, seed: int = 0, **options: Any) -> PrunablePolicy:
     """A ready ``Policy`` for an OpenVLA / OpenVLA-OFT checkpoint directory.
 
     ``kind``: 'openvla', 'openvla-oft' or None (detect). ``method`` / ``method_config``: a pruning method of
@@ -150,28 +101,6 @@ def load_adapter_policy(directory: str | Path, kind: Optional[str] = None, metho
     (bf16 on CUDA, fp32 on CPU), 'float32', 'bfloat16', 'float16'. Further keyword arguments are
     :class:`AdapterOptions` fields; they override ``specprune_adapter.json``.
     """
-    from specprune_ros.pruning import build_method
     opts = read_options(directory, {**options, 'unnorm_key': unnorm_key})
     adapter = load_adapter(directory, kind=kind, device=device, dtype=dtype, options=opts)
-    spec = ActionSpec(chunk_size=getattr(adapter, 'chunk_size', 1), action_dim=adapter.action_dim,
-                      translation_scale_m=opts.translation_scale_m, rotation_scale_rad=opts.rotation_scale_rad,
-                      control_period_s=opts.control_period_s)
-    return AdapterPolicy(adapter, build_method(method, method_config, seed=seed), camera_names=opts.camera_names,
-                         gripper=opts.gripper, action_spec=spec)
-
-
-def load_policy_if_adapter(model: str, method: str = 'none', method_config: Optional[dict] = None,
-                           device: str = 'cpu', dtype: str = 'float32', seed: int = 0) -> Optional[AdapterPolicy]:
-    """For ``policy.loading.load_policy``: the adapter policy when ``model`` is a directory holding an OpenVLA /
-    OpenVLA-OFT checkpoint (judged by its ``config.json``), else None (the reference VLA path handles it, and its
-    errors, e.g. a missing directory)."""
-    if model in ('reference', 'tiny-random'):
-        return None
-    directory = Path(model).expanduser()
-    if not (directory / 'config.json').is_file():
-        return None
-    kind = detect_kind(directory)
-    if kind == 'reference':
-        return None
-    return load_adapter_policy(directory, kind=kind, method=method, method_config=method_config, device=device,
-                               dtype=dtype, seed=seed)
+    return PrunablePolicy(adapter, build_method(method, method_config, seed=seed))

@@ -35,7 +35,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from specprune_ros.adapters.preprocessing import ImageTransform
 from specprune_ros.adapters.vit import ViTSpec, timm_spec
-from specprune_ros.policy.checkpoint import CheckpointError
+from specprune_ros.policy.errors import CheckpointError
 
 CONFIG_FILE = 'config.json'
 INDEX_FILE = 'model.safetensors.index.json'

@@ -6,6 +6,8 @@ otherwise replace bad bytes with U+FFFD and hand over a plausible-looking string
 from __future__ import annotations
 
 import struct
+from collections import deque
+from typing import Hashable
 
 # CDR encapsulation identifiers (first two bytes of a serialized message, big-endian on the wire).
 _PLAIN = {0x0000: '>', 0x0001: '<', 0x0006: '>', 0x0007: '<'}   # CDR_BE/LE, PLAIN_CDR2_BE/LE
@@ -64,3 +66,17 @@ def validate_instruction(raw: bytes | str, max_bytes: int) -> str:
     if not text:
         raise InstructionError('instruction_empty', 'instruction is empty or whitespace only')
     return text
+
+
+class DuplicateFilter:
+    """Recognises a message seen before (the instruction arrives on two subscriptions: latched and volatile)."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._seen: deque[Hashable] = deque(maxlen=size)
+
+    def seen(self, key: Hashable) -> bool:
+        """True when ``key`` (publisher and sequence number of a message) came before; remembers it."""
+        if key in self._seen:
+            return True
+        self._seen.append(key)
+        return False

@@ -1,0 +1,1 @@
+"""Training the reference VLA and collecting its demonstrations in the simulator."""
