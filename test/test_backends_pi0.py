@@ -8,12 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from specprune_ros.adapters.pi0.backend import Pi0Backend
 from specprune_ros.adapters.pi0.checkpoint import is_pi0_directory, load_checkpoint
 from specprune_ros.adapters.pi0.inference import Pi0Inference
 from specprune_ros.adapters.pi0.processing import FeatureStats, discretise_state, resize_with_pad
 from specprune_ros.adapters.pi0.tiny import write_tiny_checkpoint
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
-from specprune_ros.policy.checkpoint import CheckpointError
+from specprune_ros.models.loading import load_policy
+from specprune_ros.policy.errors import CheckpointError, ObservationError
+from specprune_ros.policy.interface import Observation
 from specprune_ros.pruning import build_method
 from specprune_ros.pruning.registry import available_methods
 
@@ -314,3 +317,57 @@ def test_specprune_on_action_rows_prunes_in_the_pass(pi0_dir):
         _, result, _ = model.run(inp, method, model.context(inp, step_index=step, instruction=INSTRUCTION))
         assert 'error' not in result.record.info, result.record.info.get('error')
     assert result.record.visual_kept_per_layer[-1] < inp.layout.num_visual
+
+
+# -- behind the Policy interface -------------------------------------------------------------------------------
+
+
+def observation(step: int = 0, names=('base_0_rgb', 'left_wrist_0_rgb'), proprio='default') -> Observation:
+    return Observation(images=dict(zip(names, images(step))), instruction=INSTRUCTION,
+                       proprio=state(step) if isinstance(proprio, str) else proprio)
+
+
+def test_load_policy_by_directory_predicts_unnormalised_chunks(pi0_dir):
+    policy = load_policy(str(pi0_dir), method='specprune', dtype='float32')
+    assert isinstance(policy.backend, Pi0Backend) and policy.backend.name == 'pi0'
+    assert policy.camera_names == ('base_0_rgb', 'left_wrist_0_rgb') and policy.proprio_dim == 8
+    assert policy.action_spec.chunk_size == 50 and policy.action_spec.action_dim == 7
+    outputs = [policy.predict(observation(step)) for step in range(3)]
+    out = outputs[-1]
+    assert out.actions.shape == (50, 7) and np.isfinite(out.actions).all()
+    assert out.info['model'] == 'pi0' and out.info['method'] == 'specprune' and out.info['step_index'] == 2
+    np.testing.assert_allclose(out.actions, policy.backend.inference.unnormalize(out.info['normalized_actions']),
+                               rtol=1e-6)
+    assert out.record.mean_visual_kept < 32
+    policy.reset()
+    assert policy.predict(observation()).info['step_index'] == 0
+
+
+def test_policy_refuses_bad_observations(pi0_dir):
+    policy = load_policy(str(pi0_dir), dtype='float32')
+    with pytest.raises(ObservationError, match='robot state'):
+        policy.predict(observation(proprio=None))
+    with pytest.raises(ObservationError, match='NaN'):
+        policy.predict(observation(proprio=np.full(8, np.nan)))
+    with pytest.raises(ObservationError, match='left_wrist_0_rgb'):
+        policy.predict(Observation(images={'base_0_rgb': images()[0]}, instruction=INSTRUCTION, proprio=state()))
+
+
+def test_options_map_robot_cameras_and_fix_the_noise(pi05_dir, tmp_path):
+    directory = _broken(pi05_dir, tmp_path, 'with_options')
+    (directory / 'specprune_adapter.json').write_text(json.dumps(
+        {'camera_map': {'base_0_rgb': 'agentview'}, 'noise_seed': 7, 'control_period_s': 0.05}))
+    first = load_policy(str(directory), dtype='float32')
+    assert first.camera_names == ('agentview',) and first.action_spec.control_period_s == 0.05
+    obs = Observation(images={'agentview': images()[0]}, instruction=INSTRUCTION, proprio=state())
+    a = first.predict(obs)
+    assert a.record.layout.num_cameras == 1 and a.actions.shape == (50, 7)
+    again = load_policy(str(directory), dtype='float32').predict(obs)
+    np.testing.assert_array_equal(a.actions, again.actions)            # same seed, same noise, same chunk
+    assert np.abs(first.predict(obs).actions - a.actions).max() > 1e-4  # the next draw differs
+    (directory / 'specprune_adapter.json').write_text(json.dumps({'camera_map': {'front': 'agentview'}}))
+    with pytest.raises(ValueError, match='front'):
+        load_policy(str(directory), dtype='float32')
+    (directory / 'specprune_adapter.json').write_text(json.dumps({'cameras': ['agentview']}))
+    with pytest.raises(CheckpointError, match='specprune_adapter.json'):
+        load_policy(str(directory), dtype='float32')

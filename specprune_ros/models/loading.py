@@ -8,6 +8,8 @@ from typing import Optional
 import torch
 
 from specprune_ros.adapters.factory import load_adapter_policy
+from specprune_ros.adapters.pi0.backend import load_pi0_policy
+from specprune_ros.adapters.pi0.checkpoint import is_pi0_directory
 from specprune_ros.adapters.published_checkpoint import detect_kind
 from specprune_ros.policy.errors import CheckpointError
 from specprune_ros.policy.interface import Policy
@@ -47,9 +49,13 @@ def load_policy(model: str, method: str = 'none', method_config: Optional[dict] 
                 dtype: str = 'float32', seed: int = 0) -> Policy:
     """A policy ready for ``predict``: the model plus the named pruning method (see ``specprune_ros.pruning``).
 
-    ``model`` may also be a published OpenVLA / OpenVLA-OFT checkpoint directory (see ``specprune_ros.adapters``).
+    ``model`` may also be a published OpenVLA / OpenVLA-OFT checkpoint directory (see ``specprune_ros.adapters``) or a
+    LeRobot pi0 / pi0.5 one (see ``specprune_ros.adapters.pi0``).
     """
     kind = published_kind(model)
+    if kind == 'pi0':
+        return load_pi0_policy(Path(model).expanduser(), method=method, method_config=method_config, device=device,
+                               dtype=dtype, seed=seed)
     if kind is not None:
         return load_adapter_policy(Path(model).expanduser(), kind=kind, method=method, method_config=method_config,
                                    device=device, dtype=dtype, seed=seed)
@@ -58,12 +64,15 @@ def load_policy(model: str, method: str = 'none', method_config: Optional[dict] 
 
 
 def published_kind(model: str) -> Optional[str]:
-    """'openvla' / 'openvla-oft' when ``model`` is a directory holding such a checkpoint (judged by its
-    ``config.json``), else None (the reference VLA path handles it, and its errors, e.g. a missing directory)."""
+    """'openvla' / 'openvla-oft' / 'pi0' (LeRobot's pi0 or pi0.5) when ``model`` is a directory holding such a
+    checkpoint (judged by its ``config.json``), else None (the reference VLA path handles it, and its errors, e.g. a
+    missing directory)."""
     if model in ('reference', 'tiny-random'):
         return None
     directory = Path(model).expanduser()
     if not (directory / 'config.json').is_file():
         return None
+    if is_pi0_directory(directory):
+        return 'pi0'
     kind = detect_kind(directory)
     return None if kind == 'reference' else kind

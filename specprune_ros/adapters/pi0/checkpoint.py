@@ -19,12 +19,12 @@ from typing import Any, Optional
 
 import torch
 
-from specprune_ros.adapters.checkpoint import (CONFIG_FILE, _check_directory, _read_json, _weight_map,
-                                               assert_materialised, assign_state, read_state)
+from specprune_ros.adapters.published_checkpoint import (CONFIG_FILE, _check_directory, _read_json, _weight_map,
+                                                         assert_materialised, assign_state, read_state)
 from specprune_ros.adapters.pi0.configuration import POLICY_TYPES, Pi0Config, parse_config
 from specprune_ros.adapters.pi0.modeling import Pi0Model
 from specprune_ros.adapters.pi0.processing import Normalization, load_tokenizer
-from specprune_ros.policy.checkpoint import CheckpointError
+from specprune_ros.policy.errors import CheckpointError
 
 _VISION_OLD = 'paligemma_with_expert.paligemma.model.vision_tower.vision_model.'
 _VISION_NEW = 'paligemma_with_expert.paligemma.model.vision_tower.'

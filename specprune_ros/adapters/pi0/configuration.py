@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from specprune_ros.policy.checkpoint import CheckpointError
+from specprune_ros.policy.errors import CheckpointError
 
 POLICY_TYPES = ('pi0', 'pi05')
 NORM_MODES = ('IDENTITY', 'MEAN_STD', 'MIN_MAX', 'QUANTILES', 'QUANTILE10')

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from specprune_ros.adapters.checkpoint import _read_json
+from specprune_ros.adapters.published_checkpoint import _read_json
 from specprune_ros.adapters.pi0.configuration import ACTION_KEY, STATE_KEY
-from specprune_ros.policy.checkpoint import CheckpointError
+from specprune_ros.policy.errors import CheckpointError
 
 PREPROCESSOR_FILE = 'policy_preprocessor.json'
 POSTPROCESSOR_FILE = 'policy_postprocessor.json'
