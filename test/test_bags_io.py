@@ -25,7 +25,7 @@ def bags(tmp_path_factory):
     base = tmp_path_factory.mktemp('bags')
     mcap = record_sim_bag(base / 'expert_mcap', SimBagOptions(seeds=(SEED,), max_steps=STEPS, storage='mcap'))
     sqlite = record_sim_bag(base / 'expert_sqlite3', SimBagOptions(seeds=(SEED,), max_steps=STEPS, storage='sqlite3',
-                                                                    compressed=True))
+                                                                   compressed=True))
     return {'base': base, 'mcap': mcap, 'sqlite3': sqlite}
 
 

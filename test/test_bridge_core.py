@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from specprune_ros.bridge.conversions import (CommandUnits, action_to_twist, aligned_start_ns, command_to_action,
-                                               down_facing_quaternion, finger_joint_positions, gripper_action_to_value,
-                                               gripper_value_to_action, twist_to_action)
+                                              down_facing_quaternion, finger_joint_positions, gripper_action_to_value,
+                                              gripper_value_to_action, twist_to_action)
 from specprune_ros.bridge.episodes import (EpisodeLog, EpisodeSpec, episode_plan, markdown_summary, mean_abs_jerk,
                                            summarize_outcomes, write_summary)
 from specprune_ros.bridge.realtime import CommandTimeline

@@ -1,4 +1,5 @@
 """The ROS packaging itself: package.xml, setup.py entry points, and (under colcon test) the install tree."""
+import argparse
 import ast
 import importlib
 import os
@@ -120,8 +121,6 @@ class _Captured(Exception):
 
 def _capture_parser(monkeypatch, run) -> 'argparse.ArgumentParser':
     """The parser a command builds: its ``parse_args`` raises instead of parsing."""
-    import argparse
-
     def capture(self, *args, **kwargs):
         raise _Captured(self)
     monkeypatch.setattr(argparse.ArgumentParser, 'parse_args', capture)

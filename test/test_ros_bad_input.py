@@ -148,6 +148,7 @@ def test_bad_input_gives_a_zero_twist_at_the_next_tick_and_valid_input_resumes(s
     first_zero = probe.wait_for(
         lambda: next((t for t, m in probe.twists if t >= started and not any(twist_values(m))), None), 2.0)
     assert first_zero is not None and first_zero - started <= NEXT_TICK_S, (kind, first_zero and first_zero - started)
+
     def counted(message, values):
         return (values['hold reason'].startswith('invalid input')
                 and int(values.get(f'input errors: {counter}', 0)) > int(before.get(f'input errors: {counter}', 0)))

@@ -1,9 +1,5 @@
 """Demonstration dataset: write/read round trip, a tiny real collection, and episode pictures."""
 import json
-import os
-
-os.environ.setdefault('MUJOCO_GL', 'egl')
-
 import numpy as np
 import pytest
 

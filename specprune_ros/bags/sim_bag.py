@@ -35,7 +35,7 @@ class SimBagOptions:
     start_s: float = 100.0
     episode_gap_s: float = 5.0
     camera_topics: dict = field(default_factory=lambda: {'agentview': '/camera/agentview/image_raw',
-                                                        'wrist': '/camera/wrist/image_raw'})
+                                                         'wrist': '/camera/wrist/image_raw'})
     finger_joints: Sequence[str] = ('finger_joint1', 'finger_joint2')
     chunk_topic: str = '/specprune_node/action_chunk'
     inference_topic: str = '/specprune_node/inference'   # policy actor: one record per inference, as the node's

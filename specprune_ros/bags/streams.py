@@ -50,7 +50,7 @@ class StreamTopics:
     """Which topics hold what (names are made absolute). Empty optional names switch that stream off."""
 
     cameras: dict = field(default_factory=lambda: {'agentview': '/camera/agentview/image_raw',
-                                                    'wrist': '/camera/wrist/image_raw'})
+                                                   'wrist': '/camera/wrist/image_raw'})
     instruction: str = '/instruction'
     ee_pose: str = '/ee_pose'
     gripper_state: str = '/gripper_state'
@@ -314,4 +314,3 @@ def command_timeline(twists: list, gripper_commands: list, units: CommandUnits) 
         gripper = gripper_value_to_action(gripper_commands[g_index][1], units) if g_index >= 0 else -1.0
         out.append((twists[last][0], command_to_action(twists[last][2], gripper, units)))
     return out
-

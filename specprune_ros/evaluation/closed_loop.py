@@ -182,7 +182,8 @@ def markdown_table(summaries: Sequence[dict]) -> str:
     for summary in summaries:
         rows = [*summary['families'].items(), ('all', summary['overall'])]
         for family, s in rows:
-            lines.append(f"| {summary['label']} | {family} | {s['success_rate'] * 100:.1f}% ({s['successes']}/{s['episodes']}) "
+            lines.append(f"| {summary['label']} | {family} "
+                         f"| {s['success_rate'] * 100:.1f}% ({s['successes']}/{s['episodes']}) "
                          f"| {s['ci95'][0] * 100:.1f}-{s['ci95'][1] * 100:.1f}% | {s['mean_length']:.1f} "
                          f"| {s['latency_ms_median']:.1f} | {s['latency_ms_p95']:.1f} | {s['mean_visual_kept']:.1f} "
                          f"| {s['flops_ratio'] * 100:.0f}% |")

@@ -169,7 +169,8 @@ class ReferenceVLA(nn.Module):
         self.runner = PrunableDecoderRunner(decoder)
         self.action_head = nn.Sequential(
             nn.LayerNorm(config.action_dim * d), nn.Linear(config.action_dim * d, config.head_hidden), nn.GELU(),
-            nn.Linear(config.head_hidden, config.head_hidden), nn.GELU(), nn.Linear(config.head_hidden, config.action_dim))
+            nn.Linear(config.head_hidden, config.head_hidden), nn.GELU(),
+            nn.Linear(config.head_hidden, config.action_dim))
         self.localisation_head = nn.Linear(d, LOCALISATION_DIMS)
         self.pointer_head = nn.Linear(d, 2)          # (named object, goal) logits per patch of camera 0
         self.pointed_embedding = None
@@ -195,7 +196,8 @@ class ReferenceVLA(nn.Module):
         actions = proprio + 1
         return TokenLayout(num_tokens=actions + c.chunk_size * c.action_dim, camera_spans=cams,
                            grid_shape=(c.grid, c.grid), text_span=(text_start, text_start + num_words),
-                           proprio_span=(proprio, proprio + 1), action_span=(actions, actions + c.chunk_size * c.action_dim),
+                           proprio_span=(proprio, proprio + 1),
+                           action_span=(actions, actions + c.chunk_size * c.action_dim),
                            causal=False)
 
     def embed(self, images: torch.Tensor, word_ids: torch.Tensor, proprio: torch.Tensor,

@@ -7,7 +7,6 @@ import threading
 import time
 from typing import Any, Iterable, Optional
 
-import rclpy
 from rcl_interfaces.msg import ParameterType
 from rcl_interfaces.srv import GetParameters
 from rclpy.executors import SingleThreadedExecutor

@@ -42,8 +42,8 @@ from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
 from specprune_ros.bridge.conversions import (CommandUnits, aligned_start_ns, command_to_action,
-                                               down_facing_quaternion, finger_joint_positions,
-                                               gripper_value_to_action, seconds_to_ns, stamp_parts)
+                                              down_facing_quaternion, finger_joint_positions,
+                                              gripper_value_to_action, seconds_to_ns, stamp_parts)
 from specprune_ros.bridge.episodes import (EpisodeLog, EpisodeOutcome, EpisodeSpec, episode_plan,
                                            markdown_summary, summarize_outcomes, write_summary)
 from specprune_ros.bridge.realtime import CommandTimeline

@@ -75,7 +75,8 @@ def localisation_targets(episode) -> tuple[np.ndarray, np.ndarray]:
 
     From the episode's task layout (``sample_task(family, seed)``), or for a recovery demonstration the target's
     position when the expert took over (``meta['start_target_xy']``); object targets hold until the tcp first
-    comes within REACHED_XY of the object below REACHED_Z; goal targets (plate or zone) hold throughout (none for pick)."""
+    comes within REACHED_XY of the object below REACHED_Z; goal targets (plate or zone) hold throughout (none for
+    pick)."""
     spec, layout = sample_task(episode.family, episode.seed)
     steps = len(episode)
     targets = np.zeros((steps, LOCALISATION_DIMS), dtype=np.float32)
@@ -381,4 +382,3 @@ def validation_losses(model: ReferenceVLA, bank: 'DemoBank', rows: np.ndarray, b
         losses = [training_losses(model, bank.batch(rows[i:i + 64]), bf16) for i in range(0, len(rows), 64)]
     model.train()
     return {name: float(np.mean([batch[name].item() for batch in losses])) for name in losses[0]}
-
