@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Acceptance check: the closed loop over ROS topics (policy node + sim bridge, step-synchronous mode) scores
-the same as the ROS-free harness (``scripts/run_closed_loop.py``) on the same seeds.
+r"""Acceptance check.
 
-    python scripts/compare_ros_vs_harness.py --model reference --method none --episodes-per-family 10 \\
+The closed loop over ROS topics (policy node + sim bridge, step-synchronous mode) scores the same as the ROS-free
+harness (``scripts/run_closed_loop.py``) on the same seeds.
+
+    python scripts/compare_ros_vs_harness.py --model reference --method none --episodes-per-family 10 \
         --out outputs/compare
 
 Both run the same episodes (families x seeds from --seed-start) with the same execution scheme (a chunk of 8

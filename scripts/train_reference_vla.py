@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Train the reference VLA on a demonstration directory (see specprune_ros.training.demonstrations) and export it.
+r"""Train the reference VLA on a demonstration directory (see specprune_ros.training.demonstrations) and export it.
 
-    python scripts/train_reference_vla.py --data data/demos --out outputs/train \\
+    python scripts/train_reference_vla.py --data data/demos --out outputs/train \
         --export specprune_ros/assets/reference_vla --steps 6000 --max-minutes 110
 Resumable: rerun with --resume to continue from outputs/train/train_state.pt, or --init-from a checkpoint
 directory to continue from exported weights (fresh optimizer) when the training state is gone.

@@ -1,5 +1,8 @@
-"""Bags without DDS: simulator episodes written to real MCAP and sqlite3 files and read back (frames, robot
-state, commands), custom message definitions, and bad bags failing with a clear message, never a traceback."""
+"""Bags without DDS.
+
+Simulator episodes written to real MCAP and sqlite3 files and read back (frames, robot state, commands), custom message
+definitions, and bad bags failing with a clear message, never a traceback.
+"""
 from __future__ import annotations
 
 import shutil

@@ -1,5 +1,8 @@
-"""The ROS-free core of the sim bridge: command <-> action conversion, the step-synchronous tick gate, the
-real-time command timeline, episode bookkeeping and summaries, settings and the sim launch configuration."""
+"""The ROS-free core of the sim bridge.
+
+Command <-> action conversion, the step-synchronous tick gate, the real-time command timeline, episode bookkeeping and
+summaries, settings and the sim launch configuration.
+"""
 from __future__ import annotations
 
 import ast

@@ -158,8 +158,11 @@ EXAMPLE = re.compile(r'^\s*(python3? (?P<script>\S+\.py)|python3? -m (?P<module>
 
 
 def _check_example_commands(text: str, where: str) -> list[str]:
-    """Problems with the example command lines in ``text``: a command that does not exist, or a line whose
-    continuation backslash was swallowed (the next line's indentation ends up inside it)."""
+    """Problems with the example command lines in ``text``.
+
+    A command that does not exist, or a line whose continuation backslash was swallowed (the next line's indentation
+    ends up inside it).
+    """
     problems = []
     scripts = console_scripts()
     lines = text.splitlines()

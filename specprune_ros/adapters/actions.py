@@ -75,8 +75,10 @@ def normalize_proprio(proprio: np.ndarray, stats: Mapping[str, Any], kind: Norma
 
 
 def resolve_unnorm_key(norm_stats: Mapping[str, Any], key: Optional[str]) -> str:
-    """The dataset key to un-normalise with: ``key`` (or ``key + '_no_noops'``, as the OFT LIBERO evaluation), or
-    the only key when there is one."""
+    """The dataset key to un-normalise with.
+
+    ``key`` (or ``key + '_no_noops'``, as the OFT LIBERO evaluation), or the only key when there is one.
+    """
     if not norm_stats:
         raise NormStatsError('the checkpoint has no dataset statistics (norm_stats / dataset_statistics.json)')
     if not key:

@@ -1,5 +1,7 @@
-"""Record simulated episodes straight into a bag, without DDS: the topics and stamps the sim bridge publishes,
-plus the commands an actor (the scripted expert, or a policy run as the ROS-free harness runs it) executed.
+"""Record simulated episodes straight into a bag, without DDS.
+
+The topics and stamps the sim bridge publishes, plus the commands an actor (the scripted expert, or a policy run as the
+ROS-free harness runs it) executed.
 
 Layout per control tick ``t`` (sim time, ``start_ns + k * 0.1 s``): ``/ee_pose`` and ``/gripper_state``
 stamped ``t``, ``/clock = t``, the camera frames stamped ``t`` (raw ``Image`` or JPEG ``CompressedImage``),

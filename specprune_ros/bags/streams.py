@@ -1,5 +1,7 @@
-"""Observation streams out of a bag: synchronized camera frames with the instruction, the robot state and,
-when the bag has them, the commands that were executed and the chunks the policy node computed.
+"""Observation streams out of a bag.
+
+Synchronized camera frames with the instruction, the robot state and, when the bag has them, the commands that were
+executed and the chunks the policy node computed.
 
 Frames are paired by ``header.stamp``: every frame of the first camera, with the nearest-stamped frame of
 each other camera (within ``max_camera_skew_s``; a frame re-sent with the same stamp counts once). The
@@ -292,9 +294,11 @@ def load_streams(path: str | Path, topics: Optional[StreamTopics] = None, image_
 
 
 def command_timeline(twists: list, gripper_commands: list, units: CommandUnits) -> list:
-    """(stamp ns, normalised 7-D action) per commanded instant: of the twists sharing a header stamp, the last
-    received (a servo applies the latest); the gripper is the newest gripper command recorded before the next
-    instant's first twist (bag time)."""
+    """(stamp ns, normalised 7-D action) per commanded instant.
+
+    Of the twists sharing a header stamp, the last received (a servo applies the latest); the gripper is the newest
+    gripper command recorded before the next instant's first twist (bag time).
+    """
     order = sorted(range(len(twists)), key=lambda i: (twists[i][0], twists[i][1], i))
     groups: list[list[int]] = []
     for i in order:

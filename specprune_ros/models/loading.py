@@ -1,5 +1,8 @@
-"""Build a ready-to-run policy by name: the trained reference VLA, a tiny random one, or a checkpoint directory
-(the reference VLA's, a published OpenVLA / OpenVLA-OFT one, or a LeRobot pi0 / pi0.5 one)."""
+"""Build a ready-to-run policy by name.
+
+The trained reference VLA, a tiny random one, or a checkpoint directory (the reference VLA's, a published OpenVLA /
+OpenVLA-OFT one, or a LeRobot pi0 / pi0.5 one).
+"""
 from __future__ import annotations
 
 from pathlib import Path

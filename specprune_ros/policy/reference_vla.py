@@ -103,7 +103,8 @@ class PatchEncoder(nn.Module):
     """Convolutional stem: (B, 3, H, W) uint8-range images -> (B, grid*grid, channels) patch features.
 
     With ``film`` (B, 2 * sum(channels)) scales and shifts, each stage's normalised features become
-    ``x * (1 + scale) + shift`` (FiLM), so the instruction decides what the stem emphasises."""
+    ``x * (1 + scale) + shift`` (FiLM), so the instruction decides what the stem emphasises.
+    """
 
     def __init__(self, channels: tuple[int, ...]) -> None:
         super().__init__()
@@ -205,7 +206,8 @@ class ReferenceVLA(nn.Module):
         """Decoder input embeddings (B, N, d) from images (B, cams, 3, H, W) uint8, word ids (B, max_words), proprio.
 
         ``with_pointing``: also return the pointing head's logits (B, 2, patches) over camera 0's patch tokens
-        (named object, goal), computed before those tokens are marked with them."""
+        (named object, goal), computed before those tokens are marked with them.
+        """
         batch, cams = images.shape[:2]
         words = self.word_embedding(word_ids)
         film = None

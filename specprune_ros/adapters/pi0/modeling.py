@@ -1,4 +1,4 @@
-"""pi0 / pi0.5 built from transformers' SigLIP and Gemma modules, with LeRobot's parameter names.
+r"""pi0 / pi0.5 built from transformers' SigLIP and Gemma modules, with LeRobot's parameter names.
 
 Module tree (the names of LeRobot's ``model.safetensors``, without its leading ``model.``)::
 
@@ -11,7 +11,7 @@ Module tree (the names of LeRobot's ``model.safetensors``, without its leading `
     pi0.5: time_mlp_in, time_mlp_out                            time -> adaRMS condition of every expert norm
 
 Sequence of one inference: prefix = each camera's 256 SigLIP tokens, then the prompt (BOS + task + newline; pi0.5:
-"Task: ..., State: <discretised state>;\\nAction: "), all attending to each other; suffix = (pi0: one state token)
+"Task: ..., State: <discretised state>;\nAction: "), all attending to each other; suffix = (pi0: one state token)
 + the chunk's 50 noisy-action tokens at positions after the prefix; the state token sees the prefix and itself, the
 action tokens see the prefix, the state token and each other. The prefix never sees the suffix, so its keys/values
 are computed once; ``num_inference_steps`` Euler steps integrate the predicted velocity from t = 1 (noise) to 0.
