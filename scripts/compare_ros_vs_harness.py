@@ -25,8 +25,10 @@ from specprune_ros.command_line import HelpFormatter
 
 
 class ActionCheck:
-    """The harness's execution loop (``closed_loop.run_episode``: a chunk executed open loop, then re-plan),
-    keeping every applied action, to compare with what the sim bridge applied."""
+    """The harness's execution loop, keeping every applied action to compare with what the sim bridge applied.
+
+    As ``closed_loop.run_episode``: a chunk executed open loop, then re-plan.
+    """
 
     def __init__(self, model: str, method: str, method_config) -> None:
         import torch

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-r"""Replay a bag live onto its topics with the original timing (``ros2 bag play`` is not installable here;
-on a robot, ``ros2 bag play --clock <bag>`` drives the node the same way).
+r"""Replay a bag live onto its topics with the original timing.
+
+``ros2 bag play`` is not installable here; on a robot, ``ros2 bag play --clock <bag>`` drives the node the same way.
 
     # the policy node on sim time, fed from a recorded episode; its actions recorded to a second bag
     python scripts/record_bag.py outputs/bags/actions --use-sim-time \

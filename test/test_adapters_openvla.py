@@ -26,7 +26,7 @@ def adapter(directory):
 
 
 def openvla_action_tokens(actions: np.ndarray, vocab_size: int, n_bins: int) -> np.ndarray:
-    """OpenVLA's action tokenizer (normalised actions -> token ids), the inverse the detokeniser must match."""
+    """The action tokenizer of OpenVLA (normalised actions -> token ids), the inverse the detokeniser must match."""
     edges = np.linspace(-1.0, 1.0, n_bins)
     return vocab_size - np.digitize(np.clip(np.asarray(actions, dtype=np.float64), -1.0, 1.0), edges)
 

@@ -89,8 +89,10 @@ def test_function_level_imports_of_other_packages_say_why():
 
 
 def test_the_function_level_import_check_sees_one():
-    """The scan finds an import of another package inside a function, not one of the package's own modules nor
-    one at module level."""
+    """The scan finds an import of another package inside a function.
+
+    It does not report one of the package's own modules nor one at module level.
+    """
     source = ('from specprune_ros.pruning import build_method\n\n\ndef f():\n'
               '    from specprune_ros.sim import scene\n    from specprune_ros.core import masks\n')
     assert function_level_imports(source, 'specprune_ros.core') == [(5, 'specprune_ros.sim')]

@@ -66,8 +66,11 @@ class EncodedPrompt:
 
 
 class DeferredEndStep:
-    """Wraps a pruning method so that ``end_step`` runs after the adapter finished the step (OpenVLA: after the
-    autoregressive decode, once the generated action tokens' attention has been merged into the record)."""
+    """Wraps a pruning method so that ``end_step`` runs after the adapter finished the step.
+
+    OpenVLA: after the autoregressive decode, once the generated action tokens' attention has been merged into the
+    record.
+    """
 
     def __init__(self, method: PruningMethod) -> None:
         self.method = method
@@ -187,8 +190,10 @@ class PrismaticAdapter(ModelBackend):
     # -- prompt ------------------------------------------------------------------------------------------------
 
     def encode_prompt(self, instruction: str) -> EncodedPrompt:
-        """Token ids of the prompt (BOS first, the empty token '▁' appended as OpenVLA's ``predict_action`` does)
-        and where the instruction's tokens are."""
+        """Token ids of the prompt and where the instruction's tokens are.
+
+        BOS first, the empty token '▁' appended as OpenVLA's ``predict_action`` does.
+        """
         text = instruction.strip()
         if self.lowercase_instruction:
             text = text.lower()

@@ -111,8 +111,10 @@ def _decode(msg, msgtype: str) -> np.ndarray:
 
 
 def decode_other_encoding(msg) -> np.ndarray:
-    """RGB uint8 from a ``sensor_msgs/Image`` in an encoding the node does not take, with ``rosbags-image``
-    (16-bit scaled to 8, Bayer demosaiced, YUV converted); sizes are checked and row padding removed first."""
+    """RGB uint8 from a ``sensor_msgs/Image`` in an encoding the node does not take, with ``rosbags-image``.
+
+    16-bit scaled to 8, Bayer demosaiced, YUV converted; sizes are checked and row padding removed first.
+    """
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
     try:
         _, _, typestr, channels = to_cvtype(msg.encoding)

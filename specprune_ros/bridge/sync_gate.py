@@ -1,4 +1,4 @@
-"""Step-synchronous mode: when has the policy node answered the observation of tick ``k``?
+"""Step-synchronous mode: knowing when the policy node has answered the observation of tick ``k``.
 
 The protocol (the policy node runs with ``use_sim_time: true``; sim time only moves when the bridge says so):
 

@@ -22,7 +22,7 @@ def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0-100), NaN for no values."""
+    """The q-th percentile of ``values`` for q in 0-100, NaN for no values."""
     return float(np.percentile(values, q)) if len(values) else float('nan')
 
 
@@ -60,8 +60,11 @@ def paired_difference(treated: Sequence[bool], control: Sequence[bool],
 
 def median_ratio(numerator: Sequence[float], denominator: Sequence[float], resamples: int = 2000,
                  seed: int = 0) -> tuple[float, float, float]:
-    """``median(numerator) / median(denominator)`` (e.g. a speedup: baseline latencies over a method's) with a
-    95% percentile-bootstrap interval (each sample resampled on its own); NaNs when either sample is empty."""
+    """``median(numerator) / median(denominator)`` with a 95% percentile-bootstrap interval.
+
+    For example a speedup: baseline latencies over a method's. Each sample is resampled on its own; NaNs when either
+    sample is empty.
+    """
     a = np.asarray([v for v in numerator if math.isfinite(v)], dtype=np.float64)
     b = np.asarray([v for v in denominator if math.isfinite(v)], dtype=np.float64)
     if a.size == 0 or b.size == 0 or np.median(b) <= 0:

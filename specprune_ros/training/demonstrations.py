@@ -274,8 +274,10 @@ def sim_fingerprint(image_size: int = 96) -> str:
 
 
 def check_sim_fingerprint(manifest: dict, root: PathLike = 'the dataset', current: Optional[str] = None) -> None:
-    """Raise ValueError unless ``manifest`` was recorded by the current simulator (``current``: its fingerprint,
-    if already computed)."""
+    """Raise ValueError unless ``manifest`` was recorded by the current simulator.
+
+    ``current``: the current simulator's fingerprint, if already computed.
+    """
     recorded = manifest.get('sim_fingerprint')
     current = current or sim_fingerprint(manifest.get('image_size', 96))
     if recorded != current:

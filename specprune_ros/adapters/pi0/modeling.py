@@ -159,8 +159,10 @@ class Pi0Model(nn.Module):
         return self.paligemma_with_expert.gemma_expert.model
 
     def restore_buffers(self, device: torch.device | str) -> None:
-        """Recompute the non-persistent buffers (rotary frequencies, SigLIP position ids, the embedding scale) after
-        building on the meta device."""
+        """Recompute the non-persistent buffers after building on the meta device.
+
+        Rotary frequencies, SigLIP position ids, the embedding scale.
+        """
         self.vlm.rotary_emb = GemmaRotaryEmbedding(config=self.vlm.config).to(device)
         self.expert.rotary_emb = GemmaRotaryEmbedding(config=self.expert.config).to(device)
         embeddings = self.paligemma_with_expert.paligemma.model.vision_tower.embeddings
@@ -229,8 +231,10 @@ class Pi0Model(nn.Module):
 
     @torch.no_grad()
     def joint_pass(self, prefix: torch.Tensor, suffix: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
-        """Prefix (B, N, d) and suffix (B, S, d_e) through both weight sets with one attention per layer over all
-        N + S tokens (eager softmax, at least float32); returns the expert's final-normed suffix states."""
+        """Prefix (B, N, d) and suffix (B, S, d_e) through both weight sets, one attention per layer over all tokens.
+
+        Eager softmax over the N + S tokens, at least float32; returns the expert's final-normed suffix states.
+        """
         vlm, expert = self.vlm, self.expert
         batch, n, _ = prefix.shape
         s = suffix.shape[1]
