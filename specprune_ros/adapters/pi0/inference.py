@@ -121,7 +121,7 @@ class Pi0Inference:
 
     def encode(self, images: Sequence[np.ndarray] | Mapping[str, np.ndarray], instruction: str,
                proprio: Optional[np.ndarray]) -> Pi0Input:
-        """Prefix embeddings and layout for camera frames (see :meth:`frames_in_order`), the task and the robot state."""
+        """Prefix embeddings and layout for camera frames (see :meth:`frames_in_order`), task and robot state."""
         cfg = self.config
         images = self.frames_in_order(images)
         state = self.normalized_state(proprio)
