@@ -1,8 +1,7 @@
 #!/usr/bin/env python3
-r"""Acceptance check.
+r"""Acceptance check: the closed loop over ROS topics scores the same as the ROS-free harness.
 
-The closed loop over ROS topics (policy node + sim bridge, step-synchronous mode) scores the same as the ROS-free
-harness (``scripts/run_closed_loop.py``) on the same seeds.
+Policy node + sim bridge in step-synchronous mode against ``scripts/run_closed_loop.py``, on the same seeds.
 
     python scripts/compare_ros_vs_harness.py --model reference --method none --episodes-per-family 10 \
         --out outputs/compare

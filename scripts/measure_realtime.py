@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-r"""What latency costs.
+r"""What latency costs: closed-loop episodes where the simulator does not wait for the policy.
 
 The same episodes in real-time mode (the simulator steps every 0.1 s of wall-clock time while the policy node infers)
 for the unpruned policy and pruning methods; optionally step-synchronous too.

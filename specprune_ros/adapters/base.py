@@ -104,10 +104,9 @@ class DeferredEndStep:
 
 
 class PrismaticAdapter(ModelBackend):
-    """Shared machinery.
+    """Shared machinery of :class:`~specprune_ros.adapters.openvla.OpenVLAAdapter` and its OFT variant.
 
-    See :class:`~specprune_ros.adapters.openvla.OpenVLAAdapter` and
-    :class:`~specprune_ros.adapters.openvla_oft.OpenVLAOFTAdapter`.
+    See also :class:`~specprune_ros.adapters.openvla_oft.OpenVLAOFTAdapter`.
 
     Robot-side settings: ``camera_names`` (default ['agentview'] for one image, ['agentview', 'wrist'] for two),
     ``gripper`` ('none' or 'libero': the LIBERO evaluation's convention, binarised, -1 = open, +1 = close) and

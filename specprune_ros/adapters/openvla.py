@@ -144,7 +144,7 @@ class OpenVLAAdapter(PrismaticAdapter):
     def reference_step(self, images: Sequence[np.ndarray], instruction: str) -> tuple[np.ndarray, list[int], list]:
         """Unpruned greedy generation with transformers' own LlamaForCausalLM and KV cache (as ``predict_action``).
 
-        (normalised actions (1, D), token ids, per-token logits).
+        Returns (normalised actions (1, D), token ids, per-token logits).
         """
         embeddings, _, _ = self.sequence(images, instruction)
         lm = self.model.language_model

@@ -127,9 +127,9 @@ class SimBridgeNode(Node):
 
     # --- time ----------------------------------------------------------------------------------------------
     def sim_now_ns(self) -> int:
-        """Real-time mode.
+        """Sim time now in real-time mode (it runs with the wall clock, except while the simulator steps).
 
-        Sim time now (runs with the wall clock, except while the simulator steps); sync mode: not used.
+        Not used in sync mode.
         """
         base = self._sim_base
         if base is None:
@@ -190,9 +190,9 @@ class SimBridgeNode(Node):
             publisher.publish(messages.rgb_image_message(images[name], stamp, f'{name}_optical_frame'))
 
     def publish_observation(self, images: Optional[dict], ns: int, wait_for_timer: bool = False) -> None:
-        """State first, then the clock, then the frames (the node starts inference on new frames); ``images`` None.
+        """State first, then the clock, then the frames (the node starts inference on new frames).
 
-        No frames this tick.
+        ``images`` None: no frames this tick.
 
         ``wait_for_timer`` (sync mode): the frames go out once the node's timer answered the clock advance.
         """

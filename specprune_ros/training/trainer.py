@@ -226,7 +226,7 @@ def random_token_drop(layout: TokenLayout, num_layers: int, min_keep: float,
 
 def training_losses(model: ReferenceVLA, batch: dict[str, torch.Tensor], bf16: bool,
                     schedule: Optional[FixedKeepSchedule] = None) -> dict[str, torch.Tensor]:
-    """Per batch.
+    """The training losses of one batch.
 
     'chunk' (L1 over the action chunk), 'localisation' (masked L1 of the localisation head), 'pointing' (masked
     cross-entropy of the pointing head against soft patch targets) and 'pointing_hit' (share of targets whose most
@@ -340,7 +340,7 @@ def _initial_model(model_config: ReferenceVLAConfig, train_eps: Sequence, init_f
                    ) -> tuple[ReferenceVLA, ReferenceVLAConfig, int]:
     """A fresh model (proprio normalisation from the training episodes) or one warm-started from ``init_from``.
 
-    With its config and the training steps its ancestors took.
+    Returned with its config and the training steps its ancestors took.
     """
     if init_from is None:
         model_config.proprio_mean, model_config.proprio_std = proprio_statistics(train_eps)
