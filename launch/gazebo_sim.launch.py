@@ -1,11 +1,11 @@
-"""Gazebo (gz sim) instead of the MuJoCo bridge: same topic contract, through ros_gz_bridge.
+r"""Gazebo (gz sim) instead of the MuJoCo bridge: same topic contract, through ros_gz_bridge.
 
 UNTESTED HERE: Gazebo, ros_gz and ``ros2 launch`` cannot be installed on the development machine; this file
 only wires standard pieces together. You need: a world with the arm and the two cameras (``world``), the
 topic mapping in ``config/gz_bridge.yaml`` adapted to it, and something that turns the node's end-effector
 twist into joint commands (MoveIt Servo reading ``/delta_twist_cmds``, with gz_ros2_control).
 
-    ros2 launch specprune_ros gazebo_sim.launch.py world:=/path/tabletop.sdf model:=reference \\
+    ros2 launch specprune_ros gazebo_sim.launch.py world:=/path/tabletop.sdf model:=reference \
         method:=specprune instruction:="pick up the red cube"
 """
 import os

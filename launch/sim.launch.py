@@ -1,6 +1,6 @@
-"""Simulation testing: the policy node and the sim bridge (MuJoCo tabletop tasks) on sim time.
+r"""Simulation testing: the policy node and the sim bridge (MuJoCo tabletop tasks) on sim time.
 
-    ros2 launch specprune_ros sim.launch.py model:=reference method:=specprune mode:=sync \\
+    ros2 launch specprune_ros sim.launch.py model:=reference method:=specprune mode:=sync \
         episodes_per_family:=10 summary_path:=/tmp/sim/specprune_sync
     ros2 launch specprune_ros sim.launch.py method:=none mode:=realtime families:=pick
 

@@ -1,7 +1,7 @@
-"""Start specprune_node on a robot: params file, model, method, cameras, namespace and topic remappings.
+r"""Start specprune_node on a robot: params file, model, method, cameras, namespace and topic remappings.
 
-    ros2 launch specprune_ros specprune.launch.py model:=reference method:=specprune \\
-        camera_topics:=/cam_front/image_raw,/cam_wrist/image_raw namespace:=arm \\
+    ros2 launch specprune_ros specprune.launch.py model:=reference method:=specprune \
+        camera_topics:=/cam_front/image_raw,/cam_wrist/image_raw namespace:=arm \
         twist_topic:=/servo_node/delta_twist_cmds use_sim_time:=false
 
 The node configuration itself is built by ``specprune_ros.ros.launch_config.node_setup`` (tested without

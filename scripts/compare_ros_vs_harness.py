@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Acceptance check: the closed loop over ROS topics (policy node + sim bridge, step-synchronous mode) scores
-the same as the ROS-free harness (``scripts/run_closed_loop.py``) on the same seeds.
+r"""Acceptance check: the closed loop over ROS topics scores the same as the ROS-free harness.
 
-    python scripts/compare_ros_vs_harness.py --model reference --method none --episodes-per-family 10 \\
+Policy node + sim bridge in step-synchronous mode against ``scripts/run_closed_loop.py``, on the same seeds.
+
+    python scripts/compare_ros_vs_harness.py --model reference --method none --episodes-per-family 10 \
         --out outputs/compare
 
 Both run the same episodes (families x seeds from --seed-start) with the same execution scheme (a chunk of 8
@@ -23,8 +24,10 @@ from specprune_ros.command_line import HelpFormatter
 
 
 class ActionCheck:
-    """The harness's execution loop (``closed_loop.run_episode``: a chunk executed open loop, then re-plan),
-    keeping every applied action, to compare with what the sim bridge applied."""
+    """The harness's execution loop, keeping every applied action to compare with what the sim bridge applied.
+
+    As ``closed_loop.run_episode``: a chunk executed open loop, then re-plan.
+    """
 
     def __init__(self, model: str, method: str, method_config) -> None:
         import torch

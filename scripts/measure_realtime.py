@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""What latency costs: the same episodes in real-time mode (the simulator steps every 0.1 s of wall-clock time
-while the policy node infers) for the unpruned policy and pruning methods; optionally step-synchronous too.
+r"""What latency costs: closed-loop episodes where the simulator does not wait for the policy.
 
-    python scripts/measure_realtime.py --model reference --methods none specprune vla_pruner \\
+The same episodes in real-time mode (the simulator steps every 0.1 s of wall-clock time while the policy node infers)
+for the unpruned policy and pruning methods; optionally step-synchronous too.
+
+    python scripts/measure_realtime.py --model reference --methods none specprune vla_pruner \
         --families pick --episodes-per-family 5 --out outputs/realtime
 
 Reports per method and mode: success (95% CI), mean |jerk| of the applied end-effector velocity, the share of

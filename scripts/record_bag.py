@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Record a rosbag2 (MCAP by default, sqlite3 on request) without ``ros2 bag``.
+r"""Record a rosbag2 (MCAP by default, sqlite3 on request) without ``ros2 bag``.
 
 Live, from DDS (what ``ros2 bag record`` does; specprune_ros.ros.bag_recorder):
-    python scripts/record_bag.py outputs/bags/run1 --topics /camera/agentview/image_raw /camera/wrist/image_raw \\
+    python scripts/record_bag.py outputs/bags/run1 --topics /camera/agentview/image_raw /camera/wrist/image_raw \
         /instruction /ee_pose /gripper_state /delta_twist_cmds /gripper_command /specprune_node/action_chunk
     python scripts/record_bag.py outputs/bags/all --all --storage sqlite3 --use-sim-time --duration 60
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Replay a bag live onto its topics with the original timing (``ros2 bag play`` is not installable here;
-on a robot, ``ros2 bag play --clock <bag>`` drives the node the same way).
+r"""Replay a bag live onto its topics with the original timing.
+
+``ros2 bag play`` is not installable here; on a robot, ``ros2 bag play --clock <bag>`` drives the node the same way.
 
     # the policy node on sim time, fed from a recorded episode; its actions recorded to a second bag
-    python scripts/record_bag.py outputs/bags/actions --use-sim-time \\
+    python scripts/record_bag.py outputs/bags/actions --use-sim-time \
         --topics /delta_twist_cmds /gripper_command /specprune_node/action_chunk /specprune_node/inference &
-    python scripts/replay_bag.py outputs/bags/episode --clock --wait-for-subscribers 30 \\
+    python scripts/replay_bag.py outputs/bags/episode --clock --wait-for-subscribers 30 \
         --topics /camera/agentview/image_raw /camera/wrist/image_raw /instruction /ee_pose /gripper_state
 
 Options: --rate, --loop, --start-offset SECONDS, --remap OLD:=NEW, --clock (from bag time; run the consumer

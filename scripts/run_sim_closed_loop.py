@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""Simulation testing over real ROS topics: the policy node + the sim bridge (+ a bag recorder), as processes.
+r"""Simulation testing over real ROS topics: the policy node + the sim bridge (+ a bag recorder), as processes.
 
 This is what ``ros2 launch specprune_ros sim.launch.py`` starts, for machines without ``ros2 launch``:
 
-    python scripts/run_sim_closed_loop.py --model reference --method specprune --mode sync \\
+    python scripts/run_sim_closed_loop.py --model reference --method specprune --mode sync \
         --episodes-per-family 10 --summary outputs/sim/specprune_sync
-    python scripts/run_sim_closed_loop.py --model reference --method none --mode realtime --families pick \\
+    python scripts/run_sim_closed_loop.py --model reference --method none --mode realtime --families pick \
         --episodes-per-family 5 --record-bag outputs/bags/sim_run
 
 Prints one line per finished episode, then the bridge's markdown summary (success with 95% CI, jerk, holds,

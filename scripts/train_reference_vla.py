@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Train the reference VLA on a demonstration directory (see specprune_ros.training.demonstrations) and export it.
+r"""Train the reference VLA on a demonstration directory (see specprune_ros.training.demonstrations) and export it.
 
-    python scripts/train_reference_vla.py --data data/demos --out outputs/train \\
+    python scripts/train_reference_vla.py --data data/demos --out outputs/train \
         --export specprune_ros/assets/reference_vla --steps 6000 --max-minutes 110
 Resumable: rerun with --resume to continue from outputs/train/train_state.pt, or --init-from a checkpoint
 directory to continue from exported weights (fresh optimizer) when the training state is gone.
@@ -92,7 +92,8 @@ def main() -> None:
         parser.error(f'--blind-proprio: {unknown} not in the proprio layout {layout}')
     model_config = ReferenceVLAConfig(vocabulary=tuple(manifest['vocabulary']),
                                       camera_names=tuple(manifest['cameras']), image_size=manifest['image_size'],
-                                      proprio_dim=len(manifest['proprio_layout']), hidden_size=args.hidden_size, num_heads=args.num_heads, num_kv_heads=args.num_heads,
+                                      proprio_dim=len(manifest['proprio_layout']), hidden_size=args.hidden_size,
+                                      num_heads=args.num_heads, num_kv_heads=args.num_heads,
                                       num_layers=args.num_layers, mlp_size=args.mlp_size,
                                       blind_proprio=tuple(layout.index(name) for name in blind))
     train_config = TrainConfig(**{name: getattr(args, name) for name in vars(defaults)})

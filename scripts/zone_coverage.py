@@ -76,8 +76,10 @@ class CoverageProbe:
 
 
 def cells_touched(kept: set[int], grid: tuple[int, int]) -> float:
-    """Share of the camera's CELL x CELL-patch cells holding at least one of the ``kept`` patches (row-major
-    indices within the camera; others are ignored)."""
+    """Share of the camera's CELL x CELL-patch cells holding at least one of the ``kept`` patches.
+
+    ``kept``: row-major indices within the camera; others are ignored.
+    """
     rows, cols = grid
     cells = {(k // cols // CELL, k % cols // CELL) for k in kept if 0 <= k < rows * cols}
     return len(cells) / (math.ceil(rows / CELL) * math.ceil(cols / CELL))

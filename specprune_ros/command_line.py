@@ -1,13 +1,18 @@
-"""The ``--help`` layout every command of the package shares: the description and its examples as written
-(line continuations stay), and each option's default after its help text."""
+"""The ``--help`` layout every command of the package shares.
+
+The description and its examples as written (line continuations stay), and each option's default after its help text.
+"""
 from __future__ import annotations
 
 import argparse
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Examples rendered as written; '(default: X)' after every option that has a default worth naming (not
-    for flags, empty values or help texts that already say what the default is)."""
+    """Examples rendered as written.
+
+    '(default: X)' after every option that has a default worth naming (not for flags, empty values or help texts that
+    already say what the default is).
+    """
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ''

@@ -19,7 +19,7 @@ CAMERAS = 2
 
 def make_layout(grid: tuple[int, int] = GRID, cameras: int = CAMERAS, text: int = 6, action: int = 8,
                 causal: bool = False) -> TokenLayout:
-    """[cam 0 patches][cam 1 patches]...[text][proprio][action]"""
+    """[cam 0 patches][cam 1 patches]...[text][proprio][action]."""
     p = grid[0] * grid[1]
     spans = tuple((c * p, (c + 1) * p) for c in range(cameras))
     v = cameras * p

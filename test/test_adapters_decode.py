@@ -33,8 +33,10 @@ PLANS = {
 
 @pytest.mark.parametrize('plan', sorted(PLANS))
 def test_decode_after_pruned_prefill_equals_one_pass_over_the_longer_sequence(plan):
-    """Prefill N tokens with a keep plan and decode NEW more one by one against the cache == one causal pass over
-    the N + NEW tokens with the same plan (the new tokens are never pruned)."""
+    """Prefill N tokens with a keep plan and decode NEW more one by one against the cache.
+
+    The result equals one causal pass over the N + NEW tokens with the same plan (the new tokens are never pruned).
+    """
     runner = PrunableDecoderRunner(make_decoder())
     x = torch.randn(1, N + NEW, HIDDEN)
     with torch.no_grad():

@@ -26,7 +26,7 @@ def adapter(directory):
 
 
 def openvla_action_tokens(actions: np.ndarray, vocab_size: int, n_bins: int) -> np.ndarray:
-    """OpenVLA's action tokenizer (normalised actions -> token ids), the inverse the detokeniser must match."""
+    """The action tokenizer of OpenVLA (normalised actions -> token ids), the inverse the detokeniser must match."""
     edges = np.linspace(-1.0, 1.0, n_bins)
     return vocab_size - np.digitize(np.clip(np.asarray(actions, dtype=np.float64), -1.0, 1.0), edges)
 
@@ -78,8 +78,11 @@ def test_keep_all_executor_equals_the_adapters_own_forward(adapter):
 
 
 def test_pruned_prefill_then_decode_matches_one_pass_over_the_generated_sequence(adapter):
-    """KV cache after a pruned prefill: decoding token by token == re-running the whole sequence with the
-    generated tokens appended and the same visual tokens dropped."""
+    """KV cache after a pruned prefill.
+
+    Decoding token by token == re-running the whole sequence with the generated tokens appended and the same visual
+    tokens dropped.
+    """
     keep = torch.arange(1, 65, 3)
     out = adapter.step(frames(), INSTRUCTION, method=FixedKeepSchedule(keep_before=keep))
     tokens = out.info['action_token_ids']

@@ -51,7 +51,8 @@ def _load(name: str, path: Path, replace: dict | None = None) -> types.ModuleTyp
 
 
 def _remote_model(repo: str, directory: Path, replace: dict | None = None):
-    timm = pytest.importorskip('timm', reason='opt-in parity test: needs timm (pip install timm) and the public OpenVLA checkouts')
+    timm = pytest.importorskip(
+        'timm', reason='opt-in parity test: needs timm (pip install timm) and the public OpenVLA checkouts')
     hf = Path(ROOT) / repo / 'prismatic' / 'extern' / 'hf'
     package = f'remote_{repo.replace("-", "_")}'
     _package(package, hf)

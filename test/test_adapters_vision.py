@@ -125,7 +125,8 @@ def test_bad_frames_and_settings_are_refused():
 
 def test_matches_timm_when_installed():
     """Parity with timm 0.9.x's VisionTransformer + Prismatic's LayerScale patch (skipped without timm)."""
-    timm = pytest.importorskip('timm', reason='timm not installed: the ViT equivalence with timm is checked only where timm exists; shapes are covered by the other tests here')
+    timm = pytest.importorskip('timm', reason='timm not installed: the ViT equivalence with timm is checked only where '
+                                              'timm exists; shapes are covered by the other tests here')
     from timm.models.vision_transformer import LayerScale
     for model_id, overrides in (DINO, SIGLIP):
         ours = make_vit(model_id, overrides)

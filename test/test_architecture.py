@@ -1,5 +1,8 @@
-"""The package's layering: lower layers never import higher ones, only the ROS layer talks to ROS (the contracts in
-``.importlinter``), and a function-level import of another project package says why it is not at the top."""
+"""The package's layering.
+
+Lower layers never import higher ones, only the ROS layer talks to ROS (the contracts in ``.importlinter``), and a
+function-level import of another project package says why it is not at the top.
+"""
 import ast
 import os
 import shutil
@@ -68,8 +71,10 @@ def function_level_imports(source: str, own: str) -> list[tuple[int, str]]:
 
 
 def test_function_level_imports_of_other_packages_say_why():
-    """An import inside a function hides the dependency (and any cycle) from the layer check: it needs a comment on
-    the line itself or just above saying why (an optional heavy dependency)."""
+    """An import inside a function hides the dependency (and any cycle) from the layer check.
+
+    It needs a comment on the line itself or just above saying why (an optional heavy dependency).
+    """
     unexplained = []
     for path in sorted(PACKAGE.rglob('*.py')):
         source = path.read_text()
@@ -84,8 +89,10 @@ def test_function_level_imports_of_other_packages_say_why():
 
 
 def test_the_function_level_import_check_sees_one():
-    """The scan finds an import of another package inside a function, not one of the package's own modules nor
-    one at module level."""
+    """The scan finds an import of another package inside a function.
+
+    It does not report one of the package's own modules nor one at module level.
+    """
     source = ('from specprune_ros.pruning import build_method\n\n\ndef f():\n'
               '    from specprune_ros.sim import scene\n    from specprune_ros.core import masks\n')
     assert function_level_imports(source, 'specprune_ros.core') == [(5, 'specprune_ros.sim')]

@@ -1,5 +1,8 @@
-"""pi0 / pi0.5 on tiny random checkpoints in LeRobot's layout: executor vs the model's own forward, every method,
-action-row attention from the expert, normalisation, and errors that name the file at fault."""
+"""pi0 / pi0.5 on tiny random checkpoints in LeRobot's layout.
+
+Executor vs the model's own forward, every method, action-row attention from the expert, normalisation, and errors that
+name the file at fault.
+"""
 import json
 import shutil
 

@@ -1,6 +1,8 @@
-"""Offline replay evaluation on real bag files (no DDS): the unpruned policy reproduces the recorded chunks
-exactly and twice in a row (determinism), every pruning method's deviation, kept tokens and latency are
-reported, and the CLI writes the markdown, JSON and PNG plots."""
+"""Offline replay evaluation on real bag files (no DDS).
+
+The unpruned policy reproduces the recorded chunks exactly and twice in a row (determinism), every pruning method's
+deviation, kept tokens and latency are reported, and the CLI writes the markdown, JSON and PNG plots.
+"""
 from __future__ import annotations
 
 import json

@@ -1,5 +1,8 @@
-"""Bags without DDS: simulator episodes written to real MCAP and sqlite3 files and read back (frames, robot
-state, commands), custom message definitions, and bad bags failing with a clear message, never a traceback."""
+"""Bags without DDS.
+
+Simulator episodes written to real MCAP and sqlite3 files and read back (frames, robot state, commands), custom message
+definitions, and bad bags failing with a clear message, never a traceback.
+"""
 from __future__ import annotations
 
 import shutil
@@ -25,7 +28,7 @@ def bags(tmp_path_factory):
     base = tmp_path_factory.mktemp('bags')
     mcap = record_sim_bag(base / 'expert_mcap', SimBagOptions(seeds=(SEED,), max_steps=STEPS, storage='mcap'))
     sqlite = record_sim_bag(base / 'expert_sqlite3', SimBagOptions(seeds=(SEED,), max_steps=STEPS, storage='sqlite3',
-                                                                    compressed=True))
+                                                                   compressed=True))
     return {'base': base, 'mcap': mcap, 'sqlite3': sqlite}
 
 

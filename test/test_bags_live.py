@@ -1,7 +1,9 @@
-"""Bags through real DDS (ROS_DOMAIN_ID 72): a simulator episode recorded to a bag is replayed live (with
-/clock) into the running policy node while the recorder writes the node's actions to a second bag (sqlite3);
-the node's chunks are exactly what the policy computes offline from the same frames. Also: remapping, start
-offset and rate of the replayer, and bad bags refused with a message."""
+"""Bags through real DDS (ROS_DOMAIN_ID 72).
+
+A simulator episode recorded to a bag is replayed live (with /clock) into the running policy node while the recorder
+writes the node's actions to a second bag (sqlite3); the node's chunks are exactly what the policy computes offline from
+the same frames. Also: remapping, start offset and rate of the replayer, and bad bags refused with a message.
+"""
 from __future__ import annotations
 
 import subprocess
@@ -185,8 +187,10 @@ time.sleep(0.5)
 
 
 def test_bag_time_is_the_arrival_time_even_when_the_recorder_is_late(tmp_path):
-    """Two topics published alternately while the recorder's executor is busy elsewhere: the bag keeps the
-    publication order and spacing (middleware receive time), not the order the executor got to them."""
+    """Two topics published alternately while the recorder's executor is busy elsewhere.
+
+    The bag keeps the publication order and spacing (middleware receive time), not the order the executor got to them.
+    """
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
     from specprune_ros.ros.bag_recorder import BagRecorder

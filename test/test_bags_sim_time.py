@@ -1,5 +1,7 @@
-"""Recording on sim time and replaying part of a bag, through real DDS (ROS_DOMAIN_ID 90): a recorder started
-before the simulator's first /clock, and a replay of topics that start late in the bag."""
+"""Recording on sim time and replaying part of a bag, through real DDS (ROS_DOMAIN_ID 90).
+
+A recorder started before the simulator's first /clock, and a replay of topics that start late in the bag.
+"""
 from __future__ import annotations
 
 import os

@@ -21,8 +21,10 @@ def load_benchmark():
 
 
 def test_success_intervals_touching_0_and_100_percent_plot(tmp_path):
-    """Wilson intervals of 0/n and n/n end a rounding error inside 0% / 100% for some n (0/11, 6/6): the
-    error bars must not go negative."""
+    """Wilson intervals of 0/n and n/n end a rounding error inside 0% / 100% for some n (0/11, 6/6).
+
+    The error bars must not go negative.
+    """
     benchmark = load_benchmark()
     rows = [{'config': 'all won', 'success': 1.0, 'ci95': wilson_interval(6, 6), 'speedup': 1.0},
             {'config': 'all lost', 'success': 0.0, 'ci95': wilson_interval(0, 11), 'speedup': 2.0},

@@ -1,5 +1,7 @@
-"""The simulation closed loop over real DDS (ROS_DOMAIN_ID 70): the policy node, the sim bridge and the bag
-recorder as processes, started the way ``sim.launch.py`` starts them (``scripts/run_sim_closed_loop.py``).
+"""The simulation closed loop over real DDS (ROS_DOMAIN_ID 70).
+
+The policy node, the sim bridge and the bag recorder as processes, started the way ``sim.launch.py`` starts them
+(``scripts/run_sim_closed_loop.py``).
 
 Step-synchronous mode executes exactly what the ROS-free harness executes on the same seeds (same actions, to
 float rounding), and the recorded bag replays offline to the node's own chunks bit for bit.
@@ -74,8 +76,10 @@ def test_sync_mode_executes_what_the_ros_free_harness_executes(sync_run):
 
 
 def test_sync_run_reports_each_episode_and_the_model_latency_on_the_wall_clock(sync_run):
-    """Sim time stands still while the node infers in step-synchronous mode: the latency shown is the model
-    call's wall time, never the 0 ms the sim clock measures."""
+    """Sim time stands still while the node infers in step-synchronous mode.
+
+    The latency shown is the model call's wall time, never the 0 ms the sim clock measures.
+    """
     from specprune_ros.bridge.episodes import markdown_summary
     assert [line.split(':')[0] for line in sync_run['progress']] == \
         [f'episode {k + 1}/{len(FAMILIES)} {family} seed {SEED}' for k, family in enumerate(FAMILIES)]

@@ -1,5 +1,8 @@
-"""The ROS-free core of the sim bridge: command <-> action conversion, the step-synchronous tick gate, the
-real-time command timeline, episode bookkeeping and summaries, settings and the sim launch configuration."""
+"""The ROS-free core of the sim bridge.
+
+Command <-> action conversion, the step-synchronous tick gate, the real-time command timeline, episode bookkeeping and
+summaries, settings and the sim launch configuration.
+"""
 from __future__ import annotations
 
 import ast
@@ -11,8 +14,8 @@ import numpy as np
 import pytest
 
 from specprune_ros.bridge.conversions import (CommandUnits, action_to_twist, aligned_start_ns, command_to_action,
-                                               down_facing_quaternion, finger_joint_positions, gripper_action_to_value,
-                                               gripper_value_to_action, twist_to_action)
+                                              down_facing_quaternion, finger_joint_positions, gripper_action_to_value,
+                                              gripper_value_to_action, twist_to_action)
 from specprune_ros.bridge.episodes import (EpisodeLog, EpisodeSpec, episode_plan, markdown_summary, mean_abs_jerk,
                                            summarize_outcomes, write_summary)
 from specprune_ros.bridge.realtime import CommandTimeline

@@ -1,5 +1,8 @@
-"""Real-time mode over real DDS (ROS_DOMAIN_ID 71): the simulator steps every 0.1 s of wall-clock time
-without waiting for the policy node, and reports motion and staleness."""
+"""Real-time mode over real DDS (ROS_DOMAIN_ID 71).
+
+The simulator steps every 0.1 s of wall-clock time without waiting for the policy node, and reports motion and
+staleness.
+"""
 from __future__ import annotations
 
 import json

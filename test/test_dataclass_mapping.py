@@ -1,5 +1,7 @@
-"""Dataclasses from plain mappings: the one parser behind method configs, node parameters, bridge settings and
-adapter options."""
+"""Dataclasses from plain mappings.
+
+The one parser behind method configs, node parameters, bridge settings and adapter options.
+"""
 from dataclasses import dataclass, field
 from typing import Optional
 

@@ -54,9 +54,11 @@ def paired_outcomes(both: int, only_treated: int, only_control: int, neither: in
 
 
 def test_paired_difference_reproduces_the_published_worked_example():
-    """Statistics with Confidence (Altman et al., 2nd ed., ch. 6, Table 6.2; Newcombe 1998, method 10): 41 pairs,
-    14 positive on both, 5 on the first only, 0 on the second only, 22 on neither: difference 12.2%, 95% CI
-    1.15% to 22.65% (with the continuity-corrected phi; without it the interval would be 2.2% to 21.7%)."""
+    """Statistics with Confidence (Altman et al., 2nd ed., ch. 6, Table 6.2; Newcombe 1998, method 10).
+
+    41 pairs, 14 positive on both, 5 on the first only, 0 on the second only, 22 on neither: difference 12.2%, 95% CI
+    1.15% to 22.65% (with the continuity-corrected phi; without it the interval would be 2.2% to 21.7%).
+    """
     delta, low, high = paired_difference(*paired_outcomes(14, 5, 0, 22))
     assert delta == pytest.approx(5 / 41)
     assert low == pytest.approx(0.0115, abs=5e-5) and high == pytest.approx(0.2265, abs=5e-5)

@@ -1,4 +1,5 @@
 """The ROS packaging itself: package.xml, setup.py entry points, and (under colcon test) the install tree."""
+import argparse
 import ast
 import importlib
 import os
@@ -120,8 +121,6 @@ class _Captured(Exception):
 
 def _capture_parser(monkeypatch, run) -> 'argparse.ArgumentParser':
     """The parser a command builds: its ``parse_args`` raises instead of parsing."""
-    import argparse
-
     def capture(self, *args, **kwargs):
         raise _Captured(self)
     monkeypatch.setattr(argparse.ArgumentParser, 'parse_args', capture)
@@ -159,8 +158,11 @@ EXAMPLE = re.compile(r'^\s*(python3? (?P<script>\S+\.py)|python3? -m (?P<module>
 
 
 def _check_example_commands(text: str, where: str) -> list[str]:
-    """Problems with the example command lines in ``text``: a command that does not exist, or a line whose
-    continuation backslash was swallowed (the next line's indentation ends up inside it)."""
+    """Problems with the example command lines in ``text``.
+
+    A command that does not exist, or a line whose continuation backslash was swallowed (the next line's indentation
+    ends up inside it).
+    """
     problems = []
     scripts = console_scripts()
     lines = text.splitlines()

@@ -1,5 +1,8 @@
-"""The model-backend contract: a new VLA plugs in by writing a backend (encode + head), and ``PrunablePolicy`` gives
-it the step context, step counter, timing, info, resets and pruning."""
+"""The model-backend contract.
+
+A new VLA plugs in by writing a backend (encode + head), and ``PrunablePolicy`` gives it the step context, step counter,
+timing, info, resets and pruning.
+"""
 import dataclasses
 
 import numpy as np

@@ -1,5 +1,7 @@
-"""specprune_node over real DDS under bad input and skewed clocks (ROS_DOMAIN_ID 80): the node runs as its own
-process, the test process publishes the cameras, the robot state and the instruction and listens.
+"""specprune_node over real DDS under bad input and skewed clocks (ROS_DOMAIN_ID 80).
+
+The node runs as its own process, the test process publishes the cameras, the robot state and the instruction and
+listens.
 
 Covers: invalid or future-stamped input gives a zero twist from the next control tick (and the node resumes
 on valid input, a future-stamped frame does not lock its camera out); the instruction reaches the node from a
@@ -37,8 +39,10 @@ NEXT_TICK_S = 0.3          # one control period (0.1 s) plus transport and sched
 
 
 class Feeder:
-    """Publishes both cameras and the robot state at 20 Hz from the test process; ``bad`` swaps in a broken
-    message of one kind while it is set."""
+    """Publishes both cameras and the robot state at 20 Hz from the test process.
+
+    ``bad`` swaps in a broken message of one kind while it is set.
+    """
 
     def __init__(self, probe: Probe) -> None:
         node = probe.node
@@ -148,6 +152,7 @@ def test_bad_input_gives_a_zero_twist_at_the_next_tick_and_valid_input_resumes(s
     first_zero = probe.wait_for(
         lambda: next((t for t, m in probe.twists if t >= started and not any(twist_values(m))), None), 2.0)
     assert first_zero is not None and first_zero - started <= NEXT_TICK_S, (kind, first_zero and first_zero - started)
+
     def counted(message, values):
         return (values['hold reason'].startswith('invalid input')
                 and int(values.get(f'input errors: {counter}', 0)) > int(before.get(f'input errors: {counter}', 0)))

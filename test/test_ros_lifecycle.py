@@ -1,5 +1,7 @@
-"""Lifecycle transitions of specprune_node over real DDS (ROS_DOMAIN_ID 62), and invalid parameters
-failing at configure with a clear message while the process stays up."""
+"""Lifecycle transitions of specprune_node over real DDS (ROS_DOMAIN_ID 62).
+
+Invalid parameters fail at configure with a clear message while the process stays up.
+"""
 from __future__ import annotations
 
 import time

@@ -1,5 +1,7 @@
-"""specprune_node over real DDS: the node and a synthetic camera run as separate processes, the test
-process listens and pokes with a real rclpy node (ROS_DOMAIN_ID 61).
+"""specprune_node over real DDS.
+
+The node and a synthetic camera run as separate processes, the test process listens and pokes with a real rclpy node
+(ROS_DOMAIN_ID 61).
 
 Covers: commands at the configured rate, finite and within limits; the chunk and inference messages;
 bad inputs counted with the node staying up; reset and instruction change resetting the temporal

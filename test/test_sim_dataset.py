@@ -1,9 +1,5 @@
 """Demonstration dataset: write/read round trip, a tiny real collection, and episode pictures."""
 import json
-import os
-
-os.environ.setdefault('MUJOCO_GL', 'egl')
-
 import numpy as np
 import pytest
 
@@ -103,8 +99,11 @@ def test_train_seeds_cannot_reach_eval_range(tmp_path):
 
 
 def test_recovery_demonstrations_start_where_the_policy_left_off(tmp_path):
-    """Take-over collection: the committed policy drives first, the expert's part is recorded and labelled
-    with where the target really is at the hand-over."""
+    """Take-over collection.
+
+    The committed policy drives first, the expert's part is recorded and labelled with where the target really is at the
+    hand-over.
+    """
     import torch
     from specprune_ros.models.loading import load_policy
     threads = torch.get_num_threads()

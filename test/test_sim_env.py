@@ -1,8 +1,4 @@
 """TabletopEnv on the real simulator: determinism, images, action handling, proprio."""
-import os
-
-os.environ.setdefault('MUJOCO_GL', 'egl')
-
 import numpy as np
 import pytest
 from hypothesis import given, settings

@@ -1,8 +1,4 @@
 """The scripted expert solves every task family on the real simulator (without rendering)."""
-import os
-
-os.environ.setdefault('MUJOCO_GL', 'egl')
-
 import numpy as np
 import pytest
 

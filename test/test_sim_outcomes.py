@@ -1,8 +1,4 @@
 """Failure-mode names (``sim/outcomes.py``) on hand-built trajectories, and on real simulator episodes."""
-import os
-
-os.environ.setdefault('MUJOCO_GL', 'egl')
-
 from dataclasses import replace
 
 import numpy as np

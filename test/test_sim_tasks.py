@@ -1,8 +1,4 @@
 """Task sampling, vocabulary and success detectors on hand-built states (no physics)."""
-import os
-
-os.environ.setdefault('MUJOCO_GL', 'egl')
-
 import numpy as np
 import pytest
 

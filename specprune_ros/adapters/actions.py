@@ -36,7 +36,7 @@ def bin_centers(n_bins: int) -> np.ndarray:
 
 
 def tokens_to_normalized(token_ids: np.ndarray, vocab_size: int, n_bins: int) -> np.ndarray:
-    """OpenVLA action token ids -> normalised actions in [-1, 1] (ids outside the action range are clipped)."""
+    """The OpenVLA action token ids -> normalised actions in [-1, 1] (ids outside the action range are clipped)."""
     ids = np.asarray(token_ids, dtype=np.int64)
     centers = bin_centers(n_bins)
     index = np.clip(vocab_size - ids - 1, 0, len(centers) - 1)
@@ -75,8 +75,10 @@ def normalize_proprio(proprio: np.ndarray, stats: Mapping[str, Any], kind: Norma
 
 
 def resolve_unnorm_key(norm_stats: Mapping[str, Any], key: Optional[str]) -> str:
-    """The dataset key to un-normalise with: ``key`` (or ``key + '_no_noops'``, as the OFT LIBERO evaluation), or
-    the only key when there is one."""
+    """The dataset key to un-normalise with.
+
+    ``key`` (or ``key + '_no_noops'``, as the OFT LIBERO evaluation), or the only key when there is one.
+    """
     if not norm_stats:
         raise NormStatsError('the checkpoint has no dataset statistics (norm_stats / dataset_statistics.json)')
     if not key:
@@ -91,7 +93,7 @@ def resolve_unnorm_key(norm_stats: Mapping[str, Any], key: Optional[str]) -> str
 
 
 def libero_gripper(actions: np.ndarray) -> np.ndarray:
-    """OpenVLA / OFT LIBERO evaluation: gripper [0, 1] (1 = open) -> binarised -1 = open, +1 = close."""
+    """The OpenVLA / OFT LIBERO evaluation convention: gripper [0, 1] (1 = open) -> binarised -1 = open, +1 = close."""
     out = np.array(actions, dtype=np.float64, copy=True)
     g = 2.0 * out[..., -1] - 1.0
     out[..., -1] = -np.sign(g)

@@ -1,10 +1,11 @@
-"""What OpenVLA and OpenVLA-OFT share as model backends: loading, device/dtype, prompt, images -> visual tokens,
-robot-side units, method plumbing.
+r"""What OpenVLA and OpenVLA-OFT share as model backends.
+
+Loading, device/dtype, prompt, images -> visual tokens, robot-side units, method plumbing.
 
 Both models build their decoder input the Prismatic way: the prompt's BOS embedding, then the projected patch
 tokens of every camera (and OFT's proprio token), then the rest of the prompt::
 
-    prompt = "In: What action should the robot take to {instruction}?\\nOut:"   (+ the empty token '▁', id 29871)
+    prompt = "In: What action should the robot take to {instruction}?\nOut:"   (+ the empty token '▁', id 29871)
 
 The decoder (transformers ``LlamaModel``) runs through :class:`~specprune_ros.core.executor.PrunableDecoderRunner`,
 so every pruning method works unchanged; each adapter also keeps its own unpruned forward through transformers
@@ -65,8 +66,11 @@ class EncodedPrompt:
 
 
 class DeferredEndStep:
-    """Wraps a pruning method so that ``end_step`` runs after the adapter finished the step (OpenVLA: after the
-    autoregressive decode, once the generated action tokens' attention has been merged into the record)."""
+    """Wraps a pruning method so that ``end_step`` runs after the adapter finished the step.
+
+    OpenVLA: after the autoregressive decode, once the generated action tokens' attention has been merged into the
+    record.
+    """
 
     def __init__(self, method: PruningMethod) -> None:
         self.method = method
@@ -100,13 +104,15 @@ class DeferredEndStep:
 
 
 class PrismaticAdapter(ModelBackend):
-    """Shared machinery; see :class:`~specprune_ros.adapters.openvla.OpenVLAAdapter` and
-    :class:`~specprune_ros.adapters.openvla_oft.OpenVLAOFTAdapter`.
+    """Shared machinery of :class:`~specprune_ros.adapters.openvla.OpenVLAAdapter` and its OFT variant.
+
+    See also :class:`~specprune_ros.adapters.openvla_oft.OpenVLAOFTAdapter`.
 
     Robot-side settings: ``camera_names`` (default ['agentview'] for one image, ['agentview', 'wrist'] for two),
     ``gripper`` ('none' or 'libero': the LIBERO evaluation's convention, binarised, -1 = open, +1 = close) and
     ``action_units`` (the scales and control period of the actions; chunk size and action dimension come from the
-    model). Actions are **un-normalised** with the dataset statistics."""
+    model). Actions are **un-normalised** with the dataset statistics.
+    """
 
     kind = 'prismatic'
     action_eps = 0.0                     # added to the statistics' range when un-normalising (OFT: 1e-8)
@@ -183,8 +189,10 @@ class PrismaticAdapter(ModelBackend):
     # -- prompt ------------------------------------------------------------------------------------------------
 
     def encode_prompt(self, instruction: str) -> EncodedPrompt:
-        """Token ids of the prompt (BOS first, the empty token '▁' appended as OpenVLA's ``predict_action`` does)
-        and where the instruction's tokens are."""
+        """Token ids of the prompt and where the instruction's tokens are.
+
+        BOS first, the empty token '▁' appended as OpenVLA's ``predict_action`` does.
+        """
         text = instruction.strip()
         if self.lowercase_instruction:
             text = text.lower()

@@ -1,10 +1,10 @@
-"""OpenVLA (``openvla/openvla-7b`` and its fine-tunes) on the prunable executor.
+r"""OpenVLA (``openvla/openvla-7b`` and its fine-tunes) on the prunable executor.
 
 Sequence of one step (one camera, causal attention)::
 
     position 0          BOS
     1 .. P              the camera's P = 256 fused DINOv2 + SigLIP patch tokens      (camera span, prunable)
-    P + 1 .. N - 1      "In: What action should the robot take to {instruction}?\\nOut:" + '▁'
+    P + 1 .. N - 1      "In: What action should the robot take to {instruction}?\nOut:" + '▁'
                         (the instruction's tokens are the layout's text span)
 
 The last prompt token (``'▁'``) emits the first action token, so it is the layout's action span (the query row of
@@ -142,8 +142,10 @@ class OpenVLAAdapter(PrismaticAdapter):
 
     @torch.inference_mode()
     def reference_step(self, images: Sequence[np.ndarray], instruction: str) -> tuple[np.ndarray, list[int], list]:
-        """Unpruned greedy generation with transformers' own LlamaForCausalLM and KV cache (as ``predict_action``):
-        (normalised actions (1, D), token ids, per-token logits)."""
+        """Unpruned greedy generation with transformers' own LlamaForCausalLM and KV cache (as ``predict_action``).
+
+        Returns (normalised actions (1, D), token ids, per-token logits).
+        """
         embeddings, _, _ = self.sequence(images, instruction)
         lm = self.model.language_model
         out = lm(inputs_embeds=embeddings, use_cache=True)

@@ -136,8 +136,11 @@ class _MLPResNet(nn.Module):
 
 
 class L1RegressionActionHead(nn.Module):
-    """OpenVLA-OFT's L1-regression head: the ``action_dim`` hidden states of one chunk step, concatenated, through
-    LayerNorm -> Linear -> ReLU -> 2 residual (LayerNorm, Linear, ReLU) blocks -> LayerNorm -> Linear."""
+    """OpenVLA-OFT's L1-regression head.
+
+    The ``action_dim`` hidden states of one chunk step, concatenated, through LayerNorm -> Linear -> ReLU -> 2 residual
+    (LayerNorm, Linear, ReLU) blocks -> LayerNorm -> Linear.
+    """
 
     def __init__(self, llm_dim: int, hidden_dim: int, action_dim: int, num_blocks: int = 2) -> None:
         super().__init__()

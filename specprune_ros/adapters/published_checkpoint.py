@@ -324,8 +324,10 @@ def read_component(path: Path, device: str | torch.device = 'cpu',
 
 def assign_state(module: nn.Module, state: dict[str, torch.Tensor], source: str, directory: Path,
                  files: Optional[dict[str, Path]] = None) -> None:
-    """Strictly load ``state`` into a (meta-device) ``module`` by assignment; errors name ``source`` (or the file
-    of the offending tensor, from ``files``)."""
+    """Strictly load ``state`` into a (meta-device) ``module`` by assignment.
+
+    Errors name ``source`` (or the file of the offending tensor, from ``files``).
+    """
     expected = module.state_dict()
     state = {k: v for k, v in state.items() if not k.endswith(_IGNORED_KEY_SUFFIXES)}
     missing = sorted(set(expected) - set(state))

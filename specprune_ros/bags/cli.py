@@ -1,5 +1,7 @@
-"""Command lines of the ROS-free bag tools (console scripts ``specprune_evaluate_bag`` and
-``specprune_record_sim_bag``; ``scripts/evaluate_bag.py`` and ``scripts/record_bag.py --from-sim`` call them).
+"""Command lines of the ROS-free bag tools.
+
+Console scripts ``specprune_evaluate_bag`` and ``specprune_record_sim_bag``; ``scripts/evaluate_bag.py`` and
+``scripts/record_bag.py --from-sim`` call them.
 
 ``evaluate_main``: offline replay evaluation of a bag. ``record_sim_main``: simulated episodes into a bag, no DDS.
 """

@@ -53,8 +53,10 @@ def make_qos(reliable: bool = True, transient_local: bool = False, depth: int = 
 
 
 def qos_summary(profiles: Sequence[Any]) -> tuple[bool, bool]:
-    """(reliable, transient_local) that a publisher replaying these offered profiles should use:
-    reliable unless every recorded publisher was best effort; transient local if any was."""
+    """(reliable, transient_local) that a publisher replaying these offered profiles should use.
+
+    Reliable unless every recorded publisher was best effort; transient local if any was.
+    """
     if not profiles:
         return True, False
     reliable = any(getattr(p, 'reliability', None) != QosReliability.BEST_EFFORT for p in profiles)

@@ -114,8 +114,11 @@ def executed_histories(streams: BagStreams, indices: Sequence[int], resets: set[
 def run_method(streams: BagStreams, indices: Sequence[int], resets: set[int],
                executed: Sequence[Optional[np.ndarray]], config: ReplayConfig, method: str,
                label: str = '', example_at: Sequence[int] = (), self_feed: bool = False) -> MethodRun:
-    """One method over the inference points. ``self_feed``: where ``executed`` has no history (and no reset),
-    use this run's own previous chunk for the elapsed steps (the unpruned baseline on a bag without commands)."""
+    """One method over the inference points.
+
+    ``self_feed``: where ``executed`` has no history (and no reset), use this run's own previous chunk for the elapsed
+    steps (the unpruned baseline on a bag without commands).
+    """
     from tqdm import tqdm
 
     from specprune_ros.codecs.kept_patches import draw_kept_patches, kept_patch_masks

@@ -1,6 +1,8 @@
-"""Rendering an offline replay evaluation: markdown table, JSON, and PNG plots (latency per method as box
-plots, kept tokens and action error per inference with the policy resets marked, frames with the kept patches
-drawn and each camera named)."""
+"""Rendering an offline replay evaluation.
+
+Markdown table, JSON, and PNG plots (latency per method as box plots, kept tokens and action error per inference with
+the policy resets marked, frames with the kept patches drawn and each camera named).
+"""
 from __future__ import annotations
 
 import json

@@ -1,5 +1,7 @@
-"""Record simulated episodes straight into a bag, without DDS: the topics and stamps the sim bridge publishes,
-plus the commands an actor (the scripted expert, or a policy run as the ROS-free harness runs it) executed.
+"""Record simulated episodes straight into a bag, without DDS.
+
+The topics and stamps the sim bridge publishes, plus the commands an actor (the scripted expert, or a policy run as the
+ROS-free harness runs it) executed.
 
 Layout per control tick ``t`` (sim time, ``start_ns + k * 0.1 s``): ``/ee_pose`` and ``/gripper_state``
 stamped ``t``, ``/clock = t``, the camera frames stamped ``t`` (raw ``Image`` or JPEG ``CompressedImage``),
@@ -35,7 +37,7 @@ class SimBagOptions:
     start_s: float = 100.0
     episode_gap_s: float = 5.0
     camera_topics: dict = field(default_factory=lambda: {'agentview': '/camera/agentview/image_raw',
-                                                        'wrist': '/camera/wrist/image_raw'})
+                                                         'wrist': '/camera/wrist/image_raw'})
     finger_joints: Sequence[str] = ('finger_joint1', 'finger_joint2')
     chunk_topic: str = '/specprune_node/action_chunk'
     inference_topic: str = '/specprune_node/inference'   # policy actor: one record per inference, as the node's

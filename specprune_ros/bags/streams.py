@@ -1,5 +1,7 @@
-"""Observation streams out of a bag: synchronized camera frames with the instruction, the robot state and,
-when the bag has them, the commands that were executed and the chunks the policy node computed.
+"""Observation streams out of a bag.
+
+Synchronized camera frames with the instruction, the robot state and, when the bag has them, the commands that were
+executed and the chunks the policy node computed.
 
 Frames are paired by ``header.stamp``: every frame of the first camera, with the nearest-stamped frame of
 each other camera (within ``max_camera_skew_s``; a frame re-sent with the same stamp counts once). The
@@ -50,7 +52,7 @@ class StreamTopics:
     """Which topics hold what (names are made absolute). Empty optional names switch that stream off."""
 
     cameras: dict = field(default_factory=lambda: {'agentview': '/camera/agentview/image_raw',
-                                                    'wrist': '/camera/wrist/image_raw'})
+                                                   'wrist': '/camera/wrist/image_raw'})
     instruction: str = '/instruction'
     ee_pose: str = '/ee_pose'
     gripper_state: str = '/gripper_state'
@@ -109,8 +111,10 @@ def _decode(msg, msgtype: str) -> np.ndarray:
 
 
 def decode_other_encoding(msg) -> np.ndarray:
-    """RGB uint8 from a ``sensor_msgs/Image`` in an encoding the node does not take, with ``rosbags-image``
-    (16-bit scaled to 8, Bayer demosaiced, YUV converted); sizes are checked and row padding removed first."""
+    """RGB uint8 from a ``sensor_msgs/Image`` in an encoding the node does not take, with ``rosbags-image``.
+
+    16-bit scaled to 8, Bayer demosaiced, YUV converted; sizes are checked and row padding removed first.
+    """
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
     try:
         _, _, typestr, channels = to_cvtype(msg.encoding)
@@ -292,9 +296,11 @@ def load_streams(path: str | Path, topics: Optional[StreamTopics] = None, image_
 
 
 def command_timeline(twists: list, gripper_commands: list, units: CommandUnits) -> list:
-    """(stamp ns, normalised 7-D action) per commanded instant: of the twists sharing a header stamp, the last
-    received (a servo applies the latest); the gripper is the newest gripper command recorded before the next
-    instant's first twist (bag time)."""
+    """(stamp ns, normalised 7-D action) per commanded instant.
+
+    Of the twists sharing a header stamp, the last received (a servo applies the latest); the gripper is the newest
+    gripper command recorded before the next instant's first twist (bag time).
+    """
     order = sorted(range(len(twists)), key=lambda i: (twists[i][0], twists[i][1], i))
     groups: list[list[int]] = []
     for i in order:
@@ -314,4 +320,3 @@ def command_timeline(twists: list, gripper_commands: list, units: CommandUnits) 
         gripper = gripper_value_to_action(gripper_commands[g_index][1], units) if g_index >= 0 else -1.0
         out.append((twists[last][0], command_to_action(twists[last][2], gripper, units)))
     return out
-

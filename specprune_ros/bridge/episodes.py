@@ -170,8 +170,11 @@ def summarize_outcomes(outcomes: Sequence[EpisodeOutcome], label: str = '', mode
 
 
 def markdown_summary(summaries: Sequence[dict]) -> str:
-    """One row per family and overall. Model ms: the model call on the wall clock; inference ms: observation to
-    accepted chunk on the node's clock (sim time in step-synchronous mode, where the clock waits: not shown)."""
+    """One row per family and overall.
+
+    Model ms: the model call on the wall clock; inference ms: observation to accepted chunk on the node's clock (sim
+    time in step-synchronous mode, where the clock waits: not shown).
+    """
     lines = ['| config | mode | family | success | 95% CI | mean length | mean abs jerk m/s^3 | hold % | stale % '
              '| model ms (median) | inference ms (median) | kept ratio |',
              '|---|---|---|---|---|---|---|---|---|---|---|---|']

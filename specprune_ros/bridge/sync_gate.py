@@ -1,4 +1,4 @@
-"""Step-synchronous mode: when has the policy node answered the observation of tick ``k``?
+"""Step-synchronous mode: knowing when the policy node has answered the observation of tick ``k``.
 
 The protocol (the policy node runs with ``use_sim_time: true``; sim time only moves when the bridge says so):
 
@@ -97,8 +97,10 @@ class TickGate:
             self._tick = None
 
     def begin_tick(self, stamp_ns: int, now: float) -> bool:
-        """Start waiting for the answer to the observation stamped ``stamp_ns``; returns whether an
-        inference is expected. Call it *before* publishing the clock (answers can be fast)."""
+        """Start waiting for the answer to the observation stamped ``stamp_ns``.
+
+        Returns whether an inference is expected. Call it *before* publishing the clock (answers can be fast).
+        """
         with self.condition:
             expected = self.inference_due(stamp_ns)
             self._tick = _Tick(stamp_ns=int(stamp_ns), expected_inference=expected, last_event=now)

@@ -61,7 +61,8 @@ def run_episode(env, policy, family: str, seed: int, execute_steps: Optional[int
                 record_frames: bool = False, max_steps: Optional[int] = None) -> EpisodeResult:
     """One episode: infer a chunk, execute ``execute_steps`` of it (default: all), repeat until done.
 
-    ``max_steps`` cuts the episode short of the task's own step limit (quick checks)."""
+    ``max_steps`` cuts the episode short of the task's own step limit (quick checks).
+    """
     observation = env.reset(seed=seed, family=family)
     policy.reset()
     state = env.sim_state()
@@ -104,8 +105,11 @@ _WORKER: dict = {}
 
 def _init_worker(spec: PolicySpec, image_size: int, threads: int, episode_options: dict,
                  keep_error: bool = False) -> None:
-    """Load the policy and the simulator. ``keep_error`` (worker processes): a failure is kept and raised by
-    every job, so the caller sees the real error instead of a broken process pool."""
+    """Load the policy and the simulator.
+
+    ``keep_error`` (worker processes): a failure is kept and raised by every job, so the caller sees the real error
+    instead of a broken process pool.
+    """
     try:
         torch.set_num_threads(threads)
         _WORKER['policy'] = load_policy(spec.model, spec.method, spec.method_config, seed=spec.seed)
@@ -129,7 +133,8 @@ def evaluate(spec: PolicySpec, families: Sequence[str], episodes_per_family: int
              max_steps: Optional[int] = None) -> list[EpisodeResult]:
     """Run ``episodes_per_family`` held-out episodes of each family; seeds start at EVAL_SEED_START.
 
-    ``execute_steps``: actions executed per chunk before re-planning (default: the whole chunk)."""
+    ``execute_steps``: actions executed per chunk before re-planning (default: the whole chunk).
+    """
     options = {'execute_steps': execute_steps, 'max_steps': max_steps}
     start = EVAL_SEED_START if seed_start is None else seed_start
     jobs = [(family, start + i) for i in range(episodes_per_family) for family in families]
@@ -182,7 +187,8 @@ def markdown_table(summaries: Sequence[dict]) -> str:
     for summary in summaries:
         rows = [*summary['families'].items(), ('all', summary['overall'])]
         for family, s in rows:
-            lines.append(f"| {summary['label']} | {family} | {s['success_rate'] * 100:.1f}% ({s['successes']}/{s['episodes']}) "
+            lines.append(f"| {summary['label']} | {family} "
+                         f"| {s['success_rate'] * 100:.1f}% ({s['successes']}/{s['episodes']}) "
                          f"| {s['ci95'][0] * 100:.1f}-{s['ci95'][1] * 100:.1f}% | {s['mean_length']:.1f} "
                          f"| {s['latency_ms_median']:.1f} | {s['latency_ms_p95']:.1f} | {s['mean_visual_kept']:.1f} "
                          f"| {s['flops_ratio'] * 100:.0f}% |")

@@ -8,8 +8,10 @@ import numpy as np
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a success rate (well behaved at 0% and 100%); it always contains the rate
-    itself (no rounding error puts 0/n above 0 or n/n below 1)."""
+    """95% Wilson score interval of a success rate (well behaved at 0% and 100%).
+
+    It always contains the rate itself (no rounding error puts 0/n above 0 or n/n below 1).
+    """
     if trials == 0:
         return 0.0, 1.0
     p = successes / trials
@@ -20,18 +22,19 @@ def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0-100), NaN for no values."""
+    """The q-th percentile of ``values`` for q in 0-100, NaN for no values."""
     return float(np.percentile(values, q)) if len(values) else float('nan')
 
 
 def paired_difference(treated: Sequence[bool], control: Sequence[bool],
                       z: float = 1.96) -> tuple[float, float, float]:
-    """Difference of two success rates measured on the same episodes (``treated - control``) with its 95%
-    interval: Newcombe's hybrid score interval for paired proportions (Newcombe 1998, method 10), which
-    combines the two Wilson intervals with the correlation of the pairs, so a method that fails on the same
-    episodes as the baseline gets a narrower interval than two independent samples would. The correlation phi
-    carries the method's continuity correction: a positive ``AD - BC`` is reduced by ``N / 2`` (not below 0),
-    a negative one is used as it is."""
+    """Difference of two success rates measured on the same episodes (``treated - control``) with its 95% interval.
+
+    Newcombe's hybrid score interval for paired proportions (Newcombe 1998, method 10), which combines the two Wilson
+    intervals with the correlation of the pairs, so a method that fails on the same episodes as the baseline gets a
+    narrower interval than two independent samples would. The correlation phi carries the method's continuity
+    correction: a positive ``AD - BC`` is reduced by ``N / 2`` (not below 0), a negative one is used as it is.
+    """
     x = np.asarray(treated, dtype=bool)
     y = np.asarray(control, dtype=bool)
     if x.shape != y.shape:
@@ -57,8 +60,11 @@ def paired_difference(treated: Sequence[bool], control: Sequence[bool],
 
 def median_ratio(numerator: Sequence[float], denominator: Sequence[float], resamples: int = 2000,
                  seed: int = 0) -> tuple[float, float, float]:
-    """``median(numerator) / median(denominator)`` (e.g. a speedup: baseline latencies over a method's) with a
-    95% percentile-bootstrap interval (each sample resampled on its own); NaNs when either sample is empty."""
+    """``median(numerator) / median(denominator)`` with a 95% percentile-bootstrap interval.
+
+    For example a speedup: baseline latencies over a method's. Each sample is resampled on its own; NaNs when either
+    sample is empty.
+    """
     a = np.asarray([v for v in numerator if math.isfinite(v)], dtype=np.float64)
     b = np.asarray([v for v in denominator if math.isfinite(v)], dtype=np.float64)
     if a.size == 0 or b.size == 0 or np.median(b) <= 0:

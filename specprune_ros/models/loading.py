@@ -1,5 +1,8 @@
-"""Build a ready-to-run policy by name: the trained reference VLA, a tiny random one, or a checkpoint directory
-(the reference VLA's, a published OpenVLA / OpenVLA-OFT one, or a LeRobot pi0 / pi0.5 one)."""
+"""Build a ready-to-run policy by name.
+
+The trained reference VLA, a tiny random one, or a checkpoint directory (the reference VLA's, a published OpenVLA /
+OpenVLA-OFT one, or a LeRobot pi0 / pi0.5 one).
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -64,9 +67,11 @@ def load_policy(model: str, method: str = 'none', method_config: Optional[dict] 
 
 
 def published_kind(model: str) -> Optional[str]:
-    """'openvla' / 'openvla-oft' / 'pi0' (LeRobot's pi0 or pi0.5) when ``model`` is a directory holding such a
-    checkpoint (judged by its ``config.json``), else None (the reference VLA path handles it, and its errors, e.g. a
-    missing directory)."""
+    """'openvla' / 'openvla-oft' / 'pi0' when ``model`` is a directory holding such a checkpoint, else None.
+
+    'pi0' stands for LeRobot's pi0 or pi0.5; the kind is judged by the directory's ``config.json``. With None the
+    reference VLA path handles ``model``, and its errors (e.g. a missing directory).
+    """
     if model in ('reference', 'tiny-random'):
         return None
     directory = Path(model).expanduser()

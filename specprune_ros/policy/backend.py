@@ -48,8 +48,10 @@ class ModelOutput:
 
 
 class ModelBackend(ABC):
-    """One VLA on the prunable executor. Subclasses set the attributes and implement ``encode`` and ``head``
-    (or ``run``)."""
+    """One VLA on the prunable executor.
+
+    Subclasses set the attributes and implement ``encode`` and ``head`` (or ``run``).
+    """
 
     name: str = 'model'                          # reported as the policy output's info['model']
     camera_names: tuple[str, ...]

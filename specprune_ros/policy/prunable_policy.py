@@ -12,8 +12,11 @@ from specprune_ros.policy.interface import ActionSpec, Observation, PolicyOutput
 
 
 class PrunablePolicy:
-    """Runs a backend through the prunable executor with a pruning method; owns the step counter, the timing, the
-    output's info and the reset of the method's temporal state (new episode or instruction)."""
+    """Runs a backend through the prunable executor with a pruning method.
+
+    Owns the step counter, the timing, the output's info and the reset of the method's temporal state (new episode or
+    instruction).
+    """
 
     def __init__(self, backend: ModelBackend, method: Optional[PruningMethod] = None) -> None:
         self.backend = backend

@@ -64,7 +64,8 @@ def warm_start(model: ReferenceVLA, directory: str | Path) -> list[str]:
     """Load a checkpoint's weights into a model that may have more modules (e.g. FiLM added since).
 
     Weights the checkpoint lacks keep their initialisation and are returned by name; a weight the model
-    lacks, or one of another shape, is an error, since then the checkpoint is not an ancestor of the model."""
+    lacks, or one of another shape, is an error, since then the checkpoint is not an ancestor of the model.
+    """
     state = read_weights(directory)
     own = model.state_dict()
     wrong = [name for name, tensor in state.items() if name not in own or own[name].shape != tensor.shape]

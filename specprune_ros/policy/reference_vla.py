@@ -103,7 +103,8 @@ class PatchEncoder(nn.Module):
     """Convolutional stem: (B, 3, H, W) uint8-range images -> (B, grid*grid, channels) patch features.
 
     With ``film`` (B, 2 * sum(channels)) scales and shifts, each stage's normalised features become
-    ``x * (1 + scale) + shift`` (FiLM), so the instruction decides what the stem emphasises."""
+    ``x * (1 + scale) + shift`` (FiLM), so the instruction decides what the stem emphasises.
+    """
 
     def __init__(self, channels: tuple[int, ...]) -> None:
         super().__init__()
@@ -169,7 +170,8 @@ class ReferenceVLA(nn.Module):
         self.runner = PrunableDecoderRunner(decoder)
         self.action_head = nn.Sequential(
             nn.LayerNorm(config.action_dim * d), nn.Linear(config.action_dim * d, config.head_hidden), nn.GELU(),
-            nn.Linear(config.head_hidden, config.head_hidden), nn.GELU(), nn.Linear(config.head_hidden, config.action_dim))
+            nn.Linear(config.head_hidden, config.head_hidden), nn.GELU(),
+            nn.Linear(config.head_hidden, config.action_dim))
         self.localisation_head = nn.Linear(d, LOCALISATION_DIMS)
         self.pointer_head = nn.Linear(d, 2)          # (named object, goal) logits per patch of camera 0
         self.pointed_embedding = None
@@ -195,7 +197,8 @@ class ReferenceVLA(nn.Module):
         actions = proprio + 1
         return TokenLayout(num_tokens=actions + c.chunk_size * c.action_dim, camera_spans=cams,
                            grid_shape=(c.grid, c.grid), text_span=(text_start, text_start + num_words),
-                           proprio_span=(proprio, proprio + 1), action_span=(actions, actions + c.chunk_size * c.action_dim),
+                           proprio_span=(proprio, proprio + 1),
+                           action_span=(actions, actions + c.chunk_size * c.action_dim),
                            causal=False)
 
     def embed(self, images: torch.Tensor, word_ids: torch.Tensor, proprio: torch.Tensor,
@@ -203,7 +206,8 @@ class ReferenceVLA(nn.Module):
         """Decoder input embeddings (B, N, d) from images (B, cams, 3, H, W) uint8, word ids (B, max_words), proprio.
 
         ``with_pointing``: also return the pointing head's logits (B, 2, patches) over camera 0's patch tokens
-        (named object, goal), computed before those tokens are marked with them."""
+        (named object, goal), computed before those tokens are marked with them.
+        """
         batch, cams = images.shape[:2]
         words = self.word_embedding(word_ids)
         film = None

@@ -1,8 +1,9 @@
-"""Publish a bag's messages onto their topics with the original timing, like ``ros2 bag play`` (not
-installable here; on a robot ``ros2 bag play --clock`` drives the node the same way).
+r"""Publish a bag's messages onto their topics with the original timing, like ``ros2 bag play``.
+
+``ros2 bag play`` is not installable here; on a robot ``ros2 bag play --clock`` drives the node the same way.
 
     python -m specprune_ros.ros.bag_player outputs/bags/run1 --clock --rate 1.0
-    python -m specprune_ros.ros.bag_player run1 --topics /camera/agentview/image_raw /camera/wrist/image_raw \\
+    python -m specprune_ros.ros.bag_player run1 --topics /camera/agentview/image_raw /camera/wrist/image_raw \
         /instruction /ee_pose /gripper_state --remap /camera/wrist/image_raw:=/cam_wrist/image_raw --loop
 
 Messages go out as the recorded CDR bytes (no deserialization), in bag-time order, at ``start + (t - t0) / rate``

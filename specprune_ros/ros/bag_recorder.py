@@ -1,5 +1,6 @@
-"""Record topics of a live ROS 2 system into a rosbag2 (MCAP by default, sqlite3 on request), like
-``ros2 bag record`` (not installable here), with ``rosbags`` as the writer.
+"""Record topics of a live ROS 2 system into a rosbag2, like ``ros2 bag record`` (not installable here).
+
+MCAP by default, sqlite3 on request, with ``rosbags`` as the writer.
 
     python -m specprune_ros.ros.bag_recorder outputs/bags/run1 --topics /camera/agentview/image_raw /instruction
     python -m specprune_ros.ros.bag_recorder outputs/bags/run1 --all --storage sqlite3 --use-sim-time

@@ -163,8 +163,10 @@ def params_file_values(params_file: str) -> dict[str, Any]:
 
 
 def flatten_parameters(values: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-    """Nested params-file mappings as ROS names them: {'method_settings': {'keep_ratio': 0.2}} ->
-    {'method_settings.keep_ratio': 0.2}."""
+    """Nested params-file mappings as ROS names them.
+
+    {'method_settings': {'keep_ratio': 0.2}} -> {'method_settings.keep_ratio': 0.2}.
+    """
     flat: dict[str, Any] = {}
     for name, value in values.items():
         if isinstance(value, Mapping):

@@ -45,7 +45,7 @@ def stamp_text(stamp: Time) -> str:
 
 
 def twist_message(twist: np.ndarray, stamp: Time, frame_id: str) -> TwistStamped:
-    """TwistStamped from (vx, vy, vz, wx, wy, wz); anything non-finite becomes a zero twist."""
+    """The TwistStamped of (vx, vy, vz, wx, wy, wz); anything non-finite becomes a zero twist."""
     values = np.asarray(twist, dtype=np.float64)
     if values.shape != (6,) or not np.isfinite(values).all():
         values = np.zeros(6)
@@ -58,8 +58,11 @@ def twist_message(twist: np.ndarray, stamp: Time, frame_id: str) -> TwistStamped
 
 
 def gripper_message(value: float, command_type: str = 'float64') -> Optional[Union[Float64, Float64MultiArray]]:
-    """The gripper command as ``std_msgs/Float64``, or with ``'float64_array'`` as a one-element
-    ``std_msgs/Float64MultiArray`` (a ros2_control forward_command_controller's ``~/commands``); None if not finite."""
+    """The gripper command as ``std_msgs/Float64`` or ``std_msgs/Float64MultiArray``; None if not finite.
+
+    With ``'float64_array'`` a one-element ``std_msgs/Float64MultiArray``, as a ros2_control
+    forward_command_controller's ``~/commands`` takes.
+    """
     if not math.isfinite(value):
         return None
     if command_type == 'float64_array':
@@ -118,5 +121,5 @@ def rgb_image_message(rgb: np.ndarray, stamp: Time, frame_id: str = '') -> Image
 
 
 def values_of(status: DiagnosticStatus) -> dict[str, str]:
-    """KeyValues of a DiagnosticStatus as a dict (tests, benchmarks)."""
+    """The KeyValues of a DiagnosticStatus as a dict (tests, benchmarks)."""
     return {kv.key: kv.value for kv in status.values}

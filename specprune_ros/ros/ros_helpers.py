@@ -1,5 +1,8 @@
-"""Small rclpy helpers shared by the bridge and the bag tools: message classes by type name, service calls
-from a thread other than the executor's, remote parameters, and a background executor."""
+"""Small rclpy helpers shared by the bridge and the bag tools.
+
+Message classes by type name, service calls from a thread other than the executor's, remote parameters, and a background
+executor.
+"""
 from __future__ import annotations
 
 import importlib
@@ -7,7 +10,6 @@ import threading
 import time
 from typing import Any, Iterable, Optional
 
-import rclpy
 from rcl_interfaces.msg import ParameterType
 from rcl_interfaces.srv import GetParameters
 from rclpy.executors import SingleThreadedExecutor

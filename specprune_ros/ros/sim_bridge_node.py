@@ -1,5 +1,6 @@
-"""The ``sim_bridge`` node (console script ``specprune_sim_bridge``): runs the simulated tabletop tasks and looks
-like a robot to the policy node.
+"""The ``sim_bridge`` node (console script ``specprune_sim_bridge``).
+
+Runs the simulated tabletop tasks and looks like a robot to the policy node.
 
 Publishes (names relative, remap as usual):
   /clock                               rosgraph_msgs/Clock: sim time (the policy node runs with use_sim_time)
@@ -42,8 +43,8 @@ from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
 from specprune_ros.bridge.conversions import (CommandUnits, aligned_start_ns, command_to_action,
-                                               down_facing_quaternion, finger_joint_positions,
-                                               gripper_value_to_action, seconds_to_ns, stamp_parts)
+                                              down_facing_quaternion, finger_joint_positions,
+                                              gripper_value_to_action, seconds_to_ns, stamp_parts)
 from specprune_ros.bridge.episodes import (EpisodeLog, EpisodeOutcome, EpisodeSpec, episode_plan,
                                            markdown_summary, summarize_outcomes, write_summary)
 from specprune_ros.bridge.realtime import CommandTimeline
@@ -126,8 +127,10 @@ class SimBridgeNode(Node):
 
     # --- time ----------------------------------------------------------------------------------------------
     def sim_now_ns(self) -> int:
-        """Real-time mode: sim time now (runs with the wall clock, except while the simulator steps); sync mode:
-        not used."""
+        """Sim time now in real-time mode (it runs with the wall clock, except while the simulator steps).
+
+        Not used in sync mode.
+        """
         base = self._sim_base
         if base is None:
             return 0
@@ -187,10 +190,12 @@ class SimBridgeNode(Node):
             publisher.publish(messages.rgb_image_message(images[name], stamp, f'{name}_optical_frame'))
 
     def publish_observation(self, images: Optional[dict], ns: int, wait_for_timer: bool = False) -> None:
-        """State first, then the clock, then the frames (the node starts inference on new frames); ``images``
-        None: no frames this tick.
+        """State first, then the clock, then the frames (the node starts inference on new frames).
 
-        ``wait_for_timer`` (sync mode): the frames go out once the node's timer answered the clock advance."""
+        ``images`` None: no frames this tick.
+
+        ``wait_for_timer`` (sync mode): the frames go out once the node's timer answered the clock advance.
+        """
         self.publish_state(ns)
         self.publish_clock(ns)
         if wait_for_timer:

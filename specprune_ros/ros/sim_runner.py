@@ -1,5 +1,6 @@
-"""Run a simulation closed loop as processes (what ``ros2 launch specprune_ros sim.launch.py`` does):
-the policy node, the sim bridge and optionally a bag recorder, each with its log file.
+"""Run a simulation closed loop as processes (what ``ros2 launch specprune_ros sim.launch.py`` does).
+
+The policy node, the sim bridge and optionally a bag recorder, each with its log file.
 
 Used by ``scripts/run_sim_closed_loop.py``, ``scripts/compare_ros_vs_harness.py`` and the tests.
 """
@@ -103,8 +104,10 @@ DEFAULT_RECORD_TOPICS = ('/clock', '/camera/agentview/image_raw', '/camera/wrist
 
 
 def run_simulation(run: SimRun) -> dict:
-    """Start everything, wait for the bridge to finish, stop the rest; returns
-    ``{'returncode', 'summary' (the bridge's JSON document or None), 'logs'}``."""
+    """Start everything, wait for the bridge to finish, stop the rest.
+
+    Returns ``{'returncode', 'summary' (the bridge's JSON document or None), 'logs'}``.
+    """
     setup = sim_setup(run.arguments)
     log_dir = Path(run.log_dir or tempfile.mkdtemp(prefix='specprune-sim-'))
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -12,20 +12,20 @@ Proprio (``PROPRIO_DIM`` = 6, float32): ``PROPRIO_LAYOUT`` =
 from __future__ import annotations
 
 import os
-
-os.environ.setdefault('MUJOCO_GL', 'egl')
-
 from dataclasses import dataclass, field
 from typing import Optional
 
 import cv2
-import mujoco
 import numpy as np
 
-from specprune_ros.sim import scene
-from specprune_ros.sim.tasks import (TASK_FAMILIES, Layout, ObjectState, PlateState, SimState, TaskSpec,
+# MuJoCo picks its rendering backend when it is first imported: headless EGL unless the user chose one.
+os.environ.setdefault('MUJOCO_GL', 'egl')
+import mujoco  # noqa: E402 (needs MUJOCO_GL set above)
+
+from specprune_ros.sim import scene  # noqa: E402 (after mujoco, see above)
+from specprune_ros.sim.tasks import (TASK_FAMILIES, Layout, ObjectState, PlateState, SimState, TaskSpec,  # noqa: E402
                                      ZoneState, check_success, sample_task)
-from specprune_ros.sim.vocab import COLOURS, SHAPES, ZONE_SIDES, object_name
+from specprune_ros.sim.vocab import COLOURS, SHAPES, ZONE_SIDES, object_name  # noqa: E402
 
 CAMERA_NAMES: tuple[str, ...] = ('agentview', 'wrist')
 ACTION_DIM = 7

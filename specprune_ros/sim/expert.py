@@ -62,8 +62,10 @@ class ScriptedExpert:
         self._episode = self.env.episode_index
 
     def take_over(self) -> None:
-        """Start from whatever state the env is in now (e.g. after a learned policy drove it): a held target is
-        kept (pick: lift it, place: carry it) instead of being let go by a fresh approach."""
+        """Start from whatever state the env is in now (e.g. after a learned policy drove it).
+
+        A held target is kept (pick: lift it, place: carry it) instead of being let go by a fresh approach.
+        """
         self.reset()
         st = self.env.sim_state()
         target = self.env.task.target
@@ -270,8 +272,10 @@ def run_expert_episode(env: TabletopEnv, expert: ScriptedExpert, render: bool = 
 
 
 def continue_expert_episode(env: TabletopEnv, expert: ScriptedExpert, obs, render: bool = False):
-    """Roll the expert out from the env's current state (``obs``: its latest observation) to the episode's end;
-    returns (observations, actions, success) like ``run_expert_episode``."""
+    """Roll the expert out from the env's current state (``obs``: its latest observation) to the episode's end.
+
+    Returns (observations, actions, success) like ``run_expert_episode``.
+    """
     observations, actions = [], []
     success = env.success()
     done = success

@@ -5,8 +5,8 @@ tokens shows up as ``wrong_object``, a shaky grasp as ``missed_grasp``. :class:`
 state each control step (no rendering) and :meth:`OutcomeTracker.outcome` names the ending, first match wins:
 
 * ``success``;
-* ``wrong_object``: another object was held off the table, or moved more than ``MOVED_M`` while the target was never engaged
-  (never held; for push: not moved);
+* ``wrong_object``: another object was held off the table, or moved more than ``MOVED_M`` while the target was
+  never engaged (never held; for push: not moved);
 * ``not_reached``: the target was never engaged and the tool centre never came within ``REACH_M`` of it (xy);
 * ``missed_grasp`` (pick, place) / ``not_pushed`` (push): reached, but never held / never moved;
 * ``dropped`` (pick): held, not held at the end; ``not_lifted`` (pick): held at the end, not high enough;

@@ -12,7 +12,8 @@ def project_to_image(model: mujoco.MjModel, data: mujoco.MjData, camera: str, po
     """(n, 2) pixel coordinates (column, row) of world ``points`` (n, 3) in a square ``image_size`` image.
 
     MuJoCo cameras look along their local -z with y up; ``data`` must hold the current camera pose (after
-    ``mj_forward``). Points behind the camera come back as NaN."""
+    ``mj_forward``). Points behind the camera come back as NaN.
+    """
     cam = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, camera)
     if cam < 0:
         raise ValueError(f'unknown camera {camera!r}')

@@ -48,8 +48,11 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class Layout:
-    """Initial placement: object name -> (x, y, yaw); plate colour -> (x, y); zone side -> (x, y); the hand's
-    starting (x, y, z, yaw) (its origin, above the tcp)."""
+    """Initial placement.
+
+    Object name -> (x, y, yaw); plate colour -> (x, y); zone side -> (x, y); the hand's starting (x, y, z, yaw) (its
+    origin, above the tcp).
+    """
 
     objects: dict[str, tuple[float, float, float]]
     plates: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -61,7 +64,8 @@ def sample_hand_start(family: str, seed: int) -> tuple[float, float, float, floa
     """A varied starting pose around ``scene.HAND_START`` (own random stream: object layouts do not change).
 
     Demonstrations that all start from one pose let a policy read the target off its own position along the
-    way there instead of looking; varied starts (as a robot gets them) remove that shortcut."""
+    way there instead of looking; varied starts (as a robot gets them) remove that shortcut.
+    """
     rng = task_rng(family, seed, HAND_STREAM)
     x, y, z = scene.HAND_START
     return (float(x + rng.uniform(-0.10, 0.06)), float(y + rng.uniform(-0.12, 0.12)),

@@ -11,7 +11,7 @@ Frames = Union[Sequence, Mapping[str, np.ndarray]]
 
 
 def _camera_frames(episode: Frames, cameras: Optional[Sequence[str]]) -> dict[str, np.ndarray]:
-    """camera -> (T, H, W, 3) from a list of observations (with ``.images``) or a dict of arrays."""
+    """Camera -> (T, H, W, 3) from a list of observations (with ``.images``) or a dict of arrays."""
     if isinstance(episode, Mapping):
         frames = {k: np.asarray(v) for k, v in episode.items()}
     elif hasattr(episode, 'images') and isinstance(episode.images, Mapping):     # a dataset Episode

@@ -171,8 +171,10 @@ def _worker_env(image_size: int):
 
 
 def record_episode(env, family: str, seed: int, noise: float) -> Episode:
-    """Roll the scripted expert out with rendering on `env`; the expert's noise stream is seeded by
-    (family, seed), so the same job gives the same episode in any worker."""
+    """Roll the scripted expert out with rendering on `env`.
+
+    The expert's noise stream is seeded by (family, seed), so the same job gives the same episode in any worker.
+    """
     rng = np.random.default_rng([int(seed), TASK_FAMILIES.index(family), 0xE1])
     expert = ScriptedExpert(env, noise=noise, rng=rng)
     observations, actions, success = run_expert_episode(env, expert, render=True, seed=seed, family=family)
@@ -181,10 +183,12 @@ def record_episode(env, family: str, seed: int, noise: float) -> Episode:
 
 def record_takeover_episode(env, policy, family: str, seed: int, noise: float,
                             max_policy_chunks: int = 12) -> Optional[Episode]:
-    """A recovery demonstration: `policy` drives the episode for a seeded random number of chunks, then the expert
-    takes over from wherever that left the robot and objects. Only the expert's part is recorded, so the data
-    holds corrections from the states the policy actually reaches (the idea of DAgger / DART). None when the
-    policy finished the task before the hand-over."""
+    """A recovery demonstration.
+
+    `policy` drives the episode for a seeded random number of chunks, then the expert takes over from wherever that left
+    the robot and objects. Only the expert's part is recorded, so the data holds corrections from the states the policy
+    actually reaches (the idea of DAgger / DART). None when the policy finished the task before the hand-over.
+    """
     rng = np.random.default_rng([int(seed), TASK_FAMILIES.index(family), 0x7A6E])
     chunks = int(rng.integers(1, max_policy_chunks + 1))
     driven = run_episode(env, policy, family, seed, max_steps=chunks * POLICY_CHUNK)
@@ -245,10 +249,12 @@ def _collect_job(out_dir: str, family: str, seed: int, noise: float, image_size:
 
 
 def sim_fingerprint(image_size: int = 96) -> str:
-    """Short hash of what the simulator produces: its scene description, the reset state of a fixed seed of every
-    family and a few steps of dynamics (no rendering). A dataset records it, so data from an older version of
-    the simulator (different start pose, cameras, objects) is refused instead of silently training a policy
-    for a world it will never be evaluated in."""
+    """Short hash of what the simulator produces.
+
+    Its scene description, the reset state of a fixed seed of every family and a few steps of dynamics (no rendering). A
+    dataset records it, so data from an older version of the simulator (different start pose, cameras, objects) is
+    refused instead of silently training a policy for a world it will never be evaluated in.
+    """
     digest = hashlib.sha256(scene.build_mjcf(image_size).encode())
     env = TabletopEnv(image_size=image_size)
     try:
@@ -268,8 +274,10 @@ def sim_fingerprint(image_size: int = 96) -> str:
 
 
 def check_sim_fingerprint(manifest: dict, root: PathLike = 'the dataset', current: Optional[str] = None) -> None:
-    """Raise ValueError unless ``manifest`` was recorded by the current simulator (``current``: its fingerprint,
-    if already computed)."""
+    """Raise ValueError unless ``manifest`` was recorded by the current simulator.
+
+    ``current``: the current simulator's fingerprint, if already computed.
+    """
     recorded = manifest.get('sim_fingerprint')
     current = current or sim_fingerprint(manifest.get('image_size', 96))
     if recorded != current:

@@ -75,7 +75,9 @@ def localisation_targets(episode) -> tuple[np.ndarray, np.ndarray]:
 
     From the episode's task layout (``sample_task(family, seed)``), or for a recovery demonstration the target's
     position when the expert took over (``meta['start_target_xy']``); object targets hold until the tcp first
-    comes within REACHED_XY of the object below REACHED_Z; goal targets (plate or zone) hold throughout (none for pick)."""
+    comes within REACHED_XY of the object below REACHED_Z; goal targets (plate or zone) hold throughout (none for
+    pick).
+    """
     spec, layout = sample_task(episode.family, episode.seed)
     steps = len(episode)
     targets = np.zeros((steps, LOCALISATION_DIMS), dtype=np.float32)
@@ -165,7 +167,8 @@ def random_shift(images: torch.Tensor, pixels: int, generator: torch.Generator
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shift each image by up to ``pixels`` in x and y (edge padding), independently per sample and camera.
 
-    Returns the shifted images and (B, cams, 2) how far the content moved (columns, rows)."""
+    Returns the shifted images and (B, cams, 2) how far the content moved (columns, rows).
+    """
     if pixels <= 0:
         return images, torch.zeros(*images.shape[:2], 2)
     b, c, ch, h, w = images.shape
@@ -195,9 +198,12 @@ def learning_rate(step: int, config: TrainConfig, minutes: float = 0.0) -> float
 
 def random_token_drop(layout: TokenLayout, num_layers: int, min_keep: float,
                       generator: torch.Generator) -> FixedKeepSchedule:
-    """A random pruning schedule for one batch: each of two stages (before layer 0; after a random layer
-    0 .. num_layers-2) runs with probability 1/2 and keeps a uniform share in [min_keep, 1] of the visual tokens
-    still kept, chosen at random; at least one stage runs. Non-visual tokens are never dropped."""
+    """A random pruning schedule for one batch.
+
+    Each of two stages (before layer 0; after a random layer 0 .. num_layers-2) runs with probability 1/2 and keeps a
+    uniform share in [min_keep, 1] of the visual tokens still kept, chosen at random; at least one stage runs.
+    Non-visual tokens are never dropped.
+    """
     def draw() -> float:
         return float(torch.empty(1).uniform_(min_keep, 1.0, generator=generator))
 
@@ -220,10 +226,13 @@ def random_token_drop(layout: TokenLayout, num_layers: int, min_keep: float,
 
 def training_losses(model: ReferenceVLA, batch: dict[str, torch.Tensor], bf16: bool,
                     schedule: Optional[FixedKeepSchedule] = None) -> dict[str, torch.Tensor]:
-    """Per batch: 'chunk' (L1 over the action chunk), 'localisation' (masked L1 of the localisation head),
-    'pointing' (masked cross-entropy of the pointing head against soft patch targets) and 'pointing_hit' (share
-    of targets whose most likely patch lies within 1.5 patches of the true position; a readable diagnostic).
-    ``schedule``: drop visual tokens inside the decoder as it says (pruning-aware training)."""
+    """The training losses of one batch.
+
+    'chunk' (L1 over the action chunk), 'localisation' (masked L1 of the localisation head), 'pointing' (masked
+    cross-entropy of the pointing head against soft patch targets) and 'pointing_hit' (share of targets whose most
+    likely patch lies within 1.5 patches of the true position; a readable diagnostic). ``schedule``: drop visual tokens
+    inside the decoder as it says (pruning-aware training).
+    """
     config = model.config
     layout = model.layout(config.max_words)
     with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
@@ -254,7 +263,8 @@ def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes:
 
     ``resume`` continues from ``out_dir/train_state.pt`` (weights, optimizer, step, RNG); ``init_from`` starts
     from an exported checkpoint's weights and normalisation instead (fresh optimizer), e.g. the committed
-    reference VLA on a machine that no longer has the training state."""
+    reference VLA on a machine that no longer has the training state.
+    """
     torch.set_num_threads(train_config.threads)
     torch.manual_seed(train_config.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -328,8 +338,10 @@ def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes:
 
 def _initial_model(model_config: ReferenceVLAConfig, train_eps: Sequence, init_from: Optional[Path]
                    ) -> tuple[ReferenceVLA, ReferenceVLAConfig, int]:
-    """A fresh model (proprio normalisation from the training episodes) or one warm-started from ``init_from``;
-    with its config and the training steps its ancestors took."""
+    """A fresh model (proprio normalisation from the training episodes) or one warm-started from ``init_from``.
+
+    Returned with its config and the training steps its ancestors took.
+    """
     if init_from is None:
         model_config.proprio_mean, model_config.proprio_std = proprio_statistics(train_eps)
         return ReferenceVLA(model_config), model_config, 0
@@ -381,4 +393,3 @@ def validation_losses(model: ReferenceVLA, bank: 'DemoBank', rows: np.ndarray, b
         losses = [training_losses(model, bank.batch(rows[i:i + 64]), bf16) for i in range(0, len(rows), 64)]
     model.train()
     return {name: float(np.mean([batch[name].item() for batch in losses])) for name in losses[0]}
-

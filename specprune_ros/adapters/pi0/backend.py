@@ -124,8 +124,10 @@ def load_pi0_backend(directory: str | Path, device: str = 'auto', dtype: str = '
 
 def load_pi0_policy(directory: str | Path, method: str = 'none', method_config: Optional[dict] = None,
                     device: str = 'auto', dtype: str = 'auto', seed: int = 0, **options: Any) -> PrunablePolicy:
-    """A ready ``Policy`` for a pi0 / pi0.5 checkpoint directory; keyword arguments are :class:`Pi0Options` fields
-    (they override ``specprune_adapter.json``)."""
+    """A ready ``Policy`` for a pi0 / pi0.5 checkpoint directory.
+
+    Keyword arguments are :class:`Pi0Options` fields (they override ``specprune_adapter.json``).
+    """
     directory = _check_directory(directory)
     backend = load_pi0_backend(directory, device, dtype, read_options(directory, options))
     return PrunablePolicy(backend, build_method(method, method_config, seed=seed))

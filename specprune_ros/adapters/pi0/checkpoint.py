@@ -1,5 +1,6 @@
-"""Load a LeRobot pi0 / pi0.5 checkpoint directory (``lerobot/pi0_base``, ``lerobot/pi05_base``,
-``lerobot/pi05_libero`` layout) without LeRobot.
+"""Load a LeRobot pi0 / pi0.5 checkpoint directory without LeRobot.
+
+Layout of ``lerobot/pi0_base``, ``lerobot/pi05_base`` and ``lerobot/pi05_libero``.
 
 Files: ``config.json`` (see ``configuration``), ``model.safetensors`` (or shards with
 ``model.safetensors.index.json``), ``policy_preprocessor.json`` / ``policy_postprocessor.json`` with the

@@ -1,5 +1,6 @@
-"""One pi0 / pi0.5 inference with visual-token pruning: the prefix on the prunable executor, the action expert's
-denoising steps against the pruned prefix's keys/values.
+"""One pi0 / pi0.5 inference with visual-token pruning.
+
+The prefix on the prunable executor, the action expert's denoising steps against the pruned prefix's keys/values.
 
 Prefix layout (bidirectional attention; the layout's token indices are the RoPE positions)::
 
@@ -71,9 +72,12 @@ class Pi0Inference:
         return len(self.config.camera_names)
 
     def frames_in_order(self, images: Sequence[np.ndarray] | Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """Frames of the checkpoint's cameras in its order: a sequence holds all of them; a mapping (camera name ->
-        frame, names as in ``config.camera_names``) may leave some out, which the model then does not see (LeRobot
-        masks an absent camera out, e.g. pi0_base's right wrist on a one-arm robot); at least one must be there."""
+        """Frames of the checkpoint's cameras in its order.
+
+        A sequence holds all of them; a mapping (camera name -> frame, names as in ``config.camera_names``) may leave
+        some out, which the model then does not see (LeRobot masks an absent camera out, e.g. pi0_base's right wrist on
+        a one-arm robot); at least one must be there.
+        """
         cfg = self.config
         if not isinstance(images, Mapping):
             if len(images) != self.num_cameras:
@@ -117,8 +121,7 @@ class Pi0Inference:
 
     def encode(self, images: Sequence[np.ndarray] | Mapping[str, np.ndarray], instruction: str,
                proprio: Optional[np.ndarray]) -> Pi0Input:
-        """Prefix embeddings and layout for camera frames (see :meth:`frames_in_order`), the task and the robot
-        state."""
+        """Prefix embeddings and layout for camera frames (see :meth:`frames_in_order`), task and robot state."""
         cfg = self.config
         images = self.frames_in_order(images)
         state = self.normalized_state(proprio)
@@ -235,9 +238,12 @@ class Pi0Inference:
 
 def load_inference(directory: str | Path, device: str = 'auto', dtype: str | torch.dtype = 'auto',
                    tokenizer: Optional[str | Path] = None, seed: int = 0, action_rows: str = 'mean') -> Pi0Inference:
-    """A pi0 / pi0.5 checkpoint directory ready to run. ``device``: 'auto' (CUDA if present), 'cpu', 'cuda:N';
-    ``dtype``: 'auto' (bfloat16 on CUDA, float32 on the CPU), 'float32', 'bfloat16', 'float16'; ``tokenizer``: the
-    PaliGemma tokenizer's directory when the checkpoint has none; ``seed``: of the flow's noise."""
+    """A pi0 / pi0.5 checkpoint directory ready to run.
+
+    ``device``: 'auto' (CUDA if present), 'cpu', 'cuda:N'; ``dtype``: 'auto' (bfloat16 on CUDA, float32 on the CPU),
+    'float32', 'bfloat16', 'float16'; ``tokenizer``: the PaliGemma tokenizer's directory when the checkpoint has none;
+    ``seed``: of the flow's noise.
+    """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     return Pi0Inference(load_checkpoint(directory, dev, dt, tokenizer), dev, dt, seed=seed, action_rows=action_rows)

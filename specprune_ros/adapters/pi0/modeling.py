@@ -1,4 +1,4 @@
-"""pi0 / pi0.5 built from transformers' SigLIP and Gemma modules, with LeRobot's parameter names.
+r"""pi0 / pi0.5 built from transformers' SigLIP and Gemma modules, with LeRobot's parameter names.
 
 Module tree (the names of LeRobot's ``model.safetensors``, without its leading ``model.``)::
 
@@ -11,7 +11,7 @@ Module tree (the names of LeRobot's ``model.safetensors``, without its leading `
     pi0.5: time_mlp_in, time_mlp_out                            time -> adaRMS condition of every expert norm
 
 Sequence of one inference: prefix = each camera's 256 SigLIP tokens, then the prompt (BOS + task + newline; pi0.5:
-"Task: ..., State: <discretised state>;\\nAction: "), all attending to each other; suffix = (pi0: one state token)
+"Task: ..., State: <discretised state>;\nAction: "), all attending to each other; suffix = (pi0: one state token)
 + the chunk's 50 noisy-action tokens at positions after the prefix; the state token sees the prefix and itself, the
 action tokens see the prefix, the state token and each other. The prefix never sees the suffix, so its keys/values
 are computed once; ``num_inference_steps`` Euler steps integrate the predicted velocity from t = 1 (noise) to 0.
@@ -159,8 +159,10 @@ class Pi0Model(nn.Module):
         return self.paligemma_with_expert.gemma_expert.model
 
     def restore_buffers(self, device: torch.device | str) -> None:
-        """Recompute the non-persistent buffers (rotary frequencies, SigLIP position ids, the embedding scale) after
-        building on the meta device."""
+        """Recompute the non-persistent buffers after building on the meta device.
+
+        Rotary frequencies, SigLIP position ids, the embedding scale.
+        """
         self.vlm.rotary_emb = GemmaRotaryEmbedding(config=self.vlm.config).to(device)
         self.expert.rotary_emb = GemmaRotaryEmbedding(config=self.expert.config).to(device)
         embeddings = self.paligemma_with_expert.paligemma.model.vision_tower.embeddings
@@ -229,8 +231,10 @@ class Pi0Model(nn.Module):
 
     @torch.no_grad()
     def joint_pass(self, prefix: torch.Tensor, suffix: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
-        """Prefix (B, N, d) and suffix (B, S, d_e) through both weight sets with one attention per layer over all
-        N + S tokens (eager softmax, at least float32); returns the expert's final-normed suffix states."""
+        """Prefix (B, N, d) and suffix (B, S, d_e) through both weight sets, one attention per layer over all tokens.
+
+        Eager softmax over the N + S tokens, at least float32; returns the expert's final-normed suffix states.
+        """
         vlm, expert = self.vlm, self.expert
         batch, n, _ = prefix.shape
         s = suffix.shape[1]

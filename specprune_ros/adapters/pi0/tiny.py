@@ -126,8 +126,11 @@ def write_processors(directory: Path, config: dict, seed: int = 0) -> None:
 
 
 def lerobot_state(model: Pi0Model, generator: torch.Generator, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The model's parameters under the names LeRobot saves (``model.`` prefix, transformers 4's SigLIP names, the
-    tied PaliGemma head instead of the embedding, the expert's unused head)."""
+    """The model's parameters under the names LeRobot saves.
+
+    The ``model.`` prefix, transformers 4's SigLIP names, the tied PaliGemma head instead of the embedding, the
+    expert's unused head.
+    """
     state = {}
     for key, tensor in model.state_dict().items():
         if key.startswith('paligemma_with_expert.paligemma.model.vision_tower.'):

@@ -1,7 +1,7 @@
-"""Publish synthetic camera frames, an instruction and the robot state, as a robot would.
+r"""Publish synthetic camera frames, an instruction and the robot state, as a robot would.
 
-    python -m specprune_ros.ros.tools.synthetic_camera --rate 30 --size 96 \\
-        --camera agentview=camera/agentview/image_raw:raw --camera wrist=camera/wrist/image_raw:compressed \\
+    python -m specprune_ros.ros.tools.synthetic_camera --rate 30 --size 96 \
+        --camera agentview=camera/agentview/image_raw:raw --camera wrist=camera/wrist/image_raw:compressed \
         --instruction "pick up the red cube" --duration 10
 
 Frames show a coloured square that moves a little every frame (so temporal pruning sees motion), are
