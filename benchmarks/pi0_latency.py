@@ -33,6 +33,7 @@ from specprune_ros.adapters.pi0.inference import Pi0Inference, load_inference
 from specprune_ros.adapters.pi0.modeling import Pi0Model
 from specprune_ros.adapters.pi0.processing import FeatureStats, Normalization
 from specprune_ros.adapters.pi0.tiny import gemma_tokenizer, tiny_config, write_tiny_checkpoint
+from specprune_ros.command_line import HelpFormatter
 from specprune_ros.pruning import build_method
 
 DEFAULT_METHODS = ['none', 'random', 'fastv', 'divprune', 'vla_pruner', 'vla_cache', 'specprune']
@@ -78,14 +79,14 @@ def synthetic_episode(steps: int, cameras: int, size: int, state_dim: int, seed:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--checkpoint', default='tiny-pi0',
                         help="a checkpoint directory; 'tiny-pi0' / 'tiny-pi05' (written to a temp dir); "
                              "'published-pi0' / 'published-pi05' (random weights at the published shape)")
     parser.add_argument('--cameras', type=int, default=2, help='cameras of the published / tiny shapes (1-3)')
-    parser.add_argument('--device', default='auto')
+    parser.add_argument('--device', default='auto', help="'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:N'")
     parser.add_argument('--dtype', default='auto', help="'auto' (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
-    parser.add_argument('--methods', nargs='+', default=DEFAULT_METHODS)
+    parser.add_argument('--methods', nargs='+', default=DEFAULT_METHODS, help='pruning methods to time, round-robin')
     parser.add_argument('--method-config', default='{}', help='JSON: {method: {field: value}}')
     parser.add_argument('--steps', type=int, default=10, help='timed steps per method')
     parser.add_argument('--warmup', type=int, default=3, help='untimed steps first (VLA-Pruner warms up 3 steps)')
