@@ -1,0 +1,553 @@
+"""Latency of every pruning method at a deployment shape (OpenVLA / OpenVLA-OFT layouts), measured side by side.
+
+The model is OpenVLA or OpenVLA-OFT at its published dimensions with random weights, built in memory
+(``specprune_ros.adapters.published_shapes``), optionally narrower for CPU runs (``--width``: the token layout,
+the 32 layers and the action head stay; the ViTs shrink by the same factor unless ``--vision-scale`` says
+otherwise). One sequence of observations from a closed-loop simulator episode (the scripted expert drives the
+MuJoCo tabletop; both cameras rendered, resized to 224 px by the model's own preprocessing, one frame every
+``--stride`` control steps) is fed to every method round-robin, step by step, in one process: each method keeps
+its own temporal state, the order rotates every step, and the first ``--warmup`` steps (allocator / kernel
+warm-up and every method's own warm-up, e.g. VLA-Pruner's 3 unpruned steps) are not timed. transformers' own
+forward of the same weights with SDPA (``reference_step``: what users of the published models run) is timed in
+the same rotation.
+
+Per method: total step time and its parts (vision = both ViTs + projector; decoder = prefill, plus the
+autoregressive decode for OpenVLA; selection = the method's hooks and attention probes; head = OFT's action head /
+OpenVLA's de-tokenisation; other = prompt, preprocessing, embedding) as medians with p10 / p90; speedup over the
+unpruned executor with a 95% paired bootstrap interval of the ratio of medians; the same over transformers' forward;
+the FLOPs-ideal decoder speedup and measured / ideal; the Amdahl-ideal total speedup (decoder scaled by its FLOPs,
+the rest unchanged); mean kept visual tokens per layer; the attention path of each layer.
+
+    # CPU proxy (a few minutes on a quiet 2-core machine)
+    python benchmarks/deployment_latency.py --shape oft --width 512 256 --steps 8 --threads 2 --out docs/benchmarks
+    # a GPU: the OpenVLA-OFT 7B shape in bf16 (see scripts/gpu_benchmark.sh)
+    python benchmarks/deployment_latency.py --shape oft-7b --device cuda --steps 20 --out outputs/benchmarks
+
+On CUDA every step is synchronised before and after, and the vision / head parts are synchronised around; the
+decoder / selection split inside a step comes from the executor's host clocks.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from specprune_ros.adapters.published_shapes import PublishedShape, build_shape
+from specprune_ros.pruning import build_method
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = 'transformers sdpa'
+BASELINE = 'none'
+# (label, registry name, config)
+METHODS: tuple[tuple[str, str, Optional[dict]], ...] = (
+    ('none', 'none', None),
+    ('specprune', 'specprune', None),
+    ('vla_pruner 25%', 'vla_pruner', {'keep_ratio': 0.25}),
+    ('fastv 25%', 'fastv', {'keep_ratio': 0.25}),
+    ('divprune 25%', 'divprune', {'keep_ratio': 0.25}),
+    ('random 25%', 'random', {'keep_ratio': 0.25}),
+    ('vla_cache', 'vla_cache', None),
+)
+# --shape name -> (kind, width or None for --width)
+SHAPES = {'oft': ('openvla-oft', None), 'openvla': ('openvla', None), 'oft-7b': ('openvla-oft', 4096),
+          'openvla-7b': ('openvla', 4096)}
+PHASES = ('total', 'vision', 'decoder', 'prefill', 'decode', 'selection', 'probe', 'head', 'other')
+
+
+# -- observations -----------------------------------------------------------------------------------------------
+
+@dataclass
+class Frame:
+    """One observation of the episode as the policy receives it."""
+
+    images: dict[str, np.ndarray]
+    proprio: np.ndarray
+    instruction: str
+    executed_actions: np.ndarray
+    new_episode: bool = False
+
+
+def simulator_episode(count: int, stride: int, family: str = 'pick', seed: int = 0,
+                      image_size: int = 224) -> list[Frame]:
+    """``count`` observations, one every ``stride`` control steps, of the scripted expert acting in closed loop in
+    the MuJoCo tabletop (a new episode, seed + 1, starts when one ends)."""
+    from specprune_ros.sim import ScriptedExpert, TabletopEnv   # MuJoCo: only when the harness runs
+    env = TabletopEnv(family=family, seed=seed, image_size=image_size)
+    expert = ScriptedExpert(env)
+    frames: list[Frame] = []
+    observation, episode, new = env.reset(seed=seed), seed, True
+    executed: list[np.ndarray] = []
+    while len(frames) < count:
+        frames.append(Frame(images={k: v.copy() for k, v in observation.images.items()},
+                            proprio=np.asarray(observation.proprio, dtype=np.float64).copy(),
+                            instruction=observation.instruction,
+                            executed_actions=np.array(executed[-stride:] or [np.zeros(7)], dtype=np.float64),
+                            new_episode=new))
+        new, executed = False, []
+        for i in range(stride):
+            action = expert.act(observation)
+            last = i == stride - 1
+            observation, done, _ = env.step(action, render=last)
+            executed.append(action)
+            if done:
+                episode += 1
+                observation, new, executed = env.reset(seed=episode), True, []
+                break
+    env.close()
+    return frames
+
+
+def digest(arrays: list[np.ndarray], text: str = '') -> str:
+    h = hashlib.sha256(text.encode())
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str((a.shape, a.dtype)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+# -- timing -----------------------------------------------------------------------------------------------------
+
+class PhaseClock:
+    """Times the adapter's vision and action-head calls (instance wrappers, synchronised on CUDA) and remembers the
+    preprocessed frames the model saw."""
+
+    def __init__(self, adapter: Any, sync: Callable[[], None]) -> None:
+        self.sync = sync
+        self.seconds: dict[str, float] = {}
+        self.frames: list[np.ndarray] = []
+        self._wrap(adapter, 'visual_tokens', 'vision')
+        self._wrap(adapter, 'head' if adapter.kind == 'openvla-oft' else 'detokenize', 'head')
+        original = adapter.prepare_frames
+
+        def prepare(images):
+            self.frames = original(images)
+            return self.frames
+        adapter.prepare_frames = prepare
+
+    def _wrap(self, adapter: Any, attribute: str, phase: str) -> None:
+        original = getattr(adapter, attribute)
+
+        def timed(*args, **kwargs):
+            self.sync()
+            t0 = time.perf_counter()
+            out = original(*args, **kwargs)
+            self.sync()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+            return out
+        setattr(adapter, attribute, timed)
+
+    def reset(self) -> None:
+        self.seconds = {}
+        self.frames = []
+
+
+@dataclass
+class Runner:
+    """One timed configuration: a pruning method (its own temporal state) or transformers' forward."""
+
+    label: str
+    name: str
+    config: Optional[dict]
+    method: Any = None
+    step_index: int = 0
+    samples: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PHASES})
+    flops: list[float] = field(default_factory=list)
+    flops_full: list[float] = field(default_factory=list)
+    kept_visual: list[float] = field(default_factory=list)
+    num_visual: int = 0
+    num_tokens: int = 0
+    probe_keys: list[set] = field(default_factory=list)
+    backends: Optional[list[str]] = None
+    reused: int = 0
+    inputs: Any = field(default_factory=hashlib.sha256)
+    frames: Any = field(default_factory=hashlib.sha256)
+
+    @property
+    def is_reference(self) -> bool:
+        return self.name == REFERENCE
+
+    def reset(self) -> None:
+        self.step_index = 0
+        if self.method is not None:
+            self.method.reset()
+
+    def run(self, adapter: Any, frame: Frame, cameras: tuple[str, ...]):
+        images = [frame.images[c] for c in cameras]
+        proprio = frame.proprio if adapter.kind == 'openvla-oft' else None
+        if self.is_reference:
+            args = (images, frame.instruction) + ((proprio,) if proprio is not None else ())
+            return adapter.reference_step(*args)
+        common = dict(method=self.method, step_index=self.step_index, executed_actions=frame.executed_actions)
+        if proprio is not None:
+            common['proprio'] = proprio
+        out = adapter.step(images, frame.instruction, **common)
+        self.step_index += 1
+        return out
+
+    def record(self, out: Any, elapsed: float, clock: PhaseClock, images: list[np.ndarray], frame: Frame,
+               layers: int) -> None:
+        vision, head = clock.seconds.get('vision', 0.0), clock.seconds.get('head', 0.0)
+        self.inputs.update(digest(images + [frame.proprio], frame.instruction).encode())
+        self.frames.update(digest(clock.frames).encode())
+        values = {'total': elapsed, 'vision': vision, 'head': head}
+        if self.is_reference:
+            values.update(decoder=elapsed - vision - head, prefill=float('nan'), decode=float('nan'),
+                          selection=0.0, probe=0.0, other=float('nan'))
+            self.backends = ['sdpa (transformers)'] * layers
+        else:
+            record = out.result.record
+            decode = float(record.info.get('decode_seconds', 0.0))
+            prefill = float(record.info.get('prefill_model_seconds', record.model_seconds))
+            selection = record.selection_seconds + record.probe_seconds
+            values.update(decoder=record.model_seconds, prefill=prefill, decode=decode, selection=selection,
+                          probe=record.probe_seconds,
+                          other=elapsed - vision - head - record.model_seconds - selection)
+            self.flops.append(record.flops)
+            self.flops_full.append(record.flops_full)
+            self.num_visual, self.num_tokens = record.layout.num_visual, record.layout.num_tokens
+            self.kept_visual.append(float(np.mean(record.visual_kept_per_layer)))
+            keys = [set(record.attention.get(layer, {})) for layer in range(layers)]
+            self.probe_keys = keys if not self.probe_keys else [a | b for a, b in zip(self.probe_keys, keys)]
+            self.reused = max(self.reused, 0 if record.reused is None else len(record.reused))
+            backends = record.info.get('attention_backends')
+            if backends is not None:
+                self.backends = list(backends)
+        for phase, value in values.items():
+            self.samples[phase].append(value)
+
+    def layer_backends(self) -> list[str]:
+        """Per layer: fused SDPA, plus the attention rows a method read there (computed beside it)."""
+        if self.backends is not None:
+            return self.backends
+        out = []
+        for keys in self.probe_keys:
+            path = 'sdpa' + (' + probe(' + ','.join(sorted(keys)) + ')' if keys else '')
+            out.append(path + (' + reused K/V' if self.reused else ''))
+        return out
+
+
+def bootstrap_ratio(base: np.ndarray, other: np.ndarray, resamples: int = 2000, seed: int = 0) -> list[float]:
+    """95% interval of median(base) / median(other), resampling the interleaved steps in pairs."""
+    n = min(len(base), len(other))
+    if n < 2:
+        return [float('nan'), float('nan')]
+    base, other = np.asarray(base[:n]), np.asarray(other[:n])
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    ratios = np.median(base[idx], axis=1) / np.median(other[idx], axis=1)
+    return [float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))]
+
+
+def compress(backends: list[str]) -> str:
+    """'sdpa x29; sdpa + probe(text) @1' style summary of per-layer paths."""
+    groups: dict[str, list[int]] = {}
+    for layer, path in enumerate(backends):
+        groups.setdefault(path, []).append(layer)
+    parts = []
+    for path, layers in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        parts.append(f'{path} x{len(layers)}' if len(layers) > 3 else f"{path} @{','.join(map(str, layers))}")
+    return '; '.join(parts)
+
+
+# -- one shape --------------------------------------------------------------------------------------------------
+
+def measure_shape(shape: PublishedShape, frames: list[Frame], methods, device: str, dtype: str, warmup: int,
+                  seed: int = 0, reference: bool = True, log: Callable[[str], None] = print) -> tuple[list, dict]:
+    started = time.perf_counter()
+    adapter = build_shape(shape, device=device, dtype=dtype, seed=seed)
+    build_s = time.perf_counter() - started
+    cuda = adapter.device.type == 'cuda'
+    sync = (lambda: torch.cuda.synchronize(adapter.device)) if cuda else (lambda: None)
+    clock = PhaseClock(adapter, sync)
+    cameras = ('agentview', 'wrist')[:adapter.num_images]
+    layers = adapter.runner.num_layers
+    runners = [Runner(label, name, config, build_method(name, config, seed=seed)) for label, name, config in methods]
+    if reference:
+        runners.append(Runner(REFERENCE, REFERENCE, None))
+    log(f'{shape.label}: {adapter.kind} on {adapter.device} {str(adapter.dtype).replace("torch.", "")}, '
+        f'{layers} layers x {adapter.runner.hidden_size} (MLP {adapter.runner.mlp_size}), '
+        f'{adapter.num_images} x {adapter.patches_per_image} patches; built in {build_s:.1f} s')
+    with torch.inference_mode():
+        for index, frame in enumerate(frames):
+            if frame.new_episode:
+                for runner in runners:
+                    runner.reset()
+            order = runners[index % len(runners):] + runners[:index % len(runners)]
+            for runner in order:
+                clock.reset()
+                sync()
+                t0 = time.perf_counter()
+                out = runner.run(adapter, frame, cameras)
+                sync()
+                elapsed = time.perf_counter() - t0
+                if index >= warmup:
+                    images = [frame.images[c] for c in cameras]
+                    runner.record(out, elapsed, clock, images, frame, layers)
+            if index >= warmup:
+                log(f'  step {index}: ' + ', '.join(f'{r.label} {1e3 * r.samples["total"][-1]:.0f}' for r in runners)
+                    + ' ms')
+    info = {'shape': shape.label, 'kind': shape.kind, 'width': adapter.runner.hidden_size, 'layers': layers,
+            'heads': shape.num_heads, 'mlp': adapter.runner.mlp_size,
+            'vision_widths': [s.embed_dim for s in adapter.checkpoint.vision_specs],
+            'vision_depths': [s.depth for s in adapter.checkpoint.vision_specs],
+            'images': adapter.num_images, 'patches_per_image': adapter.patches_per_image,
+            'parameters_m': sum(p.numel() for p in adapter.model.parameters()) / 1e6, 'build_s': build_s,
+            'device': device_name(adapter.device), 'dtype': str(adapter.dtype).replace('torch.', '')}
+    return rows_for(runners, info), info
+
+
+def _stat(values: list[float]) -> tuple[float, float, float]:
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) == 0 or np.isnan(v).all():
+        return float('nan'), float('nan'), float('nan')
+    return tuple(float(1e3 * np.nanpercentile(v, q)) for q in (50, 10, 90))
+
+
+def rows_for(runners: list[Runner], info: dict) -> list[dict]:
+    by_label = {r.label: r for r in runners}
+    base = by_label.get(BASELINE)
+    ref = by_label.get(REFERENCE)
+    base_total = np.asarray(base.samples['total']) if base else None
+    base_decoder = (np.asarray(base.samples['decoder']) + np.asarray(base.samples['selection'])) if base else None
+    rows = []
+    for r in runners:
+        total = np.asarray(r.samples['total'])
+        row: dict[str, Any] = {'shape': info['shape'], 'device': info['device'], 'dtype': info['dtype'],
+                               'method': r.name, 'label': r.label, 'config': r.config, 'steps': len(total)}
+        for phase in PHASES:
+            row[f'{phase}_ms'], row[f'{phase}_ms_p10'], row[f'{phase}_ms_p90'] = _stat(r.samples[phase])
+        if base is not None:
+            row['speedup'] = float(np.median(base_total) / np.median(total))
+            row['speedup_ci95'] = bootstrap_ratio(base_total, total)
+        if ref is not None:
+            ref_total = np.asarray(ref.samples['total'])
+            row['speedup_vs_transformers'] = float(np.median(ref_total) / np.median(total))
+            row['speedup_vs_transformers_ci95'] = bootstrap_ratio(ref_total, total)
+        if r.is_reference:
+            row.update(flops_ratio=1.0, flops_ideal_speedup=1.0, kept_visual_ratio=1.0,
+                       kept_visual_tokens=float(base.num_visual) if base else float('nan'))
+        else:
+            flops_ratio = float(np.sum(r.flops) / np.sum(r.flops_full))
+            decoder = np.asarray(r.samples['decoder']) + np.asarray(r.samples['selection'])
+            row.update(flops_ratio=flops_ratio, flops_ideal_speedup=1.0 / flops_ratio,
+                       kept_visual_tokens=float(np.mean(r.kept_visual)),
+                       kept_visual_ratio=float(np.mean(r.kept_visual)) / r.num_visual,
+                       num_visual=r.num_visual, num_tokens=r.num_tokens)
+            if base is not None:
+                decoder_speedup = float(np.median(base_decoder) / np.median(decoder))
+                rest = float(np.median(base_total) - np.median(base_decoder))
+                ideal_total = float(np.median(base_total) / (rest + np.median(base_decoder) * flops_ratio))
+                row.update(decoder_speedup=decoder_speedup, measured_over_ideal=decoder_speedup * flops_ratio,
+                           total_ideal_speedup=ideal_total, total_measured_over_ideal=row['speedup'] / ideal_total,
+                           selection_share_of_decoder=float(np.median(r.samples['selection'])
+                                                            / np.median(r.samples['decoder'])))
+        backends = r.layer_backends()
+        row['attention_backend'] = backends
+        row['attention_backend_summary'] = compress(backends)
+        row['inputs_sha256'] = r.inputs.hexdigest()[:16]
+        row['frames_sha256'] = r.frames.hexdigest()[:16]
+        row['total_ms_samples'] = [1e3 * v for v in total]
+        rows.append(row)
+    return rows
+
+
+# -- reporting --------------------------------------------------------------------------------------------------
+
+def device_name(device: torch.device) -> str:
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                name = line.split(':', 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f'CPU ({name}, {torch.get_num_threads()} threads)'
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        return commit + (' (uncommitted changes)' if dirty else '')
+    except (OSError, subprocess.CalledProcessError):
+        return 'unknown'
+
+
+def _ms(row: dict, phase: str) -> str:
+    median = row.get(f'{phase}_ms', float('nan'))
+    if median != median:
+        return '-'
+    return f"{median:.1f} ({row[f'{phase}_ms_p10']:.0f}-{row[f'{phase}_ms_p90']:.0f})"
+
+
+def _x(value: Optional[float], interval: Optional[list] = None) -> str:
+    if value is None or value != value:
+        return '-'
+    text = f'{value:.2f}x'
+    return text + (f' ({interval[0]:.2f}-{interval[1]:.2f})' if interval else '')
+
+
+def markdown(meta: dict, shapes: list[dict], rows: list[dict]) -> str:
+    lines = ['# Deployment-shape latency', '',
+             f"Command: `{meta['command']}`  ", f"Commit: {meta['commit']}; date: {meta['date']}  ",
+             f"Device: {meta['device']}; dtype {meta['dtype']}; torch {meta['torch']}, transformers "
+             f"{meta['transformers']}  ",
+             f"Observations: {meta['observations']}  ",
+             f"{meta['steps']} timed steps per method after {meta['warmup']} untimed ones, every method and "
+             "transformers' own forward interleaved (order rotating) in one process. Random weights: only latency, "
+             'kept tokens and FLOPs mean anything.', '',
+             'Times are medians (p10-p90) in ms. speedup = median(unpruned executor) / median(method), 95% paired '
+             'bootstrap interval; vs transformers = the same against transformers\' SDPA forward of the same '
+             'weights. Decoder ideal = decoder FLOPs ratio; measured / ideal = (decoder + selection) speedup / '
+             'decoder ideal; total ideal = the total if only the decoder shrank with its FLOPs.', '']
+    for shape in shapes:
+        lines += [f"## {shape['shape']}", '',
+                  f"Decoder {shape['width']} wide x {shape['layers']} layers ({shape['heads']} heads, MLP "
+                  f"{shape['mlp']}); ViTs {shape['vision_widths']} wide x {shape['vision_depths']} blocks; "
+                  f"{shape['images']} image(s) x {shape['patches_per_image']} patches; "
+                  f"{shape['parameters_m']:.0f} M parameters.", '',
+                  '| method | total | vision | decoder (prefill + decode) | selection | head | speedup (95% CI) | '
+                  'vs transformers | decoder ideal | measured / ideal | total ideal | kept visual / layer |',
+                  '|---|---|---|---|---|---|---|---|---|---|---|---|']
+        for row in (r for r in rows if r['shape'] == shape['shape']):
+            decoder = _ms(row, 'decoder')
+            if row.get('decode_ms', 0) and row['decode_ms'] == row['decode_ms']:
+                decoder += f" ({row['prefill_ms']:.0f} + {row['decode_ms']:.0f})"
+            ratio = row.get('measured_over_ideal')
+            lines.append(
+                f"| {row['label']} | {_ms(row, 'total')} | {_ms(row, 'vision')} | {decoder} | "
+                f"{_ms(row, 'selection')} | {_ms(row, 'head')} | {_x(row.get('speedup'), row.get('speedup_ci95'))} | "
+                f"{_x(row.get('speedup_vs_transformers'))} | {_x(row.get('flops_ideal_speedup'))} | "
+                f"{'-' if ratio is None else f'{ratio:.2f}'} | {_x(row.get('total_ideal_speedup'))} | "
+                f"{row['kept_visual_tokens']:.0f} ({100 * row['kept_visual_ratio']:.0f}%) |")
+        lines += ['', 'Attention path per layer:', '']
+        lines += [f"- {row['label']}: {row['attention_backend_summary']}" for row in rows
+                  if row['shape'] == shape['shape']]
+        lines.append('')
+    return '\n'.join(lines)
+
+
+def plot(shapes: list[dict], rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4.2), squeeze=False, sharey=True)
+    for ax, shape in zip(axes[0], shapes):
+        selected = [r for r in rows if r['shape'] == shape['shape'] and 'speedup' in r]
+        y = np.arange(len(selected))
+        speed = np.array([r['speedup'] for r in selected])
+        low = speed - np.array([r['speedup_ci95'][0] for r in selected])
+        high = np.array([r['speedup_ci95'][1] for r in selected]) - speed
+        ax.barh(y, speed, xerr=[low, high], color='tab:blue', alpha=0.8, capsize=3, label='measured (95% CI)')
+        ax.scatter([r['flops_ideal_speedup'] for r in selected], y, marker='|', s=200, color='tab:red',
+                   label='decoder FLOPs ideal')
+        ax.scatter([r.get('total_ideal_speedup', float('nan')) for r in selected], y, marker='x', color='black',
+                   label='total ideal')
+        ax.axvline(1.0, color='grey', lw=0.8)
+        ax.set_yticks(y, [r['label'] for r in selected])
+        ax.set_xlabel('speedup over the unpruned executor (total step)')
+        ax.set_title(shape['shape'], fontsize=9)
+        ax.grid(axis='x', alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc='lower right')
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_extra(text: str) -> tuple[str, str, Optional[dict]]:
+    label, sep, rest = text.partition('=')
+    name, _, config = rest.partition(':')
+    if not sep or not label.strip() or not name.strip():
+        raise SystemExit(f'--extra {text!r}: expected LABEL=METHOD:JSON')
+    return label.strip(), name.strip(), json.loads(config) if config.strip() else None
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--shape', nargs='+', default=['oft'], choices=sorted(SHAPES),
+                        help='oft / openvla (width from --width) or oft-7b / openvla-7b (4096 wide)')
+    parser.add_argument('--width', type=int, nargs='+', default=[512], help='decoder width(s) for oft / openvla')
+    parser.add_argument('--layers', type=int, default=32)
+    parser.add_argument('--heads', type=int, default=None, help='default: width / 128 (the published head dim)')
+    parser.add_argument('--vision-scale', type=float, default=None,
+                        help='fraction of the ViT widths (default: width / 4096)')
+    parser.add_argument('--device', default='auto')
+    parser.add_argument('--dtype', default='auto', help="'auto': bf16 on CUDA, fp32 on the CPU")
+    parser.add_argument('--steps', type=int, default=10, help='timed steps per method')
+    parser.add_argument('--warmup', type=int, default=3, help='untimed steps first (VLA-Pruner prunes from step 3)')
+    parser.add_argument('--stride', type=int, default=8, help='control steps between observations (a chunk of 8)')
+    parser.add_argument('--family', default='pick', help='simulator task family of the episode')
+    parser.add_argument('--episode-seed', type=int, default=900_000)
+    parser.add_argument('--threads', type=int, default=0, help='torch CPU threads (0 = leave the default)')
+    parser.add_argument('--methods', nargs='+', default=None, help='labels of the built-in methods to run')
+    parser.add_argument('--extra', action='append', default=[], metavar='LABEL=METHOD:JSON',
+                        help="another configuration, e.g. 'vla_pruner 12.5%%=vla_pruner:{\"keep_ratio\": 0.125}'")
+    parser.add_argument('--no-reference', action='store_true', help="skip transformers' own forward")
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--out', type=Path, default=Path('outputs/benchmarks'))
+    parser.add_argument('--name', default='deployment_latency', help='output file stem')
+    parser.add_argument('--no-plot', action='store_true')
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [m for m in METHODS if args.methods is None or m[0] in args.methods or m[0] == BASELINE]
+    methods += [parse_extra(text) for text in args.extra]
+    started = time.time()
+    frames = simulator_episode(args.warmup + args.steps, args.stride, args.family, args.episode_seed)
+    observations = (f"{len(frames)} frames of a closed-loop '{args.family}' episode (seed {args.episode_seed}, "
+                    f"scripted expert, one frame every {args.stride} control steps, 224 px, cameras agentview + wrist; "
+                    f"{sum(f.new_episode for f in frames)} episode start(s); the proprio token projects the "
+                    f"simulator's {len(frames[0].proprio)}-D state)")
+    print(f'{observations}: rendered in {time.time() - started:.1f} s')
+    shapes = []
+    for name in args.shape:
+        kind, fixed = SHAPES[name]
+        for width in ([fixed] if fixed else args.width):
+            scale = args.vision_scale if args.vision_scale is not None else min(1.0, width / 4096)
+            shapes.append(PublishedShape(kind=kind, width=width, layers=args.layers, heads=args.heads,
+                                         vision_scale=scale, proprio_dim=len(frames[0].proprio)))
+    rows, infos = [], []
+    for shape in shapes:
+        shape_rows, info = measure_shape(shape, frames, methods, args.device, args.dtype, args.warmup, args.seed,
+                                         reference=not args.no_reference)
+        rows += shape_rows
+        infos.append(info)
+    import transformers
+    command = ' '.join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    meta = {'command': f'python benchmarks/deployment_latency.py {command}',
+            'commit': git_commit(), 'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+            'device': infos[0]['device'] if infos else '', 'dtype': infos[0]['dtype'] if infos else '',
+            'torch': torch.__version__, 'transformers': transformers.__version__,
+            'threads': torch.get_num_threads(), 'steps': args.steps, 'warmup': args.warmup,
+            'observations': observations, 'minutes': (time.time() - started) / 60}
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {'meta': meta, 'shapes': infos, 'rows': rows}
+    (args.out / f'{args.name}.json').write_text(json.dumps(report, indent=2))
+    table = markdown(meta, infos, rows)
+    (args.out / f'{args.name}.md').write_text(table + '\n')
+    if not args.no_plot:
+        plot(infos, rows, args.out / f'{args.name}.png')
+    print(table)
+    print(f'wrote {args.out}/{args.name}.{{json,md{"" if args.no_plot else ",png"}}} in {meta["minutes"]:.1f} min')
+    return report
+
+
+if __name__ == '__main__':
+    main()
