@@ -6,8 +6,9 @@ the 32 layers and the action head stay; the ViTs shrink by the same factor unles
 otherwise). One sequence of observations from a closed-loop simulator episode (the scripted expert drives the
 MuJoCo tabletop; both cameras rendered, resized to 224 px by the model's own preprocessing, one frame every
 ``--stride`` control steps) is fed to every method round-robin, step by step, in one process: each method keeps
-its own temporal state, the order rotates every step, and the first ``--warmup`` steps (allocator / kernel
-warm-up and every method's own warm-up, e.g. VLA-Pruner's 3 unpruned steps) are not timed. transformers' own
+its own temporal state (reset when an episode starts), the order rotates every step, and the first ``--warmup``
+steps of each episode (allocator / kernel warm-up and every method's own warm-up, e.g. VLA-Pruner's 3 unpruned
+steps) are not timed. transformers' own
 forward of the same weights with SDPA (``reference_step``: what users of the published models run) is timed in
 the same rotation.
 
@@ -76,34 +77,34 @@ class Frame:
     proprio: np.ndarray
     instruction: str
     executed_actions: np.ndarray
-    new_episode: bool = False
+    episode_step: int = 0                 # policy steps since the episode started (0: methods reset first)
 
 
-def simulator_episode(count: int, stride: int, family: str = 'pick', seed: int = 0,
+def simulator_episode(timed: int, warmup: int, stride: int, family: str = 'place', seed: int = 0,
                       image_size: int = 224) -> list[Frame]:
-    """``count`` observations, one every ``stride`` control steps, of the scripted expert acting in closed loop in
-    the MuJoCo tabletop (a new episode, seed + 1, starts when one ends)."""
+    """Observations of the scripted expert acting in closed loop in the MuJoCo tabletop, one every ``stride``
+    control steps, until ``timed`` of them lie ``warmup`` or more policy steps into their episode (a new episode,
+    seed + 1, starts when one ends)."""
     from specprune_ros.sim import ScriptedExpert, TabletopEnv   # MuJoCo: only when the harness runs
     env = TabletopEnv(family=family, seed=seed, image_size=image_size)
     expert = ScriptedExpert(env)
     frames: list[Frame] = []
-    observation, episode, new = env.reset(seed=seed), seed, True
+    observation, episode, episode_step = env.reset(seed=seed), seed, 0
     executed: list[np.ndarray] = []
-    while len(frames) < count:
+    while sum(f.episode_step >= warmup for f in frames) < timed:
         frames.append(Frame(images={k: v.copy() for k, v in observation.images.items()},
                             proprio=np.asarray(observation.proprio, dtype=np.float64).copy(),
                             instruction=observation.instruction,
                             executed_actions=np.array(executed[-stride:] or [np.zeros(7)], dtype=np.float64),
-                            new_episode=new))
-        new, executed = False, []
+                            episode_step=episode_step))
+        episode_step, executed = episode_step + 1, []
         for i in range(stride):
             action = expert.act(observation)
-            last = i == stride - 1
-            observation, done, _ = env.step(action, render=last)
+            observation, done, _ = env.step(action, render=i == stride - 1)
             executed.append(action)
             if done:
                 episode += 1
-                observation, new, executed = env.reset(seed=episode), True, []
+                observation, episode_step, executed = env.reset(seed=episode), 0, []
                 break
     env.close()
     return frames
@@ -281,7 +282,7 @@ def measure_shape(shape: PublishedShape, frames: list[Frame], methods, device: s
         f'{adapter.num_images} x {adapter.patches_per_image} patches; built in {build_s:.1f} s')
     with torch.inference_mode():
         for index, frame in enumerate(frames):
-            if frame.new_episode:
+            if frame.episode_step == 0:
                 for runner in runners:
                     runner.reset()
             order = runners[index % len(runners):] + runners[:index % len(runners)]
@@ -292,10 +293,10 @@ def measure_shape(shape: PublishedShape, frames: list[Frame], methods, device: s
                 out = runner.run(adapter, frame, cameras)
                 sync()
                 elapsed = time.perf_counter() - t0
-                if index >= warmup:
+                if frame.episode_step >= warmup:
                     images = [frame.images[c] for c in cameras]
                     runner.record(out, elapsed, clock, images, frame, layers)
-            if index >= warmup:
+            if frame.episode_step >= warmup:
                 log(f'  step {index}: ' + ', '.join(f'{r.label} {1e3 * r.samples["total"][-1]:.0f}' for r in runners)
                     + ' ms')
     info = {'shape': shape.label, 'kind': shape.kind, 'width': adapter.runner.hidden_size, 'layers': layers,
@@ -410,7 +411,7 @@ def markdown(meta: dict, shapes: list[dict], rows: list[dict]) -> str:
              f"Device: {meta['device']}; dtype {meta['dtype']}; torch {meta['torch']}, transformers "
              f"{meta['transformers']}  ",
              f"Observations: {meta['observations']}  ",
-             f"{meta['steps']} timed steps per method after {meta['warmup']} untimed ones, every method and "
+             f"{meta['steps']} timed steps per method ({meta['warmup']} untimed at each episode start), every method and "
              "transformers' own forward interleaved (order rotating) in one process. Random weights: only latency, "
              'kept tokens and FLOPs mean anything.', '',
              'Times are medians (p10-p90) in ms. speedup = median(unpruned executor) / median(method), 95% paired '
@@ -491,9 +492,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument('--device', default='auto')
     parser.add_argument('--dtype', default='auto', help="'auto': bf16 on CUDA, fp32 on the CPU")
     parser.add_argument('--steps', type=int, default=10, help='timed steps per method')
-    parser.add_argument('--warmup', type=int, default=3, help='untimed steps first (VLA-Pruner prunes from step 3)')
-    parser.add_argument('--stride', type=int, default=8, help='control steps between observations (a chunk of 8)')
-    parser.add_argument('--family', default='pick', help='simulator task family of the episode')
+    parser.add_argument('--warmup', type=int, default=3,
+                        help='untimed steps at the start of each episode (VLA-Pruner prunes from step 3)')
+    parser.add_argument('--stride', type=int, default=2, help='control steps between observations')
+    parser.add_argument('--family', default='place', help='simulator task family of the episode (place: the longest)')
     parser.add_argument('--episode-seed', type=int, default=900_000)
     parser.add_argument('--threads', type=int, default=0, help='torch CPU threads (0 = leave the default)')
     parser.add_argument('--methods', nargs='+', default=None, help='labels of the built-in methods to run')
@@ -510,11 +512,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     methods = [m for m in METHODS if args.methods is None or m[0] in args.methods or m[0] == BASELINE]
     methods += [parse_extra(text) for text in args.extra]
     started = time.time()
-    frames = simulator_episode(args.warmup + args.steps, args.stride, args.family, args.episode_seed)
-    observations = (f"{len(frames)} frames of a closed-loop '{args.family}' episode (seed {args.episode_seed}, "
-                    f"scripted expert, one frame every {args.stride} control steps, 224 px, cameras agentview + wrist; "
-                    f"{sum(f.new_episode for f in frames)} episode start(s); the proprio token projects the "
-                    f"simulator's {len(frames[0].proprio)}-D state)")
+    frames = simulator_episode(args.steps, args.warmup, args.stride, args.family, args.episode_seed)
+    episodes = sum(f.episode_step == 0 for f in frames)
+    observations = (f"{len(frames)} frames of {episodes} closed-loop '{args.family}' episode(s) from seed "
+                    f"{args.episode_seed} (scripted expert; one frame every {args.stride} control steps; 224 px; "
+                    f"cameras agentview + wrist; the first {args.warmup} steps of each episode untimed; the proprio "
+                    f"token projects the simulator's {len(frames[0].proprio)}-D state)")
     print(f'{observations}: rendered in {time.time() - started:.1f} s')
     shapes = []
     for name in args.shape:
