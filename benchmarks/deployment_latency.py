@@ -24,8 +24,9 @@ the rest unchanged); mean kept visual tokens per layer; the attention path of ea
     # a GPU: the OpenVLA-OFT 7B shape in bf16 (see scripts/gpu_benchmark.sh)
     python benchmarks/deployment_latency.py --shape oft-7b --device cuda --steps 20 --out outputs/benchmarks
 
-On CUDA every step is synchronised before and after, and the vision / head parts are synchronised around; the
-decoder / selection split inside a step comes from the executor's host clocks.
+On CUDA every step is synchronised before and after, and so are the vision, executor-pass and head parts; the
+method's share inside the executor pass (selection) is the executor's host clock, so GPU work queued by a method's
+hooks and not waited for there counts as decoder time.
 """
 from __future__ import annotations
 
@@ -122,15 +123,17 @@ def digest(arrays: list[np.ndarray], text: str = '') -> str:
 # -- timing -----------------------------------------------------------------------------------------------------
 
 class PhaseClock:
-    """Times the adapter's vision and action-head calls (instance wrappers, synchronised on CUDA) and remembers the
-    preprocessed frames the model saw."""
+    """Times the adapter's vision, decoder pass (the executor's prefill) and action-head calls (instance wrappers,
+    synchronised on CUDA) and remembers the preprocessed frames the model saw."""
 
     def __init__(self, adapter: Any, sync: Callable[[], None]) -> None:
         self.sync = sync
         self.seconds: dict[str, float] = {}
         self.frames: list[np.ndarray] = []
+        self.inside_selection = 0.0          # the method's time inside the executor pass (hooks + probes)
         self._wrap(adapter, 'visual_tokens', 'vision')
         self._wrap(adapter, 'head' if adapter.kind == 'openvla-oft' else 'detokenize', 'head')
+        self._wrap(adapter.runner, 'forward', 'runner')
         original = adapter.prepare_frames
 
         def prepare(images):
@@ -147,12 +150,15 @@ class PhaseClock:
             out = original(*args, **kwargs)
             self.sync()
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+            if phase == 'runner':
+                self.inside_selection = out.record.selection_seconds + out.record.probe_seconds
             return out
         setattr(adapter, attribute, timed)
 
     def reset(self) -> None:
         self.seconds = {}
         self.frames = []
+        self.inside_selection = 0.0
 
 
 @dataclass
@@ -210,12 +216,13 @@ class Runner:
             self.backends = ['sdpa (transformers)'] * layers
         else:
             record = out.result.record
+            # prefill: the executor pass's wall time (synchronised) less the method's time inside it; decode:
+            # OpenVLA's token loop (each token read back to the host, so its host clock holds on CUDA too)
             decode = float(record.info.get('decode_seconds', 0.0))
-            prefill = float(record.info.get('prefill_model_seconds', record.model_seconds))
+            prefill = clock.seconds['runner'] - clock.inside_selection
             selection = record.selection_seconds + record.probe_seconds
-            values.update(decoder=record.model_seconds, prefill=prefill, decode=decode, selection=selection,
-                          probe=record.probe_seconds,
-                          other=elapsed - vision - head - record.model_seconds - selection)
+            values.update(decoder=prefill + decode, prefill=prefill, decode=decode, selection=selection,
+                          probe=record.probe_seconds, other=elapsed - vision - head - prefill - decode - selection)
             self.flops.append(record.flops)
             self.flops_full.append(record.flops_full)
             self.num_visual, self.num_tokens = record.layout.num_visual, record.layout.num_tokens
@@ -411,9 +418,9 @@ def markdown(meta: dict, shapes: list[dict], rows: list[dict]) -> str:
              f"Device: {meta['device']}; dtype {meta['dtype']}; torch {meta['torch']}, transformers "
              f"{meta['transformers']}  ",
              f"Observations: {meta['observations']}  ",
-             f"{meta['steps']} timed steps per method ({meta['warmup']} untimed at each episode start), every method and "
-             "transformers' own forward interleaved (order rotating) in one process. Random weights: only latency, "
-             'kept tokens and FLOPs mean anything.', '',
+             f"{meta['steps']} timed steps per method ({meta['warmup']} untimed at each episode start), every method "
+             "and transformers' own forward interleaved (order rotating) in one process. Random weights: only "
+             'latency, kept tokens and FLOPs mean anything.', '',
              'Times are medians (p10-p90) in ms. speedup = median(unpruned executor) / median(method), 95% paired '
              'bootstrap interval; vs transformers = the same against transformers\' SDPA forward of the same '
              'weights. Decoder ideal = decoder FLOPs ratio; measured / ideal = (decoder + selection) speedup / '
@@ -424,20 +431,28 @@ def markdown(meta: dict, shapes: list[dict], rows: list[dict]) -> str:
                   f"{shape['mlp']}); ViTs {shape['vision_widths']} wide x {shape['vision_depths']} blocks; "
                   f"{shape['images']} image(s) x {shape['patches_per_image']} patches; "
                   f"{shape['parameters_m']:.0f} M parameters.", '',
-                  '| method | total | vision | decoder (prefill + decode) | selection | head | speedup (95% CI) | '
-                  'vs transformers | decoder ideal | measured / ideal | total ideal | kept visual / layer |',
+                  '| method | total | vision | decoder (prefill + decode) | selection (/ decoder) | head | speedup '
+                  '(95% CI) | vs transformers | decoder ideal | measured / ideal | total ideal | kept visual / layer |',
                   '|---|---|---|---|---|---|---|---|---|---|---|---|']
         for row in (r for r in rows if r['shape'] == shape['shape']):
             decoder = _ms(row, 'decoder')
             if row.get('decode_ms', 0) and row['decode_ms'] == row['decode_ms']:
                 decoder += f" ({row['prefill_ms']:.0f} + {row['decode_ms']:.0f})"
             ratio = row.get('measured_over_ideal')
+            share = row.get('selection_share_of_decoder')
+            selection = _ms(row, 'selection') + ('' if share is None else f' ({100 * share:.1f}%)')
             lines.append(
                 f"| {row['label']} | {_ms(row, 'total')} | {_ms(row, 'vision')} | {decoder} | "
-                f"{_ms(row, 'selection')} | {_ms(row, 'head')} | {_x(row.get('speedup'), row.get('speedup_ci95'))} | "
+                f"{selection} | {_ms(row, 'head')} | {_x(row.get('speedup'), row.get('speedup_ci95'))} | "
                 f"{_x(row.get('speedup_vs_transformers'))} | {_x(row.get('flops_ideal_speedup'))} | "
                 f"{'-' if ratio is None else f'{ratio:.2f}'} | {_x(row.get('total_ideal_speedup'))} | "
                 f"{row['kept_visual_tokens']:.0f} ({100 * row['kept_visual_ratio']:.0f}%) |")
+        none = next((r for r in rows if r['shape'] == shape['shape'] and r['label'] == BASELINE), None)
+        if none is not None and 'speedup_vs_transformers' in none:
+            ratio = 1 / none['speedup_vs_transformers']
+            low, high = (1 / v for v in reversed(none['speedup_vs_transformers_ci95']))
+            lines += ['', f"Unpruned executor / transformers' SDPA forward, total step time: {ratio:.3f} "
+                          f"(95% CI {low:.3f}-{high:.3f})."]
         lines += ['', 'Attention path per layer:', '']
         lines += [f"- {row['label']}: {row['attention_backend_summary']}" for row in rows
                   if row['shape'] == shape['shape']]
@@ -526,30 +541,34 @@ def main(argv: Optional[list[str]] = None) -> dict:
             scale = args.vision_scale if args.vision_scale is not None else min(1.0, width / 4096)
             shapes.append(PublishedShape(kind=kind, width=width, layers=args.layers, heads=args.heads,
                                          vision_scale=scale, proprio_dim=len(frames[0].proprio)))
+    import transformers
+    command = ' '.join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    meta = {'command': f'python benchmarks/deployment_latency.py {command}', 'commit': git_commit(),
+            'torch': torch.__version__, 'transformers': transformers.__version__, 'steps': args.steps,
+            'warmup': args.warmup, 'observations': observations}
     rows, infos = [], []
-    for shape in shapes:
+    for shape in shapes:          # the outputs are rewritten after every shape (a long run keeps what it measured)
         shape_rows, info = measure_shape(shape, frames, methods, args.device, args.dtype, args.warmup, args.seed,
                                          reference=not args.no_reference)
         rows += shape_rows
         infos.append(info)
-    import transformers
-    command = ' '.join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    meta = {'command': f'python benchmarks/deployment_latency.py {command}',
-            'commit': git_commit(), 'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
-            'device': infos[0]['device'] if infos else '', 'dtype': infos[0]['dtype'] if infos else '',
-            'torch': torch.__version__, 'transformers': transformers.__version__,
-            'threads': torch.get_num_threads(), 'steps': args.steps, 'warmup': args.warmup,
-            'observations': observations, 'minutes': (time.time() - started) / 60}
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = {'meta': meta, 'shapes': infos, 'rows': rows}
-    (args.out / f'{args.name}.json').write_text(json.dumps(report, indent=2))
-    table = markdown(meta, infos, rows)
-    (args.out / f'{args.name}.md').write_text(table + '\n')
-    if not args.no_plot:
-        plot(infos, rows, args.out / f'{args.name}.png')
-    print(table)
+        if args.device == 'cuda' or str(args.device).startswith('cuda'):
+            torch.cuda.empty_cache()
+        meta.update(date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+                    device=infos[0]['device'], dtype=infos[0]['dtype'], threads=torch.get_num_threads(),
+                    minutes=(time.time() - started) / 60)
+        write_outputs(args.out, args.name, {'meta': meta, 'shapes': infos, 'rows': rows}, plot_too=not args.no_plot)
+    print(markdown(meta, infos, rows))
     print(f'wrote {args.out}/{args.name}.{{json,md{"" if args.no_plot else ",png"}}} in {meta["minutes"]:.1f} min')
-    return report
+    return {'meta': meta, 'shapes': infos, 'rows': rows}
+
+
+def write_outputs(out: Path, name: str, report: dict, plot_too: bool = True) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f'{name}.json').write_text(json.dumps(report, indent=2))
+    (out / f'{name}.md').write_text(markdown(report['meta'], report['shapes'], report['rows']) + '\n')
+    if plot_too:
+        plot(report['shapes'], report['rows'], out / f'{name}.png')
 
 
 if __name__ == '__main__':

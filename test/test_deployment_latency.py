@@ -98,7 +98,8 @@ def test_harness_smoke_run_schema_and_same_inputs(tmp_path):
             '--stride', '1', '--threads', '1', '--out', str(tmp_path)]
     report = harness.main(argv)
     written = json.loads((tmp_path / 'deployment_latency.json').read_text())
-    assert [(r['label'], r['total_ms']) for r in written['rows']] == [(r['label'], r['total_ms']) for r in report['rows']]
+    assert [(r['label'], r['total_ms']) for r in written['rows']] == [(r['label'], r['total_ms'])
+                                                                      for r in report['rows']]
     meta = written['meta']
     assert meta['command'].endswith(' '.join(argv)) and meta['torch'] == torch.__version__ and meta['device']
     labels = [m[0] for m in harness.METHODS] + [harness.REFERENCE]
