@@ -23,6 +23,9 @@ the rest unchanged); mean kept visual tokens per layer; the attention path of ea
     python benchmarks/deployment_latency.py --shape oft --width 512 256 --steps 8 --threads 2 --out docs/benchmarks
     # a GPU: the OpenVLA-OFT 7B shape in bf16 (see scripts/gpu_benchmark.sh)
     python benchmarks/deployment_latency.py --shape oft-7b --device cuda --steps 20 --out outputs/benchmarks
+    # a real checkpoint on the robot's GPU (its proprio input gets the simulator's state, cut or zero-padded)
+    python benchmarks/deployment_latency.py --checkpoint /models/oft-libero-spatial --unnorm-key libero_spatial \\
+        --device cuda --steps 30
 
 On CUDA every step is synchronised before and after, and so are the vision, executor-pass and head parts; the
 method's share inside the executor pass (selection) is the executor's host clock, so GPU work queued by a method's
@@ -46,7 +49,13 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from specprune_ros.adapters.base import resolve_device
+from specprune_ros.adapters.policy import load_adapter, read_options
 from specprune_ros.adapters.published_shapes import PublishedShape, build_shape
+from specprune_ros.policy.interface import Observation
+from specprune_ros.policy.loading import load_model
+from specprune_ros.policy.reference_vla import ReferenceVLA
+from specprune_ros.policy.runtime import PrunedVLAPolicy
 from specprune_ros.pruning import build_method
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +73,7 @@ METHODS: tuple[tuple[str, str, Optional[dict]], ...] = (
 )
 # --shape name -> (kind, width or None for --width)
 SHAPES = {'oft': ('openvla-oft', None), 'openvla': ('openvla', None), 'oft-7b': ('openvla-oft', 4096),
-          'openvla-7b': ('openvla', 4096)}
+          'openvla-7b': ('openvla', 4096), 'reference': ('reference', None)}
 PHASES = ('total', 'vision', 'decoder', 'prefill', 'decode', 'selection', 'probe', 'head', 'other')
 
 
@@ -111,6 +120,14 @@ def simulator_episode(timed: int, warmup: int, stride: int, family: str = 'place
     return frames
 
 
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """A frame resized (bicubic) to the model's square input."""
+    from PIL import Image
+    if image.shape[:2] == (size, size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC), dtype=np.uint8)
+
+
 def digest(arrays: list[np.ndarray], text: str = '') -> str:
     h = hashlib.sha256(text.encode())
     for a in arrays:
@@ -131,9 +148,13 @@ class PhaseClock:
         self.seconds: dict[str, float] = {}
         self.frames: list[np.ndarray] = []
         self.inside_selection = 0.0          # the method's time inside the executor pass (hooks + probes)
+        self._wrap(adapter.runner, 'forward', 'runner')
+        if isinstance(adapter, ReferenceVLA):    # vision = the stem and the token embeddings together
+            self._wrap(adapter, 'embed', 'vision')
+            self._wrap(adapter, 'decode_actions', 'head')
+            return
         self._wrap(adapter, 'visual_tokens', 'vision')
         self._wrap(adapter, 'head' if adapter.kind == 'openvla-oft' else 'detokenize', 'head')
-        self._wrap(adapter.runner, 'forward', 'runner')
         original = adapter.prepare_frames
 
         def prepare(images):
@@ -181,6 +202,7 @@ class Runner:
     reused: int = 0
     inputs: Any = field(default_factory=hashlib.sha256)
     frames: Any = field(default_factory=hashlib.sha256)
+    policy: Any = None                       # the reference VLA's Policy (it carries the method and step index)
 
     @property
     def is_reference(self) -> bool:
@@ -190,10 +212,22 @@ class Runner:
         self.step_index = 0
         if self.method is not None:
             self.method.reset()
+        if self.policy is not None:
+            self.policy.reset()
 
     def run(self, adapter: Any, frame: Frame, cameras: tuple[str, ...]):
+        if isinstance(adapter, ReferenceVLA):
+            if self.policy is None:
+                self.policy = PrunedVLAPolicy(adapter, self.method)
+            size = adapter.config.image_size
+            images = {c: resize(frame.images[c], size) for c in cameras}
+            return self.policy.predict(Observation(images=images, instruction=frame.instruction,
+                                                   proprio=frame.proprio.astype(np.float32),
+                                                   executed_actions=frame.executed_actions))
         images = [frame.images[c] for c in cameras]
-        proprio = frame.proprio if adapter.kind == 'openvla-oft' else None
+        proprio = None
+        if adapter.kind == 'openvla-oft' and adapter.proprio_dim:
+            proprio = fit_proprio(frame.proprio, adapter.proprio_dim)
         if self.is_reference:
             args = (images, frame.instruction) + ((proprio,) if proprio is not None else ())
             return adapter.reference_step(*args)
@@ -215,7 +249,7 @@ class Runner:
                           selection=0.0, probe=0.0, other=float('nan'))
             self.backends = ['sdpa (transformers)'] * layers
         else:
-            record = out.result.record
+            record = out.result.record if hasattr(out, 'result') else out.record
             # prefill: the executor pass's wall time (synchronised) less the method's time inside it; decode:
             # OpenVLA's token loop (each token read back to the host, so its host clock holds on CUDA too)
             decode = float(record.info.get('decode_seconds', 0.0))
@@ -271,22 +305,76 @@ def compress(backends: list[str]) -> str:
 
 # -- one shape --------------------------------------------------------------------------------------------------
 
-def measure_shape(shape: PublishedShape, frames: list[Frame], methods, device: str, dtype: str, warmup: int,
-                  seed: int = 0, reference: bool = True, log: Callable[[str], None] = print) -> tuple[list, dict]:
+@dataclass(frozen=True)
+class ReferenceShape:
+    """The shipped reference VLA's layout (2 cameras x 144 patches, 12 words, proprio, 56 action queries) with a
+    random WIDTH x LAYERS decoder (MLP 3 x width, head dim 64), as the pruning benchmark's wide phase."""
+
+    width: int
+    layers: int
+
+    @property
+    def label(self) -> str:
+        return f'reference layout {self.width}x{self.layers}'
+
+
+def build_target(target: PublishedShape | ReferenceShape | Path, device: str, dtype: str, seed: int = 0,
+                 unnorm_key: Optional[str] = None) -> tuple[Any, str]:
+    """(model, label): a published shape with random weights, the reference VLA's layout with a random decoder, or
+    a checkpoint directory's real weights."""
+    if isinstance(target, ReferenceShape):
+        from dataclasses import replace
+        base = load_model('reference').config
+        heads = max(1, target.width // 64)
+        torch.manual_seed(seed)
+        config = replace(base, hidden_size=target.width, num_layers=target.layers, mlp_size=3 * target.width,
+                         num_heads=heads, num_kv_heads=heads)
+        # float32 on every device: its action head reads float32 states
+        return ReferenceVLA(config).to(resolve_device(device)).eval(), target.label
+    if isinstance(target, PublishedShape):
+        return build_shape(target, device=device, dtype=dtype, seed=seed), target.label
+    options = read_options(target, {'unnorm_key': unnorm_key})
+    adapter = load_adapter(target, device=device, dtype=dtype, options=options)
+    return adapter, f'{adapter.kind} checkpoint {target.name}'
+
+
+def fit_proprio(proprio: np.ndarray, dim: int) -> np.ndarray:
+    """The simulator's state cut or zero-padded to the model's proprio width (a real checkpoint's may differ)."""
+    out = np.zeros(dim)
+    out[:min(dim, len(proprio))] = proprio[:dim]
+    return out
+
+
+def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, device: str, dtype: str, warmup: int,
+                  seed: int = 0, reference: bool = True, unnorm_key: Optional[str] = None,
+                  log: Callable[[str], None] = print) -> tuple[list, dict]:
     started = time.perf_counter()
-    adapter = build_shape(shape, device=device, dtype=dtype, seed=seed)
+    adapter, label = build_target(target, device, dtype, seed, unnorm_key)
     build_s = time.perf_counter() - started
-    cuda = adapter.device.type == 'cuda'
-    sync = (lambda: torch.cuda.synchronize(adapter.device)) if cuda else (lambda: None)
+    is_reference_vla = isinstance(adapter, ReferenceVLA)
+    module = adapter if is_reference_vla else adapter.model
+    first = next(module.parameters())
+    model_device, model_dtype = first.device, first.dtype
+    cuda = model_device.type == 'cuda'
+    sync = (lambda: torch.cuda.synchronize(model_device)) if cuda else (lambda: None)
     clock = PhaseClock(adapter, sync)
-    cameras = ('agentview', 'wrist')[:adapter.num_images]
+    if is_reference_vla:
+        c = adapter.config
+        kind, cameras, patches, heads = 'reference', tuple(c.camera_names), c.grid * c.grid, c.num_heads
+        vision_widths, vision_depths = list(c.vision_channels), [len(c.vision_channels)]
+        reference = False                    # transformers has no forward of this model
+    else:
+        kind, cameras, patches = adapter.kind, ('agentview', 'wrist')[:adapter.num_images], adapter.patches_per_image
+        heads = adapter.model.decoder.config.num_attention_heads
+        vision_widths = [s.embed_dim for s in adapter.checkpoint.vision_specs]
+        vision_depths = [s.depth for s in adapter.checkpoint.vision_specs]
     layers = adapter.runner.num_layers
     runners = [Runner(label, name, config, build_method(name, config, seed=seed)) for label, name, config in methods]
     if reference:
         runners.append(Runner(REFERENCE, REFERENCE, None))
-    log(f'{shape.label}: {adapter.kind} on {adapter.device} {str(adapter.dtype).replace("torch.", "")}, '
+    log(f'{label}: {kind} on {model_device} {str(model_dtype).replace("torch.", "")}, '
         f'{layers} layers x {adapter.runner.hidden_size} (MLP {adapter.runner.mlp_size}), '
-        f'{adapter.num_images} x {adapter.patches_per_image} patches; built in {build_s:.1f} s')
+        f'{len(cameras)} x {patches} patches; built in {build_s:.1f} s')
     with torch.inference_mode():
         for index, frame in enumerate(frames):
             if frame.episode_step == 0:
@@ -302,17 +390,17 @@ def measure_shape(shape: PublishedShape, frames: list[Frame], methods, device: s
                 elapsed = time.perf_counter() - t0
                 if frame.episode_step >= warmup:
                     images = [frame.images[c] for c in cameras]
+                    if is_reference_vla:       # what the model saw: the frames resized to its input
+                        clock.frames = [resize(image, adapter.config.image_size) for image in images]
                     runner.record(out, elapsed, clock, images, frame, layers)
             if frame.episode_step >= warmup:
                 log(f'  step {index}: ' + ', '.join(f'{r.label} {1e3 * r.samples["total"][-1]:.0f}' for r in runners)
                     + ' ms')
-    info = {'shape': shape.label, 'kind': shape.kind, 'width': adapter.runner.hidden_size, 'layers': layers,
-            'heads': shape.num_heads, 'mlp': adapter.runner.mlp_size,
-            'vision_widths': [s.embed_dim for s in adapter.checkpoint.vision_specs],
-            'vision_depths': [s.depth for s in adapter.checkpoint.vision_specs],
-            'images': adapter.num_images, 'patches_per_image': adapter.patches_per_image,
-            'parameters_m': sum(p.numel() for p in adapter.model.parameters()) / 1e6, 'build_s': build_s,
-            'device': device_name(adapter.device), 'dtype': str(adapter.dtype).replace('torch.', '')}
+    info = {'shape': label, 'kind': kind, 'width': adapter.runner.hidden_size, 'layers': layers, 'heads': heads,
+            'mlp': adapter.runner.mlp_size, 'vision_widths': vision_widths, 'vision_depths': vision_depths,
+            'images': len(cameras), 'patches_per_image': patches,
+            'parameters_m': sum(p.numel() for p in module.parameters()) / 1e6, 'build_s': build_s,
+            'device': device_name(model_device), 'dtype': str(model_dtype).replace('torch.', '')}
     return rows_for(runners, info), info
 
 
@@ -498,7 +586,11 @@ def parse_extra(text: str) -> tuple[str, str, Optional[dict]]:
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--shape', nargs='+', default=['oft'], choices=sorted(SHAPES),
-                        help='oft / openvla (width from --width) or oft-7b / openvla-7b (4096 wide)')
+                        help='oft / openvla (width from --width), oft-7b / openvla-7b (4096 wide), or reference '
+                        "(the shipped reference VLA's 2 x 144-patch layout with a random --width x --layers decoder)")
+    parser.add_argument('--checkpoint', type=Path, default=None,
+                        help='time a real OpenVLA / OpenVLA-OFT checkpoint directory instead of --shape')
+    parser.add_argument('--unnorm-key', default=None, help='dataset statistics of --checkpoint')
     parser.add_argument('--width', type=int, nargs='+', default=[512], help='decoder width(s) for oft / openvla')
     parser.add_argument('--layers', type=int, default=32)
     parser.add_argument('--heads', type=int, default=None, help='default: width / 128 (the published head dim)')
@@ -534,9 +626,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     f"cameras agentview + wrist; the first {args.warmup} steps of each episode untimed; the proprio "
                     f"token projects the simulator's {len(frames[0].proprio)}-D state)")
     print(f'{observations}: rendered in {time.time() - started:.1f} s')
-    shapes = []
-    for name in args.shape:
+    shapes: list[PublishedShape | ReferenceShape | Path] = [args.checkpoint] if args.checkpoint is not None else []
+    for name in ([] if args.checkpoint is not None else args.shape):
         kind, fixed = SHAPES[name]
+        if kind == 'reference':
+            shapes += [ReferenceShape(width, args.layers) for width in args.width]
+            continue
         for width in ([fixed] if fixed else args.width):
             scale = args.vision_scale if args.vision_scale is not None else min(1.0, width / 4096)
             shapes.append(PublishedShape(kind=kind, width=width, layers=args.layers, heads=args.heads,
@@ -549,10 +644,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     rows, infos = [], []
     for shape in shapes:          # the outputs are rewritten after every shape (a long run keeps what it measured)
         shape_rows, info = measure_shape(shape, frames, methods, args.device, args.dtype, args.warmup, args.seed,
-                                         reference=not args.no_reference)
+                                         reference=not args.no_reference, unnorm_key=args.unnorm_key)
         rows += shape_rows
         infos.append(info)
-        if args.device == 'cuda' or str(args.device).startswith('cuda'):
+        if torch.cuda.is_available():
             torch.cuda.empty_cache()
         meta.update(date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
                     device=infos[0]['device'], dtype=infos[0]['dtype'], threads=torch.get_num_threads(),

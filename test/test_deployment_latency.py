@@ -129,3 +129,30 @@ def test_harness_smoke_run_schema_and_same_inputs(tmp_path):
     table = (tmp_path / 'deployment_latency.md').read_text()
     assert meta['command'] in table and meta['commit'] in table and '| specprune |' in table
     assert (tmp_path / 'deployment_latency.png').stat().st_size > 0
+
+
+def test_harness_times_a_checkpoint_directory(tmp_path):
+    from specprune_ros.adapters.tiny import write_tiny_checkpoint
+    directory = write_tiny_checkpoint(tmp_path / 'tiny-oft', 'openvla-oft')
+    harness = _harness()
+    report = harness.main(['--checkpoint', str(directory), '--methods', 'none', 'specprune', '--steps', '2',
+                           '--warmup', '1', '--stride', '1', '--threads', '1', '--out', str(tmp_path / 'out'),
+                           '--no-plot'])
+    rows = report['rows']
+    assert [row['label'] for row in rows] == ['none', 'specprune', harness.REFERENCE]
+    assert {row['shape'] for row in rows} == {'openvla-oft checkpoint tiny-oft'}
+    assert report['shapes'][0]['patches_per_image'] == 64 and report['shapes'][0]['layers'] == 4
+    assert len({row['inputs_sha256'] for row in rows}) == 1 and len({row['frames_sha256'] for row in rows}) == 1
+    assert rows[1]['kept_visual_ratio'] < 1.0
+
+
+def test_harness_reference_layout(tmp_path):
+    harness = _harness()
+    report = harness.main(['--shape', 'reference', '--width', '64', '--layers', '4', '--methods', 'none', 'random 25%',
+                           '--steps', '2', '--warmup', '1', '--stride', '1', '--threads', '1', '--out', str(tmp_path),
+                           '--no-plot'])
+    rows = report['rows']
+    assert [row['label'] for row in rows] == ['none', 'random 25%']          # no transformers forward of this model
+    assert report['shapes'][0]['images'] == 2 and report['shapes'][0]['patches_per_image'] == 144
+    assert rows[0]['num_visual'] == 288 and rows[1]['kept_visual_tokens'] == 72
+    assert len({row['frames_sha256'] for row in rows}) == 1 and len({row['inputs_sha256'] for row in rows}) == 1
