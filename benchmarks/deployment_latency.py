@@ -501,8 +501,10 @@ def _x(value: Optional[float], interval: Optional[list] = None) -> str:
 
 
 def markdown(meta: dict, shapes: list[dict], rows: list[dict]) -> str:
+    earlier = [f"Earlier run kept here ({', '.join(run['shapes'])}): `{run['command']}` at {run['commit']}, "
+               f"{run['date']}, {run.get('device', '')}  " for run in meta.get('earlier_runs', [])]
     lines = ['# Deployment-shape latency', '',
-             f"Command: `{meta['command']}`  ", f"Commit: {meta['commit']}; date: {meta['date']}  ",
+             f"Command: `{meta['command']}`  ", f"Commit: {meta['commit']}; date: {meta['date']}  ", *earlier,
              f"Device: {meta['device']}; dtype {meta['dtype']}; torch {meta['torch']}, transformers "
              f"{meta['transformers']}  ",
              f"Observations: {meta['observations']}  ",
@@ -613,6 +615,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument('--out', type=Path, default=Path('outputs/benchmarks'))
     parser.add_argument('--name', default='deployment_latency', help='output file stem')
     parser.add_argument('--no-plot', action='store_true')
+    parser.add_argument('--append', action='store_true',
+                        help='keep the shapes of an existing output of the same name (re-measured shapes replaced)')
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -641,6 +645,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     meta = {'command': f'python benchmarks/deployment_latency.py {command}', 'commit': git_commit(),
             'torch': torch.__version__, 'transformers': transformers.__version__, 'steps': args.steps,
             'warmup': args.warmup, 'observations': observations}
+    earlier = {'rows': [], 'shapes': [], 'runs': []}
+    if args.append and (args.out / f'{args.name}.json').is_file():
+        earlier = json.loads((args.out / f'{args.name}.json').read_text())
+        earlier['runs'] = earlier['meta'].get('earlier_runs', []) + [
+            {k: earlier['meta'][k] for k in ('command', 'commit', 'date', 'device') if k in earlier['meta']}
+            | {'shapes': [info['shape'] for info in earlier['shapes']]}]
     rows, infos = [], []
     for shape in shapes:          # the outputs are rewritten after every shape (a long run keeps what it measured)
         shape_rows, info = measure_shape(shape, frames, methods, args.device, args.dtype, args.warmup, args.seed,
@@ -652,7 +662,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
         meta.update(date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
                     device=infos[0]['device'], dtype=infos[0]['dtype'], threads=torch.get_num_threads(),
                     minutes=(time.time() - started) / 60)
-        write_outputs(args.out, args.name, {'meta': meta, 'shapes': infos, 'rows': rows}, plot_too=not args.no_plot)
+        measured = {info['shape'] for info in infos}
+        kept_infos = [info for info in earlier['shapes'] if info['shape'] not in measured]
+        kept_rows = [row for row in earlier['rows'] if row['shape'] not in measured]
+        meta['earlier_runs'] = [run for run in earlier['runs'] if set(run['shapes']) - measured]
+        write_outputs(args.out, args.name, {'meta': meta, 'shapes': kept_infos + infos, 'rows': kept_rows + rows},
+                      plot_too=not args.no_plot)
     print(markdown(meta, infos, rows))
     print(f'wrote {args.out}/{args.name}.{{json,md{"" if args.no_plot else ",png"}}} in {meta["minutes"]:.1f} min')
     return {'meta': meta, 'shapes': infos, 'rows': rows}
