@@ -125,7 +125,7 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
     from PIL import Image
     if image.shape[:2] == (size, size):
         return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC), dtype=np.uint8)
+    return np.array(Image.fromarray(image).resize((size, size), Image.BICUBIC), dtype=np.uint8)
 
 
 def digest(arrays: list[np.ndarray], text: str = '') -> str:
