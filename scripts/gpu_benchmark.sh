@@ -22,9 +22,11 @@ started=$(date +%s)
 if [ "${GPU_BENCHMARK_ALLOW_CPU:-0}" = "1" ]; then
     DEVICE=cpu
     HARNESS_ARGS=(--shape oft openvla --width 64 --layers 4 --steps 2 --warmup 1 --stride 1 --threads 2)
+    HARNESS_TIMEOUT=1800
 else
     DEVICE=cuda
     HARNESS_ARGS=(--shape oft-7b openvla-7b --dtype bfloat16 --steps 30 --warmup 3 --stride 1)
+    HARNESS_TIMEOUT=330        # with the tests' 90 s: under 8 minutes in all
 fi
 
 # -- fail fast without CUDA -------------------------------------------------------------------------------------
@@ -61,7 +63,7 @@ echo "MuJoCo renders with MUJOCO_GL=$MUJOCO_GL"
 mapfile -t SYNC_TESTS < <(grep -l "set_sync_debug_mode" test/test_*.py 2>/dev/null || true)
 if [ "${#SYNC_TESTS[@]}" -gt 0 ]; then
     echo "running ${SYNC_TESTS[*]}"
-    timeout 150 "$PY" -m pytest "${SYNC_TESTS[@]}" -q -rs 2>&1 | tee "$OUT_DIR/cuda_no_sync_tests.txt" || \
+    timeout 90 "$PY" -m pytest "${SYNC_TESTS[@]}" -q -rs 2>&1 | tee "$OUT_DIR/cuda_no_sync_tests.txt" || \
         echo "gpu_benchmark: the no-sync test(s) failed (see $OUT_DIR/cuda_no_sync_tests.txt); timing anyway" >&2
 else
     echo "no CUDA no-sync test present (no test module calls torch.cuda.set_sync_debug_mode)" \
@@ -69,6 +71,6 @@ else
 fi
 
 # -- 2. the harness at the 7B shapes ----------------------------------------------------------------------------
-timeout 360 "$PY" benchmarks/deployment_latency.py "${HARNESS_ARGS[@]}" --device "$DEVICE" --out "$OUT_DIR" \
+timeout "$HARNESS_TIMEOUT" "$PY" benchmarks/deployment_latency.py "${HARNESS_ARGS[@]}" --device "$DEVICE" --out "$OUT_DIR" \
     2>&1 | tee "$OUT_DIR/deployment_latency.log"
 echo "gpu_benchmark: done in $(( $(date +%s) - started )) s; results in $OUT_DIR"
