@@ -74,6 +74,7 @@ METHODS: tuple[tuple[str, str, Optional[dict]], ...] = (
 # --shape name -> (kind, width or None for --width)
 SHAPES = {'oft': ('openvla-oft', None), 'openvla': ('openvla', None), 'oft-7b': ('openvla-oft', 4096),
           'openvla-7b': ('openvla', 4096), 'reference': ('reference', None)}
+NOISY_SPREAD = 1.3        # unpruned p90 / p10 above this: the table says the machine was too busy to trust the times
 PHASES = ('total', 'vision', 'decoder', 'prefill', 'decode', 'selection', 'probe', 'head', 'other')
 
 
@@ -538,6 +539,11 @@ def markdown(meta: dict, shapes: list[dict], rows: list[dict]) -> str:
                 f"{'-' if ratio is None else f'{ratio:.2f}'} | {_x(row.get('total_ideal_speedup'))} | "
                 f"{row['kept_visual_tokens']:.0f} ({100 * row['kept_visual_ratio']:.0f}%) |")
         none = next((r for r in rows if r['shape'] == shape['shape'] and r['label'] == BASELINE), None)
+        spread = none['total_ms_p90'] / none['total_ms_p10'] if none is not None and none['total_ms_p10'] else 1.0
+        if spread > NOISY_SPREAD:
+            lines += ['', f"**Noisy machine**: the unpruned step's p90 / p10 is {spread:.1f} (flagged above "
+                          f"{NOISY_SPREAD}); the times and speedups of this table are not reliable, the kept-token "
+                          'and FLOPs columns are. Rerun the command on a quiet machine.']
         if none is not None and 'speedup_vs_transformers' in none:
             ratio = 1 / none['speedup_vs_transformers']
             low, high = (1 / v for v in reversed(none['speedup_vs_transformers_ci95']))
@@ -554,7 +560,7 @@ def plot(shapes: list[dict], rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4.2), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4.2), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
         selected = [r for r in rows if r['shape'] == shape['shape'] and 'speedup' in r]
         y = np.arange(len(selected))
