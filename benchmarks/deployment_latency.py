@@ -480,8 +480,8 @@ def git_commit() -> str:
     try:
         commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no', '--', 'specprune_ros',
+                                'benchmarks'], cwd=REPO, capture_output=True, text=True).stdout.strip()
         return commit + (' (uncommitted changes)' if dirty else '')
     except (OSError, subprocess.CalledProcessError):
         return 'unknown'
