@@ -35,25 +35,41 @@ WORDS = ('pick up the black bowl between the plate and the ramekin and place it 
          'in what action should robot take to out').split()
 
 
-def tiny_tokenizer(directory: Path, vocab_size: int = TOKENIZER_VOCAB, seed: int = 0) -> None:
-    """A Llama-layout BPE tokenizer (tokenizer.json + configs) in ``directory``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def llama_layout_tokenizer(vocab_size: int = TOKENIZER_VOCAB, seed: int = 0, exact: bool = True,
+                           extra_words: tuple[str, ...] = (), split_punctuation: bool = False):
+    """A trained ``tokenizers.Tokenizer`` with the Llama layout (``<unk>``, ``<s>``, ``</s>``, 256 byte tokens, then
+    pieces; ``<PAD>`` appended after them), trained in memory on instruction-like prompts.
+
+    ``exact``: raise unless the trainer reaches ``vocab_size`` pieces (a larger request may stop early once every word
+    of the corpus is one piece); ``extra_words``: more words for the training prompts; ``split_punctuation``:
+    punctuation and line breaks are pieces of their own (as in Llama's vocabulary, so a prompt has about Llama's
+    token count)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     rng = np.random.default_rng(seed)
-    corpus = ['In: What action should the robot take to ' + ' '.join(rng.choice(WORDS, size=int(rng.integers(3, 12))))
-              + '?\nOut:' for _ in range(400)]
+    words = list(WORDS) + [w for w in extra_words if w not in WORDS]
+    corpus = ['In: What action should the robot take to '
+              + ' '.join(rng.choice(words, size=int(rng.integers(3, 12)))) + '?\nOut:' for _ in range(400)]
     specials = ['<unk>', '<s>', '</s>'] + [f'<0x{b:02X}>' for b in range(256)]
     tokenizer = Tokenizer(models.BPE(unk_token='<unk>', byte_fallback=True, fuse_unk=True))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement='\u2581', prepend_scheme='first')
+    metaspace = pre_tokenizers.Metaspace(replacement='\u2581', prepend_scheme='first')
+    punctuation = pre_tokenizers.Split(Regex(r'[:?.,!\n]'), 'isolated')
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([punctuation, metaspace]) if split_punctuation else metaspace
     tokenizer.decoder = decoders.Metaspace(replacement='\u2581', prepend_scheme='first')
     alphabet = sorted(set(''.join(corpus).replace(' ', '\u2581')) | {'\u2581'})
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet,
                                   show_progress=False)
     tokenizer.train_from_iterator(corpus, trainer)
-    if tokenizer.get_vocab_size() != vocab_size:
+    if exact and tokenizer.get_vocab_size() != vocab_size:
         raise RuntimeError(f'tiny tokenizer has {tokenizer.get_vocab_size()} tokens, wanted {vocab_size}')
     tokenizer.post_processor = processors.TemplateProcessing(single='<s> $A', pair='<s> $A <s> $B',
                                                              special_tokens=[('<s>', 1)])
     tokenizer.add_special_tokens(['<PAD>'])
+    return tokenizer
+
+
+def tiny_tokenizer(directory: Path, vocab_size: int = TOKENIZER_VOCAB, seed: int = 0) -> None:
+    """A Llama-layout BPE tokenizer (tokenizer.json + configs) in ``directory``."""
+    tokenizer = llama_layout_tokenizer(vocab_size, seed)
     tokenizer.save(str(directory / 'tokenizer.json'))
     (directory / 'tokenizer_config.json').write_text(json.dumps({
         'tokenizer_class': 'LlamaTokenizer', 'add_bos_token': True, 'add_eos_token': False, 'bos_token': '<s>',

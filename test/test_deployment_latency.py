@@ -1,0 +1,158 @@
+"""Published-shape builds (random weights in memory) and the deployment-latency harness (schema, same inputs)."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from specprune_ros.adapters.openvla import OpenVLAAdapter
+from specprune_ros.adapters.openvla_oft import OpenVLAOFTAdapter
+from specprune_ros.adapters.published_shapes import IN_MEMORY, PublishedShape, build_published
+from specprune_ros.pruning import build_method
+
+HARNESS = Path(__file__).resolve().parents[1] / 'benchmarks' / 'deployment_latency.py'
+INSTRUCTION = 'put the blue cube on the red plate'
+
+
+def _harness():
+    spec = importlib.util.spec_from_file_location('deployment_latency', HARNESS)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module              # its dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def _frames(count: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=(200, 240, 3), dtype=np.uint8) for _ in range(count)]
+
+
+def test_published_dimensions_are_the_7b_models():
+    shape = PublishedShape(kind='openvla-oft')
+    config = shape.text_config()
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.intermediate_size,
+            config.vocab_size) == (4096, 32, 32, 11008, 32064)
+    assert shape.images == 2 and PublishedShape(kind='openvla').images == 1
+    assert shape.vision_overrides() == [{}, {}]
+    narrow = PublishedShape(kind='openvla-oft', width=512, vision_scale=0.125)
+    assert (narrow.num_heads, narrow.mlp, narrow.text_config().num_hidden_layers) == (4, 1376, 32)
+    assert narrow.vision_overrides() == [{'embed_dim': 128, 'num_heads': 2}, {'embed_dim': 144, 'num_heads': 2}]
+    with pytest.raises(ValueError):
+        PublishedShape(kind='pi0')
+
+
+def test_oft_at_a_tiny_width_has_the_published_layout():
+    torch.manual_seed(0)
+    adapter = build_published('openvla-oft', width=64, layers=32, vision_scale=1 / 64, proprio_dim=8)
+    assert isinstance(adapter, OpenVLAOFTAdapter)
+    assert adapter.checkpoint.directory == IN_MEMORY and adapter.checkpoint.weight_map == {}
+    dino, siglip = adapter.checkpoint.vision_specs
+    assert (dino.depth, dino.patch_size, dino.img_size, dino.reg_tokens) == (24, 14, 224, 4)
+    assert (siglip.depth, siglip.patch_size, siglip.img_size, siglip.class_token) == (27, 14, 224, False)
+    assert adapter.runner.num_layers == 32 and adapter.runner.hidden_size == 64
+    assert adapter.patches_per_image == 256 and adapter.grid == 16 and adapter.num_images == 2
+    assert adapter.num_action_tokens == 56 and adapter.chunk_size == 8 and adapter.action_dim == 7
+    head = adapter.action_head.model
+    assert head.fc1.in_features == 7 * 64 and head.fc2.out_features == 7 and len(head.mlp_resnet_blocks) == 2
+    assert adapter.model.projector.fused and adapter.model.projector.fc3.out_features == 64
+    proprio = np.linspace(-0.5, 0.5, 8)
+    out = adapter.step(_frames(2), INSTRUCTION, proprio=proprio)
+    layout = out.layout
+    assert layout.num_visual == 512 and layout.camera_spans == ((1, 257), (257, 513))
+    assert layout.proprio_span == (513, 514) and layout.action_span[1] - layout.action_span[0] == 56
+    assert not layout.causal
+    prompt = adapter.encode_prompt(INSTRUCTION).ids
+    assert len(prompt) == 23           # Llama-2's count for this prompt: BOS, 21 pieces, the empty token
+    assert layout.num_tokens == 1 + 512 + 1 + (len(prompt) - 1) + 56 + 1
+    assert out.normalized.shape == (8, 7) and np.isfinite(out.normalized).all()
+    # the executor and transformers' own forward agree on these random weights
+    reference = adapter.reference_step(_frames(2), INSTRUCTION, proprio)
+    np.testing.assert_allclose(out.normalized, reference, atol=2e-4)
+    pruned = adapter.step(_frames(2), INSTRUCTION, proprio=proprio, method=build_method('random', {'keep_ratio': 0.25}))
+    assert pruned.result.record.visual_kept_per_layer == [128] * 32
+
+
+def test_openvla_at_a_tiny_width_has_the_published_layout():
+    adapter = build_published('openvla', width=64, layers=32, vision_scale=1 / 64)
+    assert isinstance(adapter, OpenVLAAdapter)
+    assert adapter.num_images == 1 and adapter.patches_per_image == 256 and adapter.runner.num_layers == 32
+    assert adapter.checkpoint.action_vocab_size == 32000
+    out = adapter.step(_frames(1), INSTRUCTION)
+    assert out.layout.num_visual == 256 and out.layout.causal and out.layout.camera_spans == ((1, 257),)
+    assert len(out.info['action_token_ids']) == 7 and out.normalized.shape == (1, 7)
+    _, tokens, _ = adapter.reference_step(_frames(1), INSTRUCTION)
+    assert tokens == out.info['action_token_ids']
+
+
+REQUIRED = ('shape', 'device', 'method', 'label', 'speedup', 'speedup_ci95', 'flops_ideal_speedup', 'decoder_ms',
+            'selection_ms', 'total_ms', 'kept_visual_ratio', 'vision_ms', 'head_ms', 'speedup_vs_transformers',
+            'attention_backend', 'inputs_sha256', 'frames_sha256')
+
+
+def test_harness_smoke_run_schema_and_same_inputs(tmp_path):
+    harness = _harness()
+    argv = ['--shape', 'oft', 'openvla', '--width', '64', '--layers', '4', '--steps', '2', '--warmup', '1',
+            '--stride', '1', '--threads', '1', '--out', str(tmp_path)]
+    report = harness.main(argv)
+    written = json.loads((tmp_path / 'deployment_latency.json').read_text())
+    assert [(r['label'], r['total_ms']) for r in written['rows']] == [(r['label'], r['total_ms'])
+                                                                      for r in report['rows']]
+    meta = written['meta']
+    assert meta['command'].endswith(' '.join(argv)) and meta['torch'] == torch.__version__ and meta['device']
+    labels = [m[0] for m in harness.METHODS] + [harness.REFERENCE]
+    shapes = {row['shape'] for row in written['rows']}
+    assert shapes == {'openvla-oft 64x4, vision x0.015625', 'openvla 64x4, vision x0.015625'}
+    for shape in shapes:
+        rows = [row for row in written['rows'] if row['shape'] == shape]
+        assert [row['label'] for row in rows] == labels
+        for row in rows:
+            missing = [key for key in REQUIRED if key not in row]
+            assert not missing, (row['label'], missing)
+            assert row['steps'] == 2 and len(row['attention_backend']) == 4
+            assert row['speedup_ci95'][0] <= row['speedup'] <= row['speedup_ci95'][1]
+        # every configuration saw the same observations and the same preprocessed frames
+        assert len({row['inputs_sha256'] for row in rows}) == 1
+        assert len({row['frames_sha256'] for row in rows}) == 1
+        by_label = {row['label']: row for row in rows}
+        assert by_label['none']['speedup'] == 1.0 and by_label['none']['kept_visual_ratio'] == 1.0
+        assert by_label['random 25%']['kept_visual_ratio'] == 0.25
+        assert by_label['random 25%']['flops_ideal_speedup'] > 1.5
+        assert by_label['none']['attention_backend'] == ['sdpa'] * 4
+        assert any('probe' in path for path in by_label['fastv 25%']['attention_backend'])
+    oft = [row for row in written['rows'] if row['shape'].startswith('openvla-oft')]
+    assert all(np.isnan(row['decode_ms']) or row['decode_ms'] == 0 for row in oft)
+    openvla = [row for row in written['rows'] if row['shape'].startswith('openvla ') and row['method'] == 'none']
+    assert openvla[0]['decode_ms'] > 0
+    table = (tmp_path / 'deployment_latency.md').read_text()
+    assert meta['command'] in table and meta['commit'] in table and '| specprune |' in table
+    assert (tmp_path / 'deployment_latency.png').stat().st_size > 0
+
+
+def test_harness_times_a_checkpoint_directory(tmp_path):
+    from specprune_ros.adapters.tiny import write_tiny_checkpoint
+    directory = write_tiny_checkpoint(tmp_path / 'tiny-oft', 'openvla-oft')
+    harness = _harness()
+    report = harness.main(['--checkpoint', str(directory), '--methods', 'none', 'specprune', '--steps', '2',
+                           '--warmup', '1', '--stride', '1', '--threads', '1', '--out', str(tmp_path / 'out'),
+                           '--no-plot'])
+    rows = report['rows']
+    assert [row['label'] for row in rows] == ['none', 'specprune', harness.REFERENCE]
+    assert {row['shape'] for row in rows} == {'openvla-oft checkpoint tiny-oft'}
+    assert report['shapes'][0]['patches_per_image'] == 64 and report['shapes'][0]['layers'] == 4
+    assert len({row['inputs_sha256'] for row in rows}) == 1 and len({row['frames_sha256'] for row in rows}) == 1
+    assert rows[1]['kept_visual_ratio'] < 1.0
+
+
+def test_harness_reference_layout(tmp_path):
+    harness = _harness()
+    report = harness.main(['--shape', 'reference', '--width', '64', '--layers', '4', '--methods', 'none', 'random 25%',
+                           '--steps', '2', '--warmup', '1', '--stride', '1', '--threads', '1', '--out', str(tmp_path),
+                           '--no-plot'])
+    rows = report['rows']
+    assert [row['label'] for row in rows] == ['none', 'random 25%']          # no transformers forward of this model
+    assert report['shapes'][0]['images'] == 2 and report['shapes'][0]['patches_per_image'] == 144
+    assert rows[0]['num_visual'] == 288 and rows[1]['kept_visual_tokens'] == 72
+    assert len({row['frames_sha256'] for row in rows}) == 1 and len({row['inputs_sha256'] for row in rows}) == 1
