@@ -1,4 +1,4 @@
-"""Latency of every pruning method at a deployment shape (OpenVLA / OpenVLA-OFT layouts), measured side by side.
+r"""Latency of every pruning method at a deployment shape (OpenVLA / OpenVLA-OFT layouts), measured side by side.
 
 The model is OpenVLA or OpenVLA-OFT at its published dimensions with random weights, built in memory
 (``specprune_ros.adapters.published_shapes``), optionally narrower for CPU runs (``--width``: the token layout,
@@ -24,7 +24,7 @@ the rest unchanged); mean kept visual tokens per layer; the attention path of ea
     # a GPU: the OpenVLA-OFT 7B shape in bf16 (see scripts/gpu_benchmark.sh)
     python benchmarks/deployment_latency.py --shape oft-7b --device cuda --steps 20 --out outputs/benchmarks
     # a real checkpoint on the robot's GPU (its proprio input gets the simulator's state, cut or zero-padded)
-    python benchmarks/deployment_latency.py --checkpoint /models/oft-libero-spatial --unnorm-key libero_spatial \\
+    python benchmarks/deployment_latency.py --checkpoint /models/oft-libero-spatial --unnorm-key libero_spatial \
         --device cuda --steps 30
 
 On CUDA every step is synchronised before and after, and so are the vision, executor-pass and head parts; the
@@ -94,9 +94,11 @@ class Frame:
 
 def simulator_episode(timed: int, warmup: int, stride: int, family: str = 'place', seed: int = 0,
                       image_size: int = 224) -> list[Frame]:
-    """Observations of the scripted expert acting in closed loop in the MuJoCo tabletop, one every ``stride``
-    control steps, until ``timed`` of them lie ``warmup`` or more policy steps into their episode (a new episode,
-    seed + 1, starts when one ends)."""
+    """Observations of the scripted expert acting in closed loop in the MuJoCo tabletop.
+
+    One every ``stride`` control steps, until ``timed`` of them lie ``warmup`` or more policy steps into their
+    episode (a new episode, seed + 1, starts when one ends).
+    """
     from specprune_ros.sim import ScriptedExpert, TabletopEnv   # MuJoCo: only when the harness runs
     env = TabletopEnv(family=family, seed=seed, image_size=image_size)
     expert = ScriptedExpert(env)
@@ -142,8 +144,10 @@ def digest(arrays: list[np.ndarray], text: str = '') -> str:
 # -- timing -----------------------------------------------------------------------------------------------------
 
 class PhaseClock:
-    """Times the adapter's vision, decoder pass (the executor's prefill) and action-head calls (instance wrappers,
-    synchronised on CUDA) and remembers the preprocessed frames the model saw."""
+    """Times the adapter's vision, decoder pass and action-head calls; remembers the frames the model saw.
+
+    The decoder pass is the executor's prefill; the timers are instance wrappers, synchronised on CUDA.
+    """
 
     def __init__(self, adapter: Any, sync: Callable[[], None]) -> None:
         self.sync = sync
@@ -309,8 +313,11 @@ def compress(backends: list[str]) -> str:
 
 @dataclass(frozen=True)
 class ReferenceShape:
-    """The shipped reference VLA's layout (2 cameras x 144 patches, 12 words, proprio, 56 action queries) with a
-    random WIDTH x LAYERS decoder (MLP 3 x width, head dim 64), as the pruning benchmark's wide phase."""
+    """The shipped reference VLA's layout with a random WIDTH x LAYERS decoder.
+
+    The layout: 2 cameras x 144 patches, 12 words, proprio, 56 action queries; the decoder: MLP 3 x width, head
+    dim 64, as the pruning benchmark's wide phase.
+    """
 
     width: int
     layers: int
@@ -322,8 +329,11 @@ class ReferenceShape:
 
 def build_target(target: PublishedShape | ReferenceShape | Path, device: str, dtype: str, seed: int = 0,
                  unnorm_key: Optional[str] = None) -> tuple[Any, str]:
-    """(model, label): a published shape with random weights, the reference VLA's layout with a random decoder, or
-    a checkpoint directory's real weights."""
+    """(model, label).
+
+    A published shape with random weights, the reference VLA's layout with a random decoder, or a checkpoint directory's
+    real weights.
+    """
     if isinstance(target, ReferenceShape):
         from dataclasses import replace
         base = load_model('reference').config

@@ -43,8 +43,10 @@ INSTRUCTION = 'pick up the black bowl and place it on the plate'
 
 def published_model(policy_type: str, cameras: int, device: torch.device, dtype: torch.dtype,
                     directory: Path) -> Pi0Inference:
-    """The published shape with random weights (std 0.02, norms 0) built on ``device``; identity normalisation and
-    a small stand-in tokenizer (prompt length, not wording, matters for latency)."""
+    """The published shape with random weights (std 0.02, norms 0) built on ``device``.
+
+    Identity normalisation and a small stand-in tokenizer (prompt length, not wording, matters for latency).
+    """
     config = parse_config(tiny_config(policy_type, CAMERAS[:cameras], state_dim=14, action_dim=14, published=True))
     with torch.device(device):
         model = Pi0Model(config).to(dtype)

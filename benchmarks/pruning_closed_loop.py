@@ -1,4 +1,4 @@
-"""Pruning methods side by side on the reference VLA: closed-loop success, and latency measured interleaved.
+r"""Pruning methods side by side on the reference VLA: closed-loop success, and latency measured interleaved.
 
 Phase 1 (success): every configuration runs the same held-out episodes of every task family in the
 simulator (parallel worker processes, one torch thread each); success with a 95% Wilson interval, the success
@@ -27,7 +27,7 @@ FLOPs columns mean anything; depth-scaled defaults such as VLA-Pruner's K and Sp
 follow the depth).
 
     python benchmarks/pruning_closed_loop.py --episodes-per-family 34 --out outputs/benchmarks
-    python benchmarks/pruning_closed_loop.py --episodes-per-family 10 --configs 'specprune (full)' \\
+    python benchmarks/pruning_closed_loop.py --episodes-per-family 10 --configs 'specprune (full)' \
         --target 'specprune (full)=2.0:0.05' --wide
 
 The markdown and JSON results are written before the plot is drawn.
@@ -120,9 +120,11 @@ def widened(model: str, spec: str, seed: int = 0):
 
 def measure_latency(vla, configs: tuple[PolicySpec, ...], sequences: list[list[Observation]],
                     threads: int, steady_from: int = STEADY_FROM) -> dict[str, dict]:
-    """Round-robin replay through every configuration in this process; medians per configuration, over all
-    steps and over the steady-state steps (step index >= ``steady_from`` in every episode, the same
-    observations for every configuration)."""
+    """Round-robin replay through every configuration in this process.
+
+    Medians per configuration, over all steps and over the steady-state steps (step index >= ``steady_from`` in every
+    episode, the same observations for every configuration).
+    """
     torch.set_num_threads(threads)
     policies = {c.name: reference_policy(vla, build_method(c.method, c.method_config, seed=c.seed)) for c in configs}
     probe = reference_policy(vla, build_method('none', {'self_speculation': True}))
@@ -198,9 +200,11 @@ def parse_target(text: str) -> tuple[str, float, float]:
 
 def target_lines(outcomes: dict[str, list[bool]], speed: dict, wide: dict,
                  targets=TARGETS, baselines=TARGET_BASELINES) -> list[str]:
-    """One line per target: the paired success differences and the steady speedups, with a verdict per part:
-    'met' (the whole interval clears the bar), 'missed' (the whole interval misses it) or 'unresolved' (the
-    interval straddles it: more episodes needed)."""
+    """One line per target.
+
+    The paired success differences and the steady speedups, with a verdict per part: 'met' (the whole interval clears
+    the bar), 'missed' (the whole interval misses it) or 'unresolved' (the interval straddles it: more episodes needed).
+    """
     def verdict(low: float, high: float, bar: float) -> str:
         return 'met' if low >= bar else 'missed' if high < bar else 'unresolved'
 
@@ -217,14 +221,17 @@ def target_lines(outcomes: dict[str, list[bool]], speed: dict, wide: dict,
                 parts.append(f"vs {baseline} {points(d, (lo, hi))}, above: {verdict(lo, hi, 1e-9)}")
         speeds = {'reference': speed} | wide
         parts.append('steady speedup ' + ', '.join(f"{shape} {s[name]['steady_speedup']:.2f}x" for shape, s in
-                                                    speeds.items()) + f' (target {speedup_target:.1f}x)')
+                                                   speeds.items()) + f' (target {speedup_target:.1f}x)')
         lines.append(f"- **{name}**: " + '; '.join(parts))
     return lines
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Success (with its interval) against speedup; intervals touching 0% or 100% and rows without a finite
-    speedup are drawn as they can be (error bars never negative; no speedup: left out)."""
+    """Success (with its interval) against speedup.
+
+    Intervals touching 0% or 100% and rows without a finite speedup are drawn as they can be (error bars never negative;
+    no speedup: left out).
+    """
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -301,8 +308,8 @@ def main(argv: list[str] | None = None) -> None:
                      'lost_vs_none': int(np.sum(unpruned & ~won)), 'gained_vs_none': int(np.sum(~unpruned & won)),
                      'families': {f: v['success_rate'] for f, v in summaries[c.name]['families'].items()},
                      'visual_kept': s['mean_visual_kept'], 'flops_ratio': s['flops_ratio'], **speed[c.name]})
-    lines = [f"Model {args.model!r}, {args.episodes_per_family} held-out episodes per family x {len(families)} families per "
-             f"configuration, {args.execute_steps or 8} actions executed per chunk; latency: "
+    lines = [f"Model {args.model!r}, {args.episodes_per_family} held-out episodes per family x {len(families)} "
+             f"families per configuration, {args.execute_steps or 8} actions executed per chunk; latency: "
              f"{sum(map(len, sequences))} replayed steps per configuration, interleaved, "
              f"{args.threads} threads. Self-speculation (layers 0-1 top-k in last-layer top-k, text attention): "
              f"{speed['_self_speculation_hit_rate']:.1%}" if speed['_self_speculation_hit_rate'] is not None else '',
@@ -312,7 +319,8 @@ def main(argv: list[str] | None = None) -> None:
              f'latency ms | speedup | speedup steps >= {STEADY_FROM} | decoder ms | selection ms |',
              '|---|---|---|---|' + '---|' * len(families) + '---|---|---|---|---|---|---|']
     for r in rows:
-        lines.append(f"| {r['config']} | {r['success'] * 100:.1f}% ({r['ci95'][0] * 100:.0f}-{r['ci95'][1] * 100:.0f}) | "
+        lines.append(f"| {r['config']} | {r['success'] * 100:.1f}% "
+                     f"({r['ci95'][0] * 100:.0f}-{r['ci95'][1] * 100:.0f}) | "
                      f"{points(r['delta_vs_none'], r['delta_ci95'])} | {r['lost_vs_none']} / {r['gained_vs_none']} | "
                      + ' | '.join(f"{r['families'][f] * 100:.0f}%" for f in families)
                      + f" | {r['visual_kept']:.0f} | {r['flops_ratio'] * 100:.0f}% | {r['latency_ms_median']:.1f} | "
@@ -325,8 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     for spec, latency in wide.items():
         lines += ['', f'Latency on a random-initialised {spec} decoder (same layout, methods and replayed steps; '
                       'success does not apply):', '',
-                  f'| config | visual kept (mean/layer) | FLOPs | latency ms | speedup | speedup steps >= {STEADY_FROM} '
-                  '| decoder ms | selection ms |',
+                  '| config | visual kept (mean/layer) | FLOPs | latency ms | speedup | '
+                  f'speedup steps >= {STEADY_FROM} | decoder ms | selection ms |',
                   '|---|---|---|---|---|---|---|---|']
         lines += [f"| {c.name} | {latency[c.name]['visual_kept']:.0f} | {latency[c.name]['flops_ratio'] * 100:.0f}% | "
                   f"{latency[c.name]['latency_ms_median']:.1f} | {latency[c.name]['speedup']:.2f}x | "

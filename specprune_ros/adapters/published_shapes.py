@@ -38,7 +38,7 @@ from specprune_ros.adapters.openvla import OpenVLAAdapter
 from specprune_ros.adapters.openvla_oft import OpenVLAOFTAdapter
 from specprune_ros.adapters.preprocessing import ImageTransform
 from specprune_ros.adapters.published_checkpoint import (LLAMA_DEFAULTS, PrismaticCheckpoint,
-                                                       assert_materialised, restore_rotary)
+                                                         assert_materialised, restore_rotary)
 from specprune_ros.adapters.prismatic import L1RegressionActionHead, PrismaticVLA, ProprioProjector
 from specprune_ros.adapters.tiny import llama_layout_tokenizer
 from specprune_ros.adapters.vit import timm_spec
@@ -136,8 +136,10 @@ def _statistics(shape: PublishedShape, rng: np.random.Generator) -> dict:
 
 
 def in_memory_tokenizer(seed: int = 0) -> PreTrainedTokenizerFast:
-    """A Llama-layout tokenizer trained in memory; prompts get Llama-2's token count (whole words, punctuation and
-    line breaks apart)."""
+    """A Llama-layout tokenizer trained in memory.
+
+    Prompts get Llama-2's token count (whole words, punctuation and line breaks apart).
+    """
     backend = llama_layout_tokenizer(1000, seed=seed, exact=False, extra_words=PROMPT_WORDS, split_punctuation=True)
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token='<s>', eos_token='</s>', unk_token='<unk>',
                                    pad_token='<PAD>')
@@ -145,8 +147,11 @@ def in_memory_tokenizer(seed: int = 0) -> PreTrainedTokenizerFast:
 
 @torch.no_grad()
 def randomise_(module: torch.nn.Module, generator: torch.Generator) -> None:
-    """Seeded values in place: gains near 1, small biases, matrices with 1 / sqrt(fan-in) scale (stable activations
-    through 32 layers in bf16). Drawn in float32 on the module's device, then cast."""
+    """Seeded values in place.
+
+    Gains near 1, small biases, matrices with 1 / sqrt(fan-in) scale (stable activations through 32 layers in bf16).
+    Drawn in float32 on the module's device, then cast.
+    """
     for name, param in module.named_parameters():
         values = torch.randn(param.shape, generator=generator, device=param.device, dtype=torch.float32)
         if name.endswith('scale_factor') or (name.endswith('weight') and param.dim() == 1):

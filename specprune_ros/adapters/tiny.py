@@ -37,13 +37,15 @@ WORDS = ('pick up the black bowl between the plate and the ramekin and place it 
 
 def llama_layout_tokenizer(vocab_size: int = TOKENIZER_VOCAB, seed: int = 0, exact: bool = True,
                            extra_words: tuple[str, ...] = (), split_punctuation: bool = False):
-    """A trained ``tokenizers.Tokenizer`` with the Llama layout (``<unk>``, ``<s>``, ``</s>``, 256 byte tokens, then
-    pieces; ``<PAD>`` appended after them), trained in memory on instruction-like prompts.
+    """A ``tokenizers.Tokenizer`` with the Llama layout, trained in memory on instruction-like prompts.
+
+    The layout: ``<unk>``, ``<s>``, ``</s>``, 256 byte tokens, then pieces; ``<PAD>`` appended after them.
 
     ``exact``: raise unless the trainer reaches ``vocab_size`` pieces (a larger request may stop early once every word
     of the corpus is one piece); ``extra_words``: more words for the training prompts; ``split_punctuation``:
     punctuation and line breaks are pieces of their own (as in Llama's vocabulary, so a prompt has about Llama's
-    token count)."""
+    token count).
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     rng = np.random.default_rng(seed)
     words = list(WORDS) + [w for w in extra_words if w not in WORDS]

@@ -1,6 +1,8 @@
-"""Build a dataclass from a plain mapping (a YAML / JSON config, ROS parameters): unknown names are an error, and
-values are converted where the field's type says so and nothing is lost (int -> float, list <-> tuple, a nested
-mapping -> a nested dataclass)."""
+"""Build a dataclass from a plain mapping (a YAML / JSON config, ROS parameters).
+
+Unknown names are an error, and values are converted where the field's type says so and nothing is lost (int -> float,
+list <-> tuple, a nested mapping -> a nested dataclass).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +22,10 @@ class UnknownFieldsError(ValueError):
 
 
 def dataclass_from_mapping(cls: type[T], values: Optional[Mapping[str, Any]], what: str = '') -> T:
-    """``cls(**values)`` with the values converted to the fields' types; ``what`` names the unknown names in the
-    error (default: '<class> field(s)')."""
+    """``cls(**values)`` with the values converted to the fields' types.
+
+    ``what`` names the unknown names in the error (default: '<class> field(s)').
+    """
     values = dict(values or {})
     names = sorted(f.name for f in dataclasses.fields(cls))
     unknown = sorted(set(values) - set(names))

@@ -64,8 +64,10 @@ def expert_layer(layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin:
                  prefix_keys: torch.Tensor, prefix_values: torch.Tensor, self_mask: torch.Tensor,
                  cond: Optional[torch.Tensor], rows: Optional[torch.Tensor] = None
                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """One expert layer over (B, t, d_e) ``hidden`` against prefix keys/values (B or 1, kv_heads, n, head_dim):
-    (new hidden, the mean attention of ``rows`` over the n prefix keys, or None when ``rows`` is None)."""
+    """One expert layer over (B, t, d_e) ``hidden`` against prefix keys/values (B or 1, kv_heads, n, head_dim).
+
+    (new hidden, the mean attention of ``rows`` over the n prefix keys, or None when ``rows`` is None).
+    """
     attn = layer.self_attn
     batch, t, _ = hidden.shape
     x, gate = apply_norm(layer.input_layernorm, hidden, cond)
@@ -94,8 +96,9 @@ def run_expert(layers: Sequence[nn.Module], norm: nn.Module, rotary_emb: nn.Modu
                positions: torch.Tensor, cache: DecoderCache, self_mask: torch.Tensor,
                cond: Optional[torch.Tensor] = None, attention_layers: Sequence[int] = (),
                attention_rows: Optional[torch.Tensor] = None) -> ExpertResult:
-    """Run ``embeddings`` (B, t, d_expert) at RoPE ``positions`` through the expert ``layers`` (transformers
-    decoder-layer modules: input/post-attention norms, ``self_attn`` projections, ``mlp``) against ``cache``.
+    """Run ``embeddings`` (B, t, d_expert) at RoPE ``positions`` through the expert ``layers`` against ``cache``.
+
+    ``layers``: transformers decoder-layer modules (input/post-attention norms, ``self_attn`` projections, ``mlp``).
 
     ``self_mask``: (t, t) bool, which expert tokens see which. ``cond``: the adaRMS condition (B, c) for
     conditioned norms, None for plain ones. ``attention_layers`` / ``attention_rows``: layers at which to return
@@ -123,9 +126,11 @@ def run_expert(layers: Sequence[nn.Module], norm: nn.Module, rotary_emb: nn.Modu
 
 @dataclass
 class ExpertProbe:
-    """What :class:`ExpertActionRows` needs to give a method the expert's action rows during the prefix pass: the
-    prefix decoder (its layers recompute the keys/values of the kept tokens at the probed layers), the prefix
-    embeddings, and one expert pass's inputs (e.g. the first denoising step's)."""
+    """What :class:`ExpertActionRows` needs to give a method the expert's action rows during the prefix pass.
+
+    The prefix decoder (its layers recompute the keys/values of the kept tokens at the probed layers), the prefix
+    embeddings, and one expert pass's inputs (e.g. the first denoising step's).
+    """
 
     decoder: nn.Module                               # the runner's decoder (``layers``, ``rotary_emb``)
     embeddings: torch.Tensor                         # (1, N, d) the runner's input
@@ -139,8 +144,10 @@ class ExpertProbe:
 
 
 def extended_layout(prefix: TokenLayout, proprio_tokens: int, action_tokens: int) -> TokenLayout:
-    """The prefix's layout followed by the expert's tokens (``proprio_tokens`` state tokens, then the actions):
-    the layout a pruning method sees, so that 'action' rows name the expert's action queries."""
+    """The prefix's layout followed by the expert's tokens (``proprio_tokens`` state tokens, then the actions).
+
+    The layout a pruning method sees, so that 'action' rows name the expert's action queries.
+    """
     n = prefix.num_tokens
     proprio = (n, n + proprio_tokens) if proprio_tokens else prefix.proprio_span
     return dataclasses.replace(prefix, num_tokens=n + proprio_tokens + action_tokens, proprio_span=proprio,
@@ -260,8 +267,10 @@ class ExpertActionRows:
         self.record = record
 
     def finish(self, attention: dict[int, tuple[torch.Tensor, torch.Tensor]], description: str = '') -> float:
-        """Merge the expert's ``attention`` (layer -> (prefix key positions, weights)) and run the method's
-        ``end_step``; returns the seconds the method took."""
+        """Merge the expert's ``attention`` and run the method's ``end_step``; returns the seconds it took.
+
+        ``attention``: layer -> (prefix key positions, weights).
+        """
         record = self.record
         if record is None:
             return 0.0
