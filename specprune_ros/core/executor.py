@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -137,28 +138,31 @@ class PrunableDecoderRunner(nn.Module):
         hidden = embeddings[:, kept]
         kept_per_layer: list[torch.Tensor] = []
         n_keys: list[int] = []
-        attention: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-        probe_seconds = 0.0
+        lazy: dict[int, tuple[torch.Tensor, LazyAttention]] = {}
+        probes = _ProbeBatch()
         tokens = _KeptTokens(self.decoder.rotary_emb, kept, reused, layout, roles, hidden)
         for index, layer in enumerate(self.decoder.layers):
             kept_per_layer.append(tokens.kept)
             n_keys.append(tokens.num_keys)
-            hidden, summaries, probe_time = self._run_layer(layer, index, hidden, tokens, requests.get(index, ()),
-                                                            plan.kv_store, cache)
-            probe_seconds += probe_time
+            hidden, summaries = self._run_layer(layer, index, hidden, tokens, requests.get(index, ()), plan.kv_store,
+                                                cache, probes)
             if summaries:
-                attention[index] = {name: (tokens.key_indices, weights) for name, weights in summaries.items()}
+                lazy[index] = (tokens.key_indices, summaries)
             if method is not None and index < self.num_layers - 1:
-                t0 = time.perf_counter()
+                t0, probed = time.perf_counter(), probes.seconds
                 keep = method.after_layer(LayerView(layer=index, kept=tokens.kept, key_indices=tokens.key_indices,
                                                     hidden=hidden[0], attention=summaries))
-                selection += time.perf_counter() - t0
+                selection += time.perf_counter() - t0 - (probes.seconds - probed)
                 if keep is not None:
                     new_kept = self._apply_keep(tokens.kept, keep, is_visual, roles, f'after layer {index}',
                                                 non_visual)
                     if len(new_kept) != len(tokens.kept):
                         hidden = hidden[:, torch.searchsorted(tokens.kept, new_kept)]
                         tokens = _KeptTokens(self.decoder.rotary_emb, new_kept, reused, layout, roles, hidden)
+        probes.resolve()
+        attention = {index: {name: (key_indices, summaries[name]) for name in summaries}
+                     for index, (key_indices, summaries) in lazy.items()}
+        probe_seconds = probes.seconds
         kept = tokens.kept
         hidden = self.decoder.norm(hidden)
 
@@ -221,8 +225,9 @@ class PrunableDecoderRunner(nn.Module):
             counts.append(keys.shape[2])
             if index in wanted:
                 rows = torch.arange(t, device=hidden.device)
-                summaries[index] = (cache.positions[index],
-                                    self._attention_summary(q, keys, rows, mask, layer.self_attn.scaling))
+                probe = LazyAttention(_ProbeBatch())
+                probe.add('rows', q, keys, rows, mask, layer.self_attn.scaling)
+                summaries[index] = (cache.positions[index], probe['rows'])
         cache.last_position = last
         return DecodeResult(hidden=self.decoder.norm(hidden), attention=summaries, key_counts=counts)
 
@@ -307,8 +312,9 @@ class PrunableDecoderRunner(nn.Module):
 
     def _run_layer(self, layer: nn.Module, index: int, hidden: torch.Tensor, tokens: '_KeptTokens',
                    requests: list[AttentionRequest] | tuple, store: Optional[KVStore],
-                   cache: Optional[DecoderCache] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
-        """One decoder layer over the kept tokens (plus reused keys/values), and the requested attention rows."""
+                   cache: Optional[DecoderCache], probes: '_ProbeBatch') -> tuple[torch.Tensor, 'LazyAttention']:
+        """One decoder layer over the kept tokens (plus reused keys/values); the requested attention rows are
+        queued in ``probes`` and scored when first read (every queued probe of the same shape in one batch)."""
         def extend(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if store is not None and k.shape[0] == 1:
                 self._store_kv(store, index, tokens.kept, k[0], v[0], tokens.layout.num_tokens)
@@ -325,16 +331,10 @@ class PrunableDecoderRunner(nn.Module):
             return k, v
 
         hidden, q, k = self._block(layer, hidden, tokens.cos, tokens.sin, tokens.mask, extend, self._fusion(index))
-        summaries: dict[str, torch.Tensor] = {}
-        probe_time = 0.0
-        if requests:
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                for request in requests:
-                    summaries[request.key] = self._attention_summary(q, k, tokens.query_rows(request.rows), tokens.mask,
-                                                                     layer.self_attn.scaling)
-            probe_time = time.perf_counter() - t0
-        return hidden, summaries, probe_time
+        summaries = LazyAttention(probes)
+        for request in requests:
+            summaries.add(request.key, q, k, tokens.query_rows(request.rows), tokens.mask, layer.self_attn.scaling)
+        return hidden, summaries
 
     def _fusion(self, index: int) -> Optional['_FusedProjections']:
         """Layer ``index``'s fused projections, or None where the layer's own modules must run (autograd, or
@@ -380,22 +380,6 @@ class PrunableDecoderRunner(nn.Module):
         mlp = layer.mlp
         gate, up = F.linear(x, fused.gate_up_weight, fused.gate_up_bias).chunk(2, dim=-1)
         return hidden + mlp.down_proj(mlp.act_fn(gate) * up), q, k
-
-    @staticmethod
-    def _attention_summary(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, mask: Optional[torch.Tensor],
-                           scaling: float) -> torch.Tensor:
-        """Softmax attention (fp32) of the chosen query rows, averaged over batch, heads and rows: (n_keys,).
-
-        Grouped-query heads share their key head: the rows of a group are scored against it without copying keys."""
-        batch, heads, _, head_dim = q.shape
-        kv_heads = k.shape[1]
-        groups = heads // kv_heads
-        q_rows = q[:, :, rows].float().reshape(batch, kv_heads, groups * len(rows), head_dim)
-        scores = torch.matmul(q_rows, k.float().transpose(-1, -2)) * scaling
-        if mask is not None:
-            scores = scores.view(batch, kv_heads, groups, len(rows), -1) + additive_mask(mask[:, :, rows].unsqueeze(2),
-                                                                                          scores.dtype)
-        return scores.softmax(dim=-1).reshape(-1, scores.shape[-1]).mean(dim=0)
 
     @staticmethod
     def _store_kv(store: KVStore, index: int, kept: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -511,3 +495,85 @@ class _FusedProjections:
     def current(self) -> bool:
         """Whether the source weights are still the ones copied (same storage, not modified in place)."""
         return all(p.data_ptr() == ptr and p._version == version for p, ptr, version in self.sources)
+
+
+class _ProbeBatch:
+    """The attention probes of one step not yet scored: queued at their layer, scored together when one is read.
+
+    Probes of the same shapes (layers between two changes of the kept set) are stacked into one batched product,
+    softmax and mean, instead of a few small operations per layer."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple] = []
+        self.seconds = 0.0
+
+    def add(self, q_rows: torch.Tensor, keys: torch.Tensor, mask: Optional[torch.Tensor], rows: torch.Tensor,
+            scaling: float, out: dict, key: str) -> None:
+        self.pending.append((q_rows, keys, mask, rows, scaling, out, key))
+
+    def resolve(self) -> None:
+        if not self.pending:
+            return
+        started = time.perf_counter()
+        groups: dict[tuple, list] = {}
+        for item in self.pending:
+            q_rows, keys, mask, rows, scaling = item[:5]
+            # one mask and one set of rows per kept set: the same objects for every layer that shares them
+            same = (tuple(q_rows.shape), tuple(keys.shape), q_rows.dtype, keys.dtype, scaling,
+                    None if mask is None else (id(mask), id(rows)))
+            groups.setdefault(same, []).append(item)
+        self.pending = []
+        with torch.no_grad():
+            for items in groups.values():
+                q_rows = torch.stack([item[0] for item in items]) if len(items) > 1 else items[0][0].unsqueeze(0)
+                keys = torch.stack([item[1] for item in items]) if len(items) > 1 else items[0][1].unsqueeze(0)
+                mask, rows = items[0][2], items[0][3]
+                mask_rows = None if mask is None else mask[:, :, rows].unsqueeze(2)
+                weights = _attention_summaries(q_rows, keys, mask_rows, items[0][4])
+                for item, row in zip(items, weights):
+                    item[5][item[6]] = row
+        self.seconds += time.perf_counter() - started
+
+
+class LazyAttention(Mapping):
+    """A layer's attention summaries (request key -> (n_keys,) weights), scored when first read."""
+
+    def __init__(self, probes: _ProbeBatch) -> None:
+        self._probes = probes
+        self._keys: list[str] = []
+        self._values: dict[str, torch.Tensor] = {}
+
+    def add(self, key: str, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, mask: Optional[torch.Tensor],
+            scaling: float) -> None:
+        batch, heads, _, head_dim = q.shape
+        kv_heads = k.shape[1]
+        q_rows = q[:, :, rows].reshape(batch, kv_heads, (heads // kv_heads) * len(rows), head_dim)
+        self._keys.append(key)
+        self._probes.add(q_rows, k, mask, rows, scaling, self._values, key)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._values and key in self._keys:
+            self._probes.resolve()
+        return self._values[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _attention_summaries(q_rows: torch.Tensor, keys: torch.Tensor, mask_rows: Optional[torch.Tensor],
+                         scaling: float) -> torch.Tensor:
+    """Softmax attention (fp32) of query rows grouped by key head, (L, B, kv, g * r, d) against keys
+    (L, B, kv, n_k, d), averaged over batch, heads and rows: (L, n_k). ``mask_rows``: (1, 1, 1, r, n_k) or None."""
+    scores = torch.matmul(q_rows.float(), keys.float().transpose(-1, -2)) * scaling
+    if mask_rows is not None:
+        layers, batch, kv_heads, rows_total, n_keys = scores.shape
+        rows = mask_rows.shape[-2]
+        scores = (scores.view(layers, batch, kv_heads, rows_total // rows, rows, n_keys)
+                  + additive_mask(mask_rows, scores.dtype))
+    return scores.softmax(dim=-1).reshape(scores.shape[0], -1, scores.shape[-1]).mean(dim=1)
