@@ -87,13 +87,18 @@ class RunResult:
 class PrunableDecoderRunner(nn.Module):
     """Layer-by-layer execution of a transformers Llama-family decoder with visual-token pruning."""
 
-    def __init__(self, decoder: nn.Module, fuse_projections: bool = True) -> None:
+    def __init__(self, decoder: nn.Module, fuse_projections: bool = True,
+                 validate_on_host: Optional[bool] = None) -> None:
         """``decoder``: a transformers ``LlamaModel``-like module with ``layers``, ``rotary_emb`` and ``norm``.
 
         ``fuse_projections``: without autograd, run each layer's query/key/value projections as one matrix
         product and the MLP's gate/up projections as another (the same numbers, fewer and larger products: they
         matter most at the small token counts pruning leaves). Costs a fused copy of those weights (built at the
-        first use, rebuilt when the weights change); False keeps the layers' own projections."""
+        first use, rebuilt when the weights change); False keeps the layers' own projections.
+
+        ``validate_on_host``: check each keep set on the host, with a message per fault (the default on the CPU), or
+        on the device with one asynchronous assert that never waits for it (False; the default on accelerators,
+        where a host check would stall the step)."""
         super().__init__()
         self.decoder = decoder
         config = decoder.config
@@ -101,6 +106,7 @@ class PrunableDecoderRunner(nn.Module):
         self.mlp_size = int(config.intermediate_size)
         self.num_layers = len(decoder.layers)
         self.fuse_projections = fuse_projections
+        self.validate_on_host = validate_on_host
         self._fused: dict[int, _FusedProjections] = {}
 
     def forward(self, embeddings: torch.Tensor, layout: TokenLayout, method: Optional[PruningMethod] = None,
@@ -114,13 +120,14 @@ class PrunableDecoderRunner(nn.Module):
         started = time.perf_counter()
         selection = 0.0
         device = embeddings.device
-        roles, is_visual, non_visual = _role_tables(layout, device)
+        roles, is_visual, non_visual, visual = _role_tables(layout, device)
+        on_host = device.type == 'cpu' if self.validate_on_host is None else self.validate_on_host
 
         plan = StepPlan()
         if method is not None:
             if context is None:
                 context = StepContext(layout=layout, step_index=0,
-                                      visual_embeddings=embeddings[0, layout.visual_indices()])
+                                      visual_embeddings=embeddings[0, visual])
             context.num_layers = self.num_layers
             t0 = time.perf_counter()
             plan = method.begin_step(context)
@@ -128,7 +135,8 @@ class PrunableDecoderRunner(nn.Module):
 
         kept = torch.arange(layout.num_tokens, device=device)
         if plan.keep_before is not None:
-            kept = self._apply_keep(kept, plan.keep_before, is_visual, roles, 'before layer 0', non_visual)
+            kept = self._apply_keep(kept, plan.keep_before, is_visual, roles, 'before layer 0',
+                                    None if on_host else non_visual)
         reused = self._reusable(plan, kept, is_visual)
         if reused is not None:
             kept = kept[~torch.isin(kept, reused)]
@@ -155,7 +163,7 @@ class PrunableDecoderRunner(nn.Module):
                 selection += time.perf_counter() - t0 - (probes.seconds - probed)
                 if keep is not None:
                     new_kept = self._apply_keep(tokens.kept, keep, is_visual, roles, f'after layer {index}',
-                                                non_visual)
+                                                None if on_host else non_visual)
                     if len(new_kept) != len(tokens.kept):
                         hidden = hidden[:, torch.searchsorted(tokens.kept, new_kept)]
                         tokens = _KeptTokens(self.decoder.rotary_emb, new_kept, reused, layout, roles, hidden)
@@ -238,10 +246,10 @@ class PrunableDecoderRunner(nn.Module):
                     stage: str, non_visual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """New kept set = the kept non-visual tokens + ``keep_visual``; refuse anything else.
 
-        On an accelerator the plan is checked on the device (an asynchronous assert, no wait for the device);
-        on the CPU every fault gets its own message."""
+        With ``non_visual`` (every non-visual index, on the device) the plan is checked on the device (an
+        asynchronous assert, no wait for the device); without it every fault gets its own message."""
         keep_visual = torch.as_tensor(keep_visual, dtype=torch.long, device=kept.device).flatten()
-        if kept.device.type != 'cpu' and non_visual is not None:
+        if non_visual is not None:
             return PrunableDecoderRunner._apply_keep_on_device(kept, keep_visual, is_visual, non_visual, stage)
         num_tokens = len(is_visual)
         if len(keep_visual) and (keep_visual.min() < 0 or keep_visual.max() >= num_tokens):
@@ -395,12 +403,14 @@ class PrunableDecoderRunner(nn.Module):
 
 
 @functools.lru_cache(maxsize=32)
-def _role_tables(layout: TokenLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Role of every token, the visual mask and the non-visual indices, once per (layout, device) (do not modify
-    the results)."""
+def _role_tables(layout: TokenLayout, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Role of every token, the visual mask, the non-visual and the visual indices, once per (layout, device)
+    (do not modify the results)."""
     roles = layout.roles()
     is_visual = roles == int(TokenRole.VISUAL)
-    return roles.to(device), is_visual.to(device), torch.nonzero(~is_visual).flatten().to(device)
+    tables = (roles, is_visual, torch.nonzero(~is_visual).flatten(), torch.nonzero(is_visual).flatten())
+    return tuple(t.to(device) for t in tables)
 
 
 class _KeptTokens:
@@ -436,7 +446,7 @@ class _KeptTokens:
         if rows == 'all':
             return torch.arange(len(kept), device=device)
         if rows == 'last':
-            return torch.tensor([len(kept) - 1], device=device)
+            return torch.arange(len(kept) - 1, len(kept), device=device)
         spans = {'text': (layout.text_span,), 'action': (layout.action_span,),
                  'text_action': (layout.text_span, layout.action_span)}
         if rows in spans:
@@ -452,7 +462,7 @@ class _KeptTokens:
             index = torch.arange(count, device=device)
             if end <= start:
                 return index
-            first_action = torch.searchsorted(kept, torch.tensor(start, device=device))
+            first_action = torch.searchsorted(kept, torch.arange(start, start + 1, device=device))
             return index + (end - start) * (index >= first_action)
         raise PlanError(f"unknown query rows {rows!r}; use 'text', 'action', 'text_action', 'prefill', 'last' "
                         "or 'all'")
