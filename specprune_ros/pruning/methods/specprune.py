@@ -60,8 +60,8 @@ import torch
 from specprune_ros.core.step_types import LayerView, StepContext, StepPlan, StepRecord
 from specprune_ros.pruning.action_controller import ActionController, ControllerConfig, ControllerOutput
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase, split_per_camera
-from specprune_ros.pruning.change_detection import (ChangeDetectionConfig, changed_mask, max_static_count,
-                                                    reference_back)
+from specprune_ros.pruning.change_detection import (ChangeDetectionConfig, changed_mask, max_changed_count,
+                                                    max_static_count, reference_back)
 from specprune_ros.pruning.scoring import (budget_count, camera_slices, layer_importance, mask_to_sequence,
                                            stable_topk, to_numpy, topk_per_camera, visual_table_np)
 
@@ -225,7 +225,7 @@ class SpecPrune(PruningMethodBase):
         for cam in range(layout.num_cameras):
             ref = self.state.frame(cam, back=t - 1)
             parts.append(changed_mask(self.state.frame(cam, 0), ref, layout.grid_shape, context.patch_size,
-                                      cfg.threshold, cap))
+                                      cfg.threshold, cap, max_changed_count(cfg, layout.patches_per_camera)))
         dyn = torch.cat(parts).numpy()
         self.last_info['reference_back'] = min(t - 1, self.state.num_frames - 1)
         self.last_info['dynamic'] = int(dyn.sum())
