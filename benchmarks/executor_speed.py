@@ -98,7 +98,8 @@ def main() -> None:
     for suffix in runners:
         base = statistics.median(times['1' + suffix])
         print(f'\nprojections: {suffix.strip() or "fused"}')
-        print('| visual kept | tokens | median ms (p10-p90) | measured speedup | FLOPs-ideal speedup | measured / ideal |')
+        print('| visual kept | tokens | median ms (p10-p90) | measured speedup | FLOPs-ideal speedup '
+              '| measured / ideal |')
         print('|---|---|---|---|---|---|')
         for budget in args.budgets:
             key = f'{budget:g}'
@@ -109,8 +110,9 @@ def main() -> None:
             ideal = flops['1'] / flops[key]
             kept = layout.num_tokens - layout.num_visual + (layout.num_visual if budget >= 1 else
                                                              len(plans[budget].keep_before))
-            print(f'| {budget * 100:.1f}% | {kept} | {median * 1e3:.1f} ({deciles[0] * 1e3:.0f}-{deciles[-1] * 1e3:.0f}) | '
-                  f'{measured:.2f}x | {ideal:.2f}x | {measured / ideal:.2f} |')
+            spread = f'{deciles[0] * 1e3:.0f}-{deciles[-1] * 1e3:.0f}'
+            print(f'| {budget * 100:.1f}% | {kept} | {median * 1e3:.1f} ({spread}) | {measured:.2f}x | {ideal:.2f}x | '
+                  f'{measured / ideal:.2f} |')
 
 
 if __name__ == '__main__':

@@ -28,7 +28,8 @@ from specprune_ros.pruning.registry import available_methods
 from specprune_ros.sim import EVAL_SEED_START, TabletopEnv
 
 FIXTURE = Path(__file__).parent / 'fixtures' / 'kept_tokens_reference.json'
-EPISODES = (('push', EVAL_SEED_START + 700_001), ('place', EVAL_SEED_START + 700_002), ('pick', EVAL_SEED_START + 700_003))
+EPISODES = (('push', EVAL_SEED_START + 700_001), ('place', EVAL_SEED_START + 700_002),
+            ('pick', EVAL_SEED_START + 700_003))
 MAX_SIM_STEPS = 96          # up to 12 inference steps per episode (chunks of 8): past every method's warm-up
 
 

@@ -5,8 +5,14 @@ does the attention itself, so that it can
 
 * keep every kept token at its original RoPE position (positions with gaps) and build the mask for the
   pruned sequence (causal or bidirectional) without transformers' mask helpers;
-* compute attention probabilities only for the query rows a method asked for, at the layers it asked for,
-  while every layer's output comes from fused SDPA;
+* compute attention probabilities only for the query rows a method asked for, at the layers it asked for
+  (softmax in fp32, scored when first read: the probes of all layers that share a kept set run as one batched
+  product), while every layer's output comes from fused SDPA;
+* build what a kept set implies (RoPE tables, mask, probe rows) once per kept set, not once per layer, and run
+  the query/key/value and gate/up projections as two fused products when no gradient is needed;
+* never wait for the device inside a step on an accelerator: sizes are known on the host and keep sets are
+  checked by a device-side assert (``validate_on_host``); what needs host values (kept counts) is read from the
+  record after the step;
 * serve some tokens' keys/values from an earlier step instead of recomputing them (VLA-Cache style);
 * optionally hand back every layer's keys/values of the tokens that layer saw (``return_cache=True``), so an
   autoregressive model (OpenVLA) can decode further tokens with :meth:`PrunableDecoderRunner.decode` against the
@@ -328,10 +334,9 @@ class PrunableDecoderRunner(nn.Module):
                 self._store_kv(store, index, tokens.kept, k[0], v[0], tokens.layout.num_tokens)
             if tokens.reused is not None:
                 batch = k.shape[0]
-                k = torch.cat([k, store.keys[index][:, tokens.reused].unsqueeze(0).to(k.dtype).expand(batch, -1, -1, -1)],
-                              dim=2)
-                v = torch.cat([v, store.values[index][:, tokens.reused].unsqueeze(0).to(v.dtype).expand(batch, -1, -1, -1)],
-                              dim=2)
+                old_k = store.keys[index][:, tokens.reused].unsqueeze(0).to(k.dtype).expand(batch, -1, -1, -1)
+                old_v = store.values[index][:, tokens.reused].unsqueeze(0).to(v.dtype).expand(batch, -1, -1, -1)
+                k, v = torch.cat([k, old_k], dim=2), torch.cat([v, old_v], dim=2)
             if cache is not None:
                 cache.keys.append(k)
                 cache.values.append(v)
