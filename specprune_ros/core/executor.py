@@ -93,14 +93,16 @@ class RunResult:
 class PrunableDecoderRunner(nn.Module):
     """Layer-by-layer execution of a transformers Llama-family decoder with visual-token pruning."""
 
-    def __init__(self, decoder: nn.Module, fuse_projections: bool = True,
+    def __init__(self, decoder: nn.Module, fuse_projections: Optional[bool] = None,
                  validate_on_host: Optional[bool] = None) -> None:
         """``decoder``: a transformers ``LlamaModel``-like module with ``layers``, ``rotary_emb`` and ``norm``.
 
         ``fuse_projections``: without autograd, run each layer's query/key/value projections as one matrix
         product and the MLP's gate/up projections as another (the same numbers, fewer and larger products: they
         matter most at the small token counts pruning leaves). Costs a fused copy of those weights (built at the
-        first use, rebuilt when the weights change); False keeps the layers' own projections.
+        first use, rebuilt when the weights change); False keeps the layers' own projections; None (default) fuses
+        where the weights live on the CPU (on a GPU the copy would cost most of the decoder's weight memory again
+        for a smaller gain).
 
         ``validate_on_host``: check each keep set on the host, with a message per fault (the default on the CPU), or
         on the device with one asynchronous assert that never waits for it (False; the default on accelerators,
@@ -352,11 +354,14 @@ class PrunableDecoderRunner(nn.Module):
     def _fusion(self, index: int) -> Optional['_FusedProjections']:
         """Layer ``index``'s fused projections, or None where the layer's own modules must run (autograd, or
         modules that are not plain linear layers)."""
-        if not self.fuse_projections or torch.is_grad_enabled():
+        if self.fuse_projections is False or torch.is_grad_enabled():
             return None
         fused = self._fused.get(index)
         if fused is None or not fused.current():
-            fused = _FusedProjections.build(self.decoder.layers[index])
+            layer = self.decoder.layers[index]
+            if self.fuse_projections is None and next(layer.parameters()).device.type != 'cpu':
+                return None
+            fused = _FusedProjections.build(layer)
             if fused is None:
                 self.fuse_projections = False
                 return None
