@@ -4,6 +4,9 @@ Random-initialised Llama decoder with the OpenVLA-OFT token layout (2 cameras x 
 tokens, 1 proprio token, 56 action queries). Budgets run interleaved (round-robin) in one process and the
 medians are compared, so machine noise hits all budgets alike. Tokens are dropped before layer 0, evenly
 per camera; the plain transformers forward of the same weights is timed alongside as a reference.
+``--unfused`` also times every budget with the layers' own projections (``fuse_projections=False``), interleaved
+with the fused ones. Wall-clock time by default; ``--clock cpu`` measures the process's CPU time instead (steadier
+on a shared machine, but it hides how well the threads are used).
 
     python benchmarks/executor_speed.py --steps 20 --threads 2
 """
@@ -47,7 +50,11 @@ def main() -> None:
     parser.add_argument('--threads', type=int, default=2, help='torch threads')
     parser.add_argument('--budgets', type=float, nargs='+', default=[1.0, 0.5, 0.25, 0.125],
                         help='kept-token fractions to time')
+    parser.add_argument('--unfused', action='store_true', help='also time the unfused projections, interleaved')
+    parser.add_argument('--clock', choices=('wall', 'cpu'), default='wall',
+                        help="'wall' time, or the process's 'cpu' time (steadier on a loaded machine, 1 thread)")
     args = parser.parse_args()
+    clock = time.perf_counter if args.clock == 'wall' else time.process_time
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -56,7 +63,9 @@ def main() -> None:
                          max_position_embeddings=1024)
     config._attn_implementation = 'sdpa'
     decoder = LlamaModel(config).eval()
-    runner = PrunableDecoderRunner(decoder)
+    runners = {'': PrunableDecoderRunner(decoder)}
+    if args.unfused:
+        runners[' unfused'] = PrunableDecoderRunner(decoder, fuse_projections=False)
     layout = oft_layout()
     x = torch.randn(1, layout.num_tokens, args.hidden)
     generator = torch.Generator().manual_seed(0)
@@ -64,39 +73,49 @@ def main() -> None:
              for b in args.budgets}
     bidirectional = torch.ones(1, 1, layout.num_tokens, layout.num_tokens, dtype=torch.bool)
 
-    times: dict[str, list[float]] = {f'{b:g}': [] for b in args.budgets}
+    times: dict[str, list[float]] = {f'{b:g}{r}': [] for b in args.budgets for r in runners}
     times['transformers'] = []
     flops: dict[str, float] = {}
     with torch.inference_mode():
         for step in range(args.steps + 3):  # 3 warm-up rounds
             for budget, plan in plans.items():
-                t0 = time.perf_counter()
-                record = runner(x, layout, plan).record
-                elapsed = time.perf_counter() - t0
-                flops[f'{budget:g}'] = record.flops
-                if step >= 3:
-                    times[f'{budget:g}'].append(elapsed)
-            t0 = time.perf_counter()
+                for suffix, runner in runners.items():
+                    t0 = clock()
+                    record = runner(x, layout, plan).record
+                    elapsed = clock() - t0
+                    flops[f'{budget:g}'] = record.flops
+                    if step >= 3:
+                        times[f'{budget:g}{suffix}'].append(elapsed)
+            t0 = clock()
             decoder(inputs_embeds=x, attention_mask=bidirectional)
             if step >= 3:
-                times['transformers'].append(time.perf_counter() - t0)
+                times['transformers'].append(clock() - t0)
 
-    base = statistics.median(times['1'])
     print(f'decoder {args.hidden} wide x {args.layers} layers, {layout.num_tokens} tokens '
-          f'({layout.num_visual} visual), {args.threads} threads, {args.steps} interleaved steps per budget')
-    print(f'plain transformers forward (same weights): {statistics.median(times["transformers"]) * 1e3:.1f} ms median; '
-          f'executor keep-all: {base * 1e3:.1f} ms')
-    print('| visual kept | tokens | median ms | measured speedup | FLOPs-ideal speedup | measured / ideal |')
-    print('|---|---|---|---|---|---|')
-    for budget in args.budgets:
-        key = f'{budget:g}'
-        median = statistics.median(times[key])
-        measured = base / median
-        ideal = flops['1'] / flops[key]
-        kept = layout.num_tokens - layout.num_visual + (layout.num_visual if budget >= 1 else
-                                                         len(plans[budget].keep_before))
-        print(f'| {budget * 100:.1f}% | {kept} | {median * 1e3:.1f} | {measured:.2f}x | {ideal:.2f}x | '
-              f'{measured / ideal:.2f} |')
+          f'({layout.num_visual} visual), {args.threads} threads, {args.steps} interleaved steps per budget, '
+          f'{args.clock} clock')
+    reference = statistics.median(times['transformers'])
+    print(f'plain transformers forward (same weights): {reference * 1e3:.1f} ms median; executor keep-all: '
+          + '; '.join(f'{name.strip() or "fused"} {statistics.median(times["1" + name]) * 1e3:.1f} ms '
+                      f'({statistics.median(times["1" + name]) / reference:.2f}x its time)' for name in runners))
+    for suffix in runners:
+        base = statistics.median(times['1' + suffix])
+        print(f'\nprojections: {suffix.strip() or "fused"}')
+        print('| visual kept | tokens | median ms (p10-p90) | measured speedup | FLOPs-ideal speedup '
+              '| measured / ideal |')
+        print('|---|---|---|---|---|---|')
+        for budget in args.budgets:
+            key = f'{budget:g}'
+            samples = times[key + suffix]
+            median = statistics.median(samples)
+            deciles = statistics.quantiles(samples, n=10) if len(samples) > 1 else [median] * 9
+            measured = base / median
+            ideal = flops['1'] / flops[key]
+            kept = layout.num_tokens - layout.num_visual + (layout.num_visual if budget >= 1 else
+                                                             len(plans[budget].keep_before))
+            spread = f'{deciles[0] * 1e3:.0f}-{deciles[-1] * 1e3:.0f}'
+            print(f'| {budget * 100:.1f}% | {kept} | {median * 1e3:.1f} ({spread}) | {measured:.2f}x | {ideal:.2f}x | '
+                  f'{measured / ideal:.2f} |')
 
 
 if __name__ == '__main__':

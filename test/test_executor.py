@@ -198,3 +198,25 @@ def test_timing_split_is_reported():
     with torch.no_grad():
         record = PrunableDecoderRunner(decoder)(torch.randn(1, N, HIDDEN), make_layout(False), method).record
     assert record.model_seconds > 0 and record.selection_seconds >= 0 and record.probe_seconds > 0
+
+
+def test_fused_projections_equal_the_layers_own_and_follow_weight_changes():
+    decoder = make_decoder()
+    layout = make_layout(False)
+    x = torch.randn(1, N, HIDDEN)
+    plan = FixedKeepSchedule(keep_before=torch.arange(0, 32, 2), attention=[AttentionRequest(1, 'text')])
+    fused, unfused = PrunableDecoderRunner(decoder, fuse_projections=True), PrunableDecoderRunner(decoder, False)
+    with torch.no_grad():
+        a, b = fused(x, layout, plan), unfused(x, layout, plan)
+        assert len(fused._fused) == LAYERS and not unfused._fused
+        assert (a.hidden - b.hidden).abs().max().item() <= 1e-6
+        assert (a.record.attention[1]['text'][1] - b.record.attention[1]['text'][1]).abs().max().item() <= 1e-7
+        decoder.layers[2].mlp.up_proj.weight.mul_(2.0)           # in place: the fused copy must be rebuilt
+        decoder.layers[0].self_attn.k_proj.weight.data = decoder.layers[0].self_attn.k_proj.weight.data.clone() + 0.1
+        c, d = fused(x, layout, plan), unfused(x, layout, plan)
+    assert (c.hidden - a.hidden).abs().max().item() > 1e-3
+    assert (c.hidden - d.hidden).abs().max().item() <= 1e-6
+    # with autograd on, the layers' own modules run so that gradients reach their weights
+    out = fused(x, layout, plan).hidden.sum()
+    out.backward()
+    assert decoder.layers[0].self_attn.q_proj.weight.grad is not None

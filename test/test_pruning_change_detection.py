@@ -96,3 +96,17 @@ def test_reference_back_monotone_and_bounded(v1, v2):
     lo, hi = min(v1, v2), max(v1, v2)
     for variant in ('code', 'paper'):
         assert 2 <= reference_back(hi, variant) <= reference_back(lo, variant) <= 6
+
+
+def test_cap_on_changed_patches_keeps_the_least_similar():
+    bg = background()
+    moved = bg.copy()
+    moved[:4 * P] = 255 - moved[:4 * P]                  # the top 4 rows change strongly: 48 patches
+    moved[4 * P:5 * P, :6 * P] //= 2                     # 6 more change weakly (darker, nearly the same direction)
+    sim = patch_similarity(moved, bg, GRID, P)
+    free = changed_mask(moved, bg, GRID, P, threshold=0.999)
+    capped = changed_mask(moved, bg, GRID, P, threshold=0.999, max_changed=20)
+    assert int(free.sum()) > 20 and int(capped.sum()) == 20
+    assert bool((capped <= free).all())
+    assert float(sim[capped].max()) <= float(sim[free & ~capped].min())   # the 20 least similar of the changed
+    assert torch.equal(changed_mask(moved, bg, GRID, P, threshold=0.999, max_changed=500), free)

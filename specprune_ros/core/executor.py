@@ -5,8 +5,14 @@ does the attention itself, so that it can
 
 * keep every kept token at its original RoPE position (positions with gaps) and build the mask for the
   pruned sequence (causal or bidirectional) without transformers' mask helpers;
-* compute attention probabilities only for the query rows a method asked for, at the layers it asked for,
-  while every layer's output comes from fused SDPA;
+* compute attention probabilities only for the query rows a method asked for, at the layers it asked for
+  (softmax in fp32, scored when first read: the probes of all layers that share a kept set run as one batched
+  product), while every layer's output comes from fused SDPA;
+* build what a kept set implies (RoPE tables, mask, probe rows) once per kept set, not once per layer, and run
+  the query/key/value and gate/up projections as two fused products when no gradient is needed;
+* never wait for the device inside a step on an accelerator: sizes are known on the host and keep sets are
+  checked by a device-side assert (``validate_on_host``); what needs host values (kept counts) is read from the
+  record after the step;
 * serve some tokens' keys/values from an earlier step instead of recomputing them (VLA-Cache style);
 * optionally hand back every layer's keys/values of the tokens that layer saw (``return_cache=True``), so an
   autoregressive model (OpenVLA) can decode further tokens with :meth:`PrunableDecoderRunner.decode` against the
@@ -14,7 +20,9 @@ does the attention itself, so that it can
 """
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -85,14 +93,29 @@ class RunResult:
 class PrunableDecoderRunner(nn.Module):
     """Layer-by-layer execution of a transformers Llama-family decoder with visual-token pruning."""
 
-    def __init__(self, decoder: nn.Module) -> None:
-        """``decoder``: a transformers ``LlamaModel``-like module with ``layers``, ``rotary_emb`` and ``norm``."""
+    def __init__(self, decoder: nn.Module, fuse_projections: Optional[bool] = None,
+                 validate_on_host: Optional[bool] = None) -> None:
+        """``decoder``: a transformers ``LlamaModel``-like module with ``layers``, ``rotary_emb`` and ``norm``.
+
+        ``fuse_projections``: without autograd, run each layer's query/key/value projections as one matrix
+        product and the MLP's gate/up projections as another (the same numbers, fewer and larger products: they
+        matter most at the small token counts pruning leaves). Costs a fused copy of those weights (built at the
+        first use, rebuilt when the weights change); False keeps the layers' own projections; None (default) fuses
+        where the weights live on the CPU (on a GPU the copy would cost most of the decoder's weight memory again
+        for a smaller gain).
+
+        ``validate_on_host``: check each keep set on the host, with a message per fault (the default on the CPU), or
+        on the device with one asynchronous assert that never waits for it (False; the default on accelerators,
+        where a host check would stall the step)."""
         super().__init__()
         self.decoder = decoder
         config = decoder.config
         self.hidden_size = int(config.hidden_size)
         self.mlp_size = int(config.intermediate_size)
         self.num_layers = len(decoder.layers)
+        self.fuse_projections = fuse_projections
+        self.validate_on_host = validate_on_host
+        self._fused: dict[int, _FusedProjections] = {}
 
     def forward(self, embeddings: torch.Tensor, layout: TokenLayout, method: Optional[PruningMethod] = None,
                 context: Optional[StepContext] = None, return_cache: bool = False) -> RunResult:
@@ -105,14 +128,14 @@ class PrunableDecoderRunner(nn.Module):
         started = time.perf_counter()
         selection = 0.0
         device = embeddings.device
-        roles = layout.roles().to(device)
-        is_visual = roles == int(TokenRole.VISUAL)
+        roles, is_visual, non_visual, visual = _role_tables(layout, device)
+        on_host = device.type == 'cpu' if self.validate_on_host is None else self.validate_on_host
 
         plan = StepPlan()
         if method is not None:
             if context is None:
                 context = StepContext(layout=layout, step_index=0,
-                                      visual_embeddings=embeddings[0, layout.visual_indices()])
+                                      visual_embeddings=embeddings[0, visual])
             context.num_layers = self.num_layers
             t0 = time.perf_counter()
             plan = method.begin_step(context)
@@ -120,7 +143,8 @@ class PrunableDecoderRunner(nn.Module):
 
         kept = torch.arange(layout.num_tokens, device=device)
         if plan.keep_before is not None:
-            kept = self._apply_keep(kept, plan.keep_before, is_visual, roles, stage='before layer 0')
+            kept = self._apply_keep(kept, plan.keep_before, is_visual, roles, 'before layer 0',
+                                    None if on_host else non_visual)
         reused = self._reusable(plan, kept, is_visual)
         if reused is not None:
             kept = kept[~torch.isin(kept, reused)]
@@ -130,28 +154,32 @@ class PrunableDecoderRunner(nn.Module):
         hidden = embeddings[:, kept]
         kept_per_layer: list[torch.Tensor] = []
         n_keys: list[int] = []
-        attention: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-        probe_seconds = 0.0
+        lazy: dict[int, tuple[torch.Tensor, LazyAttention]] = {}
+        probes = _ProbeBatch()
+        tokens = _KeptTokens(self.decoder.rotary_emb, kept, reused, layout, roles, hidden)
         for index, layer in enumerate(self.decoder.layers):
-            kept_per_layer.append(kept)
-            key_indices = kept if reused is None else torch.cat([kept, reused])
-            n_keys.append(len(key_indices))
-            hidden, summaries, probe_time = self._run_layer(
-                layer, index, hidden, kept, key_indices, reused, layout, roles, requests.get(index, ()), plan.kv_store,
-                cache)
-            probe_seconds += probe_time
+            kept_per_layer.append(tokens.kept)
+            n_keys.append(tokens.num_keys)
+            hidden, summaries = self._run_layer(layer, index, hidden, tokens, requests.get(index, ()), plan.kv_store,
+                                                cache, probes)
             if summaries:
-                attention[index] = {name: (key_indices, weights) for name, weights in summaries.items()}
+                lazy[index] = (tokens.key_indices, summaries)
             if method is not None and index < self.num_layers - 1:
-                t0 = time.perf_counter()
-                keep = method.after_layer(LayerView(layer=index, kept=kept, key_indices=key_indices,
+                t0, probed = time.perf_counter(), probes.seconds
+                keep = method.after_layer(LayerView(layer=index, kept=tokens.kept, key_indices=tokens.key_indices,
                                                     hidden=hidden[0], attention=summaries))
-                selection += time.perf_counter() - t0
+                selection += time.perf_counter() - t0 - (probes.seconds - probed)
                 if keep is not None:
-                    new_kept = self._apply_keep(kept, keep, is_visual, roles, stage=f'after layer {index}')
-                    if len(new_kept) != len(kept):
-                        hidden = hidden[:, torch.searchsorted(kept, new_kept)]
-                        kept = new_kept
+                    new_kept = self._apply_keep(tokens.kept, keep, is_visual, roles, f'after layer {index}',
+                                                None if on_host else non_visual)
+                    if len(new_kept) != len(tokens.kept):
+                        hidden = hidden[:, torch.searchsorted(tokens.kept, new_kept)]
+                        tokens = _KeptTokens(self.decoder.rotary_emb, new_kept, reused, layout, roles, hidden)
+        probes.resolve()
+        attention = {index: {name: (key_indices, summaries[name]) for name in summaries}
+                     for index, (key_indices, summaries) in lazy.items()}
+        probe_seconds = probes.seconds
+        kept = tokens.kept
         hidden = self.decoder.norm(hidden)
 
         record = StepRecord(
@@ -194,30 +222,28 @@ class PrunableDecoderRunner(nn.Module):
         batch, t, _ = hidden.shape
         summaries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         counts: list[int] = []
+        cos, sin = self.decoder.rotary_emb(hidden, positions.view(1, -1))
+        # every cached key precedes the new tokens; only the new tokens among themselves need a causal mask
+        new_mask = attention_mask(positions, positions, causal=True) if t > 1 else None
         for index, layer in enumerate(self.decoder.layers):
-            attn = layer.self_attn
-            residual = hidden
-            x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(batch, t, -1, attn.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(batch, t, -1, attn.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(batch, t, -1, attn.head_dim).transpose(1, 2)
-            cos, sin = self.decoder.rotary_emb(x, positions.view(1, -1))
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            keys = torch.cat([cache.keys[index].to(k.dtype).expand(batch, -1, -1, -1), k], dim=2)
-            values = torch.cat([cache.values[index].to(v.dtype).expand(batch, -1, -1, -1), v], dim=2)
-            key_positions = torch.cat([cache.positions[index], positions])
-            cache.keys[index], cache.values[index], cache.positions[index] = keys, values, key_positions
-            counts.append(len(key_positions))
-            # every cached key precedes the new tokens; only the new tokens among themselves need a causal mask
-            mask = attention_mask(positions, key_positions, causal=True) if t > 1 else None
-            groups = q.shape[1] // keys.shape[1]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
-                                                 enable_gqa=groups > 1)
-            hidden = residual + attn.o_proj(out.transpose(1, 2).reshape(batch, t, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            def extend(k: torch.Tensor, v: torch.Tensor, index: int = index) -> tuple[torch.Tensor, torch.Tensor]:
+                keys = torch.cat([cache.keys[index].to(k.dtype).expand(batch, -1, -1, -1), k], dim=2)
+                values = torch.cat([cache.values[index].to(v.dtype).expand(batch, -1, -1, -1), v], dim=2)
+                cache.keys[index], cache.values[index] = keys, values
+                cache.positions[index] = torch.cat([cache.positions[index], positions])
+                return keys, values
+
+            mask = None
+            if new_mask is not None:
+                held = cache.keys[index].shape[2]
+                mask = torch.cat([new_mask.new_ones(1, 1, t, held), new_mask], dim=-1)
+            hidden, q, keys = self._block(layer, hidden, cos, sin, mask, extend, self._fusion(index))
+            counts.append(keys.shape[2])
             if index in wanted:
                 rows = torch.arange(t, device=hidden.device)
-                summaries[index] = (key_positions, self._attention_summary(q, keys, rows, mask, attn.scaling, groups))
+                probe = LazyAttention(_ProbeBatch())
+                probe.add('rows', q, keys, rows, mask, layer.self_attn.scaling)
+                summaries[index] = (cache.positions[index], probe['rows'])
         cache.last_position = last
         return DecodeResult(hidden=self.decoder.norm(hidden), attention=summaries, key_counts=counts)
 
@@ -225,9 +251,14 @@ class PrunableDecoderRunner(nn.Module):
 
     @staticmethod
     def _apply_keep(kept: torch.Tensor, keep_visual: torch.Tensor, is_visual: torch.Tensor, roles: torch.Tensor,
-                    stage: str) -> torch.Tensor:
-        """New kept set = the kept non-visual tokens + ``keep_visual``; refuse anything else."""
+                    stage: str, non_visual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """New kept set = the kept non-visual tokens + ``keep_visual``; refuse anything else.
+
+        With ``non_visual`` (every non-visual index, on the device) the plan is checked on the device (an
+        asynchronous assert, no wait for the device); without it every fault gets its own message."""
         keep_visual = torch.as_tensor(keep_visual, dtype=torch.long, device=kept.device).flatten()
+        if non_visual is not None:
+            return PrunableDecoderRunner._apply_keep_on_device(kept, keep_visual, is_visual, non_visual, stage)
         num_tokens = len(is_visual)
         if len(keep_visual) and (keep_visual.min() < 0 or keep_visual.max() >= num_tokens):
             bad = keep_visual[(keep_visual < 0) | (keep_visual >= num_tokens)][0].item()
@@ -247,6 +278,25 @@ class PrunableDecoderRunner(nn.Module):
         selected = present & ~is_visual
         selected[keep_visual] = True
         return torch.nonzero(selected).flatten()
+
+    @staticmethod
+    def _apply_keep_on_device(kept: torch.Tensor, keep_visual: torch.Tensor, is_visual: torch.Tensor,
+                              non_visual: torch.Tensor, stage: str) -> torch.Tensor:
+        """``_apply_keep`` without host synchronisation: every size is known on the host (the kept non-visual
+        tokens are all the non-visual ones, which are never dropped); the checks run as one device-side assert.
+        ``keep_visual`` must not repeat an index here."""
+        num_tokens = len(is_visual)
+        if len(keep_visual) == 0:
+            raise PlanError(f'{stage}: the keep set is empty; keep at least one visual token')
+        keep_visual = keep_visual.sort().values
+        where = keep_visual.clamp(0, num_tokens - 1)
+        present = torch.zeros(num_tokens, dtype=torch.bool, device=kept.device)
+        present[kept] = True
+        ok = (keep_visual >= 0) & (keep_visual < num_tokens) & is_visual[where] & present[where]
+        distinct = keep_visual[1:] != keep_visual[:-1]
+        torch._assert_async(ok.all() & distinct.all(), f'{stage}: the keep set names tokens that are not kept visual '
+                            'tokens of the sequence, or repeats one')
+        return torch.cat([non_visual, keep_visual]).sort().values
 
     @staticmethod
     def _reusable(plan: StepPlan, kept: torch.Tensor, is_visual: torch.Tensor) -> Optional[torch.Tensor]:
@@ -276,83 +326,78 @@ class PrunableDecoderRunner(nn.Module):
 
     # -- one layer ---------------------------------------------------------------------------------------------
 
-    def _run_layer(self, layer: nn.Module, index: int, hidden: torch.Tensor, kept: torch.Tensor,
-                   key_indices: torch.Tensor, reused: Optional[torch.Tensor], layout: TokenLayout,
-                   roles: torch.Tensor, requests: list[AttentionRequest] | tuple,
-                   store: Optional[KVStore], cache: Optional[DecoderCache] = None
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+    def _run_layer(self, layer: nn.Module, index: int, hidden: torch.Tensor, tokens: '_KeptTokens',
+                   requests: list[AttentionRequest] | tuple, store: Optional[KVStore],
+                   cache: Optional[DecoderCache], probes: '_ProbeBatch') -> tuple[torch.Tensor, 'LazyAttention']:
+        """One decoder layer over the kept tokens (plus reused keys/values); the requested attention rows are
+        queued in ``probes`` and scored when first read (every queued probe of the same shape in one batch)."""
+        def extend(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if store is not None and k.shape[0] == 1:
+                self._store_kv(store, index, tokens.kept, k[0], v[0], tokens.layout.num_tokens)
+            if tokens.reused is not None:
+                batch = k.shape[0]
+                old_k = store.keys[index][:, tokens.reused].unsqueeze(0).to(k.dtype).expand(batch, -1, -1, -1)
+                old_v = store.values[index][:, tokens.reused].unsqueeze(0).to(v.dtype).expand(batch, -1, -1, -1)
+                k, v = torch.cat([k, old_k], dim=2), torch.cat([v, old_v], dim=2)
+            if cache is not None:
+                cache.keys.append(k)
+                cache.values.append(v)
+                cache.positions.append(tokens.key_indices)
+            return k, v
+
+        hidden, q, k = self._block(layer, hidden, tokens.cos, tokens.sin, tokens.mask, extend, self._fusion(index))
+        summaries = LazyAttention(probes)
+        for request in requests:
+            summaries.add(request.key, q, k, tokens.query_rows(request.rows), tokens.mask, layer.self_attn.scaling)
+        return hidden, summaries
+
+    def _fusion(self, index: int) -> Optional['_FusedProjections']:
+        """Layer ``index``'s fused projections, or None where the layer's own modules must run (autograd, or
+        modules that are not plain linear layers)."""
+        if self.fuse_projections is False or torch.is_grad_enabled():
+            return None
+        fused = self._fused.get(index)
+        if fused is None or not fused.current():
+            layer = self.decoder.layers[index]
+            if self.fuse_projections is None and next(layer.parameters()).device.type != 'cpu':
+                return None
+            fused = _FusedProjections.build(layer)
+            if fused is None:
+                self.fuse_projections = False
+                return None
+            self._fused[index] = fused
+        return fused
+
+    @staticmethod
+    def _block(layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               mask: Optional[torch.Tensor], extend_kv, fused: Optional['_FusedProjections'] = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The decoder layer itself: norm, projections, RoPE, fused SDPA attention, output projection, MLP.
+
+        ``extend_kv(k, v) -> (keys, values)`` turns this pass's keys/values into the ones attended to (stores them,
+        adds reused or cached ones). Returns the layer output, the queries and the keys (for attention probes)."""
         attn = layer.self_attn
         batch, n, _ = hidden.shape
         head_dim = attn.head_dim
-        residual = hidden
         x = layer.input_layernorm(hidden)
-        q = attn.q_proj(x).view(batch, n, -1, head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(batch, n, -1, head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(batch, n, -1, head_dim).transpose(1, 2)
-        cos, sin = self.decoder.rotary_emb(x, kept.view(1, -1))
+        if fused is None:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        else:
+            q, k, v = F.linear(x, fused.qkv_weight, fused.qkv_bias).split(fused.qkv_sizes, dim=-1)
+        q = q.view(batch, n, -1, head_dim).transpose(1, 2)
+        k = k.view(batch, n, -1, head_dim).transpose(1, 2)
+        v = v.view(batch, n, -1, head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-
-        if store is not None and batch == 1:
-            self._store_kv(store, index, kept, k[0], v[0], layout.num_tokens)
-        if reused is not None:
-            k = torch.cat([k, store.keys[index][:, reused].unsqueeze(0).to(k.dtype).expand(batch, -1, -1, -1)], dim=2)
-            v = torch.cat([v, store.values[index][:, reused].unsqueeze(0).to(v.dtype).expand(batch, -1, -1, -1)], dim=2)
-        if cache is not None:
-            cache.keys.append(k)
-            cache.values.append(v)
-            cache.positions.append(key_indices)
-
-        mask = attention_mask(kept, key_indices, layout.causal)
+        k, v = extend_kv(k, v)
         groups = q.shape[1] // k.shape[1]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=groups > 1)
-        hidden = residual + attn.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-
-        summaries: dict[str, torch.Tensor] = {}
-        probe_time = 0.0
-        if requests:
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                for request in requests:
-                    rows = self._query_rows(request.rows, kept, roles)
-                    summaries[request.key] = self._attention_summary(q, k, rows, mask, attn.scaling, groups)
-            probe_time = time.perf_counter() - t0
-        return hidden, summaries, probe_time
-
-    @staticmethod
-    def _query_rows(rows: str, kept: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
-        """Positions (within the kept sequence) of the query rows named by ``rows``."""
-        kept_roles = roles[kept]
-        if rows == 'text':
-            selected = kept_roles == int(TokenRole.TEXT)
-        elif rows == 'action':
-            selected = kept_roles == int(TokenRole.ACTION)
-        elif rows == 'text_action':
-            selected = (kept_roles == int(TokenRole.TEXT)) | (kept_roles == int(TokenRole.ACTION))
-        elif rows == 'prefill':
-            selected = kept_roles != int(TokenRole.ACTION)
-        elif rows == 'all':
-            selected = torch.ones_like(kept_roles, dtype=torch.bool)
-        elif rows == 'last':
-            return torch.tensor([len(kept) - 1], device=kept.device)
-        else:
-            raise PlanError(f"unknown query rows {rows!r}; use 'text', 'action', 'text_action', 'prefill', 'last' "
-                            "or 'all'")
-        where = torch.nonzero(selected).flatten()
-        if len(where) == 0:
-            raise PlanError(f'attention over {rows!r} rows requested, but the sequence has no such tokens')
-        return where
-
-    @staticmethod
-    def _attention_summary(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, mask: Optional[torch.Tensor],
-                           scaling: float, groups: int) -> torch.Tensor:
-        """Softmax attention of the chosen query rows, averaged over batch, heads and rows: (n_keys,)."""
-        q_rows = q[:, :, rows].float()
-        keys = k.float().repeat_interleave(groups, dim=1) if groups > 1 else k.float()
-        scores = torch.matmul(q_rows, keys.transpose(-1, -2)) * scaling
-        if mask is not None:
-            scores = scores + additive_mask(mask[:, :, rows], scores.dtype)
-        return scores.softmax(dim=-1).mean(dim=(0, 1, 2))
+        hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
+        x = layer.post_attention_layernorm(hidden)
+        if fused is None:
+            return hidden + layer.mlp(x), q, k
+        mlp = layer.mlp
+        gate, up = F.linear(x, fused.gate_up_weight, fused.gate_up_bias).chunk(2, dim=-1)
+        return hidden + mlp.down_proj(mlp.act_fn(gate) * up), q, k
 
     @staticmethod
     def _store_kv(store: KVStore, index: int, kept: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -365,3 +410,190 @@ class PrunableDecoderRunner(nn.Module):
         store.keys[index][:, kept] = keys.detach()
         store.values[index][:, kept] = values.detach()
         store.valid[index][kept] = True
+
+
+@functools.lru_cache(maxsize=32)
+def _role_tables(layout: TokenLayout, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Role of every token, the visual mask, the non-visual and the visual indices, once per (layout, device)
+    (do not modify the results)."""
+    roles = layout.roles()
+    is_visual = roles == int(TokenRole.VISUAL)
+    tables = (roles, is_visual, torch.nonzero(~is_visual).flatten(), torch.nonzero(is_visual).flatten())
+    return tuple(t.to(device) for t in tables)
+
+
+class _KeptTokens:
+    """What every layer over one kept set shares: key indices, RoPE tables, the mask and the probe rows.
+
+    Built when the kept set changes, so a deep decoder that prunes at a few layers computes these a few times per
+    step instead of at every layer."""
+
+    def __init__(self, rotary_emb: nn.Module, kept: torch.Tensor, reused: Optional[torch.Tensor],
+                 layout: TokenLayout, roles: torch.Tensor, like: torch.Tensor) -> None:
+        self.kept = kept
+        self.reused = reused
+        self.layout = layout
+        self.roles = roles
+        self.key_indices = kept if reused is None else torch.cat([kept, reused])
+        self.num_keys = len(self.key_indices)
+        self.cos, self.sin = rotary_emb(like, kept.view(1, -1))
+        self.mask = attention_mask(kept, self.key_indices, layout.causal)
+        self._rows: dict[str, torch.Tensor] = {}
+
+    def query_rows(self, rows: str) -> torch.Tensor:
+        """Positions (within the kept sequence) of the query rows named by ``rows`` (cached per kept set)."""
+        found = self._rows.get(rows)
+        if found is None:
+            found = self._rows[rows] = self._find_rows(rows)
+        return found
+
+    def _find_rows(self, rows: str) -> torch.Tensor:
+        # Non-visual tokens are never dropped, so a span's rows are found by a search in the sorted kept indices:
+        # no data-dependent sizes (nothing waits for the device).
+        layout, kept = self.layout, self.kept
+        device = kept.device
+        if rows == 'all':
+            return torch.arange(len(kept), device=device)
+        if rows == 'last':
+            return torch.arange(len(kept) - 1, len(kept), device=device)
+        spans = {'text': (layout.text_span,), 'action': (layout.action_span,),
+                 'text_action': (layout.text_span, layout.action_span)}
+        if rows in spans:
+            parts = [torch.arange(start, end, device=device) for start, end in spans[rows] if end > start]
+            if not parts:
+                raise PlanError(f'attention over {rows!r} rows requested, but the sequence has no such tokens')
+            return torch.searchsorted(kept, torch.cat(parts).sort().values)
+        if rows == 'prefill':
+            start, end = layout.action_span
+            count = len(kept) - max(end - start, 0)
+            if count <= 0:
+                raise PlanError("attention over 'prefill' rows requested, but the sequence has no such tokens")
+            index = torch.arange(count, device=device)
+            if end <= start:
+                return index
+            first_action = torch.searchsorted(kept, torch.arange(start, start + 1, device=device))
+            return index + (end - start) * (index >= first_action)
+        raise PlanError(f"unknown query rows {rows!r}; use 'text', 'action', 'text_action', 'prefill', 'last' "
+                        "or 'all'")
+
+
+@dataclass
+class _FusedProjections:
+    """One layer's query/key/value weights stacked into one matrix, and the MLP's gate/up weights into another."""
+
+    qkv_weight: torch.Tensor
+    qkv_bias: Optional[torch.Tensor]
+    qkv_sizes: list[int]
+    gate_up_weight: torch.Tensor
+    gate_up_bias: Optional[torch.Tensor]
+    sources: list[tuple[torch.Tensor, int, int]]      # (parameter, data_ptr, version) the copies were made from
+
+    @classmethod
+    def build(cls, layer: nn.Module) -> Optional['_FusedProjections']:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = [getattr(attn, name, None) for name in ('q_proj', 'k_proj', 'v_proj')]
+        gate_up = [getattr(mlp, name, None) for name in ('gate_proj', 'up_proj')]
+        modules = qkv + gate_up
+        if any(type(m) is not nn.Linear for m in modules) or not all(hasattr(mlp, a) for a in ('down_proj', 'act_fn')):
+            return None
+        if len({(m.bias is None) for m in qkv}) > 1 or len({(m.bias is None) for m in gate_up}) > 1:
+            return None
+        if gate_up[0].out_features != gate_up[1].out_features:
+            return None
+
+        def stack(group: list[nn.Linear], bias: bool) -> Optional[torch.Tensor]:
+            if bias and group[0].bias is None:
+                return None
+            return torch.cat([(m.bias if bias else m.weight).detach() for m in group]).contiguous()
+
+        params = [p for m in modules for p in m.parameters(recurse=False)]
+        return cls(qkv_weight=stack(qkv, False), qkv_bias=stack(qkv, True), qkv_sizes=[m.out_features for m in qkv],
+                   gate_up_weight=stack(gate_up, False), gate_up_bias=stack(gate_up, True),
+                   sources=[(p, p.data_ptr(), p._version) for p in params])
+
+    def current(self) -> bool:
+        """Whether the source weights are still the ones copied (same storage, not modified in place)."""
+        return all(p.data_ptr() == ptr and p._version == version for p, ptr, version in self.sources)
+
+
+class _ProbeBatch:
+    """The attention probes of one step not yet scored: queued at their layer, scored together when one is read.
+
+    Probes of the same shapes (layers between two changes of the kept set) are stacked into one batched product,
+    softmax and mean, instead of a few small operations per layer."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple] = []
+        self.seconds = 0.0
+
+    def add(self, q_rows: torch.Tensor, keys: torch.Tensor, mask: Optional[torch.Tensor], rows: torch.Tensor,
+            scaling: float, out: dict, key: str) -> None:
+        self.pending.append((q_rows, keys, mask, rows, scaling, out, key))
+
+    def resolve(self) -> None:
+        if not self.pending:
+            return
+        started = time.perf_counter()
+        groups: dict[tuple, list] = {}
+        for item in self.pending:
+            q_rows, keys, mask, rows, scaling = item[:5]
+            # one mask and one set of rows per kept set: the same objects for every layer that shares them
+            same = (tuple(q_rows.shape), tuple(keys.shape), q_rows.dtype, keys.dtype, scaling,
+                    None if mask is None else (id(mask), id(rows)))
+            groups.setdefault(same, []).append(item)
+        self.pending = []
+        with torch.no_grad():
+            for items in groups.values():
+                q_rows = torch.stack([item[0] for item in items]) if len(items) > 1 else items[0][0].unsqueeze(0)
+                keys = torch.stack([item[1] for item in items]) if len(items) > 1 else items[0][1].unsqueeze(0)
+                mask, rows = items[0][2], items[0][3]
+                mask_rows = None if mask is None else mask[:, :, rows].unsqueeze(2)
+                weights = _attention_summaries(q_rows, keys, mask_rows, items[0][4])
+                for item, row in zip(items, weights):
+                    item[5][item[6]] = row
+        self.seconds += time.perf_counter() - started
+
+
+class LazyAttention(Mapping):
+    """A layer's attention summaries (request key -> (n_keys,) weights), scored when first read."""
+
+    def __init__(self, probes: _ProbeBatch) -> None:
+        self._probes = probes
+        self._keys: list[str] = []
+        self._values: dict[str, torch.Tensor] = {}
+
+    def add(self, key: str, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, mask: Optional[torch.Tensor],
+            scaling: float) -> None:
+        batch, heads, _, head_dim = q.shape
+        kv_heads = k.shape[1]
+        q_rows = q[:, :, rows].reshape(batch, kv_heads, (heads // kv_heads) * len(rows), head_dim)
+        self._keys.append(key)
+        self._probes.add(q_rows, k, mask, rows, scaling, self._values, key)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._values and key in self._keys:
+            self._probes.resolve()
+        return self._values[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _attention_summaries(q_rows: torch.Tensor, keys: torch.Tensor, mask_rows: Optional[torch.Tensor],
+                         scaling: float) -> torch.Tensor:
+    """Softmax attention (fp32) of query rows grouped by key head, (L, B, kv, g * r, d) against keys
+    (L, B, kv, n_k, d), averaged over batch, heads and rows: (L, n_k). ``mask_rows``: (1, 1, 1, r, n_k) or None."""
+    scores = torch.matmul(q_rows.float(), keys.float().transpose(-1, -2)) * scaling
+    if mask_rows is not None:
+        layers, batch, kv_heads, rows_total, n_keys = scores.shape
+        rows = mask_rows.shape[-2]
+        scores = (scores.view(layers, batch, kv_heads, rows_total // rows, rows, n_keys)
+                  + additive_mask(mask_rows, scores.dtype))
+    return scores.softmax(dim=-1).reshape(scores.shape[0], -1, scores.shape[-1]).mean(dim=1)

@@ -14,6 +14,7 @@ those positions as RoPE position ids.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Literal, Optional, Protocol
 
 import numpy as np
@@ -94,7 +95,8 @@ class LayerView:
     kept: torch.Tensor                               # (n,) original indices of the tokens that ran through this layer
     key_indices: torch.Tensor                        # (n_k,) original indices of the keys (kept + reused)
     hidden: torch.Tensor                             # (n, d) this layer's output for the kept tokens (batch 0)
-    attention: dict[str, torch.Tensor]               # request key -> (n_k,) mean over heads and rows
+    attention: Mapping[str, torch.Tensor]            # request key -> (n_k,) mean over heads and rows (the
+                                                     # runner scores it when first read)
 
 
 @dataclass

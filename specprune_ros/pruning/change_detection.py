@@ -41,6 +41,9 @@ class ChangeDetectionConfig:
     reference_variant: Literal['code', 'paper'] = 'code'
     min_reference_back: int = 2               # T range (frames, counting the current one)
     max_reference_back: int = 6
+    max_changed_fraction: float = 1.0         # cap on changed patches per camera, the least similar ones first
+                                              # (1 = no cap; e.g. 0.15 keeps a wrist view that moves with the hand
+                                              # from flagging most of its patches)
 
 
 def reference_back(speed: float, variant: str = 'code', t_min: int = 2, t_max: int = 6) -> int:
@@ -115,13 +118,31 @@ def static_mask(similarity: torch.Tensor, threshold: float, max_static: Optional
 
 
 def changed_mask(frame: np.ndarray, reference: Optional[np.ndarray], grid_shape: tuple[int, int],
-                 patch_size: int = 0, threshold: float = 0.986, max_static: Optional[int] = None) -> torch.Tensor:
-    """Bool mask of changed patches (SpecPrune V_dynamic of one camera). No reference -> everything changed."""
+                 patch_size: int = 0, threshold: float = 0.986, max_static: Optional[int] = None,
+                 max_changed: Optional[int] = None) -> torch.Tensor:
+    """Bool mask of changed patches (SpecPrune V_dynamic of one camera). No reference -> everything changed.
+
+    ``max_changed``: at most this many changed patches, the least similar ones (ties -> lower index)."""
     n = grid_shape[0] * grid_shape[1]
     if reference is None:
         return torch.ones(n, dtype=torch.bool)
     sim = patch_similarity(frame, reference, grid_shape, patch_size)
-    return ~static_mask(sim, threshold, max_static)
+    changed = ~static_mask(sim, threshold, max_static)
+    if max_changed is not None and int(changed.sum()) > max_changed:
+        values = sim.numpy()
+        idx = np.flatnonzero(changed.numpy())
+        order = idx[np.argsort(values[idx], kind='stable')]
+        capped = np.zeros(n, dtype=bool)
+        capped[order[:max(0, int(max_changed))]] = True
+        changed = torch.from_numpy(capped)
+    return changed
+
+
+def max_changed_count(config: ChangeDetectionConfig, patches: int) -> Optional[int]:
+    """The changed-patch cap for one camera of ``patches`` patches (None: no cap)."""
+    if config.max_changed_fraction >= 1.0:
+        return None
+    return budget_count(config.max_changed_fraction, patches, minimum=0)
 
 
 def max_static_count(config: ChangeDetectionConfig, patches: int, fine: bool) -> int:

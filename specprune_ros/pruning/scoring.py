@@ -49,6 +49,12 @@ def _visual_tables_np(layout: TokenLayout) -> tuple[np.ndarray, np.ndarray]:
     return vis.numpy(), pos.numpy()
 
 
+def visual_table_np(layout: TokenLayout) -> np.ndarray:
+    """(num_tokens,) NumPy map from sequence index to dense visual position (-1 for non-visual); cached per layout
+    (do not modify the returned array)."""
+    return _visual_tables_np(layout)[1]
+
+
 def visual_indices(layout: TokenLayout) -> torch.Tensor:
     """``layout.visual_indices()``, cached per layout (do not modify the returned tensor)."""
     return _visual_tables(layout)[0]
@@ -119,9 +125,13 @@ def stable_topk(scores: torch.Tensor, k: int, candidates: Optional[torch.Tensor]
     return torch.from_numpy(order[:k].astype(np.int64))
 
 
-def _np(x, flat: bool = True) -> np.ndarray:
+def to_numpy(x, flat: bool = True) -> np.ndarray:
+    """A tensor or array-like as a NumPy array (flattened unless ``flat`` is False)."""
     array = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     return array.reshape(-1) if flat else array
+
+
+_np = to_numpy
 
 
 KPerCamera = Union[int, Sequence[int]]

@@ -60,10 +60,10 @@ import torch
 from specprune_ros.core.step_types import LayerView, StepContext, StepPlan, StepRecord
 from specprune_ros.pruning.action_controller import ActionController, ControllerConfig, ControllerOutput
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase, split_per_camera
-from specprune_ros.pruning.change_detection import (ChangeDetectionConfig, changed_mask, max_static_count,
-                                                    reference_back)
+from specprune_ros.pruning.change_detection import (ChangeDetectionConfig, changed_mask, max_changed_count,
+                                                    max_static_count, reference_back)
 from specprune_ros.pruning.scoring import (budget_count, camera_slices, layer_importance, mask_to_sequence,
-                                           stable_topk, topk_per_camera)
+                                           stable_topk, to_numpy, topk_per_camera, visual_table_np)
 
 PAPER_LAYER_PRUNE = (5, 10, 15, 20)
 PAPER_DEPTH = 32
@@ -143,7 +143,7 @@ class SpecPrune(PruningMethodBase):
         self._global: Optional[np.ndarray] = None
         self._local0: Optional[np.ndarray] = None
         self._importance: Optional[np.ndarray] = None
-        self._pending: list[tuple[np.ndarray, np.ndarray]] = []   # (scores, valid) not yet in the EMA
+        self._pending: list[tuple] = []       # (key indices, attention summaries) not yet in the EMA
         self._prune_set: frozenset = frozenset()
         self._importance_set: frozenset = frozenset()
         self._kept_after: dict[int, int] = {}
@@ -225,7 +225,7 @@ class SpecPrune(PruningMethodBase):
         for cam in range(layout.num_cameras):
             ref = self.state.frame(cam, back=t - 1)
             parts.append(changed_mask(self.state.frame(cam, 0), ref, layout.grid_shape, context.patch_size,
-                                      cfg.threshold, cap))
+                                      cfg.threshold, cap, max_changed_count(cfg, layout.patches_per_camera)))
         dyn = torch.cat(parts).numpy()
         self.last_info['reference_back'] = min(t - 1, self.state.num_frames - 1)
         self.last_info['dynamic'] = int(dyn.sum())
@@ -256,13 +256,13 @@ class SpecPrune(PruningMethodBase):
         sample = layer_pruning and layer in self._importance_set
         if not (gather or drop or sample):
             return None                 # most layers of a deep decoder: nothing to record or decide
-        task_t = self.view_scores(view, cfg.task_rows, fill=float('-inf'))
-        task = None if task_t is None else task_t.numpy()
-        if sample and task is not None:
-            valid = np.isfinite(task)   # the visual tokens this layer ran (pruned ones have no attention)
-            self._pending.append((np.where(valid, task, 0.0), valid))   # folded in where a drop needs it
+        if sample and view.attention and cfg.task_rows in view.attention:
+            # read where a drop needs it: the runner scores the probes of all these layers in one batch then
+            self._pending.append((view.key_indices, view.attention))
         if not (gather or drop):
             return None
+        task_t = self.view_scores(view, cfg.task_rows, fill=float('-inf'))
+        task = None if task_t is None else task_t.numpy()
         present = self.kept_visual(view).numpy()
         keep = present.copy()
 
@@ -309,12 +309,40 @@ class SpecPrune(PruningMethodBase):
         if not self._pending:
             return
         cfg = self.config
-        scores, valid = (np.stack(parts) for parts in zip(*self._pending))
+        scores, valid = self._pending_scores()
         samples = layer_importance(scores, valid, self._layout, k=cfg.importance_k, per_camera=True).numpy()
         beta = cfg.importance_beta
         for sample, ok in zip(samples, valid):
             self._importance = np.where(ok, (1.0 - beta) * self._importance + beta * sample, self._importance)
         self._pending.clear()
+
+    def _pending_scores(self) -> tuple[np.ndarray, np.ndarray]:
+        """The task attention of the layers sampled since the last drop as dense visual rows (0 where a token did
+        not run), and where it ran; layers with the same keys share one scatter."""
+        key = self.config.task_rows
+        layout = self._layout
+        rows: list[np.ndarray] = []
+        position, weights = None, []
+        previous = None
+
+        def scatter() -> None:
+            dense = np.full((len(weights), layout.num_visual), float('-inf'), dtype=np.float32)
+            dense[:, position[0][position[1]]] = np.stack(weights)[:, position[1]]
+            rows.extend(dense)
+
+        for keys, attention in self._pending:
+            if keys is not previous:
+                if weights:
+                    scatter()
+                index = to_numpy(keys).astype(np.int64)
+                pos = visual_table_np(layout)[index]
+                position, weights, previous = (pos, pos >= 0), [], keys
+            weights.append(to_numpy(attention[key]).astype(np.float32))
+        if weights:
+            scatter()
+        dense = np.stack(rows)
+        valid = np.isfinite(dense)    # the visual tokens each layer ran (pruned ones have no attention)
+        return np.where(valid, dense, 0.0), valid
 
     def _layer_drop(self, keep: np.ndarray, layer: int) -> np.ndarray:
         cfg = self.config

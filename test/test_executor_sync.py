@@ -1,0 +1,124 @@
+"""A pruned step never waits for the device: no host synchronisation inside the executor's step.
+
+On CUDA, ``torch.cuda.set_sync_debug_mode('error')`` turns every synchronising call into an error. Where CUDA is
+absent the same property is checked on the CPU by a guard that makes every call which would read a device value
+on the host (``item``, ``cpu``, ``tolist``, ``numpy``, truth values, ``int`` / ``float``, ``nonzero``, building
+tensors from host data) raise inside the step.
+"""
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+
+from pruning_testkit import HIDDEN, make_context, make_embeddings, make_frames, make_layout, make_runner
+from specprune_ros.core.executor import PrunableDecoderRunner
+from specprune_ros.core.fixed_plan import FixedKeepSchedule
+from specprune_ros.core.step_types import AttentionRequest
+from specprune_ros.pruning import build_method
+from specprune_ros.pruning.registry import available_methods
+
+TENSOR_READS = ('item', 'cpu', 'tolist', 'numpy', '__bool__', '__int__', '__float__', 'nonzero')
+# methods whose selection still runs in NumPy on the host (a synchronisation per decision on an accelerator)
+HOST_SELECTION = {'random', 'fastv', 'divprune', 'vla_pruner', 'vla_cache', 'specprune', 'specprune_static',
+                  'specprune_static_layer'}
+
+
+@contextlib.contextmanager
+def host_sync_guard():
+    """Make every host read of a tensor value (and building a tensor from host data) raise AssertionError."""
+    def refuse(name):
+        def call(*args, **kwargs):
+            raise AssertionError(f'host synchronisation inside the step: {name}')
+        return call
+
+    saved = {name: getattr(torch.Tensor, name) for name in TENSOR_READS}
+    functions = {name: getattr(torch, name) for name in ('nonzero', 'tensor')}
+    try:
+        for name in TENSOR_READS:
+            setattr(torch.Tensor, name, refuse(f'Tensor.{name}'))
+        for name in functions:
+            setattr(torch, name, refuse(f'torch.{name}'))
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(torch.Tensor, name, value)
+        for name, value in functions.items():
+            setattr(torch, name, value)
+
+
+def fixed_plan(layout, device='cpu') -> FixedKeepSchedule:
+    """Drops before layer 0 and after layer 1, and probes every kind of query row."""
+    visual = layout.visual_indices().to(device)
+    rows = ('text', 'action', 'text_action', 'prefill', 'last', 'all')
+    return FixedKeepSchedule(keep_before=visual[::2], keep_after={1: visual[::4]},
+                             attention=[AttentionRequest(layer % 4, r, name=r) for layer, r in enumerate(rows)])
+
+
+@pytest.mark.parametrize('causal', [False, True])
+def test_pruned_step_reads_nothing_back_from_the_device(causal):
+    layout = make_layout(causal=causal)
+    x = make_embeddings(layout)
+    checked_on_host = make_runner()
+    checked_on_device = PrunableDecoderRunner(checked_on_host.decoder, validate_on_host=False)
+    with torch.inference_mode():
+        expected = checked_on_host(x, layout, fixed_plan(layout))
+        checked_on_device(x, layout, fixed_plan(layout))          # warm: fused weights and tables built
+        with host_sync_guard():
+            result = checked_on_device(x, layout, fixed_plan(layout))
+            unpruned = checked_on_device(x, layout, build_method('none', {'attention': [[0, 'text'], [-1, 'action']]}))
+    assert torch.equal(result.kept, expected.kept)
+    assert torch.equal(result.hidden, expected.hidden)
+    assert [len(k) for k in result.record.kept_per_layer] == [len(k) for k in expected.record.kept_per_layer]
+    for layer, summaries in expected.record.attention.items():
+        for name, (keys, weights) in summaries.items():
+            assert torch.equal(result.record.attention[layer][name][1], weights)
+    assert len(unpruned.kept) == layout.num_tokens and set(unpruned.record.attention) == {0, 5}
+
+
+def test_the_guard_catches_host_checks():
+    # host validation reads values back (a message per fault): the guard must notice
+    layout = make_layout()
+    runner = make_runner()
+    with torch.inference_mode(), host_sync_guard(), pytest.raises(AssertionError, match='host synchronisation'):
+        runner(make_embeddings(layout), layout, fixed_plan(layout))
+
+
+@pytest.mark.parametrize('keep, message', [(torch.tensor([0, 1, 90]), 'not kept visual'),
+                                           (torch.tensor([0, 1, 75]), 'not kept visual'),
+                                           (torch.tensor([3, 3, 4]), 'repeats')])
+def test_device_side_checks_refuse_bad_keep_sets(keep, message):
+    layout = make_layout()
+    runner = PrunableDecoderRunner(make_runner().decoder, validate_on_host=False)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=message):
+        runner(make_embeddings(layout), layout, FixedKeepSchedule(keep_before=keep))
+
+
+def _cuda_or_skip() -> torch.device:
+    if not torch.cuda.is_available():
+        reason = 'CUDA is not available on this machine; the CPU guard tests above cover the executor instead'
+        print(reason)
+        pytest.skip(reason)
+    return torch.device('cuda')
+
+
+@pytest.mark.parametrize('name', [
+    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason='selects on the host (NumPy): synchronises'))
+    if name in HOST_SELECTION else name for name in ('fixed', *available_methods())])
+def test_cuda_pruned_steps_do_not_synchronise(name):
+    device = _cuda_or_skip()
+    layout = make_layout()
+    runner = make_runner().to(device)
+    method = fixed_plan(layout, device) if name == 'fixed' else build_method(name)
+    with torch.inference_mode():
+        for step in range(5):
+            x = make_embeddings(layout, step).to(device)
+            context = make_context(layout, step, x, make_frames(step), np.zeros((8, 7)), num_layers=runner.num_layers)
+            context.visual_embeddings = x[0, layout.visual_indices().to(device)]
+            runner(x, layout, method, context)                       # warm-up: tables and fused weights
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode('error')
+            try:
+                runner(x, layout, method, context)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
