@@ -112,7 +112,7 @@ def main() -> None:
             measured = base / median
             ideal = flops['1'] / flops[key]
             kept = layout.num_tokens - layout.num_visual + (layout.num_visual if budget >= 1 else
-                                                             len(plans[budget].keep_before))
+                                                            len(plans[budget].keep_before))
             spread = f'{deciles[0] * 1e3:.0f}-{deciles[-1] * 1e3:.0f}'
             print(f'| {budget * 100:.1f}% | {kept} | {median * 1e3:.1f} ({spread}) | {measured:.2f}x | {ideal:.2f}x | '
                   f'{measured / ideal:.2f} |')

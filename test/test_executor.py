@@ -29,8 +29,11 @@ def make_layout(causal: bool) -> TokenLayout:
 
 
 def reference_forward(decoder: LlamaModel, x: torch.Tensor, layout: TokenLayout, drops: dict[int, torch.Tensor]):
-    """Independent path: transformers' own decoder layers (eager attention), the sequence gathered by hand,
-    positions passed explicitly and a mask built element by element."""
+    """Independent path.
+
+    Transformers' own decoder layers (eager attention), the sequence gathered by hand, positions passed explicitly and a
+    mask built element by element.
+    """
     kept = list(range(N))
     hidden = x
     for index, layer in enumerate(decoder.layers):
@@ -115,7 +118,8 @@ def test_attention_summaries_match_eager_weights(causal):
     method = FixedKeepSchedule(attention=requests)
     with torch.no_grad():
         PrunableDecoderRunner(decoder)(x, layout, method)
-        mask = torch.zeros(1, 1, N, N) if not causal else torch.full((N, N), torch.finfo(torch.float32).min).triu(1)[None, None]
+        lowest = torch.finfo(torch.float32).min
+        mask = torch.zeros(1, 1, N, N) if not causal else torch.full((N, N), lowest).triu(1)[None, None]
         eager = decoder(inputs_embeds=x, attention_mask=mask, output_attentions=True).attentions
     record = method.last_record
     rows = {'text': [*range(32, 38)], 'action': [*range(39, 50)], 'last': [49], 'semantic': [*range(0, 39)],

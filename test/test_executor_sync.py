@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pruning_testkit import HIDDEN, make_context, make_embeddings, make_frames, make_layout, make_runner
+from pruning_testkit import make_context, make_embeddings, make_frames, make_layout, make_runner
 from specprune_ros.core.executor import PrunableDecoderRunner
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
 from specprune_ros.core.step_types import AttentionRequest

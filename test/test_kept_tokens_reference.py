@@ -1,5 +1,7 @@
-"""Every method keeps exactly the recorded visual tokens on fixed reference-VLA episodes (see
-``kept_tokens_reference.py``): executor and selection speed work must not change what the methods keep."""
+"""Every method keeps exactly the recorded visual tokens on fixed reference-VLA episodes.
+
+See ``kept_tokens_reference.py``: executor and selection speed work must not change what the methods keep.
+"""
 import json
 
 import pytest

@@ -1,5 +1,7 @@
-"""Every pruning method through the real executor on a tiny random Llama decoder: the contract (budget, non-visual
-tokens kept, determinism under a seed, reset) and each method's own behaviour."""
+"""Every pruning method through the real executor on a tiny random Llama decoder.
+
+The contract (budget, non-visual tokens kept, determinism under a seed, reset) and each method's own behaviour.
+"""
 import numpy as np
 import pytest
 import torch
@@ -75,8 +77,8 @@ def test_keep_regions_survive_every_method(name, runner, layout):
         x, y = (patch % cols + 0.5) / cols, (patch // cols + 0.5) / rows
         assert any(c == camera and x0 <= x <= x1 and y0 <= y <= y1 for c, x0, y0, x1, y1 in KEEP_REGIONS)
     config = {'keep_regions': [list(r) for r in KEEP_REGIONS]} | ({'keep_ratio': 0.125} if name not in
-                                                                   ('none', 'specprune', 'specprune_static',
-                                                                    'specprune_static_layer', 'vla_cache') else {})
+                                                                  ('none', 'specprune', 'specprune_static',
+                                                                   'specprune_static_layer', 'vla_cache') else {})
     plain = run_episode(build_method(name, {k: v for k, v in config.items() if k != 'keep_regions'}, seed=3),
                         steps=4, layout=layout, runner=runner, actions=SLOW)
     guarded = run_episode(build_method(name, config, seed=3), steps=4, layout=layout, runner=runner, actions=SLOW)

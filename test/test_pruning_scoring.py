@@ -172,7 +172,7 @@ def test_layer_importance_equals_rank_weight_times_confidence(scores, valid, per
 @given(st.lists(st.tuples(vectors(min_size=18, max_size=18), st.lists(st.booleans(), min_size=18, max_size=18)),
                 min_size=1, max_size=4))
 def test_layer_importance_of_stacked_layers_equals_one_call_per_layer(layers):
-    """SpecPrune folds several layers' samples in one call: row by row the same as separate calls."""
+    """The SpecPrune importance folds several layers' samples in one call: row by row the same as separate calls."""
     layout = layout2()
     scores = torch.stack([torch.round(s * 4) / 4 for s, _ in layers])
     valid = torch.tensor([v for _, v in layers])

@@ -106,7 +106,8 @@ class PrunableDecoderRunner(nn.Module):
 
         ``validate_on_host``: check each keep set on the host, with a message per fault (the default on the CPU), or
         on the device with one asynchronous assert that never waits for it (False; the default on accelerators,
-        where a host check would stall the step)."""
+        where a host check would stall the step).
+        """
         super().__init__()
         self.decoder = decoder
         config = decoder.config
@@ -200,8 +201,9 @@ class PrunableDecoderRunner(nn.Module):
     @torch.no_grad()
     def decode(self, embeddings: torch.Tensor, positions: torch.Tensor | Sequence[int], cache: DecoderCache,
                attention_layers: Sequence[int] = ()) -> DecodeResult:
-        """Run new tokens (B, t, d) at ``positions`` through every layer against ``cache`` (causal), and append
-        their keys/values to it. Positions must come after ``cache.last_position`` (gaps are fine).
+        """Run new tokens (B, t, d) at ``positions`` through every layer against ``cache`` (causal).
+
+        Their keys/values are appended to ``cache``. Positions must come after ``cache.last_position`` (gaps are fine).
 
         ``attention_layers``: layers at which to return the head-, batch- and row-averaged attention of the new
         tokens over the keys (cache + new tokens), e.g. the attention of generated action tokens to visual tokens.
@@ -255,7 +257,8 @@ class PrunableDecoderRunner(nn.Module):
         """New kept set = the kept non-visual tokens + ``keep_visual``; refuse anything else.
 
         With ``non_visual`` (every non-visual index, on the device) the plan is checked on the device (an
-        asynchronous assert, no wait for the device); without it every fault gets its own message."""
+        asynchronous assert, no wait for the device); without it every fault gets its own message.
+        """
         keep_visual = torch.as_tensor(keep_visual, dtype=torch.long, device=kept.device).flatten()
         if non_visual is not None:
             return PrunableDecoderRunner._apply_keep_on_device(kept, keep_visual, is_visual, non_visual, stage)
@@ -282,9 +285,11 @@ class PrunableDecoderRunner(nn.Module):
     @staticmethod
     def _apply_keep_on_device(kept: torch.Tensor, keep_visual: torch.Tensor, is_visual: torch.Tensor,
                               non_visual: torch.Tensor, stage: str) -> torch.Tensor:
-        """``_apply_keep`` without host synchronisation: every size is known on the host (the kept non-visual
-        tokens are all the non-visual ones, which are never dropped); the checks run as one device-side assert.
-        ``keep_visual`` must not repeat an index here."""
+        """``_apply_keep`` without host synchronisation.
+
+        Every size is known on the host (the kept non-visual tokens are all the non-visual ones, which are never
+        dropped); the checks run as one device-side assert. ``keep_visual`` must not repeat an index here.
+        """
         num_tokens = len(is_visual)
         if len(keep_visual) == 0:
             raise PlanError(f'{stage}: the keep set is empty; keep at least one visual token')
@@ -329,8 +334,11 @@ class PrunableDecoderRunner(nn.Module):
     def _run_layer(self, layer: nn.Module, index: int, hidden: torch.Tensor, tokens: '_KeptTokens',
                    requests: list[AttentionRequest] | tuple, store: Optional[KVStore],
                    cache: Optional[DecoderCache], probes: '_ProbeBatch') -> tuple[torch.Tensor, 'LazyAttention']:
-        """One decoder layer over the kept tokens (plus reused keys/values); the requested attention rows are
-        queued in ``probes`` and scored when first read (every queued probe of the same shape in one batch)."""
+        """One decoder layer over the kept tokens (plus reused keys/values).
+
+        The requested attention rows are queued in ``probes`` and scored when first read (every queued probe of the same
+        shape in one batch).
+        """
         def extend(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if store is not None and k.shape[0] == 1:
                 self._store_kv(store, index, tokens.kept, k[0], v[0], tokens.layout.num_tokens)
@@ -352,8 +360,10 @@ class PrunableDecoderRunner(nn.Module):
         return hidden, summaries
 
     def _fusion(self, index: int) -> Optional['_FusedProjections']:
-        """Layer ``index``'s fused projections, or None where the layer's own modules must run (autograd, or
-        modules that are not plain linear layers)."""
+        """Layer ``index``'s fused projections, or None where the layer's own modules must run.
+
+        None under autograd, or for modules that are not plain linear layers.
+        """
         if self.fuse_projections is False or torch.is_grad_enabled():
             return None
         fused = self._fused.get(index)
@@ -375,7 +385,8 @@ class PrunableDecoderRunner(nn.Module):
         """The decoder layer itself: norm, projections, RoPE, fused SDPA attention, output projection, MLP.
 
         ``extend_kv(k, v) -> (keys, values)`` turns this pass's keys/values into the ones attended to (stores them,
-        adds reused or cached ones). Returns the layer output, the queries and the keys (for attention probes)."""
+        adds reused or cached ones). Returns the layer output, the queries and the keys (for attention probes).
+        """
         attn = layer.self_attn
         batch, n, _ = hidden.shape
         head_dim = attn.head_dim
@@ -415,8 +426,10 @@ class PrunableDecoderRunner(nn.Module):
 @functools.lru_cache(maxsize=32)
 def _role_tables(layout: TokenLayout, device: torch.device
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Role of every token, the visual mask, the non-visual and the visual indices, once per (layout, device)
-    (do not modify the results)."""
+    """Role of every token, the visual mask, the non-visual and the visual indices, once per (layout, device).
+
+    The results are shared: do not modify them.
+    """
     roles = layout.roles()
     is_visual = roles == int(TokenRole.VISUAL)
     tables = (roles, is_visual, torch.nonzero(~is_visual).flatten(), torch.nonzero(is_visual).flatten())
@@ -427,7 +440,8 @@ class _KeptTokens:
     """What every layer over one kept set shares: key indices, RoPE tables, the mask and the probe rows.
 
     Built when the kept set changes, so a deep decoder that prunes at a few layers computes these a few times per
-    step instead of at every layer."""
+    step instead of at every layer.
+    """
 
     def __init__(self, rotary_emb: nn.Module, kept: torch.Tensor, reused: Optional[torch.Tensor],
                  layout: TokenLayout, roles: torch.Tensor, like: torch.Tensor) -> None:
@@ -521,7 +535,8 @@ class _ProbeBatch:
     """The attention probes of one step not yet scored: queued at their layer, scored together when one is read.
 
     Probes of the same shapes (layers between two changes of the kept set) are stacked into one batched product,
-    softmax and mean, instead of a few small operations per layer."""
+    softmax and mean, instead of a few small operations per layer.
+    """
 
     def __init__(self) -> None:
         self.pending: list[tuple] = []
@@ -588,8 +603,10 @@ class LazyAttention(Mapping):
 
 def _attention_summaries(q_rows: torch.Tensor, keys: torch.Tensor, mask_rows: Optional[torch.Tensor],
                          scaling: float) -> torch.Tensor:
-    """Softmax attention (fp32) of query rows grouped by key head, (L, B, kv, g * r, d) against keys
-    (L, B, kv, n_k, d), averaged over batch, heads and rows: (L, n_k). ``mask_rows``: (1, 1, 1, r, n_k) or None."""
+    """Softmax attention (fp32) of query rows grouped by key head, averaged over batch, heads and rows: (L, n_k).
+
+    Query rows (L, B, kv, g * r, d) against keys (L, B, kv, n_k, d). ``mask_rows``: (1, 1, 1, r, n_k) or None.
+    """
     scores = torch.matmul(q_rows.float(), keys.float().transpose(-1, -2)) * scaling
     if mask_rows is not None:
         layers, batch, kv_heads, rows_total, n_keys = scores.shape

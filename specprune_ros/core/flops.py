@@ -13,12 +13,12 @@ from collections.abc import Sequence
 
 
 def layer_flops(n_query: int, n_key: int, hidden: int, mlp: int) -> float:
-    """FLOPs of one decoder layer."""
+    """The FLOPs of one decoder layer."""
     return 4.0 * n_query * hidden ** 2 + 2.0 * n_query * n_key * hidden + 3.0 * n_query * hidden * mlp
 
 
 def decoder_flops(n_query_per_layer: Sequence[int], n_key_per_layer: Sequence[int], hidden: int, mlp: int) -> float:
-    """FLOPs of a whole decoder pass given the token counts that entered each layer."""
+    """The FLOPs of a whole decoder pass given the token counts that entered each layer."""
     if len(n_query_per_layer) != len(n_key_per_layer):
         raise ValueError('one query count and one key count per layer')
     return sum(layer_flops(q, k, hidden, mlp) for q, k in zip(n_query_per_layer, n_key_per_layer))

@@ -96,7 +96,7 @@ class LayerView:
     key_indices: torch.Tensor                        # (n_k,) original indices of the keys (kept + reused)
     hidden: torch.Tensor                             # (n, d) this layer's output for the kept tokens (batch 0)
     attention: Mapping[str, torch.Tensor]            # request key -> (n_k,) mean over heads and rows (the
-                                                     # runner scores it when first read)
+    # runner scores it when first read)
 
 
 @dataclass

@@ -96,13 +96,13 @@ class ActionController:
         self.actions_seen = 0
 
     def fine_entry(self, action: np.ndarray) -> bool:
-        """Code rule: would this action switch coarse -> fine?"""
+        """Code rule: whether this action switches coarse -> fine."""
         c = self.config
         v, vxy, dz, vrot = action_magnitudes(action)
         return v < c.enter_speed or (vxy < c.enter_xy and dz < c.enter_z and vrot < c.enter_rot)
 
     def fine_exit(self, action: np.ndarray, queue_empty: bool) -> bool:
-        """Code rule: would this action switch fine -> coarse?"""
+        """Code rule: whether this action switches fine -> coarse."""
         c = self.config
         _, _, dz, vrot = action_magnitudes(action)
         return dz > c.leave_z or (vrot > c.leave_rot and queue_empty)

@@ -42,7 +42,7 @@ class BaseConfig:
     max_gap_s: float = 2.0                 # reset the temporal state after a longer input gap (<= 0: never)
     reset_on_step_index: bool = True       # reset when context.step_index restarts
     keep_regions: tuple = ()               # image boxes never pruned, (camera, x0, y0, x1, y1) in image fractions
-                                           # (see ``protected_visual``); e.g. ((1, 0, 0, 1, 1),): camera 1 whole
+    # (see ``protected_visual``); e.g. ((1, 0, 0, 1, 1),): camera 1 whole
 
 
 def config_from_dict(cls: type, values: Optional[dict[str, Any]]) -> Any:
@@ -232,7 +232,8 @@ def protected_visual(layout: TokenLayout, regions: tuple) -> Optional[torch.Tens
     (they count in its kept tokens; VLA-Cache computes them afresh instead of reusing their keys and values):
     for a camera the policy cannot do without (the box (0, 0, 1, 1)), or a region a selection rule cannot see as
     important, e.g. the gripper fingers of a wrist camera, which sit still in its image so that change detection
-    never flags them."""
+    never flags them.
+    """
     if not regions:
         return None
     check_regions(regions)
@@ -253,8 +254,10 @@ def protected_visual(layout: TokenLayout, regions: tuple) -> Optional[torch.Tens
 
 
 def check_regions(regions) -> None:
-    """Raise ValueError unless every region is (camera, x0, y0, x1, y1) with 0 <= x0 <= x1 <= 1 and the same
-    for y (the camera number is checked against the layout at the first step)."""
+    """Raise ValueError unless every region is (camera, x0, y0, x1, y1) with 0 <= x0 <= x1 <= 1, the same for y.
+
+    The camera number is checked against the layout at the first step.
+    """
     for region in regions:
         try:
             camera, x0, y0, x1, y1 = (float(v) for v in region)

@@ -42,8 +42,8 @@ class ChangeDetectionConfig:
     min_reference_back: int = 2               # T range (frames, counting the current one)
     max_reference_back: int = 6
     max_changed_fraction: float = 1.0         # cap on changed patches per camera, the least similar ones first
-                                              # (1 = no cap; e.g. 0.15 keeps a wrist view that moves with the hand
-                                              # from flagging most of its patches)
+    # (1 = no cap; e.g. 0.15 keeps a wrist view that moves with the hand
+    # from flagging most of its patches)
 
 
 def reference_back(speed: float, variant: str = 'code', t_min: int = 2, t_max: int = 6) -> int:
@@ -59,8 +59,11 @@ def reference_back(speed: float, variant: str = 'code', t_min: int = 2, t_max: i
 
 
 def patch_grid_size(image_shape: tuple[int, ...], grid_shape: tuple[int, int], patch_size: int = 0) -> tuple[int, int]:
-    """Pixel size (ph, pw) of one patch. ``patch_size`` > 0 is used if the grid fits in the image, else the size is
-    inferred as ``H // rows``, ``W // cols`` (right/bottom remainders are ignored)."""
+    """Pixel size (ph, pw) of one patch.
+
+    ``patch_size`` > 0 is used if the grid fits in the image, else the size is inferred as ``H // rows``, ``W // cols``
+    (right/bottom remainders are ignored).
+    """
     h, w = int(image_shape[0]), int(image_shape[1])
     rows, cols = grid_shape
     if patch_size > 0 and patch_size * rows <= h and patch_size * cols <= w:
@@ -105,8 +108,10 @@ def patch_similarity(frame: np.ndarray, reference: np.ndarray, grid_shape: tuple
 
 
 def static_mask(similarity: torch.Tensor, threshold: float, max_static: Optional[int] = None) -> torch.Tensor:
-    """Bool mask of static patches: similarity >= threshold, at most ``max_static`` of them (the most similar;
-    ties -> lower index)."""
+    """Bool mask of static patches.
+
+    Similarity >= threshold, at most ``max_static`` of them (the most similar; ties -> lower index).
+    """
     sim = torch.as_tensor(similarity, dtype=torch.float32).flatten().numpy()
     ok = sim >= threshold
     if max_static is not None and int(ok.sum()) > max_static:
@@ -122,7 +127,8 @@ def changed_mask(frame: np.ndarray, reference: Optional[np.ndarray], grid_shape:
                  max_changed: Optional[int] = None) -> torch.Tensor:
     """Bool mask of changed patches (SpecPrune V_dynamic of one camera). No reference -> everything changed.
 
-    ``max_changed``: at most this many changed patches, the least similar ones (ties -> lower index)."""
+    ``max_changed``: at most this many changed patches, the least similar ones (ties -> lower index).
+    """
     n = grid_shape[0] * grid_shape[1]
     if reference is None:
         return torch.ones(n, dtype=torch.bool)

@@ -1,5 +1,6 @@
-"""Score helpers shared by the pruning methods: per-camera top-k, budgets, rank weights, SpecPrune's
-layer importance and VLA-Pruner's decayed action score.
+"""Score helpers shared by the pruning methods.
+
+Per-camera top-k, budgets, rank weights, SpecPrune's layer importance and VLA-Pruner's decayed action score.
 
 Conventions
 -----------
@@ -50,19 +51,23 @@ def _visual_tables_np(layout: TokenLayout) -> tuple[np.ndarray, np.ndarray]:
 
 
 def visual_table_np(layout: TokenLayout) -> np.ndarray:
-    """(num_tokens,) NumPy map from sequence index to dense visual position (-1 for non-visual); cached per layout
-    (do not modify the returned array)."""
+    """(num_tokens,) NumPy map from sequence index to dense visual position (-1 for non-visual).
+
+    Cached per layout (do not modify the returned array).
+    """
     return _visual_tables_np(layout)[1]
 
 
 def visual_indices(layout: TokenLayout) -> torch.Tensor:
-    """``layout.visual_indices()``, cached per layout (do not modify the returned tensor)."""
+    """The layout's visual indices, cached per layout (do not modify the returned tensor)."""
     return _visual_tables(layout)[0]
 
 
 def visual_position(layout: TokenLayout) -> torch.Tensor:
-    """(num_tokens,) map from sequence index to position in the dense visual vector (-1 for non-visual); cached
-    per layout (do not modify the returned tensor)."""
+    """(num_tokens,) map from sequence index to position in the dense visual vector (-1 for non-visual).
+
+    Cached per layout (do not modify the returned tensor).
+    """
     return _visual_tables(layout)[1]
 
 
@@ -168,7 +173,7 @@ def topk_global(dense: torch.Tensor, k: int, candidates: Optional[torch.Tensor] 
 # ---------------------------------------------------------------------- SpecPrune layer-level importance
 
 def rank_weights(scores: torch.Tensor, k: float = 5.0, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """SpecPrune rank weight ``w_rank,i = sigmoid(-k * r_i) / sum_j sigmoid(-k * r_j)``.
+    """The SpecPrune rank weight ``w_rank,i = sigmoid(-k * r_i) / sum_j sigmoid(-k * r_j)``.
 
     ``r_i`` is token i's rank by descending score *as a fraction* ``rank / (n - 1)`` in ``[0, 1]`` (the paper's
     integer rank would make every weight past the first few vanish; the fraction keeps ``k`` meaningful for any
@@ -187,7 +192,7 @@ def rank_weights(scores: torch.Tensor, k: float = 5.0, valid: Optional[torch.Ten
 
 
 def layer_confidence(attention: torch.Tensor, eps: float = 1e-12, cap: float = 100.0) -> float:
-    """SpecPrune layer confidence ``w_conf = mean / std`` of a layer's attention over the scored tokens.
+    """The SpecPrune layer confidence ``w_conf = mean / std`` of a layer's attention over the scored tokens.
 
     Clipped to ``[0, cap]`` so that a degenerate (constant) attention row cannot swamp the EMA.
     """

@@ -1,4 +1,4 @@
-"""SpecPrune's self-speculation check: do the first layers predict the last layer's important tokens?
+"""SpecPrune's self-speculation check: how well the first layers predict the last layer's important tokens.
 
 Given a StepRecord holding task ('text' rows) attention at the early layers (0 and 1) and at a late layer (default
 the last one), the hit rate is the fraction of the late layer's top-k visual tokens that are in the union of the

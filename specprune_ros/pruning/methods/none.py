@@ -9,9 +9,12 @@ from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
 
 @dataclass
 class NoneConfig(BaseConfig):
-    """``attention``: extra (layer, rows) pairs to request, e.g. ``((0, 'text'), (-1, 'action'))``; each summary
-    is named ``rows`` in the record. ``self_speculation``: also request 'text' rows at layers 0, 1 and the last
-    layer, as :func:`specprune_ros.pruning.self_speculation.self_speculation_hit_rate` needs."""
+    """``attention``.
+
+    Extra (layer, rows) pairs to request, e.g. ``((0, 'text'), (-1, 'action'))``; each summary is named ``rows`` in the
+    record. ``self_speculation``: also request 'text' rows at layers 0, 1 and the last layer, as
+    :func:`specprune_ros.pruning.self_speculation.self_speculation_hit_rate` needs.
+    """
 
     attention: tuple = field(default_factory=tuple)
     self_speculation: bool = False
