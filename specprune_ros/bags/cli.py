@@ -94,6 +94,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 def evaluate_main(argv: Optional[list[str]] = None) -> int:
     args = evaluate_parser().parse_args(argv)
+    # imported when a command runs, not at import: --help answers without loading torch, MuJoCo or rosbags
     from specprune_ros.bags.io import BagError, BagReader
     from specprune_ros.bags.streams import COMPRESSED, IMAGE, StreamTopics, load_streams
     cameras = dict(args.camera) or None
@@ -112,16 +113,17 @@ def evaluate_main(argv: Optional[list[str]] = None) -> int:
         return 2
     import torch
     torch.set_num_threads(max(args.threads, 1))
+    # the evaluation loads torch and the models: only when the command runs
     from specprune_ros.bags.replay_eval import ReplayConfig, evaluate_streams
-    from specprune_ros.bags.report import markdown, write_report
-    from specprune_ros.policy.errors import CheckpointError
+    from specprune_ros.bags.report import markdown, write_report  # lazy, see above
+    from specprune_ros.policy.errors import CheckpointError  # lazy, see above
     config = ReplayConfig(model=args.model, methods=tuple(args.methods), method_configs=dict(args.method_config),
                           seed=args.seed, device=args.device, schedule=args.schedule, stride=args.stride,
                           repeat_baseline=not args.no_repeat_baseline, progress=not args.quiet)
     try:
         size = args.image_size
         if not size:
-            from specprune_ros.models.loading import load_model
+            from specprune_ros.models.loading import load_model   # torch: only when a model is needed
             size = load_model(args.model, device='cpu', seed=args.seed).config.image_size
         streams = load_streams(args.bag, topics, image_size=(size, size), max_camera_skew_s=args.max_camera_skew,
                                instruction=args.instruction, max_observations=args.max_observations)
@@ -169,16 +171,17 @@ def record_sim_main(argv: Optional[list[str]] = None) -> int:
     if args.output.exists():
         print(f'error: {args.output} exists already; bags are never overwritten', file=sys.stderr)
         return 2
+    # imported when the command runs: --help answers without loading torch or MuJoCo
     from specprune_ros.bags.io import BagError
     from specprune_ros.bags.sim_bag import SimBagOptions, record_sim_bag
-    from specprune_ros.policy.errors import CheckpointError
+    from specprune_ros.policy.errors import CheckpointError  # lazy, see above
     policy = None
     try:
         if args.actor == 'policy':
             import torch
             import yaml
             torch.set_num_threads(1)
-            from specprune_ros.models.loading import load_policy
+            from specprune_ros.models.loading import load_policy   # torch: only when a model is needed
             config = yaml.safe_load(args.method_config) if args.method_config else None
             policy = load_policy(args.model, args.method, config)
         options = SimBagOptions(families=args.families, seeds=args.seeds, actor=args.actor, max_steps=args.max_steps,

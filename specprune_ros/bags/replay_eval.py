@@ -27,7 +27,10 @@ import numpy as np
 
 from specprune_ros.bags.io import BagError
 from specprune_ros.bags.streams import BagStreams
+from specprune_ros.codecs.kept_patches import draw_kept_patches, kept_patch_masks
 from specprune_ros.evaluation.statistics import median_ratio, percentile
+from specprune_ros.models.loading import load_policy
+from specprune_ros.policy.interface import Observation
 
 
 @dataclass
@@ -121,9 +124,6 @@ def run_method(streams: BagStreams, indices: Sequence[int], resets: set[int],
     """
     from tqdm import tqdm
 
-    from specprune_ros.codecs.kept_patches import draw_kept_patches, kept_patch_masks
-    from specprune_ros.policy.interface import Observation
-    from specprune_ros.models.loading import load_policy
     policy = load_policy(config.model, method=method, method_config=config.method_configs.get(method),
                          device=config.device, dtype=config.dtype, seed=config.seed)
     if policy.proprio_dim and any(streams.observations[i].proprio is None for i in indices):

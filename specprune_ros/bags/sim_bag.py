@@ -21,6 +21,8 @@ import numpy as np
 from specprune_ros.bags.io import BagWriter, make_qos
 from specprune_ros.bags.typestore_messages import TypestoreMessages
 from specprune_ros.bridge.conversions import CommandUnits, action_to_twist, gripper_action_to_value, seconds_to_ns
+from specprune_ros.policy.interface import Observation
+from specprune_ros.sim import CONTROL_PERIOD_S, ROTATION_SCALE_RAD, TRANSLATION_SCALE_M, ScriptedExpert, TabletopEnv
 
 ACTION_LABELS = ('dx', 'dy', 'dz', 'droll', 'dpitch', 'dyaw', 'gripper')
 
@@ -68,8 +70,6 @@ def inference_status(build: TypestoreMessages, output, options: SimBagOptions, n
 def record_sim_bag(path: str | Path, options: SimBagOptions = SimBagOptions(), policy=None,
                    progress: bool = False) -> SimBagResult:
     """Run the episodes and write them to a new bag at ``path``."""
-    from specprune_ros.policy.interface import Observation
-    from specprune_ros.sim import CONTROL_PERIOD_S, ROTATION_SCALE_RAD, TRANSLATION_SCALE_M, ScriptedExpert, TabletopEnv
     if options.actor not in ('expert', 'policy'):
         raise ValueError(f"actor must be 'expert' or 'policy', got {options.actor!r}")
     if options.actor == 'policy' and policy is None:

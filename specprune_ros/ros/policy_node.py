@@ -59,6 +59,7 @@ from specprune_ros.control.inference_worker import InferenceWorker
 from specprune_ros.control.parameters import NodeParameters, ParameterError, unknown_parameter_message
 from specprune_ros.control.runtime_stats import ERROR, OK, WARN
 from specprune_ros.control.safety_filter import FilteredCommand
+from specprune_ros.models.loading import load_policy
 from specprune_ros.policy.interface import Observation, Policy
 from specprune_ros.ros import output_messages as messages
 from specprune_ros.ros.image_conversion import RawImageConverter
@@ -79,7 +80,6 @@ STATE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=Rel
 
 def load_policy_from(params: NodeParameters) -> Policy:
     """The policy named by the parameters (imported late: torch and the model are heavy)."""
-    from specprune_ros.models.loading import load_policy
     return load_policy(params.model, method=params.method, method_config=params.method_options(),
                        device=params.device, dtype=params.dtype, seed=params.seed)
 

@@ -52,6 +52,7 @@ from specprune_ros.bridge.settings import BridgeSettings
 from specprune_ros.bridge.sync_gate import TickGate
 from specprune_ros.ros import output_messages as messages
 from specprune_ros.ros.ros_helpers import BackgroundExecutor, call_service, remote_parameters
+from specprune_ros.sim import CONTROL_PERIOD_S, ROTATION_SCALE_RAD, TRANSLATION_SCALE_M, TabletopEnv
 
 NODE_NAME = 'sim_bridge'
 RELIABLE = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -96,7 +97,6 @@ class SimBridgeNode(Node):
         if errors:
             raise BridgeAbort('invalid sim_bridge parameters: ' + '; '.join(errors))
         s = self.settings
-        from specprune_ros.sim import CONTROL_PERIOD_S, ROTATION_SCALE_RAD, TRANSLATION_SCALE_M
         self.period_ns = seconds_to_ns(CONTROL_PERIOD_S)
         self.units = CommandUnits(TRANSLATION_SCALE_M, ROTATION_SCALE_RAD, CONTROL_PERIOD_S,
                                   s.gripper_open_value, s.gripper_closed_value)
@@ -286,7 +286,6 @@ class SimBridgeNode(Node):
     # --- episodes ------------------------------------------------------------------------------------------
     def run(self) -> list[EpisodeOutcome]:
         """Every planned episode; returns the outcomes (also written to summary_path)."""
-        from specprune_ros.sim import TabletopEnv
         s = self.settings
         plan = episode_plan(s.families, s.episodes_per_family, s.seed_start)
         self.env = TabletopEnv(family=plan[0].family if plan else s.families[0], image_size=s.image_size,
