@@ -95,6 +95,13 @@ def inference_message(chunk: AcceptedChunk, node_name: str, model: str, method: 
         'policy_step_index': str(chunk.policy_info.get('step_index', 'n/a')),
         'reset_reason': chunk.reset_reason or 'none',
     }
+    budget = chunk.budget
+    if budget is not None:
+        values.update({'budget_method': budget.method,
+                       'budget_knob': 'n/a' if budget.knob is None else f'{budget.knob:.4f}',
+                       'predicted_latency_ms': 'n/a' if budget.predicted_s is None
+                       else f'{budget.predicted_s * 1e3:.3f}',
+                       'latency_budget_ms': f'{budget.budget_s * 1e3:.3f}'})
     return DiagnosticStatus(level=DiagnosticStatus.OK, name=node_name, message=method, hardware_id=model,
                             values=[KeyValue(key=k, value=v) for k, v in values.items()])
 
