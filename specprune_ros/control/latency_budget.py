@@ -6,9 +6,9 @@ Three parts, all DDS-free:
   tokens per layer): ``latency = fixed + rate * flops``. ``fixed`` (vision encoder, action head, selection) and
   ``rate`` (seconds per decoder FLOP) are robust location estimates (medians) of the last few measured steps:
   ``fixed = latency - decoder seconds`` and ``rate = decoder seconds / flops`` of each step, so one step already
-  identifies both, whatever the knob. A level shift (the model off by more than ``shift_ratio`` on
-  ``shift_steps`` steps in a row: load came or went) restarts the estimate from those steps, so it settles within
-  a few inferences; a lone outlier moves no median. The percentile comes from the spread: the model's
+  identifies both, whatever the knob. A level shift (the estimate from the newest ``shift_steps`` steps differs
+  from the one before them by more than ``shift_ratio``: load came or went) restarts the estimate from those
+  steps, so it settles within a few inferences; a lone outlier moves no median. The percentile comes from the spread: the model's
   prediction times the ``percentile`` of measured / predicted over the steps since the last shift.
 * ``KnobMap`` maps the method's budget knob to the decoder FLOPs it leads to (a line through recent
   (knob, FLOPs) pairs; FLOPs are exact counts, so plain least squares), per method and controller mode (SpecPrune
@@ -62,7 +62,7 @@ class BudgetDecision:
 class LatencyModel:
     """``latency = fixed + rate * flops``, from robust estimates over recent steps (see the module docstring)."""
 
-    def __init__(self, estimate_steps: int = 7, history: int = 40, shift_ratio: float = 1.3, shift_steps: int = 3,
+    def __init__(self, estimate_steps: int = 5, history: int = 40, shift_ratio: float = 1.3, shift_steps: int = 3,
                  default_margin: float = 1.15) -> None:
         self.estimate_steps = estimate_steps
         self.shift_ratio = shift_ratio
@@ -70,17 +70,13 @@ class LatencyModel:
         self.default_margin = default_margin
         self.samples: deque[tuple[float, float, float]] = deque(maxlen=history)   # (latency, decoder s, flops)
         self.shifts = 0
-        self._surprises = 0
 
     @property
     def ready(self) -> bool:
         return len(self.samples) > 0
 
     def fixed_and_rate(self) -> tuple[float, float]:
-        recent = np.asarray(list(self.samples)[-self.estimate_steps:])
-        fixed = float(np.median(np.maximum(recent[:, 0] - recent[:, 1], 0.0)))
-        rate = float(np.median(recent[:, 1] / np.maximum(recent[:, 2], 1.0)))
-        return fixed, rate
+        return _fixed_and_rate(list(self.samples)[-self.estimate_steps:])
 
     def predict(self, flops: float) -> float:
         """Typical (median) latency of a step of ``flops`` decoder FLOPs."""
@@ -88,13 +84,16 @@ class LatencyModel:
         return fixed + rate * flops
 
     def margin(self, percentile: float) -> float:
-        """Measured / predicted at ``percentile`` over the steps since the last level shift."""
-        if len(self.samples) < 5:
+        """Measured / predicted at ``percentile`` over the steps since the last level shift, drawn towards
+        ``default_margin`` while there are few of them."""
+        if len(self.samples) < 3:
             return self.default_margin
         fixed, rate = self.fixed_and_rate()
         data = np.asarray(self.samples)
         ratios = data[:, 0] / np.maximum(fixed + rate * data[:, 2], 1e-9)
-        return float(np.clip(np.percentile(ratios, percentile), 0.8, 3.0))
+        weight = len(ratios) / (len(ratios) + 5.0)
+        measured = float(np.percentile(ratios, percentile))
+        return float(np.clip(weight * measured + (1.0 - weight) * self.default_margin, 0.8, 3.0))
 
     def predict_percentile(self, flops: float, percentile: float) -> float:
         return self.predict(flops) * self.margin(percentile)
@@ -103,17 +102,27 @@ class LatencyModel:
         """Add one measured step; restart from the newest steps after a level shift."""
         if not (np.isfinite(latency_s) and np.isfinite(decoder_s) and np.isfinite(flops)) or latency_s <= 0:
             return
-        if self.ready:
-            ratio = latency_s / max(self.predict(flops), 1e-9)
-            off = ratio > self.shift_ratio or ratio < 1.0 / self.shift_ratio
-            self._surprises = self._surprises + 1 if off else 0
         self.samples.append((float(latency_s), float(min(decoder_s, latency_s)), float(flops)))
-        if self._surprises >= self.shift_steps:
-            keep = list(self.samples)[-self.shift_steps:]
+        samples = list(self.samples)
+        if len(samples) < 2 * self.shift_steps:      # judge a shift against at least as many older steps
+            return
+        newest = samples[-self.shift_steps:]
+        before = samples[-self.shift_steps - self.estimate_steps:-self.shift_steps]
+        fixed, rate = _fixed_and_rate(newest)
+        old_fixed, old_rate = _fixed_and_rate(before)
+        ratio = (fixed + rate * flops) / max(old_fixed + old_rate * flops, 1e-12)
+        if ratio > self.shift_ratio or ratio < 1.0 / self.shift_ratio:
             self.samples.clear()
-            self.samples.extend(keep)
-            self._surprises = 0
+            self.samples.extend(newest[1:])              # the oldest of them may still be the old level
             self.shifts += 1
+
+
+def _fixed_and_rate(samples: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """Medians of (latency - decoder seconds) and (decoder seconds / FLOPs) over ``samples``."""
+    data = np.asarray(samples)
+    fixed = float(np.median(np.maximum(data[:, 0] - data[:, 1], 0.0)))
+    rate = float(np.median(data[:, 1] / np.maximum(data[:, 2], 1.0)))
+    return fixed, rate
 
 
 class KnobMap:
@@ -165,13 +174,14 @@ class LatencyBudget:
     and learns from the measured step after it. Not thread-safe on its own (the controller holds the lock)."""
 
     def __init__(self, settings: BudgetSettings, methods: dict[str, Any], primary: str, device: str = 'cpu',
-                 dead_band: float = 0.03, recover_ratio: float = 0.9) -> None:
+                 dead_band: float = 0.03, dead_band_abs: float = 0.02, recover_ratio: float = 0.9) -> None:
         self.settings = settings
         self.methods = methods                      # name -> pruning method object ('none' may map to None)
         self.primary = primary
         self.fallback = next((name for name in methods if name != primary), '')
         self.device = device
-        self.dead_band = dead_band                  # relative knob change below which the knob stays
+        self.dead_band = dead_band                  # relative knob change below which the knob stays ...
+        self.dead_band_abs = dead_band_abs          # ... or absolute (2 % of the visual tokens)
         self.recover_ratio = recover_ratio          # back to unpruned when full is predicted below this x budget
         self.models: dict[str, LatencyModel] = {}
         self.maps: dict[tuple[str, str], KnobMap] = {}
@@ -243,7 +253,9 @@ class LatencyBudget:
         wanted = knobs.knob_for(allowed_flops)
         knob = float(np.clip(wanted if wanted is not None else high, low, high))
         previous = self._knob.get(method)
-        if previous is not None and abs(knob - previous) <= self.dead_band * previous:
+        at_bound = knob in (low, high)                     # a bound is always taken (full width, the floor)
+        if previous is not None and not at_bound and \
+                abs(knob - previous) <= max(self.dead_band * previous, self.dead_band_abs):
             knob = previous
         flops = knobs.flops_at(knob)
         predicted = None if flops is None else model.predict(flops) * margin
