@@ -6,10 +6,12 @@ Three parts, all DDS-free:
   tokens per layer): ``latency = fixed + rate * flops``. ``fixed`` (vision encoder, action head, selection) and
   ``rate`` (seconds per decoder FLOP) are robust location estimates (medians) of the last few measured steps:
   ``fixed = latency - decoder seconds`` and ``rate = decoder seconds / flops`` of each step, so one step already
-  identifies both, whatever the knob. A level shift (the estimate from the newest ``shift_steps`` steps differs
-  from the one before them by more than ``shift_ratio``: load came or went) restarts the estimate from those
-  steps, so it settles within a few inferences; a lone outlier moves no median. The percentile comes from the spread: the model's
-  prediction times the ``percentile`` of measured / predicted over the steps since the last shift.
+  identifies both, whatever the knob. Medians of the last five steps follow a change of load within three
+  inferences, and a lone outlier moves no median. The percentile comes from the spread: the model's prediction
+  times the ``percentile`` over the last ``history`` steps of each step against the median of its neighbours
+  (so a change of load does not count as spread), times a correction that tracks the percentile itself: every
+  step above its predicted percentile raises it, every step below lowers it, in the proportion that balances
+  at the percentile (a stochastic-approximation quantile tracker: it absorbs what the model gets wrong).
 * ``KnobMap`` maps the method's budget knob to the decoder FLOPs it leads to (a line through recent
   (knob, FLOPs) pairs; FLOPs are exact counts, so plain least squares), per method and controller mode (SpecPrune
   keeps more tokens in fine mode at the same knob).
@@ -62,14 +64,14 @@ class BudgetDecision:
 class LatencyModel:
     """``latency = fixed + rate * flops``, from robust estimates over recent steps (see the module docstring)."""
 
-    def __init__(self, estimate_steps: int = 5, history: int = 40, shift_ratio: float = 1.3, shift_steps: int = 3,
-                 default_margin: float = 1.15) -> None:
+    def __init__(self, estimate_steps: int = 5, history: int = 40, spread_half_width: int = 2,
+                 default_margin: float = 1.15, tracking_gain: float = 0.03) -> None:
         self.estimate_steps = estimate_steps
-        self.shift_ratio = shift_ratio
-        self.shift_steps = shift_steps
+        self.tracking_gain = tracking_gain
+        self.correction = 1.0
+        self.spread_half_width = spread_half_width
         self.default_margin = default_margin
         self.samples: deque[tuple[float, float, float]] = deque(maxlen=history)   # (latency, decoder s, flops)
-        self.shifts = 0
 
     @property
     def ready(self) -> bool:
@@ -84,37 +86,35 @@ class LatencyModel:
         return fixed + rate * flops
 
     def margin(self, percentile: float) -> float:
-        """Measured / predicted at ``percentile`` over the steps since the last level shift, drawn towards
-        ``default_margin`` while there are few of them."""
+        """The ``percentile`` of each recent step against the median of its neighbours (a level change moves
+        the neighbours with it, so only the spread counts), drawn towards ``default_margin`` while few steps
+        back it."""
         if len(self.samples) < 3:
             return self.default_margin
         fixed, rate = self.fixed_and_rate()
         data = np.asarray(self.samples)
-        ratios = data[:, 0] / np.maximum(fixed + rate * data[:, 2], 1e-9)
+        level = data[:, 0] / np.maximum(fixed + rate * data[:, 2], 1e-12)     # the knob's effect divided out
+        width = self.spread_half_width
+        local = np.array([np.median(level[max(0, i - width):i + width + 1]) for i in range(len(level))])
+        ratios = level / np.maximum(local, 1e-12)
         weight = len(ratios) / (len(ratios) + 5.0)
         measured = float(np.percentile(ratios, percentile))
-        return float(np.clip(weight * measured + (1.0 - weight) * self.default_margin, 0.8, 3.0))
+        spread = weight * measured + (1.0 - weight) * self.default_margin
+        return float(np.clip(spread * self.correction, 0.8, 3.0))
+
+    def track_percentile(self, exceeded: bool, percentile: float) -> None:
+        """One step measured against its predicted ``percentile`` latency: nudge the correction."""
+        step = self.tracking_gain * (float(exceeded) - (1.0 - percentile / 100.0))
+        self.correction = float(np.clip(self.correction * np.exp(step), 0.8, 2.0))
 
     def predict_percentile(self, flops: float, percentile: float) -> float:
         return self.predict(flops) * self.margin(percentile)
 
     def observe(self, latency_s: float, decoder_s: float, flops: float) -> None:
-        """Add one measured step; restart from the newest steps after a level shift."""
+        """Add one measured step."""
         if not (np.isfinite(latency_s) and np.isfinite(decoder_s) and np.isfinite(flops)) or latency_s <= 0:
             return
         self.samples.append((float(latency_s), float(min(decoder_s, latency_s)), float(flops)))
-        samples = list(self.samples)
-        if len(samples) < 2 * self.shift_steps:      # judge a shift against at least as many older steps
-            return
-        newest = samples[-self.shift_steps:]
-        before = samples[-self.shift_steps - self.estimate_steps:-self.shift_steps]
-        fixed, rate = _fixed_and_rate(newest)
-        old_fixed, old_rate = _fixed_and_rate(before)
-        ratio = (fixed + rate * flops) / max(old_fixed + old_rate * flops, 1e-12)
-        if ratio > self.shift_ratio or ratio < 1.0 / self.shift_ratio:
-            self.samples.clear()
-            self.samples.extend(newest[1:])              # the oldest of them may still be the old level
-            self.shifts += 1
 
 
 def _fixed_and_rate(samples: list[tuple[float, float, float]]) -> tuple[float, float]:
@@ -174,14 +174,14 @@ class LatencyBudget:
     and learns from the measured step after it. Not thread-safe on its own (the controller holds the lock)."""
 
     def __init__(self, settings: BudgetSettings, methods: dict[str, Any], primary: str, device: str = 'cpu',
-                 dead_band: float = 0.03, dead_band_abs: float = 0.02, recover_ratio: float = 0.9) -> None:
+                 dead_band: float = 0.05, dead_band_abs: float = 0.03, recover_ratio: float = 0.9) -> None:
         self.settings = settings
         self.methods = methods                      # name -> pruning method object ('none' may map to None)
         self.primary = primary
         self.fallback = next((name for name in methods if name != primary), '')
         self.device = device
         self.dead_band = dead_band                  # relative knob change below which the knob stays ...
-        self.dead_band_abs = dead_band_abs          # ... or absolute (2 % of the visual tokens)
+        self.dead_band_abs = dead_band_abs          # ... or absolute (3 % of the visual tokens)
         self.recover_ratio = recover_ratio          # back to unpruned when full is predicted below this x budget
         self.models: dict[str, LatencyModel] = {}
         self.maps: dict[tuple[str, str], KnobMap] = {}
@@ -289,7 +289,10 @@ class LatencyBudget:
             return
         self.flops_full = float(getattr(record, 'flops_full', flops) or flops)
         decoder_s = float(getattr(record, 'model_seconds', 0.0) or 0.0)
-        self.model(decision.method).observe(latency_s, decoder_s, float(flops))
+        model = self.model(decision.method)
+        if decision.predicted_s is not None:
+            model.track_percentile(latency_s > decision.predicted_s, self.settings.percentile)
+        model.observe(latency_s, decoder_s, float(flops))
         knob = decision.knob
         if knob is None and decision.method in self.methods:
             ranged = knob_range(self.methods[decision.method], self.settings.min_keep_ratio)
@@ -334,7 +337,8 @@ class LatencyBudget:
             fixed, rate = model.fixed_and_rate()
             full = 'n/a' if self.flops_full is None else f'{rate * self.flops_full * 1e3:.2f}'
             fixed_rate = f'fixed {fixed * 1e3:.2f} ms + decoder {full} ms at full width, ' \
-                         f'p{settings.percentile:g} margin {model.margin(settings.percentile):.2f}'
+                         f'p{settings.percentile:g} margin {model.margin(settings.percentile):.2f} ' \
+                         f'(tracking correction {model.correction:.2f})'
         misses = self.misses.samples
         return [
             ('latency budget ms', f'{settings.budget_s * 1e3:.1f}'),
@@ -346,7 +350,6 @@ class LatencyBudget:
             ('budget deadline misses in window', f'{int(sum(misses))} / {len(misses)}'),
             ('budget unreachable steps', str(self.unreachable_steps)),
             ('latency model', fixed_rate),
-            ('latency model level shifts', str(model.shifts)),
         ]
 
 
