@@ -1,10 +1,10 @@
 """The latency budget in the real node over DDS (ROS_DOMAIN_ID 85): the reference VLA, unpruned ('none' with
 DivPrune as the fallback), under injected CPU load (a busy process beside the node).
 
-The same node under the same load is measured unbudgeted, then with a budget set at run time to 1/1.4 of the
-unbudgeted p90 (so the unpruned p90 exceeds it by 40 %; a budget derived from the measurement keeps the check
-meaningful on a shared machine whose speed varies), then unbudgeted again: with the budget the p90 model latency
-stays within +10 % of it; switching it off restores the unpruned model.
+The budget is set at run time to 1/1.6 of the unbudgeted p90 first measured (a budget derived from the
+measurement keeps the check meaningful on a shared machine whose speed varies), then switched on and off in
+interleaved blocks so that both see the same load: the unpruned p90 exceeds the budget by at least 30 %, the
+budgeted p90 stays within +10 % of it, and switching the budget off restores the unpruned model.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from ros_harness import Probe, start_camera, start_node  # noqa: E402
 
 DOMAIN = 85
 STARTUP_S = 120.0
-SAMPLES = 40
+BLOCKS, BLOCK, SETTLE = 3, 12, 8    # interleaved blocks of inferences with and without the budget
 CAMERAS = ('--camera', 'agentview=camera/agentview/image_raw:raw', '--camera', 'wrist=camera/wrist/image_raw:raw',
            '--instruction', 'pick up the red cube')
 
@@ -72,31 +72,33 @@ def loaded_node():
 
 def test_budget_holds_p90_under_load_where_the_unpruned_node_misses_it(loaded_node):
     probe, node = loaded_node['probe'], loaded_node['node']
-    unpruned = collect(probe, SAMPLES, skip=3)
-    assert all('budget_method' not in r for r in unpruned), 'budget 0 must leave the inference record as it was'
-    p90_unpruned = float(np.percentile(latencies(unpruned), 90))
-    budget_ms = p90_unpruned / 1.4
+    first = collect(probe, 20, skip=3)
+    assert all('budget_method' not in r for r in first), 'budget 0 must leave the inference record as it was'
+    budget_ms = float(np.percentile(latencies(first), 90)) / 1.6   # room for the load to vary
 
-    set_budget(probe, budget_ms)
-    budgeted = collect(probe, SAMPLES, accept=lambda r: 'budget_method' in r, skip=15)
+    unpruned, budgeted = [], []                  # interleaved blocks: both see the same load
+    for _ in range(BLOCKS):
+        set_budget(probe, budget_ms)
+        budgeted += collect(probe, BLOCK, accept=lambda r: 'budget_method' in r, skip=SETTLE)
+        set_budget(probe, 0.0)
+        unpruned += collect(probe, BLOCK, accept=lambda r: 'budget_method' not in r, skip=2)
+    p90_unpruned = float(np.percentile(latencies(unpruned), 90))
     p90_budgeted = float(np.percentile(latencies(budgeted), 90))
     methods = {r['budget_method'] for r in budgeted}
     knobs = [float(r['budget_knob']) for r in budgeted if r['budget_knob'] != 'n/a']
-    report = (f'unpruned p90 {p90_unpruned:.1f} ms, budget {budget_ms:.1f} ms, budgeted p90 {p90_budgeted:.1f} ms, '
+    report = (f'budget {budget_ms:.1f} ms: unpruned p90 {p90_unpruned:.1f} ms, budgeted p90 {p90_budgeted:.1f} ms, '
               f'methods {methods}, knobs {np.round(knobs, 3).tolist()}')
+    print(report)
     assert methods == {'divprune'}, report
     assert knobs and all(0.1 - 1e-6 <= k <= 1.0 for k in knobs), report
-    assert p90_unpruned >= 1.3 * budget_ms
+    assert all(float(r['kept_ratio']) == 1.0 for r in unpruned), 'switching the budget off restores the model'
+    assert p90_unpruned >= 1.3 * budget_ms, report
     assert p90_budgeted <= 1.1 * budget_ms, report
 
-    values = probe.wait_diagnostics(lambda m, v: v.get('budget method') == 'divprune', 5.0)
+    set_budget(probe, budget_ms)
+    values = probe.wait_diagnostics(lambda m, v: v.get('budget method') == 'divprune', 10.0)
     assert float(values['latency budget ms']) == pytest.approx(budget_ms, abs=0.1)
     for key in ('budget knob', 'predicted latency ms', 'measured latency ms', 'budget deadline misses in window',
                 'latency model'):
         assert values.get(key, 'n/a') != 'n/a', f'{key} missing from /diagnostics: {values}'
-
-    set_budget(probe, 0.0)
-    again = collect(probe, 5, skip=2)
-    assert all('budget_method' not in r for r in again), 'switching the budget off restores the unpruned model'
-    assert all(float(r['kept_ratio']) == 1.0 for r in again)
     assert node.alive()

@@ -9,7 +9,8 @@ Three parts, all DDS-free:
   identifies both, whatever the knob. Medians of the last five steps follow a change of load within three
   inferences, and a lone outlier moves no median. The percentile comes from the spread: the model's prediction
   times the ``percentile`` over the last ``history`` steps of each step against the median of its neighbours
-  (so a change of load does not count as spread), times a correction that tracks the percentile itself: every
+  (so a change of load does not count as spread) or, where larger, of each step against the prediction made
+  before it ran (load that comes in bursts of a few steps, which no median foresees), times a correction that tracks the percentile itself: every
   step above its predicted percentile raises it, every step below lowers it, in the proportion that balances
   at the percentile (a stochastic-approximation quantile tracker: it absorbs what the model gets wrong).
 * ``KnobMap`` maps the method's budget knob to the decoder FLOPs it leads to (a line through recent
@@ -69,9 +70,12 @@ class LatencyModel:
         self.estimate_steps = estimate_steps
         self.tracking_gain = tracking_gain
         self.correction = 1.0
+        self._corrections: deque[float] = deque(maxlen=3)   # the correction before each of the last updates
         self.spread_half_width = spread_half_width
         self.default_margin = default_margin
         self.samples: deque[tuple[float, float, float]] = deque(maxlen=history)   # (latency, decoder s, flops)
+        self.ahead: deque[float] = deque(maxlen=history)       # measured / median predicted before the step
+        self._estimates: deque[tuple[float, float]] = deque(maxlen=4)   # (fixed, rate) after each of the last steps
 
     @property
     def ready(self) -> bool:
@@ -99,11 +103,14 @@ class LatencyModel:
         ratios = level / np.maximum(local, 1e-12)
         weight = len(ratios) / (len(ratios) + 5.0)
         measured = float(np.percentile(ratios, percentile))
+        if len(self.ahead) >= 20:           # load that comes in bursts of a few steps: the prediction's own error
+            measured = max(measured, float(np.percentile(np.fromiter(self.ahead, float), percentile)))
         spread = weight * measured + (1.0 - weight) * self.default_margin
         return float(np.clip(spread * self.correction, 0.8, 3.0))
 
     def track_percentile(self, exceeded: bool, percentile: float) -> None:
         """One step measured against its predicted ``percentile`` latency: nudge the correction."""
+        self._corrections.append(self.correction)
         step = self.tracking_gain * (float(exceeded) - (1.0 - percentile / 100.0))
         self.correction = float(np.clip(self.correction * np.exp(step), 0.8, 2.0))
 
@@ -114,7 +121,20 @@ class LatencyModel:
         """Add one measured step."""
         if not (np.isfinite(latency_s) and np.isfinite(decoder_s) and np.isfinite(flops)) or latency_s <= 0:
             return
+        if self.ready:
+            self.ahead.append(latency_s / max(self.predict(flops), 1e-12))
         self.samples.append((float(latency_s), float(min(decoder_s, latency_s)), float(flops)))
+        self._estimates.append(self.fixed_and_rate())
+        if len(self._estimates) == self._estimates.maxlen:
+            (old_fixed, old_rate), (fixed, rate) = self._estimates[0], self._estimates[-1]
+            change = (fixed + rate * flops) / max(old_fixed + old_rate * flops, 1e-12)
+            if not 1 / 1.3 < change < 1.3:       # the medians moved: a lasting change of load, not spread
+                for _ in range(min(3, len(self.ahead))):
+                    self.ahead.pop()             # the steps that revealed it are no measure of the spread
+                if self._corrections:
+                    self.correction = self._corrections[0]     # nor of the model's error
+                self._corrections.clear()
+                self._estimates.clear()
 
 
 def _fixed_and_rate(samples: list[tuple[float, float, float]]) -> tuple[float, float]:
