@@ -75,6 +75,7 @@ class LatencyModel:
         self.default_margin = default_margin
         self.samples: deque[tuple[float, float, float]] = deque(maxlen=history)   # (latency, decoder s, flops)
         self.ahead: deque[float] = deque(maxlen=history)       # measured / median predicted before the step
+        self._estimate: Optional[tuple[float, float]] = None    # (fixed, rate) of the current samples
         self._estimates: deque[tuple[float, float]] = deque(maxlen=4)   # (fixed, rate) after each of the last steps
 
     @property
@@ -82,7 +83,9 @@ class LatencyModel:
         return len(self.samples) > 0
 
     def fixed_and_rate(self) -> tuple[float, float]:
-        return _fixed_and_rate(list(self.samples)[-self.estimate_steps:])
+        if self._estimate is None:
+            self._estimate = _fixed_and_rate(list(self.samples)[-self.estimate_steps:])
+        return self._estimate
 
     def predict(self, flops: float) -> float:
         """Typical (median) latency of a step of ``flops`` decoder FLOPs."""
@@ -99,7 +102,8 @@ class LatencyModel:
         data = np.asarray(self.samples)
         level = data[:, 0] / np.maximum(fixed + rate * data[:, 2], 1e-12)     # the knob's effect divided out
         width = self.spread_half_width
-        local = np.array([np.median(level[max(0, i - width):i + width + 1]) for i in range(len(level))])
+        padded = np.pad(level, width, mode='edge')                # the end steps stand in beyond the ends
+        local = np.median(np.lib.stride_tricks.sliding_window_view(padded, 2 * width + 1), axis=1)
         ratios = level / np.maximum(local, 1e-12)
         weight = len(ratios) / (len(ratios) + 5.0)
         measured = float(np.percentile(ratios, percentile))
@@ -124,6 +128,7 @@ class LatencyModel:
         if self.ready:
             self.ahead.append(latency_s / max(self.predict(flops), 1e-12))
         self.samples.append((float(latency_s), float(min(decoder_s, latency_s)), float(flops)))
+        self._estimate = None
         self._estimates.append(self.fixed_and_rate())
         if len(self._estimates) == self._estimates.maxlen:
             (old_fixed, old_rate), (fixed, rate) = self._estimates[0], self._estimates[-1]

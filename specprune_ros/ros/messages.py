@@ -11,7 +11,9 @@ Inference record (``~/inference``, ``diagnostic_msgs/DiagnosticStatus``), one pe
   the observation was taken: the time of step 0), ``accepted_time`` (when the chunk became the plan; with
   publish_on_new_chunk its first command is stamped right after), ``model_latency_ms``,
   ``inference_latency_ms``, ``skipped_steps``, ``kept_ratio``, ``controller_mode``, ``steps_since_reset``,
-  ``policy_step_index``, ``reset_reason``.
+  ``policy_step_index``, ``reset_reason``; with a latency budget also ``budget_method`` (the method that ran),
+  ``budget_knob`` (its keep ratio or SpecPrune's K scale; n/a while the method runs its own setting),
+  ``predicted_latency_ms`` (the predicted percentile latency) and ``latency_budget_ms``.
 """
 from __future__ import annotations
 
