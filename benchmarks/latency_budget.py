@@ -151,6 +151,8 @@ def main() -> int:
     parser.add_argument('--replan-every-steps', type=int, default=2)
     parser.add_argument('--domain-id', type=int, default=87)
     parser.add_argument('--out', type=Path, default=Path('outputs/latency_budget'))
+    parser.add_argument('--configs', nargs='+', default=[], help='run only configurations whose label has one of '
+                        "these words (e.g. 'budget')")
     parser.add_argument('--controller-overhead', action='store_true', help='only time the budget itself')
     args = parser.parse_args()
     if args.controller_overhead:
@@ -160,6 +162,8 @@ def main() -> int:
     rows = []
     for load in args.loads:
         for label, (arguments, parameters) in configurations(args.budget_ms, args.fixed_ratio).items():
+            if args.configs and not any(word in label for word in args.configs):
+                continue
             started = time.perf_counter()
             rows.append(run_one(args, label, arguments, parameters, load))
             print(table(rows[-1:], args.budget_ms).splitlines()[-1], f'({time.perf_counter() - started:.0f} s)',

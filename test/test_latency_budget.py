@@ -143,6 +143,28 @@ def test_unpruned_method_hands_over_to_the_fallback_and_back_without_flapping():
     assert np.percentile(segment(trace, 70, 120)[1], 90) <= 0.135 * 1.05
 
 
+def test_bursty_load_counts_as_spread_so_the_percentile_still_holds():
+    rng = np.random.default_rng(7)
+    loads, load, left = [], 1.0, 0
+    for _ in range(300):                          # bursts of 2-4 steps at 1.6x, too short for a median to follow
+        if left == 0:
+            load, left = (1.6, int(rng.integers(2, 5))) if rng.random() < 0.12 else (1.0, 1)
+        loads.append(load)
+        left -= 1
+    unpruned = Plant(seed=5)
+    plain = []
+    for load in loads:
+        unpruned.load = load
+        plain.append(unpruned.step(None)[0])
+    budget_s = 0.110
+    assert np.median(plain) < budget_s < np.percentile(plain, 90) / 1.3   # median fits, p90 does not
+    budget = LatencyBudget(BudgetSettings(budget_s=budget_s), {NO_PRUNING: object(), 'divprune': FakeKnobMethod()},
+                           NO_PRUNING)
+    trace = run_trace(budget, Plant(seed=5), loads)
+    assert [row[3].method for row in trace[50:]].count('divprune') > 200, 'the fallback must take over'
+    assert np.percentile(segment(trace, 50, 300)[1], 90) <= budget_s * 1.05
+
+
 def test_latency_model_follows_a_load_change_in_three_steps_and_ignores_a_lone_outlier():
     model = LatencyModel()
     for _ in range(10):

@@ -70,7 +70,7 @@ class LatencyModel:
         self.estimate_steps = estimate_steps
         self.tracking_gain = tracking_gain
         self.correction = 1.0
-        self._corrections: deque[float] = deque(maxlen=3)   # the correction before each of the last updates
+
         self.spread_half_width = spread_half_width
         self.default_margin = default_margin
         self.samples: deque[tuple[float, float, float]] = deque(maxlen=history)   # (latency, decoder s, flops)
@@ -114,7 +114,6 @@ class LatencyModel:
 
     def track_percentile(self, exceeded: bool, percentile: float) -> None:
         """One step measured against its predicted ``percentile`` latency: nudge the correction."""
-        self._corrections.append(self.correction)
         step = self.tracking_gain * (float(exceeded) - (1.0 - percentile / 100.0))
         self.correction = float(np.clip(self.correction * np.exp(step), 0.8, 2.0))
 
@@ -136,9 +135,6 @@ class LatencyModel:
             if not 1 / 1.3 < change < 1.3:       # the medians moved: a lasting change of load, not spread
                 for _ in range(min(3, len(self.ahead))):
                     self.ahead.pop()             # the steps that revealed it are no measure of the spread
-                if self._corrections:
-                    self.correction = self._corrections[0]     # nor of the model's error
-                self._corrections.clear()
                 self._estimates.clear()
 
 
