@@ -14,6 +14,7 @@ from specprune_ros.control.parameters import BUDGET_METHODS, NodeParameters
 from specprune_ros.policy.interface import Observation
 from specprune_ros.policy.loading import load_policy
 from specprune_ros.pruning.budget_knob import KeepRatioKnob
+from specprune_ros.ros.launch_config import node_command, node_setup
 
 FULL_FLOPS = 1e9
 BUDGET_S = 0.060
@@ -271,3 +272,10 @@ def test_parameters_refuse_a_budget_for_a_method_without_a_knob():
     assert any('latency_budget_ms' in error and 'vla_cache' in error for error in errors)
     assert not NodeParameters(latency_budget_ms=80.0, method='none').validate()
     assert 'vla_cache' not in BUDGET_METHODS and 'none' not in BUDGET_METHODS
+
+
+def test_launch_argument_sets_the_budget_as_a_number():
+    command = node_command(node_setup({'latency_budget_ms': '60'}))
+    assert 'latency_budget_ms:=60.0' in command
+    with pytest.raises(ValueError, match='latency_budget_ms'):
+        node_setup({'latency_budget_ms': 'fast'})
