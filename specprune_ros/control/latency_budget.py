@@ -10,9 +10,10 @@ Three parts, all DDS-free:
   inferences, and a lone outlier moves no median. The percentile comes from the spread: the model's prediction
   times the ``percentile`` over the last ``history`` steps of each step against the median of its neighbours
   (so a change of load does not count as spread) or, where larger, of each step against the prediction made
-  before it ran (load that comes in bursts of a few steps, which no median foresees), times a correction that tracks the percentile itself: every
-  step above its predicted percentile raises it, every step below lowers it, in the proportion that balances
-  at the percentile (a stochastic-approximation quantile tracker: it absorbs what the model gets wrong).
+  before it ran (load that comes in bursts of a few steps, which no median foresees), times a correction that
+  tracks the percentile itself: every step above its predicted percentile raises it, every step below lowers
+  it, in the proportion that balances at the percentile (a stochastic-approximation quantile tracker: it absorbs
+  what the model gets wrong).
 * ``KnobMap`` maps the method's budget knob to the decoder FLOPs it leads to (a line through recent
   (knob, FLOPs) pairs; FLOPs are exact counts, so plain least squares), per method and controller mode (SpecPrune
   keeps more tokens in fine mode at the same knob).
@@ -70,7 +71,6 @@ class LatencyModel:
         self.estimate_steps = estimate_steps
         self.tracking_gain = tracking_gain
         self.correction = 1.0
-
         self.spread_half_width = spread_half_width
         self.default_margin = default_margin
         self.samples: deque[tuple[float, float, float]] = deque(maxlen=history)   # (latency, decoder s, flops)
