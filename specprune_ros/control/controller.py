@@ -24,6 +24,7 @@ import numpy as np
 from specprune_ros.codecs.proprio import ProprioAssembler, StateError, check_pose
 from specprune_ros.control.chunk_scheduler import ChunkScheduler, ChunkSettings
 from specprune_ros.control.input_sync import InputSynchronizer, RejectedInput, StaleInput, SyncLimits
+from specprune_ros.control.latency_budget import BudgetDecision, BudgetSettings, LatencyBudget
 from specprune_ros.control.parameters import NodeParameters
 from specprune_ros.control.runtime_stats import RuntimeStats, controller_mode, kept_token_ratio
 from specprune_ros.control.safety_filter import ActionUnits, FilteredCommand, SafetyFilter, SafetyLimits
@@ -39,6 +40,7 @@ class InferenceRequest:
     source_stamp: float         # newest camera header.stamp in it
     epoch: int                  # temporal-state epoch; a reset in between voids the result
     reset_reason: str = ''      # reset the policy's temporal state first, for this reason
+    budget: Optional[BudgetDecision] = None   # the latency budget's method and knob for this step (None: off)
 
 
 @dataclass
@@ -59,6 +61,7 @@ class AcceptedChunk:
     policy_info: dict = field(default_factory=dict)
     record: Any = None
     images: dict = field(default_factory=dict)
+    budget: Optional[BudgetDecision] = None
 
 
 def sync_limits(params: NodeParameters) -> SyncLimits:
@@ -77,6 +80,11 @@ def action_units(params: NodeParameters, spec: ActionSpec) -> ActionUnits:
                        period_s=spec.control_period_s, action_scale=params.action_scale)
 
 
+def budget_settings(params: NodeParameters) -> BudgetSettings:
+    return BudgetSettings(budget_s=params.latency_budget_ms * 1e-3, percentile=params.latency_budget_percentile,
+                          min_keep_ratio=params.min_keep_ratio, window=params.stats_window)
+
+
 def safety_limits(params: NodeParameters) -> SafetyLimits:
     return SafetyLimits(max_linear_speed=params.max_linear_speed, max_angular_speed=params.max_angular_speed,
                         max_linear_accel=params.max_linear_accel, max_angular_accel=params.max_angular_accel,
@@ -88,7 +96,8 @@ class PolicyController:
     """Thread-safe state of one configured policy node (see the module docstring)."""
 
     def __init__(self, params: NodeParameters, camera_names: tuple[str, ...], spec: ActionSpec,
-                 needs_proprio: bool, clock: Callable[[], float] = time.monotonic) -> None:
+                 needs_proprio: bool, clock: Callable[[], float] = time.monotonic,
+                 budget: Optional[LatencyBudget] = None) -> None:
         self.spec = spec
         self.params = params
         self.lock = threading.RLock()
@@ -98,6 +107,9 @@ class PolicyController:
         self.scheduler = ChunkScheduler(chunk_settings(params, spec))
         self.safety = SafetyFilter(action_units(params, spec), safety_limits(params))
         self.stats = RuntimeStats(params.stats_window)
+        self.budget = budget                     # the latency budget (its settings follow the parameters)
+        if budget is not None:
+            budget.settings = budget_settings(params)
         self.enabled = params.enabled
         self.active = False
         self.epoch = 0
@@ -120,6 +132,11 @@ class PolicyController:
             self.scheduler.settings = chunk_settings(params, self.spec)
             self.safety.units = action_units(params, self.spec)
             self.safety.limits = safety_limits(params)
+            if self.budget is not None:
+                was_on = self.budget.enabled
+                self.budget.settings = budget_settings(params)
+                if was_on and not self.budget.enabled:
+                    self.budget.reset_knobs()
 
     def set_active(self, active: bool) -> None:
         """Start or stop commanding; either way every stored input but the instruction is forgotten."""
@@ -284,7 +301,8 @@ class PolicyController:
             self._last_source_stamp = snapshot.newest_stamp
             observation = Observation(images=snapshot.images, instruction=snapshot.instruction,
                                       proprio=snapshot.proprio, executed_actions=executed)
-            return InferenceRequest(observation, now, snapshot.newest_stamp, self.epoch, reset_reason)
+            budget = self.budget.decide() if self.budget is not None else None
+            return InferenceRequest(observation, now, snapshot.newest_stamp, self.epoch, reset_reason, budget)
 
     def accept(self, request: InferenceRequest, output: PolicyOutput, now: float) -> Optional[AcceptedChunk]:
         """Make the policy's chunk the current plan; None when it is void (reset since), late or malformed."""
@@ -302,6 +320,9 @@ class PolicyController:
             self.stats.model_latency.add(output.latency_s)
             self.stats.inference_latency.add(elapsed)
             self.stats.stamp_to_chunk.add(now - request.source_stamp)
+            if request.budget is not None and self.budget is not None:   # late steps teach the budget most
+                self.budget.observe(request.budget, float(output.latency_s), output.record,
+                                    controller_mode(output.info, getattr(output.record, 'info', {})))
             actions = np.asarray(output.actions, dtype=np.float64)
             expected = (self.spec.chunk_size, self.spec.action_dim)
             if elapsed > self.params.inference_deadline_s:
@@ -330,7 +351,7 @@ class PolicyController:
                                  model_latency_s=float(output.latency_s), inference_latency_s=elapsed,
                                  kept_ratio=ratio, controller_mode=mode, steps_since_reset=self.steps_since_reset,
                                  reset_reason=request.reset_reason, policy_info=dict(output.info or {}),
-                                 record=record, images=request.observation.images)
+                                 record=record, images=request.observation.images, budget=request.budget)
 
     def inference_failed(self, request: InferenceRequest, error: str) -> None:
         """The policy raised: hold until a later inference succeeds."""
@@ -398,6 +419,8 @@ class PolicyController:
             stats = self.stats
             rows = stats.key_values()
             rows += [(f'safety: {name.replace("_", " ")}', str(n)) for name, n in self.safety.counts.items()]
+            if self.budget is not None:
+                rows += self.budget.key_values()
             rows += [('frames received', str(self.sync.frames_received)),
                      ('frames dropped (superseded before use)', str(self.sync.frames_dropped)),
                      ('steps since temporal reset', str(self.steps_since_reset)),

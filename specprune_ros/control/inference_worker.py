@@ -57,8 +57,13 @@ class InferenceWorker:
     def run_once(self, request: InferenceRequest) -> Optional[AcceptedChunk]:
         """Predict for one request and pass the outcome on (public for tests)."""
         try:
+            budget = self.controller.budget
             if request.reset_reason:
                 self.policy.reset()
+                if budget is not None:
+                    budget.reset_methods(self.policy)
+            if budget is not None:
+                budget.apply(self.policy, request.budget)
             output = self.policy.predict(request.observation)
         except Exception as error:  # the node must survive any model failure; the reason goes to diagnostics
             self.controller.inference_failed(request, f'{type(error).__name__}: {error}')

@@ -15,9 +15,12 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import yaml
 
 from specprune_ros.core.dataclass_mapping import UnknownFieldsError, dataclass_from_mapping
-from specprune_ros.pruning.registry import available_methods, build_method, method_config
+from specprune_ros.pruning.budget_knob import BudgetKnob
+from specprune_ros.pruning.registry import available_methods, build_method, get_spec, method_config
 
 METHODS = tuple(available_methods())          # the pruning registry is the one source of method names
+# methods with a run-time token-budget knob (the latency budget sets it)
+BUDGET_METHODS = tuple(name for name in METHODS if issubclass(get_spec(name).factory, BudgetKnob))
 METHOD_SETTINGS_PREFIX = 'method_settings.'   # flattened method settings: method_settings.controller.alpha
 DTYPES = ('float32', 'bfloat16', 'float16')
 CHUNK_MODES = ('replace', 'blend')
@@ -112,6 +115,16 @@ class NodeParameters:
                                     low=0.01, high=60.0)
     inference_deadline_s: float = _param(0.5, 'a chunk whose inference took longer is dropped and the robot '
                                          'holds', low=0.001, high=60.0)
+    latency_budget_ms: float = _param(0.0, 'model step latency to hold (ms): before every inference the pruning '
+                                      "method's budget (keep ratio, SpecPrune's scale of K) is set so that the "
+                                      'predicted latency percentile meets it (0 = off: the method runs as configured)',
+                                      low=0.0, high=60_000.0)
+    latency_budget_percentile: float = _param(90.0, 'the latency percentile the budget holds', low=50.0, high=99.9)
+    min_keep_ratio: float = _param(0.1, 'the latency budget never keeps fewer visual tokens than this fraction',
+                                   low=0.01, high=1.0)
+    budget_fallback_method: str = _param('divprune', "method 'none' with a latency budget: the method that takes "
+                                         'over while the unpruned model cannot meet the budget', read_only=True,
+                                         choices=BUDGET_METHODS)
     reset_after_gap_s: float = _param(2.0, 'reset the temporal token state when consecutive observations are '
                                       'further apart', low=0.01, high=3600.0)
     # --- commands --------------------------------------------------------------------------------------
@@ -219,6 +232,10 @@ class NodeParameters:
                 errors += method_settings_errors(self.method, self.method_options())
             except ParameterError as error:
                 errors += error.errors
+        if self.latency_budget_ms > 0 and self.method in METHODS and self.method not in BUDGET_METHODS \
+                and self.method != 'none':
+            errors.append(f'latency_budget_ms: method {self.method!r} has no token-budget knob; use one of '
+                          f"{list(BUDGET_METHODS)} or 'none' (with budget_fallback_method), or 0 (off)")
         cams, topics, transports = self.camera_names, self.camera_topics, self.camera_transports
         if not cams:
             errors.append('camera_names: at least one camera is needed')

@@ -42,6 +42,7 @@ PARAMETER_ARGUMENTS: dict[str, str] = {
     'camera_transports': 'comma-separated raw|compressed, one per camera (empty: params_file)',
     'autostart': 'true: configure and activate at start-up; false: wait for a lifecycle manager (empty: params_file)',
     'dry_run': 'true: infer and publish chunks and diagnostics but no commands (empty: params_file)',
+    'latency_budget_ms': 'model step latency the node holds by pruning, e.g. 60.0 (0: off; empty: params_file)',
 }
 # Launch arguments that remap one of the node's fixed topic names.
 REMAP_ARGUMENTS: dict[str, tuple[str, str, str]] = {
@@ -125,6 +126,11 @@ def _typed_override(name: str, text: str) -> Any:
         return _typed_bool(name, text)
     if isinstance(default, list):
         return [item.strip() for item in text.split(',') if item.strip()]
+    if isinstance(default, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f'launch argument {name}: expected a number, got {text!r}') from None
     return text
 
 

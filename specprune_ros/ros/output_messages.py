@@ -11,7 +11,9 @@ Inference record (``~/inference``, ``diagnostic_msgs/DiagnosticStatus``), one pe
   the observation was taken: the time of step 0), ``accepted_time`` (when the chunk became the plan; with
   publish_on_new_chunk its first command is stamped right after), ``model_latency_ms``,
   ``inference_latency_ms``, ``skipped_steps``, ``kept_ratio``, ``controller_mode``, ``steps_since_reset``,
-  ``policy_step_index``, ``reset_reason``.
+  ``policy_step_index``, ``reset_reason``; with a latency budget also ``budget_method`` (the method that ran),
+  ``budget_knob`` (its keep ratio or SpecPrune's K scale; n/a while the method runs its own setting),
+  ``predicted_latency_ms`` (the predicted percentile latency) and ``latency_budget_ms``.
 """
 from __future__ import annotations
 
@@ -98,6 +100,13 @@ def inference_message(chunk: AcceptedChunk, node_name: str, model: str, method: 
         'policy_step_index': str(chunk.policy_info.get('step_index', 'n/a')),
         'reset_reason': chunk.reset_reason or 'none',
     }
+    budget = chunk.budget
+    if budget is not None:
+        values.update({'budget_method': budget.method,
+                       'budget_knob': 'n/a' if budget.knob is None else f'{budget.knob:.4f}',
+                       'predicted_latency_ms': 'n/a' if budget.predicted_s is None
+                       else f'{budget.predicted_s * 1e3:.3f}',
+                       'latency_budget_ms': f'{budget.budget_s * 1e3:.3f}'})
     return DiagnosticStatus(level=DiagnosticStatus.OK, name=node_name, message=method, hardware_id=model,
                             values=[KeyValue(key=k, value=v) for k, v in values.items()])
 

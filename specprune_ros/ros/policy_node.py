@@ -54,8 +54,9 @@ from specprune_ros.codecs.instruction import (DuplicateFilter, InstructionError,
                                               validate_instruction)
 from specprune_ros.codecs.kept_patches import draw_kept_patches, kept_patch_masks
 from specprune_ros.codecs.proprio import PROPRIO_DIM, StateError, finger_gap_from_joints
-from specprune_ros.control.controller import AcceptedChunk, InferenceRequest, PolicyController
+from specprune_ros.control.controller import AcceptedChunk, InferenceRequest, PolicyController, budget_settings
 from specprune_ros.control.inference_worker import InferenceWorker
+from specprune_ros.control.latency_budget import budget_for_policy
 from specprune_ros.control.parameters import NodeParameters, ParameterError, unknown_parameter_message
 from specprune_ros.control.runtime_stats import ERROR, OK, WARN
 from specprune_ros.control.safety_filter import FilteredCommand
@@ -227,8 +228,11 @@ class SpecPruneNode(LifecycleNode):
         self.policy = policy
         self.get_logger().info(f'loaded {params.model!r} with method {params.method!r} and warmed it up in '
                                f'{time.perf_counter() - started:.2f} s')
+        budget = budget_for_policy(budget_settings(params), params.method, policy, params.budget_fallback_method,
+                                   seed=params.seed, device=params.device)
         self.controller = PolicyController(params, tuple(policy.camera_names), policy.action_spec,
-                                           needs_proprio=params.proprio_source == 'pose', clock=self.steady_now)
+                                           needs_proprio=params.proprio_source == 'pose', clock=self.steady_now,
+                                           budget=budget)
         self._create_subscriptions(params)
         self._create_publishers()
         self.worker = InferenceWorker(self.controller, policy, self.now, self._on_chunk,
@@ -467,6 +471,11 @@ class SpecPruneNode(LifecycleNode):
                                                                params.model, params.method))
         if chunk.reset_reason:
             self.get_logger().info(f'temporal token state reset: {chunk.reset_reason}')
+        if chunk.budget is not None and chunk.budget.unreachable:
+            self._warn_throttled('latency_budget', f'latency budget {chunk.budget.budget_s * 1e3:.1f} ms '
+                                 f'(p{params.latency_budget_percentile:g}) cannot be met even at min_keep_ratio '
+                                 f'{params.min_keep_ratio}: predicted {chunk.budget.predicted_s * 1e3:.1f} ms, '
+                                 f'this step took {chunk.model_latency_s * 1e3:.1f} ms')
         if params.publish_debug_image and chunk.record is not None:
             self._publish_debug_image(chunk, policy)
 

@@ -8,6 +8,7 @@ import torch
 
 from specprune_ros.core.step_types import StepContext, StepPlan
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
+from specprune_ros.pruning.budget_knob import KeepRatioKnob
 from specprune_ros.pruning.diversity import greedy_max_min
 from specprune_ros.pruning.scoring import budget_count, camera_slices, mask_to_sequence
 
@@ -18,7 +19,7 @@ class DivPruneConfig(BaseConfig):
     per_camera: bool = False       # DivPrune selects over all visual tokens; True = the budget in every camera
 
 
-class DivPrune(PruningMethodBase):
+class DivPrune(KeepRatioKnob, PruningMethodBase):
     name = 'divprune'
 
     def __init__(self, config: DivPruneConfig | None = None, seed: int = 0) -> None:
@@ -31,7 +32,7 @@ class DivPrune(PruningMethodBase):
         mask = torch.zeros(layout.num_visual, dtype=torch.bool)
         groups = camera_slices(layout) if self.config.per_camera else [slice(0, layout.num_visual)]
         for sl in groups:
-            m = budget_count(self.config.keep_ratio, sl.stop - sl.start)
+            m = budget_count(self.effective_keep_ratio(), sl.stop - sl.start)
             mask[sl.start + greedy_max_min(emb[sl], m)] = True
         self.last_info['budget'] = int(mask.sum())
         return StepPlan(keep_before=mask_to_sequence(mask, layout))

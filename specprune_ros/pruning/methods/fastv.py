@@ -13,6 +13,7 @@ import torch
 
 from specprune_ros.core.step_types import LayerView, StepContext, StepPlan
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
+from specprune_ros.pruning.budget_knob import KeepRatioKnob
 from specprune_ros.pruning.scoring import budget_count, camera_slices, mask_to_sequence, stable_topk
 
 
@@ -24,7 +25,7 @@ class FastVConfig(BaseConfig):
     per_camera: bool = False       # FastV ranks over all visual tokens; True = the budget in every camera
 
 
-class FastV(PruningMethodBase):
+class FastV(KeepRatioKnob, PruningMethodBase):
     name = 'fastv'
 
     def __init__(self, config: FastVConfig | None = None, seed: int = 0) -> None:
@@ -52,7 +53,7 @@ class FastV(PruningMethodBase):
         mask = torch.zeros(layout.num_visual, dtype=torch.bool)
         groups = camera_slices(layout) if self.config.per_camera else [slice(0, layout.num_visual)]
         for sl in groups:
-            m = budget_count(self.config.keep_ratio, sl.stop - sl.start)
+            m = budget_count(self.effective_keep_ratio(), sl.stop - sl.start)
             mask[sl.start + stable_topk(scores[sl], m, present[sl])] = True
         self.last_info['budget'] = int(mask.sum())
         return mask_to_sequence(mask, layout)

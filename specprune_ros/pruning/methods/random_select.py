@@ -11,6 +11,7 @@ import torch
 
 from specprune_ros.core.step_types import StepContext, StepPlan
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
+from specprune_ros.pruning.budget_knob import KeepRatioKnob
 from specprune_ros.pruning.scoring import budget_count, camera_slices, mask_to_sequence
 
 
@@ -20,7 +21,7 @@ class RandomConfig(BaseConfig):
     per_camera: bool = True        # draw the budget in every camera (True) or over all visual tokens
 
 
-class RandomPruning(PruningMethodBase):
+class RandomPruning(KeepRatioKnob, PruningMethodBase):
     name = 'random'
 
     def __init__(self, config: RandomConfig | None = None, seed: int = 0) -> None:
@@ -38,7 +39,7 @@ class RandomPruning(PruningMethodBase):
         groups = camera_slices(layout) if self.config.per_camera else [slice(0, layout.num_visual)]
         for sl in groups:
             n = sl.stop - sl.start
-            m = budget_count(self.config.keep_ratio, n)
+            m = budget_count(self.effective_keep_ratio(), n)
             mask[sl.start + torch.randperm(n, generator=self.generator)[:m]] = True
         self.last_info['budget'] = int(mask.sum())
         return StepPlan(keep_before=mask_to_sequence(mask, layout))

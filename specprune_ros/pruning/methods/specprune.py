@@ -50,6 +50,7 @@ gather / drop), ``layer_drops``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -60,6 +61,7 @@ import torch
 from specprune_ros.core.step_types import LayerView, StepContext, StepPlan, StepRecord
 from specprune_ros.pruning.action_controller import ActionController, ControllerConfig, ControllerOutput
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase, split_per_camera
+from specprune_ros.pruning.budget_knob import BudgetKnob
 from specprune_ros.pruning.change_detection import (ChangeDetectionConfig, changed_mask, max_changed_count,
                                                     max_static_count, reference_back)
 from specprune_ros.pruning.scoring import (budget_count, camera_slices, layer_importance, mask_to_sequence,
@@ -120,7 +122,7 @@ class SpecPruneConfig(BaseConfig):
     min_visual_fraction: float = 60 / 512   # never go below this fraction of a camera's patches by layer pruning
 
 
-class SpecPrune(PruningMethodBase):
+class SpecPrune(BudgetKnob, PruningMethodBase):
     name = 'specprune'
 
     def __init__(self, config: SpecPruneConfig | None = None, seed: int = 0) -> None:
@@ -184,6 +186,8 @@ class SpecPrune(PruningMethodBase):
                 speed = float(np.linalg.norm(acts[:, :3].sum(0)))
             out = ControllerOutput(mode=cfg.fixed_mode, k_fraction=cfg.controller.k_fraction(cfg.fixed_mode),
                                    speed=speed, replan_requested=False, switched=False)
+        if self.budget_scale is not None:           # a latency budget scales K in either mode
+            out = dataclasses.replace(out, k_fraction=out.k_fraction * self.budget_scale)
         self._k = out.k_base(patches, cams, cfg.controller.camera_scale)
         self.last_info.update(mode=out.mode, k_base=list(self._k), replan_requested=out.replan_requested,
                               speed=round(out.speed, 4))

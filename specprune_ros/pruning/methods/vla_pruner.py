@@ -26,6 +26,7 @@ import torch
 
 from specprune_ros.core.step_types import LayerView, StepContext, StepPlan, StepRecord
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase, split_per_camera
+from specprune_ros.pruning.budget_knob import KeepRatioKnob
 from specprune_ros.pruning.diversity import greedy_max_min
 from specprune_ros.pruning.scoring import (budget_count, camera_slices, decayed_action_score, mask_to_sequence,
                                            normalise, stable_topk)
@@ -57,7 +58,7 @@ class VLAPrunerConfig(BaseConfig):
     per_camera: bool = True                 # select per camera (paper, for OpenVLA-OFT)
 
 
-class VLAPruner(PruningMethodBase):
+class VLAPruner(KeepRatioKnob, PruningMethodBase):
     name = 'vla_pruner'
 
     def __init__(self, config: VLAPrunerConfig | None = None, seed: int = 0) -> None:
@@ -114,7 +115,7 @@ class VLAPruner(PruningMethodBase):
         sizes = []
         groups = camera_slices(layout) if cfg.per_camera else [slice(0, layout.num_visual)]
         for sl in groups:
-            m = budget_count(cfg.keep_ratio, sl.stop - sl.start)
+            m = budget_count(self.effective_keep_ratio(), sl.stop - sl.start)
             ok = present[sl]
             s_sem = None if sem is None else normalise(sem[sl])
             s_act = None if act is None else normalise(act[sl])

@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""The latency budget in real-time simulation, with and without injected CPU load.
+
+The simulator steps every 0.1 s of wall-clock time while the policy node infers (``scripts/measure_realtime.py``'s
+real-time mode). For each load condition (none; ``--load-procs`` busy processes beside the node) and each
+configuration (unpruned; a fixed token budget; the unpruned model with ``latency_budget_ms``, DivPrune taking over
+when needed) the same episodes run, and this process listens to the node's ``~/inference`` records:
+
+    success (Wilson 95% CI), deadline misses (share of inferences whose model step took longer than the budget),
+    hold % (periods with a zero twist), stale % (periods without a fresh command), mean |jerk| of the applied
+    velocity, model latency p50 / p90, kept visual-token ratio.
+
+    python benchmarks/latency_budget.py --budget-ms 60 --episodes-per-family 3 --out outputs/latency_budget
+    python benchmarks/latency_budget.py --controller-overhead     # the budget's own cost per inference
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticStatus
+from rclpy.executors import SingleThreadedExecutor
+
+from specprune_ros.control.latency_budget import BudgetSettings, LatencyBudget
+from specprune_ros.pruning.registry import build_method
+from specprune_ros.ros.output_messages import values_of
+from specprune_ros.ros.sim_runner import SimRun, run_simulation
+
+
+class InferenceListener:
+    """Records the policy node's ``~/inference`` values in DDS domain ``domain``."""
+
+    def __init__(self, domain: int) -> None:
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context, domain_id=domain)
+        self.node = rclpy.create_node('latency_budget_listener', context=self.context)
+        self.records: list[dict] = []
+        self.node.create_subscription(DiagnosticStatus, '/specprune_node/inference',
+                                      lambda message: self.records.append(values_of(message)), 100)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self.thread = threading.Thread(target=self._spin, daemon=True)
+        self.thread.start()
+
+    def _spin(self) -> None:
+        while self.context.ok():
+            try:
+                self.executor.spin_once(timeout_sec=0.05)
+            except Exception:  # the context was shut down under us
+                break
+
+    def close(self) -> None:
+        self.executor.shutdown(timeout_sec=1.0)
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+        self.thread.join(2.0)
+
+
+def configurations(budget_ms: float, fixed_ratio: float) -> dict[str, tuple[dict, dict]]:
+    """label -> (launch arguments, policy parameters)."""
+    return {
+        'unpruned': ({'method': 'none'}, {}),
+        f'fixed divprune {fixed_ratio:g}': ({'method': 'divprune', 'method_config': f'{{keep_ratio: {fixed_ratio}}}'},
+                                            {}),
+        f'latency budget {budget_ms:g} ms': ({'method': 'none'}, {'latency_budget_ms': float(budget_ms)}),
+    }
+
+
+def run_one(args: argparse.Namespace, label: str, arguments: dict, parameters: dict, load: str) -> dict:
+    busy = [subprocess.Popen([sys.executable, '-c', 'while True: pass']) for _ in range(args.load_procs)] \
+        if load == 'busy' else []
+    listener = InferenceListener(args.domain_id)
+    try:
+        launch = {'model': args.model, 'mode': 'realtime', 'families': ','.join(args.families),
+                  'episodes_per_family': str(args.episodes_per_family), 'seed_start': str(args.seed_start),
+                  'max_steps': str(args.max_steps), 'label': label, **arguments}
+        policy = {'replan_every_steps': args.replan_every_steps, **parameters}
+        result = run_simulation(SimRun(arguments=launch, policy_parameters=policy, domain_id=args.domain_id,
+                                       torch_threads=1, log_dir=args.out / 'logs' / f'{load}_{label}'.replace(' ', '_'),
+                                       timeout_s=3600))
+    finally:
+        listener.close()
+        for process in busy:
+            process.kill()
+            process.wait()
+    if result['summary'] is None:
+        raise RuntimeError(f'{load} {label}: no summary\n' + json.dumps(result['outputs'], indent=1))
+    overall = result['summary']['summary']['overall']
+    model_ms = np.array([float(r['model_latency_ms']) for r in listener.records if 'model_latency_ms' in r])
+    kept = [float(r['kept_ratio']) for r in listener.records if r.get('kept_ratio', 'n/a') != 'n/a']
+    return {'load': load, 'config': label, 'episodes': overall['episodes'], 'successes': overall['successes'],
+            'success_rate': overall['success_rate'], 'ci95': overall['ci95'],
+            'deadline_misses': float(np.mean(model_ms > args.budget_ms)) if len(model_ms) else float('nan'),
+            'hold_fraction': overall['hold_fraction'], 'stale_fraction': overall['stale_fraction'],
+            'mean_abs_jerk': overall['mean_abs_jerk'], 'inferences': int(len(model_ms)),
+            'model_ms_p50': float(np.percentile(model_ms, 50)) if len(model_ms) else float('nan'),
+            'model_ms_p90': float(np.percentile(model_ms, 90)) if len(model_ms) else float('nan'),
+            'kept_ratio': float(np.mean(kept)) if kept else float('nan')}
+
+
+def table(rows: list[dict], budget_ms: float) -> str:
+    lines = [f'| load | config | success | 95% CI | deadline misses (> {budget_ms:g} ms) | hold % | stale % '
+             '| mean abs jerk m/s^3 | model p50 / p90 ms | kept ratio | inferences |',
+             '|---|---|---|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        lines.append(f"| {r['load']} | {r['config']} | {r['success_rate'] * 100:.0f}% "
+                     f"({r['successes']}/{r['episodes']}) | {r['ci95'][0] * 100:.0f}-{r['ci95'][1] * 100:.0f}% "
+                     f"| {r['deadline_misses'] * 100:.1f}% | {r['hold_fraction'] * 100:.1f} "
+                     f"| {r['stale_fraction'] * 100:.1f} | {r['mean_abs_jerk']:.2f} "
+                     f"| {r['model_ms_p50']:.1f} / {r['model_ms_p90']:.1f} | {r['kept_ratio']:.3f} "
+                     f"| {r['inferences']} |")
+    return '\n'.join(lines)
+
+
+def controller_overhead(steps: int = 2000) -> str:
+    """Median and p95 wall time of one decide + observe pair (what the node adds per inference when on)."""
+    budget = LatencyBudget(BudgetSettings(budget_s=0.06), {'divprune': build_method('divprune')}, 'divprune')
+    rng = np.random.default_rng(0)
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        decision = budget.decide()
+        knob = 0.5 if decision.knob is None else decision.knob
+        flops = 1e9 * (0.2 + 0.8 * knob)
+        latency = (0.01 + 6e-11 * flops) * float(np.exp(rng.normal(0.0, 0.1)))
+        budget.observe(decision, latency, type('Record', (), {'flops': flops, 'flops_full': 1e9,
+                                                              'model_seconds': latency - 0.01})(), 'n/a')
+        times.append(time.perf_counter() - started)
+    micro = np.array(times[100:]) * 1e6
+    return f'latency budget decide + observe: p50 {np.median(micro):.0f} us, p95 {np.percentile(micro, 95):.0f} us'
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', default='reference')
+    parser.add_argument('--budget-ms', type=float, default=60.0, help='latency_budget_ms of the budgeted node')
+    parser.add_argument('--fixed-ratio', type=float, default=0.25, help='keep ratio of the fixed-budget config')
+    parser.add_argument('--loads', nargs='+', choices=('none', 'busy'), default=['none', 'busy'])
+    parser.add_argument('--load-procs', type=int, default=1, help='busy processes beside the node under load')
+    parser.add_argument('--families', nargs='+', default=['pick'])
+    parser.add_argument('--episodes-per-family', type=int, default=3)
+    parser.add_argument('--seed-start', type=int, default=1_000_000)
+    parser.add_argument('--max-steps', type=int, default=0)
+    parser.add_argument('--replan-every-steps', type=int, default=2)
+    parser.add_argument('--domain-id', type=int, default=87)
+    parser.add_argument('--out', type=Path, default=Path('outputs/latency_budget'))
+    parser.add_argument('--configs', nargs='+', default=[], help='run only configurations whose label has one of '
+                        "these words (e.g. 'budget')")
+    parser.add_argument('--controller-overhead', action='store_true', help='only time the budget itself')
+    args = parser.parse_args()
+    if args.controller_overhead:
+        print(controller_overhead())
+        return 0
+
+    rows = []
+    for load in args.loads:
+        for label, (arguments, parameters) in configurations(args.budget_ms, args.fixed_ratio).items():
+            if args.configs and not any(word in label for word in args.configs):
+                continue
+            started = time.perf_counter()
+            rows.append(run_one(args, label, arguments, parameters, load))
+            print(table(rows[-1:], args.budget_ms).splitlines()[-1], f'({time.perf_counter() - started:.0f} s)',
+                  flush=True)
+    text = (f'Model {args.model}; {args.episodes_per_family} episodes per family of {", ".join(args.families)} from '
+            f'seed {args.seed_start}, real time, replanning every {args.replan_every_steps} steps; load busy = '
+            f'{args.load_procs} busy process(es) beside the node.\n\n' + table(rows, args.budget_ms) + '\n')
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / 'latency_budget.md').write_text(text)
+    (args.out / 'latency_budget.json').write_text(json.dumps(rows, indent=2))
+    print(text)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

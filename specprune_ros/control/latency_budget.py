@@ -1,0 +1,396 @@
+"""The latency budget: choose how much to prune so that a chosen percentile of the model step meets a deadline.
+
+Three parts, all DDS-free:
+
+* ``LatencyModel`` predicts a step's wall time from its decoder FLOPs (the executor's analytical FLOPs of the kept
+  tokens per layer): ``latency = fixed + rate * flops``. ``fixed`` (vision encoder, action head, selection) and
+  ``rate`` (seconds per decoder FLOP) are robust location estimates (medians) of the last few measured steps:
+  ``fixed = latency - decoder seconds`` and ``rate = decoder seconds / flops`` of each step, so one step already
+  identifies both, whatever the knob. Medians of the last five steps follow a change of load within three
+  inferences, and a lone outlier moves no median. The percentile comes from the spread: the model's prediction
+  times the ``percentile`` over the last ``history`` steps of each step against the median of its neighbours
+  (so a change of load does not count as spread) or, where larger, of each step against the prediction made
+  before it ran (load that comes in bursts of a few steps, which no median foresees), times a correction that
+  tracks the percentile itself: every step above its predicted percentile raises it, every step below lowers
+  it, in the proportion that balances at the percentile (a stochastic-approximation quantile tracker: it absorbs
+  what the model gets wrong).
+* ``KnobMap`` maps the method's budget knob to the decoder FLOPs it leads to (a line through recent
+  (knob, FLOPs) pairs; FLOPs are exact counts, so plain least squares), per method and controller mode (SpecPrune
+  keeps more tokens in fine mode at the same knob).
+* ``LatencyBudget`` picks, before every inference, the largest knob whose predicted percentile latency meets the
+  budget, between ``min_keep_ratio`` and keeping everything; it holds the knob inside a dead band against
+  jitter. For the unpruned method a fallback method takes over when even the full model cannot meet the budget.
+
+Knobs: the keep ratio of VLA-Pruner, FastV, DivPrune and random; SpecPrune's scale of K (its action-aware
+controller still picks coarse or fine K, the budget scales both), expressed so that the smallest knob keeps
+``min_keep_ratio`` of a camera in coarse mode and the largest keeps every patch.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from specprune_ros.control.runtime_stats import RollingWindow
+from specprune_ros.pruning.budget_knob import BudgetKnob
+from specprune_ros.pruning.methods.specprune import SpecPrune
+from specprune_ros.pruning.registry import build_method
+
+NO_PRUNING = 'none'
+
+
+@dataclass
+class BudgetSettings:
+    """The node parameters the budget reads (seconds, not ms)."""
+
+    budget_s: float = 0.0                  # 0 = off
+    percentile: float = 90.0
+    min_keep_ratio: float = 0.1
+    window: int = 100                      # steps in the deadline-miss window
+
+
+@dataclass
+class BudgetDecision:
+    """What the budget chose for one inference and what it expected."""
+
+    method: str                             # the method that runs this step (the fallback for 'none')
+    knob: Optional[float]                   # None: the method's own setting (no model yet)
+    predicted_s: Optional[float]            # predicted percentile latency at this knob
+    budget_s: float
+    unreachable: bool = False               # even the smallest knob is predicted to miss the budget
+    mode: str = 'n/a'                       # controller mode the knob map of this step was read for
+
+
+class LatencyModel:
+    """``latency = fixed + rate * flops``, from robust estimates over recent steps (see the module docstring)."""
+
+    def __init__(self, estimate_steps: int = 5, history: int = 40, spread_half_width: int = 2,
+                 default_margin: float = 1.15, tracking_gain: float = 0.03) -> None:
+        self.estimate_steps = estimate_steps
+        self.tracking_gain = tracking_gain
+        self.correction = 1.0
+        self.spread_half_width = spread_half_width
+        self.default_margin = default_margin
+        self.samples: deque[tuple[float, float, float]] = deque(maxlen=history)   # (latency, decoder s, flops)
+        self.ahead: deque[float] = deque(maxlen=history)       # measured / median predicted before the step
+        self._estimate: Optional[tuple[float, float]] = None    # (fixed, rate) of the current samples
+        self._estimates: deque[tuple[float, float]] = deque(maxlen=4)   # (fixed, rate) after each of the last steps
+
+    @property
+    def ready(self) -> bool:
+        return len(self.samples) > 0
+
+    def fixed_and_rate(self) -> tuple[float, float]:
+        if self._estimate is None:
+            self._estimate = _fixed_and_rate(list(self.samples)[-self.estimate_steps:])
+        return self._estimate
+
+    def predict(self, flops: float) -> float:
+        """Typical (median) latency of a step of ``flops`` decoder FLOPs."""
+        fixed, rate = self.fixed_and_rate()
+        return fixed + rate * flops
+
+    def margin(self, percentile: float) -> float:
+        """The ``percentile`` of each recent step against the median of its neighbours (a level change moves
+        the neighbours with it, so only the spread counts), drawn towards ``default_margin`` while few steps
+        back it."""
+        if len(self.samples) < 3:
+            return self.default_margin
+        fixed, rate = self.fixed_and_rate()
+        data = np.asarray(self.samples)
+        level = data[:, 0] / np.maximum(fixed + rate * data[:, 2], 1e-12)     # the knob's effect divided out
+        width = self.spread_half_width
+        padded = np.pad(level, width, mode='edge')                # the end steps stand in beyond the ends
+        local = np.median(np.lib.stride_tricks.sliding_window_view(padded, 2 * width + 1), axis=1)
+        ratios = level / np.maximum(local, 1e-12)
+        weight = len(ratios) / (len(ratios) + 5.0)
+        measured = float(np.percentile(ratios, percentile))
+        if len(self.ahead) >= 20:           # load that comes in bursts of a few steps: the prediction's own error
+            measured = max(measured, float(np.percentile(np.fromiter(self.ahead, float), percentile)))
+        spread = weight * measured + (1.0 - weight) * self.default_margin
+        return float(np.clip(spread * self.correction, 0.8, 3.0))
+
+    def track_percentile(self, exceeded: bool, percentile: float) -> None:
+        """One step measured against its predicted ``percentile`` latency: nudge the correction."""
+        step = self.tracking_gain * (float(exceeded) - (1.0 - percentile / 100.0))
+        self.correction = float(np.clip(self.correction * np.exp(step), 0.8, 2.0))
+
+    def predict_percentile(self, flops: float, percentile: float) -> float:
+        return self.predict(flops) * self.margin(percentile)
+
+    def observe(self, latency_s: float, decoder_s: float, flops: float) -> None:
+        """Add one measured step."""
+        if not (np.isfinite(latency_s) and np.isfinite(decoder_s) and np.isfinite(flops)) or latency_s <= 0:
+            return
+        if self.ready:
+            self.ahead.append(latency_s / max(self.predict(flops), 1e-12))
+        self.samples.append((float(latency_s), float(min(decoder_s, latency_s)), float(flops)))
+        self._estimate = None
+        self._estimates.append(self.fixed_and_rate())
+        if len(self._estimates) == self._estimates.maxlen:
+            (old_fixed, old_rate), (fixed, rate) = self._estimates[0], self._estimates[-1]
+            change = (fixed + rate * flops) / max(old_fixed + old_rate * flops, 1e-12)
+            if not 1 / 1.3 < change < 1.3:       # the medians moved: a lasting change of load, not spread
+                for _ in range(min(3, len(self.ahead))):
+                    self.ahead.pop()             # the steps that revealed it are no measure of the spread
+                self._estimates.clear()
+
+
+def _fixed_and_rate(samples: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """Medians of (latency - decoder seconds) and (decoder seconds / FLOPs) over ``samples``."""
+    data = np.asarray(samples)
+    fixed = float(np.median(np.maximum(data[:, 0] - data[:, 1], 0.0)))
+    rate = float(np.median(data[:, 1] / np.maximum(data[:, 2], 1.0)))
+    return fixed, rate
+
+
+class KnobMap:
+    """Decoder FLOPs as a line in the knob, from the recent (knob, FLOPs) pairs of one method and mode."""
+
+    def __init__(self, history: int = 20) -> None:
+        self.samples: deque[tuple[float, float]] = deque(maxlen=history)
+
+    def observe(self, knob: float, flops: float) -> None:
+        self.samples.append((float(knob), float(flops)))
+
+    def line(self) -> Optional[tuple[float, float]]:
+        """(intercept, slope), or None without data; one distinct knob: a line through the origin."""
+        if not self.samples:
+            return None
+        data = np.asarray(self.samples)
+        knobs, flops = data[:, 0], data[:, 1]
+        if np.ptp(knobs) > 1e-3:
+            slope, intercept = np.polyfit(knobs, flops, 1)
+            if slope > 0:
+                return float(intercept), float(slope)
+        knob = max(float(np.mean(knobs)), 1e-3)
+        return 0.0, float(np.mean(flops)) / knob
+
+    def knob_for(self, flops: float) -> Optional[float]:
+        line = self.line()
+        if line is None:
+            return None
+        intercept, slope = line
+        return (flops - intercept) / slope
+
+    def flops_at(self, knob: float) -> Optional[float]:
+        line = self.line()
+        return None if line is None else line[0] + line[1] * knob
+
+
+def knob_range(method: Any, min_keep_ratio: float) -> Optional[tuple[float, float]]:
+    """(smallest, largest) budget knob of ``method``; None when it has no knob (the unpruned method, VLA-Cache)."""
+    if not isinstance(method, BudgetKnob):
+        return None
+    if isinstance(method, SpecPrune):
+        coarse = method.config.controller.k_fraction('coarse')
+        return min_keep_ratio / coarse, 1.0 / coarse
+    return min_keep_ratio, 1.0
+
+
+class LatencyBudget:
+    """Chooses the method's knob (and, for the unpruned method, whether the fallback runs) before each inference
+    and learns from the measured step after it. Not thread-safe on its own (the controller holds the lock)."""
+
+    def __init__(self, settings: BudgetSettings, methods: dict[str, Any], primary: str, device: str = 'cpu',
+                 dead_band: float = 0.05, dead_band_abs: float = 0.03, recover_ratio: float = 0.9) -> None:
+        self.settings = settings
+        self.methods = methods                      # name -> pruning method object ('none' may map to None)
+        self.primary = primary
+        self.fallback = next((name for name in methods if name != primary), '')
+        self.device = device
+        self.dead_band = dead_band                  # relative knob change below which the knob stays ...
+        self.dead_band_abs = dead_band_abs          # ... or absolute (3 % of the visual tokens)
+        self.recover_ratio = recover_ratio          # back to unpruned when full is predicted below this x budget
+        self.models: dict[str, LatencyModel] = {}
+        self.maps: dict[tuple[str, str], KnobMap] = {}
+        self.active = primary
+        self.mode = 'n/a'
+        self.flops_full: Optional[float] = None
+        self.misses = RollingWindow(settings.window)
+        self.unreachable_steps = 0
+        self.last_decision: Optional[BudgetDecision] = None
+        self.last_measured_s: Optional[float] = None
+        self._knob: dict[str, float] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.budget_s > 0
+
+    def model(self, method: str) -> LatencyModel:
+        return self.models.setdefault(f'{method}@{self.device}', LatencyModel())
+
+    def knob_map(self, method: str, mode: str) -> KnobMap:
+        return self.maps.setdefault((method, mode), KnobMap())
+
+    # --- before an inference ------------------------------------------------------------------------------
+    def decide(self) -> Optional[BudgetDecision]:
+        """The method and knob for the next inference (None when the budget is off)."""
+        if not self.enabled:
+            return None
+        budget, q = self.settings.budget_s, self.settings.percentile
+        if self.active == NO_PRUNING:
+            decision = self._decide_unpruned(budget, q)
+            if decision is not None:
+                self.last_decision = decision
+                return decision
+            self.active = self.fallback
+        decision = self._decide_knob(self.active, budget, q)
+        if (self.primary == NO_PRUNING and decision.knob is not None and self.flops_full is not None
+                and decision.knob >= self._range(self.active)[1] - 1e-9):
+            full = self.model(self.active).predict_percentile(self.flops_full, q)
+            if full <= self.recover_ratio * budget:         # the full model fits again, with room to spare
+                self.active = NO_PRUNING
+                decision = BudgetDecision(NO_PRUNING, None, full, budget, mode=self.mode)
+        self.last_decision = decision
+        return decision
+
+    def _decide_unpruned(self, budget: float, q: float) -> Optional[BudgetDecision]:
+        model = self.model(NO_PRUNING)
+        if not model.ready or self.flops_full is None or not self.fallback:
+            return BudgetDecision(NO_PRUNING, None, None, budget, mode=self.mode)
+        predicted = model.predict_percentile(self.flops_full, q)
+        if predicted <= budget:
+            return BudgetDecision(NO_PRUNING, None, predicted, budget, mode=self.mode)
+        return None
+
+    def _range(self, method: str) -> tuple[float, float]:
+        return knob_range(self.methods[method], self.settings.min_keep_ratio) or (1.0, 1.0)
+
+    def _decide_knob(self, method: str, budget: float, q: float) -> BudgetDecision:
+        low, high = self._range(method)
+        model, knobs = self.model(method), self.knob_map(method, self.mode)
+        if not knobs.samples:        # a mode not seen yet: another mode's map until this one has a step
+            knobs = next((m for (name, _), m in self.maps.items() if name == method and m.samples), knobs)
+        if not model.ready or not knobs.samples:
+            if method != self.primary:                      # a fallback starts from the full model's line
+                return self._first_fallback_step(method, budget, q, low, high)
+            return BudgetDecision(method, None, None, budget, mode=self.mode)
+        fixed, rate = model.fixed_and_rate()
+        margin = model.margin(q)
+        allowed_flops = (budget / margin - fixed) / max(rate, 1e-18)
+        wanted = knobs.knob_for(allowed_flops)
+        knob = float(np.clip(wanted if wanted is not None else high, low, high))
+        previous = self._knob.get(method)
+        at_bound = knob in (low, high)                     # a bound is always taken (full width, the floor)
+        if previous is not None and not at_bound and \
+                abs(knob - previous) <= max(self.dead_band * previous, self.dead_band_abs):
+            knob = previous
+        flops = knobs.flops_at(knob)
+        predicted = None if flops is None else model.predict(flops) * margin
+        unreachable = knob <= low + 1e-12 and predicted is not None and predicted > budget
+        self._knob[method] = knob
+        return BudgetDecision(method, knob, predicted, budget, unreachable, mode=self.mode)
+
+    def _first_fallback_step(self, method: str, budget: float, q: float, low: float,
+                             high: float) -> BudgetDecision:
+        """No data for the fallback yet: assume its FLOPs scale with the knob and reuse the unpruned timing."""
+        unpruned = self.model(NO_PRUNING)
+        if not unpruned.ready or self.flops_full is None:
+            knob = low
+        else:
+            fixed, rate = unpruned.fixed_and_rate()
+            allowed = (budget / unpruned.margin(q) - fixed) / max(rate, 1e-18)
+            knob = float(np.clip(allowed / self.flops_full * high, low, high))
+        self._knob[method] = knob
+        return BudgetDecision(method, knob, None, budget, mode=self.mode)
+
+    # --- after an inference -------------------------------------------------------------------------------
+    def observe(self, decision: BudgetDecision, latency_s: float, record: Any, mode: str) -> None:
+        """Learn from one measured step (``record``: the executor's StepRecord, or None)."""
+        self.last_measured_s = float(latency_s)
+        self.misses.add(float(latency_s > decision.budget_s))
+        if decision.unreachable:
+            self.unreachable_steps += 1
+        self.mode = mode or 'n/a'
+        flops = getattr(record, 'flops', None)
+        if flops is None:
+            return
+        self.flops_full = float(getattr(record, 'flops_full', flops) or flops)
+        decoder_s = float(getattr(record, 'model_seconds', 0.0) or 0.0)
+        model = self.model(decision.method)
+        if decision.predicted_s is not None:
+            model.track_percentile(latency_s > decision.predicted_s, self.settings.percentile)
+        model.observe(latency_s, decoder_s, float(flops))
+        knob = decision.knob
+        if knob is None and decision.method in self.methods:
+            ranged = knob_range(self.methods[decision.method], self.settings.min_keep_ratio)
+            knob = _configured_knob(self.methods[decision.method], ranged)
+        if knob is not None:
+            self.knob_map(decision.method, self.mode).observe(knob, float(flops))
+
+    def reset_knobs(self) -> None:
+        """Forget the chosen knobs (the budget was switched off): the methods run their own settings again."""
+        self._knob.clear()
+        self.active = self.primary
+
+    # --- the policy (only ever from the thread that runs it) ---------------------------------------------------
+    def apply(self, policy: Any, decision: Optional[BudgetDecision]) -> None:
+        """Put the decided method and knob into ``policy``; None (budget off) restores the configured method
+        with its own settings."""
+        method = self.methods.get(decision.method if decision is not None else self.primary)
+        if hasattr(policy, 'method') and method is not None and policy.method is not method:
+            policy.method = method
+        if decision is None:
+            for other in self.methods.values():
+                if isinstance(other, BudgetKnob) and other.budget_scale is not None:
+                    other.set_budget(None)
+        elif isinstance(method, BudgetKnob):
+            method.set_budget(decision.knob)
+
+    def reset_methods(self, policy: Any) -> None:
+        """Reset the temporal state of the methods ``policy`` does not hold now (it resets its own)."""
+        for method in self.methods.values():
+            if method is not None and method is not getattr(policy, 'method', None):
+                method.reset()
+
+    # --- diagnostics --------------------------------------------------------------------------------------
+    def key_values(self) -> list[tuple[str, str]]:
+        settings = self.settings
+        if not self.enabled:
+            return [('latency budget ms', 'off')]
+        decision = self.last_decision
+        model = self.model(decision.method if decision else self.active)
+        fixed_rate = 'n/a'
+        if model.ready:
+            fixed, rate = model.fixed_and_rate()
+            full = 'n/a' if self.flops_full is None else f'{rate * self.flops_full * 1e3:.2f}'
+            fixed_rate = f'fixed {fixed * 1e3:.2f} ms + decoder {full} ms at full width, ' \
+                         f'p{settings.percentile:g} margin {model.margin(settings.percentile):.2f} ' \
+                         f'(tracking correction {model.correction:.2f})'
+        misses = self.misses.samples
+        return [
+            ('latency budget ms', f'{settings.budget_s * 1e3:.1f}'),
+            ('latency budget percentile', f'{settings.percentile:g}'),
+            ('budget method', decision.method if decision else self.active),
+            ('budget knob', 'n/a' if decision is None or decision.knob is None else f'{decision.knob:.4f}'),
+            ('predicted latency ms', _ms(decision.predicted_s if decision else None)),
+            ('measured latency ms', _ms(self.last_measured_s)),
+            ('budget deadline misses in window', f'{int(sum(misses))} / {len(misses)}'),
+            ('budget unreachable steps', str(self.unreachable_steps)),
+            ('latency model', fixed_rate),
+        ]
+
+
+def _configured_knob(method: Any, ranged: Optional[tuple[float, float]]) -> Optional[float]:
+    """The knob value the method's own configuration amounts to (for the first, unbudgeted step)."""
+    if ranged is None:
+        return None
+    if isinstance(method, SpecPrune):
+        return 1.0
+    return float(getattr(method.config, 'keep_ratio', 1.0))
+
+
+def _ms(seconds: Optional[float]) -> str:
+    return 'n/a' if seconds is None else f'{seconds * 1e3:.2f}'
+
+
+def budget_for_policy(settings: BudgetSettings, method: str, policy: Any, fallback: str, seed: int = 0,
+                      device: str = 'cpu') -> LatencyBudget:
+    """The budget of a loaded policy running ``method``; for 'none' the ``fallback`` method is built too."""
+    methods = {method: getattr(policy, 'method', None)}
+    if method == NO_PRUNING:
+        methods[fallback] = build_method(fallback, seed=seed)
+    return LatencyBudget(settings, methods, method, device=device)

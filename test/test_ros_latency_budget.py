@@ -1,0 +1,110 @@
+"""The latency budget in the real node over DDS (ROS_DOMAIN_ID 85): the reference VLA, unpruned ('none' with
+DivPrune as the fallback), under injected CPU load (a busy process beside the node).
+
+The budget is set at run time to 1/1.6 of the unbudgeted p90 first measured (a budget derived from the
+measurement keeps the check meaningful on a shared machine whose speed varies), then switched on and off in
+interleaved blocks so that both see the same load: the unpruned p90 exceeds the budget by at least 30 %, the
+budgeted p90 stays within +10 % of it, and switching the budget off restores the unpruned model. When the shared
+2-core machine gets so loaded that even min_keep_ratio cannot meet the budget, the node must say so (diagnostics:
+budget unreachable steps) and its p90 must still be at most 3/4 of the unpruned p90 under the same load.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip('rclpy', reason='ROS 2 (rclpy) is not installed: scripts/setup_env.sh installs the wheels')
+
+from rcl_interfaces.msg import Parameter as ParameterMsg  # noqa: E402
+from rcl_interfaces.msg import ParameterType, ParameterValue  # noqa: E402
+from rcl_interfaces.srv import SetParameters  # noqa: E402
+
+from ros_harness import Probe, start_camera, start_node  # noqa: E402
+
+DOMAIN = 85
+STARTUP_S = 120.0
+BLOCKS, BLOCK, SETTLE = 3, 12, 8    # interleaved blocks of inferences with and without the budget
+CAMERAS = ('--camera', 'agentview=camera/agentview/image_raw:raw', '--camera', 'wrist=camera/wrist/image_raw:raw',
+           '--instruction', 'pick up the red cube')
+
+
+def set_budget(probe: Probe, milliseconds: float) -> None:
+    value = ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=float(milliseconds))
+    request = SetParameters.Request(parameters=[ParameterMsg(name='latency_budget_ms', value=value)])
+    result = probe.call(SetParameters, '/specprune_node/set_parameters', request).results[0]
+    assert result.successful, result.reason
+
+
+def collect(probe: Probe, count: int, accept=lambda record: True, skip: int = 0, timeout: float = 60.0) -> list:
+    """The next ``count`` inference records that satisfy ``accept``, after ``skip`` of them."""
+    start = time.monotonic()
+    wanted = skip + count
+    probe.wait_for(lambda: len([r for r in probe.since(probe.inferences, start) if accept(r)]) >= wanted, timeout)
+    records = [r for r in probe.since(probe.inferences, start) if accept(r)]
+    assert len(records) >= wanted, f'only {len(records)} of {wanted} inferences in {timeout} s'
+    return records[skip:wanted]
+
+
+def latencies(records: list) -> np.ndarray:
+    return np.array([float(r['model_latency_ms']) for r in records])
+
+
+@pytest.fixture(scope='module')
+def loaded_node():
+    busy = subprocess.Popen([sys.executable, '-c', 'while True: pass'])     # the injected CPU load
+    node = start_node(DOMAIN, {'model': 'reference', 'method': 'none', 'method_config': '{}'},
+                      {'replan_every_steps': 1, 'inference_deadline_s': 2.0, 'max_chunk_age_s': 3.0})
+    camera = start_camera(DOMAIN, *CAMERAS, rate=20.0)
+    probe = Probe(DOMAIN)
+    try:
+        values = probe.wait_diagnostics(lambda message, v: message == 'active: commanding', STARTUP_S)
+        assert values.get('hold reason') == 'none (commanding)', f'node never commanded; log:\n{node.output()[-3000:]}'
+        yield {'probe': probe, 'node': node}
+    finally:
+        probe.close()
+        camera.interrupt()
+        node.interrupt()
+        busy.kill()
+        busy.wait()
+
+
+def test_budget_holds_p90_under_load_where_the_unpruned_node_misses_it(loaded_node):
+    probe, node = loaded_node['probe'], loaded_node['node']
+    first = collect(probe, 20, skip=3)
+    assert all('budget_method' not in r for r in first), 'budget 0 must leave the inference record as it was'
+    budget_ms = float(np.percentile(latencies(first), 90)) / 1.6   # room for the load to vary
+
+    unpruned, budgeted = [], []                  # interleaved blocks: both see the same load
+    for _ in range(BLOCKS):
+        set_budget(probe, budget_ms)
+        budgeted += collect(probe, BLOCK, accept=lambda r: 'budget_method' in r, skip=SETTLE)
+        set_budget(probe, 0.0)
+        unpruned += collect(probe, BLOCK, accept=lambda r: 'budget_method' not in r, skip=2)
+    p90_unpruned = float(np.percentile(latencies(unpruned), 90))
+    p90_budgeted = float(np.percentile(latencies(budgeted), 90))
+    methods = {r['budget_method'] for r in budgeted}
+    knobs = [float(r['budget_knob']) for r in budgeted if r['budget_knob'] != 'n/a']
+    report = (f'budget {budget_ms:.1f} ms: unpruned p90 {p90_unpruned:.1f} ms, budgeted p90 {p90_budgeted:.1f} ms, '
+              f'methods {methods}, knobs {np.round(knobs, 3).tolist()}')
+    print(report)
+    assert methods == {'divprune'}, report
+    assert knobs and all(0.1 - 1e-6 <= k <= 1.0 for k in knobs), report
+    assert all(float(r['kept_ratio']) == 1.0 for r in unpruned), 'switching the budget off restores the model'
+    assert p90_unpruned >= 1.3 * budget_ms, report
+
+    set_budget(probe, budget_ms)
+    values = probe.wait_diagnostics(lambda m, v: v.get('budget method') == 'divprune', 10.0)
+    # Held, or, when the shared machine got so loaded that even min_keep_ratio cannot meet the budget, at the
+    # floor, saying so, and still far below the unpruned latency under the same load.
+    held = p90_budgeted <= 1.1 * budget_ms
+    at_floor = int(values.get('budget unreachable steps', '0')) > 0 and p90_budgeted <= 0.75 * p90_unpruned
+    assert held or at_floor, report + f"; unreachable steps {values.get('budget unreachable steps')}"
+    assert float(values['latency budget ms']) == pytest.approx(budget_ms, abs=0.1)
+    for key in ('budget knob', 'predicted latency ms', 'measured latency ms', 'budget deadline misses in window',
+                'latency model'):
+        assert values.get(key, 'n/a') != 'n/a', f'{key} missing from /diagnostics: {values}'
+    assert node.alive()
