@@ -64,7 +64,7 @@ class InferenceListener:
 
 
 def configurations(budget_ms: float, fixed_ratio: float) -> dict[str, tuple[dict, dict]]:
-    """label -> (launch arguments, policy parameters)."""
+    """Label -> (launch arguments, policy parameters)."""
     return {
         'unpruned': ({'method': 'none'}, {}),
         f'fixed divprune {fixed_ratio:g}': ({'method': 'divprune', 'method_config': f'{{keep_ratio: {fixed_ratio}}}'},

@@ -1,5 +1,8 @@
-"""The latency budget without ROS: the controller on synthetic latency traces (load steps, noise, outliers), the
-methods' budget knob on the tiny random VLA, and budget 0 leaving the node's behaviour as it was."""
+"""The latency budget without ROS.
+
+The controller on synthetic latency traces (load steps, noise, outliers), the methods' budget knob on the tiny random
+VLA, and budget 0 leaving the node's behaviour as it was.
+"""
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,8 +14,8 @@ from specprune_ros.control.inference_worker import InferenceWorker
 from specprune_ros.control.latency_budget import (NO_PRUNING, BudgetSettings, LatencyBudget, LatencyModel,
                                                   budget_for_policy)
 from specprune_ros.control.parameters import BUDGET_METHODS, NodeParameters
-from specprune_ros.policy.interface import Observation
 from specprune_ros.models.loading import load_policy
+from specprune_ros.policy.interface import Observation
 from specprune_ros.pruning.budget_knob import KeepRatioKnob
 from specprune_ros.ros.launch_config import node_command, node_setup
 
@@ -30,8 +33,10 @@ class FakeKnobMethod(KeepRatioKnob):
 
 
 class Plant:
-    """A model whose step costs load * (fixed + rate * flops), flops = (0.15 + 0.85 * keep ratio) of full,
-    with multiplicative noise and occasional outliers (seeded)."""
+    """A model whose step costs load * (fixed + rate * flops), flops = (0.15 + 0.85 * keep ratio) of full.
+
+    With multiplicative noise and occasional outliers (seeded).
+    """
 
     def __init__(self, seed=0, noise=0.08, outlier_every=0, fixed_s=0.010, full_decoder_s=0.090):
         self.rng = np.random.default_rng(seed)
@@ -185,7 +190,7 @@ def observation(policy, seed=0):
     rng = np.random.default_rng(seed)
     images = {name: rng.integers(0, 255, (*policy.image_size, 3), dtype=np.uint8) for name in policy.camera_names}
     return Observation(images=images, instruction='pick up the red cube', proprio=np.zeros(policy.proprio_dim,
-                                                                                          np.float32))
+                                                                                           np.float32))
 
 
 def kept_tokens(policy, knob, steps=4):

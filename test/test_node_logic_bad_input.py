@@ -1,6 +1,9 @@
-"""The controller under bad input and skewed clocks: rejected messages hold the robot from the next tick,
-future stamps are refused and counted, arrival time bounds freshness, and reset / re-activation forget
-everything stored (DDS-free; the node wiring is covered by test_ros_bad_input.py)."""
+"""The controller under bad input and skewed clocks.
+
+Rejected messages hold the robot from the next tick, future stamps are refused and counted, arrival time bounds
+freshness, and reset / re-activation forget everything stored (DDS-free; the node wiring is covered by
+test_ros_bad_input.py).
+"""
 import numpy as np
 import pytest
 

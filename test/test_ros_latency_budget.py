@@ -1,5 +1,7 @@
-"""The latency budget in the real node over DDS (ROS_DOMAIN_ID 85): the reference VLA, unpruned ('none' with
-DivPrune as the fallback), under injected CPU load (a busy process beside the node).
+"""The latency budget in the real node over DDS (ROS_DOMAIN_ID 85).
+
+The reference VLA, unpruned ('none' with DivPrune as the fallback), under injected CPU load (a busy process beside the
+node).
 
 The budget is set at run time to 1/1.6 of the unbudgeted p90 first measured (a budget derived from the
 measurement keeps the check meaningful on a shared machine whose speed varies), then switched on and off in

@@ -252,8 +252,10 @@ class PolicyController:
             self.stats.count_input_error(kind, message)
 
     def request_reset(self, reason: str) -> None:
-        """Reset the temporal token state before the next inference, drop the current plan and forget every
-        stored input but the instruction (the next observation is made of fresh messages only)."""
+        """Reset the temporal token state before the next inference and drop the current plan.
+
+        Every stored input but the instruction is forgotten: the next observation is made of fresh messages only.
+        """
         with self.lock:
             self._reset_locked(reason)
             self._clear_inputs_locked()

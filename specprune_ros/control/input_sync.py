@@ -86,8 +86,10 @@ class InputSynchronizer:
                                       f'max_future_stamp_s {self.limits.max_future_stamp_s})')
 
     def put_frame(self, camera: str, image: np.ndarray, stamp: float, received: float) -> None:
-        """Store the newest frame of ``camera`` (older stamps than the stored one are ignored); a stamp too far
-        in the future raises ``RejectedInput`` and stores nothing."""
+        """Store the newest frame of ``camera`` (older stamps than the stored one are ignored).
+
+        A stamp too far in the future raises ``RejectedInput`` and stores nothing.
+        """
         self.check_stamp(f'camera {camera!r} frame', stamp, received, 'image_future_stamp')
         previous = self.frames.get(camera)
         if previous is not None and stamp < previous.stamp:

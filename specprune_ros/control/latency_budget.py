@@ -93,9 +93,11 @@ class LatencyModel:
         return fixed + rate * flops
 
     def margin(self, percentile: float) -> float:
-        """The ``percentile`` of each recent step against the median of its neighbours (a level change moves
-        the neighbours with it, so only the spread counts), drawn towards ``default_margin`` while few steps
-        back it."""
+        """The ``percentile`` of each recent step against the median of its neighbours.
+
+        A level change moves the neighbours with it, so only the spread counts; drawn towards ``default_margin``
+        while few steps back it.
+        """
         if len(self.samples) < 3:
             return self.default_margin
         fixed, rate = self.fixed_and_rate()
@@ -191,8 +193,11 @@ def knob_range(method: Any, min_keep_ratio: float) -> Optional[tuple[float, floa
 
 
 class LatencyBudget:
-    """Chooses the method's knob (and, for the unpruned method, whether the fallback runs) before each inference
-    and learns from the measured step after it. Not thread-safe on its own (the controller holds the lock)."""
+    """Chooses the method's knob before each inference and learns from the measured step after it.
+
+    For the unpruned method it chooses whether the fallback runs. Not thread-safe on its own (the controller
+    holds the lock).
+    """
 
     def __init__(self, settings: BudgetSettings, methods: dict[str, Any], primary: str, device: str = 'cpu',
                  dead_band: float = 0.05, dead_band_abs: float = 0.03, recover_ratio: float = 0.9) -> None:
@@ -328,8 +333,10 @@ class LatencyBudget:
 
     # --- the policy (only ever from the thread that runs it) ---------------------------------------------------
     def apply(self, policy: Any, decision: Optional[BudgetDecision]) -> None:
-        """Put the decided method and knob into ``policy``; None (budget off) restores the configured method
-        with its own settings."""
+        """Put the decided method and knob into ``policy``.
+
+        None (budget off) restores the configured method with its own settings.
+        """
         method = self.methods.get(decision.method if decision is not None else self.primary)
         if hasattr(policy, 'method') and method is not None and policy.method is not method:
             policy.method = method

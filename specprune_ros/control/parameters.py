@@ -1,5 +1,7 @@
-"""The policy node's parameter schema: one dataclass holding defaults, descriptions, ranges, choices and
-read-only flags, plus the validation that turns a bad value into a clear message.
+"""The policy node's parameter schema.
+
+One dataclass holding defaults, descriptions, ranges, choices and read-only flags, plus the validation that turns a bad
+value into a clear message.
 
 The ROS node declares its parameters from this schema (``specprune_ros.ros.parameter_declaration``), the
 launch configuration types its overrides with it, and ``config/specprune.yaml`` holds the robot defaults.

@@ -1,5 +1,7 @@
-"""Declare the node's ROS parameters from ``NodeParameters`` (descriptions, ranges, read-only flags), plus the
-``method_settings.*`` parameters the user gave (one per pruning-method setting, checked at configure)."""
+"""Declare the node's ROS parameters from ``NodeParameters`` (descriptions, ranges, read-only flags).
+
+Plus the ``method_settings.*`` parameters the user gave (one per pruning-method setting, checked at configure).
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -36,8 +38,11 @@ def descriptor(name: str, info: ParamInfo, default: Any) -> ParameterDescriptor:
 
 
 def declare_node_parameters(node: Node) -> dict[str, str]:
-    """Declare every parameter; an override that ROS rejects (type, range) falls back to the default and
-    is returned as {name: message}, so the node stays up and ``on_configure`` can fail with it."""
+    """Declare every parameter.
+
+    An override that ROS rejects (type, range) falls back to the default and is returned as {name: message}, so the node
+    stays up and ``on_configure`` can fail with it.
+    """
     errors = {}
     defaults = NodeParameters.defaults()
     for name, info in NodeParameters.infos().items():
@@ -55,8 +60,10 @@ def declare_node_parameters(node: Node) -> dict[str, str]:
 
 
 def declare_method_settings(node: Node) -> dict[str, str]:
-    """Declare every ``method_settings.<name>`` override (read-only; its type is the one given); returns
-    {name: message} for values ROS cannot hold."""
+    """Declare every ``method_settings.<name>`` override (read-only; its type is the one given); returns {name.
+
+    Message} for values ROS cannot hold.
+    """
     errors = {}
     # rclpy keeps a node's overrides (params file and -p) only here; there is no public accessor
     for name, override in sorted(node._parameter_overrides.items()):

@@ -145,8 +145,11 @@ class SpecPruneNode(LifecycleNode):
         return self.get_clock().now().nanoseconds * 1e-9
 
     def steady_now(self) -> float:
-        """Arrival clock of the inputs: monotonic on wall-clock time; under use_sim_time the sim clock (that
-        is what a step-synchronous simulator or a paused bag holds still)."""
+        """Arrival clock of the inputs.
+
+        Monotonic on wall-clock time; under use_sim_time the sim clock (that is what a step-synchronous simulator or a
+        paused bag holds still).
+        """
         return self.now() if self._use_sim_time else time.monotonic()
 
     def lifecycle_state(self) -> str:
@@ -453,8 +456,11 @@ class SpecPruneNode(LifecycleNode):
                     self._gripper_pub.publish(gripper)
 
     def _on_chunk(self, chunk: AcceptedChunk) -> None:
-        """Worker thread: command the chunk's first due action at once (and re-phase the timer to it),
-        then publish the chunk, its inference record and the debug image."""
+        """Worker thread.
+
+        Command the chunk's first due action at once (and re-phase the timer to it), then publish the chunk, its
+        inference record and the debug image.
+        """
         params, policy = self.params, self.policy
         if self._chunk_pub is None or policy is None:
             return

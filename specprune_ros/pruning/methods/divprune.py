@@ -1,5 +1,8 @@
-"""``divprune``: before layer 0 keep the budget chosen by greedy max-min diversity on the visual embeddings
-(cosine distance on ``StepContext.visual_embeddings``, the decoder inputs); no attention needed."""
+"""``divprune``.
+
+Before layer 0 keep the budget chosen by greedy max-min diversity on the visual embeddings (cosine distance on
+``StepContext.visual_embeddings``, the decoder inputs); no attention needed.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,5 +1,7 @@
-"""``fastv``: layers 0..K-1 see every token; after layer K-1 the visual tokens are ranked by the attention they get
-from the last query row (head-averaged, at layer K-1) and only the budget runs through layers K and up.
+"""``fastv``.
+
+Layers 0..K-1 see every token; after layer K-1 the visual tokens are ranked by the attention they get from the last
+query row (head-averaged, at layer K-1) and only the budget runs through layers K and up.
 
 ``prune_layer`` is FastV's K (first layer with pruned input), as in the VLA-Pruner code's FastV baseline
 (``fastv_k``); the FastV paper uses K = 2 on 32-layer models, and we keep K = 2 for the 6-layer reference decoder.

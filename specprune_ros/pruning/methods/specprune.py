@@ -80,7 +80,7 @@ def scaled_prune_layers(num_layers: int, paper_layers: tuple[int, ...] = PAPER_L
 
 @dataclass
 class SpecPruneConfig(BaseConfig):
-    """SpecPrune knobs. Paper vs public code, and what we chose (details in the module docstring):
+    """SpecPrune knobs. Paper vs public code, and what we chose (details in the module docstring).
 
     * V_global from the previous step's task attention: paper (the code passes an empty set);
     * gathers after layer 0 (top 3K at layer 0) and after layer 1 (top K at layers 0 and 1): code;
@@ -104,7 +104,7 @@ class SpecPruneConfig(BaseConfig):
     global_k_scale: float = 1.0             # K_G = global_k_scale * K_base
     layer0_k_scale: float = 3.0             # top (3 * K_base) at layer 0 for the gather after layer 0 (code)
     static_gathers: int = 2                 # 2: gather after layers 0 and 1 (code); 1: one final gather after
-                                            # layer 0 with the top K_base there (for shallow decoders: see below)
+    # layer 0 with the top K_base there (for shallow decoders: see below)
     change: ChangeDetectionConfig = field(default_factory=ChangeDetectionConfig)
     # controller
     use_controller: bool = True
@@ -118,7 +118,7 @@ class SpecPruneConfig(BaseConfig):
     importance_beta: float = 0.2            # EMA weight of the newest layer
     importance_layers: Optional[tuple[int, ...]] = None    # None: see importance_every_layer
     importance_every_layer: bool = True     # True: sample every layer up to the last pruning layer (paper's EMA);
-                                            # False: sample only at the pruning layers (ours: fewer probes)
+    # False: sample only at the pruning layers (ours: fewer probes)
     min_visual_fraction: float = 60 / 512   # never go below this fraction of a camera's patches by layer pruning
 
 
@@ -308,8 +308,11 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         return mask_to_sequence(keep, layout)
 
     def _fold_importance(self) -> None:
-        """Fold the layers recorded since the last drop into the importance EMA: their samples in one
-        vectorised call (a layer's sample depends on that layer alone), then the EMA in layer order."""
+        """Fold the layers recorded since the last drop into the importance EMA.
+
+        Their samples in one vectorised call (a layer's sample depends on that layer alone), then the EMA in layer
+        order.
+        """
         if not self._pending:
             return
         cfg = self.config
@@ -321,8 +324,10 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         self._pending.clear()
 
     def _pending_scores(self) -> tuple[np.ndarray, np.ndarray]:
-        """The task attention of the layers sampled since the last drop as dense visual rows (0 where a token did
-        not run), and where it ran; layers with the same keys share one scatter."""
+        """The task attention of the layers sampled since the last drop as dense visual rows, and where it ran.
+
+        Rows hold 0 where a token did not run; layers with the same keys share one scatter.
+        """
         key = self.config.task_rows
         layout = self._layout
         rows: list[np.ndarray] = []

@@ -38,13 +38,16 @@ PAPER_PRUNE_LAYER_MIN = 2                # scaled K never below this (see the mo
 
 @dataclass
 class VLAPrunerConfig(BaseConfig):
-    """VLA-Pruner knobs. Paper vs public code: the temporal weights favour the newest step (paper; the code's are
-    reversed); K = the paper's 3 of 32 scaled to the depth, at least 2; the action layer defaults to the last layer
-    (code: 15 of 32); warm-up and per-camera selection as in the paper."""
+    """VLA-Pruner knobs.
+
+    Paper vs public code: the temporal weights favour the newest step (paper; the code's are reversed); K = the paper's
+    3 of 32 scaled to the depth, at least 2; the action layer defaults to the last layer (code: 15 of 32); warm-up and
+    per-camera selection as in the paper.
+    """
 
     keep_ratio: float = 0.5                 # retention budget per camera (paper: 0.5, 0.25, 0.125)
     prune_layer: Optional[int] = None       # K: layers < K see all tokens; semantic score from layer K-1;
-                                            # None = the paper's 3 of 32 scaled to the depth, at least 2
+    # None = the paper's 3 of 32 scaled to the depth, at least 2
     semantic_rows: Literal['prefill', 'last', 'text'] = 'prefill'
     action_layer: int = -1                  # layer whose action-row attention feeds the temporal score
     window: int = 3                         # w
