@@ -28,6 +28,7 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticStatus
 from rclpy.executors import SingleThreadedExecutor
 
+from specprune_ros.command_line import HelpFormatter
 from specprune_ros.control.latency_budget import BudgetSettings, LatencyBudget
 from specprune_ros.pruning.registry import build_method
 from specprune_ros.ros.output_messages import values_of
@@ -138,19 +139,20 @@ def controller_overhead(steps: int = 2000) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--model', default='reference')
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument('--model', default='reference', help="'reference', 'tiny-random' or a checkpoint directory")
     parser.add_argument('--budget-ms', type=float, default=60.0, help='latency_budget_ms of the budgeted node')
     parser.add_argument('--fixed-ratio', type=float, default=0.25, help='keep ratio of the fixed-budget config')
-    parser.add_argument('--loads', nargs='+', choices=('none', 'busy'), default=['none', 'busy'])
+    parser.add_argument('--loads', nargs='+', choices=('none', 'busy'), default=['none', 'busy'],
+                        help='machine loads to run every configuration under')
     parser.add_argument('--load-procs', type=int, default=1, help='busy processes beside the node under load')
-    parser.add_argument('--families', nargs='+', default=['pick'])
-    parser.add_argument('--episodes-per-family', type=int, default=3)
-    parser.add_argument('--seed-start', type=int, default=1_000_000)
-    parser.add_argument('--max-steps', type=int, default=0)
-    parser.add_argument('--replan-every-steps', type=int, default=2)
-    parser.add_argument('--domain-id', type=int, default=87)
-    parser.add_argument('--out', type=Path, default=Path('outputs/latency_budget'))
+    parser.add_argument('--families', nargs='+', default=['pick'], help='simulator task families')
+    parser.add_argument('--episodes-per-family', type=int, default=3, help='episodes per family and configuration')
+    parser.add_argument('--seed-start', type=int, default=1_000_000, help='first episode seed (held-out seeds)')
+    parser.add_argument('--max-steps', type=int, default=0, help='control steps per episode (0: the task default)')
+    parser.add_argument('--replan-every-steps', type=int, default=2, help='the node\'s replan_every_steps')
+    parser.add_argument('--domain-id', type=int, default=87, help='ROS_DOMAIN_ID of the simulated run')
+    parser.add_argument('--out', type=Path, default=Path('outputs/latency_budget'), help='output folder')
     parser.add_argument('--configs', nargs='+', default=[], help='run only configurations whose label has one of '
                         "these words (e.g. 'budget')")
     parser.add_argument('--controller-overhead', action='store_true', help='only time the budget itself')
