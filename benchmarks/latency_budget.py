@@ -19,19 +19,18 @@ import argparse
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticStatus
-from rclpy.executors import SingleThreadedExecutor
 
 from specprune_ros.command_line import HelpFormatter
 from specprune_ros.control.latency_budget import BudgetSettings, LatencyBudget
 from specprune_ros.pruning.registry import build_method
 from specprune_ros.ros.output_messages import values_of
+from specprune_ros.ros.ros_helpers import BackgroundExecutor
 from specprune_ros.ros.sim_runner import SimRun, run_simulation
 
 
@@ -45,23 +44,12 @@ class InferenceListener:
         self.records: list[dict] = []
         self.node.create_subscription(DiagnosticStatus, '/specprune_node/inference',
                                       lambda message: self.records.append(values_of(message)), 100)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self._spin, daemon=True)
-        self.thread.start()
-
-    def _spin(self) -> None:
-        while self.context.ok():
-            try:
-                self.executor.spin_once(timeout_sec=0.05)
-            except Exception:  # the context was shut down under us
-                break
+        self.spinner = BackgroundExecutor(self.node)
 
     def close(self) -> None:
-        self.executor.shutdown(timeout_sec=1.0)
+        self.spinner.stop()
         self.node.destroy_node()
         rclpy.try_shutdown(context=self.context)
-        self.thread.join(2.0)
 
 
 def configurations(budget_ms: float, fixed_ratio: float) -> dict[str, tuple[dict, dict]]:

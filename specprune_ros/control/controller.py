@@ -189,39 +189,47 @@ class PolicyController:
     def put_pose(self, position: Sequence[float], quaternion_xyzw: Sequence[float], stamp: float, now: float,
                  frame_id: Optional[str] = None) -> str:
         """Store the end-effector pose; '' when stored, else the (already counted) reason it was rejected."""
+        def check() -> None:
+            error = self._frame_id_error('ee_pose', frame_id, self.params.ee_pose_frame)
+            if error:
+                raise RejectedInput('frame_id_mismatch', error + ' (ee_pose_frame)')
+            check_pose(position, quaternion_xyzw)
+            self.sync.check_stamp('ee_pose', stamp, now, 'state_future_stamp')
+
         with self.lock:
-            try:
-                error = self._frame_id_error('ee_pose', frame_id, self.params.ee_pose_frame)
-                if error:
-                    raise RejectedInput('frame_id_mismatch', error + ' (ee_pose_frame)')
-                check_pose(position, quaternion_xyzw)
-                self.sync.check_stamp('ee_pose', stamp, now, 'state_future_stamp')
-            except StateError as invalid:
-                self.reject('ee_pose', 'state_invalid', f'ee_pose: {invalid}')
-                return str(invalid)
-            except RejectedInput as rejected:
-                self.reject('ee_pose', rejected.kind, str(rejected))
-                return str(rejected)
+            rejected = self._state_rejection('ee_pose', check)
+            if rejected:
+                return rejected
             self._proprio.put_pose(position, quaternion_xyzw, stamp, self.sync.clock())
             self._recovered('ee_pose')
             return self._store_proprio_locked()
 
     def put_gripper(self, finger_gap: float, stamp: float, now: float) -> str:
         """Store the finger gap (metres); '' when stored, else the (already counted) reason it was rejected."""
+        def check() -> None:
+            if not np.isfinite(finger_gap):
+                raise StateError('finger gap is not finite')
+            self.sync.check_stamp('gripper_state', stamp, now, 'state_future_stamp')
+
         with self.lock:
-            try:
-                if not np.isfinite(finger_gap):
-                    raise StateError('finger gap is not finite')
-                self.sync.check_stamp('gripper_state', stamp, now, 'state_future_stamp')
-            except StateError as invalid:
-                self.reject('gripper_state', 'state_invalid', f'gripper_state: {invalid}')
-                return str(invalid)
-            except RejectedInput as rejected:
-                self.reject('gripper_state', rejected.kind, str(rejected))
-                return str(rejected)
+            rejected = self._state_rejection('gripper_state', check)
+            if rejected:
+                return rejected
             self._proprio.put_gripper(finger_gap, stamp, self.sync.clock())
             self._recovered('gripper_state')
             return self._store_proprio_locked()
+
+    def _state_rejection(self, source: str, check: Callable[[], None]) -> str:
+        """Run ``check`` of a robot-state message; '' when it passes, else the reason, counted for ``source``."""
+        try:
+            check()
+        except StateError as invalid:
+            self.reject(source, 'state_invalid', f'{source}: {invalid}')
+            return str(invalid)
+        except RejectedInput as rejected:
+            self.reject(source, rejected.kind, str(rejected))
+            return str(rejected)
+        return ''
 
     def _store_proprio_locked(self) -> str:
         try:
