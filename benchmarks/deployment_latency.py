@@ -124,6 +124,30 @@ def simulator_episode(timed: int, warmup: int, stride: int, family: str = 'place
     return frames
 
 
+def save_frames(frames: list[Frame], path: Path) -> None:
+    """Write ``frames`` to an ``.npz`` file (no pickles), for a machine that cannot render the simulator."""
+    arrays: dict[str, np.ndarray] = {}
+    meta = []
+    for i, frame in enumerate(frames):
+        for camera, image in frame.images.items():
+            arrays[f'{i}/image/{camera}'] = image
+        arrays[f'{i}/proprio'] = frame.proprio
+        arrays[f'{i}/executed'] = frame.executed_actions
+        meta.append({'cameras': list(frame.images), 'instruction': frame.instruction,
+                     'episode_step': frame.episode_step})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, meta=np.array(json.dumps(meta)), **arrays)
+
+
+def load_frames(path: Path) -> list[Frame]:
+    """Frames written by :func:`save_frames`."""
+    with np.load(path, allow_pickle=False) as data:
+        meta = json.loads(str(data['meta']))
+        return [Frame(images={c: data[f'{i}/image/{c}'] for c in m['cameras']}, proprio=data[f'{i}/proprio'],
+                      instruction=m['instruction'], executed_actions=data[f'{i}/executed'],
+                      episode_step=int(m['episode_step'])) for i, m in enumerate(meta)]
+
+
 def resize(image: np.ndarray, size: int) -> np.ndarray:
     """A frame resized (bicubic) to the model's square input."""
     from PIL import Image
@@ -634,6 +658,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         help='folder for deployment_latency.json / .md / .png')
     parser.add_argument('--name', default='deployment_latency', help='output file stem')
     parser.add_argument('--no-plot', action='store_true', help='skip the plot')
+    parser.add_argument('--save-frames', type=Path, default=None,
+                        help='render the episode, write its frames to this .npz file and stop')
+    parser.add_argument('--frames', type=Path, default=None,
+                        help='use the frames of a --save-frames file instead of rendering (a machine without MuJoCo)')
     parser.add_argument('--append', action='store_true',
                         help='keep the shapes of an existing output of the same name (re-measured shapes replaced)')
     args = parser.parse_args(argv)
@@ -642,13 +670,22 @@ def main(argv: Optional[list[str]] = None) -> dict:
     methods = [m for m in METHODS if args.methods is None or m[0] in args.methods or m[0] == BASELINE]
     methods += [parse_extra(text) for text in args.extra]
     started = time.time()
-    frames = simulator_episode(args.steps, args.warmup, args.stride, args.family, args.episode_seed)
+    if args.frames is not None:
+        frames = load_frames(args.frames)
+    else:
+        frames = simulator_episode(args.steps, args.warmup, args.stride, args.family, args.episode_seed)
+    if args.save_frames is not None:
+        save_frames(frames, args.save_frames)
+        print(f'wrote {len(frames)} frames to {args.save_frames}')
+        return {'rows': []}
     episodes = sum(f.episode_step == 0 for f in frames)
     observations = (f"{len(frames)} frames of {episodes} closed-loop '{args.family}' episode(s) from seed "
                     f"{args.episode_seed} (scripted expert; one frame every {args.stride} control steps; 224 px; "
                     f"cameras agentview + wrist; the first {args.warmup} steps of each episode untimed; the proprio "
                     f"token projects the simulator's {len(frames[0].proprio)}-D state)")
-    print(f'{observations}: rendered in {time.time() - started:.1f} s')
+    if args.frames is not None:
+        observations += f', read from {args.frames}'
+    print(f'{observations}: ready in {time.time() - started:.1f} s')
     shapes: list[PublishedShape | ReferenceShape | Path] = [args.checkpoint] if args.checkpoint is not None else []
     for name in ([] if args.checkpoint is not None else args.shape):
         kind, fixed = SHAPES[name]

@@ -8,6 +8,11 @@
 # a tiny shape instead (to check the script itself on a machine without a GPU).
 #
 #   scripts/gpu_benchmark.sh                       # PYTHON=... to choose the interpreter (default .venv/bin/python)
+#
+# A GPU machine without MuJoCo (or without headless OpenGL) replays frames rendered elsewhere: on a machine that
+# renders, write them with the same steps first and bring the file along (FRAMES, default .gpu/frames.npz):
+#
+#   python benchmarks/deployment_latency.py --steps 30 --warmup 3 --stride 1 --save-frames .gpu/frames.npz
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,15 +54,21 @@ render_ok() {
         "from specprune_ros.sim import TabletopEnv; TabletopEnv(image_size=224).reset()" >/dev/null 2>&1
 }
 export MUJOCO_GL="${MUJOCO_GL:-egl}"
-if ! render_ok "$MUJOCO_GL"; then
-    if render_ok osmesa; then
-        export MUJOCO_GL=osmesa
-    else
-        echo "gpu_benchmark: MuJoCo cannot render headless (MUJOCO_GL=egl and osmesa both failed)" >&2
-        exit 2
-    fi
+FRAMES="${FRAMES:-.gpu/frames.npz}"
+FRAME_ARGS=()
+if render_ok "$MUJOCO_GL"; then
+    echo "MuJoCo renders with MUJOCO_GL=$MUJOCO_GL"
+elif render_ok osmesa; then
+    export MUJOCO_GL=osmesa
+    echo "MuJoCo renders with MUJOCO_GL=$MUJOCO_GL"
+elif [ -f "$FRAMES" ]; then
+    FRAME_ARGS=(--frames "$FRAMES")
+    echo "MuJoCo cannot render here: replaying the frames in $FRAMES"
+else
+    echo "gpu_benchmark: MuJoCo cannot render headless (MUJOCO_GL=egl and osmesa both failed) and $FRAMES is" \
+         "missing; write it on a machine that renders (see this script's header)" >&2
+    exit 2
 fi
-echo "MuJoCo renders with MUJOCO_GL=$MUJOCO_GL"
 
 # -- 1. CUDA no-sync test(s), if present -------------------------------------------------------------------------
 mapfile -t SYNC_TESTS < <(grep -l "set_sync_debug_mode" test/test_*.py 2>/dev/null || true)
@@ -71,6 +82,7 @@ else
 fi
 
 # -- 2. the harness at the 7B shapes ----------------------------------------------------------------------------
-timeout "$HARNESS_TIMEOUT" "$PY" benchmarks/deployment_latency.py "${HARNESS_ARGS[@]}" --device "$DEVICE" --out "$OUT_DIR" \
+timeout "$HARNESS_TIMEOUT" "$PY" benchmarks/deployment_latency.py "${HARNESS_ARGS[@]}" "${FRAME_ARGS[@]}" \
+    --device "$DEVICE" --out "$OUT_DIR" \
     2>&1 | tee "$OUT_DIR/deployment_latency.log"
 echo "gpu_benchmark: done in $(( $(date +%s) - started )) s; results in $OUT_DIR"

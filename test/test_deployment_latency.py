@@ -156,3 +156,20 @@ def test_harness_reference_layout(tmp_path):
     assert report['shapes'][0]['images'] == 2 and report['shapes'][0]['patches_per_image'] == 144
     assert rows[0]['num_visual'] == 288 and rows[1]['kept_visual_tokens'] == 72
     assert len({row['frames_sha256'] for row in rows}) == 1 and len({row['inputs_sha256'] for row in rows}) == 1
+
+
+def test_saved_frames_replay_to_the_same_inputs(tmp_path, monkeypatch):
+    """Frames saved on a machine that renders give the same inputs where the simulator is not used at all."""
+    harness = _harness()
+    common = ['--shape', 'reference', '--width', '64', '--layers', '2', '--methods', 'none', '--steps', '2',
+              '--warmup', '1', '--stride', '1', '--threads', '1', '--no-plot']
+    rendered = harness.main([*common, '--out', str(tmp_path / 'rendered')])
+    frames = tmp_path / 'frames.npz'
+    assert harness.main([*common, '--out', str(tmp_path / 'x'), '--save-frames', str(frames)]) == {'rows': []}
+
+    def no_simulator(*args, **kwargs):
+        raise AssertionError('the simulator ran although frames were given')
+    monkeypatch.setattr(harness, 'simulator_episode', no_simulator)
+    replayed = harness.main([*common, '--out', str(tmp_path / 'replayed'), '--frames', str(frames)])
+    assert [r['inputs_sha256'] for r in replayed['rows']] == [r['inputs_sha256'] for r in rendered['rows']]
+    assert [r['frames_sha256'] for r in replayed['rows']] == [r['frames_sha256'] for r in rendered['rows']]
