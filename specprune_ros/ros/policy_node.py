@@ -24,7 +24,8 @@ Topics (relative names, remap them; cameras come from ``camera_topics``):
 
 Bad input (an undecodable frame, a NaN pose, missing finger joints, a stamp more than max_future_stamp_s ahead,
 an unexpected frame id) is counted in /diagnostics and logged (throttled per kind and source); the robot holds
-(zero twist) from the next control tick until that source delivers a valid message again.
+(zero twist; joint-space policies: no new joint command) from the next control tick until that source delivers a
+valid message again.
 """
 from __future__ import annotations
 
@@ -537,7 +538,9 @@ class SpecPruneNode(LifecycleNode):
     def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
         result = self.set_parameters([Parameter('enabled', value=bool(request.data))])[0]
         response.success = result.successful
-        response.message = ('enabled' if request.data else 'disabled: publishing zero twists') \
+        holding = 'holding the last joint command' if self.controller is not None and self.controller.joint_space \
+            else 'publishing zero twists'
+        response.message = ('enabled' if request.data else f'disabled: {holding}') \
             if result.successful else result.reason
         return response
 
