@@ -464,11 +464,12 @@ class SpecPruneNode(LifecycleNode):
     def _publish_command(self, command: FilteredCommand, force: bool = False) -> None:
         if self.params.dry_run and not force:
             return
-        if self._joint_pub is not None:
+        joint_pub = self._joint_pub
+        if joint_pub is not None:
             joints = messages.joint_command_message(command.joints)
             if joints is not None:  # a hold publishes nothing: the forward controller keeps the last command
                 with self._publish_lock:
-                    self._joint_pub.publish(joints)
+                    joint_pub.publish(joints)
             return
         if self._twist_pub is None:
             return
