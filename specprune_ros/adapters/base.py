@@ -164,7 +164,8 @@ class PrismaticAdapter(ModelBackend):
 
     @property
     def action_spec(self) -> ActionSpec:
-        return dataclasses.replace(self.action_units, chunk_size=self.chunk_size, action_dim=self.action_dim)
+        return dataclasses.replace(self.action_units, chunk_size=self.chunk_size, action_dim=self.action_dim,
+                                   action_names=())
 
     # -- loading -----------------------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ import numpy as np
 from specprune_ros.codecs.proprio import ProprioAssembler, StateError, check_pose
 from specprune_ros.control.chunk_scheduler import ChunkScheduler, ChunkSettings
 from specprune_ros.control.input_sync import InputSynchronizer, RejectedInput, StaleInput, SyncLimits
+from specprune_ros.control.joint_command import JointCommandFilter
 from specprune_ros.control.latency_budget import BudgetDecision, BudgetSettings, LatencyBudget
 from specprune_ros.control.parameters import NodeParameters
 from specprune_ros.control.runtime_stats import RuntimeStats, controller_mode, kept_token_ratio
@@ -105,7 +106,9 @@ class PolicyController:
         self._proprio = ProprioAssembler()
         self.faults: dict[str, str] = {}         # source -> why its latest message was rejected
         self.scheduler = ChunkScheduler(chunk_settings(params, spec))
-        self.safety = SafetyFilter(action_units(params, spec), safety_limits(params))
+        self.joint_space = spec.action_space == 'joint'
+        self.safety = JointCommandFilter(spec.action_dim) if self.joint_space else SafetyFilter(
+            action_units(params, spec), safety_limits(params))
         self.stats = RuntimeStats(params.stats_window)
         self.budget = budget                     # the latency budget (its settings follow the parameters)
         if budget is not None:
@@ -130,8 +133,9 @@ class PolicyController:
             self.params = params
             self.sync.limits = sync_limits(params)
             self.scheduler.settings = chunk_settings(params, self.spec)
-            self.safety.units = action_units(params, self.spec)
-            self.safety.limits = safety_limits(params)
+            if not self.joint_space:
+                self.safety.units = action_units(params, self.spec)
+                self.safety.limits = safety_limits(params)
             if self.budget is not None:
                 was_on = self.budget.enabled
                 self.budget.settings = budget_settings(params)
@@ -379,7 +383,11 @@ class PolicyController:
 
     # --- control timer ------------------------------------------------------------------------------------
     def tick(self, now: float) -> FilteredCommand:
-        """The command for this control tick: the scheduled action through the safety filter, or a hold."""
+        """The command for this control tick: the scheduled action through the safety filter, or a hold.
+
+        End-effector policies: a bounded twist and gripper value (zero twist on hold). Joint-space policies: the
+        joint command (``joints``; None on hold: nothing new is commanded).
+        """
         with self.lock:
             reason = ''
             scheduled = None

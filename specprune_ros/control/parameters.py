@@ -144,6 +144,11 @@ class NodeParameters:
                                        "'float64_array' (std_msgs/Float64MultiArray with one element, what a "
                                        'ros2_control forward_command_controller takes)', read_only=True,
                                        choices=GRIPPER_COMMAND_TYPES)
+    joint_command_topic: str = _param('joint_commands', 'joint-space policies: topic of the per-tick joint command '
+                                      '(std_msgs/Float64MultiArray in ~/action_chunk joint_names order, what a '
+                                      "ros2_control forward command controller's ~/commands takes; nothing new is "
+                                      "published while holding); '' = off. End-effector policies ignore it",
+                                      read_only=True)
     servo_command_timeout_s: float = _param(0.1, "the twist consumer's command timeout (MoveIt Servo's "
                                             'incoming_command_timeout); configure warns when the control period '
                                             'leaves less than half of it as margin (0 = no check)', read_only=True,
@@ -257,6 +262,8 @@ class NodeParameters:
             errors.append('camera_frames / ee_pose_frame: frame ids contain no spaces')
         if self.proprio_source == 'pose' and self.gripper_state_type == 'joint_state' and not self.finger_joint_names:
             errors.append('finger_joint_names: empty, but gripper_state_type is joint_state')
+        if self.joint_command_topic and not _topic_ok(self.joint_command_topic):
+            errors.append(f'joint_command_topic: {self.joint_command_topic!r} is not a valid topic name')
         if not self.command_frame.strip() or any(c.isspace() for c in self.command_frame):
             errors.append(f'command_frame: {self.command_frame!r} is not a valid frame id')
         return errors

@@ -46,6 +46,7 @@ class FilteredCommand:
     gripper: Optional[float]              # None on hold (the gripper keeps its last command)
     hold_reason: str = ''
     executed: np.ndarray = field(default_factory=lambda: np.zeros(7))  # the command in normalised units
+    joints: Optional[np.ndarray] = None   # joint-space policies: the joint command (None on hold and for twists)
 
     @property
     def holding(self) -> bool:

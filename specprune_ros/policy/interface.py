@@ -1,21 +1,26 @@
 """What every policy looks like from the outside (the ROS node, the simulator harness, bag replay).
 
-Action convention (LIBERO / OpenVLA-OFT style), one row per control step:
+Action convention of ``action_space`` 'ee_delta' (LIBERO / OpenVLA-OFT style), one row per control step:
     (dx, dy, dz, droll, dpitch, dyaw, gripper), each in [-1, 1].
 Translation and rotation are *normalised* end-effector deltas per control step in the base frame; multiply
 by ``ActionSpec.translation_scale_m`` / ``rotation_scale_rad`` for metres / radians per step. Gripper:
 -1 = open, +1 = close.
+
+``action_space`` 'joint': one row per control step of joint targets in the units the checkpoint was trained on
+(e.g. radians, gripper opening), named by ``ActionSpec.action_names`` in that order.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Literal, Optional, Protocol
 
 import numpy as np
 
 from specprune_ros.core.step_types import StepRecord
 
 ACTION_LABELS = ('dx', 'dy', 'dz', 'droll', 'dpitch', 'dyaw', 'gripper')
+ActionSpace = Literal['ee_delta', 'joint']
+ACTION_SPACES = ('ee_delta', 'joint')
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,25 @@ class ActionSpec:
     translation_scale_m: float = 0.02      # metres per step at |action| = 1
     rotation_scale_rad: float = 0.2        # radians per step at |action| = 1
     control_period_s: float = 0.1          # the control rate the policy was trained at (10 Hz)
+    action_space: ActionSpace = 'ee_delta'  # 'ee_delta': normalised end-effector deltas; 'joint': joint targets
+    action_names: tuple[str, ...] = ()     # one name per action dimension, in order ((): the defaults below)
+
+    def __post_init__(self) -> None:
+        if self.action_space not in ACTION_SPACES:
+            raise ValueError(f'action_space must be one of {ACTION_SPACES}, got {self.action_space!r}')
+        if not self.action_names:
+            object.__setattr__(self, 'action_names', default_action_names(self.action_dim, self.action_space))
+        object.__setattr__(self, 'action_names', tuple(self.action_names))
+        if len(self.action_names) != self.action_dim:
+            raise ValueError(f'{len(self.action_names)} action_names for action_dim {self.action_dim}')
+
+
+def default_action_names(action_dim: int, action_space: str = 'ee_delta') -> tuple[str, ...]:
+    """The end-effector labels for 7-D 'ee_delta' actions, else ``joint_0``, ``joint_1``, ... (``action_i``)."""
+    if action_space == 'ee_delta' and action_dim == len(ACTION_LABELS):
+        return ACTION_LABELS
+    prefix = 'joint' if action_space == 'joint' else 'action'
+    return tuple(f'{prefix}_{i}' for i in range(action_dim))
 
 
 @dataclass
@@ -36,7 +60,7 @@ class Observation:
     images: dict[str, np.ndarray]                 # camera name -> (H, W, 3) uint8 RGB
     instruction: str
     proprio: Optional[np.ndarray] = None          # robot state vector (see the policy's proprio_dim)
-    executed_actions: Optional[np.ndarray] = None  # (k, 7) recently executed actions, oldest first
+    executed_actions: Optional[np.ndarray] = None  # (k, action_dim) recently executed actions, oldest first
 
 
 @dataclass

@@ -3,9 +3,13 @@
 Chunk message (``~/action_chunk``, ``trajectory_msgs/JointTrajectory``), one per inference:
   * ``header.stamp``: stamp of the newest camera frame the chunk was computed from;
     ``header.frame_id``: the command frame (the policy acts in the robot base frame);
-  * ``joint_names``: the action labels ``dx, dy, dz, droll, dpitch, dyaw, gripper``;
-  * ``points[i].positions``: step i in normalised units ([-1, 1]; x ``translation_scale_m`` metres,
-    x ``rotation_scale_rad`` radians; gripper -1 open / +1 close); ``time_from_start`` = i * policy period.
+  * ``joint_names``: the policy's ``action_spec.action_names``: for end-effector policies the labels
+    ``dx, dy, dz, droll, dpitch, dyaw, gripper``, for joint-space policies the checkpoint's action names;
+  * ``points[i].positions``: step i; end-effector policies in normalised units ([-1, 1]; x ``translation_scale_m``
+    metres, x ``rotation_scale_rad`` radians; gripper -1 open / +1 close), joint-space policies in the checkpoint's
+    units; ``time_from_start`` = i * policy period.
+Joint command (joint-space policies, ``std_msgs/Float64MultiArray``), one per control tick while commanding: the
+  current step's joint targets in ``joint_names`` order (what a ros2_control forward command controller takes).
 Inference record (``~/inference``, ``diagnostic_msgs/DiagnosticStatus``), one per inference, same order:
   keys ``source_stamp`` (sec.nanosec of the chunk header), ``chunk_id``, ``observation_time`` (node clock when
   the observation was taken: the time of step 0), ``accepted_time`` (when the chunk became the plan; with
@@ -72,11 +76,23 @@ def gripper_message(value: float, command_type: str = 'float64') -> Optional[Uni
     return Float64(data=float(value))
 
 
-def chunk_message(chunk: AcceptedChunk, period_s: float, frame_id: str) -> JointTrajectory:
+def joint_command_message(joints: Optional[np.ndarray]) -> Optional[Float64MultiArray]:
+    """The joint targets as a ``std_msgs/Float64MultiArray``; None when there are none or any is not finite."""
+    if joints is None:
+        return None
+    values = np.asarray(joints, dtype=np.float64).reshape(-1)
+    if not values.size or not np.isfinite(values).all():
+        return None
+    return Float64MultiArray(data=[float(v) for v in values])
+
+
+def chunk_message(chunk: AcceptedChunk, period_s: float, frame_id: str,
+                  names: Sequence[str] = ACTION_LABELS) -> JointTrajectory:
+    """The chunk as a JointTrajectory whose joint names are the action names (see the module docstring)."""
     message = JointTrajectory()
     message.header.stamp = to_stamp(chunk.source_stamp)
     message.header.frame_id = frame_id
-    message.joint_names = list(ACTION_LABELS)
+    message.joint_names = list(names)
     for i, action in enumerate(chunk.actions):
         nanoseconds = int(round(i * period_s * 1e9))
         point = JointTrajectoryPoint(positions=[float(v) for v in action])

@@ -11,8 +11,11 @@ Topics (relative names, remap them; cameras come from ``camera_topics``):
        ee_pose         geometry_msgs/PoseStamped  } proprio, with proprio_source 'pose'
        gripper_state   sensor_msgs/JointState or std_msgs/Float64 (finger gap, m)
   out: delta_twist_cmds  geometry_msgs/TwistStamped, one per control tick (MoveIt Servo input: switch Servo's
-                         command type to TWIST first, see config/specprune.yaml)
-       gripper_command   std_msgs/Float64 or Float64MultiArray (gripper_command_type; not published while holding)
+                         command type to TWIST first, see config/specprune.yaml); end-effector policies only
+       gripper_command   std_msgs/Float64 or Float64MultiArray (gripper_command_type; not published while holding);
+                         end-effector policies only
+       <joint_command_topic>  std_msgs/Float64MultiArray, the joint targets of each control tick; joint-space
+                         policies only (nothing new is published while holding: a forward controller keeps the last)
        ~/action_chunk    trajectory_msgs/JointTrajectory per inference (see ``specprune_ros.ros.output_messages``)
        ~/inference       diagnostic_msgs/DiagnosticStatus per inference (latencies, kept ratio, resets)
        /diagnostics      diagnostic_msgs/DiagnosticArray, every diagnostics_period_s
@@ -21,7 +24,8 @@ Topics (relative names, remap them; cameras come from ``camera_topics``):
 
 Bad input (an undecodable frame, a NaN pose, missing finger joints, a stamp more than max_future_stamp_s ahead,
 an unexpected frame id) is counted in /diagnostics and logged (throttled per kind and source); the robot holds
-(zero twist) from the next control tick until that source delivers a valid message again.
+(zero twist; joint-space policies: no new joint command) from the next control tick until that source delivers a
+valid message again.
 """
 from __future__ import annotations
 
@@ -131,6 +135,7 @@ class SpecPruneNode(LifecycleNode):
         self._aspect_warned: dict[str, tuple] = {}
         self._to_rgb = RawImageConverter()
         self._twist_pub = self._gripper_pub = self._chunk_pub = self._inference_pub = self._debug_pub = None
+        self._joint_pub = None
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         self._diagnostics_timer = self.create_timer(self.params.diagnostics_period_s, self._publish_diagnostics)
         self.create_service(Trigger, '~/reset', self._on_reset)
@@ -237,7 +242,7 @@ class SpecPruneNode(LifecycleNode):
                                            needs_proprio=params.proprio_source == 'pose', clock=self.steady_now,
                                            budget=budget)
         self._create_subscriptions(params)
-        self._create_publishers()
+        self._create_publishers(self.controller.joint_space)
         self.worker = InferenceWorker(self.controller, policy, self.now, self._on_chunk,
                                       self._on_inference_failure, poll_s=0.5)
         self.worker.start()
@@ -265,7 +270,11 @@ class SpecPruneNode(LifecycleNode):
         result = super().on_activate(state)  # enables the lifecycle publishers
         self.controller.set_active(True)
         self._control_timer = self.create_timer(1.0 / self.params.control_rate_hz, self._on_tick)
-        self.get_logger().info(f'active: commanding at {self.params.control_rate_hz} Hz'
+        spec = self.controller.spec
+        outputs = (f'joint commands on {self.params.joint_command_topic!r} ({", ".join(spec.action_names)})'
+                   if self.params.joint_command_topic else 'no joint commands (joint_command_topic is empty)') \
+            if self.controller.joint_space else 'twist and gripper commands'
+        self.get_logger().info(f'active: {outputs} at {self.params.control_rate_hz} Hz'
                                + (' (dry run: no commands published)' if self.params.dry_run else ''))
         return result
 
@@ -313,6 +322,7 @@ class SpecPruneNode(LifecycleNode):
             self.destroy_lifecycle_publisher(publisher)
         self._input_subscriptions, self._output_publishers = [], []
         self._twist_pub = self._gripper_pub = self._chunk_pub = self._inference_pub = self._debug_pub = None
+        self._joint_pub = None
         self.controller = None
         self.policy = None
 
@@ -341,15 +351,22 @@ class SpecPruneNode(LifecycleNode):
             else:
                 subs.append(self.create_subscription(Float64, 'gripper_state', self._on_finger_gap, STATE_QOS))
 
-    def _create_publishers(self) -> None:
-        self._twist_pub = self.create_lifecycle_publisher(TwistStamped, 'delta_twist_cmds', COMMAND_QOS)
-        gripper_type = Float64MultiArray if self.params.gripper_command_type == 'float64_array' else Float64
-        self._gripper_pub = self.create_lifecycle_publisher(gripper_type, 'gripper_command', COMMAND_QOS)
+    def _create_publishers(self, joint_space: bool) -> None:
+        """Twist and gripper commands for end-effector policies, joint commands for joint-space ones."""
+        if joint_space:
+            if self.params.joint_command_topic:
+                self._joint_pub = self.create_lifecycle_publisher(Float64MultiArray, self.params.joint_command_topic,
+                                                                  COMMAND_QOS)
+                self._output_publishers.append(self._joint_pub)
+        else:
+            self._twist_pub = self.create_lifecycle_publisher(TwistStamped, 'delta_twist_cmds', COMMAND_QOS)
+            gripper_type = Float64MultiArray if self.params.gripper_command_type == 'float64_array' else Float64
+            self._gripper_pub = self.create_lifecycle_publisher(gripper_type, 'gripper_command', COMMAND_QOS)
+            self._output_publishers += [self._twist_pub, self._gripper_pub]
         self._chunk_pub = self.create_lifecycle_publisher(JointTrajectory, '~/action_chunk', 10)
         self._inference_pub = self.create_lifecycle_publisher(DiagnosticStatus, '~/inference', 10)
         self._debug_pub = self.create_lifecycle_publisher(Image, '~/debug/kept_patches', qos_profile_sensor_data)
-        self._output_publishers = [self._twist_pub, self._gripper_pub, self._chunk_pub, self._inference_pub,
-                                   self._debug_pub]
+        self._output_publishers += [self._chunk_pub, self._inference_pub, self._debug_pub]
 
     # --- subscription callbacks: validate and store, nothing else ------------------------------------------
     def _store_frame(self, camera: str, header: Any, decode: Any) -> None:
@@ -445,7 +462,16 @@ class SpecPruneNode(LifecycleNode):
         self._publish_command(controller.tick(self.now()))
 
     def _publish_command(self, command: FilteredCommand, force: bool = False) -> None:
-        if self._twist_pub is None or (self.params.dry_run and not force):
+        if self.params.dry_run and not force:
+            return
+        joint_pub = self._joint_pub
+        if joint_pub is not None:
+            joints = messages.joint_command_message(command.joints)
+            if joints is not None:  # a hold publishes nothing: the forward controller keeps the last command
+                with self._publish_lock:
+                    joint_pub.publish(joints)
+            return
+        if self._twist_pub is None:
             return
         with self._publish_lock:
             stamp = self.get_clock().now().to_msg()
@@ -472,7 +498,8 @@ class SpecPruneNode(LifecycleNode):
             except Exception:  # the timer was destroyed by a concurrent deactivate
                 pass
         period = policy.action_spec.control_period_s
-        self._chunk_pub.publish(messages.chunk_message(chunk, period, params.command_frame))
+        self._chunk_pub.publish(messages.chunk_message(chunk, period, params.command_frame,
+                                                       policy.action_spec.action_names))
         self._inference_pub.publish(messages.inference_message(chunk, self.get_fully_qualified_name(),
                                                                params.model, params.method))
         if chunk.reset_reason:
@@ -512,7 +539,9 @@ class SpecPruneNode(LifecycleNode):
     def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
         result = self.set_parameters([Parameter('enabled', value=bool(request.data))])[0]
         response.success = result.successful
-        response.message = ('enabled' if request.data else 'disabled: publishing zero twists') \
+        holding = 'holding the last joint command' if self.controller is not None and self.controller.joint_space \
+            else 'publishing zero twists'
+        response.message = ('enabled' if request.data else f'disabled: {holding}') \
             if result.successful else result.reason
         return response
 

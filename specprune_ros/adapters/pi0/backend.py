@@ -3,11 +3,14 @@
 Robot-side settings the checkpoint cannot know come from keyword arguments or ``specprune_adapter.json`` in the
 checkpoint directory (arguments win): which robot camera feeds which checkpoint camera (``camera_map``; checkpoint
 cameras left out are masked out, as LeRobot does for absent ones), where the PaliGemma tokenizer is, the flow's noise
-seed, how the expert's action rows are summarised for pruning methods, and the action units.
+seed, how the expert's action rows are summarised for pruning methods, the action space and the action units.
 
 Actions: ``PolicyOutput.actions`` are the first ``n_action_steps`` rows of the chunk, un-normalised with the
 post-processor's statistics (the dataset's units: joint positions or end-effector deltas, whatever the checkpoint
-was trained on); ``info['normalized_actions']`` holds the model's normalised output.
+was trained on); ``info['normalized_actions']`` holds the model's normalised output. ``action_spec.action_space`` is
+``action_space`` ('joint' unless set to 'ee_delta', as for LIBERO fine-tunes of 7-D end-effector deltas) and
+``action_spec.action_names`` the checkpoint's ``action_feature_names`` (``action_names`` overrides them; neither:
+``joint_0``, ``joint_1``, ...).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from specprune_ros.core.dataclass_mapping import UnknownFieldsError, dataclass_f
 from specprune_ros.core.step_types import PruningMethod, StepContext
 from specprune_ros.policy.backend import EncodedStep, ModelBackend, ModelOutput, camera_frames
 from specprune_ros.policy.errors import CheckpointError, ObservationError
-from specprune_ros.policy.interface import ActionSpec, Observation
+from specprune_ros.policy.interface import ACTION_SPACES, ActionSpec, Observation, default_action_names
 from specprune_ros.policy.prunable_policy import PrunablePolicy
 from specprune_ros.pruning import build_method
 
@@ -40,12 +43,16 @@ class Pi0Options:
     noise_seed: int = 0                           # seed of the flow's noise (one draw per inference)
     action_rows: str = 'mean'                     # expert action rows for pruning methods: 'mean', 'first', 'last'
     control_period_s: float = 0.1                 # the rate the checkpoint was trained at
+    action_space: str = 'joint'                   # 'joint' (joint targets) or 'ee_delta' (7-D end-effector deltas)
+    action_names: Optional[list[str]] = None      # per action dimension (default: the checkpoint's names)
     translation_scale_m: float = 0.02             # end-effector delta action spaces only
     rotation_scale_rad: float = 0.2
 
     def __post_init__(self) -> None:
         if self.action_rows not in ACTION_ROWS:
             raise ValueError(f'action_rows must be one of {ACTION_ROWS}, got {self.action_rows!r}')
+        if self.action_space not in ACTION_SPACES:
+            raise ValueError(f'action_space must be one of {ACTION_SPACES}, got {self.action_space!r}')
 
 
 def read_options(directory: Path, overrides: Optional[dict[str, Any]] = None) -> Pi0Options:
@@ -86,10 +93,15 @@ class Pi0Backend(ModelBackend):
         self.proprio_dim = cfg.state_dim
         self.patch_size = cfg.vision.patch_size
         self.runner = inference.runner
+        names = tuple(options.action_names or cfg.action_names
+                      or default_action_names(cfg.action_dim, options.action_space))
+        if len(names) != cfg.action_dim:
+            raise ValueError(f'action_names has {len(names)} names for the checkpoint\'s {cfg.action_dim} actions')
         self.action_spec = ActionSpec(chunk_size=cfg.n_action_steps, action_dim=cfg.action_dim,
                                       translation_scale_m=options.translation_scale_m,
                                       rotation_scale_rad=options.rotation_scale_rad,
-                                      control_period_s=options.control_period_s)
+                                      control_period_s=options.control_period_s,
+                                      action_space=options.action_space, action_names=names)
 
     def encode(self, observation: Observation) -> Pi0Step:
         frames = camera_frames(observation, self.camera_names)
