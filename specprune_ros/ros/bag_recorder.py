@@ -33,6 +33,7 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
+from rosgraph_msgs.msg import Clock
 
 from specprune_ros.bags.io import BagError, BagWriter, make_qos
 from specprune_ros.command_line import HelpFormatter
@@ -81,6 +82,11 @@ class BagRecorder(Node):
         self.before_clock: dict[str, bytes] = {}   # use_sim_time: newest message per topic before the first /clock
         self.dropped_before_clock = 0
         self._clock_lock = threading.Lock()
+        self._sim_clock_ns = 0   # use_sim_time: the newest /clock, read by the recorder's own subscription
+        if use_sim_time:
+            # bag time from /clock as it arrives here, whatever the node's time source does with it
+            self.create_subscription(Clock, '/clock', self._on_clock,
+                                     QoSProfile(depth=10, reliability=ReliabilityPolicy.BEST_EFFORT))
         self.stop_event = threading.Event()
         # sqlite3 objects only work in the thread that made them: the writer thread opens, writes and closes
         self._opened = threading.Event()
@@ -136,7 +142,7 @@ class BagRecorder(Node):
             self.queue.put(('message', topic, received or self.get_clock().now().nanoseconds, data))
             return
         with self._clock_lock:
-            now = self.get_clock().now().nanoseconds
+            now = self._sim_clock_ns or self.get_clock().now().nanoseconds
             if now == 0:                  # no /clock yet: hold the newest message of the topic
                 self.dropped_before_clock += topic in self.before_clock
                 self.before_clock[topic] = data
@@ -148,6 +154,10 @@ class BagRecorder(Node):
                     self.queue.put(('message', held_topic, now, held))
                 self.before_clock = {}
             self.queue.put(('message', topic, now, data))
+
+    def _on_clock(self, message: Clock) -> None:
+        with self._clock_lock:
+            self._sim_clock_ns = message.clock.sec * 1_000_000_000 + message.clock.nanosec
 
     # --- writing (own thread) ---------------------------------------------------------------------------------
     def _write_loop(self) -> None:
