@@ -71,6 +71,53 @@ def visual_position(layout: TokenLayout) -> torch.Tensor:
     return _visual_tables(layout)[1]
 
 
+@functools.lru_cache(maxsize=32)
+def _visual_tables_on(layout: TokenLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    vis, pos = _visual_tables(layout)
+    # the position table sends non-visual tokens to num_visual: a spare slot that callers drop
+    spare = torch.where(pos >= 0, pos, torch.full_like(pos, layout.num_visual))
+    return vis.to(device), spare.to(device)
+
+
+def positions_to_sequence(positions: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Dense-visual positions (no repeats) -> sorted original sequence indices, on the positions' device.
+
+    Equal to :func:`mask_to_sequence` of the mask the positions set, without reading anything back to the host.
+    """
+    vis = _visual_tables_on(layout, positions.device)[0]
+    return vis[positions.sort().values]
+
+
+def to_device(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host ``indices`` on ``device`` without waiting for it (through pinned memory on CUDA)."""
+    if indices.device == device:
+        return indices
+    if device.type == 'cuda':
+        return indices.pin_memory().to(device, non_blocking=True)
+    return indices.to(device)
+
+
+def dense_visual_scores_on_device(key_indices: torch.Tensor, weights: torch.Tensor, layout: TokenLayout,
+                                  fill: float = 0.0) -> torch.Tensor:
+    """:func:`dense_visual_scores` on the weights' device (float32), without reading anything back to the host."""
+    spare = _visual_tables_on(layout, weights.device)[1]
+    keys = key_indices.to(device=weights.device, dtype=torch.long).flatten()
+    w = weights.flatten()
+    if keys.numel() != w.numel():
+        raise ValueError(f'{keys.numel()} key indices but {w.numel()} weights')
+    out = torch.full((layout.num_visual + 1,), float(fill), dtype=torch.float32, device=weights.device)
+    out.index_copy_(0, spare[keys], w.to(torch.float32))
+    return out[:layout.num_visual]
+
+
+def stable_topk_on_device(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`stable_topk` without candidates, on the scores' device (ties -> lower position first, NaN last)."""
+    s = scores.flatten().to(torch.float32)
+    s = torch.where(torch.isnan(s), torch.full_like(s, float('-inf')), s)
+    order = torch.sort(-s, stable=True).indices
+    return order[:max(0, min(int(k), order.numel()))]
+
+
 def dense_visual_scores(key_indices: torch.Tensor, weights: torch.Tensor, layout: TokenLayout,
                         fill: float = 0.0) -> torch.Tensor:
     """Scatter an attention summary over ``key_indices`` into a dense visual vector (float32)."""
