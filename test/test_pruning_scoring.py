@@ -217,3 +217,14 @@ def test_device_scatter_and_sequence_helpers_equal_the_host_ones(data):
     mask[chosen] = True
     assert positions_to_sequence(torch.tensor(chosen, dtype=torch.long), layout).tolist() == \
         mask_to_sequence(mask, layout).tolist()
+
+
+@SETTINGS
+@given(st.lists(coarse, min_size=1, max_size=30), st.data())
+def test_device_topk_with_candidates_orders_as_the_host_topk(values, data):
+    scores = torch.tensor(values, dtype=torch.float32)
+    rows = data.draw(st.sets(st.integers(0, len(values) - 1), min_size=1))
+    mask = torch.zeros(len(values), dtype=torch.bool)
+    mask[sorted(rows)] = True
+    k = data.draw(st.integers(min_value=0, max_value=len(rows)))
+    assert stable_topk_on_device(scores, k, mask).tolist() == stable_topk(scores, k, mask).tolist()

@@ -226,6 +226,15 @@ class PruningMethodBase:
         keys, weights = entry
         return dense_visual_scores(keys, weights, record.layout, fill=fill)
 
+    def record_scores_on_device(self, record: StepRecord, layer: int, key: str,
+                                fill: float = 0.0) -> Optional[torch.Tensor]:
+        """:meth:`record_scores` on the device of the attention weights (nothing is read back to the host)."""
+        entry = (record.attention or {}).get(layer, {}).get(key)
+        if entry is None:
+            return None
+        keys, weights = entry
+        return dense_visual_scores_on_device(keys, weights, record.layout, fill=fill)
+
     def kept_visual(self, view: LayerView) -> torch.Tensor:
         """Dense visual mask of the visual tokens that ran through this layer."""
         return present_mask(view.kept, view_layout(self))

@@ -24,11 +24,13 @@ def cosine_distance_matrix(features: torch.Tensor, eps: float = 1e-8) -> torch.T
     return dist
 
 
-def greedy_max_min(features: Optional[torch.Tensor], m: int,
-                   distances: Optional[torch.Tensor] = None) -> torch.Tensor:
+def greedy_max_min(features: Optional[torch.Tensor], m: int, distances: Optional[torch.Tensor] = None,
+                   candidates: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Indices (in selection order) of ``m`` rows chosen by greedy max-min diversity.
 
-    Pass either ``features`` (n, d) or a precomputed symmetric ``distances`` (n, n) matrix.
+    Pass either ``features`` (n, d) or a precomputed symmetric ``distances`` (n, n) matrix. ``candidates`` (n,
+    bool) restricts the choice to those rows, as if only they were given, without reading the mask back to the
+    host: it must hold at least ``m`` rows (the count is not checked).
     """
     dist = cosine_distance_matrix(features) if distances is None else torch.as_tensor(distances, dtype=torch.float32)
     n = dist.shape[0]
@@ -42,9 +44,17 @@ def greedy_max_min(features: Optional[torch.Tensor], m: int,
     d = dist.detach()
     nearest = d.clone()
     nearest.fill_diagonal_(float('inf'))
-    pick = nearest.min(dim=1).values.argmax().reshape(1)     # the token whose nearest neighbour is farthest
+    if candidates is not None:
+        outside = ~candidates.to(device=d.device, dtype=torch.bool).flatten()
+        nearest.masked_fill_(outside[None, :], float('inf'))
+    nearest = nearest.min(dim=1).values
+    if candidates is not None:
+        nearest.masked_fill_(outside, float('-inf'))
+    pick = nearest.argmax().reshape(1)                       # the token whose nearest neighbour is farthest
     picks = [pick]
     min_dist = d.index_select(0, pick).reshape(-1).clone()
+    if candidates is not None:
+        min_dist.masked_fill_(outside, float('-inf'))
     min_dist.index_fill_(0, pick, float('-inf'))
     for _ in range(1, m):
         pick = min_dist.argmax().reshape(1)

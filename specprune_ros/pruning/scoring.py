@@ -110,11 +110,18 @@ def dense_visual_scores_on_device(key_indices: torch.Tensor, weights: torch.Tens
     return out[:layout.num_visual]
 
 
-def stable_topk_on_device(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """:func:`stable_topk` without candidates, on the scores' device (ties -> lower position first, NaN last)."""
+def stable_topk_on_device(scores: torch.Tensor, k: int, candidates: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`stable_topk` on the scores' device (ties -> lower position first, NaN last), always ``k`` long.
+
+    With ``candidates`` the candidates come first in the host order and the others after them: equal to
+    :func:`stable_topk` whenever at least ``k`` positions are candidates (the count is not read back to the host).
+    """
     s = scores.flatten().to(torch.float32)
     s = torch.where(torch.isnan(s), torch.full_like(s, float('-inf')), s)
     order = torch.sort(-s, stable=True).indices
+    if candidates is not None:
+        outside = (~candidates.flatten()[order]).to(torch.uint8)
+        order = order[torch.sort(outside, stable=True).indices]
     return order[:max(0, min(int(k), order.numel()))]
 
 
@@ -297,9 +304,10 @@ def layer_importance(scores: torch.Tensor | np.ndarray, valid: torch.Tensor | np
 
 # ------------------------------------------------------------------------- VLA-Pruner temporal action score
 
-def decay_weights(n: int, gamma: float = 0.8) -> torch.Tensor:
+def decay_weights(n: int, gamma: float = 0.8, device: Optional[torch.device] = None) -> torch.Tensor:
     """Weights ``gamma^i`` for ``i = n..1``, i.e. aligned with a history stored oldest first (newest last)."""
-    return torch.tensor([gamma ** i for i in range(n, 0, -1)], dtype=torch.float32)
+    exponents = torch.arange(n, 0, -1, dtype=torch.float64, device=device)
+    return torch.pow(float(gamma), exponents).to(torch.float32)
 
 
 def decayed_action_score(history: Sequence[torch.Tensor], gamma: float = 0.8,
@@ -316,13 +324,16 @@ def decayed_action_score(history: Sequence[torch.Tensor], gamma: float = 0.8,
     if not hist:
         return None
     stacked = torch.stack([torch.as_tensor(h, dtype=torch.float32).flatten().clamp_min(0.0) for h in hist])
-    total = (decay_weights(len(hist), gamma)[:, None] * stacked).sum(0)
-    s = float(total.sum())
-    return total / s if s > 0 else total
+    total = (decay_weights(len(hist), gamma, stacked.device)[:, None] * stacked).sum(0)
+    return _divide_by_positive_sum(total)
+
+
+def _divide_by_positive_sum(values: torch.Tensor) -> torch.Tensor:
+    """``values / values.sum()`` where the sum is positive, else ``values``: decided on the device."""
+    total = values.sum()
+    return torch.where(total > 0, values / total, values)
 
 
 def normalise(scores: torch.Tensor) -> torch.Tensor:
     """Non-negative scores divided by their sum (zeros stay zeros)."""
-    s = torch.as_tensor(scores, dtype=torch.float32).clamp_min(0.0)
-    total = float(s.sum())
-    return s / total if total > 0 else s
+    return _divide_by_positive_sum(torch.as_tensor(scores, dtype=torch.float32).clamp_min(0.0))
