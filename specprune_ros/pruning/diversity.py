@@ -40,25 +40,24 @@ def greedy_max_min(features: Optional[torch.Tensor], m: int, distances: Optional
     if n == 1:
         return torch.zeros(1, dtype=torch.long, device=dist.device)
     # m sequential device steps; nothing is read back to the host (argmax returns the first maximum: the lowest
-    # index on ties). Chosen tokens get -inf in the running minimum so they are never picked again.
-    d = dist.detach()
+    # index on ties). In ``d`` the diagonal (and the columns of non-candidates) hold -inf, so taking the minimum
+    # with a chosen token's row sets its own entry to -inf: chosen tokens are never picked again.
+    d = dist.detach().clone()
     nearest = d.clone()
     nearest.fill_diagonal_(float('inf'))
+    d.fill_diagonal_(float('-inf'))
     if candidates is not None:
         outside = ~candidates.to(device=d.device, dtype=torch.bool).flatten()
         nearest.masked_fill_(outside[None, :], float('inf'))
+        d.masked_fill_(outside[None, :], float('-inf'))
     nearest = nearest.min(dim=1).values
     if candidates is not None:
         nearest.masked_fill_(outside, float('-inf'))
-    pick = nearest.argmax().reshape(1)                       # the token whose nearest neighbour is farthest
+    pick = nearest.argmax(dim=0, keepdim=True)               # the token whose nearest neighbour is farthest
     picks = [pick]
-    min_dist = d.index_select(0, pick).reshape(-1).clone()
-    if candidates is not None:
-        min_dist.masked_fill_(outside, float('-inf'))
-    min_dist.index_fill_(0, pick, float('-inf'))
+    min_dist = d.index_select(0, pick)                       # (1, n)
     for _ in range(1, m):
-        pick = min_dist.argmax().reshape(1)
+        pick = min_dist.argmax(dim=1)
         picks.append(pick)
-        torch.minimum(min_dist, d.index_select(0, pick).reshape(-1), out=min_dist)
-        min_dist.index_fill_(0, pick, float('-inf'))
+        torch.minimum(min_dist, d.index_select(0, pick), out=min_dist)
     return torch.cat(picks)
