@@ -20,7 +20,7 @@ from specprune_ros.pruning.registry import available_methods
 
 TENSOR_READS = ('item', 'cpu', 'tolist', 'numpy', '__bool__', '__int__', '__float__', 'nonzero')
 # methods whose selection still runs in NumPy on the host (a synchronisation per decision on an accelerator)
-HOST_SELECTION = {'random', 'fastv', 'divprune', 'vla_pruner', 'vla_cache', 'specprune', 'specprune_static',
+HOST_SELECTION = {'vla_cache', 'specprune', 'specprune_static',
                   'specprune_static_layer'}
 
 
@@ -74,6 +74,27 @@ def test_pruned_step_reads_nothing_back_from_the_device(causal):
         for name, (keys, weights) in summaries.items():
             assert torch.equal(result.record.attention[layer][name][1], weights)
     assert len(unpruned.kept) == layout.num_tokens and set(unpruned.record.attention) == {0, 5}
+
+
+@pytest.mark.parametrize('name', sorted(set(available_methods()) - HOST_SELECTION))
+def test_methods_selecting_on_the_device_read_nothing_back(name):
+    # every step after the first (which builds the per-layout tables) runs under the guard and keeps what the
+    # same method keeps in an unguarded, host-checked run; the last steps are past every method's warm-up
+    layout = make_layout()
+    checked_on_host = make_runner()
+    checked_on_device = PrunableDecoderRunner(checked_on_host.decoder, validate_on_host=False)
+    guarded, reference = build_method(name), build_method(name)
+    with torch.inference_mode():
+        for step in range(6):
+            x = make_embeddings(layout, step)
+            context = make_context(layout, step, x, make_frames(step), np.zeros((8, 7)),
+                                   num_layers=checked_on_host.num_layers)
+            expected = checked_on_host(x, layout, reference, context)
+            with host_sync_guard() if step else contextlib.nullcontext():
+                result = checked_on_device(x, layout, guarded, context)
+            assert [k.tolist() for k in result.record.kept_per_layer] == \
+                [k.tolist() for k in expected.record.kept_per_layer], f'step {step}'
+    assert len(result.record.kept_per_layer[-1]) < layout.num_tokens or name == 'none'
 
 
 def test_the_guard_catches_host_checks():

@@ -78,3 +78,17 @@ def test_distance_matrix_properties():
     assert torch.all(dist.diagonal() == 0)
     assert greedy_max_min(x, 0).numel() == 0
     assert greedy_max_min(x[:1], 3).tolist() == [0]
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(st.integers(min_value=2, max_value=16), st.integers(0, 10_000), st.data())
+def test_candidates_choose_as_the_candidate_rows_alone(n, seed, data):
+    # duplicated rows make exact distance ties, which must still go to the lowest original index
+    base = torch.randn((n + 1) // 2, 4, generator=torch.Generator().manual_seed(seed))
+    x = base[torch.arange(n) % base.shape[0]]
+    rows = sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=1)))
+    m = data.draw(st.integers(min_value=1, max_value=len(rows)))
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[rows] = True
+    alone = [rows[i] for i in greedy_max_min(x[rows], m).tolist()]
+    assert greedy_max_min(x, m, candidates=mask).tolist() == alone

@@ -7,8 +7,9 @@ from hypothesis import strategies as st
 
 from specprune_ros.core.token_layout import TokenLayout
 from specprune_ros.pruning.scoring import (budget_count, decay_weights, decayed_action_score, dense_visual_scores,
-                                           ema_update, layer_confidence, layer_importance, normalise, rank_weights,
-                                           stable_topk, topk_per_camera)
+                                           dense_visual_scores_on_device, ema_update, layer_confidence,
+                                           layer_importance, mask_to_sequence, normalise, positions_to_sequence,
+                                           rank_weights, stable_topk, stable_topk_on_device, topk_per_camera)
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
 floats = st.floats(min_value=0.0, max_value=1.0, allow_nan=False, width=32)
@@ -189,3 +190,41 @@ def test_normalise(v):
     assert bool((n >= 0).all())
     if float(v.sum()) > 0:
         assert math.isclose(float(n.sum()), 1.0, rel_tol=1e-5)
+
+
+# coarse values make ties common; NaN and -inf (tokens that were no key) rank last in both versions
+coarse = st.sampled_from([0.0, 0.25, 0.5, 1.0, float('-inf'), float('nan')])
+
+
+@SETTINGS
+@given(st.lists(coarse, min_size=1, max_size=30), st.integers(min_value=0, max_value=35))
+def test_device_topk_orders_as_the_host_topk(values, k):
+    scores = torch.tensor(values, dtype=torch.float32)
+    assert stable_topk_on_device(scores, k).tolist() == stable_topk(scores, k).tolist()
+
+
+@SETTINGS
+@given(st.data())
+def test_device_scatter_and_sequence_helpers_equal_the_host_ones(data):
+    layout = layout2()
+    keys = torch.tensor(sorted(data.draw(st.sets(st.integers(0, layout.num_tokens - 1), min_size=1))))
+    weights = torch.rand(len(keys), generator=torch.Generator().manual_seed(len(keys)))
+    for fill in (0.0, float('-inf')):
+        assert torch.equal(dense_visual_scores_on_device(keys, weights, layout, fill),
+                           dense_visual_scores(keys, weights, layout, fill))
+    chosen = data.draw(st.lists(st.integers(0, layout.num_visual - 1), unique=True))
+    mask = torch.zeros(layout.num_visual, dtype=torch.bool)
+    mask[chosen] = True
+    assert positions_to_sequence(torch.tensor(chosen, dtype=torch.long), layout).tolist() == \
+        mask_to_sequence(mask, layout).tolist()
+
+
+@SETTINGS
+@given(st.lists(coarse, min_size=1, max_size=30), st.data())
+def test_device_topk_with_candidates_orders_as_the_host_topk(values, data):
+    scores = torch.tensor(values, dtype=torch.float32)
+    rows = data.draw(st.sets(st.integers(0, len(values) - 1), min_size=1))
+    mask = torch.zeros(len(values), dtype=torch.bool)
+    mask[sorted(rows)] = True
+    k = data.draw(st.integers(min_value=0, max_value=len(rows)))
+    assert stable_topk_on_device(scores, k, mask).tolist() == stable_topk(scores, k, mask).tolist()

@@ -28,7 +28,7 @@ import torch
 from specprune_ros.core.dataclass_mapping import dataclass_from_mapping
 from specprune_ros.core.step_types import AttentionRequest, LayerView, StepContext, StepPlan, StepRecord
 from specprune_ros.core.token_layout import TokenLayout
-from specprune_ros.pruning.scoring import dense_visual_scores, present_mask
+from specprune_ros.pruning.scoring import dense_visual_scores, dense_visual_scores_on_device, present_mask
 from specprune_ros.pruning.temporal_state import TemporalStateConfig, TemporalTokenState
 
 DEFAULT_NUM_LAYERS = 6
@@ -211,6 +211,13 @@ class PruningMethodBase:
             return None
         return dense_visual_scores(view.key_indices, weights, view_layout(self), fill=fill)
 
+    def view_scores_on_device(self, view: LayerView, key: str, fill: float = 0.0) -> Optional[torch.Tensor]:
+        """:meth:`view_scores` on the device of the attention weights (nothing is read back to the host)."""
+        weights = view.attention.get(key) if view.attention else None
+        if weights is None:
+            return None
+        return dense_visual_scores_on_device(view.key_indices, weights, view_layout(self), fill=fill)
+
     def record_scores(self, record: StepRecord, layer: int, key: str, fill: float = 0.0) -> Optional[torch.Tensor]:
         """Dense visual scores of an attention summary in a StepRecord (None if absent)."""
         entry = (record.attention or {}).get(layer, {}).get(key)
@@ -218,6 +225,15 @@ class PruningMethodBase:
             return None
         keys, weights = entry
         return dense_visual_scores(keys, weights, record.layout, fill=fill)
+
+    def record_scores_on_device(self, record: StepRecord, layer: int, key: str,
+                                fill: float = 0.0) -> Optional[torch.Tensor]:
+        """:meth:`record_scores` on the device of the attention weights (nothing is read back to the host)."""
+        entry = (record.attention or {}).get(layer, {}).get(key)
+        if entry is None:
+            return None
+        keys, weights = entry
+        return dense_visual_scores_on_device(keys, weights, record.layout, fill=fill)
 
     def kept_visual(self, view: LayerView) -> torch.Tensor:
         """Dense visual mask of the visual tokens that ran through this layer."""

@@ -3,13 +3,12 @@
 Rule: start with the token whose nearest neighbour is farthest away, then repeatedly add the token whose
 minimum distance to the chosen set is largest, until ``m`` are chosen. Distance = cosine distance
 ``1 - cos(x_i, x_j)``. Ties go to the lowest index, so the result is deterministic. Vectorised: one
-(n, n) distance matrix, then ``m`` O(n) updates of the running minimum.
+(n, n) distance matrix, then ``m`` O(n) updates of the running minimum, all on the features' device.
 """
 from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 
 
@@ -25,32 +24,40 @@ def cosine_distance_matrix(features: torch.Tensor, eps: float = 1e-8) -> torch.T
     return dist
 
 
-def greedy_max_min(features: Optional[torch.Tensor], m: int,
-                   distances: Optional[torch.Tensor] = None) -> torch.Tensor:
+def greedy_max_min(features: Optional[torch.Tensor], m: int, distances: Optional[torch.Tensor] = None,
+                   candidates: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Indices (in selection order) of ``m`` rows chosen by greedy max-min diversity.
 
-    Pass either ``features`` (n, d) or a precomputed symmetric ``distances`` (n, n) matrix.
+    Pass either ``features`` (n, d) or a precomputed symmetric ``distances`` (n, n) matrix. ``candidates`` (n,
+    bool) restricts the choice to those rows, as if only they were given, without reading the mask back to the
+    host: it must hold at least ``m`` rows (the count is not checked).
     """
     dist = cosine_distance_matrix(features) if distances is None else torch.as_tensor(distances, dtype=torch.float32)
     n = dist.shape[0]
     m = max(0, min(int(m), n))
     if m == 0:
-        return torch.empty(0, dtype=torch.long)
+        return torch.empty(0, dtype=torch.long, device=dist.device)
     if n == 1:
-        return torch.zeros(1, dtype=torch.long)
-    # The m sequential steps run in NumPy on float64 (per-call overhead there is far lower than for small torch
-    # ops). Chosen tokens get -inf in the running minimum so they are never picked again.
-    d = dist.detach().cpu().numpy().astype(np.float64, copy=True)
-    off = d.copy()
-    np.fill_diagonal(off, np.inf)
-    nearest = off.min(axis=1)                       # each token's nearest-neighbour distance
-    first = int(np.argmax(nearest))                 # argmax returns the first maximum: lowest index on ties
-    picks = [first]
-    min_dist = d[first].copy()
-    min_dist[first] = -np.inf
+        return torch.zeros(1, dtype=torch.long, device=dist.device)
+    # m sequential device steps; nothing is read back to the host (argmax returns the first maximum: the lowest
+    # index on ties). In ``d`` the diagonal (and the columns of non-candidates) hold -inf, so taking the minimum
+    # with a chosen token's row sets its own entry to -inf: chosen tokens are never picked again.
+    d = dist.detach().clone()
+    nearest = d.clone()
+    nearest.fill_diagonal_(float('inf'))
+    d.fill_diagonal_(float('-inf'))
+    if candidates is not None:
+        outside = ~candidates.to(device=d.device, dtype=torch.bool).flatten()
+        nearest.masked_fill_(outside[None, :], float('inf'))
+        d.masked_fill_(outside[None, :], float('-inf'))
+    nearest = nearest.min(dim=1).values
+    if candidates is not None:
+        nearest.masked_fill_(outside, float('-inf'))
+    pick = nearest.argmax(dim=0, keepdim=True)               # the token whose nearest neighbour is farthest
+    picks = [pick]
+    min_dist = d.index_select(0, pick)                       # (1, n)
     for _ in range(1, m):
-        nxt = int(np.argmax(min_dist))
-        picks.append(nxt)
-        np.minimum(min_dist, d[nxt], out=min_dist)
-        min_dist[nxt] = -np.inf
-    return torch.tensor(picks, dtype=torch.long)
+        pick = min_dist.argmax(dim=1)
+        picks.append(pick)
+        torch.minimum(min_dist, d.index_select(0, pick), out=min_dist)
+    return torch.cat(picks)

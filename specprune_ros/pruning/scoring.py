@@ -71,6 +71,60 @@ def visual_position(layout: TokenLayout) -> torch.Tensor:
     return _visual_tables(layout)[1]
 
 
+@functools.lru_cache(maxsize=32)
+def _visual_tables_on(layout: TokenLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    vis, pos = _visual_tables(layout)
+    # the position table sends non-visual tokens to num_visual: a spare slot that callers drop
+    spare = torch.where(pos >= 0, pos, torch.full_like(pos, layout.num_visual))
+    return vis.to(device), spare.to(device)
+
+
+def positions_to_sequence(positions: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Dense-visual positions (no repeats) -> sorted original sequence indices, on the positions' device.
+
+    Equal to :func:`mask_to_sequence` of the mask the positions set, without reading anything back to the host.
+    """
+    vis = _visual_tables_on(layout, positions.device)[0]
+    return vis[positions.sort().values]
+
+
+def to_device(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host ``indices`` on ``device`` without waiting for it (through pinned memory on CUDA)."""
+    if indices.device == device:
+        return indices
+    if device.type == 'cuda':
+        return indices.pin_memory().to(device, non_blocking=True)
+    return indices.to(device)
+
+
+def dense_visual_scores_on_device(key_indices: torch.Tensor, weights: torch.Tensor, layout: TokenLayout,
+                                  fill: float = 0.0) -> torch.Tensor:
+    """:func:`dense_visual_scores` on the weights' device (float32), without reading anything back to the host."""
+    spare = _visual_tables_on(layout, weights.device)[1]
+    keys = key_indices.to(device=weights.device, dtype=torch.long).flatten()
+    w = weights.flatten()
+    if keys.numel() != w.numel():
+        raise ValueError(f'{keys.numel()} key indices but {w.numel()} weights')
+    out = torch.full((layout.num_visual + 1,), float(fill), dtype=torch.float32, device=weights.device)
+    out.index_copy_(0, spare[keys], w.to(torch.float32))
+    return out[:layout.num_visual]
+
+
+def stable_topk_on_device(scores: torch.Tensor, k: int, candidates: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`stable_topk` on the scores' device (ties -> lower position first, NaN last), always ``k`` long.
+
+    With ``candidates`` the candidates come first in the host order and the others after them: equal to
+    :func:`stable_topk` whenever at least ``k`` positions are candidates (the count is not read back to the host).
+    """
+    s = scores.flatten().to(torch.float32)
+    s = torch.where(torch.isnan(s), torch.full_like(s, float('-inf')), s)
+    order = torch.sort(-s, stable=True).indices
+    if candidates is not None:
+        outside = (~candidates.flatten()[order]).to(torch.uint8)
+        order = order[torch.sort(outside, stable=True).indices]
+    return order[:max(0, min(int(k), order.numel()))]
+
+
 def dense_visual_scores(key_indices: torch.Tensor, weights: torch.Tensor, layout: TokenLayout,
                         fill: float = 0.0) -> torch.Tensor:
     """Scatter an attention summary over ``key_indices`` into a dense visual vector (float32)."""
@@ -250,9 +304,10 @@ def layer_importance(scores: torch.Tensor | np.ndarray, valid: torch.Tensor | np
 
 # ------------------------------------------------------------------------- VLA-Pruner temporal action score
 
-def decay_weights(n: int, gamma: float = 0.8) -> torch.Tensor:
+def decay_weights(n: int, gamma: float = 0.8, device: Optional[torch.device] = None) -> torch.Tensor:
     """Weights ``gamma^i`` for ``i = n..1``, i.e. aligned with a history stored oldest first (newest last)."""
-    return torch.tensor([gamma ** i for i in range(n, 0, -1)], dtype=torch.float32)
+    exponents = torch.arange(n, 0, -1, dtype=torch.float64, device=device)
+    return torch.pow(float(gamma), exponents).to(torch.float32)
 
 
 def decayed_action_score(history: Sequence[torch.Tensor], gamma: float = 0.8,
@@ -269,13 +324,16 @@ def decayed_action_score(history: Sequence[torch.Tensor], gamma: float = 0.8,
     if not hist:
         return None
     stacked = torch.stack([torch.as_tensor(h, dtype=torch.float32).flatten().clamp_min(0.0) for h in hist])
-    total = (decay_weights(len(hist), gamma)[:, None] * stacked).sum(0)
-    s = float(total.sum())
-    return total / s if s > 0 else total
+    total = (decay_weights(len(hist), gamma, stacked.device)[:, None] * stacked).sum(0)
+    return _divide_by_positive_sum(total)
+
+
+def _divide_by_positive_sum(values: torch.Tensor) -> torch.Tensor:
+    """``values / values.sum()`` where the sum is positive, else ``values``: decided on the device."""
+    total = values.sum()
+    return torch.where(total > 0, values / total, values)
 
 
 def normalise(scores: torch.Tensor) -> torch.Tensor:
     """Non-negative scores divided by their sum (zeros stay zeros)."""
-    s = torch.as_tensor(scores, dtype=torch.float32).clamp_min(0.0)
-    total = float(s.sum())
-    return s / total if total > 0 else s
+    return _divide_by_positive_sum(torch.as_tensor(scores, dtype=torch.float32).clamp_min(0.0))

@@ -13,7 +13,7 @@ from specprune_ros.core.step_types import StepContext, StepPlan
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
 from specprune_ros.pruning.budget_knob import KeepRatioKnob
 from specprune_ros.pruning.diversity import greedy_max_min
-from specprune_ros.pruning.scoring import budget_count, camera_slices, mask_to_sequence
+from specprune_ros.pruning.scoring import budget_count, camera_slices, positions_to_sequence
 
 
 @dataclass
@@ -32,10 +32,11 @@ class DivPrune(KeepRatioKnob, PruningMethodBase):
     def _begin(self, context: StepContext) -> StepPlan:
         layout = context.layout
         emb = context.visual_embeddings.detach().reshape(layout.num_visual, -1)
-        mask = torch.zeros(layout.num_visual, dtype=torch.bool)
         groups = camera_slices(layout) if self.config.per_camera else [slice(0, layout.num_visual)]
+        parts = []
         for sl in groups:
             m = budget_count(self.effective_keep_ratio(), sl.stop - sl.start)
-            mask[sl.start + greedy_max_min(emb[sl], m)] = True
-        self.last_info['budget'] = int(mask.sum())
-        return StepPlan(keep_before=mask_to_sequence(mask, layout))
+            parts.append(sl.start + greedy_max_min(emb[sl], m))
+        keep = positions_to_sequence(torch.cat(parts), layout)
+        self.last_info['budget'] = int(keep.numel())
+        return StepPlan(keep_before=keep)

@@ -16,7 +16,8 @@ import torch
 from specprune_ros.core.step_types import LayerView, StepContext, StepPlan
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
 from specprune_ros.pruning.budget_knob import KeepRatioKnob
-from specprune_ros.pruning.scoring import budget_count, camera_slices, mask_to_sequence, stable_topk
+from specprune_ros.pruning.scoring import (budget_count, camera_slices, mask_to_sequence, positions_to_sequence,
+                                           stable_topk, stable_topk_on_device)
 
 
 @dataclass
@@ -47,15 +48,21 @@ class FastV(KeepRatioKnob, PruningMethodBase):
         if view.layer != self._score_layer():
             return None
         layout = self._layout
-        scores = self.view_scores(view, 'fastv', fill=float('-inf'))
+        scores = self.view_scores_on_device(view, 'fastv', fill=float('-inf'))
         if scores is None:
             self.last_info['error'] = 'attention summary missing'
             return None
+        groups = camera_slices(layout) if self.config.per_camera else [slice(0, layout.num_visual)]
+        budgets = [budget_count(self.effective_keep_ratio(), sl.stop - sl.start) for sl in groups]
+        self.last_info['budget'] = sum(budgets)
+        if view.kept.numel() == layout.num_tokens:
+            # every visual token is present (the kept count is known on the host): the selection stays on the
+            # device, with the same order as the host top-k (descending, ties to the lower position)
+            parts = [sl.start + stable_topk_on_device(scores[sl], m) for sl, m in zip(groups, budgets)]
+            return positions_to_sequence(torch.cat(parts), layout)
         present = self.kept_visual(view)
         mask = torch.zeros(layout.num_visual, dtype=torch.bool)
-        groups = camera_slices(layout) if self.config.per_camera else [slice(0, layout.num_visual)]
-        for sl in groups:
-            m = budget_count(self.effective_keep_ratio(), sl.stop - sl.start)
+        for sl, m in zip(groups, budgets):
             mask[sl.start + stable_topk(scores[sl], m, present[sl])] = True
         self.last_info['budget'] = int(mask.sum())
         return mask_to_sequence(mask, layout)

@@ -12,7 +12,7 @@ import torch
 from specprune_ros.core.step_types import StepContext, StepPlan
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
 from specprune_ros.pruning.budget_knob import KeepRatioKnob
-from specprune_ros.pruning.scoring import budget_count, camera_slices, mask_to_sequence
+from specprune_ros.pruning.scoring import budget_count, camera_slices, positions_to_sequence, to_device
 
 
 @dataclass
@@ -34,12 +34,16 @@ class RandomPruning(KeepRatioKnob, PruningMethodBase):
         self.generator.manual_seed(self.seed)
 
     def _begin(self, context: StepContext) -> StepPlan:
+        # the draw runs on the CPU generator (host data only, identical under a seed on every device); the chosen
+        # indices go to the device in one asynchronous copy, so nothing waits for the device
         layout = context.layout
-        mask = torch.zeros(layout.num_visual, dtype=torch.bool)
         groups = camera_slices(layout) if self.config.per_camera else [slice(0, layout.num_visual)]
+        parts = []
         for sl in groups:
             n = sl.stop - sl.start
             m = budget_count(self.effective_keep_ratio(), n)
-            mask[sl.start + torch.randperm(n, generator=self.generator)[:m]] = True
-        self.last_info['budget'] = int(mask.sum())
-        return StepPlan(keep_before=mask_to_sequence(mask, layout))
+            parts.append(sl.start + torch.randperm(n, generator=self.generator)[:m])
+        keep = positions_to_sequence(torch.cat(parts), layout)
+        self.last_info['budget'] = int(keep.numel())
+        embeddings = context.visual_embeddings
+        return StepPlan(keep_before=keep if embeddings is None else to_device(keep, embeddings.device))

@@ -29,7 +29,7 @@ from specprune_ros.pruning.base import BaseConfig, PruningMethodBase, split_per_
 from specprune_ros.pruning.budget_knob import KeepRatioKnob
 from specprune_ros.pruning.diversity import greedy_max_min
 from specprune_ros.pruning.scoring import (budget_count, camera_slices, decayed_action_score, mask_to_sequence,
-                                           normalise, stable_topk)
+                                           normalise, positions_to_sequence, stable_topk, stable_topk_on_device)
 
 
 PAPER_PRUNE_LAYER, PAPER_DEPTH = 3, 32   # the paper prunes before layer 3 of Llama-2 7B's 32
@@ -103,16 +103,14 @@ class VLAPruner(KeepRatioKnob, PruningMethodBase):
         if not self._prune_now or view.layer != self._score_layer():
             return None
         layout = self._layout
+        if view.kept.numel() == layout.num_tokens:
+            return self._select_on_device(view)
         present = self.kept_visual(view)
         sem = self.view_scores(view, 'vlap_semantic', fill=0.0) if cfg.use_semantic else None
         if cfg.use_semantic and sem is None:
             self.last_info['error'] = 'semantic attention missing'
             return None
-        act = None
-        if cfg.use_action:
-            act = torch.cat([decayed_action_score(self.state.action_attention_window(c), cfg.gamma, cfg.window)
-                             if self.state.action_attention else torch.zeros(layout.patches_per_camera)
-                             for c in range(layout.num_cameras)])
+        act = self._action_score(None)
         emb = self._context.visual_embeddings.detach().reshape(layout.num_visual, -1)
         mask = torch.zeros(layout.num_visual, dtype=torch.bool)
         sizes = []
@@ -148,11 +146,68 @@ class VLAPruner(KeepRatioKnob, PruningMethodBase):
         self.last_info.update(candidates=sizes, budget=int(mask.sum()))
         return mask_to_sequence(mask, layout)
 
+    def _action_score(self, device: Optional[torch.device]) -> Optional[torch.Tensor]:
+        """The decayed action score as a dense visual vector (zeros without history; None if not used)."""
+        if not self.config.use_action:
+            return None
+        layout = self._layout
+        return torch.cat([decayed_action_score(self.state.action_attention_window(c), self.config.gamma,
+                                               self.config.window)
+                          if self.state.action_attention else torch.zeros(layout.patches_per_camera, device=device)
+                          for c in range(layout.num_cameras)])
+
+    def _select_on_device(self, view: LayerView) -> Optional[torch.Tensor]:
+        """Combine-then-Filter when every visual token ran through the scoring layer: nothing is read back.
+
+        Every candidate set then holds at least the budget, so each camera keeps exactly its budget and the kept
+        tokens equal the host selection's; the candidate counts in ``last_info`` stay a device tensor.
+        """
+        cfg = self.config
+        layout = self._layout
+        sem = self.view_scores_on_device(view, 'vlap_semantic', fill=0.0) if cfg.use_semantic else None
+        if cfg.use_semantic and sem is None:
+            self.last_info['error'] = 'semantic attention missing'
+            return None
+        emb = self._context.visual_embeddings.detach().reshape(layout.num_visual, -1)
+        device = emb.device if sem is None else sem.device
+        act = self._action_score(device)
+        parts, sizes, budgets = [], [], []
+        groups = camera_slices(layout) if cfg.per_camera else [slice(0, layout.num_visual)]
+        for sl in groups:
+            n = sl.stop - sl.start
+            m = budget_count(self.effective_keep_ratio(), n)
+            budgets.append(m)
+            s_sem = None if sem is None else normalise(sem[sl])
+            s_act = None if act is None else normalise(act[sl])
+            # without action history (all zeros) the action score takes no part, as in the host selection
+            has_act = torch.zeros((), dtype=torch.bool, device=device) if s_act is None else s_act.any()
+            by_sem = stable_topk_on_device(torch.zeros(n, device=device) if s_sem is None else s_sem, m)
+            if cfg.combine == 'sum' and s_sem is not None and s_act is not None:
+                fused = cfg.fusion_weight * s_sem + (1 - cfg.fusion_weight) * s_act
+                chosen = torch.where(has_act, stable_topk_on_device(fused, m), by_sem)
+                sizes.append(torch.full((), m, device=device))
+            else:
+                by_act = by_sem if s_act is None else torch.where(has_act, stable_topk_on_device(s_act, m), by_sem)
+                cand = torch.zeros(n, dtype=torch.bool, device=device)
+                if s_sem is not None:
+                    cand[by_sem] = True
+                cand[by_act] = True
+                sizes.append(cand.sum())
+                if cfg.use_diversity:
+                    chosen = greedy_max_min(emb[sl], m, candidates=cand)
+                else:
+                    scores = [s for s in (s_sem, s_act) if s is not None]
+                    total = scores[0] if len(scores) == 1 else torch.where(has_act, scores[0] + scores[1], scores[0])
+                    chosen = stable_topk_on_device(total, m, cand)
+            parts.append(sl.start + chosen)
+        self.last_info.update(candidates=torch.stack(sizes), budget=sum(budgets))
+        return positions_to_sequence(torch.cat(parts), layout)
+
     def _end(self, record: StepRecord) -> None:
         if not self.config.use_action:
             return
         layer = self.layer(self.config.action_layer)
-        act = self.record_scores(record, layer, 'vlap_action', fill=0.0)
+        act = self.record_scores_on_device(record, layer, 'vlap_action', fill=0.0)
         if act is None:
             self.last_info['action_attention'] = 'missing'
             return
