@@ -83,6 +83,7 @@ class BagRecorder(Node):
         self.dropped_before_clock = 0
         self._clock_lock = threading.Lock()
         self._sim_clock_ns = 0   # use_sim_time: the newest /clock, read by the recorder's own subscription
+        self._last_stamp_ns = -1_000_000_000_000   # use_sim_time: the bag time given last (arrival order)
         if use_sim_time:
             # bag time from /clock as it arrives here, whatever the node's time source does with it
             self.create_subscription(Clock, '/clock', self._on_clock,
@@ -151,9 +152,21 @@ class BagRecorder(Node):
                 self.get_logger().info(f'first /clock: {len(self.before_clock)} messages received before it are '
                                        f'stamped with it ({self.dropped_before_clock} older ones dropped)')
                 for held_topic, held in self.before_clock.items():
-                    self.queue.put(('message', held_topic, now, held))
+                    self.queue.put(('message', held_topic, self._arrival_stamp(now), held))
                 self.before_clock = {}
-            self.queue.put(('message', topic, now, data))
+            self.queue.put(('message', topic, self._arrival_stamp(now), data))
+
+    def _arrival_stamp(self, sim_ns: int) -> int:
+        """Bag time of a message arriving at sim time ``sim_ns``: later arrivals never get an earlier time.
+
+        Sim time moves in steps, so messages of one step share it; 1 ns apart in arrival order, a reader can
+        still tell what came first (a gripper command from the twist of the next step). A clock that jumps back
+        by more than a second (a new simulation) is followed.
+        """
+        if self._last_stamp_ns - 1_000_000_000 <= sim_ns <= self._last_stamp_ns:
+            sim_ns = self._last_stamp_ns + 1
+        self._last_stamp_ns = sim_ns
+        return sim_ns
 
     def _on_clock(self, message: Clock) -> None:
         with self._clock_lock:

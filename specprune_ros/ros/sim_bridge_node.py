@@ -222,7 +222,7 @@ class SimBridgeNode(Node):
         deadline = time.monotonic() + s.startup_timeout_s
         logged = False
         while not self.stop_event.is_set():
-            listening = all(self.count_subscribers(p.topic_name) > 0 for p in self.image_pubs)
+            listening = all(self.count_subscribers(p.topic_name) >= s.min_camera_subscribers for p in self.image_pubs)
             commanding = self.count_publishers(self.twist_sub.topic_name) > 0
             if listening and commanding and (not s.policy_node or self._policy_node_present()):
                 break

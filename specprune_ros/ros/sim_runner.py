@@ -130,8 +130,10 @@ def run_simulation(run: SimRun) -> dict:
         node = ManagedProcess('specprune_node', prefix + policy_command(setup, policy_extra), env,
                               log_dir / 'specprune_node.log').start()
         processes.append(node)
+        recording = {'min_camera_subscribers': 2} if recorder is not None else {}   # the recorder sees frame one
         bridge = ManagedProcess('sim_bridge', prefix + bridge_command(
-            setup, {**run.bridge_parameters, 'summary_path': summary_path}), env, log_dir / 'sim_bridge.log').start()
+            setup, {**recording, **run.bridge_parameters, 'summary_path': summary_path}), env,
+            log_dir / 'sim_bridge.log').start()
         processes.append(bridge)
         deadline = time.monotonic() + run.timeout_s
         progress = EpisodeProgress(bridge.log_path, run.progress)
