@@ -132,11 +132,7 @@ class OpenVLAAdapter(PrismaticAdapter):
         pruned = sum(layer_flops(1, k, d, m) for step in decoded for k in step.key_counts)
         full = sum(layer_flops(1, layout.num_tokens + i + 1, d, m)
                    for i in range(len(decoded)) for _ in range(self.runner.num_layers))
-        record.info.update(prefill_flops=record.flops, prefill_flops_full=record.flops_full, decode_flops=pruned,
-                           decode_flops_full=full, prefill_model_seconds=record.model_seconds)
-        record.flops += pruned
-        record.flops_full += full
-        record.model_seconds += seconds
+        record.add_stage('prefill', 'decode', pruned, full, seconds)
 
     # -- the adapter's own unpruned forward (transformers, KV cache) -------------------------------------------
 

@@ -124,6 +124,19 @@ class StepRecord:
         counts = self.visual_kept_per_layer
         return float(sum(counts) / max(len(counts), 1))
 
+    def add_stage(self, first: str, stage: str, flops: float, flops_full: float, seconds: float) -> None:
+        """Count a stage that runs after the recorded pass (a decode, an action expert) into the step's totals.
+
+        The recorded pass's own figures stay in ``info`` as ``<first>_flops``, ``<first>_flops_full`` and
+        ``<first>_model_seconds``; the stage's as ``<stage>_flops`` and ``<stage>_flops_full``.
+        """
+        self.info.update({f'{first}_flops': self.flops, f'{first}_flops_full': self.flops_full,
+                          f'{stage}_flops': flops, f'{stage}_flops_full': flops_full,
+                          f'{first}_model_seconds': self.model_seconds})
+        self.flops += flops
+        self.flops_full += flops_full
+        self.model_seconds += seconds
+
 
 class PruningMethod(Protocol):
     """Interface every pruning method implements (see ``specprune_ros.pruning``)."""

@@ -220,11 +220,7 @@ class Pi0Inference:
         s = self.suffix_length
         pruned = sum(layer_flops(s, k, shape.width, shape.mlp_dim) for counts in key_counts for k in counts)
         full = len(key_counts) * shape.depth * layer_flops(s, layout.num_tokens + s, shape.width, shape.mlp_dim)
-        record.info.update(prefix_flops=record.flops, prefix_flops_full=record.flops_full, expert_flops=pruned,
-                           expert_flops_full=full, prefix_model_seconds=record.model_seconds)
-        record.flops += pruned
-        record.flops_full += full
-        record.model_seconds += seconds
+        record.add_stage('prefix', 'expert', pruned, full, seconds)
 
     @torch.inference_mode()
     def reference(self, inp: Pi0Input, noise: torch.Tensor) -> np.ndarray:
