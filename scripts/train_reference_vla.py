@@ -36,6 +36,8 @@ TRAIN_HELP = {   # TrainConfig fields
     'pointing_weight': 'auxiliary loss: which patches of camera 0 show them; 0 = off',
     'token_drop_probability': 'share of batches with randomly dropped visual tokens; 0 = off',
     'token_drop_min_keep': 'each drop stage keeps at least this share of the tokens it sees',
+    'token_drop_families': 'kinds of token drop, comma-separated: uniform, clustered, regions, ranked, diverse; '
+                           'or all (the fair yardstick: no method\'s selections favoured)',
 }
 
 

@@ -316,7 +316,7 @@ def test_training_script_takes_the_union_of_several_demo_directories(tmp_path):
 
 
 def test_random_token_drop_prunes_only_visual_tokens_within_its_shares():
-    from specprune_ros.training.trainer import random_token_drop
+    from specprune_ros.training.token_drops import random_token_drop
     model = tiny_model()
     layout = model.layout(model.config.max_words)
     visual = set(layout.visual_indices().tolist())

@@ -13,10 +13,12 @@ Auxiliary pointing loss (``pointing_weight``): the same two positions projected 
 become soft targets (Gaussian over patch centres) for the pointing head on that camera's patch tokens, a dense
 signal that reaches the instruction-conditioned (FiLM) vision stem directly. Random shifts move the targets too.
 Pruning-aware training (``token_drop_probability``): that share of batches runs the decoder on a random subset of
-the visual tokens, dropped before layer 0 and/or after a random layer (``random_token_drop``), so the policy
-learns not to depend on any single visual token, as large pretrained VLAs do not; pruning methods then cost it
-less. The other batches see every token. Uniform random subsets are what the random-pruning baseline keeps, so
-they favour it most (docs/benchmarks.md).
+the visual tokens, dropped before layer 0 and/or after a random layer, so the policy learns not to depend on any
+single visual token, as large pretrained VLAs do not; pruning methods then cost it less. The other batches see
+every token. ``token_drop_families`` names the kinds of drop (``training/token_drops.py``): uniform random subsets
+alone favour the random-pruning baseline (docs/benchmarks.md); 'all' mixes subsets shaped like every family of
+selection (random, clustered, whole regions, attention-ranked, diverse), so no method's selections are the only
+ones the policy practised.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from specprune_ros.policy.tokenizer import WordTokenizer
 from specprune_ros.sim import TabletopEnv, scene
 from specprune_ros.sim.projection import project_to_image
 from specprune_ros.sim.tasks import sample_task
+from specprune_ros.training.token_drops import family_token_drop, parse_families
 
 
 @dataclass
@@ -64,6 +67,7 @@ class TrainConfig:
     pointing_weight: float = 0.5       # auxiliary loss: which patches of camera 0 show them; 0 = off
     token_drop_probability: float = 0.0   # share of batches with randomly dropped visual tokens; 0 = off
     token_drop_min_keep: float = 0.25     # each drop stage keeps at least this share of the tokens it sees
+    token_drop_families: str = 'uniform'  # comma-separated kinds of drop (training/token_drops.py) or 'all'
 
 
 REACHED_XY = 0.04   # metres: once the tcp is this close to the object in xy ...
@@ -196,34 +200,6 @@ def learning_rate(step: int, config: TrainConfig, minutes: float = 0.0) -> float
     return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def random_token_drop(layout: TokenLayout, num_layers: int, min_keep: float,
-                      generator: torch.Generator) -> FixedKeepSchedule:
-    """A random pruning schedule for one batch.
-
-    Each of two stages (before layer 0; after a random layer 0 .. num_layers-2) runs with probability 1/2 and keeps a
-    uniform share in [min_keep, 1] of the visual tokens still kept, chosen at random; at least one stage runs.
-    Non-visual tokens are never dropped.
-    """
-    def draw() -> float:
-        return float(torch.empty(1).uniform_(min_keep, 1.0, generator=generator))
-
-    def subset(tokens: torch.Tensor, share: float) -> torch.Tensor:
-        count = max(1, round(share * len(tokens)))
-        return tokens[torch.randperm(len(tokens), generator=generator)[:count]].sort().values
-
-    before, inside = (torch.rand(2, generator=generator) < 0.5).tolist()
-    if not (before or inside):
-        before = True
-    visual = layout.visual_indices()
-    schedule = FixedKeepSchedule(name='random_token_drop')
-    if before:
-        visual = schedule.keep_before = subset(visual, draw())
-    if inside and num_layers > 1:
-        layer = int(torch.randint(0, num_layers - 1, (1,), generator=generator))
-        schedule.keep_after[layer] = subset(visual, draw())
-    return schedule
-
-
 def training_losses(model: ReferenceVLA, batch: dict[str, torch.Tensor], bf16: bool,
                     schedule: Optional[FixedKeepSchedule] = None) -> dict[str, torch.Tensor]:
     """The training losses of one batch.
@@ -265,6 +241,7 @@ def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes:
     from an exported checkpoint's weights and normalisation instead (fresh optimizer), e.g. the committed
     reference VLA on a machine that no longer has the training state.
     """
+    parse_families(train_config.token_drop_families)      # an unknown family fails before any work
     torch.set_num_threads(train_config.threads)
     torch.manual_seed(train_config.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -375,7 +352,8 @@ def _optimise(model: ReferenceVLA, optimizer: torch.optim.Optimizer, batch: dict
     schedule = None
     drop = train_config.token_drop_probability
     if drop > 0 and float(torch.rand(1, generator=generator)) < drop:   # no draw when off: runs replay as before
-        schedule = random_token_drop(layout, model.config.num_layers, train_config.token_drop_min_keep, generator)
+        schedule = family_token_drop(layout, model.config.num_layers, train_config.token_drop_min_keep, generator,
+                                     parse_families(train_config.token_drop_families))
     losses = training_losses(model, batch, train_config.bf16, schedule)
     loss = (losses['chunk'] + train_config.localisation_weight * losses['localisation']
             + train_config.pointing_weight * losses['pointing'])
