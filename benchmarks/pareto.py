@@ -1,0 +1,233 @@
+r"""Success against speed for every pruning method across budgets: the curve a deployment chooses from.
+
+Phase 1 (success): every configuration runs the same held-out episodes of every task family in the simulator on
+``--model`` (the shipped reference VLA by default, or a checkpoint directory), paired with unpruned on the same
+episodes (Newcombe's interval of the difference). Each configuration's outcomes are cached under
+``<out>/pareto_runs/`` keyed by the checkpoint's contents, the episodes and the configuration, so an interrupted
+run continues where it stopped and a grid can be extended later.
+
+Phase 2 (speed): ``benchmarks/deployment_latency.py`` times every configuration in one process, interleaved, at a
+deployment shape (default: the reference VLA's 2 x 144-patch layout with a random 256 x 32 decoder; the 128-wide
+reference VLA itself is dominated by per-op overheads, so its own speedups say little about a real VLA).
+
+Budgets: the keep ratio of every keep-ratio method (75 / 50 / 35 / 25 / 15 / 10 % by default), SpecPrune's
+scale of K (``controller.alpha``), and the default of methods without a budget. The front: the configurations
+that no other configuration beats in both success and speedup.
+
+    python benchmarks/pareto.py --episodes-per-family 100 --out docs/benchmarks            # 300 episodes each
+    python benchmarks/pareto.py --episodes-per-family 2 --methods random vla_pruner --keep-ratios 0.5 0.25 \
+        --speed-steps 3 --out outputs/pareto                                                  # a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from specprune_ros.command_line import HelpFormatter
+from specprune_ros.evaluation.closed_loop import PolicySpec, evaluate, summarize
+from specprune_ros.evaluation.statistics import paired_difference
+from specprune_ros.models.loading import REFERENCE_CHECKPOINT
+from specprune_ros.pruning import build_method
+from specprune_ros.sim import EVAL_SEED_START, TASK_FAMILIES
+
+REPO = Path(__file__).resolve().parents[1]
+KEEP_RATIOS = (0.75, 0.5, 0.35, 0.25, 0.15, 0.10)
+SPECPRUNE_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+METHODS = ('specprune', 'vla_pruner', 'fastv', 'divprune', 'random', 'vla_cache')
+BASELINE = 'none'
+
+
+def budget_grid(methods: list[str], keep_ratios: tuple[float, ...], scales: tuple[float, ...]) -> list[dict]:
+    """One configuration per method and budget: label, method, method_config and the budget it stands for."""
+    grid = [{'label': BASELINE, 'method': BASELINE, 'method_config': None, 'budget': 1.0}]
+    for method in methods:
+        config = build_method(method).config
+        if hasattr(config, 'keep_ratio'):
+            grid += [{'label': f'{method} {ratio:.0%}', 'method': method, 'method_config': {'keep_ratio': ratio},
+                      'budget': ratio} for ratio in keep_ratios]
+        elif hasattr(getattr(config, 'controller', None), 'alpha'):
+            grid += [{'label': f'{method} x{scale:g}', 'method': method,
+                      'method_config': {'controller': {'alpha': scale}}, 'budget': scale} for scale in scales]
+        else:
+            grid.append({'label': method, 'method': method, 'method_config': None, 'budget': None})
+    return grid
+
+
+def model_key(model: str) -> str:
+    """A short digest of the checkpoint's files (or the model's name when it is built in memory)."""
+    folder = REFERENCE_CHECKPOINT if model == 'reference' else Path(model)
+    digest = hashlib.sha1(model.encode())
+    if folder.is_dir():
+        for path in sorted(p for p in folder.iterdir() if p.is_file()):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def success_phase(grid: list[dict], model: str, episodes_per_family: int, workers: int, cache: Path,
+                  execute_steps: Optional[int]) -> dict[str, dict]:
+    """Outcomes per configuration: run, or read from the cache when the same run is there."""
+    cache.mkdir(parents=True, exist_ok=True)
+    families = list(TASK_FAMILIES)
+    results = {}
+    for entry in grid:
+        spec = PolicySpec(model, entry['method'], entry['method_config'], entry['label'])
+        key = json.dumps({'model': model_key(model), 'spec': asdict(spec), 'episodes': episodes_per_family,
+                          'seed_start': EVAL_SEED_START, 'execute_steps': execute_steps}, sort_keys=True)
+        path = cache / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
+        if path.is_file():
+            results[entry['label']] = json.loads(path.read_text())
+            print(f"{entry['label']}: {results[entry['label']]['summary']['overall']['success_rate']:.1%} (cached)")
+            continue
+        episodes = evaluate(spec, families, episodes_per_family, workers=workers, execute_steps=execute_steps)
+        record = {'key': json.loads(key), 'summary': summarize(episodes, entry['label']),
+                  'episodes': [[r.family, r.seed, bool(r.success)] for r in episodes]}
+        path.write_text(json.dumps(record))
+        results[entry['label']] = record
+    return results
+
+
+def speed_phase(grid: list[dict], shape: list[str], steps: int, threads: int) -> tuple[dict, dict, list]:
+    """The latency harness's rows per configuration label (one interleaved run in its own process)."""
+    extras = [f"{e['label']}={e['method']}:{json.dumps(e['method_config'] or {})}" for e in grid
+              if e['label'] != BASELINE]
+    with tempfile.TemporaryDirectory() as folder:
+        command = [sys.executable, str(REPO / 'benchmarks' / 'deployment_latency.py'), *shape, '--steps', str(steps),
+                   '--threads', str(threads), '--methods', BASELINE, '--no-reference', '--no-plot', '--out', folder,
+                   '--name', 'pareto_speed']
+        for extra in extras:
+            command += ['--extra', extra]
+        subprocess.run(command, check=True, cwd=REPO)
+        report = json.loads((Path(folder) / 'pareto_speed.json').read_text())
+    return {row['label']: row for row in report['rows']}, report['meta'], report['shapes']
+
+
+def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
+    """Labels not beaten in both coordinates (speedup, success) by another point; sorted by speedup."""
+    front = []
+    for label, speed, success in points:
+        beaten = any(s >= speed and w >= success and (s > speed or w > success) for _, s, w in points)
+        if not beaten:
+            front.append((speed, label))
+    return [label for _, label in sorted(front)]
+
+
+def rows_for(grid: list[dict], success: dict, speed: dict) -> list[dict]:
+    unpruned = np.array([won for _, _, won in success[BASELINE]['episodes']])
+    rows = []
+    for entry in grid:
+        record = success[entry['label']]
+        won = np.array([w for _, _, w in record['episodes']])
+        delta = paired_difference(won, unpruned)
+        overall = record['summary']['overall']
+        timing = speed.get(entry['label'], {})
+        rows.append({'label': entry['label'], 'method': entry['method'], 'budget': entry['budget'],
+                     'success': overall['success_rate'], 'success_ci95': overall['ci95'],
+                     'episodes': overall['episodes'], 'delta_vs_none': delta[0], 'delta_ci95': list(delta[1:]),
+                     'speedup': timing.get('speedup'), 'speedup_ci95': timing.get('speedup_ci95'),
+                     'kept_visual_ratio': timing.get('kept_visual_ratio'), 'total_ms': timing.get('total_ms')})
+    front = pareto_front([(r['label'], r['speedup'], r['success']) for r in rows if r['speedup'] is not None])
+    for row in rows:
+        row['on_front'] = row['label'] in front
+    return rows
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    lines = ['# Success against speed, every method across budgets', '',
+             f"Command: `{meta['command']}`  ", f"Commit: {meta['commit']}; date: {meta['date']}  ",
+             f"Success: {meta['success']}  ", f"Speed: {meta['speed']}", '',
+             '| config | success (95% CI) | vs none, paired (95% CI) | speedup (95% CI) | kept visual | front |',
+             '|---|---|---|---|---|---|']
+    for r in sorted(rows, key=lambda r: (r['method'] != BASELINE, r['method'], -(r['budget'] or 0))):
+        speed = '-' if r['speedup'] is None else (f"{r['speedup']:.2f}x ({r['speedup_ci95'][0]:.2f}-"
+                                                  f"{r['speedup_ci95'][1]:.2f})")
+        kept = '-' if r['kept_visual_ratio'] is None else f"{r['kept_visual_ratio']:.0%}"
+        lines.append(f"| {r['label']} | {r['success']:.1%} ({r['success_ci95'][0]:.0%}-{r['success_ci95'][1]:.0%}) | "
+                     f"{r['delta_vs_none'] * 100:+.1f} ({r['delta_ci95'][0] * 100:+.1f} to "
+                     f"{r['delta_ci95'][1] * 100:+.1f}) | {speed} | {kept} | {'yes' if r['on_front'] else ''} |")
+    return '\n'.join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib                                    # plotting only: keep the import off the measuring path
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    figure, axis = plt.subplots(figsize=(7.5, 5))
+    for method in sorted({r['method'] for r in rows}):
+        mine = sorted((r for r in rows if r['method'] == method and r['speedup'] is not None),
+                      key=lambda r: r['speedup'])
+        axis.plot([r['speedup'] for r in mine], [r['success'] * 100 for r in mine], marker='o', label=method)
+    front = sorted((r for r in rows if r['on_front']), key=lambda r: r['speedup'])
+    axis.plot([r['speedup'] for r in front], [r['success'] * 100 for r in front], 'k--', lw=1, label='front')
+    axis.set_xlabel('speedup over unpruned at the deployment shape')
+    axis.set_ylabel('closed-loop success (%)')
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def git_commit() -> str:
+    result = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=REPO)
+    return result.stdout.strip() or 'unknown'
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument('--model', default='reference', help="'reference' or a reference-VLA checkpoint directory")
+    parser.add_argument('--methods', nargs='+', default=list(METHODS), help='registered methods to sweep')
+    parser.add_argument('--keep-ratios', type=float, nargs='+', default=list(KEEP_RATIOS),
+                        help='budgets of the keep-ratio methods')
+    parser.add_argument('--specprune-scales', type=float, nargs='+', default=list(SPECPRUNE_SCALES),
+                        help="SpecPrune's scale of K (controller.alpha)")
+    parser.add_argument('--episodes-per-family', type=int, default=100, help='100 x 3 families = 300 per config')
+    parser.add_argument('--workers', type=int, default=2, help='worker processes in the success phase')
+    parser.add_argument('--execute-steps', type=int, default=None, help='actions executed per chunk (default: 8)')
+    parser.add_argument('--speed-shape', default='reference', help="the latency harness's --shape")
+    parser.add_argument('--speed-width', type=int, default=256, help='decoder width of the speed phase')
+    parser.add_argument('--speed-layers', type=int, default=32, help='decoder depth of the speed phase')
+    parser.add_argument('--speed-steps', type=int, default=12, help='timed steps per configuration')
+    parser.add_argument('--threads', type=int, default=2, help='torch threads in the speed phase')
+    parser.add_argument('--out', type=Path, default=Path('outputs/benchmarks'), help='folder for pareto.*')
+    parser.add_argument('--cache', type=Path, default=None, help='outcome cache (default: <out>/pareto_runs)')
+    args = parser.parse_args(argv)
+    started = time.time()
+    grid = budget_grid(args.methods, tuple(args.keep_ratios), tuple(args.specprune_scales))
+    success = success_phase(grid, args.model, args.episodes_per_family, args.workers,
+                            args.cache or args.out / 'pareto_runs', args.execute_steps)
+    shape = ['--shape', args.speed_shape, '--width', str(args.speed_width), '--layers', str(args.speed_layers)]
+    speed, speed_meta, shapes = speed_phase(grid, shape, args.speed_steps, args.threads)
+    rows = rows_for(grid, success, speed)
+    command = ' '.join(argv if argv is not None else sys.argv[1:])
+    meta = {'command': f'python benchmarks/pareto.py {command}'.strip(), 'commit': git_commit(),
+            'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+            'success': f"model {args.model!r} ({model_key(args.model)}), {args.episodes_per_family} held-out "
+                       f"episodes per family x {len(TASK_FAMILIES)} families per configuration from seed "
+                       f"{EVAL_SEED_START}, paired with unpruned",
+            'speed': f"{shapes[0]['shape']} on {speed_meta['device']}, {args.speed_steps} timed steps per "
+                     f"configuration, interleaved ({speed_meta['command']})",
+            'minutes': (time.time() - started) / 60}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / 'pareto.json').write_text(json.dumps({'meta': meta, 'rows': rows}, indent=2))
+    table = markdown(meta, rows)
+    (args.out / 'pareto.md').write_text(table + '\n')
+    plot(rows, args.out / 'pareto.png')
+    print(table)
+    print(f'wrote {args.out}/pareto.{{json,md,png}} in {meta["minutes"]:.1f} min')
+    return {'meta': meta, 'rows': rows}
+
+
+if __name__ == '__main__':
+    main()
