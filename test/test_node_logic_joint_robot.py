@@ -17,6 +17,7 @@ from specprune_ros.control.joint_command import JointCommandFilter, JointLimit, 
 from specprune_ros.control.parameters import NodeParameters
 from specprune_ros.models.loading import load_policy
 from specprune_ros.policy.interface import ActionSpec, PolicyOutput
+from specprune_ros.ros import launch_config
 from specprune_ros.ros import output_messages as messages
 from specprune_ros.ros.policy_node import check_policy_fits, state_joint_names
 
@@ -277,3 +278,18 @@ def test_joint_settings_on_an_end_effector_policy_are_refused():
     policy = SimpleNamespace(camera_names=CAMERAS, proprio_dim=6, action_spec=ActionSpec())
     params = NodeParameters(camera_names=list(CAMERAS), joint_names=['elbow'])
     assert 'apply to joint-space policies only' in check_policy_fits(params, policy)[0]
+
+
+def test_a_params_file_takes_ros2_control_joint_limits_nested_by_joint(tmp_path):
+    params_file = tmp_path / 'robot.yaml'
+    params_file.write_text('specprune_node:\n  ros__parameters:\n    proprio_source: joint_state\n'
+                           '    joint_names: [elbow, wrist_1]\n    joint_limits:\n'
+                           '      elbow: {has_position_limits: true, min_position: -2.5, max_position: 2.5,\n'
+                           '              has_velocity_limits: true, max_velocity: 1.0, max_effort: 80.0}\n')
+    params = launch_config.check_overrides(str(params_file), {})
+    assert params.joint_limits == {'elbow': {'has_position_limits': True, 'min_position': -2.5, 'max_position': 2.5,
+                                             'has_velocity_limits': True, 'max_velocity': 1.0, 'max_effort': 80.0}}
+    assert params.command_joint_names() == ['elbow', 'wrist_1']
+    params_file.write_text(params_file.read_text().replace('max_velocity: 1.0', 'max_velocity: -1.0'))
+    with pytest.raises(ValueError, match='joint_limits.elbow.max_velocity: -1.0 must be positive'):
+        launch_config.check_overrides(str(params_file), {})
