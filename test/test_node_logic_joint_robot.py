@@ -12,8 +12,9 @@ import pytest
 
 from specprune_ros.adapters.pi0.tiny import write_tiny_checkpoint
 from specprune_ros.codecs.proprio import StateError, joint_positions_by_name
-from specprune_ros.control.controller import PolicyController
-from specprune_ros.control.joint_command import JointCommandFilter, JointLimit, JointOrderError, joint_limit
+from specprune_ros.control.controller import PolicyController, joint_command_filter
+from specprune_ros.control.joint_command import (JointCommandFilter, JointLimit, JointOrderError, joint_limit,
+                                                urdf_joint_limits)
 from specprune_ros.control.parameters import NodeParameters
 from specprune_ros.models.loading import load_policy
 from specprune_ros.policy.interface import ActionSpec, PolicyOutput
@@ -293,3 +294,37 @@ def test_a_params_file_takes_ros2_control_joint_limits_nested_by_joint(tmp_path)
     params_file.write_text(params_file.read_text().replace('max_velocity: 1.0', 'max_velocity: -1.0'))
     with pytest.raises(ValueError, match='joint_limits.elbow.max_velocity: -1.0 must be positive'):
         launch_config.check_overrides(str(params_file), {})
+
+
+URDF = """<?xml version="1.0"?>
+<robot name="arm">
+  <link name="base"/><link name="l1"/><link name="l2"/><link name="l3"/><link name="cam"/>
+  <joint name="elbow" type="revolute"><parent link="base"/><child link="l1"/>
+    <limit lower="-2.0" upper="2.0" velocity="1.5" effort="80"/></joint>
+  <joint name="wrist_1" type="continuous"><parent link="l1"/><child link="l2"/>
+    <limit velocity="3.0" effort="20"/></joint>
+  <joint name="shoulder_pan" type="prismatic"><parent link="l2"/><child link="l3"/>
+    <limit lower="0.0" upper="0.3" velocity="0.2" effort="100"/></joint>
+  <joint name="camera_mount" type="fixed"><parent link="l3"/><child link="cam"/></joint>
+  <joint name="head_pan" type="revolute"><parent link="base"/><child link="cam"/>
+    <limit lower="-1" upper="1" velocity="1" effort="1"/></joint>
+</robot>"""
+
+
+def test_a_urdf_gives_the_commanded_joints_limits_and_joint_limits_override_them():
+    assert urdf_joint_limits(URDF) == {
+        'elbow': {'min_position': -2.0, 'max_position': 2.0, 'max_velocity': 1.5},
+        'wrist_1': {'max_velocity': 3.0},
+        'shoulder_pan': {'min_position': 0.0, 'max_position': 0.3, 'max_velocity': 0.2},
+        'head_pan': {'min_position': -1.0, 'max_position': 1.0, 'max_velocity': 1.0}}
+    params = NodeParameters.from_mapping({'robot_description': URDF, 'joint_names': ['elbow', 'wrist_1'],
+                                          'joint_limits.elbow.max_velocity': 0.5})
+    assert params.validate() == []
+    joints = joint_command_filter(params, SPEC)       # head_pan is in the URDF but not commanded: ignored
+    assert joints.unlimited == []
+    command = joints.command(np.array([0, 0, 5.0, 9.0, 0, 0, 0]), 0.0)
+    assert list(command.joints) == [2.0, 9.0]         # elbow clamped by the URDF, wrist_1 continuous
+    command = joints.command(np.array([0, 0, -5.0, 0.0, 0, 0, 0]), 0.1)
+    assert command.joints == pytest.approx([2.0 - 0.05, 9.0 - 0.3])   # elbow 0.5 rad/s (override), wrist_1 3.0
+    broken = NodeParameters(robot_description='<robot><joint name="a"')
+    assert any(error.startswith('robot_description: not valid URDF XML') for error in broken.validate())

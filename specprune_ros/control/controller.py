@@ -25,7 +25,7 @@ import numpy as np
 from specprune_ros.codecs.proprio import ProprioAssembler, StateError, check_pose, joint_positions_by_name
 from specprune_ros.control.chunk_scheduler import ChunkScheduler, ChunkSettings
 from specprune_ros.control.input_sync import InputSynchronizer, RejectedInput, StaleInput, SyncLimits
-from specprune_ros.control.joint_command import JointCommandFilter, joint_limits_from_settings
+from specprune_ros.control.joint_command import JointCommandFilter, command_order, merged_joint_limits
 from specprune_ros.control.latency_budget import BudgetDecision, BudgetSettings, LatencyBudget
 from specprune_ros.control.parameters import NodeParameters
 from specprune_ros.control.runtime_stats import RuntimeStats, controller_mode, kept_token_ratio
@@ -89,8 +89,9 @@ def budget_settings(params: NodeParameters) -> BudgetSettings:
 
 def joint_command_filter(params: NodeParameters, spec: ActionSpec) -> JointCommandFilter:
     """The joint command filter of a joint-space policy (raises ``JointOrderError`` when the joints do not fit)."""
-    return JointCommandFilter(spec.action_names, params.command_joint_names(),
-                              joint_limits_from_settings(params.joint_limits), period_s=1.0 / params.control_rate_hz)
+    joints = command_order(spec.action_names, params.command_joint_names())
+    limits = merged_joint_limits(params.robot_description, params.joint_limits, joints)
+    return JointCommandFilter(spec.action_names, joints, limits, period_s=1.0 / params.control_rate_hz)
 
 
 def safety_limits(params: NodeParameters) -> SafetyLimits:

@@ -6,6 +6,7 @@ names). The command is, in order:
 1. a malformed or non-finite action is a hold (counted; nothing new is commanded);
 2. the targets of the controller's joints (``joint_names``), picked by name from the action;
 3. each target clamped into its joint's position limits (``min_position`` / ``max_position``; counted);
+   (from ``joint_limits.<joint>.*``, over the URDF's ``<limit>`` of the joint when ``robot_description`` is given);
 4. each target's change limited to ``max_velocity`` x the control period against the reference: the previous command
    when it went out within two periods, else the measured position (``set_measured``), else the previous command;
    the first command without a measured position is only clamped (counted when it limits); the result stays within
@@ -17,6 +18,7 @@ so the arm stays where it was sent last. No twist is computed from joint actions
 from __future__ import annotations
 
 import math
+import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
@@ -86,6 +88,46 @@ def joint_limit(joint: str, fields: Mapping[str, object]) -> JointLimit:
 def joint_limits_from_settings(settings: Mapping[str, Mapping[str, object]]) -> dict[str, JointLimit]:
     """{joint: JointLimit} from the nested ``joint_limits`` settings (raises ``JointOrderError``)."""
     return {joint: joint_limit(joint, fields) for joint, fields in settings.items()}
+
+
+def urdf_joint_limits(urdf: str) -> dict[str, dict[str, float]]:
+    """ros2_control-style limit fields of the joints of a URDF's ``<joint><limit/>`` (raises ``JointOrderError``).
+
+    Revolute and prismatic joints give ``min_position`` / ``max_position`` (``lower`` / ``upper``), every joint with a
+    positive ``velocity`` gives ``max_velocity``; fixed, floating and planar joints give none. '' = no joints.
+    """
+    if not urdf.strip():
+        return {}
+    try:
+        robot = ElementTree.fromstring(urdf)
+    except ElementTree.ParseError as error:
+        raise JointOrderError(f'robot_description: not valid URDF XML: {error}') from None
+    limits: dict[str, dict[str, float]] = {}
+    for joint in robot.iter('joint'):
+        name, kind, limit = joint.get('name'), joint.get('type'), joint.find('limit')
+        if not name or limit is None or kind not in ('revolute', 'prismatic', 'continuous'):
+            continue
+        try:
+            fields = {key: float(limit.get(attribute, 0.0)) for key, attribute in
+                      (('min_position', 'lower'), ('max_position', 'upper'), ('max_velocity', 'velocity'))}
+        except ValueError as error:
+            raise JointOrderError(f'robot_description: joint {name!r}: {error}') from None
+        if kind == 'continuous':
+            fields.pop('min_position'), fields.pop('max_position')
+        if fields['max_velocity'] <= 0:
+            fields.pop('max_velocity')
+        limits[name] = fields
+    return limits
+
+
+def merged_joint_limits(urdf: str, settings: Mapping[str, Mapping[str, object]],
+                        joints: Sequence[str]) -> dict[str, JointLimit]:
+    """The limits of ``joints``: the URDF's, with the ``joint_limits`` settings on top field by field."""
+    from_urdf = {name: fields for name, fields in urdf_joint_limits(urdf).items() if name in joints}
+    merged: dict[str, object] = dict(from_urdf)
+    for name, fields in settings.items():
+        merged[name] = {**from_urdf.get(name, {}), **fields} if isinstance(fields, Mapping) else fields
+    return joint_limits_from_settings(merged)
 
 
 def command_order(action_names: Sequence[str], joint_names: Sequence[str]) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 import yaml
 
-from specprune_ros.control.joint_command import JointOrderError, joint_limits_from_settings
+from specprune_ros.control.joint_command import JointOrderError, joint_limits_from_settings, urdf_joint_limits
 from specprune_ros.core.dataclass_mapping import UnknownFieldsError, dataclass_from_mapping
 from specprune_ros.pruning.budget_knob import BudgetKnob
 from specprune_ros.pruning.registry import available_methods, build_method, get_spec, method_config
@@ -163,6 +163,9 @@ class NodeParameters:
                                "'joints' list); joint commands and ~/action_chunk go out in this order, matched by "
                                "name to the policy's action names ([''] = the action names as they are)",
                                read_only=True)
+    robot_description: str = _param('', "joint-space policies: the robot's URDF (XML text); the <limit> of each "
+                                    'commanded joint gives its position and velocity limits, joint_limits.<joint>.* '
+                                    "override them field by field ('' = none)", read_only=True)
     servo_command_timeout_s: float = _param(0.1, "the twist consumer's command timeout (MoveIt Servo's "
                                             'incoming_command_timeout); configure warns when the control period '
                                             'leaves less than half of it as margin (0 = no check)', read_only=True,
@@ -298,10 +301,12 @@ class NodeParameters:
             repeated = sorted({joint for joint in joints if joints.count(joint) > 1})
             if repeated:
                 errors.append(f'{name}: {repeated} listed more than once')
-        try:
-            joint_limits_from_settings(self.joint_limits)
-        except JointOrderError as error:
-            errors.append(str(error))
+        for check in (lambda: joint_limits_from_settings(self.joint_limits),
+                      lambda: urdf_joint_limits(self.robot_description)):
+            try:
+                check()
+            except JointOrderError as error:
+                errors.append(str(error))
         if not self.command_frame.strip() or any(c.isspace() for c in self.command_frame):
             errors.append(f'command_frame: {self.command_frame!r} is not a valid frame id')
         return errors
