@@ -14,7 +14,7 @@ from specprune_ros.adapters.pi0.tiny import write_tiny_checkpoint
 from specprune_ros.codecs.proprio import StateError, joint_positions_by_name
 from specprune_ros.control.controller import PolicyController, joint_command_filter
 from specprune_ros.control.joint_command import (JointCommandFilter, JointLimit, JointOrderError, joint_limit,
-                                                urdf_joint_limits)
+                                                 urdf_joint_limits)
 from specprune_ros.control.parameters import NodeParameters
 from specprune_ros.models.loading import load_policy
 from specprune_ros.policy.interface import ActionSpec, PolicyOutput
