@@ -139,6 +139,8 @@ def test_bad_joint_states_make_the_node_hold(system, poison, fragment):
                                     10.0)
     assert fragment in values.get('hold reason', ''), values
     assert int(values.get('input errors: state_invalid', '0')) > before, values
+    log = system['node'].output()
+    assert f'{fragment}' in log and 'holding until joint_state is valid again' in log, log[-3000:]
     quiet = time.monotonic() + 0.3          # commands already on the wire may still arrive
     time.sleep(1.3)
     assert not probe.since(joints, quiet), 'joint commands went out on a bad joint state'

@@ -285,6 +285,11 @@ class SpecPruneNode(LifecycleNode):
         if controller.state_joints:
             self.get_logger().info(f'robot state: positions of {list(controller.state_joints)} from '
                                    f'{self.params.joint_state_topic!r}')
+        dropped = [name for name in controller.spec.action_names if name not in controller.safety.joint_names] \
+            if controller.joint_space else []
+        if dropped:
+            self.get_logger().info(f'policy actions {dropped} are not in joint_names: not commanded on '
+                                   f'{self.params.joint_command_topic!r}')
         if controller.joint_space and controller.safety.unlimited:
             self.get_logger().warning(f'joint commands of {controller.safety.unlimited} have no joint_limits: they '
                                       'go out as the policy gives them (set joint_limits.<joint>.min_position, '
