@@ -279,6 +279,10 @@ def test_joint_settings_on_an_end_effector_policy_are_refused():
     policy = SimpleNamespace(camera_names=CAMERAS, proprio_dim=6, action_spec=ActionSpec())
     params = NodeParameters(camera_names=list(CAMERAS), joint_names=['elbow'])
     assert 'apply to joint-space policies only' in check_policy_fits(params, policy)[0]
+    stateless = SimpleNamespace(camera_names=CAMERAS, proprio_dim=0, action_spec=SPEC)
+    params = NodeParameters(camera_names=list(CAMERAS), proprio_source='joint_state')
+    assert check_policy_fits(params, stateless) == ['proprio_source joint_state, but the policy takes no state: set '
+                                                    'proprio_source to none']
 
 
 def test_a_params_file_takes_ros2_control_joint_limits_nested_by_joint(tmp_path):

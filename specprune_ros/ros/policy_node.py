@@ -125,7 +125,9 @@ def check_policy_fits(params: NodeParameters, policy: Policy) -> list[str]:
     if params.proprio_source == 'pose' and policy.proprio_dim != PROPRIO_DIM:
         errors.append(f'proprio_source pose builds {PROPRIO_DIM} values, the policy expects {policy.proprio_dim}; '
                       + joint_state_hint)
-    if params.proprio_source == 'joint_state':
+    if params.proprio_source == 'joint_state' and not policy.proprio_dim:
+        errors.append('proprio_source joint_state, but the policy takes no state: set proprio_source to none')
+    elif params.proprio_source == 'joint_state':
         joints = state_joint_names(params, policy)
         if len(joints) != policy.proprio_dim:
             source = 'state_joint_names' if params.state_joints() else "the policy's action names (state_joint_names " \
