@@ -111,7 +111,7 @@ def test_joint_space_holds_publish_nothing_new(joint_policy):
 
 
 def test_joint_filter_refuses_malformed_and_non_finite_actions():
-    joints = JointCommandFilter(4)
+    joints = JointCommandFilter(('j0', 'j1', 'j2', 'j3'))
     assert joints.command(np.array([0.1, np.nan, 0.0, 0.0]), 0.0).holding
     assert joints.command(np.zeros(7), 0.0).holding
     assert joints.counts['non_finite_actions'] == 2

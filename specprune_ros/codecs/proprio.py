@@ -1,9 +1,12 @@
-"""The proprio vector of the reference VLA from the robot state the node receives.
+"""The proprio vector from the robot state the node receives: the reference VLA's pose layout, or joint positions.
 
 Layout (matches the simulator's ``PROPRIO_LAYOUT``): ``(tcp_x, tcp_y, tcp_z, sin(yaw), cos(yaw), finger_gap)``
 with the tool-centre-point position in metres in the base frame (from the end-effector
 ``geometry_msgs/PoseStamped``), yaw the heading of the tool x axis on the table plane, and ``finger_gap``
 in metres: the sum of the finger joint positions (``sensor_msgs/JointState``) or a ``std_msgs/Float64``.
+
+Joint-position states (pi0 / pi0.5): the positions of the named joints of a ``sensor_msgs/JointState``, in the
+policy's state order, matched by name (``joint_positions_by_name``).
 """
 from __future__ import annotations
 
@@ -87,3 +90,26 @@ class ProprioAssembler:
         position, quaternion, pose_stamp = self._pose
         gap, gripper_stamp = self._gripper
         return proprio_vector(position, quaternion, gap), min(pose_stamp, gripper_stamp)
+
+
+def joint_positions_by_name(names: Sequence[str], positions: Sequence[float],
+                            wanted: Sequence[str]) -> np.ndarray:
+    """The positions of the ``wanted`` joints, in that order, from a JointState's ``name`` / ``position``.
+
+    The message may list its joints in any order and carry others; raises ``StateError`` when the lengths differ, a
+    name repeats, a wanted joint is missing or a wanted position is not finite.
+    """
+    if len(names) != len(positions):
+        raise StateError(f'JointState has {len(names)} names but {len(positions)} positions')
+    index = {name: i for i, name in enumerate(names)}
+    if len(index) != len(names):
+        repeated = sorted({name for name in names if list(names).count(name) > 1})
+        raise StateError(f'JointState names joints {repeated} more than once')
+    missing = [joint for joint in wanted if joint not in index]
+    if missing:
+        raise StateError(f'JointState lacks joints {missing} (has {list(names)[:12]})')
+    values = np.array([positions[index[joint]] for joint in wanted], dtype=np.float64)
+    bad = [joint for joint, value in zip(wanted, values) if not math.isfinite(value)]
+    if bad:
+        raise StateError(f'JointState positions of {bad} are not finite')
+    return values

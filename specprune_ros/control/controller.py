@@ -8,9 +8,10 @@ Temporal token state: the controller decides when the policy must be reset (inst
 ``request_reset``, a gap between observations longer than ``reset_after_gap_s``) and hands the reason to
 the worker with the next request; chunks computed before a reset are discarded.
 
-Bad input: a rejected message (undecodable frame, NaN pose, missing finger joints, a stamp too far in the
-future, an unexpected frame id) puts its source at fault; the robot holds from the next tick, with that
-message as the hold reason, until the same source delivers a valid message again.
+Bad input: a rejected message (undecodable frame, NaN pose, missing finger joints, a joint state lacking a state
+joint or with a non-finite one, a stamp too far in the future, an unexpected frame id) puts its source at fault;
+the robot holds from the next tick, with that message as the hold reason, until the same source delivers a valid
+message again.
 """
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from specprune_ros.codecs.proprio import ProprioAssembler, StateError, check_pose
+from specprune_ros.codecs.proprio import ProprioAssembler, StateError, check_pose, joint_positions_by_name
 from specprune_ros.control.chunk_scheduler import ChunkScheduler, ChunkSettings
 from specprune_ros.control.input_sync import InputSynchronizer, RejectedInput, StaleInput, SyncLimits
-from specprune_ros.control.joint_command import JointCommandFilter
+from specprune_ros.control.joint_command import JointCommandFilter, command_order, merged_joint_limits
 from specprune_ros.control.latency_budget import BudgetDecision, BudgetSettings, LatencyBudget
 from specprune_ros.control.parameters import NodeParameters
 from specprune_ros.control.runtime_stats import RuntimeStats, controller_mode, kept_token_ratio
@@ -86,6 +87,13 @@ def budget_settings(params: NodeParameters) -> BudgetSettings:
                           min_keep_ratio=params.min_keep_ratio, window=params.stats_window)
 
 
+def joint_command_filter(params: NodeParameters, spec: ActionSpec) -> JointCommandFilter:
+    """The joint command filter of a joint-space policy (raises ``JointOrderError`` when the joints do not fit)."""
+    joints = command_order(spec.action_names, params.command_joint_names())
+    limits = merged_joint_limits(params.robot_description, params.joint_limits, joints)
+    return JointCommandFilter(spec.action_names, joints, limits, period_s=1.0 / params.control_rate_hz)
+
+
 def safety_limits(params: NodeParameters) -> SafetyLimits:
     return SafetyLimits(max_linear_speed=params.max_linear_speed, max_angular_speed=params.max_angular_speed,
                         max_linear_accel=params.max_linear_accel, max_angular_accel=params.max_angular_accel,
@@ -98,7 +106,7 @@ class PolicyController:
 
     def __init__(self, params: NodeParameters, camera_names: tuple[str, ...], spec: ActionSpec,
                  needs_proprio: bool, clock: Callable[[], float] = time.monotonic,
-                 budget: Optional[LatencyBudget] = None) -> None:
+                 budget: Optional[LatencyBudget] = None, state_joints: Sequence[str] = ()) -> None:
         self.spec = spec
         self.params = params
         self.lock = threading.RLock()
@@ -107,8 +115,9 @@ class PolicyController:
         self.faults: dict[str, str] = {}         # source -> why its latest message was rejected
         self.scheduler = ChunkScheduler(chunk_settings(params, spec))
         self.joint_space = spec.action_space == 'joint'
-        self.safety = JointCommandFilter(spec.action_dim) if self.joint_space else SafetyFilter(
+        self.safety = joint_command_filter(params, spec) if self.joint_space else SafetyFilter(
             action_units(params, spec), safety_limits(params))
+        self.state_joints = tuple(state_joints)  # the JointState joints of the state vector (joint_state proprio)
         self.stats = RuntimeStats(params.stats_window)
         self.budget = budget                     # the latency budget (its settings follow the parameters)
         if budget is not None:
@@ -222,6 +231,30 @@ class PolicyController:
             self._proprio.put_gripper(finger_gap, stamp, self.sync.clock())
             self._recovered('gripper_state')
             return self._store_proprio_locked()
+
+    def put_joint_state(self, names: Sequence[str], positions: Sequence[float], stamp: float, now: float) -> str:
+        """Store the state joints' positions of a JointState (matched by name) as the proprio vector.
+
+        '' when stored, else the (already counted) reason it was rejected; the measured positions also start the
+        joint commands' velocity limit.
+        """
+        state: list[np.ndarray] = []
+
+        def check() -> None:
+            if stamp <= 0.0:
+                raise StateError('header.stamp is zero: joint states must be stamped')
+            state.append(joint_positions_by_name(names, positions, self.state_joints))
+            self.sync.check_stamp('joint_state', stamp, now, 'state_future_stamp')
+
+        with self.lock:
+            rejected = self._state_rejection('joint_state', check)
+            if rejected:
+                return rejected
+            if self.joint_space:
+                self.safety.set_measured(dict(zip(names, positions)))
+            self.sync.put_proprio(state[0], stamp)
+            self._recovered('joint_state')
+            return ''
 
     def _state_rejection(self, source: str, check: Callable[[], None]) -> str:
         """Run ``check`` of a robot-state message; '' when it passes, else the reason, counted for ``source``."""

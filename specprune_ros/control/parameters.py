@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 import yaml
 
+from specprune_ros.control.joint_command import JointOrderError, joint_limits_from_settings, urdf_joint_limits
 from specprune_ros.core.dataclass_mapping import UnknownFieldsError, dataclass_from_mapping
 from specprune_ros.pruning.budget_knob import BudgetKnob
 from specprune_ros.pruning.registry import available_methods, build_method, get_spec, method_config
@@ -24,10 +25,12 @@ METHODS = tuple(available_methods())          # the pruning registry is the one 
 # methods with a run-time token-budget knob (the latency budget sets it)
 BUDGET_METHODS = tuple(name for name in METHODS if issubclass(get_spec(name).factory, BudgetKnob))
 METHOD_SETTINGS_PREFIX = 'method_settings.'   # flattened method settings: method_settings.controller.alpha
+JOINT_LIMITS_PREFIX = 'joint_limits.'         # ros2_control's joint limits: joint_limits.<joint>.max_velocity
+PREFIXED_SETTINGS = (METHOD_SETTINGS_PREFIX, JOINT_LIMITS_PREFIX)
 DTYPES = ('float32', 'bfloat16', 'float16')
 CHUNK_MODES = ('replace', 'blend')
 TRANSPORTS = ('raw', 'compressed')
-PROPRIO_SOURCES = ('pose', 'none')
+PROPRIO_SOURCES = ('pose', 'joint_state', 'none')
 GRIPPER_STATE_TYPES = ('joint_state', 'float64')
 GRIPPER_COMMAND_TYPES = ('float64', 'float64_array')
 _DEVICE = re.compile(r'^(cpu|mps|cuda(:\d+)?)$')
@@ -85,8 +88,15 @@ class NodeParameters:
     min_image_side: int = _param(16, 'frames with a side shorter than this (pixels) are rejected', low=1, high=8192)
     max_instruction_bytes: int = _param(1024, 'longer instructions are rejected (UTF-8 bytes)', low=1, high=1_000_000)
     proprio_source: str = _param('pose', "robot state for the proprio token: 'pose' (ee_pose PoseStamped + "
-                                 "gripper_state) or 'none' (only for policies without proprio)", read_only=True,
+                                 "gripper_state), 'joint_state' (joint positions from joint_state_topic, e.g. "
+                                 "pi0's state) or 'none' (only for policies without proprio)", read_only=True,
                                  choices=PROPRIO_SOURCES)
+    joint_state_topic: str = _param('joint_states', "proprio_source joint_state: the sensor_msgs/JointState topic "
+                                    '(joints in any order, extra joints ignored); its positions also start the '
+                                    'joint commands\' velocity limit', read_only=True)
+    state_joint_names: list = _param([''], "proprio_source joint_state: the JointState joint of each policy state "
+                                     "value, in the policy's state order ([''] = the policy's action names, when "
+                                     'there are as many as state values)', read_only=True)
     gripper_state_type: str = _param('joint_state', "gripper_state topic type: 'joint_state' (sum of the finger "
                                      "joints) or 'float64' (finger gap in metres)", read_only=True,
                                      choices=GRIPPER_STATE_TYPES)
@@ -149,6 +159,13 @@ class NodeParameters:
                                       "ros2_control forward command controller's ~/commands takes; nothing new is "
                                       "published while holding); '' = off. End-effector policies ignore it",
                                       read_only=True)
+    joint_names: list = _param([''], "joint-space policies: the robot controller's joints in its order (its "
+                               "'joints' list); joint commands and ~/action_chunk go out in this order, matched by "
+                               "name to the policy's action names ([''] = the action names as they are)",
+                               read_only=True)
+    robot_description: str = _param('', "joint-space policies: the robot's URDF (XML text); the <limit> of each "
+                                    'commanded joint gives its position and velocity limits, joint_limits.<joint>.* '
+                                    "override them field by field ('' = none)", read_only=True)
     servo_command_timeout_s: float = _param(0.1, "the twist consumer's command timeout (MoveIt Servo's "
                                             'incoming_command_timeout); configure warns when the control period '
                                             'leaves less than half of it as margin (0 = no check)', read_only=True,
@@ -168,6 +185,9 @@ class NodeParameters:
 
     # not a ROS parameter of its own: the method_settings.* parameters, nested ({'controller': {'alpha': 0.8}})
     method_settings: dict = field(default_factory=dict, metadata={'info': None})
+    # not a ROS parameter of its own: ros2_control's joint_limits.<joint>.<field> parameters, nested by joint
+    # ({'elbow': {'min_position': -2.0, 'max_position': 2.0, 'max_velocity': 1.5}}); read-only
+    joint_limits: dict = field(default_factory=dict, metadata={'info': None})
 
     # -------------------------------------------------------------------------------------------------
     @classmethod
@@ -185,12 +205,23 @@ class NodeParameters:
         """Parameters from a mapping (unknown names are an error), coercing ints to floats where declared."""
         settings = {name[len(METHOD_SETTINGS_PREFIX):]: value for name, value in values.items()
                     if name.startswith(METHOD_SETTINGS_PREFIX)}
-        declared = {name: value for name, value in values.items() if not name.startswith(METHOD_SETTINGS_PREFIX)}
+        limits = {name[len(JOINT_LIMITS_PREFIX):]: value for name, value in values.items()
+                  if name.startswith(JOINT_LIMITS_PREFIX)}
+        declared = {name: value for name, value in values.items() if not name.startswith(PREFIXED_SETTINGS)}
         try:
-            return dataclass_from_mapping(cls, {**declared, 'method_settings': nest_settings(settings)})
+            return dataclass_from_mapping(cls, {**declared, 'method_settings': nest_settings(settings),
+                                                'joint_limits': nest_settings(limits, JOINT_LIMITS_PREFIX)})
         except UnknownFieldsError as error:
             defaults = cls.defaults()
             raise ParameterError([unknown_parameter_message(name, defaults) for name in error.unknown]) from None
+
+    def command_joint_names(self) -> list[str]:
+        """``joint_names`` without the empty placeholder ([] = the policy's action names)."""
+        return [name for name in self.joint_names if name]
+
+    def state_joints(self) -> list[str]:
+        """``state_joint_names`` without the empty placeholder ([] = the policy's action names)."""
+        return [name for name in self.state_joint_names if name]
 
     def method_options(self) -> dict:
         """``method_config`` parsed, with the ``method_settings`` on top (raises ``ParameterError``)."""
@@ -264,6 +295,18 @@ class NodeParameters:
             errors.append('finger_joint_names: empty, but gripper_state_type is joint_state')
         if self.joint_command_topic and not _topic_ok(self.joint_command_topic):
             errors.append(f'joint_command_topic: {self.joint_command_topic!r} is not a valid topic name')
+        if self.proprio_source == 'joint_state' and not _topic_ok(self.joint_state_topic):
+            errors.append(f'joint_state_topic: {self.joint_state_topic!r} is not a valid topic name')
+        for name, joints in (('joint_names', self.command_joint_names()), ('state_joint_names', self.state_joints())):
+            repeated = sorted({joint for joint in joints if joints.count(joint) > 1})
+            if repeated:
+                errors.append(f'{name}: {repeated} listed more than once')
+        for check in (lambda: joint_limits_from_settings(self.joint_limits),
+                      lambda: urdf_joint_limits(self.robot_description)):
+            try:
+                check()
+            except JointOrderError as error:
+                errors.append(str(error))
         if not self.command_frame.strip() or any(c.isspace() for c in self.command_frame):
             errors.append(f'command_frame: {self.command_frame!r} is not a valid frame id')
         return errors
@@ -281,7 +324,7 @@ def unknown_parameter_message(name: str, known: Iterable[str]) -> str:
     return f'unknown parameter {name!r}' + (f' (did you mean {close[0]!r}?)' if close else '')
 
 
-def nest_settings(flat: Mapping[str, Any]) -> dict:
+def nest_settings(flat: Mapping[str, Any], prefix: str = METHOD_SETTINGS_PREFIX) -> dict:
     """{'controller.alpha': 0.8, 'keep_ratio': 0.25} -> {'controller': {'alpha': 0.8}, 'keep_ratio': 0.25}."""
     nested: dict = {}
     for dotted, value in sorted(flat.items()):
@@ -290,7 +333,7 @@ def nest_settings(flat: Mapping[str, Any]) -> dict:
         for part in parents:
             level = level.setdefault(part, {})
             if not isinstance(level, dict):
-                raise ParameterError([f'{METHOD_SETTINGS_PREFIX}{dotted}: {part!r} is not a nested setting'])
+                raise ParameterError([f'{prefix}{dotted}: {part!r} is not a nested setting'])
         level[leaf] = list(value) if isinstance(value, tuple) else value
     return nested
 

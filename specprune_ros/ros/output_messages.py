@@ -4,12 +4,14 @@ Chunk message (``~/action_chunk``, ``trajectory_msgs/JointTrajectory``), one per
   * ``header.stamp``: stamp of the newest camera frame the chunk was computed from;
     ``header.frame_id``: the command frame (the policy acts in the robot base frame);
   * ``joint_names``: the policy's ``action_spec.action_names``: for end-effector policies the labels
-    ``dx, dy, dz, droll, dpitch, dyaw, gripper``, for joint-space policies the checkpoint's action names;
+    ``dx, dy, dz, droll, dpitch, dyaw, gripper``, for joint-space policies the controller's joints (the node's
+    ``joint_names``, default: the checkpoint's action names) with each point's positions picked by name;
   * ``points[i].positions``: step i; end-effector policies in normalised units ([-1, 1]; x ``translation_scale_m``
     metres, x ``rotation_scale_rad`` radians; gripper -1 open / +1 close), joint-space policies in the checkpoint's
     units; ``time_from_start`` = i * policy period.
 Joint command (joint-space policies, ``std_msgs/Float64MultiArray``), one per control tick while commanding: the
-  current step's joint targets in ``joint_names`` order (what a ros2_control forward command controller takes).
+  current step's joint targets in the controller's ``joint_names`` order, within the joint limits (what a
+  ros2_control forward command controller takes). The chunk's points are the policy's plan, not limited.
 Inference record (``~/inference``, ``diagnostic_msgs/DiagnosticStatus``), one per inference, same order:
   keys ``source_stamp`` (sec.nanosec of the chunk header), ``chunk_id``, ``observation_time`` (node clock when
   the observation was taken: the time of step 0), ``accepted_time`` (when the chunk became the plan; with
@@ -86,14 +88,18 @@ def joint_command_message(joints: Optional[np.ndarray]) -> Optional[Float64Multi
     return Float64MultiArray(data=[float(v) for v in values])
 
 
-def chunk_message(chunk: AcceptedChunk, period_s: float, frame_id: str,
-                  names: Sequence[str] = ACTION_LABELS) -> JointTrajectory:
-    """The chunk as a JointTrajectory whose joint names are the action names (see the module docstring)."""
+def chunk_message(chunk: AcceptedChunk, period_s: float, frame_id: str, names: Sequence[str] = ACTION_LABELS,
+                  columns: Optional[Sequence[int]] = None) -> JointTrajectory:
+    """The chunk as a JointTrajectory named by ``names`` (see the module docstring).
+
+    ``columns``: the action column of each name (default: all, in order).
+    """
     message = JointTrajectory()
     message.header.stamp = to_stamp(chunk.source_stamp)
     message.header.frame_id = frame_id
     message.joint_names = list(names)
-    for i, action in enumerate(chunk.actions):
+    actions = chunk.actions if columns is None else np.asarray(chunk.actions)[:, list(columns)]
+    for i, action in enumerate(actions):
         nanoseconds = int(round(i * period_s * 1e9))
         point = JointTrajectoryPoint(positions=[float(v) for v in action])
         point.time_from_start = Duration(sec=nanoseconds // 1_000_000_000, nanosec=nanoseconds % 1_000_000_000)

@@ -1,6 +1,7 @@
 """Declare the node's ROS parameters from ``NodeParameters`` (descriptions, ranges, read-only flags).
 
-Plus the ``method_settings.*`` parameters the user gave (one per pruning-method setting, checked at configure).
+Plus the ``method_settings.*`` parameters the user gave (one per pruning-method setting) and the ``joint_limits.*``
+ones (ros2_control's per-joint limits), all read-only and checked at configure.
 """
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.node import Node
 
-from specprune_ros.control.parameters import METHOD_SETTINGS_PREFIX, NodeParameters, ParamInfo
+from specprune_ros.control.parameters import (JOINT_LIMITS_PREFIX, METHOD_SETTINGS_PREFIX, PREFIXED_SETTINGS,
+                                              NodeParameters, ParamInfo)
 
 _TYPES = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
           float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING,
@@ -59,17 +61,22 @@ def declare_node_parameters(node: Node) -> dict[str, str]:
     return errors
 
 
-def declare_method_settings(node: Node) -> dict[str, str]:
-    """Declare every ``method_settings.<name>`` override (read-only; its type is the one given); returns {name.
+_PREFIX_DESCRIPTIONS = {METHOD_SETTINGS_PREFIX: 'a setting of the pruning method (see method)',
+                        JOINT_LIMITS_PREFIX: "a joint limit of the joint commands (ros2_control's joint_limits)"}
 
-    Message} for values ROS cannot hold.
+
+def declare_method_settings(node: Node) -> dict[str, str]:
+    """Declare every ``method_settings.<name>`` and ``joint_limits.<joint>.<field>`` override.
+
+    Read-only; its type is the one given. Returns {name: message} for values ROS cannot hold.
     """
     errors = {}
     # rclpy keeps a node's overrides (params file and -p) only here; there is no public accessor
     for name, override in sorted(node._parameter_overrides.items()):
-        if not name.startswith(METHOD_SETTINGS_PREFIX):
+        if not name.startswith(PREFIXED_SETTINGS):
             continue
-        description = ParameterDescriptor(name=name, description='a setting of the pruning method (see method)',
+        prefix = next(p for p in PREFIXED_SETTINGS if name.startswith(p))
+        description = ParameterDescriptor(name=name, description=_PREFIX_DESCRIPTIONS[prefix],
                                           read_only=True, dynamic_typing=True)
         try:
             node.declare_parameter(name, override.value, description)
@@ -81,7 +88,8 @@ def declare_method_settings(node: Node) -> dict[str, str]:
 def read_node_parameters(node: Node, changes: dict[str, Any] | None = None) -> NodeParameters:
     """The current parameter values (optionally with pending ``changes``) as ``NodeParameters``."""
     values = {name: node.get_parameter(name).value for name in NodeParameters.infos()}
-    values.update({f'{METHOD_SETTINGS_PREFIX}{name}': parameter.value for name, parameter
-                   in node.get_parameters_by_prefix(METHOD_SETTINGS_PREFIX.rstrip('.')).items()})
+    for prefix in PREFIXED_SETTINGS:
+        values.update({f'{prefix}{name}': parameter.value for name, parameter
+                       in node.get_parameters_by_prefix(prefix.rstrip('.')).items()})
     values.update(changes or {})
     return NodeParameters.from_mapping({k: list(v) if isinstance(v, (list, tuple)) else v for k, v in values.items()})

@@ -10,22 +10,25 @@ Topics (relative names, remap them; cameras come from ``camera_topics``):
                        latched instruction of a publisher that started first)
        ee_pose         geometry_msgs/PoseStamped  } proprio, with proprio_source 'pose'
        gripper_state   sensor_msgs/JointState or std_msgs/Float64 (finger gap, m)
+       <joint_state_topic>  sensor_msgs/JointState: proprio_source 'joint_state' (the state joints' positions,
+                       matched by name, in the policy's state order; extra joints ignored)
   out: delta_twist_cmds  geometry_msgs/TwistStamped, one per control tick (MoveIt Servo input: switch Servo's
                          command type to TWIST first, see config/specprune.yaml); end-effector policies only
        gripper_command   std_msgs/Float64 or Float64MultiArray (gripper_command_type; not published while holding);
                          end-effector policies only
-       <joint_command_topic>  std_msgs/Float64MultiArray, the joint targets of each control tick; joint-space
-                         policies only (nothing new is published while holding: a forward controller keeps the last)
+       <joint_command_topic>  std_msgs/Float64MultiArray, the joint targets of each control tick in joint_names
+                         order, clamped into joint_limits and velocity-limited per tick; joint-space policies only
+                         (nothing new is published while holding: a forward controller keeps the last)
        ~/action_chunk    trajectory_msgs/JointTrajectory per inference (see ``specprune_ros.ros.output_messages``)
        ~/inference       diagnostic_msgs/DiagnosticStatus per inference (latencies, kept ratio, resets)
        /diagnostics      diagnostic_msgs/DiagnosticArray, every diagnostics_period_s
        ~/debug/kept_patches  sensor_msgs/Image (publish_debug_image)
   srv: ~/reset (std_srvs/Trigger: reset the temporal token state), ~/enable (std_srvs/SetBool)
 
-Bad input (an undecodable frame, a NaN pose, missing finger joints, a stamp more than max_future_stamp_s ahead,
-an unexpected frame id) is counted in /diagnostics and logged (throttled per kind and source); the robot holds
-(zero twist; joint-space policies: no new joint command) from the next control tick until that source delivers a
-valid message again.
+Bad input (an undecodable frame, a NaN pose, missing finger or state joints, a NaN joint position, a stamp more
+than max_future_stamp_s ahead, an unexpected frame id) is counted in /diagnostics and logged (throttled per kind
+and source); the robot holds (zero twist; joint-space policies: no new joint command) from the next control tick
+until that source delivers a valid message again.
 """
 from __future__ import annotations
 
@@ -58,8 +61,10 @@ from specprune_ros.codecs.instruction import (DuplicateFilter, InstructionError,
                                               validate_instruction)
 from specprune_ros.codecs.kept_patches import draw_kept_patches, kept_patch_masks
 from specprune_ros.codecs.proprio import PROPRIO_DIM, StateError, finger_gap_from_joints
-from specprune_ros.control.controller import AcceptedChunk, InferenceRequest, PolicyController, budget_settings
+from specprune_ros.control.controller import (AcceptedChunk, InferenceRequest, PolicyController, budget_settings,
+                                              joint_command_filter)
 from specprune_ros.control.inference_worker import InferenceWorker
+from specprune_ros.control.joint_command import JointOrderError
 from specprune_ros.control.latency_budget import budget_for_policy
 from specprune_ros.control.parameters import NodeParameters, ParameterError, unknown_parameter_message
 from specprune_ros.control.runtime_stats import ERROR, OK, WARN
@@ -100,16 +105,44 @@ def blank_observation(policy: Policy, instruction: str = 'warm up') -> Observati
                        instruction=instruction, proprio=proprio)
 
 
+def state_joint_names(params: NodeParameters, policy: Policy) -> list[str]:
+    """The JointState joints of the policy's state vector: ``state_joint_names``, else the action names."""
+    return params.state_joints() or list(policy.action_spec.action_names)
+
+
 def check_policy_fits(params: NodeParameters, policy: Policy) -> list[str]:
-    """Parameters that contradict the loaded policy (camera names, proprio)."""
+    """Parameters that contradict the loaded policy (camera names, proprio, joint order and limits)."""
     errors = []
     if sorted(params.camera_names) != sorted(policy.camera_names):
         errors.append(f'camera_names {params.camera_names} do not match the policy cameras '
                       f'{list(policy.camera_names)}')
+    joint_state_hint = (f'a policy whose state is joint positions (pi0 / pi0.5) needs proprio_source joint_state: '
+                        f'the positions of joint_state_topic ({params.joint_state_topic!r}, sensor_msgs/JointState), '
+                        "in the policy's state order given by state_joint_names")
     if policy.proprio_dim and params.proprio_source == 'none':
-        errors.append(f'the policy needs a {policy.proprio_dim}-D proprio vector: set proprio_source to pose')
+        errors.append(f'the policy needs a {policy.proprio_dim}-D state: set proprio_source to pose (end-effector '
+                      f'pose and finger gap, {PROPRIO_DIM} values) or joint_state; {joint_state_hint}')
     if params.proprio_source == 'pose' and policy.proprio_dim != PROPRIO_DIM:
-        errors.append(f'proprio_source pose builds {PROPRIO_DIM} values, the policy expects {policy.proprio_dim}')
+        errors.append(f'proprio_source pose builds {PROPRIO_DIM} values, the policy expects {policy.proprio_dim}; '
+                      + joint_state_hint)
+    if params.proprio_source == 'joint_state' and not policy.proprio_dim:
+        errors.append('proprio_source joint_state, but the policy takes no state: set proprio_source to none')
+    elif params.proprio_source == 'joint_state':
+        joints = state_joint_names(params, policy)
+        if len(joints) != policy.proprio_dim:
+            source = 'state_joint_names' if params.state_joints() else "the policy's action names (state_joint_names " \
+                'is empty)'
+            errors.append(f'proprio_source joint_state: {source} give {len(joints)} joints {joints[:12]}, the policy '
+                          f'expects a {policy.proprio_dim}-D state: set state_joint_names to its {policy.proprio_dim} '
+                          'joints in its state order')
+    if policy.action_spec.action_space == 'joint':
+        try:
+            joint_command_filter(params, policy.action_spec)
+        except JointOrderError as error:
+            errors.append(str(error))
+    elif params.command_joint_names() or params.joint_limits:
+        errors.append('joint_names / joint_limits are set, but the policy commands end-effector deltas '
+                      f'(action_space {policy.action_spec.action_space!r}): they apply to joint-space policies only')
     return errors
 
 
@@ -238,15 +271,31 @@ class SpecPruneNode(LifecycleNode):
                                f'{time.perf_counter() - started:.2f} s')
         budget = budget_for_policy(budget_settings(params), params.method, policy, params.budget_fallback_method,
                                    seed=params.seed, device=params.device)
+        state_joints = state_joint_names(params, policy) if params.proprio_source == 'joint_state' else ()
         self.controller = PolicyController(params, tuple(policy.camera_names), policy.action_spec,
-                                           needs_proprio=params.proprio_source == 'pose', clock=self.steady_now,
-                                           budget=budget)
+                                           needs_proprio=params.proprio_source != 'none', clock=self.steady_now,
+                                           budget=budget, state_joints=state_joints)
+        self._log_joint_setup(self.controller)
         self._create_subscriptions(params)
         self._create_publishers(self.controller.joint_space)
         self.worker = InferenceWorker(self.controller, policy, self.now, self._on_chunk,
                                       self._on_inference_failure, poll_s=0.5)
         self.worker.start()
         return TransitionCallbackReturn.SUCCESS
+
+    def _log_joint_setup(self, controller: PolicyController) -> None:
+        if controller.state_joints:
+            self.get_logger().info(f'robot state: positions of {list(controller.state_joints)} from '
+                                   f'{self.params.joint_state_topic!r}')
+        dropped = [name for name in controller.spec.action_names if name not in controller.safety.joint_names] \
+            if controller.joint_space else []
+        if dropped:
+            self.get_logger().info(f'policy actions {dropped} are not in joint_names: not commanded on '
+                                   f'{self.params.joint_command_topic!r}')
+        if controller.joint_space and controller.safety.unlimited:
+            self.get_logger().warning(f'joint commands of {controller.safety.unlimited} have no joint_limits: they '
+                                      'go out as the policy gives them (set joint_limits.<joint>.min_position, '
+                                      'max_position and max_velocity)')
 
     def _unknown_overrides(self) -> list[str]:
         """Overrides (params file, -p) that name no parameter of this node: a typo must not pass silently."""
@@ -270,8 +319,8 @@ class SpecPruneNode(LifecycleNode):
         result = super().on_activate(state)  # enables the lifecycle publishers
         self.controller.set_active(True)
         self._control_timer = self.create_timer(1.0 / self.params.control_rate_hz, self._on_tick)
-        spec = self.controller.spec
-        outputs = (f'joint commands on {self.params.joint_command_topic!r} ({", ".join(spec.action_names)})'
+        joints = self.controller.safety.joint_names if self.controller.joint_space else ()
+        outputs = (f'joint commands on {self.params.joint_command_topic!r} ({", ".join(joints)})'
                    if self.params.joint_command_topic else 'no joint commands (joint_command_topic is empty)') \
             if self.controller.joint_space else 'twist and gripper commands'
         self.get_logger().info(f'active: {outputs} at {self.params.control_rate_hz} Hz'
@@ -344,6 +393,9 @@ class SpecPruneNode(LifecycleNode):
                                              event_callbacks=quiet))
         subs.append(self.create_subscription(String, 'instruction', self._on_instruction, INSTRUCTION_VOLATILE_QOS,
                                              raw=True))
+        if params.proprio_source == 'joint_state':
+            subs.append(self.create_subscription(JointState, params.joint_state_topic, self._on_robot_joints,
+                                                 STATE_QOS))
         if params.proprio_source == 'pose':
             subs.append(self.create_subscription(PoseStamped, 'ee_pose', self._on_pose, STATE_QOS))
             if params.gripper_state_type == 'joint_state':
@@ -445,6 +497,14 @@ class SpecPruneNode(LifecycleNode):
             return
         self._put_gripper(gap, messages.stamp_seconds(msg.header.stamp))
 
+    def _on_robot_joints(self, msg: JointState) -> None:
+        if self.controller is None:
+            return
+        error = self.controller.put_joint_state(list(msg.name), list(msg.position),
+                                                messages.stamp_seconds(msg.header.stamp), self.now())
+        if error:
+            self._log_rejected(error, 'joint_state')
+
     def _on_finger_gap(self, msg: Float64) -> None:
         if self.controller is not None:
             self._put_gripper(msg.data, self.now())  # Float64 has no stamp: judged by arrival
@@ -498,8 +558,11 @@ class SpecPruneNode(LifecycleNode):
             except Exception:  # the timer was destroyed by a concurrent deactivate
                 pass
         period = policy.action_spec.control_period_s
-        self._chunk_pub.publish(messages.chunk_message(chunk, period, params.command_frame,
-                                                       policy.action_spec.action_names))
+        if controller is not None and controller.joint_space:   # the controller's joints, in its order
+            names, columns = controller.safety.joint_names, controller.safety.columns
+        else:
+            names, columns = policy.action_spec.action_names, None
+        self._chunk_pub.publish(messages.chunk_message(chunk, period, params.command_frame, names, columns))
         self._inference_pub.publish(messages.inference_message(chunk, self.get_fully_qualified_name(),
                                                                params.model, params.method))
         if chunk.reset_reason:
