@@ -147,7 +147,7 @@ class InputSynchronizer:
             return 'no instruction yet'
         if self.needs_proprio:
             if self.proprio is None:
-                return 'no robot state yet (the policy needs proprio: end-effector pose and gripper state)'
+                return 'no robot state yet (the policy needs its proprio input: see proprio_source)'
             age = max(now - self.proprio_stamp, steady - self.proprio_arrived)
             if age > limits.max_state_age_s:
                 return f'robot state stale: {age:.3f} s old (max_state_age_s {limits.max_state_age_s})'
