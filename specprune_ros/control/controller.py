@@ -83,7 +83,8 @@ def action_units(params: NodeParameters, spec: ActionSpec) -> ActionUnits:
 
 def budget_settings(params: NodeParameters) -> BudgetSettings:
     return BudgetSettings(budget_s=params.latency_budget_ms * 1e-3, percentile=params.latency_budget_percentile,
-                          min_keep_ratio=params.min_keep_ratio, window=params.stats_window)
+                          min_keep_ratio=params.min_keep_ratio, window=params.stats_window,
+                          inference_deadline_s=params.inference_deadline_s)
 
 
 def safety_limits(params: NodeParameters) -> SafetyLimits:
@@ -315,7 +316,7 @@ class PolicyController:
             self._last_source_stamp = snapshot.newest_stamp
             observation = Observation(images=snapshot.images, instruction=snapshot.instruction,
                                       proprio=snapshot.proprio, executed_actions=executed)
-            budget = self.budget.decide() if self.budget is not None else None
+            budget = self.budget.decide(self.scheduler.time_left(now)) if self.budget is not None else None
             return InferenceRequest(observation, now, snapshot.newest_stamp, self.epoch, reset_reason, budget)
 
     def accept(self, request: InferenceRequest, output: PolicyOutput, now: float) -> Optional[AcceptedChunk]:
@@ -336,7 +337,7 @@ class PolicyController:
             self.stats.stamp_to_chunk.add(now - request.source_stamp)
             if request.budget is not None and self.budget is not None:   # late steps teach the budget most
                 self.budget.observe(request.budget, float(output.latency_s), output.record,
-                                    controller_mode(output.info, getattr(output.record, 'info', {})))
+                                    controller_mode(output.info, getattr(output.record, 'info', {})), elapsed)
             actions = np.asarray(output.actions, dtype=np.float64)
             expected = (self.spec.chunk_size, self.spec.action_dim)
             if elapsed > self.params.inference_deadline_s:
