@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 
 from specprune_ros.control.chunk_scheduler import ChunkScheduler, ChunkSettings, late_chunks
+from specprune_ros.control.controller import PolicyController
 from specprune_ros.control.latency_budget import NO_PRUNING, BudgetSettings, LatencyBudget
+from specprune_ros.control.parameters import NodeParameters
+from specprune_ros.policy.interface import ActionSpec
 from specprune_ros.pruning.budget_knob import KeepRatioKnob
 
 PERIOD_S = 0.1
@@ -131,3 +134,28 @@ def test_the_chunk_deadline_tightens_the_budget_only_when_it_is_the_shorter_limi
     rows = dict(budget.key_values())
     assert rows['chunk deadline ms'] == 'n/a'
     assert rows['chunk deadline misses in window'].endswith(' / 39')     # the first inference had no chunk before it
+
+
+def test_with_the_budget_on_a_frame_a_little_early_still_starts_the_next_inference():
+    """Inferences start on new frames: one a few ms before the replan time must not wait for the next frame."""
+    spec = ActionSpec(chunk_size=CHUNK_STEPS)
+    starts = {}
+    for budget_ms in (0.0, 600.0):
+        params = NodeParameters(method='none', camera_names=['front'], replan_every_steps=5,
+                                latency_budget_ms=budget_ms)
+        budget = LatencyBudget(BudgetSettings(budget_s=budget_ms * 1e-3), {NO_PRUNING: None}, NO_PRUNING)
+        controller = PolicyController(params, ('front',), spec, needs_proprio=False, budget=budget)
+        controller.set_active(True)
+        controller.put_instruction('pick up the cube')
+        started = []
+        for frame in range(12):                 # frames every period, each arriving 3 ms earlier than the last
+            now = 10.0 + frame * PERIOD_S - 0.003 * frame
+            controller.put_frame('front', np.zeros((8, 8, 3), np.uint8), now, now)
+            request = controller.next_request(now)
+            if request is not None:
+                started.append(frame)
+                controller.accept(request, SimpleNamespace(actions=np.zeros((CHUNK_STEPS, spec.action_dim)),
+                                                           latency_s=0.01, record=None, info={}), now + 0.01)
+        starts[budget_ms] = started
+    assert starts[600.0] == [0, 5, 10], 'with the budget on, every fifth frame starts an inference'
+    assert starts[0.0] == [0, 6], 'budget off: the node as it was (a frame before the replan time waits)'

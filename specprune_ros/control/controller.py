@@ -25,7 +25,7 @@ from specprune_ros.codecs.proprio import ProprioAssembler, StateError, check_pos
 from specprune_ros.control.chunk_scheduler import ChunkScheduler, ChunkSettings
 from specprune_ros.control.input_sync import InputSynchronizer, RejectedInput, StaleInput, SyncLimits
 from specprune_ros.control.joint_command import JointCommandFilter
-from specprune_ros.control.latency_budget import BudgetDecision, BudgetSettings, LatencyBudget
+from specprune_ros.control.latency_budget import BudgetDecision, BudgetSettings, LatencyBudget, replan_slack_s
 from specprune_ros.control.parameters import NodeParameters
 from specprune_ros.control.runtime_stats import RuntimeStats, controller_mode, kept_token_ratio
 from specprune_ros.control.safety_filter import ActionUnits, FilteredCommand, SafetyFilter, SafetyLimits
@@ -292,8 +292,9 @@ class PolicyController:
                     or not self.sync.has_new_frames():
                 return None
             replan_period = self.params.replan_every_steps * self.spec.control_period_s
+            slack = replan_slack_s(self.budget, self.spec.control_period_s)
             due = (self.scheduler.current is None or self._last_request_time is None
-                   or now - self._last_request_time >= replan_period - 1e-3)
+                   or now - self._last_request_time >= replan_period - slack)
             if not due:
                 return None
             try:

@@ -476,6 +476,16 @@ def _ms(seconds: Optional[float]) -> str:
     return 'n/a' if seconds is None else f'{seconds * 1e3:.2f}'
 
 
+def replan_slack_s(budget: Optional[LatencyBudget], period_s: float) -> float:
+    """How much before ``replan_every_steps`` periods the next inference may start.
+
+    With the budget on, half a period: inferences start on new frames, and a frame that arrives a millisecond before
+    the replan time would otherwise wait a whole period for the next one, leaving the chunk deadline no time.
+    Off: 1 ms, the node's behaviour without a budget.
+    """
+    return 0.5 * period_s if budget is not None and budget.enabled else 1e-3
+
+
 def budget_for_policy(settings: BudgetSettings, method: str, policy: Any, fallback: str, seed: int = 0,
                       device: str = 'cpu') -> LatencyBudget:
     """The budget of a loaded policy running ``method``; for 'none' the ``fallback`` method is built too."""
