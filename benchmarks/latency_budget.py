@@ -16,13 +16,14 @@ The chunk deadline depends on how early the next inference starts: with chunks o
 ``max_chunk_age_s`` (0.6 s) and a new inference every ``--replan-every-steps`` (5) steps, the next chunk has
 0.6 - 0.5 = 0.1 s from its observation to arrive.
 
-    python benchmarks/latency_budget.py --episodes-per-family 2 --families pick place push --write-docs
+    python benchmarks/latency_budget.py --episodes-per-family 2 --families pick place push --out docs/benchmarks
     python benchmarks/latency_budget.py --controller-overhead     # the budget's own cost per inference
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -88,7 +89,7 @@ def run_one(args: argparse.Namespace, label: str, arguments: dict, parameters: d
         policy = {'replan_every_steps': args.replan_every_steps, 'max_chunk_age_s': args.max_chunk_age_s,
                   **parameters}
         result = run_simulation(SimRun(arguments=launch, policy_parameters=policy, domain_id=args.domain_id,
-                                       torch_threads=1, log_dir=args.out / 'logs' / f'{load}_{label}'.replace(' ', '_'),
+                                       torch_threads=1, log_dir=args.logs / f'{load}_{label}'.replace(' ', '_'),
                                        timeout_s=3600))
     finally:
         listener.close()
@@ -106,7 +107,7 @@ def run_one(args: argparse.Namespace, label: str, arguments: dict, parameters: d
                r.get('steps_since_reset') == '1') for r in listener.records]
     late = late_chunks(chunks, args.chunk_steps, ChunkSettings(period_s=args.period_s,
                                                                max_chunk_age_s=args.max_chunk_age_s))
-    records = args.out / 'records' / f'{load}_{label}.json'.replace(' ', '_')
+    records = args.logs / 'records' / f'{load}_{label}.json'.replace(' ', '_')
     records.parent.mkdir(parents=True, exist_ok=True)
     records.write_text(json.dumps(listener.records))
     return {'load': load, 'config': label, 'episodes': overall['episodes'], 'successes': overall['successes'],
@@ -173,7 +174,10 @@ def main() -> int:
     parser.add_argument('--chunk-steps', type=int, default=8, help="the model's chunk size (reference VLA: 8)")
     parser.add_argument('--period-s', type=float, default=0.1, help="the model's control period")
     parser.add_argument('--domain-id', type=int, default=87, help='ROS_DOMAIN_ID of the simulated run')
-    parser.add_argument('--out', type=Path, default=Path('outputs/latency_budget'), help='output folder')
+    parser.add_argument('--out', type=Path, default=Path('outputs/latency_budget'),
+                        help='folder for latency_budget.md and .json (docs/benchmarks: the documented table)')
+    parser.add_argument('--logs', type=Path, default=Path('outputs/latency_budget/logs'),
+                        help="folder for the runs' logs and the nodes' ~/inference records")
     parser.add_argument('--configs', nargs='+', default=[], help='run only configurations whose label has one of '
                         "these words (e.g. 'budget')")
     parser.add_argument('--controller-overhead', action='store_true', help='only time the budget itself')
@@ -183,6 +187,7 @@ def main() -> int:
         return 0
 
     rows = []
+    load_before = ', '.join(f'{v:.1f}' for v in os.getloadavg())
     for load in args.loads:
         horizon_ms = 1e3 * min(args.chunk_steps * args.period_s, args.max_chunk_age_s)
         for label, (arguments, parameters) in configurations(args.budget_ms, args.fixed_ratio, horizon_ms).items():
@@ -192,9 +197,15 @@ def main() -> int:
             rows.append(run_one(args, label, arguments, parameters, load))
             print(table(rows[-1:], args.budget_ms).splitlines()[-1], f'({time.perf_counter() - started:.0f} s)',
                   flush=True)
-    text = (f'Model {args.model}; {args.episodes_per_family} episodes per family of {", ".join(args.families)} from '
-            f'seed {args.seed_start}, real time, replanning every {args.replan_every_steps} steps; load busy = '
-            f'{args.load_procs} busy process(es) beside the node.\n\n' + table(rows, args.budget_ms) + '\n')
+    horizon_s = min(args.chunk_steps * args.period_s, args.max_chunk_age_s)
+    deadline_ms = 1e3 * (horizon_s - args.replan_every_steps * args.period_s)
+    text = (f'`python benchmarks/latency_budget.py {" ".join(sys.argv[1:])}`\n\n'
+            f'Model {args.model}; {args.episodes_per_family} episodes per family of {", ".join(args.families)} from '
+            f'seed {args.seed_start}, real time; chunks of {args.chunk_steps} steps of {args.period_s:g} s held at '
+            f'most {args.max_chunk_age_s:g} s, a new inference every {args.replan_every_steps} steps: the next chunk '
+            f'is due {deadline_ms:.0f} ms after its observation. Load busy = {args.load_procs} busy process(es) '
+            f'beside the node; load average of the machine before the run {load_before}, after '
+            f'{", ".join(f"{v:.1f}" for v in os.getloadavg())}.\n\n' + table(rows, args.budget_ms) + '\n')
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / 'latency_budget.md').write_text(text)
     (args.out / 'latency_budget.json').write_text(json.dumps(rows, indent=2))

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any, Optional
 
 import numpy as np
@@ -105,11 +106,11 @@ class LatencyModel:
     def margin(self, percentile: float) -> float:
         """The ``percentile`` of each recent step against the median of its neighbours.
 
-        A level change moves the neighbours with it, so only the spread counts; drawn towards ``default_margin``
-        while few steps back it.
+        A level change moves the neighbours with it, so only the spread counts; drawn towards the prior
+        (``prior_margin``) while few steps back it.
         """
         if len(self.samples) < 3:
-            return self.default_margin
+            return self.prior_margin(percentile)
         fixed, rate = self.fixed_and_rate()
         data = np.asarray(self.samples)
         level = data[:, 0] / np.maximum(fixed + rate * data[:, 2], 1e-12)     # the knob's effect divided out
@@ -121,8 +122,13 @@ class LatencyModel:
         measured = float(np.percentile(ratios, percentile))
         if len(self.ahead) >= 20:           # load that comes in bursts of a few steps: the prediction's own error
             measured = max(measured, float(np.percentile(np.fromiter(self.ahead, float), percentile)))
-        spread = weight * measured + (1.0 - weight) * self.default_margin
+        spread = weight * measured + (1.0 - weight) * self.prior_margin(percentile)
         return float(np.clip(spread * self.correction(percentile), 0.8, 3.0))
+
+    def prior_margin(self, percentile: float) -> float:
+        """``default_margin`` at p90, scaled to ``percentile`` (p98: 1.25 from 1.15)."""
+        z = NormalDist().inv_cdf(min(max(percentile, 50.0), 99.9) / 100.0) / NormalDist().inv_cdf(0.9)
+        return float(self.default_margin ** z)
 
     def correction(self, percentile: float) -> float:
         return self.corrections.get(float(percentile), 1.0)
