@@ -199,7 +199,10 @@ def main() -> int:
                   flush=True)
     horizon_s = min(args.chunk_steps * args.period_s, args.max_chunk_age_s)
     deadline_ms = 1e3 * (horizon_s - args.replan_every_steps * args.period_s)
-    text = (f'`python benchmarks/latency_budget.py {" ".join(sys.argv[1:])}`\n\n'
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
+    text = ('# Latency budget and chunk deadline in real-time simulation\n\n'
+            f'Command: `python benchmarks/latency_budget.py {" ".join(sys.argv[1:])}`  \n'
+            f'Commit: {commit or "n/a"}; date: {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}\n\n'
             f'Model {args.model}; {args.episodes_per_family} episodes per family of {", ".join(args.families)} from '
             f'seed {args.seed_start}, real time; chunks of {args.chunk_steps} steps of {args.period_s:g} s held at '
             f'most {args.max_chunk_age_s:g} s, a new inference every {args.replan_every_steps} steps: the next chunk '
