@@ -130,7 +130,8 @@ def test_the_chunk_deadline_tightens_the_budget_only_when_it_is_the_shorter_limi
     tight = budget.decide(time_left_s=0.05)
     assert tight.method == 'divprune' and tight.knob < 0.9 and tight.deadline_s == pytest.approx(0.05)
     no_chunk = budget.decide(time_left_s=None)           # waiting for a first chunk: only the budget and
-    assert no_chunk.deadline_s is None                   # inference_deadline_s (infinite here) bound it
+    assert no_chunk.deadline_s is None                   # inference_deadline_s (infinite here) bound it ...
+    assert no_chunk.method == 'divprune', 'but the last known deadline keeps the method for that one step'
     rows = dict(budget.key_values())
     assert rows['chunk deadline ms'] == 'n/a'
     assert rows['chunk deadline misses in window'].endswith(' / 39')     # the first inference had no chunk before it

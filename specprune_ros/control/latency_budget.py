@@ -254,6 +254,7 @@ class LatencyBudget:
         self.last_decision: Optional[BudgetDecision] = None
         self.last_measured_s: Optional[float] = None
         self._knob: dict[str, float] = {}
+        self._last_deadline: Optional[float] = None
 
     @property
     def enabled(self) -> bool:
@@ -292,7 +293,14 @@ class LatencyBudget:
         if not self.enabled:
             return None
         deadline = self.chunk_deadline(time_left_s)
-        limits = self._limits(deadline)
+        held = deadline
+        if time_left_s is not None:
+            self._last_deadline = deadline
+        elif self._last_deadline is not None:
+            # no chunk to run out (the first of an episode): the robot waits anyway, but the last known deadline
+            # keeps the method from switching back and forth for one step
+            held = min(self._last_deadline, np.inf if deadline is None else deadline)
+        limits = self._limits(held)
         if self.active == NO_PRUNING:
             decision = self._decide_unpruned(limits)
             if decision is None:
