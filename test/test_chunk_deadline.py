@@ -129,6 +129,8 @@ def test_the_chunk_deadline_tightens_the_budget_only_when_it_is_the_shorter_limi
     assert loose.method == NO_PRUNING and loose.deadline_s == pytest.approx(0.4)
     tight = budget.decide(time_left_s=0.05)
     assert tight.method == 'divprune' and tight.knob < 0.9 and tight.deadline_s == pytest.approx(0.05)
+    assert tight.predicted_s is not None, "the fallback's first step is predicted from the unpruned timing"
+    assert dict(budget.key_values())['latency model'] != 'n/a'
     no_chunk = budget.decide(time_left_s=None)           # waiting for a first chunk: only the budget and
     assert no_chunk.deadline_s is None                   # inference_deadline_s (infinite here) bound it ...
     assert no_chunk.method == 'divprune', 'but the last known deadline keeps the method for that one step'

@@ -361,12 +361,16 @@ class LatencyBudget:
     def _first_fallback_step(self, method: str, limits: list[Limit], low: float, high: float) -> BudgetDecision:
         """No data for the fallback yet: assume its FLOPs scale with the knob and reuse the unpruned timing."""
         unpruned = self.model(NO_PRUNING)
+        predicted = None
         if not unpruned.ready or self.flops_full is None:
             knob = low
         else:
             knob = float(np.clip(_allowed_flops(unpruned, limits) / self.flops_full * high, low, high))
+            predicted = _predicted(unpruned, self.flops_full * knob / high, limits)
         self._knob[method] = knob
-        return BudgetDecision(method, knob, None, self.settings.budget_s, mode=self.mode)
+        unreachable = predicted is not None and knob <= low + 1e-12 and \
+            not _fits(unpruned, self.flops_full * knob / high, limits)
+        return BudgetDecision(method, knob, predicted, self.settings.budget_s, unreachable, mode=self.mode)
 
     # --- after an inference -------------------------------------------------------------------------------
     def observe(self, decision: BudgetDecision, latency_s: float, record: Any, mode: str,
@@ -435,6 +439,8 @@ class LatencyBudget:
             return [('latency budget ms', 'off')]
         decision = self.last_decision
         model = self.model(decision.method if decision else self.active)
+        if not model.ready:               # a method just switched to: its first step leans on the unpruned timing
+            model = self.model(NO_PRUNING)
         fixed_rate = 'n/a'
         if model.ready:
             fixed, rate = model.fixed_and_rate()
