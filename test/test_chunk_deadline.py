@@ -162,3 +162,14 @@ def test_with_the_budget_on_a_frame_a_little_early_still_starts_the_next_inferen
         starts[budget_ms] = started
     assert starts[600.0] == [0, 5, 10], 'with the budget on, every fifth frame starts an inference'
     assert starts[0.0] == [0, 6], 'budget off: the node as it was (a frame before the replan time waits)'
+
+
+def test_the_knob_drops_at_once_but_rises_step_by_step():
+    """A lull in the load is often followed by the load again: tokens come back over a few inferences."""
+    budget = deadline_budget()
+    _, methods, knobs = run_robot([1.8] * 60 + [0.6] * 3 + [1.8] * 3 + [0.6] * 30, budget)
+    fallback = [k for m, k in zip(methods, knobs) if m == 'divprune']
+    rises = np.diff(fallback)
+    assert rises.max() <= 0.2 * (1.0 - 0.1) + 1e-9, f'the knob jumped up by {rises.max():.2f}'
+    assert rises.min() < -0.2, 'a load step must cut the knob at once'
+    assert methods[-1] == NO_PRUNING, 'after a lasting lull the unpruned model comes back'

@@ -232,7 +232,7 @@ class LatencyBudget:
 
     def __init__(self, settings: BudgetSettings, methods: dict[str, Any], primary: str, device: str = 'cpu',
                  dead_band: float = 0.05, dead_band_abs: float = 0.03, recover_ratio: float = 0.9,
-                 publish_guard_s: float = 0.005) -> None:
+                 publish_guard_s: float = 0.005, max_rise: float = 0.2) -> None:
         self.settings = settings
         self.methods = methods                      # name -> pruning method object ('none' may map to None)
         self.primary = primary
@@ -242,6 +242,7 @@ class LatencyBudget:
         self.dead_band_abs = dead_band_abs          # ... or absolute (3 % of the visual tokens)
         self.recover_ratio = recover_ratio          # back to unpruned when full is predicted below this x budget
         self.publish_guard_s = publish_guard_s      # the chunk must arrive this long before the old one runs out
+        self.max_rise = max_rise                    # the knob rises by at most this share of its range per step
         self.models: dict[str, LatencyModel] = {}
         self.maps: dict[tuple[str, str], KnobMap] = {}
         self.active = primary
@@ -352,6 +353,8 @@ class LatencyBudget:
         if previous is not None and not at_bound and \
                 abs(knob - previous) <= max(self.dead_band * previous, self.dead_band_abs):
             knob = previous
+        if previous is not None and knob > previous:      # down at once, up step by step: a lull in the load
+            knob = min(knob, previous + self.max_rise * (high - low))   # is often followed by the load again
         flops = knobs.flops_at(knob)
         predicted = None if flops is None else _predicted(model, flops, limits)
         unreachable = knob <= low + 1e-12 and flops is not None and not _fits(model, flops, limits)
