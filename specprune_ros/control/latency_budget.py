@@ -82,6 +82,7 @@ class LatencyModel:
         self.estimate_steps = estimate_steps
         self.tracking_gain = tracking_gain
         self.corrections: dict[float, float] = {}      # percentile -> its quantile tracker's correction
+        self._margins: dict[float, float] = {}         # percentile -> margin, until the next step or correction
         self.spread_half_width = spread_half_width
         self.default_margin = default_margin
         self.samples: deque[tuple[float, float, float]] = deque(maxlen=history)   # (latency, decoder s, flops)
@@ -104,11 +105,17 @@ class LatencyModel:
         return fixed + rate * flops
 
     def margin(self, percentile: float) -> float:
-        """The ``percentile`` of each recent step against the median of its neighbours.
+        """The ``percentile`` of each recent step against the median of its neighbours (kept until the next step).
 
         A level change moves the neighbours with it, so only the spread counts; drawn towards the prior
         (``prior_margin``) while few steps back it.
         """
+        key = float(percentile)
+        if key not in self._margins:
+            self._margins[key] = self._margin(percentile)
+        return self._margins[key]
+
+    def _margin(self, percentile: float) -> float:
         if len(self.samples) < 3:
             return self.prior_margin(percentile)
         fixed, rate = self.fixed_and_rate()
@@ -137,6 +144,7 @@ class LatencyModel:
         """One step measured against its predicted ``percentile`` latency: nudge that percentile's correction."""
         step = self.tracking_gain * (float(exceeded) - (1.0 - percentile / 100.0))
         self.corrections[float(percentile)] = float(np.clip(self.correction(percentile) * np.exp(step), 0.8, 2.0))
+        self._margins.clear()
 
     def predict_percentile(self, flops: float, percentile: float) -> float:
         return self.predict(flops) * self.margin(percentile)
@@ -148,6 +156,7 @@ class LatencyModel:
         """
         self.samples.clear()
         self._estimate = None
+        self._margins.clear()
         self._estimates.clear()
 
     def observe(self, latency_s: float, decoder_s: float, flops: float) -> None:
@@ -158,6 +167,7 @@ class LatencyModel:
             self.ahead.append(latency_s / max(self.predict(flops), 1e-12))
         self.samples.append((float(latency_s), float(min(decoder_s, latency_s)), float(flops)))
         self._estimate = None
+        self._margins.clear()
         self._estimates.append(self.fixed_and_rate())
         if len(self._estimates) == self._estimates.maxlen:
             (old_fixed, old_rate), (fixed, rate) = self._estimates[0], self._estimates[-1]
