@@ -19,7 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from specprune_ros.command_line import HelpFormatter
+from specprune_ros.control.parameters import NodeParameters
 
 
 def main() -> int:
@@ -37,6 +40,9 @@ def main() -> int:
     parser.add_argument('--max-steps', type=int, default=0,
                         help='stop episodes after this many steps (0: the task limit)')
     parser.add_argument('--replan-every-steps', type=int, default=0, help='override the sim config (8)')
+    parser.add_argument('--param', action='append', default=[], metavar='NAME=VALUE',
+                        help="a policy node parameter as YAML, e.g. latency_budget_ms=600 (late chunks: "
+                        'benchmarks/latency_budget.py counts them)')
     parser.add_argument('--torch-threads', type=int, default=1, help='torch threads of the node')
     parser.add_argument('--domain-id', type=int, default=78, help='ROS_DOMAIN_ID of the processes')
     parser.add_argument('--out', type=Path, default=Path('outputs/realtime'),
@@ -49,6 +55,13 @@ def main() -> int:
     for item in args.method_config:
         name, _, value = item.partition('=')
         configs[name] = value
+    defaults, parameters = NodeParameters(), {}
+    for item in args.param:
+        name, _, text = item.partition('=')
+        value = yaml.safe_load(text)
+        if isinstance(getattr(defaults, name, None), float) and isinstance(value, int):
+            value = float(value)                  # a double parameter refuses an integer override
+        parameters[name] = value
     summaries, runs = [], {}
     for mode in args.modes:
         for method in args.methods:
@@ -58,6 +71,7 @@ def main() -> int:
             if method in configs:
                 arguments['method_config'] = configs[method]
             policy = {'replan_every_steps': args.replan_every_steps} if args.replan_every_steps else {}
+            policy.update(parameters)
             started = time.perf_counter()
             result = run_simulation(SimRun(arguments=arguments, policy_parameters=policy, domain_id=args.domain_id,
                                            torch_threads=args.torch_threads,

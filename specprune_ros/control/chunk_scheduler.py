@@ -7,12 +7,16 @@ the model ran are therefore skipped without any bookkeeping, and the control tim
 A new chunk either replaces the rest of the old one, or blends with it: the old chunk's action for the
 same time gets weight ``blend_old_weight * blend_decay**k`` at the k-th step after the new chunk arrived
 (temporal ensembling that fades the old plan out).
+
+The chunk deadline: the robot misses a deadline when a control tick finds no action to command because the
+current chunk ran out (its last step is over, or its observation is older than ``max_chunk_age_s``) before the next
+chunk arrived. ``time_left`` is how long the next inference may take, from now, before that happens.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 
@@ -32,6 +36,10 @@ class Chunk:
 
     def step_at(self, now: float, period: float) -> int:
         return int(math.floor((now - self.start) / period + _EPS))
+
+    def end(self, settings: 'ChunkSettings') -> float:
+        """When the chunk runs out: its last step is over or its observation too old, whichever comes first."""
+        return self.start + min(len(self.actions) * settings.period_s, settings.max_chunk_age_s)
 
     def action_at(self, now: float, period: float) -> Optional[np.ndarray]:
         step = self.step_at(now, period)
@@ -101,6 +109,10 @@ class ChunkScheduler:
             action = self._blend(action, now)
         return ScheduledAction(action.copy(), '', chunk.chunk_id, step)
 
+    def time_left(self, now: float) -> Optional[float]:
+        """Seconds until the current chunk runs out (negative: it already has); None without a chunk."""
+        return None if self.current is None else self.current.end(self.settings) - now
+
     def _blend(self, new_action: np.ndarray, now: float) -> np.ndarray:
         settings = self.settings
         old_action = self.previous.action_at(now, settings.period_s)
@@ -115,3 +127,41 @@ class ChunkScheduler:
         """Drop every chunk (hold until the next one)."""
         self.current = None
         self.previous = None
+
+
+@dataclass
+class LateChunks:
+    """How often chunks came too late for the robot (see ``late_chunks``)."""
+
+    chunks: int = 0            # chunks that followed another one of the same episode
+    late: int = 0              # ... and arrived after it had run out: the robot had no action for a while
+    late_s: float = 0.0        # summed time without an action
+    span_s: float = 0.0        # summed time between consecutive arrivals
+
+    @property
+    def late_fraction(self) -> float:
+        return self.late / self.chunks if self.chunks else float('nan')
+
+    @property
+    def late_time_fraction(self) -> float:
+        return self.late_s / self.span_s if self.span_s > 0 else float('nan')
+
+
+def late_chunks(chunks: Sequence[tuple[float, float, bool]], chunk_steps: int, settings: ChunkSettings) -> LateChunks:
+    """Deadline misses of a run of chunks: (observation time, arrival time, first of its episode) in order.
+
+    A chunk is late when it arrives after the chunk before it ran out (``Chunk.end``): from then until it arrives
+    the control ticks find no action and the robot holds.
+    """
+    horizon = min(chunk_steps * settings.period_s, settings.max_chunk_age_s)
+    result = LateChunks()
+    previous: Optional[tuple[float, float]] = None
+    for observed, arrived, first in chunks:
+        if previous is not None and not first:
+            lateness = arrived - (previous[0] + horizon)
+            result.chunks += 1
+            result.late += int(lateness > 0)
+            result.late_s += max(lateness, 0.0)
+            result.span_s += max(arrived - previous[1], 0.0)
+        previous = (observed, arrived)
+    return result

@@ -26,7 +26,7 @@ from specprune_ros.codecs.proprio import ProprioAssembler, StateError, check_pos
 from specprune_ros.control.chunk_scheduler import ChunkScheduler, ChunkSettings
 from specprune_ros.control.input_sync import InputSynchronizer, RejectedInput, StaleInput, SyncLimits
 from specprune_ros.control.joint_command import JointCommandFilter, command_order, merged_joint_limits
-from specprune_ros.control.latency_budget import BudgetDecision, BudgetSettings, LatencyBudget
+from specprune_ros.control.latency_budget import BudgetDecision, BudgetSettings, LatencyBudget, replan_slack_s
 from specprune_ros.control.parameters import NodeParameters
 from specprune_ros.control.runtime_stats import RuntimeStats, controller_mode, kept_token_ratio
 from specprune_ros.control.safety_filter import ActionUnits, FilteredCommand, SafetyFilter, SafetyLimits
@@ -84,7 +84,8 @@ def action_units(params: NodeParameters, spec: ActionSpec) -> ActionUnits:
 
 def budget_settings(params: NodeParameters) -> BudgetSettings:
     return BudgetSettings(budget_s=params.latency_budget_ms * 1e-3, percentile=params.latency_budget_percentile,
-                          min_keep_ratio=params.min_keep_ratio, window=params.stats_window)
+                          min_keep_ratio=params.min_keep_ratio, window=params.stats_window,
+                          inference_deadline_s=params.inference_deadline_s)
 
 
 def joint_command_filter(params: NodeParameters, spec: ActionSpec) -> JointCommandFilter:
@@ -324,8 +325,9 @@ class PolicyController:
                     or not self.sync.has_new_frames():
                 return None
             replan_period = self.params.replan_every_steps * self.spec.control_period_s
+            slack = replan_slack_s(self.budget, self.spec.control_period_s)
             due = (self.scheduler.current is None or self._last_request_time is None
-                   or now - self._last_request_time >= replan_period - 1e-3)
+                   or now - self._last_request_time >= replan_period - slack)
             if not due:
                 return None
             try:
@@ -348,7 +350,7 @@ class PolicyController:
             self._last_source_stamp = snapshot.newest_stamp
             observation = Observation(images=snapshot.images, instruction=snapshot.instruction,
                                       proprio=snapshot.proprio, executed_actions=executed)
-            budget = self.budget.decide() if self.budget is not None else None
+            budget = self.budget.decide(self.scheduler.time_left(now)) if self.budget is not None else None
             return InferenceRequest(observation, now, snapshot.newest_stamp, self.epoch, reset_reason, budget)
 
     def accept(self, request: InferenceRequest, output: PolicyOutput, now: float) -> Optional[AcceptedChunk]:
@@ -369,7 +371,7 @@ class PolicyController:
             self.stats.stamp_to_chunk.add(now - request.source_stamp)
             if request.budget is not None and self.budget is not None:   # late steps teach the budget most
                 self.budget.observe(request.budget, float(output.latency_s), output.record,
-                                    controller_mode(output.info, getattr(output.record, 'info', {})))
+                                    controller_mode(output.info, getattr(output.record, 'info', {})), elapsed)
             actions = np.asarray(output.actions, dtype=np.float64)
             expected = (self.spec.chunk_size, self.spec.action_dim)
             if elapsed > self.params.inference_deadline_s:

@@ -21,6 +21,13 @@ Three parts, all DDS-free:
   budget, between ``min_keep_ratio`` and keeping everything; it holds the knob inside a dead band against
   jitter. For the unpruned method a fallback method takes over when even the full model cannot meet the budget.
 
+The chunk deadline: a robot misses a deadline when a control tick finds no action because the current chunk ran
+out before the next one arrived (``ChunkScheduler.time_left``), or when the inference outlasts
+``inference_deadline_s`` (its chunk is dropped). With the budget on, every step meets both limits: the latency
+budget at its percentile and the chunk deadline at ``deadline_percentile`` (p98: a deadline is missed at most every
+fiftieth inference). The deadline bounds the whole inference (request to chunk), so the node's own time around the
+model step (its p98 over recent steps) and a guard for publishing the command come off it first.
+
 Knobs: the keep ratio of VLA-Pruner, FastV, DivPrune and random; SpecPrune's scale of K (its action-aware
 controller still picks coarse or fine K, the budget scales both), expressed so that the smallest knob keeps
 ``min_keep_ratio`` of a camera in coarse mode and the largest keeps every patch.
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any, Optional
 
 import numpy as np
@@ -49,6 +57,8 @@ class BudgetSettings:
     percentile: float = 90.0
     min_keep_ratio: float = 0.1
     window: int = 100                      # steps in the deadline-miss window
+    deadline_percentile: float = 98.0      # the percentile the chunk deadline is held at
+    inference_deadline_s: float = float('inf')   # an inference that takes longer is dropped (a hard deadline)
 
 
 @dataclass
@@ -59,8 +69,9 @@ class BudgetDecision:
     knob: Optional[float]                   # None: the method's own setting (no model yet)
     predicted_s: Optional[float]            # predicted percentile latency at this knob
     budget_s: float
-    unreachable: bool = False               # even the smallest knob is predicted to miss the budget
+    unreachable: bool = False               # even the smallest knob is predicted to miss the budget or deadline
     mode: str = 'n/a'                       # controller mode the knob map of this step was read for
+    deadline_s: Optional[float] = None      # the chunk deadline of this inference (request to chunk), if known
 
 
 class LatencyModel:
@@ -70,7 +81,8 @@ class LatencyModel:
                  default_margin: float = 1.15, tracking_gain: float = 0.03) -> None:
         self.estimate_steps = estimate_steps
         self.tracking_gain = tracking_gain
-        self.correction = 1.0
+        self.corrections: dict[float, float] = {}      # percentile -> its quantile tracker's correction
+        self._margins: dict[float, float] = {}         # percentile -> margin, until the next step or correction
         self.spread_half_width = spread_half_width
         self.default_margin = default_margin
         self.samples: deque[tuple[float, float, float]] = deque(maxlen=history)   # (latency, decoder s, flops)
@@ -93,13 +105,19 @@ class LatencyModel:
         return fixed + rate * flops
 
     def margin(self, percentile: float) -> float:
-        """The ``percentile`` of each recent step against the median of its neighbours.
+        """The ``percentile`` of each recent step against the median of its neighbours (kept until the next step).
 
-        A level change moves the neighbours with it, so only the spread counts; drawn towards ``default_margin``
-        while few steps back it.
+        A level change moves the neighbours with it, so only the spread counts; drawn towards the prior
+        (``prior_margin``) while few steps back it.
         """
+        key = float(percentile)
+        if key not in self._margins:
+            self._margins[key] = self._margin(percentile)
+        return self._margins[key]
+
+    def _margin(self, percentile: float) -> float:
         if len(self.samples) < 3:
-            return self.default_margin
+            return self.prior_margin(percentile)
         fixed, rate = self.fixed_and_rate()
         data = np.asarray(self.samples)
         level = data[:, 0] / np.maximum(fixed + rate * data[:, 2], 1e-12)     # the knob's effect divided out
@@ -111,16 +129,35 @@ class LatencyModel:
         measured = float(np.percentile(ratios, percentile))
         if len(self.ahead) >= 20:           # load that comes in bursts of a few steps: the prediction's own error
             measured = max(measured, float(np.percentile(np.fromiter(self.ahead, float), percentile)))
-        spread = weight * measured + (1.0 - weight) * self.default_margin
-        return float(np.clip(spread * self.correction, 0.8, 3.0))
+        spread = weight * measured + (1.0 - weight) * self.prior_margin(percentile)
+        return float(np.clip(spread * self.correction(percentile), 0.8, 3.0))
+
+    def prior_margin(self, percentile: float) -> float:
+        """``default_margin`` at p90, scaled to ``percentile`` (p98: 1.25 from 1.15)."""
+        z = NormalDist().inv_cdf(min(max(percentile, 50.0), 99.9) / 100.0) / NormalDist().inv_cdf(0.9)
+        return float(self.default_margin ** z)
+
+    def correction(self, percentile: float) -> float:
+        return self.corrections.get(float(percentile), 1.0)
 
     def track_percentile(self, exceeded: bool, percentile: float) -> None:
-        """One step measured against its predicted ``percentile`` latency: nudge the correction."""
+        """One step measured against its predicted ``percentile`` latency: nudge that percentile's correction."""
         step = self.tracking_gain * (float(exceeded) - (1.0 - percentile / 100.0))
-        self.correction = float(np.clip(self.correction * np.exp(step), 0.8, 2.0))
+        self.corrections[float(percentile)] = float(np.clip(self.correction(percentile) * np.exp(step), 0.8, 2.0))
+        self._margins.clear()
 
     def predict_percentile(self, flops: float, percentile: float) -> float:
         return self.predict(flops) * self.margin(percentile)
+
+    def forget_level(self) -> None:
+        """Drop the measured steps but keep what was learnt about the spread.
+
+        The method did not run for a while: its level is stale, the load may have changed since.
+        """
+        self.samples.clear()
+        self._estimate = None
+        self._margins.clear()
+        self._estimates.clear()
 
     def observe(self, latency_s: float, decoder_s: float, flops: float) -> None:
         """Add one measured step."""
@@ -130,6 +167,7 @@ class LatencyModel:
             self.ahead.append(latency_s / max(self.predict(flops), 1e-12))
         self.samples.append((float(latency_s), float(min(decoder_s, latency_s)), float(flops)))
         self._estimate = None
+        self._margins.clear()
         self._estimates.append(self.fixed_and_rate())
         if len(self._estimates) == self._estimates.maxlen:
             (old_fixed, old_rate), (fixed, rate) = self._estimates[0], self._estimates[-1]
@@ -192,6 +230,9 @@ def knob_range(method: Any, min_keep_ratio: float) -> Optional[tuple[float, floa
     return min_keep_ratio, 1.0
 
 
+Limit = tuple[float, float]        # (seconds, percentile): the percentile of the model step must stay within
+
+
 class LatencyBudget:
     """Chooses the method's knob before each inference and learns from the measured step after it.
 
@@ -200,7 +241,8 @@ class LatencyBudget:
     """
 
     def __init__(self, settings: BudgetSettings, methods: dict[str, Any], primary: str, device: str = 'cpu',
-                 dead_band: float = 0.05, dead_band_abs: float = 0.03, recover_ratio: float = 0.9) -> None:
+                 dead_band: float = 0.05, dead_band_abs: float = 0.03, recover_ratio: float = 0.9,
+                 publish_guard_s: float = 0.005, max_rise: float = 0.2) -> None:
         self.settings = settings
         self.methods = methods                      # name -> pruning method object ('none' may map to None)
         self.primary = primary
@@ -209,16 +251,21 @@ class LatencyBudget:
         self.dead_band = dead_band                  # relative knob change below which the knob stays ...
         self.dead_band_abs = dead_band_abs          # ... or absolute (3 % of the visual tokens)
         self.recover_ratio = recover_ratio          # back to unpruned when full is predicted below this x budget
+        self.publish_guard_s = publish_guard_s      # the chunk must arrive this long before the old one runs out
+        self.max_rise = max_rise                    # the knob rises by at most this share of its range per step
         self.models: dict[str, LatencyModel] = {}
         self.maps: dict[tuple[str, str], KnobMap] = {}
         self.active = primary
         self.mode = 'n/a'
         self.flops_full: Optional[float] = None
         self.misses = RollingWindow(settings.window)
+        self.deadline_misses = RollingWindow(settings.window)
+        self.overheads: deque[float] = deque(maxlen=40)     # inference time minus model step, seconds
         self.unreachable_steps = 0
         self.last_decision: Optional[BudgetDecision] = None
         self.last_measured_s: Optional[float] = None
         self._knob: dict[str, float] = {}
+        self._last_deadline: Optional[float] = None
 
     @property
     def enabled(self) -> bool:
@@ -231,82 +278,126 @@ class LatencyBudget:
         return self.maps.setdefault((method, mode), KnobMap())
 
     # --- before an inference ------------------------------------------------------------------------------
-    def decide(self) -> Optional[BudgetDecision]:
-        """The method and knob for the next inference (None when the budget is off)."""
+    def chunk_deadline(self, time_left_s: Optional[float]) -> Optional[float]:
+        """The time the next inference may take: until the current chunk runs out, at most inference_deadline_s."""
+        deadline = min(np.inf if time_left_s is None else float(time_left_s), self.settings.inference_deadline_s)
+        return float(deadline) if np.isfinite(deadline) else None
+
+    def overhead_s(self) -> float:
+        """The node's time around the model step at the deadline percentile (recent steps), plus the guard."""
+        if not self.overheads:
+            return self.publish_guard_s
+        return float(np.percentile(np.fromiter(self.overheads, float), self.settings.deadline_percentile)) \
+            + self.publish_guard_s
+
+    def _limits(self, deadline_s: Optional[float]) -> list[Limit]:
+        limits = [(self.settings.budget_s, self.settings.percentile)]
+        if deadline_s is not None:
+            limits.append((max(deadline_s - self.overhead_s(), 1e-4), self.settings.deadline_percentile))
+        return limits
+
+    def decide(self, time_left_s: Optional[float] = None) -> Optional[BudgetDecision]:
+        """The method and knob for the next inference (None when the budget is off).
+
+        ``time_left_s``: how long until the current chunk runs out (None: no chunk, the robot already waits).
+        """
         if not self.enabled:
             return None
-        budget, q = self.settings.budget_s, self.settings.percentile
+        deadline = self.chunk_deadline(time_left_s)
+        held = deadline
+        if time_left_s is not None:
+            self._last_deadline = deadline
+        elif self._last_deadline is not None:
+            # no chunk to run out (the first of an episode): the robot waits anyway, but the last known deadline
+            # keeps the method from switching back and forth for one step
+            held = min(self._last_deadline, np.inf if deadline is None else deadline)
+        limits = self._limits(held)
         if self.active == NO_PRUNING:
-            decision = self._decide_unpruned(budget, q)
-            if decision is not None:
-                self.last_decision = decision
-                return decision
-            self.active = self.fallback
-        decision = self._decide_knob(self.active, budget, q)
-        if (self.primary == NO_PRUNING and decision.knob is not None and self.flops_full is not None
-                and decision.knob >= self._range(self.active)[1] - 1e-9):
-            full = self.model(self.active).predict_percentile(self.flops_full, q)
-            if full <= self.recover_ratio * budget:         # the full model fits again, with room to spare
-                self.active = NO_PRUNING
-                decision = BudgetDecision(NO_PRUNING, None, full, budget, mode=self.mode)
+            decision = self._decide_unpruned(limits)
+            if decision is None:
+                self._switch_to(self.fallback)
+        if self.active != NO_PRUNING:
+            decision = self._decide_knob(self.active, limits)
+            model = self.model(self.active)
+            if (self.primary == NO_PRUNING and decision.knob is not None and self.flops_full is not None
+                    and model.ready and decision.knob >= self._range(self.active)[1] - 1e-9
+                    and _fits(model, self.flops_full, limits, self.recover_ratio)):   # fits again, with room to spare
+                predicted = _predicted(model, self.flops_full, limits)
+                self._switch_to(NO_PRUNING)
+                decision = BudgetDecision(NO_PRUNING, None, predicted, self.settings.budget_s, mode=self.mode)
+        decision.deadline_s = deadline
         self.last_decision = decision
         return decision
 
-    def _decide_unpruned(self, budget: float, q: float) -> Optional[BudgetDecision]:
-        model = self.model(NO_PRUNING)
+    def _switch_to(self, method: str) -> None:
+        """Run ``method`` from now on; its latency level is stale (the other method's fresh steps stand in)."""
+        self.active = method
+        self.model(method).forget_level()
+
+    def _decide_unpruned(self, limits: list[Limit]) -> Optional[BudgetDecision]:
+        model, budget = self.model(NO_PRUNING), self.settings.budget_s
         if not model.ready or self.flops_full is None or not self.fallback:
             return BudgetDecision(NO_PRUNING, None, None, budget, mode=self.mode)
-        predicted = model.predict_percentile(self.flops_full, q)
-        if predicted <= budget:
-            return BudgetDecision(NO_PRUNING, None, predicted, budget, mode=self.mode)
+        if _fits(model, self.flops_full, limits):
+            return BudgetDecision(NO_PRUNING, None, _predicted(model, self.flops_full, limits), budget,
+                                  mode=self.mode)
         return None
 
     def _range(self, method: str) -> tuple[float, float]:
         return knob_range(self.methods[method], self.settings.min_keep_ratio) or (1.0, 1.0)
 
-    def _decide_knob(self, method: str, budget: float, q: float) -> BudgetDecision:
+    def _decide_knob(self, method: str, limits: list[Limit]) -> BudgetDecision:
         low, high = self._range(method)
+        budget = self.settings.budget_s
         model, knobs = self.model(method), self.knob_map(method, self.mode)
         if not knobs.samples:        # a mode not seen yet: another mode's map until this one has a step
             knobs = next((m for (name, _), m in self.maps.items() if name == method and m.samples), knobs)
         if not model.ready or not knobs.samples:
             if method != self.primary:                      # a fallback starts from the full model's line
-                return self._first_fallback_step(method, budget, q, low, high)
+                return self._first_fallback_step(method, limits, low, high)
             return BudgetDecision(method, None, None, budget, mode=self.mode)
-        fixed, rate = model.fixed_and_rate()
-        margin = model.margin(q)
-        allowed_flops = (budget / margin - fixed) / max(rate, 1e-18)
-        wanted = knobs.knob_for(allowed_flops)
+        wanted = knobs.knob_for(_allowed_flops(model, limits))
         knob = float(np.clip(wanted if wanted is not None else high, low, high))
         previous = self._knob.get(method)
         at_bound = knob in (low, high)                     # a bound is always taken (full width, the floor)
         if previous is not None and not at_bound and \
                 abs(knob - previous) <= max(self.dead_band * previous, self.dead_band_abs):
             knob = previous
+        if previous is not None and knob > previous:      # down at once, up step by step: a lull in the load
+            knob = min(knob, previous + self.max_rise * (high - low))   # is often followed by the load again
         flops = knobs.flops_at(knob)
-        predicted = None if flops is None else model.predict(flops) * margin
-        unreachable = knob <= low + 1e-12 and predicted is not None and predicted > budget
+        predicted = None if flops is None else _predicted(model, flops, limits)
+        unreachable = knob <= low + 1e-12 and flops is not None and not _fits(model, flops, limits)
         self._knob[method] = knob
         return BudgetDecision(method, knob, predicted, budget, unreachable, mode=self.mode)
 
-    def _first_fallback_step(self, method: str, budget: float, q: float, low: float,
-                             high: float) -> BudgetDecision:
+    def _first_fallback_step(self, method: str, limits: list[Limit], low: float, high: float) -> BudgetDecision:
         """No data for the fallback yet: assume its FLOPs scale with the knob and reuse the unpruned timing."""
         unpruned = self.model(NO_PRUNING)
+        predicted = None
         if not unpruned.ready or self.flops_full is None:
             knob = low
         else:
-            fixed, rate = unpruned.fixed_and_rate()
-            allowed = (budget / unpruned.margin(q) - fixed) / max(rate, 1e-18)
-            knob = float(np.clip(allowed / self.flops_full * high, low, high))
+            knob = float(np.clip(_allowed_flops(unpruned, limits) / self.flops_full * high, low, high))
+            predicted = _predicted(unpruned, self.flops_full * knob / high, limits)
         self._knob[method] = knob
-        return BudgetDecision(method, knob, None, budget, mode=self.mode)
+        unreachable = predicted is not None and knob <= low + 1e-12 and \
+            not _fits(unpruned, self.flops_full * knob / high, limits)
+        return BudgetDecision(method, knob, predicted, self.settings.budget_s, unreachable, mode=self.mode)
 
     # --- after an inference -------------------------------------------------------------------------------
-    def observe(self, decision: BudgetDecision, latency_s: float, record: Any, mode: str) -> None:
-        """Learn from one measured step (``record``: the executor's StepRecord, or None)."""
+    def observe(self, decision: BudgetDecision, latency_s: float, record: Any, mode: str,
+                inference_s: Optional[float] = None) -> None:
+        """Learn from one measured step (``record``: the executor's StepRecord, or None).
+
+        ``inference_s``: the whole inference (request to chunk), what the chunk deadline bounds.
+        """
         self.last_measured_s = float(latency_s)
         self.misses.add(float(latency_s > decision.budget_s))
+        if inference_s is not None and np.isfinite(inference_s):
+            self.overheads.append(max(float(inference_s) - float(latency_s), 0.0))
+            if decision.deadline_s is not None:
+                self.deadline_misses.add(float(inference_s > decision.deadline_s))
         if decision.unreachable:
             self.unreachable_steps += 1
         self.mode = mode or 'n/a'
@@ -316,8 +407,9 @@ class LatencyBudget:
         self.flops_full = float(getattr(record, 'flops_full', flops) or flops)
         decoder_s = float(getattr(record, 'model_seconds', 0.0) or 0.0)
         model = self.model(decision.method)
-        if decision.predicted_s is not None:
-            model.track_percentile(latency_s > decision.predicted_s, self.settings.percentile)
+        if model.ready:                           # each held percentile against what the model said before the step
+            for q in {self.settings.percentile, self.settings.deadline_percentile}:
+                model.track_percentile(latency_s > model.predict_percentile(float(flops), q), q)
         model.observe(latency_s, decoder_s, float(flops))
         knob = decision.knob
         if knob is None and decision.method in self.methods:
@@ -360,14 +452,18 @@ class LatencyBudget:
             return [('latency budget ms', 'off')]
         decision = self.last_decision
         model = self.model(decision.method if decision else self.active)
+        if not model.ready:               # a method just switched to: its first step leans on the unpruned timing
+            model = self.model(NO_PRUNING)
         fixed_rate = 'n/a'
         if model.ready:
             fixed, rate = model.fixed_and_rate()
             full = 'n/a' if self.flops_full is None else f'{rate * self.flops_full * 1e3:.2f}'
             fixed_rate = f'fixed {fixed * 1e3:.2f} ms + decoder {full} ms at full width, ' \
                          f'p{settings.percentile:g} margin {model.margin(settings.percentile):.2f} ' \
-                         f'(tracking correction {model.correction:.2f})'
-        misses = self.misses.samples
+                         f'(tracking correction {model.correction(settings.percentile):.2f}), ' \
+                         f'p{settings.deadline_percentile:g} margin {model.margin(settings.deadline_percentile):.2f}'
+        misses, late = self.misses.samples, self.deadline_misses.samples
+        deadline = None if decision is None else decision.deadline_s
         return [
             ('latency budget ms', f'{settings.budget_s * 1e3:.1f}'),
             ('latency budget percentile', f'{settings.percentile:g}'),
@@ -376,9 +472,28 @@ class LatencyBudget:
             ('predicted latency ms', _ms(decision.predicted_s if decision else None)),
             ('measured latency ms', _ms(self.last_measured_s)),
             ('budget deadline misses in window', f'{int(sum(misses))} / {len(misses)}'),
+            ('chunk deadline ms', _ms(deadline)),
+            ('node time around the model ms (deadline percentile)', _ms(self.overhead_s() - self.publish_guard_s)),
+            ('chunk deadline misses in window', f'{int(sum(late))} / {len(late)}'),
             ('budget unreachable steps', str(self.unreachable_steps)),
             ('latency model', fixed_rate),
         ]
+
+
+def _fits(model: LatencyModel, flops: float, limits: list[Limit], ratio: float = 1.0) -> bool:
+    """Whether every limit's percentile of a step of ``flops`` is predicted within ``ratio`` x the limit."""
+    return all(model.predict_percentile(flops, q) <= ratio * seconds for seconds, q in limits)
+
+
+def _predicted(model: LatencyModel, flops: float, limits: list[Limit]) -> float:
+    """The predicted latency at the first limit's percentile (the latency budget's)."""
+    return model.predict_percentile(flops, limits[0][1])
+
+
+def _allowed_flops(model: LatencyModel, limits: list[Limit]) -> float:
+    """The most decoder FLOPs whose predicted percentile meets every limit."""
+    fixed, rate = model.fixed_and_rate()
+    return min((seconds / model.margin(q) - fixed) / max(rate, 1e-18) for seconds, q in limits)
 
 
 def _configured_knob(method: Any, ranged: Optional[tuple[float, float]]) -> Optional[float]:
@@ -392,6 +507,16 @@ def _configured_knob(method: Any, ranged: Optional[tuple[float, float]]) -> Opti
 
 def _ms(seconds: Optional[float]) -> str:
     return 'n/a' if seconds is None else f'{seconds * 1e3:.2f}'
+
+
+def replan_slack_s(budget: Optional[LatencyBudget], period_s: float) -> float:
+    """How much before ``replan_every_steps`` periods the next inference may start.
+
+    With the budget on, half a period: inferences start on new frames, and a frame that arrives a millisecond before
+    the replan time would otherwise wait a whole period for the next one, leaving the chunk deadline no time.
+    Off: 1 ms, the node's behaviour without a budget.
+    """
+    return 0.5 * period_s if budget is not None and budget.enabled else 1e-3
 
 
 def budget_for_policy(settings: BudgetSettings, method: str, policy: Any, fallback: str, seed: int = 0,
