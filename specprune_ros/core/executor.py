@@ -114,8 +114,8 @@ class PrunableDecoderRunner(nn.Module):
         after the layer) so that the few shapes a method produces repeat. Every new shape compiles once per process
         (tens of seconds on a CPU); the numbers differ from the eager layers in the last bits (fused reductions).
         Applies to plain Llama layers without autograd in passes that neither store, reuse nor return keys/values;
-        other passes run eagerly. Off by default: on the CPU it saved about 6% of a layer's time at a fixed
-        shape, less than the padding and the compilations cost (``docs/benchmarks.md``).
+        other passes run eagerly. Off by default: on the CPU it took 5-12% off the layers at exact token counts,
+        but padding to 32-token buckets gave that back at pruned counts (``docs/benchmarks.md``).
         """
         super().__init__()
         self.decoder = decoder
