@@ -5,8 +5,10 @@ tokens, 1 proprio token, 56 action queries). Budgets run interleaved (round-robi
 medians are compared, so machine noise hits all budgets alike. Tokens are dropped before layer 0, evenly
 per camera; the plain transformers forward of the same weights is timed alongside as a reference.
 ``--unfused`` also times every budget with the layers' own projections (``fuse_projections=False``), interleaved
-with the fused ones. Wall-clock time by default; ``--clock cpu`` measures the process's CPU time instead (steadier
-on a shared machine, but it hides how well the threads are used).
+with the fused ones; ``--compile`` likewise with compiled layers (``compile_layers=True``, kept counts padded to
+``--bucket``; the compilations happen in the warm-up rounds). Wall-clock time by default; ``--clock cpu`` measures
+the process's CPU time instead (steadier on a shared machine, but it hides how well the threads are used).
+``--head-dim 128 --mlp-ratio 2.6875`` gives the published Llama-2 proportions (OpenVLA / OpenVLA-OFT).
 
     python benchmarks/executor_speed.py --steps 20 --threads 2
 """
@@ -51,6 +53,10 @@ def main() -> None:
     parser.add_argument('--budgets', type=float, nargs='+', default=[1.0, 0.5, 0.25, 0.125],
                         help='kept-token fractions to time')
     parser.add_argument('--unfused', action='store_true', help='also time the unfused projections, interleaved')
+    parser.add_argument('--compile', action='store_true', help='also time compiled layers, interleaved')
+    parser.add_argument('--bucket', type=int, default=32, help='token-count bucket of the compiled layers')
+    parser.add_argument('--head-dim', type=int, default=64, help='attention head dimension')
+    parser.add_argument('--mlp-ratio', type=float, default=4.0, help='MLP width / decoder width')
     parser.add_argument('--clock', choices=('wall', 'cpu'), default='wall',
                         help="'wall' time, or the process's 'cpu' time (steadier on a loaded machine, 1 thread)")
     args = parser.parse_args()
@@ -58,14 +64,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.hidden * 4, num_hidden_layers=args.layers,
-                         num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64, vocab_size=8,
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=round(args.hidden * args.mlp_ratio),
+                         num_hidden_layers=args.layers,
+                         num_attention_heads=args.hidden // args.head_dim,
+                         num_key_value_heads=args.hidden // args.head_dim, vocab_size=8,
                          max_position_embeddings=1024)
     config._attn_implementation = 'sdpa'
     decoder = LlamaModel(config).eval()
     runners = {'': PrunableDecoderRunner(decoder)}
     if args.unfused:
         runners[' unfused'] = PrunableDecoderRunner(decoder, fuse_projections=False)
+    if args.compile:
+        runners[' compiled'] = PrunableDecoderRunner(decoder, compile_layers=True, bucket=args.bucket)
     layout = oft_layout()
     x = torch.randn(1, layout.num_tokens, args.hidden)
     generator = torch.Generator().manual_seed(0)

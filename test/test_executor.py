@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaModel
 
-from specprune_ros.core.executor import PlanError, PrunableDecoderRunner
+from specprune_ros.core.executor import PlanError, PrunableDecoderRunner, _compiled_layer
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
 from specprune_ros.core.flops import decoder_flops
 from specprune_ros.core.masks import attention_mask
@@ -224,3 +224,35 @@ def test_fused_projections_equal_the_layers_own_and_follow_weight_changes():
     out = fused(x, layout, plan).hidden.sum()
     out.backward()
     assert decoder.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize('causal', [False, True])
+def test_compiled_layers_with_padded_buckets_match_the_reference(causal):
+    # every kept set here (50, 38 and 27 tokens) pads to one 64-token bucket: one compilation per layout
+    decoder = make_decoder(attn='eager')
+    layout = make_layout(causal)
+    x = torch.randn(1, N, HIDDEN)
+    generator = torch.Generator().manual_seed(3)
+    first = torch.randperm(32, generator=generator)[:20].sort().values
+    second = first[torch.randperm(20, generator=generator)[:9]].sort().values
+    method = FixedKeepSchedule(keep_after={0: first, 2: second}, attention=[AttentionRequest(1, 'text')])
+    runner = PrunableDecoderRunner(decoder, compile_layers=True, bucket=64)
+
+    def compiled_calls() -> int:
+        info = _compiled_layer.cache_info()
+        return info.hits + info.misses
+
+    before = compiled_calls()
+    with torch.no_grad():
+        result = runner(x, layout, method)
+        assert compiled_calls() == before + LAYERS              # every layer went through the compiled graph
+        eager = PrunableDecoderRunner(decoder)(x, layout, method)
+        expected, expected_kept = reference_forward(decoder, x, layout, {1: first, 3: second})
+    assert torch.equal(result.kept, expected_kept)
+    assert (result.hidden - expected).abs().max().item() <= 1e-5
+    keys, weights = result.record.attention[1]['text']
+    assert torch.equal(keys, eager.record.attention[1]['text'][0])
+    assert (weights - eager.record.attention[1]['text'][1]).abs().max().item() <= 1e-6
+    # padding tokens never reach the output, the kept-token records or the FLOPs
+    assert [len(k) for k in result.record.kept_per_layer] == [N, 38, 38, 27]
+    assert result.record.flops == eager.record.flops

@@ -29,7 +29,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.activations import SiLUActivation
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from specprune_ros.core.flops import decoder_flops
 from specprune_ros.core.masks import additive_mask, attention_mask
@@ -94,7 +95,7 @@ class PrunableDecoderRunner(nn.Module):
     """Layer-by-layer execution of a transformers Llama-family decoder with visual-token pruning."""
 
     def __init__(self, decoder: nn.Module, fuse_projections: Optional[bool] = None,
-                 validate_on_host: Optional[bool] = None) -> None:
+                 validate_on_host: Optional[bool] = None, compile_layers: bool = False, bucket: int = 32) -> None:
         """``decoder``: a transformers ``LlamaModel``-like module with ``layers``, ``rotary_emb`` and ``norm``.
 
         ``fuse_projections``: without autograd, run each layer's query/key/value projections as one matrix
@@ -107,6 +108,14 @@ class PrunableDecoderRunner(nn.Module):
         ``validate_on_host``: check each keep set on the host, with a message per fault (the default on the CPU), or
         on the device with one asynchronous assert that never waits for it (False; the default on accelerators,
         where a host check would stall the step).
+
+        ``compile_layers``: run each layer's arithmetic as one ``torch.compile`` (inductor) graph, with the number
+        of tokens rounded up to a multiple of ``bucket`` (the padding tokens are masked out of attention and dropped
+        after the layer) so that the few shapes a method produces repeat. Every new shape compiles once per process
+        (tens of seconds on a CPU); the numbers differ from the eager layers in the last bits (fused reductions).
+        Applies to plain Llama layers without autograd in passes that neither store, reuse nor return keys/values;
+        other passes run eagerly. Off by default: on the CPU it took 5-12% off the layers at exact token counts,
+        but padding to 32-token buckets gave that back at pruned counts (``docs/benchmarks.md``).
         """
         super().__init__()
         self.decoder = decoder
@@ -117,6 +126,8 @@ class PrunableDecoderRunner(nn.Module):
         self.fuse_projections = fuse_projections
         self.validate_on_host = validate_on_host
         self._fused: dict[int, _FusedProjections] = {}
+        self.compile_layers = compile_layers
+        self.bucket = max(1, int(bucket))
 
     def forward(self, embeddings: torch.Tensor, layout: TokenLayout, method: Optional[PruningMethod] = None,
                 context: Optional[StepContext] = None, return_cache: bool = False) -> RunResult:
@@ -153,11 +164,12 @@ class PrunableDecoderRunner(nn.Module):
         cache = DecoderCache(last_position=layout.num_tokens - 1) if return_cache else None
 
         hidden = embeddings[:, kept]
+        bucket = self.bucket if self._compiles(plan, reused, return_cache) else None
         kept_per_layer: list[torch.Tensor] = []
         n_keys: list[int] = []
         lazy: dict[int, tuple[torch.Tensor, LazyAttention]] = {}
         probes = _ProbeBatch()
-        tokens = _KeptTokens(self.decoder.rotary_emb, kept, reused, layout, roles, hidden)
+        tokens = _KeptTokens(self.decoder.rotary_emb, kept, reused, layout, roles, hidden, bucket)
         for index, layer in enumerate(self.decoder.layers):
             kept_per_layer.append(tokens.kept)
             n_keys.append(tokens.num_keys)
@@ -175,7 +187,8 @@ class PrunableDecoderRunner(nn.Module):
                                                 None if on_host else non_visual)
                     if len(new_kept) != len(tokens.kept):
                         hidden = hidden[:, torch.searchsorted(tokens.kept, new_kept)]
-                        tokens = _KeptTokens(self.decoder.rotary_emb, new_kept, reused, layout, roles, hidden)
+                        tokens = _KeptTokens(self.decoder.rotary_emb, new_kept, reused, layout, roles, hidden,
+                                             bucket)
         probes.resolve()
         attention = {index: {name: (key_indices, summaries[name]) for name in summaries}
                      for index, (key_indices, summaries) in lazy.items()}
@@ -224,7 +237,7 @@ class PrunableDecoderRunner(nn.Module):
         batch, t, _ = hidden.shape
         summaries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         counts: list[int] = []
-        cos, sin = self.decoder.rotary_emb(hidden, positions.view(1, -1))
+        rope = _Rotary(self.decoder.rotary_emb, hidden, positions)
         # every cached key precedes the new tokens; only the new tokens among themselves need a causal mask
         new_mask = attention_mask(positions, positions, causal=True) if t > 1 else None
         for index, layer in enumerate(self.decoder.layers):
@@ -239,7 +252,7 @@ class PrunableDecoderRunner(nn.Module):
             if new_mask is not None:
                 held = cache.keys[index].shape[2]
                 mask = torch.cat([new_mask.new_ones(1, 1, t, held), new_mask], dim=-1)
-            hidden, q, keys = self._block(layer, hidden, cos, sin, mask, extend, self._fusion(index))
+            hidden, q, keys = self._block(layer, hidden, rope, mask, False, extend, self._fusion(index))
             counts.append(keys.shape[2])
             if index in wanted:
                 rows = torch.arange(t, device=hidden.device)
@@ -353,11 +366,39 @@ class PrunableDecoderRunner(nn.Module):
                 cache.positions.append(tokens.key_indices)
             return k, v
 
-        hidden, q, k = self._block(layer, hidden, tokens.cos, tokens.sin, tokens.mask, extend, self._fusion(index))
+        if tokens.padded is not None:
+            hidden, q, k = self._compiled_block(layer, hidden, tokens.padded, self._fusion(index))
+        else:
+            hidden, q, k = self._block(layer, hidden, tokens.rope, tokens.mask, tokens.causal, extend,
+                                       self._fusion(index))
         summaries = LazyAttention(probes)
         for request in requests:
             summaries.add(request.key, q, k, tokens.query_rows(request.rows), tokens.mask, layer.self_attn.scaling)
         return hidden, summaries
+
+    def _compiles(self, plan: StepPlan, reused: Optional[torch.Tensor], return_cache: bool) -> bool:
+        """Whether this pass runs its layers compiled (``compile_layers``, and nothing the graph leaves out)."""
+        if not self.compile_layers or torch.is_grad_enabled() or return_cache or reused is not None:
+            return False
+        if plan.kv_store is not None:
+            return False
+        return all(self._fusion(i) is not None and _compilable(layer) for i, layer in enumerate(self.decoder.layers))
+
+    @staticmethod
+    def _compiled_block(layer: nn.Module, hidden: torch.Tensor, padded: '_Padded', fused: '_FusedProjections'
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_block` as a compiled graph over the tokens padded to their bucket; padding dropped after it."""
+        attn, mlp = layer.self_attn, layer.mlp
+        n = hidden.shape[1]
+        x = F.pad(hidden, (0, 0, 0, padded.size - n)) if padded.size > n else hidden
+        head_dim = attn.head_dim
+        out, q, k = _compiled_layer()(
+            x, padded.rope._cos, padded.rope._sin, padded.mask, padded.causal, fused.qkv_weight, fused.qkv_bias,
+            attn.o_proj.weight, attn.o_proj.bias, fused.gate_up_weight, fused.gate_up_bias, mlp.down_proj.weight,
+            mlp.down_proj.bias, layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+            layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon,
+            fused.qkv_sizes[0] // head_dim, fused.qkv_sizes[1] // head_dim, head_dim, attn.scaling)
+        return out[:, :n], q[:, :, :n], k[:, :, :n]
 
     def _fusion(self, index: int) -> Optional['_FusedProjections']:
         """Layer ``index``'s fused projections, or None where the layer's own modules must run.
@@ -379,36 +420,50 @@ class PrunableDecoderRunner(nn.Module):
         return fused
 
     @staticmethod
-    def _block(layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               mask: Optional[torch.Tensor], extend_kv, fused: Optional['_FusedProjections'] = None
+    def _block(layer: nn.Module, hidden: torch.Tensor, rope: '_Rotary', mask: Optional[torch.Tensor], causal: bool,
+               extend_kv, fused: Optional['_FusedProjections'] = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The decoder layer itself: norm, projections, RoPE, fused SDPA attention, output projection, MLP.
 
-        ``extend_kv(k, v) -> (keys, values)`` turns this pass's keys/values into the ones attended to (stores them,
-        adds reused or cached ones). Returns the layer output, the queries and the keys (for attention probes).
+        ``mask``: boolean SDPA mask or None; ``causal``: let SDPA apply a plain lower-triangular mask itself (queries
+        and keys are the same tokens in the same order; ``mask`` is then ignored). ``extend_kv(k, v) -> (keys,
+        values)`` turns this pass's keys/values into the ones attended to (stores them, adds reused or cached ones).
+        Returns the layer output, the queries and the keys (for attention probes).
+
+        With ``fused`` projections (no autograd) the layer runs with fewer, larger operations that give the same
+        numbers: one product for query/key/value and RoPE over the queries and keys at once, one product for
+        gate/up, RMS norms in one call and the residual sums written into the products' outputs.
         """
         attn = layer.self_attn
         batch, n, _ = hidden.shape
         head_dim = attn.head_dim
-        x = layer.input_layernorm(hidden)
         if fused is None:
+            x = layer.input_layernorm(hidden)
             q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            q = q.view(batch, n, -1, head_dim).transpose(1, 2)
+            k = k.view(batch, n, -1, head_dim).transpose(1, 2)
+            v = v.view(batch, n, -1, head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, rope.cos, rope.sin)
         else:
-            q, k, v = F.linear(x, fused.qkv_weight, fused.qkv_bias).split(fused.qkv_sizes, dim=-1)
-        q = q.view(batch, n, -1, head_dim).transpose(1, 2)
-        k = k.view(batch, n, -1, head_dim).transpose(1, 2)
-        v = v.view(batch, n, -1, head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            x = _rms_norm(layer.input_layernorm, hidden)
+            qkv = F.linear(x, fused.qkv_weight, fused.qkv_bias).view(batch, n, -1, head_dim)
+            heads, kv_heads = fused.qkv_sizes[0] // head_dim, fused.qkv_sizes[1] // head_dim
+            qk = rope.apply(qkv[:, :, :heads + kv_heads].transpose(1, 2))
+            q, k = qk[:, :heads], qk[:, heads:]
+            v = qkv[:, :, heads + kv_heads:].transpose(1, 2)
         k, v = extend_kv(k, v)
         groups = q.shape[1] // k.shape[1]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=groups > 1)
-        hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
-        x = layer.post_attention_layernorm(hidden)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
+                                             scale=attn.scaling, enable_gqa=groups > 1)
+        out = attn.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
         if fused is None:
-            return hidden + layer.mlp(x), q, k
+            hidden = hidden + out
+            return hidden + layer.mlp(layer.post_attention_layernorm(hidden)), q, k
+        hidden = out.add_(hidden)
         mlp = layer.mlp
-        gate, up = F.linear(x, fused.gate_up_weight, fused.gate_up_bias).chunk(2, dim=-1)
-        return hidden + mlp.down_proj(mlp.act_fn(gate) * up), q, k
+        gate, up = F.linear(_rms_norm(layer.post_attention_layernorm, hidden), fused.gate_up_weight,
+                            fused.gate_up_bias).chunk(2, dim=-1)
+        return mlp.down_proj(mlp.act_fn(gate).mul_(up)).add_(hidden), q, k
 
     @staticmethod
     def _store_kv(store: KVStore, index: int, kept: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -444,15 +499,19 @@ class _KeptTokens:
     """
 
     def __init__(self, rotary_emb: nn.Module, kept: torch.Tensor, reused: Optional[torch.Tensor],
-                 layout: TokenLayout, roles: torch.Tensor, like: torch.Tensor) -> None:
+                 layout: TokenLayout, roles: torch.Tensor, like: torch.Tensor, bucket: Optional[int] = None) -> None:
         self.kept = kept
         self.reused = reused
         self.layout = layout
         self.roles = roles
         self.key_indices = kept if reused is None else torch.cat([kept, reused])
         self.num_keys = len(self.key_indices)
-        self.cos, self.sin = rotary_emb(like, kept.view(1, -1))
+        self.rope = _Rotary(rotary_emb, like, kept)
         self.mask = attention_mask(kept, self.key_indices, layout.causal)
+        # queries and keys are the same sorted tokens: the mask is lower-triangular, which SDPA applies itself
+        self.causal = layout.causal and reused is None
+        # compiled layers: the kept set padded to a multiple of ``bucket`` tokens (no reused keys then)
+        self.padded = None if bucket is None else _Padded(rotary_emb, kept, layout.causal, like, bucket)
         self._rows: dict[str, torch.Tensor] = {}
 
     def query_rows(self, rows: str) -> torch.Tensor:
@@ -490,6 +549,93 @@ class _KeptTokens:
             return index + (end - start) * (index >= first_action)
         raise PlanError(f"unknown query rows {rows!r}; use 'text', 'action', 'text_action', 'prefill', 'last' "
                         "or 'all'")
+
+
+class _Rotary:
+    """RoPE tables of one set of positions, and RoPE applied with them.
+
+    ``cos`` / ``sin``: the rotary embedding's (1, n, head_dim) tables. :meth:`apply` rotates queries and keys in
+    one pass with the sine's first half negated in advance, so rotating needs no negation: the same numbers as
+    transformers' ``apply_rotary_pos_emb`` (a sign flip is exact), with fewer operations.
+    """
+
+    def __init__(self, rotary_emb: nn.Module, like: torch.Tensor, positions: torch.Tensor) -> None:
+        self.cos, self.sin = rotary_emb(like, positions.view(1, -1))
+        half = self.sin.shape[-1] // 2
+        self._cos = self.cos.unsqueeze(1)
+        self._sin = torch.cat([-self.sin[..., :half], self.sin[..., half:]], dim=-1).unsqueeze(1)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, heads, n, head_dim) rotated to its positions."""
+        half = x.shape[-1] // 2
+        swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1).mul_(self._sin)
+        return (x * self._cos).add_(swapped)
+
+
+class _Padded:
+    """A kept set padded at its end to a multiple of ``bucket`` tokens, for the compiled layers.
+
+    Padding tokens sit after every kept token at the last kept position; the mask hides them as keys (with a causal
+    layout, the lower-triangular mask already does).
+    """
+
+    def __init__(self, rotary_emb: nn.Module, kept: torch.Tensor, causal: bool, like: torch.Tensor,
+                 bucket: int) -> None:
+        n = len(kept)
+        self.size = -(-n // bucket) * bucket
+        positions = torch.cat([kept, kept[-1:].expand(self.size - n)]) if self.size > n else kept
+        self.rope = _Rotary(rotary_emb, like, positions)
+        self.causal = causal
+        self.mask = None
+        if not causal and self.size > n:
+            self.mask = (torch.arange(self.size, device=kept.device) < n).view(1, 1, 1, -1)
+
+
+def _compilable(layer: nn.Module) -> bool:
+    """Whether a layer is the plain Llama layer the compiled graph reproduces."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return (type(layer.input_layernorm) is LlamaRMSNorm and type(layer.post_attention_layernorm) is LlamaRMSNorm
+            and type(attn.o_proj) is nn.Linear and type(getattr(mlp, 'down_proj', None)) is nn.Linear
+            and type(getattr(mlp, 'act_fn', None)) in (nn.SiLU, SiLUActivation))
+
+
+def _layer_arithmetic(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor],
+                      causal: bool, qkv_weight: torch.Tensor, qkv_bias: Optional[torch.Tensor], o_weight: torch.Tensor,
+                      o_bias: Optional[torch.Tensor], gate_up_weight: torch.Tensor,
+                      gate_up_bias: Optional[torch.Tensor], down_weight: torch.Tensor,
+                      down_bias: Optional[torch.Tensor], norm_weight: torch.Tensor, post_norm_weight: torch.Tensor,
+                      eps: float, post_eps: float, heads: int, kv_heads: int, head_dim: int, scaling: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One Llama layer as pure tensor arithmetic (what ``compile_layers`` compiles): output, queries, keys."""
+    batch, n, _ = hidden.shape
+    x = F.rms_norm(hidden, norm_weight.shape, norm_weight, eps)
+    qkv = F.linear(x, qkv_weight, qkv_bias).view(batch, n, -1, head_dim)
+    qk = qkv[:, :, :heads + kv_heads].transpose(1, 2)
+    half = head_dim // 2
+    qk = qk * cos + torch.cat([qk[..., half:], qk[..., :half]], dim=-1) * sin
+    q, k = qk[:, :heads], qk[:, heads:]
+    v = qkv[:, :, heads + kv_heads:].transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scaling,
+                                         enable_gqa=heads != kv_heads)
+    hidden = hidden + F.linear(out.transpose(1, 2).reshape(batch, n, -1), o_weight, o_bias)
+    gate, up = F.linear(F.rms_norm(hidden, post_norm_weight.shape, post_norm_weight, post_eps), gate_up_weight,
+                        gate_up_bias).chunk(2, dim=-1)
+    return hidden + F.linear(F.silu(gate) * up, down_weight, down_bias), q, k
+
+
+@functools.cache
+def _compiled_layer():
+    """``_layer_arithmetic`` compiled once per process (one graph per shape; every layer shares it)."""
+    # one recompilation per bucket (and per kept-set kind): allow more than dynamo's default of 8
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(_layer_arithmetic, dynamic=False, fullgraph=True)
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A Llama RMS norm in one call where that gives its numbers (fp32); the module itself otherwise."""
+    if type(norm) is LlamaRMSNorm and x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+    return norm(x)
 
 
 @dataclass
