@@ -456,7 +456,8 @@ def vla_pruner_runners(process: VLAPrunerProcess, adapter: Any, frames: list, fe
     for mode in ('unpruned', 'pruned'):
         def step(i: int, mode: str = mode) -> dict:
             reply = process.call(cmd='step', mode=mode, frame=i, unnorm_key=unnorm_key)
-            return {'ms': reply['ms'], 'actions': np.asarray(reply['actions']), 'kept_visual': reply['kept_visual']}
+            return {'ms': reply['ms'], 'actions': np.asarray(reply['actions']), 'kept_visual': reply['kept_visual'],
+                    'parts_ms': reply['parts_ms']}
 
         label = 'VLA-Pruner code, ' + ('25% kept' if mode == 'pruned' else 'unpruned')
         runners.append(Runner(label, 'theirs', mode == 'pruned', step,
@@ -577,7 +578,12 @@ def measure_vla_pruner(checkout: Path, args: argparse.Namespace, frames: list, l
     diff = agreement(theirs_un, ours_un, 'actions')
     checks = {'unpruned_max_abs_diff_actions': diff, 'action_range_min': float(scale.min()),
               'tolerance': AGREEMENT_TOL * float(scale.max()), 'agree': diff <= AGREEMENT_TOL * float(scale.max())}
+    timed = [i for i in theirs_pr.outputs if frames[i].episode_step >= args.warmup]
+    parts = {f'{runner.label}': {part: float(np.median([runner.outputs[i]['parts_ms'].get(part, 0.0) for i in timed]))
+                                 for part in ('attention_extraction', 'causal_mask')}
+             for runner in (theirs_un, theirs_pr)}
     return {'shape': shape.label, 'layout': 'OpenVLA: BOS, 256 patches, prompt; prefill + 6 decode steps',
+            'peer_parts_median_ms': parts,
             'rows': rows_for(runners, 'vla_pruner'), 'agreement': checks,
             'peer_process': {k: info[k] for k in ('transformers', 'attn_implementation')},
             'ratios': [ratio_row(ours_pr, theirs_pr, TARGETS['vla_pruner'], 'vla_pruner 25%'),
@@ -619,6 +625,9 @@ def markdown(report: dict) -> str:
         diff = a.get('unpruned_max_abs_diff_normalized', a.get('unpruned_max_abs_diff_actions'))
         lines += ['', f'Unpruned outputs agree: {"yes" if a["agree"] else "NO"} (max |difference| {diff:.2e}, '
                       f'tolerance {a["tolerance"]:.1e}).']
+        for label, parts in part.get('peer_parts_median_ms', {}).items():
+            lines.append(f'{label}: median {parts["attention_extraction"]:.1f} ms extracting action-modality '
+                         f'attentions after generation, {parts["causal_mask"]:.1f} ms building causal masks.')
         if 'defects' in part:
             d = part['defects']
             lines.append('Its layer-1 top-K picks that are the true top-K of its own scores (mean over '

@@ -106,11 +106,31 @@ class SavedFeatures:
         return SavedFeatureBackbone
 
 
+class PartClock:
+    """Seconds spent inside some of VLA-Pruner's own functions during one step (wrapped, not changed)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, owner: Any, attribute: str, part: str) -> None:
+        inner = getattr(owner, attribute)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
+
+        setattr(owner, attribute, timed)
+
+
 class Worker:
     def __init__(self) -> None:
         self.vla = None
         self.inputs: dict = {}
         self.state: dict[str, dict] = {}
+        self.clock = PartClock()
 
     def load(self, request: dict) -> dict:
         import torch
@@ -145,6 +165,9 @@ class Worker:
         vla.use_prefil_attention = False
         vla.use_temporal = True
         vla.av_decay = 0.8
+        # its attention extraction after generation and its causal-mask builder (every forward call)
+        self.clock.wrap(vla, '_extract_action_modality_attentions', 'attention_extraction')
+        self.clock.wrap(vla.language_model.model, '_update_causal_mask', 'causal_mask')
         self.vla = vla
         self.state = {mode: {'av_hist': deque(maxlen=3), 'step': None} for mode in ('unpruned', 'pruned')}
         return {'transformers': sys.modules['transformers'].__version__,
@@ -171,6 +194,7 @@ class Worker:
         for holder in (lm, lm.model):          # one mode's pruning record must not leak into the other's call
             if hasattr(holder, 'pruning_info'):
                 holder.pruning_info = None
+        self.clock.seconds = {}
         start = time.perf_counter()
         with torch.inference_mode():
             actions, caches = vla.predict_action(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
@@ -187,7 +211,8 @@ class Worker:
             after = int(((keep >= 1) & (keep < 1 + patches)).sum())
             kept = (first * patches + (layers - first) * after) / layers
         return {'ms': 1000 * elapsed, 'actions': [float(a) for a in actions.reshape(-1)], 'kept_visual': kept,
-                'pruning_layer': None if info is None else info.get('pruning_layer')}
+                'pruning_layer': None if info is None else info.get('pruning_layer'),
+                'parts_ms': {k: 1000 * v for k, v in self.clock.seconds.items()}}
 
 
 def main() -> None:
