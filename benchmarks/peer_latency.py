@@ -57,7 +57,6 @@ import importlib.util
 import io
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -489,8 +488,8 @@ def run_rotation(runners: list[Runner], frames: list, warmup: int, log: Callable
                 if out.get('kept_visual') is not None:
                     runner.kept.append(float(out['kept_visual']))
         timed = 'timed' if frame.episode_step >= warmup else 'warm-up'
-        log(f'  frame {i + 1}/{len(frames)} ({timed}): ' + ', '.join(f'{r.label} {r.outputs[i]["ms"]:.0f}'
-                                                                      for r in runners))
+        times = ', '.join(f'{r.label} {r.outputs[i]["ms"]:.0f}' for r in runners)
+        log(f'  frame {i + 1}/{len(frames)} ({timed}): {times}')
 
 
 def stats(values: list[float]) -> dict:
@@ -607,7 +606,8 @@ def markdown(report: dict) -> str:
     for part in report['parts']:
         name = 'SpecPrune-VLA' if part['name'] == 'specprune' else 'VLA-Pruner'
         lines += [f'## {name}: {part["shape"]} ({part["layout"]})', '', f'Peer commit: {part["peer_commit"]}', '',
-                  '| configuration | step ms (p10-p90) | speedup over own unpruned (95% CI) | visual tokens per layer |',
+                  '| configuration | step ms (p10-p90) | speedup over own unpruned (95% CI) '
+                  '| visual tokens per layer |',
                   '|---|---|---|---|']
         for row in part['rows']:
             lo, hi = row['speedup_ci95']
@@ -630,11 +630,11 @@ def markdown(report: dict) -> str:
                          f'attentions after generation, {parts["causal_mask"]:.1f} ms building causal masks.')
         if 'defects' in part:
             d = part['defects']
+            primary, wrist = d['layer1_topk']['primary'], d['layer1_topk']['wrist']
             lines.append('Its layer-1 top-K picks that are the true top-K of its own scores (mean over '
-                         f'{d["layer1_topk"]["primary"]["steps"]} steps): primary '
-                         f'{d["layer1_topk"]["primary"]["picks_in_true_topk_mean"]:.1f} of '
-                         f'{d["layer1_topk"]["primary"]["k"]}, wrist {d["layer1_topk"]["wrist"]["picks_in_true_topk_mean"]:.1f}'
-                         f' of {d["layer1_topk"]["wrist"]["k"]}. Its action window against upstream OFT\'s: '
+                         f'{primary["steps"]} steps): primary {primary["picks_in_true_topk_mean"]:.1f} of '
+                         f'{primary["k"]}, wrist {wrist["picks_in_true_topk_mean"]:.1f} of {wrist["k"]}. '
+                         'Its action window against upstream OFT\'s: '
                          f'max |normalised action difference| {d["action_window_shift_max_abs_normalized"]:.3f}.')
         lines.append('')
     return '\n'.join(lines)
@@ -654,8 +654,12 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     parser.add_argument('--only', choices=('specprune', 'vla_pruner'), default=None)
     parser.add_argument('--out', type=Path, default=None, help='write peer_latency.json / .md there')
     parser.add_argument('--quiet', action='store_true')
+    parser.add_argument('--combine', type=Path, nargs='+', default=None, metavar='JSON',
+                        help='merge reports of separate --only runs into one (written to --out) and exit')
     args = parser.parse_args(argv)
     log = (lambda text: None) if args.quiet else (lambda text: print(text, flush=True))
+    if args.combine:
+        return write_report(combine([json.loads(path.read_text()) for path in args.combine]), args.out)
 
     found, missing = peer_checkouts()
     if args.only:
@@ -684,13 +688,27 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
                        'runtime_s': round(time.perf_counter() - started, 1),
                        'excluded': 'the ViTs (every side gets the same saved patch features)'},
               'parts': parts, 'rows': [row for part in parts for row in part['rows']]}
+    return write_report(report, args.out)
+
+
+def combine(reports: list[dict]) -> dict:
+    """One report from several (e.g. the two peers measured by separate ``--only`` runs)."""
+    meta = dict(reports[0]['meta'])
+    for key in ('command', 'commit', 'date', 'runtime_s'):
+        values = [str(r['meta'][key]) for r in reports]
+        meta[key] = values[0] if len(set(values)) == 1 else '; '.join(values)
+    parts = [part for r in reports for part in r['parts']]
+    return {'meta': meta, 'parts': parts, 'rows': [row for part in parts for row in part['rows']]}
+
+
+def write_report(report: dict, out: Optional[Path]) -> dict:
     text = markdown(report)
     print(text)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / 'peer_latency.json').write_text(json.dumps(report, indent=1, default=float) + '\n')
-        (args.out / 'peer_latency.md').write_text(text + '\n')
-        print(f'wrote {args.out / "peer_latency.json"} and {args.out / "peer_latency.md"}')
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / 'peer_latency.json').write_text(json.dumps(report, indent=1, default=float) + '\n')
+        (out / 'peer_latency.md').write_text(text + '\n')
+        print(f'wrote {out / "peer_latency.json"} and {out / "peer_latency.md"}')
     return report
 
 
