@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,6 @@ def test_without_checkouts_it_names_what_is_missing_and_measures_nothing(tmp_pat
 
 def test_block_view_stand_in_matches_the_patch_grid():
     """SpecPrune-VLA's similarity code cuts 224 px frames into 14 px patches through this stand-in."""
-    import numpy as np
     benchmark = load_benchmark()
     image = np.arange(28 * 42 * 3).reshape(28, 42, 3)
     blocks = benchmark._view_as_blocks(image, (14, 14, 3))
