@@ -602,7 +602,14 @@ def markdown(report: dict) -> str:
              f'Command: `{meta["command"]}`  ', f'Commit: {meta["commit"]}, {meta["date"]}  ',
              f'Device: {meta["device"]}, float32, torch {meta["torch"]}; {meta["frames"]} frames, '
              f'{meta["timed_steps"]} timed per configuration (warm-up {meta["warmup"]} policy steps per episode)  ',
-             'Step time excludes the ViTs (same saved patch features on every side); medians with p10-p90 in ms.', '']
+             'Step time excludes the ViTs (same saved patch features on every side); medians with p10-p90 in ms.']
+    if meta.get('load_average_at_end'):
+        busy = max(meta['load_average_at_end']) > (meta.get('cores') or 1)
+        lines.append(f'Machine load (1 / 5 / 15 min) at the end: {meta["load_average_at_end"]} on {meta["cores"]} '
+                     f'cores{": busier than its cores, the times spread and ratios are rough" if busy else ""}.')
+    if meta.get('note'):
+        lines.append(f'Note: {meta["note"]}')
+    lines.append('')
     for part in report['parts']:
         name = 'SpecPrune-VLA' if part['name'] == 'specprune' else 'VLA-Pruner'
         lines += [f'## {name}: {part["shape"]} ({part["layout"]})', '', f'Peer commit: {part["peer_commit"]}', '',
@@ -656,10 +663,14 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     parser.add_argument('--quiet', action='store_true')
     parser.add_argument('--combine', type=Path, nargs='+', default=None, metavar='JSON',
                         help='merge reports of separate --only runs into one (written to --out) and exit')
+    parser.add_argument('--note', default=None, help='a line for the report (e.g. the machine\'s state)')
     args = parser.parse_args(argv)
     log = (lambda text: None) if args.quiet else (lambda text: print(text, flush=True))
     if args.combine:
-        return write_report(combine([json.loads(path.read_text()) for path in args.combine]), args.out)
+        report = combine([json.loads(path.read_text()) for path in args.combine])
+        if args.note:
+            report['meta']['note'] = args.note
+        return write_report(report, args.out)
 
     found, missing = peer_checkouts()
     if args.only:
@@ -686,8 +697,11 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
                        'threads': args.threads, 'frames': len(frames), 'warmup': args.warmup,
                        'timed_steps': sum(f.episode_step >= args.warmup for f in frames),
                        'runtime_s': round(time.perf_counter() - started, 1),
+                       'load_average_at_end': [round(x, 1) for x in os.getloadavg()], 'cores': os.cpu_count(),
                        'excluded': 'the ViTs (every side gets the same saved patch features)'},
               'parts': parts, 'rows': [row for part in parts for row in part['rows']]}
+    if args.note:
+        report['meta']['note'] = args.note
     return write_report(report, args.out)
 
 
