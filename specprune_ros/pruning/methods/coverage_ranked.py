@@ -48,7 +48,7 @@ from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
 from specprune_ros.pruning.budget_knob import BudgetKnob
 from specprune_ros.pruning.scoring import budget_count, positions_to_sequence, to_device
 
-COVERED_BONUS = 2.0        # added to the rank score (in [0, 1]) of the patches the coverage quota keeps
+COVERED_BONUS = 100.0      # added to the score (rank in [0, 1] + noise <= explore) of the patches the quota keeps
 TIE_BREAK = 1e-4           # amplitude of the seeded random tie-break (below the rank spacing of a 12 x 12 grid)
 
 
@@ -60,22 +60,24 @@ def _paper_controller() -> ControllerConfig:
 class CoverageRankedConfig(BaseConfig):
     """Knobs of ``coverage_ranked`` (what each idea is and where it comes from: the module docstring)."""
 
-    keep_ratio: float = 0.25               # patches kept per camera in coarse mode (the budget knob)
+    keep_ratio: float = 0.25               # patches per camera from layer refine_layer + 1 on, coarse mode (the
+    # budget knob)
     fine_keep_ratio: float = 0.3           # ... in fine mode (approaching, grasping, placing)
-    use_controller: bool = True            # False: always keep_ratio
+    early_keep_ratio: float = 0.0          # patches per camera through layers 0..refine_layer (coarse mode; fine
+    # mode scales it as the final budget); <= keep_ratio (default): one stage, before layer 0
+    refine_layer: int = 1                  # the early layer whose instruction attention refines the selection
+    use_controller: bool = True            # False: always coarse mode
     controller: ControllerConfig = field(default_factory=_paper_controller)
     cells: tuple = (4, 4)                  # coarse grid per camera (rows, cols); 12 x 12 patches -> 3 x 3 per cell
-    cell_quota: int = 1                    # patches of every cell kept before the rest is filled by score
-    use_semantic: bool = True
-    semantic_rows: Literal['text', 'prefill', 'last', 'text_action'] = 'text'
-    semantic_layer: int = 1                # early layer of the semantic probe (clipped to the depth)
-    use_action: bool = True
+    cell_quota: int = 2                    # patches of every cell kept before the rest is filled by score
+    semantic_rows: Literal['text', 'prefill', 'last', 'text_action'] = 'text'   # rows of the refine-layer probe
+    use_semantic: bool = True              # remembered semantic ranks take part in the selection before layer 0
+    use_action: bool = True                # remembered action ranks take part (both stages)
     action_layer: int = -1                 # deep layer of the action-row probe
     smoothing: float = 0.5                 # weight of the newest step's ranks in the running score
     forget: float = 0.2                    # per step, a patch that was not scored relaxes this far towards prior
     prior: float = 0.5                     # score of a patch never scored (ranks run from 0 to 1)
-    first_step_layer: int = 1              # first step of an episode: select after this layer (no history yet)
-    explore: float = 0.0                   # amplitude of seeded uniform noise added to the scores (0: ties only)
+    explore: float = 1.0                   # amplitude of seeded uniform noise added to the scores (0: ties only)
 
 
 class CoverageRanked(BudgetKnob, PruningMethodBase):
@@ -85,12 +87,14 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
         cfg = config or CoverageRankedConfig()
         super().__init__(cfg, seed)
         self.config: CoverageRankedConfig
-        if not (cfg.use_semantic or cfg.use_action):
-            raise ValueError('coverage_ranked needs use_semantic or use_action')
         if not (0.0 < cfg.smoothing <= 1.0 and 0.0 <= cfg.forget <= 1.0):
             raise ValueError('coverage_ranked: smoothing must be in (0, 1], forget in [0, 1]')
         if len(cfg.cells) != 2 or min(int(c) for c in cfg.cells) < 1 or cfg.cell_quota < 0:
             raise ValueError('coverage_ranked: cells must be (rows, cols) >= 1 and cell_quota >= 0')
+        if not 0.0 <= cfg.explore <= 10.0:
+            raise ValueError('coverage_ranked: explore must be in [0, 10] (scores are ranks in [0, 1])')
+        if not 0.0 < cfg.keep_ratio <= 1.0 or cfg.fine_keep_ratio <= 0.0:
+            raise ValueError('coverage_ranked: keep_ratio must be in (0, 1], fine_keep_ratio > 0')
         self.controller = ActionController(cfg.controller)
         self.generator = torch.Generator()
         self._reset_method()
@@ -103,73 +107,68 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
         self._semantic: Optional[torch.Tensor] = None     # (cameras, patches) running scores, on the device
         self._action: Optional[torch.Tensor] = None
         self._budget = 0
-        self._select_after: Optional[int] = None
-        self._first_key = 'cr_first'
+        self._refine = False
 
-    def keep_fraction(self, mode: str) -> float:
-        """The fraction of each camera kept in controller mode ``mode`` (after the budget knob)."""
+    def keep_fraction(self, mode: str, early: bool = False) -> float:
+        """The fraction of each camera kept in controller mode ``mode`` (after the budget knob).
+
+        ``early``: through layers 0..refine_layer (at least the final fraction).
+        """
         cfg = self.config
-        fine = mode == 'fine' and cfg.use_controller
-        coarse = cfg.keep_ratio if self.budget_scale is None else self.budget_scale
-        if fine:
-            coarse *= cfg.fine_keep_ratio / cfg.keep_ratio if cfg.keep_ratio > 0 else 1.0
-        return min(1.0, coarse)
+        scale = 1.0 if self.budget_scale is None else self.budget_scale / cfg.keep_ratio
+        if mode == 'fine' and cfg.use_controller:
+            scale *= cfg.fine_keep_ratio / cfg.keep_ratio
+        final = min(1.0, cfg.keep_ratio * scale)
+        return max(final, min(1.0, cfg.early_keep_ratio * scale)) if early else final
 
-    def _semantic_layer(self) -> int:
-        layer = self.config.semantic_layer
-        return self.layer(min(layer, self.num_layers - 1) if layer >= 0 else layer)
-
-    def _first_layer(self) -> int:
-        return min(max(self.config.first_step_layer, 0), self.num_layers - 1)
+    def refine_layer(self) -> int:
+        """The layer after which the final selection is made (clipped to the depth)."""
+        layer = self.config.refine_layer
+        return self.layer(min(layer, max(self.num_layers - 2, 0)) if layer >= 0 else layer)
 
     # ------------------------------------------------------------------------------------------- hooks
 
     def _begin(self, context: StepContext) -> StepPlan:
         cfg = self.config
         layout = context.layout
+        patches = layout.patches_per_camera
         mode = self.controller.update(context.executed_actions).mode if cfg.use_controller else 'coarse'
-        fraction = self.keep_fraction(mode)
-        self._budget = budget_count(fraction, layout.patches_per_camera)
-        self._select_after = None
-        items = []
-        if cfg.use_semantic:
-            items.append((self._semantic_layer(), cfg.semantic_rows, 'cr_semantic'))
+        self._budget = budget_count(self.keep_fraction(mode), patches)
+        history = self._semantic is not None or self._action is not None
+        early = budget_count(self.keep_fraction(mode, early=True), patches) if history else patches
+        self._refine = self._budget < early
+        items = [(self.refine_layer(), cfg.semantic_rows, 'cr_semantic')]
         if cfg.use_action:
             items.append((self.layer(cfg.action_layer), 'action', 'cr_action'))
-        history = self._semantic is not None or self._action is not None
-        self.last_info.update(mode=mode, keep_fraction=round(fraction, 4), budget=self._budget * layout.num_cameras,
-                              source='history' if history else 'first step')
-        pruning = self._budget < layout.patches_per_camera
-        if pruning and not history:
-            self._select_after = self._first_layer()
-            self._first_key = 'cr_first'
-            if cfg.use_semantic and self._select_after == self._semantic_layer():
-                self._first_key = 'cr_semantic'          # the semantic probe itself sees every patch there
-            else:
-                items.append((self._select_after, cfg.semantic_rows, 'cr_first'))
+        self.last_info.update(mode=mode, budget=self._budget * layout.num_cameras,
+                              budget_early=early * layout.num_cameras, source='history' if history else 'first step')
         plan = StepPlan(attention=self.requests(*items))
-        if pruning and history:
+        if early < patches:
             device = (self._semantic if self._semantic is not None else self._action).device
-            plan.keep_before = self._select(self._score(), layout, device)
+            score = self._remembered() + self._noise(layout, device)
+            plan.keep_before = self._select(score, layout, early, device)
         return plan
 
     def _after(self, view: LayerView) -> Optional[torch.Tensor]:
-        if self._select_after is None or view.layer != self._select_after:
+        if not self._refine or view.layer != self.refine_layer():
             return None
         layout = self._layout
-        dense = self.view_scores_on_device(view, self._first_key, fill=float('-inf'))
+        dense = self.view_scores_on_device(view, 'cr_semantic', fill=float('-inf'))
         if dense is None:
-            self.last_info['error'] = 'first-step attention missing'
+            self.last_info['error'] = 'refine-layer attention missing'
             return None
-        ranks, _ = observed_ranks(dense, layout)
-        score = torch.where(torch.isnan(ranks), torch.full_like(ranks, self.config.prior), ranks)
-        return self._select(score, layout, dense.device)
+        ranks, seen = observed_ranks(dense, layout)
+        semantic = self._smoothed(self._semantic, ranks, seen)
+        score = semantic if self._action is None else torch.maximum(semantic, self._action)
+        score = score + self._noise(layout, dense.device)
+        # patches that did not run through the layer cannot be kept: they rank below every present one
+        score = torch.where(seen, score, torch.full_like(score, float('-inf')))
+        return self._select(score, layout, self._budget, dense.device)
 
     def _end(self, record: StepRecord) -> None:
         cfg = self.config
         layout = record.layout
-        if cfg.use_semantic:
-            self._semantic = self._update(self._semantic, record, self._semantic_layer(), 'cr_semantic', layout)
+        self._semantic = self._update(self._semantic, record, self.refine_layer(), 'cr_semantic', layout)
         if cfg.use_action:
             self._action = self._update(self._action, record, self.layer(cfg.action_layer), 'cr_action', layout)
 
@@ -177,36 +176,49 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
 
     def _update(self, running: Optional[torch.Tensor], record: StepRecord, layer: int, key: str,
                 layout: TokenLayout) -> Optional[torch.Tensor]:
-        """The running score after this step's probe: smoothed where scored, relaxed towards the prior elsewhere."""
+        """The running score after this step's probe."""
         dense = self.record_scores_on_device(record, layer, key, fill=float('-inf'))
         if dense is None:
             self.last_info.setdefault('missing', []).append(key)
             return running
-        cfg = self.config
         ranks, seen = observed_ranks(dense, layout)
+        return self._smoothed(running, ranks, seen)
+
+    def _smoothed(self, running: Optional[torch.Tensor], ranks: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """Smoothed where scored this step, relaxed towards the prior elsewhere."""
+        cfg = self.config
         if running is None:
             running = torch.full_like(ranks, cfg.prior)
         smoothed = (1.0 - cfg.smoothing) * running + cfg.smoothing * torch.nan_to_num(ranks)
         relaxed = (1.0 - cfg.forget) * running + cfg.forget * cfg.prior
         return torch.where(seen, smoothed, relaxed)
 
-    def _score(self) -> torch.Tensor:
-        parts = [s for s in (self._semantic, self._action) if s is not None]
+    def _remembered(self) -> torch.Tensor:
+        """The score before layer 0: the better of the remembered semantic and action ranks."""
+        cfg = self.config
+        parts = [s for s, on in ((self._semantic, cfg.use_semantic), (self._action, cfg.use_action))
+                 if s is not None and on]
+        if not parts:
+            return torch.full_like(self._semantic, cfg.prior)
         return parts[0] if len(parts) == 1 else torch.maximum(parts[0], parts[1])
 
-    def _select(self, score: torch.Tensor, layout: TokenLayout, device: torch.device) -> torch.Tensor:
+    def _noise(self, layout: TokenLayout, device: torch.device) -> torch.Tensor:
+        """Seeded uniform noise: the tie-break (and, with ``explore``, exploration) of one selection."""
+        amplitude = max(self.config.explore, TIE_BREAK)
+        draw = torch.rand(layout.num_cameras, layout.patches_per_camera, generator=self.generator)
+        return to_device(draw, device) * amplitude
+
+    def _select(self, score: torch.Tensor, layout: TokenLayout, budget: int, device: torch.device) -> torch.Tensor:
         """Sorted sequence indices: the coverage quota of every cell, then the best remaining scores, per camera."""
         cameras, patches = layout.num_cameras, layout.patches_per_camera
-        cells, slots = cell_tables(layout.grid_shape, tuple(int(c) for c in self.config.cells),
-                                   self.config.cell_quota, device)
-        amplitude = max(self.config.explore, TIE_BREAK)
-        jitter = to_device(torch.rand(cameras, patches, generator=self.generator), device) * amplitude
-        key = score.reshape(cameras, patches).to(torch.float32) + jitter
+        cells, slots, tiers = cell_tables(layout.grid_shape, tuple(int(c) for c in self.config.cells),
+                                          self.config.cell_quota, device)
+        key = score.reshape(cameras, patches).to(torch.float32)
         best_first = torch.sort(key, dim=1, descending=True, stable=True).indices
         by_cell = torch.sort(cells[best_first], dim=1, stable=True).indices    # cells in order, best patch first
         grouped = best_first.gather(1, by_cell)
-        covered = torch.zeros_like(key).scatter_(1, grouped[:, slots], COVERED_BONUS)
-        chosen = torch.sort(key + covered, dim=1, descending=True, stable=True).indices[:, :self._budget]
+        covered = torch.zeros_like(key).scatter_(1, grouped[:, slots], tiers.expand(cameras, -1).contiguous())
+        chosen = torch.sort(key + covered, dim=1, descending=True, stable=True).indices[:, :budget]
         offsets = torch.arange(cameras, device=device)[:, None] * patches
         return positions_to_sequence((chosen + offsets).flatten(), layout)
 
@@ -231,11 +243,13 @@ def observed_ranks(dense: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tens
 
 @functools.lru_cache(maxsize=32)
 def cell_tables(grid: tuple[int, int], cells: tuple[int, int], quota: int,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cell of every patch of a row-major ``grid``, the quota's slots in patches grouped by cell) on ``device``.
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cell of every patch of a row-major ``grid``, the quota's slots and their bonuses, on ``device``.
 
     A grid of ``rows x cols`` patches is split into ``cells`` (clipped to the grid) of near-equal size; the slots
-    are the first ``quota`` positions of every cell's group when patches are sorted by cell (do not modify).
+    are the first ``quota`` positions of every cell's group when patches are sorted by cell. The j-th slot of a
+    cell gets the bonus ``(quota - j) * COVERED_BONUS``, so a budget smaller than the quota covers as many cells
+    as it can: every cell's best patch before any cell's second (do not modify the tensors).
     """
     rows, cols = grid
     cell_rows, cell_cols = min(cells[0], rows), min(cells[1], cols)
@@ -244,5 +258,8 @@ def cell_tables(grid: tuple[int, int], cells: tuple[int, int], quota: int,
     cell = (r[:, None] * cell_cols + c[None, :]).flatten()
     sizes = torch.bincount(cell, minlength=cell_rows * cell_cols)
     starts = torch.cumsum(sizes, 0) - sizes
-    slots = [int(s) + j for s, n in zip(starts, sizes) for j in range(min(quota, int(n)))]
-    return cell.to(device), torch.as_tensor(slots, dtype=torch.long).to(device)
+    pairs = [(int(s) + j, (quota - j) * COVERED_BONUS) for s, n in zip(starts, sizes)
+             for j in range(min(quota, int(n)))]
+    slots = torch.as_tensor([slot for slot, _ in pairs], dtype=torch.long)
+    tiers = torch.as_tensor([bonus for _, bonus in pairs], dtype=torch.float32)
+    return cell.to(device), slots.to(device), tiers.to(device)
