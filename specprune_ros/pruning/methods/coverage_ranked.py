@@ -12,10 +12,11 @@ Per step, per camera:
 2. **Spatial coverage** (ours, from measuring this policy: a uniform random subset touches 91% of the 3 x 3-patch
    cells of an image and keeps the policy's success, attention-ranked subsets touch 61-76% and lose it; see
    ``scripts/zone_coverage.py``): the camera's patch grid is split into a coarse ``cells`` grid and the best
-   ``cell_quota`` patches of every cell are kept first, so that each region of the image keeps a patch. With no
-   ranking yet (ties) a cell's patch is drawn at random (seeded): stratified random sampling.
+   ``cell_quota`` patches of every cell are kept first (every cell's best before any cell's second), so that each
+   region of the image keeps a patch. With no ranking yet (ties) a cell's patch is drawn at random (seeded):
+   stratified random sampling.
 3. **Semantic and action scores** (VLA-Pruner's dual-level importance): the instruction's attention to each patch
-   at an early layer (``semantic_rows`` at ``semantic_layer``: what the task names) and the action queries'
+   at an early layer (``semantic_rows`` at ``refine_layer``: what the task names) and the action queries'
    attention at a deep layer (``action_layer``: where the motion goes), each turned into ranks within the patches
    that were scored and smoothed over steps by an exponential average (VLA-Pruner smooths the action score over a
    decayed window of w = 3 steps with gamma = 0.8; ``smoothing`` is the newest step's weight). The budget left
@@ -27,7 +28,16 @@ Per step, per camera:
    deep layer) over the tokens that ran, so every layer runs at the reduced count. A patch that was pruned gets
    no new score; its remembered score relaxes towards ``prior`` (``forget`` per step), so patches not seen for a
    while come back into consideration. The first step of an episode has no history: it runs every patch through
-   layers ``0..first_step_layer`` and selects after that layer from the fresh instruction attention.
+   layers ``0..refine_layer`` and selects after that layer from the fresh instruction attention.
+5. **Exploration** (ours): seeded uniform noise of amplitude ``explore`` on the ranks varies the kept set from
+   step to step. On the shipped pruning-aware checkpoint, which practised uniform random drops, the default
+   (1.0, as large as the ranks) ties with random selection; on a checkpoint that never practised drops less noise
+   is better (``docs/own_method.md``).
+
+Optional second stage (``early_keep_ratio`` > ``keep_ratio``, ours after SpecPrune's self-speculative layer-0/1
+sets): keep the larger early share before layer 0 and cut to the final budget after ``refine_layer`` with the
+pass's own instruction ranks (``early_keep_ratio`` 1.0: every patch through layers 0..refine_layer, as
+VLA-Pruner).
 
 Selection runs on the device of the attention (sorts and scatters; counts are known on the host), so a step never
 waits for the accelerator. The budget knob (``set_budget``) is the coarse-mode keep ratio; fine mode keeps
