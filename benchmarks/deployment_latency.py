@@ -71,6 +71,7 @@ METHODS: tuple[tuple[str, str, Optional[dict]], ...] = (
     ('divprune 25%', 'divprune', {'keep_ratio': 0.25}),
     ('random 25%', 'random', {'keep_ratio': 0.25}),
     ('vla_cache', 'vla_cache', None),
+    ('coverage_ranked', 'coverage_ranked', None),
 )
 # --shape name -> (kind, width or None for --width)
 SHAPES = {'oft': ('openvla-oft', None), 'openvla': ('openvla', None), 'oft-7b': ('openvla-oft', 4096),

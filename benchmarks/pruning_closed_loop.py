@@ -76,6 +76,7 @@ CONFIGS: tuple[PolicySpec, ...] = (
     PolicySpec(method='divprune', method_config={'keep_ratio': 0.25}, label='divprune 25%'),
     PolicySpec(method='random', method_config={'keep_ratio': 0.25}, label='random 25%'),
     PolicySpec(method='vla_cache', label='vla_cache'),
+    PolicySpec(method='coverage_ranked', label='coverage_ranked'),
 )
 
 

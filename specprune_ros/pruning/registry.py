@@ -12,6 +12,7 @@ raise ValueError. Names are case-insensitive and '-' equals '_'.
 | divprune | DivPrune | DivPruneConfig |
 | vla_pruner | VLAPruner | VLAPrunerConfig |
 | vla_cache | VLACache | VLACacheConfig |
+| coverage_ranked | CoverageRanked | CoverageRankedConfig |
 | specprune | SpecPrune | SpecPruneConfig (full: static + layer-level + controller) |
 | specprune_static | SpecPrune | preset: use_layer_pruning=False, use_controller=False (paper ablation "static only") |
 | specprune_static_layer | SpecPrune | preset: use_controller=False (paper ablation "+ layer-level") |
@@ -25,6 +26,7 @@ from typing import Any, Callable, Optional, Union
 
 from specprune_ros.core.step_types import PruningMethod
 from specprune_ros.pruning.base import config_from_dict
+from specprune_ros.pruning.methods.coverage_ranked import CoverageRanked, CoverageRankedConfig
 from specprune_ros.pruning.methods.divprune import DivPrune, DivPruneConfig
 from specprune_ros.pruning.methods.fastv import FastV, FastVConfig
 from specprune_ros.pruning.methods.none import NoneConfig, NoPruning
@@ -49,6 +51,9 @@ METHODS: dict[str, MethodSpec] = {
     'divprune': MethodSpec(DivPrune, DivPruneConfig, description='greedy max-min diversity before layer 0'),
     'vla_pruner': MethodSpec(VLAPruner, VLAPrunerConfig,
                              description='semantic + temporal action score, Combine-then-Filter before layer K'),
+    'coverage_ranked': MethodSpec(CoverageRanked, CoverageRankedConfig,
+                                  description='every cell of each camera covered, the rest ranked by remembered '
+                                  'semantic + action attention, before layer 0, action-aware budget'),
     'vla_cache': MethodSpec(VLACache, VLACacheConfig, description='reuse K/V of static task-irrelevant tokens'),
     'specprune': MethodSpec(SpecPrune, SpecPruneConfig, description='SpecPrune-VLA: static + layer-level + controller'),
     'specprune_static': MethodSpec(SpecPrune, SpecPruneConfig,

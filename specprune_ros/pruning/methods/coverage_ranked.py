@@ -1,0 +1,275 @@
+"""``coverage_ranked``: every region of each camera covered, the rest ranked by remembered attention.
+
+Pruned once, before layer 0, at an action-aware budget.
+
+Per step, per camera:
+
+1. **Budget from the executed motion** (SpecPrune-VLA's action-aware controller,
+   :mod:`specprune_ros.pruning.action_controller`): slow, non-lifting motion (approaching, grasping, placing) is
+   fine mode and keeps ``fine_keep_ratio`` of the camera's patches, fast or lifting motion is coarse mode and keeps
+   ``keep_ratio``. The default rule is the paper's stateless one (``controller.variant='paper'``): the public
+   code's hysteresis enters fine mode on the first slow action and rarely leaves it on this policy.
+2. **Spatial coverage** (ours, from measuring this policy: a uniform random subset touches 91% of the 3 x 3-patch
+   cells of an image and keeps the policy's success, attention-ranked subsets touch 61-76% and lose it; see
+   ``scripts/zone_coverage.py``): the camera's patch grid is split into a coarse ``cells`` grid and the best
+   ``cell_quota`` patches of every cell are kept first (every cell's best before any cell's second), so that each
+   region of the image keeps a patch. With no ranking yet (ties) a cell's patch is drawn at random (seeded):
+   stratified random sampling.
+3. **Semantic and action scores** (VLA-Pruner's dual-level importance): the instruction's attention to each patch
+   at an early layer (``semantic_rows`` at ``refine_layer``: what the task names) and the action queries'
+   attention at a deep layer (``action_layer``: where the motion goes), each turned into ranks within the patches
+   that were scored and smoothed over steps by an exponential average (VLA-Pruner smooths the action score over a
+   decayed window of w = 3 steps with gamma = 0.8; ``smoothing`` is the newest step's weight). The budget left
+   after the coverage quota goes to the patches whose better score (the maximum of the two: a union of the two
+   rankings, as VLA-Pruner's Combine step) is highest.
+4. **No extra attention pass, prune before layer 0** (ours, after FastV / VLA-Pruner prune once early and
+   SpecPrune reuses the previous step's attention for its global set): the scores come from the *previous*
+   steps' attention of two probes of a few query rows (instruction rows at one early layer, action rows at one
+   deep layer) over the tokens that ran, so every layer runs at the reduced count. A patch that was pruned gets
+   no new score; its remembered score relaxes towards ``prior`` (``forget`` per step), so patches not seen for a
+   while come back into consideration. The first step of an episode has no history: it runs every patch through
+   layers ``0..refine_layer`` and selects after that layer from the fresh instruction attention.
+5. **Exploration** (ours): seeded uniform noise of amplitude ``explore`` on the ranks varies the kept set from
+   step to step. On the shipped pruning-aware checkpoint, which practised uniform random drops, the default
+   (1.0, as large as the ranks) ties with random selection; on a checkpoint that never practised drops less noise
+   is better (``docs/own_method.md``).
+
+Optional second stage (``early_keep_ratio`` > ``keep_ratio``, ours after SpecPrune's self-speculative layer-0/1
+sets): keep the larger early share before layer 0 and cut to the final budget after ``refine_layer`` with the
+pass's own instruction ranks (``early_keep_ratio`` 1.0: every patch through layers 0..refine_layer, as
+VLA-Pruner).
+
+Selection runs on the device of the attention (sorts and scatters; counts are known on the host), so a step never
+waits for the accelerator. The budget knob (``set_budget``) is the coarse-mode keep ratio; fine mode keeps
+``fine_keep_ratio / keep_ratio`` times as much.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+
+from specprune_ros.core.step_types import LayerView, StepContext, StepPlan, StepRecord
+from specprune_ros.core.token_layout import TokenLayout
+from specprune_ros.pruning.action_controller import ActionController, ControllerConfig
+from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
+from specprune_ros.pruning.budget_knob import BudgetKnob
+from specprune_ros.pruning.scoring import budget_count, positions_to_sequence, to_device
+
+COVERED_BONUS = 100.0      # added to the score (rank in [0, 1] + noise <= explore) of the patches the quota keeps
+TIE_BREAK = 1e-4           # amplitude of the seeded random tie-break (below the rank spacing of a 12 x 12 grid)
+
+
+def _paper_controller() -> ControllerConfig:
+    return ControllerConfig(variant='paper')
+
+
+@dataclass
+class CoverageRankedConfig(BaseConfig):
+    """Knobs of ``coverage_ranked`` (what each idea is and where it comes from: the module docstring)."""
+
+    keep_ratio: float = 0.25               # patches per camera from layer refine_layer + 1 on, coarse mode (the
+    # budget knob)
+    fine_keep_ratio: float = 0.3           # ... in fine mode (approaching, grasping, placing)
+    early_keep_ratio: float = 0.0          # patches per camera through layers 0..refine_layer (coarse mode; fine
+    # mode scales it as the final budget); <= keep_ratio (default): one stage, before layer 0
+    refine_layer: int = 1                  # the early layer whose instruction attention refines the selection
+    use_controller: bool = True            # False: always coarse mode
+    controller: ControllerConfig = field(default_factory=_paper_controller)
+    cells: tuple = (4, 4)                  # coarse grid per camera (rows, cols); 12 x 12 patches -> 3 x 3 per cell
+    cell_quota: int = 2                    # patches of every cell kept before the rest is filled by score
+    semantic_rows: Literal['text', 'prefill', 'last', 'text_action'] = 'text'   # rows of the refine-layer probe
+    use_semantic: bool = True              # remembered semantic ranks take part in the selection before layer 0
+    use_action: bool = True                # remembered action ranks take part (both stages)
+    action_layer: int = -1                 # deep layer of the action-row probe
+    smoothing: float = 0.5                 # weight of the newest step's ranks in the running score
+    forget: float = 0.2                    # per step, a patch that was not scored relaxes this far towards prior
+    prior: float = 0.5                     # score of a patch never scored (ranks run from 0 to 1)
+    explore: float = 1.0                   # amplitude of seeded uniform noise added to the scores (0: ties only)
+
+
+class CoverageRanked(BudgetKnob, PruningMethodBase):
+    name = 'coverage_ranked'
+
+    def __init__(self, config: CoverageRankedConfig | None = None, seed: int = 0) -> None:
+        cfg = config or CoverageRankedConfig()
+        super().__init__(cfg, seed)
+        self.config: CoverageRankedConfig
+        if not (0.0 < cfg.smoothing <= 1.0 and 0.0 <= cfg.forget <= 1.0):
+            raise ValueError('coverage_ranked: smoothing must be in (0, 1], forget in [0, 1]')
+        if len(cfg.cells) != 2 or min(int(c) for c in cfg.cells) < 1 or cfg.cell_quota < 0:
+            raise ValueError('coverage_ranked: cells must be (rows, cols) >= 1 and cell_quota >= 0')
+        if not 0.0 <= cfg.explore <= 10.0:
+            raise ValueError('coverage_ranked: explore must be in [0, 10] (scores are ranks in [0, 1])')
+        if not 0.0 < cfg.keep_ratio <= 1.0 or cfg.fine_keep_ratio <= 0.0:
+            raise ValueError('coverage_ranked: keep_ratio must be in (0, 1], fine_keep_ratio > 0')
+        self.controller = ActionController(cfg.controller)
+        self.generator = torch.Generator()
+        self._reset_method()
+
+    # -------------------------------------------------------------------------------------------- state
+
+    def _reset_method(self) -> None:
+        self.controller.reset()
+        self.generator.manual_seed(self.seed)
+        self._semantic: Optional[torch.Tensor] = None     # (cameras, patches) running scores, on the device
+        self._action: Optional[torch.Tensor] = None
+        self._budget = 0
+        self._refine = False
+
+    def keep_fraction(self, mode: str, early: bool = False) -> float:
+        """The fraction of each camera kept in controller mode ``mode`` (after the budget knob).
+
+        ``early``: through layers 0..refine_layer (at least the final fraction).
+        """
+        cfg = self.config
+        scale = 1.0 if self.budget_scale is None else self.budget_scale / cfg.keep_ratio
+        if mode == 'fine' and cfg.use_controller:
+            scale *= cfg.fine_keep_ratio / cfg.keep_ratio
+        final = min(1.0, cfg.keep_ratio * scale)
+        return max(final, min(1.0, cfg.early_keep_ratio * scale)) if early else final
+
+    def refine_layer(self) -> int:
+        """The layer after which the final selection is made (clipped to the depth)."""
+        layer = self.config.refine_layer
+        return self.layer(min(layer, max(self.num_layers - 2, 0)) if layer >= 0 else layer)
+
+    # ------------------------------------------------------------------------------------------- hooks
+
+    def _begin(self, context: StepContext) -> StepPlan:
+        cfg = self.config
+        layout = context.layout
+        patches = layout.patches_per_camera
+        mode = self.controller.update(context.executed_actions).mode if cfg.use_controller else 'coarse'
+        self._budget = budget_count(self.keep_fraction(mode), patches)
+        history = self._semantic is not None or self._action is not None
+        early = budget_count(self.keep_fraction(mode, early=True), patches) if history else patches
+        self._refine = self._budget < early
+        items = [(self.refine_layer(), cfg.semantic_rows, 'cr_semantic')]
+        if cfg.use_action:
+            items.append((self.layer(cfg.action_layer), 'action', 'cr_action'))
+        self.last_info.update(mode=mode, budget=self._budget * layout.num_cameras,
+                              budget_early=early * layout.num_cameras, source='history' if history else 'first step')
+        plan = StepPlan(attention=self.requests(*items))
+        if early < patches:
+            device = (self._semantic if self._semantic is not None else self._action).device
+            score = self._remembered() + self._noise(layout, device)
+            plan.keep_before = self._select(score, layout, early, device)
+        return plan
+
+    def _after(self, view: LayerView) -> Optional[torch.Tensor]:
+        if not self._refine or view.layer != self.refine_layer():
+            return None
+        layout = self._layout
+        dense = self.view_scores_on_device(view, 'cr_semantic', fill=float('-inf'))
+        if dense is None:
+            self.last_info['error'] = 'refine-layer attention missing'
+            return None
+        ranks, seen = observed_ranks(dense, layout)
+        semantic = self._smoothed(self._semantic, ranks, seen)
+        score = semantic if self._action is None else torch.maximum(semantic, self._action)
+        score = score + self._noise(layout, dense.device)
+        # patches that did not run through the layer cannot be kept: they rank below every present one
+        score = torch.where(seen, score, torch.full_like(score, float('-inf')))
+        return self._select(score, layout, self._budget, dense.device)
+
+    def _end(self, record: StepRecord) -> None:
+        cfg = self.config
+        layout = record.layout
+        self._semantic = self._update(self._semantic, record, self.refine_layer(), 'cr_semantic', layout)
+        if cfg.use_action:
+            self._action = self._update(self._action, record, self.layer(cfg.action_layer), 'cr_action', layout)
+
+    # ---------------------------------------------------------------------------------------- scoring
+
+    def _update(self, running: Optional[torch.Tensor], record: StepRecord, layer: int, key: str,
+                layout: TokenLayout) -> Optional[torch.Tensor]:
+        """The running score after this step's probe."""
+        dense = self.record_scores_on_device(record, layer, key, fill=float('-inf'))
+        if dense is None:
+            self.last_info.setdefault('missing', []).append(key)
+            return running
+        ranks, seen = observed_ranks(dense, layout)
+        return self._smoothed(running, ranks, seen)
+
+    def _smoothed(self, running: Optional[torch.Tensor], ranks: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """Smoothed where scored this step, relaxed towards the prior elsewhere."""
+        cfg = self.config
+        if running is None:
+            running = torch.full_like(ranks, cfg.prior)
+        smoothed = (1.0 - cfg.smoothing) * running + cfg.smoothing * torch.nan_to_num(ranks)
+        relaxed = (1.0 - cfg.forget) * running + cfg.forget * cfg.prior
+        return torch.where(seen, smoothed, relaxed)
+
+    def _remembered(self) -> torch.Tensor:
+        """The score before layer 0: the better of the remembered semantic and action ranks."""
+        cfg = self.config
+        parts = [s for s, on in ((self._semantic, cfg.use_semantic), (self._action, cfg.use_action))
+                 if s is not None and on]
+        if not parts:
+            return torch.full_like(self._semantic, cfg.prior)
+        return parts[0] if len(parts) == 1 else torch.maximum(parts[0], parts[1])
+
+    def _noise(self, layout: TokenLayout, device: torch.device) -> torch.Tensor:
+        """Seeded uniform noise: the tie-break (and, with ``explore``, exploration) of one selection."""
+        amplitude = max(self.config.explore, TIE_BREAK)
+        draw = torch.rand(layout.num_cameras, layout.patches_per_camera, generator=self.generator)
+        return to_device(draw, device) * amplitude
+
+    def _select(self, score: torch.Tensor, layout: TokenLayout, budget: int, device: torch.device) -> torch.Tensor:
+        """Sorted sequence indices: the coverage quota of every cell, then the best remaining scores, per camera."""
+        cameras, patches = layout.num_cameras, layout.patches_per_camera
+        cells, slots, tiers = cell_tables(layout.grid_shape, tuple(int(c) for c in self.config.cells),
+                                          self.config.cell_quota, device)
+        key = score.reshape(cameras, patches).to(torch.float32)
+        best_first = torch.sort(key, dim=1, descending=True, stable=True).indices
+        by_cell = torch.sort(cells[best_first], dim=1, stable=True).indices    # cells in order, best patch first
+        grouped = best_first.gather(1, by_cell)
+        covered = torch.zeros_like(key).scatter_(1, grouped[:, slots], tiers.expand(cameras, -1).contiguous())
+        chosen = torch.sort(key + covered, dim=1, descending=True, stable=True).indices[:, :budget]
+        offsets = torch.arange(cameras, device=device)[:, None] * patches
+        return positions_to_sequence((chosen + offsets).flatten(), layout)
+
+
+def observed_ranks(dense: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per camera, each scored patch's rank among the scored ones in [0, 1] (1 = most attended), NaN elsewhere.
+
+    ``dense`` holds -inf where a patch was not scored. Ranks, not raw attention: a pass over fewer tokens spreads
+    its softmax over fewer keys, so raw weights of differently pruned steps do not compare. Also returns the
+    scored mask. Device ops only.
+    """
+    cameras, patches = layout.num_cameras, layout.patches_per_camera
+    x = dense.reshape(cameras, patches)
+    seen = torch.isfinite(x)
+    ascending = torch.sort(torch.where(seen, x, torch.full_like(x, float('-inf'))), dim=1, stable=True).indices
+    rank = torch.empty_like(ascending).scatter_(
+        1, ascending, torch.arange(patches, device=x.device).expand(cameras, patches).contiguous())
+    count = seen.sum(dim=1, keepdim=True)
+    fraction = (rank - (patches - count)).to(torch.float32) / (count - 1).clamp_min(1).to(torch.float32)
+    return torch.where(seen, fraction, torch.full_like(fraction, float('nan'))), seen
+
+
+@functools.lru_cache(maxsize=32)
+def cell_tables(grid: tuple[int, int], cells: tuple[int, int], quota: int,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cell of every patch of a row-major ``grid``, the quota's slots and their bonuses, on ``device``.
+
+    A grid of ``rows x cols`` patches is split into ``cells`` (clipped to the grid) of near-equal size; the slots
+    are the first ``quota`` positions of every cell's group when patches are sorted by cell. The j-th slot of a
+    cell gets the bonus ``(quota - j) * COVERED_BONUS``, so a budget smaller than the quota covers as many cells
+    as it can: every cell's best patch before any cell's second (do not modify the tensors).
+    """
+    rows, cols = grid
+    cell_rows, cell_cols = min(cells[0], rows), min(cells[1], cols)
+    r = torch.arange(rows) * cell_rows // rows
+    c = torch.arange(cols) * cell_cols // cols
+    cell = (r[:, None] * cell_cols + c[None, :]).flatten()
+    sizes = torch.bincount(cell, minlength=cell_rows * cell_cols)
+    starts = torch.cumsum(sizes, 0) - sizes
+    pairs = [(int(s) + j, (quota - j) * COVERED_BONUS) for s, n in zip(starts, sizes)
+             for j in range(min(quota, int(n)))]
+    slots = torch.as_tensor([slot for slot, _ in pairs], dtype=torch.long)
+    tiers = torch.as_tensor([bonus for _, bonus in pairs], dtype=torch.float32)
+    return cell.to(device), slots.to(device), tiers.to(device)
