@@ -10,7 +10,8 @@ Phase 2 (speed): ``benchmarks/deployment_latency.py`` times every configuration 
 deployment shape (default: the reference VLA's 2 x 144-patch layout with a random 256 x 32 decoder; the 128-wide
 reference VLA itself is dominated by per-op overheads, so its own speedups say little about a real VLA).
 
-Budgets: the keep ratio of every keep-ratio method (75 / 50 / 35 / 25 / 15 / 10 % by default), SpecPrune's
+Budgets: the keep ratio of every keep-ratio method (75 / 50 / 35 / 25 / 15 / 10 % by default; coverage_ranked's
+fine-mode ratio keeps its proportion to it), SpecPrune's
 scale of K (``controller.alpha``), and the default of methods without a budget. The front: the configurations
 that no other configuration beats in both success and speedup.
 
@@ -44,7 +45,7 @@ from specprune_ros.sim import EVAL_SEED_START, TASK_FAMILIES
 REPO = Path(__file__).resolve().parents[1]
 KEEP_RATIOS = (0.75, 0.5, 0.35, 0.25, 0.15, 0.10)
 SPECPRUNE_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
-METHODS = ('specprune', 'vla_pruner', 'fastv', 'divprune', 'random', 'vla_cache')
+METHODS = ('specprune', 'vla_pruner', 'fastv', 'divprune', 'random', 'coverage_ranked', 'vla_cache')
 BASELINE = 'none'
 
 
@@ -54,14 +55,22 @@ def budget_grid(methods: list[str], keep_ratios: tuple[float, ...], scales: tupl
     for method in methods:
         config = build_method(method).config
         if hasattr(config, 'keep_ratio'):
-            grid += [{'label': f'{method} {ratio:.0%}', 'method': method, 'method_config': {'keep_ratio': ratio},
-                      'budget': ratio} for ratio in keep_ratios]
+            grid += [{'label': f'{method} {ratio:.0%}', 'method': method,
+                      'method_config': keep_ratio_config(config, ratio), 'budget': ratio} for ratio in keep_ratios]
         elif hasattr(getattr(config, 'controller', None), 'alpha'):
             grid += [{'label': f'{method} x{scale:g}', 'method': method,
                       'method_config': {'controller': {'alpha': scale}}, 'budget': scale} for scale in scales]
         else:
             grid.append({'label': method, 'method': method, 'method_config': None, 'budget': None})
     return grid
+
+
+def keep_ratio_config(config, ratio: float) -> dict:
+    """A keep-ratio budget; a fine-mode ratio (coverage_ranked) keeps its proportion to the coarse one."""
+    settings = {'keep_ratio': ratio}
+    if getattr(config, 'fine_keep_ratio', None) and config.keep_ratio:
+        settings['fine_keep_ratio'] = round(min(1.0, ratio * config.fine_keep_ratio / config.keep_ratio), 4)
+    return settings
 
 
 def model_key(model: str) -> str:
