@@ -5,9 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from specprune_ros.pruning.change_detection import (ChangeDetectionConfig, changed_mask, max_static_count,
-                                                    patch_grid_size, patch_similarity, patchify, reference_back,
-                                                    static_mask)
+from specprune_ros.pruning.change_detection import (ChangeDetectionConfig, changed_mask, changed_masks,
+                                                    max_static_count, patch_grid_size, patch_similarity, patch_vectors,
+                                                    patchify, reference_back, static_mask, static_masks)
 
 GRID = (12, 12)
 P = 8
@@ -110,3 +110,22 @@ def test_cap_on_changed_patches_keeps_the_least_similar():
     assert bool((capped <= free).all())
     assert float(sim[capped].max()) <= float(sim[free & ~capped].min())   # the 20 least similar of the changed
     assert torch.equal(changed_mask(moved, bg, GRID, P, threshold=0.999, max_changed=500), free)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(st.integers(0, 10_000), st.integers(0, 36), st.sampled_from([None, 3, 10]))
+def test_every_camera_at_once_equals_one_camera_at_a_time(seed, cap, changed_cap):
+    rng = np.random.default_rng(seed)
+    grid = (6, 6)
+    frames = [rng.integers(0, 255, size=(48, 48, 3), dtype=np.uint8) for _ in range(2)]
+    references = [f.copy() for f in frames]
+    for ref in references:                                   # some patches change a little, some a lot
+        ref[:16, :24] = np.clip(ref[:16, :24].astype(int) + rng.integers(-40, 40, size=(16, 24, 3)), 0, 255)
+        ref[30:, 30:] = 0
+    now, then = patch_vectors(frames, grid, 8), patch_vectors(references, grid, 8)
+    together = changed_masks(now, then, 2, 0.99, cap, changed_cap)
+    alone = [changed_mask(f, r, grid, 8, 0.99, cap, changed_cap).numpy() for f, r in zip(frames, references)]
+    np.testing.assert_array_equal(together, np.concatenate(alone))
+    static, _ = static_masks(now, then, 2, 0.99, cap)
+    alone = [static_mask(patch_similarity(f, r, grid, 8), 0.99, cap).numpy() for f, r in zip(frames, references)]
+    np.testing.assert_array_equal(static.reshape(-1), np.concatenate(alone))

@@ -8,8 +8,10 @@ from hypothesis import strategies as st
 from specprune_ros.core.token_layout import TokenLayout
 from specprune_ros.pruning.scoring import (budget_count, decay_weights, decayed_action_score, dense_visual_scores,
                                            dense_visual_scores_on_device, ema_update, layer_confidence,
-                                           layer_importance, mask_to_sequence, normalise, positions_to_sequence,
-                                           rank_weights, stable_topk, stable_topk_on_device, topk_per_camera)
+                                           layer_importance, layer_importance_on_device, mask_to_sequence,
+                                           mask_to_sequence_on_device, normalise, positions_to_sequence,
+                                           rank_weights, stable_topk, stable_topk_on_device, topk_per_camera,
+                                           topk_per_camera_on_device)
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
 floats = st.floats(min_value=0.0, max_value=1.0, allow_nan=False, width=32)
@@ -228,3 +230,35 @@ def test_device_topk_with_candidates_orders_as_the_host_topk(values, data):
     mask[sorted(rows)] = True
     k = data.draw(st.integers(min_value=0, max_value=len(rows)))
     assert stable_topk_on_device(scores, k, mask).tolist() == stable_topk(scores, k, mask).tolist()
+
+
+@SETTINGS
+@given(st.integers(0, 10_000), st.integers(0, 9), st.integers(0, 9), st.booleans())
+def test_device_top_k_per_camera_equals_the_host_top_k(seed, k0, k1, ties):
+    # one sort over a (cameras, patches) view with per-camera counts; candidates are the finite scores
+    layout = layout2()
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.randint(0, 4, (layout.num_visual,), generator=g).float() if ties else \
+        torch.rand(layout.num_visual, generator=g)
+    dense[torch.rand(layout.num_visual, generator=g) < 0.3] = float('-inf')
+    cand = torch.isfinite(dense)
+    assert torch.equal(topk_per_camera_on_device(dense, [k0, k1], layout, cand),
+                       topk_per_camera(dense, [k0, k1], layout, cand))
+
+
+@SETTINGS
+@given(st.integers(0, 10_000), st.integers(1, 5))
+def test_device_layer_importance_equals_the_host_samples(seed, layers):
+    layout = layout2((4, 4))
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.rand(layers, layout.num_visual, generator=g) < 0.7
+    scores = torch.where(valid, torch.rand(layers, layout.num_visual, generator=g), torch.zeros(()))
+    assert torch.equal(layer_importance_on_device(scores, valid, layout), layer_importance(scores, valid, layout))
+
+
+@SETTINGS
+@given(st.integers(0, 10_000))
+def test_device_mask_to_sequence_equals_the_host_conversion(seed):
+    layout = layout2()
+    mask = torch.rand(layout.num_visual, generator=torch.Generator().manual_seed(seed)) < 0.5
+    assert torch.equal(mask_to_sequence_on_device(mask, int(mask.sum()), layout), mask_to_sequence(mask, layout))

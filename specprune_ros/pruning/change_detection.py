@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -155,3 +155,79 @@ def max_static_count(config: ChangeDetectionConfig, patches: int, fine: bool) ->
     """The static-patch cap for one camera of ``patches`` patches."""
     frac = config.max_static_fraction_fine if fine else config.max_static_fraction_coarse
     return budget_count(frac, patches, minimum=0)
+
+
+def patch_vectors(images: Sequence[np.ndarray], grid_shape: tuple[int, int],
+                  patch_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Raw pixel patch vectors of every camera's frame, (C * P, D) float32, and their norms (C * P,).
+
+    Computed once per frame: a frame is the current one at one step and the reference at later ones.
+    """
+    blocks = np.concatenate([_patch_blocks(image, grid_shape, patch_size) for image in images]).astype(np.float32)
+    return blocks, np.sqrt(np.einsum('ij,ij->i', blocks, blocks))
+
+
+def static_masks(frame: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarray, np.ndarray],
+                 num_cameras: int, threshold: float, max_static: Optional[int] = None,
+                 eps: float = 1e-8) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`static_mask` of :func:`patch_similarity` for every camera in one pass, from :func:`patch_vectors`.
+
+    Returns the static mask and the similarity, both (C, P).
+    """
+    (a, na), (b, nb) = frame, reference
+    if a.shape != b.shape:
+        raise ValueError(f'frame patches {a.shape} and reference patches {b.shape} differ in shape')
+    sim = np.einsum('ij,ij->i', a, b) / (na * nb + eps)
+    sim[(na <= eps) & (nb <= eps)] = 1.0
+    sim = sim.astype(np.float32).reshape(num_cameras, -1)
+    static = sim >= threshold
+    if max_static is not None:
+        static &= _ranks(np.where(static, -sim, np.inf)) < max(0, int(max_static))
+    return static, sim
+
+
+def changed_masks(frame: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarray, np.ndarray],
+                  num_cameras: int, threshold: float = 0.986, max_static: Optional[int] = None,
+                  max_changed: Optional[int] = None, eps: float = 1e-8) -> np.ndarray:
+    """:func:`changed_mask` of every camera in one pass, from :func:`patch_vectors` of the frame and reference.
+
+    Returns the dense visual bool mask (C * P,); each camera's part equals :func:`changed_mask` of that camera.
+    """
+    static, sim = static_masks(frame, reference, num_cameras, threshold, max_static, eps)
+    changed = ~static
+    if max_changed is not None:
+        changed &= _ranks(np.where(changed, sim, np.inf)) < max(0, int(max_changed))
+    return changed.reshape(-1)
+
+
+def _ranks(key: np.ndarray) -> np.ndarray:
+    """Per-row rank of every entry by ascending key (stable: ties -> lower index)."""
+    order = np.argsort(key, axis=1, kind='stable')
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(key.shape[1])[None, :], axis=1)
+    return ranks
+
+
+class PatchVectorCache:
+    """:func:`patch_vectors` of the frames a :class:`TemporalTokenState` holds, cut once per frame.
+
+    A frame is the current one at one step and the reference at later ones; entries are dropped with the frame.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[int, tuple] = {}          # id(frame entry) -> (entry, vectors, norms)
+
+    def clear(self) -> None:
+        self._held.clear()
+
+    def get(self, entry: tuple, held: Sequence[tuple], num_cameras: int, grid_shape: tuple[int, int],
+            patch_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Vectors of ``entry`` (a tuple of per-camera frames); ``held``: every entry still held."""
+        cached = self._held.get(id(entry))
+        if cached is None or cached[0] is not entry:
+            alive = {id(e) for e in held}
+            for key in [key for key in self._held if key not in alive]:
+                del self._held[key]
+            cached = (entry, *patch_vectors(entry[:num_cameras], grid_shape, patch_size))
+            self._held[id(entry)] = cached
+        return cached[1], cached[2]

@@ -337,3 +337,139 @@ def _divide_by_positive_sum(values: torch.Tensor) -> torch.Tensor:
 def normalise(scores: torch.Tensor) -> torch.Tensor:
     """Non-negative scores divided by their sum (zeros stay zeros)."""
     return _divide_by_positive_sum(torch.as_tensor(scores, dtype=torch.float32).clamp_min(0.0))
+
+
+# ------------------------------------------------------------------ device-side selection over the visual order
+#
+# Dense visual vectors stay on the device; per-camera work runs batched over a (cameras, patches) view, with as few
+# operations as possible (each costs a few microseconds on the CPU and a kernel launch on a GPU). Only
+# ``host_counts`` reads anything back: a keep set whose size depends on the scores needs its size on the host to
+# shape the next layer's tensors.
+
+@functools.lru_cache(maxsize=32)
+def _aranges_on(length: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(length, device=device)
+
+
+def present_mask_on_device(indices: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """:func:`present_mask` on the indices' device: True for the visual tokens among ``indices``."""
+    spare = _visual_tables_on(layout, indices.device)[1]
+    mask = torch.zeros(layout.num_visual + 1, dtype=torch.bool, device=indices.device)
+    mask[spare[indices]] = True
+    return mask[:layout.num_visual]
+
+
+def dense_visual_rows_on_device(key_indices: torch.Tensor, weights: torch.Tensor,
+                                layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked attention summaries (rows, n_k) over the same keys as dense visual rows, one scatter for all rows.
+
+    Returns (rows, num_visual) float32 scores (0 where a visual token is not a key) and the (num_visual,) mask of the
+    visual keys.
+    """
+    spare = _visual_tables_on(layout, weights.device)[1]
+    position = spare[key_indices.to(device=weights.device, dtype=torch.long)]
+    out = torch.zeros(weights.shape[0], layout.num_visual + 1, dtype=torch.float32, device=weights.device)
+    out.index_copy_(1, position, weights.to(torch.float32))
+    valid = torch.zeros(layout.num_visual + 1, dtype=torch.bool, device=weights.device).index_fill_(0, position, True)
+    return out[:, :layout.num_visual], valid[:layout.num_visual]
+
+
+def camera_ranks(scores: torch.Tensor, candidates: torch.Tensor, num_cameras: int) -> torch.Tensor:
+    """Rank of every position within its camera.
+
+    Candidates by descending score first (ties -> lower position), then the rest. ``scores`` (finite where
+    ``candidates``) / ``candidates``: (..., num_visual); returns (..., C, P).
+
+    ``rank < k`` and ``candidates`` select what :func:`stable_topk` of the camera selects, for any ``k``.
+    """
+    key = torch.where(candidates, scores.neg(), float('inf'))
+    key = key.reshape(*key.shape[:-1], num_cameras, -1)
+    order = torch.sort(key, dim=-1, stable=True).indices
+    positions = _aranges_on(order.shape[-1], order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
+
+
+_LIMITS: dict[tuple, torch.Tensor] = {}
+
+
+def camera_limits(counts: Sequence[int], device: torch.device) -> torch.Tensor:
+    """(C, 1) long tensor of per-camera counts on ``device``, cached (built without a host-to-device copy)."""
+    key = (tuple(int(c) for c in counts), device)
+    cached = _LIMITS.get(key)
+    if cached is None:
+        if len(_LIMITS) > 256:
+            _LIMITS.clear()
+        cached = torch.cat([torch.full((1, 1), c, dtype=torch.long, device=device) for c in key[0]])
+        _LIMITS[key] = cached
+    return cached
+
+
+def topk_masks_per_camera(ranks: torch.Tensor, counts: Sequence[int], candidates: torch.Tensor) -> torch.Tensor:
+    """Dense visual mask of the top ``counts[c]`` candidates of every camera, from :func:`camera_ranks`."""
+    return (ranks < camera_limits(counts, ranks.device)).reshape(candidates.shape) & candidates
+
+
+def topk_per_camera_on_device(dense: torch.Tensor, k: KPerCamera, layout: TokenLayout,
+                              candidates: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`topk_per_camera` on the scores' device: equal masks for finite candidate scores, nothing read back."""
+    cand = torch.isfinite(dense) if candidates is None else candidates
+    ranks = camera_ranks(dense, cand, layout.num_cameras)
+    return topk_masks_per_camera(ranks, _per_camera(k, layout.num_cameras), cand)
+
+
+def host_counts(mask: torch.Tensor, num_cameras: int) -> list[int]:
+    """Per-camera True counts of a dense visual mask, read back to the host (a synchronisation on CUDA).
+
+    The one host read of a device-side selection whose kept count depends on the scores.
+    """
+    return mask.reshape(num_cameras, -1).sum(dim=1).tolist()
+
+
+def mask_to_sequence_on_device(mask: torch.Tensor, count: int, layout: TokenLayout) -> torch.Tensor:
+    """Dense visual mask with ``count`` True entries -> their sequence indices (dense order), on the device."""
+    vis = _visual_tables_on(layout, mask.device)[0]
+    positions = torch.sort(mask.logical_not().to(torch.uint8), stable=True).indices
+    return vis[positions[:count]]
+
+
+@functools.lru_cache(maxsize=16)
+def _rank_weight_table(patches: int, k: float) -> np.ndarray:
+    """``table[n, r]``: the normalised rank weight of rank ``r`` among ``n`` valid tokens (0 for ``r >= n``).
+
+    Computed as :func:`layer_importance` computes it (float64).
+    """
+    n = np.arange(patches + 1)[:, None]
+    position = np.arange(patches)[None, :]
+    frac = position / np.maximum(n - 1, 1)
+    with np.errstate(over='ignore'):             # past the valid count (weight 0) exp may overflow
+        w = np.where(position < n, 1.0 / (1.0 + np.exp(float(k) * frac)), 0.0)
+    w /= np.maximum(w.sum(axis=1, keepdims=True), 1e-300)
+    return w
+
+
+@functools.lru_cache(maxsize=16)
+def _rank_weight_table_on(patches: int, k: float, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(_rank_weight_table(patches, k).reshape(-1)).to(device)
+
+
+def layer_importance_on_device(scores: torch.Tensor, valid: torch.Tensor, layout: TokenLayout, k: float = 5.0,
+                               per_camera: bool = True) -> torch.Tensor:
+    """:func:`layer_importance` of stacked layers (layers, num_visual) on the device, float32 as it.
+
+    ``scores`` must be 0 where not ``valid``. Rank weights come from a table per (patch count, k); the confidence is
+    computed in float64 as the host version computes it.
+    """
+    groups = layout.num_cameras if per_camera else 1
+    rows = scores.shape[0]
+    patches = scores.shape[-1] // groups
+    v = valid.reshape(rows, groups, patches)
+    ranks = camera_ranks(scores, valid, groups)
+    n = v.sum(dim=-1, keepdim=True)
+    table = _rank_weight_table_on(patches, float(k), scores.device)
+    w = table.take(n * patches + ranks)                     # 0 where the rank is past the valid count
+    s = scores.reshape(rows, groups, patches).to(torch.float64)
+    count = n.clamp(min=1)
+    mean = s.sum(dim=-1, keepdim=True) / count
+    std = ((s - mean) * v).square_().sum(dim=-1, keepdim=True).div_(count).sqrt_()
+    conf = torch.where(n >= 2, (mean / (std + 1e-12)).clamp_(0.0, 100.0), 1.0)
+    return (w * conf).to(torch.float32).reshape(scores.shape)

@@ -125,6 +125,12 @@ class TemporalTokenState:
         entry = self.frames[-1 - back]
         return entry[camera] if camera < len(entry) else None
 
+    def frame_entry(self, back: int = 0) -> Optional[tuple[np.ndarray, ...]]:
+        """Every camera's frame ``back`` entries before the newest (clamped as :meth:`frame`); None if none."""
+        if not self.frames:
+            return None
+        return self.frames[-1 - min(max(int(back), 0), len(self.frames) - 1)]
+
     @property
     def num_frames(self) -> int:
         return len(self.frames)

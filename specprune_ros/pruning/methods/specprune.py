@@ -44,9 +44,15 @@ push's target zone, which is static and which the instruction's rows at layers 0
 sets drop it), 'text_action' (both, averaged together: the named object from the text rows, the goal region from
 the action rows) or 'prefill' (every prompt row; costs a full attention probe).
 
+Selection runs on the device of the decoder: dense bool / float vectors over the visual order, per-camera top-k as
+one sort over a (cameras, patches) view, the importance samples of all layers since the previous drop in one
+batched pass. Change detection compares raw pixels on the host (where the frames are), every camera at once, each
+frame cut into patches once. The one read back to the host is the per-camera kept count after each static gather
+(it depends on the attention and shapes every later layer); the layer drops' counts follow from it on the host.
+
 Info keys: ``mode``, ``k_base``, ``replan_requested``, ``speed``, ``reference_back``, ``dynamic`` (count or
-reason), ``global`` (count), ``local0``/``local1`` (counts), ``kept_after_layer`` (visual count after each
-gather / drop), ``layer_drops``.
+reason), ``global`` (count), ``local0``/``local1`` (counts; ``global`` and these are device tensors, read them
+after the step), ``kept_after_layer`` (visual count after each gather / drop), ``layer_drops``.
 """
 from __future__ import annotations
 
@@ -62,10 +68,12 @@ from specprune_ros.core.step_types import LayerView, StepContext, StepPlan, Step
 from specprune_ros.pruning.action_controller import ActionController, ControllerConfig, ControllerOutput
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase, split_per_camera
 from specprune_ros.pruning.budget_knob import BudgetKnob
-from specprune_ros.pruning.change_detection import (ChangeDetectionConfig, changed_mask, max_changed_count,
-                                                    max_static_count, reference_back)
-from specprune_ros.pruning.scoring import (budget_count, camera_slices, layer_importance, mask_to_sequence,
-                                           stable_topk, to_numpy, topk_per_camera, visual_table_np)
+from specprune_ros.pruning.change_detection import (ChangeDetectionConfig, PatchVectorCache, changed_masks,
+                                                    max_changed_count, max_static_count, reference_back)
+from specprune_ros.pruning.scoring import (budget_count, camera_ranks, dense_visual_rows_on_device, host_counts,
+                                           layer_importance_on_device, mask_to_sequence_on_device,
+                                           present_mask_on_device, to_device, topk_masks_per_camera,
+                                           topk_per_camera_on_device)
 
 PAPER_LAYER_PRUNE = (5, 10, 15, 20)
 PAPER_DEPTH = 32
@@ -131,21 +139,24 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         super().__init__(cfg, seed, frame_history=frames, attention_window=0)
         self.config: SpecPruneConfig
         self.controller = ActionController(cfg.controller)
+        self._patches = PatchVectorCache()
         self._reset_step()
 
     # -------------------------------------------------------------------------------------- state
 
     def _reset_method(self) -> None:
         self.controller.reset()
+        self._patches.clear()
         self._reset_step()
 
     def _reset_step(self) -> None:
         self._k: list[int] = []
-        self._dynamic: Optional[np.ndarray] = None          # dense visual bool masks (NumPy, see _after)
-        self._global: Optional[np.ndarray] = None
-        self._local0: Optional[np.ndarray] = None
-        self._importance: Optional[np.ndarray] = None
+        self._static: Optional[torch.Tensor] = None        # V_dynamic | V_global, dense visual bool (device)
+        self._local0: Optional[torch.Tensor] = None
+        self._importance: Optional[torch.Tensor] = None    # importance EMA, dense visual float64 (device)
         self._pending: list[tuple] = []       # (key indices, attention summaries) not yet in the EMA
+        self._counts: Optional[list[int]] = None    # visual tokens per camera running now (host; None: unknown)
+        self._present: Optional[torch.Tensor] = None   # and which, dense visual bool (device)
         self._prune_set: frozenset = frozenset()
         self._importance_set: frozenset = frozenset()
         self._kept_after: dict[int, int] = {}
@@ -171,6 +182,7 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
     def _begin(self, context: StepContext) -> StepPlan:
         cfg = self.config
         layout = context.layout
+        device = context.visual_embeddings.device
         self._reset_step()
         patches, cams = layout.patches_per_camera, layout.num_cameras
 
@@ -195,12 +207,19 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         # 2. static sets known before the pass
         self.state.push_frames(context.images)
         if cfg.use_static:
-            self._dynamic = self._dynamic_set(context, out) if cfg.use_dynamic else None
-            self._global = self._global_set(layout) if cfg.use_global else None
+            parts = [self._dynamic_set(context, out, device) if cfg.use_dynamic else None,
+                     self._global_set(layout, device) if cfg.use_global else None]
+            parts = [part for part in parts if part is not None]
+            self._static = torch.zeros(layout.num_visual, dtype=torch.bool, device=device) if not parts else \
+                parts[0] if len(parts) == 1 else parts[0] | parts[1]
+        # per-camera counts are exact unless keep regions add tokens behind the method's back
+        self._counts = None if self.config.keep_regions else [patches] * cams
+        self._present = torch.ones(layout.num_visual, dtype=torch.bool, device=device)
 
         self._prune_set = frozenset(self._prune_layers()) if cfg.use_layer_pruning else frozenset()
         self._importance_set = frozenset(self._importance_layers()) if cfg.use_layer_pruning else frozenset()
-        self._importance = np.zeros(layout.num_visual) if cfg.use_layer_pruning else None
+        if cfg.use_layer_pruning:
+            self._importance = torch.zeros(layout.num_visual, dtype=torch.float64, device=device)
         items = []
         rows = cfg.task_rows
         if cfg.use_static:
@@ -213,43 +232,43 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         items.sort()
         return StepPlan(attention=self.requests(*items))
 
-    def _dynamic_set(self, context: StepContext, out: ControllerOutput) -> Optional[np.ndarray]:
+    def _dynamic_set(self, context: StepContext, out: ControllerOutput, device: torch.device) -> torch.Tensor:
         layout = context.layout
         cfg = self.config.change
         if context.images is None or len(context.images) < layout.num_cameras:
             self.last_info['dynamic'] = 'no images'
-            return np.zeros(layout.num_visual, dtype=bool)
+            return torch.zeros(layout.num_visual, dtype=torch.bool, device=device)
         if self.state.num_frames < 2:
             self.last_info['dynamic'] = 'no reference (all changed)'
             self.last_info['reference_back'] = 0
-            return np.ones(layout.num_visual, dtype=bool)
+            return torch.ones(layout.num_visual, dtype=torch.bool, device=device)
         t = reference_back(out.speed, cfg.reference_variant, cfg.min_reference_back, cfg.max_reference_back)
         cap = max_static_count(cfg, layout.patches_per_camera, fine=out.mode == 'fine')
-        parts = []
-        for cam in range(layout.num_cameras):
-            ref = self.state.frame(cam, back=t - 1)
-            parts.append(changed_mask(self.state.frame(cam, 0), ref, layout.grid_shape, context.patch_size,
-                                      cfg.threshold, cap, max_changed_count(cfg, layout.patches_per_camera)))
-        dyn = torch.cat(parts).numpy()
+        current = self._patch_vectors(0, layout, context.patch_size)
+        reference = self._patch_vectors(t - 1, layout, context.patch_size)
+        dyn = changed_masks(current, reference, layout.num_cameras, cfg.threshold, cap,
+                            max_changed_count(cfg, layout.patches_per_camera))
         self.last_info['reference_back'] = min(t - 1, self.state.num_frames - 1)
         self.last_info['dynamic'] = int(dyn.sum())
-        return dyn
+        return to_device(torch.from_numpy(dyn), device)
 
-    def _global_set(self, layout) -> Optional[np.ndarray]:
+    def _patch_vectors(self, back: int, layout, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        entry = self.state.frame_entry(back)
+        return self._patches.get(entry, self.state.frames, layout.num_cameras, layout.grid_shape, patch_size)
+
+    def _global_set(self, layout, device: torch.device) -> Optional[torch.Tensor]:
         prev = self.state.task_attention
         if prev is None or len(prev) != layout.num_cameras:
             self.last_info['global'] = 0
             return None
-        dense = torch.cat(prev)
+        dense = torch.cat(prev).to(device)
         p = layout.patches_per_camera
         kg = [budget_count(self.config.global_k_scale * k / max(p, 1), p, minimum=0) for k in self._k]
-        mask = topk_per_camera(dense, kg, layout, candidates=torch.isfinite(dense)).numpy()
-        self.last_info['global'] = int(mask.sum())
+        mask = topk_per_camera_on_device(dense, kg, layout, candidates=torch.isfinite(dense))
+        self.last_info['global'] = mask.sum()
         return mask
 
     def _after(self, view: LayerView) -> Optional[torch.Tensor]:
-        # Masks are NumPy bool vectors over the dense visual order: these are a few hundred elements and the
-        # per-op overhead of small torch tensors would dominate the selection time.
         cfg = self.config
         layout = self._layout
         layer = view.layer
@@ -265,117 +284,110 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
             self._pending.append((view.key_indices, view.attention))
         if not (gather or drop):
             return None
-        task_t = self.view_scores(view, cfg.task_rows, fill=float('-inf'))
-        task = None if task_t is None else task_t.numpy()
-        present = self.kept_visual(view).numpy()
-        keep = present.copy()
+        # the visual tokens that ran: the method's own last keep set unless keep regions add tokens to it
+        present = self._present if self._counts is not None else present_mask_on_device(view.kept, layout)
+        keep, counts = present, self._counts
 
         if gather:
+            task = self.view_scores_on_device(view, cfg.task_rows, fill=float('-inf'))
             if task is None:
                 self.last_info['error'] = f'task attention missing at layer {layer}'
             else:
-                union = np.zeros(layout.num_visual, dtype=bool)
-                if self._dynamic is not None:
-                    union |= self._dynamic
-                if self._global is not None:
-                    union |= self._global
+                union = self._static
                 if cfg.use_local:
-                    cand = present & np.isfinite(task)
-                    if layer == 0 and not two_gathers:
-                        local = topk_per_camera(task, self._k, layout, cand).numpy()
-                        self.last_info['local0'] = int(local.sum())
-                    elif layer == 0:
-                        wide = [budget_count(cfg.layer0_k_scale * k / layout.patches_per_camera,
-                                             layout.patches_per_camera, minimum=0) for k in self._k]
-                        local = topk_per_camera(task, wide, layout, cand).numpy()
-                        self._local0 = topk_per_camera(task, self._k, layout, cand).numpy()
-                        self.last_info['local0'] = int(local.sum())
-                    else:
-                        local = topk_per_camera(task, self._k, layout, cand).numpy()
-                        self.last_info['local1'] = int(local.sum())
-                        if self._local0 is not None:
-                            local = local | self._local0
-                    union |= local
-                keep &= union
+                    local = self._local_set(task, layer, two_gathers)
+                    union = local if union is None else union | local
+                keep = present & union if union is not None else torch.zeros_like(present)
+                counts = host_counts(keep, layout.num_cameras)
+        if counts is None:
+            counts = host_counts(keep, layout.num_cameras)
 
         if drop:
-            keep = self._layer_drop(keep, layer)
+            keep, counts = self._layer_drop(keep, counts, layer)
 
-        self._kept_after[layer] = int(keep.sum())
+        self._kept_after[layer] = sum(counts)
         self.last_info['kept_after_layer'] = dict(self._kept_after)
-        if np.array_equal(keep, present):
-            return None
-        return mask_to_sequence(keep, layout)
+        if self._counts is not None:
+            if counts == self._counts:
+                return None             # keep is a subset of present with the same counts: nothing dropped
+            self._counts, self._present = counts, keep
+        return mask_to_sequence_on_device(keep, sum(counts), layout)
+
+    def _local_set(self, task: torch.Tensor, layer: int, two_gathers: bool) -> torch.Tensor:
+        """V_local of the gather after ``layer`` (see the module docstring), as a dense visual mask.
+
+        Candidates are the tokens with a task score: exactly those that ran through the layer.
+        """
+        cfg = self.config
+        layout = self._layout
+        cand = torch.isfinite(task)
+        ranks = camera_ranks(task, cand, layout.num_cameras)
+        if layer == 0 and not two_gathers:
+            local = topk_masks_per_camera(ranks, self._k, cand)
+            self.last_info['local0'] = local.sum()
+        elif layer == 0:
+            p = layout.patches_per_camera
+            wide = [budget_count(cfg.layer0_k_scale * k / p, p, minimum=0) for k in self._k]
+            local = topk_masks_per_camera(ranks, wide, cand)
+            self._local0 = topk_masks_per_camera(ranks, self._k, cand)
+            self.last_info['local0'] = local.sum()
+        else:
+            local = topk_masks_per_camera(ranks, self._k, cand)
+            self.last_info['local1'] = local.sum()
+            if self._local0 is not None:
+                local = local | self._local0
+        return local
 
     def _fold_importance(self) -> None:
         """Fold the layers recorded since the last drop into the importance EMA.
 
-        Their samples in one vectorised call (a layer's sample depends on that layer alone), then the EMA in layer
-        order.
+        Their samples in one batched pass (a layer's sample depends on that layer alone; layers with the same keys
+        share one scatter), then the EMA over all of them in closed form (float64; equal to the per-layer update
+        up to rounding in the last bits).
         """
         if not self._pending:
             return
         cfg = self.config
-        scores, valid = self._pending_scores()
-        samples = layer_importance(scores, valid, self._layout, k=cfg.importance_k, per_camera=True).numpy()
-        beta = cfg.importance_beta
-        for sample, ok in zip(samples, valid):
-            self._importance = np.where(ok, (1.0 - beta) * self._importance + beta * sample, self._importance)
-        self._pending.clear()
-
-    def _pending_scores(self) -> tuple[np.ndarray, np.ndarray]:
-        """The task attention of the layers sampled since the last drop as dense visual rows, and where it ran.
-
-        Rows hold 0 where a token did not run; layers with the same keys share one scatter.
-        """
-        key = self.config.task_rows
         layout = self._layout
-        rows: list[np.ndarray] = []
-        position, weights = None, []
-        previous = None
-
-        def scatter() -> None:
-            dense = np.full((len(weights), layout.num_visual), float('-inf'), dtype=np.float32)
-            dense[:, position[0][position[1]]] = np.stack(weights)[:, position[1]]
-            rows.extend(dense)
-
+        key = cfg.task_rows
+        groups: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
         for keys, attention in self._pending:
-            if keys is not previous:
-                if weights:
-                    scatter()
-                index = to_numpy(keys).astype(np.int64)
-                pos = visual_table_np(layout)[index]
-                position, weights, previous = (pos, pos >= 0), [], keys
-            weights.append(to_numpy(attention[key]).astype(np.float32))
-        if weights:
-            scatter()
-        dense = np.stack(rows)
-        valid = np.isfinite(dense)    # the visual tokens each layer ran (pruned ones have no attention)
-        return np.where(valid, dense, 0.0), valid
+            if groups and groups[-1][0] is keys:
+                groups[-1][1].append(attention[key])
+            else:
+                groups.append((keys, [attention[key]]))
+        self._pending.clear()
+        parts = [dense_visual_rows_on_device(keys, torch.stack(weights), layout) for keys, weights in groups]
+        scores = torch.cat([part[0] for part in parts]) if len(parts) > 1 else parts[0][0]
+        # the visual tokens each layer ran (pruned ones have no attention)
+        valid = torch.cat([part[1].expand(len(weights), -1) for part, (_, weights) in zip(parts, groups)])
+        samples = layer_importance_on_device(scores, valid, layout, k=cfg.importance_k, per_camera=True)
+        beta = cfg.importance_beta
+        decay = torch.full((), 1.0 - beta, dtype=torch.float64, device=valid.device)
+        factors = torch.where(valid, decay, 1.0)
+        added = samples.to(torch.float64).mul_(beta)
+        # S_L = S_0 * prod_j f_j + sum_j a_j * prod_{j' > j} f_j': every layer at once
+        after = torch.cat([factors[1:].flip(0).cumprod(0).flip(0), torch.ones_like(factors[:1])])
+        self._importance = self._importance * (after[0] * factors[0]) + (added * after).sum(0)
 
-    def _layer_drop(self, keep: np.ndarray, layer: int) -> np.ndarray:
+    def _layer_drop(self, keep: torch.Tensor, counts: list[int], layer: int) -> tuple[torch.Tensor, list[int]]:
         cfg = self.config
         layout = self._layout
         self._fold_importance()
-        out = keep.copy()
         floor = budget_count(cfg.min_visual_fraction, layout.patches_per_camera, minimum=0)
-        dropped = 0
-        for sl in camera_slices(layout):
-            n = int(keep[sl].sum())
-            n_keep = max(n - int(math.floor(cfg.layer_drop_fraction * n)), min(floor, n))
-            if n_keep >= n:
-                continue
-            chosen = stable_topk(self._importance[sl], n_keep, keep[sl]).numpy()
-            out[sl] = False
-            out[sl.start + chosen] = True
-            dropped += n - n_keep
+        kept = [max(n - int(math.floor(cfg.layer_drop_fraction * n)), min(floor, n)) for n in counts]
+        dropped = sum(counts) - sum(kept)
         self._drops[layer] = dropped
         self.last_info['layer_drops'] = dict(self._drops)
-        return out
+        if dropped == 0:
+            return keep, counts
+        ranks = camera_ranks(self._importance, keep, layout.num_cameras)
+        return topk_masks_per_camera(ranks, kept, keep), kept
 
     def _end(self, record: StepRecord) -> None:
         cfg = self.config
         if cfg.use_static and cfg.use_global:
-            dense = self.record_scores(record, self.layer(cfg.global_layer), cfg.task_rows, fill=float('-inf'))
+            dense = self.record_scores_on_device(record, self.layer(cfg.global_layer), cfg.task_rows,
+                                                 fill=float('-inf'))
             if dense is not None:
                 self.state.set_task_attention(split_per_camera(dense, record.layout))

@@ -13,7 +13,12 @@ The rest go to ``plan.reuse_kv``: the runner does not recompute them and reads t
 (it writes the computed tokens' K/V there every step). The store lives in the method and is cleared on reset.
 Not implemented: VLA-Cache's layer-adaptive reuse ratio (attention-entropy schedule over layers).
 
-Info keys: ``static``, ``task_relevant``, ``reused`` (counts), ``cache_valid`` (whether a usable cache existed).
+Selection runs on the device of the decoder (the task-relevant top-k, the cache validity, the reuse streaks); the
+static-patch test compares raw pixels on the host, where the frames are, every camera at once and each frame cut
+into patches once. The one read back to the host is the number of reused tokens per camera (it sizes the plan).
+
+Info keys: ``static``, ``task_relevant``, ``reused`` (counts; ``task_relevant`` a device tensor, read it after the
+step), ``cache_valid`` (whether a usable cache existed; a device flag once the store holds every layer).
 """
 from __future__ import annotations
 
@@ -25,8 +30,9 @@ import torch
 
 from specprune_ros.core.step_types import KVStore, StepContext, StepPlan, StepRecord
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase, split_per_camera
-from specprune_ros.pruning.change_detection import patch_similarity, static_mask
-from specprune_ros.pruning.scoring import budget_count, mask_to_sequence, topk_per_camera
+from specprune_ros.pruning.change_detection import PatchVectorCache, static_masks
+from specprune_ros.pruning.scoring import (budget_count, host_counts, mask_to_sequence_on_device, to_device,
+                                           topk_per_camera_on_device, visual_indices)
 
 
 @dataclass
@@ -46,66 +52,71 @@ class VLACache(PruningMethodBase):
         self.config: VLACacheConfig
         self.kv_store = KVStore()
         self._streak: Optional[torch.Tensor] = None
+        self._patches = PatchVectorCache()
 
     def _reset_method(self) -> None:
         self.kv_store.clear()
         self._streak = None
+        self._patches.clear()
 
     def _attention_layer(self) -> int:
         if self.config.attention_layer is not None:
             return self.layer(self.config.attention_layer)
         return min(int(math.floor(15 * self.num_layers / 32 + 0.5)), self.num_layers - 1)
 
-    def _cache_valid(self, layout) -> torch.Tensor:
-        """Dense visual mask of tokens with a cached K/V at every layer."""
-        ok = torch.zeros(layout.num_visual, dtype=torch.bool)
+    def _cache_valid(self, layout, device: torch.device) -> Optional[torch.Tensor]:
+        """Dense visual mask of tokens with a cached K/V at every layer (None: no usable cache at all)."""
         store = self.kv_store
         if len(store.valid) < self.num_layers:
-            return ok
-        ok[:] = True
-        vis = layout.visual_indices()
-        for layer in range(self.num_layers):
-            valid = store.valid.get(layer)
-            if valid is None or valid.numel() != layout.num_tokens:
-                return torch.zeros_like(ok)
-            ok &= valid.to(torch.bool)[vis].cpu()
-        return ok
+            return None
+        valid = [store.valid.get(layer) for layer in range(self.num_layers)]
+        if any(v is None or v.numel() != layout.num_tokens for v in valid):
+            return None
+        every = torch.stack(valid).to(device=device, dtype=torch.bool).all(dim=0)
+        return every[visual_indices(layout).to(device)]
 
     def _begin(self, context: StepContext) -> StepPlan:
         cfg = self.config
         layout = context.layout
-        if self._streak is None or self._streak.numel() != layout.num_visual:
-            self._streak = torch.zeros(layout.num_visual, dtype=torch.long)
+        device = context.visual_embeddings.device
+        if self._streak is None or self._streak.numel() != layout.num_visual or self._streak.device != device:
+            self._streak = torch.zeros(layout.num_visual, dtype=torch.long, device=device)
         self.state.push_frames(context.images)
         requests = self.requests((self._attention_layer(), 'text', 'text'))
-        reuse = torch.zeros(layout.num_visual, dtype=torch.bool)
         have_images = context.images is not None and self.state.num_frames >= 2
-        cache_ok = self._cache_valid(layout)
-        self.last_info.update(cache_valid=bool(cache_ok.any()), attention_layer=self._attention_layer())
-        if have_images and bool(cache_ok.any()):
+        cache_ok = self._cache_valid(layout, device)
+        self.last_info.update(cache_valid=False if cache_ok is None else cache_ok.any(),
+                              attention_layer=self._attention_layer())
+        reuse_kv, reused = None, 0
+        if have_images and cache_ok is not None:
             p = layout.patches_per_camera
             cap = budget_count(cfg.max_static_fraction, p, minimum=0)
-            static = torch.cat([
-                static_mask(patch_similarity(self.state.frame(c, 0), self.state.frame(c, 1), layout.grid_shape,
-                                             context.patch_size), cfg.similarity_threshold, cap)
-                for c in range(layout.num_cameras)])
-            relevant = torch.zeros_like(static)
+            vectors = [self._patches.get(self.state.frame_entry(back), self.state.frames, layout.num_cameras,
+                                         layout.grid_shape, context.patch_size) for back in (0, 1)]
+            static_np, _ = static_masks(vectors[0], vectors[1], layout.num_cameras, cfg.similarity_threshold, cap)
+            reuse = to_device(torch.from_numpy(static_np.reshape(-1)), device) & cache_ok
             prev = self.state.task_attention
+            relevant_count = 0
             if prev is not None and len(prev) == layout.num_cameras:
-                dense = torch.cat(prev)
+                dense = torch.cat(prev).to(device)
                 k = budget_count(cfg.task_relevant_fraction, p, minimum=0)
-                relevant = topk_per_camera(dense, k, layout, candidates=torch.isfinite(dense))
-            reuse = static & ~relevant & cache_ok
+                relevant = topk_per_camera_on_device(dense, k, layout, candidates=torch.isfinite(dense))
+                reuse &= ~relevant
+                relevant_count = relevant.sum()
             if cfg.max_consecutive_reuse > 0:
                 reuse &= self._streak < cfg.max_consecutive_reuse
-            self.last_info.update(static=int(static.sum()), task_relevant=int(relevant.sum()))
-        self._streak = torch.where(reuse, self._streak + 1, torch.zeros_like(self._streak))
-        self.last_info['reused'] = int(reuse.sum())
-        return StepPlan(attention=requests, reuse_kv=mask_to_sequence(reuse, layout) if bool(reuse.any()) else None,
-                        kv_store=self.kv_store)
+            self.last_info.update(static=int(static_np.sum()), task_relevant=relevant_count)
+            reused = sum(host_counts(reuse, layout.num_cameras))
+            self._streak = torch.where(reuse, self._streak + 1, 0)
+            if reused:
+                reuse_kv = mask_to_sequence_on_device(reuse, reused, layout)
+        else:
+            self._streak = torch.zeros_like(self._streak)
+        self.last_info['reused'] = reused
+        return StepPlan(attention=requests, reuse_kv=reuse_kv, kv_store=self.kv_store)
 
     def _end(self, record: StepRecord) -> None:
-        dense = self.record_scores(record, self._attention_layer(), 'text', fill=float('-inf'))
+        dense = self.record_scores_on_device(record, self._attention_layer(), 'text', fill=float('-inf'))
         if dense is None:
             return
         # Reused tokens are still keys (key_indices = kept + reused), so every visual token gets a score.
