@@ -341,11 +341,11 @@ def test_specprune_task_rows_choose_the_attention_it_ranks_by(runner, layout):
 
 
 def test_specprune_importance_only_at_pruning_layers(runner, layout):
-    every = run_episode(build_method('specprune_static_layer', {'layer_prune_layers': [3]}), steps=3,
-                        layout=layout, runner=runner, actions=FAST)
-    sparse = run_episode(build_method('specprune_static_layer', {'layer_prune_layers': [3],
-                                                                 'importance_every_layer': False}),
-                         steps=3, layout=layout, runner=runner, actions=FAST)
+    every = run_episode(build_method('specprune_static_layer', {'layer_prune_layers': [3],
+                                                                'importance_every_layer': True}),
+                        steps=3, layout=layout, runner=runner, actions=FAST)
+    sparse = run_episode(build_method('specprune_static_layer', {'layer_prune_layers': [3]}), steps=3,
+                         layout=layout, runner=runner, actions=FAST)   # the default: only where a drop needs it
     last = LAYERS - 1                                                     # V_global's layer
     assert sorted(every[1].record.attention) == [0, 1, 2, 3, last]        # importance sampled at 0..3
     assert sorted(sparse[1].record.attention) == [0, 1, 3, last]          # gathers, the drop layer, V_global

@@ -99,7 +99,19 @@ class SpecPruneConfig(BaseConfig):
       (the code uses 16/25 primary and 12/19 wrist with alpha = 0.8);
     * layer-level pruning on, 10 % per layer at the scaled {5, 10, 15, 20}/32 layers, with the paper's
       w_rank * w_conf EMA importance: paper (the code keeps it off and uses a linear rank weight);
-    * no static pruning on the first step of an episode (no reference frame): ours.
+    * no static pruning on the first step of an episode (no reference frame): ours;
+    * at most 15 % of a camera's patches in the changed set, the least similar first
+      (``change.max_changed_fraction``; the paper: no cap): ours. A wrist camera moves with the hand, so nearly
+      all of its patches change between frames and the changed set kept most of the view, and the static cap
+      alone flags 22 % of a still camera as changed;
+    * the EMA importance sampled at the drop layers only (``importance_every_layer=False``; the paper samples
+      every layer up to the last drop): ours, 7 attention probes instead of 22 at 32 layers.
+
+    Measured on the reference VLA (300 held-out episodes, paired with the earlier default on the same episodes):
+    the two 'ours' defaults keep 150 instead of 177 visual tokens per layer of 288 (35.6 % instead of 45.6 % of a
+    256 x 32 decoder's, 31 % instead of 41 % at OpenVLA-OFT's layout) at 78.3 % success against 77.7 % (22
+    episodes gained, 20 lost). ``{'change': {'max_changed_fraction': 1.0}, 'importance_every_layer': True}`` gives
+    the paper's behaviour back.
     """
 
     # static (action-level) pruning
@@ -113,7 +125,8 @@ class SpecPruneConfig(BaseConfig):
     layer0_k_scale: float = 3.0             # top (3 * K_base) at layer 0 for the gather after layer 0 (code)
     static_gathers: int = 2                 # 2: gather after layers 0 and 1 (code); 1: one final gather after
     # layer 0 with the top K_base there (for shallow decoders: see below)
-    change: ChangeDetectionConfig = field(default_factory=ChangeDetectionConfig)
+    change: ChangeDetectionConfig = field(default_factory=lambda: ChangeDetectionConfig(max_changed_fraction=0.15))
+    # (ours: at most 15 % of a camera's patches count as changed, see the class docstring; 1.0 = the paper's)
     # controller
     use_controller: bool = True
     fixed_mode: Literal['coarse', 'fine'] = 'coarse'   # mode when the controller is off
@@ -125,8 +138,8 @@ class SpecPruneConfig(BaseConfig):
     importance_k: float = 5.0               # steepness of the rank sigmoid (rank as a fraction in [0, 1])
     importance_beta: float = 0.2            # EMA weight of the newest layer
     importance_layers: Optional[tuple[int, ...]] = None    # None: see importance_every_layer
-    importance_every_layer: bool = True     # True: sample every layer up to the last pruning layer (paper's EMA);
-    # False: sample only at the pruning layers (ours: fewer probes)
+    importance_every_layer: bool = False    # True: sample every layer up to the last pruning layer (paper's EMA);
+    # False: sample only at the pruning layers (ours, the default: 7 probes instead of 22 at 32 layers)
     min_visual_fraction: float = 60 / 512   # never go below this fraction of a camera's patches by layer pruning
 
 
