@@ -351,9 +351,9 @@ def test_random_token_drop_prunes_only_visual_tokens_within_its_shares():
     assert again.keep_after.keys() == same.keep_after.keys()
 
 
-def test_pruning_aware_training_runs_the_decoder_on_dropped_tokens(tmp_path, monkeypatch):
+def train_recording_schedules(monkeypatch, settings, out_dir) -> tuple[list, object]:
+    """Train a tiny reference VLA on random episodes; the token-drop schedule of every training batch, the export."""
     from specprune_ros.training import trainer as training
-    episodes = random_episodes()
     schedules = []
     original = training.training_losses
 
@@ -363,9 +363,14 @@ def test_pruning_aware_training_runs_the_decoder_on_dropped_tokens(tmp_path, mon
         return original(model, batch, bf16, schedule)
 
     monkeypatch.setattr(training, 'training_losses', recording)
-    settings = training.TrainConfig(steps=12, batch_size=2, warmup_steps=1, threads=1, log_every=4, save_every=100,
-                                    val_fraction=0.25, token_drop_probability=0.5)
-    exported = training.train(tiny_random_config(VOCABULARY), settings, episodes, tmp_path / 'run')
+    return schedules, training.train(tiny_random_config(VOCABULARY), settings, random_episodes(), out_dir)
+
+
+def test_pruning_aware_training_runs_the_decoder_on_dropped_tokens(tmp_path, monkeypatch):
+    from specprune_ros.training.trainer import TrainConfig
+    settings = TrainConfig(steps=12, batch_size=2, warmup_steps=1, threads=1, log_every=4, save_every=100,
+                           val_fraction=0.25, token_drop_probability=0.5)
+    schedules, exported = train_recording_schedules(monkeypatch, settings, tmp_path / 'run')
     dropped = [s for s in schedules if s is not None]
     assert len(schedules) == 12 and 0 < len(dropped) < 12
     assert json.loads((exported / 'config.json').read_text())['training']['token_drop_probability'] == 0.5

@@ -10,7 +10,7 @@ from specprune_ros.models.loading import tiny_random_config
 from specprune_ros.policy.reference_vla import ReferenceVLA
 from specprune_ros.sim.vocab import VOCABULARY
 from specprune_ros.training import trainer as training
-from test_policy import random_episodes
+from test_policy import random_episodes, train_recording_schedules
 from specprune_ros.training.token_drops import (DROP_FAMILIES, clustered_subset, family_token_drop,
                                                 farthest_points, parse_families, random_token_drop,
                                                 region_subset)
@@ -138,18 +138,9 @@ def test_ranked_drops_follow_the_passes_attention_and_diverse_drops_spread_over_
 
 
 def test_training_with_every_family_runs_and_records_them(tmp_path, monkeypatch):
-    schedules = []
-    original = training.training_losses
-
-    def recording(model, batch, bf16, schedule=None):
-        if model.training:
-            schedules.append(schedule)
-        return original(model, batch, bf16, schedule)
-
-    monkeypatch.setattr(training, 'training_losses', recording)
     settings = training.TrainConfig(steps=10, batch_size=2, warmup_steps=1, threads=1, log_every=5, save_every=100,
                                     val_fraction=0.25, token_drop_probability=1.0, token_drop_families='all')
-    exported = training.train(tiny_random_config(VOCABULARY), settings, random_episodes(), tmp_path / 'run')
+    schedules, exported = train_recording_schedules(monkeypatch, settings, tmp_path / 'run')
     assert len(schedules) == 10 and all(s is not None for s in schedules)
     assert json.loads((exported / 'config.json').read_text())['training']['token_drop_families'] == 'all'
     with pytest.raises(ValueError, match='unknown token-drop families'):
