@@ -122,7 +122,7 @@ def checkout_commit(path: Path) -> str:
 # -- SpecPrune-VLA's code, loaded with run-time shims ------------------------------------------------------------
 
 def _view_as_blocks(image: np.ndarray, block_shape: tuple[int, ...]) -> np.ndarray:
-    """NumPy stand-in for ``skimage.util.view_as_blocks`` (non-overlapping blocks, block grid first)."""
+    """A NumPy stand-in for ``skimage.util.view_as_blocks`` (non-overlapping blocks, block grid first)."""
     image = np.ascontiguousarray(image)
     grid = tuple(s // b for s, b in zip(image.shape, block_shape))
     split = [x for pair in zip(grid, block_shape) for x in pair]
@@ -653,14 +653,15 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     parser.add_argument('--warmup', type=int, default=4, help='untimed policy steps at the start of each episode')
     parser.add_argument('--stride', type=int, default=3, help='control steps between policy frames')
     parser.add_argument('--width', type=int, default=512, help='Llama width (the published 4096 shrunk for the CPU)')
-    parser.add_argument('--layers', type=int, default=32)
+    parser.add_argument('--layers', type=int, default=32, help='decoder layers of the random model')
     parser.add_argument('--vision-scale', type=float, default=0.125, help='ViT width factor (features only)')
-    parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--threads', type=int, default=2, help='torch CPU threads on every side')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the random weights')
     parser.add_argument('--frames', type=Path, default=None, help='frames from deployment_latency.py --save-frames')
-    parser.add_argument('--only', choices=('specprune', 'vla_pruner'), default=None)
+    parser.add_argument('--only', choices=('specprune', 'vla_pruner'), default=None,
+                        help='compare one peer only (default: every peer whose checkout is named)')
     parser.add_argument('--out', type=Path, default=None, help='write peer_latency.json / .md there')
-    parser.add_argument('--quiet', action='store_true')
+    parser.add_argument('--quiet', action='store_true', help='no progress lines')
     parser.add_argument('--combine', type=Path, nargs='+', default=None, metavar='JSON',
                         help='merge reports of separate --only runs into one (written to --out) and exit')
     parser.add_argument('--note', default=None, help='a line for the report (e.g. the machine\'s state)')

@@ -23,6 +23,7 @@ backbone class swapped for the stand-in above. This file imports nothing of ``sp
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import sys
@@ -216,6 +217,9 @@ class Worker:
 
 
 def main() -> None:
+    sys.path.append(str(Path(__file__).resolve().parents[1]))     # after the fork: only for the help formatter
+    from specprune_ros.command_line import HelpFormatter            # argparse alone (no torch, no transformers)
+    argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter).parse_args()
     install_shims()
     worker = Worker()
     handlers = {'load': worker.load, 'step': worker.step, 'reset': worker.reset}
