@@ -67,14 +67,20 @@ def test_keep_all_equals_transformers_forward(causal):
     assert (result.hidden - expected).abs().max().item() <= 1e-5
 
 
+def two_stage_drop() -> tuple[torch.Tensor, torch.Tensor]:
+    """20 of the 32 visual tokens kept before layer 1, 9 of those before layer 3 (seeded)."""
+    generator = torch.Generator().manual_seed(3)
+    first = torch.randperm(32, generator=generator)[:20].sort().values
+    second = first[torch.randperm(20, generator=generator)[:9]].sort().values
+    return first, second
+
+
 @pytest.mark.parametrize('causal', [False, True])
 def test_dropping_at_layers_matches_independent_reference(causal):
     decoder = make_decoder(attn='eager')
     layout = make_layout(causal)
     x = torch.randn(1, N, HIDDEN)
-    generator = torch.Generator().manual_seed(3)
-    first = torch.randperm(32, generator=generator)[:20].sort().values      # before layer 1
-    second = first[torch.randperm(20, generator=generator)[:9]].sort().values  # before layer 3
+    first, second = two_stage_drop()
     method = FixedKeepSchedule(keep_after={0: first, 2: second})
     with torch.no_grad():
         result = PrunableDecoderRunner(decoder)(x, layout, method)
@@ -232,9 +238,7 @@ def test_compiled_layers_with_padded_buckets_match_the_reference(causal):
     decoder = make_decoder(attn='eager')
     layout = make_layout(causal)
     x = torch.randn(1, N, HIDDEN)
-    generator = torch.Generator().manual_seed(3)
-    first = torch.randperm(32, generator=generator)[:20].sort().values
-    second = first[torch.randperm(20, generator=generator)[:9]].sort().values
+    first, second = two_stage_drop()
     method = FixedKeepSchedule(keep_after={0: first, 2: second}, attention=[AttentionRequest(1, 'text')])
     runner = PrunableDecoderRunner(decoder, compile_layers=True, bucket=64)
 
