@@ -1,8 +1,8 @@
 r"""Success against speed for every pruning method across budgets: the curve a deployment chooses from.
 
 Phase 1 (success): every configuration runs the same held-out episodes of every task family in the simulator on
-``--model`` (the shipped reference VLA by default, or a checkpoint directory), paired with unpruned on the same
-episodes (Newcombe's interval of the difference). Each configuration's outcomes are cached under
+each checkpoint of ``--models`` (the shipped reference VLA by default; ``NAME=DIRECTORY`` for others), paired with
+unpruned on the same checkpoint and episodes (Newcombe's interval of the difference). Each configuration's outcomes are cached under
 ``<out>/pareto_runs/`` keyed by the checkpoint's contents, the episodes and the configuration, so an interrupted
 run continues where it stopped and a grid can be extended later.
 
@@ -13,11 +13,14 @@ reference VLA itself is dominated by per-op overheads, so its own speedups say l
 Budgets: the keep ratio of every keep-ratio method (75 / 50 / 35 / 25 / 15 / 10 % by default; coverage_ranked's
 fine-mode ratio keeps its proportion to it), SpecPrune's
 scale of K (``controller.alpha``), and the default of methods without a budget. The front: the configurations
-that no other configuration beats in both success and speedup.
+that no other configuration beats in both success and speedup, per checkpoint. Several checkpoints side by side
+show how much a method's standing depends on what the policy practised in training (one panel per checkpoint, a
+table per checkpoint and one table with every checkpoint's success per configuration).
 
     python benchmarks/pareto.py --episodes-per-family 100 --out docs/benchmarks            # 300 episodes each
     python benchmarks/pareto.py --episodes-per-family 2 --methods random vla_pruner --keep-ratios 0.5 0.25 \
         --speed-steps 3 --out outputs/pareto                                                  # a smoke run
+    python benchmarks/pareto.py --models shipped=reference fair=outputs/fair_checkpoint --out docs/benchmarks
 """
 from __future__ import annotations
 
@@ -71,6 +74,18 @@ def keep_ratio_config(config, ratio: float) -> dict:
     if getattr(config, 'fine_keep_ratio', None) and config.keep_ratio:
         settings['fine_keep_ratio'] = round(min(1.0, ratio * config.fine_keep_ratio / config.keep_ratio), 4)
     return settings
+
+
+def parse_models(specs: list[str]) -> dict[str, str]:
+    """``NAME=DIRECTORY`` or a bare model (named after itself or its folder) -> {name: model}."""
+    models = {}
+    for spec in specs:
+        name, _, model = spec.rpartition('=') if '=' in spec else (None, '', spec)
+        name = name or Path(model).name or model
+        if name in models:
+            raise ValueError(f'two checkpoints named {name!r}; name them with NAME=DIRECTORY')
+        models[name] = model
+    return models
 
 
 def model_key(model: str) -> str:
@@ -132,7 +147,8 @@ def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
     return [label for _, label in sorted(front)]
 
 
-def rows_for(grid: list[dict], success: dict, speed: dict) -> list[dict]:
+def rows_for(grid: list[dict], success: dict, speed: dict, checkpoint: str) -> list[dict]:
+    """One row per configuration on one checkpoint, with its paired difference and whether it is on the front."""
     unpruned = np.array([won for _, _, won in success[BASELINE]['episodes']])
     rows = []
     for entry in grid:
@@ -141,7 +157,8 @@ def rows_for(grid: list[dict], success: dict, speed: dict) -> list[dict]:
         delta = paired_difference(won, unpruned)
         overall = record['summary']['overall']
         timing = speed.get(entry['label'], {})
-        rows.append({'label': entry['label'], 'method': entry['method'], 'budget': entry['budget'],
+        rows.append({'checkpoint': checkpoint, 'label': entry['label'], 'method': entry['method'],
+                     'budget': entry['budget'],
                      'success': overall['success_rate'], 'success_ci95': overall['ci95'],
                      'episodes': overall['episodes'], 'delta_vs_none': delta[0], 'delta_ci95': list(delta[1:]),
                      'speedup': timing.get('speedup'), 'speedup_ci95': timing.get('speedup_ci95'),
@@ -155,16 +172,35 @@ def rows_for(grid: list[dict], success: dict, speed: dict) -> list[dict]:
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = ['# Success against speed, every method across budgets', '',
              f"Command: `{meta['command']}`  ", f"Commit: {meta['commit']}; date: {meta['date']}  ",
-             f"Success: {meta['success']}  ", f"Speed: {meta['speed']}", '',
-             '| config | success (95% CI) | vs none, paired (95% CI) | speedup (95% CI) | kept visual | front |',
-             '|---|---|---|---|---|---|']
-    for r in sorted(rows, key=lambda r: (r['method'] != BASELINE, r['method'], -(r['budget'] or 0))):
-        speed = '-' if r['speedup'] is None else (f"{r['speedup']:.2f}x ({r['speedup_ci95'][0]:.2f}-"
-                                                  f"{r['speedup_ci95'][1]:.2f})")
-        kept = '-' if r['kept_visual_ratio'] is None else f"{r['kept_visual_ratio']:.0%}"
-        lines.append(f"| {r['label']} | {r['success']:.1%} ({r['success_ci95'][0]:.0%}-{r['success_ci95'][1]:.0%}) | "
-                     f"{r['delta_vs_none'] * 100:+.1f} ({r['delta_ci95'][0] * 100:+.1f} to "
-                     f"{r['delta_ci95'][1] * 100:+.1f}) | {speed} | {kept} | {'yes' if r['on_front'] else ''} |")
+             f"Success: {meta['success']}  ", f"Speed: {meta['speed']}"]
+    checkpoints = list(dict.fromkeys(r['checkpoint'] for r in rows))
+    order = sorted({r['label']: r for r in rows}.values(),
+                   key=lambda r: (r['method'] != BASELINE, r['method'], -(r['budget'] or 0)))
+    if len(checkpoints) > 1:
+        lines += ['', '## Every checkpoint', '', 'Success, and in brackets the paired difference from unpruned on the '
+                  'same checkpoint (points).', '',
+                  '| config | speedup | ' + ' | '.join(checkpoints) + ' |', '|---|---|' + '---|' * len(checkpoints)]
+        by_key = {(r['checkpoint'], r['label']): r for r in rows}
+        for first in order:
+            cells = [by_key.get((c, first['label'])) for c in checkpoints]
+            cells = ['-' if r is None else f"{r['success']:.1%} ({r['delta_vs_none'] * 100:+.1f})"
+                     + (' *' if r['on_front'] else '') for r in cells]
+            speed = '-' if first['speedup'] is None else f"{first['speedup']:.2f}x"
+            lines.append(f"| {first['label']} | {speed} | " + ' | '.join(cells) + ' |')
+        lines += ['', '`*`: on that checkpoint\'s front.']
+    for checkpoint in checkpoints:
+        if len(checkpoints) > 1:
+            lines += ['', f'## {checkpoint}']
+        lines += ['', '| config | success (95% CI) | vs none, paired (95% CI) | speedup (95% CI) | kept visual | front |',
+                  '|---|---|---|---|---|---|']
+        mine = {r['label']: r for r in rows if r['checkpoint'] == checkpoint}
+        for r in (mine[o['label']] for o in order if o['label'] in mine):
+            speed = '-' if r['speedup'] is None else (f"{r['speedup']:.2f}x ({r['speedup_ci95'][0]:.2f}-"
+                                                      f"{r['speedup_ci95'][1]:.2f})")
+            kept = '-' if r['kept_visual_ratio'] is None else f"{r['kept_visual_ratio']:.0%}"
+            lines.append(f"| {r['label']} | {r['success']:.1%} ({r['success_ci95'][0]:.0%}-"
+                         f"{r['success_ci95'][1]:.0%}) | {r['delta_vs_none'] * 100:+.1f} ({r['delta_ci95'][0] * 100:+.1f}"
+                         f" to {r['delta_ci95'][1] * 100:+.1f}) | {speed} | {kept} | {'yes' if r['on_front'] else ''} |")
     return '\n'.join(lines)
 
 
@@ -172,17 +208,23 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib                                    # plotting only: keep the import off the measuring path
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    figure, axis = plt.subplots(figsize=(7.5, 5))
-    for method in sorted({r['method'] for r in rows}):
-        mine = sorted((r for r in rows if r['method'] == method and r['speedup'] is not None),
-                      key=lambda r: r['speedup'])
-        axis.plot([r['speedup'] for r in mine], [r['success'] * 100 for r in mine], marker='o', label=method)
-    front = sorted((r for r in rows if r['on_front']), key=lambda r: r['speedup'])
-    axis.plot([r['speedup'] for r in front], [r['success'] * 100 for r in front], 'k--', lw=1, label='front')
-    axis.set_xlabel('speedup over unpruned at the deployment shape')
-    axis.set_ylabel('closed-loop success (%)')
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    checkpoints = list(dict.fromkeys(r['checkpoint'] for r in rows))
+    figure, axes = plt.subplots(1, len(checkpoints), figsize=(6.5 * len(checkpoints), 5), sharey=True, squeeze=False)
+    methods = sorted({r['method'] for r in rows})
+    colours = {m: plt.get_cmap('tab10')(i % 10) for i, m in enumerate(methods)}
+    for axis, checkpoint in zip(axes[0], checkpoints):
+        mine = [r for r in rows if r['checkpoint'] == checkpoint and r['speedup'] is not None]
+        for method in methods:
+            curve = sorted((r for r in mine if r['method'] == method), key=lambda r: r['speedup'])
+            axis.plot([r['speedup'] for r in curve], [r['success'] * 100 for r in curve], marker='o',
+                      color=colours[method], label=method)
+        front = sorted((r for r in mine if r['on_front']), key=lambda r: r['speedup'])
+        axis.plot([r['speedup'] for r in front], [r['success'] * 100 for r in front], 'k--', lw=1, label='front')
+        axis.set_title(checkpoint if len(checkpoints) > 1 else '')
+        axis.set_xlabel('speedup over unpruned at the deployment shape')
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel('closed-loop success (%)')
+    axes[0][0].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -195,7 +237,9 @@ def git_commit() -> str:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument('--model', default='reference', help="'reference' or a reference-VLA checkpoint directory")
+    parser.add_argument('--models', nargs='+', default=['reference'],
+                        help="checkpoints: 'reference' or a reference-VLA checkpoint directory, each optionally "
+                             "NAME=MODEL")
     parser.add_argument('--methods', nargs='+', default=list(METHODS), help='registered methods to sweep')
     parser.add_argument('--keep-ratios', type=float, nargs='+', default=list(KEEP_RATIOS),
                         help='budgets of the keep-ratio methods')
@@ -214,15 +258,18 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = parser.parse_args(argv)
     started = time.time()
     grid = budget_grid(args.methods, tuple(args.keep_ratios), tuple(args.specprune_scales))
-    success = success_phase(grid, args.model, args.episodes_per_family, args.workers,
-                            args.cache or args.out / 'pareto_runs', args.execute_steps)
+    models = parse_models(args.models)
+    success = {name: success_phase(grid, model, args.episodes_per_family, args.workers,
+                                   args.cache or args.out / 'pareto_runs', args.execute_steps)
+               for name, model in models.items()}
     shape = ['--shape', args.speed_shape, '--width', str(args.speed_width), '--layers', str(args.speed_layers)]
     speed, speed_meta, shapes = speed_phase(grid, shape, args.speed_steps, args.threads)
-    rows = rows_for(grid, success, speed)
+    rows = [row for name in models for row in rows_for(grid, success[name], speed, name)]
     command = ' '.join(argv if argv is not None else sys.argv[1:])
     meta = {'command': f'python benchmarks/pareto.py {command}'.strip(), 'commit': git_commit(),
             'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
-            'success': f"model {args.model!r} ({model_key(args.model)}), {args.episodes_per_family} held-out "
+            'success': ', '.join(f"{name}: {model!r} ({model_key(model)})" for name, model in models.items())
+                       + f"; {args.episodes_per_family} held-out "
                        f"episodes per family x {len(TASK_FAMILIES)} families per configuration from seed "
                        f"{EVAL_SEED_START}, paired with unpruned",
             'speed': f"{shapes[0]['shape']} on {speed_meta['device']}, {args.speed_steps} timed steps per "

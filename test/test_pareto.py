@@ -1,6 +1,7 @@
 """The Pareto benchmark: its budget grid, its front, and a small run end to end (simulator + latency harness)."""
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,12 +36,30 @@ def test_front_keeps_only_configurations_nothing_beats_in_both():
     assert pareto.pareto_front(points) == ['a', 'e', 'd']   # ties stay; 'none' is beaten by 'a' at equal success
 
 
+def test_checkpoints_are_named_after_themselves_or_by_name():
+    pareto = load_pareto()
+    assert pareto.parse_models(['reference', 'fair=outputs/fair_checkpoint', 'outputs/plain/']) == {
+        'reference': 'reference', 'fair': 'outputs/fair_checkpoint', 'plain': 'outputs/plain/'}
+    try:
+        pareto.parse_models(['a/x', 'b/x'])
+    except ValueError as error:
+        assert 'NAME=DIRECTORY' in str(error)
+    else:
+        raise AssertionError('two checkpoints with one name were accepted')
+
+
 def test_small_sweep_end_to_end_and_resumes_from_its_cache(tmp_path, capsys):
     pareto = load_pareto()
+    copy = tmp_path / 'copy'
+    shutil.copytree(pareto.REFERENCE_CHECKPOINT, copy)
     argv = ['--episodes-per-family', '1', '--methods', 'random', '--keep-ratios', '0.5', '--speed-steps', '2',
-            '--speed-width', '64', '--speed-layers', '2', '--out', str(tmp_path)]
+            '--speed-width', '64', '--speed-layers', '2', '--models', 'reference', f'copy={copy}',
+            '--out', str(tmp_path)]
     first = pareto.main(argv)
-    rows = {r['label']: r for r in first['rows']}
+    assert [r['checkpoint'] for r in first['rows']] == ['reference', 'reference', 'copy', 'copy']
+    copied = {r['label']: r for r in first['rows'] if r['checkpoint'] == 'copy'}
+    rows = {r['label']: r for r in first['rows'] if r['checkpoint'] == 'reference'}
+    assert {k: v['success'] for k, v in copied.items()} == {k: v['success'] for k, v in rows.items()}
     assert set(rows) == {'none', 'random 50%'}
     assert rows['none']['episodes'] == 3 and rows['none']['delta_vs_none'] == 0.0
     assert rows['none']['speedup'] == 1.0 and 0.3 < rows['random 50%']['kept_visual_ratio'] < 0.7
@@ -50,5 +69,7 @@ def test_small_sweep_end_to_end_and_resumes_from_its_cache(tmp_path, capsys):
     assert matplotlib.image.imread(tmp_path / 'pareto.png').shape[0] > 100
     capsys.readouterr()
     again = pareto.main(argv)                                   # the success phase comes from the cache
-    assert capsys.readouterr().out.count('(cached)') == 2
+    assert capsys.readouterr().out.count('(cached)') == 4
+    table = (tmp_path / 'pareto.md').read_text()
+    assert '## Every checkpoint' in table and '| config | speedup | reference | copy |' in table
     assert [r['success'] for r in again['rows']] == [r['success'] for r in first['rows']]
