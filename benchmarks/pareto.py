@@ -2,18 +2,18 @@ r"""Success against speed for every pruning method across budgets: the curve a d
 
 Phase 1 (success): every configuration runs the same held-out episodes of every task family in the simulator on
 each checkpoint of ``--models`` (the shipped reference VLA by default; ``NAME=DIRECTORY`` for others), paired with
-unpruned on the same checkpoint and episodes (Newcombe's interval of the difference). Each configuration's outcomes are cached under
-``<out>/pareto_runs/`` keyed by the checkpoint's contents, the episodes and the configuration, so an interrupted
-run continues where it stopped and a grid can be extended later.
+unpruned on the same checkpoint and episodes (Newcombe's interval of the difference). Each configuration's
+outcomes are cached under ``<out>/pareto_runs/`` keyed by the checkpoint's contents, the episodes and the
+configuration, so an interrupted run continues where it stopped and a grid can be extended later.
 
 Phase 2 (speed): ``benchmarks/deployment_latency.py`` times every configuration in one process, interleaved, at a
 deployment shape (default: the reference VLA's 2 x 144-patch layout with a random 256 x 32 decoder; the 128-wide
 reference VLA itself is dominated by per-op overheads, so its own speedups say little about a real VLA).
 
 Budgets: the keep ratio of every keep-ratio method (75 / 50 / 35 / 25 / 15 / 10 % by default; coverage_ranked's
-fine-mode ratio keeps its proportion to it), SpecPrune's
-scale of K (``controller.alpha``), and the default of methods without a budget. The front: the configurations
-that no other configuration beats in both success and speedup, per checkpoint. Several checkpoints side by side
+fine-mode ratio keeps its proportion to it), SpecPrune's scale of K (``controller.alpha``), and the default of
+methods without a budget. The front: the configurations that no other configuration beats in both success and
+speedup, per checkpoint. Several checkpoints side by side
 show how much a method's standing depends on what the policy practised in training (one panel per checkpoint, a
 table per checkpoint and one table with every checkpoint's success per configuration).
 
@@ -191,16 +191,17 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     for checkpoint in checkpoints:
         if len(checkpoints) > 1:
             lines += ['', f'## {checkpoint}']
-        lines += ['', '| config | success (95% CI) | vs none, paired (95% CI) | speedup (95% CI) | kept visual | front |',
-                  '|---|---|---|---|---|---|']
+        lines += ['', '| config | success (95% CI) | vs none, paired (95% CI) | speedup (95% CI) | kept visual '
+                  '| front |', '|---|---|---|---|---|---|']
         mine = {r['label']: r for r in rows if r['checkpoint'] == checkpoint}
         for r in (mine[o['label']] for o in order if o['label'] in mine):
             speed = '-' if r['speedup'] is None else (f"{r['speedup']:.2f}x ({r['speedup_ci95'][0]:.2f}-"
                                                       f"{r['speedup_ci95'][1]:.2f})")
             kept = '-' if r['kept_visual_ratio'] is None else f"{r['kept_visual_ratio']:.0%}"
+            low, high = (x * 100 for x in r['delta_ci95'])
             lines.append(f"| {r['label']} | {r['success']:.1%} ({r['success_ci95'][0]:.0%}-"
-                         f"{r['success_ci95'][1]:.0%}) | {r['delta_vs_none'] * 100:+.1f} ({r['delta_ci95'][0] * 100:+.1f}"
-                         f" to {r['delta_ci95'][1] * 100:+.1f}) | {speed} | {kept} | {'yes' if r['on_front'] else ''} |")
+                         f"{r['success_ci95'][1]:.0%}) | {r['delta_vs_none'] * 100:+.1f} ({low:+.1f} to {high:+.1f}) | "
+                         f"{speed} | {kept} | {'yes' if r['on_front'] else ''} |")
     return '\n'.join(lines)
 
 
