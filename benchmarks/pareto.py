@@ -4,7 +4,8 @@ Phase 1 (success): every configuration runs the same held-out episodes of every 
 each checkpoint of ``--models`` (the shipped reference VLA by default; ``NAME=DIRECTORY`` for others), paired with
 unpruned on the same checkpoint and episodes (Newcombe's interval of the difference). Each configuration's
 outcomes are cached under ``<out>/pareto_runs/`` keyed by the checkpoint's contents, the episodes and the
-configuration, so an interrupted run continues where it stopped and a grid can be extended later.
+method's whole resolved configuration (so a changed default runs again), so an interrupted run continues where it
+stopped and a grid can be extended later.
 
 Phase 2 (speed): ``benchmarks/deployment_latency.py`` times every configuration in one process, interleaved, at a
 deployment shape (default: the reference VLA's 2 x 144-patch layout with a random 256 x 32 decoder; the 128-wide
@@ -42,7 +43,7 @@ from specprune_ros.command_line import HelpFormatter
 from specprune_ros.evaluation.closed_loop import PolicySpec, evaluate, summarize
 from specprune_ros.evaluation.statistics import paired_difference
 from specprune_ros.models.loading import REFERENCE_CHECKPOINT
-from specprune_ros.pruning import build_method
+from specprune_ros.pruning import build_method, method_config
 from specprune_ros.sim import EVAL_SEED_START, TASK_FAMILIES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,20 +100,30 @@ def model_key(model: str) -> str:
     return digest.hexdigest()[:12]
 
 
+def cache_key(model: str, spec: PolicySpec, episodes_per_family: int, execute_steps: Optional[int]) -> str:
+    """What makes two success runs the same: checkpoint contents, configuration with every default, episodes."""
+    resolved = None if spec.method == BASELINE else asdict(method_config(spec.method, spec.method_config))
+    return json.dumps({'model': model_key(model), 'spec': asdict(spec), 'resolved': resolved,
+                       'episodes': episodes_per_family, 'seed_start': EVAL_SEED_START,
+                       'execute_steps': execute_steps}, sort_keys=True, default=str)
+
+
 def success_phase(grid: list[dict], model: str, episodes_per_family: int, workers: int, cache: Path,
-                  execute_steps: Optional[int]) -> dict[str, dict]:
-    """Outcomes per configuration: run, or read from the cache when the same run is there."""
+                  execute_steps: Optional[int], cached_only: bool = False) -> dict[str, dict]:
+    """Outcomes per configuration: run, or read from the cache when the same run is there (only that if asked)."""
     cache.mkdir(parents=True, exist_ok=True)
     families = list(TASK_FAMILIES)
     results = {}
     for entry in grid:
         spec = PolicySpec(model, entry['method'], entry['method_config'], entry['label'])
-        key = json.dumps({'model': model_key(model), 'spec': asdict(spec), 'episodes': episodes_per_family,
-                          'seed_start': EVAL_SEED_START, 'execute_steps': execute_steps}, sort_keys=True)
+        key = cache_key(model, spec, episodes_per_family, execute_steps)
         path = cache / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
         if path.is_file():
             results[entry['label']] = json.loads(path.read_text())
             print(f"{entry['label']}: {results[entry['label']]['summary']['overall']['success_rate']:.1%} (cached)")
+            continue
+        if cached_only:
+            print(f"{entry['label']}: not run on {model!r} (--cached-only)")
             continue
         episodes = evaluate(spec, families, episodes_per_family, workers=workers, execute_steps=execute_steps)
         record = {'key': json.loads(key), 'summary': summarize(episodes, entry['label']),
@@ -123,7 +134,9 @@ def success_phase(grid: list[dict], model: str, episodes_per_family: int, worker
 
 
 def speed_phase(grid: list[dict], shape: list[str], steps: int, threads: int) -> tuple[dict, dict, list]:
-    """The latency harness's rows per configuration label (one interleaved run in its own process)."""
+    """The latency harness's rows per configuration label (one interleaved run in its own process); none at 0 steps."""
+    if steps <= 0:
+        return {}, {'device': 'not measured', 'command': '--speed-steps 0'}, [{'shape': 'no speed phase'}]
     extras = [f"{e['label']}={e['method']}:{json.dumps(e['method_config'] or {})}" for e in grid
               if e['label'] != BASELINE]
     with tempfile.TemporaryDirectory() as folder:
@@ -151,7 +164,7 @@ def rows_for(grid: list[dict], success: dict, speed: dict, checkpoint: str) -> l
     """One row per configuration on one checkpoint, with its paired difference and whether it is on the front."""
     unpruned = np.array([won for _, _, won in success[BASELINE]['episodes']])
     rows = []
-    for entry in grid:
+    for entry in (e for e in grid if e['label'] in success):
         record = success[entry['label']]
         won = np.array([w for _, _, w in record['episodes']])
         delta = paired_difference(won, unpruned)
@@ -252,16 +265,18 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument('--speed-shape', default='reference', help="the latency harness's --shape")
     parser.add_argument('--speed-width', type=int, default=256, help='decoder width of the speed phase')
     parser.add_argument('--speed-layers', type=int, default=32, help='decoder depth of the speed phase')
-    parser.add_argument('--speed-steps', type=int, default=12, help='timed steps per configuration')
+    parser.add_argument('--speed-steps', type=int, default=12, help='timed steps per configuration (0: success only)')
     parser.add_argument('--threads', type=int, default=2, help='torch threads in the speed phase')
     parser.add_argument('--out', type=Path, default=Path('outputs/benchmarks'), help='folder for pareto.*')
+    parser.add_argument('--cached-only', action='store_true',
+                        help='report only configurations whose outcomes are in the cache; run none')
     parser.add_argument('--cache', type=Path, default=None, help='outcome cache (default: <out>/pareto_runs)')
     args = parser.parse_args(argv)
     started = time.time()
     grid = budget_grid(args.methods, tuple(args.keep_ratios), tuple(args.specprune_scales))
     models = parse_models(args.models)
     success = {name: success_phase(grid, model, args.episodes_per_family, args.workers,
-                                   args.cache or args.out / 'pareto_runs', args.execute_steps)
+                                   args.cache or args.out / 'pareto_runs', args.execute_steps, args.cached_only)
                for name, model in models.items()}
     shape = ['--shape', args.speed_shape, '--width', str(args.speed_width), '--layers', str(args.speed_layers)]
     speed, speed_meta, shapes = speed_phase(grid, shape, args.speed_steps, args.threads)

@@ -72,4 +72,10 @@ def test_small_sweep_end_to_end_and_resumes_from_its_cache(tmp_path, capsys):
     assert capsys.readouterr().out.count('(cached)') == 4
     table = (tmp_path / 'pareto.md').read_text()
     assert '## Every checkpoint' in table and '| config | speedup | reference | copy |' in table
+    budget = argv.index('0.5')
+    wider = argv[:budget] + ['0.5', '0.25'] + argv[budget + 1:] + ['--cached-only', '--speed-steps', '0']
+    partial = pareto.main(wider)                                # a larger grid reports only what was run
+    assert capsys.readouterr().out.count('not run on') == 2
+    assert [r['label'] for r in partial['rows']] == ['none', 'random 50%'] * 2
+    assert all(r['speedup'] is None for r in partial['rows'])
     assert [r['success'] for r in again['rows']] == [r['success'] for r in first['rows']]
