@@ -33,7 +33,7 @@ from transformers.activations import SiLUActivation
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from specprune_ros.core.flops import decoder_flops
-from specprune_ros.core.masks import additive_mask, attention_mask
+from specprune_ros.core.masks import attention_mask
 from specprune_ros.core.step_types import (AttentionRequest, KVStore, LayerView, PruningMethod, StepContext,
                                            StepPlan, StepRecord)
 from specprune_ros.core.token_layout import TokenLayout, TokenRole
@@ -753,10 +753,13 @@ def _attention_summaries(q_rows: torch.Tensor, keys: torch.Tensor, mask_rows: Op
 
     Query rows (L, B, kv, g * r, d) against keys (L, B, kv, n_k, d). ``mask_rows``: (1, 1, 1, r, n_k) or None.
     """
-    scores = torch.matmul(q_rows.float(), keys.float().transpose(-1, -2)) * scaling
+    # in place on the fresh product: the same numbers as the out-of-place steps, without a copy per step (a masked
+    # score takes the dtype's minimum, as an additive mask gives it)
+    scores = torch.matmul(q_rows.float(), keys.float().transpose(-1, -2)).mul_(scaling)
     if mask_rows is not None:
         layers, batch, kv_heads, rows_total, n_keys = scores.shape
         rows = mask_rows.shape[-2]
-        scores = (scores.view(layers, batch, kv_heads, rows_total // rows, rows, n_keys)
-                  + additive_mask(mask_rows, scores.dtype))
-    return scores.softmax(dim=-1).reshape(scores.shape[0], -1, scores.shape[-1]).mean(dim=1)
+        scores.view(layers, batch, kv_heads, rows_total // rows, rows, n_keys).masked_fill_(
+            ~mask_rows, torch.finfo(scores.dtype).min)
+    torch.softmax(scores, dim=-1, out=scores)
+    return scores.view(scores.shape[0], -1, scores.shape[-1]).mean(dim=1)

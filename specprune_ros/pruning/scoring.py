@@ -116,13 +116,20 @@ def stable_topk_on_device(scores: torch.Tensor, k: int, candidates: Optional[tor
     With ``candidates`` the candidates come first in the host order and the others after them: equal to
     :func:`stable_topk` whenever at least ``k`` positions are candidates (the count is not read back to the host).
     """
-    s = scores.flatten().to(torch.float32)
-    s = torch.where(torch.isnan(s), torch.full_like(s, float('-inf')), s)
-    order = torch.sort(-s, stable=True).indices
+    return stable_topk_rows_on_device(scores.reshape(1, -1), k,
+                                      None if candidates is None else candidates.reshape(1, -1))[0]
+
+
+def stable_topk_rows_on_device(scores: torch.Tensor, k: int, candidates: Optional[torch.Tensor] = None
+                               ) -> torch.Tensor:
+    """:func:`stable_topk_on_device` of every row of ``scores`` (rows, n) at once: (rows, k) positions."""
+    s = scores.to(torch.float32)
+    s = torch.where(torch.isnan(s), float('-inf'), s)
+    order = torch.sort(-s, dim=-1, stable=True).indices
     if candidates is not None:
-        outside = (~candidates.flatten()[order]).to(torch.uint8)
-        order = order[torch.sort(outside, stable=True).indices]
-    return order[:max(0, min(int(k), order.numel()))]
+        outside = (~candidates.gather(-1, order)).to(torch.uint8)
+        order = order.gather(-1, torch.sort(outside, dim=-1, stable=True).indices)
+    return order[:, :max(0, min(int(k), order.shape[-1]))]
 
 
 def dense_visual_scores(key_indices: torch.Tensor, weights: torch.Tensor, layout: TokenLayout,
@@ -310,6 +317,12 @@ def decay_weights(n: int, gamma: float = 0.8, device: Optional[torch.device] = N
     return torch.pow(float(gamma), exponents).to(torch.float32)
 
 
+@functools.lru_cache(maxsize=32)
+def decay_weights_cached(n: int, gamma: float, device: Optional[torch.device] = None) -> torch.Tensor:
+    """:func:`decay_weights`, built once per (n, gamma, device) (do not modify the result)."""
+    return decay_weights(n, gamma, device)
+
+
 def decayed_action_score(history: Sequence[torch.Tensor], gamma: float = 0.8,
                          window: Optional[int] = None) -> Optional[torch.Tensor]:
     """VLA-Pruner ``S_hat = sum_{i=1..w} gamma^i * S_act(t-i)``, normalised to sum 1.
@@ -331,6 +344,15 @@ def decayed_action_score(history: Sequence[torch.Tensor], gamma: float = 0.8,
 def _divide_by_positive_sum(values: torch.Tensor) -> torch.Tensor:
     """``values / values.sum()`` where the sum is positive, else ``values``: decided on the device."""
     total = values.sum()
+    return torch.where(total > 0, values / total, values)
+
+
+def divide_rows_by_positive_sum(values: torch.Tensor) -> torch.Tensor:
+    """Every row of ``values`` (rows, n) divided by its sum where that is positive, else left as it is.
+
+    Each row equals ``_divide_by_positive_sum`` of that row alone.
+    """
+    total = values.sum(dim=-1, keepdim=True)
     return torch.where(total > 0, values / total, values)
 
 
