@@ -696,6 +696,13 @@ class _ProbeBatch:
         if not self.pending:
             return
         started = time.perf_counter()
+        if len(self.pending) == 1:          # one probe (a layer between two changes of the kept set): no grouping
+            q_rows, keys, mask, rows, scaling, out, key = self.pending.pop()
+            mask_rows = None if mask is None else mask[:, :, rows].unsqueeze(2)
+            with torch.no_grad():
+                out[key] = _attention_summaries(q_rows.unsqueeze(0), keys.unsqueeze(0), mask_rows, scaling)[0]
+            self.seconds += time.perf_counter() - started
+            return
         groups: dict[tuple, list] = {}
         for item in self.pending:
             q_rows, keys, mask, rows, scaling = item[:5]

@@ -450,6 +450,8 @@ def host_counts(mask: torch.Tensor, num_cameras: int) -> list[int]:
 def mask_to_sequence_on_device(mask: torch.Tensor, count: int, layout: TokenLayout) -> torch.Tensor:
     """Dense visual mask with ``count`` True entries -> their sequence indices (dense order), on the device."""
     vis = _visual_tables_on(layout, mask.device)[0]
+    if mask.device.type == 'cpu':       # nothing to wait for on the host: the positions directly
+        return vis[mask.nonzero().flatten()[:count]]
     positions = torch.sort(mask.logical_not().to(torch.uint8), stable=True).indices
     return vis[positions[:count]]
 
@@ -471,27 +473,50 @@ def _rank_weight_table(patches: int, k: float) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def _rank_weight_table_on(patches: int, k: float, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(_rank_weight_table(patches, k).reshape(-1)).to(device)
+    """:func:`_rank_weight_table` (patches + 1, patches) on ``device``."""
+    return torch.from_numpy(_rank_weight_table(patches, k)).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _known_count_tables(counts: tuple[int, ...], patches: int, k: float, device: torch.device
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank weights by rank (groups, patches) and the valid counts (groups, 1) float64, for host-known counts.
+
+    (Do not modify the results: they are shared.)
+    """
+    table = _rank_weight_table(patches, k)[list(counts)]
+    return (torch.from_numpy(table).to(device),
+            torch.tensor(counts, dtype=torch.float64).view(-1, 1).to(device))
 
 
 def layer_importance_on_device(scores: torch.Tensor, valid: torch.Tensor, layout: TokenLayout, k: float = 5.0,
-                               per_camera: bool = True) -> torch.Tensor:
+                               per_camera: bool = True, counts: Optional[Sequence[int]] = None) -> torch.Tensor:
     """:func:`layer_importance` of stacked layers (layers, num_visual) on the device, float32 as it.
 
-    ``scores`` must be 0 where not ``valid``. Rank weights come from a table per (patch count, k); the confidence is
-    computed in float64 as the host version computes it.
+    ``scores`` must be 0 where not ``valid``. Rank weights come from a table per (patch count, k), placed at each
+    token's rank by one scatter; the confidence is computed in float64 as the host version computes it.
+    ``counts``: the valid tokens of every group (camera, or all), known on the host, for a single layer: saves
+    counting them on the device (the same numbers).
     """
     groups = layout.num_cameras if per_camera else 1
     rows = scores.shape[0]
     patches = scores.shape[-1] // groups
     v = valid.reshape(rows, groups, patches)
-    ranks = camera_ranks(scores, valid, groups)
-    n = v.sum(dim=-1, keepdim=True)
-    table = _rank_weight_table_on(patches, float(k), scores.device)
-    w = table.take(n * patches + ranks)                     # 0 where the rank is past the valid count
+    # candidates by descending score (ties -> lower position), then the rest: as camera_ranks orders them
+    key = torch.where(valid, scores.neg(), float('inf')).reshape(rows, groups, patches)
+    order = torch.sort(key, dim=-1, stable=True).indices
+    known = counts is not None and rows == 1 and len(counts) == groups and min(counts) >= 2
+    if known:
+        by_rank, count = _known_count_tables(tuple(int(c) for c in counts), patches, float(k), scores.device)
+    else:
+        n = v.sum(dim=-1, keepdim=True)
+        by_rank = _rank_weight_table_on(patches, float(k), scores.device).index_select(0, n.flatten())
+        by_rank, count = by_rank.view(rows, groups, patches), n.clamp(min=1)
+    w = torch.empty_like(order, dtype=by_rank.dtype).scatter_(-1, order, by_rank.expand_as(order))
     s = scores.reshape(rows, groups, patches).to(torch.float64)
-    count = n.clamp(min=1)
     mean = s.sum(dim=-1, keepdim=True) / count
     std = ((s - mean) * v).square_().sum(dim=-1, keepdim=True).div_(count).sqrt_()
-    conf = torch.where(n >= 2, (mean / (std + 1e-12)).clamp_(0.0, 100.0), 1.0)
+    conf = (mean / (std + 1e-12)).clamp_(0.0, 100.0)
+    if not known:                       # fewer than 2 valid tokens: confidence 1
+        conf = torch.where(n >= 2, conf, 1.0)
     return (w * conf).to(torch.float32).reshape(scores.shape)

@@ -57,6 +57,7 @@ after the step), ``kept_after_layer`` (visual count after each gather / drop), `
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -172,6 +173,7 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         self._present: Optional[torch.Tensor] = None   # and which, dense visual bool (device)
         self._prune_set: frozenset = frozenset()
         self._importance_set: frozenset = frozenset()
+        self._event_layers: set = set()
         self._kept_after: dict[int, int] = {}
         self._drops: dict[int, int] = {}
 
@@ -243,6 +245,9 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         if cfg.use_static and cfg.use_global:
             items += [(self.layer(cfg.global_layer), rows, rows)]
         items.sort()
+        # the layers after which this step records or decides anything
+        gathers = {0, 1} if cfg.static_gathers >= 2 and self.num_layers > 2 else {0}
+        self._event_layers = (gathers if cfg.use_static else set()) | self._prune_set | self._importance_set
         return StepPlan(attention=self.requests(*items))
 
     def _dynamic_set(self, context: StepContext, out: ControllerOutput, device: torch.device) -> torch.Tensor:
@@ -282,19 +287,19 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         return mask
 
     def _after(self, view: LayerView) -> Optional[torch.Tensor]:
+        layer = view.layer
+        if layer not in self._event_layers:
+            return None                 # most layers of a deep decoder: nothing to record or decide
         cfg = self.config
         layout = self._layout
-        layer = view.layer
         two_gathers = cfg.static_gathers >= 2 and self.num_layers > 2
         gather = cfg.use_static and (layer == 0 or (layer == 1 and two_gathers))
         layer_pruning = self._importance is not None
         drop = layer_pruning and layer in self._prune_set
         sample = layer_pruning and layer in self._importance_set
-        if not (gather or drop or sample):
-            return None                 # most layers of a deep decoder: nothing to record or decide
         if sample and view.attention and cfg.task_rows in view.attention:
             # read where a drop needs it: the runner scores the probes of all these layers in one batch then
-            self._pending.append((view.key_indices, view.attention))
+            self._pending.append((view.key_indices, view.attention, self._counts))
         if not (gather or drop):
             return None
         # the visual tokens that ran: the method's own last keep set unless keep regions add tokens to it
@@ -363,22 +368,32 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         cfg = self.config
         layout = self._layout
         key = cfg.task_rows
-        groups: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
-        for keys, attention in self._pending:
-            if groups and groups[-1][0] is keys:
-                groups[-1][1].append(attention[key])
-            else:
-                groups.append((keys, [attention[key]]))
-        self._pending.clear()
-        parts = [dense_visual_rows_on_device(keys, torch.stack(weights), layout) for keys, weights in groups]
-        scores = torch.cat([part[0] for part in parts]) if len(parts) > 1 else parts[0][0]
-        # the visual tokens each layer ran (pruned ones have no attention)
-        valid = torch.cat([part[1].expand(len(weights), -1) for part, (_, weights) in zip(parts, groups)])
-        samples = layer_importance_on_device(scores, valid, layout, k=cfg.importance_k, per_camera=True)
+        if len(self._pending) == 1:     # the default (samples at the drop layers only): no stacking
+            keys, attention, counts = self._pending.pop()
+            scores, valid = dense_visual_rows_on_device(keys, attention[key].unsqueeze(0), layout)
+            valid = valid.unsqueeze(0)
+        else:
+            groups: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+            for keys, attention, _ in self._pending:
+                if groups and groups[-1][0] is keys:
+                    groups[-1][1].append(attention[key])
+                else:
+                    groups.append((keys, [attention[key]]))
+            self._pending.clear()
+            parts = [dense_visual_rows_on_device(keys, torch.stack(weights), layout) for keys, weights in groups]
+            scores = torch.cat([part[0] for part in parts]) if len(parts) > 1 else parts[0][0]
+            # the visual tokens each layer ran (pruned ones have no attention)
+            valid = torch.cat([part[1].expand(len(weights), -1) for part, (_, weights) in zip(parts, groups)])
+            counts = None
+        # with the per-camera counts known on the host (one layer), the device need not count them
+        samples = layer_importance_on_device(scores, valid, layout, k=cfg.importance_k, per_camera=True,
+                                             counts=counts)
         beta = cfg.importance_beta
-        decay = torch.full((), 1.0 - beta, dtype=torch.float64, device=valid.device)
-        factors = torch.where(valid, decay, 1.0)
+        factors = torch.where(valid, _scalar(1.0 - beta, valid.device), 1.0)
         added = samples.to(torch.float64).mul_(beta)
+        if len(factors) == 1:       # one layer (the default samples at the drop layers only): the plain update
+            self._importance = self._importance * factors[0] + added[0]
+            return
         # S_L = S_0 * prod_j f_j + sum_j a_j * prod_{j' > j} f_j': every layer at once
         after = torch.cat([factors[1:].flip(0).cumprod(0).flip(0), torch.ones_like(factors[:1])])
         self._importance = self._importance * (after[0] * factors[0]) + (added * after).sum(0)
@@ -404,3 +419,9 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
                                                  fill=float('-inf'))
             if dense is not None:
                 self.state.set_task_attention(split_per_camera(dense, record.layout))
+
+
+@functools.lru_cache(maxsize=16)
+def _scalar(value: float, device: torch.device) -> torch.Tensor:
+    """A float64 scalar tensor on ``device``, built once (do not modify it)."""
+    return torch.full((), value, dtype=torch.float64, device=device)
