@@ -450,8 +450,6 @@ def host_counts(mask: torch.Tensor, num_cameras: int) -> list[int]:
 def mask_to_sequence_on_device(mask: torch.Tensor, count: int, layout: TokenLayout) -> torch.Tensor:
     """Dense visual mask with ``count`` True entries -> their sequence indices (dense order), on the device."""
     vis = _visual_tables_on(layout, mask.device)[0]
-    if mask.device.type == 'cpu':       # nothing to wait for on the host: the positions directly
-        return vis[mask.nonzero().flatten()[:count]]
     positions = torch.sort(mask.logical_not().to(torch.uint8), stable=True).indices
     return vis[positions[:count]]
 
