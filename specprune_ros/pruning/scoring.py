@@ -101,13 +101,23 @@ def dense_visual_scores_on_device(key_indices: torch.Tensor, weights: torch.Tens
                                   fill: float = 0.0) -> torch.Tensor:
     """:func:`dense_visual_scores` on the weights' device (float32), without reading anything back to the host."""
     spare = _visual_tables_on(layout, weights.device)[1]
-    keys = key_indices.to(device=weights.device, dtype=torch.long).flatten()
-    w = weights.flatten()
+    keys = _flat(_long_on(key_indices, weights.device))
+    w = _flat(weights)
     if keys.numel() != w.numel():
         raise ValueError(f'{keys.numel()} key indices but {w.numel()} weights')
     out = torch.full((layout.num_visual + 1,), float(fill), dtype=torch.float32, device=weights.device)
-    out.index_copy_(0, spare[keys], w.to(torch.float32))
+    out.index_copy_(0, spare[keys], w if w.dtype == torch.float32 else w.to(torch.float32))
     return out[:layout.num_visual]
+
+
+def _long_on(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``indices`` as int64 on ``device`` (itself when it already is: no operation)."""
+    return indices if indices.dtype == torch.long and indices.device == device else \
+        indices.to(device=device, dtype=torch.long)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dim() == 1 else x.flatten()
 
 
 def stable_topk_on_device(scores: torch.Tensor, k: int, candidates: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -389,9 +399,9 @@ def dense_visual_rows_on_device(key_indices: torch.Tensor, weights: torch.Tensor
     visual keys.
     """
     spare = _visual_tables_on(layout, weights.device)[1]
-    position = spare[key_indices.to(device=weights.device, dtype=torch.long)]
+    position = spare[_long_on(key_indices, weights.device)]
     out = torch.zeros(weights.shape[0], layout.num_visual + 1, dtype=torch.float32, device=weights.device)
-    out.index_copy_(1, position, weights.to(torch.float32))
+    out.index_copy_(1, position, weights if weights.dtype == torch.float32 else weights.to(torch.float32))
     valid = torch.zeros(layout.num_visual + 1, dtype=torch.bool, device=weights.device).index_fill_(0, position, True)
     return out[:, :layout.num_visual], valid[:layout.num_visual]
 
@@ -431,12 +441,29 @@ def topk_masks_per_camera(ranks: torch.Tensor, counts: Sequence[int], candidates
     return (ranks < camera_limits(counts, ranks.device)).reshape(candidates.shape) & candidates
 
 
+@functools.lru_cache(maxsize=64)
+def _leading_flags(counts: tuple[int, ...], patches: int, device: torch.device) -> torch.Tensor:
+    """(C, patches) bool: True at the first ``counts[c]`` positions of row c (do not modify the result)."""
+    return (torch.arange(patches).view(1, -1) < torch.tensor(counts).view(-1, 1)).to(device)
+
+
+def top_counts_per_camera(scores: torch.Tensor, candidates: torch.Tensor, counts: Sequence[int],
+                          num_cameras: int) -> torch.Tensor:
+    """``topk_masks_per_camera(camera_ranks(scores, candidates, C), counts, candidates)`` in fewer operations.
+
+    The first ``counts[c]`` places of camera c's sorted order are set by one scatter, without the ranks.
+    """
+    key = torch.where(candidates, scores.neg(), float('inf')).reshape(num_cameras, -1)
+    order = torch.sort(key, dim=-1, stable=True).indices
+    flags = _leading_flags(tuple(int(c) for c in counts), order.shape[-1], order.device)
+    return torch.empty_like(flags).scatter_(-1, order, flags).reshape(candidates.shape) & candidates
+
+
 def topk_per_camera_on_device(dense: torch.Tensor, k: KPerCamera, layout: TokenLayout,
                               candidates: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`topk_per_camera` on the scores' device: equal masks for finite candidate scores, nothing read back."""
     cand = torch.isfinite(dense) if candidates is None else candidates
-    ranks = camera_ranks(dense, cand, layout.num_cameras)
-    return topk_masks_per_camera(ranks, _per_camera(k, layout.num_cameras), cand)
+    return top_counts_per_camera(dense, cand, _per_camera(k, layout.num_cameras), layout.num_cameras)
 
 
 def host_counts(mask: torch.Tensor, num_cameras: int) -> list[int]:

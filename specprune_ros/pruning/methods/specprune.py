@@ -71,10 +71,11 @@ from specprune_ros.pruning.base import BaseConfig, PruningMethodBase, split_per_
 from specprune_ros.pruning.budget_knob import BudgetKnob
 from specprune_ros.pruning.change_detection import (ChangeDetectionConfig, PatchVectorCache, changed_masks,
                                                     max_changed_count, max_static_count, reference_back)
-from specprune_ros.pruning.scoring import (budget_count, camera_ranks, dense_visual_rows_on_device, host_counts,
+from specprune_ros.pruning.scoring import (budget_count, camera_ranks, dense_visual_rows_on_device,
+                                           dense_visual_scores_on_device, host_counts,
                                            layer_importance_on_device, mask_to_sequence_on_device,
-                                           present_mask_on_device, to_device, topk_masks_per_camera,
-                                           topk_per_camera_on_device)
+                                           present_mask_on_device, to_device, top_counts_per_camera,
+                                           topk_masks_per_camera, topk_per_camera_on_device)
 
 PAPER_LAYER_PRUNE = (5, 10, 15, 20)
 PAPER_DEPTH = 32
@@ -299,7 +300,7 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         sample = layer_pruning and layer in self._importance_set
         if sample and view.attention and cfg.task_rows in view.attention:
             # read where a drop needs it: the runner scores the probes of all these layers in one batch then
-            self._pending.append((view.key_indices, view.attention, self._counts))
+            self._pending.append((view.key_indices, view.attention, self._counts, self._present))
         if not (gather or drop):
             return None
         # the visual tokens that ran: the method's own last keep set unless keep regions add tokens to it
@@ -369,12 +370,15 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         layout = self._layout
         key = cfg.task_rows
         if len(self._pending) == 1:     # the default (samples at the drop layers only): no stacking
-            keys, attention, counts = self._pending.pop()
-            scores, valid = dense_visual_rows_on_device(keys, attention[key].unsqueeze(0), layout)
-            valid = valid.unsqueeze(0)
+            keys, attention, counts, present = self._pending.pop()
+            if counts is None:
+                scores, valid = dense_visual_rows_on_device(keys, attention[key].unsqueeze(0), layout)
+            else:               # the visual keys are the method's own keep set then
+                scores, valid = dense_visual_scores_on_device(keys, attention[key], layout), present
+            scores, valid = scores.unsqueeze(0), valid.unsqueeze(0)
         else:
             groups: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
-            for keys, attention, _ in self._pending:
+            for keys, attention, _, _ in self._pending:
                 if groups and groups[-1][0] is keys:
                     groups[-1][1].append(attention[key])
                 else:
@@ -409,8 +413,7 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         self.last_info['layer_drops'] = dict(self._drops)
         if dropped == 0:
             return keep, counts
-        ranks = camera_ranks(self._importance, keep, layout.num_cameras)
-        return topk_masks_per_camera(ranks, kept, keep), kept
+        return top_counts_per_camera(self._importance, keep, kept, layout.num_cameras), kept
 
     def _end(self, record: StepRecord) -> None:
         cfg = self.config
