@@ -67,7 +67,7 @@ import torch
 
 from specprune_ros.core.step_types import LayerView, StepContext, StepPlan, StepRecord
 from specprune_ros.pruning.action_controller import ActionController, ControllerConfig, ControllerOutput
-from specprune_ros.pruning.base import BaseConfig, PruningMethodBase, split_per_camera
+from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
 from specprune_ros.pruning.budget_knob import BudgetKnob
 from specprune_ros.pruning.change_detection import (ChangeDetectionConfig, PatchVectorCache, changed_masks,
                                                     max_changed_count, max_static_count, reference_back)
@@ -230,12 +230,12 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
                 parts[0] if len(parts) == 1 else parts[0] | parts[1]
         # per-camera counts are exact unless keep regions add tokens behind the method's back
         self._counts = None if self.config.keep_regions else [patches] * cams
-        self._present = torch.ones(layout.num_visual, dtype=torch.bool, device=device)
+        self._present = _constant((layout.num_visual,), True, torch.bool, device)     # replaced, never modified
 
         self._prune_set = frozenset(self._prune_layers()) if cfg.use_layer_pruning else frozenset()
         self._importance_set = frozenset(self._importance_layers()) if cfg.use_layer_pruning else frozenset()
         if cfg.use_layer_pruning:
-            self._importance = torch.zeros(layout.num_visual, dtype=torch.float64, device=device)
+            self._importance = _constant((layout.num_visual,), 0.0, torch.float64, device)   # replaced, never modified
         items = []
         rows = cfg.task_rows
         if cfg.use_static:
@@ -280,7 +280,8 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         if prev is None or len(prev) != layout.num_cameras:
             self.last_info['global'] = 0
             return None
-        dense = torch.cat(prev).to(device)
+        dense = torch.cat(prev)
+        dense = dense if dense.device == device else dense.to(device)
         p = layout.patches_per_camera
         kg = [budget_count(self.config.global_k_scale * k / max(p, 1), p, minimum=0) for k in self._k]
         mask = topk_per_camera_on_device(dense, kg, layout, candidates=torch.isfinite(dense))
@@ -393,7 +394,7 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         samples = layer_importance_on_device(scores, valid, layout, k=cfg.importance_k, per_camera=True,
                                              counts=counts)
         beta = cfg.importance_beta
-        factors = torch.where(valid, _scalar(1.0 - beta, valid.device), 1.0)
+        factors = torch.where(valid, _constant((), 1.0 - beta, torch.float64, valid.device), 1.0)
         added = samples.to(torch.float64).mul_(beta)
         if len(factors) == 1:       # one layer (the default samples at the drop layers only): the plain update
             self._importance = self._importance * factors[0] + added[0]
@@ -421,10 +422,11 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
             dense = self.record_scores_on_device(record, self.layer(cfg.global_layer), cfg.task_rows,
                                                  fill=float('-inf'))
             if dense is not None:
-                self.state.set_task_attention(split_per_camera(dense, record.layout))
+                # the state keeps its own copy of every camera's part
+                self.state.set_task_attention(dense.view(record.layout.num_cameras, -1).unbind(0))
 
 
-@functools.lru_cache(maxsize=16)
-def _scalar(value: float, device: torch.device) -> torch.Tensor:
-    """A float64 scalar tensor on ``device``, built once (do not modify it)."""
-    return torch.full((), value, dtype=torch.float64, device=device)
+@functools.lru_cache(maxsize=32)
+def _constant(shape: tuple[int, ...], value: float | bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of one value, built once per (shape, value, dtype, device) (do not modify it)."""
+    return torch.full(shape, value, dtype=dtype, device=device)

@@ -26,7 +26,7 @@ from typing import Literal, Optional
 import torch
 
 from specprune_ros.core.step_types import LayerView, StepContext, StepPlan, StepRecord
-from specprune_ros.pruning.base import BaseConfig, PruningMethodBase, split_per_camera
+from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
 from specprune_ros.pruning.budget_knob import KeepRatioKnob
 from specprune_ros.pruning.diversity import greedy_max_min, greedy_max_min_groups
 from specprune_ros.pruning.scoring import (budget_count, camera_slices, decay_weights_cached,
@@ -218,7 +218,8 @@ class VLAPruner(KeepRatioKnob, PruningMethodBase):
         if act is None:
             self.last_info['action_attention'] = 'missing'
             return
-        self.state.push_action_attention(split_per_camera(act, record.layout))
+        # the state keeps its own copy of every camera's part
+        self.state.push_action_attention(act.view(record.layout.num_cameras, -1).unbind(0))
 
 
 @functools.lru_cache(maxsize=32)
