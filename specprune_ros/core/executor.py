@@ -763,15 +763,15 @@ def _attention_summaries(q_rows: torch.Tensor, keys: torch.Tensor, mask_rows: Op
     """
     q_rows = q_rows if q_rows.dtype == torch.float32 else q_rows.float()
     keys = keys if keys.dtype == torch.float32 else keys.float()
-    # in place on the fresh product: the same numbers as the out-of-place steps, without a copy per step (a masked
-    # score takes the dtype's minimum, as an additive mask gives it)
+    # scaled and masked in place on the fresh product: the same numbers as out-of-place steps, without a copy (a
+    # masked score takes the dtype's minimum, as an additive mask gives it)
     scores = torch.matmul(q_rows, keys.transpose(-1, -2)).mul_(scaling)
     n_keys = scores.shape[-1]
     if mask_rows is not None:
         rows = mask_rows.shape[-2]
         scores.view(*scores.shape[:-2], scores.shape[-2] // rows, rows, n_keys).masked_fill_(
             ~mask_rows, torch.finfo(scores.dtype).min)
-    torch.softmax(scores, dim=-1, out=scores)
+    scores = scores.softmax(dim=-1)
     if q_rows.dim() == 4:
         return scores.view(-1, n_keys).mean(dim=0)
     return scores.view(scores.shape[0], -1, n_keys).mean(dim=1)
