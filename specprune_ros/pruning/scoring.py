@@ -443,8 +443,11 @@ def topk_masks_per_camera(ranks: torch.Tensor, counts: Sequence[int], candidates
 
 @functools.lru_cache(maxsize=64)
 def _leading_flags(counts: tuple[int, ...], patches: int, device: torch.device) -> torch.Tensor:
-    """(C, patches) bool: True at the first ``counts[c]`` positions of row c (do not modify the result)."""
-    return (torch.arange(patches).view(1, -1) < torch.tensor(counts).view(-1, 1)).to(device)
+    """(C, patches) bool: True at the first ``counts[c]`` positions of row c (do not modify the result).
+
+    Built on the device (no host-to-device copy, which would wait for the device).
+    """
+    return _aranges_on(patches, device).view(1, -1) < camera_limits(counts, device)
 
 
 def top_counts_per_camera(scores: torch.Tensor, candidates: torch.Tensor, counts: Sequence[int],
@@ -509,9 +512,10 @@ def _known_count_tables(counts: tuple[int, ...], patches: int, k: float, device:
 
     (Do not modify the results: they are shared.)
     """
-    table = _rank_weight_table(patches, k)[list(counts)]
-    return (torch.from_numpy(table).to(device),
-            torch.tensor(counts, dtype=torch.float64).view(-1, 1).to(device))
+    # built on the device from the table it holds (no host-to-device copy, which would wait for the device)
+    limits = camera_limits(counts, device)
+    return (_rank_weight_table_on(patches, k, device).index_select(0, limits.flatten()),
+            limits.to(torch.float64))
 
 
 def layer_importance_on_device(scores: torch.Tensor, valid: torch.Tensor, layout: TokenLayout, k: float = 5.0,
