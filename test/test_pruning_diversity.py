@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from specprune_ros.pruning.diversity import cosine_distance_matrix, greedy_max_min
+from specprune_ros.pruning.diversity import cosine_distance_matrix, greedy_max_min, greedy_max_min_groups
 
 
 def brute_force_greedy(features: torch.Tensor, m: int) -> list[int]:
@@ -92,3 +92,19 @@ def test_candidates_choose_as_the_candidate_rows_alone(n, seed, data):
     mask[rows] = True
     alone = [rows[i] for i in greedy_max_min(x[rows], m).tolist()]
     assert greedy_max_min(x, m, candidates=mask).tolist() == alone
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(st.integers(0, 10_000), st.integers(min_value=0, max_value=8), st.booleans())
+def test_groups_pick_what_each_group_picks_alone(seed, m, duplicates):
+    # several groups (cameras) in the same steps: every group's picks equal its own greedy run
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 9, 4, generator=g)
+    if duplicates:
+        x[:, 1::2] = x[:, :1]
+    cand = torch.rand(3, 9, generator=g) < 0.6
+    cand[:, :m] = True
+    got = greedy_max_min_groups(x, m, candidates=cand)
+    assert got.shape == (3, min(m, 9))
+    for group in range(3):
+        assert torch.equal(got[group], greedy_max_min(x[group], m, candidates=cand[group]))

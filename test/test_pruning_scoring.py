@@ -6,12 +6,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from specprune_ros.core.token_layout import TokenLayout
-from specprune_ros.pruning.scoring import (budget_count, decay_weights, decayed_action_score, dense_visual_scores,
-                                           dense_visual_scores_on_device, ema_update, layer_confidence,
+from specprune_ros.pruning.scoring import (budget_count, camera_ranks, decay_weights, decayed_action_score,
+                                           dense_visual_scores, dense_visual_scores_on_device,
+                                           divide_rows_by_positive_sum, ema_update, layer_confidence,
                                            layer_importance, layer_importance_on_device, mask_to_sequence,
                                            mask_to_sequence_on_device, normalise, positions_to_sequence,
-                                           rank_weights, stable_topk, stable_topk_on_device, topk_per_camera,
-                                           topk_per_camera_on_device)
+                                           rank_weights, stable_topk, stable_topk_on_device,
+                                           stable_topk_rows_on_device, top_counts_per_camera,
+                                           topk_masks_per_camera, topk_per_camera, topk_per_camera_on_device)
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
 floats = st.floats(min_value=0.0, max_value=1.0, allow_nan=False, width=32)
@@ -262,3 +264,44 @@ def test_device_mask_to_sequence_equals_the_host_conversion(seed):
     layout = layout2()
     mask = torch.rand(layout.num_visual, generator=torch.Generator().manual_seed(seed)) < 0.5
     assert torch.equal(mask_to_sequence_on_device(mask, int(mask.sum()), layout), mask_to_sequence(mask, layout))
+
+
+@SETTINGS
+@given(st.integers(0, 10_000), st.booleans())
+def test_device_layer_importance_with_host_counts_equals_the_host_sample(seed, ties):
+    # one layer whose per-camera valid counts the caller knows: the same numbers without counting on the device
+    layout = layout2((4, 4))
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.rand(1, layout.num_visual, generator=g) < 0.7
+    raw = torch.randint(0, 3, (1, layout.num_visual), generator=g).float() if ties else \
+        torch.rand(1, layout.num_visual, generator=g)
+    scores = torch.where(valid, raw, torch.zeros(()))
+    counts = valid.reshape(2, -1).sum(dim=1).tolist()
+    assert torch.equal(layer_importance_on_device(scores, valid, layout, counts=counts),
+                       layer_importance(scores, valid, layout))
+
+
+@SETTINGS
+@given(st.integers(0, 10_000), st.integers(0, 9), st.integers(0, 9), st.booleans())
+def test_top_counts_per_camera_equals_the_masks_from_ranks(seed, k0, k1, ties):
+    layout = layout2()
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.randint(0, 3, (layout.num_visual,), generator=g).float() if ties else \
+        torch.rand(layout.num_visual, generator=g)
+    cand = torch.rand(layout.num_visual, generator=g) < 0.6
+    expected = topk_masks_per_camera(camera_ranks(dense, cand, 2), [k0, k1], cand)
+    assert torch.equal(top_counts_per_camera(dense, cand, [k0, k1], 2), expected)
+
+
+@SETTINGS
+@given(st.integers(0, 10_000), st.integers(0, 12), st.booleans())
+def test_row_helpers_equal_the_one_vector_helpers_row_by_row(seed, k, with_candidates):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 4, (3, 10), generator=g).float() / 7
+    scores[0] = 0.0                                       # a row without a positive sum stays as it is
+    cand = (torch.rand(3, 10, generator=g) < 0.7) if with_candidates else None
+    rows = stable_topk_rows_on_device(scores, k, cand)
+    divided = divide_rows_by_positive_sum(scores)
+    for i in range(3):
+        assert torch.equal(rows[i], stable_topk_on_device(scores[i], k, None if cand is None else cand[i]))
+        assert torch.equal(divided[i], normalise(scores[i]))

@@ -33,7 +33,7 @@ from transformers.activations import SiLUActivation
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from specprune_ros.core.flops import decoder_flops
-from specprune_ros.core.masks import additive_mask, attention_mask
+from specprune_ros.core.masks import attention_mask
 from specprune_ros.core.step_types import (AttentionRequest, KVStore, LayerView, PruningMethod, StepContext,
                                            StepPlan, StepRecord)
 from specprune_ros.core.token_layout import TokenLayout, TokenRole
@@ -696,6 +696,13 @@ class _ProbeBatch:
         if not self.pending:
             return
         started = time.perf_counter()
+        if len(self.pending) == 1:          # one probe (a layer between two changes of the kept set): no grouping
+            q_rows, keys, mask, rows, scaling, out, key = self.pending.pop()
+            mask_rows = None if mask is None else mask[:, :, rows].unsqueeze(2)
+            with torch.no_grad():
+                out[key] = _attention_summaries(q_rows, keys, mask_rows, scaling)
+            self.seconds += time.perf_counter() - started
+            return
         groups: dict[tuple, list] = {}
         for item in self.pending:
             q_rows, keys, mask, rows, scaling = item[:5]
@@ -751,12 +758,20 @@ def _attention_summaries(q_rows: torch.Tensor, keys: torch.Tensor, mask_rows: Op
                          scaling: float) -> torch.Tensor:
     """Softmax attention (fp32) of query rows grouped by key head, averaged over batch, heads and rows: (L, n_k).
 
-    Query rows (L, B, kv, g * r, d) against keys (L, B, kv, n_k, d). ``mask_rows``: (1, 1, 1, r, n_k) or None.
+    Query rows (L, B, kv, g * r, d) against keys (L, B, kv, n_k, d); or one probe, (B, kv, g * r, d) against
+    (B, kv, n_k, d), giving (n_k,). ``mask_rows``: (1, 1, 1, r, n_k) or None.
     """
-    scores = torch.matmul(q_rows.float(), keys.float().transpose(-1, -2)) * scaling
+    q_rows = q_rows if q_rows.dtype == torch.float32 else q_rows.float()
+    keys = keys if keys.dtype == torch.float32 else keys.float()
+    # scaled and masked in place on the fresh product: the same numbers as out-of-place steps, without a copy (a
+    # masked score takes the dtype's minimum, as an additive mask gives it)
+    scores = torch.matmul(q_rows, keys.transpose(-1, -2)).mul_(scaling)
+    n_keys = scores.shape[-1]
     if mask_rows is not None:
-        layers, batch, kv_heads, rows_total, n_keys = scores.shape
         rows = mask_rows.shape[-2]
-        scores = (scores.view(layers, batch, kv_heads, rows_total // rows, rows, n_keys)
-                  + additive_mask(mask_rows, scores.dtype))
-    return scores.softmax(dim=-1).reshape(scores.shape[0], -1, scores.shape[-1]).mean(dim=1)
+        scores.view(*scores.shape[:-2], scores.shape[-2] // rows, rows, n_keys).masked_fill_(
+            ~mask_rows, torch.finfo(scores.dtype).min)
+    scores = scores.softmax(dim=-1)
+    if q_rows.dim() == 4:
+        return scores.view(-1, n_keys).mean(dim=0)
+    return scores.view(scores.shape[0], -1, n_keys).mean(dim=1)

@@ -163,7 +163,13 @@ def patch_vectors(images: Sequence[np.ndarray], grid_shape: tuple[int, int],
 
     Computed once per frame: a frame is the current one at one step and the reference at later ones.
     """
-    blocks = np.concatenate([_patch_blocks(image, grid_shape, patch_size) for image in images]).astype(np.float32)
+    parts = [_patch_blocks(image, grid_shape, patch_size) for image in images]
+    # one pass per camera: cut into patches and converted to float32 in the same copy
+    blocks = np.empty((sum(len(part) for part in parts), parts[0].shape[1]), dtype=np.float32)
+    start = 0
+    for part in parts:
+        blocks[start:start + len(part)] = part
+        start += len(part)
     return blocks, np.sqrt(np.einsum('ij,ij->i', blocks, blocks))
 
 
@@ -182,7 +188,7 @@ def static_masks(frame: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarr
     sim = sim.astype(np.float32).reshape(num_cameras, -1)
     static = sim >= threshold
     if max_static is not None:
-        static &= _ranks(np.where(static, -sim, np.inf)) < max(0, int(max_static))
+        static &= _smallest(np.where(static, -sim, np.inf), max_static)
     return static, sim
 
 
@@ -196,16 +202,16 @@ def changed_masks(frame: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndar
     static, sim = static_masks(frame, reference, num_cameras, threshold, max_static, eps)
     changed = ~static
     if max_changed is not None:
-        changed &= _ranks(np.where(changed, sim, np.inf)) < max(0, int(max_changed))
+        changed &= _smallest(np.where(changed, sim, np.inf), max_changed)
     return changed.reshape(-1)
 
 
-def _ranks(key: np.ndarray) -> np.ndarray:
-    """Per-row rank of every entry by ascending key (stable: ties -> lower index)."""
-    order = np.argsort(key, axis=1, kind='stable')
-    ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.arange(key.shape[1])[None, :], axis=1)
-    return ranks
+def _smallest(key: np.ndarray, count: int) -> np.ndarray:
+    """Per row, True at the ``count`` entries of smallest key (stable: ties -> lower index)."""
+    order = np.argsort(key, axis=1, kind='stable')[:, :max(0, int(count))]
+    chosen = np.zeros(key.shape, dtype=bool)
+    chosen[np.arange(key.shape[0])[:, None], order] = True
+    return chosen
 
 
 class PatchVectorCache:

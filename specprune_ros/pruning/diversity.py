@@ -3,24 +3,31 @@
 Rule: start with the token whose nearest neighbour is farthest away, then repeatedly add the token whose
 minimum distance to the chosen set is largest, until ``m`` are chosen. Distance = cosine distance
 ``1 - cos(x_i, x_j)``. Ties go to the lowest index, so the result is deterministic. Vectorised: one
-(n, n) distance matrix, then ``m`` O(n) updates of the running minimum, all on the features' device.
+(n, n) distance matrix, then ``m`` O(n) updates of the running minimum, all on the features' device; several
+independent groups (e.g. one per camera) run in the same ``m`` steps.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
 
 def cosine_distance_matrix(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(n, n) cosine distances in [0, 2] (float32). Zero vectors are at distance 1 from everything else."""
+    """(n, n) cosine distances in [0, 2] (float32). Zero vectors are at distance 1 from everything else.
+
+    ``features`` (G, n, d) gives the (G, n, n) matrices of G groups, each equal to the matrix of that group alone.
+    """
     x = torch.as_tensor(features).detach().to(torch.float32)
-    if x.dim() != 2:
-        raise ValueError(f'features must be (n, d), got {tuple(x.shape)}')
-    norm = x.norm(dim=1, keepdim=True)
+    if x.dim() not in (2, 3):
+        raise ValueError(f'features must be (n, d) or (groups, n, d), got {tuple(x.shape)}')
+    norm = x.norm(dim=-1, keepdim=True)
     xn = x / norm.clamp_min(eps)
-    dist = (1.0 - xn @ xn.T).clamp_(0.0, 2.0)
-    dist.fill_diagonal_(0.0)
+    # one product per group: a batched product may round differently from the product of a group alone
+    gram = xn @ xn.T if x.dim() == 2 else torch.stack([group @ group.T for group in xn])
+    dist = (1.0 - gram).clamp_(0.0, 2.0)
+    dist.diagonal(dim1=-2, dim2=-1).fill_(0.0)
     return dist
 
 
@@ -32,32 +39,61 @@ def greedy_max_min(features: Optional[torch.Tensor], m: int, distances: Optional
     bool) restricts the choice to those rows, as if only they were given, without reading the mask back to the
     host: it must hold at least ``m`` rows (the count is not checked).
     """
-    dist = cosine_distance_matrix(features) if distances is None else torch.as_tensor(distances, dtype=torch.float32)
+    if distances is None:
+        dist = cosine_distance_matrix(features)
+    else:
+        dist = torch.as_tensor(distances, dtype=torch.float32).detach().clone()
     n = dist.shape[0]
     m = max(0, min(int(m), n))
     if m == 0:
         return torch.empty(0, dtype=torch.long, device=dist.device)
     if n == 1:
         return torch.zeros(1, dtype=torch.long, device=dist.device)
+    return _greedy(dist.unsqueeze(0), m, None if candidates is None else candidates.reshape(1, n))[0]
+
+
+def greedy_max_min_groups(features: torch.Tensor, m: int, candidates: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`greedy_max_min` of every group of ``features`` (G, n, d) at once: (G, m) indices within each group.
+
+    Row g equals ``greedy_max_min(features[g], m, candidates=candidates[g])``; ``candidates``: (G, n) bool or None
+    (each row must hold at least ``m`` candidates, not checked).
+    """
+    groups, n = features.shape[0], features.shape[1]
+    device = features.device
+    m = max(0, min(int(m), n))
+    if m == 0 or n == 1:
+        return torch.zeros(groups, m, dtype=torch.long, device=device)
+    return _greedy(cosine_distance_matrix(features), m, candidates)
+
+
+@functools.lru_cache(maxsize=32)
+def _row_offsets(groups: int, n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(0, groups * n, n, device=device)
+
+
+def _greedy(d: torch.Tensor, m: int, candidates: Optional[torch.Tensor]) -> torch.Tensor:
+    """The greedy rule on (G, n, n) distance matrices (overwritten), 1 <= m <= n, n >= 2: (G, m) picks."""
+    groups, n = d.shape[0], d.shape[-1]
     # m sequential device steps; nothing is read back to the host (argmax returns the first maximum: the lowest
     # index on ties). In ``d`` the diagonal (and the columns of non-candidates) hold -inf, so taking the minimum
     # with a chosen token's row sets its own entry to -inf: chosen tokens are never picked again.
-    d = dist.detach().clone()
     nearest = d.clone()
-    nearest.fill_diagonal_(float('inf'))
-    d.fill_diagonal_(float('-inf'))
+    nearest.diagonal(dim1=-2, dim2=-1).fill_(float('inf'))
+    d.diagonal(dim1=-2, dim2=-1).fill_(float('-inf'))
     if candidates is not None:
-        outside = ~candidates.to(device=d.device, dtype=torch.bool).flatten()
-        nearest.masked_fill_(outside[None, :], float('inf'))
-        d.masked_fill_(outside[None, :], float('-inf'))
-    nearest = nearest.min(dim=1).values
+        outside = ~candidates.to(device=d.device, dtype=torch.bool).reshape(groups, 1, n)
+        nearest.masked_fill_(outside, float('inf'))
+        d.masked_fill_(outside, float('-inf'))
+    nearest = nearest.min(dim=-1).values                     # (G, n)
     if candidates is not None:
-        nearest.masked_fill_(outside, float('-inf'))
-    pick = nearest.argmax(dim=0, keepdim=True)               # the token whose nearest neighbour is farthest
+        nearest.masked_fill_(outside.view(groups, n), float('-inf'))
+    rows = d.view(groups * n, n)
+    offsets = None if groups == 1 else _row_offsets(groups, n, d.device)
+    pick = nearest.argmax(dim=1)                              # the token whose nearest neighbour is farthest
     picks = [pick]
-    min_dist = d.index_select(0, pick)                       # (1, n)
+    min_dist = rows.index_select(0, pick if offsets is None else pick + offsets)      # (G, n)
     for _ in range(1, m):
         pick = min_dist.argmax(dim=1)
         picks.append(pick)
-        torch.minimum(min_dist, d.index_select(0, pick), out=min_dist)
-    return torch.cat(picks)
+        torch.minimum(min_dist, rows.index_select(0, pick if offsets is None else pick + offsets), out=min_dist)
+    return torch.stack(picks, dim=1)

@@ -101,13 +101,23 @@ def dense_visual_scores_on_device(key_indices: torch.Tensor, weights: torch.Tens
                                   fill: float = 0.0) -> torch.Tensor:
     """:func:`dense_visual_scores` on the weights' device (float32), without reading anything back to the host."""
     spare = _visual_tables_on(layout, weights.device)[1]
-    keys = key_indices.to(device=weights.device, dtype=torch.long).flatten()
-    w = weights.flatten()
+    keys = _flat(_long_on(key_indices, weights.device))
+    w = _flat(weights)
     if keys.numel() != w.numel():
         raise ValueError(f'{keys.numel()} key indices but {w.numel()} weights')
     out = torch.full((layout.num_visual + 1,), float(fill), dtype=torch.float32, device=weights.device)
-    out.index_copy_(0, spare[keys], w.to(torch.float32))
+    out.index_copy_(0, spare[keys], w if w.dtype == torch.float32 else w.to(torch.float32))
     return out[:layout.num_visual]
+
+
+def _long_on(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``indices`` as int64 on ``device`` (itself when it already is: no operation)."""
+    return indices if indices.dtype == torch.long and indices.device == device else \
+        indices.to(device=device, dtype=torch.long)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dim() == 1 else x.flatten()
 
 
 def stable_topk_on_device(scores: torch.Tensor, k: int, candidates: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -116,13 +126,20 @@ def stable_topk_on_device(scores: torch.Tensor, k: int, candidates: Optional[tor
     With ``candidates`` the candidates come first in the host order and the others after them: equal to
     :func:`stable_topk` whenever at least ``k`` positions are candidates (the count is not read back to the host).
     """
-    s = scores.flatten().to(torch.float32)
-    s = torch.where(torch.isnan(s), torch.full_like(s, float('-inf')), s)
-    order = torch.sort(-s, stable=True).indices
+    return stable_topk_rows_on_device(scores.reshape(1, -1), k,
+                                      None if candidates is None else candidates.reshape(1, -1))[0]
+
+
+def stable_topk_rows_on_device(scores: torch.Tensor, k: int, candidates: Optional[torch.Tensor] = None
+                               ) -> torch.Tensor:
+    """:func:`stable_topk_on_device` of every row of ``scores`` (rows, n) at once: (rows, k) positions."""
+    s = scores.to(torch.float32)
+    s = torch.where(torch.isnan(s), float('-inf'), s)
+    order = torch.sort(-s, dim=-1, stable=True).indices
     if candidates is not None:
-        outside = (~candidates.flatten()[order]).to(torch.uint8)
-        order = order[torch.sort(outside, stable=True).indices]
-    return order[:max(0, min(int(k), order.numel()))]
+        outside = (~candidates.gather(-1, order)).to(torch.uint8)
+        order = order.gather(-1, torch.sort(outside, dim=-1, stable=True).indices)
+    return order[:, :max(0, min(int(k), order.shape[-1]))]
 
 
 def dense_visual_scores(key_indices: torch.Tensor, weights: torch.Tensor, layout: TokenLayout,
@@ -310,6 +327,12 @@ def decay_weights(n: int, gamma: float = 0.8, device: Optional[torch.device] = N
     return torch.pow(float(gamma), exponents).to(torch.float32)
 
 
+@functools.lru_cache(maxsize=32)
+def decay_weights_cached(n: int, gamma: float, device: Optional[torch.device] = None) -> torch.Tensor:
+    """:func:`decay_weights`, built once per (n, gamma, device) (do not modify the result)."""
+    return decay_weights(n, gamma, device)
+
+
 def decayed_action_score(history: Sequence[torch.Tensor], gamma: float = 0.8,
                          window: Optional[int] = None) -> Optional[torch.Tensor]:
     """VLA-Pruner ``S_hat = sum_{i=1..w} gamma^i * S_act(t-i)``, normalised to sum 1.
@@ -331,6 +354,15 @@ def decayed_action_score(history: Sequence[torch.Tensor], gamma: float = 0.8,
 def _divide_by_positive_sum(values: torch.Tensor) -> torch.Tensor:
     """``values / values.sum()`` where the sum is positive, else ``values``: decided on the device."""
     total = values.sum()
+    return torch.where(total > 0, values / total, values)
+
+
+def divide_rows_by_positive_sum(values: torch.Tensor) -> torch.Tensor:
+    """Every row of ``values`` (rows, n) divided by its sum where that is positive, else left as it is.
+
+    Each row equals ``_divide_by_positive_sum`` of that row alone.
+    """
+    total = values.sum(dim=-1, keepdim=True)
     return torch.where(total > 0, values / total, values)
 
 
@@ -367,9 +399,9 @@ def dense_visual_rows_on_device(key_indices: torch.Tensor, weights: torch.Tensor
     visual keys.
     """
     spare = _visual_tables_on(layout, weights.device)[1]
-    position = spare[key_indices.to(device=weights.device, dtype=torch.long)]
+    position = spare[_long_on(key_indices, weights.device)]
     out = torch.zeros(weights.shape[0], layout.num_visual + 1, dtype=torch.float32, device=weights.device)
-    out.index_copy_(1, position, weights.to(torch.float32))
+    out.index_copy_(1, position, weights if weights.dtype == torch.float32 else weights.to(torch.float32))
     valid = torch.zeros(layout.num_visual + 1, dtype=torch.bool, device=weights.device).index_fill_(0, position, True)
     return out[:, :layout.num_visual], valid[:layout.num_visual]
 
@@ -409,12 +441,32 @@ def topk_masks_per_camera(ranks: torch.Tensor, counts: Sequence[int], candidates
     return (ranks < camera_limits(counts, ranks.device)).reshape(candidates.shape) & candidates
 
 
+@functools.lru_cache(maxsize=64)
+def _leading_flags(counts: tuple[int, ...], patches: int, device: torch.device) -> torch.Tensor:
+    """(C, patches) bool: True at the first ``counts[c]`` positions of row c (do not modify the result).
+
+    Built on the device (no host-to-device copy, which would wait for the device).
+    """
+    return _aranges_on(patches, device).view(1, -1) < camera_limits(counts, device)
+
+
+def top_counts_per_camera(scores: torch.Tensor, candidates: torch.Tensor, counts: Sequence[int],
+                          num_cameras: int) -> torch.Tensor:
+    """``topk_masks_per_camera(camera_ranks(scores, candidates, C), counts, candidates)`` in fewer operations.
+
+    The first ``counts[c]`` places of camera c's sorted order are set by one scatter, without the ranks.
+    """
+    key = torch.where(candidates, scores.neg(), float('inf')).reshape(num_cameras, -1)
+    order = torch.sort(key, dim=-1, stable=True).indices
+    flags = _leading_flags(tuple(int(c) for c in counts), order.shape[-1], order.device)
+    return torch.empty_like(flags).scatter_(-1, order, flags).reshape(candidates.shape) & candidates
+
+
 def topk_per_camera_on_device(dense: torch.Tensor, k: KPerCamera, layout: TokenLayout,
                               candidates: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`topk_per_camera` on the scores' device: equal masks for finite candidate scores, nothing read back."""
     cand = torch.isfinite(dense) if candidates is None else candidates
-    ranks = camera_ranks(dense, cand, layout.num_cameras)
-    return topk_masks_per_camera(ranks, _per_camera(k, layout.num_cameras), cand)
+    return top_counts_per_camera(dense, cand, _per_camera(k, layout.num_cameras), layout.num_cameras)
 
 
 def host_counts(mask: torch.Tensor, num_cameras: int) -> list[int]:
@@ -449,27 +501,51 @@ def _rank_weight_table(patches: int, k: float) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def _rank_weight_table_on(patches: int, k: float, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(_rank_weight_table(patches, k).reshape(-1)).to(device)
+    """:func:`_rank_weight_table` (patches + 1, patches) on ``device``."""
+    return torch.from_numpy(_rank_weight_table(patches, k)).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _known_count_tables(counts: tuple[int, ...], patches: int, k: float, device: torch.device
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank weights by rank (groups, patches) and the valid counts (groups, 1) float64, for host-known counts.
+
+    (Do not modify the results: they are shared.)
+    """
+    # built on the device from the table it holds (no host-to-device copy, which would wait for the device)
+    limits = camera_limits(counts, device)
+    return (_rank_weight_table_on(patches, k, device).index_select(0, limits.flatten()),
+            limits.to(torch.float64))
 
 
 def layer_importance_on_device(scores: torch.Tensor, valid: torch.Tensor, layout: TokenLayout, k: float = 5.0,
-                               per_camera: bool = True) -> torch.Tensor:
+                               per_camera: bool = True, counts: Optional[Sequence[int]] = None) -> torch.Tensor:
     """:func:`layer_importance` of stacked layers (layers, num_visual) on the device, float32 as it.
 
-    ``scores`` must be 0 where not ``valid``. Rank weights come from a table per (patch count, k); the confidence is
-    computed in float64 as the host version computes it.
+    ``scores`` must be 0 where not ``valid``. Rank weights come from a table per (patch count, k), placed at each
+    token's rank by one scatter; the confidence is computed in float64 as the host version computes it.
+    ``counts``: the valid tokens of every group (camera, or all), known on the host, for a single layer: saves
+    counting them on the device (the same numbers).
     """
     groups = layout.num_cameras if per_camera else 1
     rows = scores.shape[0]
     patches = scores.shape[-1] // groups
     v = valid.reshape(rows, groups, patches)
-    ranks = camera_ranks(scores, valid, groups)
-    n = v.sum(dim=-1, keepdim=True)
-    table = _rank_weight_table_on(patches, float(k), scores.device)
-    w = table.take(n * patches + ranks)                     # 0 where the rank is past the valid count
+    # candidates by descending score (ties -> lower position), then the rest: as camera_ranks orders them
+    key = torch.where(valid, scores.neg(), float('inf')).reshape(rows, groups, patches)
+    order = torch.sort(key, dim=-1, stable=True).indices
+    known = counts is not None and rows == 1 and len(counts) == groups and min(counts) >= 2
+    if known:
+        by_rank, count = _known_count_tables(tuple(int(c) for c in counts), patches, float(k), scores.device)
+    else:
+        n = v.sum(dim=-1, keepdim=True)
+        by_rank = _rank_weight_table_on(patches, float(k), scores.device).index_select(0, n.flatten())
+        by_rank, count = by_rank.view(rows, groups, patches), n.clamp(min=1)
+    w = torch.empty_like(order, dtype=by_rank.dtype).scatter_(-1, order, by_rank.expand_as(order))
     s = scores.reshape(rows, groups, patches).to(torch.float64)
-    count = n.clamp(min=1)
     mean = s.sum(dim=-1, keepdim=True) / count
     std = ((s - mean) * v).square_().sum(dim=-1, keepdim=True).div_(count).sqrt_()
-    conf = torch.where(n >= 2, (mean / (std + 1e-12)).clamp_(0.0, 100.0), 1.0)
+    conf = (mean / (std + 1e-12)).clamp_(0.0, 100.0)
+    if not known:                       # fewer than 2 valid tokens: confidence 1
+        conf = torch.where(n >= 2, conf, 1.0)
     return (w * conf).to(torch.float32).reshape(scores.shape)

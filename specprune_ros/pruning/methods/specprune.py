@@ -57,6 +57,7 @@ after the step), ``kept_after_layer`` (visual count after each gather / drop), `
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -66,14 +67,15 @@ import torch
 
 from specprune_ros.core.step_types import LayerView, StepContext, StepPlan, StepRecord
 from specprune_ros.pruning.action_controller import ActionController, ControllerConfig, ControllerOutput
-from specprune_ros.pruning.base import BaseConfig, PruningMethodBase, split_per_camera
+from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
 from specprune_ros.pruning.budget_knob import BudgetKnob
 from specprune_ros.pruning.change_detection import (ChangeDetectionConfig, PatchVectorCache, changed_masks,
                                                     max_changed_count, max_static_count, reference_back)
-from specprune_ros.pruning.scoring import (budget_count, camera_ranks, dense_visual_rows_on_device, host_counts,
+from specprune_ros.pruning.scoring import (budget_count, camera_ranks, dense_visual_rows_on_device,
+                                           dense_visual_scores_on_device, host_counts,
                                            layer_importance_on_device, mask_to_sequence_on_device,
-                                           present_mask_on_device, to_device, topk_masks_per_camera,
-                                           topk_per_camera_on_device)
+                                           present_mask_on_device, to_device, top_counts_per_camera,
+                                           topk_masks_per_camera, topk_per_camera_on_device)
 
 PAPER_LAYER_PRUNE = (5, 10, 15, 20)
 PAPER_DEPTH = 32
@@ -172,6 +174,7 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         self._present: Optional[torch.Tensor] = None   # and which, dense visual bool (device)
         self._prune_set: frozenset = frozenset()
         self._importance_set: frozenset = frozenset()
+        self._event_layers: set = set()
         self._kept_after: dict[int, int] = {}
         self._drops: dict[int, int] = {}
 
@@ -227,12 +230,12 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
                 parts[0] if len(parts) == 1 else parts[0] | parts[1]
         # per-camera counts are exact unless keep regions add tokens behind the method's back
         self._counts = None if self.config.keep_regions else [patches] * cams
-        self._present = torch.ones(layout.num_visual, dtype=torch.bool, device=device)
+        self._present = _constant((layout.num_visual,), True, torch.bool, device)     # replaced, never modified
 
         self._prune_set = frozenset(self._prune_layers()) if cfg.use_layer_pruning else frozenset()
         self._importance_set = frozenset(self._importance_layers()) if cfg.use_layer_pruning else frozenset()
         if cfg.use_layer_pruning:
-            self._importance = torch.zeros(layout.num_visual, dtype=torch.float64, device=device)
+            self._importance = _constant((layout.num_visual,), 0.0, torch.float64, device)   # replaced, never modified
         items = []
         rows = cfg.task_rows
         if cfg.use_static:
@@ -243,6 +246,9 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         if cfg.use_static and cfg.use_global:
             items += [(self.layer(cfg.global_layer), rows, rows)]
         items.sort()
+        # the layers after which this step records or decides anything
+        gathers = {0, 1} if cfg.static_gathers >= 2 and self.num_layers > 2 else {0}
+        self._event_layers = (gathers if cfg.use_static else set()) | self._prune_set | self._importance_set
         return StepPlan(attention=self.requests(*items))
 
     def _dynamic_set(self, context: StepContext, out: ControllerOutput, device: torch.device) -> torch.Tensor:
@@ -274,7 +280,8 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         if prev is None or len(prev) != layout.num_cameras:
             self.last_info['global'] = 0
             return None
-        dense = torch.cat(prev).to(device)
+        dense = torch.cat(prev)
+        dense = dense if dense.device == device else dense.to(device)
         p = layout.patches_per_camera
         kg = [budget_count(self.config.global_k_scale * k / max(p, 1), p, minimum=0) for k in self._k]
         mask = topk_per_camera_on_device(dense, kg, layout, candidates=torch.isfinite(dense))
@@ -282,19 +289,19 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         return mask
 
     def _after(self, view: LayerView) -> Optional[torch.Tensor]:
+        layer = view.layer
+        if layer not in self._event_layers:
+            return None                 # most layers of a deep decoder: nothing to record or decide
         cfg = self.config
         layout = self._layout
-        layer = view.layer
         two_gathers = cfg.static_gathers >= 2 and self.num_layers > 2
         gather = cfg.use_static and (layer == 0 or (layer == 1 and two_gathers))
         layer_pruning = self._importance is not None
         drop = layer_pruning and layer in self._prune_set
         sample = layer_pruning and layer in self._importance_set
-        if not (gather or drop or sample):
-            return None                 # most layers of a deep decoder: nothing to record or decide
         if sample and view.attention and cfg.task_rows in view.attention:
             # read where a drop needs it: the runner scores the probes of all these layers in one batch then
-            self._pending.append((view.key_indices, view.attention))
+            self._pending.append((view.key_indices, view.attention, self._counts, self._present))
         if not (gather or drop):
             return None
         # the visual tokens that ran: the method's own last keep set unless keep regions add tokens to it
@@ -363,22 +370,35 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         cfg = self.config
         layout = self._layout
         key = cfg.task_rows
-        groups: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
-        for keys, attention in self._pending:
-            if groups and groups[-1][0] is keys:
-                groups[-1][1].append(attention[key])
-            else:
-                groups.append((keys, [attention[key]]))
-        self._pending.clear()
-        parts = [dense_visual_rows_on_device(keys, torch.stack(weights), layout) for keys, weights in groups]
-        scores = torch.cat([part[0] for part in parts]) if len(parts) > 1 else parts[0][0]
-        # the visual tokens each layer ran (pruned ones have no attention)
-        valid = torch.cat([part[1].expand(len(weights), -1) for part, (_, weights) in zip(parts, groups)])
-        samples = layer_importance_on_device(scores, valid, layout, k=cfg.importance_k, per_camera=True)
+        if len(self._pending) == 1:     # the default (samples at the drop layers only): no stacking
+            keys, attention, counts, present = self._pending.pop()
+            if counts is None:
+                scores, valid = dense_visual_rows_on_device(keys, attention[key].unsqueeze(0), layout)
+            else:               # the visual keys are the method's own keep set then
+                scores, valid = dense_visual_scores_on_device(keys, attention[key], layout), present
+            scores, valid = scores.unsqueeze(0), valid.unsqueeze(0)
+        else:
+            groups: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+            for keys, attention, _, _ in self._pending:
+                if groups and groups[-1][0] is keys:
+                    groups[-1][1].append(attention[key])
+                else:
+                    groups.append((keys, [attention[key]]))
+            self._pending.clear()
+            parts = [dense_visual_rows_on_device(keys, torch.stack(weights), layout) for keys, weights in groups]
+            scores = torch.cat([part[0] for part in parts]) if len(parts) > 1 else parts[0][0]
+            # the visual tokens each layer ran (pruned ones have no attention)
+            valid = torch.cat([part[1].expand(len(weights), -1) for part, (_, weights) in zip(parts, groups)])
+            counts = None
+        # with the per-camera counts known on the host (one layer), the device need not count them
+        samples = layer_importance_on_device(scores, valid, layout, k=cfg.importance_k, per_camera=True,
+                                             counts=counts)
         beta = cfg.importance_beta
-        decay = torch.full((), 1.0 - beta, dtype=torch.float64, device=valid.device)
-        factors = torch.where(valid, decay, 1.0)
+        factors = torch.where(valid, _constant((), 1.0 - beta, torch.float64, valid.device), 1.0)
         added = samples.to(torch.float64).mul_(beta)
+        if len(factors) == 1:       # one layer (the default samples at the drop layers only): the plain update
+            self._importance = self._importance * factors[0] + added[0]
+            return
         # S_L = S_0 * prod_j f_j + sum_j a_j * prod_{j' > j} f_j': every layer at once
         after = torch.cat([factors[1:].flip(0).cumprod(0).flip(0), torch.ones_like(factors[:1])])
         self._importance = self._importance * (after[0] * factors[0]) + (added * after).sum(0)
@@ -394,8 +414,7 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         self.last_info['layer_drops'] = dict(self._drops)
         if dropped == 0:
             return keep, counts
-        ranks = camera_ranks(self._importance, keep, layout.num_cameras)
-        return topk_masks_per_camera(ranks, kept, keep), kept
+        return top_counts_per_camera(self._importance, keep, kept, layout.num_cameras), kept
 
     def _end(self, record: StepRecord) -> None:
         cfg = self.config
@@ -403,4 +422,11 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
             dense = self.record_scores_on_device(record, self.layer(cfg.global_layer), cfg.task_rows,
                                                  fill=float('-inf'))
             if dense is not None:
-                self.state.set_task_attention(split_per_camera(dense, record.layout))
+                # the state keeps its own copy of every camera's part
+                self.state.set_task_attention(dense.view(record.layout.num_cameras, -1).unbind(0))
+
+
+@functools.lru_cache(maxsize=32)
+def _constant(shape: tuple[int, ...], value: float | bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of one value, built once per (shape, value, dtype, device) (do not modify it)."""
+    return torch.full(shape, value, dtype=dtype, device=device)

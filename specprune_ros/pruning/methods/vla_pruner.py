@@ -19,17 +19,19 @@ So the 6-layer reference VLA gets **K = 2** (score on layer 1, layers 2-5 run pr
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
 
 from specprune_ros.core.step_types import LayerView, StepContext, StepPlan, StepRecord
-from specprune_ros.pruning.base import BaseConfig, PruningMethodBase, split_per_camera
+from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
 from specprune_ros.pruning.budget_knob import KeepRatioKnob
-from specprune_ros.pruning.diversity import greedy_max_min
-from specprune_ros.pruning.scoring import (budget_count, camera_slices, decayed_action_score, mask_to_sequence,
-                                           normalise, positions_to_sequence, stable_topk, stable_topk_on_device)
+from specprune_ros.pruning.diversity import greedy_max_min, greedy_max_min_groups
+from specprune_ros.pruning.scoring import (budget_count, camera_slices, decay_weights_cached,
+                                           divide_rows_by_positive_sum, mask_to_sequence, normalise,
+                                           positions_to_sequence, stable_topk, stable_topk_rows_on_device)
 
 
 PAPER_PRUNE_LAYER, PAPER_DEPTH = 3, 32   # the paper prunes before layer 3 of Llama-2 7B's 32
@@ -73,6 +75,7 @@ class VLAPruner(KeepRatioKnob, PruningMethodBase):
         if cfg.use_action and cfg.window < 1:
             raise ValueError('vla_pruner: window must be >= 1 when use_action is on')
         self._prune_now = False
+        self._score_at = -1                  # the layer after which this step selects (-1: none)
 
     def prune_layer(self) -> int:
         """K for the current decoder depth (the configured one, or the paper's scaled)."""
@@ -89,6 +92,7 @@ class VLAPruner(KeepRatioKnob, PruningMethodBase):
             raise ValueError(f'prune_layer {self.prune_layer()} >= {self.num_layers} layers')
         warming = cfg.use_action and cfg.warmup and not self.state.window_full
         self._prune_now = not warming
+        self._score_at = self._score_layer() if self._prune_now else -1
         items = []
         if cfg.use_semantic and self._prune_now:
             items.append((self._score_layer(), cfg.semantic_rows, 'vlap_semantic'))
@@ -100,7 +104,7 @@ class VLAPruner(KeepRatioKnob, PruningMethodBase):
 
     def _after(self, view: LayerView) -> Optional[torch.Tensor]:
         cfg = self.config
-        if not self._prune_now or view.layer != self._score_layer():
+        if view.layer != self._score_at:
             return None
         layout = self._layout
         if view.kept.numel() == layout.num_tokens:
@@ -147,20 +151,27 @@ class VLAPruner(KeepRatioKnob, PruningMethodBase):
         return mask_to_sequence(mask, layout)
 
     def _action_score(self, device: Optional[torch.device]) -> Optional[torch.Tensor]:
-        """The decayed action score as a dense visual vector (zeros without history; None if not used)."""
+        """The decayed action score as a dense visual vector (zeros without history; None if not used).
+
+        Every camera's score in one pass: each camera's part equals ``decayed_action_score`` of that camera.
+        """
         if not self.config.use_action:
             return None
         layout = self._layout
-        return torch.cat([decayed_action_score(self.state.action_attention_window(c), self.config.gamma,
-                                               self.config.window)
-                          if self.state.action_attention else torch.zeros(layout.patches_per_camera, device=device)
-                          for c in range(layout.num_cameras)])
+        history = list(self.state.action_attention)[-self.config.window:]
+        if not history:
+            return torch.zeros(layout.num_visual, device=device)
+        stacked = torch.stack([torch.cat(entry) for entry in history]).to(torch.float32).clamp_min_(0.0)
+        weights = decay_weights_cached(len(history), self.config.gamma, stacked.device)
+        total = (weights[:, None] * stacked).sum(0)
+        return divide_rows_by_positive_sum(total.view(layout.num_cameras, -1)).view(-1)
 
     def _select_on_device(self, view: LayerView) -> Optional[torch.Tensor]:
         """Combine-then-Filter when every visual token ran through the scoring layer: nothing is read back.
 
         Every candidate set then holds at least the budget, so each camera keeps exactly its budget and the kept
-        tokens equal the host selection's; the candidate counts in ``last_info`` stay a device tensor.
+        tokens equal the host selection's; the candidate counts in ``last_info`` stay a device tensor. Every camera
+        is selected in the same operations, as rows of a (cameras, patches) view.
         """
         cfg = self.config
         layout = self._layout
@@ -171,37 +182,33 @@ class VLAPruner(KeepRatioKnob, PruningMethodBase):
         emb = self._context.visual_embeddings.detach().reshape(layout.num_visual, -1)
         device = emb.device if sem is None else sem.device
         act = self._action_score(device)
-        parts, sizes, budgets = [], [], []
-        groups = camera_slices(layout) if cfg.per_camera else [slice(0, layout.num_visual)]
-        for sl in groups:
-            n = sl.stop - sl.start
-            m = budget_count(self.effective_keep_ratio(), n)
-            budgets.append(m)
-            s_sem = None if sem is None else normalise(sem[sl])
-            s_act = None if act is None else normalise(act[sl])
-            # without action history (all zeros) the action score takes no part, as in the host selection
-            has_act = torch.zeros((), dtype=torch.bool, device=device) if s_act is None else s_act.any()
-            by_sem = stable_topk_on_device(torch.zeros(n, device=device) if s_sem is None else s_sem, m)
-            if cfg.combine == 'sum' and s_sem is not None and s_act is not None:
-                fused = cfg.fusion_weight * s_sem + (1 - cfg.fusion_weight) * s_act
-                chosen = torch.where(has_act, stable_topk_on_device(fused, m), by_sem)
-                sizes.append(torch.full((), m, device=device))
+        groups = layout.num_cameras if cfg.per_camera else 1
+        n = layout.num_visual // groups
+        m = budget_count(self.effective_keep_ratio(), n)
+        s_sem = None if sem is None else divide_rows_by_positive_sum(sem.view(groups, n).clamp_min(0.0))
+        s_act = None if act is None else divide_rows_by_positive_sum(act.view(groups, n).clamp_min(0.0))
+        # without action history (all zeros) the action score takes no part, as in the host selection
+        has_act = None if s_act is None else s_act.any(dim=1, keepdim=True)
+        by_sem = stable_topk_rows_on_device(torch.zeros(groups, n, device=device) if s_sem is None else s_sem, m)
+        if cfg.combine == 'sum' and s_sem is not None and s_act is not None:
+            fused = cfg.fusion_weight * s_sem + (1 - cfg.fusion_weight) * s_act
+            chosen = torch.where(has_act, stable_topk_rows_on_device(fused, m), by_sem)
+            sizes = torch.full((groups,), m, device=device)
+        else:
+            by_act = by_sem if s_act is None else torch.where(has_act, stable_topk_rows_on_device(s_act, m), by_sem)
+            cand = torch.zeros(groups, n, dtype=torch.bool, device=device)
+            if s_sem is not None:
+                cand.scatter_(1, by_sem, True)
+            cand.scatter_(1, by_act, True)
+            sizes = cand.sum(dim=1)
+            if cfg.use_diversity:
+                chosen = greedy_max_min_groups(emb.view(groups, n, -1), m, candidates=cand)
             else:
-                by_act = by_sem if s_act is None else torch.where(has_act, stable_topk_on_device(s_act, m), by_sem)
-                cand = torch.zeros(n, dtype=torch.bool, device=device)
-                if s_sem is not None:
-                    cand[by_sem] = True
-                cand[by_act] = True
-                sizes.append(cand.sum())
-                if cfg.use_diversity:
-                    chosen = greedy_max_min(emb[sl], m, candidates=cand)
-                else:
-                    scores = [s for s in (s_sem, s_act) if s is not None]
-                    total = scores[0] if len(scores) == 1 else torch.where(has_act, scores[0] + scores[1], scores[0])
-                    chosen = stable_topk_on_device(total, m, cand)
-            parts.append(sl.start + chosen)
-        self.last_info.update(candidates=torch.stack(sizes), budget=sum(budgets))
-        return positions_to_sequence(torch.cat(parts), layout)
+                scores = [s for s in (s_sem, s_act) if s is not None]
+                total = scores[0] if len(scores) == 1 else torch.where(has_act, scores[0] + scores[1], scores[0])
+                chosen = stable_topk_rows_on_device(total, m, cand)
+        self.last_info.update(candidates=sizes, budget=groups * m)
+        return positions_to_sequence((chosen + _group_starts(groups, n, device)).flatten(), layout)
 
     def _end(self, record: StepRecord) -> None:
         if not self.config.use_action:
@@ -211,4 +218,11 @@ class VLAPruner(KeepRatioKnob, PruningMethodBase):
         if act is None:
             self.last_info['action_attention'] = 'missing'
             return
-        self.state.push_action_attention(split_per_camera(act, record.layout))
+        # the state keeps its own copy of every camera's part
+        self.state.push_action_attention(act.view(record.layout.num_cameras, -1).unbind(0))
+
+
+@functools.lru_cache(maxsize=32)
+def _group_starts(groups: int, n: int, device: torch.device) -> torch.Tensor:
+    """(groups, 1) dense visual position of every group's first token."""
+    return torch.arange(0, groups * n, n, device=device).view(groups, 1)
