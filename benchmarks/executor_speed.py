@@ -6,7 +6,8 @@ medians are compared, so machine noise hits all budgets alike. Tokens are droppe
 per camera; the plain transformers forward of the same weights is timed alongside as a reference.
 ``--unfused`` also times every budget with the layers' own projections (``fuse_projections=False``), interleaved
 with the fused ones; ``--compile`` likewise with compiled layers (``compile_layers=True``, kept counts padded to
-``--bucket``; the compilations happen in the warm-up rounds). Wall-clock time by default; ``--clock cpu`` measures
+``--bucket``; the compilations happen in the warm-up rounds); ``--input-major`` likewise with every layer weight held
+input-major (``input_major_weights=True``). Wall-clock time by default; ``--clock cpu`` measures
 the process's CPU time instead (steadier on a shared machine, but it hides how well the threads are used).
 ``--head-dim 128 --mlp-ratio 2.6875`` gives the published Llama-2 proportions (OpenVLA / OpenVLA-OFT).
 
@@ -54,8 +55,13 @@ def main() -> None:
                         help='kept-token fractions to time')
     parser.add_argument('--unfused', action='store_true', help='also time the unfused projections, interleaved')
     parser.add_argument('--compile', action='store_true', help='also time compiled layers, interleaved')
+    parser.add_argument('--input-major', action='store_true',
+                        help='also time the layers with input-major (transposed) weights, interleaved')
     parser.add_argument('--bucket', type=int, default=32, help='token-count bucket of the compiled layers')
     parser.add_argument('--head-dim', type=int, default=64, help='attention head dimension')
+    parser.add_argument('--layout', choices=('oft', 'reference'), default='oft',
+                        help="token layout: OpenVLA-OFT's (2 x 256 patches, 20 prompt, 1 proprio, 56 action queries) "
+                             "or the reference VLA's (2 x 144 patches, 12 words, 1 proprio, 56 action queries)")
     parser.add_argument('--mlp-ratio', type=float, default=4.0, help='MLP width / decoder width')
     parser.add_argument('--clock', choices=('wall', 'cpu'), default='wall',
                         help="'wall' time, or the process's 'cpu' time (steadier on a loaded machine, 1 thread)")
@@ -76,7 +82,9 @@ def main() -> None:
         runners[' unfused'] = PrunableDecoderRunner(decoder, fuse_projections=False)
     if args.compile:
         runners[' compiled'] = PrunableDecoderRunner(decoder, compile_layers=True, bucket=args.bucket)
-    layout = oft_layout()
+    if args.input_major:
+        runners[' input-major'] = PrunableDecoderRunner(decoder, input_major_weights=True)
+    layout = oft_layout() if args.layout == 'oft' else oft_layout(patches=144, prompt=12, actions=56)
     x = torch.randn(1, layout.num_tokens, args.hidden)
     generator = torch.Generator().manual_seed(0)
     plans = {b: FixedKeepSchedule(keep_before=None if b >= 1.0 else even_keep(layout, b, generator))

@@ -1,9 +1,10 @@
 """The prunable decoder runner against transformers' own forward and an independent reference."""
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaModel
 
-from specprune_ros.core.executor import PlanError, PrunableDecoderRunner, _compiled_layer
+from specprune_ros.core.executor import PlanError, PrunableDecoderRunner, _InputMajorChoice, _compiled_layer
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
 from specprune_ros.core.flops import decoder_flops
 from specprune_ros.core.masks import attention_mask
@@ -230,6 +231,49 @@ def test_fused_projections_equal_the_layers_own_and_follow_weight_changes():
     out = fused(x, layout, plan).hidden.sum()
     out.backward()
     assert decoder.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize('causal', [False, True])
+def test_input_major_weights_give_the_same_numbers_and_follow_weight_changes(causal):
+    decoder = make_decoder(attn='eager')
+    layout = make_layout(causal)
+    x = torch.randn(1, N, HIDDEN)
+    first, second = two_stage_drop()
+    method = FixedKeepSchedule(keep_after={0: first, 2: second}, attention=[AttentionRequest(1, 'text')])
+    runner, default = PrunableDecoderRunner(decoder, input_major_weights=True), PrunableDecoderRunner(decoder)
+    with torch.no_grad():
+        result, expected = runner(x, layout, method), default(x, layout, method)
+        fused = runner._fused[0]
+        assert fused.qkv_input_major.t().is_contiguous() and fused.down_input_major.t().is_contiguous()
+        assert torch.equal(result.kept, expected.kept) and torch.equal(result.hidden, expected.hidden)
+        assert torch.equal(result.record.attention[1]['text'][1], expected.record.attention[1]['text'][1])
+        # the output and down projections are copied too: changing them in place rebuilds the copies
+        decoder.layers[1].self_attn.o_proj.weight.mul_(2.0)
+        decoder.layers[3].mlp.down_proj.weight.mul_(0.5)
+        changed, expected_changed = runner(x, layout, method), default(x, layout, method)
+        assert (changed.hidden - result.hidden).abs().max().item() > 1e-3
+        assert torch.equal(changed.hidden, expected_changed.hidden)
+        # a module replaced since the copy was made runs itself
+        decoder.layers[2].self_attn.o_proj = torch.nn.Linear(HIDDEN, HIDDEN, bias=False)
+        replaced, expected_changed = runner(x, layout, method), default(x, layout, method)
+        assert torch.equal(replaced.hidden, expected_changed.hidden)
+        # switching the option off drops the copies
+        runner.input_major_weights = False
+        plain = runner(x, layout, method)
+        assert runner._fused[0].o_input_major is None and torch.equal(plain.hidden, expected_changed.hidden)
+
+
+def test_input_major_copy_is_read_only_where_it_gives_the_same_numbers():
+    choose = _InputMajorChoice()
+    weight = torch.randn(24, 16)
+    exact = weight.t().contiguous().t()
+    other = (weight * (1 + 1e-3)).t().contiguous().t()      # stands in for a product that sums in another order
+    x = torch.randn(1, 20, 16)
+    assert torch.equal(choose(x, weight, exact, None), F.linear(x, weight))
+    assert len(choose._same) == 1
+    refused = _InputMajorChoice()
+    assert torch.equal(refused(x, weight, other, None), F.linear(x, weight))  # the default product runs
+    assert list(refused._same.values()) == [False]
 
 
 @pytest.mark.parametrize('causal', [False, True])

@@ -95,7 +95,8 @@ class PrunableDecoderRunner(nn.Module):
     """Layer-by-layer execution of a transformers Llama-family decoder with visual-token pruning."""
 
     def __init__(self, decoder: nn.Module, fuse_projections: Optional[bool] = None,
-                 validate_on_host: Optional[bool] = None, compile_layers: bool = False, bucket: int = 32) -> None:
+                 validate_on_host: Optional[bool] = None, compile_layers: bool = False, bucket: int = 32,
+                 input_major_weights: bool = False) -> None:
         """``decoder``: a transformers ``LlamaModel``-like module with ``layers``, ``rotary_emb`` and ``norm``.
 
         ``fuse_projections``: without autograd, run each layer's query/key/value projections as one matrix
@@ -116,6 +117,14 @@ class PrunableDecoderRunner(nn.Module):
         Applies to plain Llama layers without autograd in passes that neither store, reuse nor return keys/values;
         other passes run eagerly. Off by default: on the CPU it took 5-12% off the layers at exact token counts,
         but padding to 32-token buckets gave that back at pruned counts (``docs/benchmarks.md``).
+
+        ``input_major_weights``: with fused projections, also hold every product's weight (query/key/value,
+        output, gate/up, down) input-major, i.e. transposed in memory, which the CPU's matrix product reads faster
+        at the small token counts pruning leaves. A product reads that copy only where it gives the default
+        product's numbers bit for bit, checked once per token count and weight shape on a random input (MKL sums
+        in another order for some shapes: inner sizes above ~1000, under 16 tokens); a pass at a token count not
+        seen before pays that check (two extra products per product shape). Costs one more copy of all the
+        decoder's linear weights, beside the fused ones. Off by default (``docs/benchmarks.md``).
         """
         super().__init__()
         self.decoder = decoder
@@ -128,6 +137,8 @@ class PrunableDecoderRunner(nn.Module):
         self._fused: dict[int, _FusedProjections] = {}
         self.compile_layers = compile_layers
         self.bucket = max(1, int(bucket))
+        self.input_major_weights = input_major_weights
+        self._input_major = _InputMajorChoice()
 
     def forward(self, embeddings: torch.Tensor, layout: TokenLayout, method: Optional[PruningMethod] = None,
                 context: Optional[StepContext] = None, return_cache: bool = False) -> RunResult:
@@ -408,11 +419,11 @@ class PrunableDecoderRunner(nn.Module):
         if self.fuse_projections is False or torch.is_grad_enabled():
             return None
         fused = self._fused.get(index)
-        if fused is None or not fused.current():
+        if fused is None or not fused.current() or (fused.input_major is not None) != self.input_major_weights:
             layer = self.decoder.layers[index]
             if self.fuse_projections is None and next(layer.parameters()).device.type != 'cpu':
                 return None
-            fused = _FusedProjections.build(layer)
+            fused = _FusedProjections.build(layer, self._input_major if self.input_major_weights else None)
             if fused is None:
                 self.fuse_projections = False
                 return None
@@ -446,7 +457,7 @@ class PrunableDecoderRunner(nn.Module):
             q, k = apply_rotary_pos_emb(q, k, rope.cos, rope.sin)
         else:
             x = _rms_norm(layer.input_layernorm, hidden)
-            qkv = F.linear(x, fused.qkv_weight, fused.qkv_bias).view(batch, n, -1, head_dim)
+            qkv = fused.product(x, fused.qkv_weight, fused.qkv_input_major, fused.qkv_bias).view(batch, n, -1, head_dim)
             heads, kv_heads = fused.qkv_sizes[0] // head_dim, fused.qkv_sizes[1] // head_dim
             qk = rope.apply(qkv[:, :, :heads + kv_heads].transpose(1, 2))
             q, k = qk[:, :heads], qk[:, heads:]
@@ -455,15 +466,16 @@ class PrunableDecoderRunner(nn.Module):
         groups = q.shape[1] // k.shape[1]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
                                              scale=attn.scaling, enable_gqa=groups > 1)
-        out = attn.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
+        out = out.transpose(1, 2).reshape(batch, n, -1)
         if fused is None:
-            hidden = hidden + out
+            hidden = hidden + attn.o_proj(out)
             return hidden + layer.mlp(layer.post_attention_layernorm(hidden)), q, k
-        hidden = out.add_(hidden)
+        hidden = fused.linear(attn.o_proj, out, fused.o_input_major).add_(hidden)
         mlp = layer.mlp
-        gate, up = F.linear(_rms_norm(layer.post_attention_layernorm, hidden), fused.gate_up_weight,
-                            fused.gate_up_bias).chunk(2, dim=-1)
-        return mlp.down_proj(mlp.act_fn(gate).mul_(up)).add_(hidden), q, k
+        gate, up = fused.product(_rms_norm(layer.post_attention_layernorm, hidden), fused.gate_up_weight,
+                                 fused.gate_up_input_major, fused.gate_up_bias).chunk(2, dim=-1)
+        down = fused.linear(mlp.down_proj, _activation(mlp.act_fn, gate).mul_(up), fused.down_input_major)
+        return down.add_(hidden), q, k
 
     @staticmethod
     def _store_kv(store: KVStore, index: int, kept: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -638,6 +650,42 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm(x)
 
 
+class _InputMajorChoice:
+    """Where a product may read the input-major copy of its weight: where that gives the same numbers bit for bit.
+
+    The summation order inside a CPU matrix product depends on its shapes, the weight's layout and the thread
+    count, not on the values; so one check per (input shape, weight shape, threads, dtype, device) on a random
+    input decides for every later product of that kind. Shared by all layers of a runner.
+    """
+
+    def __init__(self) -> None:
+        self._same: dict[tuple, bool] = {}
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, input_major: torch.Tensor,
+                 bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if not x.is_contiguous():          # the check runs on contiguous inputs only
+            return F.linear(x, weight, bias)
+        key = (tuple(x.shape), tuple(weight.shape), bias is None, torch.get_num_threads(), x.dtype, x.device)
+        same = self._same.get(key)
+        if same is None:
+            generator = torch.Generator(device=x.device).manual_seed(len(self._same))
+            probe = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            same = self._same[key] = torch.equal(F.linear(probe, weight, bias), F.linear(probe, input_major, bias))
+        return F.linear(x, input_major if same else weight, bias)
+
+
+def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A plain linear layer's product without the module call (the same numbers); any other module is called."""
+    if type(module) is nn.Linear:
+        return F.linear(x, module.weight, module.bias)
+    return module(x)
+
+
+def _activation(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The MLP's activation; SiLU without the module call."""
+    return F.silu(x) if type(act) in (nn.SiLU, SiLUActivation) else act(x)
+
+
 @dataclass
 class _FusedProjections:
     """One layer's query/key/value weights stacked into one matrix, and the MLP's gate/up weights into another."""
@@ -648,9 +696,21 @@ class _FusedProjections:
     gate_up_weight: torch.Tensor
     gate_up_bias: Optional[torch.Tensor]
     sources: list[tuple[torch.Tensor, int, int]]      # (parameter, data_ptr, version) the copies were made from
+    # input-major copies ((out, in) views of transposed storage) and the choice of where products may read them
+    qkv_input_major: Optional[torch.Tensor] = None
+    gate_up_input_major: Optional[torch.Tensor] = None
+    o_input_major: Optional[torch.Tensor] = None
+    down_input_major: Optional[torch.Tensor] = None
+    input_major: Optional[_InputMajorChoice] = None
+    copied_from: dict[int, torch.Tensor] = field(default_factory=dict)   # id(copy) -> the weight it copies
 
     @classmethod
-    def build(cls, layer: nn.Module) -> Optional['_FusedProjections']:
+    def build(cls, layer: nn.Module, input_major: Optional[_InputMajorChoice] = None
+              ) -> Optional['_FusedProjections']:
+        """The fused copies of ``layer``'s weights, or None where its modules are not plain linear layers.
+
+        ``input_major``: also hold every weight input-major, read where that choice allows.
+        """
         attn, mlp = layer.self_attn, layer.mlp
         qkv = [getattr(attn, name, None) for name in ('q_proj', 'k_proj', 'v_proj')]
         gate_up = [getattr(mlp, name, None) for name in ('gate_proj', 'up_proj')]
@@ -667,10 +727,42 @@ class _FusedProjections:
                 return None
             return torch.cat([(m.bias if bias else m.weight).detach() for m in group]).contiguous()
 
-        params = [p for m in modules for p in m.parameters(recurse=False)]
-        return cls(qkv_weight=stack(qkv, False), qkv_bias=stack(qkv, True), qkv_sizes=[m.out_features for m in qkv],
-                   gate_up_weight=stack(gate_up, False), gate_up_bias=stack(gate_up, True),
-                   sources=[(p, p.data_ptr(), p._version) for p in params])
+        def transposed(weight: torch.Tensor) -> torch.Tensor:
+            return weight.detach().t().contiguous().t()
+
+        fused = cls(qkv_weight=stack(qkv, False), qkv_bias=stack(qkv, True), qkv_sizes=[m.out_features for m in qkv],
+                    gate_up_weight=stack(gate_up, False), gate_up_bias=stack(gate_up, True), sources=[])
+        if input_major is not None:
+            fused.input_major = input_major
+            fused.qkv_input_major = transposed(fused.qkv_weight)
+            fused.gate_up_input_major = transposed(fused.gate_up_weight)
+            if type(attn.o_proj) is nn.Linear:
+                fused.o_input_major = transposed(attn.o_proj.weight)
+                fused.copied_from[id(fused.o_input_major)] = attn.o_proj.weight
+                modules.append(attn.o_proj)
+            if type(mlp.down_proj) is nn.Linear:
+                fused.down_input_major = transposed(mlp.down_proj.weight)
+                fused.copied_from[id(fused.down_input_major)] = mlp.down_proj.weight
+                modules.append(mlp.down_proj)
+        fused.sources = [(p, p.data_ptr(), p._version) for m in modules for p in m.parameters(recurse=False)]
+        return fused
+
+    def product(self, x: torch.Tensor, weight: torch.Tensor, input_major: Optional[torch.Tensor],
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """``x`` times ``weight`` (+ ``bias``), from the input-major copy where that gives the same numbers."""
+        if input_major is None or self.input_major is None:
+            return F.linear(x, weight, bias)
+        return self.input_major(x, weight, input_major, bias)
+
+    def linear(self, module: nn.Module, x: torch.Tensor, input_major: Optional[torch.Tensor]) -> torch.Tensor:
+        """A layer's own linear module applied to ``x`` (its input-major copy where allowed).
+
+        A module replaced since the copy was made runs itself.
+        """
+        if input_major is None or type(module) is not nn.Linear or self.copied_from.get(id(input_major)) is not \
+                module.weight:
+            return _linear(module, x)
+        return self.product(x, module.weight, input_major, module.bias)
 
     def current(self) -> bool:
         """Whether the source weights are still the ones copied (same storage, not modified in place)."""
