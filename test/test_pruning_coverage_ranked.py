@@ -76,6 +76,25 @@ def test_two_stages_before_layer_0_from_history_then_after_the_refine_layer(runn
         assert set(rec.attention[1]) == {'cr_semantic'} and set(rec.attention[LAYERS - 1]) == {'cr_action'}
 
 
+def test_warmup_steps_run_unpruned_and_fill_the_history(runner, layout):
+    config = {'keep_ratio': 0.25, 'early_keep_ratio': 1.0, 'use_controller': False, 'warmup_steps': 2}
+    method = build_method('coverage_ranked', config)
+    results = run_episode(method, steps=4, layout=layout, runner=runner)
+    budget = budget_count(0.25, P)
+    for result in results[:2]:                    # every patch through every layer, both probes recorded
+        rec = result.record
+        assert rec.info['warmup'] and rec.visual_kept_per_layer == [layout.num_visual] * LAYERS
+        assert sorted(rec.attention) == [1, LAYERS - 1]
+    assert results[1].record.info['source'] == 'history'
+    for result in results[2:]:                    # then the two stages: every patch through layer 1, the budget after
+        rec = result.record
+        assert not rec.info['warmup']
+        assert rec.visual_kept_per_layer == [layout.num_visual] * 2 + [budget * 2] * (LAYERS - 2)
+    again = run_episode(method, steps=1, layout=layout, runner=runner)     # a new episode warms up again
+    assert again[0].record.info['reset'] == 'step index restarted'
+    assert again[0].record.visual_kept_per_layer == [layout.num_visual] * LAYERS
+
+
 def test_one_stage_prunes_every_layer_from_the_history(runner, layout):
     method = build_method('coverage_ranked', {'keep_ratio': 0.25, 'early_keep_ratio': 0.0, 'use_controller': False})
     results = run_episode(method, steps=3, layout=layout, runner=runner)
@@ -199,6 +218,7 @@ def test_observed_ranks_and_cell_tables(layout):
 
 
 def test_bad_config_is_refused():
-    for bad in ({'smoothing': 0.0}, {'forget': 1.5}, {'cells': [0, 4]}, {'keep_ratio': 0.0}, {'explore': 50.0}):
+    for bad in ({'smoothing': 0.0}, {'forget': 1.5}, {'cells': [0, 4]}, {'keep_ratio': 0.0}, {'explore': 50.0},
+                {'warmup_steps': -1}):
         with pytest.raises(ValueError):
             build_method('coverage_ranked', bad)

@@ -88,6 +88,8 @@ class CoverageRankedConfig(BaseConfig):
     forget: float = 0.2                    # per step, a patch that was not scored relaxes this far towards prior
     prior: float = 0.5                     # score of a patch never scored (ranks run from 0 to 1)
     explore: float = 1.0                   # amplitude of seeded uniform noise added to the scores (0: ties only)
+    warmup_steps: int = 0                  # the first steps of an episode run every patch through every layer
+    # (their probes fill the history), as VLA-Pruner's unpruned warm-up
 
 
 class CoverageRanked(BudgetKnob, PruningMethodBase):
@@ -105,6 +107,8 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
             raise ValueError('coverage_ranked: explore must be in [0, 10] (scores are ranks in [0, 1])')
         if not 0.0 < cfg.keep_ratio <= 1.0 or cfg.fine_keep_ratio <= 0.0:
             raise ValueError('coverage_ranked: keep_ratio must be in (0, 1], fine_keep_ratio > 0')
+        if cfg.warmup_steps < 0:
+            raise ValueError('coverage_ranked: warmup_steps must be >= 0')
         self.controller = ActionController(cfg.controller)
         self.generator = torch.Generator()
         self._reset_method()
@@ -143,15 +147,17 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
         layout = context.layout
         patches = layout.patches_per_camera
         mode = self.controller.update(context.executed_actions).mode if cfg.use_controller else 'coarse'
-        self._budget = budget_count(self.keep_fraction(mode), patches)
+        warming = self.state.steps < cfg.warmup_steps
+        self._budget = patches if warming else budget_count(self.keep_fraction(mode), patches)
         history = self._semantic is not None or self._action is not None
-        early = budget_count(self.keep_fraction(mode, early=True), patches) if history else patches
+        early = budget_count(self.keep_fraction(mode, early=True), patches) if history and not warming else patches
         self._refine = self._budget < early
         items = [(self.refine_layer(), cfg.semantic_rows, 'cr_semantic')]
         if cfg.use_action:
             items.append((self.layer(cfg.action_layer), 'action', 'cr_action'))
         self.last_info.update(mode=mode, budget=self._budget * layout.num_cameras,
-                              budget_early=early * layout.num_cameras, source='history' if history else 'first step')
+                              budget_early=early * layout.num_cameras, warmup=warming,
+                              source='history' if history else 'first step')
         plan = StepPlan(attention=self.requests(*items))
         if early < patches:
             device = (self._semantic if self._semantic is not None else self._action).device
