@@ -26,7 +26,7 @@ def test_budget_grid_sweeps_keep_ratios_and_specprune_scales():
     assert grid[2]['method_config'] == {'keep_ratio': 0.1}
     assert grid[4]['method_config'] == {'controller': {'alpha': 2.0}} and grid[5]['method_config'] is None
     ours = pareto.budget_grid(['coverage_ranked'], (0.5,), ())[1]['method_config']
-    assert ours == {'keep_ratio': 0.5, 'fine_keep_ratio': 0.6}       # fine mode keeps its 30 / 25 proportion
+    assert ours == {'keep_ratio': 0.5, 'fine_keep_ratio': 0.65}      # fine mode keeps its 26 / 20 proportion
 
 
 def test_front_keeps_only_configurations_nothing_beats_in_both():

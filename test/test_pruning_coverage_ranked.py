@@ -58,7 +58,8 @@ def test_every_cell_of_every_camera_keeps_a_patch(runner, layout):
 
 
 def test_two_stages_before_layer_0_from_history_then_after_the_refine_layer(runner, layout):
-    method = build_method('coverage_ranked', {'keep_ratio': 0.25, 'early_keep_ratio': 0.5, 'use_controller': False})
+    method = build_method('coverage_ranked', {'keep_ratio': 0.25, 'early_keep_ratio': 0.5, 'use_controller': False,
+                                              'warmup_steps': 0})
     results = run_episode(method, steps=4, layout=layout, runner=runner)
     budget, early = budget_count(0.25, P), budget_count(0.5, P)
     first = results[0].record
@@ -76,8 +77,28 @@ def test_two_stages_before_layer_0_from_history_then_after_the_refine_layer(runn
         assert set(rec.attention[1]) == {'cr_semantic'} and set(rec.attention[LAYERS - 1]) == {'cr_action'}
 
 
+def test_warmup_steps_run_unpruned_and_fill_the_history(runner, layout):
+    config = {'keep_ratio': 0.25, 'early_keep_ratio': 1.0, 'use_controller': False, 'warmup_steps': 2}
+    method = build_method('coverage_ranked', config)
+    results = run_episode(method, steps=4, layout=layout, runner=runner)
+    budget = budget_count(0.25, P)
+    for result in results[:2]:                    # every patch through every layer, both probes recorded
+        rec = result.record
+        assert rec.info['warmup'] and rec.visual_kept_per_layer == [layout.num_visual] * LAYERS
+        assert sorted(rec.attention) == [1, LAYERS - 1]
+    assert results[1].record.info['source'] == 'history'
+    for result in results[2:]:                    # then the two stages: every patch through layer 1, the budget after
+        rec = result.record
+        assert not rec.info['warmup']
+        assert rec.visual_kept_per_layer == [layout.num_visual] * 2 + [budget * 2] * (LAYERS - 2)
+    again = run_episode(method, steps=1, layout=layout, runner=runner)     # a new episode warms up again
+    assert again[0].record.info['reset'] == 'step index restarted'
+    assert again[0].record.visual_kept_per_layer == [layout.num_visual] * LAYERS
+
+
 def test_one_stage_prunes_every_layer_from_the_history(runner, layout):
-    method = build_method('coverage_ranked', {'keep_ratio': 0.25, 'early_keep_ratio': 0.0, 'use_controller': False})
+    method = build_method('coverage_ranked', {'keep_ratio': 0.25, 'early_keep_ratio': 0.0, 'use_controller': False,
+                                              'warmup_steps': 0})
     results = run_episode(method, steps=3, layout=layout, runner=runner)
     budget = budget_count(0.25, P)
     for result in results[1:]:
@@ -85,7 +106,7 @@ def test_one_stage_prunes_every_layer_from_the_history(runner, layout):
 
 
 def test_controller_shapes_the_budget(runner, layout):
-    config = {'keep_ratio': 0.2, 'fine_keep_ratio': 0.4, 'early_keep_ratio': 0.5}
+    config = {'keep_ratio': 0.2, 'fine_keep_ratio': 0.4, 'early_keep_ratio': 0.5, 'warmup_steps': 0}
     fine = run_episode(build_method('coverage_ranked', config), steps=3, layout=layout, runner=runner, actions=SLOW)
     coarse = run_episode(build_method('coverage_ranked', config), steps=3, layout=layout, runner=runner,
                          actions=FAST)
@@ -103,7 +124,8 @@ def test_controller_shapes_the_budget(runner, layout):
 
 
 def test_budget_knob_scales_both_modes_and_gives_the_configured_budget_back(runner, layout):
-    method = build_method('coverage_ranked', {'keep_ratio': 0.2, 'fine_keep_ratio': 0.4, 'early_keep_ratio': 0.3})
+    method = build_method('coverage_ranked', {'keep_ratio': 0.2, 'fine_keep_ratio': 0.4, 'early_keep_ratio': 0.3,
+                                              'warmup_steps': 0})
     method.set_budget(0.5)
     coarse = run_episode(method, steps=3, layout=layout, runner=runner, actions=FAST)
     assert per_camera(coarse[-1].record.kept_per_layer[-1], layout) == [budget_count(0.5, P)] * 2
@@ -144,7 +166,7 @@ def assert_best(kept: torch.Tensor, score: np.ndarray, budget: int, layout) -> N
 def test_before_layer_0_keeps_the_best_remembered_semantic_and_action_ranks(runner, layout):
     # no quota, no noise: step 1 keeps the top of max(semantic, action) running scores built from step 0's probes
     config = {'cell_quota': 0, 'explore': 0.0, 'keep_ratio': 0.25, 'early_keep_ratio': 0.0, 'use_controller': False,
-              'smoothing': 0.5, 'prior': 0.5}
+              'smoothing': 0.5, 'prior': 0.5, 'warmup_steps': 0}
     results = run_episode(build_method('coverage_ranked', config), steps=2, layout=layout, runner=runner)
     rec = results[0].record
 
@@ -158,7 +180,7 @@ def test_before_layer_0_keeps_the_best_remembered_semantic_and_action_ranks(runn
 
 def test_refine_keeps_the_best_of_this_pass_semantic_ranks_among_the_early_set(runner, layout):
     config = {'cell_quota': 0, 'explore': 0.0, 'keep_ratio': 0.25, 'early_keep_ratio': 0.5, 'use_controller': False,
-              'use_action': False, 'smoothing': 0.5, 'prior': 0.5}
+              'use_action': False, 'smoothing': 0.5, 'prior': 0.5, 'warmup_steps': 0}
     results = run_episode(build_method('coverage_ranked', config), steps=2, layout=layout, runner=runner)
     before, seen_before = ranks_of(results[0].record, 1, 'cr_semantic', layout)
     remembered = np.where(seen_before, 0.25 + 0.5 * np.nan_to_num(before), 0.5)
@@ -170,14 +192,15 @@ def test_refine_keeps_the_best_of_this_pass_semantic_ranks_among_the_early_set(r
 
 
 def test_reset_and_new_episode_start_from_the_first_step_again(runner, layout):
-    method = build_method('coverage_ranked', seed=4)
-    first = run_episode(method, steps=3, layout=layout, runner=runner, actions=SLOW)
-    replay = run_episode(method, steps=3, layout=layout, runner=runner, actions=SLOW)    # step index restarts
+    method = build_method('coverage_ranked', seed=4)          # defaults: 3 warm-up steps, then two stages
+    first = run_episode(method, steps=5, layout=layout, runner=runner, actions=SLOW)
+    replay = run_episode(method, steps=5, layout=layout, runner=runner, actions=SLOW)    # step index restarts
     assert replay[0].record.info['reset'] == 'step index restarted'
     assert replay[0].record.info['source'] == 'first step'
     assert [[k.tolist() for k in r.record.kept_per_layer] for r in replay] == \
         [[k.tolist() for k in r.record.kept_per_layer] for r in first]
-    other_seed = run_episode(build_method('coverage_ranked', seed=5), steps=3, layout=layout, runner=runner,
+    assert [r.record.info['warmup'] for r in first] == [True] * 3 + [False] * 2
+    other_seed = run_episode(build_method('coverage_ranked', seed=5), steps=5, layout=layout, runner=runner,
                              actions=SLOW)
     assert [k.tolist() for k in other_seed[-1].record.kept_per_layer] != \
         [k.tolist() for k in first[-1].record.kept_per_layer]           # the tie-break draws differ
@@ -199,6 +222,7 @@ def test_observed_ranks_and_cell_tables(layout):
 
 
 def test_bad_config_is_refused():
-    for bad in ({'smoothing': 0.0}, {'forget': 1.5}, {'cells': [0, 4]}, {'keep_ratio': 0.0}, {'explore': 50.0}):
+    for bad in ({'smoothing': 0.0}, {'forget': 1.5}, {'cells': [0, 4]}, {'keep_ratio': 0.0}, {'explore': 50.0},
+                {'warmup_steps': -1}):
         with pytest.raises(ValueError):
             build_method('coverage_ranked', bad)

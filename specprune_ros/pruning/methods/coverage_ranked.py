@@ -1,14 +1,15 @@
 """``coverage_ranked``: every region of each camera covered, the rest ranked by remembered attention.
 
-Pruned once, before layer 0, at an action-aware budget.
+A cheap early stage before layer 0, the final cut after layer 1, at an action-aware budget.
 
 Per step, per camera:
 
 1. **Budget from the executed motion** (SpecPrune-VLA's action-aware controller,
    :mod:`specprune_ros.pruning.action_controller`): slow, non-lifting motion (approaching, grasping, placing) is
-   fine mode and keeps ``fine_keep_ratio`` of the camera's patches, fast or lifting motion is coarse mode and keeps
-   ``keep_ratio``. The default rule is the paper's stateless one (``controller.variant='paper'``): the public
-   code's hysteresis enters fine mode on the first slow action and rarely leaves it on this policy.
+   fine mode and keeps ``fine_keep_ratio`` (26%) of the camera's patches after layer ``refine_layer``, fast or
+   lifting motion is coarse mode and keeps ``keep_ratio`` (20%). The default rule is the paper's stateless one
+   (``controller.variant='paper'``): the public code's hysteresis enters fine mode on the first slow action and
+   rarely leaves it on this policy.
 2. **Spatial coverage** (ours, from measuring this policy: a uniform random subset touches 91% of the 3 x 3-patch
    cells of an image and keeps the policy's success, attention-ranked subsets touch 61-76% and lose it; see
    ``scripts/zone_coverage.py``): the camera's patch grid is split into a coarse ``cells`` grid and the best
@@ -22,26 +23,29 @@ Per step, per camera:
    decayed window of w = 3 steps with gamma = 0.8; ``smoothing`` is the newest step's weight). The budget left
    after the coverage quota goes to the patches whose better score (the maximum of the two: a union of the two
    rankings, as VLA-Pruner's Combine step) is highest.
-4. **No extra attention pass, prune before layer 0** (ours, after FastV / VLA-Pruner prune once early and
-   SpecPrune reuses the previous step's attention for its global set): the scores come from the *previous*
-   steps' attention of two probes of a few query rows (instruction rows at one early layer, action rows at one
-   deep layer) over the tokens that ran, so every layer runs at the reduced count. A patch that was pruned gets
-   no new score; its remembered score relaxes towards ``prior`` (``forget`` per step), so patches not seen for a
-   while come back into consideration. The first step of an episode has no history: it runs every patch through
-   layers ``0..refine_layer`` and selects after that layer from the fresh instruction attention.
-5. **Exploration** (ours): seeded uniform noise of amplitude ``explore`` on the ranks varies the kept set from
-   step to step. On the shipped pruning-aware checkpoint, which practised uniform random drops, the default
-   (1.0, as large as the ranks) ties with random selection; on a checkpoint that never practised drops less noise
-   is better (``docs/own_method.md``).
+4. **Two stages, no extra attention pass** (ours, after SpecPrune's self-speculative layer-0/1 sets and
+   VLA-Pruner's full-width early layers): before layer 0 the method keeps ``early_keep_ratio`` (50%) of each
+   camera, chosen from the *previous* steps' attention of two probes of a few query rows (instruction rows at
+   ``refine_layer``, action rows at one deep layer) over the tokens that ran; after ``refine_layer`` (1) it cuts to
+   the final budget with the pass's own instruction ranks. The kept tokens gather the dropped half's content in
+   layers 0-1, which a policy trained without token drops needs (``docs/own_method.md``); on a 32-layer decoder
+   the two half-width layers cost about 2% of the unpruned step. A patch that was pruned gets no new score; its
+   remembered score relaxes towards ``prior`` (``forget`` per step), so patches not seen for a while come back
+   into consideration.
+5. **Warm-up** (VLA-Pruner's unpruned warm-up): the first ``warmup_steps`` (3) steps of an episode run every patch
+   through every layer; their probes fill the history. A policy trained without token drops loses most of its
+   success when the first steps of an episode are pruned.
+6. **Exploration** (ours): seeded uniform noise of amplitude ``explore`` on the ranks varies the kept set from
+   step to step. On the shipped pruning-aware checkpoint, which practised uniform random drops, noise as large as
+   the ranks (1.0) does best; on a checkpoint that never practised drops it neither helps nor hurts once layers
+   0-1 see the early set and the first steps are unpruned.
 
-Optional second stage (``early_keep_ratio`` > ``keep_ratio``, ours after SpecPrune's self-speculative layer-0/1
-sets): keep the larger early share before layer 0 and cut to the final budget after ``refine_layer`` with the
-pass's own instruction ranks (``early_keep_ratio`` 1.0: every patch through layers 0..refine_layer, as
-VLA-Pruner).
+``early_keep_ratio`` <= ``keep_ratio`` prunes once, before layer 0; ``early_keep_ratio`` 1.0 runs every patch
+through layers 0..refine_layer, as VLA-Pruner.
 
 Selection runs on the device of the attention (sorts and scatters; counts are known on the host), so a step never
-waits for the accelerator. The budget knob (``set_budget``) is the coarse-mode keep ratio; fine mode keeps
-``fine_keep_ratio / keep_ratio`` times as much.
+waits for the accelerator. The budget knob (``set_budget``) is the coarse-mode keep ratio; fine mode and the early
+stage keep ``fine_keep_ratio / keep_ratio`` and ``early_keep_ratio / keep_ratio`` times as much.
 """
 from __future__ import annotations
 
@@ -70,11 +74,11 @@ def _paper_controller() -> ControllerConfig:
 class CoverageRankedConfig(BaseConfig):
     """Knobs of ``coverage_ranked`` (what each idea is and where it comes from: the module docstring)."""
 
-    keep_ratio: float = 0.25               # patches per camera from layer refine_layer + 1 on, coarse mode (the
+    keep_ratio: float = 0.2                # patches per camera from layer refine_layer + 1 on, coarse mode (the
     # budget knob)
-    fine_keep_ratio: float = 0.3           # ... in fine mode (approaching, grasping, placing)
-    early_keep_ratio: float = 0.0          # patches per camera through layers 0..refine_layer (coarse mode; fine
-    # mode scales it as the final budget); <= keep_ratio (default): one stage, before layer 0
+    fine_keep_ratio: float = 0.26          # ... in fine mode (approaching, grasping, placing)
+    early_keep_ratio: float = 0.5          # patches per camera through layers 0..refine_layer (coarse mode; fine
+    # mode scales it as the final budget); <= keep_ratio: one stage, before layer 0
     refine_layer: int = 1                  # the early layer whose instruction attention refines the selection
     use_controller: bool = True            # False: always coarse mode
     controller: ControllerConfig = field(default_factory=_paper_controller)
@@ -88,6 +92,8 @@ class CoverageRankedConfig(BaseConfig):
     forget: float = 0.2                    # per step, a patch that was not scored relaxes this far towards prior
     prior: float = 0.5                     # score of a patch never scored (ranks run from 0 to 1)
     explore: float = 1.0                   # amplitude of seeded uniform noise added to the scores (0: ties only)
+    warmup_steps: int = 3                  # the first steps of an episode run every patch through every layer
+    # (their probes fill the history), as VLA-Pruner's unpruned warm-up
 
 
 class CoverageRanked(BudgetKnob, PruningMethodBase):
@@ -105,6 +111,8 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
             raise ValueError('coverage_ranked: explore must be in [0, 10] (scores are ranks in [0, 1])')
         if not 0.0 < cfg.keep_ratio <= 1.0 or cfg.fine_keep_ratio <= 0.0:
             raise ValueError('coverage_ranked: keep_ratio must be in (0, 1], fine_keep_ratio > 0')
+        if cfg.warmup_steps < 0:
+            raise ValueError('coverage_ranked: warmup_steps must be >= 0')
         self.controller = ActionController(cfg.controller)
         self.generator = torch.Generator()
         self._reset_method()
@@ -143,15 +151,17 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
         layout = context.layout
         patches = layout.patches_per_camera
         mode = self.controller.update(context.executed_actions).mode if cfg.use_controller else 'coarse'
-        self._budget = budget_count(self.keep_fraction(mode), patches)
+        warming = self.state.steps < cfg.warmup_steps
+        self._budget = patches if warming else budget_count(self.keep_fraction(mode), patches)
         history = self._semantic is not None or self._action is not None
-        early = budget_count(self.keep_fraction(mode, early=True), patches) if history else patches
+        early = budget_count(self.keep_fraction(mode, early=True), patches) if history and not warming else patches
         self._refine = self._budget < early
         items = [(self.refine_layer(), cfg.semantic_rows, 'cr_semantic')]
         if cfg.use_action:
             items.append((self.layer(cfg.action_layer), 'action', 'cr_action'))
         self.last_info.update(mode=mode, budget=self._budget * layout.num_cameras,
-                              budget_early=early * layout.num_cameras, source='history' if history else 'first step')
+                              budget_early=early * layout.num_cameras, warmup=warming,
+                              source='history' if history else 'first step')
         plan = StepPlan(attention=self.requests(*items))
         if early < patches:
             device = (self._semantic if self._semantic is not None else self._action).device
