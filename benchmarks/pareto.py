@@ -279,7 +279,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                    args.cache or args.out / 'pareto_runs', args.execute_steps, args.cached_only)
                for name, model in models.items()}
     shape = ['--shape', args.speed_shape, '--width', str(args.speed_width), '--layers', str(args.speed_layers)]
-    speed, speed_meta, shapes = speed_phase(grid, shape, args.speed_steps, args.threads)
+    ran = [entry for entry in grid if any(entry['label'] in outcomes for outcomes in success.values())]
+    speed, speed_meta, shapes = speed_phase(ran, shape, args.speed_steps, args.threads)
     rows = [row for name in models for row in rows_for(grid, success[name], speed, name)]
     command = ' '.join(argv if argv is not None else sys.argv[1:])
     meta = {'command': f'python benchmarks/pareto.py {command}'.strip(), 'commit': git_commit(),
