@@ -76,6 +76,13 @@ def two_stage_drop() -> tuple[torch.Tensor, torch.Tensor]:
     return first, second
 
 
+def two_stage_case(causal: bool) -> tuple[torch.nn.Module, TokenLayout, torch.Tensor, FixedKeepSchedule]:
+    """An eager decoder, its layout, an input and the two-stage drop asking for the text rows' attention at layer 1."""
+    first, second = two_stage_drop()
+    method = FixedKeepSchedule(keep_after={0: first, 2: second}, attention=[AttentionRequest(1, 'text')])
+    return make_decoder(attn='eager'), make_layout(causal), torch.randn(1, N, HIDDEN), method
+
+
 @pytest.mark.parametrize('causal', [False, True])
 def test_dropping_at_layers_matches_independent_reference(causal):
     decoder = make_decoder(attn='eager')
@@ -235,11 +242,7 @@ def test_fused_projections_equal_the_layers_own_and_follow_weight_changes():
 
 @pytest.mark.parametrize('causal', [False, True])
 def test_input_major_weights_give_the_same_numbers_and_follow_weight_changes(causal):
-    decoder = make_decoder(attn='eager')
-    layout = make_layout(causal)
-    x = torch.randn(1, N, HIDDEN)
-    first, second = two_stage_drop()
-    method = FixedKeepSchedule(keep_after={0: first, 2: second}, attention=[AttentionRequest(1, 'text')])
+    decoder, layout, x, method = two_stage_case(causal)
     runner, default = PrunableDecoderRunner(decoder, input_major_weights=True), PrunableDecoderRunner(decoder)
     with torch.no_grad():
         result, expected = runner(x, layout, method), default(x, layout, method)
@@ -279,11 +282,7 @@ def test_input_major_copy_is_read_only_where_it_gives_the_same_numbers():
 @pytest.mark.parametrize('causal', [False, True])
 def test_compiled_layers_with_padded_buckets_match_the_reference(causal):
     # every kept set here (50, 38 and 27 tokens) pads to one 64-token bucket: one compilation per layout
-    decoder = make_decoder(attn='eager')
-    layout = make_layout(causal)
-    x = torch.randn(1, N, HIDDEN)
-    first, second = two_stage_drop()
-    method = FixedKeepSchedule(keep_after={0: first, 2: second}, attention=[AttentionRequest(1, 'text')])
+    decoder, layout, x, method = two_stage_case(causal)
     runner = PrunableDecoderRunner(decoder, compile_layers=True, bucket=64)
 
     def compiled_calls() -> int:
@@ -295,6 +294,7 @@ def test_compiled_layers_with_padded_buckets_match_the_reference(causal):
         result = runner(x, layout, method)
         assert compiled_calls() == before + LAYERS              # every layer went through the compiled graph
         eager = PrunableDecoderRunner(decoder)(x, layout, method)
+        first, second = two_stage_drop()
         expected, expected_kept = reference_forward(decoder, x, layout, {1: first, 3: second})
     assert torch.equal(result.kept, expected_kept)
     assert (result.hidden - expected).abs().max().item() <= 1e-5

@@ -234,14 +234,18 @@ def test_device_topk_with_candidates_orders_as_the_host_topk(values, data):
     assert stable_topk_on_device(scores, k, mask).tolist() == stable_topk(scores, k, mask).tolist()
 
 
+def random_scores(shape: tuple[int, ...], g: torch.Generator, ties: bool, levels: int = 3) -> torch.Tensor:
+    """Uniform scores, or whole numbers below ``levels`` so that many tie."""
+    return torch.randint(0, levels, shape, generator=g).float() if ties else torch.rand(shape, generator=g)
+
+
 @SETTINGS
 @given(st.integers(0, 10_000), st.integers(0, 9), st.integers(0, 9), st.booleans())
 def test_device_top_k_per_camera_equals_the_host_top_k(seed, k0, k1, ties):
     # one sort over a (cameras, patches) view with per-camera counts; candidates are the finite scores
     layout = layout2()
     g = torch.Generator().manual_seed(seed)
-    dense = torch.randint(0, 4, (layout.num_visual,), generator=g).float() if ties else \
-        torch.rand(layout.num_visual, generator=g)
+    dense = random_scores((layout.num_visual,), g, ties, levels=4)
     dense[torch.rand(layout.num_visual, generator=g) < 0.3] = float('-inf')
     cand = torch.isfinite(dense)
     assert torch.equal(topk_per_camera_on_device(dense, [k0, k1], layout, cand),
@@ -273,8 +277,7 @@ def test_device_layer_importance_with_host_counts_equals_the_host_sample(seed, t
     layout = layout2((4, 4))
     g = torch.Generator().manual_seed(seed)
     valid = torch.rand(1, layout.num_visual, generator=g) < 0.7
-    raw = torch.randint(0, 3, (1, layout.num_visual), generator=g).float() if ties else \
-        torch.rand(1, layout.num_visual, generator=g)
+    raw = random_scores((1, layout.num_visual), g, ties)
     scores = torch.where(valid, raw, torch.zeros(()))
     counts = valid.reshape(2, -1).sum(dim=1).tolist()
     assert torch.equal(layer_importance_on_device(scores, valid, layout, counts=counts),
@@ -286,8 +289,7 @@ def test_device_layer_importance_with_host_counts_equals_the_host_sample(seed, t
 def test_top_counts_per_camera_equals_the_masks_from_ranks(seed, k0, k1, ties):
     layout = layout2()
     g = torch.Generator().manual_seed(seed)
-    dense = torch.randint(0, 3, (layout.num_visual,), generator=g).float() if ties else \
-        torch.rand(layout.num_visual, generator=g)
+    dense = random_scores((layout.num_visual,), g, ties)
     cand = torch.rand(layout.num_visual, generator=g) < 0.6
     expected = topk_masks_per_camera(camera_ranks(dense, cand, 2), [k0, k1], cand)
     assert torch.equal(top_counts_per_camera(dense, cand, [k0, k1], 2), expected)
