@@ -13,6 +13,9 @@ from specprune_ros.core.token_layout import TokenLayout
 
 HIDDEN, MLP, LAYERS = 64, 128, 6
 GRID = (6, 6)              # patches per camera: 36 (kept small for speed; production grids are 12 x 12)
+P = GRID[0] * GRID[1]
+SLOW = np.tile(np.array([0.05, 0.0, -0.05, 0.0, 0.0, 0.0, 1.0]), (8, 1))    # an action chunk in fine mode (paper rule)
+FAST = np.tile(np.array([0.6, 0.3, 0.3, 0.0, 0.0, 0.0, -1.0]), (8, 1))      # an action chunk in coarse mode
 PATCH = 8                  # pixels per patch side -> 48 x 48 frames
 CAMERAS = 2
 

@@ -7,14 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from pruning_testkit import GRID, LAYERS, make_layout, make_runner, run_episode
+from pruning_testkit import FAST, LAYERS, P, SLOW, make_layout, make_runner, run_episode
 from specprune_ros.pruning import build_method
 from specprune_ros.pruning.methods.coverage_ranked import cell_tables, observed_ranks
 from specprune_ros.pruning.scoring import budget_count, dense_visual_scores
 
-SLOW = np.tile(np.array([0.05, 0.0, -0.05, 0.0, 0.0, 0.0, 1.0]), (8, 1))    # fine mode (paper rule)
-FAST = np.tile(np.array([0.6, 0.3, 0.3, 0.0, 0.0, 0.0, -1.0]), (8, 1))      # coarse mode
-P = GRID[0] * GRID[1]
 CELLS = (3, 3)                      # 2 x 2 patches per cell on the 6 x 6 test grid
 
 

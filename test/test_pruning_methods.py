@@ -6,17 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from pruning_testkit import GRID, LAYERS, make_context, make_embeddings, make_layout, make_runner, run_episode
+from pruning_testkit import (FAST, GRID, LAYERS, P, SLOW, make_context, make_embeddings, make_layout, make_runner,
+                             run_episode)
 from specprune_ros.core.step_types import StepRecord
 from specprune_ros.pruning import available_methods, build_method, method_config, self_speculation_hit_rate
 from specprune_ros.pruning.base import protected_visual
 from specprune_ros.pruning.diversity import greedy_max_min
 from specprune_ros.pruning.methods.specprune import scaled_prune_layers
 from specprune_ros.pruning.scoring import budget_count, dense_visual_scores, mask_to_sequence, topk_per_camera
-
-SLOW = np.tile(np.array([0.05, 0.0, -0.05, 0.0, 0.0, 0.0, 1.0]), (8, 1))    # fine mode
-FAST = np.tile(np.array([0.6, 0.3, 0.3, 0.0, 0.0, 0.0, -1.0]), (8, 1))      # coarse mode
-P = GRID[0] * GRID[1]
 
 
 @pytest.fixture(scope='module')
