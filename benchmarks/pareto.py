@@ -24,9 +24,10 @@ contents digest, the episodes and the method's spec and resolved configuration; 
 ``--seed-cache-from`` writes those outcomes into the cache before running, for rows whose key is exactly one of this
 run's (the log counts the rest and says why each was skipped), so ``--cached-only`` re-renders a committed report on
 a fresh machine and a grid extends elsewhere without rerunning what is known. A seeded entry holds success only.
-``--carry-rows-from`` shows an earlier report's rows of the checkpoints this run does not evaluate, as they are (for
-a report whose rows hold no outcomes): marked carried, with that run's command, commit and date; the speedup is this
-run's where it timed the same label, else the earlier run's, marked †; the front is marked on the speedups shown.
+``--carry-rows-from`` shows an earlier report's rows of the checkpoints (by name) this run does not evaluate, as
+they are (for a report whose rows hold no outcomes): marked carried, with that run's command, commit and date; the
+speedup is this run's where it timed the same label, else the earlier run's, marked †; the front is marked on the
+speedups shown.
 
     python benchmarks/pareto.py --episodes-per-family 100 --out docs/benchmarks            # 300 episodes each
     python benchmarks/pareto.py --episodes-per-family 2 --methods random vla_pruner --keep-ratios 0.5 0.25 \
@@ -370,7 +371,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     if len(checkpoints) > 1:
         lines += ['', '## Every checkpoint', '', 'Success, and in brackets the paired difference from unpruned on the '
                   'same checkpoint (points).', '',
-                  '| config | speedup | ' + ' | '.join(names[c] for c in checkpoints) + ' |', '|---|---|' + '---|' * len(checkpoints)]
+                  '| config | speedup | ' + ' | '.join(names[c] for c in checkpoints) + ' |',
+                  '|---|---|' + '---|' * len(checkpoints)]
         by_key = {(r['checkpoint'], r['label']): r for r in rows}
         for first in order:
             cells = [by_key.get((c, first['label'])) for c in checkpoints]
@@ -455,8 +457,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
                              "for configurations whose key (checkpoint path and contents, episodes, resolved config) "
                              "is exactly one of this run's")
     parser.add_argument('--carry-rows-from', type=Path, default=None, metavar='PARETO_JSON',
-                        help="show an earlier pareto.json's rows of checkpoints this run does not evaluate, as they "
-                             "are, marked as carried (this run's speed where it timed the same label)")
+                        help="show an earlier pareto.json's rows of checkpoints (by name) this run does not "
+                             "evaluate, as they are, marked as carried (this run's speed where it timed the same "
+                             "label)")
     args = parser.parse_args(argv)
     started = time.time()
     grid = budget_grid(args.methods, tuple(args.keep_ratios), tuple(args.specprune_scales))

@@ -79,3 +79,52 @@ def test_small_sweep_end_to_end_and_resumes_from_its_cache(tmp_path, capsys):
     assert [r['label'] for r in partial['rows']] == ['none', 'random 50%'] * 2
     assert all(r['speedup'] is None for r in partial['rows'])
     assert [r['success'] for r in again['rows']] == [r['success'] for r in first['rows']]
+
+
+def test_a_report_reseeds_a_fresh_cache_and_carries_rows_of_other_checkpoints(tmp_path, capsys, monkeypatch):
+    pareto = load_pareto()
+    small = ['--episodes-per-family', '1', '--methods', 'random', '--keep-ratios', '0.5', '--speed-steps', '0',
+             '--workers', '1']
+    first = pareto.main(small + ['--out', str(tmp_path / 'first')])
+    report = tmp_path / 'first' / 'pareto.json'
+    for row in first['rows']:                                   # the outcomes, one per episode, in evaluation order
+        assert row['run']['outcomes'].count('1') / 3 == row['success'] and len(row['run']['outcomes']) == 3
+        assert row['run']['key']['model'] == pareto.model_key('reference') and row['run']['key']['episodes'] == 1
+    assert report.read_text().count('"run": {') == 2                # one line per row's outcomes
+
+    def no_episodes(*args, **kwargs):
+        raise AssertionError('an episode ran although its outcomes were seeded')
+    monkeypatch.setattr(pareto, 'evaluate', no_episodes)
+    capsys.readouterr()
+    again = pareto.main(small + ['--out', str(tmp_path / 'again'), '--seed-cache-from', str(report)])
+    assert 'seeded the cache with 2 configurations' in capsys.readouterr().out
+    assert again['rows'] == json.loads(report.read_text())['rows']
+
+    changed = json.loads(report.read_text())                    # as if an earlier default had been in force
+    changed['rows'][1]['run']['key']['resolved']['num_layers'] += 1
+    (tmp_path / 'changed.json').write_text(json.dumps(changed))
+    seeded = pareto.main(small + ['--out', str(tmp_path / 'changed'), '--seed-cache-from',
+                                  str(tmp_path / 'changed.json'), '--cached-only'])
+    log = capsys.readouterr().out
+    assert 'seeded the cache with 1 configurations' in log and '1: resolved configuration differs' in log
+    assert [r['label'] for r in seeded['rows']] == ['none'] and 'random 50%: not run' in log
+
+    older = json.loads(report.read_text())                      # an older report: no outcomes, timed speedups
+    for row, speedup in zip(older['rows'], (1.0, 1.6)):
+        row.pop('run')
+        row.update(speedup=speedup, speedup_ci95=[speedup, speedup], kept_visual_ratio=0.5, total_ms=10.0)
+    (tmp_path / 'older.json').write_text(json.dumps(older))
+    both = pareto.main(small + ['--models', 'again=reference', '--out', str(tmp_path / 'both'), '--cached-only',
+                                '--seed-cache-from', str(report), '--carry-rows-from', str(tmp_path / 'older.json')])
+    assert [(r['checkpoint'], 'carried_from' in r) for r in both['rows']] == [
+        ('again', False), ('again', False), ('reference', True), ('reference', True)]
+    assert all(r['speed_from'] == r['carried_from'] for r in both['rows'][2:])     # nothing timed in this run
+    table = (tmp_path / 'both' / 'pareto.md').read_text()
+    assert '| config | speedup | again | reference (carried) |' in table and '| random 50% | 1.60x † |' in table
+    assert f"## reference (carried from {older['meta']['commit']}, {older['meta']['date']})" in table
+    assert older['meta']['command'] in table and both['meta']['carried']
+
+    timed = {'none': {'speedup': 1.0, 'speedup_ci95': [1.0, 1.0], 'kept_visual_ratio': 1.0, 'total_ms': 20.0}}
+    rows, runs = pareto.carry_rows(tmp_path / 'older.json', {'again'}, timed)   # this run's speed where it timed it
+    assert rows[0]['total_ms'] == 20.0 and 'speed_from' not in rows[0]
+    assert rows[1]['total_ms'] == 10.0 and rows[1]['speed_from'] in runs and rows[1]['on_front']
