@@ -92,12 +92,13 @@ def _greedy(d: torch.Tensor, m: int, candidates: Optional[torch.Tensor]) -> torc
     # every step writes into buffers made once (the picks, the gathered rows, their row numbers): at a few hundred
     # numbers per operation, allocating the outputs is a good part of each step's cost
     picks = torch.empty(m, groups, dtype=torch.long, device=d.device)
-    torch.argmax(nearest, dim=1, out=picks[0])                # the token whose nearest neighbour is farthest
+    slots = picks.unbind(0)                                   # one view per step, made in one operation
+    torch.argmax(nearest, dim=1, out=slots[0])                # the token whose nearest neighbour is farthest
     gathered = torch.empty(groups, n, dtype=d.dtype, device=d.device)
-    where = picks[0] if offsets is None else torch.empty(groups, dtype=torch.long, device=d.device)
-    min_dist = rows.index_select(0, picks[0] if offsets is None else torch.add(picks[0], offsets, out=where))
-    for step in range(1, m):
-        pick = torch.argmax(min_dist, dim=1, out=picks[step])
+    where = None if offsets is None else torch.empty(groups, dtype=torch.long, device=d.device)
+    min_dist = rows.index_select(0, slots[0] if offsets is None else torch.add(slots[0], offsets, out=where))
+    for pick in slots[1:]:
+        torch.argmax(min_dist, dim=1, out=pick)
         torch.index_select(rows, 0, pick if offsets is None else torch.add(pick, offsets, out=where), out=gathered)
         torch.minimum(min_dist, gathered, out=min_dist)
     return picks.T
