@@ -85,7 +85,7 @@ def positions_to_sequence(positions: torch.Tensor, layout: TokenLayout) -> torch
     Equal to :func:`mask_to_sequence` of the mask the positions set, without reading anything back to the host.
     """
     vis = _visual_tables_on(layout, positions.device)[0]
-    return vis[positions.sort().values]
+    return vis.index_select(0, positions.sort().values)
 
 
 def to_device(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -106,7 +106,8 @@ def dense_visual_scores_on_device(key_indices: torch.Tensor, weights: torch.Tens
     if keys.numel() != w.numel():
         raise ValueError(f'{keys.numel()} key indices but {w.numel()} weights')
     out = torch.full((layout.num_visual + 1,), float(fill), dtype=torch.float32, device=weights.device)
-    out.index_copy_(0, spare[keys], w if w.dtype == torch.float32 else w.to(torch.float32))
+    # index_select, not advanced indexing: the same gather at half the per-call cost
+    out.index_copy_(0, spare.index_select(0, keys), w if w.dtype == torch.float32 else w.to(torch.float32))
     return out[:layout.num_visual]
 
 
@@ -133,9 +134,10 @@ def stable_topk_on_device(scores: torch.Tensor, k: int, candidates: Optional[tor
 def stable_topk_rows_on_device(scores: torch.Tensor, k: int, candidates: Optional[torch.Tensor] = None
                                ) -> torch.Tensor:
     """:func:`stable_topk_on_device` of every row of ``scores`` (rows, n) at once: (rows, k) positions."""
-    s = scores.to(torch.float32)
-    s = torch.where(torch.isnan(s), float('-inf'), s)
-    order = torch.sort(-s, dim=-1, stable=True).indices
+    # NaN ranks last (as -inf); a stable descending sort keeps ties in position order, as the ascending sort of the
+    # negated scores does (-0.0 and 0.0 compare equal either way)
+    s = torch.nan_to_num(scores.to(torch.float32), nan=float('-inf'), posinf=float('inf'), neginf=float('-inf'))
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
     if candidates is not None:
         outside = (~candidates.gather(-1, order)).to(torch.uint8)
         order = order.gather(-1, torch.sort(outside, dim=-1, stable=True).indices)
@@ -387,7 +389,7 @@ def present_mask_on_device(indices: torch.Tensor, layout: TokenLayout) -> torch.
     """:func:`present_mask` on the indices' device: True for the visual tokens among ``indices``."""
     spare = _visual_tables_on(layout, indices.device)[1]
     mask = torch.zeros(layout.num_visual + 1, dtype=torch.bool, device=indices.device)
-    mask[spare[indices]] = True
+    mask.index_fill_(0, spare.index_select(0, indices.reshape(-1)), True)
     return mask[:layout.num_visual]
 
 
@@ -399,7 +401,7 @@ def dense_visual_rows_on_device(key_indices: torch.Tensor, weights: torch.Tensor
     visual keys.
     """
     spare = _visual_tables_on(layout, weights.device)[1]
-    position = spare[_long_on(key_indices, weights.device)]
+    position = spare.index_select(0, _long_on(key_indices, weights.device))
     out = torch.zeros(weights.shape[0], layout.num_visual + 1, dtype=torch.float32, device=weights.device)
     out.index_copy_(1, position, weights if weights.dtype == torch.float32 else weights.to(torch.float32))
     valid = torch.zeros(layout.num_visual + 1, dtype=torch.bool, device=weights.device).index_fill_(0, position, True)
@@ -488,7 +490,7 @@ def mask_to_sequence_on_device(mask: torch.Tensor, count: int, layout: TokenLayo
     """Dense visual mask with ``count`` True entries -> their sequence indices (dense order), on the device."""
     vis = _visual_tables_on(layout, mask.device)[0]
     # a nonzero of the given size: nothing read back (the count is known), and cheaper than sorting the mask
-    return vis[torch.nonzero_static(mask, size=count).view(-1)]
+    return vis.index_select(0, torch.nonzero_static(mask, size=count).view(-1))
 
 
 @functools.lru_cache(maxsize=16)
