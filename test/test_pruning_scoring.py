@@ -9,7 +9,8 @@ from specprune_ros.core.token_layout import TokenLayout
 from specprune_ros.pruning.scoring import (budget_count, camera_ranks, decay_weights, decayed_action_score,
                                            dense_visual_scores, dense_visual_scores_on_device,
                                            divide_rows_by_positive_sum, ema_update, layer_confidence,
-                                           layer_importance, layer_importance_on_device, mask_to_sequence,
+                                           layer_importance, layer_importance_known_on_device,
+                                           layer_importance_on_device, mask_to_sequence,
                                            mask_to_sequence_on_device, normalise, positions_to_sequence,
                                            rank_weights, stable_topk, stable_topk_on_device,
                                            stable_topk_rows_on_device, top_counts_per_camera,
@@ -282,6 +283,9 @@ def test_device_layer_importance_with_host_counts_equals_the_host_sample(seed, t
     counts = valid.reshape(2, -1).sum(dim=1).tolist()
     assert torch.equal(layer_importance_on_device(scores, valid, layout, counts=counts),
                        layer_importance(scores, valid, layout))
+    if min(counts) >= 2:        # the one-layer form SpecPrune's layer drops use
+        assert torch.equal(layer_importance_known_on_device(scores[0], valid[0], counts),
+                           layer_importance(scores, valid, layout)[0])
 
 
 @SETTINGS

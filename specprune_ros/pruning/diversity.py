@@ -89,11 +89,16 @@ def _greedy(d: torch.Tensor, m: int, candidates: Optional[torch.Tensor]) -> torc
         nearest.masked_fill_(outside.view(groups, n), float('-inf'))
     rows = d.view(groups * n, n)
     offsets = None if groups == 1 else _row_offsets(groups, n, d.device)
-    pick = nearest.argmax(dim=1)                              # the token whose nearest neighbour is farthest
-    picks = [pick]
-    min_dist = rows.index_select(0, pick if offsets is None else pick + offsets)      # (G, n)
-    for _ in range(1, m):
-        pick = min_dist.argmax(dim=1)
-        picks.append(pick)
-        torch.minimum(min_dist, rows.index_select(0, pick if offsets is None else pick + offsets), out=min_dist)
-    return torch.stack(picks, dim=1)
+    # every step writes into buffers made once (the picks, the gathered rows, their row numbers): at a few hundred
+    # numbers per operation, allocating the outputs is a good part of each step's cost
+    picks = torch.empty(m, groups, dtype=torch.long, device=d.device)
+    slots = picks.unbind(0)                                   # one view per step, made in one operation
+    torch.argmax(nearest, dim=1, out=slots[0])                # the token whose nearest neighbour is farthest
+    gathered = torch.empty(groups, n, dtype=d.dtype, device=d.device)
+    where = None if offsets is None else torch.empty(groups, dtype=torch.long, device=d.device)
+    min_dist = rows.index_select(0, slots[0] if offsets is None else torch.add(slots[0], offsets, out=where))
+    for pick in slots[1:]:
+        torch.argmax(min_dist, dim=1, out=pick)
+        torch.index_select(rows, 0, pick if offsets is None else torch.add(pick, offsets, out=where), out=gathered)
+        torch.minimum(min_dist, gathered, out=min_dist)
+    return picks.T

@@ -73,9 +73,9 @@ from specprune_ros.pruning.change_detection import (ChangeDetectionConfig, Patch
                                                     max_changed_count, max_static_count, reference_back)
 from specprune_ros.pruning.scoring import (budget_count, camera_ranks, dense_visual_rows_on_device,
                                            dense_visual_scores_on_device, host_counts,
-                                           layer_importance_on_device, mask_to_sequence_on_device,
-                                           present_mask_on_device, to_device, top_counts_per_camera,
-                                           topk_masks_per_camera, topk_per_camera_on_device)
+                                           layer_importance_known_on_device, layer_importance_on_device,
+                                           mask_to_sequence_on_device, present_mask_on_device, to_device,
+                                           top_counts_per_camera, topk_masks_per_camera, topk_per_camera_on_device)
 
 PAPER_LAYER_PRUNE = (5, 10, 15, 20)
 PAPER_DEPTH = 32
@@ -370,7 +370,17 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         cfg = self.config
         layout = self._layout
         key = cfg.task_rows
-        if len(self._pending) == 1:     # the default (samples at the drop layers only): no stacking
+        beta = cfg.importance_beta
+        if len(self._pending) == 1 and self._pending[0][2] is not None and min(self._pending[0][2]) >= 2:
+            # the default (samples at the drop layers only, the method's own keep set): one layer with every
+            # camera's count known, in the fewest operations, the EMA as its plain update
+            keys, attention, counts, present = self._pending.pop()
+            scores = dense_visual_scores_on_device(keys, attention[key], layout)
+            sample = layer_importance_known_on_device(scores, present, counts, k=cfg.importance_k)
+            factors = torch.where(present, _constant((), 1.0 - beta, torch.float64, present.device), 1.0)
+            self._importance = (self._importance * factors).add_(sample.to(torch.float64).mul_(beta))
+            return
+        if len(self._pending) == 1:     # one layer: no stacking
             keys, attention, counts, present = self._pending.pop()
             if counts is None:
                 scores, valid = dense_visual_rows_on_device(keys, attention[key].unsqueeze(0), layout)
@@ -393,7 +403,6 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         # with the per-camera counts known on the host (one layer), the device need not count them
         samples = layer_importance_on_device(scores, valid, layout, k=cfg.importance_k, per_camera=True,
                                              counts=counts)
-        beta = cfg.importance_beta
         factors = torch.where(valid, _constant((), 1.0 - beta, torch.float64, valid.device), 1.0)
         added = samples.to(torch.float64).mul_(beta)
         if len(factors) == 1:       # one layer (the default samples at the drop layers only): the plain update

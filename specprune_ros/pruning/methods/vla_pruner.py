@@ -161,7 +161,9 @@ class VLAPruner(KeepRatioKnob, PruningMethodBase):
         history = list(self.state.action_attention)[-self.config.window:]
         if not history:
             return torch.zeros(layout.num_visual, device=device)
-        stacked = torch.stack([torch.cat(entry) for entry in history]).to(torch.float32).clamp_min_(0.0)
+        # every entry's cameras in one concatenation: the rows of the stacked per-step scores
+        stacked = torch.cat([part for entry in history for part in entry]).view(len(history), -1)
+        stacked = stacked.to(torch.float32).clamp_min_(0.0)
         weights = decay_weights_cached(len(history), self.config.gamma, stacked.device)
         total = (weights[:, None] * stacked).sum(0)
         return divide_rows_by_positive_sum(total.view(layout.num_cameras, -1)).view(-1)
