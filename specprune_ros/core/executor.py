@@ -601,10 +601,15 @@ class _Rotary:
         self._sin = torch.cat([-self.sin[..., :half], self.sin[..., half:]], dim=-1).unsqueeze(1)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` (B, heads, n, head_dim) rotated to its positions."""
+        """``x`` (B, heads, n, head_dim) rotated to its positions (no autograd: written into a fresh tensor).
+
+        The swapped halves are multiplied by the sine straight from ``x`` (no concatenated copy of ``x``).
+        """
         half = x.shape[-1] // 2
-        swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1).mul_(self._sin)
-        return (x * self._cos).add_(swapped)
+        out = torch.empty(x.shape, dtype=torch.result_type(x, self._sin), device=x.device)
+        torch.mul(x[..., half:], self._sin[..., :half], out=out[..., :half])
+        torch.mul(x[..., :half], self._sin[..., half:], out=out[..., half:])
+        return out.add_(x * self._cos)
 
 
 class _RopeTables:
