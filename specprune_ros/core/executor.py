@@ -139,6 +139,7 @@ class PrunableDecoderRunner(nn.Module):
         self.bucket = max(1, int(bucket))
         self.input_major_weights = input_major_weights
         self._input_major = _InputMajorChoice()
+        self._rope_tables: Optional[_RopeTables] = None
 
     def forward(self, embeddings: torch.Tensor, layout: TokenLayout, method: Optional[PruningMethod] = None,
                 context: Optional[StepContext] = None, return_cache: bool = False) -> RunResult:
@@ -174,13 +175,14 @@ class PrunableDecoderRunner(nn.Module):
         requests = self._requests_by_layer(plan.attention)
         cache = DecoderCache(last_position=layout.num_tokens - 1) if return_cache else None
 
-        hidden = embeddings[:, kept]
+        hidden = embeddings.index_select(1, kept)
         bucket = self.bucket if self._compiles(plan, reused, return_cache) else None
+        tables = self._tables(embeddings, layout.num_tokens)
         kept_per_layer: list[torch.Tensor] = []
         n_keys: list[int] = []
         lazy: dict[int, tuple[torch.Tensor, LazyAttention]] = {}
         probes = _ProbeBatch()
-        tokens = _KeptTokens(self.decoder.rotary_emb, kept, reused, layout, roles, hidden, bucket)
+        tokens = _KeptTokens(self.decoder.rotary_emb, kept, reused, layout, roles, hidden, bucket, tables)
         for index, layer in enumerate(self.decoder.layers):
             kept_per_layer.append(tokens.kept)
             n_keys.append(tokens.num_keys)
@@ -197,15 +199,15 @@ class PrunableDecoderRunner(nn.Module):
                     new_kept = self._apply_keep(tokens.kept, keep, is_visual, roles, f'after layer {index}',
                                                 None if on_host else non_visual)
                     if len(new_kept) != len(tokens.kept):
-                        hidden = hidden[:, torch.searchsorted(tokens.kept, new_kept)]
+                        hidden = hidden.index_select(1, torch.searchsorted(tokens.kept, new_kept))
                         tokens = _KeptTokens(self.decoder.rotary_emb, new_kept, reused, layout, roles, hidden,
-                                             bucket)
+                                             bucket, tables)
         probes.resolve()
         attention = {index: {name: (key_indices, summaries[name]) for name in summaries}
                      for index, (key_indices, summaries) in lazy.items()}
         probe_seconds = probes.seconds
         kept = tokens.kept
-        hidden = self.decoder.norm(hidden)
+        hidden = _rms_norm(self.decoder.norm, hidden)
 
         record = StepRecord(
             layout=layout, kept_per_layer=kept_per_layer, attention=attention, reused=reused,
@@ -271,7 +273,19 @@ class PrunableDecoderRunner(nn.Module):
                 probe.add('rows', q, keys, rows, mask, layer.self_attn.scaling)
                 summaries[index] = (cache.positions[index], probe['rows'])
         cache.last_position = last
-        return DecodeResult(hidden=self.decoder.norm(hidden), attention=summaries, key_counts=counts)
+        return DecodeResult(hidden=_rms_norm(self.decoder.norm, hidden), attention=summaries, key_counts=counts)
+
+    def _tables(self, like: torch.Tensor, num_tokens: int) -> Optional['_RopeTables']:
+        """The RoPE tables of positions 0 .. ``num_tokens`` - 1, or None where they depend on the positions asked.
+
+        Built once; rebuilt when the rotary embedding, the length, the dtype or the device changes.
+        """
+        key = _RopeTables.key(self.decoder.rotary_emb, like, num_tokens)
+        if key is None:
+            return None
+        if self._rope_tables is None or self._rope_tables.signature != key:
+            self._rope_tables = _RopeTables(self.decoder.rotary_emb, like, num_tokens, key)
+        return self._rope_tables
 
     # -- plan checks -------------------------------------------------------------------------------------------
 
@@ -511,19 +525,20 @@ class _KeptTokens:
     """
 
     def __init__(self, rotary_emb: nn.Module, kept: torch.Tensor, reused: Optional[torch.Tensor],
-                 layout: TokenLayout, roles: torch.Tensor, like: torch.Tensor, bucket: Optional[int] = None) -> None:
+                 layout: TokenLayout, roles: torch.Tensor, like: torch.Tensor, bucket: Optional[int] = None,
+                 tables: Optional['_RopeTables'] = None) -> None:
         self.kept = kept
         self.reused = reused
         self.layout = layout
         self.roles = roles
         self.key_indices = kept if reused is None else torch.cat([kept, reused])
         self.num_keys = len(self.key_indices)
-        self.rope = _Rotary(rotary_emb, like, kept)
+        self.rope = _Rotary(rotary_emb, like, kept, tables)
         self.mask = attention_mask(kept, self.key_indices, layout.causal)
         # queries and keys are the same sorted tokens: the mask is lower-triangular, which SDPA applies itself
         self.causal = layout.causal and reused is None
         # compiled layers: the kept set padded to a multiple of ``bucket`` tokens (no reused keys then)
-        self.padded = None if bucket is None else _Padded(rotary_emb, kept, layout.causal, like, bucket)
+        self.padded = None if bucket is None else _Padded(rotary_emb, kept, layout.causal, like, bucket, tables)
         self._rows: dict[str, torch.Tensor] = {}
 
     def query_rows(self, rows: str) -> torch.Tensor:
@@ -568,20 +583,58 @@ class _Rotary:
 
     ``cos`` / ``sin``: the rotary embedding's (1, n, head_dim) tables. :meth:`apply` rotates queries and keys in
     one pass with the sine's first half negated in advance, so rotating needs no negation: the same numbers as
-    transformers' ``apply_rotary_pos_emb`` (a sign flip is exact), with fewer operations.
+    transformers' ``apply_rotary_pos_emb`` (a sign flip is exact), with fewer operations. With ``tables`` (every
+    position's tables, built once) the rows of ``positions`` are gathered from them instead of computed.
     """
 
-    def __init__(self, rotary_emb: nn.Module, like: torch.Tensor, positions: torch.Tensor) -> None:
+    def __init__(self, rotary_emb: nn.Module, like: torch.Tensor, positions: torch.Tensor,
+                 tables: Optional['_RopeTables'] = None) -> None:
+        if tables is not None:
+            self.cos = tables.cos.index_select(1, positions)
+            self.sin = tables.sin.index_select(1, positions)
+            self._cos = self.cos.unsqueeze(1)
+            self._sin = tables.signed_sin.index_select(2, positions)
+            return
         self.cos, self.sin = rotary_emb(like, positions.view(1, -1))
         half = self.sin.shape[-1] // 2
         self._cos = self.cos.unsqueeze(1)
         self._sin = torch.cat([-self.sin[..., :half], self.sin[..., half:]], dim=-1).unsqueeze(1)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` (B, heads, n, head_dim) rotated to its positions."""
+        """``x`` (B, heads, n, head_dim) rotated to its positions (no autograd: written into a fresh tensor).
+
+        The swapped halves are multiplied by the sine straight from ``x`` (no concatenated copy of ``x``).
+        """
         half = x.shape[-1] // 2
-        swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1).mul_(self._sin)
-        return (x * self._cos).add_(swapped)
+        out = torch.empty(x.shape, dtype=torch.result_type(x, self._sin), device=x.device)
+        torch.mul(x[..., half:], self._sin[..., :half], out=out[..., :half])
+        torch.mul(x[..., :half], self._sin[..., half:], out=out[..., half:])
+        return out.add_(x * self._cos)
+
+
+class _RopeTables:
+    """The RoPE tables of positions 0 .. n - 1 for one rotary embedding, dtype and device.
+
+    A kept set's tables are rows of these (the same numbers: each row depends on its position only), so a step
+    gathers them instead of computing cosines and sines again. Not for rotary embeddings that rescale their
+    frequencies with the longest position asked for (dynamic and LongRoPE scaling).
+    """
+
+    def __init__(self, rotary_emb: nn.Module, like: torch.Tensor, num_tokens: int, signature: tuple) -> None:
+        full = _Rotary(rotary_emb, like, torch.arange(num_tokens, device=like.device))
+        self.cos, self.sin, self.signed_sin = full.cos, full.sin, full._sin
+        self.signature = signature
+
+    @staticmethod
+    def key(rotary_emb: nn.Module, like: torch.Tensor, num_tokens: int) -> Optional[tuple]:
+        """What the tables depend on, or None where they cannot be shared between position sets."""
+        rope_type = getattr(rotary_emb, 'rope_type', None)
+        inv_freq = getattr(rotary_emb, 'inv_freq', None)
+        if not isinstance(rope_type, str) or not isinstance(inv_freq, torch.Tensor) or 'dynamic' in rope_type \
+                or 'longrope' in rope_type:
+            return None
+        return (id(rotary_emb), num_tokens, like.dtype, like.device, inv_freq.data_ptr(), inv_freq._version,
+                getattr(rotary_emb, 'attention_scaling', None))
 
 
 class _Padded:
@@ -592,11 +645,11 @@ class _Padded:
     """
 
     def __init__(self, rotary_emb: nn.Module, kept: torch.Tensor, causal: bool, like: torch.Tensor,
-                 bucket: int) -> None:
+                 bucket: int, tables: Optional['_RopeTables'] = None) -> None:
         n = len(kept)
         self.size = -(-n // bucket) * bucket
         positions = torch.cat([kept, kept[-1:].expand(self.size - n)]) if self.size > n else kept
-        self.rope = _Rotary(rotary_emb, like, positions)
+        self.rope = _Rotary(rotary_emb, like, positions, tables)
         self.causal = causal
         self.mask = None
         if not causal and self.size > n:
