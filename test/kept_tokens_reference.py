@@ -123,8 +123,7 @@ def load_observations(path: Path = OBSERVATIONS) -> list[tuple[str, int, list[Ob
 
 
 def record_reference(episodes: Optional[list[tuple[str, int, list[Observation]]]] = None) -> dict:
-    """Replay the fixed episodes (default: the stored frames) through every registered method; kept sets per step
-    and layer."""
+    """Kept sets per step and layer of every registered method replaying the episodes (default: the stored ones)."""
     torch.set_num_threads(1)
     episodes = load_observations() if episodes is None else episodes
     model = load_model('reference')

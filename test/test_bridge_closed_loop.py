@@ -140,3 +140,14 @@ def test_reference_vla_with_specprune_runs_inside_the_node_as_in_the_harness(ref
     np.testing.assert_allclose(ros, pruned, rtol=0, atol=1e-5)
     # the second chunk is statically pruned (the first has no reference frame), so it differs from unpruned
     assert np.abs(ros[8:] - unpruned[8:]).max() > 1e-4
+
+
+def test_a_recorded_run_waits_for_the_recorder_on_every_topic_it_records():
+    """The first episode starts only once the recorder listens to the frames and to every answer it records."""
+    from specprune_ros.ros.sim_runner import DEFAULT_RECORD_TOPICS, recording_start_condition
+    assert recording_start_condition(DEFAULT_RECORD_TOPICS, {}) == \
+        {'min_camera_subscribers': 2, 'min_command_subscribers': 2}
+    without_chunks = [t for t in DEFAULT_RECORD_TOPICS if not t.endswith('/action_chunk')]
+    assert recording_start_condition(without_chunks, {})['min_command_subscribers'] == 1
+    renamed = recording_start_condition([*DEFAULT_RECORD_TOPICS, '/arm/twist'], {'twist_topic': '/arm/twist'})
+    assert renamed['min_command_subscribers'] == 2

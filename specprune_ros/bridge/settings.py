@@ -70,6 +70,9 @@ class BridgeSettings:
     startup_timeout_s: float = _p(300.0, 'wait this long for the policy node to come up (wall s)')
     min_camera_subscribers: int = _p(1, 'start once this many subscribers listen to every camera (the policy node; '
                                         '2 when a bag recorder records the run from its first frame)')
+    min_command_subscribers: int = _p(1, 'start once this many subscribers listen to each topic the policy node '
+                                         'answers on (commands, action chunks, inference reports; 1 = this '
+                                         'bridge, 2 when a bag recorder records them from the first chunk)')
     gripper_open_value: float = _p(-1.0, 'gripper_command value meaning open (read from the policy node)')
     gripper_closed_value: float = _p(1.0, 'gripper_command value meaning closed (read from the policy node)')
 
@@ -94,6 +97,8 @@ class BridgeSettings:
             errors.append(f'families: {bad or "empty"}; expected a subset of {list(TASK_FAMILIES)}')
         if self.min_camera_subscribers < 1:
             errors.append('min_camera_subscribers must be >= 1')
+        if self.min_command_subscribers < 1:
+            errors.append('min_command_subscribers must be >= 1')
         if self.episodes_per_family < 0 or self.seed_start < 0 or self.max_steps < 0:
             errors.append('episodes_per_family, seed_start and max_steps must be >= 0')
         if not 16 <= self.image_size <= 1024:

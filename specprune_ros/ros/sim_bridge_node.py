@@ -224,7 +224,9 @@ class SimBridgeNode(Node):
         while not self.stop_event.is_set():
             listening = all(self.count_subscribers(p.topic_name) >= s.min_camera_subscribers for p in self.image_pubs)
             commanding = self.count_publishers(self.twist_sub.topic_name) > 0
-            if listening and commanding and (not s.policy_node or self._policy_node_present()):
+            answers_heard = all(self.count_subscribers(topic) >= s.min_command_subscribers
+                                for topic in self._policy_answer_topics())
+            if listening and commanding and answers_heard and (not s.policy_node or self._policy_node_present()):
                 break
             if time.monotonic() > deadline:
                 raise BridgeAbort(f'no policy node after {s.startup_timeout_s:.0f} s: nobody subscribes to '
@@ -238,6 +240,13 @@ class SimBridgeNode(Node):
         if s.policy_node:
             self._read_policy_parameters()
             self._wait_policy_active(deadline)
+
+    def _policy_answer_topics(self) -> list[str]:
+        """The topics the policy node answers on, each of which this bridge subscribes to."""
+        topics = [self.twist_sub.topic_name, self.gripper_sub.topic_name]
+        if self.settings.policy_node:
+            topics += [f'{self.settings.policy_node}/action_chunk', f'{self.settings.policy_node}/inference']
+        return topics
 
     def _policy_node_present(self) -> bool:
         wanted = self.settings.policy_node.rstrip('/')

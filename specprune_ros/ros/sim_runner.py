@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from specprune_ros.bridge.settings import BridgeSettings
 from specprune_ros.ros.sim_launch_config import bridge_command, policy_command, sim_setup
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,6 +104,17 @@ DEFAULT_RECORD_TOPICS = ('/clock', '/camera/agentview/image_raw', '/camera/wrist
                          '/specprune_node/action_chunk', '/specprune_node/inference', '/sim_bridge/episode')
 
 
+def recording_start_condition(recorded: Sequence[str], bridge_parameters: dict) -> dict[str, int]:
+    """Bridge settings that hold the first episode until the recorder listens: it sees frame one and, where it
+    records every topic the policy node answers on, the first command and chunk too."""
+    s = BridgeSettings(**{k: v for k, v in bridge_parameters.items() if k in BridgeSettings.descriptions()})
+    answers = [s.twist_topic, s.gripper_topic]
+    if s.policy_node:
+        answers += [f'{s.policy_node}/action_chunk', f'{s.policy_node}/inference']
+    absolute = {name if name.startswith('/') else f'/{name}' for name in answers}   # the bridge's root namespace
+    return {'min_camera_subscribers': 2, 'min_command_subscribers': 2 if absolute <= set(recorded) else 1}
+
+
 def run_simulation(run: SimRun) -> dict:
     """Start everything, wait for the bridge to finish, stop the rest.
 
@@ -130,7 +142,7 @@ def run_simulation(run: SimRun) -> dict:
         node = ManagedProcess('specprune_node', prefix + policy_command(setup, policy_extra), env,
                               log_dir / 'specprune_node.log').start()
         processes.append(node)
-        recording = {'min_camera_subscribers': 2} if recorder is not None else {}   # the recorder sees frame one
+        recording = recording_start_condition(topics, run.bridge_parameters) if recorder is not None else {}
         bridge = ManagedProcess('sim_bridge', prefix + bridge_command(
             setup, {**recording, **run.bridge_parameters, 'summary_path': summary_path}), env,
             log_dir / 'sim_bridge.log').start()
