@@ -105,8 +105,11 @@ DEFAULT_RECORD_TOPICS = ('/clock', '/camera/agentview/image_raw', '/camera/wrist
 
 
 def recording_start_condition(recorded: Sequence[str], bridge_parameters: dict) -> dict[str, int]:
-    """Bridge settings that hold the first episode until the recorder listens: it sees frame one and, where it
-    records every topic the policy node answers on, the first command and chunk too."""
+    """Bridge settings that hold the first episode until the recorder listens.
+
+    The recorder then sees frame one and, where it records every topic the policy node answers on, the first
+    command and chunk too.
+    """
     s = BridgeSettings(**{k: v for k, v in bridge_parameters.items() if k in BridgeSettings.descriptions()})
     answers = [s.twist_topic, s.gripper_topic]
     if s.policy_node:
