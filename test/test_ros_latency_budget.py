@@ -92,7 +92,8 @@ def test_budget_holds_p90_under_load_where_the_unpruned_node_misses_it(loaded_no
     probe, node = loaded_node['probe'], loaded_node['node']
     first = collect(probe, 20, skip=3)
     assert all('budget_method' not in r for r in first), 'budget 0 must leave the inference record as it was'
-    budget_ms = float(np.percentile(latencies(first), 90)) / 1.6   # room for the load to vary
+    # the median of a short sample is steadier than its p90; the unpruned node's p90 lies well above this budget
+    budget_ms = float(np.median(latencies(first))) / 1.3
 
     unpruned, budgeted = [], []                  # interleaved blocks: both see the same load
     for _ in range(BLOCKS):
