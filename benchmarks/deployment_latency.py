@@ -384,9 +384,10 @@ def fit_proprio(proprio: np.ndarray, dim: int) -> np.ndarray:
 
 def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, device: str, dtype: str, warmup: int,
                   seed: int = 0, reference: bool = True, unnorm_key: Optional[str] = None,
-                  log: Callable[[str], None] = print) -> tuple[list, dict]:
+                  log: Callable[[str], None] = print, packed_weights: Optional[bool] = None) -> tuple[list, dict]:
     started = time.perf_counter()
     adapter, label = build_target(target, device, dtype, seed, unnorm_key)
+    adapter.runner.packed_weights = packed_weights
     build_s = time.perf_counter() - started
     is_reference_vla = isinstance(adapter, ReferenceVLA)
     module = adapter if is_reference_vla else adapter.model
@@ -437,7 +438,8 @@ def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, d
             'mlp': adapter.runner.mlp_size, 'vision_widths': vision_widths, 'vision_depths': vision_depths,
             'images': len(cameras), 'patches_per_image': patches,
             'parameters_m': sum(p.numel() for p in module.parameters()) / 1e6, 'build_s': build_s,
-            'device': device_name(model_device), 'dtype': str(model_dtype).replace('torch.', '')}
+            'device': device_name(model_device), 'dtype': str(model_dtype).replace('torch.', ''),
+            'packed_weights': adapter.runner.weight_copy_kind() == 'packed'}
     return rows_for(runners, info), info
 
 
@@ -557,7 +559,8 @@ def markdown(meta: dict, shapes: list[dict], rows: list[dict]) -> str:
                   f"Decoder {shape['width']} wide x {shape['layers']} layers ({shape['heads']} heads, MLP "
                   f"{shape['mlp']}); ViTs {shape['vision_widths']} wide x {shape['vision_depths']} blocks; "
                   f"{shape['images']} image(s) x {shape['patches_per_image']} patches; "
-                  f"{shape['parameters_m']:.0f} M parameters.", '',
+                  f"{shape['parameters_m']:.0f} M parameters"
+                  f"{'; executor products from oneDNN prepacked weights' if shape.get('packed_weights') else ''}.", '',
                   '| method | total | vision | decoder (prefill + decode) | selection (/ decoder) | head | speedup '
                   '(95% CI) | vs transformers | decoder ideal | measured / ideal | total ideal | kept visual / layer |',
                   '|---|---|---|---|---|---|---|---|---|---|---|---|']
@@ -663,6 +666,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         help='render the episode, write its frames to this .npz file and stop')
     parser.add_argument('--frames', type=Path, default=None,
                         help='use the frames of a --save-frames file instead of rendering (a machine without MuJoCo)')
+    parser.add_argument('--packed-weights', choices=('auto', 'on', 'off'), default='auto',
+                        help="the executor's products from oneDNN's prepacked weights (CPU, fp32; every method and "
+                             "the unpruned executor alike, not transformers' own forward): 'auto' where the decoder "
+                             "is at least 256 wide (the executor's default)")
     parser.add_argument('--append', action='store_true',
                         help='keep the shapes of an existing output of the same name (re-measured shapes replaced)')
     args = parser.parse_args(argv)
@@ -711,7 +718,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     rows, infos = [], []
     for shape in shapes:          # the outputs are rewritten after every shape (a long run keeps what it measured)
         shape_rows, info = measure_shape(shape, frames, methods, args.device, args.dtype, args.warmup, args.seed,
-                                         reference=not args.no_reference, unnorm_key=args.unnorm_key)
+                                         reference=not args.no_reference, unnorm_key=args.unnorm_key,
+                                         packed_weights={'auto': None, 'on': True, 'off': False}[args.packed_weights])
         rows += shape_rows
         infos.append(info)
         if torch.cuda.is_available():

@@ -7,8 +7,10 @@ per camera; the plain transformers forward of the same weights is timed alongsid
 ``--unfused`` also times every budget with the layers' own projections (``fuse_projections=False``), interleaved
 with the fused ones; ``--compile`` likewise with compiled layers (``compile_layers=True``, kept counts padded to
 ``--bucket``; the compilations happen in the warm-up rounds); ``--input-major`` likewise with every layer weight held
-input-major (``input_major_weights=True``). Wall-clock time by default; ``--clock cpu`` measures
-the process's CPU time instead (steadier on a shared machine, but it hides how well the threads are used).
+input-major (``input_major_weights=True``); ``--packed`` likewise with oneDNN's prepacked weights
+(``packed_weights=True``; the first runner uses the BLAS product, ``packed_weights=False``). Wall-clock time by
+default; ``--clock cpu`` measures the process's CPU time instead (steadier on a shared machine, but it hides how
+well the threads are used).
 ``--head-dim 128 --mlp-ratio 2.6875`` gives the published Llama-2 proportions (OpenVLA / OpenVLA-OFT).
 
     python benchmarks/executor_speed.py --steps 20 --threads 2
@@ -57,6 +59,8 @@ def main() -> None:
     parser.add_argument('--compile', action='store_true', help='also time compiled layers, interleaved')
     parser.add_argument('--input-major', action='store_true',
                         help='also time the layers with input-major (transposed) weights, interleaved')
+    parser.add_argument('--packed', action='store_true',
+                        help="also time the layers with oneDNN's prepacked weights, interleaved")
     parser.add_argument('--bucket', type=int, default=32, help='token-count bucket of the compiled layers')
     parser.add_argument('--head-dim', type=int, default=64, help='attention head dimension')
     parser.add_argument('--layout', choices=('oft', 'reference'), default='oft',
@@ -77,13 +81,15 @@ def main() -> None:
                          max_position_embeddings=1024)
     config._attn_implementation = 'sdpa'
     decoder = LlamaModel(config).eval()
-    runners = {'': PrunableDecoderRunner(decoder)}
+    runners = {'': PrunableDecoderRunner(decoder, packed_weights=False)}
     if args.unfused:
         runners[' unfused'] = PrunableDecoderRunner(decoder, fuse_projections=False)
     if args.compile:
         runners[' compiled'] = PrunableDecoderRunner(decoder, compile_layers=True, bucket=args.bucket)
     if args.input_major:
         runners[' input-major'] = PrunableDecoderRunner(decoder, input_major_weights=True)
+    if args.packed:
+        runners[' packed'] = PrunableDecoderRunner(decoder, packed_weights=True)
     layout = oft_layout() if args.layout == 'oft' else oft_layout(patches=144, prompt=12, actions=56)
     x = torch.randn(1, layout.num_tokens, args.hidden)
     generator = torch.Generator().manual_seed(0)

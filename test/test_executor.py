@@ -247,7 +247,7 @@ def test_input_major_weights_give_the_same_numbers_and_follow_weight_changes(cau
     with torch.no_grad():
         result, expected = runner(x, layout, method), default(x, layout, method)
         fused = runner._fused[0]
-        assert fused.qkv_input_major.t().is_contiguous() and fused.down_input_major.t().is_contiguous()
+        assert fused.qkv_copy.t().is_contiguous() and fused.down_copy.t().is_contiguous()
         assert torch.equal(result.kept, expected.kept) and torch.equal(result.hidden, expected.hidden)
         assert torch.equal(result.record.attention[1]['text'][1], expected.record.attention[1]['text'][1])
         # the output and down projections are copied too: changing them in place rebuilds the copies
@@ -263,7 +263,31 @@ def test_input_major_weights_give_the_same_numbers_and_follow_weight_changes(cau
         # switching the option off drops the copies
         runner.input_major_weights = False
         plain = runner(x, layout, method)
-        assert runner._fused[0].o_input_major is None and torch.equal(plain.hidden, expected_changed.hidden)
+        assert runner._fused[0].o_copy is None and torch.equal(plain.hidden, expected_changed.hidden)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason='this torch build has no oneDNN')
+@pytest.mark.parametrize('causal', [False, True])
+def test_packed_weights_give_the_default_numbers_to_rounding_and_follow_weight_changes(causal):
+    decoder, layout, x, method = two_stage_case(causal)
+    runner, default = PrunableDecoderRunner(decoder, packed_weights=True), PrunableDecoderRunner(decoder)
+    with torch.no_grad():
+        result, expected = runner(x, layout, method), default(x, layout, method)
+        fused = runner._fused[0]
+        assert fused.copy_kind == 'packed' and fused.qkv_copy.is_mkldnn and fused.down_copy.is_mkldnn
+        assert torch.equal(result.kept, expected.kept)
+        assert torch.allclose(result.hidden, expected.hidden, rtol=1e-4, atol=1e-5)
+        # changing a weight in place rebuilds the packed copies
+        decoder.layers[3].mlp.down_proj.weight.mul_(0.5)
+        changed, expected_changed = runner(x, layout, method), default(x, layout, method)
+        assert (changed.hidden - result.hidden).abs().max().item() > 1e-3
+        assert torch.allclose(changed.hidden, expected_changed.hidden, rtol=1e-4, atol=1e-5)
+        # switching the option off drops the copies and gives the default numbers bit for bit
+        runner.packed_weights = False
+        plain = runner(x, layout, method)
+        assert runner._fused[0].down_copy is None and torch.equal(plain.hidden, expected_changed.hidden)
+    with pytest.raises(ValueError, match='alternatives'):
+        PrunableDecoderRunner(decoder, packed_weights=True, input_major_weights=True)
 
 
 def test_input_major_copy_is_read_only_where_it_gives_the_same_numbers():
