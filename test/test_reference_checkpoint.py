@@ -24,3 +24,20 @@ def test_reference_policy_acts_deterministically_on_a_sim_observation():
     assert np.isfinite(first.actions).all() and np.abs(first.actions).max() <= 1.0
     assert np.array_equal(first.actions, second.actions)
     assert first.record.visual_kept_per_layer == [288] * 6
+
+
+def test_fair_yardstick_checkpoint_loads_as_the_same_architecture_and_acts():
+    from pathlib import Path
+    from specprune_ros.sim import EVAL_SEED_START, TabletopEnv
+    fair = Path(__file__).resolve().parents[1] / 'checkpoints' / 'reference_vla_fair'
+    meta = json.loads((fair / 'config.json').read_text())
+    shipped = json.loads((REFERENCE_CHECKPOINT / 'config.json').read_text())
+    assert meta['config'] == shipped['config']
+    assert meta['training']['token_drop_families'] == 'all'
+    assert meta['training']['steps_done'] > shipped['training']['steps_done']
+    observation = TabletopEnv('pick', EVAL_SEED_START).reset()
+    obs = Observation(images=observation.images, instruction=observation.instruction, proprio=observation.proprio)
+    fair_actions = load_policy(str(fair)).predict(obs).actions
+    shipped_actions = load_policy('reference').predict(obs).actions
+    assert fair_actions.shape == (8, 7) and np.isfinite(fair_actions).all()
+    assert not np.array_equal(fair_actions, shipped_actions)      # its own weights, not the shipped ones
