@@ -32,7 +32,7 @@ speedups shown.
     python benchmarks/pareto.py --episodes-per-family 100 --out docs/benchmarks            # 300 episodes each
     python benchmarks/pareto.py --episodes-per-family 2 --methods random vla_pruner --keep-ratios 0.5 0.25 \
         --speed-steps 3 --out outputs/pareto                                                  # a smoke run
-    python benchmarks/pareto.py --models shipped=reference fair=outputs/fair_checkpoint --out docs/benchmarks
+    python benchmarks/pareto.py --models shipped=reference fair=checkpoints/reference_vla_fair --out docs/benchmarks
     python benchmarks/pareto.py --models new=outputs/new_checkpoint --seed-cache-from docs/benchmarks/pareto.json \
         --carry-rows-from docs/benchmarks/pareto.json --out docs/benchmarks    # one checkpoint beside the earlier ones
 """
