@@ -128,11 +128,11 @@ class PrunableDecoderRunner(nn.Module):
 
         ``packed_weights``: with fused projections on the CPU in fp32, hold every product's weight prepacked in
         oneDNN's blocked layout and multiply with oneDNN instead of the default BLAS product (no repacking of the
-        weight at every product). On a 2-core AMD EPYC it took 4% off the unpruned pass of a 256-wide decoder and
-        10-14% off pruned ones, and nothing at 128 wide (``docs/benchmarks.md``). The numbers differ from the
-        default product in the last bits (about 1e-6 relative). Costs one more copy of the decoder's linear
-        weights. None (default): on where the decoder is at least 256 wide and ``input_major_weights`` is off;
-        True / False force it (True is exclusive with ``input_major_weights``).
+        weight at every product). On a 2-core AMD EPYC it took 7% off the unpruned pass of a 256-wide decoder and
+        11-16% off pruned ones (10% and up to 34% at 512 wide), and nothing at 128 wide (``docs/benchmarks.md``).
+        The numbers differ from the default product in the last bits (about 1e-6 relative). Costs one more copy of
+        the decoder's linear weights. None (default): on where the decoder is at least 256 wide and
+        ``input_major_weights`` is off; True / False force it (True is exclusive with ``input_major_weights``).
         """
         if input_major_weights and packed_weights:
             raise ValueError('input_major_weights and packed_weights are alternatives: choose one')
