@@ -95,6 +95,9 @@ def test_budget_holds_p90_under_load_where_the_unpruned_node_misses_it(loaded_no
     # the median of a short sample is steadier than its p90; the unpruned node's p90 lies well above this budget
     budget_ms = float(np.median(latencies(first))) / 1.3
 
+    # the controller learns its latency model under this load once (its first knobs overshoot); then it must hold
+    set_budget(probe, budget_ms)
+    collect(probe, 2 * SETTLE, accept=lambda r: 'budget_method' in r)
     unpruned, budgeted = [], []                  # interleaved blocks: both see the same load
     for _ in range(BLOCKS):
         set_budget(probe, budget_ms)
