@@ -145,6 +145,7 @@ class PrunableDecoderRunner(nn.Module):
         self.fuse_projections = fuse_projections
         self.validate_on_host = validate_on_host
         self._fused: dict[int, _FusedProjections] = {}
+        self._pass_fusions: Optional[tuple[tuple, list[Optional[_FusedProjections]]]] = None
         self.compile_layers = compile_layers
         self.bucket = max(1, int(bucket))
         self.input_major_weights = input_major_weights
@@ -193,12 +194,13 @@ class PrunableDecoderRunner(nn.Module):
         n_keys: list[int] = []
         lazy: dict[int, tuple[torch.Tensor, LazyAttention]] = {}
         probes = _ProbeBatch()
+        fusions = self._fusions()
         tokens = _KeptTokens(self.decoder.rotary_emb, kept, reused, layout, roles, hidden, bucket, tables)
         for index, layer in enumerate(self.decoder.layers):
             kept_per_layer.append(tokens.kept)
             n_keys.append(tokens.num_keys)
             hidden, summaries = self._run_layer(layer, index, hidden, tokens, requests.get(index, ()), plan.kv_store,
-                                                cache, probes)
+                                                cache, probes, fusions[index])
             if summaries:
                 lazy[index] = (tokens.key_indices, summaries)
             if method is not None and index < self.num_layers - 1:
@@ -264,6 +266,7 @@ class PrunableDecoderRunner(nn.Module):
         rope = _Rotary(self.decoder.rotary_emb, hidden, positions)
         # every cached key precedes the new tokens; only the new tokens among themselves need a causal mask
         new_mask = attention_mask(positions, positions, causal=True) if t > 1 else None
+        fusions = self._fusions()
         for index, layer in enumerate(self.decoder.layers):
             def extend(k: torch.Tensor, v: torch.Tensor, index: int = index) -> tuple[torch.Tensor, torch.Tensor]:
                 keys = torch.cat([cache.keys[index].to(k.dtype).expand(batch, -1, -1, -1), k], dim=2)
@@ -276,7 +279,7 @@ class PrunableDecoderRunner(nn.Module):
             if new_mask is not None:
                 held = cache.keys[index].shape[2]
                 mask = torch.cat([new_mask.new_ones(1, 1, t, held), new_mask], dim=-1)
-            hidden, q, keys = self._block(layer, hidden, rope, mask, False, extend, self._fusion(index))
+            hidden, q, keys = self._block(layer, hidden, rope, mask, False, extend, fusions[index])
             counts.append(keys.shape[2])
             if index in wanted:
                 rows = torch.arange(t, device=hidden.device)
@@ -382,8 +385,9 @@ class PrunableDecoderRunner(nn.Module):
 
     def _run_layer(self, layer: nn.Module, index: int, hidden: torch.Tensor, tokens: '_KeptTokens',
                    requests: list[AttentionRequest] | tuple, store: Optional[KVStore],
-                   cache: Optional[DecoderCache], probes: '_ProbeBatch') -> tuple[torch.Tensor, 'LazyAttention']:
-        """One decoder layer over the kept tokens (plus reused keys/values).
+                   cache: Optional[DecoderCache], probes: '_ProbeBatch', fused: Optional['_FusedProjections']
+                   ) -> tuple[torch.Tensor, 'LazyAttention']:
+        """One decoder layer over the kept tokens (plus reused keys/values), with its ``fused`` projections.
 
         The requested attention rows are queued in ``probes`` and scored when first read (every queued probe of the same
         shape in one batch).
@@ -403,10 +407,9 @@ class PrunableDecoderRunner(nn.Module):
             return k, v
 
         if tokens.padded is not None:
-            hidden, q, k = self._compiled_block(layer, hidden, tokens.padded, self._fusion(index))
+            hidden, q, k = self._compiled_block(layer, hidden, tokens.padded, fused)
         else:
-            hidden, q, k = self._block(layer, hidden, tokens.rope, tokens.mask, tokens.causal, extend,
-                                       self._fusion(index))
+            hidden, q, k = self._block(layer, hidden, tokens.rope, tokens.mask, tokens.causal, extend, fused)
         summaries = LazyAttention(probes)
         for request in requests:
             summaries.add(request.key, q, k, tokens.query_rows(request.rows), tokens.mask, layer.self_attn.scaling)
@@ -435,6 +438,25 @@ class PrunableDecoderRunner(nn.Module):
             layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon,
             fused.qkv_sizes[0] // head_dim, fused.qkv_sizes[1] // head_dim, head_dim, attn.scaling)
         return out[:, :n], q[:, :, :n], k[:, :, :n]
+
+    def _fusions(self) -> list[Optional['_FusedProjections']]:
+        """Every layer's fused projections for one pass (see :meth:`_fusion`).
+
+        Checked once per pass: while the settings and every copied weight (storage and in-place version) are those
+        of the last pass, its list is reused (one sweep over the weights instead of a lookup per layer).
+        """
+        if self.fuse_projections is False or torch.is_grad_enabled():
+            return [None] * self.num_layers
+        first = next(self.decoder.layers.parameters())
+        settings = (self.fuse_projections, self.packed_weights, self.input_major_weights, first.device, first.dtype,
+                    len(self.decoder.layers))
+        last = self._pass_fusions
+        if last is not None and last[0] == settings and all(
+                fused is None or fused.current() for fused in last[1]):
+            return last[1]
+        fusions = [self._fusion(index) for index in range(self.num_layers)]
+        self._pass_fusions = (settings, fusions)
+        return fusions
 
     def _fusion(self, index: int) -> Optional['_FusedProjections']:
         """Layer ``index``'s fused projections, or None where the layer's own modules must run.
