@@ -540,8 +540,11 @@ def _x(value: Optional[float], interval: Optional[list] = None) -> str:
 
 
 def markdown(meta: dict, shapes: list[dict], rows: list[dict]) -> str:
-    earlier = [f"Earlier run kept here ({', '.join(run['shapes'])}): `{run['command']}` at {run['commit']}, "
-               f"{run['date']}, {run.get('device', '')}  " for run in meta.get('earlier_runs', [])]
+    this_run = (meta['command'], meta['commit'], meta['date'])
+    others = [shape for shape in shapes
+              if 'run' in shape and (shape['run']['command'], shape['run']['commit'], shape['run']['date']) != this_run]
+    earlier = ([f"Kept from earlier runs: {', '.join(shape['shape'] for shape in others)} (each says under its "
+                'heading which run, commit, date and device measured it)  '] if others else [])
     lines = ['# Deployment-shape latency', '',
              f"Command: `{meta['command']}`  ", f"Commit: {meta['commit']}; date: {meta['date']}  ", *earlier,
              f"Device: {meta['device']}; dtype {meta['dtype']}; torch {meta['torch']}, transformers "
@@ -555,7 +558,10 @@ def markdown(meta: dict, shapes: list[dict], rows: list[dict]) -> str:
              'weights. Decoder ideal = decoder FLOPs ratio; measured / ideal = (decoder + selection) speedup / '
              'decoder ideal; total ideal = the total if only the decoder shrank with its FLOPs.', '']
     for shape in shapes:
+        run = shape.get('run')
         lines += [f"## {shape['shape']}", '',
+                  *([] if run is None else [f"Measured by `{run['command']}` at {run['commit']}, {run['date']}, "
+                                             f"{run['device']}.", '']),
                   f"Decoder {shape['width']} wide x {shape['layers']} layers ({shape['heads']} heads, MLP "
                   f"{shape['mlp']}); ViTs {shape['vision_widths']} wide x {shape['vision_depths']} blocks; "
                   f"{shape['images']} image(s) x {shape['patches_per_image']} patches; "
@@ -709,12 +715,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     meta = {'command': f'python benchmarks/deployment_latency.py {command}', 'commit': git_commit(),
             'torch': torch.__version__, 'transformers': transformers.__version__, 'steps': args.steps,
             'warmup': args.warmup, 'observations': observations}
-    earlier = {'rows': [], 'shapes': [], 'runs': []}
+    earlier = {'rows': [], 'shapes': []}
     if args.append and (args.out / f'{args.name}.json').is_file():
         earlier = json.loads((args.out / f'{args.name}.json').read_text())
-        earlier['runs'] = earlier['meta'].get('earlier_runs', []) + [
-            {k: earlier['meta'][k] for k in ('command', 'commit', 'date', 'device') if k in earlier['meta']}
-            | {'shapes': [info['shape'] for info in earlier['shapes']]}]
     rows, infos = [], []
     for shape in shapes:          # the outputs are rewritten after every shape (a long run keeps what it measured)
         shape_rows, info = measure_shape(shape, frames, methods, args.device, args.dtype, args.warmup, args.seed,
@@ -727,10 +730,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
         meta.update(date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
                     device=infos[0]['device'], dtype=infos[0]['dtype'], threads=torch.get_num_threads(),
                     minutes=(time.time() - started) / 60)
+        # each shape keeps the run that measured it, so a file assembled with --append says who measured what
+        info['run'] = {'command': meta['command'], 'commit': meta['commit'], 'date': meta['date'],
+                       'device': info['device']}
         measured = {info['shape'] for info in infos}
         kept_infos = [info for info in earlier['shapes'] if info['shape'] not in measured]
         kept_rows = [row for row in earlier['rows'] if row['shape'] not in measured]
-        meta['earlier_runs'] = [run for run in earlier['runs'] if set(run['shapes']) - measured]
         write_outputs(args.out, args.name, {'meta': meta, 'shapes': kept_infos + infos, 'rows': kept_rows + rows},
                       plot_too=not args.no_plot)
     print(markdown(meta, infos, rows))

@@ -173,3 +173,27 @@ def test_saved_frames_replay_to_the_same_inputs(tmp_path, monkeypatch):
     replayed = harness.main([*common, '--out', str(tmp_path / 'replayed'), '--frames', str(frames)])
     assert [r['inputs_sha256'] for r in replayed['rows']] == [r['inputs_sha256'] for r in rendered['rows']]
     assert [r['frames_sha256'] for r in replayed['rows']] == [r['frames_sha256'] for r in rendered['rows']]
+
+
+def test_appended_shapes_keep_the_run_that_measured_them(tmp_path):
+    """--append keeps earlier shapes with their own command and date; a re-measured shape takes the new run."""
+    harness = _harness()
+    common = ['--shape', 'reference', '--layers', '2', '--methods', 'none', '--steps', '2', '--warmup', '1',
+              '--stride', '1', '--threads', '1', '--no-plot', '--out', str(tmp_path), '--append']
+    harness.main([*common, '--width', '64'])
+    first = json.loads((tmp_path / 'deployment_latency.json').read_text())
+    harness.main([*common, '--width', '32'])
+    both = json.loads((tmp_path / 'deployment_latency.json').read_text())
+    runs = {info['shape']: info['run'] for info in both['shapes']}
+    assert set(runs) == {'reference layout 64x2', 'reference layout 32x2'}
+    assert runs['reference layout 64x2'] == first['shapes'][0]['run']
+    assert '--width 64' in runs['reference layout 64x2']['command']
+    assert '--width 32' in runs['reference layout 32x2']['command']
+    text = (tmp_path / 'deployment_latency.md').read_text()
+    assert 'Kept from earlier runs: reference layout 64x2' in text
+    assert text.count('Measured by `python benchmarks/deployment_latency.py') == 2
+    harness.main([*common, '--width', '64'])           # re-measured: its row and run are replaced, not duplicated
+    again = json.loads((tmp_path / 'deployment_latency.json').read_text())
+    assert sorted(info['shape'] for info in again['shapes']) == sorted(runs)
+    assert len([row for row in again['rows'] if row['shape'] == 'reference layout 64x2']) == 1
+    assert 'Kept from earlier runs: reference layout 32x2' in (tmp_path / 'deployment_latency.md').read_text()
