@@ -559,9 +559,9 @@ def markdown(meta: dict, shapes: list[dict], rows: list[dict]) -> str:
              'decoder ideal; total ideal = the total if only the decoder shrank with its FLOPs.', '']
     for shape in shapes:
         run = shape.get('run')
-        lines += [f"## {shape['shape']}", '',
-                  *([] if run is None else [f"Measured by `{run['command']}` at {run['commit']}, {run['date']}, "
-                                             f"{run['device']}.", '']),
+        provenance = [] if run is None else [
+            f"Measured by `{run['command']}` at {run['commit']}, {run['date']}, {run['device']}.", '']
+        lines += [f"## {shape['shape']}", '', *provenance,
                   f"Decoder {shape['width']} wide x {shape['layers']} layers ({shape['heads']} heads, MLP "
                   f"{shape['mlp']}); ViTs {shape['vision_widths']} wide x {shape['vision_depths']} blocks; "
                   f"{shape['images']} image(s) x {shape['patches_per_image']} patches; "
