@@ -448,8 +448,7 @@ class PrunableDecoderRunner(nn.Module):
         if self.fuse_projections is False or torch.is_grad_enabled():
             return [None] * self.num_layers
         first = next(self.decoder.layers.parameters())
-        settings = (self.fuse_projections, self.packed_weights, self.input_major_weights, first.device, first.dtype,
-                    len(self.decoder.layers))
+        settings = (self.fuse_projections, self._copy_kind(first), first.device, first.dtype, len(self.decoder.layers))
         last = self._pass_fusions
         if last is not None and last[0] == settings and all(
                 fused is None or fused.current() for fused in last[1]):
