@@ -540,9 +540,7 @@ def _x(value: Optional[float], interval: Optional[list] = None) -> str:
 
 
 def markdown(meta: dict, shapes: list[dict], rows: list[dict]) -> str:
-    this_run = (meta['command'], meta['commit'], meta['date'])
-    others = [shape for shape in shapes
-              if 'run' in shape and (shape['run']['command'], shape['run']['commit'], shape['run']['date']) != this_run]
+    others = [shape for shape in shapes if 'run' in shape and shape['run'].get('started') != meta.get('started')]
     earlier = ([f"Kept from earlier runs: {', '.join(shape['shape'] for shape in others)} (each says under its "
                 'heading which run, commit, date and device measured it)  '] if others else [])
     lines = ['# Deployment-shape latency', '',
@@ -714,7 +712,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     command = ' '.join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     meta = {'command': f'python benchmarks/deployment_latency.py {command}', 'commit': git_commit(),
             'torch': torch.__version__, 'transformers': transformers.__version__, 'steps': args.steps,
-            'warmup': args.warmup, 'observations': observations}
+            'warmup': args.warmup, 'observations': observations,
+            'started': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='microseconds')}
     earlier = {'rows': [], 'shapes': []}
     if args.append and (args.out / f'{args.name}.json').is_file():
         earlier = json.loads((args.out / f'{args.name}.json').read_text())
@@ -732,7 +731,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     minutes=(time.time() - started) / 60)
         # each shape keeps the run that measured it, so a file assembled with --append says who measured what
         info['run'] = {'command': meta['command'], 'commit': meta['commit'], 'date': meta['date'],
-                       'device': info['device']}
+                       'device': info['device'], 'started': meta['started']}
         measured = {info['shape'] for info in infos}
         kept_infos = [info for info in earlier['shapes'] if info['shape'] not in measured]
         kept_rows = [row for row in earlier['rows'] if row['shape'] not in measured]

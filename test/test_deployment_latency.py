@@ -197,3 +197,13 @@ def test_appended_shapes_keep_the_run_that_measured_them(tmp_path):
     assert sorted(info['shape'] for info in again['shapes']) == sorted(runs)
     assert len([row for row in again['rows'] if row['shape'] == 'reference layout 64x2']) == 1
     assert 'Kept from earlier runs: reference layout 32x2' in (tmp_path / 'deployment_latency.md').read_text()
+
+
+def test_shapes_of_one_run_are_not_listed_as_kept(tmp_path):
+    """A run that measures several shapes reports all of them as its own, whatever minute each one finished."""
+    harness = _harness()
+    harness.main(['--shape', 'reference', '--width', '64', '32', '--layers', '2', '--methods', 'none', '--steps', '2',
+                  '--warmup', '1', '--stride', '1', '--threads', '1', '--no-plot', '--out', str(tmp_path)])
+    report = json.loads((tmp_path / 'deployment_latency.json').read_text())
+    assert len({info['run']['started'] for info in report['shapes']}) == 1
+    assert 'Kept from earlier runs' not in (tmp_path / 'deployment_latency.md').read_text()
