@@ -108,3 +108,23 @@ def test_groups_pick_what_each_group_picks_alone(seed, m, duplicates):
     assert got.shape == (3, min(m, 9))
     for group in range(3):
         assert torch.equal(got[group], greedy_max_min(x[group], m, candidates=cand[group]))
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(st.integers(0, 10_000), st.integers(min_value=1, max_value=9), st.booleans())
+def test_host_and_device_steps_pick_the_same(seed, m, duplicates):
+    # the CPU runs the greedy steps in NumPy, accelerators as torch operations: both from the same prepared rows
+    from specprune_ros.pruning.diversity import _greedy_on_device, _greedy_on_host
+    g = torch.Generator().manual_seed(seed)
+    groups, n = 3, 9
+    x = torch.randn(groups, n, 4, generator=g)
+    if duplicates:
+        x[:, 1::2] = x[:, :1]                     # exact ties: the lowest index wins on both
+    rows = cosine_distance_matrix(x)
+    rows.diagonal(dim1=-2, dim2=-1).fill_(float('-inf'))
+    rows[:, :, 2] = float('-inf')                 # a non-candidate column
+    nearest = torch.rand(groups, n, generator=g).round(decimals=1)
+    flat = rows.reshape(groups * n, n)
+    on_device = _greedy_on_device(flat.clone(), nearest.clone(), m, groups, n)
+    on_host = _greedy_on_host(flat.clone().numpy(), nearest.clone().numpy(), m, groups, n)
+    assert on_device.shape == on_host.shape == (groups, m) and torch.equal(on_device, on_host)
