@@ -16,6 +16,7 @@ from specprune_ros.core.executor import PrunableDecoderRunner
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
 from specprune_ros.core.step_types import AttentionRequest
 from specprune_ros.pruning import build_method
+from specprune_ros.pruning import diversity as diversity_module
 from specprune_ros.pruning.methods import specprune as specprune_module
 from specprune_ros.pruning.methods import vla_cache as vla_cache_module
 from specprune_ros.pruning.registry import available_methods
@@ -101,6 +102,8 @@ def test_methods_selecting_on_the_device_read_nothing_back(name, monkeypatch):
 
     for module in (specprune_module, vla_cache_module):
         monkeypatch.setattr(module, 'host_counts', counted_host_counts)
+    # the guard stands in for an accelerator: the diversity steps run as device operations there, not in NumPy
+    monkeypatch.setattr(diversity_module, 'CPU_STEPS_IN_NUMPY', False)
     layout = make_layout()
     checked_on_host = make_runner()
     checked_on_device = PrunableDecoderRunner(checked_on_host.decoder, validate_on_host=False)

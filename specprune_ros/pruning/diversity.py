@@ -68,6 +68,10 @@ def greedy_max_min_groups(features: torch.Tensor, m: int, candidates: Optional[t
     return _greedy(cosine_distance_matrix(features), m, candidates)
 
 
+# the greedy steps of tensors on the CPU run in NumPy (an accelerator's run as device operations)
+CPU_STEPS_IN_NUMPY = True
+
+
 @functools.lru_cache(maxsize=32)
 def _row_offsets(groups: int, n: int, device: torch.device) -> torch.Tensor:
     return torch.arange(0, groups * n, n, device=device)
@@ -91,7 +95,7 @@ def _greedy(d: torch.Tensor, m: int, candidates: Optional[torch.Tensor]) -> torc
     if candidates is not None:
         nearest.masked_fill_(outside.view(groups, n), float('-inf'))
     rows = d.view(groups * n, n)
-    if d.device.type == 'cpu':
+    if CPU_STEPS_IN_NUMPY and d.device.type == 'cpu':
         return _greedy_on_host(rows.numpy(), nearest.numpy(), m, groups, n)
     return _greedy_on_device(rows, nearest, m, groups, n)
 
