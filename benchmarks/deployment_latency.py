@@ -384,8 +384,7 @@ def fit_proprio(proprio: np.ndarray, dim: int) -> np.ndarray:
 
 def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, device: str, dtype: str, warmup: int,
                   seed: int = 0, reference: bool = True, unnorm_key: Optional[str] = None,
-                  log: Callable[[str], None] = print, packed_weights: Optional[bool] = None,
-                  prepare: bool = True) -> tuple[list, dict]:
+                  log: Callable[[str], None] = print, packed_weights: Optional[bool] = None) -> tuple[list, dict]:
     started = time.perf_counter()
     adapter, label = build_target(target, device, dtype, seed, unnorm_key)
     adapter.runner.packed_weights = packed_weights
@@ -414,15 +413,11 @@ def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, d
     log(f'{label}: {kind} on {model_device} {str(model_dtype).replace("torch.", "")}, '
         f'{layers} layers x {adapter.runner.hidden_size} (MLP {adapter.runner.mlp_size}), '
         f'{len(cameras)} x {patches} patches; built in {build_s:.1f} s')
-    prepared_s = None
     with torch.inference_mode():
         for index, frame in enumerate(frames):
             if frame.episode_step == 0:
                 for runner in runners:
                     runner.reset()
-            if index == 1 and prepare:           # the first round showed the sequence length: build every kernel
-                prepared_s = adapter.runner.prepare_products()
-                log(f'  kernels for 1-{adapter.runner.longest_sequence} tokens prepared in {prepared_s:.2f} s')
             order = runners[index % len(runners):] + runners[:index % len(runners)]
             for runner in order:
                 clock.reset()
@@ -444,7 +439,7 @@ def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, d
             'images': len(cameras), 'patches_per_image': patches,
             'parameters_m': sum(p.numel() for p in module.parameters()) / 1e6, 'build_s': build_s,
             'device': device_name(model_device), 'dtype': str(model_dtype).replace('torch.', ''),
-            'packed_weights': adapter.runner.weight_copy_kind() == 'packed', 'kernels_prepared_s': prepared_s}
+            'packed_weights': adapter.runner.weight_copy_kind() == 'packed'}
     return rows_for(runners, info), info
 
 
@@ -544,16 +539,6 @@ def _x(value: Optional[float], interval: Optional[list] = None) -> str:
     return text + (f' ({interval[0]:.2f}-{interval[1]:.2f})' if interval else '')
 
 
-def kernels(shape: dict) -> str:
-    """How the shape's oneDNN kernels were built: prepared before timing, or inside the timed steps."""
-    if not shape.get('packed_weights'):
-        return ''
-    prepared = shape.get('kernels_prepared_s')
-    if prepared is None:
-        return ' (their kernels built inside the timed steps: a fresh process)'
-    return f' (their kernels for every token count prepared before timing, {prepared:.1f} s: the steady state)'
-
-
 def markdown(meta: dict, shapes: list[dict], rows: list[dict]) -> str:
     others = [shape for shape in shapes if 'run' in shape and shape['run'].get('started') != meta.get('started')]
     earlier = ([f"Kept from earlier runs: {', '.join(shape['shape'] for shape in others)} (each says under its "
@@ -579,8 +564,7 @@ def markdown(meta: dict, shapes: list[dict], rows: list[dict]) -> str:
                   f"{shape['mlp']}); ViTs {shape['vision_widths']} wide x {shape['vision_depths']} blocks; "
                   f"{shape['images']} image(s) x {shape['patches_per_image']} patches; "
                   f"{shape['parameters_m']:.0f} M parameters"
-                  f"{'; executor products from oneDNN prepacked weights' if shape.get('packed_weights') else ''}"
-                  f"{kernels(shape)}.", '',
+                  f"{'; executor products from oneDNN prepacked weights' if shape.get('packed_weights') else ''}.", '',
                   '| method | total | vision | decoder (prefill + decode) | selection (/ decoder) | head | speedup '
                   '(95% CI) | vs transformers | decoder ideal | measured / ideal | total ideal | kept visual / layer |',
                   '|---|---|---|---|---|---|---|---|---|---|---|---|']
@@ -690,9 +674,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         help="the executor's products from oneDNN's prepacked weights (CPU, fp32; every method and "
                              "the unpruned executor alike, not transformers' own forward): 'auto' where the decoder "
                              "is at least 256 wide (the executor's default)")
-    parser.add_argument('--cold-kernels', action='store_true',
-                        help="time without preparing the executor's oneDNN kernels for every token count first (what "
-                             "the first minutes of a fresh process pay where a method's kept count varies)")
     parser.add_argument('--append', action='store_true',
                         help='keep the shapes of an existing output of the same name (re-measured shapes replaced)')
     args = parser.parse_args(argv)
@@ -740,8 +721,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for shape in shapes:          # the outputs are rewritten after every shape (a long run keeps what it measured)
         shape_rows, info = measure_shape(shape, frames, methods, args.device, args.dtype, args.warmup, args.seed,
                                          reference=not args.no_reference, unnorm_key=args.unnorm_key,
-                                         packed_weights={'auto': None, 'on': True, 'off': False}[args.packed_weights],
-                                         prepare=not args.cold_kernels)
+                                         packed_weights={'auto': None, 'on': True, 'off': False}[args.packed_weights])
         rows += shape_rows
         infos.append(info)
         if torch.cuda.is_available():

@@ -472,19 +472,12 @@ def vla_pruner_runners(process: VLAPrunerProcess, adapter: Any, frames: list, fe
 
 # -- the measurement -------------------------------------------------------------------------------------------
 
-def run_rotation(runners: list[Runner], frames: list, warmup: int, log: Callable[[str], None],
-                 adapter: Any = None) -> None:
-    """Every frame through every runner, round-robin in a rotating order; warm-up steps not timed.
-
-    After the first frame our ``adapter``'s executor prepares its kernels for every token count (the steady state;
-    the peers' products read plain weights, which need no per-shape kernel).
-    """
+def run_rotation(runners: list[Runner], frames: list, warmup: int, log: Callable[[str], None]) -> None:
+    """Every frame through every runner, round-robin in a rotating order; warm-up steps not timed."""
     for i, frame in enumerate(frames):
         if frame.episode_step == 0:
             for runner in runners:
                 runner.reset()
-        if i == 1 and adapter is not None:
-            log(f'  our kernels prepared in {adapter.runner.prepare_products():.2f} s')
         shift = i % len(runners)
         for runner in runners[shift:] + runners[:shift]:
             with torch.inference_mode():
@@ -541,7 +534,7 @@ def measure_specprune(checkout: Path, args: argparse.Namespace, frames: list, lo
     features = SavedFeatures(adapter, frames, adapter.camera_names)
     code = SpecPruneVLACode.load(checkout)
     runners = specprune_runners(code, adapter, frames, features)
-    run_rotation(runners, frames, args.warmup, log, adapter)
+    run_rotation(runners, frames, args.warmup, log)
     theirs_un, theirs_pr, ours_un, ours_def, ours_match = runners
     picks = [theirs_pr.outputs[i]['layer1_topk'] for i in theirs_pr.outputs if frames[i].episode_step > 0]
     defects = {
@@ -576,7 +569,7 @@ def measure_vla_pruner(checkout: Path, args: argparse.Namespace, frames: list, l
         log(f'  VLA-Pruner process: transformers {info["transformers"]} ({info["transformers_file"]}), '
             f'attention {info["attn_implementation"]}')
         runners = vla_pruner_runners(process, adapter, frames, features)
-        run_rotation(runners, frames, args.warmup, log, adapter)
+        run_rotation(runners, frames, args.warmup, log)
     finally:
         process.close()
     theirs_un, theirs_pr, ours_un, ours_pr = runners

@@ -158,18 +158,6 @@ def test_harness_reference_layout(tmp_path):
     assert len({row['frames_sha256'] for row in rows}) == 1 and len({row['inputs_sha256'] for row in rows}) == 1
 
 
-def test_harness_times_steady_state_kernels_unless_told_cold(tmp_path):
-    harness = _harness()
-    common = ['--shape', 'reference', '--width', '64', '--layers', '2', '--methods', 'none', 'specprune', '--steps',
-              '2', '--warmup', '1', '--stride', '1', '--threads', '1', '--packed-weights', 'on', '--no-plot']
-    steady = harness.main(common + ['--out', str(tmp_path / 'steady')])
-    cold = harness.main(common + ['--out', str(tmp_path / 'cold'), '--cold-kernels'])
-    assert steady['shapes'][0]['packed_weights'] and steady['shapes'][0]['kernels_prepared_s'] > 0
-    assert cold['shapes'][0]['kernels_prepared_s'] is None
-    assert 'prepared before timing' in (tmp_path / 'steady' / 'deployment_latency.md').read_text()
-    assert 'built inside the timed steps' in (tmp_path / 'cold' / 'deployment_latency.md').read_text()
-
-
 def test_saved_frames_replay_to_the_same_inputs(tmp_path, monkeypatch):
     """Frames saved on a machine that renders give the same inputs where the simulator is not used at all."""
     harness = _harness()

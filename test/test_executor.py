@@ -290,37 +290,6 @@ def test_packed_weights_give_the_default_numbers_to_rounding_and_follow_weight_c
         PrunableDecoderRunner(decoder, packed_weights=True, input_major_weights=True)
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason='this torch build has no oneDNN')
-def test_prepared_kernels_cover_every_token_count_of_every_product_shape(monkeypatch):
-    import os
-    from specprune_ros.core import executor
-    assert int(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY']) >= 4096      # one kernel per count and product
-    decoder, layout, x, method = two_stage_case(causal=True)
-    packed, plain = PrunableDecoderRunner(decoder, packed_weights=True), PrunableDecoderRunner(decoder)
-    assert packed.prepare_products() == 0.0              # nothing run yet: nothing known to prepare
-    with torch.no_grad():
-        before = packed(x, layout, method)
-        assert plain(x, layout, method) is not None and plain.prepare_products() == 0.0   # plain weights: no kernels
-        seen = []
-        original = executor._FusedProjections.product
-
-        def product(self, inputs, weight, copy, bias):
-            seen.append((inputs.shape[1], tuple(weight.shape), inputs.is_contiguous()))
-            return original(self, inputs, weight, copy, bias)
-        monkeypatch.setattr(executor._FusedProjections, 'product', product)
-        assert packed.prepare_products() > 0.0
-        monkeypatch.undo()
-        after = packed(x, layout, method)
-    attn = decoder.layers[0].self_attn
-    qkv = sum(getattr(attn, name).out_features for name in ('q_proj', 'k_proj', 'v_proj'))
-    shapes = {(qkv, HIDDEN), (HIDDEN, HIDDEN), (2 * MLP, HIDDEN), (HIDDEN, MLP)}
-    assert packed.longest_sequence == layout.num_tokens
-    # each weight shape once (every layer shares its kernels), every count from 1 to the sequence, contiguous rows
-    assert sorted(seen) == sorted((count, shape, True) for shape in shapes
-                                  for count in range(1, layout.num_tokens + 1))
-    assert torch.equal(before.hidden, after.hidden) and torch.equal(before.kept, after.kept)
-
-
 def test_input_major_copy_is_read_only_where_it_gives_the_same_numbers():
     choose = _InputMajorChoice()
     weight = torch.randn(24, 16)

@@ -21,7 +21,6 @@ does the attention itself, so that it can
 from __future__ import annotations
 
 import functools
-import os
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -38,12 +37,6 @@ from specprune_ros.core.masks import attention_mask
 from specprune_ros.core.step_types import (AttentionRequest, KVStore, LayerView, PruningMethod, StepContext,
                                            StepPlan, StepRecord)
 from specprune_ros.core.token_layout import TokenLayout, TokenRole
-
-# oneDNN builds one kernel (primitive) per product shape and caches it. With packed weights a pruned decoder uses one
-# per kept-token count and product (about four times the sequence length over a long run), more than oneDNN's
-# default cache of 1024 holds; a larger cache keeps them. Read when oneDNN first builds a kernel in the process;
-# a value the user set wins.
-os.environ.setdefault('ONEDNN_PRIMITIVE_CACHE_CAPACITY', '8192')
 
 
 class PlanError(ValueError):
@@ -159,7 +152,6 @@ class PrunableDecoderRunner(nn.Module):
         self._input_major = _InputMajorChoice()
         self.packed_weights = packed_weights
         self._rope_tables: Optional[_RopeTables] = None
-        self.longest_sequence = 0               # the most tokens a pass has run (what prepare_products covers)
 
     def forward(self, embeddings: torch.Tensor, layout: TokenLayout, method: Optional[PruningMethod] = None,
                 context: Optional[StepContext] = None, return_cache: bool = False) -> RunResult:
@@ -172,7 +164,6 @@ class PrunableDecoderRunner(nn.Module):
         started = time.perf_counter()
         selection = 0.0
         device = embeddings.device
-        self.longest_sequence = max(self.longest_sequence, layout.num_tokens)
         roles, is_visual, non_visual, visual = _role_tables(layout, device)
         on_host = device.type == 'cpu' if self.validate_on_host is None else self.validate_on_host
 
@@ -485,38 +476,6 @@ class PrunableDecoderRunner(nn.Module):
                 return None
             self._fused[index] = fused
         return fused
-
-    @torch.no_grad()
-    def prepare_products(self, max_tokens: Optional[int] = None) -> float:
-        """Build oneDNN's kernel for every token count from 1 to ``max_tokens`` of every product shape; seconds spent.
-
-        With packed weights (CPU, fp32) oneDNN builds a kernel the first time a product meets a token count (about
-        1 ms each at 256 wide), so a method whose kept count varies from step to step pays it inside its first
-        minutes of steps. Preparing them once at start-up (about 2 s for 357 tokens at 256 wide) makes those steps
-        run at their steady-state speed. ``max_tokens`` defaults to the longest sequence a pass has run. Does
-        nothing (returns 0) where the products do not read packed weights.
-        """
-        max_tokens = self.longest_sequence if max_tokens is None else int(max_tokens)
-        fusions = [(index, fused) for index, fused in enumerate(self._fusions())
-                   if fused is not None and fused.copy_kind == 'packed']
-        if max_tokens <= 0 or not fusions:
-            return 0.0
-        started = time.perf_counter()
-        products: dict[tuple, tuple] = {}       # one per weight shape: every layer's share a kernel
-        for index, fused in fusions:
-            layer = self.decoder.layers[index]
-            attn, mlp = layer.self_attn, layer.mlp
-            for weight, copy, bias in ((fused.qkv_weight, fused.qkv_copy, fused.qkv_bias),
-                                       (fused.gate_up_weight, fused.gate_up_copy, fused.gate_up_bias),
-                                       (attn.o_proj.weight, fused.o_copy, getattr(attn.o_proj, 'bias', None)),
-                                       (mlp.down_proj.weight, fused.down_copy, getattr(mlp.down_proj, 'bias', None))):
-                if copy is not None:
-                    products.setdefault((tuple(weight.shape), bias is None), (fused, weight, copy, bias))
-        for fused, weight, copy, bias in products.values():
-            inputs = weight.new_zeros(1, max_tokens, weight.shape[1])
-            for count in range(1, max_tokens + 1):
-                fused.product(inputs[:, :count], weight, copy, bias)
-        return time.perf_counter() - started
 
     def weight_copy_kind(self) -> Optional[str]:
         """The weight copies the layers' products read: 'packed' (oneDNN), 'input_major' or None (the weights)."""

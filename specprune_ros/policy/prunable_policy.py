@@ -38,14 +38,6 @@ class PrunablePolicy:
             self.method.reset()
         self.backend.reset()
 
-    def prepare(self) -> float:
-        """Build now what a later step would build the first time it needs it; seconds spent.
-
-        The executor's CPU kernels for every token count up to the longest sequence run so far (call it after a
-        warm-up step): a method whose kept count varies then runs its first minutes at steady-state speed.
-        """
-        return self.backend.runner.prepare_products()
-
     def predict(self, observation: Observation) -> PolicyOutput:
         """One chunk of actions (chunk_size, action_dim) in the backend's units for the observation."""
         started = time.perf_counter()

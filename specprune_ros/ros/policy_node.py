@@ -265,13 +265,10 @@ class SpecPruneNode(LifecycleNode):
             return self._fail_configure('; '.join(errors))
         for _ in range(params.warmup_steps):
             policy.predict(blank_observation(policy))
-        prepare = getattr(policy, 'prepare', None)
-        prepared = prepare() if params.warmup_steps and prepare is not None else 0.0
         policy.reset()
         self.policy = policy
         self.get_logger().info(f'loaded {params.model!r} with method {params.method!r} and warmed it up in '
-                               f'{time.perf_counter() - started:.2f} s'
-                               + (f' (kernels for every token count: {prepared:.2f} s)' if prepared else ''))
+                               f'{time.perf_counter() - started:.2f} s')
         budget = budget_for_policy(budget_settings(params), params.method, policy, params.budget_fallback_method,
                                    seed=params.seed, device=params.device)
         state_joints = state_joint_names(params, policy) if params.proprio_source == 'joint_state' else ()
