@@ -564,7 +564,8 @@ def markdown(meta: dict, shapes: list[dict], rows: list[dict]) -> str:
                   f"{shape['mlp']}); ViTs {shape['vision_widths']} wide x {shape['vision_depths']} blocks; "
                   f"{shape['images']} image(s) x {shape['patches_per_image']} patches; "
                   f"{shape['parameters_m']:.0f} M parameters"
-                  f"{'; executor products from oneDNN prepacked weights' if shape.get('packed_weights') else ''}.", '',
+                  '; executor products ' + ('from oneDNN prepacked weights' if shape.get('packed_weights')
+                                            else 'by BLAS (MKL)') + '.', '',
                   '| method | total | vision | decoder (prefill + decode) | selection (/ decoder) | head | speedup '
                   '(95% CI) | vs transformers | decoder ideal | measured / ideal | total ideal | kept visual / layer |',
                   '|---|---|---|---|---|---|---|---|---|---|---|---|']

@@ -290,6 +290,20 @@ def test_packed_weights_give_the_default_numbers_to_rounding_and_follow_weight_c
         PrunableDecoderRunner(decoder, packed_weights=True, input_major_weights=True)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason='this torch build has no oneDNN')
+@pytest.mark.parametrize('vendor, width, expected', [('AuthenticAMD', 256, 'packed'), ('', 256, 'packed'),
+                                                     ('GenuineIntel', 256, None), ('AuthenticAMD', 128, None)])
+def test_packed_products_by_default_only_where_they_measured_faster(monkeypatch, vendor, width, expected):
+    from specprune_ros.core import executor
+    monkeypatch.setattr(executor, 'cpu_vendor', lambda: vendor)
+    config = LlamaConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=8, max_position_embeddings=64)
+    runner = PrunableDecoderRunner(LlamaModel(config).eval())
+    assert runner.weight_copy_kind() == expected
+    runner.packed_weights = True                      # forcing it works on every processor
+    assert runner.weight_copy_kind() == 'packed'
+
+
 def test_input_major_copy_is_read_only_where_it_gives_the_same_numbers():
     choose = _InputMajorChoice()
     weight = torch.randn(24, 16)
