@@ -11,8 +11,7 @@ down) at a given width:
 * the process's resident memory before and after building the kernels of every count from 1 to ``--tokens``.
 
     python benchmarks/onednn_kernel_cache.py --width 256 --mlp 768 --tokens 357 --threads 2
-    python benchmarks/onednn_kernel_cache.py --width 512 --mlp 1376 --tokens 592 --threads 2 \
-        --kv-width 512   # OpenVLA-OFT at 512 wide
+    python benchmarks/onednn_kernel_cache.py --width 512 --mlp 1376 --tokens 592 --threads 2
 
 Run it alone on the machine: timings are medians over the sampled counts, memory is the process's.
 """
