@@ -53,6 +53,7 @@ from specprune_ros.adapters.base import resolve_device
 from specprune_ros.adapters.factory import load_adapter, read_options
 from specprune_ros.adapters.published_shapes import PublishedShape, build_shape
 from specprune_ros.command_line import HelpFormatter
+from specprune_ros.core.cpu_info import cpu_info
 from specprune_ros.models.loading import load_model
 from specprune_ros.policy.interface import Observation
 from specprune_ros.policy.reference_backend import reference_policy
@@ -503,14 +504,7 @@ def rows_for(runners: list[Runner], info: dict) -> list[dict]:
 def device_name(device: torch.device) -> str:
     if device.type == 'cuda':
         return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                name = line.split(':', 1)[1].strip()
-                break
-    except OSError:
-        pass
+    name = cpu_info('model name') or platform.processor() or platform.machine()
     return f'CPU ({name}, {torch.get_num_threads()} threads)'
 
 

@@ -28,6 +28,7 @@ from typing import Optional
 os.environ.setdefault('ONEDNN_PRIMITIVE_CACHE_CAPACITY', '16384')
 
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -36,9 +37,8 @@ from specprune_ros.command_line import HelpFormatter  # noqa: E402
 
 
 def resident_mb() -> float:
-    """The process's resident memory in MB (Linux)."""
-    pages = int(Path('/proc/self/statm').read_text().split()[1])
-    return pages * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
+    """The process's resident memory in MB."""
+    return psutil.Process().memory_info().rss / 2 ** 20
 
 
 def layer_weights(width: int, mlp: int, kv_width: int, seed: int = 0) -> list[torch.Tensor]:

@@ -32,6 +32,7 @@ from torch import nn
 from transformers.activations import SiLUActivation
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
+from specprune_ros.core.cpu_info import cpu_info
 from specprune_ros.core.flops import decoder_flops
 from specprune_ros.core.masks import attention_mask
 from specprune_ros.core.step_types import (AttentionRequest, KVStore, LayerView, PruningMethod, StepContext,
@@ -754,17 +755,9 @@ _PACKED_FOR_TOKENS = 128
 _PACKED_MIN_WIDTH = 256
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_vendor() -> str:
     """The processor's vendor as the kernel reports it ('GenuineIntel', 'AuthenticAMD', ...; '' where unknown)."""
-    try:
-        with open('/proc/cpuinfo', encoding='utf-8', errors='replace') as info:
-            for line in info:
-                if line.startswith('vendor_id'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return ''
+    return cpu_info('vendor_id')
 
 
 def _packable(weight: torch.Tensor) -> bool:
