@@ -3,8 +3,9 @@
 The reference VLA, unpruned ('none' with DivPrune as the fallback), under injected CPU load (a busy process beside the
 node).
 
-The budget is set at run time to 1/1.6 of the unbudgeted p90 first measured (a budget derived from the
-measurement keeps the check meaningful on a shared machine whose speed varies), then switched on and off in
+The budget is set at run time to 1/1.3 of the unbudgeted median first measured (a budget derived from the
+measurement keeps the check meaningful on a shared machine whose speed varies; when the load drifts so that the
+unpruned node meets it after all, it is derived again from the unpruned blocks), then switched on and off in
 interleaved blocks so that both see the same load: the unpruned p90 exceeds the budget by at least 30 %, the
 budgeted p90 stays within +10 % of it, and switching the budget off restores the unpruned model. When the shared
 2-core machine gets so loaded that even min_keep_ratio cannot meet the budget, the node must say so (diagnostics:
@@ -35,6 +36,7 @@ from specprune_ros.control.chunk_scheduler import ChunkSettings, late_chunks  # 
 DOMAIN = 85
 STARTUP_S = 120.0
 BLOCKS, BLOCK, SETTLE = 3, 12, 8    # interleaved blocks of inferences with and without the budget
+CALIBRATIONS = 3                    # budgets derived from the measured unpruned latency before the check gives up
 CAMERAS = ('--camera', 'agentview=camera/agentview/image_raw:raw', '--camera', 'wrist=camera/wrist/image_raw:raw',
            '--instruction', 'pick up the red cube')
 
@@ -63,6 +65,17 @@ def collect(probe: Probe, count: int, accept=lambda record: True, skip: int = 0,
     records = [r for r in probe.since(probe.inferences, start) if accept(r)]
     assert len(records) >= wanted, f'only {len(records)} of {wanted} inferences in {timeout} s'
     return records[skip:wanted]
+
+
+def interleaved_blocks(probe: Probe, budget_ms: float) -> tuple[list, list]:
+    """Inference records with the budget off and on, in alternating blocks so that both see the same load."""
+    unpruned, budgeted = [], []
+    for _ in range(BLOCKS):
+        set_budget(probe, budget_ms)
+        budgeted += collect(probe, BLOCK, accept=lambda r: 'budget_method' in r, skip=SETTLE)
+        set_budget(probe, 0.0)
+        unpruned += collect(probe, BLOCK, accept=lambda r: 'budget_method' not in r, skip=2)
+    return unpruned, budgeted
 
 
 def latencies(records: list) -> np.ndarray:
@@ -95,16 +108,18 @@ def test_budget_holds_p90_under_load_where_the_unpruned_node_misses_it(loaded_no
     # the median of a short sample is steadier than its p90; the unpruned node's p90 lies well above this budget
     budget_ms = float(np.median(latencies(first))) / 1.3
 
-    # the controller learns its latency model under this load once (its first knobs overshoot); then it must hold
-    set_budget(probe, budget_ms)
-    collect(probe, 2 * SETTLE, accept=lambda r: 'budget_method' in r)
-    unpruned, budgeted = [], []                  # interleaved blocks: both see the same load
-    for _ in range(BLOCKS):
+    # The controller learns its latency model under this load once (its first knobs overshoot); then it must hold.
+    # The load on a shared machine drifts: when the unpruned node measured in the interleaved blocks no longer misses
+    # the budget (the first sample ran slower), the budget is derived again from those blocks and they are rerun.
+    for attempt in range(CALIBRATIONS):
         set_budget(probe, budget_ms)
-        budgeted += collect(probe, BLOCK, accept=lambda r: 'budget_method' in r, skip=SETTLE)
-        set_budget(probe, 0.0)
-        unpruned += collect(probe, BLOCK, accept=lambda r: 'budget_method' not in r, skip=2)
-    p90_unpruned = float(np.percentile(latencies(unpruned), 90))
+        collect(probe, 2 * SETTLE, accept=lambda r: 'budget_method' in r)
+        unpruned, budgeted = interleaved_blocks(probe, budget_ms)
+        p90_unpruned = float(np.percentile(latencies(unpruned), 90))
+        if p90_unpruned >= 1.3 * budget_ms:
+            break
+        print(f'budget {budget_ms:.1f} ms no longer binds (unpruned p90 {p90_unpruned:.1f} ms); derived again')
+        budget_ms = float(np.median(latencies(unpruned))) / 1.3
     p90_budgeted = float(np.percentile(latencies(budgeted), 90))
     methods = {r['budget_method'] for r in budgeted}
     knobs = [float(r['budget_knob']) for r in budgeted if r['budget_knob'] != 'n/a']
