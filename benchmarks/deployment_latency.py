@@ -385,10 +385,12 @@ def fit_proprio(proprio: np.ndarray, dim: int) -> np.ndarray:
 
 def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, device: str, dtype: str, warmup: int,
                   seed: int = 0, reference: bool = True, unnorm_key: Optional[str] = None,
-                  log: Callable[[str], None] = print, packed_weights: Optional[bool] = None) -> tuple[list, dict]:
+                  log: Callable[[str], None] = print, weight_copies: str = 'auto') -> tuple[list, dict]:
     started = time.perf_counter()
     adapter, label = build_target(target, device, dtype, seed, unnorm_key)
-    adapter.runner.packed_weights = packed_weights
+    if weight_copies != 'auto':        # 'onednn', 'mkl' or 'none'
+        adapter.runner.packed_weights = weight_copies == 'onednn'
+        adapter.runner.mkl_packed_weights = weight_copies == 'mkl'
     build_s = time.perf_counter() - started
     is_reference_vla = isinstance(adapter, ReferenceVLA)
     module = adapter if is_reference_vla else adapter.model
@@ -440,7 +442,7 @@ def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, d
             'images': len(cameras), 'patches_per_image': patches,
             'parameters_m': sum(p.numel() for p in module.parameters()) / 1e6, 'build_s': build_s,
             'device': device_name(model_device), 'dtype': str(model_dtype).replace('torch.', ''),
-            'packed_weights': adapter.runner.weight_copy_kind() == 'packed'}
+            'weight_copies': adapter.runner.weight_copy_kind()}
     return rows_for(runners, info), info
 
 
@@ -519,6 +521,16 @@ def git_commit() -> str:
         return 'unknown'
 
 
+# the executor's weight copies (``weight_copy_kind``) as the tables name its products
+PRODUCTS = {'packed': 'from oneDNN prepacked weights', 'mkl_packed': "from MKL's packed weights",
+            'input_major': 'by BLAS (MKL) from input-major weights'}
+
+
+def copies_of(shape: dict) -> Optional[str]:
+    """A shape's weight copies, also from outputs that recorded only whether oneDNN's were used."""
+    return shape.get('weight_copies', 'packed' if shape.get('packed_weights') else None)
+
+
 def _ms(row: dict, phase: str) -> str:
     median = row.get(f'{phase}_ms', float('nan'))
     if median != median:
@@ -558,8 +570,7 @@ def markdown(meta: dict, shapes: list[dict], rows: list[dict]) -> str:
                   f"{shape['mlp']}); ViTs {shape['vision_widths']} wide x {shape['vision_depths']} blocks; "
                   f"{shape['images']} image(s) x {shape['patches_per_image']} patches; "
                   f"{shape['parameters_m']:.0f} M parameters"
-                  '; executor products ' + ('from oneDNN prepacked weights' if shape.get('packed_weights')
-                                            else 'by BLAS (MKL)') + '.', '',
+                  '; executor products ' + PRODUCTS.get(copies_of(shape), 'by BLAS (MKL)') + '.', '',
                   '| method | total | vision | decoder (prefill + decode) | selection (/ decoder) | head | speedup '
                   '(95% CI) | vs transformers | decoder ideal | measured / ideal | total ideal | kept visual / layer |',
                   '|---|---|---|---|---|---|---|---|---|---|---|---|']
@@ -665,10 +676,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         help='render the episode, write its frames to this .npz file and stop')
     parser.add_argument('--frames', type=Path, default=None,
                         help='use the frames of a --save-frames file instead of rendering (a machine without MuJoCo)')
-    parser.add_argument('--packed-weights', choices=('auto', 'on', 'off'), default='auto',
-                        help="the executor's products from oneDNN's prepacked weights (CPU, fp32; every method and "
-                             "the unpruned executor alike, not transformers' own forward): 'auto' where the decoder "
-                             "is at least 256 wide (the executor's default)")
+    parser.add_argument('--weight-copies', choices=('auto', 'onednn', 'mkl', 'none'), default='auto',
+                        help="the executor's products from oneDNN's prepacked weights, MKL's packed ones or the plain "
+                             "BLAS product (CPU, fp32; every method and the unpruned executor alike, not "
+                             "transformers' own forward): 'auto' = the executor's default for this processor")
     parser.add_argument('--append', action='store_true',
                         help='keep the shapes of an existing output of the same name (re-measured shapes replaced)')
     args = parser.parse_args(argv)
@@ -716,7 +727,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for shape in shapes:          # the outputs are rewritten after every shape (a long run keeps what it measured)
         shape_rows, info = measure_shape(shape, frames, methods, args.device, args.dtype, args.warmup, args.seed,
                                          reference=not args.no_reference, unnorm_key=args.unnorm_key,
-                                         packed_weights={'auto': None, 'on': True, 'off': False}[args.packed_weights])
+                                         weight_copies=args.weight_copies)
         rows += shape_rows
         infos.append(info)
         if torch.cuda.is_available():

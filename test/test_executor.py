@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaModel
 
-from specprune_ros.core.executor import PlanError, PrunableDecoderRunner, _InputMajorChoice, _compiled_layer
+from specprune_ros.core.executor import (_MKL_PACKED_EXACT_FROM_ROWS, PlanError, PrunableDecoderRunner, _compiled_layer,
+                                         _ExactCopyChoice, _input_major_product, _mkl_packed_product)
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
 from specprune_ros.core.flops import decoder_flops
 from specprune_ros.core.masks import attention_mask
@@ -260,8 +261,8 @@ def test_input_major_weights_give_the_same_numbers_and_follow_weight_changes(cau
         decoder.layers[2].self_attn.o_proj = torch.nn.Linear(HIDDEN, HIDDEN, bias=False)
         replaced, expected_changed = runner(x, layout, method), default(x, layout, method)
         assert torch.equal(replaced.hidden, expected_changed.hidden)
-        # switching the option off drops the copies
-        runner.input_major_weights = False
+        # switching the option off (and the MKL packed default with it) drops the copies
+        runner.input_major_weights, runner.mkl_packed_weights = False, False
         plain = runner(x, layout, method)
         assert runner._fused[0].o_copy is None and torch.equal(plain.hidden, expected_changed.hidden)
 
@@ -282,37 +283,102 @@ def test_packed_weights_give_the_default_numbers_to_rounding_and_follow_weight_c
         changed, expected_changed = runner(x, layout, method), default(x, layout, method)
         assert (changed.hidden - result.hidden).abs().max().item() > 1e-3
         assert torch.allclose(changed.hidden, expected_changed.hidden, rtol=1e-4, atol=1e-5)
-        # switching the option off drops the copies and gives the default numbers bit for bit
+        # switching the option off drops oneDNN's copies and gives the default numbers bit for bit
         runner.packed_weights = False
         plain = runner(x, layout, method)
-        assert runner._fused[0].down_copy is None and torch.equal(plain.hidden, expected_changed.hidden)
+        assert runner._fused[0].copy_kind != 'packed' and torch.equal(plain.hidden, expected_changed.hidden)
     with pytest.raises(ValueError, match='alternatives'):
         PrunableDecoderRunner(decoder, packed_weights=True, input_major_weights=True)
 
 
+MKL_PACKED = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, '_mkl_linear')
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason='this torch build has no oneDNN')
 @pytest.mark.parametrize('vendor, width, expected', [('AuthenticAMD', 256, 'packed'), ('', 256, 'packed'),
-                                                     ('GenuineIntel', 256, None), ('AuthenticAMD', 128, None)])
+                                                     ('GenuineIntel', 256, 'mkl_packed'),
+                                                     ('AuthenticAMD', 128, None)])
 def test_packed_products_by_default_only_where_they_measured_faster(monkeypatch, vendor, width, expected):
     from specprune_ros.core import executor
     monkeypatch.setattr(executor, 'cpu_vendor', lambda: vendor)
     config = LlamaConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1, num_attention_heads=4,
                          num_key_value_heads=4, vocab_size=8, max_position_embeddings=64)
     runner = PrunableDecoderRunner(LlamaModel(config).eval())
-    assert runner.weight_copy_kind() == expected
+    assert runner.weight_copy_kind() == (expected if MKL_PACKED or expected == 'packed' else None)
     runner.packed_weights = True                      # forcing it works on every processor
     assert runner.weight_copy_kind() == 'packed'
+    runner.packed_weights, runner.mkl_packed_weights = False, True
+    assert runner.weight_copy_kind() == ('mkl_packed' if MKL_PACKED else None)
+    runner.mkl_packed_weights = False
+    assert runner.weight_copy_kind() is None
+
+
+@pytest.mark.skipif(not MKL_PACKED, reason="this torch build has no MKL packed product (torch.ops.mkl._mkl_linear)")
+@pytest.mark.parametrize('causal', [False, True])
+def test_mkl_packed_weights_give_the_default_numbers_bit_for_bit_and_follow_weight_changes(causal):
+    decoder, layout, x, method = two_stage_case(causal)
+    runner = PrunableDecoderRunner(decoder, mkl_packed_weights=True, packed_weights=False)
+    default = PrunableDecoderRunner(decoder, mkl_packed_weights=False, packed_weights=False)
+    with torch.no_grad():
+        result, expected = runner(x, layout, method), default(x, layout, method)
+        fused = runner._fused[0]
+        assert fused.copy_kind == 'mkl_packed' and default._fused[0].copy_kind is None
+        assert torch.equal(result.kept, expected.kept) and torch.equal(result.hidden, expected.hidden)
+        assert torch.equal(result.record.attention[1]['text'][1], expected.record.attention[1]['text'][1])
+        # every product shape of the pass was checked once, and the packed copy served the ones that matched
+        assert runner._mkl_packed._same and any(runner._mkl_packed._same.values())
+        # changing a weight in place rebuilds the packed copies
+        decoder.layers[3].mlp.down_proj.weight.mul_(0.5)
+        changed, expected_changed = runner(x, layout, method), default(x, layout, method)
+        assert (changed.hidden - result.hidden).abs().max().item() > 1e-3
+        assert torch.equal(changed.hidden, expected_changed.hidden)
+        # switching the option off drops the copies
+        runner.mkl_packed_weights = False
+        plain = runner(x, layout, method)
+        assert runner._fused[0].down_copy is None and torch.equal(plain.hidden, expected_changed.hidden)
+
+
+@pytest.mark.skipif(not MKL_PACKED, reason="this torch build has no MKL packed product (torch.ops.mkl._mkl_linear)")
+def test_mkl_packed_product_is_checked_per_count_only_below_the_threshold():
+    weight, bias = torch.randn(96, 64), torch.randn(96)
+    packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, 128)
+    choose = _ExactCopyChoice(_mkl_packed_product, _MKL_PACKED_EXACT_FROM_ROWS)
+    for rows in (1, 7, 16, 63, _MKL_PACKED_EXACT_FROM_ROWS, 141, 300):
+        x = torch.randn(1, rows, 64)
+        for b in (None, bias):
+            assert torch.equal(choose(x, weight, packed, b), F.linear(x, weight, b))
+    # one check per count below the threshold, one for all larger counts; with and without the bias
+    assert sorted({key[0] for key in choose._same}) == [1, 7, 16, 63, _MKL_PACKED_EXACT_FROM_ROWS]
+    assert len(choose._same) == 10
+
+
+@pytest.mark.skipif(not MKL_PACKED, reason="this torch build has no MKL packed product (torch.ops.mkl._mkl_linear)")
+@pytest.mark.parametrize('threads', [1, 2])
+@pytest.mark.parametrize('shape', [(768, 256), (1536, 256), (256, 768), (256, 256), (1536, 512), (512, 1376)])
+def test_from_the_threshold_on_mkl_packed_products_match_the_plain_one_at_every_count_or_at_none(shape, threads):
+    # what lets _ExactCopyChoice check one count per weight shape from _MKL_PACKED_EXACT_FROM_ROWS rows on
+    torch.manual_seed(0)
+    weight = torch.randn(*shape)
+    packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, 128)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        same = {torch.equal(_mkl_packed_product(x, packed, weight, None), F.linear(x, weight))
+                for x in (torch.randn(1, rows, shape[1]) for rows in range(_MKL_PACKED_EXACT_FROM_ROWS, 400, 3))}
+    finally:
+        torch.set_num_threads(before)
+    assert len(same) == 1, f'{shape}, {threads} threads: the packed product matches the plain one at some counts only'
 
 
 def test_input_major_copy_is_read_only_where_it_gives_the_same_numbers():
-    choose = _InputMajorChoice()
+    choose = _ExactCopyChoice(_input_major_product)
     weight = torch.randn(24, 16)
     exact = weight.t().contiguous().t()
     other = (weight * (1 + 1e-3)).t().contiguous().t()      # stands in for a product that sums in another order
     x = torch.randn(1, 20, 16)
     assert torch.equal(choose(x, weight, exact, None), F.linear(x, weight))
     assert len(choose._same) == 1
-    refused = _InputMajorChoice()
+    refused = _ExactCopyChoice(_input_major_product)
     assert torch.equal(refused(x, weight, other, None), F.linear(x, weight))  # the default product runs
     assert list(refused._same.values()) == [False]
 

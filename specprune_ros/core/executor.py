@@ -97,7 +97,8 @@ class PrunableDecoderRunner(nn.Module):
 
     def __init__(self, decoder: nn.Module, fuse_projections: Optional[bool] = None,
                  validate_on_host: Optional[bool] = None, compile_layers: bool = False, bucket: int = 32,
-                 input_major_weights: bool = False, packed_weights: Optional[bool] = None) -> None:
+                 input_major_weights: bool = False, packed_weights: Optional[bool] = None,
+                 mkl_packed_weights: Optional[bool] = None) -> None:
         """``decoder``: a transformers ``LlamaModel``-like module with ``layers``, ``rotary_emb`` and ``norm``.
 
         ``fuse_projections``: without autograd, run each layer's query/key/value projections as one matrix
@@ -137,6 +138,19 @@ class PrunableDecoderRunner(nn.Module):
         1e-6 relative). Costs one more copy of the decoder's linear weights. None (default): on where the decoder
         is at least 256 wide, ``input_major_weights`` is off and the processor is not an Intel one
         (:func:`cpu_vendor`); True / False force it (True is exclusive with ``input_major_weights``).
+
+        ``mkl_packed_weights``: with fused projections on the CPU in fp32, hold every product's weight in MKL's
+        packed layout (``torch.ops.mkl``) and multiply with MKL's packed product, which skips the repacking of the
+        weight that the plain product does at every call and needs no kernel per token count. A product reads the
+        packed copy only where it gives the plain product's numbers bit for bit, checked on a random input per
+        token count below 64 tokens and once per weight shape for all larger counts (MKL sums the down
+        projection of a 1376-wide MLP in another order, so that one keeps the plain product). On a 2-core Intel
+        Xeon it took 5-8% off pruned passes of a 256-wide decoder and 3-11% off those of a 512-wide one, nothing
+        at 128 wide (``docs/benchmarks.md``). Costs one more copy of the decoder's linear weights in resident
+        memory (MKL reserves about 8 MB more address space per weight, left untouched). None (default): on where
+        the decoder is at least 256 wide, this torch build has MKL's packed product and no other copy
+        (``input_major_weights``, ``packed_weights``) is chosen; True / False force it on or off (the other copies
+        take precedence).
         """
         if input_major_weights and packed_weights:
             raise ValueError('input_major_weights and packed_weights are alternatives: choose one')
@@ -153,8 +167,10 @@ class PrunableDecoderRunner(nn.Module):
         self.compile_layers = compile_layers
         self.bucket = max(1, int(bucket))
         self.input_major_weights = input_major_weights
-        self._input_major = _InputMajorChoice()
+        self._input_major = _ExactCopyChoice(_input_major_product)
         self.packed_weights = packed_weights
+        self.mkl_packed_weights = mkl_packed_weights
+        self._mkl_packed = _ExactCopyChoice(_mkl_packed_product, _MKL_PACKED_EXACT_FROM_ROWS)
         self._rope_tables: Optional[_RopeTables] = None
 
     def forward(self, embeddings: torch.Tensor, layout: TokenLayout, method: Optional[PruningMethod] = None,
@@ -474,7 +490,8 @@ class PrunableDecoderRunner(nn.Module):
         if fused is None or not fused.current() or fused.copy_kind != kind:
             if self.fuse_projections is None and next(layer.parameters()).device.type != 'cpu':
                 return None
-            fused = _FusedProjections.build(layer, kind, self._input_major)
+            exact = self._mkl_packed if kind == 'mkl_packed' else self._input_major
+            fused = _FusedProjections.build(layer, kind, exact)
             if fused is None:
                 self.fuse_projections = False
                 return None
@@ -482,20 +499,27 @@ class PrunableDecoderRunner(nn.Module):
         return fused
 
     def weight_copy_kind(self) -> Optional[str]:
-        """The weight copies the layers' products read: 'packed' (oneDNN), 'input_major' or None (the weights)."""
+        """The weight copies the layers' products read: 'packed' (oneDNN), 'mkl_packed', 'input_major' or None."""
         if self.fuse_projections is False:
             return None
         return self._copy_kind(next(self.decoder.parameters()))
 
     def _copy_kind(self, weight: torch.Tensor) -> Optional[str]:
-        """Which extra weight copies the fused projections hold: 'packed', 'input_major' or None."""
+        """Which extra weight copies the fused projections hold: 'packed', 'mkl_packed', 'input_major' or None."""
         packed = self.packed_weights
         if packed is None:
             packed = (not self.input_major_weights and self.hidden_size >= _PACKED_MIN_WIDTH
                       and cpu_vendor() != 'GenuineIntel')
         if packed and _packable(weight):
             return 'packed'
-        return 'input_major' if self.input_major_weights else None
+        if self.input_major_weights:
+            return 'input_major'
+        mkl_packed = self.mkl_packed_weights
+        if mkl_packed is None:
+            mkl_packed = self.hidden_size >= _PACKED_MIN_WIDTH
+        if mkl_packed and _mkl_packable(weight):
+            return 'mkl_packed'
+        return None
 
     @staticmethod
     def _block(layer: nn.Module, hidden: torch.Tensor, rope: '_Rotary', mask: Optional[torch.Tensor], causal: bool,
@@ -749,8 +773,8 @@ def _compiled_layer():
     return torch.compile(_layer_arithmetic, dynamic=False, fullgraph=True)
 
 
-# the token count oneDNN's packed weights are laid out for (any count multiplies correctly; this is a typical
-# pruned sequence), and the narrowest decoder that packs them by default (no gain measured at 128 wide)
+# the token count oneDNN's and MKL's packed weights are laid out for (any count multiplies correctly; this is a
+# typical pruned sequence), and the narrowest decoder that packs them by default (no gain measured at 128 wide)
 _PACKED_FOR_TOKENS = 128
 _PACKED_MIN_WIDTH = 256
 
@@ -765,6 +789,12 @@ def _packable(weight: torch.Tensor) -> bool:
     return weight.device.type == 'cpu' and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
+def _mkl_packable(weight: torch.Tensor) -> bool:
+    """Whether MKL's packed product applies to ``weight`` (fp32 on the CPU, a torch build with MKL's packed ops)."""
+    return (weight.device.type == 'cpu' and weight.dtype == torch.float32 and torch.backends.mkl.is_available()
+            and hasattr(torch.ops.mkl, '_mkl_linear') and hasattr(torch.ops.mkl, '_mkl_reorder_linear_weight'))
+
+
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A Llama RMS norm in one call where that gives its numbers (fp32); the module itself otherwise."""
     if type(norm) is LlamaRMSNorm and x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
@@ -772,28 +802,54 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm(x)
 
 
-class _InputMajorChoice:
-    """Where a product may read the input-major copy of its weight: where that gives the same numbers bit for bit.
+class _ExactCopyChoice:
+    """Where a product may read a copy of its weight (another layout): where that gives the same numbers bit for bit.
 
     The summation order inside a CPU matrix product depends on its shapes, the weight's layout and the thread
-    count, not on the values; so one check per (input shape, weight shape, threads, dtype, device) on a random
-    input decides for every later product of that kind. Shared by all layers of a runner.
+    count, not on the values; so a check on a random input decides for every later product of that kind: once per
+    (row count, weight shape, threads, dtype, device), or, from ``exact_from_rows`` rows on, once per weight shape
+    for all those counts (where the copy is known to match at every such count or at none). ``product(x, copy,
+    weight, bias)`` multiplies from the copy. Shared by all layers of a runner.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, product, exact_from_rows: Optional[int] = None) -> None:
+        self.product = product
+        self.exact_from_rows = exact_from_rows
         self._same: dict[tuple, bool] = {}
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, input_major: torch.Tensor,
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, copy: torch.Tensor,
                  bias: Optional[torch.Tensor]) -> torch.Tensor:
         if not x.is_contiguous():          # the check runs on contiguous inputs only
             return F.linear(x, weight, bias)
-        key = (tuple(x.shape), tuple(weight.shape), bias is None, torch.get_num_threads(), x.dtype, x.device)
+        rows = x.numel() // x.shape[-1]
+        if self.exact_from_rows is not None:
+            rows = min(rows, self.exact_from_rows)
+        key = (rows, tuple(weight.shape), bias is None, torch.get_num_threads(), x.dtype, x.device)
         same = self._same.get(key)
         if same is None:
             generator = torch.Generator(device=x.device).manual_seed(len(self._same))
             probe = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-            same = self._same[key] = torch.equal(F.linear(probe, weight, bias), F.linear(probe, input_major, bias))
-        return F.linear(x, input_major if same else weight, bias)
+            same = self._same[key] = torch.equal(F.linear(probe, weight, bias), self.product(probe, copy, weight, bias))
+        return self.product(x, copy, weight, bias) if same else F.linear(x, weight, bias)
+
+
+# MKL's packed product against its plain one, swept over 1-600 rows per weight shape on an Intel Xeon (1 and 2
+# threads): the plain product takes another path for up to 3-15 rows (by shape); from there on the two matched at
+# every count or, for inner sizes above ~1000, at none. From this many rows on one check per shape decides.
+_MKL_PACKED_EXACT_FROM_ROWS = 64
+
+
+def _input_major_product(x: torch.Tensor, copy: torch.Tensor, weight: torch.Tensor,
+                         bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The product read from an input-major (transposed in memory) copy of the weight."""
+    return F.linear(x, copy, bias)
+
+
+def _mkl_packed_product(x: torch.Tensor, copy: torch.Tensor, weight: torch.Tensor,
+                        bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The product read from MKL's packed copy of the weight (any number of rows; ``weight`` for its shape)."""
+    rows = x.numel() // x.shape[-1]
+    return torch.ops.mkl._mkl_linear(x, copy, weight, bias, rows)
 
 
 def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -819,18 +875,19 @@ class _FusedProjections:
     gate_up_bias: Optional[torch.Tensor]
     sources: list[tuple[torch.Tensor, int, int]]      # (parameter, data_ptr, version) the copies were made from
     # copies of every product's weight that a product reads instead (``copy_kind``): 'input_major', (out, in) views
-    # of transposed storage, read where ``input_major`` allows; or 'packed', oneDNN's prepacked weights
+    # of transposed storage, or 'mkl_packed', MKL's packed weights, each read where ``exact`` allows; or 'packed',
+    # oneDNN's prepacked weights
     copy_kind: Optional[str] = None
     qkv_copy: Optional[torch.Tensor] = None
     gate_up_copy: Optional[torch.Tensor] = None
     o_copy: Optional[torch.Tensor] = None
     down_copy: Optional[torch.Tensor] = None
-    input_major: Optional[_InputMajorChoice] = None
+    exact: Optional[_ExactCopyChoice] = None
     copied_from: dict[int, torch.Tensor] = field(default_factory=dict)   # id(copy) -> the weight it copies
 
     @classmethod
     def build(cls, layer: nn.Module, copy_kind: Optional[str] = None,
-              input_major: Optional[_InputMajorChoice] = None) -> Optional['_FusedProjections']:
+              exact: Optional[_ExactCopyChoice] = None) -> Optional['_FusedProjections']:
         """The fused copies of ``layer``'s weights, or None where its modules are not plain linear layers.
 
         ``copy_kind``: also hold every weight 'input_major' (read where ``input_major`` allows) or 'packed' for
@@ -855,12 +912,14 @@ class _FusedProjections:
         def copy(weight: torch.Tensor) -> torch.Tensor:
             if copy_kind == 'packed':
                 return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACKED_FOR_TOKENS)
+            if copy_kind == 'mkl_packed':
+                return torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), _PACKED_FOR_TOKENS)
             return weight.detach().t().contiguous().t()
 
         fused = cls(qkv_weight=stack(qkv, False), qkv_bias=stack(qkv, True), qkv_sizes=[m.out_features for m in qkv],
                     gate_up_weight=stack(gate_up, False), gate_up_bias=stack(gate_up, True), sources=[])
         if copy_kind is not None:
-            fused.copy_kind, fused.input_major = copy_kind, input_major
+            fused.copy_kind, fused.exact = copy_kind, exact
             fused.qkv_copy = copy(fused.qkv_weight)
             fused.gate_up_copy = copy(fused.gate_up_weight)
             if type(attn.o_proj) is nn.Linear:
@@ -878,15 +937,15 @@ class _FusedProjections:
                 bias: Optional[torch.Tensor]) -> torch.Tensor:
         """``x`` times ``weight`` (+ ``bias``), from the weight's copy where there is one.
 
-        A packed copy is always read; an input-major one where it gives the weight's own numbers.
+        A oneDNN packed copy is always read; an input-major or MKL packed one where it gives the weight's own numbers.
         """
         if copy is None or self.copy_kind is None:
             return F.linear(x, weight, bias)
+        if self.copy_kind in ('packed', 'mkl_packed') and (x.dtype != weight.dtype or x.device.type != 'cpu'):
+            return F.linear(x, weight, bias)
         if self.copy_kind == 'packed':
-            if x.dtype != weight.dtype or x.device.type != 'cpu':
-                return F.linear(x, weight, bias)
             return torch.ops.mkldnn._linear_pointwise(x, copy, bias, 'none', [], '')
-        return self.input_major(x, weight, copy, bias)
+        return self.exact(x, weight, copy, bias)
 
     def linear(self, module: nn.Module, x: torch.Tensor, copy: Optional[torch.Tensor]) -> torch.Tensor:
         """A layer's own linear module applied to ``x`` (from its copy where allowed).
