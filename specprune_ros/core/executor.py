@@ -24,7 +24,7 @@ import functools
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -812,7 +812,8 @@ class _ExactCopyChoice:
     weight, bias)`` multiplies from the copy. Shared by all layers of a runner.
     """
 
-    def __init__(self, product, exact_from_rows: Optional[int] = None) -> None:
+    def __init__(self, product: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]],
+                                         torch.Tensor], exact_from_rows: Optional[int] = None) -> None:
         self.product = product
         self.exact_from_rows = exact_from_rows
         self._same: dict[tuple, bool] = {}
@@ -890,8 +891,8 @@ class _FusedProjections:
               exact: Optional[_ExactCopyChoice] = None) -> Optional['_FusedProjections']:
         """The fused copies of ``layer``'s weights, or None where its modules are not plain linear layers.
 
-        ``copy_kind``: also hold every weight 'input_major' (read where ``input_major`` allows) or 'packed' for
-        oneDNN.
+        ``copy_kind``: also hold every weight 'input_major' or 'mkl_packed' (read where ``exact`` allows), or
+        'packed' for oneDNN.
         """
         attn, mlp = layer.self_attn, layer.mlp
         qkv = [getattr(attn, name, None) for name in ('q_proj', 'k_proj', 'v_proj')]
