@@ -313,6 +313,30 @@ def test_packed_products_by_default_only_where_they_measured_faster(monkeypatch,
     assert runner.weight_copy_kind() is None
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason='this torch build has no oneDNN')
+@pytest.mark.parametrize('vendor', ['GenuineIntel', 'AuthenticAMD'])
+def test_default_weight_copies_only_where_one_more_copy_fits_a_quarter_of_free_memory(monkeypatch, vendor):
+    from specprune_ros.core import executor
+    monkeypatch.setattr(executor, 'cpu_vendor', lambda: vendor)
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=8, max_position_embeddings=64)
+    decoder = LlamaModel(config).eval()
+    linear_bytes = 2 * 4 * (4 * 256 * 256 + 3 * 256 * 512)          # two layers' products, fp32
+    monkeypatch.setattr(executor, 'available_memory_bytes', lambda: 4 * linear_bytes - 1)
+    tight = PrunableDecoderRunner(decoder)
+    assert tight.weight_copy_kind() is None
+    monkeypatch.setattr(executor, 'available_memory_bytes', lambda: 10 ** 12)
+    assert tight.weight_copy_kind() is None, 'decided once per runner: the copies are not rebuilt as memory changes'
+    tight.packed_weights = True                       # forcing a copy ignores the memory share
+    assert tight.weight_copy_kind() == 'packed'
+    monkeypatch.setattr(executor, 'available_memory_bytes', lambda: 4 * linear_bytes)
+    roomy = PrunableDecoderRunner(decoder)
+    expected = 'packed' if vendor == 'AuthenticAMD' else ('mkl_packed' if MKL_PACKED else None)
+    assert roomy.weight_copy_kind() == expected
+    monkeypatch.setattr(executor, 'available_memory_bytes', lambda: None)      # unknown: as if it fits
+    assert PrunableDecoderRunner(decoder).weight_copy_kind() == expected
+
+
 @pytest.mark.skipif(not MKL_PACKED, reason="this torch build has no MKL packed product (torch.ops.mkl._mkl_linear)")
 @pytest.mark.parametrize('causal', [False, True])
 def test_mkl_packed_weights_give_the_default_numbers_bit_for_bit_and_follow_weight_changes(causal):

@@ -73,6 +73,7 @@ def test_install_tree_has_launch_config_and_executables():
 ROSDEP_KEYS = {'numpy': 'python3-numpy', 'cv2': 'python3-opencv', 'yaml': 'python3-yaml', 'torch': 'python3-torch',
                'transformers': 'python3-transformers-pip', 'PIL': 'python3-pil', 'tqdm': 'python3-tqdm',
                'matplotlib': 'python3-matplotlib', 'mujoco': 'python3-mujoco-pip', 'rosbags': 'python3-rosbags-pip',
+               'psutil': 'python3-psutil',
                'tokenizers': 'python3-transformers-pip',    # installed with transformers
                'cv_bridge': 'cv_bridge'}                     # a ROS package, used when installed
 WITHOUT_ROSDEP_KEY = {'safetensors'}

@@ -1,7 +1,8 @@
-"""What the kernel reports about the processor (``/proc/cpuinfo``), for choices and reports that depend on it."""
+"""What the machine reports about its processor (``/proc/cpuinfo``) and free memory, for choices and reports."""
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 
 @functools.lru_cache(maxsize=8)
@@ -16,3 +17,12 @@ def cpu_info(field: str) -> str:
     except OSError:
         pass
     return ''
+
+
+def available_memory_bytes() -> Optional[int]:
+    """Memory available to new allocations without swapping (psutil's ``available``); None where unknown."""
+    try:
+        import psutil
+        return int(psutil.virtual_memory().available)
+    except (ImportError, OSError, AttributeError):
+        return None

@@ -32,7 +32,7 @@ from torch import nn
 from transformers.activations import SiLUActivation
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from specprune_ros.core.cpu_info import cpu_info
+from specprune_ros.core.cpu_info import available_memory_bytes, cpu_info
 from specprune_ros.core.flops import decoder_flops
 from specprune_ros.core.masks import attention_mask
 from specprune_ros.core.step_types import (AttentionRequest, KVStore, LayerView, PruningMethod, StepContext,
@@ -136,8 +136,9 @@ class PrunableDecoderRunner(nn.Module):
         kernel for every token count a product meets (about 1 ms and 0.5-1 MB each), which a method whose kept
         count varies pays inside its steps. The numbers differ from the default product in the last bits (about
         1e-6 relative). Costs one more copy of the decoder's linear weights. None (default): on where the decoder
-        is at least 256 wide, ``input_major_weights`` is off and the processor is not an Intel one
-        (:func:`cpu_vendor`); True / False force it (True is exclusive with ``input_major_weights``).
+        is at least 256 wide, ``input_major_weights`` is off, the processor is not an Intel one (:func:`cpu_vendor`)
+        and the copy takes at most a quarter of the memory available when the runner first decides; True / False
+        force it (True is exclusive with ``input_major_weights``).
 
         ``mkl_packed_weights``: with fused projections on the CPU in fp32, hold every product's weight in MKL's
         packed layout (``torch.ops.mkl``) and multiply with MKL's packed product, which skips the repacking of the
@@ -148,9 +149,10 @@ class PrunableDecoderRunner(nn.Module):
         Xeon it took 5-8% off pruned passes of a 256-wide decoder and 3-11% off those of a 512-wide one, nothing
         at 128 wide (``docs/benchmarks.md``). Costs one more copy of the decoder's linear weights in resident
         memory (MKL reserves about 8 MB more address space per weight, left untouched). None (default): on where
-        the decoder is at least 256 wide, this torch build has MKL's packed product and no other copy
-        (``input_major_weights``, ``packed_weights``) is chosen; True / False force it on or off (the other copies
-        take precedence).
+        the decoder is at least 256 wide, this torch build has MKL's packed product, no other copy
+        (``input_major_weights``, ``packed_weights``) is chosen and the copy takes at most a quarter of the memory
+        available when the runner first decides; True / False force it on or off (the other copies take
+        precedence).
         """
         if input_major_weights and packed_weights:
             raise ValueError('input_major_weights and packed_weights are alternatives: choose one')
@@ -171,6 +173,7 @@ class PrunableDecoderRunner(nn.Module):
         self.packed_weights = packed_weights
         self.mkl_packed_weights = mkl_packed_weights
         self._mkl_packed = _ExactCopyChoice(_mkl_packed_product, _MKL_PACKED_EXACT_FROM_ROWS)
+        self._copies_fit: Optional[bool] = None
         self._rope_tables: Optional[_RopeTables] = None
 
     def forward(self, embeddings: torch.Tensor, layout: TokenLayout, method: Optional[PruningMethod] = None,
@@ -509,17 +512,29 @@ class PrunableDecoderRunner(nn.Module):
         packed = self.packed_weights
         if packed is None:
             packed = (not self.input_major_weights and self.hidden_size >= _PACKED_MIN_WIDTH
-                      and cpu_vendor() != 'GenuineIntel')
+                      and cpu_vendor() != 'GenuineIntel' and self._copies_fit_memory())
         if packed and _packable(weight):
             return 'packed'
         if self.input_major_weights:
             return 'input_major'
         mkl_packed = self.mkl_packed_weights
         if mkl_packed is None:
-            mkl_packed = self.hidden_size >= _PACKED_MIN_WIDTH
+            mkl_packed = self.hidden_size >= _PACKED_MIN_WIDTH and self._copies_fit_memory()
         if mkl_packed and _mkl_packable(weight):
             return 'mkl_packed'
         return None
+
+    def _copies_fit_memory(self) -> bool:
+        """Whether one more copy of the decoder's linear weights fits the memory share the default copies may take.
+
+        Decided once per runner (the copies are not rebuilt as free memory changes); True where memory is unknown.
+        """
+        if self._copies_fit is None:
+            available = available_memory_bytes()
+            needed = sum(module.weight.numel() * module.weight.element_size()
+                         for module in self.decoder.layers.modules() if isinstance(module, nn.Linear))
+            self._copies_fit = available is None or needed <= _COPY_MEMORY_SHARE * available
+        return self._copies_fit
 
     @staticmethod
     def _block(layer: nn.Module, hidden: torch.Tensor, rope: '_Rotary', mask: Optional[torch.Tensor], causal: bool,
@@ -777,6 +792,9 @@ def _compiled_layer():
 # typical pruned sequence), and the narrowest decoder that packs them by default (no gain measured at 128 wide)
 _PACKED_FOR_TOKENS = 128
 _PACKED_MIN_WIDTH = 256
+# by default, oneDNN's or MKL's packed copies only while one more copy of the decoder's linear weights takes at most
+# this share of the memory available when a runner first decides (a 7B decoder in fp32 on a CPU: 26 GB more)
+_COPY_MEMORY_SHARE = 0.25
 
 
 def cpu_vendor() -> str:
