@@ -146,7 +146,7 @@ class PrunableDecoderRunner(nn.Module):
         packed copy only where it gives the plain product's numbers bit for bit, checked on a random input per
         token count below 64 tokens and once per weight shape for all larger counts (MKL sums the down
         projection of a 1376-wide MLP in another order, so that one keeps the plain product). On a 2-core Intel
-        Xeon it took 5-8% off pruned passes of a 256-wide decoder and 3-11% off those of a 512-wide one, nothing
+        Xeon it took 3-8% off pruned passes of a 256-wide decoder and 3-11% off those of a 512-wide one, nothing
         at 128 wide (``docs/benchmarks.md``). Costs one more copy of the decoder's linear weights in resident
         memory (MKL reserves about 8 MB more address space per weight, left untouched). None (default): on where
         the decoder is at least 256 wide, this torch build has MKL's packed product, no other copy
