@@ -526,11 +526,6 @@ PRODUCTS = {'packed': 'from oneDNN prepacked weights', 'mkl_packed': "from MKL's
             'input_major': 'by BLAS (MKL) from input-major weights'}
 
 
-def copies_of(shape: dict) -> Optional[str]:
-    """A shape's weight copies, also from outputs that recorded only whether oneDNN's were used."""
-    return shape.get('weight_copies', 'packed' if shape.get('packed_weights') else None)
-
-
 def _ms(row: dict, phase: str) -> str:
     median = row.get(f'{phase}_ms', float('nan'))
     if median != median:
@@ -570,7 +565,7 @@ def markdown(meta: dict, shapes: list[dict], rows: list[dict]) -> str:
                   f"{shape['mlp']}); ViTs {shape['vision_widths']} wide x {shape['vision_depths']} blocks; "
                   f"{shape['images']} image(s) x {shape['patches_per_image']} patches; "
                   f"{shape['parameters_m']:.0f} M parameters"
-                  '; executor products ' + PRODUCTS.get(copies_of(shape), 'by BLAS (MKL)') + '.', '',
+                  '; executor products ' + PRODUCTS.get(shape.get('weight_copies'), 'by BLAS (MKL)') + '.', '',
                   '| method | total | vision | decoder (prefill + decode) | selection (/ decoder) | head | speedup '
                   '(95% CI) | vs transformers | decoder ideal | measured / ideal | total ideal | kept visual / layer |',
                   '|---|---|---|---|---|---|---|---|---|---|---|---|']

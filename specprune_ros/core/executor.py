@@ -509,19 +509,22 @@ class PrunableDecoderRunner(nn.Module):
 
     def _copy_kind(self, weight: torch.Tensor) -> Optional[str]:
         """Which extra weight copies the fused projections hold: 'packed', 'mkl_packed', 'input_major' or None."""
-        packed = self.packed_weights
-        if packed is None:
-            packed = (not self.input_major_weights and self.hidden_size >= _PACKED_MIN_WIDTH
-                      and cpu_vendor() != 'GenuineIntel' and self._copies_fit_memory())
-        if packed and _packable(weight):
-            return 'packed'
+        # the defaults are weighed (processor, free memory) only for weights a copy applies to
+        if _packable(weight):
+            packed = self.packed_weights
+            if packed is None:
+                packed = (not self.input_major_weights and self.hidden_size >= _PACKED_MIN_WIDTH
+                          and cpu_vendor() != 'GenuineIntel' and self._copies_fit_memory())
+            if packed:
+                return 'packed'
         if self.input_major_weights:
             return 'input_major'
-        mkl_packed = self.mkl_packed_weights
-        if mkl_packed is None:
-            mkl_packed = self.hidden_size >= _PACKED_MIN_WIDTH and self._copies_fit_memory()
-        if mkl_packed and _mkl_packable(weight):
-            return 'mkl_packed'
+        if _mkl_packable(weight):
+            mkl_packed = self.mkl_packed_weights
+            if mkl_packed is None:
+                mkl_packed = self.hidden_size >= _PACKED_MIN_WIDTH and self._copies_fit_memory()
+            if mkl_packed:
+                return 'mkl_packed'
         return None
 
     def _copies_fit_memory(self) -> bool:
