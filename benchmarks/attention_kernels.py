@@ -1,8 +1,9 @@
 """CPU attention at the token counts pruning leaves: SDPA's fused kernel against two matrix products.
 
-The executor runs every layer's attention with ``F.scaled_dot_product_attention`` (fused, no probabilities kept)
-and computes probabilities only for the rows a method reads. This script times, per token count (queries = keys,
-bidirectional, no mask), SDPA's fused CPU kernel against attention as two products with a softmax between them
+The executor computes probabilities only for the rows a method reads; every layer's output comes from fused SDPA
+or, where this script measured them faster on the CPU, from two products (the rule in
+``specprune_ros/core/attention_kernels.py``). It times, per token count (queries = keys, bidirectional, no mask),
+SDPA's fused CPU kernel against attention as two products with a softmax between them
 (``softmax(q k^T * scale) v``), interleaved, medians over rounds, and the largest difference of their outputs:
 
     python benchmarks/attention_kernels.py --heads 4 --head-dim 64 --threads 2
@@ -24,13 +25,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from specprune_ros.command_line import HelpFormatter  # noqa: E402
+from specprune_ros.core.attention_kernels import two_product_attention as two_products  # noqa: E402
 
 KERNELS = ('sdpa', 'products')
-
-
-def two_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention as a product, a softmax and a product (what an eager attention computes)."""
-    return torch.matmul(torch.matmul(q, k.transpose(-1, -2)).mul_(scale).softmax(dim=-1), v)
 
 
 def per_call_us(call: Callable[[], torch.Tensor], calls: int) -> float:

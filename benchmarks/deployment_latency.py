@@ -231,6 +231,7 @@ class Runner:
     num_tokens: int = 0
     probe_keys: list[set] = field(default_factory=list)
     backends: Optional[list[str]] = None
+    kernels: list[set] = field(default_factory=list)
     reused: int = 0
     inputs: Any = field(default_factory=hashlib.sha256)
     frames: Any = field(default_factory=hashlib.sha256)
@@ -296,19 +297,21 @@ class Runner:
             keys = [set(record.attention.get(layer, {})) for layer in range(layers)]
             self.probe_keys = keys if not self.probe_keys else [a | b for a, b in zip(self.probe_keys, keys)]
             self.reused = max(self.reused, 0 if record.reused is None else len(record.reused))
-            backends = record.info.get('attention_backends')
-            if backends is not None:
-                self.backends = list(backends)
+            if record.attention_kernels:
+                kernels = [{kernel} for kernel in record.attention_kernels]
+                self.kernels = kernels if not self.kernels else [a | b for a, b in zip(self.kernels, kernels)]
         for phase, value in values.items():
             self.samples[phase].append(value)
 
     def layer_backends(self) -> list[str]:
-        """Per layer: fused SDPA, plus the attention rows a method read there (computed beside it)."""
+        """Per layer: the kernels of the attention output (fused SDPA, two products or 'sdpa/products' where the
+        token count chose either), plus the attention rows a method read there (computed beside it)."""
         if self.backends is not None:
             return self.backends
         out = []
-        for keys in self.probe_keys:
-            path = 'sdpa' + (' + probe(' + ','.join(sorted(keys)) + ')' if keys else '')
+        kernels = self.kernels or [{'sdpa'}] * len(self.probe_keys)
+        for keys, kernel in zip(self.probe_keys, kernels):
+            path = '/'.join(sorted(kernel, reverse=True)) + (' + probe(' + ','.join(sorted(keys)) + ')' if keys else '')
             out.append(path + (' + reused K/V' if self.reused else ''))
         return out
 
@@ -385,12 +388,15 @@ def fit_proprio(proprio: np.ndarray, dim: int) -> np.ndarray:
 
 def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, device: str, dtype: str, warmup: int,
                   seed: int = 0, reference: bool = True, unnorm_key: Optional[str] = None,
-                  log: Callable[[str], None] = print, weight_copies: str = 'auto') -> tuple[list, dict]:
+                  log: Callable[[str], None] = print, weight_copies: str = 'auto',
+                  attention_kernel: str = 'auto') -> tuple[list, dict]:
     started = time.perf_counter()
     adapter, label = build_target(target, device, dtype, seed, unnorm_key)
     if weight_copies != 'auto':        # 'onednn', 'mkl' or 'none'
         adapter.runner.packed_weights = weight_copies == 'onednn'
         adapter.runner.mkl_packed_weights = weight_copies == 'mkl'
+    if attention_kernel != 'auto':     # 'sdpa' or 'products'
+        adapter.runner.attention_kernel = attention_kernel
     build_s = time.perf_counter() - started
     is_reference_vla = isinstance(adapter, ReferenceVLA)
     module = adapter if is_reference_vla else adapter.model
@@ -675,6 +681,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         help="the executor's products from oneDNN's prepacked weights, MKL's packed ones or the plain "
                              "BLAS product (CPU, fp32; every method and the unpruned executor alike, not "
                              "transformers' own forward): 'auto' = the executor's default for this processor")
+    parser.add_argument('--attention-kernel', choices=('auto', 'sdpa', 'products'), default='auto',
+                        help="what computes the executor's attention outputs in unmasked layers: fused SDPA, two "
+                             "products, or 'auto' = the executor's rule (two products on the CPU at 96-191 tokens "
+                             "with 64-dimensional heads or more and two threads or more)")
     parser.add_argument('--append', action='store_true',
                         help='keep the shapes of an existing output of the same name (re-measured shapes replaced)')
     args = parser.parse_args(argv)
@@ -722,7 +732,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for shape in shapes:          # the outputs are rewritten after every shape (a long run keeps what it measured)
         shape_rows, info = measure_shape(shape, frames, methods, args.device, args.dtype, args.warmup, args.seed,
                                          reference=not args.no_reference, unnorm_key=args.unnorm_key,
-                                         weight_copies=args.weight_copies)
+                                         weight_copies=args.weight_copies, attention_kernel=args.attention_kernel)
         rows += shape_rows
         infos.append(info)
         if torch.cuda.is_available():

@@ -1,0 +1,46 @@
+"""Which kernel computes a layer's attention output: SDPA's fused kernel, or two matrix products on the CPU.
+
+SDPA's fused CPU kernel (torch 2.13) cuts the queries into blocks of 32 rows below 192 queries and of 64 rows from
+192 on. With two or more threads and head dimensions of 64 or more, its 32-row blocks run 1.3-2x slower than
+attention as two products with a softmax between them (``softmax(q k^T * scale) v``) at 96-191 queries, the
+token counts a pruned 256- or 512-wide decoder runs; at 192 queries and more, at head dimension 32, or on one
+thread, the fused kernel is as fast or faster (``benchmarks/attention_kernels.py``, docs/benchmarks.md). The two
+products give the fused kernel's output up to rounding in the last bits (about 1e-6).
+
+:func:`use_two_products` is the executor's rule; ``PrunableDecoderRunner(attention_kernel=...)`` forces either.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+
+AttentionKernel = Literal['sdpa', 'products']
+
+# the query counts at which the fused CPU kernel works in 32-row blocks and the two products measured faster
+PRODUCTS_MIN_QUERIES = 96
+PRODUCTS_MAX_QUERIES = 191
+PRODUCTS_MIN_HEAD_DIM = 64
+PRODUCTS_MIN_THREADS = 2
+
+
+def use_two_products(num_queries: int, num_keys: int, head_dim: int, like: torch.Tensor, masked: bool,
+                     grouped: bool, choice: Optional[AttentionKernel] = None) -> bool:
+    """Whether a layer's attention output comes from :func:`two_product_attention` rather than fused SDPA.
+
+    ``choice`` 'sdpa' / 'products' forces the kernel (products only where they apply: no mask, every query head
+    with its own key head); None applies the rule above: on the CPU, in fp32, with at least two threads, at least
+    64-dimensional heads and 96-191 queries attending to as many keys.
+    """
+    if masked or grouped or choice == 'sdpa':
+        return False
+    if choice == 'products':
+        return True
+    return (like.device.type == 'cpu' and like.dtype == torch.float32
+            and torch.get_num_threads() >= PRODUCTS_MIN_THREADS and head_dim >= PRODUCTS_MIN_HEAD_DIM
+            and num_keys == num_queries and PRODUCTS_MIN_QUERIES <= num_queries <= PRODUCTS_MAX_QUERIES)
+
+
+def two_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Unmasked attention as a product, a softmax and a product: (..., n_q, d) queries -> (..., n_q, d_v)."""
+    return torch.matmul(torch.matmul(q, k.transpose(-1, -2)).mul_(scale).softmax(dim=-1), v)

@@ -1,0 +1,103 @@
+"""The executor's attention kernel: fused SDPA, or two products where they measured faster on the CPU."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaModel
+
+from specprune_ros.core.attention_kernels import use_two_products
+from specprune_ros.core.executor import PrunableDecoderRunner
+from specprune_ros.core.fixed_plan import FixedKeepSchedule
+from specprune_ros.core.token_layout import TokenLayout
+
+PATCHES = 64
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def decoder(head_dim: int = 64, kv_heads: int = 2) -> LlamaModel:
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=2 * head_dim, intermediate_size=4 * head_dim, num_hidden_layers=4,
+                         num_attention_heads=2, num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=8,
+                         max_position_embeddings=512)
+    config._attn_implementation = 'sdpa'
+    return LlamaModel(config).eval()
+
+
+def layout(causal: bool) -> TokenLayout:
+    # [2 cameras x 64 patches][12 text][1 proprio][27 action]: 168 tokens
+    visual = 2 * PATCHES
+    return TokenLayout(num_tokens=visual + 40, camera_spans=((0, PATCHES), (PATCHES, visual)), grid_shape=(8, 8),
+                       text_span=(visual, visual + 12), proprio_span=(visual + 12, visual + 13),
+                       action_span=(visual + 13, visual + 40), causal=causal)
+
+
+def run(runner: PrunableDecoderRunner, causal: bool):
+    # every token through layer 0 (168), 80 patches after it (120 tokens), 40 after layer 2 (80 tokens)
+    plan = FixedKeepSchedule(keep_after={0: torch.cat([torch.arange(0, 40), torch.arange(PATCHES, PATCHES + 40)]),
+                                         2: torch.cat([torch.arange(0, 20), torch.arange(PATCHES, PATCHES + 20)])})
+    x = torch.randn(1, layout(causal).num_tokens, generator=torch.Generator().manual_seed(1)).unsqueeze(-1)
+    x = x.expand(-1, -1, runner.hidden_size).contiguous() * torch.linspace(-1, 1, runner.hidden_size)
+    with torch.inference_mode():
+        return runner(x, layout(causal), plan)
+
+
+@pytest.mark.parametrize('queries, head_dim, threads, masked, grouped, dtype, choice, expected', [
+    (144, 64, 2, False, False, torch.float32, None, True),
+    (96, 128, 4, False, False, torch.float32, None, True),
+    (191, 64, 2, False, False, torch.float32, None, True),
+    (95, 64, 2, False, False, torch.float32, None, False),       # the fused kernel is faster below
+    (192, 64, 2, False, False, torch.float32, None, False),      # 64-row query blocks from 192 on
+    (144, 32, 2, False, False, torch.float32, None, False),      # small heads: fused faster
+    (144, 64, 1, False, False, torch.float32, None, False),      # one thread: fused faster
+    (144, 64, 2, True, False, torch.float32, None, False),       # masked (causal) layers keep SDPA
+    (144, 64, 2, False, True, torch.float32, None, False),       # grouped key heads keep SDPA
+    (144, 64, 2, False, False, torch.bfloat16, None, False),     # measured in fp32 only
+    (144, 64, 2, False, False, torch.float32, 'sdpa', False),
+    (40, 32, 1, False, False, torch.bfloat16, 'products', True),
+    (40, 32, 1, True, False, torch.float32, 'products', False),
+])
+def test_the_rule_picks_two_products_only_where_they_measured_faster(queries, head_dim, threads, masked, grouped,
+                                                                     dtype, choice, expected):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        like = torch.zeros(1, dtype=dtype)
+        assert use_two_products(queries, queries, head_dim, like, masked, grouped, choice) is expected
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_keys_beyond_the_queries_keep_sdpa_by_default(two_threads):
+    like = torch.zeros(1)
+    assert not use_two_products(144, 200, 64, like, False, False)      # reused keys: another shape than measured
+
+
+def test_two_products_in_the_layers_where_the_rule_applies_with_the_fused_kernels_numbers(two_threads):
+    model = decoder()
+    auto = run(PrunableDecoderRunner(model), causal=False)
+    fused = run(PrunableDecoderRunner(model, attention_kernel='sdpa'), causal=False)
+    # 168 tokens through layer 0, 120 through layers 1-2, 80 through layer 3
+    assert auto.record.attention_kernels == ['products', 'products', 'products', 'sdpa']
+    assert fused.record.attention_kernels == ['sdpa'] * 4
+    assert torch.equal(auto.kept, fused.kept)
+    torch.testing.assert_close(auto.hidden, fused.hidden, rtol=1e-5, atol=1e-5)
+    forced = run(PrunableDecoderRunner(model, attention_kernel='products'), causal=False)
+    assert forced.record.attention_kernels == ['products'] * 4
+    torch.testing.assert_close(forced.hidden, fused.hidden, rtol=1e-5, atol=1e-5)
+
+
+def test_masked_and_grouped_layers_always_run_sdpa(two_threads):
+    causal = run(PrunableDecoderRunner(decoder(), attention_kernel='products'), causal=True)
+    assert causal.record.attention_kernels == ['sdpa'] * 4
+    grouped = run(PrunableDecoderRunner(decoder(kv_heads=1), attention_kernel='products'), causal=False)
+    assert grouped.record.attention_kernels == ['sdpa'] * 4
+
+
+def test_an_unknown_kernel_is_refused():
+    with pytest.raises(ValueError, match='attention_kernel'):
+        PrunableDecoderRunner(decoder(), attention_kernel='flash')
