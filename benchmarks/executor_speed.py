@@ -8,8 +8,11 @@ per camera; the plain transformers forward of the same weights is timed alongsid
 with the fused ones; ``--compile`` likewise with compiled layers (``compile_layers=True``, kept counts padded to
 ``--bucket``; the compilations happen in the warm-up rounds); ``--input-major`` likewise with every layer weight held
 input-major (``input_major_weights=True``); ``--packed`` likewise with oneDNN's prepacked weights
-(``packed_weights=True``); ``--mkl-packed`` likewise with MKL's packed weights (``mkl_packed_weights=True``); the first
-runner uses the plain BLAS product (``packed_weights=False, mkl_packed_weights=False``). Wall-clock time by
+(``packed_weights=True``); ``--mkl-packed`` likewise with MKL's packed weights (``mkl_packed_weights=True``);
+``--two-products`` likewise with the executor's attention rule (two products instead of fused SDPA at 96-191 tokens
+on the CPU, ``attention_kernel=None``); ``--defaults`` likewise with every executor default. The first runner uses
+the plain BLAS product and fused SDPA in every layer (``packed_weights=False, mkl_packed_weights=False,
+attention_kernel='sdpa'``); the others keep SDPA everywhere unless named otherwise. Wall-clock time by
 default; ``--clock cpu`` measures the process's CPU time instead (steadier on a shared machine, but it hides how
 well the threads are used).
 ``--head-dim 128 --mlp-ratio 2.6875`` gives the published Llama-2 proportions (OpenVLA / OpenVLA-OFT).
@@ -64,6 +67,11 @@ def main() -> None:
                         help="also time the layers with oneDNN's prepacked weights, interleaved")
     parser.add_argument('--mkl-packed', action='store_true',
                         help="also time the layers with MKL's packed weights, interleaved")
+    parser.add_argument('--two-products', action='store_true',
+                        help="also time the layers with the executor's attention rule (two products at 96-191 "
+                             "tokens on the CPU), interleaved")
+    parser.add_argument('--defaults', action='store_true',
+                        help="also time the executor with every default (weight copies, attention rule), interleaved")
     parser.add_argument('--bucket', type=int, default=32, help='token-count bucket of the compiled layers')
     parser.add_argument('--head-dim', type=int, default=64, help='attention head dimension')
     parser.add_argument('--layout', choices=('oft', 'reference'), default='oft',
@@ -84,17 +92,22 @@ def main() -> None:
                          max_position_embeddings=1024)
     config._attn_implementation = 'sdpa'
     decoder = LlamaModel(config).eval()
-    runners = {'': PrunableDecoderRunner(decoder, packed_weights=False, mkl_packed_weights=False)}
+    sdpa = dict(attention_kernel='sdpa')
+    runners = {'': PrunableDecoderRunner(decoder, packed_weights=False, mkl_packed_weights=False, **sdpa)}
     if args.unfused:
-        runners[' unfused'] = PrunableDecoderRunner(decoder, fuse_projections=False)
+        runners[' unfused'] = PrunableDecoderRunner(decoder, fuse_projections=False, **sdpa)
     if args.compile:
-        runners[' compiled'] = PrunableDecoderRunner(decoder, compile_layers=True, bucket=args.bucket)
+        runners[' compiled'] = PrunableDecoderRunner(decoder, compile_layers=True, bucket=args.bucket, **sdpa)
     if args.input_major:
-        runners[' input-major'] = PrunableDecoderRunner(decoder, input_major_weights=True)
+        runners[' input-major'] = PrunableDecoderRunner(decoder, input_major_weights=True, **sdpa)
     if args.packed:
-        runners[' packed'] = PrunableDecoderRunner(decoder, packed_weights=True)
+        runners[' packed'] = PrunableDecoderRunner(decoder, packed_weights=True, **sdpa)
     if args.mkl_packed:
-        runners[' mkl-packed'] = PrunableDecoderRunner(decoder, packed_weights=False, mkl_packed_weights=True)
+        runners[' mkl-packed'] = PrunableDecoderRunner(decoder, packed_weights=False, mkl_packed_weights=True, **sdpa)
+    if args.two_products:
+        runners[' two-products'] = PrunableDecoderRunner(decoder, packed_weights=False, mkl_packed_weights=False)
+    if args.defaults:
+        runners[' defaults'] = PrunableDecoderRunner(decoder)
     layout = oft_layout() if args.layout == 'oft' else oft_layout(patches=144, prompt=12, actions=56)
     x = torch.randn(1, layout.num_tokens, args.hidden)
     generator = torch.Generator().manual_seed(0)
@@ -129,7 +142,7 @@ def main() -> None:
                       f'({statistics.median(times["1" + name]) / reference:.2f}x its time)' for name in runners))
     for suffix in runners:
         base = statistics.median(times['1' + suffix])
-        print(f'\nprojections: {suffix.strip() or "fused"}')
+        print(f'\nprojections: {suffix.strip() or "fused (plain BLAS product, SDPA)"}')
         print('| visual kept | tokens | median ms (p10-p90) | measured speedup | FLOPs-ideal speedup '
               '| measured / ideal | time / fused |')
         print('|---|---|---|---|---|---|---|')
@@ -143,7 +156,7 @@ def main() -> None:
             kept = layout.num_tokens - layout.num_visual + (layout.num_visual if budget >= 1 else
                                                             len(plans[budget].keep_before))
             spread = f'{deciles[0] * 1e3:.0f}-{deciles[-1] * 1e3:.0f}'
-            # against the first runner (fused projections, plain BLAS product) at the same budget
+            # against the first runner (fused projections, plain BLAS product, SDPA) at the same budget
             relative = median / statistics.median(times[key])
             print(f'| {budget * 100:.1f}% | {kept} | {median * 1e3:.1f} ({spread}) | {measured:.2f}x | {ideal:.2f}x | '
                   f'{measured / ideal:.2f} | {relative:.2f} |')

@@ -72,9 +72,9 @@ def test_the_rule_picks_two_products_only_where_they_measured_faster(queries, he
         torch.set_num_threads(before)
 
 
-def test_keys_beyond_the_queries_keep_sdpa_by_default(two_threads):
-    like = torch.zeros(1)
-    assert not use_two_products(144, 200, 64, like, False, False)      # reused keys: another shape than measured
+def test_keys_beyond_the_queries_and_accelerators_keep_sdpa_by_default(two_threads):
+    assert not use_two_products(144, 200, 64, torch.zeros(1), False, False)   # reused keys: a shape not measured
+    assert not use_two_products(144, 144, 64, torch.zeros(1, device='meta'), False, False)   # not the CPU
 
 
 def test_two_products_in_the_layers_where_the_rule_applies_with_the_fused_kernels_numbers(two_threads):
