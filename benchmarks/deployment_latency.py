@@ -304,8 +304,10 @@ class Runner:
             self.samples[phase].append(value)
 
     def layer_backends(self) -> list[str]:
-        """Per layer: the kernels of the attention output (fused SDPA, two products or 'sdpa/products' where the
-        token count chose either), plus the attention rows a method read there (computed beside it)."""
+        """Per layer: the attention output's kernels and the attention rows a method read there.
+
+        Kernels: fused SDPA, two products, or 'sdpa/products' where the token count chose either in different steps.
+        """
         if self.backends is not None:
             return self.backends
         out = []
