@@ -2,7 +2,9 @@
 # One prepared GPU check (under 8 minutes on one H200, nothing downloaded):
 #   1. the CUDA no-sync test(s) (test modules that call torch.cuda.set_sync_debug_mode), if present;
 #   2. the deployment-latency harness at the OpenVLA-OFT and OpenVLA 7B shapes in bf16 (random weights built in
-#      memory), every method interleaved with transformers' own SDPA forward.
+#      memory), every method interleaved with transformers' own SDPA forward;
+#   3. on that machine's CPU, SDPA's fused kernel against two products at 4, 8 and 16 threads (about 30 s): the
+#      executor's CPU attention rule was measured at two threads only.
 # Results go to $OUT/gpu_benchmark if OUT is set, else outputs/gpu_benchmark (JSON, markdown table, plot, logs).
 # Fails at once, with the reason, when CUDA is absent. GPU_BENCHMARK_ALLOW_CPU=1 runs the same steps on the CPU at
 # a tiny shape instead (to check the script itself on a machine without a GPU).
@@ -28,10 +30,12 @@ if [ "${GPU_BENCHMARK_ALLOW_CPU:-0}" = "1" ]; then
     DEVICE=cpu
     HARNESS_ARGS=(--shape oft openvla --width 64 --layers 4 --steps 2 --warmup 1 --stride 1 --threads 2)
     HARNESS_TIMEOUT=1800
+    KERNEL_THREADS=(2)
 else
     DEVICE=cuda
     HARNESS_ARGS=(--shape oft-7b openvla-7b --dtype bfloat16 --steps 30 --warmup 3 --stride 1)
-    HARNESS_TIMEOUT=330        # with the tests' 90 s: under 8 minutes in all
+    HARNESS_TIMEOUT=330        # with the tests' 90 s and the kernel sweep's 60 s: under 8 minutes in all
+    KERNEL_THREADS=(4 8 16)
 fi
 
 # -- fail fast without CUDA -------------------------------------------------------------------------------------
@@ -85,4 +89,10 @@ fi
 timeout "$HARNESS_TIMEOUT" "$PY" benchmarks/deployment_latency.py "${HARNESS_ARGS[@]}" "${FRAME_ARGS[@]}" \
     --device "$DEVICE" --out "$OUT_DIR" \
     2>&1 | tee "$OUT_DIR/deployment_latency.log"
+# -- 3. the CPU attention kernels at more threads ---------------------------------------------------------------
+for threads in "${KERNEL_THREADS[@]}"; do
+    timeout 20 "$PY" benchmarks/attention_kernels.py --heads 4 --head-dim 64 --tokens 64 96 144 176 192 256 \
+        --rounds 3 --calls 10 --threads "$threads" 2>&1 | tee "$OUT_DIR/attention_kernels_${threads}_threads.md" || \
+        echo "gpu_benchmark: the kernel sweep at $threads threads did not finish" >&2
+done
 echo "gpu_benchmark: done in $(( $(date +%s) - started )) s; results in $OUT_DIR"
