@@ -126,6 +126,7 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
         self._action: Optional[torch.Tensor] = None
         self._budget = 0
         self._refine = False
+        self._refined: Optional[torch.Tensor] = None     # this step's smoothed semantic score, if the refine made it
 
     def keep_fraction(self, mode: str, early: bool = False) -> float:
         """The fraction of each camera kept in controller mode ``mode`` (after the budget knob).
@@ -156,6 +157,7 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
         history = self._semantic is not None or self._action is not None
         early = budget_count(self.keep_fraction(mode, early=True), patches) if history and not warming else patches
         self._refine = self._budget < early
+        self._refined = None
         items = [(self.refine_layer(), cfg.semantic_rows, 'cr_semantic')]
         if cfg.use_action:
             items.append((self.layer(cfg.action_layer), 'action', 'cr_action'))
@@ -178,7 +180,7 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
             self.last_info['error'] = 'refine-layer attention missing'
             return None
         ranks, seen = observed_ranks(dense, layout)
-        semantic = self._smoothed(self._semantic, ranks, seen)
+        semantic = self._refined = self._smoothed(self._semantic, ranks, seen)   # the end of the step reuses it
         score = semantic if self._action is None else torch.maximum(semantic, self._action)
         score = score + self._noise(layout, dense.device)
         # patches that did not run through the layer cannot be kept: they rank below every present one
@@ -188,7 +190,10 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
     def _end(self, record: StepRecord) -> None:
         cfg = self.config
         layout = record.layout
-        self._semantic = self._update(self._semantic, record, self.refine_layer(), 'cr_semantic', layout)
+        # the refine scored this step's semantic probe already (the record holds the same probe)
+        self._semantic = self._refined if self._refined is not None else \
+            self._update(self._semantic, record, self.refine_layer(), 'cr_semantic', layout)
+        self._refined = None
         if cfg.use_action:
             self._action = self._update(self._action, record, self.layer(cfg.action_layer), 'cr_action', layout)
 
