@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaModel
 
-from specprune_ros.core.attention_kernels import use_two_products
+from specprune_ros.core.attention_kernels import two_product_attention, use_two_products
 from specprune_ros.core.executor import PrunableDecoderRunner
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
 from specprune_ros.core.token_layout import TokenLayout
@@ -101,3 +101,12 @@ def test_masked_and_grouped_layers_always_run_sdpa(two_threads):
 def test_an_unknown_kernel_is_refused():
     with pytest.raises(ValueError, match='attention_kernel'):
         PrunableDecoderRunner(decoder(), attention_kernel='flash')
+
+
+def test_forced_products_in_bfloat16_stay_close_to_sdpa():
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 1, 2, 40, 64, generator=generator).to(torch.bfloat16).unbind(0)
+    out = two_product_attention(q, k, v, 64 ** -0.5)
+    reference = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=64 ** -0.5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2)

@@ -42,5 +42,11 @@ def use_two_products(num_queries: int, num_keys: int, head_dim: int, like: torch
 
 
 def two_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Unmasked attention as a product, a softmax and a product: (..., n_q, d) queries -> (..., n_q, d_v)."""
-    return torch.matmul(torch.matmul(q, k.transpose(-1, -2)).mul_(scale).softmax(dim=-1), v)
+    """Unmasked attention as a product, a softmax and a product: (..., n_q, d) queries -> (..., n_q, d_v).
+
+    The softmax runs in fp32 for half-precision inputs (as SDPA's kernels accumulate it).
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    if scores.dtype in (torch.float16, torch.bfloat16):
+        return torch.matmul(scores.float().mul_(scale).softmax(dim=-1).to(v.dtype), v)
+    return torch.matmul(scores.mul_(scale).softmax(dim=-1), v)
