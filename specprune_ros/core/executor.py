@@ -162,7 +162,7 @@ class PrunableDecoderRunner(nn.Module):
         layers) and every query head has its own key head. None (default): fused SDPA, except on the CPU in fp32
         with at least two threads, at least 64-dimensional heads and 96-191 tokens, where attention as two products
         is 1.3-2x faster than SDPA's fused kernel (:mod:`specprune_ros.core.attention_kernels`; on a 2-core Intel
-        Xeon it took 6-11% off pruned passes of a 256-wide, 32-layer decoder). The two give the same outputs up to
+        Xeon it took 2-6% off passes at those token counts, ``docs/benchmarks.md``). The two give the same outputs up to
         rounding in the last bits. 'sdpa' / 'products' force one. Masked (causal) layers always run SDPA.
         """
         if input_major_weights and packed_weights:
