@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Optional
 
 import torch
 from transformers import LlamaConfig, LlamaModel
@@ -51,7 +52,7 @@ def even_keep(layout: TokenLayout, fraction: float, generator: torch.Generator) 
     return torch.cat(chosen).sort().values
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--hidden', type=int, default=512, help='decoder width')
     parser.add_argument('--layers', type=int, default=8, help='decoder layers')
@@ -80,7 +81,7 @@ def main() -> None:
     parser.add_argument('--mlp-ratio', type=float, default=4.0, help='MLP width / decoder width')
     parser.add_argument('--clock', choices=('wall', 'cpu'), default='wall',
                         help="'wall' time, or the process's 'cpu' time (steadier on a loaded machine, 1 thread)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     clock = time.perf_counter if args.clock == 'wall' else time.process_time
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
