@@ -1,7 +1,5 @@
 """Benchmark scripts' own logic: target options and the plot of the pruning benchmark."""
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -9,15 +7,13 @@ import pytest
 
 from specprune_ros.evaluation.statistics import wilson_interval
 
+from benchmark_scripts import load_benchmark_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location('pruning_closed_loop', ROOT / 'benchmarks' / 'pruning_closed_loop.py')
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module     # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script('pruning_closed_loop')
 
 
 def test_success_intervals_touching_0_and_100_percent_plot(tmp_path):

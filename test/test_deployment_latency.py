@@ -1,8 +1,5 @@
 """Published-shape builds (random weights in memory) and the deployment-latency harness (schema, same inputs)."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,16 +10,13 @@ from specprune_ros.adapters.openvla_oft import OpenVLAOFTAdapter
 from specprune_ros.adapters.published_shapes import IN_MEMORY, PublishedShape, build_published
 from specprune_ros.pruning import build_method
 
-HARNESS = Path(__file__).resolve().parents[1] / 'benchmarks' / 'deployment_latency.py'
+from benchmark_scripts import load_benchmark_script
+
 INSTRUCTION = 'put the blue cube on the red plate'
 
 
 def _harness():
-    spec = importlib.util.spec_from_file_location('deployment_latency', HARNESS)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module              # its dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script('deployment_latency')
 
 
 def _frames(count: int, seed: int = 0) -> list[np.ndarray]:

@@ -1,19 +1,13 @@
 """Smoke run of benchmarks/executor_speed.py at a tiny shape: every runner it compares is timed and reported."""
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'executor_speed.py'
+from benchmark_scripts import load_benchmark_script
 
 
 def test_executor_speed_reports_every_runner_against_the_plain_one(capsys):
-    spec = importlib.util.spec_from_file_location('executor_speed', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_benchmark_script('executor_speed')
     threads = torch.get_num_threads()
     try:
         module.main(['--hidden', '128', '--layers', '2', '--head-dim', '64', '--mlp-ratio', '2', '--steps', '2',

@@ -1,21 +1,14 @@
 """The Pareto benchmark: its budget grid, its front, and a small run end to end (simulator + latency harness)."""
-import importlib.util
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import matplotlib.image
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_scripts import load_benchmark_script
 
 
 def load_pareto():
-    spec = importlib.util.spec_from_file_location('pareto', ROOT / 'benchmarks' / 'pareto.py')
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script('pareto')
 
 
 def test_budget_grid_sweeps_keep_ratios_and_specprune_scales():

@@ -7,15 +7,13 @@ layers: VLA-Pruner reads its temporal attention at layer 15) through the simulat
 schema, that the peers' unpruned outputs agree with ours (the same model is timed on both sides) and that the
 pruned runs on both sides kept fewer visual tokens. Times are not asserted: speed lives in the benchmark.
 """
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_scripts import load_benchmark_script
+
 ROW_KEYS = {'comparison', 'label', 'side', 'pruned', 'median_ms', 'p10_ms', 'p90_ms', 'n', 'kept_visual_per_layer',
             'speedup_over_own_unpruned', 'speedup_ci95'}
 RATIO_KEYS = {'method', 'ours', 'theirs', 'ours_over_theirs', 'ours_over_theirs_ci95', 'ours_faster_by',
@@ -25,11 +23,7 @@ TINY = ['--width', '128', '--layers', '16', '--vision-scale', '0.05', '--steps',
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location('peer_latency', ROOT / 'benchmarks' / 'peer_latency.py')
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module     # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script('peer_latency')
 
 
 def peer_or_skip(variable: str) -> str:
