@@ -237,8 +237,7 @@ class PrunableDecoderRunner(nn.Module):
         for index, layer in enumerate(self.decoder.layers):
             kept_per_layer.append(tokens.kept)
             n_keys.append(tokens.num_keys)
-            products = tokens.padded is None and self._two_products(layer, tokens.mask is not None or tokens.causal,
-                                                                    len(tokens.kept), tokens.num_keys, hidden)
+            products = tokens.padded is None and self._two_products(layer, tokens, hidden)
             kernels.append('compiled' if tokens.padded is not None else 'products' if products else 'sdpa')
             hidden, summaries = self._run_layer(layer, index, hidden, tokens, requests.get(index, ()), plan.kv_store,
                                                 cache, probes, fusions[index], products)
@@ -429,12 +428,19 @@ class PrunableDecoderRunner(nn.Module):
 
     # -- one layer ---------------------------------------------------------------------------------------------
 
-    def _two_products(self, layer: nn.Module, masked: bool, num_queries: int, num_keys: int,
-                      like: torch.Tensor) -> bool:
-        """Whether ``layer``'s attention output comes from two products (``attention_kernel``) rather than SDPA."""
+    def _two_products(self, layer: nn.Module, tokens: '_KeptTokens', like: torch.Tensor) -> bool:
+        """Whether ``layer``'s attention output comes from two products (``attention_kernel``) rather than SDPA.
+
+        Decided once per kept set and kind of attention layer (every layer of a decoder is usually the same kind).
+        """
         attn = layer.self_attn
-        grouped = getattr(attn, 'num_key_value_groups', 1) > 1
-        return use_two_products(num_queries, num_keys, attn.head_dim, like, masked, grouped, self.attention_kernel)
+        key = (attn.head_dim, getattr(attn, 'num_key_value_groups', 1) > 1)   # a kept set lives within one pass
+        choice = tokens.kernels.get(key)
+        if choice is None:
+            choice = tokens.kernels[key] = use_two_products(
+                len(tokens.kept), tokens.num_keys, attn.head_dim, like, tokens.mask is not None or tokens.causal,
+                key[1], self.attention_kernel)
+        return choice
 
     def _run_layer(self, layer: nn.Module, index: int, hidden: torch.Tensor, tokens: '_KeptTokens',
                    requests: list[AttentionRequest] | tuple, store: Optional[KVStore],
@@ -673,6 +679,7 @@ class _KeptTokens:
         # compiled layers: the kept set padded to a multiple of ``bucket`` tokens (no reused keys then)
         self.padded = None if bucket is None else _Padded(rotary_emb, kept, layout.causal, like, bucket, tables)
         self._rows: dict[str, torch.Tensor] = {}
+        self.kernels: dict[tuple, bool] = {}     # attention as two products, per kind of layer (the runner decides)
 
     def query_rows(self, rows: str) -> torch.Tensor:
         """Positions (within the kept sequence) of the query rows named by ``rows`` (cached per kept set)."""
