@@ -10,7 +10,10 @@ with the fused ones; ``--compile`` likewise with compiled layers (``compile_laye
 input-major (``input_major_weights=True``); ``--packed`` likewise with oneDNN's prepacked weights
 (``packed_weights=True``); ``--mkl-packed`` likewise with MKL's packed weights (``mkl_packed_weights=True``);
 ``--two-products`` likewise with the executor's attention rule (two products instead of fused SDPA at 96-191 tokens
-on the CPU, ``attention_kernel=None``); ``--defaults`` likewise with every executor default. The first runner uses
+on the CPU, ``attention_kernel=None``); ``--defaults`` likewise with every executor default. ``--probe-layer K``
+prunes as VLA-Pruner does: every token through layers 0..K, the budget's tokens dropped after layer K, whose prefill
+rows' attention every plan asks for; it times the defaults with and without reading that probe off the layer's own
+probabilities (``share_probabilities``), interleaved. The first runner uses
 the plain BLAS product and fused SDPA in every layer (``packed_weights=False, mkl_packed_weights=False,
 attention_kernel='sdpa'``); the others keep SDPA everywhere unless named otherwise. Wall-clock time by
 default; ``--clock cpu`` measures the process's CPU time instead (steadier on a shared machine, but it hides how
@@ -32,6 +35,7 @@ from transformers import LlamaConfig, LlamaModel
 from specprune_ros.command_line import HelpFormatter
 from specprune_ros.core.executor import PrunableDecoderRunner
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
+from specprune_ros.core.step_types import AttentionRequest
 from specprune_ros.core.token_layout import TokenLayout
 
 
@@ -73,6 +77,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                              "tokens on the CPU), interleaved")
     parser.add_argument('--defaults', action='store_true',
                         help="also time the executor with every default (weight copies, attention rule), interleaved")
+    parser.add_argument('--probe-layer', type=int, default=None,
+                        help="drop the budget's tokens after this layer and probe its prefill rows (VLA-Pruner's "
+                             'pattern); times the defaults with and without shared probabilities')
     parser.add_argument('--bucket', type=int, default=32, help='token-count bucket of the compiled layers')
     parser.add_argument('--head-dim', type=int, default=64, help='attention head dimension')
     parser.add_argument('--layout', choices=('oft', 'reference'), default='oft',
@@ -107,13 +114,20 @@ def main(argv: Optional[list[str]] = None) -> None:
         runners[' mkl-packed'] = PrunableDecoderRunner(decoder, packed_weights=False, mkl_packed_weights=True, **sdpa)
     if args.two_products:
         runners[' two-products'] = PrunableDecoderRunner(decoder, packed_weights=False, mkl_packed_weights=False)
-    if args.defaults:
+    if args.defaults or args.probe_layer is not None:
         runners[' defaults'] = PrunableDecoderRunner(decoder)
+    if args.probe_layer is not None:
+        runners[' separate probe'] = PrunableDecoderRunner(decoder, share_probabilities=False)
     layout = oft_layout() if args.layout == 'oft' else oft_layout(patches=144, prompt=12, actions=56)
     x = torch.randn(1, layout.num_tokens, args.hidden)
     generator = torch.Generator().manual_seed(0)
-    plans = {b: FixedKeepSchedule(keep_before=None if b >= 1.0 else even_keep(layout, b, generator))
-             for b in args.budgets}
+    keeps = {b: None if b >= 1.0 else even_keep(layout, b, generator) for b in args.budgets}
+    if args.probe_layer is None:
+        plans = {b: FixedKeepSchedule(keep_before=keep) for b, keep in keeps.items()}
+    else:
+        probe = [AttentionRequest(args.probe_layer, 'prefill')]
+        plans = {b: FixedKeepSchedule(keep_after={} if keep is None else {args.probe_layer: keep}, attention=probe)
+                 for b, keep in keeps.items()}
     bidirectional = torch.ones(1, 1, layout.num_tokens, layout.num_tokens, dtype=torch.bool)
 
     times: dict[str, list[float]] = {f'{b:g}{r}': [] for b in args.budgets for r in runners}
@@ -155,7 +169,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             measured = base / median
             ideal = flops['1'] / flops[key]
             kept = layout.num_tokens - layout.num_visual + (layout.num_visual if budget >= 1 else
-                                                            len(plans[budget].keep_before))
+                                                            len(keeps[budget]))
             spread = f'{deciles[0] * 1e3:.0f}-{deciles[-1] * 1e3:.0f}'
             # against the first runner (fused projections, plain BLAS product, SDPA) at the same budget
             relative = median / statistics.median(times[key])

@@ -3,9 +3,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaModel
 
-from specprune_ros.core.attention_kernels import two_product_attention, use_two_products
+from specprune_ros.core.attention_kernels import share_probabilities, two_product_attention, use_two_products
 from specprune_ros.core.executor import PrunableDecoderRunner
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
+from specprune_ros.core.step_types import AttentionRequest
 from specprune_ros.core.token_layout import TokenLayout
 
 PATCHES = 64
@@ -36,10 +37,11 @@ def layout(causal: bool) -> TokenLayout:
                        action_span=(visual + 13, visual + 40), causal=causal)
 
 
-def run(runner: PrunableDecoderRunner, causal: bool):
+def run(runner: PrunableDecoderRunner, causal: bool, attention: tuple = ()):
     # every token through layer 0 (168), 80 patches after it (120 tokens), 40 after layer 2 (80 tokens)
     plan = FixedKeepSchedule(keep_after={0: torch.cat([torch.arange(0, 40), torch.arange(PATCHES, PATCHES + 40)]),
-                                         2: torch.cat([torch.arange(0, 20), torch.arange(PATCHES, PATCHES + 20)])})
+                                         2: torch.cat([torch.arange(0, 20), torch.arange(PATCHES, PATCHES + 20)])},
+                             attention=list(attention))
     x = torch.randn(1, layout(causal).num_tokens, generator=torch.Generator().manual_seed(1)).unsqueeze(-1)
     x = x.expand(-1, -1, runner.hidden_size).contiguous() * torch.linspace(-1, 1, runner.hidden_size)
     with torch.inference_mode():
@@ -110,3 +112,40 @@ def test_forced_products_in_bfloat16_stay_close_to_sdpa():
     reference = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=64 ** -0.5)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize('rows, queries, grouped, choice, expected', [
+    (141, 168, False, None, True),       # prefill rows: most of the layer
+    (126, 168, False, None, True),       # exactly three quarters
+    (125, 168, False, None, False),
+    (12, 168, False, None, False),       # instruction rows: the queued probe is cheaper
+    (141, 168, True, None, False),       # grouped key heads keep SDPA and the probe
+    (141, 168, False, 'sdpa', False),    # SDPA forced everywhere
+    (141, 168, False, 'products', True),
+])
+def test_a_probe_over_most_rows_reads_the_layers_own_probabilities(rows, queries, grouped, choice, expected):
+    assert share_probabilities(rows, queries, grouped, choice) is expected
+
+
+@pytest.mark.parametrize('causal', [False, True])
+def test_shared_probabilities_give_the_probes_and_outputs_of_sdpa_and_a_separate_probe(causal):
+    model = decoder()
+    asked = (AttentionRequest(0, 'prefill', 'semantic'), AttentionRequest(0, 'text', 'task'),
+             AttentionRequest(1, 'text', 'task'), AttentionRequest(2, 'prefill', 'semantic'),
+             AttentionRequest(3, 'prefill', 'semantic'))
+    shared = run(PrunableDecoderRunner(model), causal, asked)
+    apart = run(PrunableDecoderRunner(model, attention_kernel='sdpa'), causal, asked)
+    # prefill rows: 141 of 168 at layer 0 and 93 of 120 at layer 2, but 53 of 80 at layer 3; layer 1 is asked
+    # for 12 instruction rows only
+    assert [kernel == 'shared' for kernel in shared.record.attention_kernels] == [True, False, True, False]
+    assert apart.record.attention_kernels == ['sdpa'] * 4
+    assert torch.equal(shared.kept, apart.kept)
+    torch.testing.assert_close(shared.hidden, apart.hidden, rtol=1e-5, atol=1e-5)
+    for layer, summaries in apart.record.attention.items():
+        for key, (keys, weights) in summaries.items():
+            got_keys, got = shared.record.attention[layer][key]
+            assert torch.equal(got_keys, keys)
+            assert got.shape == weights.shape
+            torch.testing.assert_close(got, weights, rtol=1e-5, atol=1e-7)
+    # a probe sums to one over the keys (every row is a distribution)
+    assert float(shared.record.attention[0]['semantic'][1].sum()) == pytest.approx(1.0, abs=1e-5)

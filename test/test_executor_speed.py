@@ -20,3 +20,18 @@ def test_executor_speed_reports_every_runner_against_the_plain_one(capsys):
     rows = re.findall(r'^\| (100\.0|12\.5)% \| (\d+) \| [\d.]+ \(', out, flags=re.MULTILINE)
     assert len(rows) == 8                                   # two budgets per runner
     assert {tokens for budget, tokens in rows if budget == '12.5'} == {'141'}    # 64 of 512 patches + 77 others
+
+
+def test_executor_speed_times_the_shared_probe_against_a_separate_one(capsys):
+    module = load_benchmark_script('executor_speed')
+    threads = torch.get_num_threads()
+    try:
+        module.main(['--hidden', '128', '--layers', '3', '--head-dim', '64', '--mlp-ratio', '2', '--steps', '2',
+                     '--threads', '2', '--budgets', '1', '0.25', '--probe-layer', '1'])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    sections = re.findall(r'^projections: (.+)$', out, flags=re.MULTILINE)
+    assert sections == ['fused (plain BLAS product, SDPA)', 'defaults', 'separate probe']
+    rows = re.findall(r'^\| (100\.0|25\.0)% \| (\d+) \| [\d.]+ \(', out, flags=re.MULTILINE)
+    assert {tokens for budget, tokens in rows if budget == '25.0'} == {'205'}    # 128 of 512 patches after layer 1

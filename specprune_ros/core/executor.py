@@ -8,7 +8,8 @@ does the attention itself, so that it can
 * compute attention probabilities only for the query rows a method asked for, at the layers it asked for
   (softmax in fp32, scored when first read: the probes of all layers that share a kept set run as one batched
   product), while every layer's output comes from fused SDPA (on the CPU, from two products at the token counts
-  where those are faster: :mod:`specprune_ros.core.attention_kernels`);
+  where those are faster: :mod:`specprune_ros.core.attention_kernels`); a layer whose probes read most of its
+  rows runs as two products and answers them from its own probabilities (``share_probabilities``);
 * build what a kept set implies (RoPE tables, mask, probe rows) once per kept set, not once per layer, and run
   the query/key/value and gate/up projections as two fused products when no gradient is needed;
 * never wait for the device inside a step on an accelerator: sizes are known on the host and keep sets are
@@ -22,6 +23,7 @@ does the attention itself, so that it can
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -34,7 +36,8 @@ from torch import nn
 from transformers.activations import SiLUActivation
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from specprune_ros.core.attention_kernels import AttentionKernel, two_product_attention, use_two_products
+from specprune_ros.core.attention_kernels import (AttentionKernel, attention_with_summaries, share_probabilities,
+                                                  two_product_attention, use_two_products)
 from specprune_ros.core.cpu_info import available_memory_bytes, cpu_info
 from specprune_ros.core.flops import decoder_flops
 from specprune_ros.core.masks import attention_mask
@@ -101,8 +104,8 @@ class PrunableDecoderRunner(nn.Module):
     def __init__(self, decoder: nn.Module, fuse_projections: Optional[bool] = None,
                  validate_on_host: Optional[bool] = None, compile_layers: bool = False, bucket: int = 32,
                  input_major_weights: bool = False, packed_weights: Optional[bool] = None,
-                 mkl_packed_weights: Optional[bool] = None, attention_kernel: Optional[AttentionKernel] = None
-                 ) -> None:
+                 mkl_packed_weights: Optional[bool] = None, attention_kernel: Optional[AttentionKernel] = None,
+                 share_probabilities: bool = True) -> None:
         """``decoder``: a transformers ``LlamaModel``-like module with ``layers``, ``rotary_emb`` and ``norm``.
 
         ``fuse_projections``: without autograd, run each layer's query/key/value projections as one matrix
@@ -164,6 +167,12 @@ class PrunableDecoderRunner(nn.Module):
         is 1.3-2x faster than SDPA's fused kernel (:mod:`specprune_ros.core.attention_kernels`; on a 2-core Intel
         Xeon it took 2-6% off passes at those token counts, ``docs/benchmarks.md``). The two give the same outputs up to
         rounding in the last bits. 'sdpa' / 'products' force one. Masked (causal) layers always run SDPA.
+
+        ``share_probabilities``: where a method's attention probes read at least three quarters of a layer's query
+        rows (VLA-Pruner's prefill rows), that layer's attention runs as two products (masked where the layout is
+        causal) and the probes are read off its probabilities instead of computing most of them a second time
+        (the same probes and outputs up to rounding in the last bits; not with grouped key heads, nor when
+        ``attention_kernel`` is 'sdpa'). False: every probe computed apart from the layer's attention.
         """
         if input_major_weights and packed_weights:
             raise ValueError('input_major_weights and packed_weights are alternatives: choose one')
@@ -180,6 +189,7 @@ class PrunableDecoderRunner(nn.Module):
         self._fused: dict[int, _FusedProjections] = {}
         self._pass_fusions: Optional[tuple[tuple, list[Optional[_FusedProjections]]]] = None
         self.compile_layers = compile_layers
+        self.share_probabilities = share_probabilities
         self.bucket = max(1, int(bucket))
         self.input_major_weights = input_major_weights
         self._input_major = _ExactCopyChoice(_input_major_product)
@@ -237,10 +247,13 @@ class PrunableDecoderRunner(nn.Module):
         for index, layer in enumerate(self.decoder.layers):
             kept_per_layer.append(tokens.kept)
             n_keys.append(tokens.num_keys)
-            products = tokens.padded is None and self._two_products(layer, tokens, hidden)
-            kernels.append('compiled' if tokens.padded is not None else 'products' if products else 'sdpa')
-            hidden, summaries = self._run_layer(layer, index, hidden, tokens, requests.get(index, ()), plan.kv_store,
-                                                cache, probes, fusions[index], products)
+            asked = requests.get(index, ())
+            shared = tokens.padded is None and self._shares_probabilities(layer, tokens, asked)
+            products = tokens.padded is None and not shared and self._two_products(layer, tokens, hidden)
+            kernels.append('compiled' if tokens.padded is not None else 'shared' if shared
+                           else 'products' if products else 'sdpa')
+            hidden, summaries = self._run_layer(layer, index, hidden, tokens, asked, plan.kv_store,
+                                                cache, probes, fusions[index], products, shared)
             if summaries:
                 lazy[index] = (tokens.key_indices, summaries)
             if method is not None and index < self.num_layers - 1:
@@ -442,16 +455,26 @@ class PrunableDecoderRunner(nn.Module):
                 key[1], self.attention_kernel)
         return choice
 
+    def _shares_probabilities(self, layer: nn.Module, tokens: '_KeptTokens',
+                              requests: list[AttentionRequest] | tuple) -> bool:
+        """Whether ``layer``'s probes read most of its query rows, so that its own probabilities answer them."""
+        if not requests or not self.share_probabilities:
+            return False
+        rows = sum(len(tokens.query_rows(request.rows)) for request in requests)
+        grouped = getattr(layer.self_attn, 'num_key_value_groups', 1) > 1
+        return share_probabilities(min(rows, len(tokens.kept)), len(tokens.kept), grouped, self.attention_kernel)
+
     def _run_layer(self, layer: nn.Module, index: int, hidden: torch.Tensor, tokens: '_KeptTokens',
                    requests: list[AttentionRequest] | tuple, store: Optional[KVStore],
                    cache: Optional[DecoderCache], probes: '_ProbeBatch', fused: Optional['_FusedProjections'],
-                   products: bool = False) -> tuple[torch.Tensor, 'LazyAttention']:
+                   products: bool = False, shared: bool = False) -> tuple[torch.Tensor, 'LazyAttention']:
         """One decoder layer over the kept tokens (plus reused keys/values), with its ``fused`` projections.
 
         ``products``: the attention output from two products instead of fused SDPA (no mask applies then).
 
         The requested attention rows are queued in ``probes`` and scored when first read (every queued probe of the same
-        shape in one batch).
+        shape in one batch); with ``shared``, the layer's attention runs as two products and its probabilities answer
+        the requests at once.
         """
         def extend(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if store is not None and k.shape[0] == 1:
@@ -467,14 +490,20 @@ class PrunableDecoderRunner(nn.Module):
                 cache.positions.append(tokens.key_indices)
             return k, v
 
+        rows = [tokens.query_rows(request.rows) for request in requests] if shared else None
+        probed: list[torch.Tensor] = []
         if tokens.padded is not None:
             hidden, q, k = self._compiled_block(layer, hidden, tokens.padded, fused)
         else:
             hidden, q, k = self._block(layer, hidden, tokens.rope, tokens.mask, tokens.causal, extend, fused,
-                                       products)
+                                       products, rows, probed)
         summaries = LazyAttention(probes)
-        for request in requests:
-            summaries.add(request.key, q, k, tokens.query_rows(request.rows), tokens.mask, layer.self_attn.scaling)
+        for request, found in itertools.zip_longest(requests, probed):
+            if found is not None:
+                summaries.put(request.key, found)
+            else:
+                summaries.add(request.key, q, k, tokens.query_rows(request.rows), tokens.mask,
+                              layer.self_attn.scaling)
         return hidden, summaries
 
     def _compiles(self, plan: StepPlan, reused: Optional[torch.Tensor], return_cache: bool) -> bool:
@@ -580,11 +609,14 @@ class PrunableDecoderRunner(nn.Module):
 
     @staticmethod
     def _block(layer: nn.Module, hidden: torch.Tensor, rope: '_Rotary', mask: Optional[torch.Tensor], causal: bool,
-               extend_kv, fused: Optional['_FusedProjections'] = None, products: bool = False
+               extend_kv, fused: Optional['_FusedProjections'] = None, products: bool = False,
+               probe_rows: Optional[list[torch.Tensor]] = None, probed: Optional[list[torch.Tensor]] = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The decoder layer itself: norm, projections, RoPE, fused SDPA attention, output projection, MLP.
 
-        ``products``: attention as two products instead (unmasked; see ``attention_kernel``).
+        ``products``: attention as two products instead (unmasked; see ``attention_kernel``). ``probe_rows``:
+        attention as two products (masked where ``mask`` says), and the probabilities of each set of query rows,
+        averaged, appended to ``probed``.
 
         ``mask``: boolean SDPA mask or None; ``causal``: let SDPA apply a plain lower-triangular mask itself (queries
         and keys are the same tokens in the same order; ``mask`` is then ignored). ``extend_kv(k, v) -> (keys,
@@ -614,7 +646,10 @@ class PrunableDecoderRunner(nn.Module):
             v = qkv[:, :, heads + kv_heads:].transpose(1, 2)
         k, v = extend_kv(k, v)
         groups = q.shape[1] // k.shape[1]
-        if products and groups == 1 and mask is None and not causal:
+        if probe_rows is not None and groups == 1:
+            out, found = attention_with_summaries(q, k, v, attn.scaling, mask, probe_rows)
+            probed.extend(found)
+        elif products and groups == 1 and mask is None and not causal:
             out = two_product_attention(q, k, v, attn.scaling)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
@@ -1089,6 +1124,11 @@ class LazyAttention(Mapping):
         q_rows = q[:, :, rows].reshape(batch, kv_heads, (heads // kv_heads) * len(rows), head_dim)
         self._keys.append(key)
         self._probes.add(q_rows, k, mask, rows, scaling, self._values, key)
+
+    def put(self, key: str, weights: torch.Tensor) -> None:
+        """A summary already computed (from the layer's own attention probabilities)."""
+        self._keys.append(key)
+        self._values[key] = weights
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._values and key in self._keys:

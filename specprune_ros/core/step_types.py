@@ -112,7 +112,8 @@ class StepRecord:
     flops: float                                     # analytical decoder FLOPs of this step
     flops_full: float                                # the same for the unpruned sequence
     probe_seconds: float = 0.0                       # computing the requested attention rows (method overhead)
-    attention_kernels: list[str] = field(default_factory=list)   # per layer: 'sdpa', 'products' or 'compiled'
+    attention_kernels: list[str] = field(default_factory=list)   # per layer: 'sdpa', 'products', 'shared' or
+    # 'compiled' ('shared': two products whose probabilities also answered the layer's probes)
     info: dict = field(default_factory=dict)         # method-specific facts (controller mode, set sizes, ...)
 
     @property
