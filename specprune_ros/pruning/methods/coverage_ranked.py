@@ -126,6 +126,7 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
         self._action: Optional[torch.Tensor] = None
         self._budget = 0
         self._refine = False
+        self._refine_at = -1
         self._refined: Optional[torch.Tensor] = None     # this step's smoothed semantic score, if the refine made it
 
     def keep_fraction(self, mode: str, early: bool = False) -> float:
@@ -157,6 +158,7 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
         history = self._semantic is not None or self._action is not None
         early = budget_count(self.keep_fraction(mode, early=True), patches) if history and not warming else patches
         self._refine = self._budget < early
+        self._refine_at = self.refine_layer()     # looked up at every layer of the step
         self._refined = None
         items = [(self.refine_layer(), cfg.semantic_rows, 'cr_semantic')]
         if cfg.use_action:
@@ -172,7 +174,7 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
         return plan
 
     def _after(self, view: LayerView) -> Optional[torch.Tensor]:
-        if not self._refine or view.layer != self.refine_layer():
+        if not self._refine or view.layer != self._refine_at:
             return None
         layout = self._layout
         dense = self.view_scores_on_device(view, 'cr_semantic', fill=float('-inf'))
