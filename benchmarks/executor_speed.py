@@ -13,7 +13,10 @@ input-major (``input_major_weights=True``); ``--packed`` likewise with oneDNN's 
 on the CPU, ``attention_kernel=None``); ``--defaults`` likewise with every executor default. ``--probe-layer K``
 prunes as VLA-Pruner does: every token through layers 0..K, the budget's tokens dropped after layer K, whose prefill
 rows' attention every plan asks for; it times the defaults with and without reading that probe off the layer's own
-probabilities (``share_probabilities``), interleaved. The first runner uses
+probabilities (``share_probabilities``), interleaved. ``--products-only`` also times, interleaved, the decoder's
+matrix products alone at each budget's token count (per layer query/key/value, output, gate/up and down projections,
+plain BLAS, nothing else): their speedup over the token ratio is what the products' own efficiency at fewer rows
+leaves of the FLOPs-ideal speedup, before any other operation's cost. The first runner uses
 the plain BLAS product and fused SDPA in every layer (``packed_weights=False, mkl_packed_weights=False,
 attention_kernel='sdpa'``); the others keep SDPA everywhere unless named otherwise. Wall-clock time by
 default; ``--clock cpu`` measures the process's CPU time instead (steadier on a shared machine, but it hides how
@@ -30,6 +33,7 @@ import time
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaModel
 
 from specprune_ros.command_line import HelpFormatter
@@ -80,6 +84,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument('--probe-layer', type=int, default=None,
                         help="drop the budget's tokens after this layer and probe its prefill rows (VLA-Pruner's "
                              'pattern); times the defaults with and without shared probabilities')
+    parser.add_argument('--products-only', action='store_true',
+                        help="also time the layers' matrix products alone at each budget's token count")
     parser.add_argument('--bucket', type=int, default=32, help='token-count bucket of the compiled layers')
     parser.add_argument('--head-dim', type=int, default=64, help='attention head dimension')
     parser.add_argument('--layout', choices=('oft', 'reference'), default='oft',
@@ -132,6 +138,11 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     times: dict[str, list[float]] = {f'{b:g}{r}': [] for b in args.budgets for r in runners}
     times['transformers'] = []
+    products = layer_products(decoder) if args.products_only else None
+    token_counts = {b: layout.num_tokens - layout.num_visual + (layout.num_visual if keep is None else len(keep))
+                    for b, keep in keeps.items()}
+    inputs = {b: (torch.randn(1, n, args.hidden), torch.randn(1, n, config.intermediate_size))
+              for b, n in token_counts.items()}
     flops: dict[str, float] = {}
     with torch.inference_mode():
         for step in range(args.steps + 3):  # 3 warm-up rounds
@@ -147,6 +158,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             decoder(inputs_embeds=x, attention_mask=bidirectional)
             if step >= 3:
                 times['transformers'].append(clock() - t0)
+            if products is not None:
+                for budget in args.budgets:
+                    t0 = clock()
+                    run_products(products, *inputs[budget])
+                    if step >= 3:
+                        times.setdefault(f'products {budget:g}', []).append(clock() - t0)
 
     print(f'decoder {args.hidden} wide x {args.layers} layers, {layout.num_tokens} tokens '
           f'({layout.num_visual} visual), {args.threads} threads, {args.steps} interleaved steps per budget, '
@@ -175,6 +192,37 @@ def main(argv: Optional[list[str]] = None) -> None:
             relative = median / statistics.median(times[key])
             print(f'| {budget * 100:.1f}% | {kept} | {median * 1e3:.1f} ({spread}) | {measured:.2f}x | {ideal:.2f}x | '
                   f'{measured / ideal:.2f} | {relative:.2f} |')
+    if products is not None:
+        print('\nmatrix products alone (plain BLAS, every layer, nothing else)')
+        print('| visual kept | tokens | median ms (p10-p90) | speedup | token ratio | speedup / token ratio |')
+        print('|---|---|---|---|---|---|')
+        base = statistics.median(times[f'products {max(args.budgets):g}'])
+        for budget in args.budgets:
+            samples = times[f'products {budget:g}']
+            median = statistics.median(samples)
+            deciles = statistics.quantiles(samples, n=10) if len(samples) > 1 else [median] * 9
+            ratio = token_counts[max(args.budgets)] / token_counts[budget]
+            print(f'| {budget * 100:.1f}% | {token_counts[budget]} | {median * 1e3:.1f} ({deciles[0] * 1e3:.0f}-'
+                  f'{deciles[-1] * 1e3:.0f}) | {base / median:.2f}x | {ratio:.2f}x | {base / median / ratio:.2f} |')
+
+
+def layer_products(decoder: LlamaModel) -> list[tuple[torch.Tensor, ...]]:
+    """Every layer's weights as the executor's fused products use them: (qkv, o, gate_up, down)."""
+    out = []
+    for layer in decoder.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        out.append((torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), attn.o_proj.weight,
+                    torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), mlp.down_proj.weight))
+    return out
+
+
+def run_products(products: list[tuple[torch.Tensor, ...]], x: torch.Tensor, x_mlp: torch.Tensor) -> None:
+    """The decoder's matrix products, layer after layer, over ``x`` (1, n, d) and ``x_mlp`` (1, n, mlp width)."""
+    for qkv, o, gate_up, down in products:
+        F.linear(x, qkv)
+        F.linear(x, o)
+        F.linear(x, gate_up)
+        F.linear(x_mlp, down)
 
 
 if __name__ == '__main__':
