@@ -126,6 +126,11 @@ def measure_latency(vla, configs: tuple[PolicySpec, ...], sequences: list[list[O
     Medians per configuration, over all steps and over the steady-state steps (step index >= ``steady_from`` in every
     episode, the same observations for every configuration).
     """
+    if not any(sequences):              # --latency-episodes 0: success only
+        nan = float('nan')
+        return {c.name: {'latency_ms_median': nan, 'speedup': nan, 'steady_speedup': nan, 'steady_steps': 0,
+                         'selection_ms_median': nan, 'decoder_ms_median': nan, 'steps': 0} for c in configs} \
+            | {'_self_speculation_hit_rate': None}
     torch.set_num_threads(threads)
     policies = {c.name: reference_policy(vla, build_method(c.method, c.method_config, seed=c.seed)) for c in configs}
     probe = reference_policy(vla, build_method('none', {'self_speculation': True}))
