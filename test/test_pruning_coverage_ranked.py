@@ -9,8 +9,10 @@ import torch
 
 from pruning_testkit import FAST, LAYERS, P, SLOW, make_layout, make_runner, run_episode
 from specprune_ros.pruning import build_method
-from specprune_ros.pruning.methods.coverage_ranked import cell_tables, observed_ranks
+from specprune_ros.pruning.methods.coverage_ranked import CoverageRankedConfig, cell_tables, observed_ranks
 from specprune_ros.pruning.scoring import budget_count, dense_visual_scores
+
+R = CoverageRankedConfig().refine_layer      # the default refine layer (within the 6 test layers)
 
 CELLS = (3, 3)                      # 2 x 2 patches per cell on the 6 x 6 test grid
 
@@ -60,18 +62,18 @@ def test_two_stages_before_layer_0_from_history_then_after_the_refine_layer(runn
     results = run_episode(method, steps=4, layout=layout, runner=runner)
     budget, early = budget_count(0.25, P), budget_count(0.5, P)
     first = results[0].record
-    # first step (no history): every patch through layers 0 and 1 (the refine layer), the budget after layer 1
-    assert first.visual_kept_per_layer == [layout.num_visual] * 2 + [budget * 2] * (LAYERS - 2)
+    # first step (no history): every patch through layers 0..R (R the refine layer), the budget after layer R
+    assert first.visual_kept_per_layer == [layout.num_visual] * (R + 1) + [budget * 2] * (LAYERS - R - 1)
     assert first.info['source'] == 'first step'
     for result in results[1:]:
         rec = result.record
         assert rec.info['source'] == 'history'
-        assert rec.visual_kept_per_layer == [early * 2] * 2 + [budget * 2] * (LAYERS - 2)
+        assert rec.visual_kept_per_layer == [early * 2] * (R + 1) + [budget * 2] * (LAYERS - R - 1)
         assert per_camera(rec.kept_per_layer[0], layout) == [early] * 2
         assert per_camera(rec.kept_per_layer[-1], layout) == [budget] * 2
         assert bool(torch.isin(rec.kept_per_layer[-1], rec.kept_per_layer[0]).all())
-        assert sorted(rec.attention) == [1, LAYERS - 1]       # two probes of a few rows, no extra pass
-        assert set(rec.attention[1]) == {'cr_semantic'} and set(rec.attention[LAYERS - 1]) == {'cr_action'}
+        assert sorted(rec.attention) == [R, LAYERS - 1]       # two probes of a few rows, no extra pass
+        assert set(rec.attention[R]) == {'cr_semantic'} and set(rec.attention[LAYERS - 1]) == {'cr_action'}
 
 
 def test_warmup_steps_run_unpruned_and_fill_the_history(runner, layout):
@@ -82,12 +84,12 @@ def test_warmup_steps_run_unpruned_and_fill_the_history(runner, layout):
     for result in results[:2]:                    # every patch through every layer, both probes recorded
         rec = result.record
         assert rec.info['warmup'] and rec.visual_kept_per_layer == [layout.num_visual] * LAYERS
-        assert sorted(rec.attention) == [1, LAYERS - 1]
+        assert sorted(rec.attention) == [R, LAYERS - 1]
     assert results[1].record.info['source'] == 'history'
-    for result in results[2:]:                    # then the two stages: every patch through layer 1, the budget after
+    for result in results[2:]:                    # then the two stages: every patch through layer R, the budget after
         rec = result.record
         assert not rec.info['warmup']
-        assert rec.visual_kept_per_layer == [layout.num_visual] * 2 + [budget * 2] * (LAYERS - 2)
+        assert rec.visual_kept_per_layer == [layout.num_visual] * (R + 1) + [budget * 2] * (LAYERS - R - 1)
     again = run_episode(method, steps=1, layout=layout, runner=runner)     # a new episode warms up again
     assert again[0].record.info['reset'] == 'step index restarted'
     assert again[0].record.visual_kept_per_layer == [layout.num_visual] * LAYERS
@@ -171,7 +173,7 @@ def test_before_layer_0_keeps_the_best_remembered_semantic_and_action_ranks(runn
         ranks, seen = ranks_of(rec, layer, key, layout)
         return np.where(seen, 0.5 * 0.5 + 0.5 * np.nan_to_num(ranks), 0.5)
 
-    score = np.maximum(running(1, 'cr_semantic'), running(LAYERS - 1, 'cr_action'))
+    score = np.maximum(running(R, 'cr_semantic'), running(LAYERS - 1, 'cr_action'))
     assert_best(results[1].record.kept_per_layer[0], score, budget_count(0.25, P), layout)
 
 
@@ -179,13 +181,13 @@ def test_refine_keeps_the_best_of_this_pass_semantic_ranks_among_the_early_set(r
     config = {'cell_quota': 0, 'explore': 0.0, 'keep_ratio': 0.25, 'early_keep_ratio': 0.5, 'use_controller': False,
               'use_action': False, 'smoothing': 0.5, 'prior': 0.5, 'warmup_steps': 0}
     results = run_episode(build_method('coverage_ranked', config), steps=2, layout=layout, runner=runner)
-    before, seen_before = ranks_of(results[0].record, 1, 'cr_semantic', layout)
+    before, seen_before = ranks_of(results[0].record, R, 'cr_semantic', layout)
     remembered = np.where(seen_before, 0.25 + 0.5 * np.nan_to_num(before), 0.5)
-    fresh, seen = ranks_of(results[1].record, 1, 'cr_semantic', layout)       # this pass, over the early set
+    fresh, seen = ranks_of(results[1].record, R, 'cr_semantic', layout)       # this pass, over the early set
     score = np.where(seen, 0.5 * remembered + 0.5 * np.nan_to_num(fresh), -np.inf)
     rec = results[1].record
     assert seen.sum() == 2 * budget_count(0.5, P)
-    assert_best(rec.kept_per_layer[2], score, budget_count(0.25, P), layout)
+    assert_best(rec.kept_per_layer[R + 1], score, budget_count(0.25, P), layout)
 
 
 def test_reset_and_new_episode_start_from_the_first_step_again(runner, layout):

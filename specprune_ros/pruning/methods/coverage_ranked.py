@@ -1,6 +1,6 @@
 """``coverage_ranked``: every region of each camera covered, the rest ranked by remembered attention.
 
-A cheap early stage before layer 0, the final cut after layer 1, at an action-aware budget.
+A cheap early stage before layer 0, the final cut after layer 2, at an action-aware budget.
 
 Per step, per camera:
 
@@ -26,10 +26,10 @@ Per step, per camera:
 4. **Two stages, no extra attention pass** (ours, after SpecPrune's self-speculative layer-0/1 sets and
    VLA-Pruner's full-width early layers): before layer 0 the method keeps ``early_keep_ratio`` (50%) of each
    camera, chosen from the *previous* steps' attention of two probes of a few query rows (instruction rows at
-   ``refine_layer``, action rows at one deep layer) over the tokens that ran; after ``refine_layer`` (1) it cuts to
+   ``refine_layer``, action rows at one deep layer) over the tokens that ran; after ``refine_layer`` (2) it cuts to
    the final budget with the pass's own instruction ranks. The kept tokens gather the dropped half's content in
-   layers 0-1, which a policy trained without token drops needs (``docs/own_method.md``); on a 32-layer decoder
-   the two half-width layers cost about 2% of the unpruned step. A patch that was pruned gets no new score; its
+   layers 0-2, which a policy trained without token drops needs (``docs/own_method.md``); on a 32-layer decoder
+   the three half-width layers are about 6% of the unpruned step's FLOPs. A patch that was pruned gets no new score; its
    remembered score relaxes towards ``prior`` (``forget`` per step), so patches not seen for a while come back
    into consideration.
 5. **Warm-up** (VLA-Pruner's unpruned warm-up): the first ``warmup_steps`` (3) steps of an episode run every patch
@@ -79,7 +79,7 @@ class CoverageRankedConfig(BaseConfig):
     fine_keep_ratio: float = 0.26          # ... in fine mode (approaching, grasping, placing)
     early_keep_ratio: float = 0.5          # patches per camera through layers 0..refine_layer (coarse mode; fine
     # mode scales it as the final budget); <= keep_ratio: one stage, before layer 0
-    refine_layer: int = 1                  # the early layer whose instruction attention refines the selection
+    refine_layer: int = 2                  # the early layer whose instruction attention refines the selection
     use_controller: bool = True            # False: always coarse mode
     controller: ControllerConfig = field(default_factory=_paper_controller)
     cells: tuple = (4, 4)                  # coarse grid per camera (rows, cols); 12 x 12 patches -> 3 x 3 per cell
