@@ -185,13 +185,11 @@ def main(argv: Optional[list[str]] = None) -> None:
             deciles = statistics.quantiles(samples, n=10) if len(samples) > 1 else [median] * 9
             measured = base / median
             ideal = flops['1'] / flops[key]
-            kept = layout.num_tokens - layout.num_visual + (layout.num_visual if budget >= 1 else
-                                                            len(keeps[budget]))
             spread = f'{deciles[0] * 1e3:.0f}-{deciles[-1] * 1e3:.0f}'
             # against the first runner (fused projections, plain BLAS product, SDPA) at the same budget
             relative = median / statistics.median(times[key])
-            print(f'| {budget * 100:.1f}% | {kept} | {median * 1e3:.1f} ({spread}) | {measured:.2f}x | {ideal:.2f}x | '
-                  f'{measured / ideal:.2f} | {relative:.2f} |')
+            print(f'| {budget * 100:.1f}% | {token_counts[budget]} | {median * 1e3:.1f} ({spread}) | {measured:.2f}x | '
+                  f'{ideal:.2f}x | {measured / ideal:.2f} | {relative:.2f} |')
     if products is not None:
         print('\nmatrix products alone (plain BLAS, every layer, nothing else)')
         print('| visual kept | tokens | median ms (p10-p90) | speedup | token ratio | speedup / token ratio |')

@@ -158,9 +158,9 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
         history = self._semantic is not None or self._action is not None
         early = budget_count(self.keep_fraction(mode, early=True), patches) if history and not warming else patches
         self._refine = self._budget < early
-        self._refine_at = self.refine_layer()     # looked up at every layer of the step
+        self._refine_at = self.refine_layer()     # this step's refine layer (read at every layer)
         self._refined = None
-        items = [(self.refine_layer(), cfg.semantic_rows, 'cr_semantic')]
+        items = [(self._refine_at, cfg.semantic_rows, 'cr_semantic')]
         if cfg.use_action:
             items.append((self.layer(cfg.action_layer), 'action', 'cr_action'))
         self.last_info.update(mode=mode, budget=self._budget * layout.num_cameras,
@@ -194,7 +194,7 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
         layout = record.layout
         # the refine scored this step's semantic probe already (the record holds the same probe)
         self._semantic = self._refined if self._refined is not None else \
-            self._update(self._semantic, record, self.refine_layer(), 'cr_semantic', layout)
+            self._update(self._semantic, record, self._refine_at, 'cr_semantic', layout)
         self._refined = None
         if cfg.use_action:
             self._action = self._update(self._action, record, self.layer(cfg.action_layer), 'cr_action', layout)
