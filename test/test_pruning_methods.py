@@ -60,6 +60,61 @@ def test_contract(name, runner, layout):
     assert replay[0].record.info['reset'] == 'explicit'
 
 
+class HookRecorder:
+    """Wraps a method; records the layers each plan names, the hooks the runner called and where they acted.
+
+    ``every_layer``: the plans passed on ask for the hook after every layer instead.
+    """
+
+    def __init__(self, method, every_layer: bool) -> None:
+        self.method, self.name, self.every_layer = method, method.name, every_layer
+        self.declared: list = []
+        self.called: list[set] = []
+        self.acted: list[set] = []
+
+    def reset(self) -> None:
+        self.method.reset()
+
+    def begin_step(self, context):
+        plan = self.method.begin_step(context)
+        self.declared.append(plan.after_layers)
+        self.called.append(set())
+        self.acted.append(set())
+        if self.every_layer:
+            plan.after_layers = None
+        return plan
+
+    def after_layer(self, view):
+        self.called[-1].add(view.layer)
+        keep = self.method.after_layer(view)
+        if keep is not None:
+            self.acted[-1].add(view.layer)
+        return keep
+
+    def end_step(self, record) -> None:
+        self.method.end_step(record)
+
+
+@pytest.mark.parametrize('name', available_methods())
+def test_the_hook_runs_only_after_the_layers_a_plan_names_and_nothing_is_lost(name, runner, layout):
+    """Skipping the hooks a plan does not name keeps the same tokens as calling every one; and the plans name the
+    layers where a method acts (none at all for the methods that choose before layer 0)."""
+    config = {'keep_ratio': 0.25} if name in ('fastv', 'vla_pruner', 'coverage_ranked', 'random', 'divprune') else {}
+    named = HookRecorder(build_method(name, config, seed=3), every_layer=False)
+    skipped = run_episode(named, steps=6, layout=layout, runner=runner, actions=FAST)
+    everywhere = HookRecorder(build_method(name, config, seed=3), every_layer=True)
+    called = run_episode(everywhere, steps=6, layout=layout, runner=runner, actions=FAST)
+    assert kept_lists(skipped) == kept_lists(called)
+    assert all(called <= set(declared) for called, declared in zip(named.called, named.declared))
+    assert all(called == set(range(LAYERS - 1)) for called in everywhere.called)
+    for declared, acted in zip(everywhere.declared, everywhere.acted):
+        assert declared is not None and acted <= declared
+    if name in ('none', 'random', 'divprune', 'vla_cache'):
+        assert all(not declared for declared in everywhere.declared)
+    if name in ('fastv', 'vla_pruner', 'coverage_ranked', 'specprune'):
+        assert any(everywhere.acted)                     # the comparison above saw a method that prunes in the pass
+
+
 KEEP_REGIONS = ((1, 0.0, 0.5, 0.25, 1.0), (0, 0.4, 0.4, 0.6, 0.6))   # wrist bottom-left quarter, agentview centre
 
 

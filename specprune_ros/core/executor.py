@@ -232,6 +232,7 @@ class PrunableDecoderRunner(nn.Module):
         if reused is not None:
             kept = kept[~torch.isin(kept, reused)]
         requests = self._requests_by_layer(plan.attention)
+        hooked = plan.after_layers
         cache = DecoderCache(last_position=layout.num_tokens - 1) if return_cache else None
 
         hidden = embeddings.index_select(1, kept)
@@ -256,7 +257,7 @@ class PrunableDecoderRunner(nn.Module):
                                                 cache, probes, fusions[index], products, shared)
             if summaries:
                 lazy[index] = (tokens.key_indices, summaries)
-            if method is not None and index < self.num_layers - 1:
+            if method is not None and index < self.num_layers - 1 and (hooked is None or index in hooked):
                 t0, probed = time.perf_counter(), probes.seconds
                 keep = method.after_layer(LayerView(layer=index, kept=tokens.kept, key_indices=tokens.key_indices,
                                                     hidden=hidden[0], attention=summaries))

@@ -210,7 +210,10 @@ class ExpertActionRows:
             probe = self.probe
             self._hidden, self._previous = probe.suffix, None
             self._rope = probe.expert_rotary_emb(probe.suffix, probe.positions.view(1, -1))
-        return dataclasses.replace(plan, attention=passed)
+        hooked = plan.after_layers
+        if hooked is not None and self.probe_until >= 0:    # the probe's pass advances at every layer up to there
+            hooked = hooked | frozenset(range(self.probe_until + 1))
+        return dataclasses.replace(plan, attention=passed, after_layers=hooked)
 
     def _extend_store(self) -> None:
         if self.store is None:

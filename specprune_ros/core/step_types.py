@@ -85,6 +85,8 @@ class StepPlan:
     attention: list[AttentionRequest] = field(default_factory=list)
     reuse_kv: Optional[torch.Tensor] = None          # visual indices whose K/V come from ``kv_store`` (not recomputed)
     kv_store: Optional[KVStore] = None               # where K/V are read from, and written to for computed tokens
+    after_layers: Optional[frozenset[int]] = None    # the layers whose ``after_layer`` hook this step needs (None:
+    # every layer); the runner calls no hook elsewhere (a deep decoder's hooks are most of a method's fixed cost)
 
 
 @dataclass

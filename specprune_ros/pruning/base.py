@@ -89,6 +89,8 @@ class PruningMethodBase:
         self.last_info = {'method': self.name, 'step': self.state.steps, 'reset': self._pending_reset}
         self._pending_reset = ''
         plan = self._begin(context)
+        if plan.after_layers is None and type(self)._after is PruningMethodBase._after:
+            plan.after_layers = frozenset()         # a method that decides nothing between layers needs no hook
         self._protected = _protected_cached(context.layout, _as_regions(self.config.keep_regions))
         if plan.keep_before is not None and self._protected is not None:
             plan.keep_before = torch.unique(torch.cat([torch.as_tensor(plan.keep_before, dtype=torch.long),

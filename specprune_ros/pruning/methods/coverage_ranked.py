@@ -166,7 +166,8 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
         self.last_info.update(mode=mode, budget=self._budget * layout.num_cameras,
                               budget_early=early * layout.num_cameras, warmup=warming,
                               source='history' if history else 'first step')
-        plan = StepPlan(attention=self.requests(*items))
+        plan = StepPlan(attention=self.requests(*items),
+                        after_layers=frozenset((self._refine_at,) if self._refine else ()))
         if early < patches:
             device = (self._semantic if self._semantic is not None else self._action).device
             score = self._remembered() + self._noise(layout, device)

@@ -42,7 +42,8 @@ class FastV(KeepRatioKnob, PruningMethodBase):
         if self.config.prune_layer >= self.num_layers:
             raise ValueError(f'prune_layer {self.config.prune_layer} >= {self.num_layers} layers')
         self.last_info.update(prune_layer=self.config.prune_layer, score_layer=self._score_layer())
-        return StepPlan(attention=self.requests((self._score_layer(), self.config.rows, 'fastv')))
+        return StepPlan(attention=self.requests((self._score_layer(), self.config.rows, 'fastv')),
+                        after_layers=frozenset((self._score_layer(),)))
 
     def _after(self, view: LayerView) -> Optional[torch.Tensor]:
         if view.layer != self._score_layer():

@@ -249,7 +249,7 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         # the layers after which this step records or decides anything
         gathers = {0, 1} if cfg.static_gathers >= 2 and self.num_layers > 2 else {0}
         self._event_layers = (gathers if cfg.use_static else set()) | self._prune_set | self._importance_set
-        return StepPlan(attention=self.requests(*items))
+        return StepPlan(attention=self.requests(*items), after_layers=frozenset(self._event_layers))
 
     def _dynamic_set(self, context: StepContext, out: ControllerOutput, device: torch.device) -> torch.Tensor:
         layout = context.layout

@@ -100,7 +100,8 @@ class VLAPruner(KeepRatioKnob, PruningMethodBase):
             items.append((self.layer(cfg.action_layer), 'action', 'vlap_action'))
         self.last_info.update(warmup=warming, window=len(self.state.action_attention),
                               prune_layer=self.prune_layer(), action_layer=self.layer(cfg.action_layer))
-        return StepPlan(attention=self.requests(*items))
+        return StepPlan(attention=self.requests(*items),
+                        after_layers=frozenset((self._score_at,) if self._score_at >= 0 else ()))
 
     def _after(self, view: LayerView) -> Optional[torch.Tensor]:
         cfg = self.config
