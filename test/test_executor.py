@@ -3,9 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaModel
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from specprune_ros.core.executor import (_MKL_PACKED_EXACT_FROM_ROWS, PlanError, PrunableDecoderRunner, _compiled_layer,
-                                         _ExactCopyChoice, _input_major_product, _mkl_packed_product)
+                                         _ExactCopyChoice, _input_major_product, _mkl_packed_product, _rms_norm)
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
 from specprune_ros.core.flops import decoder_flops
 from specprune_ros.core.masks import attention_mask
@@ -432,3 +433,14 @@ def test_compiled_layers_with_padded_buckets_match_the_reference(causal):
     # padding tokens never reach the output, the kept-token records or the FLOPs
     assert [len(k) for k in result.record.kept_per_layer] == [N, 38, 38, 27]
     assert result.record.flops == eager.record.flops
+
+
+@pytest.mark.parametrize('rows', [1, 37, 160, 357])
+def test_rms_norm_gives_the_modules_numbers_bit_for_bit(rows):
+    torch.manual_seed(rows)
+    norm = LlamaRMSNorm(96, eps=1e-5)
+    norm.weight.data = torch.rand(96) * 2
+    x = torch.randn(1, rows, 96) * 4
+    with torch.no_grad():
+        assert torch.equal(_rms_norm(norm, x), norm(x))
+        assert torch.equal(_rms_norm(norm, x.to(torch.bfloat16)), norm(x.to(torch.bfloat16)))   # the module path
