@@ -388,10 +388,28 @@ def fit_proprio(proprio: np.ndarray, dim: int) -> np.ndarray:
     return out
 
 
+class EveryLayerHooks:
+    """A method whose plans ask for its ``after_layer`` hook after every layer, not only where it acts.
+
+    Times what the hooks a plan does not name would cost (``--every-layer-hooks``); the kept tokens are the same.
+    """
+
+    def __init__(self, method: Any) -> None:
+        self._method = method
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._method, name)
+
+    def begin_step(self, context: Any) -> Any:
+        plan = self._method.begin_step(context)
+        plan.after_layers = None
+        return plan
+
+
 def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, device: str, dtype: str, warmup: int,
                   seed: int = 0, reference: bool = True, unnorm_key: Optional[str] = None,
                   log: Callable[[str], None] = print, weight_copies: str = 'auto',
-                  attention_kernel: str = 'auto') -> tuple[list, dict]:
+                  attention_kernel: str = 'auto', every_layer_hooks: bool = False) -> tuple[list, dict]:
     started = time.perf_counter()
     adapter, label = build_target(target, device, dtype, seed, unnorm_key)
     if weight_copies != 'auto':        # 'onednn', 'mkl' or 'none'
@@ -419,6 +437,10 @@ def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, d
         vision_depths = [s.depth for s in adapter.checkpoint.vision_specs]
     layers = adapter.runner.num_layers
     runners = [Runner(label, name, config, build_method(name, config, seed=seed)) for label, name, config in methods]
+    if every_layer_hooks:
+        runners += [Runner(f'{label}, hooks after every layer', name, config,
+                           EveryLayerHooks(build_method(name, config, seed=seed)))
+                    for label, name, config in methods]
     if reference:
         runners.append(Runner(REFERENCE, REFERENCE, None))
     log(f'{label}: {kind} on {model_device} {str(model_dtype).replace("torch.", "")}, '
@@ -687,6 +709,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         help="what computes the executor's attention outputs in unmasked layers: fused SDPA, two "
                              "products, or 'auto' = the executor's rule (two products on the CPU at 96-191 tokens "
                              "with 64-dimensional heads or more and two threads or more)")
+    parser.add_argument('--every-layer-hooks', action='store_true',
+                        help="also time every method with its after_layer hook called after every layer (not only "
+                             "the layers its plans name), interleaved with the rest")
     parser.add_argument('--append', action='store_true',
                         help='keep the shapes of an existing output of the same name (re-measured shapes replaced)')
     args = parser.parse_args(argv)
@@ -734,7 +759,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for shape in shapes:          # the outputs are rewritten after every shape (a long run keeps what it measured)
         shape_rows, info = measure_shape(shape, frames, methods, args.device, args.dtype, args.warmup, args.seed,
                                          reference=not args.no_reference, unnorm_key=args.unnorm_key,
-                                         weight_copies=args.weight_copies, attention_kernel=args.attention_kernel)
+                                         weight_copies=args.weight_copies, attention_kernel=args.attention_kernel,
+                                         every_layer_hooks=args.every_layer_hooks)
         rows += shape_rows
         infos.append(info)
         if torch.cuda.is_available():

@@ -140,6 +140,22 @@ def test_harness_times_a_checkpoint_directory(tmp_path):
     assert rows[1]['kept_visual_ratio'] < 1.0
 
 
+def test_every_layer_hooks_twins_keep_the_same_tokens(tmp_path):
+    """``--every-layer-hooks`` times each method again with its hook after every layer: same tokens, more calls."""
+    harness = _harness()
+    report = harness.main(['--shape', 'oft', '--width', '64', '--layers', '4', '--methods', 'none', 'specprune',
+                           'fastv 25%', '--every-layer-hooks', '--no-reference', '--steps', '2', '--warmup', '1',
+                           '--stride', '1', '--threads', '1', '--out', str(tmp_path), '--no-plot'])
+    by_label = {row['label']: row for row in report['rows']}
+    assert sorted(by_label) == sorted(['none', 'specprune', 'fastv 25%', 'none, hooks after every layer',
+                                       'specprune, hooks after every layer', 'fastv 25%, hooks after every layer'])
+    for label in ('none', 'specprune', 'fastv 25%'):
+        twin = by_label[f'{label}, hooks after every layer']
+        assert twin['method'] == by_label[label]['method']
+        assert twin['kept_visual_tokens'] == by_label[label]['kept_visual_tokens']
+        assert twin['flops_ideal_speedup'] == by_label[label]['flops_ideal_speedup']
+
+
 def test_harness_reference_layout(tmp_path):
     harness = _harness()
     report = harness.main(['--shape', 'reference', '--width', '64', '--layers', '4', '--methods', 'none', 'random 25%',
