@@ -97,8 +97,10 @@ class HookRecorder:
 
 @pytest.mark.parametrize('name', available_methods())
 def test_the_hook_runs_only_after_the_layers_a_plan_names_and_nothing_is_lost(name, runner, layout):
-    """Skipping the hooks a plan does not name keeps the same tokens as calling every one; and the plans name the
-    layers where a method acts (none at all for the methods that choose before layer 0)."""
+    """Skipping the hooks a plan does not name keeps the same tokens as calling every one.
+
+    And the plans name the layers where a method acts (none at all for the methods that choose before layer 0).
+    """
     config = {'keep_ratio': 0.25} if name in ('fastv', 'vla_pruner', 'coverage_ranked', 'random', 'divprune') else {}
     named = HookRecorder(build_method(name, config, seed=3), every_layer=False)
     skipped = run_episode(named, steps=6, layout=layout, runner=runner, actions=FAST)
