@@ -154,7 +154,10 @@ class PruningMethod(Protocol):
         ...
 
     def after_layer(self, view: LayerView) -> Optional[torch.Tensor]:
-        """Return the visual indices to keep from the next layer on (a subset of the kept ones), or None."""
+        """Return the visual indices to keep from the next layer on (a subset of the kept ones), or None.
+
+        Called after the layers the step's plan names in ``after_layers`` (every layer but the last if None).
+        """
 
     def end_step(self, record: StepRecord) -> None:
         ...
