@@ -161,6 +161,17 @@ def test_flops_count_against_hand_calculation():
     assert decoder_flops([10], [12], 8, 16) == 4 * 10 * 64 + 2 * 10 * 12 * 8 + 3 * 10 * 8 * 16
 
 
+class HookAfter(FixedKeepSchedule):
+    """A plan that names the layers of its hook, as given."""
+
+    def __init__(self, layers: frozenset) -> None:
+        super().__init__()
+        self.layers = layers
+
+    def begin_step(self, context: StepContext) -> StepPlan:
+        return StepPlan(after_layers=self.layers)
+
+
 @pytest.mark.parametrize('plan, message', [
     (FixedKeepSchedule(keep_before=torch.tensor([0, 1, 60])), 'out of range'),
     (FixedKeepSchedule(keep_before=torch.tensor([0, 1, 33])), 'TEXT token'),
@@ -168,6 +179,8 @@ def test_flops_count_against_hand_calculation():
     (FixedKeepSchedule(keep_before=torch.tensor([], dtype=torch.long)), 'empty'),
     (FixedKeepSchedule(keep_before=torch.tensor([0, 1]), keep_after={0: torch.tensor([0, 2])}), 'already pruned'),
     (FixedKeepSchedule(attention=[AttentionRequest(9, 'text')]), 'layer 9'),
+    (HookAfter(frozenset({1, 4})), 'hook asked after layer 4'),
+    (HookAfter(frozenset({-1})), 'hook asked after layer -1'),
 ])
 def test_bad_plans_raise_clear_errors(plan, message):
     with pytest.raises(PlanError, match=message):

@@ -232,7 +232,7 @@ class PrunableDecoderRunner(nn.Module):
         if reused is not None:
             kept = kept[~torch.isin(kept, reused)]
         requests = self._requests_by_layer(plan.attention)
-        hooked = plan.after_layers
+        hooked = self._hook_layers(plan.after_layers)
         cache = DecoderCache(last_position=layout.num_tokens - 1) if return_cache else None
 
         hidden = embeddings.index_select(1, kept)
@@ -431,6 +431,14 @@ class PrunableDecoderRunner(nn.Module):
         if len(reuse) == int(is_visual[kept].sum()):  # keep one visual token computed, so queries exist for it
             reuse = reuse[1:]
         return reuse if len(reuse) else None
+
+    def _hook_layers(self, layers: Optional[frozenset[int]]) -> Optional[frozenset[int]]:
+        """A plan's ``after_layers``, checked: layer indices of this decoder (None: every layer)."""
+        if layers is not None:
+            bad = sorted(layer for layer in layers if not 0 <= layer < self.num_layers)
+            if bad:
+                raise PlanError(f'after_layer hook asked after layer {bad[0]}; the decoder has {self.num_layers}')
+        return layers
 
     def _requests_by_layer(self, requests: list[AttentionRequest]) -> dict[int, list[AttentionRequest]]:
         by_layer: dict[int, list[AttentionRequest]] = {}

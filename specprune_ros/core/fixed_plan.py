@@ -23,7 +23,8 @@ class FixedKeepSchedule:
         self.last_record = None
 
     def begin_step(self, context: StepContext) -> StepPlan:
-        return StepPlan(keep_before=self.keep_before, attention=list(self.attention))
+        return StepPlan(keep_before=self.keep_before, attention=list(self.attention),
+                        after_layers=frozenset(self.keep_after))
 
     def after_layer(self, view: LayerView) -> Optional[torch.Tensor]:
         return self.keep_after.get(view.layer)
