@@ -572,7 +572,7 @@ def _x(value: Optional[float], interval: Optional[list] = None) -> str:
 
 def markdown(meta: dict, shapes: list[dict], rows: list[dict]) -> str:
     others = [shape for shape in shapes if 'run' in shape and shape['run'].get('started') != meta.get('started')]
-    earlier = ([f"Kept from earlier runs: {', '.join(shape['shape'] for shape in others)} (each says under its "
+    earlier = ([f"Kept from other runs: {', '.join(shape['shape'] for shape in others)} (each says under its "
                 'heading which run, commit, date and device measured it)  '] if others else [])
     lines = ['# Deployment-shape latency', '',
              f"Command: `{meta['command']}`  ", f"Commit: {meta['commit']}; date: {meta['date']}  ", *earlier,

@@ -200,13 +200,13 @@ def test_appended_shapes_keep_the_run_that_measured_them(tmp_path):
     assert '--width 64' in runs['reference layout 64x2']['command']
     assert '--width 32' in runs['reference layout 32x2']['command']
     text = (tmp_path / 'deployment_latency.md').read_text()
-    assert 'Kept from earlier runs: reference layout 64x2' in text
+    assert 'Kept from other runs: reference layout 64x2' in text
     assert text.count('Measured by `python benchmarks/deployment_latency.py') == 2
     harness.main([*common, '--width', '64'])           # re-measured: its row and run are replaced, not duplicated
     again = json.loads((tmp_path / 'deployment_latency.json').read_text())
     assert sorted(info['shape'] for info in again['shapes']) == sorted(runs)
     assert len([row for row in again['rows'] if row['shape'] == 'reference layout 64x2']) == 1
-    assert 'Kept from earlier runs: reference layout 32x2' in (tmp_path / 'deployment_latency.md').read_text()
+    assert 'Kept from other runs: reference layout 32x2' in (tmp_path / 'deployment_latency.md').read_text()
 
 
 def test_shapes_of_one_run_are_not_listed_as_kept(tmp_path):
@@ -216,4 +216,4 @@ def test_shapes_of_one_run_are_not_listed_as_kept(tmp_path):
                   '--warmup', '1', '--stride', '1', '--threads', '1', '--no-plot', '--out', str(tmp_path)])
     report = json.loads((tmp_path / 'deployment_latency.json').read_text())
     assert len({info['run']['started'] for info in report['shapes']}) == 1
-    assert 'Kept from earlier runs' not in (tmp_path / 'deployment_latency.md').read_text()
+    assert 'Kept from other runs' not in (tmp_path / 'deployment_latency.md').read_text()
