@@ -41,9 +41,9 @@ class FastV(KeepRatioKnob, PruningMethodBase):
     def _begin(self, context: StepContext) -> StepPlan:
         if self.config.prune_layer >= self.num_layers:
             raise ValueError(f'prune_layer {self.config.prune_layer} >= {self.num_layers} layers')
-        self.last_info.update(prune_layer=self.config.prune_layer, score_layer=self._score_layer())
-        return StepPlan(attention=self.requests((self._score_layer(), self.config.rows, 'fastv')),
-                        after_layers=frozenset((self._score_layer(),)))
+        layer = self._score_layer()
+        self.last_info.update(prune_layer=self.config.prune_layer, score_layer=layer)
+        return StepPlan(attention=self.requests((layer, self.config.rows, 'fastv')), after_layers=frozenset((layer,)))
 
     def _after(self, view: LayerView) -> Optional[torch.Tensor]:
         if view.layer != self._score_layer():

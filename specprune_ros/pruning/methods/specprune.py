@@ -174,7 +174,7 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         self._present: Optional[torch.Tensor] = None   # and which, dense visual bool (device)
         self._prune_set: frozenset = frozenset()
         self._importance_set: frozenset = frozenset()
-        self._event_layers: set = set()
+        self._event_layers: frozenset = frozenset()
         self._kept_after: dict[int, int] = {}
         self._drops: dict[int, int] = {}
 
@@ -248,8 +248,8 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         items.sort()
         # the layers after which this step records or decides anything
         gathers = {0, 1} if cfg.static_gathers >= 2 and self.num_layers > 2 else {0}
-        self._event_layers = (gathers if cfg.use_static else set()) | self._prune_set | self._importance_set
-        return StepPlan(attention=self.requests(*items), after_layers=frozenset(self._event_layers))
+        self._event_layers = frozenset(gathers if cfg.use_static else ()) | self._prune_set | self._importance_set
+        return StepPlan(attention=self.requests(*items), after_layers=self._event_layers)
 
     def _dynamic_set(self, context: StepContext, out: ControllerOutput, device: torch.device) -> torch.Tensor:
         layout = context.layout
