@@ -78,7 +78,7 @@ METHODS: tuple[tuple[str, str, Optional[dict]], ...] = (
 SHAPES = {'oft': ('openvla-oft', None), 'openvla': ('openvla', None), 'oft-7b': ('openvla-oft', 4096),
           'openvla-7b': ('openvla', 4096), 'reference': ('reference', None)}
 NOISY_SPREAD = 1.3        # unpruned p90 / p10 above this: the table says the machine was too busy to trust the times
-PHASES = ('total', 'vision', 'decoder', 'prefill', 'decode', 'selection', 'probe', 'head', 'other')
+PHASES = ('total', 'vision', 'decoder', 'prefill', 'decode', 'selection', 'probe', 'head', 'other', 'layers')
 
 
 # -- observations -----------------------------------------------------------------------------------------------
@@ -175,12 +175,14 @@ class PhaseClock:
     The decoder pass is the executor's prefill; the timers are instance wrappers, synchronised on CUDA.
     """
 
-    def __init__(self, adapter: Any, sync: Callable[[], None]) -> None:
+    def __init__(self, adapter: Any, sync: Callable[[], None], layer_times: bool = False) -> None:
         self.sync = sync
         self.seconds: dict[str, float] = {}
         self.frames: list[np.ndarray] = []
         self.inside_selection = 0.0          # the method's time inside the executor pass (hooks + probes)
         self._wrap(adapter.runner, 'forward', 'runner')
+        if layer_times:                      # each decoder layer's own time (synchronised per layer on CUDA)
+            self._wrap(adapter.runner, '_run_layer', 'layers')
         if isinstance(adapter, ReferenceVLA):    # vision = the stem and the token embeddings together
             self._wrap(adapter, 'embed', 'vision')
             self._wrap(adapter, 'decode_actions', 'head')
@@ -279,7 +281,7 @@ class Runner:
         values = {'total': elapsed, 'vision': vision, 'head': head}
         if self.is_reference:
             values.update(decoder=elapsed - vision - head, prefill=float('nan'), decode=float('nan'),
-                          selection=0.0, probe=0.0, other=float('nan'))
+                          selection=0.0, probe=0.0, other=float('nan'), layers=float('nan'))
             self.backends = ['sdpa (transformers)'] * layers
         else:
             record = out.result.record if hasattr(out, 'result') else out.record
@@ -289,7 +291,8 @@ class Runner:
             prefill = clock.seconds['runner'] - clock.inside_selection
             selection = record.selection_seconds + record.probe_seconds
             values.update(decoder=prefill + decode, prefill=prefill, decode=decode, selection=selection,
-                          probe=record.probe_seconds, other=elapsed - vision - head - prefill - decode - selection)
+                          probe=record.probe_seconds, other=elapsed - vision - head - prefill - decode - selection,
+                          layers=clock.seconds.get('layers', float('nan')))
             self.flops.append(record.flops)
             self.flops_full.append(record.flops_full)
             self.num_visual, self.num_tokens = record.layout.num_visual, record.layout.num_tokens
@@ -409,7 +412,8 @@ class EveryLayerHooks:
 def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, device: str, dtype: str, warmup: int,
                   seed: int = 0, reference: bool = True, unnorm_key: Optional[str] = None,
                   log: Callable[[str], None] = print, weight_copies: str = 'auto',
-                  attention_kernel: str = 'auto', every_layer_hooks: bool = False) -> tuple[list, dict]:
+                  attention_kernel: str = 'auto', every_layer_hooks: bool = False,
+                  layer_times: bool = False) -> tuple[list, dict]:
     started = time.perf_counter()
     adapter, label = build_target(target, device, dtype, seed, unnorm_key)
     if weight_copies != 'auto':        # 'onednn', 'mkl' or 'none'
@@ -424,7 +428,7 @@ def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, d
     model_device, model_dtype = first.device, first.dtype
     cuda = model_device.type == 'cuda'
     sync = (lambda: torch.cuda.synchronize(model_device)) if cuda else (lambda: None)
-    clock = PhaseClock(adapter, sync)
+    clock = PhaseClock(adapter, sync, layer_times)
     if is_reference_vla:
         c = adapter.config
         kind, cameras, patches, heads = 'reference', tuple(c.camera_names), c.grid * c.grid, c.num_heads
@@ -521,6 +525,11 @@ def rows_for(runners: list[Runner], info: dict) -> list[dict]:
                            total_ideal_speedup=ideal_total, total_measured_over_ideal=row['speedup'] / ideal_total,
                            selection_share_of_decoder=float(np.median(r.samples['selection'])
                                                             / np.median(r.samples['decoder'])))
+                layers = np.asarray(r.samples['layers'])
+                base_layers = np.asarray(base.samples['layers'])
+                if np.isfinite(layers).all() and np.isfinite(base_layers).all() and len(layers):
+                    layers_speedup = float(np.median(base_layers) / np.median(layers))
+                    row.update(layers_speedup=layers_speedup, layers_over_ideal=layers_speedup * flops_ratio)
         backends = r.layer_backends()
         row['attention_backend'] = backends
         row['attention_backend_summary'] = compress(backends)
@@ -623,6 +632,12 @@ def markdown(meta: dict, shapes: list[dict], rows: list[dict]) -> str:
             low, high = (1 / v for v in reversed(none['speedup_vs_transformers_ci95']))
             lines += ['', f"Unpruned executor / transformers' SDPA forward, total step time: {ratio:.3f} "
                           f"(95% CI {low:.3f}-{high:.3f})."]
+        timed = [row for row in rows if row['shape'] == shape['shape'] and 'layers_speedup' in row]
+        if timed:
+            lines += ['', "Decoder layers alone (`--layer-times`: each layer's own time, without the hooks, the "
+                          "keep-set switches and the pass's loop), speedup and measured / ideal: "
+                      + '; '.join(f"{row['label']} {row['layers_ms']:.1f} ms, {row['layers_speedup']:.2f}x, "
+                                  f"{row['layers_over_ideal']:.2f}" for row in timed) + '.']
         lines += ['', 'Attention path per layer:', '']
         lines += [f"- {row['label']}: {row['attention_backend_summary']}" for row in rows
                   if row['shape'] == shape['shape']]
@@ -712,6 +727,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument('--every-layer-hooks', action='store_true',
                         help="also time every method with its after_layer hook called after every layer (not only "
                              "the layers its plans name), interleaved with the rest")
+    parser.add_argument('--layer-times', action='store_true',
+                        help="also time each decoder layer's own work (a clock read around every layer, synchronised "
+                             "on CUDA), so the table says how much of a method's decoder time the layers take and "
+                             "how close they come to their FLOPs")
     parser.add_argument('--append', action='store_true',
                         help='keep the shapes of an existing output of the same name (re-measured shapes replaced)')
     args = parser.parse_args(argv)
@@ -760,7 +779,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         shape_rows, info = measure_shape(shape, frames, methods, args.device, args.dtype, args.warmup, args.seed,
                                          reference=not args.no_reference, unnorm_key=args.unnorm_key,
                                          weight_copies=args.weight_copies, attention_kernel=args.attention_kernel,
-                                         every_layer_hooks=args.every_layer_hooks)
+                                         every_layer_hooks=args.every_layer_hooks, layer_times=args.layer_times)
         rows += shape_rows
         infos.append(info)
         if torch.cuda.is_available():

@@ -156,6 +156,26 @@ def test_every_layer_hooks_twins_keep_the_same_tokens(tmp_path):
         assert twin['flops_ideal_speedup'] == by_label[label]['flops_ideal_speedup']
 
 
+def test_layer_times_split_the_decoder_into_its_layers(tmp_path):
+    """``--layer-times``: each layer's own time per method, inside its decoder time, and a line in the table."""
+    harness = _harness()
+    report = harness.main(['--shape', 'reference', '--width', '64', '--layers', '4', '--methods', 'none',
+                           'random 25%', 'specprune', '--layer-times', '--steps', '2', '--warmup', '1', '--stride',
+                           '1', '--threads', '1', '--out', str(tmp_path), '--no-plot'])
+    by_label = {row['label']: row for row in report['rows']}
+    for row in by_label.values():
+        assert 0 < row['layers_ms'] < row['decoder_ms']
+        assert row['layers_speedup'] > 0 and row['layers_over_ideal'] > 0
+    assert by_label['none']['layers_speedup'] == 1.0
+    table = (tmp_path / 'deployment_latency.md').read_text()
+    assert 'Decoder layers alone' in table and 'random 25% ' in table.split('Decoder layers alone')[1]
+    plain = harness.main(['--shape', 'reference', '--width', '64', '--layers', '4', '--methods', 'none', '--steps',
+                          '1', '--warmup', '1', '--stride', '1', '--threads', '1', '--out', str(tmp_path / 'plain'),
+                          '--no-plot'])
+    assert np.isnan(plain['rows'][0]['layers_ms']) and 'layers_speedup' not in plain['rows'][0]
+    assert 'Decoder layers alone' not in (tmp_path / 'plain' / 'deployment_latency.md').read_text()
+
+
 def test_harness_reference_layout(tmp_path):
     harness = _harness()
     report = harness.main(['--shape', 'reference', '--width', '64', '--layers', '4', '--methods', 'none', 'random 25%',
