@@ -125,8 +125,19 @@ def _greedy_on_device(rows: torch.Tensor, nearest: torch.Tensor, m: int, groups:
 def _greedy_on_host(rows: np.ndarray, nearest: np.ndarray, m: int, groups: int, n: int) -> torch.Tensor:
     """The loop of :func:`_greedy` in NumPy, for tensors on the CPU: the same picks (comparisons only, no rounding).
 
-    Each of the ``m`` steps is three small operations, each cheaper as a NumPy call than as a torch one.
+    Each of the ``m`` steps is three small operations, each cheaper as a NumPy call than as a torch one; one group
+    (DivPrune over all cameras) reads its picked row as a view instead of gathering it.
     """
+    if groups == 1:
+        picks = np.empty(m, dtype=np.int64)
+        pick = int(nearest[0].argmax())
+        picks[0] = pick
+        min_dist = rows[pick].copy()
+        for step in range(1, m):
+            pick = int(min_dist.argmax())
+            picks[step] = pick
+            np.minimum(min_dist, rows[pick], out=min_dist)
+        return torch.from_numpy(picks.reshape(1, m))
     offsets = np.arange(0, groups * n, n)
     picks = np.empty((m, groups), dtype=np.int64)
     picks[0] = nearest.argmax(axis=1)
