@@ -49,6 +49,7 @@ class PlayOptions:
     clock: bool = False
     clock_rate_hz: float = 100.0
     wait_for_subscribers_s: float = 0.0         # wait until every topic has a subscriber (or this long)
+    clock_subscribers: int = 0                  # with clock: ... and /clock has this many (node, sim-time recorder)
     skip_unknown: bool = False                  # skip topics whose type is not installed (else: error)
     progress: bool = False
 
@@ -115,10 +116,16 @@ class BagPlayer(Node):
             self.clock_pub.publish(Clock(clock=Time(sec=int(ns) // 1_000_000_000, nanosec=int(ns) % 1_000_000_000)))
 
     def wait_for_subscribers(self) -> list[str]:
-        """Topics still without a subscriber after ``wait_for_subscribers_s``."""
+        """Topics still without a subscriber after ``wait_for_subscribers_s``.
+
+        With ``clock``, /clock counts as lonely until ``clock_subscribers`` subscribe to it: a consumer that joins
+        the graph late (a recorder on sim time) would otherwise miss every /clock of a short replay.
+        """
         deadline = time.monotonic() + self.options.wait_for_subscribers_s
         while True:
             lonely = [t for t, p in self.publishers_by_topic.items() if self.count_subscribers(p.topic_name) == 0]
+            if self.clock_pub is not None and self.count_subscribers('/clock') < self.options.clock_subscribers:
+                lonely.append('/clock')
             if not lonely or time.monotonic() >= deadline or self.stop_event.is_set():
                 return lonely
             time.sleep(0.1)
@@ -189,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--clock-rate', type=float, default=100.0, help='/clock rate between messages (Hz)')
     parser.add_argument('--wait-for-subscribers', type=float, default=0.0, metavar='SECONDS',
                         help='before playing, wait up to this long for a subscriber on every topic')
+    parser.add_argument('--clock-subscribers', type=int, default=0, metavar='N',
+                        help='with --clock and --wait-for-subscribers: also wait for N subscribers on /clock (the '
+                             'node and, e.g., a recorder on sim time)')
     parser.add_argument('--skip-unknown', action='store_true', help='skip topics whose message type is not installed')
     parser.add_argument('--progress', action='store_true',
                         help='show the replayed bag time, its total and the time left')
@@ -200,7 +210,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         options = PlayOptions(topics=args.topics, rate=args.rate, loop=args.loop, start_offset_s=args.start_offset,
                               remap=parse_remap(args.remap), clock=args.clock, clock_rate_hz=args.clock_rate,
-                              wait_for_subscribers_s=args.wait_for_subscribers, skip_unknown=args.skip_unknown,
+                              wait_for_subscribers_s=args.wait_for_subscribers,
+                              clock_subscribers=args.clock_subscribers, skip_unknown=args.skip_unknown,
                               progress=args.progress)
     except ValueError as error:
         print(f'error: {error}', file=sys.stderr)
