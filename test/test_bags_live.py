@@ -55,8 +55,8 @@ def test_recorded_episode_replayed_into_the_node_yields_an_actions_bag(sim_bag, 
             assert recorder.alive() and node.alive(), recorder.output() + node.output()
             time.sleep(0.2)
         player = start('player', [sys.executable, str(ROOT / 'scripts' / 'replay_bag.py'), str(sim_bag), '--clock',
-                                  '--wait-for-subscribers', '120', '--clock-subscribers', '2', '--topics', *INPUTS],
-                       tmp_path)   # /clock: the node and the recorder (which records nothing before a clock)
+                                  '--wait-for-subscribers', '120', '--clock-subscribers', '3', '--topics', *INPUTS],
+                       tmp_path)   # /clock subscribers: the node's clock, the recorder and the recorder's clock
         assert player.wait(240) == 0, player.output()
         time.sleep(1.5)   # the last chunk and commands reach the recorder
     finally:
