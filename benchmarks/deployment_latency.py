@@ -42,6 +42,7 @@ import shlex
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -450,6 +451,7 @@ def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, d
     log(f'{label}: {kind} on {model_device} {str(model_dtype).replace("torch.", "")}, '
         f'{layers} layers x {adapter.runner.hidden_size} (MLP {adapter.runner.mlp_size}), '
         f'{len(cameras)} x {patches} patches; built in {build_s:.1f} s')
+    failed: dict[str, str] = {}
     with torch.inference_mode():
         for index, frame in enumerate(frames):
             if frame.episode_step == 0:
@@ -460,8 +462,15 @@ def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, d
                 clock.reset()
                 sync()
                 t0 = time.perf_counter()
-                out = runner.run(adapter, frame, cameras)
-                sync()
+                try:
+                    out = runner.run(adapter, frame, cameras)
+                    sync()
+                except Exception as error:     # one broken method must not cost the others' measurements
+                    log(f'  {runner.label} failed at step {index} and is left out: '
+                        + ''.join(traceback.format_exception(error)).rstrip())
+                    failed[runner.label] = f'{type(error).__name__}: {error}'
+                    runners.remove(runner)
+                    continue
                 elapsed = time.perf_counter() - t0
                 if frame.episode_step >= warmup:
                     images = [frame.images[c] for c in cameras]
@@ -476,7 +485,7 @@ def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, d
             'images': len(cameras), 'patches_per_image': patches,
             'parameters_m': sum(p.numel() for p in module.parameters()) / 1e6, 'build_s': build_s,
             'device': device_name(model_device), 'dtype': str(model_dtype).replace('torch.', ''),
-            'weight_copies': adapter.runner.weight_copy_kind()}
+            'weight_copies': adapter.runner.weight_copy_kind(), 'failed': failed}
     return rows_for(runners, info), info
 
 
@@ -638,6 +647,9 @@ def markdown(meta: dict, shapes: list[dict], rows: list[dict]) -> str:
                           "keep-set switches and the pass's loop), speedup and measured / ideal: "
                       + '; '.join(f"{row['label']} {row['layers_ms']:.1f} ms, {row['layers_speedup']:.2f}x, "
                                   f"{row['layers_over_ideal']:.2f}" for row in timed) + '.']
+        if shape.get('failed'):
+            lines += ['', '**Left out** (failed during the run; the log has the traceback): '
+                      + '; '.join(f'{label}: {error}' for label, error in shape['failed'].items()) + '.']
         lines += ['', 'Attention path per layer:', '']
         lines += [f"- {row['label']}: {row['attention_backend_summary']}" for row in rows
                   if row['shape'] == shape['shape']]

@@ -3,7 +3,10 @@
 #   1. the CUDA no-sync test(s) (test modules that call torch.cuda.set_sync_debug_mode), if present;
 #   2. the deployment-latency harness at the OpenVLA-OFT and OpenVLA 7B shapes in bf16 (random weights built in
 #      memory), every method interleaved with transformers' own SDPA forward;
-#   3. on that machine's CPU, SDPA's fused kernel against two products at 4, 8 and 16 threads (about 30 s): the
+#   3. the same harness at the OpenVLA-OFT 7B shape with each decoder layer timed apart (--layer-times: a device
+#      synchronisation per layer, so its totals are not the ones of step 2): how much of each method's step is
+#      its layers and how much the selection, keep-set switches and the pass's own loop;
+#   4. on that machine's CPU, SDPA's fused kernel against two products at 4 and 16 threads (about 20 s): the
 #      executor's CPU attention rule was measured at two threads only.
 # Results go to $OUT/gpu_benchmark if OUT is set, else outputs/gpu_benchmark (JSON, markdown table, plot, logs).
 # Fails at once, with the reason, when CUDA is absent. GPU_BENCHMARK_ALLOW_CPU=1 runs the same steps on the CPU at
@@ -29,13 +32,15 @@ started=$(date +%s)
 if [ "${GPU_BENCHMARK_ALLOW_CPU:-0}" = "1" ]; then
     DEVICE=cpu
     HARNESS_ARGS=(--shape oft openvla --width 64 --layers 4 --steps 2 --warmup 1 --stride 1 --threads 2)
+    LAYER_ARGS=(--shape oft --width 64 --layers 4 --steps 2 --warmup 1 --stride 1 --threads 2)
     HARNESS_TIMEOUT=1800
     KERNEL_THREADS=(2)
 else
     DEVICE=cuda
     HARNESS_ARGS=(--shape oft-7b openvla-7b --dtype bfloat16 --steps 30 --warmup 3 --stride 1)
-    HARNESS_TIMEOUT=330        # with the tests' 90 s and the kernel sweep's 60 s: under 8 minutes in all
-    KERNEL_THREADS=(4 8 16)
+    LAYER_ARGS=(--shape oft-7b --dtype bfloat16 --steps 12 --warmup 3 --stride 1)
+    HARNESS_TIMEOUT=300        # with the tests' 90 s, the layer split's 75 s and the kernel sweep's 40 s: under 9
+    KERNEL_THREADS=(4 16)      # minutes in all, far less where nothing hangs
 fi
 
 # -- fail fast without CUDA -------------------------------------------------------------------------------------
@@ -88,8 +93,15 @@ fi
 # -- 2. the harness at the 7B shapes ----------------------------------------------------------------------------
 timeout "$HARNESS_TIMEOUT" "$PY" benchmarks/deployment_latency.py "${HARNESS_ARGS[@]}" "${FRAME_ARGS[@]}" \
     --device "$DEVICE" --out "$OUT_DIR" \
-    2>&1 | tee "$OUT_DIR/deployment_latency.log"
-# -- 3. the CPU attention kernels at more threads ---------------------------------------------------------------
+    2>&1 | tee "$OUT_DIR/deployment_latency.log" || \
+    echo "gpu_benchmark: the harness did not finish (see $OUT_DIR/deployment_latency.log)" >&2
+# -- 3. the decoder layers timed apart at the OFT 7B shape --------------------------------------------------------
+timeout 75 "$PY" benchmarks/deployment_latency.py "${LAYER_ARGS[@]}" "${FRAME_ARGS[@]}" --layer-times \
+    --methods none specprune 'vla_pruner 25%' 'divprune 25%' 'random 25%' coverage_ranked --no-reference \
+    --device "$DEVICE" --out "$OUT_DIR" --name deployment_latency_layers --no-plot \
+    2>&1 | tee "$OUT_DIR/deployment_latency_layers.log" || \
+    echo "gpu_benchmark: the layer split did not finish (see $OUT_DIR/deployment_latency_layers.log)" >&2
+# -- 4. the CPU attention kernels at more threads ---------------------------------------------------------------
 for threads in "${KERNEL_THREADS[@]}"; do
     timeout 20 "$PY" benchmarks/attention_kernels.py --heads 4 --head-dim 64 --tokens 64 96 144 176 192 256 \
         --rounds 3 --calls 10 --threads "$threads" 2>&1 | tee "$OUT_DIR/attention_kernels_${threads}_threads.md" || \

@@ -237,3 +237,31 @@ def test_shapes_of_one_run_are_not_listed_as_kept(tmp_path):
     report = json.loads((tmp_path / 'deployment_latency.json').read_text())
     assert len({info['run']['started'] for info in report['shapes']}) == 1
     assert 'Kept from other runs' not in (tmp_path / 'deployment_latency.md').read_text()
+
+
+def test_a_failing_method_is_left_out_and_the_others_measured(tmp_path, monkeypatch):
+    """A method that raises mid-run (a device fault on new hardware, say) is named and dropped; the rest is timed."""
+    harness = _harness()
+    build = harness.build_method
+
+    def breaks_at_its_second_step(name, config=None, **kwargs):
+        method = build(name, config, **kwargs)
+        if name == 'fastv':
+            begin, calls = method.begin_step, []
+
+            def begin_step(context):
+                calls.append(context)
+                if len(calls) == 2:
+                    raise RuntimeError('device fault')
+                return begin(context)
+            method.begin_step = begin_step
+        return method
+
+    monkeypatch.setattr(harness, 'build_method', breaks_at_its_second_step)
+    report = harness.main(['--shape', 'oft', '--width', '64', '--layers', '4', '--methods', 'none', 'fastv 25%',
+                           'random 25%', '--no-reference', '--steps', '3', '--warmup', '1', '--stride', '1',
+                           '--threads', '1', '--out', str(tmp_path), '--no-plot'])
+    assert [row['label'] for row in report['rows']] == ['none', 'random 25%']
+    assert all(row['steps'] == 3 for row in report['rows'])
+    assert report['shapes'][0]['failed'] == {'fastv 25%': 'RuntimeError: device fault'}
+    assert '**Left out**' in (tmp_path / 'deployment_latency.md').read_text()
