@@ -457,26 +457,27 @@ def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, d
             if frame.episode_step == 0:
                 for runner in runners:
                     runner.reset()
+            if not runners:
+                break
             order = runners[index % len(runners):] + runners[:index % len(runners)]
             for runner in order:
                 clock.reset()
-                sync()
-                t0 = time.perf_counter()
-                try:
+                try:                           # one broken method must not cost the others' measurements
+                    sync()
+                    t0 = time.perf_counter()
                     out = runner.run(adapter, frame, cameras)
                     sync()
-                except Exception as error:     # one broken method must not cost the others' measurements
+                    elapsed = time.perf_counter() - t0
+                    if frame.episode_step >= warmup:
+                        images = [frame.images[c] for c in cameras]
+                        if is_reference_vla:   # what the model saw: the frames resized to its input
+                            clock.frames = [resize(image, adapter.config.image_size) for image in images]
+                        runner.record(out, elapsed, clock, images, frame, layers)
+                except Exception as error:
                     log(f'  {runner.label} failed at step {index} and is left out: '
                         + ''.join(traceback.format_exception(error)).rstrip())
                     failed[runner.label] = f'{type(error).__name__}: {error}'
                     runners.remove(runner)
-                    continue
-                elapsed = time.perf_counter() - t0
-                if frame.episode_step >= warmup:
-                    images = [frame.images[c] for c in cameras]
-                    if is_reference_vla:       # what the model saw: the frames resized to its input
-                        clock.frames = [resize(image, adapter.config.image_size) for image in images]
-                    runner.record(out, elapsed, clock, images, frame, layers)
             if frame.episode_step >= warmup:
                 log(f'  step {index}: ' + ', '.join(f'{r.label} {1e3 * r.samples["total"][-1]:.0f}' for r in runners)
                     + ' ms')

@@ -83,7 +83,7 @@ fi
 mapfile -t SYNC_TESTS < <(grep -l "set_sync_debug_mode" test/test_*.py 2>/dev/null || true)
 if [ "${#SYNC_TESTS[@]}" -gt 0 ]; then
     echo "running ${SYNC_TESTS[*]}"
-    timeout 90 "$PY" -m pytest "${SYNC_TESTS[@]}" -q -rs 2>&1 | tee "$OUT_DIR/cuda_no_sync_tests.txt" || \
+    timeout 90 "$PY" -m pytest "${SYNC_TESTS[@]}" -q -rA 2>&1 | tee "$OUT_DIR/cuda_no_sync_tests.txt" || \
         echo "gpu_benchmark: the no-sync test(s) failed (see $OUT_DIR/cuda_no_sync_tests.txt); timing anyway" >&2
 else
     echo "no CUDA no-sync test present (no test module calls torch.cuda.set_sync_debug_mode)" \

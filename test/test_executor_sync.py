@@ -6,6 +6,7 @@ on the host (``item``, ``cpu``, ``tolist``, ``numpy``, truth values, ``int`` / `
 tensors from host data) raise inside the step.
 """
 import contextlib
+import warnings
 
 import numpy as np
 import pytest
@@ -149,22 +150,20 @@ def _cuda_or_skip() -> torch.device:
     return torch.device('cuda')
 
 
-def _cuda_case(name: str):
-    if name in HOST_CHECKED:
-        return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason='the executor checks the K/V reuse '
-                                                          'plan on the host'))
-    if name in COUNT_READS:
-        return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason='reads the per-camera kept counts '
-                                                          'back once per static gather'))
-    return name
+# synchronisations a step may make on CUDA: the per-camera kept counts (COUNT_READS); VLA-Cache's executor checks
+# its K/V reuse plan on the host (HOST_CHECKED: counted and printed, not bounded)
+CUDA_SYNCS_ALLOWED = {name: count for name, count in COUNT_READS.items() if name not in HOST_CHECKED}
 
 
-@pytest.mark.parametrize('name', [_cuda_case(name) for name in ('fixed', *available_methods())])
+@pytest.mark.parametrize('name', ('fixed', *available_methods()))
 def test_cuda_pruned_steps_do_not_synchronise(name):
+    # warm-up steps run unguarded (any error fails the test); the next step runs with torch's sync debug mode on
+    # 'warn', and every synchronising call it makes is counted against what the method is allowed
     device = _cuda_or_skip()
     layout = make_layout()
     runner = make_runner().to(device)
     method = fixed_plan(layout, device) if name == 'fixed' else build_method(name)
+    counts = []
     with torch.inference_mode():
         for step in range(5):
             x = make_embeddings(layout, step).to(device)
@@ -172,8 +171,16 @@ def test_cuda_pruned_steps_do_not_synchronise(name):
             context.visual_embeddings = x[0, layout.visual_indices().to(device)]
             runner(x, layout, method, context)                       # warm-up: tables and fused weights
             torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode('error')
-            try:
-                runner(x, layout, method, context)
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter('always')
+                torch.cuda.set_sync_debug_mode('warn')
+                try:
+                    runner(x, layout, method, context)
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            syncs = [w for w in caught if 'called a synchronizing CUDA operation' in str(w.message)]
+            counts.append(len(syncs))
+            if name not in HOST_CHECKED:
+                where = '; '.join(f'{w.filename}:{w.lineno}' for w in syncs)
+                assert len(syncs) <= CUDA_SYNCS_ALLOWED.get(name, 0), f'step {step}: {len(syncs)} syncs at {where}'
+    print(f'{name}: synchronising calls per step {counts}')

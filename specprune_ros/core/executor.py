@@ -406,8 +406,8 @@ class PrunableDecoderRunner(nn.Module):
             raise PlanError(f'{stage}: the keep set is empty; keep at least one visual token')
         keep_visual = keep_visual.sort().values
         where = keep_visual.clamp(0, num_tokens - 1)
-        present = torch.zeros(num_tokens, dtype=torch.bool, device=kept.device)
-        present[kept] = True
+        # index_fill_ takes the value as a kernel argument: ``present[kept] = True`` would copy it from host memory
+        present = torch.zeros(num_tokens, dtype=torch.bool, device=kept.device).index_fill_(0, kept, True)
         ok = (keep_visual >= 0) & (keep_visual < num_tokens) & is_visual[where] & present[where]
         distinct = keep_visual[1:] != keep_visual[:-1]
         torch._assert_async(ok.all() & distinct.all(), f'{stage}: the keep set names tokens that are not kept visual '
@@ -684,7 +684,7 @@ class PrunableDecoderRunner(nn.Module):
             store.valid[index] = torch.zeros(num_tokens, dtype=torch.bool, device=keys.device)
         store.keys[index][:, kept] = keys.detach()
         store.values[index][:, kept] = values.detach()
-        store.valid[index][kept] = True
+        store.valid[index].index_fill_(0, kept, True)
 
 
 @functools.lru_cache(maxsize=32)

@@ -120,8 +120,10 @@ class StepRecord:
 
     @property
     def visual_kept_per_layer(self) -> list[int]:
-        visual = self.layout.visual_indices()
-        return [int(torch.isin(k, visual).sum()) for k in self.kept_per_layer]
+        if not self.kept_per_layer:
+            return []
+        visual = self.layout.visual_indices().to(self.kept_per_layer[0].device)
+        return torch.stack([torch.isin(k, visual).sum() for k in self.kept_per_layer]).tolist()
 
     @property
     def mean_visual_kept(self) -> float:
