@@ -239,6 +239,7 @@ class Runner:
     inputs: Any = field(default_factory=hashlib.sha256)
     frames: Any = field(default_factory=hashlib.sha256)
     policy: Any = None                       # the reference VLA's Policy (it carries the method and step index)
+    profile: Optional[dict] = None           # --profile: what torch.profiler saw in its steps
 
     @property
     def is_reference(self) -> bool:
@@ -320,6 +321,51 @@ class Runner:
             path = '/'.join(sorted(kernel, reverse=True)) + (' + probe(' + ','.join(sorted(keys)) + ')' if keys else '')
             out.append(path + (' + reused K/V' if self.reused else ''))
         return out
+
+
+# the CUDA runtime calls that launch a kernel, and those that make the host wait for the device
+LAUNCHES = {'cudaLaunchKernel', 'cudaLaunchKernelExC', 'cuLaunchKernel', 'cuLaunchKernelEx'}
+STREAM_SYNCS = {'cudaStreamSynchronize', 'cudaEventSynchronize'}
+
+
+def profile_steps_of(step: Callable[[Frame], Any], frames: list[Frame], sync: Callable[[], None],
+                     cuda: bool, top: int = 12) -> dict:
+    """One method's steps under torch.profiler: per step, host and device time, kernel launches, host waits.
+
+    Says whether a step is bound by the host (the Python and dispatch work that issues the operations) or by the
+    device (kernel time), and which operations cost most on each. The profiler itself slows the host.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    walls = []
+    with profile(activities=activities) as prof:
+        for frame in frames:
+            sync()
+            t0 = time.perf_counter()
+            step(frame)
+            sync()
+            walls.append(time.perf_counter() - t0)
+    events = prof.key_averages()
+    steps = max(len(frames), 1)
+
+    def device_us(event) -> float:
+        return float(getattr(event, 'self_device_time_total', getattr(event, 'self_cuda_time_total', 0.0)))
+
+    on_device = [e for e in events if e.device_type == DeviceType.CUDA]
+    on_host = [e for e in events if e.device_type == DeviceType.CPU]
+    per_step = (lambda names: sum(e.count for e in on_host if e.key in names) / steps)
+    return {
+        'steps': len(frames), 'wall_ms': 1e3 * float(np.median(walls)),
+        'device_busy_ms': sum(device_us(e) for e in on_device) / 1e3 / steps,
+        'kernel_launches': per_step(LAUNCHES), 'stream_syncs': per_step(STREAM_SYNCS),
+        'device_syncs': per_step({'cudaDeviceSynchronize'}),
+        'aten_calls': sum(e.count for e in on_host if e.key.startswith('aten::')) / steps,
+        'top_host': [[e.key, e.self_cpu_time_total / 1e3 / steps, e.count / steps]
+                     for e in sorted(on_host, key=lambda e: -e.self_cpu_time_total)[:top]],
+        'top_device': [[e.key, device_us(e) / 1e3 / steps, e.count / steps]
+                       for e in sorted(on_device, key=device_us, reverse=True)[:top]],
+    }
 
 
 def bootstrap_ratio(base: np.ndarray, other: np.ndarray, resamples: int = 2000, seed: int = 0) -> list[float]:
@@ -414,9 +460,13 @@ def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, d
                   seed: int = 0, reference: bool = True, unnorm_key: Optional[str] = None,
                   log: Callable[[str], None] = print, weight_copies: str = 'auto',
                   attention_kernel: str = 'auto', every_layer_hooks: bool = False,
-                  layer_times: bool = False) -> tuple[list, dict]:
+                  layer_times: bool = False, profile_steps: int = 0, fuse_projections: str = 'auto',
+                  compile_layers: bool = False) -> tuple[list, dict]:
     started = time.perf_counter()
     adapter, label = build_target(target, device, dtype, seed, unnorm_key)
+    if fuse_projections != 'auto' or compile_layers:      # compiled layers read the fused projections
+        adapter.runner.fuse_projections = fuse_projections == 'on' or compile_layers
+    adapter.runner.compile_layers = compile_layers
     if weight_copies != 'auto':        # 'onednn', 'mkl' or 'none'
         adapter.runner.packed_weights = weight_copies == 'onednn'
         adapter.runner.mkl_packed_weights = weight_copies == 'mkl'
@@ -481,6 +531,12 @@ def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, d
             if frame.episode_step >= warmup:
                 log(f'  step {index}: ' + ', '.join(f'{r.label} {1e3 * r.samples["total"][-1]:.0f}' for r in runners)
                     + ' ms')
+        if profile_steps and runners:
+            steady = [frame for frame in frames if frame.episode_step >= warmup] or frames
+            steady = [steady[i % len(steady)] for i in range(-profile_steps, 0)]     # the last ones, cycled
+            for runner in runners:
+                runner.profile = profile_steps_of(lambda frame: runner.run(adapter, frame, cameras), steady, sync,
+                                                  cuda)
     info = {'shape': label, 'kind': kind, 'width': adapter.runner.hidden_size, 'layers': layers, 'heads': heads,
             'mlp': adapter.runner.mlp_size, 'vision_widths': vision_widths, 'vision_depths': vision_depths,
             'images': len(cameras), 'patches_per_image': patches,
@@ -546,6 +602,8 @@ def rows_for(runners: list[Runner], info: dict) -> list[dict]:
         row['inputs_sha256'] = r.inputs.hexdigest()[:16]
         row['frames_sha256'] = r.frames.hexdigest()[:16]
         row['total_ms_samples'] = [1e3 * v for v in total]
+        if r.profile is not None:
+            row['profile'] = r.profile
         rows.append(row)
     return rows
 
@@ -614,7 +672,8 @@ def markdown(meta: dict, shapes: list[dict], rows: list[dict]) -> str:
                   f"{shape['mlp']}); ViTs {shape['vision_widths']} wide x {shape['vision_depths']} blocks; "
                   f"{shape['images']} image(s) x {shape['patches_per_image']} patches; "
                   f"{shape['parameters_m']:.0f} M parameters"
-                  '; executor products ' + PRODUCTS.get(shape.get('weight_copies'), 'by BLAS (MKL)') + '.', '',
+                  '; executor products ' + PRODUCTS.get(shape.get('weight_copies'), 'by BLAS (MKL)' if str(
+                      shape.get('device', 'CPU')).startswith('CPU') else 'on the device') + '.', '',
                   '| method | total | vision | decoder (prefill + decode) | selection (/ decoder) | head | speedup '
                   '(95% CI) | vs transformers | decoder ideal | measured / ideal | total ideal | kept visual / layer |',
                   '|---|---|---|---|---|---|---|---|---|---|---|---|']
@@ -648,6 +707,21 @@ def markdown(meta: dict, shapes: list[dict], rows: list[dict]) -> str:
                           "keep-set switches and the pass's loop), speedup and measured / ideal: "
                       + '; '.join(f"{row['label']} {row['layers_ms']:.1f} ms, {row['layers_speedup']:.2f}x, "
                                   f"{row['layers_over_ideal']:.2f}" for row in timed) + '.']
+        profiled = [row for row in rows if row['shape'] == shape['shape'] and 'profile' in row]
+        if profiled:
+            lines += ['', f"Profile (`--profile`: torch.profiler over {profiled[0]['profile']['steps']} more steps per "
+                          'method; the profiler slows the host, so its wall times exceed the table\'s). Per step: '
+                          'wall time, device kernel time, kernel launches, aten calls (nested ones included), host '
+                          'waits for a stream, and the operations taking most host and device time:', '',
+                      '| method | wall | device busy | launches | aten calls | stream waits | most host time | '
+                      'most device time |', '|---|---|---|---|---|---|---|---|']
+            for row in profiled:
+                prof = row['profile']
+                host = ', '.join(f'{name} {ms:.2f}' for name, ms, _ in prof['top_host'][:4])
+                device = ', '.join(f'{name[:40]} {ms:.2f}' for name, ms, _ in prof['top_device'][:3]) or '-'
+                lines.append(f"| {row['label']} | {prof['wall_ms']:.1f} | {prof['device_busy_ms']:.1f} | "
+                             f"{prof['kernel_launches']:.0f} | {prof['aten_calls']:.0f} | {prof['stream_syncs']:.1f} | "
+                             f'{host} | {device} |')
         if shape.get('failed'):
             lines += ['', '**Left out** (failed during the run; the log has the traceback): '
                       + '; '.join(f'{label}: {error}' for label, error in shape['failed'].items()) + '.']
@@ -744,6 +818,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         help="also time each decoder layer's own work (a clock read around every layer, synchronised "
                              "on CUDA), so the table says how much of a method's decoder time the layers take and "
                              "how close they come to their FLOPs")
+    parser.add_argument('--profile', type=int, default=0, metavar='N',
+                        help='after the timed steps, run N more steps per method under torch.profiler and report '
+                             'host and device time, kernel launches, host waits and the costliest operations')
+    parser.add_argument('--fuse-projections', choices=('auto', 'on', 'off'), default='auto',
+                        help="the executor's fused query/key/value and gate/up products: 'auto' = on where the weights "
+                             'live on the CPU (the executor\'s default), on / off everywhere')
+    parser.add_argument('--compile-layers', action='store_true',
+                        help="run the executor's layers as torch.compile graphs (token counts padded to 32-token "
+                             'buckets; every new bucket compiles once, inside the untimed warm-up only if it recurs)')
     parser.add_argument('--append', action='store_true',
                         help='keep the shapes of an existing output of the same name (re-measured shapes replaced)')
     args = parser.parse_args(argv)
@@ -792,7 +875,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         shape_rows, info = measure_shape(shape, frames, methods, args.device, args.dtype, args.warmup, args.seed,
                                          reference=not args.no_reference, unnorm_key=args.unnorm_key,
                                          weight_copies=args.weight_copies, attention_kernel=args.attention_kernel,
-                                         every_layer_hooks=args.every_layer_hooks, layer_times=args.layer_times)
+                                         every_layer_hooks=args.every_layer_hooks, layer_times=args.layer_times,
+                                         profile_steps=args.profile, fuse_projections=args.fuse_projections,
+                                         compile_layers=args.compile_layers)
         rows += shape_rows
         infos.append(info)
         if torch.cuda.is_available():

@@ -265,3 +265,20 @@ def test_a_failing_method_is_left_out_and_the_others_measured(tmp_path, monkeypa
     assert all(row['steps'] == 3 for row in report['rows'])
     assert report['shapes'][0]['failed'] == {'fastv 25%': 'RuntimeError: device fault'}
     assert '**Left out**' in (tmp_path / 'deployment_latency.md').read_text()
+
+
+def test_profile_says_where_each_step_spends_its_time(tmp_path):
+    """``--profile N``: N more steps per method under torch.profiler; per-step counts and the costliest operations."""
+    harness = _harness()
+    report = harness.main(['--shape', 'oft', '--width', '64', '--layers', '4', '--methods', 'none', 'random 25%',
+                           '--no-reference', '--steps', '1', '--warmup', '1', '--stride', '1', '--threads', '1',
+                           '--profile', '2', '--fuse-projections', 'off', '--out', str(tmp_path), '--no-plot'])
+    assert report['shapes'][0]['weight_copies'] is None          # --fuse-projections off: the layers' own products
+    for row in report['rows']:
+        prof = row['profile']
+        assert prof['steps'] == 2 and prof['wall_ms'] > 0 and prof['aten_calls'] > 100
+        assert prof['kernel_launches'] == 0 and prof['device_busy_ms'] == 0      # nothing ran on a GPU here
+        names = [name for name, ms, calls in prof['top_host']]
+        assert any('addmm' in name or 'linear' in name or 'mm' in name for name in names)
+    table = (tmp_path / 'deployment_latency.md').read_text()
+    assert '| random 25% |' in table.split('Profile (')[1]
