@@ -461,12 +461,13 @@ def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, d
                   log: Callable[[str], None] = print, weight_copies: str = 'auto',
                   attention_kernel: str = 'auto', every_layer_hooks: bool = False,
                   layer_times: bool = False, profile_steps: int = 0, fuse_projections: str = 'auto',
-                  compile_layers: bool = False) -> tuple[list, dict]:
+                  compile_layers: bool = False, cuda_graphs: bool = False) -> tuple[list, dict]:
     started = time.perf_counter()
     adapter, label = build_target(target, device, dtype, seed, unnorm_key)
-    if fuse_projections != 'auto' or compile_layers:      # compiled layers read the fused projections
-        adapter.runner.fuse_projections = fuse_projections == 'on' or compile_layers
+    if fuse_projections != 'auto':
+        adapter.runner.fuse_projections = fuse_projections == 'on'
     adapter.runner.compile_layers = compile_layers
+    adapter.runner.cuda_graph_layers = cuda_graphs
     if weight_copies != 'auto':        # 'onednn', 'mkl' or 'none'
         adapter.runner.packed_weights = weight_copies == 'onednn'
         adapter.runner.mkl_packed_weights = weight_copies == 'mkl'
@@ -827,6 +828,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument('--compile-layers', action='store_true',
                         help="run the executor's layers as torch.compile graphs (token counts padded to 32-token "
                              'buckets; every new bucket compiles once, inside the untimed warm-up only if it recurs)')
+    parser.add_argument('--cuda-graphs', action='store_true',
+                        help="replay the executor's layers as CUDA graphs (token counts padded to 32-token buckets; "
+                             'each new bucket captures every layer once; CUDA only)')
     parser.add_argument('--append', action='store_true',
                         help='keep the shapes of an existing output of the same name (re-measured shapes replaced)')
     args = parser.parse_args(argv)
@@ -877,7 +881,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                          weight_copies=args.weight_copies, attention_kernel=args.attention_kernel,
                                          every_layer_hooks=args.every_layer_hooks, layer_times=args.layer_times,
                                          profile_steps=args.profile, fuse_projections=args.fuse_projections,
-                                         compile_layers=args.compile_layers)
+                                         compile_layers=args.compile_layers, cuda_graphs=args.cuda_graphs)
         rows += shape_rows
         infos.append(info)
         if torch.cuda.is_available():

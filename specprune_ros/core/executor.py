@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.activations import SiLUActivation
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
@@ -40,6 +41,7 @@ from specprune_ros.core.attention_kernels import (AttentionKernel, attention_wit
                                                   two_product_attention, use_two_products)
 from specprune_ros.core.cpu_info import available_memory_bytes, cpu_info
 from specprune_ros.core.flops import decoder_flops
+from specprune_ros.core.layer_graphs import LayerGraphs
 from specprune_ros.core.masks import attention_mask
 from specprune_ros.core.step_types import (AttentionRequest, KVStore, LayerView, PruningMethod, StepContext,
                                            StepPlan, StepRecord)
@@ -98,6 +100,23 @@ class RunResult:
         return self.hidden[:, where]
 
 
+# SDPA's kernels for the executor's passes on CUDA: cuDNN's attention is left out, since it builds an execution
+# plan per new sequence length (measured on an H200: tens of ms a step for a method whose kept count changes every
+# step, 5x its step time), while pruned sequences change length all the time
+_SDPA_WITHOUT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _without_cudnn_attention(run: Callable) -> Callable:
+    """A runner method (first argument the embeddings) that, on CUDA, runs SDPA without cuDNN's attention."""
+    @functools.wraps(run)
+    def wrapped(self, embeddings: torch.Tensor, *args, **kwargs):
+        if embeddings.device.type != 'cuda':
+            return run(self, embeddings, *args, **kwargs)
+        with sdpa_kernel(_SDPA_WITHOUT_CUDNN):
+            return run(self, embeddings, *args, **kwargs)
+    return wrapped
+
+
 class PrunableDecoderRunner(nn.Module):
     """Layer-by-layer execution of a transformers Llama-family decoder with visual-token pruning."""
 
@@ -105,7 +124,7 @@ class PrunableDecoderRunner(nn.Module):
                  validate_on_host: Optional[bool] = None, compile_layers: bool = False, bucket: int = 32,
                  input_major_weights: bool = False, packed_weights: Optional[bool] = None,
                  mkl_packed_weights: Optional[bool] = None, attention_kernel: Optional[AttentionKernel] = None,
-                 share_probabilities: bool = True) -> None:
+                 share_probabilities: bool = True, cuda_graph_layers: bool = False) -> None:
         """``decoder``: a transformers ``LlamaModel``-like module with ``layers``, ``rotary_emb`` and ``norm``.
 
         ``fuse_projections``: without autograd, run each layer's query/key/value projections as one matrix
@@ -168,6 +187,14 @@ class PrunableDecoderRunner(nn.Module):
         Xeon it took 2-6% off passes at those token counts, ``docs/benchmarks.md``). The two give the same outputs up to
         rounding in the last bits. 'sdpa' / 'products' force one. Masked (causal) layers always run SDPA.
 
+        ``cuda_graph_layers``: on CUDA, replay each layer as a CUDA graph captured once per layer and padded token
+        count (:mod:`specprune_ros.core.layer_graphs`): one launch per layer instead of about 25, for steps the host
+        cannot issue as fast as the device runs them. The tokens are padded to ``bucket`` as for
+        ``compile_layers``, with the same limits (plain Llama layers, fused projections, no autograd, no stored,
+        reused or returned keys/values); a layer whose attention a method reads runs eagerly over the same padded
+        tokens. Each new padded size costs a capture per layer (a few ms each) and holds the layers' outputs at that
+        size in device memory. Ignored off CUDA. Off by default (``docs/benchmarks.md``).
+
         ``share_probabilities``: where a method's attention probes read at least three quarters of a layer's query
         rows (VLA-Pruner's prefill rows), that layer's attention runs as two products (masked where the layout is
         causal) and the probes are read off its probabilities instead of computing most of them a second time
@@ -189,6 +216,8 @@ class PrunableDecoderRunner(nn.Module):
         self._fused: dict[int, _FusedProjections] = {}
         self._pass_fusions: Optional[tuple[tuple, list[Optional[_FusedProjections]]]] = None
         self.compile_layers = compile_layers
+        self.cuda_graph_layers = cuda_graph_layers
+        self._graphs = LayerGraphs()
         self.share_probabilities = share_probabilities
         self.bucket = max(1, int(bucket))
         self.input_major_weights = input_major_weights
@@ -200,6 +229,7 @@ class PrunableDecoderRunner(nn.Module):
         self._copies_fit: Optional[bool] = None
         self._rope_tables: Optional[_RopeTables] = None
 
+    @_without_cudnn_attention
     def forward(self, embeddings: torch.Tensor, layout: TokenLayout, method: Optional[PruningMethod] = None,
                 context: Optional[StepContext] = None, return_cache: bool = False) -> RunResult:
         """Run all layers on ``embeddings`` (B, N, d) laid out as ``layout``; prune as ``method`` says.
@@ -236,7 +266,8 @@ class PrunableDecoderRunner(nn.Module):
         cache = DecoderCache(last_position=layout.num_tokens - 1) if return_cache else None
 
         hidden = embeddings.index_select(1, kept)
-        bucket = self.bucket if self._compiles(plan, reused, return_cache) else None
+        bucket = self.bucket if self._compiles(plan, reused, return_cache, device) else None
+        graphed = bucket is not None and self._graphs_on(device)
         tables = self._tables(embeddings, layout.num_tokens)
         kept_per_layer: list[torch.Tensor] = []
         n_keys: list[int] = []
@@ -251,7 +282,8 @@ class PrunableDecoderRunner(nn.Module):
             asked = requests.get(index, ())
             shared = tokens.padded is None and self._shares_probabilities(layer, tokens, asked)
             products = tokens.padded is None and not shared and self._two_products(layer, tokens, hidden)
-            kernels.append('compiled' if tokens.padded is not None else 'shared' if shared
+            kernels.append(('cuda graph' if graphed and not asked else 'padded') if graphed
+                           else 'compiled' if tokens.padded is not None else 'shared' if shared
                            else 'products' if products else 'sdpa')
             hidden, summaries = self._run_layer(layer, index, hidden, tokens, asked, plan.kv_store,
                                                 cache, probes, fusions[index], products, shared)
@@ -292,6 +324,7 @@ class PrunableDecoderRunner(nn.Module):
         return RunResult(hidden=hidden, kept=kept, record=record, cache=cache)
 
     @torch.no_grad()
+    @_without_cudnn_attention
     def decode(self, embeddings: torch.Tensor, positions: torch.Tensor | Sequence[int], cache: DecoderCache,
                attention_layers: Sequence[int] = ()) -> DecodeResult:
         """Run new tokens (B, t, d) at ``positions`` through every layer against ``cache`` (causal).
@@ -501,8 +534,10 @@ class PrunableDecoderRunner(nn.Module):
 
         rows = [tokens.query_rows(request.rows) for request in requests] if shared else None
         probed: list[torch.Tensor] = []
-        if tokens.padded is not None:
-            hidden, q, k = self._compiled_block(layer, hidden, tokens.padded, fused)
+        if tokens.padded is not None and not requests and self._graphs_on(hidden.device):
+            hidden, q, k = self._graphed_block(layer, index, hidden, tokens.padded, fused), None, None
+        elif tokens.padded is not None:
+            hidden, q, k = self._compiled_block(layer, hidden, tokens.padded, fused, self.compile_layers)
         else:
             hidden, q, k = self._block(layer, hidden, tokens.rope, tokens.mask, tokens.causal, extend, fused,
                                        products, rows, probed)
@@ -515,29 +550,38 @@ class PrunableDecoderRunner(nn.Module):
                               layer.self_attn.scaling)
         return hidden, summaries
 
-    def _compiles(self, plan: StepPlan, reused: Optional[torch.Tensor], return_cache: bool) -> bool:
-        """Whether this pass runs its layers compiled (``compile_layers``, and nothing the graph leaves out)."""
-        if not self.compile_layers or torch.is_grad_enabled() or return_cache or reused is not None:
+    def _graphs_on(self, device: torch.device) -> bool:
+        return self.cuda_graph_layers and device.type == 'cuda'
+
+    def _compiles(self, plan: StepPlan, reused: Optional[torch.Tensor], return_cache: bool,
+                  device: torch.device) -> bool:
+        """Whether this pass runs its layers over padded tokens, compiled or as CUDA graphs (nothing they leave out)."""
+        wanted = self.compile_layers or self._graphs_on(device)
+        if not wanted or torch.is_grad_enabled() or return_cache or reused is not None:
             return False
         if plan.kv_store is not None:
             return False
         return all(self._fusion(i) is not None and _compilable(layer) for i, layer in enumerate(self.decoder.layers))
 
     @staticmethod
-    def _compiled_block(layer: nn.Module, hidden: torch.Tensor, padded: '_Padded', fused: '_FusedProjections'
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`_block` as a compiled graph over the tokens padded to their bucket; padding dropped after it."""
-        attn, mlp = layer.self_attn, layer.mlp
+    def _compiled_block(layer: nn.Module, hidden: torch.Tensor, padded: '_Padded', fused: '_FusedProjections',
+                        compiled: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_block` over the tokens padded to their bucket, as a compiled graph (else eagerly); padding dropped
+        after it."""
         n = hidden.shape[1]
         x = F.pad(hidden, (0, 0, 0, padded.size - n)) if padded.size > n else hidden
-        head_dim = attn.head_dim
-        out, q, k = _compiled_layer()(
-            x, padded.rope._cos, padded.rope._sin, padded.mask, padded.causal, fused.qkv_weight, fused.qkv_bias,
-            attn.o_proj.weight, attn.o_proj.bias, fused.gate_up_weight, fused.gate_up_bias, mlp.down_proj.weight,
-            mlp.down_proj.bias, layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-            layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon,
-            fused.qkv_sizes[0] // head_dim, fused.qkv_sizes[1] // head_dim, head_dim, attn.scaling)
+        arithmetic = _compiled_layer() if compiled else _layer_arithmetic
+        out, q, k = arithmetic(x, padded.rope._cos, padded.rope._sin, padded.mask, padded.causal,
+                               *_layer_operands(layer, fused))
         return out[:, :n], q[:, :, :n], k[:, :, :n]
+
+    def _graphed_block(self, layer: nn.Module, index: int, hidden: torch.Tensor, padded: '_Padded',
+                       fused: '_FusedProjections') -> torch.Tensor:
+        """:meth:`_block` as layer ``index``'s CUDA graph at the padded size (``cuda_graph_layers``)."""
+        def body(x, cos, sin, mask):
+            return _layer_arithmetic(x, cos, sin, mask, padded.causal, *_layer_operands(layer, fused))[0]
+        return self._graphs.run(index, hidden, padded.size, padded.rope._cos, padded.rope._sin, padded.mask,
+                                padded, body)
 
     def _fusions(self) -> list[Optional['_FusedProjections']]:
         """Every layer's fused projections for one pass (see :meth:`_fusion`).
@@ -568,7 +612,8 @@ class PrunableDecoderRunner(nn.Module):
         layer = self.decoder.layers[index]
         kind = self._copy_kind(next(layer.parameters()))
         if fused is None or not fused.current() or fused.copy_kind != kind:
-            if self.fuse_projections is None and next(layer.parameters()).device.type != 'cpu':
+            padded = self.compile_layers or self.cuda_graph_layers        # their layers read the fused weights
+            if self.fuse_projections is None and next(layer.parameters()).device.type != 'cpu' and not padded:
                 return None
             exact = self._mkl_packed if kind == 'mkl_packed' else self._input_major
             fused = _FusedProjections.build(layer, kind, exact)
@@ -870,6 +915,17 @@ def _layer_arithmetic(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     gate, up = F.linear(F.rms_norm(hidden, post_norm_weight.shape, post_norm_weight, post_eps), gate_up_weight,
                         gate_up_bias).chunk(2, dim=-1)
     return hidden + F.linear(F.silu(gate) * up, down_weight, down_bias), q, k
+
+
+def _layer_operands(layer: nn.Module, fused: '_FusedProjections') -> tuple:
+    """The arguments of :func:`_layer_arithmetic` after ``causal``: one layer's weights, norms and head sizes."""
+    attn, mlp = layer.self_attn, layer.mlp
+    head_dim = attn.head_dim
+    return (fused.qkv_weight, fused.qkv_bias, attn.o_proj.weight, attn.o_proj.bias, fused.gate_up_weight,
+            fused.gate_up_bias, mlp.down_proj.weight, mlp.down_proj.bias, layer.input_layernorm.weight,
+            layer.post_attention_layernorm.weight, layer.input_layernorm.variance_epsilon,
+            layer.post_attention_layernorm.variance_epsilon, fused.qkv_sizes[0] // head_dim,
+            fused.qkv_sizes[1] // head_dim, head_dim, attn.scaling)
 
 
 @functools.cache

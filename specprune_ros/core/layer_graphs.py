@@ -1,0 +1,109 @@
+"""CUDA graphs of decoder layers: each (layer, padded token count) captured once, then replayed.
+
+On a GPU a pruned step is often bound by the host, not by the device: a 7B decoder layer is about 25 kernel
+launches, and at a few hundred tokens the host issues them more slowly than the device runs them, so dropping
+tokens shortens the device's work but not the step. A replayed graph is one launch per layer.
+
+A graph runs fixed addresses and shapes, so the layers run over the kept tokens padded to a bucket (the
+executor's ``_Padded``: padding keys masked out, padding rows dropped after the layer), and every graph of one
+padded size reads the same static buffers: the layer input, the RoPE tables and the mask. The tables and the
+mask are copied in when the kept set changes, the input before each layer; each layer's output stays in its
+graph's own buffer until the next pass replays that graph.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+# (x, cos, sin, mask) -> the layer's output over the padded rows
+LayerBody = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+@dataclass
+class _Captured:
+    graph: 'torch.cuda.CUDAGraph'
+    out: torch.Tensor
+
+
+@dataclass
+class _SizeGraphs:
+    """The static buffers of one padded size and the graphs of every layer captured at it."""
+
+    x: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: Optional[torch.Tensor]
+    source: object = None                       # the padded kept set whose tables and mask are loaded
+    layers: dict[int, _Captured] = field(default_factory=dict)
+
+
+class LayerGraphs:
+    """Captures and replays the decoder's layers as CUDA graphs, per layer and padded token count.
+
+    ``max_sizes``: padded sizes kept at once; the least recently used one is released beyond it (a method whose
+    kept count wanders over many buckets pays a capture per layer at each new one).
+    """
+
+    def __init__(self, max_sizes: int = 24) -> None:
+        self.max_sizes = max_sizes
+        self._sizes: OrderedDict[tuple, _SizeGraphs] = OrderedDict()
+        self._pool = None
+        self.captures = 0
+
+    def run(self, index: int, hidden: torch.Tensor, padded_size: int, cos: torch.Tensor, sin: torch.Tensor,
+            mask: Optional[torch.Tensor], source: object, body: LayerBody) -> torch.Tensor:
+        """Layer ``index`` over ``hidden`` (1, n, d), n <= ``padded_size``: its output rows (1, n, d).
+
+        ``cos`` / ``sin`` / ``mask``: the padded kept set's RoPE tables and key mask (None: none needed);
+        ``source``: the object they belong to (copied into the static buffers when it changes); ``body``: the
+        layer's arithmetic, called once outside the graph and once while capturing it.
+        """
+        key = (padded_size, hidden.shape[-1], hidden.dtype, hidden.device, cos.shape, mask is None)
+        size = self._sizes.get(key)
+        if size is None:
+            size = self._new_size(key, hidden, padded_size, cos, sin, mask)
+        self._sizes.move_to_end(key)
+        if size.source is not source:
+            size.cos.copy_(cos)
+            size.sin.copy_(sin)
+            if mask is not None:
+                size.mask.copy_(mask)
+            size.source = source
+        n = hidden.shape[1]
+        size.x[:, :n].copy_(hidden)
+        captured = size.layers.get(index)
+        if captured is None:
+            captured = size.layers[index] = self._capture(lambda: body(size.x, size.cos, size.sin, size.mask),
+                                                          hidden.device)
+        captured.graph.replay()
+        return captured.out[:, :n]
+
+    def clear(self) -> None:
+        """Release every graph and buffer."""
+        self._sizes.clear()
+
+    def _new_size(self, key: tuple, hidden: torch.Tensor, padded_size: int, cos: torch.Tensor, sin: torch.Tensor,
+                  mask: Optional[torch.Tensor]) -> _SizeGraphs:
+        while len(self._sizes) >= self.max_sizes:
+            self._sizes.popitem(last=False)
+        size = _SizeGraphs(x=hidden.new_zeros(1, padded_size, hidden.shape[-1]), cos=torch.empty_like(cos),
+                           sin=torch.empty_like(sin), mask=None if mask is None else torch.empty_like(mask))
+        self._sizes[key] = size
+        return size
+
+    def _capture(self, call: Callable[[], torch.Tensor], device: torch.device) -> _Captured:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            call()                               # outside the graph first: library handles and workspaces
+        torch.cuda.current_stream(device).wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):   # graphs replay one after another: one memory pool
+            out = call()
+        self.captures += 1
+        return _Captured(graph, out)
