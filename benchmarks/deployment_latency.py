@@ -467,7 +467,10 @@ def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, d
     if fuse_projections != 'auto':
         adapter.runner.fuse_projections = fuse_projections == 'on'
     adapter.runner.compile_layers = compile_layers
-    adapter.runner.cuda_graph_layers = cuda_graphs
+    if cuda_graphs and hasattr(adapter, 'use_cuda_graphs'):
+        adapter.use_cuda_graphs()
+    elif cuda_graphs:                                     # the reference VLA: its decoder layers
+        adapter.runner.cuda_graph_layers = True
     if weight_copies != 'auto':        # 'onednn', 'mkl' or 'none'
         adapter.runner.packed_weights = weight_copies == 'onednn'
         adapter.runner.mkl_packed_weights = weight_copies == 'mkl'
@@ -829,8 +832,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         help="run the executor's layers as torch.compile graphs (token counts padded to 32-token "
                              'buckets; every new bucket compiles once, inside the untimed warm-up only if it recurs)')
     parser.add_argument('--cuda-graphs', action='store_true',
-                        help="replay the executor's layers as CUDA graphs (token counts padded to 32-token buckets; "
-                             'each new bucket captures every layer once; CUDA only)')
+                        help="replay the vision backbones and the executor's layers as CUDA graphs (token counts "
+                             'padded to 32-token buckets; each new bucket captures every layer once; CUDA only)')
     parser.add_argument('--append', action='store_true',
                         help='keep the shapes of an existing output of the same name (re-measured shapes replaced)')
     args = parser.parse_args(argv)

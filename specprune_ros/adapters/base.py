@@ -26,6 +26,7 @@ from specprune_ros.adapters import actions as action_ops
 from specprune_ros.adapters.published_checkpoint import (PrismaticCheckpoint, assert_materialised, assign_state,
                                                          load_tokenizer, read_checkpoint, read_state, restore_rotary)
 from specprune_ros.adapters.prismatic import PrismaticVLA
+from specprune_ros.core.cuda_graphs import ShapeGraphs
 from specprune_ros.core.executor import PrunableDecoderRunner
 from specprune_ros.core.step_types import LayerView, PruningMethod, StepContext, StepPlan, StepRecord
 from specprune_ros.core.token_layout import TokenLayout
@@ -130,6 +131,8 @@ class PrismaticAdapter(ModelBackend):
         self.device = device
         self.dtype = dtype
         self.runner = PrunableDecoderRunner(model.decoder)
+        self._vision_graphs = ShapeGraphs(model.patch_embeddings)
+        self.cuda_graph_vision = False
         self.transform = checkpoint.transform
         self.num_images = int(num_images)
         if '{instruction}' not in prompt_template:
@@ -229,8 +232,16 @@ class PrismaticAdapter(ModelBackend):
     def visual_tokens(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
         """(1, num_images * patches, d): each camera through the fused backbones and the projector."""
         pixels = self.transform.pixels(frames, device=self.device, dtype=self.dtype)
-        tokens = self.model.patch_embeddings(pixels)                     # (cams, P, d)
+        embed = self._vision_graphs if self.cuda_graph_vision else self.model.patch_embeddings
+        tokens = embed(pixels)                                           # (cams, P, d)
         return tokens.reshape(1, -1, tokens.shape[-1])
+
+    def use_cuda_graphs(self, enabled: bool = True) -> None:
+        """On CUDA, replay the vision backbones (one graph per camera count) and the decoder's plain layers (one
+        per layer and padded token count) as CUDA graphs: a step the host issues op by op becomes a few launches
+        (:mod:`specprune_ros.core.cuda_graphs`). No effect off CUDA."""
+        self.cuda_graph_vision = enabled
+        self.runner.cuda_graph_layers = enabled
 
     def embed_ids(self, ids: Sequence[int]) -> torch.Tensor:
         return self.model.embed_tokens(torch.tensor([list(ids)], device=self.device))

@@ -47,6 +47,7 @@ class AdapterOptions:
     control_period_s: float = 0.1
     translation_scale_m: float = 0.02
     rotation_scale_rad: float = 0.2
+    cuda_graphs: bool = False                 # on CUDA: vision and decoder layers replayed as CUDA graphs
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = 'options') -> 'AdapterOptions':
@@ -84,11 +85,14 @@ def load_adapter(directory: str | Path, kind: Optional[str] = None, device: str 
     if options.prompt_template:
         common['prompt_template'] = options.prompt_template
     if kind == 'openvla':
-        return OpenVLAAdapter.load(directory, **common)
-    if kind == 'openvla-oft':
+        adapter = OpenVLAAdapter.load(directory, **common)
+    elif kind == 'openvla-oft':
         num_images = options.num_images or (len(options.camera_names) if options.camera_names else 2)
-        return OpenVLAOFTAdapter.load(directory, num_images=num_images, chunk_size=options.chunk_size, **common)
-    raise ValueError(f"kind must be 'openvla' or 'openvla-oft', got {kind!r}")
+        adapter = OpenVLAOFTAdapter.load(directory, num_images=num_images, chunk_size=options.chunk_size, **common)
+    else:
+        raise ValueError(f"kind must be 'openvla' or 'openvla-oft', got {kind!r}")
+    adapter.use_cuda_graphs(options.cuda_graphs)
+    return adapter
 
 
 def load_adapter_policy(directory: str | Path, kind: Optional[str] = None, method: str = 'none',

@@ -41,7 +41,7 @@ from specprune_ros.core.attention_kernels import (AttentionKernel, attention_wit
                                                   two_product_attention, use_two_products)
 from specprune_ros.core.cpu_info import available_memory_bytes, cpu_info
 from specprune_ros.core.flops import decoder_flops
-from specprune_ros.core.layer_graphs import LayerGraphs
+from specprune_ros.core.cuda_graphs import LayerGraphs
 from specprune_ros.core.masks import attention_mask
 from specprune_ros.core.step_types import (AttentionRequest, KVStore, LayerView, PruningMethod, StepContext,
                                            StepPlan, StepRecord)
@@ -188,7 +188,7 @@ class PrunableDecoderRunner(nn.Module):
         rounding in the last bits. 'sdpa' / 'products' force one. Masked (causal) layers always run SDPA.
 
         ``cuda_graph_layers``: on CUDA, replay each layer as a CUDA graph captured once per layer and padded token
-        count (:mod:`specprune_ros.core.layer_graphs`): one launch per layer instead of about 25, for steps the host
+        count (:mod:`specprune_ros.core.cuda_graphs`): one launch per layer instead of about 25, for steps the host
         cannot issue as fast as the device runs them. The tokens are padded to ``bucket`` as for
         ``compile_layers``, with the same limits (plain Llama layers, fused projections, no autograd, no stored,
         reused or returned keys/values); a layer whose attention a method reads runs eagerly over the same padded

@@ -1,4 +1,4 @@
-"""The executor on CUDA: layers replayed as CUDA graphs, and SDPA without cuDNN's per-length plans.
+"""CUDA graphs of the vision backbones and the decoder layers, and SDPA without cuDNN's per-length plans.
 
 The CUDA tests are skipped where CUDA is absent (the reason is printed); on the CPU the same graph bookkeeping runs
 with a stand-in graph whose replay recomputes the captured call into the captured output buffer (what a replay
@@ -6,12 +6,16 @@ does on the device), so the static buffers, the bucketing and the per-layer capt
 """
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from specprune_ros.adapters.published_shapes import build_published
+from specprune_ros.core import cuda_graphs
+from specprune_ros.core.cuda_graphs import ShapeGraphs, _Captured
 from specprune_ros.core.executor import PrunableDecoderRunner
-from specprune_ros.core.layer_graphs import LayerGraphs, _Captured
+from specprune_ros.pruning import build_method
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
 from specprune_ros.core.step_types import AttentionRequest
 from test_executor import HIDDEN, N, reference_forward, two_stage_case, two_stage_drop
@@ -36,10 +40,17 @@ class _RecomputingGraph:
         self.out.copy_(self.call())
 
 
-def _capture_on_the_cpu(self, call, device):
+def _capture_on_the_cpu(call, device):
     out = call()
-    self.captures += 1
     return _Captured(_RecomputingGraph(call, out), out)
+
+
+@pytest.fixture
+def graphs_on_the_cpu(monkeypatch):
+    """Graph bookkeeping on the CPU: captures are recomputing stand-ins."""
+    monkeypatch.setattr(cuda_graphs, 'capture', _capture_on_the_cpu)
+    monkeypatch.setattr(PrunableDecoderRunner, '_graphs_on', lambda self, device: self.cuda_graph_layers)
+    monkeypatch.setattr(ShapeGraphs, '_graphs_on', staticmethod(lambda device: True))
 
 
 def check_graphed_layers(device: torch.device, causal: bool) -> None:
@@ -77,10 +88,40 @@ def test_graphed_layers_match_the_reference_and_replay(causal):
 
 
 @pytest.mark.parametrize('causal', [False, True])
-def test_graph_bookkeeping_with_a_recomputing_stand_in_on_the_cpu(causal, monkeypatch):
-    monkeypatch.setattr(LayerGraphs, '_capture', _capture_on_the_cpu)
-    monkeypatch.setattr(PrunableDecoderRunner, '_graphs_on', lambda self, device: self.cuda_graph_layers)
+def test_graph_bookkeeping_with_a_recomputing_stand_in_on_the_cpu(causal, graphs_on_the_cpu):
     check_graphed_layers(torch.device('cpu'), causal)
+
+
+def check_graphed_adapter(device: torch.device) -> None:
+    """An OFT adapter with its vision and layers graphed gives the actions and kept tokens of the eager one."""
+    torch.manual_seed(0)
+    eager = build_published('openvla-oft', width=64, layers=4, vision_scale=1 / 64, proprio_dim=8, device=str(device),
+                            dtype='float32')
+    graphed = copy.deepcopy(eager)
+    graphed.use_cuda_graphs()
+    rng = np.random.default_rng(0)
+    proprio = np.linspace(-0.5, 0.5, 8)
+    methods = {name: (build_method(name, config), build_method(name, config))
+               for name, config in (('none', None), ('random', {'keep_ratio': 0.25}), ('specprune', None))}
+    with torch.no_grad():
+        for step in range(4):
+            frames = [rng.integers(0, 256, size=(224, 224, 3), dtype=np.uint8) for _ in range(2)]
+            for name, (mine, theirs) in methods.items():
+                got = graphed.step(frames, 'pick up the cube', proprio=proprio, method=mine, step_index=step)
+                want = eager.step(frames, 'pick up the cube', proprio=proprio, method=theirs, step_index=step)
+                assert [k.tolist() for k in got.result.record.kept_per_layer] == \
+                    [k.tolist() for k in want.result.record.kept_per_layer], (name, step)
+                np.testing.assert_allclose(got.normalized, want.normalized, atol=1e-4, err_msg=f'{name} {step}')
+    assert graphed._vision_graphs.captures == 1                  # one camera count, one graph, replayed
+    assert graphed.runner._graphs.captures >= 4                  # at least the unpruned pass's four layers
+
+
+def test_graphed_adapter_on_the_cpu_stand_in(graphs_on_the_cpu):
+    check_graphed_adapter(torch.device('cpu'))
+
+
+def test_graphed_adapter_on_cuda():
+    check_graphed_adapter(_cuda_or_skip())
 
 
 def test_passes_on_cuda_run_sdpa_without_cudnn(monkeypatch):

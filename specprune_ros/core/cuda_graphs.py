@@ -1,14 +1,17 @@
-"""CUDA graphs of decoder layers: each (layer, padded token count) captured once, then replayed.
+"""CUDA graphs: work captured once per shape, then replayed as one launch.
 
 On a GPU a pruned step is often bound by the host, not by the device: a 7B decoder layer is about 25 kernel
-launches, and at a few hundred tokens the host issues them more slowly than the device runs them, so dropping
-tokens shortens the device's work but not the step. A replayed graph is one launch per layer.
+launches, a ViT block about 15, and at a few hundred tokens the host issues them more slowly than the device runs
+them, so dropping tokens shortens the device's work but not the step. A replayed graph is one launch.
 
-A graph runs fixed addresses and shapes, so the layers run over the kept tokens padded to a bucket (the
-executor's ``_Padded``: padding keys masked out, padding rows dropped after the layer), and every graph of one
-padded size reads the same static buffers: the layer input, the RoPE tables and the mask. The tables and the
-mask are copied in when the kept set changes, the input before each layer; each layer's output stays in its
-graph's own buffer until the next pass replays that graph.
+* :class:`LayerGraphs`: the executor's decoder layers, one graph per (layer, padded token count). A graph runs
+  fixed addresses and shapes, so the layers run over the kept tokens padded to a bucket (the executor's
+  ``_Padded``: padding keys masked out, padding rows dropped after the layer), and every graph of one padded size
+  reads the same static buffers: the layer input, the RoPE tables and the mask. The tables and the mask are copied
+  in when the kept set changes, the input before each layer; each layer's output stays in its graph's own buffer
+  until the next pass replays that graph.
+* :class:`ShapeGraphs`: a function of one tensor whose shape repeats (the vision backbones), one graph per input
+  shape; its output is copied out, since callers keep it across steps.
 """
 from __future__ import annotations
 
@@ -40,6 +43,61 @@ class _SizeGraphs:
     layers: dict[int, _Captured] = field(default_factory=dict)
 
 
+# one memory pool per device for every graph: graphs replay one after another on one stream, so their
+# intermediate buffers can share memory (their outputs stay allocated)
+_POOLS: dict[torch.device, tuple] = {}
+
+
+def capture(call: Callable[[], torch.Tensor], device: torch.device) -> _Captured:
+    """``call`` captured as a CUDA graph (after one run outside it), with its output."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        call()                                   # outside the graph first: library handles and workspaces
+    torch.cuda.current_stream(device).wait_stream(stream)
+    pool = _POOLS.get(device)
+    if pool is None:
+        pool = _POOLS[device] = torch.cuda.graph_pool_handle()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = call()
+    return _Captured(graph, out)
+
+
+class ShapeGraphs:
+    """``function`` of one tensor replayed as a CUDA graph per input shape (called directly off CUDA)."""
+
+    def __init__(self, function: Callable[[torch.Tensor], torch.Tensor], max_shapes: int = 4) -> None:
+        self.function = function
+        self.max_shapes = max_shapes
+        self._shapes: OrderedDict[tuple, tuple[torch.Tensor, _Captured]] = OrderedDict()
+        self.captures = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._graphs_on(x.device):
+            return self.function(x)
+        key = (tuple(x.shape), x.dtype, x.device)
+        found = self._shapes.get(key)
+        if found is None:
+            while len(self._shapes) >= self.max_shapes:
+                self._shapes.popitem(last=False)
+            static = x.clone()
+            found = self._shapes[key] = (static, self._capture(lambda: self.function(static), x.device))
+        self._shapes.move_to_end(key)
+        static, captured = found
+        static.copy_(x)
+        captured.graph.replay()
+        return captured.out.clone()
+
+    @staticmethod
+    def _graphs_on(device: torch.device) -> bool:
+        return device.type == 'cuda'
+
+    def _capture(self, call: Callable[[], torch.Tensor], device: torch.device) -> _Captured:
+        self.captures += 1
+        return capture(call, device)
+
+
 class LayerGraphs:
     """Captures and replays the decoder's layers as CUDA graphs, per layer and padded token count.
 
@@ -50,7 +108,6 @@ class LayerGraphs:
     def __init__(self, max_sizes: int = 24) -> None:
         self.max_sizes = max_sizes
         self._sizes: OrderedDict[tuple, _SizeGraphs] = OrderedDict()
-        self._pool = None
         self.captures = 0
 
     def run(self, index: int, hidden: torch.Tensor, padded_size: int, cos: torch.Tensor, sin: torch.Tensor,
@@ -95,15 +152,5 @@ class LayerGraphs:
         return size
 
     def _capture(self, call: Callable[[], torch.Tensor], device: torch.device) -> _Captured:
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            call()                               # outside the graph first: library handles and workspaces
-        torch.cuda.current_stream(device).wait_stream(stream)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):   # graphs replay one after another: one memory pool
-            out = call()
         self.captures += 1
-        return _Captured(graph, out)
+        return capture(call, device)
