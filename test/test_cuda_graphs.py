@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from specprune_ros.adapters.published_shapes import build_published
 from specprune_ros.core import cuda_graphs
-from specprune_ros.core.cuda_graphs import ShapeGraphs, _Captured
+from specprune_ros.core.cuda_graphs import LayerGraphs, ShapeGraphs, _Captured
 from specprune_ros.core.executor import PrunableDecoderRunner
 from specprune_ros.pruning import build_method
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
@@ -40,7 +40,9 @@ class _RecomputingGraph:
         self.out.copy_(self.call())
 
 
-def _capture_on_the_cpu(call, device):
+def _capture_on_the_cpu(call, device, owner):
+    if owner.pool is None:
+        owner.pool = object()                    # stands in for a memory pool handle
     out = call()
     return _Captured(_RecomputingGraph(call, out), out)
 
@@ -141,3 +143,29 @@ def test_passes_on_cuda_run_sdpa_without_cudnn(monkeypatch):
         PrunableDecoderRunner(decoder)(x.to(device, torch.bfloat16), layout, method)
     assert seen and not any(seen)
     assert torch.backends.cuda.cudnn_sdp_enabled() == before       # the setting is the caller's again
+
+
+def test_a_pool_is_not_reused_once_all_its_graphs_are_released(graphs_on_the_cpu):
+    # capturing into a pool whose graphs are all gone fails inside CUDA's allocator: a new pool is started then
+    graphs = LayerGraphs(max_sizes=2)
+    pools = []
+
+    def run(size: int) -> None:
+        hidden = torch.randn(1, size - 3, 8)
+        table = torch.randn(1, 1, size, 4)
+        graphs.run(0, hidden, size, table, table, None, object(), lambda x, cos, sin, mask: x * 2)
+        pools.append(graphs.pool)
+
+    run(32)
+    run(64)                                      # two sizes alive: one pool
+    assert pools[0] is pools[1]
+    run(96)                                      # the oldest size released, the other still holds the pool
+    assert pools[2] is pools[0]
+    graphs.clear()
+    run(32)                                      # every graph gone: a new pool
+    assert pools[3] is not pools[0]
+    one = LayerGraphs(max_sizes=1)
+    graphs = one
+    run(32)
+    run(64)                                      # the only size evicted before the next capture: a new pool
+    assert pools[5] is not pools[4]

@@ -43,35 +43,48 @@ class _SizeGraphs:
     layers: dict[int, _Captured] = field(default_factory=dict)
 
 
-# one memory pool per device for every graph: graphs replay one after another on one stream, so their
-# intermediate buffers can share memory (their outputs stay allocated)
-_POOLS: dict[torch.device, tuple] = {}
+class _GraphOwner:
+    """Graphs that replay one after another on one stream and so share one memory pool (outputs stay allocated).
+
+    The pool lives as long as a graph captured in it: when the last one is released, the next capture starts a
+    new pool (capturing into a pool whose graphs are all gone fails inside the allocator).
+    """
+
+    def __init__(self) -> None:
+        self.pool = None
+        self.captures = 0
+
+    def _capture(self, call: Callable[[], torch.Tensor], device: torch.device) -> _Captured:
+        self.captures += 1
+        return capture(call, device, self)
+
+    def _all_released(self) -> None:
+        self.pool = None
 
 
-def capture(call: Callable[[], torch.Tensor], device: torch.device) -> _Captured:
-    """``call`` captured as a CUDA graph (after one run outside it), with its output."""
+def capture(call: Callable[[], torch.Tensor], device: torch.device, owner: _GraphOwner) -> _Captured:
+    """``call`` captured as a CUDA graph in ``owner``'s pool (after one run outside the graph), with its output."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         call()                                   # outside the graph first: library handles and workspaces
     torch.cuda.current_stream(device).wait_stream(stream)
-    pool = _POOLS.get(device)
-    if pool is None:
-        pool = _POOLS[device] = torch.cuda.graph_pool_handle()
+    if owner.pool is None:
+        owner.pool = torch.cuda.graph_pool_handle()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph, pool=owner.pool):
         out = call()
     return _Captured(graph, out)
 
 
-class ShapeGraphs:
+class ShapeGraphs(_GraphOwner):
     """``function`` of one tensor replayed as a CUDA graph per input shape (called directly off CUDA)."""
 
     def __init__(self, function: Callable[[torch.Tensor], torch.Tensor], max_shapes: int = 4) -> None:
+        super().__init__()
         self.function = function
         self.max_shapes = max_shapes
         self._shapes: OrderedDict[tuple, tuple[torch.Tensor, _Captured]] = OrderedDict()
-        self.captures = 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self._graphs_on(x.device):
@@ -81,6 +94,8 @@ class ShapeGraphs:
         if found is None:
             while len(self._shapes) >= self.max_shapes:
                 self._shapes.popitem(last=False)
+            if not self._shapes:
+                self._all_released()
             static = x.clone()
             found = self._shapes[key] = (static, self._capture(lambda: self.function(static), x.device))
         self._shapes.move_to_end(key)
@@ -93,12 +108,8 @@ class ShapeGraphs:
     def _graphs_on(device: torch.device) -> bool:
         return device.type == 'cuda'
 
-    def _capture(self, call: Callable[[], torch.Tensor], device: torch.device) -> _Captured:
-        self.captures += 1
-        return capture(call, device)
 
-
-class LayerGraphs:
+class LayerGraphs(_GraphOwner):
     """Captures and replays the decoder's layers as CUDA graphs, per layer and padded token count.
 
     ``max_sizes``: padded sizes kept at once; the least recently used one is released beyond it (a method whose
@@ -106,9 +117,9 @@ class LayerGraphs:
     """
 
     def __init__(self, max_sizes: int = 24) -> None:
+        super().__init__()
         self.max_sizes = max_sizes
         self._sizes: OrderedDict[tuple, _SizeGraphs] = OrderedDict()
-        self.captures = 0
 
     def run(self, index: int, hidden: torch.Tensor, padded_size: int, cos: torch.Tensor, sin: torch.Tensor,
             mask: Optional[torch.Tensor], source: object, body: LayerBody) -> torch.Tensor:
@@ -141,16 +152,15 @@ class LayerGraphs:
     def clear(self) -> None:
         """Release every graph and buffer."""
         self._sizes.clear()
+        self._all_released()
 
     def _new_size(self, key: tuple, hidden: torch.Tensor, padded_size: int, cos: torch.Tensor, sin: torch.Tensor,
                   mask: Optional[torch.Tensor]) -> _SizeGraphs:
         while len(self._sizes) >= self.max_sizes:
             self._sizes.popitem(last=False)
+        if not any(size.layers for size in self._sizes.values()):
+            self._all_released()
         size = _SizeGraphs(x=hidden.new_zeros(1, padded_size, hidden.shape[-1]), cos=torch.empty_like(cos),
                            sin=torch.empty_like(sin), mask=None if mask is None else torch.empty_like(mask))
         self._sizes[key] = size
         return size
-
-    def _capture(self, call: Callable[[], torch.Tensor], device: torch.device) -> _Captured:
-        self.captures += 1
-        return capture(call, device)
