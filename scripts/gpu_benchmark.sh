@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# One prepared GPU check (under 8 minutes on one H200, nothing downloaded):
-#   1. the CUDA no-sync test(s) (test modules that call torch.cuda.set_sync_debug_mode), if present;
+# One prepared GPU check (about 4 minutes on one H200, at most 9; nothing downloaded):
+#   1. the CUDA tests (test modules with a _cuda_or_skip guard: no host synchronisation inside a step, CUDA graphs
+#      against eager layers, SDPA without cuDNN's attention);
 #   2. the deployment-latency harness at the OpenVLA-OFT and OpenVLA 7B shapes in bf16 (random weights built in
 #      memory), every method interleaved with transformers' own SDPA forward;
-#   3. the same harness at the OpenVLA-OFT 7B shape with each decoder layer timed apart (--layer-times: a device
+#   3. the same harness at the OpenVLA-OFT 7B shape with the vision backbones and decoder layers replayed as CUDA
+#      graphs (--cuda-graphs), with a torch.profiler summary per method (--profile 2);
+#   4. the harness at the OpenVLA-OFT 7B shape with each decoder layer timed apart (--layer-times: a device
 #      synchronisation per layer, so its totals are not the ones of step 2): how much of each method's step is
-#      its layers and how much the selection, keep-set switches and the pass's own loop;
-#   4. on that machine's CPU, SDPA's fused kernel against two products at 4 and 16 threads (about 20 s): the
-#      executor's CPU attention rule was measured at two threads only.
-# Results go to $OUT/gpu_benchmark if OUT is set, else outputs/gpu_benchmark (JSON, markdown table, plot, logs).
+#      its layers and how much the selection, keep-set switches and the pass's own loop.
+# Results go to $OUT/gpu_benchmark if OUT is set, else outputs/gpu_benchmark (JSON, markdown tables, plot, logs),
+# and packed beside it as gpu_benchmark.tgz (one file to bring back).
 # Fails at once, with the reason, when CUDA is absent. GPU_BENCHMARK_ALLOW_CPU=1 runs the same steps on the CPU at
 # a tiny shape instead (to check the script itself on a machine without a GPU).
 #
@@ -34,13 +36,11 @@ if [ "${GPU_BENCHMARK_ALLOW_CPU:-0}" = "1" ]; then
     HARNESS_ARGS=(--shape oft openvla --width 64 --layers 4 --steps 2 --warmup 1 --stride 1 --threads 2)
     LAYER_ARGS=(--shape oft --width 64 --layers 4 --steps 2 --warmup 1 --stride 1 --threads 2)
     HARNESS_TIMEOUT=1800
-    KERNEL_THREADS=(2)
 else
     DEVICE=cuda
     HARNESS_ARGS=(--shape oft-7b openvla-7b --dtype bfloat16 --steps 30 --warmup 3 --stride 1)
     LAYER_ARGS=(--shape oft-7b --dtype bfloat16 --steps 12 --warmup 3 --stride 1)
-    HARNESS_TIMEOUT=300        # with the tests' 90 s, the layer split's 75 s and the kernel sweep's 40 s: under 9
-    KERNEL_THREADS=(4 16)      # minutes in all, far less where nothing hangs
+    HARNESS_TIMEOUT=240        # with the tests' 90 s, the graphs' 120 s and the layer split's 75 s: under 9 minutes
 fi
 
 # -- fail fast without CUDA -------------------------------------------------------------------------------------
@@ -79,32 +79,28 @@ else
     exit 2
 fi
 
-# -- 1. CUDA no-sync test(s), if present -------------------------------------------------------------------------
-mapfile -t SYNC_TESTS < <(grep -l "set_sync_debug_mode" test/test_*.py 2>/dev/null || true)
-if [ "${#SYNC_TESTS[@]}" -gt 0 ]; then
-    echo "running ${SYNC_TESTS[*]}"
-    timeout 90 "$PY" -m pytest "${SYNC_TESTS[@]}" -q -rA 2>&1 | tee "$OUT_DIR/cuda_no_sync_tests.txt" || \
-        echo "gpu_benchmark: the no-sync test(s) failed (see $OUT_DIR/cuda_no_sync_tests.txt); timing anyway" >&2
-else
-    echo "no CUDA no-sync test present (no test module calls torch.cuda.set_sync_debug_mode)" \
-        | tee "$OUT_DIR/cuda_no_sync_tests.txt"
-fi
+# -- 1. the CUDA tests -------------------------------------------------------------------------------------------
+mapfile -t CUDA_TESTS < <(grep -l "_cuda_or_skip" test/test_*.py 2>/dev/null || true)
+echo "running ${CUDA_TESTS[*]}"
+timeout 90 "$PY" -m pytest "${CUDA_TESTS[@]}" -q -rA -p no:cacheprovider 2>&1 | tee "$OUT_DIR/cuda_tests.txt" || \
+    echo "gpu_benchmark: the CUDA tests failed (see $OUT_DIR/cuda_tests.txt); timing anyway" >&2
 
 # -- 2. the harness at the 7B shapes ----------------------------------------------------------------------------
 timeout "$HARNESS_TIMEOUT" "$PY" benchmarks/deployment_latency.py "${HARNESS_ARGS[@]}" "${FRAME_ARGS[@]}" \
     --device "$DEVICE" --out "$OUT_DIR" \
     2>&1 | tee "$OUT_DIR/deployment_latency.log" || \
     echo "gpu_benchmark: the harness did not finish (see $OUT_DIR/deployment_latency.log)" >&2
-# -- 3. the decoder layers timed apart at the OFT 7B shape --------------------------------------------------------
+# -- 3. vision and decoder layers as CUDA graphs at the OFT 7B shape ----------------------------------------------
+timeout 120 "$PY" benchmarks/deployment_latency.py "${LAYER_ARGS[@]}" "${FRAME_ARGS[@]}" --cuda-graphs --profile 2 \
+    --methods none specprune 'vla_pruner 25%' 'divprune 25%' 'random 25%' coverage_ranked --no-reference \
+    --device "$DEVICE" --out "$OUT_DIR" --name deployment_latency_cuda_graphs --no-plot \
+    2>&1 | tee "$OUT_DIR/deployment_latency_cuda_graphs.log" || \
+    echo "gpu_benchmark: the CUDA-graph run did not finish (see $OUT_DIR/deployment_latency_cuda_graphs.log)" >&2
+# -- 4. the decoder layers timed apart at the OFT 7B shape --------------------------------------------------------
 timeout 75 "$PY" benchmarks/deployment_latency.py "${LAYER_ARGS[@]}" "${FRAME_ARGS[@]}" --layer-times \
     --methods none specprune 'vla_pruner 25%' 'divprune 25%' 'random 25%' coverage_ranked --no-reference \
     --device "$DEVICE" --out "$OUT_DIR" --name deployment_latency_layers --no-plot \
     2>&1 | tee "$OUT_DIR/deployment_latency_layers.log" || \
     echo "gpu_benchmark: the layer split did not finish (see $OUT_DIR/deployment_latency_layers.log)" >&2
-# -- 4. the CPU attention kernels at more threads ---------------------------------------------------------------
-for threads in "${KERNEL_THREADS[@]}"; do
-    timeout 20 "$PY" benchmarks/attention_kernels.py --heads 4 --head-dim 64 --tokens 64 96 144 176 192 256 \
-        --rounds 3 --calls 10 --threads "$threads" 2>&1 | tee "$OUT_DIR/attention_kernels_${threads}_threads.md" || \
-        echo "gpu_benchmark: the kernel sweep at $threads threads did not finish" >&2
-done
-echo "gpu_benchmark: done in $(( $(date +%s) - started )) s; results in $OUT_DIR"
+tar czf "$OUT_DIR.tgz" -C "$(dirname "$OUT_DIR")" "$(basename "$OUT_DIR")"
+echo "gpu_benchmark: done in $(( $(date +%s) - started )) s; results in $OUT_DIR (packed: $OUT_DIR.tgz)"
