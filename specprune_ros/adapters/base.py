@@ -237,9 +237,11 @@ class PrismaticAdapter(ModelBackend):
         return tokens.reshape(1, -1, tokens.shape[-1])
 
     def use_cuda_graphs(self, enabled: bool = True) -> None:
-        """On CUDA, replay the vision backbones (one graph per camera count) and the decoder's plain layers (one
-        per layer and padded token count) as CUDA graphs: a step the host issues op by op becomes a few launches
-        (:mod:`specprune_ros.core.cuda_graphs`). No effect off CUDA."""
+        """Replay the vision backbones and the decoder's plain layers as CUDA graphs (no effect off CUDA).
+
+        One graph per camera count for the vision, one per layer and padded token count for the decoder: a step the
+        host issues operation by operation becomes a few launches (:mod:`specprune_ros.core.cuda_graphs`).
+        """
         self.cuda_graph_vision = enabled
         self.runner.cuda_graph_layers = enabled
 

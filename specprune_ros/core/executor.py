@@ -566,8 +566,7 @@ class PrunableDecoderRunner(nn.Module):
     @staticmethod
     def _compiled_block(layer: nn.Module, hidden: torch.Tensor, padded: '_Padded', fused: '_FusedProjections',
                         compiled: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`_block` over the tokens padded to their bucket, as a compiled graph (else eagerly); padding dropped
-        after it."""
+        """:meth:`_block` over the tokens padded to their bucket, compiled (else eager); padding dropped after it."""
         n = hidden.shape[1]
         x = F.pad(hidden, (0, 0, 0, padded.size - n)) if padded.size > n else hidden
         arithmetic = _compiled_layer() if compiled else _layer_arithmetic
