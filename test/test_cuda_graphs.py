@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from specprune_ros.adapters.published_shapes import build_published
 from specprune_ros.core import cuda_graphs
 from specprune_ros.core.cuda_graphs import LayerGraphs, ShapeGraphs, _Captured
-from specprune_ros.core.executor import PrunableDecoderRunner
+from specprune_ros.core.executor import PrunableDecoderRunner, _FusedProjections, _layer_arithmetic, _layer_operands
 from specprune_ros.pruning import build_method
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
 from specprune_ros.core.step_types import AttentionRequest
@@ -55,11 +55,12 @@ def graphs_on_the_cpu(monkeypatch):
     monkeypatch.setattr(ShapeGraphs, '_graphs_on', staticmethod(lambda device: True))
 
 
-def check_graphed_layers(device: torch.device, causal: bool) -> None:
+def check_graphed_layers(device: torch.device, causal: bool, fuse: bool | None = None) -> None:
+    """``fuse`` False: the graphs read the layers' own projection weights (no fused copy is built)."""
     decoder, layout, x, method = two_stage_case(causal)       # drops after layers 0 and 2, text probe at layer 1
     on_cpu = copy.deepcopy(decoder)
     decoder = decoder.to(device)
-    runner = PrunableDecoderRunner(decoder, cuda_graph_layers=True, bucket=64)
+    runner = PrunableDecoderRunner(decoder, cuda_graph_layers=True, bucket=64, fuse_projections=fuse)
     eager = PrunableDecoderRunner(decoder)
     first, second = two_stage_drop()
     with torch.no_grad():
@@ -82,16 +83,34 @@ def check_graphed_layers(device: torch.device, causal: bool) -> None:
             keys, weights = got.record.attention[2]['text']
             assert (weights - want.record.attention[2]['text'][1]).abs().max().item() <= 1e-5
         assert runner._graphs.captures == 3 + 1              # layer 1 met this bucket unprobed for the first time
+    assert (runner._fused == {}) == (fuse is False)
 
 
-@pytest.mark.parametrize('causal', [False, True])
-def test_graphed_layers_match_the_reference_and_replay(causal):
-    check_graphed_layers(_cuda_or_skip(), causal)
+@pytest.mark.parametrize('causal, fuse', [(False, None), (True, None), (False, False)])
+def test_graphed_layers_match_the_reference_and_replay(causal, fuse):
+    check_graphed_layers(_cuda_or_skip(), causal, fuse)
 
 
-@pytest.mark.parametrize('causal', [False, True])
-def test_graph_bookkeeping_with_a_recomputing_stand_in_on_the_cpu(causal, graphs_on_the_cpu):
-    check_graphed_layers(torch.device('cpu'), causal)
+@pytest.mark.parametrize('causal, fuse', [(False, None), (True, None), (False, False), (True, False)])
+def test_graph_bookkeeping_with_a_recomputing_stand_in_on_the_cpu(causal, fuse, graphs_on_the_cpu):
+    check_graphed_layers(torch.device('cpu'), causal, fuse)
+
+
+def test_layer_arithmetic_reads_fused_or_own_weights_alike():
+    decoder = two_stage_case(False)[0]
+    layer = decoder.layers[0]
+    fused = _FusedProjections.build(layer)
+    x = torch.randn(1, 20, HIDDEN)
+    rope = decoder.rotary_emb(x, torch.arange(20).view(1, -1))
+    half = rope[1].shape[-1] // 2
+    cos, sin = rope[0].unsqueeze(1), torch.cat([-rope[1][..., :half], rope[1][..., half:]], dim=-1).unsqueeze(1)
+    with torch.no_grad():
+        one = _layer_arithmetic(x, cos, sin, None, False, *_layer_operands(layer, fused))
+        own = _layer_arithmetic(x, cos, sin, None, False, *_layer_operands(layer, None))
+        reference = layer(x, position_embeddings=rope, attention_mask=None)
+    for a, b in zip(one, own):
+        assert (a - b).abs().max().item() <= 1e-5
+    assert (own[0] - reference).abs().max().item() <= 1e-5
 
 
 def check_graphed_adapter(device: torch.device) -> None:

@@ -190,10 +190,12 @@ class PrunableDecoderRunner(nn.Module):
         ``cuda_graph_layers``: on CUDA, replay each layer as a CUDA graph captured once per layer and padded token
         count (:mod:`specprune_ros.core.cuda_graphs`): one launch per layer instead of about 25, for steps the host
         cannot issue as fast as the device runs them. The tokens are padded to ``bucket`` as for
-        ``compile_layers``, with the same limits (plain Llama layers, fused projections, no autograd, no stored,
-        reused or returned keys/values); a layer whose attention a method reads runs eagerly over the same padded
-        tokens. Each new padded size costs a capture per layer (a few ms each) and holds the layers' outputs at that
-        size in device memory. Ignored off CUDA. Off by default (``docs/benchmarks.md``).
+        ``compile_layers``, with the same limits (plain Llama layers, no autograd, no stored, reused or returned
+        keys/values); a layer whose attention a method reads runs eagerly over the same padded tokens. The graphs
+        read the fused projections where their copy takes at most half the free device memory (``fuse_projections``
+        None), else the layers' own weights. Each new padded size costs a capture per layer (a few ms each) and
+        holds the layers' outputs at that size in device memory. Ignored off CUDA. Off by default
+        (``docs/benchmarks.md``).
 
         ``share_probabilities``: where a method's attention probes read at least three quarters of a layer's query
         rows (VLA-Pruner's prefill rows), that layer's attention runs as two products (masked where the layout is
@@ -227,6 +229,7 @@ class PrunableDecoderRunner(nn.Module):
         self._mkl_packed = _ExactCopyChoice(_mkl_packed_product, _MKL_PACKED_EXACT_FROM_ROWS)
         self.attention_kernel = attention_kernel
         self._copies_fit: Optional[bool] = None
+        self._device_copies_fit: Optional[bool] = None
         self._rope_tables: Optional[_RopeTables] = None
 
     @_without_cudnn_attention
@@ -561,7 +564,9 @@ class PrunableDecoderRunner(nn.Module):
             return False
         if plan.kv_store is not None:
             return False
-        return all(self._fusion(i) is not None and _compilable(layer) for i, layer in enumerate(self.decoder.layers))
+        fused_needed = self.compile_layers          # the compiled graph reads fused weights; CUDA graphs run either
+        return all((not fused_needed or self._fusion(i) is not None) and _compilable(layer)
+                   for i, layer in enumerate(self.decoder.layers))
 
     @staticmethod
     def _compiled_block(layer: nn.Module, hidden: torch.Tensor, padded: '_Padded', fused: '_FusedProjections',
@@ -611,8 +616,9 @@ class PrunableDecoderRunner(nn.Module):
         layer = self.decoder.layers[index]
         kind = self._copy_kind(next(layer.parameters()))
         if fused is None or not fused.current() or fused.copy_kind != kind:
-            padded = self.compile_layers or self.cuda_graph_layers        # their layers read the fused weights
-            if self.fuse_projections is None and next(layer.parameters()).device.type != 'cpu' and not padded:
+            weight = next(layer.parameters())
+            if self.fuse_projections is None and weight.device.type != 'cpu' and not (
+                    self.compile_layers or (self.cuda_graph_layers and self._device_copy_fits(weight.device))):
                 return None
             exact = self._mkl_packed if kind == 'mkl_packed' else self._input_major
             fused = _FusedProjections.build(layer, kind, exact)
@@ -621,6 +627,21 @@ class PrunableDecoderRunner(nn.Module):
                 return None
             self._fused[index] = fused
         return fused
+
+    def _device_copy_fits(self, device: torch.device) -> bool:
+        """Whether the fused query/key/value and gate/up copies take at most half the accelerator's free memory.
+
+        Decided once per runner. Inside a CUDA graph the fused products save launches no longer: they are kept only
+        where the copy (about 9 GB for a 7B decoder) leaves room.
+        """
+        if self._device_copies_fit is None:
+            needed = sum(module.weight.numel() * module.weight.element_size()
+                         for layer in self.decoder.layers for module in (
+                             *(getattr(layer.self_attn, name) for name in ('q_proj', 'k_proj', 'v_proj')),
+                             *(getattr(layer.mlp, name) for name in ('gate_proj', 'up_proj'))))
+            free = torch.cuda.mem_get_info(device)[0] if device.type == 'cuda' else 0
+            self._device_copies_fit = needed <= free / 2
+        return self._device_copies_fit
 
     def weight_copy_kind(self) -> Optional[str]:
         """The weight copies the layers' products read: 'packed' (oneDNN), 'mkl_packed', 'input_major' or None."""
@@ -887,22 +908,28 @@ class _Padded:
 def _compilable(layer: nn.Module) -> bool:
     """Whether a layer is the plain Llama layer the compiled graph reproduces."""
     attn, mlp = layer.self_attn, layer.mlp
+    projections = [getattr(attn, name, None) for name in ('q_proj', 'k_proj', 'v_proj', 'o_proj')] + \
+        [getattr(mlp, name, None) for name in ('gate_proj', 'up_proj', 'down_proj')]
     return (type(layer.input_layernorm) is LlamaRMSNorm and type(layer.post_attention_layernorm) is LlamaRMSNorm
-            and type(attn.o_proj) is nn.Linear and type(getattr(mlp, 'down_proj', None)) is nn.Linear
+            and all(type(m) is nn.Linear for m in projections)
             and type(getattr(mlp, 'act_fn', None)) in (nn.SiLU, SiLUActivation))
 
 
 def _layer_arithmetic(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor],
-                      causal: bool, qkv_weight: torch.Tensor, qkv_bias: Optional[torch.Tensor], o_weight: torch.Tensor,
-                      o_bias: Optional[torch.Tensor], gate_up_weight: torch.Tensor,
-                      gate_up_bias: Optional[torch.Tensor], down_weight: torch.Tensor,
+                      causal: bool, qkv_weight: torch.Tensor | tuple, qkv_bias: Optional[torch.Tensor] | tuple,
+                      o_weight: torch.Tensor, o_bias: Optional[torch.Tensor], gate_up_weight: torch.Tensor | tuple,
+                      gate_up_bias: Optional[torch.Tensor] | tuple, down_weight: torch.Tensor,
                       down_bias: Optional[torch.Tensor], norm_weight: torch.Tensor, post_norm_weight: torch.Tensor,
                       eps: float, post_eps: float, heads: int, kv_heads: int, head_dim: int, scaling: float
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One Llama layer as pure tensor arithmetic (what ``compile_layers`` compiles): output, queries, keys."""
+    """One Llama layer as pure tensor arithmetic (what ``compile_layers`` compiles and CUDA graphs capture).
+
+    Returns the output, queries and keys. The query/key/value and gate/up weights are fused tensors or tuples of the
+    layer's own (:func:`_layer_operands`).
+    """
     batch, n, _ = hidden.shape
     x = F.rms_norm(hidden, norm_weight.shape, norm_weight, eps)
-    qkv = F.linear(x, qkv_weight, qkv_bias).view(batch, n, -1, head_dim)
+    qkv = _projection(x, qkv_weight, qkv_bias).view(batch, n, -1, head_dim)
     qk = qkv[:, :, :heads + kv_heads].transpose(1, 2)
     half = head_dim // 2
     qk = qk * cos + torch.cat([qk[..., half:], qk[..., :half]], dim=-1) * sin
@@ -911,20 +938,39 @@ def _layer_arithmetic(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scaling,
                                          enable_gqa=heads != kv_heads)
     hidden = hidden + F.linear(out.transpose(1, 2).reshape(batch, n, -1), o_weight, o_bias)
-    gate, up = F.linear(F.rms_norm(hidden, post_norm_weight.shape, post_norm_weight, post_eps), gate_up_weight,
-                        gate_up_bias).chunk(2, dim=-1)
+    gate, up = _projection(F.rms_norm(hidden, post_norm_weight.shape, post_norm_weight, post_eps), gate_up_weight,
+                           gate_up_bias).chunk(2, dim=-1)
     return hidden + F.linear(F.silu(gate) * up, down_weight, down_bias), q, k
 
 
-def _layer_operands(layer: nn.Module, fused: '_FusedProjections') -> tuple:
-    """The arguments of :func:`_layer_arithmetic` after ``causal``: one layer's weights, norms and head sizes."""
+def _projection(x: torch.Tensor, weight: torch.Tensor | tuple, bias: Optional[torch.Tensor] | tuple) -> torch.Tensor:
+    """``x`` through one (fused) weight, or through several whose outputs are concatenated (the layer's own)."""
+    if isinstance(weight, tuple):
+        return torch.cat([F.linear(x, w, b) for w, b in zip(weight, bias)], dim=-1)
+    return F.linear(x, weight, bias)
+
+
+def _layer_operands(layer: nn.Module, fused: Optional['_FusedProjections']) -> tuple:
+    """The arguments of :func:`_layer_arithmetic` after ``causal``: one layer's weights, norms and head sizes.
+
+    With ``fused`` None, the query/key/value and gate/up weights are the layer's own, as tuples.
+    """
     attn, mlp = layer.self_attn, layer.mlp
     head_dim = attn.head_dim
-    return (fused.qkv_weight, fused.qkv_bias, attn.o_proj.weight, attn.o_proj.bias, fused.gate_up_weight,
-            fused.gate_up_bias, mlp.down_proj.weight, mlp.down_proj.bias, layer.input_layernorm.weight,
+    if fused is not None:
+        qkv_weight, qkv_bias, sizes = fused.qkv_weight, fused.qkv_bias, fused.qkv_sizes
+        gate_up_weight, gate_up_bias = fused.gate_up_weight, fused.gate_up_bias
+    else:
+        qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+        qkv_weight, qkv_bias = tuple(m.weight for m in qkv), tuple(m.bias for m in qkv)
+        sizes = [m.out_features for m in qkv]
+        gate_up_weight = (mlp.gate_proj.weight, mlp.up_proj.weight)
+        gate_up_bias = (mlp.gate_proj.bias, mlp.up_proj.bias)
+    return (qkv_weight, qkv_bias, attn.o_proj.weight, attn.o_proj.bias, gate_up_weight, gate_up_bias,
+            mlp.down_proj.weight, mlp.down_proj.bias, layer.input_layernorm.weight,
             layer.post_attention_layernorm.weight, layer.input_layernorm.variance_epsilon,
-            layer.post_attention_layernorm.variance_epsilon, fused.qkv_sizes[0] // head_dim,
-            fused.qkv_sizes[1] // head_dim, head_dim, attn.scaling)
+            layer.post_attention_layernorm.variance_epsilon, sizes[0] // head_dim, sizes[1] // head_dim, head_dim,
+            attn.scaling)
 
 
 @functools.cache
