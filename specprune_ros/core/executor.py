@@ -15,6 +15,9 @@ does the attention itself, so that it can
 * never wait for the device inside a step on an accelerator: sizes are known on the host and keep sets are
   checked by a device-side assert (``validate_on_host``); what needs host values (kept counts) is read from the
   record after the step;
+* on CUDA, run SDPA without cuDNN's attention (it plans anew for every sequence length, and pruned lengths vary)
+  and, with ``cuda_graph_layers``, replay each plain layer as a CUDA graph per padded token count
+  (:mod:`specprune_ros.core.cuda_graphs`), since an eager pruned step is bound by the host's kernel launches;
 * serve some tokens' keys/values from an earlier step instead of recomputing them (VLA-Cache style);
 * optionally hand back every layer's keys/values of the tokens that layer saw (``return_cache=True``), so an
   autoregressive model (OpenVLA) can decode further tokens with :meth:`PrunableDecoderRunner.decode` against the
