@@ -572,8 +572,9 @@ class PrunableDecoderRunner(nn.Module):
                    for i, layer in enumerate(self.decoder.layers))
 
     @staticmethod
-    def _compiled_block(layer: nn.Module, hidden: torch.Tensor, padded: '_Padded', fused: '_FusedProjections',
-                        compiled: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _compiled_block(layer: nn.Module, hidden: torch.Tensor, padded: '_Padded',
+                        fused: Optional['_FusedProjections'], compiled: bool = True
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`_block` over the tokens padded to their bucket, compiled (else eager); padding dropped after it."""
         n = hidden.shape[1]
         x = F.pad(hidden, (0, 0, 0, padded.size - n)) if padded.size > n else hidden
@@ -583,7 +584,7 @@ class PrunableDecoderRunner(nn.Module):
         return out[:, :n], q[:, :, :n], k[:, :, :n]
 
     def _graphed_block(self, layer: nn.Module, index: int, hidden: torch.Tensor, padded: '_Padded',
-                       fused: '_FusedProjections') -> torch.Tensor:
+                       fused: Optional['_FusedProjections']) -> torch.Tensor:
         """:meth:`_block` as layer ``index``'s CUDA graph at the padded size (``cuda_graph_layers``)."""
         def body(x, cos, sin, mask):
             return _layer_arithmetic(x, cos, sin, mask, padded.causal, *_layer_operands(layer, fused))[0]
@@ -638,10 +639,10 @@ class PrunableDecoderRunner(nn.Module):
         where the copy (about 9 GB for a 7B decoder) leaves room.
         """
         if self._device_copies_fit is None:
-            needed = sum(module.weight.numel() * module.weight.element_size()
-                         for layer in self.decoder.layers for module in (
-                             *(getattr(layer.self_attn, name) for name in ('q_proj', 'k_proj', 'v_proj')),
-                             *(getattr(layer.mlp, name) for name in ('gate_proj', 'up_proj'))))
+            modules = [getattr(part, name, None) for layer in self.decoder.layers
+                       for part, names in ((layer.self_attn, ('q_proj', 'k_proj', 'v_proj')),
+                                           (layer.mlp, ('gate_proj', 'up_proj'))) for name in names]
+            needed = sum(m.weight.numel() * m.weight.element_size() for m in modules if isinstance(m, nn.Linear))
             free = torch.cuda.mem_get_info(device)[0] if device.type == 'cuda' else 0
             self._device_copies_fit = needed <= free / 2
         return self._device_copies_fit
