@@ -5,13 +5,16 @@ with a stand-in graph whose replay recomputes the captured call into the capture
 does on the device), so the static buffers, the bucketing and the per-layer captures are checked here too.
 """
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from specprune_ros.adapters.factory import load_adapter, read_options
 from specprune_ros.adapters.published_shapes import build_published
+from specprune_ros.adapters.tiny import write_tiny_checkpoint
 from specprune_ros.core import cuda_graphs
 from specprune_ros.core.cuda_graphs import LayerGraphs, ShapeGraphs, _Captured
 from specprune_ros.core.executor import PrunableDecoderRunner, _FusedProjections, _layer_arithmetic, _layer_operands
@@ -188,3 +191,23 @@ def test_a_pool_is_not_reused_once_all_its_graphs_are_released(graphs_on_the_cpu
     run(32)
     run(64)                                      # the only size evicted before the next capture: a new pool
     assert pools[5] is not pools[4]
+
+
+def test_the_cuda_graphs_option_reaches_the_adapter_and_is_inert_off_cuda(tmp_path):
+    """``"cuda_graphs": true`` in specprune_adapter.json turns the graphs on; on the CPU the steps run as before."""
+    directory = write_tiny_checkpoint(tmp_path / 'oft', 'openvla-oft', options={'cuda_graphs': True})
+    graphed = load_adapter(directory, device='cpu', dtype='float32')
+    plain = load_adapter(directory, device='cpu', dtype='float32',
+                         options=dataclasses.replace(read_options(directory), cuda_graphs=False))
+    assert graphed.cuda_graph_vision and graphed.runner.cuda_graph_layers
+    assert not plain.cuda_graph_vision and not plain.runner.cuda_graph_layers
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 256, size=(96, 96, 3), dtype=np.uint8) for _ in range(2)]
+    proprio = np.zeros(graphed.proprio_dim)
+    half = {'keep_ratio': 0.5}
+    with torch.no_grad():
+        got = graphed.step(frames, 'open the drawer', proprio=proprio, method=build_method('random', half))
+        want = plain.step(frames, 'open the drawer', proprio=proprio, method=build_method('random', half))
+    assert np.array_equal(got.normalized, want.normalized)
+    assert got.result.record.attention_kernels == want.result.record.attention_kernels     # nothing padded or graphed
+    assert graphed._vision_graphs.captures == 0 and graphed.runner._graphs.captures == 0
