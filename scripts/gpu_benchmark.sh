@@ -16,10 +16,9 @@
 #
 #   scripts/gpu_benchmark.sh                       # PYTHON=... to choose the interpreter (default .venv/bin/python)
 #
-# A GPU machine without MuJoCo (or without headless OpenGL) replays frames rendered elsewhere: on a machine that
-# renders, write them with the same steps first and bring the file along (FRAMES, default .gpu/frames.npz):
-#
-#   python benchmarks/deployment_latency.py --steps 30 --warmup 3 --stride 1 --save-frames .gpu/frames.npz
+# A GPU machine without MuJoCo (or without headless OpenGL) replays frames rendered elsewhere (FRAMES, default
+# .gpu/frames.npz); scripts/prepare_gpu_check.sh writes them, and the project's transformers pin as a wheel, on a
+# machine that renders and reaches the package registry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
