@@ -72,7 +72,8 @@ def capture(call: Callable[[], torch.Tensor], device: torch.device, owner: _Grap
     if owner.pool is None:
         owner.pool = torch.cuda.graph_pool_handle()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=owner.pool):
+    # thread_local: the ROS node's other threads (callbacks, publishing) may use CUDA while a worker captures
+    with torch.cuda.graph(graph, pool=owner.pool, capture_error_mode='thread_local'):
         out = call()
     return _Captured(graph, out)
 
