@@ -288,11 +288,12 @@ class PrunableDecoderRunner(nn.Module):
             asked = requests.get(index, ())
             shared = tokens.padded is None and self._shares_probabilities(layer, tokens, asked)
             products = tokens.padded is None and not shared and self._two_products(layer, tokens, hidden)
-            kernels.append(('cuda graph' if graphed and not asked else 'padded') if graphed
+            graph = graphed and not asked       # a probed layer runs eagerly over the padded tokens
+            kernels.append('cuda graph' if graph else 'padded' if graphed
                            else 'compiled' if tokens.padded is not None else 'shared' if shared
                            else 'products' if products else 'sdpa')
             hidden, summaries = self._run_layer(layer, index, hidden, tokens, asked, plan.kv_store,
-                                                cache, probes, fusions[index], products, shared)
+                                                cache, probes, fusions[index], products, shared, graph)
             if summaries:
                 lazy[index] = (tokens.key_indices, summaries)
             if method is not None and index < self.num_layers - 1 and (hooked is None or index in hooked):
@@ -515,10 +516,12 @@ class PrunableDecoderRunner(nn.Module):
     def _run_layer(self, layer: nn.Module, index: int, hidden: torch.Tensor, tokens: '_KeptTokens',
                    requests: list[AttentionRequest] | tuple, store: Optional[KVStore],
                    cache: Optional[DecoderCache], probes: '_ProbeBatch', fused: Optional['_FusedProjections'],
-                   products: bool = False, shared: bool = False) -> tuple[torch.Tensor, 'LazyAttention']:
+                   products: bool = False, shared: bool = False, graph: bool = False
+                   ) -> tuple[torch.Tensor, 'LazyAttention']:
         """One decoder layer over the kept tokens (plus reused keys/values), with its ``fused`` projections.
 
-        ``products``: the attention output from two products instead of fused SDPA (no mask applies then).
+        ``products``: the attention output from two products instead of fused SDPA (no mask applies then);
+        ``graph``: the layer replayed as its CUDA graph at the padded size (no probes at this layer).
 
         The requested attention rows are queued in ``probes`` and scored when first read (every queued probe of the same
         shape in one batch); with ``shared``, the layer's attention runs as two products and its probabilities answer
@@ -540,7 +543,7 @@ class PrunableDecoderRunner(nn.Module):
 
         rows = [tokens.query_rows(request.rows) for request in requests] if shared else None
         probed: list[torch.Tensor] = []
-        if tokens.padded is not None and not requests and self._graphs_on(hidden.device):
+        if graph:
             hidden, q, k = self._graphed_block(layer, index, hidden, tokens.padded, fused), None, None
         elif tokens.padded is not None:
             hidden, q, k = self._compiled_block(layer, hidden, tokens.padded, fused, self.compile_layers)
@@ -639,10 +642,10 @@ class PrunableDecoderRunner(nn.Module):
         where the copy (about 9 GB for a 7B decoder) leaves room.
         """
         if self._device_copies_fit is None:
-            modules = [getattr(part, name, None) for layer in self.decoder.layers
-                       for part, names in ((layer.self_attn, ('q_proj', 'k_proj', 'v_proj')),
-                                           (layer.mlp, ('gate_proj', 'up_proj'))) for name in names]
-            needed = sum(m.weight.numel() * m.weight.element_size() for m in modules if isinstance(m, nn.Linear))
+            needed = _linear_weight_bytes(getattr(part, name, None) for layer in self.decoder.layers
+                                          for part, names in ((layer.self_attn, ('q_proj', 'k_proj', 'v_proj')),
+                                                              (layer.mlp, ('gate_proj', 'up_proj')))
+                                          for name in names)
             free = torch.cuda.mem_get_info(device)[0] if device.type == 'cuda' else 0
             self._device_copies_fit = needed <= free / 2
         return self._device_copies_fit
@@ -680,8 +683,7 @@ class PrunableDecoderRunner(nn.Module):
         """
         if self._copies_fit is None:
             available = available_memory_bytes()
-            needed = sum(module.weight.numel() * module.weight.element_size()
-                         for module in self.decoder.layers.modules() if isinstance(module, nn.Linear))
+            needed = _linear_weight_bytes(self.decoder.layers.modules())
             self._copies_fit = available is None or needed <= _COPY_MEMORY_SHARE * available
         return self._copies_fit
 
@@ -907,6 +909,11 @@ class _Padded:
         self.mask = None
         if not causal and self.size > n:
             self.mask = (torch.arange(self.size, device=kept.device) < n).view(1, 1, 1, -1)
+
+
+def _linear_weight_bytes(modules) -> int:
+    """Bytes of the weights of the plain linear layers among ``modules``."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in modules if isinstance(m, nn.Linear))
 
 
 def _compilable(layer: nn.Module) -> bool:
