@@ -18,6 +18,7 @@ from specprune_ros.core.fixed_plan import FixedKeepSchedule
 from specprune_ros.core.step_types import AttentionRequest
 from specprune_ros.pruning import build_method
 from specprune_ros.pruning import diversity as diversity_module
+from specprune_ros.pruning.deferred_counts import DeferredCounts
 from specprune_ros.pruning.methods import specprune as specprune_module
 from specprune_ros.pruning.methods import vla_cache as vla_cache_module
 from specprune_ros.pruning.registry import available_methods
@@ -124,6 +125,58 @@ def test_methods_selecting_on_the_device_read_nothing_back(name, monkeypatch):
     assert len(result.record.kept_per_layer[-1]) < layout.num_tokens or name == 'none'
 
 
+def test_specprune_with_previous_step_counts_reads_nothing_back_once_it_has_a_count(monkeypatch):
+    # 'previous_step' gather counts: the union's sizes are counted on the device and read at the next step; from
+    # the third step (a reference frame and a previous count) a step reads nothing back, and it keeps what the
+    # same configuration keeps in an unguarded, host-checked run
+    reads, deferred = [], []
+    step_now = [0]
+    original_get = DeferredCounts.get
+
+    def counted_host_counts(mask, num_cameras):
+        reads.append(num_cameras)
+        return _TOLIST(mask.reshape(num_cameras, -1).sum(dim=1))
+
+    def get_put_earlier(self, key):
+        # the value was put in an earlier step (its own step's put comes after the get)
+        saved = torch.Tensor.tolist
+        torch.Tensor.tolist = _TOLIST
+        try:
+            value = original_get(self, key)
+        finally:
+            torch.Tensor.tolist = saved
+        if value is not None:
+            deferred.append(step_now[0])
+        return value
+
+    monkeypatch.setattr(specprune_module, 'host_counts', counted_host_counts)
+    monkeypatch.setattr(DeferredCounts, 'get', get_put_earlier)
+    config = {'gather_counts': 'previous_step'}
+    layout = make_layout()
+    checked_on_host = make_runner()
+    checked_on_device = PrunableDecoderRunner(checked_on_host.decoder, validate_on_host=False)
+    guarded, reference = build_method('specprune', config), build_method('specprune', config)
+    sources = []
+    with torch.inference_mode():
+        for step in range(6):
+            step_now[0] = step
+            x = make_embeddings(layout, step)
+            context = make_context(layout, step, x, make_frames(step), np.zeros((8, 7)),
+                                   num_layers=checked_on_host.num_layers)
+            expected = checked_on_host(x, layout, reference, context)
+            reads.clear()
+            steady = step >= 2
+            with host_sync_guard() if steady else contextlib.nullcontext():
+                result = checked_on_device(x, layout, guarded, context)
+            sources.append(result.record.info['gather_counts'])
+            assert len(reads) == (2 if step == 1 else 0), f'step {step}: {len(reads)} reads'
+            assert [k.tolist() for k in result.record.kept_per_layer] == \
+                [k.tolist() for k in expected.record.kept_per_layer], f'step {step}'
+    assert sources == ['exact (no reference frame)', 'exact (no previous count)'] + ['previous step'] * 4
+    assert set(deferred) == {2, 3, 4, 5}
+    assert len(result.record.kept_per_layer[-1]) < layout.num_tokens
+
+
 def test_the_guard_catches_host_checks():
     # host validation reads values back (a message per fault): the guard must notice
     layout = make_layout()
@@ -184,3 +237,33 @@ def test_cuda_pruned_steps_do_not_synchronise(name):
                 where = '; '.join(f'{w.filename}:{w.lineno}' for w in syncs)
                 assert len(syncs) <= CUDA_SYNCS_ALLOWED.get(name, 0), f'step {step}: {len(syncs)} syncs at {where}'
     print(f'{name}: synchronising calls per step {counts}')
+
+
+def test_cuda_specprune_with_previous_step_counts_does_not_synchronise():
+    # each step runs twice (an unguarded warm-up, then counted), so the method has a previous count from the
+    # second call on: the first counted call reads the exact counts (2 synchronisations), the later ones none
+    device = _cuda_or_skip()
+    layout = make_layout()
+    runner = make_runner().to(device)
+    method = build_method('specprune', {'gather_counts': 'previous_step'})
+    counts, sources = [], []
+    with torch.inference_mode():
+        for step in range(5):
+            x = make_embeddings(layout, step).to(device)
+            context = make_context(layout, step, x, make_frames(step), np.zeros((8, 7)), num_layers=runner.num_layers)
+            context.visual_embeddings = x[0, layout.visual_indices().to(device)]
+            runner(x, layout, method, context)
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter('always')
+                torch.cuda.set_sync_debug_mode('warn')
+                try:
+                    result = runner(x, layout, method, context)
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            syncs = [w for w in caught if 'called a synchronizing CUDA operation' in str(w.message)]
+            counts.append(len(syncs))
+            sources.append(result.record.info['gather_counts'])
+    print(f'specprune, previous-step counts: synchronising calls per step {counts} ({sources})')
+    assert sources[1:] == ['previous step'] * 4
+    assert counts[1:] == [0] * 4

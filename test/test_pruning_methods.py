@@ -333,6 +333,28 @@ def test_specprune_first_step_no_static_pruning_then_union(runner, layout):
             assert cam * P + row * GRID[1] + col in kept
 
 
+def test_specprune_previous_step_counts_keep_as_many_as_the_last_union(runner, layout):
+    lagged = run_episode(build_method('specprune_static', {'gather_counts': 'previous_step'}), steps=5,
+                         layout=layout, runner=runner, actions=FAST)
+    exact = run_episode(build_method('specprune_static'), steps=2, layout=layout, runner=runner, actions=FAST)
+    infos = [r.record.info for r in lagged]
+    assert [info['gather_counts'] for info in infos] == \
+        ['exact (no reference frame)', 'exact (no previous count)'] + ['previous step'] * 3
+    assert kept_lists(lagged[:2]) == kept_lists(exact)              # both read the exact counts until then
+    for step in (2, 3, 4):
+        kept = lagged[step].record.kept_per_layer
+        for gather in (0, 1):
+            present = per_camera_counts(kept[gather], layout)
+            union_before = infos[step - 1]['union_sizes'][gather].tolist()
+            assert per_camera_counts(kept[gather + 1], layout) == [min(u, n) for u, n in zip(union_before, present)]
+        ran = set(kept[-1].tolist())
+        for cam in range(layout.num_cameras):                       # the moving square's patches rank first
+            row = cam % GRID[0]
+            assert cam * P + row * GRID[1] + (step % GRID[1]) in ran
+    # at the exact step the union was kept as it is: its size is the count
+    assert per_camera_counts(lagged[1].record.kept_per_layer[2], layout) == infos[1]['union_sizes'][1].tolist()
+
+
 def test_specprune_one_gather_prunes_everything_after_layer_0(runner, layout):
     two = run_episode(build_method('specprune_static'), steps=3, layout=layout, runner=runner, actions=FAST)
     one = run_episode(build_method('specprune_static', {'static_gathers': 1}), steps=3, layout=layout,
