@@ -27,9 +27,13 @@ the rest unchanged); mean kept visual tokens per layer; the attention path of ea
     python benchmarks/deployment_latency.py --checkpoint /models/oft-libero-spatial --unnorm-key libero_spatial \
         --device cuda --steps 30
 
-On CUDA every step is synchronised before and after, and so are the vision, executor-pass and head parts; the
-method's share inside the executor pass (selection) is the executor's host clock, so GPU work queued by a method's
-hooks and not waited for there counts as decoder time.
+On CUDA every step is synchronised before and after, and nothing in between: the host queues the decoder while the
+device still runs the vision backbones, as on a robot. The vision, executor-pass and head parts are then spans of
+the device's timeline between CUDA events recorded where each part starts and ends (a span includes the device's
+idle time waiting for the host to issue work). ``--serial-phases`` synchronises around each part instead (the host
+clock of each part alone, at the cost of the overlap). The method's share inside the executor pass (selection) is
+the executor's host clock, so GPU work queued by a method's hooks and not waited for there counts as decoder time;
+a method that reads a value back inside the pass waits there for the device, and that wait counts as selection.
 """
 from __future__ import annotations
 
@@ -173,16 +177,22 @@ def digest(arrays: list[np.ndarray], text: str = '') -> str:
 class PhaseClock:
     """Times the adapter's vision, decoder pass and action-head calls; remembers the frames the model saw.
 
-    The decoder pass is the executor's prefill; the timers are instance wrappers, synchronised on CUDA.
+    The decoder pass is the executor's prefill; the timers are instance wrappers. With ``device_event`` (a factory
+    of timing events, e.g. CUDA's) each part is the span between two events recorded on the device's stream, read
+    by :meth:`settle` once the step has been synchronised, and nothing waits for the device in between; without
+    it each part is timed on the host clock between two calls of ``sync``.
     """
 
-    def __init__(self, adapter: Any, sync: Callable[[], None], layer_times: bool = False) -> None:
+    def __init__(self, adapter: Any, sync: Callable[[], None], layer_times: bool = False,
+                 device_event: Optional[Callable[[], Any]] = None) -> None:
         self.sync = sync
+        self.device_event = device_event
+        self._spans: list[tuple[str, Any, Any]] = []
         self.seconds: dict[str, float] = {}
         self.frames: list[np.ndarray] = []
         self.inside_selection = 0.0          # the method's time inside the executor pass (hooks + probes)
         self._wrap(adapter.runner, 'forward', 'runner')
-        if layer_times:                      # each decoder layer's own time (synchronised per layer on CUDA)
+        if layer_times:                      # each decoder layer's own time (its device span on CUDA)
             self._wrap(adapter.runner, '_run_layer', 'layers')
         if isinstance(adapter, ReferenceVLA):    # vision = the stem and the token embeddings together
             self._wrap(adapter, 'embed', 'vision')
@@ -201,18 +211,33 @@ class PhaseClock:
         original = getattr(adapter, attribute)
 
         def timed(*args, **kwargs):
-            self.sync()
-            t0 = time.perf_counter()
-            out = original(*args, **kwargs)
-            self.sync()
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+            if self.device_event is not None:
+                start = self.device_event()
+                start.record()
+                out = original(*args, **kwargs)
+                end = self.device_event()
+                end.record()
+                self._spans.append((phase, start, end))
+            else:
+                self.sync()
+                t0 = time.perf_counter()
+                out = original(*args, **kwargs)
+                self.sync()
+                self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
             if phase == 'runner':
                 self.inside_selection = out.record.selection_seconds + out.record.probe_seconds
             return out
         setattr(adapter, attribute, timed)
 
+    def settle(self) -> None:
+        """Add the device spans recorded since the last call to :attr:`seconds` (after the step's final sync)."""
+        for phase, start, end in self._spans:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + start.elapsed_time(end) / 1e3
+        self._spans = []
+
     def reset(self) -> None:
         self.seconds = {}
+        self._spans = []
         self.frames = []
         self.inside_selection = 0.0
 
@@ -461,7 +486,8 @@ def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, d
                   log: Callable[[str], None] = print, weight_copies: str = 'auto',
                   attention_kernel: str = 'auto', every_layer_hooks: bool = False,
                   layer_times: bool = False, profile_steps: int = 0, fuse_projections: str = 'auto',
-                  compile_layers: bool = False, cuda_graphs: bool = False) -> tuple[list, dict]:
+                  compile_layers: bool = False, cuda_graphs: bool = False,
+                  serial_phases: bool = False) -> tuple[list, dict]:
     started = time.perf_counter()
     adapter, label = build_target(target, device, dtype, seed, unnorm_key)
     if fuse_projections != 'auto':
@@ -483,7 +509,8 @@ def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, d
     model_device, model_dtype = first.device, first.dtype
     cuda = model_device.type == 'cuda'
     sync = (lambda: torch.cuda.synchronize(model_device)) if cuda else (lambda: None)
-    clock = PhaseClock(adapter, sync, layer_times)
+    timing_event = (lambda: torch.cuda.Event(enable_timing=True)) if cuda and not serial_phases else None
+    clock = PhaseClock(adapter, sync, layer_times, timing_event)
     if is_reference_vla:
         c = adapter.config
         kind, cameras, patches, heads = 'reference', tuple(c.camera_names), c.grid * c.grid, c.num_heads
@@ -522,6 +549,7 @@ def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, d
                     out = runner.run(adapter, frame, cameras)
                     sync()
                     elapsed = time.perf_counter() - t0
+                    clock.settle()
                     if frame.episode_step >= warmup:
                         images = [frame.images[c] for c in cameras]
                         if is_reference_vla:   # what the model saw: the frames resized to its input
@@ -546,7 +574,9 @@ def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, d
             'images': len(cameras), 'patches_per_image': patches,
             'parameters_m': sum(p.numel() for p in module.parameters()) / 1e6, 'build_s': build_s,
             'device': device_name(model_device), 'dtype': str(model_dtype).replace('torch.', ''),
-            'weight_copies': adapter.runner.weight_copy_kind(), 'failed': failed}
+            'weight_copies': adapter.runner.weight_copy_kind(), 'failed': failed,
+            'phase_timing': ('spans between CUDA events; one synchronisation per step' if timing_event is not None
+                             else 'host clock, synchronised around each part' if cuda else 'host clock')}
     return rows_for(runners, info), info
 
 
@@ -677,7 +707,9 @@ def markdown(meta: dict, shapes: list[dict], rows: list[dict]) -> str:
                   f"{shape['images']} image(s) x {shape['patches_per_image']} patches; "
                   f"{shape['parameters_m']:.0f} M parameters"
                   '; executor products ' + PRODUCTS.get(shape.get('weight_copies'), 'by BLAS (MKL)' if str(
-                      shape.get('device', 'CPU')).startswith('CPU') else 'on the device') + '.', '',
+                      shape.get('device', 'CPU')).startswith('CPU') else 'on the device') + '.'
+                  + (f" Parts timed by {shape['phase_timing']}."
+                     if shape.get('phase_timing', 'host clock') != 'host clock' else ''), '',
                   '| method | total | vision | decoder (prefill + decode) | selection (/ decoder) | head | speedup '
                   '(95% CI) | vs transformers | decoder ideal | measured / ideal | total ideal | kept visual / layer |',
                   '|---|---|---|---|---|---|---|---|---|---|---|---|']
@@ -819,9 +851,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         help="also time every method with its after_layer hook called after every layer (not only "
                              "the layers its plans name), interleaved with the rest")
     parser.add_argument('--layer-times', action='store_true',
-                        help="also time each decoder layer's own work (a clock read around every layer, synchronised "
-                             "on CUDA), so the table says how much of a method's decoder time the layers take and "
+                        help="also time each decoder layer's own work (a clock read around every layer; on CUDA "
+                             "its span between two events, or synchronised with --serial-phases), so the table "
+                             "says how much of a method's decoder time the layers take and "
                              "how close they come to their FLOPs")
+    parser.add_argument('--serial-phases', action='store_true',
+                        help='on CUDA, synchronise before and after the vision, executor-pass and head parts of '
+                             'every step (each part on the host clock alone; the device then never runs one part '
+                             'while the host queues the next); default: one synchronisation per step, the parts '
+                             'timed by CUDA events')
     parser.add_argument('--profile', type=int, default=0, metavar='N',
                         help='after the timed steps, run N more steps per method under torch.profiler and report '
                              'host and device time, kernel launches, host waits and the costliest operations')
@@ -884,7 +922,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                          weight_copies=args.weight_copies, attention_kernel=args.attention_kernel,
                                          every_layer_hooks=args.every_layer_hooks, layer_times=args.layer_times,
                                          profile_steps=args.profile, fuse_projections=args.fuse_projections,
-                                         compile_layers=args.compile_layers, cuda_graphs=args.cuda_graphs)
+                                         compile_layers=args.compile_layers, cuda_graphs=args.cuda_graphs,
+                                         serial_phases=args.serial_phases)
         rows += shape_rows
         infos.append(info)
         if torch.cuda.is_available():

@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--model', default='reference', help="'reference', 'tiny-random' or a checkpoint directory")
     parser.add_argument('--episodes-per-family', type=int, default=34, help='34 x 3 families = 102 per configuration')
-    parser.add_argument('--latency-episodes', type=int, default=2, help='episodes per family replayed for latency')
+    parser.add_argument('--latency-episodes', type=int, default=2,
+                        help='episodes per family replayed for latency (0: success only, at no shape)')
     parser.add_argument('--execute-steps', type=int, default=None,
                         help='actions executed per chunk before re-planning (default: the whole chunk of 8)')
     parser.add_argument('--workers', type=int, default=2, help='worker processes in the success phase')
@@ -301,7 +302,9 @@ def main(argv: list[str] | None = None) -> None:
     sequences = replay_observations(args.model, families, args.latency_episodes, EVAL_SEED_START + 500_000,
                                     args.execute_steps)
     speed = measure_latency(load_model(args.model), configs, sequences, args.threads)
-    wide = {spec: measure_latency(widened(args.model, spec), configs, sequences, args.threads) for spec in args.wide}
+    # the wide decoders replay the same steps: none with --latency-episodes 0
+    wide = {spec: measure_latency(widened(args.model, spec), configs, sequences, args.threads)
+            for spec in (args.wide if any(sequences) else ())}
 
     rows = []
     unpruned = np.array(outcomes['none'])

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# One prepared GPU check (about 4 minutes on one H200, at most 9; nothing downloaded):
+# One prepared GPU check (about 5 minutes on one H200, at most 9.5; nothing downloaded):
 #   1. the CUDA tests (test modules with a _cuda_or_skip guard: no host synchronisation inside a step, CUDA graphs
 #      against eager layers, SDPA without cuDNN's attention);
 #   2. the deployment-latency harness at the OpenVLA-OFT and OpenVLA 7B shapes in bf16 (random weights built in
 #      memory), every method interleaved with transformers' own SDPA forward;
 #   3. the same harness at the OpenVLA-OFT 7B shape with the vision backbones and decoder layers replayed as CUDA
-#      graphs (--cuda-graphs), with a torch.profiler summary per method (--profile 2);
-#   4. the harness at the OpenVLA-OFT 7B shape with each decoder layer timed apart (--layer-times: a device
-#      synchronisation per layer, so its totals are not the ones of step 2): how much of each method's step is
-#      its layers and how much the selection, keep-set switches and the pass's own loop.
+#      graphs (--cuda-graphs), with a torch.profiler summary per method (--profile 2), and again with every part
+#      of a step synchronised (--serial-phases: what the harness measured before it timed the parts by events);
+#   4. the harness at the OpenVLA-OFT 7B shape with each decoder layer timed apart (--layer-times: each layer's
+#      span on the device): how much of each method's step is its layers and how much the selection, keep-set
+#      switches and the pass's own loop.
+# Steps 2-4 time SpecPrune twice: exact gather counts (read back twice a step) and counts from the previous step.
 # Results go to $OUT/gpu_benchmark if OUT is set, else outputs/gpu_benchmark (JSON, markdown tables, plot, logs),
 # and packed beside it as gpu_benchmark.tgz (one file to bring back).
 # Fails at once, with the reason, when CUDA is absent. GPU_BENCHMARK_ALLOW_CPU=1 runs the same steps on the CPU at
@@ -39,8 +41,9 @@ else
     DEVICE=cuda
     HARNESS_ARGS=(--shape oft-7b openvla-7b --dtype bfloat16 --steps 30 --warmup 3 --stride 1)
     LAYER_ARGS=(--shape oft-7b --dtype bfloat16 --steps 12 --warmup 3 --stride 1)
-    HARNESS_TIMEOUT=240        # with the tests' 90 s, the graphs' 120 s and the layer split's 75 s: under 9 minutes
+    HARNESS_TIMEOUT=210        # with the tests' 90 s, the graphs' 120 + 60 s and the layer split's 75 s: 9 minutes
 fi
+LAGGED='specprune, previous-step counts=specprune:{"gather_counts": "previous_step"}'
 
 # -- fail fast without CUDA -------------------------------------------------------------------------------------
 "$PY" - "$DEVICE" <<'EOF' | tee "$OUT_DIR/device.txt"
@@ -86,19 +89,24 @@ timeout 90 "$PY" -m pytest "${CUDA_TESTS[@]}" -q -rA -p no:cacheprovider 2>&1 | 
 
 # -- 2. the harness at the 7B shapes ----------------------------------------------------------------------------
 timeout "$HARNESS_TIMEOUT" "$PY" benchmarks/deployment_latency.py "${HARNESS_ARGS[@]}" "${FRAME_ARGS[@]}" \
-    --device "$DEVICE" --out "$OUT_DIR" \
+    --extra "$LAGGED" --device "$DEVICE" --out "$OUT_DIR" \
     2>&1 | tee "$OUT_DIR/deployment_latency.log" || \
     echo "gpu_benchmark: the harness did not finish (see $OUT_DIR/deployment_latency.log)" >&2
 # -- 3. vision and decoder layers as CUDA graphs at the OFT 7B shape ----------------------------------------------
 timeout 120 "$PY" benchmarks/deployment_latency.py "${LAYER_ARGS[@]}" "${FRAME_ARGS[@]}" --cuda-graphs --profile 2 \
-    --methods none specprune 'vla_pruner 25%' 'divprune 25%' 'random 25%' coverage_ranked --no-reference \
-    --device "$DEVICE" --out "$OUT_DIR" --name deployment_latency_cuda_graphs --no-plot \
+    --methods none specprune 'vla_pruner 25%' 'divprune 25%' 'random 25%' coverage_ranked --extra "$LAGGED" \
+    --no-reference --device "$DEVICE" --out "$OUT_DIR" --name deployment_latency_cuda_graphs --no-plot \
     2>&1 | tee "$OUT_DIR/deployment_latency_cuda_graphs.log" || \
     echo "gpu_benchmark: the CUDA-graph run did not finish (see $OUT_DIR/deployment_latency_cuda_graphs.log)" >&2
+timeout 60 "$PY" benchmarks/deployment_latency.py "${LAYER_ARGS[@]}" "${FRAME_ARGS[@]}" --cuda-graphs --serial-phases \
+    --methods none specprune 'random 25%' --extra "$LAGGED" --no-reference --device "$DEVICE" --out "$OUT_DIR" \
+    --name deployment_latency_cuda_graphs_serial --no-plot \
+    2>&1 | tee "$OUT_DIR/deployment_latency_cuda_graphs_serial.log" || \
+    echo "gpu_benchmark: the serial CUDA-graph run did not finish (see its log in $OUT_DIR)" >&2
 # -- 4. the decoder layers timed apart at the OFT 7B shape --------------------------------------------------------
 timeout 75 "$PY" benchmarks/deployment_latency.py "${LAYER_ARGS[@]}" "${FRAME_ARGS[@]}" --layer-times \
-    --methods none specprune 'vla_pruner 25%' 'divprune 25%' 'random 25%' coverage_ranked --no-reference \
-    --device "$DEVICE" --out "$OUT_DIR" --name deployment_latency_layers --no-plot \
+    --methods none specprune 'vla_pruner 25%' 'divprune 25%' 'random 25%' coverage_ranked --extra "$LAGGED" \
+    --no-reference --device "$DEVICE" --out "$OUT_DIR" --name deployment_latency_layers --no-plot \
     2>&1 | tee "$OUT_DIR/deployment_latency_layers.log" || \
     echo "gpu_benchmark: the layer split did not finish (see $OUT_DIR/deployment_latency_layers.log)" >&2
 tar czf "$OUT_DIR.tgz" -C "$(dirname "$OUT_DIR")" "$(basename "$OUT_DIR")"

@@ -282,3 +282,40 @@ def test_profile_says_where_each_step_spends_its_time(tmp_path):
         assert any('addmm' in name or 'linear' in name or 'mm' in name for name in names)
     table = (tmp_path / 'deployment_latency.md').read_text()
     assert '| random 25% |' in table.split('Profile (')[1]
+
+
+class _HostEvent:
+    """Stands in for ``torch.cuda.Event(enable_timing=True)``: the host clock when recorded."""
+
+    def record(self) -> None:
+        import time
+        self.at = time.perf_counter()
+
+    def elapsed_time(self, end: '_HostEvent') -> float:
+        return 1e3 * (end.at - self.at)
+
+
+@pytest.mark.parametrize('events', [True, False])
+def test_parts_of_a_step_timed_without_waiting_for_the_device(events):
+    """With timing events (CUDA's by default) nothing inside a step waits for the device; the parts come from the
+    events once the step is over. With ``--serial-phases`` every part is synchronised before and after."""
+    harness = _harness()
+    adapter, _ = harness.build_target(harness.ReferenceShape(64, 2), 'cpu', 'float32')
+    syncs = []
+    clock = harness.PhaseClock(adapter, lambda: syncs.append(1), device_event=_HostEvent if events else None)
+    runner = harness.Runner('random 25%', 'random', {'keep_ratio': 0.25}, build_method('random', {'keep_ratio': 0.25}))
+    rng = np.random.default_rng(0)
+    frame = harness.Frame(images={c: rng.integers(0, 256, size=(96, 96, 3), dtype=np.uint8)
+                                  for c in ('agentview', 'wrist')},
+                          proprio=np.zeros(6), instruction=INSTRUCTION, executed_actions=np.zeros((1, 7)))
+    with torch.inference_mode():
+        runner.run(adapter, frame, ('agentview', 'wrist'))
+    if events:
+        assert syncs == [] and clock.seconds == {}
+        clock.settle()
+    else:
+        assert len(syncs) == 2 * 3                    # vision, the executor pass and the head, each synchronised
+    assert set(clock.seconds) == {'vision', 'runner', 'head'}
+    assert all(seconds > 0 for seconds in clock.seconds.values())
+    clock.settle()                                    # nothing recorded since: the parts stay as they are
+    assert set(clock.seconds) == {'vision', 'runner', 'head'}
