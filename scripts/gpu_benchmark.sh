@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# One prepared GPU check (about 5 minutes on one H200, at most 9.5; nothing downloaded):
+# One prepared GPU check (about 5 minutes on one H200, at most 9.3; nothing downloaded):
 #   1. the CUDA tests (test modules with a _cuda_or_skip guard: no host synchronisation inside a step, CUDA graphs
 #      against eager layers, SDPA without cuDNN's attention);
 #   2. the deployment-latency harness at the OpenVLA-OFT and OpenVLA 7B shapes in bf16 (random weights built in
 #      memory), every method interleaved with transformers' own SDPA forward;
-#   3. the same harness at the OpenVLA-OFT 7B shape with the vision backbones and decoder layers replayed as CUDA
-#      graphs (--cuda-graphs), with a torch.profiler summary per method (--profile 2), and again with every part
-#      of a step synchronised (--serial-phases: what the harness measured before it timed the parts by events);
+#   3. the same harness at the OpenVLA-OFT and OpenVLA 7B shapes with the vision backbones, decoder layers and
+#      OpenVLA's greedy decoding replayed as CUDA graphs (--cuda-graphs), with a torch.profiler summary per method
+#      (--profile 2), and at the OFT shape again with every part of a step synchronised (--serial-phases: what the
+#      harness measured before it timed the parts by events);
 #   4. the harness at the OpenVLA-OFT 7B shape with each decoder layer timed apart (--layer-times: each layer's
 #      span on the device): how much of each method's step is its layers and how much the selection, keep-set
 #      switches and the pass's own loop.
@@ -36,12 +37,14 @@ if [ "${GPU_BENCHMARK_ALLOW_CPU:-0}" = "1" ]; then
     DEVICE=cpu
     HARNESS_ARGS=(--shape oft openvla --width 64 --layers 4 --steps 2 --warmup 1 --stride 1 --threads 2)
     LAYER_ARGS=(--shape oft --width 64 --layers 4 --steps 2 --warmup 1 --stride 1 --threads 2)
+    GRAPH_ARGS=("${HARNESS_ARGS[@]}")
     HARNESS_TIMEOUT=1800
 else
     DEVICE=cuda
     HARNESS_ARGS=(--shape oft-7b openvla-7b --dtype bfloat16 --steps 30 --warmup 3 --stride 1)
     LAYER_ARGS=(--shape oft-7b --dtype bfloat16 --steps 12 --warmup 3 --stride 1)
-    HARNESS_TIMEOUT=210        # with the tests' 90 s, the graphs' 120 + 60 s and the layer split's 75 s: 9 minutes
+    GRAPH_ARGS=(--shape oft-7b openvla-7b --dtype bfloat16 --steps 12 --warmup 3 --stride 1)
+    HARNESS_TIMEOUT=200        # with the tests' 90 s, the graphs' 150 + 60 s and the layer split's 60 s: 9.3 minutes
 fi
 LAGGED='specprune, previous-step counts=specprune:{"gather_counts": "previous_step"}'
 
@@ -93,7 +96,7 @@ timeout "$HARNESS_TIMEOUT" "$PY" benchmarks/deployment_latency.py "${HARNESS_ARG
     2>&1 | tee "$OUT_DIR/deployment_latency.log" || \
     echo "gpu_benchmark: the harness did not finish (see $OUT_DIR/deployment_latency.log)" >&2
 # -- 3. vision and decoder layers as CUDA graphs at the OFT 7B shape ----------------------------------------------
-timeout 120 "$PY" benchmarks/deployment_latency.py "${LAYER_ARGS[@]}" "${FRAME_ARGS[@]}" --cuda-graphs --profile 2 \
+timeout 150 "$PY" benchmarks/deployment_latency.py "${GRAPH_ARGS[@]}" "${FRAME_ARGS[@]}" --cuda-graphs --profile 2 \
     --methods none specprune 'vla_pruner 25%' 'divprune 25%' 'random 25%' coverage_ranked --extra "$LAGGED" \
     --no-reference --device "$DEVICE" --out "$OUT_DIR" --name deployment_latency_cuda_graphs --no-plot \
     2>&1 | tee "$OUT_DIR/deployment_latency_cuda_graphs.log" || \
@@ -104,7 +107,7 @@ timeout 60 "$PY" benchmarks/deployment_latency.py "${LAYER_ARGS[@]}" "${FRAME_AR
     2>&1 | tee "$OUT_DIR/deployment_latency_cuda_graphs_serial.log" || \
     echo "gpu_benchmark: the serial CUDA-graph run did not finish (see its log in $OUT_DIR)" >&2
 # -- 4. the decoder layers timed apart at the OFT 7B shape --------------------------------------------------------
-timeout 75 "$PY" benchmarks/deployment_latency.py "${LAYER_ARGS[@]}" "${FRAME_ARGS[@]}" --layer-times \
+timeout 60 "$PY" benchmarks/deployment_latency.py "${LAYER_ARGS[@]}" "${FRAME_ARGS[@]}" --layer-times \
     --methods none specprune 'vla_pruner 25%' 'divprune 25%' 'random 25%' coverage_ranked --extra "$LAGGED" \
     --no-reference --device "$DEVICE" --out "$OUT_DIR" --name deployment_latency_layers --no-plot \
     2>&1 | tee "$OUT_DIR/deployment_latency_layers.log" || \

@@ -21,7 +21,9 @@ from specprune_ros.core.executor import PrunableDecoderRunner, _FusedProjections
 from specprune_ros.pruning import build_method
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
 from specprune_ros.core.step_types import AttentionRequest
+from pruning_testkit import make_embeddings
 from test_executor import HIDDEN, N, reference_forward, two_stage_case, two_stage_drop
+from test_executor_sync import decode_loop, greedy_case
 
 
 def _cuda_or_skip() -> torch.device:
@@ -146,6 +148,80 @@ def test_graphed_adapter_on_the_cpu_stand_in(graphs_on_the_cpu):
 
 def test_graphed_adapter_on_cuda():
     check_graphed_adapter(_cuda_or_skip())
+
+
+def check_graphed_decoding(device: torch.device) -> None:
+    """OpenVLA's action tokens decoded as one graph replay per token equal the eager loop's, with the attention
+    a method reads from the decoded tokens."""
+    torch.manual_seed(0)
+    eager = build_published('openvla', width=64, layers=4, vision_scale=1 / 64, device=str(device), dtype='float32')
+    graphed = copy.deepcopy(eager)
+    graphed.use_cuda_graphs()
+    rng = np.random.default_rng(1)
+    methods = {name: (build_method(name, config), build_method(name, config))
+               for name, config in (('none', None), ('vla_pruner', {'keep_ratio': 0.25}), ('specprune', None))}
+    with torch.no_grad():
+        for step in range(4):
+            frames = [rng.integers(0, 256, size=(224, 224, 3), dtype=np.uint8)]
+            for name, (mine, theirs) in methods.items():
+                got = graphed.step(frames, 'pick up the cube', method=mine, step_index=step)
+                want = eager.step(frames, 'pick up the cube', method=theirs, step_index=step)
+                assert got.info['action_token_ids'] == want.info['action_token_ids'], (name, step)
+                np.testing.assert_allclose(got.normalized, want.normalized, atol=1e-6, err_msg=f'{name} {step}')
+                assert [k.tolist() for k in got.result.record.kept_per_layer] == \
+                    [k.tolist() for k in want.result.record.kept_per_layer], (name, step)
+                for layer, entries in want.result.record.attention.items():
+                    for request, (keys, weights) in entries.items():
+                        mine_keys, mine_weights = got.result.record.attention[layer][request]
+                        assert torch.equal(mine_keys, keys)
+                        assert (mine_weights - weights).abs().max().item() <= 1e-5, (name, step, layer, request)
+    # one capture per key/value capacity and set of probed layers, replayed for every token after it
+    states = graphed.runner._decode_graphs._states
+    assert 0 < graphed.runner._decode_graphs.captures == len(states) <= 4
+    assert any(state.attention for state in states.values())        # VLA-Pruner's action rows, read in the graph
+
+
+def check_graphed_greedy_decoding(device: torch.device) -> None:
+    """The decoder's greedy loop as graph replays equals one ``decode`` call per token, with grouped key/value
+    heads and layers that hold different numbers of keys (a drop after layer 1)."""
+    runner, layout, embed, head = greedy_case()
+    runner.decoder.to(device)
+    embed, head = embed.to(device), head.to(device)
+    runner.cuda_graph_layers = True
+    visual = layout.visual_indices().to(device)
+    with torch.no_grad():
+        for seed, keep in enumerate((visual[::2], visual[::3], visual[1::2])):
+            x = make_embeddings(layout, seed).to(device)
+            plan = FixedKeepSchedule(keep_after={1: keep})
+            prefill = runner(x, layout, plan, return_cache=True)
+            assert len({k.shape[2] for k in prefill.cache.keys}) == 2
+            first = head(prefill.hidden[:, -1]).argmax(-1)
+            ids, results = runner.decode_greedy(first, 4, prefill.cache, embed, head, attention_layers=[0, 3])
+            again = runner(x, layout, plan, return_cache=True)
+            tokens, expected = decode_loop(runner, again.cache, int(first), 4, embed, head, [0, 3])
+            assert ids.tolist() == tokens, seed
+            for got, want in zip(results, expected):
+                assert got.hidden is None and got.key_counts == want.key_counts
+                for layer in (0, 3):
+                    assert torch.equal(got.attention[layer][0], want.attention[layer][0])
+                    assert (got.attention[layer][1] - want.attention[layer][1]).abs().max().item() <= 1e-5
+    assert runner._decode_graphs.captures == 1          # every prefill fits the same capacity: one graph
+
+
+def test_graphed_greedy_decoding_on_the_cpu_stand_in(graphs_on_the_cpu):
+    check_graphed_greedy_decoding(torch.device('cpu'))
+
+
+def test_graphed_greedy_decoding_on_cuda():
+    check_graphed_greedy_decoding(_cuda_or_skip())
+
+
+def test_graphed_decoding_on_the_cpu_stand_in(graphs_on_the_cpu):
+    check_graphed_decoding(torch.device('cpu'))
+
+
+def test_graphed_decoding_on_cuda():
+    check_graphed_decoding(_cuda_or_skip())
 
 
 def test_passes_on_cuda_run_sdpa_without_cudnn(monkeypatch):

@@ -177,6 +177,42 @@ def test_specprune_with_previous_step_counts_reads_nothing_back_once_it_has_a_co
     assert len(result.record.kept_per_layer[-1]) < layout.num_tokens
 
 
+def greedy_case():
+    """A causal layout through the test decoder with a small vocabulary: (runner, layout, embed, head)."""
+    runner = PrunableDecoderRunner(make_runner().decoder, validate_on_host=False)
+    torch.manual_seed(1)
+    embed = torch.nn.Embedding(40, runner.hidden_size)
+    head = torch.nn.Linear(runner.hidden_size, 40)
+    return runner, make_layout(causal=True), embed, head
+
+
+def decode_loop(runner, cache, first: int, steps: int, embed, head, layers):
+    """Greedy decoding as one :meth:`decode` call per token with host ids (the reference)."""
+    tokens, results = [first], []
+    for i in range(steps):
+        result = runner.decode(embed(torch.tensor([[tokens[-1]]])), [cache.last_position + 1], cache, layers)
+        tokens.append(int(head(result.hidden[:, -1]).argmax(-1)[0]))
+        results.append(result)
+    return tokens, results
+
+
+def test_greedy_decoding_reads_nothing_back():
+    runner, layout, embed, head = greedy_case()
+    x = make_embeddings(layout)
+    with torch.inference_mode():
+        prefill = runner(x, layout, None, return_cache=True)
+        first = head(prefill.hidden[:, -1]).argmax(-1)
+        with host_sync_guard():
+            ids, results = runner.decode_greedy(first, 5, prefill.cache, embed, head, attention_layers=[1])
+        again = runner(x, layout, None, return_cache=True)
+        tokens, expected = decode_loop(runner, again.cache, int(first), 5, embed, head, [1])
+    assert ids.tolist() == tokens
+    for got, want in zip(results, expected):
+        assert got.key_counts == want.key_counts
+        assert torch.equal(got.attention[1][0], want.attention[1][0])
+        assert torch.equal(got.attention[1][1], want.attention[1][1])
+
+
 def test_the_guard_catches_host_checks():
     # host validation reads values back (a message per fault): the guard must notice
     layout = make_layout()

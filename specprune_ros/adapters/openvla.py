@@ -74,6 +74,10 @@ class OpenVLAAdapter(PrismaticAdapter):
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.language_model.lm_head(hidden)
 
+    def _embed_device_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (1, t) already on the device -> embeddings (1, t, d)."""
+        return self.model.embed_tokens(ids)
+
     # -- the pruned path ---------------------------------------------------------------------------------------
 
     def encode(self, observation: Observation) -> EncodedStep:
@@ -90,13 +94,12 @@ class OpenVLAAdapter(PrismaticAdapter):
         requested = wrapper.plan.attention if wrapper is not None and wrapper.plan is not None else []
         action_requests = [r for r in requested if r.rows == 'action']
         layers = sorted({r.layer for r in action_requests})
-        tokens = [int(self._logits(result.hidden[:, -1]).argmax(-1)[0])]
-        decoded = []
+        first = self._logits(result.hidden[:, -1]).argmax(-1).reshape(1)
         cache: DecoderCache = result.cache
-        for i in range(1, self.action_dim):
-            decode_step = self.runner.decode(self.embed_ids(tokens[-1:]), [layout.num_tokens - 1 + i], cache, layers)
-            decoded.append(decode_step)
-            tokens.append(int(self._logits(decode_step.hidden[:, -1]).argmax(-1)[0]))
+        # on the device until the last token (one read back per step; graphed with cuda_graph_layers)
+        ids, decoded = self.runner.decode_greedy(first, self.action_dim - 1, cache, self._embed_device_ids,
+                                                 self._logits, layers)
+        tokens = [int(token) for token in ids.tolist()]
         decode_seconds = time.perf_counter() - started
         self._merge_action_attention(record, action_requests, decoded)
         self._account_decode(record, layout, decoded, decode_seconds)

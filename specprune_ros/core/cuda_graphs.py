@@ -12,6 +12,9 @@ them, so dropping tokens shortens the device's work but not the step. A replayed
   until the next pass replays that graph.
 * :class:`ShapeGraphs`: a function of one tensor whose shape repeats (the vision backbones), one graph per input
   shape; its output is copied out, since callers keep it across steps.
+* :class:`DecodeGraphs`: greedy decoding (OpenVLA's action tokens), one graph per decoded token that runs every
+  layer, embeds the token and picks the next, against the cache held in fixed-size buffers: a token is one launch,
+  and nothing is read back until the last one.
 """
 from __future__ import annotations
 
@@ -165,3 +168,79 @@ class LayerGraphs(_GraphOwner):
                            sin=torch.empty_like(sin), mask=None if mask is None else torch.empty_like(mask))
         self._sizes[key] = size
         return size
+
+
+@dataclass
+class DecodeState:
+    """The static buffers of greedy decoding at one key/value capacity, and its graph.
+
+    One replay decodes one token: it reads ``ids`` at ``position``, writes each layer's new key and value into the
+    first free slot of ``keys`` / ``values`` (``valid`` marks the slots in use), and leaves the next token in
+    ``ids`` and in row ``count`` of ``history`` (and, per probed layer, its attention over the slots in row
+    ``count`` of ``attention``), then advances ``position`` and ``count``.
+    """
+
+    ids: torch.Tensor                      # (1, 1) long: the token fed to the next replay
+    position: torch.Tensor                 # (1,) long: its position
+    count: torch.Tensor                    # (1,) long: tokens decoded since the state was loaded
+    keys: list[torch.Tensor]               # per layer (1, kv heads, capacity, head dim)
+    values: list[torch.Tensor]
+    valid: list[torch.Tensor]              # per layer (1, 1, 1, capacity) bool
+    history: torch.Tensor                  # (steps,) long: the decoded tokens
+    attention: dict[int, torch.Tensor]     # probed layer -> (steps, capacity) float32
+    cos: torch.Tensor                      # RoPE tables of every position up to the state's position capacity
+    signed_sin: torch.Tensor
+    captured: Optional[_Captured] = None
+
+    def load(self, keys: list[torch.Tensor], values: list[torch.Tensor], first_ids: torch.Tensor,
+             position: int) -> None:
+        """Start a new decode: the prefill's keys and values in the first slots, ``first_ids`` at ``position``."""
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            n = k.shape[2]
+            self.keys[layer][:, :, :n].copy_(k)
+            self.values[layer][:, :, :n].copy_(v)
+            self.valid[layer].zero_()
+            self.valid[layer][..., :n].fill_(True)
+        self.ids.copy_(first_ids.view(1, 1))
+        self.position.fill_(position)
+        self.count.zero_()
+
+
+class DecodeGraphs(_GraphOwner):
+    """Greedy decoding replayed as one CUDA graph per token, per key/value capacity (and probed layers).
+
+    A decoded token runs every decoder layer against the cache: on the host that is a few hundred launches per
+    token, on the device a few microseconds each. The graph holds the cache in fixed-size buffers (a capacity
+    bucket of slots per layer, the unused ones masked out), so one capture serves every step whose prefill fits.
+    """
+
+    def __init__(self, max_states: int = 4) -> None:
+        super().__init__()
+        self.max_states = max_states
+        self._states: OrderedDict[tuple, DecodeState] = OrderedDict()
+
+    def state(self, key: tuple, build: Callable[[], DecodeState]) -> DecodeState:
+        """The state under ``key`` (built by ``build`` when new; the least recently used one released beyond
+        ``max_states``)."""
+        state = self._states.get(key)
+        if state is None:
+            while len(self._states) >= self.max_states:
+                self._states.popitem(last=False)
+            if not any(s.captured is not None for s in self._states.values()):
+                self._all_released()
+            state = self._states[key] = build()
+        self._states.move_to_end(key)
+        return state
+
+    def decode(self, state: DecodeState, body: Callable[[DecodeState], torch.Tensor], steps: int,
+               keys: list[torch.Tensor], values: list[torch.Tensor], first_ids: torch.Tensor, position: int) -> None:
+        """``steps`` replays of ``body`` (captured at the first call) after loading the prefill into ``state``."""
+        if state.captured is None:                 # capturing runs the body once: the state is loaded after it
+            state.captured = self._capture(lambda: body(state), first_ids.device)
+        state.load(keys, values, first_ids, position)
+        for _ in range(steps):
+            state.captured.graph.replay()
+
+    def clear(self) -> None:
+        self._states.clear()
+        self._all_released()

@@ -44,7 +44,7 @@ from specprune_ros.core.attention_kernels import (AttentionKernel, attention_wit
                                                   two_product_attention, use_two_products)
 from specprune_ros.core.cpu_info import available_memory_bytes, cpu_info
 from specprune_ros.core.flops import decoder_flops
-from specprune_ros.core.cuda_graphs import LayerGraphs
+from specprune_ros.core.cuda_graphs import DecodeGraphs, DecodeState, LayerGraphs
 from specprune_ros.core.masks import attention_mask
 from specprune_ros.core.step_types import (AttentionRequest, KVStore, LayerView, PruningMethod, StepContext,
                                            StepPlan, StepRecord)
@@ -81,7 +81,7 @@ class DecoderCache:
 class DecodeResult:
     """Output of :meth:`PrunableDecoderRunner.decode`: final-normed hidden states of the new tokens."""
 
-    hidden: torch.Tensor                                  # (B, t, d)
+    hidden: Optional[torch.Tensor]                        # (B, t, d); None from graphed greedy decoding
     attention: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (key positions, mean attention of the t rows)
     key_counts: list[int]                                 # keys per layer the new tokens attended to (incl. themselves)
 
@@ -223,6 +223,7 @@ class PrunableDecoderRunner(nn.Module):
         self.compile_layers = compile_layers
         self.cuda_graph_layers = cuda_graph_layers
         self._graphs = LayerGraphs()
+        self._decode_graphs = DecodeGraphs()
         self.share_probabilities = share_probabilities
         self.bucket = max(1, int(bucket))
         self.input_major_weights = input_major_weights
@@ -349,10 +350,18 @@ class PrunableDecoderRunner(nn.Module):
         first, last = int(positions.min()), int(positions.max())
         if first <= cache.last_position or not bool((positions[1:] > positions[:-1]).all()):
             raise PlanError(f'decode positions must increase and follow position {cache.last_position}')
+        return self._decode(embeddings, positions, last, cache, self._wanted_layers(attention_layers))
+
+    def _wanted_layers(self, attention_layers: Sequence[int]) -> set[int]:
         wanted = set(int(layer) for layer in attention_layers)
         bad = [layer for layer in wanted if not 0 <= layer < self.num_layers]
         if bad:
             raise PlanError(f'attention requested at layer {bad[0]}; the decoder has {self.num_layers}')
+        return wanted
+
+    def _decode(self, embeddings: torch.Tensor, positions: torch.Tensor, last: int, cache: DecoderCache,
+                wanted: set[int]) -> DecodeResult:
+        """:meth:`decode` with checked positions (``last``: the largest, on the host): nothing read back."""
         hidden = embeddings
         batch, t, _ = hidden.shape
         summaries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -382,6 +391,95 @@ class PrunableDecoderRunner(nn.Module):
                 summaries[index] = (cache.positions[index], probe['rows'])
         cache.last_position = last
         return DecodeResult(hidden=_rms_norm(self.decoder.norm, hidden), attention=summaries, key_counts=counts)
+
+    @torch.no_grad()
+    @_without_cudnn_attention
+    def decode_greedy(self, first_ids: torch.Tensor, steps: int, cache: DecoderCache,
+                      embed: Callable[[torch.Tensor], torch.Tensor], logits: Callable[[torch.Tensor], torch.Tensor],
+                      attention_layers: Sequence[int] = ()) -> tuple[torch.Tensor, list[DecodeResult]]:
+        """Greedy decoding of ``steps`` tokens after a prefill: ``first_ids`` (a (1,) token id on the device, at
+        position ``cache.last_position + 1``) is fed first, each picked token next, without reading anything back.
+
+        ``embed``: token ids (1, t) -> embeddings (1, t, d); ``logits``: final-normed hidden states (1, d) ->
+        logits (1, vocab). Returns every token id ((steps + 1,) on the device: ``first_ids`` and the picked ones)
+        and per fed token its attention at ``attention_layers`` and key counts (``hidden`` None where graphed).
+        With ``cuda_graph_layers`` on CUDA each token is one replay of a graph of the whole decoder
+        (:class:`~specprune_ros.core.cuda_graphs.DecodeGraphs`); the cache then keeps the prefill's keys only.
+        """
+        if len(cache) != self.num_layers:
+            raise PlanError(f'the cache holds {len(cache)} layers; the decoder has {self.num_layers}')
+        wanted = self._wanted_layers(attention_layers)
+        device = first_ids.device
+        start = cache.last_position + 1
+        if steps > 0 and self._graphs_on(device) and all(_compilable(layer) for layer in self.decoder.layers):
+            graphed = self._decode_greedy_graphed(first_ids, steps, cache, embed, logits, wanted)
+            if graphed is not None:
+                return graphed
+        positions = torch.arange(start, start + steps, device=device)
+        ids, results = [first_ids.reshape(1)], []
+        for i in range(steps):
+            result = self._decode(embed(ids[-1].view(1, 1)), positions[i:i + 1], start + i, cache, wanted)
+            ids.append(logits(result.hidden[:, -1]).argmax(-1).reshape(1))
+            results.append(result)
+        return torch.cat(ids), results
+
+    def _decode_greedy_graphed(self, first_ids: torch.Tensor, steps: int, cache: DecoderCache,
+                               embed: Callable[[torch.Tensor], torch.Tensor],
+                               logits: Callable[[torch.Tensor], torch.Tensor],
+                               wanted: set[int]) -> Optional[tuple[torch.Tensor, list[DecodeResult]]]:
+        """:meth:`decode_greedy` as graph replays, or None where the RoPE tables cannot be shared."""
+        start = cache.last_position + 1
+        like = cache.keys[0]
+        position_capacity = -(-(start + steps) // 256) * 256
+        if _RopeTables.key(self.decoder.rotary_emb, like, position_capacity) is None:
+            return None
+        held = [k.shape[2] for k in cache.keys]
+        capacity = -(-(max(held) + steps) // 64) * 64
+        fusions = self._fusions()
+        key = (capacity, position_capacity, steps, tuple(sorted(wanted)), like.dtype, like.device,
+               tuple(tuple(k.shape[:2]) + (k.shape[3],) for k in cache.keys))
+
+        def build() -> DecodeState:
+            tables = _RopeTables(self.decoder.rotary_emb, like, position_capacity, ())
+            zeros = [k.new_zeros(1, k.shape[1], capacity, k.shape[3]) for k in cache.keys]
+            return DecodeState(
+                ids=first_ids.new_zeros(1, 1), position=first_ids.new_zeros(1), count=first_ids.new_zeros(1),
+                keys=zeros, values=[z.clone() for z in zeros],
+                valid=[torch.zeros(1, 1, 1, capacity, dtype=torch.bool, device=like.device) for _ in held],
+                history=first_ids.new_zeros(steps),
+                attention={layer: torch.zeros(steps, capacity, device=like.device) for layer in sorted(wanted)},
+                cos=tables.cos, signed_sin=tables.signed_sin)
+
+        def body(state: DecodeState) -> torch.Tensor:
+            hidden = embed(state.ids)
+            cos = state.cos.index_select(1, state.position).unsqueeze(1)
+            sin = state.signed_sin.index_select(2, state.position)
+            for index, layer in enumerate(self.decoder.layers):
+                valid = state.valid[index]
+                slot = valid.sum(dim=-1).view(1)
+                hidden, q, keys = _layer_arithmetic(hidden, cos, sin, valid, False,
+                                                    *_layer_operands(layer, fusions[index]),
+                                                    kv_slots=(state.keys[index], state.values[index], slot))
+                if index in state.attention:
+                    rows = q.reshape(1, keys.shape[1], -1, q.shape[-1])
+                    summary = _attention_summaries(rows, keys, valid.view(1, 1, 1, 1, -1), layer.self_attn.scaling)
+                    state.attention[index].index_copy_(0, state.count, summary.view(1, -1))
+            picked = logits(_rms_norm(self.decoder.norm, hidden)[:, -1]).argmax(-1).reshape(1)
+            state.history.index_copy_(0, state.count, picked)
+            state.ids.copy_(picked.view(1, 1))
+            state.position.add_(1)
+            state.count.add_(1)
+            return state.history
+
+        state = self._decode_graphs.state(key, build)
+        self._decode_graphs.decode(state, body, steps, cache.keys, cache.values, first_ids, start)
+        fed = torch.arange(start, start + steps, device=like.device)
+        results = []
+        for i in range(steps):
+            attention = {layer: (torch.cat([cache.positions[layer], fed[:i + 1]]),
+                                 state.attention[layer][i, :held[layer] + i + 1].clone()) for layer in sorted(wanted)}
+            results.append(DecodeResult(hidden=None, attention=attention, key_counts=[n + i + 1 for n in held]))
+        return torch.cat([first_ids.reshape(1), state.history.clone()]), results
 
     def _tables(self, like: torch.Tensor, num_tokens: int) -> Optional['_RopeTables']:
         """The RoPE tables of positions 0 .. ``num_tokens`` - 1, or None where they depend on the positions asked.
@@ -931,12 +1029,15 @@ def _layer_arithmetic(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                       o_weight: torch.Tensor, o_bias: Optional[torch.Tensor], gate_up_weight: torch.Tensor | tuple,
                       gate_up_bias: Optional[torch.Tensor] | tuple, down_weight: torch.Tensor,
                       down_bias: Optional[torch.Tensor], norm_weight: torch.Tensor, post_norm_weight: torch.Tensor,
-                      eps: float, post_eps: float, heads: int, kv_heads: int, head_dim: int, scaling: float
+                      eps: float, post_eps: float, heads: int, kv_heads: int, head_dim: int, scaling: float,
+                      kv_slots: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One Llama layer as pure tensor arithmetic (what ``compile_layers`` compiles and CUDA graphs capture).
 
     Returns the output, queries and keys. The query/key/value and gate/up weights are fused tensors or tuples of the
-    layer's own (:func:`_layer_operands`).
+    layer's own (:func:`_layer_operands`). ``kv_slots`` (decoding into fixed buffers): (keys, values, slot): the
+    new keys and values are written at ``slot`` (a (1,) index) of the (1, kv heads, capacity, head dim) buffers,
+    ``mask`` (1, 1, 1, capacity) is set there, and the queries attend to the buffers where ``mask`` is set.
     """
     batch, n, _ = hidden.shape
     x = F.rms_norm(hidden, norm_weight.shape, norm_weight, eps)
@@ -946,6 +1047,12 @@ def _layer_arithmetic(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     qk = qk * cos + torch.cat([qk[..., half:], qk[..., :half]], dim=-1) * sin
     q, k = qk[:, :heads], qk[:, heads:]
     v = qkv[:, :, heads + kv_heads:].transpose(1, 2)
+    if kv_slots is not None:
+        keys, values, slot = kv_slots
+        keys.index_copy_(2, slot, k.to(keys.dtype))
+        values.index_copy_(2, slot, v.to(values.dtype))
+        mask.index_fill_(-1, slot, True)
+        k, v = keys, values
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scaling,
                                          enable_gqa=heads != kv_heads)
     hidden = hidden + F.linear(out.transpose(1, 2).reshape(batch, n, -1), o_weight, o_bias)
