@@ -18,7 +18,7 @@ from specprune_ros.adapters.tiny import write_tiny_checkpoint
 from specprune_ros.core import cuda_graphs
 from specprune_ros.core.cuda_graphs import LayerGraphs, ShapeGraphs, _Captured
 from specprune_ros.core.executor import PrunableDecoderRunner, _FusedProjections, _layer_arithmetic, _layer_operands
-from specprune_ros.pruning import build_method
+from specprune_ros.pruning import build_method, diversity
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
 from specprune_ros.core.step_types import AttentionRequest
 from pruning_testkit import make_embeddings
@@ -50,6 +50,12 @@ def _capture_on_the_cpu(call, device, owner):
         owner.pool = object()                    # stands in for a memory pool handle
     out = call()
     return _Captured(_RecomputingGraph(call, out), out)
+
+
+@pytest.fixture(autouse=True)
+def greedy_graphs_restored(monkeypatch):
+    """An adapter's use_cuda_graphs() turns the diversity steps' graphs on for the process: off again after."""
+    monkeypatch.setattr(diversity, 'GREEDY_GRAPHS', diversity.GREEDY_GRAPHS)
 
 
 @pytest.fixture
@@ -222,6 +228,39 @@ def test_graphed_decoding_on_the_cpu_stand_in(graphs_on_the_cpu):
 
 def test_graphed_decoding_on_cuda():
     check_graphed_decoding(_cuda_or_skip())
+
+
+def check_graphed_diversity_steps(device: torch.device, monkeypatch) -> None:
+    """The greedy max-min steps (DivPrune, VLA-Pruner's filter) replayed as a graph pick what NumPy picks."""
+    monkeypatch.setattr(diversity, 'CPU_STEPS_IN_NUMPY', False)
+    monkeypatch.setattr(diversity, 'GREEDY_GRAPHS', True)             # as an adapter's use_cuda_graphs() sets it
+    monkeypatch.setattr(diversity, '_STEP_GRAPHS', type(diversity._STEP_GRAPHS)())
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(3):
+        features = torch.randn(2, 48, 16, generator=generator)
+        candidates = torch.rand(2, 48, generator=generator) < 0.7
+        candidates[:, :20] = True
+        for m in (5, 12):
+            monkeypatch.setattr(diversity, 'CPU_STEPS_IN_NUMPY', True)
+            on_host = diversity.greedy_max_min_groups(features, m, candidates)
+            monkeypatch.setattr(diversity, 'CPU_STEPS_IN_NUMPY', False)
+            got = diversity.greedy_max_min_groups(features.to(device), m, candidates.to(device))
+            assert torch.equal(got.cpu(), on_host), (trial, m)
+        monkeypatch.setattr(diversity, 'CPU_STEPS_IN_NUMPY', True)
+        on_host = diversity.greedy_max_min(features[0], 7)
+        monkeypatch.setattr(diversity, 'CPU_STEPS_IN_NUMPY', False)
+        assert diversity.greedy_max_min(features[0].to(device), 7).tolist() == on_host.tolist()
+    # one graph per (step count, groups, size), replayed for every later call of the same
+    assert {key[:3] for key in diversity._STEP_GRAPHS} == {(5, 2, 48), (12, 2, 48), (7, 1, 48)}
+    assert all(graphs.captures == 1 for graphs in diversity._STEP_GRAPHS.values())
+
+
+def test_graphed_diversity_steps_on_the_cpu_stand_in(graphs_on_the_cpu, monkeypatch):
+    check_graphed_diversity_steps(torch.device('cpu'), monkeypatch)
+
+
+def test_graphed_diversity_steps_on_cuda(monkeypatch):
+    check_graphed_diversity_steps(_cuda_or_skip(), monkeypatch)
 
 
 def test_passes_on_cuda_run_sdpa_without_cudnn(monkeypatch):
