@@ -42,7 +42,9 @@ class _RecomputingGraph:
         self.call, self.out = call, out
 
     def replay(self):
-        self.out.copy_(self.call())
+        got = self.call()
+        for mine, new in zip(self.out, got) if isinstance(self.out, tuple) else [(self.out, got)]:
+            mine.copy_(new)
 
 
 def _capture_on_the_cpu(call, device, owner):
@@ -79,9 +81,14 @@ def check_graphed_layers(device: torch.device, causal: bool, fuse: bool | None =
         result = runner(x.to(device), layout, method)
         assert torch.equal(result.kept.cpu(), expected_kept)
         assert (result.hidden.cpu() - expected).abs().max().item() <= 1e-4
-        # every kept set pads to 64 tokens: layers 0, 2 and 3 captured once; layer 1 (probed) runs eagerly, padded
-        assert result.record.attention_kernels == ['cuda graph', 'padded', 'cuda graph', 'cuda graph']
-        assert runner._graphs.captures == 3
+        # every kept set pads to 64 tokens: each layer captured once, layer 1 (probed) with its queries and keys
+        assert result.record.attention_kernels == ['cuda graph'] * 4
+        assert runner._graphs.captures == 4
+        want = eager(x.to(device), layout, method)              # the probe read from the graph's queries and keys
+        for layer, entries in want.record.attention.items():
+            for name, (keys, weights) in entries.items():
+                assert torch.equal(result.record.attention[layer][name][0], keys)
+                assert (result.record.attention[layer][name][1] - weights).abs().max().item() <= 1e-5
         # other kept sets of the same bucket replay the same graphs, with their own tables and masks
         for seed in range(3):
             generator = torch.Generator().manual_seed(seed)
@@ -93,7 +100,7 @@ def check_graphed_layers(device: torch.device, causal: bool, fuse: bool | None =
             assert (got.hidden - want.hidden).abs().max().item() <= 1e-4
             keys, weights = got.record.attention[2]['text']
             assert (weights - want.record.attention[2]['text'][1]).abs().max().item() <= 1e-5
-        assert runner._graphs.captures == 3 + 1              # layer 1 met this bucket unprobed for the first time
+        assert runner._graphs.captures == 4 + 2              # layer 1 unprobed, layer 2 probed: new graphs
     assert (runner._fused == {}) == (fuse is False)
 
 

@@ -4,7 +4,8 @@ On a GPU a pruned step is often bound by the host, not by the device: a 7B decod
 launches, a ViT block about 15, and at a few hundred tokens the host issues them more slowly than the device runs
 them, so dropping tokens shortens the device's work but not the step. A replayed graph is one launch.
 
-* :class:`LayerGraphs`: the executor's decoder layers, one graph per (layer, padded token count). A graph runs
+* :class:`LayerGraphs`: the executor's decoder layers, one graph per (layer, padded token count; a layer whose
+  attention a method reads has a graph of its own that also keeps its queries and keys). A graph runs
   fixed addresses and shapes, so the layers run over the kept tokens padded to a bucket (the executor's
   ``_Padded``: padding keys masked out, padding rows dropped after the layer), and every graph of one padded size
   reads the same static buffers: the layer input, the RoPE tables and the mask. The tables and the mask are copied
@@ -31,7 +32,7 @@ LayerBody = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.T
 @dataclass
 class _Captured:
     graph: 'torch.cuda.CUDAGraph'
-    out: torch.Tensor
+    out: torch.Tensor | tuple[torch.Tensor, ...]     # the captured call's output buffers
 
 
 @dataclass
@@ -43,7 +44,7 @@ class _SizeGraphs:
     sin: torch.Tensor
     mask: Optional[torch.Tensor]
     source: object = None                       # the padded kept set whose tables and mask are loaded
-    layers: dict[int, _Captured] = field(default_factory=dict)
+    layers: dict[tuple[int, bool], _Captured] = field(default_factory=dict)   # (layer, probed) -> its graph
 
 
 class _GraphOwner:
@@ -126,12 +127,14 @@ class LayerGraphs(_GraphOwner):
         self._sizes: OrderedDict[tuple, _SizeGraphs] = OrderedDict()
 
     def run(self, index: int, hidden: torch.Tensor, padded_size: int, cos: torch.Tensor, sin: torch.Tensor,
-            mask: Optional[torch.Tensor], source: object, body: LayerBody) -> torch.Tensor:
+            mask: Optional[torch.Tensor], source: object, body: LayerBody,
+            probed: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Layer ``index`` over ``hidden`` (1, n, d), n <= ``padded_size``: its output rows (1, n, d).
 
         ``cos`` / ``sin`` / ``mask``: the padded kept set's RoPE tables and key mask (None: none needed);
         ``source``: the object they belong to (copied into the static buffers when it changes); ``body``: the
-        layer's arithmetic, called once outside the graph and once while capturing it.
+        layer's arithmetic, called once outside the graph and once while capturing it. ``probed``: ``body``
+        returns (output, queries, keys) over the padded rows, captured as a graph of its own, and returned whole.
         """
         key = (padded_size, hidden.shape[-1], hidden.dtype, hidden.device, cos.shape, mask is None)
         size = self._sizes.get(key)
@@ -146,12 +149,12 @@ class LayerGraphs(_GraphOwner):
             size.source = source
         n = hidden.shape[1]
         size.x[:, :n].copy_(hidden)
-        captured = size.layers.get(index)
+        captured = size.layers.get((index, probed))
         if captured is None:
-            captured = size.layers[index] = self._capture(lambda: body(size.x, size.cos, size.sin, size.mask),
-                                                          hidden.device)
+            captured = size.layers[(index, probed)] = self._capture(
+                lambda: body(size.x, size.cos, size.sin, size.mask), hidden.device)
         captured.graph.replay()
-        return captured.out[:, :n]
+        return tuple(captured.out) if probed else captured.out[:, :n]
 
     def clear(self) -> None:
         """Release every graph and buffer."""

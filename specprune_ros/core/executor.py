@@ -289,12 +289,10 @@ class PrunableDecoderRunner(nn.Module):
             asked = requests.get(index, ())
             shared = tokens.padded is None and self._shares_probabilities(layer, tokens, asked)
             products = tokens.padded is None and not shared and self._two_products(layer, tokens, hidden)
-            graph = graphed and not asked       # a probed layer runs eagerly over the padded tokens
-            kernels.append('cuda graph' if graph else 'padded' if graphed
-                           else 'compiled' if tokens.padded is not None else 'shared' if shared
-                           else 'products' if products else 'sdpa')
+            kernels.append('cuda graph' if graphed else 'compiled' if tokens.padded is not None
+                           else 'shared' if shared else 'products' if products else 'sdpa')
             hidden, summaries = self._run_layer(layer, index, hidden, tokens, asked, plan.kv_store,
-                                                cache, probes, fusions[index], products, shared, graph)
+                                                cache, probes, fusions[index], products, shared, graphed)
             if summaries:
                 lazy[index] = (tokens.key_indices, summaries)
             if method is not None and index < self.num_layers - 1 and (hooked is None or index in hooked):
@@ -619,7 +617,8 @@ class PrunableDecoderRunner(nn.Module):
         """One decoder layer over the kept tokens (plus reused keys/values), with its ``fused`` projections.
 
         ``products``: the attention output from two products instead of fused SDPA (no mask applies then);
-        ``graph``: the layer replayed as its CUDA graph at the padded size (no probes at this layer).
+        ``graph``: the layer replayed as its CUDA graph at the padded size (a probed layer's graph keeps its
+        queries and keys for the probes).
 
         The requested attention rows are queued in ``probes`` and scored when first read (every queued probe of the same
         shape in one batch); with ``shared``, the layer's attention runs as two products and its probabilities answer
@@ -642,7 +641,7 @@ class PrunableDecoderRunner(nn.Module):
         rows = [tokens.query_rows(request.rows) for request in requests] if shared else None
         probed: list[torch.Tensor] = []
         if graph:
-            hidden, q, k = self._graphed_block(layer, index, hidden, tokens.padded, fused), None, None
+            hidden, q, k = self._graphed_block(layer, index, hidden, tokens.padded, fused, bool(requests))
         elif tokens.padded is not None:
             hidden, q, k = self._compiled_block(layer, hidden, tokens.padded, fused, self.compile_layers)
         else:
@@ -685,12 +684,23 @@ class PrunableDecoderRunner(nn.Module):
         return out[:, :n], q[:, :, :n], k[:, :, :n]
 
     def _graphed_block(self, layer: nn.Module, index: int, hidden: torch.Tensor, padded: '_Padded',
-                       fused: Optional['_FusedProjections']) -> torch.Tensor:
-        """:meth:`_block` as layer ``index``'s CUDA graph at the padded size (``cuda_graph_layers``)."""
+                       fused: Optional['_FusedProjections'], probed: bool = False
+                       ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """:meth:`_block` as layer ``index``'s CUDA graph at the padded size (``cuda_graph_layers``).
+
+        ``probed``: the graph also keeps the layer's queries and keys (returned over the kept tokens, valid until
+        the graph replays again: the pass's probes read them before that), else (output, None, None).
+        """
         def body(x, cos, sin, mask):
-            return _layer_arithmetic(x, cos, sin, mask, padded.causal, *_layer_operands(layer, fused))[0]
-        return self._graphs.run(index, hidden, padded.size, padded.rope._cos, padded.rope._sin, padded.mask,
-                                padded, body)
+            out = _layer_arithmetic(x, cos, sin, mask, padded.causal, *_layer_operands(layer, fused))
+            return out if probed else out[0]
+        got = self._graphs.run(index, hidden, padded.size, padded.rope._cos, padded.rope._sin, padded.mask,
+                               padded, body, probed)
+        if not probed:
+            return got, None, None
+        n = hidden.shape[1]
+        out, q, k = got
+        return out[:, :n], q[:, :, :n], k[:, :, :n]
 
     def _fusions(self) -> list[Optional['_FusedProjections']]:
         """Every layer's fused projections for one pass (see :meth:`_fusion`).
