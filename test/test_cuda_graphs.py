@@ -164,8 +164,10 @@ def test_graphed_adapter_on_cuda():
 
 
 def check_graphed_decoding(device: torch.device) -> None:
-    """OpenVLA's action tokens decoded as one graph replay per token equal the eager loop's, with the attention
-    a method reads from the decoded tokens."""
+    """The action tokens of OpenVLA decoded as one graph replay per token equal the eager loop's.
+
+    So does the attention a method reads from the decoded tokens.
+    """
     torch.manual_seed(0)
     eager = build_published('openvla', width=64, layers=4, vision_scale=1 / 64, device=str(device), dtype='float32')
     graphed = copy.deepcopy(eager)
@@ -195,8 +197,10 @@ def check_graphed_decoding(device: torch.device) -> None:
 
 
 def check_graphed_greedy_decoding(device: torch.device) -> None:
-    """The decoder's greedy loop as graph replays equals one ``decode`` call per token, with grouped key/value
-    heads and layers that hold different numbers of keys (a drop after layer 1)."""
+    """The decoder's greedy loop as graph replays equals one ``decode`` call per token.
+
+    With grouped key/value heads, and layers that hold different numbers of keys (a drop after layer 1).
+    """
     runner, layout, embed, head = greedy_case()
     runner.decoder.to(device)
     embed, head = embed.to(device), head.to(device)

@@ -297,8 +297,11 @@ class _HostEvent:
 
 @pytest.mark.parametrize('events', [True, False])
 def test_parts_of_a_step_timed_without_waiting_for_the_device(events):
-    """With timing events (CUDA's by default) nothing inside a step waits for the device; the parts come from the
-    events once the step is over. With ``--serial-phases`` every part is synchronised before and after."""
+    """With timing events (CUDA's by default) nothing inside a step waits for the device.
+
+    The parts come from the events once the step is over. With ``--serial-phases`` every part is synchronised
+    before and after.
+    """
     harness = _harness()
     adapter, _ = harness.build_target(harness.ReferenceShape(64, 2), 'cpu', 'float32')
     syncs = []

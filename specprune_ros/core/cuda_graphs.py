@@ -223,8 +223,10 @@ class DecodeGraphs(_GraphOwner):
         self._states: OrderedDict[tuple, DecodeState] = OrderedDict()
 
     def state(self, key: tuple, build: Callable[[], DecodeState]) -> DecodeState:
-        """The state under ``key`` (built by ``build`` when new; the least recently used one released beyond
-        ``max_states``)."""
+        """The state under ``key``, built by ``build`` when new.
+
+        The least recently used state is released beyond ``max_states``.
+        """
         state = self._states.get(key)
         if state is None:
             while len(self._states) >= self.max_states:

@@ -395,9 +395,10 @@ class PrunableDecoderRunner(nn.Module):
     def decode_greedy(self, first_ids: torch.Tensor, steps: int, cache: DecoderCache,
                       embed: Callable[[torch.Tensor], torch.Tensor], logits: Callable[[torch.Tensor], torch.Tensor],
                       attention_layers: Sequence[int] = ()) -> tuple[torch.Tensor, list[DecodeResult]]:
-        """Greedy decoding of ``steps`` tokens after a prefill: ``first_ids`` (a (1,) token id on the device, at
-        position ``cache.last_position + 1``) is fed first, each picked token next, without reading anything back.
+        """Greedy decoding of ``steps`` tokens after a prefill, without reading anything back.
 
+        ``first_ids`` (a (1,) token id on the device, at position ``cache.last_position + 1``) is fed first, each
+        picked token next.
         ``embed``: token ids (1, t) -> embeddings (1, t, d); ``logits``: final-normed hidden states (1, d) ->
         logits (1, vocab). Returns every token id ((steps + 1,) on the device: ``first_ids`` and the picked ones)
         and per fed token its attention at ``attention_layers`` and key counts (``hidden`` None where graphed).
@@ -409,7 +410,8 @@ class PrunableDecoderRunner(nn.Module):
         wanted = self._wanted_layers(attention_layers)
         device = first_ids.device
         start = cache.last_position + 1
-        if steps > 0 and self._graphs_on(device) and all(_compilable(layer) for layer in self.decoder.layers):
+        if steps > 0 and self._graphs_on(device) and cache.keys[0].shape[0] == 1 and \
+                all(_compilable(layer) for layer in self.decoder.layers):
             graphed = self._decode_greedy_graphed(first_ids, steps, cache, embed, logits, wanted)
             if graphed is not None:
                 return graphed
