@@ -182,6 +182,7 @@ def check_graphed_decoding(device: torch.device) -> None:
                 got = graphed.step(frames, 'pick up the cube', method=mine, step_index=step)
                 want = eager.step(frames, 'pick up the cube', method=theirs, step_index=step)
                 assert got.info['action_token_ids'] == want.info['action_token_ids'], (name, step)
+                assert got.result.record.attention_kernels == ['cuda graph'] * 4     # the prefill too
                 np.testing.assert_allclose(got.normalized, want.normalized, atol=1e-6, err_msg=f'{name} {step}')
                 assert [k.tolist() for k in got.result.record.kept_per_layer] == \
                     [k.tolist() for k in want.result.record.kept_per_layer], (name, step)

@@ -5,12 +5,12 @@ launches, a ViT block about 15, and at a few hundred tokens the host issues them
 them, so dropping tokens shortens the device's work but not the step. A replayed graph is one launch.
 
 * :class:`LayerGraphs`: the executor's decoder layers, one graph per (layer, padded token count; a layer whose
-  attention a method reads has a graph of its own that also keeps its queries and keys). A graph runs
-  fixed addresses and shapes, so the layers run over the kept tokens padded to a bucket (the executor's
-  ``_Padded``: padding keys masked out, padding rows dropped after the layer), and every graph of one padded size
-  reads the same static buffers: the layer input, the RoPE tables and the mask. The tables and the mask are copied
-  in when the kept set changes, the input before each layer; each layer's output stays in its graph's own buffer
-  until the next pass replays that graph.
+  attention a method reads, or whose keys and values a decode cache takes, has a graph of its own that also keeps
+  its queries, keys and values). A graph runs fixed addresses and shapes, so the layers run over the kept tokens
+  padded to a bucket (the executor's ``_Padded``: padding keys masked out, padding rows dropped after the layer),
+  and every graph of one padded size reads the same static buffers: the layer input, the RoPE tables and the mask.
+  The tables and the mask are copied in when the kept set changes, the input before each layer; each layer's
+  output stays in its graph's own buffer until the next pass replays that graph.
 * :class:`ShapeGraphs`: a function of one tensor whose shape repeats (the vision backbones), one graph per input
   shape; its output is copied out, since callers keep it across steps.
 * :class:`DecodeGraphs`: greedy decoding (OpenVLA's action tokens), one graph per decoded token that runs every
@@ -134,7 +134,8 @@ class LayerGraphs(_GraphOwner):
         ``cos`` / ``sin`` / ``mask``: the padded kept set's RoPE tables and key mask (None: none needed);
         ``source``: the object they belong to (copied into the static buffers when it changes); ``body``: the
         layer's arithmetic, called once outside the graph and once while capturing it. ``probed``: ``body``
-        returns (output, queries, keys) over the padded rows, captured as a graph of its own, and returned whole.
+        returns (output, queries, keys, values) over the padded rows, captured as a graph of its own, and returned
+        whole.
         """
         key = (padded_size, hidden.shape[-1], hidden.dtype, hidden.device, cos.shape, mask is None)
         size = self._sizes.get(key)

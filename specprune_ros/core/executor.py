@@ -457,9 +457,9 @@ class PrunableDecoderRunner(nn.Module):
             for index, layer in enumerate(self.decoder.layers):
                 valid = state.valid[index]
                 slot = valid.sum(dim=-1).view(1)
-                hidden, q, keys = _layer_arithmetic(hidden, cos, sin, valid, False,
-                                                    *_layer_operands(layer, fusions[index]),
-                                                    kv_slots=(state.keys[index], state.values[index], slot))
+                hidden, q, keys, _ = _layer_arithmetic(hidden, cos, sin, valid, False,
+                                                       *_layer_operands(layer, fusions[index]),
+                                                       kv_slots=(state.keys[index], state.values[index], slot))
                 if index in state.attention:
                     rows = q.reshape(1, keys.shape[1], -1, q.shape[-1])
                     summary = _attention_summaries(rows, keys, valid.view(1, 1, 1, 1, -1), layer.self_attn.scaling)
@@ -643,7 +643,12 @@ class PrunableDecoderRunner(nn.Module):
         rows = [tokens.query_rows(request.rows) for request in requests] if shared else None
         probed: list[torch.Tensor] = []
         if graph:
-            hidden, q, k = self._graphed_block(layer, index, hidden, tokens.padded, fused, bool(requests))
+            hidden, q, k, v = self._graphed_block(layer, index, hidden, tokens.padded, fused,
+                                                  bool(requests) or cache is not None)
+            if cache is not None:                # copies: the graph's buffers change at its next replay
+                cache.keys.append(k.clone())
+                cache.values.append(v.clone())
+                cache.positions.append(tokens.key_indices)
         elif tokens.padded is not None:
             hidden, q, k = self._compiled_block(layer, hidden, tokens.padded, fused, self.compile_layers)
         else:
@@ -665,7 +670,9 @@ class PrunableDecoderRunner(nn.Module):
                   device: torch.device) -> bool:
         """Whether this pass runs its layers over padded tokens, compiled or as CUDA graphs (nothing they leave out)."""
         wanted = self.compile_layers or self._graphs_on(device)
-        if not wanted or torch.is_grad_enabled() or return_cache or reused is not None:
+        if not wanted or torch.is_grad_enabled() or reused is not None:
+            return False
+        if return_cache and not self._graphs_on(device):   # a graphed layer also hands its keys and values out
             return False
         if plan.kv_store is not None:
             return False
@@ -681,17 +688,18 @@ class PrunableDecoderRunner(nn.Module):
         n = hidden.shape[1]
         x = F.pad(hidden, (0, 0, 0, padded.size - n)) if padded.size > n else hidden
         arithmetic = _compiled_layer() if compiled else _layer_arithmetic
-        out, q, k = arithmetic(x, padded.rope._cos, padded.rope._sin, padded.mask, padded.causal,
-                               *_layer_operands(layer, fused))
+        out, q, k, _ = arithmetic(x, padded.rope._cos, padded.rope._sin, padded.mask, padded.causal,
+                                  *_layer_operands(layer, fused))
         return out[:, :n], q[:, :, :n], k[:, :, :n]
 
     def _graphed_block(self, layer: nn.Module, index: int, hidden: torch.Tensor, padded: '_Padded',
                        fused: Optional['_FusedProjections'], probed: bool = False
-                       ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+                       ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
         """:meth:`_block` as layer ``index``'s CUDA graph at the padded size (``cuda_graph_layers``).
 
-        ``probed``: the graph also keeps the layer's queries and keys (returned over the kept tokens, valid until
-        the graph replays again: the pass's probes read them before that), else (output, None, None).
+        ``probed``: the graph also keeps the layer's queries, keys and values (returned over the kept tokens,
+        valid until the graph replays again: the pass's probes read them before that; a decode cache copies
+        them), else (output, None, None, None).
         """
         def body(x, cos, sin, mask):
             out = _layer_arithmetic(x, cos, sin, mask, padded.causal, *_layer_operands(layer, fused))
@@ -699,10 +707,10 @@ class PrunableDecoderRunner(nn.Module):
         got = self._graphs.run(index, hidden, padded.size, padded.rope._cos, padded.rope._sin, padded.mask,
                                padded, body, probed)
         if not probed:
-            return got, None, None
+            return got, None, None, None
         n = hidden.shape[1]
-        out, q, k = got
-        return out[:, :n], q[:, :, :n], k[:, :, :n]
+        out, q, k, v = got
+        return out[:, :n], q[:, :, :n], k[:, :, :n], v[:, :, :n]
 
     def _fusions(self) -> list[Optional['_FusedProjections']]:
         """Every layer's fused projections for one pass (see :meth:`_fusion`).
@@ -1043,13 +1051,14 @@ def _layer_arithmetic(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                       down_bias: Optional[torch.Tensor], norm_weight: torch.Tensor, post_norm_weight: torch.Tensor,
                       eps: float, post_eps: float, heads: int, kv_heads: int, head_dim: int, scaling: float,
                       kv_slots: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One Llama layer as pure tensor arithmetic (what ``compile_layers`` compiles and CUDA graphs capture).
 
-    Returns the output, queries and keys. The query/key/value and gate/up weights are fused tensors or tuples of the
-    layer's own (:func:`_layer_operands`). ``kv_slots`` (decoding into fixed buffers): (keys, values, slot): the
-    new keys and values are written at ``slot`` (a (1,) index) of the (1, kv heads, capacity, head dim) buffers,
-    ``mask`` (1, 1, 1, capacity) is set there, and the queries attend to the buffers where ``mask`` is set.
+    Returns the output, queries, keys and values. The query/key/value and gate/up weights are fused tensors or
+    tuples of the layer's own (:func:`_layer_operands`). ``kv_slots`` (decoding into fixed buffers): (keys,
+    values, slot): the new keys and values are written at ``slot`` (a (1,) index) of the (1, kv heads, capacity,
+    head dim) buffers, ``mask`` (1, 1, 1, capacity) is set there, and the queries attend to the buffers where
+    ``mask`` is set.
     """
     batch, n, _ = hidden.shape
     x = F.rms_norm(hidden, norm_weight.shape, norm_weight, eps)
@@ -1070,7 +1079,7 @@ def _layer_arithmetic(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     hidden = hidden + F.linear(out.transpose(1, 2).reshape(batch, n, -1), o_weight, o_bias)
     gate, up = _projection(F.rms_norm(hidden, post_norm_weight.shape, post_norm_weight, post_eps), gate_up_weight,
                            gate_up_bias).chunk(2, dim=-1)
-    return hidden + F.linear(F.silu(gate) * up, down_weight, down_bias), q, k
+    return hidden + F.linear(F.silu(gate) * up, down_weight, down_bias), q, k, v
 
 
 def _projection(x: torch.Tensor, weight: torch.Tensor | tuple, bias: Optional[torch.Tensor] | tuple) -> torch.Tensor:
