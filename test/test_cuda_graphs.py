@@ -193,7 +193,7 @@ def check_graphed_decoding(device: torch.device) -> None:
                         assert (mine_weights - weights).abs().max().item() <= 1e-5, (name, step, layer, request)
     # one capture per key/value capacity and set of probed layers, replayed for every token after it
     states = graphed.runner._decode_graphs._states
-    assert 0 < graphed.runner._decode_graphs.captures == len(states) <= 4
+    assert 0 < graphed.runner._decode_graphs.captures == len(states) <= 3
     assert any(state.attention for state in states.values())        # VLA-Pruner's action rows, read in the graph
 
 
