@@ -12,7 +12,8 @@ deployment shape (default: the reference VLA's 2 x 144-patch layout with a rando
 reference VLA itself is dominated by per-op overheads, so its own speedups say little about a real VLA).
 
 Budgets: the keep ratio of every keep-ratio method (75 / 50 / 35 / 25 / 15 / 10 % by default; coverage_ranked's
-fine-mode ratio keeps its proportion to it), SpecPrune's scale of K (``controller.alpha``), and the default of
+fine-mode and early-stage ratios keep their proportions to it, as its latency-budget knob scales them), SpecPrune's
+scale of K (``controller.alpha``), and the default of
 methods without a budget. The front: the configurations that no other configuration beats in both success and
 speedup, per checkpoint. Several checkpoints side by side
 show how much a method's standing depends on what the policy practised in training (one panel per checkpoint, a
@@ -85,10 +86,14 @@ def budget_grid(methods: list[str], keep_ratios: tuple[float, ...], scales: tupl
 
 
 def keep_ratio_config(config, ratio: float) -> dict:
-    """A keep-ratio budget; a fine-mode ratio (coverage_ranked) keeps its proportion to the coarse one."""
+    """A keep-ratio budget, as the method's own budget knob sets it.
+
+    coverage_ranked's fine-mode and early-stage ratios keep their proportions to the coarse one (at most 1).
+    """
     settings = {'keep_ratio': ratio}
-    if getattr(config, 'fine_keep_ratio', None) and config.keep_ratio:
-        settings['fine_keep_ratio'] = round(min(1.0, ratio * config.fine_keep_ratio / config.keep_ratio), 4)
+    for name in ('fine_keep_ratio', 'early_keep_ratio'):
+        if getattr(config, name, None) and config.keep_ratio:
+            settings[name] = round(min(1.0, ratio * getattr(config, name) / config.keep_ratio), 4)
     return settings
 
 
