@@ -190,7 +190,8 @@ def decode_loop(runner, cache, first: int, steps: int, embed, head, layers):
     """Greedy decoding as one :meth:`decode` call per token with host ids (the reference)."""
     tokens, results = [first], []
     for i in range(steps):
-        result = runner.decode(embed(torch.tensor([[tokens[-1]]])), [cache.last_position + 1], cache, layers)
+        ids = torch.tensor([[tokens[-1]]], device=embed.weight.device)
+        result = runner.decode(embed(ids), [cache.last_position + 1], cache, layers)
         tokens.append(int(head(result.hidden[:, -1]).argmax(-1)[0]))
         results.append(result)
     return tokens, results
