@@ -65,6 +65,16 @@ class _GraphOwner:
     def _all_released(self) -> None:
         self.pool = None
 
+    def _make_room(self, entries: OrderedDict, limit: int, holds_graph: Callable[[object], bool]) -> None:
+        """Release the least recently used ``entries`` until a new one fits under ``limit``.
+
+        Once none left holds a graph (``holds_graph``), the next capture starts a new pool.
+        """
+        while len(entries) >= limit:
+            entries.popitem(last=False)
+        if not any(holds_graph(entry) for entry in entries.values()):
+            self._all_released()
+
 
 def capture(call: Callable[[], torch.Tensor], device: torch.device, owner: _GraphOwner) -> _Captured:
     """``call`` captured as a CUDA graph in ``owner``'s pool (after one run outside the graph), with its output."""
@@ -97,10 +107,7 @@ class ShapeGraphs(_GraphOwner):
         key = (tuple(x.shape), x.dtype, x.device)
         found = self._shapes.get(key)
         if found is None:
-            while len(self._shapes) >= self.max_shapes:
-                self._shapes.popitem(last=False)
-            if not self._shapes:
-                self._all_released()
+            self._make_room(self._shapes, self.max_shapes, lambda entry: True)
             static = x.clone()
             found = self._shapes[key] = (static, self._capture(lambda: self.function(static), x.device))
         self._shapes.move_to_end(key)
@@ -164,10 +171,7 @@ class LayerGraphs(_GraphOwner):
 
     def _new_size(self, key: tuple, hidden: torch.Tensor, padded_size: int, cos: torch.Tensor, sin: torch.Tensor,
                   mask: Optional[torch.Tensor]) -> _SizeGraphs:
-        while len(self._sizes) >= self.max_sizes:
-            self._sizes.popitem(last=False)
-        if not any(size.layers for size in self._sizes.values()):
-            self._all_released()
+        self._make_room(self._sizes, self.max_sizes, lambda size: bool(size.layers))
         size = _SizeGraphs(x=hidden.new_zeros(1, padded_size, hidden.shape[-1]), cos=torch.empty_like(cos),
                            sin=torch.empty_like(sin), mask=None if mask is None else torch.empty_like(mask))
         self._sizes[key] = size
@@ -231,10 +235,7 @@ class DecodeGraphs(_GraphOwner):
         """
         state = self._states.get(key)
         if state is None:
-            while len(self._states) >= self.max_states:
-                self._states.popitem(last=False)
-            if not any(s.captured is not None for s in self._states.values()):
-                self._all_released()
+            self._make_room(self._states, self.max_states, lambda entry: entry.captured is not None)
             state = self._states[key] = build()
         self._states.move_to_end(key)
         return state
