@@ -76,7 +76,7 @@ def budget_grid(methods: list[str], keep_ratios: tuple[float, ...], scales: tupl
         config = build_method(method).config
         if hasattr(config, 'keep_ratio'):
             grid += [{'label': f'{method} {ratio:.0%}', 'method': method,
-                      'method_config': keep_ratio_config(config, ratio), 'budget': ratio} for ratio in keep_ratios]
+                      'method_config': keep_ratio_config(method, ratio), 'budget': ratio} for ratio in keep_ratios]
         elif hasattr(getattr(config, 'controller', None), 'alpha'):
             grid += [{'label': f'{method} x{scale:g}', 'method': method,
                       'method_config': {'controller': {'alpha': scale}}, 'budget': scale} for scale in scales]
@@ -85,15 +85,20 @@ def budget_grid(methods: list[str], keep_ratios: tuple[float, ...], scales: tupl
     return grid
 
 
-def keep_ratio_config(config, ratio: float) -> dict:
-    """A keep-ratio budget, as the method's own budget knob sets it.
+def keep_ratio_config(name: str, ratio: float) -> dict:
+    """A keep-ratio budget for method ``name``, as the method's own budget knob sets it.
 
-    coverage_ranked's fine-mode and early-stage ratios keep their proportions to the coarse one (at most 1).
+    coverage_ranked's fine-mode ratio keeps its proportion to the coarse one and its early stage is what its
+    ``keep_fraction`` gives at that budget (both at most 1).
     """
+    knob = build_method(name)
+    config = knob.config
     settings = {'keep_ratio': ratio}
-    for name in ('fine_keep_ratio', 'early_keep_ratio'):
-        if getattr(config, name, None) and config.keep_ratio:
-            settings[name] = round(min(1.0, ratio * getattr(config, name) / config.keep_ratio), 4)
+    if getattr(config, 'fine_keep_ratio', None) and config.keep_ratio:
+        settings['fine_keep_ratio'] = round(min(1.0, ratio * config.fine_keep_ratio / config.keep_ratio), 4)
+    if getattr(config, 'early_keep_ratio', None) and hasattr(knob, 'keep_fraction'):
+        knob.set_budget(ratio)
+        settings['early_keep_ratio'] = round(knob.keep_fraction('coarse', early=True), 4)
     return settings
 
 

@@ -18,18 +18,20 @@ def test_budget_grid_sweeps_keep_ratios_and_specprune_scales():
     assert labels == ['none', 'vla_pruner 50%', 'vla_pruner 10%', 'specprune x1', 'specprune x2', 'vla_cache']
     assert grid[2]['method_config'] == {'keep_ratio': 0.1}
     assert grid[4]['method_config'] == {'controller': {'alpha': 2.0}} and grid[5]['method_config'] is None
-    ours = [entry['method_config'] for entry in pareto.budget_grid(['coverage_ranked'], (0.5, 0.1), ())[1:3]]
-    # fine mode and the early stage keep their 26 / 20 and 50 / 20 proportions (at most every patch), as the
-    # method's own budget knob keeps them
-    assert ours == [{'keep_ratio': 0.5, 'fine_keep_ratio': 0.65, 'early_keep_ratio': 1.0},
+    ours = [entry['method_config'] for entry in pareto.budget_grid(['coverage_ranked'], (0.5, 0.35, 0.1), ())[1:4]]
+    # fine mode keeps its 26 / 20 proportion; the early stage 50 / 20 of the final budget below the default, 30
+    # points more above it (at most every patch), as the method's own budget knob keeps them
+    assert ours == [{'keep_ratio': 0.5, 'fine_keep_ratio': 0.65, 'early_keep_ratio': 0.8},
+                    {'keep_ratio': 0.35, 'fine_keep_ratio': 0.455, 'early_keep_ratio': 0.65},
                     {'keep_ratio': 0.1, 'fine_keep_ratio': 0.13, 'early_keep_ratio': 0.25}]
     from specprune_ros.pruning import build_method
-    knob = build_method('coverage_ranked')
-    knob.set_budget(0.1)
-    configured = build_method('coverage_ranked', ours[1])
-    for mode in ('coarse', 'fine'):
-        for early in (False, True):
-            assert abs(knob.keep_fraction(mode, early) - configured.keep_fraction(mode, early)) < 1e-9
+    for ratio, settings in zip((0.5, 0.35, 0.1), ours):
+        knob = build_method('coverage_ranked')
+        knob.set_budget(ratio)
+        configured = build_method('coverage_ranked', settings)
+        for mode in ('coarse', 'fine'):
+            for early in (False, True):
+                assert abs(knob.keep_fraction(mode, early) - configured.keep_fraction(mode, early)) < 1e-9
 
 
 def test_front_keeps_only_configurations_nothing_beats_in_both():

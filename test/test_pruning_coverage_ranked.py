@@ -128,9 +128,15 @@ def test_budget_knob_scales_both_modes_and_gives_the_configured_budget_back(runn
     method.set_budget(0.5)
     coarse = run_episode(method, steps=3, layout=layout, runner=runner, actions=FAST)
     assert per_camera(coarse[-1].record.kept_per_layer[-1], layout) == [budget_count(0.5, P)] * 2
-    assert per_camera(coarse[-1].record.kept_per_layer[0], layout) == [budget_count(0.75, P)] * 2   # 0.3 x 0.5 / 0.2
+    # above the configured budget the early stage keeps the same 10 points more than the final cut (0.6), not
+    # the same proportion (0.3 x 0.5 / 0.2 = 0.75)
+    assert per_camera(coarse[-1].record.kept_per_layer[0], layout) == [budget_count(0.6, P)] * 2
     fine = run_episode(method, steps=3, layout=layout, runner=runner, actions=SLOW)     # 0.5 x 0.4 / 0.2 = 1
     assert fine[-1].record.visual_kept_per_layer == [layout.num_visual] * LAYERS
+    method.set_budget(0.1)                            # below it, the same proportion: 0.3 x 0.1 / 0.2
+    low = run_episode(method, steps=3, layout=layout, runner=runner, actions=FAST)
+    assert per_camera(low[-1].record.kept_per_layer[0], layout) == [budget_count(0.15, P)] * 2
+    assert per_camera(low[-1].record.kept_per_layer[-1], layout) == [budget_count(0.1, P)] * 2
     method.set_budget(None)
     again = run_episode(method, steps=3, layout=layout, runner=runner, actions=FAST)
     assert per_camera(again[-1].record.kept_per_layer[-1], layout) == [budget_count(0.2, P)] * 2

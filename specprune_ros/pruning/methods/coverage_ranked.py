@@ -44,8 +44,11 @@ Per step, per camera:
 through layers 0..refine_layer, as VLA-Pruner.
 
 Selection runs on the device of the attention (sorts and scatters; counts are known on the host), so a step never
-waits for the accelerator. The budget knob (``set_budget``) is the coarse-mode keep ratio; fine mode and the early
-stage keep ``fine_keep_ratio / keep_ratio`` and ``early_keep_ratio / keep_ratio`` times as much.
+waits for the accelerator. The budget knob (``set_budget``) is the coarse-mode keep ratio; fine mode keeps
+``fine_keep_ratio / keep_ratio`` times as much. The early stage keeps ``early_keep_ratio / keep_ratio`` times the
+final fraction at budgets up to the configured one, and ``early_keep_ratio - keep_ratio`` (scaled as fine mode)
+more than the final fraction above it: at 35% kept it runs 65% of each camera through layers 0-2 rather than 87.5%,
+3% faster at the same success on validation episodes (``docs/own_method.md``).
 """
 from __future__ import annotations
 
@@ -135,11 +138,16 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
         ``early``: through layers 0..refine_layer (at least the final fraction).
         """
         cfg = self.config
-        scale = 1.0 if self.budget_scale is None else self.budget_scale / cfg.keep_ratio
-        if mode == 'fine' and cfg.use_controller:
-            scale *= cfg.fine_keep_ratio / cfg.keep_ratio
-        final = min(1.0, cfg.keep_ratio * scale)
-        return max(final, min(1.0, cfg.early_keep_ratio * scale)) if early else final
+        budget = 1.0 if self.budget_scale is None else self.budget_scale / cfg.keep_ratio
+        mode_scale = cfg.fine_keep_ratio / cfg.keep_ratio if mode == 'fine' and cfg.use_controller else 1.0
+        final = min(1.0, cfg.keep_ratio * budget * mode_scale)
+        if not early:
+            return final
+        # proportional below the configured budget; above it the early stage grows by as much as the final cut
+        # does (a proportional one would run nearly every patch through the early layers at a third kept)
+        proportional = cfg.early_keep_ratio * budget * mode_scale
+        additive = final + (cfg.early_keep_ratio - cfg.keep_ratio) * mode_scale
+        return max(final, min(1.0, proportional, additive))
 
     def refine_layer(self) -> int:
         """The layer after which the final selection is made (clipped to the depth)."""
