@@ -48,7 +48,7 @@ waits for the accelerator. The budget knob (``set_budget``) is the coarse-mode k
 ``fine_keep_ratio / keep_ratio`` times as much. The early stage keeps ``early_keep_ratio / keep_ratio`` times the
 final fraction at budgets up to the configured one, and ``early_keep_ratio - keep_ratio`` (scaled as fine mode)
 more than the final fraction above it: at 35% kept it runs 65% of each camera through layers 0-2 rather than 87.5%,
-3% faster at the same success on validation episodes (``docs/own_method.md``).
+3% faster at about the same success on validation episodes (``docs/own_method.md``).
 """
 from __future__ import annotations
 
