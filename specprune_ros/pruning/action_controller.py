@@ -124,14 +124,18 @@ class ActionController:
         if arr.ndim == 1:
             arr = arr[None, :]
         speed = float(np.linalg.norm(arr[:, :3].sum(0))) if arr.shape[0] and arr.shape[1] >= 3 else 0.0
+        if self.config.variant == 'paper':     # stateless: the newest action past the warm-up decides
+            self.actions_seen += arr.shape[0]
+            if arr.shape[0] and self.actions_seen > self.config.warmup_actions:
+                self.mode = 'fine' if self.paper_fine(arr[-1]) else 'coarse'
+            return ControllerOutput(mode=self.mode, k_fraction=self.config.k_fraction(self.mode), speed=speed,
+                                    replan_requested=False, switched=self.mode != start)
         for i, action in enumerate(arr):
             self.actions_seen += 1
             if self.actions_seen <= self.config.warmup_actions:
                 continue
             last = i == arr.shape[0] - 1
-            if self.config.variant == 'paper':
-                self.mode = 'fine' if self.paper_fine(action) else 'coarse'
-            elif self.config.variant == 'code':
+            if self.config.variant == 'code':
                 if self.mode == 'fine':
                     if self.fine_exit(action, queue_empty=last and queue_empty_at_end):
                         self.mode = 'coarse'

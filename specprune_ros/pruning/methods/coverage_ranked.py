@@ -271,20 +271,21 @@ def observed_ranks(dense: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tens
     seen = torch.isfinite(x)
     minus_inf, nan, places = _rank_constants(cameras, patches, x.device)
     ascending = torch.sort(torch.where(seen, x, minus_inf), dim=1, stable=True).indices
-    rank = torch.empty_like(ascending).scatter_(1, ascending, places)
-    count = seen.sum(dim=1, keepdim=True)
-    fraction = (rank - (patches - count)).to(torch.float32) / (count - 1).clamp_min(1).to(torch.float32)
+    # float32 places and counts: whole numbers, exact below 2**24, so no integer round trips
+    rank = torch.empty_like(places).scatter_(1, ascending, places)
+    count = seen.sum(dim=1, keepdim=True, dtype=torch.float32)
+    fraction = (rank + (count - patches)) / (count - 1).clamp_min_(1)
     return torch.where(seen, fraction, nan), seen
 
 
 @functools.lru_cache(maxsize=32)
 def _rank_constants(cameras: int, patches: int, device: torch.device
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """0-d -inf and NaN (float32) and every row's places 0..patches-1, (cameras, patches), on ``device``.
+    """0-d -inf and NaN and every row's places 0..patches-1, (cameras, patches), all float32, on ``device``.
 
     Built once per shape: :func:`observed_ranks` runs a few times per step (do not modify the tensors).
     """
-    places = torch.arange(patches, device=device).expand(cameras, patches).contiguous()
+    places = torch.arange(patches, dtype=torch.float32, device=device).expand(cameras, patches).contiguous()
     return (torch.full((), float('-inf'), device=device), torch.full((), float('nan'), device=device), places)
 
 
