@@ -9,7 +9,7 @@ from specprune_ros.core.token_layout import TokenLayout
 from specprune_ros.pruning.scoring import (budget_count, camera_ranks, decay_weights, decayed_action_score,
                                            dense_visual_scores, dense_visual_scores_on_device,
                                            divide_rows_by_positive_sum, ema_update, layer_confidence,
-                                           layer_importance, layer_importance_known_on_device,
+                                           layer_drop_on_device, layer_importance, layer_importance_known_on_device,
                                            layer_importance_on_device, mask_to_sequence,
                                            mask_to_sequence_on_device, normalise, positions_to_sequence,
                                            rank_weights, stable_topk, stable_topk_on_device,
@@ -286,6 +286,27 @@ def test_device_layer_importance_with_host_counts_equals_the_host_sample(seed, t
     if min(counts) >= 2:        # the one-layer form SpecPrune's layer drops use
         assert torch.equal(layer_importance_known_on_device(scores[0], valid[0], counts),
                            layer_importance(scores, valid, layout)[0])
+
+
+@SETTINGS
+@given(st.integers(0, 10_000), st.booleans(), st.floats(0.0, 0.5))
+def test_layer_drop_equals_the_sample_the_masked_ema_and_the_top_counts(seed, ties, fraction):
+    # SpecPrune's default drop in one call: the host sample, the EMA on the present tokens, each camera's top kept
+    layout = layout2((4, 4))
+    g = torch.Generator().manual_seed(seed)
+    present = torch.rand(layout.num_visual, generator=g) < 0.7
+    present[[0, 1, 16, 17]] = True                     # at least two present tokens per camera
+    scores = torch.where(present, random_scores((layout.num_visual,), g, ties), torch.zeros(()))
+    before = torch.rand(layout.num_visual, generator=g, dtype=torch.float64)
+    before[::3] = 0.0                                   # ties in the EMA as well
+    counts = present.reshape(2, -1).sum(dim=1).tolist()
+    kept = [max(2, n - int(fraction * n)) for n in counts]
+    importance, mask = layer_drop_on_device(scores, present, before, counts, kept, k=5.0, beta=0.2)
+    sample = layer_importance(scores.unsqueeze(0), present.unsqueeze(0), layout)[0].to(torch.float64)
+    expected = torch.where(present, 0.8 * before + 0.2 * sample, before)
+    assert torch.equal(importance[present], expected[present])
+    assert torch.equal(mask, top_counts_per_camera(expected, present, kept, 2))
+    assert mask.reshape(2, -1).sum(dim=1).tolist() == kept and not (mask & ~present).any()
 
 
 @SETTINGS

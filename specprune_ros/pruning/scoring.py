@@ -416,9 +416,10 @@ def camera_ranks(scores: torch.Tensor, candidates: torch.Tensor, num_cameras: in
 
     ``rank < k`` and ``candidates`` select what :func:`stable_topk` of the camera selects, for any ``k``.
     """
-    key = torch.where(candidates, scores.neg(), _infinity_on(scores.device))
+    key = torch.where(candidates, scores, _negative_infinity_on(scores.device))
     key = key.view(*key.shape[:-1], num_cameras, -1)
-    order = torch.sort(key, dim=-1, stable=True).indices
+    # a stable sort keeps equal keys in position order, descending too
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
     positions = _aranges_on(order.shape[-1], order.device).expand_as(order)
     return torch.empty_like(order).scatter_(-1, order, positions)
 
@@ -465,8 +466,8 @@ def top_counts_per_camera(scores: torch.Tensor, candidates: torch.Tensor, counts
 
     The first ``counts[c]`` places of camera c's sorted order are set by one scatter, without the ranks.
     """
-    key = torch.where(candidates, scores.neg(), _infinity_on(scores.device)).view(num_cameras, -1)
-    order = torch.sort(key, dim=-1, stable=True).indices
+    key = torch.where(candidates, scores, _negative_infinity_on(scores.device)).view(num_cameras, -1)
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
     flags = _table_rows(_leading_table(order.shape[-1], order.device), counts)
     return torch.empty_like(flags).scatter_(-1, order, flags).reshape(candidates.shape) & candidates
 
@@ -514,16 +515,20 @@ def _rank_weight_table_on(patches: int, k: float, device: torch.device) -> torch
     return torch.from_numpy(_rank_weight_table(patches, k)).to(device)
 
 
-@functools.lru_cache(maxsize=16)
-def _count_table_on(patches: int, device: torch.device) -> torch.Tensor:
-    """(patches + 1, 1) float64: row c holds c (do not modify the result)."""
-    return _aranges_on(patches + 1, device).to(torch.float64).view(-1, 1)
-
-
 @functools.lru_cache(maxsize=32)
-def _infinity_on(device: torch.device) -> torch.Tensor:
-    """A 0-d +inf on ``device`` (a fill value that costs no conversion per call; do not modify it)."""
-    return torch.full((), float('inf'), device=device)
+def _negative_infinity_on(device: torch.device) -> torch.Tensor:
+    """A 0-d -inf on ``device`` (a fill value that costs no conversion per call; do not modify it)."""
+    return torch.full((), float('-inf'), device=device)
+
+
+@functools.lru_cache(maxsize=16)
+def _rank_count_table_on(patches: int, k: float, device: torch.device) -> torch.Tensor:
+    """(patches + 1, patches + 1) float64: row c is :func:`_rank_weight_table`'s row c, then c itself.
+
+    One row per camera gives both the rank weights and the valid count (do not modify the result).
+    """
+    counts = np.arange(patches + 1, dtype=np.float64)[:, None]
+    return torch.from_numpy(np.concatenate([_rank_weight_table(patches, k), counts], axis=1)).to(device)
 
 
 def layer_importance_known_on_device(scores: torch.Tensor, valid: torch.Tensor, counts: Sequence[int],
@@ -531,21 +536,44 @@ def layer_importance_known_on_device(scores: torch.Tensor, valid: torch.Tensor, 
     """:func:`layer_importance_on_device` of one layer per camera, with every camera's valid count known on the host.
 
     ``scores`` / ``valid``: (num_visual,), ``scores`` 0 where not valid; ``counts``: the valid tokens of every
-    camera, each at least 2. The same numbers in about half the operations (one per camera row, in place where
-    the operand is fresh): this runs at every layer drop.
+    camera, each at least 2. The same numbers in about half the operations (one table row per camera for the
+    rank weights and the count, in place where the operand is fresh): this runs at every layer drop.
     """
     groups = len(counts)
     s = scores.view(groups, -1)
     v = valid.view(groups, -1)
-    by_rank = _table_rows(_rank_weight_table_on(s.shape[1], float(k), scores.device), counts)
-    count = _table_rows(_count_table_on(s.shape[1], scores.device), counts)
-    order = torch.sort(torch.where(v, s.neg(), _infinity_on(scores.device)), dim=-1, stable=True).indices
+    patches = s.shape[1]
+    rows = _table_rows(_rank_count_table_on(patches, float(k), scores.device), counts)
+    by_rank, count = rows[:, :patches], rows[:, patches:]
+    order = torch.sort(torch.where(v, s, _negative_infinity_on(scores.device)), dim=-1, descending=True,
+                       stable=True).indices
     w = torch.empty_like(by_rank).scatter_(-1, order, by_rank)
     s = s.to(torch.float64)
     mean = s.sum(dim=-1, keepdim=True).div_(count)
     std = (s - mean).mul_(v).square_().sum(dim=-1, keepdim=True).div_(count).sqrt_()
     conf = mean.div_(std.add_(1e-12)).clamp_(0.0, 100.0)
     return w.mul_(conf).to(torch.float32).view(-1)
+
+
+def layer_drop_on_device(scores: torch.Tensor, present: torch.Tensor, importance: torch.Tensor,
+                         counts: Sequence[int], kept: Sequence[int], k: float = 5.0,
+                         beta: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """SpecPrune's layer drop from one layer's attention: the importance EMA updated, each camera's top kept.
+
+    ``scores``: (num_visual,) the layer's task attention, 0 where not ``present`` (the visual tokens that ran
+    through it, ``counts[c]`` of camera c, each at least 2); ``importance``: the EMA so far (float64; its values
+    outside ``present`` are never read); ``kept[c] <= counts[c]``: the tokens camera c keeps. Returns the new EMA
+    (``(1 - beta) * S + beta * s`` on ``present``) and the dense mask of exactly ``kept[c]`` present tokens of
+    every camera, by EMA (ties -> lower position): equal to :func:`layer_importance_known_on_device`, the masked
+    EMA update and :func:`top_counts_per_camera`, in fewer operations.
+    """
+    sample = layer_importance_known_on_device(scores, present, counts, k=k)
+    importance = importance.mul(1.0 - beta).add_(sample.to(torch.float64).mul_(beta))
+    key = torch.where(present, importance, _negative_infinity_on(scores.device)).view(len(counts), -1)
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    # the first kept[c] places of camera c's order are present tokens: kept[c] <= counts[c]
+    flags = _table_rows(_leading_table(order.shape[-1], order.device), kept)
+    return importance, torch.empty_like(flags).scatter_(-1, order, flags).view(-1)
 
 
 def layer_importance_on_device(scores: torch.Tensor, valid: torch.Tensor, layout: TokenLayout, k: float = 5.0,
@@ -562,12 +590,12 @@ def layer_importance_on_device(scores: torch.Tensor, valid: torch.Tensor, layout
     patches = scores.shape[-1] // groups
     v = valid.reshape(rows, groups, patches)
     # candidates by descending score (ties -> lower position), then the rest: as camera_ranks orders them
-    key = torch.where(valid, scores.neg(), float('inf')).reshape(rows, groups, patches)
-    order = torch.sort(key, dim=-1, stable=True).indices
+    key = torch.where(valid, scores, _negative_infinity_on(scores.device)).reshape(rows, groups, patches)
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
     known = counts is not None and rows == 1 and len(counts) == groups and min(counts) >= 2
     if known:
-        by_rank = _table_rows(_rank_weight_table_on(patches, float(k), scores.device), counts)
-        count = _table_rows(_count_table_on(patches, scores.device), counts)
+        table = _table_rows(_rank_count_table_on(patches, float(k), scores.device), counts)
+        by_rank, count = table[:, :patches], table[:, patches:]
     else:
         n = v.sum(dim=-1, keepdim=True)
         by_rank = _rank_weight_table_on(patches, float(k), scores.device).index_select(0, n.flatten())

@@ -86,7 +86,7 @@ from specprune_ros.pruning.change_detection import (ChangeDetectionConfig, Patch
 from specprune_ros.pruning.deferred_counts import DeferredCounts
 from specprune_ros.pruning.scoring import (budget_count, camera_ranks, dense_visual_rows_on_device,
                                            dense_visual_scores_on_device, host_counts,
-                                           layer_importance_known_on_device, layer_importance_on_device,
+                                           layer_drop_on_device, layer_importance_on_device,
                                            mask_to_sequence_on_device, present_mask_on_device, to_device,
                                            top_counts_per_camera, topk_masks_per_camera, topk_per_camera_on_device)
 
@@ -439,15 +439,6 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         layout = self._layout
         key = cfg.task_rows
         beta = cfg.importance_beta
-        if len(self._pending) == 1 and self._pending[0][2] is not None and min(self._pending[0][2]) >= 2:
-            # the default (samples at the drop layers only, the method's own keep set): one layer with every
-            # camera's count known, in the fewest operations, the EMA as its plain update
-            keys, attention, counts, present = self._pending.pop()
-            scores = dense_visual_scores_on_device(keys, attention[key], layout)
-            sample = layer_importance_known_on_device(scores, present, counts, k=cfg.importance_k)
-            factors = torch.where(present, _constant((), 1.0 - beta, torch.float64, present.device), 1.0)
-            self._importance = (self._importance * factors).add_(sample.to(torch.float64).mul_(beta))
-            return
         if len(self._pending) == 1:     # one layer: no stacking
             keys, attention, counts, present = self._pending.pop()
             if counts is None:
@@ -483,15 +474,29 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
     def _layer_drop(self, keep: torch.Tensor, counts: list[int], layer: int) -> tuple[torch.Tensor, list[int]]:
         cfg = self.config
         layout = self._layout
-        self._fold_importance()
         floor = budget_count(cfg.min_visual_fraction, layout.patches_per_camera, minimum=0)
         kept = [max(n - int(math.floor(cfg.layer_drop_fraction * n)), min(floor, n)) for n in counts]
         dropped = sum(counts) - sum(kept)
         self._drops[layer] = dropped
         self.last_info['layer_drops'] = dict(self._drops)
+        if self._sampled_here(keep):
+            # the default (samples at the drop layers only): this layer's sample, the EMA and the cut in one go
+            keys, attention, _, _ = self._pending.pop()
+            scores = dense_visual_scores_on_device(keys, attention[cfg.task_rows], layout)
+            self._importance, mask = layer_drop_on_device(scores, keep, self._importance, counts, kept,
+                                                          k=cfg.importance_k, beta=cfg.importance_beta)
+            return (mask, kept) if dropped else (keep, counts)
+        self._fold_importance()
         if dropped == 0:
             return keep, counts
         return top_counts_per_camera(self._importance, keep, kept, layout.num_cameras), kept
+
+    def _sampled_here(self, keep: torch.Tensor) -> bool:
+        """Whether the one sample not yet in the EMA is over ``keep`` itself, every camera's count known and >= 2."""
+        if len(self._pending) != 1:
+            return False
+        _, _, counts, present = self._pending[0]
+        return present is keep and counts is not None and min(counts) >= 2
 
     def _end(self, record: StepRecord) -> None:
         cfg = self.config
