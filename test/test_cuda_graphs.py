@@ -18,7 +18,7 @@ from specprune_ros.adapters.tiny import write_tiny_checkpoint
 from specprune_ros.core import cuda_graphs
 from specprune_ros.core.cuda_graphs import LayerGraphs, ShapeGraphs, _Captured
 from specprune_ros.core.executor import PrunableDecoderRunner, _FusedProjections, _layer_arithmetic, _layer_operands
-from specprune_ros.pruning import build_method, diversity
+from specprune_ros.pruning import build_method, diversity, selection_graphs
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
 from specprune_ros.core.step_types import AttentionRequest
 from pruning_testkit import make_embeddings
@@ -55,9 +55,9 @@ def _capture_on_the_cpu(call, device, owner):
 
 
 @pytest.fixture(autouse=True)
-def greedy_graphs_restored(monkeypatch):
-    """An adapter's use_cuda_graphs() turns the diversity steps' graphs on for the process: off again after."""
-    monkeypatch.setattr(diversity, 'GREEDY_GRAPHS', diversity.GREEDY_GRAPHS)
+def selection_graphs_restored(monkeypatch):
+    """An adapter's use_cuda_graphs() turns the selection graphs on for the process: off again after."""
+    monkeypatch.setattr(selection_graphs, 'ENABLED', selection_graphs.ENABLED)
 
 
 @pytest.fixture
@@ -132,7 +132,7 @@ def test_layer_arithmetic_reads_fused_or_own_weights_alike():
 
 
 def check_graphed_adapter(device: torch.device) -> None:
-    """An OFT adapter with its vision and layers graphed gives the actions and kept tokens of the eager one."""
+    """An OFT adapter with vision, layers and selections graphed gives the actions and kept tokens of the eager one."""
     torch.manual_seed(0)
     eager = build_published('openvla-oft', width=64, layers=4, vision_scale=1 / 64, proprio_dim=8, device=str(device),
                             dtype='float32')
@@ -140,19 +140,26 @@ def check_graphed_adapter(device: torch.device) -> None:
     graphed.use_cuda_graphs()
     rng = np.random.default_rng(0)
     proprio = np.linspace(-0.5, 0.5, 8)
-    methods = {name: (build_method(name, config), build_method(name, config))
-               for name, config in (('none', None), ('random', {'keep_ratio': 0.25}), ('specprune', None))}
+    configs = (('none', None), ('random', {'keep_ratio': 0.25}), ('specprune', None),
+               ('vla_pruner', {'keep_ratio': 0.25}), ('coverage_ranked', {'warmup_steps': 1, 'refine_layer': 1}))
+    methods = {name: (build_method(name, config), build_method(name, config)) for name, config in configs}
     with torch.no_grad():
-        for step in range(4):
+        for step in range(5):
             frames = [rng.integers(0, 256, size=(224, 224, 3), dtype=np.uint8) for _ in range(2)]
             for name, (mine, theirs) in methods.items():
+                selection_graphs.ENABLED = True               # as the graphed adapter's use_cuda_graphs() set it
                 got = graphed.step(frames, 'pick up the cube', proprio=proprio, method=mine, step_index=step)
+                selection_graphs.ENABLED = False              # the eager adapter's selections run eagerly too
                 want = eager.step(frames, 'pick up the cube', proprio=proprio, method=theirs, step_index=step)
                 assert [k.tolist() for k in got.result.record.kept_per_layer] == \
                     [k.tolist() for k in want.result.record.kept_per_layer], (name, step)
                 np.testing.assert_allclose(got.normalized, want.normalized, atol=1e-4, err_msg=f'{name} {step}')
     assert graphed._vision_graphs.captures == 1                  # one camera count, one graph, replayed
     assert graphed.runner._graphs.captures >= 4                  # at least the unpruned pass's four layers
+    # coverage_ranked's cuts and rank updates: one graph per kind (one budget each here), replayed at later steps
+    graphs = methods['coverage_ranked'][0]._graphs
+    assert sorted(key[0] for key in graphs.keys()) == ['early cut', 'rank update', 'refine cut']
+    assert all(graphs.captures(key) == 1 for key in graphs.keys())
 
 
 def test_graphed_adapter_on_the_cpu_stand_in(graphs_on_the_cpu):
@@ -245,8 +252,8 @@ def test_graphed_decoding_on_cuda():
 def check_graphed_diversity_steps(device: torch.device, monkeypatch) -> None:
     """The greedy max-min steps (DivPrune, VLA-Pruner's filter) replayed as a graph pick what NumPy picks."""
     monkeypatch.setattr(diversity, 'CPU_STEPS_IN_NUMPY', False)
-    monkeypatch.setattr(diversity, 'GREEDY_GRAPHS', True)             # as an adapter's use_cuda_graphs() sets it
-    monkeypatch.setattr(diversity, '_STEP_GRAPHS', type(diversity._STEP_GRAPHS)())
+    monkeypatch.setattr(selection_graphs, 'ENABLED', True)            # as an adapter's use_cuda_graphs() sets it
+    monkeypatch.setattr(diversity, '_STEP_GRAPHS', selection_graphs.SelectionGraphs())
     generator = torch.Generator().manual_seed(0)
     for trial in range(3):
         features = torch.randn(2, 48, 16, generator=generator)
@@ -263,8 +270,9 @@ def check_graphed_diversity_steps(device: torch.device, monkeypatch) -> None:
         monkeypatch.setattr(diversity, 'CPU_STEPS_IN_NUMPY', False)
         assert diversity.greedy_max_min(features[0].to(device), 7).tolist() == on_host.tolist()
     # one graph per (step count, groups, size), replayed for every later call of the same
-    assert {key[:3] for key in diversity._STEP_GRAPHS} == {(5, 2, 48), (12, 2, 48), (7, 1, 48)}
-    assert all(graphs.captures == 1 for graphs in diversity._STEP_GRAPHS.values())
+    keys = diversity._STEP_GRAPHS.keys()
+    assert {key[1:4] for key in keys} == {(5, 2, 48), (12, 2, 48), (7, 1, 48)}
+    assert all(diversity._STEP_GRAPHS.captures(key) == 1 for key in keys)
 
 
 def test_graphed_diversity_steps_on_the_cpu_stand_in(graphs_on_the_cpu, monkeypatch):
@@ -292,6 +300,38 @@ def test_passes_on_cuda_run_sdpa_without_cudnn(monkeypatch):
         PrunableDecoderRunner(decoder)(x.to(device, torch.bfloat16), layout, method)
     assert seen and not any(seen)
     assert torch.backends.cuda.cudnn_sdp_enabled() == before       # the setting is the caller's again
+
+
+def test_selection_work_whose_capture_fails_runs_eagerly(graphs_on_the_cpu, monkeypatch, caplog):
+    # a capture CUDA refuses must not stop the robot: that work is logged once and runs eagerly from then on
+    monkeypatch.setattr(selection_graphs, 'ENABLED', True)
+
+    def refuse(call, device, owner):
+        raise RuntimeError('operation not permitted when stream is capturing')
+
+    monkeypatch.setattr(cuda_graphs, 'capture', refuse)
+    graphs = selection_graphs.SelectionGraphs()
+    x = torch.arange(6.0)
+    with caplog.at_level('WARNING'):
+        for shift in range(3):
+            assert torch.equal(graphs.run(('double',), lambda t: t * 2, x + shift), (x + shift) * 2)
+    assert graphs.captures(('double',)) == 0
+    assert sum('runs eagerly' in record.getMessage() for record in caplog.records) == 1
+
+
+def test_selection_graphs_replay_each_key_with_new_inputs(graphs_on_the_cpu, monkeypatch):
+    monkeypatch.setattr(selection_graphs, 'ENABLED', True)
+    graphs = selection_graphs.SelectionGraphs(max_entries=2)
+    x = torch.arange(6.0)
+    for shift in range(3):
+        total, doubled = graphs.run(('sum and double',), lambda t: (t.sum(), t * 2), x + shift)
+        assert total.item() == (x + shift).sum().item() and torch.equal(doubled, (x + shift) * 2)
+    assert graphs.captures(('sum and double',)) == 1
+    graphs.run(('negate',), torch.neg, x)
+    graphs.run(('halve',), lambda t: t / 2, x)              # the least recently used key makes room
+    assert graphs.keys() == [('negate',), ('halve',)]
+    monkeypatch.setattr(selection_graphs, 'ENABLED', False)
+    assert torch.equal(graphs.run(('triple',), lambda t: t * 3, x), x * 3) and ('triple',) not in graphs.keys()
 
 
 def test_a_pool_is_not_reused_once_all_its_graphs_are_released(graphs_on_the_cpu):

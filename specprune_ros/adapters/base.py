@@ -32,7 +32,7 @@ from specprune_ros.core.step_types import LayerView, PruningMethod, StepContext,
 from specprune_ros.core.token_layout import TokenLayout
 from specprune_ros.policy.backend import EncodedStep, ModelBackend, ModelOutput, run_step
 from specprune_ros.policy.interface import ActionSpec, Observation
-from specprune_ros.pruning import diversity
+from specprune_ros.pruning import selection_graphs
 
 PROMPT_TEMPLATE = 'In: What action should the robot take to {instruction}?\nOut:'
 EMPTY_TOKEN = '\u2581'          # SentencePiece's word-boundary piece alone: Llama-2 id 29871
@@ -242,11 +242,13 @@ class PrismaticAdapter(ModelBackend):
 
         One graph per camera count for the vision, one per layer and padded token count for the decoder: a step the
         host issues operation by operation becomes a few launches (:mod:`specprune_ros.core.cuda_graphs`). The
-        greedy max-min steps of DivPrune and VLA-Pruner's filter replay as graphs too (for the whole process).
+        methods' fixed-shape selection work (the greedy max-min steps of DivPrune and VLA-Pruner's filter,
+        coverage_ranked's ranks and cuts) replays as graphs too, for the whole process
+        (:mod:`specprune_ros.pruning.selection_graphs`).
         """
         self.cuda_graph_vision = enabled
         self.runner.cuda_graph_layers = enabled
-        diversity.GREEDY_GRAPHS = enabled
+        selection_graphs.ENABLED = enabled
 
     def embed_ids(self, ids: Sequence[int]) -> torch.Tensor:
         return self.model.embed_tokens(torch.tensor([list(ids)], device=self.device))

@@ -11,8 +11,9 @@ them, so dropping tokens shortens the device's work but not the step. A replayed
   and every graph of one padded size reads the same static buffers: the layer input, the RoPE tables and the mask.
   The tables and the mask are copied in when the kept set changes, the input before each layer; each layer's
   output stays in its graph's own buffer until the next pass replays that graph.
-* :class:`ShapeGraphs`: a function of one tensor whose shape repeats (the vision backbones), one graph per input
-  shape; its output is copied out, since callers keep it across steps.
+* :class:`ShapeGraphs`: a function of tensors whose shapes repeat (the vision backbones, the greedy steps of the
+  diversity selections, a method's fixed-shape selection work), one graph per input shapes; its outputs are copied
+  out, since callers keep them across steps.
 * :class:`DecodeGraphs`: greedy decoding (OpenVLA's action tokens), one graph per decoded token that runs every
   layer, embeds the token and picks the next, against the cache held in fixed-size buffers: a token is one launch,
   and nothing is read back until the last one.
@@ -93,28 +94,34 @@ def capture(call: Callable[[], torch.Tensor], device: torch.device, owner: _Grap
 
 
 class ShapeGraphs(_GraphOwner):
-    """``function`` of one tensor replayed as a CUDA graph per input shape (called directly off CUDA)."""
+    """``function`` of tensors replayed as a CUDA graph per input shapes (called directly off CUDA).
 
-    def __init__(self, function: Callable[[torch.Tensor], torch.Tensor], max_shapes: int = 4) -> None:
+    The inputs are copied into the graph's own buffers before each replay and the outputs (a tensor or a tuple of
+    them) copied out after it: callers keep them while the graph replays again.
+    """
+
+    def __init__(self, function: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], max_shapes: int = 4) -> None:
         super().__init__()
         self.function = function
         self.max_shapes = max_shapes
-        self._shapes: OrderedDict[tuple, tuple[torch.Tensor, _Captured]] = OrderedDict()
+        self._shapes: OrderedDict[tuple, tuple[list[torch.Tensor], _Captured]] = OrderedDict()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._graphs_on(x.device):
-            return self.function(x)
-        key = (tuple(x.shape), x.dtype, x.device)
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if not self._graphs_on(inputs[0].device):
+            return self.function(*inputs)
+        key = tuple((tuple(x.shape), x.dtype, x.device) for x in inputs)
         found = self._shapes.get(key)
         if found is None:
             self._make_room(self._shapes, self.max_shapes, lambda entry: True)
-            static = x.clone()
-            found = self._shapes[key] = (static, self._capture(lambda: self.function(static), x.device))
+            static = [x.clone() for x in inputs]
+            found = self._shapes[key] = (static, self._capture(lambda: self.function(*static), inputs[0].device))
         self._shapes.move_to_end(key)
         static, captured = found
-        static.copy_(x)
+        for buffer, x in zip(static, inputs):
+            buffer.copy_(x)
         captured.graph.replay()
-        return captured.out.clone()
+        out = captured.out
+        return out.clone() if isinstance(out, torch.Tensor) else tuple(part.clone() for part in out)
 
     @staticmethod
     def _graphs_on(device: torch.device) -> bool:

@@ -4,21 +4,19 @@ Rule: start with the token whose nearest neighbour is farthest away, then repeat
 minimum distance to the chosen set is largest, until ``m`` are chosen. Distance = cosine distance
 ``1 - cos(x_i, x_j)``. Ties go to the lowest index, so the result is deterministic. Vectorised: one
 (n, n) distance matrix, then ``m`` O(n) updates of the running minimum, on an accelerator as device operations
-(nothing read back; on CUDA with ``GREEDY_GRAPHS`` the ``m`` steps replay as one CUDA graph per step count and
-size), on the CPU in
-NumPy (the same picks; NumPy's calls cost less than torch's at these sizes); several independent groups (e.g. one
-per camera) run in the same ``m`` steps.
+(nothing read back; on CUDA with :mod:`~specprune_ros.pruning.selection_graphs` on, the ``m`` steps replay as
+one CUDA graph per step count and size), on the CPU in NumPy (the same picks; NumPy's calls cost less than
+torch's at these sizes); several independent groups (e.g. one per camera) run in the same ``m`` steps.
 """
 from __future__ import annotations
 
 import functools
-from collections import OrderedDict
 from typing import Optional
 
 import numpy as np
 import torch
 
-from specprune_ros.core.cuda_graphs import ShapeGraphs
+from specprune_ros.pruning.selection_graphs import SelectionGraphs
 
 
 def cosine_distance_matrix(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -105,11 +103,9 @@ def _greedy(d: torch.Tensor, m: int, candidates: Optional[torch.Tensor]) -> torc
     return _greedy_on_device(rows, nearest, m, groups, n)
 
 
-# on CUDA the m steps replay as one graph per (m, groups, n): three launches a step become one launch in all.
-# Off by default; an adapter's ``use_cuda_graphs()`` turns it on with its own graphs (a process-wide choice)
-GREEDY_GRAPHS = False
-_STEP_GRAPHS: OrderedDict[tuple, ShapeGraphs] = OrderedDict()
-_MAX_STEP_GRAPHS = 16
+# on CUDA the m steps replay as one graph per (m, groups, n) when selection graphs are on: three launches a step
+# become one launch in all
+_STEP_GRAPHS = SelectionGraphs(max_entries=16)
 
 
 def _greedy_on_device(rows: torch.Tensor, nearest: torch.Tensor, m: int, groups: int, n: int) -> torch.Tensor:
@@ -117,18 +113,8 @@ def _greedy_on_device(rows: torch.Tensor, nearest: torch.Tensor, m: int, groups:
 
     ``rows``: the (G * n, n) prepared distances; ``nearest``: (G, n) every token's prepared nearest distance.
     """
-    if not (GREEDY_GRAPHS and ShapeGraphs._graphs_on(rows.device)):
-        return _greedy_steps(rows, nearest, m, groups, n)
-    key = (m, groups, n, rows.device)
-    graphs = _STEP_GRAPHS.get(key)
-    if graphs is None:
-        while len(_STEP_GRAPHS) >= _MAX_STEP_GRAPHS:
-            _STEP_GRAPHS.popitem(last=False)
-        split = groups * n
-        graphs = _STEP_GRAPHS[key] = ShapeGraphs(
-            lambda packed: _greedy_steps(packed[:split], packed[split:], m, groups, n), max_shapes=2)
-    _STEP_GRAPHS.move_to_end(key)
-    return graphs(torch.cat([rows, nearest]))            # one input: the distances and the nearest, stacked
+    return _STEP_GRAPHS.run(('greedy steps', m, groups, n),
+                            lambda r, near: _greedy_steps(r, near, m, groups, n), rows, nearest)
 
 
 def _greedy_steps(rows: torch.Tensor, nearest: torch.Tensor, m: int, groups: int, n: int) -> torch.Tensor:

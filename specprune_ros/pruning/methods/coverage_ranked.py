@@ -64,6 +64,7 @@ from specprune_ros.pruning.action_controller import ActionController, Controller
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
 from specprune_ros.pruning.budget_knob import BudgetKnob
 from specprune_ros.pruning.scoring import budget_count, positions_to_sequence, to_device
+from specprune_ros.pruning.selection_graphs import SelectionGraphs
 
 COVERED_BONUS = 100.0      # added to the score (rank in [0, 1] + noise <= explore) of the patches the quota keeps
 TIE_BREAK = 1e-4           # amplitude of the seeded random tie-break (below the rank spacing of a 12 x 12 grid)
@@ -118,6 +119,7 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
             raise ValueError('coverage_ranked: warmup_steps must be >= 0')
         self.controller = ActionController(cfg.controller)
         self.generator = torch.Generator()
+        self._graphs = SelectionGraphs()        # the cuts and rank updates as CUDA graphs, when switched on
         self._reset_method()
 
     # -------------------------------------------------------------------------------------------- state
@@ -177,9 +179,10 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
         plan = StepPlan(attention=self.requests(*items),
                         after_layers=frozenset((self._refine_at,) if self._refine else ()))
         if early < patches:
-            device = (self._semantic if self._semantic is not None else self._action).device
-            score = self._remembered() + self._noise(layout, device)
-            plan.keep_before = self._select(score, layout, early, device)
+            remembered = self._remembered()
+            noise = self._noise(layout, remembered.device)
+            plan.keep_before = self._graphs.run(('early cut', layout, early),
+                                                functools.partial(self._early_cut, layout, early), remembered, noise)
         return plan
 
     def _after(self, view: LayerView) -> Optional[torch.Tensor]:
@@ -190,13 +193,14 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
         if dense is None:
             self.last_info['error'] = 'refine-layer attention missing'
             return None
-        ranks, seen = observed_ranks(dense, layout)
-        semantic = self._refined = self._smoothed(self._semantic, ranks, seen)   # the end of the step reuses it
-        score = semantic if self._action is None else torch.maximum(semantic, self._action)
-        score = score + self._noise(layout, dense.device)
-        # patches that did not run through the layer cannot be kept: they rank below every present one
-        score = torch.where(seen, score, torch.full_like(score, float('-inf')))
-        return self._select(score, layout, self._budget, dense.device)
+        running = self._semantic if self._semantic is not None else self._prior(layout, dense.device)
+        inputs = (dense, running, self._noise(layout, dense.device))
+        if self._action is not None:
+            inputs += (self._action,)
+        # the end of the step reuses the smoothed semantic score
+        self._refined, keep = self._graphs.run(('refine cut', layout, self._budget, len(inputs)),
+                                               functools.partial(self._refine_cut, layout, self._budget), *inputs)
+        return keep
 
     def _end(self, record: StepRecord) -> None:
         cfg = self.config
@@ -209,6 +213,27 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
             self._action = self._update(self._action, record, self.layer(cfg.action_layer), 'cr_action', layout)
 
     # ---------------------------------------------------------------------------------------- scoring
+    # The functions of fixed-shape tensors below (cuts, rank updates) run through ``self._graphs``: replayed as one
+    # CUDA graph each where selection graphs are on, called directly elsewhere.
+
+    def _early_cut(self, layout: TokenLayout, budget: int, remembered: torch.Tensor,
+                   noise: torch.Tensor) -> torch.Tensor:
+        """The cut before layer 0: sorted sequence indices of ``budget`` patches per camera."""
+        return self._select(remembered + noise, layout, budget, remembered.device)
+
+    def _refine_cut(self, layout: TokenLayout, budget: int, dense: torch.Tensor, running: torch.Tensor,
+                    noise: torch.Tensor, action: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cut after the refine layer: the smoothed semantic score and the kept sequence indices."""
+        ranks, seen = observed_ranks(dense, layout)
+        semantic = self._smoothed(running, ranks, seen)
+        score = semantic if action is None else torch.maximum(semantic, action)
+        # patches that did not run through the layer cannot be kept: they rank below every present one
+        score = torch.where(seen, score + noise, _rank_constants(*seen.shape, seen.device)[0])
+        return semantic, self._select(score, layout, budget, dense.device)
+
+    def _ranked_update(self, layout: TokenLayout, dense: torch.Tensor, running: torch.Tensor) -> torch.Tensor:
+        ranks, seen = observed_ranks(dense, layout)
+        return self._smoothed(running, ranks, seen)
 
     def _update(self, running: Optional[torch.Tensor], record: StepRecord, layer: int, key: str,
                 layout: TokenLayout) -> Optional[torch.Tensor]:
@@ -217,14 +242,18 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
         if dense is None:
             self.last_info.setdefault('missing', []).append(key)
             return running
-        ranks, seen = observed_ranks(dense, layout)
-        return self._smoothed(running, ranks, seen)
+        if running is None:
+            running = self._prior(layout, dense.device)
+        return self._graphs.run(('rank update', layout), functools.partial(self._ranked_update, layout), dense,
+                                running)
 
-    def _smoothed(self, running: Optional[torch.Tensor], ranks: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    def _prior(self, layout: TokenLayout, device: torch.device) -> torch.Tensor:
+        """The running score of patches never scored: ``prior`` everywhere, (cameras, patches) float32."""
+        return torch.full((layout.num_cameras, layout.patches_per_camera), self.config.prior, device=device)
+
+    def _smoothed(self, running: torch.Tensor, ranks: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         """Smoothed where scored this step, relaxed towards the prior elsewhere."""
         cfg = self.config
-        if running is None:
-            running = torch.full_like(ranks, cfg.prior)
         smoothed = (1.0 - cfg.smoothing) * running + cfg.smoothing * torch.nan_to_num(ranks)
         relaxed = (1.0 - cfg.forget) * running + cfg.forget * cfg.prior
         return torch.where(seen, smoothed, relaxed)
