@@ -18,6 +18,7 @@ from specprune_ros.core.fixed_plan import FixedKeepSchedule
 from specprune_ros.core.step_types import AttentionRequest
 from specprune_ros.pruning import build_method
 from specprune_ros.pruning import diversity as diversity_module
+from specprune_ros.pruning import selection_graphs
 from specprune_ros.pruning.deferred_counts import DeferredCounts
 from specprune_ros.pruning.methods import specprune as specprune_module
 from specprune_ros.pruning.methods import vla_cache as vla_cache_module
@@ -247,9 +248,20 @@ CUDA_SYNCS_ALLOWED = {name: count for name, count in COUNT_READS.items() if name
 
 @pytest.mark.parametrize('name', ('fixed', *available_methods()))
 def test_cuda_pruned_steps_do_not_synchronise(name):
+    check_steps_do_not_synchronise(name, _cuda_or_skip())
+
+
+@pytest.mark.parametrize('name', ('coverage_ranked', 'divprune', 'vla_pruner'))
+def test_cuda_steps_with_graphed_selections_do_not_synchronise(name, monkeypatch):
+    # the methods whose selection work replays as CUDA graphs: captured at the unguarded warm-up, replayed after
+    device = _cuda_or_skip()
+    monkeypatch.setattr(selection_graphs, 'ENABLED', True)
+    check_steps_do_not_synchronise(name, device)
+
+
+def check_steps_do_not_synchronise(name: str, device: torch.device) -> None:
     # warm-up steps run unguarded (any error fails the test); the next step runs with torch's sync debug mode on
     # 'warn', and every synchronising call it makes is counted against what the method is allowed
-    device = _cuda_or_skip()
     layout = make_layout()
     runner = make_runner().to(device)
     method = fixed_plan(layout, device) if name == 'fixed' else build_method(name)
