@@ -160,6 +160,10 @@ def check_graphed_adapter(device: torch.device) -> None:
     graphs = methods['coverage_ranked'][0]._graphs
     assert sorted(key[0] for key in graphs.keys()) == ['early cut', 'rank update', 'refine cut']
     assert all(graphs.captures(key) == 1 for key in graphs.keys())
+    # VLA-Pruner's Combine-then-Filter once its window is full (steps 3 and 4): one graph, replayed
+    graphs = methods['vla_pruner'][0]._graphs
+    assert [key[0] for key in graphs.keys()] == ['combine then filter']
+    assert graphs.captures(graphs.keys()[0]) == 1
 
 
 def test_graphed_adapter_on_the_cpu_stand_in(graphs_on_the_cpu):

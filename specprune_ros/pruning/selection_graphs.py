@@ -39,8 +39,8 @@ class SelectionGraphs:
 
     def run(self, key: tuple, function: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
             *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        if not (ENABLED and ShapeGraphs._graphs_on(inputs[0].device)):
-            return function(*inputs)
+        if not (ENABLED and ShapeGraphs._graphs_on(inputs[0].device)) or _capturing(inputs[0].device):
+            return function(*inputs)        # off, or inside another capture: part of that graph
         if key not in self._entries:
             while len(self._entries) >= self.max_entries:
                 self._entries.popitem(last=False)
@@ -68,3 +68,7 @@ class SelectionGraphs:
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == 'cuda' and torch.cuda.is_current_stream_capturing()

@@ -32,6 +32,7 @@ from specprune_ros.pruning.diversity import greedy_max_min, greedy_max_min_group
 from specprune_ros.pruning.scoring import (budget_count, camera_slices, decay_weights_cached,
                                            divide_rows_by_positive_sum, mask_to_sequence, normalise,
                                            positions_to_sequence, stable_topk, stable_topk_rows_on_device)
+from specprune_ros.pruning.selection_graphs import SelectionGraphs
 
 
 PAPER_PRUNE_LAYER, PAPER_DEPTH = 3, 32   # the paper prunes before layer 3 of Llama-2 7B's 32
@@ -76,6 +77,7 @@ class VLAPruner(KeepRatioKnob, PruningMethodBase):
             raise ValueError('vla_pruner: window must be >= 1 when use_action is on')
         self._prune_now = False
         self._score_at = -1                  # the layer after which this step selects (-1: none)
+        self._graphs = SelectionGraphs()     # the device selection as CUDA graphs, when switched on
 
     def prune_layer(self) -> int:
         """K for the current decoder depth (the configured one, or the paper's scaled)."""
@@ -152,20 +154,28 @@ class VLAPruner(KeepRatioKnob, PruningMethodBase):
         return mask_to_sequence(mask, layout)
 
     def _action_score(self, device: Optional[torch.device]) -> Optional[torch.Tensor]:
-        """The decayed action score as a dense visual vector (zeros without history; None if not used).
+        """The decayed action score as a dense visual vector (zeros without history; None if not used)."""
+        if not self.config.use_action:
+            return None
+        return self._decayed_action(*self._action_history(), device=device)
+
+    def _action_history(self) -> list[torch.Tensor]:
+        """The window's action attention, every camera's part of every step, oldest step first."""
+        history = list(self.state.action_attention)[-self.config.window:]
+        return [part for entry in history for part in entry]
+
+    def _decayed_action(self, *parts: torch.Tensor, device: Optional[torch.device] = None) -> torch.Tensor:
+        """:meth:`_action_score` of the history ``parts`` (zeros without any).
 
         Every camera's score in one pass: each camera's part equals ``decayed_action_score`` of that camera.
         """
-        if not self.config.use_action:
-            return None
         layout = self._layout
-        history = list(self.state.action_attention)[-self.config.window:]
-        if not history:
+        if not parts:
             return torch.zeros(layout.num_visual, device=device)
         # every entry's cameras in one concatenation: the rows of the stacked per-step scores
-        stacked = torch.cat([part for entry in history for part in entry]).view(len(history), -1)
-        stacked = stacked.to(torch.float32).clamp_min_(0.0)
-        weights = decay_weights_cached(len(history), self.config.gamma, stacked.device)
+        steps = len(parts) // layout.num_cameras
+        stacked = torch.cat(parts).view(steps, -1).to(torch.float32).clamp_min_(0.0)
+        weights = decay_weights_cached(steps, self.config.gamma, stacked.device)
         total = (weights[:, None] * stacked).sum(0)
         return divide_rows_by_positive_sum(total.view(layout.num_cameras, -1)).view(-1)
 
@@ -174,7 +184,8 @@ class VLAPruner(KeepRatioKnob, PruningMethodBase):
 
         Every candidate set then holds at least the budget, so each camera keeps exactly its budget and the kept
         tokens equal the host selection's; the candidate counts in ``last_info`` stay a device tensor. Every camera
-        is selected in the same operations, as rows of a (cameras, patches) view.
+        is selected in the same operations, as rows of a (cameras, patches) view, as one CUDA graph per budget and
+        history length where selection graphs are on.
         """
         cfg = self.config
         layout = self._layout
@@ -183,11 +194,27 @@ class VLAPruner(KeepRatioKnob, PruningMethodBase):
             self.last_info['error'] = 'semantic attention missing'
             return None
         emb = self._context.visual_embeddings.detach().reshape(layout.num_visual, -1)
-        device = emb.device if sem is None else sem.device
-        act = self._action_score(device)
+        groups = layout.num_cameras if cfg.per_camera else 1
+        m = budget_count(self.effective_keep_ratio(), layout.num_visual // groups)
+        history = self._action_history() if cfg.use_action else []
+        inputs = (emb,) + ((sem,) if sem is not None else ()) + tuple(history)
+        key = ('combine then filter', layout, m, sem is not None, len(history))
+        sizes, kept = self._graphs.run(key, functools.partial(self._combine_then_filter, m, sem is not None),
+                                       *inputs)
+        self.last_info.update(candidates=sizes, budget=groups * m)
+        return kept
+
+    def _combine_then_filter(self, m: int, semantic: bool, emb: torch.Tensor,
+                             *scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each camera's ``m`` tokens from the layer-0 embeddings, the semantic score (if ``semantic``) and the
+        action history (the rest of ``scores``): the candidate counts and the kept sequence indices."""
+        cfg = self.config
+        layout = self._layout
+        device = emb.device
         groups = layout.num_cameras if cfg.per_camera else 1
         n = layout.num_visual // groups
-        m = budget_count(self.effective_keep_ratio(), n)
+        sem = scores[0] if semantic else None
+        act = self._decayed_action(*scores[1 if semantic else 0:], device=device) if cfg.use_action else None
         s_sem = None if sem is None else divide_rows_by_positive_sum(sem.view(groups, n).clamp_min(0.0))
         s_act = None if act is None else divide_rows_by_positive_sum(act.view(groups, n).clamp_min(0.0))
         # without action history (all zeros) the action score takes no part, as in the host selection
@@ -207,11 +234,10 @@ class VLAPruner(KeepRatioKnob, PruningMethodBase):
             if cfg.use_diversity:
                 chosen = greedy_max_min_groups(emb.view(groups, n, -1), m, candidates=cand)
             else:
-                scores = [s for s in (s_sem, s_act) if s is not None]
-                total = scores[0] if len(scores) == 1 else torch.where(has_act, scores[0] + scores[1], scores[0])
+                parts = [s for s in (s_sem, s_act) if s is not None]
+                total = parts[0] if len(parts) == 1 else torch.where(has_act, parts[0] + parts[1], parts[0])
                 chosen = stable_topk_rows_on_device(total, m, cand)
-        self.last_info.update(candidates=sizes, budget=groups * m)
-        return positions_to_sequence((chosen + _group_starts(groups, n, device)).flatten(), layout)
+        return sizes, positions_to_sequence((chosen + _group_starts(groups, n, device)).flatten(), layout)
 
     def _end(self, record: StepRecord) -> None:
         if not self.config.use_action:
