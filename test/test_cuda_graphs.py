@@ -164,6 +164,9 @@ def check_graphed_adapter(device: torch.device) -> None:
     graphs = methods['vla_pruner'][0]._graphs
     assert [key[0] for key in graphs.keys()] == ['combine then filter']
     assert graphs.captures(graphs.keys()[0]) == 1
+    # SpecPrune's layer drop (one drop layer at this depth, every step): one graph, replayed
+    graphs = methods['specprune'][0]._graphs
+    assert [key[0] for key in graphs.keys()] == ['layer drop'] and graphs.captures(graphs.keys()[0]) == 1
 
 
 def test_graphed_adapter_on_the_cpu_stand_in(graphs_on_the_cpu):

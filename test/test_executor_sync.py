@@ -251,7 +251,7 @@ def test_cuda_pruned_steps_do_not_synchronise(name):
     check_steps_do_not_synchronise(name, _cuda_or_skip())
 
 
-@pytest.mark.parametrize('name', ('coverage_ranked', 'divprune', 'vla_pruner'))
+@pytest.mark.parametrize('name', ('coverage_ranked', 'divprune', 'vla_pruner', 'specprune'))
 def test_cuda_steps_with_graphed_selections_do_not_synchronise(name, monkeypatch):
     # the methods whose selection work replays as CUDA graphs: captured at the unguarded warm-up, replayed after
     device = _cuda_or_skip()

@@ -301,7 +301,7 @@ def test_layer_drop_equals_the_sample_the_masked_ema_and_the_top_counts(seed, ti
     before[::3] = 0.0                                   # ties in the EMA as well
     counts = present.reshape(2, -1).sum(dim=1).tolist()
     kept = [max(2, n - int(fraction * n)) for n in counts]
-    importance, mask = layer_drop_on_device(scores, present, before, counts, kept, k=5.0, beta=0.2)
+    importance, mask = layer_drop_on_device(scores, present, before, torch.tensor([counts, kept]), k=5.0, beta=0.2)
     sample = layer_importance(scores.unsqueeze(0), present.unsqueeze(0), layout)[0].to(torch.float64)
     expected = torch.where(present, 0.8 * before + 0.2 * sample, before)
     assert torch.equal(importance[present], expected[present])

@@ -460,6 +460,11 @@ def _table_rows(table: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
     return torch.stack([table[int(c)] for c in counts])
 
 
+def _rows_of(table: torch.Tensor, counts: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Rows ``counts`` of a per-count ``table``: host integers by :func:`_table_rows`, a device tensor by a gather."""
+    return table.index_select(0, counts) if isinstance(counts, torch.Tensor) else _table_rows(table, counts)
+
+
 def top_counts_per_camera(scores: torch.Tensor, candidates: torch.Tensor, counts: Sequence[int],
                           num_cameras: int) -> torch.Tensor:
     """``topk_masks_per_camera(camera_ranks(scores, candidates, C), counts, candidates)`` in fewer operations.
@@ -531,19 +536,20 @@ def _rank_count_table_on(patches: int, k: float, device: torch.device) -> torch.
     return torch.from_numpy(np.concatenate([_rank_weight_table(patches, k), counts], axis=1)).to(device)
 
 
-def layer_importance_known_on_device(scores: torch.Tensor, valid: torch.Tensor, counts: Sequence[int],
+def layer_importance_known_on_device(scores: torch.Tensor, valid: torch.Tensor, counts: Sequence[int] | torch.Tensor,
                                      k: float = 5.0) -> torch.Tensor:
     """:func:`layer_importance_on_device` of one layer per camera, with every camera's valid count known on the host.
 
     ``scores`` / ``valid``: (num_visual,), ``scores`` 0 where not valid; ``counts``: the valid tokens of every
-    camera, each at least 2. The same numbers in about half the operations (one table row per camera for the
-    rank weights and the count, in place where the operand is fresh): this runs at every layer drop.
+    camera, each at least 2 (host integers, or a long tensor on the device). The same numbers in about half the
+    operations (one table row per camera for the rank weights and the count, in place where the operand is
+    fresh): this runs at every layer drop.
     """
     groups = len(counts)
     s = scores.view(groups, -1)
     v = valid.view(groups, -1)
     patches = s.shape[1]
-    rows = _table_rows(_rank_count_table_on(patches, float(k), scores.device), counts)
+    rows = _rows_of(_rank_count_table_on(patches, float(k), scores.device), counts)
     by_rank, count = rows[:, :patches], rows[:, patches:]
     order = torch.sort(torch.where(v, s, _negative_infinity_on(scores.device)), dim=-1, descending=True,
                        stable=True).indices
@@ -556,23 +562,24 @@ def layer_importance_known_on_device(scores: torch.Tensor, valid: torch.Tensor, 
 
 
 def layer_drop_on_device(scores: torch.Tensor, present: torch.Tensor, importance: torch.Tensor,
-                         counts: Sequence[int], kept: Sequence[int], k: float = 5.0,
-                         beta: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+                         sizes: torch.Tensor, k: float = 5.0, beta: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
     """SpecPrune's layer drop from one layer's attention: the importance EMA updated, each camera's top kept.
 
     ``scores``: (num_visual,) the layer's task attention, 0 where not ``present`` (the visual tokens that ran
-    through it, ``counts[c]`` of camera c, each at least 2); ``importance``: the EMA so far (float64; its values
-    outside ``present`` are never read); ``kept[c] <= counts[c]``: the tokens camera c keeps. Returns the new EMA
-    (``(1 - beta) * S + beta * s`` on ``present``) and the dense mask of exactly ``kept[c]`` present tokens of
-    every camera, by EMA (ties -> lower position): equal to :func:`layer_importance_known_on_device`, the masked
-    EMA update and :func:`top_counts_per_camera`, in fewer operations.
+    through it); ``importance``: the EMA so far (float64; its values outside ``present`` are never read);
+    ``sizes``: (2, cameras) long, on the scores' device: row 0 every camera's present count (each at least 2), row
+    1 how many it keeps (at most that). Returns the new EMA (``(1 - beta) * S + beta * s`` on ``present``) and the
+    dense mask of exactly ``sizes[1, c]`` present tokens of every camera c, by EMA (ties -> lower position): equal
+    to :func:`layer_importance_known_on_device`, the masked EMA update and :func:`top_counts_per_camera`, in fewer
+    operations. Every shape is fixed by the layout: a CUDA graph can replay it.
     """
+    counts, kept = sizes[0], sizes[1]
     sample = layer_importance_known_on_device(scores, present, counts, k=k)
     importance = importance.mul(1.0 - beta).add_(sample.to(torch.float64).mul_(beta))
     key = torch.where(present, importance, _negative_infinity_on(scores.device)).view(len(counts), -1)
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices
     # the first kept[c] places of camera c's order are present tokens: kept[c] <= counts[c]
-    flags = _table_rows(_leading_table(order.shape[-1], order.device), kept)
+    flags = _rows_of(_leading_table(order.shape[-1], order.device), kept)
     return importance, torch.empty_like(flags).scatter_(-1, order, flags).view(-1)
 
 

@@ -84,6 +84,7 @@ from specprune_ros.pruning.budget_knob import BudgetKnob
 from specprune_ros.pruning.change_detection import (ChangeDetectionConfig, PatchVectorCache, changed_masks,
                                                     max_changed_count, max_static_count, reference_back)
 from specprune_ros.pruning.deferred_counts import DeferredCounts
+from specprune_ros.pruning.selection_graphs import SelectionGraphs
 from specprune_ros.pruning.scoring import (budget_count, camera_ranks, dense_visual_rows_on_device,
                                            dense_visual_scores_on_device, host_counts,
                                            layer_drop_on_device, layer_importance_on_device,
@@ -177,6 +178,7 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         self.controller = ActionController(cfg.controller)
         self._patches = PatchVectorCache()
         self._union_sizes = DeferredCounts()       # each gather's union size per camera, for the next step
+        self._graphs = SelectionGraphs()            # the layer drops as CUDA graphs, when switched on
         self._previous_k: list[int] = []
         self._reset_step()
 
@@ -480,11 +482,15 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         self._drops[layer] = dropped
         self.last_info['layer_drops'] = dict(self._drops)
         if self._sampled_here(keep):
-            # the default (samples at the drop layers only): this layer's sample, the EMA and the cut in one go
+            # the default (samples at the drop layers only): this layer's sample, the EMA and the cut in one go,
+            # replayed as one CUDA graph where selection graphs are on
             keys, attention, _, _ = self._pending.pop()
             scores = dense_visual_scores_on_device(keys, attention[cfg.task_rows], layout)
-            self._importance, mask = layer_drop_on_device(scores, keep, self._importance, counts, kept,
-                                                          k=cfg.importance_k, beta=cfg.importance_beta)
+            # copied without a wait (pinned memory on CUDA)
+            sizes = to_device(torch.from_numpy(np.array([counts, kept], dtype=np.int64)), scores.device)
+            drop = functools.partial(layer_drop_on_device, k=cfg.importance_k, beta=cfg.importance_beta)
+            self._importance, mask = self._graphs.run(('layer drop', cfg.importance_k, cfg.importance_beta), drop,
+                                                      scores, keep, self._importance, sizes)
             return (mask, kept) if dropped else (keep, counts)
         self._fold_importance()
         if dropped == 0:
