@@ -16,7 +16,7 @@ from specprune_ros.adapters.factory import load_adapter, read_options
 from specprune_ros.adapters.published_shapes import build_published
 from specprune_ros.adapters.tiny import write_tiny_checkpoint
 from specprune_ros.core import cuda_graphs
-from specprune_ros.core.cuda_graphs import LayerGraphs, ShapeGraphs, _Captured
+from specprune_ros.core.cuda_graphs import LayerGraphs, ShapeGraphs
 from specprune_ros.core.executor import PrunableDecoderRunner, _FusedProjections, _layer_arithmetic, _layer_operands
 from specprune_ros.pruning import build_method, diversity, selection_graphs
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
@@ -35,25 +35,6 @@ def _cuda_or_skip() -> torch.device:
     return torch.device('cuda')
 
 
-class _RecomputingGraph:
-    """A CUDA graph's replay on the CPU: the captured call, rerun on the static buffers into the captured output."""
-
-    def __init__(self, call, out):
-        self.call, self.out = call, out
-
-    def replay(self):
-        got = self.call()
-        for mine, new in zip(self.out, got) if isinstance(self.out, tuple) else [(self.out, got)]:
-            mine.copy_(new)
-
-
-def _capture_on_the_cpu(call, device, owner):
-    if owner.pool is None:
-        owner.pool = object()                    # stands in for a memory pool handle
-    out = call()
-    return _Captured(_RecomputingGraph(call, out), out)
-
-
 @pytest.fixture(autouse=True)
 def selection_graphs_restored(monkeypatch):
     """An adapter's use_cuda_graphs() turns the selection graphs on for the process: off again after."""
@@ -63,7 +44,7 @@ def selection_graphs_restored(monkeypatch):
 @pytest.fixture
 def graphs_on_the_cpu(monkeypatch):
     """Graph bookkeeping on the CPU: captures are recomputing stand-ins."""
-    monkeypatch.setattr(cuda_graphs, 'capture', _capture_on_the_cpu)
+    monkeypatch.setattr(cuda_graphs, 'capture', cuda_graphs.capture_recomputing)
     monkeypatch.setattr(PrunableDecoderRunner, '_graphs_on', lambda self, device: self.cuda_graph_layers)
     monkeypatch.setattr(ShapeGraphs, '_graphs_on', staticmethod(lambda device: True))
 

@@ -93,6 +93,31 @@ def capture(call: Callable[[], torch.Tensor], device: torch.device, owner: _Grap
     return _Captured(graph, out)
 
 
+class RecomputingGraph:
+    """A CUDA graph's replay without a GPU: the captured call rerun on the static buffers into its output buffers.
+
+    What a replay does on the device, so the graph bookkeeping (static inputs, copies in and out, one capture per
+    shape) can be checked and counted on the CPU: ``capture_recomputing`` stands in for :func:`capture`.
+    """
+
+    def __init__(self, call: Callable[[], torch.Tensor | tuple[torch.Tensor, ...]],
+                 out: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
+        self.call, self.out = call, out
+
+    def replay(self) -> None:
+        got = self.call()
+        for mine, new in zip(self.out, got) if isinstance(self.out, tuple) else [(self.out, got)]:
+            mine.copy_(new)
+
+
+def capture_recomputing(call: Callable[[], torch.Tensor], device: torch.device, owner: _GraphOwner) -> _Captured:
+    """:func:`capture` with a :class:`RecomputingGraph` (any device)."""
+    if owner.pool is None:
+        owner.pool = object()                    # stands in for a memory pool handle
+    out = call()
+    return _Captured(RecomputingGraph(call, out), out)
+
+
 class ShapeGraphs(_GraphOwner):
     """``function`` of tensors replayed as a CUDA graph per input shapes (called directly off CUDA).
 
