@@ -18,6 +18,7 @@ import argparse
 import collections
 import contextlib
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -188,7 +189,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             print(f"{label:18s} {'graphs' if graphs else 'eager '} {rows[-1]['operations_per_step']:6.1f} "
                   f"operations + {rows[-1]['replays_per_step']} replays per step", flush=True)
     arguments = argv if argv is not None else sys.argv[1:]
-    meta = {'command': 'python benchmarks/selection_operations.py ' + ' '.join(arguments),
+    meta = {'command': 'python benchmarks/selection_operations.py ' + shlex.join(arguments),
             'commit': harness.git_commit(), 'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
             'shape': f'reference layout (2 x 144 patches), random decoder {args.width} x {args.layers}, CPU',
             'frames': len(frames), 'warmup': args.warmup}
