@@ -30,8 +30,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import deployment_latency as harness  # noqa: E402  (the latency harness's episode, shapes and method table)
 
+from specprune_ros.command_line import HelpFormatter  # noqa: E402
 from specprune_ros.core import cuda_graphs  # noqa: E402
-from specprune_ros.core.executor import _ProbeBatch  # noqa: E402
+from specprune_ros.core.executor import PrunableDecoderRunner, _ProbeBatch  # noqa: E402
 from specprune_ros.pruning import build_method, diversity, selection_graphs  # noqa: E402
 from specprune_ros.pruning.base import PruningMethodBase  # noqa: E402
 
@@ -43,23 +44,41 @@ CAMERAS = ('agentview', 'wrist')             # the reference layout's two camera
 DEFAULT_METHODS = ('specprune', 'vla_pruner 25%', 'coverage_ranked', 'divprune 25%', 'fastv 25%')
 
 
+SCOPES = ('hooks', 'pass')       # a method's hooks (not its probes); the executor's whole pass (hooks included)
+
+
 class _Census(TorchDispatchMode):
-    """Counts the tensor operations issued while ``depth`` > 0 (inside a hook, outside a probe or a replay)."""
+    """Counts the tensor operations issued inside each scope; a graph replay counts as one, its work as none."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.depth = 0
-        self.operations: collections.Counter = collections.Counter()
+        self.depth = dict.fromkeys(SCOPES, 0)
+        self.operations = {scope: collections.Counter() for scope in SCOPES}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if self.depth > 0 and name not in VIEWS:
-            self.operations[name] += 1
+        if name not in VIEWS:
+            self.launch(name)
         return func(*args, **(kwargs or {}))
 
+    def launch(self, name: str) -> None:
+        for scope, depth in self.depth.items():
+            if depth > 0:
+                self.operations[scope][name] += 1
+
     @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        saved, self.depth = self.depth, 0
+    def inside(self, scope: str) -> Iterator[None]:
+        self.depth[scope] += 1
+        try:
+            yield
+        finally:
+            self.depth[scope] -= 1
+
+    @contextlib.contextmanager
+    def paused(self, *scopes: str) -> Iterator[None]:
+        saved = dict(self.depth)
+        for scope in scopes or SCOPES:
+            self.depth[scope] = 0
         try:
             yield
         finally:
@@ -68,23 +87,21 @@ class _Census(TorchDispatchMode):
 
 @contextlib.contextmanager
 def _counted(census: _Census, graphs: bool) -> Iterator[None]:
-    """Hooks counted, probes and replays not; with ``graphs``, selection graphs on with the stand-in captures."""
+    """Hooks and passes counted; with ``graphs`` the decoder layers and the selections replay stand-in graphs."""
     saved = {hook: getattr(PruningMethodBase, hook) for hook in HOOKS}
-    saved_resolve, saved_capture = _ProbeBatch.resolve, cuda_graphs.capture
-    saved_on, saved_enabled = cuda_graphs.ShapeGraphs._graphs_on, selection_graphs.ENABLED
-    saved_numpy = diversity.CPU_STEPS_IN_NUMPY
+    saved_forward, saved_resolve, saved_capture = (PrunableDecoderRunner.forward, _ProbeBatch.resolve,
+                                                   cuda_graphs.capture)
+    saved_on, saved_layers_on = cuda_graphs.ShapeGraphs._graphs_on, PrunableDecoderRunner._graphs_on
+    saved_enabled, saved_numpy = selection_graphs.ENABLED, diversity.CPU_STEPS_IN_NUMPY
 
-    def hooked(original):
-        def call(self, *args):
-            census.depth += 1
-            try:
-                return original(self, *args)
-            finally:
-                census.depth -= 1
+    def inside(scope, original):
+        def call(self, *args, **kwargs):
+            with census.inside(scope):
+                return original(self, *args, **kwargs)
         return call
 
     def resolve(self) -> None:
-        with census.paused():
+        with census.paused('hooks'):            # the executor's probes: part of the pass, not of the hooks
             saved_resolve(self)
 
     def capture(call, device, owner):
@@ -92,7 +109,7 @@ def _counted(census: _Census, graphs: bool) -> Iterator[None]:
         replay = captured.graph.replay
 
         def counted_replay() -> None:
-            census.operations['graph replay'] += 1
+            census.launch('graph replay')
             with census.paused():
                 replay()
         captured.graph.replay = counted_replay
@@ -100,71 +117,86 @@ def _counted(census: _Census, graphs: bool) -> Iterator[None]:
 
     try:
         for hook, original in saved.items():
-            setattr(PruningMethodBase, hook, hooked(original))
+            setattr(PruningMethodBase, hook, inside('hooks', original))
+        PrunableDecoderRunner.forward = inside('pass', saved_forward)
         _ProbeBatch.resolve = resolve
         diversity.CPU_STEPS_IN_NUMPY = False        # the diversity steps as on an accelerator, not in NumPy
         if graphs:
             cuda_graphs.capture = capture
             cuda_graphs.ShapeGraphs._graphs_on = staticmethod(lambda device: True)
+            PrunableDecoderRunner._graphs_on = lambda self, device: self.cuda_graph_layers
             selection_graphs.ENABLED = True
         yield
     finally:
         for hook, original in saved.items():
             setattr(PruningMethodBase, hook, original)
-        _ProbeBatch.resolve, cuda_graphs.capture = saved_resolve, saved_capture
-        cuda_graphs.ShapeGraphs._graphs_on, selection_graphs.ENABLED = saved_on, saved_enabled
-        diversity.CPU_STEPS_IN_NUMPY = saved_numpy
+        PrunableDecoderRunner.forward, _ProbeBatch.resolve = saved_forward, saved_resolve
+        cuda_graphs.capture, cuda_graphs.ShapeGraphs._graphs_on = saved_capture, saved_on
+        PrunableDecoderRunner._graphs_on = saved_layers_on
+        selection_graphs.ENABLED, diversity.CPU_STEPS_IN_NUMPY = saved_enabled, saved_numpy
 
 
 def count_operations(label: str, name: str, config: Optional[dict], adapter, frames, graphs: bool,
                      warmup: int) -> dict:
-    """Operations per steady step (the first ``warmup`` steps of each episode left out) of one configuration."""
+    """Operations per steady step (the first ``warmup`` steps of each episode left out) of one configuration.
+
+    With ``graphs`` the adapter's decoder layers replay as graphs too, as the adapter option ``cuda_graphs`` does.
+    """
     census = _Census()
     runner = harness.Runner(label, name, config, build_method(name, config, seed=0))
+    adapter.runner.cuda_graph_layers = graphs
     steps = 0
     with torch.inference_mode(), _counted(census, graphs), census:
         for frame in frames:
             if frame.episode_step == 0:
                 runner.reset()
-            before = census.operations.copy()
+            before = {scope: counter.copy() for scope, counter in census.operations.items()}
             runner.run(adapter, frame, CAMERAS)
             if frame.episode_step < warmup:
                 census.operations = before
             else:
                 steps += 1
-    replays = census.operations.pop('graph replay', 0)
-    top = census.operations.most_common(6)
-    return {'label': label, 'graphs': graphs, 'steps': steps,
-            'operations_per_step': round(sum(census.operations.values()) / max(steps, 1), 1),
-            'replays_per_step': round(replays / max(steps, 1), 1),
-            'most_issued': {op: round(count / max(steps, 1), 1) for op, count in top}}
+    adapter.runner.cuda_graph_layers = False
+    row = {'label': label, 'graphs': graphs, 'steps': steps}
+    for scope, counter in census.operations.items():
+        replays = counter.pop('graph replay', 0)
+        row[f'{scope}_operations_per_step'] = round(sum(counter.values()) / max(steps, 1), 1)
+        row[f'{scope}_replays_per_step'] = round(replays / max(steps, 1), 1)
+        row[f'{scope}_most_issued'] = {op: round(count / max(steps, 1), 1) for op, count in counter.most_common(6)}
+    return row
+
+
+def _count(row: Optional[dict], scope: str) -> str:
+    if row is None:
+        return '-'
+    replays = row[f'{scope}_replays_per_step']
+    return f"{row[f'{scope}_operations_per_step']:.0f}" + (f' + {replays:g}' if replays else '')
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
-    lines = ['# Tensor operations in the hooks per step', '',
+    lines = ['# Tensor operations the host issues per step', '',
              f"Command: `{meta['command']}`  ",
              f"Commit: {meta['commit']}; date: {meta['date']}  ",
              f"Shape: {meta['shape']}; {meta['frames']} frames of a closed-loop episode, the first {meta['warmup']} "
              'steps of each episode left out', '',
-             'Operations a method issues in `begin_step`, `after_layer` and `end_step` (views and the executor\'s '
-             'attention probes not counted); with selection graphs each replay is one launch and the work inside '
-             'it is not counted (a recomputing stand-in for CUDA graphs on the CPU). On a GPU each operation is a '
-             'kernel launch the host issues.', '',
-             '| method | eager: operations / step | with selection graphs: operations + replays / step |',
-             '|---|---|---|']
+             'Per step, the tensor operations (views left out) a method issues in `begin_step`, `after_layer` and '
+             '`end_step` (hooks; the attention probes the executor runs not counted), and the executor\'s whole '
+             'decoder pass (hooks and probes included). Eager: every operation. Graphs: the decoder layers and the '
+             'selections replayed as graphs (a recomputing stand-in for CUDA graphs on the CPU), each replay one '
+             'launch (+ N) and its work not counted. On a GPU each operation is a kernel launch the host issues.',
+             '', '| method | hooks, eager | hooks, graphs | pass, eager | pass, graphs |', '|---|---|---|---|---|']
     by_label: dict[str, dict[bool, dict]] = collections.defaultdict(dict)
     for row in rows:
         by_label[row['label']][row['graphs']] = row
     for label, pair in by_label.items():
         eager, graphed = pair.get(False), pair.get(True)
-        lines.append(f"| {label} | {eager['operations_per_step'] if eager else '-'} | "
-                     + (f"{graphed['operations_per_step']} + {graphed['replays_per_step']}" if graphed else '-')
-                     + ' |')
+        lines.append(f"| {label} | {_count(eager, 'hooks')} | {_count(graphed, 'hooks')} | {_count(eager, 'pass')} | "
+                     f"{_count(graphed, 'pass')} |")
     return '\n'.join(lines) + '\n'
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--width', type=int, default=256, help='decoder width of the reference-layout proxy')
     parser.add_argument('--layers', type=int, default=32, help='decoder depth of the proxy')
     parser.add_argument('--steps', type=int, default=12, help='steps counted per configuration')
@@ -186,8 +218,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         name, config = known[label]
         for graphs in (False, True):
             rows.append(count_operations(label, name, config, adapter, frames, graphs, args.warmup))
-            print(f"{label:18s} {'graphs' if graphs else 'eager '} {rows[-1]['operations_per_step']:6.1f} "
-                  f"operations + {rows[-1]['replays_per_step']} replays per step", flush=True)
+            row = rows[-1]
+            print(f"{label:18s} {'graphs' if graphs else 'eager '}: hooks {_count(row, 'hooks')}, "
+                  f"pass {_count(row, 'pass')} operations per step", flush=True)
     arguments = argv if argv is not None else sys.argv[1:]
     meta = {'command': 'python benchmarks/selection_operations.py ' + shlex.join(arguments),
             'commit': harness.git_commit(), 'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),

@@ -563,7 +563,7 @@ def layer_importance_known_on_device(scores: torch.Tensor, valid: torch.Tensor, 
 
 def layer_drop_on_device(scores: torch.Tensor, present: torch.Tensor, importance: torch.Tensor,
                          sizes: torch.Tensor, k: float = 5.0, beta: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
-    """SpecPrune's layer drop from one layer's attention: the importance EMA updated, each camera's top kept.
+    """The layer drop of SpecPrune from one layer's attention: the importance EMA updated, each camera's top kept.
 
     ``scores``: (num_visual,) the layer's task attention, 0 where not ``present`` (the visual tokens that ran
     through it); ``importance``: the EMA so far (float64; its values outside ``present`` are never read);

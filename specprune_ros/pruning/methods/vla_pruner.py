@@ -206,8 +206,11 @@ class VLAPruner(KeepRatioKnob, PruningMethodBase):
 
     def _combine_then_filter(self, m: int, semantic: bool, emb: torch.Tensor,
                              *scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each camera's ``m`` tokens from the layer-0 embeddings, the semantic score (if ``semantic``) and the
-        action history (the rest of ``scores``): the candidate counts and the kept sequence indices."""
+        """Each camera's ``m`` tokens: the candidate counts and the kept sequence indices.
+
+        From the layer-0 embeddings ``emb``, the semantic score (the first of ``scores`` if ``semantic``) and the
+        action history (the rest of ``scores``).
+        """
         cfg = self.config
         layout = self._layout
         device = emb.device
