@@ -1,14 +1,15 @@
-"""Tensor operations a method's hooks issue per step: eagerly, and with its selection work replayed as graphs.
+"""Tensor operations the host issues per step: a method's hooks and the executor's whole pass, eager and graphed.
 
 On a GPU every tensor operation is a kernel launch the host issues, and a pruned step there is bound by the host
-(``docs/benchmarks.md``, "On a GPU"): the operations a method's hooks issue are most of its selection time. This
-counts them on the CPU, where it is exact and needs no GPU: the methods run real steps (frames of a closed-loop
-simulator episode, the reference layout with a random decoder), and every tensor operation inside ``begin_step``,
-``after_layer`` and ``end_step`` is counted (views, which launch nothing, and the attention probes, which the
-executor runs, left out; the diversity steps run as device operations, as on an accelerator, not in NumPy). With
-graphs the selection work replays through :mod:`specprune_ros.pruning.selection_graphs` with a recomputing stand-in
-for CUDA graphs: each replay counts as one launch and the work inside it not at all (a capture, at the first step
-that meets a key, counts its work once).
+(``docs/benchmarks.md``, "On a GPU"). This counts them on the CPU, where it is exact and needs no GPU: the methods
+run real steps (frames of a closed-loop simulator episode, the reference layout with a random decoder), and every
+tensor operation other than a view is counted inside ``begin_step``, ``after_layer`` and ``end_step`` (the hooks;
+the attention probes the executor runs for them left out) and inside the executor's decoder pass (hooks and probes
+included). The diversity steps run as device operations and keep sets are checked on the device, as on an
+accelerator. Graphed: the decoder layers and the selection work (:mod:`specprune_ros.pruning.selection_graphs`)
+replay a recomputing stand-in for CUDA graphs, as the adapter option ``cuda_graphs`` has them replay on a GPU; each
+replay counts as one launch and the work inside it not at all; a capture (at the first step that meets a shape or
+key) is counted apart (``*_captures``), its work not at all.
 
     python benchmarks/selection_operations.py --width 256 --layers 32 --out docs/benchmarks
 """
@@ -105,7 +106,9 @@ def _counted(census: _Census, graphs: bool) -> Iterator[None]:
             saved_resolve(self)
 
     def capture(call, device, owner):
-        captured = cuda_graphs.capture_recomputing(call, device, owner)
+        census.launch('graph capture')          # once per shape or key: counted apart from the steady work
+        with census.paused():
+            captured = cuda_graphs.capture_recomputing(call, device, owner)
         replay = captured.graph.replay
 
         def counted_replay() -> None:
@@ -145,6 +148,10 @@ def count_operations(label: str, name: str, config: Optional[dict], adapter, fra
     census = _Census()
     runner = harness.Runner(label, name, config, build_method(name, config, seed=0))
     adapter.runner.cuda_graph_layers = graphs
+    adapter.runner.validate_on_host = False          # keep sets checked on the device, as on an accelerator
+    # graphs captured under another configuration's census would count their replays there: start afresh
+    adapter.runner._graphs.clear()
+    diversity._STEP_GRAPHS.clear()
     steps = 0
     with torch.inference_mode(), _counted(census, graphs), census:
         for frame in frames:
@@ -156,10 +163,11 @@ def count_operations(label: str, name: str, config: Optional[dict], adapter, fra
                 census.operations = before
             else:
                 steps += 1
-    adapter.runner.cuda_graph_layers = False
+    adapter.runner.cuda_graph_layers, adapter.runner.validate_on_host = False, None
     row = {'label': label, 'graphs': graphs, 'steps': steps}
     for scope, counter in census.operations.items():
         replays = counter.pop('graph replay', 0)
+        row[f'{scope}_captures'] = counter.pop('graph capture', 0)
         row[f'{scope}_operations_per_step'] = round(sum(counter.values()) / max(steps, 1), 1)
         row[f'{scope}_replays_per_step'] = round(replays / max(steps, 1), 1)
         row[f'{scope}_most_issued'] = {op: round(count / max(steps, 1), 1) for op, count in counter.most_common(6)}
@@ -183,7 +191,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              '`end_step` (hooks; the attention probes the executor runs not counted), and the executor\'s whole '
              'decoder pass (hooks and probes included). Eager: every operation. Graphs: the decoder layers and the '
              'selections replayed as graphs (a recomputing stand-in for CUDA graphs on the CPU), each replay one '
-             'launch (+ N) and its work not counted. On a GPU each operation is a kernel launch the host issues.',
+             'launch (+ N) and its work not counted, captures (once per shape or key) not counted. On a GPU each '
+             'operation is a kernel launch the host issues.',
              '', '| method | hooks, eager | hooks, graphs | pass, eager | pass, graphs |', '|---|---|---|---|---|']
     by_label: dict[str, dict[bool, dict]] = collections.defaultdict(dict)
     for row in rows:

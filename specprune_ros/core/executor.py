@@ -905,7 +905,7 @@ class _KeptTokens:
         self.roles = roles
         self.key_indices = kept if reused is None else torch.cat([kept, reused])
         self.num_keys = len(self.key_indices)
-        self.rope = _Rotary(rotary_emb, like, kept, tables)
+        self._rope_inputs = (rotary_emb, like, kept, tables)
         self.mask = attention_mask(kept, self.key_indices, layout.causal)
         # queries and keys are the same sorted tokens: the mask is lower-triangular, which SDPA applies itself
         self.causal = layout.causal and reused is None
@@ -913,6 +913,14 @@ class _KeptTokens:
         self.padded = None if bucket is None else _Padded(rotary_emb, kept, layout.causal, like, bucket, tables)
         self._rows: dict[str, torch.Tensor] = {}
         self.kernels: dict[tuple, bool] = {}     # attention as two products, per kind of layer (the runner decides)
+
+    @functools.cached_property
+    def rope(self) -> '_Rotary':
+        """The kept tokens' RoPE tables, built when a layer first runs eagerly over them.
+
+        Graphed layers read the padded set's tables instead.
+        """
+        return _Rotary(*self._rope_inputs)
 
     def query_rows(self, rows: str) -> torch.Tensor:
         """Positions (within the kept sequence) of the query rows named by ``rows`` (cached per kept set)."""
