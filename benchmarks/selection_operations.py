@@ -6,10 +6,11 @@ run real steps (frames of a closed-loop simulator episode, the reference layout 
 tensor operation other than a view is counted inside ``begin_step``, ``after_layer`` and ``end_step`` (the hooks;
 the attention probes the executor runs for them left out) and inside the executor's decoder pass (hooks and probes
 included). The diversity steps run as device operations and keep sets are checked on the device, as on an
-accelerator. Graphed: the decoder layers and the selection work (:mod:`specprune_ros.pruning.selection_graphs`)
-replay a recomputing stand-in for CUDA graphs, as the adapter option ``cuda_graphs`` has them replay on a GPU; each
-replay counts as one launch and the work inside it not at all; a capture (at the first step that meets a shape or
-key) is counted apart (``*_captures``), its work not at all.
+accelerator. Three modes: eager; the decoder layers replayed as graphs; and the selection work too
+(:mod:`specprune_ros.pruning.selection_graphs`), as the adapter option ``cuda_graphs`` has them replay on a GPU,
+each with a recomputing stand-in for CUDA graphs; each replay counts as one launch and the work inside it not at
+all; a capture (at the first step that meets a shape or key) is counted apart (``*_captures``), its work not at
+all.
 
     python benchmarks/selection_operations.py --width 256 --layers 32 --out docs/benchmarks
 """
@@ -86,9 +87,12 @@ class _Census(TorchDispatchMode):
             self.depth = saved
 
 
+MODES = ('eager', 'layer graphs', 'graphs')   # nothing graphed; the decoder layers; the layers and the selections
+
+
 @contextlib.contextmanager
-def _counted(census: _Census, graphs: bool) -> Iterator[None]:
-    """Hooks and passes counted; with ``graphs`` the decoder layers and the selections replay stand-in graphs."""
+def _counted(census: _Census, mode: str) -> Iterator[None]:
+    """Hooks and passes counted; graphs (``mode``) replay stand-ins."""
     saved = {hook: getattr(PruningMethodBase, hook) for hook in HOOKS}
     saved_forward, saved_resolve, saved_capture = (PrunableDecoderRunner.forward, _ProbeBatch.resolve,
                                                    cuda_graphs.capture)
@@ -124,11 +128,11 @@ def _counted(census: _Census, graphs: bool) -> Iterator[None]:
         PrunableDecoderRunner.forward = inside('pass', saved_forward)
         _ProbeBatch.resolve = resolve
         diversity.CPU_STEPS_IN_NUMPY = False        # the diversity steps as on an accelerator, not in NumPy
-        if graphs:
+        if mode != 'eager':
             cuda_graphs.capture = capture
             cuda_graphs.ShapeGraphs._graphs_on = staticmethod(lambda device: True)
             PrunableDecoderRunner._graphs_on = lambda self, device: self.cuda_graph_layers
-            selection_graphs.ENABLED = True
+            selection_graphs.ENABLED = mode == 'graphs'
         yield
     finally:
         for hook, original in saved.items():
@@ -139,21 +143,28 @@ def _counted(census: _Census, graphs: bool) -> Iterator[None]:
         selection_graphs.ENABLED, diversity.CPU_STEPS_IN_NUMPY = saved_enabled, saved_numpy
 
 
-def count_operations(label: str, name: str, config: Optional[dict], adapter, frames, graphs: bool,
+def count_operations(label: str, name: str, config: Optional[dict], adapter, frames, mode: str,
                      warmup: int) -> dict:
     """Operations per steady step (the first ``warmup`` steps of each episode left out) of one configuration.
 
-    With ``graphs`` the adapter's decoder layers replay as graphs too, as the adapter option ``cuda_graphs`` does.
+    ``mode``: one of :data:`MODES` ('layer graphs' is the adapter option ``cuda_graphs`` before the selections
+    replayed as graphs; 'graphs' is the option now).
     """
     census = _Census()
+    # a throwaway run first: the tables built once per process (cell grids, visual maps, rank weights) are not a
+    # step's work
+    spare = harness.Runner(label, name, config, build_method(name, config, seed=0))
+    with torch.inference_mode():
+        for frame in frames[:warmup + 2]:
+            spare.run(adapter, frame, CAMERAS)
     runner = harness.Runner(label, name, config, build_method(name, config, seed=0))
-    adapter.runner.cuda_graph_layers = graphs
+    adapter.runner.cuda_graph_layers = mode != 'eager'
     adapter.runner.validate_on_host = False          # keep sets checked on the device, as on an accelerator
     # graphs captured under another configuration's census would count their replays there: start afresh
     adapter.runner._graphs.clear()
     diversity._STEP_GRAPHS.clear()
     steps = 0
-    with torch.inference_mode(), _counted(census, graphs), census:
+    with torch.inference_mode(), _counted(census, mode), census:
         for frame in frames:
             if frame.episode_step == 0:
                 runner.reset()
@@ -164,7 +175,7 @@ def count_operations(label: str, name: str, config: Optional[dict], adapter, fra
             else:
                 steps += 1
     adapter.runner.cuda_graph_layers, adapter.runner.validate_on_host = False, None
-    row = {'label': label, 'graphs': graphs, 'steps': steps}
+    row = {'label': label, 'mode': mode, 'steps': steps}
     for scope, counter in census.operations.items():
         replays = counter.pop('graph replay', 0)
         row[f'{scope}_captures'] = counter.pop('graph capture', 0)
@@ -189,18 +200,19 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              'steps of each episode left out', '',
              'Per step, the tensor operations (views left out) a method issues in `begin_step`, `after_layer` and '
              '`end_step` (hooks; the attention probes the executor runs not counted), and the executor\'s whole '
-             'decoder pass (hooks and probes included). Eager: every operation. Graphs: the decoder layers and the '
-             'selections replayed as graphs (a recomputing stand-in for CUDA graphs on the CPU), each replay one '
+             'decoder pass (hooks and probes included). Eager: every operation. Layer graphs: the decoder layers '
+             'replayed as graphs; graphs: the selections too (a recomputing stand-in for CUDA graphs on the CPU; '
+             'the adapter option `cuda_graphs` replays both on a GPU), each replay one '
              'launch (+ N) and its work not counted, captures (once per shape or key) not counted. On a GPU each '
              'operation is a kernel launch the host issues.',
-             '', '| method | hooks, eager | hooks, graphs | pass, eager | pass, graphs |', '|---|---|---|---|---|']
-    by_label: dict[str, dict[bool, dict]] = collections.defaultdict(dict)
+             '', '| method | hooks: eager | layer graphs | graphs | whole pass: eager | layer graphs | graphs |',
+             '|---|---|---|---|---|---|---|']
+    by_label: dict[str, dict[str, dict]] = collections.defaultdict(dict)
     for row in rows:
-        by_label[row['label']][row['graphs']] = row
-    for label, pair in by_label.items():
-        eager, graphed = pair.get(False), pair.get(True)
-        lines.append(f"| {label} | {_count(eager, 'hooks')} | {_count(graphed, 'hooks')} | {_count(eager, 'pass')} | "
-                     f"{_count(graphed, 'pass')} |")
+        by_label[row['label']][row['mode']] = row
+    for label, modes in by_label.items():
+        cells = [_count(modes.get(mode), scope) for scope in SCOPES for mode in MODES]
+        lines.append(f"| {label} | {' | '.join(cells)} |")
     return '\n'.join(lines) + '\n'
 
 
@@ -225,10 +237,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     rows = []
     for label in args.methods:
         name, config = known[label]
-        for graphs in (False, True):
-            rows.append(count_operations(label, name, config, adapter, frames, graphs, args.warmup))
+        for mode in MODES:
+            rows.append(count_operations(label, name, config, adapter, frames, mode, args.warmup))
             row = rows[-1]
-            print(f"{label:18s} {'graphs' if graphs else 'eager '}: hooks {_count(row, 'hooks')}, "
+            print(f"{label:18s} {mode:12s}: hooks {_count(row, 'hooks')}, "
                   f"pass {_count(row, 'pass')} operations per step", flush=True)
     arguments = argv if argv is not None else sys.argv[1:]
     meta = {'command': 'python benchmarks/selection_operations.py ' + shlex.join(arguments),
