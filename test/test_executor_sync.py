@@ -224,6 +224,7 @@ def test_the_guard_catches_host_checks():
 
 
 @pytest.mark.parametrize('keep, message', [(torch.tensor([0, 1, 90]), 'not kept visual'),
+                                           (torch.tensor([-1, 5, 6]), 'not kept visual'),
                                            (torch.tensor([0, 1, 75]), 'not kept visual'),
                                            (torch.tensor([3, 3, 4]), 'repeats')])
 def test_device_side_checks_refuse_bad_keep_sets(keep, message):
@@ -316,3 +317,12 @@ def test_cuda_specprune_with_previous_step_counts_does_not_synchronise():
     print(f'specprune, previous-step counts: synchronising calls per step {counts} ({sources})')
     assert sources[1:] == ['previous step'] * 4
     assert counts[1:] == [0] * 4
+
+
+def test_device_side_checks_refuse_a_pruned_token_coming_back():
+    layout = make_layout()
+    visual = layout.visual_indices()
+    runner = PrunableDecoderRunner(make_runner().decoder, validate_on_host=False)
+    plan = FixedKeepSchedule(keep_before=visual[::2], keep_after={1: visual[1:4]})   # visual[1] left at layer 0
+    with torch.inference_mode(), pytest.raises(RuntimeError, match='not kept visual'):
+        runner(make_embeddings(layout), layout, plan)

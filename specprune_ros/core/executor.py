@@ -544,12 +544,14 @@ class PrunableDecoderRunner(nn.Module):
             raise PlanError(f'{stage}: the keep set is empty; keep at least one visual token')
         keep_visual = keep_visual.sort().values
         where = keep_visual.clamp(0, num_tokens - 1)
-        # index_fill_ takes the value as a kernel argument: ``present[kept] = True`` would copy it from host memory
-        present = torch.zeros(num_tokens, dtype=torch.bool, device=kept.device).index_fill_(0, kept, True)
-        ok = (keep_visual >= 0) & (keep_visual < num_tokens) & is_visual[where] & present[where]
-        distinct = keep_visual[1:] != keep_visual[:-1]
-        torch._assert_async(ok.all() & distinct.all(), f'{stage}: the keep set names tokens that are not kept visual '
-                            'tokens of the sequence, or repeats one')
+        # the kept visual tokens (index_fill_ takes the value as a kernel argument: ``allowed[kept] = True`` would
+        # copy it from host memory)
+        allowed = torch.zeros_like(is_visual).index_fill_(0, kept, True).logical_and_(is_visual)
+        # each entry: in range (clamping left it alone), a kept visual token, and not the one before it again
+        ok = allowed.index_select(0, where).logical_and_(where == keep_visual)
+        ok[1:].logical_and_(keep_visual[1:] != keep_visual[:-1])
+        torch._assert_async(ok.all(), f'{stage}: the keep set names tokens that are not kept visual tokens of the '
+                            'sequence, or repeats one')
         return torch.cat([non_visual, keep_visual]).sort().values
 
     @staticmethod
