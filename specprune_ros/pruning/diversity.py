@@ -75,7 +75,7 @@ def greedy_max_min_groups(features: torch.Tensor, m: int, candidates: Optional[t
 CPU_STEPS_IN_NUMPY = True
 
 
-@functools.lru_cache(maxsize=32)
+@functools.cache          # never evicted: selection graphs read it by address
 def _row_offsets(groups: int, n: int, device: torch.device) -> torch.Tensor:
     return torch.arange(0, groups * n, n, device=device)
 

@@ -71,7 +71,7 @@ def visual_position(layout: TokenLayout) -> torch.Tensor:
     return _visual_tables(layout)[1]
 
 
-@functools.lru_cache(maxsize=32)
+@functools.cache          # never evicted: selection graphs read it by address
 def _visual_tables_on(layout: TokenLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     vis, pos = _visual_tables(layout)
     # the position table sends non-visual tokens to num_visual: a spare slot that callers drop
@@ -329,7 +329,7 @@ def decay_weights(n: int, gamma: float = 0.8, device: Optional[torch.device] = N
     return torch.pow(float(gamma), exponents).to(torch.float32)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.cache          # never evicted: selection graphs read it by address
 def decay_weights_cached(n: int, gamma: float, device: Optional[torch.device] = None) -> torch.Tensor:
     """:func:`decay_weights`, built once per (n, gamma, device) (do not modify the result)."""
     return decay_weights(n, gamma, device)
@@ -444,7 +444,7 @@ def topk_masks_per_camera(ranks: torch.Tensor, counts: Sequence[int], candidates
     return (ranks < camera_limits(counts, ranks.device)).reshape(candidates.shape) & candidates
 
 
-@functools.lru_cache(maxsize=16)
+@functools.cache          # never evicted: selection graphs read it by address
 def _leading_table(patches: int, device: torch.device) -> torch.Tensor:
     """(patches + 1, patches) bool: row c is True at the first c positions (do not modify the result)."""
     places = _aranges_on(patches, device)
@@ -520,13 +520,13 @@ def _rank_weight_table_on(patches: int, k: float, device: torch.device) -> torch
     return torch.from_numpy(_rank_weight_table(patches, k)).to(device)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.cache          # never evicted: selection graphs read it by address
 def _negative_infinity_on(device: torch.device) -> torch.Tensor:
     """A 0-d -inf on ``device`` (a fill value that costs no conversion per call; do not modify it)."""
     return torch.full((), float('-inf'), device=device)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.cache          # never evicted: selection graphs read it by address
 def _rank_count_table_on(patches: int, k: float, device: torch.device) -> torch.Tensor:
     """(patches + 1, patches + 1) float64: row c is :func:`_rank_weight_table`'s row c, then c itself.
 

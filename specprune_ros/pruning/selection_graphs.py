@@ -8,7 +8,8 @@ once per key and input shapes, then replayed as one launch: inputs copied in, ou
 CPU runs the very same operations.
 
 An adapter's ``use_cuda_graphs()`` switches it on (``ENABLED``) together with its vision and decoder-layer graphs.
-A capture that fails is logged once and that work runs eagerly from then on.
+A capture that fails is logged once and that work runs eagerly from then on. A graph reads the constants its
+function uses (tables, fill values) by address: they come from caches that never evict.
 """
 from __future__ import annotations
 

@@ -254,7 +254,7 @@ class VLAPruner(KeepRatioKnob, PruningMethodBase):
         self.state.push_action_attention(act.view(record.layout.num_cameras, -1).unbind(0))
 
 
-@functools.lru_cache(maxsize=32)
+@functools.cache          # never evicted: selection graphs read it by address
 def _group_starts(groups: int, n: int, device: torch.device) -> torch.Tensor:
     """(groups, 1) dense visual position of every group's first token."""
     return torch.arange(0, groups * n, n, device=device).view(groups, 1)
