@@ -322,6 +322,20 @@ def test_selection_graphs_replay_each_key_with_new_inputs(graphs_on_the_cpu, mon
     assert torch.equal(graphs.run(('triple',), lambda t: t * 3, x), x * 3) and ('triple',) not in graphs.keys()
 
 
+def test_an_owner_stops_capturing_new_keys_after_its_limit(graphs_on_the_cpu, monkeypatch, caplog):
+    # a budget that keeps moving must not capture (wait for the device, run twice) at every new value
+    monkeypatch.setattr(selection_graphs, 'ENABLED', True)
+    graphs = selection_graphs.SelectionGraphs(max_entries=2, max_captures=3)
+    x = torch.arange(6.0)
+    with caplog.at_level('WARNING'):
+        for budget in range(6):
+            assert torch.equal(graphs.run(('cut', budget), lambda t, b=budget: t[:b + 1], x), x[:budget + 1])
+        assert [key[1] for key in graphs.keys()] == [1, 2]       # 0 made room for 2; 3, 4 and 5 ran eagerly
+        assert torch.equal(graphs.run(('cut', 0), lambda t: t[:1], x), x[:1])   # evicted: not captured again
+    assert [key[1] for key in graphs.keys()] == [1, 2] and graphs.captures(('cut', 2)) == 1
+    assert sum('run eagerly' in record.getMessage() for record in caplog.records) == 1
+
+
 def test_a_pool_is_not_reused_once_all_its_graphs_are_released(graphs_on_the_cpu):
     # capturing into a pool whose graphs are all gone fails inside CUDA's allocator: a new pool is started then
     graphs = LayerGraphs(max_sizes=2)

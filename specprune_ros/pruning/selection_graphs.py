@@ -32,20 +32,32 @@ class SelectionGraphs:
 
     ``run(key, function, *inputs)``: ``key`` must name everything ``function`` bakes in besides its input tensors
     (budgets, layouts, which optional inputs are given): the function met first under a key is the one captured.
+    A capture waits for the device and runs the work twice, so an owner captures at most ``max_captures`` keys in
+    its life: a budget that keeps moving (the latency budget's knob) then runs its new keys eagerly instead of
+    capturing again and again.
     """
 
-    def __init__(self, max_entries: int = 16) -> None:
+    def __init__(self, max_entries: int = 16, max_captures: int = 64) -> None:
         self.max_entries = max_entries
+        self.max_captures = max_captures
         self._entries: OrderedDict[tuple, Optional[ShapeGraphs]] = OrderedDict()
+        self._keys_captured = 0
 
     def run(self, key: tuple, function: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
             *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if not (ENABLED and ShapeGraphs._graphs_on(inputs[0].device)) or _capturing(inputs[0].device):
             return function(*inputs)        # off, or inside another capture: part of that graph
         if key not in self._entries:
+            if self._keys_captured >= self.max_captures:
+                if self._keys_captured == self.max_captures:
+                    _LOG.warning('%d selection keys captured as CUDA graphs; new ones run eagerly from now on',
+                                 self.max_captures)
+                    self._keys_captured += 1        # warned once
+                return function(*inputs)
             while len(self._entries) >= self.max_entries:
                 self._entries.popitem(last=False)
             self._entries[key] = ShapeGraphs(function, max_shapes=2)
+            self._keys_captured += 1
         self._entries.move_to_end(key)
         graphs = self._entries[key]
         if graphs is _EAGER:
