@@ -380,3 +380,35 @@ def test_the_cuda_graphs_option_reaches_the_adapter_and_is_inert_off_cuda(tmp_pa
     assert np.array_equal(got.normalized, want.normalized)
     assert got.result.record.attention_kernels == want.result.record.attention_kernels     # nothing padded or graphed
     assert graphed._vision_graphs.captures == 0 and graphed.runner._graphs.captures == 0
+
+
+GRAPHED_CONFIGS = [
+    ('specprune', None), ('specprune', {'gather_counts': 'previous_step'}),
+    ('coverage_ranked', {'warmup_steps': 1}), ('coverage_ranked', {'warmup_steps': 1, 'use_action': False}),
+    ('vla_pruner', {'keep_ratio': 0.25}), ('vla_pruner', {'keep_ratio': 0.25, 'combine': 'sum'}),
+    ('vla_pruner', {'keep_ratio': 0.25, 'use_semantic': False}), ('vla_pruner', {'use_action': False}),
+    ('vla_pruner', {'keep_ratio': 0.25, 'use_diversity': False}), ('divprune', {'keep_ratio': 0.25}),
+]
+
+
+@pytest.mark.parametrize('name, config', GRAPHED_CONFIGS)
+def test_graphed_selections_keep_what_eager_ones_keep(name, config, graphs_on_the_cpu, monkeypatch):
+    # every variant of the selection functions (optional inputs absent, other combine rules, both gather-count
+    # modes), slow and fast motion (two budgets), replayed with the stand-in: the eager selection's kept tokens
+    from pruning_testkit import FAST, SLOW, make_context, make_frames, make_layout, make_runner
+    monkeypatch.setattr(diversity, 'CPU_STEPS_IN_NUMPY', False)       # the device steps, as on a GPU
+    monkeypatch.setattr(diversity, '_STEP_GRAPHS', selection_graphs.SelectionGraphs())
+    layout, runner = make_layout(), make_runner()
+    graphed, eager = build_method(name, config), build_method(name, config)
+    with torch.inference_mode():
+        for step in range(8):
+            x = make_embeddings(layout, step)
+            actions = SLOW if step % 3 else FAST
+            kept = []
+            for method, on in ((graphed, True), (eager, False)):
+                monkeypatch.setattr(selection_graphs, 'ENABLED', on)
+                context = make_context(layout, step, x, make_frames(step), actions, num_layers=runner.num_layers)
+                kept.append([k.tolist() for k in runner(x, layout, method, context).record.kept_per_layer])
+            assert kept[0] == kept[1], (name, config, step)
+    owners = [getattr(graphed, '_graphs', None), diversity._STEP_GRAPHS]
+    assert any(owner.keys() for owner in owners if owner is not None), 'no selection work was graphed'
