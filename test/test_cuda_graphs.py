@@ -391,24 +391,37 @@ GRAPHED_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize('name, config', GRAPHED_CONFIGS)
-def test_graphed_selections_keep_what_eager_ones_keep(name, config, graphs_on_the_cpu, monkeypatch):
-    # every variant of the selection functions (optional inputs absent, other combine rules, both gather-count
-    # modes), slow and fast motion (two budgets), replayed with the stand-in: the eager selection's kept tokens
+def check_graphed_selections(name: str, config, device: torch.device, monkeypatch) -> None:
+    """Selections replayed as graphs keep the eager selections' tokens.
+
+    Every variant of the selection functions (optional inputs absent, other combine rules, both gather-count
+    modes), in slow and fast motion (two budgets).
+    """
     from pruning_testkit import FAST, SLOW, make_context, make_frames, make_layout, make_runner
     monkeypatch.setattr(diversity, 'CPU_STEPS_IN_NUMPY', False)       # the device steps, as on a GPU
     monkeypatch.setattr(diversity, '_STEP_GRAPHS', selection_graphs.SelectionGraphs())
-    layout, runner = make_layout(), make_runner()
+    layout, runner = make_layout(), make_runner().to(device)
     graphed, eager = build_method(name, config), build_method(name, config)
     with torch.inference_mode():
         for step in range(8):
-            x = make_embeddings(layout, step)
+            x = make_embeddings(layout, step).to(device)
             actions = SLOW if step % 3 else FAST
             kept = []
             for method, on in ((graphed, True), (eager, False)):
                 monkeypatch.setattr(selection_graphs, 'ENABLED', on)
                 context = make_context(layout, step, x, make_frames(step), actions, num_layers=runner.num_layers)
+                context.visual_embeddings = x[0, layout.visual_indices().to(device)]
                 kept.append([k.tolist() for k in runner(x, layout, method, context).record.kept_per_layer])
             assert kept[0] == kept[1], (name, config, step)
     owners = [getattr(graphed, '_graphs', None), diversity._STEP_GRAPHS]
     assert any(owner.keys() for owner in owners if owner is not None), 'no selection work was graphed'
+
+
+@pytest.mark.parametrize('name, config', GRAPHED_CONFIGS)
+def test_graphed_selections_keep_what_eager_ones_keep(name, config, graphs_on_the_cpu, monkeypatch):
+    check_graphed_selections(name, config, torch.device('cpu'), monkeypatch)
+
+
+@pytest.mark.parametrize('name, config', GRAPHED_CONFIGS)
+def test_graphed_selections_keep_what_eager_ones_keep_on_cuda(name, config, monkeypatch):
+    check_graphed_selections(name, config, _cuda_or_skip(), monkeypatch)
