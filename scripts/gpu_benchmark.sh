@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One prepared GPU check (about 5 minutes on one H200, at most 9.3; nothing downloaded):
 #   1. the CUDA tests (test modules with a _cuda_or_skip guard: no host synchronisation inside a step, CUDA graphs
-#      against eager layers, SDPA without cuDNN's attention);
+#      against eager layers and selections, SDPA without cuDNN's attention);
 #   2. the deployment-latency harness at the OpenVLA-OFT and OpenVLA 7B shapes in bf16 (random weights built in
 #      memory), every method interleaved with transformers' own SDPA forward;
-#   3. the same harness at the OpenVLA-OFT and OpenVLA 7B shapes with the vision backbones, decoder layers and
-#      OpenVLA's greedy decoding replayed as CUDA graphs (--cuda-graphs), with a torch.profiler summary per method
-#      (--profile 2), and at the OFT shape again with every part of a step synchronised (--serial-phases: what the
-#      harness measured before it timed the parts by events);
+#   3. the same harness at the OpenVLA-OFT and OpenVLA 7B shapes with the vision backbones, decoder layers, the
+#      methods' selections and OpenVLA's greedy decoding replayed as CUDA graphs (--cuda-graphs), with a
+#      torch.profiler summary per method (--profile 2), and at the OFT shape again with every part of a step
+#      synchronised (--serial-phases: what the harness measured before it timed the parts by events);
 #   4. the harness at the OpenVLA-OFT 7B shape with each decoder layer timed apart (--layer-times: each layer's
 #      span on the device): how much of each method's step is its layers and how much the selection, keep-set
 #      switches and the pass's own loop.
@@ -44,7 +44,7 @@ else
     HARNESS_ARGS=(--shape oft-7b openvla-7b --dtype bfloat16 --steps 30 --warmup 3 --stride 1)
     LAYER_ARGS=(--shape oft-7b --dtype bfloat16 --steps 12 --warmup 3 --stride 1)
     GRAPH_ARGS=(--shape oft-7b openvla-7b --dtype bfloat16 --steps 12 --warmup 3 --stride 1)
-    HARNESS_TIMEOUT=200        # with the tests' 90 s, the graphs' 150 + 60 s and the layer split's 60 s: 9.3 minutes
+    HARNESS_TIMEOUT=200        # with the tests' 120 s, the graphs' 140 + 50 s and the layer split's 50 s: 9.3 minutes
 fi
 LAGGED='specprune, previous-step counts=specprune:{"gather_counts": "previous_step"}'
 
@@ -87,7 +87,7 @@ fi
 # -- 1. the CUDA tests -------------------------------------------------------------------------------------------
 mapfile -t CUDA_TESTS < <(grep -l "_cuda_or_skip" test/test_*.py 2>/dev/null || true)
 echo "running ${CUDA_TESTS[*]}"
-timeout 90 "$PY" -m pytest "${CUDA_TESTS[@]}" -q -rA -p no:cacheprovider 2>&1 | tee "$OUT_DIR/cuda_tests.txt" || \
+timeout 120 "$PY" -m pytest "${CUDA_TESTS[@]}" -q -rA -p no:cacheprovider 2>&1 | tee "$OUT_DIR/cuda_tests.txt" || \
     echo "gpu_benchmark: the CUDA tests failed (see $OUT_DIR/cuda_tests.txt); timing anyway" >&2
 
 # -- 2. the harness at the 7B shapes ----------------------------------------------------------------------------
@@ -96,18 +96,18 @@ timeout "$HARNESS_TIMEOUT" "$PY" benchmarks/deployment_latency.py "${HARNESS_ARG
     2>&1 | tee "$OUT_DIR/deployment_latency.log" || \
     echo "gpu_benchmark: the harness did not finish (see $OUT_DIR/deployment_latency.log)" >&2
 # -- 3. vision and decoder layers as CUDA graphs at the OFT 7B shape ----------------------------------------------
-timeout 150 "$PY" benchmarks/deployment_latency.py "${GRAPH_ARGS[@]}" "${FRAME_ARGS[@]}" --cuda-graphs --profile 2 \
+timeout 140 "$PY" benchmarks/deployment_latency.py "${GRAPH_ARGS[@]}" "${FRAME_ARGS[@]}" --cuda-graphs --profile 2 \
     --methods none specprune 'vla_pruner 25%' 'divprune 25%' 'random 25%' coverage_ranked --extra "$LAGGED" \
     --no-reference --device "$DEVICE" --out "$OUT_DIR" --name deployment_latency_cuda_graphs --no-plot \
     2>&1 | tee "$OUT_DIR/deployment_latency_cuda_graphs.log" || \
     echo "gpu_benchmark: the CUDA-graph run did not finish (see $OUT_DIR/deployment_latency_cuda_graphs.log)" >&2
-timeout 60 "$PY" benchmarks/deployment_latency.py "${LAYER_ARGS[@]}" "${FRAME_ARGS[@]}" --cuda-graphs --serial-phases \
+timeout 50 "$PY" benchmarks/deployment_latency.py "${LAYER_ARGS[@]}" "${FRAME_ARGS[@]}" --cuda-graphs --serial-phases \
     --methods none specprune 'random 25%' --extra "$LAGGED" --no-reference --device "$DEVICE" --out "$OUT_DIR" \
     --name deployment_latency_cuda_graphs_serial --no-plot \
     2>&1 | tee "$OUT_DIR/deployment_latency_cuda_graphs_serial.log" || \
     echo "gpu_benchmark: the serial CUDA-graph run did not finish (see its log in $OUT_DIR)" >&2
 # -- 4. the decoder layers timed apart at the OFT 7B shape --------------------------------------------------------
-timeout 60 "$PY" benchmarks/deployment_latency.py "${LAYER_ARGS[@]}" "${FRAME_ARGS[@]}" --layer-times \
+timeout 50 "$PY" benchmarks/deployment_latency.py "${LAYER_ARGS[@]}" "${FRAME_ARGS[@]}" --layer-times \
     --methods none specprune 'vla_pruner 25%' 'divprune 25%' 'random 25%' coverage_ranked --extra "$LAGGED" \
     --no-reference --device "$DEVICE" --out "$OUT_DIR" --name deployment_latency_layers --no-plot \
     2>&1 | tee "$OUT_DIR/deployment_latency_layers.log" || \
