@@ -242,9 +242,9 @@ class PrismaticAdapter(ModelBackend):
 
         One graph per camera count for the vision, one per layer and padded token count for the decoder: a step the
         host issues operation by operation becomes a few launches (:mod:`specprune_ros.core.cuda_graphs`). The
-        methods' fixed-shape selection work (the greedy max-min steps of DivPrune and VLA-Pruner's filter,
-        coverage_ranked's ranks and cuts) replays as graphs too, for the whole process
-        (:mod:`specprune_ros.pruning.selection_graphs`).
+        methods' fixed-shape selection work (SpecPrune's layer drops, VLA-Pruner's Combine-then-Filter, the greedy
+        max-min steps of DivPrune, coverage_ranked's cuts and rank updates) replays as graphs too, for the whole
+        process (:mod:`specprune_ros.pruning.selection_graphs`).
         """
         self.cuda_graph_vision = enabled
         self.runner.cuda_graph_layers = enabled

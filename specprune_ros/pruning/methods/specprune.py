@@ -84,12 +84,12 @@ from specprune_ros.pruning.budget_knob import BudgetKnob
 from specprune_ros.pruning.change_detection import (ChangeDetectionConfig, PatchVectorCache, changed_masks,
                                                     max_changed_count, max_static_count, reference_back)
 from specprune_ros.pruning.deferred_counts import DeferredCounts
-from specprune_ros.pruning.selection_graphs import SelectionGraphs
 from specprune_ros.pruning.scoring import (budget_count, camera_ranks, dense_visual_rows_on_device,
                                            dense_visual_scores_on_device, host_counts,
                                            layer_drop_on_device, layer_importance_on_device,
                                            mask_to_sequence_on_device, present_mask_on_device, to_device,
                                            top_counts_per_camera, topk_masks_per_camera, topk_per_camera_on_device)
+from specprune_ros.pruning.selection_graphs import SelectionGraphs
 
 PAPER_LAYER_PRUNE = (5, 10, 15, 20)
 PAPER_DEPTH = 32
