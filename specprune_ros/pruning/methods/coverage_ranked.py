@@ -254,7 +254,8 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
     def _smoothed(self, running: torch.Tensor, ranks: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         """Smoothed where scored this step, relaxed towards the prior elsewhere."""
         cfg = self.config
-        smoothed = (1.0 - cfg.smoothing) * running + cfg.smoothing * torch.nan_to_num(ranks)
+        # NaN where not scored: ``where`` takes ``relaxed`` there
+        smoothed = (1.0 - cfg.smoothing) * running + cfg.smoothing * ranks
         relaxed = (1.0 - cfg.forget) * running + cfg.forget * cfg.prior
         return torch.where(seen, smoothed, relaxed)
 
@@ -270,15 +271,16 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
     def _noise(self, layout: TokenLayout, device: torch.device) -> torch.Tensor:
         """Seeded uniform noise: the tie-break (and, with ``explore``, exploration) of one selection."""
         amplitude = max(self.config.explore, TIE_BREAK)
-        draw = torch.rand(layout.num_cameras, layout.patches_per_camera, generator=self.generator)
-        return to_device(draw, device) * amplitude
+        draw = torch.empty(layout.num_cameras, layout.patches_per_camera)
+        return to_device(draw.uniform_(0.0, amplitude, generator=self.generator), device)
 
     def _select(self, score: torch.Tensor, layout: TokenLayout, budget: int, device: torch.device) -> torch.Tensor:
         """Sorted sequence indices: the coverage quota of every cell, then the best remaining scores, per camera."""
         cameras, patches = layout.num_cameras, layout.patches_per_camera
         cells, slots, tiers, offsets = camera_tables(layout.grid_shape, tuple(int(c) for c in self.config.cells),
                                                      self.config.cell_quota, device, cameras)
-        key = score.reshape(cameras, patches).to(torch.float32)
+        key = score.reshape(cameras, patches)
+        key = key if key.dtype == torch.float32 else key.to(torch.float32)
         best_first = torch.sort(key, dim=1, descending=True, stable=True).indices
         # cells in order, best patch first (take / index_select: the gathers of indexing, at half its cost)
         by_cell = torch.sort(torch.take(cells, best_first), dim=1, stable=True).indices
