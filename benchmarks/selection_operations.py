@@ -2,10 +2,10 @@
 
 On a GPU every tensor operation is a kernel launch the host issues, and a pruned step there is bound by the host
 (``docs/benchmarks.md``, "On a GPU"). This counts them on the CPU, where it is exact and needs no GPU: the methods
-run real steps (frames of a closed-loop simulator episode, the reference layout with a random decoder), and every
-tensor operation other than a view is counted inside ``begin_step``, ``after_layer`` and ``end_step`` (the hooks;
-the attention probes the executor runs for them left out) and inside the executor's decoder pass (hooks and probes
-included). The diversity steps run as device operations and keep sets are checked on the device, as on an
+run real steps (frames of a closed-loop simulator episode; the reference VLA's layout or OpenVLA-OFT's, with a
+random decoder), and every tensor operation other than a view is counted inside ``begin_step``, ``after_layer``
+and ``end_step`` (the hooks; the attention probes the executor runs for them left out) and inside the executor's
+decoder pass (hooks and probes included). The diversity steps run as device operations and keep sets are checked on the device, as on an
 accelerator. Three modes: eager; the decoder layers replayed as graphs; and the selection work too
 (:mod:`specprune_ros.pruning.selection_graphs`), as the adapter option ``cuda_graphs`` has them replay on a GPU,
 each with a recomputing stand-in for CUDA graphs; each replay counts as one launch and the work inside it not at
@@ -13,6 +13,7 @@ all; a capture (at the first step that meets a shape or key) is counted apart (`
 all.
 
     python benchmarks/selection_operations.py --width 256 --layers 32 --out docs/benchmarks
+    python benchmarks/selection_operations.py --shape oft --name selection_operations_oft --out docs/benchmarks
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import deployment_latency as harness  # noqa: E402  (the latency harness's episode, shapes and method table)
 
+from specprune_ros.adapters.published_shapes import PublishedShape  # noqa: E402
 from specprune_ros.command_line import HelpFormatter  # noqa: E402
 from specprune_ros.core import cuda_graphs  # noqa: E402
 from specprune_ros.core.executor import PrunableDecoderRunner, _ProbeBatch  # noqa: E402
@@ -143,6 +145,11 @@ def _counted(census: _Census, mode: str) -> Iterator[None]:
         selection_graphs.ENABLED, diversity.CPU_STEPS_IN_NUMPY = saved_enabled, saved_numpy
 
 
+def _cameras(adapter) -> tuple[str, ...]:
+    """The episode's cameras the model reads (a published shape may read fewer than the reference VLA)."""
+    return CAMERAS[:getattr(adapter, 'num_images', len(CAMERAS))]
+
+
 def count_operations(label: str, name: str, config: Optional[dict], adapter, frames, mode: str,
                      warmup: int) -> dict:
     """Operations per steady step (the first ``warmup`` steps of each episode left out) of one configuration.
@@ -156,7 +163,7 @@ def count_operations(label: str, name: str, config: Optional[dict], adapter, fra
     spare = harness.Runner(label, name, config, build_method(name, config, seed=0))
     with torch.inference_mode():
         for frame in frames[:warmup + 2]:
-            spare.run(adapter, frame, CAMERAS)
+            spare.run(adapter, frame, _cameras(adapter))
     runner = harness.Runner(label, name, config, build_method(name, config, seed=0))
     adapter.runner.cuda_graph_layers = mode != 'eager'
     adapter.runner.validate_on_host = False          # keep sets checked on the device, as on an accelerator
@@ -169,7 +176,7 @@ def count_operations(label: str, name: str, config: Optional[dict], adapter, fra
             if frame.episode_step == 0:
                 runner.reset()
             before = {scope: counter.copy() for scope, counter in census.operations.items()}
-            runner.run(adapter, frame, CAMERAS)
+            runner.run(adapter, frame, _cameras(adapter))
             if frame.episode_step < warmup:
                 census.operations = before
             else:
@@ -218,7 +225,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument('--width', type=int, default=256, help='decoder width of the reference-layout proxy')
+    parser.add_argument('--shape', choices=('reference', 'oft'), default='reference',
+                        help="the reference VLA's layout (2 x 144 patches) or OpenVLA-OFT's (2 x 256 patches, the "
+                             'layout of the 7B GPU runs), each with a random decoder of --width x --layers')
+    parser.add_argument('--width', type=int, default=256, help='decoder width of the proxy')
     parser.add_argument('--layers', type=int, default=32, help='decoder depth of the proxy')
     parser.add_argument('--steps', type=int, default=12, help='steps counted per configuration')
     parser.add_argument('--warmup', type=int, default=3, help='steps left out at the start of each episode')
@@ -226,6 +236,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         help='labels of the latency harness\'s built-in configurations')
     parser.add_argument('--threads', type=int, default=2, help='torch CPU threads')
     parser.add_argument('--out', type=Path, default=Path('outputs/benchmarks'), help='folder for the JSON and table')
+    parser.add_argument('--name', default='selection_operations', help='output file stem')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     known = {label: (name, config) for label, name, config in harness.METHODS}
@@ -233,7 +244,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if unknown:
         parser.error(f'unknown configuration(s) {unknown}; choose from {sorted(known)}')
     frames = harness.simulator_episode(args.steps, args.warmup, 2, seed=900_000)   # the harness's episode
-    adapter, _ = harness.build_target(harness.ReferenceShape(args.width, args.layers), 'cpu', 'float32')
+    if args.shape == 'oft':
+        target = PublishedShape(kind='openvla-oft', width=args.width, layers=args.layers,
+                                heads=max(1, args.width // 128), vision_scale=min(1.0, args.width / 4096),
+                                proprio_dim=len(frames[0].proprio))
+        described = 'OpenVLA-OFT layout (2 x 256 patches)'
+    else:
+        target, described = harness.ReferenceShape(args.width, args.layers), 'reference layout (2 x 144 patches)'
+    adapter, _ = harness.build_target(target, 'cpu', 'float32')
     rows = []
     for label in args.methods:
         name, config = known[label]
@@ -245,12 +263,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     arguments = argv if argv is not None else sys.argv[1:]
     meta = {'command': 'python benchmarks/selection_operations.py ' + shlex.join(arguments),
             'commit': harness.git_commit(), 'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
-            'shape': f'reference layout (2 x 144 patches), random decoder {args.width} x {args.layers}, CPU',
+            'shape': f'{described}, random decoder {args.width} x {args.layers}, CPU',
             'frames': len(frames), 'warmup': args.warmup}
     report = {'meta': meta, 'rows': rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / 'selection_operations.json').write_text(json.dumps(report, indent=1) + '\n')
-    (args.out / 'selection_operations.md').write_text(markdown(meta, rows))
+    (args.out / f'{args.name}.json').write_text(json.dumps(report, indent=1) + '\n')
+    (args.out / f'{args.name}.md').write_text(markdown(meta, rows))
     return report
 
 
