@@ -5,12 +5,12 @@ On a GPU every tensor operation is a kernel launch the host issues, and a pruned
 run real steps (frames of a closed-loop simulator episode; the reference VLA's layout or OpenVLA-OFT's, with a
 random decoder), and every tensor operation other than a view is counted inside ``begin_step``, ``after_layer``
 and ``end_step`` (the hooks; the attention probes the executor runs for them left out) and inside the executor's
-decoder pass (hooks and probes included). The diversity steps run as device operations and keep sets are checked on the device, as on an
-accelerator. Three modes: eager; the decoder layers replayed as graphs; and the selection work too
-(:mod:`specprune_ros.pruning.selection_graphs`), as the adapter option ``cuda_graphs`` has them replay on a GPU,
-each with a recomputing stand-in for CUDA graphs; each replay counts as one launch and the work inside it not at
-all; a capture (at the first step that meets a shape or key) is counted apart (``*_captures``), its work not at
-all.
+decoder pass (hooks and probes included). The diversity steps run as device operations and keep sets are checked
+on the device, as on an accelerator. Three modes: eager; the decoder layers replayed as graphs; and the selection
+work too (:mod:`specprune_ros.pruning.selection_graphs`), as the adapter option ``cuda_graphs`` has them replay on
+a GPU, each with a recomputing stand-in for CUDA graphs; each replay counts as one launch and the work inside it
+not at all; a capture (at the first step that meets a shape or key) is counted apart (``*_captures``), its work
+not at all.
 
     python benchmarks/selection_operations.py --width 256 --layers 32 --out docs/benchmarks
     python benchmarks/selection_operations.py --shape oft --name selection_operations_oft --out docs/benchmarks
