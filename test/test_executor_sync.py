@@ -254,10 +254,44 @@ def test_cuda_pruned_steps_do_not_synchronise(name):
 
 @pytest.mark.parametrize('name', ('coverage_ranked', 'divprune', 'vla_pruner', 'specprune'))
 def test_cuda_steps_with_graphed_selections_do_not_synchronise(name, monkeypatch):
-    # the methods whose selection work replays as CUDA graphs: captured at the unguarded warm-up, replayed after
+    # the methods whose selection work replays as CUDA graphs: a first pass over the steps builds the tables and
+    # captures every graph (a capture waits for the device); after a reset the same steps replay them, each step
+    # under torch's sync debug mode, counted against what the method is allowed
     device = _cuda_or_skip()
     monkeypatch.setattr(selection_graphs, 'ENABLED', True)
-    check_steps_do_not_synchronise(name, device)
+    monkeypatch.setattr(diversity_module, '_STEP_GRAPHS', selection_graphs.SelectionGraphs())
+    layout = make_layout()
+    runner = make_runner().to(device)
+    method = build_method(name)
+
+    def steps():
+        for step in range(8):                      # one call per step: past every method's warm-up
+            x = make_embeddings(layout, step).to(device)
+            context = make_context(layout, step, x, make_frames(step), np.zeros((8, 7)), num_layers=runner.num_layers)
+            context.visual_embeddings = x[0, layout.visual_indices().to(device)]
+            yield step, x, context
+
+    counts = []
+    with torch.inference_mode():
+        for _, x, context in steps():
+            runner(x, layout, method, context)
+        method.reset()
+        torch.cuda.synchronize()
+        for step, x, context in steps():
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter('always')
+                torch.cuda.set_sync_debug_mode('warn')
+                try:
+                    runner(x, layout, method, context)
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            syncs = [w for w in caught if 'called a synchronizing CUDA operation' in str(w.message)]
+            counts.append(len(syncs))
+            where = '; '.join(f'{w.filename}:{w.lineno}' for w in syncs)
+            assert len(syncs) <= CUDA_SYNCS_ALLOWED.get(name, 0), f'step {step}: {len(syncs)} syncs at {where}'
+    owner = diversity_module._STEP_GRAPHS if name == 'divprune' else method._graphs
+    assert owner.keys() and all(owner.captures(key) == 1 for key in owner.keys())
+    print(f'{name}, graphed selections: synchronising calls per step {counts}; graphs {owner.keys()}')
 
 
 def check_steps_do_not_synchronise(name: str, device: torch.device) -> None:
