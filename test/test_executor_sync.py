@@ -254,18 +254,31 @@ def test_cuda_pruned_steps_do_not_synchronise(name):
 
 @pytest.mark.parametrize('name', ('coverage_ranked', 'divprune', 'vla_pruner', 'specprune'))
 def test_cuda_steps_with_graphed_selections_do_not_synchronise(name, monkeypatch):
-    # the methods whose selection work replays as CUDA graphs: a first pass over the steps builds the tables and
-    # captures every graph (a capture waits for the device); after a reset the same steps replay them, each step
-    # under torch's sync debug mode, counted against what the method is allowed
+    # the methods whose selection work replays as CUDA graphs: the first pass captures every graph (a capture waits
+    # for the device), the counted one only replays them
     device = _cuda_or_skip()
     monkeypatch.setattr(selection_graphs, 'ENABLED', True)
     monkeypatch.setattr(diversity_module, '_STEP_GRAPHS', selection_graphs.SelectionGraphs())
+    method = check_steps_do_not_synchronise(name, device)
+    owner = diversity_module._STEP_GRAPHS if name == 'divprune' else method._graphs
+    assert owner.keys() and all(owner.captures(key) == 1 for key in owner.keys())
+    print(f'{name}: graphs {owner.keys()}')
+
+
+def check_steps_do_not_synchronise(name: str, device: torch.device):
+    """Steps of a method on ``device`` make no more synchronising calls than it is allowed; returns the method.
+
+    A first pass over the steps runs unguarded (any error fails the test; it builds the tables and the fused
+    weights, and captures any graph); after a reset the same steps run again, each under torch's sync debug mode on
+    'warn', and every synchronising call is counted. One call per step, so every method is past its warm-up (a step
+    index that does not advance would restart the episode).
+    """
     layout = make_layout()
     runner = make_runner().to(device)
-    method = build_method(name)
+    method = fixed_plan(layout, device) if name == 'fixed' else build_method(name)
 
     def steps():
-        for step in range(8):                      # one call per step: past every method's warm-up
+        for step in range(8):
             x = make_embeddings(layout, step).to(device)
             context = make_context(layout, step, x, make_frames(step), np.zeros((8, 7)), num_layers=runner.num_layers)
             context.visual_embeddings = x[0, layout.visual_indices().to(device)]
@@ -275,39 +288,10 @@ def test_cuda_steps_with_graphed_selections_do_not_synchronise(name, monkeypatch
     with torch.inference_mode():
         for _, x, context in steps():
             runner(x, layout, method, context)
-        method.reset()
+        if hasattr(method, 'reset'):
+            method.reset()
         torch.cuda.synchronize()
         for step, x, context in steps():
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter('always')
-                torch.cuda.set_sync_debug_mode('warn')
-                try:
-                    runner(x, layout, method, context)
-                finally:
-                    torch.cuda.set_sync_debug_mode(0)
-            syncs = [w for w in caught if 'called a synchronizing CUDA operation' in str(w.message)]
-            counts.append(len(syncs))
-            where = '; '.join(f'{w.filename}:{w.lineno}' for w in syncs)
-            assert len(syncs) <= CUDA_SYNCS_ALLOWED.get(name, 0), f'step {step}: {len(syncs)} syncs at {where}'
-    owner = diversity_module._STEP_GRAPHS if name == 'divprune' else method._graphs
-    assert owner.keys() and all(owner.captures(key) == 1 for key in owner.keys())
-    print(f'{name}, graphed selections: synchronising calls per step {counts}; graphs {owner.keys()}')
-
-
-def check_steps_do_not_synchronise(name: str, device: torch.device) -> None:
-    # warm-up steps run unguarded (any error fails the test); the next step runs with torch's sync debug mode on
-    # 'warn', and every synchronising call it makes is counted against what the method is allowed
-    layout = make_layout()
-    runner = make_runner().to(device)
-    method = fixed_plan(layout, device) if name == 'fixed' else build_method(name)
-    counts = []
-    with torch.inference_mode():
-        for step in range(5):
-            x = make_embeddings(layout, step).to(device)
-            context = make_context(layout, step, x, make_frames(step), np.zeros((8, 7)), num_layers=runner.num_layers)
-            context.visual_embeddings = x[0, layout.visual_indices().to(device)]
-            runner(x, layout, method, context)                       # warm-up: tables and fused weights
-            torch.cuda.synchronize()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter('always')
                 torch.cuda.set_sync_debug_mode('warn')
@@ -321,6 +305,7 @@ def check_steps_do_not_synchronise(name: str, device: torch.device) -> None:
                 where = '; '.join(f'{w.filename}:{w.lineno}' for w in syncs)
                 assert len(syncs) <= CUDA_SYNCS_ALLOWED.get(name, 0), f'step {step}: {len(syncs)} syncs at {where}'
     print(f'{name}: synchronising calls per step {counts}')
+    return method
 
 
 def test_cuda_specprune_with_previous_step_counts_does_not_synchronise():
