@@ -907,7 +907,8 @@ class _KeptTokens:
         self.roles = roles
         self.key_indices = kept if reused is None else torch.cat([kept, reused])
         self.num_keys = len(self.key_indices)
-        self._rope_inputs = (rotary_emb, like, kept, tables)
+        # what the RoPE tables need, not ``like`` itself (a graphed pass would keep that hidden state alive for nothing)
+        self._rope_inputs = (rotary_emb, kept, tables, like.dtype, like.device, like.shape[-1])
         self.mask = attention_mask(kept, self.key_indices, layout.causal)
         # queries and keys are the same sorted tokens: the mask is lower-triangular, which SDPA applies itself
         self.causal = layout.causal and reused is None
@@ -922,7 +923,8 @@ class _KeptTokens:
 
         Graphed layers read the padded set's tables instead.
         """
-        return _Rotary(*self._rope_inputs)
+        rotary_emb, kept, tables, dtype, device, width = self._rope_inputs
+        return _Rotary(rotary_emb, torch.empty(1, 1, width, dtype=dtype, device=device), kept, tables)
 
     def query_rows(self, rows: str) -> torch.Tensor:
         """Positions (within the kept sequence) of the query rows named by ``rows`` (cached per kept set)."""

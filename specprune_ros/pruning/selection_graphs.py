@@ -42,6 +42,7 @@ class SelectionGraphs:
         self.max_captures = max_captures
         self._entries: OrderedDict[tuple, Optional[ShapeGraphs]] = OrderedDict()
         self._keys_captured = 0
+        self._limit_logged = False
 
     def run(self, key: tuple, function: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
             *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
@@ -49,10 +50,10 @@ class SelectionGraphs:
             return function(*inputs)        # off, or inside another capture: part of that graph
         if key not in self._entries:
             if self._keys_captured >= self.max_captures:
-                if self._keys_captured == self.max_captures:
+                if not self._limit_logged:
                     _LOG.warning('%d selection keys captured as CUDA graphs; new ones run eagerly from now on',
                                  self.max_captures)
-                    self._keys_captured += 1        # warned once
+                    self._limit_logged = True
                 return function(*inputs)
             while len(self._entries) >= self.max_entries:
                 self._entries.popitem(last=False)
