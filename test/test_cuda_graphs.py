@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaModel
 
 from specprune_ros.adapters.factory import load_adapter, read_options
 from specprune_ros.adapters.published_shapes import build_published
@@ -22,7 +23,7 @@ from specprune_ros.pruning import build_method, diversity, selection_graphs
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
 from specprune_ros.core.step_types import AttentionRequest
 from pruning_testkit import make_embeddings
-from test_executor import HIDDEN, N, reference_forward, two_stage_case, two_stage_drop
+from test_executor import HIDDEN, N, make_layout, reference_forward, two_stage_case, two_stage_drop
 from test_executor_sync import decode_loop, greedy_case
 
 
@@ -95,6 +96,53 @@ def test_graph_bookkeeping_with_a_recomputing_stand_in_on_the_cpu(causal, fuse, 
     check_graphed_layers(torch.device('cpu'), causal, fuse)
 
 
+def check_graph_spans(device: torch.device, causal: bool) -> None:
+    """The layers between two points where a method reads or decides replay as one graph, as eager layers run."""
+    torch.manual_seed(1)
+    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=8, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=8, max_position_embeddings=256)
+    decoder = LlamaModel(config).eval().to(device)
+    layout = make_layout(causal)
+    eager = PrunableDecoderRunner(decoder)
+    spans = PrunableDecoderRunner(decoder, cuda_graph_layers=True, bucket=64)
+    layers = PrunableDecoderRunner(decoder, cuda_graph_layers=True, bucket=64, cuda_graph_spans=False)
+    generator = torch.Generator().manual_seed(5)
+
+    def plan() -> FixedKeepSchedule:            # drop after layer 2, the text rows' attention read at layer 5
+        keep = torch.randperm(32, generator=generator)[:14].sort().values
+        return FixedKeepSchedule(keep_after={2: keep}, attention=[AttentionRequest(5, 'text')])
+
+    with torch.no_grad():
+        x = torch.randn(1, N, HIDDEN, generator=generator).to(device)
+        got, want = spans(x, layout), eager(x, layout)
+        assert (got.hidden - want.hidden).abs().max().item() <= 1e-4
+        assert got.record.attention_kernels == ['cuda graph'] * 8 and spans._graphs.captures == 1   # one span
+        for step in range(3):
+            x = torch.randn(1, N, HIDDEN, generator=generator).to(device)
+            method = plan()
+            got, by_layer, want = spans(x, layout, method), layers(x, layout, method), eager(x, layout, method)
+            for result in (got, by_layer):
+                assert [k.tolist() for k in result.record.kept_per_layer] == \
+                    [k.tolist() for k in want.record.kept_per_layer]
+                assert (result.hidden - want.hidden).abs().max().item() <= 1e-4
+                keys, weights = result.record.attention[5]['text']
+                assert torch.equal(keys, want.record.attention[5]['text'][0])
+                assert (weights - want.record.attention[5]['text'][1]).abs().max().item() <= 1e-5
+            # layers 0-2 (the hook after 2), 3-5 (probed at 5), 6-7: three graphs, captured at the first step only
+            assert spans._graphs.captures == 1 + 3, step
+            assert layers._graphs.captures == 8, step
+
+
+@pytest.mark.parametrize('causal', [False, True])
+def test_graph_spans_on_the_cpu_stand_in(causal, graphs_on_the_cpu):
+    check_graph_spans(torch.device('cpu'), causal)
+
+
+@pytest.mark.parametrize('causal', [False, True])
+def test_graph_spans_on_cuda(causal):
+    check_graph_spans(_cuda_or_skip(), causal)
+
+
 def test_layer_arithmetic_reads_fused_or_own_weights_alike():
     decoder = two_stage_case(False)[0]
     layer = decoder.layers[0]
@@ -136,7 +184,7 @@ def check_graphed_adapter(device: torch.device) -> None:
                     [k.tolist() for k in want.result.record.kept_per_layer], (name, step)
                 np.testing.assert_allclose(got.normalized, want.normalized, atol=1e-4, err_msg=f'{name} {step}')
     assert graphed._vision_graphs.captures == 1                  # one camera count, one graph, replayed
-    assert graphed.runner._graphs.captures >= 4                  # at least the unpruned pass's four layers
+    assert graphed.runner._graphs.captures >= 1                  # at least the unpruned pass's one span
     # coverage_ranked's cuts and rank updates: one graph per kind (one budget each here), replayed at later steps
     graphs = methods['coverage_ranked'][0]._graphs
     assert sorted(key[0] for key in graphs.keys()) == ['early cut', 'rank update', 'refine cut']
@@ -343,8 +391,8 @@ def test_a_pool_is_not_reused_once_all_its_graphs_are_released(graphs_on_the_cpu
 
     def run(size: int) -> None:
         hidden = torch.randn(1, size - 3, 8)
-        table = torch.randn(1, 1, size, 4)
-        graphs.run(0, hidden, size, table, table, None, object(), lambda x, cos, sin, mask: x * 2)
+        tables = torch.randn(2, 1, size, 4)
+        graphs.run(0, hidden, size, tables, None, object(), lambda x, rope, mask: x * 2)
         pools.append(graphs.pool)
 
     run(32)

@@ -148,6 +148,36 @@ def test_attention_summaries_match_eager_weights(causal):
         assert abs(weights.sum().item() - 1.0) < 1e-5
 
 
+@pytest.mark.parametrize('layout', [
+    make_layout(causal=False),                       # visual first: spans shift by the tokens gone
+    TokenLayout(num_tokens=N, camera_spans=((22, 36), (36, 50)), grid_shape=(2, 7), text_span=(1, 17),
+                proprio_span=(17, 18), action_span=(18, 22)),  # every span before the cameras
+    TokenLayout(num_tokens=N, camera_spans=((1, 17), (30, 46)), grid_shape=(4, 4), text_span=(17, 29),
+                proprio_span=(29, 30), action_span=(46, 50)),  # cameras on both sides of the text: searched
+], ids=['visual first', 'visual last', 'interleaved'])
+def test_query_rows_are_the_kept_positions_of_their_tokens(layout):
+    """Rows found from the layout and the kept count equal a search for the tokens in the kept indices."""
+    from specprune_ros.core.executor import _KeptTokens, _role_tables
+    roles, is_visual, non_visual, visual = _role_tables(layout, torch.device('cpu'))
+    generator = torch.Generator().manual_seed(3)
+    decoder = make_decoder()
+    like = torch.zeros(1, 1, HIDDEN)
+    spans = {'text': [layout.text_span], 'action': [layout.action_span],
+             'text_action': [layout.text_span, layout.action_span]}
+    for count in (len(visual), 9, 1):
+        chosen = visual[torch.randperm(len(visual), generator=generator)[:count]]
+        kept = torch.cat([non_visual, chosen]).sort().values
+        for reused in (None, chosen[:1] if count > 1 else None):
+            queries = kept if reused is None else kept[~torch.isin(kept, reused)]
+            tokens = _KeptTokens(decoder.rotary_emb, queries, reused, layout, roles, like)
+            for rows, wanted in spans.items():
+                indices = torch.cat([torch.arange(start, end) for start, end in wanted if end > start]).sort().values
+                assert torch.equal(tokens.query_rows(rows), torch.searchsorted(queries, indices)), (rows, count)
+                assert torch.equal(queries[tokens.query_rows(rows)], indices)
+            assert torch.equal(tokens.query_rows('all'), torch.arange(len(queries)))
+            assert tokens.query_rows('last').tolist() == [len(queries) - 1]
+
+
 def test_flops_count_against_hand_calculation():
     decoder = make_decoder()
     layout = make_layout(causal=False)

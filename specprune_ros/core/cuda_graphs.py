@@ -4,13 +4,14 @@ On a GPU a pruned step is often bound by the host, not by the device: a 7B decod
 launches, a ViT block about 15, and at a few hundred tokens the host issues them more slowly than the device runs
 them, so dropping tokens shortens the device's work but not the step. A replayed graph is one launch.
 
-* :class:`LayerGraphs`: the executor's decoder layers, one graph per (layer, padded token count; a layer whose
-  attention a method reads, or whose keys and values a decode cache takes, has a graph of its own that also keeps
-  its queries, keys and values). A graph runs fixed addresses and shapes, so the layers run over the kept tokens
-  padded to a bucket (the executor's ``_Padded``: padding keys masked out, padding rows dropped after the layer),
-  and every graph of one padded size reads the same static buffers: the layer input, the RoPE tables and the mask.
-  The tables and the mask are copied in when the kept set changes, the input before each layer; each layer's
-  output stays in its graph's own buffer until the next pass replays that graph.
+* :class:`LayerGraphs`: the executor's decoder layers, one graph per (span of layers, padded token count). A
+  span runs from one point where a method reads attention or decides to the next (an unpruned pass is one span);
+  a span whose last layer's attention a method reads, or whose keys and values a decode cache takes, has a graph
+  of its own that also keeps that layer's queries, keys and values. A graph runs fixed addresses and shapes, so
+  the layers run over the kept tokens padded to a bucket (the executor's ``_Padded``: padding keys masked out,
+  padding rows dropped after the span), and every graph of one padded size reads the same static buffers: the
+  input, the RoPE tables and the mask. The tables and the mask are copied in when the kept set changes, the input
+  before each span; each span's output stays in its graph's own buffer until the next pass replays that graph.
 * :class:`ShapeGraphs`: a function of tensors whose shapes repeat (the vision backbones, the greedy steps of the
   diversity selections, a method's fixed-shape selection work), one graph per input shapes; its outputs are copied
   out, since callers keep them across steps.
@@ -22,12 +23,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Hashable, Optional
 
 import torch
 
-# (x, cos, sin, mask) -> the layer's output over the padded rows
-LayerBody = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+# (x, RoPE tables, mask) -> the layers' output over the padded rows
+LayerBody = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
 
 @dataclass
@@ -38,14 +39,13 @@ class _Captured:
 
 @dataclass
 class _SizeGraphs:
-    """The static buffers of one padded size and the graphs of every layer captured at it."""
+    """The static buffers of one padded size and the graphs of every span of layers captured at it."""
 
     x: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
+    rope: torch.Tensor                          # (2, 1, padded size, head dim): cosine and signed sine
     mask: Optional[torch.Tensor]
     source: object = None                       # the padded kept set whose tables and mask are loaded
-    layers: dict[tuple[int, bool], _Captured] = field(default_factory=dict)   # (layer, probed) -> its graph
+    layers: dict[tuple[Hashable, bool], _Captured] = field(default_factory=dict)   # (span, probed) -> its graph
 
 
 class _GraphOwner:
@@ -165,25 +165,27 @@ class LayerGraphs(_GraphOwner):
         self.max_sizes = max_sizes
         self._sizes: OrderedDict[tuple, _SizeGraphs] = OrderedDict()
 
-    def run(self, index: int, hidden: torch.Tensor, padded_size: int, cos: torch.Tensor, sin: torch.Tensor,
+    def run(self, index: Hashable, hidden: torch.Tensor, padded_size: int, rope: torch.Tensor,
             mask: Optional[torch.Tensor], source: object, body: LayerBody,
             probed: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """Layer ``index`` over ``hidden`` (1, n, d), n <= ``padded_size``: its output rows (1, n, d).
+        """The graph ``index`` (the executor: a span's first and last layer) over ``hidden`` (1, n, d).
 
-        ``cos`` / ``sin`` / ``mask``: the padded kept set's RoPE tables and key mask (None: none needed);
+        ``n`` <= ``padded_size``; returns the output rows (1, n, d).
+
+        ``rope`` / ``mask``: the padded kept set's RoPE tables (the cosine and the signed sine stacked, one copy)
+        and key mask (None: none needed);
         ``source``: the object they belong to (copied into the static buffers when it changes); ``body``: the
-        layer's arithmetic, called once outside the graph and once while capturing it. ``probed``: ``body``
+        layers' arithmetic, called once outside the graph and once while capturing it. ``probed``: ``body``
         returns (output, queries, keys, values) over the padded rows, captured as a graph of its own, and returned
         whole.
         """
-        key = (padded_size, hidden.shape[-1], hidden.dtype, hidden.device, cos.shape, mask is None)
+        key = (padded_size, hidden.shape[-1], hidden.dtype, hidden.device, rope.shape, mask is None)
         size = self._sizes.get(key)
         if size is None:
-            size = self._new_size(key, hidden, padded_size, cos, sin, mask)
+            size = self._new_size(key, hidden, padded_size, rope, mask)
         self._sizes.move_to_end(key)
         if size.source is not source:
-            size.cos.copy_(cos)
-            size.sin.copy_(sin)
+            size.rope.copy_(rope)
             if mask is not None:
                 size.mask.copy_(mask)
             size.source = source
@@ -192,7 +194,7 @@ class LayerGraphs(_GraphOwner):
         captured = size.layers.get((index, probed))
         if captured is None:
             captured = size.layers[(index, probed)] = self._capture(
-                lambda: body(size.x, size.cos, size.sin, size.mask), hidden.device)
+                lambda: body(size.x, size.rope, size.mask), hidden.device)
         captured.graph.replay()
         return tuple(captured.out) if probed else captured.out[:, :n]
 
@@ -201,11 +203,11 @@ class LayerGraphs(_GraphOwner):
         self._sizes.clear()
         self._all_released()
 
-    def _new_size(self, key: tuple, hidden: torch.Tensor, padded_size: int, cos: torch.Tensor, sin: torch.Tensor,
+    def _new_size(self, key: tuple, hidden: torch.Tensor, padded_size: int, rope: torch.Tensor,
                   mask: Optional[torch.Tensor]) -> _SizeGraphs:
         self._make_room(self._sizes, self.max_sizes, lambda size: bool(size.layers))
-        size = _SizeGraphs(x=hidden.new_zeros(1, padded_size, hidden.shape[-1]), cos=torch.empty_like(cos),
-                           sin=torch.empty_like(sin), mask=None if mask is None else torch.empty_like(mask))
+        size = _SizeGraphs(x=hidden.new_zeros(1, padded_size, hidden.shape[-1]), rope=torch.empty_like(rope),
+                           mask=None if mask is None else torch.empty_like(mask))
         self._sizes[key] = size
         return size
 

@@ -16,8 +16,9 @@ does the attention itself, so that it can
   checked by a device-side assert (``validate_on_host``); what needs host values (kept counts) is read from the
   record after the step;
 * on CUDA, run SDPA without cuDNN's attention (it plans anew for every sequence length, and pruned lengths vary)
-  and, with ``cuda_graph_layers``, replay each plain layer as a CUDA graph per padded token count
-  (:mod:`specprune_ros.core.cuda_graphs`), since an eager pruned step is bound by the host's kernel launches;
+  and, with ``cuda_graph_layers``, replay the plain layers as CUDA graphs per padded token count, the layers
+  between two points where a method reads or decides as one graph (:mod:`specprune_ros.core.cuda_graphs`), since
+  an eager pruned step is bound by the host's kernel launches;
 * serve some tokens' keys/values from an earlier step instead of recomputing them (VLA-Cache style);
 * optionally hand back every layer's keys/values of the tokens that layer saw (``return_cache=True``), so an
   autoregressive model (OpenVLA) can decode further tokens with :meth:`PrunableDecoderRunner.decode` against the
@@ -127,7 +128,8 @@ class PrunableDecoderRunner(nn.Module):
                  validate_on_host: Optional[bool] = None, compile_layers: bool = False, bucket: int = 32,
                  input_major_weights: bool = False, packed_weights: Optional[bool] = None,
                  mkl_packed_weights: Optional[bool] = None, attention_kernel: Optional[AttentionKernel] = None,
-                 share_probabilities: bool = True, cuda_graph_layers: bool = False) -> None:
+                 share_probabilities: bool = True, cuda_graph_layers: bool = False,
+                 cuda_graph_spans: bool = True) -> None:
         """``decoder``: a transformers ``LlamaModel``-like module with ``layers``, ``rotary_emb`` and ``norm``.
 
         ``fuse_projections``: without autograd, run each layer's query/key/value projections as one matrix
@@ -190,15 +192,17 @@ class PrunableDecoderRunner(nn.Module):
         Xeon it took 2-6% off passes at those token counts, ``docs/benchmarks.md``). The two give the same outputs up to
         rounding in the last bits. 'sdpa' / 'products' force one. Masked (causal) layers always run SDPA.
 
-        ``cuda_graph_layers``: on CUDA, replay each layer as a CUDA graph captured once per layer and padded token
-        count (:mod:`specprune_ros.core.cuda_graphs`): one launch per layer instead of about 25, for steps the host
-        cannot issue as fast as the device runs them. The tokens are padded to ``bucket`` as for
-        ``compile_layers``, with the same limits (plain Llama layers, no autograd, no stored, reused or returned
-        keys/values); a layer whose attention a method reads runs eagerly over the same padded tokens. The graphs
-        read the fused projections where their copy takes at most half the free device memory (``fuse_projections``
-        None), else the layers' own weights. Each new padded size costs a capture per layer (a few ms each) and
-        holds the layers' outputs at that size in device memory. Ignored off CUDA. Off by default
-        (``docs/benchmarks.md``).
+        ``cuda_graph_layers``: on CUDA, replay the layers as CUDA graphs captured once per span of layers and
+        padded token count (:mod:`specprune_ros.core.cuda_graphs`), for steps the host cannot issue as fast as the
+        device runs them. With ``cuda_graph_spans`` a span runs from one point where the method reads attention or
+        decides (a probed or hooked layer) to the next, so an unpruned pass is one launch and SpecPrune's about
+        seven; without it every layer is a graph of its own (one launch per layer instead of about 25). The tokens
+        are padded to ``bucket`` as for ``compile_layers``, with the same limits (plain Llama layers, no autograd,
+        no stored or reused keys/values; a pass that returns its keys and values for decoding graphs each layer
+        apart); a probed layer's graph also keeps its queries and keys. The graphs read the fused projections
+        where their copy takes at most half the free device memory (``fuse_projections`` None), else the layers'
+        own weights. Each new padded size costs a capture per span (a few ms per layer) and holds each span's
+        output at that size in device memory. Ignored off CUDA. Off by default (``docs/benchmarks.md``).
 
         ``share_probabilities``: where a method's attention probes read at least three quarters of a layer's query
         rows (VLA-Pruner's prefill rows), that layer's attention runs as two products (masked where the layout is
@@ -222,6 +226,7 @@ class PrunableDecoderRunner(nn.Module):
         self._pass_fusions: Optional[tuple[tuple, list[Optional[_FusedProjections]]]] = None
         self.compile_layers = compile_layers
         self.cuda_graph_layers = cuda_graph_layers
+        self.cuda_graph_spans = cuda_graph_spans
         self._graphs = LayerGraphs()
         self._decode_graphs = DecodeGraphs()
         self.share_probabilities = share_probabilities
@@ -283,16 +288,24 @@ class PrunableDecoderRunner(nn.Module):
         probes = _ProbeBatch()
         fusions = self._fusions()
         tokens = _KeptTokens(self.decoder.rotary_emb, kept, reused, layout, roles, hidden, bucket, tables)
-        for index, layer in enumerate(self.decoder.layers):
-            kept_per_layer.append(tokens.kept)
-            n_keys.append(tokens.num_keys)
+        index = 0
+        while index < self.num_layers:
+            first, layer = index, self.decoder.layers[index]
+            # graphed: the layers up to the next one whose attention is read or after which the method runs, as
+            # one graph (the kept set holds over them)
+            index = self._span_end(index, requests, hooked, method is not None) if graphed and \
+                self.cuda_graph_spans and cache is None else index
+            span = index - first + 1
+            kept_per_layer.extend([tokens.kept] * span)
+            n_keys.extend([tokens.num_keys] * span)
             asked = requests.get(index, ())
             shared = tokens.padded is None and self._shares_probabilities(layer, tokens, asked)
             products = tokens.padded is None and not shared and self._two_products(layer, tokens, hidden)
-            kernels.append('cuda graph' if graphed else 'compiled' if tokens.padded is not None
-                           else 'shared' if shared else 'products' if products else 'sdpa')
-            hidden, summaries = self._run_layer(layer, index, hidden, tokens, asked, plan.kv_store,
-                                                cache, probes, fusions[index], products, shared, graphed)
+            kernels.extend(['cuda graph' if graphed else 'compiled' if tokens.padded is not None
+                            else 'shared' if shared else 'products' if products else 'sdpa'] * span)
+            hidden, summaries = self._run_layer(layer, first, hidden, tokens, asked, plan.kv_store, cache, probes,
+                                                fusions[first], products, shared, graphed,
+                                                fusions[first:index + 1] if span > 1 else None)
             if summaries:
                 lazy[index] = (tokens.key_indices, summaries)
             if method is not None and index < self.num_layers - 1 and (hooked is None or index in hooked):
@@ -307,6 +320,7 @@ class PrunableDecoderRunner(nn.Module):
                         hidden = hidden.index_select(1, torch.searchsorted(tokens.kept, new_kept))
                         tokens = _KeptTokens(self.decoder.rotary_emb, new_kept, reused, layout, roles, hidden,
                                              bucket, tables)
+            index += 1
         probes.resolve()
         attention = {index: {name: (key_indices, summaries[name]) for name in summaries}
                      for index, (key_indices, summaries) in lazy.items()}
@@ -590,6 +604,19 @@ class PrunableDecoderRunner(nn.Module):
 
     # -- one layer ---------------------------------------------------------------------------------------------
 
+    def _span_end(self, first: int, requests: Mapping[int, list], hooked: Optional[frozenset[int]],
+                  hooks: bool) -> int:
+        """The last layer of the graphed span that starts at ``first``.
+
+        The next layer whose attention a probe reads, after which the method's hook runs (``hooks``; ``hooked``
+        None: after every layer), or the decoder's last.
+        """
+        last = first
+        while last < self.num_layers - 1 and last not in requests and not (
+                hooks and (hooked is None or last in hooked)):
+            last += 1
+        return last
+
     def _two_products(self, layer: nn.Module, tokens: '_KeptTokens', like: torch.Tensor) -> bool:
         """Whether ``layer``'s attention output comes from two products (``attention_kernel``) rather than SDPA.
 
@@ -616,13 +643,15 @@ class PrunableDecoderRunner(nn.Module):
     def _run_layer(self, layer: nn.Module, index: int, hidden: torch.Tensor, tokens: '_KeptTokens',
                    requests: list[AttentionRequest] | tuple, store: Optional[KVStore],
                    cache: Optional[DecoderCache], probes: '_ProbeBatch', fused: Optional['_FusedProjections'],
-                   products: bool = False, shared: bool = False, graph: bool = False
+                   products: bool = False, shared: bool = False, graph: bool = False,
+                   span: Optional[Sequence[Optional['_FusedProjections']]] = None
                    ) -> tuple[torch.Tensor, 'LazyAttention']:
         """One decoder layer over the kept tokens (plus reused keys/values), with its ``fused`` projections.
 
         ``products``: the attention output from two products instead of fused SDPA (no mask applies then);
         ``graph``: the layer replayed as its CUDA graph at the padded size (a probed layer's graph keeps its
-        queries and keys for the probes).
+        queries and keys for the probes); with ``span`` (the fused projections of layers ``index`` onwards) those
+        layers replayed as one graph, ``requests`` then asked of the last of them.
 
         The requested attention rows are queued in ``probes`` and scored when first read (every queued probe of the same
         shape in one batch); with ``shared``, the layer's attention runs as two products and its probabilities answer
@@ -645,7 +674,7 @@ class PrunableDecoderRunner(nn.Module):
         rows = [tokens.query_rows(request.rows) for request in requests] if shared else None
         probed: list[torch.Tensor] = []
         if graph:
-            hidden, q, k, v = self._graphed_block(layer, index, hidden, tokens.padded, fused,
+            hidden, q, k, v = self._graphed_block(index, hidden, tokens.padded, span or [fused],
                                                   bool(requests) or cache is not None)
             if cache is not None:                # copies: the graph's buffers change at its next replay
                 cache.keys.append(k.clone())
@@ -694,20 +723,25 @@ class PrunableDecoderRunner(nn.Module):
                                   *_layer_operands(layer, fused))
         return out[:, :n], q[:, :, :n], k[:, :, :n]
 
-    def _graphed_block(self, layer: nn.Module, index: int, hidden: torch.Tensor, padded: '_Padded',
-                       fused: Optional['_FusedProjections'], probed: bool = False
+    def _graphed_block(self, index: int, hidden: torch.Tensor, padded: '_Padded',
+                       fusions: Sequence[Optional['_FusedProjections']], probed: bool = False
                        ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """:meth:`_block` as layer ``index``'s CUDA graph at the padded size (``cuda_graph_layers``).
+        """:meth:`_block` of layers ``index`` onwards as one CUDA graph at the padded size (``cuda_graph_layers``).
 
-        ``probed``: the graph also keeps the layer's queries, keys and values (returned over the kept tokens,
+        One layer per entry of ``fusions`` (its fused projections). ``probed``: the graph also keeps the last layer's queries, keys and values (returned over the kept tokens,
         valid until the graph replays again: the pass's probes read them before that; a decode cache copies
         them), else (output, None, None, None).
         """
-        def body(x, cos, sin, mask):
-            out = _layer_arithmetic(x, cos, sin, mask, padded.causal, *_layer_operands(layer, fused))
+        layers = [(self.decoder.layers[index + i], fused) for i, fused in enumerate(fusions)]
+
+        def body(x, rope, mask):
+            cos, sin = rope[:1], rope[1:]
+            for layer, fused in layers[:-1]:
+                x = _layer_arithmetic(x, cos, sin, mask, padded.causal, *_layer_operands(layer, fused))[0]
+            out = _layer_arithmetic(x, cos, sin, mask, padded.causal, *_layer_operands(*layers[-1]))
             return out if probed else out[0]
-        got = self._graphs.run(index, hidden, padded.size, padded.rope._cos, padded.rope._sin, padded.mask,
-                               padded, body, probed)
+        got = self._graphs.run((index, index + len(layers) - 1), hidden, padded.size, padded.rope.stacked,
+                               padded.mask, padded, body, probed)
         if not probed:
             return got, None, None, None
         n = hidden.shape[1]
@@ -934,21 +968,26 @@ class _KeptTokens:
         return found
 
     def _find_rows(self, rows: str) -> torch.Tensor:
-        # Non-visual tokens are never dropped, so a span's rows are found by a search in the sorted kept indices:
-        # no data-dependent sizes (nothing waits for the device).
+        # Non-visual tokens are never dropped: a span's rows follow from the layout and the kept count on the host
+        # where every visual token lies on one side of it, else from a search in the sorted kept indices. No
+        # data-dependent sizes (nothing waits for the device).
         layout, kept = self.layout, self.kept
         device = kept.device
         if rows == 'all':
-            return torch.arange(len(kept), device=device)
+            return _positions(((0, len(kept)),), device)
         if rows == 'last':
-            return torch.arange(len(kept) - 1, len(kept), device=device)
+            return _positions(((len(kept) - 1, len(kept)),), device)
         spans = {'text': (layout.text_span,), 'action': (layout.action_span,),
                  'text_action': (layout.text_span, layout.action_span)}
         if rows in spans:
-            parts = [torch.arange(start, end, device=device) for start, end in spans[rows] if end > start]
-            if not parts:
+            found = sorted((start, end) for start, end in spans[rows] if end > start)
+            if not found:
                 raise PlanError(f'attention over {rows!r} rows requested, but the sequence has no such tokens')
-            return torch.searchsorted(kept, torch.cat(parts).sort().values)
+            shifted = [self._kept_span(start, end) for start, end in found]
+            if all(span is not None for span in shifted):
+                return _positions(tuple(shifted), device)
+            parts = [torch.arange(start, end, device=device) for start, end in found]
+            return torch.searchsorted(kept, torch.cat(parts) if len(parts) > 1 else parts[0])
         if rows == 'prefill':
             start, end = layout.action_span
             count = len(kept) - max(end - start, 0)
@@ -962,6 +1001,30 @@ class _KeptTokens:
         raise PlanError(f"unknown query rows {rows!r}; use 'text', 'action', 'text_action', 'prefill', 'last' "
                         "or 'all'")
 
+    def _kept_span(self, start: int, end: int) -> Optional[tuple[int, int]]:
+        """Where the never-dropped tokens ``start`` .. ``end`` - 1 sit in the kept sequence, or None if unknown here.
+
+        Only visual tokens leave the sequence (pruned, or served from the K/V store), so a span that every camera
+        span precedes moves up by the number of tokens gone, and one that every camera span follows stays.
+        """
+        cameras = self.layout.camera_spans
+        if all(camera_end <= start for _, camera_end in cameras):
+            gone = self.layout.num_tokens - len(self.kept)
+            return start - gone, end - gone
+        if all(camera_start >= end for camera_start, _ in cameras):
+            return start, end
+        return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _positions(spans: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
+    """The integers of the half-open ``spans`` (ascending, disjoint) as one long tensor.
+
+    Built once per spans and device (shared: do not modify it).
+    """
+    parts = [torch.arange(start, end, device=device) for start, end in spans]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
 
 class _Rotary:
     """RoPE tables of one set of positions, and RoPE applied with them.
@@ -969,21 +1032,32 @@ class _Rotary:
     ``cos`` / ``sin``: the rotary embedding's (1, n, head_dim) tables. :meth:`apply` rotates queries and keys in
     one pass with the sine's first half negated in advance, so rotating needs no negation: the same numbers as
     transformers' ``apply_rotary_pos_emb`` (a sign flip is exact), with fewer operations. With ``tables`` (every
-    position's tables, built once) the rows of ``positions`` are gathered from them instead of computed.
+    position's tables, built once) the rows of ``positions`` are gathered from them instead of computed: the
+    cosine and the signed sine in one gather, the plain sine only if asked for (layers without fused projections).
     """
 
     def __init__(self, rotary_emb: nn.Module, like: torch.Tensor, positions: torch.Tensor,
                  tables: Optional['_RopeTables'] = None) -> None:
+        self._tables, self._positions = tables, positions
         if tables is not None:
-            self.cos = tables.cos.index_select(1, positions)
-            self.sin = tables.sin.index_select(1, positions)
-            self._cos = self.cos.unsqueeze(1)
-            self._sin = tables.signed_sin.index_select(2, positions)
+            self.stacked = tables.cos_and_signed_sin.index_select(2, positions)
+            self._cos, self._sin = self.stacked[:1], self.stacked[1:]
+            self.cos = self.stacked[0]
             return
         self.cos, self.sin = rotary_emb(like, positions.view(1, -1))
         half = self.sin.shape[-1] // 2
         self._cos = self.cos.unsqueeze(1)
         self._sin = torch.cat([-self.sin[..., :half], self.sin[..., half:]], dim=-1).unsqueeze(1)
+
+    @functools.cached_property
+    def stacked(self) -> torch.Tensor:
+        """(2, 1, n, head_dim): the cosine and the signed sine in one tensor (what a graphed layer reads)."""
+        return torch.cat([self._cos, self._sin])
+
+    @functools.cached_property
+    def sin(self) -> torch.Tensor:
+        """The plain sine (1, n, head_dim), gathered from the tables when first asked for (else set at creation)."""
+        return self._tables.sin.index_select(1, self._positions)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (B, heads, n, head_dim) rotated to its positions (no autograd: written into a fresh tensor).
@@ -991,7 +1065,7 @@ class _Rotary:
         The swapped halves are multiplied by the sine straight from ``x`` (no concatenated copy of ``x``).
         """
         half = x.shape[-1] // 2
-        out = torch.empty(x.shape, dtype=torch.result_type(x, self._sin), device=x.device)
+        out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, self._sin.dtype), device=x.device)
         torch.mul(x[..., half:], self._sin[..., :half], out=out[..., :half])
         torch.mul(x[..., :half], self._sin[..., half:], out=out[..., half:])
         return out.add_(x * self._cos)
@@ -1008,6 +1082,7 @@ class _RopeTables:
     def __init__(self, rotary_emb: nn.Module, like: torch.Tensor, num_tokens: int, signature: tuple) -> None:
         full = _Rotary(rotary_emb, like, torch.arange(num_tokens, device=like.device))
         self.cos, self.sin, self.signed_sin = full.cos, full.sin, full._sin
+        self.cos_and_signed_sin = full.stacked      # gathered in one operation for a kept set
         self.signature = signature
 
     @staticmethod
@@ -1038,7 +1113,13 @@ class _Padded:
         self.causal = causal
         self.mask = None
         if not causal and self.size > n:
-            self.mask = (torch.arange(self.size, device=kept.device) < n).view(1, 1, 1, -1)
+            self.mask = _padding_mask(n, self.size, kept.device)
+
+
+@functools.lru_cache(maxsize=256)
+def _padding_mask(count: int, size: int, device: torch.device) -> torch.Tensor:
+    """(1, 1, 1, ``size``) bool key mask: the first ``count`` keys (shared: do not modify it)."""
+    return (torch.arange(size, device=device) < count).view(1, 1, 1, -1)
 
 
 def _linear_weight_bytes(modules) -> int:
