@@ -487,7 +487,7 @@ def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, d
                   attention_kernel: str = 'auto', every_layer_hooks: bool = False,
                   layer_times: bool = False, profile_steps: int = 0, fuse_projections: str = 'auto',
                   compile_layers: bool = False, cuda_graphs: bool = False,
-                  serial_phases: bool = False) -> tuple[list, dict]:
+                  serial_phases: bool = False, graph_spans: bool = True) -> tuple[list, dict]:
     started = time.perf_counter()
     adapter, label = build_target(target, device, dtype, seed, unnorm_key)
     if fuse_projections != 'auto':
@@ -497,6 +497,7 @@ def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, d
         adapter.use_cuda_graphs()
     elif cuda_graphs:                                     # the reference VLA: its decoder layers
         adapter.runner.cuda_graph_layers = True
+    adapter.runner.cuda_graph_spans = graph_spans
     if weight_copies != 'auto':        # 'onednn', 'mkl' or 'none'
         adapter.runner.packed_weights = weight_copies == 'onednn'
         adapter.runner.mkl_packed_weights = weight_copies == 'mkl'
@@ -870,8 +871,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         help="run the executor's layers as torch.compile graphs (token counts padded to 32-token "
                              'buckets; every new bucket compiles once, inside the untimed warm-up only if it recurs)')
     parser.add_argument('--cuda-graphs', action='store_true',
-                        help="replay the vision backbones and the executor's layers as CUDA graphs (token counts "
-                             'padded to 32-token buckets; each new bucket captures every layer once; CUDA only)')
+                        help="replay the vision backbones, the executor's layers and the methods' selections as CUDA "
+                             'graphs (token counts padded to 32-token buckets; the layers between two points where '
+                             'a method reads or decides are one graph, captured once per bucket; CUDA only)')
+    parser.add_argument('--graphs-per-layer', action='store_true',
+                        help='with --cuda-graphs: one graph per decoder layer instead of one per span of layers '
+                             '(for comparison)')
     parser.add_argument('--append', action='store_true',
                         help='keep the shapes of an existing output of the same name (re-measured shapes replaced)')
     args = parser.parse_args(argv)
@@ -923,7 +928,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                          every_layer_hooks=args.every_layer_hooks, layer_times=args.layer_times,
                                          profile_steps=args.profile, fuse_projections=args.fuse_projections,
                                          compile_layers=args.compile_layers, cuda_graphs=args.cuda_graphs,
-                                         serial_phases=args.serial_phases)
+                                         serial_phases=args.serial_phases,
+                                         graph_spans=not args.graphs_per_layer)
         rows += shape_rows
         infos.append(info)
         if torch.cuda.is_available():

@@ -6,9 +6,10 @@ run real steps (frames of a closed-loop simulator episode; the reference VLA's l
 random decoder), and every tensor operation other than a view is counted inside ``begin_step``, ``after_layer``
 and ``end_step`` (the hooks; the attention probes the executor runs for them left out) and inside the executor's
 decoder pass (hooks and probes included). The diversity steps run as device operations and keep sets are checked
-on the device, as on an accelerator. Three modes: eager; the decoder layers replayed as graphs; and the selection
-work too (:mod:`specprune_ros.pruning.selection_graphs`), as the adapter option ``cuda_graphs`` has them replay on
-a GPU, each with a recomputing stand-in for CUDA graphs; each replay counts as one launch and the work inside it
+on the device, as on an accelerator. Three modes: eager; each decoder layer replayed as a graph of its own; and
+the layers between two points where a method reads or decides replayed as one graph, with the selection work
+(:mod:`specprune_ros.pruning.selection_graphs`) replayed too, as the adapter option ``cuda_graphs`` has them on a
+GPU; each with a recomputing stand-in for CUDA graphs; each replay counts as one launch and the work inside it
 not at all; a capture (at the first step that meets a shape or key) is counted apart (``*_captures``), its work
 not at all.
 
@@ -89,7 +90,8 @@ class _Census(TorchDispatchMode):
             self.depth = saved
 
 
-MODES = ('eager', 'layer graphs', 'graphs')   # nothing graphed; the decoder layers; the layers and the selections
+# nothing graphed; one graph per decoder layer; spans of layers as one graph each, and the selections
+MODES = ('eager', 'layer graphs', 'graphs')
 
 
 @contextlib.contextmanager
@@ -154,8 +156,9 @@ def count_operations(label: str, name: str, config: Optional[dict], adapter, fra
                      warmup: int) -> dict:
     """Operations per steady step (the first ``warmup`` steps of each episode left out) of one configuration.
 
-    ``mode``: one of :data:`MODES` ('layer graphs' is the adapter option ``cuda_graphs`` before the selections
-    replayed as graphs; 'graphs' is the option now).
+    ``mode``: one of :data:`MODES` ('layer graphs' is the adapter option ``cuda_graphs`` as the graphed H200 run
+    had it, one graph per decoder layer and the selections eager; 'graphs' is the option now: the layers between
+    two points where a method reads or decides as one graph, and the selections replayed as graphs).
     """
     census = _Census()
     # a throwaway run first: the tables built once per process (cell grids, visual maps, rank weights) are not a
@@ -166,6 +169,7 @@ def count_operations(label: str, name: str, config: Optional[dict], adapter, fra
             spare.run(adapter, frame, _cameras(adapter))
     runner = harness.Runner(label, name, config, build_method(name, config, seed=0))
     adapter.runner.cuda_graph_layers = mode != 'eager'
+    adapter.runner.cuda_graph_spans = mode == 'graphs'
     adapter.runner.validate_on_host = False          # keep sets checked on the device, as on an accelerator
     # graphs captured under another configuration's census would count their replays there: start afresh
     adapter.runner._graphs.clear()
@@ -182,6 +186,7 @@ def count_operations(label: str, name: str, config: Optional[dict], adapter, fra
             else:
                 steps += 1
     adapter.runner.cuda_graph_layers, adapter.runner.validate_on_host = False, None
+    adapter.runner.cuda_graph_spans = True
     row = {'label': label, 'mode': mode, 'steps': steps}
     for scope, counter in census.operations.items():
         replays = counter.pop('graph replay', 0)
@@ -207,11 +212,12 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              'steps of each episode left out', '',
              'Per step, the tensor operations (views left out) a method issues in `begin_step`, `after_layer` and '
              '`end_step` (hooks; the attention probes the executor runs not counted), and the executor\'s whole '
-             'decoder pass (hooks and probes included). Eager: every operation. Layer graphs: the decoder layers '
-             'replayed as graphs; graphs: the selections too (a recomputing stand-in for CUDA graphs on the CPU; '
-             'the adapter option `cuda_graphs` replays both on a GPU), each replay one '
-             'launch (+ N) and its work not counted, captures (once per shape or key) not counted. On a GPU each '
-             'operation is a kernel launch the host issues.',
+             'decoder pass (hooks and probes included). Eager: every operation. Layer graphs: each decoder layer '
+             'replayed as a graph of its own (as in the graphed H200 run); graphs: the layers between two points '
+             'where the method reads or decides replayed as one graph, and the selections too (what the adapter '
+             'option `cuda_graphs` replays on a GPU; a recomputing stand-in for CUDA graphs on the CPU), each replay '
+             'one launch (+ N) and its work not counted, captures (once per shape or key) not counted. On a GPU '
+             'each operation is a kernel launch the host issues.',
              '', '| method | hooks: eager | layer graphs | graphs | whole pass: eager | layer graphs | graphs |',
              '|---|---|---|---|---|---|---|']
     by_label: dict[str, dict[str, dict]] = collections.defaultdict(dict)

@@ -4,10 +4,10 @@
 #      against eager layers and selections, SDPA without cuDNN's attention);
 #   2. the deployment-latency harness at the OpenVLA-OFT and OpenVLA 7B shapes in bf16 (random weights built in
 #      memory), every method interleaved with transformers' own SDPA forward;
-#   3. the same harness at the OpenVLA-OFT and OpenVLA 7B shapes with the vision backbones, decoder layers, the
-#      methods' selections and OpenVLA's greedy decoding replayed as CUDA graphs (--cuda-graphs), with a
-#      torch.profiler summary per method (--profile 2), and at the OFT shape again with every part of a step
-#      synchronised (--serial-phases: what the harness measured before it timed the parts by events);
+#   3. the same harness at the OpenVLA-OFT and OpenVLA 7B shapes with the vision backbones, decoder layers (one
+#      graph per span of layers between the points a method reads or decides), the methods' selections and
+#      OpenVLA's greedy decoding replayed as CUDA graphs (--cuda-graphs), with a torch.profiler summary per method
+#      (--profile 2), and at the OFT shape again with one graph per layer (--graphs-per-layer: what spans save);
 #   4. the harness at the OpenVLA-OFT 7B shape with each decoder layer timed apart (--layer-times: each layer's
 #      span on the device): how much of each method's step is its layers and how much the selection, keep-set
 #      switches and the pass's own loop.
@@ -101,11 +101,11 @@ timeout 140 "$PY" benchmarks/deployment_latency.py "${GRAPH_ARGS[@]}" "${FRAME_A
     --no-reference --device "$DEVICE" --out "$OUT_DIR" --name deployment_latency_cuda_graphs --no-plot \
     2>&1 | tee "$OUT_DIR/deployment_latency_cuda_graphs.log" || \
     echo "gpu_benchmark: the CUDA-graph run did not finish (see $OUT_DIR/deployment_latency_cuda_graphs.log)" >&2
-timeout 50 "$PY" benchmarks/deployment_latency.py "${LAYER_ARGS[@]}" "${FRAME_ARGS[@]}" --cuda-graphs --serial-phases \
-    --methods none specprune 'random 25%' --extra "$LAGGED" --no-reference --device "$DEVICE" --out "$OUT_DIR" \
-    --name deployment_latency_cuda_graphs_serial --no-plot \
-    2>&1 | tee "$OUT_DIR/deployment_latency_cuda_graphs_serial.log" || \
-    echo "gpu_benchmark: the serial CUDA-graph run did not finish (see its log in $OUT_DIR)" >&2
+timeout 50 "$PY" benchmarks/deployment_latency.py "${LAYER_ARGS[@]}" "${FRAME_ARGS[@]}" --cuda-graphs --graphs-per-layer \
+    --methods none specprune 'vla_pruner 25%' 'random 25%' --no-reference --device "$DEVICE" --out "$OUT_DIR" \
+    --name deployment_latency_graphs_per_layer --no-plot \
+    2>&1 | tee "$OUT_DIR/deployment_latency_graphs_per_layer.log" || \
+    echo "gpu_benchmark: the per-layer CUDA-graph run did not finish (see its log in $OUT_DIR)" >&2
 # -- 4. the decoder layers timed apart at the OFT 7B shape --------------------------------------------------------
 timeout 50 "$PY" benchmarks/deployment_latency.py "${LAYER_ARGS[@]}" "${FRAME_ARGS[@]}" --layer-times \
     --methods none specprune 'vla_pruner 25%' 'divprune 25%' 'random 25%' coverage_ranked --extra "$LAGGED" \

@@ -326,8 +326,8 @@ def test_parts_of_a_step_timed_without_waiting_for_the_device(events):
 
 def test_selection_graphs_leave_the_host_fewer_operations(tmp_path):
     # the census behind the GPU claim: with the decoder layers replayed as graphs (a recomputing stand-in on the
-    # CPU) each pass issues fewer operations than eagerly, and with the selections replayed too each method's hooks
-    # and pass issue fewer still; the replays are counted
+    # CPU) each pass issues fewer operations than eagerly, and with spans of layers and the selections replayed too
+    # each method's hooks and pass issue fewer still; the replays are counted
     census = load_benchmark_script('selection_operations')
     labels = ['none', 'specprune', 'vla_pruner 25%', 'coverage_ranked']
     report = census.main(['--width', '32', '--layers', '6', '--steps', '3', '--methods', *labels,
@@ -345,6 +345,10 @@ def test_selection_graphs_leave_the_host_fewer_operations(tmp_path):
             assert graphed['hooks_replays_per_step'] >= 1
             assert graphed['hooks_operations_per_step'] < layers['hooks_operations_per_step'], label
             assert graphed['pass_operations_per_step'] < layers['pass_operations_per_step'], label
+    # the unpruned pass: one graph per layer, then one span of all six layers
+    assert rows['none', 'layer graphs']['pass_replays_per_step'] == 6
+    assert rows['none', 'graphs']['pass_replays_per_step'] == 1
+    assert rows['none', 'graphs']['pass_operations_per_step'] < rows['none', 'layer graphs']['pass_operations_per_step']
     table = (tmp_path / 'selection_operations.md').read_text()
     assert all(label in table for label in labels)
     assert json.loads((tmp_path / 'selection_operations.json').read_text())['rows'] == report['rows']

@@ -728,9 +728,9 @@ class PrunableDecoderRunner(nn.Module):
                        ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
         """:meth:`_block` of layers ``index`` onwards as one CUDA graph at the padded size (``cuda_graph_layers``).
 
-        One layer per entry of ``fusions`` (its fused projections). ``probed``: the graph also keeps the last layer's queries, keys and values (returned over the kept tokens,
-        valid until the graph replays again: the pass's probes read them before that; a decode cache copies
-        them), else (output, None, None, None).
+        One layer per entry of ``fusions`` (its fused projections). ``probed``: the graph also keeps the last
+        layer's queries, keys and values (returned over the kept tokens, valid until the graph replays again: the
+        pass's probes read them before that; a decode cache copies them), else (output, None, None, None).
         """
         layers = [(self.decoder.layers[index + i], fused) for i, fused in enumerate(fusions)]
 
