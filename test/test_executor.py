@@ -10,7 +10,7 @@ from specprune_ros.core.executor import (_MKL_PACKED_EXACT_FROM_ROWS, PlanError,
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
 from specprune_ros.core.flops import decoder_flops
 from specprune_ros.core.masks import attention_mask
-from specprune_ros.core.step_types import AttentionRequest, KVStore, StepContext, StepPlan
+from specprune_ros.core.step_types import AttentionRequest, KVStore, StepContext, StepPlan, VisualMask
 from specprune_ros.core.token_layout import TokenLayout
 
 HIDDEN, MLP, LAYERS = 64, 128, 4
@@ -216,6 +216,61 @@ def test_bad_plans_raise_clear_errors(plan, message):
     with pytest.raises(PlanError, match=message):
         with torch.no_grad():
             PrunableDecoderRunner(make_decoder())(torch.randn(1, N, HIDDEN), make_layout(False), plan)
+
+
+class MaskAfter(FixedKeepSchedule):
+    """Keep what ``keep_after`` says, handed to the runner as visual masks (with a count, right or wrong)."""
+
+    def __init__(self, masks: dict[int, torch.Tensor], counts: dict[int, int] | None = None) -> None:
+        super().__init__(attention=[AttentionRequest(2, 'text')])
+        self.masks, self.counts = masks, counts or {}
+
+    def begin_step(self, context: StepContext) -> StepPlan:
+        return StepPlan(attention=list(self.attention), after_layers=frozenset(self.masks))
+
+    def after_layer(self, view):
+        mask = self.masks.get(view.layer)
+        if mask is None:
+            return None
+        return VisualMask(mask, self.counts.get(view.layer, int(mask.sum())))
+
+
+def _visual_mask(indices) -> torch.Tensor:
+    return torch.zeros(32, dtype=torch.bool).index_fill_(0, torch.as_tensor(indices), True)
+
+
+@pytest.mark.parametrize('on_host', [True, False])
+@pytest.mark.parametrize('causal', [False, True])
+def test_visual_masks_keep_what_indices_keep(causal, on_host):
+    # the layout's 32 visual tokens come first, so a visual token's sequence index is its place in the mask
+    first, second = two_stage_drop()
+    runner = PrunableDecoderRunner(make_decoder(), validate_on_host=on_host)
+    x = torch.randn(1, N, HIDDEN)
+    with torch.no_grad():
+        want = runner(x, make_layout(causal), FixedKeepSchedule(keep_after={0: first, 2: second},
+                                                                attention=[AttentionRequest(2, 'text')]))
+        got = runner(x, make_layout(causal), MaskAfter({0: _visual_mask(first), 1: _visual_mask(first),
+                                                        2: _visual_mask(second)}))
+    assert [k.tolist() for k in got.record.kept_per_layer] == [k.tolist() for k in want.record.kept_per_layer]
+    assert torch.equal(got.hidden, want.hidden)
+    assert torch.equal(got.record.attention[2]['text'][1], want.record.attention[2]['text'][1])
+
+
+@pytest.mark.parametrize('on_host', [True, False])
+@pytest.mark.parametrize('masks, counts, message', [
+    ({0: _visual_mask([1, 2]), 1: _visual_mask([1, 3])}, None, 'no longer kept|already pruned'),
+    ({0: _visual_mask([1, 2])}, {0: 3}, 'exactly 3|not the 3'),
+    ({0: _visual_mask([1, 2])}, {0: 1}, 'exactly 1|not the 1'),
+    ({0: torch.zeros(32, dtype=torch.bool)}, None, 'empty'),
+    ({0: torch.ones(31, dtype=torch.bool)}, None, r'\(32,\) bool'),
+    ({0: torch.ones(32, dtype=torch.long)}, {0: 32}, r'\(32,\) bool'),
+])
+def test_bad_visual_masks_are_refused(masks, counts, message, on_host):
+    runner = PrunableDecoderRunner(make_decoder(), validate_on_host=on_host)
+    # a device-side check raises where the device runs it: at once on the CPU
+    with pytest.raises((PlanError, RuntimeError), match=message):
+        with torch.no_grad():
+            runner(torch.randn(1, N, HIDDEN), make_layout(False), MaskAfter(masks, counts))
 
 
 class ReuseMethod(FixedKeepSchedule):

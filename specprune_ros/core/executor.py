@@ -48,7 +48,7 @@ from specprune_ros.core.flops import decoder_flops
 from specprune_ros.core.cuda_graphs import DecodeGraphs, DecodeState, LayerGraphs
 from specprune_ros.core.masks import attention_mask
 from specprune_ros.core.step_types import (AttentionRequest, KVStore, LayerView, PruningMethod, StepContext,
-                                           StepPlan, StepRecord)
+                                           StepPlan, StepRecord, VisualMask)
 from specprune_ros.core.token_layout import TokenLayout, TokenRole
 
 
@@ -314,12 +314,26 @@ class PrunableDecoderRunner(nn.Module):
                                                     hidden=hidden[0], attention=summaries))
                 selection += time.perf_counter() - t0 - (probes.seconds - probed)
                 if keep is not None:
-                    new_kept = self._apply_keep(tokens.kept, keep, is_visual, roles, f'after layer {index}',
-                                                None if on_host else non_visual)
-                    if len(new_kept) != len(tokens.kept):
-                        hidden = hidden.index_select(1, torch.searchsorted(tokens.kept, new_kept))
+                    stage = f'after layer {index}'
+                    slots = present = None
+                    if isinstance(keep, VisualMask) and not on_host:     # checked on the device, nothing sorted
+                        rows = self._rows_kept_by_mask(tokens, keep, stage)
+                        if rows is not None:
+                            new_kept = tokens.kept.index_select(0, rows)
+                            slots, present = tokens.visual_slots.index_select(0, rows), keep.mask
+                    else:
+                        if isinstance(keep, VisualMask):
+                            keep = _mask_indices(keep, layout, stage)
+                        new_kept = self._apply_keep(tokens.kept, keep, is_visual, roles, stage,
+                                                    None if on_host else non_visual)
+                        rows = None if len(new_kept) == len(tokens.kept) else \
+                            torch.searchsorted(tokens.kept, new_kept)
+                    if rows is not None:
+                        hidden = hidden.index_select(1, rows)
                         tokens = _KeptTokens(self.decoder.rotary_emb, new_kept, reused, layout, roles, hidden,
                                              bucket, tables)
+                        if slots is not None:            # known from the mask: not computed again
+                            tokens.visual_slots, tokens.visual_present = slots, present
             index += 1
         probes.resolve()
         attention = {index: {name: (key_indices, summaries[name]) for name in summaries}
@@ -603,6 +617,31 @@ class PrunableDecoderRunner(nn.Module):
         return by_layer
 
     # -- one layer ---------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _rows_kept_by_mask(tokens: '_KeptTokens', keep: VisualMask, stage: str) -> Optional[torch.Tensor]:
+        """Rows of ``tokens`` that a :class:`VisualMask` keeps (None: all of them), checked on the device.
+
+        The mask must name kept visual tokens only, exactly ``keep.count`` of them (one device-side assert, no
+        wait); the rows come out in order, so the kept set needs no sort.
+        """
+        layout, mask = tokens.layout, keep.mask
+        if mask.shape != (layout.num_visual,) or mask.dtype != torch.bool:
+            raise PlanError(f'{stage}: a visual mask must be a ({layout.num_visual},) bool tensor, not '
+                            f'{tuple(mask.shape)} {mask.dtype}')
+        visual = len(tokens.kept) - (layout.num_tokens - layout.num_visual)     # kept visual tokens (host)
+        if keep.count <= 0:
+            raise PlanError(f'{stage}: the keep set is empty; keep at least one visual token')
+        if keep.count > visual:
+            raise PlanError(f'{stage}: the mask keeps {keep.count} visual tokens, but only {visual} run now')
+        ok = mask.le(tokens.visual_present).all().logical_and_(mask.sum().eq(keep.count))
+        torch._assert_async(ok, f'{stage}: the visual mask names tokens that are no longer kept, or does not hold '
+                            f'exactly {keep.count}')
+        if keep.count == visual:
+            return None
+        # each kept token's place in the mask (non-visual tokens: a spare slot that is always set)
+        chosen = torch.cat([mask, _true_on(mask.device)]).index_select(0, tokens.visual_slots)
+        return torch.nonzero_static(chosen, size=len(tokens.kept) - visual + keep.count).view(-1)
 
     def _span_end(self, first: int, requests: Mapping[int, list], hooked: Optional[frozenset[int]],
                   hooks: bool) -> int:
@@ -925,6 +964,37 @@ def _role_tables(layout: TokenLayout, device: torch.device
     return tuple(t.to(device) for t in tables)
 
 
+@functools.lru_cache(maxsize=32)
+def _visual_slot_table(layout: TokenLayout, device: torch.device) -> torch.Tensor:
+    """(num_tokens,) long: each token's place among the visual tokens, ``num_visual`` for the others (shared)."""
+    slots = torch.full((layout.num_tokens,), layout.num_visual, dtype=torch.long)
+    slots[_role_tables(layout, torch.device('cpu'))[3]] = torch.arange(layout.num_visual)
+    return slots.to(device)
+
+
+@functools.cache          # never evicted, like every constant a graph may read by address
+def _true_on(device: torch.device) -> torch.Tensor:
+    """A (1,) True on ``device`` (shared: do not modify it)."""
+    return torch.ones(1, dtype=torch.bool, device=device)
+
+
+@functools.lru_cache(maxsize=32)
+def _all_visual_on(num_visual: int, device: torch.device) -> torch.Tensor:
+    """(num_visual,) True on ``device`` (shared: do not modify it)."""
+    return torch.ones(num_visual, dtype=torch.bool, device=device)
+
+
+def _mask_indices(keep: VisualMask, layout: TokenLayout, stage: str) -> np.ndarray:
+    """The sequence indices a :class:`VisualMask` names, on the host, after checking its shape and count."""
+    mask = keep.mask.detach().cpu().numpy()
+    if mask.shape != (layout.num_visual,) or mask.dtype != np.bool_:
+        raise PlanError(f'{stage}: a visual mask must be a ({layout.num_visual},) bool tensor, not '
+                        f'{tuple(keep.mask.shape)} {keep.mask.dtype}')
+    if int(mask.sum()) != keep.count:
+        raise PlanError(f'{stage}: the visual mask holds {int(mask.sum())} tokens, not the {keep.count} it says')
+    return _role_tables(layout, torch.device('cpu'))[3].numpy()[mask]
+
+
 class _KeptTokens:
     """What every layer over one kept set shares: key indices, RoPE tables, the mask and the probe rows.
 
@@ -950,6 +1020,21 @@ class _KeptTokens:
         self.padded = None if bucket is None else _Padded(rotary_emb, kept, layout.causal, like, bucket, tables)
         self._rows: dict[str, torch.Tensor] = {}
         self.kernels: dict[tuple, bool] = {}     # attention as two products, per kind of layer (the runner decides)
+
+    @functools.cached_property
+    def visual_slots(self) -> torch.Tensor:
+        """(n,) long: each kept token's place among the layout's visual tokens (``num_visual``: not visual)."""
+        table = _visual_slot_table(self.layout, self.kept.device)
+        return table if len(self.kept) == self.layout.num_tokens else table.index_select(0, self.kept)
+
+    @functools.cached_property
+    def visual_present(self) -> torch.Tensor:
+        """(num_visual,) bool: the visual tokens that run over this kept set (shared: do not modify it)."""
+        layout, device = self.layout, self.kept.device
+        if len(self.kept) == layout.num_tokens:
+            return _all_visual_on(layout.num_visual, device)
+        present = torch.zeros(layout.num_visual + 1, dtype=torch.bool, device=device)
+        return present.index_fill_(0, self.visual_slots, True)[:layout.num_visual]
 
     @functools.cached_property
     def rope(self) -> '_Rotary':

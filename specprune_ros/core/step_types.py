@@ -45,6 +45,20 @@ class AttentionRequest:
         return self.name or self.rows
 
 
+@dataclass(frozen=True)
+class VisualMask:
+    """A keep set as a dense mask over the layout's visual tokens (camera order), ``count`` of them set.
+
+    What a method that selects on the device may return from ``after_layer`` instead of sequence indices: the
+    runner checks it on the device (a subset of the visual tokens still kept, exactly ``count`` set) and takes the
+    kept tokens from it without sorting. ``count`` is a host integer, so no size waits for the device. The runner
+    reads ``mask`` for the rest of the pass: do not modify it in place.
+    """
+
+    mask: torch.Tensor                               # (num_visual,) bool
+    count: int
+
+
 @dataclass
 class StepContext:
     """What a method may look at before the forward pass of one step."""
@@ -155,8 +169,10 @@ class PruningMethod(Protocol):
     def begin_step(self, context: StepContext) -> StepPlan:
         ...
 
-    def after_layer(self, view: LayerView) -> Optional[torch.Tensor]:
+    def after_layer(self, view: LayerView) -> Optional[torch.Tensor | VisualMask]:
         """Return the visual indices to keep from the next layer on (a subset of the kept ones), or None.
+
+        A :class:`VisualMask` of the visual tokens to keep says the same.
 
         Called after the layers the step's plan names in ``after_layers`` (every layer but the last if None).
         """

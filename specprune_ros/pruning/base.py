@@ -26,9 +26,11 @@ from typing import Any, Optional
 import torch
 
 from specprune_ros.core.dataclass_mapping import dataclass_from_mapping
-from specprune_ros.core.step_types import AttentionRequest, LayerView, StepContext, StepPlan, StepRecord
+from specprune_ros.core.step_types import (AttentionRequest, LayerView, StepContext, StepPlan, StepRecord,
+                                           VisualMask)
 from specprune_ros.core.token_layout import TokenLayout
-from specprune_ros.pruning.scoring import dense_visual_scores, dense_visual_scores_on_device, present_mask
+from specprune_ros.pruning.scoring import (dense_visual_scores, dense_visual_scores_on_device,
+                                           mask_to_sequence_on_device, present_mask)
 from specprune_ros.pruning.temporal_state import TemporalStateConfig, TemporalTokenState
 
 DEFAULT_NUM_LAYERS = 6
@@ -102,10 +104,12 @@ class PruningMethodBase:
         self.last_info['visual_kept_before'] = nv
         return plan
 
-    def after_layer(self, view: LayerView) -> Optional[torch.Tensor]:
+    def after_layer(self, view: LayerView) -> Optional[torch.Tensor | VisualMask]:
         keep = self._after(view)
         if keep is None or self._protected is None:
             return keep
+        if isinstance(keep, VisualMask):           # indices, to add the protected tokens to
+            keep = mask_to_sequence_on_device(keep.mask, keep.count, self._layout)
         still_there = self._protected[torch.isin(self._protected, view.kept)]
         return torch.unique(torch.cat([torch.as_tensor(keep, dtype=torch.long), still_there]))
 
@@ -144,7 +148,7 @@ class PruningMethodBase:
     def _begin(self, context: StepContext) -> StepPlan:
         return StepPlan()
 
-    def _after(self, view: LayerView) -> Optional[torch.Tensor]:
+    def _after(self, view: LayerView) -> Optional[torch.Tensor | VisualMask]:
         return None
 
     def _end(self, record: StepRecord) -> None:

@@ -77,7 +77,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from specprune_ros.core.step_types import LayerView, StepContext, StepPlan, StepRecord
+from specprune_ros.core.step_types import LayerView, StepContext, StepPlan, StepRecord, VisualMask
 from specprune_ros.pruning.action_controller import ActionController, ControllerConfig, ControllerOutput
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
 from specprune_ros.pruning.budget_knob import BudgetKnob
@@ -87,7 +87,7 @@ from specprune_ros.pruning.deferred_counts import DeferredCounts
 from specprune_ros.pruning.scoring import (budget_count, camera_ranks, dense_visual_rows_on_device,
                                            dense_visual_scores_on_device, host_counts,
                                            layer_drop_on_device, layer_importance_on_device,
-                                           mask_to_sequence_on_device, present_mask_on_device, to_device,
+                                           present_mask_on_device, to_device,
                                            top_counts_per_camera, topk_masks_per_camera, topk_per_camera_on_device)
 from specprune_ros.pruning.selection_graphs import SelectionGraphs
 
@@ -332,7 +332,7 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         self.last_info['global'] = mask.sum()
         return mask
 
-    def _after(self, view: LayerView) -> Optional[torch.Tensor]:
+    def _after(self, view: LayerView) -> Optional[VisualMask]:
         layer = view.layer
         if layer not in self._event_layers:
             return None                 # most layers of a deep decoder: nothing to record or decide
@@ -375,7 +375,7 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
             if counts == self._counts:
                 return None             # keep is a subset of present with the same counts: nothing dropped
             self._counts, self._present = counts, keep
-        return mask_to_sequence_on_device(keep, sum(counts), layout)
+        return VisualMask(keep, sum(counts))
 
     def _gather_sizes(self, task: torch.Tensor, union: torch.Tensor, present: torch.Tensor,
                       layer: int) -> tuple[torch.Tensor, list[int]]:
