@@ -156,9 +156,10 @@ def count_operations(label: str, name: str, config: Optional[dict], adapter, fra
                      warmup: int) -> dict:
     """Operations per steady step (the first ``warmup`` steps of each episode left out) of one configuration.
 
-    ``mode``: one of :data:`MODES` ('layer graphs' is the adapter option ``cuda_graphs`` as the graphed H200 run
-    had it, one graph per decoder layer and the selections eager; 'graphs' is the option now: the layers between
-    two points where a method reads or decides as one graph, and the selections replayed as graphs).
+    ``mode``: one of :data:`MODES` ('layer graphs': one graph per decoder layer and the selections eager, as the
+    graphed H200 run had them but for its probed layers, which ran eagerly; 'graphs' is the adapter option
+    ``cuda_graphs`` now: the layers between two points where a method reads or decides as one graph, and the
+    selections replayed as graphs).
     """
     census = _Census()
     # a throwaway run first: the tables built once per process (cell grids, visual maps, rank weights) are not a
@@ -213,7 +214,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              'Per step, the tensor operations (views left out) a method issues in `begin_step`, `after_layer` and '
              '`end_step` (hooks; the attention probes the executor runs not counted), and the executor\'s whole '
              'decoder pass (hooks and probes included). Eager: every operation. Layer graphs: each decoder layer '
-             'replayed as a graph of its own (as in the graphed H200 run); graphs: the layers between two points '
+             'replayed as a graph of its own, the selections eager; graphs: the layers between two points '
              'where the method reads or decides replayed as one graph, and the selections too (what the adapter '
              'option `cuda_graphs` replays on a GPU; a recomputing stand-in for CUDA graphs on the CPU), each replay '
              'one launch (+ N) and its work not counted, captures (once per shape or key) not counted. On a GPU '
