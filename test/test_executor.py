@@ -257,6 +257,24 @@ def test_visual_masks_keep_what_indices_keep(causal, on_host):
 
 
 @pytest.mark.parametrize('on_host', [True, False])
+def test_visual_masks_follow_the_camera_order(on_host):
+    # the second camera's patches come first in the sequence: a mask's places follow the cameras, not positions
+    layout = TokenLayout(num_tokens=N, camera_spans=((16, 32), (0, 16)), grid_shape=(4, 4), text_span=(32, 38),
+                         proprio_span=(38, 39), action_span=(39, 50))
+    mask = _visual_mask([0, 3, 17, 30])
+    indices = layout.visual_indices()[mask]
+    assert indices.tolist() == [16, 19, 1, 14]
+    runner = PrunableDecoderRunner(make_decoder(), validate_on_host=on_host)
+    x = torch.randn(1, N, HIDDEN)
+    with torch.no_grad():
+        want = runner(x, layout, FixedKeepSchedule(keep_after={1: indices.sort().values},
+                                                   attention=[AttentionRequest(2, 'text')]))
+        got = runner(x, layout, MaskAfter({1: mask}))
+    assert [k.tolist() for k in got.record.kept_per_layer] == [k.tolist() for k in want.record.kept_per_layer]
+    assert torch.equal(got.hidden, want.hidden)
+
+
+@pytest.mark.parametrize('on_host', [True, False])
 @pytest.mark.parametrize('masks, counts, message', [
     ({0: _visual_mask([1, 2]), 1: _visual_mask([1, 3])}, None, 'no longer kept|already pruned'),
     ({0: _visual_mask([1, 2])}, {0: 3}, 'exactly 3|not the 3'),

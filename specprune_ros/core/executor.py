@@ -966,9 +966,12 @@ def _role_tables(layout: TokenLayout, device: torch.device
 
 @functools.lru_cache(maxsize=32)
 def _visual_slot_table(layout: TokenLayout, device: torch.device) -> torch.Tensor:
-    """(num_tokens,) long: each token's place among the visual tokens, ``num_visual`` for the others (shared)."""
+    """(num_tokens,) long: each token's place among the visual tokens in camera order, ``num_visual`` elsewhere.
+
+    Shared: do not modify it.
+    """
     slots = torch.full((layout.num_tokens,), layout.num_visual, dtype=torch.long)
-    slots[_role_tables(layout, torch.device('cpu'))[3]] = torch.arange(layout.num_visual)
+    slots[layout.visual_indices()] = torch.arange(layout.num_visual)
     return slots.to(device)
 
 
@@ -992,7 +995,7 @@ def _mask_indices(keep: VisualMask, layout: TokenLayout, stage: str) -> np.ndarr
                         f'{tuple(keep.mask.shape)} {keep.mask.dtype}')
     if int(mask.sum()) != keep.count:
         raise PlanError(f'{stage}: the visual mask holds {int(mask.sum())} tokens, not the {keep.count} it says')
-    return _role_tables(layout, torch.device('cpu'))[3].numpy()[mask]
+    return layout.visual_indices().numpy()[mask]
 
 
 class _KeptTokens:

@@ -55,7 +55,7 @@ class VisualMask:
     reads ``mask`` for the rest of the pass: do not modify it in place.
     """
 
-    mask: torch.Tensor                               # (num_visual,) bool
+    mask: torch.Tensor                               # (num_visual,) bool, cameras in order (TokenLayout.visual_indices)
     count: int
 
 
