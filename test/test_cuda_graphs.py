@@ -96,12 +96,16 @@ def test_graph_bookkeeping_with_a_recomputing_stand_in_on_the_cpu(causal, fuse, 
     check_graphed_layers(torch.device('cpu'), causal, fuse)
 
 
-def check_graph_spans(device: torch.device, causal: bool) -> None:
-    """The layers between two points where a method reads or decides replay as one graph, as eager layers run."""
+def eight_layers(device: torch.device) -> LlamaModel:
     torch.manual_seed(1)
     config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=8, num_attention_heads=4,
                          num_key_value_heads=4, vocab_size=8, max_position_embeddings=256)
-    decoder = LlamaModel(config).eval().to(device)
+    return LlamaModel(config).eval().to(device)
+
+
+def check_graph_spans(device: torch.device, causal: bool) -> None:
+    """The layers between two points where a method reads or decides replay as one graph, as eager layers run."""
+    decoder = eight_layers(device)
     layout = make_layout(causal)
     eager = PrunableDecoderRunner(decoder)
     spans = PrunableDecoderRunner(decoder, cuda_graph_layers=True, bucket=64)
@@ -141,6 +145,30 @@ def test_graph_spans_on_the_cpu_stand_in(causal, graphs_on_the_cpu):
 @pytest.mark.parametrize('causal', [False, True])
 def test_graph_spans_on_cuda(causal):
     check_graph_spans(_cuda_or_skip(), causal)
+
+
+def test_a_span_that_cannot_be_captured_runs_as_one_graph_per_layer(graphs_on_the_cpu, monkeypatch, caplog):
+    decoder, layout = eight_layers(torch.device('cpu')), make_layout(False)
+    runner = PrunableDecoderRunner(decoder, cuda_graph_layers=True, bucket=64)
+    eager = PrunableDecoderRunner(decoder)
+    capture = LayerGraphs.run
+
+    def refuse_spans(self, index, *args, **kwargs):
+        if index[0] != index[1]:
+            raise RuntimeError('operation not permitted when stream is capturing')
+        return capture(self, index, *args, **kwargs)
+    monkeypatch.setattr(LayerGraphs, 'run', refuse_spans)
+    keep = torch.arange(0, 32, 3)
+    method = FixedKeepSchedule(keep_after={2: keep}, attention=[AttentionRequest(5, 'text')])
+    x = torch.randn(1, N, HIDDEN)
+    with torch.no_grad():
+        for _ in range(2):
+            got, want = runner(x, layout, method), eager(x, layout, method)
+            assert (got.hidden - want.hidden).abs().max().item() <= 1e-4
+            assert torch.equal(got.record.attention[5]['text'][0], want.record.attention[5]['text'][0])
+            assert (got.record.attention[5]['text'][1] - want.record.attention[5]['text'][1]).abs().max() <= 1e-5
+    assert runner.cuda_graph_spans is False and runner._graphs.captures == 8     # each layer once
+    assert sum('could not run as one CUDA graph' in r.getMessage() for r in caplog.records) == 1
 
 
 def test_layer_arithmetic_reads_fused_or_own_weights_alike():

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -50,6 +51,9 @@ from specprune_ros.core.masks import attention_mask
 from specprune_ros.core.step_types import (AttentionRequest, KVStore, LayerView, PruningMethod, StepContext,
                                            StepPlan, StepRecord, VisualMask)
 from specprune_ros.core.token_layout import TokenLayout, TokenRole
+
+
+_LOG = logging.getLogger(__name__)
 
 
 class PlanError(ValueError):
@@ -196,7 +200,8 @@ class PrunableDecoderRunner(nn.Module):
         padded token count (:mod:`specprune_ros.core.cuda_graphs`), for steps the host cannot issue as fast as the
         device runs them. With ``cuda_graph_spans`` a span runs from one point where the method reads attention or
         decides (a probed or hooked layer) to the next, so an unpruned pass is one launch and SpecPrune's about
-        seven; without it every layer is a graph of its own (one launch per layer instead of about 25). The tokens
+        seven (a span CUDA will not capture is logged, and every layer runs as a graph of its own from then on);
+        without it every layer is a graph of its own (one launch per layer instead of about 25). The tokens
         are padded to ``bucket`` as for ``compile_layers``, with the same limits (plain Llama layers, no autograd,
         no stored or reused keys/values; a pass that returns its keys and values for decoding graphs each layer
         apart); a probed layer's graph also keeps its queries and keys. The graphs read the fused projections
@@ -779,8 +784,20 @@ class PrunableDecoderRunner(nn.Module):
                 x = _layer_arithmetic(x, cos, sin, mask, padded.causal, *_layer_operands(layer, fused))[0]
             out = _layer_arithmetic(x, cos, sin, mask, padded.causal, *_layer_operands(*layers[-1]))
             return out if probed else out[0]
-        got = self._graphs.run((index, index + len(layers) - 1), hidden, padded.size, padded.rope.stacked,
-                               padded.mask, padded, body, probed)
+        try:
+            got = self._graphs.run((index, index + len(layers) - 1), hidden, padded.size, padded.rope.stacked,
+                                   padded.mask, padded, body, probed)
+        except RuntimeError as error:
+            if len(layers) == 1:
+                raise
+            # a span CUDA would not capture: one graph per layer from now on (this span's layers included)
+            _LOG.warning('layers %d-%d could not run as one CUDA graph (%s); each layer runs as a graph of its '
+                         'own from now on', index, index + len(layers) - 1, error)
+            self.cuda_graph_spans = False
+            for i, fused in enumerate(fusions):
+                hidden, q, k, v = self._graphed_block(index + i, hidden, padded, [fused],
+                                                      probed and i == len(fusions) - 1)
+            return hidden, q, k, v
         if not probed:
             return got, None, None, None
         n = hidden.shape[1]
