@@ -272,12 +272,19 @@ class PrunableDecoderRunner(nn.Module):
             selection += time.perf_counter() - t0
 
         kept = torch.arange(layout.num_tokens, device=device)
-        if plan.keep_before is not None:
-            kept = self._apply_keep(kept, plan.keep_before, is_visual, roles, 'before layer 0',
-                                    None if on_host else non_visual)
+        keep, present = plan.keep_before, None
+        if isinstance(keep, VisualMask) and not on_host:          # checked on the device, nothing sorted
+            rows = self._rows_kept_by_mask(kept, _visual_slot_table(layout, device),
+                                           _all_visual_on(layout.num_visual, device), layout, keep, 'before layer 0')
+            if rows is not None:
+                kept, present = rows, keep.mask     # rows of the full sequence: the kept indices themselves
+        elif keep is not None:
+            if isinstance(keep, VisualMask):
+                keep = _mask_indices(keep, layout, 'before layer 0')
+            kept = self._apply_keep(kept, keep, is_visual, roles, 'before layer 0', None if on_host else non_visual)
         reused = self._reusable(plan, kept, is_visual)
         if reused is not None:
-            kept = kept[~torch.isin(kept, reused)]
+            kept, present = kept[~torch.isin(kept, reused)], None
         requests = self._requests_by_layer(plan.attention)
         hooked = self._hook_layers(plan.after_layers)
         cache = DecoderCache(last_position=layout.num_tokens - 1) if return_cache else None
@@ -293,6 +300,8 @@ class PrunableDecoderRunner(nn.Module):
         probes = _ProbeBatch()
         fusions = self._fusions()
         tokens = _KeptTokens(self.decoder.rotary_emb, kept, reused, layout, roles, hidden, bucket, tables)
+        if present is not None:
+            tokens.visual_present = present
         index = 0
         while index < self.num_layers:
             first, layer = index, self.decoder.layers[index]
@@ -322,7 +331,8 @@ class PrunableDecoderRunner(nn.Module):
                     stage = f'after layer {index}'
                     slots = present = None
                     if isinstance(keep, VisualMask) and not on_host:     # checked on the device, nothing sorted
-                        rows = self._rows_kept_by_mask(tokens, keep, stage)
+                        rows = self._rows_kept_by_mask(tokens.kept, tokens.visual_slots, tokens.visual_present,
+                                                       layout, keep, stage)
                         if rows is not None:
                             new_kept = tokens.kept.index_select(0, rows)
                             slots, present = tokens.visual_slots.index_select(0, rows), keep.mask
@@ -624,29 +634,33 @@ class PrunableDecoderRunner(nn.Module):
     # -- one layer ---------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _rows_kept_by_mask(tokens: '_KeptTokens', keep: VisualMask, stage: str) -> Optional[torch.Tensor]:
-        """Rows of ``tokens`` that a :class:`VisualMask` keeps (None: all of them), checked on the device.
+    def _rows_kept_by_mask(kept: torch.Tensor, slots: torch.Tensor, present: torch.Tensor, layout: TokenLayout,
+                           keep: VisualMask, stage: str) -> Optional[torch.Tensor]:
+        """Rows of ``kept`` that a :class:`VisualMask` keeps (None: all of them), checked on the device.
 
-        The mask must name kept visual tokens only, exactly ``keep.count`` of them (one device-side assert, no
-        wait); the rows come out in order, so the kept set needs no sort.
+        ``slots``: each kept token's place among the visual tokens (``num_visual`` elsewhere); ``present``: the
+        kept visual tokens as a dense mask. The mask must name kept visual tokens only, exactly ``keep.count`` of
+        them (one device-side assert, no wait); the rows come out in order, so the kept set needs no sort.
         """
-        layout, mask = tokens.layout, keep.mask
+        mask = keep.mask
         if mask.shape != (layout.num_visual,) or mask.dtype != torch.bool:
             raise PlanError(f'{stage}: a visual mask must be a ({layout.num_visual},) bool tensor, not '
                             f'{tuple(mask.shape)} {mask.dtype}')
-        visual = len(tokens.kept) - (layout.num_tokens - layout.num_visual)     # kept visual tokens (host)
+        visual = len(kept) - (layout.num_tokens - layout.num_visual)     # kept visual tokens (host)
         if keep.count <= 0:
             raise PlanError(f'{stage}: the keep set is empty; keep at least one visual token')
         if keep.count > visual:
             raise PlanError(f'{stage}: the mask keeps {keep.count} visual tokens, but only {visual} run now')
-        ok = mask.le(tokens.visual_present).all().logical_and_(mask.sum().eq(keep.count))
+        ok = mask.sum().eq(keep.count)
+        if visual < layout.num_visual:      # every visual token still runs: any mask names kept ones
+            ok = mask.le(present).all().logical_and_(ok)
         torch._assert_async(ok, f'{stage}: the visual mask names tokens that are no longer kept, or does not hold '
                             f'exactly {keep.count}')
         if keep.count == visual:
             return None
         # each kept token's place in the mask (non-visual tokens: a spare slot that is always set)
-        chosen = torch.cat([mask, _true_on(mask.device)]).index_select(0, tokens.visual_slots)
-        return torch.nonzero_static(chosen, size=len(tokens.kept) - visual + keep.count).view(-1)
+        chosen = torch.cat([mask, _true_on(mask.device)]).index_select(0, slots)
+        return torch.nonzero_static(chosen, size=len(kept) - visual + keep.count).view(-1)
 
     def _span_end(self, first: int, requests: Mapping[int, list], hooked: Optional[frozenset[int]],
                   hooks: bool) -> int:

@@ -49,10 +49,10 @@ class AttentionRequest:
 class VisualMask:
     """A keep set as a dense mask over the layout's visual tokens (camera order), ``count`` of them set.
 
-    What a method that selects on the device may return from ``after_layer`` instead of sequence indices: the
-    runner checks it on the device (a subset of the visual tokens still kept, exactly ``count`` set) and takes the
-    kept tokens from it without sorting. ``count`` is a host integer, so no size waits for the device. The runner
-    reads ``mask`` for the rest of the pass: do not modify it in place.
+    What a method that selects on the device may return from ``after_layer`` (or plan as ``keep_before``) instead
+    of sequence indices: the runner checks it on the device (a subset of the visual tokens still kept, exactly
+    ``count`` set) and takes the kept tokens from it without sorting. ``count`` is a host integer, so no size waits
+    for the device. The runner reads ``mask`` for the rest of the pass: do not modify it in place.
     """
 
     mask: torch.Tensor                               # (num_visual,) bool, cameras in order (TokenLayout.visual_indices)
@@ -95,7 +95,8 @@ class KVStore:
 class StepPlan:
     """A method's instructions for one step."""
 
-    keep_before: Optional[torch.Tensor] = None       # visual indices kept from layer 0 on (None = all)
+    keep_before: Optional[torch.Tensor | VisualMask] = None   # visual indices (or a mask) kept from layer 0 on
+    # (None = all)
     attention: list[AttentionRequest] = field(default_factory=list)
     reuse_kv: Optional[torch.Tensor] = None          # visual indices whose K/V come from ``kv_store`` (not recomputed)
     kv_store: Optional[KVStore] = None               # where K/V are read from, and written to for computed tokens

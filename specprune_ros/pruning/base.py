@@ -94,13 +94,18 @@ class PruningMethodBase:
         if plan.after_layers is None and type(self)._after is PruningMethodBase._after:
             plan.after_layers = frozenset()         # a method that decides nothing between layers needs no hook
         self._protected = _protected_cached(context.layout, _as_regions(self.config.keep_regions))
+        if isinstance(plan.keep_before, VisualMask) and self._protected is not None:   # indices, to add to
+            plan.keep_before = mask_to_sequence_on_device(plan.keep_before.mask, plan.keep_before.count,
+                                                          context.layout)
         if plan.keep_before is not None and self._protected is not None:
             plan.keep_before = torch.unique(torch.cat([torch.as_tensor(plan.keep_before, dtype=torch.long),
                                                        self._protected]))
         if plan.reuse_kv is not None and self._protected is not None:   # protected tokens are computed afresh
             reuse = torch.as_tensor(plan.reuse_kv, dtype=torch.long)
             plan.reuse_kv = reuse[~torch.isin(reuse, self._protected)]
-        nv = context.layout.num_visual if plan.keep_before is None else int(plan.keep_before.numel())
+        keep = plan.keep_before
+        nv = context.layout.num_visual if keep is None else keep.count if isinstance(keep, VisualMask) else \
+            int(keep.numel())
         self.last_info['visual_kept_before'] = nv
         return plan
 

@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from specprune_ros.core.step_types import VisualMask
 from specprune_ros.core.token_layout import TokenLayout
 
 
@@ -77,6 +78,17 @@ def _visual_tables_on(layout: TokenLayout, device: torch.device) -> tuple[torch.
     # the position table sends non-visual tokens to num_visual: a spare slot that callers drop
     spare = torch.where(pos >= 0, pos, torch.full_like(pos, layout.num_visual))
     return vis.to(device), spare.to(device)
+
+
+def positions_mask(positions: torch.Tensor, num_visual: int) -> torch.Tensor:
+    """Dense-visual positions (no repeats) -> the (num_visual,) bool mask they set, on the positions' device."""
+    mask = torch.zeros(num_visual, dtype=torch.bool, device=positions.device)
+    return mask.index_fill_(0, positions.reshape(-1), True)
+
+
+def positions_to_keep(positions: torch.Tensor, layout: TokenLayout) -> VisualMask:
+    """Dense-visual positions (no repeats) -> the :class:`VisualMask` that keeps them (nothing read back)."""
+    return VisualMask(positions_mask(positions, layout.num_visual), positions.numel())
 
 
 def positions_to_sequence(positions: torch.Tensor, layout: TokenLayout) -> torch.Tensor:

@@ -58,12 +58,12 @@ from typing import Literal, Optional
 
 import torch
 
-from specprune_ros.core.step_types import LayerView, StepContext, StepPlan, StepRecord
+from specprune_ros.core.step_types import LayerView, StepContext, StepPlan, StepRecord, VisualMask
 from specprune_ros.core.token_layout import TokenLayout
 from specprune_ros.pruning.action_controller import ActionController, ControllerConfig
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
 from specprune_ros.pruning.budget_knob import BudgetKnob
-from specprune_ros.pruning.scoring import budget_count, positions_to_sequence, to_device
+from specprune_ros.pruning.scoring import budget_count, positions_mask, to_device
 from specprune_ros.pruning.selection_graphs import SelectionGraphs
 
 COVERED_BONUS = 100.0      # added to the score (rank in [0, 1] + noise <= explore) of the patches the quota keeps
@@ -181,11 +181,12 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
         if early < patches:
             remembered = self._remembered()
             noise = self._noise(layout, remembered.device)
-            plan.keep_before = self._graphs.run(('early cut', layout, early),
-                                                functools.partial(self._early_cut, layout, early), remembered, noise)
+            plan.keep_before = VisualMask(self._graphs.run(('early cut', layout, early),
+                                                           functools.partial(self._early_cut, layout, early),
+                                                           remembered, noise), early * layout.num_cameras)
         return plan
 
-    def _after(self, view: LayerView) -> Optional[torch.Tensor]:
+    def _after(self, view: LayerView) -> Optional[VisualMask]:
         if not self._refine or view.layer != self._refine_at:
             return None
         layout = self._layout
@@ -200,7 +201,7 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
         # the end of the step reuses the smoothed semantic score
         self._refined, keep = self._graphs.run(('refine cut', layout, self._budget, len(inputs)),
                                                functools.partial(self._refine_cut, layout, self._budget), *inputs)
-        return keep
+        return VisualMask(keep, self._budget * layout.num_cameras)
 
     def _end(self, record: StepRecord) -> None:
         cfg = self.config
@@ -218,12 +219,12 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
 
     def _early_cut(self, layout: TokenLayout, budget: int, remembered: torch.Tensor,
                    noise: torch.Tensor) -> torch.Tensor:
-        """The cut before layer 0: sorted sequence indices of ``budget`` patches per camera."""
+        """The cut before layer 0: the dense visual mask of ``budget`` patches per camera."""
         return self._select(remembered + noise, layout, budget, remembered.device)
 
     def _refine_cut(self, layout: TokenLayout, budget: int, dense: torch.Tensor, running: torch.Tensor,
                     noise: torch.Tensor, action: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cut after the refine layer: the smoothed semantic score and the kept sequence indices."""
+        """The cut after the refine layer: the smoothed semantic score and the dense visual mask of the kept."""
         ranks, seen = observed_ranks(dense, layout)
         semantic = self._smoothed(running, ranks, seen)
         score = semantic if action is None else torch.maximum(semantic, action)
@@ -275,7 +276,7 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
         return to_device(draw.uniform_(0.0, amplitude, generator=self.generator), device)
 
     def _select(self, score: torch.Tensor, layout: TokenLayout, budget: int, device: torch.device) -> torch.Tensor:
-        """Sorted sequence indices: the coverage quota of every cell, then the best remaining scores, per camera."""
+        """The dense visual mask of the coverage quota of every cell, then the best remaining scores, per camera."""
         cameras, patches = layout.num_cameras, layout.patches_per_camera
         cells, slots, tiers, offsets = camera_tables(layout.grid_shape, tuple(int(c) for c in self.config.cells),
                                                      self.config.cell_quota, device, cameras)
@@ -287,7 +288,7 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
         grouped = best_first.gather(1, by_cell)
         covered = torch.zeros_like(key).scatter_(1, grouped.index_select(1, slots), tiers)
         chosen = torch.sort(key + covered, dim=1, descending=True, stable=True).indices[:, :budget]
-        return positions_to_sequence((chosen + offsets).flatten(), layout)
+        return positions_mask(chosen + offsets, layout.num_visual)
 
 
 def observed_ranks(dense: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:

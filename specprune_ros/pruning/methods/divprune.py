@@ -13,7 +13,7 @@ from specprune_ros.core.step_types import StepContext, StepPlan
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
 from specprune_ros.pruning.budget_knob import KeepRatioKnob
 from specprune_ros.pruning.diversity import greedy_max_min
-from specprune_ros.pruning.scoring import budget_count, camera_slices, positions_to_sequence
+from specprune_ros.pruning.scoring import budget_count, camera_slices, positions_to_keep
 
 
 @dataclass
@@ -37,6 +37,6 @@ class DivPrune(KeepRatioKnob, PruningMethodBase):
         for sl in groups:
             m = budget_count(self.effective_keep_ratio(), sl.stop - sl.start)
             parts.append(sl.start + greedy_max_min(emb[sl], m))
-        keep = positions_to_sequence(torch.cat(parts), layout)
-        self.last_info['budget'] = int(keep.numel())
+        keep = positions_to_keep(torch.cat(parts), layout)
+        self.last_info['budget'] = keep.count
         return StepPlan(keep_before=keep)

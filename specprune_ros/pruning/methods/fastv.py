@@ -13,10 +13,10 @@ from typing import Optional
 
 import torch
 
-from specprune_ros.core.step_types import LayerView, StepContext, StepPlan
+from specprune_ros.core.step_types import LayerView, StepContext, StepPlan, VisualMask
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
 from specprune_ros.pruning.budget_knob import KeepRatioKnob
-from specprune_ros.pruning.scoring import (budget_count, camera_slices, mask_to_sequence, positions_to_sequence,
+from specprune_ros.pruning.scoring import (budget_count, camera_slices, mask_to_sequence, positions_to_keep,
                                            stable_topk, stable_topk_on_device)
 
 
@@ -45,7 +45,7 @@ class FastV(KeepRatioKnob, PruningMethodBase):
         self.last_info.update(prune_layer=self.config.prune_layer, score_layer=layer)
         return StepPlan(attention=self.requests((layer, self.config.rows, 'fastv')), after_layers=frozenset((layer,)))
 
-    def _after(self, view: LayerView) -> Optional[torch.Tensor]:
+    def _after(self, view: LayerView) -> Optional[torch.Tensor | VisualMask]:
         if view.layer != self._score_layer():
             return None
         layout = self._layout
@@ -60,7 +60,7 @@ class FastV(KeepRatioKnob, PruningMethodBase):
             # every visual token is present (the kept count is known on the host): the selection stays on the
             # device, with the same order as the host top-k (descending, ties to the lower position)
             parts = [sl.start + stable_topk_on_device(scores[sl], m) for sl, m in zip(groups, budgets)]
-            return positions_to_sequence(torch.cat(parts), layout)
+            return positions_to_keep(torch.cat(parts), layout)
         present = self.kept_visual(view)
         mask = torch.zeros(layout.num_visual, dtype=torch.bool)
         for sl, m in zip(groups, budgets):

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-from specprune_ros.core.step_types import StepContext, StepPlan
+from specprune_ros.core.step_types import StepContext, StepPlan, VisualMask
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
 from specprune_ros.pruning.budget_knob import KeepRatioKnob
-from specprune_ros.pruning.scoring import budget_count, camera_slices, positions_to_sequence, to_device
+from specprune_ros.pruning.scoring import budget_count, camera_slices, positions_to_keep, to_device
 
 
 @dataclass
@@ -34,8 +34,8 @@ class RandomPruning(KeepRatioKnob, PruningMethodBase):
         self.generator.manual_seed(self.seed)
 
     def _begin(self, context: StepContext) -> StepPlan:
-        # the draw runs on the CPU generator (host data only, identical under a seed on every device); the chosen
-        # indices go to the device in one asynchronous copy, so nothing waits for the device
+        # the draw runs on the CPU generator (host data only, identical under a seed on every device); the mask of
+        # the chosen tokens goes to the device in one asynchronous copy, so nothing waits for the device
         layout = context.layout
         groups = camera_slices(layout) if self.config.per_camera else [slice(0, layout.num_visual)]
         parts = []
@@ -43,7 +43,9 @@ class RandomPruning(KeepRatioKnob, PruningMethodBase):
             n = sl.stop - sl.start
             m = budget_count(self.effective_keep_ratio(), n)
             parts.append(sl.start + torch.randperm(n, generator=self.generator)[:m])
-        keep = positions_to_sequence(torch.cat(parts), layout)
-        self.last_info['budget'] = int(keep.numel())
+        keep = positions_to_keep(torch.cat(parts), layout)
+        self.last_info['budget'] = keep.count
         embeddings = context.visual_embeddings
-        return StepPlan(keep_before=keep if embeddings is None else to_device(keep, embeddings.device))
+        if embeddings is not None:
+            keep = VisualMask(to_device(keep.mask, embeddings.device), keep.count)
+        return StepPlan(keep_before=keep)

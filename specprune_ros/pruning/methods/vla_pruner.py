@@ -25,13 +25,13 @@ from typing import Literal, Optional
 
 import torch
 
-from specprune_ros.core.step_types import LayerView, StepContext, StepPlan, StepRecord
+from specprune_ros.core.step_types import LayerView, StepContext, StepPlan, StepRecord, VisualMask
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
 from specprune_ros.pruning.budget_knob import KeepRatioKnob
 from specprune_ros.pruning.diversity import greedy_max_min, greedy_max_min_groups
 from specprune_ros.pruning.scoring import (budget_count, camera_slices, decay_weights_cached,
                                            divide_rows_by_positive_sum, mask_to_sequence, normalise,
-                                           positions_to_sequence, stable_topk, stable_topk_rows_on_device)
+                                           positions_mask, stable_topk, stable_topk_rows_on_device)
 from specprune_ros.pruning.selection_graphs import SelectionGraphs
 
 
@@ -105,7 +105,7 @@ class VLAPruner(KeepRatioKnob, PruningMethodBase):
         return StepPlan(attention=self.requests(*items),
                         after_layers=frozenset((self._score_at,) if self._score_at >= 0 else ()))
 
-    def _after(self, view: LayerView) -> Optional[torch.Tensor]:
+    def _after(self, view: LayerView) -> Optional[torch.Tensor | VisualMask]:
         cfg = self.config
         if view.layer != self._score_at:
             return None
@@ -179,7 +179,7 @@ class VLAPruner(KeepRatioKnob, PruningMethodBase):
         total = (weights[:, None] * stacked).sum(0)
         return divide_rows_by_positive_sum(total.view(layout.num_cameras, -1)).view(-1)
 
-    def _select_on_device(self, view: LayerView) -> Optional[torch.Tensor]:
+    def _select_on_device(self, view: LayerView) -> Optional[VisualMask]:
         """Combine-then-Filter when every visual token ran through the scoring layer: nothing is read back.
 
         Every candidate set then holds at least the budget, so each camera keeps exactly its budget and the kept
@@ -202,11 +202,11 @@ class VLAPruner(KeepRatioKnob, PruningMethodBase):
         sizes, kept = self._graphs.run(key, functools.partial(self._combine_then_filter, m, sem is not None),
                                        *inputs)
         self.last_info.update(candidates=sizes, budget=groups * m)
-        return kept
+        return VisualMask(kept, groups * m)
 
     def _combine_then_filter(self, m: int, semantic: bool, emb: torch.Tensor,
                              *scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each camera's ``m`` tokens: the candidate counts and the kept sequence indices.
+        """Each camera's ``m`` tokens: the candidate counts and the dense visual mask of the kept tokens.
 
         From the layer-0 embeddings ``emb``, the semantic score (the first of ``scores`` if ``semantic``) and the
         action history (the rest of ``scores``).
@@ -240,7 +240,7 @@ class VLAPruner(KeepRatioKnob, PruningMethodBase):
                 parts = [s for s in (s_sem, s_act) if s is not None]
                 total = parts[0] if len(parts) == 1 else torch.where(has_act, parts[0] + parts[1], parts[0])
                 chosen = stable_topk_rows_on_device(total, m, cand)
-        return sizes, positions_to_sequence((chosen + _group_starts(groups, n, device)).flatten(), layout)
+        return sizes, positions_mask(chosen + _group_starts(groups, n, device), layout.num_visual)
 
     def _end(self, record: StepRecord) -> None:
         if not self.config.use_action:
