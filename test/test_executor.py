@@ -219,14 +219,17 @@ def test_bad_plans_raise_clear_errors(plan, message):
 
 
 class MaskAfter(FixedKeepSchedule):
-    """Keep what ``keep_after`` says, handed to the runner as visual masks (with a count, right or wrong)."""
+    """Keep what ``masks`` say (layer -> mask; -1: before layer 0) as visual masks, with counts right or wrong."""
 
     def __init__(self, masks: dict[int, torch.Tensor], counts: dict[int, int] | None = None) -> None:
         super().__init__(attention=[AttentionRequest(2, 'text')])
         self.masks, self.counts = masks, counts or {}
 
     def begin_step(self, context: StepContext) -> StepPlan:
-        return StepPlan(attention=list(self.attention), after_layers=frozenset(self.masks))
+        before = self.masks.get(-1)
+        keep = None if before is None else VisualMask(before, self.counts.get(-1, int(before.sum())))
+        return StepPlan(keep_before=keep, attention=list(self.attention),
+                        after_layers=frozenset(layer for layer in self.masks if layer >= 0))
 
     def after_layer(self, view):
         mask = self.masks.get(view.layer)
@@ -251,9 +254,14 @@ def test_visual_masks_keep_what_indices_keep(causal, on_host):
                                                                 attention=[AttentionRequest(2, 'text')]))
         got = runner(x, make_layout(causal), MaskAfter({0: _visual_mask(first), 1: _visual_mask(first),
                                                         2: _visual_mask(second)}))
-    assert [k.tolist() for k in got.record.kept_per_layer] == [k.tolist() for k in want.record.kept_per_layer]
-    assert torch.equal(got.hidden, want.hidden)
-    assert torch.equal(got.record.attention[2]['text'][1], want.record.attention[2]['text'][1])
+        # the first cut before layer 0 instead
+        want_before = runner(x, make_layout(causal), FixedKeepSchedule(
+            keep_before=first, keep_after={2: second}, attention=[AttentionRequest(2, 'text')]))
+        got_before = runner(x, make_layout(causal), MaskAfter({-1: _visual_mask(first), 2: _visual_mask(second)}))
+    for got, want in ((got, want), (got_before, want_before)):
+        assert [k.tolist() for k in got.record.kept_per_layer] == [k.tolist() for k in want.record.kept_per_layer]
+        assert torch.equal(got.hidden, want.hidden)
+        assert torch.equal(got.record.attention[2]['text'][1], want.record.attention[2]['text'][1])
 
 
 @pytest.mark.parametrize('on_host', [True, False])
@@ -282,6 +290,9 @@ def test_visual_masks_follow_the_camera_order(on_host):
     ({0: torch.zeros(32, dtype=torch.bool)}, None, 'empty'),
     ({0: torch.ones(31, dtype=torch.bool)}, None, r'\(32,\) bool'),
     ({0: torch.ones(32, dtype=torch.long)}, {0: 32}, r'\(32,\) bool'),
+    ({-1: _visual_mask([1, 2]), 0: _visual_mask([1, 3])}, None, 'no longer kept|already pruned'),
+    ({-1: _visual_mask([1, 2])}, {-1: 3}, 'exactly 3|not the 3'),
+    ({-1: torch.zeros(32, dtype=torch.bool)}, None, 'empty'),
 ])
 def test_bad_visual_masks_are_refused(masks, counts, message, on_host):
     runner = PrunableDecoderRunner(make_decoder(), validate_on_host=on_host)
