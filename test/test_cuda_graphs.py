@@ -135,6 +135,15 @@ def check_graph_spans(device: torch.device, causal: bool) -> None:
             # layers 0-2 (the hook after 2), 3-5 (probed at 5), 6-7: three graphs, captured at the first step only
             assert spans._graphs.captures == 1 + 3, step
             assert layers._graphs.captures == 8, step
+        # a pass that hands its keys and values to a decoder: every layer's from the same spans, graphs of their own
+        method = plan()
+        got, want = spans(x, layout, method, return_cache=True), eager(x, layout, method, return_cache=True)
+        assert len(got.cache) == len(want.cache) == 8
+        for mine, theirs in ((got.cache.keys, want.cache.keys), (got.cache.values, want.cache.values)):
+            assert all(a.shape == b.shape and (a - b).abs().max().item() <= 1e-4 for a, b in zip(mine, theirs))
+        assert all(torch.equal(a, b) for a, b in zip(got.cache.positions, want.cache.positions))
+        assert (got.hidden - want.hidden).abs().max().item() <= 1e-4
+        assert spans._graphs.captures == 1 + 3 + 3
 
 
 @pytest.mark.parametrize('causal', [False, True])
@@ -169,6 +178,13 @@ def test_a_span_that_cannot_be_captured_runs_as_one_graph_per_layer(graphs_on_th
             assert (got.record.attention[5]['text'][1] - want.record.attention[5]['text'][1]).abs().max() <= 1e-5
     assert runner.cuda_graph_spans is False and runner._graphs.captures == 8     # each layer once
     assert sum('could not run as one CUDA graph' in r.getMessage() for r in caplog.records) == 1
+    # refused while handing keys and values to a decoder: each layer's still reaches the cache
+    runner = PrunableDecoderRunner(decoder, cuda_graph_layers=True, bucket=64)
+    with torch.no_grad():
+        got, want = runner(x, layout, method, return_cache=True), eager(x, layout, method, return_cache=True)
+    assert runner.cuda_graph_spans is False and len(got.cache) == 8
+    for mine, theirs in ((got.cache.keys, want.cache.keys), (got.cache.values, want.cache.values)):
+        assert all(a.shape == b.shape and (a - b).abs().max().item() <= 1e-4 for a, b in zip(mine, theirs))
 
 
 def test_layer_arithmetic_reads_fused_or_own_weights_alike():

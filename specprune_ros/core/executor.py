@@ -203,8 +203,8 @@ class PrunableDecoderRunner(nn.Module):
         seven (a span CUDA will not capture is logged, and every layer runs as a graph of its own from then on);
         without it every layer is a graph of its own (one launch per layer instead of about 25). The tokens
         are padded to ``bucket`` as for ``compile_layers``, with the same limits (plain Llama layers, no autograd,
-        no stored or reused keys/values; a pass that returns its keys and values for decoding graphs each layer
-        apart); a probed layer's graph also keeps its queries and keys. The graphs read the fused projections
+        no stored or reused keys/values); a probed layer's graph also keeps its queries and keys, and a pass that
+        returns its keys and values for decoding keeps every layer's. The graphs read the fused projections
         where their copy takes at most half the free device memory (``fuse_projections`` None), else the layers'
         own weights. Each new padded size costs a capture per span (a few ms per layer) and holds each span's
         output at that size in device memory. Ignored off CUDA. Off by default (``docs/benchmarks.md``).
@@ -308,7 +308,7 @@ class PrunableDecoderRunner(nn.Module):
             # graphed: the layers up to the next one whose attention is read or after which the method runs, as
             # one graph (the kept set holds over them)
             index = self._span_end(index, requests, hooked, method is not None) if graphed and \
-                self.cuda_graph_spans and cache is None else index
+                self.cuda_graph_spans else index
             span = index - first + 1
             kept_per_layer.extend([tokens.kept] * span)
             n_keys.extend([tokens.num_keys] * span)
@@ -732,11 +732,11 @@ class PrunableDecoderRunner(nn.Module):
         rows = [tokens.query_rows(request.rows) for request in requests] if shared else None
         probed: list[torch.Tensor] = []
         if graph:
-            hidden, q, k, v = self._graphed_block(index, hidden, tokens.padded, span or [fused],
-                                                  bool(requests) or cache is not None)
-            if cache is not None:                # copies: the graph's buffers change at its next replay
-                cache.keys.append(k.clone())
-                cache.values.append(v.clone())
+            hidden, q, k, v, layers_kv = self._graphed_block(index, hidden, tokens.padded, span or [fused],
+                                                             bool(requests), cache is not None)
+            for layer_k, layer_v in layers_kv or ():    # copies: the graph's buffers change at its next replay
+                cache.keys.append(layer_k.clone())
+                cache.values.append(layer_v.clone())
                 cache.positions.append(tokens.key_indices)
         elif tokens.padded is not None:
             hidden, q, k = self._compiled_block(layer, hidden, tokens.padded, fused, self.compile_layers)
@@ -782,41 +782,51 @@ class PrunableDecoderRunner(nn.Module):
         return out[:, :n], q[:, :, :n], k[:, :, :n]
 
     def _graphed_block(self, index: int, hidden: torch.Tensor, padded: '_Padded',
-                       fusions: Sequence[Optional['_FusedProjections']], probed: bool = False
-                       ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+                       fusions: Sequence[Optional['_FusedProjections']], probed: bool = False,
+                       keys_values: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor],
+                                                           Optional[torch.Tensor], Optional[list[tuple]]]:
         """:meth:`_block` of layers ``index`` onwards as one CUDA graph at the padded size (``cuda_graph_layers``).
 
-        One layer per entry of ``fusions`` (its fused projections). ``probed``: the graph also keeps the last
-        layer's queries, keys and values (returned over the kept tokens, valid until the graph replays again: the
-        pass's probes read them before that; a decode cache copies them), else (output, None, None, None).
+        One layer per entry of ``fusions`` (its fused projections). Returns the output, and with ``probed`` the last
+        layer's queries, keys and values, with ``keys_values`` every layer's keys and values (for a decode cache),
+        all over the kept tokens and valid until the graph replays again (the pass's probes read them before that;
+        a decode cache copies them); None for what was not asked.
         """
         layers = [(self.decoder.layers[index + i], fused) for i, fused in enumerate(fusions)]
+        last = index + len(layers) - 1
 
         def body(x, rope, mask):
             cos, sin = rope[:1], rope[1:]
+            earlier = []
             for layer, fused in layers[:-1]:
-                x = _layer_arithmetic(x, cos, sin, mask, padded.causal, *_layer_operands(layer, fused))[0]
+                x, _, k, v = _layer_arithmetic(x, cos, sin, mask, padded.causal, *_layer_operands(layer, fused))
+                earlier += [k, v] if keys_values else []
             out = _layer_arithmetic(x, cos, sin, mask, padded.causal, *_layer_operands(*layers[-1]))
-            return out if probed else out[0]
+            return (*out, *earlier) if probed or keys_values else out[0]
+        # a span that hands out every layer's keys and values is a graph of its own
+        key = (index, last) + (('keys and values',) if keys_values and last > index else ())
         try:
-            got = self._graphs.run((index, index + len(layers) - 1), hidden, padded.size, padded.rope.stacked,
-                                   padded.mask, padded, body, probed)
+            got = self._graphs.run(key, hidden, padded.size, padded.rope.stacked, padded.mask, padded, body,
+                                   probed or keys_values)
         except RuntimeError as error:
-            if len(layers) == 1:
+            if last == index:
                 raise
             # a span CUDA would not capture: one graph per layer from now on (this span's layers included)
             _LOG.warning('layers %d-%d could not run as one CUDA graph (%s); each layer runs as a graph of its '
-                         'own from now on', index, index + len(layers) - 1, error)
+                         'own from now on', index, last, error)
             self.cuda_graph_spans = False
+            layers_kv = [] if keys_values else None
             for i, fused in enumerate(fusions):
-                hidden, q, k, v = self._graphed_block(index + i, hidden, padded, [fused],
-                                                      probed and i == len(fusions) - 1)
-            return hidden, q, k, v
-        if not probed:
-            return got, None, None, None
+                hidden, q, k, v, kv = self._graphed_block(index + i, hidden, padded, [fused],
+                                                          probed and index + i == last, keys_values)
+                layers_kv = layers_kv + kv if keys_values else None
+            return hidden, q, k, v, layers_kv
+        if not (probed or keys_values):
+            return got, None, None, None, None
         n = hidden.shape[1]
-        out, q, k, v = got
-        return out[:, :n], q[:, :, :n], k[:, :, :n], v[:, :, :n]
+        out, q, k, v, *earlier = (part[:, :n] if i == 0 else part[:, :, :n] for i, part in enumerate(got))
+        layers_kv = list(zip(earlier[::2], earlier[1::2])) + [(k, v)] if keys_values else None
+        return out, q, k, v, layers_kv
 
     def _fusions(self) -> list[Optional['_FusedProjections']]:
         """Every layer's fused projections for one pass (see :meth:`_fusion`).
