@@ -10,8 +10,9 @@ them, so dropping tokens shortens the device's work but not the step. A replayed
   keys and values, and one whose keys and values a decode cache takes keeps every layer's. A graph runs fixed
   addresses and shapes, so the layers run over the kept tokens padded to a bucket (the executor's ``_Padded``:
   padding keys masked out, padding rows dropped after the span), and every graph of one padded size reads the same
-  static buffers: the input, the RoPE tables and the mask. The tables and the mask are copied in when the kept set changes, the input
-  before each span; each span's output stays in its graph's own buffer until the next pass replays that graph.
+  static buffers: the input, the RoPE tables and the mask. The tables and the mask are copied in when the kept set
+  changes, the input before each span; each span's output stays in its graph's own buffer until the next pass
+  replays that graph.
 * :class:`ShapeGraphs`: a function of tensors whose shapes repeat (the vision backbones, the greedy steps of the
   diversity selections, a method's fixed-shape selection work), one graph per input shapes; its outputs are copied
   out, since callers keep them across steps.
