@@ -265,6 +265,18 @@ def test_visual_masks_keep_what_indices_keep(causal, on_host):
 
 
 @pytest.mark.parametrize('on_host', [True, False])
+def test_a_visual_mask_may_count_with_a_tensor(on_host):
+    first, second = two_stage_drop()
+    runner = PrunableDecoderRunner(make_decoder(), validate_on_host=on_host)
+    x = torch.randn(1, N, HIDDEN)
+    with torch.no_grad():
+        want = runner(x, make_layout(False), MaskAfter({0: _visual_mask(first)}))
+        got = runner(x, make_layout(False), MaskAfter({0: _visual_mask(first)},
+                                                      {0: _visual_mask(first).sum()}))     # a 0-d tensor count
+    assert [k.tolist() for k in got.record.kept_per_layer] == [k.tolist() for k in want.record.kept_per_layer]
+
+
+@pytest.mark.parametrize('on_host', [True, False])
 def test_visual_masks_follow_the_camera_order(on_host):
     # the second camera's patches come first in the sequence: a mask's places follow the cameras, not positions
     layout = TokenLayout(num_tokens=N, camera_spans=((16, 32), (0, 16)), grid_shape=(4, 4), text_span=(32, 38),

@@ -273,6 +273,8 @@ class PrunableDecoderRunner(nn.Module):
 
         kept = torch.arange(layout.num_tokens, device=device)
         keep, present = plan.keep_before, None
+        if isinstance(keep, VisualMask):
+            keep = _mask_on(keep, device)
         if isinstance(keep, VisualMask) and not on_host:          # checked on the device, nothing sorted
             rows = self._rows_kept_by_mask(kept, _visual_slot_table(layout, device),
                                            _all_visual_on(layout.num_visual, device), layout, keep, 'before layer 0')
@@ -330,6 +332,8 @@ class PrunableDecoderRunner(nn.Module):
                 if keep is not None:
                     stage = f'after layer {index}'
                     slots = present = None
+                    if isinstance(keep, VisualMask):
+                        keep = _mask_on(keep, device)
                     if isinstance(keep, VisualMask) and not on_host:     # checked on the device, nothing sorted
                         rows = self._rows_kept_by_mask(tokens.kept, tokens.visual_slots, tokens.visual_present,
                                                        layout, keep, stage)
@@ -1026,6 +1030,13 @@ def _true_on(device: torch.device) -> torch.Tensor:
 def _all_visual_on(num_visual: int, device: torch.device) -> torch.Tensor:
     """(num_visual,) True on ``device`` (shared: do not modify it)."""
     return torch.ones(num_visual, dtype=torch.bool, device=device)
+
+
+def _mask_on(keep: VisualMask, device: torch.device) -> VisualMask:
+    """``keep`` with its mask on ``device`` and its count a host integer (a method may hand either elsewhere)."""
+    if keep.mask.device == device and type(keep.count) is int:
+        return keep
+    return VisualMask(keep.mask.to(device), int(keep.count))
 
 
 def _mask_indices(keep: VisualMask, layout: TokenLayout, stage: str) -> np.ndarray:
