@@ -272,17 +272,13 @@ class PrunableDecoderRunner(nn.Module):
             selection += time.perf_counter() - t0
 
         kept = torch.arange(layout.num_tokens, device=device)
-        keep, present = plan.keep_before, None
-        if isinstance(keep, VisualMask):
-            keep = _mask_on(keep, device)
-        if isinstance(keep, VisualMask) and not on_host:          # checked on the device, nothing sorted
+        keep, present = _keep_as_checked(plan.keep_before, layout, device, on_host, 'before layer 0'), None
+        if isinstance(keep, VisualMask):                          # checked on the device, nothing sorted
             rows = self._rows_kept_by_mask(kept, _visual_slot_table(layout, device),
                                            _all_visual_on(layout.num_visual, device), layout, keep, 'before layer 0')
             if rows is not None:
                 kept, present = rows, keep.mask     # rows of the full sequence: the kept indices themselves
         elif keep is not None:
-            if isinstance(keep, VisualMask):
-                keep = _mask_indices(keep, layout, 'before layer 0')
             kept = self._apply_keep(kept, keep, is_visual, roles, 'before layer 0', None if on_host else non_visual)
         reused = self._reusable(plan, kept, is_visual)
         if reused is not None:
@@ -331,18 +327,14 @@ class PrunableDecoderRunner(nn.Module):
                 selection += time.perf_counter() - t0 - (probes.seconds - probed)
                 if keep is not None:
                     stage = f'after layer {index}'
-                    slots = present = None
-                    if isinstance(keep, VisualMask):
-                        keep = _mask_on(keep, device)
-                    if isinstance(keep, VisualMask) and not on_host:     # checked on the device, nothing sorted
+                    keep, slots, present = _keep_as_checked(keep, layout, device, on_host, stage), None, None
+                    if isinstance(keep, VisualMask):                     # checked on the device, nothing sorted
                         rows = self._rows_kept_by_mask(tokens.kept, tokens.visual_slots, tokens.visual_present,
                                                        layout, keep, stage)
                         if rows is not None:
                             new_kept = tokens.kept.index_select(0, rows)
                             slots, present = tokens.visual_slots.index_select(0, rows), keep.mask
                     else:
-                        if isinstance(keep, VisualMask):
-                            keep = _mask_indices(keep, layout, stage)
                         new_kept = self._apply_keep(tokens.kept, keep, is_visual, roles, stage,
                                                     None if on_host else non_visual)
                         rows = None if len(new_kept) == len(tokens.kept) else \
@@ -1032,11 +1024,20 @@ def _all_visual_on(num_visual: int, device: torch.device) -> torch.Tensor:
     return torch.ones(num_visual, dtype=torch.bool, device=device)
 
 
-def _mask_on(keep: VisualMask, device: torch.device) -> VisualMask:
-    """``keep`` with its mask on ``device`` and its count a host integer (a method may hand either elsewhere)."""
-    if keep.mask.device == device and type(keep.count) is int:
+KeepSet = Optional[torch.Tensor | np.ndarray | VisualMask]     # what a plan or a hook may name as kept
+
+
+def _keep_as_checked(keep: KeepSet, layout: TokenLayout, device: torch.device, on_host: bool, stage: str) -> KeepSet:
+    """A method's keep set as the runner checks it; indices and None as they are.
+
+    A :class:`VisualMask` on ``device`` with a host count (a method may hand either elsewhere), or, where keep sets
+    are checked on the host, the indices it names.
+    """
+    if not isinstance(keep, VisualMask):
         return keep
-    return VisualMask(keep.mask.to(device), int(keep.count))
+    if keep.mask.device != device or type(keep.count) is not int:
+        keep = VisualMask(keep.mask.to(device), int(keep.count))
+    return _mask_indices(keep, layout, stage) if on_host else keep
 
 
 def _mask_indices(keep: VisualMask, layout: TokenLayout, stage: str) -> np.ndarray:
