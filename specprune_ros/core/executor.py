@@ -50,7 +50,7 @@ from specprune_ros.core.cuda_graphs import DecodeGraphs, DecodeState, LayerGraph
 from specprune_ros.core.masks import attention_mask
 from specprune_ros.core.step_types import (AttentionRequest, KVStore, LayerView, PruningMethod, StepContext,
                                            StepPlan, StepRecord, VisualMask)
-from specprune_ros.core.token_layout import TokenLayout, TokenRole
+from specprune_ros.core.token_layout import TokenLayout, TokenRole, visual_order
 
 
 _LOG = logging.getLogger(__name__)
@@ -1007,9 +1007,7 @@ def _visual_slot_table(layout: TokenLayout, device: torch.device) -> torch.Tenso
 
     Shared: do not modify it.
     """
-    slots = torch.full((layout.num_tokens,), layout.num_visual, dtype=torch.long)
-    slots[layout.visual_indices()] = torch.arange(layout.num_visual)
-    return slots.to(device)
+    return visual_order(layout)[1].to(device)
 
 
 @functools.cache          # never evicted, like every constant a graph may read by address
@@ -1048,7 +1046,7 @@ def _mask_indices(keep: VisualMask, layout: TokenLayout, stage: str) -> np.ndarr
                         f'{tuple(keep.mask.shape)} {keep.mask.dtype}')
     if int(mask.sum()) != keep.count:
         raise PlanError(f'{stage}: the visual mask holds {int(mask.sum())} tokens, not the {keep.count} it says')
-    return layout.visual_indices().numpy()[mask]
+    return visual_order(layout)[0].numpy()[mask]
 
 
 class _KeptTokens:

@@ -1,6 +1,7 @@
 """Where each kind of token sits in a VLA input sequence."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -91,3 +92,15 @@ class TokenLayout:
             inside = (indices >= start) & (indices < end)
             patches[inside] = indices[inside] - start
         return patches
+
+
+@functools.lru_cache(maxsize=32)
+def visual_order(layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layout's visual indices in camera order, and each token's place among them (``num_visual`` elsewhere).
+
+    The order every dense visual tensor follows; cached per layout (shared: do not modify them).
+    """
+    visual = layout.visual_indices()
+    slots = torch.full((layout.num_tokens,), layout.num_visual, dtype=torch.long)
+    slots[visual] = torch.arange(layout.num_visual)
+    return visual, slots

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from specprune_ros.core.step_types import VisualMask
-from specprune_ros.core.token_layout import TokenLayout
+from specprune_ros.core.token_layout import TokenLayout, visual_order
 
 
 # --------------------------------------------------------------------------------------------- budgets
@@ -39,10 +39,8 @@ def budget_count(fraction: float, total: int, minimum: int = 1) -> int:
 
 @functools.lru_cache(maxsize=16)
 def _visual_tables(layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    vis = layout.visual_indices()
-    pos = torch.full((layout.num_tokens,), -1, dtype=torch.long)
-    pos[vis] = torch.arange(vis.numel())
-    return vis, pos
+    vis, slots = visual_order(layout)
+    return vis, torch.where(slots < layout.num_visual, slots, -1)
 
 
 @functools.lru_cache(maxsize=16)
@@ -74,9 +72,7 @@ def visual_position(layout: TokenLayout) -> torch.Tensor:
 
 @functools.cache          # never evicted: selection graphs read it by address
 def _visual_tables_on(layout: TokenLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    vis, pos = _visual_tables(layout)
-    # the position table sends non-visual tokens to num_visual: a spare slot that callers drop
-    spare = torch.where(pos >= 0, pos, torch.full_like(pos, layout.num_visual))
+    vis, spare = visual_order(layout)    # non-visual tokens go to num_visual: a spare slot that callers drop
     return vis.to(device), spare.to(device)
 
 
