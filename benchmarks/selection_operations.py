@@ -37,7 +37,8 @@ import deployment_latency as harness  # noqa: E402  (the latency harness's episo
 from specprune_ros.adapters.published_shapes import PublishedShape  # noqa: E402
 from specprune_ros.command_line import HelpFormatter  # noqa: E402
 from specprune_ros.core import cuda_graphs  # noqa: E402
-from specprune_ros.core.executor import PrunableDecoderRunner, _ProbeBatch  # noqa: E402
+from specprune_ros.core.attention_probes import ProbeBatch  # noqa: E402
+from specprune_ros.core.executor import PrunableDecoderRunner  # noqa: E402
 from specprune_ros.pruning import build_method, diversity, selection_graphs  # noqa: E402
 from specprune_ros.pruning.base import PruningMethodBase  # noqa: E402
 
@@ -98,7 +99,7 @@ MODES = ('eager', 'layer graphs', 'graphs')
 def _counted(census: _Census, mode: str) -> Iterator[None]:
     """Hooks and passes counted; graphs (``mode``) replay stand-ins."""
     saved = {hook: getattr(PruningMethodBase, hook) for hook in HOOKS}
-    saved_forward, saved_resolve, saved_capture = (PrunableDecoderRunner.forward, _ProbeBatch.resolve,
+    saved_forward, saved_resolve, saved_capture = (PrunableDecoderRunner.forward, ProbeBatch.resolve,
                                                    cuda_graphs.capture)
     saved_on, saved_layers_on = cuda_graphs.ShapeGraphs._graphs_on, PrunableDecoderRunner._graphs_on
     saved_enabled, saved_numpy = selection_graphs.ENABLED, diversity.CPU_STEPS_IN_NUMPY
@@ -130,7 +131,7 @@ def _counted(census: _Census, mode: str) -> Iterator[None]:
         for hook, original in saved.items():
             setattr(PruningMethodBase, hook, inside('hooks', original))
         PrunableDecoderRunner.forward = inside('pass', saved_forward)
-        _ProbeBatch.resolve = resolve
+        ProbeBatch.resolve = resolve
         diversity.CPU_STEPS_IN_NUMPY = False        # the diversity steps as on an accelerator, not in NumPy
         if mode != 'eager':
             cuda_graphs.capture = capture
@@ -141,7 +142,7 @@ def _counted(census: _Census, mode: str) -> Iterator[None]:
     finally:
         for hook, original in saved.items():
             setattr(PruningMethodBase, hook, original)
-        PrunableDecoderRunner.forward, _ProbeBatch.resolve = saved_forward, saved_resolve
+        PrunableDecoderRunner.forward, ProbeBatch.resolve = saved_forward, saved_resolve
         cuda_graphs.capture, cuda_graphs.ShapeGraphs._graphs_on = saved_capture, saved_on
         PrunableDecoderRunner._graphs_on = saved_layers_on
         selection_graphs.ENABLED, diversity.CPU_STEPS_IN_NUMPY = saved_enabled, saved_numpy

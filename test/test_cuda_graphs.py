@@ -18,7 +18,9 @@ from specprune_ros.adapters.published_shapes import build_published
 from specprune_ros.adapters.tiny import write_tiny_checkpoint
 from specprune_ros.core import cuda_graphs
 from specprune_ros.core.cuda_graphs import LayerGraphs, ShapeGraphs
-from specprune_ros.core.executor import PrunableDecoderRunner, _FusedProjections, _layer_arithmetic, _layer_operands
+from specprune_ros.core.executor import PrunableDecoderRunner
+from specprune_ros.core.layer_arithmetic import layer_arithmetic, layer_operands
+from specprune_ros.core.weight_products import FusedProjections
 from specprune_ros.pruning import build_method, diversity, selection_graphs
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
 from specprune_ros.core.step_types import AttentionRequest
@@ -190,14 +192,14 @@ def test_a_span_that_cannot_be_captured_runs_as_one_graph_per_layer(graphs_on_th
 def test_layer_arithmetic_reads_fused_or_own_weights_alike():
     decoder = two_stage_case(False)[0]
     layer = decoder.layers[0]
-    fused = _FusedProjections.build(layer)
+    fused = FusedProjections.build(layer)
     x = torch.randn(1, 20, HIDDEN)
     rope = decoder.rotary_emb(x, torch.arange(20).view(1, -1))
     half = rope[1].shape[-1] // 2
     cos, sin = rope[0].unsqueeze(1), torch.cat([-rope[1][..., :half], rope[1][..., half:]], dim=-1).unsqueeze(1)
     with torch.no_grad():
-        one = _layer_arithmetic(x, cos, sin, None, False, *_layer_operands(layer, fused))
-        own = _layer_arithmetic(x, cos, sin, None, False, *_layer_operands(layer, None))
+        one = layer_arithmetic(x, cos, sin, None, False, *layer_operands(layer, fused))
+        own = layer_arithmetic(x, cos, sin, None, False, *layer_operands(layer, None))
         reference = layer(x, position_embeddings=rope, attention_mask=None)
     for a, b in zip(one, own):
         assert (a - b).abs().max().item() <= 1e-5

@@ -5,13 +5,15 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaModel
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from specprune_ros.core.executor import (_MKL_PACKED_EXACT_FROM_ROWS, PlanError, PrunableDecoderRunner, _compiled_layer,
-                                         _ExactCopyChoice, _input_major_product, _mkl_packed_product, _rms_norm)
+from specprune_ros.core.executor import PlanError, PrunableDecoderRunner
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
 from specprune_ros.core.flops import decoder_flops
+from specprune_ros.core.layer_arithmetic import compiled_layer, rms_norm
 from specprune_ros.core.masks import attention_mask
 from specprune_ros.core.step_types import AttentionRequest, KVStore, StepContext, StepPlan, VisualMask
 from specprune_ros.core.token_layout import TokenLayout
+from specprune_ros.core.weight_products import (MKL_PACKED_EXACT_FROM_ROWS, ExactCopyChoice, input_major_product,
+                                                mkl_packed_product)
 
 HIDDEN, MLP, LAYERS = 64, 128, 4
 N = 50
@@ -157,7 +159,8 @@ def test_attention_summaries_match_eager_weights(causal):
 ], ids=['visual first', 'visual last', 'interleaved'])
 def test_query_rows_are_the_kept_positions_of_their_tokens(layout):
     """Rows found from the layout and the kept count equal a search for the tokens in the kept indices."""
-    from specprune_ros.core.executor import _KeptTokens, _role_tables
+    from specprune_ros.core.executor import _role_tables
+    from specprune_ros.core.kept_tokens import KeptTokens
     roles, is_visual, non_visual, visual = _role_tables(layout, torch.device('cpu'))
     generator = torch.Generator().manual_seed(3)
     decoder = make_decoder()
@@ -169,7 +172,7 @@ def test_query_rows_are_the_kept_positions_of_their_tokens(layout):
         kept = torch.cat([non_visual, chosen]).sort().values
         for reused in (None, chosen[:1] if count > 1 else None):
             queries = kept if reused is None else kept[~torch.isin(kept, reused)]
-            tokens = _KeptTokens(decoder.rotary_emb, queries, reused, layout, roles, like)
+            tokens = KeptTokens(decoder.rotary_emb, queries, reused, layout, roles, like)
             for rows, wanted in spans.items():
                 indices = torch.cat([torch.arange(start, end) for start, end in wanted if end > start]).sort().values
                 assert torch.equal(tokens.query_rows(rows), torch.searchsorted(queries, indices)), (rows, count)
@@ -506,13 +509,13 @@ def test_mkl_packed_weights_give_the_default_numbers_bit_for_bit_and_follow_weig
 def test_mkl_packed_product_is_checked_per_count_only_below_the_threshold():
     weight, bias = torch.randn(96, 64), torch.randn(96)
     packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, 128)
-    choose = _ExactCopyChoice(_mkl_packed_product, _MKL_PACKED_EXACT_FROM_ROWS)
-    for rows in (1, 7, 16, 63, _MKL_PACKED_EXACT_FROM_ROWS, 141, 300):
+    choose = ExactCopyChoice(mkl_packed_product, MKL_PACKED_EXACT_FROM_ROWS)
+    for rows in (1, 7, 16, 63, MKL_PACKED_EXACT_FROM_ROWS, 141, 300):
         x = torch.randn(1, rows, 64)
         for b in (None, bias):
             assert torch.equal(choose(x, weight, packed, b), F.linear(x, weight, b))
     # one check per count below the threshold, one for all larger counts; with and without the bias
-    assert sorted({key[0] for key in choose._same}) == [1, 7, 16, 63, _MKL_PACKED_EXACT_FROM_ROWS]
+    assert sorted({key[0] for key in choose._same}) == [1, 7, 16, 63, MKL_PACKED_EXACT_FROM_ROWS]
     assert len(choose._same) == 10
 
 
@@ -520,29 +523,29 @@ def test_mkl_packed_product_is_checked_per_count_only_below_the_threshold():
 @pytest.mark.parametrize('threads', [1, 2])
 @pytest.mark.parametrize('shape', [(768, 256), (1536, 256), (256, 768), (256, 256), (1536, 512), (512, 1376)])
 def test_from_the_threshold_on_mkl_packed_products_match_the_plain_one_at_every_count_or_at_none(shape, threads):
-    # what lets _ExactCopyChoice check one count per weight shape from _MKL_PACKED_EXACT_FROM_ROWS rows on
+    # what lets ExactCopyChoice check one count per weight shape from MKL_PACKED_EXACT_FROM_ROWS rows on
     torch.manual_seed(0)
     weight = torch.randn(*shape)
     packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, 128)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        same = {torch.equal(_mkl_packed_product(x, packed, weight, None), F.linear(x, weight))
-                for x in (torch.randn(1, rows, shape[1]) for rows in range(_MKL_PACKED_EXACT_FROM_ROWS, 400, 3))}
+        same = {torch.equal(mkl_packed_product(x, packed, weight, None), F.linear(x, weight))
+                for x in (torch.randn(1, rows, shape[1]) for rows in range(MKL_PACKED_EXACT_FROM_ROWS, 400, 3))}
     finally:
         torch.set_num_threads(before)
     assert len(same) == 1, f'{shape}, {threads} threads: the packed product matches the plain one at some counts only'
 
 
 def test_input_major_copy_is_read_only_where_it_gives_the_same_numbers():
-    choose = _ExactCopyChoice(_input_major_product)
+    choose = ExactCopyChoice(input_major_product)
     weight = torch.randn(24, 16)
     exact = weight.t().contiguous().t()
     other = (weight * (1 + 1e-3)).t().contiguous().t()      # stands in for a product that sums in another order
     x = torch.randn(1, 20, 16)
     assert torch.equal(choose(x, weight, exact, None), F.linear(x, weight))
     assert len(choose._same) == 1
-    refused = _ExactCopyChoice(_input_major_product)
+    refused = ExactCopyChoice(input_major_product)
     assert torch.equal(refused(x, weight, other, None), F.linear(x, weight))  # the default product runs
     assert list(refused._same.values()) == [False]
 
@@ -554,7 +557,7 @@ def test_compiled_layers_with_padded_buckets_match_the_reference(causal):
     runner = PrunableDecoderRunner(decoder, compile_layers=True, bucket=64)
 
     def compiled_calls() -> int:
-        info = _compiled_layer.cache_info()
+        info = compiled_layer.cache_info()
         return info.hits + info.misses
 
     before = compiled_calls()
@@ -581,5 +584,5 @@ def test_rms_norm_gives_the_modules_numbers_bit_for_bit(rows):
     norm.weight.data = torch.rand(96) * 2
     x = torch.randn(1, rows, 96) * 4
     with torch.no_grad():
-        assert torch.equal(_rms_norm(norm, x), norm(x))
-        assert torch.equal(_rms_norm(norm, x.to(torch.bfloat16)), norm(x.to(torch.bfloat16)))   # the module path
+        assert torch.equal(rms_norm(norm, x), norm(x))
+        assert torch.equal(rms_norm(norm, x.to(torch.bfloat16)), norm(x.to(torch.bfloat16)))   # the module path

@@ -8,7 +8,7 @@ them, so dropping tokens shortens the device's work but not the step. A replayed
   span runs from one point where a method reads attention or decides to the next (an unpruned pass is one span);
   a span whose last layer's attention a method reads has a graph of its own that also keeps that layer's queries,
   keys and values, and one whose keys and values a decode cache takes keeps every layer's. A graph runs fixed
-  addresses and shapes, so the layers run over the kept tokens padded to a bucket (the executor's ``_Padded``:
+  addresses and shapes, so the layers run over the kept tokens padded to a bucket (``core.kept_tokens.PaddedTokens``:
   padding keys masked out, padding rows dropped after the span), and every graph of one padded size reads the same
   static buffers: the input, the RoPE tables and the mask. The tables and the mask are copied in when the kept set
   changes, the input before each span; each span's output stays in its graph's own buffer until the next pass

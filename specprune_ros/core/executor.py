@@ -30,7 +30,7 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -39,25 +39,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers.activations import SiLUActivation
-from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from specprune_ros.core.attention_kernels import (AttentionKernel, attention_with_summaries, share_probabilities,
                                                   two_product_attention, use_two_products)
-from specprune_ros.core.cpu_info import available_memory_bytes, cpu_info
+from specprune_ros.core.attention_probes import LazyAttention, ProbeBatch, attention_summaries
+from specprune_ros.core.cpu_info import available_memory_bytes
 from specprune_ros.core.flops import decoder_flops
 from specprune_ros.core.cuda_graphs import DecodeGraphs, DecodeState, LayerGraphs
+from specprune_ros.core.kept_tokens import (KeptTokens, PaddedTokens, RopeTables, Rotary, all_visual_on,
+                                            visual_slot_table)
+from specprune_ros.core.layer_arithmetic import (activation, compilable, compiled_layer, layer_arithmetic,
+                                                 layer_operands, rms_norm)
 from specprune_ros.core.masks import attention_mask
-from specprune_ros.core.step_types import (AttentionRequest, KVStore, LayerView, PruningMethod, StepContext,
-                                           StepPlan, StepRecord, VisualMask)
+from specprune_ros.core.step_types import (AttentionRequest, KVStore, LayerView, PlanError, PruningMethod,
+                                           StepContext, StepPlan, StepRecord, VisualMask)
 from specprune_ros.core.token_layout import TokenLayout, TokenRole, visual_order
+from specprune_ros.core.weight_products import (COPY_MEMORY_SHARE, MKL_PACKED_EXACT_FROM_ROWS, PACKED_MIN_WIDTH,
+                                                ExactCopyChoice, FusedProjections, cpu_vendor, input_major_product,
+                                                linear_weight_bytes, mkl_packable, mkl_packed_product, packable)
 
+__all__ = ['DecodeResult', 'DecoderCache', 'PlanError', 'PrunableDecoderRunner', 'RunResult']
 
 _LOG = logging.getLogger(__name__)
-
-
-class PlanError(ValueError):
-    """A pruning plan that the runner refuses (it would drop non-visual tokens, name unknown tokens, ...)."""
 
 
 @dataclass
@@ -227,8 +231,8 @@ class PrunableDecoderRunner(nn.Module):
         self.num_layers = len(decoder.layers)
         self.fuse_projections = fuse_projections
         self.validate_on_host = validate_on_host
-        self._fused: dict[int, _FusedProjections] = {}
-        self._pass_fusions: Optional[tuple[tuple, list[Optional[_FusedProjections]]]] = None
+        self._fused: dict[int, FusedProjections] = {}
+        self._pass_fusions: Optional[tuple[tuple, list[Optional[FusedProjections]]]] = None
         self.compile_layers = compile_layers
         self.cuda_graph_layers = cuda_graph_layers
         self.cuda_graph_spans = cuda_graph_spans
@@ -237,14 +241,14 @@ class PrunableDecoderRunner(nn.Module):
         self.share_probabilities = share_probabilities
         self.bucket = max(1, int(bucket))
         self.input_major_weights = input_major_weights
-        self._input_major = _ExactCopyChoice(_input_major_product)
+        self._input_major = ExactCopyChoice(input_major_product)
         self.packed_weights = packed_weights
         self.mkl_packed_weights = mkl_packed_weights
-        self._mkl_packed = _ExactCopyChoice(_mkl_packed_product, _MKL_PACKED_EXACT_FROM_ROWS)
+        self._mkl_packed = ExactCopyChoice(mkl_packed_product, MKL_PACKED_EXACT_FROM_ROWS)
         self.attention_kernel = attention_kernel
         self._copies_fit: Optional[bool] = None
         self._device_copies_fit: Optional[bool] = None
-        self._rope_tables: Optional[_RopeTables] = None
+        self._rope_tables: Optional[RopeTables] = None
 
     @_without_cudnn_attention
     def forward(self, embeddings: torch.Tensor, layout: TokenLayout, method: Optional[PruningMethod] = None,
@@ -274,8 +278,8 @@ class PrunableDecoderRunner(nn.Module):
         kept = torch.arange(layout.num_tokens, device=device)
         keep, present = _keep_as_checked(plan.keep_before, layout, device, on_host, 'before layer 0'), None
         if isinstance(keep, VisualMask):                          # checked on the device, nothing sorted
-            rows = self._rows_kept_by_mask(kept, _visual_slot_table(layout, device),
-                                           _all_visual_on(layout.num_visual, device), layout, keep, 'before layer 0')
+            rows = self._rows_kept_by_mask(kept, visual_slot_table(layout, device),
+                                           all_visual_on(layout.num_visual, device), layout, keep, 'before layer 0')
             if rows is not None:
                 kept, present = rows, keep.mask     # rows of the full sequence: the kept indices themselves
         elif keep is not None:
@@ -295,9 +299,9 @@ class PrunableDecoderRunner(nn.Module):
         n_keys: list[int] = []
         kernels: list[str] = []
         lazy: dict[int, tuple[torch.Tensor, LazyAttention]] = {}
-        probes = _ProbeBatch()
+        probes = ProbeBatch()
         fusions = self._fusions()
-        tokens = _KeptTokens(self.decoder.rotary_emb, kept, reused, layout, roles, hidden, bucket, tables)
+        tokens = KeptTokens(self.decoder.rotary_emb, kept, reused, layout, roles, hidden, bucket, tables)
         if present is not None:
             tokens.visual_present = present
         index = 0
@@ -341,8 +345,8 @@ class PrunableDecoderRunner(nn.Module):
                             torch.searchsorted(tokens.kept, new_kept)
                     if rows is not None:
                         hidden = hidden.index_select(1, rows)
-                        tokens = _KeptTokens(self.decoder.rotary_emb, new_kept, reused, layout, roles, hidden,
-                                             bucket, tables)
+                        tokens = KeptTokens(self.decoder.rotary_emb, new_kept, reused, layout, roles, hidden,
+                                            bucket, tables)
                         if slots is not None:            # known from the mask: not computed again
                             tokens.visual_slots, tokens.visual_present = slots, present
             index += 1
@@ -351,7 +355,7 @@ class PrunableDecoderRunner(nn.Module):
                      for index, (key_indices, summaries) in lazy.items()}
         probe_seconds = probes.seconds
         kept = tokens.kept
-        hidden = _rms_norm(self.decoder.norm, hidden)
+        hidden = rms_norm(self.decoder.norm, hidden)
 
         record = StepRecord(
             layout=layout, kept_per_layer=kept_per_layer, attention=attention, reused=reused,
@@ -403,7 +407,7 @@ class PrunableDecoderRunner(nn.Module):
         batch, t, _ = hidden.shape
         summaries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         counts: list[int] = []
-        rope = _Rotary(self.decoder.rotary_emb, hidden, positions)
+        rope = Rotary(self.decoder.rotary_emb, hidden, positions)
         # every cached key precedes the new tokens; only the new tokens among themselves need a causal mask
         new_mask = attention_mask(positions, positions, causal=True) if t > 1 else None
         fusions = self._fusions()
@@ -423,11 +427,11 @@ class PrunableDecoderRunner(nn.Module):
             counts.append(keys.shape[2])
             if index in wanted:
                 rows = torch.arange(t, device=hidden.device)
-                probe = LazyAttention(_ProbeBatch())
+                probe = LazyAttention(ProbeBatch())
                 probe.add('rows', q, keys, rows, mask, layer.self_attn.scaling)
                 summaries[index] = (cache.positions[index], probe['rows'])
         cache.last_position = last
-        return DecodeResult(hidden=_rms_norm(self.decoder.norm, hidden), attention=summaries, key_counts=counts)
+        return DecodeResult(hidden=rms_norm(self.decoder.norm, hidden), attention=summaries, key_counts=counts)
 
     @torch.no_grad()
     @_without_cudnn_attention
@@ -450,7 +454,7 @@ class PrunableDecoderRunner(nn.Module):
         device = first_ids.device
         start = cache.last_position + 1
         if steps > 0 and self._graphs_on(device) and cache.keys[0].shape[0] == 1 and \
-                all(_compilable(layer) for layer in self.decoder.layers):
+                all(compilable(layer) for layer in self.decoder.layers):
             graphed = self._decode_greedy_graphed(first_ids, steps, cache, embed, logits, wanted)
             if graphed is not None:
                 return graphed
@@ -470,7 +474,7 @@ class PrunableDecoderRunner(nn.Module):
         start = cache.last_position + 1
         like = cache.keys[0]
         position_capacity = -(-(start + steps) // 256) * 256
-        if _RopeTables.key(self.decoder.rotary_emb, like, position_capacity) is None:
+        if RopeTables.key(self.decoder.rotary_emb, like, position_capacity) is None:
             return None
         held = [k.shape[2] for k in cache.keys]
         capacity = -(-(max(held) + steps) // 64) * 64
@@ -479,7 +483,7 @@ class PrunableDecoderRunner(nn.Module):
                tuple(tuple(k.shape[:2]) + (k.shape[3],) for k in cache.keys))
 
         def build() -> DecodeState:
-            tables = _RopeTables(self.decoder.rotary_emb, like, position_capacity, ())
+            tables = RopeTables(self.decoder.rotary_emb, like, position_capacity, ())
             zeros = [k.new_zeros(1, k.shape[1], capacity, k.shape[3]) for k in cache.keys]
             return DecodeState(
                 ids=first_ids.new_zeros(1, 1), position=first_ids.new_zeros(1), count=first_ids.new_zeros(1),
@@ -496,14 +500,14 @@ class PrunableDecoderRunner(nn.Module):
             for index, layer in enumerate(self.decoder.layers):
                 valid = state.valid[index]
                 slot = valid.sum(dim=-1).view(1)
-                hidden, q, keys, _ = _layer_arithmetic(hidden, cos, sin, valid, False,
-                                                       *_layer_operands(layer, fusions[index]),
-                                                       kv_slots=(state.keys[index], state.values[index], slot))
+                hidden, q, keys, _ = layer_arithmetic(hidden, cos, sin, valid, False,
+                                                      *layer_operands(layer, fusions[index]),
+                                                      kv_slots=(state.keys[index], state.values[index], slot))
                 if index in state.attention:
                     rows = q.reshape(1, keys.shape[1], -1, q.shape[-1])
-                    summary = _attention_summaries(rows, keys, valid.view(1, 1, 1, 1, -1), layer.self_attn.scaling)
+                    summary = attention_summaries(rows, keys, valid.view(1, 1, 1, 1, -1), layer.self_attn.scaling)
                     state.attention[index].index_copy_(0, state.count, summary.view(1, -1))
-            picked = logits(_rms_norm(self.decoder.norm, hidden)[:, -1]).argmax(-1).reshape(1)
+            picked = logits(rms_norm(self.decoder.norm, hidden)[:, -1]).argmax(-1).reshape(1)
             state.history.index_copy_(0, state.count, picked)
             state.ids.copy_(picked.view(1, 1))
             state.position.add_(1)
@@ -520,16 +524,16 @@ class PrunableDecoderRunner(nn.Module):
             results.append(DecodeResult(hidden=None, attention=attention, key_counts=[n + i + 1 for n in held]))
         return torch.cat([first_ids.reshape(1), state.history.clone()]), results
 
-    def _tables(self, like: torch.Tensor, num_tokens: int) -> Optional['_RopeTables']:
+    def _tables(self, like: torch.Tensor, num_tokens: int) -> Optional[RopeTables]:
         """The RoPE tables of positions 0 .. ``num_tokens`` - 1, or None where they depend on the positions asked.
 
         Built once; rebuilt when the rotary embedding, the length, the dtype or the device changes.
         """
-        key = _RopeTables.key(self.decoder.rotary_emb, like, num_tokens)
+        key = RopeTables.key(self.decoder.rotary_emb, like, num_tokens)
         if key is None:
             return None
         if self._rope_tables is None or self._rope_tables.signature != key:
-            self._rope_tables = _RopeTables(self.decoder.rotary_emb, like, num_tokens, key)
+            self._rope_tables = RopeTables(self.decoder.rotary_emb, like, num_tokens, key)
         return self._rope_tables
 
     # -- plan checks -------------------------------------------------------------------------------------------
@@ -671,7 +675,7 @@ class PrunableDecoderRunner(nn.Module):
             last += 1
         return last
 
-    def _two_products(self, layer: nn.Module, tokens: '_KeptTokens', like: torch.Tensor) -> bool:
+    def _two_products(self, layer: nn.Module, tokens: KeptTokens, like: torch.Tensor) -> bool:
         """Whether ``layer``'s attention output comes from two products (``attention_kernel``) rather than SDPA.
 
         Decided once per kept set and kind of attention layer (every layer of a decoder is usually the same kind).
@@ -685,7 +689,7 @@ class PrunableDecoderRunner(nn.Module):
                 key[1], self.attention_kernel)
         return choice
 
-    def _shares_probabilities(self, layer: nn.Module, tokens: '_KeptTokens',
+    def _shares_probabilities(self, layer: nn.Module, tokens: KeptTokens,
                               requests: list[AttentionRequest] | tuple) -> bool:
         """Whether ``layer``'s probes read most of its query rows, so that its own probabilities answer them."""
         if not requests or not self.share_probabilities:
@@ -694,12 +698,12 @@ class PrunableDecoderRunner(nn.Module):
         grouped = getattr(layer.self_attn, 'num_key_value_groups', 1) > 1
         return share_probabilities(min(rows, len(tokens.kept)), len(tokens.kept), grouped, self.attention_kernel)
 
-    def _run_layer(self, layer: nn.Module, index: int, hidden: torch.Tensor, tokens: '_KeptTokens',
+    def _run_layer(self, layer: nn.Module, index: int, hidden: torch.Tensor, tokens: KeptTokens,
                    requests: list[AttentionRequest] | tuple, store: Optional[KVStore],
-                   cache: Optional[DecoderCache], probes: '_ProbeBatch', fused: Optional['_FusedProjections'],
+                   cache: Optional[DecoderCache], probes: ProbeBatch, fused: Optional[FusedProjections],
                    products: bool = False, shared: bool = False, graph: bool = False,
-                   span: Optional[Sequence[Optional['_FusedProjections']]] = None
-                   ) -> tuple[torch.Tensor, 'LazyAttention']:
+                   span: Optional[Sequence[Optional[FusedProjections]]] = None
+                   ) -> tuple[torch.Tensor, LazyAttention]:
         """One decoder layer over the kept tokens (plus reused keys/values), with its ``fused`` projections.
 
         ``products``: the attention output from two products instead of fused SDPA (no mask applies then);
@@ -762,23 +766,23 @@ class PrunableDecoderRunner(nn.Module):
         if plan.kv_store is not None:
             return False
         fused_needed = self.compile_layers          # the compiled graph reads fused weights; CUDA graphs run either
-        return all((not fused_needed or self._fusion(i) is not None) and _compilable(layer)
+        return all((not fused_needed or self._fusion(i) is not None) and compilable(layer)
                    for i, layer in enumerate(self.decoder.layers))
 
     @staticmethod
-    def _compiled_block(layer: nn.Module, hidden: torch.Tensor, padded: '_Padded',
-                        fused: Optional['_FusedProjections'], compiled: bool = True
+    def _compiled_block(layer: nn.Module, hidden: torch.Tensor, padded: PaddedTokens,
+                        fused: Optional[FusedProjections], compiled: bool = True
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`_block` over the tokens padded to their bucket, compiled (else eager); padding dropped after it."""
         n = hidden.shape[1]
         x = F.pad(hidden, (0, 0, 0, padded.size - n)) if padded.size > n else hidden
-        arithmetic = _compiled_layer() if compiled else _layer_arithmetic
+        arithmetic = compiled_layer() if compiled else layer_arithmetic
         out, q, k, _ = arithmetic(x, padded.rope._cos, padded.rope._sin, padded.mask, padded.causal,
-                                  *_layer_operands(layer, fused))
+                                  *layer_operands(layer, fused))
         return out[:, :n], q[:, :, :n], k[:, :, :n]
 
-    def _graphed_block(self, index: int, hidden: torch.Tensor, padded: '_Padded',
-                       fusions: Sequence[Optional['_FusedProjections']], probed: bool = False,
+    def _graphed_block(self, index: int, hidden: torch.Tensor, padded: PaddedTokens,
+                       fusions: Sequence[Optional[FusedProjections]], probed: bool = False,
                        keys_values: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor],
                                                            Optional[torch.Tensor], Optional[list[tuple]]]:
         """:meth:`_block` of layers ``index`` onwards as one CUDA graph at the padded size (``cuda_graph_layers``).
@@ -795,9 +799,9 @@ class PrunableDecoderRunner(nn.Module):
             cos, sin = rope[:1], rope[1:]
             earlier = []
             for layer, fused in layers[:-1]:
-                x, _, k, v = _layer_arithmetic(x, cos, sin, mask, padded.causal, *_layer_operands(layer, fused))
+                x, _, k, v = layer_arithmetic(x, cos, sin, mask, padded.causal, *layer_operands(layer, fused))
                 earlier += [k, v] if keys_values else []
-            out = _layer_arithmetic(x, cos, sin, mask, padded.causal, *_layer_operands(*layers[-1]))
+            out = layer_arithmetic(x, cos, sin, mask, padded.causal, *layer_operands(*layers[-1]))
             return (*out, *earlier) if probed or keys_values else out[0]
         # a span that hands out every layer's keys and values is a graph of its own
         key = (index, last) + (('keys and values',) if keys_values and last > index else ())
@@ -824,7 +828,7 @@ class PrunableDecoderRunner(nn.Module):
         layers_kv = list(zip(earlier[::2], earlier[1::2])) + [(k, v)] if keys_values else None
         return out, q, k, v, layers_kv
 
-    def _fusions(self) -> list[Optional['_FusedProjections']]:
+    def _fusions(self) -> list[Optional[FusedProjections]]:
         """Every layer's fused projections for one pass (see :meth:`_fusion`).
 
         Checked once per pass: while the settings and every copied weight (storage and in-place version) are those
@@ -842,7 +846,7 @@ class PrunableDecoderRunner(nn.Module):
         self._pass_fusions = (settings, fusions)
         return fusions
 
-    def _fusion(self, index: int) -> Optional['_FusedProjections']:
+    def _fusion(self, index: int) -> Optional[FusedProjections]:
         """Layer ``index``'s fused projections, or None where the layer's own modules must run.
 
         None under autograd, or for modules that are not plain linear layers.
@@ -858,7 +862,7 @@ class PrunableDecoderRunner(nn.Module):
                     self.compile_layers or (self.cuda_graph_layers and self._device_copy_fits(weight.device))):
                 return None
             exact = self._mkl_packed if kind == 'mkl_packed' else self._input_major
-            fused = _FusedProjections.build(layer, kind, exact)
+            fused = FusedProjections.build(layer, kind, exact)
             if fused is None:
                 self.fuse_projections = False
                 return None
@@ -872,10 +876,10 @@ class PrunableDecoderRunner(nn.Module):
         where the copy (about 9 GB for a 7B decoder) leaves room.
         """
         if self._device_copies_fit is None:
-            needed = _linear_weight_bytes(getattr(part, name, None) for layer in self.decoder.layers
-                                          for part, names in ((layer.self_attn, ('q_proj', 'k_proj', 'v_proj')),
-                                                              (layer.mlp, ('gate_proj', 'up_proj')))
-                                          for name in names)
+            needed = linear_weight_bytes(getattr(part, name, None) for layer in self.decoder.layers
+                                         for part, names in ((layer.self_attn, ('q_proj', 'k_proj', 'v_proj')),
+                                                             (layer.mlp, ('gate_proj', 'up_proj')))
+                                         for name in names)
             free = torch.cuda.mem_get_info(device)[0] if device.type == 'cuda' else 0
             self._device_copies_fit = needed <= free / 2
         return self._device_copies_fit
@@ -889,19 +893,19 @@ class PrunableDecoderRunner(nn.Module):
     def _copy_kind(self, weight: torch.Tensor) -> Optional[str]:
         """Which extra weight copies the fused projections hold: 'packed', 'mkl_packed', 'input_major' or None."""
         # the defaults are weighed (processor, free memory) only for weights a copy applies to
-        if _packable(weight):
+        if packable(weight):
             packed = self.packed_weights
             if packed is None:
-                packed = (not self.input_major_weights and self.hidden_size >= _PACKED_MIN_WIDTH
+                packed = (not self.input_major_weights and self.hidden_size >= PACKED_MIN_WIDTH
                           and cpu_vendor() != 'GenuineIntel' and self._copies_fit_memory())
             if packed:
                 return 'packed'
         if self.input_major_weights:
             return 'input_major'
-        if _mkl_packable(weight):
+        if mkl_packable(weight):
             mkl_packed = self.mkl_packed_weights
             if mkl_packed is None:
-                mkl_packed = self.hidden_size >= _PACKED_MIN_WIDTH and self._copies_fit_memory()
+                mkl_packed = self.hidden_size >= PACKED_MIN_WIDTH and self._copies_fit_memory()
             if mkl_packed:
                 return 'mkl_packed'
         return None
@@ -913,13 +917,13 @@ class PrunableDecoderRunner(nn.Module):
         """
         if self._copies_fit is None:
             available = available_memory_bytes()
-            needed = _linear_weight_bytes(self.decoder.layers.modules())
-            self._copies_fit = available is None or needed <= _COPY_MEMORY_SHARE * available
+            needed = linear_weight_bytes(self.decoder.layers.modules())
+            self._copies_fit = available is None or needed <= COPY_MEMORY_SHARE * available
         return self._copies_fit
 
     @staticmethod
-    def _block(layer: nn.Module, hidden: torch.Tensor, rope: '_Rotary', mask: Optional[torch.Tensor], causal: bool,
-               extend_kv, fused: Optional['_FusedProjections'] = None, products: bool = False,
+    def _block(layer: nn.Module, hidden: torch.Tensor, rope: Rotary, mask: Optional[torch.Tensor], causal: bool,
+               extend_kv, fused: Optional[FusedProjections] = None, products: bool = False,
                probe_rows: Optional[list[torch.Tensor]] = None, probed: Optional[list[torch.Tensor]] = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The decoder layer itself: norm, projections, RoPE, fused SDPA attention, output projection, MLP.
@@ -948,7 +952,7 @@ class PrunableDecoderRunner(nn.Module):
             v = v.view(batch, n, -1, head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, rope.cos, rope.sin)
         else:
-            x = _rms_norm(layer.input_layernorm, hidden)
+            x = rms_norm(layer.input_layernorm, hidden)
             qkv = fused.product(x, fused.qkv_weight, fused.qkv_copy, fused.qkv_bias).view(batch, n, -1, head_dim)
             heads, kv_heads = fused.qkv_sizes[0] // head_dim, fused.qkv_sizes[1] // head_dim
             qk = rope.apply(qkv[:, :, :heads + kv_heads].transpose(1, 2))
@@ -970,9 +974,9 @@ class PrunableDecoderRunner(nn.Module):
             return hidden + layer.mlp(layer.post_attention_layernorm(hidden)), q, k
         hidden = fused.linear(attn.o_proj, out, fused.o_copy).add_(hidden)
         mlp = layer.mlp
-        gate, up = fused.product(_rms_norm(layer.post_attention_layernorm, hidden), fused.gate_up_weight,
+        gate, up = fused.product(rms_norm(layer.post_attention_layernorm, hidden), fused.gate_up_weight,
                                  fused.gate_up_copy, fused.gate_up_bias).chunk(2, dim=-1)
-        down = fused.linear(mlp.down_proj, _activation(mlp.act_fn, gate).mul_(up), fused.down_copy)
+        down = fused.linear(mlp.down_proj, activation(mlp.act_fn, gate).mul_(up), fused.down_copy)
         return down.add_(hidden), q, k
 
     @staticmethod
@@ -1001,25 +1005,10 @@ def _role_tables(layout: TokenLayout, device: torch.device
     return tuple(t.to(device) for t in tables)
 
 
-@functools.lru_cache(maxsize=32)
-def _visual_slot_table(layout: TokenLayout, device: torch.device) -> torch.Tensor:
-    """(num_tokens,) long: each token's place among the visual tokens in camera order, ``num_visual`` elsewhere.
-
-    Shared: do not modify it.
-    """
-    return visual_order(layout)[1].to(device)
-
-
 @functools.cache          # never evicted, like every constant a graph may read by address
 def _true_on(device: torch.device) -> torch.Tensor:
     """A (1,) True on ``device`` (shared: do not modify it)."""
     return torch.ones(1, dtype=torch.bool, device=device)
-
-
-@functools.lru_cache(maxsize=32)
-def _all_visual_on(num_visual: int, device: torch.device) -> torch.Tensor:
-    """(num_visual,) True on ``device`` (shared: do not modify it)."""
-    return torch.ones(num_visual, dtype=torch.bool, device=device)
 
 
 KeepSet = Optional[torch.Tensor | np.ndarray | VisualMask]     # what a plan or a hook may name as kept
@@ -1047,610 +1036,3 @@ def _mask_indices(keep: VisualMask, layout: TokenLayout, stage: str) -> np.ndarr
     if int(mask.sum()) != keep.count:
         raise PlanError(f'{stage}: the visual mask holds {int(mask.sum())} tokens, not the {keep.count} it says')
     return visual_order(layout)[0].numpy()[mask]
-
-
-class _KeptTokens:
-    """What every layer over one kept set shares: key indices, RoPE tables, the mask and the probe rows.
-
-    Built when the kept set changes, so a deep decoder that prunes at a few layers computes these a few times per
-    step instead of at every layer.
-    """
-
-    def __init__(self, rotary_emb: nn.Module, kept: torch.Tensor, reused: Optional[torch.Tensor],
-                 layout: TokenLayout, roles: torch.Tensor, like: torch.Tensor, bucket: Optional[int] = None,
-                 tables: Optional['_RopeTables'] = None) -> None:
-        self.kept = kept
-        self.reused = reused
-        self.layout = layout
-        self.roles = roles
-        self.key_indices = kept if reused is None else torch.cat([kept, reused])
-        self.num_keys = len(self.key_indices)
-        # what the RoPE tables need, not ``like`` itself (a graphed pass would keep that hidden state alive for nothing)
-        self._rope_inputs = (rotary_emb, kept, tables, like.dtype, like.device, like.shape[-1])
-        self.mask = attention_mask(kept, self.key_indices, layout.causal)
-        # queries and keys are the same sorted tokens: the mask is lower-triangular, which SDPA applies itself
-        self.causal = layout.causal and reused is None
-        # compiled layers: the kept set padded to a multiple of ``bucket`` tokens (no reused keys then)
-        self.padded = None if bucket is None else _Padded(rotary_emb, kept, layout.causal, like, bucket, tables)
-        self._rows: dict[str, torch.Tensor] = {}
-        self.kernels: dict[tuple, bool] = {}     # attention as two products, per kind of layer (the runner decides)
-
-    @functools.cached_property
-    def visual_slots(self) -> torch.Tensor:
-        """(n,) long: each kept token's place among the layout's visual tokens (``num_visual``: not visual)."""
-        table = _visual_slot_table(self.layout, self.kept.device)
-        return table if len(self.kept) == self.layout.num_tokens else table.index_select(0, self.kept)
-
-    @functools.cached_property
-    def visual_present(self) -> torch.Tensor:
-        """(num_visual,) bool: the visual tokens that run over this kept set (shared: do not modify it)."""
-        layout, device = self.layout, self.kept.device
-        if len(self.kept) == layout.num_tokens:
-            return _all_visual_on(layout.num_visual, device)
-        present = torch.zeros(layout.num_visual + 1, dtype=torch.bool, device=device)
-        return present.index_fill_(0, self.visual_slots, True)[:layout.num_visual]
-
-    @functools.cached_property
-    def rope(self) -> '_Rotary':
-        """The kept tokens' RoPE tables, built when a layer first runs eagerly over them.
-
-        Graphed layers read the padded set's tables instead.
-        """
-        rotary_emb, kept, tables, dtype, device, width = self._rope_inputs
-        return _Rotary(rotary_emb, torch.empty(1, 1, width, dtype=dtype, device=device), kept, tables)
-
-    def query_rows(self, rows: str) -> torch.Tensor:
-        """Positions (within the kept sequence) of the query rows named by ``rows`` (cached per kept set)."""
-        found = self._rows.get(rows)
-        if found is None:
-            found = self._rows[rows] = self._find_rows(rows)
-        return found
-
-    def _find_rows(self, rows: str) -> torch.Tensor:
-        # Non-visual tokens are never dropped: a span's rows follow from the layout and the kept count on the host
-        # where every visual token lies on one side of it, else from a search in the sorted kept indices. No
-        # data-dependent sizes (nothing waits for the device).
-        layout, kept = self.layout, self.kept
-        device = kept.device
-        if rows == 'all':
-            return _positions(((0, len(kept)),), device)
-        if rows == 'last':
-            return _positions(((len(kept) - 1, len(kept)),), device)
-        spans = {'text': (layout.text_span,), 'action': (layout.action_span,),
-                 'text_action': (layout.text_span, layout.action_span)}
-        if rows in spans:
-            found = sorted((start, end) for start, end in spans[rows] if end > start)
-            if not found:
-                raise PlanError(f'attention over {rows!r} rows requested, but the sequence has no such tokens')
-            shifted = [self._kept_span(start, end) for start, end in found]
-            if all(span is not None for span in shifted):
-                return _positions(tuple(shifted), device)
-            parts = [torch.arange(start, end, device=device) for start, end in found]
-            return torch.searchsorted(kept, torch.cat(parts) if len(parts) > 1 else parts[0])
-        if rows == 'prefill':
-            start, end = layout.action_span
-            count = len(kept) - max(end - start, 0)
-            if count <= 0:
-                raise PlanError("attention over 'prefill' rows requested, but the sequence has no such tokens")
-            index = torch.arange(count, device=device)
-            if end <= start:
-                return index
-            first_action = torch.searchsorted(kept, torch.arange(start, start + 1, device=device))
-            return index + (end - start) * (index >= first_action)
-        raise PlanError(f"unknown query rows {rows!r}; use 'text', 'action', 'text_action', 'prefill', 'last' "
-                        "or 'all'")
-
-    def _kept_span(self, start: int, end: int) -> Optional[tuple[int, int]]:
-        """Where the never-dropped tokens ``start`` .. ``end`` - 1 sit in the kept sequence, or None if unknown here.
-
-        Only visual tokens leave the sequence (pruned, or served from the K/V store), so a span that every camera
-        span precedes moves up by the number of tokens gone, and one that every camera span follows stays.
-        """
-        cameras = self.layout.camera_spans
-        if all(camera_end <= start for _, camera_end in cameras):
-            gone = self.layout.num_tokens - len(self.kept)
-            return start - gone, end - gone
-        if all(camera_start >= end for camera_start, _ in cameras):
-            return start, end
-        return None
-
-
-@functools.lru_cache(maxsize=1024)
-def _positions(spans: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
-    """The integers of the half-open ``spans`` (ascending, disjoint) as one long tensor.
-
-    Built once per spans and device (shared: do not modify it).
-    """
-    parts = [torch.arange(start, end, device=device) for start, end in spans]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-class _Rotary:
-    """RoPE tables of one set of positions, and RoPE applied with them.
-
-    ``cos`` / ``sin``: the rotary embedding's (1, n, head_dim) tables. :meth:`apply` rotates queries and keys in
-    one pass with the sine's first half negated in advance, so rotating needs no negation: the same numbers as
-    transformers' ``apply_rotary_pos_emb`` (a sign flip is exact), with fewer operations. With ``tables`` (every
-    position's tables, built once) the rows of ``positions`` are gathered from them instead of computed: the
-    cosine and the signed sine in one gather, the plain sine only if asked for (layers without fused projections).
-    """
-
-    def __init__(self, rotary_emb: nn.Module, like: torch.Tensor, positions: torch.Tensor,
-                 tables: Optional['_RopeTables'] = None) -> None:
-        self._tables, self._positions = tables, positions
-        if tables is not None:
-            self.stacked = tables.cos_and_signed_sin.index_select(2, positions)
-            self._cos, self._sin = self.stacked[:1], self.stacked[1:]
-            self.cos = self.stacked[0]
-            return
-        self.cos, self.sin = rotary_emb(like, positions.view(1, -1))
-        half = self.sin.shape[-1] // 2
-        self._cos = self.cos.unsqueeze(1)
-        self._sin = torch.cat([-self.sin[..., :half], self.sin[..., half:]], dim=-1).unsqueeze(1)
-
-    @functools.cached_property
-    def stacked(self) -> torch.Tensor:
-        """(2, 1, n, head_dim): the cosine and the signed sine in one tensor (what a graphed layer reads)."""
-        return torch.cat([self._cos, self._sin])
-
-    @functools.cached_property
-    def sin(self) -> torch.Tensor:
-        """The plain sine (1, n, head_dim), gathered from the tables when first asked for (else set at creation)."""
-        return self._tables.sin.index_select(1, self._positions)
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` (B, heads, n, head_dim) rotated to its positions (no autograd: written into a fresh tensor).
-
-        The swapped halves are multiplied by the sine straight from ``x`` (no concatenated copy of ``x``).
-        """
-        half = x.shape[-1] // 2
-        out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, self._sin.dtype), device=x.device)
-        torch.mul(x[..., half:], self._sin[..., :half], out=out[..., :half])
-        torch.mul(x[..., :half], self._sin[..., half:], out=out[..., half:])
-        return out.add_(x * self._cos)
-
-
-class _RopeTables:
-    """The RoPE tables of positions 0 .. n - 1 for one rotary embedding, dtype and device.
-
-    A kept set's tables are rows of these (the same numbers: each row depends on its position only), so a step
-    gathers them instead of computing cosines and sines again. Not for rotary embeddings that rescale their
-    frequencies with the longest position asked for (dynamic and LongRoPE scaling).
-    """
-
-    def __init__(self, rotary_emb: nn.Module, like: torch.Tensor, num_tokens: int, signature: tuple) -> None:
-        full = _Rotary(rotary_emb, like, torch.arange(num_tokens, device=like.device))
-        self.cos, self.sin, self.signed_sin = full.cos, full.sin, full._sin
-        self.cos_and_signed_sin = full.stacked      # gathered in one operation for a kept set
-        self.signature = signature
-
-    @staticmethod
-    def key(rotary_emb: nn.Module, like: torch.Tensor, num_tokens: int) -> Optional[tuple]:
-        """What the tables depend on, or None where they cannot be shared between position sets."""
-        rope_type = getattr(rotary_emb, 'rope_type', None)
-        inv_freq = getattr(rotary_emb, 'inv_freq', None)
-        if not isinstance(rope_type, str) or not isinstance(inv_freq, torch.Tensor) or 'dynamic' in rope_type \
-                or 'longrope' in rope_type:
-            return None
-        return (id(rotary_emb), num_tokens, like.dtype, like.device, inv_freq.data_ptr(), inv_freq._version,
-                getattr(rotary_emb, 'attention_scaling', None))
-
-
-class _Padded:
-    """A kept set padded at its end to a multiple of ``bucket`` tokens, for the compiled layers.
-
-    Padding tokens sit after every kept token at the last kept position; the mask hides them as keys (with a causal
-    layout, the lower-triangular mask already does).
-    """
-
-    def __init__(self, rotary_emb: nn.Module, kept: torch.Tensor, causal: bool, like: torch.Tensor,
-                 bucket: int, tables: Optional['_RopeTables'] = None) -> None:
-        n = len(kept)
-        self.size = -(-n // bucket) * bucket
-        positions = torch.cat([kept, kept[-1:].expand(self.size - n)]) if self.size > n else kept
-        self.rope = _Rotary(rotary_emb, like, positions, tables)
-        self.causal = causal
-        self.mask = None
-        if not causal and self.size > n:
-            self.mask = _padding_mask(n, self.size, kept.device)
-
-
-@functools.lru_cache(maxsize=256)
-def _padding_mask(count: int, size: int, device: torch.device) -> torch.Tensor:
-    """(1, 1, 1, ``size``) bool key mask: the first ``count`` keys (shared: do not modify it)."""
-    return (torch.arange(size, device=device) < count).view(1, 1, 1, -1)
-
-
-def _linear_weight_bytes(modules) -> int:
-    """Bytes of the weights of the plain linear layers among ``modules``."""
-    return sum(m.weight.numel() * m.weight.element_size() for m in modules if isinstance(m, nn.Linear))
-
-
-def _compilable(layer: nn.Module) -> bool:
-    """Whether a layer is the plain Llama layer the compiled graph reproduces."""
-    attn, mlp = layer.self_attn, layer.mlp
-    projections = [getattr(attn, name, None) for name in ('q_proj', 'k_proj', 'v_proj', 'o_proj')] + \
-        [getattr(mlp, name, None) for name in ('gate_proj', 'up_proj', 'down_proj')]
-    return (type(layer.input_layernorm) is LlamaRMSNorm and type(layer.post_attention_layernorm) is LlamaRMSNorm
-            and all(type(m) is nn.Linear for m in projections)
-            and type(getattr(mlp, 'act_fn', None)) in (nn.SiLU, SiLUActivation))
-
-
-def _layer_arithmetic(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor],
-                      causal: bool, qkv_weight: torch.Tensor | tuple, qkv_bias: Optional[torch.Tensor] | tuple,
-                      o_weight: torch.Tensor, o_bias: Optional[torch.Tensor], gate_up_weight: torch.Tensor | tuple,
-                      gate_up_bias: Optional[torch.Tensor] | tuple, down_weight: torch.Tensor,
-                      down_bias: Optional[torch.Tensor], norm_weight: torch.Tensor, post_norm_weight: torch.Tensor,
-                      eps: float, post_eps: float, heads: int, kv_heads: int, head_dim: int, scaling: float,
-                      kv_slots: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One Llama layer as pure tensor arithmetic (what ``compile_layers`` compiles and CUDA graphs capture).
-
-    Returns the output, queries, keys and values. The query/key/value and gate/up weights are fused tensors or
-    tuples of the layer's own (:func:`_layer_operands`). ``kv_slots`` (decoding into fixed buffers): (keys,
-    values, slot): the new keys and values are written at ``slot`` (a (1,) index) of the (1, kv heads, capacity,
-    head dim) buffers, ``mask`` (1, 1, 1, capacity) is set there, and the queries attend to the buffers where
-    ``mask`` is set.
-    """
-    batch, n, _ = hidden.shape
-    x = F.rms_norm(hidden, norm_weight.shape, norm_weight, eps)
-    qkv = _projection(x, qkv_weight, qkv_bias).view(batch, n, -1, head_dim)
-    qk = qkv[:, :, :heads + kv_heads].transpose(1, 2)
-    half = head_dim // 2
-    qk = qk * cos + torch.cat([qk[..., half:], qk[..., :half]], dim=-1) * sin
-    q, k = qk[:, :heads], qk[:, heads:]
-    v = qkv[:, :, heads + kv_heads:].transpose(1, 2)
-    if kv_slots is not None:
-        keys, values, slot = kv_slots
-        keys.index_copy_(2, slot, k.to(keys.dtype))
-        values.index_copy_(2, slot, v.to(values.dtype))
-        mask.index_fill_(-1, slot, True)
-        k, v = keys, values
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scaling,
-                                         enable_gqa=heads != kv_heads)
-    hidden = hidden + F.linear(out.transpose(1, 2).reshape(batch, n, -1), o_weight, o_bias)
-    gate, up = _projection(F.rms_norm(hidden, post_norm_weight.shape, post_norm_weight, post_eps), gate_up_weight,
-                           gate_up_bias).chunk(2, dim=-1)
-    return hidden + F.linear(F.silu(gate) * up, down_weight, down_bias), q, k, v
-
-
-def _projection(x: torch.Tensor, weight: torch.Tensor | tuple, bias: Optional[torch.Tensor] | tuple) -> torch.Tensor:
-    """``x`` through one (fused) weight, or through several whose outputs are concatenated (the layer's own)."""
-    if isinstance(weight, tuple):
-        return torch.cat([F.linear(x, w, b) for w, b in zip(weight, bias)], dim=-1)
-    return F.linear(x, weight, bias)
-
-
-def _layer_operands(layer: nn.Module, fused: Optional['_FusedProjections']) -> tuple:
-    """The arguments of :func:`_layer_arithmetic` after ``causal``: one layer's weights, norms and head sizes.
-
-    With ``fused`` None, the query/key/value and gate/up weights are the layer's own, as tuples.
-    """
-    attn, mlp = layer.self_attn, layer.mlp
-    head_dim = attn.head_dim
-    if fused is not None:
-        qkv_weight, qkv_bias, sizes = fused.qkv_weight, fused.qkv_bias, fused.qkv_sizes
-        gate_up_weight, gate_up_bias = fused.gate_up_weight, fused.gate_up_bias
-    else:
-        qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
-        qkv_weight, qkv_bias = tuple(m.weight for m in qkv), tuple(m.bias for m in qkv)
-        sizes = [m.out_features for m in qkv]
-        gate_up_weight = (mlp.gate_proj.weight, mlp.up_proj.weight)
-        gate_up_bias = (mlp.gate_proj.bias, mlp.up_proj.bias)
-    return (qkv_weight, qkv_bias, attn.o_proj.weight, attn.o_proj.bias, gate_up_weight, gate_up_bias,
-            mlp.down_proj.weight, mlp.down_proj.bias, layer.input_layernorm.weight,
-            layer.post_attention_layernorm.weight, layer.input_layernorm.variance_epsilon,
-            layer.post_attention_layernorm.variance_epsilon, sizes[0] // head_dim, sizes[1] // head_dim, head_dim,
-            attn.scaling)
-
-
-@functools.cache
-def _compiled_layer():
-    """``_layer_arithmetic`` compiled once per process (one graph per shape; every layer shares it)."""
-    # one recompilation per bucket (and per kept-set kind): allow more than dynamo's default of 8
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(_layer_arithmetic, dynamic=False, fullgraph=True)
-
-
-# the token count oneDNN's and MKL's packed weights are laid out for (any count multiplies correctly; this is a
-# typical pruned sequence), and the narrowest decoder that packs them by default (no gain measured at 128 wide)
-_PACKED_FOR_TOKENS = 128
-_PACKED_MIN_WIDTH = 256
-# by default, oneDNN's or MKL's packed copies only while one more copy of the decoder's linear weights takes at most
-# this share of the memory available when a runner first decides (a 7B decoder in fp32 on a CPU: 26 GB more)
-_COPY_MEMORY_SHARE = 0.25
-
-
-def cpu_vendor() -> str:
-    """The processor's vendor as the kernel reports it ('GenuineIntel', 'AuthenticAMD', ...; '' where unknown)."""
-    return cpu_info('vendor_id')
-
-
-def _packable(weight: torch.Tensor) -> bool:
-    """Whether oneDNN's prepacked product applies to ``weight`` (fp32 on the CPU, oneDNN present)."""
-    return weight.device.type == 'cpu' and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-
-
-def _mkl_packable(weight: torch.Tensor) -> bool:
-    """Whether MKL's packed product applies to ``weight`` (fp32 on the CPU, a torch build with MKL's packed ops)."""
-    return (weight.device.type == 'cpu' and weight.dtype == torch.float32 and torch.backends.mkl.is_available()
-            and hasattr(torch.ops.mkl, '_mkl_linear') and hasattr(torch.ops.mkl, '_mkl_reorder_linear_weight'))
-
-
-def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A Llama RMS norm in six element-wise operations where that gives its numbers (fp32); the module otherwise.
-
-    The module's own arithmetic in its order (mean of squares, reciprocal square root, the weight last), the
-    scratch tensors updated in place: bit for bit the module's output. ``F.rms_norm`` gives the same numbers but runs
-    twice as many operations on the CPU (dtype round trips of the statistics), which costs in a pruned pass whose
-    element-wise work no longer hides the per-operation overhead.
-    """
-    if type(norm) is LlamaRMSNorm and x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
-        scale = x.pow(2).mean(-1, keepdim=True).add_(norm.variance_epsilon).rsqrt_()
-        return (x * scale).mul_(norm.weight)
-    return norm(x)
-
-
-class _ExactCopyChoice:
-    """Where a product may read a copy of its weight (another layout): where that gives the same numbers bit for bit.
-
-    The summation order inside a CPU matrix product depends on its shapes, the weight's layout and the thread
-    count, not on the values; so a check on a random input decides for every later product of that kind: once per
-    (row count, weight shape, threads, dtype, device), or, from ``exact_from_rows`` rows on, once per weight shape
-    for all those counts (where the copy is known to match at every such count or at none). ``product(x, copy,
-    weight, bias)`` multiplies from the copy. Shared by all layers of a runner.
-    """
-
-    def __init__(self, product: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]],
-                                         torch.Tensor], exact_from_rows: Optional[int] = None) -> None:
-        self.product = product
-        self.exact_from_rows = exact_from_rows
-        self._same: dict[tuple, bool] = {}
-
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, copy: torch.Tensor,
-                 bias: Optional[torch.Tensor]) -> torch.Tensor:
-        if not x.is_contiguous():          # the check runs on contiguous inputs only
-            return F.linear(x, weight, bias)
-        rows = x.numel() // x.shape[-1]
-        if self.exact_from_rows is not None:
-            rows = min(rows, self.exact_from_rows)
-        key = (rows, tuple(weight.shape), bias is None, torch.get_num_threads(), x.dtype, x.device)
-        same = self._same.get(key)
-        if same is None:
-            generator = torch.Generator(device=x.device).manual_seed(len(self._same))
-            probe = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-            same = self._same[key] = torch.equal(F.linear(probe, weight, bias), self.product(probe, copy, weight, bias))
-        return self.product(x, copy, weight, bias) if same else F.linear(x, weight, bias)
-
-
-# MKL's packed product against its plain one, swept over 1-600 rows per weight shape on an Intel Xeon (1 and 2
-# threads): the plain product takes another path for up to 3-15 rows (by shape); from there on the two matched at
-# every count or, for inner sizes above ~1000, at none. From this many rows on one check per shape decides.
-_MKL_PACKED_EXACT_FROM_ROWS = 64
-
-
-def _input_major_product(x: torch.Tensor, copy: torch.Tensor, weight: torch.Tensor,
-                         bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """The product read from an input-major (transposed in memory) copy of the weight."""
-    return F.linear(x, copy, bias)
-
-
-def _mkl_packed_product(x: torch.Tensor, copy: torch.Tensor, weight: torch.Tensor,
-                        bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """The product read from MKL's packed copy of the weight (any number of rows; ``weight`` for its shape)."""
-    rows = x.numel() // x.shape[-1]
-    return torch.ops.mkl._mkl_linear(x, copy, weight, bias, rows)
-
-
-def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A plain linear layer's product without the module call (the same numbers); any other module is called."""
-    if type(module) is nn.Linear:
-        return F.linear(x, module.weight, module.bias)
-    return module(x)
-
-
-def _activation(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The MLP's activation; SiLU without the module call."""
-    return F.silu(x) if type(act) in (nn.SiLU, SiLUActivation) else act(x)
-
-
-@dataclass
-class _FusedProjections:
-    """One layer's query/key/value weights stacked into one matrix, and the MLP's gate/up weights into another."""
-
-    qkv_weight: torch.Tensor
-    qkv_bias: Optional[torch.Tensor]
-    qkv_sizes: list[int]
-    gate_up_weight: torch.Tensor
-    gate_up_bias: Optional[torch.Tensor]
-    sources: list[tuple[torch.Tensor, int, int]]      # (parameter, data_ptr, version) the copies were made from
-    # copies of every product's weight that a product reads instead (``copy_kind``): 'input_major', (out, in) views
-    # of transposed storage, or 'mkl_packed', MKL's packed weights, each read where ``exact`` allows; or 'packed',
-    # oneDNN's prepacked weights
-    copy_kind: Optional[str] = None
-    qkv_copy: Optional[torch.Tensor] = None
-    gate_up_copy: Optional[torch.Tensor] = None
-    o_copy: Optional[torch.Tensor] = None
-    down_copy: Optional[torch.Tensor] = None
-    exact: Optional[_ExactCopyChoice] = None
-    copied_from: dict[int, torch.Tensor] = field(default_factory=dict)   # id(copy) -> the weight it copies
-
-    @classmethod
-    def build(cls, layer: nn.Module, copy_kind: Optional[str] = None,
-              exact: Optional[_ExactCopyChoice] = None) -> Optional['_FusedProjections']:
-        """The fused copies of ``layer``'s weights, or None where its modules are not plain linear layers.
-
-        ``copy_kind``: also hold every weight 'input_major' or 'mkl_packed' (read where ``exact`` allows), or
-        'packed' for oneDNN.
-        """
-        attn, mlp = layer.self_attn, layer.mlp
-        qkv = [getattr(attn, name, None) for name in ('q_proj', 'k_proj', 'v_proj')]
-        gate_up = [getattr(mlp, name, None) for name in ('gate_proj', 'up_proj')]
-        modules = qkv + gate_up
-        if any(type(m) is not nn.Linear for m in modules) or not all(hasattr(mlp, a) for a in ('down_proj', 'act_fn')):
-            return None
-        if len({(m.bias is None) for m in qkv}) > 1 or len({(m.bias is None) for m in gate_up}) > 1:
-            return None
-        if gate_up[0].out_features != gate_up[1].out_features:
-            return None
-
-        def stack(group: list[nn.Linear], bias: bool) -> Optional[torch.Tensor]:
-            if bias and group[0].bias is None:
-                return None
-            return torch.cat([(m.bias if bias else m.weight).detach() for m in group]).contiguous()
-
-        def copy(weight: torch.Tensor) -> torch.Tensor:
-            if copy_kind == 'packed':
-                return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACKED_FOR_TOKENS)
-            if copy_kind == 'mkl_packed':
-                return torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), _PACKED_FOR_TOKENS)
-            return weight.detach().t().contiguous().t()
-
-        fused = cls(qkv_weight=stack(qkv, False), qkv_bias=stack(qkv, True), qkv_sizes=[m.out_features for m in qkv],
-                    gate_up_weight=stack(gate_up, False), gate_up_bias=stack(gate_up, True), sources=[])
-        if copy_kind is not None:
-            fused.copy_kind, fused.exact = copy_kind, exact
-            fused.qkv_copy = copy(fused.qkv_weight)
-            fused.gate_up_copy = copy(fused.gate_up_weight)
-            if type(attn.o_proj) is nn.Linear:
-                fused.o_copy = copy(attn.o_proj.weight)
-                fused.copied_from[id(fused.o_copy)] = attn.o_proj.weight
-                modules.append(attn.o_proj)
-            if type(mlp.down_proj) is nn.Linear:
-                fused.down_copy = copy(mlp.down_proj.weight)
-                fused.copied_from[id(fused.down_copy)] = mlp.down_proj.weight
-                modules.append(mlp.down_proj)
-        fused.sources = [(p, p.data_ptr(), p._version) for m in modules for p in m.parameters(recurse=False)]
-        return fused
-
-    def product(self, x: torch.Tensor, weight: torch.Tensor, copy: Optional[torch.Tensor],
-                bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """``x`` times ``weight`` (+ ``bias``), from the weight's copy where there is one.
-
-        A oneDNN packed copy is always read; an input-major or MKL packed one where it gives the weight's own numbers.
-        """
-        if copy is None or self.copy_kind is None:
-            return F.linear(x, weight, bias)
-        if self.copy_kind in ('packed', 'mkl_packed') and (x.dtype != weight.dtype or x.device.type != 'cpu'):
-            return F.linear(x, weight, bias)
-        if self.copy_kind == 'packed':
-            return torch.ops.mkldnn._linear_pointwise(x, copy, bias, 'none', [], '')
-        return self.exact(x, weight, copy, bias)
-
-    def linear(self, module: nn.Module, x: torch.Tensor, copy: Optional[torch.Tensor]) -> torch.Tensor:
-        """A layer's own linear module applied to ``x`` (from its copy where allowed).
-
-        A module replaced since the copy was made runs itself.
-        """
-        if copy is None or type(module) is not nn.Linear or self.copied_from.get(id(copy)) is not module.weight:
-            return _linear(module, x)
-        return self.product(x, module.weight, copy, module.bias)
-
-    def current(self) -> bool:
-        """Whether the source weights are still the ones copied (same storage, not modified in place)."""
-        return all(p.data_ptr() == ptr and p._version == version for p, ptr, version in self.sources)
-
-
-class _ProbeBatch:
-    """The attention probes of one step not yet scored: queued at their layer, scored together when one is read.
-
-    Probes of the same shapes (layers between two changes of the kept set) are stacked into one batched product,
-    softmax and mean, instead of a few small operations per layer.
-    """
-
-    def __init__(self) -> None:
-        self.pending: list[tuple] = []
-        self.seconds = 0.0
-
-    def add(self, q_rows: torch.Tensor, keys: torch.Tensor, mask: Optional[torch.Tensor], rows: torch.Tensor,
-            scaling: float, out: dict, key: str) -> None:
-        self.pending.append((q_rows, keys, mask, rows, scaling, out, key))
-
-    def resolve(self) -> None:
-        if not self.pending:
-            return
-        started = time.perf_counter()
-        if len(self.pending) == 1:          # one probe (a layer between two changes of the kept set): no grouping
-            q_rows, keys, mask, rows, scaling, out, key = self.pending.pop()
-            mask_rows = None if mask is None else mask[:, :, rows].unsqueeze(2)
-            with torch.no_grad():
-                out[key] = _attention_summaries(q_rows, keys, mask_rows, scaling)
-            self.seconds += time.perf_counter() - started
-            return
-        groups: dict[tuple, list] = {}
-        for item in self.pending:
-            q_rows, keys, mask, rows, scaling = item[:5]
-            # one mask and one set of rows per kept set: the same objects for every layer that shares them
-            same = (tuple(q_rows.shape), tuple(keys.shape), q_rows.dtype, keys.dtype, scaling,
-                    None if mask is None else (id(mask), id(rows)))
-            groups.setdefault(same, []).append(item)
-        self.pending = []
-        with torch.no_grad():
-            for items in groups.values():
-                q_rows = torch.stack([item[0] for item in items]) if len(items) > 1 else items[0][0].unsqueeze(0)
-                keys = torch.stack([item[1] for item in items]) if len(items) > 1 else items[0][1].unsqueeze(0)
-                mask, rows = items[0][2], items[0][3]
-                mask_rows = None if mask is None else mask[:, :, rows].unsqueeze(2)
-                weights = _attention_summaries(q_rows, keys, mask_rows, items[0][4])
-                for item, row in zip(items, weights):
-                    item[5][item[6]] = row
-        self.seconds += time.perf_counter() - started
-
-
-class LazyAttention(Mapping):
-    """A layer's attention summaries (request key -> (n_keys,) weights), scored when first read."""
-
-    def __init__(self, probes: _ProbeBatch) -> None:
-        self._probes = probes
-        self._keys: list[str] = []
-        self._values: dict[str, torch.Tensor] = {}
-
-    def add(self, key: str, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, mask: Optional[torch.Tensor],
-            scaling: float) -> None:
-        batch, heads, _, head_dim = q.shape
-        kv_heads = k.shape[1]
-        q_rows = q[:, :, rows].reshape(batch, kv_heads, (heads // kv_heads) * len(rows), head_dim)
-        self._keys.append(key)
-        self._probes.add(q_rows, k, mask, rows, scaling, self._values, key)
-
-    def put(self, key: str, weights: torch.Tensor) -> None:
-        """A summary already computed (from the layer's own attention probabilities)."""
-        self._keys.append(key)
-        self._values[key] = weights
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._values and key in self._keys:
-            self._probes.resolve()
-        return self._values[key]
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._keys
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-
-def _attention_summaries(q_rows: torch.Tensor, keys: torch.Tensor, mask_rows: Optional[torch.Tensor],
-                         scaling: float) -> torch.Tensor:
-    """Softmax attention (fp32) of query rows grouped by key head, averaged over batch, heads and rows: (L, n_k).
-
-    Query rows (L, B, kv, g * r, d) against keys (L, B, kv, n_k, d); or one probe, (B, kv, g * r, d) against
-    (B, kv, n_k, d), giving (n_k,). ``mask_rows``: (1, 1, 1, r, n_k) or None.
-    """
-    q_rows = q_rows if q_rows.dtype == torch.float32 else q_rows.float()
-    keys = keys if keys.dtype == torch.float32 else keys.float()
-    # scaled and masked in place on the fresh product: the same numbers as out-of-place steps, without a copy (a
-    # masked score takes the dtype's minimum, as an additive mask gives it)
-    scores = torch.matmul(q_rows, keys.transpose(-1, -2)).mul_(scaling)
-    n_keys = scores.shape[-1]
-    if mask_rows is not None:
-        rows = mask_rows.shape[-2]
-        scores.view(*scores.shape[:-2], scores.shape[-2] // rows, rows, n_keys).masked_fill_(
-            ~mask_rows, torch.finfo(scores.dtype).min)
-    scores = scores.softmax(dim=-1)
-    if q_rows.dim() == 4:
-        return scores.view(-1, n_keys).mean(dim=0)
-    return scores.view(scores.shape[0], -1, n_keys).mean(dim=1)

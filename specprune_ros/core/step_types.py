@@ -22,6 +22,11 @@ import torch
 
 from specprune_ros.core.token_layout import TokenLayout
 
+
+class PlanError(ValueError):
+    """A pruning plan that the runner refuses (it would drop non-visual tokens, name unknown tokens, ...)."""
+
+
 # Which query rows an attention summary averages over:
 #   'text'    - the task-instruction tokens (SpecPrune task attention, VLA-Pruner text-rows variant)
 #   'action'  - the action query tokens (VLA-Pruner action score)
