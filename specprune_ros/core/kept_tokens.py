@@ -1,9 +1,7 @@
-"""What every decoder layer over one kept set shares: key indices, RoPE tables, the attention mask, probe rows.
+"""Kept sets: what the layers between two changes of the kept set share (:class:`KeptTokens`), and their RoPE.
 
-The runner builds a :class:`KeptTokens` when a method changes the kept set, so a deep decoder that prunes at a
-few layers computes these a few times per step instead of at every layer. Kept tokens keep their original
-positions as RoPE positions (:class:`Rotary`, gathered from every position's :class:`RopeTables`); graphed and
-compiled layers run over the kept set padded to a bucket (:class:`PaddedTokens`).
+Kept tokens keep their original positions as RoPE positions (:class:`Rotary`, gathered from every position's
+:class:`RopeTables`); graphed and compiled layers run over the kept set padded to a bucket (:class:`PaddedTokens`).
 """
 from __future__ import annotations
 
