@@ -1,4 +1,6 @@
 """The prunable decoder runner against transformers' own forward and an independent reference."""
+from typing import Optional
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -352,6 +354,84 @@ def test_kv_reuse_of_unchanged_tokens_is_exact(causal):
         third = runner(changed, layout, method)
         full_changed = runner(changed, layout)
     assert (third.hidden - full_changed.select(third.kept)).abs().max().item() > 1e-3
+
+
+class ReuseMaskMethod(ReuseMethod):
+    """:class:`ReuseMethod` naming the reused tokens by a visual mask (with a count that may lie), after a keep set."""
+
+    def __init__(self, mask: torch.Tensor, count: Optional[int] = None, keep: Optional[torch.Tensor] = None):
+        super().__init__(torch.zeros(0, dtype=torch.long))
+        self.mask, self.count, self.keep = mask, int(mask.sum()) if count is None else count, keep
+
+    def begin_step(self, context: StepContext) -> StepPlan:
+        return StepPlan(keep_before=self.keep, reuse_kv=VisualMask(self.mask, self.count), kv_store=self.store)
+
+
+@pytest.mark.parametrize('on_host', [True, False])
+@pytest.mark.parametrize('causal', [False, True])
+def test_kv_reuse_named_by_a_visual_mask_serves_what_indices_serve(causal, on_host):
+    # cameras out of sequence order: the mask follows the cameras, the reused tokens come out ascending
+    layout = TokenLayout(num_tokens=N, camera_spans=((16, 32), (0, 16)), grid_shape=(4, 4), text_span=(32, 38),
+                         proprio_span=(38, 39), action_span=(39, 50), causal=causal)
+    mask = _visual_mask([0, 3, 17, 30])
+    indices = layout.visual_indices()[mask].sort().values
+    assert indices.tolist() == [1, 14, 16, 19]
+    runner = PrunableDecoderRunner(make_decoder(), validate_on_host=on_host)
+    by_indices, by_mask = ReuseMethod(indices), ReuseMaskMethod(mask)
+    x = torch.randn(1, N, HIDDEN)
+    with torch.no_grad():
+        for method in (by_indices, by_mask):
+            assert runner(x, layout, method).record.reused is None     # nothing stored yet: the store filled
+        changed = x + 0.5
+        want, got = runner(changed, layout, by_indices), runner(changed, layout, by_mask)
+    assert got.record.reused.tolist() == want.record.reused.tolist() == [1, 14, 16, 19]
+    assert torch.equal(got.kept, want.kept) and len(got.kept) == N - 4
+    assert torch.equal(got.hidden, want.hidden)
+
+
+@pytest.mark.parametrize('on_host', [True, False])
+def test_kv_reuse_by_mask_of_every_kept_visual_token_computes_one(on_host):
+    layout = make_layout(False)
+    runner = PrunableDecoderRunner(make_decoder(), validate_on_host=on_host)
+    x = torch.randn(1, N, HIDDEN)
+    method = ReuseMaskMethod(torch.zeros(32, dtype=torch.bool), keep=torch.arange(4, 12))
+    with torch.no_grad():
+        runner(x, layout, method)                           # the kept tokens' K/V stored
+        method.mask, method.count = _visual_mask(list(range(4, 12))), 8
+        second = runner(x, layout, method)
+    assert second.record.reused.tolist() == list(range(5, 12))      # the first kept visual token is computed
+    assert second.kept.tolist() == [4, *range(32, N)]
+
+
+@pytest.mark.parametrize('on_host', [True, False])
+@pytest.mark.parametrize('case, message', [
+    ('store short of a layer', 'holds 3 of 4 layers'),
+    ('not cached', 'not kept or have no cached'),
+    ('not kept', 'not kept or have no cached'),
+    ('wrong count', 'exactly 3|not the 3'),
+    ('wrong shape', r'\(32,\) bool'),
+])
+def test_bad_kv_reuse_masks_are_refused(case, message, on_host):
+    layout = make_layout(False)
+    runner = PrunableDecoderRunner(make_decoder(), validate_on_host=on_host)
+    x = torch.randn(1, N, HIDDEN)
+    nothing = torch.zeros(32, dtype=torch.bool)
+    method = ReuseMaskMethod(nothing, keep=torch.arange(8, 32) if case == 'not cached' else None)
+    with torch.no_grad():
+        runner(x, layout, method)                           # stores the K/V of the tokens it computed
+        if case == 'store short of a layer':
+            for part in (method.store.keys, method.store.values, method.store.valid):
+                del part[3]
+        method.mask, method.count = _visual_mask([1, 2]), 2
+        if case == 'not kept':
+            method.keep = torch.arange(4, 32)
+        elif case == 'wrong count':
+            method.count = 3
+        elif case == 'wrong shape':
+            method.mask, method.count = torch.ones(31, dtype=torch.bool), 31
+        # a device-side check raises where the device runs it: at once on the CPU
+        with pytest.raises((PlanError, RuntimeError), match=message):
+            runner(x, layout, method)
 
 
 def test_timing_split_is_reported():

@@ -25,9 +25,6 @@ from specprune_ros.pruning.methods import vla_cache as vla_cache_module
 from specprune_ros.pruning.registry import available_methods
 
 TENSOR_READS = ('item', 'cpu', 'tolist', 'numpy', '__bool__', '__int__', '__float__', 'nonzero')
-# methods whose plan the executor still checks on the host: K/V reuse (PrunableDecoderRunner._reusable reads the
-# reuse set back); the method's own selection runs on the device
-HOST_CHECKED = {'vla_cache'}
 # methods whose kept count depends on the attention: the per-camera counts are read back once per static gather
 # (the one read they make, through ``scoring.host_counts``); everything else stays on the device
 COUNT_READS = {'specprune': 2, 'specprune_static': 2, 'specprune_static_layer': 2, 'vla_cache': 1}
@@ -86,14 +83,7 @@ def test_pruned_step_reads_nothing_back_from_the_device(causal):
     assert len(unpruned.kept) == layout.num_tokens and set(unpruned.record.attention) == {0, 5}
 
 
-def _guard_case(name: str):
-    if name in HOST_CHECKED:
-        return pytest.param(name, marks=pytest.mark.xfail(strict=True, raises=AssertionError,
-                                                          reason='the executor checks the K/V reuse plan on the host'))
-    return name
-
-
-@pytest.mark.parametrize('name', [_guard_case(name) for name in available_methods()])
+@pytest.mark.parametrize('name', available_methods())
 def test_methods_selecting_on_the_device_read_nothing_back(name, monkeypatch):
     # every step after the first (which builds the per-layout tables) runs under the guard and keeps what the
     # same method keeps in an unguarded, host-checked run; the last steps are past every method's warm-up
@@ -242,9 +232,8 @@ def _cuda_or_skip() -> torch.device:
     return torch.device('cuda')
 
 
-# synchronisations a step may make on CUDA: the per-camera kept counts (COUNT_READS); VLA-Cache's executor checks
-# its K/V reuse plan on the host (HOST_CHECKED: counted and printed, not bounded)
-CUDA_SYNCS_ALLOWED = {name: count for name, count in COUNT_READS.items() if name not in HOST_CHECKED}
+# synchronisations a step may make on CUDA: the per-camera kept counts (COUNT_READS)
+CUDA_SYNCS_ALLOWED = COUNT_READS
 
 
 @pytest.mark.parametrize('name', ('fixed', *available_methods()))
@@ -301,9 +290,8 @@ def check_steps_do_not_synchronise(name: str, device: torch.device):
                     torch.cuda.set_sync_debug_mode(0)
             syncs = [w for w in caught if 'called a synchronizing CUDA operation' in str(w.message)]
             counts.append(len(syncs))
-            if name not in HOST_CHECKED:
-                where = '; '.join(f'{w.filename}:{w.lineno}' for w in syncs)
-                assert len(syncs) <= CUDA_SYNCS_ALLOWED.get(name, 0), f'step {step}: {len(syncs)} syncs at {where}'
+            where = '; '.join(f'{w.filename}:{w.lineno}' for w in syncs)
+            assert len(syncs) <= CUDA_SYNCS_ALLOWED.get(name, 0), f'step {step}: {len(syncs)} syncs at {where}'
     print(f'{name}: synchronising calls per step {counts}')
     return method
 

@@ -291,9 +291,10 @@ class PrunableDecoderRunner(nn.Module):
                 kept, present = rows, keep.mask     # rows of the full sequence: the kept indices themselves
         elif keep is not None:
             kept = self._apply_keep(kept, keep, is_visual, roles, 'before layer 0', None if on_host else non_visual)
-        reused = self._reusable(plan, kept, is_visual)
-        if reused is not None:
-            kept, present = kept[~torch.isin(kept, reused)], None
+        reused = self._reusable(plan, kept, is_visual, layout, on_host)
+        if reused is not None:          # every reused token is kept: the count is known on the host
+            rest = torch.nonzero_static(~torch.isin(kept, reused), size=len(kept) - len(reused)).view(-1)
+            kept, present = kept.index_select(0, rest), None
         requests = self._requests_by_layer(plan.attention)
         hooked = self._hook_layers(plan.after_layers)
         cache = DecoderCache(last_position=layout.num_tokens - 1) if return_cache else None
@@ -604,23 +605,63 @@ class PrunableDecoderRunner(nn.Module):
                             'sequence, or repeats one')
         return torch.cat([non_visual, keep_visual]).sort().values
 
-    @staticmethod
-    def _reusable(plan: StepPlan, kept: torch.Tensor, is_visual: torch.Tensor) -> Optional[torch.Tensor]:
-        """Visual tokens served from the K/V store: requested, kept, and cached at every layer."""
-        if plan.reuse_kv is None or plan.kv_store is None or len(plan.reuse_kv) == 0:
+    def _reusable(self, plan: StepPlan, kept: torch.Tensor, is_visual: torch.Tensor, layout: TokenLayout,
+                  on_host: bool) -> Optional[torch.Tensor]:
+        """Visual tokens served from the K/V store (ascending), or None; one kept visual token is always computed.
+
+        Indices: those named that are kept and cached at every layer. A :class:`VisualMask` must name such tokens
+        only, exactly ``count`` of them, once the store holds anything: checked on the host with a message, or on
+        the device by one assert that never waits for it (its count sizes everything after it).
+        """
+        reuse, store = plan.reuse_kv, plan.kv_store
+        if reuse is None or store is None:
             return None
-        reuse = torch.as_tensor(plan.reuse_kv, dtype=torch.long, device=kept.device).unique()
-        if len(reuse) and (reuse.min() < 0 or reuse.max() >= len(is_visual) or not is_visual[reuse].all()):
-            raise PlanError('reuse_kv may only name visual tokens of the sequence')
-        reuse = reuse[torch.isin(reuse, kept)]
-        store = plan.kv_store
-        for valid in store.valid.values():
-            reuse = reuse[valid[reuse]]
-        if len(store.valid) == 0 or len(reuse) == 0:
+        if isinstance(reuse, VisualMask):
+            found = self._reused_by_mask(reuse, store, kept, is_visual, layout, on_host)
+        else:
+            found = _cached_and_kept(torch.as_tensor(reuse, dtype=torch.long, device=kept.device), store, kept,
+                                     is_visual)
+        if found is None or len(found) == 0:
             return None
-        if len(reuse) == int(is_visual[kept].sum()):  # keep one visual token computed, so queries exist for it
-            reuse = reuse[1:]
-        return reuse if len(reuse) else None
+        visual = len(kept) - (layout.num_tokens - layout.num_visual)
+        if len(found) == visual:        # keep one visual token computed, so queries exist for it
+            found = found[1:]
+        return found if len(found) else None
+
+    def _reused_by_mask(self, reuse: VisualMask, store: KVStore, kept: torch.Tensor, is_visual: torch.Tensor,
+                        layout: TokenLayout, on_host: bool) -> Optional[torch.Tensor]:
+        """The sequence indices a reuse mask names (ascending), checked against what is kept and cached."""
+        stage = 'reuse_kv'
+        if type(reuse.count) is not int:
+            reuse = VisualMask(reuse.mask, int(reuse.count))
+        if reuse.count == 0:
+            return None
+        layers = sorted(store.valid)
+        if not layers:                  # nothing stored yet (an episode's first step): everything is computed
+            return None
+        if layers != list(range(self.num_layers)):
+            raise PlanError(f'{stage}: the mask names cached tokens, but the K/V store holds {len(layers)} of '
+                            f'{self.num_layers} layers')
+        device = kept.device
+        message = f'{stage}: the mask names tokens that are not kept or have no cached K/V at every layer'
+        if on_host:
+            named = torch.as_tensor(_mask_indices(reuse, layout, stage), device=device)
+            found = _cached_and_kept(named, store, kept, is_visual)
+            if found is None or len(found) != reuse.count:
+                raise PlanError(message)
+            return found
+        mask = reuse.mask if reuse.mask.device == device else reuse.mask.to(device)
+        if mask.shape != (layout.num_visual,) or mask.dtype != torch.bool:
+            raise PlanError(f'{stage}: a visual mask must be a ({layout.num_visual},) bool tensor, not '
+                            f'{tuple(mask.shape)} {mask.dtype}')
+        # the mask in sequence order (non-visual tokens: a spare slot that is never set)
+        named = torch.cat([mask, _false_on(device)]).index_select(0, visual_slot_table(layout, device))
+        allowed = torch.stack([store.valid[layer] for layer in layers]).all(dim=0)
+        if len(kept) < layout.num_tokens:
+            allowed = allowed.logical_and_(torch.zeros_like(allowed).index_fill_(0, kept, True))
+        ok = mask.sum().eq(reuse.count).logical_and_(named.le(allowed).all())
+        torch._assert_async(ok, f'{message}, or does not hold exactly {reuse.count}')
+        return torch.nonzero_static(named, size=reuse.count).view(-1)
 
     def _hook_layers(self, layers: Optional[frozenset[int]]) -> Optional[frozenset[int]]:
         """A plan's ``after_layers``, checked: layer indices of this decoder (None: every layer)."""
@@ -1016,6 +1057,29 @@ def _role_tables(layout: TokenLayout, device: torch.device
 def _true_on(device: torch.device) -> torch.Tensor:
     """A (1,) True on ``device`` (shared: do not modify it)."""
     return torch.ones(1, dtype=torch.bool, device=device)
+
+
+@functools.cache
+def _false_on(device: torch.device) -> torch.Tensor:
+    """A (1,) False on ``device`` (shared: do not modify it)."""
+    return torch.zeros(1, dtype=torch.bool, device=device)
+
+
+def _cached_and_kept(named: torch.Tensor, store: KVStore, kept: torch.Tensor,
+                     is_visual: torch.Tensor) -> Optional[torch.Tensor]:
+    """The visual tokens ``named`` (ascending, once each) that are kept and cached at every layer of ``store``.
+
+    Reads the tokens back to the host (their number depends on the store): the indices path of K/V reuse.
+    """
+    named = named.unique()
+    if len(named) and (named.min() < 0 or named.max() >= len(is_visual) or not is_visual[named].all()):
+        raise PlanError('reuse_kv may only name visual tokens of the sequence')
+    named = named[torch.isin(named, kept)]
+    if len(store.valid) == 0:
+        return None
+    for valid in store.valid.values():
+        named = named[valid[named]]
+    return named
 
 
 KeepSet = Optional[torch.Tensor | np.ndarray | VisualMask]     # what a plan or a hook may name as kept

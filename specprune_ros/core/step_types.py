@@ -103,7 +103,8 @@ class StepPlan:
     keep_before: Optional[torch.Tensor | VisualMask] = None   # visual indices (or a mask) kept from layer 0 on
     # (None = all)
     attention: list[AttentionRequest] = field(default_factory=list)
-    reuse_kv: Optional[torch.Tensor] = None          # visual indices whose K/V come from ``kv_store`` (not recomputed)
+    reuse_kv: Optional[torch.Tensor | VisualMask] = None   # visual tokens whose K/V come from ``kv_store`` (not
+    # recomputed): indices (those kept and cached at every layer are served), or a mask that names such tokens only
     kv_store: Optional[KVStore] = None               # where K/V are read from, and written to for computed tokens
     after_layers: Optional[frozenset[int]] = None    # the layers whose ``after_layer`` hook this step needs (None:
     # every layer); the runner calls no hook elsewhere (a deep decoder's hooks are most of a method's fixed cost)

@@ -101,7 +101,9 @@ class PruningMethodBase:
             plan.keep_before = torch.unique(torch.cat([torch.as_tensor(plan.keep_before, dtype=torch.long),
                                                        self._protected]))
         if plan.reuse_kv is not None and self._protected is not None:   # protected tokens are computed afresh
-            reuse = torch.as_tensor(plan.reuse_kv, dtype=torch.long)
+            reuse = plan.reuse_kv
+            reuse = mask_to_sequence_on_device(reuse.mask, reuse.count, context.layout) \
+                if isinstance(reuse, VisualMask) else torch.as_tensor(reuse, dtype=torch.long)
             plan.reuse_kv = reuse[~torch.isin(reuse, self._protected)]
         keep = plan.keep_before
         nv = context.layout.num_visual if keep is None else keep.count if isinstance(keep, VisualMask) else \

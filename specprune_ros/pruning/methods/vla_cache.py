@@ -28,11 +28,11 @@ from typing import Optional
 
 import torch
 
-from specprune_ros.core.step_types import KVStore, StepContext, StepPlan, StepRecord
+from specprune_ros.core.step_types import KVStore, StepContext, StepPlan, StepRecord, VisualMask
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase, split_per_camera
 from specprune_ros.pruning.change_detection import PatchVectorCache, static_masks
-from specprune_ros.pruning.scoring import (budget_count, host_counts, mask_to_sequence_on_device, to_device,
-                                           topk_per_camera_on_device, visual_indices)
+from specprune_ros.pruning.scoring import (budget_count, host_counts, to_device, topk_per_camera_on_device,
+                                           visual_indices)
 
 
 @dataclass
@@ -73,7 +73,7 @@ class VLACache(PruningMethodBase):
         if any(v is None or v.numel() != layout.num_tokens for v in valid):
             return None
         every = torch.stack(valid).to(device=device, dtype=torch.bool).all(dim=0)
-        return every[visual_indices(layout).to(device)]
+        return every[to_device(visual_indices(layout), device)]
 
     def _begin(self, context: StepContext) -> StepPlan:
         cfg = self.config
@@ -108,8 +108,8 @@ class VLACache(PruningMethodBase):
             self.last_info.update(static=int(static_np.sum()), task_relevant=relevant_count)
             reused = sum(host_counts(reuse, layout.num_cameras))
             self._streak = torch.where(reuse, self._streak + 1, 0)
-            if reused:
-                reuse_kv = mask_to_sequence_on_device(reuse, reused, layout)
+            if reused:                  # every one cached at every layer (cache_ok): the runner serves them all
+                reuse_kv = VisualMask(reuse, reused)
         else:
             self._streak = torch.zeros_like(self._streak)
         self.last_info['reused'] = reused
