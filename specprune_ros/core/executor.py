@@ -650,10 +650,8 @@ class PrunableDecoderRunner(nn.Module):
             if found is None or len(found) != reuse.count:
                 raise PlanError(message)
             return found
+        _check_mask_shape(reuse.mask, layout, stage)
         mask = reuse.mask if reuse.mask.device == device else reuse.mask.to(device)
-        if mask.shape != (layout.num_visual,) or mask.dtype != torch.bool:
-            raise PlanError(f'{stage}: a visual mask must be a ({layout.num_visual},) bool tensor, not '
-                            f'{tuple(mask.shape)} {mask.dtype}')
         # the mask in sequence order (non-visual tokens: a spare slot that is never set)
         named = torch.cat([mask, _false_on(device)]).index_select(0, visual_slot_table(layout, device))
         allowed = torch.stack([store.valid[layer] for layer in layers]).all(dim=0)
@@ -691,9 +689,7 @@ class PrunableDecoderRunner(nn.Module):
         them (one device-side assert, no wait); the rows come out in order, so the kept set needs no sort.
         """
         mask = keep.mask
-        if mask.shape != (layout.num_visual,) or mask.dtype != torch.bool:
-            raise PlanError(f'{stage}: a visual mask must be a ({layout.num_visual},) bool tensor, not '
-                            f'{tuple(mask.shape)} {mask.dtype}')
+        _check_mask_shape(mask, layout, stage)
         visual = len(kept) - (layout.num_tokens - layout.num_visual)     # kept visual tokens (host)
         if keep.count <= 0:
             raise PlanError(f'{stage}: the keep set is empty; keep at least one visual token')
@@ -1098,12 +1094,17 @@ def _keep_as_checked(keep: KeepSet, layout: TokenLayout, device: torch.device, o
     return _mask_indices(keep, layout, stage) if on_host else keep
 
 
+def _check_mask_shape(mask: torch.Tensor, layout: TokenLayout, stage: str) -> None:
+    """Refuse a visual mask that is not one bool per visual token of ``layout``."""
+    if mask.shape != (layout.num_visual,) or mask.dtype != torch.bool:
+        raise PlanError(f'{stage}: a visual mask must be a ({layout.num_visual},) bool tensor, not '
+                        f'{tuple(mask.shape)} {mask.dtype}')
+
+
 def _mask_indices(keep: VisualMask, layout: TokenLayout, stage: str) -> np.ndarray:
     """The sequence indices a :class:`VisualMask` names, on the host, after checking its shape and count."""
+    _check_mask_shape(keep.mask, layout, stage)
     mask = keep.mask.detach().cpu().numpy()
-    if mask.shape != (layout.num_visual,) or mask.dtype != np.bool_:
-        raise PlanError(f'{stage}: a visual mask must be a ({layout.num_visual},) bool tensor, not '
-                        f'{tuple(keep.mask.shape)} {keep.mask.dtype}')
     if int(mask.sum()) != keep.count:
         raise PlanError(f'{stage}: the visual mask holds {int(mask.sum())} tokens, not the {keep.count} it says')
     return visual_order(layout)[0].numpy()[mask]
