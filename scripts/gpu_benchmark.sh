@@ -10,7 +10,8 @@
 #      (--profile 2), and at the OFT shape again with one graph per layer (--graphs-per-layer: what spans save);
 #   4. the harness at the OpenVLA-OFT 7B shape with each decoder layer timed apart (--layer-times: each layer's
 #      span on the device): how much of each method's step is its layers and how much the selection, keep-set
-#      switches and the pass's own loop.
+#      switches and the pass's own loop;
+#   5. the speed targets met or missed, read off the runs of 2 and 3 (targets.md; benchmarks/gpu_targets.py).
 # Steps 2-4 time SpecPrune twice: exact gather counts (read back twice a step) and counts from the previous step.
 # Results go to $OUT/gpu_benchmark if OUT is set, else outputs/gpu_benchmark (JSON, markdown tables, plot, logs),
 # and packed beside it as gpu_benchmark.tgz (one file to bring back).
@@ -112,5 +113,8 @@ timeout 50 "$PY" benchmarks/deployment_latency.py "${LAYER_ARGS[@]}" "${FRAME_AR
     --no-reference --device "$DEVICE" --out "$OUT_DIR" --name deployment_latency_layers --no-plot \
     2>&1 | tee "$OUT_DIR/deployment_latency_layers.log" || \
     echo "gpu_benchmark: the layer split did not finish (see $OUT_DIR/deployment_latency_layers.log)" >&2
+# -- the targets, read off the eager and the graphed runs --------------------------------------------------------
+"$PY" benchmarks/gpu_targets.py "$OUT_DIR/deployment_latency.json" "$OUT_DIR/deployment_latency_cuda_graphs.json" \
+    --out "$OUT_DIR/targets.md" || echo "gpu_benchmark: the targets could not be read (see above)" >&2
 tar czf "$OUT_DIR.tgz" -C "$(dirname "$OUT_DIR")" "$(basename "$OUT_DIR")"
 echo "gpu_benchmark: done in $(( $(date +%s) - started )) s; results in $OUT_DIR (packed: $OUT_DIR.tgz)"

@@ -123,6 +123,26 @@ def test_harness_smoke_run_schema_and_same_inputs(tmp_path):
     table = (tmp_path / 'deployment_latency.md').read_text()
     assert meta['command'] in table and meta['commit'] in table and '| specprune |' in table
     assert (tmp_path / 'deployment_latency.png').stat().st_size > 0
+    # the GPU targets read off the same report: every figure as the report has it, every verdict against its bar
+    targets = load_benchmark_script('gpu_targets')
+    text = targets.main([str(tmp_path / 'deployment_latency.json'), '--out', str(tmp_path / 'targets.md')])
+    assert (tmp_path / 'targets.md').read_text() == text
+    found = targets.target_rows(written, 'smoke')
+    for shape in shapes:
+        by_label = {row['label']: row for row in written['rows'] if row['shape'] == shape}
+        got = {row['target']: row for row in found if row['shape'] == shape}
+        ratio = 1 / by_label['none']['speedup_vs_transformers']
+        executor = got["unpruned executor / transformers' SDPA forward (time)"]
+        assert executor['value'] == f'{ratio:.2f}' and executor['verdict'] == ('met' if ratio <= 1.05 else 'missed')
+        for label, bar in (('specprune', 1.6), ('vla_pruner 25%', 2.0)):
+            for reading, key in (('whole step', 'speedup'), ('decoder and selection', 'decoder_speedup')):
+                row, value = got[f'{label} speedup, {reading}'], by_label[label][key]
+                assert row['value'] == f'{value:.2f}x' and row['verdict'] == ('met' if value >= bar else 'missed')
+        shares = {name: row for name, row in got.items() if name.endswith(' selection / decoder')}
+        assert len(shares) == len(by_label) - 2          # every method but the unpruned run and transformers'
+        for name, row in shares.items():
+            share = by_label[name[:-len(' selection / decoder')]]['selection_share_of_decoder']
+            assert row['verdict'] == ('met' if share <= 0.03 else 'missed')
 
 
 def test_harness_times_a_checkpoint_directory(tmp_path):
