@@ -1,4 +1,4 @@
-"""The GPU speed targets read off the deployment harness's JSON: met or missed, for every run and shape given.
+r"""The GPU speed targets read off the deployment harness's JSON: met or missed, for every run and shape given.
 
 Targets at the OpenVLA-OFT 7B shape on a GPU: the unpruned executor at most 1.05x the time of transformers' SDPA
 forward of the same weights; SpecPrune at least 1.6x and VLA-Pruner 25% at least 2.0x over the unpruned executor;
@@ -16,6 +16,8 @@ import json
 import math
 from pathlib import Path
 from typing import Optional
+
+from specprune_ros.command_line import HelpFormatter
 
 # by label; a configuration of SpecPrune beside its defaults (e.g. 'specprune, previous-step counts') is read
 # against SpecPrune's bar
@@ -89,7 +91,7 @@ def markdown(rows: list[dict], sources: list[str]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('reports', nargs='+', type=Path, help="the harness's JSON files (missing ones are skipped)")
     parser.add_argument('--out', type=Path, help='also write the table here')
     args = parser.parse_args(argv)
