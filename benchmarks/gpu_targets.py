@@ -42,10 +42,7 @@ def _number(value: Optional[float], unit: str = 'x') -> str:
 
 def speedup_target(label: str) -> Optional[float]:
     """The speedup bar of a configuration's label, or None where no speed target applies."""
-    if label in SPEEDUP_TARGETS:
-        return SPEEDUP_TARGETS[label]
-    name = label.split(',')[0]
-    return SPEEDUP_TARGETS.get(name) if name != label else None
+    return SPEEDUP_TARGETS.get(label.split(',')[0])
 
 
 def target_rows(report: dict, run: str) -> list[dict]:

@@ -631,9 +631,8 @@ class PrunableDecoderRunner(nn.Module):
     def _reused_by_mask(self, reuse: VisualMask, store: KVStore, kept: torch.Tensor, is_visual: torch.Tensor,
                         layout: TokenLayout, on_host: bool) -> Optional[torch.Tensor]:
         """The sequence indices a reuse mask names (ascending), checked against what is kept and cached."""
-        stage = 'reuse_kv'
-        if type(reuse.count) is not int:
-            reuse = VisualMask(reuse.mask, int(reuse.count))
+        stage, device = 'reuse_kv', kept.device
+        reuse = _keep_as_checked(reuse, layout, device, False, stage)       # on the device, its count a host int
         if reuse.count == 0:
             return None
         layers = sorted(store.valid)
@@ -642,16 +641,15 @@ class PrunableDecoderRunner(nn.Module):
         if layers != list(range(self.num_layers)):
             raise PlanError(f'{stage}: the mask names cached tokens, but the K/V store holds {len(layers)} of '
                             f'{self.num_layers} layers')
-        device = kept.device
         message = f'{stage}: the mask names tokens that are not kept or have no cached K/V at every layer'
         if on_host:
             named = torch.as_tensor(_mask_indices(reuse, layout, stage), device=device)
             found = _cached_and_kept(named, store, kept, is_visual)
-            if found is None or len(found) != reuse.count:
+            if len(found) != reuse.count:
                 raise PlanError(message)
             return found
-        _check_mask_shape(reuse.mask, layout, stage)
-        mask = reuse.mask if reuse.mask.device == device else reuse.mask.to(device)
+        mask = reuse.mask
+        _check_mask_shape(mask, layout, stage)
         # the mask in sequence order (non-visual tokens: a spare slot that is never set)
         named = torch.cat([mask, _false_on(device)]).index_select(0, visual_slot_table(layout, device))
         allowed = torch.stack([store.valid[layer] for layer in layers]).all(dim=0)

@@ -94,16 +94,11 @@ class PruningMethodBase:
         if plan.after_layers is None and type(self)._after is PruningMethodBase._after:
             plan.after_layers = frozenset()         # a method that decides nothing between layers needs no hook
         self._protected = _protected_cached(context.layout, _as_regions(self.config.keep_regions))
-        if isinstance(plan.keep_before, VisualMask) and self._protected is not None:   # indices, to add to
-            plan.keep_before = mask_to_sequence_on_device(plan.keep_before.mask, plan.keep_before.count,
-                                                          context.layout)
         if plan.keep_before is not None and self._protected is not None:
-            plan.keep_before = torch.unique(torch.cat([torch.as_tensor(plan.keep_before, dtype=torch.long),
+            plan.keep_before = torch.unique(torch.cat([_sequence_indices(plan.keep_before, context.layout),
                                                        self._protected]))
         if plan.reuse_kv is not None and self._protected is not None:   # protected tokens are computed afresh
-            reuse = plan.reuse_kv
-            reuse = mask_to_sequence_on_device(reuse.mask, reuse.count, context.layout) \
-                if isinstance(reuse, VisualMask) else torch.as_tensor(reuse, dtype=torch.long)
+            reuse = _sequence_indices(plan.reuse_kv, context.layout)
             plan.reuse_kv = reuse[~torch.isin(reuse, self._protected)]
         keep = plan.keep_before
         nv = context.layout.num_visual if keep is None else keep.count if isinstance(keep, VisualMask) else \
@@ -115,10 +110,8 @@ class PruningMethodBase:
         keep = self._after(view)
         if keep is None or self._protected is None:
             return keep
-        if isinstance(keep, VisualMask):           # indices, to add the protected tokens to
-            keep = mask_to_sequence_on_device(keep.mask, keep.count, self._layout)
         still_there = self._protected[torch.isin(self._protected, view.kept)]
-        return torch.unique(torch.cat([torch.as_tensor(keep, dtype=torch.long), still_there]))
+        return torch.unique(torch.cat([_sequence_indices(keep, self._layout), still_there]))
 
     def end_step(self, record: StepRecord) -> None:
         if record.kept_per_layer:
@@ -295,6 +288,13 @@ def check_regions(regions) -> None:
         if camera != int(camera) or not (0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1):
             raise ValueError(f'keep region {region!r}: camera must be an index and 0 <= x0 <= x1 <= 1, '
                              '0 <= y0 <= y1 <= 1 (fractions of the image)')
+
+
+def _sequence_indices(keep: torch.Tensor | VisualMask, layout: TokenLayout) -> torch.Tensor:
+    """A plan's token set as sequence indices (a visual mask's in camera order), to add protected tokens to."""
+    if isinstance(keep, VisualMask):
+        return mask_to_sequence_on_device(keep.mask, keep.count, layout)
+    return torch.as_tensor(keep, dtype=torch.long)
 
 
 def _as_regions(regions) -> tuple:
