@@ -61,13 +61,6 @@ from specprune_ros.core.weight_products import (COPY_MEMORY_SHARE, MKL_PACKED_EX
 
 __all__ = ['DecodeResult', 'DecoderCache', 'PlanError', 'PrunableDecoderRunner', 'RunResult']
 
-# the runner's parts under the private names callers of this module import them by
-_KeptTokens, _ProbeBatch, _FusedProjections = KeptTokens, ProbeBatch, FusedProjections
-_ExactCopyChoice, _input_major_product, _mkl_packed_product = ExactCopyChoice, input_major_product, mkl_packed_product
-_layer_arithmetic, _layer_operands, _compiled_layer = layer_arithmetic, layer_operands, compiled_layer
-_rms_norm = rms_norm
-_MKL_PACKED_EXACT_FROM_ROWS = MKL_PACKED_EXACT_FROM_ROWS
-
 _LOG = logging.getLogger(__name__)
 
 
