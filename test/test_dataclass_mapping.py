@@ -3,11 +3,11 @@
 The one parser behind method configs, node parameters, bridge settings and adapter options.
 """
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import pytest
 
-from specprune_ros.core.dataclass_mapping import UnknownFieldsError, dataclass_from_mapping
+from specprune_ros.core.dataclass_mapping import InvalidChoiceError, UnknownFieldsError, dataclass_from_mapping
 
 
 @dataclass
@@ -47,3 +47,22 @@ def test_unknown_names_are_listed_with_the_valid_ones():
         dataclass_from_mapping(Outer, {'inner': {'size': 3}})
     with pytest.raises(ValueError, match=r"unknown widget options \['y'\]"):
         dataclass_from_mapping(Outer, {'y': 0}, what='widget options')
+
+
+@dataclass
+class Choices:
+    mode: Literal['fast', 'exact'] = 'exact'
+    level: Optional[Literal[1, 2]] = None
+
+
+def test_a_value_outside_a_literal_fields_choices_is_refused_with_the_choices():
+    assert dataclass_from_mapping(Choices, {'mode': 'fast', 'level': 2}) == Choices('fast', 2)
+    assert dataclass_from_mapping(Choices, {'level': None}).level is None
+    message = r"Choices.mode must be one of \['fast', 'exact'\], not 'quick'"
+    with pytest.raises(InvalidChoiceError, match=message) as error:
+        dataclass_from_mapping(Choices, {'mode': 'quick'})
+    assert (error.value.field, error.value.value, error.value.choices) == ('mode', 'quick', ('fast', 'exact'))
+    with pytest.raises(ValueError, match=r"Choices.level must be one of \[1, 2, None\], not 3"):
+        dataclass_from_mapping(Choices, {'level': 3})
+    with pytest.raises(ValueError, match=r'not True'):          # a bool is not the int 1 here
+        dataclass_from_mapping(Choices, {'level': True})

@@ -89,6 +89,9 @@ def test_method_settings_nest_and_win_over_method_config():
     bad = NodeParameters.from_mapping({'method': 'vla_pruner', 'method_settings.keep_ratio': 1.5})
     assert bad.validate() == ["method_config / method_settings for method 'vla_pruner': keep_ratio: 1.5 is "
                               'outside [0, 1] (a fraction of the visual tokens)']
+    typo = NodeParameters.from_mapping({'method': 'specprune', 'method_settings.task_rows': 'txt'})
+    assert typo.validate() == ["method_config / method_settings for method 'specprune': SpecPruneConfig.task_rows "
+                               "must be one of ['text', 'action', 'text_action', 'prefill'], not 'txt'"]
 
 
 def test_method_options_parse():
