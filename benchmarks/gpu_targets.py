@@ -19,7 +19,7 @@ from typing import Optional
 
 from specprune_ros.command_line import HelpFormatter
 
-# by label; a configuration of SpecPrune beside its defaults (e.g. 'specprune, previous-step counts') is read
+# by label; a configuration of SpecPrune beside its defaults (e.g. 'specprune, exact counts') is read
 # against SpecPrune's bar
 SPEEDUP_TARGETS = {'specprune': 1.6, 'vla_pruner 25%': 2.0}
 SELECTION_SHARE_TARGET = 0.03

@@ -12,7 +12,8 @@
 #      span on the device): how much of each method's step is its layers and how much the selection, keep-set
 #      switches and the pass's own loop;
 #   5. the speed targets met or missed, read off the runs of 2 and 3 (targets.md; benchmarks/gpu_targets.py).
-# Steps 2-4 time SpecPrune twice: exact gather counts (read back twice a step) and counts from the previous step.
+# Steps 2-4 time SpecPrune twice: at its defaults (on a GPU its gathers keep the previous step's counts) and with
+# exact gather counts (the paper's: read back twice a step).
 # Results go to $OUT/gpu_benchmark if OUT is set, else outputs/gpu_benchmark (JSON, markdown tables, plot, logs),
 # and packed beside it as gpu_benchmark.tgz (one file to bring back).
 # Fails at once, with the reason, when CUDA is absent. GPU_BENCHMARK_ALLOW_CPU=1 runs the same steps on the CPU at
@@ -47,7 +48,7 @@ else
     GRAPH_ARGS=(--shape oft-7b openvla-7b --dtype bfloat16 --steps 12 --warmup 3 --stride 1)
     HARNESS_TIMEOUT=200        # with the tests' 120 s, the graphs' 140 + 50 s and the layer split's 50 s: 9.3 minutes
 fi
-LAGGED='specprune, previous-step counts=specprune:{"gather_counts": "previous_step"}'
+EXACT='specprune, exact counts=specprune:{"gather_counts": "exact"}'
 
 # -- fail fast without CUDA -------------------------------------------------------------------------------------
 "$PY" - "$DEVICE" <<'EOF' | tee "$OUT_DIR/device.txt"
@@ -93,12 +94,12 @@ timeout 120 "$PY" -m pytest "${CUDA_TESTS[@]}" -q -rA -p no:cacheprovider 2>&1 |
 
 # -- 2. the harness at the 7B shapes ----------------------------------------------------------------------------
 timeout "$HARNESS_TIMEOUT" "$PY" benchmarks/deployment_latency.py "${HARNESS_ARGS[@]}" "${FRAME_ARGS[@]}" \
-    --extra "$LAGGED" --device "$DEVICE" --out "$OUT_DIR" \
+    --extra "$EXACT" --device "$DEVICE" --out "$OUT_DIR" \
     2>&1 | tee "$OUT_DIR/deployment_latency.log" || \
     echo "gpu_benchmark: the harness did not finish (see $OUT_DIR/deployment_latency.log)" >&2
 # -- 3. vision and decoder layers as CUDA graphs at the OFT 7B shape ----------------------------------------------
 timeout 140 "$PY" benchmarks/deployment_latency.py "${GRAPH_ARGS[@]}" "${FRAME_ARGS[@]}" --cuda-graphs --profile 2 \
-    --methods none specprune 'vla_pruner 25%' 'divprune 25%' 'random 25%' coverage_ranked --extra "$LAGGED" \
+    --methods none specprune 'vla_pruner 25%' 'divprune 25%' 'random 25%' coverage_ranked --extra "$EXACT" \
     --no-reference --device "$DEVICE" --out "$OUT_DIR" --name deployment_latency_cuda_graphs --no-plot \
     2>&1 | tee "$OUT_DIR/deployment_latency_cuda_graphs.log" || \
     echo "gpu_benchmark: the CUDA-graph run did not finish (see $OUT_DIR/deployment_latency_cuda_graphs.log)" >&2
@@ -109,7 +110,7 @@ timeout 50 "$PY" benchmarks/deployment_latency.py "${LAYER_ARGS[@]}" "${FRAME_AR
     echo "gpu_benchmark: the per-layer CUDA-graph run did not finish (see its log in $OUT_DIR)" >&2
 # -- 4. the decoder layers timed apart at the OFT 7B shape --------------------------------------------------------
 timeout 50 "$PY" benchmarks/deployment_latency.py "${LAYER_ARGS[@]}" "${FRAME_ARGS[@]}" --layer-times \
-    --methods none specprune 'vla_pruner 25%' 'divprune 25%' 'random 25%' coverage_ranked --extra "$LAGGED" \
+    --methods none specprune 'vla_pruner 25%' 'divprune 25%' 'random 25%' coverage_ranked --extra "$EXACT" \
     --no-reference --device "$DEVICE" --out "$OUT_DIR" --name deployment_latency_layers --no-plot \
     2>&1 | tee "$OUT_DIR/deployment_latency_layers.log" || \
     echo "gpu_benchmark: the layer split did not finish (see $OUT_DIR/deployment_latency_layers.log)" >&2

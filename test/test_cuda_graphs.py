@@ -477,7 +477,7 @@ def test_the_cuda_graphs_option_reaches_the_adapter_and_is_inert_off_cuda(tmp_pa
 
 
 GRAPHED_CONFIGS = [
-    ('specprune', None), ('specprune', {'gather_counts': 'previous_step'}),
+    ('specprune', {'gather_counts': 'exact'}), ('specprune', {'gather_counts': 'previous_step'}),
     ('coverage_ranked', {'warmup_steps': 1}), ('coverage_ranked', {'warmup_steps': 1, 'use_action': False}),
     ('vla_pruner', {'keep_ratio': 0.25}), ('vla_pruner', {'keep_ratio': 0.25, 'combine': 'sum'}),
     ('vla_pruner', {'keep_ratio': 0.25, 'use_semantic': False}), ('vla_pruner', {'use_action': False}),

@@ -296,13 +296,15 @@ def check_steps_do_not_synchronise(name: str, device: torch.device):
     return method
 
 
-def test_cuda_specprune_with_previous_step_counts_does_not_synchronise():
-    # each step runs twice (an unguarded warm-up, then counted), so the method has a previous count from the
-    # second call on: the first counted call reads the exact counts (2 synchronisations), the later ones none
+@pytest.mark.parametrize('config', [None, {'gather_counts': 'previous_step'}])
+def test_cuda_specprune_with_previous_step_counts_does_not_synchronise(config):
+    # the default ('auto') is 'previous_step' on CUDA. Each step runs twice (an unguarded warm-up, then counted),
+    # so the method has a previous count from the second call on: the first counted call reads the exact counts
+    # (2 synchronisations), the later ones none
     device = _cuda_or_skip()
     layout = make_layout()
     runner = make_runner().to(device)
-    method = build_method('specprune', {'gather_counts': 'previous_step'})
+    method = build_method('specprune', config)
     counts, sources = [], []
     with torch.inference_mode():
         for step in range(5):
@@ -321,7 +323,7 @@ def test_cuda_specprune_with_previous_step_counts_does_not_synchronise():
             syncs = [w for w in caught if 'called a synchronizing CUDA operation' in str(w.message)]
             counts.append(len(syncs))
             sources.append(result.record.info['gather_counts'])
-    print(f'specprune, previous-step counts: synchronising calls per step {counts} ({sources})')
+    print(f'specprune {config or "defaults"}: synchronising calls per step {counts} ({sources})')
     assert sources[1:] == ['previous step'] * 4
     assert counts[1:] == [0] * 4
 

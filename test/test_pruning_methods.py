@@ -12,7 +12,8 @@ from specprune_ros.core.step_types import StepRecord
 from specprune_ros.pruning import available_methods, build_method, method_config, self_speculation_hit_rate
 from specprune_ros.pruning.base import protected_visual
 from specprune_ros.pruning.diversity import greedy_max_min
-from specprune_ros.pruning.methods.specprune import scaled_prune_layers
+from specprune_ros.pruning.methods import specprune as specprune_module
+from specprune_ros.pruning.methods.specprune import gather_counts_on, scaled_prune_layers
 from specprune_ros.pruning.scoring import budget_count, dense_visual_scores, mask_to_sequence, topk_per_camera
 
 
@@ -331,6 +332,33 @@ def test_specprune_first_step_no_static_pruning_then_union(runner, layout):
         row = cam % GRID[0]
         for col in (0, 1):                                           # square at column 1 now, column 0 before
             assert cam * P + row * GRID[1] + col in kept
+
+
+def test_specprune_gather_counts_auto_are_exact_on_the_cpu_and_from_the_previous_step_on_accelerators():
+    for device in ('cuda', 'cuda:1', 'mps', 'xpu'):
+        assert gather_counts_on('auto', torch.device(device)) == 'previous_step'
+    assert gather_counts_on('auto', torch.device('cpu')) == 'exact'
+    for setting in ('exact', 'previous_step'):                      # an explicit setting holds on every device
+        assert {gather_counts_on(setting, torch.device(d)) for d in ('cpu', 'cuda')} == {setting}
+    assert method_config('specprune').gather_counts == 'auto'
+
+
+def test_specprune_default_gathers_as_the_decoders_device_says(runner, layout, monkeypatch):
+    # the default on the CPU keeps the exact unions (the paper's sets; no count info), and where 'auto' resolves to
+    # an accelerator's mode the default steps are those of 'previous_step' counts
+    exact = run_episode(build_method('specprune_static', {'gather_counts': 'exact'}), steps=4, layout=layout,
+                        runner=runner, actions=FAST)
+    default = run_episode(build_method('specprune_static'), steps=4, layout=layout, runner=runner, actions=FAST)
+    assert kept_lists(default) == kept_lists(exact)
+    assert not any('gather_counts' in r.record.info for r in default)
+    lagged = run_episode(build_method('specprune_static', {'gather_counts': 'previous_step'}), steps=4,
+                         layout=layout, runner=runner, actions=FAST)
+    resolved = gather_counts_on
+    monkeypatch.setattr(specprune_module, 'gather_counts_on',
+                        lambda setting, device: resolved(setting, torch.device('cuda')))
+    accelerated = run_episode(build_method('specprune_static'), steps=4, layout=layout, runner=runner, actions=FAST)
+    assert kept_lists(accelerated) == kept_lists(lagged)
+    assert [r.record.info['gather_counts'] for r in accelerated][2:] == ['previous step'] * 2
 
 
 def test_specprune_previous_step_counts_keep_as_many_as_the_last_union(runner, layout):

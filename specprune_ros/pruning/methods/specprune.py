@@ -51,14 +51,16 @@ frame cut into patches once. The one read back to the host is the per-camera kep
 (it depends on the attention and shapes every later layer; not on an episode's first step, whose gathers keep
 every patch); the layer drops' counts follow from it on the host.
 
-Gather counts (``gather_counts``): with 'exact' (default) each gather keeps the union itself, whose size the host
-reads back from the device (on a GPU the host then stops issuing work until the device has run the layer, and the
-device idles while the host issues what follows: twice a step). With 'previous_step' (ours) each gather keeps, per
-camera, as many tokens as the same gather's union held at the previous step: the union's tokens first, by task
-attention, then the next tokens by task attention where the union shrank, its lowest-scored tokens left out where
-it grew. The union's size is still counted on the device and copied back while the rest of the step runs, to be
-read at the next step without a wait. The exact size is read instead when there is no previous count (the first
-steps of an episode) or the controller's ``K_base`` changed since (a mode switch or a new latency budget).
+Gather counts (``gather_counts``): with 'exact' each gather keeps the union itself, whose size the host reads back
+from the device (on a GPU the host then stops issuing work until the device has run the layer, and the device idles
+while the host issues what follows: twice a step). With 'previous_step' (ours) each gather keeps, per camera, as
+many tokens as the same gather's union held at the previous step: the union's tokens first, by task attention, then
+the next tokens by task attention where the union shrank, its lowest-scored tokens left out where it grew. The
+union's size is still counted on the device and copied back while the rest of the step runs, to be read at the next
+step without a wait. The exact size is read instead when there is no previous count (the first steps of an episode)
+or the controller's ``K_base`` changed since (a mode switch or a new latency budget). 'auto' (default): 'exact'
+where the decoder runs on the CPU (reading a count back costs nothing there: the paper's sets), 'previous_step' on
+an accelerator (no step waits for the device).
 
 Info keys: ``mode``, ``k_base``, ``replan_requested``, ``speed``, ``reference_back``, ``dynamic`` (count or
 reason), ``global`` (count), ``local0``/``local1`` (counts; ``global`` and these are device tensors, read them
@@ -102,6 +104,13 @@ def scaled_prune_layers(num_layers: int, paper_layers: tuple[int, ...] = PAPER_L
     return tuple(layer for layer in out if first_allowed <= layer < num_layers - 1)
 
 
+def gather_counts_on(setting: str, device: torch.device) -> str:
+    """What ``gather_counts`` means on ``device``: 'auto' is 'exact' on the CPU, 'previous_step' elsewhere."""
+    if setting != 'auto':
+        return setting
+    return 'exact' if device.type == 'cpu' else 'previous_step'
+
+
 @dataclass
 class SpecPruneConfig(BaseConfig):
     """SpecPrune knobs. Paper vs public code, and what we chose (details in the module docstring).
@@ -122,8 +131,9 @@ class SpecPruneConfig(BaseConfig):
       alone flags 22 % of a still camera as changed;
     * the EMA importance sampled at the drop layers only (``importance_every_layer=False``; the paper samples
       every layer up to the last drop): ours, 7 attention probes instead of 22 at 32 layers;
-    * ``gather_counts='previous_step'`` (ours, off by default): each gather keeps as many tokens per camera as its
-      union held at the previous step, so that no step waits for the device. On 300 held-out episodes, paired
+    * ``gather_counts='auto'``: on an accelerator (ours) each gather keeps as many tokens per camera as its union
+      held at the previous step ('previous_step'), so that no step waits for the device; on the CPU the union itself
+      ('exact', the paper's), whose size costs nothing to read there. On 300 held-out episodes, paired
       with the exact counts: 243 against 241 on the fair checkpoint (10 gained, 8 lost), 235 against 233 on the
       shipped one (8 gained, 6 lost), at the same 142-143 visual tokens per layer of the 6-layer policy.
 
@@ -162,9 +172,10 @@ class SpecPruneConfig(BaseConfig):
     # False: sample only at the pruning layers (ours, the default: 7 probes instead of 22 at 32 layers)
     min_visual_fraction: float = 60 / 512   # never go below this fraction of a camera's patches by layer pruning
     # how many tokens a static gather keeps: 'exact' (the union's size, read back from the device at each gather:
-    # the paper and its code) or 'previous_step' (ours: the size of the same gather's union at the previous step,
-    # so that a step never waits for the device; see the module docstring)
-    gather_counts: Literal['exact', 'previous_step'] = 'exact'
+    # the paper and its code), 'previous_step' (ours: the size of the same gather's union at the previous step,
+    # so that a step never waits for the device; see the module docstring) or 'auto': 'exact' where the decoder
+    # runs on the CPU, 'previous_step' on an accelerator
+    gather_counts: Literal['auto', 'exact', 'previous_step'] = 'auto'
 
 
 class SpecPrune(BudgetKnob, PruningMethodBase):
@@ -205,6 +216,7 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         self._kept_after: dict[int, int] = {}
         self._drops: dict[int, int] = {}
         self._all_changed = False          # no reference frame this step: every patch counts as changed
+        self._gather_counts = 'exact'      # this step's gather counts, 'auto' resolved for the decoder's device
         self._lagged = ''                  # 'previous_step' gather counts: '' when usable, else why not
 
     def _prune_layers(self) -> tuple[int, ...]:
@@ -259,7 +271,8 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
                 parts[0] if len(parts) == 1 else parts[0] | parts[1]
         # per-camera counts are exact unless keep regions add tokens behind the method's back
         self._counts = None if self.config.keep_regions else [patches] * cams
-        if cfg.use_static and cfg.gather_counts == 'previous_step':
+        self._gather_counts = gather_counts_on(cfg.gather_counts, device)
+        if cfg.use_static and self._gather_counts == 'previous_step':
             self._lagged = self._lag_blocker()
             self.last_info['gather_counts'] = self._lagged or 'previous step'
         self._previous_k = list(self._k)
@@ -388,7 +401,7 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         cams = self._layout.num_cameras
         if self._all_changed and self._counts is not None:
             return present, list(self._counts)      # every patch counted as changed: the union is all that ran
-        if self.config.gather_counts != 'previous_step':
+        if self._gather_counts != 'previous_step':
             return union, host_counts(union, cams)
         previous = None if self._lagged else self._union_sizes.get(layer)
         sizes = union.view(cams, -1).sum(dim=1)
