@@ -7,7 +7,8 @@ The budget is set at run time to 1/1.3 of the unbudgeted median first measured (
 measurement keeps the check meaningful on a shared machine whose speed varies; when the load drifts so that the
 unpruned node meets it after all, it is derived again from the unpruned blocks), then switched on and off in
 interleaved blocks so that both see the same load: the unpruned p90 exceeds the budget by at least 30 %, the
-budgeted p90 stays within +10 % of it, and switching the budget off restores the unpruned model. When the shared
+budgeted p90 stays within +10 % of it (the p90 of 36 inferences moves with the load: a miss is measured again once,
+in fresh interleaved blocks), and switching the budget off restores the unpruned model. When the shared
 2-core machine gets so loaded that even min_keep_ratio cannot meet the budget, the node must say so (diagnostics:
 budget unreachable steps) and its median latency must still be at most 0.85 of the unpruned median under the same
 load (the reference VLA is small enough that per-operation costs, which the load inflates, dominate at the floor).
@@ -38,6 +39,7 @@ DOMAIN = 85
 STARTUP_S = 120.0
 BLOCKS, BLOCK, SETTLE = 3, 12, 8    # interleaved blocks of inferences with and without the budget
 CALIBRATIONS = 3                    # budgets derived from the measured unpruned latency before the check gives up
+MEASUREMENTS = 2                    # interleaved measurements of the budgeted p90 before the check fails
 FLOOR_SHARE = 0.85                  # at the floor (min_keep_ratio), the budgeted median against the unpruned one
 CAMERAS = ('--camera', 'agentview=camera/agentview/image_raw:raw', '--camera', 'wrist=camera/wrist/image_raw:raw',
            '--instruction', 'pick up the red cube')
@@ -133,15 +135,23 @@ def test_budget_holds_p90_under_load_where_the_unpruned_node_misses_it(loaded_no
     assert all(float(r['kept_ratio']) == 1.0 for r in unpruned), 'switching the budget off restores the model'
     assert p90_unpruned >= 1.3 * budget_ms, report
 
-    set_budget(probe, budget_ms)
-    values = probe.wait_diagnostics(lambda m, v: v.get('budget method') == 'divprune', 10.0)
-    # Held, or, when the shared machine got so loaded that even min_keep_ratio cannot meet the budget, at the
-    # floor, saying so, and still far below the unpruned latency under the same load.
-    # (medians there: at the floor under heavy load the p90s of both are the load's, not the model's)
-    held = p90_budgeted <= 1.1 * budget_ms
-    median_budgeted, median_unpruned = float(np.median(latencies(budgeted))), float(np.median(latencies(unpruned)))
-    at_floor = (int(values.get('budget unreachable steps', '0')) > 0
-                and median_budgeted <= FLOOR_SHARE * median_unpruned)
+    for measurement in range(MEASUREMENTS):
+        set_budget(probe, budget_ms)
+        values = probe.wait_diagnostics(lambda m, v: v.get('budget method') == 'divprune', 10.0)
+        # Held, or, when the shared machine got so loaded that even min_keep_ratio cannot meet the budget, at the
+        # floor, saying so, and still far below the unpruned latency under the same load.
+        # (medians there: at the floor under heavy load the p90s of both are the load's, not the model's)
+        held = p90_budgeted <= 1.1 * budget_ms
+        median_budgeted = float(np.median(latencies(budgeted)))
+        median_unpruned = float(np.median(latencies(unpruned)))
+        at_floor = (int(values.get('budget unreachable steps', '0')) > 0
+                    and median_budgeted <= FLOOR_SHARE * median_unpruned)
+        if held or at_floor or measurement == MEASUREMENTS - 1:
+            break
+        print(f'budgeted p90 {p90_budgeted:.1f} ms over budget {budget_ms:.1f} ms; measured again')
+        unpruned, budgeted = interleaved_blocks(probe, budget_ms)
+        p90_budgeted = float(np.percentile(latencies(budgeted), 90))
+        report += f'; measured again: budgeted p90 {p90_budgeted:.1f} ms'
     assert held or at_floor, (report + f"; unreachable steps {values.get('budget unreachable steps')}; medians "
                               f'{median_budgeted:.1f} / {median_unpruned:.1f} ms')
     assert float(values['latency budget ms']) == pytest.approx(budget_ms, abs=0.1)
