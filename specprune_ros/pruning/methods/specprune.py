@@ -47,9 +47,10 @@ the action rows) or 'prefill' (every prompt row; costs a full attention probe).
 Selection runs on the device of the decoder: dense bool / float vectors over the visual order, per-camera top-k as
 one sort over a (cameras, patches) view, the importance samples of all layers since the previous drop in one
 batched pass. Change detection compares raw pixels on the host (where the frames are), every camera at once, each
-frame cut into patches once. The one read back to the host is the per-camera kept count after each static gather
-(it depends on the attention and shapes every later layer; not on an episode's first step, whose gathers keep
-every patch); the layer drops' counts follow from it on the host.
+frame cut into patches once. With exact gather counts the one read back to the host is the per-camera kept count
+after each static gather (it depends on the attention and shapes every later layer; not on an episode's first step,
+whose gathers keep every patch); the layer drops' counts follow from it on the host. With the previous step's
+counts (the default on an accelerator) nothing is read back once a count is known.
 
 Gather counts (``gather_counts``): with 'exact' each gather keeps the union itself, whose size the host reads back
 from the device (on a GPU the host then stops issuing work until the device has run the layer, and the device idles
