@@ -101,7 +101,8 @@ def _counted(census: _Census, mode: str) -> Iterator[None]:
     saved = {hook: getattr(PruningMethodBase, hook) for hook in HOOKS}
     saved_forward, saved_resolve, saved_capture = (PrunableDecoderRunner.forward, ProbeBatch.resolve,
                                                    cuda_graphs.capture)
-    saved_on, saved_layers_on = cuda_graphs.ShapeGraphs._graphs_on, PrunableDecoderRunner._graphs_on
+    # the static method itself (attribute access would hand out its function, restored as an instance method)
+    saved_on, saved_layers_on = vars(cuda_graphs.ShapeGraphs)['_graphs_on'], PrunableDecoderRunner._graphs_on
     saved_enabled, saved_numpy = selection_graphs.ENABLED, diversity.CPU_STEPS_IN_NUMPY
 
     def inside(scope, original):

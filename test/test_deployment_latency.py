@@ -372,3 +372,7 @@ def test_selection_graphs_leave_the_host_fewer_operations(tmp_path):
     table = (tmp_path / 'selection_operations.md').read_text()
     assert all(label in table for label in labels)
     assert json.loads((tmp_path / 'selection_operations.json').read_text())['rows'] == report['rows']
+    # the census leaves the graph switches as it found them (a static method stays one)
+    from specprune_ros.core.cuda_graphs import ShapeGraphs
+    assert isinstance(vars(ShapeGraphs)['_graphs_on'], staticmethod)
+    assert ShapeGraphs(lambda x: x)(torch.ones(2)).tolist() == [1.0, 1.0]
