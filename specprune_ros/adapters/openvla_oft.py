@@ -141,13 +141,13 @@ class OpenVLAOFTAdapter(PrismaticAdapter):
         normalized = self.normalized_proprio(proprio)              # refuse a missing / bad state up front
         frames = self.prepare_frames(images)
         prompt = self.encode_prompt(instruction)
-        text = self.embed_ids(prompt.ids)
-        parts = [text[:, :1], self.visual_tokens(frames)]
-        if normalized is not None:
-            state = torch.tensor(normalized, device=self.device, dtype=self.dtype).view(1, -1)
-            parts.append(self.proprio_projector(state).unsqueeze(1))
-        parts += [text[:, 1:], text.new_zeros(1, self.num_action_tokens, text.shape[-1]),
-                  self.embed_ids([self.stop_token_id])]
+        # what the host hands the device goes before the vision work: a copy from the host after it would wait for
+        # the backbones on a GPU. The prompt and the stop token in one lookup.
+        text = self.embed_ids([*prompt.ids, self.stop_token_id])
+        state = None if normalized is None else \
+            self.proprio_projector(torch.tensor(normalized, device=self.device, dtype=self.dtype).view(1, -1))
+        parts = [text[:, :1], self.visual_tokens(frames)] + ([] if state is None else [state.unsqueeze(1)])
+        parts += [text[:, 1:-1], text.new_zeros(1, self.num_action_tokens, text.shape[-1]), text[:, -1:]]
         return torch.cat(parts, dim=1), self.layout(len(prompt.ids), prompt.instruction), frames
 
     def action_chunk(self, action_states: torch.Tensor) -> np.ndarray:

@@ -14,6 +14,7 @@ patches (SpecPrune's changed patches, VLA-Cache) receive, with the ViT's patch s
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -80,10 +81,16 @@ class ImageTransform:
         x = x.permute(0, 3, 1, 2).float() / 255.0
         parts = []
         for mean, std in zip(self.means, self.stds):
-            m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-            s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+            m, s = _channel_constants(mean, std, x.device)
             parts.append((x - m) / s)
         return torch.cat(parts, dim=1).to(dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One backbone's (1, 3, 1, 1) mean and std on ``device``, copied there once (shared: do not modify them)."""
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
 def _letterbox(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:

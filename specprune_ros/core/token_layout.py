@@ -104,3 +104,15 @@ def visual_order(layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
     slots = torch.full((layout.num_tokens,), layout.num_visual, dtype=torch.long)
     slots[visual] = torch.arange(layout.num_visual)
     return visual, slots
+
+
+@functools.lru_cache(maxsize=64)
+def visual_indices_on(layout: TokenLayout, device: torch.device) -> torch.Tensor:
+    """``layout.visual_indices()`` built on ``device``, once per layout and device (shared: do not modify it).
+
+    Built there, not copied from the host: a copy from the host waits for the device's queued work on a GPU.
+    """
+    spans = [torch.arange(start, end, device=device) for start, end in layout.camera_spans]
+    if not spans:
+        return torch.empty(0, dtype=torch.long, device=device)
+    return spans[0] if len(spans) == 1 else torch.cat(spans)

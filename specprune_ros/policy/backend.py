@@ -19,7 +19,7 @@ import torch
 
 from specprune_ros.core.executor import PrunableDecoderRunner, RunResult
 from specprune_ros.core.step_types import PruningMethod, StepContext
-from specprune_ros.core.token_layout import TokenLayout
+from specprune_ros.core.token_layout import TokenLayout, visual_indices_on
 from specprune_ros.policy.errors import ObservationError
 from specprune_ros.policy.interface import ActionSpec, Observation
 
@@ -101,7 +101,7 @@ def step_context(backend: ModelBackend, step: EncodedStep, observation: Observat
     """What the pruning method sees before the forward pass of one step."""
     embeddings = step.embeddings
     return StepContext(layout=step.layout, step_index=step_index,
-                       visual_embeddings=embeddings[0, step.layout.visual_indices().to(embeddings.device)].detach(),
+                       visual_embeddings=embeddings[0, visual_indices_on(step.layout, embeddings.device)].detach(),
                        images=step.frames, patch_size=backend.patch_size,
                        executed_actions=observation.executed_actions, instruction=observation.instruction,
                        num_layers=backend.runner.num_layers)

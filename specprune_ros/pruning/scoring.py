@@ -96,15 +96,6 @@ def positions_to_sequence(positions: torch.Tensor, layout: TokenLayout) -> torch
     return vis.index_select(0, positions.sort().values)
 
 
-def to_device(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host ``indices`` on ``device`` without waiting for it (through pinned memory on CUDA)."""
-    if indices.device == device:
-        return indices
-    if device.type == 'cuda':
-        return indices.pin_memory().to(device, non_blocking=True)
-    return indices.to(device)
-
-
 def dense_visual_scores_on_device(key_indices: torch.Tensor, weights: torch.Tensor, layout: TokenLayout,
                                   fill: float = 0.0) -> torch.Tensor:
     """:func:`dense_visual_scores` on the weights' device (float32), without reading anything back to the host."""

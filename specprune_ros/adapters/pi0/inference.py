@@ -33,8 +33,9 @@ from specprune_ros.adapters.pi0.processing import (EncodedPrompt, discretise_sta
 from specprune_ros.core.executor import PrunableDecoderRunner, RunResult
 from specprune_ros.core.expert_attention import ExpertActionRows, ExpertProbe, extended_layout, run_expert
 from specprune_ros.core.flops import layer_flops
+from specprune_ros.core.host_copies import to_device
 from specprune_ros.core.step_types import PruningMethod, StepContext
-from specprune_ros.core.token_layout import TokenLayout
+from specprune_ros.core.token_layout import TokenLayout, visual_indices_on
 
 ACTION_ROWS = ('mean', 'first', 'last')
 
@@ -126,11 +127,14 @@ class Pi0Inference:
         images = self.frames_in_order(images)
         state = self.normalized_state(proprio)
         pixels, frames = zip(*(resize_with_pad(frame, cfg.image_resolution) for frame in images))
+        # everything the host hands the device before the vision work is queued: a copy from the host after it would
+        # wait for the vision backbone on a GPU
         pixels = torch.stack(pixels).to(self.device, self.dtype)
-        visual = self.model.embed_images(pixels)                             # (cams, P, d)
         prompt = self.prompt(instruction, state)
         ids = torch.tensor([prompt.ids], device=self.device)
+        state_tensor = None if cfg.is_pi05 else torch.from_numpy(state)[None].to(self.device, self.dtype)
         text = self.model.embed_text(ids)
+        visual = self.model.embed_images(pixels)                             # (cams, P, d)
         embeddings = torch.cat([visual.reshape(1, -1, visual.shape[-1]), text.to(visual.dtype)], dim=1)
         p = cfg.tokens_per_image
         cameras = len(images)
@@ -142,14 +146,13 @@ class Pi0Inference:
                              camera_spans=tuple((c * p, (c + 1) * p) for c in range(cameras)),
                              grid_shape=(cfg.patches_per_side, cfg.patches_per_side), text_span=shifted(prompt.text),
                              proprio_span=shifted(prompt.state), causal=False)
-        state_tensor = None if cfg.is_pi05 else torch.from_numpy(state)[None].to(self.device, self.dtype)
         info = {'prompt_tokens': len(prompt.ids), 'prompt_truncated': prompt.truncated}
         return Pi0Input(embeddings=embeddings, layout=layout, frames=list(frames), state=state_tensor, info=info)
 
     def context(self, inp: Pi0Input, step_index: int = 0, instruction: str = '',
                 executed_actions: Optional[np.ndarray] = None) -> StepContext:
         return StepContext(layout=inp.layout, step_index=step_index,
-                           visual_embeddings=inp.embeddings[0, inp.layout.visual_indices().to(self.device)].detach(),
+                           visual_embeddings=inp.embeddings[0, visual_indices_on(inp.layout, self.device)].detach(),
                            images=inp.frames, patch_size=self.config.vision.patch_size,
                            executed_actions=executed_actions, instruction=instruction,
                            num_layers=self.runner.num_layers)
@@ -159,7 +162,7 @@ class Pi0Inference:
     def sample_noise(self) -> torch.Tensor:
         cfg = self.config
         noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, generator=self.generator)
-        return noise.to(self.device, self.dtype)
+        return to_device(noise, self.device).to(self.dtype)     # drawn on the host: the same noise on every device
 
     def method_layout(self, layout: TokenLayout) -> TokenLayout:
         return extended_layout(layout, self.model.suffix_state_tokens, self.config.chunk_size)

@@ -207,7 +207,7 @@ class Pi0Model(nn.Module):
         """(S, S) bool: which suffix tokens see which (pi0: the state token sees itself only; actions see all)."""
         chunk = self.config.chunk_size
         state = 0 if self.config.is_pi05 else 1
-        blocks = torch.tensor([0] * state + [1] * chunk, device=device)
+        blocks = torch.arange(state + chunk, device=device) >= state     # 0: the state token, 1: the actions
         return blocks[None, :] <= blocks[:, None]
 
     @property

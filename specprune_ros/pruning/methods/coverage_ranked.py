@@ -58,12 +58,13 @@ from typing import Literal, Optional
 
 import torch
 
+from specprune_ros.core.host_copies import to_device
 from specprune_ros.core.step_types import LayerView, StepContext, StepPlan, StepRecord, VisualMask
 from specprune_ros.core.token_layout import TokenLayout
 from specprune_ros.pruning.action_controller import ActionController, ControllerConfig
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
 from specprune_ros.pruning.budget_knob import BudgetKnob
-from specprune_ros.pruning.scoring import budget_count, positions_mask, to_device
+from specprune_ros.pruning.scoring import budget_count, positions_mask
 from specprune_ros.pruning.selection_graphs import SelectionGraphs
 
 COVERED_BONUS = 100.0      # added to the score (rank in [0, 1] + noise <= explore) of the patches the quota keeps

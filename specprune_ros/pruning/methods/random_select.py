@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
+from specprune_ros.core.host_copies import to_device
 from specprune_ros.core.step_types import StepContext, StepPlan, VisualMask
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
 from specprune_ros.pruning.budget_knob import KeepRatioKnob
-from specprune_ros.pruning.scoring import budget_count, camera_slices, positions_to_keep, to_device
+from specprune_ros.pruning.scoring import budget_count, camera_slices, positions_to_keep
 
 
 @dataclass

@@ -80,6 +80,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
+from specprune_ros.core.host_copies import to_device
 from specprune_ros.core.step_types import LayerView, StepContext, StepPlan, StepRecord, VisualMask
 from specprune_ros.pruning.action_controller import ActionController, ControllerConfig, ControllerOutput
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
@@ -88,10 +89,9 @@ from specprune_ros.pruning.change_detection import (ChangeDetectionConfig, Patch
                                                     max_changed_count, max_static_count, reference_back)
 from specprune_ros.pruning.deferred_counts import DeferredCounts
 from specprune_ros.pruning.scoring import (budget_count, camera_ranks, dense_visual_rows_on_device,
-                                           dense_visual_scores_on_device, host_counts,
-                                           layer_drop_on_device, layer_importance_on_device,
-                                           present_mask_on_device, to_device,
-                                           top_counts_per_camera, topk_masks_per_camera, topk_per_camera_on_device)
+                                           dense_visual_scores_on_device, host_counts, layer_drop_on_device,
+                                           layer_importance_on_device, present_mask_on_device, top_counts_per_camera,
+                                           topk_masks_per_camera, topk_per_camera_on_device)
 from specprune_ros.pruning.selection_graphs import SelectionGraphs
 
 PAPER_LAYER_PRUNE = (5, 10, 15, 20)

@@ -28,10 +28,11 @@ from typing import Optional
 
 import torch
 
+from specprune_ros.core.host_copies import to_device
 from specprune_ros.core.step_types import KVStore, StepContext, StepPlan, StepRecord, VisualMask
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase, split_per_camera
 from specprune_ros.pruning.change_detection import PatchVectorCache, static_masks
-from specprune_ros.pruning.scoring import (budget_count, host_counts, to_device, topk_per_camera_on_device,
+from specprune_ros.pruning.scoring import (budget_count, host_counts, topk_per_camera_on_device,
                                            visual_indices)
 
 
