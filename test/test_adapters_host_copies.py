@@ -142,3 +142,23 @@ def test_cuda_steps_do_not_synchronise_between_the_vision_and_the_decoder(model,
     torch.cuda.set_sync_debug_mode(0)
     where = '; '.join(f'{w.filename}:{w.lineno}' for w in caught)
     assert not caught, f'{len(caught)} synchronising calls between the vision and the decoder: {where}'
+
+
+def test_the_shared_device_tensors_serve_passes_with_autograd_on_after_an_inference_mode_step():
+    # built once and shared: the first call may come from a step in inference mode, a later one from a pass that
+    # records autograd (an inference tensor there would raise)
+    from specprune_ros.adapters.preprocessing import ImageTransform
+    from specprune_ros.core.token_layout import visual_indices_on
+    layout = TokenLayout(num_tokens=12, camera_spans=((1, 5), (5, 9)), grid_shape=(2, 2))
+    transform = ImageTransform(size=8, means=((0.4, 0.5, 0.6),), stds=((0.2, 0.3, 0.4),))
+    frames = [np.full((8, 8, 3), 100, dtype=np.uint8)]
+    with torch.inference_mode():
+        visual_indices_on(layout, torch.device('cpu'))
+        transform.pixels(frames)
+    weights = torch.randn(12, 3, requires_grad=True)
+    weights[visual_indices_on(layout, torch.device('cpu'))].sum().backward()
+    assert weights.grad[1:9].eq(1).all() and weights.grad[0].eq(0).all() and weights.grad[9:].eq(0).all()
+    scale = torch.ones(1, requires_grad=True)
+    (transform.pixels(frames) * scale).sum().backward()
+    expected = sum((100 / 255 - m) / s for m, s in zip((0.4, 0.5, 0.6), (0.2, 0.3, 0.4))) * 64
+    assert scale.grad.item() == pytest.approx(expected, rel=1e-5)

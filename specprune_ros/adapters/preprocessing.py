@@ -89,8 +89,12 @@ class ImageTransform:
 @functools.lru_cache(maxsize=16)
 def _channel_constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One backbone's (1, 3, 1, 1) mean and std on ``device``, copied there once (shared: do not modify them)."""
-    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
+    """One backbone's (1, 3, 1, 1) mean and std on ``device``, copied there once (shared: do not modify them).
+
+    Normal tensors even when first asked for in inference mode (usable with autograd on too).
+    """
+    with torch.inference_mode(False):
+        return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
 def _letterbox(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:

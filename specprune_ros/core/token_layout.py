@@ -110,9 +110,11 @@ def visual_order(layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
 def visual_indices_on(layout: TokenLayout, device: torch.device) -> torch.Tensor:
     """``layout.visual_indices()`` built on ``device``, once per layout and device (shared: do not modify it).
 
-    Built there, not copied from the host: a copy from the host waits for the device's queued work on a GPU.
+    Built there, not copied from the host: a copy from the host waits for the device's queued work on a GPU. A
+    normal tensor even when first asked for in inference mode, so that passes with autograd on can index with it.
     """
-    spans = [torch.arange(start, end, device=device) for start, end in layout.camera_spans]
-    if not spans:
-        return torch.empty(0, dtype=torch.long, device=device)
-    return spans[0] if len(spans) == 1 else torch.cat(spans)
+    with torch.inference_mode(False):
+        spans = [torch.arange(start, end, device=device) for start, end in layout.camera_spans]
+        if not spans:
+            return torch.empty(0, dtype=torch.long, device=device)
+        return spans[0] if len(spans) == 1 else torch.cat(spans)
