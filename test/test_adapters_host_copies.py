@@ -10,12 +10,14 @@ synchronising calls in that window under torch's sync debug mode (none allowed).
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
+from cuda_testkit import cuda_or_skip
 from specprune_ros.adapters.pi0.tiny import write_tiny_checkpoint as write_tiny_pi0
 from specprune_ros.adapters.tiny import write_tiny_checkpoint
 from specprune_ros.core.executor import PrunableDecoderRunner
@@ -112,12 +114,7 @@ def test_nothing_is_built_from_host_data_or_read_back_between_the_vision_and_the
     assert len(entered) == 3 and not refused
 
 
-def _cuda_or_skip() -> torch.device:
-    if not torch.cuda.is_available():
-        reason = 'CUDA is not available on this machine; the host-data guard above covers the same window'
-        print(reason)
-        pytest.skip(reason)
-    return torch.device('cuda')
+_cuda_or_skip = functools.partial(cuda_or_skip, 'the host-data guard above covers the same window')
 
 
 @pytest.mark.parametrize('model', ['openvla-oft', 'openvla', 'pi0', 'reference'])

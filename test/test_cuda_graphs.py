@@ -6,6 +6,7 @@ does on the device), so the static buffers, the bucketing and the per-layer capt
 """
 import copy
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -24,18 +25,14 @@ from specprune_ros.core.weight_products import FusedProjections
 from specprune_ros.pruning import build_method, diversity, selection_graphs
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
 from specprune_ros.core.step_types import AttentionRequest
+from cuda_testkit import cuda_or_skip
 from pruning_testkit import make_embeddings
 from test_executor import HIDDEN, N, make_layout, reference_forward, two_stage_case, two_stage_drop
 from test_executor_sync import decode_loop, greedy_case
 
 
-def _cuda_or_skip() -> torch.device:
-    if not torch.cuda.is_available():
-        reason = ('CUDA is not available on this machine; the graph bookkeeping runs on the CPU with a '
-                  'recomputing stand-in below')
-        print(reason)
-        pytest.skip(reason)
-    return torch.device('cuda')
+_cuda_or_skip = functools.partial(cuda_or_skip,
+                                  'the graph bookkeeping runs on the CPU with a recomputing stand-in below')
 
 
 @pytest.fixture(autouse=True)

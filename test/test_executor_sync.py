@@ -6,12 +6,14 @@ on the host (``item``, ``cpu``, ``tolist``, ``numpy``, truth values, ``int`` / `
 tensors from host data) raise inside the step.
 """
 import contextlib
+import functools
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
+from cuda_testkit import cuda_or_skip
 from pruning_testkit import make_context, make_embeddings, make_frames, make_layout, make_runner
 from specprune_ros.core.executor import PrunableDecoderRunner
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
@@ -224,12 +226,7 @@ def test_device_side_checks_refuse_bad_keep_sets(keep, message):
         runner(make_embeddings(layout), layout, FixedKeepSchedule(keep_before=keep))
 
 
-def _cuda_or_skip() -> torch.device:
-    if not torch.cuda.is_available():
-        reason = 'CUDA is not available on this machine; the CPU guard tests above cover the executor instead'
-        print(reason)
-        pytest.skip(reason)
-    return torch.device('cuda')
+_cuda_or_skip = functools.partial(cuda_or_skip, 'the CPU guard tests above cover the executor instead')
 
 
 # synchronisations a step may make on CUDA: the per-camera kept counts (COUNT_READS)
