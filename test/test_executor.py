@@ -666,3 +666,15 @@ def test_rms_norm_gives_the_modules_numbers_bit_for_bit(rows):
     with torch.no_grad():
         assert torch.equal(rms_norm(norm, x), norm(x))
         assert torch.equal(rms_norm(norm, x.to(torch.bfloat16)), norm(x.to(torch.bfloat16)))   # the module path
+
+
+def test_select_returns_surviving_tokens_and_refuses_pruned_ones():
+    from specprune_ros.core.executor import RunResult
+    kept = torch.tensor([0, 2, 3, 7])
+    hidden = torch.arange(4 * 3, dtype=torch.float32).view(1, 4, 3)
+    result = RunResult(hidden=hidden, kept=kept, record=None)
+    assert torch.equal(result.select(torch.tensor([3, 7])), hidden[:, [2, 3]])
+    assert result.select(torch.tensor([], dtype=torch.long)).shape == (1, 0, 3)
+    for pruned in ([1], [2, 5], [8], [0, 9]):             # gone, or past the last kept token
+        with pytest.raises(PlanError, match='requested tokens were pruned'):
+            result.select(torch.tensor(pruned))

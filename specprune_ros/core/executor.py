@@ -105,11 +105,20 @@ class RunResult:
     cache: Optional[DecoderCache] = None   # per-layer K/V of the pass (``return_cache=True``)
 
     def select(self, indices: torch.Tensor) -> torch.Tensor:
-        """Hidden states (B, len(indices), d) of the given original indices (they must have survived)."""
-        where = torch.searchsorted(self.kept, indices)
-        if (where >= len(self.kept)).any() or not torch.equal(self.kept[where.clamp(max=len(self.kept) - 1)], indices):
-            raise PlanError('requested tokens were pruned; only visual tokens may be pruned')
-        return self.hidden[:, where]
+        """Hidden states (B, len(indices), d) of the given original indices (they must have survived).
+
+        Checked on the host on the CPU (a ``PlanError``), by a device-side assert elsewhere (nothing read back: the
+        action head is queued behind the pass without waiting for it).
+        """
+        where = torch.searchsorted(self.kept, indices).clamp_(max=len(self.kept) - 1)
+        survived = self.kept.index_select(0, where).eq(indices).all()
+        message = 'requested tokens were pruned; only visual tokens may be pruned'
+        if self.kept.device.type == 'cpu':
+            if not survived:
+                raise PlanError(message)
+        else:
+            torch._assert_async(survived, message)
+        return self.hidden.index_select(1, where)
 
 
 # SDPA's kernels for the executor's passes on CUDA: cuDNN's attention is left out, since it builds an execution
