@@ -383,6 +383,26 @@ def test_specprune_previous_step_counts_keep_as_many_as_the_last_union(runner, l
     assert per_camera_counts(lagged[1].record.kept_per_layer[2], layout) == infos[1]['union_sizes'][1].tolist()
 
 
+def test_specprune_previous_step_counts_scale_with_k_when_it_changes(runner, layout):
+    # a new K_base (here a latency budget's knob; a mode switch alike) scales the remembered union sizes instead of
+    # reading the exact ones back
+    method = build_method('specprune_static', {'gather_counts': 'previous_step'})
+    results = run_episode(method, steps=3, layout=layout, runner=runner, actions=FAST)
+    method.set_budget(0.5)
+    results += run_episode(method, steps=2, layout=layout, runner=runner, actions=FAST, start_step=3)
+    infos = [r.record.info for r in results]
+    assert [info['gather_counts'] for info in infos][2:] == \
+        ['previous step', 'previous step (scaled to the new K)', 'previous step']
+    before, after = infos[2]['k_base'], infos[3]['k_base']
+    assert all(a < b for a, b in zip(after, before))
+    kept = results[3].record.kept_per_layer
+    for gather in (0, 1):
+        present = per_camera_counts(kept[gather], layout)
+        union_before = infos[2]['union_sizes'][gather].tolist()
+        scaled = [int(np.floor(u * a / b + 0.5)) for u, a, b in zip(union_before, after, before)]
+        assert per_camera_counts(kept[gather + 1], layout) == [min(c, n) for c, n in zip(scaled, present)]
+
+
 def test_specprune_one_gather_prunes_everything_after_layer_0(runner, layout):
     two = run_episode(build_method('specprune_static'), steps=3, layout=layout, runner=runner, actions=FAST)
     one = run_episode(build_method('specprune_static', {'static_gathers': 1}), steps=3, layout=layout,

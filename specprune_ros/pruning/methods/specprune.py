@@ -58,8 +58,9 @@ while the host issues what follows: twice a step). With 'previous_step' (ours) e
 many tokens as the same gather's union held at the previous step: the union's tokens first, by task attention, then
 the next tokens by task attention where the union shrank, its lowest-scored tokens left out where it grew. The
 union's size is still counted on the device and copied back while the rest of the step runs, to be read at the next
-step without a wait. The exact size is read instead when there is no previous count (the first steps of an episode)
-or the controller's ``K_base`` changed since (a mode switch or a new latency budget). 'auto' (default): 'exact'
+step without a wait; where a camera's ``K_base`` changed since (a mode switch, a latency budget's knob) the size
+scales with it. The exact size is read instead when there is no previous count (the first steps of an episode).
+'auto' (default): 'exact'
 where the decoder runs on the CPU (reading a count back costs nothing there: the paper's sets), 'previous_step' on
 an accelerator (no step waits for the device).
 
@@ -190,6 +191,7 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         self.controller = ActionController(cfg.controller)
         self._patches = PatchVectorCache()
         self._union_sizes = DeferredCounts()       # each gather's union size per camera, for the next step
+        self._union_k: dict[int, list[int]] = {}    # the K_base per camera each of those sizes was counted at
         self._graphs = SelectionGraphs()            # the layer drops as CUDA graphs, when switched on
         self._previous_k: list[int] = []
         self._reset_step()
@@ -200,6 +202,7 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         self.controller.reset()
         self._patches.clear()
         self._union_sizes.clear()
+        self._union_k.clear()
         self._previous_k = []
         self._reset_step()
 
@@ -325,9 +328,7 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
             return 'exact (keep regions)'
         if self._all_changed:
             return 'exact (no reference frame)'
-        if self._k != self._previous_k:
-            return 'exact (K changed)' if self._previous_k else 'exact (no previous step)'
-        return ''
+        return '' if self._previous_k else 'exact (no previous step)'
 
     def _patch_vectors(self, back: int, layout, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
         entry = self.state.frame_entry(back)
@@ -397,7 +398,8 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
 
         'previous_step': as many tokens per camera as this gather's union held at the previous step (at most the
         camera's present tokens), the union's first, each group by task attention (in [0, 1], so the union's
-        scores lifted by 2 rank above every other); the union's own size is remembered for the next step.
+        scores lifted by 2 rank above every other); the union's own size is remembered for the next step. Where the
+        camera's ``K_base`` changed since (a mode switch, a latency budget's knob) the size scales with it.
         """
         cams = self._layout.num_cameras
         if self._all_changed and self._counts is not None:
@@ -405,14 +407,19 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         if self._gather_counts != 'previous_step':
             return union, host_counts(union, cams)
         previous = None if self._lagged else self._union_sizes.get(layer)
+        previous_k = self._union_k.get(layer)
         sizes = union.view(cams, -1).sum(dim=1)
         self._union_sizes.put(layer, sizes)
+        self._union_k[layer] = list(self._k)
         self.last_info.setdefault('union_sizes', {})[layer] = sizes
         if previous is None:
             if not self._lagged:
                 self._lagged = 'exact (no previous count)'
                 self.last_info['gather_counts'] = self._lagged
             return union, host_counts(union, cams)
+        if previous_k != self._k:
+            previous = [_scaled_count(size, k, then) for size, k, then in zip(previous, self._k, previous_k)]
+            self.last_info['gather_counts'] = 'previous step (scaled to the new K)'
         counts = [min(size, n) for size, n in zip(previous, self._counts)]
         ranked = torch.where(union, task + 2.0, task)
         return top_counts_per_camera(ranked, present, counts, cams), counts
@@ -526,6 +533,11 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
             if dense is not None:
                 # the state keeps its own copy of every camera's part
                 self.state.set_task_attention(dense.view(record.layout.num_cameras, -1).unbind(0))
+
+
+def _scaled_count(size: int, k: int, k_then: int) -> int:
+    """A union's size counted at ``K_base = k_then`` scaled to ``k`` (half up; unchanged if ``k_then`` is 0)."""
+    return size if k_then <= 0 else int(math.floor(size * k / k_then + 0.5))
 
 
 @functools.lru_cache(maxsize=32)
