@@ -136,8 +136,8 @@ class SpecPruneConfig(BaseConfig):
     * ``gather_counts='auto'``: on an accelerator (ours) each gather keeps as many tokens per camera as its union
       held at the previous step ('previous_step'), so that no step waits for the device; on the CPU the union itself
       ('exact', the paper's), whose size costs nothing to read there. On 300 held-out episodes, paired
-      with the exact counts: 243 against 241 on the fair checkpoint (10 gained, 8 lost), 235 against 233 on the
-      shipped one (8 gained, 6 lost), at the same 142-143 visual tokens per layer of the 6-layer policy.
+      with the exact counts: 248 against 241 on the fair checkpoint (14 gained, 7 lost), 235 against 233 on the
+      shipped one (13 gained, 11 lost), at 144-145 visual tokens per layer of the 6-layer policy against 142-143.
 
     Measured on the reference VLA (300 held-out episodes, paired with the earlier default on the same episodes):
     the two 'ours' defaults keep 150 instead of 177 visual tokens per layer of 288 (35.6 % instead of 45.6 % of a
