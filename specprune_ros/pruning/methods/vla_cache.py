@@ -124,8 +124,8 @@ class VLACache(PruningMethodBase):
         if dense is not None:
             # Reused tokens are still keys (key_indices = kept + reused), so every visual token gets a score.
             self.state.set_task_attention(split_per_camera(dense, record.layout))
-        if self._streak is not None:
-            self._carry(record.layout, self._streak.device)
+        if self._streak is not None and self._layout is not None:
+            self._carry(self._layout, self._streak.device)      # the layout the next step's hooks will see
 
     def _carry(self, layout: TokenLayout, device: torch.device) -> None:
         """The tokens the cache may serve at the next step, copied back while the device finishes this one.
