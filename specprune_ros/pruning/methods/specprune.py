@@ -60,9 +60,8 @@ the next tokens by task attention where the union shrank, its lowest-scored toke
 union's size is still counted on the device and copied back while the rest of the step runs, to be read at the next
 step without a wait; where a camera's ``K_base`` changed since (a mode switch, a latency budget's knob) the size
 scales with it. The exact size is read instead when there is no previous count (the first steps of an episode).
-'auto' (default): 'exact'
-where the decoder runs on the CPU (reading a count back costs nothing there: the paper's sets), 'previous_step' on
-an accelerator (no step waits for the device).
+'auto' (default): 'exact' where the decoder runs on the CPU (reading a count back costs nothing there: the paper's
+sets), 'previous_step' on an accelerator (no step waits for the device).
 
 Info keys: ``mode``, ``k_base``, ``replan_requested``, ``speed``, ``reference_back``, ``dynamic`` (count or
 reason), ``global`` (count), ``local0``/``local1`` (counts; ``global`` and these are device tensors, read them
@@ -193,7 +192,6 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         self._union_sizes = DeferredCounts()       # each gather's union size per camera, for the next step
         self._union_k: dict[int, list[int]] = {}    # the K_base per camera each of those sizes was counted at
         self._graphs = SelectionGraphs()            # the layer drops as CUDA graphs, when switched on
-        self._previous_k: list[int] = []
         self._reset_step()
 
     # -------------------------------------------------------------------------------------- state
@@ -203,7 +201,6 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         self._patches.clear()
         self._union_sizes.clear()
         self._union_k.clear()
-        self._previous_k = []
         self._reset_step()
 
     def _reset_step(self) -> None:
@@ -279,7 +276,6 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
         if cfg.use_static and self._gather_counts == 'previous_step':
             self._lagged = self._lag_blocker()
             self.last_info['gather_counts'] = self._lagged or 'previous step'
-        self._previous_k = list(self._k)
         self._present = _constant((layout.num_visual,), True, torch.bool, device)     # replaced, never modified
 
         self._prune_set = frozenset(self._prune_layers()) if cfg.use_layer_pruning else frozenset()
@@ -328,7 +324,7 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
             return 'exact (keep regions)'
         if self._all_changed:
             return 'exact (no reference frame)'
-        return '' if self._previous_k else 'exact (no previous step)'
+        return ''
 
     def _patch_vectors(self, back: int, layout, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
         entry = self.state.frame_entry(back)

@@ -34,11 +34,11 @@ import torch
 
 from specprune_ros.core.host_copies import to_device
 from specprune_ros.core.step_types import KVStore, StepContext, StepPlan, StepRecord, VisualMask
-from specprune_ros.core.token_layout import TokenLayout
+from specprune_ros.core.token_layout import TokenLayout, visual_indices_on
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase, split_per_camera
 from specprune_ros.pruning.change_detection import PatchVectorCache, static_masks
 from specprune_ros.pruning.deferred_counts import DeferredCounts
-from specprune_ros.pruning.scoring import budget_count, topk_per_camera_on_device, visual_indices
+from specprune_ros.pruning.scoring import budget_count, topk_per_camera_on_device
 
 
 @dataclass
@@ -83,7 +83,7 @@ class VLACache(PruningMethodBase):
         if any(v is None or v.numel() != layout.num_tokens for v in valid):
             return None
         every = torch.stack(valid).to(device=device, dtype=torch.bool).all(dim=0)
-        return every[to_device(visual_indices(layout), device)]
+        return every[visual_indices_on(layout, device)]
 
     def _begin(self, context: StepContext) -> StepPlan:
         cfg = self.config
