@@ -100,7 +100,9 @@ def layer_operands(layer: nn.Module, fused: Optional[FusedProjections]) -> tuple
 def compiled_layer():
     """``layer_arithmetic`` compiled once per process (one graph per shape; every layer shares it)."""
     # one recompilation per bucket (and per kept-set kind): allow more than dynamo's default of 8
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    config = torch._dynamo.config
+    limit = 'recompile_limit' if hasattr(config, 'recompile_limit') else 'cache_size_limit'    # before torch 2.7
+    setattr(config, limit, max(getattr(config, limit), 64))
     return torch.compile(layer_arithmetic, dynamic=False, fullgraph=True)
 
 
