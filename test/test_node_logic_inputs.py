@@ -1,4 +1,6 @@
 """Pure-function tests of the node's input handling: image decoding, instruction validation, proprio."""
+import os
+from pathlib import Path
 import struct
 
 import cv2
@@ -10,6 +12,8 @@ from specprune_ros.codecs.image_decoding import (ImageError, decode_compressed_i
 from specprune_ros.codecs.instruction import InstructionError, string_bytes_from_cdr, validate_instruction
 from specprune_ros.codecs.proprio import (ProprioAssembler, StateError, finger_gap_from_joints, proprio_vector,
                                           yaw_from_quaternion)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -205,3 +209,30 @@ def test_raw_converter_uses_cv_bridge_only_for_other_encodings(monkeypatch):
     with pytest.raises(ImageError) as error:
         module.RawImageConverter()(FakeImage('yuv422', step=4, data=bytes(8)))
     assert error.value.kind == 'image_encoding'
+
+
+def test_a_cv_bridge_that_fails_to_import_leaves_the_common_encodings_working(tmp_path):
+    """A system cv_bridge built against NumPy 1 fails inside NumPy 2 with errors other than ImportError."""
+    import subprocess
+    import sys
+
+    planted = tmp_path / 'cv_bridge'
+    planted.mkdir()
+    (planted / '__init__.py').write_text("raise AttributeError('_ARRAY_API not found')\n")
+    script = ('import numpy as np\n'
+              'from specprune_ros.ros import image_conversion as m\n'
+              'from specprune_ros.codecs.image_decoding import ImageError\n'
+              'class Msg:\n'
+              '    def __init__(self, encoding):\n'
+              '        self.encoding, self.height, self.width, self.step, self.data = encoding, 2, 2, 6, bytes(12)\n'
+              'convert = m.RawImageConverter()\n'
+              'assert m.CvBridge is None and convert.bridge is None\n'
+              'assert convert(Msg("bgr8")).shape == (2, 2, 3)\n'
+              'try:\n'
+              '    convert(Msg("yuv422"))\n'
+              'except ImageError as error:\n'
+              '    print(error.kind)\n')
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(tmp_path), str(ROOT)])}
+    done = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == 'image_encoding'

@@ -3,7 +3,8 @@
 The common encodings (rgb8, bgr8, rgba8, bgra8, mono8, 8UC1, 8UC3) go through the validated numpy decoder
 (``specprune_ros.codecs.image_decoding``), which checks step, size and truncation itself. When cv_bridge
 imports (a robot with ROS 2 installed), it converts every other encoding it knows (Bayer, YUV, 16-bit, ...)
-to rgb8; without it those encodings are rejected as unsupported.
+to rgb8; without it (or when it fails to import, e.g. a system cv_bridge built against NumPy 1 beside the venv's
+NumPy 2) those encodings are rejected as unsupported.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from specprune_ros.codecs.image_decoding import RAW_ENCODINGS, ImageError, decod
 
 try:
     from cv_bridge import CvBridge
-except ImportError:  # the PyPI ROS wheels have no cv_bridge
+except Exception:  # absent (the PyPI ROS wheels have none), or built against a NumPy other than the venv's
     CvBridge = None
 
 
