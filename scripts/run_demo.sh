@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# The README's main command: set up the pinned .venv (idempotent; scripts/setup_env.sh says
-# which settings choose another one), then run a short closed-loop session of the
-# reference VLA in the MuJoCo tabletop tasks (unpruned and with SpecPrune-VLA) and print success and latency,
-# then the speed of the same methods at a deployment shape.
+# The README's main command: set up the pinned .venv (idempotent; scripts/setup_env.sh says which settings choose
+# another one), then run a short closed-loop session of the reference VLA in the MuJoCo tabletop tasks (unpruned
+# and with SpecPrune-VLA) and print success and latency, then the speed of the same methods at a deployment shape.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$repo/scripts/setup_env.sh"
