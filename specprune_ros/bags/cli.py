@@ -41,10 +41,26 @@ def parse_method_config(text: str) -> tuple[str, dict]:
     if not sep:
         raise argparse.ArgumentTypeError(f"expected method='{{json}}', got {text!r}")
     import yaml
-    parsed = yaml.safe_load(value) or {}
+    try:
+        parsed = yaml.safe_load(value) or {}
+    except yaml.YAMLError as error:
+        raise argparse.ArgumentTypeError(f'{name}: not valid YAML ({str(error).splitlines()[0]})') from None
     if not isinstance(parsed, dict):
         raise argparse.ArgumentTypeError(f'{name}: the config must be a mapping')
     return name, parsed
+
+
+def bounded(kind: type, low: float, inclusive: bool = True):
+    """An argparse type: ``kind`` at least ``low`` (above it when not ``inclusive``)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected a number, got {text!r}') from None
+        if value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {'at least' if inclusive else 'above'} {low}, got {text}")
+        return value
+    return parse
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
@@ -76,13 +92,23 @@ def evaluate_parser() -> argparse.ArgumentParser:
                         help="the node's inference records: which method and model recorded the bag ('' = none)")
     parser.add_argument('--schedule', choices=('auto', 'recorded', 'every'), default='auto',
                         help='auto: where the live node inferred when the bag has its chunks, else every frame set')
-    parser.add_argument('--stride', type=int, default=1, help="schedule 'every': infer every N-th frame set")
-    parser.add_argument('--max-observations', type=int, default=0, help='use only the first N frame sets')
-    parser.add_argument('--max-camera-skew', type=float, default=0.05, help='seconds between paired frames')
-    parser.add_argument('--image-size', type=int, default=0, help="resize frames (0: the policy's input size)")
+    parser.add_argument('--stride', type=bounded(int, 1), default=1,
+                        help="schedule 'every': infer every N-th frame set")
+    parser.add_argument('--max-observations', type=bounded(int, 0), default=0,
+                        help='use only the first N frame sets (0: all); reading stops there')
+    parser.add_argument('--max-camera-skew', type=bounded(float, 0.0, inclusive=False), default=0.05,
+                        help='seconds between paired frames')
+    parser.add_argument('--image-size', type=bounded(int, 0), default=0,
+                        help="resize frames (0: the policy's input size)")
+    parser.add_argument('--action-scale', type=bounded(float, 0.0, inclusive=False), default=1.0,
+                        help="the recording node's action_scale (recorded twists back to policy actions)")
+    parser.add_argument('--gripper-open-value', type=float, default=-1.0,
+                        help="the recording node's gripper_open_value")
+    parser.add_argument('--gripper-closed-value', type=float, default=1.0,
+                        help="the recording node's gripper_closed_value")
     parser.add_argument('--device', default='cpu', help="torch device ('cpu', 'cuda', ...)")
     parser.add_argument('--seed', type=int, default=0, help='seed of the policy (random pruning, tiny-random weights)')
-    parser.add_argument('--threads', type=int, default=1, help='torch threads')
+    parser.add_argument('--threads', type=bounded(int, 1), default=1, help='torch threads')
     parser.add_argument('--no-repeat-baseline', action='store_true', help='skip the determinism re-run of none')
     parser.add_argument('--out', type=Path, default=Path('outputs/replay'),
                         help='directory for the markdown, JSON and PNG files')
@@ -104,6 +130,12 @@ def evaluate_main(argv: Optional[list[str]] = None) -> int:
                           inference=args.inference_topic, finger_joints=tuple(args.finger_joints))
     if cameras:
         topics.cameras = cameras
+    if args.out.exists() and not args.out.is_dir():
+        print(f'error: --out {args.out} is a file; give a directory for the report', file=sys.stderr)
+        return 2
+    if args.gripper_open_value == args.gripper_closed_value:
+        print('error: --gripper-open-value and --gripper-closed-value must differ', file=sys.stderr)
+        return 2
     try:   # the bag first (fast): a broken bag should not wait for torch and the model to load
         with BagReader(args.bag) as bag:
             for name, topic in topics.normalized().cameras.items():
@@ -112,29 +144,61 @@ def evaluate_main(argv: Optional[list[str]] = None) -> int:
         print(f'error: {error}', file=sys.stderr)
         return 2
     import torch
-    torch.set_num_threads(max(args.threads, 1))
+    torch.set_num_threads(args.threads)
     # the evaluation loads torch and the models: only when the command runs
     from specprune_ros.bags.replay_eval import ReplayConfig, evaluate_streams
     from specprune_ros.bags.report import markdown, write_report  # lazy, see above
+    from specprune_ros.bridge.conversions import CommandUnits  # lazy, see above
+    from specprune_ros.models.loading import load_policy   # lazy, see above
     from specprune_ros.policy.errors import CheckpointError  # lazy, see above
+    from specprune_ros.pruning import build_method  # lazy, see above
     config = ReplayConfig(model=args.model, methods=tuple(args.methods), method_configs=dict(args.method_config),
                           seed=args.seed, device=args.device, schedule=args.schedule, stride=args.stride,
                           repeat_baseline=not args.no_repeat_baseline, progress=not args.quiet)
     try:
-        size = args.image_size
-        if not size:
-            from specprune_ros.models.loading import load_model   # torch: only when a model is needed
-            size = load_model(args.model, device='cpu', seed=args.seed).config.image_size
-        streams = load_streams(args.bag, topics, image_size=(size, size), max_camera_skew_s=args.max_camera_skew,
-                               instruction=args.instruction, max_observations=args.max_observations)
+        device_error = unusable_device(args.device)
+        if device_error:
+            raise ValueError(device_error)
+        for method in dict.fromkeys(['none', *config.methods]):     # every name and config before any run
+            build_method(method, config.method_configs.get(method), seed=args.seed)
+        unknown = sorted(set(config.method_configs) - {'none', *config.methods})
+        if unknown:
+            raise ValueError(f'--method-config names {unknown}, which --methods does not run')
+        # the policy's input size and action units (what the recording node's commands meant)
+        spec_policy = load_policy(args.model, 'none', device=args.device, dtype=config.dtype, seed=args.seed)
+        spec = spec_policy.action_spec
+        size = (args.image_size, args.image_size) if args.image_size else tuple(spec_policy.image_size)
+        del spec_policy
+        units = CommandUnits(translation_scale_m=spec.translation_scale_m * args.action_scale,
+                             rotation_scale_rad=spec.rotation_scale_rad * args.action_scale,
+                             period_s=spec.control_period_s, gripper_open_value=args.gripper_open_value,
+                             gripper_closed_value=args.gripper_closed_value)
+        streams = load_streams(args.bag, topics, image_size=size, max_camera_skew_s=args.max_camera_skew,
+                               units=units, instruction=args.instruction, max_observations=args.max_observations)
         report = evaluate_streams(streams, config)
-    except (BagError, CheckpointError, ValueError) as error:
+        paths = write_report(report, args.out, args.name, plots=not args.no_plots)
+    except (BagError, CheckpointError, ValueError, OSError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
-    paths = write_report(report, args.out, args.name, plots=not args.no_plots)
     print(markdown(report))
     print('wrote ' + ', '.join(str(p) for p in paths.values()))
     return 0
+
+
+def unusable_device(device: str) -> str:
+    """Why torch cannot run on ``device`` here ('' when it can)."""
+    import torch
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        return f'--device {device!r}: {error}'
+    if parsed.type == 'cuda' and not torch.cuda.is_available():
+        return f'--device {device!r}: this torch has no usable CUDA device'
+    if parsed.type == 'cuda' and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        return f'--device {device!r}: only {torch.cuda.device_count()} CUDA devices'
+    if parsed.type == 'mps' and not torch.backends.mps.is_available():
+        return f'--device {device!r}: MPS is not available'
+    return ''
 
 
 RECORD_SIM_HELP = """Record simulated episodes straight into a bag, no DDS: the sim bridge's topics and stamps (bag

@@ -1,19 +1,20 @@
 """Offline replay evaluation: the same recorded frames through the unpruned policy and each pruning method.
 
 In-process, no DDS. For every method the policy is loaded fresh (``load_policy``), reset at the start, on an
-instruction change and after a gap longer than ``reset_after_gap_s`` (as the node does), and run on the same
-observations with the same executed-action history:
+instruction change, after a gap longer than ``reset_after_gap_s`` (as the node does) and where the bag's clock
+restarted (a new episode, see ``streams``), and run on the same observations with the same executed-action history:
 
 * schedule ``recorded`` (the default when the bag has ``~/action_chunk``): infer exactly at the frames where
   the live node inferred, so the recorded chunks can be reproduced; ``every``: every ``stride``-th frame set.
 * executed actions between two inferences: the recorded commands stamped between them when the bag has them,
   else the unpruned policy's own chunk for the elapsed steps (identical for every method).
 
-Reported per method: action deviation from unpruned (chunk mean |diff|, first-action L2 and max |diff|), from
-the recorded commands and chunks when present, mean kept visual tokens, model latency and the speedup over
-unpruned (median latency ratio with a 95% bootstrap interval and the sample counts; a run that kept every
-visual token is marked unpruned instead), the FLOPs ratio, and the frames the kept patches are drawn on. The
-methods run one after the other, so the speedups are sequential, not interleaved, measurements.
+Reported per method: action deviation from unpruned (chunk mean |diff|, the first action's translation L2 and
+max |diff|), from the recorded commands and chunks when present (chunks as wide as the policy's), mean kept visual
+tokens, model latency and the speedup over unpruned (median latency ratio with a 95% bootstrap interval and the
+sample counts; a run that kept every visual token is marked unpruned instead), the FLOPs ratio, and the frames the
+kept patches are drawn on. The methods run one after the other, so the speedups are sequential, not interleaved,
+measurements.
 """
 from __future__ import annotations
 
@@ -75,8 +76,9 @@ def inference_indices(streams: BagStreams, config: ReplayConfig) -> tuple[list[i
         return indices, schedule
     if schedule != 'every':
         raise ValueError(f"schedule must be 'auto', 'recorded' or 'every', got {config.schedule!r}")
-    stride = max(int(config.stride), 1)
-    return list(range(0, len(streams.observations), stride)), schedule
+    if int(config.stride) < 1:
+        raise ValueError(f'stride must be 1 or more, got {config.stride}')
+    return list(range(0, len(streams.observations), int(config.stride))), schedule
 
 
 def _reset_points(streams: BagStreams, indices: Sequence[int], gap_s: float) -> set[int]:
@@ -85,7 +87,8 @@ def _reset_points(streams: BagStreams, indices: Sequence[int], gap_s: float) -> 
     observations = streams.observations
     for j in range(1, len(indices)):
         previous, current = observations[indices[j - 1]], observations[indices[j]]
-        if current.instruction != previous.instruction or (current.stamp_ns - previous.stamp_ns) * 1e-9 > gap_s:
+        if current.instruction != previous.instruction or current.episode != previous.episode \
+                or (current.stamp_ns - previous.stamp_ns) * 1e-9 > gap_s:
             resets.add(j)
     return resets
 
@@ -95,14 +98,14 @@ def executed_histories(streams: BagStreams, indices: Sequence[int], resets: set[
     """Per inference, the actions executed since the previous one (None right after a reset)."""
     out: list[Optional[np.ndarray]] = []
     observations = streams.observations
-    stamps = [c[0] for c in streams.commands]
+    keys = [key for key, _ in streams.commands]
     for j, index in enumerate(indices):
         if j in resets:
             out.append(None)
             continue
         previous = indices[j - 1]
-        lo = bisect.bisect_left(stamps, observations[previous].stamp_ns)
-        hi = bisect.bisect_left(stamps, observations[index].stamp_ns)
+        lo = bisect.bisect_left(keys, streams.command_key(observations[previous]))
+        hi = bisect.bisect_left(keys, streams.command_key(observations[index]))
         recorded = [action for _, action in streams.commands[lo:hi]]
         if recorded:
             out.append(np.asarray(recorded, dtype=np.float32))
@@ -174,6 +177,7 @@ def run_method(streams: BagStreams, indices: Sequence[int], resets: set[int],
 
 def _deviation(actions: np.ndarray, reference: np.ndarray) -> dict:
     diff = np.abs(actions.astype(np.float64) - reference.astype(np.float64))
+    # the first action's translation (xyz): rotation and gripper have their own scales (chunk MAE, gripper flips)
     first = np.linalg.norm(actions[:, 0, :3].astype(np.float64) - reference[:, 0, :3].astype(np.float64), axis=1)
     gripper_flips = np.sign(actions[:, 0, 6]) != np.sign(reference[:, 0, 6])
     return {'chunk_mae': float(diff.mean()), 'chunk_mae_p95': percentile(diff.mean(axis=(1, 2)), 95),
@@ -213,6 +217,11 @@ def evaluate_streams(streams: BagStreams, config: ReplayConfig) -> dict:
         runs[method] = run_method(streams, indices, resets, executed, config, method, example_at=example_at)
     recorded_chunks = [streams.observations[i].recorded_chunk for i in indices]
     recorded_actions = [streams.observations[i].recorded_action for i in indices]
+    notes = list(streams.notes)
+    width = baseline.actions.shape[2]
+    widths = {c.shape[1] for c in recorded_chunks if c is not None}
+    if widths - {width}:
+        notes.append(f'the recorded chunks have {sorted(widths)} values per step, the policy {width}: not compared')
     results = {}
     for name, run in runs.items():
         speedup, low, high = median_ratio(baseline.latencies_s, run.latencies_s)
@@ -228,7 +237,7 @@ def evaluate_streams(streams: BagStreams, config: ReplayConfig) -> dict:
             'series': {'stamps_s': [s * 1e-9 for s in run.stamps], 'latency_ms': [x * 1e3 for x in run.latencies_s],
                        'kept': run.kept, 'modes': run.modes},
         }
-        pairs = [(k, c) for k, c in enumerate(recorded_chunks) if c is not None]
+        pairs = [(k, c) for k, c in enumerate(recorded_chunks) if c is not None and c.shape[1] == width]
         if pairs:
             rows = [k for k, _ in pairs]
             steps = min(min(c.shape[0] for _, c in pairs), run.actions.shape[1])
@@ -248,7 +257,7 @@ def evaluate_streams(streams: BagStreams, config: ReplayConfig) -> dict:
         'bag': streams.path, 'model': config.model, 'schedule': schedule, 'stride': config.stride,
         'observations': len(streams.observations), 'inferences': count, 'resets': sorted(resets),
         'camera_sizes': {k: list(v) for k, v in streams.camera_sizes.items()}, 'camera_types': streams.camera_types,
-        'topics': vars(streams.topics), 'notes': list(streams.notes),
+        'topics': vars(streams.topics), 'notes': notes,
         'has_recorded_commands': streams.has_commands, 'has_recorded_chunks': streams.has_chunks,
         'policy_cameras': list(baseline.cameras),
         'recorded_by': [{'method': m, 'model': model, 'inferences': n} for m, model, n in streams.recorded_by],

@@ -56,7 +56,7 @@ def markdown(report: dict) -> str:
                      f"{rec['exact_steps']}/{rec['compared']} chunks reproduced exactly.")
     lines.append('')
     header = ('| method | kept visual tokens | latency median ms | p95 ms | speedup (95% CI, samples) | FLOPs '
-              '| chunk MAE vs unpruned | first-action L2 | max abs | gripper flips |')
+              '| chunk MAE vs unpruned | first-action xyz L2 | max abs | gripper flips |')
     has_recorded = any('vs_recorded_actions' in m for m in report['methods'].values())
     has_chunks = any('vs_recorded_chunks' in m for m in report['methods'].values())
     if has_recorded:

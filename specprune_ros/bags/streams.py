@@ -5,25 +5,34 @@ executed and the chunks the policy node computed.
 
 Frames are paired by ``header.stamp``: every frame of the first camera, with the nearest-stamped frame of
 each other camera (within ``max_camera_skew_s``; a frame re-sent with the same stamp counts once). The
-proprio comes from the newest ``ee_pose`` and gripper state stamped at or before the frame (the Float64
-gripper state has no header: its bag time is used), the instruction from the newest one recorded before the
-frame (bag time). Commands: of the ``TwistStamped`` sharing a header stamp, the last one received, converted
-back to normalised units, with the newest gripper command recorded before the next commanded instant (bag
-time). The recorded action of an observation stamped ``t`` is the last command stamped in ``[t, t + period)``;
-its recorded chunk is the ``~/action_chunk`` whose header stamp equals ``t``. The policy node's ``~/inference``
-records, when the bag has them, say which method and model recorded it.
+proprio comes from the newest ``ee_pose`` and gripper state stamped at or before the frame, the instruction from
+the newest one recorded before the frame (bag time). Commands: of the ``TwistStamped`` sharing a header stamp, the
+last one received, converted back to normalised units, with the newest gripper command recorded before the next
+commanded instant (bag time). The recorded action of an observation stamped ``t`` is the last command stamped in
+``[t, t + period)`` (the policy's control period); its recorded chunk is the ``~/action_chunk`` whose header stamp
+equals ``t``. The policy node's ``~/inference`` records, when the bag has
+them, say which method and model recorded it.
 
-Raw frames in the encodings the node takes are decoded as the node does; other encodings (16-bit, Bayer, YUV
-4:2:2, ...) go through ``rosbags-image``.
+Clocks: a stream whose messages carry no stamp (most of them zero, or a ``Float64`` without a header) is matched
+by bag time instead; when a camera's frames carry none, every stream is. A header stamp that goes back while the bag
+time goes on (the delay between them grows by more than ``CLOCK_RESTART_S``) means the clock restarted (a simulator
+reset with ``use_sim_time``): the frames after it form the next episode (``BagObservation.episode``), paired and
+matched within that episode, and the replay resets the policy there.
+
+A message that cannot be used (an undecodable frame or message, a non-finite or zero-quaternion pose, a joint state
+without the finger joints, a non-finite twist, a chunk of another width) is skipped and counted in the notes; the
+evaluation goes on with the rest. Raw frames in the encodings the node takes are decoded as the node does; other
+encodings (16-bit, Bayer, YUV 4:2:2, ...) go through ``rosbags-image``.
 """
 from __future__ import annotations
 
 import bisect
 import dataclasses
+import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 from rosbags.image import ImageError as ConversionError
@@ -34,7 +43,7 @@ from specprune_ros.bags.io import BagError, BagReader, check_types_known, normal
 from specprune_ros.bridge.conversions import CommandUnits, command_to_action, gripper_value_to_action
 from specprune_ros.codecs.image_decoding import (MAX_SIDE, RAW_ENCODINGS, ImageError, decode_compressed_image,
                                                  decode_raw_image, resize_to)
-from specprune_ros.codecs.proprio import StateError, finger_gap_from_joints, proprio_vector
+from specprune_ros.codecs.proprio import StateError, check_pose, finger_gap_from_joints, proprio_vector
 
 IMAGE = 'sensor_msgs/msg/Image'
 COMPRESSED = 'sensor_msgs/msg/CompressedImage'
@@ -45,6 +54,10 @@ FLOAT64 = 'std_msgs/msg/Float64'
 TWIST = 'geometry_msgs/msg/TwistStamped'
 TRAJECTORY = 'trajectory_msgs/msg/JointTrajectory'
 STATUS = 'diagnostic_msgs/msg/DiagnosticStatus'
+
+CLOCK_RESTART_S = 1.0      # a header stamp this far below the newest before it on its topic: the clock restarted
+READ_AHEAD_S = 5.0         # with max_observations: bag time read past the last frame needed (partners, commands)
+_NS = 1_000_000_000
 
 
 @dataclass
@@ -74,13 +87,14 @@ class StreamTopics:
 
 @dataclass
 class BagObservation:
-    stamp_ns: int                              # header stamp of the first camera's frame
+    stamp_ns: int                              # header stamp of the first camera's frame (bag time when unstamped)
     bag_time_ns: int
     images: dict                               # camera -> (H, W, 3) uint8 RGB at the requested size
     instruction: str
     proprio: Optional[np.ndarray]
     recorded_action: Optional[np.ndarray] = None    # (7,) normalised, what the robot executed at this tick
-    recorded_chunk: Optional[np.ndarray] = None     # (steps, 7) the chunk the node computed from this frame
+    recorded_chunk: Optional[np.ndarray] = None     # (steps, action dim) the chunk the node computed from this frame
+    episode: int = 0                                # clock restarts before this frame (see the module docstring)
 
 
 @dataclass
@@ -94,12 +108,19 @@ class BagStreams:
     has_state: bool = False
     has_commands: bool = False
     has_chunks: bool = False
-    commands: list = field(default_factory=list)   # (stamp ns, 7-D action) per commanded instant
+    commands: list = field(default_factory=list)   # ((episode, stamp ns), 7-D action) per commanded instant, sorted
+    commands_by_bag_time: bool = False          # the commands' stamps are bag times (compare bag_time_ns)
     recorded_by: list = field(default_factory=list)   # (method, model, inferences) from ~/inference, most first
+
+    def command_key(self, observation: BagObservation) -> tuple[int, int]:
+        """Where ``observation`` sits on the commands' clock (compare with ``commands[i][0]``)."""
+        if self.commands_by_bag_time:
+            return 0, observation.bag_time_ns
+        return observation.episode, observation.stamp_ns
 
 
 def _stamp(header) -> int:
-    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
+    return int(header.stamp.sec) * _NS + int(header.stamp.nanosec)
 
 
 def _decode(msg, msgtype: str) -> np.ndarray:
@@ -137,13 +158,225 @@ def decode_other_encoding(msg) -> np.ndarray:
     return np.ascontiguousarray(rgb, dtype=np.uint8)
 
 
+# --- clocks and episodes ---------------------------------------------------------------------------------------
+def clock_episodes(entries: Sequence[tuple], restart_s: float = CLOCK_RESTART_S) -> list[int]:
+    """Episode of each (header stamp, bag time, ...) entry of one topic, in bag order.
+
+    The next episode starts where the header clock went back while the bag's clock went on: a stamp below the newest
+    before it, received more than ``restart_s`` later than that newest stamp's delay (a simulator reset). Messages
+    merely out of order keep their delay; a paused simulator does not go back.
+    """
+    jump = int(restart_s * _NS)
+    out: list[int] = []
+    newest: Optional[tuple[int, int]] = None       # (stamp, bag time - stamp) of the newest stamp so far
+    episode = 0
+    for stamp, bag_ns, *_ in entries:
+        delay = bag_ns - stamp
+        if newest is not None and stamp < newest[0] and delay > newest[1] + jump:
+            episode += 1
+            newest = (stamp, delay)
+        elif newest is None or stamp >= newest[0]:
+            newest = (stamp, delay)
+        out.append(episode)
+    return out
+
+
+@dataclass
+class _Series:
+    """The usable messages of one stream in bag order: (header stamp ns, bag time ns, value)."""
+
+    entries: list = field(default_factory=list)
+
+    def add(self, header_ns: int, bag_ns: int, value: Any) -> None:
+        self.entries.append((header_ns, bag_ns, value))
+
+    def unstamped(self) -> bool:
+        """Most stamps are zero (a driver that never sets them; a simulator's clock starts at zero once)."""
+        return 2 * sum(header <= 0 for header, _, _ in self.entries) > len(self.entries)
+
+
+@dataclass
+class _Episodes:
+    """The reference camera's episodes: how many, and the bag time each one's first frame arrived."""
+
+    count: int = 1
+    starts_ns: list = field(default_factory=lambda: [0])
+
+    def by_bag_time(self, bag_ns: int) -> int:
+        return max(bisect.bisect_right(self.starts_ns, bag_ns) - 1, 0)
+
+
+def _episode_indices(series: _Series, episodes: _Episodes) -> list[int]:
+    """Each entry's episode: its own clock restarts when they match the reference camera's, else by bag time."""
+    own = clock_episodes(series.entries)
+    if own and own[-1] + 1 == episodes.count:
+        return own
+    return [episodes.by_bag_time(bag_ns) for _, bag_ns, _ in series.entries]
+
+
+@dataclass
+class _Timeline:
+    """One stream keyed on the clock it is matched by: per episode, sorted keys (later messages win ties)."""
+
+    by_bag_time: bool
+    keys: dict = field(default_factory=dict)        # episode -> sorted key ns
+    values: dict = field(default_factory=dict)      # episode -> values in the same order
+
+    @classmethod
+    def of(cls, series: _Series, episodes: _Episodes, by_bag_time: bool) -> '_Timeline':
+        by_bag_time = by_bag_time or series.unstamped()
+        if by_bag_time:
+            indices = [0] * len(series.entries)
+        else:
+            indices = _episode_indices(series, episodes)
+        grouped: dict[int, list] = {}
+        for episode, (header, bag_ns, value) in zip(indices, series.entries):
+            grouped.setdefault(episode, []).append((bag_ns if by_bag_time else header, value))
+        timeline = cls(by_bag_time)
+        for episode, items in grouped.items():
+            items.sort(key=lambda item: item[0])      # stable: among equal keys the later message stays last
+            timeline.keys[episode] = [key for key, _ in items]
+            timeline.values[episode] = [value for _, value in items]
+        return timeline
+
+    def newest_at(self, observation: BagObservation) -> Any:
+        """The newest value keyed at or before the observation (None when there is none)."""
+        episode, key = (0, observation.bag_time_ns) if self.by_bag_time else (observation.episode,
+                                                                              observation.stamp_ns)
+        keys = self.keys.get(episode, ())
+        index = bisect.bisect_right(keys, key) - 1
+        return self.values[episode][index] if index >= 0 else None
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
+@dataclass
+class _Recorded:
+    """What the read kept of the bag, and what it skipped."""
+
+    frames: dict                                    # camera -> _Series of (bag ns, RGB) frames
+    instructions: list = field(default_factory=list)       # (bag ns, text)
+    poses: _Series = field(default_factory=_Series)        # ((x, y, z), (qx, qy, qz, qw))
+    grippers: _Series = field(default_factory=_Series)     # finger gap (Float64: unstamped)
+    twists: _Series = field(default_factory=_Series)       # (bag ns, (vx, vy, vz, wx, wy, wz))
+    gripper_commands: list = field(default_factory=list)   # (bag ns, value)
+    chunks: _Series = field(default_factory=_Series)       # (steps, width) float64
+    recorders: Counter = field(default_factory=Counter)
+    sizes: dict = field(default_factory=dict)              # camera -> (H, W) as recorded
+    skipped: Counter = field(default_factory=Counter)      # (topic, why) -> count
+    first_reason: dict = field(default_factory=dict)       # (topic, why) -> the first message's detail
+    exhausted: bool = False                                # every message of the bag was read
+    pending: list = field(default_factory=list)            # the message read but not yet used
+
+    def skip(self, topic: str, why: str, detail: str = '') -> None:
+        self.skipped[(topic, why)] += 1
+        self.first_reason.setdefault((topic, why), detail)
+
+
+def _read(bag: BagReader, path: str | Path, topics: StreamTopics, wanted: dict, image_size: Optional[tuple],
+          recorded: _Recorded, messages: Iterator, until: Callable[[_Recorded, int], bool]) -> None:
+    """Read ``messages`` into ``recorded`` until ``until(recorded, bag time)`` says enough (or the bag ends).
+
+    The message that stopped it is kept (``recorded.pending``) and read first when reading goes on.
+    """
+    pending, recorded.pending = recorded.pending, []
+    for message in itertools.chain(pending, messages):
+        topic, msgtype, bag_ns, raw = message
+        if until(recorded, bag_ns):
+            recorded.pending = [message]
+            return
+        kind, camera = wanted[topic]
+        try:
+            msg = bag.deserialize(raw, msgtype, topic)
+        except BagError as error:
+            recorded.skip(topic, 'undecodable messages', str(error).split(': ', 1)[-1])
+            continue
+        if kind == 'camera':
+            stamp = _stamp(msg.header)
+            try:
+                rgb = _decode(msg, msgtype)
+            except ImageError as error:
+                recorded.skip(topic, 'unusable frames', f'camera {camera!r} frame stamped {stamp * 1e-9:.3f} s: '
+                                                        f'{error}')
+                continue
+            size = rgb.shape[:2]
+            if camera not in recorded.sizes:
+                recorded.sizes[camera] = size
+            elif recorded.sizes[camera] != size:
+                raise BagError(f'bag {path}: mismatched image sizes on camera {camera!r} ({topic}): the frame '
+                               f'stamped {stamp * 1e-9:.3f} s is {size[1]}x{size[0]}, earlier frames are '
+                               f'{recorded.sizes[camera][1]}x{recorded.sizes[camera][0]}')
+            rgb = resize_to(rgb, image_size) if image_size else rgb
+            recorded.frames[camera].add(stamp, bag_ns, rgb if rgb.flags.writeable else rgb.copy())
+        elif kind == 'instruction':
+            recorded.instructions.append((bag_ns, str(msg.data)))
+        elif kind == 'ee_pose':
+            p, q = msg.pose.position, msg.pose.orientation
+            position, quaternion = (p.x, p.y, p.z), (q.x, q.y, q.z, q.w)
+            try:
+                check_pose(position, quaternion)
+            except StateError as error:
+                recorded.skip(topic, 'invalid poses', str(error))
+                continue
+            recorded.poses.add(_stamp(msg.header), bag_ns, (position, quaternion))
+        elif kind == 'gripper_state':
+            if msgtype == JOINT_STATE:
+                try:
+                    gap = finger_gap_from_joints(list(msg.name), list(msg.position), topics.finger_joints)
+                except StateError as error:
+                    recorded.skip(topic, 'joint states without usable finger joints', str(error))
+                    continue
+                recorded.grippers.add(_stamp(msg.header), bag_ns, gap)
+            elif np.isfinite(msg.data):
+                recorded.grippers.add(0, bag_ns, float(msg.data))      # no header: matched by bag time
+            else:
+                recorded.skip(topic, 'non-finite finger gaps')
+        elif kind == 'commands':
+            t = msg.twist
+            twist = (t.linear.x, t.linear.y, t.linear.z, t.angular.x, t.angular.y, t.angular.z)
+            if not np.isfinite(twist).all():
+                recorded.skip(topic, 'non-finite twists')
+                continue
+            recorded.twists.add(_stamp(msg.header), bag_ns, (bag_ns, twist))
+        elif kind == 'gripper_command':
+            recorded.gripper_commands.append((bag_ns, float(msg.data)))
+        elif kind == 'inference':
+            recorded.recorders[(str(msg.message), str(msg.hardware_id))] += 1
+        elif kind == 'chunks':
+            try:
+                chunk = np.array([list(point.positions) for point in msg.points], dtype=np.float64)
+            except ValueError:
+                chunk = np.empty((0,))
+            if chunk.ndim != 2 or not chunk.size or not np.isfinite(chunk).all():
+                recorded.skip(topic, 'empty, ragged or non-finite chunks')
+                continue
+            recorded.chunks.add(_stamp(msg.header), bag_ns, chunk)
+    recorded.exhausted = True
+
+
+def _enough_frames(count: int) -> Callable[[_Recorded, int], bool]:
+    """Stop once ``count`` frames of the first camera are read and ``READ_AHEAD_S`` of bag time has passed."""
+    def until(recorded: _Recorded, bag_ns: int) -> bool:
+        if not count:
+            return False
+        frames = next(iter(recorded.frames.values())).entries
+        return len(frames) >= count and bag_ns > frames[count - 1][1] + int(READ_AHEAD_S * _NS)
+    return until
+
+
 def load_streams(path: str | Path, topics: Optional[StreamTopics] = None, image_size: Optional[tuple] = (96, 96),
-                 max_camera_skew_s: float = 0.05, period_s: float = 0.1, units: CommandUnits = CommandUnits(),
-                 instruction: str = '', max_observations: int = 0) -> BagStreams:
-    """Read and pair everything (see the module docstring); ``BagError`` names whatever is wrong."""
+                 max_camera_skew_s: float = 0.05, units: CommandUnits = CommandUnits(), instruction: str = '',
+                 max_observations: int = 0) -> BagStreams:
+    """Read and pair everything (see the module docstring); ``BagError`` names whatever is wrong.
+
+    ``units``: what the recording node's commands meant (its policy's scales times ``action_scale``, the policy's
+    control period, the gripper values). ``max_observations`` (0: all) stops reading once that many frame sets are
+    paired.
+    """
     topics = (topics or StreamTopics()).normalized()
     if not topics.cameras:
         raise BagError('at least one camera topic is needed')
+    if max_observations < 0:
+        raise BagError(f'max_observations must be 0 (all) or positive, got {max_observations}')
     with BagReader(path) as bag:
         available = bag.topics()
         camera_types = {}
@@ -156,130 +389,111 @@ def load_streams(path: str | Path, topics: Optional[StreamTopics] = None, image_
                     ('commands', topics.commands, (TWIST,)), ('gripper_command', topics.gripper_command, (FLOAT64,)),
                     ('chunks', topics.chunks, (TRAJECTORY,)), ('inference', topics.inference, (STATUS,)))
         for kind, topic, types in optional:
-            if not topic:
-                continue
-            if topic not in available:
+            if not topic or (kind == 'instruction' and instruction):
+                continue                     # switched off, or the instruction given replaces the topic
+            info = available.get(topic)
+            if info is None or info.count == 0:
                 if kind != 'inference':      # the report says the recording method is unknown
-                    notes.append(f'no {kind} topic {topic} in the bag')
+                    notes.append(f'no {kind} topic {topic} in the bag' if info is None else
+                                 f'{kind} topic {topic} has no messages')
                 continue
             bag.require(topic, types, kind)   # present: it must have the right type
             wanted[topic] = (kind, None)
         if topics.instruction not in wanted and not instruction:
-            raise BagError(f'bag {path}: instruction topic {topics.instruction or "(none)"} is missing and no '
+            state = 'has no messages' if topics.instruction in available else 'is missing'
+            raise BagError(f'bag {path}: instruction topic {topics.instruction or "(none)"} {state} and no '
                            'instruction was given (pass one, or name the String topic that carries it)')
         check_types_known(bag, wanted)
+        recorded = _Recorded(frames={name: _Series() for name in topics.cameras})
+        messages = bag.raw_messages(wanted)
+        target = max_observations
+        while True:
+            _read(bag, path, topics, wanted, image_size, recorded, messages, _enough_frames(target))
+            streams = _pair(path, topics, recorded, camera_types, list(notes), max_camera_skew_s, units, instruction,
+                            max_observations)
+            short = max_observations - len(streams.observations)
+            if recorded.exhausted or short <= 0:
+                return streams
+            target = len(next(iter(recorded.frames.values())).entries) + short   # frames without partners: more
 
-        frames: dict[str, dict[int, tuple[int, np.ndarray]]] = {name: {} for name in topics.cameras}
-        sizes: dict[str, tuple[int, int]] = {}
-        instructions: list[tuple[int, str]] = []
-        poses: list[tuple[int, tuple, tuple]] = []
-        grippers: list[tuple[int, float]] = []
-        twists: list[tuple[int, int, tuple]] = []
-        gripper_commands: list[tuple[int, float]] = []
-        chunks: dict[int, np.ndarray] = {}
-        recorders: Counter = Counter()
-        gripper_by_header = True      # JointState: header stamps; Float64 (no header): bag time
-        for topic, msgtype, bag_ns, raw in bag.raw_messages(wanted):
-            kind, camera = wanted[topic]
-            msg = bag.deserialize(raw, msgtype, topic)
-            if kind == 'camera':
-                stamp = _stamp(msg.header)
-                try:
-                    rgb = _decode(msg, msgtype)
-                except ImageError as error:
-                    raise BagError(f'bag {path}: camera {camera!r} ({topic}) frame stamped {stamp * 1e-9:.3f} s: '
-                                   f'{error}') from None
-                size = rgb.shape[:2]
-                if camera not in sizes:
-                    sizes[camera] = size
-                elif sizes[camera] != size:
-                    raise BagError(f'bag {path}: mismatched image sizes on camera {camera!r} ({topic}): the frame '
-                                   f'stamped {stamp * 1e-9:.3f} s is {size[1]}x{size[0]}, earlier frames are '
-                                   f'{sizes[camera][1]}x{sizes[camera][0]}')
-                rgb = resize_to(rgb, image_size) if image_size else rgb
-                frames[camera][stamp] = (bag_ns, rgb if rgb.flags.writeable else rgb.copy())
-            elif kind == 'instruction':
-                instructions.append((bag_ns, str(msg.data)))
-            elif kind == 'ee_pose':
-                p, q = msg.pose.position, msg.pose.orientation
-                poses.append((_stamp(msg.header), (p.x, p.y, p.z), (q.x, q.y, q.z, q.w)))
-            elif kind == 'gripper_state':
-                if msgtype == JOINT_STATE:
-                    try:
-                        gap = finger_gap_from_joints(list(msg.name), list(msg.position), topics.finger_joints)
-                    except StateError as error:
-                        raise BagError(f'bag {path}: gripper state {topic}: {error}') from None
-                    grippers.append((_stamp(msg.header), gap))
-                else:
-                    gripper_by_header = False
-                    grippers.append((bag_ns, float(msg.data)))
-            elif kind == 'commands':
-                t = msg.twist
-                twists.append((_stamp(msg.header), bag_ns,
-                               (t.linear.x, t.linear.y, t.linear.z, t.angular.x, t.angular.y, t.angular.z)))
-            elif kind == 'gripper_command':
-                gripper_commands.append((bag_ns, float(msg.data)))
-            elif kind == 'inference':
-                recorders[(str(msg.message), str(msg.hardware_id))] += 1
-            elif kind == 'chunks':
-                chunks[_stamp(msg.header)] = np.array([list(point.positions) for point in msg.points],
-                                                      dtype=np.float64)
 
+def _skipped_notes(recorded: _Recorded) -> list[str]:
+    return [f'{count} {why} on {topic} skipped' + (f' (first: {recorded.first_reason[(topic, why)]})'
+                                                   if recorded.first_reason[(topic, why)] else '')
+            for (topic, why), count in sorted(recorded.skipped.items())]
+
+
+def _pair(path, topics: StreamTopics, recorded: _Recorded, camera_types: dict, notes: list, max_camera_skew_s: float,
+          units: CommandUnits, instruction: str, max_observations: int) -> BagStreams:
+    """Frame sets of the read messages, with their state, instruction, commands and chunks."""
     names = list(topics.cameras)
     reference = names[0]
-    if not frames[reference]:
-        raise BagError(f'bag {path}: camera {reference!r} has no frames')
-    skew_ns = int(max_camera_skew_s * 1e9)
-    others = {name: sorted(frames[name]) for name in names[1:]}
-    poses.sort(key=lambda item: item[0])
-    grippers.sort(key=lambda item: item[0])
-    pose_stamps = [p[0] for p in poses]
-    gripper_stamps = [g[0] for g in grippers]
-    instruction_times = [i[0] for i in instructions]
-    commands = command_timeline(twists, gripper_commands, units)
-    command_stamps = [c[0] for c in commands]
-    period_ns = int(round(period_s * 1e9))
+    notes += _skipped_notes(recorded)
+    if not recorded.frames[reference].entries:
+        reasons = [note for note in notes if topics.cameras[reference] in note]
+        detail = f': {reasons[0]}' if reasons else ''
+        raise BagError(f'bag {path}: camera {reference!r} has no usable frames{detail}')
+    unstamped = [name for name in names if recorded.frames[name].unstamped()]
+    by_bag_time = bool(unstamped)
+    if unstamped:
+        notes.append(f'frames of {unstamped} carry no header.stamp: every stream is matched by bag time')
+    episodes = _Episodes()
+    reference_frames = recorded.frames[reference].entries
+    if not by_bag_time:
+        own = clock_episodes(reference_frames)
+        starts = [reference_frames[i][1] for i in range(len(own)) if i == 0 or own[i] != own[i - 1]]
+        episodes = _Episodes(count=own[-1] + 1, starts_ns=starts)
+        if episodes.count > 1:
+            restarts = 'once' if episodes.count == 2 else f'{episodes.count - 1} times'
+            notes.append(f'the clock restarted {restarts} (a simulator reset?): {episodes.count} episodes, each '
+                         'replayed from a fresh temporal state')
+    cameras = {name: _camera_frames(recorded.frames[name], episodes, by_bag_time) for name in names}
+    poses = _Timeline.of(recorded.poses, episodes, by_bag_time)
+    grippers = _Timeline.of(recorded.grippers, episodes, by_bag_time)
+    commands, commands_by_bag_time = _command_timeline(recorded, episodes, by_bag_time, units)
+    command_keys = [key for key, _ in commands]
+    chunks = _chunks_by_frame(recorded, episodes, notes) if not by_bag_time else {}
+    instruction_times = [i[0] for i in recorded.instructions]
+    skew_ns = int(max_camera_skew_s * _NS)
+    period_ns = int(round(units.period_s * _NS))
     observations: list[BagObservation] = []
     unpaired = 0
     backfilled = False
-    stamps = sorted(frames[reference])
-    for position, stamp in enumerate(stamps):
-        bag_ns, image = frames[reference][stamp]
-        images = {reference: image}
-        for name, candidates in others.items():
-            index = bisect.bisect_left(candidates, stamp)
-            best = min((c for c in candidates[max(index - 1, 0):index + 1]), key=lambda c: abs(c - stamp),
-                       default=None)
-            if best is None or abs(best - stamp) > skew_ns:
+    for episode, frames in sorted(cameras[reference].items()):
+        for stamp in frames.stamps:
+            bag_ns, image = frames.by_stamp[stamp]
+            images = {reference: image}
+            for name in names[1:]:
+                partner = cameras[name].get(episode, _CameraFrames()).nearest(stamp, skew_ns)
+                if partner is None:
+                    break
+                images[name] = partner
+            if len(images) != len(names):
+                unpaired += 1
+                continue
+            text = instruction
+            if not text:
+                index = bisect.bisect_right(instruction_times, bag_ns) - 1
+                if index < 0:
+                    backfilled = True
+                    index = 0
+                text = recorded.instructions[index][1]
+            observation = BagObservation(stamp_ns=stamp, bag_time_ns=bag_ns, images=images, instruction=text,
+                                         proprio=None, recorded_chunk=chunks.get((episode, stamp)), episode=episode)
+            pose, gap = poses.newest_at(observation), grippers.newest_at(observation)
+            if pose is not None and gap is not None:
+                try:
+                    observation.proprio = proprio_vector(pose[0], pose[1], gap)
+                except StateError:
+                    pass                  # the pose and the gap were checked as they were read
+            key = (0, bag_ns) if commands_by_bag_time else (episode, stamp)
+            lo = bisect.bisect_left(command_keys, key)
+            hi = bisect.bisect_left(command_keys, (key[0], key[1] + period_ns))
+            if hi > lo:
+                observation.recorded_action = commands[hi - 1][1]     # the last command of this tick
+            observations.append(observation)
+            if max_observations and len(observations) >= max_observations:
                 break
-            images[name] = frames[name][best][1]
-        if len(images) != len(names):
-            unpaired += 1
-            continue
-        text = instruction
-        if not text:
-            index = bisect.bisect_right(instruction_times, bag_ns) - 1
-            if index < 0:
-                backfilled = True
-                index = 0
-            text = instructions[index][1]
-        proprio = None
-        pose_index = bisect.bisect_right(pose_stamps, stamp) - 1
-        gripper_index = bisect.bisect_right(gripper_stamps, stamp if gripper_by_header else bag_ns) - 1
-        if pose_index >= 0 and gripper_index >= 0:
-            _, position_xyz, quaternion = poses[pose_index]
-            try:
-                proprio = proprio_vector(position_xyz, quaternion, grippers[gripper_index][1])
-            except StateError as error:
-                raise BagError(f'bag {path}: robot state before {stamp * 1e-9:.3f} s: {error}') from None
-        recorded_action = None
-        lo = bisect.bisect_left(command_stamps, stamp)
-        hi = bisect.bisect_left(command_stamps, stamp + period_ns)
-        if hi > lo:
-            recorded_action = commands[hi - 1][1]     # the last command of this tick
-        observations.append(BagObservation(stamp_ns=stamp, bag_time_ns=bag_ns, images=images, instruction=text,
-                                           proprio=proprio, recorded_action=recorded_action,
-                                           recorded_chunk=chunks.get(stamp)))
         if max_observations and len(observations) >= max_observations:
             break
     if not observations:
@@ -289,17 +503,76 @@ def load_streams(path: str | Path, topics: Optional[StreamTopics] = None, image_
         notes.append(f'{unpaired} frames of {reference!r} had no partner frame within {max_camera_skew_s} s')
     if backfilled:
         notes.append('frames before the first recorded instruction use that first instruction')
-    return BagStreams(path=str(path), topics=topics, observations=observations, camera_sizes=sizes,
-                      camera_types=camera_types, notes=notes, has_state=bool(poses and grippers),
-                      has_commands=bool(twists), has_chunks=bool(chunks), commands=commands,
-                      recorded_by=[(method, model, count) for (method, model), count in recorders.most_common()])
+    return BagStreams(path=str(path), topics=topics, observations=observations, camera_sizes=dict(recorded.sizes),
+                      camera_types=camera_types, notes=notes,
+                      has_state=bool(recorded.poses.entries and recorded.grippers.entries),
+                      has_commands=bool(commands), has_chunks=bool(chunks), commands=commands,
+                      commands_by_bag_time=commands_by_bag_time,
+                      recorded_by=[(method, model, count) for (method, model), count
+                                   in recorded.recorders.most_common()])
 
 
-def command_timeline(twists: list, gripper_commands: list, units: CommandUnits) -> list:
-    """(stamp ns, normalised 7-D action) per commanded instant.
+@dataclass
+class _CameraFrames:
+    """One camera's frames of one episode: {stamp: (bag ns, RGB)} and the stamps sorted."""
 
-    Of the twists sharing a header stamp, the last received (a servo applies the latest); the gripper is the newest
-    gripper command recorded before the next instant's first twist (bag time).
+    by_stamp: dict = field(default_factory=dict)
+    stamps: list = field(default_factory=list)
+
+    def nearest(self, stamp: int, skew_ns: int) -> Optional[np.ndarray]:
+        """The frame stamped nearest ``stamp`` within ``skew_ns`` (None when there is none)."""
+        index = bisect.bisect_left(self.stamps, stamp)
+        best = min(self.stamps[max(index - 1, 0):index + 1], key=lambda c: abs(c - stamp), default=None)
+        return None if best is None or abs(best - stamp) > skew_ns else self.by_stamp[best][1]
+
+
+def _camera_frames(series: _Series, episodes: _Episodes, by_bag_time: bool) -> dict[int, _CameraFrames]:
+    """episode -> that episode's frames (a frame re-sent with the same stamp: the later one)."""
+    indices = [0] * len(series.entries) if by_bag_time else _episode_indices(series, episodes)
+    out: dict[int, _CameraFrames] = {}
+    for episode, (header, bag_ns, rgb) in zip(indices, series.entries):
+        out.setdefault(episode, _CameraFrames()).by_stamp[bag_ns if by_bag_time else header] = (bag_ns, rgb)
+    for frames in out.values():
+        frames.stamps = sorted(frames.by_stamp)
+    return out
+
+
+def _chunks_by_frame(recorded: _Recorded, episodes: _Episodes, notes: list) -> dict[tuple[int, int], np.ndarray]:
+    """(episode, header stamp) -> the recorded chunk; chunks of a width other than the most common are skipped."""
+    series = recorded.chunks
+    if not series.entries:
+        return {}
+    if series.unstamped():
+        notes.append(f'{len(series.entries)} recorded chunks carry no header.stamp: not compared')
+        return {}
+    widths = Counter(chunk.shape[1] for _, _, chunk in series.entries)
+    width = widths.most_common(1)[0][0]
+    if len(widths) > 1:
+        notes.append(f'{sum(widths.values()) - widths[width]} recorded chunks of another width than {width} skipped')
+    return {(episode, header): chunk for episode, (header, _, chunk)
+            in zip(_episode_indices(series, episodes), series.entries) if chunk.shape[1] == width}
+
+
+def _command_timeline(recorded: _Recorded, episodes: _Episodes, by_bag_time: bool,
+                      units: CommandUnits) -> tuple[list, bool]:
+    """The recorded commands per commanded instant (sorted by episode and stamp), and whether keyed by bag time."""
+    timeline = _Timeline.of(recorded.twists, episodes, by_bag_time)
+    out = []
+    for episode in sorted(timeline.keys):
+        twists = [(key, bag_ns, twist)
+                  for key, (bag_ns, twist) in zip(timeline.keys[episode], timeline.values[episode])]
+        end = episodes.starts_ns[episode + 1] if not timeline.by_bag_time and episode + 1 < episodes.count else None
+        out += [((episode, stamp), action)
+                for stamp, action in command_timeline(twists, recorded.gripper_commands, units, end)]
+    return out, timeline.by_bag_time
+
+
+def command_timeline(twists: list, gripper_commands: list, units: CommandUnits, end_ns: Optional[int] = None) -> list:
+    """(stamp ns, normalised 7-D action) per commanded instant, from (stamp ns, bag ns, twist) entries.
+
+    Of the twists sharing a stamp, the last received (a servo applies the latest); the gripper is the newest
+    gripper command recorded before the next instant's first twist (bag time; for the last instant, before
+    ``end_ns`` when given).
     """
     order = sorted(range(len(twists)), key=lambda i: (twists[i][0], twists[i][1], i))
     groups: list[list[int]] = []
@@ -316,7 +589,7 @@ def command_timeline(twists: list, gripper_commands: list, units: CommandUnits) 
             limit = min(twists[i][1] for i in groups[k + 1])
             g_index = bisect.bisect_left(gripper_times, limit) - 1
         else:
-            g_index = len(gripper_commands) - 1
+            g_index = len(gripper_commands) - 1 if end_ns is None else bisect.bisect_left(gripper_times, end_ns) - 1
         gripper = gripper_value_to_action(gripper_commands[g_index][1], units) if g_index >= 0 else -1.0
         out.append((twists[last][0], command_to_action(twists[last][2], gripper, units)))
     return out
