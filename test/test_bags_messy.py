@@ -1,5 +1,7 @@
-"""Bags as robots record them: unstamped drivers, simulator resets, shared joint-state topics, a bad message here
-and there, empty topics. Each is read into the right frame sets, with what was skipped or guessed in the notes.
+"""Bags as robots record them: unstamped drivers, simulator resets, bad messages, empty topics.
+
+Shared joint-state topics, a broken frame here and there: each bag is read into the right frame sets, with what was
+skipped or guessed in the notes.
 """
 from __future__ import annotations
 
@@ -25,9 +27,12 @@ S = 1_000_000_000
 def write_bag(path: Path, frames: int, stamp: Callable[[int], int], bag_time: Callable[[int], int],
               instructions: tuple = ((0, 'pick up the red cube'),), extra: Optional[Callable] = None,
               poses: bool = True, twists: bool = True) -> Path:
-    """Frame ``k`` of both cameras (pixel value ``k``) stamped ``stamp(k)``, received at ``bag_time(k)`` just after a
-    pose at x = k / 10 and finger joints, and before a twist, all of the same stamp; ``instructions``: (frame index,
-    text) published just before that frame."""
+    """A bag of ``frames`` frame sets with their robot state and commands.
+
+    Frame ``k`` of both cameras (pixel value ``k``) is stamped ``stamp(k)`` and received at ``bag_time(k)``, just after
+    a pose at x = k / 10 and finger joints, and before a twist, all of the same stamp; ``instructions``: (frame index,
+    text) published just before that frame.
+    """
     with BagWriter(path) as writer:
         build = TypestoreMessages(writer.typestore)
         for topic in CAMERAS:
@@ -70,8 +75,10 @@ def test_unstamped_frames_are_paired_by_bag_time(tmp_path):
 
 
 def test_a_simulator_reset_starts_a_new_episode(tmp_path):
-    """The sim clock restarts at zero while the recorder's clock goes on: two episodes, nothing merged or lost, each
-    frame with its own episode's instruction, state and command, and the replay resets the policy in between."""
+    """The sim clock restarts at zero while the recorder's clock goes on: two episodes, nothing merged or lost.
+
+    Each frame keeps its own episode's instruction, state and command, and the replay resets the policy in between.
+    """
     def stamp(k: int) -> int:
         return (k % 6) * S // 10
 
@@ -108,8 +115,10 @@ def test_clock_episodes_tell_a_restart_from_reordering_and_pauses():
 
 
 def test_bad_messages_are_skipped_and_counted(tmp_path):
-    """One corrupt frame, a NaN pose, the arm's own JointState on the gripper topic: each is skipped with a note; the
-    frame sets around them stay, with the newest valid state."""
+    """One corrupt frame, a NaN pose, the arm's own JointState on the gripper topic: each is skipped with a note.
+
+    The frame sets around them stay, with the newest valid state.
+    """
     def extra(writer, build):
         writer.add_topic('/specprune_node/action_chunk', 'trajectory_msgs/msg/JointTrajectory')
         bad = build.image(np.zeros((16, 16, 3), np.uint8), 3 * S // 10 + 5 * S)
@@ -155,8 +164,7 @@ def test_empty_topics_count_as_absent_and_a_given_instruction_replaces_the_topic
 
 
 def test_max_observations_stops_reading(tmp_path):
-    """Only the frame sets asked for (and a few seconds after them) are read: a broken frame a minute later is
-    never reached."""
+    """Only the frame sets asked for (and a few seconds after them) are read: a broken frame later is not reached."""
     def extra(writer, build):
         bad = build.image(np.zeros((16, 16, 3), np.uint8), 70 * S)
         bad.step = 1

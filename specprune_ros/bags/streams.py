@@ -527,7 +527,7 @@ class _CameraFrames:
 
 
 def _camera_frames(series: _Series, episodes: _Episodes, by_bag_time: bool) -> dict[int, _CameraFrames]:
-    """episode -> that episode's frames (a frame re-sent with the same stamp: the later one)."""
+    """Each episode's frames (a frame re-sent with the same stamp: the later one)."""
     indices = [0] * len(series.entries) if by_bag_time else _episode_indices(series, episodes)
     out: dict[int, _CameraFrames] = {}
     for episode, (header, bag_ns, rgb) in zip(indices, series.entries):
