@@ -117,6 +117,28 @@ def test_a_future_camera_frame_is_never_stored_and_does_not_lock_the_camera_out(
     assert controller.sync.frames['wrist'].stamp == 10.1 and not controller.faults
 
 
+def test_a_rejected_instruction_holds_until_a_valid_instruction_arrives():
+    controller = make()
+    feed(controller, 10.0)
+    moving(controller, 10.0)
+    rejection = controller.reject('instruction', 'instruction_empty', 'instruction is empty or whitespace only')
+    assert rejection.kind == 'instruction_empty' and errors(controller) == {'instruction_empty': 1}
+    command = controller.tick(10.04)
+    assert command.holding and not command.twist.any()
+    assert command.hold_reason == 'invalid input: instruction is empty or whitespace only'
+    feed(controller, 10.05)                                      # fresh frames and state do not lift it
+    assert controller.next_request(10.05) is None and controller.tick(10.06).holding
+    assert not controller.put_instruction('pick up the red cube')     # the same task again: no reset, no hold
+    assert not controller.faults and controller.next_request(10.07) is not None
+
+
+def test_rejections_carry_their_counter():
+    controller = make(camera_frames=['cam', 'cam'])
+    assert controller.put_frame('wrist', FRAME, 10.0, 10.0, 'other').kind == 'frame_id_mismatch'
+    assert controller.put_pose((np.nan, 0, 0.2), UPRIGHT, 10.0, 10.0, 'base_link').kind == 'state_invalid'
+    assert controller.put_gripper(0.04, 30.0, 10.0).kind == 'state_future_stamp'
+
+
 @pytest.mark.parametrize('poison', [
     lambda c, t: c.put_pose((np.nan, 0.0, 0.2), UPRIGHT, t, t, 'base_link'),
     lambda c, t: c.put_pose((0.1, np.inf, 0.2), UPRIGHT, t, t, 'base_link'),

@@ -164,10 +164,34 @@ def test_bad_input_gives_a_zero_twist_at_the_next_tick_and_valid_input_resumes(s
     assert values['hold reason'].startswith('invalid input') and 'stale' not in values['hold reason'], values
     assert int(values.get(f'input errors: {counter}', 0)) > int(before.get(f'input errors: {counter}', 0))
     assert moving(probe, 10.0), f'{kind}: the node did not resume on valid input'     # no camera lock-out
-    if kind == 'garbage_frames':                 # bad-input log lines are throttled per camera, not per kind
+    if kind == 'garbage_frames':                 # bad-input log lines are throttled per kind and camera
         output = system['node'].output()
         assert "ignored bad input (image_truncated): camera 'agentview'" in output
         assert "ignored bad input (image_truncated): camera 'wrist'" in output
+
+
+def test_a_rejected_instruction_holds_until_a_valid_one_arrives(system):
+    """An empty instruction is neither stored nor ignored: the robot holds rather than carry on with the old task."""
+    probe, node = system['probe'], system['node']
+    assert moving(probe, 10.0), 'the node must be moving before the bad instruction'
+    publisher = probe.node.create_publisher(String, 'instruction', 10)
+    assert probe.wait_for(lambda: publisher.get_subscription_count() >= 1, 5.0)
+    _, before = probe.latest_diagnostics()
+    started = time.monotonic()
+    publisher.publish(String(data='   '))
+    first_zero = probe.wait_for(
+        lambda: next((t for t, m in probe.twists if t >= started and not any(twist_values(m))), None), 2.0)
+    assert first_zero is not None and first_zero - started <= NEXT_TICK_S, first_zero and first_zero - started
+    values = probe.wait_diagnostics(lambda m, v: v['hold reason'].startswith('invalid input: instruction'), 3.0)
+    counted = int(values.get('input errors: instruction_empty', 0))
+    assert counted > int(before.get('input errors: instruction_empty', 0)), values
+    time.sleep(max(0.0, started + 1.0 - time.monotonic()))
+    held = probe.since(probe.twists, first_zero + 0.05)
+    assert held and not any(any(twist_values(m)) for m in held)            # zero throughout
+    assert 'ignored bad input (instruction_empty): instruction is empty' in node.output()
+    publisher.publish(String(data=LATCHED))
+    assert moving(probe, 10.0), 'the node did not resume on a valid instruction'
+    probe.node.destroy_publisher(publisher)
 
 
 def test_squashed_frames_are_used_with_one_warning_per_camera(system):

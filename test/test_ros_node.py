@@ -4,14 +4,17 @@ The node and a synthetic camera run as separate processes, the test process list
 (ROS_DOMAIN_ID 61).
 
 Covers: commands at the configured rate, finite and within limits; the chunk and inference messages;
-bad inputs counted with the node staying up; reset and instruction change resetting the temporal
-state; enable/disable; run-time parameters; stale input -> zero twist; a long gap -> reset; SIGINT.
+bad inputs counted with the node staying up; a compressed frame claiming a huge size refused; reset and instruction
+change resetting the temporal state; enable/disable; run-time parameters; stale input -> zero twist; a long gap ->
+reset; SIGINT.
 Non-UTF-8 instructions are published as raw serialized bytes (rclpy's String cannot hold them).
 """
 from __future__ import annotations
 
 import math
+import struct
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -158,6 +161,38 @@ def test_each_bad_input_is_counted_and_the_node_stays_up(system):
     assert probe.wait_diagnostics(lambda m, v: m == 'active: commanding', 5.0)['hold reason'] == 'none (commanding)'
     assert probe.wait_for(lambda: len(probe.since(probe.twists, start)) >= 5, 3.0)
     assert 'ignored bad input (instruction_not_utf8)' in system['node'].output()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 100-byte PNG whose header claims ``width`` x ``height`` RGB pixels (its pixel data is cut short)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    header = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
+    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(bytes(1000)))
+            + chunk(b'IEND', b''))
+
+
+def test_a_compressed_frame_claiming_a_huge_size_is_refused_from_its_header(system):
+    """A 100-byte PNG that claims 12000 x 12000 pixels (432 MB decoded) is refused before any pixel is decoded, as
+    too large, and the control ticks go on."""
+    probe = system['probe']
+    publisher = probe.node.create_publisher(CompressedImage, 'camera/wrist/image_raw/compressed',
+                                            qos_profile_sensor_data)
+    time.sleep(1.0)  # discovery
+    _, before = probe.latest_diagnostics()
+    start = time.monotonic()
+    message = CompressedImage(format='png', data=png_claiming(12000, 12000))
+    message.header.stamp = probe.node.get_clock().now().to_msg()
+    publisher.publish(message)
+    values = probe.wait_diagnostics(
+        lambda m, v: diag_count(v, 'input errors: image_size') > diag_count(before, 'input errors: image_size'), 5.0)
+    assert diag_count(values, 'input errors: image_size') == diag_count(before, 'input errors: image_size') + 1
+    assert "ignored bad input (image_size): camera 'wrist': image 12000x12000" in system['node'].output()
+    time.sleep(max(0.0, start + 2.0 - time.monotonic()))
+    gaps = np.diff([t for t, _ in probe.twists if t >= start])
+    assert len(gaps) >= 15 and gaps.max() <= 3.0 / RATE_HZ, np.round(gaps, 3)
+    probe.node.destroy_publisher(publisher)
+    assert probe.wait_diagnostics(lambda m, v: m == 'active: commanding', 5.0)['hold reason'] == 'none (commanding)'
 
 
 def wait_inference(probe, start: float, predicate, timeout: float = 10.0) -> dict:

@@ -5,6 +5,8 @@ Works on the fields of ``sensor_msgs/Image`` (encoding, height, width, step, dat
 """
 from __future__ import annotations
 
+import io
+import warnings
 from typing import Optional
 
 import cv2
@@ -20,7 +22,7 @@ RAW_ENCODINGS: dict[str, tuple[int, Optional[int]]] = {
     '8UC3': (3, cv2.COLOR_BGR2RGB),     # OpenCV's default channel order
     '8UC1': (1, cv2.COLOR_GRAY2RGB),
 }
-MAX_SIDE = 8192                           # larger frames are rejected before any allocation
+MAX_SIDE = 8192                           # larger frames are rejected before their pixels are decoded
 
 
 class ImageError(ValueError):
@@ -56,10 +58,40 @@ def decode_raw_image(encoding: str, height: int, width: int, step: int, data: by
     return cv2.cvtColor(np.ascontiguousarray(pixels), conversion)
 
 
+def compressed_image_size(data: bytes | bytearray | memoryview) -> tuple[int, int]:
+    """(width, height) from a compressed frame's header, read without decoding its pixels (Pillow).
+
+    ``ImageError('image_decode')`` when no known image format starts the data.
+    """
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size
+    except Image.DecompressionBombError as error:       # far beyond MAX_SIDE: its size is in the message
+        raise ImageError('image_size', f'image exceeds {MAX_SIDE} pixels per side ({error})') from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise ImageError('image_decode', f'not a known compressed image format ({error})') from None
+
+
 def decode_compressed_image(data: bytes | bytearray | memoryview, image_format: str = '') -> np.ndarray:
-    """RGB uint8 from ``sensor_msgs/CompressedImage`` data (JPEG/PNG, whatever OpenCV decodes)."""
+    """RGB uint8 from ``sensor_msgs/CompressedImage`` data (JPEG, PNG, WebP, ...).
+
+    The size in the header is checked first: a small file that claims a huge frame is rejected before any pixel
+    is decoded (a PNG of one colour at 16000 x 16000 is 250 kB and would allocate 768 MB).
+    """
     if len(data) == 0:
         raise ImageError('image_decode', 'compressed image holds no data')
+    try:
+        width, height = compressed_image_size(data)
+    except ImageError as error:
+        if error.kind != 'image_decode':
+            raise
+        raise ImageError(error.kind, f'undecodable compressed image (format {image_format!r}, {len(data)} bytes): '
+                                     f'{error}') from None
+    if height > MAX_SIDE or width > MAX_SIDE or height <= 0 or width <= 0:
+        raise ImageError('image_size', f'image {width}x{height}: each side must be 1 to {MAX_SIDE} pixels')
     encoded = np.frombuffer(data, dtype=np.uint8)
     bgr = cv2.imdecode(encoded, cv2.IMREAD_COLOR)
     if bgr is None or bgr.size == 0:

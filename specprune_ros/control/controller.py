@@ -9,7 +9,8 @@ Temporal token state: the controller decides when the policy must be reset (inst
 the worker with the next request; chunks computed before a reset are discarded.
 
 Bad input: a rejected message (undecodable frame, NaN pose, missing finger joints, a joint state lacking a state
-joint or with a non-finite one, a stamp too far in the future, an unexpected frame id) puts its source at fault;
+joint or with a non-finite one, a stamp too far in the future, an unexpected frame id, an empty, huge or non-UTF-8
+instruction) puts its source at fault;
 the robot holds from the next tick, with that message as the hold reason, until the same source delivers a valid
 message again.
 """
@@ -31,6 +32,17 @@ from specprune_ros.control.parameters import NodeParameters
 from specprune_ros.control.runtime_stats import RuntimeStats, controller_mode, kept_token_ratio
 from specprune_ros.control.safety_filter import ActionUnits, FilteredCommand, SafetyFilter, SafetyLimits
 from specprune_ros.policy.interface import ActionSpec, Observation, PolicyOutput
+
+
+class Rejection(str):
+    """Why a message was rejected (its text), with the diagnostics counter it went to (``kind``)."""
+
+    kind: str
+
+    def __new__(cls, message: str, kind: str) -> 'Rejection':
+        rejection = super().__new__(cls, message)
+        rejection.kind = kind
+        return rejection
 
 
 @dataclass
@@ -168,12 +180,13 @@ class PolicyController:
             self.enabled = enabled
 
     # --- inputs (subscription callbacks) ------------------------------------------------------------------
-    def reject(self, source: str, kind: str, message: str) -> None:
+    def reject(self, source: str, kind: str, message: str) -> 'Rejection':
         """Count a rejected message of ``source`` and hold from the next tick until that source recovers."""
         with self.lock:
             self.stats.count_input_error(kind, message)
             self.faults.pop(source, None)
             self.faults[source] = message        # the newest fault is the hold reason
+            return Rejection(message, kind)
 
     def _recovered(self, source: str) -> None:
         self.faults.pop(source, None)
@@ -190,13 +203,11 @@ class PolicyController:
             expected = dict(zip(self.params.camera_names, self.params.camera_frames)).get(camera, '')
             error = self._frame_id_error(f'camera {camera!r} frame', frame_id, expected)
             if error:
-                self.reject(camera, 'frame_id_mismatch', error + ' (camera_frames)')
-                return error
+                return self.reject(camera, 'frame_id_mismatch', error + ' (camera_frames)')
             try:
                 self.sync.put_frame(camera, image, stamp, now)
             except RejectedInput as rejected:
-                self.reject(camera, rejected.kind, str(rejected))
-                return str(rejected)
+                return self.reject(camera, rejected.kind, str(rejected))
             self._recovered(camera)
             return ''
 
@@ -262,27 +273,28 @@ class PolicyController:
         try:
             check()
         except StateError as invalid:
-            self.reject(source, 'state_invalid', f'{source}: {invalid}')
-            return str(invalid)
+            return self.reject(source, 'state_invalid', f'{source}: {invalid}')
         except RejectedInput as rejected:
-            self.reject(source, rejected.kind, str(rejected))
-            return str(rejected)
+            return self.reject(source, rejected.kind, str(rejected))
         return ''
 
     def _store_proprio_locked(self) -> str:
         try:
             latest = self._proprio.latest()
         except StateError as invalid:
-            self.reject('robot state', 'state_invalid', str(invalid))
-            return str(invalid)
+            return self.reject('robot state', 'state_invalid', str(invalid))
         self._recovered('robot state')
         if latest is not None:
             self.sync.put_proprio(*latest, arrived=self._proprio.arrived())
         return ''
 
     def put_instruction(self, text: str) -> bool:
-        """Store a validated instruction; a change resets the temporal state (returns True then)."""
+        """Store a validated instruction; a change resets the temporal state (returns True then).
+
+        A rejected instruction (``reject('instruction', ...)``) holds the robot until this is called again.
+        """
         with self.lock:
+            self._recovered('instruction')
             changed = self.sync.put_instruction(text)
             if changed:
                 self._reset_locked(f'instruction changed to {text[:80]!r}')

@@ -367,11 +367,12 @@ class SpecPruneNode(LifecycleNode):
             self._control_timer = None
         for subscription in self._input_subscriptions:
             self.destroy_subscription(subscription)
+        with self._publish_lock:        # a command being published finishes first; none starts after
+            self._twist_pub = self._gripper_pub = self._chunk_pub = self._inference_pub = self._debug_pub = None
+            self._joint_pub = None
         for publisher in self._output_publishers:
             self.destroy_lifecycle_publisher(publisher)
         self._input_subscriptions, self._output_publishers = [], []
-        self._twist_pub = self._gripper_pub = self._chunk_pub = self._inference_pub = self._debug_pub = None
-        self._joint_pub = None
         self.controller = None
         self.policy = None
 
@@ -438,7 +439,7 @@ class SpecPruneNode(LifecycleNode):
         self._warn_if_squashed(camera, decoded.shape[:2], tuple(policy.image_size))
         error = controller.put_frame(camera, rgb, stamp, self.now(), header.frame_id)
         if error:
-            self._log_rejected(error, camera)
+            self._log_rejected(error, camera, error.kind)
             return
         if self.worker is not None:
             self.worker.wake()
@@ -470,7 +471,8 @@ class SpecPruneNode(LifecycleNode):
         try:
             text = validate_instruction(string_bytes_from_cdr(serialized), self.params.max_instruction_bytes)
         except InstructionError as error:
-            self._bad_input(error.kind, str(error))
+            text = str(error) if str(error).startswith('instruction') else f'instruction: {error}'
+            self._bad_input(error.kind, text, source='instruction')     # the robot holds: not the old task either
             return
         if self.controller.put_instruction(text) and self._throttled('instruction changed'):
             self.get_logger().info(f'instruction changed: {text!r} (temporal token state reset; further changes '
@@ -485,7 +487,7 @@ class SpecPruneNode(LifecycleNode):
         error = self.controller.put_pose((p.x, p.y, p.z), (q.x, q.y, q.z, q.w),
                                          messages.stamp_seconds(msg.header.stamp), self.now(), msg.header.frame_id)
         if error:
-            self._log_rejected(error, 'ee_pose')
+            self._log_rejected(error, 'ee_pose', error.kind)
 
     def _on_joint_state(self, msg: JointState) -> None:
         if self.controller is None:
@@ -503,7 +505,7 @@ class SpecPruneNode(LifecycleNode):
         error = self.controller.put_joint_state(list(msg.name), list(msg.position),
                                                 messages.stamp_seconds(msg.header.stamp), self.now())
         if error:
-            self._log_rejected(error, 'joint_state')
+            self._log_rejected(error, 'joint_state', error.kind)
 
     def _on_finger_gap(self, msg: Float64) -> None:
         if self.controller is not None:
@@ -512,7 +514,7 @@ class SpecPruneNode(LifecycleNode):
     def _put_gripper(self, gap: float, stamp: float) -> None:
         error = self.controller.put_gripper(gap, stamp, self.now())
         if error:
-            self._log_rejected(error, 'gripper_state')
+            self._log_rejected(error, 'gripper_state', error.kind)
 
     # --- control timer and inference results ---------------------------------------------------------------
     def _on_tick(self) -> None:
@@ -524,16 +526,14 @@ class SpecPruneNode(LifecycleNode):
     def _publish_command(self, command: FilteredCommand, force: bool = False) -> None:
         if self.params.dry_run and not force:
             return
-        joint_pub = self._joint_pub
-        if joint_pub is not None:
-            joints = messages.joint_command_message(command.joints)
-            if joints is not None:  # a hold publishes nothing: the forward controller keeps the last command
-                with self._publish_lock:
-                    joint_pub.publish(joints)
-            return
-        if self._twist_pub is None:
-            return
         with self._publish_lock:
+            if self._joint_pub is not None:
+                joints = messages.joint_command_message(command.joints)
+                if joints is not None:  # a hold publishes nothing: the forward controller keeps the last command
+                    self._joint_pub.publish(joints)
+                return
+            if self._twist_pub is None:
+                return
             stamp = self.get_clock().now().to_msg()
             self._twist_pub.publish(messages.twist_message(command.twist, stamp, self.params.command_frame))
             if command.gripper is not None:
