@@ -173,8 +173,10 @@ def png_claiming(width: int, height: int) -> bytes:
 
 
 def test_a_compressed_frame_claiming_a_huge_size_is_refused_from_its_header(system):
-    """A 100-byte PNG that claims 12000 x 12000 pixels (432 MB decoded) is refused before any pixel is decoded, as
-    too large, and the control ticks go on."""
+    """A 100-byte PNG that claims 12000 x 12000 pixels is refused as too large, and the control ticks go on.
+
+    Decoded it would take 432 MB: the size in its header is checked before any pixel is decoded.
+    """
     probe = system['probe']
     publisher = probe.node.create_publisher(CompressedImage, 'camera/wrist/image_raw/compressed',
                                             qos_profile_sensor_data)
