@@ -8,6 +8,7 @@ Console scripts ``specprune_evaluate_bag`` and ``specprune_record_sim_bag``; ``s
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -56,7 +57,10 @@ def bounded(kind: type, low: float, inclusive: bool = True):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f'expected a number, got {text!r}') from None
+            expected = 'an integer' if kind is int else 'a number'
+            raise argparse.ArgumentTypeError(f'expected {expected}, got {text!r}') from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f'must be a finite number, got {text}')
         if value < low or (value == low and not inclusive):
             raise argparse.ArgumentTypeError(f"must be {'at least' if inclusive else 'above'} {low}, got {text}")
         return value
