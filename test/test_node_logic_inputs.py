@@ -2,6 +2,7 @@
 import os
 from pathlib import Path
 import struct
+import zlib
 
 import cv2
 import numpy as np
@@ -77,6 +78,23 @@ def test_undecodable_compressed_is_an_error(data):
     with pytest.raises(ImageError) as error:
         decode_compressed_image(data, 'jpeg')
     assert error.value.kind == 'image_decode'
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 100-byte PNG whose header claims ``width`` x ``height`` RGB pixels (its pixel data is cut short)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    header = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
+    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(bytes(1000)))
+            + chunk(b'IEND', b''))
+
+
+@pytest.mark.parametrize('side', [8193, 12000, 40000])
+def test_a_compressed_frame_claiming_a_huge_size_is_refused_from_its_header(side):
+    """Refused as too large (not as undecodable): the header is read, no pixel is decoded."""
+    with pytest.raises(ImageError) as error:
+        decode_compressed_image(png_claiming(side, side), 'png')
+    assert error.value.kind == 'image_size' and '8192' in str(error.value)
 
 
 def test_truncated_jpeg_is_rejected(rgb):

@@ -19,7 +19,8 @@ import time
 
 import pytest
 
-pytest.importorskip('rclpy', reason='ROS 2 (rclpy) is not installed: scripts/setup_env.sh installs the wheels')
+pytest.importorskip('rclpy', reason='ROS 2 (rclpy) is not installed: scripts/setup_env.sh installs the wheels; '
+                    'the controller under the same bad input is covered without ROS by test_node_logic_bad_input.py')
 
 from geometry_msgs.msg import PoseStamped  # noqa: E402
 from rclpy.duration import Duration  # noqa: E402

@@ -12,14 +12,14 @@ Non-UTF-8 instructions are published as raw serialized bytes (rclpy's String can
 from __future__ import annotations
 
 import math
-import struct
 import time
-import zlib
 
 import numpy as np
 import pytest
 
-pytest.importorskip('rclpy', reason='ROS 2 (rclpy) is not installed: scripts/setup_env.sh installs the wheels')
+pytest.importorskip('rclpy', reason='ROS 2 (rclpy) is not installed: scripts/setup_env.sh installs the wheels; '
+                    'the node logic is covered without ROS by the test_node_logic_*.py files, the decoders by '
+                    'test_node_logic_inputs.py')
 
 from rcl_interfaces.msg import Parameter as ParameterMsg  # noqa: E402
 from rcl_interfaces.msg import ParameterType, ParameterValue  # noqa: E402
@@ -31,6 +31,7 @@ from std_msgs.msg import String  # noqa: E402
 from std_srvs.srv import SetBool, Trigger  # noqa: E402
 
 from ros_harness import Probe, start_camera, start_node, twist_values  # noqa: E402
+from test_node_logic_inputs import png_claiming  # noqa: E402
 from specprune_ros.ros.tools.synthetic_camera import INSTRUCTION_QOS, raw_image_message, synthetic_frame  # noqa: E402
 
 DOMAIN = 61
@@ -161,15 +162,6 @@ def test_each_bad_input_is_counted_and_the_node_stays_up(system):
     assert probe.wait_diagnostics(lambda m, v: m == 'active: commanding', 5.0)['hold reason'] == 'none (commanding)'
     assert probe.wait_for(lambda: len(probe.since(probe.twists, start)) >= 5, 3.0)
     assert 'ignored bad input (instruction_not_utf8)' in system['node'].output()
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A 100-byte PNG whose header claims ``width`` x ``height`` RGB pixels (its pixel data is cut short)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
-    header = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
-    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(bytes(1000)))
-            + chunk(b'IEND', b''))
 
 
 def test_a_compressed_frame_claiming_a_huge_size_is_refused_from_its_header(system):

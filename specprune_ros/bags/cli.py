@@ -168,18 +168,18 @@ def evaluate_main(argv: Optional[list[str]] = None) -> int:
         unknown = sorted(set(config.method_configs) - {'none', *config.methods})
         if unknown:
             raise ValueError(f'--method-config names {unknown}, which --methods does not run')
-        # the policy's input size and action units (what the recording node's commands meant)
-        spec_policy = load_policy(args.model, 'none', device=args.device, dtype=config.dtype, seed=args.seed)
-        spec = spec_policy.action_spec
-        size = (args.image_size, args.image_size) if args.image_size else tuple(spec_policy.image_size)
-        del spec_policy
+        # the unpruned policy (its input size and action units; it then runs the baseline)
+        baseline = load_policy(args.model, 'none', config.method_configs.get('none'), device=args.device,
+                               dtype=config.dtype, seed=args.seed)
+        spec = baseline.action_spec
+        size = (args.image_size, args.image_size) if args.image_size else tuple(baseline.image_size)
         units = CommandUnits(translation_scale_m=spec.translation_scale_m * args.action_scale,
                              rotation_scale_rad=spec.rotation_scale_rad * args.action_scale,
                              period_s=spec.control_period_s, gripper_open_value=args.gripper_open_value,
                              gripper_closed_value=args.gripper_closed_value)
         streams = load_streams(args.bag, topics, image_size=size, max_camera_skew_s=args.max_camera_skew,
                                units=units, instruction=args.instruction, max_observations=args.max_observations)
-        report = evaluate_streams(streams, config)
+        report = evaluate_streams(streams, config, baseline_policy=baseline)
         paths = write_report(report, args.out, args.name, plots=not args.no_plots)
     except (BagError, CheckpointError, ValueError, OSError) as error:
         print(f'error: {error}', file=sys.stderr)

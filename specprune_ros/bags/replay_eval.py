@@ -31,7 +31,7 @@ from specprune_ros.bags.streams import BagStreams
 from specprune_ros.codecs.kept_patches import draw_kept_patches, kept_patch_masks
 from specprune_ros.evaluation.statistics import median_ratio, percentile
 from specprune_ros.models.loading import load_policy
-from specprune_ros.policy.interface import Observation
+from specprune_ros.policy.interface import Observation, Policy
 
 
 @dataclass
@@ -119,16 +119,18 @@ def executed_histories(streams: BagStreams, indices: Sequence[int], resets: set[
 
 def run_method(streams: BagStreams, indices: Sequence[int], resets: set[int],
                executed: Sequence[Optional[np.ndarray]], config: ReplayConfig, method: str,
-               label: str = '', example_at: Sequence[int] = (), self_feed: bool = False) -> MethodRun:
-    """One method over the inference points.
+               label: str = '', example_at: Sequence[int] = (), self_feed: bool = False,
+               policy: Optional[Policy] = None) -> MethodRun:
+    """One method over the inference points, with ``policy`` when given (loaded for ``method``), else a fresh one.
 
     ``self_feed``: where ``executed`` has no history (and no reset), use this run's own previous chunk for the elapsed
     steps (the unpruned baseline on a bag without commands).
     """
     from tqdm import tqdm
 
-    policy = load_policy(config.model, method=method, method_config=config.method_configs.get(method),
-                         device=config.device, dtype=config.dtype, seed=config.seed)
+    if policy is None:
+        policy = load_policy(config.model, method=method, method_config=config.method_configs.get(method),
+                             device=config.device, dtype=config.dtype, seed=config.seed)
     if policy.proprio_dim and any(streams.observations[i].proprio is None for i in indices):
         raise BagError(f'bag {streams.path}: the policy needs the robot state (proprio), but the bag lacks '
                        f'{streams.topics.ee_pose} (PoseStamped) and/or {streams.topics.gripper_state} before some '
@@ -192,8 +194,11 @@ def _series_stats(values: Sequence[float]) -> dict:
             'p95': percentile(finite, 95)}
 
 
-def evaluate_streams(streams: BagStreams, config: ReplayConfig) -> dict:
-    """Run every method; returns the report dictionary (``report.write_report`` renders it)."""
+def evaluate_streams(streams: BagStreams, config: ReplayConfig, baseline_policy: Optional[Policy] = None) -> dict:
+    """Run every method; returns the report dictionary (``report.write_report`` renders it).
+
+    ``baseline_policy``: the unpruned policy already loaded (``load_policy`` with 'none'), for the first run.
+    """
     started = time.perf_counter()
     indices, schedule = inference_indices(streams, config)
     resets = _reset_points(streams, indices, config.reset_after_gap_s)
@@ -204,7 +209,7 @@ def evaluate_streams(streams: BagStreams, config: ReplayConfig) -> dict:
     # the baseline first: its chunks fill in executed actions when the bag has no recorded commands
     recorded_only = executed_histories(streams, indices, resets, None)
     baseline = run_method(streams, indices, resets, recorded_only, config, 'none', example_at=example_at,
-                          self_feed=True)
+                          self_feed=True, policy=baseline_policy)
     executed = executed_histories(streams, indices, resets, baseline.actions)
     runs = {'none': baseline}
     determinism = None
