@@ -1,4 +1,5 @@
 """Pure-function tests of the node's input handling: image decoding, instruction validation, proprio."""
+import io
 import os
 from pathlib import Path
 import struct
@@ -8,8 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-from specprune_ros.codecs.image_decoding import (ImageError, decode_compressed_image, decode_raw_image,
-                                                 encode_raw_image, resize_to)
+from specprune_ros.codecs.image_decoding import (ImageError, decode_compressed_frame, decode_compressed_image,
+                                                 decode_raw_image, encode_raw_image, jpeg_scale, resize_to)
+from specprune_ros.ros.tools.synthetic_camera import synthetic_frame
 from specprune_ros.codecs.instruction import InstructionError, string_bytes_from_cdr, validate_instruction
 from specprune_ros.codecs.proprio import (ProprioAssembler, StateError, finger_gap_from_joints, proprio_vector,
                                           yaw_from_quaternion)
@@ -102,6 +104,53 @@ def test_truncated_jpeg_is_rejected(rgb):
     ok, jpeg = cv2.imencode('.jpg', big)
     with pytest.raises(ImageError):
         decode_compressed_image(jpeg.tobytes()[:20], 'jpeg')
+
+
+@pytest.mark.parametrize('width, height, scale', [
+    (640, 480, 2), (1280, 720, 2), (1920, 1080, 4), (3840, 2160, 8),
+    (448, 448, 2), (447, 900, 2), (445, 900, 1),         # the short side decides: ceil(445 / 2) = 223
+    (1785, 1785, 8), (1784, 1784, 4),                    # libjpeg rounds up: ceil(1785 / 8) = 224
+    (224, 224, 1), (100, 80, 1)])
+def test_jpeg_scale_keeps_each_side_at_least_the_policy_input(width, height, scale):
+    assert jpeg_scale(width, height, (224, 224)) == scale
+
+
+def _jpeg(rgb: np.ndarray, exif_orientation: int = 0) -> bytes:
+    from PIL import Image
+    image, encoded = Image.fromarray(rgb), io.BytesIO()
+    exif = image.getexif()
+    if exif_orientation:
+        exif[0x0112] = exif_orientation
+    image.save(encoded, 'JPEG', quality=90, exif=exif.tobytes())
+    return encoded.getvalue()
+
+
+def test_a_large_jpeg_decodes_at_reduced_scale_close_to_a_full_decode():
+    """1280 x 720 for a 96 x 96 input: 1/4 scale (320 x 180), the policy input within ~1 grey level of full."""
+    frame = cv2.resize(synthetic_frame(7, 720), (1280, 720), interpolation=cv2.INTER_LINEAR)
+    data = _jpeg(frame)
+    full, scaled = decode_compressed_frame(data, 'jpeg'), decode_compressed_frame(data, 'jpeg', (96, 96))
+    assert full.pixels.shape == (720, 1280, 3) and full.full_size == (720, 1280)
+    assert scaled.pixels.shape == (180, 320, 3) and scaled.full_size == (720, 1280)
+    difference = np.abs(resize_to(full.pixels, (96, 96)).astype(int) - resize_to(scaled.pixels, (96, 96)))
+    assert difference.mean() < 1.5 and np.percentile(difference, 99) <= 8
+    np.testing.assert_array_equal(decode_compressed_image(data, 'jpeg'), full.pixels)
+
+
+def test_only_jpeg_decodes_at_reduced_scale():
+    frame = synthetic_frame(3, 400)
+    ok, png = cv2.imencode('.png', cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    decoded = decode_compressed_frame(png.tobytes(), 'png', (96, 96))
+    np.testing.assert_array_equal(decoded.pixels, frame)
+    assert decoded.full_size == (400, 400)
+
+
+def test_an_exif_rotated_jpeg_reports_its_full_size_as_decoded():
+    """Orientation 6 (rotate 90 degrees): a 640 x 480 header decodes upright as 480 wide x 640 high."""
+    data = _jpeg(cv2.resize(synthetic_frame(1, 480), (640, 480)), exif_orientation=6)
+    for at_least, shape in ((None, (640, 480)), ((96, 96), (160, 120))):
+        decoded = decode_compressed_frame(data, 'jpeg', at_least)
+        assert decoded.pixels.shape[:2] == shape and decoded.full_size == (640, 480)
 
 
 def test_resize_uses_the_policy_size(rgb):

@@ -42,6 +42,7 @@ INSTRUCTION = 'pick up the red cube'
 CAMERAS = ('--camera', 'agentview=camera/agentview/image_raw:raw',
            '--camera', 'wrist=camera/wrist/image_raw/compressed:compressed', '--instruction', INSTRUCTION)
 STARTUP_S = 120.0
+CAMERA_SIZE = 256          # JPEGs over twice the policy input: the node decodes them at 1/2 scale
 
 
 @pytest.fixture(scope='module')
@@ -49,7 +50,7 @@ def system():
     node = start_node(DOMAIN, {'camera_transports': 'raw,compressed',
                                'camera_topics': 'camera/agentview/image_raw,camera/wrist/image_raw/compressed'},
                       {'publish_debug_image': True})
-    camera = start_camera(DOMAIN, *CAMERAS)
+    camera = start_camera(DOMAIN, *CAMERAS, size=CAMERA_SIZE)
     probe = Probe(DOMAIN)
     debug_images = []
     probe.node.create_subscription(Image, '/specprune_node/debug/kept_patches', debug_images.append,
@@ -310,7 +311,7 @@ def test_stale_input_holds_within_the_timeout_and_a_long_gap_resets(system):
     assert 'stale' in values['hold reason'] and 'max_image_age_s' in values['hold reason']
     time.sleep(2.2)                                       # beyond reset_after_gap_s = 2.0
     restart = time.monotonic()
-    system['camera'] = start_camera(DOMAIN, *CAMERAS)
+    system['camera'] = start_camera(DOMAIN, *CAMERAS, size=CAMERA_SIZE)
     record = wait_inference(probe, restart, lambda r: True, timeout=30.0)
     assert record is not None and record['reset_reason'].startswith('input gap of')
     assert record['policy_step_index'] == '0'

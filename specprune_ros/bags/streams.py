@@ -41,8 +41,8 @@ from rosbags.image.image import to_cvtype
 
 from specprune_ros.bags.io import BagError, BagReader, check_types_known, normalize_topic
 from specprune_ros.bridge.conversions import CommandUnits, command_to_action, gripper_value_to_action
-from specprune_ros.codecs.image_decoding import (MAX_SIDE, RAW_ENCODINGS, ImageError, decode_compressed_image,
-                                                 decode_raw_image, resize_to)
+from specprune_ros.codecs.image_decoding import (MAX_SIDE, RAW_ENCODINGS, DecodedFrame, ImageError,
+                                                 decode_compressed_frame, decode_raw_image, resize_to)
 from specprune_ros.codecs.proprio import StateError, check_pose, finger_gap_from_joints, proprio_vector
 
 IMAGE = 'sensor_msgs/msg/Image'
@@ -123,12 +123,15 @@ def _stamp(header) -> int:
     return int(header.stamp.sec) * _NS + int(header.stamp.nanosec)
 
 
-def _decode(msg, msgtype: str) -> np.ndarray:
+def _decode(msg, msgtype: str, at_least: Optional[tuple]) -> DecodedFrame:
+    """A camera message's pixels; JPEG at a reduced scale down to ``at_least`` (as the node decodes them)."""
     if msgtype == COMPRESSED:
-        return decode_compressed_image(msg.data, msg.format)
+        return decode_compressed_frame(msg.data, msg.format, at_least)
     if msg.encoding in RAW_ENCODINGS:
-        return decode_raw_image(msg.encoding, int(msg.height), int(msg.width), int(msg.step), msg.data)
-    return decode_other_encoding(msg)
+        rgb = decode_raw_image(msg.encoding, int(msg.height), int(msg.width), int(msg.step), msg.data)
+    else:
+        rgb = decode_other_encoding(msg)
+    return DecodedFrame(rgb, rgb.shape[:2])
 
 
 def decode_other_encoding(msg) -> np.ndarray:
@@ -293,12 +296,12 @@ def _read(bag: BagReader, path: str | Path, topics: StreamTopics, wanted: dict, 
         if kind == 'camera':
             stamp = _stamp(msg.header)
             try:
-                rgb = _decode(msg, msgtype)
+                frame = _decode(msg, msgtype, image_size)
             except ImageError as error:
                 recorded.skip(topic, 'unusable frames', f'camera {camera!r} frame stamped {stamp * 1e-9:.3f} s: '
                                                         f'{error}')
                 continue
-            size = rgb.shape[:2]
+            rgb, size = frame
             if camera not in recorded.sizes:
                 recorded.sizes[camera] = size
             elif recorded.sizes[camera] != size:

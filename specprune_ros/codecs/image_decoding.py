@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import cv2
 import numpy as np
@@ -23,6 +23,8 @@ RAW_ENCODINGS: dict[str, tuple[int, Optional[int]]] = {
     '8UC1': (1, cv2.COLOR_GRAY2RGB),
 }
 MAX_SIDE = 8192                           # larger frames are rejected before their pixels are decoded
+_REDUCED_COLOR = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                  8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
 class ImageError(ValueError):
@@ -58,8 +60,23 @@ def decode_raw_image(encoding: str, height: int, width: int, step: int, data: by
     return cv2.cvtColor(np.ascontiguousarray(pixels), conversion)
 
 
-def compressed_image_size(data: bytes | bytearray | memoryview) -> tuple[int, int]:
-    """(width, height) from a compressed frame's header, read without decoding its pixels (Pillow).
+class CompressedHeader(NamedTuple):
+    """What a compressed frame's header says, read without decoding its pixels."""
+
+    width: int
+    height: int
+    format: str          # Pillow's name: 'JPEG', 'PNG', 'WEBP', ...
+
+
+class DecodedFrame(NamedTuple):
+    """RGB uint8 pixels of a frame, possibly decoded at a reduced scale, and the frame's full size."""
+
+    pixels: np.ndarray
+    full_size: tuple[int, int]       # (height, width) at full scale, EXIF orientation applied like the pixels
+
+
+def read_compressed_header(data: bytes | bytearray | memoryview) -> CompressedHeader:
+    """Size and format from a compressed frame's header (Pillow); no pixel is decoded.
 
     ``ImageError('image_decode')`` when no known image format starts the data.
     """
@@ -68,38 +85,63 @@ def compressed_image_size(data: bytes | bytearray | memoryview) -> tuple[int, in
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
-                return image.size
+                return CompressedHeader(*image.size, image.format or '')
     except Image.DecompressionBombError as error:       # far beyond MAX_SIDE: its size is in the message
         raise ImageError('image_size', f'image exceeds {MAX_SIDE} pixels per side ({error})') from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise ImageError('image_decode', f'not a known compressed image format ({error})') from None
 
 
-def decode_compressed_image(data: bytes | bytearray | memoryview, image_format: str = '') -> np.ndarray:
+def jpeg_scale(width: int, height: int, at_least: tuple[int, int]) -> int:
+    """The largest of 8, 4, 2 (else 1) that shrinks the frame with each side still at least ``max(at_least)``.
+
+    The longer wanted side bounds both, so a frame that EXIF orientation rotates still qualifies; libjpeg rounds
+    reduced sides up, so a side ``s`` decodes to ``ceil(s / scale)``.
+    """
+    for scale in (8, 4, 2):
+        if -(-min(width, height) // scale) >= max(at_least):
+            return scale
+    return 1
+
+
+def decode_compressed_frame(data: bytes | bytearray | memoryview, image_format: str = '',
+                            at_least: Optional[tuple[int, int]] = None) -> DecodedFrame:
     """RGB uint8 from ``sensor_msgs/CompressedImage`` data (JPEG, PNG, WebP, ...).
 
     The size in the header is checked first: a small file that claims a huge frame is rejected before any pixel
-    is decoded (a PNG of one colour at 16000 x 16000 is 250 kB and would allocate 768 MB).
+    is decoded (a PNG of one colour at 16000 x 16000 is 250 kB and would allocate 768 MB). With ``at_least``
+    (H, W), a JPEG at least twice that size is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling, each
+    side staying at least ``at_least``: 1.6-2.6x faster than a full decode for a frame that is shrunk to the
+    policy input anyway.
     """
     if len(data) == 0:
         raise ImageError('image_decode', 'compressed image holds no data')
     try:
-        width, height = compressed_image_size(data)
+        header = read_compressed_header(data)
     except ImageError as error:
         if error.kind != 'image_decode':
             raise
         raise ImageError(error.kind, f'undecodable compressed image (format {image_format!r}, {len(data)} bytes): '
                                      f'{error}') from None
+    width, height = header.width, header.height
     if height > MAX_SIDE or width > MAX_SIDE or height <= 0 or width <= 0:
         raise ImageError('image_size', f'image {width}x{height}: each side must be 1 to {MAX_SIDE} pixels')
-    encoded = np.frombuffer(data, dtype=np.uint8)
-    bgr = cv2.imdecode(encoded, cv2.IMREAD_COLOR)
+    scale = jpeg_scale(width, height, at_least) if at_least and header.format == 'JPEG' else 1
+    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _REDUCED_COLOR[scale])
     if bgr is None or bgr.size == 0:
         raise ImageError('image_decode', f'undecodable compressed image (format {image_format!r}, '
                          f'{len(data)} bytes)')
-    if bgr.shape[0] > MAX_SIDE or bgr.shape[1] > MAX_SIDE:
-        raise ImageError('image_size', f'image {bgr.shape[1]}x{bgr.shape[0]} exceeds {MAX_SIDE} pixels per side')
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    expected = sorted((-(-height // scale), -(-width // scale)))                  # EXIF orientation may rotate it
+    if any(got > want for got, want in zip(sorted(bgr.shape[:2]), expected)):
+        raise ImageError('image_size', f'image decodes to {bgr.shape[1]}x{bgr.shape[0]}, larger than the '
+                                       f'{width}x{height} its header claims')
+    rotated = bgr.shape[0] != bgr.shape[1] and (bgr.shape[0] > bgr.shape[1]) != (height > width)
+    return DecodedFrame(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), (width, height) if rotated else (height, width))
+
+
+def decode_compressed_image(data: bytes | bytearray | memoryview, image_format: str = '') -> np.ndarray:
+    """RGB uint8 at full size from ``sensor_msgs/CompressedImage`` data (see ``decode_compressed_frame``)."""
+    return decode_compressed_frame(data, image_format).pixels
 
 
 def check_image_size(shape: tuple, min_side: int) -> None:

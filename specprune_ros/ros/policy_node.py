@@ -36,7 +36,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import rclpy
@@ -55,8 +55,8 @@ from std_msgs.msg import Float64, Float64MultiArray, String
 from std_srvs.srv import SetBool, Trigger
 from trajectory_msgs.msg import JointTrajectory
 
-from specprune_ros.codecs.image_decoding import (ImageError, aspect_distortion, check_image_size,
-                                                 decode_compressed_image, resize_to)
+from specprune_ros.codecs.image_decoding import (DecodedFrame, ImageError, aspect_distortion, check_image_size,
+                                                 decode_compressed_frame, resize_to)
 from specprune_ros.codecs.instruction import (DuplicateFilter, InstructionError, string_bytes_from_cdr,
                                               validate_instruction)
 from specprune_ros.codecs.kept_patches import draw_kept_patches, kept_patch_masks
@@ -422,7 +422,7 @@ class SpecPruneNode(LifecycleNode):
         self._output_publishers += [self._chunk_pub, self._inference_pub, self._debug_pub]
 
     # --- subscription callbacks: validate and store, nothing else ------------------------------------------
-    def _store_frame(self, camera: str, header: Any, decode: Any) -> None:
+    def _store_frame(self, camera: str, header: Any, decode: Callable[[], DecodedFrame]) -> None:
         controller, policy = self.controller, self.policy
         if controller is None or policy is None:
             return
@@ -430,13 +430,13 @@ class SpecPruneNode(LifecycleNode):
             stamp = messages.stamp_seconds(header.stamp)
             if stamp <= 0.0:
                 raise ImageError('image_stamp', 'header.stamp is zero: frames must be stamped')
-            decoded = decode()
-            check_image_size(decoded.shape, self.params.min_image_side)
-            rgb = resize_to(decoded, policy.image_size)
+            frame = decode()
+            check_image_size(frame.full_size, self.params.min_image_side)
+            rgb = resize_to(frame.pixels, policy.image_size)
         except ImageError as error:
             self._bad_input(error.kind, f'camera {camera!r}: {error}', source=camera)
             return
-        self._warn_if_squashed(camera, decoded.shape[:2], tuple(policy.image_size))
+        self._warn_if_squashed(camera, frame.full_size, tuple(policy.image_size))
         error = controller.put_frame(camera, rgb, stamp, self.now(), header.frame_id)
         if error:
             self._log_rejected(error, camera, error.kind)
@@ -457,10 +457,14 @@ class SpecPruneNode(LifecycleNode):
                 'trained on')
 
     def _on_image(self, camera: str, msg: Image) -> None:
-        self._store_frame(camera, msg.header, lambda: self._to_rgb(msg))
+        def decode() -> DecodedFrame:
+            rgb = self._to_rgb(msg)
+            return DecodedFrame(rgb, rgb.shape[:2])
+        self._store_frame(camera, msg.header, decode)
 
     def _on_compressed_image(self, camera: str, msg: CompressedImage) -> None:
-        self._store_frame(camera, msg.header, lambda: decode_compressed_image(msg.data, msg.format))
+        at_least = tuple(self.policy.image_size) if self.params.jpeg_scaled_decode and self.policy else None
+        self._store_frame(camera, msg.header, lambda: decode_compressed_frame(msg.data, msg.format, at_least))
 
     def _on_instruction(self, serialized: bytes, info: dict) -> None:
         if self.controller is None:
