@@ -133,7 +133,7 @@ def match(listener: Listener, start: float, end: float) -> list[dict]:
         source = stamp_seconds(values['source_stamp'])
         e2e = (received - source) * 1e3
         model = float(values['model_latency_ms'])
-        before = (stamp_seconds(values['observation_time']) - source) * 1e3
+        before = (stamp_seconds(values['request_time']) - source) * 1e3
         inference = float(values['inference_latency_ms'])
         rows.append({'time': received, 'e2e_ms': e2e, 'model_ms': model, 'overhead_ms': e2e - model,
                      'before_ms': before, 'worker_ms': inference - model, 'after_ms': e2e - before - inference,
@@ -210,7 +210,7 @@ def main() -> int:
     print(f'  image -> first command (e2e) ms : {percentiles(e2e)}')
     print(f'  model step (predict) ms         : {percentiles(model)}')
     print(f'  node overhead (e2e - model) ms  : {percentiles(overhead)}   target p50 <= 10')
-    print(f'    camera stamp -> observation taken ms: {percentiles(parts["before_ms"])}  (DDS in, decode, wake-up)')
+    print(f'    camera stamp -> inference requested ms: {percentiles(parts["before_ms"])}  (DDS in, decode, wake-up)')
     print(f'    worker around the model ms          : {percentiles(parts["worker_ms"])}  (observation, accept)')
     print(f'    chunk accepted -> command received  : {percentiles(parts["after_ms"])}  (publish, DDS out)')
     print(f'      accepted -> command stamped        : {percentiles(parts["to_publish_ms"])}')

@@ -189,6 +189,79 @@ def test_disable_holds_and_stops_inference():
     assert controller.next_request(10.31) is not None
 
 
+@pytest.mark.parametrize('stop, start', [(lambda c: c.set_active(False), lambda c: c.set_active(True)),
+                                         (lambda c: c.set_enabled(False), lambda c: c.set_enabled(True))])
+def test_a_chunk_computed_before_a_stop_is_never_commanded_after_the_restart(stop, start):
+    """Deactivate / disable while the model runs, restart before it returns: its chunk is void, the state resets."""
+    controller, policy = make(), FakePolicy(0.5)
+    feed(controller, 10.0)
+    request = controller.next_request(10.0)
+    stop(controller)
+    start(controller)
+    assert controller.accept(request, policy.predict(request.observation), 10.1) is None
+    feed(controller, 10.2, instruction='')
+    assert 'waiting' in controller.tick(10.2).hold_reason
+    assert controller.next_request(10.2).reset_reason in ('deactivated', 'disabled')
+
+
+def test_a_chunk_ages_from_its_oldest_frame_not_from_the_request():
+    """Frames 0.45 s old at the request (fresh by max_image_age_s 0.5): the chunk holds 0.6 s after the frames."""
+    controller, policy = make(max_image_age_s=0.5, max_chunk_age_s=0.6), FakePolicy(0.5)
+    feed(controller, 9.55)
+    request, chunk = infer(controller, policy, 10.0, finish=10.05)
+    assert chunk.observed == pytest.approx(9.55) and chunk.started == pytest.approx(10.0)
+    assert chunk.skipped_steps == 5                       # 0.5 s of the chunk elapsed since its frames
+    for now in (10.1, 10.14):
+        feed(controller, now, instruction='')
+        assert not controller.tick(now).holding
+    feed(controller, 10.2, instruction='')
+    assert 'newest action chunk is 0.650 s old' in controller.tick(10.2).hold_reason
+
+
+def test_a_lowered_speed_limit_holds_from_the_next_tick():
+    """Slowing down to a new limit is not rate-limited: the arm never runs above the limit it was given."""
+    controller, policy = make(max_linear_accel=0.5), FakePolicy(1.0)
+    feed(controller, 10.0)
+    infer(controller, policy, 10.0)
+    for k in range(6):
+        feed(controller, 10.0 + 0.1 * k, instruction='')
+        fast = controller.tick(10.0 + 0.1 * k)
+    assert np.abs(fast.twist[:3]).max() == pytest.approx(0.2)
+    controller.update_parameters(NodeParameters(max_linear_speed=0.02, max_linear_accel=0.5, replan_every_steps=2,
+                                                max_chunk_age_s=0.6, inference_deadline_s=0.5))
+    for now in (10.55, 10.58):
+        feed(controller, now, instruction='')
+        assert np.abs(controller.tick(now).twist[:3]).max() == pytest.approx(0.02)
+
+
+def test_the_node_resumes_after_the_clock_jumps_back():
+    """A simulator reset under use_sim_time (100 s -> 1 s): fresh inputs are taken again at once."""
+    controller, policy = make(), FakePolicy(0.5)
+    feed(controller, 100.0)
+    infer(controller, policy, 100.0)
+    assert not controller.tick(100.05).holding
+    commanded, resets = [], []
+    for k in range(10):
+        now = 1.0 + 0.1 * k
+        feed(controller, now, instruction='')
+        commanded.append(not controller.tick(now).holding)
+        request = controller.next_request(now)
+        if request is not None:
+            controller.accept(request, policy.predict(request.observation), now + 0.02)
+            resets.append(request.reset_reason)
+    assert commanded[0] is False and all(commanded[2:])
+    assert resets[0] == 'the clock jumped back by 99.050 s' and not any(resets[1:])
+    assert dict(controller.diagnostics()[1])['clock jumps back'] == '1'
+
+
+def test_a_small_clock_step_back_keeps_the_plan():
+    controller, policy = make(max_future_stamp_s=0.1), FakePolicy(0.5)
+    feed(controller, 10.0)
+    infer(controller, policy, 10.0)
+    assert not controller.tick(10.1).holding
+    assert not controller.tick(10.05).holding              # 50 ms back: a clock adjustment, not a reset
+
+
 def test_runtime_parameter_update():
     controller, policy = make(), FakePolicy(1.0)
     feed(controller, 10.0)

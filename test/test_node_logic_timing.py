@@ -129,6 +129,16 @@ def test_blend_fades_the_old_chunk_out():
     assert scheduler.previous is None
 
 
+def test_blend_drops_an_old_chunk_past_max_chunk_age():
+    """Even at the heaviest old weight allowed, a plan older than max_chunk_age_s never reaches the robot."""
+    settings = ChunkSettings(period_s=0.1, mode='blend', blend_old_weight=0.9, blend_decay=1.0, max_chunk_age_s=0.6)
+    scheduler = ChunkScheduler(settings)
+    scheduler.accept(np.full((10, 7), 1.0), start=0.0, now=0.0)
+    scheduler.accept(np.full((10, 7), -1.0), start=0.4, now=0.4)
+    assert scheduler.action_at(0.55).action[0] == pytest.approx(0.9 - 0.1)
+    assert scheduler.action_at(0.65).action[0] == pytest.approx(-1.0) and scheduler.previous is None
+
+
 def test_blend_without_overlap_is_a_replace():
     scheduler = ChunkScheduler(ChunkSettings(period_s=0.1, mode='blend', max_chunk_age_s=10.0))
     scheduler.accept(np.full((2, 7), 1.0), start=0.0, now=0.0)

@@ -6,7 +6,8 @@ the model ran are therefore skipped without any bookkeeping, and the control tim
 
 A new chunk either replaces the rest of the old one, or blends with it: the old chunk's action for the
 same time gets weight ``blend_old_weight * blend_decay**k`` at the k-th step after the new chunk arrived
-(temporal ensembling that fades the old plan out).
+(temporal ensembling that fades the old plan out), until the old chunk's observation is older than
+``max_chunk_age_s``.
 
 The chunk deadline: the robot misses a deadline when a control tick finds no action to command because the
 current chunk ran out (its last step is over, or its observation is older than ``max_chunk_age_s``) before the next
@@ -118,7 +119,8 @@ class ChunkScheduler:
         old_action = self.previous.action_at(now, settings.period_s)
         k = max(0, int(math.floor((now - self.blend_start) / settings.period_s + _EPS)))
         weight = settings.blend_old_weight * settings.blend_decay ** k
-        if old_action is None or weight < _MIN_WEIGHT:
+        too_old = now - self.previous.start > settings.max_chunk_age_s
+        if old_action is None or weight < _MIN_WEIGHT or too_old:
             self.previous = None
             return new_action
         return weight * old_action + (1.0 - weight) * new_action

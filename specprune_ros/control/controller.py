@@ -50,7 +50,8 @@ class InferenceRequest:
     """One observation for the worker to run through the policy."""
 
     observation: Observation
-    started: float              # node clock when the observation was taken (time of the chunk's step 0)
+    started: float              # node clock when the request was made (inference latency counts from here)
+    observed: float             # when the observation was taken: its oldest camera stamp (the chunk's step 0)
     source_stamp: float         # newest camera header.stamp in it
     epoch: int                  # temporal-state epoch; a reset in between voids the result
     reset_reason: str = ''      # reset the policy's temporal state first, for this reason
@@ -64,7 +65,8 @@ class AcceptedChunk:
     actions: np.ndarray
     chunk_id: int
     source_stamp: float
-    started: float
+    started: float                          # request time
+    observed: float                         # the observation's oldest camera stamp: the chunk's step 0
     skipped_steps: int
     model_latency_s: float
     inference_latency_s: float
@@ -147,6 +149,7 @@ class PolicyController:
         self._executed: list[np.ndarray] = []    # commands executed since the last request (normalised)
         self._last_executed_key: Optional[tuple[int, int]] = None
         self._last_executed_time = -np.inf
+        self._last_tick: Optional[float] = None
 
     # --- settings -----------------------------------------------------------------------------------------
     def update_parameters(self, params: NodeParameters) -> None:
@@ -165,18 +168,23 @@ class PolicyController:
                     self.budget.reset_knobs()
 
     def set_active(self, active: bool) -> None:
-        """Start or stop commanding; either way every stored input but the instruction is forgotten."""
+        """Start or stop commanding.
+
+        Either way every stored input but the instruction is forgotten, the temporal token state is reset before
+        the next inference and a chunk still being computed is void: the first motion after a restart comes from
+        what the robot sees then.
+        """
         with self.lock:
             self.active = active
-            self.scheduler.clear()
-            self._in_flight = False
+            self._reset_locked(self._pending_reset or ('activated' if active else 'deactivated'))
             self._clear_inputs_locked()
             self.stats.hold_reason = 'not active' if not active else 'waiting for the first action chunk'
 
     def set_enabled(self, enabled: bool) -> None:
+        """Enable or disable commanding; a change voids the plan and any chunk being computed (as ``set_active``)."""
         with self.lock:
-            if enabled and not self.enabled:
-                self.scheduler.clear()
+            if enabled != self.enabled:
+                self._reset_locked(self._pending_reset or ('enabled' if enabled else 'disabled'))
             self.enabled = enabled
 
     # --- inputs (subscription callbacks) ------------------------------------------------------------------
@@ -363,7 +371,8 @@ class PolicyController:
             observation = Observation(images=snapshot.images, instruction=snapshot.instruction,
                                       proprio=snapshot.proprio, executed_actions=executed)
             budget = self.budget.decide(self.scheduler.time_left(now)) if self.budget is not None else None
-            return InferenceRequest(observation, now, snapshot.newest_stamp, self.epoch, reset_reason, budget)
+            return InferenceRequest(observation, now, min(now, snapshot.oldest_stamp), snapshot.newest_stamp,
+                                    self.epoch, reset_reason, budget)
 
     def accept(self, request: InferenceRequest, output: PolicyOutput, now: float) -> Optional[AcceptedChunk]:
         """Make the policy's chunk the current plan; None when it is void (reset since), late or malformed."""
@@ -396,7 +405,7 @@ class PolicyController:
             if not np.isfinite(actions).all():
                 self.stats.events['non_finite_chunks'] += 1
                 return self._fail_locked('policy returned a chunk with NaN or Inf')
-            skipped = self.scheduler.accept(actions, request.started, now)
+            skipped = self.scheduler.accept(actions, request.observed, now)
             self._failure = ''
             self.stats.last_inference_error = ''
             self.steps_since_reset += 1
@@ -408,7 +417,8 @@ class PolicyController:
             self.stats.controller_mode = mode
             self.stats.events['steps_skipped_during_inference'] += skipped
             return AcceptedChunk(actions=actions, chunk_id=self.scheduler.current.chunk_id,
-                                 source_stamp=request.source_stamp, started=request.started, skipped_steps=skipped,
+                                 source_stamp=request.source_stamp, started=request.started,
+                                 observed=request.observed, skipped_steps=skipped,
                                  model_latency_s=float(output.latency_s), inference_latency_s=elapsed,
                                  kept_ratio=ratio, controller_mode=mode, steps_since_reset=self.steps_since_reset,
                                  reset_reason=request.reset_reason, policy_info=dict(output.info or {}),
@@ -436,6 +446,7 @@ class PolicyController:
         joint command (``joints``; None on hold: nothing new is commanded).
         """
         with self.lock:
+            self._follow_clock_locked(now)
             reason = ''
             scheduled = None
             if not self.active:
@@ -462,6 +473,21 @@ class PolicyController:
             self.stats.hold_reason = command.hold_reason
             self._record_executed(command, key, now)
             return command
+
+    def _follow_clock_locked(self, now: float) -> None:
+        """After the clock jumped back (a simulator reset under ``use_sim_time``) start over from fresh inputs.
+
+        Stored frames and states would otherwise lie in the future of the new clock and every new message would
+        be dropped as older than them. A step back within ``max_future_stamp_s`` (clock adjustment) is ignored.
+        """
+        last, self._last_tick = self._last_tick, now
+        if last is None or now >= last - self.params.max_future_stamp_s:
+            return
+        self.stats.events['clock_jumps_back'] += 1
+        self._reset_locked(f'the clock jumped back by {last - now:.3f} s')
+        self._clear_inputs_locked()
+        self._last_request_time = self._last_source_stamp = None
+        self._last_executed_time = -np.inf
 
     def _fault_reason(self) -> str:
         if not self.faults:

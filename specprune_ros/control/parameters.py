@@ -114,8 +114,8 @@ class NodeParameters:
                                      low=1, high=64)
     chunk_mode: str = _param('replace', 'a new chunk replaces the rest of the old one, or blends with it',
                              choices=CHUNK_MODES)
-    blend_old_weight: float = _param(0.5, 'blend: weight of the old chunk at the first step after a new one',
-                                     low=0.0, high=1.0)
+    blend_old_weight: float = _param(0.5, 'blend: weight of the old chunk at the first step after a new one (at '
+                                     'most 0.9: a new chunk always counts)', low=0.0, high=0.9)
     blend_decay: float = _param(0.5, 'blend: factor applied to the old weight at each further step',
                                 low=0.0, high=1.0)
     publish_on_new_chunk: bool = _param(True, "publish a new chunk's first action at once and re-phase the timer "
@@ -126,7 +126,8 @@ class NodeParameters:
     max_camera_skew_s: float = _param(0.1, 'hold when camera stamps are further apart', low=0.0, high=60.0)
     max_future_stamp_s: float = _param(0.1, 'reject stamps this far ahead of the node clock', low=0.0, high=60.0)
     max_state_age_s: float = _param(0.5, 'hold when the robot state is older', low=0.001, high=60.0)
-    max_chunk_age_s: float = _param(0.6, 'hold when the observation behind the current chunk is older',
+    max_chunk_age_s: float = _param(0.6, 'hold when the observation behind the current chunk (its oldest camera '
+                                    'stamp) is older',
                                     low=0.01, high=60.0)
     inference_deadline_s: float = _param(0.5, 'a chunk whose inference took longer is dropped and the robot '
                                          'holds', low=0.001, high=60.0)

@@ -2,7 +2,8 @@
 
 Velocity = delta per policy step / policy period (what MoveIt Servo's TwistStamped input expects).
 Order: NaN/Inf check (hold) -> clip to [-1, 1] -> scale -> clip per axis to the speed limits -> rate-limit
-the change against the previous command -> final finiteness check. Every intervention is counted.
+the change against the previous command (itself clipped to the current speed limits, so a lowered limit holds at
+once) -> final finiteness check. Every intervention is counted.
 """
 from __future__ import annotations
 
@@ -113,8 +114,11 @@ class SafetyFilter:
     def _rate_limit(self, twist: np.ndarray, now: float) -> np.ndarray:
         if self._last_time is None or now - self._last_time > _STOPPED_AFTER_S:
             previous, dt = np.zeros(6), self.units.period_s
-        else:
-            previous, dt = self._last_twist, max(now - self._last_time, 1e-3)
+        else:   # a lowered speed limit holds from this tick: slowing down to it is never rate-limited
+            previous, dt = self._last_twist.copy(), max(now - self._last_time, 1e-3)
+            previous[LINEAR] = np.clip(previous[LINEAR], -self.limits.max_linear_speed, self.limits.max_linear_speed)
+            previous[ANGULAR] = np.clip(previous[ANGULAR], -self.limits.max_angular_speed,
+                                        self.limits.max_angular_speed)
         step = np.empty(6)
         step[LINEAR] = self.limits.max_linear_accel * dt
         step[ANGULAR] = self.limits.max_angular_accel * dt

@@ -111,7 +111,8 @@ def inference_message(chunk: AcceptedChunk, node_name: str, model: str, method: 
     values = {
         'source_stamp': stamp_text(to_stamp(chunk.source_stamp)),
         'chunk_id': str(chunk.chunk_id),
-        'observation_time': stamp_text(to_stamp(chunk.started)),
+        'observation_time': stamp_text(to_stamp(chunk.observed)),
+        'request_time': stamp_text(to_stamp(chunk.started)),
         'accepted_time': stamp_text(to_stamp(chunk.started + chunk.inference_latency_s)),
         'model_latency_ms': f'{chunk.model_latency_s * 1e3:.3f}',
         'inference_latency_ms': f'{chunk.inference_latency_s * 1e3:.3f}',

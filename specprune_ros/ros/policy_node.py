@@ -352,9 +352,10 @@ class SpecPruneNode(LifecycleNode):
             self.destroy_timer(self._control_timer)
             self._control_timer = None
         if self.controller is not None:
-            self.controller.set_active(False)
-            # a stop is always safe to send, even in dry run
-            self._publish_command(self.controller.safety.hold(why, self.now()), force=True)
+            with self._publish_lock:   # a tick being published finishes first; later ones find the node inactive
+                self.controller.set_active(False)
+                # a stop is always safe to send, even in dry run
+                self._publish_locked(self.controller.safety.hold(why, self.now()))
             if self._twist_pub is not None:  # reliable: make sure the stop reaches the robot before we go
                 self._twist_pub.wait_for_all_acked(Duration(seconds=0.5))
 
@@ -522,28 +523,34 @@ class SpecPruneNode(LifecycleNode):
 
     # --- control timer and inference results ---------------------------------------------------------------
     def _on_tick(self) -> None:
+        """One control tick (timer, or the worker on a new chunk), decided and published under the publish lock.
+
+        A stop (deactivate, shutdown) takes the same lock, so no command decided before it goes out after its zero
+        twist.
+        """
         controller = self.controller
         if controller is None:
             return
-        self._publish_command(controller.tick(self.now()))
-
-    def _publish_command(self, command: FilteredCommand, force: bool = False) -> None:
-        if self.params.dry_run and not force:
-            return
         with self._publish_lock:
-            if self._joint_pub is not None:
-                joints = messages.joint_command_message(command.joints)
-                if joints is not None:  # a hold publishes nothing: the forward controller keeps the last command
-                    self._joint_pub.publish(joints)
-                return
-            if self._twist_pub is None:
-                return
-            stamp = self.get_clock().now().to_msg()
-            self._twist_pub.publish(messages.twist_message(command.twist, stamp, self.params.command_frame))
-            if command.gripper is not None:
-                gripper = messages.gripper_message(command.gripper, self.params.gripper_command_type)
-                if gripper is not None:
-                    self._gripper_pub.publish(gripper)
+            command = controller.tick(self.now())
+            if not self.params.dry_run:
+                self._publish_locked(command)
+
+    def _publish_locked(self, command: FilteredCommand) -> None:
+        """Publish ``command`` (the caller holds ``_publish_lock``)."""
+        if self._joint_pub is not None:
+            joints = messages.joint_command_message(command.joints)
+            if joints is not None:  # a hold publishes nothing: the forward controller keeps the last command
+                self._joint_pub.publish(joints)
+            return
+        if self._twist_pub is None:
+            return
+        stamp = self.get_clock().now().to_msg()
+        self._twist_pub.publish(messages.twist_message(command.twist, stamp, self.params.command_frame))
+        if command.gripper is not None:
+            gripper = messages.gripper_message(command.gripper, self.params.gripper_command_type)
+            if gripper is not None:
+                self._gripper_pub.publish(gripper)
 
     def _on_chunk(self, chunk: AcceptedChunk) -> None:
         """Worker thread.
@@ -556,7 +563,7 @@ class SpecPruneNode(LifecycleNode):
             return
         timer, controller = self._control_timer, self.controller
         if params.publish_on_new_chunk and timer is not None and controller is not None:
-            self._publish_command(controller.tick(self.now()))  # the command first: it is what latency is about
+            self._on_tick()  # the command first: it is what latency is about
             try:
                 timer.reset()  # the next tick comes one period after this command
             except Exception:  # the timer was destroyed by a concurrent deactivate
