@@ -270,6 +270,37 @@ def test_missing_or_malformed_files_are_named(pi0_dir, tmp_path):
             load_checkpoint(directory)
 
 
+def _set_stat(directory, pipeline, key, change):
+    steps = json.loads((directory / pipeline).read_text())['steps']
+    name = next(step['state_file'] for step in steps if 'state_file' in step)
+    stats = load_file(str(directory / name))
+    stats[key] = change(stats[key].clone())
+    save_file(stats, str(directory / name))
+    return name
+
+
+def _first(value):
+    def change(tensor):
+        tensor[0] = value
+        return tensor
+    return change
+
+
+@pytest.mark.parametrize('kind, pipeline, key, change, message', [
+    ('pi0', 'policy_postprocessor.json', 'action.mean', _first(float('nan')), 'action.mean has non-finite'),
+    ('pi0', 'policy_preprocessor.json', 'observation.state.std', _first(-1.0),
+     r'observation.state.std is negative in dimension\(s\) \[0\]'),
+    ('pi05', 'policy_postprocessor.json', 'action.q01', lambda t: t + 10.0, r'action.q99 < action.q01'),
+    ('pi05', 'policy_preprocessor.json', 'observation.state.q99', _first(float('inf')),
+     'observation.state.q99 has non-finite'),
+])
+def test_malformed_statistics_fail_at_load(pi0_dir, pi05_dir, tmp_path, kind, pipeline, key, change, message):
+    directory = _broken(pi0_dir if kind == 'pi0' else pi05_dir, tmp_path, 'stats')
+    name = _set_stat(directory, pipeline, key, change)
+    with pytest.raises(CheckpointError, match=rf'{name}: {message}'):
+        load_policy(str(directory))
+
+
 class ActionRowsRecorder:
     """Asks for action rows at every layer and remembers what the layer views carried."""
 

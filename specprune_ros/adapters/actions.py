@@ -15,11 +15,15 @@ not normalised (the gripper)::
 """
 from __future__ import annotations
 
+from numbers import Real
 from typing import Any, Literal, Mapping, Optional
 
 import numpy as np
 
+from specprune_ros.policy.errors import CheckpointError
+
 Normalization = Literal['bounds_q99', 'bounds']
+BOUNDS = {'bounds_q99': ('q01', 'q99'), 'bounds': ('min', 'max')}
 
 
 class NormStatsError(KeyError):
@@ -43,10 +47,58 @@ def tokens_to_normalized(token_ids: np.ndarray, vocab_size: int, n_bins: int) ->
     return centers[index]
 
 
-def _bounds(stats: Mapping[str, Any], kind: Normalization) -> tuple[np.ndarray, np.ndarray]:
-    low_key, high_key = ('q01', 'q99') if kind == 'bounds_q99' else ('min', 'max') if kind == 'bounds' else (None, None)
-    if low_key is None:
+def _bound_keys(kind: Normalization) -> tuple[str, str]:
+    if kind not in BOUNDS:
         raise ValueError(f"unknown normalisation {kind!r}; use 'bounds_q99' or 'bounds'")
+    return BOUNDS[kind]
+
+
+def _numbers(values: Any, where: str, key: str) -> np.ndarray:
+    """A JSON list of finite numbers as a float64 vector."""
+    numeric = isinstance(values, (list, tuple)) and all(isinstance(v, Real) and not isinstance(v, bool)
+                                                        for v in values)
+    if not numeric:
+        raise CheckpointError(f'{where}: {key!r} must be a list of numbers, got {str(values)[:80]}')
+    array = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(array).all():
+        raise CheckpointError(f'{where}: {key!r} has non-finite values {array.tolist()}')
+    return array
+
+
+def check_bounds(stats: Any, kind: Normalization, where: str, dim: Optional[int] = None) -> int:
+    """Check the statistics ``kind`` normalises with (and ``mask``); returns their dimension.
+
+    ``where`` names the file and entry in the error (:class:`CheckpointError`); ``dim`` is the dimension the model
+    expects (None: the statistics define it). The low and high bounds must be finite vectors of one length with
+    high >= low; a ``mask``, when present, a list of booleans of that length.
+    """
+    low_key, high_key = _bound_keys(kind)
+    if not isinstance(stats, Mapping):
+        raise CheckpointError(f'{where}: not an object of statistics')
+    for key in (low_key, high_key):
+        if key not in stats:
+            raise CheckpointError(f'{where}: no {key!r} (normalisation {kind!r} needs {low_key!r} and {high_key!r}; '
+                                  f'have {sorted(stats)})')
+    low, high = _numbers(stats[low_key], where, low_key), _numbers(stats[high_key], where, high_key)
+    expected = len(low) if dim is None else dim
+    for key, values in ((low_key, low), (high_key, high)):
+        if len(values) != expected or expected == 0:
+            raise CheckpointError(f'{where}: {key!r} has {len(values)} values, expected {expected}')
+    below = np.flatnonzero(high < low)
+    if below.size:
+        raise CheckpointError(f'{where}: {high_key!r} < {low_key!r} in dimension(s) {below.tolist()} '
+                              '(swapped bounds would mirror the output)')
+    if 'mask' in stats:
+        mask = stats['mask']
+        if not isinstance(mask, (list, tuple)) or not all(isinstance(v, bool) for v in mask):
+            raise CheckpointError(f"{where}: 'mask' must be a list of true/false, got {str(mask)[:80]}")
+        if len(mask) != expected:
+            raise CheckpointError(f"{where}: 'mask' has {len(mask)} values, expected {expected}")
+    return expected
+
+
+def _bounds(stats: Mapping[str, Any], kind: Normalization) -> tuple[np.ndarray, np.ndarray]:
+    low_key, high_key = _bound_keys(kind)
     if low_key not in stats or high_key not in stats:
         raise NormStatsError(f'statistics lack {low_key!r}/{high_key!r} (have {sorted(stats)})')
     return np.asarray(stats[low_key], dtype=np.float64), np.asarray(stats[high_key], dtype=np.float64)

@@ -31,6 +31,7 @@ from specprune_ros.core.executor import PrunableDecoderRunner
 from specprune_ros.core.step_types import LayerView, PruningMethod, StepContext, StepPlan, StepRecord
 from specprune_ros.core.token_layout import TokenLayout
 from specprune_ros.policy.backend import EncodedStep, ModelBackend, ModelOutput, run_step
+from specprune_ros.policy.errors import CheckpointError
 from specprune_ros.policy.interface import ActionSpec, Observation
 from specprune_ros.pruning import selection_graphs
 
@@ -59,6 +60,22 @@ def resolve_dtype(dtype: str | torch.dtype = 'auto', device: torch.device = torc
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
+
+
+def check_tokenizer_fits(tokenizer: Any, checkpoint: PrismaticCheckpoint) -> None:
+    """The tokenizer's vocabulary must be the one ``config.json`` implies (embedding rows minus the padding).
+
+    OpenVLA's action tokens are the last ids of that vocabulary: another model's tokenizer would shift them.
+    """
+    pieces = getattr(tokenizer, 'vocab_size', None)
+    rows = int(checkpoint.text_config.vocab_size)
+    if pieces is None:
+        return
+    if int(pieces) != checkpoint.action_vocab_size or len(tokenizer) > rows:
+        raise CheckpointError(f'checkpoint {checkpoint.directory}: the tokenizer has {pieces} pieces '
+                              f'({len(tokenizer)} with added tokens) but config.json implies '
+                              f'{checkpoint.action_vocab_size} (vocab_size {rows} - pad_to_multiple_of '
+                              f'{checkpoint.pad_to_multiple_of}): tokenizer.json is from another model')
 
 
 @dataclass
@@ -145,6 +162,7 @@ class PrismaticAdapter(ModelBackend):
         self.action_stats = checkpoint.norm_stats[self.unnorm_key].get('action')
         if not isinstance(self.action_stats, dict):
             raise action_ops.NormStatsError(f'dataset statistics {self.unnorm_key!r} have no action entry')
+        action_ops.check_bounds(self.action_stats, normalization, self.stats_where('action'))
         self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 1
         empty = tokenizer.convert_tokens_to_ids(EMPTY_TOKEN)
         self.empty_id = None if empty is None or empty == tokenizer.unk_token_id else int(empty)
@@ -162,6 +180,10 @@ class PrismaticAdapter(ModelBackend):
         self.gripper = gripper
         self.action_units = action_units
 
+    def stats_where(self, entry: str) -> str:
+        """Names the file and entry of the statistics in use (for errors)."""
+        return f'checkpoint {self.checkpoint.directory}: {self.checkpoint.stats_source}: {self.unnorm_key}.{entry}'
+
     @property
     def name(self) -> str:
         return self.kind
@@ -175,12 +197,13 @@ class PrismaticAdapter(ModelBackend):
 
     @staticmethod
     def load_parts(directory: str | Path, kind: Optional[str], device: torch.device, dtype: torch.dtype,
-                   attn_implementation: str = 'sdpa', center_crop: Optional[bool] = None
-                   ) -> tuple[PrismaticCheckpoint, PrismaticVLA, Any]:
+                   attn_implementation: str = 'sdpa', center_crop: Optional[bool] = None,
+                   proprio: Optional[bool] = None) -> tuple[PrismaticCheckpoint, PrismaticVLA, Any]:
         """Read the checkpoint and build the Prismatic model on ``device`` in ``dtype`` (no random init)."""
         checkpoint = read_checkpoint(directory, kind=kind, attn_implementation=attn_implementation,
-                                     center_crop=center_crop)
+                                     center_crop=center_crop, proprio=proprio)
         tokenizer = load_tokenizer(checkpoint.directory)
+        check_tokenizer_fits(tokenizer, checkpoint)
         with torch.device('meta'):
             model = PrismaticVLA(checkpoint.vision_specs, checkpoint.text_config)
         state = read_state(checkpoint.weight_map, device=device, dtype=dtype, directory=checkpoint.directory)

@@ -20,7 +20,8 @@ from typing import Any, Optional, Union
 
 from specprune_ros.adapters.openvla import OpenVLAAdapter
 from specprune_ros.adapters.openvla_oft import OpenVLAOFTAdapter
-from specprune_ros.adapters.published_checkpoint import OPTIONS_FILE, _check_directory, _read_json, detect_kind
+from specprune_ros.adapters.published_checkpoint import (OPTIONS_FILE, _read_json, check_checkpoint_directory,
+                                                         detect_kind)
 from specprune_ros.core.dataclass_mapping import UnknownFieldsError, dataclass_from_mapping
 from specprune_ros.policy.errors import CheckpointError
 from specprune_ros.policy.interface import ActionSpec
@@ -38,6 +39,7 @@ class AdapterOptions:
     camera_names: Optional[list[str]] = None  # default: ['agentview'] (OpenVLA), ['agentview', 'wrist'] (OFT)
     num_images: Optional[int] = None          # OFT: cameras in the input (default: len(camera_names) or 2)
     chunk_size: int = 8                       # OFT: NUM_ACTIONS_CHUNK the head was trained with (LIBERO 8)
+    proprio: Optional[bool] = None            # OFT: false = trained without proprio (no proprio_projector file)
     center_crop: Optional[bool] = None        # default: True for OFT (LIBERO fine-tunes), False for OpenVLA
     normalization: str = 'bounds_q99'         # 'bounds_q99' (LIBERO, Bridge) or 'bounds' (OFT ALOHA)
     gripper: str = 'none'                     # 'none' or 'libero'
@@ -59,7 +61,7 @@ class AdapterOptions:
 
 def read_options(directory: str | Path, overrides: Optional[dict[str, Any]] = None) -> AdapterOptions:
     """``specprune_adapter.json`` of the checkpoint (if any) updated with ``overrides`` (None values ignored)."""
-    directory = _check_directory(directory)
+    directory = check_checkpoint_directory(directory)
     values = _read_json(directory, OPTIONS_FILE, required=False) or {}
     if not isinstance(values, dict):
         raise CheckpointError(f'checkpoint {directory}: malformed {OPTIONS_FILE}: not a JSON object')
@@ -88,7 +90,8 @@ def load_adapter(directory: str | Path, kind: Optional[str] = None, device: str 
         adapter = OpenVLAAdapter.load(directory, **common)
     elif kind == 'openvla-oft':
         num_images = options.num_images or (len(options.camera_names) if options.camera_names else 2)
-        adapter = OpenVLAOFTAdapter.load(directory, num_images=num_images, chunk_size=options.chunk_size, **common)
+        adapter = OpenVLAOFTAdapter.load(directory, num_images=num_images, chunk_size=options.chunk_size,
+                                         proprio=options.proprio, **common)
     else:
         raise ValueError(f"kind must be 'openvla' or 'openvla-oft', got {kind!r}")
     adapter.use_cuda_graphs(options.cuda_graphs)

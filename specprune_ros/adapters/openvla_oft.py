@@ -76,16 +76,20 @@ class OpenVLAOFTAdapter(PrismaticAdapter):
         self.proprio_stats = checkpoint.norm_stats[self.unnorm_key].get('proprio')
         if self.proprio_projector is not None and not isinstance(self.proprio_stats, dict):
             raise action_ops.NormStatsError(f'dataset statistics {self.unnorm_key!r} have no proprio entry')
+        if self.proprio_projector is not None:
+            action_ops.check_bounds(self.proprio_stats, self.normalization, self.stats_where('proprio'),
+                                    dim=self.proprio_dim)
 
     @classmethod
     def load(cls, directory: str | Path, device: str = 'auto', dtype: str | torch.dtype = 'auto',
              unnorm_key: Optional[str] = None, num_images: int = 2, chunk_size: int = 8,
              attn_implementation: str = 'sdpa', center_crop: Optional[bool] = None,
-             **kwargs) -> 'OpenVLAOFTAdapter':
+             proprio: Optional[bool] = None, **kwargs) -> 'OpenVLAOFTAdapter':
+        """Load from a checkpoint directory; ``proprio`` False declares a model trained without the robot state."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         checkpoint, model, tokenizer = cls.load_parts(directory, 'openvla-oft', dev, dt, attn_implementation,
-                                                      center_crop)
+                                                      center_crop, proprio)
         head_path = checkpoint.components[ACTION_HEAD]
         head_state = read_component(head_path, device=dev, dtype=dt)
         head = _build_head(head_state, head_path)

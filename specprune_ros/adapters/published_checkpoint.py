@@ -10,7 +10,7 @@ Files (OpenVLA ``openvla/openvla-7b``; OFT ``moojink/openvla-7b-oft-finetuned-li
     preprocessor_config.json            image sizes, interpolation, per-backbone mean/std, resize strategy (optional)
     dataset_statistics.json             replaces config.json's norm_stats when present (OFT does this)
     action_head--<step>_checkpoint.pt        OFT only: L1 regression head (torch.save'd state dict, maybe 'module.')
-    proprio_projector--<step>_checkpoint.pt  OFT only, if trained with proprio
+    proprio_projector--<step>_checkpoint.pt  OFT only: required unless specprune_adapter.json says "proprio": false
     specprune_adapter.json              optional, ours: robot-side adapter options (unnorm_key, camera names, ...)
 
 Nothing is downloaded: every file must be in the directory, and a missing or malformed one raises
@@ -47,6 +47,9 @@ OPTIONS_FILE = 'specprune_adapter.json'
 ACTION_HEAD = 'action_head'
 PROPRIO_PROJECTOR = 'proprio_projector'
 UNSUPPORTED_COMPONENTS = {'noisy_action_projector': 'diffusion action heads', 'vision_backbone': 'FiLM'}
+OFT_FILE_PREFIXES = (ACTION_HEAD, PROPRIO_PROJECTOR, 'noisy_action_projector')
+OFT_OPTIONS = ('chunk_size', 'num_images', 'proprio')       # specprune_adapter.json keys only OpenVLA-OFT reads
+HF_CACHE_PREFIX = 'models--'
 
 # transformers 4.40's LlamaConfig defaults: what the published checkpoints' minimal ``text_config`` expands to
 # (the remote code builds ``LlamaConfig(**text_config)`` with those defaults; Llama-2 7B's shapes).
@@ -73,6 +76,7 @@ class PrismaticCheckpoint:
     weight_map: dict[str, Path]                 # parameter name -> file
     components: dict[str, Path] = field(default_factory=dict)   # OFT: 'action_head' / 'proprio_projector' -> file
     options: dict = field(default_factory=dict)                 # specprune_adapter.json
+    stats_source: str = STATS_FILE                              # where ``norm_stats`` were read (for errors)
 
     @property
     def action_vocab_size(self) -> int:
@@ -92,10 +96,20 @@ def _read_json(directory: Path, name: str, required: bool = True) -> Optional[An
         raise CheckpointError(f'checkpoint {directory}: malformed {name}: {error}') from error
 
 
-def _check_directory(directory: str | Path) -> Path:
+def check_checkpoint_directory(directory: str | Path) -> Path:
+    """The checkpoint directory as a path; a file, a missing path or a Hugging Face cache root is an error."""
     directory = Path(directory).expanduser()
+    if directory.is_file():
+        raise CheckpointError(f'checkpoint path {directory} is a file, not a directory: give the checkpoint '
+                              f'directory that holds it ({directory.parent})')
     if not directory.is_dir():
         raise CheckpointError(f'checkpoint directory {directory} does not exist')
+    snapshots = directory / 'snapshots'
+    if directory.name.startswith(HF_CACHE_PREFIX) and snapshots.is_dir() and not (directory / CONFIG_FILE).exists():
+        found = sorted(p.name for p in snapshots.iterdir() if p.is_dir())
+        example = snapshots / (found[0] if found else '<hash>')
+        raise CheckpointError(f'checkpoint {directory} is the root of a Hugging Face cache repository: give its '
+                              f'snapshots/<hash>/ directory, e.g. {example}')
     return directory
 
 
@@ -119,9 +133,43 @@ def find_component(directory: Path, name: str) -> Optional[Path]:
     return matches[0] if matches else None
 
 
+def _near_misses(directory: Path, name: str) -> list[str]:
+    """Files whose name starts with ``name`` that :func:`find_component` does not take (e.g. ``action_head--5.pt``)."""
+    found = find_component(directory, name)
+    return sorted(p.name for p in directory.iterdir()
+                  if p.is_file() and p.name.lower().startswith(name) and p != found)
+
+
+def oft_signs(directory: Path, options: Optional[dict] = None) -> list[str]:
+    """What marks ``directory`` as OpenVLA-OFT: its component files and OFT-only ``specprune_adapter.json`` keys."""
+    signs = sorted(p.name for p in directory.iterdir()
+                   if p.is_file() and p.name.lower().startswith(OFT_FILE_PREFIXES))
+    if options is None:
+        options = _read_json(directory, OPTIONS_FILE, required=False)
+    if isinstance(options, dict):
+        signs += [f'{OPTIONS_FILE} "{key}"' for key in OFT_OPTIONS if key in options]
+    return signs
+
+
+def _missing_component(directory: Path, name: str, signs: list[str]) -> str:
+    """The message for an OFT checkpoint without a loadable ``name--<step>_checkpoint.pt``."""
+    message = f'checkpoint {directory}: missing {name}--<step>_checkpoint.pt'
+    near = _near_misses(directory, name)
+    if near:
+        message += f'; found {", ".join(near)}: rename it to {name}--<step>_checkpoint.pt'
+    signs = [sign for sign in signs if sign not in near]
+    if signs:
+        message += f' (the directory is OpenVLA-OFT: {", ".join(signs)})'
+    return message
+
+
 def detect_kind(directory: str | Path) -> str:
-    """'reference' (this project's checkpoint), 'openvla' or 'openvla-oft' (an ``action_head--*`` file present)."""
-    directory = _check_directory(directory)
+    """'reference' (this project's checkpoint), 'openvla' or 'openvla-oft' (an ``action_head--*`` file present).
+
+    A directory with signs of OpenVLA-OFT (:func:`oft_signs`) but no loadable action head is an error: loaded as
+    OpenVLA it would act without the head the model was trained with.
+    """
+    directory = check_checkpoint_directory(directory)
     config = _read_json(directory, CONFIG_FILE)
     if not isinstance(config, dict):
         raise CheckpointError(f'checkpoint {directory}: malformed {CONFIG_FILE}: not a JSON object')
@@ -130,7 +178,12 @@ def detect_kind(directory: str | Path) -> str:
     if not is_prismatic_config(config):
         raise CheckpointError(f'checkpoint {directory}: {CONFIG_FILE} is neither an OpenVLA (model_type "openvla") '
                               'nor a specprune_ros reference checkpoint')
-    return 'openvla-oft' if find_component(directory, ACTION_HEAD) is not None else 'openvla'
+    if find_component(directory, ACTION_HEAD) is not None:
+        return 'openvla-oft'
+    signs = oft_signs(directory)
+    if signs:
+        raise CheckpointError(_missing_component(directory, ACTION_HEAD, signs))
+    return 'openvla'
 
 
 def _text_config(directory: Path, config: dict, attn_implementation: str) -> LlamaConfig:
@@ -199,7 +252,12 @@ def _weight_map(directory: Path) -> dict[str, Path]:
         return files
     single = directory / WEIGHTS_FILE
     if not single.is_file():
-        raise CheckpointError(f'checkpoint {directory}: missing {WEIGHTS_FILE} (or {INDEX_FILE} with its shards)')
+        message = f'checkpoint {directory}: missing {WEIGHTS_FILE} (or {INDEX_FILE} with its shards)'
+        pickled = sorted(p.name for p in directory.glob('pytorch_model*.bin'))
+        if pickled:
+            message += (f'; found {", ".join(pickled)}: only safetensors weights are read, convert them (e.g. '
+                        'safetensors.torch.save_file(torch.load(path), "model.safetensors"))')
+        raise CheckpointError(message)
     from safetensors import safe_open
     try:
         with safe_open(str(single), framework='pt') as handle:
@@ -208,10 +266,24 @@ def _weight_map(directory: Path) -> dict[str, Path]:
         raise CheckpointError(f'checkpoint {directory}: malformed {WEIGHTS_FILE}: {error}') from error
 
 
+def _proprio_flag(directory: Path, options: dict, proprio: Optional[bool]) -> Optional[bool]:
+    """``proprio`` if given, else ``specprune_adapter.json``'s ``"proprio"`` (None when it does not say)."""
+    if proprio is None:
+        proprio = options.get('proprio')
+    if proprio is not None and not isinstance(proprio, bool):
+        raise CheckpointError(f'checkpoint {directory}: malformed {OPTIONS_FILE}: "proprio" must be true or false, '
+                              f'got {proprio!r}')
+    return proprio
+
+
 def read_checkpoint(directory: str | Path, kind: Optional[str] = None, attn_implementation: str = 'sdpa',
-                    center_crop: Optional[bool] = None) -> PrismaticCheckpoint:
-    """Parse config, statistics, preprocessing and the weight index (no tensors are read)."""
-    directory = _check_directory(directory)
+                    center_crop: Optional[bool] = None, proprio: Optional[bool] = None) -> PrismaticCheckpoint:
+    """Parse config, statistics, preprocessing and the weight index (no tensors are read).
+
+    OpenVLA-OFT needs its ``proprio_projector`` file unless ``proprio`` (default: ``specprune_adapter.json``'s
+    ``"proprio"``) is False, which declares a model trained without the robot state.
+    """
+    directory = check_checkpoint_directory(directory)
     detected = detect_kind(directory)
     if detected == 'reference':
         raise CheckpointError(f'checkpoint {directory} is a specprune_ros reference checkpoint, not OpenVLA')
@@ -219,12 +291,13 @@ def read_checkpoint(directory: str | Path, kind: Optional[str] = None, attn_impl
     if kind not in ('openvla', 'openvla-oft'):
         raise ValueError(f"kind must be 'openvla' or 'openvla-oft', got {kind!r}")
     if kind == 'openvla-oft' and detected != 'openvla-oft':
-        raise CheckpointError(f'checkpoint {directory}: missing {ACTION_HEAD}--<step>_checkpoint.pt '
-                              '(an OpenVLA-OFT checkpoint ships its action head as a separate file)')
+        raise CheckpointError(_missing_component(directory, ACTION_HEAD, []) + ' (an OpenVLA-OFT checkpoint ships '
+                              'its action head as a separate file)')
     config = _read_json(directory, CONFIG_FILE)
     options = _read_json(directory, OPTIONS_FILE, required=False) or {}
     if not isinstance(options, dict):
         raise CheckpointError(f'checkpoint {directory}: malformed {OPTIONS_FILE}: not a JSON object')
+    proprio = _proprio_flag(directory, options, proprio)
     specs = _vision_specs(directory, config)
     text_config = _text_config(directory, config, attn_implementation)
     if center_crop is None:
@@ -232,6 +305,7 @@ def read_checkpoint(directory: str | Path, kind: Optional[str] = None, attn_impl
     transform = _transform(directory, specs, config, center_crop)
     stats = _read_json(directory, STATS_FILE, required=False)
     norm_stats = stats if stats is not None else config.get('norm_stats') or {}
+    stats_source = STATS_FILE if stats is not None else f'{CONFIG_FILE} norm_stats'
     if not isinstance(norm_stats, dict):
         raise CheckpointError(f'checkpoint {directory}: malformed norm statistics (not an object)')
     components = {}
@@ -241,9 +315,16 @@ def read_checkpoint(directory: str | Path, kind: Optional[str] = None, attn_impl
                 raise CheckpointError(f'checkpoint {directory}: has a {name} file: OpenVLA-OFT with {what} is not '
                                       'supported (only the L1-regression head)')
         components[ACTION_HEAD] = find_component(directory, ACTION_HEAD)
-        proprio = find_component(directory, PROPRIO_PROJECTOR)
-        if proprio is not None:
-            components[PROPRIO_PROJECTOR] = proprio
+        projector = find_component(directory, PROPRIO_PROJECTOR)
+        if projector is not None and proprio is False:
+            raise CheckpointError(f'checkpoint {directory}: {OPTIONS_FILE} says "proprio": false but the checkpoint '
+                                  f'has {projector.name}: the model was trained with the robot state')
+        if projector is None and proprio is not False:
+            raise CheckpointError(_missing_component(directory, PROPRIO_PROJECTOR, []) + ': OpenVLA-OFT takes '
+                                  'the robot state through it; for a model trained without proprio set '
+                                  f'"proprio": false in {OPTIONS_FILE}')
+        if projector is not None:
+            components[PROPRIO_PROJECTOR] = projector
     try:
         n_bins = int(config.get('n_action_bins', 256))
         pad = int(config.get('pad_to_multiple_of', 64))
@@ -252,7 +333,7 @@ def read_checkpoint(directory: str | Path, kind: Optional[str] = None, attn_impl
     return PrismaticCheckpoint(directory=directory, config=config, kind=kind, vision_specs=specs,
                                text_config=text_config, transform=transform, norm_stats=norm_stats,
                                n_action_bins=n_bins, pad_to_multiple_of=pad, weight_map=_weight_map(directory),
-                               components=components, options=options)
+                               components=components, options=options, stats_source=stats_source)
 
 
 def load_tokenizer(directory: str | Path):
@@ -262,7 +343,7 @@ def load_tokenizer(directory: str | Path):
     directly: ``AutoTokenizer`` would read ``config.json``, whose ``auto_map`` points at remote code.
     """
     import transformers
-    directory = _check_directory(directory)
+    directory = check_checkpoint_directory(directory)
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
         raise CheckpointError(f'checkpoint {directory}: missing {TOKENIZER_FILES[0]} (or {TOKENIZER_FILES[1]})')
     settings = _read_json(directory, 'tokenizer_config.json', required=False) or {}

@@ -201,7 +201,7 @@ def write_tiny_checkpoint(directory: str | Path, kind: str = 'openvla', seed: in
             torch.save({f'module.{k}': v.to(dtype) for k, v in projector.state_dict().items()},
                        directory / f'proprio_projector--{step}_checkpoint.pt')
         (directory / STATS_FILE).write_text(json.dumps(config['norm_stats'], indent=2))
-        options = {'chunk_size': chunk_size, **(options or {})}
+        options = {'chunk_size': chunk_size, **({} if proprio else {'proprio': False}), **(options or {})}
     if options:
         (directory / 'specprune_adapter.json').write_text(json.dumps(options, indent=2))
     return directory

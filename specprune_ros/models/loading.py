@@ -13,8 +13,7 @@ import torch
 from specprune_ros.adapters.factory import load_adapter_policy
 from specprune_ros.adapters.pi0.backend import load_pi0_policy
 from specprune_ros.adapters.pi0.checkpoint import is_pi0_directory
-from specprune_ros.adapters.published_checkpoint import detect_kind
-from specprune_ros.policy.errors import CheckpointError
+from specprune_ros.adapters.published_checkpoint import check_checkpoint_directory, detect_kind
 from specprune_ros.policy.interface import Policy
 from specprune_ros.policy.reference_backend import reference_policy
 from specprune_ros.policy.reference_checkpoint import load_checkpoint
@@ -42,9 +41,7 @@ def load_model(model: str, device: str = 'cpu', dtype: str = 'float32', seed: in
     if model == 'tiny-random':
         torch.manual_seed(seed)
         return ReferenceVLA(tiny_random_config()).to(device=device, dtype=DTYPES[dtype]).eval()
-    directory = REFERENCE_CHECKPOINT if model == 'reference' else Path(model).expanduser()
-    if not directory.is_dir():
-        raise CheckpointError(f'checkpoint directory {directory} does not exist')
+    directory = check_checkpoint_directory(REFERENCE_CHECKPOINT if model == 'reference' else model)
     return load_checkpoint(directory, device=device, dtype=DTYPES[dtype])
 
 
@@ -70,7 +67,8 @@ def published_kind(model: str) -> Optional[str]:
     """'openvla' / 'openvla-oft' / 'pi0' when ``model`` is a directory holding such a checkpoint, else None.
 
     'pi0' stands for LeRobot's pi0 or pi0.5; the kind is judged by the directory's ``config.json``. With None the
-    reference VLA path handles ``model``, and its errors (e.g. a missing directory).
+    reference VLA path handles ``model``, and its errors (e.g. a missing directory). A directory with signs of
+    OpenVLA-OFT but no loadable action head raises :class:`CheckpointError` (see ``detect_kind``).
     """
     if model in ('reference', 'tiny-random'):
         return None

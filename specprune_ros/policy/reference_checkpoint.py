@@ -46,15 +46,22 @@ def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     weights = Path(directory) / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f'checkpoint {directory}: missing {WEIGHTS_FILE}')
-    return load_file(str(weights))
+    try:
+        return load_file(str(weights))
+    except Exception as error:  # safetensors raises its own error types (truncated file, LFS pointer, ...)
+        raise CheckpointError(f'checkpoint {directory}: malformed {WEIGHTS_FILE} ({weights}): {error}') from error
 
 
 def load_checkpoint(directory: str | Path, device: str = 'cpu', dtype: torch.dtype = torch.float32) -> ReferenceVLA:
     """Build the model from config.json and load model.safetensors (strict: every weight must match)."""
     config, _ = read_config(directory)
-    model = ReferenceVLA(config)
     try:
-        model.load_state_dict(read_weights(directory), strict=True)
+        model = ReferenceVLA(config)
+    except (TypeError, ValueError, ArithmeticError, RuntimeError) as error:   # e.g. a string or zero size
+        raise CheckpointError(f'checkpoint {directory}: malformed {CONFIG_FILE}: {error}') from error
+    weights = read_weights(directory)
+    try:
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as error:
         raise CheckpointError(f'checkpoint {directory}: {WEIGHTS_FILE} does not fit config.json: {error}') from error
     return model.to(device=device, dtype=dtype).eval()

@@ -24,7 +24,7 @@ import torch
 from specprune_ros.adapters.pi0.checkpoint import load_checkpoint
 from specprune_ros.adapters.pi0.inference import ACTION_ROWS, Pi0Inference, Pi0Input
 from specprune_ros.adapters.base import resolve_device, resolve_dtype
-from specprune_ros.adapters.published_checkpoint import OPTIONS_FILE, _check_directory, _read_json
+from specprune_ros.adapters.published_checkpoint import OPTIONS_FILE, check_checkpoint_directory, _read_json
 from specprune_ros.core.dataclass_mapping import UnknownFieldsError, dataclass_from_mapping
 from specprune_ros.core.step_types import PruningMethod, StepContext
 from specprune_ros.policy.backend import EncodedStep, ModelBackend, ModelOutput, camera_frames
@@ -125,7 +125,7 @@ class Pi0Backend(ModelBackend):
 def load_pi0_backend(directory: str | Path, device: str = 'auto', dtype: str = 'auto',
                      options: Optional[Pi0Options] = None) -> Pi0Backend:
     """The backend of a LeRobot pi0 / pi0.5 checkpoint directory."""
-    directory = _check_directory(directory)
+    directory = check_checkpoint_directory(directory)
     options = options or read_options(directory)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -140,6 +140,6 @@ def load_pi0_policy(directory: str | Path, method: str = 'none', method_config: 
 
     Keyword arguments are :class:`Pi0Options` fields (they override ``specprune_adapter.json``).
     """
-    directory = _check_directory(directory)
+    directory = check_checkpoint_directory(directory)
     backend = load_pi0_backend(directory, device, dtype, read_options(directory, options))
     return PrunablePolicy(backend, build_method(method, method_config, seed=seed))

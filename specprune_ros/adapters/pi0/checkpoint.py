@@ -20,8 +20,8 @@ from typing import Any, Optional
 
 import torch
 
-from specprune_ros.adapters.published_checkpoint import (CONFIG_FILE, _check_directory, _read_json, _weight_map,
-                                                         assert_materialised, assign_state, read_state)
+from specprune_ros.adapters.published_checkpoint import (CONFIG_FILE, _read_json, _weight_map, assert_materialised,
+                                                         assign_state, check_checkpoint_directory, read_state)
 from specprune_ros.adapters.pi0.configuration import POLICY_TYPES, Pi0Config, parse_config
 from specprune_ros.adapters.pi0.modeling import Pi0Model
 from specprune_ros.adapters.pi0.processing import Normalization, load_tokenizer
@@ -89,7 +89,7 @@ class Pi0Checkpoint:
 def load_checkpoint(directory: str | Path, device: torch.device | str = 'cpu', dtype: torch.dtype = torch.float32,
                     tokenizer: Optional[str | Path] = None) -> Pi0Checkpoint:
     """Read everything of a pi0 / pi0.5 checkpoint directory and build the model on ``device`` in ``dtype``."""
-    directory = _check_directory(directory)
+    directory = check_checkpoint_directory(directory)
     config = read_config(directory)
     normalization = Normalization.read(directory, config.state_dim, config.action_dim, config.normalization)
     tok = load_tokenizer(directory, tokenizer)

@@ -146,6 +146,20 @@ def _feature(directory: Path, source: str, config: dict, stats: dict[str, np.nda
         if values.shape != (dim,):
             raise CheckpointError(f'checkpoint {directory}: {source}: {key}.{name} has shape {values.shape}, '
                                   f'config.json says ({dim},)')
+        if not np.isfinite(values).all():
+            raise CheckpointError(f'checkpoint {directory}: {source}: {key}.{name} has non-finite values '
+                                  f'{values.tolist()}')
+    if mode == 'MEAN_STD':
+        bad = np.flatnonzero(found['std'] < 0)
+        if bad.size:
+            raise CheckpointError(f'checkpoint {directory}: {source}: {key}.std is negative in dimension(s) '
+                                  f'{bad.tolist()}')
+    elif needed:
+        low, high = needed
+        bad = np.flatnonzero(found[high] < found[low])
+        if bad.size:
+            raise CheckpointError(f'checkpoint {directory}: {source}: {key}.{high} < {key}.{low} in dimension(s) '
+                                  f'{bad.tolist()} (swapped bounds would mirror the output)')
     return FeatureStats(mode=mode, stats=found)
 
 
