@@ -11,6 +11,8 @@ import pytest
 pytest.importorskip('rclpy', reason='ROS 2 (rclpy) is not installed: scripts/setup_env.sh installs the wheels')
 
 from lifecycle_msgs.msg import Transition  # noqa: E402
+from rcl_interfaces.msg import Parameter as ParameterMsg, ParameterType, ParameterValue  # noqa: E402
+from rcl_interfaces.srv import SetParameters  # noqa: E402
 
 from ros_harness import Probe, start_camera, start_node, twist_values  # noqa: E402
 
@@ -20,7 +22,8 @@ STARTUP_S = 120.0
 
 @pytest.fixture(scope='module')
 def system():
-    managed = start_node(DOMAIN, {'autostart': 'false'})
+    # as a params file may write them: an integer for a double, an empty list
+    managed = start_node(DOMAIN, {'autostart': 'false'}, {'control_rate_hz': 20, 'state_joint_names': []})
     # the launch configuration would refuse these, so they go straight to the process as -p overrides
     broken = start_node(DOMAIN, {'node_name': 'broken_node'},
                         {'camera_topics': ['only/one/topic'], 'control_rate_hz': 1000.0, 'chunk_mode': 'wobble',
@@ -100,6 +103,13 @@ def test_reactivate_cleanup_and_shutdown(system):
     assert probe.transition(Transition.TRANSITION_DEACTIVATE)
     assert probe.transition(Transition.TRANSITION_CLEANUP)
     assert probe.lifecycle_state() == 'unconfigured'
+    # configured again, the node takes the latched instruction (published once, long ago) again and commands
+    assert probe.transition(Transition.TRANSITION_CONFIGURE) and probe.transition(Transition.TRANSITION_ACTIVATE)
+    values = probe.wait_diagnostics(lambda m, v: v['hold reason'] == 'none (commanding)', 10.0)
+    assert values['hold reason'] == 'none (commanding)', values['hold reason']
+    assert 'commands at 20.0 Hz' in system['node'].output()
+    assert probe.transition(Transition.TRANSITION_DEACTIVATE)
+    assert probe.transition(Transition.TRANSITION_CLEANUP)
     after = time.monotonic()
     assert probe.wait_for(lambda: probe.since(probe.diagnostics, after), 3.0)   # the node still reports
     assert probe.transition(Transition.TRANSITION_UNCONFIGURED_SHUTDOWN)
@@ -116,8 +126,18 @@ def test_invalid_parameters_fail_configure_with_a_clear_message(system):
     assert "method 'specprune': layer_drop_fraction: 1.5 is outside [0, 1]" in error, error
     assert probe.lifecycle_state() == 'unconfigured'
     assert not probe.transition(Transition.TRANSITION_CONFIGURE)      # still invalid, still alive
+    # each invalid value can be fixed on its own while others stay invalid; a new invalid value is refused
+    assert set_string(probe, 'chunk_mode', 'blend').successful
+    refused = set_string(probe, 'chunk_mode', 'wobble')
+    assert not refused.successful and 'chunk_mode' in refused.reason and 'camera_topics' not in refused.reason
     assert process.alive()
     assert 'configure failed: invalid parameters' in process.output()
+
+
+def set_string(probe: Probe, name: str, value: str):
+    request = SetParameters.Request(parameters=[ParameterMsg(name=name, value=ParameterValue(
+        type=ParameterType.PARAMETER_STRING, string_value=value))])
+    return probe.call(SetParameters, f'{probe.prefix}/set_parameters', request).results[0]
 
 
 def test_a_missing_checkpoint_fails_configure_and_the_node_keeps_reporting(system):

@@ -273,9 +273,13 @@ def test_debug_image_shows_the_inputs(system):
 
 
 def test_dry_run_infers_but_does_not_command(system):
+    """Switched on while commanding, dry run sends a stop first: a twist consumer keeps the last command."""
     probe = system['probe']
+    before = time.monotonic()
     assert set_parameter(probe, 'dry_run', True).successful
     time.sleep(0.3)
+    last = probe.since(probe.twists, before)
+    assert last and not any(twist_values(last[-1]))
     start = time.monotonic()
     time.sleep(0.8)
     assert not probe.since(probe.twists, start) and len(probe.since(probe.chunks, start)) >= 2

@@ -148,9 +148,10 @@ class NodeParameters:
     action_scale: float = _param(1.0, 'multiplies every commanded velocity (slow-down factor)', low=0.0, high=1.0)
     max_linear_speed: float = _param(0.25, 'per-axis linear speed limit (m/s)', low=0.0, high=5.0)
     max_angular_speed: float = _param(2.5, 'per-axis angular speed limit (rad/s)', low=0.0, high=20.0)
-    max_linear_accel: float = _param(5.0, 'per-axis linear acceleration limit (m/s^2; rate limiting)',
-                                     low=0.0, high=1000.0)
-    max_angular_accel: float = _param(50.0, 'per-axis angular acceleration limit (rad/s^2)', low=0.0, high=10000.0)
+    max_linear_accel: float = _param(5.0, 'per-axis linear acceleration limit (m/s^2; rate limiting; at least 0.1: '
+                                     'a zero limit would freeze the velocity)', low=0.1, high=1000.0)
+    max_angular_accel: float = _param(50.0, 'per-axis angular acceleration limit (rad/s^2; at least 1)', low=1.0,
+                                      high=10000.0)
     gripper_binarize: bool = _param(True, 'publish only fully open / fully closed gripper commands')
     gripper_open_value: float = _param(-1.0, 'gripper_command value for open', low=-1000.0, high=1000.0)
     gripper_closed_value: float = _param(1.0, 'gripper_command value for closed', low=-1000.0, high=1000.0)

@@ -10,6 +10,7 @@ from typing import Any
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 
 from specprune_ros.control.parameters import (JOINT_LIMITS_PREFIX, METHOD_SETTINGS_PREFIX, PREFIXED_SETTINGS,
                                               NodeParameters, ParamInfo)
@@ -17,8 +18,7 @@ from specprune_ros.control.parameters import (JOINT_LIMITS_PREFIX, METHOD_SETTIN
 _TYPES = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
           float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING,
           list: ParameterType.PARAMETER_STRING_ARRAY}
-_TYPE_NAMES = {bool: 'bool', int: 'integer', float: 'double (write 10.0, not 10)', str: 'string',
-               list: 'string array'}
+_TYPE_NAMES = {bool: 'bool', int: 'integer', float: 'double', str: 'string', list: 'string array'}
 
 
 def descriptor(name: str, info: ParamInfo, default: Any) -> ParameterDescriptor:
@@ -45,10 +45,15 @@ def declare_node_parameters(node: Node) -> dict[str, str]:
     An override that ROS rejects (type, range) falls back to the default and is returned as {name: message}, so the node
     stays up and ``on_configure`` can fail with it.
     """
-    errors = {}
     defaults = NodeParameters.defaults()
+    errors, empty_lists = _normalise_overrides(node, defaults)
     for name, info in NodeParameters.infos().items():
         default = defaults[name]
+        if name in empty_lists:
+            node.declare_parameter(name, default, descriptor(name, info, default), ignore_override=True)
+            # rclpy would infer a byte array from a bare []: store the typed empty value itself
+            node._parameters[name] = Parameter(name, Parameter.Type.STRING_ARRAY, [])
+            continue
         try:
             node.declare_parameter(name, default, descriptor(name, info, default))
         except InvalidParameterTypeException:
@@ -59,6 +64,32 @@ def declare_node_parameters(node: Node) -> dict[str, str]:
             errors[name] = f'{name}: {reason}'
             node.declare_parameter(name, default, descriptor(name, info, default), ignore_override=True)
     return errors
+
+
+def _normalise_overrides(node: Node, defaults: dict[str, Any]) -> tuple[dict[str, str], set[str]]:
+    """Take the overrides a params file writes naturally as the schema's types.
+
+    An integer for a double parameter (``control_rate_hz: 20``) becomes that double. ``[]`` carries no element
+    type, so rcl leaves it unset: its name is returned (declared as an empty string array). Any other unset value
+    (``name:`` or ``null``) is dropped and reported in {name: message}, so the node starts and configure fails
+    with the reason.
+    """
+    errors, empty_lists = {}, set()
+    # rclpy keeps a node's overrides (params file and -p) only here; there is no public accessor
+    overrides = node._parameter_overrides
+    for name, default in defaults.items():
+        override = overrides.get(name)
+        if override is None:
+            continue
+        if override.type_ == Parameter.Type.NOT_SET:
+            del overrides[name]
+            if isinstance(default, list):
+                empty_lists.add(name)
+            else:
+                errors[name] = f'{name}: the override has no value, expected {_TYPE_NAMES[type(default)]}'
+        elif type(default) is float and override.type_ == Parameter.Type.INTEGER:
+            overrides[name] = Parameter(name, Parameter.Type.DOUBLE, float(override.value))
+    return errors, empty_lists
 
 
 _PREFIX_DESCRIPTIONS = {METHOD_SETTINGS_PREFIX: 'a setting of the pruning method (see method)',

@@ -376,6 +376,8 @@ class SpecPruneNode(LifecycleNode):
         self._input_subscriptions, self._output_publishers = [], []
         self.controller = None
         self.policy = None
+        # the next configure's subscription gets the latched instruction again, with the same sample identity
+        self._instruction_duplicates = DuplicateFilter()
 
     # --- wiring --------------------------------------------------------------------------------------------
     def _create_subscriptions(self, params: NodeParameters) -> None:
@@ -621,11 +623,20 @@ class SpecPruneNode(LifecycleNode):
 
     # --- parameters at run time ----------------------------------------------------------------------------
     def _check_parameter_change(self, changes: list[Parameter]) -> SetParametersResult:
+        """Refuse a change that makes a parameter invalid.
+
+        Errors the parameters had before the change do not count: with two invalid values each can be fixed on
+        its own (configure checks them all).
+        """
         try:
             candidate = read_node_parameters(self, {p.name: p.value for p in changes})
         except ParameterError as error:
             return SetParametersResult(successful=False, reason=str(error))
-        errors = candidate.validate()
+        try:
+            before = set(read_node_parameters(self).validate())
+        except ParameterError:
+            before = set()
+        errors = [error for error in candidate.validate() if error not in before]
         return SetParametersResult(successful=not errors, reason='; '.join(errors))
 
     def _apply_parameter_change(self, changes: list[Parameter]) -> None:
@@ -635,10 +646,15 @@ class SpecPruneNode(LifecycleNode):
             params = read_node_parameters(self)
         except ParameterError:
             return
+        dry_run_starts = params.dry_run and not self.params.dry_run
         self.params = params
-        if self.controller is not None:
-            self.controller.update_parameters(params)
-            self.controller.set_enabled(params.enabled)
+        controller = self.controller
+        if controller is not None:
+            controller.update_parameters(params)
+            controller.set_enabled(params.enabled)
+            if dry_run_starts and self._control_timer is not None:
+                with self._publish_lock:   # commands stop going out: the last one must be a stop
+                    self._publish_locked(controller.safety.hold('dry run', self.now()))
 
     # --- diagnostics ---------------------------------------------------------------------------------------
     def _publish_diagnostics(self) -> None:
