@@ -66,3 +66,20 @@ def test_a_failing_plot_loses_no_results(tmp_path, monkeypatch, capsys):
     assert (tmp_path / 'pruning_closed_loop.md').is_file() and (tmp_path / 'pruning_closed_loop.json').is_file()
     assert not (tmp_path / 'pruning_closed_loop.png').exists()
     assert '**none**' in (tmp_path / 'pruning_closed_loop.md').read_text()
+
+
+def test_frame_decoding_benchmark_writes_both_paths_of_the_same_frames(tmp_path, monkeypatch):
+    """A small run: one row per camera size, the scale the node would pick, both times and their difference."""
+    monkeypatch.setenv('MUJOCO_GL', 'egl')
+    decoding = load_benchmark_script('frame_decoding')
+    report = decoding.main(['--sizes', '320x240', '640x480', '--frames', '2', '--repeats', '1', '--input', '96',
+                            '--out', str(tmp_path)])
+    rows = report['rows']
+    assert [row['camera'] for row in rows] == ['320x240', '640x480'] and [row['scale'] for row in rows] == [2, 4]
+    for row in rows:
+        assert row['full_ms']['median'] > 0 and row['scaled_ms']['median'] > 0 and row['speedup'] > 0
+        assert 0 <= row['mean_abs_difference'] < 3
+    table = (tmp_path / 'frame_decoding.md').read_text()
+    assert '| 640x480 |' in table and 'Commit: ' in table
+    with pytest.raises(SystemExit):
+        decoding.main(['--sizes', '640by480', '--out', str(tmp_path)])
