@@ -142,6 +142,8 @@ def test_launch_arguments_become_typed_overrides_and_remappings():
     ({'autostart': 'maybe'}, 'expected true or false'),
     ({'colour': 'red'}, 'unknown launch arguments'),
     ({'params_file': '/nonexistent.yaml'}, 'does not exist'),
+    ({'node_name': 'my node'}, "node_name: 'my node' is not a valid node name"),
+    ({'namespace': 'my arm/'}, "namespace: 'my arm/' is not a valid namespace"),
 ])
 def test_bad_launch_arguments_fail_early(arguments, fragment):
     with pytest.raises(ValueError, match=fragment):
@@ -193,6 +195,23 @@ def test_launch_file_builds_when_launch_ros_exists():
     description = module.generate_launch_description()
     declared = {entity.name for entity in description.entities if hasattr(entity, 'default_value')}
     assert declared == {arg.name for arg in LAUNCH_ARGUMENTS}
+
+
+def test_the_params_file_section_of_the_launched_node_is_checked(tmp_path):
+    """A section for the node's own name (or namespace/name) is what ROS applies to it, so launch checks it."""
+    params_file = tmp_path / 'robot.yaml'
+    params_file.write_text('/**:\n  ros__parameters:\n    model: tiny-random\n'
+                           'left_arm_policy:\n  ros__parameters:\n    max_linear_speed: 0.1\n'
+                           '/left/left_arm_policy:\n  ros__parameters:\n    chunk_mode: blend\n')
+    values = launch_config.params_file_values(str(params_file), 'left_arm_policy', '/left')
+    assert values['max_linear_speed'] == 0.1 and values['chunk_mode'] == 'blend'
+    assert 'max_linear_speed' not in launch_config.params_file_values(str(params_file))
+    setup = node_setup({'params_file': str(params_file), 'node_name': 'left_arm_policy', 'namespace': 'left/'})
+    assert (setup.name, setup.namespace) == ('left_arm_policy', '/left')
+    params_file.write_text(params_file.read_text().replace('blend', 'wobble'))
+    with pytest.raises(ValueError, match='chunk_mode'):
+        node_setup({'params_file': str(params_file), 'node_name': 'left_arm_policy', 'namespace': '/left'})
+    node_setup({'params_file': str(params_file)})          # another node's section does not apply
 
 
 def test_openvla_oft_overrides_layer_validly_over_the_defaults():

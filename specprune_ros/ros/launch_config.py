@@ -8,6 +8,7 @@ not always installable.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from specprune_ros.control.parameters import METHODS, NodeParameters, ParameterError
+
+_ROS_TOKEN = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')      # one node name or namespace token
 
 PACKAGE = 'specprune_ros'
 EXECUTABLE = 'specprune_node'
@@ -146,24 +149,44 @@ def node_setup(arguments: Mapping[str, str]) -> NodeSetup:
     values = {**known, **{k: str(v) for k, v in arguments.items()}}
     overrides = {name: _typed_override(name, values[name]) for name in PARAMETER_ARGUMENTS if values[name].strip()}
     params_file = values['params_file'] or default_params_file()
-    check_overrides(params_file, overrides)
+    name, namespace = node_name(values['node_name']), node_namespace(values['namespace'])
+    check_overrides(params_file, overrides, name, namespace)
     if values['use_sim_time'].strip():                       # rclpy's own parameter, not in the schema
         overrides['use_sim_time'] = _typed_bool('use_sim_time', values['use_sim_time'])
     remappings = [(source, values[arg]) for arg, (source, _, _) in REMAP_ARGUMENTS.items()
                   if values[arg] and values[arg] != source]
-    namespace = values['namespace'].strip()
-    if namespace and not namespace.startswith('/'):
-        namespace = '/' + namespace
-    return NodeSetup(name=values['node_name'] or EXECUTABLE, namespace=namespace, params_file=params_file,
+    return NodeSetup(name=name, namespace=namespace, params_file=params_file,
                      overrides=overrides, remappings=remappings, log_level=values['log_level'] or 'info')
 
 
-def params_file_values(params_file: str) -> dict[str, Any]:
-    """The ``ros__parameters`` of a params file that apply to every node (``/**``) or to the default name."""
+def node_name(text: str) -> str:
+    """The ``node_name`` argument (default: the executable's name), refused when ROS would refuse it."""
+    name = text.strip() or EXECUTABLE
+    if not _ROS_TOKEN.match(name):
+        raise ValueError(f'launch argument node_name: {name!r} is not a valid node name (letters, digits and '
+                         'underscores, not starting with a digit)')
+    return name
+
+
+def node_namespace(text: str) -> str:
+    """The ``namespace`` argument as an absolute namespace ('' for none), refused when ROS would refuse it."""
+    namespace = text.strip().strip('/')
+    if namespace and not all(_ROS_TOKEN.match(token) for token in namespace.split('/')):
+        raise ValueError(f'launch argument namespace: {text!r} is not a valid namespace (tokens of letters, digits '
+                         "and underscores separated by '/')")
+    return f'/{namespace}' if namespace else ''
+
+
+def params_file_values(params_file: str, name: str = EXECUTABLE, namespace: str = '') -> dict[str, Any]:
+    """The ``ros__parameters`` of a params file that apply to the node ``namespace/name``.
+
+    Sections in the order ROS applies them (later ones win): ``/**``, the bare name, the fully qualified name.
+    """
     with open(params_file, encoding='utf-8') as stream:
         document = yaml.safe_load(stream) or {}
     values: dict[str, Any] = {}
-    for key in ('/**', EXECUTABLE, f'/{EXECUTABLE}'):
+    qualified = f'{namespace}/{name}'
+    for key in dict.fromkeys(('/**', name, f'/{name}', qualified, qualified.lstrip('/'))):
         values.update(flatten_parameters((document.get(key) or {}).get('ros__parameters', {}) or {}))
     return values
 
@@ -182,12 +205,16 @@ def flatten_parameters(values: Mapping[str, Any], prefix: str = '') -> dict[str,
     return flat
 
 
-def check_overrides(params_file: str, overrides: Mapping[str, Any]) -> NodeParameters:
-    """Validate params file + overrides against the schema (clear ``ValueError`` when they do not fit)."""
+def check_overrides(params_file: str, overrides: Mapping[str, Any], name: str = EXECUTABLE,
+                    namespace: str = '') -> NodeParameters:
+    """Validate params file (its sections for ``namespace/name``) + overrides against the schema.
+
+    A clear ``ValueError`` when they do not fit.
+    """
     if not os.path.isfile(params_file):
         raise ValueError(f'params_file {params_file!r} does not exist')
     try:
-        params = NodeParameters.from_mapping({**params_file_values(params_file), **overrides})
+        params = NodeParameters.from_mapping({**params_file_values(params_file, name, namespace), **overrides})
         params.check()
     except ParameterError as error:
         raise ValueError(f'{params_file} with overrides {dict(overrides)}: {error}') from None
