@@ -147,3 +147,12 @@ def test_a_missing_checkpoint_fails_configure_and_the_node_keeps_reporting(syste
     seen = time.monotonic()
     assert probe.wait_for(lambda: probe.since(probe.diagnostics, seen), 3.0)
     assert probe.lifecycle_state() == 'unconfigured' and process.alive()
+    # unconfigured, the model can be changed and configured without restarting the process
+    assert set_string(probe, 'model', 'tiny-random').successful
+    assert probe.transition(Transition.TRANSITION_CONFIGURE) and probe.lifecycle_state() == 'inactive'
+    refused = set_string(probe, 'method', 'fastv')
+    assert not refused.successful and 'method apply at configure: the node is inactive' in refused.reason
+    assert probe.transition(Transition.TRANSITION_CLEANUP)
+    assert set_string(probe, 'method', 'fastv').successful
+    assert probe.transition(Transition.TRANSITION_CONFIGURE)
+    assert "loaded 'tiny-random' with method 'fastv'" in process.output()

@@ -259,9 +259,9 @@ def test_parameters_are_declared_with_descriptors(system):
     reply = system['probe'].call(DescribeParameters, '/specprune_node/describe_parameters',
                                  DescribeParameters.Request(names=['control_rate_hz', 'max_linear_speed', 'method']))
     rate, speed, method = reply.descriptors
-    assert rate.read_only and rate.description and rate.floating_point_range[0].to_value == 500.0
-    assert not speed.read_only and speed.floating_point_range[0].from_value == 0.0
-    assert method.read_only and 'specprune' in method.additional_constraints
+    assert 'applies at configure' in rate.additional_constraints and rate.floating_point_range[0].to_value == 500.0
+    assert 'configure' not in speed.additional_constraints and speed.floating_point_range[0].from_value == 0.0
+    assert 'applies at configure' in method.additional_constraints and 'specprune' in method.additional_constraints
 
 
 def test_debug_image_shows_the_inputs(system):
@@ -298,6 +298,7 @@ def test_runtime_parameters_are_validated(system):
     for name, value in (('max_linear_speed', -1.0), ('model', 'reference'), ('chunk_mode', 'wobble')):
         result = set_parameter(probe, name, value)
         assert not result.successful and result.reason, name
+    assert 'model apply at configure: the node is active' in set_parameter(probe, 'model', 'reference').reason
     assert set_parameter(probe, 'max_linear_speed', MAX_LINEAR).successful
 
 

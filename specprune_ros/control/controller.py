@@ -153,7 +153,7 @@ class PolicyController:
 
     # --- settings -----------------------------------------------------------------------------------------
     def update_parameters(self, params: NodeParameters) -> None:
-        """Apply run-time changeable parameters (the read-only ones are ignored)."""
+        """Apply run-time changeable parameters (the configure-time ones are ignored)."""
         with self.lock:
             self.params = params
             self.sync.limits = sync_limits(params)

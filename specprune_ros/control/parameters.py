@@ -1,7 +1,7 @@
 """The policy node's parameter schema.
 
-One dataclass holding defaults, descriptions, ranges, choices and read-only flags, plus the validation that turns a bad
-value into a clear message.
+One dataclass holding defaults, descriptions, ranges, choices and configure-time flags, plus the validation that
+turns a bad value into a clear message.
 
 The ROS node declares its parameters from this schema (``specprune_ros.ros.parameter_declaration``), the
 launch configuration types its overrides with it, and ``config/specprune.yaml`` holds the robot defaults.
@@ -44,7 +44,7 @@ class ParamInfo:
     """How a parameter is described to ROS tools and checked."""
 
     description: str
-    read_only: bool = False                      # cannot change after the node started
+    at_configure: bool = False                   # applied at configure: changeable only while unconfigured
     low: Optional[float] = None                  # inclusive range for numbers
     high: Optional[float] = None
     choices: tuple[str, ...] = ()                # allowed strings (each element, for string lists)
@@ -62,29 +62,29 @@ class NodeParameters:
 
     # --- model -----------------------------------------------------------------------------------------
     model: str = _param('reference', "'reference' (the trained reference VLA), 'tiny-random' (plumbing tests) or "
-                        'a local checkpoint directory', read_only=True)
-    device: str = _param('cpu', "torch device: 'cpu', 'cuda', 'cuda:N' or 'mps'", read_only=True)
-    dtype: str = _param('float32', 'model weights dtype', read_only=True, choices=DTYPES)
-    method: str = _param('specprune', 'visual-token pruning method', read_only=True, choices=METHODS)
+                        'a local checkpoint directory', at_configure=True)
+    device: str = _param('cpu', "torch device: 'cpu', 'cuda', 'cuda:N' or 'mps'", at_configure=True)
+    dtype: str = _param('float32', 'model weights dtype', at_configure=True, choices=DTYPES)
+    method: str = _param('specprune', 'visual-token pruning method', at_configure=True, choices=METHODS)
     method_config: str = _param('{}', "the pruning method's settings as a YAML/JSON mapping string, e.g. "
                                 "'{keep_regions: [[1, 0, 0, 1, 1]]}'; single settings are simpler as "
                                 'method_settings.<name> parameters (-p method_settings.keep_ratio:=0.25), which '
-                                'take precedence', read_only=True)
-    seed: int = _param(0, 'random seed (random pruning, tiny-random weights)', read_only=True, low=0, high=2**31 - 1)
-    torch_threads: int = _param(0, 'torch intra-op threads (0 = leave the default)', read_only=True, low=0, high=256)
+                                'take precedence', at_configure=True)
+    seed: int = _param(0, 'random seed (random pruning, tiny-random weights)', at_configure=True, low=0, high=2**31 - 1)
+    torch_threads: int = _param(0, 'torch intra-op threads (0 = leave the default)', at_configure=True, low=0, high=256)
     warmup_steps: int = _param(1, 'predictions on a blank observation at configure (JIT, allocator warm-up)',
-                               read_only=True, low=0, high=20)
+                               at_configure=True, low=0, high=20)
     # --- inputs ----------------------------------------------------------------------------------------
     camera_names: list = _param(['agentview', 'wrist'], "the policy's camera names, in the order of camera_topics",
-                                read_only=True)
+                                at_configure=True)
     camera_topics: list = _param(['camera/agentview/image_raw', 'camera/wrist/image_raw'],
                                  'image topic of each camera (relative names follow the node namespace)',
-                                 read_only=True)
+                                 at_configure=True)
     camera_transports: list = _param(['raw', 'raw'], "per camera: 'raw' (sensor_msgs/Image) or 'compressed' "
-                                     '(sensor_msgs/CompressedImage on the given topic)', read_only=True,
+                                     '(sensor_msgs/CompressedImage on the given topic)', at_configure=True,
                                      choices=TRANSPORTS)
     camera_frames: list = _param([''], "expected header.frame_id of each camera's frames, in camera_names order "
-                                 "('' = not checked); a mismatch is rejected and the robot holds", read_only=True)
+                                 "('' = not checked); a mismatch is rejected and the robot holds", at_configure=True)
     min_image_side: int = _param(16, 'frames with a side shorter than this (pixels) are rejected', low=1, high=8192)
     jpeg_scaled_decode: bool = _param(True, 'decode a JPEG frame of at least twice the policy input at 1/2, 1/4 or 1/8 '
                                       "scale (libjpeg's DCT scaling: 1.8-3.3x faster; false: full decode, then "
@@ -92,16 +92,16 @@ class NodeParameters:
     max_instruction_bytes: int = _param(1024, 'longer instructions are rejected (UTF-8 bytes)', low=1, high=1_000_000)
     proprio_source: str = _param('pose', "robot state for the proprio token: 'pose' (ee_pose PoseStamped + "
                                  "gripper_state), 'joint_state' (joint positions from joint_state_topic, e.g. "
-                                 "pi0's state) or 'none' (only for policies without proprio)", read_only=True,
+                                 "pi0's state) or 'none' (only for policies without proprio)", at_configure=True,
                                  choices=PROPRIO_SOURCES)
     joint_state_topic: str = _param('joint_states', "proprio_source joint_state: the sensor_msgs/JointState topic "
                                     '(joints in any order, extra joints ignored); its positions also start the '
-                                    'joint commands\' velocity limit', read_only=True)
+                                    'joint commands\' velocity limit', at_configure=True)
     state_joint_names: list = _param([''], "proprio_source joint_state: the JointState joint of each policy state "
                                      "value, in the policy's state order ([''] = the policy's action names, when "
-                                     'there are as many as state values)', read_only=True)
+                                     'there are as many as state values)', at_configure=True)
     gripper_state_type: str = _param('joint_state', "gripper_state topic type: 'joint_state' (sum of the finger "
-                                     "joints) or 'float64' (finger gap in metres)", read_only=True,
+                                     "joints) or 'float64' (finger gap in metres)", at_configure=True,
                                      choices=GRIPPER_STATE_TYPES)
     finger_joint_names: list = _param(['finger_joint1', 'finger_joint2'], 'JointState joints summed into the '
                                       'finger gap')
@@ -109,7 +109,7 @@ class NodeParameters:
                                 'another frame is rejected and the robot holds')
     # --- timing ----------------------------------------------------------------------------------------
     control_rate_hz: float = _param(10.0, 'rate of the command timer (one TwistStamped + gripper per tick)',
-                                    read_only=True, low=1.0, high=500.0)
+                                    at_configure=True, low=1.0, high=500.0)
     replan_every_steps: int = _param(2, 'start a new inference every N policy steps (1 = as often as possible)',
                                      low=1, high=64)
     chunk_mode: str = _param('replace', 'a new chunk replaces the rest of the old one, or blends with it',
@@ -139,7 +139,7 @@ class NodeParameters:
     min_keep_ratio: float = _param(0.1, 'the latency budget never keeps fewer visual tokens than this fraction',
                                    low=0.01, high=1.0)
     budget_fallback_method: str = _param('divprune', "method 'none' with a latency budget: the method that takes "
-                                         'over while the unpruned model cannot meet the budget', read_only=True,
+                                         'over while the unpruned model cannot meet the budget', at_configure=True,
                                          choices=BUDGET_METHODS)
     reset_after_gap_s: float = _param(2.0, 'reset the temporal token state when consecutive observations are '
                                       'further apart', low=0.01, high=3600.0)
@@ -157,33 +157,33 @@ class NodeParameters:
     gripper_closed_value: float = _param(1.0, 'gripper_command value for closed', low=-1000.0, high=1000.0)
     gripper_command_type: str = _param('float64', "gripper_command type: 'float64' (std_msgs/Float64) or "
                                        "'float64_array' (std_msgs/Float64MultiArray with one element, what a "
-                                       'ros2_control forward_command_controller takes)', read_only=True,
+                                       'ros2_control forward_command_controller takes)', at_configure=True,
                                        choices=GRIPPER_COMMAND_TYPES)
     joint_command_topic: str = _param('joint_commands', 'joint-space policies: topic of the per-tick joint command '
                                       '(std_msgs/Float64MultiArray in ~/action_chunk joint_names order, what a '
                                       "ros2_control forward command controller's ~/commands takes; nothing new is "
                                       "published while holding); '' = off. End-effector policies ignore it",
-                                      read_only=True)
+                                      at_configure=True)
     joint_names: list = _param([''], "joint-space policies: the robot controller's joints in its order (its "
                                "'joints' list); joint commands and ~/action_chunk go out in this order, matched by "
                                "name to the policy's action names ([''] = the action names as they are)",
-                               read_only=True)
+                               at_configure=True)
     robot_description: str = _param('', "joint-space policies: the robot's URDF (XML text); the <limit> of each "
                                     'commanded joint gives its position and velocity limits, joint_limits.<joint>.* '
-                                    "override them field by field ('' = none)", read_only=True)
+                                    "override them field by field ('' = none)", at_configure=True)
     servo_command_timeout_s: float = _param(0.1, "the twist consumer's command timeout (MoveIt Servo's "
                                             'incoming_command_timeout); configure warns when the control period '
-                                            'leaves less than half of it as margin (0 = no check)', read_only=True,
+                                            'leaves less than half of it as margin (0 = no check)', at_configure=True,
                                             low=0.0, high=60.0)
     # --- node ------------------------------------------------------------------------------------------
     autostart: bool = _param(True, 'configure and activate at start-up (no lifecycle manager needed)',
-                             read_only=True)
+                             at_configure=True)
     enabled: bool = _param(True, 'command the robot when active (also ~/enable); disabled = zero twists')
     dry_run: bool = _param(False, 'run inference and publish the chunk and diagnostics, but no commands')
     publish_debug_image: bool = _param(False, 'publish ~/debug/kept_patches (kept patches over the inputs)')
     debug_image_scale: int = _param(3, 'upscaling of the debug image', low=1, high=16)
-    diagnostics_period_s: float = _param(1.0, '/diagnostics publishing period', read_only=True, low=0.05, high=60.0)
-    stats_window: int = _param(100, 'samples in the latency percentile windows', read_only=True, low=1,
+    diagnostics_period_s: float = _param(1.0, '/diagnostics publishing period', at_configure=True, low=0.05, high=60.0)
+    stats_window: int = _param(100, 'samples in the latency percentile windows', at_configure=True, low=1,
                                high=100_000)
     log_throttle_s: float = _param(2.0, 'minimum time between two log lines about the same bad input',
                                    low=0.0, high=3600.0)

@@ -1,4 +1,4 @@
-"""Declare the node's ROS parameters from ``NodeParameters`` (descriptions, ranges, read-only flags).
+"""Declare the node's ROS parameters from ``NodeParameters`` (descriptions, ranges, configure-time flags).
 
 Plus the ``method_settings.*`` parameters the user gave (one per pruning-method setting) and the ``joint_limits.*``
 ones (ros2_control's per-joint limits), all read-only and checked at configure.
@@ -18,6 +18,8 @@ from specprune_ros.control.parameters import (JOINT_LIMITS_PREFIX, METHOD_SETTIN
 _TYPES = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
           float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING,
           list: ParameterType.PARAMETER_STRING_ARRAY}
+AT_CONFIGURE = ('applies at configure: set it in the params file, on the command line or while the node is '
+                'unconfigured (deactivate, clean up, set, configure)')
 _TYPE_NAMES = {bool: 'bool', int: 'integer', float: 'double', str: 'string', list: 'string array'}
 
 
@@ -27,10 +29,10 @@ def descriptor(name: str, info: ParamInfo, default: Any) -> ParameterDescriptor:
     constraints = []
     if info.choices:
         constraints.append(f"one of {', '.join(info.choices)}" + (' (each element)' if kind is list else ''))
-    if info.read_only:
-        constraints.append('read-only: set it in the params file or on the command line')
+    if info.at_configure:
+        constraints.append(AT_CONFIGURE)
     result = ParameterDescriptor(name=name, type=_TYPES[kind], description=info.description,
-                                 additional_constraints='; '.join(constraints), read_only=info.read_only)
+                                 additional_constraints='; '.join(constraints))
     if kind is float and info.low is not None and info.high is not None:
         result.floating_point_range = [FloatingPointRange(from_value=float(info.low), to_value=float(info.high),
                                                           step=0.0)]

@@ -623,11 +623,16 @@ class SpecPruneNode(LifecycleNode):
 
     # --- parameters at run time ----------------------------------------------------------------------------
     def _check_parameter_change(self, changes: list[Parameter]) -> SetParametersResult:
-        """Refuse a change that makes a parameter invalid.
+        """Refuse a change that makes a parameter invalid, or of a configure-time parameter once configured.
 
         Errors the parameters had before the change do not count: with two invalid values each can be fixed on
         its own (configure checks them all).
         """
+        infos, state = NodeParameters.infos(), self.lifecycle_state()
+        frozen = [p.name for p in changes if p.name in infos and infos[p.name].at_configure]
+        if frozen and state != 'unconfigured':
+            return SetParametersResult(successful=False, reason=f'{", ".join(frozen)} apply at configure: the node '
+                                       f'is {state}; deactivate and clean it up, set them, then configure')
         try:
             candidate = read_node_parameters(self, {p.name: p.value for p in changes})
         except ParameterError as error:
