@@ -1,6 +1,7 @@
 """The prunable decoder runner against transformers' own forward and an independent reference."""
 from typing import Optional
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -216,6 +217,9 @@ class HookAfter(FixedKeepSchedule):
     (FixedKeepSchedule(attention=[AttentionRequest(9, 'text')]), 'layer 9'),
     (HookAfter(frozenset({1, 4})), 'hook asked after layer 4'),
     (HookAfter(frozenset({-1})), 'hook asked after layer -1'),
+    (FixedKeepSchedule(keep_before=torch.arange(32) < 20), 'not torch.bool values'),    # a mask, not indices
+    (FixedKeepSchedule(keep_before=torch.tensor([0.0, 1.4, 2.0])), 'not torch.float32 values'),
+    (FixedKeepSchedule(keep_after={0: np.array([True, False, True])}), 'not bool values'),
 ])
 def test_bad_plans_raise_clear_errors(plan, message):
     with pytest.raises(PlanError, match=message):
@@ -354,6 +358,14 @@ def test_kv_reuse_of_unchanged_tokens_is_exact(causal):
         third = runner(changed, layout, method)
         full_changed = runner(changed, layout)
     assert (third.hidden - full_changed.select(third.kept)).abs().max().item() > 1e-3
+
+
+def test_kv_reuse_refuses_a_batch_of_several_observations():
+    """The store holds one sequence: a batch of two would share (and broadcast) one observation's K/V."""
+    with pytest.raises(PlanError, match='batch of one observation, not 2'):
+        with torch.no_grad():
+            PrunableDecoderRunner(make_decoder())(torch.randn(2, N, HIDDEN), make_layout(False),
+                                                  ReuseMethod(torch.arange(4, 20)))
 
 
 class ReuseMaskMethod(ReuseMethod):

@@ -284,3 +284,10 @@ def test_launch_argument_sets_the_budget_as_a_number():
     assert 'latency_budget_ms:=60.0' in command
     with pytest.raises(ValueError, match='latency_budget_ms'):
         node_setup({'latency_budget_ms': 'fast'})
+
+
+@pytest.mark.parametrize('value', [float('inf'), float('nan'), -0.1])
+def test_a_budget_knob_refuses_values_no_step_can_use(value):
+    policy = load_policy('tiny-random', method='specprune', method_config={'num_layers': 4})
+    with pytest.raises(ValueError, match='finite and >= 0'):
+        policy.method.set_budget(value)

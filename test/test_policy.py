@@ -197,6 +197,39 @@ def test_policy_refuses_bad_observations(overrides, message):
         policy.predict(observation(np.random.default_rng(0), **overrides))
 
 
+def test_a_failed_step_does_not_restart_the_methods_episode():
+    """The action head fails once after the method saw the step: the retry goes on, it is not a new episode."""
+    from specprune_ros.pruning.registry import build_method
+    policy = reference_policy(tiny_model(), build_method('vla_cache'))
+    still = observation(np.random.default_rng(0))               # a still scene: VLA-Cache reuses its K/V
+    for _ in range(3):
+        policy.predict(still)
+    actions = policy.backend.actions
+
+    def fail_once(normalized):
+        policy.backend.actions = actions
+        raise RuntimeError('action head failed')
+    policy.backend.actions = fail_once
+    with pytest.raises(RuntimeError, match='action head failed'):
+        policy.predict(still)
+    output = policy.predict(still)
+    assert output.info['step_index'] == 4 and not output.record.info.get('reset')
+    assert output.record.reused is not None                     # the K/V cache of the episode is still there
+
+
+def test_executed_actions_with_nan_are_left_out_not_fatal():
+    """A NaN or Inf executed action is no motion to read: SpecPrune's change detection goes on without it."""
+    from specprune_ros.pruning.registry import build_method
+    policy = reference_policy(tiny_model(), build_method('specprune'))
+    rng = np.random.default_rng(0)
+    still = np.tile(np.array([0.05, 0, -0.05, 0, 0, 0, 1], np.float32), (4, 1))
+    policy.predict(observation(rng, executed_actions=still))
+    for bad in (np.nan, np.inf):
+        executed = still.copy()
+        executed[2, 0] = bad
+        assert np.isfinite(policy.predict(observation(rng, executed_actions=executed)).actions).all()
+
+
 def test_training_runs_exports_and_resumes(tmp_path):
     from specprune_ros.training.trainer import TrainConfig, train
     episodes = random_episodes()

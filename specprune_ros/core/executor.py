@@ -284,6 +284,9 @@ class PrunableDecoderRunner(nn.Module):
             plan = method.begin_step(context)
             selection += time.perf_counter() - t0
 
+        if (plan.kv_store is not None or plan.reuse_kv is not None) and embeddings.shape[0] != 1:
+            raise PlanError(f'K/V reuse runs on a batch of one observation, not {embeddings.shape[0]}: the store '
+                            'holds one sequence')
         kept = torch.arange(layout.num_tokens, device=device)
         keep, present = _keep_as_checked(plan.keep_before, layout, device, on_host, 'before layer 0'), None
         if isinstance(keep, VisualMask):                          # checked on the device, nothing sorted
@@ -1088,6 +1091,17 @@ def _keep_as_checked(keep: KeepSet, layout: TokenLayout, device: torch.device, o
     are checked on the host, the indices it names.
     """
     if not isinstance(keep, VisualMask):
+        if keep is not None:
+            if isinstance(keep, torch.Tensor):
+                kind = keep.dtype
+                indices = not (kind == torch.bool or kind.is_floating_point or kind.is_complex)
+            else:
+                array = np.asarray(keep)
+                kind = array.dtype
+                indices = kind.kind in 'iu' or array.size == 0      # an empty list: refused as empty below
+            if not indices:
+                raise PlanError(f'{stage}: a keep set is integer sequence indices or a VisualMask, not {kind} '
+                                'values (a bool mask over the visual tokens goes in VisualMask(mask, count))')
         return keep
     if keep.mask.device != device or type(keep.count) is not int:
         keep = VisualMask(keep.mask.to(device), int(keep.count))

@@ -77,6 +77,16 @@ class StepContext:
     instruction: str = ''
     num_layers: int = 0                              # decoder depth (the runner fills it in before begin_step)
 
+    def __post_init__(self) -> None:
+        """Executed actions with a NaN or Inf are not a motion a method can read: those rows are left out."""
+        actions = self.executed_actions
+        if actions is None:
+            return
+        actions = np.asarray(actions, dtype=np.float64)
+        if actions.ndim == 2 and actions.size and not np.isfinite(actions).all():
+            finite = actions[np.isfinite(actions).all(axis=1)]
+            self.executed_actions = finite if len(finite) else None
+
 
 @dataclass
 class KVStore:

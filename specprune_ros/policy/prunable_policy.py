@@ -40,11 +40,11 @@ class PrunablePolicy:
 
     def predict(self, observation: Observation) -> PolicyOutput:
         """One chunk of actions (chunk_size, action_dim) in the backend's units for the observation."""
-        started = time.perf_counter()
-        output = run_step(self.backend, observation, self.method, self.step_index)
+        started, step_index = time.perf_counter(), self.step_index
+        self.step_index += 1    # also when the step fails: a repeated index would read as a new episode
+        output = run_step(self.backend, observation, self.method, step_index)
         actions = np.asarray(self.backend.actions(output.normalized), dtype=np.float32)
-        info = {'method': self.method_name, 'step_index': self.step_index, 'model': self.backend.name,
+        info = {'method': self.method_name, 'step_index': step_index, 'model': self.backend.name,
                 'normalized_actions': output.normalized.astype(np.float32), **output.info}
-        self.step_index += 1
         return PolicyOutput(actions=actions, latency_s=time.perf_counter() - started, record=output.result.record,
                             info=info)

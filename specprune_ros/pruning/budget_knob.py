@@ -15,8 +15,8 @@ class BudgetKnob:
     budget_scale: Optional[float] = None
 
     def set_budget(self, scale: Optional[float]) -> None:
-        if scale is not None and not scale >= 0.0:
-            raise ValueError(f'budget scale must be >= 0, got {scale}')
+        if scale is not None and not 0.0 <= scale < float('inf'):
+            raise ValueError(f'budget scale must be finite and >= 0, got {scale}')
         self.budget_scale = None if scale is None else float(scale)
 
 
