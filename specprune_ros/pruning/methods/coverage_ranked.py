@@ -58,12 +58,14 @@ from typing import Literal, Optional
 
 import torch
 
+from specprune_ros.core.dataclass_mapping import check_number
 from specprune_ros.core.host_copies import to_device
 from specprune_ros.core.step_types import LayerView, StepContext, StepPlan, StepRecord, VisualMask
 from specprune_ros.core.token_layout import TokenLayout
 from specprune_ros.pruning.action_controller import ActionController, ControllerConfig
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
 from specprune_ros.pruning.budget_knob import BudgetKnob
+from specprune_ros.pruning.methods.config_checks import FRACTION_OF_PATCHES, CheckedConfig, check_controller, fraction
 from specprune_ros.pruning.scoring import budget_count, positions_mask
 from specprune_ros.pruning.selection_graphs import SelectionGraphs
 
@@ -76,7 +78,7 @@ def _paper_controller() -> ControllerConfig:
 
 
 @dataclass
-class CoverageRankedConfig(BaseConfig):
+class CoverageRankedConfig(CheckedConfig, BaseConfig):
     """Knobs of ``coverage_ranked`` (what each idea is and where it comes from: the module docstring)."""
 
     keep_ratio: float = 0.2                # patches per camera from layer refine_layer + 1 on, coarse mode (the
@@ -100,6 +102,24 @@ class CoverageRankedConfig(BaseConfig):
     warmup_steps: int = 3                  # the first steps of an episode run every patch through every layer
     # (their probes fill the history), as VLA-Pruner's unpruned warm-up
 
+    def check(self) -> None:
+        fraction('keep_ratio', self.keep_ratio, FRACTION_OF_PATCHES, open_low=True)
+        fraction('fine_keep_ratio', self.fine_keep_ratio, FRACTION_OF_PATCHES, open_low=True)
+        fraction('early_keep_ratio', self.early_keep_ratio, FRACTION_OF_PATCHES)
+        check_number('refine_layer', self.refine_layer, integer=True)
+        check_number('action_layer', self.action_layer, integer=True)
+        if len(self.cells) != 2:
+            raise ValueError(f'cells: {self.cells!r} is not (rows, cols)')
+        for i, cells in enumerate(self.cells):
+            check_number(f'cells[{i}]', cells, 1, integer=True)
+        check_number('cell_quota', self.cell_quota, 0, integer=True, note='patches per cell')
+        fraction('smoothing', self.smoothing, "the newest step's weight", open_low=True)
+        fraction('forget', self.forget)
+        fraction('prior', self.prior, 'ranks run from 0 to 1')
+        check_number('explore', self.explore, 0.0, 10.0, note='scores are ranks in [0, 1]')
+        check_number('warmup_steps', self.warmup_steps, 0, integer=True)
+        check_controller(self.controller)
+
 
 class CoverageRanked(BudgetKnob, PruningMethodBase):
     name = 'coverage_ranked'
@@ -108,16 +128,6 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
         cfg = config or CoverageRankedConfig()
         super().__init__(cfg, seed)
         self.config: CoverageRankedConfig
-        if not (0.0 < cfg.smoothing <= 1.0 and 0.0 <= cfg.forget <= 1.0):
-            raise ValueError('coverage_ranked: smoothing must be in (0, 1], forget in [0, 1]')
-        if len(cfg.cells) != 2 or min(int(c) for c in cfg.cells) < 1 or cfg.cell_quota < 0:
-            raise ValueError('coverage_ranked: cells must be (rows, cols) >= 1 and cell_quota >= 0')
-        if not 0.0 <= cfg.explore <= 10.0:
-            raise ValueError('coverage_ranked: explore must be in [0, 10] (scores are ranks in [0, 1])')
-        if not 0.0 < cfg.keep_ratio <= 1.0 or cfg.fine_keep_ratio <= 0.0:
-            raise ValueError('coverage_ranked: keep_ratio must be in (0, 1], fine_keep_ratio > 0')
-        if cfg.warmup_steps < 0:
-            raise ValueError('coverage_ranked: warmup_steps must be >= 0')
         self.controller = ActionController(cfg.controller)
         self.generator = torch.Generator()
         self._graphs = SelectionGraphs()        # the cuts and rank updates as CUDA graphs, when switched on

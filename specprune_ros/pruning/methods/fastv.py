@@ -13,19 +13,25 @@ from typing import Optional
 
 import torch
 
-from specprune_ros.core.step_types import LayerView, StepContext, StepPlan, VisualMask
+from specprune_ros.core.dataclass_mapping import check_number
+from specprune_ros.core.step_types import LayerView, QueryRows, StepContext, StepPlan, VisualMask
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
 from specprune_ros.pruning.budget_knob import KeepRatioKnob
+from specprune_ros.pruning.methods.config_checks import FRACTION_OF_TOKENS, CheckedConfig, fraction
 from specprune_ros.pruning.scoring import (budget_count, camera_slices, mask_to_sequence, positions_to_keep,
                                            stable_topk, stable_topk_on_device)
 
 
 @dataclass
-class FastVConfig(BaseConfig):
+class FastVConfig(CheckedConfig, BaseConfig):
     keep_ratio: float = 0.5        # fraction of visual tokens kept from layer prune_layer on (FastV: 1 - R)
     prune_layer: int = 2           # K: attention of layer K-1 decides, layers >= K run pruned
-    rows: str = 'last'             # query rows ranking the visual tokens ('last' = FastV)
+    rows: QueryRows = 'last'       # query rows ranking the visual tokens ('last' = FastV)
     per_camera: bool = False       # FastV ranks over all visual tokens; True = the budget in every camera
+
+    def check(self) -> None:
+        fraction('keep_ratio', self.keep_ratio, FRACTION_OF_TOKENS)
+        check_number('prune_layer', self.prune_layer, 1, integer=True, note='layer K - 1 ranks the tokens')
 
 
 class FastV(KeepRatioKnob, PruningMethodBase):

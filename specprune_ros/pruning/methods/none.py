@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from specprune_ros.core.dataclass_mapping import check_number
 from specprune_ros.core.step_types import StepContext, StepPlan
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
+from specprune_ros.pruning.methods.config_checks import CheckedConfig, check_rows
 
 
 @dataclass
-class NoneConfig(BaseConfig):
+class NoneConfig(CheckedConfig, BaseConfig):
     """``attention``.
 
     Extra (layer, rows) pairs to request, e.g. ``((0, 'text'), (-1, 'action'))``; each summary is named ``rows`` in the
@@ -18,6 +20,17 @@ class NoneConfig(BaseConfig):
 
     attention: tuple = field(default_factory=tuple)
     self_speculation: bool = False
+
+    def check(self) -> None:
+        for i, pair in enumerate(self.attention):
+            parts = pair.split(':') if isinstance(pair, str) else pair
+            if not isinstance(parts, (list, tuple)) or len(parts) != 2:
+                raise ValueError(f"attention[{i}]: {pair!r} is not (layer, rows) or 'layer:rows'")
+            layer, rows = parts
+            if isinstance(layer, str) and layer.strip().removeprefix('-').isdigit():
+                layer = int(layer)                 # 'layer:rows' gives the layer as text
+            check_number(f'attention[{i}] layer', layer, integer=True)
+            check_rows(f'attention[{i}] rows', rows)
 
 
 class NoPruning(PruningMethodBase):

@@ -13,13 +13,17 @@ from specprune_ros.core.host_copies import to_device
 from specprune_ros.core.step_types import StepContext, StepPlan, VisualMask
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
 from specprune_ros.pruning.budget_knob import KeepRatioKnob
+from specprune_ros.pruning.methods.config_checks import FRACTION_OF_TOKENS, CheckedConfig, fraction
 from specprune_ros.pruning.scoring import budget_count, camera_slices, positions_to_keep
 
 
 @dataclass
-class RandomConfig(BaseConfig):
+class RandomConfig(CheckedConfig, BaseConfig):
     keep_ratio: float = 0.5        # fraction of visual tokens kept
     per_camera: bool = True        # draw the budget in every camera (True) or over all visual tokens
+
+    def check(self) -> None:
+        fraction('keep_ratio', self.keep_ratio, FRACTION_OF_TOKENS)
 
 
 class RandomPruning(KeepRatioKnob, PruningMethodBase):

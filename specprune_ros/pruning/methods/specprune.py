@@ -80,6 +80,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
+from specprune_ros.core.dataclass_mapping import check_number
 from specprune_ros.core.host_copies import to_device
 from specprune_ros.core.step_types import LayerView, StepContext, StepPlan, StepRecord, VisualMask
 from specprune_ros.pruning.action_controller import ActionController, ControllerConfig, ControllerOutput
@@ -88,6 +89,8 @@ from specprune_ros.pruning.budget_knob import BudgetKnob
 from specprune_ros.pruning.change_detection import (ChangeDetectionConfig, PatchVectorCache, changed_masks,
                                                     max_changed_count, max_static_count, reference_back)
 from specprune_ros.pruning.deferred_counts import DeferredCounts
+from specprune_ros.pruning.methods.config_checks import (FRACTION_OF_PATCHES, CheckedConfig, check_change,
+                                                         check_controller, fraction, layers)
 from specprune_ros.pruning.scoring import (budget_count, camera_ranks, dense_visual_rows_on_device,
                                            dense_visual_scores_on_device, host_counts, layer_drop_on_device,
                                            layer_importance_on_device, present_mask_on_device, top_counts_per_camera,
@@ -113,7 +116,7 @@ def gather_counts_on(setting: str, device: torch.device) -> str:
 
 
 @dataclass
-class SpecPruneConfig(BaseConfig):
+class SpecPruneConfig(CheckedConfig, BaseConfig):
     """SpecPrune knobs. Paper vs public code, and what we chose (details in the module docstring).
 
     * V_global from the previous step's task attention: paper (the code passes an empty set);
@@ -177,6 +180,21 @@ class SpecPruneConfig(BaseConfig):
     # so that a step never waits for the device; see the module docstring) or 'auto': 'exact' where the decoder
     # runs on the CPU, 'previous_step' on an accelerator
     gather_counts: Literal['auto', 'exact', 'previous_step'] = 'auto'
+
+    def check(self) -> None:
+        check_number('global_layer', self.global_layer, integer=True)
+        check_number('global_k_scale', self.global_k_scale, 0.0, note='a scale of K_base')
+        check_number('layer0_k_scale', self.layer0_k_scale, 0.0, note='a scale of K_base')
+        if self.static_gathers not in (1, 2):
+            raise ValueError(f'static_gathers: {self.static_gathers} is not 1 or 2 (gathers after layer 0, or 0 and 1)')
+        check_change(self.change)
+        check_controller(self.controller)
+        layers('layer_prune_layers', self.layer_prune_layers)
+        fraction('layer_drop_fraction', self.layer_drop_fraction, FRACTION_OF_PATCHES)
+        check_number('importance_k', self.importance_k, 0.0, note='a steepness')
+        fraction('importance_beta', self.importance_beta, 'the weight of the newest layer', open_low=True)
+        layers('importance_layers', self.importance_layers)
+        fraction('min_visual_fraction', self.min_visual_fraction, FRACTION_OF_PATCHES)
 
 
 class SpecPrune(BudgetKnob, PruningMethodBase):

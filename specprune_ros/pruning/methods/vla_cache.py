@@ -32,22 +32,32 @@ from typing import Optional
 import numpy as np
 import torch
 
+from specprune_ros.core.dataclass_mapping import check_number
 from specprune_ros.core.host_copies import to_device
 from specprune_ros.core.step_types import KVStore, StepContext, StepPlan, StepRecord, VisualMask
 from specprune_ros.core.token_layout import TokenLayout, visual_indices_on
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase, split_per_camera
 from specprune_ros.pruning.change_detection import PatchVectorCache, static_masks
 from specprune_ros.pruning.deferred_counts import DeferredCounts
+from specprune_ros.pruning.methods.config_checks import FRACTION_OF_PATCHES, CheckedConfig, fraction
 from specprune_ros.pruning.scoring import budget_count, topk_per_camera_on_device
 
 
 @dataclass
-class VLACacheConfig(BaseConfig):
+class VLACacheConfig(CheckedConfig, BaseConfig):
     similarity_threshold: float = 0.996
     max_static_fraction: float = 150 / 256      # cap on static patches per camera
     task_relevant_fraction: float = 100 / 256   # top text-attention patches per camera never reused
     attention_layer: Optional[int] = None       # None = round(15 * num_layers / 32)
     max_consecutive_reuse: int = 0              # > 0: recompute a token after this many reuses in a row
+
+    def check(self) -> None:
+        check_number('similarity_threshold', self.similarity_threshold, -1.0, 1.0, note='a cosine similarity')
+        fraction('max_static_fraction', self.max_static_fraction, FRACTION_OF_PATCHES)
+        fraction('task_relevant_fraction', self.task_relevant_fraction, FRACTION_OF_PATCHES)
+        if self.attention_layer is not None:
+            check_number('attention_layer', self.attention_layer, integer=True)
+        check_number('max_consecutive_reuse', self.max_consecutive_reuse, 0, integer=True, note='0 = unlimited')
 
 
 class VLACache(PruningMethodBase):

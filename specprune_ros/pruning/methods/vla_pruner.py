@@ -25,10 +25,12 @@ from typing import Literal, Optional
 
 import torch
 
+from specprune_ros.core.dataclass_mapping import check_number
 from specprune_ros.core.step_types import LayerView, StepContext, StepPlan, StepRecord, VisualMask
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
 from specprune_ros.pruning.budget_knob import KeepRatioKnob
 from specprune_ros.pruning.diversity import greedy_max_min, greedy_max_min_groups
+from specprune_ros.pruning.methods.config_checks import FRACTION_OF_TOKENS, CheckedConfig, fraction
 from specprune_ros.pruning.scoring import (budget_count, camera_slices, decay_weights_cached,
                                            divide_rows_by_positive_sum, mask_to_sequence, normalise,
                                            positions_mask, stable_topk, stable_topk_rows_on_device)
@@ -40,7 +42,7 @@ PAPER_PRUNE_LAYER_MIN = 2                # scaled K never below this (see the mo
 
 
 @dataclass
-class VLAPrunerConfig(BaseConfig):
+class VLAPrunerConfig(CheckedConfig, BaseConfig):
     """VLA-Pruner knobs.
 
     Paper vs public code: the temporal weights favour the newest step (paper; the code's are reversed); K = the paper's
@@ -63,6 +65,18 @@ class VLAPrunerConfig(BaseConfig):
     use_diversity: bool = True              # ablation: False = fill |C| > M by the (normalised) score sum instead
     per_camera: bool = True                 # select per camera (paper, for OpenVLA-OFT)
 
+    def check(self) -> None:
+        fraction('keep_ratio', self.keep_ratio, FRACTION_OF_TOKENS)
+        if self.prune_layer is not None:
+            check_number('prune_layer', self.prune_layer, 1, integer=True, note='layer K - 1 scores the tokens')
+        check_number('action_layer', self.action_layer, integer=True)
+        check_number('window', self.window, 1 if self.use_action else 0, integer=True,
+                     note='earlier steps; use_action needs one' if self.use_action else 'earlier steps')
+        if not (self.use_semantic or self.use_action):
+            raise ValueError('use_semantic, use_action: both false; vla_pruner needs one of them')
+        fraction('gamma', self.gamma, 'a decay: the newest step weighs most', open_low=True)
+        fraction('fusion_weight', self.fusion_weight, 'the weight of the semantic score')
+
 
 class VLAPruner(KeepRatioKnob, PruningMethodBase):
     name = 'vla_pruner'
@@ -71,10 +85,6 @@ class VLAPruner(KeepRatioKnob, PruningMethodBase):
         cfg = config or VLAPrunerConfig()
         super().__init__(cfg, seed, frame_history=1, attention_window=cfg.window)
         self.config: VLAPrunerConfig
-        if not (cfg.use_semantic or cfg.use_action):
-            raise ValueError('vla_pruner needs use_semantic or use_action')
-        if cfg.use_action and cfg.window < 1:
-            raise ValueError('vla_pruner: window must be >= 1 when use_action is on')
         self._prune_now = False
         self._score_at = -1                  # the layer after which this step selects (-1: none)
         self._graphs = SelectionGraphs()     # the device selection as CUDA graphs, when switched on
