@@ -116,10 +116,14 @@ def test_recorded_run_replays_offline_to_the_nodes_chunks_exactly(sync_run):
 
 @pytest.fixture(scope='module')
 def reference_run(tmp_path_factory):
-    """The committed reference VLA with SpecPrune-VLA inside the node (one family, two chunks)."""
+    """The committed reference VLA with SpecPrune-VLA inside the node (one family, four chunks).
+
+    From the second chunk on SpecPrune reads the executed actions, so the node must hand it what the simulator
+    applied (on this seed a wrong history changes the actions from step 24).
+    """
     base = tmp_path_factory.mktemp('sim_reference')
     run = SimRun(arguments={'model': 'reference', 'method': 'specprune', 'mode': 'sync', 'families': 'place',
-                            'max_steps': '16', 'label': 'reference-specprune'},
+                            'max_steps': '32', 'label': 'reference-specprune'},
                  bridge_parameters={'save_actions': True}, domain_id=DOMAIN + 1, log_dir=base / 'logs',
                  timeout_s=300)
     result = run_simulation(run)
@@ -131,11 +135,11 @@ def test_reference_vla_with_specprune_runs_inside_the_node_as_in_the_harness(ref
     from specprune_ros.models.loading import load_policy
     from specprune_ros.sim import TabletopEnv
     (episode,) = reference_run['summary']['summary']['episodes']
-    assert episode['steps'] == 16 and episode['inferences'] == 2
+    assert episode['steps'] == 32 and episode['inferences'] == 4
     ros = np.asarray(episode['actions'])
     env = TabletopEnv(image_size=96)
-    pruned = harness_actions(env, load_policy('reference', 'specprune'), 'place', SEED, 16)
-    unpruned = harness_actions(env, load_policy('reference', 'none'), 'place', SEED, 16)
+    pruned = harness_actions(env, load_policy('reference', 'specprune'), 'place', SEED, 32)
+    unpruned = harness_actions(env, load_policy('reference', 'none'), 'place', SEED, 32)
     env.close()
     np.testing.assert_allclose(ros, pruned, rtol=0, atol=1e-5)
     # the second chunk is statically pruned (the first has no reference frame), so it differs from unpruned

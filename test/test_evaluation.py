@@ -98,6 +98,34 @@ def test_episode_executes_part_of_each_chunk_until_the_step_limit():
     assert all(0.4 < r < 0.7 for r in result.flops_ratio)
 
 
+def test_a_chunk_with_nan_holds_one_step_and_the_episode_goes_on():
+    """As the policy node does: no motion for a step (gripper as last commanded), counted, then a new chunk."""
+    from specprune_ros.models.loading import load_policy
+    from specprune_ros.sim import EVAL_SEED_START, TabletopEnv
+    env = TabletopEnv()
+    policy = load_policy('tiny-random', 'none')
+    predict, calls = policy.predict, []
+
+    def nan_on_the_second_call(observation):
+        output = predict(observation)
+        calls.append(observation.executed_actions)
+        if len(calls) == 2:
+            output.actions = np.full_like(output.actions, np.nan)
+        return output
+    policy.predict = nan_on_the_second_call
+    result = run_episode(env, policy, 'pick', EVAL_SEED_START, execute_steps=4, max_steps=13)
+    assert result.non_finite_chunks == 1 and result.steps == 13 and len(calls) == 4     # 4 + 1 held + 4 + 4
+    held = calls[2]
+    assert held.shape == (1, 7) and not held[0, :6].any() and held[0, 6] == calls[1][-1, 6]
+    assert summarize([result])['overall']['non_finite_chunks'] == 1
+
+
+def test_a_family_named_twice_is_refused():
+    """Its episodes would run twice and narrow the confidence interval falsely."""
+    with pytest.raises(ValueError, match='name a family twice'):
+        evaluate(PolicySpec(model='tiny-random', method='none'), ['pick', 'pick'], 1)
+
+
 def test_parallel_evaluation_matches_serial_and_reports(tmp_path):
     spec = PolicySpec(model='tiny-random', method='none')
     serial = evaluate(spec, ['push'], 1, workers=1, progress=False, max_steps=24)

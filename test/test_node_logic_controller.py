@@ -114,6 +114,31 @@ def test_executed_actions_reach_the_next_observation():
     np.testing.assert_allclose(executed[:, :6], 0.5, rtol=1e-5)
 
 
+def test_a_hold_superseded_at_its_tick_is_not_an_executed_action():
+    """At a replan the old chunk runs out and the new one's first command goes out at the same tick.
+
+    A step-synchronous simulator applies only that command: the hold before it was never executed. A hold that
+    lasts is one executed (zero) action per period.
+    """
+    controller, policy = make(replan_every_steps=8, max_chunk_age_s=2.0), FakePolicy(0.5)
+    feed(controller, 10.0)
+    infer(controller, policy, 10.0, finish=10.0)
+    for k in range(8):
+        feed(controller, 10.0 + 0.1 * k, instruction='')
+        assert not controller.tick(10.0 + 0.1 * k).holding
+    feed(controller, 10.8, instruction='')
+    assert controller.tick(10.8).holding                        # the chunk ran out: the timer holds
+    request, _ = infer(controller, policy, 10.8, finish=10.8)
+    assert len(request.observation.executed_actions) == 8       # the previous chunk, not the hold
+    assert not controller.tick(10.8).holding                     # the new chunk's first command, same tick
+    for k in range(9, 19):
+        feed(controller, 10.0 + 0.1 * k, instruction='')
+        controller.tick(10.0 + 0.1 * k)
+    feed(controller, 11.95, instruction='')
+    executed = controller.next_request(11.95).observation.executed_actions
+    assert len(executed) == 11 and not executed[-3:, :6].any() and executed[:8, 0].min() > 0   # 8 steps, 3 holds
+
+
 def test_instruction_change_resets_and_voids_the_running_inference():
     controller, policy = make(), FakePolicy()
     feed(controller, 10.0)

@@ -92,10 +92,10 @@ def test_sim_fingerprint_follows_the_scene(monkeypatch):
     assert sim_fingerprint(48) != before                         # another camera: another simulator
 
 
-def test_train_seeds_cannot_reach_eval_range(tmp_path):
-    with pytest.raises(ValueError):
-        collect_demonstrations(tmp_path, episodes_per_family=10, seed_start=EVAL_SEED_START - 5, workers=1,
-                               progress=False)
+@pytest.mark.parametrize('seed_start', [EVAL_SEED_START - 5, EVAL_SEED_START, EVAL_SEED_START + 1000])
+def test_train_seeds_cannot_reach_eval_range(tmp_path, seed_start):
+    with pytest.raises(ValueError, match='held-out evaluation seeds'):
+        collect_demonstrations(tmp_path, episodes_per_family=10, seed_start=seed_start, workers=1, progress=False)
 
 
 def test_recovery_demonstrations_start_where_the_policy_left_off(tmp_path):

@@ -149,6 +149,7 @@ class PolicyController:
         self._executed: list[np.ndarray] = []    # commands executed since the last request (normalised)
         self._last_executed_key: Optional[tuple[int, int]] = None
         self._last_executed_time = -np.inf
+        self._pending_hold: Optional[tuple[float, np.ndarray]] = None   # a hold not yet held for a period
         self._last_tick: Optional[float] = None
 
     # --- settings -----------------------------------------------------------------------------------------
@@ -361,8 +362,10 @@ class PolicyController:
             if reset_reason:
                 self.steps_since_reset = 0
                 self._executed.clear()
+                self._pending_hold = None
                 self.stats.events['temporal_resets'] += 1
                 self.stats.last_reset_reason = reset_reason
+            self._settle_hold(now)
             executed = np.stack(self._executed).astype(np.float32) if self._executed else None
             self._executed.clear()
             self._in_flight = True
@@ -487,7 +490,7 @@ class PolicyController:
         self._reset_locked(f'the clock jumped back by {last - now:.3f} s')
         self._clear_inputs_locked()
         self._last_request_time = self._last_source_stamp = None
-        self._last_executed_time = -np.inf
+        self._last_executed_time, self._pending_hold = -np.inf, None
 
     def _fault_reason(self) -> str:
         if not self.faults:
@@ -495,13 +498,31 @@ class PolicyController:
         return f'invalid input: {next(reversed(self.faults.values()))}'
 
     def _record_executed(self, command: FilteredCommand, key: Optional[tuple[int, int]], now: float) -> None:
-        """One executed action per policy step (a new chunk step, or a hold lasting a period)."""
-        new_step = key is not None and key != self._last_executed_key
-        long_hold = key is None and now - self._last_executed_time >= self.spec.control_period_s - 1e-6
-        if new_step or long_hold:
-            self._executed.append(command.executed)
-            del self._executed[:-4 * self.spec.chunk_size]
-            self._last_executed_key, self._last_executed_time = key, now
+        """One executed action per policy step: a new chunk step, or a hold once it has lasted a period.
+
+        A hold counts only when nothing replaced it within the period: a chunk's first command published at the
+        tick of the hold (a step-synchronous simulator applies only that one) supersedes it.
+        """
+        self._settle_hold(now)
+        if key is None:
+            if self._pending_hold is None and now - self._last_executed_time >= self.spec.control_period_s - 1e-6:
+                self._pending_hold = (now, command.executed)
+            return
+        self._pending_hold = None
+        if key != self._last_executed_key:
+            self._append_executed(command.executed, key, now)
+
+    def _settle_hold(self, now: float) -> None:
+        """Record the pending hold once it has lasted a control period by ``now``."""
+        if self._pending_hold is not None and now - self._pending_hold[0] >= self.spec.control_period_s - 1e-6:
+            started, executed = self._pending_hold
+            self._pending_hold = None
+            self._append_executed(executed, None, started)
+
+    def _append_executed(self, executed: np.ndarray, key: Optional[tuple[int, int]], when: float) -> None:
+        self._executed.append(executed)
+        del self._executed[:-4 * self.spec.chunk_size]
+        self._last_executed_key, self._last_executed_time = key, when
 
     # --- diagnostics --------------------------------------------------------------------------------------
     def diagnostics(self) -> tuple[int, list[tuple[str, str]]]:

@@ -54,6 +54,7 @@ class EpisodeResult:
     selection_s: list[float] = field(default_factory=list)
     modes: list[str] = field(default_factory=list)              # controller mode per inference, if any
     outcome: str = ''                                           # how it ended (``sim.outcomes.OUTCOMES``)
+    non_finite_chunks: int = 0                                  # chunks with NaN / Inf: held one step instead
     frames: Optional[list] = None                               # observations, when recording
 
 
@@ -61,7 +62,9 @@ def run_episode(env, policy, family: str, seed: int, execute_steps: Optional[int
                 record_frames: bool = False, max_steps: Optional[int] = None) -> EpisodeResult:
     """One episode: infer a chunk, execute ``execute_steps`` of it (default: all), repeat until done.
 
-    ``max_steps`` cuts the episode short of the task's own step limit (quick checks).
+    ``max_steps`` cuts the episode short of the task's own step limit (quick checks). A chunk with NaN or Inf is
+    not executed: the arm holds one step (no motion, the gripper as last commanded), as the policy node holds, and
+    the policy is asked again.
     """
     observation = env.reset(seed=seed, family=family)
     policy.reset()
@@ -83,6 +86,10 @@ def run_episode(env, policy, family: str, seed: int, execute_steps: Optional[int
             if 'mode' in record.info:
                 result.modes.append(str(record.info['mode']))
         chunk = output.actions[: execute_steps or len(output.actions)]
+        if not np.isfinite(chunk).all():
+            result.non_finite_chunks += 1
+            chunk = np.zeros((1, chunk.shape[-1]), dtype=np.float32)
+            chunk[0, 6] = -1.0 if executed is None else executed[-1][6]
         for index, action in enumerate(chunk):
             # only the observation after the chunk's last action is looked at (rendering is ~15 ms a step)
             observation, done, success = env.step(action, render=record_frames or index == len(chunk) - 1)
@@ -137,6 +144,8 @@ def evaluate(spec: PolicySpec, families: Sequence[str], episodes_per_family: int
     """
     options = {'execute_steps': execute_steps, 'max_steps': max_steps}
     start = EVAL_SEED_START if seed_start is None else seed_start
+    if len(set(families)) != len(families):
+        raise ValueError(f'families {list(families)} name a family twice: its episodes would count twice')
     jobs = [(family, start + i) for i in range(episodes_per_family) for family in families]
     bar = tqdm(total=len(jobs), desc=f'eval {spec.name}', unit='ep', disable=not progress, dynamic_ncols=True)
     results: list[EpisodeResult] = []
@@ -174,6 +183,7 @@ def summarize(results: Sequence[EpisodeResult], label: str = '') -> dict:
                 'mean_visual_kept': float(np.mean(kept)) if kept else float('nan'),
                 'flops_ratio': float(np.mean(flops)) if flops else float('nan'),
                 'selection_ms_median': percentile(selection, 50) * 1e3,
+                'non_finite_chunks': sum(r.non_finite_chunks for r in rs),
                 'outcomes': count_outcomes([r.outcome for r in rs if r.outcome])}
     families = sorted({r.family for r in results})
     return {'label': label, 'overall': block(results),

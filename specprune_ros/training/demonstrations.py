@@ -332,12 +332,13 @@ def collect_demonstrations(out_dir: PathLike, families: Sequence[str] = TASK_FAM
 
 
 def _check_seeds(seed_start: int, cap: int) -> None:
-    """Training seeds must stay below the evaluation seeds, and be non-negative."""
-    limit = EVAL_SEED_START if seed_start < EVAL_SEED_START else None
-    if limit is not None and seed_start + cap > limit:
-        raise ValueError(f'training seeds {seed_start}..{seed_start + cap} would reach EVAL_SEED_START={limit}')
+    """Training seeds must stay below the held-out evaluation seeds (EVAL_SEED_START and above), and be >= 0."""
     if seed_start < TRAIN_SEED_START:
         raise ValueError('seeds must be non-negative')
+    if seed_start + cap > EVAL_SEED_START:
+        raise ValueError(f'training seeds {seed_start}..{seed_start + cap} would reach the held-out evaluation seeds '
+                         f'(EVAL_SEED_START={EVAL_SEED_START}): a policy trained on them would be scored on its '
+                         'own training layouts')
 
 
 def _resumed_manifest(out: Path, image_size: int, noise: float, takeover_model: Optional[str]) -> dict:
