@@ -291,3 +291,15 @@ def test_a_budget_knob_refuses_values_no_step_can_use(value):
     policy = load_policy('tiny-random', method='specprune', method_config={'num_layers': 4})
     with pytest.raises(ValueError, match='finite and >= 0'):
         policy.method.set_budget(value)
+
+
+@pytest.mark.parametrize('method', ['specprune', 'specprune_static_layer'])
+def test_specprune_at_the_largest_knob_keeps_every_patch_at_every_layer(method):
+    """The largest knob keeps every patch: the layer-level drops stay off too."""
+    from specprune_ros.control.latency_budget import knob_range
+    full = load_policy('tiny-random', method='none').predict(observation(load_policy('tiny-random', method='none')))
+    policy = load_policy('tiny-random', method=method, method_config={'num_layers': 4})
+    policy.method.set_budget(knob_range(policy.method, 0.1)[1])
+    for _ in range(4):                              # past the first step: the static sets and drops are on
+        record = policy.predict(observation(policy)).record
+    assert list(record.visual_kept_per_layer) == list(full.record.visual_kept_per_layer)

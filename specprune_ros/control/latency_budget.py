@@ -30,7 +30,8 @@ model step (its p98 over recent steps) and a guard for publishing the command co
 
 Knobs: the keep ratio of VLA-Pruner, FastV, DivPrune and random; SpecPrune's scale of K (its action-aware
 controller still picks coarse or fine K, the budget scales both), expressed so that the smallest knob keeps
-``min_keep_ratio`` of a camera in coarse mode and the largest keeps every patch.
+``min_keep_ratio`` of a camera in coarse mode (SpecPrune: before its layer-level drops, which take up to 10 % per
+drop layer) and the largest keeps every patch (SpecPrune: without layer-level drops).
 """
 from __future__ import annotations
 

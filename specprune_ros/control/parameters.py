@@ -136,7 +136,8 @@ class NodeParameters:
                                       'predicted latency percentile meets it (0 = off: the method runs as configured)',
                                       low=0.0, high=60_000.0)
     latency_budget_percentile: float = _param(90.0, 'the latency percentile the budget holds', low=50.0, high=99.9)
-    min_keep_ratio: float = _param(0.1, 'the latency budget never keeps fewer visual tokens than this fraction',
+    min_keep_ratio: float = _param(0.1, 'the latency budget never keeps fewer visual tokens than this fraction '
+                                   '(SpecPrune: before its layer-level drops)',
                                    low=0.01, high=1.0)
     budget_fallback_method: str = _param('divprune', "method 'none' with a latency budget: the method that takes "
                                          'over while the unpruned model cannot meet the budget', at_configure=True,

@@ -296,8 +296,10 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
             self.last_info['gather_counts'] = self._lagged or 'previous step'
         self._present = _constant((layout.num_visual,), True, torch.bool, device)     # replaced, never modified
 
-        self._prune_set = frozenset(self._prune_layers()) if cfg.use_layer_pruning else frozenset()
-        self._importance_set = frozenset(self._importance_layers()) if cfg.use_layer_pruning else frozenset()
+        # a latency budget that asks for every patch gets every patch: no layer-level drops either
+        layer_pruning = cfg.use_layer_pruning and not (self.budget_scale is not None and out.k_fraction >= 1.0)
+        self._prune_set = frozenset(self._prune_layers()) if layer_pruning else frozenset()
+        self._importance_set = frozenset(self._importance_layers()) if layer_pruning else frozenset()
         if cfg.use_layer_pruning:
             self._importance = _constant((layout.num_visual,), 0.0, torch.float64, device)   # replaced, never modified
         items = []
