@@ -217,6 +217,8 @@ class HookAfter(FixedKeepSchedule):
     (FixedKeepSchedule(attention=[AttentionRequest(9, 'text')]), 'layer 9'),
     (HookAfter(frozenset({1, 4})), 'hook asked after layer 4'),
     (HookAfter(frozenset({-1})), 'hook asked after layer -1'),
+    (FixedKeepSchedule(attention=[AttentionRequest(1.5, 'text')]), r'layer 1.5; the decoder has 4 \(integer'),
+    (HookAfter(frozenset({1.5})), 'hook asked after layer 1.5'),
     (FixedKeepSchedule(keep_before=torch.arange(32) < 20), 'not torch.bool values'),    # a mask, not indices
     (FixedKeepSchedule(keep_before=torch.tensor([0.0, 1.4, 2.0])), 'not torch.float32 values'),
     (FixedKeepSchedule(keep_after={0: np.array([True, False, True])}), 'not bool values'),

@@ -40,6 +40,7 @@ def test_params_file_lists_every_parameter_validly():
     ({'replan_every_steps': 0}, 'replan_every_steps'),
     ({'blend_old_weight': 1.0}, 'blend_old_weight: 1.0 is outside'),
     ({'max_linear_accel': 0.0}, 'max_linear_accel: 0.0 is outside'),     # zero would freeze the velocity
+    ({'finger_joint_names': ['']}, 'finger_joint_names: [\'\'] holds an empty name'),
     ({'camera_topics': ['a']}, 'must have the same length'),
     ({'camera_transports': ['raw', 'h264']}, "camera_transports: ['h264']"),
     ({'camera_names': ['a', 'a'], 'camera_topics': ['x', 'y']}, 'duplicates'),

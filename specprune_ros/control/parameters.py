@@ -297,8 +297,12 @@ class NodeParameters:
                           "[''] to check none)")
         if any(frame != frame.strip() or ' ' in frame for frame in [*frames, self.ee_pose_frame]):
             errors.append('camera_frames / ee_pose_frame: frame ids contain no spaces')
-        if self.proprio_source == 'pose' and self.gripper_state_type == 'joint_state' and not self.finger_joint_names:
-            errors.append('finger_joint_names: empty, but gripper_state_type is joint_state')
+        if self.proprio_source == 'pose' and self.gripper_state_type == 'joint_state':
+            if not self.finger_joint_names:
+                errors.append('finger_joint_names: empty, but gripper_state_type is joint_state')
+            elif not all(isinstance(n, str) and n.strip() for n in self.finger_joint_names):
+                errors.append(f'finger_joint_names: {self.finger_joint_names} holds an empty name (no JointState '
+                              'joint is called that: the robot would hold for ever)')
         if self.joint_command_topic and not _topic_ok(self.joint_command_topic):
             errors.append(f'joint_command_topic: {self.joint_command_topic!r} is not a valid topic name')
         if self.proprio_source == 'joint_state' and not _topic_ok(self.joint_state_topic):

@@ -667,16 +667,18 @@ class PrunableDecoderRunner(nn.Module):
     def _hook_layers(self, layers: Optional[frozenset[int]]) -> Optional[frozenset[int]]:
         """A plan's ``after_layers``, checked: layer indices of this decoder (None: every layer)."""
         if layers is not None:
-            bad = sorted(layer for layer in layers if not 0 <= layer < self.num_layers)
+            bad = sorted(layer for layer in layers if not _is_layer(layer) or not 0 <= layer < self.num_layers)
             if bad:
-                raise PlanError(f'after_layer hook asked after layer {bad[0]}; the decoder has {self.num_layers}')
+                raise PlanError(f'after_layer hook asked after layer {bad[0]}; the decoder has {self.num_layers} '
+                                '(integer layer indices)')
         return layers
 
     def _requests_by_layer(self, requests: list[AttentionRequest]) -> dict[int, list[AttentionRequest]]:
         by_layer: dict[int, list[AttentionRequest]] = {}
         for request in requests:
-            if not 0 <= request.layer < self.num_layers:
-                raise PlanError(f'attention requested at layer {request.layer}; the decoder has {self.num_layers}')
+            if not _is_layer(request.layer) or not 0 <= request.layer < self.num_layers:
+                raise PlanError(f'attention requested at layer {request.layer}; the decoder has {self.num_layers} '
+                                '(integer layer indices)')
             by_layer.setdefault(request.layer, []).append(request)
         return by_layer
 
@@ -1082,6 +1084,11 @@ def _cached_and_kept(named: torch.Tensor, store: KVStore, kept: torch.Tensor,
 
 
 KeepSet = Optional[torch.Tensor | np.ndarray | VisualMask]     # what a plan or a hook may name as kept
+
+
+def _is_layer(layer: object) -> bool:
+    """An integer layer index (a float such as 1.5 would never match a layer)."""
+    return isinstance(layer, (int, np.integer)) and not isinstance(layer, bool)
 
 
 def _keep_as_checked(keep: KeepSet, layout: TokenLayout, device: torch.device, on_host: bool, stage: str) -> KeepSet:
