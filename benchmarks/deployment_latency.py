@@ -950,10 +950,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return {'meta': meta, 'shapes': infos, 'rows': rows}
 
 
-def write_outputs(out: Path, name: str, report: dict, plot_too: bool = True) -> None:
+def write_json_and_markdown(out: Path, name: str, report: dict, table: str, indent: int = 1) -> None:
+    """``<name>.json`` (``report``) and ``<name>.md`` (``table``) in ``out`` (created if needed)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / f'{name}.json').write_text(json.dumps(report, indent=2))
-    (out / f'{name}.md').write_text(markdown(report['meta'], report['shapes'], report['rows']) + '\n')
+    (out / f'{name}.json').write_text(json.dumps(report, indent=indent) + '\n')
+    (out / f'{name}.md').write_text(table if table.endswith('\n') else table + '\n')
+
+
+def write_outputs(out: Path, name: str, report: dict, plot_too: bool = True) -> None:
+    write_json_and_markdown(out, name, report, markdown(report['meta'], report['shapes'], report['rows']), indent=2)
     if plot_too:
         plot(report['shapes'], report['rows'], out / f'{name}.png')
 

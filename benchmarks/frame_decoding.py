@@ -17,7 +17,6 @@ chosen, and how far the two policy inputs differ (mean and 99th percentile of |d
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -28,7 +27,7 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import deployment_latency as harness  # noqa: E402  (git_commit, cpu_info)
+import deployment_latency as harness  # noqa: E402  (git_commit, cpu_info, write_json_and_markdown)
 
 from specprune_ros.codecs.image_decoding import decode_compressed_frame, jpeg_scale, resize_to  # noqa: E402
 from specprune_ros.command_line import HelpFormatter  # noqa: E402
@@ -142,9 +141,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             'opencv': cv2.__version__, 'frames': args.frames, 'noise': args.noise, 'quality': args.quality,
             'input': args.input, 'repeats': args.repeats}
     report = {'meta': meta, 'rows': rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f'{args.name}.json').write_text(json.dumps(report, indent=1) + '\n')
-    (args.out / f'{args.name}.md').write_text(markdown(meta, rows))
+    harness.write_json_and_markdown(args.out, args.name, report, markdown(meta, rows))
     return report
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import json
 import shlex
 import sys
 import time
@@ -275,9 +274,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             'shape': f'{described}, random decoder {args.width} x {args.layers}, CPU',
             'frames': len(frames), 'warmup': args.warmup}
     report = {'meta': meta, 'rows': rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f'{args.name}.json').write_text(json.dumps(report, indent=1) + '\n')
-    (args.out / f'{args.name}.md').write_text(markdown(meta, rows))
+    harness.write_json_and_markdown(args.out, args.name, report, markdown(meta, rows))
     return report
 
 

@@ -1,6 +1,5 @@
 """Loading OpenVLA / OpenVLA-OFT checkpoints in their published layout (tiny random ones), and clear errors."""
 import json
-import shutil
 
 import pytest
 import torch
@@ -13,6 +12,8 @@ from specprune_ros.models.loading import load_model, load_policy, published_kind
 from specprune_ros.policy.errors import CheckpointError
 from specprune_ros.policy.reference_backend import ReferenceBackend
 from specprune_ros.policy.reference_checkpoint import save_checkpoint
+
+from conftest import copy
 
 # names the published checkpoints use (verified against the public modeling_prismatic.py + timm 0.9.16)
 PUBLISHED_KEYS = [
@@ -30,35 +31,22 @@ PUBLISHED_KEYS = [
 ]
 
 
-@pytest.fixture(scope='module')
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp('ckpt')
-    return {'openvla': write_tiny_checkpoint(root / 'openvla', 'openvla'),
-            'openvla-oft': write_tiny_checkpoint(root / 'oft', 'openvla-oft')}
-
-
-def copy(directory, tmp_path, name='copy'):
-    target = tmp_path / name
-    shutil.copytree(directory, target)
-    return target
-
-
-def test_kind_is_detected_from_the_files(checkpoints, tmp_path):
-    assert detect_kind(checkpoints['openvla']) == 'openvla'
-    assert detect_kind(checkpoints['openvla-oft']) == 'openvla-oft'
+def test_kind_is_detected_from_the_files(prismatic_checkpoints, tmp_path):
+    assert detect_kind(prismatic_checkpoints['openvla']) == 'openvla'
+    assert detect_kind(prismatic_checkpoints['openvla-oft']) == 'openvla-oft'
     with pytest.raises(CheckpointError, match='action_head--'):
-        read_checkpoint(checkpoints['openvla'], kind='openvla-oft')
+        read_checkpoint(prismatic_checkpoints['openvla'], kind='openvla-oft')
 
 
-def test_published_parameter_names_load_strictly(checkpoints):
-    adapter = load_adapter(checkpoints['openvla'], device='cpu', dtype='float32')
+def test_published_parameter_names_load_strictly(prismatic_checkpoints):
+    adapter = load_adapter(prismatic_checkpoints['openvla'], device='cpu', dtype='float32')
     names = set(adapter.model.state_dict())
     assert set(PUBLISHED_KEYS) <= names
     assert not any(name.startswith('runner') for name in names)
     assert adapter.model.language_model.lm_head.weight.dtype == torch.float32   # saved bf16, loaded as asked
     assert not any(p.is_meta for p in adapter.model.parameters())
     assert adapter.model.decoder.rotary_emb.inv_freq.dtype == torch.float32
-    oft = load_adapter(checkpoints['openvla-oft'], device='cpu', dtype='bfloat16')
+    oft = load_adapter(prismatic_checkpoints['openvla-oft'], device='cpu', dtype='bfloat16')
     assert {'model.layer_norm1.weight', 'model.mlp_resnet_blocks.1.ffn.1.weight', 'model.fc2.bias'} <= set(
         oft.action_head.state_dict())
     assert set(oft.proprio_projector.state_dict()) == {'fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias'}
@@ -86,8 +74,8 @@ def test_single_file_weights_load_too(tmp_path):
     assert adapter.runner.num_layers == 4
 
 
-def test_tokenizer_is_the_checkpoints_own(checkpoints):
-    tokenizer = load_tokenizer(checkpoints['openvla'])
+def test_tokenizer_is_the_checkpoints_own(prismatic_checkpoints):
+    tokenizer = load_tokenizer(prismatic_checkpoints['openvla'])
     assert tokenizer.bos_token_id == 1 and tokenizer.eos_token_id == 2
     assert len(tokenizer) == 385                               # 384 + <PAD>, like Llama-2's 32000 + <PAD>
 
@@ -99,21 +87,21 @@ def test_tokenizer_is_the_checkpoints_own(checkpoints):
     # required unless specprune_adapter.json declares a model without proprio ("proprio": false)
     ('openvla-oft', 'proprio_projector--100_checkpoint.pt', r'missing proprio_projector--<step>_checkpoint.pt'),
 ])
-def test_missing_files_are_named(checkpoints, tmp_path, kind, remove, message):
-    directory = copy(checkpoints[kind], tmp_path)
+def test_missing_files_are_named(prismatic_checkpoints, tmp_path, kind, remove, message):
+    directory = copy(prismatic_checkpoints[kind], tmp_path)
     (directory / remove).unlink()
     with pytest.raises(CheckpointError, match=message):
         load_adapter(directory, device='cpu', dtype='float32')
 
 
-def test_missing_weights_file_and_directory(checkpoints, tmp_path):
-    directory = copy(checkpoints['openvla'], tmp_path)
+def test_missing_weights_file_and_directory(prismatic_checkpoints, tmp_path):
+    directory = copy(prismatic_checkpoints['openvla'], tmp_path)
     (directory / 'model.safetensors.index.json').unlink()
     with pytest.raises(CheckpointError, match=r'missing model.safetensors \(or model.safetensors.index.json'):
         load_adapter(directory, device='cpu', dtype='float32')
     with pytest.raises(CheckpointError, match='does not exist'):
         load_adapter(tmp_path / 'nowhere', device='cpu', dtype='float32')
-    oft = copy(checkpoints['openvla-oft'], tmp_path, 'oft')
+    oft = copy(prismatic_checkpoints['openvla-oft'], tmp_path, 'oft')
     (oft / 'action_head--100_checkpoint.pt').unlink()
     with pytest.raises(CheckpointError, match='action_head--<step>_checkpoint.pt'):
         load_adapter(oft, kind='openvla-oft', device='cpu', dtype='float32')
@@ -128,15 +116,15 @@ def test_missing_weights_file_and_directory(checkpoints, tmp_path):
     ('action_head--100_checkpoint.pt', 'garbage', 'malformed action_head--100_checkpoint.pt'),
     ('specprune_adapter.json', '{"camera_name": ["a"]}', "unknown adapter option"),
 ])
-def test_malformed_files_are_named(checkpoints, tmp_path, name, content, message):
-    directory = copy(checkpoints['openvla-oft'], tmp_path)
+def test_malformed_files_are_named(prismatic_checkpoints, tmp_path, name, content, message):
+    directory = copy(prismatic_checkpoints['openvla-oft'], tmp_path)
     (directory / name).write_text(content)
     with pytest.raises(CheckpointError, match=message):
         load_adapter_policy(directory, device='cpu', dtype='float32')
 
 
-def test_weights_that_do_not_fit_the_config_are_named(checkpoints, tmp_path):
-    directory = copy(checkpoints['openvla'], tmp_path)
+def test_weights_that_do_not_fit_the_config_are_named(prismatic_checkpoints, tmp_path):
+    directory = copy(prismatic_checkpoints['openvla'], tmp_path)
     config = json.loads((directory / 'config.json').read_text())
     config['text_config']['num_hidden_layers'] = 3
     (directory / 'config.json').write_text(json.dumps(config))
@@ -149,8 +137,8 @@ def test_weights_that_do_not_fit_the_config_are_named(checkpoints, tmp_path):
         load_adapter(directory, device='cpu', dtype='float32')
 
 
-def test_unnorm_key_must_name_dataset_statistics(checkpoints, tmp_path):
-    directory = copy(checkpoints['openvla'], tmp_path)
+def test_unnorm_key_must_name_dataset_statistics(prismatic_checkpoints, tmp_path):
+    directory = copy(prismatic_checkpoints['openvla'], tmp_path)
     config = json.loads((directory / 'config.json').read_text())
     stats = config['norm_stats']['tiny_libero_spatial_no_noops']
     config['norm_stats'] = {'bridge_orig': stats, 'tiny_libero_spatial_no_noops': stats}
@@ -163,20 +151,20 @@ def test_unnorm_key_must_name_dataset_statistics(checkpoints, tmp_path):
     assert policy.backend.unnorm_key == 'tiny_libero_spatial_no_noops'     # OFT's '_no_noops' fallback
 
 
-def test_unsupported_oft_variants_are_refused(checkpoints, tmp_path):
-    directory = copy(checkpoints['openvla-oft'], tmp_path)
+def test_unsupported_oft_variants_are_refused(prismatic_checkpoints, tmp_path):
+    directory = copy(prismatic_checkpoints['openvla-oft'], tmp_path)
     (directory / 'noisy_action_projector--100_checkpoint.pt').write_bytes(b'')
     with pytest.raises(CheckpointError, match='diffusion'):
         load_adapter(directory, device='cpu', dtype='float32')
 
 
-def test_load_policy_takes_openvla_directories_to_the_adapters(checkpoints, tmp_path):
+def test_load_policy_takes_openvla_directories_to_the_adapters(prismatic_checkpoints, tmp_path):
     assert published_kind('reference') is None and published_kind('tiny-random') is None
     assert published_kind(str(tmp_path / 'nowhere')) is None
     reference = save_checkpoint(load_model('tiny-random'), tmp_path / 'reference')
     assert published_kind(str(reference)) is None
     assert isinstance(load_policy(str(reference)).backend, ReferenceBackend)
-    assert published_kind(str(checkpoints['openvla-oft'])) == 'openvla-oft'
-    policy = load_policy(str(checkpoints['openvla-oft']), method='fastv', method_config={'keep_ratio': 0.25})
+    assert published_kind(str(prismatic_checkpoints['openvla-oft'])) == 'openvla-oft'
+    policy = load_policy(str(prismatic_checkpoints['openvla-oft']), method='fastv', method_config={'keep_ratio': 0.25})
     assert policy.backend.kind == 'openvla-oft' and policy.method_name == 'fastv'
     assert policy.method.config.keep_ratio == 0.25

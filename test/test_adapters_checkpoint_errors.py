@@ -11,21 +11,10 @@ from specprune_ros.adapters.tiny import DATASET, llama_layout_tokenizer, write_t
 from specprune_ros.models.loading import load_policy
 from specprune_ros.policy.errors import CheckpointError
 
+from conftest import copy
+
 HEAD = 'action_head--100_checkpoint.pt'
 PROJECTOR = 'proprio_projector--100_checkpoint.pt'
-
-
-@pytest.fixture(scope='module')
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp('ckpt')
-    return {'openvla': write_tiny_checkpoint(root / 'openvla', 'openvla'),
-            'openvla-oft': write_tiny_checkpoint(root / 'oft', 'openvla-oft')}
-
-
-def copy(directory, tmp_path, name='copy'):
-    target = tmp_path / name
-    shutil.copytree(directory, target)
-    return target
 
 
 def write_json(path, value):
@@ -34,8 +23,8 @@ def write_json(path, value):
 
 # -- an OpenVLA-OFT directory without a loadable action head is not plain OpenVLA ------------------------------
 
-def test_oft_without_its_action_head_is_refused_not_loaded_as_openvla(checkpoints, tmp_path):
-    directory = copy(checkpoints['openvla-oft'], tmp_path)
+def test_oft_without_its_action_head_is_refused_not_loaded_as_openvla(prismatic_checkpoints, tmp_path):
+    directory = copy(prismatic_checkpoints['openvla-oft'], tmp_path)
     (directory / HEAD).unlink()
     for load in (detect_kind, lambda d: load_policy(str(d)), lambda d: load_adapter(d, device='cpu')):
         with pytest.raises(CheckpointError, match=r'missing action_head--<step>_checkpoint\.pt.*'
@@ -43,8 +32,8 @@ def test_oft_without_its_action_head_is_refused_not_loaded_as_openvla(checkpoint
             load(directory)
 
 
-def test_a_misnamed_action_head_is_named_in_the_error(checkpoints, tmp_path):
-    directory = copy(checkpoints['openvla-oft'], tmp_path)
+def test_a_misnamed_action_head_is_named_in_the_error(prismatic_checkpoints, tmp_path):
+    directory = copy(prismatic_checkpoints['openvla-oft'], tmp_path)
     (directory / HEAD).rename(directory / 'action_head--100.pt')
     with pytest.raises(CheckpointError, match=r'missing action_head--<step>_checkpoint\.pt; found '
                                               r'action_head--100\.pt'):
@@ -52,16 +41,16 @@ def test_a_misnamed_action_head_is_named_in_the_error(checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize('options', [{'chunk_size': 8}, {'num_images': 2}, {'proprio': False}])
-def test_oft_options_without_an_action_head_are_refused(checkpoints, tmp_path, options):
-    directory = copy(checkpoints['openvla'], tmp_path)
+def test_oft_options_without_an_action_head_are_refused(prismatic_checkpoints, tmp_path, options):
+    directory = copy(prismatic_checkpoints['openvla'], tmp_path)
     write_json(directory / 'specprune_adapter.json', options)
     key = next(iter(options))
     with pytest.raises(CheckpointError, match=f'missing action_head.*specprune_adapter.json "{key}"'):
         load_policy(str(directory))
 
 
-def test_plain_openvla_still_loads_as_openvla(checkpoints, tmp_path):
-    directory = copy(checkpoints['openvla'], tmp_path)
+def test_plain_openvla_still_loads_as_openvla(prismatic_checkpoints, tmp_path):
+    directory = copy(prismatic_checkpoints['openvla'], tmp_path)
     write_json(directory / 'specprune_adapter.json', {'unnorm_key': DATASET, 'gripper': 'libero'})
     assert detect_kind(directory) == 'openvla'
     assert load_policy(str(directory)).backend.kind == 'openvla'
@@ -69,8 +58,8 @@ def test_plain_openvla_still_loads_as_openvla(checkpoints, tmp_path):
 
 # -- the proprio projector is required unless the model is declared proprio-free ------------------------------
 
-def test_oft_without_its_proprio_projector_is_refused(checkpoints, tmp_path):
-    directory = copy(checkpoints['openvla-oft'], tmp_path)
+def test_oft_without_its_proprio_projector_is_refused(prismatic_checkpoints, tmp_path):
+    directory = copy(prismatic_checkpoints['openvla-oft'], tmp_path)
     (directory / PROJECTOR).unlink()
     with pytest.raises(CheckpointError, match=r'missing proprio_projector--<step>_checkpoint\.pt.*"proprio": false'):
         load_policy(str(directory))
@@ -79,22 +68,23 @@ def test_oft_without_its_proprio_projector_is_refused(checkpoints, tmp_path):
         load_adapter(directory, device='cpu', dtype='float32')
 
 
-def test_proprio_false_declares_a_model_without_proprio(checkpoints, tmp_path):
-    directory = copy(checkpoints['openvla-oft'], tmp_path)
+def test_proprio_false_declares_a_model_without_proprio(prismatic_checkpoints, tmp_path):
+    directory = copy(prismatic_checkpoints['openvla-oft'], tmp_path)
     (directory / PROJECTOR).unlink()
     write_json(directory / 'specprune_adapter.json', {'chunk_size': 8, 'proprio': False})
     adapter = load_adapter(directory, device='cpu', dtype='float32')
     assert adapter.proprio_projector is None and adapter.proprio_dim == 0
-    assert load_adapter_policy(copy(checkpoints['openvla-oft'], tmp_path, 'arg'), device='cpu', dtype='float32',
-                               proprio=True).backend.proprio_dim == 8
+    policy = load_adapter_policy(copy(prismatic_checkpoints['openvla-oft'], tmp_path, 'arg'), device='cpu',
+                                 dtype='float32', proprio=True)
+    assert policy.backend.proprio_dim == 8
     written = write_tiny_checkpoint(tmp_path / 'no_proprio', 'openvla-oft', proprio=False)
     assert load_adapter(written, device='cpu', dtype='float32').proprio_dim == 0
 
 
 @pytest.mark.parametrize('value, message', [(False, '"proprio": false but the checkpoint has proprio_projector'),
                                             ('no', '"proprio" must be true or false')])
-def test_proprio_option_must_agree_with_the_files(checkpoints, tmp_path, value, message):
-    directory = copy(checkpoints['openvla-oft'], tmp_path)
+def test_proprio_option_must_agree_with_the_files(prismatic_checkpoints, tmp_path, value, message):
+    directory = copy(prismatic_checkpoints['openvla-oft'], tmp_path)
     write_json(directory / 'specprune_adapter.json', {'chunk_size': 8, 'proprio': value})
     with pytest.raises(CheckpointError, match=message):
         load_adapter(directory, device='cpu', dtype='float32')
@@ -122,8 +112,9 @@ STATS_CASES = [
 
 
 @pytest.mark.parametrize('entry, change, message', STATS_CASES)
-def test_malformed_oft_statistics_fail_at_load_naming_file_and_key(checkpoints, tmp_path, entry, change, message):
-    directory = copy(checkpoints['openvla-oft'], tmp_path)
+def test_malformed_oft_statistics_fail_at_load_naming_file_and_key(prismatic_checkpoints, tmp_path, entry, change,
+                                                                   message):
+    directory = copy(prismatic_checkpoints['openvla-oft'], tmp_path)
     stats = json.loads((directory / 'dataset_statistics.json').read_text())
     change(stats[DATASET][entry])
     write_json(directory / 'dataset_statistics.json', stats)
@@ -131,8 +122,8 @@ def test_malformed_oft_statistics_fail_at_load_naming_file_and_key(checkpoints, 
         load_policy(str(directory))
 
 
-def test_malformed_openvla_statistics_in_config_fail_at_load(checkpoints, tmp_path):
-    directory = copy(checkpoints['openvla'], tmp_path)
+def test_malformed_openvla_statistics_in_config_fail_at_load(prismatic_checkpoints, tmp_path):
+    directory = copy(prismatic_checkpoints['openvla'], tmp_path)
     config = json.loads((directory / 'config.json').read_text())
     config['norm_stats'][DATASET]['action']['q01'][0] = None
     write_json(directory / 'config.json', config)
@@ -140,8 +131,8 @@ def test_malformed_openvla_statistics_in_config_fail_at_load(checkpoints, tmp_pa
         load_policy(str(directory))
 
 
-def test_the_statistics_of_the_chosen_normalisation_are_checked(checkpoints, tmp_path):
-    directory = copy(checkpoints['openvla-oft'], tmp_path)
+def test_the_statistics_of_the_chosen_normalisation_are_checked(prismatic_checkpoints, tmp_path):
+    directory = copy(prismatic_checkpoints['openvla-oft'], tmp_path)
     stats = json.loads((directory / 'dataset_statistics.json').read_text())
     stats[DATASET]['action']['max'] = stats[DATASET]['action']['min'][:5]
     write_json(directory / 'dataset_statistics.json', stats)
@@ -152,15 +143,15 @@ def test_the_statistics_of_the_chosen_normalisation_are_checked(checkpoints, tmp
 
 # -- paths, weights format and tokenizer ------------------------------------------------------------------------
 
-def test_a_file_path_names_its_directory(checkpoints):
-    path = checkpoints['openvla'] / 'config.json'
-    with pytest.raises(CheckpointError, match=rf'is a file, not a directory.*\({checkpoints["openvla"]}\)'):
+def test_a_file_path_names_its_directory(prismatic_checkpoints):
+    path = prismatic_checkpoints['openvla'] / 'config.json'
+    with pytest.raises(CheckpointError, match=rf'is a file, not a directory.*\({prismatic_checkpoints["openvla"]}\)'):
         load_policy(str(path))
 
 
-def test_a_hugging_face_cache_root_points_at_its_snapshot(checkpoints, tmp_path):
+def test_a_hugging_face_cache_root_points_at_its_snapshot(prismatic_checkpoints, tmp_path):
     root = tmp_path / 'models--openvla--openvla-7b'
-    shutil.copytree(checkpoints['openvla'], root / 'snapshots' / 'abc123')
+    shutil.copytree(prismatic_checkpoints['openvla'], root / 'snapshots' / 'abc123')
     with pytest.raises(CheckpointError, match=r'Hugging Face cache.*snapshots/abc123'):
         load_policy(str(root))
     assert load_policy(str(root / 'snapshots' / 'abc123')).backend.kind == 'openvla'
@@ -174,8 +165,8 @@ def test_pickled_weights_get_a_conversion_hint(tmp_path):
         load_policy(str(directory))
 
 
-def test_a_tokenizer_of_another_vocabulary_is_refused(checkpoints, tmp_path):
-    directory = copy(checkpoints['openvla'], tmp_path)
+def test_a_tokenizer_of_another_vocabulary_is_refused(prismatic_checkpoints, tmp_path):
+    directory = copy(prismatic_checkpoints['openvla'], tmp_path)
     llama_layout_tokenizer(300, seed=5, exact=False).save(str(directory / 'tokenizer.json'))
     with pytest.raises(CheckpointError, match=r'tokenizer has 300 pieces.*implies 384'):
         load_policy(str(directory))
