@@ -4,7 +4,8 @@ r"""Simulation testing: the policy node and the sim bridge (MuJoCo tabletop task
         episodes_per_family:=10 summary_path:=/tmp/sim/specprune_sync
     ros2 launch specprune_ros sim.launch.py method:=none mode:=realtime families:=pick
 
-The launch ends when the bridge has run every episode (it writes ``summary_path``.json/.md). Both node
+The launch ends when the bridge has run every episode (it writes ``summary_path``.json/.md), or when the policy
+node exits first (the bridge then marks the episode in progress interrupted). Both node
 configurations come from ``specprune_ros.ros.sim_launch_config.sim_setup``, which
 ``scripts/run_sim_closed_loop.py`` also uses: that script is the equivalent command where ``ros2 launch`` is
 not installed.
@@ -31,7 +32,10 @@ def _start(context, *args, **kwargs):
                   parameters=[setup.sim_params_file, setup.bridge_overrides], output='screen', emulate_tty=True)
     done = RegisterEventHandler(OnProcessExit(target_action=bridge,
                                               on_exit=[EmitEvent(event=Shutdown(reason='simulation finished'))]))
-    return [policy_node, bridge, done]
+    # the policy node gone: end the launch (SIGINT to the bridge: the episode in progress is marked interrupted)
+    node_gone = RegisterEventHandler(OnProcessExit(target_action=policy_node, on_exit=[
+        EmitEvent(event=Shutdown(reason='the policy node exited before the simulation finished'))]))
+    return [policy_node, bridge, done, node_gone]
 
 
 def generate_launch_description() -> LaunchDescription:

@@ -8,7 +8,8 @@ Policy node + sim bridge in step-synchronous mode against ``scripts/run_closed_l
 
 Both run the same episodes (families x seeds from --seed-start) with the same execution scheme (a chunk of 8
 executed open loop, then re-plan). Prints both success rates with 95% Wilson intervals, per-episode agreement,
-and writes ``ros_vs_harness.json`` / ``.md``.
+and writes ``ros_vs_harness.json`` / ``.md``. Exits 1, saying why, when the ROS run failed (non-zero exit code)
+or did not complete exactly the harness's episodes (an interrupted run, a different plan).
 """
 from __future__ import annotations
 
@@ -54,6 +55,27 @@ class ActionCheck:
         return np.asarray(actions, dtype=np.float64)
 
 
+def ros_run_problems(returncode: int, ros_summary: dict, expected: list[tuple[str, int]]) -> list[str]:
+    """Why the ROS run cannot be compared with the harness's episodes ``expected`` (empty: it can)."""
+    problems = []
+    if returncode != 0:
+        problems.append(f'the ROS run exited with code {returncode}')
+    episodes = ros_summary.get('episodes', [])
+    interrupted = [(e['family'], e['seed']) for e in episodes if e.get('interrupted')]
+    completed = [(e['family'], e['seed']) for e in episodes if not e.get('interrupted')]
+    if interrupted:
+        problems.append(f'ROS episodes interrupted (not scored): {interrupted}')
+    missing = [key for key in expected if key not in completed]
+    extra = [key for key in completed if key not in expected]
+    if missing:
+        problems.append(f'{len(missing)} of {len(expected)} harness episodes have no completed ROS episode: {missing}')
+    if extra:
+        problems.append(f'ROS episodes the harness did not run: {extra}')
+    if len(set(completed)) != len(completed):
+        problems.append('the ROS run repeated episodes')
+    return problems
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--model', default='reference', help="'reference', 'tiny-random' or a checkpoint directory")
@@ -97,11 +119,14 @@ def main() -> int:
         print('the ROS run produced no summary:\n' + json.dumps(run['outputs'], indent=1), file=sys.stderr)
         return 1
     ros = run['summary']['summary']
+    problems = ros_run_problems(run['returncode'], ros, [(r.family, r.seed) for r in results])
 
     by_key = {(r.family, r.seed): r for r in results}
     rows, agree = [], 0
     checker = ActionCheck(args.model, args.method, method_config) if args.check_actions else None
     for episode in ros['episodes']:
+        if episode.get('interrupted'):
+            continue
         reference = by_key.get((episode['family'], episode['seed']))
         same = reference is not None and reference.success == episode['success'] and reference.steps == episode['steps']
         agree += int(same)
@@ -129,17 +154,22 @@ def main() -> int:
              *([f"Applied actions, ROS vs harness: max |diff| {max(r['max_action_diff'] for r in rows):.3g} over all "
                 f"steps; episodes diverging beyond 1e-6: {sum(r['first_diverging_step'] is not None for r in rows)}."]
                if rows and all('max_action_diff' in r for r in rows) else []),
-             f"Sync protocol counters: {ros.get('sync_counters')}."]
+             f"Sync protocol counters: {ros.get('sync_counters')}.",
+             *(['', 'NOT COMPARABLE: ' + '; '.join(problems) + f" (logs: {run['logs']})"] if problems else [])]
     low, high = wilson_interval(agree, len(rows))
     document = {'model': args.model, 'method': args.method, 'method_config': method_config,
                 'harness': harness, 'ros': {k: v for k, v in ros.items() if k != 'episodes'}, 'episodes': rows,
                 'identical_episodes': agree, 'identical_ci95': [low, high],
-                'seconds': {'harness': harness_seconds, 'ros': ros_seconds}}
+                'seconds': {'harness': harness_seconds, 'ros': ros_seconds},
+                'ros_returncode': run['returncode'], 'problems': problems}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / 'ros_vs_harness.json').write_text(json.dumps(document, indent=2))
     (args.out / 'ros_vs_harness.md').write_text('\n'.join(lines) + '\n')
     print('\n'.join(lines))
     print(f"wrote {args.out / 'ros_vs_harness.json'} and .md")
+    if problems:
+        print('error: the ROS run is not comparable with the harness: ' + '; '.join(problems), file=sys.stderr)
+        return 1
     return 0
 
 

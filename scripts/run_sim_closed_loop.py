@@ -11,7 +11,9 @@ This is what ``ros2 launch specprune_ros sim.launch.py`` starts, for machines wi
 Prints one line per finished episode, then the bridge's markdown summary (success with 95% CI, jerk, holds,
 model latency on the wall clock, and in real-time mode the node's observation-to-chunk latency), and writes
 JSON + MD: by default to outputs/sim/<label or method>_<mode>_<time>/summary.{json,md}, the process logs
-next to it. Exit code: the bridge's (0 when every episode ran).
+next to it. Exit code: the bridge's (0 when every episode ran; 2 when it could not start or the policy node went
+away, 130 when interrupted, e.g. because the policy node exited: the summary then marks the interrupted episode
+and lists planned vs completed episodes).
 """
 from __future__ import annotations
 
@@ -88,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f'error: {error}', file=sys.stderr)
         return 2
     summary = result['summary']
+    if result['problem']:
+        print(f"error: {result['problem']}", file=sys.stderr)
     if summary is None:
         print('the bridge wrote no summary; its log ends with:\n' + result['outputs'].get('sim_bridge', ''),
               file=sys.stderr)

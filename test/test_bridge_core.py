@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +166,30 @@ def test_gate_settles_after_quiet_and_never_without_a_twist():
     assert not gate.wait_first_twist(0.01)          # the node's timer did not answer the clock
 
 
+def test_gate_timeout_never_applies_a_partial_answer():
+    """A tick given up on is a zero twist with no gripper command, whatever part of the answer came."""
+    gate = TickGate(replan_every_steps=8, period_ns=PERIOD_NS)
+    gate.begin_episode()
+    stamp, _ = gate_at(0, gate)
+    gate.on_twist(stamp, [0.1, 0, 0, 0, 0, 0], 0.0)       # the new chunk's first command, but no chunk
+    gate.on_gripper(1.0, 0.0)
+    answer = gate.answer('timeout')
+    assert not answer.twist.any() and answer.gripper is None and answer.twists == 1 and answer.how == 'timeout'
+
+
+def test_gate_stop_ends_every_wait_at_once():
+    gate = TickGate(replan_every_steps=8, period_ns=PERIOD_NS)
+    gate.begin_episode()
+    gate_at(0, gate)
+    results = []
+    waiter = threading.Thread(target=lambda: results.append((gate.wait_first_twist(300.0), gate.wait(300.0))),
+                              daemon=True)
+    waiter.start()
+    gate.stop()
+    waiter.join(30.0)
+    assert not waiter.is_alive() and results == [(True, 'waiting')] and gate.stopped
+
+
 # --- real-time command timeline -------------------------------------------------------------------------------
 def test_timeline_averages_the_commands_in_effect_over_a_period():
     timeline = CommandTimeline(command_timeout_ns=150 * MS)
@@ -233,6 +258,29 @@ def test_outcomes_summary_markdown_and_files(tmp_path):
     assert md_path.read_text().startswith('| config |')
 
 
+def test_interrupted_episodes_are_listed_but_not_scored_and_timeouts_are_shown():
+    outcomes = []
+    for i, (success, how, interrupted) in enumerate([(True, 'complete', False), (False, 'timeout', False),
+                                                     (False, 'complete', True)]):
+        log = EpisodeLog(EpisodeSpec('pick', i), 'do it', 0, 0.1)
+        for k in range(4):
+            log.add_period(np.zeros(7), np.zeros(6), how=how if k == 0 else 'complete')
+        log.success, log.interrupted = success, interrupted
+        outcomes.append(log.outcome(0.4))
+    assert [o.status for o in outcomes] == ['success', 'failure with 1 ticks timed out', 'interrupted']
+    summary = summarize_outcomes(outcomes, label='none', mode='sync', planned=5)
+    assert (summary['planned_episodes'], summary['completed_episodes'], summary['interrupted_episodes']) == (5, 2, 1)
+    assert not summary['complete']
+    overall = summary['overall']
+    assert (overall['episodes'], overall['successes'], overall['timeouts'], overall['episodes_with_timeouts']) == \
+        (2, 1, 1, 1)
+    assert [e['status'] for e in summary['episodes']] == [o.status for o in outcomes]
+    table = markdown_summary([summary])
+    assert '| none | sync | all | 50.0% (1/2) |' in table and table.splitlines()[2].endswith('| 1 (1) |')
+    assert 'INCOMPLETE none sync: 2 of 5 planned episodes completed (1 interrupted' in table
+    assert 'INCOMPLETE' not in markdown_summary([summarize_outcomes(outcomes[:2], 'none', 'sync')])
+
+
 # --- settings and the sim launch configuration ----------------------------------------------------------------
 def test_bridge_settings_validate_everything_at_once():
     from specprune_ros.bridge import settings
@@ -246,6 +294,13 @@ def test_bridge_settings_validate_everything_at_once():
         assert fragment in text
     with pytest.raises(ValueError, match='unknown sim_bridge parameters'):
         BridgeSettings.from_mapping({'speed': 2})
+
+
+def test_sync_mode_needs_a_policy_node_to_follow():
+    """Sync ticks are answered by the chunks on <policy_node>/action_chunk: without a policy node none would be."""
+    (error,) = BridgeSettings(policy_node='').validate()
+    assert 'policy_node: empty' in error and 'action_chunk' in error and 'realtime' in error
+    assert BridgeSettings(policy_node='', mode='realtime').validate() == []
 
 
 def test_sim_params_file_holds_the_bridge_defaults_and_the_policy_overrides():
@@ -331,7 +386,7 @@ def test_sim_launch_file_wires_both_nodes_from_the_tested_configuration(monkeypa
     declared = [a.args[0] for a in description.args[0] if a.args]
     assert {'model', 'method', 'mode', 'families', 'episodes_per_family', 'summary_path'} <= set(declared)
     LaunchConfiguration.values = {'model': 'tiny-random', 'method': 'none', 'mode': 'realtime', 'families': 'pick'}
-    policy, bridge, shutdown = description.args[0][-1].kwargs['function'](None)
+    policy, bridge, shutdown, node_gone = description.args[0][-1].kwargs['function'](None)
     assert policy.kwargs['executable'] == 'specprune_node' and bridge.kwargs['executable'] == 'specprune_sim_bridge'
     assert bridge.kwargs['name'] == 'sim_bridge'   # the node keeps its name: config/sim_bridge.yaml is keyed by it
     assert isinstance(policy, LifecycleRecorder) and policy.kwargs['namespace'] == ''     # a lifecycle node
@@ -342,6 +397,10 @@ def test_sim_launch_file_wires_both_nodes_from_the_tested_configuration(monkeypa
     assert policy.kwargs['remappings'] == []            # the bridge's topic names, not MoveIt Servo's
     assert bridge.kwargs['parameters'][1] == {'mode': 'realtime', 'families': ['pick']}
     assert shutdown.args[0].kwargs['target_action'] is bridge
+    # the launch also ends when the policy node exits first (no bridge left waiting for it)
+    assert node_gone.args[0].kwargs['target_action'] is policy
+    (event,) = node_gone.args[0].kwargs['on_exit']
+    assert 'policy node exited' in event.kwargs['event'].kwargs['reason']
 
 
 def test_simulation_runs_write_under_outputs_by_default():

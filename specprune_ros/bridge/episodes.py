@@ -4,6 +4,10 @@ The episode plan matches the ROS-free harness (``specprune_ros.evaluation.closed
 ``seed_start + i`` for ``i < episodes_per_family``, families interleaved, so both score the same episodes.
 Smoothness is the mean norm of the jerk of the applied end-effector velocity (second difference of the
 per-period linear velocity over period^2, m/s^3); "stalled" periods are the ones without a fresh command.
+
+An episode with ticks the policy never answered (``timeouts``: the robot held still then) stays in the statistics
+and is marked in every row; an episode cut short (``interrupted``: the policy node died, the run was stopped) is
+left out of them, and the summary says how many of the planned episodes completed.
 """
 from __future__ import annotations
 
@@ -60,6 +64,8 @@ class EpisodeLog:
     kept_ratios: list = field(default_factory=list)
     skipped_steps: int = 0                               # steps the node skipped while inferring
     resends: int = 0
+    timeouts: int = 0                                    # sync: ticks nobody answered (a zero twist was applied)
+    interrupted: bool = False                            # cut short before the task ended or reached max_steps
     wall_start: float = field(default_factory=time.monotonic)
     success: bool = False
 
@@ -71,6 +77,7 @@ class EpisodeLog:
         self.stale_periods += float(stale_fraction)
         if how:
             self.sync_how[how] = self.sync_how.get(how, 0) + 1
+        self.timeouts += int(how == 'timeout')
 
     def add_inference(self, values: dict) -> None:
         """One ``~/inference`` record of the policy node (string values)."""
@@ -102,7 +109,8 @@ class EpisodeLog:
             latency_ms_median=percentile(self.latencies_ms, 50),
             model_latency_ms_median=percentile(self.model_latencies_ms, 50),
             kept_ratio=float(np.mean(self.kept_ratios)) if self.kept_ratios else float('nan'),
-            sync_how=dict(self.sync_how), resends=self.resends,
+            sync_how=dict(self.sync_how), resends=self.resends, timeouts=self.timeouts,
+            interrupted=bool(self.interrupted),
             actions=[[float(v) for v in a] for a in self.actions] if save_actions else None)
 
 
@@ -126,7 +134,17 @@ class EpisodeOutcome:
     kept_ratio: float
     sync_how: dict = field(default_factory=dict)
     resends: int = 0
+    timeouts: int = 0                       # ticks applied as a zero twist because the policy never answered
+    interrupted: bool = False               # cut short: not scored (left out of the success statistics)
     actions: Optional[list] = None          # applied actions (with save_actions)
+
+    @property
+    def status(self) -> str:
+        """'interrupted', 'success' or 'failure', with the timed-out ticks when there were any."""
+        if self.interrupted:
+            return 'interrupted'
+        text = 'success' if self.success else 'failure'
+        return f'{text} with {self.timeouts} ticks timed out' if self.timeouts else text
 
     def as_values(self) -> dict[str, str]:
         """Flat string values (the ``~/episode`` DiagnosticStatus key-values)."""
@@ -148,12 +166,19 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else float('nan')
 
 
-def summarize_outcomes(outcomes: Sequence[EpisodeOutcome], label: str = '', mode: str = '') -> dict:
-    """Per-family and overall success (Wilson 95% CI) and the motion / latency aggregates."""
+def summarize_outcomes(outcomes: Sequence[EpisodeOutcome], label: str = '', mode: str = '',
+                       planned: Optional[int] = None) -> dict:
+    """Per-family and overall success (Wilson 95% CI) and the motion / latency aggregates.
+
+    Interrupted episodes are listed but left out of every statistic; ``planned`` (default: the episodes given)
+    against ``completed_episodes`` says whether the run is complete.
+    """
     def block(items: Sequence[EpisodeOutcome]) -> dict:
         wins = sum(o.success for o in items)
         low, high = wilson_interval(wins, len(items))
         return {'episodes': len(items), 'successes': wins, 'success_rate': wins / max(len(items), 1),
+                'timeouts': sum(o.timeouts for o in items),
+                'episodes_with_timeouts': sum(o.timeouts > 0 for o in items),
                 'ci95': [low, high], 'mean_length': _nanmean([o.steps for o in items]),
                 'mean_abs_jerk': _nanmean([o.mean_abs_jerk for o in items]),
                 'mean_speed': _nanmean([o.mean_speed for o in items]),
@@ -163,21 +188,26 @@ def summarize_outcomes(outcomes: Sequence[EpisodeOutcome], label: str = '', mode
                 'model_latency_ms_median': _nanmean([o.model_latency_ms_median for o in items]),
                 'kept_ratio': _nanmean([o.kept_ratio for o in items]),
                 'skipped_steps_per_episode': _nanmean([o.skipped_steps for o in items])}
-    families = sorted({o.family for o in outcomes})
-    return {'label': label, 'mode': mode, 'overall': block(outcomes),
-            'families': {f: block([o for o in outcomes if o.family == f]) for f in families},
-            'episodes': [asdict(o) for o in outcomes]}
+    scored = [o for o in outcomes if not o.interrupted]
+    planned = len(outcomes) if planned is None else int(planned)
+    families = sorted({o.family for o in scored})
+    return {'label': label, 'mode': mode, 'planned_episodes': planned, 'completed_episodes': len(scored),
+            'interrupted_episodes': len(outcomes) - len(scored), 'complete': len(scored) == planned,
+            'overall': block(scored), 'families': {f: block([o for o in scored if o.family == f]) for f in families},
+            'episodes': [{**asdict(o), 'status': o.status} for o in outcomes]}
 
 
 def markdown_summary(summaries: Sequence[dict]) -> str:
     """One row per family and overall.
 
     Model ms: the model call on the wall clock; inference ms: observation to accepted chunk on the node's clock (sim
-    time in step-synchronous mode, where the clock waits: not shown).
+    time in step-synchronous mode, where the clock waits: not shown). Timeouts: ticks the policy never answered
+    (episodes with any). A run that did not complete every planned episode gets a line under the table.
     """
     lines = ['| config | mode | family | success | 95% CI | mean length | mean abs jerk m/s^3 | hold % | stale % '
-             '| model ms (median) | inference ms (median) | kept ratio |',
-             '|---|---|---|---|---|---|---|---|---|---|---|---|']
+             '| model ms (median) | inference ms (median) | kept ratio | timeouts (episodes) |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+    notes = []
     for summary in summaries:
         for family, s in [*summary['families'].items(), ('all', summary['overall'])]:
             inference = 'n/a (sim clock)' if summary['mode'] == 'sync' else f"{s['latency_ms_median']:.1f}"
@@ -186,8 +216,15 @@ def markdown_summary(summaries: Sequence[dict]) -> str:
                 f"({s['successes']}/{s['episodes']}) | {s['ci95'][0] * 100:.1f}-{s['ci95'][1] * 100:.1f}% "
                 f"| {s['mean_length']:.1f} | {s['mean_abs_jerk']:.2f} | {s['hold_fraction'] * 100:.1f} "
                 f"| {s['stale_fraction'] * 100:.1f} | {s.get('model_latency_ms_median', float('nan')):.1f} "
-                f"| {inference} | {s['kept_ratio']:.3f} |")
-    return '\n'.join(lines)
+                f"| {inference} | {s['kept_ratio']:.3f} "
+                f"| {s.get('timeouts', 0)} ({s.get('episodes_with_timeouts', 0)}) |")
+        planned = summary.get('planned_episodes', summary['overall']['episodes'])
+        completed = summary.get('completed_episodes', summary['overall']['episodes'])
+        if completed != planned:
+            notes.append(f"INCOMPLETE {summary['label']} {summary['mode']}: {completed} of {planned} planned episodes "
+                         f"completed ({summary.get('interrupted_episodes', 0)} interrupted, left out of the "
+                         'statistics)')
+    return '\n'.join(lines + ([''] + notes if notes else []))
 
 
 def write_summary(summary: dict, path: Path, extra: Optional[dict] = None) -> tuple[Path, Path]:

@@ -51,7 +51,8 @@ class BridgeSettings:
     twist_topic: str = _p('delta_twist_cmds', 'geometry_msgs/TwistStamped commands in')
     gripper_topic: str = _p('gripper_command', 'std_msgs/Float64 gripper commands in')
     policy_node: str = _p('/specprune_node', "the policy node (its ~/action_chunk, ~/inference, ~/reset, "
-                          "parameters and lifecycle state); empty: none of those")
+                          "parameters and lifecycle state); empty: none of those (realtime mode only: sync mode "
+                          "needs the chunks to know when a tick is answered)")
     # --- protocol ---------------------------------------------------------------------------------------
     replan_every_steps: int = _p(8, "the policy node's replan_every_steps (read from the node when it answers)")
     start_time_s: float = _p(0.0, 'sim time of the first tick (0: wall-clock seconds modulo 1e6, rounded to the '
@@ -120,6 +121,9 @@ class BridgeSettings:
                 errors.append(f'{name} must be > 0')
         if self.clock_lead_s < 0 or self.episode_gap_s < 0 or self.start_time_s < 0:
             errors.append('clock_lead_s, episode_gap_s and start_time_s must be >= 0')
+        if self.mode == 'sync' and not self.policy_node.strip():
+            errors.append("policy_node: empty, but sync mode follows <policy_node>/action_chunk to know when a tick "
+                          "is answered (name the policy node, e.g. /specprune_node, or use mode realtime)")
         if self.gripper_open_value == self.gripper_closed_value:
             errors.append('gripper_open_value and gripper_closed_value must differ')
         return errors

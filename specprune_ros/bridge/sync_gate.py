@@ -44,8 +44,8 @@ DUE_TOLERANCE_NS = 1_000_000      # the node's own tolerance on "an inference is
 class TickAnswer:
     """What the bridge applies for one tick, and how it got it."""
 
-    twist: np.ndarray                 # (6,) m/s, rad/s (zeros when nothing arrived)
-    gripper: Optional[float]          # latest gripper_command value (None: never received)
+    twist: np.ndarray                 # (6,) m/s, rad/s (zeros when nothing arrived or on a timeout)
+    gripper: Optional[float]          # latest gripper_command value (None: never received, or a timeout)
     twists: int                       # TwistStamped messages stamped with this tick
     inference: bool                   # a new chunk for this tick arrived
     expected_inference: bool
@@ -89,6 +89,17 @@ class TickGate:
         self._tick: Optional[_Tick] = None
         self._last_chunk_ns: Optional[int] = None
         self._gripper: Optional[float] = None
+        self._stopped = False
+
+    def stop(self) -> None:
+        """Wake every waiter now, and make later waits return at once (the run is being interrupted)."""
+        with self.condition:
+            self._stopped = True
+            self.condition.notify_all()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
 
     # --- bridge side -----------------------------------------------------------------------------------
     def begin_episode(self) -> None:
@@ -134,7 +145,10 @@ class TickGate:
         return 'waiting'
 
     def wait(self, timeout_s: float, clock=None) -> str:
-        """Block until the tick is answered or ``timeout_s`` passes; returns the status ('waiting' on timeout)."""
+        """Block until the tick is answered or ``timeout_s`` passes; returns the status ('waiting' on timeout).
+
+        Returns at once after ``stop()``.
+        """
         import time
         clock = clock or time.monotonic
         deadline = clock() + timeout_s
@@ -142,7 +156,7 @@ class TickGate:
             while True:
                 now = clock()
                 status = self._status_locked(now)
-                if status != 'waiting' or now >= deadline:
+                if status != 'waiting' or now >= deadline or self._stopped:
                     return status
                 self.condition.wait(min(deadline - now, max(self.settle_s / 4, 0.005)))
 
@@ -151,7 +165,7 @@ class TickGate:
         import time
         deadline = time.monotonic() + timeout_s
         with self.condition:
-            while self._tick is not None and not self._tick.twists:
+            while self._tick is not None and not self._tick.twists and not self._stopped:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -159,7 +173,11 @@ class TickGate:
             return True
 
     def answer(self, how: str) -> TickAnswer:
-        """Close the tick: the command to apply (zero twist when nothing arrived)."""
+        """Close the tick: the command to apply.
+
+        A zero twist when nothing arrived or the tick timed out (a partial answer is never applied); ``gripper`` is
+        then None (the caller keeps the gripper where it is).
+        """
         with self.condition:
             tick = self._tick
             if tick is None:
@@ -170,9 +188,10 @@ class TickGate:
                 self.counters.timeouts += 1
             if tick.expected_inference and not tick.chunk:
                 self.counters.missing_inferences += 1
-            twist = tick.twists[-1] if tick.twists else np.zeros(6)
+            timed_out = how == 'timeout'
+            twist = tick.twists[-1] if tick.twists and not timed_out else np.zeros(6)
             self._tick = None
-            return TickAnswer(twist=np.array(twist, dtype=np.float64), gripper=self._gripper,
+            return TickAnswer(twist=np.array(twist, dtype=np.float64), gripper=None if timed_out else self._gripper,
                               twists=len(tick.twists), inference=tick.chunk,
                               expected_inference=tick.expected_inference, how=how)
 

@@ -17,6 +17,12 @@ Subscribes:
 Modes: ``sync`` waits for the policy's command every tick (protocol: ``specprune_ros.bridge.sync_gate``);
 ``realtime`` steps every 0.1 s of wall-clock time and applies the commands in effect
 (``specprune_ros.bridge.realtime``). At the end a summary (JSON + markdown) is written to ``summary_path``.
+
+Twists are applied in ``base_frame`` axes: a policy node whose ``command_frame`` differs is refused at start-up,
+and twists labelled with another frame are counted (``foreign_frame_twists`` in the summary). A sync tick nobody
+answers within ``sync_timeout_s`` is applied as a zero twist with the gripper unchanged and counted in its
+episode; if the policy node has left the ROS graph by then, the run stops with exit code 2. Episodes cut short
+(policy node gone, SIGINT) are marked interrupted and left out of the success statistics.
 """
 from __future__ import annotations
 
@@ -103,6 +109,9 @@ class SimBridgeNode(Node):
         self.stop_event = threading.Event()
         self.outcomes: list[EpisodeOutcome] = []
         self.policy_info: dict = {}
+        self.foreign_frame_twists = 0           # twists whose header.frame_id is neither empty nor base_frame
+        self._abort: Optional[BridgeAbort] = None
+        self.planned_episodes: Optional[int] = None
         self._log: Optional[EpisodeLog] = None
         self._log_lock = threading.Lock()
         self.gate = TickGate(s.replan_every_steps, self.period_ns, s.settle_s)
@@ -139,8 +148,20 @@ class SimBridgeNode(Node):
     def publish_clock(self, ns: int) -> None:
         self.clock_pub.publish(Clock(clock=to_time(ns)))
 
+    def stop(self) -> None:
+        """Interrupt the run (SIGINT / SIGTERM): every wait returns now, the current episode is marked interrupted."""
+        self.stop_event.set()
+        self.gate.stop()
+
     # --- callbacks -----------------------------------------------------------------------------------------
     def _on_twist(self, msg: TwistStamped) -> None:
+        frame = msg.header.frame_id.lstrip('/')
+        if frame and frame != self.settings.base_frame.lstrip('/'):
+            self.foreign_frame_twists += 1
+            if self.foreign_frame_twists == 1:
+                self.get_logger().warning(
+                    f'twist in frame {msg.header.frame_id!r}: the simulator applies twists in '
+                    f'{self.settings.base_frame!r} axes (counted as foreign_frame_twists in the summary)')
         t = msg.twist
         values = (t.linear.x, t.linear.y, t.linear.z, t.angular.x, t.angular.y, t.angular.z)
         if self.settings.mode == 'sync':
@@ -208,9 +229,10 @@ class SimBridgeNode(Node):
 
     def publish_outcome(self, outcome: EpisodeOutcome) -> None:
         values = outcome.as_values()
-        status = DiagnosticStatus(level=DiagnosticStatus.OK if outcome.success else DiagnosticStatus.WARN,
+        clean = outcome.success and not outcome.timeouts and not outcome.interrupted
+        status = DiagnosticStatus(level=DiagnosticStatus.OK if clean else DiagnosticStatus.WARN,
                                   name=f'{self.get_fully_qualified_name()}: episode',
-                                  message='success' if outcome.success else 'failure',
+                                  message=outcome.status,
                                   hardware_id=f'{outcome.family}:{outcome.seed}',
                                   values=[KeyValue(key=k, value=v) for k, v in values.items()])
         self.episode_pub.publish(status)
@@ -253,6 +275,15 @@ class SimBridgeNode(Node):
         return any(f"{namespace.rstrip('/')}/{name}" == wanted
                    for name, namespace in self.get_node_names_and_namespaces())
 
+    def _policy_gone(self) -> str:
+        """Why the policy node is no longer there ('' while it is: it may only be slow)."""
+        s = self.settings
+        if s.policy_node and not self._policy_node_present():
+            return f'{s.policy_node} has left the ROS graph'
+        if self.count_publishers(self.twist_sub.topic_name) == 0:
+            return f'nobody publishes {self.twist_sub.topic_name} any more'
+        return ''
+
     def _read_policy_parameters(self) -> None:
         s = self.settings
         values = remote_parameters(self, s.policy_node, POLICY_PARAMETERS, timeout_s=10.0)
@@ -264,6 +295,11 @@ class SimBridgeNode(Node):
         if s.mode == 'sync' and values.get('use_sim_time') is False:
             raise BridgeAbort(f'{s.policy_node} runs on wall-clock time: step-synchronous mode needs '
                               'use_sim_time:=true on the policy node (config/sim_bridge.yaml sets it)')
+        frame = values.get('command_frame')
+        if isinstance(frame, str) and frame.lstrip('/') != s.base_frame.lstrip('/'):
+            raise BridgeAbort(f'{s.policy_node} has command_frame {frame!r}, but the simulator applies twists in '
+                              f'{s.base_frame!r} (base_frame): a servo would read these twists in {frame!r} axes; '
+                              f'set command_frame:={s.base_frame} on the policy node')
         if isinstance(values.get('replan_every_steps'), int):
             self.gate.replan_every_steps = values['replan_every_steps']
         if values.get('publish_on_new_chunk') is False and s.mode == 'sync':
@@ -308,6 +344,7 @@ class SimBridgeNode(Node):
         t = aligned_start_ns(start, self.period_ns)
         gap = aligned_start_ns(seconds_to_ns(s.episode_gap_s), self.period_ns)
         self.get_logger().info(f'{s.mode} mode: {len(plan)} episodes of {s.families}, seeds from {s.seed_start}')
+        self.planned_episodes = len(plan)
         for index, spec in enumerate(plan):
             if self.stop_event.is_set():
                 break
@@ -318,12 +355,16 @@ class SimBridgeNode(Node):
             self.publish_outcome(outcome)
             self.get_logger().info(
                 f'episode {index + 1}/{len(plan)} {spec.family} seed {spec.seed}: '
-                f"{'success' if outcome.success else 'failure'} in {outcome.steps} steps "
+                f'{outcome.status} in {outcome.steps} steps '
                 f'({outcome.wall_time_s:.1f} s wall, {outcome.inferences} inferences, '
                 f'model {outcome.model_latency_ms_median:.1f} ms, '
                 f'jerk {outcome.mean_abs_jerk:.2f} m/s^3, holds {outcome.hold_fraction * 100:.0f}%)')
+            if self._abort is not None:
+                break
             t = t_end + gap
         self.env.close()
+        if self._abort is not None:
+            raise self._abort
         return self.outcomes
 
     def _begin_episode(self, spec: EpisodeSpec, t_ns: int) -> tuple[Any, EpisodeLog]:
@@ -351,8 +392,12 @@ class SimBridgeNode(Node):
         return min(limit, self.settings.max_steps) if self.settings.max_steps else limit
 
     def _apply(self, log: EpisodeLog, twist: np.ndarray, gripper: Optional[float], stale: float = 0.0,
-               how: str = '', render: bool = True) -> tuple[Any, bool]:
-        gripper_action = -1.0 if gripper is None else gripper_value_to_action(gripper, self.units)
+               how: str = '', render: bool = True, keep_gripper: bool = False) -> tuple[Any, bool]:
+        """Step the simulator with one command; ``keep_gripper``: the previous period's gripper action."""
+        if keep_gripper:
+            gripper_action = float(log.actions[-1][6]) if log.actions else -1.0
+        else:
+            gripper_action = -1.0 if gripper is None else gripper_value_to_action(gripper, self.units)
         action = command_to_action(twist, gripper_action, self.units)
         log.add_period(action, twist, stale, how)
         obs, done, success = self.env.step(action, render=render)
@@ -367,25 +412,39 @@ class SimBridgeNode(Node):
         try:
             for _ in range(self._max_steps()):
                 if self.stop_event.is_set():
+                    log.interrupted = True
                     break
                 # Frames only when the node will look (it re-plans every replan_every_steps ticks): unused frames
                 # of a previous tick could otherwise start an inference from the worker's periodic poll between
                 # the clock advance and this tick's frames. The state goes out every tick.
                 expected = self.gate.begin_tick(t, time.monotonic())
-                self.publish_observation(obs.images if expected else None, t, wait_for_timer=True)
+                # frames of a tick without an inference were not rendered (and are never sent, resends included)
+                frames = (obs.images or self.env.render()) if expected else None
+                self.publish_observation(frames, t, wait_for_timer=True)
                 started = time.monotonic()
                 status = self.gate.wait(s.resend_after_s)
                 while status == 'waiting' and not self.stop_event.is_set():
                     if time.monotonic() - started >= s.sync_timeout_s:
-                        self.get_logger().warning(f'no answer for sim time {t * 1e-9:.1f} s after '
-                                                  f'{s.sync_timeout_s:.0f} s: applying a zero twist')
                         break
                     log.resends += 1   # lost frames or clock, or a dropped chunk: show the observation again
-                    self.publish_observation(obs.images, t)
+                    self.publish_observation(frames, t)
                     status = self.gate.wait(s.resend_after_s)
+                if status == 'waiting' and self.stop_event.is_set():
+                    log.interrupted = True
+                    break
+                if status == 'waiting':
+                    gone = self._policy_gone()
+                    if gone:
+                        self._abort = BridgeAbort(f'no answer for sim time {t * 1e-9:.1f} s and {gone}: the policy '
+                                                  'node is gone, stopping the run')
+                        log.interrupted = True
+                        break
+                    self.get_logger().warning(f'no answer for sim time {t * 1e-9:.1f} s after '
+                                              f'{s.sync_timeout_s:g} s: applying a zero twist (gripper unchanged)')
                 answer = self.gate.answer(status if status != 'waiting' else 'timeout')
                 render = self.gate.inference_due(t + self.period_ns)
-                obs, done = self._apply(log, answer.twist, answer.gripper, how=answer.how, render=render)
+                obs, done = self._apply(log, answer.twist, answer.gripper, how=answer.how, render=render,
+                                        keep_gripper=answer.how == 'timeout')
                 t += self.period_ns
                 if done:
                     break
@@ -403,6 +462,7 @@ class SimBridgeNode(Node):
             self.publish_observation(obs.images, t)
             for _ in range(self._max_steps()):
                 if self.stop_event.is_set():
+                    log.interrupted = True
                     break
                 t_next = t + self.period_ns
                 while not self.stop_event.is_set():
@@ -411,6 +471,9 @@ class SimBridgeNode(Node):
                         break
                     self.publish_clock(now)
                     time.sleep(min(clock_step, (t_next - now) * 1e-9))
+                if self.stop_event.is_set():
+                    log.interrupted = True
+                    break
                 # sim time stands still while the simulator computes the step (an infinitely fast simulator:
                 # every millisecond the policy needs is charged, none of the bridge's own); it resumes at t_next
                 self._sim_base = (t_next, 1 << 62)
@@ -432,7 +495,7 @@ class SimBridgeNode(Node):
     def summary(self) -> dict:
         s = self.settings
         label = s.label or str(self.policy_info.get('method', '')) or 'policy'
-        return summarize_outcomes(self.outcomes, label=label, mode=s.mode)
+        return summarize_outcomes(self.outcomes, label=label, mode=s.mode, planned=self.planned_episodes)
 
     def finish(self) -> Optional[dict]:
         if not self.outcomes:
@@ -442,6 +505,7 @@ class SimBridgeNode(Node):
         extra = {'policy': self.policy_info, 'bridge': {k: v for k, v in vars(s).items()},
                  'sync_counters': vars(self.gate.counters)}
         summary['sync_counters'] = vars(self.gate.counters)
+        summary['foreign_frame_twists'] = self.foreign_frame_twists
         if s.summary_path:
             json_path, md_path = write_summary(summary, s.summary_path, extra)
             self.get_logger().info(f'summary written to {json_path} and {md_path}')
@@ -450,7 +514,11 @@ class SimBridgeNode(Node):
 
 
 def main(args: Optional[list[str]] = None) -> int:
-    """Entry point of ``sim_bridge``: run the episodes, write the summary, exit (0 = all episodes ran)."""
+    """Entry point of ``sim_bridge``: run the episodes, write the summary, exit (0 = all episodes ran).
+
+    Exit code 2: the run could not start or go on (no policy node, a wrong configuration, the policy node gone
+    mid-run); 130: interrupted.
+    """
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     try:
         node = SimBridgeNode()
@@ -459,7 +527,7 @@ def main(args: Optional[list[str]] = None) -> int:
         rclpy.try_shutdown()
         return 2
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: node.stop_event.set())
+        signal.signal(signum, lambda *_: node.stop())
     spinner = BackgroundExecutor(node)
     code = 0
     try:

@@ -121,7 +121,9 @@ def recording_start_condition(recorded: Sequence[str], bridge_parameters: dict) 
 def run_simulation(run: SimRun) -> dict:
     """Start everything, wait for the bridge to finish, stop the rest.
 
-    Returns ``{'returncode', 'summary' (the bridge's JSON document or None), 'logs'}``.
+    Returns ``{'returncode', 'summary' (the bridge's JSON document or None), 'logs', 'problem'}``; ``problem``
+    says why the run stopped early ('' when the bridge finished on its own): the bridge is interrupted (its episode
+    in progress marked so) when the policy node exits or ``timeout_s`` passes.
     """
     setup = sim_setup(run.arguments)
     log_dir = Path(run.log_dir or tempfile.mkdtemp(prefix='specprune-sim-'))
@@ -152,8 +154,13 @@ def run_simulation(run: SimRun) -> dict:
         processes.append(bridge)
         deadline = time.monotonic() + run.timeout_s
         progress = EpisodeProgress(bridge.log_path, run.progress)
-        while bridge.alive() and time.monotonic() < deadline:
+        problem = ''
+        while bridge.alive():
             if not node.alive():
+                problem = f'the policy node exited (code {node.popen.returncode}) before the bridge finished'
+                break
+            if time.monotonic() >= deadline:
+                problem = f'the run took longer than {run.timeout_s:g} s'
                 break
             progress.poll()
             time.sleep(0.2)
@@ -169,7 +176,7 @@ def run_simulation(run: SimRun) -> dict:
         else Path(f'{summary_path}.json')
     if json_path.is_file():
         summary = json.loads(json_path.read_text())
-    return {'returncode': returncode, 'summary': summary, 'summary_path': str(json_path),
+    return {'returncode': returncode, 'summary': summary, 'summary_path': str(json_path), 'problem': problem,
             'logs': {p.label: str(p.log_path) for p in processes},
             'outputs': {p.label: p.output(tail=4000) for p in processes}}
 
