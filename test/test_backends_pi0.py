@@ -387,6 +387,16 @@ def test_policy_refuses_bad_observations(pi0_dir):
         policy.predict(Observation(images={'base_0_rgb': images()[0]}, instruction=INSTRUCTION, proprio=state()))
 
 
+@pytest.mark.parametrize('steps', [0, -5])
+def test_n_action_steps_below_one_is_refused_at_load(pi0_dir, tmp_path, steps):
+    directory = _broken(pi0_dir, tmp_path, f'steps_{steps}')
+    config = json.loads((directory / 'config.json').read_text())
+    config['n_action_steps'] = steps
+    (directory / 'config.json').write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match='1 <= n_action_steps <= chunk_size'):
+        load_policy(str(directory), dtype='float32')
+
+
 def test_options_map_robot_cameras_and_fix_the_noise(pi05_dir, tmp_path):
     directory = _broken(pi05_dir, tmp_path, 'with_options')
     (directory / 'specprune_adapter.json').write_text(json.dumps(
@@ -399,6 +409,8 @@ def test_options_map_robot_cameras_and_fix_the_noise(pi05_dir, tmp_path):
     again = load_policy(str(directory), dtype='float32').predict(obs)
     np.testing.assert_array_equal(a.actions, again.actions)            # same seed, same noise, same chunk
     assert np.abs(first.predict(obs).actions - a.actions).max() > 1e-4  # the next draw differs
+    first.reset()                                                       # a new episode starts the noise again
+    np.testing.assert_array_equal(first.predict(obs).actions, a.actions)
     (directory / 'specprune_adapter.json').write_text(json.dumps({'camera_map': {'front': 'agentview'}}))
     with pytest.raises(ValueError, match='front'):
         load_policy(str(directory), dtype='float32')

@@ -72,6 +72,10 @@ def test_ee_delta_option_gives_the_twist_labels_and_the_names_must_fit(tmp_path)
         ActionSpec(action_dim=3, action_names=('a', 'b'))
     with pytest.raises(ValueError, match='action_space'):
         ActionSpec(action_space='cartesian')
+    with pytest.raises(ValueError, match="'ee_delta' actions are 7-D"):     # 8 actions would hold for ever
+        ActionSpec(action_dim=8)
+    with pytest.raises(ValueError, match='at least one step'):
+        ActionSpec(chunk_size=0)
 
 
 def test_joint_space_ticks_command_the_chunk_steps_and_no_twist(joint_policy):

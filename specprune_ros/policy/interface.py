@@ -43,6 +43,13 @@ class ActionSpec:
         object.__setattr__(self, 'action_names', tuple(self.action_names))
         if len(self.action_names) != self.action_dim:
             raise ValueError(f'{len(self.action_names)} action_names for action_dim {self.action_dim}')
+        if self.chunk_size < 1 or self.action_dim < 1:
+            raise ValueError(f'a chunk needs at least one step of one action, got chunk_size {self.chunk_size}, '
+                             f'action_dim {self.action_dim}')
+        if self.action_space == 'ee_delta' and self.action_dim != len(ACTION_LABELS):
+            raise ValueError(f"'ee_delta' actions are {len(ACTION_LABELS)}-D ({', '.join(ACTION_LABELS)}), got "
+                             f"action_dim {self.action_dim}: a policy with other actions needs action_space 'joint' "
+                             '(specprune_adapter.json)')
 
 
 def default_action_names(action_dim: int, action_space: str = 'ee_delta') -> tuple[str, ...]:

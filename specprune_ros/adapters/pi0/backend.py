@@ -103,6 +103,10 @@ class Pi0Backend(ModelBackend):
                                       control_period_s=options.control_period_s,
                                       action_space=options.action_space, action_names=names)
 
+    def reset(self) -> None:
+        """A new episode draws the flow's noise from ``noise_seed`` again: episodes are reproducible one by one."""
+        self.inference.generator.manual_seed(self.inference.seed)
+
     def encode(self, observation: Observation) -> Pi0Step:
         frames = camera_frames(observation, self.camera_names)
         try:

@@ -203,7 +203,7 @@ def parse_config(config: Any) -> Pi0Config:
     if parsed.action_names and len(parsed.action_names) != parsed.action_dim:
         raise CheckpointError(f'action_feature_names has {len(parsed.action_names)} names for {parsed.action_dim} '
                               'action dimensions')
-    if parsed.n_action_steps > parsed.chunk_size or parsed.chunk_size < 1 or parsed.num_inference_steps < 1:
+    if not 1 <= parsed.n_action_steps <= parsed.chunk_size or parsed.num_inference_steps < 1:
         raise CheckpointError('need 1 <= n_action_steps <= chunk_size and num_inference_steps >= 1')
     if parsed.image_resolution % vision.patch_size:
         raise CheckpointError(f'image_resolution {parsed.image_resolution} is not a multiple of the patch size '

@@ -66,6 +66,7 @@ class Pi0Inference:
         self.device, self.dtype = device, dtype
         self.runner = PrunableDecoderRunner(self.model.vlm)
         self.action_rows = action_rows
+        self.seed = seed
         self.generator = torch.Generator(device='cpu').manual_seed(seed)
 
     @property
