@@ -147,8 +147,8 @@ def test_replayer_remaps_skips_the_start_and_follows_the_rate(sim_bag, tmp_path)
     assert stamps[0] == pytest.approx(100.0 + 1.0)
     arrivals = np.array([t for t, _ in listener.frames])
     assert np.median(np.diff(arrivals)) == pytest.approx(0.05, abs=0.02)   # 0.1 s of bag time at rate 2
-    # the instruction was recorded before the offset: not replayed (ros2 bag play does the same)
-    assert listener.texts == []
+    # the instruction was recorded before the offset: latched, its newest message still goes out first
+    assert len(listener.texts) == 1 and listener.texts[0]
 
 
 def test_bad_bags_are_refused_with_a_reason(sim_bag, tmp_path):
@@ -216,3 +216,28 @@ def test_bag_time_is_the_arrival_time_even_when_the_recorder_is_late(tmp_path):
     assert [text for _, text in rows] == [f'{k}{i}' for i in range(20) for k in 'ab']
     spread = (rows[-1][0] - rows[0][0]) * 1e-9
     assert spread > 0.15, spread   # 20 publications ~10 ms apart, not one late spin's instant
+
+
+def _file_size_limit() -> None:
+    """A full disk, as the recorder sees one: writes past 1 MiB fail with EFBIG."""
+    import resource
+    import signal
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+
+def test_a_recording_that_cannot_be_written_stops_and_fails(tmp_path):
+    """Disk full: the recorder stops at once and exits non-zero, instead of reporting success at the end."""
+    camera = start('camera_for_full_disk', [sys.executable, '-m', 'specprune_ros.ros.tools.synthetic_camera',
+                                            '--rate', '30', '--size', '224', '--camera', 'agentview=/full/cam:raw',
+                                            '--duration', '60'], tmp_path)
+    try:
+        started = time.monotonic()
+        recorder = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'record_bag.py'), str(tmp_path / 'full'),
+                                   '--topics', '/full/cam', '--duration', '50'], env=child_environment(DOMAIN),
+                                  capture_output=True, text=True, timeout=120, preexec_fn=_file_size_limit)
+    finally:
+        camera.interrupt()
+    assert recorder.returncode == 1, recorder.stdout + recorder.stderr
+    assert 'error: the recording failed: writing /full/cam failed (OSError' in recorder.stderr
+    assert time.monotonic() - started < 45                # it stopped when the writes failed, not at --duration

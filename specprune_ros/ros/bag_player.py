@@ -8,7 +8,8 @@ r"""Publish a bag's messages onto their topics with the original timing, like ``
 
 Messages go out as the recorded CDR bytes (no deserialization), in bag-time order, at ``start + (t - t0) / rate``
 of wall-clock time, where ``t0`` is the first message of the replayed topics (``--start-offset`` skips the first
-seconds after it; ``--progress`` shows the replayed bag time, its total and the time left). ``--clock``
+seconds after it, but the newest message of each latched topic from before the offset, such as the instruction,
+goes out first; ``--progress`` shows the replayed bag time, its total and the time left). ``--clock``
 publishes ``/clock`` from bag time (at ``--clock-rate`` Hz and right before each message; a recorded /clock topic
 is then not replayed): run the consumer with ``use_sim_time:=true`` so header stamps and its clock agree. Each
 topic's publisher QoS is the recorded offered QoS (reliable unless every recorded publisher was best effort;
@@ -163,6 +164,13 @@ class BagPlayer(Node):
             def bag_now() -> int:
                 return first + int((time.monotonic() - wall0) * options.rate * 1e9)
 
+            latched = self._latched_before(reader, first)
+            if latched:
+                self._publish_clock(first)
+            for topic, raw in latched:
+                self.publishers_by_topic[topic].publish(bytes(raw))
+                self.published += 1
+
             for topic, _, timestamp, raw in reader.raw_messages(self.publishers_by_topic, start_ns=first):
                 if self.stop_event.is_set():
                     break
@@ -182,6 +190,18 @@ class BagPlayer(Node):
                 bar.update(round((timestamp - first) * 1e-9, 1) - bar.n)
                 bar.set_postfix_str(f'{self.published} messages', refresh=False)
             bar.close()
+
+    def _latched_before(self, reader: BagReader, first: int) -> list[tuple[str, Any]]:
+        """The newest message of each transient-local topic recorded before bag time ``first``."""
+        latched = [topic for topic, publisher in self.publishers_by_topic.items()
+                   if publisher.qos_profile.durability == DurabilityPolicy.TRANSIENT_LOCAL]
+        newest: dict[str, Any] = {}
+        if latched and first > self.first_ns:
+            for topic, _, timestamp, raw in reader.raw_messages(latched):
+                if timestamp >= first:
+                    break
+                newest[topic] = raw
+        return list(newest.items())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,6 +40,7 @@ from specprune_ros.command_line import HelpFormatter
 from specprune_ros.ros.ros_helpers import BackgroundExecutor, MessageTypeError, message_class
 
 HIDDEN = ('/rosout', '/parameter_events')
+QUEUE_LIMIT = 10_000                      # messages waiting for the writer; more are dropped and counted
 
 
 def subscription_qos(publisher_profiles: Sequence[Any], depth: int = 100) -> QoSProfile:
@@ -75,7 +76,9 @@ class BagRecorder(Node):
         if not self.wanted and not all_topics:
             raise ValueError('name the topics to record, or record all of them')
         self.writer = BagWriter(output, storage=storage)
-        self.queue: queue.Queue = queue.Queue()
+        self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_LIMIT)   # bounded: a stalled writer cannot eat memory
+        self.write_error = ''                 # why writing stopped (a full disk, ...): the recording failed
+        self.dropped_queue_full = 0
         self.subscriptions_by_topic: dict[str, Any] = {}
         self.skipped: dict[str, str] = {}
         self.messages = 0
@@ -140,7 +143,7 @@ class BagRecorder(Node):
     def _on_message(self, topic: str, data: bytes, info: dict) -> None:
         if not self.use_sim_time:
             received = info.get('received_timestamp')
-            self.queue.put(('message', topic, received or self.get_clock().now().nanoseconds, data))
+            self._enqueue(topic, received or self.get_clock().now().nanoseconds, data)
             return
         with self._clock_lock:
             now = self._sim_clock_ns or self.get_clock().now().nanoseconds
@@ -152,9 +155,18 @@ class BagRecorder(Node):
                 self.get_logger().info(f'first /clock: {len(self.before_clock)} messages received before it are '
                                        f'stamped with it ({self.dropped_before_clock} older ones dropped)')
                 for held_topic, held in self.before_clock.items():
-                    self.queue.put(('message', held_topic, self._arrival_stamp(now), held))
+                    self._enqueue(held_topic, self._arrival_stamp(now), held)
                 self.before_clock = {}
-            self.queue.put(('message', topic, self._arrival_stamp(now), data))
+            self._enqueue(topic, self._arrival_stamp(now), data)
+
+    def _enqueue(self, topic: str, timestamp: int, data: bytes) -> None:
+        """Hand a message to the writer thread; dropped and counted when it cannot keep up (or has stopped)."""
+        if self.write_error:
+            return
+        try:
+            self.queue.put_nowait(('message', topic, timestamp, data))
+        except queue.Full:
+            self.dropped_queue_full += 1
 
     def _arrival_stamp(self, sim_ns: int) -> int:
         """Bag time of a message arriving at sim time ``sim_ns``: later arrivals never get an earlier time.
@@ -184,7 +196,10 @@ class BagRecorder(Node):
         try:
             self._drain()
         finally:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except Exception as error:   # the storage failed: the bag may lack its metadata
+                self._fail(f'closing the bag failed ({type(error).__name__}: {error})')
 
     def _drain(self) -> None:
         while True:
@@ -203,6 +218,15 @@ class BagRecorder(Node):
             except BagError as error:
                 self.skipped[topic] = str(error)
                 self.get_logger().error(f'not recording {topic}: {error}')
+            except Exception as error:   # OSError (disk full, ...) or a storage error: stop the recording
+                self._fail(f'writing {topic} failed ({type(error).__name__}: {error})')
+                return
+
+    def _fail(self, reason: str) -> None:
+        """The bag cannot be written any more: say so and stop the recording."""
+        self.write_error = self.write_error or reason
+        self.get_logger().error(f'recording stopped: {reason}')
+        self.stop_event.set()
 
     def missing(self) -> list[str]:
         return sorted(t for t in self.wanted if t not in self.subscriptions_by_topic)
@@ -222,7 +246,8 @@ class BagRecorder(Node):
                 self.get_logger().warning(f'no /clock ever arrived: {self.dropped_before_clock} messages not recorded '
                                           '(with use_sim_time the bag time comes from /clock)')
                 self.before_clock = {}
-        self.queue.put(None)
+        if self._writer_thread.is_alive():
+            self.queue.put(None)
         self._writer_thread.join(60.0)
         return dict(self.writer.counts)
 
@@ -282,6 +307,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     if recorder.dropped_before_clock:
         print(f'{recorder.dropped_before_clock} messages received before the first /clock were not recorded '
               '(the newest of each topic was, stamped with the first clock time)', file=sys.stderr)
+    if recorder.dropped_queue_full:
+        print(f'{recorder.dropped_queue_full} messages dropped: the writer could not keep up', file=sys.stderr)
+    if recorder.write_error:
+        print(f'error: the recording failed: {recorder.write_error}. The bag in {args.output} is incomplete '
+              '(if it has no metadata.yaml, `ros2 bag reindex` can rebuild it from what was written)',
+              file=sys.stderr)
+        return 1
     return 0
 
 
