@@ -241,3 +241,52 @@ def test_a_recording_that_cannot_be_written_stops_and_fails(tmp_path):
     assert recorder.returncode == 1, recorder.stdout + recorder.stderr
     assert 'error: the recording failed: writing /full/cam failed (OSError' in recorder.stderr
     assert time.monotonic() - started < 45                # it stopped when the writes failed, not at --duration
+
+
+PUBLISH_RELIABLE_THEN_BEST_EFFORT = """
+import time, rclpy
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from std_msgs.msg import String
+rclpy.init()
+node = rclpy.create_node('mixed_publishers')
+reliable = node.create_publisher(String, '/mixed', QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+deadline = time.monotonic() + 60
+while reliable.get_subscription_count() < 1 and time.monotonic() < deadline:
+    time.sleep(0.05)
+for i in range(5):
+    reliable.publish(String(data=f'reliable{i}'))
+    time.sleep(0.05)
+late = node.create_publisher(String, '/mixed', QoSProfile(depth=10, reliability=ReliabilityPolicy.BEST_EFFORT))
+deadline = time.monotonic() + 60
+while late.get_subscription_count() < 1 and time.monotonic() < deadline:
+    time.sleep(0.05)
+time.sleep(0.5)
+for i in range(5):
+    late.publish(String(data=f'late{i}'))
+    time.sleep(0.05)
+time.sleep(0.5)
+"""
+
+
+def test_a_publisher_joining_with_a_weaker_qos_is_recorded_too(tmp_path):
+    """A best-effort publisher joins a topic recorded from a reliable one: the recorder subscribes again."""
+    import rclpy
+    from specprune_ros.ros.bag_recorder import BagRecorder
+    from specprune_ros.ros.ros_helpers import BackgroundExecutor
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=DOMAIN)
+    recorder = BagRecorder(tmp_path / 'mixed', ['/mixed'], storage='sqlite3', context=context)
+    spinner = BackgroundExecutor(recorder)
+    try:
+        publisher = subprocess.run([sys.executable, '-c', PUBLISH_RELIABLE_THEN_BEST_EFFORT],
+                                   env=child_environment(DOMAIN), capture_output=True, text=True, timeout=150)
+        assert publisher.returncode == 0, publisher.stderr
+    finally:
+        spinner.stop()
+        recorder.close()
+        recorder.destroy_node()
+        rclpy.try_shutdown(context=context)
+    with BagReader(tmp_path / 'mixed') as bag:
+        texts = [bag.deserialize(raw, msgtype).data for _, msgtype, _, raw in bag.raw_messages()]
+    assert [t for t in texts if t.startswith('late')] == [f'late{i}' for i in range(5)], texts
+    assert [t for t in texts if t.startswith('reliable')] == [f'reliable{i}' for i in range(5)], texts

@@ -8,8 +8,9 @@ MCAP by default, sqlite3 on request, with ``rosbags`` as the writer.
 Topics are discovered as they appear (every 0.2 s) and subscribed to as serialized messages (``raw=True``),
 so nothing is deserialized; the CDR goes straight into the bag with the type's definition from the ROS 2
 typestore, which makes the bag readable by rosbag2 and ``rosbags`` alike. The subscription QoS adapts to the
-publishers (best effort if any publisher is, transient local if all are: latched messages get recorded),
-and the publishers' QoS is stored as the topic's offered QoS (the replayer reuses it). Bag time is when the
+publishers (best effort if any publisher is, transient local if all are: latched messages get recorded; a
+publisher joining later with a weaker QoS makes the recorder subscribe again to match it), and the first
+publishers' QoS is stored as the topic's offered QoS (the replayer reuses it). Bag time is when the
 middleware received the message (wall clock, as rosbag2's receive timestamp), so messages on different topics
 keep their arrival order however late the recorder's executor gets to them; with ``--use-sim-time`` it is the
 sim clock at the callback (what replaying with ``--clock`` needs). A recorder started before the simulator
@@ -115,7 +116,10 @@ class BagRecorder(Node):
 
     def discover(self) -> None:
         for topic, types in self.get_topic_names_and_types():
-            if topic in self.subscriptions_by_topic or topic in self.skipped:
+            if topic in self.subscriptions_by_topic:
+                self._follow_publishers(topic, types[0])
+                continue
+            if topic in self.skipped:
                 continue
             if not (topic in self.wanted or (self.all_topics and topic not in HIDDEN)):
                 continue
@@ -135,10 +139,34 @@ class BagRecorder(Node):
             except BagError as error:
                 self.skipped[topic] = str(error)
                 continue
-            self.subscriptions_by_topic[topic] = self.create_subscription(
-                cls, topic, lambda data, info, name=topic: self._on_message(name, data, info),
-                subscription_qos(profiles), raw=True)
+            self.subscriptions_by_topic[topic] = self._subscribe(cls, topic, subscription_qos(profiles))
             self.get_logger().info(f'recording {topic} ({msgtype})')
+
+    def _subscribe(self, cls: Any, topic: str, qos: QoSProfile) -> Any:
+        return self.create_subscription(cls, topic, lambda data, info, name=topic: self._on_message(name, data, info),
+                                        qos, raw=True)
+
+    def _follow_publishers(self, topic: str, msgtype: str) -> None:
+        """Subscribe again, with the weaker QoS, when a publisher joins that the subscription cannot match.
+
+        A best-effort publisher next to a reliable one, or a volatile one next to a latched one (an operator's
+        instruction after the launch file's), would otherwise never be heard. QoS is never raised again (that
+        could deliver latched messages twice).
+        """
+        current = self.subscriptions_by_topic[topic].qos_profile
+        needed = subscription_qos([p.qos_profile for p in self.get_publishers_info_by_topic(topic)])
+        best_effort = ReliabilityPolicy.BEST_EFFORT in (needed.reliability, current.reliability)
+        volatile = DurabilityPolicy.VOLATILE in (needed.durability, current.durability)
+        if best_effort == (current.reliability == ReliabilityPolicy.BEST_EFFORT) \
+                and volatile == (current.durability == DurabilityPolicy.VOLATILE):
+            return
+        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=current.depth,
+                         reliability=ReliabilityPolicy.BEST_EFFORT if best_effort else ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.VOLATILE if volatile else DurabilityPolicy.TRANSIENT_LOCAL)
+        self.destroy_subscription(self.subscriptions_by_topic[topic])
+        self.subscriptions_by_topic[topic] = self._subscribe(message_class(msgtype), topic, qos)
+        self.get_logger().warning(f'{topic}: a publisher offers {"best effort" if best_effort else "reliable"}, '
+                                  f'{"volatile" if volatile else "transient local"}: subscribed again to match it')
 
     def _on_message(self, topic: str, data: bytes, info: dict) -> None:
         if not self.use_sim_time:
