@@ -144,6 +144,7 @@ def test_launch_arguments_become_typed_overrides_and_remappings():
     ({'colour': 'red'}, 'unknown launch arguments'),
     ({'params_file': '/nonexistent.yaml'}, 'does not exist'),
     ({'node_name': 'my node'}, "node_name: 'my node' is not a valid node name"),
+    ({'log_level': 'verbose'}, "log_level: 'verbose' is not one of debug, info"),
     ({'namespace': 'my arm/'}, "namespace: 'my arm/' is not a valid namespace"),
 ])
 def test_bad_launch_arguments_fail_early(arguments, fragment):

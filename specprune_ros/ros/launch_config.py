@@ -18,6 +18,7 @@ import yaml
 
 from specprune_ros.control.parameters import METHODS, NodeParameters, ParameterError
 
+LOG_LEVELS = ('debug', 'info', 'warn', 'error', 'fatal')
 _ROS_TOKEN = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')      # one node name or namespace token
 
 PACKAGE = 'specprune_ros'
@@ -62,7 +63,7 @@ LAUNCH_ARGUMENTS: tuple[LaunchArgument, ...] = (
     LaunchArgument('params_file', '', f'node parameters YAML (empty: the installed config/{PARAMS_FILE_NAME})'),
     LaunchArgument('namespace', '', 'namespace of the node and its relative topics'),
     LaunchArgument('node_name', EXECUTABLE, 'name of the node'),
-    LaunchArgument('log_level', 'info', 'ROS log level: debug, info, warn, error'),
+    LaunchArgument('log_level', 'info', f'ROS log level: {", ".join(LOG_LEVELS)}'),
     LaunchArgument('use_sim_time', '', 'true: the node runs on /clock (bag replay, simulation); false: wall clock '
                    '(empty: params_file, else false)'),
     *(LaunchArgument(name, '', description) for name, description in PARAMETER_ARGUMENTS.items()),
@@ -156,7 +157,15 @@ def node_setup(arguments: Mapping[str, str]) -> NodeSetup:
     remappings = [(source, values[arg]) for arg, (source, _, _) in REMAP_ARGUMENTS.items()
                   if values[arg] and values[arg] != source]
     return NodeSetup(name=name, namespace=namespace, params_file=params_file,
-                     overrides=overrides, remappings=remappings, log_level=values['log_level'] or 'info')
+                     overrides=overrides, remappings=remappings, log_level=log_level(values['log_level']))
+
+
+def log_level(text: str) -> str:
+    """The ``log_level`` argument (default info), refused when rcl would refuse it at start-up."""
+    level = text.strip().lower() or 'info'
+    if level not in LOG_LEVELS:
+        raise ValueError(f'launch argument log_level: {text!r} is not one of {", ".join(LOG_LEVELS)}')
+    return level
 
 
 def node_name(text: str) -> str:
