@@ -89,8 +89,8 @@ def main() -> int:
     parser.add_argument('--workers', type=int, default=1, help='harness worker processes')
     parser.add_argument('--domain-id', type=int, default=79, help='ROS_DOMAIN_ID of the node and the bridge')
     parser.add_argument('--out', type=Path, default=Path('outputs/compare'), help='directory for the comparison report')
-    parser.add_argument('--no-check-actions', dest='check_actions', action='store_false',
-                        help='skip re-running the harness loop to compare every applied action')
+    parser.add_argument('--no-check-actions', dest='check_actions', action='store_false', default=True,
+                        help='skip re-running the harness loop to compare every applied action (default: compare)')
     args = parser.parse_args()
 
     import yaml
