@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from specprune_ros.adapters.tiny import write_tiny_checkpoint
 from specprune_ros.bags.replay_eval import ReplayConfig, evaluate_streams
 from specprune_ros.bags.report import markdown, write_report
 from specprune_ros.bags.sim_bag import SimBagOptions, record_sim_bag
-from specprune_ros.bags.streams import load_streams
+from specprune_ros.bags.streams import StreamTopics, load_streams
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECPRUNE_TINY = {'num_layers': 4}        # tiny-random has 4 decoder layers
@@ -129,3 +130,26 @@ def test_a_run_that_keeps_every_token_claims_no_speedup_and_plots_are_labelled(p
     assert labels == {'agentview', 'wrist'}
     for fig in figures.values():
         plt.close(fig)
+
+
+def test_an_oft_libero_checkpoint_reads_its_8d_state_from_a_bag(tmp_path):
+    """The pose layout picks the state a bag's pose and gripper topics give; a mismatch names --pose-layout."""
+    bag = tmp_path / 'expert'
+    record_sim_bag(bag, SimBagOptions(max_steps=6, storage='sqlite3'))
+    oft = write_tiny_checkpoint(tmp_path / 'oft', 'openvla-oft')
+    common = [sys.executable, str(ROOT / 'scripts' / 'evaluate_bag.py'), str(bag), '--model', str(oft),
+              '--methods', 'random', '--stride', '3', '--out', str(tmp_path / 'out'), '--quiet']
+    environment = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    refused = subprocess.run(common, capture_output=True, text=True, timeout=300, env=environment)
+    assert refused.returncode != 0 and 'expects 8 (an OpenVLA-OFT LIBERO checkpoint: --pose-layout libero)' \
+        in refused.stderr, refused.stderr[-2000:]
+    done = subprocess.run(common + ['--pose-layout', 'libero'], capture_output=True, text=True, timeout=300,
+                          env=environment)
+    assert done.returncode == 0, done.stderr[-3000:]
+    libero = load_streams(bag, StreamTopics(pose_layout='libero'))
+    reference = load_streams(bag)
+    first, same = libero.observations[0], reference.observations[0]
+    assert first.proprio.shape == (8,) and same.proprio.shape == (6,)
+    assert first.proprio[6] == pytest.approx(-first.proprio[7])
+    assert first.proprio[6] == pytest.approx(same.proprio[5] / 2)            # half the finger gap
+    np.testing.assert_allclose(first.proprio[:3], same.proprio[:3])

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from specprune_ros.codecs.proprio import POSE_LAYOUTS
 from specprune_ros.command_line import HelpFormatter
 
 EVALUATE_HELP = """Offline replay evaluation of a recorded bag: the same camera frames through the unpruned policy
@@ -86,6 +87,9 @@ def evaluate_parser() -> argparse.ArgumentParser:
                         help='geometry_msgs/PoseStamped topic with the end-effector pose')
     parser.add_argument('--gripper-state-topic', default='/gripper_state',
                         help='sensor_msgs/JointState (finger joints) or std_msgs/Float64 (finger gap) topic')
+    parser.add_argument('--pose-layout', choices=tuple(POSE_LAYOUTS), default='reference',
+                        help="how pose and gripper state become the policy's state: reference (the reference VLA) "
+                             'or libero (OpenVLA-OFT LIBERO checkpoints), as the node\'s pose_layout')
     parser.add_argument('--finger-joints', nargs='+', default=['finger_joint1', 'finger_joint2'],
                         help='joint names of the fingers in the gripper JointState')
     parser.add_argument('--commands-topic', default='/delta_twist_cmds', help="recorded TwistStamped ('' = none)")
@@ -131,7 +135,8 @@ def evaluate_main(argv: Optional[list[str]] = None) -> int:
     topics = StreamTopics(instruction=args.instruction_topic, ee_pose=args.ee_pose_topic,
                           gripper_state=args.gripper_state_topic, commands=args.commands_topic,
                           gripper_command=args.gripper_command_topic, chunks=args.chunks_topic,
-                          inference=args.inference_topic, finger_joints=tuple(args.finger_joints))
+                          inference=args.inference_topic, finger_joints=tuple(args.finger_joints),
+                          pose_layout=args.pose_layout)
     if cameras:
         topics.cameras = cameras
     if args.out.exists() and not args.out.is_dir():

@@ -135,6 +135,11 @@ def run_method(streams: BagStreams, indices: Sequence[int], resets: set[int],
         raise BagError(f'bag {streams.path}: the policy needs the robot state (proprio), but the bag lacks '
                        f'{streams.topics.ee_pose} (PoseStamped) and/or {streams.topics.gripper_state} before some '
                        'frames; name the topics that carry them')
+    states = {len(streams.observations[i].proprio) for i in indices if streams.observations[i].proprio is not None}
+    if policy.proprio_dim and states != {policy.proprio_dim}:
+        raise BagError(f'bag {streams.path}: the robot state read from the bag has {sorted(states)} values (pose '
+                       f'layout {streams.topics.pose_layout!r}), the policy expects {policy.proprio_dim} (an '
+                       'OpenVLA-OFT LIBERO checkpoint: --pose-layout libero)')
     missing = [name for name in policy.camera_names if name not in streams.topics.cameras]
     if missing:
         raise BagError(f'the policy needs cameras {list(policy.camera_names)}; no topic given for {missing}')

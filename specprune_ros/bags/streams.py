@@ -74,6 +74,7 @@ class StreamTopics:
     chunks: str = '/specprune_node/action_chunk'
     inference: str = '/specprune_node/inference'
     finger_joints: tuple = ('finger_joint1', 'finger_joint2')
+    pose_layout: str = 'reference'     # how pose and gripper state become the proprio (codecs.proprio.POSE_LAYOUTS)
 
     def normalized(self) -> 'StreamTopics':
         def norm(topic: str) -> str:
@@ -82,7 +83,8 @@ class StreamTopics:
                             instruction=norm(self.instruction), ee_pose=norm(self.ee_pose),
                             gripper_state=norm(self.gripper_state), commands=norm(self.commands),
                             gripper_command=norm(self.gripper_command), chunks=norm(self.chunks),
-                            inference=norm(self.inference), finger_joints=tuple(self.finger_joints))
+                            inference=norm(self.inference), finger_joints=tuple(self.finger_joints),
+                            pose_layout=self.pose_layout)
 
 
 @dataclass
@@ -486,7 +488,7 @@ def _pair(path, topics: StreamTopics, recorded: _Recorded, camera_types: dict, n
             pose, gap = poses.newest_at(observation), grippers.newest_at(observation)
             if pose is not None and gap is not None:
                 try:
-                    observation.proprio = proprio_vector(pose[0], pose[1], gap)
+                    observation.proprio = proprio_vector(pose[0], pose[1], gap, topics.pose_layout)
                 except StateError:
                     pass                  # the pose and the gap were checked as they were read
             key = (0, bag_ns) if commands_by_bag_time else (episode, stamp)

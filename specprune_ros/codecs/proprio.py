@@ -1,9 +1,14 @@
 """The proprio vector from the robot state the node receives: the reference VLA's pose layout, or joint positions.
 
-Layout (matches the simulator's ``PROPRIO_LAYOUT``): ``(tcp_x, tcp_y, tcp_z, sin(yaw), cos(yaw), finger_gap)``
-with the tool-centre-point position in metres in the base frame (from the end-effector
-``geometry_msgs/PoseStamped``), yaw the heading of the tool x axis on the table plane, and ``finger_gap``
-in metres: the sum of the finger joint positions (``sensor_msgs/JointState``) or a ``std_msgs/Float64``.
+Pose layouts (``POSE_LAYOUTS``), from the end-effector ``geometry_msgs/PoseStamped`` (position in metres in the
+base frame) and ``finger_gap`` in metres (the sum of the finger joint positions of a ``sensor_msgs/JointState``, or
+a ``std_msgs/Float64``):
+
+* ``reference`` (the simulator's ``PROPRIO_LAYOUT``, the reference VLA): ``(tcp_x, tcp_y, tcp_z, sin(yaw),
+  cos(yaw), finger_gap)``, yaw the heading of the tool x axis on the table plane;
+* ``libero`` (OpenVLA-OFT's LIBERO checkpoints: robosuite's ``eef_pos``, ``quat2axisangle(eef_quat)``,
+  ``gripper_qpos``): ``(x, y, z, axis-angle 3, finger_gap / 2, -finger_gap / 2)``, the Panda gripper's two finger
+  joints as robosuite reports them.
 
 Joint-position states (pi0 / pi0.5): the positions of the named joints of a ``sensor_msgs/JointState``, in the
 policy's state order, matched by name (``joint_positions_by_name``).
@@ -17,6 +22,8 @@ import numpy as np
 
 PROPRIO_LAYOUT: tuple[str, ...] = ('tcp_x', 'tcp_y', 'tcp_z', 'sin_yaw', 'cos_yaw', 'finger_gap')
 PROPRIO_DIM = len(PROPRIO_LAYOUT)
+LIBERO_LAYOUT: tuple[str, ...] = ('x', 'y', 'z', 'axis_angle_x', 'axis_angle_y', 'axis_angle_z', 'finger_1', 'finger_2')
+POSE_LAYOUTS: dict[str, tuple[str, ...]] = {'reference': PROPRIO_LAYOUT, 'libero': LIBERO_LAYOUT}
 
 
 class StateError(ValueError):
@@ -28,13 +35,37 @@ def yaw_from_quaternion(x: float, y: float, z: float, w: float) -> float:
     return math.atan2(2.0 * (w * z + x * y), 1.0 - 2.0 * (y * y + z * z))
 
 
-def proprio_vector(position: Sequence[float], quaternion_xyzw: Sequence[float], finger_gap: float) -> np.ndarray:
-    """(6,) float32 proprio; raises ``StateError`` on non-finite input or a zero quaternion."""
+def axis_angle_from_quaternion(x: float, y: float, z: float, w: float) -> np.ndarray:
+    """The rotation as axis * angle, exactly as robosuite's ``quat2axisangle`` gives it (what LIBERO policies saw).
+
+    The angle is ``2 acos(w)`` in [0, 2 pi]: q and -q (the same rotation) give different vectors, as in robosuite.
+    """
+    quaternion = np.array([x, y, z, w], dtype=np.float64)
+    quaternion /= np.linalg.norm(quaternion)
+    w = min(max(quaternion[3], -1.0), 1.0)
+    half_sin = math.sqrt(max(1.0 - w * w, 0.0))
+    if half_sin < 1e-9:
+        return np.zeros(3)
+    return quaternion[:3] * 2.0 * math.acos(w) / half_sin
+
+
+def proprio_vector(position: Sequence[float], quaternion_xyzw: Sequence[float], finger_gap: float,
+                   layout: str = 'reference') -> np.ndarray:
+    """The float32 proprio of ``layout`` (see the module docstring).
+
+    Raises ``StateError`` on non-finite input or a zero quaternion.
+    """
     values = np.asarray([*position, *quaternion_xyzw, finger_gap], dtype=np.float64)
     if values.shape != (8,) or not np.isfinite(values).all():
         raise StateError('robot state must be finite (position 3, quaternion 4, finger gap 1)')
     if np.linalg.norm(values[3:7]) < 1e-6:
         raise StateError('end-effector orientation is a zero quaternion')
+    if layout == 'libero':
+        gap = values[7]
+        return np.array([*values[0:3], *axis_angle_from_quaternion(*values[3:7]), gap / 2, -gap / 2],
+                        dtype=np.float32)
+    if layout != 'reference':
+        raise ValueError(f'pose layout must be one of {sorted(POSE_LAYOUTS)}, got {layout!r}')
     yaw = yaw_from_quaternion(*values[3:7])
     return np.array([*values[0:3], math.sin(yaw), math.cos(yaw), values[7]], dtype=np.float32)
 
@@ -65,7 +96,8 @@ def finger_gap_from_joints(names: Sequence[str], positions: Sequence[float], fin
 class ProprioAssembler:
     """Joins the newest end-effector pose with the newest gripper state; stamp (and arrival) = the older one."""
 
-    def __init__(self) -> None:
+    def __init__(self, layout: str = 'reference') -> None:
+        self.layout = layout
         self._pose: Optional[tuple[tuple[float, ...], tuple[float, ...], float]] = None
         self._gripper: Optional[tuple[float, float]] = None
         self._arrivals = {'pose': 0.0, 'gripper': 0.0}
@@ -89,7 +121,7 @@ class ProprioAssembler:
             return None
         position, quaternion, pose_stamp = self._pose
         gap, gripper_stamp = self._gripper
-        return proprio_vector(position, quaternion, gap), min(pose_stamp, gripper_stamp)
+        return proprio_vector(position, quaternion, gap, self.layout), min(pose_stamp, gripper_stamp)
 
 
 def joint_positions_by_name(names: Sequence[str], positions: Sequence[float],

@@ -126,7 +126,7 @@ class PolicyController:
         self.params = params
         self.lock = threading.RLock()
         self.sync = InputSynchronizer(camera_names, sync_limits(params), needs_proprio, clock)
-        self._proprio = ProprioAssembler()
+        self._proprio = ProprioAssembler(params.pose_layout)
         self.faults: dict[str, str] = {}         # source -> why its latest message was rejected
         self.scheduler = ChunkScheduler(chunk_settings(params, spec))
         self.joint_space = spec.action_space == 'joint'
@@ -329,7 +329,7 @@ class PolicyController:
 
     def _clear_inputs_locked(self) -> None:
         self.sync.clear(keep_instruction=True)
-        self._proprio = ProprioAssembler()
+        self._proprio = ProprioAssembler(self.params.pose_layout)
         self.faults.clear()
 
     def _reset_locked(self, reason: str) -> None:

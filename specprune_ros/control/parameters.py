@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 import yaml
 
+from specprune_ros.codecs.proprio import POSE_LAYOUTS
 from specprune_ros.control.joint_command import JointOrderError, joint_limits_from_settings, urdf_joint_limits
 from specprune_ros.core.dataclass_mapping import UnknownFieldsError, dataclass_from_mapping
 from specprune_ros.pruning.budget_knob import BudgetKnob
@@ -31,6 +32,7 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 CHUNK_MODES = ('replace', 'blend')
 TRANSPORTS = ('raw', 'compressed')
 PROPRIO_SOURCES = ('pose', 'joint_state', 'none')
+POSE_LAYOUT_NAMES = tuple(POSE_LAYOUTS)
 GRIPPER_STATE_TYPES = ('joint_state', 'float64')
 GRIPPER_COMMAND_TYPES = ('float64', 'float64_array')
 _DEVICE = re.compile(r'^(cpu|mps|cuda(:\d+)?)$')
@@ -94,6 +96,10 @@ class NodeParameters:
                                  "gripper_state), 'joint_state' (joint positions from joint_state_topic, e.g. "
                                  "pi0's state) or 'none' (only for policies without proprio)", at_configure=True,
                                  choices=PROPRIO_SOURCES)
+    pose_layout: str = _param('reference', "proprio_source pose: how the state is built from ee_pose and the finger "
+                              "gap: 'reference' (x, y, z, sin yaw, cos yaw, gap: the reference VLA) or 'libero' (x, "
+                              'y, z, axis-angle, gap / 2, -gap / 2: OpenVLA-OFT LIBERO checkpoints)', at_configure=True,
+                              choices=POSE_LAYOUT_NAMES)
     joint_state_topic: str = _param('joint_states', "proprio_source joint_state: the sensor_msgs/JointState topic "
                                     '(joints in any order, extra joints ignored); its positions also start the '
                                     'joint commands\' velocity limit', at_configure=True)

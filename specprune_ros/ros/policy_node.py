@@ -60,7 +60,7 @@ from specprune_ros.codecs.image_decoding import (DecodedFrame, ImageError, aspec
 from specprune_ros.codecs.instruction import (DuplicateFilter, InstructionError, string_bytes_from_cdr,
                                               validate_instruction)
 from specprune_ros.codecs.kept_patches import draw_kept_patches, kept_patch_masks
-from specprune_ros.codecs.proprio import PROPRIO_DIM, StateError, finger_gap_from_joints
+from specprune_ros.codecs.proprio import POSE_LAYOUTS, PROPRIO_DIM, StateError, finger_gap_from_joints
 from specprune_ros.control.controller import (AcceptedChunk, InferenceRequest, PolicyController, budget_settings,
                                               joint_command_filter)
 from specprune_ros.control.inference_worker import InferenceWorker
@@ -119,12 +119,14 @@ def check_policy_fits(params: NodeParameters, policy: Policy) -> list[str]:
     joint_state_hint = (f'a policy whose state is joint positions (pi0 / pi0.5) needs proprio_source joint_state: '
                         f'the positions of joint_state_topic ({params.joint_state_topic!r}, sensor_msgs/JointState), '
                         "in the policy's state order given by state_joint_names")
+    layouts = ', '.join(f'{name} {len(fields)}' for name, fields in POSE_LAYOUTS.items())
     if policy.proprio_dim and params.proprio_source == 'none':
         errors.append(f'the policy needs a {policy.proprio_dim}-D state: set proprio_source to pose (end-effector '
-                      f'pose and finger gap, {PROPRIO_DIM} values) or joint_state; {joint_state_hint}')
-    if params.proprio_source == 'pose' and policy.proprio_dim != PROPRIO_DIM:
-        errors.append(f'proprio_source pose builds {PROPRIO_DIM} values, the policy expects {policy.proprio_dim}; '
-                      + joint_state_hint)
+                      f'pose and finger gap; pose_layout {layouts} values) or joint_state; {joint_state_hint}')
+    built = len(POSE_LAYOUTS[params.pose_layout])
+    if params.proprio_source == 'pose' and policy.proprio_dim != built:
+        errors.append(f'proprio_source pose with pose_layout {params.pose_layout} builds {built} values, the policy '
+                      f'expects {policy.proprio_dim} (pose_layout {layouts}); ' + joint_state_hint)
     if params.proprio_source == 'joint_state' and not policy.proprio_dim:
         errors.append('proprio_source joint_state, but the policy takes no state: set proprio_source to none')
     elif params.proprio_source == 'joint_state':
