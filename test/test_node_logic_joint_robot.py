@@ -259,7 +259,8 @@ def pi0_joint_state(tmp_path_factory):
 def test_a_pi0_whose_state_is_joint_positions_configures_only_with_a_joint_state_source(pi0_joint_state):
     base = {'camera_names': list(CAMERAS), 'camera_topics': ['a', 'b'], 'camera_transports': ['raw', 'raw']}
     refused = check_policy_fits(NodeParameters(**base), pi0_joint_state)
-    assert len(refused) == 1 and 'proprio_source pose with pose_layout reference builds 6 values, the policy expects 7' in refused[0]
+    assert len(refused) == 1
+    assert 'proprio_source pose with pose_layout reference builds 6 values, the policy expects 7' in refused[0]
     assert 'proprio_source joint_state' in refused[0] and 'joint_state_topic' in refused[0]
     assert 'set proprio_source to pose' in check_policy_fits(NodeParameters(**base, proprio_source='none'),
                                                              pi0_joint_state)[0]
