@@ -270,8 +270,8 @@ time.sleep(0.5)
 
 def test_a_publisher_joining_with_a_weaker_qos_is_recorded_too(tmp_path):
     """A best-effort publisher joins a topic recorded from a reliable one: the recorder subscribes again."""
-    import rclpy
-    from specprune_ros.ros.bag_recorder import BagRecorder
+    import rclpy                                                        # as the test above: the recorder in-process
+    from specprune_ros.ros.bag_recorder import BagRecorder              # (the ROS modules: imported where used)
     from specprune_ros.ros.ros_helpers import BackgroundExecutor
     context = rclpy.Context()
     rclpy.init(context=context, domain_id=DOMAIN)
