@@ -18,7 +18,7 @@ def _torch_threads():
 @pytest.fixture(scope='module')
 def prismatic_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """Tiny random OpenVLA and OpenVLA-OFT checkpoints in their published layout."""
-    from specprune_ros.adapters.tiny import write_tiny_checkpoint
+    from specprune_ros.adapters.tiny import write_tiny_checkpoint   # torch + transformers: only when asked for
     root = tmp_path_factory.mktemp('ckpt')
     return {'openvla': write_tiny_checkpoint(root / 'openvla', 'openvla'),
             'openvla-oft': write_tiny_checkpoint(root / 'oft', 'openvla-oft')}

@@ -12,7 +12,7 @@ import torch
 from specprune_ros.control.controller import PolicyController
 from specprune_ros.control.inference_worker import InferenceWorker
 from specprune_ros.control.latency_budget import (NO_PRUNING, BudgetSettings, LatencyBudget, LatencyModel,
-                                                  budget_for_policy)
+                                                  budget_for_policy, knob_range)
 from specprune_ros.control.parameters import BUDGET_METHODS, NodeParameters
 from specprune_ros.models.loading import load_policy
 from specprune_ros.policy.interface import Observation
@@ -296,7 +296,6 @@ def test_a_budget_knob_refuses_values_no_step_can_use(value):
 @pytest.mark.parametrize('method', ['specprune', 'specprune_static_layer'])
 def test_specprune_at_the_largest_knob_keeps_every_patch_at_every_layer(method):
     """The largest knob keeps every patch: the layer-level drops stay off too."""
-    from specprune_ros.control.latency_budget import knob_range
     full = load_policy('tiny-random', method='none').predict(observation(load_policy('tiny-random', method='none')))
     policy = load_policy('tiny-random', method=method, method_config={'num_layers': 4})
     policy.method.set_budget(knob_range(policy.method, 0.1)[1])

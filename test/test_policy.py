@@ -14,6 +14,7 @@ from specprune_ros.models.loading import tiny_random_config
 from specprune_ros.policy.reference_backend import reference_policy
 from specprune_ros.policy.reference_vla import ReferenceVLA, sincos_positions_2d
 from specprune_ros.policy.tokenizer import PAD, UNK, WordTokenizer
+from specprune_ros.pruning.registry import build_method
 from specprune_ros.sim.vocab import VOCABULARY
 
 
@@ -199,7 +200,6 @@ def test_policy_refuses_bad_observations(overrides, message):
 
 def test_a_failed_step_does_not_restart_the_methods_episode():
     """The action head fails once after the method saw the step: the retry goes on, it is not a new episode."""
-    from specprune_ros.pruning.registry import build_method
     policy = reference_policy(tiny_model(), build_method('vla_cache'))
     still = observation(np.random.default_rng(0))               # a still scene: VLA-Cache reuses its K/V
     for _ in range(3):
@@ -219,7 +219,6 @@ def test_a_failed_step_does_not_restart_the_methods_episode():
 
 def test_executed_actions_with_nan_are_left_out_not_fatal():
     """A NaN or Inf executed action is no motion to read: SpecPrune's change detection goes on without it."""
-    from specprune_ros.pruning.registry import build_method
     policy = reference_policy(tiny_model(), build_method('specprune'))
     rng = np.random.default_rng(0)
     still = np.tile(np.array([0.05, 0, -0.05, 0, 0, 0, 1], np.float32), (4, 1))
