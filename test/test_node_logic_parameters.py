@@ -145,6 +145,7 @@ def test_launch_arguments_become_typed_overrides_and_remappings():
     ({'params_file': '/nonexistent.yaml'}, 'does not exist'),
     ({'node_name': 'my node'}, "node_name: 'my node' is not a valid node name"),
     ({'log_level': 'verbose'}, "log_level: 'verbose' is not one of debug, info"),
+    ({'twist_topic': '/servo node/cmds'}, "twist_topic: '/servo node/cmds' is not a valid topic name"),
     ({'namespace': 'my arm/'}, "namespace: 'my arm/' is not a valid namespace"),
 ])
 def test_bad_launch_arguments_fail_early(arguments, fragment):

@@ -154,7 +154,7 @@ def node_setup(arguments: Mapping[str, str]) -> NodeSetup:
     check_overrides(params_file, overrides, name, namespace)
     if values['use_sim_time'].strip():                       # rclpy's own parameter, not in the schema
         overrides['use_sim_time'] = _typed_bool('use_sim_time', values['use_sim_time'])
-    remappings = [(source, values[arg]) for arg, (source, _, _) in REMAP_ARGUMENTS.items()
+    remappings = [(source, topic_name(arg, values[arg])) for arg, (source, _, _) in REMAP_ARGUMENTS.items()
                   if values[arg] and values[arg] != source]
     return NodeSetup(name=name, namespace=namespace, params_file=params_file,
                      overrides=overrides, remappings=remappings, log_level=log_level(values['log_level']))
@@ -175,6 +175,15 @@ def node_name(text: str) -> str:
         raise ValueError(f'launch argument node_name: {name!r} is not a valid node name (letters, digits and '
                          'underscores, not starting with a digit)')
     return name
+
+
+def topic_name(argument: str, text: str) -> str:
+    """A remap target, refused when ROS would refuse it (tokens of letters, digits and underscores)."""
+    topic = text.strip()
+    body = topic[2:] if topic.startswith('~/') else topic.lstrip('/')
+    if not body or not all(_ROS_TOKEN.match(token) for token in body.split('/')):
+        raise ValueError(f'launch argument {argument}: {text!r} is not a valid topic name')
+    return topic
 
 
 def node_namespace(text: str) -> str:
