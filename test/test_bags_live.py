@@ -14,13 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip('rclpy', reason='ROS 2 (rclpy) is not installed: scripts/setup_env.sh installs the wheels')
+pytest.importorskip('rclpy', reason='ROS 2 (rclpy) is not installed: scripts/setup_env.sh installs the wheels; '
+                    'bag reading, writing and replay evaluation are covered without ROS by test_bags_io.py, '
+                    'test_bags_evaluate.py and test_bags_messy.py')
 
 from sensor_msgs.msg import Image  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
 from specprune_ros.bags.io import BagReader, BagWriter  # noqa: E402
 from specprune_ros.bags.sim_bag import SimBagOptions, record_sim_bag  # noqa: E402
+from specprune_ros.ros.bag_recorder import BagRecorder  # noqa: E402
+from specprune_ros.ros.ros_helpers import BackgroundExecutor  # noqa: E402
 from specprune_ros.ros.sim_launch_config import policy_command, sim_setup  # noqa: E402
 from specprune_ros.ros.sim_runner import ManagedProcess, child_environment  # noqa: E402
 
@@ -194,7 +198,6 @@ def test_bag_time_is_the_arrival_time_even_when_the_recorder_is_late(tmp_path):
     """
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
-    from specprune_ros.ros.bag_recorder import BagRecorder
     context = rclpy.Context()
     rclpy.init(context=context, domain_id=DOMAIN)
     recorder = BagRecorder(tmp_path / 'order', ['/order_a', '/order_b'], storage='sqlite3', context=context)
@@ -270,9 +273,7 @@ time.sleep(0.5)
 
 def test_a_publisher_joining_with_a_weaker_qos_is_recorded_too(tmp_path):
     """A best-effort publisher joins a topic recorded from a reliable one: the recorder subscribes again."""
-    import rclpy                                                        # as the test above: the recorder in-process
-    from specprune_ros.ros.bag_recorder import BagRecorder              # (the ROS modules: imported where used)
-    from specprune_ros.ros.ros_helpers import BackgroundExecutor
+    import rclpy
     context = rclpy.Context()
     rclpy.init(context=context, domain_id=DOMAIN)
     recorder = BagRecorder(tmp_path / 'mixed', ['/mixed'], storage='sqlite3', context=context)

@@ -13,7 +13,8 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip('rclpy', reason='ROS 2 (rclpy) is not installed: scripts/setup_env.sh installs the wheels')
+pytest.importorskip('rclpy', reason='ROS 2 (rclpy) is not installed: scripts/setup_env.sh installs the wheels; '
+                    'the closed loop runs without ROS in test_evaluation.py, the sync protocol in test_bridge_core.py')
 
 from specprune_ros.ros.sim_runner import SimRun, run_simulation  # noqa: E402
 

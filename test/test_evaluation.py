@@ -101,7 +101,7 @@ def test_episode_executes_part_of_each_chunk_until_the_step_limit():
 def test_a_chunk_with_nan_holds_one_step_and_the_episode_goes_on():
     """As the policy node does: no motion for a step (gripper as last commanded), counted, then a new chunk."""
     from specprune_ros.models.loading import load_policy     # model and MuJoCo: where used, as the test above
-    from specprune_ros.sim import EVAL_SEED_START, TabletopEnv
+    from specprune_ros.sim import EVAL_SEED_START, TabletopEnv   # (MuJoCo)
     env = TabletopEnv()
     policy = load_policy('tiny-random', 'none')
     predict, calls = policy.predict, []

@@ -8,7 +8,9 @@ import time
 
 import pytest
 
-pytest.importorskip('rclpy', reason='ROS 2 (rclpy) is not installed: scripts/setup_env.sh installs the wheels')
+pytest.importorskip('rclpy', reason='ROS 2 (rclpy) is not installed: scripts/setup_env.sh installs the wheels; '
+                    'the controller behind the transitions is covered by test_node_logic_controller.py, the '
+                    'parameters by test_node_logic_parameters.py')
 
 from lifecycle_msgs.msg import Transition  # noqa: E402
 from rcl_interfaces.msg import Parameter as ParameterMsg, ParameterType, ParameterValue  # noqa: E402
