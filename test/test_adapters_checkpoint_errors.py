@@ -82,7 +82,7 @@ def test_proprio_false_declares_a_model_without_proprio(prismatic_checkpoints, t
 
 
 @pytest.mark.parametrize('value, message', [(False, '"proprio": false but the checkpoint has proprio_projector'),
-                                            ('no', '"proprio" must be true or false')])
+                                            ('no', 'proprio: expected true or false')])
 def test_proprio_option_must_agree_with_the_files(prismatic_checkpoints, tmp_path, value, message):
     directory = copy(prismatic_checkpoints['openvla-oft'], tmp_path)
     write_json(directory / 'specprune_adapter.json', {'chunk_size': 8, 'proprio': value})
@@ -169,4 +169,52 @@ def test_a_tokenizer_of_another_vocabulary_is_refused(prismatic_checkpoints, tmp
     directory = copy(prismatic_checkpoints['openvla'], tmp_path)
     llama_layout_tokenizer(300, seed=5, exact=False).save(str(directory / 'tokenizer.json'))
     with pytest.raises(CheckpointError, match=r'tokenizer has 300 pieces.*implies 384'):
+        load_policy(str(directory))
+
+
+# -- specprune_adapter.json: each value's type and range is checked at load --------------------------------------
+
+BAD_OPTIONS = [
+    ({'center_crop': 'false'}, 'center_crop: expected true or false'),      # a truthy string cropped every frame
+    ({'lowercase_instruction': 'no'}, 'lowercase_instruction: expected true or false'),
+    ({'cuda_graphs': 'false'}, 'cuda_graphs: expected true or false'),
+    ({'chunk_size': '8'}, 'chunk_size: expected an integer'),
+    ({'chunk_size': 0}, r'chunk_size: 0 is outside \[1, inf\)'),
+    ({'num_images': 0}, r'num_images: 0 is outside \[1, inf\)'),
+    ({'num_images': 2.5}, 'num_images: expected an integer'),
+    ({'control_period_s': 0}, r'control_period_s: 0.0 is outside \(0, inf\)'),      # twists divide by it
+    ({'control_period_s': -0.1}, r'control_period_s: -0.1 is outside \(0, inf\)'),  # reversed every motion
+    ({'translation_scale_m': float('nan')}, 'translation_scale_m: nan is not finite'),
+    ({'rotation_scale_rad': -0.2}, r'rotation_scale_rad: -0.2 is outside'),
+    ({'camera_names': 'agentview'}, 'camera_names: expected a list'),       # read as nine one-letter cameras
+    ({'camera_names': ['agentview', 'agentview']}, 'camera_names: one non-empty name per camera, no duplicates'),
+    ({'camera_names': ['agentview', '']}, 'camera_names: one non-empty name per camera'),
+    ({'unnorm_key': 5}, 'unnorm_key: expected a string'),
+    ({'prompt_template': 3}, 'prompt_template: expected a string'),
+    ({'attn_implementation': 'flash'}, "attn_implementation must be one of \\['sdpa', 'eager'\\]"),
+]
+
+
+@pytest.mark.parametrize('options, message', BAD_OPTIONS, ids=[str(o) for o, _ in BAD_OPTIONS])
+def test_bad_adapter_options_fail_at_load_naming_the_option(prismatic_checkpoints, tmp_path, options, message):
+    directory = copy(prismatic_checkpoints['openvla-oft'], tmp_path)
+    write_json(directory / 'specprune_adapter.json', options)
+    with pytest.raises(CheckpointError, match=f'malformed specprune_adapter.json: .*{message}'):
+        load_policy(str(directory))
+
+
+def test_good_adapter_options_load_as_written(prismatic_checkpoints, tmp_path):
+    directory = copy(prismatic_checkpoints['openvla-oft'], tmp_path)
+    write_json(directory / 'specprune_adapter.json',
+               {'center_crop': False, 'lowercase_instruction': False, 'camera_names': ['front', 'hand'],
+                'control_period_s': 0.05, 'chunk_size': 8.0, 'prompt_template': 'In: {instruction}? {{x}}\nOut:'})
+    backend = load_policy(str(directory)).backend
+    assert backend.transform.center_crop is False and backend.lowercase_instruction is False
+    assert backend.camera_names == ('front', 'hand') and backend.action_spec.control_period_s == 0.05
+
+
+def test_a_prompt_template_with_another_field_fails_at_load_not_at_every_step(prismatic_checkpoints, tmp_path):
+    directory = copy(prismatic_checkpoints['openvla'], tmp_path)
+    write_json(directory / 'specprune_adapter.json', {'prompt_template': 'In: {task} {instruction}\nOut:'})
+    with pytest.raises(ValueError, match=r"prompt_template .*only \{instruction\} can be filled in"):
         load_policy(str(directory))

@@ -417,3 +417,19 @@ def test_options_map_robot_cameras_and_fix_the_noise(pi05_dir, tmp_path):
     (directory / 'specprune_adapter.json').write_text(json.dumps({'cameras': ['agentview']}))
     with pytest.raises(CheckpointError, match='specprune_adapter.json'):
         load_policy(str(directory), dtype='float32')
+
+
+@pytest.mark.parametrize('options, message', [
+    ({'noise_seed': '3'}, 'noise_seed: expected an integer'),
+    ({'control_period_s': 0}, r'control_period_s: 0.0 is outside \(0, inf\)'),
+    ({'translation_scale_m': -0.02}, r'translation_scale_m: -0.02 is outside'),
+    ({'action_names': 'abcdefg'}, 'action_names: expected a list'),           # read as seven one-letter names
+    ({'camera_map': ['base_0_rgb']}, 'camera_map: checkpoint camera -> observation camera names'),
+    ({'camera_map': {'base_0_rgb': ''}}, 'camera_map: checkpoint camera -> observation camera names'),
+    ({'tokenizer': 5}, 'tokenizer: expected a string'),
+])
+def test_bad_options_fail_at_load_naming_the_option(pi0_dir, tmp_path, options, message):
+    directory = _broken(pi0_dir, tmp_path, 'bad_options')
+    (directory / 'specprune_adapter.json').write_text(json.dumps(options))
+    with pytest.raises(CheckpointError, match=message):
+        load_policy(str(directory), dtype='float32')

@@ -76,6 +76,13 @@ def test_ee_delta_option_gives_the_twist_labels_and_the_names_must_fit(tmp_path)
         ActionSpec(action_dim=8)
     with pytest.raises(ValueError, match='at least one step'):
         ActionSpec(chunk_size=0)
+    # the node's velocities are action * scale / period: no unit may be zero, negative or NaN
+    for units, message in [({'control_period_s': 0.0}, r'control_period_s: 0.0 is outside \(0, inf\)'),
+                           ({'translation_scale_m': -0.02}, 'translation_scale_m: -0.02 is outside'),
+                           ({'rotation_scale_rad': float('nan')}, 'rotation_scale_rad: nan is not finite'),
+                           ({'chunk_size': 2.5}, 'chunk_size: expected an integer')]:
+        with pytest.raises(ValueError, match=message):
+            ActionSpec(**units)
 
 
 def test_joint_space_ticks_command_the_chunk_steps_and_no_twist(joint_policy):

@@ -155,6 +155,11 @@ class PrismaticAdapter(ModelBackend):
         self.num_images = int(num_images)
         if '{instruction}' not in prompt_template:
             raise ValueError('prompt_template must contain {instruction}')
+        try:                # any other field would fail every step
+            prompt_template.format(instruction='')
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(f'prompt_template {prompt_template!r}: only {{instruction}} can be filled in ({error!r}); '
+                             'write a literal brace twice') from None
         self.prompt_template = prompt_template
         self.lowercase_instruction = lowercase_instruction
         self.normalization = normalization
@@ -174,6 +179,8 @@ class PrismaticAdapter(ModelBackend):
         names = list(camera_names or default)
         if len(names) != self.num_images:
             raise ValueError(f'{len(names)} camera names for a model with {self.num_images} image input(s)')
+        if len(set(names)) != len(names):
+            raise ValueError(f'camera_names: duplicates in {names}')
         if gripper not in ('none', 'libero'):
             raise ValueError(f"gripper must be 'none' or 'libero', got {gripper!r}")
         self.camera_names = tuple(names)

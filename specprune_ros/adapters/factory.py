@@ -16,13 +16,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 from specprune_ros.adapters.openvla import OpenVLAAdapter
 from specprune_ros.adapters.openvla_oft import OpenVLAOFTAdapter
 from specprune_ros.adapters.published_checkpoint import (OPTIONS_FILE, _read_json, check_checkpoint_directory,
                                                          detect_kind)
-from specprune_ros.core.dataclass_mapping import UnknownFieldsError, dataclass_from_mapping
+from specprune_ros.core.dataclass_mapping import UnknownFieldsError, check_number, check_types, dataclass_from_mapping
 from specprune_ros.policy.errors import CheckpointError
 from specprune_ros.policy.interface import ActionSpec
 from specprune_ros.policy.prunable_policy import PrunablePolicy
@@ -33,7 +33,9 @@ Adapter = Union[OpenVLAAdapter, OpenVLAOFTAdapter]
 
 @dataclass
 class AdapterOptions:
-    """Robot-side settings of an adapter (fields of ``specprune_adapter.json``)."""
+    """Robot-side settings of an adapter (fields of ``specprune_adapter.json``), types and ranges checked."""
+
+    strict_types: ClassVar[bool] = True       # "false" is no bool here: a truthy string would switch a crop on
 
     unnorm_key: Optional[str] = None          # dataset statistics key (None: the only one in the checkpoint)
     camera_names: Optional[list[str]] = None  # default: ['agentview'] (OpenVLA), ['agentview', 'wrist'] (OFT)
@@ -41,15 +43,26 @@ class AdapterOptions:
     chunk_size: int = 8                       # OFT: NUM_ACTIONS_CHUNK the head was trained with (LIBERO 8)
     proprio: Optional[bool] = None            # OFT: false = trained without proprio (no proprio_projector file)
     center_crop: Optional[bool] = None        # default: True for OFT (LIBERO fine-tunes), False for OpenVLA
-    normalization: str = 'bounds_q99'         # 'bounds_q99' (LIBERO, Bridge) or 'bounds' (OFT ALOHA)
-    gripper: str = 'none'                     # 'none' or 'libero'
+    normalization: Literal['bounds_q99', 'bounds'] = 'bounds_q99'   # 'bounds_q99' (LIBERO, Bridge), 'bounds' (ALOHA)
+    gripper: Literal['none', 'libero'] = 'none'
     lowercase_instruction: bool = True
     prompt_template: Optional[str] = None
-    attn_implementation: str = 'sdpa'         # transformers' reference path only; the executor always uses SDPA
+    attn_implementation: Literal['sdpa', 'eager'] = 'sdpa'   # transformers' reference path only (the executor: SDPA)
     control_period_s: float = 0.1
     translation_scale_m: float = 0.02
     rotation_scale_rad: float = 0.2
     cuda_graphs: bool = False                 # on CUDA: vision and decoder layers replayed as CUDA graphs
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        names = self.camera_names
+        if names is not None and (not names or not all(names) or len(set(names)) != len(names)):
+            raise ValueError(f'camera_names: one non-empty name per camera, no duplicates, got {names}')
+        if self.num_images is not None:
+            check_number('num_images', self.num_images, 1, integer=True, note='cameras in the input')
+        check_number('chunk_size', self.chunk_size, 1, integer=True, note='action steps per chunk')
+        for name in ('control_period_s', 'translation_scale_m', 'rotation_scale_rad'):
+            check_number(name, getattr(self, name), 0.0, open_low=True, note='action units are positive')
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = 'options') -> 'AdapterOptions':

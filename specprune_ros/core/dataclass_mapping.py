@@ -6,11 +6,13 @@ field's type says so and nothing is lost (int -> float, list <-> tuple, a nested
 A dataclass with the class attribute ``strict_types = True`` also has its values' types checked (and so have the
 dataclasses nested in it): a number field takes no str and no bool, an int field no float with a fractional part
 (2.0 becomes 2), a bool field only a bool, a str field only a str, and the items of a ``tuple[X, ...]`` field are
-checked as X. :func:`check_number` checks a number's type and range where a dataclass is constructed.
+checked as X. Where a dataclass is constructed, :func:`check_number` checks a number's type and range and
+:func:`check_types` every field's type.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import types
@@ -97,6 +99,30 @@ def convert(value: Any, hint: Any, strict: bool = False, path: str = '') -> Any:
         if _allows(hint, list):
             return list(value)
     return value
+
+
+def check_types(config: Any, prefix: str = '') -> None:
+    """Raise when a field of dataclass ``config`` (or of one nested in it) does not hold its type.
+
+    The strict checks of :func:`convert` and the ``Literal`` choices, on a constructed dataclass (whose values need
+    not have come from a mapping). ``prefix`` names the field holding ``config``, for the messages.
+    """
+    for name, hint in _field_hints(type(config)).items():
+        value = getattr(config, name)
+        path = f'{prefix}{name}'
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_types(value, f'{path}.')
+            continue
+        convert(value, hint, strict=True, path=path)
+        choices = literal_choices(hint)
+        if choices is not None and not any(_same(value, c) for c in choices):
+            raise InvalidChoiceError(name, value, choices, type(config).__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def _field_hints(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def check_number(path: str, value: Any, low: Optional[float] = None, high: Optional[float] = None,

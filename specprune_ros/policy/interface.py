@@ -16,6 +16,7 @@ from typing import Literal, Optional, Protocol
 
 import numpy as np
 
+from specprune_ros.core.dataclass_mapping import check_number
 from specprune_ros.core.step_types import StepRecord
 
 ACTION_LABELS = ('dx', 'dy', 'dz', 'droll', 'dpitch', 'dyaw', 'gripper')
@@ -43,9 +44,15 @@ class ActionSpec:
         object.__setattr__(self, 'action_names', tuple(self.action_names))
         if len(self.action_names) != self.action_dim:
             raise ValueError(f'{len(self.action_names)} action_names for action_dim {self.action_dim}')
+        check_number('chunk_size', self.chunk_size, integer=True)
+        check_number('action_dim', self.action_dim, integer=True)
         if self.chunk_size < 1 or self.action_dim < 1:
             raise ValueError(f'a chunk needs at least one step of one action, got chunk_size {self.chunk_size}, '
                              f'action_dim {self.action_dim}')
+        # the node's velocities are action * scale / period: a zero, negative or NaN unit would stop, reverse or
+        # poison every command
+        for name in ('translation_scale_m', 'rotation_scale_rad', 'control_period_s'):
+            check_number(name, getattr(self, name), 0.0, open_low=True, note='action units are positive')
         if self.action_space == 'ee_delta' and self.action_dim != len(ACTION_LABELS):
             raise ValueError(f"'ee_delta' actions are {len(ACTION_LABELS)}-D ({', '.join(ACTION_LABELS)}), got "
                              f"action_dim {self.action_dim}: a policy with other actions needs action_space 'joint' "

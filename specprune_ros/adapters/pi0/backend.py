@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from specprune_ros.adapters.pi0.checkpoint import load_checkpoint
 from specprune_ros.adapters.pi0.inference import ACTION_ROWS, Pi0Inference, Pi0Input
 from specprune_ros.adapters.base import resolve_device, resolve_dtype
 from specprune_ros.adapters.published_checkpoint import OPTIONS_FILE, check_checkpoint_directory, _read_json
-from specprune_ros.core.dataclass_mapping import UnknownFieldsError, dataclass_from_mapping
+from specprune_ros.core.dataclass_mapping import UnknownFieldsError, check_number, check_types, dataclass_from_mapping
 from specprune_ros.core.step_types import PruningMethod, StepContext
 from specprune_ros.policy.backend import EncodedStep, ModelBackend, ModelOutput, camera_frames
 from specprune_ros.policy.errors import CheckpointError, ObservationError
@@ -36,7 +36,9 @@ from specprune_ros.pruning import build_method
 
 @dataclass
 class Pi0Options:
-    """Robot-side settings of a pi0 / pi0.5 backend (fields of ``specprune_adapter.json``)."""
+    """Robot-side settings of a pi0 / pi0.5 backend (fields of ``specprune_adapter.json``), types and ranges checked."""
+
+    strict_types: ClassVar[bool] = True
 
     camera_map: Optional[dict[str, str]] = None   # checkpoint camera -> observation camera (default: same names, all)
     tokenizer: Optional[str] = None               # directory of the PaliGemma tokenizer if the checkpoint has none
@@ -49,6 +51,13 @@ class Pi0Options:
     rotation_scale_rad: float = 0.2
 
     def __post_init__(self) -> None:
+        check_types(self)
+        cameras = self.camera_map
+        if cameras is not None and not (isinstance(cameras, dict) and cameras and all(
+                isinstance(k, str) and k and isinstance(v, str) and v for k, v in cameras.items())):
+            raise ValueError(f'camera_map: checkpoint camera -> observation camera names, got {cameras!r}')
+        for name in ('control_period_s', 'translation_scale_m', 'rotation_scale_rad'):
+            check_number(name, getattr(self, name), 0.0, open_low=True, note='action units are positive')
         if self.action_rows not in ACTION_ROWS:
             raise ValueError(f'action_rows must be one of {ACTION_ROWS}, got {self.action_rows!r}')
         if self.action_space not in ACTION_SPACES:

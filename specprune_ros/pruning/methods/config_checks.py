@@ -10,12 +10,10 @@ only in a step, so a layer beyond it, like a per-camera list longer than the cam
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import typing
 from typing import Any, ClassVar, Optional
 
-from specprune_ros.core.dataclass_mapping import InvalidChoiceError, check_number, convert, literal_choices
+from specprune_ros.core.dataclass_mapping import check_number, check_types
 from specprune_ros.core.step_types import QueryRows
 
 FRACTION_OF_TOKENS = 'a fraction of the visual tokens'
@@ -35,27 +33,6 @@ class CheckedConfig:
 
     def check(self) -> None:
         """Raise ValueError naming a setting of the method outside its range."""
-
-
-def check_types(config: Any, prefix: str = '') -> None:
-    """Raise when a field of dataclass ``config`` (or of one nested in it) does not hold its type."""
-    for name, hint in _hints(type(config)).items():
-        value = getattr(config, name)
-        path = f'{prefix}{name}'
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            check_types(value, f'{path}.')
-            continue
-        convert(value, hint, strict=True, path=path)
-        choices = literal_choices(hint)
-        if choices is not None and not any(value == c and isinstance(value, bool) == isinstance(c, bool)
-                                           for c in choices):
-            raise InvalidChoiceError(name, value, choices, type(config).__name__)
-
-
-@functools.lru_cache(maxsize=None)
-def _hints(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def fraction(path: str, value: Any, note: str = '', open_low: bool = False) -> None:
