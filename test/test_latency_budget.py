@@ -12,7 +12,7 @@ import torch
 from specprune_ros.control.controller import PolicyController
 from specprune_ros.control.inference_worker import InferenceWorker
 from specprune_ros.control.latency_budget import (NO_PRUNING, BudgetSettings, LatencyBudget, LatencyModel,
-                                                  budget_for_policy, knob_range)
+                                                  budget_for_policy, knob_range, unreachable_message)
 from specprune_ros.control.parameters import BUDGET_METHODS, NodeParameters
 from specprune_ros.models.loading import load_policy
 from specprune_ros.policy.interface import Observation
@@ -302,3 +302,74 @@ def test_specprune_at_the_largest_knob_keeps_every_patch_at_every_layer(method):
     for _ in range(4):                              # past the first step: the static sets and drops are on
         record = policy.predict(observation(policy)).record
     assert list(record.visual_kept_per_layer) == list(full.record.visual_kept_per_layer)
+
+
+def unpruned_with_fallback(budget_s, **settings):
+    return LatencyBudget(BudgetSettings(budget_s=budget_s, **settings),
+                         {NO_PRUNING: object(), 'divprune': FakeKnobMethod()}, NO_PRUNING)
+
+
+def test_the_unpruned_model_does_not_flap_when_its_p90_fits_with_little_room():
+    # the unpruned step's p90 is 9 % below the budget (median 48 ms, lognormal spread 0.10): one slowish step or a
+    # level read off a step or two after a switch must not send the robot to the fallback and back
+    switches, fallback_steps = [], []
+    for seed in range(5):
+        budget, plant = unpruned_with_fallback(0.060), Plant(seed=seed, noise=0.10, fixed_s=0.0096,
+                                                                 full_decoder_s=0.0384)
+        methods = [row[3].method for row in run_trace(budget, plant, [1.0] * 400)]
+        switches.append(sum(a != b for a, b in zip(methods, methods[1:])))
+        fallback_steps.append(methods.count('divprune'))
+    assert max(switches) <= 50 and sum(switches) <= 160, f'switches per 400 inferences: {switches}'
+    assert sum(fallback_steps) <= 0.15 * 5 * 400, f'steps on the fallback: {fallback_steps}'
+
+
+def test_a_step_of_the_clock_during_one_inference_does_not_pin_the_knob():
+    # the chunk deadline binds (100 ms left, the budget set to the chunk horizon); one inference appears 2 s long
+    # (a step of the node clock, a stall): it missed inference_deadline_s, its chunk was dropped, and it is no
+    # measure of the node's own time around the model step
+    budget = unpruned_with_fallback(0.6, inference_deadline_s=0.5)
+    plant = Plant(seed=6, full_decoder_s=0.040)
+    decisions = []
+    for step in range(90):
+        decision = budget.decide(time_left_s=0.100)
+        latency, record = plant.step(decision.knob if decision.method != NO_PRUNING else None)
+        budget.observe(decision, latency, record, 'n/a', inference_s=latency + (2.0 if step == 40 else 0.003))
+        decisions.append(decision)
+    after = decisions[42:]
+    assert not any(d.unreachable for d in after), 'the knob was pinned at min_keep_ratio after one long inference'
+    assert budget.overhead_s() < 0.02
+    assert int(dict(budget.key_values())['chunk deadline misses in window'].split(' / ')[0]) == 1    # still counted
+
+
+def test_the_unreachable_warning_names_the_limit_it_misses():
+    budget = unpruned_with_fallback(0.6)
+    plant = Plant(seed=7, full_decoder_s=0.040)
+    for _ in range(40):
+        decision = budget.decide(time_left_s=0.100)
+        latency, record = plant.step(decision.knob if decision.method != NO_PRUNING else None)
+        budget.observe(decision, latency, record, 'n/a', inference_s=latency + 0.003)
+    squeezed = budget.decide(time_left_s=0.012)         # even min_keep_ratio cannot deliver within 12 ms
+    assert squeezed.unreachable and squeezed.missed_limit == 'chunk deadline'
+    assert squeezed.missed_percentile == 98.0 and squeezed.missed_predicted_s > squeezed.missed_limit_s
+    message = unreachable_message(squeezed, 0.1, 0.02)
+    assert message.startswith('the chunk deadline (p98) cannot be met even at min_keep_ratio 0.1')
+    assert 'replan_every_steps' in message and '600.0' not in message      # not the 600 ms budget, which holds
+    budget, _ = knob_budget(min_keep_ratio=0.2)
+    last = run_trace(budget, Plant(seed=4), [3.0] * 30)[-1][3]
+    assert last.missed_limit == 'latency budget' and last.missed_percentile == 90.0
+    message = unreachable_message(last, 0.2, 0.15)
+    assert message.startswith(f'latency budget {BUDGET_S * 1e3:.1f} ms cannot be met even at min_keep_ratio 0.2: '
+                              'predicted p90 ') and message.endswith('this step took 150.0 ms')
+
+
+def test_the_first_inference_has_no_chunk_deadline_to_miss():
+    budget = unpruned_with_fallback(0.06, inference_deadline_s=0.5)       # the node's finite hard deadline
+    plant = Plant(seed=8, full_decoder_s=0.040)
+    decision = budget.decide(time_left_s=None)           # no chunk before it (start, reset)
+    latency, record = plant.step(None)
+    budget.observe(decision, latency, record, 'n/a', inference_s=latency + 0.003)
+    rows = dict(budget.key_values())
+    assert decision.deadline_s is None and rows['chunk deadline ms'] == 'n/a'
+    assert rows['chunk deadline misses in window'] == '0 / 0'
+    decision = budget.decide(time_left_s=0.3)
+    assert decision.deadline_s == pytest.approx(0.3)

@@ -73,6 +73,11 @@ class BudgetDecision:
     unreachable: bool = False               # even the smallest knob is predicted to miss the budget or deadline
     mode: str = 'n/a'                       # controller mode the knob map of this step was read for
     deadline_s: Optional[float] = None      # the chunk deadline of this inference (request to chunk), if known
+    missed_limit: str = ''                  # unreachable: the limit predicted to be missed ('latency budget' or
+    # 'chunk deadline', the time the step may take once the node's own time is off it) ...
+    missed_limit_s: Optional[float] = None          # ... that limit, seconds ...
+    missed_percentile: Optional[float] = None       # ... the percentile it is held at ...
+    missed_predicted_s: Optional[float] = None      # ... and the step's predicted latency at that percentile
 
 
 class LatencyModel:
@@ -164,7 +169,7 @@ class LatencyModel:
         """Add one measured step."""
         if not (np.isfinite(latency_s) and np.isfinite(decoder_s) and np.isfinite(flops)) or latency_s <= 0:
             return
-        if self.ready:
+        if len(self.samples) >= self.estimate_steps:    # a level from fewer steps errs more than one ever will
             self.ahead.append(latency_s / max(self.predict(flops), 1e-12))
         self.samples.append((float(latency_s), float(min(decoder_s, latency_s)), float(flops)))
         self._estimate = None
@@ -243,7 +248,7 @@ class LatencyBudget:
 
     def __init__(self, settings: BudgetSettings, methods: dict[str, Any], primary: str, device: str = 'cpu',
                  dead_band: float = 0.05, dead_band_abs: float = 0.03, recover_ratio: float = 0.9,
-                 publish_guard_s: float = 0.005, max_rise: float = 0.2) -> None:
+                 publish_guard_s: float = 0.005, max_rise: float = 0.2, border_misses: int = 3) -> None:
         self.settings = settings
         self.methods = methods                      # name -> pruning method object ('none' may map to None)
         self.primary = primary
@@ -254,6 +259,8 @@ class LatencyBudget:
         self.recover_ratio = recover_ratio          # back to unpruned when full is predicted below this x budget
         self.publish_guard_s = publish_guard_s      # the chunk must arrive this long before the old one runs out
         self.max_rise = max_rise                    # the knob rises by at most this share of its range per step
+        self.border_misses = border_misses          # unpruned: predicted misses by < 10 % in a row before leaving
+        self._border_misses = 0
         self.models: dict[str, LatencyModel] = {}
         self.maps: dict[tuple[str, str], KnobMap] = {}
         self.active = primary
@@ -326,7 +333,7 @@ class LatencyBudget:
                 predicted = _predicted(model, self.flops_full, limits)
                 self._switch_to(NO_PRUNING)
                 decision = BudgetDecision(NO_PRUNING, None, predicted, self.settings.budget_s, mode=self.mode)
-        decision.deadline_s = deadline
+        decision.deadline_s = deadline if time_left_s is not None else None   # no chunk before it: none to miss
         self.last_decision = decision
         return decision
 
@@ -334,15 +341,27 @@ class LatencyBudget:
         """Run ``method`` from now on; its latency level is stale (the other method's fresh steps stand in)."""
         self.active = method
         self.model(method).forget_level()
+        self._border_misses = 0
 
     def _decide_unpruned(self, limits: list[Limit]) -> Optional[BudgetDecision]:
         model, budget = self.model(NO_PRUNING), self.settings.budget_s
         if not model.ready or self.flops_full is None or not self.fallback:
             return BudgetDecision(NO_PRUNING, None, None, budget, mode=self.mode)
+        # at the border (a predicted miss by less than 10 %) leave only after a few such steps in a row, and not
+        # while few fresh steps back the level (just switched back, just started): one slowish step must not send
+        # the robot to the fallback and back
         if _fits(model, self.flops_full, limits):
-            return BudgetDecision(NO_PRUNING, None, _predicted(model, self.flops_full, limits), budget,
-                                  mode=self.mode)
-        return None
+            self._border_misses = 0
+        elif _fits(model, self.flops_full, limits, 1.0 / self.recover_ratio):
+            self._border_misses += 1
+            if len(model.samples) < model.estimate_steps or self._border_misses < self.border_misses:
+                return BudgetDecision(NO_PRUNING, None, _predicted(model, self.flops_full, limits), budget,
+                                      mode=self.mode)
+        else:
+            return None
+        if self._border_misses >= self.border_misses:
+            return None
+        return BudgetDecision(NO_PRUNING, None, _predicted(model, self.flops_full, limits), budget, mode=self.mode)
 
     def _range(self, method: str) -> tuple[float, float]:
         return knob_range(self.methods[method], self.settings.min_keep_ratio) or (1.0, 1.0)
@@ -370,7 +389,8 @@ class LatencyBudget:
         predicted = None if flops is None else _predicted(model, flops, limits)
         unreachable = knob <= low + 1e-12 and flops is not None and not _fits(model, flops, limits)
         self._knob[method] = knob
-        return BudgetDecision(method, knob, predicted, budget, unreachable, mode=self.mode)
+        decision = BudgetDecision(method, knob, predicted, budget, unreachable, mode=self.mode)
+        return _name_missed_limit(decision, model, flops, limits) if unreachable else decision
 
     def _first_fallback_step(self, method: str, limits: list[Limit], low: float, high: float) -> BudgetDecision:
         """No data for the fallback yet: assume its FLOPs scale with the knob and reuse the unpruned timing."""
@@ -384,7 +404,9 @@ class LatencyBudget:
         self._knob[method] = knob
         unreachable = predicted is not None and knob <= low + 1e-12 and \
             not _fits(unpruned, self.flops_full * knob / high, limits)
-        return BudgetDecision(method, knob, predicted, self.settings.budget_s, unreachable, mode=self.mode)
+        decision = BudgetDecision(method, knob, predicted, self.settings.budget_s, unreachable, mode=self.mode)
+        return _name_missed_limit(decision, unpruned, self.flops_full * knob / high, limits) if unreachable \
+            else decision
 
     # --- after an inference -------------------------------------------------------------------------------
     def observe(self, decision: BudgetDecision, latency_s: float, record: Any, mode: str,
@@ -396,7 +418,10 @@ class LatencyBudget:
         self.last_measured_s = float(latency_s)
         self.misses.add(float(latency_s > decision.budget_s))
         if inference_s is not None and np.isfinite(inference_s):
-            self.overheads.append(max(float(inference_s) - float(latency_s), 0.0))
+            # an inference past inference_deadline_s was dropped; one that long is a stall or a step of the clock
+            # (NTP, a bag seek), no measure of the node's own time: 40 inferences at min_keep_ratio otherwise
+            if inference_s <= self.settings.inference_deadline_s:
+                self.overheads.append(max(float(inference_s) - float(latency_s), 0.0))
             if decision.deadline_s is not None:
                 self.deadline_misses.add(float(inference_s > decision.deadline_s))
         if decision.unreachable:
@@ -486,6 +511,18 @@ def _fits(model: LatencyModel, flops: float, limits: list[Limit], ratio: float =
     return all(model.predict_percentile(flops, q) <= ratio * seconds for seconds, q in limits)
 
 
+def _name_missed_limit(decision: BudgetDecision, model: LatencyModel, flops: float,
+                       limits: list[Limit]) -> BudgetDecision:
+    """``decision`` with the first limit predicted to be missed at ``flops`` named (for the operator's warning)."""
+    for index, (seconds, q) in enumerate(limits):
+        predicted = model.predict_percentile(flops, q)
+        if predicted > seconds:
+            decision.missed_limit = 'latency budget' if index == 0 else 'chunk deadline'
+            decision.missed_limit_s, decision.missed_percentile, decision.missed_predicted_s = seconds, q, predicted
+            break
+    return decision
+
+
 def _predicted(model: LatencyModel, flops: float, limits: list[Limit]) -> float:
     """The predicted latency at the first limit's percentile (the latency budget's)."""
     return model.predict_percentile(flops, limits[0][1])
@@ -508,6 +545,20 @@ def _configured_knob(method: Any, ranged: Optional[tuple[float, float]]) -> Opti
 
 def _ms(seconds: Optional[float]) -> str:
     return 'n/a' if seconds is None else f'{seconds * 1e3:.2f}'
+
+
+def unreachable_message(decision: BudgetDecision, min_keep_ratio: float, measured_s: float) -> str:
+    """The operator's warning for an unreachable ``decision``: the limit missed, its prediction, what to change."""
+    head = f'cannot be met even at min_keep_ratio {min_keep_ratio:g}'
+    took = f'this step took {measured_s * 1e3:.1f} ms'
+    q = decision.missed_percentile
+    predicted = '' if decision.missed_predicted_s is None else \
+        f'predicted p{q:g} {decision.missed_predicted_s * 1e3:.1f} ms, '
+    if decision.missed_limit == 'chunk deadline':
+        return (f'the chunk deadline (p{q:g}) {head}: the model step may take {decision.missed_limit_s * 1e3:.1f} '
+                f'ms (the time left in the current chunk less the node\'s own time), {predicted}{took}; start '
+                'inferences earlier (a smaller replan_every_steps) or allow more pruning (a lower min_keep_ratio)')
+    return f'latency budget {decision.budget_s * 1e3:.1f} ms {head}: {predicted}{took}'
 
 
 def replan_slack_s(budget: Optional[LatencyBudget], period_s: float) -> float:

@@ -65,7 +65,7 @@ from specprune_ros.control.controller import (AcceptedChunk, InferenceRequest, P
                                               joint_command_filter)
 from specprune_ros.control.inference_worker import InferenceWorker
 from specprune_ros.control.joint_command import JointOrderError
-from specprune_ros.control.latency_budget import budget_for_policy
+from specprune_ros.control.latency_budget import budget_for_policy, unreachable_message
 from specprune_ros.control.parameters import NodeParameters, ParameterError, unknown_parameter_message
 from specprune_ros.control.runtime_stats import ERROR, OK, WARN
 from specprune_ros.control.safety_filter import FilteredCommand
@@ -583,10 +583,8 @@ class SpecPruneNode(LifecycleNode):
         if chunk.reset_reason:
             self.get_logger().info(f'temporal token state reset: {chunk.reset_reason}')
         if chunk.budget is not None and chunk.budget.unreachable:
-            self._warn_throttled('latency_budget', f'latency budget {chunk.budget.budget_s * 1e3:.1f} ms '
-                                 f'(p{params.latency_budget_percentile:g}) cannot be met even at min_keep_ratio '
-                                 f'{params.min_keep_ratio}: predicted {chunk.budget.predicted_s * 1e3:.1f} ms, '
-                                 f'this step took {chunk.model_latency_s * 1e3:.1f} ms')
+            self._warn_throttled('latency_budget', unreachable_message(chunk.budget, params.min_keep_ratio,
+                                                                       chunk.model_latency_s))
         if params.publish_debug_image and chunk.record is not None:
             self._publish_debug_image(chunk, policy)
 
