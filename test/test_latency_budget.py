@@ -314,8 +314,8 @@ def test_the_unpruned_model_does_not_flap_when_its_p90_fits_with_little_room():
     # level read off a step or two after a switch must not send the robot to the fallback and back
     switches, fallback_steps = [], []
     for seed in range(5):
-        budget, plant = unpruned_with_fallback(0.060), Plant(seed=seed, noise=0.10, fixed_s=0.0096,
-                                                                 full_decoder_s=0.0384)
+        budget = unpruned_with_fallback(0.060)
+        plant = Plant(seed=seed, noise=0.10, fixed_s=0.0096, full_decoder_s=0.0384)
         methods = [row[3].method for row in run_trace(budget, plant, [1.0] * 400)]
         switches.append(sum(a != b for a, b in zip(methods, methods[1:])))
         fallback_steps.append(methods.count('divprune'))
