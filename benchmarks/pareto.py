@@ -54,7 +54,7 @@ from typing import Optional
 
 import numpy as np
 
-from specprune_ros.command_line import HelpFormatter
+from specprune_ros.command_line import HelpFormatter, positive_int
 from specprune_ros.evaluation.closed_loop import PolicySpec, evaluate, summarize
 from specprune_ros.evaluation.statistics import paired_difference, wilson_interval
 from specprune_ros.models.loading import REFERENCE_CHECKPOINT
@@ -72,10 +72,12 @@ SPEED_FIELDS = ('speedup', 'speedup_ci95', 'kept_visual_ratio', 'total_ms')
 def budget_grid(methods: list[str], keep_ratios: tuple[float, ...], scales: tuple[float, ...]) -> list[dict]:
     """One configuration per method and budget: label, method, method_config and the budget it stands for."""
     grid = [{'label': BASELINE, 'method': BASELINE, 'method_config': None, 'budget': 1.0}]
+    # a method or budget named twice would run twice under one label (the JSON had both rows, the table one)
+    methods, keep_ratios, scales = (list(dict.fromkeys(values)) for values in (methods, keep_ratios, scales))
     for method in methods:
         config = build_method(method).config
         if hasattr(config, 'keep_ratio'):
-            grid += [{'label': f'{method} {ratio:.0%}', 'method': method,
+            grid += [{'label': f'{method} {ratio * 100:g}%', 'method': method,
                       'method_config': keep_ratio_config(method, ratio), 'budget': ratio} for ratio in keep_ratios]
         elif hasattr(getattr(config, 'controller', None), 'alpha'):
             grid += [{'label': f'{method} x{scale:g}', 'method': method,
@@ -450,9 +452,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         help='budgets of the keep-ratio methods')
     parser.add_argument('--specprune-scales', type=float, nargs='+', default=list(SPECPRUNE_SCALES),
                         help="SpecPrune's scale of K (controller.alpha)")
-    parser.add_argument('--episodes-per-family', type=int, default=100, help='100 x 3 families = 300 per config')
-    parser.add_argument('--workers', type=int, default=2, help='worker processes in the success phase')
-    parser.add_argument('--execute-steps', type=int, default=None, help='actions executed per chunk (default: 8)')
+    parser.add_argument('--episodes-per-family', type=positive_int, default=100,
+                        help='100 x 3 families = 300 per config')
+    parser.add_argument('--workers', type=positive_int, default=2, help='worker processes in the success phase')
+    parser.add_argument('--execute-steps', type=positive_int, default=None,
+                        help='actions executed per chunk (default: 8)')
     parser.add_argument('--speed-shape', default='reference', help="the latency harness's --shape")
     parser.add_argument('--speed-width', type=int, default=256, help='decoder width of the speed phase')
     parser.add_argument('--speed-layers', type=int, default=32, help='decoder depth of the speed phase')
@@ -500,9 +504,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     (args.out / 'pareto.json').write_text(report_json({'meta': meta, 'rows': rows}) + '\n')
     table = markdown(meta, rows)
     (args.out / 'pareto.md').write_text(table + '\n')
-    plot(rows, args.out / 'pareto.png')
+    if rows:
+        plot(rows, args.out / 'pareto.png')
+    else:
+        print('no configuration has outcomes (with --cached-only: none of these runs is in the cache); no plot')
     print(table)
-    print(f'wrote {args.out}/pareto.{{json,md,png}} in {meta["minutes"]:.1f} min')
+    print(f'wrote {args.out}/pareto.{{json,md{",png" if rows else ""}}} in {meta["minutes"]:.1f} min')
     return {'meta': meta, 'rows': rows}
 
 

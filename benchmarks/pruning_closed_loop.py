@@ -52,6 +52,7 @@ from specprune_ros.policy.interface import Observation
 from specprune_ros.policy.reference_backend import reference_policy
 from specprune_ros.policy.reference_vla import ReferenceVLA
 from specprune_ros.pruning import build_method, self_speculation_hit_rate
+from specprune_ros.pruning.registry import method_config
 from specprune_ros.sim import EVAL_SEED_START, TASK_FAMILIES, TabletopEnv
 
 STEADY_FROM = 3   # steady state: every method's warm-up is over (VLA-Pruner's window w = 3; SpecPrune needs 1)
@@ -181,6 +182,36 @@ def parse_extra(text: str) -> PolicySpec:
                       label=label.strip())
 
 
+def check_configurations(args: argparse.Namespace, configs: tuple[PolicySpec, ...]) -> None:
+    """Refuse, before any episode runs, what would waste or corrupt a run.
+
+    Unknown ``--configs`` / ``--target`` labels (a typo compared nothing), an ``--extra`` label taken twice (it
+    replaced that configuration's results), a method or setting no method has (it failed after the others ran),
+    counts below 1.
+    """
+    known = [c.name for c in CONFIGS]
+    for name in args.configs or ():
+        if name not in known:
+            raise SystemExit(f'--configs: unknown label {name!r}; known: {known}')
+    labels = [c.name for c in configs]
+    taken = sorted({label for label in labels if labels.count(label) > 1})
+    if taken:
+        raise SystemExit(f'--extra: label(s) {taken} already name a configuration')
+    for name, _, _ in args.targets or ():
+        if name not in labels:
+            raise SystemExit(f'--target: no configuration {name!r} in this run; run: {labels}')
+    for c in configs:
+        try:
+            method_config(c.method, c.method_config)
+        except (TypeError, ValueError) as error:
+            raise SystemExit(f'configuration {c.name!r}: {error}') from None
+    for option in ('episodes_per_family', 'workers', 'threads'):
+        if getattr(args, option) < 1:
+            raise SystemExit(f"--{option.replace('_', '-')} must be at least 1")
+    if args.latency_episodes < 0 or (args.execute_steps is not None and args.execute_steps < 1):
+        raise SystemExit('--latency-episodes must be >= 0 and --execute-steps >= 1')
+
+
 def points(delta: float, interval: list[float] | tuple[float, float]) -> str:
     """A success-rate difference and its interval in percentage points, e.g. '-4.3 (-8.1 to -0.9)'."""
     return f"{delta * 100:+.1f} ({interval[0] * 100:+.1f} to {interval[1] * 100:+.1f})"
@@ -292,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     configs = tuple(c for c in CONFIGS if args.configs is None or c.name in args.configs or c.name == 'none')
     configs += extra
     configs = tuple(PolicySpec(args.model, c.method, c.method_config, c.label) for c in configs)
+    check_configurations(args, configs)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
@@ -317,11 +349,12 @@ def main(argv: list[str] | None = None) -> None:
                      'lost_vs_none': int(np.sum(unpruned & ~won)), 'gained_vs_none': int(np.sum(~unpruned & won)),
                      'families': {f: v['success_rate'] for f, v in summaries[c.name]['families'].items()},
                      'visual_kept': s['mean_visual_kept'], 'flops_ratio': s['flops_ratio'], **speed[c.name]})
+    hit_rate = speed['_self_speculation_hit_rate']
     lines = [f"Model {args.model!r}, {args.episodes_per_family} held-out episodes per family x {len(families)} "
              f"families per configuration, {args.execute_steps or 8} actions executed per chunk; latency: "
-             f"{sum(map(len, sequences))} replayed steps per configuration, interleaved, "
-             f"{args.threads} threads. Self-speculation (layers 0-1 top-k in last-layer top-k, text attention): "
-             f"{speed['_self_speculation_hit_rate']:.1%}" if speed['_self_speculation_hit_rate'] is not None else '',
+             f"{sum(map(len, sequences))} replayed steps per configuration, interleaved, {args.threads} threads."
+             + (' Self-speculation (layers 0-1 top-k in last-layer top-k, text attention): '
+                f'{hit_rate:.1%}' if hit_rate is not None else ''),
              '',
              '| config | success (95% CI) | vs none, paired (95% CI) | lost / gained | ' + ' | '.join(families)
              + ' | visual kept (mean/layer) | FLOPs | '

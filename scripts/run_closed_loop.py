@@ -13,8 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-from specprune_ros.command_line import HelpFormatter
-from specprune_ros.evaluation.closed_loop import PolicySpec, evaluate, record_episode, summarize, write_report
+from specprune_ros.command_line import HelpFormatter, positive_int
+from specprune_ros.evaluation.closed_loop import (PolicySpec, evaluate, prepare_report_directory, record_episode,
+                                                  summarize, write_report)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,11 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--model', default='reference', help="'reference', 'tiny-random' or a checkpoint directory")
     parser.add_argument('--method', default='none', help='pruning method (see specprune_ros.pruning)')
     parser.add_argument('--method-config', type=json.loads, default=None, help='JSON dict of method settings')
-    parser.add_argument('--execute-steps', type=int, default=None, help='actions executed per chunk (default: all 8)')
+    parser.add_argument('--execute-steps', type=positive_int, default=None,
+                        help='actions executed per chunk, at most its length (default: all 8)')
     parser.add_argument('--families', nargs='+', default=None, help='task families (default: all)')
-    parser.add_argument('--episodes-per-family', type=int, default=10, help='episodes of each family')
+    parser.add_argument('--episodes-per-family', type=positive_int, default=10, help='episodes of each family')
     parser.add_argument('--seed-start', type=int, default=None, help='default: the held-out EVAL_SEED_START')
-    parser.add_argument('--workers', type=int, default=2, help='worker processes (1: in this process)')
+    parser.add_argument('--workers', type=positive_int, default=2, help='worker processes (1: in this process)')
     parser.add_argument('--out', type=Path, default=Path('outputs/eval'),
                         help='directory for the JSON and markdown report')
     parser.add_argument('--record', type=Path, default=None, help='also save a PNG strip + GIF of one episode here')
@@ -37,19 +39,28 @@ def main(argv: list[str] | None = None) -> int:
     spec = PolicySpec(model=args.model, method=args.method, method_config=args.method_config)
     from specprune_ros.policy.errors import CheckpointError
     try:
+        prepare_report_directory(args.out)      # an unwritable --out fails now, not after the episodes
+    except OSError as error:
+        print(f'error: --out {args.out}: {error}', file=sys.stderr)
+        return 2
+    try:
         results = evaluate(spec, families, args.episodes_per_family, seed_start=args.seed_start,
                            workers=args.workers, execute_steps=args.execute_steps)
     except (CheckpointError, ValueError, KeyError, RuntimeError) as error:
         print(f'error: {type(error).__name__}: {error}', file=sys.stderr)
         return 2
     summary = summarize(results, label=spec.name)
-    json_path, md_path = write_report([summary], args.out, name=f'closed_loop_{spec.name}')
+    seed_start = args.seed_start if args.seed_start is not None else EVAL_SEED_START
+    run = {'model': args.model, 'method': args.method, 'method_config': args.method_config, 'families': families,
+           'episodes_per_family': args.episodes_per_family, 'seed_start': seed_start,
+           'execute_steps': args.execute_steps}
+    json_path, md_path = write_report([summary], args.out, name=f'closed_loop_{spec.name}', run=run)
     print(md_path.read_text())
     print(f'wrote {json_path} and {md_path}')
     if args.record is not None:
-        seed = args.seed_start if args.seed_start is not None else EVAL_SEED_START
-        episode = record_episode(spec, families[0], seed, args.record)
-        print(f"recorded {families[0]} seed {seed} ({'success' if episode.success else 'failure'}) to {args.record}")
+        episode = record_episode(spec, families[0], seed_start, args.record, execute_steps=args.execute_steps)
+        print(f"recorded {families[0]} seed {seed_start} ({'success' if episode.success else 'failure'}) to "
+              f'{args.record}')
     return 0
 
 

@@ -24,3 +24,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
             listed = ' '.join(str(v) for v in default).replace('%', '%%')
             return f'{text} (default: {listed})'
         return f'{text} (default: %(default)s)'
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (a count of episodes, steps, workers)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{value} is not a positive integer')
+    return value

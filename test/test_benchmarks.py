@@ -83,3 +83,29 @@ def test_frame_decoding_benchmark_writes_both_paths_of_the_same_frames(tmp_path,
     assert '| 640x480 |' in table and 'Commit: ' in table
     with pytest.raises(SystemExit):
         decoding.main(['--sizes', '640by480', '--out', str(tmp_path)])
+
+
+@pytest.mark.parametrize('arguments, message', [
+    (['--configs', 'specprune full'], "--configs: unknown label 'specprune full'"),
+    (['--extra', 'none=random:{"keep_ratio": 0.02}'], r"--extra: label\(s\) \['none'\] already name a configuration"),
+    (['--extra', 'mine=specprun'], "configuration 'mine': unknown pruning method 'specprun'"),
+    (['--extra', 'mine=random:{"keep_ratio": 2}'], "configuration 'mine': keep_ratio: 2.0 is outside"),
+    (['--target', 'vla_pruner 25=1.8:0.03'], "--target: no configuration 'vla_pruner 25' in this run"),
+    (['--episodes-per-family', '0'], '--episodes-per-family must be at least 1'),
+])
+def test_a_run_that_would_waste_or_corrupt_results_is_refused_early(tmp_path, monkeypatch, arguments, message):
+    benchmark = load_benchmark()
+    ran = []
+    monkeypatch.setattr(benchmark, 'evaluate', lambda *a, **k: ran.append(a) or [])
+    with pytest.raises(SystemExit, match=message):
+        benchmark.main(['--model', 'tiny-random', '--latency-episodes', '0', '--wide', '--out', str(tmp_path),
+                        *arguments])
+    assert not ran and not any(tmp_path.iterdir())
+
+
+def test_the_report_header_survives_without_a_latency_phase(tmp_path):
+    load_benchmark().main(['--model', 'tiny-random', '--episodes-per-family', '1', '--latency-episodes', '0',
+                           '--workers', '1', '--configs', 'none', '--wide', '--execute-steps', '8',
+                           '--out', str(tmp_path)])
+    first = (tmp_path / 'pruning_closed_loop.md').read_text().splitlines()[0]
+    assert first.startswith("Model 'tiny-random', 1 held-out episodes per family x 3 families")

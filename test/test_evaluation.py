@@ -1,5 +1,6 @@
 """The ROS-free closed-loop harness and its statistics, on the real simulator."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -152,3 +153,47 @@ def test_a_policy_that_cannot_load_shows_its_own_error_with_workers_too(tmp_path
     spec = PolicySpec(model=str(tmp_path / 'no_checkpoint'), method='none')
     with pytest.raises(CheckpointError, match='no_checkpoint'):
         evaluate(spec, ['pick'], 2, workers=workers, progress=False, max_steps=4)
+
+
+@pytest.mark.parametrize('options, message', [
+    ({'episodes_per_family': 0}, 'episodes_per_family must be a positive integer'),
+    ({'episodes_per_family': -3}, 'episodes_per_family must be a positive integer'),
+    ({'execute_steps': 0}, 'execute_steps must be a positive integer'),     # ran the whole chunk
+    ({'execute_steps': -1}, 'execute_steps must be a positive integer'),    # ran 7 of 8 by slicing
+])
+def test_counts_below_one_are_refused(options, message):
+    arguments = {'episodes_per_family': 1, **options}
+    with pytest.raises(ValueError, match=message):
+        evaluate(PolicySpec(model='tiny-random', method='none'), ['pick'], workers=1, progress=False, **arguments)
+
+
+def test_execute_steps_beyond_the_chunk_is_refused_not_cut():
+    from specprune_ros.models.loading import load_policy
+    from specprune_ros.sim import TabletopEnv
+    with pytest.raises(ValueError, match="execute_steps 9 exceeds the policy's chunk of 8 actions"):
+        run_episode(TabletopEnv(image_size=96), load_policy('tiny-random'), 'pick', 1, execute_steps=9)
+
+
+def test_the_cli_records_the_scored_rollout_and_names_its_run(tmp_path, capsys):
+    import runpy
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / 'scripts' / 'run_closed_loop.py'))
+    argv = ['--model', 'tiny-random', '--families', 'push', '--episodes-per-family', '1', '--workers', '1',
+            '--execute-steps', '1', '--seed-start', '1000001', '--out', str(tmp_path / 'eval'),
+            '--record', str(tmp_path / 'episode.png')]
+    assert script['main'](argv) == 0
+    output = capsys.readouterr().out
+    report = json.loads((tmp_path / 'eval' / 'closed_loop_none.json').read_text())
+    scored = report['results'][0]['overall']
+    assert report['run'] == {'model': 'tiny-random', 'method': 'none', 'method_config': None, 'families': ['push'],
+                             'episodes_per_family': 1, 'seed_start': 1000001, 'execute_steps': 1}
+    assert f"({'success' if scored['successes'] else 'failure'})" in output.split('recorded push seed 1000001')[1]
+    assert 'execute_steps: 1' in (tmp_path / 'eval' / 'closed_loop_none.md').read_text()
+
+
+def test_an_unwritable_report_directory_fails_before_the_episodes(tmp_path, capsys):
+    import runpy
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / 'scripts' / 'run_closed_loop.py'))
+    (tmp_path / 'a_file').write_text('')
+    assert script['main'](['--model', 'tiny-random', '--episodes-per-family', '1', '--workers', '1',
+                           '--out', str(tmp_path / 'a_file')]) == 2
+    assert '--out' in capsys.readouterr().err

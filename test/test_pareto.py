@@ -133,3 +133,20 @@ def test_a_report_reseeds_a_fresh_cache_and_carries_rows_of_other_checkpoints(tm
     rows, runs = pareto.carry_rows(tmp_path / 'older.json', {'again'}, timed)   # this run's speed where it timed it
     assert rows[0]['total_ms'] == 20.0 and 'speed_from' not in rows[0]
     assert rows[1]['total_ms'] == 10.0 and rows[1]['speed_from'] in runs and rows[1]['on_front']
+
+
+def test_budgets_named_twice_run_once_and_close_ones_keep_their_own_labels():
+    pareto = load_pareto()
+    grid = pareto.budget_grid(['random', 'random'], (0.125, 0.12, 0.12), (1.0,))
+    labels = [g['label'] for g in grid]
+    assert labels == ['none', 'random 12.5%', 'random 12%']          # were 'random 12%' twice, one result lost
+    assert [g['budget'] for g in grid[1:]] == [0.125, 0.12]
+    assert [g['label'] for g in pareto.budget_grid(['fastv'], pareto.KEEP_RATIOS, ())[1:]] == \
+        ['fastv 75%', 'fastv 50%', 'fastv 35%', 'fastv 25%', 'fastv 15%', 'fastv 10%']
+
+
+def test_cached_only_with_nothing_cached_writes_the_report_without_a_plot(tmp_path, capsys):
+    load_pareto().main(['--models', 'tiny-random', '--methods', 'random', '--keep-ratios', '0.5',
+                        '--episodes-per-family', '1', '--speed-steps', '0', '--cached-only', '--out', str(tmp_path)])
+    assert 'no plot' in capsys.readouterr().out
+    assert (tmp_path / 'pareto.md').is_file() and not (tmp_path / 'pareto.png').exists()

@@ -7,6 +7,7 @@ reads them). Episodes run in parallel worker processes, one torch thread each.
 from __future__ import annotations
 
 import json
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -64,8 +65,9 @@ def run_episode(env, policy, family: str, seed: int, execute_steps: Optional[int
 
     ``max_steps`` cuts the episode short of the task's own step limit (quick checks). A chunk with NaN or Inf is
     not executed: the arm holds one step (no motion, the gripper as last commanded), as the policy node holds, and
-    the policy is asked again.
+    the policy is asked again. ``execute_steps`` must be 1 .. the chunk length (a longer one is refused, not cut).
     """
+    check_episode_options(execute_steps, max_steps)
     observation = env.reset(seed=seed, family=family)
     policy.reset()
     state = env.sim_state()
@@ -85,6 +87,9 @@ def run_episode(env, policy, family: str, seed: int, execute_steps: Optional[int
             result.selection_s.append(record.selection_seconds + record.probe_seconds)
             if 'mode' in record.info:
                 result.modes.append(str(record.info['mode']))
+        if execute_steps is not None and execute_steps > len(output.actions):
+            raise ValueError(f'execute_steps {execute_steps} exceeds the policy\'s chunk of {len(output.actions)} '
+                             'actions')
         chunk = output.actions[: execute_steps or len(output.actions)]
         if not np.isfinite(chunk).all():
             result.non_finite_chunks += 1
@@ -105,6 +110,13 @@ def run_episode(env, policy, family: str, seed: int, execute_steps: Optional[int
         executed = chunk
     result.outcome = tracker.outcome(state, result.success)   # the state after the last step
     return result
+
+
+def check_episode_options(execute_steps: Optional[int], max_steps: Optional[int]) -> None:
+    """Raise ValueError for an ``execute_steps`` or ``max_steps`` below 1 (None: the chunk, the task's limit)."""
+    for name, value in (('execute_steps', execute_steps), ('max_steps', max_steps)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f'{name} must be a positive integer or None, got {value!r}')
 
 
 _WORKER: dict = {}
@@ -143,6 +155,11 @@ def evaluate(spec: PolicySpec, families: Sequence[str], episodes_per_family: int
     ``execute_steps``: actions executed per chunk before re-planning (default: the whole chunk).
     """
     options = {'execute_steps': execute_steps, 'max_steps': max_steps}
+    check_episode_options(execute_steps, max_steps)
+    if isinstance(episodes_per_family, bool) or not isinstance(episodes_per_family, int) or episodes_per_family < 1:
+        raise ValueError(f'episodes_per_family must be a positive integer, got {episodes_per_family!r}')
+    if not families:
+        raise ValueError('no task family to evaluate')
     start = EVAL_SEED_START if seed_start is None else seed_start
     if len(set(families)) != len(families):
         raise ValueError(f'families {list(families)} name a family twice: its episodes would count twice')
@@ -219,22 +236,46 @@ def outcome_table(summaries: Sequence[dict], per_family: bool = True) -> str:
     return '\n'.join(lines)
 
 
-def write_report(summaries: Sequence[dict], out_dir: Path, name: str = 'closed_loop') -> tuple[Path, Path]:
-    """``<name>.json`` (machine-readable) and ``<name>.md`` (the markdown table) in ``out_dir``."""
+def prepare_report_directory(out_dir: Path) -> None:
+    """Create ``out_dir`` (or raise OSError) before an evaluation, not after it."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(out_dir, os.W_OK):
+        raise PermissionError(f'{out_dir}: not writable')
+
+
+def write_report(summaries: Sequence[dict], out_dir: Path, name: str = 'closed_loop',
+                 run: Optional[dict] = None) -> tuple[Path, Path]:
+    """``<name>.json`` (machine-readable) and ``<name>.md`` (the markdown table) in ``out_dir``.
+
+    ``run``: what was evaluated (model, method config, seeds, ...), written into both so a report names its run.
+    """
+    prepare_report_directory(out_dir)
     json_path, md_path = out_dir / f'{name}.json', out_dir / f'{name}.md'
-    json_path.write_text(json.dumps({'created': time.strftime('%Y-%m-%d %H:%M:%S'), 'results': list(summaries)},
-                                    indent=2))
-    md_path.write_text(markdown_table(summaries) + '\n\nHow the episodes ended (`sim/outcomes.py`):\n\n'
-                       + outcome_table(summaries) + '\n')
+    document = {'created': time.strftime('%Y-%m-%d %H:%M:%S'), **({'run': run} if run else {}),
+                'results': list(summaries)}
+    json_path.write_text(json.dumps(document, indent=2))
+    head = ''.join(f'{key}: {json.dumps(value)}  \n' for key, value in (run or {}).items())
+    md_path.write_text((head + '\n' if head else '') + markdown_table(summaries)
+                       + '\n\nHow the episodes ended (`sim/outcomes.py`):\n\n' + outcome_table(summaries) + '\n')
     return json_path, md_path
 
 
-def record_episode(spec: PolicySpec, family: str, seed: int, path: Path, image_size: int = 96) -> EpisodeResult:
-    """Run one episode in this process and save a PNG strip (and a GIF next to it) of both cameras."""
+def record_episode(spec: PolicySpec, family: str, seed: int, path: Path, image_size: int = 96,
+                   execute_steps: Optional[int] = None, max_steps: Optional[int] = None) -> EpisodeResult:
+    """Run one episode in this process and save a PNG strip (and a GIF next to it) of both cameras.
+
+    ``execute_steps`` / ``max_steps`` as in :func:`evaluate`, on one thread as its workers: the same rollout as
+    the scored one.
+    """
     env = TabletopEnv(image_size=image_size)
-    policy = load_policy(spec.model, spec.method, spec.method_config, seed=spec.seed)
-    result = run_episode(env, policy, family, seed, record_frames=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        policy = load_policy(spec.model, spec.method, spec.method_config, seed=spec.seed)
+        result = run_episode(env, policy, family, seed, execute_steps=execute_steps, record_frames=True,
+                             max_steps=max_steps)
+    finally:
+        torch.set_num_threads(threads)
     title = f"{spec.name}: {result.frames[0].instruction} -> {'success' if result.success else 'failure'}"
     save_strip(result.frames, path, num_frames=10, title=title)
     save_gif(result.frames, path.with_suffix('.gif'))
