@@ -191,6 +191,17 @@ def test_bad_checkpoints_name_the_missing_or_malformed_file(tmp_path):
      'expected'),
     ({'proprio': np.array([0, 0, np.nan, 0, 1, 0], np.float32)}, 'finite'),
     ({'proprio': None}, 'proprio'),
+    ({'proprio': ['a'] * 6}, 'proprio must be 6 finite numbers'),
+    ({'images': None}, 'images must map camera names to frames'),
+    ({'images': {'agentview': [[0]], 'wrist': np.zeros((96, 96, 3), np.uint8)}}, 'expected a NumPy'),
+    ({'instruction': None}, 'the instruction must be a str'),
+    ({'instruction': b'pick up the red cube'}, 'the instruction must be a str, got bytes'),
+    ({'executed_actions': np.float32(1.0)}, r'executed_actions: expected \(k, 7\) rows'),
+    ({'executed_actions': np.zeros((3, 3))}, r'got shape \(3, 3\)'),          # read as motion before
+    ({'executed_actions': np.zeros((2, 2, 7))}, r'got shape \(2, 2, 7\)'),
+    ({'executed_actions': ['a']}, 'executed_actions: not an array of numbers'),
+    ({'timestamp': 'now'}, 'timestamp must be seconds'),
+    ({'timestamp': float('nan')}, 'timestamp must be finite'),
 ])
 def test_policy_refuses_bad_observations(overrides, message):
     policy = reference_policy(tiny_model())
@@ -408,3 +419,47 @@ def test_pruning_aware_training_runs_the_decoder_on_dropped_tokens(tmp_path, mon
     assert json.loads((exported / 'config.json').read_text())['training']['token_drop_probability'] == 0.5
     log = [json.loads(line) for line in (tmp_path / 'run' / 'loss_log.jsonl').read_text().splitlines()]
     assert all(np.isfinite(e['loss']) for e in log)
+
+
+@pytest.mark.parametrize('method', ['specprune', 'coverage_ranked', 'vla_pruner'])
+def test_one_executed_action_as_a_vector_is_a_row_and_a_non_finite_one_is_left_out(method):
+    """(action_dim,) is one executed action; with NaN or Inf it is no motion (SpecPrune crashed, its state half
+    updated), and the step acts as one without it."""
+    rng = np.random.default_rng(3)
+    steps = [observation(rng) for _ in range(4)]
+    plain = reference_policy(tiny_model(), build_method(method))
+    fed = reference_policy(tiny_model(), build_method(method))
+    for index, step in enumerate(steps):
+        expected = plain.predict(dataclasses.replace(step, executed_actions=None if index < 2 else
+                                                     np.array([[0.1, 0, 0, 0, 0, 0, 1.0]])))
+        vector = {0: None, 1: np.array([0.1, np.nan, 0, 0, 0, 0, 1.0]), 2: np.array([0.1, 0, 0, 0, 0, 0, 1.0]),
+                  3: np.array([[0.1, 0, 0, 0, 0, 0, 1.0], [np.inf, 0, 0, 0, 0, 0, 1.0]])}[index]
+        got = fed.predict(dataclasses.replace(step, executed_actions=vector))
+        np.testing.assert_array_equal(got.actions, expected.actions)
+
+
+def test_an_empty_camera_frame_is_refused_not_resized_to_black(tmp_path):
+    from specprune_ros.adapters.tiny import write_tiny_checkpoint
+    from specprune_ros.models.loading import load_policy
+    policy = load_policy(str(write_tiny_checkpoint(tmp_path / 'oft', 'openvla-oft')))
+    frames = {name: np.zeros((96, 96, 3), np.uint8) for name in policy.camera_names}
+    for empty in ((0, 0, 3), (0, 96, 3), (96, 0, 3)):
+        images = {**frames, policy.camera_names[0]: np.zeros(empty, np.uint8)}
+        with pytest.raises(ObservationError, match=f"camera '{policy.camera_names[0]}': expected"):
+            policy.predict(Observation(images=images, instruction='pick it up', proprio=np.zeros(8, np.float32)))
+
+
+def test_the_reference_vla_refuses_half_precision_at_load():
+    from specprune_ros.models.loading import load_policy
+    for model in ('reference', 'tiny-random'):
+        for dtype in ('bfloat16', 'float16'):
+            with pytest.raises(ValueError, match=f"runs in float32 only, got dtype '{dtype}'"):
+                load_policy(model, dtype=dtype)
+
+
+@pytest.mark.parametrize('method', ['specprune', 'vla_pruner'])
+def test_an_observation_timestamp_resets_the_temporal_state_after_max_gap_s(method):
+    rng = np.random.default_rng(4)
+    policy = reference_policy(tiny_model(), build_method(method, {'max_gap_s': 0.5}))
+    reasons = [policy.predict(observation(rng, timestamp=t)).record.info.get('reset') for t in (10.0, 10.2, 10.4, 12.0)]
+    assert reasons[1:3] == ['', ''] and reasons[3] == 'gap'

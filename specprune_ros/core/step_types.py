@@ -76,6 +76,7 @@ class StepContext:
     executed_actions: Optional[np.ndarray] = None    # (k, action_dim) recently executed actions, oldest first
     instruction: str = ''
     num_layers: int = 0                              # decoder depth (the runner fills it in before begin_step)
+    timestamp: Optional[float] = None                # the observation's time, seconds (None: unknown)
 
     def __post_init__(self) -> None:
         """Executed actions with a NaN or Inf are not a motion a method can read: those rows are left out."""

@@ -38,6 +38,9 @@ def load_model(model: str, device: str = 'cpu', dtype: str = 'float32', seed: in
     """'reference' (the committed trained checkpoint), 'tiny-random', or a checkpoint directory."""
     if dtype not in DTYPES:
         raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
+    if dtype != 'float32':      # its heads, normalisers and patch statistics are float32 arithmetic
+        raise ValueError(f"the reference VLA ({model!r}) runs in float32 only, got dtype {dtype!r}; bfloat16 and "
+                         'float16 are for published checkpoints (OpenVLA, OpenVLA-OFT, pi0)')
     if model == 'tiny-random':
         torch.manual_seed(seed)
         return ReferenceVLA(tiny_random_config()).to(device=device, dtype=DTYPES[dtype]).eval()

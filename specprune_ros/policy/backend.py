@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Optional
 
 import numpy as np
@@ -84,26 +85,73 @@ class ModelBackend(ABC):
 
 def camera_frames(observation: Observation, camera_names: tuple[str, ...],
                   size: Optional[tuple[int, int]] = None) -> list[np.ndarray]:
-    """The observation's frames in ``camera_names`` order, checked: present, (H, W, 3) uint8, and (H, W) = ``size``."""
+    """The observation's frames in ``camera_names`` order, checked.
+
+    Each present, a (H, W, 3) uint8 array, not empty, and (H, W) = ``size`` where given.
+    """
+    if not isinstance(observation.images, Mapping):
+        raise ObservationError(f'images must map camera names to frames, got {type(observation.images).__name__}')
     frames = []
     for name in camera_names:
         frame = observation.images.get(name)
         if frame is None:
             raise ObservationError(f'camera {name!r} missing from the observation')
+        if not isinstance(frame, np.ndarray):
+            raise ObservationError(f'camera {name!r}: expected a NumPy (H, W, 3) uint8 array, got '
+                                   f'{type(frame).__name__}')
         expected = f'{(*size, 3)}' if size else '(H, W, 3)'
-        if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8 or (size and frame.shape[:2] != size):
+        if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8 or (size and frame.shape[:2] != size) \
+                or 0 in frame.shape[:2]:       # an empty frame (a failed capture) would be resized to black
             raise ObservationError(f'camera {name!r}: expected {expected} uint8, got {frame.shape} {frame.dtype}')
         frames.append(frame)
     return frames
 
 
+def checked_executed_actions(actions: object, action_dim: int) -> Optional[np.ndarray]:
+    """Executed actions as (k, ``action_dim``) float64 rows, oldest first, the rows with NaN or Inf left out.
+
+    None when none is left; one action may come as (``action_dim``,). Anything else raises ObservationError: a
+    method reads these rows as motion, and this runs before it changes its state.
+    """
+    if actions is None:
+        return None
+    try:
+        array = np.asarray(actions, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise ObservationError(f'executed_actions: not an array of numbers ({error})') from None
+    if array.size == 0:
+        return None
+    if array.ndim == 1:
+        array = array.reshape(1, -1)
+    if array.ndim != 2 or array.shape[1] != action_dim:
+        raise ObservationError(f'executed_actions: expected (k, {action_dim}) rows or one ({action_dim},) action, '
+                               f'got shape {np.shape(actions)}')
+    finite = np.isfinite(array).all(axis=1)
+    return array if finite.all() else array[finite] if finite.any() else None
+
+
+def checked_timestamp(stamp: object) -> Optional[float]:
+    """The observation's time as seconds (None stays None); ObservationError for anything not a finite number."""
+    if stamp is None:
+        return None
+    try:
+        seconds = float(stamp)
+    except (TypeError, ValueError):
+        raise ObservationError(f'timestamp must be seconds, got {stamp!r}') from None
+    if not np.isfinite(seconds):
+        raise ObservationError(f'timestamp must be finite, got {stamp!r}')
+    return seconds
+
+
 def step_context(backend: ModelBackend, step: EncodedStep, observation: Observation, step_index: int) -> StepContext:
     """What the pruning method sees before the forward pass of one step."""
     embeddings = step.embeddings
+    executed = checked_executed_actions(observation.executed_actions, backend.action_spec.action_dim)
     return StepContext(layout=step.layout, step_index=step_index,
                        visual_embeddings=embeddings[0, visual_indices_on(step.layout, embeddings.device)].detach(),
                        images=step.frames, patch_size=backend.patch_size,
-                       executed_actions=observation.executed_actions, instruction=observation.instruction,
+                       executed_actions=executed, instruction=observation.instruction,
+                       timestamp=checked_timestamp(observation.timestamp),
                        num_layers=backend.runner.num_layers)
 
 
@@ -111,6 +159,8 @@ def step_context(backend: ModelBackend, step: EncodedStep, observation: Observat
 def run_step(backend: ModelBackend, observation: Observation, method: Optional[PruningMethod] = None,
              step_index: int = 0) -> ModelOutput:
     """Encode ``observation``, run the decoder with ``method`` pruning, read out the normalised actions."""
+    if not isinstance(observation.instruction, str):
+        raise ObservationError(f'the instruction must be a str, got {type(observation.instruction).__name__}')
     step = backend.encode(observation)
     output = backend.run(step, method, step_context(backend, step, observation, step_index))
     output.info = {**step.info, **output.info}

@@ -75,6 +75,8 @@ class Observation:
     instruction: str
     proprio: Optional[np.ndarray] = None          # robot state vector (see the policy's proprio_dim)
     executed_actions: Optional[np.ndarray] = None  # (k, action_dim) recently executed actions, oldest first
+    timestamp: Optional[float] = None             # seconds (any clock): a method resets its temporal state after
+    # a gap longer than its max_gap_s (the ROS node resets on its own reset_after_gap_s and leaves this None)
 
 
 @dataclass

@@ -48,7 +48,10 @@ class ReferenceBackend(ModelBackend):
     def _proprio(self, observation: Observation) -> torch.Tensor:
         if observation.proprio is None:
             raise ObservationError('the reference VLA needs the proprio vector (robot state)')
-        proprio = np.asarray(observation.proprio, dtype=np.float32).reshape(-1)
+        try:
+            proprio = np.asarray(observation.proprio, dtype=np.float32).reshape(-1)
+        except (TypeError, ValueError) as error:
+            raise ObservationError(f'proprio must be {self.proprio_dim} finite numbers ({error})') from None
         if proprio.shape != (self.proprio_dim,) or not np.isfinite(proprio).all():
             raise ObservationError(f'proprio must be {self.proprio_dim} finite values, got {proprio.tolist()}')
         return torch.from_numpy(proprio).unsqueeze(0)

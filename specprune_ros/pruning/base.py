@@ -165,8 +165,6 @@ class PruningMethodBase:
         if self.state.observe_instruction(context.instruction or None):
             reason = 'instruction'
         stamp = getattr(context, 'timestamp', None)
-        if stamp is None:
-            stamp = getattr(context, 'timestamp_s', None)
         if stamp is not None and self.state.observe_time(float(stamp)):
             reason = self.state.last_reset_reason
         if self.config.reset_on_step_index and self.state.observe_step_index(context.step_index):
