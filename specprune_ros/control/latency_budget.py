@@ -352,15 +352,13 @@ class LatencyBudget:
         # the robot to the fallback and back
         if _fits(model, self.flops_full, limits):
             self._border_misses = 0
-        elif _fits(model, self.flops_full, limits, 1.0 / self.recover_ratio):
-            self._border_misses += 1
-            if len(model.samples) < model.estimate_steps or self._border_misses < self.border_misses:
-                return BudgetDecision(NO_PRUNING, None, _predicted(model, self.flops_full, limits), budget,
-                                      mode=self.mode)
+        elif not _fits(model, self.flops_full, limits, 1.0 / self.recover_ratio):
+            return None                                         # a clear miss: the fallback at once
         else:
-            return None
-        if self._border_misses >= self.border_misses:
-            return None
+            self._border_misses += 1
+            settled = len(model.samples) >= model.estimate_steps
+            if settled and self._border_misses >= self.border_misses:
+                return None
         return BudgetDecision(NO_PRUNING, None, _predicted(model, self.flops_full, limits), budget, mode=self.mode)
 
     def _range(self, method: str) -> tuple[float, float]:
