@@ -423,8 +423,10 @@ def test_pruning_aware_training_runs_the_decoder_on_dropped_tokens(tmp_path, mon
 
 @pytest.mark.parametrize('method', ['specprune', 'coverage_ranked', 'vla_pruner'])
 def test_one_executed_action_as_a_vector_is_a_row_and_a_non_finite_one_is_left_out(method):
-    """(action_dim,) is one executed action; with NaN or Inf it is no motion (SpecPrune crashed, its state half
-    updated), and the step acts as one without it."""
+    """An (action_dim,) vector is one executed action.
+
+    With NaN or Inf it is no motion (SpecPrune crashed, its state half updated): the step acts as one without it.
+    """
     rng = np.random.default_rng(3)
     steps = [observation(rng) for _ in range(4)]
     plain = reference_policy(tiny_model(), build_method(method))
