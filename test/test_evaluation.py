@@ -1,5 +1,6 @@
 """The ROS-free closed-loop harness and its statistics, on the real simulator."""
 import json
+import runpy
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ from specprune_ros.evaluation.closed_loop import (EpisodeResult, PolicySpec, eva
 import numpy as np
 
 from specprune_ros.evaluation.statistics import paired_difference, wilson_interval
+from specprune_ros.models.loading import load_policy
+from specprune_ros.sim import TabletopEnv
 from specprune_ros.sim.outcomes import OUTCOMES
 
 
@@ -168,14 +171,11 @@ def test_counts_below_one_are_refused(options, message):
 
 
 def test_execute_steps_beyond_the_chunk_is_refused_not_cut():
-    from specprune_ros.models.loading import load_policy
-    from specprune_ros.sim import TabletopEnv
     with pytest.raises(ValueError, match="execute_steps 9 exceeds the policy's chunk of 8 actions"):
         run_episode(TabletopEnv(image_size=96), load_policy('tiny-random'), 'pick', 1, execute_steps=9)
 
 
 def test_the_cli_records_the_scored_rollout_and_names_its_run(tmp_path, capsys):
-    import runpy
     script = runpy.run_path(str(Path(__file__).resolve().parents[1] / 'scripts' / 'run_closed_loop.py'))
     argv = ['--model', 'tiny-random', '--families', 'push', '--episodes-per-family', '1', '--workers', '1',
             '--execute-steps', '1', '--seed-start', '1000001', '--out', str(tmp_path / 'eval'),
@@ -191,7 +191,6 @@ def test_the_cli_records_the_scored_rollout_and_names_its_run(tmp_path, capsys):
 
 
 def test_an_unwritable_report_directory_fails_before_the_episodes(tmp_path, capsys):
-    import runpy
     script = runpy.run_path(str(Path(__file__).resolve().parents[1] / 'scripts' / 'run_closed_loop.py'))
     (tmp_path / 'a_file').write_text('')
     assert script['main'](['--model', 'tiny-random', '--episodes-per-family', '1', '--workers', '1',

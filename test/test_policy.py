@@ -10,7 +10,7 @@ from specprune_ros.core.token_layout import TokenRole
 from specprune_ros.policy.reference_checkpoint import load_checkpoint, save_checkpoint, warm_start
 from specprune_ros.policy.errors import CheckpointError, ObservationError
 from specprune_ros.policy.interface import Observation
-from specprune_ros.models.loading import tiny_random_config
+from specprune_ros.models.loading import load_policy, tiny_random_config
 from specprune_ros.policy.reference_backend import reference_policy
 from specprune_ros.policy.reference_vla import ReferenceVLA, sincos_positions_2d
 from specprune_ros.policy.tokenizer import PAD, UNK, WordTokenizer
@@ -441,8 +441,7 @@ def test_one_executed_action_as_a_vector_is_a_row_and_a_non_finite_one_is_left_o
 
 
 def test_an_empty_camera_frame_is_refused_not_resized_to_black(tmp_path):
-    from specprune_ros.adapters.tiny import write_tiny_checkpoint
-    from specprune_ros.models.loading import load_policy
+    from specprune_ros.adapters.tiny import write_tiny_checkpoint     # transformers: only for this test
     policy = load_policy(str(write_tiny_checkpoint(tmp_path / 'oft', 'openvla-oft')))
     frames = {name: np.zeros((96, 96, 3), np.uint8) for name in policy.camera_names}
     for empty in ((0, 0, 3), (0, 96, 3), (96, 0, 3)):
@@ -452,7 +451,6 @@ def test_an_empty_camera_frame_is_refused_not_resized_to_black(tmp_path):
 
 
 def test_the_reference_vla_refuses_half_precision_at_load():
-    from specprune_ros.models.loading import load_policy
     for model in ('reference', 'tiny-random'):
         for dtype in ('bfloat16', 'float16'):
             with pytest.raises(ValueError, match=f"runs in float32 only, got dtype '{dtype}'"):
