@@ -11,7 +11,8 @@ import numpy as np
 
 from specprune_ros.evaluation.statistics import paired_difference, wilson_interval
 from specprune_ros.models.loading import load_policy
-from specprune_ros.sim import TabletopEnv
+from specprune_ros.policy.errors import CheckpointError
+from specprune_ros.sim import EVAL_SEED_START, TabletopEnv
 from specprune_ros.sim.outcomes import OUTCOMES
 
 
@@ -90,8 +91,6 @@ def test_paired_difference_edge_cases():
 
 
 def test_episode_executes_part_of_each_chunk_until_the_step_limit():
-    from specprune_ros.models.loading import load_policy
-    from specprune_ros.sim import EVAL_SEED_START, TabletopEnv
     env = TabletopEnv()
     policy = load_policy('tiny-random', 'random', {'keep_ratio': 0.5})
     result = run_episode(env, policy, 'pick', EVAL_SEED_START, execute_steps=6, max_steps=45)
@@ -104,8 +103,6 @@ def test_episode_executes_part_of_each_chunk_until_the_step_limit():
 
 def test_a_chunk_with_nan_holds_one_step_and_the_episode_goes_on():
     """As the policy node does: no motion for a step (gripper as last commanded), counted, then a new chunk."""
-    from specprune_ros.models.loading import load_policy     # model and MuJoCo: where used, as the test above
-    from specprune_ros.sim import EVAL_SEED_START, TabletopEnv   # (MuJoCo)
     env = TabletopEnv()
     policy = load_policy('tiny-random', 'none')
     predict, calls = policy.predict, []
@@ -152,7 +149,6 @@ def test_parallel_evaluation_matches_serial_and_reports(tmp_path):
 
 @pytest.mark.parametrize('workers', [1, 2])
 def test_a_policy_that_cannot_load_shows_its_own_error_with_workers_too(tmp_path, workers):
-    from specprune_ros.policy.errors import CheckpointError
     spec = PolicySpec(model=str(tmp_path / 'no_checkpoint'), method='none')
     with pytest.raises(CheckpointError, match='no_checkpoint'):
         evaluate(spec, ['pick'], 2, workers=workers, progress=False, max_steps=4)
