@@ -24,7 +24,7 @@ from specprune_ros.adapters.published_checkpoint import (OPTIONS_FILE, _read_jso
                                                          detect_kind)
 from specprune_ros.core.dataclass_mapping import UnknownFieldsError, check_number, check_types, dataclass_from_mapping
 from specprune_ros.policy.errors import CheckpointError
-from specprune_ros.policy.interface import ActionSpec
+from specprune_ros.policy.interface import ActionSpec, check_action_units
 from specprune_ros.policy.prunable_policy import PrunablePolicy
 from specprune_ros.pruning import build_method
 
@@ -61,8 +61,7 @@ class AdapterOptions:
         if self.num_images is not None:
             check_number('num_images', self.num_images, 1, integer=True, note='cameras in the input')
         check_number('chunk_size', self.chunk_size, 1, integer=True, note='action steps per chunk')
-        for name in ('control_period_s', 'translation_scale_m', 'rotation_scale_rad'):
-            check_number(name, getattr(self, name), 0.0, open_low=True, note='action units are positive')
+        check_action_units(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = 'options') -> 'AdapterOptions':

@@ -49,14 +49,21 @@ class ActionSpec:
         if self.chunk_size < 1 or self.action_dim < 1:
             raise ValueError(f'a chunk needs at least one step of one action, got chunk_size {self.chunk_size}, '
                              f'action_dim {self.action_dim}')
-        # the node's velocities are action * scale / period: a zero, negative or NaN unit would stop, reverse or
-        # poison every command
-        for name in ('translation_scale_m', 'rotation_scale_rad', 'control_period_s'):
-            check_number(name, getattr(self, name), 0.0, open_low=True, note='action units are positive')
+        check_action_units(self)
         if self.action_space == 'ee_delta' and self.action_dim != len(ACTION_LABELS):
             raise ValueError(f"'ee_delta' actions are {len(ACTION_LABELS)}-D ({', '.join(ACTION_LABELS)}), got "
                              f"action_dim {self.action_dim}: a policy with other actions needs action_space 'joint' "
                              '(specprune_adapter.json)')
+
+
+def check_action_units(settings: object) -> None:
+    """Raise unless ``settings``' ``translation_scale_m``, ``rotation_scale_rad`` and ``control_period_s`` are positive.
+
+    The node's velocities are action * scale / period: a zero, negative or NaN unit would stop, reverse or poison
+    every command.
+    """
+    for name in ('translation_scale_m', 'rotation_scale_rad', 'control_period_s'):
+        check_number(name, getattr(settings, name), 0.0, open_low=True, note='action units are positive')
 
 
 def default_action_names(action_dim: int, action_space: str = 'ee_delta') -> tuple[str, ...]:

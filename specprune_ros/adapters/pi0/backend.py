@@ -25,11 +25,12 @@ from specprune_ros.adapters.pi0.checkpoint import load_checkpoint
 from specprune_ros.adapters.pi0.inference import ACTION_ROWS, Pi0Inference, Pi0Input
 from specprune_ros.adapters.base import resolve_device, resolve_dtype
 from specprune_ros.adapters.published_checkpoint import OPTIONS_FILE, check_checkpoint_directory, _read_json
-from specprune_ros.core.dataclass_mapping import UnknownFieldsError, check_number, check_types, dataclass_from_mapping
+from specprune_ros.core.dataclass_mapping import UnknownFieldsError, check_types, dataclass_from_mapping
 from specprune_ros.core.step_types import PruningMethod, StepContext
 from specprune_ros.policy.backend import EncodedStep, ModelBackend, ModelOutput, camera_frames
 from specprune_ros.policy.errors import CheckpointError, ObservationError
-from specprune_ros.policy.interface import ACTION_SPACES, ActionSpec, Observation, default_action_names
+from specprune_ros.policy.interface import (ACTION_SPACES, ActionSpec, Observation, check_action_units,
+                                            default_action_names)
 from specprune_ros.policy.prunable_policy import PrunablePolicy
 from specprune_ros.pruning import build_method
 
@@ -56,8 +57,7 @@ class Pi0Options:
         if cameras is not None and not (isinstance(cameras, dict) and cameras and all(
                 isinstance(k, str) and k and isinstance(v, str) and v for k, v in cameras.items())):
             raise ValueError(f'camera_map: checkpoint camera -> observation camera names, got {cameras!r}')
-        for name in ('control_period_s', 'translation_scale_m', 'rotation_scale_rad'):
-            check_number(name, getattr(self, name), 0.0, open_low=True, note='action units are positive')
+        check_action_units(self)
         if self.action_rows not in ACTION_ROWS:
             raise ValueError(f'action_rows must be one of {ACTION_ROWS}, got {self.action_rows!r}')
         if self.action_space not in ACTION_SPACES:
