@@ -59,6 +59,7 @@ from specprune_ros.adapters.factory import load_adapter, read_options
 from specprune_ros.adapters.published_shapes import PublishedShape, build_shape
 from specprune_ros.command_line import HelpFormatter
 from specprune_ros.core.cpu_info import cpu_info
+from specprune_ros.core.json_documents import is_missing, number_text, strict_json
 from specprune_ros.models.loading import load_model
 from specprune_ros.policy.interface import Observation
 from specprune_ros.policy.reference_backend import reference_policy
@@ -669,17 +670,17 @@ PRODUCTS = {'packed': 'from oneDNN prepacked weights', 'mkl_packed': "from MKL's
 
 
 def _ms(row: dict, phase: str) -> str:
-    median = row.get(f'{phase}_ms', float('nan'))
-    if median != median:
+    median = row.get(f'{phase}_ms')
+    if is_missing(median):
         return '-'
-    return f"{median:.1f} ({row[f'{phase}_ms_p10']:.0f}-{row[f'{phase}_ms_p90']:.0f})"
+    return f"{median:.1f} ({number_text(row[f'{phase}_ms_p10'], '.0f')}-{number_text(row[f'{phase}_ms_p90'], '.0f')})"
 
 
 def _x(value: Optional[float], interval: Optional[list] = None) -> str:
-    if value is None or value != value:
+    if is_missing(value):
         return '-'
     text = f'{value:.2f}x'
-    return text + (f' ({interval[0]:.2f}-{interval[1]:.2f})' if interval else '')
+    return text + (f' ({number_text(interval[0], ".2f")}-{number_text(interval[1], ".2f")})' if interval else '')
 
 
 def markdown(meta: dict, shapes: list[dict], rows: list[dict]) -> str:
@@ -716,7 +717,7 @@ def markdown(meta: dict, shapes: list[dict], rows: list[dict]) -> str:
                   '|---|---|---|---|---|---|---|---|---|---|---|---|']
         for row in (r for r in rows if r['shape'] == shape['shape']):
             decoder = _ms(row, 'decoder')
-            if row.get('decode_ms', 0) and row['decode_ms'] == row['decode_ms']:
+            if not is_missing(row.get('decode_ms')) and row['decode_ms']:
                 decoder += f" ({row['prefill_ms']:.0f} + {row['decode_ms']:.0f})"
             ratio = row.get('measured_over_ideal')
             share = row.get('selection_share_of_decoder')
@@ -726,7 +727,8 @@ def markdown(meta: dict, shapes: list[dict], rows: list[dict]) -> str:
                 f"{selection} | {_ms(row, 'head')} | {_x(row.get('speedup'), row.get('speedup_ci95'))} | "
                 f"{_x(row.get('speedup_vs_transformers'))} | {_x(row.get('flops_ideal_speedup'))} | "
                 f"{'-' if ratio is None else f'{ratio:.2f}'} | {_x(row.get('total_ideal_speedup'))} | "
-                f"{row['kept_visual_tokens']:.0f} ({100 * row['kept_visual_ratio']:.0f}%) |")
+                f"{number_text(row['kept_visual_tokens'], '.0f')} "
+                f"({number_text(row['kept_visual_ratio'], '.0f', 100)}%) |")
         none = next((r for r in rows if r['shape'] == shape['shape'] and r['label'] == BASELINE), None)
         spread = none['total_ms_p90'] / none['total_ms_p10'] if none is not None and none['total_ms_p10'] else 1.0
         if spread > NOISY_SPREAD:
@@ -742,8 +744,9 @@ def markdown(meta: dict, shapes: list[dict], rows: list[dict]) -> str:
         if timed:
             lines += ['', "Decoder layers alone (`--layer-times`: each layer's own time, without the hooks, the "
                           "keep-set switches and the pass's loop), speedup and measured / ideal: "
-                      + '; '.join(f"{row['label']} {row['layers_ms']:.1f} ms, {row['layers_speedup']:.2f}x, "
-                                  f"{row['layers_over_ideal']:.2f}" for row in timed) + '.']
+                      + '; '.join(f"{row['label']} {number_text(row['layers_ms'])} ms, "
+                                  f"{number_text(row['layers_speedup'], '.2f')}x, "
+                                  f"{number_text(row['layers_over_ideal'], '.2f')}" for row in timed) + '.']
         profiled = [row for row in rows if row['shape'] == shape['shape'] and 'profile' in row]
         if profiled:
             lines += ['', f"Profile (`--profile`: torch.profiler over {profiled[0]['profile']['steps']} more steps per "
@@ -777,14 +780,15 @@ def plot(shapes: list[dict], rows: list[dict], path: Path) -> None:
     for ax, shape in zip(axes[0], shapes):
         selected = [r for r in rows if r['shape'] == shape['shape'] and 'speedup' in r]
         y = np.arange(len(selected))
-        speed = np.array([r['speedup'] for r in selected])
-        low = speed - np.array([r['speedup_ci95'][0] for r in selected])
-        high = np.array([r['speedup_ci95'][1] for r in selected]) - speed
-        ax.barh(y, speed, xerr=[low, high], color='tab:blue', alpha=0.8, capsize=3, label='measured (95% CI)')
-        ax.scatter([r['flops_ideal_speedup'] for r in selected], y, marker='|', s=200, color='tab:red',
-                   label='decoder FLOPs ideal')
-        ax.scatter([r.get('total_ideal_speedup', float('nan')) for r in selected], y, marker='x', color='black',
-                   label='total ideal')
+
+        def values(key: str, index: Optional[int] = None) -> np.ndarray:    # a missing value (None) is NaN here
+            return np.array([r.get(key) if index is None else r[key][index] for r in selected], dtype=float)
+
+        speed = values('speedup')
+        ax.barh(y, speed, xerr=[speed - values('speedup_ci95', 0), values('speedup_ci95', 1) - speed],
+                color='tab:blue', alpha=0.8, capsize=3, label='measured (95% CI)')
+        ax.scatter(values('flops_ideal_speedup'), y, marker='|', s=200, color='tab:red', label='decoder FLOPs ideal')
+        ax.scatter(values('total_ideal_speedup'), y, marker='x', color='black', label='total ideal')
         ax.axvline(1.0, color='grey', lw=0.8)
         ax.set_yticks(y, [r['label'] for r in selected])
         ax.set_xlabel('speedup over the unpruned executor (total step)')
@@ -953,7 +957,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 def write_json_and_markdown(out: Path, name: str, report: dict, table: str, indent: int = 1) -> None:
     """``<name>.json`` (``report``) and ``<name>.md`` (``table``) in ``out`` (created if needed)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / f'{name}.json').write_text(json.dumps(report, indent=indent) + '\n')
+    (out / f'{name}.json').write_text(strict_json(report, indent=indent) + '\n')
     (out / f'{name}.md').write_text(table if table.endswith('\n') else table + '\n')
 
 

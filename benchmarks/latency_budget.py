@@ -36,6 +36,7 @@ from diagnostic_msgs.msg import DiagnosticStatus
 from specprune_ros.command_line import HelpFormatter
 from specprune_ros.control.chunk_scheduler import ChunkSettings, late_chunks
 from specprune_ros.control.latency_budget import BudgetSettings, LatencyBudget
+from specprune_ros.core.json_documents import strict_json
 from specprune_ros.pruning.registry import build_method
 from specprune_ros.ros.output_messages import values_of
 from specprune_ros.ros.ros_helpers import BackgroundExecutor
@@ -211,7 +212,7 @@ def main() -> int:
             f'{", ".join(f"{v:.1f}" for v in os.getloadavg())}.\n\n' + table(rows, args.budget_ms) + '\n')
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / 'latency_budget.md').write_text(text)
-    (args.out / 'latency_budget.json').write_text(json.dumps(rows, indent=2))
+    (args.out / 'latency_budget.json').write_text(strict_json(rows, indent=2))
     print(text)
     return 0
 

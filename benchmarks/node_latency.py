@@ -18,7 +18,6 @@ queue would show as rising e2e).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -36,6 +35,7 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 
 from specprune_ros.command_line import HelpFormatter
+from specprune_ros.core.json_documents import strict_json
 from specprune_ros.ros.launch_config import format_value, node_command, node_setup
 from specprune_ros.ros.output_messages import values_of
 
@@ -224,7 +224,7 @@ def main() -> int:
     ok = bool(rows) and np.median(overhead) <= 10.0 and growth < 5.0 and drift < 10.0
     print('RESULT:', 'PASS' if ok else 'FAIL')
     if args.json:
-        Path(args.json).write_text(json.dumps({
+        Path(args.json).write_text(strict_json({
             'args': vars(args), 'chunks': len(rows), 'e2e_ms_p50': float(np.median(e2e)) if rows else None,
             'model_ms_p50': float(np.median(model)) if rows else None,
             'overhead_ms_p50': float(np.median(overhead)) if rows else None,

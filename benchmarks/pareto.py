@@ -55,6 +55,7 @@ from typing import Optional
 import numpy as np
 
 from specprune_ros.command_line import HelpFormatter, positive_int
+from specprune_ros.core.json_documents import strict_json
 from specprune_ros.evaluation.closed_loop import PolicySpec, evaluate, summarize
 from specprune_ros.evaluation.statistics import paired_difference, wilson_interval
 from specprune_ros.models.loading import REFERENCE_CHECKPOINT
@@ -159,7 +160,7 @@ def success_phase(grid: list[dict], model: str, episodes_per_family: int, worker
         episodes = evaluate(spec, families, episodes_per_family, workers=workers, execute_steps=execute_steps)
         record = {'key': json.loads(key), 'summary': summarize(episodes, entry['label']),
                   'episodes': [[r.family, r.seed, bool(r.success)] for r in episodes]}
-        path.write_text(json.dumps(record))
+        path.write_text(strict_json(record))
         results[entry['label']] = record
     return results
 
@@ -228,7 +229,7 @@ def seed_row(row: dict, wanted: dict[str, dict], cache: Path, source: Path) -> s
         return 'already in the cache' if same else 'the cache holds other outcomes for the key (kept those)'
     record = {'key': run['key'], 'summary': outcome_summary(episodes, run['key']['spec']['label']),
               'episodes': episodes, 'seeded_from': str(source)}
-    path.write_text(json.dumps(record))
+    path.write_text(strict_json(record))
     return 'seeded'
 
 
@@ -291,7 +292,7 @@ def report_json(report: dict) -> str:
             runs[json.dumps(marker)] = json.dumps(row['run'], sort_keys=True)
             row = {**row, 'run': marker}
         rows.append(row)
-    text = json.dumps({**report, 'rows': rows}, indent=2)
+    text = strict_json({**report, 'rows': rows}, indent=2)
     for marker, run in runs.items():
         text = text.replace(marker, run, 1)
     return text

@@ -72,6 +72,7 @@ import torch
 
 from specprune_ros.adapters.published_shapes import PublishedShape, build_shape
 from specprune_ros.command_line import HelpFormatter
+from specprune_ros.core.json_documents import strict_json
 from specprune_ros.pruning import build_method
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -721,7 +722,7 @@ def write_report(report: dict, out: Optional[Path]) -> dict:
     print(text)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / 'peer_latency.json').write_text(json.dumps(report, indent=1, default=float) + '\n')
+        (out / 'peer_latency.json').write_text(strict_json(report, indent=1, default=float) + '\n')
         (out / 'peer_latency.md').write_text(text + '\n')
         print(f'wrote {out / "peer_latency.json"} and {out / "peer_latency.md"}')
     return report

@@ -34,6 +34,7 @@ from specprune_ros.adapters.pi0.modeling import Pi0Model
 from specprune_ros.adapters.pi0.processing import FeatureStats, Normalization
 from specprune_ros.adapters.pi0.tiny import gemma_tokenizer, tiny_config, write_tiny_checkpoint
 from specprune_ros.command_line import HelpFormatter
+from specprune_ros.core.json_documents import strict_json
 from specprune_ros.pruning import build_method
 
 DEFAULT_METHODS = ['none', 'random', 'fastv', 'divprune', 'vla_pruner', 'vla_cache', 'specprune']
@@ -151,9 +152,9 @@ def main() -> None:
               f"{100 * r['kept']:.0f}% | {100 * r['prefix']:.0f}% | {100 * r['expert']:.0f}% | "
               f"{100 * r['flops']:.0f}% |")
     if args.json:
-        args.json.write_text(json.dumps({'checkpoint': args.checkpoint, 'policy_type': cfg.policy_type,
-                                         'device': str(model.device), 'dtype': str(model.dtype),
-                                         'steps': args.steps, 'rows': table}, indent=2))
+        args.json.write_text(strict_json({'checkpoint': args.checkpoint, 'policy_type': cfg.policy_type,
+                                          'device': str(model.device), 'dtype': str(model.dtype),
+                                          'steps': args.steps, 'rows': table}, indent=2))
     tmp.cleanup()
 
 

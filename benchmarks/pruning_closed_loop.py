@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from specprune_ros.command_line import HelpFormatter
+from specprune_ros.core.json_documents import strict_json
 from specprune_ros.evaluation.closed_loop import PolicySpec, evaluate, outcome_table, run_episode, summarize
 from specprune_ros.evaluation.statistics import paired_difference
 from specprune_ros.models.loading import load_model, load_policy
@@ -385,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
                   for c in configs]
     table = '\n'.join(lines)
     (args.out / 'pruning_closed_loop.md').write_text(table + '\n')
-    (args.out / 'pruning_closed_loop.json').write_text(json.dumps(
+    (args.out / 'pruning_closed_loop.json').write_text(strict_json(
         {'rows': rows, 'summaries': summaries, 'outcomes': outcomes,
          'episode_keys': [[r.family, r.seed] for r in episodes['none']], 'wide': wide,
          'self_speculation_hit_rate': speed['_self_speculation_hit_rate'],

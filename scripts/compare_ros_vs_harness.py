@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from specprune_ros.command_line import HelpFormatter
+from specprune_ros.core.json_documents import strict_json
 
 
 class ActionCheck:
@@ -163,7 +164,7 @@ def main() -> int:
                 'seconds': {'harness': harness_seconds, 'ros': ros_seconds},
                 'ros_returncode': run['returncode'], 'problems': problems}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / 'ros_vs_harness.json').write_text(json.dumps(document, indent=2))
+    (args.out / 'ros_vs_harness.json').write_text(strict_json(document, indent=2))
     (args.out / 'ros_vs_harness.md').write_text('\n'.join(lines) + '\n')
     print('\n'.join(lines))
     print(f"wrote {args.out / 'ros_vs_harness.json'} and .md")

@@ -23,6 +23,7 @@ import yaml
 
 from specprune_ros.command_line import HelpFormatter
 from specprune_ros.control.parameters import NodeParameters
+from specprune_ros.core.json_documents import strict_json
 
 
 def main() -> int:
@@ -88,7 +89,7 @@ def main() -> int:
             'stale = periods without a fresh command.\n\n' + markdown_summary(summaries) + '\n')
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / 'realtime.md').write_text(text)
-    (args.out / 'realtime.json').write_text(json.dumps(runs, indent=2))
+    (args.out / 'realtime.json').write_text(strict_json(runs, indent=2))
     print(text)
     print(f"wrote {args.out / 'realtime.md'} and .json")
     return 0

@@ -5,18 +5,16 @@ the policy resets marked, frames with the kept patches drawn and each camera nam
 """
 from __future__ import annotations
 
-import json
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 
+from specprune_ros.core.json_documents import number_text, strict_json
+
 
 def _fmt(value, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return 'n/a'
-    return f'{value:.{digits}f}' if isinstance(value, float) else str(value)
+    return number_text(value, f'.{digits}f', missing='n/a') if isinstance(value, float) or value is None else str(value)
 
 
 def recorded_by(report: dict) -> str:
@@ -185,8 +183,8 @@ def write_report(report: dict, out_dir: str | Path, name: str = 'replay', plots:
     out_dir.mkdir(parents=True, exist_ok=True)
     md_path, json_path = out_dir / f'{name}.md', out_dir / f'{name}.json'
     md_path.write_text(markdown(report))
-    json_path.write_text(json.dumps({'created': time.strftime('%Y-%m-%d %H:%M:%S'), **_plain(report)}, indent=2,
-                                    default=lambda v: v.item() if isinstance(v, np.generic) else str(v)))
+    json_path.write_text(strict_json({'created': time.strftime('%Y-%m-%d %H:%M:%S'), **_plain(report)}, indent=2,
+                                     default=str))
     paths = {'markdown': md_path, 'json': json_path}
     if plots:
         for path in plot(report, out_dir):

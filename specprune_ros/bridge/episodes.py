@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from specprune_ros.core.json_documents import number_text, strict_json
 from specprune_ros.evaluation.statistics import percentile, wilson_interval
 
 
@@ -210,13 +211,14 @@ def markdown_summary(summaries: Sequence[dict]) -> str:
     notes = []
     for summary in summaries:
         for family, s in [*summary['families'].items(), ('all', summary['overall'])]:
-            inference = 'n/a (sim clock)' if summary['mode'] == 'sync' else f"{s['latency_ms_median']:.1f}"
+            inference = 'n/a (sim clock)' if summary['mode'] == 'sync' else number_text(s['latency_ms_median'])
+            low, high = (number_text(bound, scale=100) for bound in s['ci95'])
             lines.append(
-                f"| {summary['label']} | {summary['mode']} | {family} | {s['success_rate'] * 100:.1f}% "
-                f"({s['successes']}/{s['episodes']}) | {s['ci95'][0] * 100:.1f}-{s['ci95'][1] * 100:.1f}% "
-                f"| {s['mean_length']:.1f} | {s['mean_abs_jerk']:.2f} | {s['hold_fraction'] * 100:.1f} "
-                f"| {s['stale_fraction'] * 100:.1f} | {s.get('model_latency_ms_median', float('nan')):.1f} "
-                f"| {inference} | {s['kept_ratio']:.3f} "
+                f"| {summary['label']} | {summary['mode']} | {family} | {number_text(s['success_rate'], scale=100)}% "
+                f"({s['successes']}/{s['episodes']}) | {low}-{high}% | {number_text(s['mean_length'])} "
+                f"| {number_text(s['mean_abs_jerk'], '.2f')} | {number_text(s['hold_fraction'], scale=100)} "
+                f"| {number_text(s['stale_fraction'], scale=100)} | {number_text(s.get('model_latency_ms_median'))} "
+                f"| {inference} | {number_text(s['kept_ratio'], '.3f')} "
                 f"| {s.get('timeouts', 0)} ({s.get('episodes_with_timeouts', 0)}) |")
         planned = summary.get('planned_episodes', summary['overall']['episodes'])
         completed = summary.get('completed_episodes', summary['overall']['episodes'])
@@ -234,14 +236,6 @@ def write_summary(summary: dict, path: Path, extra: Optional[dict] = None) -> tu
     base.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path = base.with_suffix('.json'), base.with_suffix('.md')
     document = {'created': time.strftime('%Y-%m-%d %H:%M:%S'), **(extra or {}), 'summary': summary}
-    json_path.write_text(json.dumps(document, indent=2, default=_json_default))
+    json_path.write_text(strict_json(document, indent=2))
     md_path.write_text(markdown_summary([summary]) + '\n')
     return json_path, md_path
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f'not JSON serialisable: {type(value).__name__}')

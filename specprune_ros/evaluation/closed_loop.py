@@ -6,7 +6,6 @@ reads them). Episodes run in parallel worker processes, one torch thread each.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from specprune_ros.core.json_documents import number_text, strict_json
 from specprune_ros.evaluation.statistics import percentile, wilson_interval
 from specprune_ros.models.loading import load_policy
 from specprune_ros.policy.interface import Observation
@@ -214,11 +214,12 @@ def markdown_table(summaries: Sequence[dict]) -> str:
     for summary in summaries:
         rows = [*summary['families'].items(), ('all', summary['overall'])]
         for family, s in rows:
+            low, high = (number_text(bound, scale=100) for bound in s['ci95'])
             lines.append(f"| {summary['label']} | {family} "
-                         f"| {s['success_rate'] * 100:.1f}% ({s['successes']}/{s['episodes']}) "
-                         f"| {s['ci95'][0] * 100:.1f}-{s['ci95'][1] * 100:.1f}% | {s['mean_length']:.1f} "
-                         f"| {s['latency_ms_median']:.1f} | {s['latency_ms_p95']:.1f} | {s['mean_visual_kept']:.1f} "
-                         f"| {s['flops_ratio'] * 100:.0f}% |")
+                         f"| {number_text(s['success_rate'], scale=100)}% ({s['successes']}/{s['episodes']}) "
+                         f"| {low}-{high}% | {number_text(s['mean_length'])} | {number_text(s['latency_ms_median'])} "
+                         f"| {number_text(s['latency_ms_p95'])} | {number_text(s['mean_visual_kept'])} "
+                         f"| {number_text(s['flops_ratio'], '.0f', 100)}% |")
     return '\n'.join(lines)
 
 
@@ -253,8 +254,8 @@ def write_report(summaries: Sequence[dict], out_dir: Path, name: str = 'closed_l
     json_path, md_path = out_dir / f'{name}.json', out_dir / f'{name}.md'
     document = {'created': time.strftime('%Y-%m-%d %H:%M:%S'), **({'run': run} if run else {}),
                 'results': list(summaries)}
-    json_path.write_text(json.dumps(document, indent=2))
-    head = ''.join(f'{key}: {json.dumps(value)}  \n' for key, value in (run or {}).items())
+    json_path.write_text(strict_json(document, indent=2))
+    head = ''.join(f'{key}: {strict_json(value)}  \n' for key, value in (run or {}).items())
     md_path.write_text((head + '\n' if head else '') + markdown_table(summaries)
                        + '\n\nHow the episodes ended (`sim/outcomes.py`):\n\n' + outcome_table(summaries) + '\n')
     return json_path, md_path

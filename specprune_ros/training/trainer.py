@@ -23,7 +23,6 @@ ones the policy practised.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -35,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
+from specprune_ros.core.json_documents import strict_json
 from specprune_ros.core.token_layout import TokenLayout
 from specprune_ros.policy.reference_checkpoint import read_config, save_checkpoint, warm_start
 from specprune_ros.policy.reference_vla import (LOCALISATION_DIMS, LOCALISATION_SCALE, ReferenceVLA,
@@ -297,7 +297,7 @@ def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes:
             running.clear()
             bar.set_postfix(loss=f"{entry['loss']:.4f}", val=f"{entry.get('val_loss', float('nan')):.4f}")
             with open(log_path, 'a') as f:
-                f.write(json.dumps(entry) + '\n')
+                f.write(strict_json(entry) + '\n')
         out_of_time = train_config.max_minutes and minutes >= train_config.max_minutes
         if step % train_config.save_every == 0 or out_of_time:
             save_state()
