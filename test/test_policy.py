@@ -1,6 +1,8 @@
 """The reference VLA: tokenizer, shapes, checkpoints, the policy's input checks, and training."""
 import dataclasses
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -202,11 +204,20 @@ def test_bad_checkpoints_name_the_missing_or_malformed_file(tmp_path):
     ({'executed_actions': ['a']}, 'executed_actions: not an array of numbers'),
     ({'timestamp': 'now'}, 'timestamp must be seconds'),
     ({'timestamp': float('nan')}, 'timestamp must be finite'),
+    ({'instruction': 'pick up the red cube and then put it down on the plate near the edge'},
+     'the instruction has 16 words; this model reads at most 12'),           # cut to 12 words before
 ])
 def test_policy_refuses_bad_observations(overrides, message):
     policy = reference_policy(tiny_model())
     with pytest.raises(ObservationError, match=message):
         policy.predict(observation(np.random.default_rng(0), **overrides))
+
+
+def test_an_instruction_of_the_models_full_length_is_read_whole():
+    policy = reference_policy(tiny_model())
+    twelve = 'pick up the red cube and then put it on the plate'
+    assert len(twelve.split()) == policy.backend.model.config.max_words
+    assert policy.predict(observation(np.random.default_rng(0), instruction=twelve)).actions.shape[1] == 7
 
 
 def test_a_failed_step_does_not_restart_the_methods_episode():
@@ -419,6 +430,34 @@ def test_pruning_aware_training_runs_the_decoder_on_dropped_tokens(tmp_path, mon
     assert json.loads((exported / 'config.json').read_text())['training']['token_drop_probability'] == 0.5
     log = [json.loads(line) for line in (tmp_path / 'run' / 'loss_log.jsonl').read_text().splitlines()]
     assert all(np.isfinite(e['loss']) for e in log)
+
+
+TRAIN_AFTER_INFERENCE = """
+import numpy as np, torch
+from specprune_ros.models.loading import tiny_random_config
+from specprune_ros.policy.interface import Observation
+from specprune_ros.policy.reference_backend import reference_policy
+from specprune_ros.policy.reference_vla import ReferenceVLA
+from specprune_ros.pruning.registry import build_method
+torch.manual_seed(0)
+model = ReferenceVLA(tiny_random_config())
+images = {c: np.full((96, 96, 3), 90, np.uint8) for c in ('agentview', 'wrist')}
+words = 'pick up the red cube'
+for method in ('none', 'specprune', 'vla_pruner', 'divprune', 'coverage_ranked'):   # each fills constant caches
+    policy = reference_policy(model.eval(), build_method(method))
+    policy.predict(Observation(images=images, instruction=words, proprio=np.zeros(6, np.float32)))
+ids, count = model.tokenizer.encode(words)
+actions, _ = model.train()(torch.full((1, 2, 3, 96, 96), 90, dtype=torch.uint8), torch.tensor([ids]), count,
+                           torch.zeros(1, 6), method=build_method('random', {'keep_ratio': 0.5}))  # a token drop
+actions.square().mean().backward()
+print('trained', sum(p.grad is not None for p in model.parameters()))
+"""
+
+
+def test_a_model_trains_after_it_acted_in_the_same_process():
+    """Constant tables first built inside a policy step (inference mode) serve a later training step (autograd)."""
+    done = subprocess.run([sys.executable, '-c', TRAIN_AFTER_INFERENCE], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith('trained'), done.stderr[-2000:]
 
 
 @pytest.mark.parametrize('method', ['specprune', 'coverage_ranked', 'vla_pruner'])

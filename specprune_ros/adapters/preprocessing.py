@@ -14,7 +14,6 @@ patches (SpecPrune's changed patches, VLA-Cache) receive, with the ViT's patch s
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -22,6 +21,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
+
+from specprune_ros.core.constant_tensors import constant_tensors
 
 _PIL_MODES = {'bicubic': Image.BICUBIC, 'bilinear': Image.BILINEAR, 'nearest': Image.NEAREST,
               'lanczos': Image.LANCZOS, 'box': Image.BOX, 'hamming': Image.HAMMING}
@@ -86,7 +87,7 @@ class ImageTransform:
         return torch.cat(parts, dim=1).to(dtype)
 
 
-@functools.lru_cache(maxsize=16)
+@constant_tensors(maxsize=16)
 def _channel_constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """One backbone's (1, 3, 1, 1) mean and std on ``device``, copied there once (shared: do not modify them).

@@ -44,6 +44,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from specprune_ros.core.attention_kernels import (AttentionKernel, attention_with_summaries, share_probabilities,
                                                   two_product_attention, use_two_products)
 from specprune_ros.core.attention_probes import LazyAttention, ProbeBatch, attention_summaries
+from specprune_ros.core.constant_tensors import constant_tensors
 from specprune_ros.core.cpu_info import available_memory_bytes
 from specprune_ros.core.flops import decoder_flops
 from specprune_ros.core.cuda_graphs import DecodeGraphs, DecodeState, LayerGraphs
@@ -1041,7 +1042,7 @@ class PrunableDecoderRunner(nn.Module):
         store.valid[index].index_fill_(0, kept, True)
 
 
-@functools.lru_cache(maxsize=32)
+@constant_tensors(maxsize=32)
 def _role_tables(layout: TokenLayout, device: torch.device
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Role of every token, the visual mask, the non-visual and the visual indices, once per (layout, device).
@@ -1054,13 +1055,13 @@ def _role_tables(layout: TokenLayout, device: torch.device
     return tuple(t.to(device) for t in tables)
 
 
-@functools.cache          # never evicted, like every constant a graph may read by address
+@constant_tensors          # never evicted, like every constant a graph may read by address
 def _true_on(device: torch.device) -> torch.Tensor:
     """A (1,) True on ``device`` (shared: do not modify it)."""
     return torch.ones(1, dtype=torch.bool, device=device)
 
 
-@functools.cache
+@constant_tensors
 def _false_on(device: torch.device) -> torch.Tensor:
     """A (1,) False on ``device`` (shared: do not modify it)."""
     return torch.zeros(1, dtype=torch.bool, device=device)

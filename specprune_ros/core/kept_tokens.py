@@ -11,12 +11,13 @@ from typing import Optional
 import torch
 from torch import nn
 
+from specprune_ros.core.constant_tensors import constant_tensors
 from specprune_ros.core.masks import attention_mask
 from specprune_ros.core.step_types import PlanError
 from specprune_ros.core.token_layout import TokenLayout, visual_order
 
 
-@functools.lru_cache(maxsize=32)
+@constant_tensors(maxsize=32)
 def visual_slot_table(layout: TokenLayout, device: torch.device) -> torch.Tensor:
     """(num_tokens,) long: each token's place among the visual tokens in camera order, ``num_visual`` elsewhere.
 
@@ -25,7 +26,7 @@ def visual_slot_table(layout: TokenLayout, device: torch.device) -> torch.Tensor
     return visual_order(layout)[1].to(device)
 
 
-@functools.lru_cache(maxsize=32)
+@constant_tensors(maxsize=32)
 def all_visual_on(num_visual: int, device: torch.device) -> torch.Tensor:
     """(num_visual,) True on ``device`` (shared: do not modify it)."""
     return torch.ones(num_visual, dtype=torch.bool, device=device)
@@ -137,7 +138,7 @@ class KeptTokens:
         return None
 
 
-@functools.lru_cache(maxsize=1024)
+@constant_tensors(maxsize=1024)
 def span_positions(spans: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
     """The integers of the half-open ``spans`` (ascending, disjoint) as one long tensor.
 
@@ -237,7 +238,7 @@ class PaddedTokens:
             self.mask = padding_mask(n, self.size, kept.device)
 
 
-@functools.lru_cache(maxsize=256)
+@constant_tensors(maxsize=256)
 def padding_mask(count: int, size: int, device: torch.device) -> torch.Tensor:
     """(1, 1, 1, ``size``) bool key mask: the first ``count`` keys (shared: do not modify it)."""
     return (torch.arange(size, device=device) < count).view(1, 1, 1, -1)

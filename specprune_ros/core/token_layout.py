@@ -1,11 +1,12 @@
 """Where each kind of token sits in a VLA input sequence."""
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from enum import IntEnum
 
 import torch
+
+from specprune_ros.core.constant_tensors import constant_tensors
 
 
 class TokenRole(IntEnum):
@@ -94,7 +95,7 @@ class TokenLayout:
         return patches
 
 
-@functools.lru_cache(maxsize=32)
+@constant_tensors(maxsize=32)
 def visual_order(layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """The layout's visual indices in camera order, and each token's place among them (``num_visual`` elsewhere).
 
@@ -106,7 +107,7 @@ def visual_order(layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
     return visual, slots
 
 
-@functools.lru_cache(maxsize=64)
+@constant_tensors(maxsize=64)
 def visual_indices_on(layout: TokenLayout, device: torch.device) -> torch.Tensor:
     """``layout.visual_indices()`` built on ``device``, once per layout and device (shared: do not modify it).
 

@@ -35,7 +35,11 @@ class ReferenceBackend(ModelBackend):
         frames = camera_frames(observation, self.camera_names, self.image_size)
         images = torch.stack([torch.from_numpy(np.ascontiguousarray(f)).permute(2, 0, 1) for f in frames]).unsqueeze(0)
         proprio = self._proprio(observation)
-        word_ids, num_words = self.model.tokenizer.encode(observation.instruction)
+        tokenizer = self.model.tokenizer
+        if tokenizer.word_count(observation.instruction) > tokenizer.max_words:   # cutting could change the task
+            raise ObservationError(f'the instruction has {tokenizer.word_count(observation.instruction)} words; this '
+                                   f'model reads at most {tokenizer.max_words}: {observation.instruction[:200]!r}')
+        word_ids, num_words = tokenizer.encode(observation.instruction)
         embeddings = self.model.embed(images.to(self._device), torch.tensor([word_ids], device=self._device),
                                       proprio.to(self._device))
         return EncodedStep(embeddings=embeddings, layout=self.model.layout(num_words), frames=frames,

@@ -31,6 +31,10 @@ class WordTokenizer:
         """Lower-cased words of an instruction, truncated to ``max_words``."""
         return _WORD.findall(instruction.lower())[: self.max_words]
 
+    def word_count(self, instruction: str) -> int:
+        """How many words the instruction has before truncation (a policy refuses more than ``max_words``)."""
+        return len(_WORD.findall(instruction.lower()))
+
     def encode(self, instruction: str) -> tuple[list[int], int]:
         """(ids padded to ``max_words``, number of real words)."""
         index = {token: i for i, token in enumerate(self.tokens)}

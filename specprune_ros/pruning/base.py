@@ -19,12 +19,12 @@ step's record, else from the config's ``num_layers`` (default 6, the reference V
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
+from specprune_ros.core.constant_tensors import constant_tensors
 from specprune_ros.core.dataclass_mapping import dataclass_from_mapping
 from specprune_ros.core.step_types import (AttentionRequest, LayerView, StepContext, StepPlan, StepRecord,
                                            VisualMask)
@@ -299,7 +299,7 @@ def _as_regions(regions) -> tuple:
     return tuple(tuple(region) for region in regions)
 
 
-@functools.lru_cache(maxsize=16)
+@constant_tensors(maxsize=16)
 def _protected_cached(layout: TokenLayout, regions: tuple) -> Optional[torch.Tensor]:
     """``protected_visual`` once per (layout, regions): it is asked every step (do not modify the result)."""
     return protected_visual(layout, regions)

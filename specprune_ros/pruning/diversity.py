@@ -10,12 +10,12 @@ torch's at these sizes); several independent groups (e.g. one per camera) run in
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import numpy as np
 import torch
 
+from specprune_ros.core.constant_tensors import constant_tensors
 from specprune_ros.pruning.selection_graphs import SelectionGraphs
 
 
@@ -75,7 +75,7 @@ def greedy_max_min_groups(features: torch.Tensor, m: int, candidates: Optional[t
 CPU_STEPS_IN_NUMPY = True
 
 
-@functools.cache          # never evicted: selection graphs read it by address
+@constant_tensors          # never evicted: selection graphs read it by address
 def _row_offsets(groups: int, n: int, device: torch.device) -> torch.Tensor:
     return torch.arange(0, groups * n, n, device=device)
 

@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from specprune_ros.core.constant_tensors import constant_tensors
 from specprune_ros.core.step_types import VisualMask
 from specprune_ros.core.token_layout import TokenLayout, visual_order
 
@@ -37,7 +38,7 @@ def budget_count(fraction: float, total: int, minimum: int = 1) -> int:
 
 # ------------------------------------------------------------------------------------- index plumbing
 
-@functools.lru_cache(maxsize=16)
+@constant_tensors(maxsize=16)
 def _visual_tables(layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
     vis, slots = visual_order(layout)
     return vis, torch.where(slots < layout.num_visual, slots, -1)
@@ -70,7 +71,7 @@ def visual_position(layout: TokenLayout) -> torch.Tensor:
     return _visual_tables(layout)[1]
 
 
-@functools.cache          # never evicted: selection graphs read it by address
+@constant_tensors          # never evicted: selection graphs read it by address
 def _visual_tables_on(layout: TokenLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     vis, spare = visual_order(layout)    # non-visual tokens go to num_visual: a spare slot that callers drop
     return vis.to(device), spare.to(device)
@@ -328,7 +329,7 @@ def decay_weights(n: int, gamma: float = 0.8, device: Optional[torch.device] = N
     return torch.pow(float(gamma), exponents).to(torch.float32)
 
 
-@functools.cache          # never evicted: selection graphs read it by address
+@constant_tensors          # never evicted: selection graphs read it by address
 def decay_weights_cached(n: int, gamma: float, device: Optional[torch.device] = None) -> torch.Tensor:
     """:func:`decay_weights`, built once per (n, gamma, device) (do not modify the result)."""
     return decay_weights(n, gamma, device)
@@ -379,7 +380,7 @@ def normalise(scores: torch.Tensor) -> torch.Tensor:
 # ``host_counts`` reads anything back: a keep set whose size depends on the scores needs its size on the host to
 # shape the next layer's tensors.
 
-@functools.lru_cache(maxsize=32)
+@constant_tensors(maxsize=32)
 def _aranges_on(length: int, device: torch.device) -> torch.Tensor:
     return torch.arange(length, device=device)
 
@@ -443,7 +444,7 @@ def topk_masks_per_camera(ranks: torch.Tensor, counts: Sequence[int], candidates
     return (ranks < camera_limits(counts, ranks.device)).reshape(candidates.shape) & candidates
 
 
-@functools.cache          # never evicted: selection graphs read it by address
+@constant_tensors          # never evicted: selection graphs read it by address
 def _leading_table(patches: int, device: torch.device) -> torch.Tensor:
     """(patches + 1, patches) bool: row c is True at the first c positions (do not modify the result)."""
     places = _aranges_on(patches, device)
@@ -513,19 +514,19 @@ def _rank_weight_table(patches: int, k: float) -> np.ndarray:
     return w
 
 
-@functools.lru_cache(maxsize=16)
+@constant_tensors(maxsize=16)
 def _rank_weight_table_on(patches: int, k: float, device: torch.device) -> torch.Tensor:
     """:func:`_rank_weight_table` (patches + 1, patches) on ``device``."""
     return torch.from_numpy(_rank_weight_table(patches, k)).to(device)
 
 
-@functools.cache          # never evicted: selection graphs read it by address
+@constant_tensors          # never evicted: selection graphs read it by address
 def _negative_infinity_on(device: torch.device) -> torch.Tensor:
     """A 0-d -inf on ``device`` (a fill value that costs no conversion per call; do not modify it)."""
     return torch.full((), float('-inf'), device=device)
 
 
-@functools.cache          # never evicted: selection graphs read it by address
+@constant_tensors          # never evicted: selection graphs read it by address
 def _rank_count_table_on(patches: int, k: float, device: torch.device) -> torch.Tensor:
     """(patches + 1, patches + 1) float64: row c is :func:`_rank_weight_table`'s row c, then c itself.
 

@@ -58,6 +58,7 @@ from typing import Literal, Optional
 
 import torch
 
+from specprune_ros.core.constant_tensors import constant_tensors
 from specprune_ros.core.dataclass_mapping import check_number
 from specprune_ros.core.host_copies import to_device
 from specprune_ros.core.step_types import LayerView, StepContext, StepPlan, StepRecord, VisualMask
@@ -321,7 +322,7 @@ def observed_ranks(dense: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tens
     return torch.where(seen, fraction, nan), seen
 
 
-@functools.cache          # never evicted: selection graphs read it by address
+@constant_tensors          # never evicted: selection graphs read it by address
 def _rank_constants(cameras: int, patches: int, device: torch.device
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """0-d -inf and NaN and every row's places 0..patches-1, (cameras, patches), all float32, on ``device``.
@@ -332,7 +333,7 @@ def _rank_constants(cameras: int, patches: int, device: torch.device
     return (torch.full((), float('-inf'), device=device), torch.full((), float('nan'), device=device), places)
 
 
-@functools.cache          # never evicted: selection graphs read it by address
+@constant_tensors          # never evicted: selection graphs read it by address
 def cell_tables(grid: tuple[int, int], cells: tuple[int, int], quota: int,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The cell of every patch of a row-major ``grid``, the quota's slots and their bonuses, on ``device``.
@@ -356,7 +357,7 @@ def cell_tables(grid: tuple[int, int], cells: tuple[int, int], quota: int,
     return cell.to(device), slots.to(device), tiers.to(device)
 
 
-@functools.cache          # never evicted: selection graphs read it by address
+@constant_tensors          # never evicted: selection graphs read it by address
 def camera_tables(grid: tuple[int, int], cells: tuple[int, int], quota: int, device: torch.device, cameras: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`cell_tables` for a selection over all cameras at once, and every camera's first visual position.

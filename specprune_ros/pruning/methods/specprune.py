@@ -80,6 +80,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
+from specprune_ros.core.constant_tensors import constant_tensors
 from specprune_ros.core.dataclass_mapping import check_number
 from specprune_ros.core.host_copies import to_device
 from specprune_ros.core.step_types import LayerView, StepContext, StepPlan, StepRecord, VisualMask
@@ -556,7 +557,7 @@ def _scaled_count(size: int, k: int, k_then: int) -> int:
     return size if k_then <= 0 else int(math.floor(size * k / k_then + 0.5))
 
 
-@functools.lru_cache(maxsize=32)
+@constant_tensors(maxsize=32)
 def _constant(shape: tuple[int, ...], value: float | bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A tensor of one value, built once per (shape, value, dtype, device) (do not modify it)."""
     return torch.full(shape, value, dtype=dtype, device=device)

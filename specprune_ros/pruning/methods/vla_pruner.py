@@ -25,6 +25,7 @@ from typing import Literal, Optional
 
 import torch
 
+from specprune_ros.core.constant_tensors import constant_tensors
 from specprune_ros.core.dataclass_mapping import check_number
 from specprune_ros.core.step_types import LayerView, StepContext, StepPlan, StepRecord, VisualMask
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
@@ -264,7 +265,7 @@ class VLAPruner(KeepRatioKnob, PruningMethodBase):
         self.state.push_action_attention(act.view(record.layout.num_cameras, -1).unbind(0))
 
 
-@functools.cache          # never evicted: selection graphs read it by address
+@constant_tensors          # never evicted: selection graphs read it by address
 def _group_starts(groups: int, n: int, device: torch.device) -> torch.Tensor:
     """(groups, 1) dense visual position of every group's first token."""
     return torch.arange(0, groups * n, n, device=device).view(groups, 1)
