@@ -22,8 +22,10 @@ import sys
 import time
 from pathlib import Path
 
+from specprune_ros.bridge.episodes import summary_base
 from specprune_ros.command_line import HelpFormatter
 from specprune_ros.ros.sim_runner import SimRun, parse_assignments, run_simulation
+from specprune_ros.sim import EVAL_SEED_START
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,12 +69,16 @@ def default_run_directory(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.seed_start and int(args.seed_start) < EVAL_SEED_START:
+        print(f'warning: --seed-start {args.seed_start} is below {EVAL_SEED_START}: those layouts are the training '
+              "demonstrations' (collect_demos.py), not held-out ones", file=sys.stderr)
     if not args.summary:
         run_directory = default_run_directory(args)
         args.summary = str(run_directory / 'summary')
         args.log_dir = args.log_dir or run_directory / 'logs'
     elif args.log_dir is None:
-        args.log_dir = Path(args.summary).with_suffix('').parent / (Path(args.summary).with_suffix('').name + '_logs')
+        base = summary_base(args.summary)
+        args.log_dir = base.with_name(base.name + '_logs')
     arguments = {'model': args.model, 'method': args.method, 'method_config': args.method_config,
                  'device': args.device, 'params_file': args.params_file, 'sim_params_file': args.sim_params_file,
                  'mode': args.mode, 'families': args.families, 'episodes_per_family': args.episodes_per_family,

@@ -29,7 +29,8 @@ def sync_run(tmp_path_factory):
     base = tmp_path_factory.mktemp('sim_sync')
     progress: list[str] = []
     run = SimRun(arguments={'model': 'tiny-random', 'method': 'none', 'mode': 'sync', 'families': ','.join(FAMILIES),
-                            'max_steps': str(STEPS), 'label': 'tiny-none'},
+                            'max_steps': str(STEPS), 'label': 'tiny-none',
+                            'summary_path': str(base / 'tiny_keep0.25')},     # a dot in the name is no suffix
                  bridge_parameters={'save_actions': True}, domain_id=DOMAIN, log_dir=base / 'logs',
                  record_bag=base / 'run_bag', timeout_s=300, progress=progress.append)
     result = run_simulation(run)
@@ -87,6 +88,7 @@ def test_sync_run_reports_each_episode_and_the_model_latency_on_the_wall_clock(s
     assert all('success' in line or 'failure' in line for line in sync_run['progress'])
     summary = sync_run['result']['summary']['summary']
     assert summary['overall']['model_latency_ms_median'] > 0
+    assert sync_run['result']['summary_path'].endswith('tiny_keep0.25.json')
     row = markdown_summary([summary]).splitlines()[-1].split('|')
     header = markdown_summary([summary]).splitlines()[0].split('|')
     assert float(row[header.index(' model ms (median) ')]) > 0

@@ -288,9 +288,9 @@ def test_bridge_settings_validate_everything_at_once():
     assert (settings.TASK_FAMILIES, settings.CAMERA_NAMES) == (TASK_FAMILIES, CAMERA_NAMES)
     assert BridgeSettings().validate() == []
     bad = BridgeSettings.from_mapping({'mode': 'fast', 'families': ['stack'], 'camera_names': ['side'],
-                                       'camera_topics': [], 'settle_s': 0})
+                                       'camera_topics': [], 'settle_s': 0, 'episodes_per_family': 0})
     text = '; '.join(bad.validate())
-    for fragment in ('mode', 'families', 'camera_names', 'same length', 'settle_s'):
+    for fragment in ('mode', 'families', 'camera_names', 'same length', 'settle_s', 'episodes_per_family must be >= 1'):
         assert fragment in text
     with pytest.raises(ValueError, match='unknown sim_bridge parameters'):
         BridgeSettings.from_mapping({'speed': 2})

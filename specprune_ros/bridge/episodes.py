@@ -229,12 +229,22 @@ def markdown_summary(summaries: Sequence[dict]) -> str:
     return '\n'.join(lines + ([''] + notes if notes else []))
 
 
+def summary_base(path: str | Path) -> Path:
+    """The summary's path without ``.json`` / ``.md``; any other dot stays part of the name (``keep0.25``)."""
+    path = Path(path)
+    return path.with_suffix('') if path.suffix in ('.json', '.md') else path
+
+
+def summary_files(path: str | Path) -> tuple[Path, Path]:
+    """``<path>.json`` and ``<path>.md`` for a summary path given with either suffix or none."""
+    base = summary_base(path)
+    return base.with_name(base.name + '.json'), base.with_name(base.name + '.md')
+
+
 def write_summary(summary: dict, path: Path, extra: Optional[dict] = None) -> tuple[Path, Path]:
     """``<path>.json`` and ``<path>.md`` (``path`` may carry either suffix or none)."""
-    path = Path(path)
-    base = path.with_suffix('') if path.suffix in ('.json', '.md') else path
-    base.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = base.with_suffix('.json'), base.with_suffix('.md')
+    json_path, md_path = summary_files(path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     document = {'created': time.strftime('%Y-%m-%d %H:%M:%S'), **(extra or {}), 'summary': summary}
     json_path.write_text(strict_json(document, indent=2))
     md_path.write_text(markdown_summary([summary]) + '\n')

@@ -100,8 +100,10 @@ class BridgeSettings:
             errors.append('min_camera_subscribers must be >= 1')
         if self.min_command_subscribers < 1:
             errors.append('min_command_subscribers must be >= 1')
-        if self.episodes_per_family < 0 or self.seed_start < 0 or self.max_steps < 0:
-            errors.append('episodes_per_family, seed_start and max_steps must be >= 0')
+        if self.episodes_per_family < 1:
+            errors.append(f'episodes_per_family must be >= 1, got {self.episodes_per_family}')
+        if self.seed_start < 0 or self.max_steps < 0:
+            errors.append('seed_start and max_steps must be >= 0')
         if not 16 <= self.image_size <= 1024:
             errors.append(f'image_size: {self.image_size} outside [16, 1024]')
         bad = [c for c in self.camera_names if c not in CAMERA_NAMES]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from specprune_ros.bridge.episodes import summary_files
 from specprune_ros.bridge.settings import BridgeSettings
 from specprune_ros.ros.sim_launch_config import bridge_command, policy_command, sim_setup
 
@@ -172,8 +173,7 @@ def run_simulation(run: SimRun) -> dict:
         for process in reversed(processes):
             process.interrupt()
     summary = None
-    json_path = Path(summary_path).with_suffix('.json') if Path(summary_path).suffix in ('.json', '.md') \
-        else Path(f'{summary_path}.json')
+    json_path, _ = summary_files(summary_path)
     if json_path.is_file():
         summary = json.loads(json_path.read_text())
     return {'returncode': returncode, 'summary': summary, 'summary_path': str(json_path), 'problem': problem,
