@@ -101,6 +101,26 @@ def test_every_method_runs_on_pi0_and_gives_finite_chunks(name, pi0_dir):
         assert min(kept) < inp.layout.num_visual, f'{name} never pruned'
 
 
+@pytest.mark.parametrize('name', ['vla_cache', 'specprune', 'vla_pruner'])
+def test_device_side_checks_keep_and_reuse_what_host_side_checks_do(name, pi0_dir):
+    """An accelerator checks keep / reuse sets on the device (no host sync); run here that path gives the same sets."""
+    runs = {}
+    for on_host in (True, False):
+        model = inference(pi0_dir)
+        model.runner.validate_on_host = on_host
+        method = build_method(name, seed=0)
+        sets = []
+        for step in range(4):
+            inp = model.encode(images(step), INSTRUCTION, state(step))
+            _, result, _ = model.run(inp, method, model.context(inp, step_index=step, instruction=INSTRUCTION))
+            reused = result.record.reused
+            sets.append((result.record.visual_kept_per_layer, None if reused is None else reused.tolist()))
+        runs[on_host] = sets
+    assert runs[False] == runs[True]
+    if name == 'vla_cache':
+        assert any(reused for _, reused in runs[False]), 'nothing reused: the check path was not exercised'
+
+
 def test_methods_run_on_pi05(pi05_dir):
     model = inference(pi05_dir)
     for name in ('vla_pruner', 'specprune', 'fastv'):

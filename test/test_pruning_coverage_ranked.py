@@ -231,3 +231,14 @@ def test_bad_config_is_refused():
                 {'warmup_steps': -1}):
         with pytest.raises(ValueError):
             build_method('coverage_ranked', bad)
+
+
+@pytest.mark.parametrize('layers, refine_layer', [(6, -1), (6, -2), (6, 2), (1, 2)])
+def test_the_final_cut_happens_wherever_the_refine_layer_is_configured(layers, refine_layer, layout):
+    """A refine layer resolving to the last layer (no hook runs after it) cuts after the last layer but one."""
+    method = build_method('coverage_ranked', {'refine_layer': refine_layer, 'warmup_steps': 0})
+    results = run_episode(method, steps=3, layout=layout, runner=make_runner(layers=layers))
+    last = results[-1].record
+    assert last.visual_kept_per_layer[-1] == last.info['budget']
+    if layers > 1:
+        assert last.visual_kept_per_layer[0] > last.info['budget']       # two stages: the early cut keeps more

@@ -482,6 +482,16 @@ def test_specprune_without_images_uses_attention_sets_only(runner, layout):
     assert results[-1].record.visual_kept_per_layer[-1] < layout.num_visual
 
 
+@pytest.mark.parametrize('cfg, images', [({'use_local': False}, False),
+                                         ({'use_local': False, 'use_dynamic': False}, True)])
+def test_specprune_with_empty_static_sets_keeps_everything_until_it_has_a_global_set(cfg, images, runner, layout):
+    """No local set, and no changed patches (or none asked for): the first step has nothing to gather by."""
+    results = run_episode(build_method('specprune', cfg), steps=3, layout=layout, runner=runner, images=images)
+    assert results[0].record.visual_kept_per_layer[1] == layout.num_visual
+    assert 'static sets are empty' in results[0].record.info['error']
+    assert results[-1].record.visual_kept_per_layer[-1] < layout.num_visual     # V_global from the previous step
+
+
 def test_specprune_min_retention_floor(runner, layout):
     method = build_method('specprune', {'layer_drop_fraction': 0.9, 'min_visual_fraction': 0.25})
     results = run_episode(method, steps=3, layout=layout, runner=runner, actions=FAST)

@@ -658,7 +658,8 @@ class PrunableDecoderRunner(nn.Module):
         _check_mask_shape(mask, layout, stage)
         # the mask in sequence order (non-visual tokens: a spare slot that is never set)
         named = torch.cat([mask, _false_on(device)]).index_select(0, visual_slot_table(layout, device))
-        allowed = torch.stack([store.valid[layer] for layer in layers]).all(dim=0)
+        # a store may also hold tokens past the runner's layout (pi0's action expert): only the layout's are named
+        allowed = torch.stack([store.valid[layer][:layout.num_tokens] for layer in layers]).all(dim=0)
         if len(kept) < layout.num_tokens:
             allowed = allowed.logical_and_(torch.zeros_like(allowed).index_fill_(0, kept, True))
         ok = mask.sum().eq(reuse.count).logical_and_(named.le(allowed).all())

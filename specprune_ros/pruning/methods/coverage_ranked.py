@@ -164,9 +164,12 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
         return max(final, min(1.0, proportional, additive))
 
     def refine_layer(self) -> int:
-        """The layer after which the final selection is made (clipped to the depth)."""
+        """The layer after which the final selection is made: resolved, then clipped to the last layer but one.
+
+        The runner calls no hook after the last layer, so a refine there would never cut.
+        """
         layer = self.config.refine_layer
-        return self.layer(min(layer, max(self.num_layers - 2, 0)) if layer >= 0 else layer)
+        return max(0, min(self.layer(layer) if layer < 0 else layer, self.num_layers - 2))
 
     # ------------------------------------------------------------------------------------------- hooks
 
@@ -178,7 +181,9 @@ class CoverageRanked(BudgetKnob, PruningMethodBase):
         warming = self.state.steps < cfg.warmup_steps
         self._budget = patches if warming else budget_count(self.keep_fraction(mode), patches)
         history = self._semantic is not None or self._action is not None
-        early = budget_count(self.keep_fraction(mode, early=True), patches) if history and not warming else patches
+        two_stages = self.num_layers >= 2     # one layer has no layer to refine after: the early cut is the final one
+        early = budget_count(self.keep_fraction(mode, early=two_stages), patches) if history and not warming \
+            else patches
         self._refine = self._budget < early
         self._refine_at = self.refine_layer()     # this step's refine layer (read at every layer)
         self._refined = None

@@ -395,6 +395,9 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
                     union = local if union is None else union | local
                 keep = present & union if union is not None else torch.zeros_like(present)
                 keep, counts = self._gather_sizes(task, keep, present, layer)
+                if sum(counts) == 0:    # no local set and the others empty (first step, no frames): keep all
+                    self.last_info['error'] = f'the static sets are empty at layer {layer}: nothing gathered'
+                    keep, counts = present, self._counts
         if counts is None:
             counts = host_counts(keep, layout.num_cameras)
 
