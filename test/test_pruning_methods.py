@@ -246,6 +246,15 @@ def test_vla_pruner_warmup_then_prunes_before_layer_k(runner, layout):
     assert r.record.info['reset'] == 'instruction' and r.record.info['warmup']
 
 
+def test_a_runner_called_without_a_context_keeps_the_methods_episode(runner, layout):
+    """Without a StepContext the step index is unknown, not 0: the method warms up once and then prunes."""
+    method = build_method('vla_pruner', {'keep_ratio': 0.25, 'window': 3, 'prune_layer': 2})
+    with torch.no_grad():
+        results = [runner(make_embeddings(layout, step), layout, method) for step in range(5)]
+    assert [r.record.info['warmup'] for r in results] == [True] * 3 + [False] * 2
+    assert results[-1].record.visual_kept_per_layer[-1] == budget_count(0.25, P) * layout.num_cameras
+
+
 def test_vla_pruner_prune_layer_follows_the_depth(runner, layout):
     """Default K: the paper's 3 of 32 scaled to the decoder, never below 2; a configured K wins."""
     method = build_method('vla_pruner')

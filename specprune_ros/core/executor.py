@@ -277,8 +277,8 @@ class PrunableDecoderRunner(nn.Module):
 
         plan = StepPlan()
         if method is not None:
-            if context is None:
-                context = StepContext(layout=layout, step_index=0,
+            if context is None:       # no step index: the method keeps its episode (a 0 would restart it)
+                context = StepContext(layout=layout, step_index=None,
                                       visual_embeddings=embeddings[0, visual])
             context.num_layers = self.num_layers
             t0 = time.perf_counter()

@@ -69,7 +69,7 @@ class StepContext:
     """What a method may look at before the forward pass of one step."""
 
     layout: TokenLayout
-    step_index: int                                  # steps since the last reset
+    step_index: Optional[int]                        # steps since the last reset (None: not known)
     visual_embeddings: torch.Tensor                  # (num_visual, d) decoder inputs of the visual tokens
     images: Optional[list[np.ndarray]] = None        # raw camera frames (H, W, 3) uint8, in camera order
     patch_size: int = 0                              # pixels per patch side in ``images`` (0 = unknown)
