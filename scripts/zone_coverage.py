@@ -19,10 +19,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from specprune_ros.command_line import HelpFormatter
+from specprune_ros.command_line import HelpFormatter, positive_int
 from specprune_ros.evaluation.closed_loop import run_episode
 from specprune_ros.policy.interface import Observation
-from specprune_ros.models.loading import load_policy
+from specprune_ros.models.loading import REFERENCE_CHECKPOINT, load_policy
+from specprune_ros.policy.reference_checkpoint import read_config
 from specprune_ros.sim import EVAL_SEED_START, TabletopEnv
 from specprune_ros.sim.projection import project_to_image
 
@@ -95,15 +96,19 @@ def coverage(method: str, config: dict, episodes: int, layer: int) -> dict[str, 
             'cells': float(np.mean(probe.cells_touched)), 'steps': len(probe.zone_kept)}
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--configs', nargs='+', default=['none', 'specprune', 'specprune_static',
                                                          'vla_pruner:{"keep_ratio": 0.5}',
                                                          'vla_pruner:{"keep_ratio": 0.25}'],
                         help="method names, optionally 'name:{json config}'")
-    parser.add_argument('--episodes', type=int, default=8, help='episodes per configuration')
-    parser.add_argument('--layer', type=int, default=-1, help='decoder layer whose input is inspected')
-    args = parser.parse_args()
+    parser.add_argument('--episodes', type=positive_int, default=8, help='episodes per configuration')
+    parser.add_argument('--layer', type=int, default=-1,
+                        help='decoder layer whose input is inspected (negative: counted from the last)')
+    args = parser.parse_args(argv)
+    depth = read_config(REFERENCE_CHECKPOINT)[0].num_layers
+    if not -depth <= args.layer < depth:
+        parser.error(f'--layer {args.layer}: the reference VLA has {depth} decoder layers')
     torch.set_num_threads(2)
     print('| config | zone patches kept | target patches kept | 3x3 cells touched | steps |\n|---|---|---|---|---|')
     for entry in args.configs:

@@ -365,7 +365,7 @@ def test_training_script_takes_the_union_of_several_demo_directories(tmp_path):
     manifest = json.loads((roots[1] / 'manifest.json').read_text())
     manifest['vocabulary'] = manifest['vocabulary'][:-1]
     (roots[1] / 'manifest.json').write_text(json.dumps(manifest))
-    refused = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    refused = subprocess.run(command + ['--overwrite'], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and 'differ in vocabulary' in refused.stderr
 
 

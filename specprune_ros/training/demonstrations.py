@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from specprune_ros.evaluation.closed_loop import run_episode
 from specprune_ros.models.loading import load_policy
+from specprune_ros.policy.reference_vla import ReferenceVLAConfig
 from specprune_ros.sim import scene
 from specprune_ros.sim.env import (ACTION_DIM, CAMERA_NAMES, CONTROL_PERIOD_S, PROPRIO_LAYOUT, ROTATION_SCALE_RAD,
                                    TRANSLATION_SCALE_M, TabletopEnv)
@@ -157,6 +158,30 @@ def iter_episodes(root: PathLike, families: Optional[Iterable[str]] = None,
         ep = read_episode(path, cameras=cameras, load_images=load_images)
         if (wanted is None or ep.family in wanted) and (ep.success or not successful_only):
             yield ep
+
+
+def select_entries(manifests: Sequence[tuple[PathLike, dict]], limit: int = 0) -> list[tuple[Path, dict]]:
+    """The successful episodes of several dataset directories, as (root, manifest entry), at most ``limit`` (0: all).
+
+    A limit takes the same number from every (directory, family) in turn, each in seed order, so a short selection
+    still holds every family of every directory; the choice is the same on every call.
+    """
+    buckets: list[list[tuple[Path, dict]]] = []
+    for root, manifest in manifests:
+        by_family: dict[str, list[tuple[Path, dict]]] = {}
+        for entry in manifest['episodes']:
+            if entry['success']:
+                by_family.setdefault(entry['family'], []).append((Path(root), entry))
+        for family in sorted(by_family):
+            buckets.append(sorted(by_family[family], key=lambda item: item[1]['seed']))
+    if not limit:
+        return [item for bucket in buckets for item in bucket]
+    chosen: list[tuple[Path, dict]] = []
+    for rank in range(max((len(b) for b in buckets), default=0)):
+        for bucket in buckets:
+            if rank < len(bucket) and len(chosen) < limit:
+                chosen.append(bucket[rank])
+    return chosen
 
 
 # --- collection ---------------------------------------------------------------------------------------
@@ -307,13 +332,14 @@ def collect_demonstrations(out_dir: PathLike, families: Sequence[str] = TASK_FAM
 
     Family f uses seeds seed_start, seed_start + 1, ... (a failed seed is skipped and the next one
     tried). Seeds never cross into the other split (``TRAIN_SEED_START`` / ``EVAL_SEED_START``).
-    Episodes already listed in an existing manifest with the same image size are kept. ``workers`` > 1
-    uses that many spawned processes. Returns the manifest that was written.
+    A directory that already holds episodes is extended: those of the same image size, noise and take-over model
+    are kept (also ones an interrupted run wrote but did not list) and only the missing episodes are collected;
+    other settings are refused, so a manifest always describes every episode it lists. The manifest is written
+    even when the collection stops early (an error, Ctrl-C), so a rerun continues where it stopped. A family named
+    twice is collected once. ``workers`` > 1 uses that many spawned processes. Returns the manifest that was written.
     """
-    families = tuple(families)
-    for f in families:
-        if f not in TASK_FAMILIES:
-            raise ValueError(f'unknown task family {f!r}')
+    families = tuple(dict.fromkeys(families))
+    check_collection_settings(families, episodes_per_family, noise, image_size)
     cap = max_attempts_per_family or ((3 if takeover_model else 2) * episodes_per_family + 10)
     _check_seeds(seed_start, cap)
     out = Path(out_dir)
@@ -322,13 +348,40 @@ def collect_demonstrations(out_dir: PathLike, families: Sequence[str] = TASK_FAM
     bar = tqdm(total=episodes_per_family * len(families), disable=not progress, desc='demos', unit='ep')
     collection = _Collection(out, families, episodes_per_family, seed_start, cap, (noise, image_size, takeover_model),
                              done_files={e['file'] for e in manifest['episodes']}, bar=bar)
-    jobs = collection.first_jobs()
-    bar.update(sum(collection.kept.values()))
     try:
+        jobs = collection.first_jobs()
+        bar.update(sum(collection.kept.values()))
         _run_jobs(collection, jobs, workers)
     finally:
         bar.close()
-    return _finish_manifest(out, manifest, collection)
+        _merge_manifest(out, manifest, collection)      # also on an interruption: what finished stays listed
+    return _check_kept(manifest, collection)
+
+
+def check_collection_settings(families: Sequence[str], episodes_per_family: int, noise: float,
+                              image_size: int) -> None:
+    """Raise ValueError for settings that would collect nothing or data the reference VLA cannot train on."""
+    for f in families:
+        if f not in TASK_FAMILIES:
+            raise ValueError(f'unknown task family {f!r}')
+    if not families:
+        raise ValueError('no task family to collect')
+    if episodes_per_family < 1:
+        raise ValueError(f'episodes_per_family must be at least 1, not {episodes_per_family}')
+    if not noise >= 0:
+        raise ValueError(f'noise must not be negative, not {noise}')   # the expert adds none below 0
+    problem = image_size_problem(image_size)
+    if problem:
+        raise ValueError(problem)
+
+
+def image_size_problem(image_size: int) -> Optional[str]:
+    """Why the reference VLA could not take ``image_size`` px frames (whole patches, at least 2 per side); or None."""
+    patch = ReferenceVLAConfig.patch_size
+    if image_size < 2 * patch or image_size % patch:
+        return (f'image size {image_size} must be a multiple of the reference VLA\'s patch size {patch}, '
+                f'at least {2 * patch}')
+    return None
 
 
 def _check_seeds(seed_start: int, cap: int) -> None:
@@ -342,7 +395,11 @@ def _check_seeds(seed_start: int, cap: int) -> None:
 
 
 def _resumed_manifest(out: Path, image_size: int, noise: float, takeover_model: Optional[str]) -> dict:
-    """A new manifest that keeps the episodes (still on disk) and attempt counts of an existing one."""
+    """A new manifest that keeps the episodes (still on disk) and attempt counts of an existing one.
+
+    Episode files no manifest lists (written by a run that was killed) are adopted when they were recorded with
+    these settings. ValueError when the directory holds episodes of other settings.
+    """
     manifest = _base_manifest(image_size, noise, takeover_model)
     if (out / MANIFEST).exists():
         old = read_manifest(out)
@@ -351,7 +408,41 @@ def _resumed_manifest(out: Path, image_size: int, noise: float, takeover_model: 
         check_sim_fingerprint(old, out, current=manifest['sim_fingerprint'])
         manifest['episodes'] = [e for e in old['episodes'] if (out / e['file']).exists()]
         manifest['attempts'] = old.get('attempts', {})
+        if manifest['episodes']:
+            _check_same_settings(out, old, noise, takeover_model)
+    listed = {e['file'] for e in manifest['episodes']}
+    for path in sorted((out / EPISODE_DIR).glob('*.npz')):
+        rel = f'{EPISODE_DIR}/{path.name}'
+        if rel in listed:
+            continue
+        try:
+            episode = read_episode(path, load_images=False)
+        except (OSError, ValueError, KeyError):
+            continue                                    # not a complete episode file; its seed is collected again
+        meta = episode.meta
+        recorded = dict(image_size=meta.get('image_size'), noise=meta.get('noise'),
+                        takeover='policy_steps' in meta)
+        if recorded != dict(image_size=image_size, noise=noise, takeover=takeover_model is not None):
+            raise ValueError(f'{out} holds {path.name}, recorded with {recorded}; collect these settings into '
+                             'another directory')
+        manifest['episodes'].append(dict(file=rel, family=episode.family, seed=episode.seed,
+                                         instruction=episode.instruction, length=len(episode),
+                                         success=episode.success))
+        counts = manifest['attempts'].setdefault(episode.family, {'run': 0, 'succeeded': 0})
+        counts['run'] += 1
+        counts['succeeded'] += 1
     return manifest
+
+
+def _check_same_settings(out: Path, old: dict, noise: float, takeover_model: Optional[str]) -> None:
+    """Refuse to add episodes of another noise level or take-over model to a directory's episodes."""
+    asked = {'noise': noise, 'takeover_model': takeover_model}
+    held = {key: old.get(key) for key in asked}
+    if 'noise' not in old:                              # written before manifests recorded the noise
+        held['noise'] = noise
+    if held != asked:
+        raise ValueError(f'{out} holds episodes collected with {held}, not {asked}: a dataset\'s manifest describes '
+                         'all its episodes, so collect these settings into another directory')
 
 
 class _Collection:
@@ -373,28 +464,29 @@ class _Collection:
         self.new_entries: list[dict] = []
         self.bar = bar
 
-    def next_job(self, f: str) -> Optional[tuple]:
+    def next_job(self, f: str, in_flight: int = 0) -> Optional[tuple]:
+        """The job of family f's next seed not yet on disk; None once kept and ``in_flight`` episodes suffice."""
         while self.tried[f] < self.cap:
+            if self.kept[f] + in_flight >= self.episodes_per_family:
+                return None
             seed = self.next_seed[f]
             self.next_seed[f] += 1
             self.tried[f] += 1
             rel = f'{EPISODE_DIR}/{episode_filename(f, seed)}'
             if rel in self.done_files:                  # already on disk from an earlier run
                 self.kept[f] += 1
-                if self.kept[f] >= self.episodes_per_family:
-                    return None
                 continue
             return (str(self.out), f, seed, *self.job_options)
         return None
 
     def first_jobs(self) -> list[tuple]:
+        """One job per missing episode of every family (the episodes already on disk are not run again)."""
         jobs = []
         for f in self.families:
-            for _ in range(self.episodes_per_family):
-                job = self.next_job(f)
-                if job is None:
-                    break
+            queued = 0
+            while (job := self.next_job(f, queued)) is not None:
                 jobs.append(job)
+                queued += 1
         return jobs
 
     def handle(self, entry: dict, families_in_flight: Iterable[str]) -> Optional[tuple]:
@@ -408,9 +500,7 @@ class _Collection:
             self.bar.update(1)
         elif entry['success']:                          # surplus (cannot normally happen)
             (self.out / entry['file']).unlink(missing_ok=True)
-        if self.kept[f] + sum(1 for g in families_in_flight if g == f) < self.episodes_per_family:
-            return self.next_job(f)
-        return None
+        return self.next_job(f, sum(1 for g in families_in_flight if g == f))
 
 
 def _run_jobs(collection: _Collection, jobs: list[tuple], workers: int) -> None:
@@ -434,8 +524,8 @@ def _run_jobs(collection: _Collection, jobs: list[tuple], workers: int) -> None:
                     futures[pool.submit(_collect_job, *nxt)] = nxt[1]
 
 
-def _finish_manifest(out: Path, manifest: dict, collection: _Collection) -> dict:
-    """Merge the new episodes and attempt counts into the manifest and write it; fail if a family fell short."""
+def _merge_manifest(out: Path, manifest: dict, collection: _Collection) -> None:
+    """Merge the new episodes and attempt counts into the manifest and write it."""
     by_file = {e['file']: e for e in manifest['episodes']}
     by_file.update({e['file']: e for e in collection.new_entries})
     manifest['episodes'] = sorted(by_file.values(), key=lambda e: (e['family'], e['seed']))
@@ -444,6 +534,10 @@ def _finish_manifest(out: Path, manifest: dict, collection: _Collection) -> dict
         manifest['attempts'][f] = {'run': prev['run'] + collection.ran[f],
                                    'succeeded': prev['succeeded'] + collection.succeeded[f]}
     write_manifest(out, manifest)
+
+
+def _check_kept(manifest: dict, collection: _Collection) -> dict:
+    """The manifest, unless a family fell short of the episodes asked for (RuntimeError)."""
     wanted = collection.episodes_per_family
     short = {f: collection.kept[f] for f in collection.families if collection.kept[f] < wanted}
     if short:

@@ -23,6 +23,7 @@ ones the policy practised.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -62,12 +63,31 @@ class TrainConfig:
     val_fraction: float = 0.05
     log_every: int = 50
     save_every: int = 500
-    max_minutes: float = 0.0        # stop (and save) after this wall time; 0 = no limit
+    max_minutes: float = 0.0        # stop (and save) after this run's wall time; 0 = no limit
     localisation_weight: float = 1.0   # auxiliary loss: where the named object and the goal are; 0 = off
     pointing_weight: float = 0.5       # auxiliary loss: which patches of camera 0 show them; 0 = off
     token_drop_probability: float = 0.0   # share of batches with randomly dropped visual tokens; 0 = off
     token_drop_min_keep: float = 0.25     # each drop stage keeps at least this share of the tokens it sees
     token_drop_families: str = 'uniform'  # comma-separated kinds of drop (training/token_drops.py) or 'all'
+
+    def check(self) -> None:
+        """Raise ValueError for a setting that cannot train, before any data is loaded or any step taken."""
+        for name in ('steps', 'batch_size', 'log_every', 'save_every', 'threads'):
+            if getattr(self, name) < 1:
+                raise ValueError(f'{name} must be at least 1, not {getattr(self, name)}')
+        for name in ('warmup_steps', 'shift_pixels', 'weight_decay', 'max_minutes', 'localisation_weight',
+                     'pointing_weight'):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f'{name} must not be negative, not {getattr(self, name)}')
+        if not self.lr > 0:
+            raise ValueError(f'lr must be positive, not {self.lr}')
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f'val_fraction must be in [0, 1), not {self.val_fraction}')
+        if not 0 <= self.token_drop_probability <= 1:
+            raise ValueError(f'token_drop_probability must be in [0, 1], not {self.token_drop_probability}')
+        if not 0 < self.token_drop_min_keep <= 1:
+            raise ValueError(f'token_drop_min_keep must be in (0, 1], not {self.token_drop_min_keep}')
+        parse_families(self.token_drop_families)
 
 
 REACHED_XY = 0.04   # metres: once the tcp is this close to the object in xy ...
@@ -185,6 +205,34 @@ def random_shift(images: torch.Tensor, pixels: int, generator: torch.Generator
     return out.round().to(torch.uint8).view(b, c, ch, h, w), moved
 
 
+def split_by_layout(layouts: Sequence[tuple[str, int]], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of the training and the validation episodes, given each episode's layout (family, seed).
+
+    Whole layouts are held out: every episode of one (family, seed), e.g. its expert and its recovery demonstration
+    from two data directories, lands on the same side, so the validation loss is measured on layouts the policy never
+    trained on. Layouts are drawn in a seeded order until the held-out episodes reach ``val_fraction`` of all (at
+    least one layout when ``val_fraction`` > 0; none when it is 0). ValueError when nothing would be left to train on.
+    """
+    groups: dict[tuple[str, int], list[int]] = {}
+    for index, layout in enumerate(layouts):
+        groups.setdefault((str(layout[0]), int(layout[1])), []).append(index)
+    keys = sorted(groups)
+    if not keys:
+        raise ValueError('no episodes to train on')
+    wanted = int(len(layouts) * val_fraction)
+    held: list[int] = []
+    order = np.random.default_rng(seed).permutation(len(keys))
+    for position in order:
+        if val_fraction <= 0 or (held and len(held) >= max(1, wanted)):
+            break
+        held.extend(groups[keys[position]])
+    if len(held) == len(layouts):
+        raise ValueError(f'{len(keys)} layout(s) cannot be split into training and validation (val_fraction '
+                         f'{val_fraction}); use more episodes or val_fraction 0')
+    held_set = set(held)
+    return [i for i in range(len(layouts)) if i not in held_set], sorted(held)
+
+
 def proprio_statistics(episodes: Sequence) -> tuple[list[float], list[float]]:
     stacked = np.concatenate([ep.proprio for ep in episodes])
     return stacked.mean(axis=0).tolist(), (stacked.std(axis=0) + 1e-3).tolist()
@@ -233,43 +281,69 @@ def training_losses(model: ReferenceVLA, batch: dict[str, torch.Tensor], bf16: b
     return {'chunk': chunk, 'localisation': localisation, 'pointing': pointing, 'pointing_hit': pointing_hit}
 
 
+STATE_FILE = 'train_state.pt'
+LOSS_LOG = 'loss_log.jsonl'
+
+
+def check_run_directory(out_dir: Path, resume: bool, overwrite: bool = False) -> None:
+    """Raise ValueError unless ``out_dir`` suits the run: a saved state to resume, or none to start over unless told.
+
+    A fresh run would otherwise replace the state (optimizer, step) of an earlier run at its first save.
+    """
+    state_path = Path(out_dir) / STATE_FILE
+    if resume and not state_path.exists():
+        raise ValueError(f'nothing to resume: {state_path} does not exist (check --out, or start without --resume)')
+    if not resume and state_path.exists() and not overwrite:
+        raise ValueError(f'{state_path} holds the state of an earlier run: continue it with --resume, or start '
+                         'over (replacing it and its loss log) with --overwrite')
+
+
 def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes: Sequence, out_dir: Path,
-          resume: bool = False, export_dir: Optional[Path] = None, init_from: Optional[Path] = None) -> Path:
+          resume: bool = False, export_dir: Optional[Path] = None, init_from: Optional[Path] = None,
+          overwrite: bool = False) -> Path:
     """Train (or resume) and export the final checkpoint; returns the export directory.
 
-    ``resume`` continues from ``out_dir/train_state.pt`` (weights, optimizer, step, RNG); ``init_from`` starts
-    from an exported checkpoint's weights and normalisation instead (fresh optimizer), e.g. the committed
-    reference VLA on a machine that no longer has the training state.
+    ``resume`` continues from ``out_dir/train_state.pt`` (weights, optimizer, step, RNG streams), which must exist;
+    without it, an existing state is an error unless ``overwrite`` (then the run starts over with a new loss log).
+    ``init_from`` starts from an exported checkpoint's weights and normalisation instead (fresh optimizer), e.g. the
+    committed reference VLA on a machine that no longer has the training state. The validation episodes are whole
+    layouts (``split_by_layout``). ``max_minutes`` limits each run (a resumed run gets as many again); the learning
+    rate's time schedule counts the minutes of all runs.
     """
-    parse_families(train_config.token_drop_families)      # an unknown family fails before any work
+    train_config.check()
+    check_run_directory(out_dir, resume, overwrite)
     torch.set_num_threads(train_config.threads)
     torch.manual_seed(train_config.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state_path = out_dir / 'train_state.pt'
-    log_path = out_dir / 'loss_log.jsonl'
+    state_path = out_dir / STATE_FILE
+    log_path = out_dir / LOSS_LOG
 
     rng = np.random.default_rng(train_config.seed)
-    order = rng.permutation(len(episodes))
-    n_val = max(1, int(len(episodes) * train_config.val_fraction))
-    val_eps = [episodes[i] for i in order[:n_val]]
-    train_eps = [episodes[i] for i in order[n_val:]]
+    train_index, val_index = split_by_layout([(ep.family, ep.seed) for ep in episodes], train_config.val_fraction,
+                                             train_config.seed)
+    val_eps = [episodes[i] for i in val_index]
+    train_eps = [episodes[i] for i in train_index]
     model, model_config, earlier_steps = _initial_model(model_config, train_eps, init_from)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
     step = 0
     elapsed_before = 0.0  # minutes trained by earlier runs (resume)
-    if resume and state_path.exists():
-        step, elapsed_before, rng = _load_state(state_path, model, optimizer)
+    generator = torch.Generator().manual_seed(train_config.seed)
+    if resume:
+        step, elapsed_before, rng = _load_state(state_path, model, optimizer, generator)
+    _start_loss_log(log_path, step)
 
     train_bank = DemoBank(train_eps, model_config.camera_names, model.tokenizer, model_config.chunk_size)
-    val_bank = DemoBank(val_eps, model_config.camera_names, model.tokenizer, model_config.chunk_size)
-    val_rows = np.random.default_rng(1).choice(len(val_bank), size=min(256, len(val_bank)), replace=False)
-    generator = torch.Generator().manual_seed(train_config.seed + step)
-    print(f'{len(train_bank)} training steps from {len(train_eps)} episodes, {len(val_bank)} validation steps; '
+    val_bank, val_rows = None, None            # val_fraction 0: no held-out set
+    if val_eps:
+        val_bank = DemoBank(val_eps, model_config.camera_names, model.tokenizer, model_config.chunk_size)
+        val_rows = np.random.default_rng(1).choice(len(val_bank), size=min(256, len(val_bank)), replace=False)
+    print(f'{len(train_bank)} training steps from {len(train_eps)} episodes, '
+          f'{len(val_bank) if val_bank else 0} validation steps; '
           f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters')
 
     def save_state() -> None:
         torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'step': step, 'rng': rng,
-                    'minutes': elapsed_before + (time.time() - started) / 60,
+                    'minutes': elapsed_before + (time.time() - started) / 60, 'generator': generator.get_state(),
                     'torch_rng': torch.get_rng_state(), 'model_config': model_config.to_dict(),
                     'train_config': asdict(train_config)}, state_path)
 
@@ -279,7 +353,8 @@ def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes:
     bar = tqdm(total=train_config.steps, initial=step, desc='train', unit='step', dynamic_ncols=True)
     layout = model.layout(model_config.max_words)          # the training sequences' layout (for token drops)
     while step < train_config.steps:
-        minutes = elapsed_before + (time.time() - started) / 60
+        run_minutes = (time.time() - started) / 60
+        minutes = elapsed_before + run_minutes
         for group in optimizer.param_groups:
             group['lr'] = learning_rate(step, train_config, minutes)
         batch = train_bank.batch(rng.integers(0, len(train_bank), size=train_config.batch_size))
@@ -290,7 +365,7 @@ def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes:
             means = {name: float(np.mean([r[name] for r in running])) for name in running[0]}
             entry = {'step': step, 'loss': means.pop('chunk'), **means,
                      'lr': optimizer.param_groups[0]['lr'], 'minutes': minutes}
-            if step % (train_config.log_every * 4) == 0 or step == train_config.steps:
+            if val_bank is not None and (step % (train_config.log_every * 4) == 0 or step == train_config.steps):
                 val = validation_losses(model, val_bank, val_rows, train_config.bf16)
                 entry['val_loss'] = val.pop('chunk')
                 entry.update({f'val_{name}': value for name, value in val.items()})
@@ -298,11 +373,12 @@ def train(model_config: ReferenceVLAConfig, train_config: TrainConfig, episodes:
             bar.set_postfix(loss=f"{entry['loss']:.4f}", val=f"{entry.get('val_loss', float('nan')):.4f}")
             with open(log_path, 'a') as f:
                 f.write(strict_json(entry) + '\n')
-        out_of_time = train_config.max_minutes and minutes >= train_config.max_minutes
+        out_of_time = train_config.max_minutes and run_minutes >= train_config.max_minutes
         if step % train_config.save_every == 0 or out_of_time:
             save_state()
         if out_of_time:
-            print(f'stopping at step {step}: --max-minutes {train_config.max_minutes} reached (resume with --resume)')
+            print(f'stopping at step {step}: this run reached --max-minutes {train_config.max_minutes} '
+                  '(rerun with --resume to continue for as long again)')
             break
     bar.close()
     save_state()
@@ -333,15 +409,34 @@ def _initial_model(model_config: ReferenceVLAConfig, train_eps: Sequence, init_f
     return model, model_config, earlier_steps
 
 
-def _load_state(state_path: Path, model: ReferenceVLA, optimizer: torch.optim.Optimizer
+def _load_state(state_path: Path, model: ReferenceVLA, optimizer: torch.optim.Optimizer, generator: torch.Generator
                 ) -> tuple[int, float, np.random.Generator]:
-    """Restore weights, optimizer and torch RNG from a training state; (step, minutes trained, numpy RNG)."""
+    """Restore weights, optimizer, torch RNG and the augmentation generator from a training state.
+
+    Returns (step, minutes trained, numpy RNG). States saved without the generator re-seed it from the step.
+    """
     state = torch.load(state_path, weights_only=False)
     model.load_state_dict(state['model'])
     optimizer.load_state_dict(state['optimizer'])
     torch.set_rng_state(state['torch_rng'])
+    if 'generator' in state:
+        generator.set_state(state['generator'])
+    else:
+        generator.manual_seed(int(state['train_config'].get('seed', 0)) + state['step'])
     print(f'resumed from {state_path} at step {state["step"]}')
     return state['step'], state.get('minutes', 0.0), state['rng']
+
+
+def _start_loss_log(log_path: Path, step: int) -> None:
+    """Start the loss log of a run at ``step``: empty for a fresh run; a resumed one keeps the lines up to its step.
+
+    Lines logged after the resumed state was saved would otherwise appear twice once those steps are trained again.
+    """
+    kept = []
+    if step and log_path.exists():
+        kept = [line for line in log_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get('step', 0) <= step]
+    log_path.write_text(''.join(line + '\n' for line in kept))
 
 
 def _optimise(model: ReferenceVLA, optimizer: torch.optim.Optimizer, batch: dict, layout: TokenLayout,
