@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from specprune_ros.sim import scene
+from specprune_ros.sim.expert import PUSH_CONTACT
 from specprune_ros.sim.outcomes import OUTCOMES, OutcomeTracker, count_outcomes
 from specprune_ros.sim.tasks import ObjectState, PlateState, SimState, ZoneState, sample_task
 
@@ -56,6 +57,9 @@ def test_place_and_push_endings():
     assert ending('push', [above, state(tcp=(0.0, 0.1, H), red=(0.0, 0.08, H))]) == 'misplaced'
     assert ending('push', [state(tcp=(-0.1, 0.05, H), blue=(-0.1, 0.06, H))]) == 'wrong_object'
     assert ending('push', [above, above]) == 'not_pushed'
+    # pressing from behind at the fingers' contact distance without moving the target: reached, not pushed
+    assert ending('push', [state(tcp=(PUSH_CONTACT, 0.0, H)), state(tcp=(PUSH_CONTACT, 0.0, H))]) == 'not_pushed'
+    assert ending('push', [state(tcp=(PUSH_CONTACT + 0.03, 0.0, H))]) == 'not_reached'
 
 
 def test_counts_follow_the_outcome_order():

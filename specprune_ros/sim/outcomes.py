@@ -7,7 +7,8 @@ state each control step (no rendering) and :meth:`OutcomeTracker.outcome` names 
 * ``success``;
 * ``wrong_object``: another object was held off the table, or moved more than ``MOVED_M`` while the target was
   never engaged (never held; for push: not moved);
-* ``not_reached``: the target was never engaged and the tool centre never came within ``REACH_M`` of it (xy);
+* ``not_reached``: the target was never engaged and the tool centre never came within ``REACH_M`` of it (xy;
+  ``PUSH_REACH_M`` for push, whose contact is from behind);
 * ``missed_grasp`` (pick, place) / ``not_pushed`` (push): reached, but never held / never moved;
 * ``dropped`` (pick): held, not held at the end; ``not_lifted`` (pick): held at the end, not high enough;
 * ``not_released`` (place): still held at the end; ``misplaced``: place released off the plate, push moved the
@@ -20,10 +21,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from specprune_ros.sim.expert import PUSH_CONTACT
 from specprune_ros.sim.tasks import ON_TABLE_TOL, SimState, TaskSpec, is_held
 
 MOVED_M = 0.03        # an object counts as moved when its centre left its start by more than this (xy)
 REACH_M = 0.03        # the tool centre reached an object when it came this close to it (xy)
+# a push touches the object from behind: the tool centre stops at the fingers' contact distance, so reaching it
+# there counts with a margin over that
+PUSH_REACH_M = PUSH_CONTACT + 0.01
 
 OUTCOMES: tuple[str, ...] = ('success', 'wrong_object', 'not_reached', 'missed_grasp', 'not_pushed', 'dropped',
                              'not_lifted', 'not_released', 'misplaced')
@@ -74,7 +79,7 @@ class OutcomeTracker:
         if self.other_held or (others_moved and not engaged):
             return 'wrong_object'
         if not engaged:
-            if self.closest_reach_m > REACH_M:
+            if self.closest_reach_m > (PUSH_REACH_M if task.family == 'push' else REACH_M):
                 return 'not_reached'
             return 'not_pushed' if task.family == 'push' else 'missed_grasp'
         held_now = is_held(final, target)
