@@ -153,3 +153,15 @@ def test_an_oft_libero_checkpoint_reads_its_8d_state_from_a_bag(tmp_path):
     assert first.proprio[6] == pytest.approx(-first.proprio[7])
     assert first.proprio[6] == pytest.approx(same.proprio[5] / 2)            # half the finger gap
     np.testing.assert_allclose(first.proprio[:3], same.proprio[:3])
+
+
+def test_a_stride_the_recorded_schedule_does_not_use_is_reported_as_unused(policy_bag):
+    """--stride with the default schedule on a bag with chunks: the report says stride null, and why."""
+    streams = load_streams(policy_bag)
+    config = ReplayConfig(model='tiny-random', methods=(), stride=3, repeat_baseline=False, progress=False)
+    report = evaluate_streams(streams, config)
+    assert report['schedule'] == 'recorded' and report['inferences'] == 4 and report['stride'] is None
+    assert 'stride 3 not used: schedule recorded infers where the live node inferred' in markdown(report)
+    every = evaluate_streams(streams, ReplayConfig(model='tiny-random', methods=(), schedule='every', stride=3,
+                                                   repeat_baseline=False, progress=False))
+    assert every['stride'] == 3 and not any('not used' in note for note in every['notes'])

@@ -229,3 +229,110 @@ def test_encodings_the_node_does_not_take_are_decoded_with_rosbags_image(tmp_pat
     with pytest.raises(BagError, match=r"camera 'a' .* mono16 8x8: data holds 64 bytes with step 16"):
         load_streams(truncated, StreamTopics(cameras={'a': '/mono16'}, ee_pose='', gripper_state='', commands='',
                                              gripper_command='', chunks=''))
+
+
+WRITE_UNTIL_THE_DISK_IS_FULL = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))    # writes past 1 MiB fail, as on a full disk
+from specprune_ros.bags.io import BagWriter
+from specprune_ros.bags.typestore_messages import TypestoreMessages
+writer = BagWriter(sys.argv[1], storage='sqlite3')
+writer.open()
+writer.add_topic('/blob', 'std_msgs/msg/String')
+text = TypestoreMessages(writer.typestore).string('x' * 4000)
+try:
+    for i in range(1000):
+        writer.write('/blob', 10**9 + i * 10**6, text)
+except Exception as error:
+    print('write failed:', type(error).__name__)
+writer.close()
+print('counts:', writer.counts['/blob'])
+"""
+
+
+def test_a_sqlite3_bag_whose_writes_fail_keeps_what_was_committed_with_matching_metadata(tmp_path):
+    """A full disk mid-recording: the committed messages stay readable and metadata.yaml counts exactly those."""
+    path = tmp_path / 'full'
+    done = subprocess.run([sys.executable, '-c', WRITE_UNTIL_THE_DISK_IS_FULL, str(path)], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0 and 'write failed' in done.stdout, done.stdout + done.stderr
+    with BagReader(path) as bag:
+        counted = bag.topics()['/blob'].count
+        readable = len(list(bag.raw_messages()))
+    assert counted == readable and 100 <= readable < 1000, (counted, readable)
+    assert f'counts: {readable}' in done.stdout
+
+
+WRITE_THEN_DIE = """
+import os, sys
+from specprune_ros.bags.io import BagWriter
+from specprune_ros.bags.typestore_messages import TypestoreMessages
+writer = BagWriter(sys.argv[1], storage='sqlite3')
+writer.open()
+writer.add_topic('/blob', 'std_msgs/msg/String')
+text = TypestoreMessages(writer.typestore).string('x' * 1000)
+for i in range(250):
+    writer.write('/blob', 10**9 + i * 10**6, text)
+os._exit(0)                       # killed: close() never runs
+"""
+
+
+def test_a_killed_sqlite3_recording_keeps_the_committed_messages(tmp_path):
+    import sqlite3
+    path = tmp_path / 'killed'
+    done = subprocess.run([sys.executable, '-c', WRITE_THEN_DIE, str(path)], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    database = sqlite3.connect(path / 'killed.db3')
+    try:
+        rows = database.execute('SELECT COUNT(*) FROM messages').fetchone()[0]
+    finally:
+        database.close()
+    assert 200 <= rows <= 250, rows       # committed every 100 messages at least; the rest was in flight
+
+
+def test_opencv_style_colour_encodings_keep_bgr_order_and_float_frames_are_refused(tmp_path):
+    """16UC3/16UC4 frames are BGR(A) like 8UC3; a 32FC3 frame has no colour scale and is counted as unusable."""
+    height, width = 4, 6
+    blue = {'8UC3': np.array([255, 0, 0], np.uint8), '16UC3': np.array([65535, 0, 0], '<u2'),
+            '16UC4': np.array([65535, 0, 0, 65535], '<u2'), '32FC3': np.array([1.0, 0.2, 0.5], '<f4')}
+    path = tmp_path / 'generic'
+    with BagWriter(path) as writer:
+        build = TypestoreMessages(writer.typestore)
+        writer.add_topic('/cam', 'sensor_msgs/msg/Image')
+        writer.add_topic('/instruction', 'std_msgs/msg/String')
+        writer.write('/instruction', 1, build.string('push the cube'))
+        for k, (encoding, pixel) in enumerate(blue.items()):
+            ns = 10**9 + k * 10**8
+            frame = np.tile(pixel, (height, width, 1))
+            writer.write('/cam', ns, raw_image(build, encoding, height, width, frame, width * pixel.nbytes, ns))
+    streams = load_streams(path, StreamTopics(cameras={'a': '/cam'}, ee_pose='', gripper_state='', commands='',
+                                              gripper_command='', chunks=''), image_size=None)
+    assert len(streams.observations) == 3, streams.notes
+    for observation in streams.observations:
+        assert np.array_equal(observation.images['a'].reshape(-1, 3), np.tile([0, 0, 255], (height * width, 1)))
+    assert any(re.search(r"1 unusable frames on /cam skipped .*unsupported encoding '32FC3'", note)
+               for note in streams.notes), streams.notes
+
+
+def test_a_compressed_frame_of_too_many_pixels_is_refused_before_decoding(tmp_path):
+    """A 200 kB PNG of 8192 x 8192 pixels is counted as unusable (image_size); a normal frame next to it is used."""
+    import cv2
+    huge = cv2.imencode('.png', np.zeros((8192, 8192), np.uint8))[1].tobytes()
+    small = cv2.imencode('.png', np.full((48, 64, 3), 200, np.uint8))[1].tobytes()
+    path = tmp_path / 'huge'
+    with BagWriter(path) as writer:
+        build = TypestoreMessages(writer.typestore)
+        writer.add_topic('/cam/compressed', 'sensor_msgs/msg/CompressedImage')
+        writer.add_topic('/instruction', 'std_msgs/msg/String')
+        writer.write('/instruction', 1, build.string('push the cube'))
+        for k, data in enumerate((huge, small)):
+            ns = 10**9 + k * 10**8
+            writer.write('/cam/compressed', ns, build.types['sensor_msgs/msg/CompressedImage'](
+                header=build.header(ns, 'camera'), format='png', data=np.frombuffer(data, np.uint8).copy()))
+    streams = load_streams(path, StreamTopics(cameras={'a': '/cam/compressed'}, ee_pose='', gripper_state='',
+                                              commands='', gripper_command='', chunks=''), image_size=None)
+    assert len(streams.observations) == 1 and streams.observations[0].images['a'].shape == (48, 64, 3)
+    assert any(re.search(r'1 unusable frames on /cam/compressed skipped .*image 8192x8192 has 67108864 pixels', note)
+               for note in streams.notes), streams.notes

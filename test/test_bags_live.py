@@ -1,4 +1,4 @@
-"""Bags through real DDS (ROS_DOMAIN_ID 72).
+"""Bags through real DDS (ROS_DOMAIN_ID 72, and 171-175 for the recorder's and replayer's limits).
 
 A simulator episode recorded to a bag is replayed live (with /clock) into the running policy node while the recorder
 writes the node's actions to a second bag (sqlite3); the node's chunks are exactly what the policy computes offline from
@@ -42,8 +42,8 @@ def sim_bag(tmp_path_factory):
     return path
 
 
-def start(label: str, command: list[str], log_dir: Path) -> ManagedProcess:
-    return ManagedProcess(label, command, child_environment(DOMAIN), log_dir / f'{label}.log').start()
+def start(label: str, command: list[str], log_dir: Path, domain: int = DOMAIN) -> ManagedProcess:
+    return ManagedProcess(label, command, child_environment(domain), log_dir / f'{label}.log').start()
 
 
 def test_recorded_episode_replayed_into_the_node_yields_an_actions_bag(sim_bag, tmp_path):
@@ -229,21 +229,35 @@ def _file_size_limit() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 
 
-def test_a_recording_that_cannot_be_written_stops_and_fails(tmp_path):
-    """Disk full: the recorder stops at once and exits non-zero, instead of reporting success at the end."""
+@pytest.mark.parametrize('storage, domain', [('mcap', DOMAIN), ('sqlite3', 175)])
+def test_a_recording_that_cannot_be_written_stops_and_fails(tmp_path, storage, domain):
+    """Disk full: the recorder stops at once and exits non-zero, instead of reporting success at the end.
+
+    Whatever metadata the bag gets counts only the messages it holds, and the error says how to get at them.
+    """
     camera = start('camera_for_full_disk', [sys.executable, '-m', 'specprune_ros.ros.tools.synthetic_camera',
                                             '--rate', '30', '--size', '224', '--camera', 'agentview=/full/cam:raw',
-                                            '--duration', '60'], tmp_path)
+                                            '--duration', '60'], tmp_path, domain)
+    bag = tmp_path / 'full'
     try:
         started = time.monotonic()
-        recorder = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'record_bag.py'), str(tmp_path / 'full'),
-                                   '--topics', '/full/cam', '--duration', '50'], env=child_environment(DOMAIN),
-                                  capture_output=True, text=True, timeout=120, preexec_fn=_file_size_limit)
+        recorder = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'record_bag.py'), str(bag),
+                                   '--topics', '/full/cam', '--duration', '50', '--storage', storage],
+                                  env=child_environment(domain), capture_output=True, text=True, timeout=120,
+                                  preexec_fn=_file_size_limit)
     finally:
         camera.interrupt()
     assert recorder.returncode == 1, recorder.stdout + recorder.stderr
-    assert 'error: the recording failed: writing /full/cam failed (OSError' in recorder.stderr
+    assert 'error: the recording failed: writing /full/cam failed (' in recorder.stderr, recorder.stderr
     assert time.monotonic() - started < 45                # it stopped when the writes failed, not at --duration
+    if (bag / 'metadata.yaml').is_file():
+        with BagReader(bag) as reader:
+            counted = sum(info.count for info in reader.topics().values())
+            readable = len(list(reader.raw_messages()))
+        assert counted == readable, (counted, readable, recorder.stdout)
+        assert f'wrote {readable} messages' in recorder.stdout, recorder.stdout
+    else:
+        assert f'`ros2 bag reindex {bag} {storage}`' in recorder.stderr, recorder.stderr
 
 
 PUBLISH_RELIABLE_THEN_BEST_EFFORT = """
@@ -291,3 +305,242 @@ def test_a_publisher_joining_with_a_weaker_qos_is_recorded_too(tmp_path):
         texts = [bag.deserialize(raw, msgtype).data for _, msgtype, _, raw in bag.raw_messages()]
     assert [t for t in texts if t.startswith('late')] == [f'late{i}' for i in range(5)], texts
     assert [t for t in texts if t.startswith('reliable')] == [f'reliable{i}' for i in range(5)], texts
+
+
+class BlockedWriter:
+    """A recorder whose writer thread waits in its first write until ``release``: a stalled disk."""
+
+    def __init__(self, path: Path, domain: int, **options) -> None:
+        import rclpy
+        from specprune_ros.bags.io import make_qos
+        self.rclpy = rclpy
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context, domain_id=domain)
+        self.recorder = BagRecorder(path, ['/stalled'], storage='mcap', context=self.context, **options)
+        self.released = __import__('threading').Event()
+        self.writing = __import__('threading').Event()
+        write_raw = self.recorder.writer.write_raw
+
+        def stalled(*args):
+            self.writing.set()
+            self.released.wait(120)
+            write_raw(*args)
+        self.recorder.writer.write_raw = stalled
+        self.recorder.queue.put(('topic', '/stalled', 'std_msgs/msg/String', [make_qos()]))   # as discovery does
+
+    def enqueue(self, count: int, size: int) -> None:
+        from specprune_ros.bags.typestore_messages import TypestoreMessages
+        build = TypestoreMessages(self.recorder.writer.typestore)
+        for i in range(count):
+            data = self.recorder.writer.typestore.serialize_cdr(build.string(f'{i:06d}' + 'x' * size),
+                                                                'std_msgs/msg/String')
+            self.recorder._enqueue('/stalled', 10**9 + i, data)
+
+    def close(self) -> None:
+        self.released.set()
+        self.recorder.destroy_node()
+        self.rclpy.try_shutdown(context=self.context)
+
+
+def bag_texts(path: Path) -> tuple[int, list[str]]:
+    """Messages metadata.yaml counts, and the texts the bag holds."""
+    with BagReader(path) as bag:
+        counted = sum(info.count for info in bag.topics().values())
+        return counted, [bag.deserialize(raw, msgtype).data for _, msgtype, _, raw in bag.raw_messages()]
+
+
+@pytest.mark.parametrize('interrupt_again', [False, True])
+def test_closing_waits_for_the_writer_or_drops_the_backlog_on_a_second_interrupt(tmp_path, monkeypatch,
+                                                                                 interrupt_again):
+    """The writer is stalled with messages queued: close() returns only once the bag is closed.
+
+    It logs the backlog while waiting; a second interrupt drops what is queued, closes the bag with what was
+    written and marks the recording failed.
+    """
+    import threading
+    from specprune_ros.ros import bag_recorder
+    monkeypatch.setattr(bag_recorder, 'BACKLOG_LOG_S', 0.0, raising=False)
+    stalled = BlockedWriter(tmp_path / 'backlog', 171)
+    try:
+        recorder = stalled.recorder
+        warned = threading.Event()
+        logger = recorder.get_logger()
+        warning = logger.warning
+
+        def noticed(text, **kwargs):
+            if 'still to write' in text:
+                warned.set()
+            return warning(text, **kwargs)
+        monkeypatch.setattr(logger, 'warning', noticed)
+        stalled.enqueue(20, 10)
+        assert stalled.writing.wait(30)
+        counts = []
+        closer = threading.Thread(target=lambda: counts.append(recorder.close()))
+        closer.start()
+        assert warned.wait(30), 'close() logs the backlog while the writer is stalled'
+        assert closer.is_alive() and not counts      # the stalled writer still holds the bag open
+        if interrupt_again:
+            recorder.interrupt()                     # the first one is what made the recording stop
+            deadline = time.monotonic() + 30
+            while not recorder.write_error and time.monotonic() < deadline:
+                time.sleep(0.05)                     # close() drops the backlog
+        stalled.released.set()
+        closer.join(60)
+        assert not closer.is_alive()
+    finally:
+        stalled.close()
+    counted, texts = bag_texts(tmp_path / 'backlog')
+    assert counted == len(texts) == counts[0]['/stalled']
+    if interrupt_again:
+        assert len(texts) + recorder.dropped_backlog == 20 and recorder.dropped_backlog > 0
+        assert 'interrupted twice while writing' in recorder.write_error
+    else:
+        assert len(texts) == 20 and not recorder.write_error
+
+
+def test_the_queue_for_a_stalled_writer_is_bounded_in_bytes(tmp_path):
+    """With the writer stalled, 1 MB messages beyond the byte cap are dropped and counted, not held in memory."""
+    stalled = BlockedWriter(tmp_path / 'capped', 172, max_queue_bytes=16 << 20)
+    try:
+        stalled.enqueue(1, 10)
+        assert stalled.writing.wait(30)               # the writer holds the first message
+        stalled.enqueue(60, 1 << 20)
+        recorder = stalled.recorder
+        assert recorder.queued_bytes <= 16 << 20
+        assert recorder.dropped_queue_full == 61 - recorder.accepted and recorder.accepted == 16
+        stalled.released.set()
+        counts = recorder.close()
+    finally:
+        stalled.close()
+    assert counts == {'/stalled': 16} and recorder.queued_bytes == 0
+
+
+def test_max_messages_records_exactly_that_many_and_negative_limits_are_refused(tmp_path):
+    script = str(ROOT / 'scripts' / 'record_bag.py')
+    environment = child_environment(173)
+    for option in ('--duration', '--max-messages'):
+        done = subprocess.run([sys.executable, script, str(tmp_path / 'never'), '--topics', '/burst', option, '-1'],
+                              env=environment, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and 'must be at least 0' in done.stderr, done.stderr
+    assert not (tmp_path / 'never').exists()
+    recorder = start('recorder_max', [sys.executable, script, str(tmp_path / 'fifty'), '--topics', '/burst',
+                                      '--max-messages', '50'], tmp_path, 173)
+    try:
+        publisher = subprocess.run([sys.executable, '-c', PUBLISH_BURST], env=environment, capture_output=True,
+                                   text=True, timeout=120)
+        assert publisher.returncode == 0, publisher.stderr
+        assert recorder.wait(60) == 0, recorder.output()
+    finally:
+        recorder.interrupt()
+    counted, texts = bag_texts(tmp_path / 'fifty')
+    first = int(texts[0][1:])
+    assert counted == 50 and texts == [f'm{i}' for i in range(first, first + 50)], texts
+    assert 'recorded 50 messages' in recorder.output()
+
+
+PUBLISH_BURST = """
+import time, rclpy
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from std_msgs.msg import String
+rclpy.init()
+node = rclpy.create_node('burst_publisher')
+publisher = node.create_publisher(String, '/burst', QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE))
+deadline = time.monotonic() + 60
+while publisher.get_subscription_count() < 1 and time.monotonic() < deadline:
+    time.sleep(0.05)
+time.sleep(0.5)
+for i in range(300):
+    publisher.publish(String(data=f'm{i}'))
+    time.sleep(0.002)
+publisher.wait_for_all_acked(rclpy.duration.Duration(seconds=5))
+"""
+
+PUBLISH_LATCHED_AND_LEAVE = """
+import sys, time, rclpy
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from std_msgs.msg import String
+rclpy.init()
+node = rclpy.create_node('operator_instruction')
+publisher = node.create_publisher(String, '/instruction', QoSProfile(
+    depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+publisher.publish(String(data=sys.argv[1]))      # before any subscriber matched: latched
+deadline = time.monotonic() + 60
+while publisher.get_subscription_count() < 1 and time.monotonic() < deadline:
+    time.sleep(0.05)
+publisher.wait_for_all_acked(rclpy.duration.Duration(seconds=5))
+time.sleep(0.5)
+"""
+
+
+def test_a_restarted_latched_publisher_is_still_recorded(tmp_path):
+    """A latched instruction's publisher leaves and a new one latches another task: both are in the bag.
+
+    The recorder keeps its latched subscription while the topic has no publisher.
+    """
+    import rclpy
+    environment = child_environment(174)
+    recorder = start('recorder_latched', [sys.executable, str(ROOT / 'scripts' / 'record_bag.py'),
+                                          str(tmp_path / 'latched'), '--topics', '/instruction'], tmp_path, 174)
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=174)
+    watcher = rclpy.create_node('publisher_watcher', context=context)
+    try:
+        first = subprocess.run([sys.executable, '-c', PUBLISH_LATCHED_AND_LEAVE, 'task one'], env=environment,
+                               capture_output=True, text=True, timeout=120)
+        assert first.returncode == 0, first.stderr
+        deadline = time.monotonic() + 30
+        while watcher.get_publishers_info_by_topic('/instruction') and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not watcher.get_publishers_info_by_topic('/instruction')
+        time.sleep(1.0)      # several discovery rounds of the recorder with no publisher on the topic
+        second = subprocess.run([sys.executable, '-c', PUBLISH_LATCHED_AND_LEAVE, 'task two'], env=environment,
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 0, second.stderr
+    finally:
+        watcher.destroy_node()
+        rclpy.try_shutdown(context=context)
+        recorder.interrupt()
+    _, texts = bag_texts(tmp_path / 'latched')
+    assert texts == ['task one', 'task two'], recorder.output()
+    assert 'subscribed again' not in recorder.output()
+
+
+def test_looping_a_one_message_bag_is_paced_and_bad_replay_options_are_refused(tmp_path):
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    bag = tmp_path / 'one'
+    with BagWriter(bag) as writer:
+        writer.add_topic('/beacon', 'std_msgs/msg/String')
+        writer.write_raw('/beacon', 10**9, writer.typestore.serialize_cdr(
+            writer.typestore.types['std_msgs/msg/String'](data='here'), 'std_msgs/msg/String'))
+    script = str(ROOT / 'scripts' / 'replay_bag.py')
+    environment = child_environment(176)
+    for arguments, reason in ((['--start-offset', '-1'], 'must be at least 0'),
+                              (['--start-offset', '5'], 'start offset 5 s is outside the replayed topics'),
+                              (['--clock', '--clock-rate', '-5'], 'must be at least 0'),
+                              (['--remap', '/beakon:=/renamed'], 'cannot remap /beakon: not a replayed topic')):
+        done = subprocess.run([sys.executable, script, str(bag), *arguments], env=environment, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 2 and reason in done.stderr and 'Traceback' not in done.stderr, done.stderr
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=176)
+    node = rclpy.create_node('beacon_listener', context=context)
+    arrivals = []
+    node.create_subscription(String, '/beacon', lambda _: arrivals.append(time.monotonic()),
+                             QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    player = start('player_loop', [sys.executable, script, str(bag), '--loop'], tmp_path, 176)
+    try:
+        deadline = time.monotonic() + 60
+        while len(arrivals) < 6 and time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.05)
+    finally:
+        player.interrupt()
+        executor.shutdown(timeout_sec=1.0)
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
+    assert len(arrivals) >= 6
+    gaps = np.diff(arrivals[1:])           # after the first match; a pass repeats every 0.1 s, not at once
+    assert gaps.min() > 0.05, gaps

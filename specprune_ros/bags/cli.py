@@ -101,7 +101,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument('--schedule', choices=('auto', 'recorded', 'every'), default='auto',
                         help='auto: where the live node inferred when the bag has its chunks, else every frame set')
     parser.add_argument('--stride', type=bounded(int, 1), default=1,
-                        help="schedule 'every': infer every N-th frame set")
+                        help="schedule 'every': infer every N-th frame set (not used by 'recorded', which auto "
+                             'picks for a bag with chunks: give --schedule every with it)')
     parser.add_argument('--max-observations', type=bounded(int, 0), default=0,
                         help='use only the first N frame sets (0: all); reading stops there')
     parser.add_argument('--max-camera-skew', type=bounded(float, 0.0, inclusive=False), default=0.05,
@@ -155,7 +156,7 @@ def evaluate_main(argv: Optional[list[str]] = None) -> int:
     import torch
     torch.set_num_threads(args.threads)
     # the evaluation loads torch and the models: only when the command runs
-    from specprune_ros.bags.replay_eval import ReplayConfig, evaluate_streams
+    from specprune_ros.bags.replay_eval import ReplayConfig, evaluate_streams, unused_stride_note
     from specprune_ros.bags.report import markdown, write_report  # lazy, see above
     from specprune_ros.bridge.conversions import CommandUnits  # lazy, see above
     from specprune_ros.models.loading import load_policy   # lazy, see above
@@ -185,6 +186,9 @@ def evaluate_main(argv: Optional[list[str]] = None) -> int:
         streams = load_streams(args.bag, topics, image_size=size, max_camera_skew_s=args.max_camera_skew,
                                units=units, instruction=args.instruction, max_observations=args.max_observations)
         report = evaluate_streams(streams, config, baseline_policy=baseline)
+        stride_note = unused_stride_note(report['schedule'], args.stride)
+        if stride_note:
+            print(f'note: {stride_note}', file=sys.stderr)
         paths = write_report(report, args.out, args.name, plots=not args.no_plots)
     except (BagError, CheckpointError, ValueError, OSError) as error:
         print(f'error: {error}', file=sys.stderr)

@@ -7,6 +7,7 @@ problem; CLIs print it and exit with status 2 instead of showing a traceback.
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
@@ -18,6 +19,10 @@ from rosbags.typesys import Stores, get_typestore
 
 STORAGES = {'mcap': StoragePlugin.MCAP, 'sqlite3': StoragePlugin.SQLITE3}
 BAG_VERSION = 9
+# rosbags' sqlite3 writer keeps every message in one transaction until close: a crash or a failed write would
+# roll all of them back, so BagWriter commits this often (MCAP loses at most its open chunk anyway)
+SQLITE_COMMIT_MESSAGES = 100
+SQLITE_COMMIT_PERIOD_S = 1.0
 
 
 class BagError(ValueError):
@@ -214,7 +219,12 @@ def custom_type_hash(msgtype: str, msgdef: str) -> str:
 
 
 class BagWriter:
-    """A new rosbag2 bag; ``add_topic`` once per topic, then ``write`` (message objects) or ``write_raw`` (CDR)."""
+    """A new rosbag2 bag; ``add_topic`` once per topic, then ``write`` (message objects) or ``write_raw`` (CDR).
+
+    sqlite3 bags are committed every ``SQLITE_COMMIT_MESSAGES`` messages or ``SQLITE_COMMIT_PERIOD_S`` seconds,
+    so a killed process leaves the committed messages readable. After a failed write, ``close`` makes the
+    metadata (and ``counts``) say what the database holds, not what was handed to it.
+    """
 
     def __init__(self, path: str | Path, storage: str = 'mcap', typestore: Any = None) -> None:
         if storage not in STORAGES:
@@ -228,6 +238,9 @@ class BagWriter:
             raise BagError(f'bag {self.path}: {error}') from None
         self._connections: dict[str, Any] = {}
         self.counts: dict[str, int] = {}
+        self.write_failed = False
+        self._uncommitted = 0
+        self._committed_at = time.monotonic()
 
     def __enter__(self) -> 'BagWriter':
         self.open()
@@ -241,6 +254,9 @@ class BagWriter:
         self._writer.open()
 
     def close(self) -> None:
+        """Write the metadata and close; after a failed sqlite3 write, the counts are those of the database."""
+        if self.write_failed and self.storage == 'sqlite3':
+            self._recount_sqlite()
         self._writer.close()
 
     def has_topic(self, topic: str) -> bool:
@@ -264,9 +280,59 @@ class BagWriter:
         self.counts[topic] = 0
 
     def write_raw(self, topic: str, timestamp_ns: int, data: bytes) -> None:
-        self._writer.write(self._connections[topic], int(timestamp_ns), data)
+        try:
+            self._writer.write(self._connections[topic], int(timestamp_ns), data)
+        except Exception:
+            self.write_failed = True
+            raise
         self.counts[topic] += 1
+        if self.storage == 'sqlite3':
+            self._uncommitted += 1
+            if self._uncommitted >= SQLITE_COMMIT_MESSAGES \
+                    or time.monotonic() - self._committed_at >= SQLITE_COMMIT_PERIOD_S:
+                self.commit()
 
     def write(self, topic: str, timestamp_ns: int, message: Any) -> None:
         msgtype = self._connections[topic].msgtype
         self.write_raw(topic, timestamp_ns, self.typestore.serialize_cdr(message, msgtype))
+
+    def commit(self) -> None:
+        """Make the messages written so far durable (sqlite3; MCAP writes its chunks as they fill)."""
+        connection = self._sqlite_connection()
+        if connection is None:
+            return
+        try:
+            connection.commit()
+        except Exception:
+            self.write_failed = True
+            raise
+        self._uncommitted = 0
+        self._committed_at = time.monotonic()
+
+    def _sqlite_connection(self) -> Any:
+        """The sqlite3 connection of rosbags' storage writer, or None (MCAP, or a rosbags without one)."""
+        connection = getattr(getattr(self._writer, 'storage', None), 'conn', None)
+        return connection if callable(getattr(connection, 'commit', None)) else None
+
+    def _recount_sqlite(self) -> None:
+        """Drop the failed transaction and take counts and time span from the rows the database holds.
+
+        rosbags writes metadata.yaml from its own counters, which include messages of the rolled-back transaction.
+        """
+        connection = self._sqlite_connection()
+        counts = getattr(self._writer, 'counts', None)
+        if connection is None or not isinstance(counts, dict):
+            return
+        connection.rollback()
+        rows = connection.execute('SELECT topic_id, COUNT(*), MIN(timestamp), MAX(timestamp) FROM messages '
+                                  'GROUP BY topic_id').fetchall()
+        held = {topic_id: (count, low, high) for topic_id, count, low, high in rows}
+        for topic, bag_connection in self._connections.items():
+            count = held.get(bag_connection.id, (0,))[0]
+            counts[bag_connection.id] = count
+            self.counts[topic] = count
+        if held:
+            self._writer.min_timestamp = min(low for _, low, _ in held.values())
+            self._writer.max_timestamp = max(high for _, _, high in held.values())
+        else:
+            self._writer.min_timestamp, self._writer.max_timestamp = 2**63 - 1, 0

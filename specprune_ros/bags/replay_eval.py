@@ -81,6 +81,14 @@ def inference_indices(streams: BagStreams, config: ReplayConfig) -> tuple[list[i
     return list(range(0, len(streams.observations), int(config.stride))), schedule
 
 
+def unused_stride_note(schedule: str, stride: int) -> str:
+    """The note saying a stride was given but the schedule does not use it ('' when it is used or is 1)."""
+    if schedule == 'every' or int(stride) == 1:
+        return ''
+    return (f'stride {stride} not used: schedule {schedule} infers where the live node inferred '
+            '(--schedule every applies a stride)')
+
+
 def _reset_points(streams: BagStreams, indices: Sequence[int], gap_s: float) -> set[int]:
     """Inference positions (into ``indices``) before which the policy's temporal state is reset."""
     resets = {0}
@@ -228,6 +236,9 @@ def evaluate_streams(streams: BagStreams, config: ReplayConfig, baseline_policy:
     recorded_chunks = [streams.observations[i].recorded_chunk for i in indices]
     recorded_actions = [streams.observations[i].recorded_action for i in indices]
     notes = list(streams.notes)
+    stride_note = unused_stride_note(schedule, config.stride)
+    if stride_note:
+        notes.append(stride_note)
     width = baseline.actions.shape[2]
     widths = {c.shape[1] for c in recorded_chunks if c is not None}
     if widths - {width}:
@@ -264,7 +275,8 @@ def evaluate_streams(streams: BagStreams, config: ReplayConfig, baseline_policy:
         results[name] = entry
     examples = {name: [(j, picture) for j, picture in run.kept_examples] for name, run in runs.items()}
     return {
-        'bag': streams.path, 'model': config.model, 'schedule': schedule, 'stride': config.stride,
+        'bag': streams.path, 'model': config.model, 'schedule': schedule,
+        'stride': None if stride_note else config.stride,
         'observations': len(streams.observations), 'inferences': count, 'resets': sorted(resets),
         'camera_sizes': {k: list(v) for k, v in streams.camera_sizes.items()}, 'camera_types': streams.camera_types,
         'topics': vars(streams.topics), 'notes': notes,

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 from rosbags.image import ImageError as ConversionError
 from rosbags.image import message_to_cvimage
-from rosbags.image.image import to_cvtype
+from rosbags.image.image import ENCODINGMAP, to_cvtype
 
 from specprune_ros.bags.io import BagError, BagReader, check_types_known, normalize_topic
 from specprune_ros.bridge.conversions import CommandUnits, command_to_action, gripper_value_to_action
@@ -136,16 +136,25 @@ def _decode(msg, msgtype: str, at_least: Optional[tuple]) -> DecodedFrame:
     return DecodedFrame(rgb, rgb.shape[:2])
 
 
+# OpenCV-style encodings with a colour order: BGR(A), as 8UC3 in RAW_ENCODINGS (rosbags-image would take
+# them as channels of no colour space and pass them on as RGB)
+GENERIC_ALIASES = {'8UC4': 'bgra8', '16UC3': 'bgr16', '16UC4': 'bgra16'}
+
+
 def decode_other_encoding(msg) -> np.ndarray:
     """RGB uint8 from a ``sensor_msgs/Image`` in an encoding the node does not take, with ``rosbags-image``.
 
     16-bit scaled to 8, Bayer demosaiced, YUV converted; sizes are checked and row padding removed first.
+    Only named encodings (and the aliases above) are taken: other ``NN[USF]Cn`` ones (depth, float images)
+    have no colour meaning, and a cast to uint8 would turn them black.
     """
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
-    try:
-        _, _, typestr, channels = to_cvtype(msg.encoding)
-    except (ConversionError, KeyError, ValueError):
-        raise ImageError('image_encoding', f'unsupported encoding {msg.encoding!r}') from None
+    encoding = GENERIC_ALIASES.get(msg.encoding, msg.encoding)
+    if encoding not in ENCODINGMAP:
+        raise ImageError('image_encoding', f'unsupported encoding {msg.encoding!r}: not a colour or gray image '
+                         f'(expected a named ROS encoding such as rgb8, mono16 or bayer_rggb8, or '
+                         f'{", ".join(["8UC1", "8UC3", *GENERIC_ALIASES])})')
+    _, _, typestr, channels = to_cvtype(encoding)
     if not (0 < height <= MAX_SIDE and 0 < width <= MAX_SIDE):
         raise ImageError('image_size', f'image {width}x{height}: each side must be 1 to {MAX_SIDE} pixels')
     row_bytes = width * channels * np.dtype(typestr).itemsize
@@ -156,6 +165,8 @@ def decode_other_encoding(msg) -> np.ndarray:
     if step != row_bytes:
         rows = np.asarray(msg.data, dtype=np.uint8).reshape(height, step)[:, :row_bytes]
         msg = dataclasses.replace(msg, step=row_bytes, data=np.ascontiguousarray(rows).reshape(-1))
+    if encoding != msg.encoding:
+        msg = dataclasses.replace(msg, encoding=encoding)
     try:
         rgb = message_to_cvimage(msg, 'rgb8')
     except (ConversionError, ValueError) as error:

@@ -23,6 +23,9 @@ RAW_ENCODINGS: dict[str, tuple[int, Optional[int]]] = {
     '8UC1': (1, cv2.COLOR_GRAY2RGB),
 }
 MAX_SIDE = 8192                           # larger frames are rejected before their pixels are decoded
+# ... and compressed frames with more pixels: a one-colour 8192 x 8192 PNG is 200 kB on the wire but takes
+# seconds and 400 MB to decode; 8192 x 4096 (twice an 8K UHD frame) is still taken
+MAX_PIXELS = 8192 * 4096
 _REDUCED_COLOR = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
                   8: cv2.IMREAD_REDUCED_COLOR_8}
 
@@ -108,11 +111,11 @@ def decode_compressed_frame(data: bytes | bytearray | memoryview, image_format: 
                             at_least: Optional[tuple[int, int]] = None) -> DecodedFrame:
     """RGB uint8 from ``sensor_msgs/CompressedImage`` data (JPEG, PNG, WebP, ...).
 
-    The size in the header is checked first: a small file that claims a huge frame is rejected before any pixel
-    is decoded (a PNG of one colour at 16000 x 16000 is 250 kB and would allocate 768 MB). With ``at_least``
-    (H, W), a JPEG at least twice that size is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling, each
-    side staying at least ``at_least``: 1.8-3.3x faster than a full decode for a frame that is shrunk to the
-    policy input anyway.
+    The size in the header is checked first: a small file that claims a huge frame (a side above ``MAX_SIDE``, or
+    more than ``MAX_PIXELS``) is rejected before any pixel is decoded (a PNG of one colour at 16000 x 16000 is
+    250 kB and would allocate 768 MB). With ``at_least`` (H, W), a JPEG at least twice that size is decoded at 1/2,
+    1/4 or 1/8 scale by libjpeg's DCT scaling, each side staying at least ``at_least``: 1.8-3.3x faster than a full
+    decode for a frame that is shrunk to the policy input anyway.
     """
     if len(data) == 0:
         raise ImageError('image_decode', 'compressed image holds no data')
@@ -126,6 +129,9 @@ def decode_compressed_frame(data: bytes | bytearray | memoryview, image_format: 
     width, height = header.width, header.height
     if height > MAX_SIDE or width > MAX_SIDE or height <= 0 or width <= 0:
         raise ImageError('image_size', f'image {width}x{height}: each side must be 1 to {MAX_SIDE} pixels')
+    if width * height > MAX_PIXELS:
+        raise ImageError('image_size', f'image {width}x{height} has {width * height} pixels, more than '
+                                       f'{MAX_PIXELS} are not decoded')
     scale = jpeg_scale(width, height, at_least) if at_least and header.format == 'JPEG' else 1
     bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _REDUCED_COLOR[scale])
     if bgr is None or bgr.size == 0:

@@ -9,9 +9,11 @@ r"""Publish a bag's messages onto their topics with the original timing, like ``
 Messages go out as the recorded CDR bytes (no deserialization), in bag-time order, at ``start + (t - t0) / rate``
 of wall-clock time, where ``t0`` is the first message of the replayed topics (``--start-offset`` skips the first
 seconds after it, but the newest message of each latched topic from before the offset, such as the instruction,
-goes out first; ``--progress`` shows the replayed bag time, its total and the time left). ``--clock``
-publishes ``/clock`` from bag time (at ``--clock-rate`` Hz and right before each message; a recorded /clock topic
-is then not replayed): run the consumer with ``use_sim_time:=true`` so header stamps and its clock agree. Each
+goes out first; ``--progress`` shows the replayed bag time, its total and the time left). With ``--loop`` a pass
+starts at most once every ``max(replayed span, 0.1 s) / rate``, so a one-message bag repeats at 10 Hz instead of
+as fast as the CPU allows. ``--clock`` publishes ``/clock`` from bag time (at ``--clock-rate`` Hz and right before
+each message, only right before each message with ``--clock-rate 0``; a recorded /clock topic is then not
+replayed): run the consumer with ``use_sim_time:=true`` so header stamps and its clock agree. Each
 topic's publisher QoS is the recorded offered QoS (reliable unless every recorded publisher was best effort;
 transient local when one was: latched topics such as the instruction stay latched), so every usual subscriber
 matches.
@@ -35,9 +37,12 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from rclpy.signals import SignalHandlerOptions
 from rosgraph_msgs.msg import Clock
 
+from specprune_ros.bags.cli import bounded
 from specprune_ros.bags.io import BagError, BagReader, normalize_topic, qos_summary
 from specprune_ros.command_line import HelpFormatter
 from specprune_ros.ros.ros_helpers import MessageTypeError, message_class
+
+MIN_PASS_S = 0.1           # with loop: bag time one pass takes at least (a one-message bag repeats at 10 Hz)
 
 
 @dataclass
@@ -83,6 +88,10 @@ class BagPlayer(Node):
         missing = [t for t in selected if t not in infos]
         if missing:
             raise BagError(f'bag {self.bag_path}: no topic {", ".join(missing)}; it has {", ".join(sorted(infos))}')
+        unknown = sorted(set(options.remap) - set(selected))
+        if unknown:
+            raise BagError(f'bag {self.bag_path}: cannot remap {", ".join(unknown)}: not a replayed topic; '
+                           f'replayed: {", ".join(selected)}')
         if options.clock and '/clock' in selected:
             selected.remove('/clock')          # replaced by the generated clock
         for topic in selected:
@@ -104,6 +113,9 @@ class BagPlayer(Node):
             raise BagError(f'bag {self.bag_path}: nothing to replay')
         self.first_ns, self.last_ns = self._span(list(self.publishers_by_topic))
         self.duration_ns = self.last_ns - self.first_ns
+        if options.start_offset_s < 0 or options.start_offset_s * 1e9 > self.duration_ns:
+            raise BagError(f'bag {self.bag_path}: start offset {options.start_offset_s:g} s is outside the replayed '
+                           f'topics, which span 0 to {self.duration_ns * 1e-9:.3f} s')
         self.clock_pub = self.create_publisher(Clock, '/clock', 10) if options.clock else None
 
     def _span(self, topics: list[str]) -> tuple[int, int]:
@@ -141,13 +153,24 @@ class BagPlayer(Node):
             if lonely:
                 self.get_logger().warning(f'no subscriber on {", ".join(lonely)}: replaying anyway')
         while not self.stop_event.is_set():
+            started = time.monotonic()
             self._play_once()
             if not options.loop:
                 break
+            self._pace_pass(started)
         for publisher in self.publishers_by_topic.values():   # reliable messages still in flight
             if publisher.qos_profile.reliability == ReliabilityPolicy.RELIABLE:
                 publisher.wait_for_all_acked(Duration(seconds=1.0))
         return self.published
+
+    def _pace_pass(self, started: float) -> None:
+        """Wait until a pass that began at ``started`` has taken ``max(its bag time, MIN_PASS_S) / rate``.
+
+        A pass with no time between its messages (one message, one timestamp, an offset at the end) would
+        otherwise repeat at once, publishing as fast as the CPU allows.
+        """
+        span_s = max((self.duration_ns - self.options.start_offset_s * 1e9) * 1e-9, MIN_PASS_S)
+        self.stop_event.wait(max(started + span_s / self.options.rate - time.monotonic(), 0.0))
 
     def _play_once(self) -> None:
         from tqdm import tqdm
@@ -208,12 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('bag', type=Path, help='bag directory')
     parser.add_argument('--topics', nargs='+', default=[], help='replay only these topics')
-    parser.add_argument('-r', '--rate', type=float, default=1.0, help='playback speed factor')
+    parser.add_argument('-r', '--rate', type=bounded(float, 0, inclusive=False), default=1.0,
+                        help='playback speed factor')
     parser.add_argument('-l', '--loop', action='store_true', help='replay again and again until interrupted')
-    parser.add_argument('--start-offset', type=float, default=0.0, help='skip the first seconds of the replayed topics')
+    parser.add_argument('--start-offset', type=bounded(float, 0), default=0.0,
+                        help='skip the first seconds of the replayed topics (at most their span)')
     parser.add_argument('--remap', nargs='+', default=[], metavar='OLD:=NEW', help='publish a topic under another name')
     parser.add_argument('--clock', action='store_true', help='publish /clock from bag time')
-    parser.add_argument('--clock-rate', type=float, default=100.0, help='/clock rate between messages (Hz)')
+    parser.add_argument('--clock-rate', type=bounded(float, 0), default=100.0,
+                        help='/clock rate between messages (Hz); 0: /clock only right before each message')
     parser.add_argument('--wait-for-subscribers', type=float, default=0.0, metavar='SECONDS',
                         help='before playing, wait up to this long for a subscriber on every topic')
     parser.add_argument('--clock-subscribers', type=int, default=0, metavar='N',

@@ -17,6 +17,12 @@ sim clock at the callback (what replaying with ``--clock`` needs). A recorder st
 holds what arrives before the first ``/clock`` (sim time 0): the newest message of each topic (a latched
 instruction, the last frame) is written with the first clock time, older ones are dropped and counted, so the
 bag never spans from time 0 to the sim clock.
+
+Received messages wait for the writer thread in a queue bounded in messages and in bytes (``--max-queue-mb``);
+beyond it they are dropped and counted. On a stop the queue is written out however long that takes (a second
+interrupt drops it and closes the bag with what was written, and the exit status is 1). sqlite3 bags are committed
+every 100 messages or every second, so a killed recorder leaves the committed messages in the database
+(``ros2 bag reindex`` rebuilds the missing metadata.yaml).
 """
 from __future__ import annotations
 
@@ -36,12 +42,16 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from rclpy.signals import SignalHandlerOptions
 from rosgraph_msgs.msg import Clock
 
+from specprune_ros.bags.cli import bounded
 from specprune_ros.bags.io import BagError, BagWriter, make_qos
 from specprune_ros.command_line import HelpFormatter
 from specprune_ros.ros.ros_helpers import BackgroundExecutor, MessageTypeError, message_class
 
 HIDDEN = ('/rosout', '/parameter_events')
 QUEUE_LIMIT = 10_000                      # messages waiting for the writer; more are dropped and counted
+QUEUE_MB = 512                            # ... and their bytes: a few thousand camera frames are gigabytes
+BACKLOG_LOG_S = 5.0                       # while closing, how often the messages still to write are logged
+ABANDONED_WRITER_S = 30.0                 # after a second interrupt, how long a writer stuck in a write may take
 
 
 def subscription_qos(publisher_profiles: Sequence[Any], depth: int = 100) -> QoSProfile:
@@ -69,7 +79,8 @@ class BagRecorder(Node):
 
     def __init__(self, output: str | Path, topics: Sequence[str] = (), storage: str = 'mcap',
                  all_topics: bool = False, use_sim_time: bool = False, node_name: str = 'bag_recorder',
-                 context: Optional[rclpy.Context] = None) -> None:
+                 context: Optional[rclpy.Context] = None, max_messages: int = 0,
+                 max_queue_bytes: int = QUEUE_MB << 20) -> None:
         overrides = [Parameter('use_sim_time', value=True)] if use_sim_time else []
         super().__init__(node_name, parameter_overrides=overrides, context=context)
         self.wanted = {t if t.startswith('/') else '/' + t for t in topics}
@@ -77,9 +88,17 @@ class BagRecorder(Node):
         if not self.wanted and not all_topics:
             raise ValueError('name the topics to record, or record all of them')
         self.writer = BagWriter(output, storage=storage)
-        self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_LIMIT)   # bounded: a stalled writer cannot eat memory
+        # bounded in messages and bytes: a stalled writer cannot eat memory
+        self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_LIMIT)
+        self.max_queue_bytes = max_queue_bytes
+        self.queued_bytes = 0                 # data of the messages handed to the writer and not yet written
+        self._queue_lock = threading.Lock()
+        self.max_messages = max_messages      # 0: no limit; messages beyond it are not taken
+        self.accepted = 0
         self.write_error = ''                 # why writing stopped (a full disk, ...): the recording failed
         self.dropped_queue_full = 0
+        self.dropped_backlog = 0              # queued messages given up on a second interrupt
+        self._give_up = threading.Event()
         self.subscriptions_by_topic: dict[str, Any] = {}
         self.skipped: dict[str, str] = {}
         self.messages = 0
@@ -151,10 +170,14 @@ class BagRecorder(Node):
 
         A best-effort publisher next to a reliable one, or a volatile one next to a latched one (an operator's
         instruction after the launch file's), would otherwise never be heard. QoS is never raised again (that
-        could deliver latched messages twice).
+        could deliver latched messages twice). A topic whose publishers all left keeps its subscription: a
+        restarted latched publisher is then matched as before.
         """
+        publishers = self.get_publishers_info_by_topic(topic)
+        if not publishers:
+            return
         current = self.subscriptions_by_topic[topic].qos_profile
-        needed = subscription_qos([p.qos_profile for p in self.get_publishers_info_by_topic(topic)])
+        needed = subscription_qos([p.qos_profile for p in publishers])
         best_effort = ReliabilityPolicy.BEST_EFFORT in (needed.reliability, current.reliability)
         volatile = DurabilityPolicy.VOLATILE in (needed.durability, current.durability)
         if best_effort == (current.reliability == ReliabilityPolicy.BEST_EFFORT) \
@@ -165,8 +188,11 @@ class BagRecorder(Node):
                          durability=DurabilityPolicy.VOLATILE if volatile else DurabilityPolicy.TRANSIENT_LOCAL)
         self.destroy_subscription(self.subscriptions_by_topic[topic])
         self.subscriptions_by_topic[topic] = self._subscribe(message_class(msgtype), topic, qos)
-        self.get_logger().warning(f'{topic}: a publisher offers {"best effort" if best_effort else "reliable"}, '
-                                  f'{"volatile" if volatile else "transient local"}: subscribed again to match it')
+        weaker = [name for name, lower in (('best effort', needed.reliability == ReliabilityPolicy.BEST_EFFORT),
+                                           ('volatile', needed.durability == DurabilityPolicy.VOLATILE)) if lower]
+        self.get_logger().warning(f'{topic}: a publisher offers only {" and ".join(weaker)}: subscribed again as '
+                                  f'{"best effort" if best_effort else "reliable"}, '
+                                  f'{"volatile" if volatile else "transient local"} to hear every publisher')
 
     def _on_message(self, topic: str, data: bytes, info: dict) -> None:
         if not self.use_sim_time:
@@ -188,13 +214,28 @@ class BagRecorder(Node):
             self._enqueue(topic, self._arrival_stamp(now), data)
 
     def _enqueue(self, topic: str, timestamp: int, data: bytes) -> None:
-        """Hand a message to the writer thread; dropped and counted when it cannot keep up (or has stopped)."""
+        """Hand a message to the writer thread; dropped and counted when it cannot keep up (or has stopped).
+
+        With ``max_messages``, the message that reaches it stops the recording and later ones are not taken, so
+        the bag holds exactly that many.
+        """
         if self.write_error:
             return
-        try:
-            self.queue.put_nowait(('message', topic, timestamp, data))
-        except queue.Full:
-            self.dropped_queue_full += 1
+        with self._queue_lock:
+            if self.max_messages and self.accepted >= self.max_messages:
+                return
+            if self.queued_bytes + len(data) > self.max_queue_bytes:
+                self.dropped_queue_full += 1
+                return
+            try:
+                self.queue.put_nowait(('message', topic, timestamp, data))
+            except queue.Full:
+                self.dropped_queue_full += 1
+                return
+            self.queued_bytes += len(data)
+            self.accepted += 1
+            if self.max_messages and self.accepted >= self.max_messages:
+                self.stop_event.set()
 
     def _arrival_stamp(self, sim_ns: int) -> int:
         """Bag time of a message arriving at sim time ``sim_ns``: later arrivals never get an earlier time.
@@ -239,10 +280,15 @@ class BagRecorder(Node):
                 if kind == 'topic':
                     msgtype, qos = rest
                     self.writer.add_topic(topic, msgtype, qos=qos)
-                elif self.writer.has_topic(topic):
+                else:
                     timestamp, data = rest
-                    self.writer.write_raw(topic, timestamp, data)
-                    self.messages += 1
+                    try:
+                        if self.writer.has_topic(topic):
+                            self.writer.write_raw(topic, timestamp, data)
+                            self.messages += 1
+                    finally:
+                        with self._queue_lock:
+                            self.queued_bytes -= len(data)
             except BagError as error:
                 self.skipped[topic] = str(error)
                 self.get_logger().error(f'not recording {topic}: {error}')
@@ -259,8 +305,20 @@ class BagRecorder(Node):
     def missing(self) -> list[str]:
         return sorted(t for t in self.wanted if t not in self.subscriptions_by_topic)
 
+    def interrupt(self) -> None:
+        """Stop recording; a second call while closing gives up the messages still waiting to be written."""
+        if self.stop_event.is_set():
+            self._give_up.set()
+        self.stop_event.set()
+
     def close(self) -> dict[str, int]:
-        """Stop subscribing, flush and close the bag; returns messages per topic."""
+        """Stop subscribing, write what is queued and close the bag; returns messages per topic.
+
+        Waits for the writer however long the backlog takes, logging what is left; after a second ``interrupt``
+        the backlog is dropped and the bag closed with what was written (``write_error`` says so). A writer
+        that still does not finish leaves ``write_error`` set: the bag is never reported complete while it is
+        being written.
+        """
         self.stop_event.set()
         self._discovery_thread.join(2.0)
         for subscription in list(self.subscriptions_by_topic.values()):
@@ -276,8 +334,41 @@ class BagRecorder(Node):
                 self.before_clock = {}
         if self._writer_thread.is_alive():
             self.queue.put(None)
-        self._writer_thread.join(60.0)
+        self._wait_for_writer()
         return dict(self.writer.counts)
+
+    def _wait_for_writer(self) -> None:
+        """Join the writer thread (see ``close``)."""
+        logged = time.monotonic()
+        while self._writer_thread.is_alive() and not self._give_up.is_set():
+            self._writer_thread.join(0.2)    # short: a second interrupt is acted on at once
+            if self._writer_thread.is_alive() and time.monotonic() - logged >= BACKLOG_LOG_S:
+                logged = time.monotonic()
+                self.get_logger().warning(f'writing the bag: {self.accepted - self.messages} messages '
+                                          f'({self.queued_bytes / 1e6:.0f} MB) still to write; interrupt again to '
+                                          'drop them and close the bag with what was written')
+        if not self._writer_thread.is_alive():
+            return
+        self._drop_backlog()
+        self._writer_thread.join(ABANDONED_WRITER_S)
+        if self._writer_thread.is_alive():
+            self.write_error = (self.write_error or 'the writer did not finish: the bag was not closed and may '
+                                'lack its metadata')
+
+    def _drop_backlog(self) -> None:
+        """Empty the queue (counted in ``dropped_backlog``) and let the writer close the bag."""
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None and item[0] == 'message':
+                self.dropped_backlog += 1
+                with self._queue_lock:
+                    self.queued_bytes -= len(item[3])
+        self.queue.put(None)
+        self.write_error = self.write_error or (f'interrupted twice while writing: {self.dropped_backlog} received '
+                                                'messages were dropped instead of written')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,8 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--use-sim-time', action='store_true',
                         help='bag time from /clock; before the first /clock only the newest message of each topic '
                              'is kept, stamped with that first clock time')
-    parser.add_argument('--duration', type=float, default=0.0, help='stop after this many wall seconds (0: never)')
-    parser.add_argument('--max-messages', type=int, default=0, help='stop after this many messages (0: no limit)')
+    parser.add_argument('--duration', type=bounded(float, 0), default=0.0,
+                        help='stop after this many wall seconds (0: never)')
+    parser.add_argument('--max-messages', type=bounded(int, 0), default=0,
+                        help='record exactly this many messages, then stop (0: no limit)')
+    parser.add_argument('--max-queue-mb', type=bounded(int, 1), default=QUEUE_MB, metavar='MB',
+                        help='received messages waiting for the disk may hold this much data; more are dropped '
+                             'and counted')
     parser.add_argument('--node-name', default='bag_recorder', help="the recorder's ROS node name")
     return parser
 
@@ -305,20 +401,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     try:
-        recorder = BagRecorder(args.output, args.topics, args.storage, args.all, args.use_sim_time, args.node_name)
+        recorder = BagRecorder(args.output, args.topics, args.storage, args.all, args.use_sim_time, args.node_name,
+                               max_messages=args.max_messages, max_queue_bytes=args.max_queue_mb << 20)
     except (BagError, ValueError) as error:
         print(f'error: {error}', file=sys.stderr)
         rclpy.try_shutdown()
         return 2
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: recorder.stop_event.set())
+        signal.signal(signum, lambda *_: recorder.interrupt())
     spinner = BackgroundExecutor(recorder)
     started = time.monotonic()
     try:
         while not recorder.stop_event.is_set():
             if args.duration and time.monotonic() - started >= args.duration:
-                break
-            if args.max_messages and recorder.messages >= args.max_messages:
                 break
             recorder.stop_event.wait(0.1)
     finally:
@@ -328,7 +423,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         recorder.destroy_node()
         rclpy.try_shutdown()
     total = sum(counts.values())
-    print(f'recorded {total} messages on {len(counts)} topics to {args.output}: '
+    print(f'{"wrote" if recorder.write_error else "recorded"} {total} messages on {len(counts)} topics to '
+          f'{args.output}: '
           + ', '.join(f'{t} {n}' for t, n in sorted(counts.items())))
     if missing:
         print(f'never seen (no publisher): {", ".join(missing)}', file=sys.stderr)
@@ -338,11 +434,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     if recorder.dropped_queue_full:
         print(f'{recorder.dropped_queue_full} messages dropped: the writer could not keep up', file=sys.stderr)
     if recorder.write_error:
-        print(f'error: the recording failed: {recorder.write_error}. The bag in {args.output} is incomplete '
-              '(if it has no metadata.yaml, `ros2 bag reindex` can rebuild it from what was written)',
-              file=sys.stderr)
+        print(f'error: the recording failed: {recorder.write_error}. The bag in {args.output} is incomplete: '
+              f'{incomplete_bag_hint(args.output, args.storage)}', file=sys.stderr)
         return 1
     return 0
+
+
+def incomplete_bag_hint(output: Path, storage: str) -> str:
+    """What is left of a bag whose recording failed, and how to get at it, for ``storage``."""
+    if (output / 'metadata.yaml').is_file():
+        if storage == 'sqlite3':
+            return 'it holds the messages counted above (those committed before the failure)'
+        return 'its metadata counts what was handed to the MCAP writer; the last chunk (up to 1 MiB) may be lost'
+    if storage == 'sqlite3':
+        return ('metadata.yaml is missing; the database keeps the messages committed before the failure, and '
+                f'`ros2 bag reindex {output} sqlite3` rebuilds metadata.yaml for them')
+    return ('metadata.yaml is missing; the MCAP file keeps its complete chunks, and '
+            f'`ros2 bag reindex {output} mcap` rebuilds metadata.yaml for them')
 
 
 if __name__ == '__main__':
