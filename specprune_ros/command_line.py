@@ -5,6 +5,8 @@ The description and its examples as written (line continuations stay), and each 
 from __future__ import annotations
 
 import argparse
+import math
+from typing import Any, Callable
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -26,52 +28,30 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return f'{text} (default: %(default)s)'
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1 (a count of episodes, steps, workers)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'{value} is not a positive integer')
-    return value
+def bounded(kind: type, low: float, inclusive: bool = True) -> Callable[[str], Any]:
+    """An argparse type: a finite ``kind`` (int or float) of at least ``low`` (above it when not ``inclusive``)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = 'an integer' if kind is int else 'a number'
+            raise argparse.ArgumentTypeError(f'expected {expected}, got {text!r}') from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f'must be a finite number, got {text}')
+        if value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {'at least' if inclusive else 'above'} {low}, got {text}")
+        return value
+    parse.__name__ = kind.__name__      # argparse names the type after this in its error messages
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """An argparse type: an integer of at least 0 (0 often meaning 'none' or 'no limit')."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'{value} is negative')
-    return value
+positive_int = bounded(int, 1)                         # a count of episodes, steps, workers
+non_negative_int = bounded(int, 0)                     # 0 often meaning 'none' or 'no limit'
+positive_float = bounded(float, 0.0, inclusive=False)  # a rate, a scale
+non_negative_float = bounded(float, 0.0)               # a noise level, a weight, a time limit with 0 = none
 
 
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
-    if value != value or value in (float('inf'), float('-inf')):
-        raise argparse.ArgumentTypeError(f'{text!r} is not a finite number')
-    return value
-
-
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number above 0 (a rate, a scale)."""
-    value = _finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f'{value} is not positive')
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """An argparse type: a finite number of at least 0 (a noise level, a weight, a time limit with 0 = none)."""
-    value = _finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'{value} is negative')
-    return value
+_finite_float = bounded(float, -math.inf)
 
 
 def float_in(low: float, high: float, low_open: bool = False, high_open: bool = False):

@@ -8,13 +8,12 @@ Console scripts ``specprune_evaluate_bag`` and ``specprune_record_sim_bag``; ``s
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import Optional
 
 from specprune_ros.codecs.proprio import POSE_LAYOUTS
-from specprune_ros.command_line import HelpFormatter
+from specprune_ros.command_line import HelpFormatter, bounded
 
 EVALUATE_HELP = """Offline replay evaluation of a recorded bag: the same camera frames through the unpruned policy
 and each pruning method; reports action deviation (from unpruned, and from the recorded commands and chunks when the
@@ -50,22 +49,6 @@ def parse_method_config(text: str) -> tuple[str, dict]:
     if not isinstance(parsed, dict):
         raise argparse.ArgumentTypeError(f'{name}: the config must be a mapping')
     return name, parsed
-
-
-def bounded(kind: type, low: float, inclusive: bool = True):
-    """An argparse type: ``kind`` at least ``low`` (above it when not ``inclusive``)."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            expected = 'an integer' if kind is int else 'a number'
-            raise argparse.ArgumentTypeError(f'expected {expected}, got {text!r}') from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f'must be a finite number, got {text}')
-        if value < low or (value == low and not inclusive):
-            raise argparse.ArgumentTypeError(f"must be {'at least' if inclusive else 'above'} {low}, got {text}")
-        return value
-    return parse
 
 
 def evaluate_parser() -> argparse.ArgumentParser:

@@ -37,9 +37,8 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from rclpy.signals import SignalHandlerOptions
 from rosgraph_msgs.msg import Clock
 
-from specprune_ros.bags.cli import bounded
 from specprune_ros.bags.io import BagError, BagReader, normalize_topic, qos_summary
-from specprune_ros.command_line import HelpFormatter
+from specprune_ros.command_line import HelpFormatter, bounded
 from specprune_ros.ros.ros_helpers import MessageTypeError, message_class
 
 MIN_PASS_S = 0.1           # with loop: bag time one pass takes at least (a one-message bag repeats at 10 Hz)

@@ -42,9 +42,8 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from rclpy.signals import SignalHandlerOptions
 from rosgraph_msgs.msg import Clock
 
-from specprune_ros.bags.cli import bounded
 from specprune_ros.bags.io import BagError, BagWriter, make_qos
-from specprune_ros.command_line import HelpFormatter
+from specprune_ros.command_line import HelpFormatter, bounded
 from specprune_ros.ros.ros_helpers import BackgroundExecutor, MessageTypeError, message_class
 
 HIDDEN = ('/rosout', '/parameter_events')
