@@ -8,7 +8,10 @@ from __future__ import annotations
 import ast
 import json
 import math
+import os
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,7 @@ from specprune_ros.bridge.settings import BridgeSettings
 from specprune_ros.bridge.sync_gate import TickGate
 from specprune_ros.codecs.proprio import proprio_vector
 from specprune_ros.control.safety_filter import ActionUnits, SafetyFilter, SafetyLimits
+from specprune_ros.ros.sim_runner import ManagedProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 MS = 1_000_000
@@ -414,3 +418,30 @@ def test_simulation_runs_write_under_outputs_by_default():
         path = script.default_run_directory(argparse.Namespace(label=label, method=method, mode=mode))
         assert path.parent == Path('outputs') / 'sim' and path.name.startswith(stem), path
     assert script.build_parser().get_default('summary') == ''
+
+
+HOLDS_ON_UNTIL_INTERRUPTED = """
+import signal, sys, time
+seen = []
+def on_interrupt(signum, frame):
+    seen.append(signum)
+    print('interrupt', len(seen), flush=True)
+    if len(seen) == int(sys.argv[1]):
+        sys.exit(3)
+signal.signal(signal.SIGINT, on_interrupt)
+print('ready', flush=True)
+while True:
+    time.sleep(0.02)
+"""
+
+
+@pytest.mark.parametrize('interrupts_needed, status', [(2, 3), (99, -9)])
+def test_a_run_stops_a_process_with_a_second_interrupt_before_killing_it(tmp_path, interrupts_needed, status):
+    """A bag recorder still writing closes its bag on a second SIGINT; only a process ignoring both is killed."""
+    process = ManagedProcess('holds_on', [sys.executable, '-c', HOLDS_ON_UNTIL_INTERRUPTED, str(interrupts_needed)],
+                             dict(os.environ), tmp_path / 'holds_on.log').start()
+    deadline = time.monotonic() + 30
+    while 'ready' not in process.output() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.interrupt(timeout=0.5, second_timeout=0.5 if interrupts_needed > 2 else 20) == status
+    assert 'interrupt 2' in process.output()

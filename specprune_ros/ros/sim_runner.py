@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @dataclass
 class ManagedProcess:
-    """A child process with its output in a log file; ``interrupt`` sends SIGINT, then SIGKILL."""
+    """A child process with its output in a log file; ``interrupt`` sends SIGINT (twice), then SIGKILL."""
 
     label: str
     command: list[str]
@@ -54,14 +54,23 @@ class ManagedProcess:
         except subprocess.TimeoutExpired:
             return None
 
-    def interrupt(self, timeout: float = 20.0) -> Optional[int]:
-        if self.alive():
+    def interrupt(self, timeout: float = 20.0, second_timeout: float = 45.0) -> Optional[int]:
+        """SIGINT; after ``timeout`` a second SIGINT, after ``second_timeout`` more SIGKILL. Returns the exit status.
+
+        A second interrupt lets a process close cleanly what it can (the bag recorder drops its backlog and writes
+        the bag's metadata), where a kill would leave a bag to reindex.
+        """
+        for wait_s in (timeout, second_timeout):
+            if not self.alive():
+                break
             self.popen.send_signal(signal.SIGINT)
             try:
-                self.popen.wait(timeout)
+                self.popen.wait(wait_s)
             except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
+                continue
+        if self.alive():
+            self.popen.kill()
+            self.popen.wait(5)
         return None if self.popen is None else self.popen.returncode
 
     def output(self, tail: Optional[int] = None) -> str:
