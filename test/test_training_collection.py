@@ -108,3 +108,20 @@ def test_collect_demos_refuses_bad_counts_and_sizes_with_a_usage_error(tmp_path,
                         '--workers', '1', '--image-size', '48', '--noise', '0', '--quiet']) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary['episodes'] == {'pick': 1} and summary['attempts'] == {'pick': {'run': 1, 'succeeded': 1}}
+
+
+def test_seeds_the_take_over_policy_finishes_alone_are_no_failed_expert_attempts(tmp_path, monkeypatch):
+    """Recovery collection: a seed the policy completes before the hand-over costs a seed, not an expert attempt."""
+    def policy_finishes_even_seeds(env, policy, family, seed, noise):
+        return None if seed % 2 == 0 else demonstrations.record_episode(env, family, seed, noise)
+
+    monkeypatch.setattr(demonstrations, 'record_takeover_episode', policy_finishes_even_seeds)
+    monkeypatch.setattr(demonstrations, '_worker_policy', lambda model: None)
+    manifest = collect_demonstrations(tmp_path / 'recovery', families=('pick',), episodes_per_family=2, noise=0.0,
+                                      takeover_model='reference', max_attempts_per_family=2, **SMALL)
+    assert [e['seed'] for e in manifest['episodes']] == [1, 3]
+    assert manifest['attempts'] == {'pick': {'run': 2, 'succeeded': 2, 'policy_finished': 2}}
+    monkeypatch.setattr(demonstrations, 'record_takeover_episode', lambda *args: None)
+    with pytest.raises(RuntimeError, match=r'take-over policy finished \{.pick.: 4\} episodes alone'):
+        collect_demonstrations(tmp_path / 'finished', families=('pick',), episodes_per_family=1, noise=0.0,
+                               takeover_model='reference', max_attempts_per_family=2, **SMALL)

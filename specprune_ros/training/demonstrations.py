@@ -265,8 +265,9 @@ def _collect_job(out_dir: str, family: str, seed: int, noise: float, image_size:
     else:
         ep = record_episode(env, family, seed, noise)
     rel = f'{EPISODE_DIR}/{episode_filename(family, seed)}'
-    if ep is None:
-        return dict(file=rel, family=family, seed=int(seed), instruction=env.instruction, length=0, success=False)
+    if ep is None:          # the policy finished the task before the hand-over: no expert attempt was made
+        return dict(file=rel, family=family, seed=int(seed), instruction=env.instruction, length=0, success=False,
+                    policy_finished=True)
     if ep.success:
         write_episode(Path(out_dir) / rel, ep)
     return dict(file=rel, family=family, seed=int(seed), instruction=ep.instruction, length=len(ep),
@@ -341,13 +342,14 @@ def collect_demonstrations(out_dir: PathLike, families: Sequence[str] = TASK_FAM
     families = tuple(dict.fromkeys(families))
     check_collection_settings(families, episodes_per_family, noise, image_size)
     cap = max_attempts_per_family or ((3 if takeover_model else 2) * episodes_per_family + 10)
-    _check_seeds(seed_start, cap)
+    seeds = 2 * cap if takeover_model else cap          # seeds the policy finishes alone are no expert attempt
+    _check_seeds(seed_start, seeds)
     out = Path(out_dir)
     (out / EPISODE_DIR).mkdir(parents=True, exist_ok=True)
     manifest = _resumed_manifest(out, image_size, noise, takeover_model)
     bar = tqdm(total=episodes_per_family * len(families), disable=not progress, desc='demos', unit='ep')
     collection = _Collection(out, families, episodes_per_family, seed_start, cap, (noise, image_size, takeover_model),
-                             done_files={e['file'] for e in manifest['episodes']}, bar=bar)
+                             done_files={e['file'] for e in manifest['episodes']}, bar=bar, seeds=seeds)
     try:
         jobs = collection.first_jobs()
         bar.update(sum(collection.kept.values()))
@@ -446,14 +448,19 @@ def _check_same_settings(out: Path, old: dict, noise: float, takeover_model: Opt
 
 
 class _Collection:
-    """Which seed each family tries next, and what was kept, run and succeeded so far."""
+    """Which seed each family tries next, and what was kept, run and succeeded so far.
+
+    ``cap`` bounds the expert's attempts per family, ``seeds`` the seeds tried (recovery collection: also those the
+    take-over policy finished alone, which are counted apart as ``policy_finished``).
+    """
 
     def __init__(self, out: Path, families: tuple[str, ...], episodes_per_family: int, seed_start: int, cap: int,
-                 job_options: tuple, done_files: set[str], bar: tqdm) -> None:
+                 job_options: tuple, done_files: set[str], bar: tqdm, seeds: Optional[int] = None) -> None:
         self.out = out
         self.families = families
         self.episodes_per_family = episodes_per_family
         self.cap = cap
+        self.seeds = cap if seeds is None else seeds
         self.job_options = job_options                  # (noise, image_size, takeover_model) of every job
         self.done_files = done_files
         self.kept = {f: 0 for f in families}
@@ -461,12 +468,13 @@ class _Collection:
         self.next_seed = {f: seed_start for f in families}
         self.ran = {f: 0 for f in families}
         self.succeeded = {f: 0 for f in families}
+        self.policy_finished = {f: 0 for f in families}
         self.new_entries: list[dict] = []
         self.bar = bar
 
     def next_job(self, f: str, in_flight: int = 0) -> Optional[tuple]:
         """The job of family f's next seed not yet on disk; None once kept and ``in_flight`` episodes suffice."""
-        while self.tried[f] < self.cap:
+        while self.tried[f] - self.policy_finished[f] < self.cap and self.tried[f] < self.seeds:
             if self.kept[f] + in_flight >= self.episodes_per_family:
                 return None
             seed = self.next_seed[f]
@@ -492,6 +500,9 @@ class _Collection:
     def handle(self, entry: dict, families_in_flight: Iterable[str]) -> Optional[tuple]:
         """Count a finished job; the next job of its family if it still needs episodes."""
         f = entry['family']
+        if entry.get('policy_finished'):
+            self.policy_finished[f] += 1
+            return self.next_job(f, sum(1 for g in families_in_flight if g == f))
         self.ran[f] += 1
         self.succeeded[f] += int(entry['success'])
         if entry['success'] and self.kept[f] < self.episodes_per_family:
@@ -533,6 +544,9 @@ def _merge_manifest(out: Path, manifest: dict, collection: _Collection) -> None:
         prev = manifest['attempts'].get(f, {'run': 0, 'succeeded': 0})
         manifest['attempts'][f] = {'run': prev['run'] + collection.ran[f],
                                    'succeeded': prev['succeeded'] + collection.succeeded[f]}
+        finished = prev.get('policy_finished', 0) + collection.policy_finished[f]
+        if finished:                                    # recovery collection: seeds the policy finished alone
+            manifest['attempts'][f]['policy_finished'] = finished
     write_manifest(out, manifest)
 
 
@@ -541,5 +555,9 @@ def _check_kept(manifest: dict, collection: _Collection) -> dict:
     wanted = collection.episodes_per_family
     short = {f: collection.kept[f] for f in collection.families if collection.kept[f] < wanted}
     if short:
+        alone = {f: collection.policy_finished[f] for f in short if collection.policy_finished[f]}
+        if alone:
+            raise RuntimeError(f'kept only {short} of {wanted} per family: the take-over policy finished {alone} '
+                               f'episodes alone before the hand-over (of {collection.seeds} seeds per family)')
         raise RuntimeError(f'expert succeeded too rarely; kept only {short} of {wanted} per family')
     return manifest
