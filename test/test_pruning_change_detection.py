@@ -5,6 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pruning_testkit import make_embeddings, make_layout, make_runner
+from specprune_ros.core.step_types import StepContext
+from specprune_ros.pruning import build_method
 from specprune_ros.pruning.change_detection import (ChangeDetectionConfig, changed_mask, changed_masks,
                                                     max_static_count, patch_grid_size, patch_similarity, patch_vectors,
                                                     patchify, reference_back, static_mask, static_masks)
@@ -129,3 +132,40 @@ def test_every_camera_at_once_equals_one_camera_at_a_time(seed, cap, changed_cap
     static, _ = static_masks(now, then, 2, 0.99, cap)
     alone = [static_mask(patch_similarity(f, r, grid, 8), 0.99, cap).numpy() for f, r in zip(frames, references)]
     np.testing.assert_array_equal(static.reshape(-1), np.concatenate(alone))
+
+
+def test_cameras_of_different_frame_sizes_are_compared_each_with_itself():
+    """Patch size unknown (0): a 24 px and a 48 px camera give patches of other lengths, each judged on its own."""
+    rng = np.random.default_rng(5)
+    grid = (3, 3)
+    frames = [rng.integers(0, 255, size=(side, side, 3), dtype=np.uint8) for side in (24, 48)]
+    references = [f.copy() for f in frames]
+    references[0][:8, :8] = 0                                 # the small camera's first patch changes
+    references[1][16:32, 16:32] = 0                           # the large camera's centre patch changes
+    together = changed_masks(patch_vectors(frames, grid, 0), patch_vectors(references, grid, 0), 2, 0.99)
+    alone = [changed_mask(f, r, grid, 0, 0.99).numpy() for f, r in zip(frames, references)]
+    np.testing.assert_array_equal(together, np.concatenate(alone))
+    assert together.nonzero()[0].tolist() == [0, 9 + 4]
+
+
+@pytest.mark.parametrize('name', ['specprune', 'vla_cache'])
+def test_methods_take_frames_of_other_sizes_and_a_size_change_mid_episode(name):
+    """Cameras of different sizes run; a frame size change is no comparison (all changed, or no reuse)."""
+    layout, runner, method = make_layout(grid=(3, 3)), make_runner(), build_method(name)
+    rng = np.random.default_rng(0)
+    sizes = [[(24, 24), (48, 48)]] * 3 + [[(48, 48), (48, 48)]]
+    results = []
+    for step, per_camera in enumerate(sizes):
+        x = make_embeddings(layout, step)
+        frames = [rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8) for h, w in per_camera]
+        context = StepContext(layout=layout, step_index=step, visual_embeddings=x[0, layout.visual_indices()],
+                              images=frames, patch_size=0, instruction='pick up the block',
+                              num_layers=runner.num_layers)
+        with torch.no_grad():
+            results.append(runner(x, layout, method, context))
+    info = results[-1].record.info
+    if name == 'specprune':
+        assert info['dynamic'] == 'frame size changed (all changed)'
+        assert isinstance(results[2].record.info['dynamic'], int)           # sizes differ between cameras only
+    else:
+        assert info['reused'] == 0

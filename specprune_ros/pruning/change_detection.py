@@ -161,14 +161,19 @@ def patch_vectors(images: Sequence[np.ndarray], grid_shape: tuple[int, int],
                   patch_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Raw pixel patch vectors of every camera's frame, (C * P, D) float32, and their norms (C * P,).
 
-    Computed once per frame: a frame is the current one at one step and the reference at later ones.
+    Computed once per frame: a frame is the current one at one step and the reference at later ones. Cameras whose
+    patches hold fewer pixels (a smaller frame, ``patch_size`` 0) are zero-padded to the longest: a patch is only
+    ever compared with the same camera's patch, and zeros change neither dot products nor norms.
     """
     parts = [_patch_blocks(image, grid_shape, patch_size) for image in images]
+    width = max(part.shape[1] for part in parts)
+    rows = sum(len(part) for part in parts)
+    same = all(part.shape[1] == width for part in parts)
     # one pass per camera: cut into patches and converted to float32 in the same copy
-    blocks = np.empty((sum(len(part) for part in parts), parts[0].shape[1]), dtype=np.float32)
+    blocks = np.empty((rows, width), dtype=np.float32) if same else np.zeros((rows, width), dtype=np.float32)
     start = 0
     for part in parts:
-        blocks[start:start + len(part)] = part
+        blocks[start:start + len(part), :part.shape[1]] = part
         start += len(part)
     return blocks, np.sqrt(np.einsum('ij,ij->i', blocks, blocks))
 
@@ -212,6 +217,11 @@ def _smallest(key: np.ndarray, count: int) -> np.ndarray:
     chosen = np.zeros(key.shape, dtype=bool)
     chosen[np.arange(key.shape[0])[:, None], order] = True
     return chosen
+
+
+def same_frame_sizes(frames: Sequence[np.ndarray], reference: Sequence[np.ndarray], num_cameras: int) -> bool:
+    """Whether every camera's frame has its reference frame's size (patches of other sizes are not comparable)."""
+    return all(np.shape(a)[:2] == np.shape(b)[:2] for a, b in zip(frames[:num_cameras], reference[:num_cameras]))
 
 
 class PatchVectorCache:

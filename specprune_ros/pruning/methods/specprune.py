@@ -88,7 +88,8 @@ from specprune_ros.pruning.action_controller import ActionController, Controller
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase
 from specprune_ros.pruning.budget_knob import BudgetKnob
 from specprune_ros.pruning.change_detection import (ChangeDetectionConfig, PatchVectorCache, changed_masks,
-                                                    max_changed_count, max_static_count, reference_back)
+                                                    max_changed_count, max_static_count, reference_back,
+                                                    same_frame_sizes)
 from specprune_ros.pruning.deferred_counts import DeferredCounts
 from specprune_ros.pruning.methods.config_checks import (FRACTION_OF_PATCHES, CheckedConfig, check_change,
                                                          check_controller, fraction, layers)
@@ -330,6 +331,11 @@ class SpecPrune(BudgetKnob, PruningMethodBase):
             self.last_info['reference_back'] = 0
             return torch.ones(layout.num_visual, dtype=torch.bool, device=device)
         t = reference_back(out.speed, cfg.reference_variant, cfg.min_reference_back, cfg.max_reference_back)
+        if not same_frame_sizes(self.state.frame_entry(0), self.state.frame_entry(t - 1), layout.num_cameras):
+            self.last_info['dynamic'] = 'frame size changed (all changed)'
+            self._all_changed = True
+            self.last_info['reference_back'] = 0
+            return torch.ones(layout.num_visual, dtype=torch.bool, device=device)
         cap = max_static_count(cfg, layout.patches_per_camera, fine=out.mode == 'fine')
         current = self._patch_vectors(0, layout, context.patch_size)
         reference = self._patch_vectors(t - 1, layout, context.patch_size)

@@ -37,7 +37,7 @@ from specprune_ros.core.host_copies import to_device
 from specprune_ros.core.step_types import KVStore, StepContext, StepPlan, StepRecord, VisualMask
 from specprune_ros.core.token_layout import TokenLayout, visual_indices_on
 from specprune_ros.pruning.base import BaseConfig, PruningMethodBase, split_per_camera
-from specprune_ros.pruning.change_detection import PatchVectorCache, static_masks
+from specprune_ros.pruning.change_detection import PatchVectorCache, same_frame_sizes, static_masks
 from specprune_ros.pruning.deferred_counts import DeferredCounts
 from specprune_ros.pruning.methods.config_checks import FRACTION_OF_PATCHES, CheckedConfig, fraction
 from specprune_ros.pruning.scoring import budget_count, topk_per_camera_on_device
@@ -103,7 +103,8 @@ class VLACache(PruningMethodBase):
             self._streak = torch.zeros(layout.num_visual, dtype=torch.long, device=device)
         self.state.push_frames(context.images)
         requests = self.requests((self._attention_layer(), 'text', 'text'))
-        have_images = context.images is not None and self.state.num_frames >= 2
+        have_images = context.images is not None and self.state.num_frames >= 2 and same_frame_sizes(
+            self.state.frame_entry(0), self.state.frame_entry(1), layout.num_cameras)   # else: no reuse this step
         carried, self._carried = self._carried, None
         if carried is not None and (carried.layout, carried.device) != (layout, device):
             carried = None                  # a new layout: its tokens were never cached
