@@ -203,6 +203,19 @@ def test_pi05_state_tokens_and_prompt(pi05_dir):
     assert model.suffix_length == 50
 
 
+def test_the_pi05_prompt_holds_the_robots_own_state_values_not_the_padding(pi05_dir):
+    """An 8-D state gives 8 state numbers in the prompt (LeRobot 0.5+ / openpi), not 32 with 24 padding zeros."""
+    model = inference(pi05_dir)
+    normalized = model.normalized_state(state())
+    assert normalized.shape == (32,) and not normalized[8:].any()           # the action expert's padded state
+    bins = np.digitize(normalized[:8].astype(np.float64), np.linspace(-1, 1, 257)[:-1]) - 1
+    expected = f"Task: {INSTRUCTION}, State: {' '.join(str(b) for b in bins)};\nAction: "
+    encoded = model.prompt(INSTRUCTION, normalized)
+    assert encoded.ids == model.tokenizer(expected, add_special_tokens=True)['input_ids']
+    state_tokens = model.tokenizer.decode(encoded.ids[encoded.state[0]:encoded.state[1]])
+    assert state_tokens.split() == [str(b) for b in bins]
+
+
 def test_resize_with_pad_keeps_the_aspect_and_pads_black():
     frame = np.full((40, 80, 3), 255, dtype=np.uint8)
     pixels, shown = resize_with_pad(frame, 56)

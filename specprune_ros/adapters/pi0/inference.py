@@ -113,9 +113,10 @@ class Pi0Inference:
         return pad_vector(self.normalization.state.normalize(state), self.config.max_state_dim)
 
     def prompt(self, instruction: str, state: np.ndarray) -> EncodedPrompt:
+        """The tokenised prompt; pi0.5 writes the robot's own state values (not the zero padding) into it."""
         cfg = self.config
         if cfg.is_pi05:
-            text, task_chars, state_chars = pi05_prompt(instruction, discretise_state(state))
+            text, task_chars, state_chars = pi05_prompt(instruction, discretise_state(state[:cfg.state_dim]))
         else:
             text = instruction if instruction.endswith('\n') else instruction + '\n'
             task_chars, state_chars = (0, len(instruction.rstrip('\n'))), (0, 0)

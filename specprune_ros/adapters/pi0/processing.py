@@ -2,8 +2,9 @@ r"""Observation and action processing of LeRobot's pi0 / pi0.5: images, prompt, 
 
 * Images: RGB uint8 (H, W, 3) of any size are resized without distortion (bilinear) to fit the checkpoint's square
   resolution (224) and padded with black, then scaled to [-1, 1] (SigLIP's input range).
-* Prompt: pi0: ``task + "\n"``; pi0.5: ``"Task: {task}, State: {s_1 ... s_32};\nAction: "`` with the normalised,
-  zero-padded state discretised into 256 bins of [-1, 1]. Gemma tokenizer with BOS, cut at
+* Prompt: pi0: ``task + "\n"``; pi0.5: ``"Task: {task}, State: {s_1 ... s_n};\nAction: "`` with the normalised
+  state (its n = ``state_dim`` values, not the zero padding the action expert gets: as LeRobot 0.5+ and openpi)
+  discretised into 256 bins of [-1, 1]. Gemma tokenizer with BOS, cut at
   ``tokenizer_max_length`` (LeRobot pads to it and masks the padding out; dropping it is the same computation).
 * Normalisation: the statistics and modes of the checkpoint's ``policy_preprocessor.json`` (its
   ``normalizer_processor`` step and that step's ``.safetensors``) and ``policy_postprocessor.json``
