@@ -109,6 +109,15 @@ def test_center_crop_keeps_the_central_90_percent_of_the_area():
     assert plain[0, 0, 0] == 0
 
 
+def test_center_crop_samples_the_box_corner_aligned_as_the_evaluation_scripts():
+    """tf.image.crop_and_resize: column i reads source x = 0.0256 * 223 + i * sqrt(0.9) * 223 / 223, bilinear."""
+    ramp = np.repeat(np.arange(224, dtype=np.uint8)[None, :, None], 224, axis=0).repeat(3, axis=2)
+    cropped = ImageTransform(size=224, center_crop=True).frame(ramp)[112, :, 0].astype(float)
+    low = (1 - np.sqrt(0.9)) / 2 * 223
+    read = low + np.arange(224) * np.sqrt(0.9)                  # where each output column samples the source
+    np.testing.assert_array_equal(cropped, np.floor(read * 255.5 / 255))   # uint8 <- x * 255.5, truncated
+
+
 def test_letterbox_pads_to_a_square_with_the_mean_colour():
     image = np.full((20, 40, 3), 10, dtype=np.uint8)
     frame = ImageTransform(size=40, resize_strategy='letterbox', interpolation='nearest').frame(image)
