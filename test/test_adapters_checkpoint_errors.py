@@ -218,3 +218,34 @@ def test_a_prompt_template_with_another_field_fails_at_load_not_at_every_step(pr
     write_json(directory / 'specprune_adapter.json', {'prompt_template': 'In: {task} {instruction}\nOut:'})
     with pytest.raises(ValueError, match=r"prompt_template .*only \{instruction\} can be filled in"):
         load_policy(str(directory))
+
+
+# -- an ALOHA / Bridge OFT checkpoint needs its platform's chunk length and normalisation ------------------------
+
+def _renamed_statistics(directory, key):
+    for name in ('config.json', 'dataset_statistics.json'):
+        path = directory / name
+        if path.exists():
+            document = json.loads(path.read_text())
+            stats = document['norm_stats'] if name == 'config.json' else document
+            stats[key] = stats.pop(DATASET)
+            path.write_text(json.dumps(document))
+
+
+@pytest.mark.parametrize('key, options, message', [
+    ('aloha1_put_x_into_pot_300_demos', {}, r'"chunk_size" \(aloha fine-tunes use 25\), "normalization" '
+                                            r"\(aloha fine-tunes use 'bounds'\)"),
+    ('aloha1_put_x_into_pot_300_demos', {'chunk_size': 25}, r'"normalization" \(aloha'),
+    ('bridge_orig', {'normalization': 'bounds_q99'}, r'"chunk_size" \(bridge fine-tunes use 5\)'),
+])
+def test_an_aloha_or_bridge_oft_checkpoint_is_not_run_with_liberos_defaults(prismatic_checkpoints, tmp_path, key,
+                                                                           options, message):
+    directory = copy(prismatic_checkpoints['openvla-oft'], tmp_path)
+    _renamed_statistics(directory, key)
+    write_json(directory / 'specprune_adapter.json', options)
+    with pytest.raises(CheckpointError, match=message):
+        load_adapter(directory, device='cpu', dtype='float32')
+    write_json(directory / 'specprune_adapter.json', {'chunk_size': 25 if 'aloha' in key else 5,
+                                                      'normalization': 'bounds' if 'aloha' in key else 'bounds_q99'})
+    adapter = load_adapter(directory, device='cpu', dtype='float32')
+    assert adapter.chunk_size == (25 if 'aloha' in key else 5) and adapter.unnorm_key == key

@@ -20,8 +20,9 @@ from typing import Any, ClassVar, Literal, Optional, Union
 
 from specprune_ros.adapters.openvla import OpenVLAAdapter
 from specprune_ros.adapters.openvla_oft import OpenVLAOFTAdapter
+from specprune_ros.adapters.actions import resolve_unnorm_key
 from specprune_ros.adapters.published_checkpoint import (OPTIONS_FILE, _read_json, check_checkpoint_directory,
-                                                         detect_kind)
+                                                         detect_kind, read_checkpoint)
 from specprune_ros.core.dataclass_mapping import UnknownFieldsError, check_number, check_types, dataclass_from_mapping
 from specprune_ros.policy.errors import CheckpointError
 from specprune_ros.policy.interface import ActionSpec, check_action_units
@@ -40,10 +41,10 @@ class AdapterOptions:
     unnorm_key: Optional[str] = None          # dataset statistics key (None: the only one in the checkpoint)
     camera_names: Optional[list[str]] = None  # default: ['agentview'] (OpenVLA), ['agentview', 'wrist'] (OFT)
     num_images: Optional[int] = None          # OFT: cameras in the input (default: len(camera_names) or 2)
-    chunk_size: int = 8                       # OFT: NUM_ACTIONS_CHUNK the head was trained with (LIBERO 8)
+    chunk_size: Optional[int] = None          # OFT: NUM_ACTIONS_CHUNK the head was trained with (default LIBERO's 8)
     proprio: Optional[bool] = None            # OFT: false = trained without proprio (no proprio_projector file)
     center_crop: Optional[bool] = None        # default: True for OFT (LIBERO fine-tunes), False for OpenVLA
-    normalization: Literal['bounds_q99', 'bounds'] = 'bounds_q99'   # 'bounds_q99' (LIBERO, Bridge), 'bounds' (ALOHA)
+    normalization: Optional[Literal['bounds_q99', 'bounds']] = None   # default 'bounds_q99'; ALOHA: 'bounds'
     gripper: Literal['none', 'libero'] = 'none'
     lowercase_instruction: bool = True
     prompt_template: Optional[str] = None
@@ -60,7 +61,8 @@ class AdapterOptions:
             raise ValueError(f'camera_names: one non-empty name per camera, no duplicates, got {names}')
         if self.num_images is not None:
             check_number('num_images', self.num_images, 1, integer=True, note='cameras in the input')
-        check_number('chunk_size', self.chunk_size, 1, integer=True, note='action steps per chunk')
+        if self.chunk_size is not None:
+            check_number('chunk_size', self.chunk_size, 1, integer=True, note='action steps per chunk')
         check_action_units(self)
 
     @classmethod
@@ -85,15 +87,40 @@ def read_options(directory: str | Path, overrides: Optional[dict[str, Any]] = No
     return dataclasses.replace(options, **changes) if changes else options
 
 
+# OpenVLA-OFT's per-platform constants other than LIBERO's defaults (its prismatic/vla/constants.py), by the words
+# its dataset statistics keys carry: a checkpoint of these platforms run with LIBERO's chunk length or
+# normalisation gives actions from a sequence it was never trained on
+OFT_PLATFORM_OPTIONS = {'aloha': {'chunk_size': 25, 'normalization': 'bounds'}, 'bridge': {'chunk_size': 5}}
+OFT_DEFAULTS = {'chunk_size': 8, 'normalization': 'bounds_q99'}
+
+
+def check_platform_options(directory: str | Path, options: AdapterOptions) -> None:
+    """CheckpointError for an ALOHA / Bridge OFT checkpoint whose chunk length or normalisation is left to default."""
+    unset = [name for name in OFT_DEFAULTS if getattr(options, name) is None]
+    if not unset:
+        return
+    key = resolve_unnorm_key(read_checkpoint(directory, kind='openvla-oft').norm_stats, options.unnorm_key)
+    for platform, settings in OFT_PLATFORM_OPTIONS.items():
+        needed = {name: value for name, value in settings.items() if name in unset}
+        if platform in key.lower() and needed:
+            raise CheckpointError(
+                f'checkpoint {directory}: dataset statistics {key!r} are of an {platform} fine-tune; set '
+                + ', '.join(f'"{name}" ({platform} fine-tunes use {value!r})' for name, value in needed.items())
+                + f' in {OPTIONS_FILE}: the defaults are LIBERO\'s ({OFT_DEFAULTS})')
+
+
 def load_adapter(directory: str | Path, kind: Optional[str] = None, device: str = 'auto',
                  dtype: str = 'auto', options: Optional[AdapterOptions] = None) -> Adapter:
     """The adapter of a checkpoint directory (``kind`` None = detect from the files)."""
     kind = kind or detect_kind(directory)
     options = options or read_options(directory)
+    if kind == 'openvla-oft':
+        check_platform_options(directory, options)
     units = ActionSpec(translation_scale_m=options.translation_scale_m, rotation_scale_rad=options.rotation_scale_rad,
                        control_period_s=options.control_period_s)
     common = dict(device=device, dtype=dtype, unnorm_key=options.unnorm_key, center_crop=options.center_crop,
-                  attn_implementation=options.attn_implementation, normalization=options.normalization,
+                  attn_implementation=options.attn_implementation,
+                  normalization=options.normalization or OFT_DEFAULTS['normalization'],
                   lowercase_instruction=options.lowercase_instruction, camera_names=options.camera_names,
                   gripper=options.gripper, action_units=units)
     if options.prompt_template:
@@ -102,7 +129,8 @@ def load_adapter(directory: str | Path, kind: Optional[str] = None, device: str 
         adapter = OpenVLAAdapter.load(directory, **common)
     elif kind == 'openvla-oft':
         num_images = options.num_images or (len(options.camera_names) if options.camera_names else 2)
-        adapter = OpenVLAOFTAdapter.load(directory, num_images=num_images, chunk_size=options.chunk_size,
+        adapter = OpenVLAOFTAdapter.load(directory, num_images=num_images,
+                                         chunk_size=options.chunk_size or OFT_DEFAULTS['chunk_size'],
                                          proprio=options.proprio, **common)
     else:
         raise ValueError(f"kind must be 'openvla' or 'openvla-oft', got {kind!r}")
