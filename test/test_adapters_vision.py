@@ -119,10 +119,18 @@ def test_center_crop_samples_the_box_corner_aligned_as_the_evaluation_scripts():
 
 
 def test_letterbox_pads_to_a_square_with_the_mean_colour():
+    """Prismatic's processor fills with the mean of its last backbone (SigLIP's 0.5 for DINOv2 + SigLIP)."""
     image = np.full((20, 40, 3), 10, dtype=np.uint8)
     frame = ImageTransform(size=40, resize_strategy='letterbox', interpolation='nearest').frame(image)
     assert frame.shape == (40, 40, 3)
-    assert tuple(frame[0, 0]) == (123, 116, 103) and tuple(frame[20, 20]) == (10, 10, 10)
+    assert tuple(frame[0, 0]) == (127, 127, 127) and tuple(frame[20, 20]) == (10, 10, 10)
+
+
+def test_resize_crop_truncates_the_long_side_and_centres_the_crop_as_torchvision():
+    image = np.random.default_rng(0).integers(0, 255, size=(480, 640, 3), dtype=np.uint8)
+    frame = ImageTransform(size=224, resize_strategy='resize-crop').frame(image)
+    resized = Image.fromarray(image).resize((298, 224), Image.BICUBIC)        # 224 * 640 / 480 = 298.67 -> 298
+    np.testing.assert_array_equal(frame, np.asarray(resized.crop((37, 0, 261, 224))))   # round((298 - 224) / 2)
 
 
 def test_bad_frames_and_settings_are_refused():

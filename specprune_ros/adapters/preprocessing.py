@@ -61,12 +61,13 @@ class ImageTransform:
             raise ValueError(f'expected an (H, W, 3) uint8 RGB frame, got {image.shape} {image.dtype}')
         pil = Image.fromarray(image)
         mode = _PIL_MODES[self.interpolation]
-        if self.resize_strategy == 'letterbox':
-            pil = _letterbox(pil, tuple(int(255 * m) for m in self.means[0]))
-        if self.resize_strategy == 'resize-crop':
+        if self.resize_strategy == 'letterbox':       # the processor fills with its last backbone's mean
+            pil = _letterbox(pil, tuple(int(255 * m) for m in self.means[-1]))
+        if self.resize_strategy == 'resize-crop':     # torchvision's Resize(int): the long side truncated
             w, h = pil.size
-            scale = self.size / min(w, h)
-            pil = pil.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))), mode)
+            short, long = min(w, h), max(w, h)
+            long = max(self.size, int(self.size * long / short))
+            pil = pil.resize((self.size, long) if w < h else (long, self.size), mode)
             pil = _center(pil, self.size, self.size)
         elif pil.size != (self.size, self.size):
             pil = pil.resize((self.size, self.size), mode)
@@ -131,5 +132,5 @@ def _letterbox(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
 
 def _center(image: Image.Image, width: int, height: int) -> Image.Image:
     w, h = image.size
-    left, top = (w - width) // 2, (h - height) // 2
+    left, top = int(round((w - width) / 2.0)), int(round((h - height) / 2.0))     # torchvision's CenterCrop
     return image.crop((left, top, left + width, top + height))
