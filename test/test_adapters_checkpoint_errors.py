@@ -238,8 +238,8 @@ def _renamed_statistics(directory, key):
     ('aloha1_put_x_into_pot_300_demos', {'chunk_size': 25}, r'"normalization" \(aloha'),
     ('bridge_orig', {'normalization': 'bounds_q99'}, r'"chunk_size" \(bridge fine-tunes use 5\)'),
 ])
-def test_an_aloha_or_bridge_oft_checkpoint_is_not_run_with_liberos_defaults(prismatic_checkpoints, tmp_path, key,
-                                                                           options, message):
+def test_an_aloha_or_bridge_oft_checkpoint_is_not_run_with_liberos_defaults(prismatic_checkpoints, tmp_path,
+                                                                            key, options, message):
     directory = copy(prismatic_checkpoints['openvla-oft'], tmp_path)
     _renamed_statistics(directory, key)
     write_json(directory / 'specprune_adapter.json', options)

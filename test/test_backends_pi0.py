@@ -16,6 +16,7 @@ from specprune_ros.adapters.pi0.checkpoint import is_pi0_directory, load_checkpo
 from specprune_ros.adapters.pi0.inference import Pi0Inference
 from specprune_ros.adapters.pi0.processing import FeatureStats, discretise_state, resize_with_pad
 from specprune_ros.adapters.pi0.tiny import write_tiny_checkpoint
+from specprune_ros.codecs.image_decoding import fit_to
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
 from specprune_ros.models.loading import load_policy
 from specprune_ros.policy.errors import CheckpointError, ObservationError
@@ -214,6 +215,24 @@ def test_the_pi05_prompt_holds_the_robots_own_state_values_not_the_padding(pi05_
     assert encoded.ids == model.tokenizer(expected, add_special_tokens=True)['input_ids']
     state_tokens = model.tokenizer.decode(encoded.ids[encoded.state[0]:encoded.state[1]])
     assert state_tokens.split() == [str(b) for b in bins]
+
+
+def test_the_node_fits_camera_frames_to_pi0_as_resize_with_pad_does(pi0_dir):
+    """A 640 x 480 camera: the node pads (not stretches) it to the square input; the model's own resize is a no-op."""
+    policy = load_policy(str(pi0_dir))
+    side = policy.image_size[0]
+    assert policy.image_fit == 'pad' and policy.image_size == (side, side)
+    yy, xx = np.mgrid[0:480, 0:640]
+    frame = np.stack([xx * 255 // 639, yy * 255 // 479, (xx + yy) % 256], axis=-1).astype(np.uint8)
+    fitted = fit_to(frame, policy.image_size, policy.image_fit)
+    _, lerobot = resize_with_pad(frame, side)
+    inner = int(480 / (640 / side))
+    top = (side - inner) // 2
+    assert fitted.shape == lerobot.shape == (side, side, 3)
+    assert (fitted[:top] == 0).all() and (fitted[top + inner:] == 0).all() and fitted[top:top + inner].any(-1).all()
+    assert np.abs(fitted.astype(int) - lerobot.astype(int)).mean() < 1.0
+    _, shown = resize_with_pad(fitted, side)
+    np.testing.assert_array_equal(shown, fitted)
 
 
 def test_resize_with_pad_keeps_the_aspect_and_pads_black():

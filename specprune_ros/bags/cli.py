@@ -167,7 +167,8 @@ def evaluate_main(argv: Optional[list[str]] = None) -> int:
                              period_s=spec.control_period_s, gripper_open_value=args.gripper_open_value,
                              gripper_closed_value=args.gripper_closed_value)
         streams = load_streams(args.bag, topics, image_size=size, max_camera_skew_s=args.max_camera_skew,
-                               units=units, instruction=args.instruction, max_observations=args.max_observations)
+                               units=units, instruction=args.instruction, max_observations=args.max_observations,
+                               image_fit=getattr(baseline, 'image_fit', 'stretch'))
         report = evaluate_streams(streams, config, baseline_policy=baseline)
         stride_note = unused_stride_note(report['schedule'], args.stride)
         if stride_note:

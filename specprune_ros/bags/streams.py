@@ -42,7 +42,7 @@ from rosbags.image.image import ENCODINGMAP, to_cvtype
 from specprune_ros.bags.io import BagError, BagReader, check_types_known, normalize_topic
 from specprune_ros.bridge.conversions import CommandUnits, command_to_action, gripper_value_to_action
 from specprune_ros.codecs.image_decoding import (MAX_SIDE, RAW_ENCODINGS, DecodedFrame, ImageError,
-                                                 decode_compressed_frame, decode_raw_image, resize_to)
+                                                 decode_compressed_frame, decode_raw_image, fit_to)
 from specprune_ros.codecs.proprio import StateError, check_pose, finger_gap_from_joints, proprio_vector
 
 IMAGE = 'sensor_msgs/msg/Image'
@@ -289,7 +289,8 @@ class _Recorded:
 
 
 def _read(bag: BagReader, path: str | Path, topics: StreamTopics, wanted: dict, image_size: Optional[tuple],
-          recorded: _Recorded, messages: Iterator, until: Callable[[_Recorded, int], bool]) -> None:
+          recorded: _Recorded, messages: Iterator, until: Callable[[_Recorded, int], bool],
+          image_fit: str = 'stretch') -> None:
     """Read ``messages`` into ``recorded`` until ``until(recorded, bag time)`` says enough (or the bag ends).
 
     The message that stopped it is kept (``recorded.pending``) and read first when reading goes on.
@@ -321,7 +322,7 @@ def _read(bag: BagReader, path: str | Path, topics: StreamTopics, wanted: dict, 
                 raise BagError(f'bag {path}: mismatched image sizes on camera {camera!r} ({topic}): the frame '
                                f'stamped {stamp * 1e-9:.3f} s is {size[1]}x{size[0]}, earlier frames are '
                                f'{recorded.sizes[camera][1]}x{recorded.sizes[camera][0]}')
-            rgb = resize_to(rgb, image_size) if image_size else rgb
+            rgb = fit_to(rgb, image_size, image_fit) if image_size else rgb
             recorded.frames[camera].add(stamp, bag_ns, rgb if rgb.flags.writeable else rgb.copy())
         elif kind == 'instruction':
             recorded.instructions.append((bag_ns, str(msg.data)))
@@ -381,8 +382,10 @@ def _enough_frames(count: int) -> Callable[[_Recorded, int], bool]:
 
 def load_streams(path: str | Path, topics: Optional[StreamTopics] = None, image_size: Optional[tuple] = (96, 96),
                  max_camera_skew_s: float = 0.05, units: CommandUnits = CommandUnits(), instruction: str = '',
-                 max_observations: int = 0) -> BagStreams:
+                 max_observations: int = 0, image_fit: str = 'stretch') -> BagStreams:
     """Read and pair everything (see the module docstring); ``BagError`` names whatever is wrong.
+
+    Frames are fitted to ``image_size`` as the policy node fits them (``image_fit``, the policy's).
 
     ``units``: what the recording node's commands meant (its policy's scales times ``action_scale``, the policy's
     control period, the gripper values). ``max_observations`` (0: all) stops reading once that many frame sets are
@@ -424,7 +427,7 @@ def load_streams(path: str | Path, topics: Optional[StreamTopics] = None, image_
         messages = bag.raw_messages(wanted)
         target = max_observations
         while True:
-            _read(bag, path, topics, wanted, image_size, recorded, messages, _enough_frames(target))
+            _read(bag, path, topics, wanted, image_size, recorded, messages, _enough_frames(target), image_fit)
             streams = _pair(path, topics, recorded, camera_types, list(notes), max_camera_skew_s, units, instruction,
                             max_observations)
             short = max_observations - len(streams.observations)

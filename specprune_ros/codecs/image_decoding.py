@@ -173,6 +173,32 @@ def resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(image, (width, height), interpolation=interpolation)
 
 
+IMAGE_FITS = ('stretch', 'pad')
+
+
+def fit_to(image: np.ndarray, size: tuple[int, int], fit: str = 'stretch') -> np.ndarray:
+    """``image`` made the policy input of (H, W) = ``size`` the way its model was trained.
+
+    ``stretch``: resized to ``size`` (:func:`resize_to`; OpenVLA's and the reference VLA's processors); ``pad``:
+    resized without distortion to fit, bilinear, centred on black (LeRobot's / openpi's pi0 ``resize_with_pad``:
+    the same sizes and offsets, values within a grey level).
+    """
+    if fit == 'stretch':
+        return resize_to(image, size)
+    if fit != 'pad':
+        raise ValueError(f'image fit {fit!r} not in {IMAGE_FITS}')
+    height, width = size
+    if image.shape[:2] == (height, width):
+        return image
+    ratio = max(image.shape[1] / width, image.shape[0] / height)
+    inner_h, inner_w = int(image.shape[0] / ratio), int(image.shape[1] / ratio)
+    out = np.zeros((height, width, 3), dtype=np.uint8)
+    top, left = (height - inner_h) // 2, (width - inner_w) // 2
+    out[top:top + inner_h, left:left + inner_w] = cv2.resize(image, (inner_w, inner_h),
+                                                             interpolation=cv2.INTER_LINEAR)
+    return out
+
+
 def encode_raw_image(rgb: np.ndarray, encoding: str = 'rgb8', row_padding: int = 0) -> tuple[int, int, int, bytes]:
     """(height, width, step, data) of an RGB frame in ``encoding`` (test publishers, the debug image)."""
     if encoding not in RAW_ENCODINGS:

@@ -57,6 +57,7 @@ class ModelBackend(ABC):
     name: str = 'model'                          # reported as the policy output's info['model']
     camera_names: tuple[str, ...]
     image_size: tuple[int, int]                  # (H, W) the model expects
+    image_fit: str = 'stretch'                   # how camera frames become image_size: 'stretch' or 'pad'
     proprio_dim: int
     action_spec: ActionSpec
     patch_size: int                              # pixels per patch side in the encoded frames

@@ -100,7 +100,8 @@ class Policy(Protocol):
     """A VLA policy with temporal token state (reset it on a new episode or instruction)."""
 
     camera_names: tuple[str, ...]
-    image_size: tuple[int, int]                    # (H, W) the model expects; callers resize to it
+    image_size: tuple[int, int]                    # (H, W) the model expects; callers fit frames to it ...
+    image_fit: str                                 # ... 'stretch' or 'pad' (codecs.image_decoding.fit_to)
     proprio_dim: int
     action_spec: ActionSpec
 

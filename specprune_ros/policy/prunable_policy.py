@@ -24,6 +24,7 @@ class PrunablePolicy:
         self.step_index = 0
         self.camera_names: tuple[str, ...] = backend.camera_names
         self.image_size: tuple[int, int] = backend.image_size
+        self.image_fit: str = backend.image_fit
         self.proprio_dim: int = backend.proprio_dim
         self.action_spec: ActionSpec = backend.action_spec
 

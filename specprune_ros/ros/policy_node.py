@@ -56,7 +56,7 @@ from std_srvs.srv import SetBool, Trigger
 from trajectory_msgs.msg import JointTrajectory
 
 from specprune_ros.codecs.image_decoding import (DecodedFrame, ImageError, aspect_distortion, check_image_size,
-                                                 decode_compressed_frame, resize_to)
+                                                 decode_compressed_frame, fit_to)
 from specprune_ros.codecs.instruction import (DuplicateFilter, InstructionError, string_bytes_from_cdr,
                                               validate_instruction)
 from specprune_ros.codecs.kept_patches import draw_kept_patches, kept_patch_masks
@@ -437,11 +437,13 @@ class SpecPruneNode(LifecycleNode):
                 raise ImageError('image_stamp', 'header.stamp is zero: frames must be stamped')
             frame = decode()
             check_image_size(frame.full_size, self.params.min_image_side)
-            rgb = resize_to(frame.pixels, policy.image_size)
+            fit = getattr(policy, 'image_fit', 'stretch')
+            rgb = fit_to(frame.pixels, policy.image_size, fit)
         except ImageError as error:
             self._bad_input(error.kind, f'camera {camera!r}: {error}', source=camera)
             return
-        self._warn_if_squashed(camera, frame.full_size, tuple(policy.image_size))
+        if fit == 'stretch':
+            self._warn_if_squashed(camera, frame.full_size, tuple(policy.image_size))
         error = controller.put_frame(camera, rgb, stamp, self.now(), header.frame_id)
         if error:
             self._log_rejected(error, camera, error.kind)

@@ -99,6 +99,7 @@ class Pi0Backend(ModelBackend):
             raise ValueError('camera_map maps no camera')
         self.camera_names = tuple(mapping[name] for name in self.checkpoint_cameras)
         self.image_size = (cfg.image_resolution, cfg.image_resolution)
+        self.image_fit = 'pad'             # resize_with_pad: a non-square camera is not stretched
         self.proprio_dim = cfg.state_dim
         self.patch_size = cfg.vision.patch_size
         self.runner = inference.runner
