@@ -10,7 +10,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from specprune_ros.core.executor import PlanError, PrunableDecoderRunner
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
-from specprune_ros.core.flops import decoder_flops
+from specprune_ros.core.flops import decoder_flops, layer_flops
 from specprune_ros.core.layer_arithmetic import compiled_layer, rms_norm
 from specprune_ros.core.masks import attention_mask
 from specprune_ros.core.step_types import AttentionRequest, KVStore, StepContext, StepPlan, VisualMask
@@ -190,11 +190,16 @@ def test_flops_count_against_hand_calculation():
     method = FixedKeepSchedule(keep_before=torch.arange(0, 32, 2))  # 16 visual + 18 others = 34 tokens
     with torch.no_grad():
         record = PrunableDecoderRunner(decoder)(torch.randn(1, N, HIDDEN), layout, method).record
-    d, m = HIDDEN, MLP
-    per_layer = lambda n: 4 * n * d * d + 2 * n * n * d + 3 * n * d * m  # noqa: E731
+    d, m, kv = HIDDEN, MLP, HIDDEN // 2             # 4 query heads, 2 key/value heads: K and V are half as wide
+    # q and o projections d x d, k and v d x d/2; scores and weighted sum over the keys; the gated MLP
+    per_layer = lambda n: 2 * n * d * d + 2 * n * d * kv + 2 * n * n * d + 3 * n * d * m  # noqa: E731
     assert record.flops == LAYERS * per_layer(34)
     assert record.flops_full == LAYERS * per_layer(50)
     assert decoder_flops([10], [12], 8, 16) == 4 * 10 * 64 + 2 * 10 * 12 * 8 + 3 * 10 * 8 * 16
+    # pi0's action expert: 1024 wide with 8 x 256 = 2048-wide attention and one 256-wide key/value head
+    n, k = 51, 400
+    assert layer_flops(n, k, 1024, 4096, attention=2048, kv=256) == (
+        n * 1024 * 2048 * 2 + n * 1024 * 256 * 2 + 2 * n * k * 2048 + 3 * n * 1024 * 4096)
 
 
 class HookAfter(FixedKeepSchedule):

@@ -131,9 +131,9 @@ class OpenVLAAdapter(PrismaticAdapter):
 
     def _account_decode(self, record: StepRecord, layout: TokenLayout, decoded, seconds: float) -> None:
         """Add the decode steps to the record's FLOPs and model time (the prefill figures stay in ``info``)."""
-        d, m = self.runner.hidden_size, self.runner.mlp_size
-        pruned = sum(layer_flops(1, k, d, m) for step in decoded for k in step.key_counts)
-        full = sum(layer_flops(1, layout.num_tokens + i + 1, d, m)
+        shape = self.runner.flops_shape
+        pruned = sum(layer_flops(1, k, *shape) for step in decoded for k in step.key_counts)
+        full = sum(layer_flops(1, layout.num_tokens + i + 1, *shape)
                    for i in range(len(decoded)) for _ in range(self.runner.num_layers))
         record.add_stage('prefill', 'decode', pruned, full, seconds)
 

@@ -46,7 +46,7 @@ from specprune_ros.core.attention_kernels import (AttentionKernel, attention_wit
 from specprune_ros.core.attention_probes import LazyAttention, ProbeBatch, attention_summaries
 from specprune_ros.core.constant_tensors import constant_tensors
 from specprune_ros.core.cpu_info import available_memory_bytes
-from specprune_ros.core.flops import decoder_flops
+from specprune_ros.core.flops import attention_widths, decoder_flops
 from specprune_ros.core.cuda_graphs import DecodeGraphs, DecodeState, LayerGraphs
 from specprune_ros.core.kept_tokens import (KeptTokens, PaddedTokens, RopeTables, Rotary, all_visual_on,
                                             visual_slot_table)
@@ -238,6 +238,7 @@ class PrunableDecoderRunner(nn.Module):
         config = decoder.config
         self.hidden_size = int(config.hidden_size)
         self.mlp_size = int(config.intermediate_size)
+        self.attention_width, self.kv_width = attention_widths(config)     # for the FLOPs count
         self.num_layers = len(decoder.layers)
         self.fuse_projections = fuse_projections
         self.validate_on_host = validate_on_host
@@ -374,9 +375,9 @@ class PrunableDecoderRunner(nn.Module):
         record = StepRecord(
             layout=layout, kept_per_layer=kept_per_layer, attention=attention, reused=reused,
             model_seconds=0.0, selection_seconds=0.0,
-            flops=decoder_flops([len(k) for k in kept_per_layer], n_keys, self.hidden_size, self.mlp_size),
+            flops=decoder_flops([len(k) for k in kept_per_layer], n_keys, *self.flops_shape),
             flops_full=decoder_flops([layout.num_tokens] * self.num_layers, [layout.num_tokens] * self.num_layers,
-                                     self.hidden_size, self.mlp_size),
+                                     *self.flops_shape),
             probe_seconds=probe_seconds, attention_kernels=kernels)
         if method is not None:
             t0 = time.perf_counter()
@@ -665,6 +666,11 @@ class PrunableDecoderRunner(nn.Module):
         ok = mask.sum().eq(reuse.count).logical_and_(named.le(allowed).all())
         torch._assert_async(ok, f'{message}, or does not hold exactly {reuse.count}')
         return torch.nonzero_static(named, size=reuse.count).view(-1)
+
+    @property
+    def flops_shape(self) -> tuple[int, int, int, int]:
+        """(hidden, MLP, attention and key/value widths) of a layer, as ``core.flops.layer_flops`` takes them."""
+        return self.hidden_size, self.mlp_size, self.attention_width, self.kv_width
 
     def _hook_layers(self, layers: Optional[frozenset[int]]) -> Optional[frozenset[int]]:
         """A plan's ``after_layers``, checked: layer indices of this decoder (None: every layer)."""

@@ -221,10 +221,12 @@ class Pi0Inference:
 
     def _account(self, record, layout: TokenLayout, key_counts: list[list[int]], seconds: float) -> None:
         """Add the expert's denoising steps to the record's FLOPs and model time (prefix figures kept in info)."""
-        shape = self.config.expert
+        expert = self.config.expert
         s = self.suffix_length
-        pruned = sum(layer_flops(s, k, shape.width, shape.mlp_dim) for counts in key_counts for k in counts)
-        full = len(key_counts) * shape.depth * layer_flops(s, layout.num_tokens + s, shape.width, shape.mlp_dim)
+        heads = expert.num_heads * expert.head_dim, expert.num_kv_heads * expert.head_dim
+        shape = (expert.width, expert.mlp_dim, *heads)
+        pruned = sum(layer_flops(s, k, *shape) for counts in key_counts for k in counts)
+        full = len(key_counts) * expert.depth * layer_flops(s, layout.num_tokens + s, *shape)
         record.add_stage('prefix', 'expert', pruned, full, seconds)
 
     @torch.inference_mode()
