@@ -255,6 +255,8 @@ class Runner:
     samples: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PHASES})
     flops: list[float] = field(default_factory=list)
     flops_full: list[float] = field(default_factory=list)
+    pass_flops: list[float] = field(default_factory=list)       # the executor's pass alone (OpenVLA: no decode)
+    pass_flops_full: list[float] = field(default_factory=list)
     kept_visual: list[float] = field(default_factory=list)
     num_visual: int = 0
     num_tokens: int = 0
@@ -323,6 +325,8 @@ class Runner:
                           layers=clock.seconds.get('layers', float('nan')))
             self.flops.append(record.flops)
             self.flops_full.append(record.flops_full)
+            self.pass_flops.append(record.info.get('prefill_flops', record.flops))
+            self.pass_flops_full.append(record.info.get('prefill_flops_full', record.flops_full))
             self.num_visual, self.num_tokens = record.layout.num_visual, record.layout.num_tokens
             self.kept_visual.append(float(np.mean(record.visual_kept_per_layer)))
             keys = [set(record.attention.get(layer, {})) for layer in range(layers)]
@@ -630,8 +634,10 @@ def rows_for(runners: list[Runner], info: dict) -> list[dict]:
                 layers = np.asarray(r.samples['layers'])
                 base_layers = np.asarray(base.samples['layers'])
                 if np.isfinite(layers).all() and np.isfinite(base_layers).all() and len(layers):
+                    # the layers clock times the executor's pass only: its FLOPs, without OpenVLA's decode
                     layers_speedup = float(np.median(base_layers) / np.median(layers))
-                    row.update(layers_speedup=layers_speedup, layers_over_ideal=layers_speedup * flops_ratio)
+                    pass_ratio = float(np.sum(r.pass_flops) / np.sum(r.pass_flops_full))
+                    row.update(layers_speedup=layers_speedup, layers_over_ideal=layers_speedup * pass_ratio)
         backends = r.layer_backends()
         row['attention_backend'] = backends
         row['attention_backend_summary'] = compress(backends)

@@ -381,3 +381,15 @@ def test_selection_graphs_leave_the_host_fewer_operations(tmp_path):
     from specprune_ros.core.cuda_graphs import ShapeGraphs
     assert isinstance(vars(ShapeGraphs)['_graphs_on'], staticmethod)
     assert ShapeGraphs(lambda x: x)(torch.ones(2)).tolist() == [1.0, 1.0]
+
+
+def test_layer_times_of_openvla_are_set_against_the_flops_of_the_pass_they_time(tmp_path):
+    """OpenVLA's decode runs outside the timed layers: layers measured / ideal uses the prefill pass's FLOPs."""
+    harness = _harness()
+    report = harness.main(['--shape', 'openvla', '--width', '64', '--layers', '4', '--methods', 'none', 'random 25%',
+                           '--layer-times', '--steps', '2', '--warmup', '1', '--stride', '1', '--threads', '1',
+                           '--no-reference', '--out', str(tmp_path), '--no-plot'])
+    row = next(row for row in report['rows'] if row['label'] == 'random 25%')
+    assert row['decode_ms'] > 0
+    prefill_ratio = row['layers_over_ideal'] / row['layers_speedup']
+    assert prefill_ratio < row['flops_ratio']            # the decode's key reads shrink less than the prefill
