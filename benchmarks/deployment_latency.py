@@ -6,7 +6,8 @@ the 32 layers and the action head stay; the ViTs shrink by the same factor unles
 otherwise). One sequence of observations from a closed-loop simulator episode (the scripted expert drives the
 MuJoCo tabletop; both cameras rendered, resized to 224 px by the model's own preprocessing, one frame every
 ``--stride`` control steps) is fed to every method round-robin, step by step, in one process: each method keeps
-its own temporal state (reset when an episode starts), the order rotates every step, and the first ``--warmup``
+its own temporal state (reset when an episode starts), the order rotates every step (:func:`step_order`), and
+the first ``--warmup``
 steps of each episode (allocator / kernel warm-up and every method's own warm-up, e.g. VLA-Pruner's 3 unpruned
 steps) are not timed. transformers' own
 forward of the same weights with SDPA (``reference_step``: what users of the published models run) is timed in
@@ -546,8 +547,7 @@ def measure_shape(target: PublishedShape | Path, frames: list[Frame], methods, d
                     runner.reset()
             if not runners:
                 break
-            order = runners[index % len(runners):] + runners[:index % len(runners)]
-            for runner in order:
+            for runner in step_order(runners, index):
                 clock.reset()
                 try:                           # one broken method must not cost the others' measurements
                     sync()
@@ -958,6 +958,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print(markdown(meta, infos, rows))
     print(f'wrote {args.out}/{args.name}.{{json,md{"" if args.no_plot else ",png"}}} in {meta["minutes"]:.1f} min')
     return {'meta': meta, 'shapes': infos, 'rows': rows}
+
+
+def step_order(items: list, index: int) -> list:
+    """The order of step ``index``: rotated by one each step, reversed every other round of rotations.
+
+    Each method takes every position equally often, and follows two different methods rather than always the same
+    one (what ran just before changes which caches are warm).
+    """
+    count = len(items)
+    rotated = items[index % count:] + items[:index % count]
+    return rotated[::-1] if (index // count) % 2 else rotated
 
 
 def write_json_and_markdown(out: Path, name: str, report: dict, table: str, indent: int = 1) -> None:

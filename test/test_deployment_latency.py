@@ -393,3 +393,13 @@ def test_layer_times_of_openvla_are_set_against_the_flops_of_the_pass_they_time(
     assert row['decode_ms'] > 0
     prefill_ratio = row['layers_over_ideal'] / row['layers_speedup']
     assert prefill_ratio < row['flops_ratio']            # the decode's key reads shrink less than the prefill
+
+
+def test_the_step_order_balances_positions_and_varies_what_runs_before_each_method():
+    harness = _harness()
+    methods = ['none', 'specprune', 'vla_pruner', 'transformers']
+    orders = [harness.step_order(methods, index) for index in range(2 * len(methods))]
+    for method in methods:
+        assert sorted(order.index(method) for order in orders) == sorted(list(range(len(methods))) * 2)
+        before = {order[order.index(method) - 1] for order in orders if order.index(method) > 0}
+        assert len(before) >= 2, (method, before)
