@@ -145,6 +145,16 @@ def test_keep_regions_survive_every_method(name, runner, layout):
         assert pruned_without                           # so the regions changed something for the pruning methods
 
 
+@pytest.mark.parametrize('name', available_methods())
+def test_a_step_without_a_camera_runs_unpruned_and_the_episode_goes_on(name, runner):
+    """Every camera feed missing (a layout with no visual token): nothing to prune, no crash; cameras come back."""
+    method = build_method(name)
+    blind = run_episode(method, steps=2, layout=make_layout(cameras=0), runner=runner, images=False)
+    assert all(r.record.info.get('idle') == 'no visual tokens' for r in blind)
+    seen = run_episode(method, steps=4, layout=make_layout(), runner=runner, start_step=2)
+    assert all(r.record.info.get('idle') is None for r in seen)
+
+
 def test_keep_regions_are_validated(layout):
     assert protected_visual(layout, ()) is None
     whole_wrist = protected_visual(layout, ((1, 0, 0, 1, 1),))

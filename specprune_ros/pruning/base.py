@@ -75,6 +75,7 @@ class PruningMethodBase:
         self._pending_reset = ''
         self._learned_layers = 0
         self._protected: Optional[torch.Tensor] = None
+        self._idle = False                     # this step has no visual token to prune (no camera in the layout)
         check_regions(config.keep_regions)     # fail when the method is built, not at the first inference
         self.num_layers = config.num_layers
 
@@ -90,6 +91,10 @@ class PruningMethodBase:
         self._context = context
         self.last_info = {'method': self.name, 'step': self.state.steps, 'reset': self._pending_reset}
         self._pending_reset = ''
+        self._idle = context.layout.num_visual == 0
+        if self._idle:                         # no camera in this step's input: it runs as it is
+            self.last_info.update(visual_kept_before=0, idle='no visual tokens')
+            return StepPlan(after_layers=frozenset())
         plan = self._begin(context)
         if plan.after_layers is None and type(self)._after is PruningMethodBase._after:
             plan.after_layers = frozenset()         # a method that decides nothing between layers needs no hook
@@ -107,6 +112,8 @@ class PruningMethodBase:
         return plan
 
     def after_layer(self, view: LayerView) -> Optional[torch.Tensor | VisualMask]:
+        if self._idle:
+            return None
         keep = self._after(view)
         if keep is None or self._protected is None:
             return keep
@@ -116,7 +123,8 @@ class PruningMethodBase:
     def end_step(self, record: StepRecord) -> None:
         if record.kept_per_layer:
             self._learned_layers = len(record.kept_per_layer)     # the real depth, if the context did not say
-        self._end(record)
+        if not self._idle:
+            self._end(record)
         self.state.finish_step()
         if record.info is None:
             record.info = {}
