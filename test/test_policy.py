@@ -496,6 +496,16 @@ def test_the_reference_vla_refuses_half_precision_at_load():
                 load_policy(model, dtype=dtype)
 
 
+def test_a_wrong_checkpoint_path_is_reported_before_the_dtype(tmp_path):
+    """A params file for a published checkpoint sets bfloat16: a mistyped path must still say what is wrong."""
+    (tmp_path / 'weights.bin').write_bytes(b'')
+    (tmp_path / 'empty').mkdir()
+    for path, message in ((tmp_path / 'missing', 'does not exist'), (tmp_path / 'weights.bin', 'is a file'),
+                          (tmp_path / 'empty', 'missing config.json')):
+        with pytest.raises(CheckpointError, match=message):
+            load_policy(str(path), dtype='bfloat16')
+
+
 @pytest.mark.parametrize('method', ['specprune', 'vla_pruner'])
 def test_an_observation_timestamp_resets_the_temporal_state_after_max_gap_s(method):
     rng = np.random.default_rng(4)

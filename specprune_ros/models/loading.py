@@ -16,7 +16,7 @@ from specprune_ros.adapters.pi0.checkpoint import is_pi0_directory
 from specprune_ros.adapters.published_checkpoint import check_checkpoint_directory, detect_kind
 from specprune_ros.policy.interface import Policy
 from specprune_ros.policy.reference_backend import reference_policy
-from specprune_ros.policy.reference_checkpoint import load_checkpoint
+from specprune_ros.policy.reference_checkpoint import load_checkpoint, read_config
 from specprune_ros.policy.reference_vla import ReferenceVLA, ReferenceVLAConfig
 from specprune_ros.pruning import build_method
 
@@ -38,13 +38,16 @@ def load_model(model: str, device: str = 'cpu', dtype: str = 'float32', seed: in
     """'reference' (the committed trained checkpoint), 'tiny-random', or a checkpoint directory."""
     if dtype not in DTYPES:
         raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
+    directory = None
+    if model != 'tiny-random':      # a wrong path is the error to report first, whatever the dtype
+        directory = check_checkpoint_directory(REFERENCE_CHECKPOINT if model == 'reference' else model)
+        read_config(directory)
     if dtype != 'float32':      # its heads, normalisers and patch statistics are float32 arithmetic
         raise ValueError(f"the reference VLA ({model!r}) runs in float32 only, got dtype {dtype!r}; bfloat16 and "
                          'float16 are for published checkpoints (OpenVLA, OpenVLA-OFT, pi0)')
-    if model == 'tiny-random':
+    if directory is None:
         torch.manual_seed(seed)
         return ReferenceVLA(tiny_random_config()).to(device=device, dtype=DTYPES[dtype]).eval()
-    directory = check_checkpoint_directory(REFERENCE_CHECKPOINT if model == 'reference' else model)
     return load_checkpoint(directory, device=device, dtype=DTYPES[dtype])
 
 
