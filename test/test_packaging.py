@@ -4,6 +4,8 @@ import ast
 import importlib
 import os
 import re
+import subprocess
+import sys
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
@@ -220,3 +222,16 @@ def test_docstrings_name_commands_that_exist():
                     problems += [f'{where}: no console script {n}' for n in re.findall(r'``(\w+)``', group)
                                  if n not in names]
     assert not problems, '\n'.join(problems)
+
+
+@pytest.mark.parametrize('module, names', [('specprune_ros.ros.policy_node', ('model ', 'method ', 'camera_topics ')),
+                                           ('specprune_ros.ros.sim_bridge_node', ('mode ', 'episodes_per_family '))])
+def test_the_nodes_help_lists_their_parameters_and_starts_nothing(module, names):
+    """``specprune_node --help`` prints every parameter and exits; it must not start a node that publishes."""
+    pytest.importorskip('rclpy', reason='ROS 2 (rclpy) is not installed: the nodes cannot be imported without it')
+    env = {**os.environ, 'ROS_DOMAIN_ID': '197'}
+    done = subprocess.run([sys.executable, '-m', module, '--help'], capture_output=True, text=True, timeout=60,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith('usage: ') and all(f'  {name}(default:' in done.stdout for name in names)
+    assert '[INFO]' not in done.stdout + done.stderr          # no node was created (it logs its configure)

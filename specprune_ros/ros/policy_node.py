@@ -75,6 +75,7 @@ from specprune_ros.ros import output_messages as messages
 from specprune_ros.ros.image_conversion import RawImageConverter
 from specprune_ros.ros.parameter_declaration import (declare_method_settings, declare_node_parameters,
                                                      read_node_parameters)
+from specprune_ros.ros.ros_helpers import help_requested, parameters_help
 
 NODE_NAME = 'specprune_node'
 # Two instruction subscriptions: transient-local receives the latched instruction of a publisher that started
@@ -688,6 +689,11 @@ class SpecPruneNode(LifecycleNode):
 
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of ``specprune_node``: spin until SIGINT/SIGTERM, then stop the robot and exit."""
+    if help_requested(args):
+        print(parameters_help(NODE_NAME, 'The pruning VLA policy node (lifecycle; autostart configures and activates '
+                              'it). Method settings: -p method_settings.<name>:=VALUE (README, "Pruning methods").',
+                              NodeParameters), end='')
+        return
     sys.setswitchinterval(0.0005)  # hand the GIL over quickly: frame callback -> inference worker -> command
     try:
         rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)

@@ -57,7 +57,8 @@ from specprune_ros.bridge.realtime import CommandTimeline
 from specprune_ros.bridge.settings import BridgeSettings
 from specprune_ros.bridge.sync_gate import TickGate
 from specprune_ros.ros import output_messages as messages
-from specprune_ros.ros.ros_helpers import BackgroundExecutor, call_service, remote_parameters
+from specprune_ros.ros.ros_helpers import (BackgroundExecutor, call_service, help_requested, parameters_help,
+                                           remote_parameters)
 from specprune_ros.sim import CONTROL_PERIOD_S, ROTATION_SCALE_RAD, TRANSLATION_SCALE_M, TabletopEnv
 
 NODE_NAME = 'sim_bridge'
@@ -519,6 +520,11 @@ def main(args: Optional[list[str]] = None) -> int:
     Exit code 2: the run could not start or go on (no policy node, a wrong configuration, the policy node gone
     mid-run); 130: interrupted.
     """
+    if help_requested(args):
+        print(parameters_help(NODE_NAME, 'The MuJoCo tabletop simulator as a ROS node: it runs the episodes against '
+                              'the policy node and writes the summary (docs: README, "Simulation testing").',
+                              BridgeSettings), end='')
+        return 0
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     try:
         node = SimBridgeNode()
