@@ -18,11 +18,13 @@ pytest.importorskip('rclpy', reason='ROS 2 (rclpy) is not installed: scripts/set
                     'bag reading, writing and replay evaluation are covered without ROS by test_bags_io.py, '
                     'test_bags_evaluate.py and test_bags_messy.py')
 
+import rclpy  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
-from specprune_ros.bags.io import BagReader, BagWriter  # noqa: E402
+from specprune_ros.bags.io import BagError, BagReader, BagWriter  # noqa: E402
 from specprune_ros.bags.sim_bag import SimBagOptions, record_sim_bag  # noqa: E402
+from specprune_ros.ros.bag_player import BagPlayer, PlayOptions  # noqa: E402
 from specprune_ros.ros.bag_recorder import BagRecorder  # noqa: E402
 from specprune_ros.ros.ros_helpers import BackgroundExecutor  # noqa: E402
 from specprune_ros.ros.sim_launch_config import policy_command, sim_setup  # noqa: E402
@@ -153,6 +155,22 @@ def test_replayer_remaps_skips_the_start_and_follows_the_rate(sim_bag, tmp_path)
     assert np.median(np.diff(arrivals)) == pytest.approx(0.05, abs=0.02)   # 0.1 s of bag time at rate 2
     # the instruction was recorded before the offset: latched, its newest message still goes out first
     assert len(listener.texts) == 1 and listener.texts[0]
+
+
+def test_excluded_topics_are_not_replayed(sim_bag):
+    """``--exclude-topics`` (as ``ros2 bag play``): e.g. the recorded commands stay out of a live replay."""
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=DOMAIN)
+    try:
+        everything = BagPlayer(sim_bag, PlayOptions(), node_name='player_all', context=context)
+        without = BagPlayer(sim_bag, PlayOptions(exclude_topics=['/camera/wrist/image_raw', 'instruction']),
+                            node_name='player_without', context=context)
+        assert set(everything.publishers_by_topic) - set(without.publishers_by_topic) == {
+            '/camera/wrist/image_raw', '/instruction'}
+        with pytest.raises(BagError, match='no topic /delta_twist'):
+            BagPlayer(sim_bag, PlayOptions(exclude_topics=['/delta_twist']), node_name='player_typo', context=context)
+    finally:
+        rclpy.try_shutdown(context=context)
 
 
 def test_bad_bags_are_refused_with_a_reason(sim_bag, tmp_path):

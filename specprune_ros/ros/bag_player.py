@@ -47,6 +47,7 @@ MIN_PASS_S = 0.1           # with loop: bag time one pass takes at least (a one-
 @dataclass
 class PlayOptions:
     topics: Sequence[str] = ()                  # empty: every topic
+    exclude_topics: Sequence[str] = ()          # left out (e.g. the recorded commands, so no robot is driven)
     rate: float = 1.0
     loop: bool = False
     start_offset_s: float = 0.0
@@ -84,9 +85,11 @@ class BagPlayer(Node):
         with BagReader(self.bag_path) as reader:
             infos = reader.topics()
         selected = [normalize_topic(t) for t in options.topics] if options.topics else sorted(infos)
-        missing = [t for t in selected if t not in infos]
+        excluded = [normalize_topic(t) for t in options.exclude_topics]
+        missing = [t for t in selected + excluded if t not in infos]
         if missing:
             raise BagError(f'bag {self.bag_path}: no topic {", ".join(missing)}; it has {", ".join(sorted(infos))}')
+        selected = [t for t in selected if t not in excluded]
         unknown = sorted(set(options.remap) - set(selected))
         if unknown:
             raise BagError(f'bag {self.bag_path}: cannot remap {", ".join(unknown)}: not a replayed topic; '
@@ -230,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('bag', type=Path, help='bag directory')
     parser.add_argument('--topics', nargs='+', default=[], help='replay only these topics')
+    parser.add_argument('--exclude-topics', nargs='+', default=[],
+                        help="leave these out, e.g. the recorded commands ('/delta_twist_cmds /gripper_command')")
     parser.add_argument('-r', '--rate', type=bounded(float, 0, inclusive=False), default=1.0,
                         help='playback speed factor')
     parser.add_argument('-l', '--loop', action='store_true', help='replay again and again until interrupted')
@@ -253,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        options = PlayOptions(topics=args.topics, rate=args.rate, loop=args.loop, start_offset_s=args.start_offset,
+        options = PlayOptions(topics=args.topics, exclude_topics=args.exclude_topics, rate=args.rate, loop=args.loop,
+                              start_offset_s=args.start_offset,
                               remap=parse_remap(args.remap), clock=args.clock, clock_rate_hz=args.clock_rate,
                               wait_for_subscribers_s=args.wait_for_subscribers,
                               clock_subscribers=args.clock_subscribers, skip_unknown=args.skip_unknown,
