@@ -1,4 +1,4 @@
-"""specprune_node over real DDS under bad input and skewed clocks (ROS_DOMAIN_ID 80).
+"""specprune_node over real DDS under bad input and skewed clocks (ROS_DOMAIN_ID 80 and 81).
 
 The node runs as its own process, the test process publishes the cameras, the robot state and the instruction and
 listens.
@@ -249,3 +249,17 @@ def test_a_yaml_mapping_on_the_command_line_exits_with_the_form_that_works():
                             cwd=ROOT)
     assert result.returncode != 0
     assert 'method_settings.keep_ratio:=0.25' in result.stderr and 'Traceback' not in result.stderr, result.stderr
+
+
+def test_a_camera_topic_nobody_publishes_is_named_in_a_hold_warning(tmp_path):
+    """A mistyped camera topic: the console names the camera and topic the node waits for (not only /diagnostics)."""
+    node = start_node(DOMAIN + 1, {'camera_topics': '/cam_front/image_raw,/cam_wrist/image_raw'},
+                      {'log_throttle_s': 0.5})
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        expected = "holding (zero commands): no frame yet from camera 'agentview' (topic /cam_front/image_raw)"
+        while expected not in node.output() and time.monotonic() < deadline and node.alive():
+            time.sleep(0.2)
+        assert expected in node.output(), node.output()[-3000:]
+    finally:
+        node.interrupt()

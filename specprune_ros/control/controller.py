@@ -458,6 +458,7 @@ class PolicyController:
                 reason = 'disabled (~/enable or the enabled parameter)'
             else:
                 reason = self._fault_reason() or self.sync.staleness(now)
+                self.stats.waiting_for = reason
                 if reason:
                     self.scheduler.clear()
                 elif self._failure:

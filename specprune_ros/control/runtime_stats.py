@@ -62,6 +62,7 @@ class RuntimeStats:
         self.events: Counter[str] = Counter()
         self.controller_mode = 'n/a'
         self.hold_reason = 'not active'
+        self.waiting_for = ''                            # the hold is for an input that is missing or stale
         self.last_input_error = ''
         self.last_inference_error = ''
         self.last_reset_reason = ''

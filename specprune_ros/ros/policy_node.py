@@ -162,6 +162,7 @@ class SpecPruneNode(LifecycleNode):
         self.worker: Optional[InferenceWorker] = None
         self.configure_error = ''
         self._input_subscriptions: list = []     # (rclpy's Node owns _subscriptions / _publishers)
+        self._camera_subscriptions: dict = {}    # camera name -> its image subscription
         self._output_publishers: list = []
         self._control_timer = None
         self._publish_lock = threading.Lock()
@@ -376,7 +377,7 @@ class SpecPruneNode(LifecycleNode):
             self._joint_pub = None
         for publisher in self._output_publishers:
             self.destroy_lifecycle_publisher(publisher)
-        self._input_subscriptions, self._output_publishers = [], []
+        self._input_subscriptions, self._output_publishers, self._camera_subscriptions = [], [], {}
         self.controller = None
         self.policy = None
         # the next configure's subscription gets the latched instruction again, with the same sample identity
@@ -393,6 +394,7 @@ class SpecPruneNode(LifecycleNode):
             else:
                 subs.append(self.create_subscription(
                     Image, topic, lambda msg, cam=name: self._on_image(cam, msg), qos_profile_sensor_data))
+            self._camera_subscriptions[name] = subs[-1]
         # the latched subscription cannot match volatile publishers; the volatile one covers them, so the
         # incompatible-QoS warning of the latched one would only mislead
         quiet = SubscriptionEventCallbacks(incompatible_qos=lambda event: None)
@@ -542,6 +544,16 @@ class SpecPruneNode(LifecycleNode):
             command = controller.tick(self.now())
             if not self.params.dry_run:
                 self._publish_locked(command)
+        if command.holding and controller.stats.waiting_for:
+            self._warn_throttled('waiting for input', f'holding (zero commands): {controller.stats.waiting_for}'
+                                 + self._topic_of(controller.stats.waiting_for))
+
+    def _topic_of(self, reason: str) -> str:
+        """' (topic ...)' for a hold reason that names a camera, as the node resolved its topic; else ''."""
+        for name, subscription in self._camera_subscriptions.items():
+            if f'camera {name!r}' in reason:
+                return f' (topic {subscription.topic_name})'
+        return ''
 
     def _publish_locked(self, command: FilteredCommand) -> None:
         """Publish ``command`` (the caller holds ``_publish_lock``)."""
