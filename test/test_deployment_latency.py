@@ -384,7 +384,7 @@ def test_selection_graphs_leave_the_host_fewer_operations(tmp_path):
 
 
 def test_layer_times_of_openvla_are_set_against_the_flops_of_the_pass_they_time(tmp_path):
-    """OpenVLA's decode runs outside the timed layers: layers measured / ideal uses the prefill pass's FLOPs."""
+    """The decode of OpenVLA runs outside the timed layers: layers measured / ideal uses the prefill pass's FLOPs."""
     harness = _harness()
     report = harness.main(['--shape', 'openvla', '--width', '64', '--layers', '4', '--methods', 'none', 'random 25%',
                            '--layer-times', '--steps', '2', '--warmup', '1', '--stride', '1', '--threads', '1',

@@ -95,7 +95,7 @@ OFT_DEFAULTS = {'chunk_size': 8, 'normalization': 'bounds_q99'}
 
 
 def check_platform_options(directory: str | Path, options: AdapterOptions) -> None:
-    """CheckpointError for an ALOHA / Bridge OFT checkpoint whose chunk length or normalisation is left to default."""
+    """Refuse (CheckpointError) an ALOHA / Bridge OFT checkpoint whose chunk length or normalisation is defaulted."""
     unset = [name for name in OFT_DEFAULTS if getattr(options, name) is None]
     if not unset:
         return
