@@ -35,6 +35,7 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint  # noqa: E
 from ros_harness import start_process  # noqa: E402
 from specprune_ros.bridge.episodes import markdown_summary  # noqa: E402
 from specprune_ros.ros.ros_helpers import BackgroundExecutor  # noqa: E402
+from specprune_ros.ros.sim_bridge_node import BridgeAbort, SimBridgeNode  # noqa: E402
 from specprune_ros.ros.sim_launch_config import bridge_command, sim_setup  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,3 +290,22 @@ def test_a_policy_node_commanding_in_another_frame_is_refused_at_start_up(tmp_pa
     assert returncode == 2, bridge.output()
     assert f"/{NAME} has command_frame 'tool0', but the simulator applies twists in 'base_link'" in bridge.output()
     assert not (tmp_path / 'summary.json').exists()
+
+
+def test_bridge_parameters_take_an_integer_for_a_float_and_refuse_a_wrong_type_with_a_message():
+    """``--bridge-param startup_timeout_s=30`` (an integer for a float) is 30.0; a word for a count is refused."""
+    for overrides, check in ((['startup_timeout_s:=30'], lambda node: node.settings.startup_timeout_s == 30.0),
+                             (['episodes_per_family:=many'], None)):
+        context = rclpy.Context()
+        args = ['--ros-args'] + [part for value in overrides for part in ('-p', value)]
+        rclpy.init(context=context, args=args, domain_id=DOMAIN)
+        try:
+            if check is None:
+                with pytest.raises(BridgeAbort, match='episodes_per_family'):
+                    SimBridgeNode(context=context)
+            else:
+                node = SimBridgeNode(context=context)
+                assert check(node)
+                node.destroy_node()
+        finally:
+            rclpy.try_shutdown(context=context)

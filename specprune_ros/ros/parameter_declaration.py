@@ -48,7 +48,7 @@ def declare_node_parameters(node: Node) -> dict[str, str]:
     stays up and ``on_configure`` can fail with it.
     """
     defaults = NodeParameters.defaults()
-    errors, empty_lists = _normalise_overrides(node, defaults)
+    errors, empty_lists = normalise_overrides(node, defaults)
     for name, info in NodeParameters.infos().items():
         default = defaults[name]
         if name in empty_lists:
@@ -68,7 +68,7 @@ def declare_node_parameters(node: Node) -> dict[str, str]:
     return errors
 
 
-def _normalise_overrides(node: Node, defaults: dict[str, Any]) -> tuple[dict[str, str], set[str]]:
+def normalise_overrides(node: Node, defaults: dict[str, Any]) -> tuple[dict[str, str], set[str]]:
     """Take the overrides a params file writes naturally as the schema's types.
 
     An integer for a double parameter (``control_rate_hz: 20``) becomes that double. ``[]`` carries no element

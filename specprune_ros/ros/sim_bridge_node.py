@@ -39,6 +39,7 @@ from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped, TwistStamped
 from lifecycle_msgs.srv import GetState
 from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
@@ -57,6 +58,7 @@ from specprune_ros.bridge.realtime import CommandTimeline
 from specprune_ros.bridge.settings import BridgeSettings
 from specprune_ros.bridge.sync_gate import TickGate
 from specprune_ros.ros import output_messages as messages
+from specprune_ros.ros.parameter_declaration import normalise_overrides
 from specprune_ros.ros.ros_helpers import (BackgroundExecutor, call_service, help_requested, parameters_help,
                                            remote_parameters)
 from specprune_ros.sim import CONTROL_PERIOD_S, ROTATION_SCALE_RAD, TRANSLATION_SCALE_M, TabletopEnv
@@ -95,9 +97,18 @@ class SimBridgeNode(Node):
     def __init__(self, node_name: str = NODE_NAME, overrides: Optional[dict] = None, **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
         descriptions = BridgeSettings.descriptions()
+        errors, empty = normalise_overrides(self, BridgeSettings.defaults())     # e.g. an int for a float
+        errors.update({name: f'{name}: empty' for name in empty})
         for name, default in BridgeSettings.defaults().items():
             value = (overrides or {}).get(name, default)
-            self.declare_parameter(name, value, ParameterDescriptor(description=descriptions[name]))
+            try:
+                self.declare_parameter(name, value, ParameterDescriptor(description=descriptions[name]))
+            except (InvalidParameterTypeException, InvalidParameterValueException) as error:
+                errors[name] = f'{name}: {str(error).split("Reason: ", 1)[-1]}'
+                self.declare_parameter(name, value, ParameterDescriptor(description=descriptions[name]),
+                                       ignore_override=True)
+        if errors:
+            raise BridgeAbort('invalid sim_bridge parameters: ' + '; '.join(errors.values()))
         values = {name: self.get_parameter(name).value for name in BridgeSettings.defaults()}
         self.settings = BridgeSettings.from_mapping(values)
         errors = self.settings.validate()
