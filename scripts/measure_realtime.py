@@ -31,7 +31,7 @@ def main() -> int:
     parser.add_argument('--model', default='reference', help="'reference', 'tiny-random' or a checkpoint directory")
     parser.add_argument('--methods', nargs='+', default=['none', 'specprune'], help='pruning methods to run')
     parser.add_argument('--method-config', action='append', default=[], metavar="METHOD='{...}'",
-                        help="a method's knobs as YAML, e.g. specprune='{num_layers: 4}'")
+                        help="a method's knobs as YAML, e.g. vla_pruner='{keep_ratio: 0.25}'")
     parser.add_argument('--modes', nargs='+', choices=('realtime', 'sync'), default=['realtime'],
                         help='bridge modes to run')
     parser.add_argument('--families', nargs='+', default=['pick'], help='task families')

@@ -9,20 +9,20 @@ Prints a markdown table (success with 95% CI, mean episode length, model-step la
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from specprune_ros.command_line import HelpFormatter, positive_int
+from specprune_ros.command_line import HelpFormatter, positive_int, yaml_mapping
 from specprune_ros.evaluation.closed_loop import (PolicySpec, evaluate, prepare_report_directory, record_episode,
                                                   summarize, write_report)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--model', default='reference', help="'reference', 'tiny-random' or a checkpoint directory")
     parser.add_argument('--method', default='none', help='pruning method (see specprune_ros.pruning)')
-    parser.add_argument('--method-config', type=json.loads, default=None, help='JSON dict of method settings')
+    parser.add_argument('--method-config', type=yaml_mapping, default=None,
+                        help="the method's settings as YAML (or JSON), e.g. '{keep_ratio: 0.25}'")
     parser.add_argument('--execute-steps', type=positive_int, default=None,
                         help='actions executed per chunk, at most its length (default: all 8)')
     parser.add_argument('--families', nargs='+', default=None, help='task families (default: all)')
@@ -32,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--out', type=Path, default=Path('outputs/eval'),
                         help='directory for the JSON and markdown report')
     parser.add_argument('--record', type=Path, default=None, help='also save a PNG strip + GIF of one episode here')
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from specprune_ros.sim import EVAL_SEED_START, TASK_FAMILIES
     families = args.families or list(TASK_FAMILIES)

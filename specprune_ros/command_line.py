@@ -74,3 +74,15 @@ def boolean(text: str) -> bool:
     if word in ('0', 'false', 'no', 'off'):
         return False
     raise argparse.ArgumentTypeError(f'{text!r} is not a boolean (true / false)')
+
+
+def yaml_mapping(text: str) -> dict:
+    """An argparse type: a YAML (or JSON) mapping such as ``'{keep_ratio: 0.25}'``; empty text is {}."""
+    import yaml        # here: the package's other commands do not need it to parse their arguments
+    try:
+        parsed = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise argparse.ArgumentTypeError(f'not valid YAML ({str(error).splitlines()[0]})') from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f'expected a mapping such as \'{{keep_ratio: 0.25}}\', got {text!r}')
+    return parsed

@@ -192,3 +192,17 @@ def test_an_unwritable_report_directory_fails_before_the_episodes(tmp_path, caps
     assert script['main'](['--model', 'tiny-random', '--episodes-per-family', '1', '--workers', '1',
                            '--out', str(tmp_path / 'a_file')]) == 2
     assert '--out' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('text, expected', [('{keep_ratio: 0.25}', {'keep_ratio': 0.25}),
+                                            ('{"keep_ratio": 0.25}', {'keep_ratio': 0.25}), ('', {})])
+def test_the_cli_takes_method_settings_as_yaml_like_the_other_commands(text, expected):
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / 'scripts' / 'run_closed_loop.py'))
+    assert script['build_parser']().parse_args(['--method-config', text]).method_config == expected
+
+
+def test_the_cli_refuses_method_settings_that_are_no_mapping(capsys):
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / 'scripts' / 'run_closed_loop.py'))
+    with pytest.raises(SystemExit):
+        script['build_parser']().parse_args(['--method-config', '[0.25]'])
+    assert 'expected a mapping' in capsys.readouterr().err

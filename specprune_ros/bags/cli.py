@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from specprune_ros.codecs.proprio import POSE_LAYOUTS
-from specprune_ros.command_line import HelpFormatter, bounded
+from specprune_ros.command_line import HelpFormatter, bounded, yaml_mapping
 
 EVALUATE_HELP = """Offline replay evaluation of a recorded bag: the same camera frames through the unpruned policy
 and each pruning method; reports action deviation (from unpruned, and from the recorded commands and chunks when the
@@ -41,14 +41,10 @@ def parse_method_config(text: str) -> tuple[str, dict]:
     name, sep, value = text.partition('=')
     if not sep:
         raise argparse.ArgumentTypeError(f"expected method='{{json}}', got {text!r}")
-    import yaml
     try:
-        parsed = yaml.safe_load(value) or {}
-    except yaml.YAMLError as error:
-        raise argparse.ArgumentTypeError(f'{name}: not valid YAML ({str(error).splitlines()[0]})') from None
-    if not isinstance(parsed, dict):
-        raise argparse.ArgumentTypeError(f'{name}: the config must be a mapping')
-    return name, parsed
+        return name, yaml_mapping(value)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f'{name}: {error}') from None
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
@@ -59,7 +55,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument('--methods', nargs='+', default=['specprune', 'vla_pruner'],
                         help="pruning methods to compare with 'none' (always run)")
     parser.add_argument('--method-config', action='append', type=parse_method_config, default=[],
-                        metavar="METHOD='{...}'", help="a method's knobs as YAML, e.g. specprune='{num_layers: 4}'")
+                        metavar="METHOD='{...}'", help="a method's knobs as YAML, e.g. vla_pruner='{keep_ratio: 0.25}'")
     parser.add_argument('--camera', action='append', type=parse_camera, default=[], metavar='NAME=TOPIC',
                         help='camera topic (default agentview=/camera/agentview/image_raw, '
                              'wrist=/camera/wrist/image_raw)')
