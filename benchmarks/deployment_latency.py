@@ -57,11 +57,13 @@ import torch
 
 from specprune_ros.adapters.base import resolve_device
 from specprune_ros.adapters.factory import load_adapter, read_options
+from specprune_ros.adapters.published_checkpoint import check_checkpoint_directory
 from specprune_ros.adapters.published_shapes import PublishedShape, build_shape
 from specprune_ros.command_line import HelpFormatter
 from specprune_ros.core.cpu_info import cpu_info
 from specprune_ros.core.json_documents import is_missing, number_text, strict_json
 from specprune_ros.models.loading import load_model
+from specprune_ros.policy.errors import CheckpointError
 from specprune_ros.policy.interface import Observation
 from specprune_ros.policy.reference_backend import reference_policy
 from specprune_ros.policy.reference_vla import ReferenceVLA
@@ -890,6 +892,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument('--append', action='store_true',
                         help='keep the shapes of an existing output of the same name (re-measured shapes replaced)')
     args = parser.parse_args(argv)
+    if args.checkpoint is not None:
+        try:
+            check_checkpoint_directory(args.checkpoint)      # a mistyped path: one line, not a traceback
+        except CheckpointError as error:
+            parser.error(f'--checkpoint: {error}')
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = [m for m in METHODS if args.methods is None or m[0] in args.methods or m[0] == BASELINE]

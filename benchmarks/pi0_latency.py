@@ -34,6 +34,7 @@ from specprune_ros.adapters.pi0.modeling import Pi0Model
 from specprune_ros.adapters.pi0.processing import FeatureStats, Normalization
 from specprune_ros.adapters.pi0.tiny import gemma_tokenizer, tiny_config, write_tiny_checkpoint
 from specprune_ros.command_line import HelpFormatter
+from specprune_ros.policy.errors import CheckpointError
 from specprune_ros.core.json_documents import strict_json
 from specprune_ros.pruning import build_method
 
@@ -109,7 +110,10 @@ def main() -> None:
         device = resolve_device(args.device)
         model = published_model(kind, args.cameras, device, resolve_dtype(args.dtype, device), Path(tmp.name))
     else:
-        model = load_inference(args.checkpoint, args.device, args.dtype)
+        try:
+            model = load_inference(args.checkpoint, args.device, args.dtype)
+        except (CheckpointError, ValueError) as error:        # a mistyped path: one line, not a traceback
+            parser.error(f'--checkpoint: {error}')
     load_s = time.perf_counter() - started
     cfg = model.config
     print(f'{cfg.policy_type} from {args.checkpoint}: {model.device} {str(model.dtype).replace("torch.", "")}, '

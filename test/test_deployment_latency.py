@@ -1,5 +1,8 @@
 """Published-shape builds (random weights in memory) and the deployment-latency harness (schema, same inputs)."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -403,3 +406,13 @@ def test_the_step_order_balances_positions_and_varies_what_runs_before_each_meth
         assert sorted(order.index(method) for order in orders) == sorted(list(range(len(methods))) * 2)
         before = {order[order.index(method) - 1] for order in orders if order.index(method) > 0}
         assert len(before) >= 2, (method, before)
+
+
+def test_a_missing_checkpoint_is_a_one_line_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        _harness().main(['--checkpoint', str(tmp_path / 'missing'), '--out', str(tmp_path)])
+    assert stop.value.code == 2 and 'does not exist' in capsys.readouterr().err
+    script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'pi0_latency.py'
+    pi0 = subprocess.run([sys.executable, str(script), '--checkpoint',
+                          str(tmp_path / 'missing')], capture_output=True, text=True, timeout=120)
+    assert pi0.returncode == 2 and 'does not exist' in pi0.stderr and 'Traceback' not in pi0.stderr
