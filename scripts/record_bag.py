@@ -20,5 +20,7 @@ if __name__ == '__main__':
         argv.remove('--from-sim')
         from specprune_ros.bags.cli import record_sim_main
         sys.exit(record_sim_main(argv))
+    if '-h' in argv or '--help' in argv:    # the recorder's options follow; name the other mode first
+        print(__doc__)
     from specprune_ros.ros.bag_recorder import main
     sys.exit(main(argv))
