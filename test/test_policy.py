@@ -512,3 +512,13 @@ def test_an_observation_timestamp_resets_the_temporal_state_after_max_gap_s(meth
     policy = reference_policy(tiny_model(), build_method(method, {'max_gap_s': 0.5}))
     reasons = [policy.predict(observation(rng, timestamp=t)).record.info.get('reset') for t in (10.0, 10.2, 10.4, 12.0)]
     assert reasons[1:3] == ['', ''] and reasons[3] == 'gap'
+
+
+def test_a_cuda_device_without_cuda_is_a_clear_error_and_auto_picks_what_exists():
+    if torch.cuda.is_available():
+        assert next(load_policy('tiny-random', device='cuda').backend.model.parameters()).device.type == 'cuda'
+    else:
+        with pytest.raises(ValueError, match='CUDA is not available'):
+            load_policy('reference', device='cuda')
+    expected = 'cuda' if torch.cuda.is_available() else 'cpu'
+    assert next(load_policy('tiny-random', device='auto').backend.model.parameters()).device.type == expected

@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from specprune_ros.adapters.base import resolve_device
 from specprune_ros.adapters.factory import load_adapter_policy
 from specprune_ros.adapters.pi0.backend import load_pi0_policy
 from specprune_ros.adapters.pi0.checkpoint import is_pi0_directory
@@ -38,6 +39,7 @@ def load_model(model: str, device: str = 'cpu', dtype: str = 'float32', seed: in
     """'reference' (the committed trained checkpoint), 'tiny-random', or a checkpoint directory."""
     if dtype not in DTYPES:
         raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
+    device = str(resolve_device(device))       # 'cuda' without CUDA: a clear error, not torch's assertion
     directory = None
     if model != 'tiny-random':      # a wrong path is the error to report first, whatever the dtype
         directory = check_checkpoint_directory(REFERENCE_CHECKPOINT if model == 'reference' else model)
