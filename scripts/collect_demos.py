@@ -21,6 +21,7 @@ os.environ.setdefault('MUJOCO_GL', 'egl')
 
 
 def main(argv: list[str] | None = None) -> int:
+    # imported after MUJOCO_GL is set above: the simulator picks its renderer when it is first imported
     from specprune_ros.training.demonstrations import collect_demonstrations, image_size_problem
     from specprune_ros.sim.tasks import TASK_FAMILIES, TRAIN_SEED_START
 

@@ -5,8 +5,10 @@ The description and its examples as written (line continuations stay), and each 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
-from typing import Any, Callable
+import sys
+from typing import Any, Callable, Optional
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -86,3 +88,23 @@ def yaml_mapping(text: str) -> dict:
     if not isinstance(parsed, dict):
         raise argparse.ArgumentTypeError(f'expected a mapping such as \'{{keep_ratio: 0.25}}\', got {text!r}')
     return parsed
+
+
+def help_requested(args: Optional[list[str]]) -> bool:
+    """``-h`` / ``--help`` among a node's own arguments (before ``--ros-args``)."""
+    own = list(sys.argv[1:] if args is None else args)
+    own = own[:own.index('--ros-args')] if '--ros-args' in own else own
+    return '-h' in own or '--help' in own
+
+
+def parameters_help(executable: str, summary: str, parameters: type) -> str:
+    """A node's ``--help``: how to pass parameters, then every parameter of the dataclass with default and meaning."""
+    lines = [f'usage: {executable} [--ros-args [--params-file FILE] [-p NAME:=VALUE ...]]', '', summary, '',
+             'parameters (ROS name, default, meaning):']
+    for field in dataclasses.fields(parameters):
+        info = field.metadata.get('info')
+        meaning = (getattr(info, 'description', None) or field.metadata.get('description')
+                   or f'a group of parameters, one per setting: {field.name}.<setting> (see the README)')
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        lines += [f'  {field.name} (default: {default!r})', f'      {meaning}']
+    return '\n'.join(lines) + '\n'

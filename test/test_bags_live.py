@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,8 +23,13 @@ import rclpy  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
-from specprune_ros.bags.io import BagError, BagReader, BagWriter  # noqa: E402
+from specprune_ros.bags.io import BagError, BagReader, BagWriter, make_qos  # noqa: E402
 from specprune_ros.bags.sim_bag import SimBagOptions, record_sim_bag  # noqa: E402
+from specprune_ros.bags.streams import load_streams  # noqa: E402
+from specprune_ros.bags.typestore_messages import TypestoreMessages  # noqa: E402
+from specprune_ros.models.loading import load_policy  # noqa: E402
+from specprune_ros.policy.interface import Observation  # noqa: E402
+from specprune_ros.ros import bag_recorder  # noqa: E402
 from specprune_ros.ros.bag_player import BagPlayer, PlayOptions  # noqa: E402
 from specprune_ros.ros.bag_recorder import BagRecorder  # noqa: E402
 from specprune_ros.ros.ros_helpers import BackgroundExecutor  # noqa: E402
@@ -88,9 +94,6 @@ def test_recorded_episode_replayed_into_the_node_yields_an_actions_bag(sim_bag, 
     assert 2 <= len(chunks) <= 4, counts  # 24 frames / 8 + the first set; a slow start shifts the phase
     assert set(chunks) <= frame_stamps
     # every chunk is what the policy computes offline from the replayed frame set and robot state
-    from specprune_ros.bags.streams import load_streams
-    from specprune_ros.policy.interface import Observation
-    from specprune_ros.models.loading import load_policy
     # (the node pairs the frames with the newest robot state it holds: the replayer publishes the state and the
     # frames of one instant back to back, so that is the state of this frame or, if part of it is still in
     # flight, of the previous one: equal to ~1e-5. The sim bridge avoids that race and is checked bit-exact in
@@ -108,7 +111,6 @@ def test_recorded_episode_replayed_into_the_node_yields_an_actions_bag(sim_bag, 
 
 class Listener:
     def __init__(self) -> None:
-        import rclpy
         from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
         self.rclpy = rclpy
         self.context = rclpy.Context()
@@ -214,7 +216,6 @@ def test_bag_time_is_the_arrival_time_even_when_the_recorder_is_late(tmp_path):
 
     The bag keeps the publication order and spacing (middleware receive time), not the order the executor got to them.
     """
-    import rclpy
     from rclpy.executors import SingleThreadedExecutor
     context = rclpy.Context()
     rclpy.init(context=context, domain_id=DOMAIN)
@@ -305,7 +306,6 @@ time.sleep(0.5)
 
 def test_a_publisher_joining_with_a_weaker_qos_is_recorded_too(tmp_path):
     """A best-effort publisher joins a topic recorded from a reliable one: the recorder subscribes again."""
-    import rclpy
     context = rclpy.Context()
     rclpy.init(context=context, domain_id=DOMAIN)
     recorder = BagRecorder(tmp_path / 'mixed', ['/mixed'], storage='sqlite3', context=context)
@@ -329,14 +329,12 @@ class BlockedWriter:
     """A recorder whose writer thread waits in its first write until ``release``: a stalled disk."""
 
     def __init__(self, path: Path, domain: int, **options) -> None:
-        import rclpy
-        from specprune_ros.bags.io import make_qos
         self.rclpy = rclpy
         self.context = rclpy.Context()
         rclpy.init(context=self.context, domain_id=domain)
         self.recorder = BagRecorder(path, ['/stalled'], storage='mcap', context=self.context, **options)
-        self.released = __import__('threading').Event()
-        self.writing = __import__('threading').Event()
+        self.released = threading.Event()
+        self.writing = threading.Event()
         write_raw = self.recorder.writer.write_raw
 
         def stalled(*args):
@@ -347,7 +345,6 @@ class BlockedWriter:
         self.recorder.queue.put(('topic', '/stalled', 'std_msgs/msg/String', [make_qos()]))   # as discovery does
 
     def enqueue(self, count: int, size: int) -> None:
-        from specprune_ros.bags.typestore_messages import TypestoreMessages
         build = TypestoreMessages(self.recorder.writer.typestore)
         for i in range(count):
             data = self.recorder.writer.typestore.serialize_cdr(build.string(f'{i:06d}' + 'x' * size),
@@ -375,8 +372,6 @@ def test_closing_waits_for_the_writer_or_drops_the_backlog_on_a_second_interrupt
     It logs the backlog while waiting; a second interrupt drops what is queued, closes the bag with what was
     written and marks the recording failed.
     """
-    import threading
-    from specprune_ros.ros import bag_recorder
     monkeypatch.setattr(bag_recorder, 'BACKLOG_LOG_S', 0.0, raising=False)
     stalled = BlockedWriter(tmp_path / 'backlog', 171)
     try:
@@ -495,7 +490,6 @@ def test_a_restarted_latched_publisher_is_still_recorded(tmp_path):
 
     The recorder keeps its latched subscription while the topic has no publisher.
     """
-    import rclpy
     environment = child_environment(174)
     recorder = start('recorder_latched', [sys.executable, str(ROOT / 'scripts' / 'record_bag.py'),
                                           str(tmp_path / 'latched'), '--topics', '/instruction'], tmp_path, 174)
@@ -524,7 +518,6 @@ def test_a_restarted_latched_publisher_is_still_recorded(tmp_path):
 
 
 def test_looping_a_one_message_bag_is_paced_and_bad_replay_options_are_refused(tmp_path):
-    import rclpy
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     bag = tmp_path / 'one'

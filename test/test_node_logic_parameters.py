@@ -1,11 +1,14 @@
 """The node parameter schema, the params file and the launch configuration (no rclpy, no launch)."""
 import ast
+import dataclasses
 import importlib.util
 from pathlib import Path
 
 import pytest
 import yaml
 
+from specprune_ros.bridge.settings import BridgeSettings
+from specprune_ros.command_line import help_requested, parameters_help
 from specprune_ros.control.parameters import NodeParameters, ParameterError
 from specprune_ros.ros import launch_config
 from specprune_ros.ros.launch_config import LAUNCH_ARGUMENTS, format_value, node_command, node_setup
@@ -280,3 +283,18 @@ def test_launch_file_starts_the_tested_setup_as_a_lifecycle_node(monkeypatch):
     assert node.kwargs['namespace'] == '/arm' and node.kwargs['executable'] == 'specprune_node'
     assert node.kwargs['parameters'][1] == {'use_sim_time': True}
     assert node.kwargs['remappings'] == [('delta_twist_cmds', '/servo_node/delta_twist_cmds')]
+
+
+@pytest.mark.parametrize('parameters', [NodeParameters, BridgeSettings])
+def test_a_nodes_help_lists_every_parameter_with_its_default_and_meaning(parameters):
+    text = parameters_help('specprune_node', 'The node.', parameters)
+    defaults = parameters.defaults()
+    for name, default in defaults.items():
+        assert f'  {name} (default: {default!r})\n' in text
+    described = [line for line in text.splitlines() if line.startswith('      ') and line.strip()]
+    assert len(described) == len(dataclasses.fields(parameters))            # one meaning line per parameter
+
+
+def test_help_is_asked_for_only_among_the_nodes_own_arguments():
+    assert help_requested(['--help']) and help_requested(['-h', '--ros-args', '-p', 'model:=x'])
+    assert not help_requested(['--ros-args', '-p', 'model:=--help']) and not help_requested([])

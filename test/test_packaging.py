@@ -228,7 +228,8 @@ def test_docstrings_name_commands_that_exist():
                                            ('specprune_ros.ros.sim_bridge_node', ('mode ', 'episodes_per_family '))])
 def test_the_nodes_help_lists_their_parameters_and_starts_nothing(module, names):
     """``specprune_node --help`` prints every parameter and exits; it must not start a node that publishes."""
-    pytest.importorskip('rclpy', reason='ROS 2 (rclpy) is not installed: the nodes cannot be imported without it')
+    pytest.importorskip('rclpy', reason='ROS 2 (rclpy) is not installed: the nodes cannot be imported without it; '
+                        'their help text is checked without ROS in test_node_logic_parameters.py')
     env = {**os.environ, 'ROS_DOMAIN_ID': '197'}
     done = subprocess.run([sys.executable, '-m', module, '--help'], capture_output=True, text=True, timeout=60,
                           env=env)

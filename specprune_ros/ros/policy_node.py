@@ -61,6 +61,7 @@ from specprune_ros.codecs.instruction import (DuplicateFilter, InstructionError,
                                               validate_instruction)
 from specprune_ros.codecs.kept_patches import draw_kept_patches, kept_patch_masks
 from specprune_ros.codecs.proprio import POSE_LAYOUTS, PROPRIO_DIM, StateError, finger_gap_from_joints
+from specprune_ros.command_line import help_requested, parameters_help
 from specprune_ros.control.controller import (AcceptedChunk, InferenceRequest, PolicyController, budget_settings,
                                               joint_command_filter)
 from specprune_ros.control.inference_worker import InferenceWorker
@@ -75,7 +76,6 @@ from specprune_ros.ros import output_messages as messages
 from specprune_ros.ros.image_conversion import RawImageConverter
 from specprune_ros.ros.parameter_declaration import (declare_method_settings, declare_node_parameters,
                                                      read_node_parameters)
-from specprune_ros.ros.ros_helpers import help_requested, parameters_help
 
 NODE_NAME = 'specprune_node'
 # Two instruction subscriptions: transient-local receives the latched instruction of a publisher that started

@@ -5,9 +5,7 @@ executor.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
-import sys
 import threading
 import time
 from typing import Any, Iterable, Optional
@@ -124,22 +122,3 @@ def remote_parameters(node: Node, target_node: str, names: Iterable[str],
     if reply is None:
         return None
     return {name: parameter_value(value) for name, value in zip(names, reply.values)}
-
-
-def help_requested(args: Optional[list[str]]) -> bool:
-    """``-h`` / ``--help`` among a node's own arguments (before ``--ros-args``)."""
-    own = list(sys.argv[1:] if args is None else args)
-    own = own[:own.index('--ros-args')] if '--ros-args' in own else own
-    return '-h' in own or '--help' in own
-
-
-def parameters_help(executable: str, summary: str, parameters: type) -> str:
-    """A node's ``--help``: how to pass parameters, then every parameter of the dataclass with default and meaning."""
-    lines = [f'usage: {executable} [--ros-args [--params-file FILE] [-p NAME:=VALUE ...]]', '', summary, '',
-             'parameters (ROS name, default, meaning):']
-    for field in dataclasses.fields(parameters):
-        info = field.metadata.get('info')
-        meaning = getattr(info, 'description', None) or field.metadata.get('description', '')
-        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
-        lines += [f'  {field.name} (default: {default!r})', f'      {meaning}']
-    return '\n'.join(lines) + '\n'

@@ -57,10 +57,10 @@ from specprune_ros.bridge.episodes import (EpisodeLog, EpisodeOutcome, EpisodeSp
 from specprune_ros.bridge.realtime import CommandTimeline
 from specprune_ros.bridge.settings import BridgeSettings
 from specprune_ros.bridge.sync_gate import TickGate
+from specprune_ros.command_line import help_requested, parameters_help
 from specprune_ros.ros import output_messages as messages
 from specprune_ros.ros.parameter_declaration import normalise_overrides
-from specprune_ros.ros.ros_helpers import (BackgroundExecutor, call_service, help_requested, parameters_help,
-                                           remote_parameters)
+from specprune_ros.ros.ros_helpers import BackgroundExecutor, call_service, remote_parameters
 from specprune_ros.sim import CONTROL_PERIOD_S, ROTATION_SCALE_RAD, TRANSLATION_SCALE_M, TabletopEnv
 
 NODE_NAME = 'sim_bridge'
