@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Optional
 
 from specprune_ros.command_line import HelpFormatter
+from specprune_ros.core.json_documents import is_missing
 
 # by label; a configuration of SpecPrune beside its defaults (e.g. 'specprune, exact counts') is read
 # against SpecPrune's bar
@@ -28,14 +28,14 @@ BASELINE = 'none'
 
 
 def _verdict(value: Optional[float], bar: float, at_most: bool = False) -> str:
-    if value is None or not math.isfinite(value):
+    if is_missing(value):
         return 'not measured'
     met = value <= bar if at_most else value >= bar
     return 'met' if met else 'missed'
 
 
 def _number(value: Optional[float], unit: str = 'x') -> str:
-    if value is None or not math.isfinite(value):
+    if is_missing(value):
         return '-'
     return f'{100 * value:.1f}%' if unit == '%' else f'{value:.2f}{unit}'
 
