@@ -33,7 +33,8 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticStatus
 
-from specprune_ros.command_line import HelpFormatter
+from specprune_ros.bridge.settings import TASK_FAMILIES
+from specprune_ros.command_line import HelpFormatter, add_families_argument
 from specprune_ros.control.chunk_scheduler import ChunkSettings, late_chunks
 from specprune_ros.control.latency_budget import BudgetSettings, LatencyBudget
 from specprune_ros.core.json_documents import strict_json
@@ -166,7 +167,7 @@ def main() -> int:
     parser.add_argument('--loads', nargs='+', choices=('none', 'busy'), default=['none', 'busy'],
                         help='machine loads to run every configuration under')
     parser.add_argument('--load-procs', type=int, default=1, help='busy processes beside the node under load')
-    parser.add_argument('--families', nargs='+', default=['pick'], help='simulator task families')
+    add_families_argument(parser, TASK_FAMILIES, ['pick'], noun='simulator task families')
     parser.add_argument('--episodes-per-family', type=int, default=3, help='episodes per family and configuration')
     parser.add_argument('--seed-start', type=int, default=1_000_000, help='first episode seed (held-out seeds)')
     parser.add_argument('--max-steps', type=int, default=0, help='control steps per episode (0: the task default)')

@@ -15,7 +15,8 @@ import os
 import sys
 import time
 
-from specprune_ros.command_line import HelpFormatter, non_negative_float, non_negative_int, positive_int
+from specprune_ros.command_line import (HelpFormatter, add_families_argument, non_negative_float, non_negative_int,
+                                        positive_int)
 
 os.environ.setdefault('MUJOCO_GL', 'egl')
 
@@ -27,8 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('--out', required=True, help='output directory (manifest.json + episodes/*.npz)')
-    p.add_argument('--families', nargs='+', default=list(TASK_FAMILIES), choices=TASK_FAMILIES,
-                   help='task families to demonstrate (each once)')
+    add_families_argument(p, TASK_FAMILIES, list(TASK_FAMILIES), noun='task families to demonstrate')
     p.add_argument('--episodes-per-family', type=positive_int, default=50, help='demonstrations of each family')
     p.add_argument('--seed-start', type=non_negative_int, default=TRAIN_SEED_START,
                    help='first seed (training seeds start at TRAIN_SEED_START, evaluation at EVAL_SEED_START)')
@@ -41,7 +41,6 @@ def main(argv: list[str] | None = None) -> int:
                    help='recovery demonstrations: this policy checkpoint drives first, then the expert takes over')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
     args = p.parse_args(argv)
-    args.families = list(dict.fromkeys(args.families))
     problem = image_size_problem(args.image_size)
     if problem:
         p.error(f'--image-size: {problem}')

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from specprune_ros.command_line import HelpFormatter
+from specprune_ros.bridge.settings import TASK_FAMILIES
+from specprune_ros.command_line import HelpFormatter, add_families_argument
 from specprune_ros.core.json_documents import strict_json
 
 
@@ -82,7 +83,7 @@ def main() -> int:
     parser.add_argument('--model', default='reference', help="'reference', 'tiny-random' or a checkpoint directory")
     parser.add_argument('--method', default='none', help='pruning method')
     parser.add_argument('--method-config', default='', help='YAML mapping of the method knobs')
-    parser.add_argument('--families', nargs='+', default=['pick', 'place', 'push'], help='task families')
+    add_families_argument(parser, TASK_FAMILIES, list(TASK_FAMILIES))
     parser.add_argument('--episodes-per-family', type=int, default=5, help='episodes of each family')
     parser.add_argument('--seed-start', type=int, default=1_000_000,
                         help='first episode seed (1000000: the held-out evaluation seeds)')

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from specprune_ros.command_line import HelpFormatter
+from specprune_ros.bridge.settings import TASK_FAMILIES
+from specprune_ros.command_line import HelpFormatter, add_families_argument
 from specprune_ros.control.parameters import NodeParameters
 from specprune_ros.core.json_documents import strict_json
 
@@ -34,7 +35,7 @@ def main() -> int:
                         help="a method's knobs as YAML, e.g. vla_pruner='{keep_ratio: 0.25}'")
     parser.add_argument('--modes', nargs='+', choices=('realtime', 'sync'), default=['realtime'],
                         help='bridge modes to run')
-    parser.add_argument('--families', nargs='+', default=['pick'], help='task families')
+    add_families_argument(parser, TASK_FAMILIES, ['pick'])
     parser.add_argument('--episodes-per-family', type=int, default=3, help='episodes of each family')
     parser.add_argument('--seed-start', type=int, default=1_000_000,
                         help='first episode seed (1000000: the held-out evaluation seeds)')

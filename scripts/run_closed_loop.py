@@ -12,7 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from specprune_ros.command_line import HelpFormatter, positive_int, yaml_mapping
+from specprune_ros.bridge.settings import TASK_FAMILIES
+from specprune_ros.command_line import HelpFormatter, add_families_argument, positive_int, yaml_mapping
 from specprune_ros.evaluation.closed_loop import (PolicySpec, evaluate, prepare_report_directory, record_episode,
                                                   summarize, write_report)
 
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the method's settings as YAML (or JSON), e.g. '{keep_ratio: 0.25}'")
     parser.add_argument('--execute-steps', type=positive_int, default=None,
                         help='actions executed per chunk, at most its length (default: all 8)')
-    parser.add_argument('--families', nargs='+', default=None, help='task families (default: all)')
+    add_families_argument(parser, TASK_FAMILIES, None, default_text='all')
     parser.add_argument('--episodes-per-family', type=positive_int, default=10, help='episodes of each family')
     parser.add_argument('--seed-start', type=int, default=None, help='default: the held-out EVAL_SEED_START')
     parser.add_argument('--workers', type=positive_int, default=2, help='worker processes (1: in this process)')
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
-    from specprune_ros.sim import EVAL_SEED_START, TASK_FAMILIES
+    from specprune_ros.sim import EVAL_SEED_START
     families = args.families or list(TASK_FAMILIES)
     spec = PolicySpec(model=args.model, method=args.method, method_config=args.method_config)
     from specprune_ros.policy.errors import CheckpointError

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from specprune_ros.bridge.episodes import summary_base
-from specprune_ros.command_line import HelpFormatter
+from specprune_ros.bridge.settings import TASK_FAMILIES
+from specprune_ros.command_line import HelpFormatter, add_families_argument
 from specprune_ros.ros.sim_runner import SimRun, parse_assignments, run_simulation
 from specprune_ros.sim import EVAL_SEED_START
 
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--sim-params-file', default='', help='bridge + sim overrides (default config/sim_bridge.yaml)')
     parser.add_argument('--mode', choices=('sync', 'realtime'), default='',
                         help="sync (the sim waits for each command) or realtime (default: the sim params file's)")
-    parser.add_argument('--families', default='', help='comma-separated, e.g. pick,place')
+    add_families_argument(parser, TASK_FAMILIES, None, default_text="the sim params file's")
     parser.add_argument('--episodes-per-family', default='',
                         help="episodes of each family (default: the sim params file's)")
     parser.add_argument('--seed-start', default='', help="first episode seed (default: the sim params file's)")
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         args.log_dir = base.with_name(base.name + '_logs')
     arguments = {'model': args.model, 'method': args.method, 'method_config': args.method_config,
                  'device': args.device, 'params_file': args.params_file, 'sim_params_file': args.sim_params_file,
-                 'mode': args.mode, 'families': args.families, 'episodes_per_family': args.episodes_per_family,
+                 'mode': args.mode, 'families': ','.join(args.families or ()),
+                 'episodes_per_family': args.episodes_per_family,
                  'seed_start': args.seed_start, 'max_steps': args.max_steps, 'label': args.label,
                  'summary_path': args.summary}
     try:

@@ -90,6 +90,32 @@ def yaml_mapping(text: str) -> dict:
     return parsed
 
 
+class _FamilyList(argparse.Action):
+    """Collect task families given space- or comma-separated (``pick place`` or ``pick,place``), checked, once each."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        names = [name.strip() for value in values for name in value.split(',') if name.strip()]
+        unknown = sorted(set(names) - set(self.known))
+        if unknown or not names:
+            parser.error(f"{option_string}: {', '.join(unknown) or 'no family named'}; "
+                         f"expected some of {' '.join(self.known)}")
+        setattr(namespace, self.dest, list(dict.fromkeys(names)))
+
+    known: tuple[str, ...] = ()
+
+
+def add_families_argument(parser: argparse.ArgumentParser, known: tuple[str, ...], default: Optional[list[str]],
+                          noun: str = 'task families', default_text: str = '') -> None:
+    """``--families``: task families, space- or comma-separated, each of ``known``, duplicates dropped.
+
+    ``default_text`` says what a ``None`` default means (an empty text: argparse's default is named).
+    """
+    action = type('FamilyList', (_FamilyList,), {'known': tuple(known)})
+    suffix = f' (default: {default_text})' if default_text else ''
+    parser.add_argument('--families', nargs='+', action=action, default=default, metavar='FAMILY',
+                        help=f"{noun}, any of {', '.join(known)}, space- or comma-separated{suffix}")
+
+
 def help_requested(args: Optional[list[str]]) -> bool:
     """``-h`` / ``--help`` among a node's own arguments (before ``--ros-args``)."""
     own = list(sys.argv[1:] if args is None else args)

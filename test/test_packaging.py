@@ -207,6 +207,19 @@ def test_every_command_help_renders_its_examples_and_documents_every_option(monk
     assert not problems, '\n'.join(problems)
 
 
+def test_every_command_takes_task_families_space_or_comma_separated(monkeypatch):
+    parsers = {name: parser for name, parser in _parsers(monkeypatch).items()
+               if any('--families' in action.option_strings for action in parser._actions)}
+    assert len(parsers) >= 7, sorted(parsers)
+    for name, parser in parsers.items():
+        given = [arg for action in parser._actions if action.required
+                 for arg in ((action.option_strings[0], 'x') if action.option_strings else ('x',))]
+        for families in (['pick,push'], ['pick', 'push'], ['pick,', 'push', 'pick']):
+            assert parser.parse_args([*given, '--families', *families]).families == ['pick', 'push'], (name, families)
+        with pytest.raises(SystemExit):
+            parser.parse_args([*given, '--families', 'pick,pik'])
+
+
 def test_docstrings_name_commands_that_exist():
     problems = []
     names = set(console_scripts())

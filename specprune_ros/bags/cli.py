@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Optional
 
 from specprune_ros.codecs.proprio import POSE_LAYOUTS
-from specprune_ros.command_line import HelpFormatter, bounded, yaml_mapping
+from specprune_ros.bridge.settings import TASK_FAMILIES
+from specprune_ros.command_line import HelpFormatter, add_families_argument, bounded, yaml_mapping
 
 EVALUATE_HELP = """Offline replay evaluation of a recorded bag: the same camera frames through the unpruned policy
 and each pruning method; reports action deviation (from unpruned, and from the recorded commands and chunks when the
@@ -208,7 +209,7 @@ def record_sim_parser() -> argparse.ArgumentParser:
                                      formatter_class=HelpFormatter)
     parser.add_argument('output', type=Path, help='bag directory to create (must not exist)')
     parser.add_argument('-s', '--storage', choices=('mcap', 'sqlite3'), default='mcap', help='bag storage format')
-    parser.add_argument('--families', nargs='+', default=['pick'], help='task families (pick, place, push)')
+    add_families_argument(parser, TASK_FAMILIES, ['pick'])
     parser.add_argument('--seeds', nargs='+', type=int, default=[1_000_000],
                         help='episode seeds; every family runs every seed')
     parser.add_argument('--actor', choices=('expert', 'policy'), default='expert',
