@@ -215,9 +215,27 @@ def test_policy_refuses_bad_observations(overrides, message):
 
 def test_an_instruction_of_the_models_full_length_is_read_whole():
     policy = reference_policy(tiny_model())
-    twelve = 'pick up the red cube and then put it on the plate'
+    twelve = 'put the red cube on the left plate push the blue cylinder'
     assert len(twelve.split()) == policy.backend.model.config.max_words
     assert policy.predict(observation(np.random.default_rng(0), instruction=twelve)).actions.shape[1] == 7
+
+
+@pytest.mark.parametrize('instruction, kind, message', [
+    ('ピックアップ 赤い キューブ', 'instruction_empty', 'no word this model reads'),
+    ('xyzzy plugh frobnicate', 'instruction_unknown_words', r'does not know \(xyzzy, plugh, frobnicate\)'),
+    ('pick up the red block please', 'instruction_unknown_words', r'does not know \(block, please\)'),
+    ('pick up the red cube ' * 4, 'instruction_too_long', 'has 20 words; this model reads at most 12'),
+])
+def test_the_reference_vla_refuses_instructions_it_cannot_read(instruction, kind, message):
+    """Words outside its closed vocabulary would read as <unk>: the model would act on another task."""
+    from specprune_ros.codecs.instruction import InstructionError
+    policy = reference_policy(tiny_model())
+    with pytest.raises(InstructionError, match=message) as refused:
+        policy.check_instruction(instruction)
+    assert refused.value.kind == kind
+    with pytest.raises(ObservationError, match=message):
+        policy.predict(observation(np.random.default_rng(0), instruction=instruction))
+    policy.check_instruction('Push the Yellow cylinder to the left zone.')       # case and punctuation are fine
 
 
 def test_a_failed_step_does_not_restart_the_methods_episode():

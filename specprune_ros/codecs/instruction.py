@@ -6,6 +6,7 @@ otherwise replace bad bytes with U+FFFD and hand over a plausible-looking string
 from __future__ import annotations
 
 import struct
+import unicodedata
 from collections import deque
 from typing import Hashable
 
@@ -49,7 +50,10 @@ def string_bytes_from_cdr(serialized: bytes) -> bytes:
 
 
 def validate_instruction(raw: bytes | str, max_bytes: int) -> str:
-    """The cleaned instruction text; raises ``InstructionError`` for empty, too long or non-UTF-8 input."""
+    """The cleaned instruction text; raises ``InstructionError`` for empty, too long or non-UTF-8 input.
+
+    Empty means no letter or digit once whitespace and invisible format characters are gone.
+    """
     if isinstance(raw, str):
         raw = raw.encode('utf-8', errors='surrogatepass')
     if len(raw) > max_bytes:
@@ -62,9 +66,12 @@ def validate_instruction(raw: bytes | str, max_bytes: int) -> str:
                                f'{error.start})') from None
     if '\x00' in text:
         raise InstructionError('instruction_not_utf8', 'instruction contains a NUL character')
-    text = ' '.join(text.split())
+    # invisible format characters (zero-width spaces, byte-order marks) read as nothing, not as a word
+    text = ' '.join(''.join(ch for ch in text if unicodedata.category(ch) != 'Cf').split())
     if not text:
         raise InstructionError('instruction_empty', 'instruction is empty or whitespace only')
+    if not any(ch.isalnum() for ch in text):
+        raise InstructionError('instruction_empty', f'instruction has no letter or digit: {text[:200]!r}')
     return text
 
 

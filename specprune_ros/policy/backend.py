@@ -67,6 +67,12 @@ class ModelBackend(ABC):
     def encode(self, observation: Observation) -> EncodedStep:
         """Decoder input for ``observation``; raises :class:`ObservationError` for one the model cannot act on."""
 
+    def check_instruction(self, instruction: str) -> None:
+        """Raise ``codecs.instruction.InstructionError`` for an instruction it cannot read (default: it reads any text).
+
+        Callers check an instruction when it arrives, so that the robot holds on it instead of failing every step.
+        """
+
     def run(self, step: EncodedStep, method: Optional[PruningMethod], context: StepContext) -> ModelOutput:
         """The decoder pass(es) and the action readout. Default: one prefill pass, then :meth:`head`."""
         result = self.runner(step.embeddings, step.layout, method, context)

@@ -108,5 +108,9 @@ class Policy(Protocol):
     def reset(self) -> None:
         ...
 
+    def check_instruction(self, instruction: str) -> None:
+        """Raise ``InstructionError`` (``specprune_ros.codecs.instruction``) for an instruction it cannot read."""
+        ...
+
     def predict(self, observation: Observation) -> PolicyOutput:
         ...

@@ -32,6 +32,10 @@ class PrunablePolicy:
     def method_name(self) -> str:
         return getattr(self.method, 'name', 'none')
 
+    def check_instruction(self, instruction: str) -> None:
+        """Raise :class:`~specprune_ros.codecs.instruction.InstructionError` for one the model cannot read."""
+        self.backend.check_instruction(instruction)
+
     def reset(self) -> None:
         """New episode or instruction: forget the temporal token state."""
         self.step_index = 0

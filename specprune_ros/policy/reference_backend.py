@@ -6,6 +6,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from specprune_ros.codecs.instruction import InstructionError
 from specprune_ros.core.executor import RunResult
 from specprune_ros.core.step_types import PruningMethod
 from specprune_ros.policy.backend import EncodedStep, ModelBackend, camera_frames
@@ -35,15 +36,34 @@ class ReferenceBackend(ModelBackend):
         frames = camera_frames(observation, self.camera_names, self.image_size)
         images = torch.stack([torch.from_numpy(np.ascontiguousarray(f)).permute(2, 0, 1) for f in frames]).unsqueeze(0)
         proprio = self._proprio(observation)
-        tokenizer = self.model.tokenizer
-        if tokenizer.word_count(observation.instruction) > tokenizer.max_words:   # cutting could change the task
-            raise ObservationError(f'the instruction has {tokenizer.word_count(observation.instruction)} words; this '
-                                   f'model reads at most {tokenizer.max_words}: {observation.instruction[:200]!r}')
-        word_ids, num_words = tokenizer.encode(observation.instruction)
+        try:
+            self.check_instruction(observation.instruction)
+        except InstructionError as error:
+            raise ObservationError(str(error)) from None
+        word_ids, num_words = self.model.tokenizer.encode(observation.instruction)
         embeddings = self.model.embed(images.to(self._device), torch.tensor([word_ids], device=self._device),
                                       proprio.to(self._device))
         return EncodedStep(embeddings=embeddings, layout=self.model.layout(num_words), frames=frames,
                            info={'words': num_words})
+
+    def check_instruction(self, instruction: str) -> None:
+        """Refuse words outside the model's closed vocabulary and more than its ``max_words`` words.
+
+        An unknown word would read as ``<unk>`` and a longer instruction would be cut: another task than asked for.
+        """
+        tokenizer = self.model.tokenizer
+        count = tokenizer.word_count(instruction)
+        shown = repr(instruction[:200])
+        if count == 0:
+            raise InstructionError('instruction_empty', f'the instruction has no word this model reads: {shown}')
+        if count > tokenizer.max_words:
+            raise InstructionError('instruction_too_long', f'the instruction has {count} words; this model reads at '
+                                   f'most {tokenizer.max_words}: {shown}')
+        unknown = tokenizer.unknown_words(instruction)
+        if unknown:
+            raise InstructionError('instruction_unknown_words', f"the instruction has words this model does not "
+                                   f"know ({', '.join(unknown[:10])}): {shown}; it knows "
+                                   f"{', '.join(tokenizer.vocabulary)}")
 
     def head(self, step: EncodedStep, result: RunResult) -> np.ndarray:
         actions = self.model.decode_actions(result, step.layout)

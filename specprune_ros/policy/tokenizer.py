@@ -35,6 +35,11 @@ class WordTokenizer:
         """How many words the instruction has before truncation (a policy refuses more than ``max_words``)."""
         return len(_WORD.findall(instruction.lower()))
 
+    def unknown_words(self, instruction: str) -> list[str]:
+        """The instruction's words outside the vocabulary (each once, in order; they would read as ``<unk>``)."""
+        known = set(self.vocabulary)
+        return list(dict.fromkeys(w for w in _WORD.findall(instruction.lower()) if w not in known))
+
     def encode(self, instruction: str) -> tuple[list[int], int]:
         """(ids padded to ``max_words``, number of real words)."""
         index = {token: i for i, token in enumerate(self.tokens)}

@@ -95,7 +95,8 @@ def load_policy_from(params: NodeParameters) -> Policy:
                        device=params.device, dtype=params.dtype, seed=params.seed)
 
 
-def blank_observation(policy: Policy, instruction: str = 'warm up') -> Observation:
+def blank_observation(policy: Policy, instruction: str = 'pick up the red cube') -> Observation:
+    """Black frames, a resting state and a task instruction every shipped model reads: the warm-up steps' input."""
     height, width = policy.image_size
     proprio = None
     if policy.proprio_dim:
@@ -484,6 +485,9 @@ class SpecPruneNode(LifecycleNode):
             return                                   # the same message through the other subscription
         try:
             text = validate_instruction(string_bytes_from_cdr(serialized), self.params.max_instruction_bytes)
+            check = getattr(self.policy, 'check_instruction', None)
+            if check is not None:
+                check(text)                          # words the model cannot read: not acted on, not retried
         except InstructionError as error:
             text = str(error) if str(error).startswith('instruction') else f'instruction: {error}'
             self._bad_input(error.kind, text, source='instruction')     # the robot holds: not the old task either
