@@ -117,6 +117,53 @@ def test_a_future_camera_frame_is_never_stored_and_does_not_lock_the_camera_out(
     assert controller.sync.frames['wrist'].stamp == 10.1 and not controller.faults
 
 
+@pytest.mark.parametrize('stamp, kind, message', [
+    (5.0, 'image_stale_stamp', "camera 'wrist' frame stamp is 5.050 s old on arrival"),
+    (9.85, 'image_stamp_backwards', "camera 'wrist' frame stamp went back by 0.150 s (from 10.000 to 9.850"),
+], ids=['stale_on_arrival', 'backwards'])
+def test_a_stale_or_backwards_camera_frame_is_rejected_and_holds_until_a_valid_frame(stamp, kind, message):
+    controller = make()
+    feed(controller, 10.0)
+    moving(controller, 10.0)
+    error = controller.put_frame('wrist', FRAME, stamp, 10.05, 'cam')
+    assert message in error and error.kind == kind and errors(controller) == {kind: 1}
+    assert controller.sync.frames['wrist'].stamp == 10.0                    # not stored
+    command = controller.tick(10.06)                                        # the very next tick
+    assert command.holding and not command.twist.any()
+    assert command.hold_reason.startswith('invalid input') and message in command.hold_reason
+    feed(controller, 10.1)                                                  # valid frames again
+    assert not controller.faults
+    moving(controller, 10.1)                                                # the robot resumes
+
+
+def test_a_slightly_out_of_order_camera_frame_is_dropped_quietly():
+    controller = make()
+    feed(controller, 10.0)
+    moving(controller, 10.0)
+    assert controller.put_frame('wrist', FRAME, 9.95, 10.05, 'cam') == ''   # within max_camera_skew_s
+    assert controller.sync.frames['wrist'].stamp == 10.0 and not errors(controller)
+    assert not controller.tick(10.06).holding
+
+
+@pytest.mark.parametrize('unstamped, source', [
+    (lambda c, t: c.put_pose((0.1, 0.0, 0.2), UPRIGHT, 0.0, t, 'base_link'), 'ee_pose'),
+    (lambda c, t: c.put_gripper(0.04, 0.0, t), 'gripper_state'),
+], ids=['pose', 'gripper_joint_state'])
+def test_an_unstamped_robot_state_is_rejected_like_an_unstamped_joint_state(unstamped, source):
+    controller = make()
+    feed(controller, 10.0)
+    moving(controller, 10.0)
+    error = unstamped(controller, 10.03)
+    assert error.startswith(f'{source}: header.stamp is zero') and error.kind == 'state_invalid'
+    assert errors(controller) == {'state_invalid': 1}
+    command = controller.tick(10.04)
+    assert command.holding and command.hold_reason == f'invalid input: {error}' and not command.twist.any()
+    feed(controller, 10.05)
+    assert not controller.faults and controller.next_request(10.05) is not None
+    # a gap stamped with a node clock that still reads zero (use_sim_time before /clock) is not "unstamped"
+    assert make().put_gripper(0.04, 0.0, 0.0) == ''
+
+
 def test_a_rejected_instruction_holds_until_a_valid_instruction_arrives():
     controller = make()
     feed(controller, 10.0)

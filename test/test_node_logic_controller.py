@@ -279,6 +279,62 @@ def test_the_node_resumes_after_the_clock_jumps_back():
     assert dict(controller.diagnostics()[1])['clock jumps back'] == '1'
 
 
+def test_frames_of_the_new_timeline_before_the_tick_after_a_clock_jump_are_not_bad_input():
+    """Frames stamped after a simulator reset reach the controller before the tick that notices the jump."""
+    controller, policy = make(), FakePolicy(0.5)
+    feed(controller, 100.0)
+    infer(controller, policy, 100.0)
+    assert not controller.tick(100.05).holding
+    for camera in CAMERAS:
+        assert controller.put_frame(camera, FRAME, 1.0, 1.0) == ''      # older than the stored frames: no fault
+    assert controller.tick(1.0).holding and not controller.stats.input_errors and not controller.faults
+    feed(controller, 1.1, instruction='')
+    request, chunk = infer(controller, policy, 1.1)
+    assert chunk is not None and request.reset_reason == 'the clock jumped back by 99.050 s'
+    assert not controller.tick(1.13).holding and not controller.stats.input_errors
+
+
+RESETS = [lambda c: c.put_instruction('push the blue cube to the left zone'),
+          lambda c: (c.set_active(False), c.set_active(True)),
+          lambda c: (c.set_enabled(False), c.set_enabled(True)),
+          lambda c: c.request_reset('~/reset service')]
+RESET_IDS = ['instruction', 'reactivation', 'reenable', 'reset_service']
+
+
+@pytest.mark.parametrize('reset', RESETS, ids=RESET_IDS)
+def test_a_failure_of_a_step_voided_by_a_reset_is_not_blamed_on_the_new_episode(reset):
+    controller, policy = make(), FakePolicy(0.5)
+    feed(controller, 10.0)
+    infer(controller, policy, 10.0)
+    feed(controller, 10.2, instruction='')
+    running = controller.next_request(10.2)
+    reset(controller)
+    controller.inference_failed(running, 'RuntimeError: boom in the old episode')
+    level, rows = controller.diagnostics()
+    rows = dict(rows)
+    assert 'inference failures' not in rows and rows['failures discarded after reset'] == '1'
+    assert rows['last inference error'] == 'none' and level != 2
+    feed(controller, 10.25, instruction='')
+    command = controller.tick(10.25)
+    assert command.holding and command.hold_reason == 'waiting for the first action chunk'   # no plan yet
+    infer(controller, policy, 10.25)
+    assert not controller.tick(10.27).holding
+
+
+@pytest.mark.parametrize('reset', RESETS, ids=RESET_IDS)
+def test_a_reset_clears_a_stored_inference_failure(reset):
+    controller = make()
+    feed(controller, 10.0)
+    controller.inference_failed(controller.next_request(10.0), 'RuntimeError: out of memory')
+    assert 'inference failed' in controller.tick(10.01).hold_reason and controller.diagnostics()[0] == 2
+    reset(controller)
+    feed(controller, 10.1, instruction='')
+    command = controller.tick(10.1)
+    assert command.holding and command.hold_reason == 'waiting for the first action chunk'
+    level, rows = controller.diagnostics()
+    assert level != 2 and dict(rows)['inference failures'] == '1'
+
+
 def test_a_small_clock_step_back_keeps_the_plan():
     controller, policy = make(max_future_stamp_s=0.1), FakePolicy(0.5)
     feed(controller, 10.0)

@@ -9,8 +9,8 @@ Temporal token state: the controller decides when the policy must be reset (inst
 the worker with the next request; chunks computed before a reset are discarded.
 
 Bad input: a rejected message (undecodable frame, NaN pose, missing finger joints, a joint state lacking a state
-joint or with a non-finite one, a stamp too far in the future, an unexpected frame id, an empty, huge or non-UTF-8
-instruction) puts its source at fault;
+joint or with a non-finite one, an unstamped state, a stamp too far in the future, a camera stamp stale on arrival
+or going back, an unexpected frame id, an empty, huge or non-UTF-8 instruction) puts its source at fault;
 the robot holds from the next tick, with that message as the hold reason, until the same source delivers a valid
 message again.
 """
@@ -224,6 +224,8 @@ class PolicyController:
                  frame_id: Optional[str] = None) -> str:
         """Store the end-effector pose; '' when stored, else the (already counted) reason it was rejected."""
         def check() -> None:
+            if stamp <= 0.0:
+                raise StateError('header.stamp is zero: poses must be stamped')
             error = self._frame_id_error('ee_pose', frame_id, self.params.ee_pose_frame)
             if error:
                 raise RejectedInput('frame_id_mismatch', error + ' (ee_pose_frame)')
@@ -239,8 +241,14 @@ class PolicyController:
             return self._store_proprio_locked()
 
     def put_gripper(self, finger_gap: float, stamp: float, now: float) -> str:
-        """Store the finger gap (metres); '' when stored, else the (already counted) reason it was rejected."""
+        """Store the finger gap (metres); '' when stored, else the (already counted) reason it was rejected.
+
+        A zero ``stamp`` is refused unless the node clock reads zero too: a gap without a header is stamped with the
+        node clock, which is zero under ``use_sim_time`` until the first ``/clock`` message.
+        """
         def check() -> None:
+            if stamp <= 0.0 < now:
+                raise StateError('header.stamp is zero: gripper joint states must be stamped')
             if not np.isfinite(finger_gap):
                 raise StateError('finger gap is not finite')
             self.sync.check_stamp('gripper_state', stamp, now, 'state_future_stamp')
@@ -335,8 +343,9 @@ class PolicyController:
     def _reset_locked(self, reason: str) -> None:
         self._pending_reset = reason
         self.epoch += 1
-        self.scheduler.clear()
+        self.scheduler.clear()                   # no plan: the robot holds until the first chunk after the reset
         self._in_flight = False
+        self._failure = self.stats.last_inference_error = ''     # a failure of the old episode is not this one's
 
     # --- inference worker ---------------------------------------------------------------------------------
     def next_request(self, now: float) -> Optional[InferenceRequest]:
@@ -428,10 +437,12 @@ class PolicyController:
                                  record=record, images=request.observation.images, budget=request.budget)
 
     def inference_failed(self, request: InferenceRequest, error: str) -> None:
-        """The policy raised: hold until a later inference succeeds."""
+        """The policy raised: hold until a later inference succeeds (a step voided by a reset since is not blamed)."""
         with self.lock:
-            if request.epoch == self.epoch:
-                self._in_flight = False
+            if request.epoch != self.epoch:
+                self.stats.events['failures_discarded_after_reset'] += 1
+                return
+            self._in_flight = False
             self.stats.events['inference_failures'] += 1
             self._fail_locked(f'inference failed: {error}')
 

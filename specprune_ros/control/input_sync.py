@@ -2,9 +2,10 @@
 
 Ages and skew are judged by the frames' own ``header.stamp`` against the node clock, so a slow or delayed
 transport cannot pass old pictures off as new ones. Stamps further ahead of the node clock than
-``max_future_stamp_s`` are refused at the door (``RejectedInput``), and every input is also aged by its arrival
-time on a steady clock, so no stamp, however far ahead, can keep old data fresh. Every stale verdict comes with
-a reason that goes to diagnostics verbatim.
+``max_future_stamp_s`` are refused at the door (``RejectedInput``), so are camera frames already stale on arrival
+or stamped well before the stored one, and every input is also aged by its arrival time on a steady clock, so no
+stamp, however far ahead, can keep old data fresh. Every stale verdict comes with a reason that goes to diagnostics
+verbatim.
 """
 from __future__ import annotations
 
@@ -86,13 +87,30 @@ class InputSynchronizer:
                                       f'max_future_stamp_s {self.limits.max_future_stamp_s})')
 
     def put_frame(self, camera: str, image: np.ndarray, stamp: float, received: float) -> None:
-        """Store the newest frame of ``camera`` (older stamps than the stored one are ignored).
+        """Store the newest frame of ``camera``.
 
-        A stamp too far in the future raises ``RejectedInput`` and stores nothing.
+        A stamp too far in the future, one already older than ``max_image_age_s`` on arrival, or one going back
+        from the stored frame's by more than ``max_camera_skew_s`` raises ``RejectedInput`` and stores nothing.
+        A frame only slightly older than the stored one is ignored, and so is any older frame right after the node
+        clock went back (the controller starts over at its next tick).
         """
-        self.check_stamp(f'camera {camera!r} frame', stamp, received, 'image_future_stamp')
+        limits = self.limits
+        what = f'camera {camera!r} frame'
+        self.check_stamp(what, stamp, received, 'image_future_stamp')
+        age = received - stamp
+        if age > limits.max_image_age_s:
+            raise RejectedInput('image_stale_stamp',
+                                f'{what} stamp is {age:.3f} s old on arrival (late delivery or camera clock behind? '
+                                f'max_image_age_s {limits.max_image_age_s})')
         previous = self.frames.get(camera)
         if previous is not None and stamp < previous.stamp:
+            back = previous.stamp - stamp
+            clock_went_back = received < previous.received - limits.max_future_stamp_s
+            # out-of-order delivery within the skew the cameras may have among each other is transport jitter
+            if back > limits.max_camera_skew_s and not clock_went_back:
+                raise RejectedInput('image_stamp_backwards',
+                                    f'{what} stamp went back by {back:.3f} s (from {previous.stamp:.3f} to '
+                                    f'{stamp:.3f}; max_camera_skew_s {limits.max_camera_skew_s})')
             self.frames_dropped += 1
             return
         if previous is not None and not previous.used:
