@@ -195,6 +195,9 @@ def test_malformed_cdr(raw):
     (b'pick up the \xff\xfe cube', 'instruction_not_utf8'),
     (b'\xc3', 'instruction_not_utf8'),
     ('nul\x00inside', 'instruction_not_utf8'),
+    ('\u200b \ufeff\u200d', 'instruction_empty'),                 # invisible format characters only
+    ('\U0001f916 \U0001f916', 'instruction_empty'),                # no letter or digit
+    ('!!! ???', 'instruction_empty'),
 ])
 def test_bad_instructions(raw, kind):
     with pytest.raises(InstructionError) as error:
@@ -206,6 +209,8 @@ def test_good_instruction_is_normalised():
     assert validate_instruction(b'  pick up\tthe  red cube \n', 1024) == 'pick up the red cube'
     assert validate_instruction('déplace le cube', 1024) == 'déplace le cube'
     assert validate_instruction(b'x' * 1024, 1024) == 'x' * 1024
+    assert validate_instruction('pick\u200b up the red cube!', 1024) == 'pick up the red cube!'
+    assert validate_instruction('\u8d64\u3044 \u30ad\u30e5\u30fc\u30d6', 1024) == '\u8d64\u3044 \u30ad\u30e5\u30fc\u30d6'
 
 
 def test_yaw_and_proprio_layout():
