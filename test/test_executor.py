@@ -184,6 +184,22 @@ def test_query_rows_are_the_kept_positions_of_their_tokens(layout):
             assert tokens.query_rows('last').tolist() == [len(queries) - 1]
 
 
+def test_query_rows_of_ever_changing_kept_counts_fill_no_cache():
+    """A method that drops a few tokens per layer makes a new kept count at almost every step: the single-span rows
+    are slices of a few shared ranges, not one cached tensor per count (a long run's memory would climb)."""
+    from specprune_ros.core.kept_tokens import _arange_on, _joined_spans, span_positions
+    device = torch.device('cpu')
+    before = _arange_on.cache_info().currsize
+    for count in range(1, 3000):
+        rows = span_positions(((count - 1, count + 11),), device)
+        assert rows.tolist() == list(range(count - 1, count + 11))
+    assert _arange_on.cache_info().currsize - before <= 12            # one range per power of two
+    for gap in range(200):
+        rows = span_positions(((0, 3), (5 + gap, 7 + gap)), device)
+        assert rows.tolist() == [0, 1, 2, 5 + gap, 6 + gap]
+    assert _joined_spans.cache_info().currsize <= 64
+
+
 def test_flops_count_against_hand_calculation():
     decoder = make_decoder()
     layout = make_layout(causal=False)

@@ -138,14 +138,26 @@ class KeptTokens:
         return None
 
 
-@constant_tensors(maxsize=1024)
 def span_positions(spans: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
-    """The integers of the half-open ``spans`` (ascending, disjoint) as one long tensor.
+    """The integers of the half-open ``spans`` (ascending, disjoint) as one long tensor (shared: do not modify it).
 
-    Built once per spans and device (shared: do not modify it).
+    One span is a slice of a cached ``arange``: a kept count that changes every step (a method that drops a few
+    tokens per layer) then adds nothing to any cache. Several spans are built once per spans and device.
     """
-    parts = [torch.arange(start, end, device=device) for start, end in spans]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    if len(spans) == 1:
+        start, end = spans[0]
+        return _arange_on(1 << max(int(end) - 1, 0).bit_length(), device)[start:end]
+    return _joined_spans(spans, device)
+
+
+@constant_tensors          # never evicted (a few lengths, powers of two): a graph may read a slice by address
+def _arange_on(length: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(length, device=device)
+
+
+@constant_tensors(maxsize=64)
+def _joined_spans(spans: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
+    return torch.cat([torch.arange(start, end, device=device) for start, end in spans])
 
 
 class Rotary:
