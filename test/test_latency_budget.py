@@ -272,6 +272,18 @@ def test_switching_the_budget_off_at_run_time_restores_the_configured_method():
     assert policy.method is budget.methods[NO_PRUNING] and budget.methods['divprune'].budget_scale is None
 
 
+def test_changing_the_percentiles_at_run_time_keeps_only_the_ones_asked_for():
+    """An auto-tuner moving the percentile must not leave a tracker per value ever used (nor revive a stale one)."""
+    budget, _ = knob_budget(percentile=90.0)
+    plant = Plant(seed=4)
+    for percentile in (80.0, 85.0, 90.0, 95.0, 97.0, 99.0, 90.0):
+        budget.settings = BudgetSettings(budget_s=BUDGET_S, percentile=percentile)
+        run_trace(budget, plant, [1.0] * 6)
+        for model in budget.models.values():
+            assert set(model.corrections) <= {percentile, budget.settings.deadline_percentile}, model.corrections
+    assert any(model.corrections for model in budget.models.values())       # the current ones are tracked
+
+
 def test_parameters_refuse_a_budget_for_a_method_without_a_knob():
     errors = NodeParameters(latency_budget_ms=80.0, method='vla_cache').validate()
     assert any('latency_budget_ms' in error and 'vla_cache' in error for error in errors)

@@ -146,6 +146,12 @@ class LatencyModel:
     def correction(self, percentile: float) -> float:
         return self.corrections.get(float(percentile), 1.0)
 
+    def keep_percentiles(self, percentiles: tuple[float, ...]) -> None:
+        """Forget the corrections of every other percentile (settings changed: they are no longer tracked)."""
+        wanted = {float(p) for p in percentiles}
+        self.corrections = {p: c for p, c in self.corrections.items() if p in wanted}
+        self._margins.clear()
+
     def track_percentile(self, exceeded: bool, percentile: float) -> None:
         """One step measured against its predicted ``percentile`` latency: nudge that percentile's correction."""
         step = self.tracking_gain * (float(exceeded) - (1.0 - percentile / 100.0))
@@ -249,7 +255,7 @@ class LatencyBudget:
     def __init__(self, settings: BudgetSettings, methods: dict[str, Any], primary: str, device: str = 'cpu',
                  dead_band: float = 0.05, dead_band_abs: float = 0.03, recover_ratio: float = 0.9,
                  publish_guard_s: float = 0.005, max_rise: float = 0.2, border_misses: int = 3) -> None:
-        self.settings = settings
+        self._settings = settings
         self.methods = methods                      # name -> pruning method object ('none' may map to None)
         self.primary = primary
         self.fallback = next((name for name in methods if name != primary), '')
@@ -274,6 +280,17 @@ class LatencyBudget:
         self.last_measured_s: Optional[float] = None
         self._knob: dict[str, float] = {}
         self._last_deadline: Optional[float] = None
+
+    @property
+    def settings(self) -> BudgetSettings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: BudgetSettings) -> None:
+        """New settings (parameters changed at run time): the models track only the percentiles now asked for."""
+        self._settings = settings
+        for model in self.models.values():
+            model.keep_percentiles((settings.percentile, settings.deadline_percentile))
 
     @property
     def enabled(self) -> bool:
