@@ -1,25 +1,38 @@
 """Lifecycle transitions of specprune_node over real DDS (ROS_DOMAIN_ID 62).
 
 Invalid parameters fail at configure with a clear message while the process stays up.
+The inference thread's lifecycle (a stop that outlives its wait, a thread that has ended) and configure-time
+diagnostics settings are driven in-process, on a node that is not spun (ROS_DOMAIN_ID 212).
 """
 from __future__ import annotations
 
+import threading
 import time
+from typing import Any
 
+import numpy as np
 import pytest
 
 pytest.importorskip('rclpy', reason='ROS 2 (rclpy) is not installed: scripts/setup_env.sh installs the wheels; '
                     'the controller behind the transitions is covered by test_node_logic_controller.py, the '
                     'parameters by test_node_logic_parameters.py')
 
+import rclpy  # noqa: E402
 from lifecycle_msgs.msg import Transition  # noqa: E402
 from rcl_interfaces.msg import Parameter as ParameterMsg, ParameterType, ParameterValue  # noqa: E402
 from rcl_interfaces.srv import SetParameters  # noqa: E402
+from rclpy.lifecycle import TransitionCallbackReturn  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
 
 from ros_harness import Probe, start_camera, start_node, twist_values  # noqa: E402
+from specprune_ros.control.runtime_stats import ERROR  # noqa: E402
+from specprune_ros.ros import policy_node  # noqa: E402
+from specprune_ros.ros.output_messages import values_of  # noqa: E402
 
 DOMAIN = 62
+LOCAL_DOMAIN = 212
 STARTUP_S = 120.0
+WAIT_S = 20.0              # bounded waits for the in-process worker on 2 shared cores
 
 
 @pytest.fixture(scope='module')
@@ -158,3 +171,137 @@ def test_a_missing_checkpoint_fails_configure_and_the_node_keeps_reporting(syste
     assert set_string(probe, 'method', 'fastv').successful
     assert probe.transition(Transition.TRANSITION_CONFIGURE)
     assert "loaded 'tiny-random' with method 'fastv'" in process.output()
+
+
+# --- in-process: the inference thread and configure-time settings -----------------------------------------------
+class Gate:
+    """Holds the policy's next predictions inside ``predict`` while ``closed`` (the warm-up runs through)."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.open = threading.Event()
+        self.entered = threading.Event()
+
+    def wrap(self, policy: Any) -> Any:
+        predict = policy.predict
+
+        def gated(observation: Any) -> Any:
+            if self.closed:
+                self.entered.set()
+                self.open.wait(WAIT_S)
+            return predict(observation)
+        policy.predict = gated
+        return policy
+
+
+class Recorder:
+    """Stands in for a publisher."""
+
+    def __init__(self) -> None:
+        self.messages: list = []
+
+    def publish(self, message: Any) -> None:
+        self.messages.append(message)
+
+
+@pytest.fixture
+def local(monkeypatch):
+    """An in-process node on tiny-random (not spun: the test triggers transitions and callbacks itself)."""
+    gate = Gate()
+    load = policy_node.load_policy_from
+    monkeypatch.setattr(policy_node, 'load_policy_from', lambda params: gate.wrap(load(params)))
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=LOCAL_DOMAIN)
+    overrides = {'autostart': False, 'model': 'tiny-random', 'method_config': '{num_layers: 4}', 'torch_threads': 1,
+                 'max_image_age_s': 60.0, 'max_state_age_s': 60.0, 'max_chunk_age_s': 60.0,
+                 'inference_deadline_s': 60.0, 'reset_after_gap_s': 600.0}
+    node = policy_node.SpecPruneNode(context=context,
+                                     parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
+    try:
+        yield node, gate
+    finally:
+        gate.open.set()
+        if node.lifecycle_state() != 'finalized':
+            node.trigger_shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
+
+
+def feed(node: policy_node.SpecPruneNode) -> None:
+    """Fresh frames, robot state and an instruction straight into the controller; wake the worker."""
+    policy, controller, now = node.policy, node.controller, node.now()
+    for camera in policy.camera_names:
+        controller.put_frame(camera, np.zeros((*policy.image_size, 3), np.uint8), now, now)
+    controller.put_proprio(np.zeros(policy.proprio_dim, np.float32), now)
+    controller.put_instruction('pick up the red cube')
+    node.worker.wake()
+
+
+def wait_until(condition: Any, timeout: float = WAIT_S) -> Any:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+def diagnostics(node: policy_node.SpecPruneNode) -> tuple[int, str, dict[str, str]]:
+    recorder = Recorder()
+    node._diagnostics_pub = recorder
+    node._publish_diagnostics()
+    status = recorder.messages[-1].status[0]
+    return status.level[0], status.message, values_of(status)
+
+
+def activate(node: policy_node.SpecPruneNode) -> None:
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS, node.configure_error
+    assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+
+
+def test_configure_is_refused_while_the_released_policy_is_still_inside_a_step(local, monkeypatch):
+    node, gate = local
+    activate(node)
+    gate.closed = True
+    feed(node)
+    assert gate.entered.wait(WAIT_S), 'the worker never started a step'
+    worker = node.worker
+    monkeypatch.setattr(policy_node, 'WORKER_STOP_TIMEOUT_S', 0.1, raising=False)
+    assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+    assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
+    assert worker.running                                           # still inside predict
+    assert node.trigger_configure() == TransitionCallbackReturn.FAILURE    # no second model beside the first
+    assert 'the previous policy is still inside policy.predict' in node.configure_error, node.configure_error
+    level, message, _ = diagnostics(node)
+    assert level == ERROR and 'still inside policy.predict' in message
+    gate.closed = False
+    gate.open.set()
+    assert wait_until(lambda: not worker.running), 'the step never ended'
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS, node.configure_error
+
+
+def test_a_stopped_inference_thread_holds_the_robot_and_is_an_error_in_diagnostics(local, monkeypatch):
+    node, _ = local
+    activate(node)
+    commands: list = []
+    monkeypatch.setattr(node, '_publish_locked', commands.append)
+    feed(node)
+    assert wait_until(lambda: node.controller.stats.events['inferences'] >= 1), 'no chunk'
+    node._on_tick()
+    assert not commands[-1].holding, commands[-1].hold_reason        # commanding from the chunk
+    level, _, values = diagnostics(node)
+    assert level != ERROR and values.get('inference thread', 'running') == 'running'
+    node.worker.stop()                          # the thread ends while the node stays active
+    node._on_tick()
+    assert commands[-1].holding and 'inference thread has stopped' in commands[-1].hold_reason
+    assert not any(commands[-1].twist)
+    level, message, values = diagnostics(node)
+    assert level == ERROR and message.startswith('active: holding: the inference thread has stopped'), message
+    assert values['inference thread'] == 'stopped'
+
+
+def test_diagnostics_period_set_while_unconfigured_applies_at_configure(local):
+    node, _ = local
+    assert node._diagnostics_timer.timer_period_ns == 1_000_000_000
+    assert node.set_parameters([Parameter('diagnostics_period_s', value=5.0)])[0].successful
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS, node.configure_error
+    assert node._diagnostics_timer.timer_period_ns == 5_000_000_000
+    assert not node.set_parameters([Parameter('diagnostics_period_s', value=2.0)])[0].successful

@@ -32,10 +32,12 @@ until that source delivers a valid message again.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 import time
+import traceback
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -85,6 +87,8 @@ INSTRUCTION_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliabili
 INSTRUCTION_VOLATILE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10,
                                       reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
 ASPECT_WARNING = 1.1          # warn when resizing changes a camera's aspect ratio by more than this factor
+WORKER_STOP_TIMEOUT_S = 10.0  # how long cleanup and shutdown wait for an inference step to end
+WORKER_STOPPED = 'the inference thread has stopped: no new action chunks until cleanup and configure'
 COMMAND_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=2, reliability=ReliabilityPolicy.RELIABLE)
 STATE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.BEST_EFFORT)
 
@@ -161,6 +165,7 @@ class SpecPruneNode(LifecycleNode):
         self.policy: Optional[Policy] = None
         self.controller: Optional[PolicyController] = None
         self.worker: Optional[InferenceWorker] = None
+        self._previous_worker: Optional[InferenceWorker] = None    # released while still inside a step
         self.configure_error = ''
         self._input_subscriptions: list = []     # (rclpy's Node owns _subscriptions / _publishers)
         self._camera_subscriptions: dict = {}    # camera name -> its image subscription
@@ -170,7 +175,7 @@ class SpecPruneNode(LifecycleNode):
         self._log_times: dict[str, float] = {}
         self._instruction_duplicates = DuplicateFilter()
         self._use_sim_time = bool(self.get_parameter('use_sim_time').value)
-        self._aspect_warned: dict[str, tuple] = {}
+        self._aspect_warned: dict[str, set[tuple]] = {}    # camera -> frame sizes already warned about
         self._to_rgb = RawImageConverter()
         self._twist_pub = self._gripper_pub = self._chunk_pub = self._inference_pub = self._debug_pub = None
         self._joint_pub = None
@@ -248,6 +253,11 @@ class SpecPruneNode(LifecycleNode):
 
     def _configure(self) -> TransitionCallbackReturn:
         self.configure_error = ''
+        previous = self._previous_worker
+        if previous is not None and previous.running:   # its step still uses the released policy
+            return self._fail_configure(f'the previous policy is still inside {previous.busy_with or "a step"}: '
+                                        'a second model is not loaded beside it; configure again once it has ended')
+        self._previous_worker = None
         errors = list(self._declare_errors.values())
         try:
             params = read_node_parameters(self)
@@ -259,6 +269,7 @@ class SpecPruneNode(LifecycleNode):
             return self._fail_configure('invalid parameters: ' + '; '.join(errors))
         self.params = params
         self._use_sim_time = bool(self.get_parameter('use_sim_time').value)
+        self._start_diagnostics_timer(params.diagnostics_period_s)
         self._check_command_timeout(params)
         if params.torch_threads:
             import torch
@@ -287,6 +298,13 @@ class SpecPruneNode(LifecycleNode):
                                       self._on_inference_failure, poll_s=0.5)
         self.worker.start()
         return TransitionCallbackReturn.SUCCESS
+
+    def _start_diagnostics_timer(self, period_s: float) -> None:
+        """Publish /diagnostics every ``period_s`` from now on (the timer is re-created when the period changed)."""
+        if self._diagnostics_timer.timer_period_ns == round(period_s * 1e9):
+            return
+        self.destroy_timer(self._diagnostics_timer)
+        self._diagnostics_timer = self.create_timer(period_s, self._publish_diagnostics)
 
     def _log_joint_setup(self, controller: PolicyController) -> None:
         if controller.state_joints:
@@ -365,9 +383,14 @@ class SpecPruneNode(LifecycleNode):
                 self._twist_pub.wait_for_all_acked(Duration(seconds=0.5))
 
     def _release(self) -> None:
-        if self.worker is not None:
-            self.worker.stop()
-            self.worker = None
+        worker = self.worker
+        if worker is not None and not worker.stop(WORKER_STOP_TIMEOUT_S):
+            self._previous_worker = worker
+            self.get_logger().warning(
+                f'the inference thread is still inside {worker.busy_with or "a step"} after waiting '
+                f'{WORKER_STOP_TIMEOUT_S:g} s: the policy stays in memory until that step ends (its result is '
+                'discarded), and configure is refused until then')
+        self.worker = None
         if self._control_timer is not None:
             self.destroy_timer(self._control_timer)
             self._control_timer = None
@@ -457,9 +480,10 @@ class SpecPruneNode(LifecycleNode):
 
     def _warn_if_squashed(self, camera: str, shape: tuple, size: tuple) -> None:
         """One warning per camera and frame size when resizing distorts the picture noticeably."""
-        if self._aspect_warned.get(camera) == shape:
+        warned, key = self._aspect_warned.setdefault(camera, set()), tuple(shape)
+        if key in warned:
             return
-        self._aspect_warned[camera] = shape
+        warned.add(key)
         factor = aspect_distortion(shape, size)
         if factor > ASPECT_WARNING:
             self.get_logger().warning(
@@ -545,12 +569,25 @@ class SpecPruneNode(LifecycleNode):
         if controller is None:
             return
         with self._publish_lock:
-            command = controller.tick(self.now())
+            now = self.now()
+            command = controller.tick(now)
+            stopped = self._worker_stopped()
+            if stopped:
+                with controller.lock:
+                    command = command if command.holding else controller.safety.hold(WORKER_STOPPED, now)
+                    controller.stats.hold_reason = command.hold_reason
             if not self.params.dry_run:
                 self._publish_locked(command)
+        if stopped and self._throttled('inference thread'):
+            self.get_logger().error(f'holding: {WORKER_STOPPED}')
         if command.holding and controller.stats.waiting_for:
             self._warn_throttled('waiting for input', f'holding (zero commands): {controller.stats.waiting_for}'
                                  + self._topic_of(controller.stats.waiting_for))
+
+    def _worker_stopped(self) -> bool:
+        """Configured, but the inference thread is not running (it ended on an error it could not survive)."""
+        worker = self.worker
+        return self.controller is not None and (worker is None or not worker.running)
 
     def _topic_of(self, reason: str) -> str:
         """' (topic ...)' for a hold reason that names a camera, as the node resolved its topic; else ''."""
@@ -618,7 +655,10 @@ class SpecPruneNode(LifecycleNode):
         self._debug_pub.publish(messages.rgb_image_message(picture, messages.to_stamp(chunk.source_stamp)))
 
     def _on_inference_failure(self, request: InferenceRequest, error: BaseException) -> None:
-        self._warn_throttled('inference', f'inference failed, holding: {type(error).__name__}: {error}')
+        """Worker thread: log a failed step (the controller has counted it and holds), naming where it raised."""
+        frames = traceback.extract_tb(error.__traceback__)[-1:]
+        where = ''.join(f' (at {os.path.basename(f.filename)}:{f.lineno} in {f.name})' for f in frames)
+        self._warn_throttled('inference', f'inference failed, holding: {type(error).__name__}: {error}{where}')
 
     # --- services ------------------------------------------------------------------------------------------
     def _on_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
@@ -698,6 +738,10 @@ class SpecPruneNode(LifecycleNode):
                     ('method', self.params.method)] + rows
             if state != 'active':
                 level = max(level, WARN) if level != OK else WARN
+            stopped = self._worker_stopped()
+            rows.append(('inference thread', 'stopped' if stopped else 'running'))
+            if stopped:
+                level, message = ERROR, f'{state}: holding: {WORKER_STOPPED}'
         self._diagnostics_pub.publish(messages.diagnostics_message(
             level, f'{self.get_fully_qualified_name()}: policy', message, self.params.model, rows,
             self.get_clock().now().to_msg()))
