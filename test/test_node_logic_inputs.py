@@ -210,7 +210,8 @@ def test_good_instruction_is_normalised():
     assert validate_instruction('déplace le cube', 1024) == 'déplace le cube'
     assert validate_instruction(b'x' * 1024, 1024) == 'x' * 1024
     assert validate_instruction('pick\u200b up the red cube!', 1024) == 'pick up the red cube!'
-    assert validate_instruction('\u8d64\u3044 \u30ad\u30e5\u30fc\u30d6', 1024) == '\u8d64\u3044 \u30ad\u30e5\u30fc\u30d6'
+    red_cube = '\u8d64\u3044 \u30ad\u30e5\u30fc\u30d6'             # letters of another script: words
+    assert validate_instruction(red_cube, 1024) == red_cube
 
 
 def test_yaw_and_proprio_layout():

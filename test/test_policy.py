@@ -205,7 +205,7 @@ def test_bad_checkpoints_name_the_missing_or_malformed_file(tmp_path):
     ({'timestamp': 'now'}, 'timestamp must be seconds'),
     ({'timestamp': float('nan')}, 'timestamp must be finite'),
     ({'instruction': 'pick up the red cube and then put it down on the plate near the edge'},
-     'the instruction has 16 words; this model reads at most 12'),           # cut to 12 words before
+     'instruction has 16 words; this model reads at most 12'),           # cut to 12 words before
 ])
 def test_policy_refuses_bad_observations(overrides, message):
     policy = reference_policy(tiny_model())

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 pytest.importorskip('rclpy', reason='ROS 2 (rclpy) is not installed: scripts/setup_env.sh installs the wheels; '
@@ -78,6 +79,9 @@ class Feeder:
                 frame = raw_image_message(synthetic_frame(self.index, 96, number)[:4, :4], stamp, frame_id=name)
             if 'wide_frames' in bad:
                 frame = raw_image_message(synthetic_frame(self.index, 96, number)[:48], stamp, frame_id=name)
+            if 'alternating_tall_frames' in bad and self.index % 2:     # 48 x 96 every other frame
+                frame = raw_image_message(np.ascontiguousarray(synthetic_frame(self.index, 96, number)[:, :48]),
+                                          stamp, frame_id=name)
             publisher.publish(frame)
         pose = PoseStamped()
         pose.header.stamp, pose.header.frame_id = stamp, 'base_link'
@@ -171,25 +175,32 @@ def test_bad_input_gives_a_zero_twist_at_the_next_tick_and_valid_input_resumes(s
         assert "ignored bad input (image_truncated): camera 'wrist'" in output
 
 
-def test_a_rejected_instruction_holds_until_a_valid_one_arrives(system):
-    """An empty instruction is neither stored nor ignored: the robot holds rather than carry on with the old task."""
+@pytest.mark.parametrize('text, kind, logged', [
+    ('   ', 'instruction_empty', 'instruction is empty'),
+    ('\u200b\ufeff', 'instruction_empty', 'instruction is empty'),            # invisible characters only
+    ('\U0001f916 !!! ???', 'instruction_empty', 'instruction has no letter or digit'),
+    ('xyzzy plugh frobnicate', 'instruction_unknown_words', 'instruction has words this model does not know'),
+])
+def test_a_rejected_instruction_holds_until_a_valid_one_arrives(system, text, kind, logged):
+    """An instruction the model cannot read is neither stored nor ignored: the robot holds, not on the old task."""
     probe, node = system['probe'], system['node']
     assert moving(probe, 10.0), 'the node must be moving before the bad instruction'
     publisher = probe.node.create_publisher(String, 'instruction', 10)
     assert probe.wait_for(lambda: publisher.get_subscription_count() >= 1, 5.0)
     _, before = probe.latest_diagnostics()
     started = time.monotonic()
-    publisher.publish(String(data='   '))
+    publisher.publish(String(data=text))
     first_zero = probe.wait_for(
         lambda: next((t for t, m in probe.twists if t >= started and not any(twist_values(m))), None), 2.0)
     assert first_zero is not None and first_zero - started <= NEXT_TICK_S, first_zero and first_zero - started
-    values = probe.wait_diagnostics(lambda m, v: v['hold reason'].startswith('invalid input: instruction'), 3.0)
-    counted = int(values.get('input errors: instruction_empty', 0))
-    assert counted > int(before.get('input errors: instruction_empty', 0)), values
+    counted_before = int(before.get(f'input errors: {kind}', 0))
+    values = probe.wait_diagnostics(lambda m, v: int(v.get(f'input errors: {kind}', 0)) > counted_before, 3.0)
+    assert int(values.get(f'input errors: {kind}', 0)) > counted_before, values
+    assert values['hold reason'].startswith(f'invalid input: {logged}'), values
     time.sleep(max(0.0, started + 1.0 - time.monotonic()))
     held = probe.since(probe.twists, first_zero + 0.05)
     assert held and not any(any(twist_values(m)) for m in held)            # zero throughout
-    assert 'ignored bad input (instruction_empty): instruction is empty' in node.output()
+    assert f'ignored bad input ({kind}): ' in node.output()        # throttled per kind: maybe an earlier line
     publisher.publish(String(data=LATCHED))
     assert moving(probe, 10.0), 'the node did not resume on a valid instruction'
     probe.node.destroy_publisher(publisher)
@@ -206,16 +217,28 @@ def test_squashed_frames_are_used_with_one_warning_per_camera(system):
     assert moving(probe, 10.0)
 
 
+def test_a_camera_alternating_between_sizes_is_warned_about_once_per_size(system):
+    probe, feeder, node = system['probe'], system['feeder'], system['node']
+    feeder.bad['alternating_tall_frames'] = True       # 48 x 96 and the square 96 x 96 in turns
+    time.sleep(1.5)
+    feeder.bad.clear()
+    output = node.output()
+    assert output.count("camera 'agentview': 48x96 frames are squashed") == 1, output[-3000:]
+    assert output.count("camera 'wrist': 48x96 frames are squashed") == 1, output[-3000:]
+    assert moving(probe, 10.0)
+
+
 def test_instruction_changes_are_logged_throttled(system):
     probe, node = system['probe'], system['node']
     flood = probe.node.create_publisher(String, 'instruction', 10)
     assert probe.wait_for(lambda: flood.get_subscription_count() >= 1, 5.0)
     before = node.output().count('instruction changed:')
+    last = 'push the yellow cylinder to the right zone'
     for index in range(100):
-        flood.publish(String(data=f'pick up cube number {index}'))
+        flood.publish(String(data=last if index == 99 else f"pick up the {('red', 'blue')[index % 2]} cube"))
         time.sleep(0.005)
-    values = probe.wait_diagnostics(lambda m, v: v['instruction'] == 'pick up cube number 99', 5.0)
-    assert values['instruction'] == 'pick up cube number 99'
+    values = probe.wait_diagnostics(lambda m, v: v['instruction'] == last, 5.0)
+    assert values['instruction'] == last
     assert node.output().count('instruction changed:') - before <= 2     # one line per log_throttle_s (2 s)
     flood.publish(String(data=LATCHED))
     assert probe.wait_diagnostics(lambda m, v: v['instruction'] == LATCHED, 5.0)['instruction'] == LATCHED

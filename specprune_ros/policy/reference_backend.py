@@ -55,13 +55,13 @@ class ReferenceBackend(ModelBackend):
         count = tokenizer.word_count(instruction)
         shown = repr(instruction[:200])
         if count == 0:
-            raise InstructionError('instruction_empty', f'the instruction has no word this model reads: {shown}')
+            raise InstructionError('instruction_empty', f'instruction has no word this model reads: {shown}')
         if count > tokenizer.max_words:
-            raise InstructionError('instruction_too_long', f'the instruction has {count} words; this model reads at '
+            raise InstructionError('instruction_too_long', f'instruction has {count} words; this model reads at '
                                    f'most {tokenizer.max_words}: {shown}')
         unknown = tokenizer.unknown_words(instruction)
         if unknown:
-            raise InstructionError('instruction_unknown_words', f"the instruction has words this model does not "
+            raise InstructionError('instruction_unknown_words', f"instruction has words this model does not "
                                    f"know ({', '.join(unknown[:10])}): {shown}; it knows "
                                    f"{', '.join(tokenizer.vocabulary)}")
 
