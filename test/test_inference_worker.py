@@ -100,6 +100,27 @@ def harness():
         each.close()
 
 
+def failing_first_call(call: Callable[..., Any], error: Exception,
+                       counts: Optional[Callable[[Any], bool]] = None) -> Callable[..., Any]:
+    """``call`` that raises ``error`` instead of running the first time, then works.
+
+    With ``counts``: it runs every time, and raises after the first run whose result counts.
+    """
+    counted: list[Any] = []
+
+    def wrapped(*args: Any) -> Any:
+        if counts is None and not counted:
+            counted.append(args)
+            raise error
+        result = call(*args)
+        if counts is not None and counts(result):
+            counted.append(result)
+            if len(counted) == 1:
+                raise error
+        return result
+    return wrapped
+
+
 def assert_held_then_recovered(h: Harness, reason: str) -> None:
     """The failure was counted and reported, the robot holds with ``reason``, the next good step commands."""
     assert wait_for(lambda: h.failures and h.failures_counted() == 1), (h.failures, h.failures_counted())
@@ -115,30 +136,16 @@ def assert_held_then_recovered(h: Harness, reason: str) -> None:
 
 def test_an_exception_in_accept_is_counted_and_the_next_step_recovers(harness):
     h = harness()
-    accept = h.controller.accept
-    calls = []
-
-    def failing_once(request: InferenceRequest, output: PolicyOutput, now: float) -> Optional[AcceptedChunk]:
-        calls.append(now)
-        if len(calls) == 1:
-            raise ValueError('setting an array element with a sequence')
-        return accept(request, output, now)
-    h.controller.accept = failing_once
+    h.controller.accept = failing_first_call(h.controller.accept,
+                                             ValueError('setting an array element with a sequence'))
     h.feed()
     assert_held_then_recovered(h, 'inference failed: ValueError: setting an array element with a sequence '
                                   '(in controller.accept)')
 
 
 def test_an_exception_in_the_chunk_callback_holds_and_the_next_step_recovers(harness):
-    calls: list[AcceptedChunk] = []
     delivered: list[AcceptedChunk] = []
-
-    def on_chunk(chunk: AcceptedChunk) -> None:
-        calls.append(chunk)
-        if len(calls) == 1:
-            raise RuntimeError('publisher destroyed')
-        delivered.append(chunk)
-    h = harness(on_chunk=on_chunk)
+    h = harness(on_chunk=failing_first_call(delivered.append, RuntimeError('publisher destroyed')))
     h.chunks = delivered
     h.feed()
     assert_held_then_recovered(h, 'inference failed: RuntimeError: publisher destroyed (in on_chunk)')
@@ -146,32 +153,16 @@ def test_an_exception_in_the_chunk_callback_holds_and_the_next_step_recovers(har
 
 def test_a_failure_making_the_request_frees_the_next_step(harness):
     h = harness()
-    next_request = h.controller.next_request
-    calls = []
-
-    def failing_once(now: float) -> Optional[InferenceRequest]:
-        request = next_request(now)          # the step is in flight now: a failure must free it
-        if request is not None:
-            calls.append(request)
-            if len(calls) == 1:
-                raise KeyError('budget')
-        return request
-    h.controller.next_request = failing_once
+    # the first request is made (the step is in flight now) and then fails: the failure must free the step
+    h.controller.next_request = failing_first_call(h.controller.next_request, KeyError('budget'),
+                                                   counts=lambda request: request is not None)
     h.feed()
     assert_held_then_recovered(h, "inference failed: KeyError: 'budget' (in controller.next_request)")
 
 
 def test_a_model_exception_keeps_its_reason(harness):
     h = harness()
-    predict = h.policy.predict
-    calls = []
-
-    def failing_once(observation: Observation) -> PolicyOutput:
-        calls.append(observation)
-        if len(calls) == 1:
-            raise RuntimeError('CUDA error')
-        return predict(observation)
-    h.policy.predict = failing_once
+    h.policy.predict = failing_first_call(h.policy.predict, RuntimeError('CUDA error'))
     h.feed()
     assert_held_then_recovered(h, 'inference failed: RuntimeError: CUDA error')
     assert '(in ' not in h.controller.stats.last_inference_error
