@@ -309,7 +309,7 @@ def test_a_failure_of_a_step_voided_by_a_reset_is_not_blamed_on_the_new_episode(
     feed(controller, 10.2, instruction='')
     running = controller.next_request(10.2)
     reset(controller)
-    controller.inference_failed(running, 'RuntimeError: boom in the old episode')
+    assert not controller.inference_failed(running, 'RuntimeError: boom in the old episode')   # not reported
     level, rows = controller.diagnostics()
     rows = dict(rows)
     assert 'inference failures' not in rows and rows['failures discarded after reset'] == '1'
@@ -325,7 +325,7 @@ def test_a_failure_of_a_step_voided_by_a_reset_is_not_blamed_on_the_new_episode(
 def test_a_reset_clears_a_stored_inference_failure(reset):
     controller = make()
     feed(controller, 10.0)
-    controller.inference_failed(controller.next_request(10.0), 'RuntimeError: out of memory')
+    assert controller.inference_failed(controller.next_request(10.0), 'RuntimeError: out of memory')
     assert 'inference failed' in controller.tick(10.01).hold_reason and controller.diagnostics()[0] == 2
     reset(controller)
     feed(controller, 10.1, instruction='')

@@ -436,15 +436,19 @@ class PolicyController:
                                  reset_reason=request.reset_reason, policy_info=dict(output.info or {}),
                                  record=record, images=request.observation.images, budget=request.budget)
 
-    def inference_failed(self, request: InferenceRequest, error: str) -> None:
-        """The policy raised: hold until a later inference succeeds (a step voided by a reset since is not blamed)."""
+    def inference_failed(self, request: InferenceRequest, error: str) -> bool:
+        """The policy raised: hold until a later inference succeeds; False for a step voided by a reset since.
+
+        A voided step's failure belongs to the old episode: counted apart, not blamed on the new one.
+        """
         with self.lock:
             if request.epoch != self.epoch:
                 self.stats.events['failures_discarded_after_reset'] += 1
-                return
+                return False
             self._in_flight = False
             self.stats.events['inference_failures'] += 1
             self._fail_locked(f'inference failed: {error}')
+            return True
 
     def _fail_locked(self, reason: str) -> None:
         self._failure = reason

@@ -121,7 +121,7 @@ class InferenceWorker:
         self._step = None
         where = '' if step in ('', PREDICT) else f' (in {step})'
         try:
-            self.controller.inference_failed(request, f'{type(error).__name__}: {error}{where}')
-            self.on_failure(request, error)
+            if self.controller.inference_failed(request, f'{type(error).__name__}: {error}{where}'):
+                self.on_failure(request, error)         # a voided step's failure is not this episode's
         except Exception:  # noqa: BLE001 - the thread must go on; nothing else can report this
             LOG.exception('inference worker: reporting a failed step failed')
