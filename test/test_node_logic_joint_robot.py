@@ -222,6 +222,60 @@ def test_the_controller_feeds_measured_joint_positions_into_the_velocity_limit()
     assert rows['safety: velocity limited'] == '1' and rows['safety: position clamped'] == '0'
 
 
+def limited(**limits):
+    """A joint-space controller with ``joint_limits.<joint>.<field>`` settings (a steady arrival clock)."""
+    params = NodeParameters.from_mapping({'camera_names': list(CAMERAS), 'proprio_source': 'joint_state',
+                                          'inference_deadline_s': 5.0, 'max_state_age_s': 0.5,
+                                          'max_future_stamp_s': 0.1, **limits})
+    assert params.validate() == []
+    controller = PolicyController(params, CAMERAS, SPEC, needs_proprio=True, clock=SteadyClock(), state_joints=NAMES)
+    controller.set_active(True)
+    controller.put_instruction('pick up the cube')
+    return controller
+
+
+def test_after_the_clock_jumps_back_the_joint_commands_start_from_the_measured_positions():
+    """A simulator reset puts the arm home: the first command steps from there, not from the old last command."""
+    controller = limited(**{f'joint_limits.{name}.max_velocity': 0.5 for name in NAMES})
+    feed(controller, 100.0)
+    run_chunk(controller, 100.0, np.full((10, len(NAMES)), 3.0))
+    for now in (100.05, 100.1, 100.2):
+        assert not controller.tick(now).holding
+    assert controller.tick(1.0).holding                           # the clock jumped back: start over
+    home = {name: 0.0 for name in NAMES}
+    feed(controller, 1.05, home)
+    run_chunk(controller, 1.05, np.full((10, len(NAMES)), 3.0))
+    command = controller.tick(1.1)
+    np.testing.assert_allclose(command.joints, np.full(len(NAMES), 0.05), atol=1e-9)   # 0.5 rad/s x one period
+
+
+def test_a_joint_state_far_beyond_the_limits_is_refused_and_one_just_past_steps_from_the_limit():
+    controller = limited(**{'joint_limits.elbow.min_position': -1.0, 'joint_limits.elbow.max_position': 1.0,
+                            'joint_limits.elbow.max_velocity': 0.5})
+    feed(controller, 10.0)
+    reason = controller.put_joint_state(*joint_state({**STATE, 'elbow': 50.0}), 10.05, 10.05)
+    assert "joint 'elbow' measured at 50, beyond its position limits [-1, 1]" in reason
+    assert controller.stats.input_errors['state_invalid'] == 1
+    assert controller.tick(10.06).holding
+    feed(controller, 10.1, {**STATE, 'elbow': 1.1})               # past the limit by less than 10 % of the range
+    run_chunk(controller, 10.1, np.full((10, len(NAMES)), -3.0))
+    command = controller.tick(10.15)
+    elbow = controller.safety.joint_names.index('elbow')
+    assert command.joints[elbow] == pytest.approx(1.0 - 0.05)      # one step from the limit, not a jump to it
+
+
+def test_robot_states_stale_on_arrival_or_stamped_back_are_refused_and_slightly_older_ones_ignored():
+    controller = limited()
+    feed(controller, 10.0)
+    assert 'stamp is 6.050 s old on arrival' in controller.put_joint_state(*joint_state(), 4.0, 10.05)
+    assert controller.stats.input_errors['state_stale_stamp'] == 1 and controller.tick(10.06).holding
+    feed(controller, 10.2)
+    assert controller.put_joint_state(*joint_state({**STATE, 'elbow': 0.9}), 10.15, 10.25) == ''   # reordered
+    assert controller.sync.proprio_stamp == 10.2 and controller.stats.input_errors.get('state_stamp_backwards', 0) == 0
+    assert 'stamp went back by 0.200 s' in controller.put_joint_state(*joint_state(), 10.0, 10.3)
+    assert controller.stats.input_errors['state_stamp_backwards'] == 1
+
+
 def test_joint_limit_parameters_follow_ros2_control_and_are_checked():
     params = NodeParameters.from_mapping({'joint_limits.elbow.min_position': -1.0,
                                           'joint_limits.elbow.max_position': 1.0,

@@ -127,6 +127,7 @@ class PolicyController:
         self.lock = threading.RLock()
         self.sync = InputSynchronizer(camera_names, sync_limits(params), needs_proprio, clock)
         self._proprio = ProprioAssembler(params.pose_layout)
+        self._state_stamps: dict[str, tuple[float, float]] = {}   # source -> (stamp, node clock) stored
         self.faults: dict[str, str] = {}         # source -> why its latest message was rejected
         self.scheduler = ChunkScheduler(chunk_settings(params, spec))
         self.joint_space = spec.action_space == 'joint'
@@ -231,11 +232,14 @@ class PolicyController:
                 raise RejectedInput('frame_id_mismatch', error + ' (ee_pose_frame)')
             check_pose(position, quaternion_xyzw)
             self.sync.check_stamp('ee_pose', stamp, now, 'state_future_stamp')
+            in_order.append(self._state_in_order('ee_pose', stamp, now))
 
+        in_order: list[bool] = []
         with self.lock:
             rejected = self._state_rejection('ee_pose', check)
-            if rejected:
+            if rejected or not in_order[0]:
                 return rejected
+            self._state_stamps['ee_pose'] = (stamp, now)
             self._proprio.put_pose(position, quaternion_xyzw, stamp, self.sync.clock())
             self._recovered('ee_pose')
             return self._store_proprio_locked()
@@ -252,11 +256,14 @@ class PolicyController:
             if not np.isfinite(finger_gap):
                 raise StateError('finger gap is not finite')
             self.sync.check_stamp('gripper_state', stamp, now, 'state_future_stamp')
+            in_order.append(self._state_in_order('gripper_state', stamp, now))
 
+        in_order: list[bool] = []
         with self.lock:
             rejected = self._state_rejection('gripper_state', check)
-            if rejected:
+            if rejected or not in_order[0]:
                 return rejected
+            self._state_stamps['gripper_state'] = (stamp, now)
             self._proprio.put_gripper(finger_gap, stamp, self.sync.clock())
             self._recovered('gripper_state')
             return self._store_proprio_locked()
@@ -273,17 +280,31 @@ class PolicyController:
             if stamp <= 0.0:
                 raise StateError('header.stamp is zero: joint states must be stamped')
             state.append(joint_positions_by_name(names, positions, self.state_joints))
+            if self.joint_space:
+                problem = self.safety.measured_problem(dict(zip(names, positions)))
+                if problem:
+                    raise StateError(problem)
             self.sync.check_stamp('joint_state', stamp, now, 'state_future_stamp')
+            in_order.append(self._state_in_order('joint_state', stamp, now))
 
+        in_order: list[bool] = []
         with self.lock:
             rejected = self._state_rejection('joint_state', check)
-            if rejected:
+            if rejected or not in_order[0]:
                 return rejected
+            self._state_stamps['joint_state'] = (stamp, now)
             if self.joint_space:
                 self.safety.set_measured(dict(zip(names, positions)))
             self.sync.put_proprio(state[0], stamp)
             self._recovered('joint_state')
             return ''
+
+    def _state_in_order(self, source: str, stamp: float, now: float) -> bool:
+        """A robot state stale on arrival or stamped back raises ``RejectedInput``; False: slightly older, ignore it."""
+        params = self.params
+        return self.sync.in_order(source, stamp, now, self._state_stamps.get(source),
+                                  ('max_state_age_s', params.max_state_age_s),
+                                  ('max_future_stamp_s', params.max_future_stamp_s), 'state')
 
     def _state_rejection(self, source: str, check: Callable[[], None]) -> str:
         """Run ``check`` of a robot-state message; '' when it passes, else the reason, counted for ``source``."""
@@ -338,6 +359,8 @@ class PolicyController:
     def _clear_inputs_locked(self) -> None:
         self.sync.clear(keep_instruction=True)
         self._proprio = ProprioAssembler(self.params.pose_layout)
+        self._state_stamps.clear()
+        self.safety.restart()                    # the next command starts from what the robot reports then
         self.faults.clear()
 
     def _reset_locked(self, reason: str) -> None:

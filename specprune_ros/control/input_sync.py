@@ -86,6 +86,29 @@ class InputSynchronizer:
             raise RejectedInput(kind, f'{what} stamp is {ahead:.3f} s ahead of the node clock (clock mismatch? '
                                       f'max_future_stamp_s {self.limits.max_future_stamp_s})')
 
+    def in_order(self, what: str, stamp: float, received: float, previous: Optional[tuple[float, float]],
+                 max_age: tuple[str, float], tolerance: tuple[str, float], kind: str) -> bool:
+        """Whether a message stamped ``stamp``, received at ``received`` (node clock), follows the stored one.
+
+        ``previous``: the stored message's (stamp, received), or None. Raises ``RejectedInput`` (``<kind>_stale_stamp``)
+        when it is already older than ``max_age`` (name, seconds) on arrival, or (``<kind>_stamp_backwards``) when its
+        stamp goes back from the stored one by more than ``tolerance`` (name, seconds). False (ignore it, nothing to
+        count) when it goes back less, or right after the node clock itself went back (the controller starts over
+        at its next tick); True when it is the newer one.
+        """
+        age = received - stamp
+        if age > max_age[1]:
+            raise RejectedInput(f'{kind}_stale_stamp', f'{what} stamp is {age:.3f} s old on arrival (late delivery '
+                                f'or its clock behind? {max_age[0]} {max_age[1]})')
+        if previous is None or stamp >= previous[0]:
+            return True
+        back = previous[0] - stamp
+        clock_went_back = received < previous[1] - self.limits.max_future_stamp_s
+        if back > tolerance[1] and not clock_went_back:
+            raise RejectedInput(f'{kind}_stamp_backwards', f'{what} stamp went back by {back:.3f} s (from '
+                                f'{previous[0]:.3f} to {stamp:.3f}; {tolerance[0]} {tolerance[1]})')
+        return False
+
     def put_frame(self, camera: str, image: np.ndarray, stamp: float, received: float) -> None:
         """Store the newest frame of ``camera``.
 
@@ -97,20 +120,11 @@ class InputSynchronizer:
         limits = self.limits
         what = f'camera {camera!r} frame'
         self.check_stamp(what, stamp, received, 'image_future_stamp')
-        age = received - stamp
-        if age > limits.max_image_age_s:
-            raise RejectedInput('image_stale_stamp',
-                                f'{what} stamp is {age:.3f} s old on arrival (late delivery or camera clock behind? '
-                                f'max_image_age_s {limits.max_image_age_s})')
         previous = self.frames.get(camera)
-        if previous is not None and stamp < previous.stamp:
-            back = previous.stamp - stamp
-            clock_went_back = received < previous.received - limits.max_future_stamp_s
-            # out-of-order delivery within the skew the cameras may have among each other is transport jitter
-            if back > limits.max_camera_skew_s and not clock_went_back:
-                raise RejectedInput('image_stamp_backwards',
-                                    f'{what} stamp went back by {back:.3f} s (from {previous.stamp:.3f} to '
-                                    f'{stamp:.3f}; max_camera_skew_s {limits.max_camera_skew_s})')
+        # out-of-order delivery within the skew the cameras may have among each other is transport jitter
+        if not self.in_order(what, stamp, received, None if previous is None else (previous.stamp, previous.received),
+                             ('max_image_age_s', limits.max_image_age_s),
+                             ('max_camera_skew_s', limits.max_camera_skew_s), 'image'):
             self.frames_dropped += 1
             return
         if previous is not None and not previous.used:

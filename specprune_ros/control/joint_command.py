@@ -9,8 +9,9 @@ names). The command is, in order:
    (from ``joint_limits.<joint>.*``, over the URDF's ``<limit>`` of the joint when ``robot_description`` is given);
 4. each target's change limited to ``max_velocity`` x the control period against the reference: the previous command
    when it went out within two periods, else the measured position (``set_measured``), else the previous command;
-   the first command without a measured position is only clamped (counted when it limits); the result stays within
-   the position limits (a reference outside them moves back into them at once).
+   the first command without a measured position is only clamped (counted when it limits); a reference just past a
+   limit steps from that limit. A measured position far beyond its joint's limits is refused (``measured_problem``),
+   and a restart (activation, a clock jumping back) forgets the last command and the measurement.
 
 On a hold nothing new is commanded: a ros2_control forward position controller keeps the last command it received,
 so the arm stays where it was sent last. No twist is computed from joint actions (``twist`` is always zero).
@@ -31,6 +32,9 @@ APPLIED_LIMIT_FIELDS = ('has_position_limits', 'min_position', 'max_position', '
 IGNORED_LIMIT_FIELDS = ('has_acceleration_limits', 'max_acceleration', 'has_deceleration_limits', 'max_deceleration',
                         'has_jerk_limits', 'max_jerk', 'has_effort_limits', 'max_effort', 'angle_wraparound',
                         'has_soft_limits', 'k_position', 'k_velocity', 'soft_lower_limit', 'soft_upper_limit')
+
+
+MEASURED_LIMIT_MARGIN = 0.1     # a measured position may pass a limit by this share of the joint's range
 
 
 class JointOrderError(ValueError):
@@ -172,6 +176,28 @@ class JointCommandFilter:
         self._last_action: Optional[np.ndarray] = None  # the last command as an action (policy order)
         self._measured: Optional[np.ndarray] = None    # measured positions of the commanded joints
 
+    def restart(self) -> None:
+        """Forget the last command's time and the measured positions: the next command starts from a new measurement.
+
+        After a restart (activation, a clock jumping back) the arm may be anywhere: only a fresh joint state says.
+        """
+        self._last, self._last_time, self._measured = None, -math.inf, None
+
+    def measured_problem(self, positions: Mapping[str, float]) -> str:
+        """Why measured positions cannot be true ('' when they can): a commanded joint beyond its position limits.
+
+        A reading may pass a limit by ``MEASURED_LIMIT_MARGIN`` of the joint's range (0.1 when a side is unlimited).
+        """
+        for name, low, high in zip(self.joint_names, self._low, self._high):
+            value = positions.get(name)
+            if value is None:
+                continue
+            margin = MEASURED_LIMIT_MARGIN * ((high - low) if np.isfinite(high - low) else 1.0)
+            if not low - margin <= value <= high + margin:
+                return (f'joint {name!r} measured at {value:g}, beyond its position limits [{low:g}, {high:g}] '
+                        f'(by more than {margin:g}): a faulty reading or the wrong joint_limits')
+        return ''
+
     @property
     def columns(self) -> tuple[int, ...]:
         """The action column of each commanded joint, in the controller's order."""
@@ -211,10 +237,11 @@ class JointCommandFilter:
         return FilteredCommand(np.zeros(6), None, '', executed, joints=limited)
 
     def _limit_step(self, target: np.ndarray, now: float) -> np.ndarray:
-        recent = self._last is not None and now - self._last_time <= 2 * self.period_s
+        recent = self._last is not None and 0.0 <= now - self._last_time <= 2 * self.period_s
         reference = self._last if recent or self._measured is None else self._measured
         if reference is None:
             return target
+        reference = np.clip(reference, self._low, self._high)     # a reading just past a limit steps from it
         elapsed = now - self._last_time if recent else self.period_s
         dt = min(max(elapsed, 0.0), self.period_s)
         step = np.where(np.isfinite(self._speed), self._speed * dt, np.inf)

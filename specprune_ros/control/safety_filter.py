@@ -68,6 +68,10 @@ class SafetyFilter:
         self._last_time: Optional[float] = None
         self._last_gripper = -1.0
 
+    def restart(self) -> None:
+        """The robot is at rest after a restart (activation, a clock jumping back): the next command ramps from zero."""
+        self._last_twist, self._last_time = np.zeros(6), None
+
     def hold(self, reason: str, now: float) -> FilteredCommand:
         """Zero twist (stop now, no ramp), gripper untouched."""
         self._last_twist = np.zeros(6)
