@@ -187,7 +187,8 @@ def test_evaluate_cli_refuses_bad_arguments_before_running(tmp_path):
              (['--method-config', 'random={keep_ratio: [0.5'], 'not valid YAML'),
              (['--out', str(a_file)], 'is a file; give a directory'),
              (['--stride', '0'], '--stride: must be at least 1'),
-             (['--device', 'cuda:7'], "--device 'cuda:7'")]
+             (['--device', 'cuda:7'], "--device 'cuda:7'"),
+             (['--instruction', 'stack the cubes'], 'words this model does not know (stack, cubes)')]
     for extra_args, message in cases:
         done = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'evaluate_bag.py'), str(path), '--model',
                                'tiny-random', '--quiet', '--out', str(tmp_path / 'report'), *extra_args],

@@ -136,7 +136,8 @@ def evaluate_main(argv: Optional[list[str]] = None) -> int:
     import torch
     torch.set_num_threads(args.threads)
     # the evaluation loads torch and the models: only when the command runs
-    from specprune_ros.bags.replay_eval import ReplayConfig, evaluate_streams, unused_stride_note
+    from specprune_ros.bags.replay_eval import (ReplayConfig, check_instructions, evaluate_streams,
+                                                unused_stride_note)
     from specprune_ros.bags.report import markdown, write_report  # lazy, see above
     from specprune_ros.bridge.conversions import CommandUnits  # lazy, see above
     from specprune_ros.models.loading import load_policy   # lazy, see above
@@ -166,6 +167,7 @@ def evaluate_main(argv: Optional[list[str]] = None) -> int:
         streams = load_streams(args.bag, topics, image_size=size, max_camera_skew_s=args.max_camera_skew,
                                units=units, instruction=args.instruction, max_observations=args.max_observations,
                                image_fit=getattr(baseline, 'image_fit', 'stretch'))
+        check_instructions(streams, baseline)
         report = evaluate_streams(streams, config, baseline_policy=baseline)
         stride_note = unused_stride_note(report['schedule'], args.stride)
         if stride_note:

@@ -28,6 +28,7 @@ import numpy as np
 
 from specprune_ros.bags.io import BagError
 from specprune_ros.bags.streams import BagStreams
+from specprune_ros.codecs.instruction import InstructionError
 from specprune_ros.codecs.kept_patches import draw_kept_patches, kept_patch_masks
 from specprune_ros.evaluation.statistics import median_ratio, percentile
 from specprune_ros.models.loading import load_policy
@@ -188,6 +189,18 @@ def run_method(streams: BagStreams, indices: Sequence[int], resets: set[int],
     return MethodRun(method=label or method, stamps=stamps, actions=np.stack(actions), latencies_s=latencies,
                      kept=kept, flops_ratio=flops, visual_tokens=visual_tokens, kept_examples=examples, modes=modes,
                      cameras=tuple(policy.camera_names))
+
+
+def check_instructions(streams: BagStreams, policy: Policy) -> None:
+    """Raise ``BagError`` when the policy cannot read an instruction of the bag (before any step runs)."""
+    check = getattr(policy, 'check_instruction', None)
+    for text in dict.fromkeys(observation.instruction for observation in streams.observations):
+        try:
+            if check is not None:
+                check(text)
+        except InstructionError as error:
+            raise BagError(f'bag {streams.path}: {error}; give the task in words the model reads with '
+                           '--instruction') from None
 
 
 def _deviation(actions: np.ndarray, reference: np.ndarray) -> dict:
