@@ -899,6 +899,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
             parser.error(f'--checkpoint: {error}')
     if args.threads:
         torch.set_num_threads(args.threads)
+    unknown = sorted(set(args.methods or ()) - {label for label, _, _ in METHODS})
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; the built-in labels are {[label for label, _, _ in METHODS]} "
+                     "(others with --extra LABEL=METHOD:JSON)")
     methods = [m for m in METHODS if args.methods is None or m[0] in args.methods or m[0] == BASELINE]
     methods += [parse_extra(text) for text in args.extra]
     started = time.time()

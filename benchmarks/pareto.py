@@ -360,8 +360,9 @@ def speed_cell(row: dict, interval: bool) -> str:
     """A row's speedup; marked when an earlier run timed it (a carried row whose label this run did not time)."""
     if row['speedup'] is None:
         return '-'
-    low, high = row['speedup_ci95']
-    text = f"{row['speedup']:.2f}x" + (f" ({low:.2f}-{high:.2f})" if interval else '')
+    low, high = row.get('speedup_ci95') or (None, None)         # no interval from a single timed step
+    shown = interval and low is not None and high is not None
+    text = f"{row['speedup']:.2f}x" + (f" ({low:.2f}-{high:.2f})" if shown else '')
     return text + (' †' if row.get('speed_from') else '')
 
 

@@ -148,6 +148,12 @@ def test_harness_smoke_run_schema_and_same_inputs(tmp_path):
             assert row['verdict'] == ('met' if share <= 0.03 else 'missed')
 
 
+def test_an_unknown_method_label_is_refused_before_anything_runs(capsys):
+    with pytest.raises(SystemExit):
+        _harness().main(['--methods', 'none', 'specprun', '--out', 'unused'])
+    assert "--methods: unknown ['specprun']" in capsys.readouterr().err
+
+
 def test_harness_times_a_checkpoint_directory(tmp_path):
     from specprune_ros.adapters.tiny import write_tiny_checkpoint
     directory = write_tiny_checkpoint(tmp_path / 'tiny-oft', 'openvla-oft')

@@ -150,3 +150,10 @@ def test_cached_only_with_nothing_cached_writes_the_report_without_a_plot(tmp_pa
                         '--episodes-per-family', '1', '--speed-steps', '0', '--cached-only', '--out', str(tmp_path)])
     assert 'no plot' in capsys.readouterr().out
     assert (tmp_path / 'pareto.md').is_file() and not (tmp_path / 'pareto.png').exists()
+
+
+def test_a_speed_row_without_an_interval_shows_its_speedup():
+    """One timed step gives a speedup but no bootstrap interval: the table shows the speedup alone."""
+    pareto = load_pareto()
+    assert pareto.speed_cell({'speedup': 1.5, 'speedup_ci95': (None, None)}, True) == '1.50x'
+    assert pareto.speed_cell({'speedup': 1.5, 'speedup_ci95': (1.4, 1.6)}, True) == '1.50x (1.40-1.60)'
