@@ -185,8 +185,11 @@ def test_query_rows_are_the_kept_positions_of_their_tokens(layout):
 
 
 def test_query_rows_of_ever_changing_kept_counts_fill_no_cache():
-    """A method that drops a few tokens per layer makes a new kept count at almost every step: the single-span rows
-    are slices of a few shared ranges, not one cached tensor per count (a long run's memory would climb)."""
+    """A kept count that changes every step adds no cached tensor (a long run's memory would climb).
+
+    A method that drops a few tokens per layer makes a new count at almost every step: single-span rows are slices of
+    a few shared ranges.
+    """
     from specprune_ros.core.kept_tokens import _arange_on, _joined_spans, span_positions
     device = torch.device('cpu')
     before = _arange_on.cache_info().currsize

@@ -223,7 +223,7 @@ class PolicyController:
 
     def put_pose(self, position: Sequence[float], quaternion_xyzw: Sequence[float], stamp: float, now: float,
                  frame_id: Optional[str] = None) -> str:
-        """Store the end-effector pose; '' when stored, else the (already counted) reason it was rejected."""
+        """Store the end-effector pose; '' when stored (or ignored as slightly older), else the counted reason."""
         def check() -> None:
             if stamp <= 0.0:
                 raise StateError('header.stamp is zero: poses must be stamped')
@@ -232,20 +232,17 @@ class PolicyController:
                 raise RejectedInput('frame_id_mismatch', error + ' (ee_pose_frame)')
             check_pose(position, quaternion_xyzw)
             self.sync.check_stamp('ee_pose', stamp, now, 'state_future_stamp')
-            in_order.append(self._state_in_order('ee_pose', stamp, now))
 
-        in_order: list[bool] = []
         with self.lock:
-            rejected = self._state_rejection('ee_pose', check)
-            if rejected or not in_order[0]:
-                return rejected
-            self._state_stamps['ee_pose'] = (stamp, now)
+            refused = self._state_refused('ee_pose', stamp, now, check)
+            if refused is not None:
+                return refused
             self._proprio.put_pose(position, quaternion_xyzw, stamp, self.sync.clock())
             self._recovered('ee_pose')
             return self._store_proprio_locked()
 
     def put_gripper(self, finger_gap: float, stamp: float, now: float) -> str:
-        """Store the finger gap (metres); '' when stored, else the (already counted) reason it was rejected.
+        """Store the finger gap (metres); '' when stored (or ignored as slightly older), else the counted reason.
 
         A zero ``stamp`` is refused unless the node clock reads zero too: a gap without a header is stamped with the
         node clock, which is zero under ``use_sim_time`` until the first ``/clock`` message.
@@ -256,14 +253,11 @@ class PolicyController:
             if not np.isfinite(finger_gap):
                 raise StateError('finger gap is not finite')
             self.sync.check_stamp('gripper_state', stamp, now, 'state_future_stamp')
-            in_order.append(self._state_in_order('gripper_state', stamp, now))
 
-        in_order: list[bool] = []
         with self.lock:
-            rejected = self._state_rejection('gripper_state', check)
-            if rejected or not in_order[0]:
-                return rejected
-            self._state_stamps['gripper_state'] = (stamp, now)
+            refused = self._state_refused('gripper_state', stamp, now, check)
+            if refused is not None:
+                return refused
             self._proprio.put_gripper(finger_gap, stamp, self.sync.clock())
             self._recovered('gripper_state')
             return self._store_proprio_locked()
@@ -271,8 +265,8 @@ class PolicyController:
     def put_joint_state(self, names: Sequence[str], positions: Sequence[float], stamp: float, now: float) -> str:
         """Store the state joints' positions of a JointState (matched by name) as the proprio vector.
 
-        '' when stored, else the (already counted) reason it was rejected; the measured positions also start the
-        joint commands' velocity limit.
+        '' when stored (or ignored as slightly older), else the counted reason it was rejected; the measured
+        positions also start the joint commands' velocity limit.
         """
         state: list[np.ndarray] = []
 
@@ -285,26 +279,36 @@ class PolicyController:
                 if problem:
                     raise StateError(problem)
             self.sync.check_stamp('joint_state', stamp, now, 'state_future_stamp')
-            in_order.append(self._state_in_order('joint_state', stamp, now))
 
-        in_order: list[bool] = []
         with self.lock:
-            rejected = self._state_rejection('joint_state', check)
-            if rejected or not in_order[0]:
-                return rejected
-            self._state_stamps['joint_state'] = (stamp, now)
+            refused = self._state_refused('joint_state', stamp, now, check)
+            if refused is not None:
+                return refused
             if self.joint_space:
                 self.safety.set_measured(dict(zip(names, positions)))
             self.sync.put_proprio(state[0], stamp)
             self._recovered('joint_state')
             return ''
 
-    def _state_in_order(self, source: str, stamp: float, now: float) -> bool:
-        """A robot state stale on arrival or stamped back raises ``RejectedInput``; False: slightly older, ignore it."""
+    def _state_refused(self, source: str, stamp: float, now: float, check: Callable[[], None]) -> Optional[str]:
+        """None when a robot-state message is to be stored (its stamp then remembered), else what ``put_*`` returns.
+
+        That is the counted reason for a message ``check`` refuses, or stale on arrival or stamped back
+        (``InputSynchronizer.in_order``), and '' for one only slightly older than the stored one (ignored).
+        """
         params = self.params
-        return self.sync.in_order(source, stamp, now, self._state_stamps.get(source),
-                                  ('max_state_age_s', params.max_state_age_s),
-                                  ('max_future_stamp_s', params.max_future_stamp_s), 'state')
+        in_order: list[bool] = []
+
+        def checks() -> None:
+            check()
+            in_order.append(self.sync.in_order(source, stamp, now, self._state_stamps.get(source),
+                                               ('max_state_age_s', params.max_state_age_s),
+                                               ('max_future_stamp_s', params.max_future_stamp_s), 'state'))
+        rejected = self._state_rejection(source, checks)
+        if rejected or not in_order[0]:
+            return rejected
+        self._state_stamps[source] = (stamp, now)
+        return None
 
     def _state_rejection(self, source: str, check: Callable[[], None]) -> str:
         """Run ``check`` of a robot-state message; '' when it passes, else the reason, counted for ``source``."""

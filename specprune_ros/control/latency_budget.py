@@ -287,7 +287,7 @@ class LatencyBudget:
 
     @settings.setter
     def settings(self, settings: BudgetSettings) -> None:
-        """New settings (parameters changed at run time): the models track only the percentiles now asked for."""
+        """Take new run-time settings: the models track only the percentiles they now ask for."""
         self._settings = settings
         for model in self.models.values():
             model.keep_percentiles((settings.percentile, settings.deadline_percentile))

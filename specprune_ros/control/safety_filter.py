@@ -69,7 +69,7 @@ class SafetyFilter:
         self._last_gripper = -1.0
 
     def restart(self) -> None:
-        """The robot is at rest after a restart (activation, a clock jumping back): the next command ramps from zero."""
+        """Start over at rest, on activation or a clock jumping back: the next command ramps up from zero."""
         self._last_twist, self._last_time = np.zeros(6), None
 
     def hold(self, reason: str, now: float) -> FilteredCommand:
