@@ -108,6 +108,27 @@ def test_chunk_age_deadline():
     assert late.action is None and 'max_chunk_age_s' in late.reason
 
 
+@pytest.mark.parametrize('start', [0.0, 12.3, 1.7e9 + 0.3])
+def test_a_chunk_runs_out_at_max_chunk_age_whatever_its_start(start):
+    """Ticks on the step grid (sim time): the step at exactly max_chunk_age_s is not published, as time_left says."""
+    scheduler = ChunkScheduler(ChunkSettings(period_s=0.1, max_chunk_age_s=0.6))
+    scheduler.accept(chunk(), start=start, now=start)
+    steps = [scheduler.action_at(start + 0.1 * k).step for k in range(8)]
+    assert steps[:6] == list(range(6)) and steps[6:] == [-1, -1], steps
+    assert scheduler.time_left(start + 0.6) <= 1e-9
+
+
+def test_a_blend_keeps_one_weight_per_step_when_the_node_ticks_faster_than_the_policy():
+    settings = ChunkSettings(period_s=0.1, mode='blend', blend_old_weight=0.5, blend_decay=0.5, max_chunk_age_s=10.0)
+    scheduler = ChunkScheduler(settings)
+    scheduler.accept(np.full((8, 7), 0.0), start=0.0, now=0.0)
+    scheduler.accept(np.full((8, 7), 0.8), start=0.2, now=0.27)          # arrives 70 ms into the new chunk's step 0
+    values = {now: scheduler.action_at(now).action[0] for now in (0.27, 0.32, 0.37, 0.42, 0.47)}   # 20 Hz ticks
+    assert values[0.27] == pytest.approx(0.4)                            # step 0: old weight 0.5
+    assert values[0.32] == pytest.approx(values[0.37]) == pytest.approx(0.6)    # step 1: 0.25 at both ticks
+    assert values[0.42] == pytest.approx(values[0.47]) == pytest.approx(0.7)    # step 2: 0.125
+
+
 def test_replace_drops_the_old_chunk():
     scheduler = ChunkScheduler(ChunkSettings(period_s=0.1, mode='replace', max_chunk_age_s=10.0))
     scheduler.accept(chunk(value=100.0), start=0.0, now=0.0)

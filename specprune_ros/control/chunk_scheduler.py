@@ -99,7 +99,7 @@ class ChunkScheduler:
         if chunk is None:
             return ScheduledAction(None, 'waiting for the first action chunk')
         age = now - chunk.start
-        if age > settings.max_chunk_age_s:
+        if age >= settings.max_chunk_age_s - _EPS * settings.period_s:    # ran out at ``end``, as time_left says
             return ScheduledAction(None, f'newest action chunk is {age:.3f} s old (max_chunk_age_s '
                                    f'{settings.max_chunk_age_s}): inference is late')
         step = chunk.step_at(now, settings.period_s)
@@ -117,9 +117,11 @@ class ChunkScheduler:
     def _blend(self, new_action: np.ndarray, now: float) -> np.ndarray:
         settings = self.settings
         old_action = self.previous.action_at(now, settings.period_s)
-        k = max(0, int(math.floor((now - self.blend_start) / settings.period_s + _EPS)))
+        # steps of the new chunk since the blend began: one weight per step, whatever the node's tick rate
+        current = self.current
+        k = max(0, current.step_at(now, settings.period_s) - current.step_at(self.blend_start, settings.period_s))
         weight = settings.blend_old_weight * settings.blend_decay ** k
-        too_old = now - self.previous.start > settings.max_chunk_age_s
+        too_old = now - self.previous.start >= settings.max_chunk_age_s - _EPS * settings.period_s
         if old_action is None or weight < _MIN_WEIGHT or too_old:
             self.previous = None
             return new_action

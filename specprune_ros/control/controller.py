@@ -382,7 +382,7 @@ class PolicyController:
                     or not self.sync.has_new_frames():
                 return None
             replan_period = self.params.replan_every_steps * self.spec.control_period_s
-            slack = replan_slack_s(self.budget, self.spec.control_period_s)
+            slack = replan_slack_s(self.spec.control_period_s)
             due = (self.scheduler.current is None or self._last_request_time is None
                    or now - self._last_request_time >= replan_period - slack)
             if not due:

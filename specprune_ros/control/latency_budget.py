@@ -576,14 +576,14 @@ def unreachable_message(decision: BudgetDecision, min_keep_ratio: float, measure
     return f'latency budget {decision.budget_s * 1e3:.1f} ms {head}: {predicted}{took}'
 
 
-def replan_slack_s(budget: Optional[LatencyBudget], period_s: float) -> float:
-    """How much before ``replan_every_steps`` periods the next inference may start.
+def replan_slack_s(period_s: float) -> float:
+    """How much before ``replan_every_steps`` periods the next inference may start: half a period.
 
-    With the budget on, half a period: inferences start on new frames, and a frame that arrives a millisecond before
-    the replan time would otherwise wait a whole period for the next one, leaving the chunk deadline no time.
-    Off: 1 ms, the node's behaviour without a budget.
+    Inferences start on new frames, and frames arrive with jitter: a frame that arrives a millisecond before the
+    replan time would otherwise wait a whole period for the next one (a replan every 3 steps instead of 2, leaving
+    a latency budget's chunk deadline no time).
     """
-    return 0.5 * period_s if budget is not None and budget.enabled else 1e-3
+    return 0.5 * period_s
 
 
 def budget_for_policy(settings: BudgetSettings, method: str, policy: Any, fallback: str, seed: int = 0,
