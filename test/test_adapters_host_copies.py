@@ -25,7 +25,7 @@ from specprune_ros.core.token_layout import TokenLayout
 from specprune_ros.models.loading import load_policy
 from specprune_ros.policy.interface import Observation
 
-INSTRUCTION = 'pick up the black bowl and place it on the plate'
+INSTRUCTION = 'put the red cube on the left plate'         # words every model here reads, the reference VLA too
 HOST_BUILDERS = ('tensor', 'as_tensor', 'from_numpy')
 HOST_READS = ('item', 'cpu', 'tolist', 'numpy', '__bool__', '__int__', '__float__', 'nonzero')
 
