@@ -129,6 +129,14 @@ def test_a_blend_keeps_one_weight_per_step_when_the_node_ticks_faster_than_the_p
     assert values[0.42] == pytest.approx(values[0.47]) == pytest.approx(0.7)    # step 2: 0.125
 
 
+def test_a_control_rate_below_the_policy_rate_is_warned_about():
+    from specprune_ros.control.chunk_scheduler import control_rate_warning
+    assert control_rate_warning(10.0, 0.1) == '' and control_rate_warning(20.0, 0.1) == ''
+    message = control_rate_warning(5.0, 0.1)
+    assert 'about 50% of its actions are never commanded' in message and 'at least 10' in message
+    assert control_rate_warning(20.0, 0.05) == '' and '(0.05 s per action)' in control_rate_warning(15.0, 0.05)
+
+
 def test_replace_drops_the_old_chunk():
     scheduler = ChunkScheduler(ChunkSettings(period_s=0.1, mode='replace', max_chunk_age_s=10.0))
     scheduler.accept(chunk(value=100.0), start=0.0, now=0.0)

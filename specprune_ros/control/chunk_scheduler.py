@@ -26,6 +26,21 @@ _EPS = 1e-6
 _MIN_WEIGHT = 1e-3
 
 
+def control_rate_warning(control_rate_hz: float, period_s: float) -> str:
+    """Why ticks at ``control_rate_hz`` miss steps of a policy stepping every ``period_s`` ('' when they do not).
+
+    A tick commands the step whose window it falls in: with ticks further apart than the windows, steps in between
+    are never commanded.
+    """
+    tick_s = 1.0 / control_rate_hz
+    if tick_s <= period_s * (1.0 + 1e-6):
+        return ''
+    return (f'control_rate_hz {control_rate_hz:g} ticks every {tick_s:.3f} s, slower than the policy steps '
+            f'({period_s:g} s per action): about {1.0 - period_s / tick_s:.0%} of its actions are never commanded '
+            f'and the motion differs from the one it was trained on; set control_rate_hz to at least '
+            f'{1.0 / period_s:g}')
+
+
 @dataclass
 class Chunk:
     """One inference's actions, anchored in time."""

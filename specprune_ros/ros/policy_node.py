@@ -64,6 +64,7 @@ from specprune_ros.codecs.instruction import (DuplicateFilter, InstructionError,
 from specprune_ros.codecs.kept_patches import draw_kept_patches, kept_patch_masks
 from specprune_ros.codecs.proprio import POSE_LAYOUTS, PROPRIO_DIM, StateError, finger_gap_from_joints
 from specprune_ros.command_line import help_requested, parameters_help
+from specprune_ros.control.chunk_scheduler import control_rate_warning
 from specprune_ros.control.controller import (AcceptedChunk, InferenceRequest, PolicyController, budget_settings,
                                               joint_command_filter)
 from specprune_ros.control.inference_worker import InferenceWorker
@@ -285,6 +286,9 @@ class SpecPruneNode(LifecycleNode):
         self.policy = policy
         self.get_logger().info(f'loaded {params.model!r} with method {params.method!r} and warmed it up in '
                                f'{time.perf_counter() - started:.2f} s')
+        slow_ticks = control_rate_warning(params.control_rate_hz, policy.action_spec.control_period_s)
+        if slow_ticks:
+            self.get_logger().warning(slow_ticks)
         budget = budget_for_policy(budget_settings(params), params.method, policy, params.budget_fallback_method,
                                    seed=params.seed, device=params.device)
         state_joints = state_joint_names(params, policy) if params.proprio_source == 'joint_state' else ()
