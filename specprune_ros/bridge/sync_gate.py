@@ -27,7 +27,8 @@ The protocol (the policy node runs with ``use_sim_time: true``; sim time only mo
    differently), a tick with at least one twist is also answered once nothing arrived for ``settle_s``.
 
 Whether an inference is expected mirrors the node's rule: the first tick of an episode, or
-``t_k - t_last_chunk >= replan_every_steps * period`` (minus 1 ms). Everything here is pure and thread-safe.
+``t_k - t_last_chunk >= replan_every_steps * period`` (minus 1 ms of rounding; the node allows half a period, which
+on the simulator's exact period grid picks the same ticks). Everything here is pure and thread-safe.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from typing import Optional
 
 import numpy as np
 
-DUE_TOLERANCE_NS = 1_000_000      # the node's own tolerance on "an inference is due" (1 ms)
+DUE_TOLERANCE_NS = 1_000_000      # rounding of "an inference is due" on the period grid (1 ms)
 
 
 @dataclass
