@@ -11,6 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from specprune_ros.core.executor import PlanError, PrunableDecoderRunner
 from specprune_ros.core.fixed_plan import FixedKeepSchedule
 from specprune_ros.core.flops import decoder_flops, layer_flops
+from specprune_ros.core.kept_tokens import _arange_on, _joined_spans, span_positions
 from specprune_ros.core.layer_arithmetic import compiled_layer, rms_norm
 from specprune_ros.core.masks import attention_mask
 from specprune_ros.core.step_types import AttentionRequest, KVStore, StepContext, StepPlan, VisualMask
@@ -190,7 +191,6 @@ def test_query_rows_of_ever_changing_kept_counts_fill_no_cache():
     A method that drops a few tokens per layer makes a new count at almost every step: single-span rows are slices of
     a few shared ranges.
     """
-    from specprune_ros.core.kept_tokens import _arange_on, _joined_spans, span_positions
     device = torch.device('cpu')
     before = _arange_on.cache_info().currsize
     for count in range(1, 3000):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from specprune_ros.control.chunk_scheduler import ChunkScheduler, ChunkSettings
+from specprune_ros.control.chunk_scheduler import ChunkScheduler, ChunkSettings, control_rate_warning
 from specprune_ros.control.input_sync import InputSynchronizer, StaleInput, SyncLimits
 
 FRAME = np.zeros((4, 4, 3), np.uint8)
@@ -130,7 +130,6 @@ def test_a_blend_keeps_one_weight_per_step_when_the_node_ticks_faster_than_the_p
 
 
 def test_a_control_rate_below_the_policy_rate_is_warned_about():
-    from specprune_ros.control.chunk_scheduler import control_rate_warning
     assert control_rate_warning(10.0, 0.1) == '' and control_rate_warning(20.0, 0.1) == ''
     message = control_rate_warning(5.0, 0.1)
     assert 'about 50% of its actions are never commanded' in message and 'at least 10' in message

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from specprune_ros.codecs.instruction import InstructionError
 from specprune_ros.core.token_layout import TokenRole
 from specprune_ros.policy.reference_checkpoint import load_checkpoint, save_checkpoint, warm_start
 from specprune_ros.policy.errors import CheckpointError, ObservationError
@@ -228,7 +229,6 @@ def test_an_instruction_of_the_models_full_length_is_read_whole():
 ])
 def test_the_reference_vla_refuses_instructions_it_cannot_read(instruction, kind, message):
     """Words outside its closed vocabulary would read as <unk>: the model would act on another task."""
-    from specprune_ros.codecs.instruction import InstructionError
     policy = reference_policy(tiny_model())
     with pytest.raises(InstructionError, match=message) as refused:
         policy.check_instruction(instruction)
