@@ -425,3 +425,31 @@ def test_kept_patch_overlay():
     assert picture.shape == (16, 32, 3)
     assert picture[12, 4].max() <= 50                     # pruned patch darkened (camera 0, bottom-left)
     assert picture[5, 5].tolist() == [200, 200, 200]      # kept patch interior untouched
+
+
+@pytest.mark.parametrize('latency_s', [0.0, 0.03, 0.07])
+def test_the_executed_history_has_one_row_per_step_when_a_new_chunk_replaces_a_commanded_step(latency_s):
+    """A new chunk's step replaces the row of the step window the old chunk already commanded.
+
+    The node publishes a new chunk at once, inside a window the old chunk's step was commanded in; SpecPrune's
+    controller reads the history as one action per policy period.
+    """
+    controller, policy = make(), FakePolicy()
+    handed: list[int] = []
+    request, value = None, 0
+    for k in range(40):                          # 4 s of 10 Hz ticks on a camera at 10 Hz
+        now = 10.0 + 0.1 * k
+        feed(controller, now, instruction='' if k else 'pick up the red cube')
+        controller.tick(now)
+        if request is None:
+            request = controller.next_request(now)
+            if request is not None:
+                if request.observation.executed_actions is not None and k > 2:
+                    handed.append(len(request.observation.executed_actions))
+                value = value + 1
+                policy.value = value / 100.0
+                arrival = now + latency_s
+                controller.accept(request, policy.predict(request.observation), arrival)
+                controller.tick(arrival)          # the node's publish_on_new_chunk
+                request = None
+    assert handed and set(handed) == {2}, handed   # replan_every_steps rows between two inferences

@@ -150,6 +150,7 @@ class PolicyController:
         self._executed: list[np.ndarray] = []    # commands executed since the last request (normalised)
         self._last_executed_key: Optional[tuple[int, int]] = None
         self._last_executed_time = -np.inf
+        self._last_executed_window: Optional[float] = None   # start of the last chunk row's step window
         self._pending_hold: Optional[tuple[float, np.ndarray]] = None   # a hold not yet held for a period
         self._last_tick: Optional[float] = None
 
@@ -398,12 +399,17 @@ class PolicyController:
             if reset_reason:
                 self.steps_since_reset = 0
                 self._executed.clear()
+                self._last_executed_window = None
                 self._pending_hold = None
                 self.stats.events['temporal_resets'] += 1
                 self.stats.last_reset_reason = reset_reason
             self._settle_hold(now)
-            executed = np.stack(self._executed).astype(np.float32) if self._executed else None
-            self._executed.clear()
+            # the row of a step window still running stays: a new chunk may yet replace it (see _record_executed)
+            running = self._last_executed_window is not None and \
+                now < self._last_executed_window + self.spec.control_period_s - 1e-6
+            handed, self._executed = (self._executed[:-1], self._executed[-1:]) if running and self._executed \
+                else (self._executed, [])
+            executed = np.stack(handed).astype(np.float32) if handed else None
             self._in_flight = True
             self._last_request_time = now
             self._last_source_stamp = snapshot.newest_stamp
@@ -511,13 +517,14 @@ class PolicyController:
             if reason:
                 command = self.safety.hold(reason, now)
                 self.stats.events['hold_ticks'] += 1
-                key = None
+                key, window = None, None
             else:
                 command = self.safety.command(scheduled.action, now)
                 key = (scheduled.chunk_id, scheduled.step)
+                window = self.scheduler.current.start + scheduled.step * self.scheduler.settings.period_s
                 self.stats.events['hold_ticks' if command.holding else 'command_ticks'] += 1
             self.stats.hold_reason = command.hold_reason
-            self._record_executed(command, key, now)
+            self._record_executed(command, key, now, window)
             return command
 
     def _follow_clock_locked(self, now: float) -> None:
@@ -533,18 +540,20 @@ class PolicyController:
         self._reset_locked(f'the clock jumped back by {last - now:.3f} s')
         self._clear_inputs_locked()
         self._last_request_time = self._last_source_stamp = None
-        self._last_executed_time, self._pending_hold = -np.inf, None
+        self._last_executed_time, self._last_executed_window, self._pending_hold = -np.inf, None, None
 
     def _fault_reason(self) -> str:
         if not self.faults:
             return ''
         return f'invalid input: {next(reversed(self.faults.values()))}'
 
-    def _record_executed(self, command: FilteredCommand, key: Optional[tuple[int, int]], now: float) -> None:
+    def _record_executed(self, command: FilteredCommand, key: Optional[tuple[int, int]], now: float,
+                         window: Optional[float] = None) -> None:
         """One executed action per policy step: a new chunk step, or a hold once it has lasted a period.
 
         A hold counts only when nothing replaced it within the period: a chunk's first command published at the
-        tick of the hold (a step-synchronous simulator applies only that one) supersedes it.
+        tick of the hold (a step-synchronous simulator applies only that one) supersedes it. Likewise a new chunk's
+        step for the step window (``window``: its start) an older chunk's step was commanded in replaces that row.
         """
         self._settle_hold(now)
         if key is None:
@@ -552,8 +561,15 @@ class PolicyController:
                 self._pending_hold = (now, command.executed)
             return
         self._pending_hold = None
-        if key != self._last_executed_key:
-            self._append_executed(command.executed, key, now)
+        if key == self._last_executed_key:
+            return
+        last_key, last_window = self._last_executed_key, self._last_executed_window
+        if self._executed and last_key is not None and key[0] != last_key[0] and window is not None \
+                and last_window is not None and abs(window - last_window) < 0.5 * self.spec.control_period_s:
+            self._executed[-1] = command.executed
+            self._last_executed_key = key
+            return
+        self._append_executed(command.executed, key, now, window)
 
     def _settle_hold(self, now: float) -> None:
         """Record the pending hold once it has lasted a control period by ``now``."""
@@ -562,10 +578,11 @@ class PolicyController:
             self._pending_hold = None
             self._append_executed(executed, None, started)
 
-    def _append_executed(self, executed: np.ndarray, key: Optional[tuple[int, int]], when: float) -> None:
+    def _append_executed(self, executed: np.ndarray, key: Optional[tuple[int, int]], when: float,
+                         window: Optional[float] = None) -> None:
         self._executed.append(executed)
         del self._executed[:-4 * self.spec.chunk_size]
-        self._last_executed_key, self._last_executed_time = key, when
+        self._last_executed_key, self._last_executed_time, self._last_executed_window = key, when, window
 
     # --- diagnostics --------------------------------------------------------------------------------------
     def diagnostics(self) -> tuple[int, list[tuple[str, str]]]:
