@@ -453,3 +453,18 @@ def test_the_executed_history_has_one_row_per_step_when_a_new_chunk_replaces_a_c
                 controller.tick(arrival)          # the node's publish_on_new_chunk
                 request = None
     assert handed and set(handed) == {2}, handed   # replan_every_steps rows between two inferences
+
+
+def test_a_hold_counts_one_executed_action_per_period_whatever_the_tick_jitter():
+    """Ticks early or late by 30 % of a period neither lose nor add a held period in the executed history."""
+    controller, policy = make(replan_every_steps=8, max_chunk_age_s=2.0), FakePolicy(0.5)
+    feed(controller, 10.0)
+    infer(controller, policy, 10.0, finish=10.0)
+    for k in range(8):                                            # the chunk's 8 steps, on the grid
+        feed(controller, 10.0 + 0.1 * k, instruction='')
+        controller.tick(10.0 + 0.1 * k)
+    for k, jitter in zip(range(8, 16), (-0.03, 0.03, -0.03, 0.02, -0.02, 0.03, -0.03, 0.0)):
+        controller.tick(10.0 + 0.1 * k + jitter)                 # it ran out at 10.8: holds from there
+    feed(controller, 11.55, instruction='')
+    executed = controller.next_request(11.55).observation.executed_actions
+    assert len(executed) == 8 + 7 and not executed[8:, :6].any(), len(executed)   # 0.75 s held: 7 periods

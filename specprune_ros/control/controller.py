@@ -16,6 +16,7 @@ message again.
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -151,7 +152,7 @@ class PolicyController:
         self._last_executed_key: Optional[tuple[int, int]] = None
         self._last_executed_time = -np.inf
         self._last_executed_window: Optional[float] = None   # start of the last chunk row's step window
-        self._pending_hold: Optional[tuple[float, np.ndarray]] = None   # a hold not yet held for a period
+        self._hold: Optional[tuple[float, np.ndarray, int]] = None   # the running hold: start, action, rows so far
         self._last_tick: Optional[float] = None
 
     # --- settings -----------------------------------------------------------------------------------------
@@ -400,7 +401,7 @@ class PolicyController:
                 self.steps_since_reset = 0
                 self._executed.clear()
                 self._last_executed_window = None
-                self._pending_hold = None
+                self._hold = None
                 self.stats.events['temporal_resets'] += 1
                 self.stats.last_reset_reason = reset_reason
             self._settle_hold(now)
@@ -540,7 +541,7 @@ class PolicyController:
         self._reset_locked(f'the clock jumped back by {last - now:.3f} s')
         self._clear_inputs_locked()
         self._last_request_time = self._last_source_stamp = None
-        self._last_executed_time, self._last_executed_window, self._pending_hold = -np.inf, None, None
+        self._last_executed_time, self._last_executed_window, self._hold = -np.inf, None, None
 
     def _fault_reason(self) -> str:
         if not self.faults:
@@ -551,16 +552,19 @@ class PolicyController:
                          window: Optional[float] = None) -> None:
         """One executed action per policy step: a new chunk step, or a hold once it has lasted a period.
 
-        A hold counts only when nothing replaced it within the period: a chunk's first command published at the
-        tick of the hold (a step-synchronous simulator applies only that one) supersedes it. Likewise a new chunk's
+        A hold counts once per full period it lasted (from the end of the last commanded step's window): a chunk's
+        first command published at the tick of the hold (a step-synchronous simulator applies only that one)
+        supersedes it. Likewise a new chunk's
         step for the step window (``window``: its start) an older chunk's step was commanded in replaces that row.
         """
         self._settle_hold(now)
         if key is None:
-            if self._pending_hold is None and now - self._last_executed_time >= self.spec.control_period_s - 1e-6:
-                self._pending_hold = (now, command.executed)
+            if self._hold is None:      # from the end of the last commanded step's window, if within two periods
+                window, period = self._last_executed_window, self.spec.control_period_s
+                start = window + period if window is not None and now < window + 3 * period else now
+                self._hold = (start, command.executed, 0)
             return
-        self._pending_hold = None
+        self._hold = None
         if key == self._last_executed_key:
             return
         last_key, last_window = self._last_executed_key, self._last_executed_window
@@ -572,11 +576,18 @@ class PolicyController:
         self._append_executed(command.executed, key, now, window)
 
     def _settle_hold(self, now: float) -> None:
-        """Record the pending hold once it has lasted a control period by ``now``."""
-        if self._pending_hold is not None and now - self._pending_hold[0] >= self.spec.control_period_s - 1e-6:
-            started, executed = self._pending_hold
-            self._pending_hold = None
-            self._append_executed(executed, None, started)
+        """Record one executed (hold) action for every full control period the running hold has lasted by ``now``.
+
+        Counted by time, not by ticks: a tick that comes early or late neither loses nor adds a period.
+        """
+        if self._hold is None:
+            return
+        start, executed, counted = self._hold
+        period = self.spec.control_period_s
+        due = int(math.floor((now - start) / period + 1e-6))
+        for index in range(counted, due):
+            self._append_executed(executed, None, start + index * period)
+        self._hold = (start, executed, max(counted, due))
 
     def _append_executed(self, executed: np.ndarray, key: Optional[tuple[int, int]], when: float,
                          window: Optional[float] = None) -> None:
