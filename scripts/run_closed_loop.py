@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
-    from specprune_ros.sim import EVAL_SEED_START
+    from specprune_ros.sim import EVAL_SEED_START   # after parsing: the simulator loads MuJoCo, --help need not
     families = args.families or list(TASK_FAMILIES)
     spec = PolicySpec(model=args.model, method=args.method, method_config=args.method_config)
     from specprune_ros.policy.errors import CheckpointError

@@ -194,10 +194,11 @@ def run_method(streams: BagStreams, indices: Sequence[int], resets: set[int],
 def check_instructions(streams: BagStreams, policy: Policy) -> None:
     """Raise ``BagError`` when the policy cannot read an instruction of the bag (before any step runs)."""
     check = getattr(policy, 'check_instruction', None)
+    if check is None:
+        return
     for text in dict.fromkeys(observation.instruction for observation in streams.observations):
         try:
-            if check is not None:
-                check(text)
+            check(text)
         except InstructionError as error:
             raise BagError(f'bag {streams.path}: {error}; give the task in words the model reads with '
                            '--instruction') from None
